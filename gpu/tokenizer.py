@@ -1,0 +1,418 @@
+"""Tokenizer: text ⇄ token ids and the chat template, from a GGUF or a Hugging Face folder.
+
+A GGUF carries no `tokenizer.json`: its vocabulary, merges, token types, special
+ids and chat template live in metadata under llama.cpp's key names. `load_tokenizer`
+rebuilds a Hugging Face `tokenizers.Tokenizer` from them, so encoding and decoding
+run in the same Rust code every other serving stack uses, and `to_hf_tokenizer_json`
+can write the result out next to a converted checkpoint.
+
+Choices, and why:
+
+* Pre-tokenizer. `tokenizer.ggml.pre` names how text is split before BPE. For
+  "smollm" (and the StarCoder family it comes from) digits are split one by one
+  before the GPT-2 regex — the same as SmolLM2's own `tokenizer.json`
+  (`Digits(individual_digits=True)` + `ByteLevel`) and llama.cpp's "smollm" split.
+  transformers' GGUF loader ignores this name and uses the plain GPT-2 split; the two
+  agree on everything except runs of 2+ spaces directly before a digit ("a  1": the
+  original gives `ĠĠ`,`1`, transformers `Ġ`,`Ġ`,`1`). We follow the model's own
+  tokenizer, which is what it was trained on.
+* Special tokens. Tokens of type CONTROL become special added tokens, so
+  `<|im_start|>` in text is one token (as in transformers and llama.cpp);
+  USER_DEFINED tokens become plain added tokens.
+* BOS. `tokenizer.ggml.add_bos_token` is honoured: SmolLM2 says False, and Hugging
+  Face's SmolLM2 does not add BOS either (the chat template starts with
+  `<|im_start|>`), so `encode(..., add_special_tokens=True)` adds nothing for it.
+* End of generation. `eos_token_ids` holds the file's eos id plus the end-of-turn
+  token the chat template closes turns with (`<|im_end|>` for ChatML). For SmolLM2
+  the GGUF's eos is 2 = `<|im_end|>` (bos 1 = `<|im_start|>`, 0 = `<|endoftext|>`),
+  which matches the Hugging Face generation config (eos 2), so the set is `(2,)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+# llama.cpp token types (gguf.TokenType): only these two change how text is split.
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+# Tokens that chat templates use to close a turn; generation must stop on them.
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# `tokenizer.ggml.pre` values whose split is GPT-2's regex preceded by one-digit splits.
+_DIGITS_THEN_GPT2 = frozenset({"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone"})
+_PLAIN_GPT2 = frozenset({"gpt2", "default", "gpt-2"})
+_LLAMA3 = frozenset({"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"})
+
+
+class TokenizerError(ValueError):
+    """The tokenizer source is missing, malformed or of an unsupported kind."""
+
+
+class ChatTemplateError(ValueError):
+    """The chat template is missing or raised (`raise_exception`) while rendering."""
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a tokenizer needs besides its `tokenizers.Tokenizer`: the special ids and template."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    chat_template: str | None
+    add_bos_token: bool = False
+    extra_eos_token_ids: tuple[int, ...] = ()  # e.g. generation_config.json's eos list
+
+
+class Tokenizer:
+    """Encode, decode and render chat prompts for one model.
+
+    Thread-safe for concurrent `encode`/`decode` (the Rust tokenizer is); the object
+    itself is immutable after construction.
+    """
+
+    def __init__(self, backend: HFTokenizer, spec: TokenizerSpec) -> None:
+        self._backend = backend
+        self._spec = spec
+        self._template = _compile_chat_template(spec.chat_template) if spec.chat_template else None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def backend(self) -> HFTokenizer:
+        """The underlying `tokenizers.Tokenizer` (do not mutate it)."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model's embedding rows)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._spec.bos_token_id
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._spec.chat_template
+
+    @cached_property
+    def all_special_ids(self) -> tuple[int, ...]:
+        """Ids of every special added token, sorted."""
+        specials = self._backend.get_added_tokens_decoder()
+        return tuple(sorted(i for i, tok in specials.items() if tok.special))
+
+    @cached_property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: the declared eos plus the template's end-of-turn token.
+
+        A token counts as end-of-turn only when it is special and the chat template
+        writes it, so a base model without a template stops on its eos alone.
+        """
+        ids: list[int] = []
+        for tid in (self._spec.eos_token_id, *self._spec.extra_eos_token_ids):
+            if tid is not None and tid not in ids:
+                ids.append(tid)
+        template = self._spec.chat_template or ""
+        special = set(self.all_special_ids)
+        for token in _END_OF_TURN_TOKENS:
+            tid = self._backend.token_to_id(token)
+            if tid is not None and tid in special and token in template and tid not in ids:
+                ids.append(tid)
+        return tuple(ids)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary spelling of `token_id` (byte-level alphabet, e.g. `Ġhello`)."""
+        token = self._backend.id_to_token(token_id)
+        if token is None:
+            raise KeyError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return token
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    # ------------------------------------------------------------ text <-> ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text are always recognized.
+
+        `add_special_tokens=True` adds what the model's post-processor adds (BOS when the
+        source asks for it; nothing for SmolLM2).
+        """
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        encs = self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`. Bytes that do not form complete UTF-8 characters come out as U+FFFD."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---------------------------------------------------------- chat template
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render `messages` with the model's chat template, as transformers does.
+
+        Same environment as transformers (sandboxed, `trim_blocks`, `lstrip_blocks`,
+        `loopcontrols`, `raise_exception`, `strftime_now`, a non-escaping `tojson`) and the
+        same variables (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, ...).
+        Raises ChatTemplateError when there is no template or the template raises.
+        """
+        if self._template is None:
+            raise ChatTemplateError("this tokenizer has no chat template")
+        variables = dict(self._special_token_strings())
+        variables.update(template_kwargs)
+        try:
+            return self._template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+    def render_and_encode(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Prompt ids for `messages`. The template writes its own special tokens, so none are added."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    # ----------------------------------------------------------- serialization
+    def to_hf_tokenizer_json(self) -> str:
+        """The tokenizer as a Hugging Face `tokenizer.json` document."""
+        return self._backend.to_str()
+
+    def to_hf_tokenizer_config(self) -> dict[str, Any]:
+        """A minimal `tokenizer_config.json` for the same tokenizer (template, bos/eos, add_bos)."""
+        names = self._special_token_strings()
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": names.get("bos_token"),
+            "eos_token": names.get("eos_token"),
+            "add_bos_token": self._spec.add_bos_token,
+            "chat_template": self._spec.chat_template,
+            "clean_up_tokenization_spaces": False,
+        }
+
+    def _special_token_strings(self) -> dict[str, str]:
+        out = {}
+        for name, tid in (("bos_token", self._spec.bos_token_id), ("eos_token", self._spec.eos_token_id)):
+            if tid is not None:
+                tok = self._backend.id_to_token(tid)
+                if tok is not None:
+                    out[name] = tok
+        return out
+
+
+# ---------------------------------------------------------------- chat template
+def _compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in an environment equivalent to transformers' one."""
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        # Jinja's own tojson escapes HTML characters, which would change prompts.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+
+
+# ---------------------------------------------------------------------- loading
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """A Tokenizer from a `.gguf` file, or from a folder holding `tokenizer.json`.
+
+    A folder may also hold `tokenizer_config.json` (chat template, bos/eos, add_bos_token)
+    and `generation_config.json` (eos ids); a folder without `tokenizer.json` but with
+    exactly one `.gguf` is read from that file.
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return _from_hf_folder(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _from_gguf(ggufs[0])
+        raise TokenizerError(
+            f"{path} holds no tokenizer.json and {len(ggufs)} .gguf files (need exactly one)"
+        )
+    raise TokenizerError(f"{path} is neither a .gguf file nor a folder with tokenizer.json")
+
+
+def _from_gguf(path: Path) -> Tokenizer:
+    from gguf import GGUFReader
+
+    meta = _read_gguf_tokenizer_metadata(GGUFReader(str(path)))
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise TokenizerError(
+            f"{path}: tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}; "
+            "only byte-level BPE ('gpt2') is supported"
+        )
+    backend = build_byte_level_bpe(
+        tokens=meta["tokenizer.ggml.tokens"],
+        merges=meta["tokenizer.ggml.merges"],
+        token_types=meta.get("tokenizer.ggml.token_type"),
+        pre=meta.get("tokenizer.ggml.pre", "default"),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )
+    spec = TokenizerSpec(
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )
+    return Tokenizer(backend, spec)
+
+
+def _read_gguf_tokenizer_metadata(reader: Any) -> dict[str, Any]:
+    """The `tokenizer.*` key/values of a GGUF as plain Python values."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            out[key] = field.contents()
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        if key not in out:
+            raise TokenizerError(f"GGUF metadata lacks {key}")
+    return out
+
+
+def build_byte_level_bpe(
+    *,
+    tokens: Sequence[str],
+    merges: Sequence[str],
+    token_types: Sequence[int] | None,
+    pre: str,
+    bos_token_id: int | None = None,
+    add_bos_token: bool = False,
+) -> HFTokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` from llama.cpp-style vocabulary metadata.
+
+    `tokens[i]` is spelled in GPT-2's byte alphabet and has id i; `merges` are
+    "left right" strings in rank order; `pre` is `tokenizer.ggml.pre`.
+    """
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerError("GGUF vocabulary has duplicate tokens")
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise TokenizerError(f"malformed merge {m!r}")
+        pairs.append((left, right))
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _pre_tokenizer_for(pre)
+    backend.decoder = decoders.ByteLevel()
+    if add_bos_token and bos_token_id is not None:
+        bos = tokens[bos_token_id]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_token_id)]
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = list(token_types) if token_types is not None else []
+    control = [tokens[i] for i, t in enumerate(types) if t == _TOKEN_TYPE_CONTROL]
+    user = [tokens[i] for i, t in enumerate(types) if t == _TOKEN_TYPE_USER_DEFINED]
+    # Added tokens keep their existing ids because they are already in the vocabulary.
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise TokenizerError("added tokens changed the vocabulary size; a control token is not in the vocab")
+    return backend
+
+
+def _pre_tokenizer_for(pre: str) -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _PLAIN_GPT2:
+        return byte_level
+    if pre in _LLAMA3:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r}")
+
+
+def _from_hf_folder(folder: Path) -> Tokenizer:
+    backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    config = _read_json(folder / "tokenizer_config.json")
+    generation = _read_json(folder / "generation_config.json")
+
+    def token_id(entry: Any) -> int | None:
+        # tokenizer_config writes a token as a string or as an AddedToken dict.
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        if not isinstance(entry, str):
+            return None
+        return backend.token_to_id(entry)
+
+    bos = token_id(config.get("bos_token"))
+    eos = token_id(config.get("eos_token"))
+    gen_eos = generation.get("eos_token_id")
+    gen_eos_ids = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,) if isinstance(gen_eos, int) else ()
+    if eos is None and gen_eos_ids:
+        eos = gen_eos_ids[0]
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = by_name.get("default")
+    chat_file = folder / "chat_template.jinja"
+    if template is None and chat_file.is_file():
+        template = chat_file.read_text(encoding="utf-8")
+    spec = TokenizerSpec(
+        bos_token_id=bos,
+        eos_token_id=eos,
+        chat_template=template,
+        add_bos_token=bool(config.get("add_bos_token", False)),
+        extra_eos_token_ids=tuple(int(i) for i in gen_eos_ids),
+    )
+    return Tokenizer(backend, spec)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} is not a JSON object")
+    return data
