@@ -1,0 +1,282 @@
+"""Every attention backend against the naive reference (gpu/attention/reference.py).
+
+Parametrized over backends: "torch" always runs; "cuda" joins when CuPy and a
+device are present. Inputs are built on the CPU and moved to the backend's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from gpu.attention import reference
+from gpu.attention.torch_backend import TorchAttentionBackend
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _cuda_backend():
+    try:
+        from gpu.attention.cuda_backend import CudaAttentionBackend, cuda_backend_available
+    except ImportError:
+        return None
+    return CudaAttentionBackend() if cuda_backend_available() else None
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: object
+    device: str
+
+
+@pytest.fixture(params=["torch", "cuda"])
+def case(request) -> Case:
+    if request.param == "torch":
+        return Case(TorchAttentionBackend(), "cpu")
+    backend = _cuda_backend()
+    if backend is None:
+        pytest.skip("no CUDA device / CuPy")
+    return Case(backend, "cuda")
+
+
+@dataclass
+class Paged:
+    """A random paged cache and the block tables of a batch of sequences."""
+
+    k_cache: torch.Tensor  # (num_blocks, bs, nkv, hd)
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0
+    context_lens: torch.Tensor  # (B,) int32
+
+
+def make_paged(
+    context_lens: list[int],
+    *,
+    nkv: int,
+    hd: int,
+    block_size: int = 16,
+    dtype=torch.float32,
+    extra_cols: int = 2,
+    seed: int = 0,
+) -> Paged:
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(per_seq) + 3  # spare blocks that no sequence uses
+    max_blocks = max(per_seq) + extra_cols
+    k_cache = torch.randn(num_blocks, block_size, nkv, hd, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, nkv, hd, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen)  # scattered, not in order
+    tables = torch.zeros(len(context_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(per_seq):
+        tables[i, :n] = order[used : used + n].to(torch.int32)
+        used += n
+    return Paged(k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32))
+
+
+def to(case: Case, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(case.device) for t in tensors]
+
+
+def check_close(actual: torch.Tensor, expected: torch.Tensor, dtype) -> None:
+    torch.testing.assert_close(
+        actual.cpu().to(torch.float64), expected, atol=TOL[dtype], rtol=TOL[dtype]
+    )
+
+
+DECODE_SHAPES = [
+    # (nh, nkv, hd): GQA ratios 3 (SmolLM2), 1, 8 and both head sizes
+    (9, 3, 64),
+    (4, 4, 64),
+    (16, 2, 128),
+    (8, 1, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,hd", DECODE_SHAPES)
+@pytest.mark.parametrize(
+    "context_lens",
+    [[1], [16], [17, 1, 33], [5, 200, 64, 31, 1000]],
+    ids=["ctx1", "one-block", "partial", "mixed-long"],
+)
+def test_decode_matches_reference(case, dtype, nh, nkv, hd, context_lens):
+    paged = make_paged(context_lens, nkv=nkv, hd=hd, dtype=dtype)
+    query = torch.randn(len(context_lens), nh, hd).to(dtype)
+    scale = hd**-0.5
+    expected = reference.decode(
+        query,
+        paged.k_cache,
+        paged.v_cache,
+        paged.block_tables,
+        paged.context_lens,
+        max(context_lens),
+        scale,
+    )
+    q, k, v, bt, cl = to(
+        case, query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens
+    )
+    out = case.backend.decode(q, k, v, bt, cl, max(context_lens), scale)
+    assert out.shape == query.shape and out.dtype == dtype
+    check_close(out, expected, dtype)
+
+
+def test_decode_ignores_garbage_past_context(case):
+    """Padding columns and the tail of the last block must not leak into the result.
+
+    The poison is large but finite: caches are allocated zeroed and only ever hold
+    finite K/V, and the torch backend multiplies masked positions by weight 0."""
+    paged = make_paged([3, 20], nkv=3, hd=64)
+    query = torch.randn(2, 9, 64)
+    q, k, v, bt, cl = to(
+        case, query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens
+    )
+    before = case.backend.decode(q, k, v, bt, cl, 20, 0.125)
+    # poison every slot that is not inside a context
+    poisoned_k, poisoned_v = paged.k_cache.clone(), paged.v_cache.clone()
+    keep = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate([3, 20]):
+        for p in range(n):
+            keep[paged.block_tables[b, p // 16], p % 16] = True
+    poisoned_k[~keep] = 1e4
+    poisoned_v[~keep] = 1e6
+    k2, v2 = to(case, poisoned_k, poisoned_v)
+    after = case.backend.decode(q, k2, v2, bt, cl, 20, 0.125)
+    torch.testing.assert_close(after, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,hd", DECODE_SHAPES)
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(7, 7)],  # fresh prompt, partial block
+        [(16, 16), (40, 40)],  # fresh prompts, exact block and partial
+        [(5, 37), (1, 2), (20, 20)],  # cached prefixes (chunked prefill / prefix hit)
+        [(64, 100), (3, 3), (17, 33)],
+    ],
+    ids=["fresh", "fresh-2", "prefix-hit", "mixed"],
+)
+def test_prefill_matches_reference(case, dtype, nh, nkv, hd, chunks):
+    query_lens = [q for q, _ in chunks]
+    context_lens = [c for _, c in chunks]
+    paged = make_paged(context_lens, nkv=nkv, hd=hd, dtype=dtype, seed=1)
+    query = torch.randn(sum(query_lens), nh, hd).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    scale = hd**-0.5
+    args = (max(query_lens), max(context_lens), scale)
+    expected = reference.prefill(
+        query, paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, *args
+    )
+    q, k, v, qs, cl, bt = to(
+        case, query, paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables
+    )
+    out = case.backend.prefill(q, k, v, qs, cl, bt, *args)
+    assert out.shape == query.shape and out.dtype == dtype
+    check_close(out, expected, dtype)
+
+
+def test_prefill_token_sees_itself_and_earlier_positions_only(case):
+    """A one-token chunk at the end of a context equals a decode of that token."""
+    paged = make_paged([29], nkv=3, hd=64, seed=2)
+    query = torch.randn(1, 9, 64)
+    q, k, v, bt, cl = to(
+        case, query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens
+    )
+    starts = torch.tensor([0, 1], dtype=torch.int32, device=case.device)
+    pre = case.backend.prefill(q, k, v, starts, cl, bt, 1, 29, 0.125)
+    dec = case.backend.decode(q, k, v, bt, cl, 29, 0.125)
+    torch.testing.assert_close(pre, dec, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_scatters_and_skips_negative_slots(case, dtype):
+    nkv, hd, bs, nblocks = 3, 64, 16, 6
+    k_cache = torch.zeros(nblocks, bs, nkv, hd, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(5, nkv, hd).to(dtype)
+    value = torch.randn(5, nkv, hd).to(dtype)
+    slots = torch.tensor([17, -1, 0, 95, 40], dtype=torch.int64)
+    exp_k, exp_v = k_cache.clone(), v_cache.clone()
+    reference.write_kv(key, value, exp_k, exp_v, slots)
+
+    kc, vc, kk, vv, sl = to(case, k_cache, v_cache, key, value, slots)
+    case.backend.write_kv(kk, vv, kc, vc, sl)
+    torch.testing.assert_close(kc.cpu(), exp_k, atol=0, rtol=0)
+    torch.testing.assert_close(vc.cpu(), exp_v, atol=0, rtol=0)
+    assert int((kc.cpu() != 0).any(-1).any(-1).sum()) == 4  # token 1 was skipped
+
+
+def test_write_kv_then_decode_roundtrip(case):
+    """The engine's order: write the new token's K/V, then attend over the cache."""
+    paged = make_paged([10, 16], nkv=3, hd=64, seed=3)
+    key, value = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    lens = [11, 17]
+    slots = torch.tensor(
+        [int(paged.block_tables[b, (n - 1) // 16]) * 16 + (n - 1) % 16 for b, n in enumerate(lens)]
+    )
+    # the second sequence's new token opens a second block: a spare one no table uses
+    used = set(paged.block_tables.flatten().tolist())
+    spare = next(i for i in range(paged.k_cache.shape[0]) if i not in used)
+    paged.block_tables[1, 1] = spare
+    slots[1] = spare * 16
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    query = torch.randn(2, 9, 64)
+
+    exp_k, exp_v = paged.k_cache.clone(), paged.v_cache.clone()
+    reference.write_kv(key, value, exp_k, exp_v, slots)
+    expected = reference.decode(query, exp_k, exp_v, paged.block_tables, ctx, 17, 0.125)
+
+    kc, vc, kk, vv, sl, q, bt, cl = to(
+        case, paged.k_cache, paged.v_cache, key, value, slots, query, paged.block_tables, ctx
+    )
+    case.backend.write_kv(kk, vv, kc, vc, sl)
+    out = case.backend.decode(q, kc, vc, bt, cl, 17, 0.125)
+    check_close(out, expected, torch.float32)
+
+
+def test_copy_blocks_copies_every_cache(case):
+    caches = [torch.randn(8, 16, 3, 64) for _ in range(4)]
+    src = torch.tensor([1, 5, 2], dtype=torch.int64)
+    dst = torch.tensor([6, 0, 7], dtype=torch.int64)
+    expected = [c.clone() for c in caches]
+    reference.copy_blocks(expected, src, dst)
+    moved = to(case, *caches)
+    s, d = to(case, src, dst)
+    case.backend.copy_blocks(moved, s, d)
+    for got, want in zip(moved, expected, strict=True):
+        torch.testing.assert_close(got.cpu(), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swap_blocks_moves_blocks_between_caches(case, dtype):
+    """Device → host and back (cpu → cpu for the torch backend)."""
+    device_cache = torch.randn(6, 16, 3, 64).to(dtype).to(case.device)
+    host_cache = torch.zeros(4, 16, 3, 64, dtype=dtype)
+    src = torch.tensor([4, 1], dtype=torch.int64)
+    dst = torch.tensor([0, 3], dtype=torch.int64)
+    case.backend.swap_blocks(device_cache, host_cache, src, dst)
+    torch.testing.assert_close(host_cache[0], device_cache[4].cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(host_cache[3], device_cache[1].cpu(), atol=0, rtol=0)
+    assert not host_cache[1:3].any()
+
+    back = torch.zeros_like(device_cache)
+    case.backend.swap_blocks(host_cache, back, dst, src)
+    torch.testing.assert_close(back[4].cpu(), device_cache[4].cpu(), atol=0, rtol=0)
+    torch.testing.assert_close(back[1].cpu(), device_cache[1].cpu(), atol=0, rtol=0)
+
+
+def test_decode_rejects_mismatched_heads(case):
+    paged = make_paged([4], nkv=3, hd=64)
+    q, k, v, bt, cl = to(
+        case,
+        torch.randn(1, 8, 64),
+        paged.k_cache,
+        paged.v_cache,
+        paged.block_tables,
+        paged.context_lens,
+    )
+    with pytest.raises(ValueError, match="multiple"):
+        case.backend.decode(q, k, v, bt, cl, 4, 0.125)
