@@ -1,0 +1,124 @@
+"""Typed messages between the gateway and the actors, and between actors.
+
+Every hop is a `msgspec.Struct` over a bounded trio memory channel. Structs that
+carry a reply channel are never serialized (they stay inside one process); the
+rest (`TokenDelta`, `Finished`, `Failed`, `Usage`) are also what the gateway
+encodes to JSON.
+
+Request lifecycle as seen by the gateway::
+
+    submit(GenerateCall) ──▶ admission ──▶ Rejected            (4xx / 429 / 503)
+                                      └──▶ Accepted(handle) ──▶ TokenDelta* ──▶ Finished | Failed
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from gpu.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class TenantContext(msgspec.Struct, frozen=True):
+    """What the actors need to know about the caller (resolved by the gateway from the API key)."""
+
+    tenant_id: str
+    priority: int = 1  # tier: 0 = highest
+    max_tokens_cap: int | None = None
+    shared_cache_pool: bool = False
+
+
+class GenerateCall(msgspec.Struct, frozen=True):
+    """One OpenAI-style request, parsed and typed by the gateway."""
+
+    request_id: str
+    tenant: TenantContext
+    model: str
+    params: SamplingParams
+    prompt: str | None = None  # /v1/completions (text)
+    prompt_token_ids: list[int] | None = None  # /v1/completions (token ids)
+    messages: list[ChatMessage] | None = None  # /v1/chat/completions
+    stream: bool = False
+    priority: int | None = None  # a request may ask for a LOWER priority than its tenant's tier
+    user: str | None = None  # OpenAI `user`: user-level semantics for the length predictor
+    app: str | None = None  # application tag (header or metadata) for the length predictor
+    arrival_time: float = 0.0
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class TokenDelta(msgspec.Struct, frozen=True):
+    """New output of one choice: text that is safe to show (never a partial stop string)."""
+
+    request_id: str
+    index: int  # choice index (n > 1)
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+
+
+class Finished(msgspec.Struct, frozen=True):
+    """Last message of a request: every choice has ended."""
+
+    request_id: str
+    finish_reasons: list[str]  # per choice
+    usage: Usage
+    cached: bool = False  # served from the response cache
+
+
+class Failed(msgspec.Struct, frozen=True):
+    """The request ended with an error after it was accepted (engine error, shutdown)."""
+
+    request_id: str
+    status: int
+    code: str
+    message: str
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """Refused before running: bad input (4xx), over quota (429) or overloaded (503)."""
+
+    request_id: str
+    status: int
+    code: str  # OpenAI-style error code / type
+    message: str
+    param: str | None = None
+    retry_after: float | None = None
+
+
+StreamEvent = TokenDelta | Finished | Failed
+
+
+class Accepted(msgspec.Struct):
+    """Admission said yes. `events` yields `TokenDelta`s, then one `Finished` or `Failed`.
+
+    Closing `events` (or calling `handle.cancel()`) aborts the request: the engine
+    frees its KV blocks within one step and quota is settled with what was generated.
+    """
+
+    request_id: str
+    prompt_tokens: int
+    events: Any  # trio.MemoryReceiveChannel[StreamEvent]
+    cancel: Any  # Callable[[], None]
+    cached: bool = False

@@ -1,0 +1,1 @@
+"""lmgate GPU side: everything that touches tensors. Synchronous code, no trio.\n\nImporting `gpu` itself must stay cheap (no torch import) so pure-logic\nmodules such as `gpu.block_manager` can be used by `actors/`.\n"""

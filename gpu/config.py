@@ -1,0 +1,106 @@
+"""Frozen configuration for the model, the KV cache and the engine.
+
+Values that are only known at run time (the number of KV blocks, found by
+dividing the cache budget by the bytes one block takes) are computed into new
+objects, never patched into these ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (what the checkpoint says)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0 → hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing.
+
+    `cache_bytes` is the budget for keys and values of all layers; the number of
+    blocks is derived by `num_blocks_for(model, dtype_bytes)`.
+    """
+
+    block_size: int = 16
+    cache_bytes: int = 512 * 1024**2
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.cache_bytes <= 0:
+            raise ValueError(f"cache_bytes must be positive, got {self.cache_bytes}")
+
+    def bytes_per_block(self, model: ModelConfig, dtype_bytes: int) -> int:
+        # keys + values, every layer, every KV head
+        return 2 * model.num_layers * self.block_size * model.kv_size * dtype_bytes
+
+    def num_blocks_for(self, model: ModelConfig, dtype_bytes: int) -> int:
+        n = self.cache_bytes // self.bytes_per_block(model, dtype_bytes)
+        if n < 1:
+            raise ValueError(
+                f"cache_bytes={self.cache_bytes} holds no block of "
+                f"{self.bytes_per_block(model, dtype_bytes)} bytes"
+            )
+        return n
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine step (see `actors.step_scheduler`)."""
+
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # running-requests cap
+    max_model_len: int = 8192  # prompt + output tokens of one request
+    long_prefill_token_threshold: int = 0  # 0 → a prompt may take the whole budget
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; built by the CLI / gateway from flags and files."""
+
+    model: str = "smollm2"  # "smollm2" (bundled GGUF), a .gguf path, or a HF folder
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
+    device: str = "cpu"
+    num_threads: int = 0  # 0 → torch default
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
