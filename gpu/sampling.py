@@ -1,0 +1,411 @@
+"""Sampling parameters and the batched sampler.
+
+`SamplingParams` is what a request asks for (OpenAI / vLLM names and meanings); it is
+a frozen `msgspec.Struct` because it travels inside actor messages. It is validated
+on construction *and* on decode, and a bad value raises `SamplingParamsError` naming
+the field, which the gateway turns into a 400.
+
+`Sampler.sample` turns one step's logits `(B, V)` into one token per row. Every
+transformation is a batched tensor op over the rows that need it:
+
+    raw logits ──▶ min_tokens mask ──▶ repetition penalty (prompt + output, HF)
+               ──▶ frequency / presence penalties (output counts, OpenAI)
+               ──▶ greedy rows: argmax
+               ──▶ random rows: / temperature ──▶ top-k ──▶ top-p ──▶ min-p
+                               ──▶ argmax(probs / Exp(1) noise)
+
+The exponential race picks index i with probability p_i (argmax of p_i / E_i with
+E_i ~ Exp(1) is a categorical sample), and lets each *seeded* row draw its noise from
+its own `torch.Generator`: a seeded request produces the same tokens whatever else is
+in the batch, as long as its logits are the same.
+
+Logprobs are those of the *raw* model distribution, `log_softmax(logits)` before any
+penalty, mask, temperature or truncation (vLLM's default "raw logprobs"); they say
+how likely the model found the token, not how likely this sampler was to pick it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 512
+MAX_N = 64
+# Temperatures below this are treated as greedy (dividing by ~0 overflows).
+GREEDY_EPS = 1e-5
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range. `.field` names it (as in the OpenAI request)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid sampling parameter {field!r}: {message}")
+        self.field = field
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens for one request. Defaults follow vLLM/OpenAI.
+
+    temperature 0 means greedy; top_k 0 or -1 disables top-k; logprobs None disables
+    logprobs, k returns the sampled token's logprob plus the k most likely
+    alternatives (k ≤ 20). `stop` strings end generation (the stop string is not
+    returned unless include_stop_str_in_output); `stop_token_ids` end it too and, like
+    EOS, are masked until `min_tokens` tokens exist. `ignore_eos` keeps generating
+    past EOS (EOS is then an ordinary token, not masked). `seed` makes sampling
+    reproducible regardless of batch composition; with n > 1, sample i uses seed + i.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # A bare string is a common client shape for `stop` ("stop": "\n").
+        if isinstance(self.stop, str):
+            msgspec.structs.force_setattr(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, list):
+            msgspec.structs.force_setattr(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _validate(self)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the token is the argmax (temperature ~0 or top_k 1)."""
+        return self.temperature < GREEDY_EPS or self.top_k == 1
+
+
+def _check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamsError(name, f"must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise SamplingParamsError(name, f"must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise SamplingParamsError(name, f"must be <= {hi}, got {value}")
+
+
+def _check_float(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SamplingParamsError(name, f"must be a finite number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or value > hi:
+        left = "(" if lo_open else "["
+        raise SamplingParamsError(name, f"must be in {left}{lo}, {hi}], got {value}")
+
+
+def _validate(p: SamplingParams) -> None:
+    _check_int("n", p.n, 1, MAX_N)
+    _check_float("temperature", p.temperature, 0.0, 100.0)
+    _check_int("top_k", p.top_k, -1)
+    _check_float("top_p", p.top_p, 0.0, 1.0, lo_open=True)
+    _check_float("min_p", p.min_p, 0.0, 1.0)
+    _check_float("repetition_penalty", p.repetition_penalty, 0.0, 10.0, lo_open=True)
+    _check_float("frequency_penalty", p.frequency_penalty, -2.0, 2.0)
+    _check_float("presence_penalty", p.presence_penalty, -2.0, 2.0)
+    if p.seed is not None:
+        _check_int("seed", p.seed, 0, 2**63 - 1 - MAX_N)
+    if not isinstance(p.stop, tuple):
+        raise SamplingParamsError("stop", f"must be a string or a list of strings, got {p.stop!r}")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise SamplingParamsError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+    for s in p.stop:
+        if not isinstance(s, str):
+            raise SamplingParamsError("stop", f"stop strings must be strings, got {s!r}")
+        if not s:
+            raise SamplingParamsError("stop", "stop strings must not be empty")
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise SamplingParamsError("stop", f"a stop string is longer than {MAX_STOP_STRING_CHARS} characters")
+    if not isinstance(p.stop_token_ids, tuple):
+        raise SamplingParamsError("stop_token_ids", "must be a list of token ids")
+    for t in p.stop_token_ids:
+        _check_int("stop_token_ids", t, 0)
+    if p.max_tokens is not None:
+        _check_int("max_tokens", p.max_tokens, 1)
+    _check_int("min_tokens", p.min_tokens, 0)
+    if p.max_tokens is not None and p.min_tokens > p.max_tokens:
+        raise SamplingParamsError(
+            "min_tokens", f"min_tokens ({p.min_tokens}) must be <= max_tokens ({p.max_tokens})"
+        )
+    if p.logprobs is not None:
+        _check_int("logprobs", p.logprobs, 0, MAX_LOGPROBS)
+    for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        if not isinstance(getattr(p, name), bool):
+            raise SamplingParamsError(name, f"must be a boolean, got {getattr(p, name)!r}")
+
+
+# ----------------------------------------------------------------- per-sequence state
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with `seed` on `device` (must match the logits' device)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+@dataclass
+class SeqSamplingState:
+    """What the sampler needs to know about one running sequence.
+
+    The engine owns it and appends each sampled token to `output_token_ids`.
+    `generator` is None for unseeded requests (the sampler's own randomness is used).
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def create(
+        cls,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        eos_token_ids: Sequence[int] = (),
+        *,
+        child_index: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> SeqSamplingState:
+        """State for sample `child_index` of a request; seeded children use seed + child_index."""
+        gen = None
+        if params.seed is not None:
+            gen = make_generator(params.seed + child_index, device)
+        return cls(params, prompt_token_ids, [], gen, tuple(eos_token_ids))
+
+    def banned_token_ids(self) -> tuple[int, ...]:
+        """Ids that may not be sampled now: stop ids (and EOS unless ignore_eos) below min_tokens."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return ()
+        eos = () if self.params.ignore_eos else self.eos_token_ids
+        return tuple(dict.fromkeys((*eos, *self.params.stop_token_ids)))
+
+
+def make_states(
+    params: SamplingParams,
+    prompt_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int] = (),
+    device: torch.device | str = "cpu",
+) -> list[SeqSamplingState]:
+    """The `params.n` sequence states of one request (child i seeded with seed + i).
+
+    Seeded children are reproducible and (since their seeds differ) different from each
+    other; unseeded children differ because they draw different noise rows.
+    """
+    return [
+        SeqSamplingState.create(params, prompt_token_ids, eos_token_ids, child_index=i, device=device)
+        for i in range(params.n)
+    ]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """One step's result, row i for batch entry i.
+
+    `logprobs[i]` is the raw-distribution logprob of `token_ids[i]` and `top_logprobs[i]`
+    the `params.logprobs` most likely (id, logprob) pairs, best first; both are None
+    when no row asked for logprobs, and rows that did not ask get an empty list.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+# ------------------------------------------------------------------------ sampler
+class Sampler:
+    """Batched sampler; `seed` seeds the randomness of unseeded requests (None: random)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _engine_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, batch: Sequence[SeqSamplingState]) -> SamplerOutput:
+        """One token per row of `logits` (B, V) float32, row i sampled with `batch[i]`."""
+        if logits.dim() != 2 or logits.shape[0] != len(batch):
+            raise ValueError(f"logits must be (B={len(batch)}, V), got {tuple(logits.shape)}")
+        raw = logits.float()
+        x = apply_token_bans(raw.clone(), batch)
+        x = apply_penalties(x, batch)
+
+        params = [s.params for s in batch]
+        greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool)
+        tokens = torch.empty(len(batch), dtype=torch.long, device=x.device)
+        greedy_rows = greedy.nonzero().flatten().tolist()
+        random_rows = (~greedy).nonzero().flatten().tolist()
+        if greedy_rows:
+            idx = torch.tensor(greedy_rows, device=x.device)
+            tokens[idx] = x[idx].argmax(dim=-1)
+        if random_rows:
+            idx = torch.tensor(random_rows, device=x.device)
+            sub = [batch[i] for i in random_rows]
+            probs = processed_probs(x[idx], [s.params for s in sub])  # (R, V)
+            tokens[idx] = self._race(probs, sub)
+        token_list = tokens.tolist()
+        return _logprobs_output(raw, token_list, params)
+
+    def _race(self, probs: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
+        """argmax(probs / Exp(1)) per row; seeded rows draw noise from their own generator."""
+        noise = torch.empty_like(probs)  # (R, V)
+        unseeded = [i for i, s in enumerate(batch) if s.generator is None]
+        for i, s in enumerate(batch):
+            if s.generator is not None:
+                noise[i].exponential_(generator=s.generator)
+        if unseeded:
+            rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
+            rows.exponential_(generator=self._engine_generator(probs.device))
+            noise[torch.tensor(unseeded, device=probs.device)] = rows
+        # Exp(1) can return exactly 0; keep the division finite (masked probs stay 0).
+        return (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
+
+
+# ------------------------------------------------------------------ logits processing
+def apply_token_bans(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
+    """Set banned ids (EOS / stop ids below min_tokens) to -inf, in place."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vocab = logits.shape[1]
+    for i, s in enumerate(batch):
+        for t in s.banned_token_ids():
+            if t < vocab:
+                rows.append(i)
+                cols.append(t)
+    if rows:
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -math.inf
+    return logits
+
+
+def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), max(width, 1)), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out.to(device)
+
+
+def token_counts(seqs: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(seqs), vocab) float counts of each id in each sequence (ids >= vocab ignored)."""
+    ids = _padded(seqs, vocab, device).clamp_(max=vocab)  # (R, L); vocab = padding column
+    counts = torch.zeros((len(seqs), vocab + 1), dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
+    """Repetition (HF: prompt + output) then frequency/presence (OpenAI: output) penalties.
+
+    Repetition: a logit l of a token seen in prompt or output becomes l / r if l > 0
+    else l * r. Frequency/presence: l -= f * count + p * (count > 0), counts over the
+    output only. Only rows with a non-neutral penalty are touched.
+    """
+    vocab = logits.shape[1]
+    dev = logits.device
+    rep_rows = [i for i, s in enumerate(batch) if s.params.repetition_penalty != 1.0]
+    if rep_rows:
+        idx = torch.tensor(rep_rows, device=dev)
+        seen = token_counts(
+            [[*batch[i].prompt_token_ids, *batch[i].output_token_ids] for i in rep_rows], vocab, dev
+        ) > 0  # (R, V)
+        r = torch.tensor([batch[i].params.repetition_penalty for i in rep_rows], device=dev)[:, None]
+        sub = logits[idx]
+        penalized = torch.where(sub > 0, sub / r, sub * r)
+        logits[idx] = torch.where(seen, penalized, sub)
+    fp_rows = [
+        i for i, s in enumerate(batch)
+        if s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0
+    ]
+    if fp_rows:
+        idx = torch.tensor(fp_rows, device=dev)
+        counts = token_counts([batch[i].output_token_ids for i in fp_rows], vocab, dev)  # (R, V)
+        f = torch.tensor([batch[i].params.frequency_penalty for i in fp_rows], device=dev)[:, None]
+        p = torch.tensor([batch[i].params.presence_penalty for i in fp_rows], device=dev)[:, None]
+        logits[idx] = logits[idx] - f * counts - p * (counts > 0).float()
+    return logits
+
+
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Sampling distribution (R, V) of non-greedy rows: temperature, top-k, top-p, min-p.
+
+    Same order as Hugging Face's warpers; top-p is taken on the top-k-renormalized
+    distribution, min-p on the one left after top-p. Ties at the top-k boundary are kept.
+    """
+    dev = logits.device
+    rows, vocab = logits.shape
+    temp = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)[:, None]
+    x = logits / temp  # (R, V)
+
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    need_k = any(k < vocab for k in top_k)
+    need_p = any(p.top_p < 1.0 for p in params)
+    if need_k or need_p:
+        sorted_x, order = x.sort(dim=-1, descending=True)  # (R, V)
+        if need_k:
+            k = torch.tensor([min(k, vocab) for k in top_k], device=dev)[:, None]
+            kth = sorted_x.gather(1, k - 1)  # (R, 1)
+            sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
+        if need_p:
+            top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+            sp = sorted_x.softmax(dim=-1)
+            before = sp.cumsum(dim=-1) - sp  # mass strictly before each token
+            drop = (before > top_p) & (top_p < 1.0)
+            drop[:, 0] = False  # always keep the most likely token
+            sorted_x = sorted_x.masked_fill(drop, -math.inf)
+        x = torch.empty_like(x).scatter_(1, order, sorted_x)
+
+    probs = x.softmax(dim=-1)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+        floor = probs.amax(dim=-1, keepdim=True) * min_p  # (R, 1)
+        probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _logprobs_output(
+    raw: torch.Tensor, tokens: list[int], params: Sequence[SamplingParams]
+) -> SamplerOutput:
+    wanted = [p.logprobs for p in params]
+    if all(k is None for k in wanted):
+        return SamplerOutput(token_ids=tokens)
+    lp = raw.log_softmax(dim=-1)  # (B, V)
+    tok = torch.tensor(tokens, device=raw.device)[:, None]
+    chosen = lp.gather(1, tok).flatten().tolist()
+    kmax = max((k or 0) for k in wanted)
+    top: list[list[tuple[int, float]]] = [[] for _ in params]
+    if kmax > 0:
+        vals, ids = lp.topk(kmax, dim=-1)  # (B, kmax)
+        vals_l, ids_l = vals.tolist(), ids.tolist()
+        for i, k in enumerate(wanted):
+            if k:
+                top[i] = list(zip(ids_l[i][:k], vals_l[i][:k], strict=True))
+    return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)
