@@ -1,0 +1,93 @@
+"""Cache of rendered chat prompts: messages -> (chat-template text, token ids).
+
+Rendering a chat template and tokenizing it costs a few ms of CPU per request;
+agents resend the same long conversation prefix again and again. The key is::
+
+    sha256(model \\0 canonical_json(messages) \\0 add_generation_prompt)
+
+where canonical JSON sorts object keys (and struct fields), so two equal
+conversations always hit the same entry. Token ids are stored packed as
+little-endian uint32 (4 bytes per token instead of msgpack's up to 5 + framing).
+
+Redis key: ``{prefix}pc:<sha256 hex>``, TTL ``ttl_s``. The entry is not
+tenant-scoped: it holds only what the tokenizer computes from the messages, and
+the key is a hash of the full messages, so it reveals nothing to a tenant who
+did not already send them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from cache.store import RedisStore
+
+__all__ = ["PromptCache", "RenderedPrompt", "prompt_key"]
+
+_TOKEN_DTYPE = np.dtype("<u4")
+
+
+class RenderedPrompt(msgspec.Struct, frozen=True):
+    text: str
+    token_ids: list[int]
+
+
+class _Stored(msgspec.Struct, frozen=True, array_like=True):
+    text: str
+    packed_ids: bytes
+
+
+_decoder = msgspec.msgpack.Decoder(_Stored)
+
+
+def prompt_key(model: str, messages: Sequence[Any], add_generation_prompt: bool) -> str:
+    """sha256 hex of model + canonical messages JSON + the add_generation_prompt flag (pure).
+
+    ``messages`` may be dicts or msgspec Structs (anything msgspec encodes).
+    """
+    canonical = msgspec.json.encode(list(messages), order="sorted")
+    payload = b"\0".join([model.encode(), canonical, b"1" if add_generation_prompt else b"0"])
+    return hashlib.sha256(payload).hexdigest()
+
+
+def pack_ids(token_ids: Sequence[int]) -> bytes:
+    arr = np.asarray(token_ids, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(_TOKEN_DTYPE).max):
+        raise ValueError("token ids must fit in uint32")
+    return arr.astype(_TOKEN_DTYPE).tobytes()
+
+
+def unpack_ids(packed: bytes) -> list[int]:
+    return np.frombuffer(packed, dtype=_TOKEN_DTYPE).tolist()
+
+
+class PromptCache:
+    def __init__(self, store: RedisStore, *, ttl_s: float = 3600.0) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        self.store = store
+        self.ttl_s = ttl_s
+
+    async def get(
+        self, model: str, messages: Sequence[Any], add_generation_prompt: bool = True
+    ) -> RenderedPrompt | None:
+        key = self.store.key("pc", prompt_key(model, messages, add_generation_prompt))
+        with self.store.guard():
+            raw = await self.store.client.get(key)
+        if raw is None:
+            return None
+        stored = _decoder.decode(raw)
+        return RenderedPrompt(stored.text, unpack_ids(stored.packed_ids))
+
+    async def put(
+        self, model: str, messages: Sequence[Any], add_generation_prompt: bool,
+        rendered: RenderedPrompt,
+    ) -> None:
+        key = self.store.key("pc", prompt_key(model, messages, add_generation_prompt))
+        value = msgspec.msgpack.encode(_Stored(rendered.text, pack_ids(rendered.token_ids)))
+        with self.store.guard():
+            await self.store.client.set(key, value, px=round(self.ttl_s * 1000))

@@ -1,0 +1,384 @@
+"""Per-tenant quotas, enforced atomically in Redis by Lua scripts.
+
+Any number of gateway replicas share the same counters; each check-and-count is
+one script call, so two replicas can never both take the last slot. Time comes
+from Redis (``TIME`` inside the script), so replicas with skewed clocks agree.
+
+The life of one request::
+
+    reserve(tenant, rid, prompt, max_new)   -> Admitted | Denied
+        counts the request (RPM), reserves prompt+max_new tokens against TPM and
+        the daily budget, takes a concurrency slot, records the reservation
+        (with a TTL: a crashed gateway's reservations expire on their own)
+    settle(tenant, rid, prompt, completion, model)   -> True (first call) / False
+        replaces the reserved tokens with the real count, frees the slot, adds
+        to the per-day per-model usage counters. Exactly once per request id.
+    release(tenant, rid)                    -> True / False
+        for a request that never ran: refunds its tokens and its RPM entry.
+
+Windows (per tenant):
+
+- requests_per_minute: a *sliding* 60 s log (ZSET request_id -> ms). Denied
+  requests are not counted. Retry-After = when the oldest entry leaves the window.
+- tokens_per_minute (prompt + completion): *fixed* 60 s windows aligned to the
+  epoch minute (one counter per window). Retry-After = rest of the window. A
+  fixed window can admit up to 2x the limit across a window boundary; the price
+  of O(1) per call. A request larger than the whole limit is denied for good
+  (retry_after_s None).
+- daily_token_budget: fixed UTC day. Retry-After = seconds to UTC midnight.
+- max_concurrent: ZSET request_id -> expiry ms; expired entries (a crashed
+  replica never settled) are dropped on every reserve. Retry-After = 1 s (we
+  cannot know when a running request finishes).
+- max_tokens_cap: per request, max_new_tokens above it is denied for good
+  (callers that prefer clamping clamp before reserving).
+
+Keys (all under ``{prefix}q:{<tenant>}:``, the braces are a cluster hash tag so a
+tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
+``day:<epoch_day>``, ``res:<rid>`` (reservation hash, TTL), ``done:<rid>``
+(settled/released marker, 1 day), ``usage:<epoch_day>`` (hash
+``"<model>\\n<field>"`` -> int).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from cache.store import RedisStore
+
+if TYPE_CHECKING:
+    from cache.tenants import Tenant
+
+__all__ = [
+    "Admitted",
+    "Denied",
+    "DuplicateRequest",
+    "Quota",
+    "QuotaManager",
+    "UsageRow",
+]
+
+_UNLIMITED = -1
+_DAY_S = 86400
+_EPOCH = dt.date(1970, 1, 1)
+
+
+class Quota(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-tenant limits; None means unlimited. Priority tier lives on the Tenant."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + completion
+    max_concurrent: int | None = None
+    max_tokens_cap: int | None = None  # per request max_new_tokens
+    daily_token_budget: int | None = None  # prompt + completion, per UTC day
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"Quota.{name} must be >= 0 or None, got {value}")
+
+
+class Admitted(msgspec.Struct, frozen=True):
+    """The request holds a reservation of ``reserved_tokens`` until settle/release."""
+
+    request_id: str
+    reserved_tokens: int
+
+
+class Denied(msgspec.Struct, frozen=True):
+    """Refused. ``retry_after_s`` is None when retrying cannot help (request too big)."""
+
+    limit: str  # name of the Quota field that refused
+    reason: str
+    retry_after_s: float | None
+
+
+class DuplicateRequest(ValueError):
+    """reserve() was called with a request id that is reserved or already finished."""
+
+
+class UsageRow(msgspec.Struct, frozen=True):
+    day: dt.date
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# Shared Lua prelude: the Redis clock in ms and limit decoding (-1 = unlimited).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local base = ARGV[1]
+local rid = ARGV[2]
+"""
+
+# ARGV: base, rid, prompt, max_new, rpm, tpm, conc, cap, daily, ttl_ms
+# -> {status, limit, retry_ms, reason}; status 1 admitted, 0 denied, 2 duplicate.
+_RESERVE = _PRELUDE + """
+local prompt = tonumber(ARGV[3])
+local max_new = tonumber(ARGV[4])
+local rpm = tonumber(ARGV[5])
+local tpm = tonumber(ARGV[6])
+local conc = tonumber(ARGV[7])
+local cap = tonumber(ARGV[8])
+local daily = tonumber(ARGV[9])
+local ttl = tonumber(ARGV[10])
+local tokens = prompt + max_new
+
+local res_key = base .. 'res:' .. rid
+if redis.call('EXISTS', res_key, base .. 'done:' .. rid) > 0 then
+  return {2, 'request_id', -1, 'request id already used'}
+end
+if cap >= 0 and max_new > cap then
+  return {0, 'max_tokens_cap', -1, 'max_new_tokens ' .. max_new .. ' exceeds cap ' .. cap}
+end
+
+local conc_key = base .. 'conc'
+redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
+if conc >= 0 and redis.call('ZCARD', conc_key) >= conc then
+  return {0, 'max_concurrent', 1000, conc .. ' requests already running'}
+end
+
+local rpm_key = base .. 'rpm'
+redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - 60000)
+if rpm >= 0 and redis.call('ZCARD', rpm_key) >= rpm then
+  local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
+  local retry = 60000
+  if oldest[2] then retry = tonumber(oldest[2]) + 60000 - now end
+  return {0, 'requests_per_minute', retry, rpm .. ' requests per minute reached'}
+end
+
+local win = now - (now % 60000)
+local tpm_key = base .. 'tpm:' .. win
+if tpm >= 0 then
+  if tokens > tpm then
+    return {0, 'tokens_per_minute', -1, 'request needs ' .. tokens .. ' tokens, limit is ' .. tpm .. ' per minute'}
+  end
+  local used = tonumber(redis.call('GET', tpm_key) or '0')
+  if used + tokens > tpm then
+    return {0, 'tokens_per_minute', win + 60000 - now, tpm .. ' tokens per minute reached'}
+  end
+end
+
+local day = math.floor(now / 86400000)
+local day_key = base .. 'day:' .. day
+if daily >= 0 then
+  if tokens > daily then
+    return {0, 'daily_token_budget', -1, 'request needs ' .. tokens .. ' tokens, daily budget is ' .. daily}
+  end
+  local used = tonumber(redis.call('GET', day_key) or '0')
+  if used + tokens > daily then
+    return {0, 'daily_token_budget', (day + 1) * 86400000 - now, 'daily budget of ' .. daily .. ' tokens reached'}
+  end
+end
+
+redis.call('ZADD', conc_key, now + ttl, rid)
+if redis.call('PTTL', conc_key) < ttl then redis.call('PEXPIRE', conc_key, ttl) end
+redis.call('ZADD', rpm_key, now, rid)
+redis.call('PEXPIRE', rpm_key, 61000)
+redis.call('INCRBY', tpm_key, tokens)
+redis.call('PEXPIRE', tpm_key, 120000)
+redis.call('INCRBY', day_key, tokens)
+redis.call('EXPIRE', day_key, 2 * 86400)
+redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day)
+redis.call('PEXPIRE', res_key, ttl)
+return {1, '', 0, ''}
+"""
+
+# ARGV: base, rid, prompt, completion, model, usage_ttl_s -> 1 settled now, 0 already done
+_SETTLE = _PRELUDE + """
+local prompt = tonumber(ARGV[3])
+local completion = tonumber(ARGV[4])
+local model = ARGV[5]
+local usage_ttl = tonumber(ARGV[6])
+local actual = prompt + completion
+if not redis.call('SET', base .. 'done:' .. rid, '1', 'NX', 'EX', 86400) then
+  return 0
+end
+redis.call('ZREM', base .. 'conc', rid)
+local res_key = base .. 'res:' .. rid
+local res = redis.call('HMGET', res_key, 'tokens', 'win', 'day')
+local day
+if res[1] then
+  local delta = actual - tonumber(res[1])
+  local tpm_key = base .. 'tpm:' .. res[2]
+  if redis.call('EXISTS', tpm_key) == 1 then redis.call('INCRBY', tpm_key, delta) end
+  day = res[3]
+  local day_key = base .. 'day:' .. day
+  if redis.call('EXISTS', day_key) == 1 then redis.call('INCRBY', day_key, delta) end
+  redis.call('DEL', res_key)
+else
+  -- the reservation expired (request outlived its TTL): charge the real usage now
+  local tpm_key = base .. 'tpm:' .. (now - (now % 60000))
+  redis.call('INCRBY', tpm_key, actual)
+  redis.call('PEXPIRE', tpm_key, 120000)
+  day = tostring(math.floor(now / 86400000))
+  local day_key = base .. 'day:' .. day
+  redis.call('INCRBY', day_key, actual)
+  redis.call('EXPIRE', day_key, 2 * 86400)
+end
+local usage_key = base .. 'usage:' .. day
+redis.call('HINCRBY', usage_key, model .. '\\nrequests', 1)
+redis.call('HINCRBY', usage_key, model .. '\\nprompt_tokens', prompt)
+redis.call('HINCRBY', usage_key, model .. '\\ncompletion_tokens', completion)
+redis.call('EXPIRE', usage_key, usage_ttl)
+return 1
+"""
+
+# ARGV: base, rid -> 1 released a live reservation, 0 nothing to release
+_RELEASE = _PRELUDE + """
+if not redis.call('SET', base .. 'done:' .. rid, '1', 'NX', 'EX', 86400) then
+  return 0
+end
+redis.call('ZREM', base .. 'conc', rid)
+redis.call('ZREM', base .. 'rpm', rid)
+local res_key = base .. 'res:' .. rid
+local res = redis.call('HMGET', res_key, 'tokens', 'win', 'day')
+if not res[1] then return 0 end
+local refund = -tonumber(res[1])
+local tpm_key = base .. 'tpm:' .. res[2]
+if redis.call('EXISTS', tpm_key) == 1 then redis.call('INCRBY', tpm_key, refund) end
+local day_key = base .. 'day:' .. res[3]
+if redis.call('EXISTS', day_key) == 1 then redis.call('INCRBY', day_key, refund) end
+redis.call('DEL', res_key)
+return 1
+"""
+
+
+def _limit(value: int | None) -> int:
+    return _UNLIMITED if value is None else value
+
+
+def epoch_day(day: dt.date) -> int:
+    """Days since 1970-01-01 (the day number used in keys, as computed from Redis TIME)."""
+    return (day - _EPOCH).days
+
+
+class QuotaManager:
+    """Atomic reserve / settle / release against a tenant's Quota.
+
+    ``reservation_ttl_s`` bounds how long a reservation (and its concurrency
+    slot) outlives a gateway that crashed before settling; set it above the
+    longest request you serve. A settle after expiry still records the usage.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        reservation_ttl_s: float = 600.0,
+        usage_ttl_days: int = 400,
+    ) -> None:
+        if reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be > 0")
+        self.store = store
+        self.reservation_ttl_s = reservation_ttl_s
+        self.usage_ttl_days = usage_ttl_days
+        self._reserve = store.register_script(_RESERVE)
+        self._settle = store.register_script(_SETTLE)
+        self._release = store.register_script(_RELEASE)
+
+    def _base(self, tenant_id: str) -> str:
+        return self.store.key("q", "{" + tenant_id + "}", "")
+
+    async def reserve(
+        self,
+        tenant: Tenant,
+        request_id: str,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        *,
+        ttl_s: float | None = None,
+    ) -> Admitted | Denied:
+        """Check every limit and, if all pass, count the request — atomically.
+
+        Raises DuplicateRequest if ``request_id`` was already reserved or
+        finished, CacheUnavailable if Redis is down.
+        """
+        if prompt_tokens < 0 or max_new_tokens < 0:
+            raise ValueError("token counts must be >= 0")
+        ttl_ms = round((ttl_s if ttl_s is not None else self.reservation_ttl_s) * 1000)
+        if ttl_ms <= 0:
+            raise ValueError("ttl_s must be > 0")
+        q = tenant.quota
+        args = [
+            self._base(tenant.id), request_id, prompt_tokens, max_new_tokens,
+            _limit(q.requests_per_minute), _limit(q.tokens_per_minute),
+            _limit(q.max_concurrent), _limit(q.max_tokens_cap),
+            _limit(q.daily_token_budget), ttl_ms,
+        ]
+        with self.store.guard():
+            status, limit, retry_ms, reason = await self._reserve(args=args)
+        if status == 1:
+            return Admitted(request_id, prompt_tokens + max_new_tokens)
+        if status == 2:
+            raise DuplicateRequest(f"request id {request_id!r} already reserved or finished")
+        retry = None if retry_ms < 0 else max(retry_ms, 1) / 1000
+        return Denied(limit.decode(), reason.decode(), retry)
+
+    async def settle(
+        self,
+        tenant: Tenant,
+        request_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        model: str,
+    ) -> bool:
+        """Replace the reservation with real usage. True the first time, False after
+        (settle or release already happened for this id)."""
+        if prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("token counts must be >= 0")
+        if "\n" in model:
+            raise ValueError("model name must not contain a newline")
+        args = [
+            self._base(tenant.id), request_id, prompt_tokens, completion_tokens, model,
+            self.usage_ttl_days * _DAY_S,
+        ]
+        with self.store.guard():
+            return bool(await self._settle(args=args))
+
+    async def release(self, tenant: Tenant, request_id: str) -> bool:
+        """Undo a reservation for a request that never ran (refund tokens and its RPM
+        entry, free the slot). True if a live reservation was released."""
+        with self.store.guard():
+            return bool(await self._release(args=[self._base(tenant.id), request_id]))
+
+    async def running(self, tenant_id: str) -> int:
+        """Number of unexpired reservations (concurrency slots in use)."""
+        key = self._base(tenant_id) + "conc"
+        with self.store.guard():
+            now_s = (await self.store.client.time()).timestamp()
+            return await self.store.client.zcount(key, now_s * 1000, "+inf")
+
+    async def get_usage(
+        self, tenant_id: str, day_from: dt.date, day_to: dt.date
+    ) -> list[UsageRow]:
+        """Usage per UTC day and model, days inclusive, sorted by (day, model).
+        One round trip (a pipeline of HGETALLs)."""
+        if day_to < day_from:
+            raise ValueError(f"day_to {day_to} is before day_from {day_from}")
+        days = [day_from + dt.timedelta(days=i) for i in range((day_to - day_from).days + 1)]
+        base = self._base(tenant_id)
+        with self.store.guard():
+            async with self.store.client.pipeline(transaction=False) as pipe:
+                pending = [pipe.hgetall(f"{base}usage:{epoch_day(d)}") for d in days]
+            hashes = [await p for p in pending]
+        rows: list[UsageRow] = []
+        for day, fields in zip(days, hashes, strict=True):
+            per_model: dict[str, dict[str, int]] = {}
+            for raw_field, raw_value in fields.items():
+                model, _, name = raw_field.decode().rpartition("\n")
+                per_model.setdefault(model, {})[name] = int(raw_value)
+            for model in sorted(per_model):
+                counts = per_model[model]
+                rows.append(UsageRow(
+                    day=day, model=model,
+                    requests=counts.get("requests", 0),
+                    prompt_tokens=counts.get("prompt_tokens", 0),
+                    completion_tokens=counts.get("completion_tokens", 0),
+                ))
+        return rows

@@ -1,0 +1,134 @@
+"""Edge cache of whole completions for deterministic requests.
+
+The caller decides what is deterministic (greedy decoding, or sampling with a
+fixed seed); this module only promises that a hit was produced by a request with
+the *same* model, prompt token ids and every sampling parameter. The key is::
+
+    sha256(msgpack([model, prompt_token_ids, params]))   # params: a Struct or mapping
+
+encoded with msgspec's deterministic order (dict keys sorted), so any change of
+any parameter is a different key. Entries live under a scope: the tenant id, or
+``shared`` for tenants that opted into the shared pool — one tenant never sees
+another's private answers.
+
+The value keeps per-token text deltas so a hit can be replayed as a stream
+that looks like the original one.
+
+Redis key: ``{prefix}rc:<scope>:<sha256 hex>``, value msgpack, TTL ``ttl_s``.
+Entries bigger than ``max_entry_bytes`` are not stored (one huge answer must not
+evict many small ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from cache.store import RedisStore
+from cache.tenants import Tenant
+
+__all__ = ["CacheStats", "CachedCompletion", "CachedUsage", "ResponseCache", "response_key"]
+
+SHARED_SCOPE = "shared"
+
+_key_encoder = msgspec.msgpack.Encoder(order="deterministic")
+_value_encoder = msgspec.msgpack.Encoder()
+
+
+class CachedUsage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class CachedCompletion(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished completion, enough to answer again or replay it as a stream.
+
+    ``deltas[i]`` is the text emitted with ``token_ids[i]`` (may be "" while a
+    multi-byte character is incomplete); ``"".join(deltas) == text``.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: CachedUsage
+    deltas: list[str] = []
+
+
+_value_decoder = msgspec.msgpack.Decoder(CachedCompletion)
+
+
+class CacheStats(msgspec.Struct, kw_only=True):
+    """In-process counters (per ResponseCache instance), exported as metrics by the gateway."""
+
+    hits: int = 0
+    misses: int = 0
+    stores: int = 0
+    skipped_too_large: int = 0
+
+
+def response_key(
+    model: str, prompt_token_ids: Sequence[int], params: msgspec.Struct | Mapping[str, Any]
+) -> str:
+    """sha256 hex over model, prompt token ids and every sampling parameter (pure)."""
+    payload = _key_encoder.encode([model, list(prompt_token_ids), params])
+    return hashlib.sha256(payload).hexdigest()
+
+
+def scope_for(tenant: Tenant) -> str:
+    return SHARED_SCOPE if tenant.shared_cache_pool else tenant.id
+
+
+class ResponseCache:
+    """get/put of CachedCompletion per (scope, model, prompt ids, params)."""
+
+    def __init__(
+        self, store: RedisStore, *, ttl_s: float = 3600.0, max_entry_bytes: int = 256 * 1024
+    ) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0")
+        if max_entry_bytes <= 0:
+            raise ValueError("max_entry_bytes must be > 0")
+        self.store = store
+        self.ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes
+        self.stats = CacheStats()
+
+    def _redis_key(
+        self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
+        params: msgspec.Struct | Mapping[str, Any],
+    ) -> str:
+        return self.store.key("rc", scope_for(tenant), response_key(model, prompt_token_ids, params))
+
+    async def get(
+        self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
+        params: msgspec.Struct | Mapping[str, Any],
+    ) -> CachedCompletion | None:
+        """The cached completion or None. Raises CacheUnavailable (callers usually
+        treat that as a miss: fail open)."""
+        key = self._redis_key(tenant, model, prompt_token_ids, params)
+        with self.store.guard():
+            raw = await self.store.client.get(key)
+        if raw is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return _value_decoder.decode(raw)
+
+    async def put(
+        self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
+        params: msgspec.Struct | Mapping[str, Any], completion: CachedCompletion,
+    ) -> bool:
+        """Store with TTL. False (and nothing stored) when the encoded entry is larger
+        than ``max_entry_bytes``."""
+        value = _value_encoder.encode(completion)
+        if len(value) > self.max_entry_bytes:
+            self.stats.skipped_too_large += 1
+            return False
+        key = self._redis_key(tenant, model, prompt_token_ids, params)
+        with self.store.guard():
+            await self.store.client.set(key, value, px=round(self.ttl_s * 1000))
+        self.stats.stores += 1
+        return True

@@ -1,0 +1,134 @@
+"""The Redis connection every cache/ component shares: client, key prefix, health.
+
+``RedisStore`` wraps one coredis client (anyio-based, so it runs under trio;
+RESP3; Redis >= 7). coredis opens connections lazily and per command, so a Redis
+that goes away and comes back is survived without any reconnect loop here: the
+commands issued while it is down fail, the first one after it is back succeeds.
+
+Every operation of the cache/ components goes through ``RedisStore.guard()``,
+which turns "Redis is unreachable" (connection refused/reset, timeouts) into one
+exception type, ``CacheUnavailable``, and records health. Callers decide what a
+missing Redis means for them: the response cache fails open (just a miss), quota
+reservation fails closed or open by gateway policy. Errors that are *not* about
+reachability (a bug in a Lua script, a wrong type) propagate unchanged.
+
+Usage::
+
+    async with RedisStore("redis://127.0.0.1:6379/0") as store:
+        registry = TenantRegistry(store, secret=b"...")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import coredis
+import coredis.exceptions
+
+__all__ = ["CacheUnavailable", "RedisStore"]
+
+# Exceptions meaning "could not talk to Redis" (as opposed to "Redis said no").
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    coredis.exceptions.ConnectionError,  # includes ProtocolError, BusyLoadingError
+    TimeoutError,
+    OSError,
+)
+
+
+class CacheUnavailable(Exception):
+    """Redis could not be reached; the operation did not happen (or its outcome is unknown)."""
+
+
+class RedisStore:
+    """One coredis client + key prefix + health tracking.
+
+    ``prefix`` namespaces every key (several deployments can share one Redis).
+    Timeouts are short on purpose: these calls sit on the request path, and a
+    Redis that does not answer within ``stream_timeout_s`` is treated as down.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "lmgate:",
+        connect_timeout_s: float = 1.0,
+        stream_timeout_s: float = 2.0,
+        max_connections: int | None = None,
+    ) -> None:
+        if not prefix:
+            raise ValueError("RedisStore prefix must be non-empty (it namespaces every key)")
+        self.url = url
+        self.prefix = prefix
+        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            url,
+            connect_timeout=connect_timeout_s,
+            stream_timeout=stream_timeout_s,
+            max_connections=max_connections,
+        )
+        self._entered = False
+        self.healthy = True
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    @property
+    def client(self) -> coredis.Redis[bytes]:
+        """The coredis client (bytes replies). Only valid inside ``async with store``."""
+        if not self._entered:
+            raise RuntimeError("RedisStore used outside `async with store:`")
+        return self._client
+
+    def key(self, *parts: str) -> str:
+        """A prefixed key: ``key("tenant", "t1") == "lmgate:tenant:t1"``."""
+        return self.prefix + ":".join(parts)
+
+    def register_script(self, source: str) -> Any:
+        """A coredis Script bound to this client (EVALSHA, reloaded after a Redis restart)."""
+        return self.client.register_script(source)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Wrap Redis calls: map unreachability to CacheUnavailable and track health.
+
+        ``with store.guard(): await store.client.get(...)``. Cancellation and
+        non-connectivity errors pass through untouched.
+        """
+        try:
+            yield
+        except _UNREACHABLE as error:
+            self.healthy = False
+            self.last_error = f"{type(error).__name__}: {error}"
+            self.last_error_at = time.time()
+            raise CacheUnavailable(f"Redis at {self.url} unreachable: {error}") from error
+        self.healthy = True
+
+    async def ping(self) -> bool:
+        """Health probe: True if Redis answered PING (updates ``healthy``); never raises
+        CacheUnavailable."""
+        try:
+            with self.guard():
+                await self.client.ping()
+        except CacheUnavailable:
+            return False
+        return True
+
+    async def __aenter__(self) -> RedisStore:
+        await self._client.__aenter__()
+        self._entered = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._entered = False
+        await self._client.__aexit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r}, healthy={self.healthy})"

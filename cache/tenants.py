@@ -1,0 +1,305 @@
+"""Tenants and their API keys, stored in Redis; keys only ever stored hashed.
+
+A key is shown once, at creation: ``lmg-`` + 32 random bytes (urlsafe base64).
+Redis holds only ``HMAC-SHA256(server_secret, key)``: a dump of Redis does not
+yield usable keys, and without the server secret the digests cannot even be
+brute-forced offline.
+
+Layout (under the store prefix)::
+
+    tenant:<id>          JSON Tenant
+    tenants              SET of tenant ids
+    key:<digest>         JSON _KeyRecord (id, tenant, name, display prefix, created, digest)
+    keyid:<key id>       <digest>            (revoke by id)
+    tenant_keys:<id>     SET of key ids      (list / delete with the tenant)
+
+``authenticate`` is on every request, so it is one round trip: a Lua script
+reads the key record and the tenant it points to.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+
+import msgspec
+from coredis import PureToken
+
+from cache.quotas import Quota
+from cache.store import RedisStore
+
+__all__ = [
+    "ApiKeyInfo",
+    "KEY_PREFIX",
+    "Tenant",
+    "TenantExists",
+    "TenantNotFound",
+    "TenantRegistry",
+    "hash_key",
+    "is_admin_key",
+]
+
+KEY_PREFIX = "lmg-"
+_DISPLAY_CHARS = 8  # "lmg-" + 4 chars of the random part, enough to tell keys apart
+_TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Tenant(msgspec.Struct, frozen=True, kw_only=True):
+    """A customer of the gateway. ``priority`` is the scheduling tier (higher first);
+    ``shared_cache_pool`` opts into the cross-tenant response cache."""
+
+    id: str
+    name: str
+    priority: int = 0
+    shared_cache_pool: bool = False
+    quota: Quota = Quota()
+    created_at: float = 0.0
+
+
+class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the admin API may show about a key: never the key, never its digest."""
+
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    created_at: float
+
+
+class _KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    created_at: float
+    digest: str
+
+    def info(self) -> ApiKeyInfo:
+        return ApiKeyInfo(
+            id=self.id, tenant_id=self.tenant_id, name=self.name,
+            prefix=self.prefix, created_at=self.created_at,
+        )
+
+
+class TenantNotFound(KeyError):
+    pass
+
+
+class TenantExists(ValueError):
+    pass
+
+
+def hash_key(secret: bytes, plaintext: str) -> str:
+    """HMAC-SHA256(secret, key) as hex: the only form a key is stored in."""
+    return hmac.new(secret, plaintext.encode(), hashlib.sha256).hexdigest()
+
+
+def is_admin_key(presented: str | None, admin_key: str | None) -> bool:
+    """Constant-time check of an admin key. False when either side is missing/empty.
+
+    Both sides are hashed first so the comparison time does not depend on
+    lengths either.
+    """
+    if not presented or not admin_key:
+        return False
+    a = hashlib.sha256(presented.encode()).digest()
+    b = hashlib.sha256(admin_key.encode()).digest()
+    return hmac.compare_digest(a, b)
+
+
+def _new_plaintext_key() -> str:
+    return KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+# KEYS[1] = key:<digest>; ARGV[1] = prefix of tenant keys -> {record, tenant} or nil
+_AUTHENTICATE = """
+local rec = redis.call('GET', KEYS[1])
+if not rec then return false end
+local tid = cjson.decode(rec)['tenant_id']
+local tenant = redis.call('GET', ARGV[1] .. tid)
+if not tenant then return false end
+return {rec, tenant}
+"""
+
+# ARGV: store prefix, key id -> 1 revoked, 0 unknown
+_REVOKE = """
+local p = ARGV[1]
+local digest = redis.call('GET', p .. 'keyid:' .. ARGV[2])
+if not digest then return 0 end
+local rec = redis.call('GET', p .. 'key:' .. digest)
+if rec then
+  redis.call('SREM', p .. 'tenant_keys:' .. cjson.decode(rec)['tenant_id'], ARGV[2])
+end
+redis.call('DEL', p .. 'key:' .. digest, p .. 'keyid:' .. ARGV[2])
+return 1
+"""
+
+# ARGV: store prefix, tenant id -> 1 deleted, 0 unknown. Deletes the tenant's keys too.
+_DELETE_TENANT = """
+local p = ARGV[1]
+local tid = ARGV[2]
+if redis.call('DEL', p .. 'tenant:' .. tid) == 0 then return 0 end
+redis.call('SREM', p .. 'tenants', tid)
+for _, kid in ipairs(redis.call('SMEMBERS', p .. 'tenant_keys:' .. tid)) do
+  local digest = redis.call('GET', p .. 'keyid:' .. kid)
+  if digest then redis.call('DEL', p .. 'key:' .. digest) end
+  redis.call('DEL', p .. 'keyid:' .. kid)
+end
+redis.call('DEL', p .. 'tenant_keys:' .. tid)
+return 1
+"""
+
+
+class TenantRegistry:
+    """Tenant CRUD, API key lifecycle and authentication. Create inside ``async with store``.
+
+    ``secret`` is the server secret keys are HMACed with (>= 16 bytes); changing
+    it invalidates every issued key.
+    """
+
+    def __init__(self, store: RedisStore, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("server secret must be at least 16 bytes")
+        self.store = store
+        self._secret = secret
+        self._authenticate = store.register_script(_AUTHENTICATE)
+        self._revoke = store.register_script(_REVOKE)
+        self._delete_tenant = store.register_script(_DELETE_TENANT)
+
+    # -- tenants -------------------------------------------------------------
+
+    async def create_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        priority: int = 0,
+        shared_cache_pool: bool = False,
+        quota: Quota | None = None,
+    ) -> Tenant:
+        """Create a tenant; raises TenantExists if the id is taken."""
+        if not _TENANT_ID.match(tenant_id):
+            raise ValueError(f"tenant id must match {_TENANT_ID.pattern}, got {tenant_id!r}")
+        tenant = Tenant(
+            id=tenant_id, name=name, priority=priority, shared_cache_pool=shared_cache_pool,
+            quota=quota or Quota(), created_at=time.time(),
+        )
+        with self.store.guard():
+            created = await self.store.client.set(
+                self.store.key("tenant", tenant_id), msgspec.json.encode(tenant), condition=PureToken.NX
+            )
+            if not created:
+                raise TenantExists(f"tenant {tenant_id!r} already exists")
+            await self.store.client.sadd(self.store.key("tenants"), [tenant_id])
+        return tenant
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        with self.store.guard():
+            raw = await self.store.client.get(self.store.key("tenant", tenant_id))
+        return None if raw is None else msgspec.json.decode(raw, type=Tenant)
+
+    async def list_tenants(self) -> list[Tenant]:
+        """All tenants, sorted by id."""
+        with self.store.guard():
+            ids = sorted(m.decode() for m in await self.store.client.smembers(self.store.key("tenants")))
+            if not ids:
+                return []
+            raws = await self.store.client.mget([self.store.key("tenant", i) for i in ids])
+        return [msgspec.json.decode(r, type=Tenant) for r in raws if r is not None]
+
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        priority: int | None = None,
+        shared_cache_pool: bool | None = None,
+        quota: Quota | None = None,
+    ) -> Tenant:
+        """Change the given fields (None = keep). Raises TenantNotFound.
+
+        Last writer wins; admin edits are rare and whole-record.
+        """
+        current = await self.get_tenant(tenant_id)
+        if current is None:
+            raise TenantNotFound(tenant_id)
+        changes = {
+            k: v for k, v in {
+                "name": name, "priority": priority,
+                "shared_cache_pool": shared_cache_pool, "quota": quota,
+            }.items() if v is not None
+        }
+        updated = msgspec.structs.replace(current, **changes)
+        with self.store.guard():
+            stored = await self.store.client.set(
+                self.store.key("tenant", tenant_id), msgspec.json.encode(updated), condition=PureToken.XX
+            )
+        if not stored:
+            raise TenantNotFound(tenant_id)
+        return updated
+
+    async def delete_tenant(self, tenant_id: str) -> bool:
+        """Delete a tenant and all its API keys. False if it did not exist."""
+        with self.store.guard():
+            return bool(await self._delete_tenant(args=[self.store.prefix, tenant_id]))
+
+    # -- API keys ------------------------------------------------------------
+
+    async def create_key(self, tenant_id: str, name: str) -> tuple[str, str]:
+        """Issue a key: returns ``(key_id, plaintext)``. The plaintext is not stored
+        anywhere; show it to the user once."""
+        if await self.get_tenant(tenant_id) is None:
+            raise TenantNotFound(tenant_id)
+        plaintext = _new_plaintext_key()
+        digest = hash_key(self._secret, plaintext)
+        record = _KeyRecord(
+            id="key_" + secrets.token_hex(8), tenant_id=tenant_id, name=name,
+            prefix=plaintext[:_DISPLAY_CHARS], created_at=time.time(), digest=digest,
+        )
+        with self.store.guard():
+            async with self.store.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.store.key("key", digest), msgspec.json.encode(record))
+                pipe.set(self.store.key("keyid", record.id), digest)
+                pipe.sadd(self.store.key("tenant_keys", tenant_id), [record.id])
+        return record.id, plaintext
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key by id; it stops authenticating immediately. False if unknown."""
+        with self.store.guard():
+            return bool(await self._revoke(args=[self.store.prefix, key_id]))
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKeyInfo]:
+        """The tenant's keys (id, name, display prefix, created), oldest first."""
+        with self.store.guard():
+            kids = [k.decode() for k in await self.store.client.smembers(
+                self.store.key("tenant_keys", tenant_id))]
+            if not kids:
+                return []
+            digests = await self.store.client.mget([self.store.key("keyid", k) for k in kids])
+            present = [d.decode() for d in digests if d is not None]
+            if not present:
+                return []
+            raws = await self.store.client.mget([self.store.key("key", d) for d in present])
+        records = [msgspec.json.decode(r, type=_KeyRecord) for r in raws if r is not None]
+        return [r.info() for r in sorted(records, key=lambda r: (r.created_at, r.id))]
+
+    async def authenticate(self, plaintext: str | None) -> Tenant | None:
+        """The tenant owning this key, or None (unknown, revoked, malformed). One round trip."""
+        if not plaintext or not plaintext.startswith(KEY_PREFIX):
+            return None
+        digest = hash_key(self._secret, plaintext)
+        with self.store.guard():
+            found = await self._authenticate(
+                keys=[self.store.key("key", digest)], args=[self.store.key("tenant", "")]
+            )
+        if not found:
+            return None
+        raw_record, raw_tenant = found
+        record = msgspec.json.decode(raw_record, type=_KeyRecord)
+        if not hmac.compare_digest(record.digest.encode(), digest.encode()):
+            return None
+        return msgspec.json.decode(raw_tenant, type=Tenant)
