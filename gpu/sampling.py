@@ -249,8 +249,17 @@ class Sampler:
         return gen
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, batch: Sequence[SeqSamplingState]) -> SamplerOutput:
-        """One token per row of `logits` (B, V) float32, row i sampled with `batch[i]`."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        batch: Sequence[SeqSamplingState],
+        generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        """One token per row of `logits` (B, V) float32, row i sampled with `batch[i]`.
+
+        Unseeded rows draw their noise from `generator` when given (the engine's), else
+        from the sampler's own; seeded rows always use their state's generator.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(f"logits must be (B={len(batch)}, V), got {tuple(logits.shape)}")
         raw = logits.float()
@@ -269,11 +278,13 @@ class Sampler:
             idx = torch.tensor(random_rows, device=x.device)
             sub = [batch[i] for i in random_rows]
             probs = processed_probs(x[idx], [s.params for s in sub])  # (R, V)
-            tokens[idx] = self._race(probs, sub)
+            tokens[idx] = self._race(probs, sub, generator)
         token_list = tokens.tolist()
         return _logprobs_output(raw, token_list, params)
 
-    def _race(self, probs: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
+    def _race(
+        self, probs: torch.Tensor, batch: Sequence[SeqSamplingState], generator: torch.Generator | None
+    ) -> torch.Tensor:
         """argmax(probs / Exp(1)) per row; seeded rows draw noise from their own generator."""
         noise = torch.empty_like(probs)  # (R, V)
         unseeded = [i for i, s in enumerate(batch) if s.generator is None]
@@ -282,7 +293,7 @@ class Sampler:
                 noise[i].exponential_(generator=s.generator)
         if unseeded:
             rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-            rows.exponential_(generator=self._engine_generator(probs.device))
+            rows.exponential_(generator=generator or self._engine_generator(probs.device))
             noise[torch.tensor(unseeded, device=probs.device)] = rows
         # Exp(1) can return exactly 0; keep the division finite (masked probs stay 0).
         return (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)

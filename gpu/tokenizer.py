@@ -254,14 +254,32 @@ def _compile_chat_template(source: str) -> jinja2.Template:
 
 
 # ---------------------------------------------------------------------- loading
-def load_tokenizer(source: str | Path) -> Tokenizer:
-    """A Tokenizer from a `.gguf` file, or from a folder holding `tokenizer.json`.
+def load_tokenizer(source: str | Path | Any) -> Tokenizer:
+    """A Tokenizer from a `.gguf` file, a folder holding `tokenizer.json`, or a checkpoint.
 
-    A folder may also hold `tokenizer_config.json` (chat template, bos/eos, add_bos_token)
-    and `generation_config.json` (eos ids); a folder without `tokenizer.json` but with
-    exactly one `.gguf` is read from that file.
+    `source` may be:
+    * a path to a `.gguf` file (the `tokenizer.*` metadata is read with `gguf.GGUFReader`);
+    * a folder with `tokenizer.json`, plus optionally `tokenizer_config.json` (chat
+      template, bos/eos, add_bos_token) and `generation_config.json` (eos ids); a folder
+      without `tokenizer.json` but with exactly one `.gguf` is read from that file;
+    * a bundled model name understood by `gpu.loader.resolve_source` ("smollm2");
+    * a `gpu.loader.Checkpoint` (anything with `tokenizer_metadata` / `tokenizer_dir`),
+      which avoids reading the GGUF a second time.
     """
+    if hasattr(source, "tokenizer_metadata") or hasattr(source, "tokenizer_dir"):
+        meta = getattr(source, "tokenizer_metadata", None)
+        folder = getattr(source, "tokenizer_dir", None)
+        if meta:
+            return tokenizer_from_gguf_metadata(meta)
+        if folder is not None:
+            return _from_hf_folder(Path(folder))
+        raise TokenizerError(f"checkpoint {getattr(source, 'source', source)!r} carries no tokenizer")
     path = Path(source)
+    if not path.exists() and isinstance(source, str):
+        from gpu.loader import BUNDLED_ALIASES, resolve_source
+
+        if source.lower() in BUNDLED_ALIASES:
+            path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path)
     if path.is_dir():
@@ -279,27 +297,40 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
 def _from_gguf(path: Path) -> Tokenizer:
     from gguf import GGUFReader
 
-    meta = _read_gguf_tokenizer_metadata(GGUFReader(str(path)))
+    return tokenizer_from_gguf_metadata(_read_gguf_tokenizer_metadata(GGUFReader(str(path))))
+
+
+def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
+    """A Tokenizer from a GGUF's `tokenizer.*` key/values (full key names, plain values)."""
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        if key not in meta:
+            raise TokenizerError(f"GGUF metadata lacks {key}")
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise TokenizerError(
-            f"{path}: tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}; "
+            f"tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}; "
             "only byte-level BPE ('gpt2') is supported"
         )
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    bos = _optional_int(meta.get("tokenizer.ggml.bos_token_id"))
     backend = build_byte_level_bpe(
-        tokens=meta["tokenizer.ggml.tokens"],
-        merges=meta["tokenizer.ggml.merges"],
+        tokens=[str(t) for t in meta["tokenizer.ggml.tokens"]],
+        merges=[str(m) for m in meta["tokenizer.ggml.merges"]],
         token_types=meta.get("tokenizer.ggml.token_type"),
-        pre=meta.get("tokenizer.ggml.pre", "default"),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        pre=str(meta.get("tokenizer.ggml.pre", "default")),
+        bos_token_id=bos,
+        add_bos_token=add_bos,
     )
     spec = TokenizerSpec(
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        bos_token_id=bos,
+        eos_token_id=_optional_int(meta.get("tokenizer.ggml.eos_token_id")),
         chat_template=meta.get("tokenizer.chat_template"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=add_bos,
     )
     return Tokenizer(backend, spec)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _read_gguf_tokenizer_metadata(reader: Any) -> dict[str, Any]:
@@ -308,9 +339,6 @@ def _read_gguf_tokenizer_metadata(reader: Any) -> dict[str, Any]:
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):
             out[key] = field.contents()
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if key not in out:
-            raise TokenizerError(f"GGUF metadata lacks {key}")
     return out
 
 
