@@ -1,0 +1,96 @@
+"""Convert any loadable checkpoint into a Hugging Face Llama folder.
+
+The output is what `gpu.loader.load_hf_folder` (and transformers) read::
+
+    dst/
+      config.json              LlamaForCausalLM fields; eos_token_id = every stop id
+      model.safetensors        HF names, dequantized, in the chosen dtype
+      tokenizer.json           when the source has a tokenizer (GGUF: rebuilt by
+      tokenizer_config.json      gpu.tokenizer; HF folder: copied)
+
+Why: a GGUF is dequantized on every start (~4 s for SmolLM2 and an extra copy
+of each tensor); the converted folder memory-maps straight into torch tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from gpu.config import ModelConfig
+from gpu.loader import Checkpoint, load_checkpoint, resolve_source
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def hf_config_dict(config: ModelConfig, dtype: str) -> dict[str, Any]:
+    """`config.json` content for a LlamaForCausalLM with `config`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "name": config.name,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_ids),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+    }
+
+
+def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bool = True) -> Path:
+    """Write `src` ("smollm2", a .gguf or a HF folder) as a HF folder at `dst`; returns `dst`.
+
+    `dst` is created if needed; files of the same names in it are overwritten.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = resolve_source(src)
+    dst = Path(dst)
+    if dst.resolve() == source.resolve():
+        raise ValueError(f"destination {dst} is the source folder")
+    ckpt = load_checkpoint(src, DTYPES[dtype])
+    dst.mkdir(parents=True, exist_ok=True)
+
+    tensors = {
+        name: tensor.contiguous()
+        for name, tensor in tqdm(ckpt.state_dict.items(), desc="converting", unit="tensor", disable=not progress)
+    }
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
+    _write_tokenizer(ckpt, source, dst)
+    return dst
+
+
+def _write_tokenizer(ckpt: Checkpoint, source: Path, dst: Path) -> None:
+    """Copy a HF folder's tokenizer files, or rebuild them from GGUF metadata."""
+    if ckpt.tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (ckpt.tokenizer_dir / name).is_file():
+                shutil.copyfile(ckpt.tokenizer_dir / name, dst / name)
+        return
+    if ckpt.tokenizer_metadata is None:
+        return  # a HF folder without tokenizer: nothing to carry over
+    from gpu.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    (dst / "tokenizer.json").write_text(tokenizer.to_hf_tokenizer_json())
+    (dst / "tokenizer_config.json").write_text(json.dumps(tokenizer.to_hf_tokenizer_config(), indent=2) + "\n")
