@@ -1,0 +1,211 @@
+"""The Quart-Trio application: wiring of routes, auth, errors, health and metrics.
+
+`create_app(runtime, store, config)` builds one app around explicitly injected
+parts (no module globals): the actor runtime (`Runtime` below), the Redis-backed
+stores (`GatewayStores`: tenants/keys, quotas/usage, the Redis handle for health)
+and the frozen `GatewayConfig`. Everything a route needs hangs off one
+`GatewayState`, passed to each blueprint factory.
+
+Routes::
+
+    POST /v1/completions, /v1/chat/completions   JSON or SSE (routes_openai)
+    GET  /v1/models
+    WS   /v1/ws                                  multiplexed token streaming (ws)
+    *    /admin/...                              tenants, keys, quotas, usage (routes_admin)
+    GET  /healthz /readyz /metrics /openapi.json
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import prometheus_client
+from quart import Response, g, has_request_context, has_websocket_context, request
+from quart_trio import QuartTrio
+
+from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
+from cache.quotas import QuotaManager
+from cache.store import CacheUnavailable, RedisStore
+from cache.tenants import Tenant, TenantRegistry, is_admin_key
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError, install_error_handlers
+
+
+class Runtime(Protocol):
+    """What the gateway needs from the actor runtime (implemented in actors.runtime)."""
+
+    model_name: str
+    max_model_len: int
+    registry: prometheus_client.CollectorRegistry
+
+    async def submit(self, call: GenerateCall) -> Accepted | Rejected: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class GatewayStores:
+    """The Redis-backed parts the gateway uses directly (auth and the admin API)."""
+
+    redis: RedisStore
+    tenants: TenantRegistry
+    quotas: QuotaManager
+
+
+def tenant_context(tenant: Tenant) -> TenantContext:
+    return TenantContext(
+        tenant_id=tenant.id,
+        priority=tenant.priority,
+        max_tokens_cap=tenant.quota.max_tokens_cap,
+        shared_cache_pool=tenant.shared_cache_pool,
+    )
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+@dataclass
+class HttpMetrics:
+    """Gateway-side metrics, registered on the runtime's registry (one app per registry)."""
+
+    requests: prometheus_client.Counter
+    latency: prometheus_client.Histogram
+    ws_connections: prometheus_client.Gauge
+
+    @classmethod
+    def register(cls, registry: prometheus_client.CollectorRegistry) -> HttpMetrics:
+        return cls(
+            requests=prometheus_client.Counter(
+                "lmgate_http_requests",
+                "HTTP requests by route, method, status and tenant",
+                ["route", "method", "status", "tenant"],
+                registry=registry,
+            ),
+            latency=prometheus_client.Histogram(
+                "lmgate_http_request_duration_seconds",
+                "Time to response headers (streams: to the first byte), by route",
+                ["route"],
+                registry=registry,
+            ),
+            ws_connections=prometheus_client.Gauge(
+                "lmgate_ws_connections", "Open WebSocket connections", registry=registry
+            ),
+        )
+
+
+@dataclass
+class GatewayState:
+    """Everything a route needs, passed explicitly to each blueprint."""
+
+    runtime: Runtime
+    stores: GatewayStores
+    config: GatewayConfig
+    metrics: HttpMetrics
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    async def authenticate_key(self, api_key: str | None) -> TenantContext:
+        """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""
+        if not api_key:
+            raise ApiError(401, "missing API key (Authorization: Bearer <key>)", code="missing_api_key")
+        try:
+            tenant = await self.stores.tenants.authenticate(api_key)
+        except CacheUnavailable as exc:
+            raise ApiError(503, "authentication store unavailable", code="auth_unavailable", retry_after=1) from exc
+        if tenant is None:
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+        if has_request_context() or has_websocket_context():
+            g.tenant_id = tenant.id  # metrics label
+        return tenant_context(tenant)
+
+    async def authenticate(self, authorization: str | None) -> TenantContext:
+        if authorization is not None and bearer(authorization) is None:
+            raise ApiError(401, "Authorization header must be 'Bearer <key>'", code="invalid_api_key")
+        return await self.authenticate_key(bearer(authorization))
+
+    def require_admin(self, authorization: str | None) -> None:
+        if not self.config.admin_key:
+            raise ApiError(403, "the admin API is disabled (no admin key configured)", code="admin_disabled")
+        if not is_admin_key(bearer(authorization), self.config.admin_key):
+            raise ApiError(403, "admin key required", code="forbidden")
+
+    def check_model(self, model: str) -> None:
+        if model != self.runtime.model_name:
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; this gateway serves {self.runtime.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
+
+
+def _route_label() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else "unmatched"
+
+
+def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) -> QuartTrio:
+    """Build the gateway app. `store` must be opened (inside `async with RedisStore`)."""
+    from gateway.openapi import openapi_document
+    from gateway.routes_admin import admin_blueprint
+    from gateway.routes_openai import openai_blueprint
+    from gateway.ws import ws_blueprint
+
+    app = QuartTrio("lmgate")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None  # streams set it per response too
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    state = GatewayState(runtime, store, config, HttpMetrics.register(runtime.registry))
+    app.extensions["lmgate"] = state
+    install_error_handlers(app)
+
+    @app.before_request
+    async def _start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        route = _route_label()
+        tenant = getattr(g, "tenant_id", "-")
+        state.metrics.requests.labels(route, request.method, str(response.status_code), tenant).inc()
+        started = getattr(g, "started", None)
+        if started is not None:
+            state.metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Any:
+        status = dict(runtime.status())
+        degraded = list(status.get("degraded", []))
+        if not await store.redis.ping():
+            degraded.append("redis_unavailable")
+        status["degraded"] = degraded
+        ready = bool(status.get("ready", False))
+        status["status"] = "ready" if ready else "not_ready"
+        return status, (200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = prometheus_client.generate_latest(runtime.registry)
+        return Response(body, content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Any:
+        return openapi_document()
+
+    app.register_blueprint(openai_blueprint(state))
+    app.register_blueprint(admin_blueprint(state))
+    app.register_blueprint(ws_blueprint(state))
+    return app

@@ -1,0 +1,166 @@
+"""Gateway configuration: one frozen object, built once at start-up.
+
+Sources, highest precedence first::
+
+    command-line flags  >  LMGATE_* environment  >  TOML file  >  defaults
+
+The TOML file is flat (keys are the field names below, e.g. ``port = 8000``) or
+may put them under a ``[gateway]`` table. Environment variables are the field
+name upper-cased with an ``LMGATE_`` prefix (``LMGATE_MAX_BODY_BYTES=2097152``);
+``REDIS_URL`` is also honoured for ``redis_url``. Settings are read here and only
+here: the rest of the gateway receives the object (no environment reads deep in
+the logic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has the wrong type or an out-of-range value (names the setting)."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the HTTP/WebSocket front needs. Sizes are bytes, times seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: str | None = None  # Bearer token for /admin; None disables the admin API (403)
+    redis_url: str | None = None  # None → start a private redis-server under data_dir
+    data_dir: str = ".lmgate"
+    model: str = "smollm2"  # what the runtime loads (see gpu.config.EngineConfig.model)
+    max_body_bytes: int = 1024 * 1024  # HTTP request bodies above this → 413
+    max_ws_frame_bytes: int = 1024 * 1024  # WebSocket messages above this → error + close 1009
+    max_streams_per_socket: int = 16  # concurrent requests multiplexed on one WebSocket
+    shutdown_grace_seconds: float = 10.0  # streams may finish this long after SIGINT/SIGTERM
+    keep_alive_seconds: float = 5.0
+    dev_tenant: bool = True  # on first start create a development tenant and print its key
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.shutdown_grace_seconds < 0:
+            raise ConfigError("shutdown_grace_seconds must be >= 0")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GatewayConfig)}
+_HELP = {
+    "host": "interface to bind",
+    "port": "TCP port to bind (0 = any free port)",
+    "admin_key": "Bearer key for the /admin API (unset = admin API refused)",
+    "redis_url": "Redis URL (unset = start a private redis-server under --data-dir)",
+    "data_dir": "directory for the private Redis and other state",
+    "model": "model to serve: 'smollm2' (bundled), a .gguf path or a HF folder",
+    "max_body_bytes": "largest accepted HTTP request body (413 above)",
+    "max_ws_frame_bytes": "largest accepted WebSocket message (error + close 1009 above)",
+    "max_streams_per_socket": "concurrent requests on one WebSocket",
+    "shutdown_grace_seconds": "on SIGINT/SIGTERM, let streams finish this long, then cancel",
+    "keep_alive_seconds": "HTTP keep-alive timeout",
+    "dev_tenant": "create a development tenant on first start and print its key",
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/env/flag value to the field's type; raise ConfigError naming the field."""
+    kind = _FIELDS[name].type
+    try:
+        if "bool" in kind:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if "None" in kind and (value is None or value == ""):
+            return None
+        if kind.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError("boolean given")
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("str"):
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: {exc}") from exc
+    raise ConfigError(f"setting {name!r}: unsupported type {kind}")
+
+
+def values_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    table = data.get("gateway", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [gateway] must be a table")
+    unknown = sorted(k for k in table if k not in _FIELDS and k != "gateway")
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {unknown}")
+    return {k: _coerce(k, v) for k, v in table.items() if k in _FIELDS}
+
+
+def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if env.get("REDIS_URL"):
+        out["redis_url"] = env["REDIS_URL"]
+    for name in _FIELDS:
+        key = "LMGATE_" + name.upper()
+        if key in env:
+            out[name] = _coerce(name, env[key])
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> GatewayConfig:
+    """Merge defaults < file < env < flags. `flags` holds only the flags actually given."""
+    env = os.environ if env is None else env
+    if path is None and env.get("LMGATE_CONFIG"):
+        path = env["LMGATE_CONFIG"]
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(values_from_toml(path))
+    values.update(values_from_env(env))
+    for name, value in (flags or {}).items():
+        if name in _FIELDS and value is not None:
+            values[name] = _coerce(name, value)
+    return GatewayConfig(**values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--kebab-case` flag per setting; defaults are None so only given flags override."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (also $LMGATE_CONFIG). Precedence: flags > LMGATE_* env > file > defaults",
+    )
+    defaults = GatewayConfig()
+    for name, field in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        env_name = "LMGATE_" + name.upper()
+        text = f"{_HELP.get(name, name)} (env {env_name}; default {getattr(defaults, name)!r})"
+        if "bool" in field.type:
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=text)
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    flags = {name: getattr(args, name, None) for name in _FIELDS}
+    return load_config(getattr(args, "config", None), env, flags)

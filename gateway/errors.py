@@ -1,0 +1,115 @@
+"""OpenAI-style errors: one exception type, one JSON shape, one mapping from status.
+
+Every error the gateway returns (HTTP body, SSE event, WebSocket frame) is::
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+
+Handlers raise `ApiError`; `install_error_handlers` turns it (and Quart/Werkzeug
+HTTP errors, and anything unexpected) into that shape with the right status and a
+``Retry-After`` header for 429/503. Unexpected exceptions are logged with their
+traceback and become a 500 — bad input must never reach that path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import msgspec
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("lmgate.gateway")
+
+# OpenAI's `type` for each status we produce.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "overloaded_error",
+}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, rendered in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+        self.type = type or error_type(status)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+    def response(self) -> Response:
+        return Response(
+            msgspec.json.encode(self.body()),
+            status=self.status,
+            headers=self.headers(),
+            content_type="application/json",
+        )
+
+
+def from_http_exception(exc: HTTPException) -> ApiError:
+    status = exc.code or 500
+    codes = {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "request_too_large",
+        400: "bad_request",
+        408: "request_timeout",
+    }
+    return ApiError(status, exc.description or exc.name, code=codes.get(status))
+
+
+def install_error_handlers(app: Quart) -> None:
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        return from_http_exception(exc).response()
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error while serving a request")
+        return ApiError(500, "internal server error", code="internal_error").response()

@@ -1,0 +1,134 @@
+"""GET /openapi.json: the public and admin APIs, schemas generated from the msgspec Structs.
+
+Request bodies come from the same Structs the routes decode with, so the document
+cannot drift from what the server accepts. Responses are described loosely
+(OpenAI's shapes are documented in docs/api.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from cache.quotas import Quota
+from cache.tenants import ApiKeyInfo, Tenant
+from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
+from gateway.routes_openai import ChatRequest, CompletionRequest
+
+_SCHEMA_TYPES = (CompletionRequest, ChatRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
+
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type", "param", "code"],
+        }
+    },
+    "required": ["error"],
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {
+        str(s): {"description": "error", "content": {"application/json": {"schema": _ref("Error")}}} for s in statuses
+    }
+
+
+def _ok(description: str, content_type: str = "application/json") -> dict[str, Any]:
+    return {"description": description, "content": {content_type: {"schema": {"type": "object"}}}}
+
+
+def _op(summary: str, *, body: str | None = None, ok: str = "200", admin: bool = False, errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"adminKey": []}] if admin else [{"apiKey": []}],
+        "responses": {ok: _ok(summary), **_errors(*(errors or ((401, 403) if admin else (400, 401))))},
+    }
+    if admin:
+        op["tags"] = ["admin"]
+    if body:
+        op["requestBody"] = _json_body(body)
+    return op
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
+    components["Error"] = _ERROR
+    gen_errors = (400, 401, 404, 413, 429, 503)
+    streaming = {
+        "description": "JSON response, or with stream=true an SSE stream of chunks ending with `data: [DONE]`",
+        "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}},
+    }
+    completions = _op("Create a completion", body="CompletionRequest", errors=gen_errors)
+    completions["responses"]["200"] = streaming
+    chat = _op("Create a chat completion", body="ChatRequest", errors=gen_errors)
+    chat["responses"]["200"] = streaming
+    public_path = {"security": []}
+    paths: dict[str, Any] = {
+        "/v1/completions": {"post": completions},
+        "/v1/chat/completions": {"post": chat},
+        "/v1/models": {"get": _op("List served models")},
+        "/v1/ws": {"get": {**_op("WebSocket token streaming (see docs/websocket.md)", ok="101"), "responses": {"101": {"description": "switching protocols"}, **_errors(401)}}},
+        "/healthz": {"get": {**_op("Process is up"), **public_path}},
+        "/readyz": {"get": {**_op("Runtime ready (503 if not); lists degraded parts", errors=(503,)), **public_path}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": _ok("metrics", "text/plain")}}},
+        "/admin/tenants": {
+            "get": _op("List tenants", admin=True),
+            "post": _op("Create a tenant", body="TenantCreate", ok="201", admin=True, errors=(400, 403, 409)),
+        },
+        "/admin/tenants/{tenant_id}": {
+            "get": _op("Read a tenant and its keys", admin=True, errors=(403, 404)),
+            "patch": _op("Update a tenant", body="TenantUpdate", admin=True, errors=(400, 403, 404)),
+            "delete": _op("Delete a tenant and its keys", admin=True, errors=(403, 404)),
+        },
+        "/admin/tenants/{tenant_id}/quota": {"put": _op("Set the quota", body="Quota", admin=True, errors=(400, 403, 404))},
+        "/admin/tenants/{tenant_id}/keys": {
+            "get": _op("List keys", admin=True, errors=(403, 404)),
+            "post": _op("Create a key (plaintext returned once)", body="KeyCreate", ok="201", admin=True, errors=(403, 404)),
+        },
+        "/admin/keys/{key_id}": {"delete": _op("Revoke a key", admin=True, errors=(403, 404))},
+        "/admin/tenants/{tenant_id}/usage": {
+            "get": {
+                **_op("Usage per UTC day and model", admin=True, errors=(400, 403, 404)),
+                "parameters": [
+                    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
+                    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
+                ],
+            }
+        },
+    }
+    for path, item in paths.items():
+        if "{tenant_id}" in path or "{key_id}" in path:
+            name = "tenant_id" if "{tenant_id}" in path else "key_id"
+            for op in item.values():
+                op.setdefault("parameters", []).append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lmgate", "version": "0.1.0", "description": "OpenAI-compatible LLM gateway with tenants and quotas"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "tenant API key (lmg-...)"},
+                "adminKey": {"type": "http", "scheme": "bearer", "description": "the gateway's admin key"},
+            },
+        },
+    }

@@ -1,0 +1,201 @@
+"""Admin API under /admin (Bearer = the configured admin key, else 403).
+
+::
+
+    POST   /admin/tenants                      create  {id, name, priority?, shared_cache_pool?, quota?}
+    GET    /admin/tenants                      list
+    GET    /admin/tenants/<id>                 read (with its keys, never their plaintext)
+    PATCH  /admin/tenants/<id>                 update  {name?, priority?, shared_cache_pool?, quota?}
+    DELETE /admin/tenants/<id>                 delete (and all its keys)
+    PUT    /admin/tenants/<id>/quota           set the quota (whole Quota object)
+    POST   /admin/tenants/<id>/keys            create a key {name}: the plaintext is in this reply only
+    GET    /admin/tenants/<id>/keys            list keys
+    DELETE /admin/keys/<key_id>                revoke
+    GET    /admin/tenants/<id>/usage?from=YYYY-MM-DD&to=YYYY-MM-DD   usage per day and model
+
+Store errors map to statuses here: TenantNotFound 404, TenantExists 409,
+ValueError (bad id, negative quota) 400, CacheUnavailable 503.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from quart import Blueprint, request
+
+from cache.quotas import Quota
+from cache.store import CacheUnavailable
+from cache.tenants import TenantExists, TenantNotFound
+from gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+
+MAX_USAGE_DAYS = 366
+
+
+class TenantCreate(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    priority: int = 0
+    shared_cache_pool: bool = False
+    quota: Quota | None = None
+
+
+class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    name: str | None = None
+    priority: int | None = None
+    shared_cache_pool: bool | None = None
+    quota: Quota | None = None
+
+
+class KeyCreate(msgspec.Struct, frozen=True, kw_only=True):
+    name: str = "default"
+
+
+S = TypeVar("S")
+
+
+def decode_body(raw: bytes, kind: type[S]) -> S:
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+
+
+def to_json(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+def parse_day(text: str | None, default: dt.date, name: str) -> dt.date:
+    if text is None:
+        return default
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise ApiError(400, f"{name} must be YYYY-MM-DD, got {text!r}", code="invalid_value", param=name) from exc
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def store_errors(fn: F) -> F:
+    """Translate the store's exceptions into API errors."""
+
+    @wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except TenantNotFound as exc:
+            raise ApiError(404, f"tenant {exc.args[0]!r} not found", code="tenant_not_found") from exc
+        except TenantExists as exc:
+            raise ApiError(409, str(exc), code="tenant_exists") from exc
+        except CacheUnavailable as exc:
+            raise ApiError(503, "tenant store unavailable", code="store_unavailable", retry_after=1) from exc
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_value") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def admin_blueprint(state: GatewayState) -> Blueprint:
+    bp = Blueprint("admin", __name__, url_prefix="/admin")
+    tenants = state.stores.tenants
+    quotas = state.stores.quotas
+
+    @bp.before_request
+    async def _admin_only() -> None:
+        state.require_admin(request.headers.get("Authorization"))
+
+    async def existing(tenant_id: str) -> Any:
+        tenant = await tenants.get_tenant(tenant_id)
+        if tenant is None:
+            raise TenantNotFound(tenant_id)
+        return tenant
+
+    @bp.post("/tenants")
+    @store_errors
+    async def create_tenant() -> Any:
+        body = decode_body(await request.get_data(cache=False), TenantCreate)
+        tenant = await tenants.create_tenant(
+            body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota
+        )
+        return to_json(tenant), 201
+
+    @bp.get("/tenants")
+    @store_errors
+    async def list_tenants() -> Any:
+        return {"object": "list", "data": to_json(await tenants.list_tenants())}
+
+    @bp.get("/tenants/<tenant_id>")
+    @store_errors
+    async def read_tenant(tenant_id: str) -> Any:
+        tenant = await existing(tenant_id)
+        return {**to_json(tenant), "keys": to_json(await tenants.list_keys(tenant_id))}
+
+    @bp.patch("/tenants/<tenant_id>")
+    @store_errors
+    async def update_tenant(tenant_id: str) -> Any:
+        body = decode_body(await request.get_data(cache=False), TenantUpdate)
+        tenant = await tenants.update_tenant(
+            tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota
+        )
+        return to_json(tenant)
+
+    @bp.delete("/tenants/<tenant_id>")
+    @store_errors
+    async def delete_tenant(tenant_id: str) -> Any:
+        if not await tenants.delete_tenant(tenant_id):
+            raise TenantNotFound(tenant_id)
+        return {"id": tenant_id, "deleted": True}
+
+    @bp.put("/tenants/<tenant_id>/quota")
+    @store_errors
+    async def set_quota(tenant_id: str) -> Any:
+        quota = decode_body(await request.get_data(cache=False), Quota)
+        return to_json(await tenants.update_tenant(tenant_id, quota=quota))
+
+    @bp.post("/tenants/<tenant_id>/keys")
+    @store_errors
+    async def create_key(tenant_id: str) -> Any:
+        body = decode_body(await request.get_data(cache=False), KeyCreate)
+        key_id, plaintext = await tenants.create_key(tenant_id, body.name)
+        return {"id": key_id, "tenant_id": tenant_id, "name": body.name, "key": plaintext}, 201
+
+    @bp.get("/tenants/<tenant_id>/keys")
+    @store_errors
+    async def list_keys(tenant_id: str) -> Any:
+        await existing(tenant_id)
+        return {"object": "list", "data": to_json(await tenants.list_keys(tenant_id))}
+
+    @bp.delete("/keys/<key_id>")
+    @store_errors
+    async def revoke_key(key_id: str) -> Any:
+        if not await tenants.revoke_key(key_id):
+            raise ApiError(404, f"key {key_id!r} not found", code="key_not_found")
+        return {"id": key_id, "revoked": True}
+
+    @bp.get("/tenants/<tenant_id>/usage")
+    @store_errors
+    async def usage(tenant_id: str) -> Any:
+        await existing(tenant_id)
+        today = dt.datetime.now(dt.UTC).date()
+        day_to = parse_day(request.args.get("to"), today, "to")
+        day_from = parse_day(request.args.get("from"), day_to - dt.timedelta(days=6), "from")
+        if day_to < day_from:
+            raise ApiError(400, "'from' must not be after 'to'", code="invalid_value", param="from")
+        if (day_to - day_from).days >= MAX_USAGE_DAYS:
+            raise ApiError(400, f"at most {MAX_USAGE_DAYS} days per query", code="invalid_value", param="from")
+        rows = await quotas.get_usage(tenant_id, day_from, day_to)
+        data = [
+            {**to_json(r), "total_tokens": r.prompt_tokens + r.completion_tokens} for r in rows
+        ]
+        return {"object": "list", "tenant_id": tenant_id, "from": day_from.isoformat(), "to": day_to.isoformat(), "data": data}
+
+    return bp

@@ -1,0 +1,516 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Three layers, kept apart so each can be tested on its own:
+
+- request Structs (`CompletionRequest`, `ChatRequest`): the wire format, decoded
+  with msgspec (wrong types → 400 naming the field);
+- `to_generate_call`: pure mapping to `actors.messages.GenerateCall` +
+  `gpu.sampling.SamplingParams` (out-of-range values → 400 naming the field);
+- rendering: `Collector` folds a request's events into a plain JSON response,
+  `ChunkRenderer` turns each event into OpenAI stream chunks (SSE and the
+  WebSocket share the event loop in `stream_events`).
+
+Disconnect = abort: every path that holds an `Accepted` closes its events channel
+and calls `cancel()` in a `finally`, so a client that goes away (quart-trio cancels
+the handler or the body generator) stops generation within one engine step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from quart import Blueprint, Response, request
+
+from actors.messages import (
+    Accepted,
+    ChatMessage,
+    Failed,
+    Finished,
+    GenerateCall,
+    Rejected,
+    TenantContext,
+    TokenDelta,
+)
+from gateway import sse
+from gateway.errors import ApiError
+from gpu.sampling import SamplingParams, SamplingParamsError
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+
+# ---------------------------------------------------------------- wire format
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
+class TextPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str = ""
+
+
+class ChatMessageIn(msgspec.Struct, frozen=True):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if part.type == "text")
+
+
+class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
+    """Fields shared by both endpoints (OpenAI names, then lmgate extensions)."""
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    metadata: dict[str, str] | None = None
+    # extensions (vLLM names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    priority: int | None = None
+
+
+class CompletionRequest(_Sampling, frozen=True, kw_only=True):
+    """Body of POST /v1/completions."""
+
+    prompt: str | list[int]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None  # number of top alternatives per token
+    echo: bool = False
+
+
+class ChatRequest(_Sampling, frozen=True, kw_only=True):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessageIn]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+Endpoint = Literal["completions", "chat.completions"]
+_REQUEST_TYPES: dict[str, type[CompletionRequest] | type[ChatRequest]] = {
+    "completions": CompletionRequest,
+    "chat.completions": ChatRequest,
+}
+
+
+def decode_request(endpoint: Endpoint, raw: bytes | str | Any) -> CompletionRequest | ChatRequest:
+    """Decode a body (bytes/str JSON, or an already-parsed object) → request Struct, or 400."""
+    kind = _REQUEST_TYPES[endpoint]
+    try:
+        if isinstance(raw, bytes | str):
+            return msgspec.json.decode(raw, type=kind)
+        return msgspec.convert(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=_param_of(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from exc
+
+
+def _param_of(exc: msgspec.ValidationError) -> str | None:
+    # msgspec messages end with "- at `$.field[...]`"
+    text = str(exc)
+    marker = "at `$."
+    if marker not in text:
+        return None
+    path = text.split(marker, 1)[1].rstrip("`")
+    return path.split("[", 1)[0].split(".", 1)[0] or None
+
+
+# ---------------------------------------------------------------- mapping
+
+
+def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
+    """The request's sampling settings; out-of-range values → 400 naming the field.
+
+    Chat's ``logprobs: bool`` + ``top_logprobs: k`` and completions'
+    ``logprobs: k`` both become ``SamplingParams.logprobs = k`` (None = off).
+    ``max_tokens: null`` means "up to the context length" (the runtime caps it).
+    """
+    logprobs_param = "logprobs"
+    if isinstance(req, ChatRequest):
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs=true", code="invalid_value", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs is not None:
+            logprobs_param = "top_logprobs"
+    else:
+        max_tokens = req.max_tokens
+        logprobs = req.logprobs
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    optional: dict[str, Any] = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "seed": req.seed,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "min_tokens": req.min_tokens,
+    }
+    kwargs = {k: v for k, v in optional.items() if v is not None}
+    try:
+        return SamplingParams(
+            n=req.n,
+            stop=tuple(stop),
+            max_tokens=max_tokens,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            **kwargs,
+        )
+    except SamplingParamsError as exc:
+        param = logprobs_param if exc.field == "logprobs" else exc.field
+        if param == "max_tokens" and isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+            param = "max_completion_tokens"
+        raise ApiError(400, str(exc), code="invalid_value", param=param) from exc
+
+
+def new_request_id(endpoint: Endpoint) -> str:
+    return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+
+
+def to_generate_call(
+    req: CompletionRequest | ChatRequest,
+    tenant: TenantContext,
+    request_id: str,
+    *,
+    app_tag: str | None = None,
+) -> GenerateCall:
+    """Pure mapping from a decoded request to the runtime's message."""
+    params = sampling_params(req)
+    if req.priority is not None and req.priority < 0:
+        raise ApiError(400, "priority must be >= 0", code="invalid_value", param="priority")
+    app = app_tag or (req.metadata or {}).get("app")
+    common = dict(
+        request_id=request_id,
+        tenant=tenant,
+        model=req.model,
+        params=params,
+        stream=req.stream,
+        priority=req.priority,
+        user=req.user,
+        app=app,
+        arrival_time=time.time(),
+    )
+    if isinstance(req, ChatRequest):
+        if not req.messages:
+            raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
+        messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
+        return GenerateCall(messages=messages, **common)
+    if isinstance(req.prompt, str):
+        return GenerateCall(prompt=req.prompt, **common)
+    if not req.prompt:
+        raise ApiError(400, "prompt must not be empty", code="invalid_value", param="prompt")
+    if any(t < 0 for t in req.prompt):
+        raise ApiError(400, "prompt token ids must be >= 0", code="invalid_value", param="prompt")
+    return GenerateCall(prompt_token_ids=list(req.prompt), **common)
+
+
+def rejected_error(rej: Rejected) -> ApiError:
+    return ApiError(rej.status, rej.message, code=rej.code, param=rej.param, retry_after=rej.retry_after)
+
+
+def failed_error(fail: Failed) -> ApiError:
+    return ApiError(fail.status, fail.message, code=fail.code)
+
+
+def usage_json(finished: Finished) -> dict[str, int]:
+    u = finished.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _chat_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
+    if delta.logprobs is None:
+        return None
+    items = []
+    for i, (tok, lp) in enumerate(zip(delta.token_ids, delta.logprobs, strict=False)):
+        text = delta.text if len(delta.token_ids) == 1 else f"<{tok}>"
+        tops = delta.top_logprobs[i] if delta.top_logprobs and i < len(delta.top_logprobs) else []
+        items.append(
+            {
+                "token": text,
+                "logprob": lp,
+                "bytes": list(text.encode()),
+                "top_logprobs": [{"token": f"<{t.token_id}>", "logprob": t.logprob, "bytes": None} for t in tops],
+            }
+        )
+    return {"content": items}
+
+
+def _completion_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
+    if delta.logprobs is None:
+        return None
+    tokens = [delta.text if len(delta.token_ids) == 1 else f"<{t}>" for t in delta.token_ids]
+    tops = [
+        {f"<{t.token_id}>": t.logprob for t in row} for row in (delta.top_logprobs or [])
+    ]
+    return {"tokens": tokens, "token_logprobs": list(delta.logprobs), "top_logprobs": tops or None, "text_offset": None}
+
+
+@dataclass
+class Collector:
+    """Folds the events of one request into OpenAI's non-streaming response."""
+
+    endpoint: Endpoint
+    request_id: str
+    model: str
+    n: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, delta: TokenDelta) -> None:
+        self.texts.setdefault(delta.index, []).append(delta.text)
+        lp = _chat_logprobs(delta) if self.endpoint == "chat.completions" else _completion_logprobs(delta)
+        if lp is not None:
+            self.logprobs.setdefault(delta.index, []).append(lp)
+
+    def _merged_logprobs(self, index: int) -> dict[str, Any] | None:
+        parts = self.logprobs.get(index)
+        if not parts:
+            return None
+        if self.endpoint == "chat.completions":
+            return {"content": [item for p in parts for item in p["content"]]}
+        return {
+            "tokens": [t for p in parts for t in p["tokens"]],
+            "token_logprobs": [t for p in parts for t in p["token_logprobs"]],
+            "top_logprobs": [t for p in parts for t in (p["top_logprobs"] or [])] or None,
+            "text_offset": None,
+        }
+
+    def response(self, finished: Finished) -> dict[str, Any]:
+        choices = []
+        for i in range(max(self.n, len(finished.finish_reasons))):
+            text = "".join(self.texts.get(i, []))
+            reason = finished.finish_reasons[i] if i < len(finished.finish_reasons) else "stop"
+            if self.endpoint == "chat.completions":
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": self._merged_logprobs(i),
+                        "finish_reason": reason,
+                    }
+                )
+            else:
+                choices.append(
+                    {"index": i, "text": text, "logprobs": self._merged_logprobs(i), "finish_reason": reason}
+                )
+        return {
+            "id": self.request_id,
+            "object": "chat.completion" if self.endpoint == "chat.completions" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage_json(finished),
+        }
+
+
+@dataclass
+class ChunkRenderer:
+    """Turns events into OpenAI stream chunks (``chat.completion.chunk`` / ``text_completion``)."""
+
+    endpoint: Endpoint
+    request_id: str
+    model: str
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    _role_sent: set[int] = field(default_factory=set)
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk" if self.endpoint == "chat.completions" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def delta(self, d: TokenDelta) -> dict[str, Any]:
+        if self.endpoint == "chat.completions":
+            body: dict[str, Any] = {"content": d.text}
+            if d.index not in self._role_sent:
+                self._role_sent.add(d.index)
+                body = {"role": "assistant", "content": d.text}
+            choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d), "finish_reason": None}
+        else:
+            choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d), "finish_reason": None}
+        return self._chunk([choice])
+
+    def finished(self, f: Finished) -> list[dict[str, Any]]:
+        choices = []
+        for i, reason in enumerate(f.finish_reasons):
+            if self.endpoint == "chat.completions":
+                delta = {} if i in self._role_sent else {"role": "assistant", "content": ""}
+                choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": "", "logprobs": None, "finish_reason": reason})
+        chunks = [self._chunk(choices)]
+        if self.include_usage:
+            last = self._chunk([])
+            last["usage"] = usage_json(f)
+            chunks.append(last)
+        return chunks
+
+
+# ---------------------------------------------------------------- runtime glue
+
+
+async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
+    """Submit to the runtime; a Rejected becomes the matching ApiError (4xx/429/503)."""
+    reply = await state.runtime.submit(call)
+    if isinstance(reply, Rejected):
+        raise rejected_error(reply)
+    return reply
+
+
+async def events_of(accepted: Accepted) -> AsyncIterator[TokenDelta | Finished | Failed]:
+    """Iterate a request's events; always closes the channel and cancels on exit.
+
+    Exiting early (client gone, cancel scope, exception) therefore aborts the
+    request; after a Finished/Failed the cancel is a no-op for the runtime.
+    """
+    done = False
+    try:
+        async for event in accepted.events:
+            yield event
+            if isinstance(event, Finished | Failed):
+                done = True
+                return
+    finally:
+        if not done:
+            accepted.cancel()
+        accepted.events.close()
+
+
+async def collect(state: GatewayState, endpoint: Endpoint, req: Any, call: GenerateCall) -> dict[str, Any]:
+    accepted = await submit(state, call)
+    collector = Collector(endpoint, call.request_id, req.model, req.n)
+    async with aclosing(events_of(accepted)) as events:
+        async for event in events:
+            if isinstance(event, TokenDelta):
+                collector.add(event)
+            elif isinstance(event, Failed):
+                raise failed_error(event)
+            else:
+                return collector.response(event)
+    raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+
+
+async def sse_body(accepted: Accepted, renderer: ChunkRenderer) -> AsyncIterator[bytes]:
+    """The SSE stream of one request.
+
+    On disconnect quart-trio cancels the send and Quart `aclose()`s this generator;
+    `aclosing` then closes `events_of`, whose `finally` aborts the request.
+    """
+    async with aclosing(events_of(accepted)) as events:
+        async for event in events:
+            if isinstance(event, TokenDelta):
+                yield sse.event(renderer.delta(event))
+            elif isinstance(event, Finished):
+                for chunk in renderer.finished(event):
+                    yield sse.event(chunk)
+            else:
+                yield sse.event(failed_error(event).body())
+    yield sse.DONE
+
+
+# ---------------------------------------------------------------- routes
+
+
+def openai_blueprint(state: GatewayState) -> Blueprint:
+    bp = Blueprint("openai", __name__)
+
+    async def handle(endpoint: Endpoint) -> Response | dict[str, Any]:
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        raw = await request.get_data(cache=False)
+        req = decode_request(endpoint, raw)
+        state.check_model(req.model)
+        request_id = new_request_id(endpoint)
+        call = to_generate_call(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"))
+        if not req.stream:
+            return await collect(state, endpoint, req, call)
+        accepted = await submit(state, call)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage)
+        response = Response(sse_body(accepted, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
+        response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
+        return response
+
+    @bp.post("/v1/completions")
+    async def completions() -> Any:
+        return await handle("completions")
+
+    @bp.post("/v1/chat/completions")
+    async def chat_completions() -> Any:
+        return await handle("chat.completions")
+
+    @bp.get("/v1/models")
+    async def models() -> Any:
+        await state.authenticate(request.headers.get("Authorization"))
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.runtime.model_name,
+                    "object": "model",
+                    "created": state.started,
+                    "owned_by": "lmgate",
+                    "max_model_len": state.runtime.max_model_len,
+                }
+            ],
+        }
+
+    return bp
+
+
+__all__ = [
+    "ChatRequest",
+    "ChunkRenderer",
+    "Collector",
+    "CompletionRequest",
+    "decode_request",
+    "events_of",
+    "openai_blueprint",
+    "sampling_params",
+    "to_generate_call",
+]

@@ -1,0 +1,34 @@
+"""Server-sent events in OpenAI's streaming format.
+
+Each event is one ``data:`` line holding a JSON chunk and a blank line; the stream
+ends with ``data: [DONE]``. Nothing else (no ``event:``/``id:`` fields) because
+OpenAI clients parse exactly this.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+DONE = b"data: [DONE]\n\n"
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell proxies (nginx) not to buffer the stream
+}
+
+
+def event(payload: Any) -> bytes:
+    """One SSE event from a JSON-encodable value (msgspec Structs included)."""
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+def parse_events(text: str) -> list[str]:
+    """Split an SSE body into its ``data`` payloads (for tests and the client)."""
+    out = []
+    for block in text.split("\n\n"):
+        data = [line[5:].lstrip(" ") for line in block.split("\n") if line.startswith("data:")]
+        if data:
+            out.append("\n".join(data))
+    return out

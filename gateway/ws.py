@@ -1,0 +1,236 @@
+"""GET /v1/ws: several concurrent generation requests multiplexed on one WebSocket.
+
+The JSON protocol is documented in docs/websocket.md. In short::
+
+    client → {"type":"auth","api_key":"lmg-..."}           (only if no Authorization header)
+    client → {"type":"request","id":"c1","endpoint":"chat.completions","body":{...}}
+    server → {"type":"token","id":"c1","index":0,"text":"Hi","token_ids":[...]}   (many)
+    server → {"type":"done","id":"c1","finish_reasons":["stop"],"usage":{...}}
+    client → {"type":"cancel","id":"c1"}   server → {"type":"cancelled","id":"c1"}
+    server → {"type":"error","id":"c1"|null,"status":400,"error":{...OpenAI error...}}
+
+One trio task per request, all in the socket's nursery: closing the socket (or
+the client vanishing) cancels the nursery, and each task's `events_of` finally
+aborts its request in the runtime. A malformed frame gets an error frame and
+the socket stays open; a frame above `max_ws_frame_bytes` gets an error frame
+and close code 1009 (message too big).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import trio
+from quart import Blueprint, websocket
+
+from actors.messages import Failed, Finished, TenantContext, TokenDelta
+from gateway.errors import ApiError
+from gateway.routes_openai import (
+    decode_request,
+    events_of,
+    failed_error,
+    new_request_id,
+    submit,
+    to_generate_call,
+    usage_json,
+)
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+
+log = logging.getLogger("lmgate.gateway.ws")
+
+AUTH_TIMEOUT_S = 10.0
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+
+
+class AuthFrame(msgspec.Struct, tag="auth", tag_field="type"):
+    api_key: str
+
+
+class RequestFrame(msgspec.Struct, tag="request", tag_field="type"):
+    id: str
+    endpoint: Literal["completions", "chat.completions"]
+    body: msgspec.Raw
+
+
+class CancelFrame(msgspec.Struct, tag="cancel", tag_field="type"):
+    id: str
+
+
+ClientFrame = AuthFrame | RequestFrame | CancelFrame
+_decoder = msgspec.json.Decoder(ClientFrame)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_frame(data: str | bytes) -> ClientFrame:
+    """Parse one client frame; ApiError 400 on anything malformed."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid frame: {exc}", code="invalid_frame") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON frame: {exc}", code="invalid_json") from exc
+
+
+def error_frame(request_id: str | None, exc: ApiError) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "id": request_id, "status": exc.status, **exc.body()}
+    if exc.retry_after is not None:
+        frame["retry_after"] = exc.retry_after
+    return frame
+
+
+@dataclass
+class Session:
+    """One socket: its tenant, its live requests (id → cancel scope), a send lock."""
+
+    state: GatewayState
+    tenant: TenantContext | None = None
+    active: dict[str, trio.CancelScope] = field(default_factory=dict)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        data = _encoder.encode(frame).decode()
+        async with self.send_lock:
+            await websocket.send(data)
+
+    async def receive(self) -> str | bytes:
+        """Next frame; raises ApiError(413) if it is above the size limit."""
+        data = await websocket.receive()
+        size = len(data.encode()) if isinstance(data, str) else len(data)
+        if size > self.state.config.max_ws_frame_bytes:
+            raise ApiError(
+                413,
+                f"frame of {size} bytes exceeds the limit of {self.state.config.max_ws_frame_bytes}",
+                code="frame_too_large",
+            )
+        return data
+
+    async def run_request(self, frame: RequestFrame, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run one request to completion, streaming frames; errors become error frames."""
+        with trio.CancelScope() as scope:
+            self.active[frame.id] = scope
+            task_status.started()
+            try:
+                await self._stream(frame)
+            except ApiError as exc:
+                await self.send(error_frame(frame.id, exc))
+            finally:
+                self.active.pop(frame.id, None)
+        if scope.cancelled_caught:
+            await self.send({"type": "cancelled", "id": frame.id})
+
+    async def _stream(self, frame: RequestFrame) -> None:
+        if self.tenant is None:  # checked before spawning; kept for the type checker
+            raise ApiError(401, "not authenticated", code="missing_api_key")
+        req = decode_request(frame.endpoint, bytes(frame.body))
+        self.state.check_model(req.model)
+        call = to_generate_call(req, self.tenant, new_request_id(frame.endpoint))
+        accepted = await submit(self.state, call)
+        async for event in events_of(accepted):
+            if isinstance(event, TokenDelta):
+                token: dict[str, Any] = {
+                    "type": "token",
+                    "id": frame.id,
+                    "index": event.index,
+                    "text": event.text,
+                    "token_ids": event.token_ids,
+                }
+                if event.logprobs is not None:
+                    token["logprobs"] = event.logprobs
+                await self.send(token)
+            elif isinstance(event, Finished):
+                await self.send(
+                    {
+                        "type": "done",
+                        "id": frame.id,
+                        "request_id": event.request_id,
+                        "finish_reasons": event.finish_reasons,
+                        "usage": usage_json(event),
+                        "cached": event.cached,
+                    }
+                )
+            elif isinstance(event, Failed):
+                raise failed_error(event)
+
+
+async def _authenticate_first_frame(session: Session) -> None:
+    """No Authorization header: the first frame must be an auth frame."""
+    with trio.move_on_after(AUTH_TIMEOUT_S) as timeout:
+        frame = decode_frame(await session.receive())
+    if timeout.cancelled_caught:
+        raise ApiError(401, "no auth frame received in time", code="missing_api_key")
+    if not isinstance(frame, AuthFrame):
+        raise ApiError(401, "first frame must be {'type':'auth','api_key':...}", code="missing_api_key")
+    session.tenant = await session.state.authenticate_key(frame.api_key)
+    await session.send({"type": "ready"})
+
+
+async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
+    """Read frames until one is fatal (too big); returns that error (raising it
+    inside the nursery would arrive wrapped in an exception group)."""
+    limit = session.state.config.max_streams_per_socket
+    while True:
+        try:
+            data = await session.receive()
+        except ApiError as exc:
+            return exc
+        try:
+            frame = decode_frame(data)
+        except ApiError as exc:
+            await session.send(error_frame(None, exc))
+            continue
+        if isinstance(frame, CancelFrame):
+            scope = session.active.get(frame.id)
+            if scope is None:
+                await session.send(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}", code="unknown_request")))
+            else:
+                scope.cancel()
+        elif isinstance(frame, AuthFrame):
+            await session.send(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
+        elif frame.id in session.active:
+            await session.send(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active", code="duplicate_id")))
+        elif len(session.active) >= limit:
+            await session.send(
+                error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket", code="too_many_streams"))
+            )
+        else:
+            await nursery.start(session.run_request, frame)
+
+
+def ws_blueprint(state: GatewayState) -> Blueprint:
+    bp = Blueprint("ws", __name__)
+
+    @bp.websocket("/v1/ws")
+    async def ws() -> Any:
+        session = Session(state)
+        header = websocket.headers.get("Authorization")
+        if header is not None:
+            try:
+                session.tenant = await state.authenticate(header)
+            except ApiError as exc:
+                return exc.response()  # reject the upgrade with an HTTP error
+        await websocket.accept()
+        state.metrics.ws_connections.inc()
+        try:
+            if session.tenant is None:
+                await _authenticate_first_frame(session)
+            else:
+                await session.send({"type": "ready"})
+            async with trio.open_nursery() as nursery:
+                fatal = await _serve(session, nursery)
+                nursery.cancel_scope.cancel()
+            raise fatal
+        except ApiError as exc:
+            await session.send(error_frame(None, exc))
+            code = CLOSE_TOO_BIG if exc.code == "frame_too_large" else CLOSE_POLICY
+            await websocket.close(code, exc.code or "")
+        finally:
+            state.metrics.ws_connections.dec()
+        return None
+
+    return bp
