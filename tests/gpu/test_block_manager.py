@@ -10,7 +10,7 @@ out blocks holding other tokens.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -158,7 +158,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.bm = BlockManager(num_blocks=10, block_size=BS)
+        self.bm = BlockManager(num_blocks=16, block_size=BS)
         self.tokens: dict[int, list[int]] = {}  # the sequence's tokens
         self.written: dict[int, int] = {}  # positions [0, written) hold KV
         self.kv: dict[int, list[int | None]] = {}  # shadow cache
@@ -167,7 +167,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _write(self, sid: int, end: int) -> None:
         """Extend sequence `sid`'s computed KV to `end` (table already covers it)."""
         start = self.written[sid]
-        for src, dst in self.bm.prepare_write(sid, start, end):
+        copies = self.bm.prepare_write(sid, start, end)
+        event(f"copy-on-write pairs: {len(copies)}")
+        for src, dst in copies:
             self.kv[dst] = list(self.kv.get(src, [None] * BS))
         table = self.bm.block_table(sid)
         others = {b for o in self.tokens if o != sid for b in self.bm.block_table(o)}
@@ -185,11 +187,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         hits, cached = self.bm.match_prefix(tokens[:-1])
         for i, b in enumerate(hits):
             assert self.kv[b] == tokens[i * BS : (i + 1) * BS], "prefix hit with other tokens"
+        event(f"prefix hit blocks: {len(hits)}")
         end = cached + 1 + int(frac * (len(tokens) - cached - 1))
         sid, self.next_id = self.next_id, self.next_id + 1
         free = self.bm.num_free_blocks
         if not self.bm.allocate(sid, end, prefix_blocks=hits):
             assert self.bm.num_free_blocks == free and self.bm.block_table(sid) == []
+            event("allocate refused")
             return multiple()  # no sequence was created
         self.tokens[sid], self.written[sid] = tokens, cached
         self._try_write(sid, end)
@@ -244,7 +248,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=300, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_block_manager_state_machine = BlockManagerMachine.TestCase

@@ -1,0 +1,335 @@
+"""The step scheduler: packs one engine step over the paged KV cache.
+
+Pure, synchronous mechanism (no model, no trio): the engine loop is
+
+    plan = sched.schedule()           # who runs, with how many tokens
+    sampled = run_model(plan)         # the engine: copies, forward pass, sampling
+    sched.update(plan, sampled)       # advance state, commit full blocks to the prefix cache
+    ... sched.finish(rid) for every request the engine decides is done
+
+One data model covers prefill, chunked prefill, prefix hits, decode and
+recomputation after preemption (vLLM v1): every request has `num_tokens`
+(prompt + outputs so far) and `num_computed_tokens` (how many of them have KV in
+the cache). A step gives each scheduled request the next `n` uncomputed tokens::
+
+    all_token_ids:  [p p p p p p p p p p | o o o]
+                     ^ computed ^   ^ chunk this step ^
+                     0          num_computed_tokens   num_tokens
+
+A chunk that reaches `num_tokens` samples a token (`sample=True`); a decode is
+just a chunk of one token.
+
+Policy of one step (`schedule`):
+1. Running requests, in (priority, arrival) order, each get their remaining
+   tokens capped by the budget (and by `long_prefill_token_threshold` for
+   prompts). If their blocks do not fit, the running request with the *largest*
+   (priority, arrival) key is preempted -- possibly the one being scheduled --
+   until they fit. Preempted requests lose their blocks and `num_computed_tokens`
+   and go back to waiting with their outputs kept (recomputed later).
+2. Only if nobody was preempted, waiting requests are admitted in (priority,
+   arrival) order while the budget, `max_num_seqs` and free blocks allow; a
+   cached prefix counts as computed (at least one token is always left so that
+   logits exist).
+
+The request with the smallest key is never preempted for another one, and a
+request admitted by `add` fits the whole cache alone, so the head of the line
+always progresses: no deadlock, no livelock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gpu.block_manager import BlockManager
+from gpu.config import SchedulerConfig
+
+
+@dataclass
+class SchedRequest:
+    """Mutable per-request state owned by the scheduler."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int  # max output tokens
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    priority: int = 0  # lower runs first; ties FCFS by add order
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    request_id: str
+    token_ids: tuple[int, ...]  # the new tokens fed this step
+    start_pos: int  # position of token_ids[0] (== num_computed_tokens before the step)
+    block_table: tuple[int, ...]
+    sample: bool  # this chunk reaches the last known token: a token is sampled for it
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    seqs: tuple[ScheduledSeq, ...]  # decodes (exactly 1 token) first, then prefill chunks
+    preempted: tuple[str, ...]  # moved back to waiting this step (blocks freed; recomputed later)
+    # (src_block, dst_block) copy-on-write pairs; apply in order (or as one
+    # gather-then-scatter) BEFORE running the step
+    copies: tuple[tuple[int, int], ...]
+    num_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class RequestRejected(ValueError):
+    """The request can never run: too long for the model or for the whole KV cache."""
+
+
+class StepScheduler:
+    """Continuous batching with chunked prefill, prefix reuse and preemption.
+
+    Requests are `SchedRequest`s the caller hands over with `add`/`fork`; the
+    scheduler mutates them (`num_computed_tokens`, `output_token_ids`) and the
+    caller may read them through `get`. Block ids used for the block manager are
+    the request ids.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self._requests: dict[str, SchedRequest] = {}
+        self._arrival: dict[str, int] = {}
+        self._counter = itertools.count()
+        self._waiting: list[SchedRequest] = []  # sorted by _key
+        self._running: list[SchedRequest] = []  # admission order
+
+    # ----------------------------------------------------------------- queries
+    def get(self, request_id: str) -> SchedRequest | None:
+        return self._requests.get(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.bm.usage
+
+    # ------------------------------------------------------------- life cycle
+    def add(self, req: SchedRequest) -> None:
+        """Queue a new request; raises RequestRejected if it could never run."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request {req.request_id!r} is already scheduled")
+        if req.num_computed_tokens != 0:
+            raise ValueError(f"request {req.request_id!r}: num_computed_tokens must start at 0")
+        self._check_fits(req)
+        self._enqueue(req, self._waiting)
+
+    def fork(self, parent_id: str, child: SchedRequest) -> None:
+        """Add `child`, whose tokens extend the parent's computed ones (n > 1 sampling).
+
+        The child holds the parent's tokens so far, or the parent's computed tokens
+        followed by its own sampled token (the engine samples n tokens from the
+        same logits and forks n-1 children after `update`).
+        A running parent shares its blocks with the child (copy-on-write), and the
+        child runs alongside it; when the running set is full or the parent is
+        waiting, the child waits and recomputes (prefix hits make that cheap).
+        """
+        parent = self._requests.get(parent_id)
+        if parent is None:
+            raise KeyError(f"unknown parent request {parent_id!r}")
+        if child.request_id in self._requests:
+            raise ValueError(f"request {child.request_id!r} is already scheduled")
+        shared = parent.num_computed_tokens
+        if child.num_tokens <= shared or child.all_token_ids[:shared] != parent.all_token_ids[:shared]:
+            raise ValueError(
+                f"child {child.request_id!r} must extend the parent's {shared} computed tokens"
+            )
+        self._check_fits(child)
+        running = parent in self._running and len(self._running) < self.config.max_num_seqs
+        if running:
+            self.bm.fork(parent_id, child.request_id)
+            child.num_computed_tokens = parent.num_computed_tokens
+        else:
+            child.num_computed_tokens = 0
+        self._enqueue(child, self._running if running else self._waiting)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks at once; False if unknown."""
+        if request_id not in self._requests:
+            return False
+        self._remove(request_id)
+        return True
+
+    def finish(self, request_id: str) -> None:
+        """Normal completion: free the blocks (full ones stay cached for prefix reuse)."""
+        if request_id not in self._requests:
+            raise KeyError(f"unknown request {request_id!r}")
+        self._remove(request_id)
+
+    # ------------------------------------------------------------------- step
+    def schedule(self) -> StepPlan:
+        """Pack the next step; see the module docstring for the policy."""
+        step = _StepBuilder(self.config.max_num_batched_tokens)
+        for req in sorted(self._running, key=self._key):
+            if step.budget == 0:
+                break
+            if req.request_id in step.preempted or not self._wants_tokens(req):
+                continue
+            self._schedule_running(req, step)
+        if not step.preempted:
+            self._admit_waiting(step)
+        return step.build(self.bm)
+
+    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> None:
+        """Apply the results of a step run by the engine.
+
+        Every scheduled request advances by its chunk; those with `sample=True`
+        get `sampled[request_id]` appended. Requests aborted/finished since the
+        plan was made are skipped.
+        """
+        for seq in plan.seqs:
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue
+            if req.num_computed_tokens != seq.start_pos:
+                raise ValueError(
+                    f"{seq.request_id!r}: plan starts at {seq.start_pos} but "
+                    f"{req.num_computed_tokens} tokens are computed (plan applied twice?)"
+                )
+            req.num_computed_tokens += len(seq.token_ids)
+            if seq.sample:
+                if seq.request_id not in sampled:
+                    raise KeyError(f"no sampled token for {seq.request_id!r}")
+                req.output_token_ids.append(sampled[seq.request_id])
+            self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens)
+
+    # -------------------------------------------------------------- internals
+    def _key(self, req: SchedRequest) -> tuple[int, int]:
+        return (req.priority, self._arrival[req.request_id])
+
+    def _enqueue(self, req: SchedRequest, queue: list[SchedRequest]) -> None:
+        self._requests[req.request_id] = req
+        self._arrival.setdefault(req.request_id, next(self._counter))
+        if queue is self._waiting:
+            bisect.insort(queue, req, key=self._key)
+        else:
+            queue.append(req)
+
+    def _remove(self, request_id: str) -> None:
+        req = self._requests.pop(request_id)
+        del self._arrival[request_id]
+        queue = self._running if req in self._running else self._waiting
+        queue.remove(req)
+        self.bm.free(request_id)
+
+    def _check_fits(self, req: SchedRequest) -> None:
+        total = len(req.prompt_token_ids) + req.max_tokens
+        if not req.prompt_token_ids:
+            raise RequestRejected(f"request {req.request_id!r} has an empty prompt")
+        if req.max_tokens < 1:
+            raise RequestRejected(f"request {req.request_id!r}: max_tokens must be >= 1")
+        if total > self.config.max_model_len:
+            raise RequestRejected(
+                f"request {req.request_id!r}: prompt ({len(req.prompt_token_ids)}) + max_tokens "
+                f"({req.max_tokens}) exceeds max_model_len ({self.config.max_model_len})"
+            )
+        # the last sampled token is never fed back, so its KV is never stored
+        needed = self.bm.blocks_for(total - 1)
+        if needed > self.bm.num_blocks:
+            raise RequestRejected(
+                f"request {req.request_id!r} needs {needed} KV blocks, the cache has {self.bm.num_blocks}"
+            )
+
+    def _wants_tokens(self, req: SchedRequest) -> bool:
+        # The engine finishes requests; this guard only keeps a request that was
+        # not finished from running past max_tokens (and so past max_model_len).
+        return len(req.output_token_ids) < req.max_tokens and req.num_computed_tokens < req.num_tokens
+
+    def _chunk_len(self, req: SchedRequest, start: int, budget: int) -> int:
+        n = min(req.num_tokens - start, budget)
+        threshold = self.config.long_prefill_token_threshold
+        return min(n, threshold) if threshold > 0 else n
+
+    def _schedule_running(self, req: SchedRequest, step: _StepBuilder) -> None:
+        start = req.num_computed_tokens
+        end = start + self._chunk_len(req, start, step.budget)
+        while self.bm.blocks_needed(req.request_id, start, end) > self.bm.num_free_blocks:
+            victim = max(self._running, key=self._key)
+            self._preempt(victim)
+            step.preempted.append(victim.request_id)
+            if victim is req:
+                return
+        self.bm.allocate(req.request_id, end)
+        step.copies += self.bm.prepare_write(req.request_id, start, end)
+        step.add(req, start, end)
+
+    def _admit_waiting(self, step: _StepBuilder) -> None:
+        while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
+            req = self._waiting[0]
+            tokens = req.all_token_ids
+            hits, num_cached = self.bm.match_prefix(tokens[:-1])
+            end = num_cached + self._chunk_len(req, num_cached, step.budget)
+            if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
+                return  # head-of-line waits: strict (priority, arrival) order
+            self._waiting.pop(0)
+            self._running.append(req)
+            req.num_computed_tokens = num_cached
+            step.add(req, num_cached, end)
+
+    def _preempt(self, req: SchedRequest) -> None:
+        self._running.remove(req)
+        self.bm.free(req.request_id)
+        req.num_computed_tokens = 0
+        bisect.insort(self._waiting, req, key=self._key)
+
+
+@dataclass
+class _StepBuilder:
+    """Accumulates one step while `schedule` runs."""
+
+    budget: int
+    chunks: list[tuple[SchedRequest, int, int]] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, req: SchedRequest, start: int, end: int) -> None:
+        self.chunks.append((req, start, end))
+        self.budget -= end - start
+
+    def build(self, bm: BlockManager) -> StepPlan:
+        # Block tables are read only now, after every preemption and copy of the step.
+        seqs = [
+            ScheduledSeq(
+                request_id=req.request_id,
+                token_ids=tuple(req.all_token_ids[start:end]),
+                start_pos=start,
+                block_table=tuple(bm.block_table(req.request_id)),
+                sample=end == req.num_tokens,
+            )
+            for req, start, end in self.chunks
+        ]
+        seqs.sort(key=lambda s: len(s.token_ids) != 1)  # stable: decodes first
+        return StepPlan(
+            seqs=tuple(seqs),
+            preempted=tuple(self.preempted),
+            copies=tuple(self.copies),
+            num_tokens=sum(len(s.token_ids) for s in seqs),
+        )

@@ -1,0 +1,349 @@
+"""StepScheduler driven by hand-made "model outputs" (no model).
+
+`ShadowEngine` plays the engine: it applies the plan's copies, writes each new
+token into a shadow KV cache at the slots the plan's block tables name, and then
+reads the whole context of every scheduled sequence back. Any stale block table,
+missing copy, shared block written, or wrong prefix hit shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from actors.step_scheduler import RequestRejected, SchedRequest, StepPlan, StepScheduler
+from gpu.block_manager import BlockManager
+from gpu.config import SchedulerConfig
+
+BS = 4
+
+
+def make_scheduler(num_blocks=64, *, prefix=True, **cfg) -> StepScheduler:
+    return StepScheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, BS, prefix))
+
+
+def request(rid: str, prompt, max_tokens=4, priority=0) -> SchedRequest:
+    prompt = list(range(100, 100 + prompt)) if isinstance(prompt, int) else list(prompt)
+    return SchedRequest(rid, prompt, max_tokens, priority=priority)
+
+
+def token_for(rid: str, index: int) -> int:
+    """The "model output": deterministic per request and output index."""
+    return sum(map(ord, rid)) * 7 + index
+
+
+class ShadowEngine:
+    def __init__(self, sched: StepScheduler):
+        self.sched = sched
+        self.kv: dict[int, list[int | None]] = {}
+        self.plans: list[StepPlan] = []
+
+    def step(self) -> StepPlan:
+        sched = self.sched
+        plan = sched.schedule()
+        self.plans.append(plan)
+        for src, dst in plan.copies:
+            self.kv[dst] = list(self.kv.get(src, [None] * BS))
+        for seq in plan.seqs:
+            for i, tok in enumerate(seq.token_ids):
+                p = seq.start_pos + i
+                self.kv.setdefault(seq.block_table[p // BS], [None] * BS)[p % BS] = tok
+        for seq in plan.seqs:  # after all writes: nobody overwrote anybody's context
+            req = sched.get(seq.request_id)
+            end = seq.start_pos + len(seq.token_ids)
+            context = [self.kv[seq.block_table[p // BS]][p % BS] for p in range(end)]
+            assert context == req.all_token_ids[:end], f"{seq.request_id}: wrong KV context"
+            assert seq.sample == (end == req.num_tokens)
+        sampled = {
+            s.request_id: token_for(s.request_id, len(sched.get(s.request_id).output_token_ids))
+            for s in plan.seqs
+            if s.sample
+        }
+        sched.update(plan, sampled)
+        return plan
+
+    def finish_done(self) -> dict[str, SchedRequest]:
+        """Finish the requests of the last step that reached max_tokens."""
+        done = {}
+        for seq in self.plans[-1].seqs:
+            req = self.sched.get(seq.request_id)
+            if req is not None and len(req.output_token_ids) == req.max_tokens:
+                done[seq.request_id] = req
+                self.sched.finish(seq.request_id)
+        return done
+
+
+def chunk_lens(plan: StepPlan) -> dict[str, int]:
+    return {s.request_id: len(s.token_ids) for s in plan.seqs}
+
+
+# ------------------------------------------------------------------ basic steps
+def test_chunked_prefill_splits_prompt_under_budget():
+    sched = make_scheduler(max_num_batched_tokens=8)
+    sched.add(request("a", 20, max_tokens=2))
+    eng = ShadowEngine(sched)
+    plans = [eng.step() for _ in range(3)]
+    assert [chunk_lens(p) for p in plans] == [{"a": 8}, {"a": 8}, {"a": 4}]
+    assert [p.seqs[0].start_pos for p in plans] == [0, 8, 16]
+    assert [p.seqs[0].sample for p in plans] == [False, False, True]
+    assert len(sched.get("a").output_token_ids) == 1
+    assert chunk_lens(eng.step()) == {"a": 1}  # then decode
+
+
+def test_long_prefill_threshold_caps_chunks():
+    sched = make_scheduler(max_num_batched_tokens=32, long_prefill_token_threshold=5)
+    sched.add(request("a", 12))
+    eng = ShadowEngine(sched)
+    assert [chunk_lens(eng.step())["a"] for _ in range(3)] == [5, 5, 2]
+
+
+def test_decodes_run_alongside_prefill_and_come_first():
+    sched = make_scheduler(max_num_batched_tokens=10)
+    eng = ShadowEngine(sched)
+    sched.add(request("a", 3, max_tokens=10))
+    eng.step()  # a prefilled, sampled its first token
+    sched.add(request("b", 30))
+    plan = eng.step()
+    assert [(s.request_id, len(s.token_ids)) for s in plan.seqs] == [("a", 1), ("b", 9)]
+    assert plan.num_tokens == 10
+    assert [(s.request_id, len(s.token_ids)) for s in eng.step().seqs] == [("a", 1), ("b", 9)]
+
+
+def test_seq_cap_limits_running_requests():
+    sched = make_scheduler(max_num_seqs=2)
+    for rid in "abc":
+        sched.add(request(rid, 3))
+    plan = ShadowEngine(sched).step()
+    assert set(chunk_lens(plan)) == {"a", "b"}
+    assert (sched.num_running, sched.num_waiting) == (2, 1)
+
+
+def test_priority_then_fcfs_admission():
+    sched = make_scheduler(max_num_seqs=2)
+    sched.add(request("low", 3, priority=5))
+    sched.add(request("hi1", 3, priority=0))
+    sched.add(request("hi2", 3, priority=0))
+    assert set(chunk_lens(sched.schedule())) == {"hi1", "hi2"}
+
+
+# ---------------------------------------------------------------- prefix reuse
+def test_prefix_hit_skips_computed_full_blocks():
+    sched = make_scheduler()
+    eng = ShadowEngine(sched)
+    prompt = list(range(1, 13))  # 3 full blocks
+    sched.add(request("a", prompt, max_tokens=1))
+    eng.step()
+    sched.finish("a")
+    sched.add(request("b", prompt + [50, 51], max_tokens=1))
+    plan = eng.step()  # shadow check proves the reused blocks hold b's tokens
+    assert (plan.seqs[0].start_pos, len(plan.seqs[0].token_ids)) == (12, 2)
+    sched.finish("b")
+    sched.add(request("c", prompt, max_tokens=1))  # identical prompt: keep one token to compute
+    plan = eng.step()
+    assert (plan.seqs[0].start_pos, len(plan.seqs[0].token_ids)) == (8, 4)
+
+
+def test_no_prefix_hit_when_caching_disabled():
+    sched = make_scheduler(prefix=False)
+    eng = ShadowEngine(sched)
+    sched.add(request("a", 12, max_tokens=1))
+    eng.step()
+    sched.finish("a")
+    sched.add(request("b", 12, max_tokens=1))
+    assert eng.step().seqs[0].start_pos == 0
+
+
+# ------------------------------------------------------------------ preemption
+def test_preemption_frees_latest_request_and_both_complete():
+    # 4 blocks of 4 tokens; each request needs up to 3 blocks (6 prompt + 6 output - 1)
+    sched = make_scheduler(num_blocks=4)
+    eng = ShadowEngine(sched)
+    sched.add(request("a", 6, max_tokens=6))
+    sched.add(request("b", [7] * 6, max_tokens=6))
+    preempted = []
+    for _ in range(100):
+        if not sched.has_unfinished:
+            break
+        plan = eng.step()
+        preempted += plan.preempted
+        for rid in plan.preempted:
+            assert rid not in chunk_lens(plan)
+            assert sched.get(rid).num_computed_tokens == 0
+        eng.finish_done()
+    assert not sched.has_unfinished
+    assert preempted and preempted[0] == "b"
+    assert sched.kv_usage == 0.0
+
+
+def test_preempted_request_keeps_outputs_and_recomputes_them():
+    sched = make_scheduler(num_blocks=3)
+    eng = ShadowEngine(sched)
+    sched.add(request("a", 4, max_tokens=5))
+    sched.add(request("b", [9] * 4, max_tokens=5))
+    while True:
+        plan = eng.step()
+        if plan.preempted:
+            break
+    (victim,) = plan.preempted
+    req = sched.get(victim)
+    outputs = list(req.output_token_ids)
+    assert outputs and req.num_computed_tokens == 0
+    while sched.get(victim).num_computed_tokens == 0:
+        eng.step()
+        eng.finish_done()
+    # recomputation fed prompt + kept outputs (the shadow engine checked the KV)
+    assert sched.get(victim).output_token_ids[: len(outputs)] == outputs
+
+
+# ------------------------------------------------------------ abort / reject
+def test_abort_frees_blocks_at_once():
+    sched = make_scheduler(num_blocks=8)
+    eng = ShadowEngine(sched)
+    sched.add(request("a", 10))
+    sched.add(request("w", 3))
+    eng.step()
+    assert sched.kv_usage > 0
+    assert sched.abort("a") and sched.abort("w")
+    assert sched.kv_usage == 0.0 and not sched.has_unfinished
+    assert not sched.abort("a")
+
+
+def test_abort_between_schedule_and_update_is_tolerated():
+    sched = make_scheduler()
+    sched.add(request("a", 3))
+    plan = sched.schedule()
+    sched.abort("a")
+    sched.update(plan, {"a": 1})
+    assert sched.get("a") is None
+
+
+def test_plan_applied_twice_is_an_error():
+    sched = make_scheduler()
+    sched.add(request("a", 3))
+    plan = sched.schedule()
+    sched.update(plan, {"a": 1})
+    with pytest.raises(ValueError, match="applied twice"):
+        sched.update(plan, {"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "match"),
+    [(100, 29, "max_model_len"), (60, 10, "KV blocks"), (0, 3, "empty"), (3, 0, "max_tokens")],
+)
+def test_impossible_requests_are_rejected(prompt, max_tokens, match):
+    sched = make_scheduler(num_blocks=16, max_model_len=128)  # cache holds 64 tokens
+    with pytest.raises(RequestRejected, match=match):
+        sched.add(request("x", prompt, max_tokens))
+    assert not sched.has_unfinished
+
+
+def test_request_that_exactly_fits_the_cache_is_accepted_and_completes():
+    sched = make_scheduler(num_blocks=4)
+    sched.add(request("x", 10, max_tokens=7))  # 16 positions stored
+    eng = ShadowEngine(sched)
+    while sched.has_unfinished:
+        eng.step()
+        eng.finish_done()
+
+
+# ------------------------------------------------------------------------ fork
+def test_fork_shares_blocks_and_copies_on_write():
+    sched = make_scheduler()
+    eng = ShadowEngine(sched)
+    sched.add(request("p", 6, max_tokens=5))
+    eng.step()  # prefill; block 1 holds positions 4, 5 and is partly empty
+    parent = sched.get("p")
+    child = SchedRequest("c", list(parent.prompt_token_ids), 5, [parent.output_token_ids[0] + 1])
+    sched.fork("p", child)
+    assert child.num_computed_tokens == 6
+    plan = eng.step()  # both decode position 6 into the shared block -> one copy
+    assert chunk_lens(plan) == {"p": 1, "c": 1}
+    assert len(plan.copies) == 1
+    tables = {s.request_id: s.block_table for s in plan.seqs}
+    assert tables["p"][0] == tables["c"][0] and tables["p"][1] != tables["c"][1]
+    assert plan.copies[0][1] in (tables["p"][1], tables["c"][1])
+
+
+def test_fork_rejects_child_that_does_not_extend_parent():
+    sched = make_scheduler()
+    eng = ShadowEngine(sched)
+    sched.add(request("p", 6))
+    eng.step()
+    with pytest.raises(ValueError, match="extend"):
+        sched.fork("p", SchedRequest("c", [1, 2, 3, 4, 5, 6, 7], 4))
+
+
+# ---------------------------------------------------------- random workloads
+def _fork_or_abort_sometimes(rng, sched, plan, initial: dict[str, list[int]], tag: int) -> None:
+    """Fork a request that just sampled (n > 1 sampling) or abort one at random."""
+    r = rng.random()
+    if r < 0.05:
+        candidates = [s.request_id for s in plan.seqs if s.sample and sched.get(s.request_id)]
+        if candidates:
+            parent = sched.get(rng.choice(candidates))
+            rid = f"{parent.request_id}+{tag}"
+            outputs = parent.output_token_ids[:-1] + [rng.randrange(50)]
+            sched.fork(parent.request_id, SchedRequest(rid, list(parent.prompt_token_ids),
+                                                       parent.max_tokens, outputs))
+            initial[rid] = list(outputs)
+    elif r < 0.08 and initial:
+        rid = rng.choice(sorted(initial))
+        if sched.abort(rid):
+            del initial[rid]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_workloads_complete_without_leaks(seed):
+    rng = random.Random(seed)
+    budget, max_seqs = rng.choice([4, 8, 16, 64]), rng.choice([1, 2, 4, 8])
+    sched = make_scheduler(
+        num_blocks=rng.choice([6, 10, 24]),
+        prefix=rng.random() < 0.8,
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_seqs,
+        long_prefill_token_threshold=rng.choice([0, 0, 3]),
+        max_model_len=64,
+    )
+    eng = ShadowEngine(sched)
+    bases = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
+    initial: dict[str, list[int]] = {}  # request id -> its output tokens when added
+    finished: dict[str, SchedRequest] = {}
+    to_add = 20 + rng.randrange(20)
+    preemptions = 0
+    for step in range(5000):
+        if to_add and rng.random() < 0.5:
+            to_add -= 1
+            prompt = rng.choice(bases)[: rng.randrange(1, 13)] + [rng.randrange(50)] * rng.randrange(4)
+            req = request(f"r{step}", prompt, max_tokens=rng.randrange(1, 12), priority=rng.randrange(3))
+            try:
+                sched.add(req)
+            except RequestRejected:
+                continue
+            initial[req.request_id] = []
+        if not sched.has_unfinished:
+            if not to_add:
+                break
+            continue
+        plan = eng.step()
+        preemptions += len(plan.preempted)
+        assert plan.seqs, "a step with unfinished requests scheduled nothing"
+        assert plan.num_tokens <= budget and len(plan.seqs) <= max_seqs
+        assert len({s.request_id for s in plan.seqs}) == len(plan.seqs)
+        lens = [len(s.token_ids) for s in plan.seqs]
+        assert lens == sorted(lens, key=lambda n: n != 1)  # decodes first
+        for s in plan.seqs:
+            assert s.start_pos + len(s.token_ids) <= 64  # never beyond max_model_len
+        finished.update(eng.finish_done())
+        _fork_or_abort_sometimes(rng, sched, plan, initial, tag=step)
+    else:
+        pytest.fail("workload did not complete")
+    assert finished.keys() == initial.keys()
+    for rid, req in finished.items():
+        first = initial[rid]
+        assert req.output_token_ids == first + [
+            token_for(rid, i) for i in range(len(first), req.max_tokens)
+        ]
+    assert sched.kv_usage == 0.0
+    assert sched.bm.num_free_blocks == sched.bm.num_blocks
+    sched.bm.check_invariants()
