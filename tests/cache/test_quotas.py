@@ -1,0 +1,207 @@
+"""Quota scripts against a real Redis: each limit, atomicity across clients, settle/release."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+import trio
+
+from cache.quotas import Admitted, Denied, DuplicateRequest, Quota, QuotaManager, UsageRow
+from cache.store import RedisStore
+from cache.tenants import Tenant
+
+
+def make_tenant(quota: Quota, tenant_id: str = "acme") -> Tenant:
+    return Tenant(id=tenant_id, name=tenant_id, quota=quota)
+
+
+@pytest.fixture
+async def quotas(store: RedisStore) -> QuotaManager:
+    return QuotaManager(store)
+
+
+def utc_today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+async def away_from_minute_edge(store: RedisStore) -> None:
+    """Fixed TPM windows turn over on the Redis clock's minute: tests that need a
+    few calls in one window wait out the last 2 s of a minute."""
+    now = (await store.client.time()).timestamp()
+    if now % 60 > 58:
+        await trio.sleep(60 - now % 60 + 0.05)
+
+
+async def test_unlimited_quota_admits(quotas: QuotaManager):
+    tenant = make_tenant(Quota())
+    for i in range(20):
+        assert await quotas.reserve(tenant, f"r{i}", 1000, 1000) == Admitted(f"r{i}", 2000)
+
+
+async def test_requests_per_minute_sliding_window(quotas: QuotaManager):
+    tenant = make_tenant(Quota(requests_per_minute=3))
+    for i in range(3):
+        assert isinstance(await quotas.reserve(tenant, f"r{i}", 1, 1), Admitted)
+    denied = await quotas.reserve(tenant, "r3", 1, 1)
+    assert isinstance(denied, Denied) and denied.limit == "requests_per_minute"
+    # the oldest entry leaves the 60 s window in just under 60 s
+    assert 58 < denied.retry_after_s <= 60
+    # settling does not give the request back: it was made
+    await quotas.settle(tenant, "r0", 1, 1, "m")
+    assert isinstance(await quotas.reserve(tenant, "r4", 1, 1), Denied)
+    # other tenants are independent
+    assert isinstance(await quotas.reserve(make_tenant(Quota(requests_per_minute=3), "other"), "r0", 1, 1), Admitted)
+
+
+async def test_tokens_per_minute(store: RedisStore, quotas: QuotaManager):
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(tokens_per_minute=150))
+    assert isinstance(await quotas.reserve(tenant, "a", 10, 90), Admitted)  # 100 reserved
+    denied = await quotas.reserve(tenant, "b", 10, 90)
+    assert isinstance(denied, Denied) and denied.limit == "tokens_per_minute"
+    assert 0 < denied.retry_after_s <= 60  # rest of the fixed window
+    # settle replaces the 100 reserved tokens with the 15 really used: b now fits
+    assert await quotas.settle(tenant, "a", 10, 5, "m")
+    assert isinstance(await quotas.reserve(tenant, "b", 10, 90), Admitted)
+    # a request bigger than the whole limit can never pass: no retry
+    too_big = await quotas.reserve(tenant, "c", 100, 51)
+    assert isinstance(too_big, Denied) and too_big.retry_after_s is None
+
+
+async def test_max_concurrent(quotas: QuotaManager):
+    tenant = make_tenant(Quota(max_concurrent=2))
+    assert isinstance(await quotas.reserve(tenant, "a", 1, 1), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "b", 1, 1), Admitted)
+    assert await quotas.running("acme") == 2
+    denied = await quotas.reserve(tenant, "c", 1, 1)
+    assert isinstance(denied, Denied) and denied.limit == "max_concurrent"
+    assert denied.retry_after_s == 1.0
+    assert await quotas.settle(tenant, "a", 1, 1, "m")
+    assert await quotas.running("acme") == 1
+    assert isinstance(await quotas.reserve(tenant, "c", 1, 1), Admitted)
+
+
+async def test_max_tokens_cap(quotas: QuotaManager):
+    tenant = make_tenant(Quota(max_tokens_cap=256))
+    assert isinstance(await quotas.reserve(tenant, "a", 5000, 256), Admitted)
+    denied = await quotas.reserve(tenant, "b", 5, 257)
+    assert isinstance(denied, Denied) and denied.limit == "max_tokens_cap"
+    assert denied.retry_after_s is None and "257" in denied.reason
+
+
+async def test_daily_token_budget(quotas: QuotaManager):
+    tenant = make_tenant(Quota(daily_token_budget=1000))
+    assert isinstance(await quotas.reserve(tenant, "a", 400, 400), Admitted)
+    denied = await quotas.reserve(tenant, "b", 100, 101)
+    assert isinstance(denied, Denied) and denied.limit == "daily_token_budget"
+    now = time.time()
+    to_midnight = 86400 - now % 86400
+    assert abs(denied.retry_after_s - to_midnight) < 5
+    assert isinstance(await quotas.reserve(tenant, "c", 100, 100), Admitted)  # exactly 1000
+
+
+async def test_denied_requests_consume_nothing(store: RedisStore, quotas: QuotaManager):
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(requests_per_minute=1, tokens_per_minute=100))
+    assert isinstance(await quotas.reserve(tenant, "big", 100, 1), Denied)  # too many tokens
+    assert isinstance(await quotas.reserve(tenant, "ok", 50, 50), Admitted)  # RPM slot unused
+
+
+async def test_settle_exactly_once_and_usage(quotas: QuotaManager):
+    tenant = make_tenant(Quota(max_concurrent=5))
+    plan = [("r1", "llama", 10, 3), ("r2", "llama", 20, 7), ("r3", "gemma", 5, 1)]
+    for rid, _, prompt, _ in plan:
+        await quotas.reserve(tenant, rid, prompt, 64)
+    assert await quotas.running("acme") == 3
+    for rid, model, prompt, completion in plan:
+        assert await quotas.settle(tenant, rid, prompt, completion, model)
+    for rid, model, prompt, completion in plan:  # double settle: no-op
+        assert not await quotas.settle(tenant, rid, prompt, completion, model)
+    assert await quotas.running("acme") == 0
+    today = utc_today()
+    usage = await quotas.get_usage("acme", today - dt.timedelta(days=3), today)
+    assert usage == [
+        UsageRow(day=today, model="gemma", requests=1, prompt_tokens=5, completion_tokens=1),
+        UsageRow(day=today, model="llama", requests=2, prompt_tokens=30, completion_tokens=10),
+    ]
+    assert await quotas.get_usage("other", today, today) == []
+    with pytest.raises(ValueError):
+        await quotas.get_usage("acme", today, today - dt.timedelta(days=1))
+
+
+async def test_request_ids_cannot_be_reused(quotas: QuotaManager):
+    tenant = make_tenant(Quota())
+    await quotas.reserve(tenant, "r1", 1, 1)
+    with pytest.raises(DuplicateRequest):
+        await quotas.reserve(tenant, "r1", 1, 1)
+    await quotas.settle(tenant, "r1", 1, 1, "m")
+    with pytest.raises(DuplicateRequest):
+        await quotas.reserve(tenant, "r1", 1, 1)
+
+
+async def test_release_refunds_a_request_that_never_ran(store: RedisStore, quotas: QuotaManager):
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(requests_per_minute=1, tokens_per_minute=100, max_concurrent=1))
+    assert isinstance(await quotas.reserve(tenant, "a", 50, 50), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "b", 50, 50), Denied)
+    assert await quotas.release(tenant, "a")
+    assert not await quotas.release(tenant, "a")
+    assert not await quotas.settle(tenant, "a", 50, 50, "m")  # released: settle is a no-op
+    assert isinstance(await quotas.reserve(tenant, "b", 50, 50), Admitted)
+    today = utc_today()
+    assert await quotas.get_usage("acme", today, today) == []
+
+
+async def test_reservation_expires_after_ttl(quotas: QuotaManager):
+    """A gateway that crashed never settles: its slot comes back after the TTL, and a
+    late settle still records the usage exactly once."""
+    tenant = make_tenant(Quota(max_concurrent=1))
+    assert isinstance(await quotas.reserve(tenant, "crashed", 10, 10, ttl_s=0.2), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "next", 10, 10), Denied)
+    await trio.sleep(0.3)
+    assert await quotas.running("acme") == 0
+    assert isinstance(await quotas.reserve(tenant, "next", 10, 10), Admitted)
+    assert await quotas.settle(tenant, "crashed", 10, 4, "m")
+    assert not await quotas.settle(tenant, "crashed", 10, 4, "m")
+    today = utc_today()
+    assert await quotas.get_usage("acme", today, today) == [
+        UsageRow(day=today, model="m", requests=1, prompt_tokens=10, completion_tokens=4)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("quota", "limit"),
+    [
+        (Quota(requests_per_minute=37), "requests_per_minute"),
+        (Quota(tokens_per_minute=37 * 30), "tokens_per_minute"),
+        (Quota(max_concurrent=37), "max_concurrent"),
+        (Quota(daily_token_budget=37 * 30), "daily_token_budget"),
+    ],
+)
+async def test_concurrent_reserves_from_two_clients_admit_exactly_n(redis_url, quota, limit):
+    """200 reserve calls racing from two independent clients (two replicas)."""
+    tenant = make_tenant(quota)
+    admitted: list[str] = []
+    denied: list[str] = []
+
+    async with RedisStore(redis_url) as first, RedisStore(redis_url) as second:
+        managers = [QuotaManager(first), QuotaManager(second)]
+        await away_from_minute_edge(first)
+
+        async def one(i: int) -> None:
+            result = await managers[i % 2].reserve(tenant, f"req-{i}", 10, 20)
+            if isinstance(result, Admitted):
+                admitted.append(result.request_id)
+            else:
+                assert result.limit == limit
+                denied.append(f"req-{i}")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(one, i)
+
+    assert len(admitted) == 37
+    assert len(denied) == 163
+    assert {int(r.split("-")[1]) % 2 for r in admitted} == {0, 1}  # both clients got some

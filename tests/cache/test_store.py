@@ -1,0 +1,71 @@
+"""RedisStore: CacheUnavailable while Redis is down, recovery when it comes back."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache.prompt_cache import PromptCache, RenderedPrompt
+from cache.quotas import Admitted, Quota, QuotaManager
+from cache.redis_server import PrivateRedis
+from cache.response_cache import CachedCompletion, CachedUsage, ResponseCache
+from cache.store import CacheUnavailable, RedisStore
+from cache.tenants import TenantRegistry
+
+from .conftest import SECRET
+
+
+def test_prefix_must_be_non_empty():
+    with pytest.raises(ValueError, match="prefix"):
+        RedisStore("redis://127.0.0.1:1/0", prefix="")
+
+
+async def test_key_uses_prefix(store: RedisStore):
+    assert store.key("tenant", "t1") == "lmgate:tenant:t1"
+    assert await store.ping() and store.healthy
+
+
+async def test_unavailable_while_stopped_then_recovers_on_same_port(tmp_path):
+    server = PrivateRedis(tmp_path).start()
+    try:
+        async with RedisStore(server.url, connect_timeout_s=0.5, stream_timeout_s=0.5) as store:
+            registry = TenantRegistry(store, SECRET)
+            quotas = QuotaManager(store)
+            responses = ResponseCache(store)
+            prompts = PromptCache(store)
+            tenant = await registry.create_tenant("t1", "one", quota=Quota(requests_per_minute=10))
+            _, key = await registry.create_key("t1", "k")
+            assert await registry.authenticate(key) == tenant
+
+            server.stop()
+            operations = [
+                lambda: registry.authenticate(key),
+                lambda: registry.get_tenant("t1"),
+                lambda: quotas.reserve(tenant, "r1", 1, 1),
+                lambda: quotas.settle(tenant, "r1", 1, 1, "m"),
+                lambda: responses.get(tenant, "m", [1, 2], {"temperature": 0.0}),
+                lambda: prompts.get("m", [{"role": "user", "content": "hi"}]),
+            ]
+            for operation in operations:
+                with pytest.raises(CacheUnavailable):
+                    await operation()
+            assert not store.healthy
+            assert store.last_error
+            assert not await store.ping()
+
+            server.start()  # same port, empty (no persistence): scripts must be reloaded
+            assert server.ping()
+            assert await store.ping() and store.healthy
+            tenant = await registry.create_tenant("t1", "one", quota=Quota(requests_per_minute=10))
+            _, key = await registry.create_key("t1", "k")
+            assert await registry.authenticate(key) == tenant
+            assert isinstance(await quotas.reserve(tenant, "r1", 1, 1), Admitted)
+            completion = CachedCompletion(
+                text="a", token_ids=[5], finish_reason="stop",
+                usage=CachedUsage(prompt_tokens=2, completion_tokens=1), deltas=["a"],
+            )
+            assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+            assert await responses.get(tenant, "m", [1, 2], {"t": 0}) == completion
+            await prompts.put("m", [], True, RenderedPrompt("x", [1]))
+            assert await prompts.get("m", [], True) == RenderedPrompt("x", [1])
+    finally:
+        server.stop()

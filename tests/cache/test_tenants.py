@@ -1,0 +1,156 @@
+"""Tenants CRUD and the API key lifecycle against a real Redis."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from cache.quotas import Quota
+from cache.store import RedisStore
+from cache.tenants import (
+    KEY_PREFIX,
+    ApiKeyInfo,
+    Tenant,
+    TenantExists,
+    TenantNotFound,
+    TenantRegistry,
+    hash_key,
+    is_admin_key,
+)
+
+from .conftest import SECRET
+
+
+async def test_tenant_crud(registry: TenantRegistry):
+    quota = Quota(requests_per_minute=60, max_concurrent=4)
+    created = await registry.create_tenant("acme", "Acme", priority=2, quota=quota)
+    assert created.created_at > 0
+    assert await registry.get_tenant("acme") == created
+    with pytest.raises(TenantExists):
+        await registry.create_tenant("acme", "Other")
+
+    await registry.create_tenant("beta", "Beta", shared_cache_pool=True)
+    assert [t.id for t in await registry.list_tenants()] == ["acme", "beta"]
+
+    updated = await registry.update_tenant("acme", priority=5, quota=Quota(tokens_per_minute=1000))
+    assert updated.priority == 5 and updated.name == "Acme"
+    assert updated.quota == Quota(tokens_per_minute=1000)
+    assert await registry.get_tenant("acme") == updated
+    with pytest.raises(TenantNotFound):
+        await registry.update_tenant("nobody", priority=1)
+
+    assert await registry.delete_tenant("acme")
+    assert not await registry.delete_tenant("acme")
+    assert await registry.get_tenant("acme") is None
+    assert [t.id for t in await registry.list_tenants()] == ["beta"]
+
+
+async def test_tenant_id_is_validated(registry: TenantRegistry):
+    for bad in ["", "a b", "x" * 65, "a:b", "{a}"]:
+        with pytest.raises(ValueError, match="tenant id"):
+            await registry.create_tenant(bad, "bad")
+
+
+def test_structs_are_json_encodable_for_the_admin_api():
+    tenant = Tenant(id="t", name="T", quota=Quota(daily_token_budget=10), created_at=1.0)
+    assert msgspec.json.decode(msgspec.json.encode(tenant), type=Tenant) == tenant
+    info = ApiKeyInfo(id="key_1", tenant_id="t", name="n", prefix="lmg-abcd", created_at=1.0)
+    assert msgspec.json.decode(msgspec.json.encode(info))["prefix"] == "lmg-abcd"
+
+
+def test_quota_rejects_negative_limits():
+    with pytest.raises(ValueError, match="requests_per_minute"):
+        Quota(requests_per_minute=-1)
+
+
+async def test_key_create_authenticate_revoke(registry: TenantRegistry):
+    tenant = await registry.create_tenant("acme", "Acme")
+    key_id, key = await registry.create_key("acme", "ci")
+    assert key.startswith(KEY_PREFIX) and len(key) == len(KEY_PREFIX) + 43  # 32 bytes b64
+    other_id, other = await registry.create_key("acme", "laptop")
+    assert key != other and key_id != other_id
+
+    assert await registry.authenticate(key) == tenant
+    assert await registry.authenticate(other) == tenant
+    assert await registry.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    assert await registry.authenticate("not-a-key") is None
+    assert await registry.authenticate("") is None
+    assert await registry.authenticate(None) is None
+
+    keys = await registry.list_keys("acme")
+    assert [(k.id, k.name, k.prefix) for k in keys] == [
+        (key_id, "ci", key[:8]), (other_id, "laptop", other[:8])
+    ]
+
+    assert await registry.revoke_key(key_id)
+    assert not await registry.revoke_key(key_id)
+    assert await registry.authenticate(key) is None
+    assert await registry.authenticate(other) == tenant
+    assert [k.id for k in await registry.list_keys("acme")] == [other_id]
+
+
+async def test_authenticate_sees_tenant_updates(registry: TenantRegistry):
+    await registry.create_tenant("acme", "Acme")
+    _, key = await registry.create_key("acme", "k")
+    await registry.update_tenant("acme", quota=Quota(max_concurrent=1))
+    tenant = await registry.authenticate(key)
+    assert tenant is not None and tenant.quota.max_concurrent == 1
+
+
+async def test_keys_die_with_their_tenant(registry: TenantRegistry):
+    await registry.create_tenant("acme", "Acme")
+    _, key = await registry.create_key("acme", "k")
+    await registry.delete_tenant("acme")
+    assert await registry.authenticate(key) is None
+    assert await registry.list_keys("acme") == []
+    with pytest.raises(TenantNotFound):
+        await registry.create_key("acme", "k2")
+
+
+async def test_keys_from_another_secret_do_not_authenticate(store: RedisStore, registry):
+    await registry.create_tenant("acme", "Acme")
+    _, key = await registry.create_key("acme", "k")
+    other = TenantRegistry(store, b"another-secret-of-sufficient-length")
+    assert await other.authenticate(key) is None
+    with pytest.raises(ValueError, match="16 bytes"):
+        TenantRegistry(store, b"short")
+
+
+async def test_plaintext_key_is_never_stored(store: RedisStore, registry: TenantRegistry):
+    await registry.create_tenant("acme", "Acme")
+    await registry.create_tenant("beta", "Beta")
+    plaintexts = [(await registry.create_key(t, f"k{i}"))[1] for i in range(3) for t in ("acme", "beta")]
+    for key in plaintexts:
+        assert await registry.authenticate(key) is not None
+
+    client = store.client
+    stored: list[bytes] = []
+    async for name in client.scan_iter(match="*"):
+        stored.append(name)
+        kind = (await client.type(name)).decode()
+        if kind == "string":
+            stored.append(await client.get(name))
+        elif kind == "set":
+            stored.extend(await client.smembers(name))
+        elif kind == "hash":
+            for field, value in (await client.hgetall(name)).items():
+                stored.extend([field, value])
+        elif kind == "zset":
+            stored.extend(m for m, _ in await client.zrange(name, 0, -1, withscores=True))
+        else:
+            raise AssertionError(f"unexpected key type {kind} for {name!r}")
+    blob = b"\n".join(stored)
+    assert blob  # the scan saw the data
+    for key in plaintexts:
+        secret_part = key[len(KEY_PREFIX):]
+        assert secret_part.encode() not in blob
+        assert secret_part[8:24].encode() not in blob  # nor a long fragment of it
+        assert hash_key(SECRET, key).encode() in blob  # what is stored is the HMAC
+
+
+def test_admin_key_check():
+    assert is_admin_key("s3cret-admin", "s3cret-admin")
+    assert not is_admin_key("s3cret-admin", "s3cret-admin2")
+    assert not is_admin_key("", "")
+    assert not is_admin_key(None, "x")
+    assert not is_admin_key("x", None)
