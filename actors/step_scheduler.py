@@ -219,7 +219,8 @@ class StepScheduler:
                 if seq.request_id not in sampled:
                     raise KeyError(f"no sampled token for {seq.request_id!r}")
                 req.output_token_ids.append(sampled[seq.request_id])
-            self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens)
+            if _full_blocks_grew(self.bm.block_size, seq.start_pos, req.num_computed_tokens):
+                self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens)
 
     # -------------------------------------------------------------- internals
     def _key(self, req: SchedRequest) -> tuple[int, int]:
@@ -319,7 +320,7 @@ class _StepBuilder:
         seqs = [
             ScheduledSeq(
                 request_id=req.request_id,
-                token_ids=tuple(req.all_token_ids[start:end]),
+                token_ids=_token_slice(req, start, end),
                 start_pos=start,
                 block_table=tuple(bm.block_table(req.request_id)),
                 sample=end == req.num_tokens,
@@ -333,3 +334,15 @@ class _StepBuilder:
             copies=tuple(self.copies),
             num_tokens=sum(len(s.token_ids) for s in seqs),
         )
+
+
+def _token_slice(req: SchedRequest, start: int, end: int) -> tuple[int, ...]:
+    """`tuple(req.all_token_ids[start:end])` without concatenating the whole list."""
+    n = len(req.prompt_token_ids)
+    if start >= n:
+        return tuple(req.output_token_ids[start - n : end - n])
+    return tuple(req.prompt_token_ids[start:end]) + tuple(req.output_token_ids[: max(0, end - n)])
+
+
+def _full_blocks_grew(block_size: int, before: int, after: int) -> bool:
+    return after // block_size > before // block_size
