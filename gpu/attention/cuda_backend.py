@@ -1,0 +1,332 @@
+"""Paged attention on CUDA: CuPy raw kernels from `gpu/kernels/*.cu`.
+
+The kernels are compiled at first use by NVRTC through `cupy.RawModule`, one
+cached module per template parameter set (`functools.cache`), and launched on
+torch's current stream with torch tensors passed by pointer (no copies:
+`cupy.asarray` reads `__cuda_array_interface__`; bf16 tensors are viewed as
+int16 because that interface has no bf16 type — the kernel sees the same bytes).
+
+Launchers are thin: `plan_*` functions (pure, also used by the CPU emulator in
+`gpu/kernels/cpu_emu/backend.py`) check shapes, dtypes, devices and strides and
+pick the template instance; the launch itself is one kernel call. Importing this
+module never needs CuPy; `cuda_backend_available()` says whether it can run.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from gpu.kernels import build
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+ATTN_THREADS = 128  # kAttnThreads in paged_attention.cu
+CACHE_OP_THREADS = 128
+
+
+def cuda_backend_available() -> bool:
+    """CuPy importable AND at least one CUDA device visible."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _require(
+        k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+        f"k_cache/v_cache must both be (num_blocks, block_size, nkv, hd), got "
+        f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}",
+    )
+    _require(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
+    _require(k_cache.dtype in DTYPE_NAMES, f"unsupported cache dtype {k_cache.dtype}")
+    _require(k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches must be contiguous")
+
+
+def check_rows(name: str, t: torch.Tensor, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    """(N, heads, head_dim) with contiguous rows; the row stride may be larger (a view
+    into a fused qkv projection)."""
+    _require(
+        t.dim() == 3 and t.shape[1:] == (heads, head_dim),
+        f"{name} must be (N, {heads}, {head_dim}), got {tuple(t.shape)}",
+    )
+    _require(t.dtype == dtype, f"{name} dtype {t.dtype} != cache dtype {dtype}")
+    _require(
+        t.stride(2) == 1 and t.stride(1) == head_dim,
+        f"{name} rows must be contiguous (strides {t.stride()})",
+    )
+
+
+def check_index(name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
+    _require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
+    _require(t.dim() == dim and t.is_contiguous(), f"{name} must be a contiguous {dim}-d tensor")
+
+
+def same_device(*tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors}
+    _require(len(devices) == 1, f"tensors on different devices: {sorted(map(str, devices))}")
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Everything a decode/prefill launch needs besides the tensors."""
+
+    instance: build.AttentionInstance
+    num_heads: int
+    num_kv_heads: int
+    max_blocks: int
+
+
+def plan_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor
+) -> AttentionPlan:
+    check_cache(k_cache, v_cache)
+    _, block_size, nkv, head_dim = k_cache.shape
+    _require(query.dim() == 3, f"query must be (N, num_heads, head_dim), got {tuple(query.shape)}")
+    num_heads = query.shape[1]
+    _require(
+        num_heads % nkv == 0,
+        f"num_heads {num_heads} is not a multiple of num_kv_heads {nkv}",
+    )
+    check_rows("query", query, num_heads, head_dim, k_cache.dtype)
+    check_index("block_tables", block_tables, torch.int32, 2)
+    inst = build.AttentionInstance(
+        DTYPE_NAMES[k_cache.dtype], head_dim, block_size, num_heads // nkv
+    )
+    _require(inst.head_dim in build.HEAD_DIMS, f"head_dim {head_dim} not in {build.HEAD_DIMS}")
+    _require(
+        inst.block_size in build.BLOCK_SIZES,
+        f"block_size {block_size} not in {build.BLOCK_SIZES}",
+    )
+    _require(inst.group in build.GROUPS, f"GQA group {inst.group} not in {build.GROUPS}")
+    return AttentionPlan(inst, num_heads, nkv, block_tables.shape[1])
+
+
+def plan_write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> int:
+    """Validates; returns the row length (nkv * hd) in elements."""
+    check_cache(k_cache, v_cache)
+    _, _, nkv, hd = k_cache.shape
+    check_rows("key", key, nkv, hd, k_cache.dtype)
+    check_rows("value", value, nkv, hd, k_cache.dtype)
+    check_index("slot_mapping", slot_mapping, torch.int64, 1)
+    _require(
+        key.shape[0] == value.shape[0] == slot_mapping.shape[0],
+        f"key/value/slot_mapping lengths differ: {key.shape[0]}, {value.shape[0]}, "
+        f"{slot_mapping.shape[0]}",
+    )
+    return nkv * hd
+
+
+def plan_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> int:
+    """Validates; returns 32-bit words per block (the same for every cache)."""
+    _require(len(caches) > 0, "no caches given")
+    first = caches[0]
+    for c in caches:
+        _require(
+            c.shape[1:] == first.shape[1:] and c.dtype == first.dtype and c.is_contiguous(),
+            "caches must be contiguous with one block shape and dtype",
+        )
+    check_index("src", src, torch.int64, 1)
+    check_index("dst", dst, torch.int64, 1)
+    _require(src.shape == dst.shape, f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ")
+    overlap = set(src.tolist()) & set(dst.tolist())
+    _require(not overlap, f"blocks {sorted(overlap)} are both source and destination")
+    block_bytes = first[0].numel() * first.element_size()
+    _require(block_bytes % 4 == 0, f"block of {block_bytes} bytes is not a multiple of 4")
+    return block_bytes // 4
+
+
+# ---------------------------------------------------------------- device side
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _compile(names: tuple[str, ...]):
+    cp = _cupy()
+    return cp.RawModule(
+        code=build.module_source(),
+        options=("-std=c++17", f"-I{build.KERNEL_DIR}"),
+        name_expressions=list(names),
+    )
+
+
+@functools.cache
+def _attention_module(instance: build.AttentionInstance):
+    return _compile((instance.kernel("paged_decode"), instance.kernel("paged_prefill")))
+
+
+@functools.cache
+def _cache_ops_module(dtype: str):
+    return _compile((build.COPY_BLOCKS_NAME, build.write_kv_name(dtype)))
+
+
+def _arr(t: torch.Tensor):
+    """Zero-copy CuPy view of a CUDA tensor (bf16 seen as int16: same bytes)."""
+    cp = _cupy()
+    return cp.asarray(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
+
+
+def _stream():
+    cp = _cupy()
+    return cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+
+class CudaAttentionBackend:
+    """`AttentionBackend` over CuPy raw kernels (CUDA tensors only)."""
+
+    name = "cuda"
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        row = plan_write_kv(key, value, k_cache, v_cache, slot_mapping)
+        same_device(key, value, k_cache, v_cache, slot_mapping)
+        if key.shape[0] == 0:
+            return
+        import numpy as np
+
+        kernel = _cache_ops_module(DTYPE_NAMES[k_cache.dtype]).get_function(
+            build.write_kv_name(DTYPE_NAMES[k_cache.dtype])
+        )
+        with _stream():
+            kernel(
+                (key.shape[0],),
+                (CACHE_OP_THREADS,),
+                (
+                    _arr(key), _arr(value), _arr(k_cache), _arr(v_cache), _arr(slot_mapping),
+                    np.int32(row), np.int64(key.stride(0)), np.int64(value.stride(0)),
+                ),
+            )  # fmt: skip
+
+    def decode(self, query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
+        plan = plan_attention(query, k_cache, v_cache, block_tables)
+        check_index("context_lens", context_lens, torch.int32, 1)
+        same_device(query, k_cache, block_tables, context_lens)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if query.shape[0] == 0:
+            return out
+        import numpy as np
+
+        kernel = _attention_module(plan.instance).get_function(plan.instance.kernel("paged_decode"))
+        with _stream():
+            kernel(
+                (query.shape[0], plan.num_kv_heads),
+                (ATTN_THREADS,),
+                (
+                    _arr(out), _arr(query), _arr(k_cache), _arr(v_cache), _arr(block_tables),
+                    _arr(context_lens), np.int32(plan.max_blocks), np.int32(plan.num_kv_heads),
+                    np.float32(scale), np.int64(query.stride(0)), np.int64(out.stride(0)),
+                ),
+            )  # fmt: skip
+        return out
+
+    def prefill(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        query_start_loc,
+        context_lens,
+        block_tables,
+        max_query_len,
+        max_context_len,
+        scale,
+    ):
+        plan = plan_attention(query, k_cache, v_cache, block_tables)
+        check_index("query_start_loc", query_start_loc, torch.int32, 1)
+        check_index("context_lens", context_lens, torch.int32, 1)
+        same_device(query, k_cache, block_tables, context_lens, query_start_loc)
+        num_seqs = context_lens.shape[0]
+        _require(
+            query_start_loc.shape[0] == num_seqs + 1,
+            f"query_start_loc has {query_start_loc.shape[0]} entries for {num_seqs} sequences",
+        )
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if query.shape[0] == 0:
+            return out
+        import numpy as np
+
+        kernel = _attention_module(plan.instance).get_function(
+            plan.instance.kernel("paged_prefill")
+        )
+        with _stream():
+            kernel(
+                (query.shape[0], plan.num_kv_heads),
+                (ATTN_THREADS,),
+                (
+                    _arr(out), _arr(query), _arr(k_cache), _arr(v_cache), _arr(query_start_loc),
+                    _arr(context_lens), _arr(block_tables), np.int32(num_seqs),
+                    np.int32(plan.max_blocks), np.int32(plan.num_kv_heads), np.float32(scale),
+                    np.int64(query.stride(0)), np.int64(out.stride(0)),
+                ),
+            )  # fmt: skip
+        return out
+
+    def copy_blocks(self, caches, src, dst) -> None:
+        words = plan_copy_blocks(caches, src, dst)
+        same_device(*caches, src, dst)
+        if src.numel() == 0:
+            return
+        import numpy as np
+
+        ptrs = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64, device=src.device)
+        kernel = _cache_ops_module(DTYPE_NAMES.get(caches[0].dtype, "float32")).get_function(
+            build.COPY_BLOCKS_NAME
+        )
+        with _stream():
+            kernel(
+                (src.shape[0], len(caches)),
+                (256,),
+                (_arr(ptrs), _arr(src), _arr(dst), np.int64(words)),
+            )
+
+    def swap_blocks(self, src_cache, dst_cache, src, dst) -> None:
+        """One `cudaMemcpyAsync` per block on torch's stream (host side ideally pinned:
+        `torch.empty(..., pin_memory=True)`); waits for the stream when the
+        destination is the host, so the caller can read it right away."""
+        _require(
+            src_cache.shape[1:] == dst_cache.shape[1:] and src_cache.dtype == dst_cache.dtype,
+            "caches differ in block shape or dtype",
+        )
+        _require(
+            src_cache.is_contiguous() and dst_cache.is_contiguous(), "caches must be contiguous"
+        )
+        _require(
+            src.shape == dst.shape, f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ"
+        )
+        cp = _cupy()
+        block_bytes = src_cache[0].numel() * src_cache.element_size()
+        memcpy_default = 4  # cudaMemcpyDefault: direction inferred (unified addressing)
+        stream = torch.cuda.current_stream()
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            cp.cuda.runtime.memcpyAsync(
+                dst_cache.data_ptr() + d * block_bytes,
+                src_cache.data_ptr() + s * block_bytes,
+                block_bytes,
+                memcpy_default,
+                stream.cuda_stream,
+            )
+        if dst_cache.device.type == "cpu":
+            stream.synchronize()

@@ -1,0 +1,146 @@
+"""Compile helpers for the kernels in this folder (no CUDA device needed).
+
+One list of template instances serves three compilers, so they cannot drift:
+
+- `name_expressions(...)` — the strings handed to `cupy.RawModule(name_expressions=...)`
+  and to `get_function` at run time;
+- `instantiation_source(...)` — a translation unit that includes every .cu and takes
+  the address of every instance, so `nvcc` really compiles the template bodies (an
+  uninstantiated template is only parsed);
+- `build_cpu_emulator()` — the same .cu files compiled with g++ against
+  `cpu_emu/cuda_emu.h` into a shared library (cached by source hash) for ctypes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent
+CPU_EMU_DIR = KERNEL_DIR / "cpu_emu"
+SOURCES = ("cache_ops.cu", "paged_attention.cu")
+
+# torch dtype name → C++ element type
+CXX_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (16,)
+GROUPS = (1, 2, 3, 4, 8)  # num_heads // num_kv_heads
+
+
+@dataclass(frozen=True)
+class AttentionInstance:
+    """One template parameter set of the attention kernels."""
+
+    dtype: str  # key of CXX_TYPES
+    head_dim: int
+    block_size: int
+    group: int
+
+    def kernel(self, name: str) -> str:
+        """`name` is "paged_decode" or "paged_prefill"."""
+        params = f"{CXX_TYPES[self.dtype]}, {self.head_dim}, {self.block_size}, {self.group}"
+        return f"lmgate::{name}<{params}>"
+
+
+def write_kv_name(dtype: str) -> str:
+    return f"lmgate::write_kv<{CXX_TYPES[dtype]}>"
+
+
+COPY_BLOCKS_NAME = "lmgate::copy_blocks"
+
+
+def all_attention_instances() -> list[AttentionInstance]:
+    return [
+        AttentionInstance(dtype, hd, bs, g)
+        for dtype in CXX_TYPES
+        for hd in HEAD_DIMS
+        for bs in BLOCK_SIZES
+        for g in GROUPS
+    ]
+
+
+def name_expressions(instances: list[AttentionInstance]) -> list[str]:
+    """Every kernel name the given instances need, plus the cache ops of their dtypes."""
+    names = [COPY_BLOCKS_NAME]
+    for dtype in sorted({i.dtype for i in instances}):
+        names.append(write_kv_name(dtype))
+    for inst in instances:
+        names += [inst.kernel("paged_decode"), inst.kernel("paged_prefill")]
+    return names
+
+
+def module_source() -> str:
+    """The source handed to NVRTC: every .cu, included by path."""
+    return "".join(f'#include "{name}"\n' for name in SOURCES)
+
+
+def instantiation_source(instances: list[AttentionInstance]) -> str:
+    """A translation unit that forces every instance to be compiled."""
+    refs = ",\n    ".join(f"(const void*)&{name}" for name in name_expressions(instances))
+    return f"{module_source()}\nextern const void* const lmgate_instances[] = {{\n    {refs}\n}};\n"
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    )
+
+
+def nvcc_compile(arch: str, instances: list[AttentionInstance], out_dir: Path) -> Path:
+    """Compile every kernel instance for `arch` (e.g. "sm_80") with warnings as errors.
+
+    Raises `subprocess.CalledProcessError` (with nvcc's output) on failure.
+    """
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found on PATH")
+    src = out_dir / "lmgate_instances.cu"
+    src.write_text(instantiation_source(instances))
+    obj = out_dir / f"lmgate_{arch}.o"
+    cmd = [
+        nvcc, f"-arch={arch}", "-std=c++17", "-O2", "--Werror", "all-warnings",
+        "-Xcompiler", "-Wall,-Wextra", "-I", str(KERNEL_DIR), "-c", str(src), "-o", str(obj),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return obj
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(
+        [*KERNEL_DIR.glob("*.cu"), *KERNEL_DIR.glob("*.cuh"), *CPU_EMU_DIR.glob("*")]
+    ):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_cpu_emulator(cache_dir: Path | None = None) -> Path:
+    """g++-compile cpu_emu/harness.cpp (which includes the .cu files) into a shared library.
+
+    The result is cached under `cache_dir` (default: the system temp dir) by a hash
+    of every kernel and emulator source, so an edit rebuilds and a rerun does not.
+    """
+    cxx = shutil.which("g++")
+    if cxx is None:
+        raise FileNotFoundError("g++ not found on PATH")
+    root = cache_dir or Path(tempfile.gettempdir()) / "lmgate-cpu-emu"
+    lib = root / _source_hash() / "liblmgate_cpu_emu.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [
+        cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+        "-I", str(KERNEL_DIR), "-I", str(CPU_EMU_DIR),
+        str(CPU_EMU_DIR / "harness.cpp"), "-o", str(tmp),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    tmp.replace(lib)  # atomic: a concurrent builder never loads a half-written file
+    return lib

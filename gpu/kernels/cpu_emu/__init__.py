@@ -1,0 +1,1 @@
+"""The CUDA kernels run on the CPU (g++ + `cuda_emu.h`), for verification only."""

@@ -1,0 +1,131 @@
+"""`AttentionBackend` that runs the real kernel source on the CPU through the emulator.
+
+Same validation (`gpu.attention.cuda_backend.plan_*`), same template instance,
+grid and block shape as the CUDA launchers; only the launch goes through
+`liblmgate_cpu_emu.so` (built by `gpu.kernels.build.build_cpu_emulator`) instead
+of CuPy. It is slow (every barrier and shuffle is a fiber switch): for tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from gpu.attention import cuda_backend as cb
+from gpu.kernels import build
+
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # harness.cpp with_dtype
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+_L = ctypes.c_longlong
+_F = ctypes.c_float
+_SIGNATURES = {
+    "emu_write_kv": [_I, _P, _P, _P, _P, _P, _I, _I, _L, _L],
+    "emu_copy_blocks": [_P, _I, _P, _P, _I, _L],
+    "emu_paged_decode": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _L, _L],
+    "emu_paged_prefill": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _L, _L],
+}
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build.build_cpu_emulator()))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> int:
+    if t.device.type != "cpu":
+        raise ValueError(f"the emulator runs on CPU tensors, got {t.device}")
+    return t.data_ptr()
+
+
+def _check_status(status: int, what: str) -> None:
+    if status == 1:
+        raise ValueError(f"{what}: template instance not built into the emulator")
+    if status == 2:
+        raise RuntimeError(f"{what}: emulator deadlock (a barrier not reached by every thread)")
+    if status != 0:
+        raise RuntimeError(f"{what}: emulator returned {status}")
+
+
+class EmulatedCudaBackend:
+    """The CUDA kernels, executed by the CPU emulator (tests only)."""
+
+    name = "cuda-emu"
+
+    def __init__(self) -> None:
+        self._lib = load_library()
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        row = cb.plan_write_kv(key, value, k_cache, v_cache, slot_mapping)
+        status = self._lib.emu_write_kv(
+            DTYPE_CODES[cb.DTYPE_NAMES[k_cache.dtype]],
+            _ptr(key), _ptr(value), _ptr(k_cache), _ptr(v_cache), _ptr(slot_mapping),
+            key.shape[0], row, key.stride(0), value.stride(0),
+        )  # fmt: skip
+        _check_status(status, "write_kv")
+
+    def decode(self, query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
+        plan = cb.plan_attention(query, k_cache, v_cache, block_tables)
+        cb.check_index("context_lens", context_lens, torch.int32, 1)
+        out = torch.empty(query.shape, dtype=query.dtype)
+        if query.shape[0] == 0:
+            return out
+        inst = plan.instance
+        status = self._lib.emu_paged_decode(
+            DTYPE_CODES[inst.dtype], inst.head_dim, inst.block_size, inst.group,
+            _ptr(out), _ptr(query), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
+            _ptr(context_lens), query.shape[0], plan.max_blocks, plan.num_kv_heads,
+            scale, query.stride(0), out.stride(0),
+        )  # fmt: skip
+        _check_status(status, "paged_decode")
+        return out
+
+    def prefill(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        query_start_loc,
+        context_lens,
+        block_tables,
+        max_query_len,
+        max_context_len,
+        scale,
+    ):
+        plan = cb.plan_attention(query, k_cache, v_cache, block_tables)
+        cb.check_index("query_start_loc", query_start_loc, torch.int32, 1)
+        cb.check_index("context_lens", context_lens, torch.int32, 1)
+        out = torch.empty(query.shape, dtype=query.dtype)
+        if query.shape[0] == 0:
+            return out
+        inst = plan.instance
+        status = self._lib.emu_paged_prefill(
+            DTYPE_CODES[inst.dtype], inst.head_dim, inst.block_size, inst.group,
+            _ptr(out), _ptr(query), _ptr(k_cache), _ptr(v_cache), _ptr(query_start_loc),
+            _ptr(context_lens), _ptr(block_tables), context_lens.shape[0], query.shape[0],
+            plan.max_blocks, plan.num_kv_heads, scale, query.stride(0), out.stride(0),
+        )  # fmt: skip
+        _check_status(status, "paged_prefill")
+        return out
+
+    def copy_blocks(self, caches, src, dst) -> None:
+        words = cb.plan_copy_blocks(caches, src, dst)
+        if src.numel() == 0:
+            return
+        ptrs = torch.tensor([_ptr(c) for c in caches], dtype=torch.int64)
+        status = self._lib.emu_copy_blocks(
+            _ptr(ptrs), len(caches), _ptr(src), _ptr(dst), src.shape[0], words
+        )
+        _check_status(status, "copy_blocks")
+
+    def swap_blocks(self, src_cache, dst_cache, src, dst) -> None:
+        """Host-only here (the device version is memcpy per block, no kernel)."""
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            dst_cache[d].copy_(src_cache[s])

@@ -1,0 +1,126 @@
+// C ABI over the emulated kernels, loaded with ctypes by tests/gpu/test_kernels.py.
+//
+// The kernel source is included verbatim; each entry point picks the template
+// instance from its runtime arguments (dtype code, head_dim, block_size, group)
+// exactly as gpu/attention/cuda_backend.py picks a name expression, and launches
+// it with the same grid and block shape. Returns 0 on success, 1 if the instance
+// is not built, 2 if the emulator detected a deadlock.
+#include "cuda_emu.h"
+// clang-format off
+#include "cache_ops.cu"
+#include "paged_attention.cu"
+// clang-format on
+
+#include <type_traits>
+#include <utility>
+
+namespace {
+
+// dtype codes shared with the Python side: 0 float32, 1 float16, 2 bfloat16
+template <typename F>
+int with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    default: return 1;
+  }
+}
+
+template <typename F>
+int with_shape(int head_dim, int block_size, int group, F&& f) {
+  auto by_group = [&](auto hd, auto bs) -> int {
+    switch (group) {
+      case 1: return f(hd, bs, std::integral_constant<int, 1>{});
+      case 2: return f(hd, bs, std::integral_constant<int, 2>{});
+      case 3: return f(hd, bs, std::integral_constant<int, 3>{});
+      case 4: return f(hd, bs, std::integral_constant<int, 4>{});
+      case 8: return f(hd, bs, std::integral_constant<int, 8>{});
+      default: return 1;
+    }
+  };
+  if (block_size != 16) return 1;
+  auto bs = std::integral_constant<int, 16>{};
+  if (head_dim == 64) return by_group(std::integral_constant<int, 64>{}, bs);
+  if (head_dim == 128) return by_group(std::integral_constant<int, 128>{}, bs);
+  return 1;
+}
+
+int guarded(const std::function<void()>& launch) {
+  try {
+    launch();
+  } catch (const std::runtime_error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_write_kv(int dtype, const void* key, const void* value, void* k_cache, void* v_cache,
+                 const long long* slot_mapping, int num_tokens, int row, long long key_stride,
+                 long long value_stride) {
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return guarded([&] {
+      lmgate_emu::launch(dim3(num_tokens), dim3(128), [&] {
+        lmgate::write_kv<T>(static_cast<const T*>(key), static_cast<const T*>(value),
+                            static_cast<T*>(k_cache), static_cast<T*>(v_cache), slot_mapping, row,
+                            key_stride, value_stride);
+      });
+    });
+  });
+}
+
+int emu_copy_blocks(const unsigned long long* cache_ptrs, int num_caches, const long long* src,
+                    const long long* dst, int num_pairs, long long words_per_block) {
+  return guarded([&] {
+    lmgate_emu::launch(dim3(num_pairs, num_caches), dim3(256), [&] {
+      lmgate::copy_blocks(cache_ptrs, src, dst, words_per_block);
+    });
+  });
+}
+
+int emu_paged_decode(int dtype, int head_dim, int block_size, int group, void* out, const void* q,
+                     const void* k_cache, const void* v_cache, const int* block_tables,
+                     const int* context_lens, int num_seqs, int max_blocks, int num_kv_heads,
+                     float scale, long long q_stride, long long out_stride) {
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return with_shape(head_dim, block_size, group, [&](auto hd, auto bs, auto g) {
+      return guarded([&] {
+        lmgate_emu::launch(dim3(num_seqs, num_kv_heads), dim3(lmgate::kAttnThreads), [&] {
+          lmgate::paged_decode<T, decltype(hd)::value, decltype(bs)::value, decltype(g)::value>(
+              static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k_cache),
+              static_cast<const T*>(v_cache), block_tables, context_lens, max_blocks,
+              num_kv_heads, scale, q_stride, out_stride);
+        });
+      });
+    });
+  });
+}
+
+int emu_paged_prefill(int dtype, int head_dim, int block_size, int group, void* out,
+                      const void* q, const void* k_cache, const void* v_cache,
+                      const int* query_start_loc, const int* context_lens,
+                      const int* block_tables, int num_seqs, int num_tokens, int max_blocks,
+                      int num_kv_heads, float scale, long long q_stride, long long out_stride) {
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return with_shape(head_dim, block_size, group, [&](auto hd, auto bs, auto g) {
+      return guarded([&] {
+        lmgate_emu::launch(dim3(num_tokens, num_kv_heads), dim3(lmgate::kAttnThreads), [&] {
+          lmgate::paged_prefill<T, decltype(hd)::value, decltype(bs)::value, decltype(g)::value>(
+              static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k_cache),
+              static_cast<const T*>(v_cache), query_start_loc, context_lens, block_tables,
+              num_seqs, max_blocks, num_kv_heads, scale, q_stride, out_stride);
+        });
+      });
+    });
+  });
+}
+
+}  // extern "C"
