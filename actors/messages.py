@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from cache.quotas import Quota
+from cache.tenants import Tenant
 from gpu.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -28,12 +30,34 @@ class ChatMessage(msgspec.Struct, frozen=True):
 
 
 class TenantContext(msgspec.Struct, frozen=True):
-    """What the actors need to know about the caller (resolved by the gateway from the API key)."""
+    """What the actors need to know about the caller (resolved by the gateway from the API key).
+
+    `priority` follows `cache.tenants.Tenant.priority`: a higher tier runs first.
+    Build it with `TenantContext.from_tenant(tenant)`.
+    """
 
     tenant_id: str
-    priority: int = 1  # tier: 0 = highest
+    priority: int = 0
     max_tokens_cap: int | None = None
     shared_cache_pool: bool = False
+    quota: Quota | None = None  # None: no quota is enforced (no Redis, or an internal caller)
+
+    @classmethod
+    def from_tenant(cls, tenant: Tenant) -> TenantContext:
+        return cls(
+            tenant_id=tenant.id,
+            priority=tenant.priority,
+            max_tokens_cap=tenant.quota.max_tokens_cap,
+            shared_cache_pool=tenant.shared_cache_pool,
+            quota=tenant.quota,
+        )
+
+    def as_tenant(self) -> Tenant:
+        """The `cache.tenants.Tenant` view that quota and cache calls take."""
+        return Tenant(
+            id=self.tenant_id, name=self.tenant_id, priority=self.priority,
+            shared_cache_pool=self.shared_cache_pool, quota=self.quota or Quota(),
+        )
 
 
 class GenerateCall(msgspec.Struct, frozen=True):
@@ -47,7 +71,7 @@ class GenerateCall(msgspec.Struct, frozen=True):
     prompt_token_ids: list[int] | None = None  # /v1/completions (token ids)
     messages: list[ChatMessage] | None = None  # /v1/chat/completions
     stream: bool = False
-    priority: int | None = None  # a request may ask for a LOWER priority than its tenant's tier
+    priority: int | None = None  # a request may ask for a LOWER priority than its tenant's tier (higher runs first)
     user: str | None = None  # OpenAI `user`: user-level semantics for the length predictor
     app: str | None = None  # application tag (header or metadata) for the length predictor
     arrival_time: float = 0.0

@@ -1,0 +1,122 @@
+"""Accounting actor: everything that happens after a request leaves the engine.
+
+For each `Completed`:
+- quota: `settle` with the real token counts (finished, cancelled mid-way or
+  failed), or `release` when the request never reached the engine — so usage
+  is counted exactly once, disconnects and failures included;
+- response cache: store deterministic, fully finished answers;
+- predictor feedback: the true output length of requests that ended on EOS/stop;
+- metrics: outcome, end-to-end latency, TPOT, generated tokens.
+
+Redis work is retried briefly; it never blocks the stepper (this actor has
+its own bounded inbox, and the stepper's sends are sized to it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from actors.metrics import Metrics
+from actors.stepper import Completed
+from cache.store import CacheUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Accounting:
+    def __init__(
+        self,
+        inbox: trio.MemoryReceiveChannel[Completed],
+        metrics: Metrics,
+        *,
+        model_name: str,
+        feedback: trio.MemorySendChannel[tuple[str, str | None, int]],
+        service_time: Any,  # object with .observe(seconds)
+        quotas: Any = None,
+        response_cache: Any = None,
+        retries: int = 3,
+    ) -> None:
+        self.inbox = inbox
+        self.metrics = metrics
+        self.model_name = model_name
+        self.feedback = feedback
+        self.service_time = service_time
+        self.quotas = quotas
+        self.response_cache = response_cache
+        self.retries = retries
+        self.settled = 0  # settle/release calls that succeeded (for tests and /metrics)
+
+    async def _with_retry(self, op: str, fn, *args) -> Any:
+        delay = 0.05
+        for attempt in range(self.retries):
+            try:
+                return await fn(*args)
+            except CacheUnavailable:
+                self.metrics.redis_errors.labels(op).inc()
+                if attempt == self.retries - 1:
+                    log.warning("%s failed after %d attempts; reservation will expire by TTL", op, self.retries)
+                    return None
+                await trio.sleep(delay)
+                delay *= 4
+        return None
+
+    async def handle(self, c: Completed) -> None:
+        st = c.state
+        tenant = st.tenant_id
+        ran = bool(st.scheduled_at) or c.outcome == "cached"
+        if st.reserved and self.quotas is not None:
+            if ran:
+                ok = await self._with_retry("settle", self.quotas.settle, st.quota_tenant, st.request_id,
+                                            st.prompt_tokens, st.completion_tokens, self.model_name)
+            else:
+                ok = await self._with_retry("release", self.quotas.release, st.quota_tenant, st.request_id)
+            if ok is not None:
+                self.settled += 1
+        if c.outcome in ("rejected",):
+            return
+        self.metrics.requests.labels(tenant, c.outcome).inc()
+        if not ran:
+            return
+        self.metrics.generation_tokens.labels(tenant).inc(st.completion_tokens)
+        if c.outcome != "ok":
+            return
+        self.metrics.e2e.labels(tenant).observe(st.finished_at - st.arrival)
+        if st.first_token_at and st.completion_tokens > 1:
+            per_choice = st.completion_tokens / max(1, st.params.n)
+            if per_choice > 1:
+                self.metrics.tpot.labels(tenant).observe(
+                    (st.finished_at - st.first_token_at) / (per_choice - 1)
+                )
+        if st.scheduled_at:
+            self.service_time.observe(st.finished_at - st.scheduled_at)
+        if st.params.n == 1 and st.finish_reasons.get(0) == "stop":
+            try:
+                self.feedback.send_nowait((tenant, st.call.app, st.completion_tokens))
+            except trio.WouldBlock:
+                pass  # feedback is advisory; never stall accounting for it
+        if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:
+            await self._store(st)
+
+    async def _store(self, st) -> None:
+        from cache.response_cache import CachedCompletion, CachedUsage
+
+        rec = st.choices[0]
+        value = CachedCompletion(
+            text=rec.text,
+            token_ids=rec.token_ids,
+            finish_reason=rec.finish_reason or "stop",
+            usage=CachedUsage(prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens),
+            deltas=rec.deltas,
+        )
+        tenant = st.call.tenant.as_tenant()
+        await self._with_retry("response_cache_put", self.response_cache.put, tenant, self.model_name,
+                               st.prompt_token_ids, st.params, value)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            async for c in self.inbox:
+                nursery.start_soon(self.handle, c)

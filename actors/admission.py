@@ -1,0 +1,252 @@
+"""Admission: validate, tokenize (prompt cache), refuse early, reserve quota, serve cache hits.
+
+Runs once per request, concurrently (the admission actor starts one task per
+`AdmitMsg`), and answers `Accepted` or `Rejected` on the message's reply
+channel. Order of checks, cheapest and most final first::
+
+    model known?  → 404            prompt valid / fits the context?  → 400
+    overloaded?   → 503 + Retry-After (before touching Redis: shed load cheaply)
+    quota         → 429 + Retry-After (atomic reserve in Redis)
+    response cache hit → replay it (no engine)       else → predictor → queue
+
+Redis outages: prompt and response caches are bypassed; quota behaviour is
+`AdmissionConfig.quota_fail_open` (default True: serve without quota while
+Redis is down, counted in `lmgate_redis_errors`; False: answer 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from actors.messages import Accepted, Finished, GenerateCall, Rejected, TokenDelta, Usage
+from actors.metrics import Metrics
+from actors.state import RequestState
+from actors.stepper import Completed
+from cache.quotas import Denied, DuplicateRequest
+from cache.store import CacheUnavailable
+from gpu.sampling import SamplingParams
+from gpu.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    max_waiting: int = 1024  # queue depth beyond which → 503
+    max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
+    quota_fail_open: bool = True
+
+
+@dataclass(frozen=True)
+class AdmitMsg:
+    call: GenerateCall
+    reply: trio.MemorySendChannel[Accepted | Rejected]
+
+
+class _Refuse(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.rejected = (status, code, message, param, retry_after)
+
+
+def is_deterministic(p: SamplingParams) -> bool:
+    """Same request → same answer: greedy, or sampling with a fixed seed."""
+    return p.temperature == 0 or p.seed is not None
+
+
+class Admission:
+    """The admission logic (one instance per runtime; `admit` is re-entrant)."""
+
+    def __init__(
+        self,
+        config: AdmissionConfig,
+        tokenizer: Tokenizer,
+        metrics: Metrics,
+        *,
+        to_predictor: trio.MemorySendChannel[RequestState],
+        completed: trio.MemorySendChannel[Completed],
+        load: Any,  # object with .waiting() -> int and .estimated_wait_s() -> float
+        quotas: Any = None,  # cache.quotas.QuotaManager | None
+        response_cache: Any = None,  # cache.response_cache.ResponseCache | None
+        prompt_cache: Any = None,  # cache.prompt_cache.PromptCache | None
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.to_predictor = to_predictor
+        self.completed = completed
+        self.load = load
+        self.quotas = quotas
+        self.response_cache = response_cache
+        self.prompt_cache = prompt_cache
+
+    # ------------------------------------------------------------- pieces
+    async def _tokenize(self, call: GenerateCall) -> list[int]:
+        if call.messages is not None:
+            if not call.messages:
+                raise _Refuse(400, "invalid_request_error", "messages must not be empty", "messages")
+            msgs = [{"role": m.role, "content": m.content} for m in call.messages]
+            if self.prompt_cache is not None:
+                try:
+                    hit = await self.prompt_cache.get(self.config.model_name, msgs, True)
+                except CacheUnavailable:
+                    hit = None
+                self.metrics.prompt_cache_lookups.labels("hit" if hit else "miss").inc()
+                if hit is not None:
+                    return list(hit.token_ids)
+            try:
+                text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+            except Exception as e:  # template errors (e.g. raise_exception for bad roles) are the caller's
+                raise _Refuse(400, "invalid_request_error", f"messages: {e}", "messages") from e
+            ids = self.tokenizer.encode(text)
+            if self.prompt_cache is not None:
+                from cache.prompt_cache import RenderedPrompt
+
+                try:
+                    await self.prompt_cache.put(self.config.model_name, msgs, True, RenderedPrompt(text, ids))
+                except CacheUnavailable:
+                    pass
+            return ids
+        if call.prompt_token_ids is not None:
+            ids = list(call.prompt_token_ids)
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise _Refuse(400, "invalid_request_error",
+                              f"prompt token ids must be in [0, {self.config.vocab_size}); got {bad[0]}", "prompt")
+            return ids
+        if call.prompt is not None:
+            return self.tokenizer.encode(call.prompt)
+        raise _Refuse(400, "invalid_request_error", "a prompt is required", "prompt")
+
+    def _resolve_params(self, call: GenerateCall, n_prompt: int) -> SamplingParams:
+        p = call.params
+        room = self.config.max_model_len - n_prompt
+        if n_prompt == 0:
+            raise _Refuse(400, "invalid_request_error", "prompt is empty", "prompt")
+        if room < 1:
+            raise _Refuse(400, "context_length_exceeded",
+                          f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
+                          "messages" if call.messages is not None else "prompt")
+        cap = call.tenant.max_tokens_cap
+        max_tokens = p.max_tokens
+        if max_tokens is None:
+            max_tokens = min(room, cap) if cap is not None else room
+        if cap is not None and max_tokens > cap:
+            raise _Refuse(400, "invalid_request_error",
+                          f"max_tokens {max_tokens} exceeds this key's limit of {cap}", "max_tokens")
+        if n_prompt + max_tokens > self.config.max_model_len:
+            raise _Refuse(400, "context_length_exceeded",
+                          f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                          f"window of {self.config.max_model_len} tokens", "max_tokens")
+        return msgspec.structs.replace(p, max_tokens=max_tokens)
+
+    def _check_load(self) -> None:
+        waiting = self.load.waiting()
+        if waiting >= self.config.max_waiting:
+            raise _Refuse(503, "overloaded", f"server overloaded: {waiting} requests waiting",
+                          retry_after=max(1.0, self.load.estimated_wait_s()))
+        est = self.load.estimated_wait_s()
+        if est > self.config.max_estimated_wait_s:
+            raise _Refuse(503, "overloaded", f"server overloaded: estimated wait {est:.0f}s",
+                          retry_after=max(1.0, est - self.config.max_estimated_wait_s))
+
+    async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
+        if self.quotas is None or call.tenant.quota is None:
+            return
+        tenant = call.tenant.as_tenant()
+        try:
+            res = await self.quotas.reserve(tenant, call.request_id, st.prompt_tokens,
+                                            st.params.max_tokens * st.params.n)
+        except CacheUnavailable as e:
+            self.metrics.redis_errors.labels("reserve").inc()
+            if self.config.quota_fail_open:
+                return
+            raise _Refuse(503, "quota_unavailable", "quota service unavailable", retry_after=1.0) from e
+        except DuplicateRequest as e:
+            raise _Refuse(400, "invalid_request_error", str(e), "request_id") from e
+        if isinstance(res, Denied):
+            if res.retry_after_s is None:  # can never pass: this is the caller's request, not load
+                raise _Refuse(400 if res.limit == "max_tokens_cap" else 429, "rate_limit_exceeded"
+                              if res.limit != "max_tokens_cap" else "invalid_request_error",
+                              f"quota {res.limit}: {res.reason}",
+                              "max_tokens" if res.limit == "max_tokens_cap" else None)
+            raise _Refuse(429, "rate_limit_exceeded", f"quota {res.limit}: {res.reason}",
+                          retry_after=res.retry_after_s)
+        st.quota_tenant = tenant
+        st.reserved = True
+
+    async def _cached(self, call: GenerateCall, st: RequestState) -> Accepted | None:
+        if self.response_cache is None or not st.cacheable or st.params.n != 1:
+            return None
+        try:
+            hit = await self.response_cache.get(call.tenant.as_tenant(), self.config.model_name,
+                                                st.prompt_token_ids, st.params)
+        except CacheUnavailable:
+            self.metrics.redis_errors.labels("response_cache_get").inc()
+            hit = None
+        self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
+        if hit is None:
+            return None
+        send, recv = trio.open_memory_channel(len(hit.token_ids) + 2)
+        if len(hit.deltas) == len(hit.token_ids):  # replay token by token, as it was streamed
+            for text, tok in zip(hit.deltas, hit.token_ids, strict=True):
+                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok]))
+        else:
+            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids)))
+        usage = Usage(st.prompt_tokens, hit.usage.completion_tokens)
+        send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
+        send.close()
+        st.completion_tokens = hit.usage.completion_tokens
+        st.finish_reasons[0] = hit.finish_reason
+        st.first_token_at = st.finished_at = time.monotonic()
+        self.completed.send_nowait(Completed(st, "cached"))
+        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True)
+
+    # ------------------------------------------------------------- the whole path
+    async def admit(self, call: GenerateCall) -> Accepted | Rejected:
+        tenant = call.tenant.tenant_id
+        try:
+            if call.model != self.config.model_name:
+                raise _Refuse(404, "model_not_found",
+                              f"model {call.model!r} does not exist; this server serves "
+                              f"{self.config.model_name!r}", "model")
+            ids = await self._tokenize(call)
+            params = self._resolve_params(call, len(ids))
+            self._check_load()
+            prio = call.tenant.priority if call.priority is None else min(call.priority, call.tenant.priority)
+            send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
+            st = RequestState(call, ids, params, prio, send, cacheable=is_deterministic(params))
+            send, recv = trio.open_memory_channel(st.channel_size())
+            st.events = send
+            st.admitted_at = time.monotonic()
+            await self._reserve(call, st)
+            cached = await self._cached(call, st)
+            if cached is not None:
+                return cached
+            try:
+                self.to_predictor.send_nowait(st)
+            except trio.WouldBlock:
+                self.completed.send_nowait(Completed(st, "rejected"))
+                raise _Refuse(503, "overloaded", "server overloaded: admission backlog full",
+                              retry_after=1.0) from None
+        except _Refuse as r:
+            status, code, message, param, retry = r.rejected
+            self.metrics.rejections.labels(tenant, str(status), code).inc()
+            return Rejected(call.request_id, status, code, message, param, retry)
+
+        def cancel() -> None:
+            st.cancelled = True
+            recv.close()
+
+        self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
+        return Accepted(call.request_id, st.prompt_tokens, recv, cancel)

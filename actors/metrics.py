@@ -1,0 +1,66 @@
+"""Prometheus metrics recorded by the actors (names follow vLLM's where one exists).
+
+One `Metrics` object per runtime, each with its own registry, so tests and
+several runtimes in one process never collide on global state.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "lmgate_requests", "Finished requests by tenant and outcome", ["tenant", "outcome"], registry=r
+        )
+        self.rejections = Counter(
+            "lmgate_rejections", "Requests refused at admission", ["tenant", "status", "reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "lmgate_time_to_first_token_seconds", "Time to first token", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "lmgate_time_per_output_token_seconds", "Mean time per output token after the first",
+            ["tenant"], buckets=_TPOT_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "lmgate_e2e_request_latency_seconds", "End-to-end request latency", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "lmgate_request_queue_time_seconds", "Time from admission to the engine", ["tenant"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("lmgate_prompt_tokens", "Prompt tokens", ["tenant"], registry=r)
+        self.generation_tokens = Counter(
+            "lmgate_generation_tokens", "Generated tokens", ["tenant"], registry=r
+        )
+        self.waiting = Gauge("lmgate_num_requests_waiting", "Requests waiting in the queue", registry=r)
+        self.running = Gauge("lmgate_num_requests_running", "Requests in the engine", registry=r)
+        self.kv_usage = Gauge("lmgate_kv_cache_usage_ratio", "Share of KV blocks in use", registry=r)
+        self.batch_size = Histogram(
+            "lmgate_step_batch_size", "Sequences per engine step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+        )
+        self.step_time = Histogram(
+            "lmgate_step_seconds", "Engine step duration", buckets=_TPOT_BUCKETS, registry=r
+        )
+        self.cache_lookups = Counter(
+            "lmgate_response_cache_lookups", "Response cache lookups", ["result"], registry=r
+        )
+        self.prompt_cache_lookups = Counter(
+            "lmgate_prompt_cache_lookups", "Prompt cache lookups", ["result"], registry=r
+        )
+        self.actor_restarts = Counter(
+            "lmgate_actor_restarts", "Actors restarted after a crash", ["actor"], registry=r
+        )
+        self.engine_errors = Counter("lmgate_engine_errors", "Engine steps that raised", registry=r)
+        self.redis_errors = Counter(
+            "lmgate_redis_errors", "Redis operations that failed", ["op"], registry=r
+        )

@@ -1,0 +1,267 @@
+"""The runtime: the actors of one serving process, wired by bounded channels.
+
+    gateway ─ AdmitMsg ─▶ admission ─▶ predictor ─▶ queue ─▶ stepper (engine in a worker thread)
+                              │                        ▲        │
+                              │                  Demand(slots)──┘
+                              └───────── Completed ─────────▶ accounting ─▶ Redis, predictor feedback
+
+`Runtime.submit(call)` is the gateway's one entry point. Each actor runs
+under a supervisor: if it crashes, what it owned fails cleanly (the stepper
+fails its in-flight requests; the queue fails its waiting ones) and the actor
+is restarted with the same channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from actors.accounting import Accounting
+from actors.admission import Admission, AdmissionConfig, AdmitMsg
+from actors.messages import Accepted, Failed, GenerateCall, Rejected
+from actors.metrics import Metrics
+from actors.predictor import PredictorConfig, RunningLengthEstimator
+from actors.queue import QueueActor
+from actors.queue_policy import QueueConfig
+from actors.state import RequestState
+from actors.stepper import Completed, Demand, Stepper
+from gpu.config import EngineConfig
+from gpu.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    model_name: str = ""  # served model id; "" → derived from the checkpoint
+    max_estimated_wait_s: float = 60.0
+    quota_fail_open: bool = True
+    admission_concurrency: int = 256
+    channel_size: int = 256
+
+
+class _ServiceTime:
+    """EWMA of time-in-engine, for the overload estimate."""
+
+    def __init__(self, alpha: float = 0.1, initial: float = 2.0):
+        self.alpha = alpha
+        self.value = initial
+
+    def observe(self, seconds: float) -> None:
+        self.value += self.alpha * (seconds - self.value)
+
+
+class Runtime:
+    """Holds the engine and the actors; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        engine: Engine,
+        *,
+        quotas: Any = None,
+        response_cache: Any = None,
+        prompt_cache: Any = None,
+        store: Any = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.registry = self.metrics.registry
+        self.model_name = config.model_name or engine.model_config.name
+        self.max_model_len = engine.max_model_len
+        self.tokenizer = engine.tokenizer
+        self.ready = False
+        self._service_time = _ServiceTime()
+        cs = config.channel_size
+        self._admit_send, self._admit_recv = trio.open_memory_channel[AdmitMsg](cs)
+        self._pred_send, self._pred_recv = trio.open_memory_channel[RequestState](cs)
+        self._queue_send, self._queue_recv = trio.open_memory_channel[RequestState](cs)
+        self._intake_send, self._intake_recv = trio.open_memory_channel[RequestState](0)
+        self._demand_send, self._demand_recv = trio.open_memory_channel[Demand](1)
+        # accounting must never block the stepper: one slot per request that can be alive
+        cap = config.queue.max_waiting + engine.config.scheduler.max_num_seqs + cs * 3
+        self._done_send, self._done_recv = trio.open_memory_channel[Completed](cap)
+        self._fb_send, self._fb_recv = trio.open_memory_channel[tuple](cs)
+        self.predictor = RunningLengthEstimator(config.predictor)
+        self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
+                                self._done_send, self.metrics)
+        self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
+                               max_inflight=engine.config.scheduler.max_num_seqs)
+        self.admission = Admission(
+            AdmissionConfig(
+                model_name=self.model_name,
+                max_model_len=engine.max_model_len,
+                vocab_size=engine.model_config.vocab_size,
+                max_waiting=config.queue.max_waiting,
+                max_estimated_wait_s=config.max_estimated_wait_s,
+                quota_fail_open=config.quota_fail_open,
+            ),
+            engine.tokenizer, self.metrics,
+            to_predictor=self._pred_send, completed=self._done_send, load=self,
+            quotas=quotas, response_cache=response_cache, prompt_cache=prompt_cache,
+        )
+        self.accounting = Accounting(
+            self._done_recv, self.metrics, model_name=self.model_name, feedback=self._fb_send,
+            service_time=self._service_time, quotas=quotas, response_cache=response_cache,
+        )
+
+    # ------------------------------------------------------------------ load
+    def waiting(self) -> int:
+        return len(self.queue) + self.engine.scheduler.num_waiting
+
+    def estimated_wait_s(self) -> float:
+        slots = max(1, self.engine.config.scheduler.max_num_seqs)
+        return self.waiting() / slots * self._service_time.value
+
+    def status(self) -> dict:
+        degraded = []
+        if self.store is not None and not self.store.healthy:
+            degraded.append(f"redis: {self.store.last_error or 'unreachable'}")
+        stats = self.engine.stats()
+        return {
+            "ready": self.ready,
+            "degraded": degraded,
+            "model": self.model_name,
+            "queue_len": len(self.queue),
+            "running": stats["running"],
+            "engine_waiting": stats["waiting"],
+            "kv_usage": stats["kv_usage"],
+            "in_flight": len(self.stepper.active),
+        }
+
+    # ---------------------------------------------------------------- entry
+    async def submit(self, call: GenerateCall) -> Accepted | Rejected:
+        """Admit one request. On `Accepted`, consume `events` until `Finished`/`Failed`;
+        close it (or call `cancel`) to abort."""
+        if call.arrival_time == 0.0:
+            import msgspec
+
+            call = msgspec.structs.replace(call, arrival_time=time.time())
+        reply_send, reply_recv = trio.open_memory_channel[Accepted | Rejected](1)
+        try:
+            self._admit_send.send_nowait(AdmitMsg(call, reply_send))
+        except trio.WouldBlock:
+            self.metrics.rejections.labels(call.tenant.tenant_id, "503", "overloaded").inc()
+            return Rejected(call.request_id, 503, "overloaded", "server overloaded: admission backlog full",
+                            retry_after=1.0)
+        async with reply_recv:
+            return await reply_recv.receive()
+
+    # ---------------------------------------------------------------- actors
+    async def _admission_actor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        limiter = trio.CapacityLimiter(self.config.admission_concurrency)
+
+        async def one(msg: AdmitMsg) -> None:
+            async with limiter:
+                try:
+                    result = await self.admission.admit(msg.call)
+                except Exception as e:  # noqa: BLE001 — a bug in admission must answer, not hang the caller
+                    log.exception("admission failed")
+                    result = Rejected(msg.call.request_id, 500, "internal_error", f"admission failed: {e}")
+                with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
+                    msg.reply.send_nowait(result)
+                    return
+                # the caller went away after admission said yes: abort what it started
+                if isinstance(result, Accepted):
+                    result.cancel()
+
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for msg in self._admit_recv:
+                nursery.start_soon(one, msg)
+
+    async def _predictor_actor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async def feedback() -> None:
+            async for tenant, app, n in self._fb_recv:
+                self.predictor.observe(tenant, app, n)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feedback)
+            task_status.started()
+            async for st in self._pred_recv:
+                st.prediction = self.predictor.predict(st.tenant_id, st.call.app, st.params.max_tokens)
+                await self._queue_send.send(st)
+
+    def _fail_waiting(self, message: str) -> None:
+        for st in self.queue.drain():
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                st.events.send_nowait(Failed(st.request_id, 503, "queue_error", message))
+            st.events.close()
+            self._done_send.send_nowait(Completed(st, "error"))
+
+    async def _supervise(
+        self,
+        name: str,
+        run: Callable[..., Awaitable[None]],
+        on_crash: Callable[[str], None] | None = None,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run an actor; when it crashes, clean up what it owned and start it again."""
+        started = False
+        while True:
+            try:
+                if not started:
+                    await run(task_status=task_status)
+                else:
+                    await run()
+                return  # channel closed: orderly shutdown
+            except Exception as e:  # noqa: BLE001 — supervision is the point
+                log.exception("actor %s crashed; restarting", name)
+                self.metrics.actor_restarts.labels(name).inc()
+                if on_crash is not None:
+                    on_crash(f"{name} crashed: {type(e).__name__}: {e}")
+                await trio.sleep(0.05)
+            finally:
+                started = True
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start every actor; `task_status.started()` once they all are."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._supervise, "accounting", self.accounting.run)
+            await nursery.start(self._supervise, "stepper", self.stepper.run, self.stepper.fail_all)
+            await nursery.start(self._supervise, "queue", self.queue.run, self._fail_waiting)
+            await nursery.start(self._supervise, "predictor", self._predictor_actor)
+            await nursery.start(self._supervise, "admission", self._admission_actor)
+            self.ready = True
+            task_status.started()
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    config: RuntimeConfig,
+    *,
+    engine: Engine | None = None,
+    quotas: Any = None,
+    response_cache: Any = None,
+    prompt_cache: Any = None,
+    store: Any = None,
+) -> AsyncIterator[Runtime]:
+    """Build the engine (in a worker thread: loading takes seconds) and run the actors.
+
+    Leaving the block cancels every actor; in-flight requests see their event
+    channels close.
+    """
+    if engine is None:
+        engine = await trio.to_thread.run_sync(Engine, config.engine)
+    rt = Runtime(config, engine, quotas=quotas, response_cache=response_cache,
+                 prompt_cache=prompt_cache, store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        try:
+            yield rt
+        finally:
+            rt.ready = False
+            nursery.cancel_scope.cancel()

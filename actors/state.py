@@ -1,0 +1,69 @@
+"""Per-request state shared by the actors of one process.
+
+A `RequestState` is created by admission and travels (by reference) through
+predictor → queue → stepper → accounting. Only the actor that currently owns
+the request mutates it, except `cancelled`, which the gateway may set at any
+time (the owner checks it between steps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from actors.messages import GenerateCall, StreamEvent
+from actors.predictor import Prediction
+from gpu.sampling import SamplingParams
+
+
+@dataclass
+class ChoiceRecord:
+    """Output of one choice, kept only when the response will be cached."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    deltas: list[str] = field(default_factory=list)  # text emitted with each token (replayable stream)
+    finish_reason: str | None = None
+
+
+@dataclass(eq=False)
+class RequestState:
+    call: GenerateCall
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_tokens resolved (never None)
+    priority: int
+    events: trio.MemorySendChannel[StreamEvent]
+    quota_tenant: Any = None  # what cache.quotas needs (.id, .quota); None → no quota
+    reserved: bool = False
+    cacheable: bool = False  # deterministic: store the response when it completes
+    prediction: Prediction | None = None
+    cancelled: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+    completion_tokens: int = 0
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    choices: dict[int, ChoiceRecord] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.call.request_id
+
+    @property
+    def tenant_id(self) -> str:
+        return self.call.tenant.tenant_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def channel_size(self) -> int:
+        """A bound that the stepper can never hit: one delta per choice per step, plus the end."""
+        mt = self.params.max_tokens or 1
+        return max(8, self.params.n * mt + 4) if math.isfinite(mt) else 1024

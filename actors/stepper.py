@@ -1,0 +1,202 @@
+"""The stepper actor: owns the engine, runs steps in a worker thread.
+
+Loop (one iteration per engine step)::
+
+    take new requests from the queue (non-blocking; block only when idle)
+    apply aborts (cancelled requests leave the engine before the next step)
+    report free capacity to the queue
+    deltas = await to_thread(engine.step)
+    route deltas to per-request channels; finished requests → accounting
+
+The engine is touched only from this actor, and only between steps or inside
+the worker thread, never both at once: `add_request`/`abort` run on the trio
+thread while no step is in flight.
+
+An exception from `engine.step()` fails the requests that were in the engine
+(each gets a `Failed` event and is settled), not the process; the actor goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from actors.messages import Failed, Finished, TokenDelta, TopLogprob, Usage
+from actors.metrics import Metrics
+from actors.state import ChoiceRecord, RequestState
+from gpu.engine import Engine, StepDelta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """Stepper → queue: how many more requests the engine can take now."""
+
+    slots: int
+
+
+@dataclass(frozen=True)
+class Completed:
+    """Stepper → accounting: a request left the engine (finished, cancelled or failed)."""
+
+    state: RequestState
+    outcome: str  # "ok" | "cancelled" | "error"
+
+
+class Stepper:
+    def __init__(
+        self,
+        engine: Engine,
+        intake: trio.MemoryReceiveChannel[RequestState],
+        demand: trio.MemorySendChannel[Demand],
+        completed: trio.MemorySendChannel[Completed],
+        metrics: Metrics,
+        *,
+        max_inflight: int,
+    ) -> None:
+        self.engine = engine
+        self.intake = intake
+        self.demand = demand
+        self.completed = completed
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+        self.active: dict[str, RequestState] = {}
+        self._wakeup = trio.Event()
+
+    def poke(self) -> None:
+        """Wake an idle stepper (a cancel arrived)."""
+        self._wakeup.set()
+
+    # ------------------------------------------------------------ intake
+    def _admit(self, st: RequestState) -> None:
+        if st.cancelled:
+            self._finish(st, "cancelled")
+            return
+        try:
+            self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=st.priority)
+        except ValueError as e:  # admission validated already; this is a last line of defence
+            st.events.send_nowait(Failed(st.request_id, 400, "invalid_request_error", str(e)))
+            self._finish(st, "error")
+            return
+        st.scheduled_at = time.monotonic()
+        self.metrics.queue_time.labels(st.tenant_id).observe(st.scheduled_at - st.admitted_at)
+        self.active[st.request_id] = st
+
+    def _drain_intake(self) -> None:
+        while True:
+            try:
+                st = self.intake.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            self._admit(st)
+
+    def _apply_cancels(self) -> None:
+        for rid, st in list(self.active.items()):
+            if st.cancelled:
+                self.engine.abort(rid)
+                del self.active[rid]
+                self._finish(st, "cancelled")
+
+    def _report_demand(self) -> None:
+        free = self.max_inflight - len(self.active)
+        if free > 0:
+            try:
+                self.demand.send_nowait(Demand(free))
+            except trio.WouldBlock:
+                pass  # a demand is already pending; the queue will serve it
+
+    # ------------------------------------------------------------ routing
+    def _route(self, d: StepDelta) -> None:
+        st = self.active.get(d.request_id)
+        if st is None:
+            return
+        now = time.monotonic()
+        if not st.first_token_at:
+            st.first_token_at = now
+            self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
+        st.completion_tokens += len(d.token_ids)
+        if st.cacheable:
+            rec = st.choices.setdefault(d.index, ChoiceRecord())
+            rec.text += d.text
+            rec.token_ids.extend(d.token_ids)
+            rec.deltas.append(d.text)
+            if d.finish_reason:
+                rec.finish_reason = d.finish_reason
+        top = None
+        if d.top_logprobs is not None:
+            top = [[TopLogprob(t, lp) for t, lp in row] for row in d.top_logprobs]
+        if not st.cancelled:
+            try:
+                st.events.send_nowait(
+                    TokenDelta(
+                        st.request_id, d.index, d.text, list(d.token_ids),
+                        list(d.logprobs) if d.logprobs is not None else None, top,
+                    )
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                st.cancelled = True  # the consumer went away: abort before the next step
+        if d.finish_reason:
+            st.finish_reasons[d.index] = d.finish_reason
+        if d.request_finished:
+            del self.active[st.request_id]
+            self._finish(st, "ok")
+
+    def _finish(self, st: RequestState, outcome: str) -> None:
+        st.finished_at = time.monotonic()
+        if outcome == "ok":
+            usage = Usage(st.prompt_tokens, st.completion_tokens)
+            reasons = [st.finish_reasons.get(i, "stop") for i in range(st.params.n)]
+            try:
+                st.events.send_nowait(Finished(st.request_id, reasons, usage))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                pass
+        st.events.close()
+        self.completed.send_nowait(Completed(st, outcome))
+
+    def fail_all(self, message: str) -> None:
+        """Fail every request in the engine (engine error or actor crash)."""
+        for rid, st in list(self.active.items()):
+            self.engine.abort(rid)
+            try:
+                st.events.send_nowait(Failed(rid, 500, "engine_error", message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                pass
+            del self.active[rid]
+            self._finish(st, "error")
+
+    # ------------------------------------------------------------ loop
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self.active:
+                self._report_demand()
+                # idle: wait for work (or a poke), without spinning
+                with trio.move_on_after(0.5):
+                    st = await self.intake.receive()
+                    self._admit(st)
+            self._drain_intake()
+            self._apply_cancels()
+            self._report_demand()
+            if not self.engine.has_unfinished():
+                await trio.lowlevel.checkpoint()
+                continue
+            t0 = time.perf_counter()
+            try:
+                deltas = await trio.to_thread.run_sync(self.engine.step)
+            except Exception as e:  # noqa: BLE001 — an engine error fails the step's requests, not the process
+                log.exception("engine step failed")
+                self.metrics.engine_errors.inc()
+                self.fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                continue
+            dt = time.perf_counter() - t0
+            self.metrics.step_time.observe(dt)
+            self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)
+            for d in deltas:
+                self._route(d)
+            stats = self.engine.stats()
+            self.metrics.running.set(stats["running"])
+            self.metrics.kv_usage.set(stats["kv_usage"])

@@ -1,0 +1,363 @@
+"""The engine facade: requests in, per-request deltas out, one step at a time.
+
+    engine.add_request(rid, prompt_token_ids, params)
+    while engine.has_unfinished():
+        for delta in engine.step():      # schedule → run the model → sample/detokenize/stop
+            ...
+
+The engine is synchronous and single-threaded by contract: the stepper actor
+calls `step()` from one worker thread and applies `add_request`/`abort` between
+steps. `abort` frees the request's KV blocks at once.
+
+A request with `n > 1` runs one sequence through prefill; at its first sample
+the row of logits is sampled `n` times and the sequence is forked, the children
+sharing the prompt's KV blocks copy-on-write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.step_scheduler import RequestRejected, SchedRequest, StepScheduler
+from gpu.block_manager import BlockManager
+from gpu.config import EngineConfig
+from gpu.detokenizer import IncrementalDetokenizer, StopChecker
+from gpu.loader import load_checkpoint
+from gpu.runner import ModelRunner
+from gpu.sampling import Sampler, SamplingParams, SeqSamplingState
+from gpu.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "StepDelta", "CompletionOutput", "RequestRejected", "resolve_dtype", "generate"]
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """What one step produced for one choice of one request."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when this choice ended
+    request_finished: bool = False  # every choice of the request has ended
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # of this choice, so far
+
+
+@dataclass
+class _Choice:
+    seq_id: str
+    index: int
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    sampling: SeqSamplingState
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    max_tokens: int
+    arrival: float
+    choices: list[_Choice] = field(default_factory=list)
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.choices) == (self.params.n if self.forked else 1) and all(
+            c.finish_reason for c in self.choices
+        )
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """"auto" → the measured-fastest dtype that stays correct on this device."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of auto, {', '.join(table)}") from None
+
+
+class Engine:
+    """Continuous-batching engine over a paged KV cache (see module docstring)."""
+
+    def __init__(self, config: EngineConfig | None = None, *, checkpoint=None, tokenizer: Tokenizer | None = None):
+        self.config = config or EngineConfig()
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
+        self.dtype = resolve_dtype(self.config.dtype, self.config.device)
+        ckpt = checkpoint or load_checkpoint(self.config.model, self.dtype)
+        self.model_config = ckpt.config
+        self.tokenizer = tokenizer or load_tokenizer(ckpt)
+        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        cache = self.config.cache
+        self.num_blocks = cache.num_blocks_for(self.model_config, dtype_bytes)
+        self.max_model_len = min(self.config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        self.runner = ModelRunner(
+            ckpt, num_blocks=self.num_blocks, block_size=cache.block_size,
+            dtype=self.dtype, device=self.config.device,
+        )
+        self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        sched_cfg = self.config.scheduler
+        if sched_cfg.max_model_len != self.max_model_len:
+            from dataclasses import replace
+
+            sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
+        self.scheduler = StepScheduler(sched_cfg, self.block_manager)
+        self.sampler = Sampler()
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self._requests: dict[str, _Request] = {}
+        self._seq_owner: dict[str, tuple[_Request, _Choice]] = {}
+        self._rng = torch.Generator().manual_seed(self.config.seed)
+        self.num_steps = 0
+
+    # ----------------------------------------------------------------- intake
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+    ) -> int:
+        """Queue a request; returns its prompt length in tokens.
+
+        Raises `ValueError` subclasses with a clear message: `SamplingParamsError`
+        (bad parameter), `RequestRejected` (can never fit: prompt plus max_tokens
+        beyond the context window or the whole KV cache), or a duplicate id.
+        """
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestRejected("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise RequestRejected(f"prompt token ids must be integers in [0, {vocab})")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise RequestRejected(
+                f"prompt is {len(ids)} tokens; this model's context window is {self.max_model_len}"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if len(ids) + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context window "
+                f"of {self.max_model_len} tokens"
+            )
+        req = _Request(request_id, params, ids, max_tokens, time.monotonic())
+        self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority))
+        req.choices.append(self._new_choice(req, request_id, 0))
+        self._requests[request_id] = req
+        self._seq_owner[request_id] = (req, req.choices[0])
+        return len(ids)
+
+    def _new_choice(self, req: _Request, seq_id: str, index: int) -> _Choice:
+        p = req.params
+        return _Choice(
+            seq_id=seq_id,
+            index=index,
+            detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens),
+            stop=StopChecker(tuple(p.stop), p.include_stop_str_in_output),
+            sampling=SeqSamplingState.create(p, req.prompt_token_ids, tuple(self.eos_token_ids), child_index=index),
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now; its KV blocks are freed before this returns."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        for c in req.choices:
+            self.scheduler.abort(c.seq_id)
+            self._seq_owner.pop(c.seq_id, None)
+        return True
+
+    # ------------------------------------------------------------------ state
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict:
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "kv_usage": self.scheduler.kv_usage,
+            "num_blocks": self.num_blocks,
+            "requests": len(self._requests),
+        }
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[StepDelta]:
+        """One engine step: schedule → run → sample → detokenize/stop → deltas."""
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return []
+        self.num_steps += 1
+        out = self.runner.execute(plan)
+        rows, states, targets = self._sampling_batch(out.seq_ids)
+        sampled_by_seq: dict[str, int] = {}
+        picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
+        if rows:
+            logits = out.logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
+            res = self.sampler.sample(logits, states, generator=self._rng)
+            for k, (req, choice, fork_index) in enumerate(targets):
+                tok = res.token_ids[k]
+                lp = res.logprobs[k] if res.logprobs is not None else None
+                top = res.top_logprobs[k] if res.top_logprobs is not None else None
+                if not fork_index:  # None (plain) or 0 (the parent of an n>1 fork)
+                    sampled_by_seq[choice.seq_id] = tok
+                picks.append((req, choice, fork_index, tok, lp, top))
+        self.scheduler.update(plan, sampled_by_seq)
+        for req, choice, fork_index, tok, _, _ in picks:  # fork before any choice can finish
+            if fork_index:
+                self._fork(req, choice, tok)
+            if fork_index is not None and fork_index == req.params.n - 1:
+                req.forked = True
+        deltas = [self._emit(req, choice, tok, lp, top) for req, choice, _, tok, lp, top in picks]
+        for rid in {d.request_id for d in deltas}:
+            req = self._requests.get(rid)
+            if req is not None and req.finished:
+                del self._requests[rid]
+        return deltas
+
+    def _sampling_batch(self, seq_ids: Iterable[str]):
+        """Rows of logits to sample, with their sampling states; n>1 parents get n rows."""
+        rows: list[int] = []
+        states: list[SeqSamplingState] = []
+        targets: list = []
+        for row, sid in enumerate(seq_ids):
+            owner = self._seq_owner.get(sid)
+            if owner is None:
+                continue
+            req, choice = owner
+            if req.params.n > 1 and not req.forked:
+                for i in range(req.params.n):
+                    c = choice if i == 0 else self._new_choice(req, f"{req.request_id}#{i}", i)
+                    rows.append(row)
+                    states.append(c.sampling)
+                    targets.append((req, c, i))
+            else:
+                rows.append(row)
+                states.append(choice.sampling)
+                targets.append((req, choice, None))
+        return rows, states, targets
+
+    def _fork(self, req: _Request, choice: _Choice, tok: int) -> None:
+        """Choice `choice.index` (≥ 1) of an n>1 request forks from choice 0 after its prefill.
+
+        The child shares the parent's KV blocks (copy-on-write) and starts with its
+        own first token, sampled from the same logits row as the parent's.
+        """
+        parent_id = req.choices[0].seq_id
+        parent = self.scheduler.get(parent_id)
+        child = SchedRequest(
+            choice.seq_id, list(req.prompt_token_ids), req.max_tokens,
+            output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens,
+        )
+        self.scheduler.fork(parent_id, child)
+        req.choices.append(choice)
+        self._seq_owner[choice.seq_id] = (req, choice)
+
+    def _emit(self, req: _Request, choice: _Choice, tok: int, lp, top) -> StepDelta:
+        """Record a sampled token for one choice, check stop conditions, build its delta.
+
+        EOS and stop token ids end the choice without adding text; a stop string
+        ends it with the text cut before the match (the checker never lets part
+        of a stop string out); max_tokens / the context window end it with "length".
+        """
+        p = req.params
+        st = choice.sampling
+        st.output_token_ids.append(tok)
+        n_out = len(st.output_token_ids)
+        reason = None
+        emit = ""
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"  # the sampler bans these below min_tokens
+        else:
+            text = choice.detok.push(tok)
+            if text:
+                emit, stopped, _ = choice.stop.push(text)
+                if stopped:
+                    reason = "stop"
+        if reason is None and (n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if not choice.stop.stopped:
+                tail = choice.detok.finish()
+                if tail:
+                    emit += choice.stop.push(tail)[0]
+                if not choice.stop.stopped:
+                    emit += choice.stop.flush()
+            choice.finish_reason = reason
+            self.scheduler.finish(choice.seq_id)
+            self._seq_owner.pop(choice.seq_id, None)
+        return StepDelta(
+            request_id=req.request_id,
+            index=choice.index,
+            text=emit,
+            token_ids=(tok,),
+            logprobs=(lp,) if lp is not None else None,
+            top_logprobs=(tuple(top),) if top is not None else None,
+            finish_reason=reason,
+            request_finished=reason is not None and req.finished,
+            prompt_tokens=len(req.prompt_token_ids),
+            completion_tokens=n_out,
+        )
+
+
+@dataclass
+class CompletionOutput:
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+
+
+def generate(
+    engine: Engine,
+    prompts: Sequence[str | Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
+) -> list[list[CompletionOutput]]:
+    """Offline batch generation: run every prompt to completion, continuously batched.
+
+    Returns, per prompt, its `n` choices in index order.
+    """
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * len(prompts)
+    outs: dict[str, dict[int, CompletionOutput]] = {}
+    order = []
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        rid = f"gen-{i}"
+        engine.add_request(rid, prompt, p)
+        order.append(rid)
+        outs[rid] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            c = outs[d.request_id].setdefault(d.index, CompletionOutput(d.request_id, d.index, "", [], None))
+            c.text += d.text
+            c.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + list(d.logprobs)
+            if d.finish_reason:
+                c.finish_reason = d.finish_reason
+    return [[outs[rid][k] for k in sorted(outs[rid])] for rid in order]

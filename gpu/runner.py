@@ -1,0 +1,132 @@
+"""Model runner: turns a `StepPlan` into tensors, runs the model, returns logits.
+
+The runner owns the model, the KV cache tensors and the attention backend. It
+knows nothing about requests beyond what one step feeds; sampling and stop
+conditions live in the engine.
+
+Packing of one step (decodes first, as `gpu.attention` requires)::
+
+    plan.seqs  ──▶ input_ids  [d0 d1 | p0 p0 p0 | p1 p1]
+                   positions  [17 40 |  0  1  2 | 32 33]   (start_pos + j)
+                   slots      block_table[pos // bs] * bs + pos % bs
+                   sample_idx [ 0  1 |        4 |     6]   (last token of each sampling seq)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actors.step_scheduler import ScheduledSeq, StepPlan
+from gpu.attention import AttentionBackend, AttentionMetadata, get_backend
+from gpu.loader import Checkpoint
+from gpu.model import LlamaModel, allocate_kv_caches
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """Logits of the sequences that sample this step, in `seq_ids` order."""
+
+    seq_ids: tuple[str, ...]
+    logits: torch.Tensor  # (len(seq_ids), vocab) float32
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    out = torch.zeros((len(rows), width), dtype=torch.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+    return out
+
+
+class ModelRunner:
+    """Runs one packed step of the model over the paged KV cache."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        *,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str = "cpu",
+        backend: AttentionBackend | None = None,
+    ) -> None:
+        self.config = ckpt.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.backend = backend or get_backend(device)
+        self.model = LlamaModel.from_checkpoint(ckpt, self.backend, dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, dtype, self.device)
+
+    # ------------------------------------------------------------------ packing
+    def _prepare(self, seqs: list[ScheduledSeq]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        sample_ids: list[str] = []
+        for s in seqs:
+            table = s.block_table
+            for j, tok in enumerate(s.token_ids):
+                pos = s.start_pos + j
+                input_ids.append(tok)
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            if s.sample:
+                sample_idx.append(len(input_ids) - 1)
+                sample_ids.append(s.request_id)
+
+        decodes = [s for s in seqs if len(s.token_ids) == 1]
+        prefills = seqs[len(decodes) :]
+        dec_lens = [s.start_pos + 1 for s in decodes]
+        pre_q = [len(s.token_ids) for s in prefills]
+        pre_ctx = [s.start_pos + len(s.token_ids) for s in prefills]
+        qsl = [0]
+        for q in pre_q:
+            qsl.append(qsl[-1] + q)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decodes=len(decodes),
+            decode_block_tables=_pad([list(s.block_table) for s in decodes]).to(dev),
+            decode_context_lens=torch.tensor(dec_lens, dtype=torch.int32, device=dev),
+            decode_max_context_len=max(dec_lens, default=0),
+            num_prefills=len(prefills),
+            prefill_query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            prefill_context_lens=torch.tensor(pre_ctx, dtype=torch.int32, device=dev),
+            prefill_block_tables=_pad([list(s.block_table) for s in prefills]).to(dev),
+            prefill_max_query_len=max(pre_q, default=0),
+            prefill_max_context_len=max(pre_ctx, default=0),
+            prefill_query_lens_list=pre_q,
+            prefill_context_lens_list=pre_ctx,
+            decode_context_lens_list=dec_lens,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids_t, pos_t, meta, sample_idx, sample_ids
+
+    # ------------------------------------------------------------------ running
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> RunnerOutput:
+        """Apply copy-on-write copies, run the plan's tokens, return logits of sampling seqs."""
+        if plan.copies:
+            src = torch.tensor([c[0] for c in plan.copies], dtype=torch.int64, device=self.device)
+            dst = torch.tensor([c[1] for c in plan.copies], dtype=torch.int64, device=self.device)
+            flat = [t for kv in self.kv_caches for t in kv]
+            self.backend.copy_blocks(flat, src, dst)
+        # decodes first (the scheduler already orders them so; a 1-token prefill chunk
+        # is attention-wise a decode, so order by query length to be safe)
+        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) != 1)
+        if not seqs:
+            return RunnerOutput((), torch.empty((0, self.config.vocab_size)))
+        ids, pos, meta, sample_idx, sample_ids = self._prepare(seqs)
+        hidden = self.model(ids, pos, self.kv_caches, meta)  # (T, hidden)
+        if not sample_idx:
+            return RunnerOutput((), torch.empty((0, self.config.vocab_size)))
+        idx = torch.tensor(sample_idx, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))  # (S, vocab) float32
+        return RunnerOutput(tuple(sample_ids), logits.float().cpu())
