@@ -1,0 +1,155 @@
+"""`lmgate serve`: Hypercorn (trio worker) serving the gateway, with a graceful stop.
+
+Start-up order (each a scope that wraps the next, torn down in reverse)::
+
+    private redis-server (only if no redis_url / REDIS_URL)
+      └─ RedisStore (coredis; opened around serve(), never inside while_serving — STACK.md)
+          └─ runtime = actors.runtime.open_runtime(config)   (engine + actors)
+              └─ hypercorn.trio.serve(app) until SIGINT/SIGTERM
+
+On SIGINT/SIGTERM Hypercorn stops accepting connections, lets open requests and
+streams run for `shutdown_grace_seconds`, then cancels them (each cancelled
+stream aborts its request in the runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from cache.quotas import QuotaManager
+from cache.redis_server import PrivateRedis
+from cache.store import RedisStore
+from cache.tenants import TenantRegistry
+from gateway.app import GatewayStores, Runtime, create_app
+from gateway.config import GatewayConfig, add_config_arguments, config_from_args
+
+log = logging.getLogger("lmgate.gateway.server")
+
+DEV_TENANT_ID = "dev"
+SECRET_FILE = "server_secret"
+
+
+def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
+    """Hypercorn settings derived from the gateway config.
+
+    Hypercorn's own WebSocket limit is set above ours so an oversized frame
+    reaches the app, which answers with an error frame before closing 1009.
+    """
+    hc = hypercorn.config.Config()
+    hc.bind = [f"{config.host}:{config.port}"]
+    hc.graceful_timeout = config.shutdown_grace_seconds
+    hc.keep_alive_timeout = config.keep_alive_seconds
+    hc.websocket_max_message_size = 2 * config.max_ws_frame_bytes + 4096
+    hc.h11_max_incomplete_size = 64 * 1024
+    hc.accesslog = None
+    return hc
+
+
+def server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> bytes:
+    """The HMAC secret API keys are hashed with: $LMGATE_SECRET, else data_dir/server_secret
+    (created 0600 on first start). Changing it invalidates every issued key."""
+    env = dict(os.environ) if env is None else env
+    if env.get("LMGATE_SECRET"):
+        return env["LMGATE_SECRET"].encode()
+    path = Path(data_dir) / SECRET_FILE
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return value
+
+
+@asynccontextmanager
+async def open_stores(redis_url: str, secret: bytes) -> AsyncIterator[GatewayStores]:
+    """Open the Redis client and the registries on it (inside the caller's trio run)."""
+    async with RedisStore(redis_url) as redis:
+        yield GatewayStores(redis=redis, tenants=TenantRegistry(redis, secret), quotas=QuotaManager(redis))
+
+
+async def ensure_dev_tenant(tenants: TenantRegistry) -> str | None:
+    """Create the development tenant and a key for it if it does not exist yet.
+    Returns the plaintext key when one was created (it cannot be read back later)."""
+    if await tenants.get_tenant(DEV_TENANT_ID) is not None:
+        return None
+    await tenants.create_tenant(DEV_TENANT_ID, "development tenant")
+    _, key = await tenants.create_key(DEV_TENANT_ID, "dev")
+    return key
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT or SIGTERM (Hypercorn's shutdown trigger)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: graceful shutdown", signal.Signals(signum).name)
+            return
+
+
+async def serve_app(
+    app: Any,
+    config: GatewayConfig,
+    *,
+    shutdown_trigger: Any = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` until `shutdown_trigger` returns; reports the bound URLs via task_status."""
+    await hypercorn.trio.serve(
+        app, hypercorn_config(config), shutdown_trigger=shutdown_trigger, task_status=task_status
+    )
+
+
+@asynccontextmanager
+async def _open_runtime(config: GatewayConfig) -> AsyncIterator[Runtime]:
+    from actors.runtime import open_runtime  # the lead's module: engine + actors
+
+    async with open_runtime(config) as runtime:
+        yield runtime
+
+
+async def serve(config: GatewayConfig, *, out: Any = None) -> None:
+    """Everything `lmgate serve` runs inside trio (see module docstring)."""
+    out = out or sys.stdout
+    secret = server_secret(config.data_dir)
+    async with AsyncExitStack() as stack:
+        if config.redis_url is None:
+            private = PrivateRedis(Path(config.data_dir) / "redis")
+            stack.enter_context(private)
+            config = dataclasses.replace(config, redis_url=private.url)
+            print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
+        stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
+        if config.dev_tenant:
+            key = await ensure_dev_tenant(stores.tenants)
+            if key is not None:
+                print(f"lmgate: created tenant {DEV_TENANT_ID!r}; its API key (shown once): {key}", file=out, flush=True)
+        runtime = await stack.enter_async_context(_open_runtime(config))
+        app = create_app(runtime, stores, config)
+        await serve_app(app, config, shutdown_trigger=wait_for_signal)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `lmgate serve` (one per GatewayConfig field, plus --config and --log-level)."""
+    add_config_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO))
+    config = config_from_args(args)
+    trio.run(serve, config)
+    return 0

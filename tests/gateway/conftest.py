@@ -1,0 +1,170 @@
+"""Gateway test harness: a fake runtime that follows the Runtime contract, a real
+private Redis (the cache helper's fixtures), and the real app served by Hypercorn
+on a free loopback port inside the test's trio run.
+
+The fake runtime is the only stand-in: it is the thing *not* under test here
+(the real one is exercised by the integration tests). It produces deterministic
+words, records every call and every cancel, and can be told to reject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import prometheus_client
+import pytest
+import trio
+
+from actors.messages import (
+    Accepted,
+    Failed,
+    Finished,
+    GenerateCall,
+    Rejected,
+    TokenDelta,
+    Usage,
+)
+from cache.quotas import QuotaManager
+from cache.tenants import TenantRegistry
+from gateway.app import GatewayStores, create_app
+from gateway.config import GatewayConfig
+from gateway.server import serve_app
+from tests.cache.conftest import SECRET, redis_server, redis_url, store  # noqa: F401 (fixtures)
+
+MODEL = "fake-model"
+ADMIN_KEY = "admin-secret-key"
+
+
+def word(index: int, j: int) -> str:
+    """The j-th piece of text the fake runtime produces for choice `index`."""
+    return f" c{index}w{j}"
+
+
+class FakeRuntime:
+    """Runtime contract stand-in (model_name, max_model_len, submit, status, registry).
+
+    Each accepted request streams `max_tokens` words per choice (``word(i, j)``),
+    `delay` seconds apart, then Finished("length"). A prompt containing "FAIL"
+    fails after one token; "HANG" streams one token and then waits forever (for
+    disconnect tests). `reject` (a Rejected template) refuses the next submits.
+    """
+
+    model_name = MODEL
+    max_model_len = 2048
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.registry = prometheus_client.CollectorRegistry()
+        self.calls: list[GenerateCall] = []
+        self.cancelled: set[str] = set()
+        self.finished: set[str] = set()
+        self.cancel_events: dict[str, trio.Event] = {}
+        self.reject: Rejected | None = None
+        self.ready = True
+        self.delay = 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready, "degraded": [], "queue_len": 0, "running": 0, "kv_usage": 0.0}
+
+    async def submit(self, call: GenerateCall) -> Accepted | Rejected:
+        self.calls.append(call)
+        if self.reject is not None:
+            return msgspec.structs.replace(self.reject, request_id=call.request_id)
+        send, receive = trio.open_memory_channel[Any](16)
+        self.cancel_events[call.request_id] = trio.Event()
+
+        def cancel() -> None:
+            self.cancelled.add(call.request_id)
+            self.cancel_events[call.request_id].set()
+
+        self.nursery.start_soon(self._produce, call, send)
+        prompt = call.prompt or " ".join(m.content for m in call.messages or [])
+        prompt_tokens = len(call.prompt_token_ids) if call.prompt_token_ids else len(prompt.split())
+        return Accepted(call.request_id, prompt_tokens, receive, cancel)
+
+    def prompt_text(self, call: GenerateCall) -> str:
+        return call.prompt or " ".join(m.content for m in call.messages or [])
+
+    async def _produce(self, call: GenerateCall, send: trio.MemorySendChannel[Any]) -> None:
+        text = self.prompt_text(call)
+        n = call.params.n
+        max_tokens = call.params.max_tokens or 8
+        prompt_tokens = len(call.prompt_token_ids) if call.prompt_token_ids else len(text.split())
+        try:
+            async with send:
+                for j in range(max_tokens):
+                    for i in range(n):
+                        lp = [-0.5] if call.params.logprobs is not None else None
+                        await send.send(TokenDelta(call.request_id, i, word(i, j), [100 * i + j], logprobs=lp))
+                    if "FAIL" in text:
+                        await send.send(Failed(call.request_id, 500, "engine_error", "the engine failed"))
+                        return
+                    if "HANG" in text:
+                        await trio.sleep_forever()
+                    await trio.sleep(self.delay)
+                usage = Usage(prompt_tokens, max_tokens * n)
+                await send.send(Finished(call.request_id, ["length"] * n, usage))
+                self.finished.add(call.request_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the gateway closed the channel: the request was aborted
+
+
+@dataclass
+class Gateway:
+    base_url: str
+    ws_url: str
+    runtime: FakeRuntime
+    stores: GatewayStores
+    config: GatewayConfig
+    api_key: str
+    tenant_id: str = "t1"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def start_gateway(
+    nursery: trio.Nursery, stores: GatewayStores, config: GatewayConfig
+) -> tuple[str, FakeRuntime, trio.Event]:
+    runtime = FakeRuntime(nursery)
+    app = create_app(runtime, stores, config)
+    stop = trio.Event()
+    urls = await nursery.start(lambda task_status: serve_app(app, config, shutdown_trigger=stop.wait, task_status=task_status))
+    return urls[0], runtime, stop
+
+
+@pytest.fixture
+def gateway_config() -> GatewayConfig:
+    return GatewayConfig(
+        host="127.0.0.1",
+        port=0,
+        admin_key=ADMIN_KEY,
+        max_body_bytes=64 * 1024,
+        max_ws_frame_bytes=16 * 1024,
+        max_streams_per_socket=4,
+        shutdown_grace_seconds=0.5,
+    )
+
+
+@pytest.fixture
+async def stores(store: Any) -> GatewayStores:  # noqa: F811 (fixture from tests.cache)
+    return GatewayStores(redis=store, tenants=TenantRegistry(store, SECRET), quotas=QuotaManager(store))
+
+
+@pytest.fixture
+async def gateway(nursery: trio.Nursery, stores: GatewayStores, gateway_config: GatewayConfig) -> AsyncIterator[Gateway]:
+    await stores.tenants.create_tenant("t1", "tenant one")
+    _, key = await stores.tenants.create_key("t1", "test")
+    base_url, runtime, stop = await start_gateway(nursery, stores, gateway_config)
+    gw = Gateway(
+        base_url=base_url,
+        ws_url=base_url.replace("http://", "ws://") + "/v1/ws",
+        runtime=runtime,
+        stores=stores,
+        config=gateway_config,
+        api_key=key,
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    yield gw
+    stop.set()

@@ -1,0 +1,296 @@
+"""OpenAI routes over real sockets: JSON, SSE chunk format, include_usage, mapping to
+GenerateCall, error mapping for bad input, and disconnect → cancel."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+
+from actors.messages import Rejected
+from gateway.errors import ApiError
+from gateway.routes_openai import ChatRequest, CompletionRequest, decode_request, sampling_params
+from gateway.sse import parse_events
+from tests.gateway.conftest import MODEL, Gateway, word
+
+# ---------------------------------------------------------------- pure mapping
+
+
+def test_decode_wrong_type_names_the_field() -> None:
+    with pytest.raises(ApiError) as info:
+        decode_request("completions", b'{"model": "m", "prompt": "x", "max_tokens": "ten"}')
+    assert info.value.status == 400
+    assert info.value.param == "max_tokens"
+
+
+def test_sampling_params_chat_logprobs_and_max_completion_tokens() -> None:
+    req = decode_request(
+        "chat.completions",
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true,"top_logprobs":3,'
+        b'"max_tokens":5,"max_completion_tokens":7,"stop":"\\n","top_k":4,"min_p":0.1}',
+    )
+    assert isinstance(req, ChatRequest)
+    params = sampling_params(req)
+    assert (params.logprobs, params.max_tokens, params.stop, params.top_k, params.min_p) == (3, 7, ("\n",), 4, 0.1)
+
+
+def test_sampling_params_out_of_range_is_400_naming_the_field() -> None:
+    req = decode_request("completions", b'{"model":"m","prompt":"x","temperature":-1}')
+    assert isinstance(req, CompletionRequest)
+    with pytest.raises(ApiError) as info:
+        sampling_params(req)
+    assert (info.value.status, info.value.param) == (400, "temperature")
+
+
+def test_chat_content_parts_are_joined() -> None:
+    req = decode_request(
+        "chat.completions",
+        b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}',
+    )
+    assert isinstance(req, ChatRequest)
+    assert req.messages[0].text() == "ab"
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def chat_body(**extra: object) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], **extra}
+
+
+async def test_completion_json(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "one two three", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"] == [
+        {"index": 0, "text": word(0, 0) + word(0, 1) + word(0, 2), "logprobs": None, "finish_reason": "length"}
+    ]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    call = gateway.runtime.calls[-1]
+    assert call.prompt == "one two three"
+    assert call.tenant.tenant_id == "t1"
+    assert call.params.max_tokens == 3
+
+
+async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, "seed": 7, "top_k": 5,
+                  "repetition_penalty": 1.1, "min_tokens": 1, "ignore_eos": True, "priority": 2,
+                  "user": "u1", "logprobs": 2},
+            headers={"X-Lmgate-App": "translate"},
+        )
+    assert r.status_code == 200, r.text
+    call = gateway.runtime.calls[-1]
+    assert call.prompt_token_ids == [1, 2, 3] and call.prompt is None
+    p = call.params
+    assert (p.seed, p.top_k, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.logprobs) == (7, 5, 1.1, 1, True, 2)
+    assert (call.priority, call.user, call.app) == (2, "u1", "translate")
+    assert r.json()["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -0.5]
+
+
+async def test_chat_json_n2(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body(n=2, max_tokens=2))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert [c["message"] for c in body["choices"]] == [
+        {"role": "assistant", "content": word(0, 0) + word(0, 1)},
+        {"role": "assistant", "content": word(1, 0) + word(1, 1)},
+    ]
+    assert gateway.runtime.calls[-1].messages[0].content == "hello there"
+
+
+async def test_chat_sse_chunks_and_include_usage(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post(
+            "/v1/chat/completions",
+            json=chat_body(max_tokens=3, stream=True, stream_options={"include_usage": True}),
+        )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.endswith("data: [DONE]\n\n")
+    payloads = parse_events(r.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    deltas = [c["choices"][0]["delta"] for c in chunks[:3]]
+    assert deltas[0] == {"role": "assistant", "content": word(0, 0)}
+    assert deltas[1:] == [{"content": word(0, 1)}, {"content": word(0, 2)}]
+    assert chunks[3]["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    assert all(c["usage"] is None for c in chunks[:4])
+    assert chunks[4]["choices"] == []
+    assert chunks[4]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+async def test_completion_sse_without_usage(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True})
+    chunks = [json.loads(p) for p in parse_events(r.text)[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == [word(0, 0), word(0, 1), ""]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c for c in chunks)
+
+
+async def test_failed_after_accept_in_json_and_stream(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "FAIL", "max_tokens": 2})
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "engine_error"
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "FAIL", "stream": True})
+    payloads = parse_events(r.text)
+    assert json.loads(payloads[-2])["error"]["code"] == "engine_error"
+    assert payloads[-1] == "[DONE]"
+
+
+async def test_models(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.get("/v1/models")
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+
+
+# ---------------------------------------------------------------- errors
+
+BAD_INPUTS = [
+    ("malformed json", b'{"model": "fake-model", "prompt": ', 400, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, "invalid_value"),
+    ("missing prompt", b'{"model": "fake-model"}', 400, "invalid_value"),
+    ("wrong type", b'{"model": "fake-model", "prompt": "x", "n": "two"}', 400, "invalid_value"),
+    ("float n", b'{"model": "fake-model", "prompt": "x", "n": 1.5}', 400, "invalid_value"),
+    ("negative max_tokens", b'{"model": "fake-model", "prompt": "x", "max_tokens": -1}', 400, "invalid_value"),
+    ("top_p zero", b'{"model": "fake-model", "prompt": "x", "top_p": 0}', 400, "invalid_value"),
+    ("n too large", b'{"model": "fake-model", "prompt": "x", "n": 100000}', 400, "invalid_value"),
+    ("huge int", b'{"model": "fake-model", "prompt": "x", "seed": 1' + b"0" * 40 + b"}", 400, None),
+    ("empty stop", b'{"model": "fake-model", "prompt": "x", "stop": [""]}', 400, "invalid_value"),
+    ("logprobs too many", b'{"model": "fake-model", "prompt": "x", "logprobs": 99}', 400, "invalid_value"),
+    ("negative token id", b'{"model": "fake-model", "prompt": [-1]}', 400, "invalid_value"),
+    ("empty token list", b'{"model": "fake-model", "prompt": []}', 400, "invalid_value"),
+    ("nan temperature", b'{"model": "fake-model", "prompt": "x", "temperature": NaN}', 400, "invalid_json"),
+    ("invalid utf-8", b'{"model": "fake-model", "prompt": "\xff\xfe"}', 400, "invalid_encoding"),
+    ("empty body", b"", 400, "invalid_json"),
+    ("unknown model", b'{"model": "gpt-9", "prompt": "x"}', 404, "model_not_found"),
+    ("negative priority", b'{"model": "fake-model", "prompt": "x", "priority": -1}', 400, "invalid_value"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "code"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+async def test_bad_input_is_an_openai_error(gateway: Gateway, name: str, body: bytes, status: int, code: str | None) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert error["code"] == code
+    assert gateway.runtime.calls == []
+
+
+CHAT_BAD = [
+    ("bad role", {"model": "fake-model", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("no messages", {"model": "fake-model", "messages": []}, "messages"),
+    ("top_logprobs without logprobs", {**chat_body(), "top_logprobs": 2}, "top_logprobs"),
+    ("too many top_logprobs", {**chat_body(), "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ("max_completion_tokens 0", {**chat_body(), "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("stream_options wrong", {**chat_body(), "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "param"), CHAT_BAD, ids=[b[0] for b in CHAT_BAD])
+async def test_bad_chat_input_names_the_param(gateway: Gateway, name: str, body: dict[str, object], param: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+async def test_too_large_body_is_413(gateway: Gateway) -> None:
+    prompt = "x" * (gateway.config.max_body_bytes + 10)
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer lmg-not-a-real-key"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}],
+    ids=["missing", "unknown", "wrong scheme", "empty"],
+)
+async def test_bad_or_missing_key_is_401(gateway: Gateway, headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body())
+        models = await client.get("/v1/models")
+    assert r.status_code == 401 and models.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+async def test_revoked_key_stops_working(gateway: Gateway) -> None:
+    key_id, key = await gateway.stores.tenants.create_key("t1", "temp")
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=headers) as client:
+        assert (await client.get("/v1/models")).status_code == 200
+        await gateway.stores.tenants.revoke_key(key_id)
+        assert (await client.get("/v1/models")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retry_after", "header"),
+    [(429, "rate_limit_exceeded", 2.2, "3"), (503, "overloaded", 0.1, "1"), (400, "context_length_exceeded", None, None)],
+)
+async def test_rejections_map_to_status_and_retry_after(
+    gateway: Gateway, status: int, code: str, retry_after: float | None, header: str | None
+) -> None:
+    gateway.runtime.reject = Rejected("", status, code, "no", param=None, retry_after=retry_after)
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        for stream in (False, True):
+            r = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+            assert r.status_code == status
+            assert r.json()["error"]["code"] == code
+            assert r.headers.get("retry-after") == header
+
+
+async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r404 = await client.get("/v1/nothing")
+        r405 = await client.get("/v1/completions")
+    assert r404.status_code == 404 and r404.json()["error"]["code"] == "not_found"
+    assert r405.status_code == 405 and "error" in r405.json()
+
+
+# ---------------------------------------------------------------- disconnect = abort
+
+
+async def test_sse_disconnect_cancels_the_request(gateway: Gateway) -> None:
+    async with (
+        httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client,
+        client.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, messages=[{"role": "user", "content": "HANG"}])) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                break  # first token arrived; now drop the connection
+    request_id = gateway.runtime.calls[-1].request_id
+    with trio.fail_after(5):
+        await gateway.runtime.cancel_events[request_id].wait()
+    assert request_id in gateway.runtime.cancelled
+
+
+async def test_json_disconnect_cancels_the_request(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        with trio.move_on_after(0.5):
+            await client.post("/v1/completions", json={"model": MODEL, "prompt": "HANG"})
+    request_id = gateway.runtime.calls[-1].request_id
+    with trio.fail_after(5):
+        await gateway.runtime.cancel_events[request_id].wait()
+
+
+async def test_finished_stream_is_not_cancelled(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
+    assert gateway.runtime.cancelled == set()
