@@ -97,7 +97,7 @@ class Denied(msgspec.Struct, frozen=True):
 
 
 class DuplicateRequest(ValueError):
-    """reserve() was called with a request id that is reserved or already finished."""
+    """reserve() was called with a request id that was already settled or released."""
 
 
 class UsageRow(msgspec.Struct, frozen=True):
@@ -117,7 +117,8 @@ local rid = ARGV[2]
 """
 
 # ARGV: base, rid, prompt, max_new, rpm, tpm, conc, cap, daily, ttl_ms
-# -> {status, limit, retry_ms, reason}; status 1 admitted, 0 denied, 2 duplicate.
+# -> {status, limit, retry_ms, reason}; status 1 admitted, 0 denied, 2 id already finished,
+#    3 id already holds a live reservation (retry_ms carries its reserved tokens).
 _RESERVE = _PRELUDE + """
 local prompt = tonumber(ARGV[3])
 local max_new = tonumber(ARGV[4])
@@ -130,8 +131,13 @@ local ttl = tonumber(ARGV[10])
 local tokens = prompt + max_new
 
 local res_key = base .. 'res:' .. rid
-if redis.call('EXISTS', res_key, base .. 'done:' .. rid) > 0 then
-  return {2, 'request_id', -1, 'request id already used'}
+local held = redis.call('HGET', res_key, 'tokens')
+if held then
+  -- already reserved (typically a client retry after a lost reply): idempotent
+  return {3, '', tonumber(held), ''}
+end
+if redis.call('EXISTS', base .. 'done:' .. rid) == 1 then
+  return {2, 'request_id', -1, 'request id already settled or released'}
 end
 if cap >= 0 and max_new > cap then
   return {0, 'max_tokens_cap', -1, 'max_new_tokens ' .. max_new .. ' exceeds cap ' .. cap}
@@ -296,8 +302,10 @@ class QuotaManager:
     ) -> Admitted | Denied:
         """Check every limit and, if all pass, count the request — atomically.
 
-        Raises DuplicateRequest if ``request_id`` was already reserved or
-        finished, CacheUnavailable if Redis is down.
+        Idempotent while the reservation is live: reserving the same id again
+        returns the existing Admitted without counting anything (the client
+        retries a command whose reply was lost). Raises DuplicateRequest if the id
+        was already settled or released, CacheUnavailable if Redis is down.
         """
         if prompt_tokens < 0 or max_new_tokens < 0:
             raise ValueError("token counts must be >= 0")
@@ -315,8 +323,10 @@ class QuotaManager:
             status, limit, retry_ms, reason = await self._reserve(args=args)
         if status == 1:
             return Admitted(request_id, prompt_tokens + max_new_tokens)
+        if status == 3:
+            return Admitted(request_id, retry_ms)
         if status == 2:
-            raise DuplicateRequest(f"request id {request_id!r} already reserved or finished")
+            raise DuplicateRequest(f"request id {request_id!r} was already settled or released")
         retry = None if retry_ms < 0 else max(retry_ms, 1) / 1000
         return Denied(limit.decode(), reason.decode(), retry)
 

@@ -127,6 +127,11 @@ class PrivateRedis:
         return self._process is not None and self._process.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the running server (tests pause it with SIGSTOP), else None."""
+        return self._process.pid if self.running and self._process else None
+
+    @property
     def log_path(self) -> Path:
         return self.data_dir / "redis-server.log"
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import coredis
 import coredis.exceptions
+from coredis.retry import ConstantRetryPolicy
 
 __all__ = ["CacheUnavailable", "RedisStore"]
 
@@ -49,6 +50,10 @@ class RedisStore:
     ``prefix`` namespaces every key (several deployments can share one Redis).
     Timeouts are short on purpose: these calls sit on the request path, and a
     Redis that does not answer within ``stream_timeout_s`` is treated as down.
+    coredis retries a failed command ``retries`` times, so a hung Redis costs
+    ``(retries + 1) * stream_timeout_s`` before CacheUnavailable. A retry may
+    re-send a command whose reply was lost: every write in cache/ is idempotent
+    for that reason (reserve by request id, settle/release exactly once, SETs).
     """
 
     def __init__(
@@ -57,7 +62,8 @@ class RedisStore:
         *,
         prefix: str = "lmgate:",
         connect_timeout_s: float = 1.0,
-        stream_timeout_s: float = 2.0,
+        stream_timeout_s: float = 1.0,
+        retries: int = 1,
         max_connections: int | None = None,
     ) -> None:
         if not prefix:
@@ -69,6 +75,9 @@ class RedisStore:
             connect_timeout=connect_timeout_s,
             stream_timeout=stream_timeout_s,
             max_connections=max_connections,
+            retry_policy=ConstantRetryPolicy(
+                (coredis.exceptions.ConnectionError, TimeoutError), retries=retries, delay=0.01
+            ),
         )
         self._entered = False
         self.healthy = True

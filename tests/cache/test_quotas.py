@@ -131,14 +131,18 @@ async def test_settle_exactly_once_and_usage(quotas: QuotaManager):
         await quotas.get_usage("acme", today, today - dt.timedelta(days=1))
 
 
-async def test_request_ids_cannot_be_reused(quotas: QuotaManager):
-    tenant = make_tenant(Quota())
-    await quotas.reserve(tenant, "r1", 1, 1)
+async def test_reserve_is_idempotent_and_finished_ids_cannot_be_reused(quotas: QuotaManager):
+    tenant = make_tenant(Quota(requests_per_minute=2, max_concurrent=2))
+    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7)
+    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7)  # a retry: not counted
+    assert await quotas.running("acme") == 1
+    assert isinstance(await quotas.reserve(tenant, "r2", 1, 1), Admitted)  # 2nd of 2 per minute
+    await quotas.settle(tenant, "r1", 3, 1, "m")
     with pytest.raises(DuplicateRequest):
         await quotas.reserve(tenant, "r1", 1, 1)
-    await quotas.settle(tenant, "r1", 1, 1, "m")
+    await quotas.release(tenant, "r2")
     with pytest.raises(DuplicateRequest):
-        await quotas.reserve(tenant, "r1", 1, 1)
+        await quotas.reserve(tenant, "r2", 1, 1)
 
 
 async def test_release_refunds_a_request_that_never_ran(store: RedisStore, quotas: QuotaManager):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
+import trio
 
 from cache.prompt_cache import PromptCache, RenderedPrompt
 from cache.quotas import Admitted, Quota, QuotaManager
@@ -69,3 +73,20 @@ async def test_unavailable_while_stopped_then_recovers_on_same_port(tmp_path):
             assert await prompts.get("m", [], True) == RenderedPrompt("x", [1])
     finally:
         server.stop()
+
+
+async def test_a_hung_redis_is_unavailable_within_the_timeout(tmp_path):
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url, stream_timeout_s=0.2, retries=1) as store:
+            await store.client.set("k", "v")
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = trio.current_time()
+                with pytest.raises(CacheUnavailable, match="timed out"), store.guard():
+                    await store.client.get("k")
+                assert trio.current_time() - started < 1.5
+                assert not store.healthy
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert await store.ping() and store.healthy
+            assert await store.client.get("k") == b"v"
