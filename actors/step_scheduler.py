@@ -158,7 +158,10 @@ class StepScheduler:
         if child.request_id in self._requests:
             raise ValueError(f"request {child.request_id!r} is already scheduled")
         shared = parent.num_computed_tokens
-        if child.num_tokens <= shared or child.all_token_ids[:shared] != parent.all_token_ids[:shared]:
+        if (
+            child.num_tokens <= shared
+            or child.all_token_ids[:shared] != parent.all_token_ids[:shared]
+        ):
             raise ValueError(
                 f"child {child.request_id!r} must extend the parent's {shared} computed tokens"
             )
@@ -247,6 +250,8 @@ class StepScheduler:
             raise RequestRejected(f"request {req.request_id!r} has an empty prompt")
         if req.max_tokens < 1:
             raise RequestRejected(f"request {req.request_id!r}: max_tokens must be >= 1")
+        if len(req.output_token_ids) >= req.max_tokens:
+            raise RequestRejected(f"request {req.request_id!r} already has max_tokens outputs")
         if total > self.config.max_model_len:
             raise RequestRejected(
                 f"request {req.request_id!r}: prompt ({len(req.prompt_token_ids)}) + max_tokens "
@@ -262,7 +267,9 @@ class StepScheduler:
     def _wants_tokens(self, req: SchedRequest) -> bool:
         # The engine finishes requests; this guard only keeps a request that was
         # not finished from running past max_tokens (and so past max_model_len).
-        return len(req.output_token_ids) < req.max_tokens and req.num_computed_tokens < req.num_tokens
+        return (
+            len(req.output_token_ids) < req.max_tokens and req.num_computed_tokens < req.num_tokens
+        )
 
     def _chunk_len(self, req: SchedRequest, start: int, budget: int) -> int:
         n = min(req.num_tokens - start, budget)

@@ -78,7 +78,9 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -147,7 +149,10 @@ class BlockManager:
     def can_allocate(
         self, seq_id: Hashable, num_tokens: int, prefix_blocks: Sequence[int] = ()
     ) -> bool:
-        return self.blocks_needed(seq_id, num_tokens, num_tokens, prefix_blocks) <= self.num_free_blocks
+        return (
+            self.blocks_needed(seq_id, num_tokens, num_tokens, prefix_blocks)
+            <= self.num_free_blocks
+        )
 
     # ---------------------------------------------------------------- mutations
     def allocate(
@@ -187,10 +192,14 @@ class BlockManager:
         """
         state = self._require(seq_id)
         if self.blocks_for(end) > len(state.table):
-            raise ValueError(f"{seq_id!r}: table covers {len(state.table)} blocks, write ends at {end}")
+            raise ValueError(
+                f"{seq_id!r}: table covers {len(state.table)} blocks, write ends at {end}"
+            )
         shared = self._shared_in_range(state.table, start, end)
         if len(shared) > self.num_free_blocks:
-            raise OutOfBlocks(f"{seq_id!r} needs {len(shared)} copy-on-write blocks, {self.num_free_blocks} free")
+            raise OutOfBlocks(
+                f"{seq_id!r} needs {len(shared)} copy-on-write blocks, {self.num_free_blocks} free"
+            )
         copies = []
         for i in shared:
             src = state.table[i]
@@ -211,7 +220,9 @@ class BlockManager:
             return
         state = self._require(seq_id)
         if num_computed_tokens > len(token_ids):
-            raise ValueError(f"{num_computed_tokens} computed tokens but only {len(token_ids)} token ids")
+            raise ValueError(
+                f"{num_computed_tokens} computed tokens but only {len(token_ids)} token ids"
+            )
         bs = self.block_size
         num_full = min(num_computed_tokens // bs, len(state.table))
         for i in range(len(state.hashes), num_full):
@@ -297,9 +308,13 @@ class BlockManager:
         for block in self._blocks:
             b = block.block_id
             if block.ref_count != refs[b]:
-                raise RuntimeError(f"block {b}: refcount {block.ref_count}, held by {refs[b]} tables")
+                raise RuntimeError(
+                    f"block {b}: refcount {block.ref_count}, held by {refs[b]} tables"
+                )
             if (block.ref_count == 0) != (b in free or b in cached):
-                raise RuntimeError(f"block {b}: refcount {block.ref_count} but free={b in free} cached={b in cached}")
+                raise RuntimeError(
+                    f"block {b}: refcount {block.ref_count} but free={b in free} cached={b in cached}"
+                )
             if b in free and block.hash is not None:
                 raise RuntimeError(f"free block {b} still has a hash")
             if b in cached and self._hash_to_block.get(block.hash) != b:  # type: ignore[arg-type]
@@ -308,4 +323,6 @@ class BlockManager:
                 raise RuntimeError(f"hashed block {b} stores {len(block.token_ids)} token ids")
         for h, b in self._hash_to_block.items():
             if self._blocks[b].hash != h:
-                raise RuntimeError(f"hash map points {h} at block {b} with hash {self._blocks[b].hash}")
+                raise RuntimeError(
+                    f"hash map points {h} at block {b} with hash {self._blocks[b].hash}"
+                )

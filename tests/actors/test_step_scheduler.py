@@ -238,6 +238,12 @@ def test_impossible_requests_are_rejected(prompt, max_tokens, match):
     assert not sched.has_unfinished
 
 
+def test_request_with_all_outputs_already_is_rejected():
+    sched = make_scheduler()
+    with pytest.raises(RequestRejected, match="already has"):
+        sched.add(SchedRequest("x", [1, 2], 2, [3, 4]))
+
+
 def test_request_that_exactly_fits_the_cache_is_accepted_and_completes():
     sched = make_scheduler(num_blocks=4)
     sched.add(request("x", 10, max_tokens=7))  # 16 positions stored
@@ -284,8 +290,10 @@ def _fork_or_abort_sometimes(rng, sched, plan, initial: dict[str, list[int]], ta
             parent = sched.get(rng.choice(candidates))
             rid = f"{parent.request_id}+{tag}"
             outputs = parent.output_token_ids[:-1] + [rng.randrange(50)]
-            sched.fork(parent.request_id, SchedRequest(rid, list(parent.prompt_token_ids),
-                                                       parent.max_tokens, outputs))
+            sched.fork(
+                parent.request_id,
+                SchedRequest(rid, list(parent.prompt_token_ids), parent.max_tokens, outputs),
+            )
             initial[rid] = list(outputs)
     elif r < 0.08 and initial:
         rid = rng.choice(sorted(initial))
@@ -314,8 +322,12 @@ def test_random_workloads_complete_without_leaks(seed):
     for step in range(5000):
         if to_add and rng.random() < 0.5:
             to_add -= 1
-            prompt = rng.choice(bases)[: rng.randrange(1, 13)] + [rng.randrange(50)] * rng.randrange(4)
-            req = request(f"r{step}", prompt, max_tokens=rng.randrange(1, 12), priority=rng.randrange(3))
+            prompt = rng.choice(bases)[: rng.randrange(1, 13)] + [
+                rng.randrange(50)
+            ] * rng.randrange(4)
+            req = request(
+                f"r{step}", prompt, max_tokens=rng.randrange(1, 12), priority=rng.randrange(3)
+            )
             try:
                 sched.add(req)
             except RequestRejected:

@@ -119,7 +119,8 @@ def test_duplicate_content_is_not_registered_twice():
 def test_hash_collision_is_caught_by_token_check(monkeypatch):
     import gpu.block_manager as block_manager
 
-    monkeypatch.setattr(block_manager, "chain_hash", lambda parent, tokens: 42)  # everything collides
+    # every block hash collides: only the stored token ids tell blocks apart
+    monkeypatch.setattr(block_manager, "chain_hash", lambda parent, tokens: 42)
     bm = BlockManager(num_blocks=4, block_size=BS)
     bm.allocate("a", 4)
     bm.commit("a", [1, 2, 3, 4], 4)
@@ -180,8 +181,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.written[sid] = end
         self.bm.commit(sid, self.tokens[sid], end)
 
-    @rule(target=seqs, base=st.sampled_from(BASES), suffix=st.lists(st.integers(1, 3), max_size=6),
-          frac=st.floats(0, 1))
+    @rule(
+        target=seqs,
+        base=st.sampled_from(BASES),
+        suffix=st.lists(st.integers(1, 3), max_size=6),
+        frac=st.floats(0, 1),
+    )
     def new_seq(self, base, suffix, frac):
         tokens = base + suffix
         hits, cached = self.bm.match_prefix(tokens[:-1])
@@ -248,7 +253,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=50, deadline=None,
+    max_examples=300,
+    stateful_step_count=50,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_block_manager_state_machine = BlockManagerMachine.TestCase
