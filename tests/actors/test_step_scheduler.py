@@ -176,6 +176,18 @@ def test_preemption_frees_latest_request_and_both_complete():
     assert sched.kv_usage == 0.0
 
 
+def test_preemption_picks_lowest_priority_even_if_older():
+    sched = make_scheduler(num_blocks=4)
+    eng = ShadowEngine(sched)
+    sched.add(request("lo", 6, max_tokens=6, priority=5))
+    sched.add(request("hi", [7] * 6, max_tokens=6, priority=0))
+    preempted = []
+    while sched.has_unfinished:
+        preempted += eng.step().preempted
+        eng.finish_done()
+    assert preempted and set(preempted) == {"lo"}
+
+
 def test_preempted_request_keeps_outputs_and_recomputes_them():
     sched = make_scheduler(num_blocks=3)
     eng = ShadowEngine(sched)
