@@ -9,7 +9,10 @@ where canonical JSON sorts object keys (and struct fields), so two equal
 conversations always hit the same entry. Token ids are stored packed as
 little-endian uint32 (4 bytes per token instead of msgpack's up to 5 + framing).
 
-Redis key: ``{prefix}pc:<sha256 hex>``, TTL ``ttl_s``. The entry is not
+``model`` should name the tokenizer and chat template too (e.g. include a
+revision) when they can change under the same model name.
+
+Redis key: ``{prefix}pc1:<sha256 hex>``, TTL ``ttl_s``. The entry is not
 tenant-scoped: it holds only what the tokenizer computes from the messages, and
 the key is a hash of the full messages, so it reveals nothing to a tenant who
 did not already send them.
@@ -75,7 +78,7 @@ class PromptCache:
     async def get(
         self, model: str, messages: Sequence[Any], add_generation_prompt: bool = True
     ) -> RenderedPrompt | None:
-        key = self.store.key("pc", prompt_key(model, messages, add_generation_prompt))
+        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt))
         with self.store.guard():
             raw = await self.store.client.get(key)
         if raw is None:
@@ -87,7 +90,7 @@ class PromptCache:
         self, model: str, messages: Sequence[Any], add_generation_prompt: bool,
         rendered: RenderedPrompt,
     ) -> None:
-        key = self.store.key("pc", prompt_key(model, messages, add_generation_prompt))
+        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt))
         value = msgspec.msgpack.encode(_Stored(rendered.text, pack_ids(rendered.token_ids)))
         with self.store.guard():
             await self.store.client.set(key, value, px=round(self.ttl_s * 1000))

@@ -14,7 +14,9 @@ another's private answers.
 The value keeps per-token text deltas so a hit can be replayed as a stream
 that looks like the original one.
 
-Redis key: ``{prefix}rc:<scope>:<sha256 hex>``, value msgpack, TTL ``ttl_s``.
+Redis key: ``{prefix}rc1:<scope>:<sha256 hex>``, value msgpack, TTL ``ttl_s``
+(``rc1``: bump the number when the value format changes, old entries then just
+miss and expire).
 Entries bigger than ``max_entry_bytes`` are not stored (one huge answer must not
 evict many small ones).
 """
@@ -30,7 +32,15 @@ import msgspec
 from cache.store import RedisStore
 from cache.tenants import Tenant
 
-__all__ = ["CacheStats", "CachedCompletion", "CachedUsage", "ResponseCache", "response_key"]
+__all__ = [
+    "SHARED_SCOPE",
+    "CacheStats",
+    "CachedCompletion",
+    "CachedUsage",
+    "ResponseCache",
+    "response_key",
+    "scope_for",
+]
 
 SHARED_SCOPE = "shared"
 
@@ -78,6 +88,7 @@ def response_key(
 
 
 def scope_for(tenant: Tenant) -> str:
+    """Cache namespace of a tenant: its id, or the shared pool if it opted in."""
     return SHARED_SCOPE if tenant.shared_cache_pool else tenant.id
 
 
@@ -100,7 +111,7 @@ class ResponseCache:
         self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
         params: msgspec.Struct | Mapping[str, Any],
     ) -> str:
-        return self.store.key("rc", scope_for(tenant), response_key(model, prompt_token_ids, params))
+        return self.store.key("rc1", scope_for(tenant), response_key(model, prompt_token_ids, params))
 
     async def get(
         self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],

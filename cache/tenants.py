@@ -189,12 +189,15 @@ class TenantRegistry:
             quota=quota or Quota(), created_at=time.time(),
         )
         with self.store.guard():
-            created = await self.store.client.set(
-                self.store.key("tenant", tenant_id), msgspec.json.encode(tenant), condition=PureToken.NX
-            )
-            if not created:
+            # one round trip; SADD is harmless when the id already exists (it is listed)
+            async with self.store.client.pipeline(transaction=True) as pipe:
+                created = pipe.set(
+                    self.store.key("tenant", tenant_id), msgspec.json.encode(tenant),
+                    condition=PureToken.NX,
+                )
+                pipe.sadd(self.store.key("tenants"), [tenant_id])
+            if not await created:
                 raise TenantExists(f"tenant {tenant_id!r} already exists")
-            await self.store.client.sadd(self.store.key("tenants"), [tenant_id])
         return tenant
 
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
