@@ -1,0 +1,72 @@
+"""GatewayConfig: precedence flags > env > file > defaults, type errors name the setting."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.server import add_serve_arguments, hypercorn_config
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.toml"
+    path.write_text('port = 7000\nhost = "0.0.0.0"\nmax_body_bytes = 100\nadmin_key = "from-file"\n')
+    env = {"LMGATE_PORT": "7100", "LMGATE_MAX_BODY_BYTES": "200"}
+    config = load_config(path, env, {"port": "7200"})
+    assert (config.port, config.max_body_bytes, config.host, config.admin_key) == (7200, 200, "0.0.0.0", "from-file")
+    assert config.max_ws_frame_bytes == GatewayConfig().max_ws_frame_bytes
+
+
+def test_gateway_table_and_redis_url_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[gateway]\nshutdown_grace_seconds = 2.5\ndev_tenant = false\n")
+    config = load_config(path, {"REDIS_URL": "redis://x:1/0"}, {})
+    assert (config.shutdown_grace_seconds, config.dev_tenant, config.redis_url) == (2.5, False, "redis://x:1/0")
+
+
+def test_flags_from_argparse(tmp_path: Path) -> None:
+    from gateway.config import config_from_args
+
+    args = parse(["--port", "9001", "--max-streams-per-socket", "3", "--no-dev-tenant"])
+    config = config_from_args(args, env={"LMGATE_PORT": "1", "LMGATE_DATA_DIR": str(tmp_path)})
+    assert (config.port, config.max_streams_per_socket, config.dev_tenant, config.data_dir) == (9001, 3, False, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [({"LMGATE_PORT": "eighty"}, "port"), ({"LMGATE_PORT": "70000"}, "port"),
+     ({"LMGATE_DEV_TENANT": "maybe"}, "dev_tenant"), ({"LMGATE_MAX_BODY_BYTES": "0"}, "max_body_bytes")],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_config(None, env, {})
+
+
+def test_unknown_file_setting_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_config(path, {}, {})
+
+
+def test_help_documents_env_and_precedence(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    out = capsys.readouterr().out
+    assert "LMGATE_MAX_WS_FRAME_BYTES" in out and "flags > LMGATE_* env > file > defaults" in out
+
+
+def test_hypercorn_limits_leave_room_for_the_app_to_answer() -> None:
+    config = GatewayConfig(max_ws_frame_bytes=1000, shutdown_grace_seconds=3)
+    hc = hypercorn_config(config)
+    assert hc.websocket_max_message_size > config.max_ws_frame_bytes
+    assert hc.graceful_timeout == 3

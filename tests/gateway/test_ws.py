@@ -1,0 +1,176 @@
+"""The /v1/ws protocol over a real socket: auth, multiplexing, cancel, malformed and
+oversized frames, and socket close → every request cancelled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError, aconnect_ws
+
+from tests.gateway.conftest import MODEL, Gateway, word
+
+
+def request_frame(rid: str, content: str = "hi", endpoint: str = "chat.completions", **body: Any) -> dict[str, Any]:
+    if endpoint == "chat.completions":
+        payload = {"model": MODEL, "messages": [{"role": "user", "content": content}], **body}
+    else:
+        payload = {"model": MODEL, "prompt": content, **body}
+    return {"type": "request", "id": rid, "endpoint": endpoint, "body": payload}
+
+
+async def frames_until_done(ws: Any, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """Collect frames per id until each id got a done/error/cancelled frame."""
+    by_id: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    open_ids = set(ids)
+    with trio.fail_after(5):
+        while open_ids:
+            frame = await ws.receive_json()
+            by_id.setdefault(frame.get("id"), []).append(frame)
+            if frame["type"] in ("done", "error", "cancelled"):
+                open_ids.discard(frame.get("id"))
+    return by_id
+
+
+async def test_header_auth_and_multiplexed_requests(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json(request_frame("a", max_tokens=3))
+        await ws.send_json(request_frame("b", endpoint="completions", max_tokens=2, n=2))
+        frames = await frames_until_done(ws, {"a", "b"})
+    tokens_a = [f for f in frames["a"] if f["type"] == "token"]
+    assert "".join(f["text"] for f in tokens_a) == word(0, 0) + word(0, 1) + word(0, 2)
+    assert tokens_a[0]["token_ids"] == [0]
+    done_a = frames["a"][-1]
+    assert done_a["type"] == "done" and done_a["finish_reasons"] == ["length"]
+    assert done_a["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    by_index = {0: "", 1: ""}
+    for f in frames["b"]:
+        if f["type"] == "token":
+            by_index[f["index"]] += f["text"]
+    assert by_index == {0: word(0, 0) + word(0, 1), 1: word(1, 0) + word(1, 1)}
+    assert frames["b"][-1]["finish_reasons"] == ["length", "length"]
+
+
+async def test_auth_frame(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
+        await ws.send_json({"type": "auth", "api_key": gateway.api_key})
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json(request_frame("a", max_tokens=1))
+        frames = await frames_until_done(ws, {"a"})
+    assert frames["a"][-1]["type"] == "done"
+
+
+async def test_bad_auth_frame_is_an_error_and_close(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
+        await ws.send_json({"type": "auth", "api_key": "lmg-wrong"})
+        frame = await ws.receive_json()
+        assert (frame["type"], frame["status"]) == ("error", 401)
+        with pytest.raises(WebSocketDisconnect) as info:
+            await ws.receive_json()
+    assert info.value.code == 1008
+
+
+async def test_request_before_auth_is_refused(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
+        await ws.send_json(request_frame("a"))
+        frame = await ws.receive_json()
+        assert frame["status"] == 401
+    assert gateway.runtime.calls == []
+
+
+async def test_bad_header_rejects_the_upgrade(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(WebSocketUpgradeError) as info:
+            async with aconnect_ws(gateway.ws_url, client, headers={"Authorization": "Bearer lmg-wrong"}):
+                pass
+    assert info.value.response.status_code == 401
+
+
+async def test_cancel_frame_cancels_only_that_request(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        await ws.receive_json()
+        await ws.send_json(request_frame("slow", "HANG"))
+        first = await ws.receive_json()
+        assert (first["type"], first["id"]) == ("token", "slow")
+        await ws.send_json(request_frame("fast", max_tokens=2))
+        await ws.send_json({"type": "cancel", "id": "slow"})
+        frames = await frames_until_done(ws, {"slow", "fast"})
+        await ws.send_json({"type": "cancel", "id": "slow"})  # no longer active
+        again = await ws.receive_json()
+    assert frames["slow"][-1] == {"type": "cancelled", "id": "slow"}
+    assert frames["fast"][-1]["type"] == "done"
+    slow_id = next(c.request_id for c in gateway.runtime.calls if c.messages[0].content == "HANG")
+    assert gateway.runtime.cancelled == {slow_id}
+    assert (again["type"], again["status"]) == ("error", 404)
+
+
+async def test_malformed_frames_get_error_frames_and_socket_stays(gateway: Gateway) -> None:
+    bad = [
+        "not json",
+        '{"type": "launch"}',
+        '{"type": "request", "id": "x"}',
+        '{"type": "request", "id": "x", "endpoint": "embeddings", "body": {}}',
+        b'{"type": "request", "id": "\xff"}',
+    ]
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        await ws.receive_json()
+        for data in bad:
+            if isinstance(data, bytes):
+                await ws.send_bytes(data)
+            else:
+                await ws.send_text(data)
+            frame = await ws.receive_json()
+            assert (frame["type"], frame["status"]) == ("error", 400), data
+            assert set(frame["error"]) == {"message", "type", "param", "code"}
+        # a well-formed frame with a bad body is an error for that id
+        await ws.send_json(request_frame("bad", temperature=-3))
+        frame = await ws.receive_json()
+        assert (frame["id"], frame["status"], frame["error"]["param"]) == ("bad", 400, "temperature")
+        await ws.send_json({**request_frame("m"), "body": {"model": "nope", "prompt": "x"}, "endpoint": "completions"})
+        assert (await ws.receive_json())["status"] == 404
+        await ws.send_json(request_frame("ok", max_tokens=1))
+        frames = await frames_until_done(ws, {"ok"})
+    assert frames["ok"][-1]["type"] == "done"
+
+
+async def test_oversized_frame_errors_and_closes_1009(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        await ws.receive_json()
+        await ws.send_json(request_frame("big", "x" * (gateway.config.max_ws_frame_bytes + 1)))
+        frame = await ws.receive_json()
+        assert (frame["type"], frame["status"], frame["error"]["code"]) == ("error", 413, "frame_too_large")
+        with pytest.raises(WebSocketDisconnect) as info:
+            await ws.receive_json()
+    assert info.value.code == 1009
+    assert gateway.runtime.calls == []
+
+
+async def test_stream_limit_and_duplicate_ids(gateway: Gateway) -> None:
+    limit = gateway.config.max_streams_per_socket
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        await ws.receive_json()
+        for i in range(limit):
+            await ws.send_json(request_frame(f"h{i}", "HANG"))
+            assert (await ws.receive_json())["type"] == "token"
+        await ws.send_json(request_frame("h0", "HANG"))
+        assert (await ws.receive_json())["status"] == 409
+        await ws.send_json(request_frame("extra", "HANG"))
+        frame = await ws.receive_json()
+        assert (frame["id"], frame["status"], frame["error"]["code"]) == ("extra", 429, "too_many_streams")
+
+
+async def test_socket_close_cancels_all_requests(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        await ws.receive_json()
+        for rid in ("a", "b", "c"):
+            await ws.send_json(request_frame(rid, "HANG"))
+        for _ in range(3):
+            await ws.receive_json()
+    ids = [c.request_id for c in gateway.runtime.calls]
+    with trio.fail_after(5):
+        for rid in ids:
+            await gateway.runtime.cancel_events[rid].wait()
+    assert gateway.runtime.cancelled == set(ids)
