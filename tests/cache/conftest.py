@@ -24,7 +24,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRe
 
 @pytest.fixture
 def redis_url(redis_server: PrivateRedis) -> str:
-    """URL of the session's private Redis, emptied for this test."""
+    """URL of the session's private Redis, emptied for this test (restarted first if a
+    previous test stopped it and did not bring it back)."""
+    if not redis_server.running:
+        redis_server.start()
     redis_server.flushall()
     return redis_server.url
 
