@@ -169,7 +169,7 @@ def _compile(names: tuple[str, ...]):
     cp = _cupy()
     return cp.RawModule(
         code=build.module_source(),
-        options=("-std=c++17", f"-I{build.KERNEL_DIR}"),
+        options=build.nvrtc_options(),
         name_expressions=list(names),
     )
 

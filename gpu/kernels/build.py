@@ -144,3 +144,48 @@ def build_cpu_emulator(cache_dir: Path | None = None) -> Path:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     tmp.replace(lib)  # atomic: a concurrent builder never loads a half-written file
     return lib
+
+
+def cuda_header_dir() -> str | None:
+    """Where cuda_fp16.h / cuda_bf16.h live (system toolkit or the nvidia-* wheels)."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+    except ImportError:
+        return None
+    try:
+        return find_nvidia_header_directory("cudart")
+    except Exception as exc:  # pathfinder raises its own not-found error types
+        if "not found" in str(exc).lower() or "no such" in str(exc).lower():
+            return None
+        raise
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """Options for NVRTC (CuPy adds its own include dirs too; duplicates are harmless)."""
+    opts = ["-std=c++17", f"-I{KERNEL_DIR}"]
+    headers = cuda_header_dir()
+    if headers:
+        opts.append(f"-I{headers}")
+    return tuple(opts)
+
+
+def nvrtc_compile(names: list[str], arch: str = "compute_80") -> dict[str, str]:
+    """Compile the module with NVRTC directly (no device needed, unlike CuPy's
+    RawModule, which asks the device for its arch). Returns name → lowered name.
+
+    Raises RuntimeError with NVRTC's log on a compile error; ImportError/OSError
+    when CuPy or libnvrtc is missing.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(module_source(), "lmgate_kernels.cu", [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, [*nvrtc_options(), f"-arch={arch}"])
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed:\n{nvrtc.getProgramLog(prog)}") from exc
+        return {name: nvrtc.getLoweredName(prog, name) for name in names}
+    finally:
+        nvrtc.destroyProgram(prog)

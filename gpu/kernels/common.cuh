@@ -45,6 +45,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
 }
 
+// -inf without <math.h> (NVRTC has no INFINITY macro).
+__device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
+
 // Butterfly reduction: every lane ends with the sum over the warp.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

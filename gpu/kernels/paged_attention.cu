@@ -41,7 +41,7 @@ __device__ __forceinline__ void attend_row(
   float m[GROUP], l[GROUP], acc[GROUP][PER_LANE];
 #pragma unroll
   for (int g = 0; g < GROUP; ++g) {
-    m[g] = -INFINITY;
+    m[g] = neg_inf();
     l[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
@@ -93,14 +93,14 @@ __device__ __forceinline__ void attend_row(
   for (int idx = threadIdx.x; idx < GROUP * HEAD_DIM; idx += kAttnThreads) {
     const int g = idx / HEAD_DIM;
     const int d = idx % HEAD_DIM;
-    float m_all = -INFINITY;
+    float m_all = neg_inf();
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
     float denom = 0.f, numer = 0.f;
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) {
       // A warp that saw no position has m = -inf and l = acc = 0: its weight is 0.
-      const float weight = s_m[w][g] == -INFINITY ? 0.f : __expf(s_m[w][g] - m_all);
+      const float weight = s_m[w][g] == neg_inf() ? 0.f : __expf(s_m[w][g] - m_all);
       denom += s_l[w][g] * weight;
       numer += s_acc[w][g][d] * weight;
     }

@@ -22,6 +22,7 @@ _I = ctypes.c_int
 _L = ctypes.c_longlong
 _F = ctypes.c_float
 _SIGNATURES = {
+    "emu_selftest": [_I, _I, _I, _P],
     "emu_write_kv": [_I, _P, _P, _P, _P, _P, _I, _I, _L, _L],
     "emu_copy_blocks": [_P, _I, _P, _P, _I, _L],
     "emu_paged_decode": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _L, _L],
@@ -52,6 +53,17 @@ def _check_status(status: int, what: str) -> None:
         raise RuntimeError(f"{what}: emulator deadlock (a barrier not reached by every thread)")
     if status != 0:
         raise RuntimeError(f"{what}: emulator returned {status}")
+
+
+SELFTESTS = {"shared_rotation": (0, 1), "shuffles": (1, 3), "divergent_barrier": (2, 1)}
+
+
+def run_selftest(name: str, blocks: int, threads: int) -> tuple[int, list[int]]:
+    """Run one of harness.cpp's emulator self-test kernels: (status, output ints)."""
+    which, per_thread = SELFTESTS[name]
+    out = (ctypes.c_int * (blocks * threads * per_thread))()
+    status = load_library().emu_selftest(which, blocks, threads, out)
+    return status, list(out)
 
 
 class EmulatedCudaBackend:

@@ -69,6 +69,11 @@ inline float __half2float(__half h) { return static_cast<float>(h.value); }
 inline __half __float2half(float f) { return __half{static_cast<_Float16>(f)}; }
 
 inline float __expf(float x) { return std::exp(x); }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
 
 namespace lmgate_emu {
 

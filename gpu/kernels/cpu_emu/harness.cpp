@@ -46,6 +46,33 @@ int with_shape(int head_dim, int block_size, int group, F&& f) {
   return 1;
 }
 
+// Kernels that test the emulator itself (tests/gpu/test_kernels.py):
+// each one gives a wrong answer, or hangs, if barriers or shuffles were fake.
+__global__ void selftest_shared_rotation(int* out) {
+  __shared__ int buf[1024];
+  const unsigned n = blockDim.x, t = threadIdx.x;
+  buf[t] = static_cast<int>(t) * 10;
+  __syncthreads();
+  const int v = buf[(t + 1) % n];  // a neighbour's value: needs the barrier above
+  __syncthreads();
+  buf[t] = v + 1;  // overwrite: a reader that ran late would see this one
+  __syncthreads();
+  out[blockIdx.x * n + t] = buf[(t + n - 1) % n];  // = t * 10 + 1
+}
+
+__global__ void selftest_shuffles(int* out) {  // 3 ints per thread
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const unsigned i = 3 * (blockIdx.x * blockDim.x + threadIdx.x);
+  out[i] = static_cast<int>(lmgate::warp_sum(static_cast<float>(lane)));  // 496
+  out[i + 1] = __shfl_down_sync(0xffffffffu, lane, 1);                    // lane + 1, 31 → 31
+  out[i + 2] = __shfl_xor_sync(0xffffffffu, lane * 7, 16);                // (lane ^ 16) * 7
+}
+
+__global__ void selftest_divergent_barrier(int* out) {
+  if (threadIdx.x < 16) __syncthreads();  // a bug the emulator must report
+  out[threadIdx.x] = 1;
+}
+
 int guarded(const std::function<void()>& launch) {
   try {
     launch();
@@ -59,6 +86,17 @@ int guarded(const std::function<void()>& launch) {
 }  // namespace
 
 extern "C" {
+
+// which: 0 shared rotation, 1 shuffles, 2 divergent barrier
+int emu_selftest(int which, int blocks, int threads, int* out) {
+  return guarded([&] {
+    lmgate_emu::launch(dim3(blocks), dim3(threads), [&] {
+      if (which == 0) selftest_shared_rotation(out);
+      if (which == 1) selftest_shuffles(out);
+      if (which == 2) selftest_divergent_barrier(out);
+    });
+  });
+}
 
 int emu_write_kv(int dtype, const void* key, const void* value, void* k_cache, void* v_cache,
                  const long long* slot_mapping, int num_tokens, int row, long long key_stride,
