@@ -263,40 +263,112 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(batch):
             raise ValueError(f"logits must be (B={len(batch)}, V), got {tuple(logits.shape)}")
         raw = logits.float()
-        x = apply_token_bans(raw.clone(), batch)
-        x = apply_penalties(x, batch)
-
         params = [s.params for s in batch]
-        greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool)
+        x = raw
+        if any(_modifies_logits(s) for s in batch):
+            x = apply_penalties(apply_token_bans(raw.clone(), batch), batch)  # raw kept for logprobs
+
         tokens = torch.empty(len(batch), dtype=torch.long, device=x.device)
-        greedy_rows = greedy.nonzero().flatten().tolist()
-        random_rows = (~greedy).nonzero().flatten().tolist()
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy_rows:
-            idx = torch.tensor(greedy_rows, device=x.device)
-            tokens[idx] = x[idx].argmax(dim=-1)
+            tokens[_index(greedy_rows, x)] = _take_rows(x, greedy_rows).argmax(dim=-1)
         if random_rows:
-            idx = torch.tensor(random_rows, device=x.device)
-            sub = [batch[i] for i in random_rows]
-            probs = processed_probs(x[idx], [s.params for s in sub])  # (R, V)
-            tokens[idx] = self._race(probs, sub, generator)
-        token_list = tokens.tolist()
-        return _logprobs_output(raw, token_list, params)
+            picked = self._sample_random(
+                _take_rows(x, random_rows), [batch[i] for i in random_rows], generator
+            )
+            tokens[_index(random_rows, x)] = picked
+        return _logprobs_output(raw, tokens.tolist(), params)
+
+    def _sample_random(
+        self, x: torch.Tensor, batch: Sequence[SeqSamplingState], generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Tokens (R,) for non-greedy rows of penalized logits `x` (R, V).
+
+        Rows with top-k/top-p are sampled among their sorted candidates only (compact,
+        no full-vocabulary scatter); the others over the whole vocabulary.
+        """
+        dev = x.device
+        rows, vocab = x.shape
+        params = [s.params for s in batch]
+        if any(p.temperature != 1.0 for p in params):
+            x = x / _column([p.temperature for p in params], dev)  # (R, V)
+        out = torch.empty(rows, dtype=torch.long, device=dev)
+        trunc = [i for i, p in enumerate(params) if _truncates(p, vocab)]
+        dense = [i for i, p in enumerate(params) if not _truncates(p, vocab)]
+        if dense:
+            probs = _apply_min_p(_take_rows(x, dense).softmax(dim=-1), [params[i] for i in dense])
+            out[_index(dense, x)] = self._race(  # probs: (D, V)
+                probs, [batch[i] for i in dense], generator, compact=False
+            )
+        if trunc:
+            sub = [params[i] for i in trunc]
+            vals, ids = truncated_candidates(_take_rows(x, trunc), sub)  # (T, K) best first
+            probs = _apply_min_p(vals.softmax(dim=-1), sub)  # (T, K)
+            pick = self._race(probs, [batch[i] for i in trunc], generator, compact=True)  # (T,)
+            out[_index(trunc, x)] = ids.gather(1, pick[:, None]).flatten()
+        return out
 
     def _race(
-        self, probs: torch.Tensor, batch: Sequence[SeqSamplingState], generator: torch.Generator | None
+        self,
+        probs: torch.Tensor,
+        batch: Sequence[SeqSamplingState],
+        generator: torch.Generator | None,
+        *,
+        compact: bool,
     ) -> torch.Tensor:
-        """argmax(probs / Exp(1)) per row; seeded rows draw noise from their own generator."""
-        noise = torch.empty_like(probs)  # (R, V)
+        """argmax(probs / Exp(1)) per row (R, W); seeded rows draw noise from their own generator.
+
+        Dense rows (W = V) draw V values. Compact rows (candidates best first, so the
+        nonzero probabilities are a prefix) draw one value per nonzero probability. Either
+        way the count depends on that row alone, so a seeded row's generator stream does
+        not depend on the rest of the batch (nor on the candidate width K).
+        """
+        width = probs.shape[1]
+        noise = torch.ones_like(probs)  # (R, W); where probs == 0 any noise loses the race
+        seeded = [i for i, s in enumerate(batch) if s.generator is not None]
         unseeded = [i for i, s in enumerate(batch) if s.generator is None]
-        for i, s in enumerate(batch):
-            if s.generator is not None:
-                noise[i].exponential_(generator=s.generator)
+        if seeded and compact:
+            counts = (probs[torch.tensor(seeded, device=probs.device)] > 0).sum(dim=-1).tolist()
+            for i, n in zip(seeded, counts, strict=True):
+                noise[i, :n] = _exponential((n,), batch[i].generator, probs.device)
+        elif seeded:
+            for i in seeded:
+                noise[i] = _exponential((width,), batch[i].generator, probs.device)
         if unseeded:
-            rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-            rows.exponential_(generator=generator or self._engine_generator(probs.device))
-            noise[torch.tensor(unseeded, device=probs.device)] = rows
+            gen = generator or self._engine_generator(probs.device)
+            idx = torch.tensor(unseeded, device=probs.device)
+            noise[idx] = _exponential((len(unseeded), width), gen, probs.device)
         # Exp(1) can return exactly 0; keep the division finite (masked probs stay 0).
         return (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
+
+
+def _modifies_logits(s: SeqSamplingState) -> bool:
+    p = s.params
+    return (
+        bool(s.banned_token_ids())
+        or p.repetition_penalty != 1.0
+        or p.frequency_penalty != 0.0
+        or p.presence_penalty != 0.0
+    )
+
+
+def _index(rows: list[int], x: torch.Tensor) -> torch.Tensor | slice:
+    return slice(None) if len(rows) == x.shape[0] else torch.tensor(rows, device=x.device)
+
+
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] without a copy when `rows` is every row (the common, homogeneous batch)."""
+    return x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
+
+
+def _exponential(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise drawn on the generator's own device, then moved to `device`.
+
+    Drawing where the generator lives lets a CPU generator drive CUDA logits, and makes
+    a seeded request's samples the same on either device (given the same logits).
+    """
+    return torch.empty(shape, dtype=torch.float32, device=gen.device).exponential_(generator=gen).to(device)
 
 
 # ------------------------------------------------------------------ logits processing
@@ -315,91 +387,145 @@ def apply_token_bans(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) ->
     return logits
 
 
-def _padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), max(width, 1)), pad, dtype=torch.long)
+def _padded(seqs: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """(R, L) ids, each row padded by repeating its first id (a duplicate is harmless below)."""
+    width = max(1, max((len(s) for s in seqs), default=1))
+    out = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if s:
-            out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        row = torch.as_tensor(s if isinstance(s, list) else list(s), dtype=torch.long)
+        out[i, : len(row)] = row
+        out[i, len(row):] = row[0]
     return out.to(device)
 
 
-def token_counts(seqs: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """(len(seqs), vocab) float counts of each id in each sequence (ids >= vocab ignored)."""
-    ids = _padded(seqs, vocab, device).clamp_(max=vocab)  # (R, L); vocab = padding column
-    counts = torch.zeros((len(seqs), vocab + 1), dtype=torch.float32, device=device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
-    return counts[:, :vocab]
-
-
 def apply_penalties(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
-    """Repetition (HF: prompt + output) then frequency/presence (OpenAI: output) penalties.
+    """Repetition (HF: prompt + output) then frequency/presence (OpenAI: output) penalties, in place.
 
     Repetition: a logit l of a token seen in prompt or output becomes l / r if l > 0
     else l * r. Frequency/presence: l -= f * count + p * (count > 0), counts over the
-    output only. Only rows with a non-neutral penalty are touched.
+    output only. Only rows with a non-neutral penalty are touched, and only at the
+    positions of their seen tokens: the work is O(rows × sequence length), not O(rows × V)
+    (apart from one count table for frequency penalties). A token listed twice is
+    written twice with the same value, so duplicates need no special care.
     """
     vocab = logits.shape[1]
     dev = logits.device
-    rep_rows = [i for i, s in enumerate(batch) if s.params.repetition_penalty != 1.0]
+    rep_rows = [
+        i for i, s in enumerate(batch)
+        if s.params.repetition_penalty != 1.0 and (s.prompt_token_ids or s.output_token_ids)
+    ]
     if rep_rows:
-        idx = torch.tensor(rep_rows, device=dev)
-        seen = token_counts(
-            [[*batch[i].prompt_token_ids, *batch[i].output_token_ids] for i in rep_rows], vocab, dev
-        ) > 0  # (R, V)
-        r = torch.tensor([batch[i].params.repetition_penalty for i in rep_rows], device=dev)[:, None]
-        sub = logits[idx]
-        penalized = torch.where(sub > 0, sub / r, sub * r)
-        logits[idx] = torch.where(seen, penalized, sub)
+        ids = _padded(
+            [[*batch[i].prompt_token_ids, *batch[i].output_token_ids] for i in rep_rows], dev
+        ).clamp_(max=vocab - 1)  # (R, L)
+        rows = torch.tensor(rep_rows, device=dev)[:, None].expand_as(ids)  # (R, L)
+        r = _column([batch[i].params.repetition_penalty for i in rep_rows], dev)  # (R, 1)
+        seen = logits[rows, ids]  # (R, L)
+        logits[rows, ids] = torch.where(seen > 0, seen / r, seen * r)
     fp_rows = [
         i for i, s in enumerate(batch)
-        if s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0
+        if (s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0)
+        and s.output_token_ids
     ]
     if fp_rows:
-        idx = torch.tensor(fp_rows, device=dev)
-        counts = token_counts([batch[i].output_token_ids for i in fp_rows], vocab, dev)  # (R, V)
-        f = torch.tensor([batch[i].params.frequency_penalty for i in fp_rows], device=dev)[:, None]
-        p = torch.tensor([batch[i].params.presence_penalty for i in fp_rows], device=dev)[:, None]
-        logits[idx] = logits[idx] - f * counts - p * (counts > 0).float()
+        ids = _padded([batch[i].output_token_ids for i in fp_rows], dev).clamp_(max=vocab - 1)
+        lengths = torch.tensor([len(batch[i].output_token_ids) for i in fp_rows], device=dev)
+        real = torch.arange(ids.shape[1], device=dev)[None, :] < lengths[:, None]  # (R, L)
+        counts = torch.zeros((len(fp_rows), vocab), dtype=torch.float32, device=dev)
+        counts.scatter_add_(1, ids, real.float())  # padding adds 0
+        c = counts.gather(1, ids)  # (R, L) count of the token at each position
+        f = _column([batch[i].params.frequency_penalty for i in fp_rows], dev)
+        p = _column([batch[i].params.presence_penalty for i in fp_rows], dev)
+        rows = torch.tensor(fp_rows, device=dev)[:, None].expand_as(ids)
+        logits[rows, ids] = logits[rows, ids] - f * c - p * (c > 0).float()
     return logits
 
 
-def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Sampling distribution (R, V) of non-greedy rows: temperature, top-k, top-p, min-p.
+# Candidates examined for top-p before falling back to sorting the whole vocabulary.
+TOP_P_CANDIDATES = 1024
 
-    Same order as Hugging Face's warpers; top-p is taken on the top-k-renormalized
-    distribution, min-p on the one left after top-p. Ties at the top-k boundary are kept.
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def _truncates(p: SamplingParams, vocab: int) -> bool:
+    return 0 < p.top_k < vocab or p.top_p < 1.0
+
+
+def truncated_candidates(
+    x: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p on temperature-scaled logits `x` (R, V), kept compact.
+
+    Returns `(vals, ids)`, both (R, K), best first: the logits of each row's candidates
+    with the dropped ones at -inf, and their token ids. Top-p is taken on the
+    top-k-renormalized distribution (HF order) and always keeps the best token.
+
+    Instead of sorting all V logits (the slow part of sampling), it takes the best
+    K = max(TOP_P_CANDIDATES, largest top_k) with `topk`. That is exact: top-k keeps a
+    prefix of at most K; a nucleus is the shortest prefix reaching mass p, so it fits
+    in K whenever those K already hold mass p. Rows where they do not (a very flat
+    distribution) are redone with a full sort.
+    """
+    rows, vocab = x.shape
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    widest = max((k for k in ks if k < vocab), default=0)
+    width = min(vocab, max(TOP_P_CANDIDATES, widest))
+    vals, ids = x.topk(width, dim=-1)  # (R, K), sorted best first
+    vals, overflow = _cut(vals, x, ks, [p.top_p for p in params])
+    if overflow.any():
+        vals, ids = x.sort(dim=-1, descending=True)  # (R, V)
+        vals, _ = _cut(vals, x, ks, [p.top_p for p in params])
+    return vals, ids
+
+
+def _cut(
+    vals: torch.Tensor, x: torch.Tensor, ks: Sequence[int], top_ps: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask sorted candidate logits `vals` (R, K) by top-k and top-p; flag rows needing more."""
+    rows, width = vals.shape
+    vocab = x.shape[1]
+    dev = vals.device
+    k = torch.tensor(ks, device=dev)[:, None]  # (R, 1); vocab = off
+    vals = vals.masked_fill(torch.arange(width, device=dev)[None, :] >= k, -torch.inf)
+    top_p = _column(top_ps, dev)  # (R, 1)
+    has_k = k < vocab
+    # Mass of each candidate in the distribution top-p sees: renormalized over top-k,
+    # else over the whole vocabulary (candidates beyond K included via logsumexp of x).
+    lse = torch.where(has_k[:, 0], vals.logsumexp(dim=-1), x.logsumexp(dim=-1))  # (R,)
+    probs = (vals - lse[:, None]).exp()  # (R, K)
+    cum = probs.cumsum(dim=-1)
+    drop = (cum - probs > top_p) & (top_p < 1.0)
+    drop[:, 0] = False  # always keep the best token
+    overflow = (~has_k[:, 0]) & (top_p[:, 0] < 1.0) & (cum[:, -1] < top_p[:, 0]) & (width < vocab)
+    return vals.masked_fill(drop, -torch.inf), overflow
+
+
+def _apply_min_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Zero probabilities below min_p × the row's best, and renormalize (only if asked)."""
+    if not any(p.min_p > 0.0 for p in params):
+        return probs
+    floor = probs.amax(dim=-1, keepdim=True) * _column([p.min_p for p in params], probs.device)
+    probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The sampling distribution (R, V) of non-greedy rows as a dense tensor.
+
+    Temperature, then top-k, top-p, min-p (Hugging Face's warper order). The sampler
+    uses the same functions but stays compact; this dense form is for inspection and tests.
     """
     dev = logits.device
     rows, vocab = logits.shape
-    temp = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)[:, None]
-    x = logits / temp  # (R, V)
-
-    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-    need_k = any(k < vocab for k in top_k)
-    need_p = any(p.top_p < 1.0 for p in params)
-    if need_k or need_p:
-        sorted_x, order = x.sort(dim=-1, descending=True)  # (R, V)
-        if need_k:
-            k = torch.tensor([min(k, vocab) for k in top_k], device=dev)[:, None]
-            kth = sorted_x.gather(1, k - 1)  # (R, 1)
-            sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
-        if need_p:
-            top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-            sp = sorted_x.softmax(dim=-1)
-            before = sp.cumsum(dim=-1) - sp  # mass strictly before each token
-            drop = (before > top_p) & (top_p < 1.0)
-            drop[:, 0] = False  # always keep the most likely token
-            sorted_x = sorted_x.masked_fill(drop, -math.inf)
-        x = torch.empty_like(x).scatter_(1, order, sorted_x)
-
-    probs = x.softmax(dim=-1)
-    if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
-        floor = probs.amax(dim=-1, keepdim=True) * min_p  # (R, 1)
-        probs = probs.masked_fill(probs < floor, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    x = logits / _column([p.temperature for p in params], dev)  # (R, V)
+    trunc = [i for i, p in enumerate(params) if _truncates(p, vocab)]
+    if trunc:
+        idx = torch.tensor(trunc, device=dev)
+        vals, ids = truncated_candidates(x[idx], [params[i] for i in trunc])
+        x[idx] = torch.full_like(x[idx], -torch.inf).scatter_(1, ids, vals)
+    return _apply_min_p(x.softmax(dim=-1), params)
 
 
 def _logprobs_output(

@@ -217,7 +217,9 @@ def _run_steps(rows: list[SeqSamplingState], steps: int, target: int, seed: int)
     sampler = Sampler(seed=seed)
     for _ in range(steps):
         logits = torch.stack([
-            random_logits(1, seed=1000 + len(s.output_token_ids) * 7 + sum(s.output_token_ids))[0]
+            random_logits(
+                1, seed=1000 + len(s.output_token_ids) * 7 + sum(s.output_token_ids), vocab=3000
+            )[0] / 2
             for s in rows
         ])
         out: SamplerOutput = sampler.sample(logits, rows)
@@ -231,7 +233,7 @@ def test_seeded_request_is_identical_alone_and_in_any_batch():
     alone = _run_steps([state(seeded)], steps=40, target=0, seed=0)
     others = [
         SamplingParams(temperature=1.0),
-        SamplingParams(seed=7, temperature=1.3),
+        SamplingParams(seed=7, temperature=1.3, top_k=2000),  # widens the candidate set
         SamplingParams(temperature=0.0),
         SamplingParams(min_p=0.1, frequency_penalty=0.5),
     ]
@@ -269,3 +271,71 @@ def test_engine_generator_makes_unseeded_rows_reproducible():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="logits"):
         Sampler().sample(random_logits(2), [state(SamplingParams())])
+
+
+def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Straightforward one-row HF-order warpers, by full sort (the spec the sampler must meet)."""
+    x = logits / p.temperature
+    order = x.argsort(descending=True)
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    k = p.top_k if p.top_k > 0 else x.numel()
+    keep[order[:k]] = True
+    x = x.masked_fill(~keep, -math.inf)
+    probs = x.softmax(-1)
+    if p.top_p < 1.0:
+        sp = probs[order]
+        cut = int(((sp.cumsum(0) - sp) <= p.top_p).sum())  # tokens before the mass reaches p
+        keep2 = torch.zeros_like(keep)
+        keep2[order[: max(cut, 1)]] = True
+        probs = probs.masked_fill(~keep2, 0.0)
+        probs = probs / probs.sum()
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < probs.max() * p.min_p, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_p=0.3, temperature=0.7),
+        SamplingParams(top_k=40, top_p=0.8),
+        SamplingParams(top_k=1500),
+        SamplingParams(top_p=0.95, min_p=0.05),
+        SamplingParams(top_p=0.999, temperature=3.0),  # nucleus wider than the candidates
+    ],
+)
+def test_processed_probs_match_reference_on_a_real_sized_vocab(params):
+    logits = random_logits(4, seed=21, vocab=8000)
+    got = processed_probs(logits.clone(), [params] * 4)
+    for i in range(4):
+        want = reference_probs(logits[i], params)
+        assert torch.equal(got[i] > 0, want > 0)
+        torch.testing.assert_close(got[i], want, atol=1e-6, rtol=1e-4)
+
+
+def test_flat_distribution_top_p_falls_back_to_full_sort():
+    logits = torch.zeros(1, 5000)
+    logits[0, :10] = 0.001  # a few slightly better tokens, then a flat tail
+    probs = processed_probs(logits, [SamplingParams(top_p=0.5)])
+    assert int((probs > 0).sum()) == 2500
+
+
+def test_compact_sampling_follows_the_truncated_distribution():
+    logits = random_logits(1, seed=8, vocab=2000) / 3
+    params = SamplingParams(top_p=0.6, min_p=0.02)
+    want = processed_probs(logits.clone(), [params])[0]
+    n = 4000
+    out = Sampler(seed=3).sample(logits.expand(n, -1).contiguous(), [state(params) for _ in range(n)])
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=2000).float() / n
+    assert set(torch.tensor(out.token_ids).tolist()) <= set(want.nonzero().flatten().tolist())
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+
+
+def test_sample_does_not_modify_the_input_logits():
+    logits = random_logits(2, seed=1)
+    before = logits.clone()
+    params = SamplingParams(repetition_penalty=1.5, min_tokens=3, presence_penalty=1.0, top_p=0.5)
+    Sampler().sample(logits, [state(params, output=[4, 5]), state(params)])
+    assert torch.equal(logits, before)
