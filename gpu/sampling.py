@@ -2,8 +2,9 @@
 
 `SamplingParams` is what a request asks for (OpenAI / vLLM names and meanings); it is
 a frozen `msgspec.Struct` because it travels inside actor messages. It is validated
-on construction *and* on decode, and a bad value raises `SamplingParamsError` naming
-the field, which the gateway turns into a 400.
+on construction (a bad value raises `SamplingParamsError`, whose `.field` names it,
+for the gateway's 400) and on decode (msgspec re-raises the same message as
+`msgspec.ValidationError`).
 
 `Sampler.sample` turns one step's logits `(B, V)` into one token per row. Every
 transformation is a batched tensor op over the rows that need it:
@@ -13,6 +14,10 @@ transformation is a batched tensor op over the rows that need it:
                ──▶ greedy rows: argmax
                ──▶ random rows: / temperature ──▶ top-k ──▶ top-p ──▶ min-p
                                ──▶ argmax(probs / Exp(1) noise)
+
+Top-k / top-p rows work on their best K = max(1024, top_k) candidates (`topk`, not a
+full sort; exact, with a full-sort fallback, see `truncated_candidates`). The input
+logits are never modified.
 
 The exponential race picks index i with probability p_i (argmax of p_i / E_i with
 E_i ~ Exp(1) is a categorical sample), and lets each *seeded* row draw its noise from
