@@ -1,0 +1,233 @@
+"""Benchmark the paged-KV CUDA kernels: achieved bandwidth vs the device's peak.
+
+    python -m ops.bench_kernels [--json PATH] [--iters N] [--peak-gbps X]
+
+On a CUDA device it times (CUDA events, after warm-up) write_kv, copy_blocks,
+paged decode and paged prefill through `CudaAttentionBackend`, and reports for
+each the bytes a kernel must move divided by its time, as GB/s and as a fraction
+of peak DRAM bandwidth. For decode it also reports the attention part of a
+decode step's MBU (model bandwidth utilisation) for SmolLM2-135M and a
+Llama-7B-size model: all layers' K/V bytes read / (layers x kernel time) / peak.
+Weights are not part of these kernels, so this is the KV-read share of the step.
+
+Without a device it compiles every kernel instance (nvcc sm_80/sm_90 when nvcc
+is installed, and NVRTC when libnvrtc is), says that no numbers were measured,
+and exits 0. It never prints made-up numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gpu.kernels import build
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+MODELS = (
+    AttnShape("SmolLM2-135M", 30, 9, 3, 64),
+    AttnShape("Llama-7B-size", 32, 32, 32, 128),
+)
+BLOCK_SIZE = 16
+
+
+@dataclass
+class Row:
+    kernel: str
+    model: str
+    batch: int
+    context: int
+    dtype: str
+    time_us: float
+    gbytes_per_s: float
+    frac_of_peak: float | None
+
+
+def peak_bandwidth_gbps(device: int) -> float | None:
+    """Theoretical DRAM bandwidth from the device attributes (None if not reported)."""
+    import cupy
+
+    try:
+        clock_khz = cupy.cuda.runtime.deviceGetAttribute(36, device)  # MemoryClockRate
+        bus_bits = cupy.cuda.runtime.deviceGetAttribute(37, device)  # GlobalMemoryBusWidth
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return None
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+
+
+def time_us(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def make_cache(shape: AttnShape, batch: int, context: int, dtype: torch.dtype):
+    blocks_per_seq = -(-context // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    kv = (num_blocks, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim)
+    k_cache = torch.randn(kv, device="cuda", dtype=dtype)
+    v_cache = torch.randn(kv, device="cuda", dtype=dtype)
+    perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    tables = perm.view(batch, blocks_per_seq).contiguous()
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, tables, lens
+
+
+def bench_device(iters: int, peak: float | None) -> list[Row]:
+    from gpu.attention.cuda_backend import CudaAttentionBackend
+
+    backend = CudaAttentionBackend()
+    rows: list[Row] = []
+
+    def add(kernel, model, batch, context, dtype, us, nbytes):
+        gbps = nbytes / (us * 1e-6) / 1e9
+        frac = gbps / peak if peak else None
+        rows.append(Row(kernel, model, batch, context, str(dtype).split(".")[-1], us, gbps, frac))
+
+    for dtype in (torch.bfloat16, torch.float16):
+        esize = torch.tensor([], dtype=dtype).element_size()
+        for shape in MODELS:
+            kv_row = shape.num_kv_heads * shape.head_dim
+            for batch, context in ((1, 1024), (16, 1024), (64, 2048)):
+                k, v, tables, lens = make_cache(shape, batch, context, dtype)
+                q = torch.randn(batch, shape.num_heads, shape.head_dim, device="cuda", dtype=dtype)
+                scale = shape.head_dim**-0.5
+                us = time_us(lambda: backend.decode(q, k, v, tables, lens, context, scale), iters)  # noqa: B023
+                nbytes = 2 * batch * context * kv_row * esize + 2 * q.numel() * esize
+                add("paged_decode", shape.name, batch, context, dtype, us, nbytes)
+
+            # prefill: 4 fresh prompts of 512 tokens
+            batch, context = 4, 512
+            k, v, tables, lens = make_cache(shape, batch, context, dtype)
+            q = torch.randn(
+                batch * context, shape.num_heads, shape.head_dim, device="cuda", dtype=dtype
+            )
+            starts = torch.arange(0, batch * context + 1, context, dtype=torch.int32, device="cuda")
+            us = time_us(
+                lambda: backend.prefill(q, k, v, starts, lens, tables, context, context, scale),  # noqa: B023
+                iters,
+            )
+            nbytes = 2 * batch * context * kv_row * esize + 2 * q.numel() * esize  # compulsory
+            add("paged_prefill", shape.name, batch, context, dtype, us, nbytes)
+
+            # write_kv: one step of 512 new tokens
+            tokens = 512
+            key = torch.randn(
+                tokens, shape.num_kv_heads, shape.head_dim, device="cuda", dtype=dtype
+            )
+            slots = torch.randperm(k.shape[0] * BLOCK_SIZE, device="cuda")[:tokens]
+            us = time_us(lambda: backend.write_kv(key, key, k, v, slots), iters)  # noqa: B023
+            add("write_kv", shape.name, tokens, 0, dtype, us, 4 * tokens * kv_row * esize)
+
+            # copy_blocks: 32 blocks, every layer's K and V
+            caches = [torch.randn_like(k) for _ in range(2 * shape.num_layers)]
+            src = torch.arange(0, 32, device="cuda")
+            dst = torch.arange(32, 64, device="cuda")
+            us = time_us(lambda: backend.copy_blocks(caches, src, dst), iters)  # noqa: B023
+            block_bytes = k[0].numel() * esize
+            add("copy_blocks", shape.name, 32, 0, dtype, us, 2 * 32 * len(caches) * block_bytes)
+    return rows
+
+
+def compile_only() -> dict:
+    """What can be checked without a device: every kernel instance compiles."""
+    instances = build.all_attention_instances()
+    report: dict = {"device": None, "instances": len(instances), "compiled": {}}
+    if build.nvcc_path():
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in ("sm_80", "sm_90"):
+                build.nvcc_compile(arch, instances, Path(tmp))
+                report["compiled"][f"nvcc {arch}"] = "ok"
+    else:
+        report["compiled"]["nvcc"] = "not installed"
+    try:
+        build.nvrtc_compile(build.name_expressions(instances))
+        report["compiled"]["nvrtc compute_80"] = "ok"
+    except (ImportError, OSError) as exc:
+        report["compiled"]["nvrtc"] = f"not available ({type(exc).__name__})"
+    return report
+
+
+def print_table(rows: list[Row], models: tuple[AttnShape, ...], peak: float | None) -> None:
+    print(f"peak DRAM bandwidth: {f'{peak:.0f} GB/s' if peak else 'not reported'}")
+    print(
+        f"{'kernel':<14}{'model':<15}{'batch':>6}{'ctx':>6}{'dtype':>9}{'us':>10}{'GB/s':>9}{'peak':>7}"
+    )
+    for r in rows:
+        frac = f"{r.frac_of_peak:.0%}" if r.frac_of_peak is not None else "-"
+        print(
+            f"{r.kernel:<14}{r.model:<15}{r.batch:>6}{r.context:>6}{r.dtype:>9}"
+            f"{r.time_us:>10.1f}{r.gbytes_per_s:>9.0f}{frac:>7}"
+        )
+    print(
+        "\ndecode-step MBU, attention part (KV bytes of all layers / (layers x decode time) / peak):"
+    )
+    for r in rows:
+        if r.kernel == "paged_decode" and r.frac_of_peak is not None:
+            layers = next(m.num_layers for m in models if m.name == r.model)
+            print(
+                f"  {r.model:<15} batch {r.batch:>3} ctx {r.context:>5} {r.dtype:>9}: "
+                f"{r.frac_of_peak:.0%} ({layers} layers x {r.time_us:.1f} us = {layers * r.time_us / 1e3:.2f} ms)"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--peak-gbps", type=float, help="override the device's peak bandwidth")
+    args = parser.parse_args(argv)
+
+    from gpu.attention.cuda_backend import cuda_backend_available
+
+    if not cuda_backend_available():
+        report = compile_only()
+        print("No CUDA device (or CuPy missing): nothing measured, no numbers reported.")
+        print(f"Compiled {report['instances']} attention template instances:")
+        for what, status in report["compiled"].items():
+            print(f"  {what}: {status}")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
+
+    import cupy
+
+    device = cupy.cuda.Device().id
+    peak = args.peak_gbps or peak_bandwidth_gbps(device)
+    rows = bench_device(args.iters, peak)
+    print(f"device: {torch.cuda.get_device_name(device)}")
+    print_table(rows, MODELS, peak)
+    if args.json:
+        payload = {
+            "device": torch.cuda.get_device_name(device),
+            "peak_gbps": peak,
+            "rows": [asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
