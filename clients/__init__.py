@@ -1,0 +1,38 @@
+"""Python async client of lmgate (anyio-based: runs under trio and asyncio)."""
+
+from clients.admin import AdminClient
+from clients.client import Choice, Completion, Delta, LmgateClient, RetryPolicy, TokenStream, Usage
+from clients.errors import (
+    AuthError,
+    BadRequest,
+    ConnectionFailed,
+    LmgateError,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+)
+from clients.ws import WsSession, WsStream
+
+__all__ = [
+    "AdminClient",
+    "AuthError",
+    "BadRequest",
+    "Choice",
+    "Completion",
+    "ConnectionFailed",
+    "Delta",
+    "LmgateClient",
+    "LmgateError",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "RateLimited",
+    "RetryPolicy",
+    "ServerError",
+    "TokenStream",
+    "Usage",
+    "WsSession",
+    "WsStream",
+]

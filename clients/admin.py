@@ -1,0 +1,115 @@
+"""Async client of the admin API (/admin/..., admin key as Bearer). Replies are the
+gateway's JSON objects (dicts); errors are the typed `clients.errors` classes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from clients.client import NO_RETRY, RetryPolicy, _raise_for_status, with_retry
+from clients.errors import ConnectionFailed
+
+
+class AdminClient:
+    def __init__(
+        self,
+        base_url: str,
+        admin_key: str,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or NO_RETRY
+        self._owns_http = http is None
+        self.http = http or httpx.AsyncClient(timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {admin_key}"}
+
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self.http.aclose()
+
+    async def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+        async def once() -> Any:
+            try:
+                response = await self.http.request(
+                    method, self.base_url + "/admin" + path, json=body, params=params, headers=self.headers
+                )
+            except httpx.TransportError as exc:
+                raise ConnectionFailed(f"{method} {path}: {exc}") from exc
+            await _raise_for_status(response)
+            return response.json()
+
+        return await with_retry(self.retry, once)
+
+    # -- tenants
+
+    async def create_tenant(
+        self,
+        tenant_id: str,
+        name: str,
+        *,
+        priority: int = 0,
+        shared_cache_pool: bool = False,
+        quota: dict[str, int | None] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": tenant_id, "name": name, "priority": priority, "shared_cache_pool": shared_cache_pool}
+        if quota is not None:
+            body["quota"] = quota
+        return await self._call("POST", "/tenants", body)
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/tenants"))["data"]
+
+    async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
+        """The tenant and its keys (ids, names, display prefixes; never the plaintext)."""
+        return await self._call("GET", f"/tenants/{tenant_id}")
+
+    async def update_tenant(self, tenant_id: str, **fields: Any) -> dict[str, Any]:
+        """Change name / priority / shared_cache_pool / quota (others unchanged)."""
+        return await self._call("PATCH", f"/tenants/{tenant_id}", fields)
+
+    async def delete_tenant(self, tenant_id: str) -> None:
+        await self._call("DELETE", f"/tenants/{tenant_id}")
+
+    async def set_quota(self, tenant_id: str, **limits: int | None) -> dict[str, Any]:
+        """Replace the quota: requests_per_minute, tokens_per_minute, max_concurrent,
+        max_tokens_cap, daily_token_budget (omitted = unlimited)."""
+        return await self._call("PUT", f"/tenants/{tenant_id}/quota", limits)
+
+    # -- keys
+
+    async def create_key(self, tenant_id: str, name: str = "default") -> tuple[str, str]:
+        """Returns (key_id, plaintext key). The plaintext is shown only this once."""
+        reply = await self._call("POST", f"/tenants/{tenant_id}/keys", {"name": name})
+        return reply["id"], reply["key"]
+
+    async def list_keys(self, tenant_id: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", f"/tenants/{tenant_id}/keys"))["data"]
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self._call("DELETE", f"/keys/{key_id}")
+
+    # -- usage
+
+    async def usage(
+        self, tenant_id: str, day_from: dt.date | None = None, day_to: dt.date | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows {day, model, requests, prompt_tokens, completion_tokens, total_tokens}
+        (default: the last 7 UTC days)."""
+        params = {}
+        if day_from is not None:
+            params["from"] = day_from.isoformat()
+        if day_to is not None:
+            params["to"] = day_to.isoformat()
+        return (await self._call("GET", f"/tenants/{tenant_id}/usage", params=params))["data"]

@@ -1,0 +1,330 @@
+"""Async Python client for lmgate (anyio + httpx: runs under trio and asyncio).
+
+::
+
+    async with LmgateClient("http://127.0.0.1:8000", api_key) as client:
+        answer = await client.chat([{"role": "user", "content": "Hi"}], max_tokens=32)
+        async with client.chat_stream([{"role": "user", "content": "Hi"}]) as stream:
+            async for delta in stream:          # Delta(index, text, finish_reason)
+                print(delta.text, end="")
+        print(stream.usage)
+        async with client.ws() as session:      # several requests on one WebSocket
+            ...
+
+Cancellation: leaving a stream early (``break`` inside ``async with``, an
+exception, a cancel scope) closes the HTTP connection, and the gateway aborts the
+request; on the WebSocket it sends a ``cancel`` frame. Prefer the ``async with``
+form: a bare ``async for`` over a stream also works, but then the connection is
+only closed when the stream object is garbage-collected.
+
+Retries (opt-in, ``retry=RetryPolicy(...)``): 429 and 503 replies and connection
+failures are retried with exponential backoff, waiting at least the server's
+``Retry-After``; a 429 without Retry-After (cannot succeed) is not retried.
+Streams are retried only before their first byte.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+import msgspec
+
+from clients.errors import ConnectionFailed, LmgateError, Overloaded, RateLimited, error_for
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- results
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(msgspec.Struct, frozen=True):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class Completion(msgspec.Struct, frozen=True):
+    """A finished (non-streamed) completion or chat completion."""
+
+    id: str
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+class Delta(msgspec.Struct, frozen=True):
+    """New text of one choice; the last delta of a choice carries its finish_reason."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None  # WebSocket only
+
+
+# ---------------------------------------------------------------- retry
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: attempt k (0-based) waits min(max_delay, base_delay * 2**k)
+    with ±`jitter` spread, and never less than the server's Retry-After."""
+
+    max_attempts: int = 4
+    base_delay: float = 0.25
+    max_delay: float = 20.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff = min(self.max_delay, self.base_delay * 2**attempt)
+        backoff *= 1 + random.uniform(-self.jitter, self.jitter)
+        return max(backoff, retry_after or 0.0)
+
+    @staticmethod
+    def retryable(error: LmgateError) -> bool:
+        if isinstance(error, RateLimited):
+            return error.retry_after is not None
+        return isinstance(error, Overloaded | ConnectionFailed)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+async def with_retry(policy: RetryPolicy, attempt_fn: Callable[[], Awaitable[T]]) -> T:
+    for attempt in range(policy.max_attempts):
+        try:
+            return await attempt_fn()
+        except LmgateError as error:
+            if attempt + 1 >= policy.max_attempts or not policy.retryable(error):
+                raise
+            await anyio.sleep(policy.delay(attempt, error.retry_after))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _usage(raw: Any) -> Usage | None:
+    return msgspec.convert(raw, Usage) if raw else None
+
+
+def completion_from(body: dict[str, Any]) -> Completion:
+    choices = []
+    for c in body["choices"]:
+        text = c["message"]["content"] if "message" in c else c["text"]
+        choices.append(Choice(c["index"], text or "", c.get("finish_reason")))
+    return Completion(body["id"], body["model"], choices, msgspec.convert(body["usage"], Usage))
+
+
+def deltas_from_chunk(chunk: dict[str, Any]) -> list[Delta]:
+    out = []
+    for c in chunk.get("choices") or []:
+        text = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
+        out.append(Delta(c["index"], text or "", c.get("finish_reason")))
+    return out
+
+
+async def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    raw = await response.aread()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    raise error_for(response.status_code, body, response.headers)
+
+
+# ---------------------------------------------------------------- streams
+
+
+class TokenStream:
+    """Deltas of one streamed request over SSE. Use as ``async with`` (closes the
+    connection → the server aborts the request) or plain ``async for``.
+    ``usage`` is set once the server sent it (stream_options.include_usage)."""
+
+    def __init__(self, open_response: Callable[[AsyncExitStack], Awaitable[httpx.Response]]) -> None:
+        self._open_response = open_response
+        self._stack = AsyncExitStack()
+        self._response: httpx.Response | None = None
+        self.usage: Usage | None = None
+        self.id: str | None = None
+
+    async def __aenter__(self) -> TokenStream:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+    async def _ensure_open(self) -> httpx.Response:
+        if self._response is None:
+            self._response = await self._open_response(self._stack)
+        return self._response
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
+        try:
+            response = await self._ensure_open()
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise error_for(500 if chunk["error"].get("type") == "server_error" else 400, chunk)
+                self.id = chunk.get("id", self.id)
+                if chunk.get("usage"):
+                    self.usage = _usage(chunk["usage"])
+                for delta in deltas_from_chunk(chunk):
+                    yield delta
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"stream broken: {exc}") from exc
+        finally:
+            await self.aclose()
+
+
+# ---------------------------------------------------------------- client
+
+
+class LmgateClient:
+    """Client of the public API. `model=None` uses the first model the server lists."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        model: str | None = None,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+        self.retry = retry or NO_RETRY
+        self._owns_http = http is None
+        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+
+    async def __aenter__(self) -> LmgateClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self.http.aclose()
+
+    # -- plumbing
+
+    async def _request_json(self, method: str, path: str, body: Any = None) -> Any:
+        async def once() -> Any:
+            try:
+                response = await self.http.request(method, self.base_url + path, json=body, headers=self.headers)
+            except httpx.TransportError as exc:
+                raise ConnectionFailed(f"{method} {path}: {exc}") from exc
+            await _raise_for_status(response)
+            return response.json()
+
+        return await with_retry(self.retry, once)
+
+    async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST a streaming request (retried until the first byte); the response is
+        closed by `stack`."""
+
+        async def once() -> httpx.Response:
+            attempt = AsyncExitStack()
+            try:
+                request = self.http.build_request("POST", self.base_url + path, json=body, headers=self.headers)
+                response = await self.http.send(request, stream=True)
+                attempt.push_async_callback(response.aclose)
+                await _raise_for_status(response)
+            except httpx.TransportError as exc:
+                await attempt.aclose()
+                raise ConnectionFailed(f"POST {path}: {exc}") from exc
+            except BaseException:
+                await attempt.aclose()
+                raise
+            stack.push_async_exit(attempt)
+            return response
+
+        return await with_retry(self.retry, once)
+
+    async def _model(self) -> str:
+        if self.model is None:
+            models = await self.models()
+            if not models:
+                raise LmgateError("the server lists no models")
+            self.model = models[0]
+        return self.model
+
+    async def _body(self, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        body = {"model": params.pop("model", None) or await self._model(), **fields}
+        body.update({k: v for k, v in params.items() if v is not None})
+        return body
+
+    # -- API
+
+    async def models(self) -> list[str]:
+        return [m["id"] for m in (await self._request_json("GET", "/v1/models"))["data"]]
+
+    async def completions(self, prompt: str | list[int], **params: Any) -> Completion:
+        """POST /v1/completions. `params` are OpenAI/lmgate body fields (max_tokens, temperature, ...)."""
+        body = await self._body(params, prompt=prompt)
+        return completion_from(await self._request_json("POST", "/v1/completions", body))
+
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
+        body = await self._body(params, messages=messages)
+        return completion_from(await self._request_json("POST", "/v1/chat/completions", body))
+
+    def completions_stream(self, prompt: str | list[int], **params: Any) -> TokenStream:
+        return self._lazy_stream("/v1/completions", params, prompt=prompt)
+
+    def chat_stream(self, messages: list[dict[str, Any]], **params: Any) -> TokenStream:
+        return self._lazy_stream("/v1/chat/completions", params, messages=messages)
+
+    def _lazy_stream(self, path: str, params: dict[str, Any], **fields: Any) -> TokenStream:
+        params = {**params, "stream": True}
+        params.setdefault("stream_options", {"include_usage": True})
+
+        async def open_response(stack: AsyncExitStack) -> httpx.Response:
+            return await self._open_stream(stack, path, await self._body(dict(params), **fields))
+
+        return TokenStream(open_response)
+
+    def ws(self) -> Any:
+        """A WebSocket session multiplexing requests (see clients.ws.WsSession)."""
+        from clients.ws import WsSession
+
+        return WsSession(self)

@@ -1,0 +1,103 @@
+"""Typed errors of the lmgate client, built from the gateway's OpenAI-style error body.
+
+``error_for(status, body, headers)`` picks the class by status; every error keeps
+the server's ``message``/``type``/``code``/``param`` and, for 429/503, the
+``retry_after`` seconds the server asked for (header ``Retry-After`` or the
+WebSocket frame's ``retry_after``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class LmgateError(Exception):
+    """An error reply from the gateway (or a broken connection: status 0)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 0,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+
+class BadRequest(LmgateError):
+    """400/413/409: the request itself is wrong; retrying will not help."""
+
+
+class AuthError(LmgateError):
+    """401: missing, unknown or revoked API key."""
+
+
+class PermissionDenied(LmgateError):
+    """403: e.g. an admin call without the admin key."""
+
+
+class NotFound(LmgateError):
+    """404: unknown model, tenant, key or route."""
+
+
+class RateLimited(LmgateError):
+    """429: over quota. ``retry_after`` says when trying again can succeed (None: never)."""
+
+
+class Overloaded(LmgateError):
+    """503: the server is busy or a dependency is down; retry after ``retry_after``."""
+
+
+class ServerError(LmgateError):
+    """5xx other than 503: a failure on the server side."""
+
+
+class ConnectionFailed(LmgateError):
+    """The gateway could not be reached or the connection broke mid-request."""
+
+
+def _class_for(status: int) -> type[LmgateError]:
+    if status in (400, 409, 413, 415, 422):
+        return BadRequest
+    return {401: AuthError, 403: PermissionDenied, 404: NotFound, 429: RateLimited, 503: Overloaded}.get(
+        status, ServerError if status >= 500 else BadRequest
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: not produced by lmgate; treat as absent
+
+
+def error_for(status: int, body: Any, headers: Mapping[str, str] | None = None, retry_after: float | None = None) -> LmgateError:
+    """The typed error for an error reply (`body` is the parsed JSON or None)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        err = {"message": f"HTTP {status}", "type": None, "code": None, "param": None}
+    if retry_after is None and headers is not None:
+        retry_after = parse_retry_after(headers.get("retry-after"))
+    return _class_for(status)(
+        str(err.get("message") or f"HTTP {status}"),
+        status=status,
+        type=err.get("type"),
+        code=err.get("code"),
+        param=err.get("param"),
+        retry_after=retry_after,
+    )

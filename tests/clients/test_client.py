@@ -1,0 +1,236 @@
+"""LmgateClient and AdminClient against a real gateway, each scenario under trio AND asyncio."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from clients import (
+    AdminClient,
+    AuthError,
+    BadRequest,
+    LmgateClient,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    RetryPolicy,
+)
+from clients.errors import ConnectionFailed
+from tests.clients.conftest import MODEL, Served
+from tests.gateway.conftest import word
+
+BACKENDS = ["trio", "asyncio"]
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def run(backend: str, scenario: Callable[[], Awaitable[Any]]) -> Any:
+    return anyio.run(scenario, backend=backend)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_completions_and_chat(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key) as client:
+            assert await client.models() == [MODEL]
+            comp = await client.completions("a b c", max_tokens=2)
+            assert comp.text == word(0, 0) + word(0, 1)
+            assert comp.usage.prompt_tokens == 3
+            chat = await client.chat(HELLO, max_tokens=3, n=2)
+            assert [c.text for c in chat.choices] == ["".join(word(i, j) for j in range(3)) for i in (0, 1)]
+            assert chat.choices[0].finish_reason == "length"
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sse_stream(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            async with client.chat_stream(HELLO, max_tokens=3) as stream:
+                deltas = [d async for d in stream]
+            assert "".join(d.text for d in deltas) == word(0, 0) + word(0, 1) + word(0, 2)
+            assert deltas[-1].finish_reason == "length"
+            assert stream.usage is not None and stream.usage.completion_tokens == 3
+            # bare `async for` works too
+            texts = [d.text async for d in client.completions_stream("x", max_tokens=2)]
+            assert "".join(texts) == word(0, 0) + word(0, 1)
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_breaking_out_of_a_stream_cancels_server_side(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            async with client.chat_stream([{"role": "user", "content": "HANG"}]) as stream:
+                async for _ in stream:
+                    break
+            # a cancel scope around a stream cancels it too
+            with anyio.move_on_after(0.3):
+                async with client.completions_stream("HANG") as stream2:
+                    async for _ in stream2:
+                        pass
+
+    run(backend, scenario)
+    ids = [c.request_id for c in served.runtime.calls]
+    assert len(ids) == 2
+    wait_until(lambda: served.cancelled_ids() == set(ids))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ws_session_multiplexing_and_cancel(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key) as client, client.ws() as session:
+            async with (
+                session.chat_stream(HELLO, max_tokens=3) as a,
+                session.completions_stream("x y", max_tokens=2, n=2) as b,
+                session.chat_stream([{"role": "user", "content": "HANG"}]) as hang,
+            ):
+                text_a = "".join([d.text async for d in a])
+                got_b: dict[int, str] = {0: "", 1: ""}
+                async for d in b:
+                    got_b[d.index] += d.text
+                async for _ in hang:
+                    break  # leaving early sends a cancel frame
+            assert text_a == word(0, 0) + word(0, 1) + word(0, 2)
+            assert a.usage is not None and a.usage.completion_tokens == 3
+            assert got_b == {0: word(0, 0) + word(0, 1), 1: word(1, 0) + word(1, 1)}
+            assert b.finish_reasons == ["length", "length"]
+            # the session still works after a cancel
+            async with session.completions_stream("z", max_tokens=1) as c:
+                assert [d.text async for d in c][0] == word(0, 0)
+
+    run(backend, scenario)
+    hang_id = next(c.request_id for c in served.runtime.calls if c.messages and c.messages[0].content == "HANG")
+    wait_until(lambda: hang_id in served.cancelled_ids())
+    assert served.cancelled_ids() == {hang_id}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_typed_errors(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, "lmg-wrong", model=MODEL) as bad:
+            with pytest.raises(AuthError):
+                await bad.chat(HELLO)
+            with pytest.raises(AuthError):
+                async with bad.ws():
+                    pass
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            with pytest.raises(BadRequest) as info:
+                await client.chat(HELLO, temperature=-1)
+            assert info.value.param == "temperature"
+            with pytest.raises(NotFound):
+                await client.completions("x", model="gpt-9")
+            with pytest.raises(BadRequest):
+                async with client.chat_stream(HELLO, top_p=0) as s:
+                    [d async for d in s]
+            async with client.ws() as session:
+                with pytest.raises(BadRequest):
+                    async with session.chat_stream(HELLO, n=0) as s:
+                        [d async for d in s]
+        async with LmgateClient("http://127.0.0.1:9", served.api_key, model=MODEL) as nowhere:
+            with pytest.raises(ConnectionFailed):
+                await nowhere.chat(HELLO)
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retry_honours_retry_after(served: Served, backend: str) -> None:
+    from actors.messages import Rejected
+
+    served.runtime.reject = Rejected("", 503, "overloaded", "busy", retry_after=0.2)
+
+    async def scenario() -> float:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as plain:
+            with pytest.raises(Overloaded) as info:
+                await plain.chat(HELLO)
+            assert info.value.retry_after == 1.0  # header rounds up to whole seconds
+        policy = RetryPolicy(max_attempts=3, base_delay=0.01)
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL, retry=policy) as client:
+            start = time.monotonic()
+            with pytest.raises(Overloaded):
+                await client.chat(HELLO)
+            return time.monotonic() - start
+
+    elapsed = run(backend, scenario)
+    assert len(served.runtime.calls) == 1 + 3
+    assert elapsed >= 2.0  # two waits of Retry-After (1 s), not the 10 ms backoff
+
+
+def test_retry_then_success(served: Served) -> None:
+    """A 429 with Retry-After is retried; the next attempt succeeds."""
+    from actors.messages import Rejected
+
+    served.runtime.reject = Rejected("", 429, "rate_limit_exceeded", "slow down", retry_after=0.01)
+
+    async def clear_later() -> None:
+        await anyio.sleep(0.5)
+        served.runtime.reject = None
+
+    async def scenario() -> str:
+        policy = RetryPolicy(max_attempts=5, base_delay=0.01)
+        async with anyio.create_task_group() as tg, LmgateClient(served.base_url, served.api_key, model=MODEL, retry=policy) as client:
+            tg.start_soon(clear_later)
+            return (await client.completions("x", max_tokens=1)).text
+
+    assert run("trio", scenario) == word(0, 0)
+
+
+def test_rate_limited_without_retry_after_is_not_retried() -> None:
+    policy = RetryPolicy()
+    assert not policy.retryable(RateLimited("over budget", status=429, retry_after=None))
+    assert policy.retryable(RateLimited("later", status=429, retry_after=3))
+    assert policy.delay(0, 5.0) == 5.0
+    assert policy.delay(10, None) <= policy.max_delay * (1 + policy.jitter)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_admin_client(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with AdminClient(served.base_url, served.admin_key) as admin:
+            tenant = await admin.create_tenant("acme", "Acme", priority=1, quota={"requests_per_minute": 5})
+            assert tenant["quota"]["requests_per_minute"] == 5
+            assert [t["id"] for t in await admin.list_tenants()] == ["acme", "t1"]
+            assert (await admin.update_tenant("acme", name="Acme 2"))["name"] == "Acme 2"
+            assert (await admin.set_quota("acme", max_concurrent=2))["quota"]["max_concurrent"] == 2
+            key_id, key = await admin.create_key("acme", "ci")
+            assert [k["id"] for k in await admin.list_keys("acme")] == [key_id]
+            async with LmgateClient(served.base_url, key, model=MODEL) as client:
+                assert (await client.completions("x", max_tokens=1)).text == word(0, 0)
+                await admin.revoke_key(key_id)
+                with pytest.raises(AuthError):
+                    await client.completions("x")
+            assert await admin.usage("acme") == []
+            await admin.delete_tenant("acme")
+            with pytest.raises(NotFound):
+                await admin.get_tenant("acme")
+        async with AdminClient(served.base_url, "not-admin") as nobody:
+            with pytest.raises(PermissionDenied):
+                await nobody.list_tenants()
+
+    run(backend, scenario)
+
+
+def test_shared_http_client_is_not_closed(served: Served) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as http:
+            async with LmgateClient(served.base_url, served.api_key, http=http) as client:
+                await client.models()
+            assert not http.is_closed
+
+    run("trio", scenario)
