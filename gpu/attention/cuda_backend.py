@@ -2,9 +2,10 @@
 
 The kernels are compiled at first use by NVRTC through `cupy.RawModule`, one
 cached module per template parameter set (`functools.cache`), and launched on
-torch's current stream with torch tensors passed by pointer (no copies:
-`cupy.asarray` reads `__cuda_array_interface__`; bf16 tensors are viewed as
-int16 because that interface has no bf16 type — the kernel sees the same bytes).
+torch's current stream (and device) with torch tensors passed as raw device
+pointers: no copies, no dtype translation (bf16 has no `__cuda_array_interface__`
+type) and no per-argument stream synchronisation that CuPy performs when it
+imports a foreign array.
 
 Launchers are thin: `plan_*` functions (pure, also used by the CPU emulator in
 `gpu/kernels/cpu_emu/backend.py`) check shapes, dtypes, devices and strides and
@@ -14,6 +15,7 @@ module never needs CuPy; `cuda_backend_available()` says whether it can run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -185,14 +187,30 @@ def _cache_ops_module(dtype: str):
 
 
 def _arr(t: torch.Tensor):
-    """Zero-copy CuPy view of a CUDA tensor (bf16 seen as int16: same bytes)."""
-    cp = _cupy()
-    return cp.asarray(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
+    """The tensor's device address as a kernel argument (a pointer is 8 bytes)."""
+    import numpy as np
+
+    return np.uint64(t.data_ptr())
 
 
-def _stream():
+def on_cuda(*tensors: torch.Tensor) -> torch.device:
+    """All tensors on one CUDA device; returns it."""
+    same_device(*tensors)
+    device = tensors[0].device
+    _require(device.type == "cuda", f"CudaAttentionBackend needs CUDA tensors, got {device}")
+    return device
+
+
+@contextlib.contextmanager
+def _launch_context(device: torch.device):
+    """CuPy launches on torch's current stream of `device`."""
     cp = _cupy()
-    return cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with (
+        cp.cuda.Device(index),
+        cp.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream),
+    ):
+        yield
 
 
 class CudaAttentionBackend:
@@ -202,7 +220,7 @@ class CudaAttentionBackend:
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         row = plan_write_kv(key, value, k_cache, v_cache, slot_mapping)
-        same_device(key, value, k_cache, v_cache, slot_mapping)
+        device = on_cuda(key, value, k_cache, v_cache, slot_mapping)
         if key.shape[0] == 0:
             return
         import numpy as np
@@ -210,7 +228,7 @@ class CudaAttentionBackend:
         kernel = _cache_ops_module(DTYPE_NAMES[k_cache.dtype]).get_function(
             build.write_kv_name(DTYPE_NAMES[k_cache.dtype])
         )
-        with _stream():
+        with _launch_context(device):
             kernel(
                 (key.shape[0],),
                 (CACHE_OP_THREADS,),
@@ -223,14 +241,14 @@ class CudaAttentionBackend:
     def decode(self, query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
         plan = plan_attention(query, k_cache, v_cache, block_tables)
         check_index("context_lens", context_lens, torch.int32, 1)
-        same_device(query, k_cache, block_tables, context_lens)
+        device = on_cuda(query, k_cache, v_cache, block_tables, context_lens)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if query.shape[0] == 0:
             return out
         import numpy as np
 
         kernel = _attention_module(plan.instance).get_function(plan.instance.kernel("paged_decode"))
-        with _stream():
+        with _launch_context(device):
             kernel(
                 (query.shape[0], plan.num_kv_heads),
                 (ATTN_THREADS,),
@@ -257,7 +275,7 @@ class CudaAttentionBackend:
         plan = plan_attention(query, k_cache, v_cache, block_tables)
         check_index("query_start_loc", query_start_loc, torch.int32, 1)
         check_index("context_lens", context_lens, torch.int32, 1)
-        same_device(query, k_cache, block_tables, context_lens, query_start_loc)
+        device = on_cuda(query, k_cache, v_cache, block_tables, context_lens, query_start_loc)
         num_seqs = context_lens.shape[0]
         _require(
             query_start_loc.shape[0] == num_seqs + 1,
@@ -271,7 +289,7 @@ class CudaAttentionBackend:
         kernel = _attention_module(plan.instance).get_function(
             plan.instance.kernel("paged_prefill")
         )
-        with _stream():
+        with _launch_context(device):
             kernel(
                 (query.shape[0], plan.num_kv_heads),
                 (ATTN_THREADS,),
@@ -286,7 +304,7 @@ class CudaAttentionBackend:
 
     def copy_blocks(self, caches, src, dst) -> None:
         words = plan_copy_blocks(caches, src, dst)
-        same_device(*caches, src, dst)
+        device = on_cuda(*caches, src, dst)
         if src.numel() == 0:
             return
         import numpy as np
@@ -295,7 +313,7 @@ class CudaAttentionBackend:
         kernel = _cache_ops_module(DTYPE_NAMES.get(caches[0].dtype, "float32")).get_function(
             build.COPY_BLOCKS_NAME
         )
-        with _stream():
+        with _launch_context(device):
             kernel(
                 (src.shape[0], len(caches)),
                 (256,),
@@ -319,7 +337,9 @@ class CudaAttentionBackend:
         cp = _cupy()
         block_bytes = src_cache[0].numel() * src_cache.element_size()
         memcpy_default = 4  # cudaMemcpyDefault: direction inferred (unified addressing)
-        stream = torch.cuda.current_stream()
+        cuda_side = src_cache if src_cache.is_cuda else dst_cache
+        _require(cuda_side.is_cuda, "swap_blocks needs one cache on a CUDA device")
+        stream = torch.cuda.current_stream(cuda_side.device)
         for s, d in zip(src.tolist(), dst.tolist(), strict=True):
             cp.cuda.runtime.memcpyAsync(
                 dst_cache.data_ptr() + d * block_bytes,

@@ -185,3 +185,15 @@ def test_launchers_reject_what_no_kernel_was_built_for(emu):
                    paged.block_tables.long(), paged.context_lens, 4, 0.1)  # fmt: skip
     with pytest.raises(ValueError, match="both source and destination"):
         emu.copy_blocks([paged.k_cache], torch.tensor([1, 2]), torch.tensor([2, 3]))
+
+
+def test_cuda_backend_rejects_host_tensors_before_launching():
+    """The launcher validates before any CuPy call, so this runs without a device."""
+    from gpu.attention.cuda_backend import CudaAttentionBackend
+
+    paged = make_paged([4], nkv=3, hd=64)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        CudaAttentionBackend().decode(
+            torch.randn(1, 9, 64), paged.k_cache, paged.v_cache,
+            paged.block_tables, paged.context_lens, 4, 0.125,
+        )  # fmt: skip
