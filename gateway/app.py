@@ -55,12 +55,7 @@ class GatewayStores:
 
 
 def tenant_context(tenant: Tenant) -> TenantContext:
-    return TenantContext(
-        tenant_id=tenant.id,
-        priority=tenant.priority,
-        max_tokens_cap=tenant.quota.max_tokens_cap,
-        shared_cache_pool=tenant.shared_cache_pool,
-    )
+    return TenantContext.from_tenant(tenant)
 
 
 def bearer(header: str | None) -> str | None:

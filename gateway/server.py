@@ -21,10 +21,10 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import hypercorn.config
 import hypercorn.trio
@@ -115,15 +115,41 @@ async def serve_app(
 
 
 @asynccontextmanager
-async def _open_runtime(config: GatewayConfig) -> AsyncIterator[Runtime]:
-    from actors.runtime import open_runtime  # the lead's module: engine + actors
+async def open_gateway_runtime(config: GatewayConfig, stores: GatewayStores) -> AsyncIterator[Runtime]:
+    """The real runtime (engine + actors) wired to the same Redis as the gateway:
+    quotas, response cache and prompt cache."""
+    from actors.runtime import RuntimeConfig, open_runtime
+    from cache.prompt_cache import PromptCache
+    from cache.response_cache import ResponseCache
+    from gpu.config import EngineConfig
 
-    async with open_runtime(config) as runtime:
+    runtime_config = RuntimeConfig(engine=EngineConfig(model=config.model))
+    async with open_runtime(
+        runtime_config,
+        quotas=stores.quotas,
+        response_cache=ResponseCache(stores.redis),
+        prompt_cache=PromptCache(stores.redis),
+        store=stores.redis,
+    ) as runtime:
         yield runtime
 
 
-async def serve(config: GatewayConfig, *, out: Any = None) -> None:
-    """Everything `lmgate serve` runs inside trio (see module docstring)."""
+RuntimeFactory = Callable[[GatewayConfig, GatewayStores], AbstractAsyncContextManager[Runtime]]
+
+
+async def serve(
+    config: GatewayConfig,
+    *,
+    runtime_factory: RuntimeFactory = open_gateway_runtime,
+    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    out: TextIO | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Everything `lmgate serve` runs inside trio (see module docstring).
+
+    `runtime_factory` and `shutdown_trigger` are parameters so tests can run the
+    whole start-up/shutdown path with a stand-in runtime and an event.
+    """
     out = out or sys.stdout
     secret = server_secret(config.data_dir)
     async with AsyncExitStack() as stack:
@@ -137,9 +163,9 @@ async def serve(config: GatewayConfig, *, out: Any = None) -> None:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:
                 print(f"lmgate: created tenant {DEV_TENANT_ID!r}; its API key (shown once): {key}", file=out, flush=True)
-        runtime = await stack.enter_async_context(_open_runtime(config))
+        runtime = await stack.enter_async_context(runtime_factory(config, stores))
         app = create_app(runtime, stores, config)
-        await serve_app(app, config, shutdown_trigger=wait_for_signal)
+        await serve_app(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,132 @@
+"""gateway.server: the whole `serve()` path (private Redis, dev tenant, Hypercorn) with a
+stand-in runtime, and graceful shutdown: streams finish within the grace period,
+longer ones are cut and their requests cancelled."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from gateway.app import GatewayStores
+from gateway.config import GatewayConfig
+from gateway.server import serve, server_secret
+from gateway.sse import parse_events
+from tests.gateway.conftest import MODEL, FakeRuntime, Gateway, start_gateway, word
+
+
+def test_server_secret_is_created_private_and_stable(tmp_path: Path) -> None:
+    first = server_secret(tmp_path, env={})
+    assert len(first) >= 32
+    assert stat.S_IMODE(os.stat(tmp_path / "server_secret").st_mode) == 0o600
+    assert server_secret(tmp_path, env={}) == first
+    assert server_secret(tmp_path, env={"LMGATE_SECRET": "x" * 20}) == b"x" * 20
+
+
+async def run_serve(nursery: trio.Nursery, config: GatewayConfig) -> tuple[str, io.StringIO, trio.Event, FakeRuntime]:
+    runtimes: list[FakeRuntime] = []
+
+    @asynccontextmanager
+    async def factory(config: GatewayConfig, stores: GatewayStores) -> AsyncIterator[FakeRuntime]:
+        runtimes.append(FakeRuntime(nursery))
+        yield runtimes[-1]
+
+    out = io.StringIO()
+    stop = trio.Event()
+    urls = await nursery.start(
+        lambda task_status: serve(config, runtime_factory=factory, shutdown_trigger=stop.wait, out=out, task_status=task_status)
+    )
+    return urls[0], out, stop, runtimes[0]
+
+
+async def test_serve_with_private_redis_prints_a_working_dev_key(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=None, dev_tenant=True, shutdown_grace_seconds=0.2)
+    base_url, out, stop, _ = await run_serve(nursery, config)
+    key = re.search(r"API key \(shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    redis_url = re.search(r"private redis-server at (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert r.json()["choices"][0]["text"] == word(0, 0)
+        assert (await client.get("/readyz")).status_code == 200
+    stop.set()
+    # the private redis-server is stopped when serve() returns
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with trio.fail_after(10):
+        while True:
+            try:
+                (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()
+            except OSError:
+                break
+            await trio.sleep(0.05)
+
+
+async def test_dev_tenant_is_created_only_once(nursery: trio.Nursery, tmp_path: Path, redis_url: str) -> None:
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=0.1)
+    _, out1, stop1, _ = await run_serve(nursery, config)
+    stop1.set()
+    _, out2, stop2, _ = await run_serve(nursery, config)
+    stop2.set()
+    assert "API key" in out1.getvalue() and "API key" not in out2.getvalue()
+
+
+async def read_sse(base_url: str, headers: dict[str, str], body: dict[str, Any], started: trio.Event) -> list[str]:
+    async with (
+        httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10) as client,
+        client.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        text = ""
+        try:
+            async for chunk in r.aiter_text():
+                text += chunk
+                started.set()
+        except httpx.RemoteProtocolError:
+            pass  # cut by the server at the end of the grace period
+    return parse_events(text)
+
+
+async def test_graceful_shutdown_lets_short_streams_finish_and_cuts_long_ones(
+    nursery: trio.Nursery, gateway: Gateway
+) -> None:
+    config = dataclasses.replace(gateway.config, shutdown_grace_seconds=1.0)
+    base_url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
+    runtime.delay = 0.05
+    results: dict[str, list[str]] = {}
+    short_started, long_started = trio.Event(), trio.Event()
+
+    async def short() -> None:
+        results["short"] = await read_sse(base_url, gateway.headers, {"model": MODEL, "prompt": "x", "max_tokens": 10, "stream": True}, short_started)
+
+    async def long() -> None:
+        results["long"] = await read_sse(base_url, gateway.headers, {"model": MODEL, "prompt": "HANG", "stream": True}, long_started)
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(short)
+        clients.start_soon(long)
+        await short_started.wait()
+        await long_started.wait()
+        t0 = time.monotonic()
+        stop.set()
+        await trio.sleep(0.1)
+        with pytest.raises(OSError):  # no longer accepting
+            await trio.open_tcp_stream("127.0.0.1", int(base_url.rsplit(":", 1)[1]))
+    elapsed = time.monotonic() - t0
+    assert results["short"][-1] == "[DONE]"
+    texts = [json.loads(p)["choices"][0]["text"] for p in results["short"][:-1]]
+    assert "".join(texts) == "".join(word(0, j) for j in range(10))
+    assert results["long"][-1] != "[DONE]"
+    assert 0.9 <= elapsed < 5
+    hang_id = next(c.request_id for c in runtime.calls if c.prompt == "HANG")
+    with trio.fail_after(5):
+        await runtime.cancel_events[hang_id].wait()
