@@ -1,0 +1,142 @@
+"""`lmgate chat`: an interactive chat on the terminal, streaming each answer.
+
+Reads a line, sends the conversation so far, prints the answer as it streams
+(over SSE, or over the WebSocket with ``--ws``), and keeps the history. Commands:
+``/reset`` forgets the history, ``/quit`` (or end of input) leaves. Ctrl-C while an
+answer streams stops it (the server aborts the request) and returns to the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TextIO
+
+import anyio
+
+from clients.client import LmgateClient
+from clients.errors import AuthError, LmgateError
+
+ReadLine = Callable[[], Awaitable[str | None]]
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("LMGATE_URL", "http://127.0.0.1:8000"),
+                        help="gateway base URL (env LMGATE_URL; default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=os.environ.get("LMGATE_API_KEY"),
+                        help="tenant API key (env LMGATE_API_KEY)")
+    parser.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--ws", action="store_true", help="stream over the WebSocket instead of SSE")
+    parser.add_argument("--once", metavar="PROMPT", default=None, help="ask one question, print the answer, exit")
+
+
+async def stdin_reader() -> str | None:
+    """One line from the terminal (None at end of input), read in a worker thread."""
+
+    def read() -> str | None:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+
+    return await anyio.to_thread.run_sync(read, abandon_on_cancel=True)
+
+
+async def answer(client: LmgateClient, session: Any, messages: list[dict[str, str]], params: dict[str, Any], out: TextIO) -> str:
+    """Stream one answer to `out`; returns its text."""
+    stream = session.chat_stream(messages, **params) if session is not None else client.chat_stream(messages, **params)
+    parts: list[str] = []
+    async with stream:
+        async for delta in stream:
+            if delta.index == 0 and delta.text:
+                parts.append(delta.text)
+                out.write(delta.text)
+                out.flush()
+    out.write("\n")
+    return "".join(parts)
+
+
+async def chat_loop(
+    client: LmgateClient,
+    read_line: ReadLine,
+    out: TextIO,
+    *,
+    system: str | None = None,
+    params: dict[str, Any] | None = None,
+    use_ws: bool = False,
+) -> None:
+    """The conversation loop (I/O injected so it can be tested without a terminal)."""
+    params = params or {}
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    async def turns(session: Any) -> None:
+        while True:
+            line = await read_line()
+            if line is None or line.strip() == "/quit":
+                return
+            if line.strip() == "/reset":
+                del history[1 if system else 0:]
+                out.write("(history cleared)\n")
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                text = await answer(client, session, history, params, out)
+            except KeyboardInterrupt:
+                out.write("\n(stopped)\n")
+                history.pop()
+                continue
+            except AuthError:
+                raise
+            except LmgateError as error:
+                out.write(f"\n[error {error.status}: {error.message}]\n")
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": text})
+
+    if use_ws:
+        async with client.ws() as session:
+            await turns(session)
+    else:
+        await turns(None)
+
+
+def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    if not args.api_key:
+        print("lmgate chat: an API key is required (--api-key or LMGATE_API_KEY)", file=sys.stderr)
+        return 2
+    params: dict[str, Any] = {"max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+    once_done = False
+
+    async def once_reader() -> str | None:
+        nonlocal once_done
+        if once_done:
+            return None
+        once_done = True
+        return args.once
+
+    async def main() -> None:
+        async with LmgateClient(args.url, args.api_key, model=args.model) as client:
+            reader = once_reader if args.once is not None else stdin_reader
+            await chat_loop(client, reader, out, system=args.system, params=params, use_ws=args.ws)
+
+    try:
+        anyio.run(main, backend="trio")
+    except AuthError as error:
+        print(f"lmgate chat: {error.message}", file=sys.stderr)
+        return 1
+    except LmgateError as error:
+        print(f"lmgate chat: {error.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

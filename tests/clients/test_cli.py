@@ -1,0 +1,69 @@
+"""`lmgate chat` helpers: the conversation loop and run_chat against a real gateway."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import anyio
+import pytest
+
+from clients.cli import add_chat_arguments, chat_loop, run_chat
+from clients.client import LmgateClient
+from tests.clients.conftest import Served
+from tests.gateway.conftest import word
+
+
+def lines(*items: str):  # type: ignore[no-untyped-def]
+    queue = list(items)
+
+    async def read() -> str | None:
+        return queue.pop(0) if queue else None
+
+    return read
+
+
+@pytest.mark.parametrize("use_ws", [False, True], ids=["sse", "ws"])
+def test_chat_loop_streams_and_keeps_history(served: Served, use_ws: bool) -> None:
+    out = io.StringIO()
+
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key) as client:
+            await chat_loop(client, lines("hello", "", "again", "/reset", "fresh", "/quit", "never"), out,
+                            system="be brief", params={"max_tokens": 2}, use_ws=use_ws)
+
+    anyio.run(scenario, backend="trio")
+    answer = word(0, 0) + word(0, 1)
+    assert out.getvalue().count(answer + "\n") == 3
+    assert "(history cleared)" in out.getvalue()
+    second, third = served.runtime.calls[1], served.runtime.calls[2]
+    assert [m.role for m in second.messages] == ["system", "user", "assistant", "user"]
+    assert second.messages[2].content == answer
+    assert [m.content for m in third.messages] == ["be brief", "fresh"]
+    assert len(served.runtime.calls) == 3
+
+
+def test_chat_loop_reports_request_errors_and_continues(served: Served) -> None:
+    out = io.StringIO()
+
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key) as client:
+            await chat_loop(client, lines("FAIL", "ok"), out, params={"max_tokens": 1})
+
+    anyio.run(scenario, backend="trio")
+    assert "[error" in out.getvalue()
+    assert [m.content for m in served.runtime.calls[-1].messages] == ["ok"]
+
+
+def test_run_chat_once_and_bad_key(served: Served) -> None:
+    parser = argparse.ArgumentParser()
+    add_chat_arguments(parser)
+    out = io.StringIO()
+    args = parser.parse_args(["--url", served.base_url, "--api-key", served.api_key, "--once", "hi", "--max-tokens", "1"])
+    assert run_chat(args, out=out) == 0
+    assert out.getvalue() == word(0, 0) + "\n"
+    bad = parser.parse_args(["--url", served.base_url, "--api-key", "lmg-wrong", "--once", "hi"])
+    assert run_chat(bad, out=io.StringIO()) == 1
+    missing = parser.parse_args(["--url", served.base_url, "--once", "hi"])
+    missing.api_key = None
+    assert run_chat(missing, out=io.StringIO()) == 2
