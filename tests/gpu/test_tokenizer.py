@@ -20,6 +20,7 @@ from gpu.tokenizer import (
     TokenizerError,
     TokenizerSpec,
     load_tokenizer,
+    tokenizer_from_gguf_metadata,
 )
 
 TEXTS = [
@@ -204,3 +205,52 @@ def test_written_tokenizer_json_loads_in_transformers(tok, tmp_path):
     assert hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == (
         tok.apply_chat_template(CONVERSATIONS[1])
     )
+
+
+@pytest.fixture(scope="module")
+def gguf_metadata(tok) -> dict:
+    """The bundled file's tokenizer metadata, rebuilt from the tokenizer (no second GGUF read)."""
+    model = json.loads(tok.to_hf_tokenizer_json())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": [3 if i in tok.all_special_ids else 1 for i in range(len(tokens))],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.chat_template": tok.chat_template,
+    }
+
+
+def test_metadata_rebuild_is_identical(tok, gguf_metadata):
+    again = tokenizer_from_gguf_metadata(gguf_metadata)
+    for text in TEXTS + DIVERGENT:
+        assert again.encode(text) == tok.encode(text)
+    assert again.eos_token_ids == (2,)
+
+
+def test_add_bos_token_from_metadata_is_honoured(gguf_metadata):
+    with_bos = tokenizer_from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.add_bos_token": True})
+    assert with_bos.encode("hi", add_special_tokens=True) == [1, *with_bos.encode("hi")]
+
+
+def test_unsupported_metadata_is_rejected(gguf_metadata):
+    with pytest.raises(TokenizerError, match="pre"):
+        tokenizer_from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.pre": "mystery"})
+    with pytest.raises(TokenizerError, match="model"):
+        tokenizer_from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.model": "llama"})
+    missing = {k: v for k, v in gguf_metadata.items() if k != "tokenizer.ggml.merges"}
+    with pytest.raises(TokenizerError, match="merges"):
+        tokenizer_from_gguf_metadata(missing)
+
+
+def test_eos_without_template_is_the_declared_eos_only(gguf_metadata):
+    base = tokenizer_from_gguf_metadata(
+        {**gguf_metadata, "tokenizer.ggml.eos_token_id": 0, "tokenizer.chat_template": None}
+    )
+    assert base.eos_token_ids == (0,)
+    chat = tokenizer_from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.eos_token_id": 0})
+    assert chat.eos_token_ids == (0, 2)  # plus the template's <|im_end|>
