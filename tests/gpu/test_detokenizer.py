@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpu.detokenizer import IncrementalDetokenizer, StopChecker
 from gpu.loader import bundled_gguf_path
@@ -190,3 +192,23 @@ def test_no_stop_strings_passes_text_through():
     checker = StopChecker(())
     assert checker.push("abc") == ("abc", False, None)
     assert checker.flush() == ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet="abc\n", max_size=40),
+    stops=st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=10),
+    include=st.booleans(),
+)
+def test_stop_checker_property(text, stops, cuts, include):
+    """Any chunking: output is the text cut at the first completed stop, never ahead of it."""
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    chunks = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    want, want_match = expected_output(text, tuple(stops), include)
+    emitted, matched = run_stop(chunks, tuple(stops), include)
+    sent = ""
+    for e in emitted:
+        sent += e
+        assert want.startswith(sent)
+    assert sent == want and matched == want_match
