@@ -15,7 +15,8 @@
 //     with a partial warp) is reported as a deadlock instead of hanging.
 // Compile with -Wno-unknown-pragmas (g++ ignores `#pragma unroll`).
 // Not emulated: memory-model races inside a block between barriers (fibers switch
-// only at barriers, so such a race would be hidden), atomics, timing.
+// only at barriers; the order of threads flips between scheduling passes, which
+// exposes some ordering assumptions but not all), atomics, timing.
 #pragma once
 
 #include <ucontext.h>
@@ -173,12 +174,16 @@ inline void run_block(const std::function<void()>& body) {
     f.ctx.uc_link = &r.scheduler;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  // Round-robin: run every runnable fiber until it parks or finishes.
+  // Round-robin: run every runnable fiber until it parks or finishes. The order
+  // flips every pass, so code that silently relies on low thread ids running
+  // first between two barriers (a race on the device) sees both orders.
   unsigned done = 0;
+  bool backwards = false;
   while (done < r.nthreads) {
     bool progressed = false;
     done = 0;
-    for (unsigned t = 0; t < r.nthreads; ++t) {
+    for (unsigned i = 0; i < r.nthreads; ++i) {
+      const unsigned t = backwards ? r.nthreads - 1 - i : i;
       Fiber& f = r.fibers[t];
       if (f.wait == Wait::kDone) {
         ++done;
@@ -190,6 +195,7 @@ inline void run_block(const std::function<void()>& body) {
       swapcontext(&r.scheduler, &f.ctx);
       progressed = true;
     }
+    backwards = !backwards;
     if (!progressed && done < r.nthreads) {
       throw std::runtime_error("cuda_emu: deadlock in block (" + std::to_string(blockIdx.x) + "," +
                                std::to_string(blockIdx.y) +
