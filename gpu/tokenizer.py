@@ -22,10 +22,11 @@ Choices, and why:
 * BOS. `tokenizer.ggml.add_bos_token` is honoured: SmolLM2 says False, and Hugging
   Face's SmolLM2 does not add BOS either (the chat template starts with
   `<|im_start|>`), so `encode(..., add_special_tokens=True)` adds nothing for it.
-* End of generation. `eos_token_ids` holds the file's eos id plus the end-of-turn
-  token the chat template closes turns with (`<|im_end|>` for ChatML). For SmolLM2
-  the GGUF's eos is 2 = `<|im_end|>` (bos 1 = `<|im_start|>`, 0 = `<|endoftext|>`),
-  which matches the Hugging Face generation config (eos 2), so the set is `(2,)`.
+* End of generation. `eos_token_ids` holds the file's eos id, the end-of-turn token
+  the chat template closes turns with (`<|im_end|>` for ChatML) and the
+  end-of-document token. For SmolLM2 the GGUF's eos is 2 = `<|im_end|>` (bos 1 =
+  `<|im_start|>`, 0 = `<|endoftext|>`), which matches the Hugging Face generation
+  config (eos 2); the set is `(2, 0)`, the same as `gpu.loader` puts in ModelConfig.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ from tokenizers import Tokenizer as HFTokenizer
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
-# Tokens that chat templates use to close a turn; generation must stop on them.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# Tokens that chat templates use to close a turn, and tokens that end a document.
+# Same policy as `gpu.loader.resolve_eos_token_ids` (ModelConfig.eos_token_ids).
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+_END_OF_DOCUMENT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -120,10 +123,13 @@ class Tokenizer:
 
     @cached_property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """Every id that ends generation: the declared eos plus the template's end-of-turn token.
+        """Every id that ends generation, declared ones first.
 
-        A token counts as end-of-turn only when it is special and the chat template
-        writes it, so a base model without a template stops on its eos alone.
+        The declared eos (plus generation_config's list), the end-of-turn token the chat
+        template writes (`<|im_end|>`), and the end-of-document token (`<|endoftext|>`)
+        when the vocabulary has them as special tokens: a model that emits either has
+        finished, and continuing produces garbage (llama.cpp stops on both too). For
+        SmolLM2 this is (2, 0); HF's generation config lists only 2.
         """
         ids: list[int] = []
         for tid in (self._spec.eos_token_id, *self._spec.extra_eos_token_ids):
@@ -131,9 +137,10 @@ class Tokenizer:
                 ids.append(tid)
         template = self._spec.chat_template or ""
         special = set(self.all_special_ids)
-        for token in _END_OF_TURN_TOKENS:
+        wanted = [t for t in _END_OF_TURN_TOKENS if t in template] + list(_END_OF_DOCUMENT_TOKENS)
+        for token in wanted:
             tid = self._backend.token_to_id(token)
-            if tid is not None and tid in special and token in template and tid not in ids:
+            if tid is not None and tid in special and tid not in ids:
                 ids.append(tid)
         return tuple(ids)
 

@@ -61,7 +61,7 @@ def hf():
 def test_vocab_and_special_ids(tok):
     assert tok.vocab_size == 49152
     assert tok.bos_token_id == 1 and tok.id_to_token(1) == "<|im_start|>"
-    assert tok.eos_token_ids == (2,)
+    assert tok.eos_token_ids == (2, 0)  # <|im_end|>, then <|endoftext|>
     assert tok.id_to_token(2) == "<|im_end|>"
     assert tok.all_special_ids == tuple(range(17))
 
@@ -229,7 +229,7 @@ def test_metadata_rebuild_is_identical(tok, gguf_metadata):
     again = tokenizer_from_gguf_metadata(gguf_metadata)
     for text in TEXTS + DIVERGENT:
         assert again.encode(text) == tok.encode(text)
-    assert again.eos_token_ids == (2,)
+    assert again.eos_token_ids == (2, 0)
 
 
 def test_add_bos_token_from_metadata_is_honoured(gguf_metadata):
@@ -247,10 +247,10 @@ def test_unsupported_metadata_is_rejected(gguf_metadata):
         tokenizer_from_gguf_metadata(missing)
 
 
-def test_eos_without_template_is_the_declared_eos_only(gguf_metadata):
+def test_end_of_turn_token_counts_only_when_the_template_uses_it(gguf_metadata):
     base = tokenizer_from_gguf_metadata(
         {**gguf_metadata, "tokenizer.ggml.eos_token_id": 0, "tokenizer.chat_template": None}
     )
-    assert base.eos_token_ids == (0,)
+    assert base.eos_token_ids == (0,)  # no template: <|im_end|> is not an end of turn
     chat = tokenizer_from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.eos_token_id": 0})
     assert chat.eos_token_ids == (0, 2)  # plus the template's <|im_end|>
