@@ -13,7 +13,10 @@ Two small state machines the engine keeps per sequence:
       prefix_text = decode(t7 t8)       (already emitted)
       new_text    = decode(t7 t8 t9)    → delta = new_text[len(prefix_text):]
 
-  so the cost per token is O(window), not O(length of the output).
+  so the cost per token is O(window), not O(length of the output) (measured ~5 µs per
+  token with stop checking, SmolLM2 tokenizer). A model that really emits U+FFFD, or
+  bytes that never form a character, has that text held until the next token or
+  `finish()`, which returns it as decoded (U+FFFD included), like a full decode would.
 
 * `StopChecker` watches the text deltas for stop strings. It never emits any part of
   a stop string: the longest tail of the pending text that is a prefix of some stop
