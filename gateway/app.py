@@ -87,7 +87,7 @@ class HttpMetrics:
             ),
             latency=prometheus_client.Histogram(
                 "lmgate_http_request_duration_seconds",
-                "Time to response headers (streams: to the first byte), by route",
+                "Time to response headers by route (for streams: until the stream starts, not its end)",
                 ["route"],
                 registry=registry,
             ),

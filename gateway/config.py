@@ -60,7 +60,7 @@ _HELP = {
     "host": "interface to bind",
     "port": "TCP port to bind (0 = any free port)",
     "admin_key": "Bearer key for the /admin API (unset = admin API refused)",
-    "redis_url": "Redis URL (unset = start a private redis-server under --data-dir)",
+    "redis_url": "Redis URL, also $REDIS_URL (unset = start a private redis-server under --data-dir)",
     "data_dir": "directory for the private Redis and other state",
     "model": "model to serve: 'smollm2' (bundled), a .gguf path or a HF folder",
     "max_body_bytes": "largest accepted HTTP request body (413 above)",
