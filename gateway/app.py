@@ -17,6 +17,7 @@ Routes::
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -97,6 +98,42 @@ class HttpMetrics:
         )
 
 
+class RecentKeys:
+    """Keys that authenticated recently, used only while Redis is unreachable.
+
+    Degraded mode: when the key store cannot be asked, a key that Redis accepted
+    within `max_age_s` keeps working (its tenant as last seen), so an outage does
+    not log out every active client; unknown keys get 503. Revocations made during
+    the outage are not seen (they could not be read anyway). Entries are keyed by
+    SHA-256 of the key, never the plaintext; the table is bounded (oldest evicted).
+    """
+
+    def __init__(self, max_age_s: float = 300.0, max_entries: int = 10_000) -> None:
+        self.max_age_s = max_age_s
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[Tenant, float]] = {}
+
+    @staticmethod
+    def _digest(api_key: str) -> bytes:
+        return hashlib.sha256(api_key.encode()).digest()
+
+    def put(self, api_key: str, tenant: Tenant, now: float) -> None:
+        digest = self._digest(api_key)
+        self._entries.pop(digest, None)
+        self._entries[digest] = (tenant, now)
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def forget(self, api_key: str) -> None:
+        self._entries.pop(self._digest(api_key), None)
+
+    def get(self, api_key: str, now: float) -> Tenant | None:
+        entry = self._entries.get(self._digest(api_key))
+        if entry is None or now - entry[1] > self.max_age_s:
+            return None
+        return entry[0]
+
+
 @dataclass
 class GatewayState:
     """Everything a route needs, passed explicitly to each blueprint."""
@@ -106,6 +143,7 @@ class GatewayState:
     config: GatewayConfig
     metrics: HttpMetrics
     started: int = field(default_factory=lambda: int(time.time()))
+    recent_keys: RecentKeys = field(default_factory=lambda: RecentKeys())
 
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
         """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""
@@ -114,9 +152,14 @@ class GatewayState:
         try:
             tenant = await self.stores.tenants.authenticate(api_key)
         except CacheUnavailable as exc:
-            raise ApiError(503, "authentication store unavailable", code="auth_unavailable", retry_after=1) from exc
-        if tenant is None:
-            raise ApiError(401, "invalid API key", code="invalid_api_key")
+            tenant = self.recent_keys.get(api_key, time.monotonic())
+            if tenant is None:
+                raise ApiError(503, "authentication store unavailable", code="auth_unavailable", retry_after=1) from exc
+        else:
+            if tenant is None:
+                self.recent_keys.forget(api_key)
+                raise ApiError(401, "invalid API key", code="invalid_api_key")
+            self.recent_keys.put(api_key, tenant, time.monotonic())
         if has_request_context() or has_websocket_context():
             g.tenant_id = tenant.id  # metrics label
         return tenant_context(tenant)

@@ -20,14 +20,20 @@ async def test_healthz_and_readyz(gateway: Gateway) -> None:
 
 
 async def test_readyz_degraded_when_redis_is_down(gateway: Gateway, redis_server: PrivateRedis) -> None:
+    _, unseen_key = await gateway.stores.tenants.create_key("t1", "never used")
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        assert (await client.get("/v1/models")).status_code == 200  # remembered as a recent key
     redis_server.stop()
     try:
         async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
             r = await client.get("/readyz")
             assert r.status_code == 200
             assert "redis_unavailable" in r.json()["degraded"]
-            # auth cannot be checked: a 503 with Retry-After, not a 500
-            r = await client.get("/v1/models")
+            # a key that authenticated recently keeps working while Redis is down
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+            assert r.status_code == 200
+            # a key never seen cannot be checked: a 503 with Retry-After, not a 401 or 500
+            r = await client.get("/v1/models", headers={"Authorization": f"Bearer {unseen_key}"})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
         await trio.to_thread.run_sync(redis_server.start)
@@ -53,3 +59,19 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
     assert "max_completion_tokens" in schemas["ChatRequest"]["properties"]
     assert "prompt" in schemas["CompletionRequest"]["required"]
     assert "requests_per_minute" in schemas["Quota"]["properties"]
+
+
+def test_recent_keys_expire_and_are_bounded() -> None:
+    from cache.tenants import Tenant
+    from gateway.app import RecentKeys
+
+    keys = RecentKeys(max_age_s=10, max_entries=2)
+    t = Tenant(id="t", name="t")
+    keys.put("a", t, now=0)
+    assert keys.get("a", now=10) == t
+    assert keys.get("a", now=10.1) is None
+    keys.put("b", t, now=1)
+    keys.put("c", t, now=2)
+    assert keys.get("a", now=3) is None  # evicted: oldest of three
+    keys.forget("b")
+    assert keys.get("b", now=3) is None and keys.get("c", now=3) == t
