@@ -118,6 +118,19 @@ def plan_attention(
     return AttentionPlan(inst, num_heads, nkv, block_tables.shape[1])
 
 
+def num_partitions(max_context_len: int) -> int:
+    """Context partitions of the split-context decode (kPartitionSize positions each)."""
+    return max(1, -(-max_context_len // build.PARTITION_SIZE))
+
+
+def use_partitioned_decode(
+    num_seqs: int, num_kv_heads: int, partitions: int, sm_count: int
+) -> bool:
+    """Split the context when one block per (sequence, kv head) would leave SMs idle:
+    fewer than two such blocks per SM, and more than one partition to split into."""
+    return partitions > 1 and num_seqs * num_kv_heads < 2 * sm_count
+
+
 def plan_write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -178,7 +191,12 @@ def _compile(names: tuple[str, ...]):
 
 @functools.cache
 def _attention_module(instance: build.AttentionInstance):
-    return _compile((instance.kernel("paged_decode"), instance.kernel("paged_prefill")))
+    return _compile(instance.kernels)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.cache
@@ -247,15 +265,45 @@ class CudaAttentionBackend:
             return out
         import numpy as np
 
-        kernel = _attention_module(plan.instance).get_function(plan.instance.kernel("paged_decode"))
+        inst = plan.instance
+        module = _attention_module(inst)
+        batch = query.shape[0]
+        parts = num_partitions(max_context_len)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not use_partitioned_decode(batch, plan.num_kv_heads, parts, _sm_count(index)):
+            with _launch_context(device):
+                module.get_function(inst.kernel("paged_decode"))(
+                    (batch, plan.num_kv_heads),
+                    (ATTN_THREADS,),
+                    (
+                        _arr(out), _arr(query), _arr(k_cache), _arr(v_cache), _arr(block_tables),
+                        _arr(context_lens), np.int32(plan.max_blocks), np.int32(plan.num_kv_heads),
+                        np.float32(scale), np.int64(query.stride(0)), np.int64(out.stride(0)),
+                    ),
+                )  # fmt: skip
+            return out
+        # split-context path: fp32 workspace (m, l, unnormalised acc per partition)
+        ws = dict(dtype=torch.float32, device=device)
+        part_acc = torch.empty(batch, plan.num_heads, parts, inst.head_dim, **ws)
+        part_m = torch.empty(batch, plan.num_heads, parts, **ws)
+        part_l = torch.empty(batch, plan.num_heads, parts, **ws)
         with _launch_context(device):
-            kernel(
-                (query.shape[0], plan.num_kv_heads),
+            module.get_function(inst.kernel("paged_decode_partitioned"))(
+                (batch, plan.num_kv_heads, parts),
                 (ATTN_THREADS,),
                 (
-                    _arr(out), _arr(query), _arr(k_cache), _arr(v_cache), _arr(block_tables),
-                    _arr(context_lens), np.int32(plan.max_blocks), np.int32(plan.num_kv_heads),
-                    np.float32(scale), np.int64(query.stride(0)), np.int64(out.stride(0)),
+                    _arr(part_acc), _arr(part_m), _arr(part_l), _arr(query), _arr(k_cache),
+                    _arr(v_cache), _arr(block_tables), _arr(context_lens),
+                    np.int32(plan.max_blocks), np.int32(plan.num_kv_heads), np.float32(scale),
+                    np.int64(query.stride(0)), np.int32(parts),
+                ),
+            )  # fmt: skip
+            module.get_function(inst.reduce_kernel)(
+                (batch, plan.num_heads),
+                (inst.head_dim,),
+                (
+                    _arr(out), _arr(part_acc), _arr(part_m), _arr(part_l), _arr(context_lens),
+                    np.int32(parts), np.int64(out.stride(0)),
                 ),
             )  # fmt: skip
         return out

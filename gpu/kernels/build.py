@@ -42,9 +42,23 @@ class AttentionInstance:
     group: int
 
     def kernel(self, name: str) -> str:
-        """`name` is "paged_decode" or "paged_prefill"."""
+        """`name` is "paged_decode", "paged_decode_partitioned" or "paged_prefill"."""
         params = f"{CXX_TYPES[self.dtype]}, {self.head_dim}, {self.block_size}, {self.group}"
         return f"lmgate::{name}<{params}>"
+
+    @property
+    def reduce_kernel(self) -> str:
+        return f"lmgate::paged_decode_reduce<{CXX_TYPES[self.dtype]}, {self.head_dim}>"
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """Every kernel name of this instance (one NVRTC module)."""
+        return (
+            self.kernel("paged_decode"),
+            self.kernel("paged_decode_partitioned"),
+            self.reduce_kernel,
+            self.kernel("paged_prefill"),
+        )
 
 
 def write_kv_name(dtype: str) -> str:
@@ -52,6 +66,7 @@ def write_kv_name(dtype: str) -> str:
 
 
 COPY_BLOCKS_NAME = "lmgate::copy_blocks"
+PARTITION_SIZE = 256  # kPartitionSize in paged_attention.cu
 
 
 def all_attention_instances() -> list[AttentionInstance]:
@@ -70,7 +85,7 @@ def name_expressions(instances: list[AttentionInstance]) -> list[str]:
     for dtype in sorted({i.dtype for i in instances}):
         names.append(write_kv_name(dtype))
     for inst in instances:
-        names += [inst.kernel("paged_decode"), inst.kernel("paged_prefill")]
+        names += [n for n in inst.kernels if n not in names]  # reduce is shared by groups
     return names
 
 

@@ -25,13 +25,17 @@ namespace lmgate {
 constexpr int kAttnThreads = 128;
 constexpr int kAttnWarps = kAttnThreads / kWarpSize;
 
-template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GROUP>
-__device__ __forceinline__ void attend_row(
-    T* __restrict__ out,      // GROUP * HEAD_DIM outputs of this kv head's query heads
-    const T* __restrict__ q,  // GROUP * HEAD_DIM query elements, same heads
+// The block's softmax state over positions [begin, end) of one sequence, for the
+// GROUP query heads of `kv_head`. At the end every (g, d) in GROUP x HEAD_DIM is
+// handed to `sink(idx = g * HEAD_DIM + d, g, d, m, l, acc)` by exactly one thread:
+// m = max score, l = sum of e^(score - m), acc = sum of e^(score - m) * v[d]
+// (an empty range gives m = -inf, l = acc = 0).
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GROUP, typename Sink>
+__device__ __forceinline__ void attend_range(
+    const T* __restrict__ q,  // GROUP * HEAD_DIM query elements of this kv head's query heads
     const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int* __restrict__ block_table,  // this sequence's row of the block tables
-    int visible, int kv_head, int num_kv_heads, float scale) {
+    int begin, int end, int kv_head, int num_kv_heads, float scale, Sink sink) {
   static_assert(HEAD_DIM % kWarpSize == 0, "HEAD_DIM must be a multiple of 32");
   constexpr int PER_LANE = HEAD_DIM / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -51,7 +55,7 @@ __device__ __forceinline__ void attend_row(
   }
 
   const long long row = static_cast<long long>(num_kv_heads) * HEAD_DIM;
-  for (int t = warp; t < visible; t += kAttnWarps) {
+  for (int t = begin + warp; t < end; t += kAttnWarps) {
     const long long block = block_table[t / BLOCK_SIZE];
     const long long base = (block * BLOCK_SIZE + t % BLOCK_SIZE) * row + kv_head * HEAD_DIM;
     float k_reg[PER_LANE], v_reg[PER_LANE];
@@ -104,8 +108,21 @@ __device__ __forceinline__ void attend_row(
       denom += s_l[w][g] * weight;
       numer += s_acc[w][g][d] * weight;
     }
-    out[idx] = from_float<T>(denom > 0.f ? numer / denom : 0.f);
+    sink(idx, g, d, m_all, denom, numer);
   }
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GROUP>
+__device__ __forceinline__ void attend_row(T* __restrict__ out,  // GROUP * HEAD_DIM outputs
+                                           const T* __restrict__ q, const T* __restrict__ k_cache,
+                                           const T* __restrict__ v_cache,
+                                           const int* __restrict__ block_table, int visible,
+                                           int kv_head, int num_kv_heads, float scale) {
+  attend_range<T, HEAD_DIM, BLOCK_SIZE, GROUP>(
+      q, k_cache, v_cache, block_table, 0, visible, kv_head, num_kv_heads, scale,
+      [out](int idx, int, int, float, float l, float acc) {
+        out[idx] = from_float<T>(l > 0.f ? acc / l : 0.f);
+      });
 }
 
 // grid (num_seqs, num_kv_heads), block kAttnThreads.
@@ -158,6 +175,74 @@ __global__ void __launch_bounds__(kAttnThreads)
       out + token * out_stride + head_offset, q + token * q_stride + head_offset, k_cache,
       v_cache, block_tables + static_cast<long long>(seq) * max_blocks, visible, kv_head,
       num_kv_heads, scale);
+}
+
+// ---- split-context decode (flash-decoding) for small batches ----------------
+//
+// With few sequences, grid (num_seqs, num_kv_heads) leaves most SMs idle. The
+// partitioned path gives every kPartitionSize positions of a context their own
+// thread block, which writes its unnormalised softmax state (m, l, acc) to an
+// fp32 workspace; a second kernel merges the partitions of each (seq, head).
+//
+//   workspace  part_acc (num_seqs, num_heads, max_partitions, HEAD_DIM) fp32
+//              part_m, part_l (num_seqs, num_heads, max_partitions) fp32
+constexpr int kPartitionSize = 256;
+
+// grid (num_seqs, num_kv_heads, max_partitions), block kAttnThreads.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GROUP>
+__global__ void __launch_bounds__(kAttnThreads)
+    paged_decode_partitioned(float* __restrict__ part_acc, float* __restrict__ part_m,
+                             float* __restrict__ part_l, const T* __restrict__ q,
+                             const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                             const int* __restrict__ block_tables,
+                             const int* __restrict__ context_lens, int max_blocks,
+                             int num_kv_heads, float scale, long long q_stride,
+                             int max_partitions) {
+  const int seq = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int part = blockIdx.z;
+  const int context = context_lens[seq];
+  const int begin = part * kPartitionSize;
+  if (begin >= context) return;  // whole block leaves: the reduce never reads this partition
+  const int end = min(begin + kPartitionSize, context);
+  const long long head_offset = static_cast<long long>(kv_head) * GROUP * HEAD_DIM;
+  const long long first_head = static_cast<long long>(seq) * num_kv_heads * GROUP + kv_head * GROUP;
+  attend_range<T, HEAD_DIM, BLOCK_SIZE, GROUP>(
+      q + seq * q_stride + head_offset, k_cache, v_cache,
+      block_tables + static_cast<long long>(seq) * max_blocks, begin, end, kv_head,
+      num_kv_heads, scale,
+      [=](int, int g, int d, float m, float l, float acc) {
+        const long long slot = (first_head + g) * max_partitions + part;
+        part_acc[slot * HEAD_DIM + d] = acc;
+        if (d == 0) {
+          part_m[slot] = m;
+          part_l[slot] = l;
+        }
+      });
+}
+
+// grid (num_seqs, num_heads), block HEAD_DIM threads: one output element each.
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(HEAD_DIM)
+    paged_decode_reduce(T* __restrict__ out, const float* __restrict__ part_acc,
+                        const float* __restrict__ part_m, const float* __restrict__ part_l,
+                        const int* __restrict__ context_lens, int max_partitions,
+                        long long out_stride) {
+  const int seq = blockIdx.x;
+  const int head = blockIdx.y;
+  const int d = threadIdx.x;
+  const int parts = (context_lens[seq] + kPartitionSize - 1) / kPartitionSize;
+  const long long first = (static_cast<long long>(seq) * gridDim.y + head) * max_partitions;
+  float m_all = neg_inf();
+  for (int p = 0; p < parts; ++p) m_all = fmaxf(m_all, part_m[first + p]);
+  float denom = 0.f, numer = 0.f;
+  for (int p = 0; p < parts; ++p) {
+    const float weight = __expf(part_m[first + p] - m_all);
+    denom += part_l[first + p] * weight;
+    numer += part_acc[(first + p) * HEAD_DIM + d] * weight;
+  }
+  out[seq * out_stride + static_cast<long long>(head) * HEAD_DIM + d] =
+      from_float<T>(denom > 0.f ? numer / denom : 0.f);
 }
 
 }  // namespace lmgate

@@ -56,7 +56,14 @@ def emu():
         pytest.skip("g++ not installed")
     from gpu.kernels.cpu_emu.backend import EmulatedCudaBackend
 
-    return EmulatedCudaBackend()
+    return EmulatedCudaBackend(sm_count=0)  # never split the context
+
+
+@pytest.fixture(scope="module")
+def emu_split(emu):
+    from gpu.kernels.cpu_emu.backend import EmulatedCudaBackend
+
+    return EmulatedCudaBackend(sm_count=10**6)  # split whenever the context spans > 1 partition
 
 
 def test_emulated_barriers_really_interleave_threads(emu):
@@ -93,6 +100,7 @@ DECODE_CASES = [
     (4, 4, 128, [31, 5], torch.float32),  # GQA 1, head dim 128
     (16, 2, 128, [40, 3], torch.float32),  # GQA 8
     (8, 1, 64, [1024, 2], torch.float32),  # the longest context in the suite
+    (9, 3, 64, [256, 257, 513, 1], torch.float32),  # partition boundaries (256 positions)
     (9, 3, 64, [17, 1, 50], torch.bfloat16),
     (16, 2, 128, [20, 7], torch.float16),
 ]
@@ -101,14 +109,16 @@ DECODE_CASES = [
 @pytest.mark.parametrize(
     "nh,nkv,hd,context_lens,dtype",
     DECODE_CASES,
-    ids=["ctx1", "partial", "gqa1-hd128", "gqa8-hd128", "longest", "bf16", "fp16"],
+    ids=["ctx1", "partial", "gqa1-hd128", "gqa8-hd128", "longest", "partitions", "bf16", "fp16"],
 )
-def test_emulated_decode_matches_reference(emu, nh, nkv, hd, context_lens, dtype):
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-context"])
+def test_emulated_decode_matches_reference(emu, emu_split, split, nh, nkv, hd, context_lens, dtype):
+    """Both decode paths: one block per (seq, kv head), and partitions + reduce."""
     paged = make_paged(context_lens, nkv=nkv, hd=hd, dtype=dtype, seed=7)
     query = torch.randn(len(context_lens), nh, hd).to(dtype)
     args = (paged.block_tables, paged.context_lens, max(context_lens), hd**-0.5)
     expected = reference.decode(query, paged.k_cache, paged.v_cache, *args)
-    out = emu.decode(query, paged.k_cache, paged.v_cache, *args)
+    out = (emu_split if split else emu).decode(query, paged.k_cache, paged.v_cache, *args)
     check_close(out, expected, dtype)
 
 

@@ -25,7 +25,7 @@ _SIGNATURES = {
     "emu_selftest": [_I, _I, _I, _P],
     "emu_write_kv": [_I, _P, _P, _P, _P, _P, _I, _I, _L, _L],
     "emu_copy_blocks": [_P, _I, _P, _P, _I, _L],
-    "emu_paged_decode": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _L, _L],
+    "emu_paged_decode": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _L, _L, _I, _I],
     "emu_paged_prefill": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _L, _L],
 }
 
@@ -71,8 +71,12 @@ class EmulatedCudaBackend:
 
     name = "cuda-emu"
 
-    def __init__(self) -> None:
+    def __init__(self, *, sm_count: int = 108) -> None:
+        """`sm_count` feeds the same partitioned-decode decision as on a device
+        (108 = A100); pass 0 to never split the context, 10**6 to split whenever the
+        context spans more than one partition."""
         self._lib = load_library()
+        self._sm_count = sm_count
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         row = cb.plan_write_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -90,11 +94,15 @@ class EmulatedCudaBackend:
         if query.shape[0] == 0:
             return out
         inst = plan.instance
+        parts = cb.num_partitions(max_context_len)
+        partitioned = cb.use_partitioned_decode(
+            query.shape[0], plan.num_kv_heads, parts, self._sm_count
+        )
         status = self._lib.emu_paged_decode(
             DTYPE_CODES[inst.dtype], inst.head_dim, inst.block_size, inst.group,
             _ptr(out), _ptr(query), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
             _ptr(context_lens), query.shape[0], plan.max_blocks, plan.num_kv_heads,
-            scale, query.stride(0), out.stride(0),
+            scale, query.stride(0), out.stride(0), int(partitioned), parts,
         )  # fmt: skip
         _check_status(status, "paged_decode")
         return out

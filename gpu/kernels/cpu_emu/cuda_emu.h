@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -70,6 +71,7 @@ inline float __half2float(__half h) { return static_cast<float>(h.value); }
 inline __half __float2half(float f) { return __half{static_cast<_Float16>(f)}; }
 
 inline float __expf(float x) { return std::exp(x); }
+using std::min;
 inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, 4);

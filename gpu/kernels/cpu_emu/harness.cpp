@@ -122,19 +122,41 @@ int emu_copy_blocks(const unsigned long long* cache_ptrs, int num_caches, const 
   });
 }
 
+// partitioned != 0: the split-context path (partitioned kernel + reduce), with the
+// fp32 workspace allocated here, as the CUDA launcher allocates it on the device.
 int emu_paged_decode(int dtype, int head_dim, int block_size, int group, void* out, const void* q,
                      const void* k_cache, const void* v_cache, const int* block_tables,
                      const int* context_lens, int num_seqs, int max_blocks, int num_kv_heads,
-                     float scale, long long q_stride, long long out_stride) {
+                     float scale, long long q_stride, long long out_stride, int partitioned,
+                     int max_partitions) {
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     return with_shape(head_dim, block_size, group, [&](auto hd, auto bs, auto g) {
+      constexpr int HD = decltype(hd)::value, BS = decltype(bs)::value, G = decltype(g)::value;
+      if (!partitioned) {
+        return guarded([&] {
+          lmgate_emu::launch(dim3(num_seqs, num_kv_heads), dim3(lmgate::kAttnThreads), [&] {
+            lmgate::paged_decode<T, HD, BS, G>(
+                static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k_cache),
+                static_cast<const T*>(v_cache), block_tables, context_lens, max_blocks,
+                num_kv_heads, scale, q_stride, out_stride);
+          });
+        });
+      }
+      const size_t rows = static_cast<size_t>(num_seqs) * num_kv_heads * G * max_partitions;
+      // NaN-filled: a partition the reduce reads but nobody wrote would poison the output
+      std::vector<float> acc(rows * HD, NAN), m(rows, NAN), l(rows, NAN);
       return guarded([&] {
-        lmgate_emu::launch(dim3(num_seqs, num_kv_heads), dim3(lmgate::kAttnThreads), [&] {
-          lmgate::paged_decode<T, decltype(hd)::value, decltype(bs)::value, decltype(g)::value>(
-              static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(k_cache),
-              static_cast<const T*>(v_cache), block_tables, context_lens, max_blocks,
-              num_kv_heads, scale, q_stride, out_stride);
+        lmgate_emu::launch(
+            dim3(num_seqs, num_kv_heads, max_partitions), dim3(lmgate::kAttnThreads), [&] {
+              lmgate::paged_decode_partitioned<T, HD, BS, G>(
+                  acc.data(), m.data(), l.data(), static_cast<const T*>(q),
+                  static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_tables,
+                  context_lens, max_blocks, num_kv_heads, scale, q_stride, max_partitions);
+            });
+        lmgate_emu::launch(dim3(num_seqs, num_kv_heads * G), dim3(HD), [&] {
+          lmgate::paged_decode_reduce<T, HD>(static_cast<T*>(out), acc.data(), m.data(),
+                                             l.data(), context_lens, max_partitions, out_stride);
         });
       });
     });
