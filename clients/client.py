@@ -37,7 +37,14 @@ import anyio
 import httpx
 import msgspec
 
-from clients.errors import ConnectionFailed, LmgateError, Overloaded, RateLimited, error_for
+from clients.errors import (
+    ConnectionFailed,
+    LmgateError,
+    Overloaded,
+    RateLimited,
+    error_for,
+    status_of_type,
+)
 
 T = TypeVar("T")
 
@@ -200,7 +207,7 @@ class TokenStream:
                     return
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise error_for(500 if chunk["error"].get("type") == "server_error" else 400, chunk)
+                    raise error_for(status_of_type(chunk["error"].get("type")), chunk)
                 self.id = chunk.get("id", self.id)
                 if chunk.get("usage"):
                     self.usage = _usage(chunk["usage"])

@@ -77,6 +77,23 @@ def _class_for(status: int) -> type[LmgateError]:
     )
 
 
+_STATUS_OF_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "overloaded_error": 503,
+    "server_error": 500,
+}
+
+
+def status_of_type(error_type: str | None) -> int:
+    """HTTP status matching an OpenAI error `type` (for errors inside an SSE stream,
+    which carry no status of their own)."""
+    return _STATUS_OF_TYPE.get(error_type or "", 500)
+
+
 def parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None

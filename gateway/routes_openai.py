@@ -99,7 +99,7 @@ class CompletionRequest(_Sampling, frozen=True, kw_only=True):
     prompt: str | list[int]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None  # number of top alternatives per token
-    echo: bool = False
+    echo: bool = False  # accepted for compatibility; true is refused (not supported)
 
 
 class ChatRequest(_Sampling, frozen=True, kw_only=True):
@@ -226,6 +226,8 @@ def to_generate_call(
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
         return GenerateCall(messages=messages, **common)
+    if req.echo:
+        raise ApiError(400, "echo=true is not supported", code="unsupported_value", param="echo")
     if isinstance(req.prompt, str):
         return GenerateCall(prompt=req.prompt, **common)
     if not req.prompt:

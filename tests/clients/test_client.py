@@ -20,6 +20,7 @@ from clients import (
     PermissionDenied,
     RateLimited,
     RetryPolicy,
+    ServerError,
 )
 from clients.errors import ConnectionFailed
 from tests.clients.conftest import MODEL, Served
@@ -142,6 +143,9 @@ def test_typed_errors(served: Served, backend: str) -> None:
                 with pytest.raises(BadRequest):
                     async with session.chat_stream(HELLO, n=0) as s:
                         [d async for d in s]
+            with pytest.raises(ServerError):  # an error event inside an SSE stream
+                async with client.completions_stream("FAIL") as s:
+                    [d async for d in s]
         async with LmgateClient("http://127.0.0.1:9", served.api_key, model=MODEL) as nowhere:
             with pytest.raises(ConnectionFailed):
                 await nowhere.chat(HELLO)

@@ -176,6 +176,7 @@ BAD_INPUTS = [
     ("invalid utf-8", b'{"model": "fake-model", "prompt": "\xff\xfe"}', 400, "invalid_encoding"),
     ("empty body", b"", 400, "invalid_json"),
     ("unknown model", b'{"model": "gpt-9", "prompt": "x"}', 404, "model_not_found"),
+    ("echo", b'{"model": "fake-model", "prompt": "x", "echo": true}', 400, "unsupported_value"),
     ("negative priority", b'{"model": "fake-model", "prompt": "x", "priority": -1}', 400, "invalid_value"),
 ]
 
