@@ -115,7 +115,7 @@ class TorchAttentionBackend:
         values = _gather_blocks(v_cache, tables).transpose(1, 2)  # (B, nkv, L, hd)
         positions = torch.arange(nb * block_size, device=query.device)  # (L,)
         visible = positions[None, :] < context_lens.to(query.device)[:, None]  # (B, L)
-        q = query.view(batch, nkv, num_heads // nkv, head_dim)  # (B, nkv, group, hd)
+        q = query.reshape(batch, nkv, num_heads // nkv, head_dim)  # (B, nkv, group, hd)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=visible[:, None, None, :], scale=scale
         )  # (B, nkv, group, hd)

@@ -280,3 +280,27 @@ def test_decode_rejects_mismatched_heads(case):
     )
     with pytest.raises(ValueError, match="multiple"):
         case.backend.decode(q, k, v, bt, cl, 4, 0.125)
+
+
+def test_query_and_new_kv_may_be_views_into_a_fused_projection(case):
+    """The model splits one qkv tensor: rows of q, k, v are not adjacent in memory."""
+    nh, nkv, hd = 9, 3, 64
+    paged = make_paged([5, 30], nkv=nkv, hd=hd, seed=4)
+    qkv = torch.randn(2, nh + 2 * nkv, hd)
+    query, key, value = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
+    lens = [5, 30]
+    slots = torch.tensor(
+        [int(paged.block_tables[b, (n - 1) // 16]) * 16 + (n - 1) % 16 for b, n in enumerate(lens)]
+    )
+    exp_k, exp_v = paged.k_cache.clone(), paged.v_cache.clone()
+    reference.write_kv(key, value, exp_k, exp_v, slots)
+    expected = reference.decode(
+        query, exp_k, exp_v, paged.block_tables, paged.context_lens, 30, 0.125
+    )
+
+    qkv_d, kc, vc, sl, bt, cl = to(
+        case, qkv, paged.k_cache, paged.v_cache, slots, paged.block_tables, paged.context_lens
+    )
+    q, k, v = qkv_d[:, :nh], qkv_d[:, nh : nh + nkv], qkv_d[:, nh + nkv :]
+    case.backend.write_kv(k, v, kc, vc, sl)
+    check_close(case.backend.decode(q, kc, vc, bt, cl, 30, 0.125), expected, torch.float32)
