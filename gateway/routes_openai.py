@@ -405,29 +405,47 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
     return reply
 
 
-async def events_of(accepted: Accepted) -> AsyncIterator[TokenDelta | Finished | Failed]:
-    """Iterate a request's events; always closes the channel and cancels on exit.
+class RequestHandle:
+    """An accepted request plus whether it has ended; `abort()` is idempotent.
 
-    Exiting early (client gone, cancel scope, exception) therefore aborts the
-    request; after a Finished/Failed the cancel is a no-op for the runtime.
+    Every path that receives an `Accepted` wraps it so there is exactly one place
+    that decides "the client is gone before the end: cancel it".
     """
-    done = False
+
+    def __init__(self, accepted: Accepted) -> None:
+        self.accepted = accepted
+        self.ended = False  # Finished or Failed was received
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Cancel the request unless it already ended; always close the channel."""
+        if not self.ended and not self.aborted:
+            self.aborted = True
+            self.accepted.cancel()
+        self.accepted.events.close()
+
+
+async def events_of(handle: RequestHandle) -> AsyncIterator[TokenDelta | Finished | Failed]:
+    """Iterate a request's events, up to and including its Finished/Failed.
+
+    Leaving early (client gone, cancel scope, exception) aborts the request.
+    Callers use `aclosing(...)` so the abort happens at once, not at garbage collection.
+    """
     try:
-        async for event in accepted.events:
-            yield event
+        async for event in handle.accepted.events:
             if isinstance(event, Finished | Failed):
-                done = True
+                handle.ended = True
+            yield event
+            if handle.ended:
                 return
     finally:
-        if not done:
-            accepted.cancel()
-        accepted.events.close()
+        handle.abort()
 
 
 async def collect(state: GatewayState, endpoint: Endpoint, req: Any, call: GenerateCall) -> dict[str, Any]:
-    accepted = await submit(state, call)
+    handle = RequestHandle(await submit(state, call))
     collector = Collector(endpoint, call.request_id, req.model, req.n)
-    async with aclosing(events_of(accepted)) as events:
+    async with aclosing(events_of(handle)) as events:
         async for event in events:
             if isinstance(event, TokenDelta):
                 collector.add(event)
@@ -438,22 +456,48 @@ async def collect(state: GatewayState, endpoint: Endpoint, req: Any, call: Gener
     raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
 
 
-async def sse_body(accepted: Accepted, renderer: ChunkRenderer) -> AsyncIterator[bytes]:
-    """The SSE stream of one request.
+class SseBody:
+    """The SSE byte stream of one request, as a Quart response body.
 
-    On disconnect quart-trio cancels the send and Quart `aclose()`s this generator;
-    `aclosing` then closes `events_of`, whose `finally` aborts the request.
+    A class rather than a bare async generator because the body may be closed
+    before it is ever iterated (client gone before the first byte): `aclose()` on
+    an unstarted generator skips its `finally`, which would leak the request.
+    Here `aclose()` (called by Quart on disconnect) and, as a last resort, garbage
+    collection of a body Quart never opened both abort the request.
     """
-    async with aclosing(events_of(accepted)) as events:
-        async for event in events:
-            if isinstance(event, TokenDelta):
-                yield sse.event(renderer.delta(event))
-            elif isinstance(event, Finished):
-                for chunk in renderer.finished(event):
-                    yield sse.event(chunk)
-            else:
-                yield sse.event(failed_error(event).body())
-    yield sse.DONE
+
+    def __init__(self, handle: RequestHandle, renderer: ChunkRenderer) -> None:
+        self.handle = handle
+        self.renderer = renderer
+        self._chunks = self._generate()
+
+    def __aiter__(self) -> SseBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            self.handle.abort()
+
+    def __del__(self) -> None:
+        if not self.handle.ended and not self.handle.aborted:
+            self.handle.abort()
+
+    async def _generate(self) -> AsyncIterator[bytes]:
+        async with aclosing(events_of(self.handle)) as events:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    yield sse.event(self.renderer.delta(event))
+                elif isinstance(event, Finished):
+                    for chunk in self.renderer.finished(event):
+                        yield sse.event(chunk)
+                else:
+                    yield sse.event(failed_error(event).body())
+        yield sse.DONE
 
 
 # ---------------------------------------------------------------- routes
@@ -471,10 +515,10 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         call = to_generate_call(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"))
         if not req.stream:
             return await collect(state, endpoint, req, call)
-        accepted = await submit(state, call)
+        handle = RequestHandle(await submit(state, call))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage)
-        response = Response(sse_body(accepted, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
+        response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response
 
@@ -511,6 +555,8 @@ __all__ = [
     "Collector",
     "CompletionRequest",
     "decode_request",
+    "RequestHandle",
+    "SseBody",
     "events_of",
     "openai_blueprint",
     "sampling_params",

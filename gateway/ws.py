@@ -19,6 +19,8 @@ and close code 1009 (message too big).
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +31,7 @@ from quart import Blueprint, websocket
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from gateway.errors import ApiError
 from gateway.routes_openai import (
+    RequestHandle,
     decode_request,
     events_of,
     failed_error,
@@ -130,12 +133,16 @@ class Session:
         req = decode_request(frame.endpoint, bytes(frame.body))
         self.state.check_model(req.model)
         call = to_generate_call(req, self.tenant, new_request_id(frame.endpoint))
-        accepted = await submit(self.state, call)
-        async for event in events_of(accepted):
+        handle = RequestHandle(await submit(self.state, call))
+        async with aclosing(events_of(handle)) as events:
+            await self._forward(frame.id, events)
+
+    async def _forward(self, frame_id: str, events: AsyncIterator[Any]) -> None:
+        async for event in events:
             if isinstance(event, TokenDelta):
                 token: dict[str, Any] = {
                     "type": "token",
-                    "id": frame.id,
+                    "id": frame_id,
                     "index": event.index,
                     "text": event.text,
                     "token_ids": event.token_ids,
@@ -147,7 +154,7 @@ class Session:
                 await self.send(
                     {
                         "type": "done",
-                        "id": frame.id,
+                        "id": frame_id,
                         "request_id": event.request_id,
                         "finish_reasons": event.finish_reasons,
                         "usage": usage_json(event),

@@ -51,8 +51,8 @@ class FakeRuntime:
 
     Each accepted request streams `max_tokens` words per choice (``word(i, j)``),
     `delay` seconds apart, then Finished("length"). A prompt containing "FAIL"
-    fails after one token; "HANG" streams one token and then waits forever (for
-    disconnect tests). `reject` (a Rejected template) refuses the next submits.
+    fails after one token; "HANG" streams one token and then waits forever,
+    "SILENT" waits forever before the first token (for disconnect tests). `reject` (a Rejected template) refuses the next submits.
     """
 
     model_name = MODEL
@@ -98,6 +98,8 @@ class FakeRuntime:
         prompt_tokens = len(call.prompt_token_ids) if call.prompt_token_ids else len(text.split())
         try:
             async with send:
+                if "SILENT" in text:
+                    await trio.sleep_forever()
                 for j in range(max_tokens):
                     for i in range(n):
                         lp = [-0.5] if call.params.logprobs is not None else None

@@ -282,6 +282,17 @@ async def test_sse_disconnect_cancels_the_request(gateway: Gateway) -> None:
     assert request_id in gateway.runtime.cancelled
 
 
+async def test_sse_disconnect_before_the_first_token_cancels_the_request(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        with trio.move_on_after(0.5):
+            async with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "SILENT", "stream": True}) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+    request_id = gateway.runtime.calls[-1].request_id
+    with trio.fail_after(5):
+        await gateway.runtime.cancel_events[request_id].wait()
+
+
 async def test_json_disconnect_cancels_the_request(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         with trio.move_on_after(0.5):
