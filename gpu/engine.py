@@ -124,6 +124,10 @@ class Engine:
         self._seq_owner: dict[str, tuple[_Request, _Choice]] = {}
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.num_steps = 0
+        # cumulative counters (exported by the runtime's metrics; read by tests and benchmarks)
+        self.counters = {"steps": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0,
+                         "preemptions": 0, "generated_tokens": 0}
+        self._started: set[str] = set()
 
     # ----------------------------------------------------------------- intake
     def add_request(
@@ -161,6 +165,7 @@ class Engine:
                 f"of {self.max_model_len} tokens"
             )
         req = _Request(request_id, params, ids, max_tokens, time.monotonic())
+        self.counters["prompt_tokens"] += len(ids)
         self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority))
         req.choices.append(self._new_choice(req, request_id, 0))
         self._requests[request_id] = req
@@ -185,6 +190,7 @@ class Engine:
         for c in req.choices:
             self.scheduler.abort(c.seq_id)
             self._seq_owner.pop(c.seq_id, None)
+            self._started.discard(c.seq_id)
         return True
 
     # ------------------------------------------------------------------ state
@@ -202,6 +208,7 @@ class Engine:
             "kv_usage": self.scheduler.kv_usage,
             "num_blocks": self.num_blocks,
             "requests": len(self._requests),
+            **self.counters,
         }
 
     # ------------------------------------------------------------------- step
@@ -211,6 +218,7 @@ class Engine:
         if not plan.seqs:
             return []
         self.num_steps += 1
+        self._count(plan)
         out = self.runner.execute(plan)
         rows, states, targets = self._sampling_batch(out.seq_ids)
         sampled_by_seq: dict[str, int] = {}
@@ -237,6 +245,16 @@ class Engine:
             if req is not None and req.finished:
                 del self._requests[rid]
         return deltas
+
+    def _count(self, plan) -> None:
+        c = self.counters
+        c["steps"] += 1
+        c["preemptions"] += len(plan.preempted)
+        for s in plan.seqs:
+            if s.request_id not in self._started:
+                self._started.add(s.request_id)
+                if "#" not in s.request_id:  # forked children start from shared blocks, not hits
+                    c["prefix_hit_tokens"] += s.start_pos
 
     def _sampling_batch(self, seq_ids: Iterable[str]):
         """Rows of logits to sample, with their sampling states; n>1 parents get n rows."""
@@ -287,6 +305,7 @@ class Engine:
         st = choice.sampling
         st.output_token_ids.append(tok)
         n_out = len(st.output_token_ids)
+        self.counters["generated_tokens"] += 1
         reason = None
         emit = ""
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
@@ -309,6 +328,7 @@ class Engine:
             choice.finish_reason = reason
             self.scheduler.finish(choice.seq_id)
             self._seq_owner.pop(choice.seq_id, None)
+            self._started.discard(choice.seq_id)
         return StepDelta(
             request_id=req.request_id,
             index=choice.index,

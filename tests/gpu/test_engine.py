@@ -1,0 +1,212 @@
+"""The engine against Hugging Face transformers: greedy output is token-identical.
+
+Every scenario feeds the same prompt token ids to both and compares the greedy
+continuations (EOS ignored, so lengths are fixed): alone, inside a continuous
+batch with staggered arrivals and early finishers, with chunked prefill, with
+prefix-cache hits, and after preemption + recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+from gpu.engine import Engine, RequestRejected, generate
+from gpu.loader import load_checkpoint
+from gpu.sampling import SamplingParams, SamplingParamsError
+from gpu.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 20
+SYSTEM = "You are a meticulous assistant. Answer briefly and precisely, in plain English."
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "Explain what a hash table is in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?",
+    "Name a famous physicist and one discovery.",
+    "Give me a synonym for 'happy'.",
+    "Summarize the plot of Romeo and Juliet in two sentences, focusing on the feud between the families.",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return load_checkpoint("smollm2", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    return load_tokenizer(ckpt)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(
+                [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+            )
+        )
+        for q in QUESTIONS
+    ]
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation with transformers' own KV cache (the reference)."""
+    out: list[int] = []
+    with torch.inference_mode():
+        res = model(torch.tensor([ids]), use_cache=True)
+        past = res.past_key_values
+        for _ in range(n):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            res = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past = res.past_key_values
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(hf_reference, prompts) -> list[list[int]]:
+    return [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
+
+
+def make_engine(ckpt, tokenizer, **sched) -> Engine:
+    cache = sched.pop("cache", CacheConfig(cache_bytes=64 * 1024**2))
+    cfg = EngineConfig(dtype="float32", cache=cache, scheduler=replace(SchedulerConfig(), **sched))
+    return Engine(cfg, checkpoint=ckpt, tokenizer=tokenizer)
+
+
+def greedy(n: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def test_greedy_alone_matches_transformers(ckpt, tokenizer, prompts, expected):
+    engine = make_engine(ckpt, tokenizer)
+    for p, want in zip(prompts, expected, strict=True):
+        [[out]] = generate(engine, [p], greedy())
+        assert out.token_ids == want
+        assert out.finish_reason == "length"
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_continuous_batch_with_staggered_arrivals(ckpt, tokenizer, prompts, expected):
+    """Requests join while others decode and leave at different lengths."""
+    engine = make_engine(ckpt, tokenizer, max_num_batched_tokens=256)
+    lengths = [NEW_TOKENS - (i % 4) * 4 for i in range(len(prompts))]
+    got: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    step = 0
+    max_running = 0
+    while pending or engine.has_unfinished():
+        if pending and step % 3 == 0:  # a new arrival every third step
+            i, p = pending.pop(0)
+            engine.add_request(f"r{i}", p, greedy(lengths[i]))
+        for d in engine.step():
+            got.setdefault(d.request_id, []).extend(d.token_ids)
+        max_running = max(max_running, engine.scheduler.num_running)
+        step += 1
+    assert max_running >= 3, "the batch never held several requests at once"
+    for i in range(len(prompts)):
+        assert got[f"r{i}"] == expected[i][: lengths[i]], f"request {i} diverged"
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_chunked_prefill(ckpt, tokenizer, prompts, expected):
+    engine = make_engine(ckpt, tokenizer, max_num_batched_tokens=16)
+    outs = generate(engine, prompts, greedy())
+    for [o], want in zip(outs, expected, strict=True):
+        assert o.token_ids == want
+    # every prompt is longer than the budget, so each was split over several steps
+    assert min(len(p) for p in prompts) > 16
+
+
+def test_prefix_cache_hits(ckpt, tokenizer, prompts, expected):
+    engine = make_engine(ckpt, tokenizer)
+    generate(engine, prompts[:1], greedy())
+    before = engine.counters["prefix_hit_tokens"]
+    outs = generate(engine, prompts, greedy())
+    hits = engine.counters["prefix_hit_tokens"] - before
+    # the shared system prompt spans at least one full block for every later prompt
+    assert hits >= engine.config.cache.block_size * len(prompts)
+    for [o], want in zip(outs, expected, strict=True):
+        assert o.token_ids == want
+
+
+def test_preemption_and_recompute(ckpt, tokenizer, prompts, expected):
+    """A cache too small for all requests at once: some are preempted, none fails or diverges."""
+    per_block = CacheConfig(block_size=16).bytes_per_block(ckpt.config, 4)
+    need = max(len(p) for p in prompts) + NEW_TOKENS
+    blocks = (need // 16 + 1) * 3  # room for about three requests
+    engine = make_engine(ckpt, tokenizer, cache=CacheConfig(block_size=16, cache_bytes=per_block * blocks,
+                                                            enable_prefix_caching=False))
+    outs = generate(engine, prompts, greedy())
+    assert engine.counters["preemptions"] > 0
+    for [o], want in zip(outs, expected, strict=True):
+        assert o.token_ids == want
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_abort_frees_blocks_at_once(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    engine.add_request("a", prompts[0], greedy())
+    engine.add_request("b", prompts[1], greedy())
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < engine.num_blocks
+    assert engine.abort("a") and engine.abort("b")
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert not engine.has_unfinished()
+    assert engine.step() == []
+
+
+def test_request_that_can_never_fit_is_rejected(ckpt, tokenizer):
+    engine = make_engine(ckpt, tokenizer, max_model_len=64)
+    with pytest.raises(RequestRejected, match="context window"):
+        engine.add_request("long", list(range(100)), greedy())
+    with pytest.raises(RequestRejected, match="exceeds"):
+        engine.add_request("long2", list(range(60)), greedy(10))
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(temperature=-1)
+    assert e.value.field == "temperature"
+
+
+def test_stop_string_and_eos(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    [[free]] = generate(engine, [prompts[0]], SamplingParams(temperature=0, max_tokens=40))
+    assert free.finish_reason == "stop"  # "The capital of France is Paris." then <|im_end|>
+    assert "Paris" in free.text and "<|im_end|>" not in free.text
+    [[cut]] = generate(engine, [prompts[0]], SamplingParams(temperature=0, max_tokens=40, stop=("Paris",)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index("Paris")]
+
+
+def test_seeded_sampling_is_batch_independent_and_n_choices(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
+    [[alone]] = generate(engine, [prompts[2]], p)
+    mixed = generate(engine, [prompts[0], prompts[2], prompts[5]],
+                     [SamplingParams(temperature=1.0, max_tokens=8), p, greedy(5)])
+    assert mixed[1][0].token_ids == alone.token_ids
+    choices = generate(engine, [prompts[2]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10,
+                                                             ignore_eos=True))[0]
+    assert [c.index for c in choices] == [0, 1, 2]
+    assert all(len(c.token_ids) == 10 for c in choices)
+    assert len({tuple(c.token_ids) for c in choices}) > 1
+    again = generate(engine, [prompts[2]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10,
+                                                           ignore_eos=True))[0]
+    assert [c.token_ids for c in again] == [c.token_ids for c in choices]
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_logprobs(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    [[o]] = generate(engine, [prompts[0]], SamplingParams(temperature=0, max_tokens=4, logprobs=3))
+    assert o.logprobs is not None and len(o.logprobs) == len(o.token_ids)
+    assert all(lp <= 0 for lp in o.logprobs)
