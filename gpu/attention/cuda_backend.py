@@ -94,8 +94,16 @@ class AttentionPlan:
 
 
 def plan_attention(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_context_len: int,
 ) -> AttentionPlan:
+    """Validates one decode/prefill launch and picks its template instance.
+
+    `max_context_len` must cover every context: the kernels index the block
+    tables up to it and never bounds-check on the device."""
     check_cache(k_cache, v_cache)
     _, block_size, nkv, head_dim = k_cache.shape
     _require(query.dim() == 3, f"query must be (N, num_heads, head_dim), got {tuple(query.shape)}")
@@ -115,6 +123,11 @@ def plan_attention(
         f"block_size {block_size} not in {build.BLOCK_SIZES}",
     )
     _require(inst.group in build.GROUPS, f"GQA group {inst.group} not in {build.GROUPS}")
+    _require(
+        max_context_len <= block_tables.shape[1] * block_size,
+        f"max_context_len {max_context_len} exceeds the block tables' "
+        f"{block_tables.shape[1]} blocks of {block_size}",
+    )
     return AttentionPlan(inst, num_heads, nkv, block_tables.shape[1])
 
 
@@ -257,7 +270,7 @@ class CudaAttentionBackend:
             )  # fmt: skip
 
     def decode(self, query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
-        plan = plan_attention(query, k_cache, v_cache, block_tables)
+        plan = plan_attention(query, k_cache, v_cache, block_tables, max_context_len)
         check_index("context_lens", context_lens, torch.int32, 1)
         device = on_cuda(query, k_cache, v_cache, block_tables, context_lens)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -320,7 +333,7 @@ class CudaAttentionBackend:
         max_context_len,
         scale,
     ):
-        plan = plan_attention(query, k_cache, v_cache, block_tables)
+        plan = plan_attention(query, k_cache, v_cache, block_tables, max_context_len)
         check_index("query_start_loc", query_start_loc, torch.int32, 1)
         check_index("context_lens", context_lens, torch.int32, 1)
         device = on_cuda(query, k_cache, v_cache, block_tables, context_lens, query_start_loc)

@@ -231,7 +231,9 @@ __global__ void __launch_bounds__(HEAD_DIM)
   const int seq = blockIdx.x;
   const int head = blockIdx.y;
   const int d = threadIdx.x;
-  const int parts = (context_lens[seq] + kPartitionSize - 1) / kPartitionSize;
+  // min(): a context longer than the launcher's max_context_len must not read past
+  // the workspace (its output is then wrong, as the contract was broken, but memory-safe)
+  const int parts = min((context_lens[seq] + kPartitionSize - 1) / kPartitionSize, max_partitions);
   const long long first = (static_cast<long long>(seq) * gridDim.y + head) * max_partitions;
   float m_all = neg_inf();
   for (int p = 0; p < parts; ++p) m_all = fmaxf(m_all, part_m[first + p]);

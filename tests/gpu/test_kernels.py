@@ -207,3 +207,11 @@ def test_cuda_backend_rejects_host_tensors_before_launching():
             torch.randn(1, 9, 64), paged.k_cache, paged.v_cache,
             paged.block_tables, paged.context_lens, 4, 0.125,
         )  # fmt: skip
+
+
+def test_launchers_reject_a_context_longer_than_the_block_tables(emu):
+    """The kernels index block tables without bounds checks: the launcher must."""
+    paged = make_paged([20], nkv=3, hd=64, extra_cols=0)  # 2 columns = 32 positions
+    with pytest.raises(ValueError, match="exceeds"):
+        emu.decode(torch.randn(1, 9, 64), paged.k_cache, paged.v_cache,
+                   paged.block_tables, paged.context_lens, 33, 0.125)  # fmt: skip

@@ -88,7 +88,7 @@ class EmulatedCudaBackend:
         _check_status(status, "write_kv")
 
     def decode(self, query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
-        plan = cb.plan_attention(query, k_cache, v_cache, block_tables)
+        plan = cb.plan_attention(query, k_cache, v_cache, block_tables, max_context_len)
         cb.check_index("context_lens", context_lens, torch.int32, 1)
         out = torch.empty(query.shape, dtype=query.dtype)
         if query.shape[0] == 0:
@@ -119,7 +119,7 @@ class EmulatedCudaBackend:
         max_context_len,
         scale,
     ):
-        plan = cb.plan_attention(query, k_cache, v_cache, block_tables)
+        plan = cb.plan_attention(query, k_cache, v_cache, block_tables, max_context_len)
         cb.check_index("query_start_loc", query_start_loc, torch.int32, 1)
         cb.check_index("context_lens", context_lens, torch.int32, 1)
         out = torch.empty(query.shape, dtype=query.dtype)
