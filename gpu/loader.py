@@ -164,6 +164,9 @@ def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | N
         field = fields.get(f"tokenizer.ggml.{key}")
         return None if field is None else _gguf_field_value(field)
 
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"RoPE scaling {scaling!r} is not supported (plain RoPE only)")
     hidden = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // num_heads))
@@ -265,17 +268,17 @@ def _hf_config(folder: Path) -> ModelConfig:
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
         raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not llama")
-    if cfg.get("rope_scaling"):
-        raise CheckpointError(f"{folder}: rope_scaling {cfg['rope_scaling']} is not supported")
+    rope_params = cfg.get("rope_parameters") or {}  # transformers 5 nests rope settings here
+    scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise CheckpointError(f"{folder}: RoPE scaling {scaling} is not supported (plain RoPE only)")
 
     declared: list[int] = []
     for source in (cfg, _read_json(folder / "generation_config.json")):
         eos = source.get("eos_token_id")
         declared += [eos] if isinstance(eos, int) else list(eos or [])
     tokens, template = _hf_special_tokens(folder)
-    rope_theta = cfg.get("rope_theta")
-    if rope_theta is None:  # transformers 5 nests it under rope_parameters
-        rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     num_heads = int(cfg["num_attention_heads"])
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),

@@ -188,3 +188,51 @@ def test_allocate_kv_caches_shapes():
         assert k.is_contiguous() and v.is_contiguous()
     caches[0][0].fill_(1.0)
     assert caches[0][1].abs().sum() == 0 and caches[1][0].abs().sum() == 0
+
+
+def test_untied_model_saved_by_transformers_matches_it(tmp_path):
+    """A tiny random Llama (untied head, GQA, odd theta) written by `save_pretrained`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-6, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # default init (std 0.02) makes attention nearly uniform: RoPE would go untested
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    ckpt = load_checkpoint(str(tmp_path), torch.float32)
+    assert not ckpt.config.tie_word_embeddings and ckpt.config.rope_theta == 500.0
+    model = LlamaModel.from_checkpoint(ckpt, TorchAttentionBackend(), torch.float32, "cpu")
+
+    ids = [3, 17, 5, 60, 9, 9, 41, 2, 33, 8, 1, 50, 12, 7, 7, 19, 25, 4, 11, 30]  # spans 2 blocks
+    caches = fresh_caches(model)
+    ours = prefill_alone(model, ids, caches)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+    diff = (ours - ref).abs().max().item()
+    assert ref.abs().max().item() > 5.0  # logits large enough for the bound to mean something
+    assert diff < 1e-4, f"max abs diff {diff}"
+
+
+@pytest.mark.slow
+def test_bfloat16_model_stays_close_to_float32(model, smollm2_path):
+    """bf16 weights/activations: logits drift (measured max 1.2 on chat prompts) but ranks hold."""
+    bf16 = LlamaModel.from_checkpoint(
+        load_checkpoint(str(smollm2_path), torch.bfloat16), TorchAttentionBackend(), torch.bfloat16, "cpu"
+    )
+    ids = PROMPTS[3] + PROMPTS[0]
+    ref = prefill_alone(model, ids, fresh_caches(model))
+    seq = Seq(blocks_for(0, len(ids)), 0, len(ids))
+    caches = allocate_kv_caches(bf16.config, NUM_BLOCKS, BLOCK_SIZE, torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        ours = bf16.compute_logits(bf16(torch.tensor(ids), torch.arange(len(ids)), caches, build_metadata([], [seq])))
+    assert ours.dtype == torch.float32
+    diff = (ours - ref).abs().max().item()
+    assert diff < 3.0, f"max abs diff {diff}"
+    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"top-1 agreement {agree}"
