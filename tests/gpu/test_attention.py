@@ -31,7 +31,7 @@ class Case:
     device: str
 
 
-@pytest.fixture(params=["torch", "cuda"])
+@pytest.fixture(params=["torch", pytest.param("cuda", marks=pytest.mark.gpu)])
 def case(request) -> Case:
     if request.param == "torch":
         return Case(TorchAttentionBackend(), "cpu")
