@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -52,7 +53,7 @@ def test_nvrtc_compiles_every_name_expression():
 
 @pytest.fixture(scope="module")
 def emu():
-    if build.shutil.which("g++") is None:
+    if shutil.which("g++") is None:
         pytest.skip("g++ not installed")
     from gpu.kernels.cpu_emu.backend import EmulatedCudaBackend
 
