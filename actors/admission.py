@@ -41,6 +41,7 @@ class AdmissionConfig:
     model_name: str
     max_model_len: int
     vocab_size: int
+    model_aliases: frozenset[str] = frozenset()
     max_waiting: int = 1024  # queue depth beyond which → 503
     max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
     quota_fail_open: bool = True
@@ -216,7 +217,7 @@ class Admission:
     async def admit(self, call: GenerateCall) -> Accepted | Rejected:
         tenant = call.tenant.tenant_id
         try:
-            if call.model != self.config.model_name:
+            if call.model != self.config.model_name and call.model not in self.config.model_aliases:
                 raise _Refuse(404, "model_not_found",
                               f"model {call.model!r} does not exist; this server serves "
                               f"{self.config.model_name!r}", "model")

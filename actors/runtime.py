@@ -49,6 +49,19 @@ class RuntimeConfig:
     channel_size: int = 256
 
 
+def served_model_name(model: str) -> str:
+    """The id `/v1/models` shows for `--model`: the bundled model's HF name, else the
+    checkpoint's file or folder name."""
+    from pathlib import Path
+
+    from gpu.loader import BUNDLED_ALIASES
+
+    if model in BUNDLED_ALIASES:
+        return "SmolLM2-135M-Instruct"
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
 class _ServiceTime:
     """EWMA of time-in-engine, for the overload estimate."""
 
@@ -79,7 +92,9 @@ class Runtime:
         self.store = store
         self.metrics = metrics or Metrics()
         self.registry = self.metrics.registry
-        self.model_name = config.model_name or engine.model_config.name
+        self.model_name = config.model_name or served_model_name(engine.config.model)
+        # clients may also name the model the way the operator did (--model)
+        self.model_aliases = frozenset({self.model_name, engine.config.model})
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.ready = False
@@ -102,6 +117,7 @@ class Runtime:
         self.admission = Admission(
             AdmissionConfig(
                 model_name=self.model_name,
+                model_aliases=self.model_aliases,
                 max_model_len=engine.max_model_len,
                 vocab_size=engine.model_config.vocab_size,
                 max_waiting=config.queue.max_waiting,

@@ -44,6 +44,19 @@ class GatewayConfig:
     shutdown_grace_seconds: float = 10.0  # streams may finish this long after SIGINT/SIGTERM
     keep_alive_seconds: float = 5.0
     dev_tenant: bool = True  # on first start create a development tenant and print its key
+    # engine and scheduling (see gpu.config / actors.runtime)
+    served_model_name: str = ""  # id clients send as `model`; "" → derived from --model
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    kv_cache_mb: int = 512
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512
+    max_model_len: int = 8192
+    prefix_caching: bool = True
+    max_waiting: int = 1024  # queued requests beyond this → 503
+    max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
+    quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,6 +66,13 @@ class GatewayConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shutdown_grace_seconds < 0:
             raise ConfigError("shutdown_grace_seconds must be >= 0")
+        for name in ("kv_cache_mb", "max_num_seqs", "max_batched_tokens", "max_model_len", "max_waiting"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GatewayConfig)}
@@ -69,6 +89,18 @@ _HELP = {
     "shutdown_grace_seconds": "on SIGINT/SIGTERM, let streams finish this long, then cancel",
     "keep_alive_seconds": "HTTP keep-alive timeout",
     "dev_tenant": "create a development tenant on first start and print its key",
+    "served_model_name": "model id clients send (empty = derived from --model, e.g. SmolLM2-135M-Instruct)",
+    "dtype": "weights/KV dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+    "device": "cpu or cuda[:N]",
+    "threads": "torch CPU threads (0 = torch default)",
+    "kv_cache_mb": "KV cache budget in MiB",
+    "max_num_seqs": "running-requests cap of the engine",
+    "max_batched_tokens": "token budget of one engine step (prefill chunks + decodes)",
+    "max_model_len": "prompt + output tokens per request",
+    "prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "max_waiting": "queued requests beyond which new ones get 503",
+    "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
+    "quota_fail_open": "while Redis is down, serve without quota (else 503)",
 }
 
 
@@ -159,6 +191,33 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=text)
+
+
+def runtime_config(config: GatewayConfig):
+    """The `actors.runtime.RuntimeConfig` these settings describe."""
+    from actors.queue_policy import QueueConfig
+    from actors.runtime import RuntimeConfig
+    from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    engine = EngineConfig(
+        model=config.model,
+        dtype=config.dtype,
+        device=config.device,
+        num_threads=config.threads,
+        cache=CacheConfig(cache_bytes=config.kv_cache_mb * 1024**2, enable_prefix_caching=config.prefix_caching),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=config.max_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+        ),
+    )
+    return RuntimeConfig(
+        engine=engine,
+        queue=QueueConfig(max_waiting=config.max_waiting),
+        model_name=config.served_model_name,
+        max_estimated_wait_s=config.max_estimated_wait_seconds,
+        quota_fail_open=config.quota_fail_open,
+    )
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -118,14 +118,13 @@ async def serve_app(
 async def open_gateway_runtime(config: GatewayConfig, stores: GatewayStores) -> AsyncIterator[Runtime]:
     """The real runtime (engine + actors) wired to the same Redis as the gateway:
     quotas, response cache and prompt cache."""
-    from actors.runtime import RuntimeConfig, open_runtime
+    from actors.runtime import open_runtime
     from cache.prompt_cache import PromptCache
     from cache.response_cache import ResponseCache
-    from gpu.config import EngineConfig
+    from gateway.config import runtime_config
 
-    runtime_config = RuntimeConfig(engine=EngineConfig(model=config.model))
     async with open_runtime(
-        runtime_config,
+        runtime_config(config),
         quotas=stores.quotas,
         response_cache=ResponseCache(stores.redis),
         prompt_cache=PromptCache(stores.redis),
