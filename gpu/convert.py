@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint, load_checkpoint, resolve_source
@@ -67,13 +66,9 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
     dst = Path(dst)
     if dst.resolve() == source.resolve():
         raise ValueError(f"destination {dst} is the source folder")
-    ckpt = load_checkpoint(src, DTYPES[dtype])
+    ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
-
-    tensors = {
-        name: tensor.contiguous()
-        for name, tensor in tqdm(ckpt.state_dict.items(), desc="converting", unit="tensor", disable=not progress)
-    }
+    tensors = {name: tensor.contiguous() for name, tensor in ckpt.state_dict.items()}
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
     _write_tokenizer(ckpt, source, dst)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gpu.config import ModelConfig
 
@@ -86,13 +87,16 @@ def resolve_source(path_or_name: str) -> Path:
     return path
 
 
-def load_checkpoint(path_or_name: str, dtype: torch.dtype) -> Checkpoint:
-    """Load a checkpoint, every tensor cast to `dtype` (on the CPU)."""
+def load_checkpoint(path_or_name: str, dtype: torch.dtype, *, progress: bool = False) -> Checkpoint:
+    """Load a checkpoint, every tensor cast to `dtype` (on the CPU).
+
+    `progress` shows a tqdm bar over tensors (GGUF) or shard files (HF folders).
+    """
     path = resolve_source(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, progress=progress)
     if path.is_dir():
-        return load_hf_folder(path, dtype)
+        return load_hf_folder(path, dtype, progress=progress)
     raise CheckpointError(f"{path}: expected a .gguf file or a folder with config.json")
 
 
@@ -223,7 +227,7 @@ def resolve_eos_token_ids(
     return tuple(dict.fromkeys(ids))
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+def load_gguf(path: Path, dtype: torch.dtype, *, progress: bool = False) -> Checkpoint:
     """Dequantize a llama GGUF into HF naming and layout (see module docstring)."""
     import gguf  # local: only GGUF loads need it
 
@@ -234,7 +238,7 @@ def load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
     config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
 
     state_dict: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
         hf_name = gguf_to_hf_name(tensor.name)
         # gguf shapes are (in, out) ggml order; numpy data is already (out, in)
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -327,13 +331,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_hf_folder(folder: Path, dtype: torch.dtype) -> Checkpoint:
+def load_hf_folder(folder: Path, dtype: torch.dtype, *, progress: bool = False) -> Checkpoint:
     """Load a HF Llama folder (also what `gpu.convert.convert_checkpoint` writes)."""
     from safetensors.torch import load_file
 
     config = _hf_config(folder)
     state_dict: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(folder):
+    for file in tqdm(_safetensors_files(folder), desc="loading", unit="file", disable=not progress):
         for name, tensor in load_file(str(file)).items():
             if name.endswith("rotary_emb.inv_freq"):  # buffer some exporters save
                 continue
