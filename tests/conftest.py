@@ -1,4 +1,6 @@
-"""Shared fixtures: the bundled SmolLM2 GGUF and a transformers reference model.
+"""Shared fixtures: the bundled SmolLM2 GGUF, a transformers reference model, and a
+real private redis-server (never the machine's shared Redis on 6379: `PrivateRedis`
+picks a free port).
 
 Both are session-scoped: the reference takes ~15 s to load, so every test
 module that compares against it shares one instance (treat it as read-only).
@@ -6,10 +8,14 @@ module that compares against it shares one instance (treat it as read-only).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from cache.redis_server import PrivateRedis
+from cache.store import RedisStore
 
 torch.set_num_threads(2)  # the test machines have 2 cores, shared
 
@@ -31,3 +37,28 @@ def hf_reference(smollm2_path: Path):
         str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32
     )
     return model.eval()
+
+
+SECRET = b"test-server-secret-0123456789"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    with PrivateRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: PrivateRedis) -> str:
+    """URL of the session's private Redis, emptied for this test (restarted first if a
+    previous test stopped it and did not bring it back)."""
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    async with RedisStore(redis_url) as s:
+        yield s

@@ -3,7 +3,6 @@ scenario can be driven from trio *or* asyncio (`anyio.run(..., backend=...)`).""
 
 from __future__ import annotations
 
-from tests.cache.conftest import redis_server, redis_url  # noqa: F401 (fixtures)
 from tests.gateway.conftest import ADMIN_KEY, MODEL, Served, served  # noqa: F401 (fixture)
 
 __all__ = ["ADMIN_KEY", "MODEL", "Served"]

@@ -35,7 +35,7 @@ from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, create_app
 from gateway.config import GatewayConfig
 from gateway.server import serve_app
-from tests.cache.conftest import SECRET, redis_server, redis_url, store  # noqa: F401 (fixtures)
+from tests.conftest import SECRET
 
 MODEL = "fake-model"
 ADMIN_KEY = "admin-secret-key"
@@ -153,7 +153,7 @@ def gateway_config() -> GatewayConfig:
 
 
 @pytest.fixture
-async def stores(store: Any) -> GatewayStores:  # noqa: F811 (fixture from tests.cache)
+async def stores(store: Any) -> GatewayStores:
     return GatewayStores(redis=store, tenants=TenantRegistry(store, SECRET), quotas=QuotaManager(store))
 
 
@@ -213,7 +213,7 @@ def _serve_in_thread(url: str, ready: queue.Queue[Any], stop_box: dict[str, Any]
 
 
 @pytest.fixture
-def served(redis_url: str) -> Iterator[Served]:  # noqa: F811 (fixture from tests.cache)
+def served(redis_url: str) -> Iterator[Served]:
     ready: queue.Queue[Any] = queue.Queue()
     stop_box: dict[str, Any] = {}
     thread = threading.Thread(target=_serve_in_thread, args=(redis_url, ready, stop_box), daemon=True)
