@@ -46,14 +46,12 @@ class RotaryEmbedding(nn.Module):
     positions (chunked prefill, prefix hits, decodes) need nothing special.
     """
 
-    def __init__(
-        self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype, device: torch.device | str
-    ) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, device: torch.device | str) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (P, hd/2)
-        # kept in float32 and cast per call's dtype; (P, hd/2) each
+        # kept in float32 (rotation is computed in float32 whatever the model dtype); (P, hd/2) each
         self.register_buffer("cos", freqs.cos().to(device), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device), persistent=False)
         self.max_positions = max_positions
@@ -175,7 +173,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.requires_grad_(False)
         self.rope = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, dtype, device
+            config.head_dim, config.max_position_embeddings, config.rope_theta, device
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, attn_backend, dtype, device) for _ in range(config.num_layers)
