@@ -42,6 +42,7 @@ class AdmissionConfig:
     max_model_len: int
     vocab_size: int
     model_aliases: frozenset[str] = frozenset()
+    kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0 = unchecked)
     max_waiting: int = 1024  # queue depth beyond which → 503
     max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
     quota_fail_open: bool = True
@@ -145,6 +146,11 @@ class Admission:
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_request_error",
                           f"max_tokens {max_tokens} exceeds this key's limit of {cap}", "max_tokens")
+        cap_kv = self.config.kv_capacity_tokens
+        if cap_kv and n_prompt + max_tokens > cap_kv:
+            raise _Refuse(400, "context_length_exceeded",
+                          f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
+                          f"{cap_kv} tokens this server's KV cache holds for one request", "max_tokens")
         if n_prompt + max_tokens > self.config.max_model_len:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "

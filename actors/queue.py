@@ -60,7 +60,7 @@ class QueueActor:
 
     async def _receive_arrivals(self) -> None:
         async for st in self.arrivals:
-            self.policy.push(st, st.priority)
+            self.policy.push(st, -st.priority)  # tenant tiers run higher-first; the policy runs lower keys first
             self.metrics.waiting.set(len(self.policy))
             self._arrived.set()
 

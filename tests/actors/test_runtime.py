@@ -1,0 +1,263 @@
+"""The actors end to end: the real engine (SmolLM2 on the CPU) and a real redis-server.
+
+Drives `Runtime.submit` as the gateway does and checks what a user and an
+operator would see: streamed deltas, usage settled exactly once in Redis
+(finished, cancelled mid-stream, failed), KV blocks freed, quota and overload
+refusals with Retry-After, response-cache hits that skip the engine, and an
+engine failure that fails its requests but not the process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+import trio
+
+from actors.messages import (
+    Accepted,
+    ChatMessage,
+    Failed,
+    Finished,
+    GenerateCall,
+    Rejected,
+    TenantContext,
+    TokenDelta,
+)
+from actors.queue_policy import QueueConfig
+from actors.runtime import Runtime, RuntimeConfig
+from cache.prompt_cache import PromptCache
+from cache.quotas import Quota, QuotaManager
+from cache.response_cache import ResponseCache
+from cache.tenants import Tenant
+from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+from gpu.engine import Engine
+from gpu.loader import load_checkpoint
+from gpu.sampling import SamplingParams
+from gpu.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return load_checkpoint("smollm2", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    return load_tokenizer(ckpt)
+
+
+def make_engine(ckpt, tokenizer, **sched) -> Engine:
+    cfg = EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=48 * 1024**2),
+                       scheduler=replace(SchedulerConfig(max_model_len=2048), **sched))
+    return Engine(cfg, checkpoint=ckpt, tokenizer=tokenizer)
+
+
+def tenant(quota: Quota | None = None, **kw) -> TenantContext:
+    t = Tenant(id=kw.pop("id", "acme"), name="Acme", quota=quota or Quota(), **kw)
+    return TenantContext.from_tenant(t)
+
+
+def call(t: TenantContext, *, prompt: str | None = None, messages=None, model: str = MODEL, **params) -> GenerateCall:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 8)
+    return GenerateCall(
+        request_id=f"req-{next(_ids)}", tenant=t, model=model, params=SamplingParams(**params),
+        prompt=prompt, messages=messages,
+    )
+
+
+async def collect(acc: Accepted) -> tuple[str, list, object]:
+    text, deltas, last = "", [], None
+    async for ev in acc.events:
+        if isinstance(ev, TokenDelta):
+            text += ev.text
+            deltas.append(ev)
+        else:
+            last = ev
+    return text, deltas, last
+
+
+async def wait_until(pred, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def services(store):
+    return {"quotas": QuotaManager(store), "response_cache": ResponseCache(store), "prompt_cache": PromptCache(store),
+            "store": store}
+
+
+@pytest.fixture
+async def runtime(nursery, ckpt, tokenizer, services):
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer), **services)
+    await nursery.start(rt.run)
+    return rt
+
+
+async def usage_rows(quotas: QuotaManager, tenant_id: str):
+    today = dt.datetime.now(dt.UTC).date()
+    return await quotas.get_usage(tenant_id, today - dt.timedelta(days=1), today + dt.timedelta(days=1))
+
+
+async def test_chat_streams_and_settles_usage(runtime, services):
+    t = tenant(Quota(requests_per_minute=100))
+    acc = await runtime.submit(call(t, messages=[ChatMessage("user", "What is the capital of France?")],
+                                    max_tokens=16))
+    assert isinstance(acc, Accepted) and acc.prompt_tokens > 10
+    text, deltas, last = await collect(acc)
+    assert "Paris" in text
+    assert isinstance(last, Finished) and last.finish_reasons == ["stop"]
+    assert last.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+    await wait_until(lambda: runtime.accounting.settled >= 1)
+    [row] = await usage_rows(services["quotas"], "acme")
+    assert (row.model, row.requests, row.prompt_tokens, row.completion_tokens) == (
+        MODEL, 1, acc.prompt_tokens, last.usage.completion_tokens)
+    assert await services["quotas"].running("acme") == 0
+
+
+async def test_cancel_mid_stream_frees_blocks_and_settles_once(runtime, services):
+    t = tenant(Quota(requests_per_minute=100))
+    c = call(t, prompt="Once upon a time", max_tokens=600, ignore_eos=True)
+    acc = await runtime.submit(c)
+    assert isinstance(acc, Accepted)
+    got = 0
+    async for ev in acc.events:
+        got += len(ev.token_ids)
+        if got >= 3:
+            break
+    acc.cancel()
+    engine = runtime.engine
+    await wait_until(lambda: not engine.has_unfinished() and runtime.accounting.settled >= 1)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    [row] = await usage_rows(services["quotas"], "acme")
+    assert row.requests == 1
+    assert 3 <= row.completion_tokens < 600
+    # exactly once: a second settle of the same request is refused
+    assert not await services["quotas"].settle(t.as_tenant(), c.request_id, 1, 1, MODEL)
+
+
+async def test_quota_exceeded_is_429_with_retry_after(runtime):
+    t = tenant(Quota(requests_per_minute=2), id="small")
+    for _ in range(2):
+        acc = await runtime.submit(call(t, prompt="Hi", max_tokens=2))
+        assert isinstance(acc, Accepted)
+        await collect(acc)
+    rej = await runtime.submit(call(t, prompt="Hi", max_tokens=2))
+    assert isinstance(rej, Rejected) and rej.status == 429 and rej.retry_after and rej.retry_after > 0
+
+
+async def test_bad_requests_are_4xx(runtime):
+    t = tenant(Quota(max_tokens_cap=64))
+    rej = await runtime.submit(call(t, prompt="Hi", model="gpt-4"))
+    assert isinstance(rej, Rejected) and (rej.status, rej.param) == (404, "model")
+    rej = await runtime.submit(call(t, prompt="word " * 3000))
+    assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
+    rej = await runtime.submit(call(t, prompt="Hi", max_tokens=100))
+    assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
+    big = tenant()
+    rej = await runtime.submit(call(big, prompt="Hi", max_tokens=2000))  # > what the 48 MiB cache holds
+    assert isinstance(rej, Rejected) and rej.status == 400 and "KV cache" in rej.message
+    # the operator's --model name is an alias of the served id
+    acc = await runtime.submit(call(t, prompt="Hi", model="smollm2", max_tokens=2))
+    assert isinstance(acc, Accepted)
+    await collect(acc)
+
+
+async def test_response_cache_hit_skips_the_engine(runtime):
+    t = tenant()
+    first = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=6))
+    text1, deltas1, fin1 = await collect(first)
+    await wait_until(lambda: runtime.accounting.settled >= 0 and runtime.metrics.cache_lookups.labels("miss")._value.get() >= 1)
+    await trio.sleep(0.2)  # the store happens in accounting, after Finished
+    steps = runtime.engine.counters["steps"]
+    second = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=6))
+    assert isinstance(second, Accepted) and second.cached
+    text2, deltas2, fin2 = await collect(second)
+    assert text2 == text1 and [d.token_ids for d in deltas2] == [d.token_ids for d in deltas1]
+    assert isinstance(fin2, Finished) and fin2.cached and fin2.usage == fin1.usage
+    assert runtime.engine.counters["steps"] == steps
+    # sampling without a seed is not deterministic: never served from the cache
+    third = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=6, temperature=0.8))
+    assert not third.cached
+    await collect(third)
+
+
+async def test_overload_is_503_with_retry_after(nursery, ckpt, tokenizer, services):
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(max_waiting=2)), make_engine(ckpt, tokenizer, max_num_seqs=1),
+                 **services)
+    await nursery.start(rt.run)
+    t = tenant()
+    results = []
+
+    async def one(i: int) -> None:
+        r = await rt.submit(call(t, prompt=f"Count to {i}", max_tokens=40, ignore_eos=True, seed=i,
+                                 temperature=1.0))
+        results.append(r)
+        if isinstance(r, Accepted):
+            await collect(r)
+
+    async with trio.open_nursery() as n:
+        for i in range(8):
+            n.start_soon(one, i)
+            await trio.sleep(0.05)
+    refused = [r for r in results if isinstance(r, Rejected)]
+    assert refused and all(r.status == 503 and r.retry_after and r.retry_after >= 1 for r in refused)
+    assert any(isinstance(r, Accepted) for r in results)
+
+
+async def test_engine_error_fails_the_step_not_the_process(runtime, services, monkeypatch):
+    t = tenant(Quota(requests_per_minute=100))
+    engine = runtime.engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    acc = await runtime.submit(call(t, prompt="Once upon a time", max_tokens=50, ignore_eos=True))
+    _, _, last = await collect(acc)
+    assert isinstance(last, Failed) and last.status == 500 and "simulated device fault" in last.message
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    after = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=4))
+    _, _, fin = await collect(after)
+    assert isinstance(fin, Finished)
+    await wait_until(lambda: runtime.accounting.settled >= 2)
+    [row] = await usage_rows(services["quotas"], "acme")
+    assert row.requests == 2  # the failed request was settled too, once
+
+
+async def test_higher_tier_tenant_runs_first(nursery, ckpt, tokenizer, services):
+    """With one seat in the engine, a queued gold request overtakes earlier bronze ones."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    bronze, gold = tenant(id="bronze", priority=0), tenant(id="gold", priority=5)
+    order: list[str] = []
+
+    async def run(t: TenantContext, label: str) -> None:
+        acc = await rt.submit(call(t, prompt="Say something", max_tokens=12, ignore_eos=True))
+        await collect(acc)
+        order.append(label)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run, bronze, "b0")
+        await trio.sleep(0.3)  # b0 is running
+        for i in range(1, 4):
+            n.start_soon(run, bronze, f"b{i}")
+        await trio.sleep(0.1)
+        n.start_soon(run, gold, "gold")
+    assert order.index("gold") <= 1, order
