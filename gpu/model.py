@@ -19,10 +19,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from gpu.attention import AttentionBackend, AttentionMetadata
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
+
+
+def _linear(in_features: int, out_features: int, dtype: torch.dtype, device) -> nn.Linear:
+    """Bias-free, frozen, uninitialised Linear: weights always come from a checkpoint,
+    and random init of 135M parameters would cost seconds at every start."""
+    layer = skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype, device=device)
+    return layer.requires_grad_(False)
 
 
 class RMSNorm(nn.Module):
@@ -75,10 +83,8 @@ class LlamaAttention(nn.Module):
         self.backend = backend
         self.scale = config.head_dim**-0.5
         h = config.hidden_size
-        self.qkv_proj = nn.Linear(h, config.q_size + 2 * config.kv_size, bias=False, dtype=dtype, device=device)
-        self.o_proj = nn.Linear(config.q_size, h, bias=False, dtype=dtype, device=device)
-        self.qkv_proj.requires_grad_(False)
-        self.o_proj.requires_grad_(False)
+        self.qkv_proj = _linear(h, config.q_size + 2 * config.kv_size, dtype, device)
+        self.o_proj = _linear(config.q_size, h, dtype, device)
 
     def forward(
         self,
@@ -137,10 +143,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(i, h, bias=False, dtype=dtype, device=device)
-        self.gate_up_proj.requires_grad_(False)
-        self.down_proj.requires_grad_(False)
+        self.gate_up_proj = _linear(h, 2 * i, dtype, device)
+        self.down_proj = _linear(i, h, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, inter) each
@@ -170,7 +174,7 @@ class LlamaModel(nn.Module):
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens = skip_init(nn.Embedding, config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.requires_grad_(False)
         self.rope = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, device
@@ -201,10 +205,15 @@ class LlamaModel(nn.Module):
         """Copy weights named like HF's LlamaForCausalLM (see `gpu.loader`)."""
 
         def put(dst: torch.Tensor, *names: str) -> None:
-            src = sd[names[0]] if len(names) == 1 else torch.cat([sd[n] for n in names], dim=0)
-            if src.shape != dst.shape:
-                raise ValueError(f"{names}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
-            dst.copy_(src)
+            """Copy sd[names] stacked along dim 0 into dst (row slices: no temporary cat)."""
+            rows = sum(sd[n].shape[0] for n in names)
+            if rows != dst.shape[0] or any(sd[n].shape[1:] != dst.shape[1:] for n in names):
+                shapes = [tuple(sd[n].shape) for n in names]
+                raise ValueError(f"{names}: shapes {shapes} do not fit {tuple(dst.shape)}")
+            start = 0
+            for n in names:
+                dst[start : start + sd[n].shape[0]].copy_(sd[n])
+                start += sd[n].shape[0]
 
         put(self.embed_tokens.weight, "model.embed_tokens.weight")
         put(self.norm.weight, "model.norm.weight")
