@@ -9,8 +9,8 @@ Per layer::
                             └ v ────────┘                 └ prefill(q[nd:]) ┴ cat ─ o_proj ─ + x
     h ─ RMSNorm ─ gate_up_proj ─ silu(gate) * up ─ down_proj ─ + h
 
-Q/K/V and gate/up projections are fused (weights concatenated at load) so a
-layer runs three matmuls instead of five. Nothing here enters inference mode:
+Q/K/V and gate/up projections are fused (weights stacked row-wise at load) so a
+layer runs four matmuls instead of seven. Nothing here enters inference mode:
 call sites wrap calls in `torch.inference_mode()`.
 """
 
