@@ -1,0 +1,1 @@
+"""Baseline servers that every lmgate benchmark claim is measured against."""

@@ -1,0 +1,66 @@
+"""Timeline of queued and running requests, scraped from the target's `/metrics`.
+
+Any Prometheus text exposition with gauges whose names end in
+``num_requests_waiting`` / ``num_requests_running`` works: lmgate's
+``lmgate_num_requests_*``, vLLM's ``vllm:num_requests_*``, the baseline's
+``hf_static_num_requests_*``. Series with labels are summed. A target without
+such gauges (or without `/metrics`) gives no timeline; that is not an error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+WAITING, RUNNING = "num_requests_waiting", "num_requests_running"
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float  # seconds since the benchmark start
+    waiting: float
+    running: float
+
+
+def parse_queue_gauges(text: str) -> tuple[float, float] | None:
+    """(waiting, running) from a Prometheus text exposition, or None if absent."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0].strip()
+        for suffix in (WAITING, RUNNING):
+            if name.endswith(suffix):
+                try:
+                    found[suffix] = found.get(suffix, 0.0) + float(value)
+                except ValueError:
+                    continue
+    if WAITING not in found and RUNNING not in found:
+        return None
+    return found.get(WAITING, 0.0), found.get(RUNNING, 0.0)
+
+
+async def scrape_timeline(
+    http: httpx.AsyncClient, base_url: str, t0: float, out: list[Sample], interval: float = 0.5
+) -> None:
+    """Append a Sample to `out` every `interval` seconds until cancelled. Returns at
+    once if the first scrape finds no queue gauges (404, refused, other metrics)."""
+    url = base_url.rstrip("/") + "/metrics"
+    first = True
+    while True:
+        try:
+            resp = await http.get(url, timeout=5.0)
+            values = parse_queue_gauges(resp.text) if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            values = None
+        if values is None:
+            if first:
+                return
+        else:
+            out.append(Sample(time.perf_counter() - t0, values[0], values[1]))
+        first = False
+        await trio.sleep(interval)
