@@ -1,0 +1,75 @@
+"""Dataset sampling: lengths honoured, JSONL parsing, tenants by weight, sweep seeds."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import pytest
+
+from ops.loadgen.dataset import (
+    RANDOM_TOKEN_LOW,
+    JsonlSpec,
+    LengthRange,
+    RandomSpec,
+    Tenant,
+    build_warmups,
+    build_workload,
+    sweep_seed,
+)
+
+
+def test_random_lengths_stay_in_range_and_cover_it() -> None:
+    spec = RandomSpec(LengthRange(32, 512), LengthRange(16, 256), vocab_size=1000)
+    reqs = build_workload(spec, 400, math.inf, 1.0, seed=0)
+    ins = [r.prompt_len for r in reqs]
+    outs = [r.output_len for r in reqs]
+    assert all(len(r.prompt) == r.prompt_len for r in reqs)
+    assert 32 <= min(ins) < 60 and 480 < max(ins) <= 512
+    assert 16 <= min(outs) < 30 and 240 < max(outs) <= 256
+    assert all(RANDOM_TOKEN_LOW <= t < 1000 for r in reqs for t in r.prompt)
+
+
+def test_range_ratio_like_vllm() -> None:
+    assert LengthRange.around(100, 0.5) == LengthRange(50, 150)
+    assert LengthRange.around(100, 0.0) == LengthRange(100, 100)
+    with pytest.raises(ValueError):
+        LengthRange.around(100, 1.0)
+    with pytest.raises(ValueError):
+        LengthRange(10, 5)
+
+
+def test_jsonl_prompts_and_output_lengths(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "p.jsonl"
+    lines = [{"prompt": "hello there", "output_len": 5}, {"prompt": [101, 102, 103]}, {}]
+    path.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n")
+    reqs = build_workload(JsonlSpec(str(path), default_output_len=9), 2, 1.0, 1.0, seed=0)
+    got = sorted((r.prompt, r.output_len) for r in reqs if isinstance(r.prompt, tuple))
+    assert got == [((101, 102, 103), 9)]
+    assert [(r.prompt, r.output_len) for r in reqs if isinstance(r.prompt, str)] == [("hello there", 5)]
+    # more requests than lines: sampled with replacement
+    assert len(build_workload(JsonlSpec(str(path)), 7, 1.0, 1.0, seed=0)) == 7
+    path.write_text(json.dumps(lines[2]) + "\n")
+    with pytest.raises(ValueError, match="prompt"):
+        JsonlSpec(str(path)).load()
+
+
+def test_tenants_drawn_by_weight() -> None:
+    tenants = [Tenant.parse("k-a:1", 0), Tenant.parse("k-b:3:2", 1)]
+    assert tenants[1] == Tenant("k-b", 3.0, 2, "tenant1")
+    reqs = build_workload(RandomSpec(LengthRange(1, 2), LengthRange(1, 2)), 4000, 1.0, 1.0, 0, tenants)
+    counts = collections.Counter(r.tenant.api_key for r in reqs if r.tenant)
+    assert counts["k-b"] / 4000 == pytest.approx(0.75, abs=0.03)
+    for bad in ("nokey", ":1", "k:0", "k:1:x:y"):
+        with pytest.raises(ValueError):
+            Tenant.parse(bad, 0)
+
+
+def test_warmups_never_repeat_measured_prompts_and_sweep_seeds_differ() -> None:
+    spec = RandomSpec(LengthRange(8, 8), LengthRange(2, 2))
+    measured = {r.prompt for r in build_workload(spec, 20, 1.0, 1.0, seed=5)}
+    assert not measured & {r.prompt for r in build_warmups(spec, 5, seed=5)}
+    assert sweep_seed(5, 0) == 5
+    assert len({sweep_seed(5, i) for i in range(4)}) == 4
+    assert sweep_seed(5, 2) == sweep_seed(5, 2)
