@@ -10,8 +10,12 @@ the same `predict` / `observe` interface.
 
 from __future__ import annotations
 
+import collections
+import io
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,203 @@ class RunningLengthEstimator:
         """Feed back the true output length of a finished request."""
         for key, _ in self._keys(tenant, app):
             self._stats.setdefault(key, _Stat()).add(float(true_tokens), self.config.alpha)
+
+
+# ============================================================================
+# The Magnus predictor: input length + instruction embedding + user history → ridge
+# ============================================================================
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """What the length predictor knows about a request before it runs."""
+
+    tenant: str
+    app: str | None
+    user: str | None
+    prompt_tokens: int
+    max_tokens: int
+    embedding: np.ndarray | None = None  # (384,) unit-norm embedding of the instruction
+
+
+@dataclass(frozen=True)
+class LengthModelConfig:
+    ridge: float = 3.0  # L2 penalty of the regressor (features are O(1))
+    min_fit_samples: int = 24  # below this the per-application quantiles answer
+    refit_every: int = 16  # new observations between background refits
+    max_samples: int = 4096  # training window (most recent)
+    user_history: int = 8  # recent output lengths kept per user
+    cold_min_samples: int = 3  # a per-app quantile answers after this many observations
+    quantile_window: int = 256
+    prior_tokens: float = 128.0
+    emb_dim: int = 384
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """Ridge weights over `features()` predicting log(1 + output tokens); `sigma` is the
+    residual std in log space (the uncertainty)."""
+
+    w: np.ndarray  # (F,)
+    sigma: float
+    n: int
+
+
+class LengthPredictor:
+    """Magnus-style generation-length predictor (sync core; see `PredictorService`).
+
+    Features: log input length (and its square), the instruction embedding and its
+    product with the log input length (so each application gets its own slope),
+    and the user's recent output lengths (log mean; the application's while the
+    user is new). Target: log(1 + true length) — errors are relative, as the
+    ±25% metric is. Until `min_fit_samples` finished requests have been seen,
+    per-(tenant, app) quantiles answer (median; IQR/1.349 as std).
+
+    `observe` records a finished request; `snapshot()` + `train()` (pure, run it in
+    a worker thread) + `install()` refit without blocking predictions.
+    """
+
+    def __init__(self, config: LengthModelConfig | None = None) -> None:
+        self.config = config or LengthModelConfig()
+        c = self.config
+        self._x: collections.deque[np.ndarray] = collections.deque(maxlen=c.max_samples)
+        self._y: collections.deque[float] = collections.deque(maxlen=c.max_samples)
+        self._lengths: dict[tuple[str, ...], collections.deque[float]] = {}
+        self._users: dict[tuple[str, str], collections.deque[float]] = {}
+        self.model: LinearModel | None = None
+        self._since_fit = 0
+
+    # ------------------------------------------------------------ features
+    def _app_log_mean(self, tenant: str, app: str | None) -> float:
+        for key in ((tenant, app or ""), (tenant,), ()):
+            d = self._lengths.get(key)
+            if d:
+                return float(np.mean(np.log1p(d)))
+        return float(np.log1p(self.config.prior_tokens))
+
+    def features(self, f: RequestFeatures) -> np.ndarray:
+        c = self.config
+        lp = np.log1p(f.prompt_tokens) / 5.0  # ~1 for 150-token prompts
+        hist = self._users.get((f.tenant, f.user or "")) if f.user else None
+        app_mean = self._app_log_mean(f.tenant, f.app) / 5.0
+        user_mean = float(np.mean(np.log1p(hist))) / 5.0 if hist else app_mean
+        emb = f.embedding if f.embedding is not None else np.zeros(c.emb_dim, dtype=np.float32)
+        if emb.shape != (c.emb_dim,):
+            raise ValueError(f"embedding must have shape ({c.emb_dim},), got {emb.shape}")
+        head = np.array([1.0, lp, lp * lp, app_mean, user_mean, 1.0 if hist else 0.0])
+        return np.concatenate([head, emb, emb * lp]).astype(np.float64)
+
+    # ------------------------------------------------------------ predict
+    def predict(self, f: RequestFeatures) -> Prediction:
+        if self.model is not None:
+            x = self.features(f)
+            z = float(x @ self.model.w)
+            tokens = float(np.clip(np.expm1(z), 1.0, f.max_tokens))
+            std = tokens * float(np.expm1(self.model.sigma))
+            return Prediction(tokens, std, "model")
+        return self.cold_predict(f)
+
+    def cold_predict(self, f: RequestFeatures) -> Prediction:
+        """Per-application quantiles: median, and IQR / 1.349 as std (the fallback)."""
+        c = self.config
+        for key, source in (((f.tenant, f.app or ""), "app-quantile"), ((f.tenant,), "tenant-quantile"),
+                            ((), "global-quantile")):
+            d = self._lengths.get(key)
+            if d is not None and len(d) >= c.cold_min_samples:
+                q25, q50, q75 = np.percentile(np.asarray(d), [25, 50, 75])
+                return Prediction(float(min(q50, f.max_tokens)), float((q75 - q25) / 1.349), source)
+        prior = min(c.prior_tokens, f.max_tokens)
+        return Prediction(prior, prior, "prior")
+
+    # ------------------------------------------------------------ learn
+    def observe(self, f: RequestFeatures, true_tokens: int) -> None:
+        """A request finished with `true_tokens` output tokens (EOS/stop; not truncated)."""
+        c = self.config
+        x = self.features(f)  # the history *before* this request: what prediction saw
+        self._x.append(x)
+        self._y.append(float(np.log1p(max(0, true_tokens))))
+        for key in ((f.tenant, f.app or ""), (f.tenant,), ()):
+            self._lengths.setdefault(key, collections.deque(maxlen=c.quantile_window)).append(float(true_tokens))
+        if f.user:
+            self._users.setdefault((f.tenant, f.user), collections.deque(maxlen=c.user_history)).append(
+                float(true_tokens))
+        self._since_fit += 1
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._y)
+
+    def needs_refit(self) -> bool:
+        n = len(self._y)
+        if n < self.config.min_fit_samples:
+            return False
+        return self.model is None or self._since_fit >= self.config.refit_every
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training data as arrays (copies: safe to hand to another thread)."""
+        self._since_fit = 0
+        return np.stack(list(self._x)), np.asarray(self._y)
+
+    def train(self, data: tuple[np.ndarray, np.ndarray]) -> LinearModel:
+        """Pure: ridge regression on a snapshot (the intercept is not penalized)."""
+        x, y = data
+        lam = np.full(x.shape[1], self.config.ridge)
+        lam[0] = 1e-6
+        w = np.linalg.solve(x.T @ x + np.diag(lam), x.T @ y)
+        resid = y - x @ w
+        dof = max(1, len(y) - min(len(y) // 2, x.shape[1] // 4))
+        sigma = float(np.sqrt((resid ** 2).sum() / dof))
+        return LinearModel(w, sigma, len(y))
+
+    def install(self, model: LinearModel) -> None:
+        self.model = model
+
+    def fit(self) -> LinearModel:
+        """Synchronous refit (tests, offline evaluation)."""
+        m = self.train(self.snapshot())
+        self.install(m)
+        return m
+
+    # ------------------------------------------------------------ persistence
+    def to_bytes(self) -> bytes:
+        """Everything needed to resume: samples, per-app lengths, user histories, weights."""
+        buf = io.BytesIO()
+        x, y = (np.stack(list(self._x)), np.asarray(self._y)) if self._y else (np.zeros((0, 0)), np.zeros(0))
+        keys = list(self._lengths)
+        users = list(self._users)
+        meta = {
+            "lengths_keys": ["\x1f".join(k) if k else "\x1e" for k in keys],
+            "users_keys": ["\x1f".join(k) for k in users],
+        }
+        arrays = {
+            "x": x, "y": y,
+            "w": self.model.w if self.model is not None else np.zeros(0),
+            "model": np.array([self.model.sigma, self.model.n] if self.model is not None else []),
+            "meta": np.frombuffer(repr(meta).encode(), dtype=np.uint8),
+        }
+        for i, k in enumerate(keys):
+            arrays[f"l{i}"] = np.asarray(self._lengths[k])
+        for i, k in enumerate(users):
+            arrays[f"u{i}"] = np.asarray(self._users[k])
+        np.savez_compressed(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, config: LengthModelConfig | None = None) -> LengthPredictor:
+        import ast
+
+        p = cls(config)
+        c = p.config
+        with np.load(io.BytesIO(blob)) as z:
+            meta = ast.literal_eval(bytes(z["meta"]).decode())
+            for row, y in zip(z["x"], z["y"], strict=True):
+                p._x.append(row)
+                p._y.append(float(y))
+            for i, k in enumerate(meta["lengths_keys"]):
+                key = () if k == "\x1e" else tuple(k.split("\x1f"))
+                p._lengths[key] = collections.deque(z[f"l{i}"].tolist(), maxlen=c.quantile_window)
+            for i, k in enumerate(meta["users_keys"]):
+                p._users[tuple(k.split("\x1f"))] = collections.deque(z[f"u{i}"].tolist(), maxlen=c.user_history)
+            if z["w"].size:
+                sigma, n = z["model"].tolist()
+                p.model = LinearModel(z["w"].copy(), float(sigma), int(n))
+        return p

@@ -1,0 +1,81 @@
+"""Batching policies: who enters the engine, when, and in which order (pure logic).
+
+    policy = make_policy(PolicyConfig(name="magnus"))
+
+Names: fcfs-static, fcfs-continuous, priority (the runtime's default), time-window,
+load-based, adaptive, vtc, magnus, hybrid. See `base` for the interface, `batching`
+for the classic policies, `magnus` for length-aware ones, `fairness` for VTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.policies.base import BatchPolicy, EngineView, Job, KvReservation, PolicyBase
+from actors.policies.batching import (
+    Adaptive,
+    FairVtc,
+    FcfsContinuous,
+    FcfsStatic,
+    LoadBased,
+    PriorityAging,
+    TimeWindow,
+)
+from actors.policies.fairness import VirtualTokenCounter
+from actors.policies.magnus import Hybrid, Magnus, ServingTimeEstimator
+
+POLICY_NAMES: tuple[str, ...] = (
+    "fcfs-static", "fcfs-continuous", "priority", "time-window", "load-based", "adaptive", "vtc",
+    "magnus", "hybrid",
+)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which policy and its knobs (only the ones the chosen policy reads matter)."""
+
+    name: str = "priority"
+    static_batch_size: int = 8  # fcfs-static
+    aging_s: float = 10.0  # priority, hybrid
+    window_s: float = 0.5  # time-window
+    min_batch: int = 4  # time-window, load-based
+    max_batch: int = 32  # time-window
+    load_low: int = 4  # load-based
+    load_high: int = 32
+    target_step_s: float = 0.5  # adaptive
+    kv_margin_std: float = 1.0  # magnus, hybrid: reserve predicted + margin·std tokens
+    kv_min_margin: float = 0.2
+    kv_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.name!r}; expected one of {', '.join(POLICY_NAMES)}")
+
+
+def make_policy(config: PolicyConfig) -> BatchPolicy:
+    c = config
+    pred_kv = KvReservation("predicted", c.kv_margin_std, c.kv_min_margin, c.kv_fraction)
+    if c.name == "fcfs-static":
+        return FcfsStatic(c.static_batch_size)
+    if c.name == "fcfs-continuous":
+        return FcfsContinuous()
+    if c.name == "priority":
+        return PriorityAging(c.aging_s)
+    if c.name == "time-window":
+        return TimeWindow(c.window_s, c.min_batch, c.max_batch)
+    if c.name == "load-based":
+        return LoadBased(c.min_batch, c.load_low, c.load_high)
+    if c.name == "adaptive":
+        return Adaptive(c.target_step_s)
+    if c.name == "vtc":
+        return FairVtc()
+    if c.name == "magnus":
+        return Magnus(kv=pred_kv)
+    return Hybrid(c.aging_s, kv=pred_kv)
+
+
+__all__ = [
+    "Adaptive", "BatchPolicy", "EngineView", "FairVtc", "FcfsContinuous", "FcfsStatic", "Hybrid", "Job",
+    "KvReservation", "LoadBased", "Magnus", "POLICY_NAMES", "PolicyBase", "PolicyConfig", "PriorityAging",
+    "ServingTimeEstimator", "TimeWindow", "VirtualTokenCounter", "make_policy",
+]

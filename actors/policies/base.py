@@ -1,0 +1,228 @@
+"""The batching-policy interface (pure logic: no trio, no engine, no clock of its own).
+
+A policy owns the requests that have arrived but are not yet in the engine and
+decides, each time it is asked, which of them to hand to the engine now::
+
+    policy.on_arrival(job, now)                 # a request arrived (prediction attached)
+    jobs = policy.release(now, view)            # who enters the engine now (maybe nobody)
+    policy.on_finish(job, now, output_tokens)   # it left the engine (true length known)
+    policy.remove(rid)                          # cancelled while waiting
+    policy.next_wakeup(now)                     # when to ask again even if nothing happens
+
+`view` (`EngineView`) is what a policy may know about the engine: how many
+requests it holds, its running cap, free and total KV blocks, and the recent
+step time. The caller (the queue actor, the benchmark's driver, the simulator)
+calls `release` after every arrival, every engine step and every wakeup; a
+policy never needs to be told that time passed.
+
+KV reservations (`KvReservation`): a policy that admits by *predicted* length
+reserves `prompt + predicted + margin·std` tokens per released request and
+releases only while the sum of reservations of the requests in the engine fits
+the cache. The engine itself still allocates on demand and preempts (recompute)
+when a request outgrows its reservation, so a wrong prediction costs time,
+never an OOM or a failed request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(eq=False)
+class Job:
+    """One waiting request as a policy sees it. `payload` is the caller's object."""
+
+    rid: str
+    tenant: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival: float
+    predicted: float = 0.0  # expected output tokens
+    predicted_std: float = 0.0
+    priority: int = 0  # tier; LOWER runs first (the runtime maps a tenant's tier to this)
+    app: str | None = None
+    user: str | None = None
+    payload: Any = None
+    released_at: float = -1.0
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What a policy may know about the engine when it releases work."""
+
+    running: int  # requests inside the engine (running + its own waiting)
+    max_running: int  # the engine's running cap (max_num_seqs)
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    step_time_s: float = 0.0  # recent mean step time (0 = not measured yet)
+
+    @property
+    def room(self) -> int:
+        return max(0, self.max_running - self.running)
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+class BatchPolicy(Protocol):
+    name: str
+
+    def on_arrival(self, job: Job, now: float) -> None: ...
+    def release(self, now: float, view: EngineView) -> list[Job]: ...
+    def on_finish(self, job: Job, now: float, output_tokens: int) -> None: ...
+    def remove(self, rid: str) -> Job | None: ...
+    def next_wakeup(self, now: float) -> float | None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Job]: ...
+
+
+@dataclass
+class KvReservation:
+    """Blocks reserved by released requests, by predicted length (or max_tokens).
+
+    mode "predicted": prompt + predicted + margin_std·std (at least
+    `min_margin` × predicted), capped at prompt + max_tokens;
+    mode "max_tokens": prompt + max_tokens (the conservative static-serving rule);
+    mode "none": nothing reserved (vLLM-style optimistic admission).
+    `fraction` of the cache may be reserved in total.
+    """
+
+    mode: str = "predicted"
+    margin_std: float = 1.0
+    min_margin: float = 0.2
+    fraction: float = 1.0
+    _held: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("predicted", "max_tokens", "none"):
+            raise ValueError(f"unknown KV reservation mode {self.mode!r}")
+
+    def tokens(self, job: Job) -> int:
+        if self.mode == "max_tokens":
+            return job.prompt_tokens + job.max_tokens
+        margin = max(self.margin_std * job.predicted_std, self.min_margin * job.predicted)
+        out = min(float(job.max_tokens), job.predicted + margin)
+        return job.prompt_tokens + max(1, math.ceil(out))
+
+    def blocks(self, job: Job, block_size: int) -> int:
+        return -(-self.tokens(job) // block_size)
+
+    @property
+    def held(self) -> int:
+        return sum(self._held.values())
+
+    def fits(self, job: Job, view: EngineView, extra: int = 0) -> bool:
+        """Would releasing `job` (after `extra` blocks already chosen this round) fit?"""
+        if self.mode == "none":
+            return True
+        budget = int(view.total_blocks * self.fraction)
+        need = self.blocks(job, view.block_size)
+        # an empty engine always takes one request: the head of the line progresses
+        return self.held + extra + need <= budget or (not self._held and extra == 0)
+
+    def take(self, job: Job, view: EngineView) -> int:
+        n = 0 if self.mode == "none" else self.blocks(job, view.block_size)
+        self._held[job.rid] = n
+        return n
+
+    def give_back(self, rid: str) -> None:
+        self._held.pop(rid, None)
+
+
+class WaitingSet:
+    """Insertion-ordered waiting jobs with O(1) removal by id."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._jobs
+
+    def add(self, job: Job) -> None:
+        if job.rid in self._jobs:
+            raise ValueError(f"job {job.rid!r} is already waiting")
+        self._jobs[job.rid] = job
+
+    def pop(self, rid: str) -> Job | None:
+        return self._jobs.pop(rid, None)
+
+    def oldest(self) -> Job | None:
+        return next(iter(self._jobs.values()), None)
+
+
+class PolicyBase:
+    """Shared bookkeeping: the waiting set, released-but-unfinished jobs, KV reservations.
+
+    Subclasses implement `_choose(now, view) -> Iterable[Job]`: candidates in the
+    order they should run; the base releases them while the engine has room and
+    the reservation fits, stopping at the first that does not fit (head-of-line
+    order is the policy's decision, so it is not skipped silently).
+    """
+
+    name = "base"
+
+    def __init__(self, kv: KvReservation | None = None) -> None:
+        self.waiting = WaitingSet()
+        self.inflight: dict[str, Job] = {}
+        self.kv = kv or KvReservation(mode="none")
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.waiting)
+
+    def on_arrival(self, job: Job, now: float) -> None:
+        self.waiting.add(job)
+
+    def remove(self, rid: str) -> Job | None:
+        return self.waiting.pop(rid)
+
+    def on_finish(self, job: Job, now: float, output_tokens: int) -> None:
+        self.inflight.pop(job.rid, None)
+        self.kv.give_back(job.rid)
+
+    def next_wakeup(self, now: float) -> float | None:
+        return None
+
+    def _limit(self, now: float, view: EngineView) -> int:
+        """How many requests may be released now (before KV checks)."""
+        return view.room
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        raise NotImplementedError
+
+    def _released(self, job: Job, now: float) -> None:
+        """Hook: a job was just released (fairness counters, etc.)."""
+
+    def release(self, now: float, view: EngineView) -> list[Job]:
+        limit = self._limit(now, view)
+        if limit <= 0 or not len(self.waiting):
+            return []
+        out: list[Job] = []
+        extra = 0
+        for job in self._choose(now, view):
+            if len(out) >= limit:
+                break
+            if not self.kv.fits(job, view, extra):
+                break
+            extra += self.kv.blocks(job, view.block_size) if self.kv.mode != "none" else 0
+            out.append(job)
+        for job in out:
+            self.waiting.pop(job.rid)
+            self.kv.take(job, view)
+            job.released_at = now
+            self.inflight[job.rid] = job
+            self._released(job, now)
+        return out

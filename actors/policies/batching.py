@@ -1,0 +1,204 @@
+"""The classic batching policies (seed 001): static, continuous, priority, time-window,
+load-based, adaptive, and per-tenant fair (VTC).
+
+Each is a `PolicyBase` subclass that only says *how many* may be released now
+(`_limit`) and *in which order* (`_choose`); see `actors.policies.base`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+from actors.policies.base import EngineView, Job, KvReservation, PolicyBase
+from actors.policies.fairness import VirtualTokenCounter
+
+
+def _fcfs(jobs: Iterable[Job]) -> list[Job]:
+    return sorted(jobs, key=lambda j: j.arrival)
+
+
+class FcfsStatic(PolicyBase):
+    """TF-Serving/Triton-style static batching: a fixed batch of `batch_size`,
+    first-come-first-served; the next batch starts only when the engine is empty
+    (every request of the previous batch has finished)."""
+
+    name = "fcfs-static"
+
+    def __init__(self, batch_size: int = 8, kv: KvReservation | None = None) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        super().__init__(kv)
+        self.batch_size = batch_size
+
+    def _limit(self, now: float, view: EngineView) -> int:
+        return min(self.batch_size, view.max_running) if view.running == 0 else 0
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        return _fcfs(self.waiting)
+
+
+class FcfsContinuous(PolicyBase):
+    """vLLM-style continuous batching: first-come-first-served whenever there is room."""
+
+    name = "fcfs-continuous"
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        return _fcfs(self.waiting)
+
+
+class PriorityAging(PolicyBase):
+    """Tiers with aging: effective = tier − waited / aging_s (lower first); ties FCFS.
+
+    The runtime's default, same ordering as `actors.queue_policy.PriorityAgingQueue`.
+    """
+
+    name = "priority"
+
+    def __init__(self, aging_s: float = 10.0, kv: KvReservation | None = None) -> None:
+        if aging_s <= 0:
+            raise ValueError("aging_s must be positive")
+        super().__init__(kv)
+        self.aging_s = aging_s
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        return sorted(self.waiting, key=lambda j: (j.priority - (now - j.arrival) / self.aging_s, j.arrival))
+
+
+class TimeWindow(PolicyBase):
+    """Collect for up to `window_s`: release once `min_batch` are waiting or the oldest
+    has waited `window_s`, at most `max_batch` at a time, FCFS."""
+
+    name = "time-window"
+
+    def __init__(self, window_s: float = 0.5, min_batch: int = 4, max_batch: int = 32,
+                 kv: KvReservation | None = None) -> None:
+        if window_s < 0 or min_batch <= 0 or max_batch < min_batch:
+            raise ValueError("need window_s >= 0 and 0 < min_batch <= max_batch")
+        super().__init__(kv)
+        self.window_s, self.min_batch, self.max_batch = window_s, min_batch, max_batch
+
+    def _limit(self, now: float, view: EngineView) -> int:
+        oldest = self.waiting.oldest()
+        if oldest is None:
+            return 0
+        if len(self.waiting) >= self.min_batch or now - oldest.arrival >= self.window_s:
+            return min(view.room, self.max_batch)
+        return 0
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        return _fcfs(self.waiting)
+
+    def next_wakeup(self, now: float) -> float | None:
+        oldest = self.waiting.oldest()
+        return None if oldest is None else oldest.arrival + self.window_s
+
+
+class LoadBased(PolicyBase):
+    """Batch size follows load: the running target grows linearly from `min_batch`
+    (load ≤ `low`) to the engine's cap (load ≥ `high`), load = waiting + running;
+    nothing is released while KV usage is above `kv_high`."""
+
+    name = "load-based"
+
+    def __init__(self, min_batch: int = 4, low: int = 4, high: int = 32, kv_high: float = 0.9,
+                 kv: KvReservation | None = None) -> None:
+        if min_batch <= 0 or high <= low:
+            raise ValueError("need min_batch > 0 and high > low")
+        super().__init__(kv)
+        self.min_batch, self.low, self.high, self.kv_high = min_batch, low, high, kv_high
+
+    def target(self, load: int, cap: int) -> int:
+        frac = min(1.0, max(0.0, (load - self.low) / (self.high - self.low)))
+        return min(cap, max(self.min_batch, round(self.min_batch + frac * (cap - self.min_batch))))
+
+    def _limit(self, now: float, view: EngineView) -> int:
+        if view.kv_usage > self.kv_high:
+            return 0
+        return max(0, self.target(len(self.waiting) + view.running, view.max_running) - view.running)
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        return _fcfs(self.waiting)
+
+
+class Adaptive(PolicyBase):
+    """Batch size from observed step times (AIMD): while the recent step time stays
+    under `target_step_s` and the running set is at the cap, the cap grows by one;
+    when a step is slower than the target, the cap shrinks by `decrease`."""
+
+    name = "adaptive"
+
+    def __init__(self, target_step_s: float = 0.5, initial: int = 8, min_batch: int = 2,
+                 decrease: float = 0.8, kv: KvReservation | None = None) -> None:
+        if target_step_s <= 0 or min_batch <= 0 or not 0 < decrease < 1:
+            raise ValueError("need target_step_s > 0, min_batch > 0, 0 < decrease < 1")
+        super().__init__(kv)
+        self.target_step_s, self.cap, self.min_batch, self.decrease = target_step_s, initial, min_batch, decrease
+        self._last_step = 0.0
+
+    def _adapt(self, view: EngineView) -> None:
+        t = view.step_time_s
+        if t <= 0 or t == self._last_step:
+            return  # no new measurement since the last decision
+        self._last_step = t
+        if t > self.target_step_s:
+            self.cap = max(self.min_batch, math.floor(self.cap * self.decrease))
+        elif view.running >= self.cap:
+            self.cap = min(view.max_running, self.cap + 1)
+
+    def _limit(self, now: float, view: EngineView) -> int:
+        self._adapt(view)
+        return max(0, min(self.cap, view.max_running) - view.running)
+
+    def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
+        return _fcfs(self.waiting)
+
+
+class FairVtc(PolicyBase):
+    """Per-tenant fairness alone: the backlogged tenant with the least virtual
+    service goes next (S-LoRA VTC), FCFS within a tenant."""
+
+    name = "vtc"
+
+    def __init__(self, vtc: VirtualTokenCounter | None = None, kv: KvReservation | None = None) -> None:
+        super().__init__(kv)
+        self.vtc = vtc or VirtualTokenCounter()
+
+    def on_arrival(self, job: Job, now: float) -> None:
+        backlogged = {j.tenant for j in self.waiting}
+        if job.tenant not in backlogged:
+            self.vtc.on_backlogged(job.tenant, backlogged)
+        super().on_arrival(job, now)
+
+    def _released(self, job: Job, now: float) -> None:
+        self.vtc.charge(job.tenant, job.prompt_tokens, job.predicted)
+
+    def on_finish(self, job: Job, now: float, output_tokens: int) -> None:
+        if job.rid in self.inflight:
+            self.vtc.charge(job.tenant, 0, output_tokens - job.predicted)
+        super().on_finish(job, now, output_tokens)
+
+    def _choose(self, now: float, view: EngineView) -> Iterator[Job]:
+        return fair_order(self.vtc, {t: _fcfs(js) for t, js in _by_tenant(self.waiting).items()})
+
+
+def _by_tenant(jobs: Iterable[Job]) -> dict[str, list[Job]]:
+    out: dict[str, list[Job]] = {}
+    for j in jobs:
+        out.setdefault(j.tenant, []).append(j)
+    return out
+
+
+def fair_order(vtc: VirtualTokenCounter, queues: dict[str, list[Job]]) -> Iterator[Job]:
+    """Interleave per-tenant queues (each already in its own order) by VTC, charging
+    a shadow copy of the counters as jobs are taken (the real charge happens on release)."""
+    shadow = VirtualTokenCounter(vtc.w_in, vtc.w_out, dict(vtc.counters))
+    heads = {t: 0 for t, q in queues.items() if q}
+    while heads:
+        t = shadow.pick(heads)
+        job = queues[t][heads[t]]
+        yield job
+        shadow.charge(t, job.prompt_tokens, job.predicted)
+        heads[t] += 1
+        if heads[t] >= len(queues[t]):
+            del heads[t]

@@ -1,0 +1,542 @@
+"""Scheduling benchmark: every batching policy on the multi-application workload.
+
+    python -m ops.bench_sched [--quick] [--json PATH] [--plot PATH] [--policies a,b] [--rates r1,r2,r3]
+
+1. Predictor: the Magnus length predictor (`actors.predictor.LengthPredictor`, MiniLM
+   instruction embeddings) is trained online on the first half of the fixture and
+   evaluated on the held-out half: MAE and share within ±25%, against the
+   per-application mean.
+2. Calibration: a short continuous-batching warm-up through the real engine
+   measures step times; `ops.sim.StepTimeModel` is fitted on them.
+3. Rates: from the simulated capacity of `fcfs-static` (its throughput under a
+   flood) — the sweep is `static_capacity × (0.7, 1.5, 3, ...)`, so the highest
+   rates are beyond what fcfs-static sustains.
+4. Real runs: the held-out requests under Poisson arrivals (real clock), each
+   policy deciding releases into the real `Engine` (a synchronous driver loop).
+   Greedy decoding, EOS, `max_tokens` as in the fixture.
+5. Simulation: the same request sets and arrivals in `ops.sim.simulate`
+   (real step scheduler + calibrated step times): agreement with the real runs
+   on mean response time, then a larger sweep (more requests, more rates).
+
+The machine is shared: the load average is recorded at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from actors.policies import POLICY_NAMES, BatchPolicy, EngineView, Job, PolicyConfig, make_policy
+from actors.predictor import LengthPredictor, RequestFeatures
+from ops.sim.simulator import (
+    RequestRecord,
+    SimConfig,
+    SimRequest,
+    StepFeatures,
+    StepTimeModel,
+    simulate,
+)
+from ops.workload.fixture import FixtureRequest, load_fixture
+
+BASELINES = ("fcfs-static", "fcfs-continuous", "magnus")
+
+
+# ------------------------------------------------------------------ predictor
+@dataclass
+class PredictorEval:
+    mae: float
+    within_25pct: float
+    baseline_mae: float
+    baseline_within_25pct: float
+    n_train: int
+    n_test: int
+    per_app: dict = field(default_factory=dict)
+
+
+def _within(pred: np.ndarray, true: np.ndarray, tol: float = 0.25) -> float:
+    return float(np.mean(np.abs(pred - true) <= tol * np.maximum(true, 1)))
+
+
+def features_of(r: FixtureRequest, max_tokens: int, emb: np.ndarray | None) -> RequestFeatures:
+    return RequestFeatures(r.tenant, r.app, r.user, r.prompt_tokens, max_tokens, emb)
+
+
+def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRequest],
+                       embeddings: dict[str, np.ndarray], max_tokens: int) -> tuple[LengthPredictor, PredictorEval]:
+    """Online training on `train` (refits as it goes), then predictions for `test`.
+
+    Test requests are predicted in arrival order and observed after, as in
+    serving (user histories keep growing); the regressor itself is not refit
+    on test requests, so every test prediction is out-of-sample.
+    """
+    p = LengthPredictor()
+    for r in train:
+        p.observe(features_of(r, max_tokens, embeddings[r.id]), r.output_tokens)
+        if p.needs_refit():
+            p.fit()
+    p.fit()
+    app_mean = {}
+    for r in train:
+        app_mean.setdefault(r.app, []).append(r.output_tokens)
+    app_mean = {a: float(np.mean(v)) for a, v in app_mean.items()}
+    preds, base, true = [], [], []
+    for r in test:
+        f = features_of(r, max_tokens, embeddings[r.id])
+        preds.append(p.predict(f).tokens)
+        base.append(app_mean.get(r.app, float(np.mean(list(app_mean.values())))))
+        true.append(r.output_tokens)
+        model = p.model
+        p.observe(f, r.output_tokens)  # history grows, weights do not
+        p.model = model
+    pr, ba, tr = np.array(preds), np.array(base), np.array(true, dtype=float)
+    per_app = {}
+    for app in sorted({r.app for r in test}):
+        idx = np.array([r.app == app for r in test])
+        per_app[app] = {"mae": float(np.mean(np.abs(pr[idx] - tr[idx]))),
+                        "baseline_mae": float(np.mean(np.abs(ba[idx] - tr[idx]))),
+                        "within_25pct": _within(pr[idx], tr[idx]),
+                        "baseline_within_25pct": _within(ba[idx], tr[idx])}
+    ev = PredictorEval(float(np.mean(np.abs(pr - tr))), _within(pr, tr), float(np.mean(np.abs(ba - tr))),
+                       _within(ba, tr), len(train), len(test), per_app)
+    return p, ev
+
+
+# ------------------------------------------------------------------ requests
+@dataclass(frozen=True)
+class BenchRequest:
+    fx: FixtureRequest
+    prompt_token_ids: tuple[int, ...]
+    predicted: float
+    predicted_std: float
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def sim_requests(reqs: Sequence[BenchRequest], arrivals: Sequence[float], max_tokens: int,
+                 lengths: dict[str, int] | None = None) -> list[SimRequest]:
+    out = []
+    for i, (r, a) in enumerate(zip(reqs, arrivals, strict=True)):
+        n = (lengths or {}).get(r.fx.id, r.fx.output_tokens)
+        out.append(SimRequest(f"{r.fx.id}-{i}", r.fx.tenant, r.prompt_token_ids, n, max_tokens, a,
+                              r.predicted, r.predicted_std, 0, r.fx.app, r.fx.user))
+    return out
+
+
+# ------------------------------------------------------------------ metrics
+def summarize(records: Sequence[RequestRecord], ttft_slo: float, tpot_slo: float) -> dict:
+    lat = np.array([r.latency for r in records])
+    ttft = np.array([r.ttft for r in records])
+    out_tok = np.array([r.output_tokens for r in records])
+    start = min(r.arrival for r in records)
+    end = max(r.finished for r in records)
+    span = max(1e-9, end - start)
+    tpot = np.where(out_tok > 1, (lat - ttft) / np.maximum(out_tok - 1, 1), 0.0)
+    good = (ttft <= ttft_slo) & (tpot <= tpot_slo)
+    tenants: dict[str, list[float]] = {}
+    for r in records:
+        tenants.setdefault(r.tenant, []).append(r.latency)
+    tmean = {t: float(np.mean(v)) for t, v in sorted(tenants.items())}
+    x = np.array(list(tmean.values()))
+    jain = float(x.sum() ** 2 / (len(x) * (x ** 2).sum())) if len(x) and (x ** 2).sum() > 0 else 1.0
+    return {
+        "completed": len(records),
+        "duration_s": span,
+        "req_s": len(records) / span,
+        "output_tok_s": float(out_tok.sum()) / span,
+        "mean_latency_s": float(lat.mean()),
+        "p50_latency_s": float(np.percentile(lat, 50)),
+        "p99_latency_s": float(np.percentile(lat, 99)),
+        "mean_ttft_s": float(ttft.mean()),
+        "p99_ttft_s": float(np.percentile(ttft, 99)),
+        "goodput_req_s": float(good.sum()) / span,
+        "tenant_mean_latency_s": tmean,
+        "tenant_latency_jain": jain,
+    }
+
+
+# ------------------------------------------------------------------ real engine
+class _PlanRecorder:
+    """Wraps `engine.scheduler.schedule` to see each step's plan (for step-time calibration)."""
+
+    def __init__(self, scheduler) -> None:
+        self._inner = scheduler.schedule
+        self.last = None
+        scheduler.schedule = self
+
+    def __call__(self):
+        self.last = self._inner()
+        return self.last
+
+
+@dataclass
+class RealRun:
+    records: list[RequestRecord]
+    steps: list[tuple[StepFeatures, float]]
+    preemptions: int
+    lengths: dict[str, int]
+
+
+def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy: BatchPolicy,
+             max_tokens: int, *, timeout_s: float = 900.0) -> RealRun:
+    """Drive the real engine: arrivals on the real clock, `policy` decides releases."""
+    from gpu.sampling import SamplingParams
+
+    if engine.has_unfinished():
+        raise RuntimeError("engine must be idle before a run")
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    pending = sorted(reqs, key=lambda r: r.arrival)
+    by_id = {r.rid: r for r in pending}
+    records = {r.rid: RequestRecord(r.rid, r.tenant, r.arrival, len(r.prompt_token_ids)) for r in pending}
+    jobs: dict[str, Job] = {}
+    steps: list[tuple[StepFeatures, float]] = []
+    pre0 = engine.counters["preemptions"]
+    sched, bm = engine.scheduler, engine.block_manager
+    step_time, i, done = 0.0, 0, 0
+    t0 = time.perf_counter()
+    while done < len(pending):
+        now = time.perf_counter() - t0
+        if now > timeout_s:
+            for rid in list(jobs):
+                engine.abort(rid)
+            raise RuntimeError(f"run exceeded {timeout_s}s")
+        while i < len(pending) and pending[i].arrival <= now:
+            r = pending[i]
+            job = Job(r.rid, r.tenant, len(r.prompt_token_ids), max_tokens, r.arrival, r.predicted,
+                      r.predicted_std, r.priority, r.app, r.user)
+            jobs[r.rid] = job
+            policy.on_arrival(job, now)
+            i += 1
+        view = EngineView(sched.num_running + sched.num_waiting, sched.config.max_num_seqs,
+                          bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time)
+        for job in policy.release(now, view):
+            engine.add_request(job.rid, list(by_id[job.rid].prompt_token_ids), params)
+            records[job.rid].released = now
+        if not engine.has_unfinished():
+            nxt = [pending[i].arrival] if i < len(pending) else []
+            w = policy.next_wakeup(now)
+            if w is not None:
+                nxt.append(w)
+            if not nxt:
+                raise RuntimeError("driver stalled: requests left but nothing to wait for")
+            time.sleep(max(0.0, min(0.05, min(nxt) - now)))
+            continue
+        ts = time.perf_counter()
+        deltas = engine.step()
+        dt = time.perf_counter() - ts
+        if recorder.last is not None and not recorder.last.is_empty:
+            steps.append((StepFeatures.of(recorder.last), dt))
+        step_time = dt if step_time == 0 else step_time + 0.2 * (dt - step_time)
+        now = time.perf_counter() - t0
+        for d in deltas:
+            rec = records[d.request_id]
+            if rec.first_token < 0:
+                rec.first_token = now
+            if d.request_finished:
+                rec.finished, rec.output_tokens = now, d.completion_tokens
+                policy.on_finish(jobs[d.request_id], now, d.completion_tokens)
+                done += 1
+    lengths = {rid: rec.output_tokens for rid, rec in records.items()}
+    return RealRun(list(records.values()), steps, engine.counters["preemptions"] - pre0, lengths)
+
+
+# ------------------------------------------------------------------ orchestration
+@dataclass(frozen=True)
+class BenchConfig:
+    quick: bool
+    max_tokens: int = 128
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    cache_mb: int = 160
+    static_batch: int = 8
+    real_requests: int = 48
+    sim_requests: int = 400
+    rate_factors: tuple[float, ...] = (0.7, 1.5, 3.0)
+    sim_rate_factors: tuple[float, ...] = (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    real_policies: tuple[str, ...] = POLICY_NAMES
+    ttft_slo_s: float = 10.0
+    tpot_slo_s: float = 0.5
+    seed: int = 0
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def calibrate(engine, recorder: _PlanRecorder, reqs: Sequence[BenchRequest], max_tokens: int) -> list:
+    """A warm-up under continuous batching: all at once, then staggered (varied batch sizes)."""
+    arr = [0.0 if k < len(reqs) // 2 else 0.5 * (k - len(reqs) // 2) for k in range(len(reqs))]
+    run = run_real(engine, recorder, sim_requests(reqs, arr, max_tokens), make_policy(
+        PolicyConfig(name="fcfs-continuous")), max_tokens)
+    return run.steps
+
+
+def static_capacity(reqs: Sequence[BenchRequest], cfg: BenchConfig, sim_cfg: SimConfig, model: StepTimeModel,
+                    policy: str = "fcfs-static") -> float:
+    """Requests/s a policy completes when everything arrives at once (simulated)."""
+    flood = sim_requests(reqs, [0.0] * len(reqs), cfg.max_tokens)
+    res = simulate(flood, make_policy(PolicyConfig(name=policy, static_batch_size=cfg.static_batch)), sim_cfg, model)
+    return len(flood) / res.duration
+
+
+def ratios(table: dict, rate: str) -> dict:
+    m, s, c = (table[p][rate] for p in ("magnus", "fcfs-static", "fcfs-continuous"))
+    return {
+        "magnus_vs_fcfs_static_throughput": m["req_s"] / s["req_s"],
+        "magnus_vs_fcfs_static_latency": m["mean_latency_s"] / s["mean_latency_s"],
+        "magnus_vs_fcfs_continuous_latency": m["mean_latency_s"] / c["mean_latency_s"],
+        "magnus_vs_fcfs_continuous_throughput": m["req_s"] / c["req_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="scaled-down sweep (< 15 min)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="PNG (default: next to --json, or bench_sched.png)")
+    ap.add_argument("--policies", help="comma-separated policies for the real runs (default: all; quick: "
+                                       + ",".join(BASELINES) + ")")
+    ap.add_argument("--rates", help="comma-separated arrival rates (req/s) instead of the automatic ones")
+    ap.add_argument("--real-requests", type=int)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-real", action="store_true", help="simulation only (needs a calibration run anyway)")
+    args = ap.parse_args(argv)
+
+    cfg = BenchConfig(quick=args.quick)
+    if args.quick:
+        cfg = BenchConfig(quick=True, real_requests=32, sim_requests=240, real_policies=BASELINES)
+    if args.policies:
+        cfg = BenchConfig(**{**cfg.__dict__, "real_policies": tuple(args.policies.split(","))})
+    if args.real_requests:
+        cfg = BenchConfig(**{**cfg.__dict__, "real_requests": args.real_requests})
+    for p in cfg.real_policies:
+        if p not in POLICY_NAMES:
+            ap.error(f"unknown policy {p!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    report: dict = {"config": {k: v for k, v in cfg.__dict__.items()}, "loadavg_start": _loadavg(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    t_start = time.perf_counter()
+
+    import torch
+
+    from actors.embeddings import InstructionEmbedder
+    from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+    from gpu.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    fixture = load_fixture()
+    rng = random.Random(cfg.seed)
+    order = list(range(len(fixture)))
+    rng.shuffle(order)
+    half = len(order) // 2
+    train = [fixture[k] for k in sorted(order[:half])]
+    test = [fixture[k] for k in sorted(order[half:])]
+
+    # 1. predictor
+    _log(f"embedding {len(fixture)} instructions ...")
+    embedder = InstructionEmbedder(threads=args.threads)
+    vecs = embedder.embed([r.instruction for r in fixture])
+    embeddings = {r.id: v for r, v in zip(fixture, vecs, strict=True)}
+    predictor, ev = train_and_evaluate(train, test, embeddings, cfg.max_tokens)
+    report["predictor"] = ev.__dict__
+    report["predictor_within_25pct"] = ev.within_25pct
+    _log(f"predictor: MAE {ev.mae:.1f} (per-app mean {ev.baseline_mae:.1f}), within ±25% "
+         f"{ev.within_25pct:.1%} (per-app mean {ev.baseline_within_25pct:.1%})")
+
+    # 2. engine + calibration
+    sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
+    engine = Engine(EngineConfig(num_threads=args.threads, scheduler=sched_cfg,
+                                 cache=CacheConfig(cache_bytes=cfg.cache_mb * 1024**2)))
+    recorder = _PlanRecorder(engine.scheduler)
+    preds = {}
+    for r in test:
+        preds[r.id] = predictor.predict(features_of(r, cfg.max_tokens, embeddings[r.id]))
+    bench_reqs = [BenchRequest(r, tuple(engine.tokenizer.render_and_encode(list(r.messages))),
+                               preds[r.id].tokens, preds[r.id].std) for r in test]
+    sim_cfg = SimConfig(sched_cfg, engine.num_blocks, engine.config.cache.block_size)
+    report["engine"] = {"num_blocks": engine.num_blocks, "block_size": engine.config.cache.block_size,
+                        "max_num_seqs": cfg.max_num_seqs}
+    _log(f"calibrating step times (KV blocks: {engine.num_blocks}) ...")
+    calib_reqs = bench_reqs[: 24 if cfg.quick else 48]
+    steps = calibrate(engine, recorder, calib_reqs, cfg.max_tokens)
+    model = StepTimeModel.fit(steps)
+    report["step_model"] = {"coef": list(model.coef), "r2": model.r2(steps), "samples": len(steps),
+                            "terms": ["1", "tokens", "seqs", "context_tokens"]}
+    _log(f"step model {tuple(round(c, 6) for c in model.coef)}, r2 {model.r2(steps):.2f} on {len(steps)} steps")
+
+    # 3. rates
+    real_set = bench_reqs[: cfg.real_requests]
+    cap_static = static_capacity(bench_reqs, cfg, sim_cfg, model)
+    cap_cont = static_capacity(bench_reqs, cfg, sim_cfg, model, "fcfs-continuous")
+    report["capacity_req_s"] = {"fcfs-static": cap_static, "fcfs-continuous": cap_cont}
+    if args.rates:
+        rates = [float(x) for x in args.rates.split(",")]
+    else:
+        rates = [round(cap_static * f, 3) for f in cfg.rate_factors]
+    _log(f"simulated capacity: fcfs-static {cap_static:.2f} req/s, fcfs-continuous {cap_cont:.2f} req/s; "
+         f"rates {rates}")
+
+    # 4. real runs (+ the same runs simulated, for agreement)
+    real: dict = {}
+    sim_same: dict = {}
+    agreement = []
+    all_steps = list(steps)
+    if not args.no_real:
+        for rate in rates:
+            arrivals = poisson_arrivals(len(real_set), rate, cfg.seed + int(rate * 1000))
+            for name in cfg.real_policies:
+                pol = make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch))
+                reqs = sim_requests(real_set, arrivals, cfg.max_tokens)
+                t = time.perf_counter()
+                run = run_real(engine, recorder, reqs, pol, cfg.max_tokens)
+                all_steps += run.steps
+                summ = summarize(run.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
+                summ["preemptions"] = run.preemptions
+                real.setdefault(name, {})[f"{rate:g}"] = summ
+                # the same requests, same arrivals, the lengths the engine actually produced
+                sres = simulate(reqs_with(reqs, run.lengths), make_policy(
+                    PolicyConfig(name=name, static_batch_size=cfg.static_batch)), sim_cfg, model)
+                ssum = summarize(sres.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
+                sim_same.setdefault(name, {})[f"{rate:g}"] = ssum
+                err = abs(ssum["mean_latency_s"] - summ["mean_latency_s"]) / summ["mean_latency_s"]
+                agreement.append({"policy": name, "rate": rate, "real_mean_latency_s": summ["mean_latency_s"],
+                                  "sim_mean_latency_s": ssum["mean_latency_s"], "rel_err": err})
+                _log(f"real {name:16s} rate {rate:6.3f}: {summ['req_s']:.3f} req/s, mean {summ['mean_latency_s']:.2f}s "
+                     f"p99 {summ['p99_latency_s']:.2f}s, preempt {run.preemptions} (sim mean "
+                     f"{ssum['mean_latency_s']:.2f}s, err {err:.1%}) [{time.perf_counter() - t:.0f}s wall, "
+                     f"load {_loadavg()[0]}]")
+    report["policies"] = real
+    report["sim_same_runs"] = sim_same
+    report["agreement"] = agreement
+    if agreement:
+        report["agreement_mean_rel_err"] = float(np.mean([a["rel_err"] for a in agreement]))
+        report["agreement_max_rel_err"] = float(np.max([a["rel_err"] for a in agreement]))
+        report["agreement_within_15pct"] = float(np.mean([a["rel_err"] <= 0.15 for a in agreement]))
+        model_all = StepTimeModel.fit(all_steps)
+        report["step_model_all_runs"] = {"coef": list(model_all.coef), "r2": model_all.r2(all_steps),
+                                         "samples": len(all_steps)}
+
+    # 5. simulated sweep: every policy, more requests, more rates
+    big = [bench_reqs[k % len(bench_reqs)] for k in range(cfg.sim_requests)]
+    sim_rates = sorted({*rates, *(round(cap_static * f, 3) for f in cfg.sim_rate_factors)})
+    sim: dict = {}
+    for rate in sim_rates:
+        arrivals = poisson_arrivals(len(big), rate, cfg.seed + 7 + int(rate * 1000))
+        reqs = sim_requests(big, arrivals, cfg.max_tokens)
+        for name in POLICY_NAMES:
+            res = simulate(reqs, make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch)),
+                           sim_cfg, model)
+            s = summarize(res.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
+            s["preemptions"] = res.preemptions
+            sim.setdefault(name, {})[f"{rate:g}"] = s
+    report["sim_policies"] = sim
+
+    # 6. headline ratios at the highest common rate of the real runs (and of the sim sweep)
+    common = [r for r in (f"{x:g}" for x in rates) if all(r in real.get(p, {}) for p in BASELINES)]
+    if common:
+        top = max(common, key=float)
+        report["ratios_rate"] = float(top)
+        report.update(ratios(real, top))
+    sim_top = f"{max(sim_rates):g}"
+    report["sim_ratios"] = {"rate": float(sim_top), **ratios(sim, sim_top)}
+    report["loadavg_end"] = _loadavg()
+    report["wall_s"] = time.perf_counter() - t_start
+
+    print_table(report)
+    plot_path = args.plot or (args.json.with_suffix(".png") if args.json else Path("bench_sched.png"))
+    plot(report, plot_path)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+        _log(f"wrote {args.json} and {plot_path}")
+    return 0
+
+
+def reqs_with(reqs: Sequence[SimRequest], lengths: dict[str, int]) -> list[SimRequest]:
+    from dataclasses import replace
+
+    return [replace(r, output_tokens=lengths.get(r.rid, r.output_tokens)) for r in reqs]
+
+
+def print_table(report: dict) -> None:
+    ev = report["predictor"]
+    print(f"\nload average: start {report['loadavg_start']}, end {report['loadavg_end']} (2 shared cores)")
+    print(f"predictor (held-out {ev['n_test']}): MAE {ev['mae']:.1f} tok, within ±25% {ev['within_25pct']:.1%}; "
+          f"per-app mean baseline: MAE {ev['baseline_mae']:.1f}, within ±25% {ev['baseline_within_25pct']:.1%}")
+    for title, table in (("REAL ENGINE", report["policies"]), ("SIMULATED (calibrated)", report["sim_policies"])):
+        if not table:
+            continue
+        print(f"\n{title}")
+        print(f"{'policy':16s} {'rate':>6s} {'req/s':>7s} {'tok/s':>7s} {'mean':>7s} {'p50':>7s} {'p99':>7s} "
+              f"{'ttft':>6s} {'good/s':>7s} {'jain':>5s} {'pre':>4s}")
+        for name, by_rate in table.items():
+            for rate, s in sorted(by_rate.items(), key=lambda kv: float(kv[0])):
+                print(f"{name:16s} {float(rate):6.3f} {s['req_s']:7.3f} {s['output_tok_s']:7.1f} "
+                      f"{s['mean_latency_s']:7.2f} {s['p50_latency_s']:7.2f} {s['p99_latency_s']:7.2f} "
+                      f"{s['mean_ttft_s']:6.2f} {s['goodput_req_s']:7.3f} {s['tenant_latency_jain']:5.2f} "
+                      f"{s.get('preemptions', 0):4d}")
+    if report.get("agreement"):
+        print(f"\nsim vs real mean response time: mean rel. error {report['agreement_mean_rel_err']:.1%}, "
+              f"max {report['agreement_max_rel_err']:.1%}, within 15%: {report['agreement_within_15pct']:.0%}")
+    for k in ("magnus_vs_fcfs_static_throughput", "magnus_vs_fcfs_static_latency",
+              "magnus_vs_fcfs_continuous_latency", "magnus_vs_fcfs_continuous_throughput"):
+        if k in report:
+            print(f"{k} (real, rate {report['ratios_rate']:g}): {report[k]:.3f}")
+    print(f"sim ratios at rate {report['sim_ratios']['rate']:g}: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report["sim_ratios"].items() if k != "rate"))
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name, by_rate in report["sim_policies"].items():
+        rs = sorted(by_rate, key=float)
+        x = [float(r) for r in rs]
+        axes[0].plot(x, [by_rate[r]["req_s"] for r in rs], marker=".", label=name)
+        axes[1].plot(x, [by_rate[r]["mean_latency_s"] for r in rs], marker=".", label=name)
+    for by_rate in report["policies"].values():
+        rs = sorted(by_rate, key=float)
+        x = [float(r) for r in rs]
+        axes[0].scatter(x, [by_rate[r]["req_s"] for r in rs], marker="x", s=50)
+        axes[1].scatter(x, [by_rate[r]["mean_latency_s"] for r in rs], marker="x", s=50)
+    axes[0].set(xlabel="arrival rate (req/s)", ylabel="throughput (req/s)", title="throughput (lines: sim, x: real)")
+    axes[1].set(xlabel="arrival rate (req/s)", ylabel="mean response time (s)", yscale="log",
+                title="mean response time")
+    axes[0].legend(fontsize=7)
+    ag = report.get("agreement") or []
+    if ag:
+        axes[2].scatter([a["real_mean_latency_s"] for a in ag], [a["sim_mean_latency_s"] for a in ag])
+        m = max(max(a["real_mean_latency_s"], a["sim_mean_latency_s"]) for a in ag)
+        axes[2].plot([0, m], [0, m], "k--", lw=0.8)
+        axes[2].plot([0, m], [0, 1.15 * m], "k:", lw=0.6)
+        axes[2].plot([0, m], [0, 0.85 * m], "k:", lw=0.6)
+    axes[2].set(xlabel="real mean response time (s)", ylabel="simulated (s)", title="simulator vs real (±15%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

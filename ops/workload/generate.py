@@ -1,0 +1,57 @@
+"""Regenerate the workload fixture: run every request through the real SmolLM2.
+
+    python -m ops.workload.generate [--n 320] [--max-tokens 128] [--out ops/workload/requests.jsonl]
+
+Greedy decoding with the model's chat template; a request ends at EOS or at
+`max_tokens`. The recorded `output_tokens` is the model's own length, so the
+fixture is what the length predictor must learn. `gpu.engine.generate` batches
+all requests continuously (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ops.workload.templates import build_requests
+
+DEFAULT_OUT = Path(__file__).with_name("requests.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=320)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+
+    from gpu.config import EngineConfig, SchedulerConfig
+    from gpu.engine import Engine, generate
+    from gpu.sampling import SamplingParams
+
+    engine = Engine(EngineConfig(num_threads=args.threads,
+                                 scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)))
+    reqs = build_requests(args.n, args.seed)
+    prompts = [engine.tokenizer.render_and_encode(list(r.messages)) for r in reqs]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    t0 = time.perf_counter()
+    outs = generate(engine, prompts, params)
+    dt = time.perf_counter() - t0
+    with args.out.open("w") as f:
+        for r, p, o in zip(reqs, prompts, outs, strict=True):
+            c = o[0]
+            f.write(json.dumps({
+                "id": r.id, "app": r.app, "tenant": r.tenant, "user": r.user,
+                "messages": list(r.messages), "prompt_tokens": len(p),
+                "output_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+            }) + "\n")
+    total = sum(len(o[0].token_ids) for o in outs)
+    print(f"{len(reqs)} requests, {total} output tokens in {dt:.1f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
