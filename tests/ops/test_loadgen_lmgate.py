@@ -1,0 +1,53 @@
+"""The load generator against the real lmgate (`serve()` with SmolLM2 on the CPU,
+private Redis) over both transports: SSE and the WebSocket."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import pytest
+import torch
+import trio
+
+from gateway.config import GatewayConfig
+from gateway.server import serve
+from ops.loadgen.backends import SendOptions, Target
+from ops.loadgen.dataset import LengthRange, RandomSpec, Tenant, build_workload
+from ops.loadgen.metrics import compute_metrics
+from ops.loadgen.runner import RunConfig, run_workload
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def lmgate(nursery: trio.Nursery, tmp_path, redis_url: str):  # type: ignore[no-untyped-def]
+    torch.set_num_threads(2)
+    out = io.StringIO()
+    stop = trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    yield urls[0], key
+    stop.set()
+
+
+async def test_both_backends_against_lmgate(lmgate) -> None:  # type: ignore[no-untyped-def]
+    base_url, key = lmgate
+    spec = RandomSpec(LengthRange(8, 24), LengthRange(3, 6))
+    tenants = [Tenant(key, 1.0, None, "t0"), Tenant(key, 1.0, 1, "t1")]
+    for seed, backend in enumerate(("openai", "lmgate-ws")):
+        requests = build_workload(spec, 6, math.inf, 1.0, seed=seed, tenants=tenants)
+        with trio.fail_after(120):
+            outcome = await run_workload(Target(base_url, backend, key, label=backend), requests, [],
+                                         SendOptions(ignore_eos=True), RunConfig(progress=False, scrape_interval=0.2,
+                                                                                 streams_per_socket=4))
+        assert [r.error for r in outcome.results] == [""] * 6, backend
+        assert [r.output_len for r in outcome.results] == [r.output_len for r in requests]
+        assert [r.prompt_len for r in outcome.results] == [r.prompt_len for r in requests]
+        assert all(0 < r.ttft <= r.latency and len(r.itl) >= 1 for r in outcome.results)
+        assert {r.tenant for r in outcome.results} <= {"t0", "t1"}
+        m = compute_metrics(outcome.results, outcome.duration)
+        assert m["completed"] == 6 and m["max_concurrent_requests"] >= 2
+        assert outcome.timeline, "lmgate exposes lmgate_num_requests_* on /metrics"
