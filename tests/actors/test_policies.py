@@ -1,0 +1,224 @@
+"""Batching policies: pure logic, driven through `on_arrival` / `release` / `on_finish`."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.policies import (
+    POLICY_NAMES,
+    Adaptive,
+    EngineView,
+    FairVtc,
+    FcfsContinuous,
+    FcfsStatic,
+    Hybrid,
+    Job,
+    KvReservation,
+    LoadBased,
+    Magnus,
+    PolicyConfig,
+    PriorityAging,
+    ServingTimeEstimator,
+    TimeWindow,
+    VirtualTokenCounter,
+    make_policy,
+)
+
+
+def job(rid: str, arrival: float = 0.0, *, tenant: str = "t", pred: float = 50.0, std: float = 0.0,
+        prompt: int = 32, max_tokens: int = 256, priority: int = 0) -> Job:
+    return Job(rid, tenant, prompt, max_tokens, arrival, pred, std, priority)
+
+
+def view(running: int = 0, *, cap: int = 8, free: int = 1000, total: int = 1000, bs: int = 16,
+         step: float = 0.0) -> EngineView:
+    return EngineView(running, cap, free, total, bs, step)
+
+
+def ids(jobs: list[Job]) -> list[str]:
+    return [j.rid for j in jobs]
+
+
+def test_make_policy_knows_every_name_and_rejects_others():
+    for name in POLICY_NAMES:
+        assert make_policy(PolicyConfig(name=name)).name == name
+    with pytest.raises(ValueError, match="unknown policy"):
+        PolicyConfig(name="sjf-magic")
+
+
+def test_fcfs_static_waits_for_the_whole_batch_to_finish():
+    p = FcfsStatic(batch_size=2)
+    for k in range(5):
+        p.on_arrival(job(f"r{k}", k), k)
+    first = p.release(5.0, view(0))
+    assert ids(first) == ["r0", "r1"]
+    assert p.release(5.0, view(1)) == []  # one of the batch still runs: no new batch
+    p.on_finish(first[0], 6.0, 10)
+    assert p.release(6.0, view(1)) == []
+    p.on_finish(first[1], 7.0, 10)
+    assert ids(p.release(7.0, view(0))) == ["r2", "r3"]
+    assert len(p) == 1
+
+
+def test_fcfs_continuous_fills_free_slots_in_arrival_order():
+    p = FcfsContinuous()
+    for k in (3, 1, 2):
+        p.on_arrival(job(f"r{k}", float(k)), float(k))
+    assert ids(p.release(4.0, view(6, cap=8))) == ["r1", "r2"]
+    assert ids(p.release(4.0, view(7, cap=8))) == ["r3"]
+
+
+def test_priority_tiers_with_aging_nothing_starves():
+    p = PriorityAging(aging_s=10.0)
+    p.on_arrival(job("low-old", 0.0, priority=2), 0.0)
+    p.on_arrival(job("high-new", 15.0, priority=0), 15.0)
+    assert ids(p.release(15.0, view(7)))[0] == "high-new"  # 2 - 1.5 > 0 - 0
+    p2 = PriorityAging(aging_s=10.0)
+    p2.on_arrival(job("low-old", 0.0, priority=2), 0.0)
+    p2.on_arrival(job("high-new", 25.0, priority=0), 25.0)
+    assert ids(p2.release(25.0, view(7)))[0] == "low-old"  # 2 - 2.5 < 0: aged past the new one
+
+
+def test_time_window_holds_until_min_batch_or_window():
+    p = TimeWindow(window_s=1.0, min_batch=3, max_batch=4)
+    p.on_arrival(job("a", 0.0), 0.0)
+    p.on_arrival(job("b", 0.2), 0.2)
+    assert p.release(0.5, view(0)) == []
+    assert p.next_wakeup(0.5) == pytest.approx(1.0)
+    assert ids(p.release(1.0, view(0))) == ["a", "b"]  # window elapsed
+    for k in range(6):
+        p.on_arrival(job(f"c{k}", 2.0), 2.0)
+    assert len(p.release(2.0, view(0))) == 4  # min batch reached; max_batch caps it
+
+
+def test_load_based_batch_grows_with_load_and_stops_at_high_kv_usage():
+    p = LoadBased(min_batch=2, low=2, high=10)
+    for k in range(3):
+        p.on_arrival(job(f"r{k}", k), k)
+    light = p.release(3.0, view(0, cap=16))
+    assert len(light) <= 3
+    for k in range(30):
+        p.on_arrival(job(f"h{k}", 10 + k), 10 + k)
+    assert len(p.release(50.0, view(0, cap=16))) == 16  # heavy load: up to the engine's cap
+    p.on_arrival(job("late", 60), 60)
+    assert p.release(60.0, view(0, cap=16, free=50, total=1000)) == []  # KV 95% used
+
+
+def test_adaptive_shrinks_on_slow_steps_and_grows_on_fast_ones():
+    p = Adaptive(target_step_s=0.1, initial=8, min_batch=2)
+    for k in range(40):
+        p.on_arrival(job(f"r{k}", 0.0), 0.0)
+    assert len(p.release(0.0, view(0, cap=32))) == 8
+    p.release(1.0, view(8, cap=32, step=0.5))  # slow step
+    assert p.cap < 8
+    slow_cap = p.cap
+    for k in range(5):
+        p.release(2.0 + k, view(p.cap, cap=32, step=0.05 + k * 1e-4))  # fast steps at the cap
+    assert p.cap > slow_cap
+
+
+def test_kv_reservation_by_prediction_admits_more_than_by_max_tokens():
+    def released(kv: KvReservation) -> int:
+        p = FcfsContinuous(kv=kv)
+        for k in range(20):
+            p.on_arrival(job(f"r{k}", k, pred=40, std=8, prompt=40, max_tokens=256), k)
+        return len(p.release(20.0, view(0, cap=64, free=100, total=100)))
+
+    by_max = released(KvReservation(mode="max_tokens"))  # 296 tokens = 19 blocks → 5
+    by_pred = released(KvReservation(mode="predicted", margin_std=1.0, min_margin=0.2))  # 88 → 6 blocks → 16
+    assert by_max == 5
+    assert by_pred == 16
+
+
+def test_kv_reservation_always_lets_one_request_into_an_empty_engine():
+    p = FcfsContinuous(kv=KvReservation(mode="max_tokens"))
+    p.on_arrival(job("big", 0.0, prompt=2000, max_tokens=2000), 0.0)
+    assert ids(p.release(0.0, view(0, free=10, total=10))) == ["big"]
+
+
+def test_magnus_hrrn_runs_short_groups_first_but_long_ones_age():
+    est = ServingTimeEstimator(a=0.1, slope=0.0)
+    p = Magnus(estimator=est, kv=KvReservation(mode="none"))
+    p.on_arrival(job("long", 0.0, pred=200), 0.0)
+    p.on_arrival(job("short", 1.0, pred=10), 1.0)
+    # at t=2: long ratio (2 + 20)/20 = 1.1; short (1 + 1)/1 = 2 → short first
+    assert ids(p.release(2.0, view(7)))[0] == "short"
+    p2 = Magnus(estimator=ServingTimeEstimator(a=0.1, slope=0.0), kv=KvReservation(mode="none"))
+    p2.on_arrival(job("long", 0.0, pred=200), 0.0)
+    p2.on_arrival(job("short", 99.0, pred=10), 99.0)
+    # at t=100: long (100 + 20)/20 = 6; short (1 + 1)/1 = 2 → the aged long one first
+    assert ids(p2.release(100.0, view(7)))[0] == "long"
+
+
+def test_magnus_groups_similar_predicted_lengths_together():
+    p = Magnus(estimator=ServingTimeEstimator(a=0.1, slope=0.0), kv=KvReservation(mode="none"))
+    for k, pred in enumerate([10, 200, 12, 190, 11, 205]):
+        p.on_arrival(job(f"r{k}-{pred}", 0.0, pred=pred), 0.0)
+    out = p.release(1.0, view(0, cap=3))
+    assert sorted(j.predicted for j in out) == [10, 11, 12]
+
+
+def test_serving_time_estimator_fits_a_linear_step_time():
+    est = ServingTimeEstimator(a=1.0, slope=1.0, forget=1.0)
+    for b in (1, 2, 4, 8, 16, 8, 4):
+        est.observe(b, 0.02 + 0.003 * b)
+    assert est.a == pytest.approx(0.02, rel=1e-6)
+    assert est.slope == pytest.approx(0.003, rel=1e-6)
+    assert est.best_batch(32) == 32  # throughput b / t(b) grows with b
+    est.max_step_s = 0.05
+    assert est.best_batch(32) == 10  # 0.02 + 0.003·10 = 0.05
+
+
+def test_vtc_light_tenant_is_not_starved_by_a_heavy_one():
+    p = FairVtc()
+    for k in range(20):
+        p.on_arrival(job(f"heavy{k}", k * 0.01, tenant="heavy"), k * 0.01)
+    p.on_arrival(job("light0", 1.0, tenant="light"), 1.0)
+    p.on_arrival(job("light1", 1.1, tenant="light"), 1.1)
+    out = ids(p.release(2.0, view(0, cap=4)))
+    assert "light0" in out and "light1" in out  # FCFS would have given all 4 slots to "heavy"
+
+
+def test_vtc_lifts_a_returning_tenant_to_the_backlogged_minimum():
+    v = VirtualTokenCounter()
+    v.charge("a", 1000, 0)
+    v.charge("b", 5000, 0)
+    v.on_backlogged("c", {"a", "b"})
+    assert v.counters["c"] == 1000  # no banked credit for having been idle
+    assert v.pick({"a", "b", "c"}) == "a"
+
+
+def test_vtc_corrects_charges_with_the_true_length():
+    p = FairVtc(VirtualTokenCounter(w_in=0.0, w_out=1.0))
+    j = job("r", 0.0, pred=100)
+    p.on_arrival(j, 0.0)
+    p.release(0.0, view(0))
+    assert p.vtc.counters["t"] == 100
+    p.on_finish(j, 1.0, 30)
+    assert p.vtc.counters["t"] == 30
+
+
+def test_hybrid_tiers_inside_a_tenant_and_fairness_across_tenants():
+    p = Hybrid(aging_s=1000.0, estimator=ServingTimeEstimator(a=0.1, slope=0.0), kv=KvReservation(mode="none"))
+    p.on_arrival(job("a-low", 0.0, tenant="a", priority=1, pred=10), 0.0)
+    p.on_arrival(job("a-high", 0.1, tenant="a", priority=0, pred=200), 0.1)
+    p.on_arrival(job("b-1", 0.2, tenant="b", pred=10), 0.2)
+    out = ids(p.release(1.0, view(0, cap=2)))
+    assert set(out) == {"a-high", "b-1"}  # one per tenant; within "a" the higher tier wins
+
+
+def test_removed_jobs_are_never_released():
+    p = FcfsContinuous()
+    p.on_arrival(job("a", 0.0), 0.0)
+    p.on_arrival(job("b", 0.1), 0.1)
+    assert p.remove("a").rid == "a"
+    assert p.remove("a") is None
+    assert ids(p.release(1.0, view(0))) == ["b"]
+
+
+def test_release_never_exceeds_the_engine_room():
+    for name in POLICY_NAMES:
+        p = make_policy(PolicyConfig(name=name, static_batch_size=16, min_batch=1, window_s=0.0))
+        for k in range(50):
+            p.on_arrival(job(f"r{k}", 0.0, pred=10 + k), 0.0)
+        assert len(p.release(1.0, view(5, cap=8))) <= 3, name
