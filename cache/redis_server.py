@@ -109,7 +109,7 @@ class PrivateRedis:
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening --logfile
         self.host = host
         self.port = port
         self.binary = binary
