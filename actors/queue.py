@@ -1,24 +1,61 @@
-"""The queue actor: waiting requests, ordered by policy, handed out on demand.
+"""The queue actor: waiting requests, released by the configured batching policy.
 
-Two tasks share one policy object (`actors.queue_policy`)::
+Two tasks share one policy object (`actors.policies`, chosen by
+`QueueConfig.policy`; default "priority": tiers with aging)::
 
-    arrivals ──▶ [ policy: priority + aging ] ──▶ dispatcher ──▶ stepper intake
-                                                      ▲
-                                   stepper ── Demand(slots) ──┘
+    arrivals ──▶ [ policy.on_arrival ] ──▶ dispatcher ── policy.release(now, view) ──▶ stepper intake
+                                               ▲
+                            stepper ── Demand(slots) ──┘
 
-The dispatcher sends only as many requests as the stepper reported free
-slots, so ordering decisions are made as late as possible: a request that
-arrives while the engine is full can still overtake older, lower-priority ones.
+On each `Demand(slots)` the dispatcher asks the policy what to release, never
+more than `slots`, so ordering decisions are made as late as possible: a
+request that arrives while the engine is full can still overtake older ones.
+When the policy holds back (a static batch still running, a time window not
+yet full), the dispatcher waits for an arrival, the policy's own wakeup time,
+or `poll_s`, and asks again with a fresh engine view.
+
+`engine_view` (optional) tells the policy the engine's running count, free KV
+blocks and step time; without it the view is synthesized from the demand (room
+= slots, KV unconstrained). Released requests are reconciled when their
+`RequestState.finished_at` is set (the stepper sets it on every outcome), so
+policies learn true lengths and KV reservations are given back without a
+separate completion channel.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import trio
 
 from actors.metrics import Metrics
-from actors.queue_policy import PriorityAgingQueue, QueueConfig
+from actors.policies import BatchPolicy, EngineView, Job, make_policy
+from actors.queue_policy import QueueConfig
 from actors.state import RequestState
 from actors.stepper import Completed, Demand
+
+_UNBOUNDED_BLOCKS = 1 << 30
+
+
+def job_of(st: RequestState, now: float) -> Job:
+    """A policy's view of a request. Tenant tiers run higher-first; policies run lower first."""
+    pred = st.prediction
+    return Job(
+        rid=st.request_id, tenant=st.tenant_id, prompt_tokens=st.prompt_tokens,
+        max_tokens=int(st.params.max_tokens or 1), arrival=now,
+        predicted=float(pred.tokens) if pred is not None else float(st.params.max_tokens or 1),
+        predicted_std=float(pred.std) if pred is not None else 0.0,
+        priority=-st.priority, app=st.call.app, user=st.call.user, payload=st,
+    )
+
+
+def engine_view(engine: Any, step_time_s: float = 0.0) -> EngineView:
+    """The `EngineView` of a `gpu.engine.Engine` (reads counters only; safe between steps)."""
+    sched, bm = engine.scheduler, engine.block_manager
+    return EngineView(sched.num_running + sched.num_waiting, sched.config.max_num_seqs,
+                      bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time_s)
 
 
 class QueueActor:
@@ -30,53 +67,85 @@ class QueueActor:
         to_stepper: trio.MemorySendChannel[RequestState],
         completed: trio.MemorySendChannel[Completed],
         metrics: Metrics,
+        *,
+        policy: BatchPolicy | None = None,
+        engine_view: Callable[[], EngineView] | None = None,
+        poll_s: float = 0.02,
     ) -> None:
-        self.policy: PriorityAgingQueue[RequestState] = PriorityAgingQueue(config, trio.current_time)
+        self.config = config
+        self.policy: BatchPolicy = policy if policy is not None else make_policy(config.policy_config())
         self.arrivals = arrivals
         self.demand = demand
         self.to_stepper = to_stepper
         self.completed = completed
         self.metrics = metrics
+        self._view = engine_view
+        self.poll_s = poll_s
         self._arrived = trio.Event()
+        self._released: dict[str, Job] = {}
 
     def __len__(self) -> int:
         return len(self.policy)
 
-    def _pop_live(self) -> RequestState | None:
-        """Next request to run; cancelled ones are settled on the way out."""
-        while (st := self.policy.pop()) is not None:
-            if not st.cancelled:
-                return st
-            st.events.close()
-            self.completed.send_nowait(Completed(st, "cancelled"))
-        return None
-
     def drain(self) -> list[RequestState]:
         """Remove and return everything waiting (shutdown / crash recovery)."""
         out = []
-        while (st := self.policy.pop()) is not None:
-            out.append(st)
+        for job in list(self.policy):
+            if self.policy.remove(job.rid) is not None:
+                out.append(job.payload)
         return out
+
+    def _reconcile(self, now: float) -> None:
+        """Tell the policy about released requests that have left the engine."""
+        for rid, job in list(self._released.items()):
+            st: RequestState = job.payload
+            if st.finished_at:
+                del self._released[rid]
+                self.policy.on_finish(job, now, st.completion_tokens)
+
+    def _current_view(self, slots: int) -> EngineView:
+        if self._view is None:
+            return EngineView(0, slots, _UNBOUNDED_BLOCKS, _UNBOUNDED_BLOCKS, 16)
+        v = self._view()
+        # never more than the stepper asked for
+        running = max(v.running, v.max_running - slots)
+        return EngineView(running, v.max_running, v.free_blocks, v.total_blocks, v.block_size, v.step_time_s)
 
     async def _receive_arrivals(self) -> None:
         async for st in self.arrivals:
-            self.policy.push(st, -st.priority)  # tenant tiers run higher-first; the policy runs lower keys first
+            self.policy.on_arrival(job_of(st, trio.current_time()), trio.current_time())
             self.metrics.waiting.set(len(self.policy))
             self._arrived.set()
 
+    async def _release(self, slots: int) -> int:
+        """One release decision; returns how many live requests went to the stepper."""
+        now = trio.current_time()
+        self._reconcile(now)
+        sent = 0
+        for job in self.policy.release(now, self._current_view(slots))[:slots]:
+            st: RequestState = job.payload
+            if st.cancelled:
+                st.events.close()
+                self.completed.send_nowait(Completed(st, "cancelled"))
+                self.policy.on_finish(job, now, 0)
+                continue
+            self._released[job.rid] = job
+            await self.to_stepper.send(st)
+            sent += 1
+        return sent
+
     async def _dispatch(self) -> None:
         async for want in self.demand:
-            sent = 0
-            while sent < want.slots:
-                st = self._pop_live()
-                if st is None:
-                    if sent:
-                        break  # the engine has work; do not hold its demand hostage
-                    self._arrived = trio.Event()
+            while True:
+                if await self._release(want.slots):
+                    break
+                self._arrived = trio.Event()
+                wake = self.policy.next_wakeup(trio.current_time())
+                timeout = self.poll_s if len(self.policy) else math.inf
+                if wake is not None:
+                    timeout = min(timeout, max(0.0, wake - trio.current_time()))
+                with trio.move_on_after(timeout):
                     await self._arrived.wait()
-                    continue
-                await self.to_stepper.send(st)
-                sent += 1
             self.metrics.waiting.set(len(self.policy))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from actors.policies import PolicyConfig
+
 T = TypeVar("T")
 
 
@@ -27,6 +29,14 @@ T = TypeVar("T")
 class QueueConfig:
     aging_seconds: float = 10.0  # one tier of priority gained per this many seconds waited
     max_waiting: int = 1024  # admission refuses (503) beyond this
+    # the batching policy (`actors.policies`); None → "priority" with `aging_seconds`
+    policy: PolicyConfig | None = None
+
+    def policy_config(self) -> PolicyConfig:
+        """The policy the queue actor runs (its aging follows `aging_seconds` unless set)."""
+        if self.policy is None:
+            return PolicyConfig(name="priority", aging_s=self.aging_seconds)
+        return self.policy
 
     def __post_init__(self) -> None:
         if self.aging_seconds <= 0:
