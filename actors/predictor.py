@@ -96,7 +96,8 @@ class RequestFeatures:
 
 @dataclass(frozen=True)
 class LengthModelConfig:
-    ridge: float = 3.0  # L2 penalty of the regressor (features are O(1))
+    ridge: float = 1.0  # L2 penalty of the regressor (features are O(1))
+    emb_scale: float = 4.0  # unit-norm embeddings scaled so their coordinates are not drowned by the penalty
     min_fit_samples: int = 24  # below this the per-application quantiles answer
     refit_every: int = 16  # new observations between background refits
     max_samples: int = 4096  # training window (most recent)
@@ -159,7 +160,8 @@ class LengthPredictor:
         if emb.shape != (c.emb_dim,):
             raise ValueError(f"embedding must have shape ({c.emb_dim},), got {emb.shape}")
         head = np.array([1.0, lp, lp * lp, app_mean, user_mean, 1.0 if hist else 0.0])
-        return np.concatenate([head, emb, emb * lp]).astype(np.float64)
+        e = c.emb_scale * emb.astype(np.float64)
+        return np.concatenate([head, e, e * lp])
 
     # ------------------------------------------------------------ predict
     def predict(self, f: RequestFeatures) -> Prediction:
@@ -276,3 +278,118 @@ class LengthPredictor:
                 sigma, n = z["model"].tolist()
                 p.model = LinearModel(z["w"].copy(), float(sigma), int(n))
         return p
+
+
+# ============================================================================
+# Async shell: embeddings in a worker thread, background refits, Redis persistence
+# ============================================================================
+
+
+def instruction_of(call) -> str:
+    """System prompt + first user turn of a chat call (or the prompt text): what is embedded."""
+    if call.messages:
+        sys_msgs = [m.content for m in call.messages if m.role == "system"][:1]
+        user_msgs = [m.content for m in call.messages if m.role == "user"][:1]
+        return "\n".join(sys_msgs + user_msgs)
+    return call.prompt or ""
+
+
+class PredictorService:
+    """The Magnus predictor inside a trio process.
+
+    `predict(st)` embeds the instruction in a worker thread and predicts;
+    `observe(st, true_tokens)` learns and, every `refit_every` observations,
+    starts a refit in a worker thread (`trio.to_thread`) — predictions keep
+    using the previous model meanwhile — then saves the predictor to Redis
+    (`RedisStore`, key `<prefix>predictor:length`). `load()` restores it after a
+    restart. Without an embedder the embedding features are zero (input length
+    and user history still count); without a store nothing is persisted.
+    """
+
+    def __init__(self, predictor: LengthPredictor | None = None, *, embedder=None, store=None,
+                 key: str = "predictor:length") -> None:
+        self.predictor = predictor or LengthPredictor()
+        self.embedder = embedder
+        self.store = store
+        self.key = key
+        self.refits = 0
+        self._refitting = False
+        self._embed_lock = None
+
+    @property
+    def refitting(self) -> bool:
+        """A background refit is running (predictions use the previous model meanwhile)."""
+        return self._refitting
+
+    def features(self, st, embedding: np.ndarray | None) -> RequestFeatures:
+        return RequestFeatures(st.tenant_id, st.call.app, st.call.user, st.prompt_tokens,
+                               int(st.params.max_tokens or 1), embedding)
+
+    async def embed(self, st) -> np.ndarray | None:
+        if self.embedder is None:
+            return None
+        import trio
+
+        if self._embed_lock is None:
+            self._embed_lock = trio.Lock()  # the embedder is not thread-safe
+        text = instruction_of(st.call)
+        async with self._embed_lock:
+            return (await trio.to_thread.run_sync(self.embedder.embed, [text]))[0]
+
+    async def predict(self, st) -> tuple[Prediction, RequestFeatures]:
+        """The prediction and the features it used (hand them back to `observe`)."""
+        f = self.features(st, await self.embed(st))
+        return self.predictor.predict(f), f
+
+    async def observe(self, f: RequestFeatures, true_tokens: int, nursery=None) -> None:
+        self.predictor.observe(f, true_tokens)
+        if self.predictor.needs_refit() and not self._refitting:
+            if nursery is None:
+                await self.refit()
+            else:
+                self._refitting = True  # claimed now, so a burst of observations starts one refit
+                nursery.start_soon(self.refit)
+
+    async def refit(self) -> LinearModel:
+        import trio
+
+        self._refitting = True
+        try:
+            data = self.predictor.snapshot()
+            model = await trio.to_thread.run_sync(self.predictor.train, data)
+            self.predictor.install(model)
+            self.refits += 1
+            await self.save()
+            return model
+        finally:
+            self._refitting = False
+
+    async def save(self) -> bool:
+        """Persist to Redis; False (and the store marked unhealthy) if Redis is down."""
+        if self.store is None:
+            return False
+        from cache.store import CacheUnavailable
+
+        blob = self.predictor.to_bytes()
+        try:
+            with self.store.guard():
+                await self.store.client.set(self.store.key(self.key), blob)
+        except CacheUnavailable:
+            return False
+        return True
+
+    async def load(self) -> bool:
+        """Restore from Redis; False if nothing is stored (or Redis is down)."""
+        if self.store is None:
+            return False
+        from cache.store import CacheUnavailable
+
+        try:
+            with self.store.guard():
+                blob = await self.store.client.get(self.store.key(self.key))
+        except CacheUnavailable:
+            return False
+        if blob is None:
+            return False
+        self.predictor = LengthPredictor.from_bytes(blob, self.predictor.config)
+        return True

@@ -1,0 +1,151 @@
+"""Generation-length predictor: cold quantiles, online ridge, user history, Redis persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from actors.messages import ChatMessage, GenerateCall, StreamEvent, TenantContext
+from actors.predictor import (
+    LengthModelConfig,
+    LengthPredictor,
+    PredictorService,
+    RequestFeatures,
+    RunningLengthEstimator,
+    instruction_of,
+)
+from actors.state import RequestState
+from gpu.sampling import SamplingParams
+
+RNG = np.random.default_rng(0)
+APP_EMB = {a: v / np.linalg.norm(v) for a, v in zip("ab", RNG.normal(size=(2, 384)), strict=True)}
+
+
+def feats(app: str, prompt: int, user: str | None = None, max_tokens: int = 512) -> RequestFeatures:
+    return RequestFeatures("t", app, user, prompt, max_tokens, APP_EMB[app].astype(np.float32))
+
+
+def truth(app: str, prompt: int, user: str | None = None) -> int:
+    """App a: output follows input (2×); app b: short and flat, except user 'verbose'."""
+    if app == "a":
+        return 2 * prompt
+    return 200 if user == "verbose" else 20
+
+
+def train(p: LengthPredictor, n: int = 300, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        app = "ab"[int(rng.integers(2))]
+        user = ["terse", "verbose"][int(rng.integers(2))] if app == "b" else None
+        prompt = int(rng.integers(20, 200))
+        p.observe(feats(app, prompt, user), truth(app, prompt, user))
+        if p.needs_refit():
+            p.fit()
+
+
+def test_running_estimator_keeps_its_interface():
+    est = RunningLengthEstimator()
+    assert est.predict("t", "app", 64).source == "prior"
+    for n in (10, 12, 14):
+        est.observe("t", "app", n)
+    assert est.predict("t", "app", 64).tokens == pytest.approx(12)
+
+
+def test_cold_start_answers_with_per_app_quantiles():
+    p = LengthPredictor(LengthModelConfig(min_fit_samples=1000))
+    assert p.predict(feats("a", 50)).source == "prior"
+    for n in (10, 20, 30, 40, 50):
+        p.observe(feats("a", 50), n)
+    pred = p.predict(feats("a", 50))
+    assert pred.source == "app-quantile"
+    assert pred.tokens == pytest.approx(30)
+    assert pred.std > 0
+
+
+def test_online_model_learns_length_from_input_and_application():
+    p = LengthPredictor()
+    train(p)
+    assert p.model is not None
+    for prompt in (40, 100, 180):
+        pred = p.predict(feats("a", prompt))
+        assert pred.source == "model"
+        assert abs(pred.tokens - 2 * prompt) <= 0.25 * 2 * prompt, (prompt, pred)
+    assert p.predict(feats("b", 150, "terse")).tokens < 40  # long input, short app: not fooled
+
+
+def test_user_history_separates_users_of_the_same_app():
+    p = LengthPredictor()
+    train(p)
+    verbose = p.predict(feats("b", 100, "verbose")).tokens
+    terse = p.predict(feats("b", 100, "terse")).tokens
+    assert verbose > 3 * terse
+
+
+def test_predictions_carry_uncertainty_and_respect_max_tokens():
+    p = LengthPredictor()
+    train(p)
+    pred = p.predict(feats("a", 190, max_tokens=100))
+    assert pred.tokens <= 100
+    assert pred.std > 0
+
+
+def test_round_trip_through_bytes_predicts_the_same():
+    p = LengthPredictor()
+    train(p, n=120)
+    q = LengthPredictor.from_bytes(p.to_bytes())
+    for app, prompt, user in (("a", 77, None), ("b", 50, "verbose"), ("b", 50, "terse")):
+        assert q.predict(feats(app, prompt, user)) == p.predict(feats(app, prompt, user))
+    assert q.num_samples == p.num_samples
+
+
+def state(app: str, prompt_len: int, user: str) -> RequestState:
+    send, _ = trio.open_memory_channel[StreamEvent](4)
+    params = SamplingParams(max_tokens=512)
+    msgs = [ChatMessage("system", "sys"), ChatMessage("user", "hello"), ChatMessage("user", "later")]
+    call = GenerateCall("r", TenantContext("t"), "m", params, messages=msgs, user=user, app=app)
+    return RequestState(call, list(range(prompt_len)), params, 0, send)
+
+
+def test_instruction_is_system_prompt_and_first_user_turn():
+    assert instruction_of(state("a", 3, "u").call) == "sys\nhello"
+
+
+async def test_service_refits_in_the_background_and_persists_in_redis(store):
+    svc = PredictorService(LengthPredictor(LengthModelConfig(min_fit_samples=16, refit_every=8)), store=store)
+    served_during_refit = 0
+    async with trio.open_nursery() as nursery:
+        for k in range(40):
+            st = state("a", 20 + k, "u")
+            pred, f = await svc.predict(st)
+            assert pred.tokens > 0
+            served_during_refit += svc.refitting  # predictions never wait for a refit
+            await svc.observe(f, 2 * (20 + k), nursery)
+            await trio.sleep(0.02)  # requests arrive over time; a refit runs meanwhile
+    assert svc.refits >= 1
+    assert served_during_refit > 0
+    assert svc.predictor.model is not None
+    expected = svc.predictor.predict(svc.features(state("a", 50, "u"), None))
+    restarted = PredictorService(store=store)
+    assert await restarted.load()
+    got = restarted.predictor.predict(restarted.features(state("a", 50, "u"), None))
+    assert got == expected
+
+
+async def test_load_without_anything_stored_is_false(store):
+    assert not await PredictorService(store=store).load()
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_group_instructions_by_application():
+    from actors.embeddings import InstructionEmbedder
+
+    emb = InstructionEmbedder()
+    v = emb.embed([
+        "You are a translator.\nTranslate into French: the cat sat on the mat.",
+        "You are a translator.\nTranslate into Spanish: my neighbour sold a bicycle.",
+        "You are a creative writer.\nWrite a story about a dragon in 8 sentences.",
+    ])
+    assert v.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2]
