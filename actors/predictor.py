@@ -96,7 +96,8 @@ class RequestFeatures:
 
 @dataclass(frozen=True)
 class LengthModelConfig:
-    ridge: float = 1.0  # L2 penalty of the regressor (features are O(1))
+    ridge_grid: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # embedding penalty, picked by LOO
+    head_ridge: float = 1e-3  # penalty of the intercept, length and history features
     emb_scale: float = 4.0  # unit-norm embeddings scaled so their coordinates are not drowned by the penalty
     min_fit_samples: int = 24  # below this the per-application quantiles answer
     refit_every: int = 16  # new observations between background refits
@@ -106,6 +107,9 @@ class LengthModelConfig:
     quantile_window: int = 256
     prior_tokens: float = 128.0
     emb_dim: int = 384
+
+
+_HEAD = 6  # intercept, log length, its square, app mean, user mean, has-history
 
 
 @dataclass(frozen=True)
@@ -215,15 +219,31 @@ class LengthPredictor:
         return np.stack(list(self._x)), np.asarray(self._y)
 
     def train(self, data: tuple[np.ndarray, np.ndarray]) -> LinearModel:
-        """Pure: ridge regression on a snapshot (the intercept is not penalized)."""
+        """Pure: ridge regression on a snapshot, its strength chosen by leave-one-out error.
+
+        The first `_HEAD` features (intercept, input length, application and user
+        means) get a tiny penalty; the embedding features get `lam`, picked from
+        `config.ridge_grid` by exact LOO residuals (e_i / (1 - H_ii), computed in
+        the n×n kernel form). `sigma` is the LOO residual std: an honest
+        uncertainty, not the (optimistic) training residual.
+        """
         x, y = data
-        lam = np.full(x.shape[1], self.config.ridge)
-        lam[0] = 1e-6
-        w = np.linalg.solve(x.T @ x + np.diag(lam), x.T @ y)
-        resid = y - x @ w
-        dof = max(1, len(y) - min(len(y) // 2, x.shape[1] // 4))
-        sigma = float(np.sqrt((resid ** 2).sum() / dof))
-        return LinearModel(w, sigma, len(y))
+        n, d = x.shape
+        best = None
+        for lam in self.config.ridge_grid:
+            pen = np.full(d, lam)
+            pen[:_HEAD] = self.config.head_ridge
+            xs = x / np.sqrt(pen)  # ridge with per-feature penalties = unit ridge on scaled columns
+            k = xs @ xs.T  # (n, n)
+            h = k @ np.linalg.inv(k + np.eye(n))  # hat matrix
+            loo = (y - h @ y) / np.clip(1.0 - np.diag(h), 1e-6, None)
+            score = float(np.mean(np.abs(loo)))
+            if best is None or score < best[0]:
+                best = (score, pen, loo)
+        _, pen, loo = best
+        w = np.linalg.solve(x.T @ x + np.diag(pen), x.T @ y)
+        sigma = float(np.sqrt(np.mean(loo ** 2)))
+        return LinearModel(w, sigma, n)
 
     def install(self, model: LinearModel) -> None:
         self.model = model
