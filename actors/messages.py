@@ -89,6 +89,7 @@ class Usage(msgspec.Struct, frozen=True):
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
     token_id: int
     logprob: float
+    token: str = ""  # the token's text (decoded alone; may be part of a UTF-8 character)
 
 
 class TokenDelta(msgspec.Struct, frozen=True):
@@ -100,6 +101,7 @@ class TokenDelta(msgspec.Struct, frozen=True):
     token_ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[list[TopLogprob]] | None = None
+    tokens: list[str] | None = None  # text of each token in token_ids; only when logprobs were asked for
 
 
 class Finished(msgspec.Struct, frozen=True):

@@ -111,6 +111,9 @@ class Stepper:
                 pass  # a demand is already pending; the queue will serve it
 
     # ------------------------------------------------------------ routing
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def _route(self, d: StepDelta) -> None:
         st = self.active.get(d.request_id)
         if st is None:
@@ -127,15 +130,18 @@ class Stepper:
             rec.deltas.append(d.text)
             if d.finish_reason:
                 rec.finish_reason = d.finish_reason
-        top = None
-        if d.top_logprobs is not None:
-            top = [[TopLogprob(t, lp) for t, lp in row] for row in d.top_logprobs]
+        top = tokens = None
+        if d.logprobs is not None:  # token texts only when asked for: decoding costs per token
+            text_of = self._token_text
+            tokens = [text_of(t) for t in d.token_ids]
+            if d.top_logprobs is not None:
+                top = [[TopLogprob(t, lp, text_of(t)) for t, lp in row] for row in d.top_logprobs]
         if not st.cancelled:
             try:
                 st.events.send_nowait(
                     TokenDelta(
                         st.request_id, d.index, d.text, list(d.token_ids),
-                        list(d.logprobs) if d.logprobs is not None else None, top,
+                        list(d.logprobs) if d.logprobs is not None else None, top, tokens,
                     )
                 )
             except (trio.BrokenResourceError, trio.ClosedResourceError):

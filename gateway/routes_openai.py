@@ -257,19 +257,28 @@ def usage_json(finished: Finished) -> dict[str, int]:
 # ---------------------------------------------------------------- rendering
 
 
+def _token_text(delta: TokenDelta, i: int, token_id: int) -> str:
+    """The text of token i: from the runtime when it sent token texts, else the delta's
+    text for a one-token delta, else a placeholder naming the id."""
+    if delta.tokens is not None and i < len(delta.tokens):
+        return delta.tokens[i]
+    return delta.text if len(delta.token_ids) == 1 else f"<{token_id}>"
+
+
 def _chat_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
     if delta.logprobs is None:
         return None
     items = []
     for i, (tok, lp) in enumerate(zip(delta.token_ids, delta.logprobs, strict=False)):
-        text = delta.text if len(delta.token_ids) == 1 else f"<{tok}>"
+        text = _token_text(delta, i, tok)
         tops = delta.top_logprobs[i] if delta.top_logprobs and i < len(delta.top_logprobs) else []
         items.append(
             {
                 "token": text,
                 "logprob": lp,
                 "bytes": list(text.encode()),
-                "top_logprobs": [{"token": f"<{t.token_id}>", "logprob": t.logprob, "bytes": None} for t in tops],
+                "top_logprobs": [{"token": t.token or f"<{t.token_id}>", "logprob": t.logprob, "bytes": None}
+                                 for t in tops],
             }
         )
     return {"content": items}
@@ -278,9 +287,9 @@ def _chat_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
 def _completion_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
     if delta.logprobs is None:
         return None
-    tokens = [delta.text if len(delta.token_ids) == 1 else f"<{t}>" for t in delta.token_ids]
+    tokens = [_token_text(delta, i, t) for i, t in enumerate(delta.token_ids)]
     tops = [
-        {f"<{t.token_id}>": t.logprob for t in row} for row in (delta.top_logprobs or [])
+        {t.token or f"<{t.token_id}>": t.logprob for t in row} for row in (delta.top_logprobs or [])
     ]
     return {"tokens": tokens, "token_logprobs": list(delta.logprobs), "top_logprobs": tops or None, "text_offset": None}
 

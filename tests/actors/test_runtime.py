@@ -261,3 +261,12 @@ async def test_higher_tier_tenant_runs_first(nursery, ckpt, tokenizer, services)
         await trio.sleep(0.1)
         n.start_soon(run, gold, "gold")
     assert order.index("gold") <= 1, order
+
+
+async def test_logprobs_carry_token_texts(runtime):
+    acc = await runtime.submit(call(tenant(), prompt="The capital of France is", max_tokens=5, logprobs=2))
+    text, deltas, _ = await collect(acc)
+    assert all(d.tokens is not None and len(d.tokens) == len(d.token_ids) for d in deltas)
+    assert "".join(t for d in deltas for t in d.tokens) == text
+    tops = [row for d in deltas for row in d.top_logprobs]
+    assert all(len(row) == 2 and row[0].token and row[0].logprob >= row[1].logprob for row in tops)
