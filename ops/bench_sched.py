@@ -23,9 +23,14 @@ The machine is shared: the load average is recorded at start and end.
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread: the predictor's small solves are slower, not faster, when
+# OpenBLAS threads fight the engine (and other users) for 2 cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fixture", type=Path, help="workload JSONL (default: the shipped ops/workload/requests.jsonl)")
     ap.add_argument("--no-real", action="store_true", help="simulation only (needs a calibration run anyway)")
+    ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
     args = ap.parse_args(argv)
 
     cfg = BenchConfig(quick=args.quick)
@@ -363,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     report["predictor_within_25pct"] = ev.within_25pct
     _log(f"predictor: MAE {ev.mae:.1f} (per-app mean {ev.baseline_mae:.1f}), within ±25% "
          f"{ev.within_25pct:.1%} (per-app mean {ev.baseline_within_25pct:.1%})")
+    if args.predictor_only:
+        print(json.dumps(report["predictor"], indent=2))
+        return 0
 
     # 2. engine + calibration
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
