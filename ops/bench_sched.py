@@ -53,6 +53,7 @@ from ops.sim.simulator import (
 from ops.workload.fixture import FixtureRequest, load_fixture
 
 BASELINES = ("fcfs-static", "fcfs-continuous", "magnus")
+FIXTURE_MAX_TOKENS = 128  # what ops.workload.generate ran with: the predictor learns these lengths
 
 
 # ------------------------------------------------------------------ predictor
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = BenchConfig(quick=args.quick)
     if args.quick:
-        cfg = BenchConfig(quick=True, real_requests=32, sim_requests=240, real_policies=BASELINES)
+        cfg = BenchConfig(quick=True, max_tokens=64, real_requests=16, sim_requests=240, real_policies=BASELINES)
     if args.policies:
         cfg = BenchConfig(**{**cfg.__dict__, "real_policies": tuple(args.policies.split(","))})
     if args.real_requests:
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder = InstructionEmbedder(threads=args.threads)
     vecs = embedder.embed([r.instruction for r in fixture])
     embeddings = {r.id: v for r, v in zip(fixture, vecs, strict=True)}
-    predictor, ev = train_and_evaluate(train, test, embeddings, cfg.max_tokens)
+    predictor, ev = train_and_evaluate(train, test, embeddings, FIXTURE_MAX_TOKENS)
     report["predictor"] = ev.__dict__
     report["predictor_within_25pct"] = ev.within_25pct
     _log(f"predictor: MAE {ev.mae:.1f} (per-app mean {ev.baseline_mae:.1f}), within ±25% "
@@ -380,14 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     recorder = _PlanRecorder(engine.scheduler)
     preds = {}
     for r in test:
-        preds[r.id] = predictor.predict(features_of(r, cfg.max_tokens, embeddings[r.id]))
+        preds[r.id] = predictor.predict(features_of(r, min(cfg.max_tokens, FIXTURE_MAX_TOKENS), embeddings[r.id]))
     bench_reqs = [BenchRequest(r, tuple(engine.tokenizer.render_and_encode(list(r.messages))),
                                preds[r.id].tokens, preds[r.id].std) for r in test]
     sim_cfg = SimConfig(sched_cfg, engine.num_blocks, engine.config.cache.block_size)
     report["engine"] = {"num_blocks": engine.num_blocks, "block_size": engine.config.cache.block_size,
                         "max_num_seqs": cfg.max_num_seqs}
     _log(f"calibrating step times (KV blocks: {engine.num_blocks}) ...")
-    calib_reqs = bench_reqs[: 24 if cfg.quick else 48]
+    calib_reqs = bench_reqs[: 12 if cfg.quick else 32]
     steps = calibrate(engine, recorder, calib_reqs, cfg.max_tokens)
     model = StepTimeModel.fit(steps)
     report["step_model"] = {"coef": list(model.coef), "r2": model.r2(steps), "samples": len(steps),
