@@ -13,6 +13,8 @@ BENCHES = {
     "engine": ("ops.bench_engine", "engine vs Hugging Face transformers static batching; MBU"),
     "gateway": ("ops.bench_gateway", "cached-response RPS vs a bare route; latency added per token"),
     "kernels": ("ops.bench_kernels", "CUDA kernel bandwidth and decode MBU (needs a GPU to time)"),
+    "serve": ("ops.bench_serve", "serving benchmark with vLLM bench serve metrics; OpenAI SSE or lmgate WS; "
+                                 "--compare a second target"),
 }
 
 
