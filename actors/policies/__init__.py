@@ -42,7 +42,7 @@ class PolicyConfig:
     max_batch: int = 32  # time-window
     load_low: int = 4  # load-based
     load_high: int = 32
-    target_step_s: float = 0.5  # adaptive
+    target_step_s: float | None = None  # adaptive (None → 3 × the fastest step seen)
     kv_margin_std: float = 1.0  # magnus, hybrid: reserve predicted + margin·std tokens
     kv_min_margin: float = 0.2
     kv_fraction: float = 1.0

@@ -123,25 +123,41 @@ class LoadBased(PolicyBase):
 
 class Adaptive(PolicyBase):
     """Batch size from observed step times (AIMD): while the recent step time stays
-    under `target_step_s` and the running set is at the cap, the cap grows by one;
-    when a step is slower than the target, the cap shrinks by `decrease`."""
+    under the target and the running set is at the cap, the cap grows by one;
+    when a step is slower than the target, the cap shrinks by `decrease`.
+
+    The target is `target_step_s` if given, else `auto_factor` × the fastest step
+    seen so far (≈ the cost of a near-empty step on this machine right now), so
+    the policy keeps a per-token latency bound relative to the hardware instead
+    of an absolute number that a slow or shared CPU can never meet.
+    """
 
     name = "adaptive"
 
-    def __init__(self, target_step_s: float = 0.5, initial: int = 8, min_batch: int = 2,
-                 decrease: float = 0.8, kv: KvReservation | None = None) -> None:
-        if target_step_s <= 0 or min_batch <= 0 or not 0 < decrease < 1:
-            raise ValueError("need target_step_s > 0, min_batch > 0, 0 < decrease < 1")
+    def __init__(self, target_step_s: float | None = None, initial: int = 8, min_batch: int = 2,
+                 decrease: float = 0.8, auto_factor: float = 3.0, kv: KvReservation | None = None) -> None:
+        if (target_step_s is not None and target_step_s <= 0) or min_batch <= 0 or not 0 < decrease < 1:
+            raise ValueError("need target_step_s > 0 (or None), min_batch > 0, 0 < decrease < 1")
+        if auto_factor <= 1:
+            raise ValueError("auto_factor must be > 1")
         super().__init__(kv)
         self.target_step_s, self.cap, self.min_batch, self.decrease = target_step_s, initial, min_batch, decrease
+        self.auto_factor = auto_factor
+        self._fastest = math.inf
         self._last_step = 0.0
+
+    def target(self) -> float:
+        if self.target_step_s is not None:
+            return self.target_step_s
+        return self.auto_factor * self._fastest
 
     def _adapt(self, view: EngineView) -> None:
         t = view.step_time_s
         if t <= 0 or t == self._last_step:
             return  # no new measurement since the last decision
         self._last_step = t
-        if t > self.target_step_s:
+        self._fastest = min(self._fastest, t)
+        if t > self.target():
             self.cap = max(self.min_batch, math.floor(self.cap * self.decrease))
         elif view.running >= self.cap:
             self.cap = min(view.max_running, self.cap + 1)

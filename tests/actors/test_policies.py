@@ -117,6 +117,18 @@ def test_adaptive_shrinks_on_slow_steps_and_grows_on_fast_ones():
     assert p.cap > slow_cap
 
 
+def test_adaptive_target_defaults_to_a_multiple_of_the_fastest_step():
+    p = Adaptive(initial=8, min_batch=2)
+    for k in range(40):
+        p.on_arrival(job(f"r{k}", 0.0), 0.0)
+    p.release(0.0, view(0, cap=32, step=0.6))  # a slow machine: 0.6 s is its fastest step so far
+    assert p.target() == pytest.approx(1.8)
+    p.release(1.0, view(8, cap=32, step=0.7))  # under the target at the cap: grows
+    assert p.cap == 9
+    p.release(2.0, view(9, cap=32, step=2.5))  # over it: shrinks
+    assert p.cap == 7
+
+
 def test_kv_reservation_by_prediction_admits_more_than_by_max_tokens():
     def released(kv: KvReservation) -> int:
         p = FcfsContinuous(kv=kv)
