@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixture", type=Path, help="workload JSONL (default: the shipped ops/workload/requests.jsonl)")
     ap.add_argument("--no-real", action="store_true", help="simulation only (needs a calibration run anyway)")
     ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
+    ap.add_argument("--step-coef", help="simulation only, with this step-time model instead of a calibration "
+                                        "run: c0,c_tok,c_seq,c_ctx (e.g. step_model.coef of an earlier --json)")
+    ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 128; quick: 64)")
+    ap.add_argument("--sim-requests", type=int)
     args = ap.parse_args(argv)
 
     cfg = BenchConfig(quick=args.quick)
@@ -337,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(**{**cfg.__dict__, "real_policies": tuple(args.policies.split(","))})
     if args.real_requests:
         cfg = BenchConfig(**{**cfg.__dict__, "real_requests": args.real_requests})
+    if args.max_tokens:
+        cfg = BenchConfig(**{**cfg.__dict__, "max_tokens": args.max_tokens})
+    if args.sim_requests:
+        cfg = BenchConfig(**{**cfg.__dict__, "sim_requests": args.sim_requests})
+    if args.step_coef:
+        args.no_real = True
     for p in cfg.real_policies:
         if p not in POLICY_NAMES:
             ap.error(f"unknown policy {p!r}")
@@ -387,13 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     sim_cfg = SimConfig(sched_cfg, engine.num_blocks, engine.config.cache.block_size)
     report["engine"] = {"num_blocks": engine.num_blocks, "block_size": engine.config.cache.block_size,
                         "max_num_seqs": cfg.max_num_seqs}
-    _log(f"calibrating step times (KV blocks: {engine.num_blocks}) ...")
-    calib_reqs = bench_reqs[: 12 if cfg.quick else 32]
-    steps = calibrate(engine, recorder, calib_reqs, cfg.max_tokens)
-    model = StepTimeModel.fit(steps)
-    report["step_model"] = {"coef": list(model.coef), "r2": model.r2(steps), "samples": len(steps),
-                            "terms": ["1", "tokens", "seqs", "context_tokens"]}
-    _log(f"step model {tuple(round(c, 6) for c in model.coef)}, r2 {model.r2(steps):.2f} on {len(steps)} steps")
+    if args.step_coef:
+        model = StepTimeModel(tuple(float(x) for x in args.step_coef.split(",")))  # type: ignore[arg-type]
+        steps = []
+        report["step_model"] = {"coef": list(model.coef), "given": True,
+                                "terms": ["1", "tokens", "seqs", "context_tokens"]}
+    else:
+        _log(f"calibrating step times (KV blocks: {engine.num_blocks}) ...")
+        calib_reqs = bench_reqs[: 12 if cfg.quick else 32]
+        steps = calibrate(engine, recorder, calib_reqs, cfg.max_tokens)
+        model = StepTimeModel.fit(steps)
+        report["step_model"] = {"coef": list(model.coef), "r2": model.r2(steps), "samples": len(steps),
+                                "terms": ["1", "tokens", "seqs", "context_tokens"]}
+    _log(f"step model {tuple(round(c, 6) for c in model.coef)}" + (
+        f", r2 {model.r2(steps):.2f} on {len(steps)} steps" if steps else " (given)"))
 
     # 3. rates
     real_set = bench_reqs[: cfg.real_requests]
@@ -548,16 +565,18 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    colors: dict[str, str] = {}
     for name, by_rate in report["sim_policies"].items():
         rs = sorted(by_rate, key=float)
         x = [float(r) for r in rs]
-        axes[0].plot(x, [by_rate[r]["req_s"] for r in rs], marker=".", label=name)
-        axes[1].plot(x, [by_rate[r]["mean_latency_s"] for r in rs], marker=".", label=name)
-    for by_rate in report["policies"].values():
+        (line,) = axes[0].plot(x, [by_rate[r]["req_s"] for r in rs], marker=".", label=name)
+        colors[name] = line.get_color()
+        axes[1].plot(x, [by_rate[r]["mean_latency_s"] for r in rs], marker=".", label=name, color=colors[name])
+    for name, by_rate in report["policies"].items():
         rs = sorted(by_rate, key=float)
         x = [float(r) for r in rs]
-        axes[0].scatter(x, [by_rate[r]["req_s"] for r in rs], marker="x", s=50)
-        axes[1].scatter(x, [by_rate[r]["mean_latency_s"] for r in rs], marker="x", s=50)
+        axes[0].scatter(x, [by_rate[r]["req_s"] for r in rs], marker="x", s=50, color=colors.get(name))
+        axes[1].scatter(x, [by_rate[r]["mean_latency_s"] for r in rs], marker="x", s=50, color=colors.get(name))
     axes[0].set(xlabel="arrival rate (req/s)", ylabel="throughput (req/s)", title="throughput (lines: sim, x: real)")
     axes[1].set(xlabel="arrival rate (req/s)", ylabel="mean response time (s)", yscale="log",
                 title="mean response time")
