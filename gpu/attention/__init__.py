@@ -26,6 +26,8 @@ to cache positions `0..p` (causal). Query token `j` of a prefill sequence with
 
 Backends:
 - `gpu.attention.torch_backend.TorchAttentionBackend` — CPU (and any torch device).
+- `gpu.attention.cpu_native.CpuNativeAttentionBackend` — the CPU default: decode by a
+  C++ kernel reading the paged cache in place (falls back to torch if it cannot be built).
 - `gpu.attention.cuda_backend` — CuPy raw kernels from `gpu/kernels/*.cu` (CUDA only).
 Both are tested against the same reference in `tests/gpu/`.
 """
@@ -147,6 +149,11 @@ def get_backend(device: str) -> AttentionBackend:
         else:
             if cuda_backend_available():
                 return CudaAttentionBackend()
+    if device == "cpu":
+        from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
+
+        if cpu_native_available():
+            return CpuNativeAttentionBackend()
     from gpu.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()

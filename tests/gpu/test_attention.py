@@ -31,10 +31,16 @@ class Case:
     device: str
 
 
-@pytest.fixture(params=["torch", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(params=["torch", "cpu-native", pytest.param("cuda", marks=pytest.mark.gpu)])
 def case(request) -> Case:
     if request.param == "torch":
         return Case(TorchAttentionBackend(), "cpu")
+    if request.param == "cpu-native":
+        from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
+
+        if not cpu_native_available():
+            pytest.fail("the C++ CPU kernel did not build (g++ and ninja are installed by ops/setup.sh)")
+        return Case(CpuNativeAttentionBackend(), "cpu")
     backend = _cuda_backend()
     if backend is None:
         pytest.skip("no CUDA device / CuPy")
