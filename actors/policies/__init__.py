@@ -43,9 +43,11 @@ class PolicyConfig:
     load_low: int = 4  # load-based
     load_high: int = 32
     target_step_s: float | None = None  # adaptive (None → 3 × the fastest step seen)
-    kv_margin_std: float = 1.0  # magnus, hybrid: reserve predicted + margin·std tokens
+    kv_margin_std: float = 0.0  # magnus, hybrid: reserve predicted + max(margin·std, min_margin·predicted)
     kv_min_margin: float = 0.2
-    kv_fraction: float = 1.0
+    # reservations may total 1.5× the cache: requests in flight are on average half done, so
+    # full-length reservations overstate use; outgrowing it preempts, never fails (measured in docs)
+    kv_fraction: float = 1.5
 
     def __post_init__(self) -> None:
         if self.name not in POLICY_NAMES:

@@ -105,7 +105,7 @@ async def test_cancelled_waiting_requests_are_settled_not_sent(nursery):
 
 async def test_finished_requests_give_back_their_kv_reservation(nursery):
     def view() -> EngineView:
-        return EngineView(0, 8, 8, 8, 16)  # 8 blocks; one request reserves 3 + 64 tokens = 5
+        return EngineView(0, 8, 6, 6, 16)  # 6 blocks (×1.5 overcommit = 9); one request reserves 3 + 64 tokens = 5
 
     h = Harness(QueueConfig(policy=PolicyConfig(name="magnus")), view)
     await nursery.start(h.actor.run)
