@@ -27,7 +27,7 @@ from actors.admission import Admission, AdmissionConfig, AdmitMsg
 from actors.messages import Accepted, Failed, GenerateCall, Rejected
 from actors.metrics import Metrics
 from actors.predictor import PredictorConfig, RunningLengthEstimator
-from actors.queue import QueueActor
+from actors.queue import QueueActor, engine_view
 from actors.queue_policy import QueueConfig
 from actors.state import RequestState
 from actors.stepper import Completed, Demand, Stepper
@@ -111,7 +111,8 @@ class Runtime:
         self._fb_send, self._fb_recv = trio.open_memory_channel[tuple](cs)
         self.predictor = RunningLengthEstimator(config.predictor)
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
-                                self._done_send, self.metrics)
+                                self._done_send, self.metrics,
+                                engine_view=lambda: engine_view(engine, self.stepper.last_step_s))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
                                max_inflight=engine.config.scheduler.max_num_seqs)
         self.admission = Admission(

@@ -65,6 +65,7 @@ class Stepper:
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.active: dict[str, RequestState] = {}
+        self.last_step_s = 0.0  # duration of the latest engine step (policies read it)
         self._wakeup = trio.Event()
 
     def poke(self) -> None:
@@ -199,7 +200,7 @@ class Stepper:
                 self.metrics.engine_errors.inc()
                 self.fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 continue
-            dt = time.perf_counter() - t0
+            dt = self.last_step_s = time.perf_counter() - t0
             self.metrics.step_time.observe(dt)
             self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)
             for d in deltas:

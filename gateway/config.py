@@ -57,6 +57,7 @@ class GatewayConfig:
     max_waiting: int = 1024  # queued requests beyond this → 503
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
+    scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -71,6 +72,11 @@ class GatewayConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        from actors.policies import POLICY_NAMES
+
+        if self.scheduling_policy not in POLICY_NAMES:
+            raise ConfigError(f"scheduling_policy must be one of {', '.join(POLICY_NAMES)}, "
+                              f"got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -101,6 +107,8 @@ _HELP = {
     "max_waiting": "queued requests beyond which new ones get 503",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
+    "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
+                         "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
 }
 
 
@@ -195,6 +203,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def runtime_config(config: GatewayConfig):
     """The `actors.runtime.RuntimeConfig` these settings describe."""
+    from actors.policies import PolicyConfig
     from actors.queue_policy import QueueConfig
     from actors.runtime import RuntimeConfig
     from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -213,7 +222,7 @@ def runtime_config(config: GatewayConfig):
     )
     return RuntimeConfig(
         engine=engine,
-        queue=QueueConfig(max_waiting=config.max_waiting),
+        queue=QueueConfig(max_waiting=config.max_waiting, policy=PolicyConfig(name=config.scheduling_policy)),
         model_name=config.served_model_name,
         max_estimated_wait_s=config.max_estimated_wait_seconds,
         quota_fail_open=config.quota_fail_open,

@@ -170,15 +170,14 @@ class Adaptive(PolicyBase):
         return _fcfs(self.waiting)
 
 
-class FairVtc(PolicyBase):
-    """Per-tenant fairness alone: the backlogged tenant with the least virtual
-    service goes next (S-LoRA VTC), FCFS within a tenant."""
+class VtcAccounting:
+    """Mixin for policies that keep a `self.vtc` (S-LoRA's virtual token counter):
+    a tenant that becomes backlogged is lifted to the least-served backlogged
+    tenant's counter; released requests are charged prompt + predicted tokens,
+    corrected by the true length when they finish. Put it before the policy base
+    in the class bases (it calls `super()`)."""
 
-    name = "vtc"
-
-    def __init__(self, vtc: VirtualTokenCounter | None = None, kv: KvReservation | None = None) -> None:
-        super().__init__(kv)
-        self.vtc = vtc or VirtualTokenCounter()
+    vtc: VirtualTokenCounter
 
     def on_arrival(self, job: Job, now: float) -> None:
         backlogged = {j.tenant for j in self.waiting}
@@ -193,6 +192,17 @@ class FairVtc(PolicyBase):
         if job.rid in self.inflight:
             self.vtc.charge(job.tenant, 0, output_tokens - job.predicted)
         super().on_finish(job, now, output_tokens)
+
+
+class FairVtc(VtcAccounting, PolicyBase):
+    """Per-tenant fairness alone: the backlogged tenant with the least virtual
+    service goes next (S-LoRA VTC), FCFS within a tenant."""
+
+    name = "vtc"
+
+    def __init__(self, vtc: VirtualTokenCounter | None = None, kv: KvReservation | None = None) -> None:
+        super().__init__(kv)
+        self.vtc = vtc or VirtualTokenCounter()
 
     def _choose(self, now: float, view: EngineView) -> Iterator[Job]:
         return fair_order(self.vtc, {t: _fcfs(js) for t, js in _by_tenant(self.waiting).items()})

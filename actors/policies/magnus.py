@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from actors.policies.base import EngineView, Job, KvReservation, PolicyBase
-from actors.policies.batching import _by_tenant, fair_order
+from actors.policies.batching import VtcAccounting, _by_tenant, fair_order
 from actors.policies.fairness import VirtualTokenCounter
 
 DEFAULT_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 96, 128, 192, 256)
@@ -136,7 +136,7 @@ class Magnus(PolicyBase):
         return self.hrrn_order(self.waiting, now)
 
 
-class Hybrid(Magnus):
+class Hybrid(VtcAccounting, Magnus):
     """Fairness (VTC across tenants) → tiers with aging → Magnus HRRN within a tier."""
 
     name = "hybrid"
@@ -149,20 +149,6 @@ class Hybrid(Magnus):
         super().__init__(estimator, buckets, kv)
         self.aging_s = aging_s
         self.vtc = vtc or VirtualTokenCounter()
-
-    def on_arrival(self, job: Job, now: float) -> None:
-        backlogged = {j.tenant for j in self.waiting}
-        if job.tenant not in backlogged:
-            self.vtc.on_backlogged(job.tenant, backlogged)
-        super().on_arrival(job, now)
-
-    def _released(self, job: Job, now: float) -> None:
-        self.vtc.charge(job.tenant, job.prompt_tokens, job.predicted)
-
-    def on_finish(self, job: Job, now: float, output_tokens: int) -> None:
-        if job.rid in self.inflight:
-            self.vtc.charge(job.tenant, 0, output_tokens - job.predicted)
-        super().on_finish(job, now, output_tokens)
 
     def _tenant_order(self, jobs: list[Job], now: float) -> list[Job]:
         tiers: dict[int, list[Job]] = {}
