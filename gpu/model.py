@@ -42,6 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op (a decode step runs 61 of these)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -64,16 +66,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin().to(device), persistent=False)
         self.max_positions = max_positions
 
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of each token's position, (T, 1, hd/2) float32 each: once per step,
+        shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotate each x (T, n_heads, hd) by its token's position (T,)."""
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, hd/2)
-        sin = self.sin[positions].unsqueeze(1)
-        out = []
-        for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)  # (T, nh, hd/2) each
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            out.append(rotated.to(x.dtype))
-        return tuple(out)
+        cos_sin = self.lookup(positions)
+        return tuple(apply_rotary(cos_sin, x) for x in xs)
+
+
+def apply_rotary(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """x (T, n_heads, hd) rotated "rotate half"-style, computed in float32."""
+    cos, sin = cos_sin  # (T, 1, hd/2) each
+    x1, x2 = x.float().chunk(2, dim=-1)  # (T, nh, hd/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -89,19 +97,18 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (T, hidden)
-        positions: torch.Tensor,  # (T,)
-        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],  # RotaryEmbedding.lookup(positions)
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(T, cfg.num_heads, cfg.head_dim)  # (T, nh, hd)
-        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)  # (T, nkv, hd)
-        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)  # (T, nkv, hd)
-        q, k = rope(positions, q, k)
+        # q and k heads are adjacent in the fused projection: rotate them in one pass
+        qk = apply_rotary(cos_sin, qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.num_heads + cfg.num_kv_heads,
+                                                                              cfg.head_dim))  # (T, nh+nkv, hd)
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # (T, nh, hd), (T, nkv, hd)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(T, cfg.num_kv_heads, cfg.head_dim)  # (T, nkv, hd)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
@@ -159,8 +166,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(config, dtype, device)
 
-    def forward(self, x, positions, rope, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+    def forward(self, x, cos_sin, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,8 +247,9 @@ class LlamaModel(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
         x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos_sin = self.rope.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rope, kv_cache, meta)
+            x = layer(x, cos_sin, kv_cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
