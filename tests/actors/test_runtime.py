@@ -270,3 +270,28 @@ async def test_logprobs_carry_token_texts(runtime):
     assert "".join(t for d in deltas for t in d.tokens) == text
     tops = [row for d in deltas for row in d.top_logprobs]
     assert all(len(row) == 2 and row[0].token and row[0].logprob >= row[1].logprob for row in tops)
+
+
+async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkeypatch):
+    """A bug in the stepper's routing kills the actor mid-request: that request gets a
+    Failed event, its KV blocks are freed, and the restarted stepper serves the next one."""
+    stepper = runtime.stepper
+    real_route = stepper._route
+    crashed = {"n": 0}
+
+    def route_once_broken(delta):
+        if not crashed["n"]:
+            crashed["n"] += 1
+            raise RuntimeError("simulated actor bug")
+        return real_route(delta)
+
+    monkeypatch.setattr(stepper, "_route", route_once_broken)
+    acc = await runtime.submit(call(tenant(), prompt="Once upon a time", max_tokens=30, ignore_eos=True))
+    _, _, last = await collect(acc)
+    assert isinstance(last, Failed) and "stepper crashed" in last.message
+    assert runtime.metrics.actor_restarts.labels("stepper")._value.get() == 1
+    engine = runtime.engine
+    assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == engine.num_blocks
+    after = await runtime.submit(call(tenant(), prompt="The capital of France is", max_tokens=4))
+    _, _, fin = await collect(after)
+    assert isinstance(fin, Finished)
