@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gpu.attention.torch_backend import TorchAttentionBackend, _blocks_needed, _check_cache
+from gpu.attention.torch_backend import TorchAttentionBackend, _check_decode
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,9 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
     ) -> torch.Tensor:  # (B, nh, hd)
         if query.dtype not in (torch.float32, torch.bfloat16) or query.device.type != "cpu":
             return super().decode(query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale)
-        _check_cache(k_cache, v_cache)
-        batch, num_heads, _ = query.shape
-        if num_heads % k_cache.shape[2]:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {k_cache.shape[2]}")
-        if batch == 0:
+        _check_decode(query, k_cache, v_cache, block_tables, max_context_len)
+        if query.shape[0] == 0:
             return query.new_empty(query.shape)
-        _blocks_needed(max_context_len, k_cache.shape[1], block_tables.shape[1])  # tables wide enough
         return _module().paged_decode(
             query.contiguous(), k_cache, v_cache,
             block_tables.to(torch.int32), context_lens.to(torch.int32), float(scale),

@@ -61,6 +61,15 @@ def _blocks_needed(context_len: int, block_size: int, table_width: int) -> int:
     return needed
 
 
+def _check_decode(query, k_cache, v_cache, block_tables, max_context_len: int) -> int:
+    """Validate decode inputs shared by the CPU backends; returns the blocks to read."""
+    _check_cache(k_cache, v_cache)
+    num_heads, nkv = query.shape[1], k_cache.shape[2]
+    if num_heads % nkv:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {nkv}")
+    return _blocks_needed(max_context_len, k_cache.shape[1], block_tables.shape[1])
+
+
 class TorchAttentionBackend:
     """`AttentionBackend` in torch ops; see the module docstring for the strategy."""
 
@@ -102,14 +111,11 @@ class TorchAttentionBackend:
         max_context_len: int,
         scale: float,
     ) -> torch.Tensor:  # (B, nh, hd)
-        _check_cache(k_cache, v_cache)
+        nb = _check_decode(query, k_cache, v_cache, block_tables, max_context_len)
+        if query.shape[0] == 0:
+            return query.new_empty(query.shape)
         batch, num_heads, head_dim = query.shape
         _, block_size, nkv, _ = k_cache.shape
-        if num_heads % nkv:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {nkv}")
-        if batch == 0:
-            return query.new_empty(query.shape)
-        nb = _blocks_needed(max_context_len, block_size, block_tables.shape[1])
         tables = block_tables[:, :nb]
         keys = _gather_blocks(k_cache, tables).transpose(1, 2)  # (B, nkv, L, hd)
         values = _gather_blocks(v_cache, tables).transpose(1, 2)  # (B, nkv, L, hd)
