@@ -163,7 +163,10 @@ class TorchAttentionBackend:
             table = block_tables[s : s + 1, :nb]
             keys = _gather_blocks(k_cache, table)[0, :n_ctx].transpose(0, 1)  # (nkv, C, hd)
             values = _gather_blocks(v_cache, table)[0, :n_ctx].transpose(0, 1)  # (nkv, C, hd)
-            q = query[start:end].transpose(0, 1)  # (nh, Q, hd)
+            # 4-D (1, heads, len, hd) inputs: with a batch dim SDPA takes its fused
+            # flash kernel on the CPU; 3-D inputs fall back to the math path (≈4× slower)
+            q = query[start:end].transpose(0, 1)[None]  # (1, nh, Q, hd)
+            keys, values = keys[None], values[None]  # (1, nkv, C, hd)
             if n_q == n_ctx:
                 o = F.scaled_dot_product_attention(
                     q, keys, values, is_causal=True, scale=scale, enable_gqa=True
@@ -175,7 +178,7 @@ class TorchAttentionBackend:
                 o = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
                 )
-            out[start:end] = o.transpose(0, 1)  # (Q, nh, hd)
+            out[start:end] = o[0].transpose(0, 1)  # (Q, nh, hd)
         return out
 
     def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -310,3 +310,20 @@ def test_query_and_new_kv_may_be_views_into_a_fused_projection(case):
     q, k, v = qkv_d[:, :nh], qkv_d[:, nh : nh + nkv], qkv_d[:, nh + nkv :]
     case.backend.write_kv(k, v, kc, vc, sl)
     check_close(case.backend.decode(q, kc, vc, bt, cl, 30, 0.125), expected, torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [8, 32, 64])
+@pytest.mark.parametrize("hd", [32, 64, 128])
+def test_decode_block_sizes_and_head_dims(case, block_size, hd):
+    """Tiles of 16 positions inside blocks of other sizes, and head sizes the vectorized
+    CPU path does not specialize (32 → the portable loop) give the reference result."""
+    context_lens = [1, block_size - 1, block_size + 1, 3 * block_size + 5, 300]
+    paged = make_paged(context_lens, nkv=2, hd=hd, block_size=block_size, seed=7)
+    query = torch.randn(len(context_lens), 6, hd)
+    scale = hd**-0.5
+    expected = reference.decode(
+        query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, max(context_lens), scale
+    )
+    q, k, v, bt, cl = to(case, query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens)
+    out = case.backend.decode(q, k, v, bt, cl, max(context_lens), scale)
+    check_close(out, expected, torch.float32)

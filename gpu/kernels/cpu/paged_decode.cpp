@@ -16,6 +16,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 template <typename T>
@@ -84,6 +88,130 @@ void decode_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, co
   });
 }
 
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------- AVX-512 path
+// Same contract and algorithm as decode_impl, vectorized by hand: a key/value row of
+// head_dim floats is NV zmm registers. Keys are taken in tiles of up to 16 positions
+// (within one cache block), so a tile's 16 scores fill one register and the softmax
+// of a tile (max, exp, sum) is three vector ops. Each tile is read from memory once
+// and reused from L1 by the `group` query heads that share its KV head.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  // bfloat16 is the top half of a float32: widen to 32 bits and shift into place
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for x <= 0 (scores minus their running max), Cephes expf polynomial:
+// relative error ~1e-7, like std::exp in float32. Inputs below -87 give 0-ish values
+// that the caller masks out or that vanish in the sum anyway.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+template <typename T, int NV>
+void decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
+                   int64_t B, int64_t nh, int64_t bs, int64_t nkv, int64_t W, float scale) {
+  constexpr int64_t hd = NV * 16;
+  const int64_t group = nh / nkv;
+  at::parallel_for(0, B * nkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * hd), acc(group * hd), m(group), l(group);
+    alignas(64) float p[16];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nkv, h = item % nkv;
+      const int64_t n = ctx[b];
+      for (int64_t j = 0; j < group; ++j)
+        for (int64_t d = 0; d < hd; ++d)
+          qf[j * hd + d] = static_cast<float>(q[(b * nh + h * group + j) * hd + d]) * scale;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t start = 0, cnt = 0; start < n; start += cnt) {
+        const int64_t blk = tables[b * W + start / bs];
+        const int64_t off = start % bs;
+        cnt = std::min<int64_t>({16, n - start, bs - off});  // a tile never straddles two blocks
+        const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1u);
+        const T* k0 = kc + ((blk * bs + off) * nkv + h) * hd;
+        const T* v0 = vc + ((blk * bs + off) * nkv + h) * hd;
+        const int64_t row = nkv * hd;  // stride between positions
+        for (int64_t j = 0; j < group; ++j) {
+          __m512 qv[NV];
+          for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(&qf[j * hd + v * 16]);
+          for (int64_t t = 0; t < cnt; ++t) {
+            const T* k = k0 + t * row;
+            __m512 dot = _mm512_mul_ps(qv[0], load16(k));
+            for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(qv[v], load16(k + v * 16), dot);
+            p[t] = _mm512_reduce_add_ps(dot);
+          }
+          const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, p);
+          const float tmax = _mm512_reduce_max_ps(sv);
+          const float mnew = std::max(m[j], tmax);
+          const float corr = std::exp(m[j] - mnew);  // 0 on the first tile (m = -inf)
+          const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mnew))));
+          l[j] = l[j] * corr + _mm512_reduce_add_ps(pv);
+          m[j] = mnew;
+          _mm512_store_ps(p, pv);
+          __m512 a[NV];
+          const __m512 c = _mm512_set1_ps(corr);
+          for (int v = 0; v < NV; ++v) a[v] = _mm512_mul_ps(_mm512_loadu_ps(&acc[j * hd + v * 16]), c);
+          for (int64_t t = 0; t < cnt; ++t) {
+            const T* vr = v0 + t * row;
+            const __m512 pt = _mm512_set1_ps(p[t]);
+            for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(pt, load16(vr + v * 16), a[v]);
+          }
+          for (int v = 0; v < NV; ++v) _mm512_storeu_ps(&acc[j * hd + v * 16], a[v]);
+        }
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+        T* o = out + (b * nh + h * group + j) * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[j * hd + d] * inv);
+      }
+    }
+  });
+}
+
+// head_dim 64 and 128 cover the Llama family; anything else takes the portable loop
+template <typename T>
+bool decode_fast(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
+                 int64_t B, int64_t nh, int64_t hd, int64_t bs, int64_t nkv, int64_t W, float scale) {
+  if (hd == 64) {
+    decode_avx512<T, 4>(q, kc, vc, tables, ctx, out, B, nh, bs, nkv, W, scale);
+  } else if (hd == 128) {
+    decode_avx512<T, 8>(q, kc, vc, tables, ctx, out, B, nh, bs, nkv, W, scale);
+  } else {
+    return false;
+  }
+  return true;
+}
+#else
+template <typename T>
+bool decode_fast(const T*, const T*, const T*, const int32_t*, const int32_t*, T*,
+                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
+#endif
+
+template <typename T>
+void decode_dispatch(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
+                     int64_t B, int64_t nh, int64_t hd, int64_t bs, int64_t nkv, int64_t W, float scale) {
+  if (!decode_fast<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale))
+    decode_impl<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale);
+}
+
 }  // namespace
 
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -101,12 +229,12 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(k_cache.size(3) == hd && nh % nkv == 0, "head shapes do not match");
   auto out = torch::empty_like(query);
   if (query.scalar_type() == torch::kFloat32) {
-    decode_impl<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+    decode_dispatch<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                        tables.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), out.data_ptr<float>(),
                        B, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
   } else if (query.scalar_type() == torch::kBFloat16) {
     using bf = c10::BFloat16;
-    decode_impl<bf>(query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
+    decode_dispatch<bf>(query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
                     tables.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), out.data_ptr<bf>(),
                     B, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
   } else {
