@@ -93,8 +93,7 @@ void decode_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, co
 // Same contract and algorithm as decode_impl, vectorized by hand: a key/value row of
 // head_dim floats is NV zmm registers. Keys are taken in tiles of up to 16 positions
 // (within one cache block), so a tile's 16 scores fill one register and the softmax
-// of a tile (max, exp, sum) is three vector ops. Each tile is read from memory once
-// and reused from L1 by the `group` query heads that share its KV head.
+// of a tile (max, exp, sum) is three vector ops.
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
@@ -127,15 +126,19 @@ void decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* tables, 
                    int64_t B, int64_t nh, int64_t bs, int64_t nkv, int64_t W, float scale) {
   constexpr int64_t hd = NV * 16;
   const int64_t group = nh / nkv;
-  at::parallel_for(0, B * nkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * hd), acc(group * hd), m(group), l(group);
+  const int64_t row = nkv * hd;  // elements between consecutive positions of one block
+  // One work item = one sequence, all its heads: a tile of 16 positions is then a
+  // contiguous run of memory (16 × nkv × hd) read once, front to back, and reused from
+  // L1 by every query head. Contexts differ in length, so items are handed out
+  // dynamically (a static split leaves one thread idle behind the long sequences).
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> qf(nh * hd), acc(nh * hd), m(nh), l(nh);
     alignas(64) float p[16];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nkv, h = item % nkv;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
       const int64_t n = ctx[b];
-      for (int64_t j = 0; j < group; ++j)
-        for (int64_t d = 0; d < hd; ++d)
-          qf[j * hd + d] = static_cast<float>(q[(b * nh + h * group + j) * hd + d]) * scale;
+      for (int64_t i = 0; i < nh * hd; ++i) qf[i] = static_cast<float>(q[b * nh * hd + i]) * scale;
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
@@ -144,44 +147,45 @@ void decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* tables, 
         const int64_t off = start % bs;
         cnt = std::min<int64_t>({16, n - start, bs - off});  // a tile never straddles two blocks
         const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1u);
-        const T* k0 = kc + ((blk * bs + off) * nkv + h) * hd;
-        const T* v0 = vc + ((blk * bs + off) * nkv + h) * hd;
-        const int64_t row = nkv * hd;  // stride between positions
-        for (int64_t j = 0; j < group; ++j) {
-          __m512 qv[NV];
-          for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(&qf[j * hd + v * 16]);
-          for (int64_t t = 0; t < cnt; ++t) {
-            const T* k = k0 + t * row;
-            __m512 dot = _mm512_mul_ps(qv[0], load16(k));
-            for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(qv[v], load16(k + v * 16), dot);
-            p[t] = _mm512_reduce_add_ps(dot);
+        for (int64_t h = 0; h < nkv; ++h) {
+          const T* k0 = kc + (blk * bs + off) * row + h * hd;
+          const T* v0 = vc + (blk * bs + off) * row + h * hd;
+          for (int64_t hq = h * group; hq < (h + 1) * group; ++hq) {
+            __m512 qv[NV];
+            for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(&qf[hq * hd + v * 16]);
+            for (int64_t t = 0; t < cnt; ++t) {
+              const T* k = k0 + t * row;
+              __m512 dot = _mm512_mul_ps(qv[0], load16(k));
+              for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(qv[v], load16(k + v * 16), dot);
+              p[t] = _mm512_reduce_add_ps(dot);
+            }
+            const __m512 sv =
+                _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, p);
+            const float mnew = std::max(m[hq], _mm512_reduce_max_ps(sv));
+            const float corr = std::exp(m[hq] - mnew);  // 0 on the first tile (m = -inf)
+            const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mnew))));
+            l[hq] = l[hq] * corr + _mm512_reduce_add_ps(pv);
+            m[hq] = mnew;
+            _mm512_store_ps(p, pv);
+            __m512 a[NV];
+            const __m512 c = _mm512_set1_ps(corr);
+            for (int v = 0; v < NV; ++v) a[v] = _mm512_mul_ps(_mm512_loadu_ps(&acc[hq * hd + v * 16]), c);
+            for (int64_t t = 0; t < cnt; ++t) {
+              const T* vr = v0 + t * row;
+              const __m512 pt = _mm512_set1_ps(p[t]);
+              for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(pt, load16(vr + v * 16), a[v]);
+            }
+            for (int v = 0; v < NV; ++v) _mm512_storeu_ps(&acc[hq * hd + v * 16], a[v]);
           }
-          const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, p);
-          const float tmax = _mm512_reduce_max_ps(sv);
-          const float mnew = std::max(m[j], tmax);
-          const float corr = std::exp(m[j] - mnew);  // 0 on the first tile (m = -inf)
-          const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mnew))));
-          l[j] = l[j] * corr + _mm512_reduce_add_ps(pv);
-          m[j] = mnew;
-          _mm512_store_ps(p, pv);
-          __m512 a[NV];
-          const __m512 c = _mm512_set1_ps(corr);
-          for (int v = 0; v < NV; ++v) a[v] = _mm512_mul_ps(_mm512_loadu_ps(&acc[j * hd + v * 16]), c);
-          for (int64_t t = 0; t < cnt; ++t) {
-            const T* vr = v0 + t * row;
-            const __m512 pt = _mm512_set1_ps(p[t]);
-            for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(pt, load16(vr + v * 16), a[v]);
-          }
-          for (int v = 0; v < NV; ++v) _mm512_storeu_ps(&acc[j * hd + v * 16], a[v]);
         }
       }
-      for (int64_t j = 0; j < group; ++j) {
-        const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
-        T* o = out + (b * nh + h * group + j) * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[j * hd + d] * inv);
+      for (int64_t hq = 0; hq < nh; ++hq) {
+        const float inv = l[hq] > 0.f ? 1.f / l[hq] : 0.f;
+        T* o = out + (b * nh + hq) * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[hq * hd + d] * inv);
       }
     }
-  });
+  }
 }
 
 // head_dim 64 and 128 cover the Llama family; anything else takes the portable loop
