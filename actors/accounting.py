@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from actors.messages import LengthFeedback
 from actors.metrics import Metrics
 from actors.stepper import Completed
 from cache.store import CacheUnavailable
@@ -33,7 +34,7 @@ class Accounting:
         metrics: Metrics,
         *,
         model_name: str,
-        feedback: trio.MemorySendChannel[tuple[str, str | None, int]],
+        feedback: trio.MemorySendChannel[LengthFeedback],
         service_time: Any,  # object with .observe(seconds)
         quotas: Any = None,
         response_cache: Any = None,
@@ -94,7 +95,8 @@ class Accounting:
             self.service_time.observe(st.finished_at - st.scheduled_at)
         if st.params.n == 1 and st.finish_reasons.get(0) == "stop":
             try:
-                self.feedback.send_nowait((tenant, st.call.app, st.completion_tokens))
+                self.feedback.send_nowait(LengthFeedback(tenant, st.call.app, st.completion_tokens,
+                                                         st.length_features))
             except trio.WouldBlock:
                 pass  # feedback is advisory; never stall accounting for it
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:

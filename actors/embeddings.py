@@ -31,6 +31,9 @@ def model_path() -> str:
 class InstructionEmbedder:
     def __init__(self, path: str | None = None, *, max_length: int = 256, cache_size: int = 4096,
                  threads: int = 1) -> None:
+        """`threads` > 0 pins torch's thread count while encoding (offline use); 0 leaves
+        it alone — what a server must do, since the count is process-wide and the engine
+        steps in another thread at the same time."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -68,7 +71,8 @@ class InstructionEmbedder:
     def _encode(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         prev = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
         try:
             enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
@@ -79,4 +83,5 @@ class InstructionEmbedder:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
             return pooled.numpy().astype(np.float32)
         finally:
-            torch.set_num_threads(prev)
+            if self.threads > 0:
+                torch.set_num_threads(prev)

@@ -148,3 +148,16 @@ class Accepted(msgspec.Struct):
     events: Any  # trio.MemoryReceiveChannel[StreamEvent]
     cancel: Any  # Callable[[], None]
     cached: bool = False
+
+
+class LengthFeedback(msgspec.Struct, frozen=True):
+    """accounting → predictor: a request ended on EOS/stop after `tokens` output tokens.
+
+    `features` is the `actors.predictor.RequestFeatures` its prediction used (None when
+    the running estimator predicted it); the Magnus predictor learns from the pair.
+    """
+
+    tenant_id: str
+    app: str | None
+    tokens: int
+    features: Any = None

@@ -24,9 +24,9 @@ import trio
 
 from actors.accounting import Accounting
 from actors.admission import Admission, AdmissionConfig, AdmitMsg
-from actors.messages import Accepted, Failed, GenerateCall, Rejected
+from actors.messages import Accepted, Failed, GenerateCall, LengthFeedback, Rejected
 from actors.metrics import Metrics
-from actors.predictor import PredictorConfig, RunningLengthEstimator
+from actors.predictor import PredictorConfig, PredictorService, RunningLengthEstimator
 from actors.queue import QueueActor, engine_view
 from actors.queue_policy import QueueConfig
 from actors.state import RequestState
@@ -42,6 +42,10 @@ class RuntimeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    # "running": per-tenant/app running estimate (no model, no embeddings);
+    # "magnus": actors.predictor.PredictorService — MiniLM instruction embeddings, input
+    # length and the user's history, refit online in the background, kept in Redis
+    length_predictor: str = "running"
     model_name: str = ""  # served model id; "" → derived from the checkpoint
     max_estimated_wait_s: float = 60.0
     quota_fail_open: bool = True
@@ -108,8 +112,12 @@ class Runtime:
         # accounting must never block the stepper: one slot per request that can be alive
         cap = config.queue.max_waiting + engine.config.scheduler.max_num_seqs + cs * 3
         self._done_send, self._done_recv = trio.open_memory_channel[Completed](cap)
-        self._fb_send, self._fb_recv = trio.open_memory_channel[tuple](cs)
+        self._fb_send, self._fb_recv = trio.open_memory_channel[LengthFeedback](cs)
         self.predictor = RunningLengthEstimator(config.predictor)
+        if config.length_predictor not in ("running", "magnus"):
+            raise ValueError(f"length_predictor must be 'running' or 'magnus', got {config.length_predictor!r}")
+        # the embedder is loaded in `run` (seconds of work, in a worker thread)
+        self.length_service = (PredictorService(store=store) if config.length_predictor == "magnus" else None)
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
                                 self._done_send, self.metrics,
                                 engine_view=lambda: engine_view(engine, self.stepper.last_step_s))
@@ -201,16 +209,40 @@ class Runtime:
                 nursery.start_soon(one, msg)
 
     async def _predictor_actor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        service = self.length_service
+
         async def feedback() -> None:
-            async for tenant, app, n in self._fb_recv:
-                self.predictor.observe(tenant, app, n)
+            async for fb in self._fb_recv:
+                self.predictor.observe(fb.tenant_id, fb.app, fb.tokens)
+                if service is not None and fb.features is not None:
+                    # refits run in a worker thread, started in this nursery
+                    await service.observe(fb.features, fb.tokens, nursery)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feedback)
             task_status.started()
             async for st in self._pred_recv:
-                st.prediction = self.predictor.predict(st.tenant_id, st.call.app, st.params.max_tokens)
+                if service is not None:
+                    try:
+                        st.prediction, st.length_features = await service.predict(st)
+                    except Exception:  # noqa: BLE001 — a prediction is advice: never lose the request
+                        log.exception("length prediction failed; using the running estimate")
+                        st.prediction = self.predictor.predict(st.tenant_id, st.call.app, st.params.max_tokens)
+                else:
+                    st.prediction = self.predictor.predict(st.tenant_id, st.call.app, st.params.max_tokens)
                 await self._queue_send.send(st)
+
+    async def _load_length_predictor(self) -> None:
+        """Magnus predictor: load the embedder (worker thread) and any model saved in Redis."""
+        service = self.length_service
+        if service is None:
+            return
+        from actors.embeddings import InstructionEmbedder
+
+        # threads=0: the torch thread count is process-wide; the engine owns it
+        service.embedder = await trio.to_thread.run_sync(lambda: InstructionEmbedder(threads=0))
+        if await service.load():
+            log.info("length predictor restored from Redis (%d samples)", service.predictor.num_samples)
 
     def _fail_waiting(self, message: str) -> None:
         for st in self.queue.drain():
@@ -247,6 +279,7 @@ class Runtime:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start every actor; `task_status.started()` once they all are."""
+        await self._load_length_predictor()
         async with trio.open_nursery() as nursery:
             await nursery.start(self._supervise, "accounting", self.accounting.run)
             await nursery.start(self._supervise, "stepper", self.stepper.run, self.stepper.fail_all)

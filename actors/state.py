@@ -41,6 +41,7 @@ class RequestState:
     reserved: bool = False
     cacheable: bool = False  # deterministic: store the response when it completes
     prediction: Prediction | None = None
+    length_features: Any = None  # actors.predictor.RequestFeatures behind `prediction` (learned from)
     cancelled: bool = False
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0

@@ -58,6 +58,7 @@ class GatewayConfig:
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
+    length_predictor: str = "auto"  # auto | running | magnus (auto: magnus for the magnus/hybrid policies)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -79,6 +80,16 @@ class GatewayConfig:
                               f"got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.length_predictor not in ("auto", "running", "magnus"):
+            raise ConfigError(f"length_predictor must be auto, running or magnus, got {self.length_predictor!r}")
+
+    @property
+    def resolved_length_predictor(self) -> str:
+        """What `auto` means: the Magnus predictor where the policy uses predictions to group
+        and to reserve KV (magnus, hybrid), the cheap running estimate elsewhere."""
+        if self.length_predictor != "auto":
+            return self.length_predictor
+        return "magnus" if self.scheduling_policy in ("magnus", "hybrid") else "running"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GatewayConfig)}
@@ -109,6 +120,9 @@ _HELP = {
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
                          "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
+    "length_predictor": "generation-length predictor: auto (magnus for the magnus/hybrid policies, else "
+                        "running), running (per-tenant/app running estimate), magnus (MiniLM embeddings + "
+                        "input length + user history, trained online, saved in Redis; loads in ~10 s)",
 }
 
 
@@ -223,6 +237,7 @@ def runtime_config(config: GatewayConfig):
     return RuntimeConfig(
         engine=engine,
         queue=QueueConfig(max_waiting=config.max_waiting, policy=PolicyConfig(name=config.scheduling_policy)),
+        length_predictor=config.resolved_length_predictor,
         model_name=config.served_model_name,
         max_estimated_wait_s=config.max_estimated_wait_seconds,
         quota_fail_open=config.quota_fail_open,

@@ -295,3 +295,54 @@ async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkey
     after = await runtime.submit(call(tenant(), prompt="The capital of France is", max_tokens=4))
     _, _, fin = await collect(after)
     assert isinstance(fin, Finished)
+
+
+async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nursery, ckpt, tokenizer, services):
+    """`length_predictor="magnus"`: requests are predicted from their embedded instruction,
+    finished ones (EOS/stop) train it, a refit runs in the background once enough are
+    seen, the model is saved in Redis, and a new runtime on the same Redis starts warm."""
+    from actors.predictor import LengthModelConfig, LengthPredictor, PredictorService
+
+    cfg = RuntimeConfig(length_predictor="magnus")
+    rt = Runtime(cfg, make_engine(ckpt, tokenizer), **services)
+    # small refit thresholds keep the test short; the defaults are exercised in test_predictor
+    rt.length_service.predictor = LengthPredictor(LengthModelConfig(min_fit_samples=6, refit_every=6))
+    sources: list[str] = []
+    predict = rt.length_service.predict
+
+    async def recording_predict(st):
+        pred, f = await predict(st)
+        assert f.embedding is not None and f.embedding.shape == (384,)  # the instruction was embedded
+        sources.append(pred.source)
+        return pred, f
+
+    rt.length_service.predict = recording_predict
+    await nursery.start(rt.run)
+    t = tenant(Quota(requests_per_minute=1000))
+    words = ["apple", "river", "mountain", "violin", "castle", "garden", "rocket", "winter"]
+
+    async def one(i: int) -> str:
+        # a stop string ends each request after a handful of tokens: finish reason "stop"
+        acc = await rt.submit(call(t, messages=[ChatMessage("user", f"Write a sentence about a {words[i % 8]}.")],
+                                   max_tokens=24, stop=(" a", ".")))
+        assert isinstance(acc, Accepted), acc
+        _, _, last = await collect(acc)
+        assert isinstance(last, Finished)
+        return last.finish_reasons[0]
+
+    reasons = [await one(i) for i in range(8)]
+    assert reasons.count("stop") >= 6, reasons
+    service = rt.length_service
+    await wait_until(lambda: service.refits >= 1 and not service.refitting)
+    assert service.predictor.model is not None
+    n_seen = service.predictor.num_samples
+    assert n_seen >= 6
+
+    # the next request is predicted by the fitted model, from its embedding
+    acc = await rt.submit(call(t, messages=[ChatMessage("user", "Write a sentence about a river.")], max_tokens=24))
+    await collect(acc)
+    assert sources[0] == "prior" and sources[-1] == "model", sources
+    # a restarted process on the same Redis restores the predictor
+    fresh = PredictorService(store=services["store"])
+    assert await fresh.load()
+    assert fresh.predictor.num_samples >= n_seen - 1 and fresh.predictor.model is not None

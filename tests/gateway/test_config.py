@@ -70,3 +70,25 @@ def test_hypercorn_limits_leave_room_for_the_app_to_answer() -> None:
     hc = hypercorn_config(config)
     assert hc.websocket_max_message_size > config.max_ws_frame_bytes
     assert hc.graceful_timeout == 3
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ([], "running"),
+        (["--scheduling-policy", "magnus"], "magnus"),
+        (["--scheduling-policy", "hybrid"], "magnus"),
+        (["--scheduling-policy", "magnus", "--length-predictor", "running"], "running"),
+        (["--length-predictor", "magnus"], "magnus"),
+    ],
+)
+def test_length_predictor_auto_follows_the_policy(flags: list[str], expected: str) -> None:
+    from gateway.config import config_from_args, runtime_config
+
+    config = config_from_args(parse(flags), env={})
+    assert runtime_config(config).length_predictor == expected
+
+
+def test_bad_length_predictor_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="length_predictor"):
+        GatewayConfig(length_predictor="oracle")
