@@ -117,7 +117,7 @@ class Runtime:
         if config.length_predictor not in ("running", "magnus"):
             raise ValueError(f"length_predictor must be 'running' or 'magnus', got {config.length_predictor!r}")
         # the embedder is loaded in `run` (seconds of work, in a worker thread)
-        self.length_service = (PredictorService(store=store) if config.length_predictor == "magnus" else None)
+        self.length_service = PredictorService(store=store) if config.length_predictor == "magnus" else None
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
                                 self._done_send, self.metrics,
                                 engine_view=lambda: engine_view(engine, self.stepper.last_step_s))

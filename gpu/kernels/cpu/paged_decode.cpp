@@ -5,9 +5,13 @@
 //   query         (B, nh, hd)                 float32 or bfloat16, contiguous
 //   k/v cache     (num_blocks, bs, nkv, hd)   same dtype, contiguous
 //   block_tables  (B, W) int32,  context_lens (B,) int32
-// Work item = (sequence, kv head): it serves the `group = nh / nkv` query heads of
-// that KV head, so every key/value row is read from memory once. Softmax is
-// computed in float32, online over blocks of `bs` positions (one rescale per block).
+// Two implementations of that contract, same algorithm (softmax in float32, online,
+// every key/value row read from memory once for all the query heads that share it):
+//   decode_avx512  head_dim 64 or 128 on an AVX-512 CPU: one work item per sequence,
+//                  16-position tiles, vector exp, dynamic OpenMP schedule;
+//   decode_impl    anything else: one work item per (sequence, kv head), rescale
+//                  once per block of `bs` positions.
+// Built with -fopenmp (gpu/attention/cpu_native.py) so both use torch's threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
