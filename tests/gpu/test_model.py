@@ -236,3 +236,48 @@ def test_bfloat16_model_stays_close_to_float32(model, smollm2_path):
     assert diff < 3.0, f"max abs diff {diff}"
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.9, f"top-1 agreement {agree}"
+
+
+# ------------------------------------------------------------------ packed projections
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 600])
+def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows):
+    """The packed oneDNN kernel (from 4 rows in fp32, always in bf16) and the plain GEMM
+    compute the same x Wᵀ, to float rounding, whichever of them a row count picks."""
+    from gpu.model import PACKED_MIN_ROWS_FP32, PackedWeight, onednn_packing_available
+
+    if not onednn_packing_available("cpu", dtype):
+        pytest.skip("this torch build has no oneDNN linear")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 96, generator=g).to(dtype)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    pw = PackedWeight(w)
+    pw.pack()
+    assert pw.packed is not None
+    uses_packed = dtype == torch.bfloat16 or rows >= PACKED_MIN_ROWS_FP32
+    ref = (x.double() @ w.double().t()).float()
+    out = pw.linear(x)
+    assert out.shape == (rows, 300) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
+    # the kernel choice is the documented one: the packed op gives the same answer when called directly
+    if uses_packed:
+        direct = torch.ops.mkldnn._linear_pointwise(x, pw.packed, None, "none", [], "")
+        assert torch.equal(out, direct)
+    else:
+        assert torch.equal(out, torch.nn.functional.linear(x, w))
+
+
+def test_packed_weights_follow_a_reload():
+    """Loading a state dict repacks: the packed copies never serve stale weights."""
+    ckpt = load_checkpoint("smollm2", torch.float32)
+    model = LlamaModel.from_checkpoint(ckpt, TorchAttentionBackend(), torch.float32, "cpu")
+    x = torch.randn(8, ckpt.config.hidden_size)
+    proj = model.layers[0].mlp.down_proj
+    inp = torch.randn(8, ckpt.config.intermediate_size)
+    before = proj(inp)
+    sd = dict(ckpt.state_dict)
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"] * 2
+    model.load_hf_state_dict(sd)
+    torch.testing.assert_close(proj(inp), before * 2, rtol=1e-5, atol=1e-5)
+    logits = model.compute_logits(x)
+    torch.testing.assert_close(logits, x @ model.lm_head_weight.t(), rtol=1e-4, atol=1e-4)

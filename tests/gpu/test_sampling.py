@@ -151,6 +151,25 @@ def test_sampling_frequencies_match_the_distribution():
     torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
 
 
+@pytest.mark.parametrize("extra", [{}, {"top_k": 5}, {"seed": 5}])
+def test_zero_probability_tokens_are_never_drawn_and_the_rest_keep_their_odds(extra):
+    """Masked tokens (probability exactly 0) inside and at the end of the row are never
+    drawn by the inverse-CDF draw, over the full vocabulary, over top-k candidates, and
+    from a seeded row's own stream."""
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3, 0.0])
+    n = 3000
+    logits = probs.log().expand(n, 6).contiguous()  # log 0 = -inf
+    if "seed" in extra:  # one seeded row, drawn n times from its own generator
+        st = state(SamplingParams(**extra), eos=())
+        sampler = Sampler(seed=7)
+        tokens = [sampler.sample(logits[:1], [st]).token_ids[0] for _ in range(n)]
+    else:
+        tokens = Sampler(seed=7).sample(logits, [state(SamplingParams(**extra), eos=()) for _ in range(n)]).token_ids
+    freq = torch.bincount(torch.tensor(tokens), minlength=6).float() / n
+    assert freq[1] == freq[3] == freq[5] == 0
+    torch.testing.assert_close(freq, probs, atol=0.035, rtol=0)
+
+
 def test_penalties_match_direct_formula():
     logits = random_logits(1, seed=5)
     prompt, output = [1, 2, 3, 3], [3, 4, 4, 4, 7]
