@@ -274,6 +274,21 @@ class BlockManager:
         first, last = start // self.block_size, min(self.blocks_for(end), len(table))
         return [i for i in range(first, last) if self._blocks[table[i]].ref_count > 1]
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no sequence holds (vLLM's `reset_prefix_cache`):
+        they return to the free list without their hashes. Blocks in use keep theirs.
+        Returns how many blocks were dropped. Benchmarks call it between runs that
+        replay the same prompts, so a later run does not get prefills for free."""
+        dropped = 0
+        while self._cached:
+            block_id, _ = self._cached.popitem(last=False)
+            block = self._blocks[block_id]
+            del self._hash_to_block[block.hash]  # type: ignore[arg-type]
+            block.reset()
+            self._free.append(block_id)
+            dropped += 1
+        return dropped
+
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:

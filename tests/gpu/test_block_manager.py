@@ -63,6 +63,23 @@ def test_prefix_hit_after_free_and_eviction_lru_tail_first():
     bm.check_invariants()
 
 
+def test_reset_prefix_cache_drops_only_unheld_blocks():
+    bm = BlockManager(num_blocks=6, block_size=BS)
+    a, b = list(range(8)), list(range(100, 108))
+    for sid, toks in (("a", a), ("b", b)):
+        bm.allocate(sid, 8)
+        bm.commit(sid, toks, 8)
+    held = bm.block_table("b")
+    bm.free("a")
+    assert bm.match_prefix(a)[1] == 8
+    assert bm.reset_prefix_cache() == 2  # a's two cached blocks
+    assert bm.match_prefix(a) == ([], 0)
+    assert bm.num_free_blocks == 4
+    bm.free("b")  # b was held during the reset: its blocks kept their hashes
+    assert bm.match_prefix(b) == (held, 8)
+    bm.check_invariants()
+
+
 def test_prefix_hit_verifies_token_ids_and_revives_from_middle():
     bm = BlockManager(num_blocks=6, block_size=BS)
     a = [1, 2, 3, 4, 5, 6, 7, 8]
