@@ -95,15 +95,10 @@ class Linear(nn.Module):
         self._kernel = PackedWeight(self.weight)
 
     def pack(self) -> None:
-        self._kernel = PackedWeight(self.weight)
         self._kernel.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._kernel.linear(x)
-
-
-def _linear(in_features: int, out_features: int, dtype: torch.dtype, device) -> Linear:
-    return Linear(in_features, out_features, dtype, device)
 
 
 class RMSNorm(nn.Module):
@@ -163,8 +158,8 @@ class LlamaAttention(nn.Module):
         self.backend = backend
         self.scale = config.head_dim**-0.5
         h = config.hidden_size
-        self.qkv_proj = _linear(h, config.q_size + 2 * config.kv_size, dtype, device)
-        self.o_proj = _linear(config.q_size, h, dtype, device)
+        self.qkv_proj = Linear(h, config.q_size + 2 * config.kv_size, dtype, device)
+        self.o_proj = Linear(config.q_size, h, dtype, device)
 
     def forward(
         self,
@@ -222,8 +217,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = _linear(h, 2 * i, dtype, device)
-        self.down_proj = _linear(i, h, dtype, device)
+        self.gate_up_proj = Linear(h, 2 * i, dtype, device)
+        self.down_proj = Linear(i, h, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, inter) each
