@@ -321,10 +321,10 @@ class Sampler:
         sum. (This replaced an exponential race, argmax(p / Exp(1)), which drew W noise
         values per row: 20 ms of a 136 ms decode step at 24 rows on CPU.) Seeded rows
         draw their uniform from their own generator, unseeded rows from `generator` (the
-        engine's) or the sampler's: one value per row whatever the batch, or the candidate
-        width, so a seeded row's stream does not depend on the rest of the
-        batch. float64 keeps the cumulative sum's rounding (~1e-16 per step) far below
-        the smallest probability that can matter.
+        engine's) or the sampler's. One value per row, whatever the batch or the candidate
+        width, so a seeded row's stream does not depend on the rest of the batch. float64
+        keeps the cumulative sum's rounding (~1e-16 per step) far below the smallest
+        probability that can matter.
         """
         rows, width = probs.shape
         dev = probs.device
