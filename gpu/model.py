@@ -14,6 +14,10 @@ layer runs four matmuls instead of seven. On CPU every projection and the LM hea
 also keep a copy pre-packed for oneDNN (`PackedWeight`), used from 4 rows up in fp32
 (always in bf16): MKL re-packs the weight on every small-batch call, which made
 decode steps of 4-64 sequences spend up to 2x longer in GEMMs than needed.
+The elementwise work between the matmuls runs as fused CPU kernels
+(`gpu.layer_ops`): residual add + RMSNorm in one pass (vLLM's fused_add_rms_norm;
+each layer hands its MLP output and the residual stream to the next layer's norm),
+RoPE of q and k in place in the QKV output, SiLU(gate)·up in one pass.
 Nothing here enters inference mode:
 call sites wrap calls in `torch.inference_mode()`.
 """
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from gpu import layer_ops
 from gpu.attention import AttentionBackend, AttentionMetadata
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
@@ -102,18 +107,22 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 like the HF reference."""
+    """x / rms(x) * weight, computed in float32 like the HF reference (`gpu.layer_ops`).
+
+    `forward(x)` returns the normed x; `forward(x, residual)` first adds x to the
+    residual stream (in place where the fused kernel runs) and returns
+    (normed sum, new residual), as vLLM's fused_add_rms_norm does.
+    """
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op (a decode step runs 61 of these)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # normalise in float32 (one fused op), scale in the model dtype: HF's order of roundings
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return layer_ops.rms_norm(x, self.weight, self.eps)
+        return layer_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -131,24 +140,43 @@ class RotaryEmbedding(nn.Module):
         # kept in float32 (rotation is computed in float32 whatever the model dtype); (P, hd/2) each
         self.register_buffer("cos", freqs.cos().to(device), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device), persistent=False)
+        self.head_dim = head_dim
         self.max_positions = max_positions
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of each token's position, (T, 1, hd/2) float32 each: once per step,
-        shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> RopeBatch:
+        """The rotation of one step's tokens (T,): built once per step, shared by every layer."""
+        return RopeBatch(self, positions)
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each x (T, n_heads, hd) by its token's position (T,)."""
-        cos_sin = self.lookup(positions)
-        return tuple(apply_rotary(cos_sin, x) for x in xs)
+        """Each x (T, n_heads, hd) rotated by its token's position (T,) (new tensors)."""
+        batch = self.lookup(positions)
+        out = []
+        for x in xs:
+            rows = x.reshape(x.shape[0], -1).clone()
+            batch.rotate_(rows, x.shape[1])
+            out.append(rows.view(x.shape))
+        return tuple(out)
 
 
-def apply_rotary(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """x (T, n_heads, hd) rotated "rotate half"-style, computed in float32."""
-    cos, sin = cos_sin  # (T, 1, hd/2) each
-    x1, x2 = x.float().chunk(2, dim=-1)  # (T, nh, hd/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+class RopeBatch:
+    """RoPE for the T tokens of one step; `rotate_(x, heads)` rotates x (T, ≥ heads·hd)'s
+    first `heads` heads in place — the fused CPU kernel, or the torch reference (whose
+    per-token cos/sin rows are gathered once, on first use, for all layers)."""
+
+    def __init__(self, rope: RotaryEmbedding, positions: torch.Tensor) -> None:
+        self.rope = rope
+        self.positions = positions
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotate_(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        hd = self.rope.head_dim
+        if layer_ops.rotary_fused(x, self.positions):
+            return layer_ops.rotary_(x, self.rope.cos, self.rope.sin, self.positions, heads, hd)
+        if self._gathered is None:
+            self._gathered = (self.rope.cos[self.positions].unsqueeze(1), self.rope.sin[self.positions].unsqueeze(1))
+        part = x[:, : heads * hd].view(x.shape[0], heads, hd)
+        part.copy_(layer_ops.rotary_reference(part, *self._gathered))
+        return x
 
 
 class LlamaAttention(nn.Module):
@@ -164,18 +192,18 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (T, hidden)
-        cos_sin: tuple[torch.Tensor, torch.Tensor],  # RotaryEmbedding.lookup(positions)
+        rope: RopeBatch,  # RotaryEmbedding.lookup(positions)
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
-        qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
+        qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size), a fresh tensor: rotated in place
         # q and k heads are adjacent in the fused projection: rotate them in one pass
-        qk = apply_rotary(cos_sin, qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.num_heads + cfg.num_kv_heads,
-                                                                              cfg.head_dim))  # (T, nh+nkv, hd)
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # (T, nh, hd), (T, nkv, hd)
-        v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(T, cfg.num_kv_heads, cfg.head_dim)  # (T, nkv, hd)
+        rope.rotate_(qkv, cfg.num_heads + cfg.num_kv_heads)
+        q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)  # row-strided views of qkv
+        k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(T, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
@@ -221,8 +249,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(i, h, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, inter) each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(layer_ops.silu_mul(self.gate_up_proj(x)))  # (T, 2·inter) → (T, inter)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -233,9 +260,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(config, dtype, device)
 
-    def forward(self, x, cos_sin, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeBatch, kv_cache, meta
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the caller adds the
+        two (fused into the next norm), so each residual add is one pass with a norm."""
+        if residual is None:  # first layer: the embeddings are the residual stream
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -324,11 +360,14 @@ class LlamaModel(nn.Module):
         """Final-normed hidden states (T, hidden); keys/values of the T tokens land in the cache."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
-        x = self.embed_tokens(input_ids)  # (T, hidden)
-        cos_sin = self.rope.lookup(positions)
+        x = self.embed_tokens(input_ids)  # (T, hidden), a fresh tensor (the residual stream)
+        rope = self.rope.lookup(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) final hidden states → (N, vocab) float32 logits."""

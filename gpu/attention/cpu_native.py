@@ -18,38 +18,19 @@ Prefill, cache writes and block copies are inherited from the torch backend.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-from pathlib import Path
 
 import torch
 
 from gpu.attention.torch_backend import TorchAttentionBackend, _check_decode
+from gpu.kernels.build import load_cpu_extension
 
 log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "cpu" / "paged_decode.cpp"
-
-
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-_CFLAGS_TAG = " ".join(_CFLAGS).encode()
 
 
 @functools.cache
 def _module():
-    from torch.utils.cpp_extension import load
-
-    digest = hashlib.sha256(SOURCE.read_bytes() + _CFLAGS_TAG).hexdigest()[:12]
-    return load(
-        name=f"lmgate_cpu_paged_decode_{digest}",
-        sources=[str(SOURCE)],
-        # built on the machine that runs it. -fopenmp is what makes at::parallel_for
-        # (an inline OpenMP region in torch's headers) actually use torch's threads;
-        # without it the kernel runs on one core. It also turns on the simd pragmas.
-        extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    return load_cpu_extension("paged_decode.cpp")
 
 
 @functools.cache

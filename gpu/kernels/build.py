@@ -199,3 +199,32 @@ def nvrtc_compile(names: list[str], arch: str = "compute_80") -> dict[str, str]:
         return {name: nvrtc.getLoweredName(prog, name) for name in names}
     finally:
         nvrtc.destroyProgram(prog)
+
+
+# Flags of the CPU extensions (gpu/kernels/cpu/*.cpp). -march=native: they are built on
+# the machine that runs them. -fopenmp is what makes at::parallel_for (an inline OpenMP
+# region in torch's headers) actually use torch's threads — without it a kernel runs on
+# one core — and turns on the `omp simd` pragmas.
+CPU_EXTENSION_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
+    """Build (on first use) and import the torch C++ extension `cpu/<source>`.
+
+    `torch.utils.cpp_extension.load` caches the build under ~/.cache/torch_extensions;
+    the module name carries a hash of the source and the flags, so an edit rebuilds
+    and a rerun does not. `extra_cflags` go after the shared ones. Raises whatever the build raises (no compiler, no headers):
+    callers decide how to fall back.
+    """
+    from torch.utils.cpp_extension import load
+
+    path = KERNEL_DIR / "cpu" / source
+    cflags = [*CPU_EXTENSION_CFLAGS, *extra_cflags]
+    digest = hashlib.sha256(path.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    return load(
+        name=f"lmgate_{path.stem}_{digest}",
+        sources=[str(path)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )

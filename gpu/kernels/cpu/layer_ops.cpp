@@ -1,0 +1,237 @@
+// Fused per-layer elementwise ops for the CPU: one pass over a row where torch runs
+// three to eight kernels (each a full read + write of the activations, plus dispatch).
+//
+// Contract: gpu/layer_ops.py (the torch reference of every op, and the dispatch).
+// Numerics follow the torch reference's order of roundings: arithmetic in float32, a
+// result rounded to the tensor dtype exactly where the reference rounds it (for
+// bfloat16: the residual sum, the normalised row before the weight, silu before the
+// product). Only reductions may differ in summation order (~1 ulp of float32).
+//
+//   add_rms_norm_(x, residual, weight, eps) -> out    residual += x (in place); out = rms_norm(residual) * w
+//   rms_norm(x, weight, eps)                 -> out    out = rms_norm(x) * w
+//   silu_mul(gate_up)                        -> out    out = silu(gate_up[:, :I]) * gate_up[:, I:]
+//   rotary_(x, cos, sin, positions, heads)   (in place) "rotate half" RoPE of the first `heads`
+//                                                       head_dim-wide heads of every row of x
+// Rows are split across torch's threads (built with -fopenmp, gpu/kernels/build.py);
+// inner loops are `omp simd` so g++ -O3 -march=native vectorizes them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+// Element traits: the storage type S and float conversions, written as bit operations
+// on plain integers so that `omp simd` loops vectorize them (c10::BFloat16's operators
+// do not). float -> bfloat16 rounds to nearest even and keeps NaN a NaN, as torch does.
+struct F32 {
+  using S = float;
+  static float ld(S v) { return v; }
+  static S st(float x) { return x; }
+};
+struct BF16 {
+  using S = uint16_t;
+  static float ld(S v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static S st(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return static_cast<S>(nan ? 0x7fc0u : rounded);
+  }
+};
+
+// Rows per thread task: a decode step has tens of rows of 576 floats, where waking a
+// second thread costs more than the work; a prefill chunk has hundreds.
+constexpr int64_t kGrainRows = 16;
+
+template <typename E, typename S = typename E::S>
+void rms_norm_rows(S* res, const S* x, const S* w, S* out, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      S* rr = res + r * h;
+      float ss = 0.f;
+      if (x != nullptr) {
+        const S* xr = x + r * h;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < h; ++i) {
+          const S s = E::st(E::ld(rr[i]) + E::ld(xr[i]));  // the residual sum, in the dtype
+          rr[i] = s;
+          const float f = E::ld(s);
+          ss += f * f;
+        }
+      } else {
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < h; ++i) {
+          const float f = E::ld(rr[i]);
+          ss += f * f;
+        }
+      }
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
+      S* o = out + r * h;
+#pragma omp simd
+      for (int64_t i = 0; i < h; ++i) {
+        // float32: (x * inv) * w; bfloat16: round the normalised value, then scale (HF's order)
+        o[i] = E::st(E::ld(w[i]) * E::ld(E::st(E::ld(rr[i]) * inv)));
+      }
+    }
+  });
+}
+
+// exp(x) in float32, Cephes expf polynomial (relative error ~1e-7), written so that an
+// `omp simd` loop vectorizes it (libm's expf does not vectorize without -ffast-math).
+inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  // round to nearest integer: adding 1.5 * 2^23 leaves no fraction bits
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  // y * 2^n, with 2^n built from its exponent bits (n is in [-126, 127] after the clamp)
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  return y * pow2;
+}
+
+template <typename E, typename S = typename E::S>
+void silu_mul_rows(const S* gu, S* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const S* g = gu + r * 2 * inter;
+      const S* u = g + inter;
+      S* o = out + r * inter;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) {
+        const float gf = E::ld(g[i]);
+        const S sl = E::st(gf / (1.f + exp_f(-gf)));  // silu rounded to the dtype, as torch does
+        o[i] = E::st(E::ld(sl) * E::ld(u[i]));
+      }
+    }
+  });
+}
+
+template <typename E, typename S = typename E::S>
+void rotary_rows(S* x, int64_t row_stride, const float* cos, const float* sin, const int64_t* pos,
+                 int64_t rows, int64_t heads, int64_t hd) {
+  const int64_t half = hd / 2;
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* c = cos + pos[r] * half;
+      const float* s = sin + pos[r] * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        S* x1 = x + r * row_stride + h * hd;
+        S* x2 = x1 + half;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = E::ld(x1[i]), b = E::ld(x2[i]);
+          const float ac = a * c[i], bs = b * s[i], bc = b * c[i], as = a * s[i];
+          x1[i] = E::st(ac - bs);
+          x2[i] = E::st(bc + as);
+        }
+      }
+    }
+  });
+}
+
+uint16_t* u16(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<bf16>()); }
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16,
+              name, " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+torch::Tensor norm_impl(torch::Tensor res, c10::optional<torch::Tensor> x, torch::Tensor weight, double eps) {
+  check_rows(res, "residual");
+  TORCH_CHECK(res.is_contiguous(), "residual must be contiguous");
+  const int64_t rows = res.size(0), h = res.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == h && weight.is_contiguous() &&
+                  weight.scalar_type() == res.scalar_type(), "weight must be a contiguous (hidden,) tensor of the same dtype");
+  torch::Tensor xc;
+  if (x.has_value()) {
+    xc = x->contiguous();
+    TORCH_CHECK(xc.sizes() == res.sizes() && xc.scalar_type() == res.scalar_type(), "x and residual must match");
+  }
+  auto out = torch::empty_like(res);
+  if (res.scalar_type() == torch::kFloat32) {
+    rms_norm_rows<F32>(res.data_ptr<float>(), x.has_value() ? xc.data_ptr<float>() : nullptr,
+                         weight.data_ptr<float>(), out.data_ptr<float>(), rows, h, static_cast<float>(eps));
+  } else {
+    rms_norm_rows<BF16>(u16(res), x.has_value() ? u16(xc) : nullptr, u16(weight), u16(out), rows, h,
+                        static_cast<float>(eps));
+  }
+  return out;
+}
+
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  return norm_impl(residual, x, weight, eps);
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  return norm_impl(x.contiguous(), c10::nullopt, weight, eps);
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even number of columns");
+  auto gu = gate_up.contiguous();
+  const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
+  auto out = torch::empty({rows, inter}, gu.options());
+  if (gu.scalar_type() == torch::kFloat32) {
+    silu_mul_rows<F32>(gu.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
+  } else {
+    silu_mul_rows<BF16>(u16(gu), u16(out), rows, inter);
+  }
+  return out;
+}
+
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions, int64_t heads,
+             int64_t head_dim) {
+  check_rows(x, "x");
+  TORCH_CHECK(head_dim % 2 == 0 && heads * head_dim <= x.size(1), "heads * head_dim must fit in a row");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == head_dim / 2,
+              "cos/sin must be contiguous float32 (positions, head_dim / 2) tables");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1 && positions.size(0) == x.size(0),
+              "positions must be int64 (rows,)");
+  auto pos = positions.contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  if (x.size(0) > 0) {
+    const auto [mn, mx] = std::minmax_element(p, p + x.size(0));
+    TORCH_CHECK(*mn >= 0 && *mx < cos.size(0), "positions must lie in [0, ", cos.size(0), ")");
+  }
+  if (x.scalar_type() == torch::kFloat32) {
+    rotary_rows<F32>(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), p, x.size(0),
+                       heads, head_dim);
+  } else {
+    rotary_rows<BF16>(u16(x), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), p, x.size(0),
+                      heads, head_dim);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; return rms_norm(residual) * weight (CPU)");
+  m.def("rms_norm", &rms_norm, "rms_norm(x) * weight (CPU)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (rows, 2I) gate/up projection (CPU)");
+  m.def("rotary_", &rotary_, "in-place rotate-half RoPE of the first `heads` heads of each row (CPU)");
+}
