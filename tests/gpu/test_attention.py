@@ -93,11 +93,17 @@ def check_close(actual: torch.Tensor, expected: torch.Tensor, dtype) -> None:
 
 
 DECODE_SHAPES = [
-    # (nh, nkv, hd): GQA ratios 3 (SmolLM2), 1, 8 and both head sizes
+    # (nh, nkv, hd): GQA ratios 3 (SmolLM2), 1, 8 and both head sizes; the CPU kernel
+    # has a register-resident path per (head size, ratio) for ratios 1-4 at 64 and
+    # 1-2 at 128, and a generic one for the rest (8 here)
     (9, 3, 64),
     (4, 4, 64),
+    (8, 4, 64),
+    (8, 2, 64),
     (16, 2, 128),
     (8, 1, 128),
+    (4, 2, 128),
+    (2, 2, 128),
 ]
 
 
