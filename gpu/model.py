@@ -301,6 +301,10 @@ class LlamaModel(nn.Module):
                 requires_grad=False,
             )
         self._lm_head = PackedWeight(self.lm_head_weight)
+        if self.device.type == "cpu":
+            # build (or load the cached build of) the fused kernels now: a lazy build would
+            # stall the first request's step for the compile (tens of seconds on 2 cores)
+            layer_ops.fused_available()
 
     @classmethod
     def from_checkpoint(

@@ -70,6 +70,30 @@ def _check_decode(query, k_cache, v_cache, block_tables, max_context_len: int) -
     return _blocks_needed(max_context_len, k_cache.shape[1], block_tables.shape[1])
 
 
+def _check_prefill(
+    query, k_cache, v_cache, query_start_loc, context_lens, block_tables
+) -> tuple[list[int], list[int]]:
+    """Validate prefill inputs shared by the CPU backends; returns (starts, context lens)
+    as lists: sequence s owns query rows starts[s]:starts[s+1], the last of its context."""
+    _check_cache(k_cache, v_cache)
+    num_heads, nkv = query.shape[1], k_cache.shape[2]
+    if num_heads % nkv:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {nkv}")
+    starts = query_start_loc.tolist()
+    lens = context_lens.tolist()
+    if len(starts) != len(lens) + 1 or starts[0] != 0 or starts[-1] != query.shape[0]:
+        raise ValueError(
+            f"query_start_loc {starts} does not partition {query.shape[0]} query tokens "
+            f"into {len(lens)} sequences"
+        )
+    for s, n_ctx in enumerate(lens):
+        n_q = starts[s + 1] - starts[s]
+        if n_q < 0 or n_q > n_ctx:
+            raise ValueError(f"sequence {s}: {n_q} query tokens but context of {n_ctx}")
+    _blocks_needed(max(lens, default=0), k_cache.shape[1], block_tables.shape[1])
+    return starts, lens
+
+
 class TorchAttentionBackend:
     """`AttentionBackend` in torch ops; see the module docstring for the strategy."""
 
@@ -139,26 +163,14 @@ class TorchAttentionBackend:
         max_context_len: int,
         scale: float,
     ) -> torch.Tensor:  # (T, nh, hd)
-        _check_cache(k_cache, v_cache)
-        num_heads, head_dim = query.shape[1:]
-        _, block_size, nkv, _ = k_cache.shape
-        if num_heads % nkv:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {nkv}")
-        starts = query_start_loc.tolist()
-        lens = context_lens.tolist()
-        if len(starts) != len(lens) + 1 or starts[-1] != query.shape[0]:
-            raise ValueError(
-                f"query_start_loc {starts} does not partition {query.shape[0]} query tokens "
-                f"into {len(lens)} sequences"
-            )
+        starts, lens = _check_prefill(query, k_cache, v_cache, query_start_loc, context_lens, block_tables)
+        block_size = k_cache.shape[1]
         out = torch.empty_like(query)
         for s, n_ctx in enumerate(lens):
             start, end = starts[s], starts[s + 1]
             n_q = end - start
             if n_q == 0:
                 continue
-            if n_q > n_ctx:
-                raise ValueError(f"sequence {s}: {n_q} query tokens but context of {n_ctx}")
             nb = _blocks_needed(n_ctx, block_size, block_tables.shape[1])
             table = block_tables[s : s + 1, :nb]
             keys = _gather_blocks(k_cache, table)[0, :n_ctx].transpose(0, 1)  # (nkv, C, hd)

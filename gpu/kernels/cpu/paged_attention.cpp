@@ -1,7 +1,8 @@
-// Paged decode attention for the CPU: one query token per sequence attends to its
-// whole context, read straight from the paged KV cache (no gathered copy).
+// Paged attention for the CPU, read straight from the paged KV cache (no gathered
+// copy): decode (one query token per sequence attends to its whole context) and
+// prefill (a chunk of prompt tokens per sequence, causal; see prefill_avx512).
 //
-// Contract: gpu/attention/__init__.py (AttentionBackend.decode). Layout:
+// Decode contract: gpu/attention/__init__.py (AttentionBackend.decode). Layout:
 //   query         (B, nh, hd)                 float32 or bfloat16, contiguous
 //   k/v cache     (num_blocks, bs, nkv, hd)   same dtype, contiguous
 //   block_tables  (B, W) int32,  context_lens (B,) int32
@@ -93,6 +94,7 @@ void decode_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, co
 }
 
 #if defined(__AVX512F__)
+constexpr bool kHasAvx512 = true;
 // ---------------------------------------------------------------- AVX-512 path
 // Same contract and algorithm as decode_impl, vectorized by hand: a key/value row of
 // head_dim floats is NV zmm registers. Keys are taken in tiles of up to 16 positions
@@ -299,6 +301,131 @@ void decode_avx512_grouped(const T* q, const T* kc, const T* vc, const int32_t* 
   }
 }
 
+// ---------------------------------------------------------------- prefill
+// Causal attention of a step's prompt chunks, read straight from the paged cache
+// (contract: AttentionBackend.prefill). Sequence s owns query rows qsl[s]:qsl[s+1],
+// the last n_q positions of its context of ctx[s] tokens, so query i of s sits at
+// position ctx[s] - n_q + i and sees keys 0..that position.
+//
+// Work item = (sequence, kv head, tile of up to PQ query positions); its PQ × G
+// query rows (the G query heads sharing the kv head) walk the visible keys in
+// 16-position tiles. Per key tile the keys are transposed once into `kt` (hd × 16
+// floats) so a row's 16 scores are hd broadcast-FMAs with no horizontal sums, for
+// 8 rows at a time (8 independent accumulators); the values are widened once into
+// `vf` and each row accumulates p · V in registers. Softmax is online in float32,
+// as in the decode kernels. Items are handed out dynamically, most expensive
+// first (cost ~ queries × visible keys), so the causal triangle balances.
+constexpr int64_t PQ = 16;
+
+template <typename T, int NV>
+void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
+                    const int32_t* tables, T* out, int64_t S, int64_t nh, int64_t bs, int64_t nkv, int64_t W,
+                    float scale) {
+  constexpr int64_t hd = NV * 16;
+  constexpr int RB = 8;  // rows per score block
+  const int64_t G = nh / nkv;
+  const int64_t row = nkv * hd;
+  struct Item { int64_t s, q0, cost; };
+  std::vector<Item> items;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n_q = qsl[s + 1] - qsl[s];
+    for (int64_t q0 = 0; q0 < n_q; q0 += PQ) {
+      const int64_t nq = std::min(PQ, n_q - q0);
+      items.push_back({s, q0, nq * (ctx[s] - n_q + q0 + nq)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const int64_t n_items = static_cast<int64_t>(items.size()) * nkv;
+  const int64_t max_rows = PQ * G;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    // qf has RB spare rows: a partial score block reads them (results unused)
+    std::vector<float> qf((max_rows + RB) * hd, 0.f), acc(max_rows * hd), m(max_rows), l(max_rows);
+    alignas(64) float kt[hd * 16];
+    alignas(64) float vf[16 * hd];
+    alignas(64) float p[16];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item& item = items[it / nkv];
+      const int64_t h = it % nkv, s = item.s;
+      const int64_t n_q = qsl[s + 1] - qsl[s];
+      const int64_t nq = std::min(PQ, n_q - item.q0);
+      const int64_t pos0 = ctx[s] - n_q + item.q0;  // position of the item's first query
+      const int64_t kend = pos0 + nq;               // keys [0, kend) are seen by some row
+      const int64_t rows = nq * G;                  // row r = query r / G, head h * G + r % G
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = q + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
+        for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = static_cast<float>(src[d]) * scale;
+      }
+      std::fill(acc.begin(), acc.begin() + rows * hd, 0.f);
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + rows, 0.f);
+      for (int64_t start = 0, cnt = 0; start < kend; start += cnt) {
+        const int64_t blk = tables[s * W + start / bs];
+        const int64_t off = start % bs;
+        cnt = std::min<int64_t>({16, kend - start, bs - off});  // a tile never straddles two blocks
+        const T* k0 = kc + (blk * bs + off) * row + h * hd;
+        const T* v0 = vc + (blk * bs + off) * row + h * hd;
+        for (int64_t t = 0; t < 16; ++t)
+          for (int64_t d = 0; d < hd; ++d) kt[d * 16 + t] = t < cnt ? static_cast<float>(k0[t * row + d]) : 0.f;
+        for (int64_t t = 0; t < cnt; ++t)
+          for (int v = 0; v < NV; ++v) _mm512_store_ps(vf + t * hd + v * 16, load16(v0 + t * row + v * 16));
+        const bool partial = start + cnt - 1 > pos0;  // the causal edge crosses this tile
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+          __m512 sc[RB];
+          for (int u = 0; u < RB; ++u) sc[u] = _mm512_setzero_ps();
+          const float* qb = &qf[r0 * hd];
+          for (int64_t d = 0; d < hd; ++d) {
+            const __m512 kd = _mm512_load_ps(kt + d * 16);
+            for (int u = 0; u < RB; ++u) sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(qb[u * hd + d]), kd, sc[u]);
+          }
+          for (int u = 0; u < RB && r0 + u < rows; ++u) {
+            const int64_t r = r0 + u;
+            const int64_t seen = partial ? std::clamp<int64_t>(pos0 + r / G - start + 1, 0, cnt) : cnt;
+            if (seen == 0) continue;  // the whole tile lies after this row's position
+            const __mmask16 valid = static_cast<__mmask16>((1u << seen) - 1u);
+            const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, sc[u]);
+            const float mnew = std::max(m[r], _mm512_reduce_max_ps(sv));
+            const float corr = std::exp(m[r] - mnew);  // 0 on the first tile (m = -inf)
+            const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mnew))));
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(pv);
+            m[r] = mnew;
+            _mm512_store_ps(p, pv);
+            float* ar = &acc[r * hd];
+            __m512 a[NV];
+            const __m512 c = _mm512_set1_ps(corr);
+            for (int v = 0; v < NV; ++v) a[v] = _mm512_mul_ps(_mm512_loadu_ps(ar + v * 16), c);
+            for (int64_t t = 0; t < seen; ++t) {
+              const __m512 pt = _mm512_set1_ps(p[t]);
+              for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(pt, _mm512_load_ps(vf + t * hd + v * 16), a[v]);
+            }
+            for (int v = 0; v < NV; ++v) _mm512_storeu_ps(ar + v * 16, a[v]);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        T* o = out + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[r * hd + d] * inv);
+      }
+    }
+  }
+}
+
+template <typename T>
+bool prefill_fast(const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
+                  const int32_t* tables, T* out, int64_t S, int64_t nh, int64_t hd, int64_t bs, int64_t nkv,
+                  int64_t W, float scale) {
+  if (hd == 64) {
+    prefill_avx512<T, 4>(q, kc, vc, qsl, ctx, tables, out, S, nh, bs, nkv, W, scale);
+  } else if (hd == 128) {
+    prefill_avx512<T, 8>(q, kc, vc, qsl, ctx, tables, out, S, nh, bs, nkv, W, scale);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // head_dim 64 and 128 cover the Llama family; anything else takes the portable loop
 template <typename T>
 bool decode_fast(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
@@ -327,6 +454,12 @@ bool decode_fast(const T* q, const T* kc, const T* vc, const int32_t* tables, co
   return true;
 }
 #else
+constexpr bool kHasAvx512 = false;
+template <typename T>
+bool prefill_fast(const T*, const T*, const T*, const int32_t*, const int32_t*, const int32_t*, T*,
+                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
 template <typename T>
 bool decode_fast(const T*, const T*, const T*, const int32_t*, const int32_t*, T*,
                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
@@ -372,6 +505,47 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+bool prefill_supported(int64_t head_dim) { return kHasAvx512 && (head_dim == 64 || head_dim == 128); }
+
+// Inputs validated by the caller (gpu/attention/torch_backend.py `_check_prefill`):
+// query_start_loc partitions the query rows, every chunk fits its context, the block
+// tables are wide enough for the longest context.
+torch::Tensor paged_prefill(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor query_start_loc, torch::Tensor context_lens, torch::Tensor block_tables,
+                            double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4, "query (T, nh, hd) and caches (N, bs, nkv, hd)");
+  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "query and caches must share a dtype");
+  TORCH_CHECK(query_start_loc.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32 &&
+                  block_tables.scalar_type() == torch::kInt32,
+              "query_start_loc, context_lens and block_tables must be int32");
+  const int64_t nh = query.size(1), hd = query.size(2);
+  const int64_t bs = k_cache.size(1), nkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == hd && nh % nkv == 0, "head shapes do not match");
+  TORCH_CHECK(prefill_supported(hd), "paged_prefill needs AVX-512 and head_dim 64 or 128");
+  auto qsl = query_start_loc.contiguous();
+  auto ctx = context_lens.contiguous();
+  auto tables = block_tables.contiguous();
+  const int64_t S = ctx.size(0);
+  auto out = torch::empty_like(query);
+  bool done = false;
+  if (query.scalar_type() == torch::kFloat32) {
+    done = prefill_fast<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                               qsl.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+                               out.data_ptr<float>(), S, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
+  } else if (query.scalar_type() == torch::kBFloat16) {
+    using bf = c10::BFloat16;
+    done = prefill_fast<bf>(query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
+                            qsl.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
+                            out.data_ptr<bf>(), S, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
+  }
+  TORCH_CHECK(done, "paged_prefill supports float32 and bfloat16, got ", query.scalar_type());
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention over the block tables (CPU)");
+  m.def("paged_prefill", &paged_prefill, "causal prefill attention of prompt chunks over the paged cache (CPU)");
+  m.def("prefill_supported", &prefill_supported, "whether paged_prefill handles this head_dim on this CPU");
 }
