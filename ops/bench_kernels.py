@@ -1,6 +1,8 @@
-"""Benchmark the paged-KV CUDA kernels: achieved bandwidth vs the device's peak.
+"""Benchmark the paged-KV kernels: CUDA bandwidth vs the device's peak, or (--cpu)
+the CPU kernels against the torch backend in the same run.
 
     python -m ops.bench_kernels [--json PATH] [--iters N] [--peak-gbps X]
+    python -m ops.bench_kernels --cpu [--json PATH] [--iters N]
 
 On a CUDA device it times (CUDA events, after warm-up) write_kv, copy_blocks,
 paged decode and paged prefill through `CudaAttentionBackend`, and reports for
@@ -13,6 +15,12 @@ Weights are not part of these kernels, so this is the KV-read share of the step.
 Without a device it compiles every kernel instance (nvcc sm_80/sm_90 when nvcc
 is installed, and NVRTC when libnvrtc is), says that no numbers were measured,
 and exits 0. It never prints made-up numbers.
+
+`--cpu` times `CpuNativeAttentionBackend` (gpu/kernels/cpu/paged_attention.cpp)
+and `TorchAttentionBackend` on the same inputs (SmolLM2 and Llama-7B-size heads,
+float32 and bfloat16; decode batches and prefill prompt chunks), alternating the
+two, best of 3 rounds of `--iters` calls each, and prints per-call times, the
+speedup (torch / native) and, for prefill, the attention GFLOP/s of each.
 """
 
 from __future__ import annotations
@@ -151,6 +159,97 @@ def bench_device(iters: int, peak: float | None) -> list[Row]:
     return rows
 
 
+@dataclass
+class CpuRow:
+    kernel: str
+    model: str
+    case: str
+    dtype: str
+    torch_us: float
+    native_us: float
+    speedup: float  # torch_us / native_us
+    torch_gflops: float | None  # prefill only: causal attention FLOPs / time
+    native_gflops: float | None
+
+
+def _best_us(fn, iters: int) -> float:
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / iters)
+    return best * 1e6
+
+
+def _cpu_paged(shape: AttnShape, context_lens: list[int], dtype: torch.dtype, gen: torch.Generator):
+    """A shuffled paged cache holding `context_lens` tokens per sequence."""
+    per_seq = [-(-c // BLOCK_SIZE) for c in context_lens]
+    num_blocks = sum(per_seq)
+    kv = (num_blocks, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim)
+    k_cache = torch.randn(kv, generator=gen).to(dtype)
+    v_cache = torch.randn(kv, generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width, rows, i = max(per_seq), [], 0
+    for n in per_seq:
+        rows.append(perm[i : i + n] + [0] * (width - n))
+        i += n
+    tables = torch.tensor(rows, dtype=torch.int32)
+    return k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+def bench_cpu(iters: int) -> list[CpuRow]:
+    from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
+    from gpu.attention.torch_backend import TorchAttentionBackend
+
+    if not cpu_native_available():
+        raise SystemExit("the CPU kernels did not build here: nothing to compare")
+    native, ref = CpuNativeAttentionBackend(), TorchAttentionBackend()
+    gen = torch.Generator().manual_seed(0)
+    rows: list[CpuRow] = []
+    decode_cases = {"SmolLM2-135M": ((16, 512), (64, 512), (64, 1536)), "Llama-7B-size": ((16, 512),)}
+    # prefill: (query lens, context lens) — fresh prompts, and a chunk after cached positions
+    prefill_cases = {"4 fresh x 272": ([272] * 4, [272] * 4), "1 chunk 324 after 700": ([324], [1024])}
+    for dtype in (torch.float32, torch.bfloat16):
+        dname = str(dtype).split(".")[-1]
+        for shape in MODELS:
+            scale = shape.head_dim**-0.5
+            for batch, context in decode_cases[shape.name]:
+                k, v, tables, lens = _cpu_paged(shape, [context] * batch, dtype, gen)
+                q = torch.randn(batch, shape.num_heads, shape.head_dim, generator=gen).to(dtype)
+                t_ref = _best_us(lambda: ref.decode(q, k, v, tables, lens, context, scale), iters)  # noqa: B023
+                t_nat = _best_us(lambda: native.decode(q, k, v, tables, lens, context, scale), iters)  # noqa: B023
+                rows.append(CpuRow("paged_decode", shape.name, f"batch {batch} ctx {context}", dname,
+                                   t_ref, t_nat, t_ref / t_nat, None, None))
+            for name, (qlens, clens) in prefill_cases.items():
+                k, v, tables, lens = _cpu_paged(shape, clens, dtype, gen)
+                q = torch.randn(sum(qlens), shape.num_heads, shape.head_dim, generator=gen).to(dtype)
+                starts = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+                args = (q, k, v, starts, lens, tables, max(qlens), max(clens), scale)
+                t_ref = _best_us(lambda: ref.prefill(*args), iters)  # noqa: B023
+                t_nat = _best_us(lambda: native.prefill(*args), iters)  # noqa: B023
+                # QK^T and PV over the causal part: 4 · heads · hd per (query, visible key)
+                flops = sum(4 * shape.num_heads * shape.head_dim * (c - (n - 1) / 2) * n
+                            for n, c in zip(qlens, clens, strict=True))
+                rows.append(CpuRow("paged_prefill", shape.name, name, dname, t_ref, t_nat, t_ref / t_nat,
+                                   flops / t_ref / 1e3, flops / t_nat / 1e3))
+    return rows
+
+
+def print_cpu_table(rows: list[CpuRow]) -> None:
+    print(f"CPU kernels vs the torch backend ({torch.get_num_threads()} threads)")
+    print(f"{'kernel':<14}{'model':<15}{'case':<24}{'dtype':>9}{'torch us':>11}{'native us':>11}"
+          f"{'speedup':>9}{'GF/s t':>8}{'GF/s n':>8}")
+    for r in rows:
+        gf = (f"{r.torch_gflops:>8.0f}{r.native_gflops:>8.0f}" if r.native_gflops is not None
+              else f"{'-':>8}{'-':>8}")
+        print(f"{r.kernel:<14}{r.model:<15}{r.case:<24}{r.dtype:>9}{r.torch_us:>11.0f}{r.native_us:>11.0f}"
+              f"{r.speedup:>8.2f}x{gf}")
+
+
 def compile_only() -> dict:
     """What can be checked without a device: every kernel instance compiles."""
     instances = build.all_attention_instances()
@@ -198,7 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--peak-gbps", type=float, help="override the device's peak bandwidth")
+    parser.add_argument("--cpu", action="store_true",
+                        help="compare the CPU kernels with the torch backend instead (no device needed)")
     args = parser.parse_args(argv)
+
+    if args.cpu:
+        cpu_rows = bench_cpu(args.iters)
+        print_cpu_table(cpu_rows)
+        if args.json:
+            payload = {"threads": torch.get_num_threads(), "rows": [asdict(r) for r in cpu_rows]}
+            args.json.write_text(json.dumps(payload, indent=2))
+        return 0
 
     from gpu.attention.cuda_backend import cuda_backend_available
 

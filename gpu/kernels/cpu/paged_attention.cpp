@@ -127,6 +127,25 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// Software prefetch of the K and V rows of positions [pos, pos + 16) of sequence b
+// (clipped to its block and context). Blocks are scattered through the cache, so
+// the hardware prefetcher restarts at every block; asking for the tile two ahead
+// keeps the loads in flight while the current tile computes.
+template <typename T>
+inline void prefetch_tile(const T* kc, const T* vc, const int32_t* tables, int64_t b, int64_t W, int64_t bs,
+                          int64_t row, int64_t pos, int64_t n) {
+  if (pos >= n) return;
+  const int64_t blk = tables[b * W + pos / bs], off = pos % bs;
+  const int64_t cnt = std::min<int64_t>({16, n - pos, bs - off});
+  const char* k = reinterpret_cast<const char*>(kc + (blk * bs + off) * row);
+  const char* v = reinterpret_cast<const char*>(vc + (blk * bs + off) * row);
+  const int64_t bytes = cnt * row * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < bytes; i += 64) {
+    _mm_prefetch(k + i, _MM_HINT_T0);
+    _mm_prefetch(v + i, _MM_HINT_T0);
+  }
+}
+
 template <typename T, int NV>
 void decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
                    int64_t B, int64_t nh, int64_t bs, int64_t nkv, int64_t W, float scale) {
@@ -148,11 +167,13 @@ void decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* tables, 
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
+      prefetch_tile(kc, vc, tables, b, W, bs, row, 16, n);
       for (int64_t start = 0, cnt = 0; start < n; start += cnt) {
         const int64_t blk = tables[b * W + start / bs];
         const int64_t off = start % bs;
         cnt = std::min<int64_t>({16, n - start, bs - off});  // a tile never straddles two blocks
         const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1u);
+        prefetch_tile(kc, vc, tables, b, W, bs, row, start + cnt + 16, n);
         for (int64_t h = 0; h < nkv; ++h) {
           const T* k0 = kc + (blk * bs + off) * row + h * hd;
           const T* v0 = vc + (blk * bs + off) * row + h * hd;
@@ -238,11 +259,13 @@ void decode_avx512_grouped(const T* q, const T* kc, const T* vc, const int32_t* 
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
+      prefetch_tile(kc, vc, tables, b, W, bs, row, 16, n);
       for (int64_t start = 0, cnt = 0; start < n; start += cnt) {
         const int64_t blk = tables[b * W + start / bs];
         const int64_t off = start % bs;
         cnt = std::min<int64_t>({16, n - start, bs - off});  // a tile never straddles two blocks
         const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1u);
+        prefetch_tile(kc, vc, tables, b, W, bs, row, start + cnt + 16, n);
         for (int64_t h = 0; h < nkv; ++h) {
           const T* k0 = kc + (blk * bs + off) * row + h * hd;
           const T* v0 = vc + (blk * bs + off) * row + h * hd;
@@ -308,14 +331,40 @@ void decode_avx512_grouped(const T* q, const T* kc, const T* vc, const int32_t* 
 // position ctx[s] - n_q + i and sees keys 0..that position.
 //
 // Work item = (sequence, kv head, tile of up to PQ query positions); its PQ × G
-// query rows (the G query heads sharing the kv head) walk the visible keys in
+// query rows (the G query heads sharing the kv head; PQ = 64 / G rounded up to a
+// multiple of 16, so every key tile serves at least 64 rows) walk the visible keys in
 // 16-position tiles. Per key tile the keys are transposed once into `kt` (hd × 16
 // floats) so a row's 16 scores are hd broadcast-FMAs with no horizontal sums, for
 // 8 rows at a time (8 independent accumulators); the values are widened once into
 // `vf` and each row accumulates p · V in registers. Softmax is online in float32,
 // as in the decode kernels. Items are handed out dynamically, most expensive
 // first (cost ~ queries × visible keys), so the causal triangle balances.
-constexpr int64_t PQ = 16;
+// In-register transpose of a 16 × 16 float tile: r[i][j] → r[j][i]. 32-bit then
+// 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c], lane L: column 4L + c of rows g..g+3
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
 
 template <typename T, int NV>
 void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
@@ -324,6 +373,7 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
   constexpr int64_t hd = NV * 16;
   constexpr int RB = 8;  // rows per score block
   const int64_t G = nh / nkv;
+  const int64_t PQ = std::max<int64_t>(16, (64 / G + 15) / 16 * 16);
   const int64_t row = nkv * hd;
   struct Item { int64_t s, q0, cost; };
   std::vector<Item> items;
@@ -366,8 +416,12 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
         cnt = std::min<int64_t>({16, kend - start, bs - off});  // a tile never straddles two blocks
         const T* k0 = kc + (blk * bs + off) * row + h * hd;
         const T* v0 = vc + (blk * bs + off) * row + h * hd;
-        for (int64_t t = 0; t < 16; ++t)
-          for (int64_t d = 0; d < hd; ++d) kt[d * 16 + t] = t < cnt ? static_cast<float>(k0[t * row + d]) : 0.f;
+        for (int v = 0; v < NV; ++v) {  // kt[d][t] = k[t][d], zero past the tile's end
+          __m512 r[16];
+          for (int64_t t = 0; t < 16; ++t) r[t] = t < cnt ? load16(k0 + t * row + v * 16) : _mm512_setzero_ps();
+          transpose16(r);
+          for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + (v * 16 + i) * 16, r[i]);
+        }
         for (int64_t t = 0; t < cnt; ++t)
           for (int v = 0; v < NV; ++v) _mm512_store_ps(vf + t * hd + v * 16, load16(v0 + t * row + v * 16));
         const bool partial = start + cnt - 1 > pos0;  // the causal edge crosses this tile
