@@ -24,6 +24,10 @@ call sites wrap calls in `torch.inference_mode()`.
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,13 +38,52 @@ from gpu.attention import AttentionBackend, AttentionMetadata
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
 
-# Smallest batch (rows) for which the pre-packed oneDNN weight beats a plain fp32 GEMM.
-# Measured on these cores (2 threads): at 1-3 rows MKL's GEMV path reads the weight
-# once and wins (9.3 vs 11.3 ms for a whole decode step's projections at 1 row); from
-# 4 rows on MKL's sgemm re-packs the whole weight on every call (the 113 MB LM head at
-# 8 rows: 11.3 ms vs 3.9 ms at 1 row) and the pre-packed weight is 1.3-2x faster.
-# bf16 is always faster packed (AMX kernels), so it uses the packed weight at every size.
+log = logging.getLogger(__name__)
+
+# Smallest batch (rows) for which the pre-packed oneDNN weight beats a plain fp32 GEMM,
+# where the CPU's BLAS has a good GEMV. Measured on an Intel core (2 threads): at 1-3
+# rows MKL's GEMV path reads the weight once and wins (9.3 vs 11.3 ms for a whole decode
+# step's projections at 1 row); from 4 rows on MKL's sgemm re-packs the whole weight on
+# every call (the 113 MB LM head at 8 rows: 11.3 ms vs 3.9 ms at 1 row) and the
+# pre-packed weight is 1.3-2x faster. On an AMD Zen 4 core MKL's GEMV is itself ~2x
+# slower than the packed kernel (LM head at 1 row: 9.7 vs 4.1 ms), so the choice is
+# measured once per process (`fp32_packed_min_rows`). bf16 is always faster packed.
 PACKED_MIN_ROWS_FP32 = 4
+
+
+@functools.cache
+def fp32_packed_min_rows() -> int:
+    """Rows from which fp32 projections use the packed weight: 1 when the packed kernel
+    beats the plain GEMM at a single row on this CPU, else `PACKED_MIN_ROWS_FP32`.
+
+    Timed once per process on a (3072, 576) weight — the shape of SmolLM2's fused
+    gate/up projection — best of 3 rounds of 20 calls each (a few ms); the packed path
+    must win by 10% to switch, so a near-tie keeps the BLAS GEMV.
+    """
+    if not onednn_packing_available("cpu", torch.float32):
+        return PACKED_MIN_ROWS_FP32
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3072, 576, generator=g)
+    x = torch.randn(1, 576, generator=g)
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    plain = best(lambda: F.linear(x, weight))
+    onednn = best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    rows = 1 if onednn < 0.9 * plain else PACKED_MIN_ROWS_FP32
+    log.info("fp32 projections: packed %.1f us vs plain %.1f us at 1 row -> packed from %d rows",
+             onednn / 20 * 1e6, plain / 20 * 1e6, rows)
+    return rows
 
 
 def onednn_packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -58,10 +101,11 @@ class PackedWeight:
     """A (out, in) weight plus, on CPU, a copy pre-packed in oneDNN's blocked layout.
 
     `linear(x)` is `F.linear(x, weight)` computed by whichever kernel is faster for
-    x's row count: the packed oneDNN kernel for bf16 and for fp32 at ≥
-    `PACKED_MIN_ROWS_FP32` rows, else the plain GEMM. Both accumulate in fp32; results
-    agree to float rounding (~1e-6 relative), like any two GEMM blockings. The packed
-    copy costs the weight's size again in memory (fp32 keeps both, for 1-3-row steps).
+    x's row count: the packed oneDNN kernel for bf16 and for fp32 from
+    `fp32_packed_min_rows()` rows (4, or 1 where the BLAS GEMV is slow), else the plain
+    GEMM. Both accumulate in fp32; results agree to float rounding (~1e-6 relative),
+    like any two GEMM blockings. The packed copy costs the weight's size again in
+    memory (fp32 keeps both, for small steps).
 
     `pack()` must be called again after the weight's values change (the model does
     so at the end of every state-dict load).
@@ -76,6 +120,8 @@ class PackedWeight:
         if not onednn_packing_available(self.weight.device, self.weight.dtype):
             self.packed = None
             return
+        if self.weight.dtype == torch.float32:
+            self.min_rows = fp32_packed_min_rows()
         with torch.no_grad():
             # the batch-size hint picks the blocking; 16 was best for 4-512 rows measured
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)

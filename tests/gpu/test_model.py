@@ -245,9 +245,10 @@ def test_bfloat16_model_stays_close_to_float32(model, smollm2_path):
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 600])
 def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows):
-    """The packed oneDNN kernel (from 4 rows in fp32, always in bf16) and the plain GEMM
-    compute the same x Wᵀ, to float rounding, whichever of them a row count picks."""
-    from gpu.model import PACKED_MIN_ROWS_FP32, PackedWeight, onednn_packing_available
+    """The packed oneDNN kernel (from `fp32_packed_min_rows()` rows in fp32, always in
+    bf16) and the plain GEMM compute the same x Wᵀ, to float rounding, whichever of
+    them a row count picks."""
+    from gpu.model import PackedWeight, fp32_packed_min_rows, onednn_packing_available
 
     if not onednn_packing_available("cpu", dtype):
         pytest.skip("this torch build has no oneDNN linear")
@@ -257,7 +258,7 @@ def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows
     pw = PackedWeight(w)
     pw.pack()
     assert pw.packed is not None
-    uses_packed = dtype == torch.bfloat16 or rows >= PACKED_MIN_ROWS_FP32
+    uses_packed = dtype == torch.bfloat16 or rows >= fp32_packed_min_rows()
     ref = (x.double() @ w.double().t()).float()
     out = pw.linear(x)
     assert out.shape == (rows, 300) and out.dtype == dtype
@@ -268,6 +269,16 @@ def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows
         assert torch.equal(out, direct)
     else:
         assert torch.equal(out, torch.nn.functional.linear(x, w))
+
+
+def test_fp32_packed_threshold_is_one_of_the_two_documented_choices():
+    from gpu.model import PACKED_MIN_ROWS_FP32, fp32_packed_min_rows, onednn_packing_available
+
+    rows = fp32_packed_min_rows()
+    assert rows in (1, PACKED_MIN_ROWS_FP32)
+    if not onednn_packing_available("cpu", torch.float32):
+        assert rows == PACKED_MIN_ROWS_FP32
+    assert fp32_packed_min_rows() == rows  # measured once per process
 
 
 def test_packed_weights_follow_a_reload():
