@@ -129,9 +129,21 @@ def decode_request(endpoint: Endpoint, raw: bytes | str | Any) -> CompletionRequ
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=_param_of(exc)) from exc
     except msgspec.DecodeError as exc:
+        # msgspec < 0.23 raised UnicodeDecodeError for bad UTF-8, 0.23 a DecodeError:
+        # tell the two cases apart by the body itself (this is the error path only)
+        if isinstance(raw, bytes) and not _is_utf8(raw):
+            raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from exc
         raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from exc
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _param_of(exc: msgspec.ValidationError) -> str | None:
