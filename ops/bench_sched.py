@@ -16,7 +16,10 @@
    Greedy decoding, EOS, `max_tokens` as in the fixture.
 5. Simulation: the same request sets and arrivals in `ops.sim.simulate`
    (real step scheduler + calibrated step times): agreement with the real runs
-   on mean response time, then a larger sweep (more requests, more rates).
+   on mean response time — with the warm-up's step model, with a model fitted
+   on the warm-up and every *other* run (leave-one-run-out: the out-of-sample
+   check), and with all measured steps — then a larger sweep (more requests,
+   more rates) with the model fitted on every measured step.
 
 The machine is shared: the load average is recorded at start and end.
 """
@@ -279,6 +282,7 @@ class BenchConfig:
     rate_factors: tuple[float, ...] = (0.7, 1.5, 3.0)
     sim_rate_factors: tuple[float, ...] = (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
     real_policies: tuple[str, ...] = POLICY_NAMES
+    repeats: int = 1  # real runs per policy and rate, in ABBA order (see run_order)
     ttft_slo_s: float = 10.0
     tpot_slo_s: float = 0.5
     seed: int = 0
@@ -333,13 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
     ap.add_argument("--step-coef", help="simulation only, with this step-time model instead of a calibration "
                                         "run: c0,c_tok,c_seq,c_ctx (e.g. step_model.coef of an earlier --json)")
-    ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 128; quick: 64)")
+    ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 128, the fixture's own)")
     ap.add_argument("--sim-requests", type=int)
+    ap.add_argument("--repeats", type=int, help="real runs per policy and rate, alternating the order (ABBA); "
+                                                "the report holds their mean (default 1)")
     args = ap.parse_args(argv)
 
     cfg = BenchConfig(quick=args.quick)
     if args.quick:
-        cfg = BenchConfig(quick=True, max_tokens=64, real_requests=16, sim_requests=240, real_policies=BASELINES)
+        # 48 requests at the fixture's max_tokens: enough that the KV cache binds at the highest
+        # rate, where admission and ordering matter (16 requests of 64 tokens all fit at once)
+        cfg = BenchConfig(quick=True, real_requests=48, sim_requests=240, real_policies=BASELINES)
     if args.policies:
         cfg = BenchConfig(**{**cfg.__dict__, "real_policies": tuple(args.policies.split(","))})
     if args.real_requests:
@@ -348,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(**{**cfg.__dict__, "max_tokens": args.max_tokens})
     if args.sim_requests:
         cfg = BenchConfig(**{**cfg.__dict__, "sim_requests": args.sim_requests})
+    if args.repeats:
+        if args.repeats < 1:
+            ap.error("--repeats must be >= 1")
+        cfg = BenchConfig(**{**cfg.__dict__, "repeats": args.repeats})
     if args.step_coef:
         args.no_real = True
     for p in cfg.real_policies:
@@ -432,32 +444,40 @@ def main(argv: list[str] | None = None) -> int:
     sim_same: dict = {}
     agreement = []
     all_steps = list(steps)
-    real_lengths: dict[tuple[str, float], dict[str, int]] = {}
+    real_lengths: dict[tuple[str, float, int], dict[str, int]] = {}
+    run_steps: dict[tuple[str, float, int], list[tuple[StepFeatures, float]]] = {}
     if not args.no_real:
-        for rate in rates:
+        for ri, rate in enumerate(rates):
             arrivals = poisson_arrivals(len(real_set), rate, cfg.seed + int(rate * 1000))
-            for name in cfg.real_policies:
+            per_run: dict[str, list[dict]] = {}
+            per_sim: dict[str, list[dict]] = {}
+            for name, rep in run_order(cfg.real_policies, cfg.repeats, ri):
                 pol = make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch))
                 reqs = sim_requests(real_set, arrivals, cfg.max_tokens)
                 t = time.perf_counter()
                 run = run_real(engine, recorder, reqs, pol, cfg.max_tokens)
                 all_steps += run.steps
-                real_lengths[(name, rate)] = run.lengths
+                run_steps[(name, rate, rep)] = run.steps
+                real_lengths[(name, rate, rep)] = run.lengths
                 summ = summarize(run.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
                 summ["preemptions"] = run.preemptions
-                real.setdefault(name, {})[f"{rate:g}"] = summ
+                per_run.setdefault(name, []).append(summ)
                 # the same requests, same arrivals, the lengths the engine actually produced
                 sres = simulate(reqs_with(reqs, run.lengths), make_policy(
                     PolicyConfig(name=name, static_batch_size=cfg.static_batch)), sim_cfg, model)
                 ssum = summarize(sres.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
-                sim_same.setdefault(name, {})[f"{rate:g}"] = ssum
+                per_sim.setdefault(name, []).append(ssum)
                 err = abs(ssum["mean_latency_s"] - summ["mean_latency_s"]) / summ["mean_latency_s"]
-                agreement.append({"policy": name, "rate": rate, "real_mean_latency_s": summ["mean_latency_s"],
+                agreement.append({"policy": name, "rate": rate, "repeat": rep,
+                                  "real_mean_latency_s": summ["mean_latency_s"],
                                   "sim_mean_latency_s": ssum["mean_latency_s"], "rel_err": err})
                 _log(f"real {name:16s} rate {rate:6.3f}: {summ['req_s']:.3f} req/s, mean {summ['mean_latency_s']:.2f}s "
                      f"p99 {summ['p99_latency_s']:.2f}s, preempt {run.preemptions} (sim mean "
                      f"{ssum['mean_latency_s']:.2f}s, err {err:.1%}) [{time.perf_counter() - t:.0f}s wall, "
                      f"load {_loadavg()[0]}]")
+            for name, runs in per_run.items():
+                real.setdefault(name, {})[f"{rate:g}"] = mean_summary(runs)
+                sim_same.setdefault(name, {})[f"{rate:g}"] = mean_summary(per_sim[name])
     report["policies"] = real
     report["sim_same_runs"] = sim_same
     report["agreement"] = agreement
@@ -465,24 +485,33 @@ def main(argv: list[str] | None = None) -> int:
         report["agreement_mean_rel_err"] = float(np.mean([a["rel_err"] for a in agreement]))
         report["agreement_max_rel_err"] = float(np.max([a["rel_err"] for a in agreement]))
         report["agreement_within_15pct"] = float(np.mean([a["rel_err"] <= 0.15 for a in agreement]))
-        # the same check with the step model fitted on every measured step (warm-up + all runs):
-        # separates the scheduling model's fidelity from drift of the machine's load
+        # the same check with step models fitted on measured steps: leave-one-run-out (the
+        # warm-up + every OTHER run: an out-of-sample prediction of each run from the machine's
+        # behaviour under comparable load) and all steps (in-sample; separates the scheduling
+        # model's fidelity from drift of the machine's speed during the benchmark)
         model_all = StepTimeModel.fit(all_steps)
         report["step_model_all_runs"] = {"coef": list(model_all.coef), "r2": model_all.r2(all_steps),
                                          "samples": len(all_steps)}
+        loro = leave_one_run_out_models(steps, run_steps)
         for a in agreement:
+            key = (a["policy"], a["rate"], a["repeat"])
             name, rate = a["policy"], a["rate"]
             arrivals = poisson_arrivals(len(real_set), rate, cfg.seed + int(rate * 1000))
-            reqs = reqs_with(sim_requests(real_set, arrivals, cfg.max_tokens), real_lengths[(name, rate)])
-            sres = simulate(reqs, make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch)),
-                            sim_cfg, model_all)
-            m = summarize(sres.records, cfg.ttft_slo_s, cfg.tpot_slo_s)["mean_latency_s"]
-            a["sim_all_steps_mean_latency_s"] = m
-            a["rel_err_all_steps"] = abs(m - a["real_mean_latency_s"]) / a["real_mean_latency_s"]
-        errs = [a["rel_err_all_steps"] for a in agreement]
-        report["agreement_all_steps_mean_rel_err"] = float(np.mean(errs))
-        report["agreement_all_steps_max_rel_err"] = float(np.max(errs))
-        report["agreement_all_steps_within_15pct"] = float(np.mean([e <= 0.15 for e in errs]))
+            reqs = reqs_with(sim_requests(real_set, arrivals, cfg.max_tokens), real_lengths[key])
+            for tag, m_ in (("all_steps", model_all), ("loro", loro[key])):
+                sres = simulate(reqs, make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch)),
+                                sim_cfg, m_)
+                m = summarize(sres.records, cfg.ttft_slo_s, cfg.tpot_slo_s)["mean_latency_s"]
+                a[f"sim_{tag}_mean_latency_s"] = m
+                a[f"rel_err_{tag}"] = abs(m - a["real_mean_latency_s"]) / a["real_mean_latency_s"]
+        for tag in ("all_steps", "loro"):
+            errs = [a[f"rel_err_{tag}"] for a in agreement]
+            report[f"agreement_{tag}_mean_rel_err"] = float(np.mean(errs))
+            report[f"agreement_{tag}_max_rel_err"] = float(np.max(errs))
+            report[f"agreement_{tag}_within_15pct"] = float(np.mean([e <= 0.15 for e in errs]))
+        # the sweep extends the real runs: simulate it with every step measured so far
+        model = model_all
+    report["sim_sweep_step_model"] = list(model.coef)
 
     # 5. simulated sweep: every policy, more requests, more rates
     big = [bench_reqs[k % len(bench_reqs)] for k in range(cfg.sim_requests)]
@@ -519,6 +548,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_order(policies: Sequence[str], repeats: int, rate_index: int) -> list[tuple[str, int]]:
+    """(policy, repeat) in the order to run them at one rate: forward, then backward (ABBA).
+
+    The machine's speed drifts within a process (a run late in the sequence was measured
+    16% faster than the same run early), so a fixed order would favour whichever policy
+    runs last; alternating the direction per repeat and per rate cancels a linear drift
+    in the mean of the repeats.
+    """
+    out = []
+    for rep in range(repeats):
+        seq = list(policies) if (rate_index + rep) % 2 == 0 else list(reversed(policies))
+        out += [(name, rep) for name in seq]
+    return out
+
+
+def mean_summary(runs: Sequence[dict]) -> dict:
+    """The mean of `summarize` results of repeated runs (per key; nested dicts per key).
+
+    One run is returned as it is; with several, the individual ones are kept under "runs".
+    """
+    if len(runs) == 1:
+        return runs[0]
+    out: dict = {}
+    for k, v in runs[0].items():
+        if isinstance(v, dict):
+            out[k] = {kk: float(np.mean([r[k][kk] for r in runs])) for kk in v}
+        else:
+            out[k] = float(np.mean([r[k] for r in runs]))
+    out["runs"] = list(runs)
+    return out
+
+
+def leave_one_run_out_models(warmup: Sequence[tuple[StepFeatures, float]],
+                             runs: dict[tuple, list[tuple[StepFeatures, float]]],
+                             ) -> dict[tuple, StepTimeModel]:
+    """For every run, a step-time model fitted on the warm-up and every *other* run's steps.
+
+    Simulating a run with its own steps in the fit would be in-sample; with the warm-up
+    alone, the model has not seen the load levels (contexts, batch sizes, the machine's
+    sustained clock) the runs reach. Leaving the run out keeps the check a prediction.
+    """
+    out = {}
+    for key in runs:
+        samples = list(warmup) + [s for k, steps in runs.items() if k != key for s in steps]
+        out[key] = StepTimeModel.fit(samples)
+    return out
+
+
 def reqs_with(reqs: Sequence[SimRequest], lengths: dict[str, int]) -> list[SimRequest]:
     from dataclasses import replace
 
@@ -541,17 +618,22 @@ def print_table(report: dict) -> None:
                 print(f"{name:16s} {float(rate):6.3f} {s['req_s']:7.3f} {s['output_tok_s']:7.1f} "
                       f"{s['mean_latency_s']:7.2f} {s['p50_latency_s']:7.2f} {s['p99_latency_s']:7.2f} "
                       f"{s['mean_ttft_s']:6.2f} {s['goodput_req_s']:7.3f} {s['tenant_latency_jain']:5.2f} "
-                      f"{s.get('preemptions', 0):4d}")
+                      f"{round(s.get('preemptions', 0)):4d}")
     if report.get("agreement"):
         print(f"\nsim vs real mean response time (step model from the warm-up): mean rel. error "
               f"{report['agreement_mean_rel_err']:.1%}, max {report['agreement_max_rel_err']:.1%}, "
               f"within 15%: {report['agreement_within_15pct']:.0%}")
+        print(f"sim vs real (step model from the warm-up + the other runs): mean rel. error "
+              f"{report['agreement_loro_mean_rel_err']:.1%}, max {report['agreement_loro_max_rel_err']:.1%}, "
+              f"within 15%: {report['agreement_loro_within_15pct']:.0%}")
         print(f"sim vs real (step model from all measured steps): mean rel. error "
               f"{report['agreement_all_steps_mean_rel_err']:.1%}, max {report['agreement_all_steps_max_rel_err']:.1%}, "
               f"within 15%: {report['agreement_all_steps_within_15pct']:.0%}")
         for a in report["agreement"]:
-            print(f"  {a['policy']:16s} rate {a['rate']:g}: real {a['real_mean_latency_s']:.2f}s, sim "
-                  f"{a['sim_mean_latency_s']:.2f}s ({a['rel_err']:.0%}), sim/all-steps "
+            rep = f" #{a['repeat'] + 1}" if report["config"].get("repeats", 1) > 1 else ""
+            print(f"  {a['policy']:16s} rate {a['rate']:g}{rep}: real {a['real_mean_latency_s']:.2f}s, sim "
+                  f"{a['sim_mean_latency_s']:.2f}s ({a['rel_err']:.0%}), sim/other-runs "
+                  f"{a['sim_loro_mean_latency_s']:.2f}s ({a['rel_err_loro']:.0%}), sim/all-steps "
                   f"{a['sim_all_steps_mean_latency_s']:.2f}s ({a['rel_err_all_steps']:.0%})")
     for k in ("magnus_vs_fcfs_static_throughput", "magnus_vs_fcfs_static_latency",
               "magnus_vs_fcfs_continuous_latency", "magnus_vs_fcfs_continuous_throughput"):

@@ -43,7 +43,10 @@ class PolicyConfig:
     load_low: int = 4  # load-based
     load_high: int = 32
     target_step_s: float | None = None  # adaptive (None → 3 × the fastest step seen)
-    kv_margin_std: float = 0.0  # magnus, hybrid: reserve predicted + max(margin·std, min_margin·predicted)
+    # magnus, hybrid: reserve predicted + max(margin·std, min_margin·predicted): the predictor's
+    # uncertainty widens the reservation of requests it is unsure of (std 1 vs 0: 2-4% lower mean
+    # response time, 2-10x fewer preemptions when the KV cache binds; simulated, docs/scheduling.md)
+    kv_margin_std: float = 1.0
     kv_min_margin: float = 0.2
     # reservations may total 1.5× the cache: requests in flight are on average half done, so
     # full-length reservations overstate use; outgrowing it preempts, never fails (measured in docs)

@@ -66,3 +66,45 @@ def test_real_driver_runs_every_request_through_the_engine_under_a_policy():
     assert len(run.steps) >= 8
     assert all(t > 0 for _, t in run.steps)
     StepTimeModel.fit(run.steps)  # the measured steps calibrate the simulator
+
+
+def test_leave_one_run_out_models_never_see_the_run_they_predict():
+    from ops.bench_sched import leave_one_run_out_models
+    from ops.sim.simulator import StepFeatures
+
+    def steps(c0: float, n: int = 12) -> list:
+        return [(StepFeatures(t, 1 + t % 4, 10 * t), c0 + 0.001 * t) for t in range(1, n + 1)]
+
+    warmup = steps(0.01)
+    runs = {("fcfs-continuous", 1.0): steps(0.01), ("magnus", 1.0): steps(0.05)}
+    models = leave_one_run_out_models(warmup, runs)
+    assert set(models) == set(runs)
+    # the slow run is predicted from the warm-up and the fast run only: its own 0.05 s intercept is unseen
+    assert models[("magnus", 1.0)].coef[0] == pytest.approx(0.01, abs=1e-6)
+    # the fast run's model has seen the slow run, so it lies between the two
+    assert 0.015 < models[("fcfs-continuous", 1.0)].coef[0] < 0.045
+
+
+def test_run_order_alternates_direction_so_a_drift_cancels():
+    from ops.bench_sched import run_order
+
+    pols = ("fcfs-static", "fcfs-continuous", "magnus")
+    assert run_order(pols, 1, 0) == [(p, 0) for p in pols]
+    assert run_order(pols, 1, 1) == [(p, 0) for p in reversed(pols)]
+    two = run_order(pols, 2, 0)
+    assert two == [(p, 0) for p in pols] + [(p, 1) for p in reversed(pols)]
+    # with a linear drift, every policy's mean position is the same
+    mean_pos = {p: sum(i for i, (q, _) in enumerate(two) if q == p) / 2 for p in pols}
+    assert len(set(mean_pos.values())) == 1
+
+
+def test_mean_summary_averages_repeats_and_keeps_them():
+    from ops.bench_sched import mean_summary
+
+    a = summarize([rec("a", "x", 0.0, 1.0, 3.0, 5)], ttft_slo=1.5, tpot_slo=1.0)
+    b = summarize([rec("a", "x", 0.0, 1.0, 5.0, 5)], ttft_slo=1.5, tpot_slo=1.0)
+    assert mean_summary([a]) is a
+    m = mean_summary([a, b])
+    assert m["mean_latency_s"] == pytest.approx(4.0)
+    assert m["tenant_mean_latency_s"] == {"x": pytest.approx(4.0)}
+    assert m["runs"] == [a, b]
