@@ -108,3 +108,19 @@ def test_mean_summary_averages_repeats_and_keeps_them():
     assert m["mean_latency_s"] == pytest.approx(4.0)
     assert m["tenant_mean_latency_s"] == {"x": pytest.approx(4.0)}
     assert m["runs"] == [a, b]
+
+
+def test_repeat_mean_agreement_compares_the_means_of_repeats():
+    from ops.bench_sched import repeat_mean_agreement
+
+    ag = [
+        {"policy": "magnus", "rate": 2.0, "real_mean_latency_s": 8.0, "sim_loro_mean_latency_s": 10.0},
+        {"policy": "magnus", "rate": 2.0, "real_mean_latency_s": 12.0, "sim_loro_mean_latency_s": 10.0},
+        {"policy": "fcfs-static", "rate": 2.0, "real_mean_latency_s": 10.0, "sim_loro_mean_latency_s": 13.0},
+    ]
+    r = repeat_mean_agreement(ag)
+    rows = {row["policy"]: row for row in r["rows"]}
+    assert rows["magnus"]["rel_err"] == 0.0  # each run is 20% off, their mean is exact
+    assert rows["fcfs-static"]["rel_err"] == pytest.approx(0.3)
+    assert r["within_15pct"] == 0.5
+    assert r["max_rel_err"] == pytest.approx(0.3)
