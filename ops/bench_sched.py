@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(**{**cfg.__dict__, "max_tokens": args.max_tokens})
     if args.sim_requests:
         cfg = BenchConfig(**{**cfg.__dict__, "sim_requests": args.sim_requests})
-    if args.repeats:
+    if args.repeats is not None:
         if args.repeats < 1:
             ap.error("--repeats must be >= 1")
         cfg = BenchConfig(**{**cfg.__dict__, "repeats": args.repeats})
