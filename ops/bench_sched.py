@@ -440,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
          f"rates {rates}")
 
     # 4. real runs (+ the same runs simulated, for agreement)
+    def policy_for(name: str) -> BatchPolicy:
+        """A fresh policy object: every run, real or simulated, starts from an empty state."""
+        return make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch))
+
     real: dict = {}
     sim_same: dict = {}
     agreement = []
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             per_run: dict[str, list[dict]] = {}
             per_sim: dict[str, list[dict]] = {}
             for name, rep in run_order(cfg.real_policies, cfg.repeats, ri):
-                pol = make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch))
+                pol = policy_for(name)
                 reqs = sim_requests(real_set, arrivals, cfg.max_tokens)
                 t = time.perf_counter()
                 run = run_real(engine, recorder, reqs, pol, cfg.max_tokens)
@@ -463,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 summ["preemptions"] = run.preemptions
                 per_run.setdefault(name, []).append(summ)
                 # the same requests, same arrivals, the lengths the engine actually produced
-                sres = simulate(reqs_with(reqs, run.lengths), make_policy(
-                    PolicyConfig(name=name, static_batch_size=cfg.static_batch)), sim_cfg, model)
+                sres = simulate(reqs_with(reqs, run.lengths), policy_for(name), sim_cfg, model)
                 ssum = summarize(sres.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
                 per_sim.setdefault(name, []).append(ssum)
                 err = abs(ssum["mean_latency_s"] - summ["mean_latency_s"]) / summ["mean_latency_s"]
@@ -499,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             arrivals = poisson_arrivals(len(real_set), rate, cfg.seed + int(rate * 1000))
             reqs = reqs_with(sim_requests(real_set, arrivals, cfg.max_tokens), real_lengths[key])
             for tag, m_ in (("all_steps", model_all), ("loro", loro[key])):
-                sres = simulate(reqs, make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch)),
+                sres = simulate(reqs, policy_for(name),
                                 sim_cfg, m_)
                 m = summarize(sres.records, cfg.ttft_slo_s, cfg.tpot_slo_s)["mean_latency_s"]
                 a[f"sim_{tag}_mean_latency_s"] = m
@@ -523,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         arrivals = poisson_arrivals(len(big), rate, cfg.seed + 7 + int(rate * 1000))
         reqs = sim_requests(big, arrivals, cfg.max_tokens)
         for name in POLICY_NAMES:
-            res = simulate(reqs, make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch)),
+            res = simulate(reqs, policy_for(name),
                            sim_cfg, model)
             s = summarize(res.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
             s["preemptions"] = res.preemptions
