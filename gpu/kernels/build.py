@@ -13,11 +13,14 @@ One list of template instances serves three compilers, so they cannot drift:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,21 +211,51 @@ def nvrtc_compile(names: list[str], arch: str = "compute_80") -> dict[str, str]:
 CPU_EXTENSION_CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
+@functools.cache
+def cpu_fingerprint() -> str:
+    """What `-march=native` compiles for on this machine: vendor, family, model and the
+    ISA flags of the first CPU in /proc/cpuinfo (the platform's names elsewhere).
+
+    Part of every CPU extension's cache key, because the build cache outlives the
+    machine: a home directory or image layer that carries ~/.cache/torch_extensions
+    from an AVX-512 host to an AVX2-only one would otherwise load a binary that dies
+    on its first AVX-512 instruction (SIGILL), not fall back.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    first = text.split("\n\n", 1)[0]
+    keep = ("vendor_id", "cpu family", "model", "flags", "Features", "CPU implementer", "CPU part")
+    fields = [line.split(":", 1)[1].strip() for line in first.splitlines()
+              if ":" in line and line.split(":", 1)[0].strip() in keep]
+    return " | ".join(fields) or f"{platform.machine()} {platform.processor()}"
+
+
+def cpu_extension_name(source: Path, cflags: Sequence[str], fingerprint: str) -> str:
+    """Module (and cache directory) name of a CPU extension: a hash of the source text,
+    the flags and the CPU it is built for, so an edit, a flag or another CPU rebuilds
+    and a rerun on the same machine does not."""
+    digest = hashlib.sha256(
+        source.read_bytes() + " ".join(cflags).encode() + b"\0" + fingerprint.encode()
+    ).hexdigest()[:12]
+    return f"lmgate_{source.stem}_{digest}"
+
+
 def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
     """Build (on first use) and import the torch C++ extension `cpu/<source>`.
 
-    `torch.utils.cpp_extension.load` caches the build under ~/.cache/torch_extensions;
-    the module name carries a hash of the source and the flags, so an edit rebuilds
-    and a rerun does not. `extra_cflags` go after the shared ones. Raises whatever the build raises (no compiler, no headers):
+    `torch.utils.cpp_extension.load` caches the build under ~/.cache/torch_extensions
+    under `cpu_extension_name` (source, flags and this CPU). `extra_cflags` go after
+    the shared ones. Raises whatever the build raises (no compiler, no headers):
     callers decide how to fall back.
     """
     from torch.utils.cpp_extension import load
 
     path = KERNEL_DIR / "cpu" / source
     cflags = [*CPU_EXTENSION_CFLAGS, *extra_cflags]
-    digest = hashlib.sha256(path.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
     return load(
-        name=f"lmgate_{path.stem}_{digest}",
+        name=cpu_extension_name(path, cflags, cpu_fingerprint()),
         sources=[str(path)],
         extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],

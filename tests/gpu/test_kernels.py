@@ -216,3 +216,23 @@ def test_launchers_reject_a_context_longer_than_the_block_tables(emu):
     with pytest.raises(ValueError, match="exceeds"):
         emu.decode(torch.randn(1, 9, 64), paged.k_cache, paged.v_cache,
                    paged.block_tables, paged.context_lens, 33, 0.125)  # fmt: skip
+
+
+def test_cpu_extension_cache_key_covers_source_flags_and_cpu(tmp_path):
+    """A build cached on one CPU must not be loaded on another (-march=native)."""
+    src = tmp_path / "k.cpp"
+    src.write_text("int f() { return 1; }\n")
+    base = build.cpu_extension_name(src, ["-O3", "-march=native"], "GenuineIntel | 6 | 85 | avx512f")
+    assert base.startswith("lmgate_k_")
+    assert base == build.cpu_extension_name(src, ["-O3", "-march=native"], "GenuineIntel | 6 | 85 | avx512f")
+    assert base != build.cpu_extension_name(src, ["-O3", "-march=native"], "AuthenticAMD | 23 | 1 | avx2")
+    assert base != build.cpu_extension_name(src, ["-O2", "-march=native"], "GenuineIntel | 6 | 85 | avx512f")
+    src.write_text("int f() { return 2; }\n")
+    assert base != build.cpu_extension_name(src, ["-O3", "-march=native"], "GenuineIntel | 6 | 85 | avx512f")
+
+
+def test_cpu_fingerprint_names_this_cpus_isa():
+    fp = build.cpu_fingerprint()
+    assert fp and fp == build.cpu_fingerprint()
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):  # x86: the flags are in it
+        assert "sse2" in fp

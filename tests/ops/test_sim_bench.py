@@ -124,3 +124,22 @@ def test_repeat_mean_agreement_compares_the_means_of_repeats():
     assert rows["fcfs-static"]["rel_err"] == pytest.approx(0.3)
     assert r["within_15pct"] == 0.5
     assert r["max_rel_err"] == pytest.approx(0.3)
+
+
+def test_requests_within_budget_shrinks_to_fit_and_stops_at_the_floor():
+    from ops.bench_sched import requests_within_budget
+
+    calls = []
+
+    def seconds(n):  # 10 s per request
+        calls.append(n)
+        return 10.0 * n
+
+    assert requests_within_budget(48, 24, seconds, 1000) == 48  # fits: untouched
+    assert requests_within_budget(48, 24, seconds, 400) == 40  # 48, 44 too long; 40 fits
+    assert calls[-3:] == [48, 44, 40]
+    assert requests_within_budget(48, 24, seconds, 10) == 24  # nothing fits: the floor
+    assert requests_within_budget(48, 48, seconds, 10) == 48
+    assert requests_within_budget(26, 24, seconds, 245) == 24  # steps never go below the floor
+    with pytest.raises(ValueError):
+        requests_within_budget(16, 24, seconds, 1000)
