@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from actors.metrics import Metrics
-from actors.policies import BatchPolicy, EngineView, Job, make_policy
+from actors.policies import BatchPolicy, EngineView, Job, StepCostFit, make_policy
 from actors.queue_policy import QueueConfig
 from actors.state import RequestState
 from actors.stepper import Completed, Demand
@@ -51,11 +51,13 @@ def job_of(st: RequestState, now: float) -> Job:
     )
 
 
-def engine_view(engine: Any, step_time_s: float = 0.0) -> EngineView:
-    """The `EngineView` of a `gpu.engine.Engine` (reads counters only; safe between steps)."""
+def engine_view(engine: Any, step_time_s: float = 0.0, cost: StepCostFit | None = None) -> EngineView:
+    """The `EngineView` of a `gpu.engine.Engine` (reads counters only; safe between steps);
+    `cost` is the stepper's fit of step time on tokens fed."""
     sched, bm = engine.scheduler, engine.block_manager
     return EngineView(sched.num_running + sched.num_waiting, sched.config.max_num_seqs,
-                      bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time_s)
+                      bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time_s,
+                      cost.token_cost_s if cost else 0.0, cost.overhead_s if cost else 0.0)
 
 
 class QueueActor:
@@ -109,7 +111,8 @@ class QueueActor:
         v = self._view()
         # never more than the stepper asked for
         running = max(v.running, v.max_running - slots)
-        return EngineView(running, v.max_running, v.free_blocks, v.total_blocks, v.block_size, v.step_time_s)
+        return EngineView(running, v.max_running, v.free_blocks, v.total_blocks, v.block_size, v.step_time_s,
+                          v.token_cost_s, v.step_overhead_s)
 
     async def _receive_arrivals(self) -> None:
         async for st in self.arrivals:

@@ -26,6 +26,7 @@ import trio
 
 from actors.messages import Failed, Finished, TokenDelta, TopLogprob, Usage
 from actors.metrics import Metrics
+from actors.policies import StepCostFit
 from actors.state import ChoiceRecord, RequestState
 from gpu.engine import Engine, StepDelta
 
@@ -66,6 +67,7 @@ class Stepper:
         self.max_inflight = max_inflight
         self.active: dict[str, RequestState] = {}
         self.last_step_s = 0.0  # duration of the latest engine step (policies read it)
+        self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
         self._wakeup = trio.Event()
 
     def poke(self) -> None:
@@ -201,6 +203,7 @@ class Stepper:
                 self.fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 continue
             dt = self.last_step_s = time.perf_counter() - t0
+            self.step_cost.observe(getattr(self.engine, "last_step_tokens", 0), dt)
             self.metrics.step_time.observe(dt)
             self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)
             for d in deltas:

@@ -128,6 +128,7 @@ class Engine:
         self.counters = {"steps": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0,
                          "preemptions": 0, "generated_tokens": 0}
         self._started: set[str] = set()
+        self.last_step_tokens = 0  # tokens fed to the latest step (prefill chunks + decodes)
 
     # ----------------------------------------------------------------- intake
     def add_request(
@@ -249,6 +250,7 @@ class Engine:
     def _count(self, plan) -> None:
         c = self.counters
         c["steps"] += 1
+        self.last_step_tokens = plan.num_tokens
         c["preemptions"] += len(plan.preempted)
         for s in plan.seqs:
             if s.request_id not in self._started:

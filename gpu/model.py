@@ -94,7 +94,23 @@ def onednn_packing_available(device: torch.device | str, dtype: torch.dtype) -> 
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _onednn_packs_on_this_cpu(dtype)
     )
+
+
+@functools.cache
+def _onednn_packs_on_this_cpu(dtype: torch.dtype) -> bool:
+    """Pack and run a tiny weight once per dtype: the ops exist in every CPU build, but
+    oneDNN's bf16 packing refuses CPUs without avx512bw/vl/dq or avx_ne_convert (an AVX2-only
+    Zen 1 raised "bf16 path needs the cpu support ..." from every model load in bf16)."""
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), 16)
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError as e:
+        log.info("oneDNN cannot pre-pack %s weights on this CPU (%s): plain GEMMs", dtype, e)
+        return False
+    return True
 
 
 class PackedWeight:

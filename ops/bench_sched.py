@@ -45,7 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.policies import POLICY_NAMES, BatchPolicy, EngineView, Job, PolicyConfig, make_policy
+from actors.policies import (
+    POLICY_NAMES,
+    BatchPolicy,
+    EngineView,
+    Job,
+    PolicyConfig,
+    StepCostFit,
+    make_policy,
+)
 from actors.predictor import LengthPredictor, RequestFeatures
 from ops.sim.simulator import (
     RequestRecord,
@@ -228,6 +236,7 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
     pre0 = engine.counters["preemptions"]
     sched, bm = engine.scheduler, engine.block_manager
     step_time, i, done = 0.0, 0, 0
+    cost_fit = StepCostFit()  # as the runtime's stepper
     t0 = time.perf_counter()
     while done < len(pending):
         now = time.perf_counter() - t0
@@ -243,7 +252,8 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
             policy.on_arrival(job, now)
             i += 1
         view = EngineView(sched.num_running + sched.num_waiting, sched.config.max_num_seqs,
-                          bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time)
+                          bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time, cost_fit.token_cost_s,
+                          cost_fit.overhead_s)
         for job in policy.release(now, view):
             engine.add_request(job.rid, list(by_id[job.rid].prompt_token_ids), params)
             records[job.rid].released = now
@@ -262,6 +272,7 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
         if recorder.last is not None and not recorder.last.is_empty:
             steps.append((StepFeatures.of(recorder.last), dt))
         step_time = dt if step_time == 0 else step_time + 0.2 * (dt - step_time)
+        cost_fit.observe(engine.last_step_tokens, dt)
         now = time.perf_counter() - t0
         for d in deltas:
             rec = records[d.request_id]

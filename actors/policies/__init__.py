@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.policies.base import BatchPolicy, EngineView, Job, KvReservation, PolicyBase
+from actors.policies.base import (
+    BatchPolicy,
+    EngineView,
+    Job,
+    KvReservation,
+    PolicyBase,
+    StepCostFit,
+)
 from actors.policies.batching import (
     Adaptive,
     FairVtc,
@@ -51,6 +58,9 @@ class PolicyConfig:
     # reservations may total 1.5× the cache: requests in flight are on average half done, so
     # full-length reservations overstate use; outgrowing it preempts, never fails (measured in docs)
     kv_fraction: float = 1.5
+    # magnus, hybrid: admit without reserving while recomputing a typical waiting request after a
+    # preemption costs fewer recent steps than this (launch-bound GPU steps); 0 = always reserve
+    kv_optimistic_below_steps: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in POLICY_NAMES:
@@ -75,12 +85,12 @@ def make_policy(config: PolicyConfig) -> BatchPolicy:
     if c.name == "vtc":
         return FairVtc()
     if c.name == "magnus":
-        return Magnus(kv=pred_kv)
-    return Hybrid(c.aging_s, kv=pred_kv)
+        return Magnus(kv=pred_kv, optimistic_below_steps=c.kv_optimistic_below_steps)
+    return Hybrid(c.aging_s, kv=pred_kv, optimistic_below_steps=c.kv_optimistic_below_steps)
 
 
 __all__ = [
     "Adaptive", "BatchPolicy", "EngineView", "FairVtc", "FcfsContinuous", "FcfsStatic", "Hybrid", "Job",
     "KvReservation", "LoadBased", "Magnus", "POLICY_NAMES", "PolicyBase", "PolicyConfig", "PriorityAging",
-    "ServingTimeEstimator", "TimeWindow", "VirtualTokenCounter", "make_policy",
+    "ServingTimeEstimator", "StepCostFit", "TimeWindow", "VirtualTokenCounter", "make_policy",
 ]

@@ -59,6 +59,13 @@ class EngineView:
     total_blocks: int
     block_size: int
     step_time_s: float = 0.0  # recent mean step time (0 = not measured yet)
+    token_cost_s: float = 0.0  # marginal seconds per token fed to a step (`StepCostFit`; 0 = unknown)
+    step_overhead_s: float = 0.0  # a step's fixed cost, from the same fit
+
+    @property
+    def decode_step_s(self) -> float:
+        """What a step of decodes only (one token per running request) costs, by the fit."""
+        return self.step_overhead_s + self.token_cost_s * max(1, self.running)
 
     @property
     def room(self) -> int:
@@ -67,6 +74,65 @@ class EngineView:
     @property
     def kv_usage(self) -> float:
         return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+@dataclass
+class StepCostFit:
+    """Step time ≈ overhead + token_cost · tokens, fitted online (least squares with
+    exponential forgetting) on (tokens fed, seconds) of every engine step.
+
+    Why a second fit beside Magnus's `ServingTimeEstimator` (step time by *running
+    requests*): under saturation the running count sits at the cap and that slope is
+    not identifiable, while the tokens per step still vary (prefill chunks of up to
+    `max_num_batched_tokens` against one token per decode), so this slope — what one
+    more token of prefill, e.g. a preempted request's recompute, costs — stays
+    measurable. `token_cost_s` is 0 until the fit has seen a spread of token counts.
+    """
+
+    forget: float = 0.99
+    min_steps: int = 8
+    _n: float = 0.0
+    _sx: float = 0.0
+    _sy: float = 0.0
+    _sxx: float = 0.0
+    _sxy: float = 0.0
+    _steps: int = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        f = self.forget
+        self._n = f * self._n + 1
+        self._sx = f * self._sx + tokens
+        self._sy = f * self._sy + seconds
+        self._sxx = f * self._sxx + tokens * tokens
+        self._sxy = f * self._sxy + tokens * seconds
+        self._steps += 1
+
+    @property
+    def steps(self) -> int:
+        """Steps observed (empty ones are not)."""
+        return self._steps
+
+    @property
+    def identified(self) -> bool:
+        """Enough steps, and token counts that spread (std ≥ 1 token and ≥ 5% of the mean)."""
+        if self._steps < self.min_steps:
+            return False
+        var = self._n * self._sxx - self._sx ** 2
+        return var > self._n ** 2 * max(1.0, (0.05 * self._sx / self._n) ** 2)
+
+    @property
+    def token_cost_s(self) -> float:
+        if not self.identified:
+            return 0.0
+        return max(0.0, (self._n * self._sxy - self._sx * self._sy) / (self._n * self._sxx - self._sx ** 2))
+
+    @property
+    def overhead_s(self) -> float:
+        if not self.identified:
+            return 0.0
+        return max(0.0, (self._sy - self.token_cost_s * self._sx) / self._n)
 
 
 class BatchPolicy(Protocol):
@@ -90,12 +156,17 @@ class KvReservation:
     mode "max_tokens": prompt + max_tokens (the conservative static-serving rule);
     mode "none": nothing reserved (vLLM-style optimistic admission).
     `fraction` of the cache may be reserved in total.
+
+    `optimistic` (set by a policy between rounds, see `Magnus`) admits the next
+    releases like mode "none" — no check, no reservation — while reservations
+    already held stay held until their requests finish.
     """
 
     mode: str = "predicted"
     margin_std: float = 1.0
     min_margin: float = 0.2
     fraction: float = 1.0
+    optimistic: bool = False
     _held: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -113,12 +184,17 @@ class KvReservation:
         return -(-self.tokens(job) // block_size)
 
     @property
+    def reserving(self) -> bool:
+        """Do releases reserve blocks right now?"""
+        return self.mode != "none" and not self.optimistic
+
+    @property
     def held(self) -> int:
         return sum(self._held.values())
 
     def fits(self, job: Job, view: EngineView, extra: int = 0) -> bool:
         """Would releasing `job` (after `extra` blocks already chosen this round) fit?"""
-        if self.mode == "none":
+        if not self.reserving:
             return True
         budget = int(view.total_blocks * self.fraction)
         need = self.blocks(job, view.block_size)
@@ -126,7 +202,7 @@ class KvReservation:
         return self.held + extra + need <= budget or (not self._held and extra == 0)
 
     def take(self, job: Job, view: EngineView) -> int:
-        n = 0 if self.mode == "none" else self.blocks(job, view.block_size)
+        n = self.blocks(job, view.block_size) if self.reserving else 0
         self._held[job.rid] = n
         return n
 
@@ -217,7 +293,7 @@ class PolicyBase:
                 break
             if not self.kv.fits(job, view, extra):
                 break
-            extra += self.kv.blocks(job, view.block_size) if self.kv.mode != "none" else 0
+            extra += self.kv.blocks(job, view.block_size) if self.kv.reserving else 0
             out.append(job)
         for job in out:
             self.waiting.pop(job.rid)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.policies import BatchPolicy, EngineView, Job
+from actors.policies import BatchPolicy, EngineView, Job, StepCostFit
 from actors.step_scheduler import SchedRequest, StepPlan, StepScheduler
 from gpu.block_manager import BlockManager
 from gpu.config import SchedulerConfig
@@ -145,6 +145,7 @@ def simulate(requests: Sequence[SimRequest], policy: BatchPolicy, config: SimCon
     produced: dict[str, int] = {}
     wake: list[float] = []
     now, i, steps, preemptions, step_time = 0.0, 0, 0, 0, 0.0
+    cost_fit = StepCostFit()  # what the runtime's stepper measures, over the simulated steps
     done = 0
     while done < len(pending):
         if now > config.max_sim_s:
@@ -157,7 +158,8 @@ def simulate(requests: Sequence[SimRequest], policy: BatchPolicy, config: SimCon
             policy.on_arrival(job, now)
             i += 1
         view = EngineView(sched.num_running + sched.num_waiting, config.scheduler.max_num_seqs,
-                          bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time)
+                          bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time, cost_fit.token_cost_s,
+                          cost_fit.overhead_s)
         for job in policy.release(now, view):
             r = by_id[job.rid]
             sched.add(SchedRequest(r.rid, list(r.prompt_token_ids), r.max_tokens))
@@ -180,6 +182,7 @@ def simulate(requests: Sequence[SimRequest], policy: BatchPolicy, config: SimCon
             now = max(now, min(nxt))
             continue
         dt = step_model.predict(StepFeatures.of(plan))
+        cost_fit.observe(plan.num_tokens, dt)
         now += dt
         steps += 1
         preemptions += len(plan.preempted)

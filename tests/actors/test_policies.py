@@ -19,6 +19,7 @@ from actors.policies import (
     PolicyConfig,
     PriorityAging,
     ServingTimeEstimator,
+    StepCostFit,
     TimeWindow,
     VirtualTokenCounter,
     make_policy,
@@ -31,8 +32,8 @@ def job(rid: str, arrival: float = 0.0, *, tenant: str = "t", pred: float = 50.0
 
 
 def view(running: int = 0, *, cap: int = 8, free: int = 1000, total: int = 1000, bs: int = 16,
-         step: float = 0.0) -> EngineView:
-    return EngineView(running, cap, free, total, bs, step)
+         step: float = 0.0, token_cost: float = 0.0, overhead: float = 0.0) -> EngineView:
+    return EngineView(running, cap, free, total, bs, step, token_cost, overhead)
 
 
 def ids(jobs: list[Job]) -> list[str]:
@@ -179,6 +180,61 @@ def test_serving_time_estimator_fits_a_linear_step_time():
     assert est.best_batch(32) == 32  # throughput b / t(b) grows with b
     est.max_step_s = 0.05
     assert est.best_batch(32) == 10  # 0.02 + 0.003·10 = 0.05
+
+
+def test_step_cost_fit_measures_the_per_token_cost_once_token_counts_spread():
+    fit = StepCostFit(forget=1.0)
+    for _ in range(20):  # saturated decode: the same 32 tokens every step — nothing to fit
+        fit.observe(32, 0.005 + 2e-6 * 32)
+    assert fit.token_cost_s == 0.0 and fit.overhead_s == 0.0
+    for n in (512, 32, 300, 32, 480, 32, 100, 32):  # prefill chunks among the decodes
+        fit.observe(n, 0.005 + 2e-6 * n)
+    assert fit.token_cost_s == pytest.approx(2e-6, rel=1e-6)
+    assert fit.overhead_s == pytest.approx(0.005, rel=1e-6)
+    fit.observe(0, 1.0)  # an empty step says nothing
+    assert fit.token_cost_s == pytest.approx(2e-6, rel=1e-6)
+    assert EngineView(20, 32, 0, 0, 16, 0.1, 2e-6, 0.005).decode_step_s == pytest.approx(0.005 + 20 * 2e-6)
+
+
+def test_magnus_reserves_kv_when_recompute_is_expensive_and_admits_optimistically_when_cheap():
+    def released(token_cost: float, overhead: float) -> tuple[int, bool]:
+        p = Magnus(estimator=ServingTimeEstimator(a=0.1, slope=0.0),
+                   kv=KvReservation(mode="predicted", margin_std=0.0, min_margin=0.0))
+        for k in range(20):  # 40 + 56 = 96 tokens = 6 blocks each
+            p.on_arrival(job(f"r{k}", 0.0, pred=56, prompt=40), 0.0)
+        # the recent mean step is a long prefill step: it must not make the recompute look cheap
+        out = p.release(1.0, view(0, cap=32, free=30, total=30, step=2.0, token_cost=token_cost,
+                                  overhead=overhead))
+        return len(out), p.kv.optimistic
+
+    # a CPU step: 55 ms + 3.7 ms per token; recomputing 96 tokens = 0.36 s = 6 one-request decode
+    # steps → reserve: 30 blocks / 6 = 5 requests
+    assert released(3.7e-3, 0.055) == (5, False)
+    # a launch-bound step: 5 ms + 2 µs per token → 0.04 steps → admit up to the room, like vLLM
+    assert released(2e-6, 0.005) == (20, True)
+    # not measured yet → reserve
+    assert released(0.0, 0.0) == (5, False)
+    # 0 turns the optimism off
+    p = Magnus(kv=KvReservation(mode="predicted"), optimistic_below_steps=0.0)
+    p.on_arrival(job("a", 0.0), 0.0)
+    p.release(1.0, view(0, step=0.2, token_cost=1e-9, overhead=0.005))
+    assert not p.kv.optimistic
+    assert make_policy(PolicyConfig(name="hybrid", kv_optimistic_below_steps=0.0)).optimistic_below_steps == 0.0
+
+
+def test_kv_reservations_held_before_going_optimistic_are_given_back():
+    kv = KvReservation(mode="predicted", margin_std=0.0, min_margin=0.0)
+    p = FcfsContinuous(kv=kv)
+    p.on_arrival(job("a", 0.0, pred=56, prompt=40), 0.0)
+    (a,) = p.release(0.0, view(0, cap=8, free=30, total=30))
+    assert kv.held == 6
+    kv.optimistic = True
+    p.on_arrival(job("b", 1.0, pred=56, prompt=40), 1.0)
+    (b,) = p.release(1.0, view(1, cap=8, free=24, total=30))
+    assert kv.held == 6  # b reserved nothing
+    p.on_finish(a, 2.0, 56)
+    p.on_finish(b, 2.0, 56)
+    assert kv.held == 0
 
 
 def test_vtc_light_tenant_is_not_starved_by_a_heavy_one():

@@ -119,6 +119,8 @@ async def test_chat_streams_and_settles_usage(runtime, services):
     assert "Paris" in text
     assert isinstance(last, Finished) and last.finish_reasons == ["stop"]
     assert last.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+    # the stepper fits step time on tokens fed (the prefill, then one-token decodes) for the policies
+    assert runtime.stepper.step_cost.steps >= 2
     await wait_until(lambda: runtime.accounting.settled >= 1)
     [row] = await usage_rows(services["quotas"], "acme")
     assert (row.model, row.requests, row.prompt_tokens, row.completion_tokens) == (

@@ -242,6 +242,29 @@ def test_bfloat16_model_stays_close_to_float32(model, smollm2_path):
 
 
 # ------------------------------------------------------------------ packed projections
+def test_a_cpu_that_cannot_pack_a_dtype_gets_plain_gemms(monkeypatch):
+    """oneDNN refuses bf16 packing on CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT:
+    the model must then load with plain GEMMs, not fail."""
+    import gpu.model as m
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    m._onednn_packs_on_this_cpu.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    try:
+        assert not m.onednn_packing_available("cpu", torch.bfloat16)
+        w = torch.randn(32, 16).to(torch.bfloat16)
+        pw = m.PackedWeight(w)
+        pw.pack()
+        assert pw.packed is None
+        x = torch.randn(5, 16).to(torch.bfloat16)
+        assert torch.equal(pw.linear(x), torch.nn.functional.linear(x, w))
+    finally:
+        monkeypatch.undo()
+        m._onednn_packs_on_this_cpu.cache_clear()
+
+
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 600])
 def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows):
@@ -251,7 +274,7 @@ def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows
     from gpu.model import PackedWeight, fp32_packed_min_rows, onednn_packing_available
 
     if not onednn_packing_available("cpu", dtype):
-        pytest.skip("this torch build has no oneDNN linear")
+        pytest.skip("no oneDNN linear in this torch build, or it cannot pack this dtype on this CPU")
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(300, 96, generator=g).to(dtype)
     x = torch.randn(rows, 96, generator=g).to(dtype)
