@@ -77,6 +77,40 @@ class EngineView:
 
 
 @dataclass
+class DecayingLeastSquares:
+    """Sums for a least-squares line y ≈ intercept + slope·x over (x, y) pairs whose
+    weight decays by `forget` per new pair (1 = plain least squares), so a fit follows
+    a machine whose speed drifts."""
+
+    forget: float = 0.99
+    n: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        f = self.forget
+        self.n = f * self.n + 1
+        self.sx = f * self.sx + x
+        self.sy = f * self.sy + y
+        self.sxx = f * self.sxx + x * x
+        self.sxy = f * self.sxy + x * y
+
+    @property
+    def spread(self) -> float:
+        """n² × the weighted variance of x (0 when every x was the same)."""
+        return self.n * self.sxx - self.sx ** 2
+
+    def slope(self) -> float:
+        """Only meaningful when `spread` > 0."""
+        return (self.n * self.sxy - self.sx * self.sy) / self.spread
+
+    def intercept(self, slope: float) -> float:
+        return (self.sy - slope * self.sx) / self.n
+
+
+@dataclass
 class StepCostFit:
     """Step time ≈ overhead + token_cost · tokens, fitted online (least squares with
     exponential forgetting) on (tokens fed, seconds) of every engine step.
@@ -91,22 +125,16 @@ class StepCostFit:
 
     forget: float = 0.99
     min_steps: int = 8
-    _n: float = 0.0
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
+    _fit: DecayingLeastSquares = field(init=False)
     _steps: int = 0
+
+    def __post_init__(self) -> None:
+        self._fit = DecayingLeastSquares(self.forget)
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        f = self.forget
-        self._n = f * self._n + 1
-        self._sx = f * self._sx + tokens
-        self._sy = f * self._sy + seconds
-        self._sxx = f * self._sxx + tokens * tokens
-        self._sxy = f * self._sxy + tokens * seconds
+        self._fit.add(tokens, seconds)
         self._steps += 1
 
     @property
@@ -117,22 +145,16 @@ class StepCostFit:
     @property
     def identified(self) -> bool:
         """Enough steps, and token counts that spread (std ≥ 1 token and ≥ 5% of the mean)."""
-        if self._steps < self.min_steps:
-            return False
-        var = self._n * self._sxx - self._sx ** 2
-        return var > self._n ** 2 * max(1.0, (0.05 * self._sx / self._n) ** 2)
+        f = self._fit
+        return self._steps >= self.min_steps and f.spread > f.n ** 2 * max(1.0, (0.05 * f.sx / f.n) ** 2)
 
     @property
     def token_cost_s(self) -> float:
-        if not self.identified:
-            return 0.0
-        return max(0.0, (self._n * self._sxy - self._sx * self._sy) / (self._n * self._sxx - self._sx ** 2))
+        return max(0.0, self._fit.slope()) if self.identified else 0.0
 
     @property
     def overhead_s(self) -> float:
-        if not self.identified:
-            return 0.0
-        return max(0.0, (self._sy - self.token_cost_s * self._sx) / self._n)
+        return max(0.0, self._fit.intercept(self.token_cost_s)) if self.identified else 0.0
 
 
 class BatchPolicy(Protocol):

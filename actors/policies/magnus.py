@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from actors.policies.base import EngineView, Job, KvReservation, PolicyBase
+from actors.policies.base import DecayingLeastSquares, EngineView, Job, KvReservation, PolicyBase
 from actors.policies.batching import VtcAccounting, _by_tenant, fair_order
 from actors.policies.fairness import VirtualTokenCounter
 
@@ -56,32 +56,26 @@ class ServingTimeEstimator:
     slope: float = 0.005
     forget: float = 0.98
     max_step_s: float = float("inf")  # optional latency bound per step (TPOT SLO)
-    _n: float = 0.0
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
+    _fit: DecayingLeastSquares = field(init=False)
     _last: tuple[int, float] = (-1, -1.0)
+
+    def __post_init__(self) -> None:
+        self._fit = DecayingLeastSquares(self.forget)
 
     def observe(self, running: int, step_s: float) -> None:
         if step_s <= 0 or running <= 0 or (running, step_s) == self._last:
             return
         self._last = (running, step_s)
-        f = self.forget
-        self._n = f * self._n + 1
-        self._sx = f * self._sx + running
-        self._sy = f * self._sy + step_s
-        self._sxx = f * self._sxx + running * running
-        self._sxy = f * self._sxy + running * step_s
-        var = self._n * self._sxx - self._sx ** 2
-        if self._n >= 3 and var > 1e-9 * max(1.0, self._n * self._sxx):
-            slope = (self._n * self._sxy - self._sx * self._sy) / var
-            a = (self._sy - slope * self._sx) / self._n
+        fit = self._fit
+        fit.add(running, step_s)
+        if fit.n >= 3 and fit.spread > 1e-9 * max(1.0, fit.n * fit.sxx):
+            slope = fit.slope()
+            a = fit.intercept(slope)
             if slope > 0 and a > 0:
                 self.a, self.slope = a, slope
                 return
-        if self._n > 0:  # one batch size seen so far: keep the slope, move the intercept
-            self.a = max(1e-4, self._sy / self._n - self.slope * self._sx / self._n)
+        # one batch size seen so far: keep the slope, move the intercept
+        self.a = max(1e-4, fit.intercept(self.slope))
 
     def step_time(self, batch: int) -> float:
         return self.a + self.slope * max(1, batch)
