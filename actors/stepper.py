@@ -203,7 +203,7 @@ class Stepper:
                 self.fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 continue
             dt = self.last_step_s = time.perf_counter() - t0
-            self.step_cost.observe(getattr(self.engine, "last_step_tokens", 0), dt)
+            self.step_cost.observe(self.engine.last_step_tokens, dt)
             self.metrics.step_time.observe(dt)
             self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)
             for d in deltas:
