@@ -40,7 +40,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +293,8 @@ class BenchConfig:
     max_tokens: int = 128
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
-    cache_mb: int = 160
+    cache_mb: float = 160  # KV cache; 227 blocks of float32 (see --cache-mb)
+    dtype: str = "auto"  # the engine's weights/KV dtype (gpu.config.EngineConfig.dtype)
     static_batch: int = 8
     real_requests: int = 48
     sim_requests: int = 400
@@ -342,7 +343,47 @@ def ratios(table: dict, rate: str) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    """The run's configuration from parsed arguments; ValueError names a bad one."""
+    cfg = BenchConfig(quick=args.quick)
+    if args.quick:
+        # 48 requests at the fixture's max_tokens: enough that the KV cache binds at the highest
+        # rate, where admission and ordering matter (16 requests of 64 tokens all fit at once)
+        # on a slow machine the 48 shrink (to >= 24) so the whole run stays under 15 minutes
+        cfg = replace(cfg, real_requests=48, sim_requests=240, real_policies=BASELINES, time_budget_s=QUICK_BUDGET_S)
+    if args.policies:
+        cfg = replace(cfg, real_policies=tuple(args.policies.split(",")))
+    for p in cfg.real_policies:
+        if p not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {p!r}")
+    if args.real_requests:
+        cfg = replace(cfg, real_requests=args.real_requests,
+                      min_real_requests=min(cfg.min_real_requests, args.real_requests))
+    if args.max_tokens:
+        cfg = replace(cfg, max_tokens=args.max_tokens)
+    if args.sim_requests:
+        cfg = replace(cfg, sim_requests=args.sim_requests)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        cfg = replace(cfg, repeats=args.repeats)
+    if args.time_budget is not None:
+        if args.time_budget <= 0:
+            raise ValueError("--time-budget must be positive")
+        cfg = replace(cfg, time_budget_s=args.time_budget * 60)
+    if args.max_num_seqs is not None:
+        if args.max_num_seqs < 1:
+            raise ValueError("--max-num-seqs must be >= 1")
+        cfg = replace(cfg, max_num_seqs=args.max_num_seqs)
+    # the default cache is 227 blocks in any dtype (160 MiB of float32 KV, 80 of bfloat16),
+    # so the KV cache binds at the same load and runs in either dtype compare
+    cache_mb = args.cache_mb if args.cache_mb is not None else cfg.cache_mb / (2 if args.dtype == "bfloat16" else 1)
+    if cache_mb <= 0:
+        raise ValueError("--cache-mb must be positive")
+    return replace(cfg, dtype=args.dtype, cache_mb=cache_mb)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="scaled-down sweep (< 15 min)")
     ap.add_argument("--json", type=Path)
@@ -352,6 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", help="comma-separated arrival rates (req/s) instead of the automatic ones")
     ap.add_argument("--real-requests", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-num-seqs", type=int, help="the engine's running-requests cap (default 32)")
+    ap.add_argument("--cache-mb", type=float,
+                    help="KV cache MiB (default 160 in float32, 80 in bfloat16: 227 blocks either way, so the "
+                         "cache binds at the same load)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="engine weights/KV dtype (auto: float32 on CPU); the fixture's lengths are float32's, "
+                         "the real runs generate their own and the simulator replays those")
     ap.add_argument("--fixture", type=Path, help="workload JSONL (default: the shipped ops/workload/requests.jsonl)")
     ap.add_argument("--no-real", action="store_true", help="simulation only (needs a calibration run anyway)")
     ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
@@ -365,38 +413,19 @@ def main(argv: list[str] | None = None) -> int:
                          f"default: none, --quick: {QUICK_BUDGET_S / 60:g}")
     ap.add_argument("--repeats", type=int, help="real runs per policy and rate, alternating the order (ABBA); "
                                                 "the report holds their mean (default 1)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
-    cfg = BenchConfig(quick=args.quick)
-    if args.quick:
-        # 48 requests at the fixture's max_tokens: enough that the KV cache binds at the highest
-        # rate, where admission and ordering matter (16 requests of 64 tokens all fit at once)
-        # on a slow machine the 48 shrink (to >= 24) so the whole run stays under 15 minutes
-        cfg = BenchConfig(quick=True, real_requests=48, sim_requests=240, real_policies=BASELINES,
-                          time_budget_s=QUICK_BUDGET_S)
-    if args.policies:
-        cfg = BenchConfig(**{**cfg.__dict__, "real_policies": tuple(args.policies.split(","))})
-    if args.real_requests:
-        cfg = BenchConfig(**{**cfg.__dict__, "real_requests": args.real_requests})
-    if args.max_tokens:
-        cfg = BenchConfig(**{**cfg.__dict__, "max_tokens": args.max_tokens})
-    if args.sim_requests:
-        cfg = BenchConfig(**{**cfg.__dict__, "sim_requests": args.sim_requests})
-    if args.repeats is not None:
-        if args.repeats < 1:
-            ap.error("--repeats must be >= 1")
-        cfg = BenchConfig(**{**cfg.__dict__, "repeats": args.repeats})
-    if args.time_budget is not None:
-        if args.time_budget <= 0:
-            ap.error("--time-budget must be positive")
-        cfg = BenchConfig(**{**cfg.__dict__, "time_budget_s": args.time_budget * 60})
-    if args.real_requests:
-        cfg = BenchConfig(**{**cfg.__dict__, "min_real_requests": min(cfg.min_real_requests, args.real_requests)})
+    try:
+        cfg = bench_config(args)
+    except ValueError as e:
+        ap.error(str(e))
     if args.step_coef:
         args.no_real = True
-    for p in cfg.real_policies:
-        if p not in POLICY_NAMES:
-            ap.error(f"unknown policy {p!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report: dict = {"config": {k: v for k, v in cfg.__dict__.items()}, "loadavg_start": _loadavg(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -433,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. engine + calibration
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
-    engine = Engine(EngineConfig(num_threads=args.threads, scheduler=sched_cfg,
-                                 cache=CacheConfig(cache_bytes=cfg.cache_mb * 1024**2)))
+    engine = Engine(EngineConfig(num_threads=args.threads, scheduler=sched_cfg, dtype=cfg.dtype,
+                                 cache=CacheConfig(cache_bytes=int(cfg.cache_mb * 1024**2))))
     recorder = _PlanRecorder(engine.scheduler)
     preds = {}
     for r in test:
@@ -488,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         if n < cfg.real_requests:
             _log(f"time budget: {cfg.real_requests} requests per run would take ~{real_seconds(cfg.real_requests):.0f}s "
                  f"of real runs, {left:.0f}s are left: {n} requests (~{real_seconds(n):.0f}s)")
-            cfg = BenchConfig(**{**cfg.__dict__, "real_requests": n})
+            cfg = replace(cfg, real_requests=n)
     report["config"]["real_requests"] = cfg.real_requests
 
     # 4. real runs (+ the same runs simulated, for agreement)

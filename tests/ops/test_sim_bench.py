@@ -143,3 +143,22 @@ def test_requests_within_budget_shrinks_to_fit_and_stops_at_the_floor():
     assert requests_within_budget(26, 24, seconds, 245) == 24  # steps never go below the floor
     with pytest.raises(ValueError):
         requests_within_budget(16, 24, seconds, 1000)
+
+
+def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
+    from ops.bench_sched import bench_config, build_parser
+
+    def cfg(*argv):
+        return bench_config(build_parser().parse_args(list(argv)))
+
+    assert (cfg().dtype, cfg().cache_mb, cfg().max_num_seqs) == ("auto", 160, 32)
+    bf16 = cfg("--dtype", "bfloat16")
+    assert (bf16.dtype, bf16.cache_mb) == ("bfloat16", 80)  # half the bytes per block: the same blocks
+    assert cfg("--dtype", "bfloat16", "--cache-mb", "512").cache_mb == 512  # an explicit size wins
+    assert cfg("--max-num-seqs", "64").max_num_seqs == 64
+    quick = cfg("--quick", "--real-requests", "16")
+    assert (quick.real_requests, quick.min_real_requests, quick.time_budget_s is not None) == (16, 16, True)
+    for bad in (["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--repeats", "0"], ["--time-budget", "-1"],
+                ["--policies", "fcfs-static,nope"]):
+        with pytest.raises(ValueError):
+            cfg(*bad)
