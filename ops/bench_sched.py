@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                                preds[r.id].tokens, preds[r.id].std) for r in test]
     sim_cfg = SimConfig(sched_cfg, engine.num_blocks, engine.config.cache.block_size)
     report["engine"] = {"num_blocks": engine.num_blocks, "block_size": engine.config.cache.block_size,
-                        "max_num_seqs": cfg.max_num_seqs}
+                        "max_num_seqs": cfg.max_num_seqs, "dtype": str(engine.dtype).removeprefix("torch.")}
     if args.step_coef:
         model = StepTimeModel(tuple(float(x) for x in args.step_coef.split(",")))  # type: ignore[arg-type]
         steps = []
