@@ -59,8 +59,10 @@ class PolicyConfig:
     # full-length reservations overstate use; outgrowing it preempts, never fails (measured in docs)
     kv_fraction: float = 1.5
     # magnus, hybrid: admit without reserving while recomputing a typical waiting request after a
-    # preemption costs fewer recent steps than this (launch-bound GPU steps); 0 = always reserve
-    kv_optimistic_below_steps: float = 1.0
+    # preemption costs fewer decode steps than this (launch-bound GPU steps: ~0.1); 0 = always
+    # reserve. Not 1: bf16 on AMX measures 0.9-1.5, where reserving won by 0.01-0.03 of the mean
+    # response time (simulated) and the decision flapped with the machine's noise (docs/scheduling.md)
+    kv_optimistic_below_steps: float = 0.5
 
     def __post_init__(self) -> None:
         if self.name not in POLICY_NAMES:
