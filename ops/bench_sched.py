@@ -296,6 +296,7 @@ class BenchConfig:
     cache_mb: float = 160  # KV cache; 227 blocks of float32 (see --cache-mb)
     dtype: str = "auto"  # the engine's weights/KV dtype (gpu.config.EngineConfig.dtype)
     static_batch: int = 8
+    kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
     real_requests: int = 48
     sim_requests: int = 400
     rate_factors: tuple[float, ...] = (0.7, 1.5, 3.0)
@@ -371,6 +372,10 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         if args.time_budget <= 0:
             raise ValueError("--time-budget must be positive")
         cfg = replace(cfg, time_budget_s=args.time_budget * 60)
+    if args.optimistic_below_steps is not None:
+        if args.optimistic_below_steps < 0:
+            raise ValueError("--optimistic-below-steps must be >= 0")
+        cfg = replace(cfg, kv_optimistic_below_steps=args.optimistic_below_steps)
     if args.max_num_seqs is not None:
         if args.max_num_seqs < 1:
             raise ValueError("--max-num-seqs must be >= 1")
@@ -393,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rates", help="comma-separated arrival rates (req/s) instead of the automatic ones")
     ap.add_argument("--real-requests", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--optimistic-below-steps", type=float, metavar="STEPS",
+                    help="magnus/hybrid admit without KV reservations while a preemption's recompute costs fewer "
+                         f"decode steps than this (default {PolicyConfig.kv_optimistic_below_steps:g}; 0: always reserve)")
     ap.add_argument("--max-num-seqs", type=int, help="the engine's running-requests cap (default 32)")
     ap.add_argument("--cache-mb", type=float,
                     help="KV cache MiB (default 160 in float32, 80 in bfloat16: 227 blocks either way, so the "
@@ -501,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def policy_for(name: str) -> BatchPolicy:
         """A fresh policy object: every run, real or simulated, starts from an empty state."""
-        return make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch))
+        return make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch,
+                                        kv_optimistic_below_steps=cfg.kv_optimistic_below_steps))
 
     if cfg.time_budget_s is not None and not args.no_real:
         def real_seconds(n: int) -> float:

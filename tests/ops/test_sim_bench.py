@@ -156,9 +156,11 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     assert (bf16.dtype, bf16.cache_mb) == ("bfloat16", 80)  # half the bytes per block: the same blocks
     assert cfg("--dtype", "bfloat16", "--cache-mb", "512").cache_mb == 512  # an explicit size wins
     assert cfg("--max-num-seqs", "64").max_num_seqs == 64
+    assert cfg("--optimistic-below-steps", "0").kv_optimistic_below_steps == 0.0
+    assert cfg().kv_optimistic_below_steps == PolicyConfig.kv_optimistic_below_steps
     quick = cfg("--quick", "--real-requests", "16")
     assert (quick.real_requests, quick.min_real_requests, quick.time_budget_s is not None) == (16, 16, True)
-    for bad in (["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--repeats", "0"], ["--time-budget", "-1"],
+    for bad in (["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--optimistic-below-steps", "-1"], ["--repeats", "0"], ["--time-budget", "-1"],
                 ["--policies", "fcfs-static,nope"]):
         with pytest.raises(ValueError):
             cfg(*bad)
