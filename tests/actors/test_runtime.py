@@ -250,19 +250,23 @@ async def test_higher_tier_tenant_runs_first(nursery, ckpt, tokenizer, services)
     bronze, gold = tenant(id="bronze", priority=0), tenant(id="gold", priority=5)
     order: list[str] = []
 
-    async def run(t: TenantContext, label: str) -> None:
-        acc = await rt.submit(call(t, prompt="Say something", max_tokens=12, ignore_eos=True))
+    async def run(t: TenantContext, label: str, max_tokens: int = 12) -> None:
+        acc = await rt.submit(call(t, prompt="Say something", max_tokens=max_tokens, ignore_eos=True))
         await collect(acc)
         order.append(label)
 
+    # Driven by the runtime's state, not by sleeps: b0 is long enough (200 tokens) that
+    # b1-b3 and gold all queue behind it on any CPU, and gold is submitted only once
+    # the three bronze requests are waiting.
     async with trio.open_nursery() as n:
-        n.start_soon(run, bronze, "b0")
-        await trio.sleep(0.3)  # b0 is running
+        n.start_soon(run, bronze, "b0", 200)
+        await wait_until(lambda: rt.engine.scheduler.num_running == 1)
         for i in range(1, 4):
             n.start_soon(run, bronze, f"b{i}")
-        await trio.sleep(0.1)
+        await wait_until(lambda: rt.waiting() == 3)
+        assert rt.engine.scheduler.num_running == 1 and not order  # b0 still holds the seat
         n.start_soon(run, gold, "gold")
-    assert order.index("gold") <= 1, order
+    assert order[0] == "b0" and order[1] == "gold", order
 
 
 async def test_logprobs_carry_token_texts(runtime):
