@@ -8,9 +8,10 @@
    per-application mean.
 2. Calibration: a short continuous-batching warm-up through the real engine
    measures step times; `ops.sim.StepTimeModel` is fitted on them.
-3. Rates: from the simulated capacity of `fcfs-static` (its throughput under a
-   flood) — the sweep is `static_capacity × (0.7, 1.5, 3, ...)`, so the highest
-   rates are beyond what fcfs-static sustains.
+3. Rates: from the simulated capacities of `fcfs-static` and `fcfs-continuous`
+   (their throughput under a flood) — the sweep is `static_capacity × (0.7, 1.5, 3)`
+   with the highest raised to 2 × the continuous capacity, so the highest rate is
+   beyond what every policy sustains (`sweep_rates`).
 4. Real runs: the held-out requests under Poisson arrivals (real clock), each
    policy deciding releases into the real `Engine` (a synchronous driver loop).
    Greedy decoding, EOS, `max_tokens` as in the fixture. With a time budget
@@ -71,7 +72,6 @@ QUICK_BUDGET_S = 14 * 60.0  # --quick's whole run; the issue asks for under 15 m
 # size for the slow end
 SIM_TO_WALL = 1.3
 AFTER_REAL_RUNS_S = 60.0  # re-simulating every real run twice, the simulated sweep and the plot
-FIXTURE_MAX_TOKENS = 128  # what ops.workload.generate ran with: the predictor learns these lengths
 
 
 # ------------------------------------------------------------------ predictor
@@ -88,6 +88,14 @@ class PredictorEval:
 
 def _within(pred: np.ndarray, true: np.ndarray, tol: float = 0.25) -> float:
     return float(np.mean(np.abs(pred - true) <= tol * np.maximum(true, 1)))
+
+
+def fixture_max_tokens(fixture: Sequence[FixtureRequest]) -> int:
+    """The cap the fixture was generated with: the lengths the predictor learns are cut there."""
+    caps = {r.max_tokens for r in fixture}
+    if len(caps) != 1:
+        raise ValueError(f"the fixture mixes max_tokens {sorted(caps)}: regenerate it with one cap")
+    return caps.pop()
 
 
 def features_of(r: FixtureRequest, max_tokens: int, emb: np.ndarray | None) -> RequestFeatures:
@@ -290,16 +298,19 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
 @dataclass(frozen=True)
 class BenchConfig:
     quick: bool
-    max_tokens: int = 128
-    max_num_seqs: int = 32
+    max_tokens: int | None = None  # every request's; None: the fixture's own cap (512 for the shipped one)
+    max_num_seqs: int = 64  # the engine's default (gpu.config.SchedulerConfig)
     max_num_batched_tokens: int = 512
-    cache_mb: float = 160  # KV cache; 227 blocks of float32 (see --cache-mb)
+    cache_mb: float = 512  # KV cache: the engine's default, 728 blocks of float32 (see --cache-mb)
     dtype: str = "auto"  # the engine's weights/KV dtype (gpu.config.EngineConfig.dtype)
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
     real_requests: int = 48
     sim_requests: int = 400
-    rate_factors: tuple[float, ...] = (0.7, 1.5, 3.0)
+    rate_factors: tuple[float, ...] = (0.7, 1.5, 3.0)  # × fcfs-static's capacity
+    # the highest rate is also at least this × fcfs-continuous's capacity, so the
+    # comparison against fcfs-continuous is made where it is saturated too
+    continuous_overload: float = 2.0
     sim_rate_factors: tuple[float, ...] = (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
     real_policies: tuple[str, ...] = POLICY_NAMES
     repeats: int = 1  # real runs per policy and rate, in ABBA order (see run_order)
@@ -332,6 +343,17 @@ def static_capacity(reqs: Sequence[BenchRequest], cfg: BenchConfig, sim_cfg: Sim
     flood = sim_requests(reqs, [0.0] * len(reqs), cfg.max_tokens)
     res = simulate(flood, make_policy(PolicyConfig(name=policy, static_batch_size=cfg.static_batch)), sim_cfg, model)
     return len(flood) / res.duration
+
+
+def sweep_rates(cap_static: float, cap_cont: float, cfg: BenchConfig) -> list[float]:
+    """`rate_factors` × fcfs-static's capacity, the highest raised to `continuous_overload` ×
+    fcfs-continuous's capacity where that is higher.
+
+    Throughput differences only show under saturation: a rate that only fcfs-static cannot
+    sustain compares fcfs-continuous and magnus at a load both keep up with."""
+    rates = [cap_static * f for f in cfg.rate_factors]
+    rates[-1] = max(rates[-1], cap_cont * cfg.continuous_overload)
+    return [round(r, 3) for r in rates]
 
 
 def ratios(table: dict, rate: str) -> dict:
@@ -380,7 +402,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         if args.max_num_seqs < 1:
             raise ValueError("--max-num-seqs must be >= 1")
         cfg = replace(cfg, max_num_seqs=args.max_num_seqs)
-    # the default cache is 227 blocks in any dtype (160 MiB of float32 KV, 80 of bfloat16),
+    # the default cache is 728 blocks in any dtype (512 MiB of float32 KV, 256 of bfloat16),
     # so the KV cache binds at the same load and runs in either dtype compare
     cache_mb = args.cache_mb if args.cache_mb is not None else cfg.cache_mb / (2 if args.dtype == "bfloat16" else 1)
     if cache_mb <= 0:
@@ -401,9 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimistic-below-steps", type=float, metavar="STEPS",
                     help="magnus/hybrid admit without KV reservations while a preemption's recompute costs fewer "
                          f"decode steps than this (default {PolicyConfig.kv_optimistic_below_steps:g}; 0: always reserve)")
-    ap.add_argument("--max-num-seqs", type=int, help="the engine's running-requests cap (default 32)")
+    ap.add_argument("--max-num-seqs", type=int, help="the engine's running-requests cap (default 64, the engine's own)")
     ap.add_argument("--cache-mb", type=float,
-                    help="KV cache MiB (default 160 in float32, 80 in bfloat16: 227 blocks either way, so the "
+                    help="KV cache MiB (default 512 in float32, 256 in bfloat16: 728 blocks either way, so the "
                          "cache binds at the same load)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="engine weights/KV dtype (auto: float32 on CPU); the fixture's lengths are float32's, "
@@ -413,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
     ap.add_argument("--step-coef", help="simulation only, with this step-time model instead of a calibration "
                                         "run: c0,c_tok,c_seq,c_ctx (e.g. step_model.coef of an earlier --json)")
-    ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 128, the fixture's own)")
+    ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default: the fixture's own, 512)")
     ap.add_argument("--sim-requests", type=int)
     ap.add_argument("--time-budget", type=float, metavar="MIN",
                     help="minutes for the whole benchmark: after calibration the real runs are sized from "
@@ -447,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     fixture = load_fixture(args.fixture) if args.fixture else load_fixture()
+    fixture_cap = fixture_max_tokens(fixture)
+    if cfg.max_tokens is None:
+        cfg = replace(cfg, max_tokens=fixture_cap)
+        report["config"]["max_tokens"] = fixture_cap
     rng = random.Random(cfg.seed)
     order = list(range(len(fixture)))
     rng.shuffle(order)
@@ -459,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder = InstructionEmbedder(threads=args.threads)
     vecs = embedder.embed([r.instruction for r in fixture])
     embeddings = {r.id: v for r, v in zip(fixture, vecs, strict=True)}
-    predictor, ev = train_and_evaluate(train, test, embeddings, FIXTURE_MAX_TOKENS)
+    predictor, ev = train_and_evaluate(train, test, embeddings, fixture_cap)
     report["predictor"] = ev.__dict__
     report["predictor_within_25pct"] = ev.within_25pct
     _log(f"predictor: MAE {ev.mae:.1f} (per-app mean {ev.baseline_mae:.1f}), within ±25% "
@@ -475,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder = _PlanRecorder(engine.scheduler)
     preds = {}
     for r in test:
-        preds[r.id] = predictor.predict(features_of(r, min(cfg.max_tokens, FIXTURE_MAX_TOKENS), embeddings[r.id]))
+        preds[r.id] = predictor.predict(features_of(r, min(cfg.max_tokens, fixture_cap), embeddings[r.id]))
     bench_reqs = [BenchRequest(r, tuple(engine.tokenizer.render_and_encode(list(r.messages))),
                                preds[r.id].tokens, preds[r.id].std) for r in test]
     sim_cfg = SimConfig(sched_cfg, engine.num_blocks, engine.config.cache.block_size)
@@ -503,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rates:
         rates = [float(x) for x in args.rates.split(",")]
     else:
-        rates = [round(cap_static * f, 3) for f in cfg.rate_factors]
+        rates = sweep_rates(cap_static, cap_cont, cfg)
     _log(f"simulated capacity: fcfs-static {cap_static:.2f} req/s, fcfs-continuous {cap_cont:.2f} req/s; "
          f"rates {rates}")
 

@@ -19,6 +19,7 @@ class FixtureRequest:
     prompt_tokens: int
     output_tokens: int  # the model's own length (greedy, EOS or max_tokens)
     finish_reason: str
+    max_tokens: int  # the cap ops.workload.generate ran with ("length" = it ran into this)
 
     @property
     def instruction(self) -> str:
@@ -34,5 +35,6 @@ def load_fixture(path: Path = FIXTURE) -> list[FixtureRequest]:
         for line in f:
             d = json.loads(line)
             out.append(FixtureRequest(d["id"], d["app"], d["tenant"], d["user"], tuple(d["messages"]),
-                                      int(d["prompt_tokens"]), int(d["output_tokens"]), d["finish_reason"]))
+                                      int(d["prompt_tokens"]), int(d["output_tokens"]), d["finish_reason"],
+                                      int(d["max_tokens"])))
     return out

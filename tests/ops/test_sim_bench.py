@@ -151,11 +151,17 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     def cfg(*argv):
         return bench_config(build_parser().parse_args(list(argv)))
 
-    assert (cfg().dtype, cfg().cache_mb, cfg().max_num_seqs) == ("auto", 160, 32)
+    from gpu.config import CacheConfig, SchedulerConfig
+
+    # the engine's own defaults
+    assert (cfg().dtype, cfg().cache_mb, cfg().max_num_seqs) == (
+        "auto", CacheConfig().cache_bytes / 1024**2, SchedulerConfig().max_num_seqs)
+    assert cfg().max_tokens is None  # the fixture's own cap
+    assert cfg("--max-tokens", "64").max_tokens == 64
     bf16 = cfg("--dtype", "bfloat16")
-    assert (bf16.dtype, bf16.cache_mb) == ("bfloat16", 80)  # half the bytes per block: the same blocks
+    assert (bf16.dtype, bf16.cache_mb) == ("bfloat16", 256)  # half the bytes per block: the same blocks
     assert cfg("--dtype", "bfloat16", "--cache-mb", "512").cache_mb == 512  # an explicit size wins
-    assert cfg("--max-num-seqs", "64").max_num_seqs == 64
+    assert cfg("--max-num-seqs", "32").max_num_seqs == 32
     assert cfg("--optimistic-below-steps", "0").kv_optimistic_below_steps == 0.0
     assert cfg().kv_optimistic_below_steps == PolicyConfig.kv_optimistic_below_steps
     quick = cfg("--quick", "--real-requests", "16")
@@ -164,3 +170,25 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
                 ["--policies", "fcfs-static,nope"]):
         with pytest.raises(ValueError):
             cfg(*bad)
+
+
+def test_sweep_rates_reach_beyond_fcfs_continuous_capacity():
+    from ops.bench_sched import BenchConfig, sweep_rates
+
+    cfg = BenchConfig(quick=False)
+    # continuous barely above static: 3 x static is already beyond both
+    assert sweep_rates(1.0, 1.2, cfg) == [0.7, 1.5, 3.0]
+    # continuous 2.5 x static: the highest rate goes to 2 x continuous's capacity
+    assert sweep_rates(0.4, 1.0, cfg) == [0.28, 0.6, 2.0]
+
+
+def test_fixture_max_tokens_is_the_generation_cap():
+    from dataclasses import replace
+
+    from ops.bench_sched import fixture_max_tokens
+    from ops.workload.fixture import load_fixture
+
+    fx = load_fixture()
+    assert fixture_max_tokens(fx) == 512
+    with pytest.raises(ValueError, match="mixes"):
+        fixture_max_tokens([fx[0], replace(fx[1], max_tokens=128)])
