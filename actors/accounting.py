@@ -93,10 +93,11 @@ class Accounting:
                 )
         if st.scheduled_at:
             self.service_time.observe(st.finished_at - st.scheduled_at)
-        if st.params.n == 1 and st.finish_reasons.get(0) == "stop":
+        finish = st.finish_reasons.get(0)
+        if st.params.n == 1 and finish in ("stop", "length"):
             try:
                 self.feedback.send_nowait(LengthFeedback(tenant, st.call.app, st.completion_tokens,
-                                                         st.length_features))
+                                                         st.length_features, finish))
             except trio.WouldBlock:
                 pass  # feedback is advisory; never stall accounting for it
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:

@@ -151,13 +151,17 @@ class Accepted(msgspec.Struct):
 
 
 class LengthFeedback(msgspec.Struct, frozen=True):
-    """accounting → predictor: a request ended on EOS/stop after `tokens` output tokens.
+    """accounting → predictor: a request ended after `tokens` output tokens, on EOS/stop
+    (`finish_reason` "stop") or at its `max_tokens` ("length").
 
     `features` is the `actors.predictor.RequestFeatures` its prediction used (None when
-    the running estimator predicted it); the Magnus predictor learns from the pair.
+    the running estimator predicted it); the Magnus predictor learns from the pair, and
+    from a "length" finish that the request runs away to its cap (see
+    `LengthPredictor.observe`).
     """
 
     tenant_id: str
     app: str | None
     tokens: int
     features: Any = None
+    finish_reason: str = "stop"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import io
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,8 +108,17 @@ class LengthModelConfig:
     quantile_window: int = 256
     prior_tokens: float = 128.0
     emb_dim: int = 384
+    # A request cut at max_tokens >= this is taken for a runaway (one that would not have
+    # stopped: greedy small models repeat themselves until the cap); one cut earlier is
+    # censored (it might have stopped soon after) and only feeds the length histories.
+    runaway_min_tokens: int = 256
+    min_runaway_samples: int = 4  # runaways seen before the runaway model is fitted
+    # The point prediction of the mixture: "median" (what minimises the absolute error,
+    # and what ±25% rewards) or "mean" (the expected length).
+    point: str = "median"
 
 
+STOP, RUNAWAY, CENSORED = 0, 1, 2  # what a finished request teaches (LengthPredictor.observe)
 _HEAD = 6  # intercept, log length, its square, app mean, user mean, has-history
 
 
@@ -122,15 +132,31 @@ class LinearModel:
     n: int
 
 
+@dataclass(frozen=True)
+class LengthModel:
+    """The two halves of the hurdle model: how long a request runs if it stops on its
+    own (`length`, fitted on requests that did), and the probability that it never
+    does (`runaway`, a ridge linear-probability model on stopped vs runaway requests;
+    None until `min_runaway_samples` runaways have been seen)."""
+
+    length: LinearModel
+    runaway: LinearModel | None = None
+
+
 class LengthPredictor:
     """Magnus-style generation-length predictor (sync core; see `PredictorService`).
 
     Features: log input length (and its square), the instruction embedding and its
     product with the log input length (so each application gets its own slope),
     and the user's recent output lengths (log mean; the application's while the
-    user is new). Target: log(1 + true length) — errors are relative, as the
-    ±25% metric is. Until `min_fit_samples` finished requests have been seen,
-    per-(tenant, app) quantiles answer (median; IQR/1.349 as std).
+    user is new). A hurdle model on them: the length a request runs to if it stops
+    on its own (target log(1 + tokens) of requests that ended on EOS/stop — errors
+    are relative, as the ±25% metric is), and the probability `p` that it runs away
+    to its cap instead (requests cut at a large `max_tokens`). The prediction is the
+    mixture's median (`config.point`; or its mean `p·max_tokens + (1 − p)·length`),
+    its std the mixture's. Until
+    `min_fit_samples` requests have stopped on their own, per-(tenant, app)
+    quantiles of every finished length answer (median; IQR/1.349 as std).
 
     `observe` records a finished request; `snapshot()` + `train()` (pure, run it in
     a worker thread) + `install()` refit without blocking predictions.
@@ -141,9 +167,10 @@ class LengthPredictor:
         c = self.config
         self._x: collections.deque[np.ndarray] = collections.deque(maxlen=c.max_samples)
         self._y: collections.deque[float] = collections.deque(maxlen=c.max_samples)
+        self._kind: collections.deque[int] = collections.deque(maxlen=c.max_samples)  # STOP/RUNAWAY/CENSORED
         self._lengths: dict[tuple[str, ...], collections.deque[float]] = {}
         self._users: dict[tuple[str, str], collections.deque[float]] = {}
-        self.model: LinearModel | None = None
+        self.model: LengthModel | None = None
         self._since_fit = 0
 
     # ------------------------------------------------------------ features
@@ -171,11 +198,26 @@ class LengthPredictor:
     def predict(self, f: RequestFeatures) -> Prediction:
         if self.model is not None:
             x = self.features(f)
-            z = float(x @ self.model.w)
-            tokens = float(np.clip(np.expm1(z), 1.0, f.max_tokens))
-            std = tokens * float(np.expm1(self.model.sigma))
-            return Prediction(tokens, std, "model")
+            cap = float(max(1, f.max_tokens))
+            length = float(np.clip(np.expm1(x @ self.model.length.w), 1.0, cap))
+            length_std = length * float(np.expm1(self.model.length.sigma))
+            p = 0.0
+            if self.model.runaway is not None:
+                p = float(np.clip(x @ self.model.runaway.w, 0.0, 1.0))
+            mean = p * cap + (1.0 - p) * length
+            var = (1.0 - p) * length_std ** 2 + p * (1.0 - p) * (cap - length) ** 2
+            tokens = mean if self.config.point == "mean" else self._median(p, length, cap)
+            return Prediction(tokens, float(np.sqrt(var)), "model")
         return self.cold_predict(f)
+
+    def _median(self, p: float, length: float, cap: float) -> float:
+        """The mixture's median: the cap when a runaway is more likely than not, else the
+        (0.5 / (1 − p)) quantile of the stop length (log-normal around `length`)."""
+        if p >= 0.5:
+            return cap
+        q = 0.5 / (1.0 - p)
+        z = statistics.NormalDist().inv_cdf(min(q, 1.0 - 1e-9)) if q > 0.5 else 0.0
+        return float(min(cap, length * np.exp(z * self.model.length.sigma)))
 
     def cold_predict(self, f: RequestFeatures) -> Prediction:
         """Per-application quantiles: median, and IQR / 1.349 as std (the fallback)."""
@@ -190,12 +232,25 @@ class LengthPredictor:
         return Prediction(prior, prior, "prior")
 
     # ------------------------------------------------------------ learn
-    def observe(self, f: RequestFeatures, true_tokens: int) -> None:
-        """A request finished with `true_tokens` output tokens (EOS/stop; not truncated)."""
+    def observe(self, f: RequestFeatures, true_tokens: int, finish_reason: str = "stop") -> None:
+        """A request finished with `true_tokens` output tokens.
+
+        `finish_reason` "stop" (EOS or a stop sequence) teaches the length model;
+        "length" (cut at `f.max_tokens`) teaches the runaway model when the cap was at
+        least `runaway_min_tokens`, and is censored otherwise. Every finished length
+        feeds the application and user histories (the service the request took).
+        """
         c = self.config
         x = self.features(f)  # the history *before* this request: what prediction saw
+        if finish_reason == "stop":
+            kind = STOP
+        elif finish_reason == "length" and f.max_tokens >= c.runaway_min_tokens:
+            kind = RUNAWAY
+        else:
+            kind = CENSORED
         self._x.append(x)
         self._y.append(float(np.log1p(max(0, true_tokens))))
+        self._kind.append(kind)
         for key in ((f.tenant, f.app or ""), (f.tenant,), ()):
             self._lengths.setdefault(key, collections.deque(maxlen=c.quantile_window)).append(float(true_tokens))
         if f.user:
@@ -207,19 +262,42 @@ class LengthPredictor:
     def num_samples(self) -> int:
         return len(self._y)
 
+    @property
+    def num_stopped(self) -> int:
+        """Samples of requests that stopped on their own: what the length model needs."""
+        return sum(1 for k in self._kind if k == STOP)
+
+    @property
+    def num_runaways(self) -> int:
+        """Samples of requests cut at a large max_tokens: what the runaway model learns from."""
+        return sum(1 for k in self._kind if k == RUNAWAY)
+
     def needs_refit(self) -> bool:
-        n = len(self._y)
-        if n < self.config.min_fit_samples:
+        if self.num_stopped < self.config.min_fit_samples:
             return False
         return self.model is None or self._since_fit >= self.config.refit_every
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """Training data as arrays (copies: safe to hand to another thread)."""
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training data as arrays: features, log(1 + tokens), kind (copies: safe to hand
+        to another thread)."""
         self._since_fit = 0
-        return np.stack(list(self._x)), np.asarray(self._y)
+        return np.stack(list(self._x)), np.asarray(self._y), np.asarray(self._kind, dtype=np.int8)
 
-    def train(self, data: tuple[np.ndarray, np.ndarray]) -> LinearModel:
-        """Pure: ridge regression on a snapshot, its strength chosen by leave-one-out error.
+    def train(self, data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> LengthModel:
+        """Pure: the length model on the requests that stopped; the runaway model on
+        stopped (0) against runaway (1) requests once enough runaways were seen."""
+        x, y, kind = data
+        stop = kind == STOP
+        length = self._ridge(x[stop], y[stop])
+        runaway = None
+        n_run = int(np.sum(kind == RUNAWAY))
+        if n_run >= self.config.min_runaway_samples and stop.any():
+            labelled = kind != CENSORED
+            runaway = self._ridge(x[labelled], (kind[labelled] == RUNAWAY).astype(np.float64))
+        return LengthModel(length, runaway)
+
+    def _ridge(self, x: np.ndarray, y: np.ndarray) -> LinearModel:
+        """Ridge regression, its strength chosen by leave-one-out error.
 
         The first `_HEAD` features (intercept, input length, application and user
         means) get a tiny penalty; the embedding features get `lam`, picked from
@@ -227,7 +305,6 @@ class LengthPredictor:
         the n×n kernel form). `sigma` is the LOO residual std: an honest
         uncertainty, not the (optimistic) training residual.
         """
-        x, y = data
         n, d = x.shape
         best = None
         for lam in self.config.ridge_grid:
@@ -245,10 +322,10 @@ class LengthPredictor:
         sigma = float(np.sqrt(np.mean(loo ** 2)))
         return LinearModel(w, sigma, n)
 
-    def install(self, model: LinearModel) -> None:
+    def install(self, model: LengthModel) -> None:
         self.model = model
 
-    def fit(self) -> LinearModel:
+    def fit(self) -> LengthModel:
         """Synchronous refit (tests, offline evaluation)."""
         m = self.train(self.snapshot())
         self.install(m)
@@ -259,6 +336,7 @@ class LengthPredictor:
         """Everything needed to resume: samples, per-app lengths, user histories, weights."""
         buf = io.BytesIO()
         x, y = (np.stack(list(self._x)), np.asarray(self._y)) if self._y else (np.zeros((0, 0)), np.zeros(0))
+        m = self.model
         keys = list(self._lengths)
         users = list(self._users)
         meta = {
@@ -266,9 +344,11 @@ class LengthPredictor:
             "users_keys": ["\x1f".join(k) for k in users],
         }
         arrays = {
-            "x": x, "y": y,
-            "w": self.model.w if self.model is not None else np.zeros(0),
-            "model": np.array([self.model.sigma, self.model.n] if self.model is not None else []),
+            "x": x, "y": y, "kind": np.asarray(self._kind, dtype=np.int8),
+            "w": m.length.w if m is not None else np.zeros(0),
+            "model": np.array([m.length.sigma, m.length.n] if m is not None else []),
+            "wr": m.runaway.w if m is not None and m.runaway is not None else np.zeros(0),
+            "runaway": np.array([m.runaway.sigma, m.runaway.n] if m is not None and m.runaway is not None else []),
             "meta": np.frombuffer(repr(meta).encode(), dtype=np.uint8),
         }
         for i, k in enumerate(keys):
@@ -286,9 +366,11 @@ class LengthPredictor:
         c = p.config
         with np.load(io.BytesIO(blob)) as z:
             meta = ast.literal_eval(bytes(z["meta"]).decode())
-            for row, y in zip(z["x"], z["y"], strict=True):
+            kinds = z["kind"].tolist() if "kind" in z.files else [STOP] * len(z["y"])  # older blobs: all stopped
+            for row, y, kind in zip(z["x"], z["y"], kinds, strict=True):
                 p._x.append(row)
                 p._y.append(float(y))
+                p._kind.append(int(kind))
             for i, k in enumerate(meta["lengths_keys"]):
                 key = () if k == "\x1e" else tuple(k.split("\x1f"))
                 p._lengths[key] = collections.deque(z[f"l{i}"].tolist(), maxlen=c.quantile_window)
@@ -296,7 +378,11 @@ class LengthPredictor:
                 p._users[tuple(k.split("\x1f"))] = collections.deque(z[f"u{i}"].tolist(), maxlen=c.user_history)
             if z["w"].size:
                 sigma, n = z["model"].tolist()
-                p.model = LinearModel(z["w"].copy(), float(sigma), int(n))
+                runaway = None
+                if "wr" in z.files and z["wr"].size:
+                    rs, rn = z["runaway"].tolist()
+                    runaway = LinearModel(z["wr"].copy(), float(rs), int(rn))
+                p.model = LengthModel(LinearModel(z["w"].copy(), float(sigma), int(n)), runaway)
         return p
 
 
@@ -361,8 +447,8 @@ class PredictorService:
         f = self.features(st, await self.embed(st))
         return self.predictor.predict(f), f
 
-    async def observe(self, f: RequestFeatures, true_tokens: int, nursery=None) -> None:
-        self.predictor.observe(f, true_tokens)
+    async def observe(self, f: RequestFeatures, true_tokens: int, nursery=None, finish_reason: str = "stop") -> None:
+        self.predictor.observe(f, true_tokens, finish_reason)
         if self.predictor.needs_refit() and not self._refitting:
             if nursery is None:
                 await self.refit()
@@ -370,7 +456,7 @@ class PredictorService:
                 self._refitting = True  # claimed now, so a burst of observations starts one refit
                 nursery.start_soon(self.refit)
 
-    async def refit(self) -> LinearModel:
+    async def refit(self) -> LengthModel:
         import trio
 
         self._refitting = True

@@ -214,10 +214,11 @@ class Runtime:
 
         async def feedback() -> None:
             async for fb in self._fb_recv:
-                self.predictor.observe(fb.tenant_id, fb.app, fb.tokens)
+                if fb.finish_reason == "stop":  # the running estimate learns uncensored lengths only
+                    self.predictor.observe(fb.tenant_id, fb.app, fb.tokens)
                 if service is not None and fb.features is not None:
                     # refits run in a worker thread, started in this nursery
-                    await service.observe(fb.features, fb.tokens, nursery)
+                    await service.observe(fb.features, fb.tokens, nursery, fb.finish_reason)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feedback)

@@ -55,7 +55,7 @@ from actors.policies import (
     StepCostFit,
     make_policy,
 )
-from actors.predictor import LengthPredictor, RequestFeatures
+from actors.predictor import LengthModelConfig, LengthPredictor, RequestFeatures
 from ops.sim.simulator import (
     RequestRecord,
     SimConfig,
@@ -103,19 +103,20 @@ def features_of(r: FixtureRequest, max_tokens: int, emb: np.ndarray | None) -> R
 
 
 def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRequest],
-                       embeddings: dict[str, np.ndarray], max_tokens: int) -> tuple[LengthPredictor, PredictorEval]:
+                       embeddings: dict[str, np.ndarray], max_tokens: int,
+                       config: LengthModelConfig | None = None) -> tuple[LengthPredictor, PredictorEval]:
     """Online training on `train` (refits as it goes), then predictions for `test`.
 
     Test requests are predicted in arrival order and observed after, as in
     serving (user histories keep growing); the regressor itself is not refit
     on test requests, so every test prediction is out-of-sample.
     """
-    p = LengthPredictor()
+    p = LengthPredictor(config)
     for r in train:
-        p.observe(features_of(r, max_tokens, embeddings[r.id]), r.output_tokens)
+        p.observe(features_of(r, max_tokens, embeddings[r.id]), r.output_tokens, r.finish_reason)
         if p.needs_refit():
             p.fit()
-    if p.num_samples >= p.config.min_fit_samples:
+    if p.num_stopped >= p.config.min_fit_samples:
         p.fit()
     app_mean = {}
     for r in train:
@@ -128,7 +129,7 @@ def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRe
         base.append(app_mean.get(r.app, float(np.mean(list(app_mean.values())))))
         true.append(r.output_tokens)
         model = p.model
-        p.observe(f, r.output_tokens)  # history grows, weights do not
+        p.observe(f, r.output_tokens, r.finish_reason)  # history grows, weights do not
         p.model = model
     pr, ba, tr = np.array(preds), np.array(base), np.array(true, dtype=float)
     per_app = {}

@@ -1,4 +1,4 @@
-"""Generation-length predictor: cold quantiles, online ridge, user history, Redis persistence."""
+"""Generation-length predictor: cold quantiles, online ridge, runaways, user history, Redis persistence."""
 
 from __future__ import annotations
 
@@ -99,6 +99,58 @@ def test_round_trip_through_bytes_predicts_the_same():
     for app, prompt, user in (("a", 77, None), ("b", 50, "verbose"), ("b", 50, "terse")):
         assert q.predict(feats(app, prompt, user)) == p.predict(feats(app, prompt, user))
     assert q.num_samples == p.num_samples
+
+
+def test_runaways_are_learned_as_the_chance_of_running_to_the_cap():
+    """App b's 'verbose' user never stops (cut at max_tokens 512); 'terse' stops at 20.
+    The hurdle model predicts the cap for the one and the stop length for the other,
+    and scales the runaway's prediction with the request's own cap."""
+    p = LengthPredictor()
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        user = ["terse", "verbose"][int(rng.integers(2))]
+        prompt = int(rng.integers(20, 200))
+        if user == "verbose":
+            p.observe(feats("b", prompt, user), 512, "length")
+        else:
+            p.observe(feats("b", prompt, user), 20, "stop")
+        p.observe(feats("a", prompt), 2 * prompt, "stop")
+    p.fit()
+    assert p.model is not None and p.model.runaway is not None
+    verbose = p.predict(feats("b", 100, "verbose"))
+    assert verbose.tokens > 0.8 * 512
+    assert p.predict(feats("b", 100, "verbose", max_tokens=300)).tokens > 0.8 * 300
+    terse = p.predict(feats("b", 100, "terse"))
+    assert terse.tokens < 40
+    assert abs(p.predict(feats("a", 100)).tokens - 200) <= 50  # the stop lengths are not pulled up
+
+
+def test_a_request_cut_at_a_small_cap_is_censored_not_a_runaway():
+    """Cut at max_tokens 32, app a's requests (which stop at 2x their input) teach neither
+    model: the prediction at a large cap still comes from the ones that stopped."""
+    p = LengthPredictor()
+    rng = np.random.default_rng(3)
+    for _ in range(150):
+        prompt = int(rng.integers(20, 200))
+        p.observe(feats("a", prompt), 2 * prompt, "stop")
+        p.observe(feats("a", prompt, max_tokens=32), 32, "length")
+    p.fit()
+    assert p.model is not None and p.model.runaway is None  # no runaway seen
+    assert abs(p.predict(feats("a", 150)).tokens - 300) <= 75
+    assert p.num_stopped == 150 and p.num_samples == 300
+
+
+def test_round_trip_keeps_the_runaway_model():
+    p = LengthPredictor()
+    for k in range(60):
+        p.observe(feats("b", 30 + k, "verbose"), 512, "length")
+        p.observe(feats("b", 30 + k, "terse"), 20, "stop")
+    p.fit()
+    assert p.model.runaway is not None
+    q = LengthPredictor.from_bytes(p.to_bytes())
+    for user in ("verbose", "terse"):
+        assert q.predict(feats("b", 50, user)) == p.predict(feats("b", 50, user))
+    assert q.num_stopped == p.num_stopped
 
 
 def state(app: str, prompt_len: int, user: str) -> RequestState:

@@ -312,7 +312,8 @@ async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nurs
     cfg = RuntimeConfig(length_predictor="magnus")
     rt = Runtime(cfg, make_engine(ckpt, tokenizer), **services)
     # small refit thresholds keep the test short; the defaults are exercised in test_predictor
-    rt.length_service.predictor = LengthPredictor(LengthModelConfig(min_fit_samples=6, refit_every=6))
+    rt.length_service.predictor = LengthPredictor(LengthModelConfig(min_fit_samples=6, refit_every=6,
+                                                                    runaway_min_tokens=32))
     sources: list[str] = []
     predict = rt.length_service.predict
 
@@ -352,3 +353,11 @@ async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nurs
     fresh = PredictorService(store=services["store"])
     assert await fresh.load()
     assert fresh.predictor.num_samples >= n_seen - 1 and fresh.predictor.model is not None
+
+    # a request cut at a max_tokens >= runaway_min_tokens comes back as a runaway
+    # (the ones above, cut at 24 if at all, were censored)
+    assert service.predictor.num_runaways == 0
+    acc = await rt.submit(call(t, prompt="Once upon a time", max_tokens=32, ignore_eos=True))
+    _, _, last = await collect(acc)
+    assert last.finish_reasons == ["length"]
+    await wait_until(lambda: service.predictor.num_runaways == 1)
