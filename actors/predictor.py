@@ -117,6 +117,10 @@ class LengthModelConfig:
     # and what ±25% rewards) or "mean" (the expected length).
     point: str = "median"
 
+    def __post_init__(self) -> None:
+        if self.point not in ("median", "mean"):
+            raise ValueError(f"point must be 'median' or 'mean', got {self.point!r}")
+
 
 STOP, RUNAWAY, CENSORED = 0, 1, 2  # what a finished request teaches (LengthPredictor.observe)
 _HEAD = 6  # intercept, log length, its square, app mean, user mean, has-history
@@ -154,9 +158,9 @@ class LengthPredictor:
     are relative, as the ±25% metric is), and the probability `p` that it runs away
     to its cap instead (requests cut at a large `max_tokens`). The prediction is the
     mixture's median (`config.point`; or its mean `p·max_tokens + (1 − p)·length`),
-    its std the mixture's. Until
-    `min_fit_samples` requests have stopped on their own, per-(tenant, app)
-    quantiles of every finished length answer (median; IQR/1.349 as std).
+    its std the mixture's. Until `min_fit_samples` requests have stopped on their
+    own, per-(tenant, app) quantiles of every finished length answer (median;
+    IQR/1.349 as std).
 
     `observe` records a finished request; `snapshot()` + `train()` (pure, run it in
     a worker thread) + `install()` refit without blocking predictions.

@@ -140,6 +140,18 @@ def test_a_request_cut_at_a_small_cap_is_censored_not_a_runaway():
     assert p.num_stopped == 150 and p.num_samples == 300
 
 
+def test_mean_point_prediction_sits_between_the_modes_and_bad_points_are_refused():
+    p = LengthPredictor(LengthModelConfig(point="mean"))
+    for k in range(60):
+        user = "verbose" if k % 2 else "terse"
+        p.observe(feats("b", 30 + k, user), 512 if user == "verbose" else 20, "length" if user == "verbose" else "stop")
+    p.fit()
+    both = p.predict(feats("b", 50, "new-user"))  # no history: the model is unsure
+    assert 20 < both.tokens < 512 and both.std > 0
+    with pytest.raises(ValueError, match="point"):
+        LengthModelConfig(point="mode")
+
+
 def test_round_trip_keeps_the_runaway_model():
     p = LengthPredictor()
     for k in range(60):
