@@ -56,6 +56,7 @@ from actors.policies import (
     make_policy,
 )
 from actors.predictor import LengthModelConfig, LengthPredictor, RequestFeatures
+from gpu.config import CacheConfig, SchedulerConfig
 from ops.sim.simulator import (
     RequestRecord,
     SimConfig,
@@ -300,9 +301,9 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
 class BenchConfig:
     quick: bool
     max_tokens: int | None = None  # every request's; None: the fixture's own cap (512 for the shipped one)
-    max_num_seqs: int = 64  # the engine's default (gpu.config.SchedulerConfig)
+    max_num_seqs: int = SchedulerConfig().max_num_seqs  # the engine's default (64)
     max_num_batched_tokens: int = 512
-    cache_mb: float = 512  # KV cache: the engine's default, 728 blocks of float32 (see --cache-mb)
+    cache_mb: float = CacheConfig().cache_bytes / 1024**2  # the engine's default KV cache: 512 MiB, 728 float32 blocks
     dtype: str = "auto"  # the engine's weights/KV dtype (gpu.config.EngineConfig.dtype)
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from actors.embeddings import InstructionEmbedder
-    from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+    from gpu.config import EngineConfig
     from gpu.engine import Engine
 
     torch.set_num_threads(args.threads)
