@@ -14,9 +14,12 @@
    beyond what every policy sustains (`sweep_rates`).
 4. Real runs: the held-out requests under Poisson arrivals (real clock), each
    policy deciding releases into the real `Engine` (a synchronous driver loop).
-   Greedy decoding, EOS, `max_tokens` as in the fixture. With a time budget
-   (`--time-budget`, and `--quick`: 14 min) the number of requests per run is
-   sized from the runs' simulated duration, so a slow CPU runs fewer of them.
+   Greedy decoding, EOS, `max_tokens` as in the fixture. The highest rate runs
+   `--real-requests` (400 by default: the queue needs a few hundred requests to
+   build up), a lower rate proportionally fewer, so every rate's arrivals span
+   the same window (`requests_per_rate`). With a time budget (`--time-budget`,
+   and `--quick`: 14 min) the number of requests is sized from the runs'
+   simulated duration, so a slow CPU runs fewer of them.
 5. Simulation: the same request sets and arrivals in `ops.sim.simulate`
    (real step scheduler + calibrated step times): agreement with the real runs
    on mean response time — with the warm-up's step model, with a model fitted
@@ -307,7 +310,8 @@ class BenchConfig:
     dtype: str = "auto"  # the engine's weights/KV dtype (gpu.config.EngineConfig.dtype)
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
-    real_requests: int = 48
+    real_requests: int = 400  # at the highest rate; lower rates run fewer (see requests_per_rate)
+    same_requests_every_rate: bool = False  # every rate runs real_requests (arrival windows differ)
     sim_requests: int = 400
     rate_factors: tuple[float, ...] = (0.7, 1.5, 3.0)  # × fcfs-static's capacity
     # the highest rate is also at least this × fcfs-continuous's capacity, so the
@@ -372,8 +376,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     """The run's configuration from parsed arguments; ValueError names a bad one."""
     cfg = BenchConfig(quick=args.quick)
     if args.quick:
-        # 48 requests at the fixture's max_tokens: enough that the KV cache binds at the highest
-        # rate, where admission and ordering matter (16 requests of 64 tokens all fit at once)
+        # 48 requests at the highest rate (lower rates: the same arrival window, >= 24): a smoke
+        # run of the comparison — 48 requests fit in 64 sequences at once, so little queues;
         # on a slow machine the 48 shrink (to >= 24) so the whole run stays under 15 minutes
         cfg = replace(cfg, real_requests=48, sim_requests=240, real_policies=BASELINES, time_budget_s=QUICK_BUDGET_S)
     if args.policies:
@@ -381,9 +385,13 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     for p in cfg.real_policies:
         if p not in POLICY_NAMES:
             raise ValueError(f"unknown policy {p!r}")
-    if args.real_requests:
+    if args.real_requests is not None:
+        if args.real_requests < 1:
+            raise ValueError("--real-requests must be >= 1")
         cfg = replace(cfg, real_requests=args.real_requests,
                       min_real_requests=min(cfg.min_real_requests, args.real_requests))
+    if args.same_requests_every_rate:
+        cfg = replace(cfg, same_requests_every_rate=True)
     if args.max_tokens:
         cfg = replace(cfg, max_tokens=args.max_tokens)
     if args.sim_requests:
@@ -420,7 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--policies", help="comma-separated policies for the real runs (default: all; quick: "
                                        + ",".join(BASELINES) + ")")
     ap.add_argument("--rates", help="comma-separated arrival rates (req/s) instead of the automatic ones")
-    ap.add_argument("--real-requests", type=int)
+    ap.add_argument("--real-requests", type=int,
+                    help="requests per real run at the highest rate (default 400, --quick 48; at most the held-out "
+                         "half of the fixture); a lower rate runs proportionally fewer, never below 24")
+    ap.add_argument("--same-requests-every-rate", action="store_true",
+                    help="run --real-requests at every rate instead (the arrival window shrinks as the rate grows)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optimistic-below-steps", type=float, metavar="STEPS",
                     help="magnus/hybrid admit without KV reservations while a preemption's recompute costs fewer "
@@ -540,11 +552,21 @@ def main(argv: list[str] | None = None) -> int:
         return make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch,
                                         kv_optimistic_below_steps=cfg.kv_optimistic_below_steps))
 
+    if cfg.real_requests > len(bench_reqs):
+        _log(f"--real-requests {cfg.real_requests}: the fixture holds {len(bench_reqs)} held-out requests; "
+             f"running {len(bench_reqs)}")
+        cfg = replace(cfg, real_requests=len(bench_reqs), min_real_requests=min(cfg.min_real_requests, len(bench_reqs)))
+
+    def run_requests(rate: float, n_top: int) -> list[SimRequest]:
+        """The requests of a real run at `rate` when the highest rate runs `n_top`: the held-out
+        requests in fixture order, Poisson arrivals seeded by the rate."""
+        n = requests_per_rate(rates, n_top, cfg.min_real_requests, cfg.same_requests_every_rate)[rate]
+        return sim_requests(bench_reqs[:n], poisson_arrivals(n, rate, cfg.seed + int(rate * 1000)), cfg.max_tokens)
+
     if cfg.time_budget_s is not None and not args.no_real:
         def real_seconds(n: int) -> float:
             return SIM_TO_WALL * sum(
-                cfg.repeats * simulate(sim_requests(bench_reqs[:n], poisson_arrivals(n, rate, cfg.seed + int(rate * 1000)),
-                                                    cfg.max_tokens), policy_for(name), sim_cfg, model).duration
+                cfg.repeats * simulate(run_requests(rate, n), policy_for(name), sim_cfg, model).duration
                 for rate in rates for name in cfg.real_policies)
 
         left = cfg.time_budget_s - (time.perf_counter() - t_start) - AFTER_REAL_RUNS_S
@@ -556,9 +578,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"of real runs, {left:.0f}s are left: {n} requests (~{real_seconds(n):.0f}s)")
             cfg = replace(cfg, real_requests=n)
     report["config"]["real_requests"] = cfg.real_requests
+    report["real_requests_per_rate"] = {f"{r:g}": n for r, n in requests_per_rate(
+        rates, cfg.real_requests, cfg.min_real_requests, cfg.same_requests_every_rate).items()}
 
     # 4. real runs (+ the same runs simulated, for agreement)
-    real_set = bench_reqs[: cfg.real_requests]
     real: dict = {}
     sim_same: dict = {}
     agreement = []
@@ -567,12 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     run_steps: dict[tuple[str, float, int], list[tuple[StepFeatures, float]]] = {}
     if not args.no_real:
         for ri, rate in enumerate(rates):
-            arrivals = poisson_arrivals(len(real_set), rate, cfg.seed + int(rate * 1000))
             per_run: dict[str, list[dict]] = {}
             per_sim: dict[str, list[dict]] = {}
             for name, rep in run_order(cfg.real_policies, cfg.repeats, ri):
                 pol = policy_for(name)
-                reqs = sim_requests(real_set, arrivals, cfg.max_tokens)
+                reqs = run_requests(rate, cfg.real_requests)
                 t = time.perf_counter()
                 run = run_real(engine, recorder, reqs, pol, cfg.max_tokens)
                 all_steps += run.steps
@@ -614,8 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in agreement:
             key = (a["policy"], a["rate"], a["repeat"])
             name, rate = a["policy"], a["rate"]
-            arrivals = poisson_arrivals(len(real_set), rate, cfg.seed + int(rate * 1000))
-            reqs = reqs_with(sim_requests(real_set, arrivals, cfg.max_tokens), real_lengths[key])
+            reqs = reqs_with(run_requests(rate, cfg.real_requests), real_lengths[key])
             for tag, m_ in (("all_steps", model_all), ("loro", loro[key])):
                 sres = simulate(reqs, policy_for(name),
                                 sim_cfg, m_)
@@ -685,6 +706,21 @@ def requests_within_budget(n_max: int, n_min: int, seconds_for: Callable[[int], 
     while n > n_min and seconds_for(n) > budget_s:
         n = max(n_min, n - step)
     return n
+
+
+def requests_per_rate(rates: Sequence[float], n_top: int, n_min: int, same: bool = False) -> dict[float, int]:
+    """Requests per real run at each rate: `n_top` at the highest, `n_top × rate / highest`
+    (rounded, never below `n_min`, never above `n_top`) at the others; `same`: `n_top` everywhere.
+
+    Why: the comparison that matters is at the highest rate, where a queue builds for as long
+    as requests keep arriving, so that run needs hundreds of requests; the same count at a
+    rate 8x lower takes 8x longer to arrive and shows little (nothing queues there). Equal
+    arrival windows keep every run about as long as the highest rate's.
+    """
+    top = max(rates)
+    if same:
+        return {r: n_top for r in rates}
+    return {r: min(n_top, max(n_min, round(n_top * r / top))) for r in rates}
 
 
 def run_order(policies: Sequence[str], repeats: int, rate_index: int) -> list[tuple[str, int]]:

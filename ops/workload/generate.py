@@ -1,6 +1,6 @@
 """Regenerate the workload fixture: run every request through the real SmolLM2.
 
-    python -m ops.workload.generate [--n 320] [--max-tokens 512] [--out ops/workload/requests.jsonl]
+    python -m ops.workload.generate [--n 960] [--max-tokens 512] [--out ops/workload/requests.jsonl]
 
 Greedy decoding with the model's chat template; a request ends at EOS or at
 `max_tokens`. The recorded `output_tokens` is the model's own length, so the
@@ -8,8 +8,12 @@ fixture is what the length predictor must learn. Why 512: greedy SmolLM2 either
 stops on its own (185 of 189 such requests within 300 tokens, run at 1024) or
 repeats itself until the cap. At 512, 58% end on EOS and only 3 of 320 would
 stop between 512 and 1024; the earlier cap of 128 cut 11% of the requests that
-stop on their own (53% ran into it, against 42% at 512). `gpu.engine.generate` batches
-all requests continuously (a few minutes on 2 cores).
+stop on their own (53% ran into it, against 42% at 512). Why 960: the benchmark trains
+the predictor on one half and runs the other; its long run needs 400 held-out requests
+for a queue to build at the highest rate (docs/scheduling.md). The templates are
+deterministic in `--seed`, so the first n requests of a longer run are the n of a
+shorter one. `gpu.engine.generate` batches all requests continuously (10-20 minutes
+for 960 on 2 cores).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ DEFAULT_OUT = Path(__file__).with_name("requests.jsonl")
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=320)
+    ap.add_argument("--n", type=int, default=960, help="requests (default 960)")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

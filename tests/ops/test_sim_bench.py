@@ -145,6 +145,16 @@ def test_requests_within_budget_shrinks_to_fit_and_stops_at_the_floor():
         requests_within_budget(16, 24, seconds, 1000)
 
 
+def test_requests_per_rate_keep_the_arrival_window_and_the_floor():
+    from ops.bench_sched import requests_per_rate
+
+    # the highest rate runs n_top, the others the same arrival window (n / rate alike), >= the floor
+    assert requests_per_rate([0.5, 1.0, 4.0], 400, 24) == {0.5: 50, 1.0: 100, 4.0: 400}
+    assert requests_per_rate([0.1, 4.0], 400, 24) == {0.1: 24, 4.0: 400}
+    assert requests_per_rate([0.1, 4.0], 16, 24) == {0.1: 16, 4.0: 16}  # the floor never exceeds n_top
+    assert requests_per_rate([1.0, 2.0], 40, 8, same=True) == {1.0: 40, 2.0: 40}
+
+
 def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     from ops.bench_sched import bench_config, build_parser
 
@@ -164,10 +174,12 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     assert cfg("--max-num-seqs", "32").max_num_seqs == 32
     assert cfg("--optimistic-below-steps", "0").kv_optimistic_below_steps == 0.0
     assert cfg().kv_optimistic_below_steps == PolicyConfig.kv_optimistic_below_steps
+    assert (cfg().real_requests, cfg().same_requests_every_rate) == (400, False)
+    assert cfg("--same-requests-every-rate").same_requests_every_rate
     quick = cfg("--quick", "--real-requests", "16")
     assert (quick.real_requests, quick.min_real_requests, quick.time_budget_s is not None) == (16, 16, True)
     for bad in (["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--optimistic-below-steps", "-1"], ["--repeats", "0"], ["--time-budget", "-1"],
-                ["--policies", "fcfs-static,nope"]):
+                ["--real-requests", "0"], ["--policies", "fcfs-static,nope"]):
         with pytest.raises(ValueError):
             cfg(*bad)
 
@@ -192,3 +204,36 @@ def test_fixture_max_tokens_is_the_generation_cap():
     assert fixture_max_tokens(fx) == 512
     with pytest.raises(ValueError, match="mixes"):
         fixture_max_tokens([fx[0], replace(fx[1], max_tokens=128)])
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_and_writes_the_issue_keys(tmp_path, capsys):
+    """`python -m ops.bench_sched` as a user runs it, scaled down: a small fixture, short
+    outputs, two rates; the JSON holds the keys the issue names and every run's request count."""
+    import json
+
+    from ops import bench_sched
+    from ops.workload.fixture import FIXTURE
+
+    fx = tmp_path / "small.jsonl"
+    fx.write_text("".join(FIXTURE.read_text().splitlines(keepends=True)[:80]))
+    out = tmp_path / "out.json"
+    assert bench_sched.main(["--fixture", str(fx), "--policies", "fcfs-static,fcfs-continuous,magnus",
+                             "--rates", "4,16", "--real-requests", "32", "--sim-requests", "24",
+                             "--max-tokens", "16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["real_requests_per_rate"] == {"4": 24, "16": 32}  # the floor, then the top count
+    for name in ("fcfs-static", "fcfs-continuous", "magnus"):
+        for rate in ("4", "16"):
+            s = report["policies"][name][rate]
+            assert s["completed"] == report["real_requests_per_rate"][rate]
+            assert s["req_s"] > 0 and 0 < s["mean_latency_s"] <= s["p99_latency_s"]
+    assert report["ratios_rate"] == 16
+    for k in ("magnus_vs_fcfs_static_throughput", "magnus_vs_fcfs_static_latency",
+              "magnus_vs_fcfs_continuous_latency"):
+        assert report[k] > 0
+    assert 0 <= report["predictor_within_25pct"] <= 1
+    assert report["predictor"]["n_test"] == 40
+    assert len(report["agreement"]) == 6
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "magnus_vs_fcfs_continuous_latency" in capsys.readouterr().out
