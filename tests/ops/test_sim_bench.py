@@ -155,6 +155,13 @@ def test_requests_per_rate_keep_the_arrival_window_and_the_floor():
     assert requests_per_rate([1.0, 2.0], 40, 8, same=True) == {1.0: 40, 2.0: 40}
 
 
+def test_run_timeout_follows_the_simulated_run_with_a_floor():
+    from ops.bench_sched import STUCK_RUN_FACTOR, run_timeout_s
+
+    assert run_timeout_s(10.0) == 900.0  # short runs: the floor
+    assert run_timeout_s(1050.0) == STUCK_RUN_FACTOR * 1050.0  # a long run is not cut at 15 minutes
+
+
 def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     from ops.bench_sched import bench_config, build_parser
 
