@@ -20,7 +20,9 @@ and exits 0. It never prints made-up numbers.
 and `TorchAttentionBackend` on the same inputs (SmolLM2 and Llama-7B-size heads,
 float32 and bfloat16; decode batches and prefill prompt chunks), alternating the
 two, best of 3 rounds of `--iters` calls each, and prints per-call times, the
-speedup (torch / native) and, for prefill, the attention GFLOP/s of each.
+speedup (torch / native) and, for prefill, the attention GFLOP/s of each; then every
+decode kernel built for this CPU (avx512, avx2, portable) on the same inputs, with its
+speedup over the portable loop.
 """
 
 from __future__ import annotations
@@ -170,6 +172,8 @@ class CpuRow:
     speedup: float  # torch_us / native_us
     torch_gflops: float | None  # prefill only: causal attention FLOPs / time
     native_gflops: float | None
+    native_kernel: str | None = None  # decode only: the kernel "auto" ran (avx512, avx2, portable)
+    kernels_us: dict[str, float] | None = None  # decode only: every decode kernel built here, timed
 
 
 def _best_us(fn, iters: int) -> float:
@@ -202,7 +206,12 @@ def _cpu_paged(shape: AttnShape, context_lens: list[int], dtype: torch.dtype, ge
 
 
 def bench_cpu(iters: int) -> list[CpuRow]:
-    from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
+    from gpu.attention.cpu_native import (
+        CpuNativeAttentionBackend,
+        cpu_native_available,
+        decode_kernel_for,
+        decode_kernels,
+    )
     from gpu.attention.torch_backend import TorchAttentionBackend
 
     if not cpu_native_available():
@@ -222,8 +231,15 @@ def bench_cpu(iters: int) -> list[CpuRow]:
                 q = torch.randn(batch, shape.num_heads, shape.head_dim, generator=gen).to(dtype)
                 t_ref = _best_us(lambda: ref.decode(q, k, v, tables, lens, context, scale), iters)  # noqa: B023
                 t_nat = _best_us(lambda: native.decode(q, k, v, tables, lens, context, scale), iters)  # noqa: B023
+                by_kernel = {}
+                for name in decode_kernels():
+                    if name == "avx512" and shape.head_dim not in (64, 128):
+                        continue
+                    one = CpuNativeAttentionBackend(decode_kernel=name)
+                    by_kernel[name] = _best_us(lambda: one.decode(q, k, v, tables, lens, context, scale), iters)  # noqa: B023
                 rows.append(CpuRow("paged_decode", shape.name, f"batch {batch} ctx {context}", dname,
-                                   t_ref, t_nat, t_ref / t_nat, None, None))
+                                   t_ref, t_nat, t_ref / t_nat, None, None,
+                                   decode_kernel_for(shape.head_dim), by_kernel))
             for name, (qlens, clens) in prefill_cases.items():
                 k, v, tables, lens = _cpu_paged(shape, clens, dtype, gen)
                 q = torch.randn(sum(qlens), shape.num_heads, shape.head_dim, generator=gen).to(dtype)
@@ -248,6 +264,17 @@ def print_cpu_table(rows: list[CpuRow]) -> None:
               else f"{'-':>8}{'-':>8}")
         print(f"{r.kernel:<14}{r.model:<15}{r.case:<24}{r.dtype:>9}{r.torch_us:>11.0f}{r.native_us:>11.0f}"
               f"{r.speedup:>8.2f}x{gf}")
+    decode = [r for r in rows if r.kernels_us]
+    if decode:
+        names = list(decode[0].kernels_us)
+        print(f"\nCPU decode kernels, us per call (native above = {decode[0].native_kernel}; "
+              "x = the portable loop's time / the kernel's)")
+        print(f"{'model':<15}{'case':<24}{'dtype':>9}" + "".join(f"{n:>16}" for n in names))
+        for r in decode:
+            base = r.kernels_us.get("portable")
+            cells = "".join(f"{r.kernels_us[n]:>9.0f} {base / r.kernels_us[n]:>5.2f}x" if n in r.kernels_us and base
+                            else f"{'-':>16}" for n in names)
+            print(f"{r.model:<15}{r.case:<24}{r.dtype:>9}{cells}")
 
 
 def compile_only() -> dict:

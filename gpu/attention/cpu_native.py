@@ -17,7 +17,10 @@ Prefill: the torch backend gathers each sequence's context and calls SDPA per
 sequence — ~40-50 GFLOP/s here in bf16, and on the masked path (a prompt chunk
 after cached positions) slower still. The kernel tiles queries × keys straight
 from the cache with float32 accumulation (see the .cpp), head_dim 64 and 128 on
-AVX-512; anything else takes the inherited torch path. Cache writes and block
+AVX-512; anything else takes the inherited torch path.
+
+Decode has three kernels (see the .cpp): AVX-512, AVX2 + FMA and a portable loop;
+"auto" runs the widest this CPU has for the head size. Cache writes and block
 copies are inherited from the torch backend.
 """
 
@@ -51,11 +54,29 @@ def cpu_native_available() -> bool:
     return True
 
 
+def decode_kernels() -> list[str]:
+    """The decode kernels built for this CPU, widest first (e.g. ["avx2", "portable"])."""
+    return list(_module().decode_kernels())
+
+
+def decode_kernel_for(head_dim: int) -> str:
+    """The kernel `decode_kernel="auto"` runs for this head size here."""
+    return str(_module().decode_kernel_for(head_dim))
+
+
 class CpuNativeAttentionBackend(TorchAttentionBackend):
     """`TorchAttentionBackend` with decode and prefill served by the C++ kernels
-    (float32 and bfloat16; prefill for head_dim 64 and 128 on AVX-512)."""
+    (float32 and bfloat16; prefill for head_dim 64 and 128 on AVX-512).
+
+    `decode_kernel`: "auto" (the widest kernel that handles the head size: avx512, avx2,
+    then the portable loop) or one of `decode_kernels()` by name — for tests and
+    benchmarks; a kernel not built here or not handling the head size raises."""
 
     name = "cpu-native"
+
+    def __init__(self, decode_kernel: str = "auto") -> None:
+        super().__init__()
+        self.decode_kernel = decode_kernel
 
     def decode(
         self,
@@ -74,7 +95,7 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
             return query.new_empty(query.shape)
         return _module().paged_decode(
             query.contiguous(), k_cache, v_cache,
-            block_tables.to(torch.int32), context_lens.to(torch.int32), float(scale),
+            block_tables.to(torch.int32), context_lens.to(torch.int32), float(scale), self.decode_kernel,
         )
 
     def prefill(

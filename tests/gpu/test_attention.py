@@ -333,3 +333,78 @@ def test_decode_block_sizes_and_head_dims(case, block_size, hd):
     q, k, v, bt, cl = to(case, query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens)
     out = case.backend.decode(q, k, v, bt, cl, max(context_lens), scale)
     check_close(out, expected, torch.float32)
+
+
+# ---------------------------------------------------------------- every CPU decode kernel
+# The "cpu-native" case above runs whichever kernel "auto" picks on this CPU; these run
+# each kernel built here by name, so a machine with AVX-512 also checks its AVX2 and
+# portable kernels (an AVX2-only machine skips "avx512").
+CPU_DECODE_KERNELS = ("avx512", "avx2", "portable")
+
+
+def _cpu_decode_backend(kernel: str):
+    from gpu.attention.cpu_native import (
+        CpuNativeAttentionBackend,
+        cpu_native_available,
+        decode_kernels,
+    )
+
+    if not cpu_native_available():
+        pytest.fail("the C++ CPU kernel did not build (g++ and ninja are installed by ops/setup.sh)")
+    if kernel not in decode_kernels():
+        pytest.skip(f"the {kernel} decode kernel is not built for this CPU")
+    return CpuNativeAttentionBackend(decode_kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", CPU_DECODE_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,hd", [*DECODE_SHAPES, (6, 2, 32)])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_cpu_decode_kernel_matches_reference(kernel, dtype, nh, nkv, hd, block_size):
+    """Contexts ending anywhere in a tile and a block, with every slot outside a context
+    poisoned: a kernel that reads past a context or mis-masks a tile's tail fails."""
+    backend = _cpu_decode_backend(kernel)
+    if kernel == "avx512" and hd == 32:
+        pytest.skip("the AVX-512 kernel does not specialize head_dim 32 (auto takes AVX2 there)")
+    context_lens = [1, 7, 8, 9, 15, 16, 17, 200, 1000]
+    paged = make_paged(context_lens, nkv=nkv, hd=hd, block_size=block_size, dtype=dtype, seed=3)
+    keep = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(context_lens):
+        for p in range(n):
+            keep[paged.block_tables[b, p // block_size], p % block_size] = True
+    paged.k_cache[~keep] = 1e4
+    paged.v_cache[~keep] = 1e6
+    query = torch.randn(len(context_lens), nh, hd).to(dtype)
+    scale = hd**-0.5
+    expected = reference.decode(
+        query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, max(context_lens), scale
+    )
+    out = backend.decode(query, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens,
+                         max(context_lens), scale)
+    assert out.shape == query.shape and out.dtype == dtype
+    check_close(out, expected, dtype)
+
+
+def test_cpu_decode_kernel_by_name_is_checked():
+    """A kernel this CPU lacks or that does not handle the head size is an error, not a
+    silent fallback; "auto" always answers."""
+    from gpu.attention.cpu_native import decode_kernel_for, decode_kernels
+
+    backend = _cpu_decode_backend("portable")
+    assert decode_kernels()[-1] == "portable"
+    assert decode_kernel_for(48) == "portable"  # no vectorized kernel specializes 48
+    assert decode_kernel_for(64) == decode_kernels()[0]
+    paged = make_paged([5, 9], nkv=2, hd=48)
+    query = torch.randn(2, 4, 48)
+    args = (paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, 9, 0.1)
+    backend.decode_kernel = "bogus"
+    with pytest.raises(RuntimeError, match="unknown decode kernel 'bogus'"):
+        backend.decode(query, *args)
+    for vectorized in decode_kernels()[:-1]:
+        backend.decode_kernel = vectorized
+        with pytest.raises(RuntimeError, match="does not handle head_dim 48"):
+            backend.decode(query, *args)
+    for absent in sorted(set(CPU_DECODE_KERNELS) - set(decode_kernels())):
+        backend.decode_kernel = absent
+        with pytest.raises(RuntimeError, match="not built for this CPU"):
+            backend.decode(query, *args)

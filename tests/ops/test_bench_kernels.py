@@ -23,4 +23,10 @@ def test_cpu_mode_times_both_backends_and_writes_json(tmp_path, capsys):
         assert r["torch_us"] > 0 and r["native_us"] > 0
         assert r["speedup"] == pytest.approx(r["torch_us"] / r["native_us"])
         assert (r["native_gflops"] is None) == (r["kernel"] == "paged_decode")
-    assert "speedup" in capsys.readouterr().out
+        if r["kernel"] == "paged_decode":  # every decode kernel built here, auto's among them
+            assert "portable" in r["kernels_us"] and r["native_kernel"] in r["kernels_us"]
+            assert all(us > 0 for us in r["kernels_us"].values())
+        else:
+            assert r["kernels_us"] is None
+    out = capsys.readouterr().out
+    assert "speedup" in out and "CPU decode kernels" in out

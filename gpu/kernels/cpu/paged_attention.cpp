@@ -10,8 +10,12 @@
 // every key/value row read from memory once for all the query heads that share it):
 //   decode_avx512  head_dim 64 or 128 on an AVX-512 CPU: one work item per sequence,
 //                  16-position tiles, vector exp, dynamic OpenMP schedule;
+//   decode_avx2    head_dim 32, 64 or 128 on an AVX2 + FMA CPU (x86-64 since Haswell
+//                  and Zen 1): the same scheme in 8-wide registers, 8-position tiles;
 //   decode_impl    anything else: one work item per (sequence, kv head), rescale
 //                  once per block of `bs` positions.
+// `paged_decode(..., kernel)` runs the widest one that handles the shape ("auto") or the
+// one named, so the tests check every kernel this CPU can run against the reference.
 // Built with -fopenmp (gpu/attention/cpu_native.py) so both use torch's threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -21,7 +25,9 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#include <string>
+
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -93,6 +99,187 @@ void decode_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, co
   });
 }
 
+#if defined(__AVX2__)
+// Software prefetch of the K and V rows of positions [pos, pos + tile) of sequence b
+// (clipped to its block and context). Blocks are scattered through the cache, so
+// the hardware prefetcher restarts at every block; asking for the tile two ahead
+// keeps the loads in flight while the current tile computes.
+template <typename T>
+inline void prefetch_tile(const T* kc, const T* vc, const int32_t* tables, int64_t b, int64_t W, int64_t bs,
+                          int64_t row, int64_t pos, int64_t n, int64_t tile = 16) {
+  if (pos >= n) return;
+  const int64_t blk = tables[b * W + pos / bs], off = pos % bs;
+  const int64_t cnt = std::min<int64_t>({tile, n - pos, bs - off});
+  const char* k = reinterpret_cast<const char*>(kc + (blk * bs + off) * row);
+  const char* v = reinterpret_cast<const char*>(vc + (blk * bs + off) * row);
+  const int64_t bytes = cnt * row * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < bytes; i += 64) {
+    _mm_prefetch(k + i, _MM_HINT_T0);
+    _mm_prefetch(v + i, _MM_HINT_T0);
+  }
+}
+
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kHasAvx2 = true;
+// ---------------------------------------------------------------- AVX2 path
+// decode_avx512's scheme in 8-wide registers, for the x86 CPUs without AVX-512 (Zen 1-3,
+// most client Intel parts): one work item per sequence; keys in tiles of up to 8
+// positions inside one block, so a tile's 8 scores fill one register (one reduce8
+// instead of 8 horizontal sums) and its softmax is a handful of vector ops. Until this
+// path existed those CPUs ran decode_impl, whose scalar exp and per-score reductions
+// made decode attention ~10x slower per context token than on AVX-512 (bench_kernels).
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  // bfloat16 is the top half of a float32: widen to 32 bits and shift into place
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for x <= 0, the same Cephes polynomial as exp512; 2^n built in the exponent
+// bits (n >= -126 after the clamp, so the result is a normal float).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Horizontal sums of 8 vectors at once: lane t of the result is the sum of a[t]'s lanes.
+inline __m256 reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // [a0..a3 partial sums of lanes 0-3 | of lanes 4-7]
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);  // the same for a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+template <typename T, int NV>
+void decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
+                 int64_t B, int64_t nh, int64_t bs, int64_t nkv, int64_t W, float scale) {
+  static_assert(NV >= 2, "two dot-product accumulators per score");
+  constexpr int64_t hd = NV * 8;
+  const int64_t group = nh / nkv;
+  const int64_t row = nkv * hd;  // elements between consecutive positions of one block
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> qf(nh * hd), acc(nh * hd), m(nh), l(nh);
+    __m256 dots[8];
+    alignas(32) float p[8];
+    const __m256 iota = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = ctx[b];
+      for (int64_t i = 0; i < nh * hd; ++i) qf[i] = static_cast<float>(q[b * nh * hd + i]) * scale;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      prefetch_tile(kc, vc, tables, b, W, bs, row, 8, n, 8);
+      for (int64_t start = 0, cnt = 0; start < n; start += cnt) {
+        const int64_t blk = tables[b * W + start / bs];
+        const int64_t off = start % bs;
+        cnt = std::min<int64_t>({8, n - start, bs - off});  // a tile never straddles two blocks
+        const __m256 valid = _mm256_cmp_ps(iota, _mm256_set1_ps(static_cast<float>(cnt)), _CMP_LT_OQ);
+        prefetch_tile(kc, vc, tables, b, W, bs, row, start + cnt + 8, n, 8);
+        for (int64_t h = 0; h < nkv; ++h) {
+          const T* k0 = kc + (blk * bs + off) * row + h * hd;
+          const T* v0 = vc + (blk * bs + off) * row + h * hd;
+          for (int64_t hq = h * group; hq < (h + 1) * group; ++hq) {
+            const float* qh = &qf[hq * hd];
+            for (int64_t t = 0; t < 8; ++t) {
+              if (t >= cnt) {
+                dots[t] = _mm256_setzero_ps();
+                continue;
+              }
+              const T* k = k0 + t * row;
+              __m256 d0 = _mm256_mul_ps(_mm256_loadu_ps(qh), load8(k));
+              __m256 d1 = _mm256_mul_ps(_mm256_loadu_ps(qh + 8), load8(k + 8));
+              for (int v = 2; v < NV; v += 2) {
+                d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + v * 8), load8(k + v * 8), d0);
+                if (v + 1 < NV) d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + v * 8 + 8), load8(k + v * 8 + 8), d1);
+              }
+              dots[t] = _mm256_add_ps(d0, d1);
+            }
+            const __m256 sv = _mm256_blendv_ps(ninf, reduce8(dots), valid);
+            const float mnew = std::max(m[hq], hmax8(sv));
+            const float corr = std::exp(m[hq] - mnew);  // 0 on the first tile (m = -inf)
+            const __m256 pv = _mm256_and_ps(valid, exp256(_mm256_sub_ps(sv, _mm256_set1_ps(mnew))));
+            l[hq] = l[hq] * corr + hsum8(pv);
+            m[hq] = mnew;
+            _mm256_store_ps(p, pv);
+            float* ah = &acc[hq * hd];
+            const __m256 c = _mm256_set1_ps(corr);
+            for (int c0 = 0; c0 < NV; c0 += 8) {  // at most 8 accumulator registers at a time
+              const int nv = std::min(NV - c0, 8);
+              __m256 a[8];
+              for (int v = 0; v < nv; ++v) a[v] = _mm256_mul_ps(_mm256_loadu_ps(ah + (c0 + v) * 8), c);
+              for (int64_t t = 0; t < cnt; ++t) {
+                const T* vr = v0 + t * row + c0 * 8;
+                const __m256 pt = _mm256_set1_ps(p[t]);
+                for (int v = 0; v < nv; ++v) a[v] = _mm256_fmadd_ps(pt, load8(vr + v * 8), a[v]);
+              }
+              for (int v = 0; v < nv; ++v) _mm256_storeu_ps(ah + (c0 + v) * 8, a[v]);
+            }
+          }
+        }
+      }
+      for (int64_t hq = 0; hq < nh; ++hq) {
+        const float inv = l[hq] > 0.f ? 1.f / l[hq] : 0.f;
+        T* o = out + (b * nh + hq) * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[hq * hd + d] * inv);
+      }
+    }
+  }
+}
+
+template <typename T>
+bool decode_avx2_dispatch(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
+                          int64_t B, int64_t nh, int64_t hd, int64_t bs, int64_t nkv, int64_t W, float scale) {
+  if (hd == 32) {
+    decode_avx2<T, 4>(q, kc, vc, tables, ctx, out, B, nh, bs, nkv, W, scale);
+  } else if (hd == 64) {
+    decode_avx2<T, 8>(q, kc, vc, tables, ctx, out, B, nh, bs, nkv, W, scale);
+  } else if (hd == 128) {
+    decode_avx2<T, 16>(q, kc, vc, tables, ctx, out, B, nh, bs, nkv, W, scale);
+  } else {
+    return false;
+  }
+  return true;
+}
+#else
+constexpr bool kHasAvx2 = false;
+template <typename T>
+bool decode_avx2_dispatch(const T*, const T*, const T*, const int32_t*, const int32_t*, T*,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
+#endif
+
 #if defined(__AVX512F__)
 constexpr bool kHasAvx512 = true;
 // ---------------------------------------------------------------- AVX-512 path
@@ -125,25 +312,6 @@ inline __m512 exp512(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(y, n);
-}
-
-// Software prefetch of the K and V rows of positions [pos, pos + 16) of sequence b
-// (clipped to its block and context). Blocks are scattered through the cache, so
-// the hardware prefetcher restarts at every block; asking for the tile two ahead
-// keeps the loads in flight while the current tile computes.
-template <typename T>
-inline void prefetch_tile(const T* kc, const T* vc, const int32_t* tables, int64_t b, int64_t W, int64_t bs,
-                          int64_t row, int64_t pos, int64_t n) {
-  if (pos >= n) return;
-  const int64_t blk = tables[b * W + pos / bs], off = pos % bs;
-  const int64_t cnt = std::min<int64_t>({16, n - pos, bs - off});
-  const char* k = reinterpret_cast<const char*>(kc + (blk * bs + off) * row);
-  const char* v = reinterpret_cast<const char*>(vc + (blk * bs + off) * row);
-  const int64_t bytes = cnt * row * static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < bytes; i += 64) {
-    _mm_prefetch(k + i, _MM_HINT_T0);
-    _mm_prefetch(v + i, _MM_HINT_T0);
-  }
 }
 
 template <typename T, int NV>
@@ -521,17 +689,63 @@ bool decode_fast(const T*, const T*, const T*, const int32_t*, const int32_t*, T
 }
 #endif
 
+// Decode kernels by name, widest first; "auto" takes the first that handles the shape.
+enum class Decode { kAvx512, kAvx2, kPortable };
+
+bool decode_compiled(Decode k) {
+  return k == Decode::kPortable || (k == Decode::kAvx2 && kHasAvx2) || (k == Decode::kAvx512 && kHasAvx512);
+}
+
+// Which kernels handle head_dim `hd` here (the vectorized ones specialize head sizes).
+bool decode_handles(Decode k, int64_t hd) {
+  switch (k) {
+    case Decode::kAvx512: return kHasAvx512 && (hd == 64 || hd == 128);
+    case Decode::kAvx2: return kHasAvx2 && (hd == 32 || hd == 64 || hd == 128);
+    case Decode::kPortable: return true;
+  }
+  return false;
+}
+
+const char* decode_name(Decode k) {
+  switch (k) {
+    case Decode::kAvx512: return "avx512";
+    case Decode::kAvx2: return "avx2";
+    case Decode::kPortable: return "portable";
+  }
+  return "?";
+}
+
+constexpr Decode kDecodeOrder[] = {Decode::kAvx512, Decode::kAvx2, Decode::kPortable};
+
+Decode decode_choice(const std::string& kernel, int64_t hd) {
+  if (kernel == "auto") {
+    for (Decode k : kDecodeOrder)
+      if (decode_handles(k, hd)) return k;
+  }
+  for (Decode k : kDecodeOrder) {
+    if (kernel != decode_name(k)) continue;
+    TORCH_CHECK(decode_compiled(k), "decode kernel '", kernel, "' is not built for this CPU");
+    TORCH_CHECK(decode_handles(k, hd), "decode kernel '", kernel, "' does not handle head_dim ", hd);
+    return k;
+  }
+  TORCH_CHECK(false, "unknown decode kernel '", kernel, "' (auto, avx512, avx2 or portable)");
+  return Decode::kPortable;
+}
+
 template <typename T>
-void decode_dispatch(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx, T* out,
-                     int64_t B, int64_t nh, int64_t hd, int64_t bs, int64_t nkv, int64_t W, float scale) {
-  if (!decode_fast<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale))
-    decode_impl<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale);
+void decode_dispatch(Decode kernel, const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* ctx,
+                     T* out, int64_t B, int64_t nh, int64_t hd, int64_t bs, int64_t nkv, int64_t W, float scale) {
+  bool done = false;
+  if (kernel == Decode::kAvx512) done = decode_fast<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale);
+  if (kernel == Decode::kAvx2) done = decode_avx2_dispatch<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale);
+  if (!done) decode_impl<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale);
 }
 
 }  // namespace
 
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                           const std::string& kernel) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4, "query (B, nh, hd) and caches (N, bs, nkv, hd)");
   TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -543,14 +757,15 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   const int64_t B = query.size(0), nh = query.size(1), hd = query.size(2);
   const int64_t bs = k_cache.size(1), nkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == hd && nh % nkv == 0, "head shapes do not match");
+  const Decode which = decode_choice(kernel, hd);
   auto out = torch::empty_like(query);
   if (query.scalar_type() == torch::kFloat32) {
-    decode_dispatch<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+    decode_dispatch<float>(which, query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                        tables.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), out.data_ptr<float>(),
                        B, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
   } else if (query.scalar_type() == torch::kBFloat16) {
     using bf = c10::BFloat16;
-    decode_dispatch<bf>(query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
+    decode_dispatch<bf>(which, query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
                     tables.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), out.data_ptr<bf>(),
                     B, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
   } else {
@@ -558,6 +773,15 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Te
   }
   return out;
 }
+
+std::vector<std::string> decode_kernels() {
+  std::vector<std::string> out;
+  for (Decode k : kDecodeOrder)
+    if (decode_compiled(k)) out.emplace_back(decode_name(k));
+  return out;
+}
+
+std::string decode_kernel_for(int64_t head_dim) { return decode_name(decode_choice("auto", head_dim)); }
 
 bool prefill_supported(int64_t head_dim) { return kHasAvx512 && (head_dim == 64 || head_dim == 128); }
 
@@ -599,7 +823,11 @@ torch::Tensor paged_prefill(torch::Tensor query, torch::Tensor k_cache, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention over the block tables (CPU)");
+  m.def("paged_decode", &paged_decode, "paged decode attention over the block tables (CPU)",
+        py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("scale"), py::arg("kernel") = "auto");
+  m.def("decode_kernels", &decode_kernels, "the decode kernels built for this CPU, widest first");
+  m.def("decode_kernel_for", &decode_kernel_for, "the decode kernel 'auto' runs for this head_dim");
   m.def("paged_prefill", &paged_prefill, "causal prefill attention of prompt chunks over the paged cache (CPU)");
   m.def("prefill_supported", &prefill_supported, "whether paged_prefill handles this head_dim on this CPU");
 }
