@@ -19,7 +19,9 @@
    build up), a lower rate proportionally fewer, so every rate's arrivals span
    the same window (`requests_per_rate`). With a time budget (`--time-budget`,
    and `--quick`: 14 min) the number of requests is sized from the runs'
-   simulated duration, so a slow CPU runs fewer of them.
+   simulated duration, so a slow CPU runs fewer of them — and where even 24
+   at every rate would not fit, only the highest rate runs for real
+   (`real_runs_within_budget`); the simulated sweep keeps every rate.
 5. Simulation: the same request sets and arrivals in `ops.sim.simulate`
    (real step scheduler + calibrated step times): agreement with the real runs
    on mean response time — with the warm-up's step model, with a model fitted
@@ -75,6 +77,8 @@ QUICK_BUDGET_S = 14 * 60.0  # --quick's whole run; the issue asks for under 15 m
 # a real run took 0.8-1.4x its simulation with the warm-up's step model (docs/scheduling.md):
 # size for the slow end
 SIM_TO_WALL = 1.3
+# with a time budget, the fewest requests a real run shrinks to (at the highest rate alone)
+SMOKE_FLOOR_REQUESTS = 8
 AFTER_REAL_RUNS_S = 60.0  # re-simulating every real run twice, the simulated sweep and the plot
 # a real run that takes this many times its simulation (or 15 minutes, whichever is longer)
 # is stuck: abort it (see run_timeout_s)
@@ -381,7 +385,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     if args.quick:
         # 48 requests at the highest rate (lower rates: the same arrival window, >= 24): a smoke
         # run of the comparison — 48 requests fit in 64 sequences at once, so little queues;
-        # on a slow machine the 48 shrink (to >= 24) so the whole run stays under 15 minutes
+        # on a slow machine the 48 shrink (to >= 24, then the highest rate alone) so the whole run
+        # stays under 15 minutes
         cfg = replace(cfg, real_requests=48, sim_requests=240, real_policies=BASELINES, time_budget_s=QUICK_BUDGET_S)
     if args.policies:
         cfg = replace(cfg, real_policies=tuple(args.policies.split(",")))
@@ -456,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sim-requests", type=int)
     ap.add_argument("--time-budget", type=float, metavar="MIN",
                     help="minutes for the whole benchmark: after calibration the real runs are sized from "
-                         "their simulated duration to fit (fewer requests, never below 24, or below --real-requests when that is smaller); "
+                         "their simulated duration to fit (fewer requests, down to 24; then the highest rate alone, down to 8); "
                          f"default: none, --quick: {QUICK_BUDGET_S / 60:g}")
     ap.add_argument("--repeats", type=int, help="real runs per policy and rate, alternating the order (ABBA); "
                                                 "the report holds their mean (default 1)")
@@ -560,29 +565,36 @@ def main(argv: list[str] | None = None) -> int:
              f"running {len(bench_reqs)}")
         cfg = replace(cfg, real_requests=len(bench_reqs), min_real_requests=min(cfg.min_real_requests, len(bench_reqs)))
 
-    def run_requests(rate: float, n_top: int) -> list[SimRequest]:
-        """The requests of a real run at `rate` when the highest rate runs `n_top`: the held-out
-        requests in fixture order, Poisson arrivals seeded by the rate."""
-        n = requests_per_rate(rates, n_top, cfg.min_real_requests, cfg.same_requests_every_rate)[rate]
+    real_rates = list(rates)  # the rates run on the real engine (the simulated sweep runs all of `rates`)
+
+    def run_requests(rate: float, n_top: int, at: Sequence[float] | None = None) -> list[SimRequest]:
+        """The requests of a real run at `rate` when the highest of the real rates (`at`, default
+        `real_rates`) runs `n_top`: the held-out requests in fixture order, Poisson arrivals
+        seeded by the rate."""
+        n = requests_per_rate(at or real_rates, n_top, cfg.min_real_requests, cfg.same_requests_every_rate)[rate]
         return sim_requests(bench_reqs[:n], poisson_arrivals(n, rate, cfg.seed + int(rate * 1000)), cfg.max_tokens)
 
     if cfg.time_budget_s is not None and not args.no_real:
-        def real_seconds(n: int) -> float:
+        def real_seconds(at: Sequence[float], n: int) -> float:
             return SIM_TO_WALL * sum(
-                cfg.repeats * simulate(run_requests(rate, n), policy_for(name), sim_cfg, model).duration
-                for rate in rates for name in cfg.real_policies)
+                cfg.repeats * simulate(run_requests(rate, n, at), policy_for(name), sim_cfg, model).duration
+                for rate in at for name in cfg.real_policies)
 
         left = cfg.time_budget_s - (time.perf_counter() - t_start) - AFTER_REAL_RUNS_S
-        n = requests_within_budget(cfg.real_requests, cfg.min_real_requests, real_seconds, left)
+        fit_rates, n = real_runs_within_budget(rates, cfg.real_requests, cfg.min_real_requests, real_seconds, left)
         report["time_budget"] = {"budget_s": cfg.time_budget_s, "left_for_real_runs_s": left,
-                                 "real_requests": n, "predicted_real_runs_s": real_seconds(n)}
-        if n < cfg.real_requests:
-            _log(f"time budget: {cfg.real_requests} requests per run would take ~{real_seconds(cfg.real_requests):.0f}s "
-                 f"of real runs, {left:.0f}s are left: {n} requests (~{real_seconds(n):.0f}s)")
-            cfg = replace(cfg, real_requests=n)
+                                 "real_requests": n, "real_rates": fit_rates,
+                                 "predicted_real_runs_s": real_seconds(fit_rates, n)}
+        if n < cfg.real_requests or len(fit_rates) < len(rates):
+            _log(f"time budget: {cfg.real_requests} requests per run at {len(rates)} rates would take "
+                 f"~{real_seconds(rates, cfg.real_requests):.0f}s of real runs, {left:.0f}s are left: "
+                 f"{n} requests at {fit_rates} (~{real_seconds(fit_rates, n):.0f}s); the simulated sweep keeps every rate")
+            cfg = replace(cfg, real_requests=n, min_real_requests=min(cfg.min_real_requests, n))
+            real_rates = list(fit_rates)
     report["config"]["real_requests"] = cfg.real_requests
+    report["real_rates"] = real_rates
     report["real_requests_per_rate"] = {f"{r:g}": n for r, n in requests_per_rate(
-        rates, cfg.real_requests, cfg.min_real_requests, cfg.same_requests_every_rate).items()}
+        real_rates, cfg.real_requests, cfg.min_real_requests, cfg.same_requests_every_rate).items()}
 
     # 4. real runs (+ the same runs simulated, for agreement)
     real: dict = {}
@@ -592,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     real_lengths: dict[tuple[str, float, int], dict[str, int]] = {}
     run_steps: dict[tuple[str, float, int], list[tuple[StepFeatures, float]]] = {}
     if not args.no_real:
-        for ri, rate in enumerate(rates):
+        for ri, rate in enumerate(real_rates):
             per_run: dict[str, list[dict]] = {}
             per_sim: dict[str, list[dict]] = {}
             for name, rep in run_order(cfg.real_policies, cfg.repeats, ri):
@@ -674,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     report["sim_policies"] = sim
 
     # 6. headline ratios at the highest common rate of the real runs (and of the sim sweep)
-    common = [r for r in (f"{x:g}" for x in rates) if all(r in real.get(p, {}) for p in BASELINES)]
+    common = [r for r in (f"{x:g}" for x in real_rates) if all(r in real.get(p, {}) for p in BASELINES)]
     if common:
         top = max(common, key=float)
         report["ratios_rate"] = float(top)
@@ -710,6 +722,29 @@ def requests_within_budget(n_max: int, n_min: int, seconds_for: Callable[[int], 
     while n > n_min and seconds_for(n) > budget_s:
         n = max(n_min, n - step)
     return n
+
+
+def real_runs_within_budget(rates: Sequence[float], n_max: int, n_min: int,
+                            seconds_for: Callable[[Sequence[float], int], float], budget_s: float,
+                            n_floor: int = SMOKE_FLOOR_REQUESTS) -> tuple[list[float], int]:
+    """The real runs that fit `budget_s`: (the rates to run on the real engine, requests at the
+    highest). In order, the first that fits: every rate with n_max down to n_min requests
+    (`requests_within_budget`); the highest rate alone with n_max down to n_min; the highest
+    rate alone with fewer, down to n_floor (which it returns when nothing fits).
+
+    Why: on a slow CPU (AVX2, 2 cores: ~2.3 ms per token) even the minimum of 24 requests at
+    three rates took ~27 minutes of real runs, so `--quick` ran twice its 15 minutes. The
+    highest rate is where the comparison is made; the lower rates stay in the simulated sweep.
+    """
+    rates = list(rates)
+    n = requests_within_budget(n_max, n_min, lambda k: seconds_for(rates, k), budget_s)
+    if seconds_for(rates, n) <= budget_s:
+        return rates, n
+    top = [max(rates)]
+    n = requests_within_budget(n_max, n_min, lambda k: seconds_for(top, k), budget_s)
+    if seconds_for(top, n) <= budget_s or n_min <= n_floor:
+        return top, n
+    return top, requests_within_budget(n_min, n_floor, lambda k: seconds_for(top, k), budget_s)
 
 
 def requests_per_rate(rates: Sequence[float], n_top: int, n_min: int, same: bool = False) -> dict[float, int]:

@@ -145,6 +145,26 @@ def test_requests_within_budget_shrinks_to_fit_and_stops_at_the_floor():
         requests_within_budget(16, 24, seconds, 1000)
 
 
+def test_real_runs_within_budget_drops_the_lower_rates_before_going_below_the_minimum():
+    from ops.bench_sched import real_runs_within_budget
+
+    def seconds(rates, n):  # 10 s per request at the top rate, 5 s at each lower one
+        top = max(rates)
+        return sum((10.0 if r == top else 5.0) * n for r in rates)
+
+    rates = [0.1, 0.2, 0.4]
+    assert real_runs_within_budget(rates, 48, 24, seconds, 1000) == (rates, 48)  # 960 s: fits
+    assert real_runs_within_budget(rates, 48, 24, seconds, 500) == (rates, 24)  # 480 s at 24
+    # 24 at three rates (480 s) is over: the top rate alone, as many as fit (40 x 10 s)
+    assert real_runs_within_budget(rates, 48, 24, seconds, 400) == ([0.4], 40)
+    # not even 24 at the top rate: fewer, down to the floor
+    assert real_runs_within_budget(rates, 48, 24, seconds, 160) == ([0.4], 16)
+    assert real_runs_within_budget(rates, 48, 24, seconds, 10, n_floor=8) == ([0.4], 8)
+    assert real_runs_within_budget([0.4], 48, 24, seconds, 400) == ([0.4], 40)
+    # a minimum already at or below the floor is never undercut
+    assert real_runs_within_budget(rates, 48, 8, seconds, 10, n_floor=8) == ([0.4], 8)
+
+
 def test_requests_per_rate_keep_the_arrival_window_and_the_floor():
     from ops.bench_sched import requests_per_rate
 
