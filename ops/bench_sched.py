@@ -41,6 +41,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -575,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         return sim_requests(bench_reqs[:n], poisson_arrivals(n, rate, cfg.seed + int(rate * 1000)), cfg.max_tokens)
 
     if cfg.time_budget_s is not None and not args.no_real:
-        def real_seconds(at: Sequence[float], n: int) -> float:
+        @functools.cache  # each call simulates every planned real run
+        def real_seconds(at: tuple[float, ...], n: int) -> float:
             return SIM_TO_WALL * sum(
                 cfg.repeats * simulate(run_requests(rate, n, at), policy_for(name), sim_cfg, model).duration
                 for rate in at for name in cfg.real_policies)
@@ -584,11 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         fit_rates, n = real_runs_within_budget(rates, cfg.real_requests, cfg.min_real_requests, real_seconds, left)
         report["time_budget"] = {"budget_s": cfg.time_budget_s, "left_for_real_runs_s": left,
                                  "real_requests": n, "real_rates": fit_rates,
-                                 "predicted_real_runs_s": real_seconds(fit_rates, n)}
+                                 "predicted_real_runs_s": real_seconds(tuple(fit_rates), n)}
         if n < cfg.real_requests or len(fit_rates) < len(rates):
             _log(f"time budget: {cfg.real_requests} requests per run at {len(rates)} rates would take "
-                 f"~{real_seconds(rates, cfg.real_requests):.0f}s of real runs, {left:.0f}s are left: "
-                 f"{n} requests at {fit_rates} (~{real_seconds(fit_rates, n):.0f}s); the simulated sweep keeps every rate")
+                 f"~{real_seconds(tuple(rates), cfg.real_requests):.0f}s of real runs, {left:.0f}s are left: "
+                 f"{n} requests at {fit_rates} (~{real_seconds(tuple(fit_rates), n):.0f}s); "
+                 "the simulated sweep keeps every rate")
             cfg = replace(cfg, real_requests=n, min_real_requests=min(cfg.min_real_requests, n))
             real_rates = list(fit_rates)
     report["config"]["real_requests"] = cfg.real_requests
@@ -733,18 +736,19 @@ def real_runs_within_budget(rates: Sequence[float], n_max: int, n_min: int,
     rate alone with fewer, down to n_floor (which it returns when nothing fits).
 
     Why: on a slow CPU (AVX2, 2 cores: ~2.3 ms per token) even the minimum of 24 requests at
-    three rates took ~27 minutes of real runs, so `--quick` ran twice its 15 minutes. The
-    highest rate is where the comparison is made; the lower rates stay in the simulated sweep.
+    three rates was predicted at ~27 minutes of real runs, which would have taken `--quick` to
+    ~32 minutes. The highest rate is where the comparison is made; the lower rates stay in the
+    simulated sweep. `seconds_for` is called with tuples (so a caller may cache it).
     """
-    rates = list(rates)
-    n = requests_within_budget(n_max, n_min, lambda k: seconds_for(rates, k), budget_s)
-    if seconds_for(rates, n) <= budget_s:
-        return rates, n
-    top = [max(rates)]
+    every = tuple(rates)
+    n = requests_within_budget(n_max, n_min, lambda k: seconds_for(every, k), budget_s)
+    if seconds_for(every, n) <= budget_s:
+        return list(every), n
+    top = (max(every),)
     n = requests_within_budget(n_max, n_min, lambda k: seconds_for(top, k), budget_s)
-    if seconds_for(top, n) <= budget_s or n_min <= n_floor:
-        return top, n
-    return top, requests_within_budget(n_min, n_floor, lambda k: seconds_for(top, k), budget_s)
+    if seconds_for(top, n) > budget_s and n_min > n_floor:
+        n = requests_within_budget(n_min, n_floor, lambda k: seconds_for(top, k), budget_s)
+    return list(top), n
 
 
 def requests_per_rate(rates: Sequence[float], n_top: int, n_min: int, same: bool = False) -> dict[float, int]:

@@ -264,3 +264,29 @@ def test_the_benchmark_runs_end_to_end_and_writes_the_issue_keys(tmp_path, capsy
     assert len(report["agreement"]) == 6
     assert out.with_suffix(".png").stat().st_size > 0
     assert "magnus_vs_fcfs_continuous_latency" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_for_every_rate_runs_the_highest_alone(tmp_path):
+    """`--time-budget` that cannot fit the minimum at every rate: the real runs fall back to the
+    highest rate (down to the floor of requests) and the simulated sweep keeps every rate."""
+    import json
+
+    from ops import bench_sched
+    from ops.workload.fixture import FIXTURE
+
+    fx = tmp_path / "small.jsonl"
+    fx.write_text("".join(FIXTURE.read_text().splitlines(keepends=True)[:80]))
+    out = tmp_path / "out.json"
+    assert bench_sched.main(["--fixture", str(fx), "--policies", "fcfs-static,fcfs-continuous,magnus",
+                             "--rates", "4,16", "--real-requests", "32", "--sim-requests", "24",
+                             "--max-tokens", "16", "--time-budget", "0.01", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    floor = bench_sched.SMOKE_FLOOR_REQUESTS
+    assert report["real_rates"] == [16] and report["time_budget"]["real_rates"] == [16]
+    assert report["real_requests_per_rate"] == {"16": floor}
+    for name in ("fcfs-static", "fcfs-continuous", "magnus"):
+        assert list(report["policies"][name]) == ["16"]
+        assert report["policies"][name]["16"]["completed"] == floor
+        assert {"4", "16"} <= set(report["sim_policies"][name])
+    assert report["ratios_rate"] == 16
