@@ -22,7 +22,8 @@ float32 and bfloat16; decode batches and prefill prompt chunks), alternating the
 two, best of 3 rounds of `--iters` calls each, and prints per-call times, the
 speedup (torch / native) and, for prefill, the attention GFLOP/s of each; then every
 decode kernel built for this CPU (avx512, avx2, portable) on the same inputs, with its
-speedup over the portable loop.
+speedup over the portable loop, and every prefill kernel (avx512, avx2), with its
+speedup over the torch backend.
 """
 
 from __future__ import annotations
@@ -172,8 +173,10 @@ class CpuRow:
     speedup: float  # torch_us / native_us
     torch_gflops: float | None  # prefill only: causal attention FLOPs / time
     native_gflops: float | None
-    native_kernel: str | None = None  # decode only: the kernel "auto" ran (avx512, avx2, portable)
-    kernels_us: dict[str, float] | None = None  # decode only: every decode kernel built here, timed
+    # the kernel "auto" ran: decode avx512, avx2 or portable; prefill avx512, avx2 or
+    # none (the torch path)
+    native_kernel: str | None = None
+    kernels_us: dict[str, float] | None = None  # every kernel of this op built here, timed by name
 
 
 def _best_us(fn, iters: int) -> float:
@@ -211,6 +214,8 @@ def bench_cpu(iters: int) -> list[CpuRow]:
         cpu_native_available,
         decode_kernel_for,
         decode_kernels,
+        prefill_kernel_for,
+        prefill_kernels,
     )
     from gpu.attention.torch_backend import TorchAttentionBackend
 
@@ -247,11 +252,18 @@ def bench_cpu(iters: int) -> list[CpuRow]:
                 args = (q, k, v, starts, lens, tables, max(qlens), max(clens), scale)
                 t_ref = _best_us(lambda: ref.prefill(*args), iters)  # noqa: B023
                 t_nat = _best_us(lambda: native.prefill(*args), iters)  # noqa: B023
+                by_kernel = {}
+                for kname in prefill_kernels():
+                    if kname == "avx512" and shape.head_dim not in (64, 128):
+                        continue
+                    one = CpuNativeAttentionBackend(prefill_kernel=kname)
+                    by_kernel[kname] = _best_us(lambda: one.prefill(*args), iters)  # noqa: B023
                 # QK^T and PV over the causal part: 4 · heads · hd per (query, visible key)
                 flops = sum(4 * shape.num_heads * shape.head_dim * (c - (n - 1) / 2) * n
                             for n, c in zip(qlens, clens, strict=True))
                 rows.append(CpuRow("paged_prefill", shape.name, name, dname, t_ref, t_nat, t_ref / t_nat,
-                                   flops / t_ref / 1e3, flops / t_nat / 1e3))
+                                   flops / t_ref / 1e3, flops / t_nat / 1e3,
+                                   prefill_kernel_for(shape.head_dim), by_kernel))
     return rows
 
 
@@ -264,14 +276,16 @@ def print_cpu_table(rows: list[CpuRow]) -> None:
               else f"{'-':>8}{'-':>8}")
         print(f"{r.kernel:<14}{r.model:<15}{r.case:<24}{r.dtype:>9}{r.torch_us:>11.0f}{r.native_us:>11.0f}"
               f"{r.speedup:>8.2f}x{gf}")
-    decode = [r for r in rows if r.kernels_us]
-    if decode:
-        names = list(decode[0].kernels_us)
-        print(f"\nCPU decode kernels, us per call (native above = {decode[0].native_kernel}; "
-              "x = the portable loop's time / the kernel's)")
+    for op, baseline in (("paged_decode", "the portable loop"), ("paged_prefill", "the torch backend")):
+        timed = [r for r in rows if r.kernel == op and r.kernels_us]
+        if not timed:
+            continue
+        names = list(dict.fromkeys(n for r in timed for n in r.kernels_us))
+        print(f"\nCPU {op.removeprefix('paged_')} kernels, us per call (native above = {timed[0].native_kernel}; "
+              f"x = {baseline}'s time / the kernel's)")
         print(f"{'model':<15}{'case':<24}{'dtype':>9}" + "".join(f"{n:>16}" for n in names))
-        for r in decode:
-            base = r.kernels_us.get("portable")
+        for r in timed:
+            base = r.kernels_us.get("portable") if op == "paged_decode" else r.torch_us
             cells = "".join(f"{r.kernels_us[n]:>9.0f} {base / r.kernels_us[n]:>5.2f}x" if n in r.kernels_us and base
                             else f"{'-':>16}" for n in names)
             print(f"{r.model:<15}{r.case:<24}{r.dtype:>9}{cells}")

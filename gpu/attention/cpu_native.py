@@ -15,9 +15,9 @@ optional: `cpu_native_available()` is False when it cannot be built, and
 
 Prefill: the torch backend gathers each sequence's context and calls SDPA per
 sequence — ~40-50 GFLOP/s here in bf16, and on the masked path (a prompt chunk
-after cached positions) slower still. The kernel tiles queries × keys straight
-from the cache with float32 accumulation (see the .cpp), head_dim 64 and 128 on
-AVX-512; anything else takes the inherited torch path.
+after cached positions) slower still. The kernels tile queries × keys straight
+from the cache with float32 accumulation (see the .cpp): AVX-512 for head_dim 64
+and 128, AVX2 + FMA for 32, 64 and 128; anything else takes the inherited torch path.
 
 Decode has three kernels (see the .cpp): AVX-512, AVX2 + FMA and a portable loop;
 "auto" runs the widest this CPU has for the head size. Cache writes and block
@@ -64,19 +64,33 @@ def decode_kernel_for(head_dim: int) -> str:
     return str(_module().decode_kernel_for(head_dim))
 
 
+def prefill_kernels() -> list[str]:
+    """The prefill kernels built for this CPU, widest first (e.g. ["avx2"]; [] without AVX2)."""
+    return list(_module().prefill_kernels())
+
+
+def prefill_kernel_for(head_dim: int) -> str:
+    """The kernel `prefill_kernel="auto"` runs for this head size here; "none" means the
+    torch path."""
+    return str(_module().prefill_kernel_for(head_dim))
+
+
 class CpuNativeAttentionBackend(TorchAttentionBackend):
     """`TorchAttentionBackend` with decode and prefill served by the C++ kernels
-    (float32 and bfloat16; prefill for head_dim 64 and 128 on AVX-512).
+    (float32 and bfloat16; prefill where an AVX-512 or AVX2 kernel handles the head size).
 
     `decode_kernel`: "auto" (the widest kernel that handles the head size: avx512, avx2,
-    then the portable loop) or one of `decode_kernels()` by name — for tests and
-    benchmarks; a kernel not built here or not handling the head size raises."""
+    then the portable loop) or one of `decode_kernels()` by name; `prefill_kernel`:
+    "auto" (avx512, avx2, else the torch path), "torch" (always the inherited torch
+    path) or one of `prefill_kernels()` by name — names are for tests and benchmarks; a
+    kernel not built here or not handling the head size raises."""
 
     name = "cpu-native"
 
-    def __init__(self, decode_kernel: str = "auto") -> None:
+    def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto") -> None:
         super().__init__()
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
 
     def decode(
         self,
@@ -113,7 +127,8 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
         if (
             query.dtype not in (torch.float32, torch.bfloat16)
             or query.device.type != "cpu"
-            or not _module().prefill_supported(query.shape[-1])
+            or self.prefill_kernel == "torch"
+            or (self.prefill_kernel == "auto" and not _module().prefill_supported(query.shape[-1]))
         ):
             return super().prefill(
                 query, k_cache, v_cache, query_start_loc, context_lens, block_tables,
@@ -124,5 +139,5 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
             return query.new_empty(query.shape)
         return _module().paged_prefill(
             query.contiguous(), k_cache, v_cache, query_start_loc.to(torch.int32),
-            context_lens.to(torch.int32), block_tables.to(torch.int32), float(scale),
+            context_lens.to(torch.int32), block_tables.to(torch.int32), float(scale), self.prefill_kernel,
         )

@@ -408,3 +408,92 @@ def test_cpu_decode_kernel_by_name_is_checked():
         backend.decode_kernel = absent
         with pytest.raises(RuntimeError, match="not built for this CPU"):
             backend.decode(query, *args)
+
+
+# ---------------------------------------------------------------- every CPU prefill kernel
+# As for decode: each prefill kernel built here by name (an AVX2-only machine skips
+# "avx512"; a CPU without AVX2 builds none and the cpu-native backend prefills on the
+# torch path, which the "cpu-native" case above covers).
+CPU_PREFILL_KERNELS = ("avx512", "avx2")
+
+# (query len, context len) per sequence: fresh prompts ending anywhere in a tile and a
+# block, prompts longer than one work item (64+ rows), chunks after cached positions
+# whose first query sits mid-tile, and single tokens at the end of a context
+PREFILL_CHUNKS = [(1, 1), (7, 7), (8, 8), (9, 9), (17, 17), (130, 130), (5, 37), (1, 2), (3, 200), (70, 77),
+                  (1, 1000)]
+
+
+def _cpu_prefill_backend(kernel: str):
+    from gpu.attention.cpu_native import (
+        CpuNativeAttentionBackend,
+        cpu_native_available,
+        prefill_kernels,
+    )
+
+    if not cpu_native_available():
+        pytest.fail("the C++ CPU kernel did not build (g++ and ninja are installed by ops/setup.sh)")
+    if kernel not in prefill_kernels():
+        pytest.skip(f"the {kernel} prefill kernel is not built for this CPU")
+    return CpuNativeAttentionBackend(prefill_kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", CPU_PREFILL_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,hd", [*DECODE_SHAPES, (6, 2, 32)])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_cpu_prefill_kernel_matches_reference(kernel, dtype, nh, nkv, hd, block_size):
+    """Every slot outside a context poisoned: a kernel that reads past a context,
+    mis-masks the causal edge inside a tile or misplaces a chunk's first query fails."""
+    backend = _cpu_prefill_backend(kernel)
+    if kernel == "avx512" and hd == 32:
+        pytest.skip("the AVX-512 prefill kernel does not specialize head_dim 32 (auto takes AVX2 there)")
+    query_lens = [q for q, _ in PREFILL_CHUNKS]
+    context_lens = [c for _, c in PREFILL_CHUNKS]
+    paged = make_paged(context_lens, nkv=nkv, hd=hd, block_size=block_size, dtype=dtype, seed=4)
+    keep = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(context_lens):
+        for p in range(n):
+            keep[paged.block_tables[b, p // block_size], p % block_size] = True
+    paged.k_cache[~keep] = 1e4
+    paged.v_cache[~keep] = 1e6
+    query = torch.randn(sum(query_lens), nh, hd).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    args = (max(query_lens), max(context_lens), hd**-0.5)
+    expected = reference.prefill(
+        query, paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, *args
+    )
+    out = backend.prefill(query, paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, *args)
+    assert out.shape == query.shape and out.dtype == dtype
+    check_close(out, expected, dtype)
+
+
+def test_cpu_prefill_kernel_by_name_is_checked():
+    """A named prefill kernel this CPU lacks or that does not handle the head size is an
+    error; "auto" falls back to the torch path for a head size no kernel handles."""
+    from gpu.attention.cpu_native import (
+        CpuNativeAttentionBackend,
+        prefill_kernel_for,
+        prefill_kernels,
+    )
+
+    _cpu_decode_backend("portable")  # the extension builds
+    assert prefill_kernel_for(48) == "none"
+    assert prefill_kernel_for(64) == (prefill_kernels() or ["none"])[0]
+    paged = make_paged([5, 9], nkv=2, hd=48)
+    query = torch.randn(6, 4, 48)
+    starts = torch.tensor([0, 2, 6], dtype=torch.int32)
+    args = (paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, 4, 9, 0.1)
+    expected = reference.prefill(query, *args)
+    check_close(CpuNativeAttentionBackend().prefill(query, *args), expected, torch.float32)  # torch path
+    check_close(CpuNativeAttentionBackend(prefill_kernel="torch").prefill(query, *args), expected, torch.float32)
+    backend = CpuNativeAttentionBackend(prefill_kernel="bogus")
+    with pytest.raises(RuntimeError, match="unknown prefill kernel 'bogus'"):
+        backend.prefill(query, *args)
+    for vectorized in prefill_kernels():
+        backend.prefill_kernel = vectorized
+        with pytest.raises(RuntimeError, match="does not handle head_dim 48"):
+            backend.prefill(query, *args)
+    for absent in sorted(set(CPU_PREFILL_KERNELS) - set(prefill_kernels())):
+        backend.prefill_kernel = absent
+        with pytest.raises(RuntimeError, match="not built for this CPU"):
+            backend.prefill(query, *args)

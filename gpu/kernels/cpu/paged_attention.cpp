@@ -16,6 +16,8 @@
 //                  once per block of `bs` positions.
 // `paged_decode(..., kernel)` runs the widest one that handles the shape ("auto") or the
 // one named, so the tests check every kernel this CPU can run against the reference.
+// Prefill the same way: prefill_avx512 (head_dim 64, 128) and prefill_avx2 (32, 64,
+// 128), `paged_prefill(..., kernel)`; a shape neither handles takes the torch path.
 // Built with -fopenmp (gpu/attention/cpu_native.py) so both use torch's threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -97,6 +99,29 @@ void decode_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, co
       }
     }
   });
+}
+
+// ---------------------------------------------------------------- prefill work items
+// The prefill kernels' unit of work (both vector widths): sequence s's query rows
+// q0..q0+PQ (one tile of its chunk), for every kv head. Sorted most expensive first
+// (cost ~ queries × visible keys), so dynamically scheduled threads balance the causal
+// triangle: the long tails start first instead of last.
+struct PrefillItem {
+  int64_t s, q0, cost;
+};
+
+inline std::vector<PrefillItem> prefill_items(const int32_t* qsl, const int32_t* ctx, int64_t S, int64_t PQ) {
+  std::vector<PrefillItem> items;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n_q = qsl[s + 1] - qsl[s];
+    for (int64_t q0 = 0; q0 < n_q; q0 += PQ) {
+      const int64_t nq = std::min(PQ, n_q - q0);
+      items.push_back({s, q0, nq * (ctx[s] - n_q + q0 + nq)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const PrefillItem& a, const PrefillItem& b) { return a.cost > b.cost; });
+  return items;
 }
 
 #if defined(__AVX2__)
@@ -271,11 +296,213 @@ bool decode_avx2_dispatch(const T* q, const T* kc, const T* vc, const int32_t* t
   }
   return true;
 }
+
+// In-register transpose of an 8 × 8 float tile: r[i][j] → r[j][i] (32-bit and 64-bit
+// interleaves within 128-bit lanes, then one round of lane swaps).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {  // u[g + c], lane L of each half: column 4·half + c of rows g..g+3
+    u[g] = _mm256_shuffle_ps(t[g], t[g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+// Scores of RB query rows (`qb`, hd floats each) against a tile of 16 keys stored
+// transposed (`kt[d][16]`): RB × 2 registers of broadcast-FMAs, written to `out` once
+// at the end. A function of its own so the accumulators stay in registers: declared in
+// the caller's loop, whose softmax indexes them by row, GCC kept them on the stack and
+// stored every FMA's result (perf annotate: half the kernel's samples on those stores).
+template <int RB, int64_t hd>
+inline void score_block16(const float* qb, const float* kt, float (*out)[16]) {
+  __m256 acc[RB][2];
+#pragma GCC unroll 8
+  for (int u = 0; u < RB; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m256 ka = _mm256_load_ps(kt + d * 16), kb = _mm256_load_ps(kt + d * 16 + 8);
+#pragma GCC unroll 8
+    for (int u = 0; u < RB; ++u) {
+      const __m256 qd = _mm256_broadcast_ss(qb + u * hd + d);
+      acc[u][0] = _mm256_fmadd_ps(qd, ka, acc[u][0]);
+      acc[u][1] = _mm256_fmadd_ps(qd, kb, acc[u][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < RB; ++u) {
+    _mm256_store_ps(out[u], acc[u][0]);
+    _mm256_store_ps(out[u] + 8, acc[u][1]);
+  }
+}
+
+// Causal prefill over the paged cache (contract and work items: the prefill section
+// below) in 8-wide registers. Not prefill_avx512's scheme at half width: with 8-key
+// tiles the per-row softmax of a tile and the p · V loop (a load of V and of the
+// accumulator per FMA) left it slower than the torch path. Instead, per key tile of up
+// to 16 positions (two registers; transposed once into `kt`, values widened once into
+// `vf`) and per block of RB = 6 rows:
+//   scores  6 × 16 in 12 registers, hd broadcast-FMA steps (2 loads + 6 broadcasts
+//           per 12 FMAs);
+//   softmax per row, online, over the tile's 16 lanes;
+//   p · V   a 6-row × 16-dim register block per pass over the tile's keys (2 loads +
+//           6 broadcasts per 12 FMAs), the accumulators read and written once per tile.
+// Until this kernel, prefill on AVX2-only CPUs took the torch path (a gathered copy of
+// each context and SDPA per sequence).
+template <typename T, int NV>
+void prefill_avx2(const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
+                  const int32_t* tables, T* out, int64_t S, int64_t nh, int64_t bs, int64_t nkv, int64_t W,
+                  float scale) {
+  static_assert(NV % 2 == 0, "p · V takes 16 dims (two registers) per pass");
+  constexpr int64_t hd = NV * 8;
+  constexpr int KT = 16;  // key positions per tile
+  constexpr int RB = 6;   // rows per block: 12 score / accumulator registers
+  const int64_t G = nh / nkv;
+  const int64_t PQ = std::max<int64_t>(16, (64 / G + 15) / 16 * 16);
+  const int64_t row = nkv * hd;
+  const std::vector<PrefillItem> items = prefill_items(qsl, ctx, S, PQ);
+  const int64_t n_items = static_cast<int64_t>(items.size()) * nkv;
+  const int64_t max_rows = PQ * G;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    // RB spare rows in qf and acc: a partial row block computes them (results unused)
+    std::vector<float> qf((max_rows + RB) * hd, 0.f), acc((max_rows + RB) * hd, 0.f), m(max_rows), l(max_rows);
+    alignas(32) float kt[hd * KT];
+    alignas(32) float vf[KT * hd];
+    alignas(32) float sc[RB][KT];
+    alignas(32) float p[RB][KT];
+    float corr[RB];
+    const __m256 iota0 = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+    const __m256 iota1 = _mm256_add_ps(iota0, _mm256_set1_ps(8.f));
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const PrefillItem& item = items[it / nkv];
+      const int64_t h = it % nkv, s = item.s;
+      const int64_t n_q = qsl[s + 1] - qsl[s];
+      const int64_t nq = std::min(PQ, n_q - item.q0);
+      const int64_t pos0 = ctx[s] - n_q + item.q0;  // position of the item's first query
+      const int64_t kend = pos0 + nq;               // keys [0, kend) are seen by some row
+      const int64_t rows = nq * G;                  // row r = query r / G, head h * G + r % G
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = q + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
+        for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = static_cast<float>(src[d]) * scale;
+      }
+      std::fill(acc.begin(), acc.begin() + rows * hd, 0.f);
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + rows, 0.f);
+      for (int64_t start = 0, cnt = 0; start < kend; start += cnt) {
+        const int64_t blk = tables[s * W + start / bs];
+        const int64_t off = start % bs;
+        cnt = std::min<int64_t>({KT, kend - start, bs - off});  // a tile never straddles two blocks
+        const T* k0 = kc + (blk * bs + off) * row + h * hd;
+        const T* v0 = vc + (blk * bs + off) * row + h * hd;
+        for (int half = 0; half < 2; ++half) {  // kt[d][t] = k[t][d], zero past the tile's end
+          for (int v = 0; v < NV; ++v) {
+            __m256 r[8];
+            for (int64_t t = 0; t < 8; ++t) {
+              const int64_t pos = half * 8 + t;
+              r[t] = pos < cnt ? load8(k0 + pos * row + v * 8) : _mm256_setzero_ps();
+            }
+            transpose8(r);
+            for (int i = 0; i < 8; ++i) _mm256_store_ps(kt + (v * 8 + i) * KT + half * 8, r[i]);
+          }
+        }
+        for (int64_t t = 0; t < cnt; ++t)
+          for (int v = 0; v < NV; ++v) _mm256_store_ps(vf + t * hd + v * 8, load8(v0 + t * row + v * 8));
+        const bool partial = start + cnt - 1 > pos0;  // the causal edge crosses this tile
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+          score_block16<RB, hd>(&qf[r0 * hd], kt, sc);
+          int64_t tmax = 0;  // keys any row of the block sees
+          for (int u = 0; u < RB; ++u) {
+            const int64_t r = r0 + u;
+            const int64_t seen = r >= rows ? 0 : partial ? std::clamp<int64_t>(pos0 + r / G - start + 1, 0, cnt) : cnt;
+            if (seen == 0) {  // past the block's rows, or the whole tile lies after this row's position
+              corr[u] = 1.f;
+              _mm256_store_ps(p[u], _mm256_setzero_ps());
+              _mm256_store_ps(p[u] + 8, _mm256_setzero_ps());
+              continue;
+            }
+            tmax = std::max(tmax, seen);
+            const __m256 fs = _mm256_set1_ps(static_cast<float>(seen));
+            const __m256 va = _mm256_cmp_ps(iota0, fs, _CMP_LT_OQ), vb = _mm256_cmp_ps(iota1, fs, _CMP_LT_OQ);
+            const __m256 sa = _mm256_blendv_ps(ninf, _mm256_load_ps(sc[u]), va);
+            const __m256 sb = _mm256_blendv_ps(ninf, _mm256_load_ps(sc[u] + 8), vb);
+            const float mnew = std::max(m[r], hmax8(_mm256_max_ps(sa, sb)));
+            corr[u] = std::exp(m[r] - mnew);  // 0 on the first tile (m = -inf)
+            const __m256 mv = _mm256_set1_ps(mnew);
+            const __m256 pa = _mm256_and_ps(va, exp256(_mm256_sub_ps(sa, mv)));
+            const __m256 pb = _mm256_and_ps(vb, exp256(_mm256_sub_ps(sb, mv)));
+            l[r] = l[r] * corr[u] + hsum8(_mm256_add_ps(pa, pb));
+            m[r] = mnew;
+            _mm256_store_ps(p[u], pa);
+            _mm256_store_ps(p[u] + 8, pb);
+          }
+          if (tmax == 0) continue;  // acc unchanged (every corr is 1)
+          float* ab = &acc[r0 * hd];
+          for (int c0 = 0; c0 < NV; c0 += 2) {
+            __m256 a[RB][2];
+            for (int u = 0; u < RB; ++u) {
+              const __m256 cu = _mm256_set1_ps(corr[u]);
+              a[u][0] = _mm256_mul_ps(_mm256_loadu_ps(ab + u * hd + c0 * 8), cu);
+              a[u][1] = _mm256_mul_ps(_mm256_loadu_ps(ab + u * hd + c0 * 8 + 8), cu);
+            }
+            for (int64_t t = 0; t < tmax; ++t) {
+              const __m256 x0 = _mm256_load_ps(vf + t * hd + c0 * 8), x1 = _mm256_load_ps(vf + t * hd + c0 * 8 + 8);
+              for (int u = 0; u < RB; ++u) {
+                const __m256 pt = _mm256_broadcast_ss(&p[u][t]);
+                a[u][0] = _mm256_fmadd_ps(pt, x0, a[u][0]);
+                a[u][1] = _mm256_fmadd_ps(pt, x1, a[u][1]);
+              }
+            }
+            for (int u = 0; u < RB; ++u) {
+              _mm256_storeu_ps(ab + u * hd + c0 * 8, a[u][0]);
+              _mm256_storeu_ps(ab + u * hd + c0 * 8 + 8, a[u][1]);
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        T* o = out + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[r * hd + d] * inv);
+      }
+    }
+  }
+}
+
+template <typename T>
+bool prefill_avx2_dispatch(const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
+                           const int32_t* tables, T* out, int64_t S, int64_t nh, int64_t hd, int64_t bs,
+                           int64_t nkv, int64_t W, float scale) {
+  if (hd == 32) {
+    prefill_avx2<T, 4>(q, kc, vc, qsl, ctx, tables, out, S, nh, bs, nkv, W, scale);
+  } else if (hd == 64) {
+    prefill_avx2<T, 8>(q, kc, vc, qsl, ctx, tables, out, S, nh, bs, nkv, W, scale);
+  } else if (hd == 128) {
+    prefill_avx2<T, 16>(q, kc, vc, qsl, ctx, tables, out, S, nh, bs, nkv, W, scale);
+  } else {
+    return false;
+  }
+  return true;
+}
 #else
 constexpr bool kHasAvx2 = false;
 template <typename T>
 bool decode_avx2_dispatch(const T*, const T*, const T*, const int32_t*, const int32_t*, T*,
                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
+template <typename T>
+bool prefill_avx2_dispatch(const T*, const T*, const T*, const int32_t*, const int32_t*, const int32_t*, T*,
+                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
   return false;
 }
 #endif
@@ -543,16 +770,7 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
   const int64_t G = nh / nkv;
   const int64_t PQ = std::max<int64_t>(16, (64 / G + 15) / 16 * 16);
   const int64_t row = nkv * hd;
-  struct Item { int64_t s, q0, cost; };
-  std::vector<Item> items;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t n_q = qsl[s + 1] - qsl[s];
-    for (int64_t q0 = 0; q0 < n_q; q0 += PQ) {
-      const int64_t nq = std::min(PQ, n_q - q0);
-      items.push_back({s, q0, nq * (ctx[s] - n_q + q0 + nq)});
-    }
-  }
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const std::vector<PrefillItem> items = prefill_items(qsl, ctx, S, PQ);
   const int64_t n_items = static_cast<int64_t>(items.size()) * nkv;
   const int64_t max_rows = PQ * G;
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -564,7 +782,7 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
     alignas(64) float p[16];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
-      const Item& item = items[it / nkv];
+      const PrefillItem& item = items[it / nkv];
       const int64_t h = it % nkv, s = item.s;
       const int64_t n_q = qsl[s + 1] - qsl[s];
       const int64_t nq = std::min(PQ, n_q - item.q0);
@@ -741,6 +959,58 @@ void decode_dispatch(Decode kernel, const T* q, const T* kc, const T* vc, const 
   if (!done) decode_impl<T>(q, kc, vc, tables, ctx, out, B, nh, hd, bs, nkv, W, scale);
 }
 
+// Prefill kernels by name, widest first. No portable C++ prefill: a shape neither
+// vector kernel handles ("none") takes the torch backend's path in Python.
+enum class Prefill { kAvx512, kAvx2, kNone };
+
+bool prefill_compiled(Prefill k) { return (k == Prefill::kAvx2 && kHasAvx2) || (k == Prefill::kAvx512 && kHasAvx512); }
+
+bool prefill_handles(Prefill k, int64_t hd) {
+  switch (k) {
+    case Prefill::kAvx512: return kHasAvx512 && (hd == 64 || hd == 128);
+    case Prefill::kAvx2: return kHasAvx2 && (hd == 32 || hd == 64 || hd == 128);
+    case Prefill::kNone: return false;
+  }
+  return false;
+}
+
+const char* prefill_name(Prefill k) {
+  switch (k) {
+    case Prefill::kAvx512: return "avx512";
+    case Prefill::kAvx2: return "avx2";
+    case Prefill::kNone: return "none";
+  }
+  return "?";
+}
+
+constexpr Prefill kPrefillOrder[] = {Prefill::kAvx512, Prefill::kAvx2};
+
+Prefill prefill_choice(const std::string& kernel, int64_t hd) {
+  if (kernel == "auto") {
+    for (Prefill k : kPrefillOrder)
+      if (prefill_handles(k, hd)) return k;
+    return Prefill::kNone;
+  }
+  for (Prefill k : kPrefillOrder) {
+    if (kernel != prefill_name(k)) continue;
+    TORCH_CHECK(prefill_compiled(k), "prefill kernel '", kernel, "' is not built for this CPU");
+    TORCH_CHECK(prefill_handles(k, hd), "prefill kernel '", kernel, "' does not handle head_dim ", hd);
+    return k;
+  }
+  TORCH_CHECK(false, "unknown prefill kernel '", kernel, "' (auto, avx512 or avx2)");
+  return Prefill::kNone;
+}
+
+template <typename T>
+bool prefill_dispatch(Prefill kernel, const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
+                      const int32_t* tables, T* out, int64_t S, int64_t nh, int64_t hd, int64_t bs, int64_t nkv,
+                      int64_t W, float scale) {
+  if (kernel == Prefill::kAvx512) return prefill_fast<T>(q, kc, vc, qsl, ctx, tables, out, S, nh, hd, bs, nkv, W, scale);
+  if (kernel == Prefill::kAvx2)
+    return prefill_avx2_dispatch<T>(q, kc, vc, qsl, ctx, tables, out, S, nh, hd, bs, nkv, W, scale);
+  return false;
+}
+
 }  // namespace
 
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -783,14 +1053,23 @@ std::vector<std::string> decode_kernels() {
 
 std::string decode_kernel_for(int64_t head_dim) { return decode_name(decode_choice("auto", head_dim)); }
 
-bool prefill_supported(int64_t head_dim) { return kHasAvx512 && (head_dim == 64 || head_dim == 128); }
+std::vector<std::string> prefill_kernels() {
+  std::vector<std::string> out;
+  for (Prefill k : kPrefillOrder)
+    if (prefill_compiled(k)) out.emplace_back(prefill_name(k));
+  return out;
+}
+
+std::string prefill_kernel_for(int64_t head_dim) { return prefill_name(prefill_choice("auto", head_dim)); }
+
+bool prefill_supported(int64_t head_dim) { return prefill_choice("auto", head_dim) != Prefill::kNone; }
 
 // Inputs validated by the caller (gpu/attention/torch_backend.py `_check_prefill`):
 // query_start_loc partitions the query rows, every chunk fits its context, the block
 // tables are wide enough for the longest context.
 torch::Tensor paged_prefill(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor query_start_loc, torch::Tensor context_lens, torch::Tensor block_tables,
-                            double scale) {
+                            double scale, const std::string& kernel) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4, "query (T, nh, hd) and caches (N, bs, nkv, hd)");
   TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -801,7 +1080,9 @@ torch::Tensor paged_prefill(torch::Tensor query, torch::Tensor k_cache, torch::T
   const int64_t nh = query.size(1), hd = query.size(2);
   const int64_t bs = k_cache.size(1), nkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == hd && nh % nkv == 0, "head shapes do not match");
-  TORCH_CHECK(prefill_supported(hd), "paged_prefill needs AVX-512 and head_dim 64 or 128");
+  const Prefill which = prefill_choice(kernel, hd);
+  TORCH_CHECK(which != Prefill::kNone, "no prefill kernel here handles head_dim ", hd,
+              " (AVX-512: 64 or 128; AVX2: 32, 64 or 128)");
   auto qsl = query_start_loc.contiguous();
   auto ctx = context_lens.contiguous();
   auto tables = block_tables.contiguous();
@@ -809,12 +1090,12 @@ torch::Tensor paged_prefill(torch::Tensor query, torch::Tensor k_cache, torch::T
   auto out = torch::empty_like(query);
   bool done = false;
   if (query.scalar_type() == torch::kFloat32) {
-    done = prefill_fast<float>(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+    done = prefill_dispatch<float>(which, query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                                qsl.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
                                out.data_ptr<float>(), S, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
   } else if (query.scalar_type() == torch::kBFloat16) {
     using bf = c10::BFloat16;
-    done = prefill_fast<bf>(query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
+    done = prefill_dispatch<bf>(which, query.data_ptr<bf>(), k_cache.data_ptr<bf>(), v_cache.data_ptr<bf>(),
                             qsl.data_ptr<int32_t>(), ctx.data_ptr<int32_t>(), tables.data_ptr<int32_t>(),
                             out.data_ptr<bf>(), S, nh, hd, bs, nkv, tables.size(1), static_cast<float>(scale));
   }
@@ -828,6 +1109,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("kernel") = "auto");
   m.def("decode_kernels", &decode_kernels, "the decode kernels built for this CPU, widest first");
   m.def("decode_kernel_for", &decode_kernel_for, "the decode kernel 'auto' runs for this head_dim");
-  m.def("paged_prefill", &paged_prefill, "causal prefill attention of prompt chunks over the paged cache (CPU)");
+  m.def("paged_prefill", &paged_prefill, "causal prefill attention of prompt chunks over the paged cache (CPU)",
+        py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("query_start_loc"),
+        py::arg("context_lens"), py::arg("block_tables"), py::arg("scale"), py::arg("kernel") = "auto");
+  m.def("prefill_kernels", &prefill_kernels, "the prefill kernels built for this CPU, widest first");
+  m.def("prefill_kernel_for", &prefill_kernel_for, "the prefill kernel 'auto' runs for this head_dim ('none': torch)");
   m.def("prefill_supported", &prefill_supported, "whether paged_prefill handles this head_dim on this CPU");
 }
