@@ -26,7 +26,13 @@ def test_cpu_mode_times_both_backends_and_writes_json(tmp_path, capsys):
         if r["kernel"] == "paged_decode":  # every decode kernel built here, auto's among them
             assert "portable" in r["kernels_us"] and r["native_kernel"] in r["kernels_us"]
             assert all(us > 0 for us in r["kernels_us"].values())
-        else:
-            assert r["kernels_us"] is None
+        else:  # every prefill kernel built here; auto's among them unless it took the torch path
+            from gpu.attention.cpu_native import prefill_kernels
+
+            assert set(r["kernels_us"]) <= set(prefill_kernels())
+            assert r["native_kernel"] in (*r["kernels_us"], "none")
+            assert all(us > 0 for us in r["kernels_us"].values())
     out = capsys.readouterr().out
     assert "speedup" in out and "CPU decode kernels" in out
+    if any(r["kernels_us"] for r in rows if r["kernel"] == "paged_prefill"):
+        assert "CPU prefill kernels" in out
