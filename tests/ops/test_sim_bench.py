@@ -137,7 +137,11 @@ def test_requests_within_budget_shrinks_to_fit_and_stops_at_the_floor():
 
     assert requests_within_budget(48, 24, seconds, 1000) == 48  # fits: untouched
     assert requests_within_budget(48, 24, seconds, 400) == 40  # 48, 44 too long; 40 fits
-    assert calls[-3:] == [48, 44, 40]
+    assert requests_within_budget(48, 24, seconds, 399) == 36
+    assert requests_within_budget(48, 24, seconds, 240) == 24
+    calls.clear()  # a bisection: the default 400 down to 24 in steps of 4 is 95 sizes
+    assert requests_within_budget(400, 24, seconds, 1001) == 100
+    assert len(calls) <= 9 and len(set(calls)) == len(calls)
     assert requests_within_budget(48, 24, seconds, 10) == 24  # nothing fits: the floor
     assert requests_within_budget(48, 48, seconds, 10) == 48
     assert requests_within_budget(26, 24, seconds, 245) == 24  # steps never go below the floor
