@@ -19,8 +19,9 @@
    build up), a lower rate proportionally fewer, so every rate's arrivals span
    the same window (`requests_per_rate`). With a time budget (`--time-budget`,
    and `--quick`: 14 min) the number of requests is sized from the runs'
-   simulated duration, so a slow CPU runs fewer of them — and where even 24
-   at every rate would not fit, only the highest rate runs for real
+   simulated duration, so a slow CPU runs fewer of them — and where every rate
+   would leave the highest fewer than 2x the engine's sequences (no queue builds),
+   only the highest rate runs for real, with as many as fit
    (`real_runs_within_budget`); the simulated sweep keeps every rate.
 5. Simulation: the same request sets and arrivals in `ops.sim.simulate`
    (real step scheduler + calibrated step times): agreement with the real runs
@@ -462,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sim-requests", type=int)
     ap.add_argument("--time-budget", type=float, metavar="MIN",
                     help="minutes for the whole benchmark: after calibration the real runs are sized from "
-                         "their simulated duration to fit (fewer requests, down to 24; then the highest rate alone, down to 8); "
+                         "their simulated duration to fit (every rate while the highest gets at least 2x "
+                         "--max-num-seqs requests, or all of --real-requests if fewer; else the highest rate "
+                         "alone, down to 24 requests, then 8); "
                          f"default: none, --quick: {QUICK_BUDGET_S / 60:g}")
     ap.add_argument("--repeats", type=int, help="real runs per policy and rate, alternating the order (ABBA); "
                                                 "the report holds their mean (default 1)")
@@ -584,12 +587,15 @@ def main(argv: list[str] | None = None) -> int:
 
         t_search = time.perf_counter()
         left = cfg.time_budget_s - (t_search - t_start) - AFTER_REAL_RUNS_S
-        fit_rates, n = real_runs_within_budget(rates, cfg.real_requests, cfg.min_real_requests, real_seconds, left)
+        # the lower rates run for real only while the highest gets 2x the engine's sequences
+        # (a queue builds); otherwise it runs alone with as many requests as fit
+        fit = functools.partial(real_runs_within_budget, rates, cfg.real_requests, cfg.min_real_requests,
+                                real_seconds, n_all_rates=2 * cfg.max_num_seqs)
+        fit_rates, n = fit(left)
         search_s = time.perf_counter() - t_search
         if real_seconds(tuple(fit_rates), n) > left - search_s:  # the search's own time counts too
             left -= search_s
-            fit_rates, n = real_runs_within_budget(rates, cfg.real_requests, cfg.min_real_requests, real_seconds,
-                                                   left)
+            fit_rates, n = fit(left)
         search_s = time.perf_counter() - t_search
         _log(f"time budget: sized the real runs in {search_s:.0f}s")
         report["time_budget"] = {"budget_s": cfg.time_budget_s, "left_for_real_runs_s": left,
@@ -751,19 +757,26 @@ def requests_within_budget(n_max: int, n_min: int, seconds_for: Callable[[int], 
 
 def real_runs_within_budget(rates: Sequence[float], n_max: int, n_min: int,
                             seconds_for: Callable[[Sequence[float], int], float], budget_s: float,
-                            n_floor: int = SMOKE_FLOOR_REQUESTS) -> tuple[list[float], int]:
+                            n_floor: int = SMOKE_FLOOR_REQUESTS,
+                            n_all_rates: int | None = None) -> tuple[list[float], int]:
     """The real runs that fit `budget_s`: (the rates to run on the real engine, requests at the
-    highest). In order, the first that fits: every rate with n_max down to n_min requests
-    (`requests_within_budget`); the highest rate alone with n_max down to n_min; the highest
-    rate alone with fewer, down to n_floor (which it returns when nothing fits).
+    highest). In order, the first that fits: every rate with n_max down to `n_all_rates`
+    (default n_min) requests at the highest (`requests_within_budget`); the highest rate alone
+    with n_max down to n_min; the highest rate alone with fewer, down to n_floor (which it
+    returns when nothing fits).
 
     Why: on a slow CPU (AVX2, 2 cores: ~2.3 ms per token) even the minimum of 24 requests at
     three rates was predicted at ~27 minutes of real runs, which would have taken `--quick` to
     ~32 minutes. The highest rate is where the comparison is made; the lower rates stay in the
-    simulated sweep. `seconds_for` is called with tuples (so a caller may cache it).
+    simulated sweep. `n_all_rates` above n_min keeps the lower rates only while the highest
+    gets enough requests for a queue to build: a 60-minute budget for every policy had
+    chosen 24 requests at each of three rates (24 fit in the engine's 64 sequences at once,
+    so the policies barely differ) over ~60 at the highest alone. `seconds_for` is called
+    with tuples (so a caller may cache it).
     """
     every = tuple(rates)
-    n = requests_within_budget(n_max, n_min, lambda k: seconds_for(every, k), budget_s)
+    n_every = min(n_max, max(n_min, n_all_rates or n_min))
+    n = requests_within_budget(n_max, n_every, lambda k: seconds_for(every, k), budget_s)
     if seconds_for(every, n) <= budget_s:
         return list(every), n
     top = (max(every),)

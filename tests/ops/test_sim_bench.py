@@ -167,6 +167,12 @@ def test_real_runs_within_budget_drops_the_lower_rates_before_going_below_the_mi
     assert real_runs_within_budget([0.4], 48, 24, seconds, 400) == ([0.4], 40)
     # a minimum already at or below the floor is never undercut
     assert real_runs_within_budget(rates, 48, 8, seconds, 10, n_floor=8) == ([0.4], 8)
+    # n_all_rates: the lower rates only while the highest gets at least that many
+    assert real_runs_within_budget(rates, 48, 24, seconds, 1000, n_all_rates=40) == (rates, 48)
+    assert real_runs_within_budget(rates, 48, 24, seconds, 800, n_all_rates=40) == (rates, 40)
+    assert real_runs_within_budget(rates, 48, 24, seconds, 700, n_all_rates=40) == ([0.4], 48)  # not (rates, 32)
+    assert real_runs_within_budget(rates, 48, 24, seconds, 700, n_all_rates=128) == ([0.4], 48)  # capped at n_max
+    assert real_runs_within_budget(rates, 48, 24, seconds, 10, n_all_rates=40, n_floor=8) == ([0.4], 8)
 
 
 def test_requests_per_rate_keep_the_arrival_window_and_the_floor():
