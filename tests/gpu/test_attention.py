@@ -342,18 +342,27 @@ def test_decode_block_sizes_and_head_dims(case, block_size, hd):
 CPU_DECODE_KERNELS = ("avx512", "avx2", "portable")
 
 
-def _cpu_decode_backend(kernel: str):
-    from gpu.attention.cpu_native import (
-        CpuNativeAttentionBackend,
-        cpu_native_available,
-        decode_kernels,
-    )
+def _cpu_kernel_backend(op: str, kernel: str):
+    """A CpuNativeAttentionBackend running `kernel` for `op` ("decode" or "prefill"); skips
+    when this CPU does not build that kernel."""
+    from gpu.attention import cpu_native
 
-    if not cpu_native_available():
+    if not cpu_native.cpu_native_available():
         pytest.fail("the C++ CPU kernel did not build (g++ and ninja are installed by ops/setup.sh)")
-    if kernel not in decode_kernels():
-        pytest.skip(f"the {kernel} decode kernel is not built for this CPU")
-    return CpuNativeAttentionBackend(decode_kernel=kernel)
+    built = cpu_native.decode_kernels() if op == "decode" else cpu_native.prefill_kernels()
+    if kernel not in built:
+        pytest.skip(f"the {kernel} {op} kernel is not built for this CPU")
+    return cpu_native.CpuNativeAttentionBackend(**{f"{op}_kernel": kernel})
+
+
+def _poison_outside_contexts(paged: Paged, context_lens: list[int], block_size: int) -> None:
+    """Every cache slot no sequence's context covers gets values no softmax can hide."""
+    keep = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(context_lens):
+        for p in range(n):
+            keep[paged.block_tables[b, p // block_size], p % block_size] = True
+    paged.k_cache[~keep] = 1e4
+    paged.v_cache[~keep] = 1e6
 
 
 @pytest.mark.parametrize("kernel", CPU_DECODE_KERNELS)
@@ -363,17 +372,12 @@ def _cpu_decode_backend(kernel: str):
 def test_cpu_decode_kernel_matches_reference(kernel, dtype, nh, nkv, hd, block_size):
     """Contexts ending anywhere in a tile and a block, with every slot outside a context
     poisoned: a kernel that reads past a context or mis-masks a tile's tail fails."""
-    backend = _cpu_decode_backend(kernel)
+    backend = _cpu_kernel_backend("decode", kernel)
     if kernel == "avx512" and hd == 32:
         pytest.skip("the AVX-512 kernel does not specialize head_dim 32 (auto takes AVX2 there)")
     context_lens = [1, 7, 8, 9, 15, 16, 17, 200, 1000]
     paged = make_paged(context_lens, nkv=nkv, hd=hd, block_size=block_size, dtype=dtype, seed=3)
-    keep = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
-    for b, n in enumerate(context_lens):
-        for p in range(n):
-            keep[paged.block_tables[b, p // block_size], p % block_size] = True
-    paged.k_cache[~keep] = 1e4
-    paged.v_cache[~keep] = 1e6
+    _poison_outside_contexts(paged, context_lens, block_size)
     query = torch.randn(len(context_lens), nh, hd).to(dtype)
     scale = hd**-0.5
     expected = reference.decode(
@@ -390,7 +394,7 @@ def test_cpu_decode_kernel_by_name_is_checked():
     silent fallback; "auto" always answers."""
     from gpu.attention.cpu_native import decode_kernel_for, decode_kernels
 
-    backend = _cpu_decode_backend("portable")
+    backend = _cpu_kernel_backend("decode", "portable")
     assert decode_kernels()[-1] == "portable"
     assert decode_kernel_for(48) == "portable"  # no vectorized kernel specializes 48
     assert decode_kernel_for(64) == decode_kernels()[0]
@@ -423,20 +427,6 @@ PREFILL_CHUNKS = [(1, 1), (7, 7), (8, 8), (9, 9), (17, 17), (130, 130), (5, 37),
                   (1, 1000)]
 
 
-def _cpu_prefill_backend(kernel: str):
-    from gpu.attention.cpu_native import (
-        CpuNativeAttentionBackend,
-        cpu_native_available,
-        prefill_kernels,
-    )
-
-    if not cpu_native_available():
-        pytest.fail("the C++ CPU kernel did not build (g++ and ninja are installed by ops/setup.sh)")
-    if kernel not in prefill_kernels():
-        pytest.skip(f"the {kernel} prefill kernel is not built for this CPU")
-    return CpuNativeAttentionBackend(prefill_kernel=kernel)
-
-
 @pytest.mark.parametrize("kernel", CPU_PREFILL_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh,nkv,hd", [*DECODE_SHAPES, (6, 2, 32)])
@@ -444,18 +434,13 @@ def _cpu_prefill_backend(kernel: str):
 def test_cpu_prefill_kernel_matches_reference(kernel, dtype, nh, nkv, hd, block_size):
     """Every slot outside a context poisoned: a kernel that reads past a context,
     mis-masks the causal edge inside a tile or misplaces a chunk's first query fails."""
-    backend = _cpu_prefill_backend(kernel)
+    backend = _cpu_kernel_backend("prefill", kernel)
     if kernel == "avx512" and hd == 32:
         pytest.skip("the AVX-512 prefill kernel does not specialize head_dim 32 (auto takes AVX2 there)")
     query_lens = [q for q, _ in PREFILL_CHUNKS]
     context_lens = [c for _, c in PREFILL_CHUNKS]
     paged = make_paged(context_lens, nkv=nkv, hd=hd, block_size=block_size, dtype=dtype, seed=4)
-    keep = torch.zeros(paged.k_cache.shape[:2], dtype=torch.bool)
-    for b, n in enumerate(context_lens):
-        for p in range(n):
-            keep[paged.block_tables[b, p // block_size], p % block_size] = True
-    paged.k_cache[~keep] = 1e4
-    paged.v_cache[~keep] = 1e6
+    _poison_outside_contexts(paged, context_lens, block_size)
     query = torch.randn(sum(query_lens), nh, hd).to(dtype)
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     args = (max(query_lens), max(context_lens), hd**-0.5)
@@ -476,7 +461,7 @@ def test_cpu_prefill_kernel_by_name_is_checked():
         prefill_kernels,
     )
 
-    _cpu_decode_backend("portable")  # the extension builds
+    _cpu_kernel_backend("decode", "portable")  # the extension builds
     assert prefill_kernel_for(48) == "none"
     assert prefill_kernel_for(64) == (prefill_kernels() or ["none"])[0]
     paged = make_paged([5, 9], nkv=2, hd=48)
