@@ -225,7 +225,9 @@ class Engine:
         sampled_by_seq: dict[str, int] = {}
         picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
         if rows:
-            logits = out.logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
+            logits = out.logits
+            if rows != list(range(logits.shape[0])):  # copy only for a repeated (n>1) or skipped row
+                logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
             res = self.sampler.sample(logits, states, generator=self._rng)
             for k, (req, choice, fork_index) in enumerate(targets):
                 tok = res.token_ids[k]

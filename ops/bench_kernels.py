@@ -263,7 +263,7 @@ def bench_cpu(iters: int) -> list[CpuRow]:
                             for n, c in zip(qlens, clens, strict=True))
                 rows.append(CpuRow("paged_prefill", shape.name, name, dname, t_ref, t_nat, t_ref / t_nat,
                                    flops / t_ref / 1e3, flops / t_nat / 1e3,
-                                   prefill_kernel_for(shape.head_dim), by_kernel))
+                                   prefill_kernel_for(shape.head_dim, dtype), by_kernel))
     return rows
 
 

@@ -14,10 +14,11 @@ optional: `cpu_native_available()` is False when it cannot be built, and
 `gpu.attention.get_backend("cpu")` then returns the torch backend.
 
 Prefill: the torch backend gathers each sequence's context and calls SDPA per
-sequence — ~40-50 GFLOP/s here in bf16, and on the masked path (a prompt chunk
+sequence — ~40-50 GFLOP/s in bf16 without AMX, and on the masked path (a prompt chunk
 after cached positions) slower still. The kernels tile queries × keys straight
 from the cache with float32 accumulation (see the .cpp): AVX-512 for head_dim 64
-and 128, AVX2 + FMA for 32, 64 and 128; anything else takes the inherited torch path.
+and 128, AVX2 + FMA for 32, 64 and 128; anything else takes the inherited torch path,
+and so does bfloat16 on a CPU with AMX, where SDPA's bf16 GEMMs outrun the kernels.
 
 Decode has three kernels (see the .cpp): AVX-512, AVX2 + FMA and a portable loop;
 "auto" runs the widest this CPU has for the head size. Cache writes and block
@@ -69,10 +70,34 @@ def prefill_kernels() -> list[str]:
     return list(_module().prefill_kernels())
 
 
-def prefill_kernel_for(head_dim: int) -> str:
-    """The kernel `prefill_kernel="auto"` runs for this head size here; "none" means the
-    torch path."""
-    return str(_module().prefill_kernel_for(head_dim))
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True when torch's oneDNN runs bfloat16 GEMMs on AMX tiles here (Sapphire Rapids and
+    later Xeons); False when torch cannot tell."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def auto_prefill_kernel(native: str, dtype: torch.dtype, amx: bool) -> str:
+    """What `prefill_kernel="auto"` runs, given the kernel the extension picks for the head
+    size (`native`, "none" when no kernel handles it): that kernel, except for bfloat16
+    on an AMX CPU, where the torch path ("none") is faster. The kernels compute in
+    float32 FMAs (~80-105 GFLOP/s on 2 cores); SDPA's bfloat16 GEMMs on AMX tiles run at
+    170-310, so the gathered copy costs less than it saves (bench_kernels on a
+    Sapphire Rapids Xeon: the kernel took 1.2-2.9x the torch path's time in bf16, and
+    0.58-0.92x in float32, where the kernel stays)."""
+    if dtype == torch.bfloat16 and amx:
+        return "none"
+    return native
+
+
+def prefill_kernel_for(head_dim: int, dtype: torch.dtype = torch.float32) -> str:
+    """The kernel `prefill_kernel="auto"` runs for this head size and cache dtype here;
+    "none" means the torch path."""
+    return auto_prefill_kernel(str(_module().prefill_kernel_for(head_dim)), dtype, cpu_has_amx())
 
 
 class CpuNativeAttentionBackend(TorchAttentionBackend):
@@ -81,8 +106,8 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
 
     `decode_kernel`: "auto" (the widest kernel that handles the head size: avx512, avx2,
     then the portable loop) or one of `decode_kernels()` by name; `prefill_kernel`:
-    "auto" (avx512, avx2, else the torch path), "torch" (always the inherited torch
-    path) or one of `prefill_kernels()` by name — names are for tests and benchmarks; a
+    "auto" (avx512, avx2, else the torch path; the torch path for bfloat16 on an AMX
+    CPU, see `auto_prefill_kernel`), "torch" (always the inherited torch path) or one of `prefill_kernels()` by name — names are for tests and benchmarks; a
     kernel not built here or not handling the head size raises."""
 
     name = "cpu-native"
@@ -128,7 +153,7 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
             query.dtype not in (torch.float32, torch.bfloat16)
             or query.device.type != "cpu"
             or self.prefill_kernel == "torch"
-            or (self.prefill_kernel == "auto" and not _module().prefill_supported(query.shape[-1]))
+            or (self.prefill_kernel == "auto" and prefill_kernel_for(query.shape[-1], query.dtype) == "none")
         ):
             return super().prefill(
                 query, k_cache, v_cache, query_start_loc, context_lens, block_tables,

@@ -482,3 +482,34 @@ def test_cpu_prefill_kernel_by_name_is_checked():
         backend.prefill_kernel = absent
         with pytest.raises(RuntimeError, match="not built for this CPU"):
             backend.prefill(query, *args)
+
+
+def test_auto_prefill_takes_the_torch_path_for_bf16_on_amx():
+    """The rule: bfloat16 on an AMX CPU → the torch path (SDPA on AMX tiles beats the
+    float32-FMA kernels); anything else → the kernel the extension picks."""
+    from gpu.attention.cpu_native import auto_prefill_kernel
+
+    assert auto_prefill_kernel("avx512", torch.bfloat16, amx=True) == "none"
+    assert auto_prefill_kernel("avx512", torch.float32, amx=True) == "avx512"
+    assert auto_prefill_kernel("avx512", torch.bfloat16, amx=False) == "avx512"
+    assert auto_prefill_kernel("avx2", torch.bfloat16, amx=False) == "avx2"
+    assert auto_prefill_kernel("none", torch.float32, amx=False) == "none"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_auto_prefill_follows_the_rule_on_this_cpu(dtype):
+    """What "auto" runs here is what `prefill_kernel_for` names, and it matches the
+    reference either way (the kernel or the torch path)."""
+    from gpu.attention import cpu_native
+
+    backend = _cpu_kernel_backend("decode", "portable")  # the extension builds
+    native = (cpu_native.prefill_kernels() or ["none"])[0]
+    assert cpu_native.prefill_kernel_for(64, dtype) == cpu_native.auto_prefill_kernel(
+        native, dtype, cpu_native.cpu_has_amx()
+    )
+    query_lens, context_lens = [3, 40], [3, 90]
+    paged = make_paged(context_lens, nkv=3, hd=64, block_size=16, dtype=dtype, seed=5)
+    query = torch.randn(sum(query_lens), 9, 64).to(dtype)
+    starts = torch.tensor([0, 3, 43], dtype=torch.int32)
+    args = (paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, 40, 90, 0.125)
+    check_close(backend.prefill(query, *args), reference.prefill(query, *args), dtype)

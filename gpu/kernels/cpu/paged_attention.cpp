@@ -124,6 +124,47 @@ inline std::vector<PrefillItem> prefill_items(const int32_t* qsl, const int32_t*
   return items;
 }
 
+// One work item under kv head h: its rows are the G query heads of each of its queries
+// (row r = query r / G, at position pos0 + r / G, head h * G + r % G); `first` is its
+// first query's row in q/out, and keys [0, kend) are seen by some row.
+struct PrefillTile {
+  int64_t s, h, first, pos0, kend, rows;
+};
+
+inline PrefillTile prefill_tile(const PrefillItem& item, int64_t h, const int32_t* qsl, const int32_t* ctx,
+                                int64_t PQ, int64_t G) {
+  const int64_t n_q = qsl[item.s + 1] - qsl[item.s];
+  const int64_t nq = std::min(PQ, n_q - item.q0);
+  const int64_t pos0 = ctx[item.s] - n_q + item.q0;
+  return {item.s, h, qsl[item.s] + item.q0, pos0, pos0 + nq, nq * G};
+}
+
+// A tile's prologue in both kernels: its query rows widened to float and pre-scaled
+// into qf (rows × hd), the online-softmax state reset (acc = 0, m = -inf, l = 0).
+template <typename T>
+inline void prefill_begin(const T* q, const PrefillTile& t, int64_t nh, int64_t G, int64_t hd, float scale,
+                          float* qf, float* acc, float* m, float* l) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* src = q + ((t.first + r / G) * nh + t.h * G + r % G) * hd;
+    for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = static_cast<float>(src[d]) * scale;
+  }
+  std::fill(acc, acc + t.rows * hd, 0.f);
+  std::fill(m, m + t.rows, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + t.rows, 0.f);
+}
+
+// A tile's epilogue: each row's accumulator divided by its softmax sum, written to out
+// (a row that saw no key, impossible under the causal contract, writes zeros).
+template <typename T>
+inline void prefill_end(const PrefillTile& t, int64_t nh, int64_t G, int64_t hd, const float* acc, const float* l,
+                        T* out) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    T* o = out + ((t.first + r / G) * nh + t.h * G + r % G) * hd;
+    for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[r * hd + d] * inv);
+  }
+}
+
 #if defined(__AVX2__)
 // Software prefetch of the K and V rows of positions [pos, pos + tile) of sequence b
 // (clipped to its block and context). Blocks are scattered through the cache, so
@@ -384,20 +425,9 @@ void prefill_avx2(const T* q, const T* kc, const T* vc, const int32_t* qsl, cons
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
-      const PrefillItem& item = items[it / nkv];
-      const int64_t h = it % nkv, s = item.s;
-      const int64_t n_q = qsl[s + 1] - qsl[s];
-      const int64_t nq = std::min(PQ, n_q - item.q0);
-      const int64_t pos0 = ctx[s] - n_q + item.q0;  // position of the item's first query
-      const int64_t kend = pos0 + nq;               // keys [0, kend) are seen by some row
-      const int64_t rows = nq * G;                  // row r = query r / G, head h * G + r % G
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* src = q + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
-        for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = static_cast<float>(src[d]) * scale;
-      }
-      std::fill(acc.begin(), acc.begin() + rows * hd, 0.f);
-      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.begin() + rows, 0.f);
+      const PrefillTile tile = prefill_tile(items[it / nkv], it % nkv, qsl, ctx, PQ, G);
+      const int64_t h = tile.h, s = tile.s, pos0 = tile.pos0, kend = tile.kend, rows = tile.rows;
+      prefill_begin(q, tile, nh, G, hd, scale, qf.data(), acc.data(), m.data(), l.data());
       for (int64_t start = 0, cnt = 0; start < kend; start += cnt) {
         const int64_t blk = tables[s * W + start / bs];
         const int64_t off = start % bs;
@@ -469,11 +499,7 @@ void prefill_avx2(const T* q, const T* kc, const T* vc, const int32_t* qsl, cons
           }
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        T* o = out + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[r * hd + d] * inv);
-      }
+      prefill_end(tile, nh, G, hd, acc.data(), l.data(), out);
     }
   }
 }
@@ -782,20 +808,9 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
     alignas(64) float p[16];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
-      const PrefillItem& item = items[it / nkv];
-      const int64_t h = it % nkv, s = item.s;
-      const int64_t n_q = qsl[s + 1] - qsl[s];
-      const int64_t nq = std::min(PQ, n_q - item.q0);
-      const int64_t pos0 = ctx[s] - n_q + item.q0;  // position of the item's first query
-      const int64_t kend = pos0 + nq;               // keys [0, kend) are seen by some row
-      const int64_t rows = nq * G;                  // row r = query r / G, head h * G + r % G
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* src = q + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
-        for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = static_cast<float>(src[d]) * scale;
-      }
-      std::fill(acc.begin(), acc.begin() + rows * hd, 0.f);
-      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.begin() + rows, 0.f);
+      const PrefillTile tile = prefill_tile(items[it / nkv], it % nkv, qsl, ctx, PQ, G);
+      const int64_t h = tile.h, s = tile.s, pos0 = tile.pos0, kend = tile.kend, rows = tile.rows;
+      prefill_begin(q, tile, nh, G, hd, scale, qf.data(), acc.data(), m.data(), l.data());
       for (int64_t start = 0, cnt = 0; start < kend; start += cnt) {
         const int64_t blk = tables[s * W + start / bs];
         const int64_t off = start % bs;
@@ -843,11 +858,7 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
           }
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        T* o = out + ((qsl[s] + item.q0 + r / G) * nh + h * G + r % G) * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<T>(acc[r * hd + d] * inv);
-      }
+      prefill_end(tile, nh, G, hd, acc.data(), l.data(), out);
     }
   }
 }
