@@ -211,6 +211,8 @@ def _cpu_paged(shape: AttnShape, context_lens: list[int], dtype: torch.dtype, ge
 def bench_cpu(iters: int) -> list[CpuRow]:
     from gpu.attention.cpu_native import (
         CpuNativeAttentionBackend,
+        auto_torch_prefill_min_flops,
+        cpu_has_amx,
         cpu_native_available,
         decode_kernel_for,
         decode_kernels,
@@ -222,6 +224,14 @@ def bench_cpu(iters: int) -> list[CpuRow]:
     if not cpu_native_available():
         raise SystemExit("the CPU kernels did not build here: nothing to compare")
     native, ref = CpuNativeAttentionBackend(), TorchAttentionBackend()
+
+    def auto_label(head_dim: int, dtype: torch.dtype) -> str:
+        """What "auto" prefill runs: the kernel, or (bf16 on AMX) the kernel below a
+        per-sequence FLOP count and the torch path above it."""
+        kernel = prefill_kernel_for(head_dim)
+        split = auto_torch_prefill_min_flops(dtype, cpu_has_amx())
+        return kernel if split == float("inf") or kernel == "none" else f"{kernel}/torch >= {split / 1e6:g} MFLOP"
+
     gen = torch.Generator().manual_seed(0)
     rows: list[CpuRow] = []
     decode_cases = {"SmolLM2-135M": ((16, 512), (64, 512), (64, 1536)), "Llama-7B-size": ((16, 512),)}
@@ -263,7 +273,7 @@ def bench_cpu(iters: int) -> list[CpuRow]:
                             for n, c in zip(qlens, clens, strict=True))
                 rows.append(CpuRow("paged_prefill", shape.name, name, dname, t_ref, t_nat, t_ref / t_nat,
                                    flops / t_ref / 1e3, flops / t_nat / 1e3,
-                                   prefill_kernel_for(shape.head_dim, dtype), by_kernel))
+                                   auto_label(shape.head_dim, dtype), by_kernel))
     return rows
 
 

@@ -18,7 +18,9 @@ sequence — ~40-50 GFLOP/s in bf16 without AMX, and on the masked path (a promp
 after cached positions) slower still. The kernels tile queries × keys straight
 from the cache with float32 accumulation (see the .cpp): AVX-512 for head_dim 64
 and 128, AVX2 + FMA for 32, 64 and 128; anything else takes the inherited torch path,
-and so does bfloat16 on a CPU with AMX, where SDPA's bf16 GEMMs outrun the kernels.
+and so do long sequences in bfloat16 on a CPU with AMX, where SDPA's bf16 GEMMs outrun
+the kernels once a sequence's work outweighs SDPA's per-call overhead (one step's
+batch is split: short chunks to the kernel, long ones to SDPA).
 
 Decode has three kernels (see the .cpp): AVX-512, AVX2 + FMA and a portable loop;
 "auto" runs the widest this CPU has for the head size. Cache writes and block
@@ -28,6 +30,7 @@ copies are inherited from the torch backend.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import torch
@@ -81,23 +84,36 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def auto_prefill_kernel(native: str, dtype: torch.dtype, amx: bool) -> str:
-    """What `prefill_kernel="auto"` runs, given the kernel the extension picks for the head
-    size (`native`, "none" when no kernel handles it): that kernel, except for bfloat16
-    on an AMX CPU, where the torch path ("none") is faster. The kernels compute in
-    float32 FMAs (~80-105 GFLOP/s on 2 cores); SDPA's bfloat16 GEMMs on AMX tiles run at
-    170-310, so the gathered copy costs less than it saves (bench_kernels on a
-    Sapphire Rapids Xeon: the kernel took 1.2-2.9x the torch path's time in bf16, and
-    0.58-0.92x in float32, where the kernel stays)."""
-    if dtype == torch.bfloat16 and amx:
-        return "none"
-    return native
+# Attention FLOPs of one sequence's prefill chunk (4 · heads · head_dim per visible
+# (query, key) pair) from which, in bfloat16 on an AMX CPU, "auto" sends that sequence
+# down the torch path. The kernels compute in float32 FMAs (~80-105 GFLOP/s on 2
+# cores); SDPA's bf16 GEMMs run on AMX tiles at 170-310, but pay ~100 us per sequence
+# (a gathered copy, one SDPA call per sequence). Measured on a Sapphire Rapids Xeon, 2
+# threads, torch path ÷ kernel time: SmolLM2 shapes (9/3/64) 32 x 32 fresh tokens 5.2,
+# 32 x 96 1.35, 8 x 128 1.08, 16 x 256 0.70, 4 x 512 0.52, a 324-token chunk after 700
+# 0.49; Llama-7B shapes (32/32/128) 16 x 32 2.1, 8 x 64 1.05, 8 x 96 0.92, 4 x 256 0.71.
+# The crossover sits at 19-50 MFLOP per sequence; 32 is where either choice costs least.
+AMX_TORCH_PREFILL_MIN_FLOPS = 32e6
 
 
-def prefill_kernel_for(head_dim: int, dtype: torch.dtype = torch.float32) -> str:
-    """The kernel `prefill_kernel="auto"` runs for this head size and cache dtype here;
-    "none" means the torch path."""
-    return auto_prefill_kernel(str(_module().prefill_kernel_for(head_dim)), dtype, cpu_has_amx())
+def auto_torch_prefill_min_flops(dtype: torch.dtype, amx: bool) -> float:
+    """Per-sequence attention FLOPs from which "auto" prefills a sequence on the torch
+    path instead of the kernel: `AMX_TORCH_PREFILL_MIN_FLOPS` for bfloat16 on an AMX CPU,
+    never otherwise (the kernels took 0.58-0.92x the torch path's time in float32 on the
+    same Xeon, and 0.48-0.80x in bf16 on CPUs without AMX: docs/benchmarking.md)."""
+    return AMX_TORCH_PREFILL_MIN_FLOPS if dtype == torch.bfloat16 and amx else float("inf")
+
+
+def prefill_flops(n_q: int, n_ctx: int, num_heads: int, head_dim: int) -> float:
+    """Attention FLOPs of a causal chunk of `n_q` queries ending a context of `n_ctx`:
+    QK^T and PV, 4 · heads · head_dim per visible (query, key) pair."""
+    return 4.0 * num_heads * head_dim * n_q * (n_ctx - (n_q - 1) / 2)
+
+
+def prefill_kernel_for(head_dim: int) -> str:
+    """The kernel `prefill_kernel="auto"` runs for this head size here; "none" means the
+    torch path (and see `auto_torch_prefill_min_flops` for bf16 on AMX)."""
+    return str(_module().prefill_kernel_for(head_dim))
 
 
 class CpuNativeAttentionBackend(TorchAttentionBackend):
@@ -106,8 +122,9 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
 
     `decode_kernel`: "auto" (the widest kernel that handles the head size: avx512, avx2,
     then the portable loop) or one of `decode_kernels()` by name; `prefill_kernel`:
-    "auto" (avx512, avx2, else the torch path; the torch path for bfloat16 on an AMX
-    CPU, see `auto_prefill_kernel`), "torch" (always the inherited torch path) or one of `prefill_kernels()` by name — names are for tests and benchmarks; a
+    "auto" (avx512, avx2, else the torch path; in bfloat16 on an AMX CPU, the torch
+    path for sequences with enough work, see `auto_torch_prefill_min_flops`), "torch"
+    (always the inherited torch path) or one of `prefill_kernels()` by name — names are for tests and benchmarks; a
     kernel not built here or not handling the head size raises."""
 
     name = "cpu-native"
@@ -149,19 +166,45 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
         max_context_len: int,
         scale: float,
     ) -> torch.Tensor:  # (T, nh, hd)
+        args = (query, k_cache, v_cache, query_start_loc, context_lens, block_tables,
+                max_query_len, max_context_len, scale)
         if (
             query.dtype not in (torch.float32, torch.bfloat16)
             or query.device.type != "cpu"
             or self.prefill_kernel == "torch"
-            or (self.prefill_kernel == "auto" and prefill_kernel_for(query.shape[-1], query.dtype) == "none")
+            or (self.prefill_kernel == "auto" and not _module().prefill_supported(query.shape[-1]))
         ):
-            return super().prefill(
-                query, k_cache, v_cache, query_start_loc, context_lens, block_tables,
-                max_query_len, max_context_len, scale,
-            )
-        _check_prefill(query, k_cache, v_cache, query_start_loc, context_lens, block_tables)
+            return super().prefill(*args)
+        starts, lens = _check_prefill(query, k_cache, v_cache, query_start_loc, context_lens, block_tables)
         if query.shape[0] == 0:
             return query.new_empty(query.shape)
+        if self.prefill_kernel != "auto":
+            return self._kernel_prefill(*args)
+        min_flops = auto_torch_prefill_min_flops(query.dtype, cpu_has_amx())
+        nh, hd = query.shape[1], query.shape[2]
+        big = [prefill_flops(starts[s + 1] - starts[s], n, nh, hd) >= min_flops for s, n in enumerate(lens)]
+        if not any(big):
+            return self._kernel_prefill(*args)
+        if all(big):
+            return super().prefill(*args)
+        out = torch.empty_like(query)
+        for on_torch, run in ((False, self._kernel_prefill), (True, super().prefill)):
+            seqs = [s for s, b in enumerate(big) if b == on_torch]
+            n_q = [starts[s + 1] - starts[s] for s in seqs]
+            rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in seqs])
+            if rows.numel() == 0:  # only sequences without queries in this group
+                continue
+            idx = torch.tensor(seqs)
+            sub_ctx = context_lens.index_select(0, idx)
+            out.index_copy_(0, rows, run(
+                query.index_select(0, rows), k_cache, v_cache,
+                torch.tensor([0, *itertools.accumulate(n_q)], dtype=torch.int32), sub_ctx,
+                block_tables.index_select(0, idx), max(n_q), int(sub_ctx.max()), scale,
+            ))
+        return out
+
+    def _kernel_prefill(self, query, k_cache, v_cache, query_start_loc, context_lens, block_tables,
+                        max_query_len, max_context_len, scale) -> torch.Tensor:
         return _module().paged_prefill(
             query.contiguous(), k_cache, v_cache, query_start_loc.to(torch.int32),
             context_lens.to(torch.int32), block_tables.to(torch.int32), float(scale), self.prefill_kernel,

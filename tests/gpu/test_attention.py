@@ -484,32 +484,51 @@ def test_cpu_prefill_kernel_by_name_is_checked():
             backend.prefill(query, *args)
 
 
-def test_auto_prefill_takes_the_torch_path_for_bf16_on_amx():
-    """The rule: bfloat16 on an AMX CPU → the torch path (SDPA on AMX tiles beats the
-    float32-FMA kernels); anything else → the kernel the extension picks."""
-    from gpu.attention.cpu_native import auto_prefill_kernel
+def test_auto_prefill_splits_by_work_only_for_bf16_on_amx():
+    """The rule: in bfloat16 on an AMX CPU a sequence with at least
+    AMX_TORCH_PREFILL_MIN_FLOPS of attention goes to the torch path; otherwise never."""
+    from gpu.attention.cpu_native import (
+        AMX_TORCH_PREFILL_MIN_FLOPS,
+        auto_torch_prefill_min_flops,
+        prefill_flops,
+    )
 
-    assert auto_prefill_kernel("avx512", torch.bfloat16, amx=True) == "none"
-    assert auto_prefill_kernel("avx512", torch.float32, amx=True) == "avx512"
-    assert auto_prefill_kernel("avx512", torch.bfloat16, amx=False) == "avx512"
-    assert auto_prefill_kernel("avx2", torch.bfloat16, amx=False) == "avx2"
-    assert auto_prefill_kernel("none", torch.float32, amx=False) == "none"
+    assert auto_torch_prefill_min_flops(torch.bfloat16, amx=True) == AMX_TORCH_PREFILL_MIN_FLOPS
+    for dtype, amx in ((torch.float32, True), (torch.bfloat16, False), (torch.float32, False)):
+        assert auto_torch_prefill_min_flops(dtype, amx=amx) == float("inf")
+    # a fresh prompt of n tokens sees n (n + 1) / 2 (query, key) pairs; a chunk of 1 sees its context
+    assert prefill_flops(3, 3, 2, 8) == 4 * 2 * 8 * 6
+    assert prefill_flops(1, 700, 9, 64) == 4 * 9 * 64 * 700
+    smollm = [n for n in range(1, 400) if prefill_flops(n, n, 9, 64) >= AMX_TORCH_PREFILL_MIN_FLOPS]
+    assert 120 <= smollm[0] <= 200  # measured crossover of the 9/3/64 shapes: ~128-256 tokens
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_auto_prefill_follows_the_rule_on_this_cpu(dtype):
-    """What "auto" runs here is what `prefill_kernel_for` names, and it matches the
-    reference either way (the kernel or the torch path)."""
+def test_cpu_auto_prefill_mixed_batch_matches_reference(monkeypatch, amx, dtype):
+    """A step mixing short chunks (kernel) and long ones (torch path, when the rule splits)
+    with empty chunks between them: every row lands where it belongs, poisoned slots unread."""
     from gpu.attention import cpu_native
+    from gpu.attention.torch_backend import TorchAttentionBackend
 
     backend = _cpu_kernel_backend("decode", "portable")  # the extension builds
-    native = (cpu_native.prefill_kernels() or ["none"])[0]
-    assert cpu_native.prefill_kernel_for(64, dtype) == cpu_native.auto_prefill_kernel(
-        native, dtype, cpu_native.cpu_has_amx()
-    )
-    query_lens, context_lens = [3, 40], [3, 90]
-    paged = make_paged(context_lens, nkv=3, hd=64, block_size=16, dtype=dtype, seed=5)
+    monkeypatch.setattr(cpu_native, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(cpu_native, "AMX_TORCH_PREFILL_MIN_FLOPS", 4 * 9 * 64 * 500)
+    torch_seqs: list[int] = []
+    real = TorchAttentionBackend.prefill
+
+    def spy(self, query, k, v, starts, *rest):
+        torch_seqs.append(len(starts) - 1)
+        return real(self, query, k, v, starts, *rest)
+
+    monkeypatch.setattr(TorchAttentionBackend, "prefill", spy)
+    chunks = [(3, 3), (40, 40), (0, 5), (1, 600), (9, 70), (33, 33), (0, 9), (2, 2)]  # 40 → 820, 33 → 561 pairs
+    query_lens, context_lens = [q for q, _ in chunks], [c for _, c in chunks]
+    paged = make_paged(context_lens, nkv=3, hd=64, block_size=16, dtype=dtype, seed=6)
+    _poison_outside_contexts(paged, context_lens, 16)
     query = torch.randn(sum(query_lens), 9, 64).to(dtype)
-    starts = torch.tensor([0, 3, 43], dtype=torch.int32)
-    args = (paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, 40, 90, 0.125)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    args = (paged.k_cache, paged.v_cache, starts, paged.context_lens, paged.block_tables, 40, 600, 0.125)
     check_close(backend.prefill(query, *args), reference.prefill(query, *args), dtype)
+    split = amx and dtype == torch.bfloat16 and cpu_native.prefill_kernels()
+    assert torch_seqs == ([4] if split else [] if cpu_native.prefill_kernels() else [len(chunks)])

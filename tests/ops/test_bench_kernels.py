@@ -30,7 +30,8 @@ def test_cpu_mode_times_both_backends_and_writes_json(tmp_path, capsys):
             from gpu.attention.cpu_native import prefill_kernels
 
             assert set(r["kernels_us"]) <= set(prefill_kernels())
-            assert r["native_kernel"] in (*r["kernels_us"], "none")
+            # "avx512", or "avx512/torch >= 32 MFLOP" where bf16 on AMX splits by work
+            assert r["native_kernel"].split("/")[0] in (*r["kernels_us"], "none")
             assert all(us > 0 for us in r["kernels_us"].values())
     out = capsys.readouterr().out
     assert "speedup" in out and "CPU decode kernels" in out
