@@ -13,6 +13,7 @@ of roundings, so results agree up to float32 summation order in the norms' reduc
     rms_norm(x, w, eps)               -> rms_norm(x) * w
     silu_mul(gate_up)                 -> silu(gate_up[:, :I]) * gate_up[:, I:]
     rotary_(x, cos, sin, positions, heads, head_dim)   in place, "rotate half" RoPE
+    argmax(x)                         -> torch.argmax(x, dim=-1)  (greedy sampling's)
 
 RMSNorm is computed in float32 like the HF reference: for bfloat16 the normalised row
 is rounded to bfloat16 before the weight multiplies it (HF's order).
@@ -124,3 +125,13 @@ def rotary_(
     part = x[:, : heads * head_dim].view(rows, heads, head_dim)
     part.copy_(rotary_reference(part, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)))
     return x
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) of a (rows, n) x, int64: the first of equal maxima, a NaN
+    counting as the maximum. Greedy sampling's reduction over the vocabulary: the fused
+    kernel reads each row once, vectorized (torch's took ~4 ms for 64 rows of a 49k
+    vocabulary on 2 cores, a few % of a decode step)."""
+    if _fused(x) and x.stride(1) == 1 and x.shape[1] > 0:
+        return _module().argmax(x)
+    return x.argmax(dim=-1)

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
+from gpu import layer_ops
+
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
@@ -277,7 +279,7 @@ class Sampler:
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy_rows:
-            tokens[_index(greedy_rows, x)] = _take_rows(x, greedy_rows).argmax(dim=-1)
+            tokens[_index(greedy_rows, x)] = layer_ops.argmax(_take_rows(x, greedy_rows))
         if random_rows:
             picked = self._sample_random(
                 _take_rows(x, random_rows), [batch[i] for i in random_rows], generator

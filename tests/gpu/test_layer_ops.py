@@ -237,6 +237,48 @@ def test_rotary_embedding_forward_matches_reference(dtype):
     assert torch.equal(q, q0) and torch.equal(k, k0)
 
 
+# -------------------------------------------------------------------- argmax
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_argmax_matches_torch(dtype):
+    """torch.argmax's answer on every kind of row: random logits (a 49k vocabulary, and
+    widths off the vector size), ties (the first wins), the maximum at either end, all
+    -inf, +inf, NaN (the first NaN wins even over +inf), and strided rows."""
+    _needs_fused()
+    gen = _gen(11)
+    vocab = 49152
+    x = (torch.randn(20, vocab, generator=gen) * 5).to(dtype)
+    x[1, 7] = x[1, 40000] = 100.0  # a tie: the first
+    x[2, 0] = 100.0
+    x[3, -1] = 100.0
+    x[4] = float("-inf")
+    x[5, 123] = float("inf")
+    x[6, 300] = float("nan")
+    x[6, 10] = float("inf")
+    x[7, 9] = x[7, 5000] = float("nan")
+    x[8] = 0.0
+    x[8, 17] = -0.0  # -0 == 0: still the first index
+    x[9] = x[9].to(torch.float32).round().to(dtype)  # many ties at the maximum
+    expected = x.argmax(dim=-1)
+    assert layer_ops.argmax(x).tolist() == expected.tolist()
+    for cols in (1, 15, 17, 33, 1000):
+        y = x[:, :cols]  # strided rows (stride vocab, width cols)
+        assert layer_ops.argmax(y).tolist() == y.argmax(dim=-1).tolist(), cols
+    assert layer_ops.argmax(x[:0]).shape == (0,)
+
+
+def test_argmax_kernel_rejects_what_it_cannot_take():
+    """An empty row has no argmax (torch raises too); integer and column-strided inputs
+    take torch's own argmax."""
+    _needs_fused()
+    with pytest.raises(RuntimeError, match="at least one column"):
+        layer_ops._module().argmax(torch.empty(3, 0))
+    assert layer_ops.argmax(torch.tensor([[1, 5, 5, 2]])).tolist() == [1]  # int64: torch's own
+    t = torch.randn(4, 6, generator=_gen(12)).t()  # column-strided: torch's own
+    assert layer_ops.argmax(t).tolist() == t.argmax(dim=-1).tolist()
+
+
 # -------------------------------------------------------------------- fallback
 
 

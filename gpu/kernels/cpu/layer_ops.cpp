@@ -12,6 +12,7 @@
 //   silu_mul(gate_up)                        -> out    out = silu(gate_up[:, :I]) * gate_up[:, I:]
 //   rotary_(x, cos, sin, positions, heads)   (in place) "rotate half" RoPE of the first `heads`
 //                                                       head_dim-wide heads of every row of x
+//   argmax(x)                                -> (rows,) int64   torch.argmax(x, dim=-1) (greedy sampling)
 // Rows are split across torch's threads (built with -fopenmp, gpu/kernels/build.py);
 // inner loops are `omp simd` so g++ -O3 -march=native vectorizes them.
 #include <torch/extension.h>
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -150,6 +152,36 @@ void rotary_rows(S* x, int64_t row_stride, const float* cos, const float* sin, c
   });
 }
 
+// Index of each row's maximum: the first of equal maxima, a NaN counting as the maximum
+// (the first NaN wins) — torch.argmax's answer. One vectorized max pass, then a scan
+// for the first index holding it (the row is in L2 by then); torch's reduction took
+// ~4 ms for 64 rows of a 49k vocabulary on 2 cores, ~0.7 GB/s.
+template <typename E, typename S = typename E::S>
+void argmax_rows(const S* x, int64_t* out, int64_t rows, int64_t n, int64_t stride) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const S* row = x + r * stride;
+      float m = -std::numeric_limits<float>::infinity();
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = E::ld(row[i]);
+        m = v > m ? v : m;
+        nan |= v != v;
+      }
+      int64_t idx = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = E::ld(row[i]);
+        if (nan ? v != v : v == m) {
+          idx = i;
+          break;
+        }
+      }
+      out[r] = idx;
+    }
+  });
+}
+
 uint16_t* u16(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<bf16>()); }
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -227,6 +259,18 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tenso
   }
 }
 
+torch::Tensor argmax(torch::Tensor x) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.size(1) > 0, "x must have at least one column");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(torch::kInt64));
+  if (x.scalar_type() == torch::kFloat32) {
+    argmax_rows<F32>(x.data_ptr<float>(), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.stride(0));
+  } else {
+    argmax_rows<BF16>(u16(x), out.data_ptr<int64_t>(), x.size(0), x.size(1), x.stride(0));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -234,4 +278,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "rms_norm(x) * weight (CPU)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (rows, 2I) gate/up projection (CPU)");
   m.def("rotary_", &rotary_, "in-place rotate-half RoPE of the first `heads` heads of each row (CPU)");
+  m.def("argmax", &argmax, "index of each row's maximum, as torch.argmax(x, -1) (CPU)");
 }
