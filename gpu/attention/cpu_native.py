@@ -178,9 +178,9 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
         starts, lens = _check_prefill(query, k_cache, v_cache, query_start_loc, context_lens, block_tables)
         if query.shape[0] == 0:
             return query.new_empty(query.shape)
-        if self.prefill_kernel != "auto":
-            return self._kernel_prefill(*args)
         min_flops = auto_torch_prefill_min_flops(query.dtype, cpu_has_amx())
+        if self.prefill_kernel != "auto" or min_flops == float("inf"):  # no per-sequence costing
+            return self._kernel_prefill(*args)
         nh, hd = query.shape[1], query.shape[2]
         big = [prefill_flops(starts[s + 1] - starts[s], n, nh, hd) >= min_flops for s, n in enumerate(lens)]
         if not any(big):
