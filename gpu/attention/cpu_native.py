@@ -88,7 +88,7 @@ def cpu_has_amx() -> bool:
 # (query, key) pair) from which, in bfloat16 on an AMX CPU, "auto" sends that sequence
 # down the torch path. The kernels compute in float32 FMAs (~80-105 GFLOP/s on 2
 # cores); SDPA's bf16 GEMMs run on AMX tiles at 170-310, but pay ~100 us per sequence
-# (a gathered copy, one SDPA call per sequence). Measured on a Sapphire Rapids Xeon, 2
+# (a gathered copy, one SDPA call per sequence). Measured on an AMX Xeon (2026-12-01), 2
 # threads, torch path ÷ kernel time: SmolLM2 shapes (9/3/64) 32 x 32 fresh tokens 5.2,
 # 32 x 96 1.35, 8 x 128 1.08, 16 x 256 0.70, 4 x 512 0.52, a 324-token chunk after 700
 # 0.49; Llama-7B shapes (32/32/128) 16 x 32 2.1, 8 x 64 1.05, 8 x 96 0.92, 4 x 256 0.71.
