@@ -24,7 +24,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help='"smollm2" (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file, or a '
                         "Hugging Face Llama folder (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype; auto = float32 on CPU, bfloat16 on CUDA")
+                   help="weights and KV cache dtype; auto = bfloat16 on CUDA and on CPUs with AVX512-BF16 or "
+                        "AMX, float32 on other CPUs (float32 is token-identical to the transformers reference)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache budget in MiB (default: %(default)s)")

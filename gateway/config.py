@@ -107,7 +107,8 @@ _HELP = {
     "keep_alive_seconds": "HTTP keep-alive timeout",
     "dev_tenant": "create a development tenant on first start and print its key",
     "served_model_name": "model id clients send (empty = derived from --model, e.g. SmolLM2-135M-Instruct)",
-    "dtype": "weights/KV dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16",
+    "dtype": "weights/KV dtype: auto (bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32), "
+             "float32, bfloat16, float16",
     "device": "cpu or cuda[:N]",
     "threads": "torch CPU threads (0 = torch default)",
     "kv_cache_mb": "KV cache budget in MiB",

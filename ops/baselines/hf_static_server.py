@@ -17,8 +17,9 @@ done at their own `max_tokens` or EOS (so SSE is as fair to the baseline as it c
 be; only the batching policy differs from lmgate).
 
 Same model as lmgate: the bundled SmolLM2 GGUF, dequantized by transformers
-(`from_pretrained(dir, gguf_file=name)`), fp32 (or `--dtype bfloat16`, to compare
-with `lmgate serve --dtype bfloat16`), greedy (temperature 0 only).
+(`from_pretrained(dir, gguf_file=name)`), in the dtype `lmgate serve` picks with the same
+flag (`--dtype auto`, the default of both: bfloat16 on a CPU with AVX512-BF16 or AMX,
+float32 elsewhere), greedy (temperature 0 only).
 Endpoints: POST /v1/completions (text or token-id prompt), POST /v1/chat/completions,
 both with `stream`, `stream_options.include_usage`, `max_tokens`, `ignore_eos`;
 GET /v1/models; GET /metrics (`hf_static_num_requests_waiting`/`_running`, which
@@ -53,11 +54,11 @@ class BaselineConfig:
     max_wait_ms: float = 50.0
     threads: int = 2
     max_model_len: int = 2048
-    dtype: str = "float32"  # "float32" | "bfloat16": run it in the dtype lmgate is measured in
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16": run it in the dtype lmgate is measured in
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.max_wait_ms < 0:
@@ -100,17 +101,18 @@ class Pending:
 class HFModel:
     """transformers model + tokenizer loaded from the bundled GGUF (sync, used from one thread)."""
 
-    def __init__(self, threads: int, dtype: str = "float32") -> None:
+    def __init__(self, threads: int, dtype: str = "auto") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from gpu.engine import resolve_dtype
         from gpu.loader import bundled_gguf_path
 
         torch.set_num_threads(threads)
         path = bundled_gguf_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
+            str(path.parent), gguf_file=path.name, dtype=resolve_dtype(dtype, "cpu")
         ).eval()
         gen = self.model.generation_config
         eos = gen.eos_token_id
@@ -426,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-wait-ms", type=float, default=50.0, help="start a partial batch once its oldest waited this long")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="model dtype; compare with lmgate serve --dtype set the same")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="model dtype, resolved as lmgate serve resolves it (auto: bfloat16 on a CPU with "
+                         "AVX512-BF16 or AMX, else float32); compare with lmgate serve --dtype set the same")
     args = ap.parse_args(argv)
     config = BaselineConfig(args.host, args.port, args.batch_size, args.max_wait_ms, args.threads, args.max_model_len,
                             args.dtype)

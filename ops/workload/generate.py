@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     from gpu.engine import Engine, generate
     from gpu.sampling import SamplingParams
 
-    engine = Engine(EngineConfig(num_threads=args.threads,
+    # float32 on every machine ("auto" is bfloat16 on some CPUs): the fixture's lengths must
+    # not depend on which machine regenerated it
+    engine = Engine(EngineConfig(num_threads=args.threads, dtype="float32",
                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)))
     reqs = build_requests(args.n, args.seed)
     prompts = [engine.tokenizer.render_and_encode(list(r.messages)) for r in reqs]

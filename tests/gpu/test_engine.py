@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
-from gpu.engine import Engine, RequestRejected, generate
+from gpu.engine import Engine, RequestRejected, cpu_has_native_bf16, generate, resolve_dtype
 from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.tokenizer import load_tokenizer
@@ -85,6 +85,31 @@ def make_engine(ckpt, tokenizer, **sched) -> Engine:
 
 def greedy(n: int = NEW_TOKENS) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def test_auto_dtype_is_bfloat16_where_the_hardware_has_native_bf16():
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", native_bf16=True) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", native_bf16=False) == torch.float32
+    # a named dtype is taken as given, whatever the hardware
+    assert resolve_dtype("float32", "cpu", native_bf16=True) == torch.float32
+    assert resolve_dtype("bf16", "cpu", native_bf16=False) == torch.bfloat16
+    assert resolve_dtype("fp16", "cuda") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8", "cpu")
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags():
+    """The probe is torch's; the kernel's own view of the CPU is /proc/cpuinfo's flags."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split("\n\n", 1)[0].split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    expected = torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+    assert resolve_dtype("auto", "cpu") == expected
 
 
 def test_greedy_alone_matches_transformers(ckpt, tokenizer, prompts, expected):

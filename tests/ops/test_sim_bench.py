@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.policies import PolicyConfig, make_policy
-from ops.bench_sched import poisson_arrivals, ratios, summarize
+from ops.bench_sched import poisson_arrivals, ratios, ratios_by_rate, summarize, targets_met
 from ops.sim.simulator import RequestRecord, SimRequest, StepTimeModel
 
 
@@ -40,6 +40,29 @@ def test_ratios_use_the_issue_keys():
     assert r["magnus_vs_fcfs_continuous_latency"] == 0.5
 
 
+def test_ratios_by_rate_mark_the_targets_each_rate_meets():
+    def row(req_s, mean):
+        return {"req_s": req_s, "mean_latency_s": mean}
+
+    table = {  # "1": magnus keeps up, fcfs-static does not; "3": every policy saturated
+        "magnus": {"1": row(1.0, 5.0), "3": row(3.4, 30.0), "9": row(3.5, 60.0)},
+        "fcfs-static": {"1": row(0.9, 100.0), "3": row(1.0, 200.0)},
+        "fcfs-continuous": {"1": row(1.0, 5.0), "3": row(3.3, 50.0)},
+    }
+    by_rate = ratios_by_rate(table)
+    assert list(by_rate) == ["1", "3"]  # only where all three ran, in rate order
+    assert by_rate["1"]["targets_met"] == ["magnus_vs_fcfs_static_latency", "magnus_vs_fcfs_continuous_throughput"]
+    assert by_rate["3"]["targets_met"] == ["magnus_vs_fcfs_static_throughput", "magnus_vs_fcfs_continuous_latency",
+                                           "magnus_vs_fcfs_continuous_throughput"]
+    assert by_rate["3"]["magnus_vs_fcfs_static_latency"] == 0.15
+    # the bounds are inclusive, and "no loss of throughput" allows 1%
+    assert targets_met({"magnus_vs_fcfs_static_throughput": 3.34, "magnus_vs_fcfs_static_latency": 0.103,
+                        "magnus_vs_fcfs_continuous_latency": 0.70, "magnus_vs_fcfs_continuous_throughput": 0.99}) == [
+        "magnus_vs_fcfs_static_throughput", "magnus_vs_fcfs_static_latency", "magnus_vs_fcfs_continuous_latency",
+        "magnus_vs_fcfs_continuous_throughput"]
+    assert targets_met({"magnus_vs_fcfs_static_throughput": 3.33, "magnus_vs_fcfs_continuous_throughput": 0.98}) == []
+
+
 def test_poisson_arrivals_have_the_requested_rate():
     a = poisson_arrivals(4000, 2.0, seed=1)
     assert a == sorted(a)
@@ -52,7 +75,7 @@ def test_real_driver_runs_every_request_through_the_engine_under_a_policy():
     from gpu.engine import Engine
     from ops.bench_sched import _PlanRecorder, run_real
 
-    engine = Engine(EngineConfig(num_threads=2, scheduler=SchedulerConfig(max_num_seqs=4)))
+    engine = Engine(EngineConfig(num_threads=2, dtype="float32", scheduler=SchedulerConfig(max_num_seqs=4)))
     recorder = _PlanRecorder(engine.scheduler)
     prompts = [engine.tokenizer.encode(f"Count to {k}:") for k in range(6)]
     reqs = [SimRequest(f"r{k}", "t", tuple(p), 6, 6, 0.05 * k, 6.0, 1.0) for k, p in enumerate(prompts)]
@@ -200,9 +223,9 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
 
     from gpu.config import CacheConfig, SchedulerConfig
 
-    # the engine's own defaults
+    # the engine's own defaults, but float32 on every machine (the fixture's lengths are float32's)
     assert (cfg().dtype, cfg().cache_mb, cfg().max_num_seqs) == (
-        "auto", CacheConfig().cache_bytes / 1024**2, SchedulerConfig().max_num_seqs)
+        "float32", CacheConfig().cache_bytes / 1024**2, SchedulerConfig().max_num_seqs)
     assert cfg().max_tokens is None  # the fixture's own cap
     assert cfg("--max-tokens", "64").max_tokens == 64
     bf16 = cfg("--dtype", "bfloat16")
@@ -272,8 +295,10 @@ def test_the_benchmark_runs_end_to_end_and_writes_the_issue_keys(tmp_path, capsy
     assert 0 <= report["predictor_within_25pct"] <= 1
     assert report["predictor"]["n_test"] == 40
     assert len(report["agreement"]) == 6
+    assert {"4", "16"} <= set(report["sim_ratios_by_rate"])  # and the sweep's own rates
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "magnus_vs_fcfs_continuous_latency" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "magnus_vs_fcfs_continuous_latency" in printed and "magnus across the simulated sweep" in printed
 
 
 @pytest.mark.slow
