@@ -33,7 +33,10 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
     torch.set_num_threads(2)
     out = io.StringIO()
     stop = trio.Event()
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm", shutdown_grace_seconds=1)
+    # float32: "Paris" below is float32's greedy answer; the first token is a near-tie ("The"
+    # 0.152 against "L" 0.140) that bf16 rounding (the "auto" dtype on AVX512-BF16 CPUs) can flip
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32")
     urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
     base_url = urls[0]
     key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
