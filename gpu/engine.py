@@ -100,9 +100,10 @@ def resolve_dtype(name: str, device: str, *, native_bf16: bool | None = None) ->
     Why: a decode step streams every weight once, so halving the bytes is the largest
     lever on a CPU — 1.6-1.7x the engine's throughput on a Zen 4 and ~2x on an AMX Xeon
     (docs/benchmarking.md), with next-token distributions within a small KL of float32's.
-    Without those instructions oneDNN cannot pack bf16 weights and bf16 is slower than
-    float32 (2.4x on a Zen 1's 32-row projection), so float32 stays the choice there.
-    float32 remains the dtype that is token-identical to the transformers reference.
+    On an AVX2-only CPU oneDNN cannot pack bf16 weights and bf16 runs 2.4x slower than
+    float32 (a Zen 1, a 32-row projection); AVX-512 without BF16 is unmeasured, so float32
+    stays the choice wherever native bf16 is missing. float32 remains the dtype that is
+    token-identical to the transformers reference (greedy runs part at near-ties in bf16).
     """
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
