@@ -101,9 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conts: dict[torch.dtype, list[list[int]]] = {}
     prompts: list[list[int]] = []
     report: dict = {"dtype": str(dtype).removeprefix("torch."), "prompts": len(rows), "new_tokens": args.new_tokens}
-    for dt in (torch.float32, dtype):
-        if dt in conts:
-            continue
+    dtypes = list(dict.fromkeys((torch.float32, dtype)))  # once each, also for --dtype float32
+    for dt in dtypes:
         engine = Engine(EngineConfig(dtype=str(dt).removeprefix("torch."), num_threads=args.threads,
                                      scheduler=SchedulerConfig(max_num_seqs=64)))
         prompts = [engine.tokenizer.render_and_encode(list(r.messages)) for r in rows]
@@ -122,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seqs = list(zip(prompts, ref, strict=True))
     blocks = sum((len(p) + len(c)) // BLOCK_SIZE + 1 for p, c in seqs)
     logits = {}
-    for dt in (torch.float32, dtype):
+    for dt in dtypes:
         runner = ModelRunner(load_checkpoint("smollm2", dt), num_blocks=blocks, block_size=BLOCK_SIZE, dtype=dt)
         logits[dt] = teacher_forced_logits(runner, seqs)
         del runner
