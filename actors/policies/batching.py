@@ -82,7 +82,9 @@ class TimeWindow(PolicyBase):
         oldest = self.waiting.oldest()
         if oldest is None:
             return 0
-        if len(self.waiting) >= self.min_batch or now - oldest.arrival >= self.window_s:
+        # the deadline exactly as `next_wakeup` computes it: `now - arrival >= window` can be
+        # False at that very wakeup (float rounding), and nothing would wake the driver again
+        if len(self.waiting) >= self.min_batch or now >= oldest.arrival + self.window_s:
             return min(view.room, self.max_batch)
         return 0
 

@@ -92,6 +92,19 @@ def test_time_window_holds_until_min_batch_or_window():
     assert len(p.release(2.0, view(0))) == 4  # min batch reached; max_batch caps it
 
 
+def test_time_window_releases_at_exactly_the_wakeup_it_asked_for():
+    """A driver that sleeps until `next_wakeup` and calls `release` then must get the batch:
+    with arrival 0.2 and a 0.5 s window the wakeup is 0.2 + 0.5 = 0.7, where 0.7 - 0.2 is
+    0.49999999999999994 — comparing waits instead of deadlines released nothing, asked for no
+    later wakeup, and stalled the simulator (seen in the benchmark's simulated sweep)."""
+    p = TimeWindow(window_s=0.5, min_batch=4, max_batch=8)
+    p.on_arrival(job("a", 0.2), 0.2)
+    wake = p.next_wakeup(0.2)
+    assert wake == 0.2 + 0.5 and wake - 0.2 < 0.5  # the rounding this guards against
+    assert ids(p.release(wake, view(0))) == ["a"]
+    assert p.next_wakeup(wake) is None
+
+
 def test_load_based_batch_grows_with_load_and_stops_at_high_kv_usage():
     p = LoadBased(min_batch=2, low=2, high=10)
     for k in range(3):
