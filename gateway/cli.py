@@ -28,9 +28,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "AMX, float32 on other CPUs (float32 is token-identical to the transformers reference)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    g.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache budget in MiB (default: %(default)s)")
+    g.add_argument("--kv-cache-mb", type=int, default=1536, help="KV cache budget in MiB (default: %(default)s)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="running-requests cap (default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="running-requests cap (default: %(default)s)")
     g.add_argument("--max-batched-tokens", type=int, default=512,
                    help="token budget of one engine step (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=8192,

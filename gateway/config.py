@@ -49,8 +49,8 @@ class GatewayConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0 = torch default
-    kv_cache_mb: int = 512
-    max_num_seqs: int = 64
+    kv_cache_mb: int = 1536  # gpu.config.CacheConfig's default (why: its docstring)
+    max_num_seqs: int = 128
     max_batched_tokens: int = 512
     max_model_len: int = 8192
     prefix_caching: bool = True

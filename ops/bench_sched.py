@@ -313,9 +313,13 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
 class BenchConfig:
     quick: bool
     max_tokens: int | None = None  # every request's; None: the fixture's own cap (512 for the shipped one)
-    max_num_seqs: int = SchedulerConfig().max_num_seqs  # the engine's default (64)
+    # The KV-bound regime Magnus is about (its GPUs run out of KV before compute): 64
+    # sequences on 728 blocks (512 MiB of float32 KV, 256 of bf16), where fcfs-continuous
+    # preempts. The serving defaults (128 on 1.5 GiB) leave compute as the bound on these
+    # CPUs: `--max-num-seqs 128 --cache-mb 1536` (docs/scheduling.md, "The serving defaults").
+    max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
-    cache_mb: float = CacheConfig().cache_bytes / 1024**2  # the engine's default KV cache: 512 MiB, 728 float32 blocks
+    cache_mb: float = 512.0  # in float32; bf16 halves it (the same blocks, see bench_config)
     dtype: str = "float32"  # the engine's weights/KV dtype; float32 by default: the fixture's lengths are float32's
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
@@ -478,10 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimistic-below-steps", type=float, metavar="STEPS",
                     help="magnus/hybrid admit without KV reservations while a preemption's recompute costs fewer "
                          f"decode steps than this (default {PolicyConfig.kv_optimistic_below_steps:g}; 0: always reserve)")
-    ap.add_argument("--max-num-seqs", type=int, help="the engine's running-requests cap (default 64, the engine's own)")
+    ap.add_argument("--max-num-seqs", type=int,
+                    help="the engine's running-requests cap (default 64: the KV-bound regime; the server's default "
+                         "is 128)")
     ap.add_argument("--cache-mb", type=float,
                     help="KV cache MiB (default 512 in float32, 256 in bfloat16: 728 blocks either way, so the "
-                         "cache binds at the same load)")
+                         "cache binds at the same load; the server's default is 1536)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="engine weights/KV dtype (default float32 on every machine, not the engine's auto: the "
                          "fixture's lengths are float32's); in bfloat16 the real runs generate their own lengths "

@@ -221,11 +221,9 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     def cfg(*argv):
         return bench_config(build_parser().parse_args(list(argv)))
 
-    from gpu.config import CacheConfig, SchedulerConfig
-
-    # the engine's own defaults, but float32 on every machine (the fixture's lengths are float32's)
-    assert (cfg().dtype, cfg().cache_mb, cfg().max_num_seqs) == (
-        "float32", CacheConfig().cache_bytes / 1024**2, SchedulerConfig().max_num_seqs)
+    # the KV-bound regime (64 sequences on 728 blocks), float32 on every machine (the
+    # fixture's lengths are float32's) — not the server's defaults (128 on 1.5 GiB)
+    assert (cfg().dtype, cfg().cache_mb, cfg().max_num_seqs) == ("float32", 512, 64)
     assert cfg().max_tokens is None  # the fixture's own cap
     assert cfg("--max-tokens", "64").max_tokens == 64
     bf16 = cfg("--dtype", "bfloat16")
