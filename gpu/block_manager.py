@@ -289,6 +289,19 @@ class BlockManager:
             dropped += 1
         return dropped
 
+    def reset_block_order(self) -> None:
+        """Hand free blocks out in address order again, as a fresh pool does. Only while
+        no sequence holds blocks (raises otherwise); drops the prefix cache first.
+
+        Blocks come back in the order sequences free them, so after a while tables
+        spread over the whole cache, and decode attention over scattered blocks runs
+        measurably slower on a CPU (docs/benchmarking.md, "Huge pages and block order").
+        Benchmarks call this before each run so every run starts from the same layout."""
+        if self._seqs:
+            raise RuntimeError(f"{len(self._seqs)} sequences hold blocks: reset the order only when idle")
+        self.reset_prefix_cache()
+        self._free = deque(sorted(self._free))
+
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:

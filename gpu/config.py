@@ -63,6 +63,7 @@ class CacheConfig:
     block_size: int = 16
     cache_bytes: int = 1536 * 1024**2
     enable_prefix_caching: bool = True
+    huge_pages: bool = True  # CPU: back the cache with 2 MiB pages (gpu.model.advise_huge_pages)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -135,7 +135,7 @@ class Engine:
         self.max_model_len = min(self.config.scheduler.max_model_len, self.model_config.max_position_embeddings)
         self.runner = ModelRunner(
             ckpt, num_blocks=self.num_blocks, block_size=cache.block_size,
-            dtype=self.dtype, device=self.config.device,
+            dtype=self.dtype, device=self.config.device, huge_pages=cache.huge_pages,
         )
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens", str(self.dtype).removeprefix("torch."),

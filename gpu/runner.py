@@ -52,6 +52,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: str = "cpu",
         backend: AttentionBackend | None = None,
+        huge_pages: bool = True,
     ) -> None:
         self.config = ckpt.config
         self.device = torch.device(device)
@@ -59,7 +60,8 @@ class ModelRunner:
         self.block_size = block_size
         self.backend = backend or get_backend(device)
         self.model = LlamaModel.from_checkpoint(ckpt, self.backend, dtype, self.device)
-        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, dtype, self.device,
+                                            huge_pages=huge_pages)
 
     # ------------------------------------------------------------------ packing
     def _prepare(self, seqs: list[ScheduledSeq]):

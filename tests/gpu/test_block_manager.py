@@ -80,6 +80,26 @@ def test_reset_prefix_cache_drops_only_unheld_blocks():
     bm.check_invariants()
 
 
+def test_reset_block_order_hands_blocks_out_in_address_order_again_when_idle():
+    bm = BlockManager(num_blocks=6, block_size=BS)
+    for sid in ("a", "b", "c"):
+        bm.allocate(sid, 8)
+        bm.commit(sid, [hash(sid) % 1000 + k for k in range(8)], 8)
+    assert bm.block_table("a") == [0, 1]
+    for sid in ("c", "a", "b"):  # freed out of order, tail first: the pool is shuffled
+        bm.free(sid)
+    bm.allocate("x", 8)
+    assert bm.block_table("x") != [0, 1]
+    with pytest.raises(RuntimeError, match="idle"):
+        bm.reset_block_order()
+    bm.free("x")
+    bm.reset_block_order()
+    bm.allocate("y", 24)
+    assert bm.block_table("y") == [0, 1, 2, 3, 4, 5]
+    assert bm.match_prefix([hash("a") % 1000 + k for k in range(8)]) == ([], 0)  # the prefix cache went too
+    bm.check_invariants()
+
+
 def test_prefix_hit_verifies_token_ids_and_revives_from_middle():
     bm = BlockManager(num_blocks=6, block_size=BS)
     a = [1, 2, 3, 4, 5, 6, 7, 8]

@@ -7,6 +7,7 @@ measured on this checkpoint in fp32 (see each test); logits span about ±30.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +192,26 @@ def test_allocate_kv_caches_shapes():
         assert k.is_contiguous() and v.is_contiguous()
     caches[0][0].fill_(1.0)
     assert caches[0][1].abs().sum() == 0 and caches[1][0].abs().sum() == 0
+
+
+def test_the_kv_cache_is_advised_for_huge_pages_and_still_zeroed():
+    """`allocate_kv_caches` asks for 2 MiB pages (the kernel then reports the range
+    THP-eligible even in its default "madvise" mode), and zeroes the cache after."""
+    from gpu.config import ModelConfig
+    from gpu.model import HUGE_PAGE_BYTES, advise_huge_pages, mapping_fields
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this kernel")
+    assert advise_huge_pages(torch.empty(1024)) == 0  # smaller than one huge page
+    cfg = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    caches = allocate_kv_caches(cfg, num_blocks=2048, block_size=16, dtype=torch.float32, device="cpu")  # 16 MiB
+    k0 = caches[0][0]
+    assert all(float(t.abs().sum()) == 0 for kv in caches for t in kv)
+    # the advised range is the 2 MiB-aligned inside of the allocation: its middle is in it
+    middle = k0.data_ptr() + 8 * 1024**2
+    fields = mapping_fields(middle - middle % HUGE_PAGE_BYTES)
+    assert fields.get("THPeligible") == "1", fields
 
 
 def test_untied_model_saved_by_transformers_matches_it(tmp_path):
