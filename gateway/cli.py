@@ -36,6 +36,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=8192,
                    help="prompt + output tokens per request (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable KV prefix reuse")
+    g.add_argument("--no-kv-huge-pages", action="store_true",
+                   help="keep the KV cache on 4 KiB pages (default: 2 MiB transparent huge pages on a Linux CPU)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -47,7 +49,7 @@ def engine_config_from_args(args: argparse.Namespace):
         device=args.device,
         num_threads=args.threads,
         cache=CacheConfig(block_size=args.block_size, cache_bytes=args.kv_cache_mb * 1024**2,
-                          enable_prefix_caching=not args.no_prefix_caching),
+                          enable_prefix_caching=not args.no_prefix_caching, huge_pages=not args.no_kv_huge_pages),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
     )

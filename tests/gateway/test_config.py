@@ -92,3 +92,18 @@ def test_length_predictor_auto_follows_the_policy(flags: list[str], expected: st
 def test_bad_length_predictor_names_the_setting() -> None:
     with pytest.raises(ConfigError, match="length_predictor"):
         GatewayConfig(length_predictor="oracle")
+
+
+def test_engine_defaults_and_the_huge_pages_switch_reach_the_engine_config() -> None:
+    """The serving defaults (128 sequences on 1.5 GiB, huge pages) are the engine's, and the
+    flag and the environment both turn the huge pages off."""
+    from gateway.config import config_from_args, runtime_config
+    from gpu.config import CacheConfig, SchedulerConfig
+
+    engine = runtime_config(config_from_args(parse([]), env={})).engine
+    assert (engine.cache.cache_bytes, engine.scheduler.max_num_seqs, engine.cache.huge_pages) == (
+        CacheConfig().cache_bytes, SchedulerConfig().max_num_seqs, True)
+    assert (CacheConfig().cache_bytes, SchedulerConfig().max_num_seqs) == (1536 * 1024**2, 128)
+    assert not runtime_config(config_from_args(parse(["--no-kv-huge-pages"]), env={})).engine.cache.huge_pages
+    off = config_from_args(parse([]), env={"LMGATE_KV_HUGE_PAGES": "false"})
+    assert not runtime_config(off).engine.cache.huge_pages
