@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401 — imported here, not under the first Engine (see below)
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
@@ -42,6 +43,13 @@ from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
 
 log = logging.getLogger(__name__)
+
+# Why torch._dynamo is imported above: torch imports it lazily, on the first call of a
+# dynamo-disabled op — here `skip_init`'s `normal_` in the first `LlamaModel`. During that
+# import `torch.fx.wrap` keeps the importing module's frame, and a frame keeps its callers
+# (`f_back`): the process's first Engine, with its weights and KV cache (1.5 GiB by
+# default), was never freed. Seen as a 2 GB engine that outlived `del` in every test
+# process and every benchmark that builds engines one after another.
 
 # Smallest batch (rows) for which the pre-packed oneDNN weight beats a plain fp32 GEMM,
 # where the CPU's BLAS has a good GEMV. Measured on an Intel core (2 threads): at 1-3

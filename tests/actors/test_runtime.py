@@ -39,7 +39,7 @@ from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 MODEL = "SmolLM2-135M-Instruct"
 _ids = itertools.count()

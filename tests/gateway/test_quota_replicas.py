@@ -22,7 +22,7 @@ from gpu.loader import load_checkpoint
 from gpu.tokenizer import load_tokenizer
 from tests.conftest import SECRET
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 LIMIT = 7
 BURST = 30

@@ -16,7 +16,7 @@ from clients import LmgateClient
 from gateway.config import GatewayConfig
 from gateway.server import serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 
 async def wait_idle(base_url: str) -> dict[str, object]:

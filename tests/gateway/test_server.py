@@ -26,6 +26,8 @@ from gateway.server import serve, server_secret
 from gateway.sse import parse_events
 from tests.gateway.conftest import MODEL, FakeRuntime, Gateway, start_gateway, word
 
+pytestmark = pytest.mark.usefixtures("free_engines")  # engines: see tests/conftest.py
+
 
 def test_server_secret_is_created_private_and_stable(tmp_path: Path) -> None:
     first = server_secret(tmp_path, env={})

@@ -19,7 +19,7 @@ from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 NEW_TOKENS = 20
 SYSTEM = "You are a meticulous assistant. Answer briefly and precisely, in plain English."
@@ -235,3 +235,27 @@ def test_logprobs(ckpt, tokenizer, prompts):
     [[o]] = generate(engine, [prompts[0]], SamplingParams(temperature=0, max_tokens=4, logprobs=3))
     assert o.logprobs is not None and len(o.logprobs) == len(o.token_ids)
     assert all(lp <= 0 for lp in o.logprobs)
+
+
+def test_the_first_engine_of_a_process_is_freed_when_dropped():
+    """A dropped Engine is freed by reference counting alone, the process's first included.
+
+    Run in a fresh interpreter: what pinned it was torch's lazy import of torch._dynamo
+    under the first model's construction (a kept frame whose callers held the engine), which
+    happens once per process. Its weights and KV cache must not outlive it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import gc, weakref
+        gc.disable()  # no cycle collection: only reference counting may free it
+        from gpu.config import CacheConfig, EngineConfig
+        from gpu.engine import Engine
+        engine = Engine(EngineConfig(dtype="float32", num_threads=1, cache=CacheConfig(cache_bytes=8 * 1024**2)))
+        ref = weakref.ref(engine)
+        del engine
+        print("alive" if ref() is not None else "freed")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "freed", out.stderr[-2000:]

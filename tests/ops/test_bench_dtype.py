@@ -9,6 +9,8 @@ import torch
 
 from ops.bench_dtype import first_divergence, kl_and_top1
 
+pytestmark = pytest.mark.usefixtures("free_engines")  # engines: see tests/conftest.py
+
 
 def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None

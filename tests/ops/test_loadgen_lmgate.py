@@ -18,7 +18,7 @@ from ops.loadgen.dataset import LengthRange, RandomSpec, Tenant, build_workload
 from ops.loadgen.metrics import compute_metrics
 from ops.loadgen.runner import RunConfig, run_workload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 
 @pytest.fixture

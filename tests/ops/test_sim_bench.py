@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 
 from actors.policies import PolicyConfig, make_policy
-from ops.bench_sched import poisson_arrivals, ratios, ratios_by_rate, summarize, targets_met
+from ops.bench_sched import (
+    calibration_arrivals,
+    calibration_size,
+    poisson_arrivals,
+    ratios,
+    ratios_by_rate,
+    summarize,
+    targets_met,
+)
 from ops.sim.simulator import RequestRecord, SimRequest, StepTimeModel
+
+pytestmark = pytest.mark.usefixtures("free_engines")  # engines: see tests/conftest.py
 
 
 def rec(rid: str, tenant: str, arrival: float, first: float, done: float, out: int) -> RequestRecord:
@@ -67,6 +77,20 @@ def test_poisson_arrivals_have_the_requested_rate():
     a = poisson_arrivals(4000, 2.0, seed=1)
     assert a == sorted(a)
     assert len(a) / a[-1] == pytest.approx(2.0, rel=0.1)
+
+
+def test_the_warm_up_fills_the_running_cap_then_staggers():
+    """The step model is fitted where the saturated runs step: a burst as large as the
+    engine's running cap, then a tail of small batches; --quick keeps its small warm-up."""
+    assert calibration_size(64, quick=False) == (64, 16)
+    assert calibration_size(128, quick=False) == (128, 16)
+    assert calibration_size(4, quick=False) == (16, 16)
+    assert calibration_size(128, quick=True) == (6, 6)
+    assert calibration_arrivals(3, 2) == [0.0, 0.0, 0.0, 0.5, 1.0]
+    assert calibration_arrivals(2, 0, gap_s=0.25) == [0.0, 0.0]
+    for bad in ((0, 1), (1, -1)):
+        with pytest.raises(ValueError):
+            calibration_arrivals(*bad)
 
 
 @pytest.mark.slow
@@ -292,6 +316,7 @@ def test_the_benchmark_runs_end_to_end_and_writes_the_issue_keys(tmp_path, capsy
         assert report[k] > 0
     assert 0 <= report["predictor_within_25pct"] <= 1
     assert report["predictor"]["n_test"] == 40
+    assert report["step_model"]["warmup_burst"] == report["step_model"]["warmup_requests"] == 40  # 64 capped
     assert len(report["agreement"]) == 6
     assert {"4", "16"} <= set(report["sim_ratios_by_rate"])  # and the sweep's own rates
     assert out.with_suffix(".png").stat().st_size > 0
