@@ -48,6 +48,8 @@ def test_ratios_use_the_issue_keys():
     assert r["magnus_vs_fcfs_static_throughput"] == 3.0
     assert r["magnus_vs_fcfs_static_latency"] == 0.1
     assert r["magnus_vs_fcfs_continuous_latency"] == 0.5
+    del table["fcfs-static"]  # magnus against fcfs-continuous alone (e.g. --repeats runs of the two)
+    assert ratios(table, "1") == {"magnus_vs_fcfs_continuous_latency": 0.5, "magnus_vs_fcfs_continuous_throughput": 1.0}
 
 
 def test_ratios_by_rate_mark_the_targets_each_rate_meets():
