@@ -186,6 +186,19 @@ def sim_requests(reqs: Sequence[BenchRequest], arrivals: Sequence[float], max_to
 
 
 # ------------------------------------------------------------------ metrics
+def step_profile(steps: Sequence[tuple[StepFeatures, float]]) -> dict:
+    """How a real run used its steps: their count, the engine's busy seconds, and the mean
+    sequences, tokens and context tokens per step — what tells a policy that keeps fewer
+    sequences per step (KV reservations) from one whose steps are slower (empty for no steps)."""
+    if not steps:
+        return {}
+    n = len(steps)
+    return {"steps": n, "busy_s": float(sum(t for _, t in steps)),
+            "mean_step_seqs": sum(f.num_seqs for f, _ in steps) / n,
+            "mean_step_tokens": sum(f.num_tokens for f, _ in steps) / n,
+            "mean_step_context_tokens": sum(f.context_tokens for f, _ in steps) / n}
+
+
 def summarize(records: Sequence[RequestRecord], ttft_slo: float, tpot_slo: float) -> dict:
     lat = np.array([r.latency for r in records])
     ttft = np.array([r.ttft for r in records])
@@ -707,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                 real_lengths[(name, rate, rep)] = run.lengths
                 summ = summarize(run.records, cfg.ttft_slo_s, cfg.tpot_slo_s)
                 summ["preemptions"] = run.preemptions
+                summ.update(step_profile(run.steps))
                 per_run.setdefault(name, []).append(summ)
                 # the same requests, same arrivals, the lengths the engine actually produced
                 sres = simulate(reqs_with(reqs, run.lengths), policy_for(name), sim_cfg, model)
@@ -717,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "real_mean_latency_s": summ["mean_latency_s"],
                                   "sim_mean_latency_s": ssum["mean_latency_s"], "rel_err": err})
                 _log(f"real {name:16s} rate {rate:6.3f}: {summ['req_s']:.3f} req/s, mean {summ['mean_latency_s']:.2f}s "
-                     f"p99 {summ['p99_latency_s']:.2f}s, preempt {run.preemptions} (sim mean "
+                     f"p99 {summ['p99_latency_s']:.2f}s, preempt {run.preemptions}, "
+                     f"{summ.get('mean_step_seqs', 0):.1f} seqs/step (sim mean "
                      f"{ssum['mean_latency_s']:.2f}s, err {err:.1%}) [{time.perf_counter() - t:.0f}s wall, "
                      f"load {_loadavg()[0]}]")
             for name, runs in per_run.items():

@@ -11,10 +11,11 @@ from ops.bench_sched import (
     poisson_arrivals,
     ratios,
     ratios_by_rate,
+    step_profile,
     summarize,
     targets_met,
 )
-from ops.sim.simulator import RequestRecord, SimRequest, StepTimeModel
+from ops.sim.simulator import RequestRecord, SimRequest, StepFeatures, StepTimeModel
 
 pytestmark = pytest.mark.usefixtures("free_engines")  # engines: see tests/conftest.py
 
@@ -36,6 +37,16 @@ def test_summarize_reports_vllm_style_metrics():
     assert s["goodput_req_s"] == pytest.approx(2 / 5)
     assert s["tenant_mean_latency_s"] == {"x": 3.0, "y": 4.0}
     assert 0 < s["tenant_latency_jain"] <= 1
+
+
+def test_step_profile_says_how_a_run_used_its_steps():
+    steps = [(StepFeatures(70, 1, 70), 0.05), (StepFeatures(2, 2, 150), 0.03), (StepFeatures(3, 3, 240), 0.04)]
+    p = step_profile(steps)
+    assert p["steps"] == 3 and p["busy_s"] == pytest.approx(0.12)
+    assert p["mean_step_seqs"] == pytest.approx(2.0)
+    assert p["mean_step_tokens"] == pytest.approx(25.0)
+    assert p["mean_step_context_tokens"] == pytest.approx(460 / 3)
+    assert step_profile([]) == {}
 
 
 def test_ratios_use_the_issue_keys():
@@ -319,6 +330,8 @@ def test_the_benchmark_runs_end_to_end_and_writes_the_issue_keys(tmp_path, capsy
     assert 0 <= report["predictor_within_25pct"] <= 1
     assert report["predictor"]["n_test"] == 40
     assert report["step_model"]["warmup_burst"] == report["step_model"]["warmup_requests"] == 40  # 64 capped
+    top = report["policies"]["magnus"]["16"]
+    assert top["steps"] > 0 and 0 < top["busy_s"] <= top["duration_s"] and top["mean_step_seqs"] >= 1
     assert len(report["agreement"]) == 6
     assert {"4", "16"} <= set(report["sim_ratios_by_rate"])  # and the sweep's own rates
     assert out.with_suffix(".png").stat().st_size > 0
