@@ -16,6 +16,8 @@ from clients import LmgateClient
 from gateway.config import GatewayConfig
 from gateway.server import serve
 
+TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 
@@ -36,7 +38,7 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
     # float32: "Paris" below is float32's greedy answer; the first token is a near-tie ("The"
     # 0.152 against "L" 0.140) that bf16 rounding (the "auto" dtype on AVX512-BF16 CPUs) can flip
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1, dtype="float32")
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
     urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
     base_url = urls[0]
     key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]

@@ -26,6 +26,8 @@ from gateway.server import serve, server_secret
 from gateway.sse import parse_events
 from tests.gateway.conftest import MODEL, FakeRuntime, Gateway, start_gateway, word
 
+TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
+
 pytestmark = pytest.mark.usefixtures("free_engines")  # engines: see tests/conftest.py
 
 
@@ -54,7 +56,8 @@ async def run_serve(nursery: trio.Nursery, config: GatewayConfig) -> tuple[str, 
 
 
 async def test_serve_with_private_redis_prints_a_working_dev_key(nursery: trio.Nursery, tmp_path: Path) -> None:
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=None, dev_tenant=True, shutdown_grace_seconds=0.2)
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=None, dev_tenant=True, shutdown_grace_seconds=0.2,
+                           kv_cache_mb=TEST_KV_MB)
     base_url, out, stop, _ = await run_serve(nursery, config)
     key = re.search(r"API key \(shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
     redis_url = re.search(r"private redis-server at (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
@@ -75,7 +78,8 @@ async def test_serve_with_private_redis_prints_a_working_dev_key(nursery: trio.N
 
 
 async def test_dev_tenant_is_created_only_once(nursery: trio.Nursery, tmp_path: Path, redis_url: str) -> None:
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=0.1)
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=0.1,
+                           kv_cache_mb=TEST_KV_MB)
     _, out1, stop1, _ = await run_serve(nursery, config)
     stop1.set()
     _, out2, stop2, _ = await run_serve(nursery, config)

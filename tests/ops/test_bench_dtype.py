@@ -33,14 +33,14 @@ def test_kl_and_top1():
 def test_teacher_forced_logits_reproduce_greedy_generation():
     """Feeding float32's own greedy continuation back, one batched decode step per position,
     must predict exactly that continuation: the path the KL is measured on is the serving path."""
-    from gpu.config import EngineConfig
+    from gpu.config import CacheConfig, EngineConfig
     from gpu.engine import Engine, generate
     from gpu.loader import load_checkpoint
     from gpu.runner import ModelRunner
     from gpu.sampling import SamplingParams
     from ops.bench_dtype import BLOCK_SIZE, teacher_forced_logits
 
-    engine = Engine(EngineConfig(dtype="float32", num_threads=2))
+    engine = Engine(EngineConfig(dtype="float32", num_threads=2, cache=CacheConfig(cache_bytes=16 * 1024**2)))
     prompts = [engine.tokenizer.encode(t) for t in ("The capital of France is", "1, 2, 3,", "Hello")]
     conts = [list(o[0].token_ids) for o in generate(engine, prompts, SamplingParams(temperature=0, max_tokens=7))]
     runner = ModelRunner(load_checkpoint("smollm2", torch.float32), num_blocks=16, block_size=BLOCK_SIZE,

@@ -18,6 +18,8 @@ from ops.loadgen.dataset import LengthRange, RandomSpec, Tenant, build_workload
 from ops.loadgen.metrics import compute_metrics
 from ops.loadgen.runner import RunConfig, run_workload
 
+TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 
@@ -26,7 +28,8 @@ async def lmgate(nursery: trio.Nursery, tmp_path, redis_url: str):  # type: igno
     torch.set_num_threads(2)
     out = io.StringIO()
     stop = trio.Event()
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1)
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1,
+                           kv_cache_mb=TEST_KV_MB)
     urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
     key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
     yield urls[0], key
