@@ -8,6 +8,11 @@ reports, and runs any two targets over the same arrival schedule.
         --compare http://127.0.0.1:8100 --compare-backend openai \\
         --save-result out.json --plot plots/
 
+The scheduling comparison of docs/scheduling.md through the whole server: the
+multi-application workload (`--dataset workload`) against `lmgate serve
+--scheduling-policy magnus` and against `--scheduling-policy fcfs-continuous`, the
+predictor trained online by the warm-ups (docs/scheduling.md, "Through the server").
+
 Per rate (a comma list sweeps): warm-ups, then the timed run against the target,
 then — with `--compare` — the *same* requests (arrival times, prompts, output
 lengths, tenants) against the second target, one after the other (never both at
@@ -35,6 +40,7 @@ from ops.loadgen.dataset import (
     LengthRange,
     RandomSpec,
     Tenant,
+    WorkloadSpec,
     build_warmups,
     build_workload,
     sweep_seed,
@@ -78,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lmgate-ws: requests multiplexed on one WebSocket (server max_streams_per_socket)")
 
     d = ap.add_argument_group("dataset")
-    d.add_argument("--dataset", choices=("random", "jsonl"), default="random")
-    d.add_argument("--dataset-path", default=None, help="jsonl: file of {\"prompt\": ..., \"output_len\": N}")
+    d.add_argument("--dataset", choices=("random", "jsonl", "workload"), default="random",
+                   help="workload: the multi-application fixture of ops.bench_sched as chat requests with "
+                        "their app and user, ending at EOS (measured: held-out half; warm-ups: training half)")
+    d.add_argument("--dataset-path", default=None,
+                   help="jsonl: file of {\"prompt\": ..., \"output_len\": N}; workload: a fixture file "
+                        "(default: the shipped ops/workload/requests.jsonl)")
     d.add_argument("--num-prompts", type=int, default=100, help="measured requests per rate")
     d.add_argument("--random-input-len", type=int, default=256)
     d.add_argument("--random-output-len", type=int, default=128)
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
+    if args.dataset == "workload":
+        return WorkloadSpec(args.dataset_path)
     if args.dataset == "jsonl":
         if not args.dataset_path:
             raise ValueError("--dataset jsonl needs --dataset-path")

@@ -24,7 +24,7 @@ import httpx
 import trio
 from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError, aconnect_ws
 
-from ops.loadgen.dataset import BenchRequest
+from ops.loadgen.dataset import BenchRequest, ChatPrompt
 from ops.loadgen.metrics import RequestResult
 
 BACKENDS = ("openai", "lmgate-ws")
@@ -52,15 +52,24 @@ class SendOptions:
     use_tenant_keys: bool = True  # False for a compare target: tenants keep their labels, not their keys
 
 
+def endpoint_of(req: BenchRequest) -> str:
+    """The OpenAI endpoint `req` goes to: "chat.completions" for a `ChatPrompt`, else "completions"."""
+    return "chat.completions" if isinstance(req.prompt, ChatPrompt) else "completions"
+
+
 def completion_body(req: BenchRequest, model: str, opts: SendOptions, *, stream: bool) -> dict[str, Any]:
-    """The /v1/completions body for `req` (also the WebSocket request body)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
-        "max_tokens": req.output_len,
-        "temperature": opts.temperature,
-        "stream": stream,
-    }
+    """The request body for `req` at `endpoint_of(req)` (also the WebSocket request body):
+    a prompt, or a chat's messages with its application (`metadata.app`) and `user`."""
+    body: dict[str, Any] = {"model": model}
+    if isinstance(req.prompt, ChatPrompt):
+        body["messages"] = [dict(m) for m in req.prompt.messages]
+        if req.prompt.app is not None:
+            body["metadata"] = {"app": req.prompt.app}
+        if req.prompt.user is not None:
+            body["user"] = req.prompt.user
+    else:
+        body["prompt"] = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
+    body.update({"max_tokens": req.output_len, "temperature": opts.temperature, "stream": stream})
     if stream:
         body["stream_options"] = {"include_usage": True}
     if opts.ignore_eos:
@@ -134,8 +143,8 @@ async def resolve_model(http: httpx.AsyncClient, target: Target) -> str:
 async def send_openai(
     http: httpx.AsyncClient, target: Target, model: str, req: BenchRequest, opts: SendOptions, result: RequestResult
 ) -> None:
-    """POST /v1/completions with stream=true; parse the SSE `data:` lines."""
-    url = target.base_url.rstrip("/") + "/v1/completions"
+    """POST /v1/completions (or /v1/chat/completions) with stream=true; parse the SSE `data:` lines."""
+    url = target.base_url.rstrip("/") + "/v1/" + endpoint_of(req).replace(".", "/")
     body = completion_body(req, model, opts, stream=True)
     timer = _Timer(result)
     usage: dict[str, Any] | None = None
@@ -158,7 +167,7 @@ async def send_openai(
                     if obj.get("usage"):
                         usage = obj["usage"]
                     for choice in obj.get("choices") or ():
-                        timer.text(choice.get("text") or "")
+                        timer.text(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     timer.finish(usage, req.prompt_len)
@@ -238,7 +247,7 @@ class WsPool:
         tokens = 0
         try:
             async with sock.send_lock:
-                await sock.ws.send_text(json.dumps({"type": "request", "id": rid, "endpoint": "completions", "body": body}))
+                await sock.ws.send_text(json.dumps({"type": "request", "id": rid, "endpoint": endpoint_of(req), "body": body}))
             async for frame in receive:
                 kind = frame.get("type")
                 if kind == "token":

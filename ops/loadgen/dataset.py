@@ -11,6 +11,13 @@ uniform in [min, max]; `ignore_eos` makes the output length exact.
 JSONL dataset: one object per line, ``{"prompt": "..." | [ids], "output_len": 128}``
 (``output_len`` optional: falls back to the default). Lines are sampled with
 replacement when more requests than lines are asked for.
+Workload dataset: the shipped multi-application fixture (`ops.workload`, the one
+`ops.bench_sched` runs) as chat requests tagged with their application and user,
+capped at the fixture's `max_tokens` so each ends where the model emits EOS — what a
+length predictor serves. Measured requests come from the fixture's held-out half,
+warm-ups from its training half (the same split as `ops.bench_sched`), so a
+server's online predictor learns from the warm-ups and is measured on requests it
+has not seen.
 """
 
 from __future__ import annotations
@@ -75,13 +82,23 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class ChatPrompt:
+    """A chat conversation (sent to /v1/chat/completions) with the request's
+    application tag (`metadata.app`) and end user (`user`)."""
+
+    messages: tuple[dict[str, str], ...]
+    app: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
 class BenchRequest:
     """One request of the workload. `prompt` is token ids or text; `prompt_len` is
     exact for ids and the dataset's estimate for text (the server's usage wins)."""
 
     index: int
     send_at: float  # seconds after the benchmark start
-    prompt: str | tuple[int, ...]
+    prompt: str | tuple[int, ...] | ChatPrompt
     prompt_len: int
     output_len: int
     tenant: Tenant | None = None
@@ -140,7 +157,52 @@ class JsonlSpec:
         return [rows[int(i)] for i in picks]
 
 
-DatasetSpec = RandomSpec | JsonlSpec
+def _distinct(rows: list, exclude: set[str]) -> list:
+    """`rows` without repeated conversations or ones in `exclude` (first one kept)."""
+    seen, out = set(exclude), []
+    for r in rows:
+        k = json.dumps(r.messages)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """The multi-application fixture: held-out requests measured, training ones as
+    warm-ups, both drawn without replacement. The fixture repeats some conversations
+    (716 distinct of the shipped 960, 54 of them in both halves): each half keeps one
+    of each, and the measured half drops those the training half has, so a server's
+    response cache never answers a measured request (338 measured, 378 warm-ups)."""
+
+    path: str | None = None  # None: the shipped ops/workload/requests.jsonl
+    max_tokens: int | None = None  # None: the cap the fixture was generated with
+    split_seed: int = 0  # ops.bench_sched's --seed: which half is held out
+
+    def _halves(self) -> tuple[list, list]:
+        from ops.workload.fixture import FIXTURE, load_fixture, split_fixture
+
+        train, test = split_fixture(load_fixture(Path(self.path) if self.path else FIXTURE), self.split_seed)
+        train = _distinct(train, set())
+        return train, _distinct(test, {json.dumps(r.messages) for r in train})
+
+    def _rows(self, part: list, n: int, rng: np.random.Generator, what: str) -> list[tuple[ChatPrompt, int, int]]:
+        if n > len(part):
+            raise ValueError(f"the workload's {what} half holds {len(part)} requests, {n} asked for")
+        cap = self.max_tokens or max(r.max_tokens for r in part)
+        picks = rng.permutation(len(part))[:n]
+        return [(ChatPrompt(tuple(dict(m) for m in part[int(i)].messages), part[int(i)].app, part[int(i)].user),
+                 part[int(i)].prompt_tokens, cap) for i in picks]
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[tuple[ChatPrompt, int, int]]:
+        return self._rows(self._halves()[1], n, rng, "held-out")
+
+    def sample_warmups(self, n: int, rng: np.random.Generator) -> list[tuple[ChatPrompt, int, int]]:
+        return self._rows(self._halves()[0], n, rng, "training")
+
+
+DatasetSpec = RandomSpec | JsonlSpec | WorkloadSpec
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -175,8 +237,9 @@ def build_workload(
 
 def build_warmups(spec: DatasetSpec, n: int, seed: int, tenants: Sequence[Tenant] = ()) -> list[BenchRequest]:
     """Warm-up requests: their own random stream, so they never repeat a measured
-    prompt (a response cache must not turn the measured requests into hits)."""
-    rows = spec.sample(n, _rng(seed, _STREAM_WARMUP))
+    prompt (a response cache must not turn the measured requests into hits); the
+    workload's come from its training half."""
+    rows = (spec.sample_warmups if isinstance(spec, WorkloadSpec) else spec.sample)(n, _rng(seed, _STREAM_WARMUP))
     who = assign_tenants(n, tenants, _rng(seed, _STREAM_WARMUP + 100))
     return [BenchRequest(-1 - i, 0.0, p, plen, olen, t) for i, ((p, plen, olen), t) in enumerate(zip(rows, who, strict=True))]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,3 +40,13 @@ def load_fixture(path: Path = FIXTURE) -> list[FixtureRequest]:
                                       int(d["prompt_tokens"]), int(d["output_tokens"]), d["finish_reason"],
                                       int(d["max_tokens"])))
     return out
+
+
+def split_fixture(fixture: Sequence[FixtureRequest], seed: int = 0) -> tuple[list[FixtureRequest], list[FixtureRequest]]:
+    """(training half, held-out half), each in fixture order: a seeded shuffle of the
+    indices, first half trains. `ops.bench_sched` trains its predictor on the first and
+    measures on the second; `ops.bench_serve --dataset workload` warms up on the first."""
+    order = list(range(len(fixture)))
+    random.Random(seed).shuffle(order)
+    half = len(order) // 2
+    return [fixture[k] for k in sorted(order[:half])], [fixture[k] for k in sorted(order[half:])]

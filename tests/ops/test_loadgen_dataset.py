@@ -1,4 +1,4 @@
-"""Dataset sampling: lengths honoured, JSONL parsing, tenants by weight, sweep seeds."""
+"""Dataset sampling: lengths honoured, JSONL parsing, the workload fixture, tenants by weight, sweep seeds."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import math
 
 import pytest
 
+from ops.loadgen.backends import SendOptions, completion_body, endpoint_of
 from ops.loadgen.dataset import (
     RANDOM_TOKEN_LOW,
+    ChatPrompt,
     JsonlSpec,
     LengthRange,
     RandomSpec,
     Tenant,
+    WorkloadSpec,
     build_warmups,
     build_workload,
     sweep_seed,
@@ -73,3 +76,48 @@ def test_warmups_never_repeat_measured_prompts_and_sweep_seeds_differ() -> None:
     assert sweep_seed(5, 0) == 5
     assert len({sweep_seed(5, i) for i in range(4)}) == 4
     assert sweep_seed(5, 2) == sweep_seed(5, 2)
+
+
+def test_workload_measures_held_out_chats_and_warms_up_on_the_training_half() -> None:
+    from ops.workload.fixture import load_fixture, split_fixture
+
+    train, test = split_fixture(load_fixture())
+    spec = WorkloadSpec()
+    measured = build_workload(spec, 40, 2.0, 1.0, seed=3)
+    warm = build_warmups(spec, 30, seed=3)
+    def conv(rows):  # type: ignore[no-untyped-def]
+        return {json.dumps(r.messages) for r in rows}
+
+    def sent(reqs):  # type: ignore[no-untyped-def]
+        assert all(isinstance(r.prompt, ChatPrompt) for r in reqs)
+        return {json.dumps(r.prompt.messages) for r in reqs}
+
+    assert sent(measured) <= conv(test) - conv(train)
+    assert sent(warm) <= conv(train)
+    # distinct conversations, none a warm-up could have put in a response cache
+    every = build_workload(spec, 338, 2.0, 1.0, seed=3) + build_warmups(spec, 378, seed=3)
+    assert len({json.dumps(r.prompt.messages) for r in every}) == 338 + 378
+    r0 = measured[0]
+    f0 = next(r for r in test if json.dumps(r.messages) == json.dumps(r0.prompt.messages))
+    assert (r0.prompt.app, r0.prompt.user, r0.prompt_len) == (f0.app, f0.user, f0.prompt_tokens)
+    assert {r.output_len for r in measured} == {f0.max_tokens}  # the fixture's cap: lengths end at EOS
+    assert build_workload(spec, 40, 2.0, 1.0, seed=3) == measured
+    body = completion_body(r0, "m", SendOptions(), stream=True)
+    assert body["messages"] == list(r0.prompt.messages) and "prompt" not in body
+    assert (body["metadata"], body["user"], body["max_tokens"]) == ({"app": f0.app}, f0.user, f0.max_tokens)
+    assert endpoint_of(r0) == "chat.completions"
+    assert build_workload(WorkloadSpec(max_tokens=7), 2, 1.0, 1.0, seed=0)[0].output_len == 7
+    with pytest.raises(ValueError, match="held-out half holds 338"):
+        build_workload(spec, 339, 1.0, 1.0, seed=0)
+
+
+def test_split_fixture_is_seeded_halves_in_fixture_order() -> None:
+    from ops.workload.fixture import load_fixture, split_fixture
+
+    fx = load_fixture()
+    train, test = split_fixture(fx, 0)
+    assert len(train) == len(test) == len(fx) // 2
+    assert not {r.id for r in train} & {r.id for r in test}
+    pos = {r.id: i for i, r in enumerate(fx)}
+    assert [pos[r.id] for r in test] == sorted(pos[r.id] for r in test)
+    assert split_fixture(fx, 0) == (train, test) and split_fixture(fx, 1) != (train, test)

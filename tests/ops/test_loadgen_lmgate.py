@@ -14,7 +14,7 @@ import trio
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from ops.loadgen.backends import SendOptions, Target
-from ops.loadgen.dataset import LengthRange, RandomSpec, Tenant, build_workload
+from ops.loadgen.dataset import LengthRange, RandomSpec, Tenant, WorkloadSpec, build_workload
 from ops.loadgen.metrics import compute_metrics
 from ops.loadgen.runner import RunConfig, run_workload
 
@@ -54,3 +54,13 @@ async def test_both_backends_against_lmgate(lmgate) -> None:  # type: ignore[no-
         m = compute_metrics(outcome.results, outcome.duration)
         assert m["completed"] == 6 and m["max_concurrent_requests"] >= 2
         assert outcome.timeline, "lmgate exposes lmgate_num_requests_* on /metrics"
+
+        # the multi-application workload: chat requests with app and user, ending at EOS or the cap
+        chats = build_workload(WorkloadSpec(max_tokens=6), 3, math.inf, 1.0, seed=seed)
+        with trio.fail_after(120):
+            outcome = await run_workload(Target(base_url, backend, key, label=backend), chats, [], SendOptions(),
+                                         RunConfig(progress=False, scrape_interval=0, streams_per_socket=4))
+        assert [r.error for r in outcome.results] == [""] * 3, backend
+        # the server's chat template gives the fixture's own prompt lengths: the messages went through
+        assert [r.prompt_len for r in outcome.results] == [r.prompt_len for r in chats]
+        assert all(1 <= r.output_len <= 6 and r.text for r in outcome.results)
