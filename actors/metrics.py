@@ -61,6 +61,10 @@ class Metrics:
             "lmgate_actor_restarts", "Actors restarted after a crash", ["actor"], registry=r
         )
         self.engine_errors = Counter("lmgate_engine_errors", "Engine steps that raised", registry=r)
+        self.preemptions = Counter(  # vLLM's vllm:num_preemptions
+            "lmgate_num_preemptions", "Running requests preempted for KV blocks (their context is recomputed)",
+            registry=r,
+        )
         self.redis_errors = Counter(
             "lmgate_redis_errors", "Redis operations that failed", ["op"], registry=r
         )

@@ -68,6 +68,7 @@ class Stepper:
         self.active: dict[str, RequestState] = {}
         self.last_step_s = 0.0  # duration of the latest engine step (policies read it)
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
+        self._preemptions_seen = int(engine.stats().get("preemptions", 0))  # the counter exports what follows
         self._wakeup = trio.Event()
 
     def poke(self) -> None:
@@ -211,3 +212,6 @@ class Stepper:
             stats = self.engine.stats()
             self.metrics.running.set(stats["running"])
             self.metrics.kv_usage.set(stats["kv_usage"])
+            if stats.get("preemptions", 0) > self._preemptions_seen:
+                self.metrics.preemptions.inc(stats["preemptions"] - self._preemptions_seen)
+                self._preemptions_seen = stats["preemptions"]

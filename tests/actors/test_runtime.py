@@ -27,6 +27,7 @@ from actors.messages import (
     TenantContext,
     TokenDelta,
 )
+from actors.policies import PolicyConfig
 from actors.queue_policy import QueueConfig
 from actors.runtime import Runtime, RuntimeConfig
 from cache.prompt_cache import PromptCache
@@ -55,8 +56,8 @@ def tokenizer(ckpt):
     return load_tokenizer(ckpt)
 
 
-def make_engine(ckpt, tokenizer, **sched) -> Engine:
-    cfg = EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=48 * 1024**2),
+def make_engine(ckpt, tokenizer, cache_mb: float = 48, **sched) -> Engine:
+    cfg = EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=int(cache_mb * 1024**2)),
                        scheduler=replace(SchedulerConfig(max_model_len=2048), **sched))
     return Engine(cfg, checkpoint=ckpt, tokenizer=tokenizer)
 
@@ -216,6 +217,30 @@ async def test_overload_is_503_with_retry_after(nursery, ckpt, tokenizer, servic
     refused = [r for r in results if isinstance(r, Rejected)]
     assert refused and all(r.status == 503 and r.retry_after and r.retry_after >= 1 for r in refused)
     assert any(isinstance(r, Accepted) for r in results)
+
+
+async def test_preemptions_are_counted_on_metrics_and_every_request_finishes(nursery, ckpt, tokenizer, services):
+    # 8 MiB of float32 KV: 11 blocks of 16 tokens, so three 80-token requests cannot all stay
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(policy=PolicyConfig(name="fcfs-continuous"))),
+                 make_engine(ckpt, tokenizer, cache_mb=8), **services)
+    await nursery.start(rt.run)
+    assert rt.engine.num_blocks == 11
+    t = tenant()
+    outs: list = []
+
+    async def one(i: int) -> None:
+        acc = await rt.submit(call(t, prompt=f"Count to {i}", max_tokens=72, ignore_eos=True))
+        assert isinstance(acc, Accepted)
+        outs.append(await collect(acc))
+
+    async with trio.open_nursery() as n:
+        for i in range(3):
+            n.start_soon(one, i)
+    assert [last.usage.completion_tokens for _, _, last in outs] == [72] * 3
+    preempted = rt.engine.counters["preemptions"]
+    assert preempted >= 1
+    assert rt.metrics.registry.get_sample_value("lmgate_num_preemptions_total") == preempted
+    await wait_until(lambda: rt.engine.block_manager.num_free_blocks == rt.engine.num_blocks)  # none leaked
 
 
 async def test_engine_error_fails_the_step_not_the_process(runtime, services, monkeypatch):
