@@ -37,6 +37,9 @@ from gpu.engine import Engine
 log = logging.getLogger(__name__)
 
 
+PREDICT_BATCH = 32  # instructions embedded per call at most (MiniLM's batch)
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -118,12 +121,22 @@ class Runtime:
             raise ValueError(f"length_predictor must be 'running' or 'magnus', got {config.length_predictor!r}")
         # the embedder is loaded in `run` (seconds of work, in a worker thread)
         self.length_service = PredictorService(store=store) if config.length_predictor == "magnus" else None
+        # One torch job at a time on a CPU engine's cores: the embedder (and the refit)
+        # running beside an engine step made it 1.5-2x slower — two OpenMP teams on 2
+        # cores, each preempting the other's threads mid-barrier: an embedding every 0.33 s
+        # cost the engine 140-190 ms of step time each (docs/scheduling.md, "Through the
+        # server"). Serialized, an embedding costs what it takes alone. A GPU engine's step
+        # is mostly device time, so there the two overlap.
+        self.compute_lock = (trio.Lock() if self.length_service is not None
+                             and not str(engine.config.device).startswith("cuda") else None)
+        if self.length_service is not None:
+            self.length_service.compute_lock = self.compute_lock
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
                                 self._done_send, self.metrics,
                                 engine_view=lambda: engine_view(engine, self.stepper.last_step_s,
                                                                 self.stepper.step_cost))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
-                               max_inflight=engine.config.scheduler.max_num_seqs)
+                               max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock)
         self.admission = Admission(
             AdmissionConfig(
                 model_name=self.model_name,
@@ -224,15 +237,22 @@ class Runtime:
             nursery.start_soon(feedback)
             task_status.started()
             async for st in self._pred_recv:
+                batch = [st]  # everything already waiting is embedded in one call (a burst)
+                while len(batch) < PREDICT_BATCH:
+                    try:
+                        batch.append(self._pred_recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
                 if service is not None:
                     try:
-                        st.prediction, st.length_features = await service.predict(st)
+                        for one, (pred, feats) in zip(batch, await service.predict_many(batch), strict=True):
+                            one.prediction, one.length_features = pred, feats
                     except Exception:  # noqa: BLE001 — a prediction is advice: never lose the request
                         log.exception("length prediction failed; using the running estimate")
-                        st.prediction = self.predictor.predict(st.tenant_id, st.call.app, st.params.max_tokens)
-                else:
-                    st.prediction = self.predictor.predict(st.tenant_id, st.call.app, st.params.max_tokens)
-                await self._queue_send.send(st)
+                for one in batch:
+                    if one.prediction is None:
+                        one.prediction = self.predictor.predict(one.tenant_id, one.call.app, one.params.max_tokens)
+                    await self._queue_send.send(one)
 
     async def _load_length_predictor(self) -> None:
         """Magnus predictor: load the embedder (worker thread) and any model saved in Redis."""

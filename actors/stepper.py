@@ -58,8 +58,12 @@ class Stepper:
         metrics: Metrics,
         *,
         max_inflight: int,
+        compute_lock: trio.Lock | None = None,
     ) -> None:
         self.engine = engine
+        # held around every engine step when the engine shares its CPU cores with other
+        # torch work of this process (the Magnus embedder; see Runtime.compute_lock)
+        self.compute_lock = compute_lock
         self.intake = intake
         self.demand = demand
         self.completed = completed
@@ -197,7 +201,12 @@ class Stepper:
                 continue
             t0 = time.perf_counter()
             try:
-                deltas = await trio.to_thread.run_sync(self.engine.step)
+                if self.compute_lock is None:
+                    deltas = await trio.to_thread.run_sync(self.engine.step)
+                else:
+                    async with self.compute_lock:
+                        t0 = time.perf_counter()  # a step's time excludes waiting for the lock
+                        deltas = await trio.to_thread.run_sync(self.engine.step)
             except Exception as e:  # noqa: BLE001 — an engine error fails the step's requests, not the process
                 log.exception("engine step failed")
                 self.metrics.engine_errors.inc()

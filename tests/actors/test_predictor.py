@@ -232,3 +232,27 @@ def test_minilm_embeddings_group_instructions_by_application():
     assert v.shape == (3, 384)
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2]
+
+
+@pytest.mark.parametrize("n", [40, 390, 391, 900])
+def test_ridge_loo_residuals_are_exact_in_either_space(n: int) -> None:
+    """The primal (d×d) form used once samples outnumber features gives the kernel form's
+    leave-one-out residuals, which equal refitting without each sample."""
+    from actors.predictor import ridge_loo_residuals
+
+    rng = np.random.default_rng(n)
+    d = 390
+    x = rng.normal(size=(n, d))
+    y = x[:, :6] @ rng.normal(size=6) + rng.normal(size=n)
+    pen = np.full(d, 3.0)
+    pen[:6] = 1e-3
+    got = ridge_loo_residuals(x, y, pen)
+    xs = x / np.sqrt(pen)
+    k = xs @ xs.T
+    h = k @ np.linalg.inv(k + np.eye(n))
+    np.testing.assert_allclose(got, (y - h @ y) / (1 - np.diag(h)), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ridge_loo_residuals(x, y, pen, x.T @ x), got, rtol=1e-12, atol=1e-12)
+    for i in (0, n - 1):  # by definition: fit on the others, predict the one left out
+        keep = np.arange(n) != i
+        w = np.linalg.solve(x[keep].T @ x[keep] + np.diag(pen), x[keep].T @ y[keep])
+        assert got[i] == pytest.approx(y[i] - x[i] @ w, rel=1e-6, abs=1e-8)

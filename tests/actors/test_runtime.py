@@ -340,15 +340,16 @@ async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nurs
     rt.length_service.predictor = LengthPredictor(LengthModelConfig(min_fit_samples=6, refit_every=6,
                                                                     runaway_min_tokens=32))
     sources: list[str] = []
-    predict = rt.length_service.predict
+    predict_many = rt.length_service.predict_many
 
-    async def recording_predict(st):
-        pred, f = await predict(st)
-        assert f.embedding is not None and f.embedding.shape == (384,)  # the instruction was embedded
-        sources.append(pred.source)
-        return pred, f
+    async def recording_predict_many(sts):
+        out = await predict_many(sts)
+        for pred, f in out:
+            assert f.embedding is not None and f.embedding.shape == (384,)  # the instruction was embedded
+            sources.append(pred.source)
+        return out
 
-    rt.length_service.predict = recording_predict
+    rt.length_service.predict_many = recording_predict_many
     await nursery.start(rt.run)
     t = tenant(Quota(requests_per_minute=1000))
     words = ["apple", "river", "mountain", "violin", "castle", "garden", "rocket", "winter"]
@@ -386,3 +387,53 @@ async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nurs
     _, _, last = await collect(acc)
     assert last.finish_reasons == ["length"]
     await wait_until(lambda: service.predictor.num_runaways == 1)
+
+
+async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_embedded_together(
+        nursery, ckpt, tokenizer, services):
+    """On a CPU engine the embedder and the engine take turns on the cores (Runtime.compute_lock):
+    side by side, two OpenMP teams on the same cores made every step 1.5-2x slower."""
+    import threading
+
+    rt = Runtime(RuntimeConfig(length_predictor="magnus"), make_engine(ckpt, tokenizer), **services)
+    assert rt.compute_lock is not None
+    in_step = threading.Event()
+    overlaps: list[int] = []
+    batches: list[int] = []
+    step = rt.engine.step
+
+    def marked_step():
+        in_step.set()
+        try:
+            return step()
+        finally:
+            in_step.clear()
+
+    rt.engine.step = marked_step
+    await nursery.start(rt.run)  # loads the embedder
+    embed = rt.length_service.embedder.embed
+
+    def checked_embed(texts, *a, **kw):
+        overlaps.append(in_step.is_set())
+        batches.append(len(texts))
+        out = embed(texts, *a, **kw)
+        overlaps.append(in_step.is_set())
+        return out
+
+    rt.length_service.embedder.embed = checked_embed
+    t = tenant(Quota(requests_per_minute=1000))
+    long = await rt.submit(call(t, prompt="Count slowly:", max_tokens=60, ignore_eos=True))
+    assert isinstance(long, Accepted)
+    await wait_until(lambda: rt.engine.num_steps >= 3)  # the engine is stepping
+
+    async def one(i: int) -> None:
+        acc = await rt.submit(call(t, messages=[ChatMessage("user", f"Name a colour, number {i}.")], max_tokens=4))
+        assert isinstance(acc, Accepted), acc
+        await collect(acc)
+
+    async with trio.open_nursery() as n:
+        for i in range(8):
+            n.start_soon(one, i)
+        await collect(long)
+    assert sum(batches) == 9 and len(batches) < 9, batches  # the burst shared encoder calls
+    assert not any(overlaps), overlaps
