@@ -133,7 +133,7 @@ class Runtime:
             self.length_service.compute_lock = self.compute_lock
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
                                 self._done_send, self.metrics,
-                                engine_view=lambda: engine_view(engine, self.stepper.last_step_s,
+                                engine_view=lambda: engine_view(engine, self.stepper.mean_step_s,
                                                                 self.stepper.step_cost))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
                                max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock)

@@ -48,6 +48,9 @@ class Completed:
     outcome: str  # "ok" | "cancelled" | "error"
 
 
+STEP_TIME_EWMA = 0.2  # weight of the newest step in `Stepper.mean_step_s` (as ops.sim's SimConfig.step_time_ewma)
+
+
 class Stepper:
     def __init__(
         self,
@@ -70,7 +73,12 @@ class Stepper:
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.active: dict[str, RequestState] = {}
-        self.last_step_s = 0.0  # duration of the latest engine step (policies read it)
+        self.last_step_s = 0.0  # duration of the latest engine step
+        # what policies read as `EngineView.step_time_s` ("recent mean step time"): an EWMA
+        # with the simulator's weight (SimConfig.step_time_ewma), so a policy behaves served as
+        # it does in ops.bench_sched and the simulator; the raw last step let one 512-token
+        # prefill step look like the batch's pace (the adaptive policy cut its cap on it)
+        self.mean_step_s = 0.0
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
         self._preemptions_seen = int(engine.stats().get("preemptions", 0))  # the counter exports what follows
         self._wakeup = trio.Event()
@@ -213,6 +221,7 @@ class Stepper:
                 self.fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 continue
             dt = self.last_step_s = time.perf_counter() - t0
+            self.mean_step_s = dt if self.mean_step_s == 0 else self.mean_step_s + STEP_TIME_EWMA * (dt - self.mean_step_s)
             self.step_cost.observe(self.engine.last_step_tokens, dt)
             self.metrics.step_time.observe(dt)
             self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)

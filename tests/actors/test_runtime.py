@@ -122,6 +122,9 @@ async def test_chat_streams_and_settles_usage(runtime, services):
     assert last.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
     # the stepper fits step time on tokens fed (the prefill, then one-token decodes) for the policies
     assert runtime.stepper.step_cost.steps >= 2
+    # policies see the steps' recent mean (as in the simulator), not the raw last step
+    st = runtime.stepper
+    assert runtime.queue._view().step_time_s == st.mean_step_s > 0 and st.mean_step_s != st.last_step_s
     await wait_until(lambda: runtime.accounting.settled >= 1)
     [row] = await usage_rows(services["quotas"], "acme")
     assert (row.model, row.requests, row.prompt_tokens, row.completion_tokens) == (
