@@ -93,8 +93,9 @@ class ChatPrompt:
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request of the workload. `prompt` is token ids or text; `prompt_len` is
-    exact for ids and the dataset's estimate for text (the server's usage wins)."""
+    """One request of the workload. `prompt` is token ids, text or a `ChatPrompt`;
+    `prompt_len` is exact for ids and for the workload fixture's chats (their rendered
+    length) and the dataset's estimate for text (the server's usage wins)."""
 
     index: int
     send_at: float  # seconds after the benchmark start
