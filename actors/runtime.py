@@ -1,6 +1,6 @@
 """The runtime: the actors of one serving process, wired by bounded channels.
 
-    gateway ─ AdmitMsg ─▶ admission ─▶ predictor ─▶ queue ─▶ stepper (engine in a worker thread)
+    gateway ─ AdmitMsg ─▶ admission ─▶ predictor ─▶ queue ─▶ stepper (steps the engine)
                               │                        ▲        │
                               │                  Demand(slots)──┘
                               └───────── Completed ─────────▶ accounting ─▶ Redis, predictor feedback
@@ -54,6 +54,9 @@ class RuntimeConfig:
     quota_fail_open: bool = True
     admission_concurrency: int = 256
     channel_size: int = 256
+    # where engine steps run: None → in a worker thread on a GPU engine, on the trio thread
+    # on a CPU engine (actors.stepper's docstring says why)
+    step_in_thread: bool | None = None
 
 
 def served_model_name(model: str) -> str:
@@ -136,7 +139,9 @@ class Runtime:
                                 engine_view=lambda: engine_view(engine, self.stepper.mean_step_s,
                                                                 self.stepper.step_cost))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
-                               max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock)
+                               max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock,
+                               step_in_thread=(config.step_in_thread if config.step_in_thread is not None
+                                               else str(engine.config.device).startswith("cuda")))
         self.admission = Admission(
             AdmissionConfig(
                 model_name=self.model_name,

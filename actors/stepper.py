@@ -1,12 +1,26 @@
-"""The stepper actor: owns the engine, runs steps in a worker thread.
+"""The stepper actor: owns the engine and runs its steps.
 
 Loop (one iteration per engine step)::
 
     take new requests from the queue (non-blocking; block only when idle)
     apply aborts (cancelled requests leave the engine before the next step)
     report free capacity to the queue
-    deltas = await to_thread(engine.step)
+    deltas = await to_thread(engine.step)            # step_in_thread (a GPU engine)
+      or: let the event loop go idle, take what the queue released, deltas = engine.step()
     route deltas to per-request channels; finished requests → accounting
+
+Where a step runs (`step_in_thread`). On a GPU the step is mostly device time, so it
+runs in a worker thread and the event loop (streaming, HTTP, admission) overlaps it.
+On a CPU engine the step needs every core and the GIL between its torch calls, and
+overlapping it is a loss: the same 24-sequence decode step took 8% longer in a worker
+thread than on the trio thread with the loop idle, and 20-30% longer with 2 ms of
+Python on the loop every 20 ms — OpenMP threads preempted at their barriers, the
+step's Python waiting for the GIL — and served magnus ran 51% (fcfs-continuous 21%)
+slower in mean response time than the same requests driven by `ops.bench_sched`'s
+loop (docs/scheduling.md, "Where the step runs"). So a CPU engine steps on the trio
+thread, blocking the loop for the step: first it lets the loop go idle (streams
+written, cancels and releases taken; at most `settle_s`), then it steps, and the
+loop's work runs between steps instead of inside them.
 
 The engine is touched only from this actor, and only between steps or inside
 the worker thread, never both at once: `add_request`/`abort` run on the trio
@@ -23,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 import trio
+import trio.testing
 
 from actors.messages import Failed, Finished, TokenDelta, TopLogprob, Usage
 from actors.metrics import Metrics
@@ -62,8 +77,14 @@ class Stepper:
         *,
         max_inflight: int,
         compute_lock: trio.Lock | None = None,
+        step_in_thread: bool = True,
+        settle_s: float = 0.05,
     ) -> None:
+        if settle_s < 0:
+            raise ValueError("settle_s must be >= 0")
         self.engine = engine
+        self.step_in_thread = step_in_thread
+        self.settle_s = settle_s  # the longest a step on the trio thread waits for the loop to go idle
         # held around every engine step when the engine shares its CPU cores with other
         # torch work of this process (the Magnus embedder; see Runtime.compute_lock)
         self.compute_lock = compute_lock
@@ -103,13 +124,25 @@ class Stepper:
         self.metrics.queue_time.labels(st.tenant_id).observe(st.scheduled_at - st.admitted_at)
         self.active[st.request_id] = st
 
-    def _drain_intake(self) -> None:
+    def _drain_intake(self) -> int:
+        n = 0
         while True:
             try:
                 st = self.intake.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
-                return
+                return n
             self._admit(st)
+            n += 1
+
+    async def _settle(self) -> None:
+        """Before a step on the trio thread: let every other task run until it blocks
+        (streams written, releases sent), taking released requests as they come — the
+        queue hands them over one at a time — for at most `settle_s`."""
+        with trio.move_on_after(self.settle_s):
+            while True:
+                await trio.testing.wait_all_tasks_blocked()
+                if not self._drain_intake():
+                    return
 
     def _apply_cancels(self) -> None:
         for rid, st in list(self.active.items()):
@@ -192,6 +225,11 @@ class Stepper:
             self._finish(st, "error")
 
     # ------------------------------------------------------------ loop
+    async def _step(self) -> list[StepDelta]:
+        if self.step_in_thread:
+            return await trio.to_thread.run_sync(self.engine.step)
+        return self.engine.step()  # blocks the event loop for the step (see the module docstring)
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
@@ -207,14 +245,19 @@ class Stepper:
             if not self.engine.has_unfinished():
                 await trio.lowlevel.checkpoint()
                 continue
+            if not self.step_in_thread:
+                await self._settle()
+                self._apply_cancels()
+                if not self.engine.has_unfinished():
+                    continue
             t0 = time.perf_counter()
             try:
                 if self.compute_lock is None:
-                    deltas = await trio.to_thread.run_sync(self.engine.step)
+                    deltas = await self._step()
                 else:
                     async with self.compute_lock:
                         t0 = time.perf_counter()  # a step's time excludes waiting for the lock
-                        deltas = await trio.to_thread.run_sync(self.engine.step)
+                        deltas = await self._step()
             except Exception as e:  # noqa: BLE001 — an engine error fails the step's requests, not the process
                 log.exception("engine step failed")
                 self.metrics.engine_errors.inc()

@@ -440,3 +440,74 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
         await collect(long)
     assert sum(batches) == 9 and len(batches) < 9, batches  # the burst shared encoder calls
     assert not any(overlaps), overlaps
+
+
+async def test_a_cpu_engine_steps_on_the_trio_thread_takes_a_burst_in_one_step_and_lets_the_loop_run(
+        nursery, ckpt, tokenizer):
+    """On a CPU engine a step runs on the trio thread (a worker thread's step was 8-30% slower:
+    the loop's Python and the step's OpenMP threads contend for two cores and the GIL); before
+    it, the loop runs until idle, so a burst released together enters the engine together and
+    other tasks still run between steps."""
+    import threading
+
+    # a time window that releases the six together, once all six wait: one burst from the queue
+    window = PolicyConfig(name="time-window", window_s=60.0, min_batch=6, max_batch=32)
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(policy=window)), make_engine(ckpt, tokenizer))
+    assert rt.stepper.step_in_thread is False
+    rt.stepper.settle_s = 5.0  # a slow CI host must not cut the settle short
+    seen: list[tuple[bool, int]] = []
+    step = rt.engine.step
+
+    def recorded_step():
+        sched = rt.engine.scheduler
+        seen.append((threading.current_thread() is threading.main_thread(), sched.num_running + sched.num_waiting))
+        return step()
+
+    rt.engine.step = recorded_step
+    await nursery.start(rt.run)
+    t = tenant()
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.001)
+            ticks += 1
+
+    async def one(i: int) -> None:
+        acc = await rt.submit(call(t, messages=[ChatMessage("user", f"Say a word, number {i}.")], max_tokens=4))
+        assert isinstance(acc, Accepted), acc
+        _, _, last = await collect(acc)
+        assert isinstance(last, Finished), last
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(ticker)
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(one, i)
+        outer.cancel_scope.cancel()
+    assert all(on_main for on_main, _ in seen), "a CPU engine's step ran off the trio thread"
+    assert seen[0][1] == 6, seen[:8]  # the queue hands over one at a time: all six before the first step
+    assert ticks >= len(seen) // 2, (ticks, len(seen))  # the loop ran between steps
+
+
+async def test_step_in_thread_runs_steps_off_the_trio_thread(nursery, ckpt, tokenizer):
+    """The GPU path (steps in a worker thread), forced on the CPU: streams finish as on the trio
+    thread, and steps run off it."""
+    import threading
+
+    rt = Runtime(RuntimeConfig(step_in_thread=True), make_engine(ckpt, tokenizer))
+    threads: list[bool] = []
+    step = rt.engine.step
+
+    def recorded_step():
+        threads.append(threading.current_thread() is threading.main_thread())
+        return step()
+
+    rt.engine.step = recorded_step
+    await nursery.start(rt.run)
+    acc = await rt.submit(call(tenant(), prompt="Count:", max_tokens=6, ignore_eos=True))
+    assert isinstance(acc, Accepted), acc
+    _, deltas, last = await collect(acc)
+    assert isinstance(last, Finished) and last.usage.completion_tokens == 6
+    assert threads and not any(threads)

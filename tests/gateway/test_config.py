@@ -107,3 +107,20 @@ def test_engine_defaults_and_the_huge_pages_switch_reach_the_engine_config() -> 
     assert not runtime_config(config_from_args(parse(["--no-kv-huge-pages"]), env={})).engine.cache.huge_pages
     off = config_from_args(parse([]), env={"LMGATE_KV_HUGE_PAGES": "false"})
     assert not runtime_config(off).engine.cache.huge_pages
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), [
+    ([], {}, None),  # auto: the runtime picks by device (a worker thread on CUDA)
+    (["--step-thread", "loop"], {}, False),
+    (["--step-thread", "worker"], {}, True),
+    ([], {"LMGATE_STEP_THREAD": "worker"}, True),
+])
+def test_step_thread_reaches_the_runtime_config(flags: list[str], env: dict[str, str], expected: bool | None) -> None:
+    from gateway.config import config_from_args, runtime_config
+
+    assert runtime_config(config_from_args(parse(flags), env=env)).step_in_thread is expected
+
+
+def test_bad_step_thread_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="step_thread"):
+        GatewayConfig(step_thread="gpu")
