@@ -54,9 +54,9 @@ class RuntimeConfig:
     quota_fail_open: bool = True
     admission_concurrency: int = 256
     channel_size: int = 256
-    # where engine steps run: None → in a worker thread on a GPU engine, on the trio thread
-    # on a CPU engine (actors.stepper's docstring says why)
-    step_in_thread: bool | None = None
+    # where engine steps run: a worker thread (the event loop overlaps the step), or the trio
+    # thread (the loop waits; actors.stepper's docstring has the measurements of both)
+    step_in_thread: bool = True
 
 
 def served_model_name(model: str) -> str:
@@ -140,8 +140,7 @@ class Runtime:
                                                                 self.stepper.step_cost))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
                                max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock,
-                               step_in_thread=(config.step_in_thread if config.step_in_thread is not None
-                                               else str(engine.config.device).startswith("cuda")))
+                               step_in_thread=config.step_in_thread)
         self.admission = Admission(
             AdmissionConfig(
                 model_name=self.model_name,

@@ -5,22 +5,27 @@ Loop (one iteration per engine step)::
     take new requests from the queue (non-blocking; block only when idle)
     apply aborts (cancelled requests leave the engine before the next step)
     report free capacity to the queue
-    deltas = await to_thread(engine.step)            # step_in_thread (a GPU engine)
+    deltas = await to_thread(engine.step)            # step_in_thread (the default)
       or: let the event loop go idle, take what the queue released, deltas = engine.step()
     route deltas to per-request channels; finished requests → accounting
 
-Where a step runs (`step_in_thread`). On a GPU the step is mostly device time, so it
-runs in a worker thread and the event loop (streaming, HTTP, admission) overlaps it.
-On a CPU engine the step needs every core and the GIL between its torch calls, and
-overlapping it is a loss: the same 24-sequence decode step took 8% longer in a worker
-thread than on the trio thread with the loop idle, and 20-30% longer with 2 ms of
-Python on the loop every 20 ms — OpenMP threads preempted at their barriers, the
-step's Python waiting for the GIL — and served magnus ran 51% (fcfs-continuous 21%)
-slower in mean response time than the same requests driven by `ops.bench_sched`'s
-loop (docs/scheduling.md, "Where the step runs"). So a CPU engine steps on the trio
-thread, blocking the loop for the step: first it lets the loop go idle (streams
-written, cancels and releases taken; at most `settle_s`), then it steps, and the
-loop's work runs between steps instead of inside them.
+Where a step runs (`step_in_thread`, `lmgate serve --step-thread`). By default in a
+worker thread: the event loop streams tokens, answers HTTP and admits requests while the
+engine steps. Or on the trio thread (`step_in_thread=False`): the stepper first lets the
+loop go idle (streams written, cancels and releases taken — the queue hands released
+requests over one at a time, so a burst enters together; at most `settle_s`), then steps,
+blocking the loop; the loop's work runs between steps instead of inside them.
+
+Which wins depends on how much the loop does per step (docs/scheduling.md, "Where the step
+runs"). On a 2-core CPU a worker thread's step competes with the loop's Python for the
+cores and the GIL: the same decode step took 1.08x as long with the loop idle and 1.28x
+with 2 ms of Python on the loop every 20 ms; driving the runtime in-process (no HTTP), the
+trio thread took magnus from 62.4 to 45.0 s mean response time on the same requests. Served
+over HTTP/SSE, where the loop's work per step is larger and on the trio thread waits for
+the step, the two measured the same within the host's drift (fcfs-continuous 72.4 and
+97.4 s in a worker thread, 92.2 and 96.0 s on the trio thread), so the worker thread stays
+the default. On a GPU the step
+is device time and overlapping it is the point.
 
 The engine is touched only from this actor, and only between steps or inside
 the worker thread, never both at once: `add_request`/`abort` run on the trio

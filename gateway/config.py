@@ -60,7 +60,7 @@ class GatewayConfig:
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
     length_predictor: str = "auto"  # auto | running | magnus (auto: magnus for the magnus/hybrid policies)
-    step_thread: str = "auto"  # auto | worker | loop: where engine steps run (auto: worker on CUDA, else loop)
+    step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -84,8 +84,8 @@ class GatewayConfig:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.length_predictor not in ("auto", "running", "magnus"):
             raise ConfigError(f"length_predictor must be auto, running or magnus, got {self.length_predictor!r}")
-        if self.step_thread not in ("auto", "worker", "loop"):
-            raise ConfigError(f"step_thread must be auto, worker or loop, got {self.step_thread!r}")
+        if self.step_thread not in ("worker", "loop"):
+            raise ConfigError(f"step_thread must be worker or loop, got {self.step_thread!r}")
 
     @property
     def resolved_length_predictor(self) -> str:
@@ -130,9 +130,9 @@ _HELP = {
     "length_predictor": "generation-length predictor: auto (magnus for the magnus/hybrid policies, else "
                         "running), running (per-tenant/app running estimate), magnus (MiniLM embeddings + "
                         "input length + user history, trained online, saved in Redis; loads in ~10 s)",
-    "step_thread": "where engine steps run: auto (worker on CUDA, loop on a CPU), worker (a worker thread; the "
-                   "event loop overlaps the step), loop (the event loop's thread, which waits for the step: on a "
-                   "CPU a worker's step was 1.08-1.3x slower, contending with the loop for cores and the GIL)",
+    "step_thread": "where engine steps run: worker (a worker thread; the event loop streams while the engine "
+                   "steps) or loop (the event loop's thread, which waits for each step; measured better without "
+                   "HTTP, not through it: docs/scheduling.md, 'Where the step runs')",
 }
 
 
@@ -252,7 +252,7 @@ def runtime_config(config: GatewayConfig):
         model_name=config.served_model_name,
         max_estimated_wait_s=config.max_estimated_wait_seconds,
         quota_fail_open=config.quota_fail_open,
-        step_in_thread={"auto": None, "worker": True, "loop": False}[config.step_thread],
+        step_in_thread=config.step_thread == "worker",
     )
 
 

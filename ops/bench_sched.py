@@ -42,6 +42,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import copy
 import functools
 import json
 import random
@@ -123,6 +124,12 @@ def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRe
     Test requests are predicted in arrival order and observed after, as in
     serving (user histories keep growing); the regressor itself is not refit
     on test requests, so every test prediction is out-of-sample.
+
+    Returns the predictor as training left it: the runs predict with it, so no
+    held-out request's true length is in a user history its prediction reads (the
+    predictor after the evaluation has all of them; predicting with it scored
+    MAE 88.2 / 54.4% within ±25% against 87.0 / 56.9% as trained — the histories
+    were not why this loop beat the server, but they were a leak).
     """
     p = LengthPredictor(config)
     for r in train:
@@ -131,6 +138,7 @@ def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRe
             p.fit()
     if p.num_stopped >= p.config.min_fit_samples:
         p.fit()
+    trained = copy.deepcopy(p)
     app_mean = {}
     for r in train:
         app_mean.setdefault(r.app, []).append(r.output_tokens)
@@ -154,7 +162,7 @@ def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRe
                         "baseline_within_25pct": _within(ba[idx], tr[idx])}
     ev = PredictorEval(float(np.mean(np.abs(pr - tr))), _within(pr, tr), float(np.mean(np.abs(ba - tr))),
                        _within(ba, tr), len(train), len(test), per_app)
-    return p, ev
+    return trained, ev
 
 
 # ------------------------------------------------------------------ requests

@@ -442,18 +442,15 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
     assert not any(overlaps), overlaps
 
 
-async def test_a_cpu_engine_steps_on_the_trio_thread_takes_a_burst_in_one_step_and_lets_the_loop_run(
-        nursery, ckpt, tokenizer):
-    """On a CPU engine a step runs on the trio thread (a worker thread's step was 8-30% slower:
-    the loop's Python and the step's OpenMP threads contend for two cores and the GIL); before
-    it, the loop runs until idle, so a burst released together enters the engine together and
-    other tasks still run between steps."""
+async def test_steps_on_the_trio_thread_take_a_burst_in_one_step_and_let_the_loop_run(nursery, ckpt, tokenizer):
+    """`step_in_thread=False`: a step runs on the trio thread; before it, the loop runs until
+    idle, so a burst the queue releases together enters the engine together (in a worker
+    thread's mode it enters one request per step) and other tasks still run between steps."""
     import threading
 
     # a time window that releases the six together, once all six wait: one burst from the queue
     window = PolicyConfig(name="time-window", window_s=60.0, min_batch=6, max_batch=32)
-    rt = Runtime(RuntimeConfig(queue=QueueConfig(policy=window)), make_engine(ckpt, tokenizer))
-    assert rt.stepper.step_in_thread is False
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(policy=window), step_in_thread=False), make_engine(ckpt, tokenizer))
     rt.stepper.settle_s = 5.0  # a slow CI host must not cut the settle short
     seen: list[tuple[bool, int]] = []
     step = rt.engine.step
@@ -486,17 +483,16 @@ async def test_a_cpu_engine_steps_on_the_trio_thread_takes_a_burst_in_one_step_a
             for i in range(6):
                 n.start_soon(one, i)
         outer.cancel_scope.cancel()
-    assert all(on_main for on_main, _ in seen), "a CPU engine's step ran off the trio thread"
+    assert all(on_main for on_main, _ in seen), "a step ran off the trio thread"
     assert seen[0][1] == 6, seen[:8]  # the queue hands over one at a time: all six before the first step
     assert ticks >= len(seen) // 2, (ticks, len(seen))  # the loop ran between steps
 
 
-async def test_step_in_thread_runs_steps_off_the_trio_thread(nursery, ckpt, tokenizer):
-    """The GPU path (steps in a worker thread), forced on the CPU: streams finish as on the trio
-    thread, and steps run off it."""
+async def test_by_default_steps_run_off_the_trio_thread(nursery, ckpt, tokenizer):
+    """The default (`step_in_thread=True`): steps run in a worker thread while the loop streams."""
     import threading
 
-    rt = Runtime(RuntimeConfig(step_in_thread=True), make_engine(ckpt, tokenizer))
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer))
     threads: list[bool] = []
     step = rt.engine.step
 

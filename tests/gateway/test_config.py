@@ -110,12 +110,12 @@ def test_engine_defaults_and_the_huge_pages_switch_reach_the_engine_config() -> 
 
 
 @pytest.mark.parametrize(("flags", "env", "expected"), [
-    ([], {}, None),  # auto: the runtime picks by device (a worker thread on CUDA)
+    ([], {}, True),
     (["--step-thread", "loop"], {}, False),
     (["--step-thread", "worker"], {}, True),
-    ([], {"LMGATE_STEP_THREAD": "worker"}, True),
+    ([], {"LMGATE_STEP_THREAD": "loop"}, False),
 ])
-def test_step_thread_reaches_the_runtime_config(flags: list[str], env: dict[str, str], expected: bool | None) -> None:
+def test_step_thread_reaches_the_runtime_config(flags: list[str], env: dict[str, str], expected: bool) -> None:
     from gateway.config import config_from_args, runtime_config
 
     assert runtime_config(config_from_args(parse(flags), env=env)).step_in_thread is expected

@@ -363,3 +363,34 @@ def test_a_budget_too_small_for_every_rate_runs_the_highest_alone(tmp_path):
         assert report["policies"][name]["16"]["completed"] == floor
         assert {"4", "16"} <= set(report["sim_policies"][name])
     assert report["ratios_rate"] == 16
+
+
+def test_the_runs_predict_with_the_trained_predictor_not_one_that_saw_the_held_out_lengths():
+    """The evaluation observes every held-out request after predicting it (user histories grow,
+    as in serving); the predictor the runs then use must not carry those true lengths."""
+    import numpy as np
+
+    from actors.predictor import LengthPredictor
+    from ops.bench_sched import features_of, train_and_evaluate
+    from ops.workload.fixture import FixtureRequest
+
+    rng = np.random.default_rng(0)
+
+    def req(i: int, user: str, out: int) -> FixtureRequest:
+        return FixtureRequest(f"r{i}", "qa", "t", user, ({"role": "user", "content": f"q{i}"},), 20 + i % 7, out,
+                              "stop", 256)
+
+    train = [req(i, f"u{i % 4}", int(rng.integers(10, 200))) for i in range(64)]
+    test = [req(100 + i, f"u{i % 4}", 250) for i in range(16)]  # held-out users all answer long
+    emb = {r.id: (v := rng.normal(size=384)) / np.linalg.norm(v) for r in train + test}
+    trained, ev = train_and_evaluate(train, test, emb, 256)
+    fresh = LengthPredictor()
+    for r in train:
+        fresh.observe(features_of(r, 256, emb[r.id]), r.output_tokens, r.finish_reason)
+        if fresh.needs_refit():
+            fresh.fit()
+    fresh.fit()
+    for r in test:
+        f = features_of(r, 256, emb[r.id])
+        assert trained.predict(f) == fresh.predict(f)
+    assert ev.n_test == 16
