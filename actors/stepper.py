@@ -24,8 +24,7 @@ trio thread took magnus from 62.4 to 45.0 s mean response time on the same reque
 over HTTP/SSE, where the loop's work per step is larger and on the trio thread waits for
 the step, the two measured the same within the host's drift (fcfs-continuous 72.4 and
 97.4 s in a worker thread, 92.2 and 96.0 s on the trio thread), so the worker thread stays
-the default. On a GPU the step
-is device time and overlapping it is the point.
+the default. On a GPU the step is device time and overlapping it is the point.
 
 The engine is touched only from this actor, and only between steps or inside
 the worker thread, never both at once: `add_request`/`abort` run on the trio
