@@ -26,6 +26,7 @@ from actors.accounting import Accounting
 from actors.admission import Admission, AdmissionConfig, AdmitMsg
 from actors.messages import Accepted, Failed, GenerateCall, LengthFeedback, Rejected
 from actors.metrics import Metrics
+from actors.policies import BatchPolicy
 from actors.predictor import PredictorConfig, PredictorService, RunningLengthEstimator
 from actors.queue import QueueActor, engine_view
 from actors.queue_policy import QueueConfig
@@ -86,6 +87,8 @@ class _ServiceTime:
 class Runtime:
     """Holds the engine and the actors; see the module docstring."""
 
+    INTAKE_BUFFER: int | None = None  # queue → stepper buffer (None: max_num_seqs; 0 was the old hand-over)
+
     def __init__(
         self,
         config: RuntimeConfig,
@@ -96,7 +99,13 @@ class Runtime:
         prompt_cache: Any = None,
         store: Any = None,
         metrics: Metrics | None = None,
+        policy: BatchPolicy | None = None,
+        length_service: PredictorService | None = None,
     ) -> None:
+        """`policy` (a policy object instead of `config.queue`'s) and `length_service` (a
+        Magnus predictor service, its embedder loaded, instead of a fresh one) are for
+        drivers that run the runtime in-process on a predictor trained elsewhere
+        (`ops.bench_sched --driver runtime`)."""
         self.config = config
         self.engine = engine
         self.store = store
@@ -113,7 +122,13 @@ class Runtime:
         self._admit_send, self._admit_recv = trio.open_memory_channel[AdmitMsg](cs)
         self._pred_send, self._pred_recv = trio.open_memory_channel[RequestState](cs)
         self._queue_send, self._queue_recv = trio.open_memory_channel[RequestState](cs)
-        self._intake_send, self._intake_recv = trio.open_memory_channel[RequestState](0)
+        # Released requests wait here for the next step boundary. Buffered, so a burst the
+        # policy releases together enters the engine together: unbuffered, the queue handed
+        # them over one per step while a step ran in the worker thread (the stepper takes
+        # what is ready between steps, and only one sender is ever ready). The stepper counts
+        # what is buffered when it reports demand, so it never holds more than max_num_seqs.
+        intake = engine.config.scheduler.max_num_seqs if self.INTAKE_BUFFER is None else self.INTAKE_BUFFER
+        self._intake_send, self._intake_recv = trio.open_memory_channel[RequestState](intake)
         self._demand_send, self._demand_recv = trio.open_memory_channel[Demand](1)
         # accounting must never block the stepper: one slot per request that can be alive
         cap = config.queue.max_waiting + engine.config.scheduler.max_num_seqs + cs * 3
@@ -123,7 +138,10 @@ class Runtime:
         if config.length_predictor not in ("running", "magnus"):
             raise ValueError(f"length_predictor must be 'running' or 'magnus', got {config.length_predictor!r}")
         # the embedder is loaded in `run` (seconds of work, in a worker thread)
-        self.length_service = PredictorService(store=store) if config.length_predictor == "magnus" else None
+        if length_service is not None and config.length_predictor != "magnus":
+            raise ValueError("a length_service needs length_predictor='magnus'")
+        self.length_service = length_service or (
+            PredictorService(store=store) if config.length_predictor == "magnus" else None)
         # One torch job at a time on a CPU engine's cores: the embedder (and the refit)
         # running beside an engine step made it 1.5-2x slower — two OpenMP teams on 2
         # cores, each preempting the other's threads mid-barrier: an embedding every 0.33 s
@@ -135,7 +153,7 @@ class Runtime:
         if self.length_service is not None:
             self.length_service.compute_lock = self.compute_lock
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
-                                self._done_send, self.metrics,
+                                self._done_send, self.metrics, policy=policy,
                                 engine_view=lambda: engine_view(engine, self.stepper.mean_step_s,
                                                                 self.stepper.step_cost))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
@@ -265,8 +283,9 @@ class Runtime:
             return
         from actors.embeddings import InstructionEmbedder
 
-        # threads=0: the torch thread count is process-wide; the engine owns it
-        service.embedder = await trio.to_thread.run_sync(lambda: InstructionEmbedder(threads=0))
+        if service.embedder is None:  # one given with the service is kept
+            # threads=0: the torch thread count is process-wide; the engine owns it
+            service.embedder = await trio.to_thread.run_sync(lambda: InstructionEmbedder(threads=0))
         if await service.load():
             log.info("length predictor restored from Redis (%d samples)", service.predictor.num_samples)
 

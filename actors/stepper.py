@@ -12,9 +12,11 @@ Loop (one iteration per engine step)::
 Where a step runs (`step_in_thread`, `lmgate serve --step-thread`). By default in a
 worker thread: the event loop streams tokens, answers HTTP and admits requests while the
 engine steps. Or on the trio thread (`step_in_thread=False`): the stepper first lets the
-loop go idle (streams written, cancels and releases taken — the queue hands released
-requests over one at a time, so a burst enters together; at most `settle_s`), then steps,
-blocking the loop; the loop's work runs between steps instead of inside them.
+loop go idle (streams written, cancels and releases taken, so a burst the queue releases
+enters together; at most `settle_s`), then steps, blocking the loop; the loop's work runs
+between steps instead of inside them. In both, released requests wait in the intake
+channel (buffered: `Runtime` sizes it to max_num_seqs) and all of them enter at the next
+step boundary; the demand the stepper reports counts them.
 
 Which wins depends on how much the loop does per step (docs/scheduling.md, "Where the step
 runs"). On a 2-core CPU a worker thread's step competes with the loop's Python for the
@@ -140,8 +142,8 @@ class Stepper:
 
     async def _settle(self) -> None:
         """Before a step on the trio thread: let every other task run until it blocks
-        (streams written, releases sent), taking released requests as they come — the
-        queue hands them over one at a time — for at most `settle_s`."""
+        (streams written, releases sent), taking released requests as they come, for at
+        most `settle_s`."""
         with trio.move_on_after(self.settle_s):
             while True:
                 await trio.testing.wait_all_tasks_blocked()
@@ -156,7 +158,8 @@ class Stepper:
                 self._finish(st, "cancelled")
 
     def _report_demand(self) -> None:
-        free = self.max_inflight - len(self.active)
+        # released requests still in the intake buffer are on their way in: count them
+        free = self.max_inflight - len(self.active) - self.intake.statistics().current_buffer_used
         if free > 0:
             try:
                 self.demand.send_nowait(Demand(free))

@@ -330,6 +330,100 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
     return RealRun(list(records.values()), steps, engine.counters["preemptions"] - pre0, lengths)
 
 
+def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy: BatchPolicy,
+                max_tokens: int, messages: dict[str, Sequence[dict]], predictor: LengthPredictor, *,
+                embedder=None, step_in_thread: bool = True, timeout_s: float = 900.0) -> RealRun:
+    """Drive the server's runtime in-process (`actors.runtime.Runtime`, no HTTP): each request
+    is a chat `GenerateCall` submitted at its arrival (trio's clock) and streamed to its end,
+    through admission, the Magnus predictor service, the queue actor running `policy`, and
+    the stepper (`step_in_thread`: the server's `--step-thread`).
+
+    The runtime predicts for itself, as the server does: from `predictor` (copied; trained
+    offline, or a fresh `LengthPredictor()` for a cold start), embedding each instruction with
+    `embedder` at admission, and learning online from the requests as they finish. So the
+    `predicted` fields of `reqs` are not used here (a simulation of the same run uses them).
+    `messages` maps each rid to its chat messages."""
+    import trio
+
+    from actors.messages import Accepted, ChatMessage, Failed, Finished, GenerateCall, TenantContext, TokenDelta
+    from actors.predictor import PredictorService
+    from actors.queue_policy import QueueConfig
+    from actors.runtime import Runtime, RuntimeConfig
+    from gpu.sampling import SamplingParams
+
+    if engine.has_unfinished():
+        raise RuntimeError("engine must be idle before a run")
+    engine.block_manager.reset_block_order()  # as run_real
+    records = {r.rid: RequestRecord(r.rid, r.tenant, r.arrival, len(r.prompt_token_ids)) for r in reqs}
+    steps: list[tuple[StepFeatures, float]] = []
+    pre0 = engine.counters["preemptions"]
+    inner_step = engine.step
+
+    def timed_step():
+        ts = time.perf_counter()
+        out = inner_step()
+        dt = time.perf_counter() - ts
+        if recorder.last is not None and not recorder.last.is_empty:
+            steps.append((StepFeatures.of(recorder.last), dt))
+        return out
+
+    config = RuntimeConfig(engine=engine.config, queue=QueueConfig(max_waiting=max(1, 2 * len(reqs))),
+                           length_predictor="magnus", max_estimated_wait_s=float("inf"),
+                           step_in_thread=step_in_thread)
+    service = PredictorService(copy.deepcopy(predictor), embedder=embedder)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+    async def one(rt: Runtime, r: SimRequest, t0: float) -> None:
+        await trio.sleep_until(t0 + r.arrival)
+        call = GenerateCall(r.rid, TenantContext(r.tenant), rt.model_name, params,
+                            messages=[ChatMessage(m["role"], m["content"]) for m in messages[r.rid]],
+                            stream=True, user=r.user, app=r.app)
+        acc = await rt.submit(call)
+        if not isinstance(acc, Accepted):
+            raise RuntimeError(f"{r.rid} was not admitted: {acc}")
+        rec = records[r.rid]
+        async with acc.events:
+            async for ev in acc.events:
+                now = trio.current_time() - t0
+                if isinstance(ev, TokenDelta) and rec.first_token < 0 and ev.token_ids:
+                    rec.first_token = now
+                elif isinstance(ev, Finished):
+                    rec.finished, rec.output_tokens = now, ev.usage.completion_tokens
+                    if rec.first_token < 0:
+                        rec.first_token = now
+                elif isinstance(ev, Failed):
+                    raise RuntimeError(f"{r.rid} failed: {ev}")
+        if rec.finished < 0:
+            raise RuntimeError(f"{r.rid}: its stream ended without a Finished event")
+
+    async def drive() -> None:
+        rt = Runtime(config, engine, policy=policy, length_service=service)
+        async with trio.open_nursery() as actors:
+            await actors.start(rt.run)
+            with trio.move_on_after(timeout_s) as scope:
+                async with trio.open_nursery() as clients:
+                    t0 = trio.current_time()
+                    for r in sorted(reqs, key=lambda q: q.arrival):
+                        clients.start_soon(one, rt, r, t0)
+            actors.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            for rid in list(rt.stepper.active):
+                engine.abort(rid)
+            raise RuntimeError(f"run exceeded {timeout_s}s")
+
+    wrapped = "step" in vars(engine)  # someone's wrapper already (put it back after)
+    engine.step = timed_step
+    try:
+        trio.run(drive)
+    finally:
+        if wrapped:
+            engine.step = inner_step
+        else:
+            del engine.step  # the class's method is back
+    lengths = {rid: rec.output_tokens for rid, rec in records.items()}
+    return RealRun(list(records.values()), steps, engine.counters["preemptions"] - pre0, lengths)
+
+
 # ------------------------------------------------------------------ orchestration
 @dataclass(frozen=True)
 class BenchConfig:
@@ -360,6 +454,12 @@ class BenchConfig:
     ttft_slo_s: float = 10.0
     tpot_slo_s: float = 0.5
     seed: int = 0
+    # what drives the real runs: "loop" (run_real: the policy in a synchronous loop around
+    # the engine, predictions fixed by the offline predictor) or "runtime" (run_runtime:
+    # the server's actors in-process, predicting online as the server does)
+    driver: str = "loop"
+    step_thread: str = "worker"  # runtime driver: the server's --step-thread
+    runtime_predictor: str = "trained"  # runtime driver: start from the offline predictor, or "cold"
 
 
 def _loadavg() -> list[float]:
@@ -515,7 +615,10 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     cache_mb = args.cache_mb if args.cache_mb is not None else cfg.cache_mb / (2 if args.dtype == "bfloat16" else 1)
     if cache_mb <= 0:
         raise ValueError("--cache-mb must be positive")
-    return replace(cfg, dtype=args.dtype, cache_mb=cache_mb)
+    if args.driver != "runtime" and (args.step_thread or args.runtime_predictor):
+        raise ValueError("--step-thread and --runtime-predictor apply to --driver runtime")
+    return replace(cfg, dtype=args.dtype, cache_mb=cache_mb, driver=args.driver,
+                   step_thread=args.step_thread or "worker", runtime_predictor=args.runtime_predictor or "trained")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -560,6 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
                          f"default: none, --quick: {QUICK_BUDGET_S / 60:g}")
     ap.add_argument("--repeats", type=int, help="real runs per policy and rate, alternating the order (ABBA); "
                                                 "the report holds their mean (default 1)")
+    ap.add_argument("--driver", choices=["loop", "runtime"], default="loop",
+                    help="real runs: 'loop' drives the engine from a synchronous loop with the offline "
+                         "predictor's predictions; 'runtime' runs the server's actors in-process (admission, "
+                         "online predictor, queue actor, stepper; no HTTP) (default: loop)")
+    ap.add_argument("--step-thread", choices=["worker", "loop"],
+                    help="--driver runtime: where engine steps run, as `lmgate serve --step-thread` (default worker)")
+    ap.add_argument("--runtime-predictor", choices=["trained", "cold"],
+                    help="--driver runtime: the runtime's predictor starts as the offline-trained one, or cold "
+                         "(as a server with a fresh Redis); it learns online either way (default trained)")
     return ap
 
 
@@ -717,7 +829,13 @@ def main(argv: list[str] | None = None) -> int:
                 reqs = run_requests(rate, cfg.real_requests)
                 timeout = run_timeout_s(simulate(reqs, policy_for(name), sim_cfg, model).duration)
                 t = time.perf_counter()
-                run = run_real(engine, recorder, reqs, pol, cfg.max_tokens, timeout_s=timeout)
+                if cfg.driver == "runtime":
+                    msgs = {q.rid: bench_reqs[k].fx.messages for k, q in enumerate(reqs)}
+                    start = predictor if cfg.runtime_predictor == "trained" else LengthPredictor()
+                    run = run_runtime(engine, recorder, reqs, pol, cfg.max_tokens, msgs, start, embedder=embedder,
+                                      step_in_thread=cfg.step_thread == "worker", timeout_s=timeout)
+                else:
+                    run = run_real(engine, recorder, reqs, pol, cfg.max_tokens, timeout_s=timeout)
                 all_steps += run.steps
                 run_steps[(name, rate, rep)] = run.steps
                 real_lengths[(name, rate, rep)] = run.lengths

@@ -444,8 +444,8 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
 
 async def test_steps_on_the_trio_thread_take_a_burst_in_one_step_and_let_the_loop_run(nursery, ckpt, tokenizer):
     """`step_in_thread=False`: a step runs on the trio thread; before it, the loop runs until
-    idle, so a burst the queue releases together enters the engine together (in a worker
-    thread's mode it enters one request per step) and other tasks still run between steps."""
+    idle, so a burst the queue releases together enters the engine together and other tasks
+    still run between steps."""
     import threading
 
     # a time window that releases the six together, once all six wait: one burst from the queue
@@ -484,8 +484,43 @@ async def test_steps_on_the_trio_thread_take_a_burst_in_one_step_and_let_the_loo
                 n.start_soon(one, i)
         outer.cancel_scope.cancel()
     assert all(on_main for on_main, _ in seen), "a step ran off the trio thread"
-    assert seen[0][1] == 6, seen[:8]  # the queue hands over one at a time: all six before the first step
+    assert seen[0][1] == 6, seen[:8]  # all six before the first step
     assert ticks >= len(seen) // 2, (ticks, len(seen))  # the loop ran between steps
+
+
+@pytest.mark.parametrize("step_in_thread", [True, False], ids=["worker", "loop"])
+async def test_a_released_burst_enters_the_engine_at_the_next_step_boundary(nursery, ckpt, tokenizer,
+                                                                           step_in_thread):
+    """Requests the queue releases together while a step runs all enter before the next
+    step (the intake is buffered): unbuffered, a worker thread's stepper took one per step —
+    a group Magnus released together ran its first steps nearly empty."""
+    window = PolicyConfig(name="time-window", window_s=60.0, min_batch=6, max_batch=32)
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(policy=window), step_in_thread=step_in_thread),
+                 make_engine(ckpt, tokenizer))
+    in_engine: list[int] = []
+    step = rt.engine.step
+
+    def recorded_step():
+        sched = rt.engine.scheduler
+        in_engine.append(sched.num_running + sched.num_waiting)
+        return step()
+
+    rt.engine.step = recorded_step
+    await nursery.start(rt.run)
+    t = tenant()
+
+    async def one(i: int) -> None:
+        acc = await rt.submit(call(t, prompt=f"Count to ten, {i}:", max_tokens=8, ignore_eos=True))
+        assert isinstance(acc, Accepted), acc
+        _, _, last = await collect(acc)
+        assert isinstance(last, Finished) and last.usage.completion_tokens == 8, last
+
+    async with trio.open_nursery() as n:
+        for i in range(6):
+            n.start_soon(one, i)
+    # the first step may start on the first request the stepper wakes for; by the second all are in
+    assert max(in_engine[:2]) == 6, in_engine[:8]
+    assert len(rt.stepper.active) == 0 and rt.engine.block_manager.num_free_blocks == rt.engine.num_blocks
 
 
 async def test_by_default_steps_run_off_the_trio_thread(nursery, ckpt, tokenizer):

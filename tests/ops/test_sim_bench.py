@@ -252,6 +252,36 @@ def test_run_timeout_follows_the_simulated_run_with_a_floor():
     assert run_timeout_s(1050.0) == STUCK_RUN_FACTOR * 1050.0  # a long run is not cut at 15 minutes
 
 
+@pytest.mark.slow
+def test_runtime_driver_runs_every_request_through_the_servers_actors():
+    """`--driver runtime`: chat requests through admission, the online predictor, the queue
+    actor and the stepper, in a worker thread and on the trio thread; every request ends,
+    the steps are measured, and the engine is left idle with its blocks back."""
+    from actors.predictor import LengthPredictor
+    from gpu.config import EngineConfig, SchedulerConfig
+    from gpu.engine import Engine
+    from ops.bench_sched import _PlanRecorder, run_runtime
+
+    engine = Engine(EngineConfig(num_threads=2, dtype="float32", scheduler=SchedulerConfig(max_num_seqs=4)))
+    recorder = _PlanRecorder(engine.scheduler)
+    messages = {f"r{k}": [{"role": "user", "content": f"Count to {k}."}] for k in range(6)}
+    prompts = {rid: engine.tokenizer.render_and_encode(m) for rid, m in messages.items()}
+    reqs = [SimRequest(rid, "t", tuple(p), 6, 6, 0.05 * k, 6.0, 1.0, app="count", user=f"u{k % 2}")
+            for k, (rid, p) in enumerate(prompts.items())]
+    predictor = LengthPredictor()
+    for step_in_thread in (True, False):
+        run = run_runtime(engine, recorder, reqs, make_policy(PolicyConfig(name="magnus")), 6, messages,
+                          predictor, step_in_thread=step_in_thread)
+        assert len(run.records) == 6
+        for r in run.records:
+            assert r.arrival <= r.first_token <= r.finished
+            assert 1 <= r.output_tokens <= 6 and run.lengths[r.rid] == r.output_tokens
+        assert len(run.steps) >= 6 and all(t > 0 for _, t in run.steps)
+        assert not engine.has_unfinished() and engine.block_manager.num_free_blocks == engine.num_blocks
+        assert "step" not in vars(engine)  # the driver's timing wrapper is gone
+    assert predictor.num_samples == 0  # the runtime learned on a copy
+
+
 def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     from ops.bench_sched import bench_config, build_parser
 
@@ -273,7 +303,11 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     assert cfg("--same-requests-every-rate").same_requests_every_rate
     quick = cfg("--quick", "--real-requests", "16")
     assert (quick.real_requests, quick.min_real_requests, quick.time_budget_s is not None) == (16, 16, True)
-    for bad in (["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--optimistic-below-steps", "-1"], ["--repeats", "0"], ["--time-budget", "-1"],
+    assert (cfg().driver, cfg().step_thread, cfg().runtime_predictor) == ("loop", "worker", "trained")
+    rt = cfg("--driver", "runtime", "--step-thread", "loop", "--runtime-predictor", "cold")
+    assert (rt.driver, rt.step_thread, rt.runtime_predictor) == ("runtime", "loop", "cold")
+    for bad in (["--step-thread", "loop"], ["--runtime-predictor", "cold"],  # need --driver runtime
+                ["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--optimistic-below-steps", "-1"], ["--repeats", "0"], ["--time-budget", "-1"],
                 ["--real-requests", "0"], ["--policies", "fcfs-static,nope"]):
         with pytest.raises(ValueError):
             cfg(*bad)
