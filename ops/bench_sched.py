@@ -345,7 +345,15 @@ def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], pol
     `messages` maps each rid to its chat messages."""
     import trio
 
-    from actors.messages import Accepted, ChatMessage, Failed, Finished, GenerateCall, TenantContext, TokenDelta
+    from actors.messages import (
+        Accepted,
+        ChatMessage,
+        Failed,
+        Finished,
+        GenerateCall,
+        TenantContext,
+        TokenDelta,
+    )
     from actors.predictor import PredictorService
     from actors.queue_policy import QueueConfig
     from actors.runtime import Runtime, RuntimeConfig
