@@ -181,7 +181,10 @@ class Runtime:
 
     # ------------------------------------------------------------------ load
     def waiting(self) -> int:
-        return len(self.queue) + self.engine.scheduler.num_waiting
+        """Requests admitted and not yet running: in the queue, released to the stepper but
+        not yet taken (the intake buffer), and waiting inside the engine."""
+        return (len(self.queue) + self._intake_recv.statistics().current_buffer_used
+                + self.engine.scheduler.num_waiting)
 
     def estimated_wait_s(self) -> float:
         slots = max(1, self.engine.config.scheduler.max_num_seqs)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.policies import LENGTH_AWARE_POLICIES, POLICY_NAMES
+
 
 class ConfigError(ValueError):
     """A setting has the wrong type or an out-of-range value (names the setting)."""
@@ -75,8 +77,6 @@ class GatewayConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
-        from actors.policies import POLICY_NAMES
-
         if self.scheduling_policy not in POLICY_NAMES:
             raise ConfigError(f"scheduling_policy must be one of {', '.join(POLICY_NAMES)}, "
                               f"got {self.scheduling_policy!r}")
@@ -93,7 +93,7 @@ class GatewayConfig:
         and to reserve KV (magnus, hybrid), the cheap running estimate elsewhere."""
         if self.length_predictor != "auto":
             return self.length_predictor
-        return "magnus" if self.scheduling_policy in ("magnus", "hybrid") else "running"
+        return "magnus" if self.scheduling_policy in LENGTH_AWARE_POLICIES else "running"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GatewayConfig)}

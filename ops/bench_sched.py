@@ -1,6 +1,7 @@
 """Scheduling benchmark: every batching policy on the multi-application workload.
 
     python -m ops.bench_sched [--quick] [--json PATH] [--plot PATH] [--policies a,b] [--rates r1,r2,r3]
+                              [--driver loop|runtime] [--step-thread worker|loop] [--runtime-predictor trained|cold]
 
 1. Predictor: the Magnus length predictor (`actors.predictor.LengthPredictor`, MiniLM
    instruction embeddings) is trained online on the first half of the fixture and
@@ -13,7 +14,10 @@
    with the highest raised to 2 × the continuous capacity, so the highest rate is
    beyond what every policy sustains (`sweep_rates`).
 4. Real runs: the held-out requests under Poisson arrivals (real clock), each
-   policy deciding releases into the real `Engine` (a synchronous driver loop).
+   policy deciding releases into the real `Engine` — from a synchronous driver loop
+   with the offline predictor's predictions (`--driver loop`, `run_real`), or through
+   the server's own actors in-process, predicting online (`--driver runtime`,
+   `run_runtime`: admission, predictor service, queue actor, stepper; no HTTP).
    Greedy decoding, EOS, `max_tokens` as in the fixture. The highest rate runs
    `--real-requests` (400 by default: the queue needs a few hundred requests to
    build up), a lower rate proportionally fewer, so every rate's arrivals span
@@ -55,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.policies import (
+    LENGTH_AWARE_POLICIES,
     POLICY_NAMES,
     BatchPolicy,
     EngineView,
@@ -338,11 +343,13 @@ def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], pol
     through admission, the Magnus predictor service, the queue actor running `policy`, and
     the stepper (`step_in_thread`: the server's `--step-thread`).
 
-    The runtime predicts for itself, as the server does: from `predictor` (copied; trained
-    offline, or a fresh `LengthPredictor()` for a cold start), embedding each instruction with
-    `embedder` at admission, and learning online from the requests as they finish. So the
-    `predicted` fields of `reqs` are not used here (a simulation of the same run uses them).
-    `messages` maps each rid to its chat messages."""
+    The runtime predicts for itself, as the server does. A length-aware policy (magnus,
+    hybrid) gets the Magnus predictor service: `predictor` (copied; trained offline, or a
+    fresh `LengthPredictor()` for a cold start), embedding each instruction with `embedder`
+    at admission and learning online as requests finish. Every other policy gets the running
+    estimate, as `lmgate serve`'s `--length-predictor auto` gives it (no embeddings: they
+    take engine time on a CPU). So the `predicted` fields of `reqs` are not used here (a
+    simulation of the same run uses them). `messages` maps each rid to its chat messages."""
     import trio
 
     from actors.messages import (
@@ -375,10 +382,11 @@ def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], pol
             steps.append((StepFeatures.of(recorder.last), dt))
         return out
 
+    aware = policy.name in LENGTH_AWARE_POLICIES
     config = RuntimeConfig(engine=engine.config, queue=QueueConfig(max_waiting=max(1, 2 * len(reqs))),
-                           length_predictor="magnus", max_estimated_wait_s=float("inf"),
+                           length_predictor="magnus" if aware else "running", max_estimated_wait_s=float("inf"),
                            step_in_thread=step_in_thread)
-    service = PredictorService(copy.deepcopy(predictor), embedder=embedder)
+    service = PredictorService(copy.deepcopy(predictor), embedder=embedder) if aware else None
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
     async def one(rt: Runtime, r: SimRequest, t0: float) -> None:

@@ -35,6 +35,9 @@ POLICY_NAMES: tuple[str, ...] = (
     "fcfs-static", "fcfs-continuous", "priority", "time-window", "load-based", "adaptive", "vtc",
     "magnus", "hybrid",
 )
+# the policies that group and reserve KV by predicted length: the server gives them the
+# Magnus predictor (MiniLM embeddings, online regression), the rest the cheap running estimate
+LENGTH_AWARE_POLICIES: frozenset[str] = frozenset({"magnus", "hybrid"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,6 @@ def make_policy(config: PolicyConfig) -> BatchPolicy:
 
 __all__ = [
     "Adaptive", "BatchPolicy", "EngineView", "FairVtc", "FcfsContinuous", "FcfsStatic", "Hybrid", "Job",
-    "KvReservation", "LoadBased", "Magnus", "POLICY_NAMES", "PolicyBase", "PolicyConfig", "PriorityAging",
+    "KvReservation", "LENGTH_AWARE_POLICIES", "LoadBased", "Magnus", "POLICY_NAMES", "PolicyBase", "PolicyConfig", "PriorityAging",
     "ServingTimeEstimator", "StepCostFit", "TimeWindow", "VirtualTokenCounter", "make_policy",
 ]

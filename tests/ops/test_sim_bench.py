@@ -269,8 +269,10 @@ def test_runtime_driver_runs_every_request_through_the_servers_actors():
     reqs = [SimRequest(rid, "t", tuple(p), 6, 6, 0.05 * k, 6.0, 1.0, app="count", user=f"u{k % 2}")
             for k, (rid, p) in enumerate(prompts.items())]
     predictor = LengthPredictor()
-    for step_in_thread in (True, False):
-        run = run_runtime(engine, recorder, reqs, make_policy(PolicyConfig(name="magnus")), 6, messages,
+    # magnus gets the Magnus predictor service (embeddings, online learning); fcfs-continuous
+    # the running estimate, as `lmgate serve` gives them
+    for step_in_thread, name in ((True, "magnus"), (False, "magnus"), (True, "fcfs-continuous")):
+        run = run_runtime(engine, recorder, reqs, make_policy(PolicyConfig(name=name)), 6, messages,
                           predictor, step_in_thread=step_in_thread)
         assert len(run.records) == 6
         for r in run.records:
