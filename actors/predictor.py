@@ -449,6 +449,9 @@ class PredictorService:
         # a trio.Lock shared with the engine's steps (Runtime.compute_lock), or None:
         # embeddings and refits then run beside the steps
         self.compute_lock = None
+        # where embeddings and refits run: the runtime's `actors.compute` thread (the one
+        # thread of the process that runs torch on a CPU engine), or None: trio's worker threads
+        self.compute = None
 
     @property
     def refitting(self) -> bool:
@@ -460,13 +463,15 @@ class PredictorService:
                                int(st.params.max_tokens or 1), embedding)
 
     async def _exclusive(self, fn, *args):
-        """`fn(*args)` in a worker thread while holding `compute_lock` (if any)."""
+        """`fn(*args)` on the compute thread (or a worker thread) while holding
+        `compute_lock` (if any)."""
         import trio
 
+        run = self.compute.run if self.compute is not None else trio.to_thread.run_sync
         if self.compute_lock is None:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await run(fn, *args)
         async with self.compute_lock:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await run(fn, *args)
 
     async def embed_many(self, sts) -> list[np.ndarray | None]:
         """The instructions' embeddings, one encoder call for the lot."""

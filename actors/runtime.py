@@ -24,6 +24,7 @@ import trio
 
 from actors.accounting import Accounting
 from actors.admission import Admission, AdmissionConfig, AdmitMsg
+from actors.compute import ComputeThread, InlineCompute
 from actors.messages import Accepted, Failed, GenerateCall, LengthFeedback, Rejected
 from actors.metrics import Metrics
 from actors.policies import BatchPolicy
@@ -101,12 +102,16 @@ class Runtime:
         metrics: Metrics | None = None,
         policy: BatchPolicy | None = None,
         length_service: PredictorService | None = None,
+        compute: ComputeThread | InlineCompute | None = None,
     ) -> None:
         """`policy` (a policy object instead of `config.queue`'s) and `length_service` (a
         Magnus predictor service, its embedder loaded, instead of a fresh one) are for
         drivers that run the runtime in-process on a predictor trained elsewhere
-        (`ops.bench_sched --driver runtime`)."""
+        (`ops.bench_sched --driver runtime`). `compute`: where torch runs (`open_runtime`
+        builds the engine on it first); by default a new `ComputeThread`, or the trio thread
+        itself when `config.step_in_thread` is False. Closed when `run` ends."""
         self.config = config
+        self.compute = compute or (ComputeThread() if config.step_in_thread else InlineCompute())
         self.engine = engine
         self.store = store
         self.metrics = metrics or Metrics()
@@ -152,13 +157,16 @@ class Runtime:
                              and not str(engine.config.device).startswith("cuda") else None)
         if self.length_service is not None:
             self.length_service.compute_lock = self.compute_lock
+            if self.compute_lock is not None:  # a CPU engine: embed on the engine's thread
+                self.length_service.compute = self.compute
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
                                 self._done_send, self.metrics, policy=policy,
                                 engine_view=lambda: engine_view(engine, self.stepper.mean_step_s,
                                                                 self.stepper.step_cost))
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
                                max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock,
-                               step_in_thread=config.step_in_thread)
+                               step_in_thread=config.step_in_thread,
+                               compute=self.compute if isinstance(self.compute, ComputeThread) else None)
         self.admission = Admission(
             AdmissionConfig(
                 model_name=self.model_name,
@@ -288,7 +296,7 @@ class Runtime:
 
         if service.embedder is None:  # one given with the service is kept
             # threads=0: the torch thread count is process-wide; the engine owns it
-            service.embedder = await trio.to_thread.run_sync(lambda: InstructionEmbedder(threads=0))
+            service.embedder = await self.compute.run(lambda: InstructionEmbedder(threads=0))
         if await service.load():
             log.info("length predictor restored from Redis (%d samples)", service.predictor.num_samples)
 
@@ -327,15 +335,19 @@ class Runtime:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start every actor; `task_status.started()` once they all are."""
-        await self._load_length_predictor()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._supervise, "accounting", self.accounting.run)
-            await nursery.start(self._supervise, "stepper", self.stepper.run, self.stepper.fail_all)
-            await nursery.start(self._supervise, "queue", self.queue.run, self._fail_waiting)
-            await nursery.start(self._supervise, "predictor", self._predictor_actor)
-            await nursery.start(self._supervise, "admission", self._admission_actor)
-            self.ready = True
-            task_status.started()
+        try:
+            await self._load_length_predictor()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._supervise, "accounting", self.accounting.run)
+                await nursery.start(self._supervise, "stepper", self.stepper.run, self.stepper.fail_all)
+                await nursery.start(self._supervise, "queue", self.queue.run, self._fail_waiting)
+                await nursery.start(self._supervise, "predictor", self._predictor_actor)
+                await nursery.start(self._supervise, "admission", self._admission_actor)
+                self.ready = True
+                task_status.started()
+        finally:
+            # every call on it has returned (they are shielded): its OpenMP pool goes with it
+            self.compute.close()
 
 
 @contextlib.asynccontextmanager
@@ -353,10 +365,14 @@ async def open_runtime(
     Leaving the block cancels every actor; in-flight requests see their event
     channels close.
     """
+    compute = ComputeThread() if config.step_in_thread else InlineCompute()
     if engine is None:
-        engine = await trio.to_thread.run_sync(Engine, config.engine)
+        # built on the thread that will step it (actors.compute); with steps on the trio
+        # thread, in a passing worker thread rather than blocking the loop for seconds
+        build = compute.run if isinstance(compute, ComputeThread) else trio.to_thread.run_sync
+        engine = await build(Engine, config.engine)
     rt = Runtime(config, engine, quotas=quotas, response_cache=response_cache,
-                 prompt_cache=prompt_cache, store=store)
+                 prompt_cache=prompt_cache, store=store, compute=compute)
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         try:

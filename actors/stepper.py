@@ -5,12 +5,14 @@ Loop (one iteration per engine step)::
     take new requests from the queue (non-blocking; block only when idle)
     apply aborts (cancelled requests leave the engine before the next step)
     report free capacity to the queue
-    deltas = await to_thread(engine.step)            # step_in_thread (the default)
+    deltas = await compute.run(engine.step)          # step_in_thread (the default)
       or: let the event loop go idle, take what the queue released, deltas = engine.step()
     route deltas to per-request channels; finished requests → accounting
 
-Where a step runs (`step_in_thread`, `lmgate serve --step-thread`). By default in a
-worker thread: the event loop streams tokens, answers HTTP and admits requests while the
+Where a step runs (`step_in_thread`, `lmgate serve --step-thread`). By default on the
+runtime's compute thread (`actors.compute.ComputeThread`: one long-lived thread for all of
+the process's torch work, not trio's worker threads — two OpenMP pools on 2 cores made
+every step 1.5x slower): the event loop streams tokens, answers HTTP and admits requests while the
 engine steps. Or on the trio thread (`step_in_thread=False`): the stepper first lets the
 loop go idle (streams written, cancels and releases taken, so a burst the queue releases
 enters together; at most `settle_s`), then steps, blocking the loop; the loop's work runs
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 import trio
 import trio.testing
 
+from actors.compute import ComputeThread
 from actors.messages import Failed, Finished, TokenDelta, TopLogprob, Usage
 from actors.metrics import Metrics
 from actors.policies import StepCostFit
@@ -85,11 +88,15 @@ class Stepper:
         compute_lock: trio.Lock | None = None,
         step_in_thread: bool = True,
         settle_s: float = 0.05,
+        compute: ComputeThread | None = None,
     ) -> None:
         if settle_s < 0:
             raise ValueError("settle_s must be >= 0")
         self.engine = engine
         self.step_in_thread = step_in_thread
+        # the thread steps run on (`step_in_thread`): one long-lived thread, shared with the
+        # process's other torch work — see actors.compute for why not trio's worker threads
+        self.compute = (compute or ComputeThread()) if step_in_thread else None
         self.settle_s = settle_s  # the longest a step on the trio thread waits for the loop to go idle
         # held around every engine step when the engine shares its CPU cores with other
         # torch work of this process (the Magnus embedder; see Runtime.compute_lock)
@@ -233,8 +240,8 @@ class Stepper:
 
     # ------------------------------------------------------------ loop
     async def _step(self) -> list[StepDelta]:
-        if self.step_in_thread:
-            return await trio.to_thread.run_sync(self.engine.step)
+        if self.compute is not None:
+            return await self.compute.run(self.engine.step)
         return self.engine.step()  # blocks the event loop for the step (see the module docstring)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -395,8 +395,12 @@ async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nurs
 async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_embedded_together(
         nursery, ckpt, tokenizer, services):
     """On a CPU engine the embedder and the engine take turns on the cores (Runtime.compute_lock):
-    side by side, two OpenMP teams on the same cores made every step 1.5-2x slower."""
+    side by side, two OpenMP teams on the same cores made every step 1.5-2x slower. And they
+    run on one thread, the runtime's compute thread (actors.compute): never the trio thread,
+    never a second thread with an OpenMP pool of its own."""
     import threading
+
+    torch_threads: set[int] = set()
 
     rt = Runtime(RuntimeConfig(length_predictor="magnus"), make_engine(ckpt, tokenizer), **services)
     assert rt.compute_lock is not None
@@ -407,6 +411,7 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
 
     def marked_step():
         in_step.set()
+        torch_threads.add(threading.get_ident())
         try:
             return step()
         finally:
@@ -417,6 +422,7 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
     embed = rt.length_service.embedder.embed
 
     def checked_embed(texts, *a, **kw):
+        torch_threads.add(threading.get_ident())
         overlaps.append(in_step.is_set())
         batches.append(len(texts))
         out = embed(texts, *a, **kw)
@@ -439,6 +445,7 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
             n.start_soon(one, i)
         await collect(long)
     assert sum(batches) == 9 and len(batches) < 9, batches  # the burst shared encoder calls
+    assert len(torch_threads) == 1 and threading.get_ident() not in torch_threads, torch_threads
     assert not any(overlaps), overlaps
 
 
