@@ -11,27 +11,23 @@ Loop (one iteration per engine step)::
 
 Where a step runs (`step_in_thread`, `lmgate serve --step-thread`). By default on the
 runtime's compute thread (`actors.compute.ComputeThread`: one long-lived thread for all of
-the process's torch work, not trio's worker threads — two OpenMP pools on 2 cores made
-every step 1.5x slower): the event loop streams tokens, answers HTTP and admits requests while the
-engine steps. Or on the trio thread (`step_in_thread=False`): the stepper first lets the
-loop go idle (streams written, cancels and releases taken, so a burst the queue releases
-enters together; at most `settle_s`), then steps, blocking the loop; the loop's work runs
-between steps instead of inside them. In both, released requests wait in the intake
-channel (buffered: `Runtime` sizes it to max_num_seqs) and all of them enter at the next
-step boundary; the demand the stepper reports counts them.
+the process's torch work; with trio's worker threads the process kept two or three OpenMP
+pools, and on 2 cores every step took 1.5-1.7x as long): the event loop streams tokens,
+answers HTTP and admits requests while the engine steps. Or on the trio thread
+(`step_in_thread=False`): the stepper first lets the loop go idle (streams written, cancels
+and releases taken, so a burst the queue releases enters together; at most `settle_s`),
+then steps, blocking the loop; the loop's work runs between steps instead of inside them.
+In both, released requests wait in the intake channel (buffered: `Runtime` sizes it to
+max_num_seqs) and all of them enter at the next step boundary; the demand the stepper
+reports counts them.
 
-Which wins depends on how much the loop does per step (docs/scheduling.md, "Where the step
-runs"). On a 2-core CPU a worker thread's step competes with the loop's Python for the
-cores and the GIL: the same decode step took 1.08x as long with the loop idle and 1.28x
-with 2 ms of Python on the loop every 20 ms; driving the runtime in-process (no HTTP), the
-trio thread took magnus from 62.4 to 45.0 s mean response time on the same requests. Served
-over HTTP/SSE, where the loop's work per step is larger and on the trio thread waits for
-the step, the two measured the same within the host's drift (fcfs-continuous 72.4 and
-97.4 s in a worker thread, 92.2 and 96.0 s on the trio thread), so the worker thread stays
-the default. On a GPU the step is device time and overlapping it is the point.
+Measured in docs/scheduling.md ("One thread for torch", "Where the step runs"): in-process,
+the runtime on the compute thread matches `ops.bench_sched`'s loop (magnus ÷
+fcfs-continuous 0.818 against 0.837, steps 47-55 ms against 46-51). On a GPU the step is
+device time and overlapping it with the loop is the point.
 
 The engine is touched only from this actor, and only between steps or inside
-the worker thread, never both at once: `add_request`/`abort` run on the trio
+the compute thread's step, never both at once: `add_request`/`abort` run on the trio
 thread while no step is in flight.
 
 An exception from `engine.step()` fails the requests that were in the engine

@@ -130,8 +130,8 @@ _HELP = {
     "length_predictor": "generation-length predictor: auto (magnus for the magnus/hybrid policies, else "
                         "running), running (per-tenant/app running estimate), magnus (MiniLM embeddings + "
                         "input length + user history, trained online, saved in Redis; loads in ~10 s)",
-    "step_thread": "where engine steps run: worker (a worker thread; the event loop streams while the engine "
-                   "steps) or loop (the event loop's thread, which waits for each step; measured better without "
+    "step_thread": "where engine steps run: worker (the compute thread, one long-lived thread for all torch "
+                   "work; the event loop streams while the engine steps) or loop (the event loop's thread, which waits for each step; measured better without "
                    "HTTP, not through it: docs/scheduling.md, 'Where the step runs')",
 }
 
