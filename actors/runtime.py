@@ -24,7 +24,7 @@ import trio
 
 from actors.accounting import Accounting
 from actors.admission import Admission, AdmissionConfig, AdmitMsg
-from actors.compute import ComputeThread, InlineCompute
+from actors.compute import ComputeThread, InlineCompute, release_openmp_pool
 from actors.messages import Accepted, Failed, GenerateCall, LengthFeedback, Rejected
 from actors.metrics import Metrics
 from actors.policies import BatchPolicy
@@ -335,6 +335,10 @@ class Runtime:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start every actor; `task_status.started()` once they all are."""
+        if isinstance(self.compute, ComputeThread):
+            # torch run on this (trio) thread before — a test, a benchmark's calibration — left
+            # it an OpenMP pool of its own: free it, so the compute thread's is the only one
+            release_openmp_pool()
         try:
             await self._load_length_predictor()
             async with trio.open_nursery() as nursery:

@@ -352,7 +352,6 @@ def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], pol
     simulation of the same run uses them). `messages` maps each rid to its chat messages."""
     import trio
 
-    from actors.compute import release_openmp_pool
     from actors.messages import (
         Accepted,
         ChatMessage,
@@ -430,9 +429,8 @@ def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], pol
 
     wrapped = "step" in vars(engine)  # someone's wrapper already (put it back after)
     engine.step = timed_step
-    # this thread ran torch (calibration, run_real, the embedder): free its OpenMP pool, so
-    # the runtime's compute thread is the process's only one, as in the server (actors.compute)
-    release_openmp_pool()
+    # this thread ran torch (calibration, run_real, the embedder): the runtime frees its
+    # OpenMP pool when it starts, so its compute thread is the process's only one (actors.compute)
     try:
         trio.run(drive)
     finally:
