@@ -142,7 +142,7 @@ class Runtime:
         self.predictor = RunningLengthEstimator(config.predictor)
         if config.length_predictor not in ("running", "magnus"):
             raise ValueError(f"length_predictor must be 'running' or 'magnus', got {config.length_predictor!r}")
-        # the embedder is loaded in `run` (seconds of work, in a worker thread)
+        # the embedder is loaded in `run` (seconds of work, on the compute thread)
         if length_service is not None and config.length_predictor != "magnus":
             raise ValueError("a length_service needs length_predictor='magnus'")
         self.length_service = length_service or (
