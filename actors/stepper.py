@@ -11,8 +11,9 @@ Loop (one iteration per engine step)::
 
 Where a step runs (`step_in_thread`, `lmgate serve --step-thread`). By default on the
 runtime's compute thread (`actors.compute.ComputeThread`: one long-lived thread for all of
-the process's torch work; with trio's worker threads the process kept two or three OpenMP
-pools, and on 2 cores every step took 1.5-1.7x as long): the event loop streams tokens,
+the process's torch work; trio's worker threads guaranteed nothing, and where a second
+OpenMP pool existed — in-process, the trio thread had run torch — every step on 2 cores took
+1.5-1.7x as long): the event loop streams tokens,
 answers HTTP and admits requests while the engine steps. Or on the trio thread
 (`step_in_thread=False`): the stepper first lets the loop go idle (streams written, cancels
 and releases taken, so a burst the queue releases enters together; at most `settle_s`),
