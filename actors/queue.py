@@ -24,6 +24,7 @@ separate completion channel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -57,7 +58,7 @@ def engine_view(engine: Any, step_time_s: float = 0.0, cost: StepCostFit | None 
     sched, bm = engine.scheduler, engine.block_manager
     return EngineView(sched.num_running + sched.num_waiting, sched.config.max_num_seqs,
                       bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time_s,
-                      cost.token_cost_s if cost else 0.0, cost.overhead_s if cost else 0.0)
+                      cost.token_cost_s if cost else 0.0, cost.overhead_s if cost else 0.0, sched.output_tokens)
 
 
 class QueueActor:
@@ -111,8 +112,7 @@ class QueueActor:
         v = self._view()
         # never more than the stepper asked for
         running = max(v.running, v.max_running - slots)
-        return EngineView(running, v.max_running, v.free_blocks, v.total_blocks, v.block_size, v.step_time_s,
-                          v.token_cost_s, v.step_overhead_s)
+        return dataclasses.replace(v, running=running)
 
     async def _receive_arrivals(self) -> None:
         async for st in self.arrivals:

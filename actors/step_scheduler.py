@@ -116,6 +116,13 @@ class StepScheduler:
     def get(self, request_id: str) -> SchedRequest | None:
         return self._requests.get(request_id)
 
+    def output_tokens(self, request_id: str) -> int | None:
+        """Output tokens generated so far by a request this scheduler holds (running or
+        waiting, preempted included), None if it holds none: `EngineView.output_tokens`.
+        A read of a list's length: safe from another thread between or during steps."""
+        req = self._requests.get(request_id)
+        return None if req is None else len(req.output_token_ids)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self._requests)

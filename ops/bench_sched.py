@@ -302,7 +302,7 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
             i += 1
         view = EngineView(sched.num_running + sched.num_waiting, sched.config.max_num_seqs,
                           bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time, cost_fit.token_cost_s,
-                          cost_fit.overhead_s)
+                          cost_fit.overhead_s, sched.output_tokens)
         for job in policy.release(now, view):
             engine.add_request(job.rid, list(by_id[job.rid].prompt_token_ids), params)
             records[job.rid].released = now
@@ -457,6 +457,7 @@ class BenchConfig:
     dtype: str = "float32"  # the engine's weights/KV dtype; float32 by default: the fixture's lengths are float32's
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
+    kv_growth: float = PolicyConfig.kv_growth  # magnus, hybrid: outgrown reservations grow (0 = never)
     real_requests: int = 400  # at the highest rate; lower rates run fewer (see requests_per_rate)
     same_requests_every_rate: bool = False  # every rate runs real_requests (arrival windows differ)
     sim_requests: int = 400
@@ -624,6 +625,10 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         if args.optimistic_below_steps < 0:
             raise ValueError("--optimistic-below-steps must be >= 0")
         cfg = replace(cfg, kv_optimistic_below_steps=args.optimistic_below_steps)
+    if args.kv_growth is not None:
+        if args.kv_growth != 0 and args.kv_growth <= 1:
+            raise ValueError("--kv-growth must be 0 (never grow) or > 1")
+        cfg = replace(cfg, kv_growth=args.kv_growth)
     if args.max_num_seqs is not None:
         if args.max_num_seqs < 1:
             raise ValueError("--max-num-seqs must be >= 1")
@@ -656,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimistic-below-steps", type=float, metavar="STEPS",
                     help="magnus/hybrid admit without KV reservations while a preemption's recompute costs fewer "
                          f"decode steps than this (default {PolicyConfig.kv_optimistic_below_steps:g}; 0: always reserve)")
+    ap.add_argument("--kv-growth", type=float, metavar="FACTOR",
+                    help="magnus/hybrid: a KV reservation its request outgrows grows to FACTOR x the output so far, "
+                         f"capped at max_tokens (default {PolicyConfig.kv_growth:g}; 0: reservations never grow)")
     ap.add_argument("--max-num-seqs", type=int,
                     help="the engine's running-requests cap (default 64: the KV-bound regime; the server's default "
                          "is 128)")
@@ -780,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     def policy_for(name: str) -> BatchPolicy:
         """A fresh policy object: every run, real or simulated, starts from an empty state."""
         return make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch,
-                                        kv_optimistic_below_steps=cfg.kv_optimistic_below_steps))
+                                        kv_optimistic_below_steps=cfg.kv_optimistic_below_steps,
+                                        kv_growth=cfg.kv_growth))
 
     if cfg.real_requests > len(bench_reqs):
         _log(f"--real-requests {cfg.real_requests}: the fixture holds {len(bench_reqs)} held-out requests; "

@@ -61,6 +61,10 @@ class PolicyConfig:
     # reservations may total 1.5× the cache: requests in flight are on average half done, so
     # full-length reservations overstate use; outgrowing it preempts, never fails (measured in docs)
     kv_fraction: float = 1.5
+    # a reservation its request outgrows grows to this × the output so far (`KvReservation.regrow`;
+    # 0 = never): with under-predictions (a cold predictor) 0.85 instead of 0.95 of
+    # fcfs-continuous's mean response time, half the preemptions (simulated, docs/scheduling.md)
+    kv_growth: float = 2.0
     # magnus, hybrid: admit without reserving while recomputing a typical waiting request after a
     # preemption costs fewer decode steps than this (launch-bound GPU steps: ~0.1); 0 = always
     # reserve. Not 1: bf16 on AMX measures 0.9-1.5, where reserving won by 0.01-0.03 of the mean
@@ -74,7 +78,7 @@ class PolicyConfig:
 
 def make_policy(config: PolicyConfig) -> BatchPolicy:
     c = config
-    pred_kv = KvReservation("predicted", c.kv_margin_std, c.kv_min_margin, c.kv_fraction)
+    pred_kv = KvReservation("predicted", c.kv_margin_std, c.kv_min_margin, c.kv_fraction, growth=c.kv_growth)
     if c.name == "fcfs-static":
         return FcfsStatic(c.static_batch_size)
     if c.name == "fcfs-continuous":

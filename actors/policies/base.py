@@ -26,7 +26,7 @@ never an OOM or a failed request.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,9 @@ class EngineView:
     step_time_s: float = 0.0  # recent mean step time (0 = not measured yet)
     token_cost_s: float = 0.0  # marginal seconds per token fed to a step (`StepCostFit`; 0 = unknown)
     step_overhead_s: float = 0.0  # a step's fixed cost, from the same fit
+    # output tokens generated so far by a released request the engine holds (None: it holds
+    # no such request); what lets a KV reservation grow when a request outgrows it
+    output_tokens: Callable[[str], int | None] | None = None
 
     @property
     def decode_step_s(self) -> float:
@@ -182,6 +185,11 @@ class KvReservation:
     `optimistic` (set by a policy between rounds, see `Magnus`) admits the next
     releases like mode "none" — no check, no reservation — while reservations
     already held stay held until their requests finish.
+
+    `growth` (see `regrow`): a request whose output reaches what its reservation
+    covers has it grown to `growth` × its output so far (capped at max_tokens), so
+    the ledger stops admitting on the strength of a prediction that has been proven
+    wrong; 0 leaves reservations as they were taken.
     """
 
     mode: str = "predicted"
@@ -189,11 +197,15 @@ class KvReservation:
     min_margin: float = 0.2
     fraction: float = 1.0
     optimistic: bool = False
+    growth: float = 2.0
     _held: dict[str, int] = field(default_factory=dict)
+    grown: int = 0  # reservations grown so far (`regrow`)
 
     def __post_init__(self) -> None:
         if self.mode not in ("predicted", "max_tokens", "none"):
             raise ValueError(f"unknown KV reservation mode {self.mode!r}")
+        if self.growth != 0 and self.growth <= 1:
+            raise ValueError(f"growth must be 0 (off) or > 1, got {self.growth}")
 
     def tokens(self, job: Job) -> int:
         if self.mode == "max_tokens":
@@ -230,6 +242,35 @@ class KvReservation:
 
     def give_back(self, rid: str) -> None:
         self._held.pop(rid, None)
+
+    def regrow(self, inflight: Mapping[str, Job], view: EngineView) -> int:
+        """Grow the reservations that released requests have outgrown; returns how many grew.
+
+        A reservation is a bet on a prediction. Once a request's output reaches the
+        tokens its blocks cover, the bet is lost, and keeping the ledger at the old size
+        lets the policy admit more work against blocks this request is about to take:
+        the engine then preempts (recompute) instead. Growing the reservation to
+        `growth` × the output so far (doubling by default: a request that outgrows its
+        prediction repeatedly is re-reserved O(log) times, never per token) keeps
+        admission honest. Only reservations actually held grow (an optimistic release
+        held none), and only while the engine reports progress (`view.output_tokens`).
+        """
+        if not self.growth or view.output_tokens is None or not self._held:
+            return 0
+        grew = 0
+        for rid, held in self._held.items():
+            job = inflight.get(rid)
+            if held <= 0 or job is None:
+                continue
+            covered = held * view.block_size - job.prompt_tokens  # output tokens the blocks hold
+            out = view.output_tokens(rid)
+            if out is None or out < covered or covered >= job.max_tokens:
+                continue
+            want = min(job.max_tokens, math.ceil(self.growth * max(1, out)))
+            self._held[rid] = -(-(job.prompt_tokens + want) // view.block_size)
+            grew += 1
+        self.grown += grew
+        return grew
 
 
 class WaitingSet:
@@ -308,6 +349,7 @@ class PolicyBase:
         limit = self._limit(now, view)
         if limit <= 0 or not len(self.waiting):
             return []
+        self.kv.regrow(self.inflight, view)
         out: list[Job] = []
         extra = 0
         for job in self._choose(now, view):

@@ -159,7 +159,7 @@ def simulate(requests: Sequence[SimRequest], policy: BatchPolicy, config: SimCon
             i += 1
         view = EngineView(sched.num_running + sched.num_waiting, config.scheduler.max_num_seqs,
                           bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time, cost_fit.token_cost_s,
-                          cost_fit.overhead_s)
+                          cost_fit.overhead_s, sched.output_tokens)
         for job in policy.release(now, view):
             r = by_id[job.rid]
             sched.add(SchedRequest(r.rid, list(r.prompt_token_ids), r.max_tokens))

@@ -253,6 +253,51 @@ def test_kv_reservations_held_before_going_optimistic_are_given_back():
     assert kv.held == 0
 
 
+def test_a_reservation_outgrown_by_its_request_grows_and_holds_back_admission():
+    kv = KvReservation(mode="predicted", margin_std=0.0, min_margin=0.0)  # growth 2 by default
+    p = FcfsContinuous(kv=kv)
+    p.on_arrival(job("a", 0.0, pred=56, prompt=40, max_tokens=256), 0.0)
+    p.release(0.0, view(0, cap=8, free=15, total=15))
+    assert kv.held == 6  # 40 + 56 tokens
+    p.on_arrival(job("b", 1.0, pred=56, prompt=40), 1.0)
+    out = {"a": 55}
+
+    def progress(running: int = 1) -> EngineView:
+        return EngineView(running, 8, 9, 15, 16, output_tokens=out.get)
+
+    assert p.release(1.0, progress(running=8)) == []  # no room: nothing grows or moves
+    assert kv.held == 6
+    out["a"] = 56  # a reached what its blocks cover: reserve 2 × 56 more, 40 + 112 = 10 blocks
+    assert p.release(1.0, progress()) == []  # b's 6 no longer fit beside a's 10 in 15
+    assert kv.held == 10 and kv.grown == 1
+    out["a"] = 100  # inside the grown reservation (120 tokens): nothing changes
+    p.release(1.0, progress())
+    assert kv.held == 10 and kv.grown == 1
+
+
+def test_a_grown_reservation_stops_at_max_tokens_and_growth_zero_keeps_the_bet():
+    for growth, held in ((2.0, 7), (0.0, 6)):  # 40 + 64 tokens = 7 blocks at most
+        kv = KvReservation(mode="predicted", margin_std=0.0, min_margin=0.0, growth=growth)
+        p = FcfsContinuous(kv=kv)
+        p.on_arrival(job("a", 0.0, pred=56, prompt=40, max_tokens=64), 0.0)
+        p.release(0.0, view(0, cap=8, free=100, total=100))
+        p.on_arrival(job("b", 1.0), 1.0)
+        p.release(1.0, EngineView(1, 8, 94, 100, 16, output_tokens={"a": 60}.get))
+        assert kv._held["a"] == held
+    with pytest.raises(ValueError, match="growth"):
+        KvReservation(growth=1.0)
+
+
+def test_an_optimistic_release_holds_nothing_and_does_not_grow():
+    kv = KvReservation(mode="predicted", optimistic=True)
+    p = FcfsContinuous(kv=kv)
+    p.on_arrival(job("a", 0.0, pred=8, prompt=40), 0.0)
+    p.release(0.0, view(0))
+    p.on_arrival(job("b", 1.0), 1.0)
+    p.release(1.0, EngineView(1, 8, 990, 1000, 16, output_tokens={"a": 200}.get))
+    assert kv._held["a"] == 0 and kv.grown == 0
+
+
 def test_vtc_light_tenant_is_not_starved_by_a_heavy_one():
     p = FairVtc()
     for k in range(20):

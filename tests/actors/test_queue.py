@@ -122,6 +122,21 @@ async def test_finished_requests_give_back_their_kv_reservation(nursery):
     assert h.out_recv.receive_nowait().request_id in {"a", "b", "c"}  # the reservation was given back
 
 
+async def test_a_request_that_outgrows_its_reservation_holds_back_the_next(nursery):
+    progress: dict[str, int] = {}
+
+    def view() -> EngineView:  # 4 blocks (×1.5 = 6 may be reserved); what each request generated so far
+        return EngineView(len(progress), 8, 4, 4, 16, output_tokens=progress.get)
+
+    h = Harness(QueueConfig(policy=PolicyConfig(name="magnus")), view)
+    await nursery.start(h.actor.run)
+    await h.arrive(state("a", pred=8))  # 3 + 10 tokens: 1 block
+    assert await h.take(8) == ["a"]
+    progress["a"] = 60  # far past its prediction: its reservation grows to 3 + 64 tokens, 5 blocks
+    await h.arrive(state("b", pred=8), state("c", pred=8))
+    assert await h.take(8) == ["b"]  # 5 + 1 fill the 6; without growth all three would hold 3
+
+
 async def test_drain_returns_everything_waiting(nursery):
     h = Harness(QueueConfig())
     await nursery.start(h.actor.run)

@@ -91,6 +91,17 @@ def test_chunked_prefill_splits_prompt_under_budget():
     assert chunk_lens(eng.step()) == {"a": 1}  # then decode
 
 
+def test_output_tokens_counts_what_a_held_request_generated_and_none_for_others():
+    sched = make_scheduler(max_num_batched_tokens=8)
+    sched.add(request("a", 6, max_tokens=4))
+    eng = ShadowEngine(sched)
+    assert sched.output_tokens("a") == 0
+    eng.step()
+    eng.step()
+    assert sched.output_tokens("a") == 2 == len(sched.get("a").output_token_ids)
+    assert sched.output_tokens("nobody") is None
+
+
 def test_long_prefill_threshold_caps_chunks():
     sched = make_scheduler(max_num_batched_tokens=32, long_prefill_token_threshold=5)
     sched.add(request("a", 12))
