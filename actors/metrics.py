@@ -65,6 +65,14 @@ class Metrics:
             "lmgate_num_preemptions", "Running requests preempted for KV blocks (their context is recomputed)",
             registry=r,
         )
+        self.kv_reserved = Gauge(
+            "lmgate_kv_reserved_blocks", "KV blocks the batching policy has reserved for released requests "
+            "(by predicted length; 0 for policies that do not reserve)", registry=r,
+        )
+        self.kv_grown = Counter(
+            "lmgate_kv_reservations_grown", "KV reservations grown because their request outgrew its prediction",
+            registry=r,
+        )
         self.redis_errors = Counter(
             "lmgate_redis_errors", "Redis operations that failed", ["op"], registry=r
         )

@@ -86,6 +86,7 @@ class QueueActor:
         self.poll_s = poll_s
         self._arrived = trio.Event()
         self._released: dict[str, Job] = {}
+        self._kv_grown = 0  # the policy's KvReservation.grown already counted in metrics
 
     def __len__(self) -> int:
         return len(self.policy)
@@ -114,6 +115,16 @@ class QueueActor:
         running = max(v.running, v.max_running - slots)
         return dataclasses.replace(v, running=running)
 
+    def _report_kv(self) -> None:
+        """The policy's KV ledger as metrics: blocks reserved, reservations grown since last time."""
+        kv = getattr(self.policy, "kv", None)
+        if kv is None:
+            return
+        self.metrics.kv_reserved.set(kv.held)
+        if kv.grown > self._kv_grown:
+            self.metrics.kv_grown.inc(kv.grown - self._kv_grown)
+            self._kv_grown = kv.grown
+
     async def _receive_arrivals(self) -> None:
         async for st in self.arrivals:
             self.policy.on_arrival(job_of(st, trio.current_time()), trio.current_time())
@@ -125,7 +136,9 @@ class QueueActor:
         now = trio.current_time()
         self._reconcile(now)
         sent = 0
-        for job in self.policy.release(now, self._current_view(slots))[:slots]:
+        released = self.policy.release(now, self._current_view(slots))[:slots]
+        self._report_kv()
+        for job in released:
             st: RequestState = job.payload
             if st.cancelled:
                 st.events.close()

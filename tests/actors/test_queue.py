@@ -135,6 +135,9 @@ async def test_a_request_that_outgrows_its_reservation_holds_back_the_next(nurse
     progress["a"] = 60  # far past its prediction: its reservation grows to 3 + 64 tokens, 5 blocks
     await h.arrive(state("b", pred=8), state("c", pred=8))
     assert await h.take(8) == ["b"]  # 5 + 1 fill the 6; without growth all three would hold 3
+    reg = h.actor.metrics.registry
+    assert reg.get_sample_value("lmgate_kv_reserved_blocks") == 6
+    assert reg.get_sample_value("lmgate_kv_reservations_grown_total") == 1
 
 
 async def test_drain_returns_everything_waiting(nursery):
