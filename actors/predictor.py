@@ -14,6 +14,8 @@ import collections
 import io
 import math
 import statistics
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +122,10 @@ class LengthModelConfig:
     def __post_init__(self) -> None:
         if self.point not in ("median", "mean"):
             raise ValueError(f"point must be 'median' or 'mean', got {self.point!r}")
+
+
+class PredictorBlobError(ValueError):
+    """Bytes that are not a saved `LengthPredictor` (or one of another feature width)."""
 
 
 STOP, RUNAWAY, CENSORED = 0, 1, 2  # what a finished request teaches (LengthPredictor.observe)
@@ -299,6 +305,26 @@ class LengthPredictor:
         """Samples of requests cut at a large max_tokens: what the runaway model learns from."""
         return sum(1 for k in self._kind if k == RUNAWAY)
 
+    def summary(self) -> dict:
+        """What the predictor has learned, for operators (`lmgate predictor show`,
+        `GET /admin/predictor`): sample counts by kind, whether the regressor is fitted
+        (and its LOO log-space error), and how many requests each (tenant, app) history holds."""
+        m = self.model
+        apps = {"/".join(k): len(d) for k, d in sorted(self._lengths.items()) if len(k) == 2}
+        return {
+            "samples": self.num_samples,
+            "stopped": self.num_stopped,
+            "runaways": self.num_runaways,
+            "censored": self.num_samples - self.num_stopped - self.num_runaways,
+            "fitted": m is not None,
+            "answers_from": "model" if m is not None else "quantiles",
+            "length_sigma": round(m.length.sigma, 4) if m is not None else None,
+            "runaway_model": m is not None and m.runaway is not None,
+            "fitted_on": m.length.n if m is not None else 0,
+            "apps": apps,
+            "users": len(self._users),
+        }
+
     def needs_refit(self) -> bool:
         if self.num_stopped < self.config.min_fit_samples:
             return False
@@ -350,6 +376,17 @@ class LengthPredictor:
     def install(self, model: LengthModel) -> None:
         self.model = model
 
+    def train_offline(self, finished: Iterable[tuple[RequestFeatures, int, str]]) -> None:
+        """Learn from a log of finished requests `(features, true tokens, finish reason)`, in
+        order, as serving would have: each is observed with the histories its predecessors
+        left, the regressor refits every `refit_every`, and once more at the end."""
+        for f, tokens, reason in finished:
+            self.observe(f, tokens, reason)
+            if self.needs_refit():
+                self.fit()
+        if self.num_stopped >= self.config.min_fit_samples:
+            self.fit()
+
     def fit(self) -> LengthModel:
         """Synchronous refit (tests, offline evaluation)."""
         m = self.train(self.snapshot())
@@ -385,11 +422,33 @@ class LengthPredictor:
 
     @classmethod
     def from_bytes(cls, blob: bytes, config: LengthModelConfig | None = None) -> LengthPredictor:
+        """The predictor `to_bytes` wrote. Raises `PredictorBlobError` for anything else:
+        not a blob at all, or one whose feature width does not match `config`'s embedding
+        size (a predictor trained with another embedder)."""
+        try:
+            return cls._from_bytes(blob, config)
+        except PredictorBlobError:
+            raise
+        except (OSError, ValueError, KeyError, SyntaxError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise PredictorBlobError(f"not a length-predictor blob ({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _from_bytes(cls, blob: bytes, config: LengthModelConfig | None) -> LengthPredictor:
         import ast
 
         p = cls(config)
         c = p.config
-        with np.load(io.BytesIO(blob)) as z:
+        width = _HEAD + 2 * c.emb_dim
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            for name in ("x", "y", "w", "meta"):
+                if name not in z.files:
+                    raise PredictorBlobError(f"not a length-predictor blob (no {name!r} array)")
+            if z["y"].size and (z["x"].ndim != 2 or z["x"].shape[1] != width):
+                raise PredictorBlobError(f"the blob's samples have {z['x'].shape[-1]} features, this predictor "
+                                         f"uses {width} (embedding size {c.emb_dim})")
+            if z["w"].size and z["w"].shape != (width,):
+                raise PredictorBlobError(f"the blob's weights have {z['w'].shape[0]} features, this predictor "
+                                         f"uses {width} (embedding size {c.emb_dim})")
             meta = ast.literal_eval(bytes(z["meta"]).decode())
             kinds = z["kind"].tolist() if "kind" in z.files else [STOP] * len(z["y"])  # older blobs: all stopped
             for row, y, kind in zip(z["x"], z["y"], kinds, strict=True):
@@ -509,14 +568,33 @@ class PredictorService:
     async def refit(self) -> LengthModel:
         self._refitting = True
         try:
-            data = self.predictor.snapshot()
-            model = await self._exclusive(self.predictor.train, data)
-            self.predictor.install(model)
+            predictor = self.predictor
+            data = predictor.snapshot()
+            model = await self._exclusive(predictor.train, data)
+            if self.predictor is not predictor:
+                # replaced (`replace`) while this refit ran: its model belongs to the old one
+                return model
+            predictor.install(model)
             self.refits += 1
             await self.save()
             return model
         finally:
             self._refitting = False
+
+    async def replace(self, blob: bytes, *, persist: bool = True) -> LengthPredictor:
+        """Serve from the predictor in `blob` (`LengthPredictor.to_bytes`) from now on, and
+        save it to Redis (`persist`). Raises `PredictorBlobError` (and changes nothing) if
+        `blob` is not one. Requests in flight keep the features they were predicted with;
+        their observations teach the new predictor. A refit running meanwhile is discarded."""
+        new = LengthPredictor.from_bytes(blob, self.predictor.config)
+        self.predictor = new
+        if persist:
+            await self.save()
+        return new
+
+    def export(self) -> bytes:
+        """The predictor as bytes (what `save` writes to Redis and `replace` reads)."""
+        return self.predictor.to_bytes()
 
     async def save(self) -> bool:
         """Persist to Redis; False (and the store marked unhealthy) if Redis is down."""
@@ -547,3 +625,15 @@ class PredictorService:
             return False
         self.predictor = LengthPredictor.from_bytes(blob, self.predictor.config)
         return True
+
+    async def load_or_seed(self, seed: bytes | None) -> str:
+        """Start-up: the predictor saved in Redis if there is one ("restored"), else the
+        one in `seed` — saved to Redis, so the next start restores what it learns on top
+        ("seeded") — else a cold one ("cold"). A seed never overwrites what a deployment
+        has learned. Raises `PredictorBlobError` if `seed` is not a predictor."""
+        if await self.load():
+            return "restored"
+        if seed is None:
+            return "cold"
+        await self.replace(seed)
+        return "seeded"

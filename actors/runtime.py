@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -51,6 +52,9 @@ class RuntimeConfig:
     # "magnus": actors.predictor.PredictorService — MiniLM instruction embeddings, input
     # length and the user's history, refit online in the background, kept in Redis
     length_predictor: str = "running"
+    # a file holding a saved Magnus predictor (LengthPredictor.to_bytes): started from when
+    # Redis holds none (PredictorService.load_or_seed), so a new deployment is not blind
+    predictor_seed: str | None = None
     model_name: str = ""  # served model id; "" → derived from the checkpoint
     max_estimated_wait_s: float = 60.0
     quota_fail_open: bool = True
@@ -297,8 +301,14 @@ class Runtime:
         if service.embedder is None:  # one given with the service is kept
             # threads=0: the torch thread count is process-wide; the engine owns it
             service.embedder = await self.compute.run(lambda: InstructionEmbedder(threads=0))
-        if await service.load():
+        seed_path = self.config.predictor_seed
+        seed = Path(seed_path).read_bytes() if seed_path else None
+        how = await service.load_or_seed(seed)
+        if how == "restored":
             log.info("length predictor restored from Redis (%d samples)", service.predictor.num_samples)
+        elif how == "seeded":
+            log.info("length predictor seeded from %s (%d samples); Redis held none", seed_path,
+                     service.predictor.num_samples)
 
     def _fail_waiting(self, message: str) -> None:
         for st in self.queue.drain():

@@ -4,6 +4,7 @@
     lmgate generate   offline generation on the engine, no server
     lmgate convert    write a checkpoint as a Hugging Face folder (safetensors)
     lmgate chat       interactive chat against a running gateway
+    lmgate predictor  train / show / export / import the Magnus length predictor
     lmgate bench ...  benchmarks (see `lmgate bench --help`)
 
 Subcommands import their heavy dependencies lazily so `lmgate --help` is instant.
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat with a running gateway")
     add_chat_arguments(p)
+
+    from ops.predictor_cli import add_predictor_arguments
+
+    p = sub.add_parser("predictor", help="train, show, export and import the Magnus length predictor",
+                       description="Train, show, export and import the Magnus generation-length predictor "
+                                   "(`lmgate serve --predictor-seed FILE` starts from a trained one).")
+    add_predictor_arguments(p)
 
     from ops.cli import add_bench_arguments
 

@@ -62,6 +62,7 @@ class GatewayConfig:
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
     length_predictor: str = "auto"  # auto | running | magnus (auto: magnus for the magnus/hybrid policies)
+    predictor_seed: str | None = None  # a saved Magnus predictor to start from when Redis holds none
     step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class GatewayConfig:
             raise ConfigError(f"length_predictor must be auto, running or magnus, got {self.length_predictor!r}")
         if self.step_thread not in ("worker", "loop"):
             raise ConfigError(f"step_thread must be worker or loop, got {self.step_thread!r}")
+        if self.predictor_seed is not None:
+            check_predictor_seed(self.predictor_seed, self.resolved_length_predictor)
 
     @property
     def resolved_length_predictor(self) -> str:
@@ -94,6 +97,22 @@ class GatewayConfig:
         if self.length_predictor != "auto":
             return self.length_predictor
         return "magnus" if self.scheduling_policy in LENGTH_AWARE_POLICIES else "running"
+
+
+def check_predictor_seed(path: str, length_predictor: str) -> None:
+    """A seed must be a readable saved Magnus predictor, and the Magnus predictor must be the
+    one in use: fail at start-up, not minutes later once the model has loaded."""
+    from actors.predictor import LengthPredictor, PredictorBlobError
+
+    if length_predictor != "magnus":
+        raise ConfigError("predictor_seed needs the magnus length predictor (--length-predictor magnus, or a "
+                          f"magnus/hybrid scheduling policy); this configuration uses {length_predictor!r}")
+    try:
+        LengthPredictor.from_bytes(Path(path).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"predictor_seed: cannot read {path}: {e.strerror or e}") from e
+    except PredictorBlobError as e:
+        raise ConfigError(f"predictor_seed: {path}: {e}") from e
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GatewayConfig)}
@@ -130,6 +149,9 @@ _HELP = {
     "length_predictor": "generation-length predictor: auto (magnus for the magnus/hybrid policies, else "
                         "running), running (per-tenant/app running estimate), magnus (MiniLM embeddings + "
                         "input length + user history, trained online, saved in Redis; loads in ~10 s)",
+    "predictor_seed": "a saved Magnus predictor (`lmgate predictor train` or `export`) to start from when "
+                      "Redis holds none, so a new deployment predicts lengths from its first request; never "
+                      "overwrites a predictor Redis already holds",
     "step_thread": "where engine steps run: worker (the compute thread, one long-lived thread for all torch "
                    "work; the event loop streams while the engine steps) or loop (the event loop's thread, which waits for each step; measured better without "
                    "HTTP, not through it: docs/scheduling.md, 'Where the step runs')",
@@ -249,6 +271,7 @@ def runtime_config(config: GatewayConfig):
         engine=engine,
         queue=QueueConfig(max_waiting=config.max_waiting, policy=PolicyConfig(name=config.scheduling_policy)),
         length_predictor=config.resolved_length_predictor,
+        predictor_seed=config.predictor_seed,
         model_name=config.served_model_name,
         max_estimated_wait_s=config.max_estimated_wait_seconds,
         quota_fail_open=config.quota_fail_open,

@@ -35,7 +35,7 @@ from cache.redis_server import PrivateRedis
 from cache.store import RedisStore
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
-from gateway.config import GatewayConfig, add_config_arguments, config_from_args
+from gateway.config import ConfigError, GatewayConfig, add_config_arguments, config_from_args
 
 log = logging.getLogger("lmgate.gateway.server")
 
@@ -175,6 +175,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO))
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"lmgate serve: {e}", file=sys.stderr)
+        return 2
     trio.run(serve, config)
     return 0

@@ -137,12 +137,7 @@ def train_and_evaluate(train: Sequence[FixtureRequest], test: Sequence[FixtureRe
     were not why this loop beat the server, but they were a leak).
     """
     p = LengthPredictor(config)
-    for r in train:
-        p.observe(features_of(r, max_tokens, embeddings[r.id]), r.output_tokens, r.finish_reason)
-        if p.needs_refit():
-            p.fit()
-    if p.num_stopped >= p.config.min_fit_samples:
-        p.fit()
+    p.train_offline((features_of(r, max_tokens, embeddings[r.id]), r.output_tokens, r.finish_reason) for r in train)
     trained = copy.deepcopy(p)
     app_mean = {}
     for r in train:
