@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import prometheus_client
 from quart import Response, g, has_request_context, has_websocket_context, request
 from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioRequest
 
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
 from cache.quotas import QuotaManager
@@ -42,6 +43,9 @@ class Runtime(Protocol):
     registry: prometheus_client.CollectorRegistry
 
     async def submit(self, call: GenerateCall) -> Accepted | Rejected: ...
+
+    # also read, where present: `length_service` (actors.predictor.PredictorService, or
+    # None when the Magnus predictor is not in use), for /admin/predictor
 
     def status(self) -> dict[str, Any]: ...
 
@@ -185,6 +189,33 @@ class GatewayState:
             )
 
 
+PREDICTOR_UPLOAD = ("PUT", "/admin/predictor")
+MAX_PREDICTOR_BYTES = 64 * 1024 * 1024  # a full predictor (4096 samples x 774 features) is ~25 MB
+
+
+def request_class_for(config: GatewayConfig) -> type[TrioRequest]:
+    """The app's request class: bodies capped at `max_body_bytes`, except a predictor upload.
+
+    Quart fixes a request's body cap when it builds the request, before any route or
+    hook runs, so a route cannot raise its own. One route needs more: `PUT
+    /admin/predictor` takes a saved predictor (a few MB: its training samples). The cap
+    is lifted to `MAX_PREDICTOR_BYTES` for exactly that route and only when the request
+    carries the admin key, so no one else can make the server buffer more than
+    `max_body_bytes`.
+    """
+
+    class GatewayRequest(TrioRequest):
+        def __init__(self, method: str, scheme: str, path: str, query_string: bytes, headers: Any,
+                     *args: Any, max_content_length: int | None = None, **kwargs: Any) -> None:
+            if ((method, path) == PREDICTOR_UPLOAD and config.admin_key
+                    and is_admin_key(bearer(headers.get("Authorization")), config.admin_key)):
+                max_content_length = max(max_content_length or 0, MAX_PREDICTOR_BYTES)
+            super().__init__(method, scheme, path, query_string, headers, *args,
+                             max_content_length=max_content_length, **kwargs)
+
+    return GatewayRequest
+
+
 def _route_label() -> str:
     rule = request.url_rule
     return rule.rule if rule is not None else "unmatched"
@@ -198,6 +229,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.ws import ws_blueprint
 
     app = QuartTrio("lmgate")
+    app.request_class = request_class_for(config)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams set it per response too
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True

@@ -12,9 +12,15 @@
     GET    /admin/tenants/<id>/keys            list keys
     DELETE /admin/keys/<key_id>                revoke
     GET    /admin/tenants/<id>/usage?from=YYYY-MM-DD&to=YYYY-MM-DD   usage per day and model
+    GET    /admin/predictor                    the length predictor: what it has learned (JSON)
+    GET    /admin/predictor/export             the Magnus predictor as a file (application/octet-stream)
+    PUT    /admin/predictor                    serve from an uploaded predictor (body: such a file)
 
 Store errors map to statuses here: TenantNotFound 404, TenantExists 409,
-ValueError (bad id, negative quota) 400, CacheUnavailable 503.
+ValueError (bad id, negative quota) 400, CacheUnavailable 503. The predictor routes
+answer 409 `predictor_unavailable` when the gateway runs the simple running estimate
+(no Magnus predictor to export or replace) and 400 `invalid_predictor` for an upload
+that is not a saved predictor; an upload may be up to 64 MiB (app.MAX_PREDICTOR_BYTES).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-from quart import Blueprint, request
+from quart import Blueprint, Response, request
 
+from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
 from cache.tenants import TenantExists, TenantNotFound
@@ -197,5 +204,43 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
             {**to_json(r), "total_tokens": r.prompt_tokens + r.completion_tokens} for r in rows
         ]
         return {"object": "list", "tenant_id": tenant_id, "from": day_from.isoformat(), "to": day_to.isoformat(), "data": data}
+
+    def length_service() -> Any:
+        service = getattr(state.runtime, "length_service", None)
+        if service is None:
+            raise ApiError(409, "this gateway runs the running length estimate, not the Magnus predictor "
+                                "(--length-predictor magnus, or a magnus/hybrid scheduling policy)",
+                           code="predictor_unavailable")
+        return service
+
+    def describe(service: Any, **extra: Any) -> dict:
+        return {"object": "length_predictor", "kind": "magnus", "refits": service.refits,
+                "refitting": service.refitting, **extra, **service.predictor.summary()}
+
+    @bp.get("/predictor")
+    async def read_predictor() -> Any:
+        service = getattr(state.runtime, "length_service", None)
+        if service is None:
+            return {"object": "length_predictor", "kind": "running"}
+        return describe(service)
+
+    @bp.get("/predictor/export")
+    async def export_predictor() -> Any:
+        blob = length_service().export()
+        return Response(blob, mimetype="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="lmgate-predictor.npz"'})
+
+    @bp.put("/predictor")
+    async def replace_predictor() -> Any:
+        service = length_service()
+        blob = await request.get_data()
+        if not blob:
+            raise ApiError(400, "the body must be a saved predictor (lmgate predictor train/export, or "
+                                "GET /admin/predictor/export)", code="invalid_predictor")
+        try:
+            saved = await service.replace(blob)
+        except PredictorBlobError as exc:
+            raise ApiError(400, str(exc), code="invalid_predictor") from exc
+        return describe(service, saved=saved)
 
     return bp

@@ -88,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ops.workload.fixture import FIXTURE, load_fixture, split_fixture
 
     path = Path(args.requests) if args.requests else FIXTURE
+    if not path.is_file():
+        return _fail("train", f"no such file: {path}")
     try:
         log = load_fixture(path)
     except FileNotFoundError as e:
@@ -141,13 +143,22 @@ def _run_redis(action: str, url: str, fn) -> tuple[object, int]:
     from cache.store import CacheUnavailable
 
     try:
-        return trio.run(_redis, url, fn), 0
+        try:
+            return trio.run(_redis, url, fn), 0
+        except BaseExceptionGroup as group:  # coredis runs its connection in a nursery
+            raise _first_leaf(group) from group
     except CacheUnavailable as e:
         return None, _fail(action, str(e), 1)
     except PredictorBlobError as e:
         return None, _fail(action, f"Redis holds something that is not a predictor: {e}", 1)
     except (ValueError, OSError) as e:  # a malformed URL, a refused connection
         return None, _fail(action, f"{url}: {e}", 1)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (nested) group that is not itself a group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _load(store) -> bytes | None:
@@ -209,7 +220,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             held = await store.client.exists([store.key(service.key)])
         if held and not args.force:
             return False
-        await service.replace(blob)
+        await service.replace(blob)  # its save swallows a Redis outage: read back to know
         with store.guard():
             if await store.client.get(store.key(service.key)) != blob:
                 raise OSError("the predictor was not stored (Redis did not keep the write)")

@@ -12,6 +12,7 @@ from actors.messages import ChatMessage, GenerateCall, StreamEvent, TenantContex
 from actors.predictor import (
     LengthModelConfig,
     LengthPredictor,
+    PredictorBlobError,
     PredictorService,
     RequestFeatures,
     RunningLengthEstimator,
@@ -256,3 +257,145 @@ def test_ridge_loo_residuals_are_exact_in_either_space(n: int) -> None:
         keep = np.arange(n) != i
         w = np.linalg.solve(x[keep].T @ x[keep] + np.diag(pen), x[keep].T @ y[keep])
         assert got[i] == pytest.approx(y[i] - x[i] @ w, rel=1e-6, abs=1e-8)
+
+
+# ---------------------------------------------------------------- blobs, seeds, offline training
+def trained(n: int = 120, seed: int = 1) -> LengthPredictor:
+    p = LengthPredictor()
+    train(p, n=n, seed=seed)
+    p.fit()
+    return p
+
+
+@pytest.mark.parametrize("blob", [b"", b"not a predictor", b"PK\x03\x04 truncated zip"], ids=["empty", "text", "zip"])
+def test_from_bytes_refuses_what_is_not_a_predictor(blob: bytes) -> None:
+    with pytest.raises(PredictorBlobError, match="not a length-predictor blob"):
+        LengthPredictor.from_bytes(blob)
+
+
+def test_from_bytes_refuses_an_npz_that_is_not_a_predictor_and_one_of_another_embedding_size() -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, weights=np.ones(3))
+    with pytest.raises(PredictorBlobError, match="no 'y' array"):
+        LengthPredictor.from_bytes(buf.getvalue())
+    small = LengthPredictor(LengthModelConfig(emb_dim=8))
+    for k in range(30):
+        small.observe(RequestFeatures("t", "a", None, 10 + k, 256, np.ones(8, dtype=np.float32) / np.sqrt(8)), 20 + k)
+    small.fit()
+    with pytest.raises(PredictorBlobError, match="embedding size 384"):
+        LengthPredictor.from_bytes(small.to_bytes())
+
+
+def test_summary_counts_what_was_learned() -> None:
+    p = LengthPredictor(LengthModelConfig(runaway_min_tokens=256))
+    assert p.summary()["fitted"] is False and p.summary()["samples"] == 0
+    train(p, n=60)
+    p.observe(feats("a", 100, max_tokens=512), 512, "length")  # a runaway
+    p.observe(feats("a", 100, max_tokens=64), 64, "length")  # censored: cut at a small cap
+    p.fit()
+    s = p.summary()
+    assert (s["samples"], s["stopped"], s["runaways"], s["censored"]) == (62, 60, 1, 1)
+    assert s["fitted"] and s["answers_from"] == "model" and s["fitted_on"] == 60
+    assert s["length_sigma"] > 0 and not s["runaway_model"]  # one runaway is below min_runaway_samples
+    assert sum(s["apps"].values()) == 62 and set(s["apps"]) == {"t/a", "t/b"}
+    assert s["users"] == 2  # the two users of app b
+
+
+def test_train_offline_learns_a_log_as_online_serving_would() -> None:
+    rng = np.random.default_rng(3)
+    log = []
+    for _ in range(200):
+        app = "ab"[int(rng.integers(2))]
+        user = ["terse", "verbose"][int(rng.integers(2))] if app == "b" else None
+        prompt = int(rng.integers(20, 200))
+        log.append((feats(app, prompt, user), truth(app, prompt, user), "stop"))
+    p = LengthPredictor()
+    p.train_offline(log)
+    assert p.model is not None and p.num_samples == 200
+    assert abs(p.predict(feats("a", 150)).tokens - 300) / 300 < 0.25
+    assert p.predict(feats("b", 50, "verbose")).tokens > 3 * p.predict(feats("b", 50, "terse")).tokens
+    few = LengthPredictor()
+    few.train_offline([(feats("a", 100), 200, "stop")] * 5)  # below min_fit_samples: quantiles answer
+    assert few.model is None and few.predict(feats("a", 150)).source == "app-quantile"
+
+
+async def test_load_or_seed_never_overwrites_what_redis_holds(store) -> None:
+    first, other = trained(seed=1), trained(n=60, seed=7)
+    assert await PredictorService(store=store).load_or_seed(None) == "cold"
+    svc = PredictorService(store=store)
+    assert await svc.load_or_seed(first.to_bytes()) == "seeded"
+    assert svc.predictor.num_samples == first.num_samples
+    restarted = PredictorService(store=store)
+    assert await restarted.load_or_seed(other.to_bytes()) == "restored"  # the deployment's own, not the seed
+    f = feats("b", 50, "verbose")
+    assert restarted.predictor.predict(f) == first.predict(f) != other.predict(f)
+    with pytest.raises(PredictorBlobError):
+        await PredictorService().load_or_seed(b"garbage")
+
+
+async def test_replace_serves_the_new_predictor_and_discards_a_refit_that_was_running(store) -> None:
+    gated = _GatedTrain(LengthModelConfig(min_fit_samples=16, refit_every=8))
+    train(gated, n=40)
+    svc = PredictorService(gated, store=store)
+    replacement = trained(seed=5)
+    f = feats("a", 120)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(svc.refit)
+        await trio.sleep(0.05)
+        assert svc.refitting
+        assert await svc.replace(replacement.to_bytes())  # saved to Redis
+        gated.gate.set()
+    assert svc.predictor is not gated and svc.predictor.predict(f) == replacement.predict(f)
+    assert svc.refits == 0  # the old predictor's refit finished after the swap and was dropped
+    assert LengthPredictor.from_bytes(svc.export()).predict(f) == replacement.predict(f)
+    reloaded = PredictorService(store=store)
+    assert await reloaded.load() and reloaded.predictor.predict(f) == replacement.predict(f)
+    with pytest.raises(PredictorBlobError):
+        await svc.replace(b"not a predictor")
+    assert svc.predictor.predict(f) == replacement.predict(f)  # unchanged
+
+
+def test_blobs_store_rows_as_head_and_float32_embedding_and_rebuild_them_bit_for_bit() -> None:
+    import io
+
+    p = trained(n=120)
+    blob = p.to_bytes()
+    with np.load(io.BytesIO(blob)) as z:
+        assert "x" not in z.files and z["emb"].dtype == np.float32 and z["head"].shape == (120, 6)
+    full_rows = 120 * (6 + 2 * 384) * 8
+    assert len(blob) < full_rows / 3
+    q = LengthPredictor.from_bytes(blob)
+    assert all(np.array_equal(a, b) for a, b in zip(p._x, q._x, strict=True))
+    # an embedding given in float64 does not survive float32: those rows are kept whole
+    r = LengthPredictor()
+    rng = np.random.default_rng(2)
+    for k in range(30):
+        e = rng.normal(size=384)
+        r.observe(RequestFeatures("t", "a", None, 10 + k, 256, e / np.linalg.norm(e)), 20 + k)
+    with np.load(io.BytesIO(r.to_bytes())) as z:
+        assert "x" in z.files and "emb" not in z.files
+    s = LengthPredictor.from_bytes(r.to_bytes())
+    assert all(np.array_equal(a, b) for a, b in zip(r._x, s._x, strict=True))
+
+
+def test_blobs_of_earlier_versions_still_load() -> None:
+    """Before the eighteenth session a blob held whole rows (`x`), compressed."""
+    import io
+
+    p = trained(n=120)
+    x, y = np.stack(list(p._x)), np.asarray(p._y)
+    keys = list(p._lengths)
+    meta = {"lengths_keys": ["\x1f".join(k) if k else "\x1e" for k in keys],
+            "users_keys": ["\x1f".join(k) for k in p._users]}
+    arrays = {"x": x, "y": y, "kind": np.asarray(p._kind, dtype=np.int8), "w": p.model.length.w,
+              "model": np.array([p.model.length.sigma, p.model.length.n]), "wr": np.zeros(0),
+              "runaway": np.array([]), "meta": np.frombuffer(repr(meta).encode(), dtype=np.uint8)}
+    arrays.update({f"l{i}": np.asarray(p._lengths[k]) for i, k in enumerate(keys)})
+    arrays.update({f"u{i}": np.asarray(p._users[k]) for i, k in enumerate(p._users)})
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    q = LengthPredictor.from_bytes(buf.getvalue())
+    f = feats("b", 50, "verbose")
+    assert q.predict(f) == p.predict(f) and q.num_samples == 120

@@ -549,3 +549,41 @@ async def test_by_default_steps_run_off_the_trio_thread(nursery, ckpt, tokenizer
     _, deltas, last = await collect(acc)
     assert isinstance(last, Finished) and last.usage.completion_tokens == 6
     assert threads and not any(threads)
+
+
+async def test_magnus_starts_from_a_seed_when_redis_holds_none(nursery, ckpt, tokenizer, services, tmp_path):
+    """`predictor_seed`: a fresh deployment (nothing in Redis) starts from a trained
+    predictor — its first request is predicted by the model, not the prior — and the seed
+    is saved to Redis, so a restart restores it (and what was learned on top) instead."""
+    import numpy as np
+
+    from actors.predictor import LengthPredictor, PredictorService, RequestFeatures
+
+    rng = np.random.default_rng(0)
+    seed = LengthPredictor()
+    for k in range(40):
+        e = rng.normal(size=384)
+        seed.observe(RequestFeatures("acme", None, None, 10 + k, 64, (e / np.linalg.norm(e)).astype(np.float32)),
+                     8 + k % 16)
+    seed.fit()
+    path = tmp_path / "seed.npz"
+    path.write_bytes(seed.to_bytes())
+    rt = Runtime(RuntimeConfig(length_predictor="magnus", predictor_seed=str(path)), make_engine(ckpt, tokenizer),
+                 **services)
+    sources: list[str] = []
+    predict_many = rt.length_service.predict_many
+
+    async def recording_predict_many(sts):
+        out = await predict_many(sts)
+        sources.extend(pred.source for pred, _ in out)
+        return out
+
+    rt.length_service.predict_many = recording_predict_many
+    await nursery.start(rt.run)
+    assert rt.length_service.predictor.num_samples == 40 and rt.length_service.predictor.model is not None
+    acc = await rt.submit(call(tenant(), messages=[ChatMessage("user", "Say hi.")], max_tokens=8))
+    assert isinstance(acc, Accepted), acc
+    await collect(acc)
+    assert sources == ["model"]
+    stored = PredictorService(store=services["store"])
+    assert await stored.load() and stored.predictor.num_samples == 40

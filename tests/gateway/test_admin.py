@@ -115,3 +115,92 @@ async def test_admin_disabled_without_admin_key(nursery, stores, gateway_config)
         r = await client.get("/admin/tenants")
     stop.set()
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+# ---------------------------------------------------------------- the length predictor
+def _predictor(seed: int, n: int = 120):
+    """A Magnus predictor fitted on synthetic requests whose embeddings are random (so its
+    blob does not compress below the gateway's body cap)."""
+    import numpy as np
+
+    from actors.predictor import LengthPredictor, RequestFeatures
+
+    rng = np.random.default_rng(seed)
+    p = LengthPredictor()
+    for k in range(n):
+        e = rng.normal(size=384)
+        p.observe(RequestFeatures("t1", "qa", f"u{k % 3}", 20 + k, 256, (e / np.linalg.norm(e)).astype(np.float32)),
+                  30 + (k * seed) % 90)
+    p.fit()
+    return p
+
+
+async def test_predictor_routes_answer_409_without_the_magnus_predictor(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        assert (await client.get("/admin/predictor")).json() == {"object": "length_predictor", "kind": "running"}
+        for method in ("GET", "PUT"):
+            path = "/admin/predictor/export" if method == "GET" else "/admin/predictor"
+            r = await client.request(method, path, content=b"x")
+            assert r.status_code == 409, (method, r.text)
+            assert r.json()["error"]["code"] == "predictor_unavailable"
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        assert (await client.get("/admin/predictor")).status_code == 403  # a tenant key is not the admin key
+
+
+async def test_predictor_export_then_replace_live_and_persisted(gateway: Gateway) -> None:
+    from actors.predictor import LengthPredictor, PredictorService, RequestFeatures
+
+    service = PredictorService(_predictor(1), store=gateway.stores.redis)
+    gateway.runtime.length_service = service  # what actors.runtime.Runtime exposes
+    probe = RequestFeatures("t1", "qa", "u1", 80, 256, None)
+    upload = _predictor(2, n=160)
+    blob = upload.to_bytes()
+    assert len(blob) > gateway.config.max_body_bytes  # a predictor is bigger than any API body
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        info = (await client.get("/admin/predictor")).json()
+        assert (info["kind"], info["samples"], info["fitted"], info["refits"]) == ("magnus", 120, True, 0)
+        r = await client.get("/admin/predictor/export")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        assert LengthPredictor.from_bytes(r.content).predict(probe) == service.predictor.predict(probe)
+
+        r = await client.put("/admin/predictor", content=blob, headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["samples"], r.json()["saved"]) == (160, True)
+        assert service.predictor.predict(probe) == upload.predict(probe)  # served live
+        restarted = PredictorService(store=gateway.stores.redis)
+        assert await restarted.load() and restarted.predictor.predict(probe) == upload.predict(probe)
+
+        for bad in (b"", b"not a predictor at all"):
+            r = await client.put("/admin/predictor", content=bad)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_predictor", r.text
+        assert service.predictor.predict(probe) == upload.predict(probe)  # a bad upload changes nothing
+    # only the admin may send a body that large; anyone else is refused before it is read
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        assert (await client.put("/admin/predictor", content=blob)).status_code in (403, 413)
+        r = await client.post("/v1/chat/completions", content=blob, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_the_body_cap_is_lifted_only_for_an_admin_predictor_upload() -> None:
+    from werkzeug.datastructures import Headers
+
+    from gateway.app import MAX_PREDICTOR_BYTES, request_class_for
+    from gateway.config import GatewayConfig
+
+    cls = request_class_for(GatewayConfig(admin_key=ADMIN_KEY, max_body_bytes=1024))
+
+    def cap(method: str, path: str, key: str | None) -> int | None:
+        headers = Headers({"Authorization": f"Bearer {key}"} if key else {})
+        req = cls(method, "http", path, b"", headers, "", "1.1", max_content_length=1024, send_push_promise=None,
+                  scope={})
+        return req.body._max_content_length
+
+    assert cap("PUT", "/admin/predictor", ADMIN_KEY) == MAX_PREDICTOR_BYTES
+    assert cap("PUT", "/admin/predictor", "wrong") == 1024
+    assert cap("PUT", "/admin/predictor", None) == 1024
+    assert cap("POST", "/admin/predictor", ADMIN_KEY) == 1024
+    assert cap("PUT", "/admin/tenants/t1/quota", ADMIN_KEY) == 1024
+    no_admin = request_class_for(GatewayConfig(max_body_bytes=1024))
+    req = no_admin("PUT", "http", "/admin/predictor", b"", Headers({"Authorization": "Bearer x"}), "", "1.1",
+                   max_content_length=1024, send_push_promise=None, scope={})
+    assert req.body._max_content_length == 1024

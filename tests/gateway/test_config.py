@@ -124,3 +124,36 @@ def test_step_thread_reaches_the_runtime_config(flags: list[str], env: dict[str,
 def test_bad_step_thread_names_the_setting() -> None:
     with pytest.raises(ConfigError, match="step_thread"):
         GatewayConfig(step_thread="gpu")
+
+
+def test_predictor_seed_reaches_the_runtime_and_bad_seeds_fail_at_start_up(tmp_path: Path) -> None:
+    import numpy as np
+
+    from actors.predictor import LengthPredictor, RequestFeatures
+    from gateway.config import config_from_args, runtime_config
+
+    p = LengthPredictor()
+    for k in range(30):
+        p.observe(RequestFeatures("dev", "qa", None, 20 + k, 256, np.full(384, 384 ** -0.5, dtype=np.float32)), 40 + k)
+    good = tmp_path / "seed.npz"
+    good.write_bytes(p.to_bytes())
+    config = config_from_args(parse(["--scheduling-policy", "magnus", "--predictor-seed", str(good)]), env={})
+    assert runtime_config(config).predictor_seed == str(good)
+    assert runtime_config(config_from_args(parse([]), env={})).predictor_seed is None
+
+    with pytest.raises(ConfigError, match="needs the magnus length predictor"):
+        GatewayConfig(predictor_seed=str(good))  # the default policy runs the running estimate
+    with pytest.raises(ConfigError, match="cannot read"):
+        GatewayConfig(length_predictor="magnus", predictor_seed=str(tmp_path / "missing.npz"))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="not a length-predictor blob"):
+        GatewayConfig(length_predictor="magnus", predictor_seed=str(junk))
+
+
+def test_serve_reports_a_bad_setting_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(["serve", "--port", "99999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmgate serve: ") and "port must be in 0..65535" in err and "Traceback" not in err
