@@ -414,7 +414,7 @@ class LengthPredictor:
         """`state()` as bytes (pure: safe in a worker thread).
 
         Uncompressed .npz: the samples are float noise to zlib (it saved ~20% and took
-        0.6 s for 1000 samples, 2.8 s for 4096, on the event loop after every refit). The
+        0.45 s for 1000 samples, 1.8 s for 4096, on the event loop after every refit). The
         rows are stored as their head features (float64) and the instruction embedding
         (float32, as MiniLM gives it) — `e·log length` is recomputed on load, bit for bit —
         a quarter of the full rows' bytes; rows that do not rebuild exactly (an embedding

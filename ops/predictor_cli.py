@@ -78,9 +78,24 @@ def _fail(action: str, message: str, code: int = 2) -> int:
     return code
 
 
-def _read_blob(path: str) -> tuple[bytes, LengthPredictor]:
-    blob = Path(path).read_bytes()
-    return blob, LengthPredictor.from_bytes(blob)
+def _read_file(action: str, path: str) -> tuple[tuple[bytes, LengthPredictor] | None, int]:
+    """((blob, predictor), 0) from a predictor file, or (None, exit code) with the error printed."""
+    try:
+        blob = Path(path).read_bytes()
+        return (blob, LengthPredictor.from_bytes(blob)), 0
+    except OSError as e:
+        return None, _fail(action, f"cannot read {path}: {e.strerror or e}")
+    except PredictorBlobError as e:
+        return None, _fail(action, f"{path}: {e}")
+
+
+def _read_redis(action: str, url: str) -> tuple[bytes | None, int]:
+    """(blob, 0) of the predictor the Redis at `url` holds, or (None, exit code) with the
+    error printed (Redis unreachable, or holding none)."""
+    blob, code = _run_redis(action, url, _load)
+    if not code and blob is None:
+        code = _fail(action, f"{url} holds no predictor", 1)
+    return blob, code
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -176,29 +191,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.redis_url is None):
         return _fail("show", "give a predictor file or --redis-url (one of them)")
     if args.file is not None:
-        try:
-            _, predictor = _read_blob(args.file)
-        except OSError as e:
-            return _fail("show", f"cannot read {args.file}: {e.strerror or e}")
-        except PredictorBlobError as e:
-            return _fail("show", f"{args.file}: {e}")
-    else:
-        blob, code = _run_redis("show", args.redis_url, _load)
+        read, code = _read_file("show", args.file)
         if code:
             return code
-        if blob is None:
-            return _fail("show", f"{args.redis_url} holds no predictor", 1)
+        predictor = read[1]
+    else:
+        blob, code = _read_redis("show", args.redis_url)
+        if code:
+            return code
         predictor = LengthPredictor.from_bytes(blob)
     print(json.dumps(predictor.summary(), indent=2))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    blob, code = _run_redis("export", args.redis_url, _load)
+    blob, code = _read_redis("export", args.redis_url)
     if code:
         return code
-    if blob is None:
-        return _fail("export", f"{args.redis_url} holds no predictor", 1)
     Path(args.output).write_bytes(blob)
     print(json.dumps({"output": args.output, "predictor": LengthPredictor.from_bytes(blob).summary()}, indent=2))
     return 0
@@ -207,12 +216,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from actors.predictor import PredictorService
 
-    try:
-        blob, predictor = _read_blob(args.file)
-    except OSError as e:
-        return _fail("import", f"cannot read {args.file}: {e.strerror or e}")
-    except PredictorBlobError as e:
-        return _fail("import", f"{args.file}: {e}")
+    read, code = _read_file("import", args.file)
+    if code:
+        return code
+    blob, predictor = read
 
     async def store_it(store) -> bool:
         service = PredictorService(store=store)
