@@ -463,6 +463,8 @@ class LengthPredictor:
         """The predictor `to_bytes` wrote. Raises `PredictorBlobError` for anything else:
         not a blob at all, or one whose feature width does not match `config`'s embedding
         size (a predictor trained with another embedder)."""
+        if not blob.startswith(b"PK\x03\x04"):  # what np.savez writes: a zip archive
+            raise PredictorBlobError("not a length-predictor blob (not an .npz archive)")
         try:
             return cls._from_bytes(blob, config)
         except PredictorBlobError:

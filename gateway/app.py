@@ -216,6 +216,21 @@ def request_class_for(config: GatewayConfig) -> type[TrioRequest]:
     return GatewayRequest
 
 
+def close_after_refused_body(response: Response) -> Response:
+    """An error answer to a request that carries a body ends the connection (`Connection: close`).
+
+    The answer may go out before the body has arrived (403 from the admin check, 413 over
+    the cap, 401 before a large chat body is read). Hypercorn then closes the connection,
+    since the request never finished, but without saying so: a keep-alive client sent its
+    next request on that socket and got "Server disconnected" or hung until its timeout
+    (tests/gateway/test_admin.py reproduced both). Saying so makes the client open a new
+    connection; the cost is one handshake after an error.
+    """
+    if response.status_code >= 400 and (request.content_length or request.headers.get("Transfer-Encoding")):
+        response.headers["Connection"] = "close"
+    return response
+
+
 def _route_label() -> str:
     rule = request.url_rule
     return rule.rule if rule is not None else "unmatched"
@@ -249,7 +264,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         started = getattr(g, "started", None)
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)
-        return response
+        return close_after_refused_body(response)
 
     @app.get("/healthz")
     async def healthz() -> Any:

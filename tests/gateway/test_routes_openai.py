@@ -306,3 +306,18 @@ async def test_finished_stream_is_not_cancelled(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
     assert gateway.runtime.cancelled == set()
+
+
+async def test_an_error_sent_before_a_large_body_is_read_closes_the_connection(gateway: Gateway) -> None:
+    """403/413 go out before a large body has arrived; the connection then cannot carry
+    another request, and the answer says so, so a keep-alive client reconnects instead of
+    hanging or reading "Server disconnected" (it did, 4 runs in 6, before)."""
+    big = b"x" * 300_000
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=10) as client:
+        for _ in range(3):
+            r = await client.post("/admin/tenants", content=big)  # a tenant key: 403 from the admin check
+            assert r.status_code == 403 and r.headers["connection"] == "close"
+            r = await client.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.headers["connection"] == "close"
+            r = await client.get("/v1/models")  # the client is fine afterwards
+            assert r.status_code == 200 and r.headers.get("connection") != "close"
