@@ -489,7 +489,7 @@ class LengthPredictor:
                 head, emb = z["head"], z["emb"]
                 if emb.ndim != 2 or emb.shape[1] != c.emb_dim or head.shape != (len(emb), _HEAD):
                     raise PredictorBlobError(f"the blob's embeddings have shape {emb.shape}, this predictor "
-                                             f"uses {c.emb_dim} (embedding size {c.emb_dim})")
+                                             f"uses embedding size {c.emb_dim}")
                 x = _rebuild(head, emb, c)
             else:
                 raise PredictorBlobError("not a length-predictor blob (no 'x' array)")
