@@ -216,7 +216,7 @@ def request_class_for(config: GatewayConfig) -> type[TrioRequest]:
     return GatewayRequest
 
 
-def close_after_refused_body(response: Response) -> Response:
+async def close_after_refused_body(response: Response) -> Response:
     """An error answer to a request that carries a body ends the connection (`Connection: close`).
 
     The answer may go out before the body has arrived (403 from the admin check, 413 over
@@ -264,7 +264,9 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         started = getattr(g, "started", None)
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)
-        return close_after_refused_body(response)
+        return response
+
+    app.after_request(close_after_refused_body)
 
     @app.get("/healthz")
     async def healthz() -> Any:
