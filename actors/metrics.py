@@ -65,6 +65,10 @@ class Metrics:
             "lmgate_num_preemptions", "Running requests preempted for KV blocks (their context is recomputed)",
             registry=r,
         )
+        self.step_tokens = Counter(  # what a preemption costs shows as prefill beyond the prompts
+            "lmgate_step_tokens", "Tokens engine steps fed to the model: kind=prefill (prompt chunks past "
+            "prefix-cache hits, and the recompute of preempted requests) or kind=decode", ["kind"], registry=r,
+        )
         self.kv_reserved = Gauge(
             "lmgate_kv_reserved_blocks", "KV blocks the batching policy has reserved for released requests "
             "(by predicted length; 0 for policies that do not reserve)", registry=r,

@@ -19,7 +19,8 @@ blocks and step time; without it the view is synthesized from the demand (room
 = slots, KV unconstrained). Released requests are reconciled when their
 `RequestState.finished_at` is set (the stepper sets it on every outcome), so
 policies learn true lengths and KV reservations are given back without a
-separate completion channel.
+separate completion channel: at the next release decision, or within
+`reconcile_s` while nothing waits.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class QueueActor:
         policy: BatchPolicy | None = None,
         engine_view: Callable[[], EngineView] | None = None,
         poll_s: float = 0.02,
+        reconcile_s: float = 0.5,
     ) -> None:
         self.config = config
         self.policy: BatchPolicy = policy if policy is not None else make_policy(config.policy_config())
@@ -84,6 +86,9 @@ class QueueActor:
         self.metrics = metrics
         self._view = engine_view
         self.poll_s = poll_s
+        # with nothing waiting but requests in flight, how often finished ones are reconciled
+        # (the policy learns their lengths, reservations go back, the KV gauge follows)
+        self.reconcile_s = reconcile_s
         self._arrived = trio.Event()
         self._released: dict[str, Job] = {}
         self._kv_grown = 0  # the policy's KvReservation.grown already counted in metrics
@@ -157,7 +162,10 @@ class QueueActor:
                     break
                 self._arrived = trio.Event()
                 wake = self.policy.next_wakeup(trio.current_time())
-                timeout = self.poll_s if len(self.policy) else math.inf
+                # nothing waiting: no release to decide, but requests in flight still finish —
+                # wake now and then to reconcile them, or their reservations (and the
+                # lmgate_kv_reserved_blocks gauge) would stay held until the next arrival
+                timeout = self.poll_s if len(self.policy) else self.reconcile_s if self._released else math.inf
                 if wake is not None:
                     timeout = min(timeout, max(0.0, wake - trio.current_time()))
                 with trio.move_on_after(timeout):

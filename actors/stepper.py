@@ -112,6 +112,7 @@ class Stepper:
         self.mean_step_s = 0.0
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
         self._preemptions_seen = int(engine.stats().get("preemptions", 0))  # the counter exports what follows
+        self._fed_seen = {k: int(engine.stats().get(f"{k}_tokens_fed", 0)) for k in ("prefill", "decode")}
         self._wakeup = trio.Event()
 
     def poke(self) -> None:
@@ -287,3 +288,8 @@ class Stepper:
             if stats.get("preemptions", 0) > self._preemptions_seen:
                 self.metrics.preemptions.inc(stats["preemptions"] - self._preemptions_seen)
                 self._preemptions_seen = stats["preemptions"]
+            for kind, seen in self._fed_seen.items():
+                fed = stats.get(f"{kind}_tokens_fed", seen)
+                if fed > seen:
+                    self.metrics.step_tokens.labels(kind).inc(fed - seen)
+                    self._fed_seen[kind] = fed

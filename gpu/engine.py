@@ -153,8 +153,12 @@ class Engine:
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.num_steps = 0
         # cumulative counters (exported by the runtime's metrics; read by tests and benchmarks)
+        # prefill/decode_tokens_fed: the tokens steps fed to the model in prefill chunks (prompts
+        # past their prefix hits, and the recompute of preempted requests) and in decodes (one
+        # token a sequence; a 1-token chunk counts here, as the attention treats it)
         self.counters = {"steps": 0, "prompt_tokens": 0, "prefix_hit_tokens": 0,
-                         "preemptions": 0, "generated_tokens": 0}
+                         "preemptions": 0, "generated_tokens": 0,
+                         "prefill_tokens_fed": 0, "decode_tokens_fed": 0}
         self._started: set[str] = set()
         self.last_step_tokens = 0  # tokens fed to the latest step (prefill chunks + decodes)
 
@@ -282,6 +286,9 @@ class Engine:
         c["steps"] += 1
         self.last_step_tokens = plan.num_tokens
         c["preemptions"] += len(plan.preempted)
+        decodes = sum(1 for s in plan.seqs if len(s.token_ids) == 1)
+        c["decode_tokens_fed"] += decodes
+        c["prefill_tokens_fed"] += plan.num_tokens - decodes
         for s in plan.seqs:
             if s.request_id not in self._started:
                 self._started.add(s.request_id)

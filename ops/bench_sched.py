@@ -196,14 +196,17 @@ def sim_requests(reqs: Sequence[BenchRequest], arrivals: Sequence[float], max_to
 # ------------------------------------------------------------------ metrics
 def step_profile(steps: Sequence[tuple[StepFeatures, float]]) -> dict:
     """How a real run used its steps: their count, the engine's busy seconds, and the mean
-    sequences, tokens and context tokens per step — what tells a policy that keeps fewer
-    sequences per step (KV reservations) from one whose steps are slower (empty for no steps)."""
+    sequences, tokens, prefill tokens and context tokens per step — what tells a policy that
+    keeps fewer sequences per step (KV reservations) from one whose steps are slower, and
+    what a policy's preemptions cost in recompute (prefill tokens beyond the prompts)
+    (empty for no steps)."""
     if not steps:
         return {}
     n = len(steps)
     return {"steps": n, "busy_s": float(sum(t for _, t in steps)),
             "mean_step_seqs": sum(f.num_seqs for f, _ in steps) / n,
             "mean_step_tokens": sum(f.num_tokens for f, _ in steps) / n,
+            "mean_step_prefill_tokens": sum(f.prefill_tokens for f, _ in steps) / n,
             "mean_step_context_tokens": sum(f.context_tokens for f, _ in steps) / n}
 
 
@@ -875,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "sim_mean_latency_s": ssum["mean_latency_s"], "rel_err": err})
                 _log(f"real {name:16s} rate {rate:6.3f}: {summ['req_s']:.3f} req/s, mean {summ['mean_latency_s']:.2f}s "
                      f"p99 {summ['p99_latency_s']:.2f}s, preempt {run.preemptions}, "
-                     f"{summ.get('mean_step_seqs', 0):.1f} seqs/step (sim mean "
+                     f"{summ.get('mean_step_seqs', 0):.1f} seqs/step, "
+                     f"{summ.get('mean_step_prefill_tokens', 0):.1f} prefill tok/step (sim mean "
                      f"{ssum['mean_latency_s']:.2f}s, err {err:.1%}) [{time.perf_counter() - t:.0f}s wall, "
                      f"load {_loadavg()[0]}]")
             for name, runs in per_run.items():

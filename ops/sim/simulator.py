@@ -34,11 +34,16 @@ class StepFeatures:
     num_tokens: int  # tokens fed this step (prefill chunks + decodes)
     num_seqs: int
     context_tokens: int  # sum over sequences of the positions they attend to
+    # of num_tokens, those fed in prefill chunks (prompts, and the recompute of preempted
+    # requests); reported, not a term of `StepTimeModel`: a separate prefill price did not
+    # fit measured steps better (docs/scheduling.md, nineteenth session)
+    prefill_tokens: int = 0
 
     @classmethod
     def of(cls, plan: StepPlan) -> StepFeatures:
         ctx = sum(s.start_pos + len(s.token_ids) for s in plan.seqs)
-        return cls(plan.num_tokens, len(plan.seqs), ctx)
+        prefill = sum(len(s.token_ids) for s in plan.seqs if len(s.token_ids) != 1)
+        return cls(plan.num_tokens, len(plan.seqs), ctx, prefill)
 
     def vector(self) -> list[float]:
         return [1.0, float(self.num_tokens), float(self.num_seqs), float(self.context_tokens)]

@@ -122,6 +122,29 @@ async def test_finished_requests_give_back_their_kv_reservation(nursery):
     assert h.out_recv.receive_nowait().request_id in {"a", "b", "c"}  # the reservation was given back
 
 
+async def test_reservations_go_back_when_the_last_requests_finish_with_nothing_waiting(nursery):
+    """The queue drains, then its released requests finish: with no arrival to trigger a
+    release decision, the dispatcher still reconciles them, so the KV gauge reads 0 (it read
+    the last batch's reservations forever after a served benchmark)."""
+    def view() -> EngineView:
+        return EngineView(0, 8, 64, 64, 16)
+
+    h = Harness(QueueConfig(policy=PolicyConfig(name="magnus")), view)
+    h.actor.reconcile_s = 0.05
+    await nursery.start(h.actor.run)
+    a, b = state("a", pred=70), state("b", pred=70)
+    await h.arrive(a, b)
+    assert sorted(await h.take(8)) == ["a", "b"]
+    reg = h.actor.metrics.registry
+    assert reg.get_sample_value("lmgate_kv_reserved_blocks") == 10
+    assert await h.take(8) == []  # the stepper asks for more; nothing waits
+    for st in (a, b):
+        st.finished_at, st.completion_tokens = 1.0, 60
+    await trio.sleep(0.2)
+    assert reg.get_sample_value("lmgate_kv_reserved_blocks") == 0
+    assert h.actor.policy.kv.held == 0 and not h.actor.policy.inflight
+
+
 async def test_a_request_that_outgrows_its_reservation_holds_back_the_next(nursery):
     progress: dict[str, int] = {}
 

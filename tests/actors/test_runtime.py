@@ -242,7 +242,16 @@ async def test_preemptions_are_counted_on_metrics_and_every_request_finishes(nur
     assert [last.usage.completion_tokens for _, _, last in outs] == [72] * 3
     preempted = rt.engine.counters["preemptions"]
     assert preempted >= 1
-    assert rt.metrics.registry.get_sample_value("lmgate_num_preemptions_total") == preempted
+    reg = rt.metrics.registry
+    assert reg.get_sample_value("lmgate_num_preemptions_total") == preempted
+    # every token a step fed is counted once; the recompute shows as prefill beyond the prompts
+    prefill = reg.get_sample_value("lmgate_step_tokens_total", {"kind": "prefill"})
+    decode = reg.get_sample_value("lmgate_step_tokens_total", {"kind": "decode"})
+    c = rt.engine.counters
+    assert (prefill, decode) == (c["prefill_tokens_fed"], c["decode_tokens_fed"])
+    prompts = c["prompt_tokens"] - c["prefix_hit_tokens"]
+    assert prefill > prompts  # the preempted requests' contexts were fed again
+    assert prefill + decode >= prompts + 3 * 72 - 3  # each request's prompt and its 71 decodes at least
     await wait_until(lambda: rt.engine.block_manager.num_free_blocks == rt.engine.num_blocks)  # none leaked
 
 

@@ -36,7 +36,7 @@ def test_every_queried_metric_exists_and_panels_are_well_formed() -> None:
     # the list is covered
     for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "request_queue_time",
                  "step_batch_size", "kv_cache_usage_ratio", "response_cache_lookups", "rejections", "requests_total",
-                 "num_preemptions", "kv_reserved_blocks", "kv_reservations_grown"):
+                 "num_preemptions", "kv_reserved_blocks", "kv_reservations_grown", "step_tokens"):
         assert any(name in m for m in queried), name
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))

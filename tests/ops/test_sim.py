@@ -7,6 +7,7 @@ import random
 import pytest
 
 from actors.policies import POLICY_NAMES, PolicyConfig, make_policy
+from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.config import SchedulerConfig
 from ops.sim.simulator import SimConfig, SimRequest, StepFeatures, StepTimeModel, simulate
 
@@ -103,6 +104,16 @@ def test_step_time_model_fit_recovers_coefficients():
     for got, want in zip(fit.coef, true.coef, strict=True):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert fit.r2(samples) == pytest.approx(1.0)
+
+
+def test_step_features_count_prefill_tokens_apart_from_decodes():
+    plan = StepPlan(seqs=(ScheduledSeq("a", (5,), 40, (0, 1, 2), True),
+                          ScheduledSeq("b", (7,), 9, (3,), True),
+                          ScheduledSeq("c", tuple(range(30)), 16, (4, 5, 6), True)),
+                    preempted=(), copies=(), num_tokens=32)
+    f = StepFeatures.of(plan)
+    assert (f.num_tokens, f.num_seqs, f.prefill_tokens) == (32, 3, 30)
+    assert f.context_tokens == 41 + 10 + 46
 
 
 def test_step_time_model_needs_enough_samples():

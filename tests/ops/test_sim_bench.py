@@ -40,11 +40,12 @@ def test_summarize_reports_vllm_style_metrics():
 
 
 def test_step_profile_says_how_a_run_used_its_steps():
-    steps = [(StepFeatures(70, 1, 70), 0.05), (StepFeatures(2, 2, 150), 0.03), (StepFeatures(3, 3, 240), 0.04)]
+    steps = [(StepFeatures(70, 1, 70, 70), 0.05), (StepFeatures(2, 2, 150), 0.03), (StepFeatures(3, 3, 240), 0.04)]
     p = step_profile(steps)
     assert p["steps"] == 3 and p["busy_s"] == pytest.approx(0.12)
     assert p["mean_step_seqs"] == pytest.approx(2.0)
     assert p["mean_step_tokens"] == pytest.approx(25.0)
+    assert p["mean_step_prefill_tokens"] == pytest.approx(70 / 3)
     assert p["mean_step_context_tokens"] == pytest.approx(460 / 3)
     assert step_profile([]) == {}
 
