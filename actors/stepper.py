@@ -111,8 +111,11 @@ class Stepper:
         # prefill step look like the batch's pace (the adaptive policy cut its cap on it)
         self.mean_step_s = 0.0
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
-        self._preemptions_seen = int(engine.stats().get("preemptions", 0))  # the counter exports what follows
-        self._fed_seen = {k: int(engine.stats().get(f"{k}_tokens_fed", 0)) for k in ("prefill", "decode")}
+        # engine counters exported as Prometheus counters: each exports what follows this point
+        self._exported = {"preemptions": metrics.preemptions,
+                          "prefill_tokens_fed": metrics.step_tokens.labels("prefill"),
+                          "decode_tokens_fed": metrics.step_tokens.labels("decode")}
+        self._seen = {k: int(engine.stats().get(k, 0)) for k in self._exported}
         self._wakeup = trio.Event()
 
     def poke(self) -> None:
@@ -285,11 +288,8 @@ class Stepper:
             stats = self.engine.stats()
             self.metrics.running.set(stats["running"])
             self.metrics.kv_usage.set(stats["kv_usage"])
-            if stats.get("preemptions", 0) > self._preemptions_seen:
-                self.metrics.preemptions.inc(stats["preemptions"] - self._preemptions_seen)
-                self._preemptions_seen = stats["preemptions"]
-            for kind, seen in self._fed_seen.items():
-                fed = stats.get(f"{kind}_tokens_fed", seen)
-                if fed > seen:
-                    self.metrics.step_tokens.labels(kind).inc(fed - seen)
-                    self._fed_seen[kind] = fed
+            for key, counter in self._exported.items():
+                value = stats.get(key, 0)
+                if value > self._seen[key]:
+                    counter.inc(value - self._seen[key])
+                    self._seen[key] = value
