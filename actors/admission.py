@@ -193,7 +193,13 @@ class Admission:
         st.reserved = True
 
     async def _cached(self, call: GenerateCall, st: RequestState) -> Accepted | None:
-        if self.response_cache is None or not st.cacheable or st.params.n != 1:
+        """A stored answer replayed, or None: the request goes to the engine. Only a
+        deterministic single-choice request is looked up, and not when the caller asked for
+        a fresh answer (`call.cache_lookup`, counted as a "bypass" lookup)."""
+        if self.response_cache is None or not is_deterministic(st.params) or st.params.n != 1:
+            return None
+        if not call.cache_lookup:
+            self.metrics.cache_lookups.labels("bypass").inc()
             return None
         try:
             hit = await self.response_cache.get(call.tenant.as_tenant(), self.config.model_name,
@@ -232,7 +238,8 @@ class Admission:
             self._check_load()
             prio = call.tenant.priority if call.priority is None else min(call.priority, call.tenant.priority)
             send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
-            st = RequestState(call, ids, params, prio, send, cacheable=is_deterministic(params))
+            st = RequestState(call, ids, params, prio, send,
+                              cacheable=is_deterministic(params) and call.cache_store)
             send, recv = trio.open_memory_channel(st.channel_size())
             st.events = send
             st.admitted_at = time.monotonic()

@@ -75,6 +75,9 @@ class GenerateCall(msgspec.Struct, frozen=True):
     user: str | None = None  # OpenAI `user`: user-level semantics for the length predictor
     app: str | None = None  # application tag (header or metadata) for the length predictor
     arrival_time: float = 0.0
+    # the response cache, for a deterministic request (HTTP `Cache-Control: no-cache` / `no-store`):
+    cache_lookup: bool = True  # False: generate afresh even if a stored answer exists
+    cache_store: bool = True  # False: do not store this answer
 
 
 class Usage(msgspec.Struct, frozen=True):

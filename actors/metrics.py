@@ -52,7 +52,9 @@ class Metrics:
             "lmgate_step_seconds", "Engine step duration", buckets=_TPOT_BUCKETS, registry=r
         )
         self.cache_lookups = Counter(
-            "lmgate_response_cache_lookups", "Response cache lookups", ["result"], registry=r
+            "lmgate_response_cache_lookups",
+            "Response cache lookups of deterministic requests: hit, miss, or bypass (Cache-Control: no-cache)",
+            ["result"], registry=r
         )
         self.prompt_cache_lookups = Counter(
             "lmgate_prompt_cache_lookups", "Prompt cache lookups", ["result"], registry=r

@@ -81,6 +81,13 @@ def openapi_document() -> dict[str, Any]:
     completions["responses"]["200"] = streaming
     chat = _op("Create a chat completion", body="ChatRequest", errors=gen_errors)
     chat["responses"]["200"] = streaming
+    headers = [
+        {"name": "X-Lmgate-App", "in": "header", "schema": {"type": "string"},
+         "description": "application tag for the length predictor (as metadata.app)"},
+        {"name": "Cache-Control", "in": "header", "schema": {"type": "string"},
+         "description": "response cache: no-cache (or max-age=0) generates afresh, no-store does not store the answer"},
+    ]
+    completions["parameters"] = chat["parameters"] = headers
     public_path = {"security": []}
     paths: dict[str, Any] = {
         "/v1/completions": {"post": completions},

@@ -210,12 +210,40 @@ def new_request_id(endpoint: Endpoint) -> str:
     return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
 
 
+@dataclass(frozen=True)
+class CacheDirectives:
+    """What a request's `Cache-Control` header (RFC 9111 §5.2.1) asks of the response cache.
+
+    - `no-cache` (or `max-age=0`): do not answer from a stored response; the fresh answer
+      is stored (it refreshes the entry).
+    - `no-store`: do not store this answer (a stored one may still answer it).
+
+    Every other directive is ignored (as a cache that does not implement it may).
+    The cache only ever holds deterministic requests (greedy, or sampling with a seed)."""
+
+    lookup: bool = True
+    store: bool = True
+
+    @classmethod
+    def parse(cls, header: str | None) -> CacheDirectives:
+        lookup = store = True
+        for part in (header or "").split(","):
+            name, _, arg = part.strip().partition("=")
+            name, arg = name.strip().lower(), arg.strip().strip('"')
+            if name == "no-cache" or (name == "max-age" and arg == "0"):
+                lookup = False
+            elif name == "no-store":
+                store = False
+        return cls(lookup, store)
+
+
 def to_generate_call(
     req: CompletionRequest | ChatRequest,
     tenant: TenantContext,
     request_id: str,
     *,
     app_tag: str | None = None,
+    cache: CacheDirectives = CacheDirectives(),
 ) -> GenerateCall:
     """Pure mapping from a decoded request to the runtime's message."""
     params = sampling_params(req)
@@ -232,6 +260,8 @@ def to_generate_call(
         user=req.user,
         app=app,
         arrival_time=time.time(),
+        cache_lookup=cache.lookup,
+        cache_store=cache.store,
     )
     if isinstance(req, ChatRequest):
         if not req.messages:
@@ -533,7 +563,8 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         req = decode_request(endpoint, raw)
         state.check_model(req.model)
         request_id = new_request_id(endpoint)
-        call = to_generate_call(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"))
+        cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
+        call = to_generate_call(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"), cache=cache)
         if not req.stream:
             return await collect(state, endpoint, req, call)
         handle = RequestHandle(await submit(state, call))
@@ -571,6 +602,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
 
 
 __all__ = [
+    "CacheDirectives",
     "ChatRequest",
     "ChunkRenderer",
     "Collector",

@@ -31,6 +31,7 @@ from quart import Blueprint, websocket
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from gateway.errors import ApiError
 from gateway.routes_openai import (
+    CacheDirectives,
     RequestHandle,
     decode_request,
     events_of,
@@ -59,6 +60,7 @@ class RequestFrame(msgspec.Struct, tag="request", tag_field="type"):
     id: str
     endpoint: Literal["completions", "chat.completions"]
     body: msgspec.Raw
+    cache_control: str | None = None  # as HTTP's Cache-Control request header (`no-cache`, `no-store`)
 
 
 class CancelFrame(msgspec.Struct, tag="cancel", tag_field="type"):
@@ -132,7 +134,8 @@ class Session:
             raise ApiError(401, "not authenticated", code="missing_api_key")
         req = decode_request(frame.endpoint, bytes(frame.body))
         self.state.check_model(req.model)
-        call = to_generate_call(req, self.tenant, new_request_id(frame.endpoint))
+        call = to_generate_call(req, self.tenant, new_request_id(frame.endpoint),
+                                cache=CacheDirectives.parse(frame.cache_control))
         handle = RequestHandle(await submit(self.state, call))
         async with aclosing(events_of(handle)) as events:
             await self._forward(frame.id, events)

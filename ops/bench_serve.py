@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--random-output-max", type=int, default=None)
     d.add_argument("--random-vocab-size", type=int, default=DEFAULT_VOCAB)
     d.add_argument("--jsonl-output-len", type=int, default=128, help="jsonl: output length of lines without one")
+    d.add_argument("--response-cache", choices=("bypass", "use"), default="bypass",
+                   help="bypass: every request says Cache-Control: no-cache, no-store (lmgate's response cache "
+                        "neither answers nor stores it: the engine is measured) and workload measures its whole "
+                        "held-out half; use: no header, and workload measures only conversations no warm-up "
+                        "repeats (338, no Q&A: a skewed length mix), so the cache is looked up but never answers")
     d.add_argument("--tenant", action="append", default=[], metavar="KEY:WEIGHT[:PRIORITY]",
                    help="multi-tenant mode (repeat): each request uses one tenant's key, drawn by weight")
 
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dataset_from_args(args: argparse.Namespace) -> DatasetSpec:
     if args.dataset == "workload":
-        return WorkloadSpec(args.dataset_path)
+        return WorkloadSpec(args.dataset_path, distinct=args.response_cache == "use")
     if args.dataset == "jsonl":
         if not args.dataset_path:
             raise ValueError("--dataset jsonl needs --dataset-path")
@@ -166,6 +171,7 @@ def summarize(outcome: RunOutcome, rate: float, args: argparse.Namespace, slos: 
         "max_concurrency": args.max_concurrency,
         "num_prompts": len(outcome.results),
         "seed": args.seed,
+        "response_cache": args.response_cache,
         "warmup_failures": outcome.warmup_failures,
         **m,
         "per_tenant": per_tenant,
@@ -183,13 +189,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
     primary = Target(args.base_url, args.backend, args.api_key, args.model, args.label or args.backend)
-    targets = [(primary, SendOptions(args.ignore_eos, args.temperature, use_tenant_keys=True))]
+    cache_control = "no-cache, no-store" if args.response_cache == "bypass" else None
+    targets = [(primary, SendOptions(args.ignore_eos, args.temperature, use_tenant_keys=True,
+                                     cache_control=cache_control))]
     if args.compare:
         other = Target(args.compare, args.compare_backend, args.compare_api_key, args.compare_model,
                        args.compare_label or f"compare-{args.compare_backend}")
         if other.label == primary.label:
             raise ValueError("--label and --compare-label must differ")
-        targets.append((other, SendOptions(args.ignore_eos, args.temperature, use_tenant_keys=False)))
+        targets.append((other, SendOptions(args.ignore_eos, args.temperature, use_tenant_keys=False,
+                                           cache_control=cache_control)))
     cfg = RunConfig(args.max_concurrency, args.ws_streams_per_socket, args.scrape_interval,
                     not args.disable_tqdm, args.request_timeout)
     plot_dir = Path(args.plot) if args.plot else None

@@ -50,6 +50,7 @@ class SendOptions:
     ignore_eos: bool = False
     temperature: float = 0.0
     use_tenant_keys: bool = True  # False for a compare target: tenants keep their labels, not their keys
+    cache_control: str | None = None  # sent as the Cache-Control header (WebSocket: the frame's cache_control)
 
 
 def endpoint_of(req: BenchRequest) -> str:
@@ -87,6 +88,14 @@ def api_key_for(req: BenchRequest, target: Target, opts: SendOptions) -> str | N
 
 def _auth(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def request_headers(req: BenchRequest, target: Target, opts: SendOptions) -> dict[str, str]:
+    """The HTTP headers of one request: its key, and the Cache-Control the run asks for."""
+    headers = _auth(api_key_for(req, target, opts))
+    if opts.cache_control:
+        headers["Cache-Control"] = opts.cache_control
+    return headers
 
 
 class _Timer:
@@ -149,7 +158,7 @@ async def send_openai(
     timer = _Timer(result)
     usage: dict[str, Any] | None = None
     try:
-        async with http.stream("POST", url, json=body, headers=_auth(api_key_for(req, target, opts))) as resp:
+        async with http.stream("POST", url, json=body, headers=request_headers(req, target, opts)) as resp:
             if resp.status_code != 200:
                 raw = await resp.aread()
                 result.error = f"HTTP {resp.status_code}: {raw[:300].decode(errors='replace')}"
@@ -247,7 +256,10 @@ class WsPool:
         tokens = 0
         try:
             async with sock.send_lock:
-                await sock.ws.send_text(json.dumps({"type": "request", "id": rid, "endpoint": endpoint_of(req), "body": body}))
+                frame = {"type": "request", "id": rid, "endpoint": endpoint_of(req), "body": body}
+                if opts.cache_control:
+                    frame["cache_control"] = opts.cache_control
+                await sock.ws.send_text(json.dumps(frame))
             async for frame in receive:
                 kind = frame.get("type")
                 if kind == "token":

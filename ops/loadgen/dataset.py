@@ -172,19 +172,29 @@ def _distinct(rows: list, exclude: set[str]) -> list:
 @dataclass(frozen=True)
 class WorkloadSpec:
     """The multi-application fixture: held-out requests measured, training ones as
-    warm-ups, both drawn without replacement. The fixture repeats some conversations
-    (716 distinct of the shipped 960, 54 of them in both halves): each half keeps one
-    of each, and the measured half drops those the training half has, so a server's
-    response cache never answers a measured request (338 measured, 378 warm-ups)."""
+    warm-ups, both drawn without replacement.
+
+    The fixture repeats conversations (716 distinct of the shipped 960): short Q&A and
+    story prompts come from few templates (qa: 27 distinct of 165, story: 47 of 153),
+    asked by different users. A client that bypasses the server's response cache
+    (`distinct=False`, bench_serve's default) measures the whole held-out half, as
+    `ops.bench_sched` does (480 measured, 480 warm-ups). With `distinct=True` each half
+    keeps one of each conversation, and the measured half drops those the training half
+    has, so a response cache never answers a measured request (338 measured, 378
+    warm-ups) — but that measured half holds no Q&A and 9 stories of the 72, so its
+    length mix is not the workload's."""
 
     path: str | None = None  # None: the shipped ops/workload/requests.jsonl
     max_tokens: int | None = None  # None: the cap the fixture was generated with
     split_seed: int = 0  # ops.bench_sched's --seed: which half is held out
+    distinct: bool = False  # True: no conversation twice, none measured that a warm-up has
 
     def _halves(self) -> tuple[list, list]:
         from ops.workload.fixture import FIXTURE, load_fixture, split_fixture
 
         train, test = split_fixture(load_fixture(Path(self.path) if self.path else FIXTURE), self.split_seed)
+        if not self.distinct:
+            return train, test
         train = _distinct(train, set())
         return train, _distinct(test, {json.dumps(r.messages) for r in train})
 

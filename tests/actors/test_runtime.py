@@ -13,6 +13,7 @@ import datetime as dt
 import itertools
 from dataclasses import replace
 
+import msgspec
 import pytest
 import torch
 import trio
@@ -197,6 +198,37 @@ async def test_response_cache_hit_skips_the_engine(runtime):
     third = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=6, temperature=0.8))
     assert not third.cached
     await collect(third)
+
+
+async def test_cache_control_generates_afresh_and_skips_the_store(runtime):
+    t = tenant()
+    lookups = runtime.metrics.cache_lookups
+
+    async def ask(prompt: str, **cache) -> tuple[Accepted, Finished]:
+        acc = await runtime.submit(msgspec.structs.replace(call(t, prompt=prompt, max_tokens=4), **cache))
+        assert isinstance(acc, Accepted)
+        *_, fin = await collect(acc)
+        await trio.sleep(0.2)  # the store happens in accounting, after Finished
+        return acc, fin
+
+    first, _ = await ask("The capital of Italy is")
+    assert not first.cached
+    # no-cache: the stored answer is there, but the engine answers (and stores again)
+    steps, bypass = runtime.engine.counters["steps"], lookups.labels("bypass")._value.get()
+    fresh, fin = await ask("The capital of Italy is", cache_lookup=False)
+    assert not fresh.cached and not fin.cached and runtime.engine.counters["steps"] > steps
+    assert lookups.labels("bypass")._value.get() == bypass + 1
+    again, _ = await ask("The capital of Italy is")
+    assert again.cached
+    # no-store: answered by the engine and not kept, so the next request misses too
+    kept, _ = await ask("The capital of Spain is", cache_store=False)
+    assert not kept.cached
+    missed = lookups.labels("miss")._value.get()
+    after, _ = await ask("The capital of Spain is")
+    assert not after.cached and lookups.labels("miss")._value.get() == missed + 1
+    # a stored answer still answers a no-store request
+    hit, _ = await ask("The capital of Spain is", cache_store=False)
+    assert hit.cached
 
 
 async def test_overload_is_503_with_retry_after(nursery, ckpt, tokenizer, services):

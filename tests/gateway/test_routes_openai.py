@@ -11,7 +11,13 @@ import trio
 
 from actors.messages import Rejected
 from gateway.errors import ApiError
-from gateway.routes_openai import ChatRequest, CompletionRequest, decode_request, sampling_params
+from gateway.routes_openai import (
+    CacheDirectives,
+    ChatRequest,
+    CompletionRequest,
+    decode_request,
+    sampling_params,
+)
 from gateway.sse import parse_events
 from tests.gateway.conftest import MODEL, Gateway, word
 
@@ -53,6 +59,21 @@ def test_chat_content_parts_are_joined() -> None:
     assert req.messages[0].text() == "ab"
 
 
+@pytest.mark.parametrize(("header", "lookup", "store"), [
+    (None, True, True),
+    ("", True, True),
+    ("no-cache", False, True),
+    ("No-Store", True, False),
+    ("no-cache, no-store", False, False),
+    ("max-age=0", False, True),
+    ('max-age="0" , private', False, True),
+    ("max-age=60, no-transform, only-if-cached", True, True),  # what the cache does not implement is ignored
+    ("no-cache-please, ,=,no-storage", True, True),  # only whole directive names count
+])
+def test_cache_control_directives(header: str | None, lookup: bool, store: bool) -> None:
+    assert CacheDirectives.parse(header) == CacheDirectives(lookup, store)
+
+
 # ---------------------------------------------------------------- HTTP
 
 
@@ -91,7 +112,20 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
     p = call.params
     assert (p.seed, p.top_k, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.logprobs) == (7, 5, 1.1, 1, True, 2)
     assert (call.priority, call.user, call.app) == (2, "u1", "translate")
+    assert (call.cache_lookup, call.cache_store) == (True, True)
     assert r.json()["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -0.5]
+
+
+async def test_cache_control_header_reaches_the_call(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1),
+                              headers=[("Cache-Control", "no-cache"), ("Cache-Control", "no-store")])
+        assert r.status_code == 200, r.text
+        assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (False, False)
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": True},
+                              headers={"Cache-Control": "no-store"})
+        assert r.status_code == 200, r.text
+        assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (True, False)
 
 
 async def test_chat_json_n2(gateway: Gateway) -> None:

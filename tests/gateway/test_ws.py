@@ -54,6 +54,17 @@ async def test_header_auth_and_multiplexed_requests(gateway: Gateway) -> None:
     assert frames["b"][-1]["finish_reasons"] == ["length", "length"]
 
 
+async def test_cache_control_of_a_request_frame(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json({**request_frame("a", max_tokens=1), "cache_control": "no-cache"})
+        await frames_until_done(ws, {"a"})
+        assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (False, True)
+        await ws.send_json(request_frame("b", max_tokens=1))
+        await frames_until_done(ws, {"b"})
+        assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (True, True)
+
+
 async def test_auth_frame(gateway: Gateway) -> None:
     async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
         await ws.send_json({"type": "auth", "api_key": gateway.api_key})

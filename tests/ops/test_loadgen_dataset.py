@@ -82,7 +82,7 @@ def test_workload_measures_held_out_chats_and_warms_up_on_the_training_half() ->
     from ops.workload.fixture import load_fixture, split_fixture
 
     train, test = split_fixture(load_fixture())
-    spec = WorkloadSpec()
+    spec = WorkloadSpec(distinct=True)  # for a client that lets the server's response cache answer
     measured = build_workload(spec, 40, 2.0, 1.0, seed=3)
     warm = build_warmups(spec, 30, seed=3)
     def conv(rows):  # type: ignore[no-untyped-def]
@@ -109,6 +109,24 @@ def test_workload_measures_held_out_chats_and_warms_up_on_the_training_half() ->
     assert build_workload(WorkloadSpec(max_tokens=7), 2, 1.0, 1.0, seed=0)[0].output_len == 7
     with pytest.raises(ValueError, match="held-out half holds 338"):
         build_workload(spec, 339, 1.0, 1.0, seed=0)
+
+
+def test_workload_bypassing_the_cache_measures_the_whole_held_out_half() -> None:
+    from ops.workload.fixture import load_fixture, split_fixture
+
+    train, test = split_fixture(load_fixture())
+    spec = WorkloadSpec()
+    measured = build_workload(spec, len(test), 2.0, 1.0, seed=3)
+    warm = build_warmups(spec, len(train), seed=3)
+    key = lambda r: (json.dumps(r.prompt.messages), r.prompt.app, r.prompt.user)  # noqa: E731
+    assert sorted(map(key, measured)) == sorted((json.dumps(r.messages), r.app, r.user) for r in test)
+    assert sorted(map(key, warm)) == sorted((json.dumps(r.messages), r.app, r.user) for r in train)
+    # the mix of applications is the workload's: the distinct half has no Q&A at all
+    apps = {r.prompt.app for r in build_workload(spec, 100, 2.0, 1.0, seed=3)}
+    assert "qa" in apps and "story" in apps
+    assert "qa" not in {r.prompt.app for r in build_workload(WorkloadSpec(distinct=True), 338, 2.0, 1.0, seed=3)}
+    with pytest.raises(ValueError, match=f"held-out half holds {len(test)}"):
+        build_workload(spec, len(test) + 1, 1.0, 1.0, seed=0)
 
 
 def test_split_fixture_is_seeded_halves_in_fixture_order() -> None:

@@ -7,6 +7,7 @@ import io
 import math
 import re
 
+import httpx
 import pytest
 import torch
 import trio
@@ -64,3 +65,21 @@ async def test_both_backends_against_lmgate(lmgate) -> None:  # type: ignore[no-
         # the server's chat template gives the fixture's own prompt lengths: the messages went through
         assert [r.prompt_len for r in outcome.results] == [r.prompt_len for r in chats]
         assert all(1 <= r.output_len <= 6 and r.text for r in outcome.results)
+
+        # the benchmark's default bypasses the response cache (Cache-Control: no-cache, no-store):
+        # the same chats again reach the engine, and a plain repeat is answered by the cache
+        before = await cache_lookups(base_url)
+        for opts in (SendOptions(cache_control="no-cache, no-store"), SendOptions()):
+            with trio.fail_after(120):
+                outcome = await run_workload(Target(base_url, backend, key, label=backend), chats, [], opts,
+                                             RunConfig(progress=False, scrape_interval=0, streams_per_socket=4))
+            assert [r.error for r in outcome.results] == [""] * 3, backend
+        after = await cache_lookups(base_url)
+        assert (after["bypass"] - before["bypass"], after["hit"] - before["hit"]) == (3, 3), backend
+
+
+async def cache_lookups(base_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(base_url + "/metrics")).text
+    found = dict(re.findall(r'^lmgate_response_cache_lookups_total\{result="(\w+)"\} (\S+)$', text, re.M))
+    return {k: float(found.get(k, 0)) for k in ("hit", "miss", "bypass")}
