@@ -255,10 +255,15 @@ class LmgateClient:
 
     # -- plumbing
 
-    async def _request_json(self, method: str, path: str, body: Any = None) -> Any:
+    def _headers(self, cache_control: str | None) -> dict[str, str]:
+        return {**self.headers, "Cache-Control": cache_control} if cache_control else self.headers
+
+    async def _request_json(self, method: str, path: str, body: Any = None, cache_control: str | None = None) -> Any:
+        headers = self._headers(cache_control)
+
         async def once() -> Any:
             try:
-                response = await self.http.request(method, self.base_url + path, json=body, headers=self.headers)
+                response = await self.http.request(method, self.base_url + path, json=body, headers=headers)
             except httpx.TransportError as exc:
                 raise ConnectionFailed(f"{method} {path}: {exc}") from exc
             await _raise_for_status(response)
@@ -266,14 +271,16 @@ class LmgateClient:
 
         return await with_retry(self.retry, once)
 
-    async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any],
+                           cache_control: str | None = None) -> httpx.Response:
         """POST a streaming request (retried until the first byte); the response is
         closed by `stack`."""
+        headers = self._headers(cache_control)
 
         async def once() -> httpx.Response:
             attempt = AsyncExitStack()
             try:
-                request = self.http.build_request("POST", self.base_url + path, json=body, headers=self.headers)
+                request = self.http.build_request("POST", self.base_url + path, json=body, headers=headers)
                 response = await self.http.send(request, stream=True)
                 attempt.push_async_callback(response.aclose)
                 await _raise_for_status(response)
@@ -306,27 +313,34 @@ class LmgateClient:
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._request_json("GET", "/v1/models"))["data"]]
 
-    async def completions(self, prompt: str | list[int], **params: Any) -> Completion:
-        """POST /v1/completions. `params` are OpenAI/lmgate body fields (max_tokens, temperature, ...)."""
+    async def completions(self, prompt: str | list[int], *, cache_control: str | None = None,
+                          **params: Any) -> Completion:
+        """POST /v1/completions. `params` are OpenAI/lmgate body fields (max_tokens, temperature, ...).
+        `cache_control` is sent as the Cache-Control header: "no-cache" asks for a fresh
+        answer, "no-store" keeps it out of the response cache (docs/api.md). So in every
+        method here, and on the WebSocket."""
         body = await self._body(params, prompt=prompt)
-        return completion_from(await self._request_json("POST", "/v1/completions", body))
+        return completion_from(await self._request_json("POST", "/v1/completions", body, cache_control))
 
-    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> Completion:
+    async def chat(self, messages: list[dict[str, Any]], *, cache_control: str | None = None,
+                   **params: Any) -> Completion:
         body = await self._body(params, messages=messages)
-        return completion_from(await self._request_json("POST", "/v1/chat/completions", body))
+        return completion_from(await self._request_json("POST", "/v1/chat/completions", body, cache_control))
 
-    def completions_stream(self, prompt: str | list[int], **params: Any) -> TokenStream:
-        return self._lazy_stream("/v1/completions", params, prompt=prompt)
+    def completions_stream(self, prompt: str | list[int], *, cache_control: str | None = None,
+                           **params: Any) -> TokenStream:
+        return self._lazy_stream("/v1/completions", params, cache_control, prompt=prompt)
 
-    def chat_stream(self, messages: list[dict[str, Any]], **params: Any) -> TokenStream:
-        return self._lazy_stream("/v1/chat/completions", params, messages=messages)
+    def chat_stream(self, messages: list[dict[str, Any]], *, cache_control: str | None = None,
+                    **params: Any) -> TokenStream:
+        return self._lazy_stream("/v1/chat/completions", params, cache_control, messages=messages)
 
-    def _lazy_stream(self, path: str, params: dict[str, Any], **fields: Any) -> TokenStream:
+    def _lazy_stream(self, path: str, params: dict[str, Any], cache_control: str | None, **fields: Any) -> TokenStream:
         params = {**params, "stream": True}
         params.setdefault("stream_options", {"include_usage": True})
 
         async def open_response(stack: AsyncExitStack) -> httpx.Response:
-            return await self._open_stream(stack, path, await self._body(dict(params), **fields))
+            return await self._open_stream(stack, path, await self._body(dict(params), **fields), cache_control)
 
         return TokenStream(open_response)
 

@@ -167,10 +167,14 @@ class WsSession:
             await self._ws.send_json(frame)
 
     async def _start(self, stream: WsStream) -> MemoryObjectReceiveStream[Any]:
+        cache_control = stream._body.pop("cache_control")
         body = await self.client._body(dict(stream._body.pop("params")), **stream._body)
         send, receive = anyio.create_memory_object_stream[Any](_BUFFER)
         self._streams[stream.id] = send
-        await self._send({"type": "request", "id": stream.id, "endpoint": stream.endpoint, "body": body})
+        frame = {"type": "request", "id": stream.id, "endpoint": stream.endpoint, "body": body}
+        if cache_control:
+            frame["cache_control"] = cache_control
+        await self._send(frame)
         return receive
 
     async def _cancel(self, request_id: str) -> None:
@@ -185,15 +189,17 @@ class WsSession:
         if send is not None:
             send.close()
 
-    def _stream(self, endpoint: str, params: dict[str, Any], **fields: Any) -> WsStream:
+    def _stream(self, endpoint: str, params: dict[str, Any], cache_control: str | None, **fields: Any) -> WsStream:
         rid = f"r{next(self._ids)}"
-        return WsStream(self, rid, endpoint, {"params": params, **fields})
+        return WsStream(self, rid, endpoint, {"params": params, "cache_control": cache_control, **fields})
 
-    def chat_stream(self, messages: list[dict[str, Any]], **params: Any) -> WsStream:
-        return self._stream("chat.completions", params, messages=messages)
+    def chat_stream(self, messages: list[dict[str, Any]], *, cache_control: str | None = None,
+                    **params: Any) -> WsStream:
+        return self._stream("chat.completions", params, cache_control, messages=messages)
 
-    def completions_stream(self, prompt: str | list[int], **params: Any) -> WsStream:
-        return self._stream("completions", params, prompt=prompt)
+    def completions_stream(self, prompt: str | list[int], *, cache_control: str | None = None,
+                           **params: Any) -> WsStream:
+        return self._stream("completions", params, cache_control, prompt=prompt)
 
 
 def _connection_error(exc: BaseException) -> LmgateError:

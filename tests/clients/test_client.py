@@ -74,6 +74,34 @@ def test_sse_stream(served: Served, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_control_reaches_the_server_on_every_path(served: Served, backend: str) -> None:
+    def directives() -> tuple[bool, bool]:
+        call = served.runtime.calls[-1]
+        return call.cache_lookup, call.cache_store
+
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            await client.completions("a", max_tokens=1, cache_control="no-cache")
+            assert directives() == (False, True)
+            await client.chat(HELLO, max_tokens=1, cache_control="no-store")
+            assert directives() == (True, False)
+            async with client.chat_stream(HELLO, max_tokens=1, cache_control="no-cache, no-store") as stream:
+                [d async for d in stream]
+            assert directives() == (False, False)
+            await client.completions("a", max_tokens=1)
+            assert directives() == (True, True)
+            async with client.ws() as session:
+                async with session.completions_stream("a", max_tokens=1, cache_control="no-cache") as ws_stream:
+                    [d async for d in ws_stream]
+                assert directives() == (False, True)
+                async with session.chat_stream(HELLO, max_tokens=1) as ws_stream:
+                    [d async for d in ws_stream]
+                assert directives() == (True, True)
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_breaking_out_of_a_stream_cancels_server_side(served: Served, backend: str) -> None:
     async def scenario() -> None:
         async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
