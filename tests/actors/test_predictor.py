@@ -400,3 +400,115 @@ def test_blobs_of_earlier_versions_still_load() -> None:
     q = LengthPredictor.from_bytes(buf.getvalue())
     f = feats("b", 50, "verbose")
     assert q.predict(f) == p.predict(f) and q.num_samples == 120
+
+
+def _samples(n: int, seed: int = 5) -> LengthPredictor:
+    """A predictor holding `n` observations (stops and a few runaways), no model yet."""
+    rng = np.random.default_rng(seed)
+    p = LengthPredictor(LengthModelConfig(min_fit_samples=8, min_runaway_samples=2))
+    for k in range(n):
+        app = "ab"[int(rng.integers(2))]
+        prompt = int(rng.integers(20, 200))
+        if k % 7 == 3:
+            p.observe(feats(app, prompt), 512, "length")
+        else:
+            p.observe(feats(app, prompt), int(truth(app, prompt) * rng.uniform(0.7, 1.3)))
+    return p
+
+
+def test_a_refit_keeps_the_ridge_penalty_its_last_search_picked(monkeypatch) -> None:
+    import actors.predictor as predictor_mod
+
+    calls = []
+    real = predictor_mod.ridge_loo_residuals
+
+    def counting(x, y, pen, gram=None):
+        calls.append(float(pen[-1]))
+        return real(x, y, pen, gram)
+
+    monkeypatch.setattr(predictor_mod, "ridge_loo_residuals", counting)
+    p = _samples(120)
+    grid = p.config.ridge_grid
+    first = p.train(p.snapshot())  # no previous model: both halves search the grid
+    assert len(calls) == 2 * len(grid)
+    assert first.length.penalty in grid and first.length.searched_on == first.length.n
+    assert first.runaway is not None and first.runaway.penalty in grid
+    for k in range(10):  # grow by less than research_growth: keep the penalty
+        p.observe(feats("a", 30 + k), 60)
+    calls.clear()
+    kept = p.train(p.snapshot(), first)
+    assert calls == [first.length.penalty, first.runaway.penalty]  # one LOO solve per half
+    assert (kept.length.penalty, kept.length.searched_on, kept.length.refits_since_search) == (
+        first.length.penalty, first.length.searched_on, 1)
+    assert kept.length.n == first.length.n + 10  # the weights are fitted on every sample
+    # the same weights and uncertainty as a fit whose grid is that one penalty
+    only = LengthPredictor(LengthModelConfig(min_fit_samples=8, min_runaway_samples=2,
+                                             ridge_grid=(first.length.penalty,)))
+    ref = only._ridge(*_stopped(p))
+    np.testing.assert_allclose(kept.length.w, ref.w)
+    assert kept.length.sigma == pytest.approx(ref.sigma)
+
+
+def _stopped(p: LengthPredictor) -> tuple[np.ndarray, np.ndarray]:
+    x, y, kind = p.snapshot()
+    return x[kind == 0], y[kind == 0]
+
+
+def test_the_ridge_grid_is_searched_again_after_growth_or_every_few_refits() -> None:
+    p = _samples(80)
+    c = p.config
+    model = p.train(p.snapshot())
+    stopped = model.length.n
+    for _ in range(c.research_every - 1):
+        model = p.train(p.snapshot(), model)
+        assert model.length.searched_on == stopped and model.length.refits_since_search > 0
+    assert model.length.refits_since_search == c.research_every - 1
+    model = p.train(p.snapshot(), model)  # the research_every-th refit searches again
+    assert model.length.refits_since_search == 0
+    grown = _samples(int(80 * c.research_growth) + 20)
+    regrown = grown.train(grown.snapshot(), model)  # samples grew by research_growth: search
+    assert regrown.length.searched_on == regrown.length.n > stopped
+    assert regrown.length.refits_since_search == 0
+    # a model restored from a blob does not know its penalty: the next refit searches
+    restored = LengthPredictor.from_bytes(p.to_bytes(), p.config)
+    assert restored.model is None or not np.isfinite(restored.model.length.penalty)
+    assert p.train(p.snapshot(), restored.model).length.refits_since_search == 0
+
+
+def test_refits_come_every_refit_every_or_a_fraction_of_the_samples_held() -> None:
+    p = LengthPredictor(LengthModelConfig(min_fit_samples=4, refit_every=4, refit_fraction=0.25))
+    for k in range(8):
+        p.observe(feats("a", 20 + k), 40 + k)
+    assert p.needs_refit()  # no model yet
+    p.fit()
+    for k in range(4):
+        p.observe(feats("a", 30 + k), 60)
+    assert p.num_samples == 12 and p.needs_refit()  # 4 new >= max(4, ceil(0.25 * 12) = 3)
+    p.fit()
+    for k in range(40):
+        p.observe(feats("a", 30 + k), 60)
+    p.fit()  # 52 samples held: the next refit waits for m new ones, m >= 0.25 * (52 + m): 18
+    for k in range(17):
+        p.observe(feats("a", 30 + k), 60)
+        assert not p.needs_refit()
+    p.observe(feats("a", 50), 60)
+    assert p.needs_refit()
+
+
+@pytest.mark.parametrize("kwargs", [{"refit_every": 0}, {"refit_fraction": 1.0}, {"research_growth": 1.0},
+                                    {"research_every": 0}])
+def test_refit_knobs_are_checked(kwargs) -> None:
+    with pytest.raises(ValueError):
+        LengthModelConfig(**kwargs)
+
+
+async def test_the_service_refit_keeps_the_penalty_between_searches() -> None:
+    p = _samples(60)
+    p.fit()
+    searched = p.model.length
+    svc = PredictorService(p)
+    for k in range(20):
+        await svc.observe(feats("a", 40 + k), 80)
+    assert svc.refits >= 1
+    assert svc.predictor.model.length.penalty == searched.penalty
+    assert svc.predictor.model.length.refits_since_search == svc.refits
