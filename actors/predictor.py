@@ -105,15 +105,15 @@ class LengthModelConfig:
     min_fit_samples: int = 24  # below this the per-application quantiles answer
     # New observations between background refits: `refit_every`, or `refit_fraction` of the
     # samples held when that is more. A refit runs under the compute lock, so it stalls the
-    # engine's steps: at the 4096-sample window one took 1.6 s (2 cores), every 16 finished
+    # engine's steps: at the 4096-sample window one took 1.5 s (2 cores), every 16 finished
     # requests, while 16 new samples move a model fitted on 4096 by 0.4%.
     refit_every: int = 16
     refit_fraction: float = 1 / 32
     # A refit picks the embedding penalty by leave-one-out over `ridge_grid` (one LOO solve per
     # penalty) only when the model is new, when the samples have grown by `research_growth`x
     # since the last search, or on every `research_every`-th refit; in between it keeps the
-    # last penalty (one solve instead of len(ridge_grid)): 0.09 instead of 0.38 s at 780
-    # samples, 0.33 instead of 1.62 s at 4096 (docs/scheduling.md, twenty-second session).
+    # last penalty (one solve instead of len(ridge_grid)): 0.09 instead of 0.34 s at 780
+    # samples, 0.33 instead of 1.46 s at 4096 (docs/scheduling.md, twenty-second session).
     research_growth: float = 1.5
     research_every: int = 8
     max_samples: int = 4096  # training window (most recent)
