@@ -386,7 +386,8 @@ class LengthPredictor:
     def _searches(self, n: int, previous: LinearModel | None) -> bool:
         """Does a refit on `n` samples search the ridge grid, or keep `previous`'s penalty?"""
         c = self.config
-        return (previous is None or not math.isfinite(previous.penalty) or previous.penalty not in c.ridge_grid
+        # a NaN penalty (restored from a blob) is in no grid: it searches
+        return (previous is None or previous.penalty not in c.ridge_grid
                 or n >= c.research_growth * previous.searched_on or n * c.research_growth <= previous.searched_on
                 or previous.refits_since_search + 1 >= c.research_every)
 
