@@ -79,6 +79,11 @@ class Metrics:
             "lmgate_kv_reservations_grown", "KV reservations grown because their request outgrew its prediction",
             registry=r,
         )
+        self.predictor_compute = Counter(  # set beside lmgate_step_seconds' sum: what Magnus costs the engine
+            "lmgate_predictor_compute_seconds", "Seconds the Magnus length predictor ran torch/numpy work on the "
+            "engine's compute thread (CPU engine: the steps wait meanwhile): phase=embed (instruction "
+            "embeddings) or phase=refit (regressor refits)", ["phase"], registry=r,
+        )
         self.redis_errors = Counter(
             "lmgate_redis_errors", "Redis operations that failed", ["op"], registry=r
         )

@@ -14,6 +14,7 @@ import collections
 import io
 import math
 import statistics
+import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -602,6 +603,10 @@ class PredictorService:
         # where embeddings and refits run: the runtime's `actors.compute` thread (the one
         # thread of the process that runs torch on a CPU engine), or None: trio's worker threads
         self.compute = None
+        # seconds of work run by `_exclusive`, by phase ("embed", "refit"), and a callback
+        # `(phase, seconds)` for each (the runtime feeds lmgate_predictor_compute_seconds)
+        self.compute_seconds: dict[str, float] = {"embed": 0.0, "refit": 0.0}
+        self.on_compute = None
 
     @property
     def refitting(self) -> bool:
@@ -612,16 +617,27 @@ class PredictorService:
         return RequestFeatures(st.tenant_id, st.call.app, st.call.user, st.prompt_tokens,
                                int(st.params.max_tokens or 1), embedding)
 
-    async def _exclusive(self, fn, *args):
+    async def _exclusive(self, phase: str, fn, *args):
         """`fn(*args)` on the compute thread (or a worker thread) while holding
-        `compute_lock` (if any)."""
+        `compute_lock` (if any); its duration is added to `compute_seconds[phase]`."""
         import trio
 
         run = self.compute.run if self.compute is not None else trio.to_thread.run_sync
+
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                took = time.perf_counter() - t0
+                self.compute_seconds[phase] = self.compute_seconds.get(phase, 0.0) + took
+                if self.on_compute is not None:
+                    self.on_compute(phase, took)
+
         if self.compute_lock is None:
-            return await run(fn, *args)
+            return await run(timed)
         async with self.compute_lock:
-            return await run(fn, *args)
+            return await run(timed)
 
     async def embed_many(self, sts) -> list[np.ndarray | None]:
         """The instructions' embeddings, one encoder call for the lot."""
@@ -633,7 +649,7 @@ class PredictorService:
             self._embed_lock = trio.Lock()  # the embedder is not thread-safe
         texts = [instruction_of(st.call) for st in sts]
         async with self._embed_lock:
-            return list(await self._exclusive(self.embedder.embed, texts))
+            return list(await self._exclusive("embed", self.embedder.embed, texts))
 
     async def embed(self, st) -> np.ndarray | None:
         return (await self.embed_many([st]))[0]
@@ -662,7 +678,7 @@ class PredictorService:
             predictor = self.predictor
             data = predictor.snapshot()
             # keeps the current model's ridge penalty between grid searches (LengthModelConfig.research_every)
-            model = await self._exclusive(predictor.train, data, predictor.model)
+            model = await self._exclusive("refit", predictor.train, data, predictor.model)
             if self.predictor is not predictor:
                 # replaced (`replace`) while this refit ran: its model belongs to the old one
                 return model

@@ -161,6 +161,7 @@ class Runtime:
                              and not str(engine.config.device).startswith("cuda") else None)
         if self.length_service is not None:
             self.length_service.compute_lock = self.compute_lock
+            self.length_service.on_compute = lambda phase, s: self.metrics.predictor_compute.labels(phase).inc(s)
             if self.compute_lock is not None:  # a CPU engine: embed on the engine's thread
                 self.length_service.compute = self.compute
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,

@@ -220,21 +220,6 @@ async def test_load_without_anything_stored_is_false(store):
     assert not await PredictorService(store=store).load()
 
 
-@pytest.mark.slow
-def test_minilm_embeddings_group_instructions_by_application():
-    from actors.embeddings import InstructionEmbedder
-
-    emb = InstructionEmbedder()
-    v = emb.embed([
-        "You are a translator.\nTranslate into French: the cat sat on the mat.",
-        "You are a translator.\nTranslate into Spanish: my neighbour sold a bicycle.",
-        "You are a creative writer.\nWrite a story about a dragon in 8 sentences.",
-    ])
-    assert v.shape == (3, 384)
-    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
-    assert v[0] @ v[1] > v[0] @ v[2]
-
-
 @pytest.mark.parametrize("n", [40, 390, 391, 900])
 def test_ridge_loo_residuals_are_exact_in_either_space(n: int) -> None:
     """The primal (d×d) form used once samples outnumber features gives the kernel form's

@@ -414,6 +414,12 @@ async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nurs
     assert service.predictor.model is not None
     n_seen = service.predictor.num_samples
     assert n_seen >= 6
+    # the time the predictor held the compute thread is exported, by phase
+    reg = rt.registry
+    for phase in ("embed", "refit"):
+        exported = reg.get_sample_value("lmgate_predictor_compute_seconds_total", {"phase": phase})
+        assert exported is not None and exported > 0, phase
+        assert exported == pytest.approx(service.compute_seconds[phase])
 
     # the next request is predicted by the fitted model, from its embedding
     acc = await rt.submit(call(t, messages=[ChatMessage("user", "Write a sentence about a river.")], max_tokens=24))
@@ -486,6 +492,9 @@ async def test_magnus_embeddings_never_run_during_an_engine_step_and_a_burst_is_
             n.start_soon(one, i)
         await collect(long)
     assert sum(batches) == 9 and len(batches) < 9, batches  # the burst shared encoder calls
+    # every encoder call is timed, under the compute lock, into the metric
+    embed_s = rt.registry.get_sample_value("lmgate_predictor_compute_seconds_total", {"phase": "embed"})
+    assert embed_s == pytest.approx(rt.length_service.compute_seconds["embed"]) and embed_s > 0
     assert len(torch_threads) == 1 and threading.get_ident() not in torch_threads, torch_threads
     assert not any(overlaps), overlaps
 
