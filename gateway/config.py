@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.policies import LENGTH_AWARE_POLICIES, POLICY_NAMES
+from actors.policies import KV_RESERVATIONS, LENGTH_AWARE_POLICIES, POLICY_NAMES
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,7 @@ class GatewayConfig:
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
+    kv_reservation: str = "auto"  # auto | always | off: how magnus/hybrid reserve KV (PolicyConfig.kv_reservation)
     length_predictor: str = "auto"  # auto | running | magnus (auto: magnus for the magnus/hybrid policies)
     predictor_seed: str | None = None  # a saved Magnus predictor to start from when Redis holds none
     step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
@@ -81,6 +82,9 @@ class GatewayConfig:
         if self.scheduling_policy not in POLICY_NAMES:
             raise ConfigError(f"scheduling_policy must be one of {', '.join(POLICY_NAMES)}, "
                               f"got {self.scheduling_policy!r}")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ConfigError(f"kv_reservation must be one of {', '.join(KV_RESERVATIONS)}, "
+                              f"got {self.kv_reservation!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.length_predictor not in ("auto", "running", "magnus"):
@@ -146,6 +150,11 @@ _HELP = {
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
                          "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
+    "kv_reservation": "magnus and hybrid: auto (reserve KV blocks for each released request's predicted "
+                      "length, unless recomputing a preempted request measures cheaper than half a decode step), "
+                      "always (reserve whatever the step cost: fewer preemptions, fewer sequences a step), off "
+                      "(admit like vLLM, keep the length grouping and order: more throughput where a "
+                      "recompute is cheap, e.g. AMX; docs/scheduling.md)",
     "length_predictor": "generation-length predictor: auto (magnus for the magnus/hybrid policies, else "
                         "running), running (per-tenant/app running estimate), magnus (MiniLM embeddings + "
                         "input length + user history, trained online, saved in Redis; loads in ~10 s)",
@@ -269,7 +278,8 @@ def runtime_config(config: GatewayConfig):
     )
     return RuntimeConfig(
         engine=engine,
-        queue=QueueConfig(max_waiting=config.max_waiting, policy=PolicyConfig(name=config.scheduling_policy)),
+        queue=QueueConfig(max_waiting=config.max_waiting,
+                          policy=PolicyConfig(name=config.scheduling_policy, kv_reservation=config.kv_reservation)),
         length_predictor=config.resolved_length_predictor,
         predictor_seed=config.predictor_seed,
         model_name=config.served_model_name,

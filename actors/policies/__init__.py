@@ -38,6 +38,8 @@ POLICY_NAMES: tuple[str, ...] = (
 # the policies that group and reserve KV by predicted length: the server gives them the
 # Magnus predictor (MiniLM embeddings, online regression), the rest the cheap running estimate
 LENGTH_AWARE_POLICIES: frozenset[str] = frozenset({"magnus", "hybrid"})
+# how magnus and hybrid reserve KV blocks for released requests (PolicyConfig.kv_reservation)
+KV_RESERVATIONS: tuple[str, ...] = ("auto", "always", "off")
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,26 @@ class PolicyConfig:
     # reserve. Not 1: bf16 on AMX measures 0.9-1.5, where reserving won by 0.01-0.03 of the mean
     # response time (simulated) and the decision flapped with the machine's noise (docs/scheduling.md)
     kv_optimistic_below_steps: float = 0.5
+    # magnus, hybrid: "auto" reserves unless the measured recompute is cheap (the knob above);
+    # "always" reserves whatever the step cost; "off" never reserves (admits like vLLM and keeps
+    # the grouping and the HRRN order). Which wins depends on the machine: on an AMX Xeon in
+    # bf16, served, reserving gave 0.908 of fcfs-continuous's mean response time at 0.906x its
+    # request throughput, never reserving 0.930 at 0.966x (docs/scheduling.md, twenty-third session)
+    kv_reservation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.name not in POLICY_NAMES:
             raise ValueError(f"unknown policy {self.name!r}; expected one of {', '.join(POLICY_NAMES)}")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"unknown kv_reservation {self.kv_reservation!r}; expected one of "
+                             f"{', '.join(KV_RESERVATIONS)}")
 
 
 def make_policy(config: PolicyConfig) -> BatchPolicy:
     c = config
-    pred_kv = KvReservation("predicted", c.kv_margin_std, c.kv_min_margin, c.kv_fraction, growth=c.kv_growth)
+    pred_kv = KvReservation("none" if c.kv_reservation == "off" else "predicted", c.kv_margin_std,
+                            c.kv_min_margin, c.kv_fraction, growth=c.kv_growth)
+    optimistic_below = 0.0 if c.kv_reservation == "always" else c.kv_optimistic_below_steps
     if c.name == "fcfs-static":
         return FcfsStatic(c.static_batch_size)
     if c.name == "fcfs-continuous":
@@ -94,12 +107,12 @@ def make_policy(config: PolicyConfig) -> BatchPolicy:
     if c.name == "vtc":
         return FairVtc()
     if c.name == "magnus":
-        return Magnus(kv=pred_kv, optimistic_below_steps=c.kv_optimistic_below_steps)
-    return Hybrid(c.aging_s, kv=pred_kv, optimistic_below_steps=c.kv_optimistic_below_steps)
+        return Magnus(kv=pred_kv, optimistic_below_steps=optimistic_below)
+    return Hybrid(c.aging_s, kv=pred_kv, optimistic_below_steps=optimistic_below)
 
 
 __all__ = [
     "Adaptive", "BatchPolicy", "EngineView", "FairVtc", "FcfsContinuous", "FcfsStatic", "Hybrid", "Job",
-    "KvReservation", "LENGTH_AWARE_POLICIES", "LoadBased", "Magnus", "POLICY_NAMES", "PolicyBase", "PolicyConfig", "PriorityAging",
+    "KV_RESERVATIONS", "KvReservation", "LENGTH_AWARE_POLICIES", "LoadBased", "Magnus", "POLICY_NAMES", "PolicyBase", "PolicyConfig", "PriorityAging",
     "ServingTimeEstimator", "StepCostFit", "TimeWindow", "VirtualTokenCounter", "make_policy",
 ]

@@ -238,6 +238,34 @@ def test_magnus_reserves_kv_when_recompute_is_expensive_and_admits_optimisticall
     assert make_policy(PolicyConfig(name="hybrid", kv_optimistic_below_steps=0.0)).optimistic_below_steps == 0.0
 
 
+@pytest.mark.parametrize("name", ["magnus", "hybrid"])
+def test_kv_reservation_setting_forces_reserving_on_or_off(name: str):
+    """`PolicyConfig.kv_reservation`: "always" reserves even where a recompute measures cheap,
+    "off" never reserves (not even before the step cost is measured) and keeps the HRRN order,
+    "auto" is the measured rule above."""
+    def released(setting: str, token_cost: float, overhead: float) -> tuple[list[str], int]:
+        p = make_policy(PolicyConfig(name=name, kv_reservation=setting, kv_margin_std=0.0, kv_min_margin=0.0))
+        for k in range(12):  # 40 + 56 = 96 tokens = 6 blocks each
+            p.on_arrival(job(f"r{k}", 0.0, pred=56, prompt=40), 0.0)
+        p.on_arrival(job("short", 0.5, pred=4, prompt=40), 0.5)
+        out = p.release(1.0, view(0, cap=32, free=30, total=30, step=0.06, token_cost=token_cost,
+                                  overhead=overhead))
+        return ids(out), p.kv.held
+
+    cheap, dear, unmeasured = (2e-6, 0.005), (3.7e-3, 0.055), (0.0, 0.0)
+    # reserving: the short one (44 tokens, 3 blocks) then 7 of 6 blocks fill 1.5 × 30 (kv_fraction)
+    for cost in (cheap, dear, unmeasured):
+        out, held = released("always", *cost)
+        assert (len(out), held, out[0]) == (8, 45, "short")  # the short group first (HRRN)
+        out, held = released("off", *cost)
+        assert (len(out), held, out[0]) == (13, 0, "short")
+    out, held = released("auto", *cheap)
+    assert (len(out), held) == (13, 0)
+    assert released("auto", *dear)[1] == 45 and released("auto", *unmeasured)[1] == 45
+    with pytest.raises(ValueError, match="kv_reservation"):
+        PolicyConfig(name=name, kv_reservation="sometimes")
+
+
 def test_kv_reservations_held_before_going_optimistic_are_given_back():
     kv = KvReservation(mode="predicted", margin_std=0.0, min_margin=0.0)
     p = FcfsContinuous(kv=kv)

@@ -89,6 +89,27 @@ def test_length_predictor_auto_follows_the_policy(flags: list[str], expected: st
     assert runtime_config(config).length_predictor == expected
 
 
+@pytest.mark.parametrize(
+    ("flags", "env", "expected"),
+    [([], {}, "auto"), (["--kv-reservation", "off"], {}, "off"),
+     ([], {"LMGATE_KV_RESERVATION": "always"}, "always"),
+     (["--kv-reservation", "off"], {"LMGATE_KV_RESERVATION": "always"}, "off")],
+)
+def test_kv_reservation_reaches_the_policy(flags: list[str], env: dict[str, str], expected: str) -> None:
+    from actors.policies import make_policy
+    from gateway.config import config_from_args, runtime_config
+
+    config = config_from_args(parse(["--scheduling-policy", "magnus", *flags]), env=env)
+    policy = runtime_config(config).queue.policy
+    assert policy.kv_reservation == expected
+    assert make_policy(policy).kv.mode == ("none" if expected == "off" else "predicted")
+
+
+def test_bad_kv_reservation_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="kv_reservation"):
+        GatewayConfig(kv_reservation="never")
+
+
 def test_bad_length_predictor_names_the_setting() -> None:
     with pytest.raises(ConfigError, match="length_predictor"):
         GatewayConfig(length_predictor="oracle")
