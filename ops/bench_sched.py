@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.policies import (
+    KV_RESERVATIONS,
     LENGTH_AWARE_POLICIES,
     POLICY_NAMES,
     BatchPolicy,
@@ -455,6 +456,7 @@ class BenchConfig:
     dtype: str = "float32"  # the engine's weights/KV dtype; float32 by default: the fixture's lengths are float32's
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
+    kv_reservation: str = PolicyConfig.kv_reservation  # magnus, hybrid: auto | always | off
     kv_growth: float = PolicyConfig.kv_growth  # magnus, hybrid: outgrown reservations grow (0 = never)
     real_requests: int = 400  # at the highest rate; lower rates run fewer (see requests_per_rate)
     same_requests_every_rate: bool = False  # every rate runs real_requests (arrival windows differ)
@@ -623,6 +625,10 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         if args.optimistic_below_steps < 0:
             raise ValueError("--optimistic-below-steps must be >= 0")
         cfg = replace(cfg, kv_optimistic_below_steps=args.optimistic_below_steps)
+    if args.kv_reservation is not None:
+        if args.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"--kv-reservation must be one of {', '.join(KV_RESERVATIONS)}")
+        cfg = replace(cfg, kv_reservation=args.kv_reservation)
     if args.kv_growth is not None:
         if args.kv_growth != 0 and args.kv_growth <= 1:
             raise ValueError("--kv-growth must be 0 (never grow) or > 1")
@@ -659,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimistic-below-steps", type=float, metavar="STEPS",
                     help="magnus/hybrid admit without KV reservations while a preemption's recompute costs fewer "
                          f"decode steps than this (default {PolicyConfig.kv_optimistic_below_steps:g}; 0: always reserve)")
+    ap.add_argument("--kv-reservation", metavar="|".join(KV_RESERVATIONS),
+                    help="magnus/hybrid: auto (reserve KV by predicted length unless --optimistic-below-steps "
+                         "says a recompute is cheap), always, or off (admit like vLLM), as `lmgate serve "
+                         f"--kv-reservation` (default {PolicyConfig.kv_reservation})")
     ap.add_argument("--kv-growth", type=float, metavar="FACTOR",
                     help="magnus/hybrid: a KV reservation its request outgrows grows to FACTOR x the output so far, "
                          f"capped at max_tokens (default {PolicyConfig.kv_growth:g}; 0: reservations never grow)")
@@ -787,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         """A fresh policy object: every run, real or simulated, starts from an empty state."""
         return make_policy(PolicyConfig(name=name, static_batch_size=cfg.static_batch,
                                         kv_optimistic_below_steps=cfg.kv_optimistic_below_steps,
+                                        kv_reservation=cfg.kv_reservation,
                                         kv_growth=cfg.kv_growth))
 
     if cfg.real_requests > len(bench_reqs):

@@ -302,6 +302,7 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     assert cfg("--max-num-seqs", "32").max_num_seqs == 32
     assert cfg("--optimistic-below-steps", "0").kv_optimistic_below_steps == 0.0
     assert cfg().kv_optimistic_below_steps == PolicyConfig.kv_optimistic_below_steps
+    assert (cfg().kv_reservation, cfg("--kv-reservation", "off").kv_reservation) == ("auto", "off")
     assert (cfg().kv_growth, cfg("--kv-growth", "0").kv_growth, cfg("--kv-growth", "3").kv_growth) == (2.0, 0.0, 3.0)
     assert (cfg().real_requests, cfg().same_requests_every_rate) == (400, False)
     assert cfg("--same-requests-every-rate").same_requests_every_rate
@@ -311,7 +312,7 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     rt = cfg("--driver", "runtime", "--step-thread", "loop", "--runtime-predictor", "cold")
     assert (rt.driver, rt.step_thread, rt.runtime_predictor) == ("runtime", "loop", "cold")
     for bad in (["--step-thread", "loop"], ["--runtime-predictor", "cold"],  # need --driver runtime
-                ["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--optimistic-below-steps", "-1"], ["--kv-growth", "1"], ["--repeats", "0"], ["--time-budget", "-1"],
+                ["--cache-mb", "0"], ["--max-num-seqs", "0"], ["--optimistic-below-steps", "-1"], ["--kv-growth", "1"], ["--kv-reservation", "never"], ["--repeats", "0"], ["--time-budget", "-1"],
                 ["--real-requests", "0"], ["--policies", "fcfs-static,nope"]):
         with pytest.raises(ValueError):
             cfg(*bad)
