@@ -176,6 +176,8 @@ def summarize(outcome: RunOutcome, rate: float, args: argparse.Namespace, slos: 
         **m,
         "per_tenant": per_tenant,
         "timeline": [[s.t, s.waiting, s.running] for s in outcome.timeline],
+        # the target's counters over the measured requests (warm-ups excluded), as /metrics names them
+        "server": outcome.server_counters,
         **per_request_arrays(outcome.results),
     }
 

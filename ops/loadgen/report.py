@@ -61,6 +61,19 @@ def format_summary(m: Mapping[str, float], percentiles: Sequence[float], title: 
         row(f"Median {short} (ms):", m[f"median_{key}_ms"])
         for p in percentiles:
             row(f"P{p:g} {short} (ms):", m[f"p{p:g}_{key}_ms"])
+    server = m.get("server") or {}
+    if "lmgate_step_seconds_count" in server:
+        lines.append("lmgate server, measured window".center(w, "-"))
+        busy = server.get("lmgate_step_seconds_sum", 0.0)
+        row("Engine steps:", int(server["lmgate_step_seconds_count"]))
+        row("Engine step time (s):", busy)
+        if m["duration"] > 0:
+            row("Engine busy (share of duration):", busy / m["duration"], "{:.3f}")
+        row("Preemptions:", int(server.get("lmgate_num_preemptions_total", 0.0)))
+        for phase in ("embed", "refit"):
+            key = f'lmgate_predictor_compute_seconds_total{{phase="{phase}"}}'
+            if key in server:
+                row(f"Length predictor, {phase} (s):", server[key])
     lines.append("=" * w)
     return "\n".join(lines)
 

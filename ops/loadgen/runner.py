@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ops.loadgen.backends import SendOptions, Target, open_sender, resolve_model
 from ops.loadgen.dataset import BenchRequest
 from ops.loadgen.metrics import RequestResult
-from ops.loadgen.scrape import Sample, scrape_timeline
+from ops.loadgen.scrape import Sample, counter_delta, fetch_counters, scrape_timeline
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class RunOutcome:
     duration: float
     timeline: list[Sample] = field(default_factory=list)
     warmup_failures: int = 0
+    # the target's counters gained over the measured requests (warm-ups excluded):
+    # `scrape.counter_delta`; empty when the target exposes no /metrics
+    server_counters: dict[str, float] = field(default_factory=dict)
 
 
 async def run_workload(
@@ -80,6 +83,7 @@ async def run_workload(
                     await send(model, req, opts, res)
             bar.update(1)
 
+        before = await fetch_counters(http, target.base_url)
         t0 = time.perf_counter()
         async with trio.open_nursery() as outer:
             if cfg.scrape_interval > 0:
@@ -91,7 +95,8 @@ async def run_workload(
                     nursery.start_soon(one, req, res)
             duration = time.perf_counter() - t0
             outer.cancel_scope.cancel()
+        server = counter_delta(before, await fetch_counters(http, target.base_url))
         bar.close()
         for res in results:
             res.start -= t0
-    return RunOutcome(target, model, results, duration, timeline, warmup_failures)
+    return RunOutcome(target, model, results, duration, timeline, warmup_failures, server)

@@ -1,4 +1,5 @@
-"""Timeline of queued and running requests, scraped from the target's `/metrics`.
+"""Timeline of queued and running requests, scraped from the target's `/metrics`; and
+the target's counters over the measured window (`fetch_counters`, `counter_delta`).
 
 Any Prometheus text exposition with gauges whose names end in
 ``num_requests_waiting`` / ``num_requests_running`` works: lmgate's
@@ -64,3 +65,49 @@ async def scrape_timeline(
             out.append(Sample(time.perf_counter() - t0, values[0], values[1]))
         first = False
         await trio.sleep(interval)
+
+
+_COUNTER_SUFFIXES = ("_total", "_sum", "_count")
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """Every counter-like series of a Prometheus text exposition — names ending in
+    `_total`, or a histogram's `_sum`/`_count` — keyed as exposed, labels included
+    (`lmgate_step_tokens_total{kind="decode"}`). Malformed lines are skipped."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        name = key.split("{", 1)[0].strip()
+        if not name.endswith(_COUNTER_SUFFIXES):
+            continue
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+async def fetch_counters(http: httpx.AsyncClient, base_url: str) -> dict[str, float] | None:
+    """`parse_counters` of the target's `/metrics` now, or None if it has none (404,
+    refused, timed out): a target without metrics is not an error."""
+    try:
+        resp = await http.get(base_url.rstrip("/") + "/metrics", timeout=5.0)
+    except httpx.HTTPError:
+        return None
+    return parse_counters(resp.text) if resp.status_code == 200 else None
+
+
+def counter_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """What each counter gained between two scrapes (series new in `after` count from 0);
+    empty if either scrape failed. A counter that went down (the target restarted) is left
+    out rather than reported negative."""
+    if before is None or after is None:
+        return {}
+    out = {}
+    for key, value in after.items():
+        gained = value - before.get(key, 0.0)
+        if gained >= 0:
+            out[key] = gained
+    return out

@@ -55,6 +55,12 @@ async def test_both_backends_against_lmgate(lmgate) -> None:  # type: ignore[no-
         m = compute_metrics(outcome.results, outcome.duration)
         assert m["completed"] == 6 and m["max_concurrent_requests"] >= 2
         assert outcome.timeline, "lmgate exposes lmgate_num_requests_* on /metrics"
+        # the server's counters over exactly these requests: each fed its last token back per
+        # decode step (the first token comes from the prefill), so decode tokens = Σ(output − 1)
+        server = outcome.server_counters
+        assert server["lmgate_step_seconds_count"] >= max(r.output_len for r in requests) - 1
+        assert server['lmgate_step_tokens_total{kind="decode"}'] == sum(r.output_len - 1 for r in requests)
+        assert server["lmgate_step_seconds_sum"] > 0
 
         # the multi-application workload: chat requests with app and user, ending at EOS or the cap
         chats = build_workload(WorkloadSpec(max_tokens=6), 3, math.inf, 1.0, seed=seed)

@@ -16,7 +16,8 @@ from ops.loadgen.metrics import (
     peak_concurrency,
     per_request_arrays,
 )
-from ops.loadgen.scrape import parse_queue_gauges
+from ops.loadgen.report import format_summary
+from ops.loadgen.scrape import counter_delta, parse_counters, parse_queue_gauges
 
 
 def done(index: int, start: float, ttft: float, itl: list[float], output_len: int, prompt_len: int = 10) -> RequestResult:
@@ -132,3 +133,38 @@ def test_queue_gauges_from_prometheus_text() -> None:
     )
     assert parse_queue_gauges(text) == (4.0, 7.0)
     assert parse_queue_gauges("process_cpu_seconds_total 1.0\n") is None
+
+
+def test_counters_over_the_measured_window() -> None:
+    """Counters and histogram sums/counts are kept with their labels; gauges, buckets and
+    `_created` series are not; the delta drops a counter that went down (a restart)."""
+    before = parse_counters(
+        "# TYPE lmgate_num_preemptions counter\n"
+        "lmgate_num_preemptions_total 2.0\n"
+        "lmgate_num_preemptions_created 1.7e9\n"
+        'lmgate_step_tokens_total{kind="decode"} 100.0\n'
+        "lmgate_step_seconds_sum 1.5\n"
+        "lmgate_step_seconds_count 10.0\n"
+        'lmgate_step_seconds_bucket{le="0.1"} 9.0\n'
+        "lmgate_num_requests_waiting 3.0\n"
+        "vllm:num_preemptions_total 4.0\n"
+        "lmgate_broken_total not-a-number\n"
+    )
+    assert before == {"lmgate_num_preemptions_total": 2.0, 'lmgate_step_tokens_total{kind="decode"}': 100.0,
+                      "lmgate_step_seconds_sum": 1.5, "lmgate_step_seconds_count": 10.0,
+                      "vllm:num_preemptions_total": 4.0}
+    after = dict(before, **{"lmgate_num_preemptions_total": 5.0, "lmgate_step_seconds_sum": 4.0,
+                            "lmgate_step_seconds_count": 30.0, "vllm:num_preemptions_total": 1.0,
+                            'lmgate_predictor_compute_seconds_total{phase="embed"}': 0.25})
+    delta = counter_delta(before, after)
+    assert delta["lmgate_num_preemptions_total"] == 3.0 and delta["lmgate_step_seconds_count"] == 20.0
+    assert delta['lmgate_predictor_compute_seconds_total{phase="embed"}'] == 0.25  # new series count from 0
+    assert delta['lmgate_step_tokens_total{kind="decode"}'] == 0.0
+    assert "vllm:num_preemptions_total" not in delta  # went down: the target restarted
+    assert counter_delta(None, after) == {} and counter_delta(before, None) == {}
+
+    m = compute_metrics([done(0, 0.0, 0.1, [0.1], 2)], 5.0)
+    text = format_summary({**m, "server": delta}, [99.0], "lmgate")
+    assert "Engine busy (share of duration):" in text and "0.500" in text  # 2.5 s of steps in 5 s
+    assert "Length predictor, embed (s):" in text and "Length predictor, refit" not in text
+    assert "lmgate server" not in format_summary({**m, "server": {}}, [99.0], "vllm")
