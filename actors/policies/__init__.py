@@ -75,8 +75,8 @@ class PolicyConfig:
     # magnus, hybrid: "auto" reserves unless the measured recompute is cheap (the knob above);
     # "always" reserves whatever the step cost; "off" never reserves (admits like vLLM and keeps
     # the grouping and the HRRN order). Which wins depends on the machine: on an AMX Xeon in
-    # bf16, served, reserving gave 0.908 of fcfs-continuous's mean response time at 0.906x its
-    # request throughput, never reserving 0.930 at 0.966x (docs/scheduling.md, twenty-third session)
+    # bf16, served, reserving gave 0.865 of fcfs-continuous's mean response time at 0.940x its
+    # request throughput, never reserving 0.919 at 0.985x (docs/scheduling.md, twenty-third session)
     kv_reservation: str = "auto"
 
     def __post_init__(self) -> None:
