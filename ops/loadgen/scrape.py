@@ -11,6 +11,7 @@ such gauges (or without `/metrics`) gives no timeline; that is not an error.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -26,20 +27,27 @@ class Sample:
     running: float
 
 
-def parse_queue_gauges(text: str) -> tuple[float, float] | None:
-    """(waiting, running) from a Prometheus text exposition, or None if absent."""
-    found: dict[str, float] = {}
+def _series(text: str) -> Iterator[tuple[str, str, float]]:
+    """(series as exposed, metric name, value) of each sample line of a Prometheus text
+    exposition; comments and lines whose value is not a number are skipped."""
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0].strip()
+        key, _, value = line.rpartition(" ")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        yield key.strip(), key.split("{", 1)[0].strip(), number
+
+
+def parse_queue_gauges(text: str) -> tuple[float, float] | None:
+    """(waiting, running) from a Prometheus text exposition, or None if absent."""
+    found: dict[str, float] = {}
+    for _, name, value in _series(text):
         for suffix in (WAITING, RUNNING):
             if name.endswith(suffix):
-                try:
-                    found[suffix] = found.get(suffix, 0.0) + float(value)
-                except ValueError:
-                    continue
+                found[suffix] = found.get(suffix, 0.0) + value
     if WAITING not in found and RUNNING not in found:
         return None
     return found.get(WAITING, 0.0), found.get(RUNNING, 0.0)
@@ -74,19 +82,7 @@ def parse_counters(text: str) -> dict[str, float]:
     """Every counter-like series of a Prometheus text exposition — names ending in
     `_total`, or a histogram's `_sum`/`_count` — keyed as exposed, labels included
     (`lmgate_step_tokens_total{kind="decode"}`). Malformed lines are skipped."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        name = key.split("{", 1)[0].strip()
-        if not name.endswith(_COUNTER_SUFFIXES):
-            continue
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            continue
-    return out
+    return {key: value for key, name, value in _series(text) if name.endswith(_COUNTER_SUFFIXES)}
 
 
 async def fetch_counters(http: httpx.AsyncClient, base_url: str) -> dict[str, float] | None:
