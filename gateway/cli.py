@@ -39,6 +39,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable KV prefix reuse")
     g.add_argument("--no-kv-huge-pages", action="store_true",
                    help="keep the KV cache on 4 KiB pages (default: 2 MiB transparent huge pages on a Linux CPU)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="a prompt's tokens do not depend on the other prompts of the batch (costs throughput)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -49,6 +51,7 @@ def engine_config_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         num_threads=args.threads,
+        batch_invariant=args.batch_invariant,
         cache=CacheConfig(block_size=args.block_size, cache_bytes=args.kv_cache_mb * 1024**2,
                           enable_prefix_caching=not args.no_prefix_caching, huge_pages=not args.no_kv_huge_pages),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens,

@@ -57,6 +57,7 @@ class GatewayConfig:
     max_model_len: int = 8192
     prefix_caching: bool = True
     kv_huge_pages: bool = True  # back the KV cache with 2 MiB pages (Linux CPUs; gpu.model.advise_huge_pages)
+    batch_invariant: bool = False  # a request's tokens never depend on the load (gpu.config.EngineConfig)
     max_waiting: int = 1024  # queued requests beyond this → 503
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
@@ -145,6 +146,9 @@ _HELP = {
     "prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "kv_huge_pages": "back the KV cache with 2 MiB transparent huge pages on a Linux CPU (measured 1.07x "
                      "tokens/s once block tables scatter)",
+    "batch_invariant": "batch-invariant engine: a greedy or seeded request gets the same tokens whatever else "
+                       "runs, however its prompt is chunked, after a preemption or a prefix hit (costs "
+                       "throughput: ~1.2x the step time on an AMX Xeon in bf16; docs/benchmarking.md)",
     "max_waiting": "queued requests beyond which new ones get 503",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
@@ -268,6 +272,7 @@ def runtime_config(config: GatewayConfig):
         dtype=config.dtype,
         device=config.device,
         num_threads=config.threads,
+        batch_invariant=config.batch_invariant,
         cache=CacheConfig(cache_bytes=config.kv_cache_mb * 1024**2, enable_prefix_caching=config.prefix_caching,
                           huge_pages=config.kv_huge_pages),
         scheduler=SchedulerConfig(

@@ -136,6 +136,7 @@ class Engine:
         self.runner = ModelRunner(
             ckpt, num_blocks=self.num_blocks, block_size=cache.block_size,
             dtype=self.dtype, device=self.config.device, huge_pages=cache.huge_pages,
+            batch_invariant=self.config.batch_invariant,
         )
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens", str(self.dtype).removeprefix("torch."),

@@ -53,13 +53,15 @@ class ModelRunner:
         device: str = "cpu",
         backend: AttentionBackend | None = None,
         huge_pages: bool = True,
+        batch_invariant: bool = False,
     ) -> None:
         self.config = ckpt.config
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
-        self.backend = backend or get_backend(device)
-        self.model = LlamaModel.from_checkpoint(ckpt, self.backend, dtype, self.device)
+        self.backend = backend or get_backend(device, batch_invariant=batch_invariant)
+        self.model = LlamaModel.from_checkpoint(ckpt, self.backend, dtype, self.device,
+                                                batch_invariant=batch_invariant)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, dtype, self.device,
                                             huge_pages=huge_pages)
 

@@ -139,8 +139,9 @@ class AttentionBackend(Protocol):
         ...
 
 
-def get_backend(device: str) -> AttentionBackend:
-    """The fastest backend available for `device` ("cpu", "cuda", "cuda:1", ...)."""
+def get_backend(device: str, *, batch_invariant: bool = False) -> AttentionBackend:
+    """The fastest backend available for `device` ("cpu", "cuda", "cuda:1", ...);
+    `batch_invariant` asks the CPU backend for one prefill path whatever the chunk size."""
     if device.startswith("cuda"):
         try:
             from gpu.attention.cuda_backend import CudaAttentionBackend, cuda_backend_available
@@ -153,7 +154,7 @@ def get_backend(device: str) -> AttentionBackend:
         from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
 
         if cpu_native_available():
-            return CpuNativeAttentionBackend()
+            return CpuNativeAttentionBackend(batch_invariant=batch_invariant)
     from gpu.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()

@@ -125,14 +125,25 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
     "auto" (avx512, avx2, else the torch path; in bfloat16 on an AMX CPU, the torch
     path for sequences with enough work, see `auto_torch_prefill_min_flops`), "torch"
     (always the inherited torch path) or one of `prefill_kernels()` by name — names are for tests and benchmarks; a
-    kernel not built here or not handling the head size raises."""
+    kernel not built here or not handling the head size raises.
+
+    `batch_invariant`: every query row, decode or prefill, goes through the prefill kernel
+    (where one handles the head size), whose rows do not depend on the chunk around them
+    or on the other sequences of the step. The split by work ("auto" on AMX) would send a
+    chunk to SDPA or the kernel by its size, and the decode kernel rounds differently from
+    the prefill kernel at some context lengths (bf16, AMX Xeon: 18 of the first 200), so a
+    token fed as a 1-token prompt chunk, or recomputed after a preemption, would not get
+    the bits it got as a decode. Decodes this way cost ~1.55x the decode kernel's time
+    (30 sequences of 450 positions: 734 against 472 us a layer)."""
 
     name = "cpu-native"
 
-    def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto") -> None:
+    def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto", *,
+                 batch_invariant: bool = False) -> None:
         super().__init__()
         self.decode_kernel = decode_kernel
         self.prefill_kernel = prefill_kernel
+        self.batch_invariant = batch_invariant
 
     def decode(
         self,
@@ -149,6 +160,10 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
         _check_decode(query, k_cache, v_cache, block_tables, max_context_len)
         if query.shape[0] == 0:
             return query.new_empty(query.shape)
+        if self.batch_invariant and self._prefill_kernel_runs(query.shape[-1]):
+            one_each = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+            return self._kernel_prefill(query, k_cache, v_cache, one_each, context_lens, block_tables,
+                                        1, max_context_len, scale)
         return _module().paged_decode(
             query.contiguous(), k_cache, v_cache,
             block_tables.to(torch.int32), context_lens.to(torch.int32), float(scale), self.decode_kernel,
@@ -171,14 +186,13 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
         if (
             query.dtype not in (torch.float32, torch.bfloat16)
             or query.device.type != "cpu"
-            or self.prefill_kernel == "torch"
-            or (self.prefill_kernel == "auto" and not _module().prefill_supported(query.shape[-1]))
+            or not self._prefill_kernel_runs(query.shape[-1])
         ):
             return super().prefill(*args)
         starts, lens = _check_prefill(query, k_cache, v_cache, query_start_loc, context_lens, block_tables)
         if query.shape[0] == 0:
             return query.new_empty(query.shape)
-        min_flops = auto_torch_prefill_min_flops(query.dtype, cpu_has_amx())
+        min_flops = float("inf") if self.batch_invariant else auto_torch_prefill_min_flops(query.dtype, cpu_has_amx())
         if self.prefill_kernel != "auto" or min_flops == float("inf"):  # no per-sequence costing
             return self._kernel_prefill(*args)
         nh, hd = query.shape[1], query.shape[2]
@@ -202,6 +216,10 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
                 block_tables.index_select(0, idx), max(n_q), int(sub_ctx.max()), scale,
             ))
         return out
+
+    def _prefill_kernel_runs(self, head_dim: int) -> bool:
+        """Whether prefill may run the C++ kernel here (else the inherited torch path)."""
+        return self.prefill_kernel != "torch" and (self.prefill_kernel != "auto" or _module().prefill_supported(head_dim))
 
     def _kernel_prefill(self, query, k_cache, v_cache, query_start_loc, context_lens, block_tables,
                         max_query_len, max_context_len, scale) -> torch.Tensor:

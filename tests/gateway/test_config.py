@@ -131,6 +131,18 @@ def test_engine_defaults_and_the_huge_pages_switch_reach_the_engine_config() -> 
 
 
 @pytest.mark.parametrize(("flags", "env", "expected"), [
+    ([], {}, False),
+    (["--batch-invariant"], {}, True),
+    ([], {"LMGATE_BATCH_INVARIANT": "1"}, True),
+    (["--no-batch-invariant"], {"LMGATE_BATCH_INVARIANT": "1"}, False),
+])
+def test_batch_invariant_reaches_the_engine_config(flags: list[str], env: dict[str, str], expected: bool) -> None:
+    from gateway.config import config_from_args, runtime_config
+
+    assert runtime_config(config_from_args(parse(flags), env=env)).engine.batch_invariant is expected
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), [
     ([], {}, True),
     (["--step-thread", "loop"], {}, False),
     (["--step-thread", "worker"], {}, True),

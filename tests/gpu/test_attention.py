@@ -532,3 +532,40 @@ def test_cpu_auto_prefill_mixed_batch_matches_reference(monkeypatch, amx, dtype)
     check_close(backend.prefill(query, *args), reference.prefill(query, *args), dtype)
     split = amx and dtype == torch.bfloat16 and cpu_native.prefill_kernels()
     assert torch_seqs == ([4] if split else [] if cpu_native.prefill_kernels() else [len(chunks)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_cpu_backend_gives_a_query_the_same_bits_on_every_path(monkeypatch, dtype):
+    """`CpuNativeAttentionBackend(batch_invariant=True)`: a query row gets the same bits as a
+    decode, as the last row of a prefill chunk of any size, and next to other sequences —
+    also in bf16 on an AMX CPU, where "auto" would send big chunks to SDPA (forced here)
+    and the decode kernel rounds differently from the prefill kernel."""
+    from gpu.attention import cpu_native
+    from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
+
+    if not cpu_native_available():
+        pytest.fail("the C++ CPU kernel did not build (g++ and ninja are installed by ops/setup.sh)")
+    monkeypatch.setattr(cpu_native, "cpu_has_amx", lambda: True)
+    be = CpuNativeAttentionBackend(batch_invariant=True)
+    g = torch.Generator().manual_seed(3)
+    nb, bs, nkv, hd, nh, n = 40, 16, 3, 64, 9, 150
+    k_cache = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
+    v_cache = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
+    table = torch.randperm(nb - 1, generator=g)[:10].to(torch.int32)[None] + 1
+    q = torch.randn(n, nh, hd, generator=g).to(dtype)
+    scale = hd**-0.5
+
+    def prefill(rows: torch.Tensor, ctx: int) -> torch.Tensor:
+        return be.prefill(rows, k_cache, v_cache, torch.tensor([0, len(rows)], dtype=torch.int32),
+                          torch.tensor([ctx], dtype=torch.int32), table, len(rows), ctx, scale)
+
+    whole = prefill(q, n)  # 150 x 150 causal: past the 32 MFLOP from which "auto" takes SDPA on AMX
+    for start in (1, 40, 99, 149):
+        assert torch.equal(prefill(q[start:], n), whole[start:]), f"chunk from {start}"
+    for ctx in range(1, n + 1):
+        one = be.decode(q[ctx - 1:ctx], k_cache, v_cache, table, torch.tensor([ctx], dtype=torch.int32), ctx, scale)
+        assert torch.equal(one[0], whole[ctx - 1]), f"decode at context {ctx}"
+    others = torch.randn(3, nh, hd, generator=g).to(dtype)
+    crowd = be.decode(torch.cat([q[99:100], others]), k_cache, v_cache, table.repeat(4, 1),
+                      torch.tensor([100, 7, 150, 33], dtype=torch.int32), n, scale)
+    assert torch.equal(crowd[0], whole[99])

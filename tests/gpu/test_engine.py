@@ -259,3 +259,44 @@ def test_the_first_engine_of_a_process_is_freed_when_dropped():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "freed", out.stderr[-2000:]
+
+
+def test_batch_invariant_engine_gives_a_request_the_same_tokens_whatever_the_load(ckpt, tokenizer, prompts):
+    """`batch_invariant=True`: a greedy and a seeded request get the tokens they get alone when
+    36 requests share the steps (more than 32 rows a GEMM, where oneDNN's bf16 kernel on an
+    AMX CPU changes), when a 37-token budget chunks the prompts (1-token chunks and prefix
+    hits included), and when a small cache preempts and recomputes them."""
+    dtype = "auto"  # bf16 where the CPU has it: the dtype whose kernels depend on the row count
+    many = [p + tokenizer.encode(f" (variant {i})") for i in range(4) for p in prompts]  # 36 prompts
+    params = [greedy(24)] * len(many)
+    params[5] = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True)
+    ckpt_dt = load_checkpoint("smollm2", resolve_dtype(dtype, "cpu"))
+
+    def engine(**kw) -> Engine:
+        cache = kw.pop("cache", CacheConfig(cache_bytes=64 * 1024**2))
+        cfg = EngineConfig(dtype=dtype, batch_invariant=True, cache=cache,
+                           scheduler=replace(SchedulerConfig(), **kw))
+        return Engine(cfg, checkpoint=ckpt_dt, tokenizer=tokenizer)
+
+    def run(eng: Engine, idx: list[int]) -> list[list[int]]:
+        return [o.token_ids for [o] in generate(eng, [many[i] for i in idx], [params[i] for i in idx])]
+
+    solo_engine = engine()
+    watched = [0, 5, 8, 17, 35]
+    alone = [run(solo_engine, [i])[0] for i in watched]
+    everything = list(range(len(many)))
+    batched = run(engine(), everything)
+    chunked = run(engine(max_num_batched_tokens=37), everything)
+    dtype_bytes = torch.tensor([], dtype=resolve_dtype(dtype, "cpu")).element_size()
+    per_block = CacheConfig(block_size=16).bytes_per_block(ckpt.config, dtype_bytes)
+    need = max(len(p) for p in many) + 24
+    small = engine(cache=CacheConfig(block_size=16, cache_bytes=per_block * (need // 16 + 1) * 3,
+                                     enable_prefix_caching=False))  # room for about three requests
+    preempted = run(small, everything)
+    assert small.counters["preemptions"] > 0
+    assert small.block_manager.num_free_blocks == small.num_blocks
+    for k, i in enumerate(watched):
+        assert batched[i] == alone[k], f"request {i} changed in a batch of {len(many)}"
+        assert chunked[i] == alone[k], f"request {i} changed under chunked prefill"
+        assert preempted[i] == alone[k], f"request {i} changed after preemption"
+    assert chunked == batched == preempted

@@ -315,6 +315,32 @@ def test_packed_weight_matches_plain_linear_at_every_row_count(dtype, atol, rows
         assert torch.equal(out, torch.nn.functional.linear(x, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1728, 576), (3072, 576), (576, 1536), (8192, 576)])
+def test_batch_invariant_weight_gives_every_row_the_bits_it_gets_alone(dtype, shape):
+    """`pack(batch_invariant=True)`: whatever the row count, each row of x Wᵀ is bit for bit
+    the row computed alone (SmolLM2's projection shapes and a slice of its LM head; on an AMX
+    Xeon oneDNN's bf16 kernel changes from 33 rows and this fails untiled). Values stay
+    those of the plain product."""
+    from gpu.model import INVARIANT_TILE_CANDIDATES, PackedWeight
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+    x = torch.randn(130, shape[1], generator=g).to(dtype)
+    pw = PackedWeight(w)
+    pw.pack(batch_invariant=True)
+    assert pw.row_tile in INVARIANT_TILE_CANDIDATES
+    alone = torch.cat([pw.linear(x[i:i + 1]) for i in range(len(x))])
+    for rows in (2, 31, 32, 33, 64, 65, 100, 130):
+        assert torch.equal(pw.linear(x[:rows]), alone[:rows]), f"{rows} rows"
+        assert torch.equal(pw.linear(x[130 - rows:]), alone[130 - rows:]), f"last {rows} rows"
+    ref = (x.double() @ w.double().t()).float()
+    torch.testing.assert_close(alone.float(), ref, atol=1e-4 if dtype == torch.float32 else 0.05,
+                               rtol=1e-5 if dtype == torch.float32 else 0.02)
+    pw.pack()  # back to the fastest kernel per row count: no tiles
+    assert pw.row_tile == 0
+
+
 def test_fp32_packed_threshold_is_one_of_the_two_documented_choices():
     from gpu.model import PACKED_MIN_ROWS_FP32, fp32_packed_min_rows, onednn_packing_available
 
