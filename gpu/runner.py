@@ -14,6 +14,7 @@ Packing of one step (decodes first, as `gpu.attention` requires)::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.attention import AttentionBackend, AttentionMetadata, get_backend
 from gpu.loader import Checkpoint
 from gpu.model import LlamaModel, allocate_kv_caches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class ModelRunner:
         self.backend = backend or get_backend(device, batch_invariant=batch_invariant)
         self.model = LlamaModel.from_checkpoint(ckpt, self.backend, dtype, self.device,
                                                 batch_invariant=batch_invariant)
+        invariant = getattr(self.backend, "is_batch_invariant", None)
+        if batch_invariant and not (invariant is not None and invariant(self.config.head_dim)):
+            log.warning("batch invariance covers the projections only: the %s attention backend has no "
+                        "batch-invariant path for head size %d here", getattr(self.backend, "name", "?"),
+                        self.config.head_dim)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, dtype, self.device,
                                             huge_pages=huge_pages)
 

@@ -217,6 +217,10 @@ class CpuNativeAttentionBackend(TorchAttentionBackend):
             ))
         return out
 
+    def is_batch_invariant(self, head_dim: int) -> bool:
+        """True when every query row of this head size takes the one invariant path."""
+        return self.batch_invariant and self._prefill_kernel_runs(head_dim)
+
     def _prefill_kernel_runs(self, head_dim: int) -> bool:
         """Whether prefill may run the C++ kernel here (else the inherited torch path)."""
         return self.prefill_kernel != "torch" and (self.prefill_kernel != "auto" or _module().prefill_supported(head_dim))

@@ -387,3 +387,24 @@ def test_bfloat16_model_tracks_the_fp32_reference(smollm2_path, hf_reference):
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ids)
     assert agree / total >= 0.9
+
+
+def test_batch_invariant_runner_warns_when_its_attention_backend_cannot_follow(caplog):
+    """The torch attention backend has no invariant path: asking for batch invariance over it
+    says so (the projections still tile); the CPU kernels' backend takes it silently."""
+    import logging
+
+    from gpu.attention.cpu_native import CpuNativeAttentionBackend
+    from gpu.runner import ModelRunner
+
+    ckpt = load_checkpoint("smollm2", torch.float32)
+    with caplog.at_level(logging.WARNING, logger="gpu.runner"):
+        runner = ModelRunner(ckpt, num_blocks=4, block_size=16, dtype=torch.float32,
+                             backend=TorchAttentionBackend(), batch_invariant=True)
+    assert "covers the projections only" in caplog.text
+    assert runner.model.layers[0].mlp.down_proj._kernel.row_tile > 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpu.runner"):
+        ModelRunner(ckpt, num_blocks=4, block_size=16, dtype=torch.float32,
+                    backend=CpuNativeAttentionBackend(batch_invariant=True), batch_invariant=True)
+    assert "covers the projections only" not in caplog.text
