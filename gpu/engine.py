@@ -139,8 +139,9 @@ class Engine:
             batch_invariant=self.config.batch_invariant,
         )
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens", str(self.dtype).removeprefix("torch."),
-                 self.config.device, self.config.dtype, self.num_blocks, cache.block_size)
+        log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s", str(self.dtype).removeprefix("torch."),
+                 self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
+                 ", batch-invariant" if self.config.batch_invariant else "")
         sched_cfg = self.config.scheduler
         if sched_cfg.max_model_len != self.max_model_len:
             from dataclasses import replace

@@ -1,6 +1,7 @@
 """Regenerate the workload fixture: run every request through the real SmolLM2.
 
     python -m ops.workload.generate [--n 960] [--max-tokens 512] [--out ops/workload/requests.jsonl]
+                                    [--dtype float32] [--batch-invariant]
 
 Greedy decoding with the model's chat template; a request ends at EOS or at
 `max_tokens`. The recorded `output_tokens` is the model's own length, so the
@@ -14,6 +15,13 @@ for a queue to build at the highest rate (docs/scheduling.md). The templates are
 deterministic in `--seed`, so the first n requests of a longer run are the n of a
 shorter one. `gpu.engine.generate` batches all requests continuously (10-20 minutes
 for 960 on 2 cores).
+
+The shipped fixture is float32's (the same on every machine). A deployment that serves in
+another dtype generates different lengths (bf16 on an AMX Xeon: two thirds of a served
+run's requests keep float32's length); `--dtype bfloat16 --batch-invariant` writes the
+lengths such a server produces under `--batch-invariant`, whatever its load — a log to
+train a predictor seed on (`lmgate predictor train --requests`). Without
+`--batch-invariant`, bf16 lengths depend on the batch they ran in (docs/benchmarking.md).
 """
 
 from __future__ import annotations
@@ -35,15 +43,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="engine dtype (default float32: the shipped fixture's, the same on every machine)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="run the batch-invariant engine: each request's length is the one it gets alone")
     args = ap.parse_args(argv)
 
     from gpu.config import EngineConfig, SchedulerConfig
     from gpu.engine import Engine, generate
     from gpu.sampling import SamplingParams
 
-    # float32 on every machine ("auto" is bfloat16 on some CPUs): the fixture's lengths must
-    # not depend on which machine regenerated it
-    engine = Engine(EngineConfig(num_threads=args.threads, dtype="float32",
+    # float32 by default, not "auto" (bfloat16 on some CPUs): the shipped fixture's lengths
+    # must not depend on which machine regenerated it
+    engine = Engine(EngineConfig(num_threads=args.threads, dtype=args.dtype, batch_invariant=args.batch_invariant,
                                  scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)))
     reqs = build_requests(args.n, args.seed)
     prompts = [engine.tokenizer.render_and_encode(list(r.messages)) for r in reqs]

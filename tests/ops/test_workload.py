@@ -57,3 +57,21 @@ def test_shipped_fixture_is_the_templates_run_through_the_model():
     medians = {app: np.median([r.output_tokens for r in fx if r.app == app]) for app in {r.app for r in fx}}
     assert max(medians.values()) > 2 * min(medians.values())
     assert {r.finish_reason for r in fx} == {"stop", "length"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("free_engines")
+def test_generate_writes_a_fixture_in_the_dtype_asked_for(tmp_path):
+    """`ops.workload.generate --dtype bfloat16 --batch-invariant`: a log of the bundled model's
+    own lengths that `load_fixture` reads, the first requests of a longer run having the
+    lengths of a shorter one (each request's length is the one it gets alone)."""
+    from ops.workload.generate import main
+
+    short, longer = tmp_path / "three.jsonl", tmp_path / "seven.jsonl"
+    main(["--n", "3", "--max-tokens", "24", "--dtype", "bfloat16", "--batch-invariant", "--out", str(short)])
+    main(["--n", "7", "--max-tokens", "24", "--dtype", "bfloat16", "--batch-invariant", "--out", str(longer)])
+    a, b = load_fixture(short), load_fixture(longer)
+    assert len(a) == 3 and len(b) == 7
+    assert all(1 <= r.output_tokens <= 24 and r.max_tokens == 24 for r in b)
+    assert [(r.id, r.prompt_tokens, r.output_tokens, r.finish_reason) for r in a] == [
+        (r.id, r.prompt_tokens, r.output_tokens, r.finish_reason) for r in b[:3]]
