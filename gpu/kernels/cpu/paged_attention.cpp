@@ -787,6 +787,18 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// Scores of RB query rows (`qb`, hd floats each, pre-scaled) against a tile of 16 keys
+// transposed into `kt` (hd x 16): sc[u] lane t = sum over d of q[u][d] * k[t][d], one FMA
+// per d in order — each row's bits depend on nothing but that row and the keys.
+template <int RB, int64_t hd>
+inline void score_rows16(const float* qb, const float* kt, __m512* sc) {
+  for (int u = 0; u < RB; ++u) sc[u] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m512 kd = _mm512_load_ps(kt + d * 16);
+    for (int u = 0; u < RB; ++u) sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(qb[u * hd + d]), kd, sc[u]);
+  }
+}
+
 template <typename T, int NV>
 void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, const int32_t* ctx,
                     const int32_t* tables, T* out, int64_t S, int64_t nh, int64_t bs, int64_t nkv, int64_t W,
@@ -828,12 +840,12 @@ void prefill_avx512(const T* q, const T* kc, const T* vc, const int32_t* qsl, co
         const bool partial = start + cnt - 1 > pos0;  // the causal edge crosses this tile
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
           __m512 sc[RB];
-          for (int u = 0; u < RB; ++u) sc[u] = _mm512_setzero_ps();
           const float* qb = &qf[r0 * hd];
-          for (int64_t d = 0; d < hd; ++d) {
-            const __m512 kd = _mm512_load_ps(kt + d * 16);
-            for (int u = 0; u < RB; ++u) sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(qb[u * hd + d]), kd, sc[u]);
-          }
+          // a short tail (a decode's G rows, a chunk's last rows) scores 4 or 2 rows, not 8:
+          // the same FMA chain per row, so the same bits, for half the work or less
+          if (rows - r0 > 4) score_rows16<RB, hd>(qb, kt, sc);
+          else if (rows - r0 > 2) score_rows16<4, hd>(qb, kt, sc);
+          else score_rows16<2, hd>(qb, kt, sc);
           for (int u = 0; u < RB && r0 + u < rows; ++u) {
             const int64_t r = r0 + u;
             const int64_t seen = partial ? std::clamp<int64_t>(pos0 + r / G - start + 1, 0, cnt) : cnt;
