@@ -148,7 +148,7 @@ _HELP = {
                      "tokens/s once block tables scatter)",
     "batch_invariant": "batch-invariant engine: a greedy or seeded request gets the same tokens whatever else "
                        "runs, however its prompt is chunked, after a preemption or a prefix hit (costs "
-                       "throughput: ~1.2x the step time on an AMX Xeon in bf16; docs/benchmarking.md)",
+                       "throughput: 0.73-0.90x the tokens/s on an AMX Xeon in bf16; docs/benchmarking.md)",
     "max_waiting": "queued requests beyond which new ones get 503",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",

@@ -112,7 +112,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
     # a request's tokens do not depend on what else its steps hold: GEMMs in row tiles
-    # whose results a row gets alone (`gpu.model.PackedWeight`), one prefill path for every
-    # chunk size. Costs throughput (AMX Xeon, bf16: 1.07x the time at 32 running sequences,
-    # 1.19x at 64); float32 on these CPUs was already invariant. docs/benchmarking.md
+    # whose results a row gets alone (`gpu.model.PackedWeight`), every attention row through
+    # the prefill kernel (`gpu.attention.cpu_native`). Costs throughput (AMX Xeon, bf16: 0.90x the tokens/s at 32 running
+    # sequences, 0.73x at 64: `python -m ops.bench_invariance`). docs/benchmarking.md
     batch_invariant: bool = False
