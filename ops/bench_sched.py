@@ -52,7 +52,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -441,6 +441,21 @@ def run_runtime(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], pol
     return RealRun(list(records.values()), steps, engine.counters["preemptions"] - pre0, lengths)
 
 
+def length_agreement(lengths: Mapping[tuple[str, float, int], Mapping[str, int]]) -> dict[str, float]:
+    """Per rate: the share of requests that got the same output length in every real run at
+    that rate (every policy and repeat). 1.0 means the policies were compared on one
+    workload: always in float32 here, in bf16 only with `--batch-invariant`."""
+    by_rate: dict[float, list[Mapping[str, int]]] = {}
+    for (_, rate, _), runs in lengths.items():
+        by_rate.setdefault(rate, []).append(runs)
+    out = {}
+    for rate, runs in sorted(by_rate.items()):
+        common = set.intersection(*(set(r) for r in runs))
+        same = sum(len({r[rid] for r in runs}) == 1 for rid in common)
+        out[f"{rate:g}"] = same / len(common) if common else float("nan")
+    return out
+
+
 # ------------------------------------------------------------------ orchestration
 @dataclass(frozen=True)
 class BenchConfig:
@@ -454,6 +469,9 @@ class BenchConfig:
     max_num_batched_tokens: int = 512
     cache_mb: float = 512.0  # in float32; bf16 halves it (the same blocks, see bench_config)
     dtype: str = "float32"  # the engine's weights/KV dtype; float32 by default: the fixture's lengths are float32's
+    # the engine's batch-invariant mode: in bf16 every policy's run then generates the same
+    # lengths (the same workload), as float32 already does on these CPUs
+    batch_invariant: bool = False
     static_batch: int = 8
     kv_optimistic_below_steps: float = PolicyConfig.kv_optimistic_below_steps  # magnus, hybrid
     kv_reservation: str = PolicyConfig.kv_reservation  # magnus, hybrid: auto | always | off
@@ -644,7 +662,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         raise ValueError("--cache-mb must be positive")
     if args.driver != "runtime" and (args.step_thread or args.runtime_predictor):
         raise ValueError("--step-thread and --runtime-predictor apply to --driver runtime")
-    return replace(cfg, dtype=args.dtype, cache_mb=cache_mb, driver=args.driver,
+    return replace(cfg, dtype=args.dtype, cache_mb=cache_mb, driver=args.driver, batch_invariant=args.batch_invariant,
                    step_thread=args.step_thread or "worker", runtime_predictor=args.runtime_predictor or "trained")
 
 
@@ -682,6 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine weights/KV dtype (default float32 on every machine, not the engine's auto: the "
                          "fixture's lengths are float32's); in bfloat16 the real runs generate their own lengths "
                          "and the simulator replays those")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="run the engine batch-invariant (`lmgate serve --batch-invariant`): in bfloat16 every "
+                         "policy's real run then generates the same lengths, so policies are compared on one "
+                         "workload (costs 0.73-0.90x the tokens/s on an AMX Xeon)")
     ap.add_argument("--fixture", type=Path, help="workload JSONL (default: the shipped ops/workload/requests.jsonl)")
     ap.add_argument("--no-real", action="store_true", help="simulation only (needs a calibration run anyway)")
     ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
@@ -755,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. engine + calibration
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
     engine = Engine(EngineConfig(num_threads=args.threads, scheduler=sched_cfg, dtype=cfg.dtype,
+                                 batch_invariant=cfg.batch_invariant,
                                  cache=CacheConfig(cache_bytes=int(cfg.cache_mb * 1024**2))))
     recorder = _PlanRecorder(engine.scheduler)
     preds = {}
@@ -899,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
     report["policies"] = real
     report["sim_same_runs"] = sim_same
     report["agreement"] = agreement
+    if real_lengths:
+        report["real_length_agreement"] = length_agreement(real_lengths)
+        _log("requests with the same length in every real run, per rate: " + ", ".join(
+            f"{rate} req/s {share:.1%}" for rate, share in report["real_length_agreement"].items()))
     if agreement:
         report["agreement_mean_rel_err"] = float(np.mean([a["rel_err"] for a in agreement]))
         report["agreement_max_rel_err"] = float(np.max([a["rel_err"] for a in agreement]))

@@ -300,6 +300,7 @@ def test_bench_config_keeps_the_kv_blocks_across_dtypes_and_rejects_bad_flags():
     assert (bf16.dtype, bf16.cache_mb) == ("bfloat16", 256)  # half the bytes per block: the same blocks
     assert cfg("--dtype", "bfloat16", "--cache-mb", "512").cache_mb == 512  # an explicit size wins
     assert cfg("--max-num-seqs", "32").max_num_seqs == 32
+    assert (cfg().batch_invariant, cfg("--dtype", "bfloat16", "--batch-invariant").batch_invariant) == (False, True)
     assert cfg("--optimistic-below-steps", "0").kv_optimistic_below_steps == 0.0
     assert cfg().kv_optimistic_below_steps == PolicyConfig.kv_optimistic_below_steps
     assert (cfg().kv_reservation, cfg("--kv-reservation", "off").kv_reservation) == ("auto", "off")
@@ -433,3 +434,14 @@ def test_the_runs_predict_with_the_trained_predictor_not_one_that_saw_the_held_o
         f = features_of(r, 256, emb[r.id])
         assert trained.predict(f) == fresh.predict(f)
     assert ev.n_test == 16
+
+
+def test_length_agreement_is_the_share_of_requests_every_run_at_a_rate_agrees_on():
+    from ops.bench_sched import length_agreement
+
+    runs = {("fcfs-continuous", 2.0, 0): {"a": 5, "b": 7, "c": 9},
+            ("magnus", 2.0, 0): {"a": 5, "b": 8, "c": 9},
+            ("magnus", 2.0, 1): {"a": 5, "b": 7, "c": 9, "d": 1},  # d: not in every run, not counted
+            ("magnus", 4.0, 0): {"a": 1}}
+    assert length_agreement(runs) == {"2": 2 / 3, "4": 1.0}
+    assert length_agreement({}) == {}
