@@ -107,12 +107,18 @@ class Accounting:
         from cache.response_cache import CachedCompletion, CachedUsage
 
         rec = st.choices[0]
+        with_logprobs = st.params.logprobs is not None
+        if with_logprobs and len(rec.logprobs) != len(rec.token_ids):
+            return  # not every token came with its logprob: a replay could not answer in full
         value = CachedCompletion(
             text=rec.text,
             token_ids=rec.token_ids,
             finish_reason=rec.finish_reason or "stop",
             usage=CachedUsage(prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens),
             deltas=rec.deltas,
+            logprobs=rec.logprobs if with_logprobs else None,
+            tokens=rec.tokens if with_logprobs else None,
+            top_logprobs=rec.top_logprobs if with_logprobs and rec.top_logprobs else None,
         )
         tenant = st.call.tenant.as_tenant()
         await self._with_retry("response_cache_put", self.response_cache.put, tenant, self.model_name,

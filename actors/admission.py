@@ -24,13 +24,21 @@ from typing import Any
 import msgspec
 import trio
 
-from actors.messages import Accepted, Finished, GenerateCall, Rejected, TokenDelta, Usage
+from actors.messages import (
+    Accepted,
+    Finished,
+    GenerateCall,
+    Rejected,
+    TokenDelta,
+    TopLogprob,
+    Usage,
+)
 from actors.metrics import Metrics
 from actors.state import RequestState
 from actors.stepper import Completed
 from cache.quotas import Denied, DuplicateRequest
 from cache.store import CacheUnavailable
-from gpu.sampling import SamplingParams
+from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,12 +99,13 @@ class Admission:
         self.quotas = quotas
         self.response_cache = response_cache
         self.prompt_cache = prompt_cache
+        self.pending = 0  # requests between the load check and the hand-off to the predictor
 
     # ------------------------------------------------------------- pieces
     async def _tokenize(self, call: GenerateCall) -> list[int]:
         if call.messages is not None:
             if not call.messages:
-                raise _Refuse(400, "invalid_request_error", "messages must not be empty", "messages")
+                raise _Refuse(400, "invalid_value", "messages must not be empty", "messages")
             msgs = [{"role": m.role, "content": m.content} for m in call.messages]
             if self.prompt_cache is not None:
                 try:
@@ -109,7 +118,7 @@ class Admission:
             try:
                 text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
             except Exception as e:  # template errors (e.g. raise_exception for bad roles) are the caller's
-                raise _Refuse(400, "invalid_request_error", f"messages: {e}", "messages") from e
+                raise _Refuse(400, "invalid_value", f"messages: {e}", "messages") from e
             ids = self.tokenizer.encode(text)
             if self.prompt_cache is not None:
                 from cache.prompt_cache import RenderedPrompt
@@ -123,18 +132,18 @@ class Admission:
             ids = list(call.prompt_token_ids)
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             if bad:
-                raise _Refuse(400, "invalid_request_error",
+                raise _Refuse(400, "invalid_value",
                               f"prompt token ids must be in [0, {self.config.vocab_size}); got {bad[0]}", "prompt")
             return ids
         if call.prompt is not None:
             return self.tokenizer.encode(call.prompt)
-        raise _Refuse(400, "invalid_request_error", "a prompt is required", "prompt")
+        raise _Refuse(400, "invalid_value", "a prompt is required", "prompt")
 
     def _resolve_params(self, call: GenerateCall, n_prompt: int) -> SamplingParams:
         p = call.params
         room = self.config.max_model_len - n_prompt
         if n_prompt == 0:
-            raise _Refuse(400, "invalid_request_error", "prompt is empty", "prompt")
+            raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
         if room < 1:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
@@ -142,23 +151,41 @@ class Admission:
         cap = call.tenant.max_tokens_cap
         max_tokens = p.max_tokens
         if max_tokens is None:
+            if cap is not None and cap < 1:
+                raise _Refuse(400, "invalid_value",
+                              f"this key's max_tokens limit is {cap}: it may not generate", "max_tokens")
+            cap_kv = self.config.kv_capacity_tokens
+            if cap_kv:  # a cache smaller than the context window bounds what one request can grow to
+                room = min(room, cap_kv - n_prompt)
+                if room < 1:
+                    raise _Refuse(400, "context_length_exceeded",
+                                  f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} "
+                                  "for one request", "messages" if call.messages is not None else "prompt")
             max_tokens = min(room, cap) if cap is not None else room
         if cap is not None and max_tokens > cap:
-            raise _Refuse(400, "invalid_request_error",
+            raise _Refuse(400, "invalid_value",
                           f"max_tokens {max_tokens} exceeds this key's limit of {cap}", "max_tokens")
+        if n_prompt + max_tokens > self.config.max_model_len:
+            raise _Refuse(400, "context_length_exceeded",
+                          f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                          f"window of {self.config.max_model_len} tokens", "max_tokens")
         cap_kv = self.config.kv_capacity_tokens
         if cap_kv and n_prompt + max_tokens > cap_kv:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
                           f"{cap_kv} tokens this server's KV cache holds for one request", "max_tokens")
-        if n_prompt + max_tokens > self.config.max_model_len:
-            raise _Refuse(400, "context_length_exceeded",
-                          f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                          f"window of {self.config.max_model_len} tokens", "max_tokens")
-        return msgspec.structs.replace(p, max_tokens=max_tokens)
+        try:  # the request's own fields were checked; what is filled in here may clash with them
+            return msgspec.structs.replace(p, max_tokens=max_tokens)
+        except SamplingParamsError as e:
+            why = "" if p.max_tokens is not None else (
+                " (max_tokens was not given: it defaults to the room left in the context window and KV cache"
+                + (f", capped at this key's limit of {cap})" if cap is not None else ")"))
+            raise _Refuse(400, "invalid_value", f"{e}{why}", e.field) from e
 
     def _check_load(self) -> None:
-        waiting = self.load.waiting()
+        # requests past this check and not yet handed to the predictor count too: admit()
+        # awaits Redis after it, and a burst would otherwise all pass against the same count
+        waiting = self.load.waiting() + self.pending
         if waiting >= self.config.max_waiting:
             raise _Refuse(503, "overloaded", f"server overloaded: {waiting} requests waiting",
                           retry_after=max(1.0, self.load.estimated_wait_s()))
@@ -180,11 +207,11 @@ class Admission:
                 return
             raise _Refuse(503, "quota_unavailable", "quota service unavailable", retry_after=1.0) from e
         except DuplicateRequest as e:
-            raise _Refuse(400, "invalid_request_error", str(e), "request_id") from e
+            raise _Refuse(400, "invalid_value", str(e), "request_id") from e
         if isinstance(res, Denied):
             if res.retry_after_s is None:  # can never pass: this is the caller's request, not load
                 raise _Refuse(400 if res.limit == "max_tokens_cap" else 429, "rate_limit_exceeded"
-                              if res.limit != "max_tokens_cap" else "invalid_request_error",
+                              if res.limit != "max_tokens_cap" else "invalid_value",
                               f"quota {res.limit}: {res.reason}",
                               "max_tokens" if res.limit == "max_tokens_cap" else None)
             raise _Refuse(429, "rate_limit_exceeded", f"quota {res.limit}: {res.reason}",
@@ -207,15 +234,28 @@ class Admission:
         except CacheUnavailable:
             self.metrics.redis_errors.labels("response_cache_get").inc()
             hit = None
+        if hit is not None and st.params.logprobs is not None and hit.logprobs is None:
+            hit = None  # stored without its logprobs (an older entry): answer afresh
         self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
         if hit is None:
             return None
         send, recv = trio.open_memory_channel(len(hit.token_ids) + 2)
-        if len(hit.deltas) == len(hit.token_ids):  # replay token by token, as it was streamed
-            for text, tok in zip(hit.deltas, hit.token_ids, strict=True):
-                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok]))
+        n = len(hit.token_ids)
+        lps = hit.logprobs
+        toks = hit.tokens if hit.tokens is not None and len(hit.tokens) == n else None
+        tops = hit.top_logprobs if hit.top_logprobs is not None and len(hit.top_logprobs) == n else None
+
+        def extras(i: int, j: int) -> dict[str, Any]:
+            if lps is None:
+                return {}
+            return {"logprobs": lps[i:j], "tokens": toks[i:j] if toks is not None else None,
+                    "top_logprobs": [[TopLogprob(*a) for a in row] for row in tops[i:j]] if tops is not None else None}
+
+        if len(hit.deltas) == n:  # replay token by token, as it was streamed
+            for i, (text, tok) in enumerate(zip(hit.deltas, hit.token_ids, strict=True)):
+                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok], **extras(i, i + 1)))
         else:
-            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids)))
+            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids), **extras(0, n)))
         usage = Usage(st.prompt_tokens, hit.usage.completion_tokens)
         send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
         send.close()
@@ -228,6 +268,7 @@ class Admission:
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall) -> Accepted | Rejected:
         tenant = call.tenant.tenant_id
+        pending = False
         try:
             if call.model != self.config.model_name and call.model not in self.config.model_aliases:
                 raise _Refuse(404, "model_not_found",
@@ -236,6 +277,8 @@ class Admission:
             ids = await self._tokenize(call)
             params = self._resolve_params(call, len(ids))
             self._check_load()
+            self.pending += 1  # no await since the check: the count and the check agree
+            pending = True
             prio = call.tenant.priority if call.priority is None else min(call.priority, call.tenant.priority)
             send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
             st = RequestState(call, ids, params, prio, send,
@@ -257,6 +300,9 @@ class Admission:
             status, code, message, param, retry = r.rejected
             self.metrics.rejections.labels(tenant, str(status), code).inc()
             return Rejected(call.request_id, status, code, message, param, retry)
+        finally:
+            if pending:
+                self.pending -= 1
 
         def cancel() -> None:
             st.cancelled = True

@@ -41,6 +41,7 @@ class TenantContext(msgspec.Struct, frozen=True):
     max_tokens_cap: int | None = None
     shared_cache_pool: bool = False
     quota: Quota | None = None  # None: no quota is enforced (no Redis, or an internal caller)
+    created_at: float = 0.0  # the tenant record's: tells a re-created tenant id from the deleted one
 
     @classmethod
     def from_tenant(cls, tenant: Tenant) -> TenantContext:
@@ -50,6 +51,7 @@ class TenantContext(msgspec.Struct, frozen=True):
             max_tokens_cap=tenant.quota.max_tokens_cap,
             shared_cache_pool=tenant.shared_cache_pool,
             quota=tenant.quota,
+            created_at=tenant.created_at,
         )
 
     def as_tenant(self) -> Tenant:
@@ -57,6 +59,7 @@ class TenantContext(msgspec.Struct, frozen=True):
         return Tenant(
             id=self.tenant_id, name=self.tenant_id, priority=self.priority,
             shared_cache_pool=self.shared_cache_pool, quota=self.quota or Quota(),
+            created_at=self.created_at,
         )
 
 

@@ -130,6 +130,7 @@ class Runtime:
         cs = config.channel_size
         self._admit_send, self._admit_recv = trio.open_memory_channel[AdmitMsg](cs)
         self._pred_send, self._pred_recv = trio.open_memory_channel[RequestState](cs)
+        self._predicting = 0  # requests taken from _pred_recv and not yet sent to the queue
         self._queue_send, self._queue_recv = trio.open_memory_channel[RequestState](cs)
         # Released requests wait here for the next step boundary. Buffered, so a burst the
         # policy releases together enters the engine together: unbuffered, the queue handed
@@ -194,9 +195,12 @@ class Runtime:
 
     # ------------------------------------------------------------------ load
     def waiting(self) -> int:
-        """Requests admitted and not yet running: in the queue, released to the stepper but
-        not yet taken (the intake buffer), and waiting inside the engine."""
-        return (len(self.queue) + self._intake_recv.statistics().current_buffer_used
+        """Requests admitted and not yet running: on their way through the predictor, in
+        the queue, released to the stepper but not yet taken (the intake buffer), and
+        waiting inside the engine."""
+        return (self._pred_recv.statistics().current_buffer_used + self._predicting
+                + self._queue_recv.statistics().current_buffer_used
+                + len(self.queue) + self._intake_recv.statistics().current_buffer_used
                 + self.engine.scheduler.num_waiting)
 
     def estimated_wait_s(self) -> float:
@@ -281,6 +285,7 @@ class Runtime:
                         batch.append(self._pred_recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                self._predicting = len(batch)  # still waiting, for admission's load check
                 if service is not None:
                     try:
                         for one, (pred, feats) in zip(batch, await service.predict_many(batch), strict=True):
@@ -291,6 +296,7 @@ class Runtime:
                     if one.prediction is None:
                         one.prediction = self.predictor.predict(one.tenant_id, one.call.app, one.params.max_tokens)
                     await self._queue_send.send(one)
+                    self._predicting -= 1
 
     async def _load_length_predictor(self) -> None:
         """Magnus predictor: load the embedder (worker thread) and any model saved in Redis."""

@@ -28,6 +28,10 @@ class ChoiceRecord:
     token_ids: list[int] = field(default_factory=list)
     deltas: list[str] = field(default_factory=list)  # text emitted with each token (replayable stream)
     finish_reason: str | None = None
+    # per token, only when the request asked for logprobs (a replay must return them too)
+    logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)
 
 
 @dataclass(eq=False)

@@ -159,11 +159,27 @@ class Stepper:
                     return
 
     def _apply_cancels(self) -> None:
+        aborted = False
         for rid, st in list(self.active.items()):
             if st.cancelled:
                 self.engine.abort(rid)
                 del self.active[rid]
                 self._finish(st, "cancelled")
+                aborted = True
+        if aborted:  # no step may follow to refresh the gauges (the last request just left)
+            self._export_stats()
+
+    def _export_stats(self) -> None:
+        """The engine's gauges and counters into /metrics: after every step, and after
+        aborts, which free KV blocks and running slots between steps."""
+        stats = self.engine.stats()
+        self.metrics.running.set(stats["running"])
+        self.metrics.kv_usage.set(stats["kv_usage"])
+        for key, counter in self._exported.items():
+            value = stats.get(key, 0)
+            if value > self._seen[key]:
+                counter.inc(value - self._seen[key])
+                self._seen[key] = value
 
     def _report_demand(self) -> None:
         # released requests still in the intake buffer are on their way in: count them
@@ -187,19 +203,23 @@ class Stepper:
             st.first_token_at = now
             self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
         st.completion_tokens += len(d.token_ids)
-        if st.cacheable:
-            rec = st.choices.setdefault(d.index, ChoiceRecord())
-            rec.text += d.text
-            rec.token_ids.extend(d.token_ids)
-            rec.deltas.append(d.text)
-            if d.finish_reason:
-                rec.finish_reason = d.finish_reason
         top = tokens = None
         if d.logprobs is not None:  # token texts only when asked for: decoding costs per token
             text_of = self._token_text
             tokens = [text_of(t) for t in d.token_ids]
             if d.top_logprobs is not None:
                 top = [[TopLogprob(t, lp, text_of(t)) for t, lp in row] for row in d.top_logprobs]
+        if st.cacheable:
+            rec = st.choices.setdefault(d.index, ChoiceRecord())
+            rec.text += d.text
+            rec.token_ids.extend(d.token_ids)
+            rec.deltas.append(d.text)
+            if d.logprobs is not None:
+                rec.logprobs.extend(d.logprobs)
+                rec.tokens.extend(tokens)
+                rec.top_logprobs.extend([[(a.token_id, a.logprob, a.token) for a in row] for row in top or ()])
+            if d.finish_reason:
+                rec.finish_reason = d.finish_reason
         if not st.cancelled:
             try:
                 st.events.send_nowait(
@@ -238,6 +258,7 @@ class Stepper:
                 pass
             del self.active[rid]
             self._finish(st, "error")
+        self._export_stats()
 
     # ------------------------------------------------------------ loop
     async def _step(self) -> list[StepDelta]:
@@ -285,11 +306,4 @@ class Stepper:
             self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)
             for d in deltas:
                 self._route(d)
-            stats = self.engine.stats()
-            self.metrics.running.set(stats["running"])
-            self.metrics.kv_usage.set(stats["kv_usage"])
-            for key, counter in self._exported.items():
-                value = stats.get(key, 0)
-                if value > self._seen[key]:
-                    counter.inc(value - self._seen[key])
-                    self._seen[key] = value
+            self._export_stats()

@@ -7,9 +7,9 @@ the *same* model, prompt token ids and every sampling parameter. The key is::
     sha256(msgpack([model, prompt_token_ids, params]))   # params: a Struct or mapping
 
 encoded with msgspec's deterministic order (dict keys sorted), so any change of
-any parameter is a different key. Entries live under a scope: the tenant id, or
-``shared`` for tenants that opted into the shared pool — one tenant never sees
-another's private answers.
+any parameter is a different key. Entries live under a scope: the tenant (its id
+and creation time, `scope_for`), or ``shared`` for tenants that opted into the shared
+pool — one tenant never sees another's private answers.
 
 The value keeps per-token text deltas so a hit can be replayed as a stream
 that looks like the original one.
@@ -57,7 +57,11 @@ class CachedCompletion(msgspec.Struct, frozen=True, kw_only=True):
     """A finished completion, enough to answer again or replay it as a stream.
 
     ``deltas[i]`` is the text emitted with ``token_ids[i]`` (may be "" while a
-    multi-byte character is incomplete); ``"".join(deltas) == text``.
+    multi-byte character is incomplete); ``"".join(deltas) == text``. When the request
+    asked for logprobs (they are part of its key), ``logprobs[i]``, ``tokens[i]`` and
+    ``top_logprobs[i]`` (``(token_id, logprob, text)`` alternatives) go with
+    ``token_ids[i]``, so a replay answers with them too; None otherwise (and in entries
+    stored before they were kept).
     """
 
     text: str
@@ -65,6 +69,9 @@ class CachedCompletion(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str
     usage: CachedUsage
     deltas: list[str] = []
+    logprobs: list[float] | None = None
+    tokens: list[str] | None = None
+    top_logprobs: list[list[tuple[int, float, str]]] | None = None
 
 
 _value_decoder = msgspec.msgpack.Decoder(CachedCompletion)
@@ -88,8 +95,15 @@ def response_key(
 
 
 def scope_for(tenant: Tenant) -> str:
-    """Cache namespace of a tenant: its id, or the shared pool if it opted in."""
-    return SHARED_SCOPE if tenant.shared_cache_pool else tenant.id
+    """Cache namespace of a tenant: the shared pool if it opted in, else ``t:<id>:<µs>``.
+
+    The ``t:`` prefix keeps a tenant named ``shared`` out of the shared pool (tenant ids
+    cannot contain ``:``), and the record's creation time keeps a tenant id that was
+    deleted and created again from answering with the deleted tenant's entries.
+    """
+    if tenant.shared_cache_pool:
+        return SHARED_SCOPE
+    return f"t:{tenant.id}:{round(tenant.created_at * 1e6)}"
 
 
 class ResponseCache:

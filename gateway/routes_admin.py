@@ -74,6 +74,8 @@ def decode_body(raw: bytes, kind: type[S]) -> S:
         raise ApiError(400, f"invalid request: {exc}", code="invalid_value") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # msgspec's decoder recurses per nesting level
+        raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from exc
 
 
 def to_json(value: Any) -> Any:
@@ -194,7 +196,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
         await existing(tenant_id)
         today = dt.datetime.now(dt.UTC).date()
         day_to = parse_day(request.args.get("to"), today, "to")
-        day_from = parse_day(request.args.get("from"), day_to - dt.timedelta(days=6), "from")
+        week_before = day_to - dt.timedelta(days=min(6, (day_to - dt.date.min).days))
+        day_from = parse_day(request.args.get("from"), week_before, "from")
         if day_to < day_from:
             raise ApiError(400, "'from' must not be after 'to'", code="invalid_value", param="from")
         if (day_to - day_from).days >= MAX_USAGE_DAYS:

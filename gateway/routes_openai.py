@@ -136,6 +136,8 @@ def decode_request(endpoint: Endpoint, raw: bytes | str | Any) -> CompletionRequ
         raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from exc
+    except RecursionError as exc:  # msgspec's decoder recurses per nesting level
+        raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from exc
 
 
 def _is_utf8(raw: bytes) -> bool:

@@ -80,6 +80,8 @@ def decode_frame(data: str | bytes) -> ClientFrame:
         raise ApiError(400, f"invalid frame: {exc}", code="invalid_frame") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON frame: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # msgspec's decoder recurses per nesting level
+        raise ApiError(400, "malformed JSON frame: nested too deeply", code="invalid_json") from exc
 
 
 def error_frame(request_id: str | None, exc: ApiError) -> dict[str, Any]:

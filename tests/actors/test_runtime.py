@@ -147,6 +147,8 @@ async def test_cancel_mid_stream_frees_blocks_and_settles_once(runtime, services
     engine = runtime.engine
     await wait_until(lambda: not engine.has_unfinished() and runtime.accounting.settled >= 1)
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+    # /metrics follows the abort, though no step ran after it
+    assert runtime.metrics.running._value.get() == 0 and runtime.metrics.kv_usage._value.get() == 0
     [row] = await usage_rows(services["quotas"], "acme")
     assert row.requests == 1
     assert 3 <= row.completion_tokens < 600
@@ -179,6 +181,45 @@ async def test_bad_requests_are_4xx(runtime):
     acc = await runtime.submit(call(t, prompt="Hi", model="smollm2", max_tokens=2))
     assert isinstance(acc, Accepted)
     await collect(acc)
+
+
+async def test_a_max_tokens_filled_in_that_clashes_with_the_request_is_400(runtime):
+    # max_tokens left out: admission fills in the room left (or the key's cap), which
+    # must still agree with min_tokens — a clash is the caller's, not a server error
+    rej = await runtime.submit(call(tenant(), prompt="Hi", max_tokens=None, min_tokens=9000))
+    assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "min_tokens")
+    assert "max_tokens was not given" in rej.message
+    rej = await runtime.submit(call(tenant(Quota(max_tokens_cap=4)), prompt="Hi", max_tokens=None, min_tokens=10))
+    assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "min_tokens")
+    rej = await runtime.submit(call(tenant(Quota(max_tokens_cap=0)), prompt="Hi", max_tokens=None))
+    assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
+    # this engine's 48 MiB cache holds fewer tokens than its 2048-token window: the room
+    # filled in is what the cache holds, not a refusal of every request without max_tokens
+    acc = await runtime.submit(call(tenant(), prompt="Hi", max_tokens=None))
+    assert isinstance(acc, Accepted)
+    acc.cancel()
+    await wait_until(lambda: not runtime.engine.has_unfinished())
+    acc = await runtime.submit(call(tenant(Quota(max_tokens_cap=3)), prompt="Hi", max_tokens=None, min_tokens=2))
+    assert isinstance(acc, Accepted)
+    _, _, fin = await collect(acc)
+    assert 2 <= fin.usage.completion_tokens <= 3
+
+
+async def test_logprobs_are_replayed_from_the_cache(runtime):
+    ask = dict(prompt="The capital of Germany is", max_tokens=5, logprobs=2)
+    first = await runtime.submit(call(tenant(), **ask))
+    text1, deltas1, _ = await collect(first)
+    await trio.sleep(0.2)  # the store happens in accounting, after Finished
+    second = await runtime.submit(call(tenant(), **ask))
+    assert isinstance(second, Accepted) and second.cached
+    text2, deltas2, _ = await collect(second)
+
+    def flat(deltas):
+        return ([t for d in deltas for t in d.token_ids], [lp for d in deltas for lp in d.logprobs],
+                [t for d in deltas for t in d.tokens], [row for d in deltas for row in d.top_logprobs])
+
+    assert text2 == text1 and flat(deltas2) == flat(deltas1)
+    assert len(flat(deltas2)[1]) == 5
 
 
 async def test_response_cache_hit_skips_the_engine(runtime):
@@ -252,6 +293,30 @@ async def test_overload_is_503_with_retry_after(nursery, ckpt, tokenizer, servic
     refused = [r for r in results if isinstance(r, Rejected)]
     assert refused and all(r.status == 503 and r.retry_after and r.retry_after >= 1 for r in refused)
     assert any(isinstance(r, Accepted) for r in results)
+
+
+async def test_a_burst_admitted_at_once_respects_max_waiting(nursery, ckpt, tokenizer, services):
+    # admission awaits Redis (quota, response cache) after its load check: every request
+    # of a burst used to pass the check against the same count
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(max_waiting=2)), make_engine(ckpt, tokenizer, max_num_seqs=1),
+                 **services)
+    await nursery.start(rt.run)
+    t = tenant(Quota(requests_per_minute=1000))
+    results = []
+
+    async def one(i: int) -> None:
+        r = await rt.submit(call(t, prompt=f"Count to {i}", max_tokens=4, ignore_eos=True))
+        results.append(r)
+        if isinstance(r, Accepted):
+            await collect(r)
+
+    async with trio.open_nursery() as n:
+        for i in range(10):
+            n.start_soon(one, i)
+    accepted = [r for r in results if isinstance(r, Accepted)]
+    assert 1 <= len(accepted) <= 2 + 1  # max_waiting + max_num_seqs
+    assert all(r.status == 503 for r in results if isinstance(r, Rejected))
+    assert rt.admission.pending == 0
 
 
 async def test_preemptions_are_counted_on_metrics_and_every_request_finishes(nursery, ckpt, tokenizer, services):

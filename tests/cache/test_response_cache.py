@@ -97,6 +97,29 @@ async def test_private_scope_and_shared_pool(cache: ResponseCache):
     assert await cache.get(BOB, "m", PROMPT, params) is None
 
 
+async def test_a_tenant_named_shared_and_a_re_created_tenant_stay_out(cache: ResponseCache):
+    params = Params()
+    await cache.put(SHARED_1, "m", PROMPT, params, COMPLETION)
+    named_shared = Tenant(id="shared", name="not in the pool")  # the pool's own scope name
+    assert await cache.get(named_shared, "m", PROMPT, params) is None
+    await cache.put(named_shared, "m", PROMPT, params, msgspec.structs.replace(COMPLETION, text="private"))
+    assert await cache.get(SHARED_2, "m", PROMPT, params) == COMPLETION
+
+    old = Tenant(id="carol", name="Carol", created_at=1000.0)
+    await cache.put(old, "m", PROMPT, params, COMPLETION)
+    assert await cache.get(old, "m", PROMPT, params) == COMPLETION
+    # the id deleted and created again is another customer: it does not get the old answers
+    assert await cache.get(Tenant(id="carol", name="Carol", created_at=2000.0), "m", PROMPT, params) is None
+
+
+async def test_logprobs_round_trip(cache: ResponseCache):
+    with_lp = msgspec.structs.replace(
+        COMPLETION, logprobs=[-0.1, -0.2, -0.3, -0.4], tokens=["Paris", " is", " the", " capital."],
+        top_logprobs=[[(11, -0.1, "Paris"), (9, -2.5, "Rome")]] * 4)
+    await cache.put(ALICE, "m", PROMPT, Params(), with_lp)
+    assert await cache.get(ALICE, "m", PROMPT, Params()) == with_lp
+
+
 async def test_entries_expire(store: RedisStore):
     cache = ResponseCache(store, ttl_s=0.2)
     await cache.put(ALICE, "m", PROMPT, Params(), COMPLETION)

@@ -102,6 +102,12 @@ async def test_usage_per_day_and_model(gateway: Gateway) -> None:
         bad_range = {"from": "2020-01-02", "to": "2020-01-01"}
         assert (await client.get("/admin/tenants/t1/usage", params=bad_range)).status_code == 400
         assert (await client.get("/admin/tenants/ghost/usage")).status_code == 404
+        # the default week before the first day there is is that day alone, not an overflow
+        r = await client.get("/admin/tenants/t1/usage", params={"to": "0001-01-03"})
+        assert (r.status_code, r.json()["from"]) == (200, "0001-01-01")
+        deep = b'{"id": "deep", "name": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        r = await client.post("/admin/tenants", content=deep)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
 
 
 async def test_admin_disabled_without_admin_key(nursery, stores, gateway_config) -> None:  # type: ignore[no-untyped-def]

@@ -78,3 +78,13 @@ def test_random_ws_frames_get_error_frames_not_a_dead_socket(served: Served, bat
             reply = ws.receive_json()
             assert reply["type"] == "error", reply
             assert reply["status"] in ALLOWED | {401, 409}, reply
+
+
+def test_deeply_nested_bodies_are_400(served: Served) -> None:
+    served.runtime.reject = REFUSE
+    headers = {"Authorization": f"Bearer {served.api_key}", "Content-Type": "application/json"}
+    for depth in (1000, 100_000):  # msgspec's decoder recurses per level: past ~1000 it hit the stack limit
+        body = b'{"model": "%s", "prompt": "hi", "x": ' % MODEL.encode() + b"[" * depth + b"]" * depth + b"}"
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = httpx.post(served.base_url + path, content=body, headers=headers)
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json"), (depth, path, r.text)

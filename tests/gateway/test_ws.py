@@ -125,6 +125,8 @@ async def test_malformed_frames_get_error_frames_and_socket_stays(gateway: Gatew
         '{"type": "request", "id": "x"}',
         '{"type": "request", "id": "x", "endpoint": "embeddings", "body": {}}',
         b'{"type": "request", "id": "\xff"}',
+        # nested deeper than msgspec's decoder recurses (it raised RecursionError, which closed the socket)
+        '{"type": "request", "id": "d", "endpoint": "completions", "body": ' + "[" * 5000 + "]" * 5000 + "}",
     ]
     async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
         await ws.receive_json()
