@@ -68,14 +68,17 @@ class Accounting:
         st = c.state
         tenant = st.tenant_id
         ran = bool(st.scheduled_at) or c.outcome == "cached"
-        if st.reserved and self.quotas is not None:
-            if ran:
-                ok = await self._with_retry("settle", self.quotas.settle, st.quota_tenant, st.request_id,
-                                            st.prompt_tokens, st.completion_tokens, self.model_name)
-            else:
-                ok = await self._with_retry("release", self.quotas.release, st.quota_tenant, st.request_id)
-            if ok is not None:
-                self.settled += 1
+        try:
+            if st.reserved and self.quotas is not None:
+                if ran:
+                    ok = await self._with_retry("settle", self.quotas.settle, st.quota_tenant, st.request_id,
+                                                st.prompt_tokens, st.completion_tokens, self.model_name)
+                else:
+                    ok = await self._with_retry("release", self.quotas.release, st.quota_tenant, st.request_id)
+                if ok is not None:
+                    self.settled += 1
+        finally:
+            st.settled.set()
         if c.outcome in ("rejected",):
             return
         self.metrics.requests.labels(tenant, c.outcome).inc()

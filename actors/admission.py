@@ -263,7 +263,7 @@ class Admission:
         st.finish_reasons[0] = hit.finish_reason
         st.first_token_at = st.finished_at = time.monotonic()
         self.completed.send_nowait(Completed(st, "cached"))
-        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True)
+        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, settled=st.settled)
 
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall) -> Accepted | Rejected:
@@ -309,4 +309,4 @@ class Admission:
             recv.close()
 
         self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
-        return Accepted(call.request_id, st.prompt_tokens, recv, cancel)
+        return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled)

@@ -147,6 +147,10 @@ class Accepted(msgspec.Struct):
 
     Closing `events` (or calling `handle.cancel()`) aborts the request: the engine
     frees its KV blocks within one step and quota is settled with what was generated.
+    `settled` (a `trio.Event`, or None) is set once accounting has settled or released the
+    request's quota: from then on its `max_concurrent` slot is free, so a gateway that
+    waits for it before its last frame never has the caller's next request refused for
+    the one that just ended.
     """
 
     request_id: str
@@ -154,6 +158,7 @@ class Accepted(msgspec.Struct):
     events: Any  # trio.MemoryReceiveChannel[StreamEvent]
     cancel: Any  # Callable[[], None]
     cached: bool = False
+    settled: Any = None  # trio.Event | None
 
 
 class LengthFeedback(msgspec.Struct, frozen=True):

@@ -239,7 +239,18 @@ class Runtime:
             return Rejected(call.request_id, 503, "overloaded", "server overloaded: admission backlog full",
                             retry_after=1.0)
         async with reply_recv:
-            return await reply_recv.receive()
+            try:
+                return await reply_recv.receive()
+            except trio.Cancelled:
+                # Admission may have answered after the cancel was delivered: its Accepted
+                # sits in the buffer, and closing the channel would drop it with the request
+                # still running (and billed in full). Abort it here; an answer that comes
+                # after the close finds the channel broken and is aborted by admission.
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    late = reply_recv.receive_nowait()
+                    if isinstance(late, Accepted):
+                        late.cancel()
+                raise
 
     # ---------------------------------------------------------------- actors
     async def _admission_actor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

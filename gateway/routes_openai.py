@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+import trio
 from quart import Blueprint, Response, request
 
 from actors.messages import (
@@ -458,6 +459,9 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
     return reply
 
 
+SETTLE_WAIT_S = 2.0  # longest a last frame waits for the quota settlement (Redis retries)
+
+
 class RequestHandle:
     """An accepted request plus whether it has ended; `abort()` is idempotent.
 
@@ -477,6 +481,14 @@ class RequestHandle:
             self.accepted.cancel()
         self.accepted.events.close()
 
+    async def wait_settled(self) -> None:
+        """Until accounting has settled the request's quota (its `max_concurrent` slot is
+        free again), for at most SETTLE_WAIT_S: a client that sends its next request on the
+        last frame of this one is then never refused for this one."""
+        if self.accepted.settled is not None:
+            with trio.move_on_after(SETTLE_WAIT_S):
+                await self.accepted.settled.wait()
+
 
 async def events_of(handle: RequestHandle) -> AsyncIterator[TokenDelta | Finished | Failed]:
     """Iterate a request's events, up to and including its Finished/Failed.
@@ -488,6 +500,7 @@ async def events_of(handle: RequestHandle) -> AsyncIterator[TokenDelta | Finishe
         async for event in handle.accepted.events:
             if isinstance(event, Finished | Failed):
                 handle.ended = True
+                await handle.wait_settled()  # the last frame goes out with the slot free
             yield event
             if handle.ended:
                 return

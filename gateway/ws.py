@@ -119,19 +119,22 @@ class Session:
 
     async def run_request(self, frame: RequestFrame, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run one request to completion, streaming frames; errors become error frames."""
+        handles: list[RequestHandle] = []
         with trio.CancelScope() as scope:
             self.active[frame.id] = scope
             task_status.started()
             try:
-                await self._stream(frame)
+                await self._stream(frame, handles)
             except ApiError as exc:
                 await self.send(error_frame(frame.id, exc))
             finally:
                 self.active.pop(frame.id, None)
         if scope.cancelled_caught:
+            if handles:  # "cancelled" means gone: its quota settled, its concurrency slot free
+                await handles[0].wait_settled()
             await self.send({"type": "cancelled", "id": frame.id})
 
-    async def _stream(self, frame: RequestFrame) -> None:
+    async def _stream(self, frame: RequestFrame, handles: list[RequestHandle]) -> None:
         if self.tenant is None:  # checked before spawning; kept for the type checker
             raise ApiError(401, "not authenticated", code="missing_api_key")
         req = decode_request(frame.endpoint, bytes(frame.body))
@@ -139,6 +142,7 @@ class Session:
         call = to_generate_call(req, self.tenant, new_request_id(frame.endpoint),
                                 cache=CacheDirectives.parse(frame.cache_control))
         handle = RequestHandle(await submit(self.state, call))
+        handles.append(handle)
         async with aclosing(events_of(handle)) as events:
             await self._forward(frame.id, events)
 

@@ -156,6 +156,28 @@ async def test_cancel_mid_stream_frees_blocks_and_settles_once(runtime, services
     assert not await services["quotas"].settle(t.as_tenant(), c.request_id, 1, 1, MODEL)
 
 
+async def test_a_caller_cancelled_as_admission_answers_aborts_its_request(runtime, services, monkeypatch):
+    # a WebSocket closed right after its request frame: the handler's wait for admission
+    # is cancelled, and admission's Accepted lands in the reply buffer after that
+    real = runtime.admission.admit
+    scope = trio.CancelScope()
+
+    async def admit_then_cancel(c):
+        result = await real(c)
+        scope.cancel()  # delivered to the waiting caller before the answer is sent
+        return result
+
+    monkeypatch.setattr(runtime.admission, "admit", admit_then_cancel)
+    with scope:
+        await runtime.submit(call(tenant(Quota(requests_per_minute=100), id="gone"), prompt="Once upon a time",
+                                  max_tokens=600, ignore_eos=True))
+    assert scope.cancelled_caught
+    await wait_until(lambda: not runtime.engine.has_unfinished() and runtime.accounting.settled >= 1)
+    rows = await usage_rows(services["quotas"], "gone")
+    assert sum(r.completion_tokens for r in rows) < 600  # aborted, not run to the end and billed in full
+    assert runtime.engine.block_manager.num_free_blocks == runtime.engine.num_blocks
+
+
 async def test_quota_exceeded_is_429_with_retry_after(runtime):
     t = tenant(Quota(requests_per_minute=2), id="small")
     for _ in range(2):

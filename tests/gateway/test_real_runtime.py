@@ -69,3 +69,54 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
                 break
     await wait_idle(base_url)
     stop.set()
+
+
+async def test_the_last_frame_of_a_request_frees_its_concurrency_slot(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
+                                                                      redis_url: str) -> None:
+    """With `max_concurrent: 1`, a request sent the moment the previous one's `done` or
+    `cancelled` frame (or its HTTP response) arrived is admitted, not refused with 429
+    for the one that just ended: the last frame waits for the quota to settle."""
+    from httpx_ws import aconnect_ws
+
+    torch.set_num_threads(2)
+    stop = trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=io.StringIO(),
+                                                         task_status=task_status))
+    base_url = urls[0]
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": "Bearer adm"}) as admin:
+        r = await admin.post("/admin/tenants", json={"id": "one", "name": "One", "quota": {"max_concurrent": 1}})
+        assert r.status_code == 201, r.text
+        key = (await admin.post("/admin/tenants/one/keys", json={"name": "k"})).json()["key"]
+
+    def frame(rid: str, max_tokens: int) -> dict[str, object]:
+        return {"type": "request", "id": rid, "endpoint": "completions",
+                "body": {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": max_tokens,
+                         "ignore_eos": True, "temperature": 1.0}}
+
+    async def until(ws, kinds: set[str]) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        while True:
+            f = await ws.receive_json()
+            if f["type"] in kinds or f["type"] == "error":
+                return f
+
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers) as client, \
+            aconnect_ws(base_url.replace("http", "ws") + "/v1/ws", client) as ws:
+        assert (await ws.receive_json())["type"] == "ready"
+        for i in range(4):
+            await ws.send_json(frame(f"long{i}", 200))
+            f = await until(ws, {"token"})
+            assert f["type"] == "token", f
+            await ws.send_json({"type": "cancel", "id": f"long{i}"})
+            assert (await until(ws, {"cancelled"}))["type"] == "cancelled"
+            await ws.send_json(frame(f"next{i}", 2))
+            f = await until(ws, {"done"})
+            assert f["type"] == "done", f  # not a 429 error frame
+        for _ in range(4):  # HTTP: one response, then the next request at once
+            r = await client.post(base_url + "/v1/completions",
+                                  json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 2, "temperature": 1.0})
+            assert r.status_code == 200, r.text
+    await wait_idle(base_url)
+    stop.set()
