@@ -8,30 +8,33 @@
             async for delta in b: ...
 
 A background reader task (anyio task group, so trio or asyncio) routes frames by
-request id to per-request memory streams. Leaving a stream before its ``done``
-frame (break inside ``async with``, an exception, a cancel scope) sends
+request id to per-request memory streams. Those buffers are unbounded: the reader must
+never wait on one stream, or a stream read later (or never) would stall every other
+stream on the socket; what they hold is bounded by the tokens the caller asked for.
+Leaving a stream before its ``done`` frame (break inside ``async with``, an exception, a
+cancel scope; or a bare ``async for`` broken out of, once the iterator is dropped) sends
 ``{"type":"cancel"}`` for that id; leaving the session closes the socket, which
-cancels whatever is still running server-side.
+cancels whatever is still running server-side. A dropped connection ends every open
+stream with `ConnectionFailed`, and a stream started on a closed session raises it.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from httpx_ws import WebSocketDisconnect, aconnect_ws
+from httpx_ws import HTTPXWSException, aconnect_ws
 
 from clients.client import Delta, Usage
 from clients.errors import ConnectionFailed, LmgateError, error_for
 
 if TYPE_CHECKING:
     from clients.client import LmgateClient
-
-_BUFFER = 1024  # frames buffered per request before the reader waits
 
 
 class WsStream:
@@ -77,6 +80,14 @@ class WsStream:
         await self.start()
         if self._receive is None:
             raise RuntimeError("stream did not start")
+        try:
+            async for delta in self._deltas():
+                yield delta
+        finally:  # left early (also a bare `async for` broken out of): cancel server-side
+            await self.aclose()
+
+    async def _deltas(self) -> Any:
+        assert self._receive is not None
         async for frame in self._receive:
             if isinstance(frame, LmgateError):
                 self.done = True
@@ -110,6 +121,7 @@ class WsSession:
         self._ws: Any = None
         self._send_lock = anyio.Lock()
         self.closed_error: LmgateError | None = None
+        self._ended: LmgateError | None = None  # set when the socket is gone: new streams fail with it
 
     @property
     def url(self) -> str:
@@ -140,6 +152,7 @@ class WsSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._ended = self._ended or ConnectionFailed("the WebSocket session is closed")
         await self._stack.aclose()
 
     async def _reader(self) -> None:
@@ -149,13 +162,15 @@ class WsSession:
                 target = self._streams.get(frame.get("id"))
                 if target is not None:
                     try:
-                        await target.send(frame)
+                        target.send_nowait(frame)  # unbounded: never waits on one stream
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         self._streams.pop(frame.get("id"), None)
                 elif frame.get("type") == "error" and frame.get("id") is None:
                     self.closed_error = error_for(frame.get("status", 500), frame)
-        except (WebSocketDisconnect, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+        except (HTTPXWSException, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError, ValueError) as exc:  # closed, reset, or a frame that is not JSON
             error = self.closed_error or ConnectionFailed(f"WebSocket closed: {exc}")
+            self._ended = error
             for stream in list(self._streams.values()):
                 with anyio.move_on_after(1):
                     await stream.send(error)
@@ -163,18 +178,34 @@ class WsSession:
             self._streams.clear()
 
     async def _send(self, frame: dict[str, Any]) -> None:
-        async with self._send_lock:
-            await self._ws.send_json(frame)
+        if self._ended is not None:
+            raise self._ended
+        try:
+            async with self._send_lock:
+                await self._ws.send_json(frame)
+        except (HTTPXWSException, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ConnectionFailed(f"WebSocket closed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - wsproto refuses to send on a closed connection
+            if type(exc).__module__.startswith("wsproto"):
+                raise ConnectionFailed(f"WebSocket closed: {exc}") from exc
+            raise
 
     async def _start(self, stream: WsStream) -> MemoryObjectReceiveStream[Any]:
+        if self._ended is not None:
+            raise self._ended
         cache_control = stream._body.pop("cache_control")
         body = await self.client._body(dict(stream._body.pop("params")), **stream._body)
-        send, receive = anyio.create_memory_object_stream[Any](_BUFFER)
+        send, receive = anyio.create_memory_object_stream[Any](math.inf)
         self._streams[stream.id] = send
         frame = {"type": "request", "id": stream.id, "endpoint": stream.endpoint, "body": body}
         if cache_control:
             frame["cache_control"] = cache_control
-        await self._send(frame)
+        try:
+            await self._send(frame)
+        except BaseException:
+            self._forget(stream.id)
+            receive.close()
+            raise
         return receive
 
     async def _cancel(self, request_id: str) -> None:
@@ -210,7 +241,9 @@ def _connection_error(exc: BaseException) -> LmgateError:
         try:
             body = response.json()
         except (ValueError, UnicodeDecodeError, httpx.StreamError):
-            body = None  # httpx_ws does not read the refusal's body: classify by status
+            # httpx_ws closes the refusal unread: classify by status, and say what was refused
+            body = {"error": {"message": f"WebSocket upgrade refused with HTTP {response.status_code}"
+                              + (" (is the API key valid?)" if response.status_code == 401 else "")}}
         return error_for(response.status_code, body, response.headers)
     if isinstance(exc, LmgateError):
         return exc

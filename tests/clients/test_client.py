@@ -266,3 +266,108 @@ def test_shared_http_client_is_not_closed(served: Served) -> None:
             assert not http.is_closed
 
     run("trio", scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ws_stream_read_late_does_not_stall_the_others(served: Served, backend: str) -> None:
+    # 4 x 400 token frames for `big` arrive before `small` is read: the session's reader
+    # used to wait on big's full 1024-frame buffer, and small never finished
+    async def scenario() -> None:
+        async with (LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session,
+                    session.completions_stream("x", max_tokens=400, n=4) as big):
+            await anyio.sleep(0.5)  # let big's frames pile up
+            async with session.completions_stream("y", max_tokens=2) as small:
+                with anyio.fail_after(10):
+                    assert "".join([d.text async for d in small]) == word(0, 0) + word(0, 1)
+            with anyio.fail_after(10):
+                assert sum(1 for _ in [d async for d in big if d.text]) == 1600
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bare_async_for_broken_out_of_cancels_server_side(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session:
+            async for _ in session.chat_stream([{"role": "user", "content": "HANG"}]):
+                break  # no `async with`: the dropped iterator cancels, with the session still open
+            [call] = served.runtime.calls
+            with anyio.fail_after(5):
+                while call.request_id not in served.cancelled_ids():
+                    await anyio.sleep(0.02)
+
+    run(backend, scenario)
+
+
+class _Proxy:
+    """A TCP proxy in a thread whose connections can be cut (RST) mid-stream."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target_port))
+            self.socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        import socket
+        import struct
+
+        for s in self.socks:
+            try:  # shutdown wakes the pump blocked in recv (a bare close would wait for it)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropped_ws_connection_is_connection_failed(served: Served, backend: str) -> None:
+    proxy = _Proxy(int(served.base_url.rsplit(":", 1)[1]))
+
+    async def scenario() -> None:
+        async with LmgateClient(f"http://127.0.0.1:{proxy.port}", served.api_key, model=MODEL) as client, \
+                client.ws() as session:
+            with pytest.raises(ConnectionFailed):
+                async with session.chat_stream([{"role": "user", "content": "HANG"}]) as stream:
+                    async for _ in stream:
+                        proxy.cut()
+            with pytest.raises(ConnectionFailed):  # a new stream on the dead session
+                async with session.completions_stream("x", max_tokens=1) as again:
+                    [d async for d in again]
+        # leaving the session after that raised nothing (no exception group)
+
+    try:
+        run(backend, scenario)
+    finally:
+        proxy.close()
