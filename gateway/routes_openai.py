@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -310,7 +310,21 @@ def _token_text(delta: TokenDelta, i: int, token_id: int) -> str:
     return delta.text if len(delta.token_ids) == 1 else f"<{token_id}>"
 
 
-def _chat_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
+TokenBytes = Callable[[int], bytes]
+
+
+def _bytes_of(token_bytes: TokenBytes | None, token_id: int, text: str) -> list[int]:
+    """A token's bytes: exact from the tokenizer (a token that is part of a UTF-8
+    character decodes alone to U+FFFD, whose bytes are not the token's), else its text's."""
+    if token_bytes is not None:
+        try:
+            return list(token_bytes(token_id))
+        except KeyError:  # outside the vocabulary: fall back to the text
+            pass
+    return list(text.encode())
+
+
+def _chat_logprobs(delta: TokenDelta, token_bytes: TokenBytes | None = None) -> dict[str, Any] | None:
     if delta.logprobs is None:
         return None
     items = []
@@ -321,8 +335,9 @@ def _chat_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
             {
                 "token": text,
                 "logprob": lp,
-                "bytes": list(text.encode()),
-                "top_logprobs": [{"token": t.token or f"<{t.token_id}>", "logprob": t.logprob, "bytes": None}
+                "bytes": _bytes_of(token_bytes, tok, text),
+                "top_logprobs": [{"token": t.token or f"<{t.token_id}>", "logprob": t.logprob,
+                                  "bytes": _bytes_of(token_bytes, t.token_id, t.token or f"<{t.token_id}>")}
                                  for t in tops],
             }
         )
@@ -350,10 +365,12 @@ class Collector:
     created: int = field(default_factory=lambda: int(time.time()))
     texts: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
 
     def add(self, delta: TokenDelta) -> None:
         self.texts.setdefault(delta.index, []).append(delta.text)
-        lp = _chat_logprobs(delta) if self.endpoint == "chat.completions" else _completion_logprobs(delta)
+        lp = (_chat_logprobs(delta, self.token_bytes) if self.endpoint == "chat.completions"
+              else _completion_logprobs(delta))
         if lp is not None:
             self.logprobs.setdefault(delta.index, []).append(lp)
 
@@ -408,6 +425,7 @@ class ChunkRenderer:
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
+    token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -427,7 +445,8 @@ class ChunkRenderer:
             if d.index not in self._role_sent:
                 self._role_sent.add(d.index)
                 body = {"role": "assistant", "content": d.text}
-            choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d), "finish_reason": None}
+            choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d, self.token_bytes),
+                      "finish_reason": None}
         else:
             choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d), "finish_reason": None}
         return self._chunk([choice])
@@ -457,6 +476,11 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
     if isinstance(reply, Rejected):
         raise rejected_error(reply)
     return reply
+
+
+def token_bytes_of(state: GatewayState) -> TokenBytes | None:
+    tokenizer = getattr(state.runtime, "tokenizer", None)
+    return getattr(tokenizer, "token_bytes", None)
 
 
 SETTLE_WAIT_S = 2.0  # longest a last frame waits for the quota settlement (Redis retries)
@@ -510,7 +534,7 @@ async def events_of(handle: RequestHandle) -> AsyncIterator[TokenDelta | Finishe
 
 async def collect(state: GatewayState, endpoint: Endpoint, req: Any, call: GenerateCall) -> dict[str, Any]:
     handle = RequestHandle(await submit(state, call))
-    collector = Collector(endpoint, call.request_id, req.model, req.n)
+    collector = Collector(endpoint, call.request_id, req.model, req.n, token_bytes=token_bytes_of(state))
     async with aclosing(events_of(handle)) as events:
         async for event in events:
             if isinstance(event, TokenDelta):
@@ -584,7 +608,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
             return await collect(state, endpoint, req, call)
         handle = RequestHandle(await submit(state, call))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage)
+        renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state))
         response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response

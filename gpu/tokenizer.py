@@ -35,7 +35,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,25 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for (what OpenAI's logprobs `bytes` lists): exact
+        for byte-level BPE (GPT-2's alphabet mapped back) and for `<0xNN>` byte-fallback
+        tokens, where decoding the token alone would give U+FFFD for part of a UTF-8
+        character; a special token's own spelling; otherwise the token decoded alone."""
+        token = self.id_to_token(token_id)
+        if token_id in self.all_special_ids:
+            return token.encode()
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        if isinstance(self._backend.decoder, decoders.ByteLevel):
+            table = _byte_decoder()
+            if all(c in table for c in token):
+                return bytes(table[c] for c in token)
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
     # ------------------------------------------------------------ text <-> ids
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Special tokens written in the text are always recognized.
@@ -233,6 +252,20 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------- chat template
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character → byte (the inverse of `bytes_to_unicode`)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 def _compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in an environment equivalent to transformers' one."""
 

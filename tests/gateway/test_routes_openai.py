@@ -355,3 +355,17 @@ async def test_an_error_sent_before_a_large_body_is_read_closes_the_connection(g
             assert r.status_code == 413 and r.headers["connection"] == "close"
             r = await client.get("/v1/models")  # the client is fine afterwards
             assert r.status_code == 200 and r.headers.get("connection") != "close"
+
+
+def test_chat_logprobs_bytes_come_from_the_tokenizer() -> None:
+    from actors.messages import TokenDelta, TopLogprob
+    from gateway.routes_openai import _chat_logprobs
+
+    delta = TokenDelta("r", 0, "", [7], logprobs=[-0.1], top_logprobs=[[TopLogprob(7, -0.1, "\ufffd"),
+                                                                        TopLogprob(9, -3.0, "a")]],
+                       tokens=["\ufffd"])
+    [item] = _chat_logprobs(delta, {7: b"\xf0\x9f", 9: b"a"}.__getitem__)["content"]
+    assert item["bytes"] == [0xF0, 0x9F]
+    assert [t["bytes"] for t in item["top_logprobs"]] == [[0xF0, 0x9F], [ord("a")]]
+    [plain] = _chat_logprobs(delta)["content"]  # no tokenizer: the text's bytes
+    assert plain["bytes"] == list("\ufffd".encode())

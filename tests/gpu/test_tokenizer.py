@@ -254,3 +254,14 @@ def test_end_of_turn_token_counts_only_when_the_template_uses_it(gguf_metadata):
     assert base.eos_token_ids == (0,)  # no template: <|im_end|> is not an end of turn
     chat = tokenizer_from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.eos_token_id": 0})
     assert chat.eos_token_ids == (0, 2)  # plus the template's <|im_end|>
+
+
+def test_token_bytes_are_exact_where_a_token_alone_decodes_to_u_fffd(tok):
+    text = "日本語 🙂 héllo <|im_end|>"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids).decode() == text
+    partial = [i for i in ids if "\ufffd" in tok.decode([i], skip_special_tokens=False)]
+    assert partial  # the emoji and CJK characters span tokens
+    for i in partial:  # one piece of a UTF-8 character, not the replacement character's bytes
+        assert tok.token_bytes(i) != "\ufffd".encode()
+    assert tok.token_bytes(tok.token_to_id("<|im_end|>")) == b"<|im_end|>"
