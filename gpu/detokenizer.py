@@ -113,11 +113,16 @@ class StopChecker:
     def stopped(self) -> bool:
         return self._stopped
 
-    def push(self, delta: str) -> tuple[str, bool, str | None]:
+    def push(self, delta: str, armed: bool = True) -> tuple[str, bool, str | None]:
+        """`armed=False` (the request's `min_tokens` not reached yet, vLLM's rule) passes
+        `delta` through unmatched: a stop string matches only text that arrives armed."""
         if self._stopped:
             raise RuntimeError("StopChecker.push after a stop string matched")
         if not self._stop:
             return delta, False, None
+        if not armed:
+            out, self._held = self._held + delta, ""
+            return out, False, None
         buf = self._held + delta
         match = _first_completed(buf, self._stop)
         if match is not None:

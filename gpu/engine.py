@@ -62,6 +62,7 @@ class _Choice:
     stop: StopChecker
     sampling: SeqSamplingState
     finish_reason: str | None = None
+    scheduled: bool = True  # False: a fork that ended on its first token and never ran
 
 
 @dataclass
@@ -223,7 +224,8 @@ class Engine:
         if req is None:
             return False
         for c in req.choices:
-            self.scheduler.abort(c.seq_id)
+            if c.scheduled:
+                self.scheduler.abort(c.seq_id)
             self._seq_owner.pop(c.seq_id, None)
             self._started.discard(c.seq_id)
         return True
@@ -327,6 +329,11 @@ class Engine:
         """
         parent_id = req.choices[0].seq_id
         parent = self.scheduler.get(parent_id)
+        if req.max_tokens <= 1:  # its first token is its last: nothing to schedule (`_emit` ends it)
+            choice.scheduled = False
+            req.choices.append(choice)
+            self._seq_owner[choice.seq_id] = (req, choice)
+            return
         child = SchedRequest(
             choice.seq_id, list(req.prompt_token_ids), req.max_tokens,
             output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens,
@@ -353,8 +360,8 @@ class Engine:
             reason = "stop"  # the sampler bans these below min_tokens
         else:
             text = choice.detok.push(tok)
-            if text:
-                emit, stopped, _ = choice.stop.push(text)
+            if text:  # below min_tokens stop strings do not match either (as vLLM)
+                emit, stopped, _ = choice.stop.push(text, armed=n_out >= p.min_tokens)
                 if stopped:
                     reason = "stop"
         if reason is None and (n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len):
@@ -367,7 +374,8 @@ class Engine:
                 if not choice.stop.stopped:
                     emit += choice.stop.flush()
             choice.finish_reason = reason
-            self.scheduler.finish(choice.seq_id)
+            if choice.scheduled:
+                self.scheduler.finish(choice.seq_id)
             self._seq_owner.pop(choice.seq_id, None)
             self._started.discard(choice.seq_id)
         return StepDelta(

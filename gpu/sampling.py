@@ -63,7 +63,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs, k returns the sampled token's logprob plus the k most likely
     alternatives (k ≤ 20). `stop` strings end generation (the stop string is not
     returned unless include_stop_str_in_output); `stop_token_ids` end it too and, like
-    EOS, are masked until `min_tokens` tokens exist. `ignore_eos` keeps generating
+    EOS, are masked until `min_tokens` tokens exist; stop strings match only from the
+    `min_tokens`-th token's text on (vLLM's rule). `ignore_eos` keeps generating
     past EOS (EOS is then an ordinary token, not masked). `seed` makes sampling
     reproducible regardless of batch composition; with n > 1, sample i uses seed + i.
     """

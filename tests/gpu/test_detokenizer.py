@@ -212,3 +212,12 @@ def test_stop_checker_property(text, stops, cuts, include):
         sent += e
         assert want.startswith(sent)
     assert sent == want and matched == want_match
+
+
+def test_an_unarmed_stop_checker_passes_text_through():
+    from gpu.detokenizer import StopChecker
+
+    sc = StopChecker(["."])
+    assert sc.push("Paris.", armed=False) == ("Paris.", False, None)
+    assert sc.push(" It is", armed=True) == (" It is", False, None)
+    assert sc.push(" big. And", armed=True) == (" big", True, ".")

@@ -230,6 +230,29 @@ def test_seeded_sampling_is_batch_independent_and_n_choices(ckpt, tokenizer, pro
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+def test_n_choices_of_one_token_each(ckpt, tokenizer, prompts):
+    # the forked choices end on their first token: they used to be refused by the step
+    # scheduler ("already has max_tokens outputs"), which failed the whole step
+    engine = make_engine(ckpt, tokenizer)
+    out = generate(engine, [prompts[0], prompts[2]],
+                   [greedy(6), SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=1)])
+    assert len(out[0][0].token_ids) == 6
+    assert [(c.index, len(c.token_ids), c.finish_reason) for c in out[1]] == [(i, 1, "length") for i in range(3)]
+    assert engine.block_manager.num_free_blocks == engine.num_blocks and not engine.has_unfinished()
+
+
+def test_min_tokens_holds_off_stop_strings_too(ckpt, tokenizer):
+    engine = make_engine(ckpt, tokenizer)
+    prompt = tokenizer.encode("The capital of France is")
+    [[free]] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=30, stop=["."]))
+    [[held]] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=30, stop=["."], min_tokens=10))
+    assert free.finish_reason == "stop" and len(free.token_ids) < 10
+    assert len(held.token_ids) >= 10
+    [[plain]] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=len(held.token_ids)))
+    assert held.token_ids == plain.token_ids[:len(held.token_ids)]  # greedy: the same text, only longer
+    assert "." in held.text and plain.text.startswith(held.text)  # the early "." did not stop it
+
+
 def test_logprobs(ckpt, tokenizer, prompts):
     engine = make_engine(ckpt, tokenizer)
     [[o]] = generate(engine, [prompts[0]], SamplingParams(temperature=0, max_tokens=4, logprobs=3))
