@@ -8,8 +8,15 @@ For each `Completed`:
 - predictor feedback: the true output length of requests that ended on EOS/stop;
 - metrics: outcome, end-to-end latency, TPOT, generated tokens.
 
-Redis work is retried briefly; it never blocks the stepper (this actor has
-its own bounded inbox, and the stepper's sends are sized to it).
+Redis work never blocks the stepper (this actor has its own bounded inbox, and the
+stepper's sends are sized to it), and each request is accounted in its own task. The
+response-cache store is retried briefly; a quota settle or release is retried with
+backoff for up to `settle_patience_s` (default one hour), so a Redis outage delays a
+request's usage record and frees its `max_concurrent` slot late, but does not lose
+them: a settle after the reservation's TTL still records the usage. Requests served
+fail-open while Redis was down (no reservation) are settled the same way, so their
+usage is recorded once Redis is back. `pending` counts requests not yet fully
+accounted (the runtime's shutdown waits for it to reach 0).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class Accounting:
         quotas: Any = None,
         response_cache: Any = None,
         retries: int = 3,
+        settle_patience_s: float = 3600.0,
     ) -> None:
         self.inbox = inbox
         self.metrics = metrics
@@ -48,7 +56,9 @@ class Accounting:
         self.quotas = quotas
         self.response_cache = response_cache
         self.retries = retries
+        self.settle_patience_s = settle_patience_s
         self.settled = 0  # settle/release calls that succeeded (for tests and /metrics)
+        self.pending = 0  # Completed messages being handled (a settle waiting for Redis included)
 
     async def _with_retry(self, op: str, fn, *args) -> Any:
         delay = 0.05
@@ -58,23 +68,55 @@ class Accounting:
             except CacheUnavailable:
                 self.metrics.redis_errors.labels(op).inc()
                 if attempt == self.retries - 1:
-                    log.warning("%s failed after %d attempts; reservation will expire by TTL", op, self.retries)
+                    log.warning("%s failed after %d attempts", op, self.retries)
                     return None
                 await trio.sleep(delay)
                 delay *= 4
         return None
 
+    async def _patiently(self, op: str, fn, *args) -> Any:
+        """`fn(*args)` until Redis answers: quick retries, then backoff up to 5 s between
+        tries, for at most `settle_patience_s`. None if it never did."""
+        result = await self._with_retry(op, fn, *args)
+        if result is not None:
+            return result
+        delay = 1.0
+        self.metrics.settle_backlog.inc()
+        try:
+            with trio.move_on_after(self.settle_patience_s):
+                while True:
+                    await trio.sleep(delay)
+                    delay = min(5.0, delay * 2)
+                    try:
+                        result = await fn(*args)
+                    except CacheUnavailable:
+                        self.metrics.redis_errors.labels(op).inc()
+                        continue
+                    log.info("%s succeeded once Redis was back", op)
+                    return result
+        finally:
+            self.metrics.settle_backlog.dec()
+        log.error("%s gave up after %.0f s without Redis; usage of this request is lost", op, self.settle_patience_s)
+        return None
+
     async def handle(self, c: Completed) -> None:
+        self.pending += 1
+        try:
+            await self._handle(c)
+        finally:
+            self.pending -= 1
+
+    async def _handle(self, c: Completed) -> None:
         st = c.state
         tenant = st.tenant_id
         ran = bool(st.scheduled_at) or c.outcome == "cached"
         try:
-            if st.reserved and self.quotas is not None:
-                if ran:
-                    ok = await self._with_retry("settle", self.quotas.settle, st.quota_tenant, st.request_id,
-                                                st.prompt_tokens, st.completion_tokens, self.model_name)
+            if self.quotas is not None and st.quota_tenant is not None and (st.reserved or ran):
+                if ran:  # also fail-open requests (no reservation): their usage is owed all the same
+                    ok = await self._patiently("settle", self.quotas.settle, st.quota_tenant, st.request_id,
+                                               st.prompt_tokens, st.completion_tokens, self.model_name)
                 else:
-                    ok = await self._with_retry("release", self.quotas.release, st.quota_tenant, st.request_id)
+                    ok = await self._patiently("release", self.quotas.release, st.quota_tenant, st.request_id)
                 if ok is not None:
                     self.settled += 1
         finally:

@@ -204,6 +204,7 @@ class Admission:
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
+                st.quota_tenant = tenant  # no reservation, but its usage is settled once Redis is back
                 return
             raise _Refuse(503, "quota_unavailable", "quota service unavailable", retry_after=1.0) from e
         except DuplicateRequest as e:

@@ -84,6 +84,10 @@ class Metrics:
             "engine's compute thread (CPU engine: the steps wait meanwhile): phase=embed (instruction "
             "embeddings) or phase=refit (regressor refits)", ["phase"], registry=r,
         )
+        self.settle_backlog = Gauge(
+            "lmgate_quota_settles_pending",
+            "Quota settles/releases waiting for Redis to come back (usage not yet recorded)", registry=r,
+        )
         self.redis_errors = Counter(
             "lmgate_redis_errors", "Redis operations that failed", ["op"], registry=r
         )

@@ -223,6 +223,22 @@ class Runtime:
             "in_flight": len(self.stepper.active),
         }
 
+    async def drain(self) -> None:
+        """Abort every request still in the runtime and return once each has been accounted
+        (quota settled or released, usage recorded). Shutdown runs this before it cancels
+        the actors: a stream the server cut at the end of its grace period is then charged
+        for what it generated and frees its `max_concurrent` slot, rather than holding it
+        until the reservation's TTL and never reaching the usage counters."""
+        while True:
+            for st in self.stepper.active.values():
+                st.cancelled = True  # queued requests reach the stepper as slots free, then this
+            busy = (self.stepper.active or self.waiting() or self.admission.pending or self.accounting.pending
+                    or self._done_recv.statistics().current_buffer_used or self._admit_recv.statistics().current_buffer_used)
+            if not busy:
+                return
+            self.stepper.poke()
+            await trio.sleep(0.02)
+
     # ---------------------------------------------------------------- entry
     async def submit(self, call: GenerateCall) -> Accepted | Rejected:
         """Admit one request. On `Accepted`, consume `events` until `Finished`/`Failed`;
@@ -382,6 +398,9 @@ class Runtime:
             self.compute.close()
 
 
+SHUTDOWN_DRAIN_S = 10.0  # longest a shutdown waits for in-flight requests to be aborted and accounted
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(
     config: RuntimeConfig,
@@ -394,8 +413,8 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Build the engine (in a worker thread: loading takes seconds) and run the actors.
 
-    Leaving the block cancels every actor; in-flight requests see their event
-    channels close.
+    Leaving the block aborts what is still in flight and waits (at most
+    `SHUTDOWN_DRAIN_S`) until accounting has settled it, then cancels every actor.
     """
     compute = ComputeThread() if config.step_in_thread else InlineCompute()
     if engine is None:
@@ -411,4 +430,10 @@ async def open_runtime(
             yield rt
         finally:
             rt.ready = False
+            # shielded: this also runs when the caller is being cancelled (Ctrl-C, a test's end)
+            with trio.CancelScope(deadline=trio.current_time() + SHUTDOWN_DRAIN_S, shield=True) as drain:
+                await rt.drain()
+            if drain.cancelled_caught:
+                log.warning("shutdown: %d requests were not accounted within %.0f s (is Redis down?)",
+                            rt.accounting.pending + len(rt.stepper.active), SHUTDOWN_DRAIN_S)
             nursery.cancel_scope.cancel()

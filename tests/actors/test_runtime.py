@@ -30,10 +30,11 @@ from actors.messages import (
 )
 from actors.policies import PolicyConfig
 from actors.queue_policy import QueueConfig
-from actors.runtime import Runtime, RuntimeConfig
+from actors.runtime import Runtime, RuntimeConfig, open_runtime
 from cache.prompt_cache import PromptCache
 from cache.quotas import Quota, QuotaManager
 from cache.response_cache import ResponseCache
+from cache.store import CacheUnavailable
 from cache.tenants import Tenant
 from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
 from gpu.engine import Engine
@@ -176,6 +177,61 @@ async def test_a_caller_cancelled_as_admission_answers_aborts_its_request(runtim
     rows = await usage_rows(services["quotas"], "gone")
     assert sum(r.completion_tokens for r in rows) < 600  # aborted, not run to the end and billed in full
     assert runtime.engine.block_manager.num_free_blocks == runtime.engine.num_blocks
+
+
+def flaky(fn, failures: int):
+    """`fn` behind a Redis that is down for its first `failures` calls."""
+    calls = {"n": 0}
+
+    async def call_(*args):
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise CacheUnavailable("redis is down")
+        return await fn(*args)
+
+    return call_, calls
+
+
+async def test_a_settle_during_a_redis_outage_lands_once_redis_is_back(runtime, services, monkeypatch):
+    quotas = services["quotas"]
+    settle, calls = flaky(quotas.settle, failures=5)  # 3 quick tries, then 1 s and 2 s apart
+    monkeypatch.setattr(quotas, "settle", settle)
+    t = tenant(Quota(max_concurrent=1), id="outage")
+    _, _, fin = await collect(await runtime.submit(call(t, prompt="Hi", max_tokens=3, ignore_eos=True)))
+    await wait_until(lambda: runtime.metrics.settle_backlog._value.get() == 1)  # waiting for Redis, not dropped
+    await wait_until(lambda: runtime.accounting.settled == 1, timeout=20)
+    assert calls["n"] == 6 and runtime.metrics.settle_backlog._value.get() == 0
+    [row] = await usage_rows(quotas, "outage")
+    assert (row.requests, row.completion_tokens) == (1, fin.usage.completion_tokens)
+    assert await quotas.running("outage") == 0  # the max_concurrent slot is free again
+
+
+async def test_usage_served_fail_open_is_recorded_once_redis_answers(runtime, services, monkeypatch):
+    quotas = services["quotas"]
+    reserve, _ = flaky(quotas.reserve, failures=1)  # Redis down at admission: served without quota
+    monkeypatch.setattr(quotas, "reserve", reserve)
+    acc = await runtime.submit(call(tenant(Quota(requests_per_minute=10), id="open"), prompt="Hi", max_tokens=3,
+                                    ignore_eos=True))
+    assert isinstance(acc, Accepted)
+    _, _, fin = await collect(acc)
+    await wait_until(lambda: runtime.accounting.settled == 1)  # settled with no reservation to settle
+    [row] = await usage_rows(quotas, "open")
+    assert (row.requests, row.completion_tokens) == (1, 3)
+
+
+async def test_leaving_the_runtime_aborts_and_accounts_what_is_in_flight(ckpt, tokenizer, services):
+    quotas = services["quotas"]
+    t = tenant(Quota(max_concurrent=4), id="shutdown")
+    async with open_runtime(RuntimeConfig(), engine=make_engine(ckpt, tokenizer), **services) as rt:
+        streams = [await rt.submit(call(t, prompt=f"Story {i}", max_tokens=500, ignore_eos=True)) for i in range(2)]
+        assert all(isinstance(a, Accepted) for a in streams)
+        await wait_until(lambda: rt.engine.counters["generated_tokens"] >= 4)
+        for a in streams:  # what Hypercorn's cancelled handlers do at the end of the grace period
+            a.cancel()
+    # the actors are gone: every request was aborted and settled before they were cancelled
+    assert await quotas.running("shutdown") == 0
+    [row] = await usage_rows(quotas, "shutdown")
+    assert row.requests == 2 and 2 <= row.completion_tokens < 1000
 
 
 async def test_quota_exceeded_is_429_with_retry_after(runtime):
