@@ -192,7 +192,17 @@ class Stepper:
 
     # ------------------------------------------------------------ routing
     def _token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        """A token's text for logprobs: its own text, or, for a token that is part of a
+        UTF-8 character, ``bytes:\\xNN...`` (as OpenAI spells them) — decoded alone such
+        tokens all read U+FFFD, and completions' top_logprobs, keyed by text, lost entries."""
+        tokenizer = self.engine.tokenizer
+        raw = tokenizer.token_bytes(token_id) if hasattr(tokenizer, "token_bytes") else None
+        if raw is None:
+            return tokenizer.decode([token_id], skip_special_tokens=False)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def _route(self, d: StepDelta) -> None:
         st = self.active.get(d.request_id)

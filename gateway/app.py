@@ -244,6 +244,9 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.ws import ws_blueprint
 
     app = QuartTrio("lmgate")
+    # keys keep their order (Flask's provider sorts them): logprobs' top_logprobs dicts are
+    # best first, as streamed (msgspec) and as OpenAI sends them
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.request_class = request_class_for(config)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams set it per response too

@@ -344,14 +344,22 @@ def _chat_logprobs(delta: TokenDelta, token_bytes: TokenBytes | None = None) -> 
     return {"content": items}
 
 
-def _completion_logprobs(delta: TokenDelta) -> dict[str, Any] | None:
+def _completion_logprobs(delta: TokenDelta, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's legacy logprobs for one delta. `offset`: characters of this choice's text
+    before the delta; `text_offset[i]` is where token i starts in the choice's text (a
+    token that is part of a character starts where the character does)."""
     if delta.logprobs is None:
         return None
     tokens = [_token_text(delta, i, t) for i, t in enumerate(delta.token_ids)]
     tops = [
         {t.token or f"<{t.token_id}>": t.logprob for t in row} for row in (delta.top_logprobs or [])
     ]
-    return {"tokens": tokens, "token_logprobs": list(delta.logprobs), "top_logprobs": tops or None, "text_offset": None}
+    offsets, seen = [], 0
+    for tok in tokens:
+        offsets.append(offset + min(seen, len(delta.text)))
+        seen += 0 if tok.startswith("bytes:") else len(tok)
+    return {"tokens": tokens, "token_logprobs": list(delta.logprobs), "top_logprobs": tops or None,
+            "text_offset": offsets}
 
 
 @dataclass
@@ -368,9 +376,10 @@ class Collector:
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
 
     def add(self, delta: TokenDelta) -> None:
-        self.texts.setdefault(delta.index, []).append(delta.text)
+        done = self.texts.setdefault(delta.index, [])
         lp = (_chat_logprobs(delta, self.token_bytes) if self.endpoint == "chat.completions"
-              else _completion_logprobs(delta))
+              else _completion_logprobs(delta, sum(map(len, done))))
+        done.append(delta.text)
         if lp is not None:
             self.logprobs.setdefault(delta.index, []).append(lp)
 
@@ -384,7 +393,7 @@ class Collector:
             "tokens": [t for p in parts for t in p["tokens"]],
             "token_logprobs": [t for p in parts for t in p["token_logprobs"]],
             "top_logprobs": [t for p in parts for t in (p["top_logprobs"] or [])] or None,
-            "text_offset": None,
+            "text_offset": [t for p in parts for t in p["text_offset"]],
         }
 
     def response(self, finished: Finished) -> dict[str, Any]:
@@ -426,6 +435,7 @@ class ChunkRenderer:
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
+    _chars: dict[int, int] = field(default_factory=dict)  # text streamed so far per choice (text_offset)
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -448,7 +458,10 @@ class ChunkRenderer:
             choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d, self.token_bytes),
                       "finish_reason": None}
         else:
-            choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d), "finish_reason": None}
+            offset = self._chars.get(d.index, 0)
+            self._chars[d.index] = offset + len(d.text)
+            choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d, offset),
+                      "finish_reason": None}
         return self._chunk([choice])
 
     def finished(self, f: Finished) -> list[dict[str, Any]]:

@@ -490,6 +490,18 @@ async def test_logprobs_carry_token_texts(runtime):
     assert all(len(row) == 2 and row[0].token and row[0].logprob >= row[1].logprob for row in tops)
 
 
+async def test_logprob_token_texts_of_partial_characters_are_their_bytes(runtime):
+    # decoded alone, each piece of an emoji reads U+FFFD: completions' top_logprobs (keyed
+    # by token text) lost the entries that collided, the chosen token's among them
+    ids = runtime.tokenizer.encode("🙂")
+    texts = [runtime.stepper._token_text(i) for i in ids]
+    assert len(ids) > 1 and len(set(texts)) == len(ids)
+    assert all(t.startswith("bytes:\\x") for t in texts)
+    raw = b"".join(bytes(int(h, 16) for h in t[len("bytes:"):].split("\\x")[1:]) for t in texts)
+    assert raw.decode() == "🙂"
+    assert runtime.stepper._token_text(runtime.tokenizer.encode(" Paris")[0]) == " Paris"
+
+
 async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkeypatch):
     """A bug in the stepper's routing kills the actor mid-request: that request gets a
     Failed event, its KV blocks are freed, and the restarted stepper serves the next one."""

@@ -27,6 +27,7 @@ from actors.messages import (
     GenerateCall,
     Rejected,
     TokenDelta,
+    TopLogprob,
     Usage,
 )
 from cache.quotas import QuotaManager
@@ -103,7 +104,11 @@ class FakeRuntime:
                 for j in range(max_tokens):
                     for i in range(n):
                         lp = [-0.5] if call.params.logprobs is not None else None
-                        await send.send(TokenDelta(call.request_id, i, word(i, j), [100 * i + j], logprobs=lp))
+                        # best first, not in alphabetical order: a response must keep that order
+                        top = ([[TopLogprob(1, -0.5, "zeta"), TopLogprob(2, -1.5, "alpha")][:call.params.logprobs]]
+                               if call.params.logprobs else None)
+                        await send.send(TokenDelta(call.request_id, i, word(i, j), [100 * i + j], logprobs=lp,
+                                                   top_logprobs=top))
                     if "FAIL" in text:
                         await send.send(Failed(call.request_id, 500, "engine_error", "the engine failed"))
                         return

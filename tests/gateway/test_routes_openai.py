@@ -113,7 +113,11 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
     assert (p.seed, p.top_k, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.logprobs) == (7, 5, 1.1, 1, True, 2)
     assert (call.priority, call.user, call.app) == (2, "u1", "translate")
     assert (call.cache_lookup, call.cache_store) == (True, True)
-    assert r.json()["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -0.5]
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [-0.5, -0.5]
+    # best first as sent (the JSON provider used to sort the keys), and where each token starts
+    assert [list(row) for row in lp["top_logprobs"]] == [["zeta", "alpha"]] * 2
+    assert lp["text_offset"] == [0, len(word(0, 0))]
 
 
 async def test_cache_control_header_reaches_the_call(gateway: Gateway) -> None:
