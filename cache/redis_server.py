@@ -9,6 +9,27 @@ data directory: its state lives exactly as long as the process. ``stop()`` then
 ``start()`` reuses the same port, so a client can observe "Redis went away and
 came back" (tests of reconnect behaviour rely on that).
 
+The server never outlives its owner:
+
+* On Linux the child asks the kernel for ``PR_SET_PDEATHSIG(SIGTERM)`` before it
+  execs redis-server, so it is stopped even when the owner is killed with
+  SIGKILL or dies from a signal before any cleanup code runs. The death signal
+  fires when the *thread* that forked the child exits, so the fork always
+  happens on a thread that lives as long as the process: the main thread, or
+  (when ``start()`` is called from another thread, e.g. ``trio.to_thread``) a
+  dedicated daemon thread that never exits.
+* ``start()`` reaps leftovers: a redis-server still running for the same data
+  directory (named in ``redis-server.pid`` there, or found in ``/proc``; e.g.
+  left by a crash before this safeguard existed or on a platform without it)
+  is terminated first. A process counts as such only if it is a redis-server
+  whose working directory is this data directory (redis-server chdirs to
+  ``--dir``); anything else, e.g. the machine's shared Redis on 6379, is never
+  signalled. Without ``/proc`` (non-Linux) nothing is reaped.
+* While started, a ``PrivateRedis`` holds an exclusive ``flock`` on
+  ``redis-server.lock`` in its data directory (released by the kernel when the
+  owner dies), so a server found there is stale only if that lock is free; a
+  second live ``PrivateRedis`` for the same directory is refused instead.
+
 This module is synchronous on purpose: starting a process and polling a socket
 for ~50 ms is setup work, done before (or outside of) the trio event loop.
 """
@@ -16,16 +37,34 @@ for ~50 ms is setup work, done before (or outside of) the trio event loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import queue
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, no reaping
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["PrivateRedis", "RedisServerError", "find_redis_server"]
 
 _DEFAULT_BINARY = "/usr/bin/redis-server"
+_PIDFILE = "redis-server.pid"
+_LOCKFILE = "redis-server.lock"
+_PROC = Path("/proc")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_STOP_TIMEOUT_S = 5.0
 
 
 class RedisServerError(RuntimeError):
@@ -71,6 +110,166 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+# --- dying with the owner (Linux PR_SET_PDEATHSIG) ---------------------------
+
+_prctl: Callable[..., int] | None = None
+_prctl_loaded = False
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, resolved in the parent (the forked child must not load
+    libraries), or None when not on Linux or unavailable."""
+    global _prctl, _prctl_loaded
+    if not _prctl_loaded:
+        _prctl_loaded = True
+        if sys.platform.startswith("linux"):
+            try:
+                prctl = ctypes.CDLL(None, use_errno=True).prctl
+            except (OSError, AttributeError):
+                prctl = None
+            if prctl is not None:
+                prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+                prctl.restype = ctypes.c_int
+            _prctl = prctl
+    return _prctl
+
+
+def _die_with_parent_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child receive SIGTERM when the forking thread
+    dies; None where PR_SET_PDEATHSIG does not exist (the child is then only
+    stopped by ``stop()`` or reaped by a later ``start()``).
+
+    If the parent is already gone when the child sets the flag (it died between
+    fork and prctl), the signal would never come, so the child exits at once.
+    """
+    prctl = _load_prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+_Jobs = queue.SimpleQueue[tuple[Callable[[], object], Future[object]]]
+_spawner_lock = threading.Lock()
+_spawner_jobs: _Jobs | None = None
+
+
+def _forget_spawner() -> None:
+    """In a forked child: the parent's spawner thread (and maybe its lock) did
+    not come along."""
+    global _spawner_lock, _spawner_jobs
+    _spawner_lock, _spawner_jobs = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _spawner_loop(jobs: _Jobs) -> None:
+    while True:
+        job, future = jobs.get()
+        try:
+            future.set_result(job())
+        except BaseException as error:  # handed to the caller
+            future.set_exception(error)
+
+
+def _on_long_lived_thread(job: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Run ``job`` (a fork) on a thread that lives as long as the process.
+
+    The main thread qualifies; any other caller (a worker thread that may exit,
+    which would fire the child's death signal) hands the job to one daemon
+    thread per process that never returns.
+    """
+    global _spawner_jobs
+    if threading.current_thread() is threading.main_thread():
+        return job()
+    with _spawner_lock:
+        if _spawner_jobs is None:
+            _spawner_jobs = queue.SimpleQueue()
+            threading.Thread(
+                target=_spawner_loop, args=(_spawner_jobs,), name="private-redis-spawner",
+                daemon=True,
+            ).start()
+        jobs = _spawner_jobs
+    future: Future[object] = Future()
+    jobs.put((job, future))
+    return future.result()  # type: ignore[return-value]
+
+
+# --- finding leftovers of earlier runs (Linux /proc) -------------------------
+
+
+def _proc_state(pid: int) -> str | None:
+    """One-letter state of ``pid`` from /proc (``Z`` = zombie), None if gone."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    state = _proc_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def _is_redis_server_for(pid: int, data_dir: Path) -> bool:
+    """True only for a live redis-server whose working directory is ``data_dir``.
+
+    redis-server rewrites its command line to ``redis-server HOST:PORT`` (so the
+    data directory is not in it) but chdirs to ``--dir``; both the program name
+    and the working directory must match. Unreadable /proc entries (another
+    user's process, no /proc at all) never match.
+    """
+    if pid <= 1 or pid == os.getpid() or not _alive(pid):
+        return False
+    base = _PROC / str(pid)
+    try:
+        cmdline = (base / "cmdline").read_bytes()
+        cwd = os.readlink(base / "cwd")
+    except OSError:
+        return False
+    program = cmdline.split(b"\0", 1)[0].split(b" ", 1)[0]
+    return os.path.basename(program) == b"redis-server" and cwd == str(data_dir)
+
+
+def _stale_servers(data_dir: Path) -> list[int]:
+    """Pids of redis-servers running for ``data_dir``: the one named in its
+    pidfile plus any found in /proc (leftovers from before pidfiles existed)."""
+    candidates: set[int] = set()
+    with contextlib.suppress(OSError, ValueError):
+        candidates.add(int((data_dir / _PIDFILE).read_text().split()[0]))
+    with contextlib.suppress(OSError):
+        for entry in _PROC.iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if (entry / "comm").read_bytes().strip() == b"redis-server":
+                        candidates.add(int(entry.name))
+    return sorted(pid for pid in candidates if _is_redis_server_for(pid, data_dir))
+
+
+def _terminate_pid(pid: int) -> None:
+    """SIGTERM ``pid``, then SIGKILL after _STOP_TIMEOUT_S; returns once it is gone
+    (or a zombie, which its parent still has to reap)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):  # gone, or not ours to signal
+            return
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.02)
+
+
 def _send_command(host: str, port: int, *args: str, timeout: float = 1.0) -> bytes:
     """Send one command in RESP and return the first reply line (without CRLF).
 
@@ -97,7 +296,9 @@ class PrivateRedis:
 
     ``PrivateRedis(data_dir)`` picks a free port on first ``start()`` and keeps
     it across restarts; ``port=`` pins it. Use as a context manager or call
-    ``start()``/``stop()``. ``url`` is valid once started.
+    ``start()``/``stop()``. ``url`` is valid once started. While running, the
+    server's pid is in ``pidfile_path`` and the data directory is locked (see the
+    module docstring).
     """
 
     def __init__(
@@ -115,6 +316,7 @@ class PrivateRedis:
         self.binary = binary
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock_file: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -135,30 +337,73 @@ class PrivateRedis:
     def log_path(self) -> Path:
         return self.data_dir / "redis-server.log"
 
+    @property
+    def pidfile_path(self) -> Path:
+        return self.data_dir / _PIDFILE
+
     def start(self) -> PrivateRedis:
         """Start the server and block until it answers PING.
 
         If no port was pinned and the chosen one is taken between picking and
         binding (a race with other processes), another port is tried.
+
+        First locks the data directory (RedisServerError if another live
+        PrivateRedis holds it) and terminates any redis-server left running for
+        it by an owner that died (see the module docstring).
         """
         if self.running:
             raise RedisServerError(f"redis-server already running on port {self.port}")
         binary = self.binary or find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        pinned = self.port != 0
-        attempts = 1 if pinned else 5
-        last_error: RedisServerError | None = None
-        for _ in range(attempts):
-            if not pinned:
-                self.port = _free_port(self.host)
-            try:
-                self._spawn(binary)
-                return self
-            except RedisServerError as error:
-                last_error = error
+        self._lock_data_dir()
+        try:
+            for pid in _stale_servers(self.data_dir):
+                _terminate_pid(pid)
+            self._remove_pidfile()
+            pinned = self.port != 0
+            attempts = 1 if pinned else 5
+            last_error: RedisServerError | None = None
+            for _ in range(attempts):
                 if not pinned:
-                    self.port = 0
-        raise last_error or RedisServerError("redis-server did not start")
+                    self.port = _free_port(self.host)
+                try:
+                    self._spawn(binary)
+                    return self
+                except RedisServerError as error:
+                    last_error = error
+                    if not pinned:
+                        self.port = 0
+            raise last_error or RedisServerError("redis-server did not start")
+        except BaseException:
+            self._unlock_data_dir()
+            raise
+
+    def _lock_data_dir(self) -> None:
+        if fcntl is None or self._lock_file is not None:
+            return
+        lock_file = open(self.data_dir / _LOCKFILE, "a+b")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            owner = ""
+            with contextlib.suppress(OSError, ValueError):
+                owner = f" (redis-server pid {int(self.pidfile_path.read_text().split()[0])})"
+            raise RedisServerError(
+                f"{self.data_dir} is in use by another running private redis-server{owner}"
+            ) from None
+        self._lock_file = lock_file
+
+    def _unlock_data_dir(self) -> None:
+        lock_file, self._lock_file = self._lock_file, None
+        if lock_file is not None:
+            lock_file.close()  # releases the flock
+
+    def _remove_pidfile(self, pid: int | None = None) -> None:
+        """Delete the pidfile (only if it names ``pid``, when given)."""
+        with contextlib.suppress(OSError, ValueError):
+            if pid is None or int(self.pidfile_path.read_text().split()[0]) == pid:
+                self.pidfile_path.unlink()
 
     def _spawn(self, binary: str) -> None:
         argv = [
@@ -171,17 +416,26 @@ class PrivateRedis:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", str(self.log_path),
+            "--pidfile", str(self.pidfile_path),  # redis deletes it on a clean shutdown
         ]
-        try:
-            self._process = subprocess.Popen(
+
+        def popen() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent_preexec(),
             )
-        except OSError as error:
+
+        try:
+            self._process = _on_long_lived_thread(popen)
+        except (OSError, subprocess.SubprocessError) as error:
             raise RedisServerError(f"could not execute {binary}: {error}") from error
+        # Written now (redis writes it only once listening) so a crash during
+        # startup leaves the pid behind for the next start() to reap.
+        self.pidfile_path.write_text(f"{self._process.pid}\n")
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                self._remove_pidfile(self._process.pid)
                 self._process = None
                 raise RedisServerError(
                     f"redis-server exited during startup on port {self.port}:\n{self._log_tail()}"
@@ -208,19 +462,25 @@ class PrivateRedis:
             raise RedisServerError(f"FLUSHALL failed: {reply!r}")
 
     def stop(self) -> None:
-        """Stop the server (idempotent). The port is kept for a later start()."""
-        self._terminate()
+        """Stop the server (idempotent) and unlock the data directory. The port
+        is kept for a later start()."""
+        try:
+            self._terminate()
+        finally:
+            self._unlock_data_dir()
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=_STOP_TIMEOUT_S)
+        self._remove_pidfile(process.pid)
 
     def _log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):

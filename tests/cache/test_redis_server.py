@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from cache.redis_server import PrivateRedis, RedisServerError
+from cache.redis_server import PrivateRedis, RedisServerError, find_redis_server
 
 
 def test_starts_on_free_port_answers_ping_and_stops(tmp_path):
@@ -42,3 +51,169 @@ def test_pinned_port_in_use_is_a_clear_error(tmp_path):
 def test_missing_binary_is_a_clear_error(tmp_path):
     with pytest.raises(RedisServerError, match="could not execute"):
         PrivateRedis(tmp_path, binary=str(tmp_path / "no-such-redis-server")).start()
+
+
+# --- the private redis-server never outlives its owner -----------------------
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux-only"
+)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_OWNER_SCRIPT = """
+import sys, threading, time
+from cache.redis_server import PrivateRedis
+
+server = PrivateRedis(sys.argv[1])
+if sys.argv[2] == "worker-thread":
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    starter.join()  # the thread that called start() is gone before we are killed
+else:
+    server.start()
+print(server.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _kill_if_redis_for(pid: int, data_dir: Path) -> None:
+    """Test cleanup: stop a leaked server, but only the one this test started."""
+    with contextlib.suppress(OSError):
+        if _alive(pid) and os.readlink(f"/proc/{pid}/cwd") == str(data_dir.resolve()):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _start_raw_redis(data_dir: Path, *, pidfile: bool) -> subprocess.Popen[bytes]:
+    """A redis-server as an earlier run would have left it: serving from
+    `data_dir`, in its own session, owned by nobody who will stop it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(data_dir.resolve()), "--daemonize", "no"]
+    if pidfile:
+        argv += ["--pidfile", str(data_dir.resolve() / "redis-server.pid")]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not PrivateRedis(data_dir, port=port).ping():
+        assert process.poll() is None and time.monotonic() < deadline, "raw redis-server did not start"
+        time.sleep(0.01)
+    if pidfile:
+        (data_dir / "redis-server.pid").write_text(f"{process.pid}\n")
+    return process
+
+
+@linux_only
+@pytest.mark.parametrize("starter", ["main-thread", "worker-thread"])
+def test_server_dies_when_its_owner_is_sigkilled(tmp_path, starter):
+    data_dir = tmp_path / "redis"
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER_SCRIPT, str(data_dir), starter],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    redis_pid = 0
+    try:
+        assert owner.stdout is not None
+        redis_pid = int(owner.stdout.readline())
+        assert _alive(redis_pid)
+        owner.kill()
+        owner.wait(timeout=10)
+        assert _gone_within(redis_pid, 5), "redis-server outlived its SIGKILLed owner"
+    finally:
+        owner.kill()
+        owner.wait(timeout=10)
+        if redis_pid:
+            _kill_if_redis_for(redis_pid, data_dir)
+
+
+@linux_only
+def test_server_started_from_a_worker_thread_outlives_that_thread(tmp_path):
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits: the fork must not
+    # happen on the short-lived thread that called start().
+    server = PrivateRedis(tmp_path)
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    starter.join()
+    try:
+        time.sleep(0.5)
+        assert server.running and server.ping()
+    finally:
+        server.stop()
+
+
+@linux_only
+def test_stale_servers_for_the_data_dir_are_reaped_and_others_left_alone(tmp_path):
+    data_dir, other_dir = tmp_path / "redis", tmp_path / "other"
+    forgotten = PrivateRedis(data_dir).start()  # an owner that vanished without stop()
+    forgotten_pid = forgotten.pid
+    assert forgotten_pid is not None
+    del forgotten  # nobody will stop() it now ...
+    gc.collect()  # ... and its data-dir lock goes with it, as when its process dies
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        assert (data_dir / "redis-server.pid").read_text().strip() == str(forgotten_pid)
+        orphan = _start_raw_redis(data_dir, pidfile=False)  # left by a version without pidfiles
+        started.append(orphan)
+        other = _start_raw_redis(other_dir, pidfile=True)
+        started.append(other)
+        with PrivateRedis(data_dir) as server:
+            assert _gone_within(forgotten_pid, 1)
+            orphan.wait(timeout=1)  # already terminated: start() waited for it
+            assert other.poll() is None and _alive(other.pid)
+            assert (data_dir / "redis-server.pid").read_text().strip() == str(server.pid)
+        assert not (data_dir / "redis-server.pid").exists()
+    finally:
+        _kill_if_redis_for(forgotten_pid, data_dir)
+        for process in started:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@linux_only
+def test_pidfile_naming_another_process_is_not_trusted(tmp_path):
+    data_dir = tmp_path / "redis"
+    other = _start_raw_redis(tmp_path / "other", pidfile=False)  # a redis-server, another dir
+    sleeper = subprocess.Popen(["sleep", "60"])  # not a redis-server at all
+    try:
+        for victim in (other, sleeper):
+            data_dir.mkdir(exist_ok=True)
+            (data_dir / "redis-server.pid").write_text(f"{victim.pid}\n")
+            with PrivateRedis(data_dir) as server:
+                assert server.ping()
+            assert victim.poll() is None and _alive(victim.pid)
+    finally:
+        for process in (other, sleeper):
+            process.kill()
+            process.wait(timeout=10)
+
+
+@linux_only
+def test_a_second_live_server_for_the_same_data_dir_is_refused(tmp_path):
+    with PrivateRedis(tmp_path) as first:
+        second = PrivateRedis(tmp_path)
+        try:
+            with pytest.raises(RedisServerError, match="in use by another running private redis-server"):
+                second.start()
+        finally:
+            second.stop()
+        assert first.running and first.ping()
+    with PrivateRedis(tmp_path) as again:  # stop() released the directory
+        assert again.ping()
