@@ -35,6 +35,7 @@ from cache.store import RedisStore
 __all__ = [
     "ApiKeyInfo",
     "KEY_PREFIX",
+    "SecretMismatch",
     "Tenant",
     "TenantExists",
     "TenantNotFound",
@@ -91,6 +92,10 @@ class TenantNotFound(KeyError):
 
 class TenantExists(ValueError):
     pass
+
+
+class SecretMismatch(RuntimeError):
+    """This Redis's keys were issued under another server secret: none would authenticate."""
 
 
 def hash_key(secret: bytes, plaintext: str) -> str:
@@ -169,6 +174,31 @@ class TenantRegistry:
         self._authenticate = store.register_script(_AUTHENTICATE)
         self._revoke = store.register_script(_REVOKE)
         self._delete_tenant = store.register_script(_DELETE_TENANT)
+
+    # -- the server secret ---------------------------------------------------
+
+    async def check_secret(self) -> bool:
+        """Check that this Redis's keys were issued under our secret; raise SecretMismatch if not.
+
+        Redis keeps ``HMAC(secret, "lmgate secret check")`` (written by the first gateway,
+        with NX): not the secret, and nothing a key can be derived from. A gateway started
+        with another secret — a replica with its own data dir, a container whose data dir
+        was lost — would answer every existing key with 401; it is stopped at start-up
+        instead. Returns True when this call recorded the fingerprint.
+        """
+        mine = hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
+        key = self.store.key("secret_check")
+        with self.store.guard():
+            if await self.store.client.set(key, mine, condition=PureToken.NX):
+                return True
+            theirs = await self.store.client.get(key)
+        theirs = theirs.decode() if isinstance(theirs, bytes) else theirs
+        if theirs != mine:
+            raise SecretMismatch(
+                "the API keys in this Redis were issued under another server secret, so none would "
+                "authenticate here: give every gateway that shares this Redis the same secret "
+                "(LMGATE_SECRET, or the same data_dir/server_secret file)")
+        return False
 
     # -- tenants -------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import trio
 
 from cache.quotas import QuotaManager
 from cache.redis_server import PrivateRedis
-from cache.store import RedisStore
+from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
 from gateway.config import ConfigError, GatewayConfig, add_config_arguments, config_from_args
@@ -158,6 +158,10 @@ async def serve(
             config = dataclasses.replace(config, redis_url=private.url)
             print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
         stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
+        try:  # SecretMismatch stops a gateway whose secret differs from the one the keys were issued under
+            await stores.tenants.check_secret()
+        except CacheUnavailable:
+            log.warning("Redis is unreachable: could not check the server secret against its keys")
         if config.dev_tenant:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:

@@ -154,3 +154,13 @@ def test_admin_key_check():
     assert not is_admin_key("", "")
     assert not is_admin_key(None, "x")
     assert not is_admin_key("x", None)
+
+
+async def test_a_gateway_with_another_secret_is_stopped_not_silently_401(store: RedisStore):
+    from cache.tenants import SecretMismatch
+
+    first = TenantRegistry(store, SECRET)
+    assert await first.check_secret()  # the first gateway records the fingerprint
+    assert not await TenantRegistry(store, SECRET).check_secret()  # a replica with the same secret
+    with pytest.raises(SecretMismatch, match="LMGATE_SECRET"):
+        await TenantRegistry(store, b"another secret of 32 bytes......").check_secret()

@@ -87,6 +87,33 @@ async def test_dev_tenant_is_created_only_once(nursery: trio.Nursery, tmp_path: 
     assert "API key" in out1.getvalue() and "API key" not in out2.getvalue()
 
 
+async def test_a_gateway_with_another_secret_does_not_start(nursery: trio.Nursery, tmp_path: Path,
+                                                            redis_url: str) -> None:
+    from cache.tenants import SecretMismatch
+
+    config = GatewayConfig(port=0, data_dir=str(tmp_path / "a"), redis_url=redis_url, shutdown_grace_seconds=0.1,
+                           kv_cache_mb=TEST_KV_MB)
+    _, out, stop, _ = await run_serve(nursery, config)
+    stop.set()
+    assert "API key" in out.getvalue()
+    # a replica (or a container that lost its data dir) generates another secret: every key
+    # issued so far would answer 401 there, so it refuses to start and says why
+    other = dataclasses.replace(config, data_dir=str(tmp_path / "b"))
+    with pytest.raises(BaseException) as info:
+        await serve(other, shutdown_trigger=trio.sleep_forever, out=io.StringIO())
+    leaves = [info.value]
+    while isinstance(leaves[-1], BaseExceptionGroup):
+        leaves.append(leaves[-1].exceptions[0])
+    assert isinstance(leaves[-1], SecretMismatch)
+    # the same secret (LMGATE_SECRET's job) starts
+    os.environ["LMGATE_SECRET"] = (tmp_path / "a" / "server_secret").read_text().strip()
+    try:
+        _, _, stop2, _ = await run_serve(nursery, other)
+        stop2.set()
+    finally:
+        del os.environ["LMGATE_SECRET"]
+
+
 async def read_sse(base_url: str, headers: dict[str, str], body: dict[str, Any], started: trio.Event) -> list[str]:
     async with (
         httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10) as client,
