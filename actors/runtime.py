@@ -344,6 +344,28 @@ class Runtime:
             log.info("length predictor seeded from %s (%d samples); Redis held none", seed_path,
                      service.predictor.num_samples)
 
+    def end_streams(self, message: str = "server shutting down") -> int:
+        """Shutdown, at the end of the grace period: every request still waiting or running
+        gets a last `Failed` (503 `shutting_down`) on its stream — an SSE client then sees an
+        error event and ``[DONE]``, a WebSocket client an error frame, rather than a cut
+        connection — and is aborted; accounting charges what it generated. Returns how many."""
+        ended = 0
+        for st in self.queue.drain():
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                st.events.send_nowait(Failed(st.request_id, 503, "shutting_down", message))
+            st.cancelled = True
+            st.events.close()
+            self._done_send.send_nowait(Completed(st, "cancelled"))
+            ended += 1
+        for st in list(self.stepper.active.values()):
+            if not st.cancelled:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                    st.events.send_nowait(Failed(st.request_id, 503, "shutting_down", message))
+                st.cancelled = True  # no token after the Failed; the stepper aborts it between steps
+                ended += 1
+        self.stepper.poke()
+        return ended
+
     def _fail_waiting(self, message: str) -> None:
         for st in self.queue.drain():
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):

@@ -8,8 +8,10 @@ Start-up order (each a scope that wraps the next, torn down in reverse)::
               └─ hypercorn.trio.serve(app) until SIGINT/SIGTERM
 
 On SIGINT/SIGTERM Hypercorn stops accepting connections, lets open requests and
-streams run for `shutdown_grace_seconds`, then cancels them (each cancelled
-stream aborts its request in the runtime).
+streams run for `shutdown_grace_seconds`; shortly before that ends the runtime ends
+every request still running with a 503 `shutting_down` error on its stream (an SSE
+error event and `[DONE]`, a WebSocket error frame), then Hypercorn cancels what is left
+and the runtime accounts every aborted request before its actors stop.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from gateway.config import ConfigError, GatewayConfig, add_config_arguments, con
 log = logging.getLogger("lmgate.gateway.server")
 
 DEV_TENANT_ID = "dev"
+END_STREAMS_MARGIN_S = 0.5  # requests still running this long before the grace period ends get an error event
 SECRET_FILE = "server_secret"
 
 
@@ -168,7 +171,28 @@ async def serve(
                 print(f"lmgate: created tenant {DEV_TENANT_ID!r}; its API key (shown once): {key}", file=out, flush=True)
         runtime = await stack.enter_async_context(runtime_factory(config, stores))
         app = create_app(runtime, stores, config)
-        await serve_app(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+        triggered = trio.Event()
+
+        async def trigger() -> None:
+            await shutdown_trigger()
+            triggered.set()
+
+        async def end_streams_before_the_cut() -> None:
+            # Hypercorn cancels what is still open when the grace period ends, which cuts a
+            # stream mid-way; just before that, the runtime ends each with an error event
+            await triggered.wait()
+            grace = config.shutdown_grace_seconds
+            await trio.sleep(max(0.0, grace - min(END_STREAMS_MARGIN_S, grace / 2)))
+            end_streams = getattr(runtime, "end_streams", None)
+            if end_streams is not None:
+                ended = end_streams("server shutting down")
+                if ended:
+                    log.info("shutdown: ended %d requests still running at the end of the grace period", ended)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(end_streams_before_the_cut)
+            await serve_app(app, config, shutdown_trigger=trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,9 @@ Hypercorn, and the official openai package / the lmgate client as callers."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import re
 
 import httpx
@@ -12,9 +14,12 @@ import pytest
 import torch
 import trio
 
+from cache.quotas import QuotaManager
+from cache.store import RedisStore
 from clients import LmgateClient
 from gateway.config import GatewayConfig
 from gateway.server import serve
+from gateway.sse import parse_events
 
 TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
 
@@ -120,3 +125,42 @@ async def test_the_last_frame_of_a_request_frees_its_concurrency_slot(nursery: t
             assert r.status_code == 200, r.text
     await wait_idle(base_url)
     stop.set()
+
+
+async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_event(  # type: ignore[no-untyped-def]
+        nursery: trio.Nursery, tmp_path, redis_url: str) -> None:
+    torch.set_num_threads(2)
+    stop = trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1.5, dtype="float32", kv_cache_mb=TEST_KV_MB)
+    done = trio.Event()
+
+    async def run_server(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(config, shutdown_trigger=stop.wait, out=io.StringIO(), task_status=task_status)
+        done.set()
+
+    base_url = (await nursery.start(run_server))[0]
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": "Bearer adm"}) as admin:
+        await admin.post("/admin/tenants", json={"id": "late", "name": "Late", "quota": {"max_concurrent": 1}})
+        key = (await admin.post("/admin/tenants/late/keys", json={"name": "k"})).json()["key"]
+    text = ""
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client, \
+            client.stream("POST", "/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Once",
+                                                              "max_tokens": 4000, "ignore_eos": True,
+                                                              "stream": True}) as r:
+        async for chunk in r.aiter_text():
+            text += chunk
+            if not stop.is_set():
+                stop.set()  # shut down with the stream running: it outlives the 1.5 s grace
+    events = parse_events(text)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-2]
+    with trio.fail_after(30):
+        await done.wait()
+    # accounted before the runtime stopped: the usage is recorded and the slot is free
+    async with RedisStore(redis_url) as store:
+        quotas = QuotaManager(store)
+        assert await quotas.running("late") == 0
+        today = dt.datetime.now(dt.UTC).date()
+        [row] = await quotas.get_usage("late", today, today)
+        assert row.requests == 1 and 0 < row.completion_tokens < 4000
