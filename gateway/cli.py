@@ -8,15 +8,36 @@
     lmgate bench ...  benchmarks (see `lmgate bench --help`)
 
 Subcommands import their heavy dependencies lazily so `lmgate --help` is instant.
+A command that cannot start (bad setting, missing model, port taken, Redis down)
+prints one line on stderr and exits non-zero, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+SERVE_EPILOG = """\
+environment:
+  Every setting above is also read from its LMGATE_* variable (redis_url also
+  from REDIS_URL), and --config from LMGATE_CONFIG.
+  LMGATE_SECRET  the server secret API keys are HMACed with (unset: one is
+                 generated on first start in DATA_DIR/server_secret, mode 0600).
+                 Replicas sharing one Redis must share it, or a key issued by
+                 one is refused by the others; changing it invalidates every
+                 issued key.
+
+--log-level takes DEBUG, INFO, WARNING, ERROR or CRITICAL.
+
+exit status: 2 for a bad setting or model, or a server secret other than the one
+the keys in Redis were issued under; 1 when the port cannot be bound,
+Redis cannot be reached or the private redis-server cannot be started.
+"""
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,8 +65,16 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace):
+    """The EngineConfig of the engine flags; ValueError naming the flag on a bad value."""
+    from gateway.config import ConfigError, check_device
     from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
 
+    for name in ("kv_cache_mb", "block_size", "max_num_seqs", "max_batched_tokens", "max_model_len"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+    check_device(args.device)
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -61,12 +90,25 @@ def engine_config_from_args(args: argparse.Namespace):
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gpu.engine import Engine, generate
+    from gpu.loader import CheckpointError
     from gpu.sampling import SamplingParams, SamplingParamsError
 
+    try:
+        engine_config = engine_config_from_args(args)
+    except ValueError as e:
+        print(f"lmgate generate: {e}", file=sys.stderr)
+        return 2
     prompts = list(args.prompt)
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            print(f"lmgate generate: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as e:
+            print(f"lmgate generate: {args.file}: not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
+            return 2
     if not prompts:
         print("lmgate generate: give at least one prompt (or --file)", file=sys.stderr)
         return 2
@@ -79,7 +121,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    engine = Engine(engine_config_from_args(args))
+    try:
+        engine = Engine(engine_config)
+    except CheckpointError as e:
+        print(f"lmgate generate: {e}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     inputs = [
@@ -119,6 +165,86 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise OSError if `host:port` cannot be bound now (taken, not a local address, privileged),
+    binding the way Hypercorn will (SO_REUSEADDR, IPv6 when the host has a colon): `lmgate serve`
+    checks before it spends seconds loading the model. Port 0 (any free port) always binds."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside `exc`, exception groups (trio nurseries) unwrapped recursively."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def startup_failure(exc: BaseException, host: str, port: int) -> tuple[int, str] | None:
+    """(exit status, one-line message) when `exc`, or every exception of the group it is, is a
+    known reason `lmgate serve` could not start; None for anything else (shown as a traceback:
+    a bug, not a setting). Status 2: the model setting is wrong; 1: the environment refused."""
+    from cache.redis_server import RedisServerError
+    from cache.store import CacheUnavailable
+    from cache.tenants import SecretMismatch
+    from gpu.loader import CheckpointError
+
+    found: list[tuple[int, str]] = []
+    for leaf in _leaves(exc):
+        if isinstance(leaf, CheckpointError):
+            found.append((2, f"cannot load the model: {leaf}"))
+        elif isinstance(leaf, SecretMismatch):
+            found.append((2, str(leaf)))
+        elif isinstance(leaf, CacheUnavailable):
+            found.append((1, f"{leaf} (is Redis running? see --redis-url)"))
+        elif isinstance(leaf, RedisServerError):
+            found.append((1, f"cannot start the private redis-server: {leaf}"))
+        elif isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE:
+            found.append((1, f"cannot listen on {host}:{port}: address already in use"))
+        else:
+            return None
+    return found[0] if found else None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """`lmgate serve`: check what can be checked before anything starts (settings, log level,
+    the port), then `gateway.server.run_serve`; a start-up failure is one line on stderr."""
+    from gateway.config import ConfigError, config_from_args, parse_log_level
+
+    try:
+        parse_log_level(args.log_level)
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"lmgate serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_bindable(config.host, config.port)
+    except OSError as e:
+        print(f"lmgate serve: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    from cache.redis_server import RedisServerError
+    from cache.store import CacheUnavailable
+    from cache.tenants import SecretMismatch
+    from gateway.server import run_serve
+    from gpu.loader import CheckpointError
+
+    try:
+        return run_serve(args)
+    except (CheckpointError, CacheUnavailable, RedisServerError, SecretMismatch, OSError, BaseExceptionGroup) as e:
+        failure = startup_failure(e, config.host, config.port)
+        if failure is None:
+            raise
+        status, message = failure
+        print(f"lmgate serve: {message}", file=sys.stderr)
+        return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmgate",
@@ -129,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gateway.server import add_serve_arguments
 
-    p = sub.add_parser("serve", help="run the gateway (OpenAI-compatible HTTP, SSE, WebSocket, admin API)")
+    p = sub.add_parser("serve", help="run the gateway (OpenAI-compatible HTTP, SSE, WebSocket, admin API)",
+                       epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(p)
 
     p = sub.add_parser("generate", help="generate offline with the engine (no server)")
@@ -179,9 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         if args.command == "serve":
-            from gateway.server import run_serve
-
-            return run_serve(args)
+            return _cmd_serve(args)
         if args.command == "chat":
             from clients.cli import run_chat
 

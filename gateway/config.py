@@ -5,7 +5,10 @@ Sources, highest precedence first::
     command-line flags  >  LMGATE_* environment  >  TOML file  >  defaults
 
 The TOML file is flat (keys are the field names below, e.g. ``port = 8000``) or
-may put them under a ``[gateway]`` table. Environment variables are the field
+puts them all under a ``[gateway]`` table; a file with a ``[gateway]`` table and
+settings outside it is refused (they would otherwise be silently ignored).
+Integer settings take integers only (``8080.7`` is refused, never truncated);
+float settings must be finite. Environment variables are the field
 name upper-cased with an ``LMGATE_`` prefix (``LMGATE_MAX_BODY_BYTES=2097152``);
 ``REDIS_URL`` is also honoured for ``redis_url``. Settings are read here and only
 here: the rest of the gateway receives the object (no environment reads deep in
@@ -16,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,13 +79,22 @@ class GatewayConfig:
         for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.shutdown_grace_seconds < 0:
-            raise ConfigError("shutdown_grace_seconds must be >= 0")
+        for name in ("shutdown_grace_seconds", "keep_alive_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        # 0 would refuse every request that has to queue at all (max_waiting bounds the queue)
+        if not (math.isfinite(self.max_estimated_wait_seconds) and self.max_estimated_wait_seconds > 0):
+            raise ConfigError(f"max_estimated_wait_seconds must be a finite number > 0, "
+                              f"got {self.max_estimated_wait_seconds}")
         for name in ("kv_cache_mb", "max_num_seqs", "max_batched_tokens", "max_model_len", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
+        check_device(self.device)
         if self.scheduling_policy not in POLICY_NAMES:
             raise ConfigError(f"scheduling_policy must be one of {', '.join(POLICY_NAMES)}, "
                               f"got {self.scheduling_policy!r}")
@@ -102,6 +117,35 @@ class GatewayConfig:
         if self.length_predictor != "auto":
             return self.length_predictor
         return "magnus" if self.scheduling_policy in LENGTH_AWARE_POLICIES else "running"
+
+
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL is ``redis://``, ``rediss://`` (TLS) or ``unix://`` followed by something:
+    refuse anything else at start-up rather than fail on the first Redis command."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in REDIS_URL_SCHEMES or not rest:
+        raise ConfigError(f"redis_url must start with redis://, rediss:// or unix:// and name a server, got {url!r}")
+
+
+def check_device(device: str) -> None:
+    """`device` is ``cpu``, ``cuda`` or ``cuda:N`` (syntax only: whether that GPU exists is
+    known once torch initialises it)."""
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def parse_log_level(name: str) -> int:
+    """The `logging` level a ``--log-level`` name means (case-insensitive); ConfigError listing
+    the valid names otherwise (no silent fallback to INFO)."""
+    upper = str(name).strip().upper()
+    if upper not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {name!r}")
+    return logging.getLevelNamesMapping()[upper]
 
 
 def check_predictor_seed(path: str, length_predictor: str) -> None:
@@ -189,8 +233,14 @@ def _coerce(name: str, value: Any) -> Any:
         if kind.startswith("int"):
             if isinstance(value, bool):
                 raise ValueError("boolean given")
-            return int(value)
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+                return int(value)
+            raise ValueError(f"expected an integer, got {value!r}")  # 8080.7 is refused, not truncated
         if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError("boolean given")
             return float(value)
         if kind.startswith("str"):
             if not isinstance(value, str):
@@ -202,14 +252,31 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def values_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    table = data.get("gateway", data)
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [gateway] must be a table")
-    unknown = sorted(k for k in table if k not in _FIELDS and k != "gateway")
+    """The settings a TOML file gives. Every problem with the file (missing, unreadable, not
+    UTF-8, not TOML, unknown or mistyped settings, settings both inside and outside a
+    ``[gateway]`` table) is a ConfigError naming the file."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config file {os.fspath(path)}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {os.fspath(path)}: invalid TOML: {e}") from e
+    if "gateway" in data:
+        table = data["gateway"]
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [gateway] must be a table")
+        outside = sorted(k for k in data if k != "gateway")
+        if outside:
+            raise ConfigError(f"{path}: settings {outside} are outside the [gateway] table: put every setting "
+                              "under [gateway], or drop the [gateway] header")
+    else:
+        table = data
+    unknown = sorted(k for k in table if k not in _FIELDS)
     if unknown:
         raise ConfigError(f"{path}: unknown settings {unknown}")
-    return {k: _coerce(k, v) for k, v in table.items() if k in _FIELDS}
+    return {k: _coerce(k, v) for k, v in table.items()}
 
 
 def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -247,7 +314,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML settings file (also $LMGATE_CONFIG). Precedence: flags > LMGATE_* env > file > defaults",
+        help="TOML settings file (also $LMGATE_CONFIG). Precedence: flags > LMGATE_* env > file > defaults. "
+             "Keys are the flag names with underscores (port = 8000), either all at the top level or all "
+             "under one [gateway] table (settings outside [gateway] are refused, not ignored)",
     )
     defaults = GatewayConfig()
     for name, field in _FIELDS.items():

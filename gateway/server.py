@@ -37,7 +37,13 @@ from cache.redis_server import PrivateRedis
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
-from gateway.config import ConfigError, GatewayConfig, add_config_arguments, config_from_args
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    add_config_arguments,
+    config_from_args,
+    parse_log_level,
+)
 
 log = logging.getLogger("lmgate.gateway.server")
 
@@ -198,12 +204,13 @@ async def serve(
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lmgate serve` (one per GatewayConfig field, plus --config and --log-level)."""
     add_config_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO))
     try:
+        logging.basicConfig(level=parse_log_level(args.log_level))
         config = config_from_args(args)
     except ConfigError as e:
         print(f"lmgate serve: {e}", file=sys.stderr)

@@ -1,9 +1,49 @@
-"""`lmgate generate`'s engine flags map onto `EngineConfig` (no model is loaded here)."""
+"""The `lmgate` command line: `generate`'s engine flags map onto `EngineConfig`, and every
+way `serve` or `generate` can fail to start is one line on stderr with a non-zero status,
+never a traceback."""
 
 from __future__ import annotations
 
-from gateway.cli import build_parser, engine_config_from_args
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.cli import build_parser, engine_config_from_args, main, startup_failure
 from gpu.config import CacheConfig, SchedulerConfig
+
+
+@pytest.fixture(autouse=True)
+def no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LMGATE_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"lmgate {command}")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def quick(tmp_path: Path) -> list[str]:
+    """Flags that make a `serve` which wrongly passes its checks fail fast at Redis (instead of
+    loading the model and serving until killed); the flags under test come after and win."""
+    return ["--port", "0", "--data-dir", str(tmp_path), "--redis-url", "redis://127.0.0.1:1/0"]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
 
 
 def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
@@ -16,3 +56,101 @@ def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
     assert (cfg.cache.cache_bytes, cfg.scheduler.max_num_seqs) == (64 * 1024**2, 8)
     assert not cfg.cache.huge_pages and not cfg.cache.enable_prefix_caching
     assert engine_config_from_args(build_parser().parse_args(["generate", "--batch-invariant", "hi"])).batch_invariant
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--kv-cache-mb", "0"], "--kv-cache-mb must be positive, got 0"),
+    (["--max-model-len", "-1"], "--max-model-len must be positive"),
+    (["--threads", "-2"], "--threads must be >= 0"),
+    (["--device", "bogus"], "device must be cpu, cuda or cuda:N"),
+    (["--file", "/nonexistent/prompts.txt"], "cannot read /nonexistent/prompts.txt"),
+])
+def test_generate_reports_bad_flags_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                flags: list[str], message: str) -> None:
+    # a missing model: a flag wrongly accepted fails fast instead of loading and generating
+    assert main(["generate", "--model", str(tmp_path / "missing.gguf"), *flags, "hi"]) == 2
+    assert message in one_line_error(capsys, "generate")
+
+
+def test_generate_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["generate", "--model", str(tmp_path / "missing.gguf"), "hi"]) == 2
+    assert "missing.gguf' is neither" in one_line_error(capsys, "generate")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'bogus'"),
+    (["--redis-url", "notaurl"], "redis_url must start with redis://, rediss:// or unix://"),
+    (["--device", "bogus"], "device must be cpu, cuda or cuda:N"),
+    (["--port", "8080.7"], "'port': expected an integer"),
+    (["--keep-alive-seconds", "-5"], "keep_alive_seconds must be a finite number >= 0"),
+    (["--config", "/nonexistent.toml"], "config file /nonexistent.toml: No such file or directory"),
+])
+def test_serve_reports_bad_settings_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                flags: list[str], message: str) -> None:
+    assert main(["serve", *quick(tmp_path), *flags]) == 2
+    assert message in one_line_error(capsys, "serve")
+
+
+@pytest.mark.parametrize("content", [b"port = \n", b"\xff\xfe", b"port = 9999\n[gateway]\nmax_waiting = 5\n"])
+def test_serve_reports_a_bad_config_file_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    monkeypatch.setenv("LMGATE_CONFIG", str(path))
+    assert main(["serve", *quick(tmp_path)]) == 2
+    assert str(path) in one_line_error(capsys, "serve")
+
+
+def test_serve_reports_a_taken_port_before_anything_starts(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          taken_port: int) -> None:
+    # an unreachable Redis and a missing model: the port is checked before either is tried
+    assert main(["serve", "--port", str(taken_port), "--data-dir", str(tmp_path), "--redis-url",
+                 "redis://127.0.0.1:1/0", "--model", str(tmp_path / "missing.gguf")]) == 1
+    line = one_line_error(capsys, "serve")
+    assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in line
+    assert not (tmp_path / "server_secret").exists()
+
+
+def test_serve_reports_an_unreachable_redis_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["serve", *quick(tmp_path)]) == 1
+    assert "Redis at redis://127.0.0.1:1/0 unreachable" in one_line_error(capsys, "serve")
+
+
+def test_serve_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   redis_url: str) -> None:
+    assert main(["serve", "--port", "0", "--data-dir", str(tmp_path), "--redis-url", redis_url, "--no-dev-tenant",
+                 "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "cannot load the model: model" in one_line_error(capsys, "serve")
+
+
+def test_a_port_taken_after_the_check_is_unwrapped_from_the_nursery_groups(taken_port: int) -> None:
+    """Hypercorn's bind failure arrives as an OSError nested in trio nursery groups."""
+    from gateway.config import GatewayConfig
+    from gateway.server import serve_app
+
+    async def app(scope, receive, send):  # lifespan only: the bind fails before any request
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        trio.run(serve_app, app, GatewayConfig(port=taken_port))
+    assert startup_failure(info.value, "127.0.0.1", taken_port) == (
+        1, f"cannot listen on 127.0.0.1:{taken_port}: address already in use")
+
+
+def test_unknown_failures_are_not_disguised_as_start_up_errors() -> None:
+    from cache.store import CacheUnavailable
+
+    assert startup_failure(OSError(errno.EACCES, "denied"), "h", 1) is None
+    assert startup_failure(ExceptionGroup("g", [CacheUnavailable("x"), KeyError("bug")]), "h", 1) is None
+    assert startup_failure(ExceptionGroup("g", [ExceptionGroup("h", [CacheUnavailable("Redis at u unreachable")])]),
+                           "h", 1) == (1, "Redis at u unreachable (is Redis running? see --redis-url)")
+
+
+def test_serve_help_documents_the_server_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "LMGATE_SECRET" in out and "Replicas sharing one Redis must share it" in out
+    assert "DEBUG, INFO, WARNING, ERROR or CRITICAL" in out

@@ -61,7 +61,7 @@ def test_unknown_file_setting_is_an_error(tmp_path: Path) -> None:
 def test_help_documents_env_and_precedence(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse(["--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
     assert "LMGATE_MAX_WS_FRAME_BYTES" in out and "flags > LMGATE_* env > file > defaults" in out
 
 
@@ -190,3 +190,112 @@ def test_serve_reports_a_bad_setting_without_a_traceback(capsys: pytest.CaptureF
     assert main(["serve", "--port", "99999"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmgate serve: ") and "port must be in 0..65535" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"port = \n", "invalid TOML"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_an_unreadable_file_is_a_config_error_naming_it(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path, {}, {})
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_file_is_a_config_error_from_the_flag_and_from_lmgate_config(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=f"{missing}: No such file"):
+        load_config(missing, {}, {})
+    with pytest.raises(ConfigError, match=f"{missing}: No such file"):
+        load_config(None, {"LMGATE_CONFIG": missing}, {})
+
+
+def test_settings_outside_the_gateway_table_are_refused_not_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('port = 9999\nadmin_key = "secret"\n[gateway]\nmax_waiting = 5\n')
+    with pytest.raises(ConfigError, match=r"\['admin_key', 'port'\] are outside the \[gateway\] table"):
+        load_config(path, {}, {})
+    path.write_text('[gateway]\nport = 9999\nadmin_key = "secret"\nmax_waiting = 5\n')
+    config = load_config(path, {}, {})
+    assert (config.port, config.admin_key, config.max_waiting) == (9999, "secret", 5)
+
+
+def test_config_help_says_how_the_gateway_table_mixes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "settings outside [gateway] are refused, not ignored" in out
+
+
+@pytest.mark.parametrize("toml", ["port = 8080.7\n", "max_body_bytes = 1.9\n", "port = 8080.0\n", "threads = true\n"])
+def test_a_float_for_an_integer_setting_in_the_file_is_refused_not_truncated(tmp_path: Path, toml: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=toml.split()[0]):
+        load_config(path, {}, {})
+
+
+def test_a_float_for_an_integer_setting_from_env_or_flag_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'port': expected an integer, got '8080.7'"):
+        load_config(None, {"LMGATE_PORT": "8080.7"}, {})
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        load_config(None, {}, {"max_body_bytes": "1.9"})
+    assert load_config(None, {"LMGATE_PORT": " 8080 "}, {}).port == 8080
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("max_estimated_wait_seconds", "-1"), ("max_estimated_wait_seconds", "0"),
+    ("max_estimated_wait_seconds", "nan"), ("max_estimated_wait_seconds", "inf"),
+    ("keep_alive_seconds", "-5"), ("keep_alive_seconds", "inf"), ("keep_alive_seconds", "nan"),
+    ("shutdown_grace_seconds", "nan"), ("shutdown_grace_seconds", "-1"), ("shutdown_grace_seconds", "inf"),
+    ("shutdown_grace_seconds", "true"),
+])
+def test_out_of_range_seconds_are_refused_naming_the_setting(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_config(None, {"LMGATE_" + name.upper(): value}, {})
+
+
+def test_nan_from_the_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("shutdown_grace_seconds = nan\n")
+    with pytest.raises(ConfigError, match="shutdown_grace_seconds"):
+        load_config(path, {}, {})
+
+
+def test_zero_seconds_stay_valid_where_they_mean_something() -> None:
+    config = GatewayConfig(shutdown_grace_seconds=0, keep_alive_seconds=0, max_estimated_wait_seconds=0.5)
+    assert (config.shutdown_grace_seconds, config.keep_alive_seconds) == (0, 0)
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379", "redis://", "127.0.0.1:6379"])
+def test_a_redis_url_without_a_redis_scheme_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="redis_url must start with redis://, rediss:// or unix://"):
+        load_config(None, {"REDIS_URL": url}, {})
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://user:pw@host:6380", "unix:///tmp/redis.sock"])
+def test_redis_urls_of_every_scheme_are_accepted(url: str) -> None:
+    assert load_config(None, {}, {"redis_url": url}).redis_url == url
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:", "cuda:x", "gpu", "CPU "])
+def test_a_bad_device_is_refused(device: str) -> None:
+    with pytest.raises(ConfigError, match="device must be cpu, cuda or cuda:N"):
+        GatewayConfig(device=device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_devices_are_accepted(device: str) -> None:
+    assert GatewayConfig(device=device).device == device
+
+
+def test_log_levels_are_checked_not_defaulted() -> None:
+    import logging
+
+    from gateway.config import parse_log_level
+
+    assert parse_log_level("debug") == logging.DEBUG and parse_log_level("WARNING") == logging.WARNING
+    with pytest.raises(ConfigError, match="DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'bogus'"):
+        parse_log_level("bogus")
