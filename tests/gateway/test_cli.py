@@ -154,3 +154,10 @@ def test_serve_help_documents_the_server_secret(capsys: pytest.CaptureFixture[st
     out = " ".join(capsys.readouterr().out.split())
     assert "LMGATE_SECRET" in out and "Replicas sharing one Redis must share it" in out
     assert "DEBUG, INFO, WARNING, ERROR or CRITICAL" in out
+
+
+def test_a_secret_mismatch_is_one_line_with_status_2() -> None:
+    from cache.tenants import SecretMismatch
+
+    group = BaseExceptionGroup("nursery", [SecretMismatch("issued under another server secret")])
+    assert startup_failure(group, "h", 1) == (2, "issued under another server secret")
