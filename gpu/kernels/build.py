@@ -13,16 +13,20 @@ One list of template instances serves three compilers, so they cannot drift:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
 CPU_EMU_DIR = KERNEL_DIR / "cpu_emu"
@@ -249,15 +253,45 @@ def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
     under `cpu_extension_name` (source, flags and this CPU). `extra_cflags` go after
     the shared ones. Raises whatever the build raises (no compiler, no headers):
     callers decide how to fall back.
+
+    torch guards each build directory with a `lock` *file*, taken on every load (it
+    checks the build is current) and left behind when the process dies holding it:
+    every later load then waits forever (seen: a server killed while loading hung
+    the next start and the test suite). So loads of one extension are serialized by
+    a kernel lock (`flock`, released when its process dies) taken first; whoever
+    holds it and finds torch's lock file knows it is a dead process's and removes it.
     """
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     path = KERNEL_DIR / "cpu" / source
     cflags = [*CPU_EXTENSION_CFLAGS, *extra_cflags]
-    return load(
-        name=cpu_extension_name(path, cflags, cpu_fingerprint()),
-        sources=[str(path)],
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    name = cpu_extension_name(path, cflags, cpu_fingerprint())
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    with _exclusive(build_dir.parent / f"{name}.flock"):
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that died", stale)
+            stale.unlink(missing_ok=True)
+        return load(
+            name=name,
+            sources=[str(path)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive `flock` on `lock_path` for the block (no-op where flock does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -236,3 +236,28 @@ def test_cpu_fingerprint_names_this_cpus_isa():
     assert fp and fp == build.cpu_fingerprint()
     if torch.backends.cpu.get_cpu_capability().startswith("AVX"):  # x86: the flags are in it
         assert "sse2" in fp
+
+
+def test_a_build_lock_left_by_a_dead_process_does_not_hang_the_next_load():
+    # torch guards a build directory with a lock *file*; a process killed while holding it
+    # (e.g. a server stopped while loading) made every later load wait forever
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from gpu.kernels.build import (
+        CPU_EXTENSION_CFLAGS,
+        KERNEL_DIR,
+        cpu_extension_name,
+        cpu_fingerprint,
+    )
+
+    cflags = [*CPU_EXTENSION_CFLAGS, "-ffp-contract=off"]  # as gpu.layer_ops loads it
+    name = cpu_extension_name(KERNEL_DIR / "cpu" / "layer_ops.cpp", cflags, cpu_fingerprint())
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    lock.touch()  # what the dead process left
+    load = "from gpu.layer_ops import fused_available; assert fused_available()"
+    subprocess.run([sys.executable, "-c", load], check=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert not lock.exists()
