@@ -349,14 +349,7 @@ class Runtime:
         gets a last `Failed` (503 `shutting_down`) on its stream — an SSE client then sees an
         error event and ``[DONE]``, a WebSocket client an error frame, rather than a cut
         connection — and is aborted; accounting charges what it generated. Returns how many."""
-        ended = 0
-        for st in self.queue.drain():
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                st.events.send_nowait(Failed(st.request_id, 503, "shutting_down", message))
-            st.cancelled = True
-            st.events.close()
-            self._done_send.send_nowait(Completed(st, "cancelled"))
-            ended += 1
+        ended = self._fail_waiting(message, code="shutting_down", outcome="cancelled")
         for st in list(self.stepper.active.values()):
             if not st.cancelled:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
@@ -366,12 +359,17 @@ class Runtime:
         self.stepper.poke()
         return ended
 
-    def _fail_waiting(self, message: str) -> None:
+    def _fail_waiting(self, message: str, *, code: str = "queue_error", outcome: str = "error") -> int:
+        """End every request the queue holds with a 503 `code` on its stream; returns how many."""
+        failed = 0
         for st in self.queue.drain():
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                st.events.send_nowait(Failed(st.request_id, 503, "queue_error", message))
+                st.events.send_nowait(Failed(st.request_id, 503, code, message))
+            st.cancelled = True
             st.events.close()
-            self._done_send.send_nowait(Completed(st, "error"))
+            self._done_send.send_nowait(Completed(st, outcome))
+            failed += 1
+        return failed
 
     async def _supervise(
         self,
