@@ -149,12 +149,12 @@ class Admission:
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
                           "messages" if call.messages is not None else "prompt")
         cap = call.tenant.max_tokens_cap
+        cap_kv = self.config.kv_capacity_tokens
         max_tokens = p.max_tokens
         if max_tokens is None:
             if cap is not None and cap < 1:
                 raise _Refuse(400, "invalid_value",
                               f"this key's max_tokens limit is {cap}: it may not generate", "max_tokens")
-            cap_kv = self.config.kv_capacity_tokens
             if cap_kv:  # a cache smaller than the context window bounds what one request can grow to
                 room = min(room, cap_kv - n_prompt)
                 if room < 1:
@@ -169,7 +169,6 @@ class Admission:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
                           f"window of {self.config.max_model_len} tokens", "max_tokens")
-        cap_kv = self.config.kv_capacity_tokens
         if cap_kv and n_prompt + max_tokens > cap_kv:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
