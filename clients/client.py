@@ -258,6 +258,10 @@ class LmgateClient:
     def _headers(self, cache_control: str | None) -> dict[str, str]:
         return {**self.headers, "Cache-Control": cache_control} if cache_control else self.headers
 
+    def _check_open(self) -> None:
+        if self.http.is_closed:  # httpx would raise a bare RuntimeError
+            raise ConnectionFailed("the client is closed")
+
     async def _request_json(self, method: str, path: str, body: Any = None, cache_control: str | None = None) -> Any:
         headers = self._headers(cache_control)
 
@@ -269,6 +273,7 @@ class LmgateClient:
             await _raise_for_status(response)
             return response.json()
 
+        self._check_open()  # not retried: a closed client stays closed
         return await with_retry(self.retry, once)
 
     async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any],
@@ -293,6 +298,7 @@ class LmgateClient:
             stack.push_async_exit(attempt)
             return response
 
+        self._check_open()  # not retried: a closed client stays closed
         return await with_retry(self.retry, once)
 
     async def _model(self) -> str:

@@ -371,3 +371,18 @@ def test_a_dropped_ws_connection_is_connection_failed(served: Served, backend: s
         run(backend, scenario)
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closed_client_raises_connection_failed_at_once(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL, retry=RetryPolicy()) as client:
+            pass
+        with anyio.fail_after(2):  # not retried with backoff
+            with pytest.raises(ConnectionFailed, match="closed"):
+                await client.chat(HELLO)
+            with pytest.raises(ConnectionFailed, match="closed"):
+                async with client.chat_stream(HELLO) as s:
+                    [d async for d in s]
+
+    run(backend, scenario)
