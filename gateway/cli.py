@@ -62,6 +62,8 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the KV cache on 4 KiB pages (default: 2 MiB transparent huge pages on a Linux CPU)")
     g.add_argument("--batch-invariant", action="store_true",
                    help="a prompt's tokens do not depend on the other prompts of the batch (costs throughput)")
+    g.add_argument("--quantization", default="none", choices=["none", "int8"],
+                   help="int8: projections and LM head as int8 GEMMs (CPU only; docs/benchmarking.md)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -81,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace):
         device=args.device,
         num_threads=args.threads,
         batch_invariant=args.batch_invariant,
+        quantization=args.quantization,
         cache=CacheConfig(block_size=args.block_size, cache_bytes=args.kv_cache_mb * 1024**2,
                           enable_prefix_caching=not args.no_prefix_caching, huge_pages=not args.no_kv_huge_pages),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens,

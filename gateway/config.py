@@ -64,6 +64,7 @@ class GatewayConfig:
     prefix_caching: bool = True
     kv_huge_pages: bool = True  # back the KV cache with 2 MiB pages (Linux CPUs; gpu.model.advise_huge_pages)
     batch_invariant: bool = False  # a request's tokens never depend on the load (gpu.config.EngineConfig)
+    quantization: str = "none"  # none | int8: W8A8 projections (gpu.quantization; CPU only)
     max_waiting: int = 1024  # queued requests beyond this → 503
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
@@ -103,6 +104,13 @@ class GatewayConfig:
                               f"got {self.kv_reservation!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in ("none", "int8"):
+            raise ConfigError(f"quantization must be none or int8, got {self.quantization!r}")
+        if self.quantization != "none" and self.device != "cpu":
+            raise ConfigError(f"quantization {self.quantization} runs on the CPU only, not on device {self.device!r}")
+        if self.quantization != "none" and self.batch_invariant:
+            raise ConfigError(f"quantization {self.quantization} is not batch-invariant: "
+                              "set quantization or batch_invariant, not both")
         if self.length_predictor not in ("auto", "running", "magnus"):
             raise ConfigError(f"length_predictor must be auto, running or magnus, got {self.length_predictor!r}")
         if self.step_thread not in ("worker", "loop"):
@@ -193,6 +201,9 @@ _HELP = {
     "batch_invariant": "batch-invariant engine: a greedy or seeded request gets the same tokens whatever else "
                        "runs, however its prompt is chunked, after a preemption or a prefix hit (costs "
                        "throughput: 0.73-0.90x the tokens/s on an AMX Xeon in bf16; docs/benchmarking.md)",
+    "quantization": "none, or int8: projections and LM head as int8 GEMMs with per-token activation scales "
+                    "(SmoothQuant; CPU only; faster than float32 where bf16 is not native, moves the model "
+                    "off the reference: docs/benchmarking.md)",
     "max_waiting": "queued requests beyond which new ones get 503",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
@@ -342,6 +353,7 @@ def runtime_config(config: GatewayConfig):
         device=config.device,
         num_threads=config.threads,
         batch_invariant=config.batch_invariant,
+        quantization=config.quantization,
         cache=CacheConfig(cache_bytes=config.kv_cache_mb * 1024**2, enable_prefix_caching=config.prefix_caching,
                           huge_pages=config.kv_huge_pages),
         scheduler=SchedulerConfig(

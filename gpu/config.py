@@ -116,3 +116,17 @@ class EngineConfig:
     # the prefill kernel (`gpu.attention.cpu_native`). Costs throughput (AMX Xeon, bf16: 0.90x the tokens/s at 32 running
     # sequences, 0.73x at 64: `python -m ops.bench_invariance`). docs/benchmarking.md
     batch_invariant: bool = False
+    # "int8": projections and the LM head as dynamic int8 GEMMs (`gpu.quantization`): CPU
+    # only, not batch-invariant, moves the model off the reference (measured by
+    # `python -m ops.bench_dtype --quantization int8`)
+    quantization: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("none", "int8"):
+            raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
+        if self.quantization != "none":
+            if not self.device.startswith("cpu"):
+                raise ValueError(f"{self.quantization} quantization runs on the CPU only, not on {self.device!r}")
+            if self.batch_invariant:
+                raise ValueError(f"{self.quantization} quantization is not batch-invariant: "
+                                 "choose one of the two")

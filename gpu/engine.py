@@ -28,6 +28,7 @@ from gpu.block_manager import BlockManager
 from gpu.config import EngineConfig
 from gpu.detokenizer import IncrementalDetokenizer, StopChecker
 from gpu.loader import load_checkpoint
+from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import Sampler, SamplingParams, SeqSamplingState
 from gpu.tokenizer import Tokenizer, load_tokenizer
@@ -137,12 +138,14 @@ class Engine:
         self.runner = ModelRunner(
             ckpt, num_blocks=self.num_blocks, block_size=cache.block_size,
             dtype=self.dtype, device=self.config.device, huge_pages=cache.huge_pages,
-            batch_invariant=self.config.batch_invariant,
+            batch_invariant=self.config.batch_invariant, quantization=self.config.quantization,
+            calibration=calibration_prompts(self.tokenizer) if self.config.quantization != "none" else (),
         )
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s", str(self.dtype).removeprefix("torch."),
+        log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s%s", str(self.dtype).removeprefix("torch."),
                  self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
-                 ", batch-invariant" if self.config.batch_invariant else "")
+                 ", batch-invariant" if self.config.batch_invariant else "",
+                 f", {self.config.quantization} GEMMs" if self.config.quantization != "none" else "")
         sched_cfg = self.config.scheduler
         if sched_cfg.max_model_len != self.max_model_len:
             from dataclasses import replace

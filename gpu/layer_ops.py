@@ -14,6 +14,8 @@ of roundings, so results agree up to float32 summation order in the norms' reduc
     silu_mul(gate_up)                 -> silu(gate_up[:, :I]) * gate_up[:, I:]
     rotary_(x, cos, sin, positions, heads, head_dim)   in place, "rotate half" RoPE
     argmax(x)                         -> torch.argmax(x, dim=-1)  (greedy sampling's)
+    quantize_rows_int8(x)             -> (round(x / s), s), s = max|x_row| / 127 per row (int8 GEMM inputs)
+    scale_rows(y, s, dtype)           -> (y * s).to(dtype), s per row                  (int8 GEMM outputs)
 
 RMSNorm is computed in float32 like the HF reference: for bfloat16 the normalised row
 is rounded to bfloat16 before the weight multiplies it (HF's order).
@@ -135,3 +137,28 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     if _fused(x) and x.stride(1) == 1 and x.shape[1] > 0:
         return _module().argmax(x)
     return x.argmax(dim=-1)
+
+
+def quantize_rows_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12) / 127
+    return torch.round(xf / scale).to(torch.int8), scale
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) x → (int8 values, float32 scales (rows, 1)): each row symmetric by its own
+    largest magnitude, s = max|x_row| / 127 (at least 1e-12), values = round(x / s) half to
+    even — `gpu.quantization`'s per-token activation quantization, in one pass."""
+    if _fused(x) and x.stride(1) == 1 and x.shape[0] > 0:
+        return tuple(_module().quantize_rows_int8(x))
+    return quantize_rows_int8_reference(x)
+
+
+def scale_rows(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(y * scale).to(dtype) for a float32 (rows, n) y and (rows, 1) float32 scales: an int8
+    GEMM's output rescaled by its rows' activation scales, in one pass."""
+    if (dtype in _FUSED_DTYPES and y.device.type == "cpu" and y.dtype == torch.float32 and y.dim() == 2
+            and y.is_contiguous() and scale.dtype == torch.float32 and scale.is_contiguous()
+            and scale.numel() == y.shape[0] and fused_available()):
+        return _module().scale_rows(y, scale, dtype)
+    return (y * scale).to(dtype)

@@ -41,6 +41,7 @@ from gpu import layer_ops
 from gpu.attention import AttentionBackend, AttentionMetadata
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
+from gpu.quantization import Int8Weight, smoothing_factors
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +218,18 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
-        self._kernel = PackedWeight(self.weight)
+        self._kernel: PackedWeight | Int8Weight = PackedWeight(self.weight)
 
     def pack(self, *, batch_invariant: bool = False) -> None:
+        if isinstance(self._kernel, Int8Weight):
+            raise RuntimeError("an int8 projection has no float weight to pack: load the checkpoint again")
         self._kernel.pack(batch_invariant=batch_invariant)
+
+    def quantize_int8_(self) -> None:
+        """From now on run as an int8 GEMM (`gpu.quantization.Int8Weight`); the float
+        weight is freed (one way: a float model is built from the checkpoint again)."""
+        self._kernel = Int8Weight(self.weight)
+        self.weight = nn.Parameter(self.weight.new_empty(0, self.weight.shape[1]), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._kernel.linear(x)
@@ -471,9 +480,73 @@ class LlamaModel(nn.Module):
             put(layer.mlp.down_proj.weight, p + "mlp.down_proj.weight")
         self.pack_weights()
 
+    @property
+    def quantization(self) -> str:
+        """"int8" once `quantize_int8_` ran, else "none"."""
+        return "int8" if isinstance(self._lm_head, Int8Weight) else "none"
+
+    @torch.no_grad()
+    def smooth_(self, input_absmax: dict[str, torch.Tensor], alpha: float | None = None) -> None:
+        """Fold SmoothQuant's per-channel factors into the float weights; the model
+        computes the same function (up to rounding), with inputs to every projection and
+        to the LM head whose channels have more even ranges (`gpu.quantization`).
+
+        `input_absmax`: for each projection, by module name (``layers.3.mlp.down_proj``)
+        and ``lm_head``, the largest |input| per channel seen by this model
+        (`gpu.runner.ModelRunner.input_absmax`). Each factor σ (`smoothing_factors`)
+        divides the weights that produce the projection's input and multiplies the
+        projection's columns: the input RMSNorm weight for QKV, the post-attention one for
+        gate/up, the final norm for the LM head (which then gets its own weight when tied:
+        the embeddings keep theirs), the V rows for O (one σ per KV channel, the largest
+        over the query heads sharing it), the up rows for down."""
+        if self.quantization != "none":
+            raise RuntimeError("the model is already quantized")
+        cfg = self.config
+        kw = {} if alpha is None else {"alpha": alpha}
+
+        def sigma(name: str, weight: torch.Tensor) -> torch.Tensor:
+            return smoothing_factors(input_absmax[name].to(weight.device), weight, **kw)
+
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            s = sigma(p + "self_attn.qkv_proj", attn.qkv_proj.weight)
+            _fold(layer.input_layernorm.weight, attn.qkv_proj.weight, s)
+            s = sigma(p + "mlp.gate_up_proj", mlp.gate_up_proj.weight)
+            _fold(layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, s)
+            s = sigma(p + "mlp.down_proj", mlp.down_proj.weight)
+            _fold(mlp.gate_up_proj.weight[cfg.intermediate_size:], mlp.down_proj.weight, s)
+            # O reads num_heads·head_dim channels; head h's come from KV head h // group
+            group = cfg.num_heads // cfg.num_kv_heads
+            s = sigma(p + "self_attn.o_proj", attn.o_proj.weight).view(cfg.num_kv_heads, group, cfg.head_dim).amax(1)
+            _fold(attn.qkv_proj.weight[cfg.q_size + cfg.kv_size:], attn.o_proj.weight,
+                  s.reshape(-1), s[:, None, :].expand(-1, group, -1).reshape(-1))
+        s = sigma("lm_head", self.lm_head_weight)
+        self.norm.weight.div_(s.to(self.norm.weight.dtype))
+        self.lm_head_weight = nn.Parameter((self.lm_head_weight.float() * s).to(self.dtype), requires_grad=False)
+        self.pack_weights()
+
+    @torch.no_grad()
+    def quantize_int8_(self, input_absmax: dict[str, torch.Tensor], alpha: float | None = None) -> None:
+        """`smooth_`, then every projection and the LM head become int8 GEMMs
+        (`gpu.quantization.Int8Weight`). One way: the float projection weights are freed
+        (a float model is built from the checkpoint again)."""
+        if self.batch_invariant:
+            raise ValueError("int8 quantization is not batch-invariant (activation scales are per token, "
+                             "the int8 GEMM's blocking is not)")
+        self.smooth_(input_absmax, alpha)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.quantize_int8_()
+        self._lm_head = Int8Weight(self.lm_head_weight)
+        self.lm_head_weight = nn.Parameter(self.lm_head_weight.new_empty(0, self.config.hidden_size),
+                                           requires_grad=False)
+
     def pack_weights(self) -> None:
         """(Re)build the CPU pre-packed copies of every projection and the LM head
         (`PackedWeight`); call after changing weights outside `load_hf_state_dict`."""
+        if self.quantization != "none":
+            raise RuntimeError("an int8 model has no float weights to pack: load the checkpoint again")
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack(batch_invariant=self.batch_invariant)
@@ -502,6 +575,16 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) final hidden states → (N, vocab) float32 logits."""
         return self._lm_head.linear(hidden).float()
+
+
+def _fold(producer: torch.Tensor, consumer: torch.Tensor, sigma: torch.Tensor,
+          consumer_sigma: torch.Tensor | None = None) -> None:
+    """producer's rows (or elements, for a norm weight) ÷ σ and consumer's columns × σ
+    (`consumer_sigma` when the consumer reads a producer channel more than once), in place,
+    computed in float32 and rounded once: the composition is unchanged in real arithmetic."""
+    div = sigma if producer.dim() == 1 else sigma[:, None]
+    producer.copy_(producer.float() / div)
+    consumer.copy_(consumer.float() * (sigma if consumer_sigma is None else consumer_sigma))
 
 
 def allocate_kv_caches(

@@ -15,6 +15,8 @@ Packing of one step (decodes first, as `gpu.attention` requires)::
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,8 @@ import torch
 from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.attention import AttentionBackend, AttentionMetadata, get_backend
 from gpu.loader import Checkpoint
-from gpu.model import LlamaModel, allocate_kv_caches
+from gpu.model import Linear, LlamaModel, allocate_kv_caches
+from gpu.quantization import QUANTIZATIONS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,14 @@ class ModelRunner:
         backend: AttentionBackend | None = None,
         huge_pages: bool = True,
         batch_invariant: bool = False,
+        quantization: str = "none",
+        calibration: Sequence[Sequence[int]] = (),
     ) -> None:
+        """`quantization` "int8": the model is built in `dtype`, `calibration` (token ids of
+        a few prompts, `gpu.quantization.calibration_prompts`) is prefilled through it once
+        to measure every projection's input range, then it is smoothed and quantized
+        (`LlamaModel.quantize_int8_`). The calibration's KV entries land in blocks that
+        are free to the block manager: later writes overwrite them."""
         self.config = ckpt.config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -72,6 +82,41 @@ class ModelRunner:
                         self.config.head_dim)
         self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, dtype, self.device,
                                             huge_pages=huge_pages)
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        if quantization == "int8":
+            t0 = time.perf_counter()
+            self.model.quantize_int8_(self.input_absmax(calibration))
+            log.info("int8 projections: calibrated on %d prompts (%d tokens) and quantized in %.2f s",
+                     len(calibration), sum(map(len, calibration)), time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def input_absmax(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Prefill each prompt (alone, from block 0; cut to what the cache holds) and
+        return the largest |input| per channel of every projection, by module name, and
+        of the LM head (``lm_head``, over every position), float32 on the CPU."""
+        if not prompts or not all(prompts):
+            raise ValueError("calibration needs at least one prompt, none of them empty")
+        stats: dict[str, torch.Tensor] = {}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            m = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+            stats[name] = torch.maximum(stats[name], m) if name in stats else m
+
+        hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+                 for name, m in self.model.named_modules() if isinstance(m, Linear)]
+        try:
+            room = self.kv_caches[0][0].shape[0] * self.block_size if self.kv_caches else 0
+            for i, prompt in enumerate(prompts):
+                ids = tuple(prompt[:room])
+                table = tuple(range(-(-len(ids) // self.block_size)))
+                seq = ScheduledSeq(f"calibration-{i}", ids, 0, table, False)
+                inputs, pos, meta, _, _ = self._prepare([seq])
+                record("lm_head", self.model(inputs, pos, self.kv_caches, meta))
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
 
     # ------------------------------------------------------------------ packing
     def _prepare(self, seqs: list[ScheduledSeq]):

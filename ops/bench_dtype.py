@@ -1,6 +1,7 @@
-"""How far a dtype moves the bundled model from float32: the evidence behind `--dtype auto`.
+"""How far a dtype (or int8 quantization) moves the bundled model from float32: the
+evidence behind `--dtype auto` and the price of `--quantization int8`.
 
-    python -m ops.bench_dtype [--dtype bfloat16] [--prompts 48] [--new-tokens 128] [--json PATH]
+    python -m ops.bench_dtype [--dtype bfloat16] [--quantization int8] [--prompts 48] [--new-tokens 128] [--json PATH]
 
 On the workload fixture's held-out prompts (chat-rendered, as served):
 
@@ -15,6 +16,10 @@ On the workload fixture's held-out prompts (chat-rendered, as served):
 
 Greedy continuations diverge at the first near-tie, so (1) alone overstates the change;
 (2) measures it per position. Runs in ~2 minutes on 2 cores with the defaults.
+
+With `--quantization int8` the model compared is `--dtype` with int8 projections
+(`gpu.quantization`); the report then also gives the time (1) took in both models, and
+their ratio (`speedup`), both measured in this run on the same prompts.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.config import EngineConfig, SchedulerConfig
 from gpu.engine import Engine, generate, resolve_dtype
 from gpu.loader import bundled_gguf_path, load_checkpoint
+from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import SamplingParams
+from gpu.tokenizer import load_tokenizer
 from ops.workload.fixture import load_fixture
 
 BLOCK_SIZE = 16
@@ -88,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="the dtype compared with float32 (default bfloat16)")
     ap.add_argument("--prompts", type=int, default=48, help="held-out fixture prompts (default 48)")
     ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
+                    help="compare --dtype with this quantization against float32 (default none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true", help="leave out transformers' model in --dtype")
     ap.add_argument("--json", type=Path)
@@ -98,34 +107,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixture = load_fixture()
     rows = fixture[len(fixture) // 2:][: args.prompts]
 
-    conts: dict[torch.dtype, list[list[int]]] = {}
+    # (label, dtype, quantization): the reference first, the model compared last; with
+    # --quantization also the unquantized --dtype between them, timed for the speedup
+    ref_v = ("float32", torch.float32, "none")
+    label = str(dtype).removeprefix("torch.") + ("" if args.quantization == "none" else f"+{args.quantization}")
+    other_v = (label, dtype, args.quantization)
+    variants = list(dict.fromkeys((ref_v, (str(dtype).removeprefix("torch."), dtype, "none"), other_v)))
+    conts: dict[str, list[list[int]]] = {}
     prompts: list[list[int]] = []
-    report: dict = {"dtype": str(dtype).removeprefix("torch."), "prompts": len(rows), "new_tokens": args.new_tokens}
-    dtypes = list(dict.fromkeys((torch.float32, dtype)))  # once each, also for --dtype float32
-    for dt in dtypes:
+    report: dict = {"dtype": label, "quantization": args.quantization, "prompts": len(rows),
+                    "new_tokens": args.new_tokens}
+    for name, dt, quant in variants:
         engine = Engine(EngineConfig(dtype=str(dt).removeprefix("torch."), num_threads=args.threads,
-                                     scheduler=SchedulerConfig(max_num_seqs=64)))
+                                     quantization=quant, scheduler=SchedulerConfig(max_num_seqs=64)))
         prompts = [engine.tokenizer.render_and_encode(list(r.messages)) for r in rows]
+        # untimed warm-up: the process's first GEMMs of each shape pay oneDNN's kernel generation
+        generate(engine, prompts[:8], SamplingParams(temperature=0.0, max_tokens=8))
         t0 = time.perf_counter()
         outs = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=args.new_tokens))
-        report[f"generate_s_{str(dt).removeprefix('torch.')}"] = time.perf_counter() - t0
-        conts[dt] = [list(o[0].token_ids) for o in outs]
+        report[f"generate_s_{name}"] = time.perf_counter() - t0
+        conts[name] = [list(o[0].token_ids) for o in outs]
         del engine
-    ref, other = conts[torch.float32], conts[dtype]
+    if args.quantization != "none":
+        base = str(dtype).removeprefix("torch.")
+        # same prompts, same token cap; lengths may differ (EOS), so per generated token
+        per_tok = {n: report[f"generate_s_{n}"] / max(1, sum(map(len, conts[n]))) for n in (base, label)}
+        report["speedup"] = per_tok[base] / per_tok[label]
+    ref, other = conts["float32"], conts[label]
     div = [first_divergence(a, b) for a, b in zip(ref, other, strict=True)]
     report["greedy_identical"] = sum(d is None for d in div)
     report["greedy_first_divergence"] = sorted(d for d in div if d is not None)
-    report["mean_output_tokens"] = {"float32": sum(map(len, ref)) / len(ref), report["dtype"]: sum(map(len, other)) / len(other)}
+    report["mean_output_tokens"] = {"float32": sum(map(len, ref)) / len(ref), label: sum(map(len, other)) / len(other)}
     report["equal_length"] = sum(len(a) == len(b) for a, b in zip(ref, other, strict=True))
 
     seqs = list(zip(prompts, ref, strict=True))
     blocks = sum((len(p) + len(c)) // BLOCK_SIZE + 1 for p, c in seqs)
     logits = {}
-    for dt in dtypes:
-        runner = ModelRunner(load_checkpoint("smollm2", dt), num_blocks=blocks, block_size=BLOCK_SIZE, dtype=dt)
-        logits[dt] = teacher_forced_logits(runner, seqs)
+    for name, dt, quant in dict.fromkeys((ref_v, other_v)):
+        ckpt = load_checkpoint("smollm2", dt)
+        runner = ModelRunner(ckpt, num_blocks=blocks, block_size=BLOCK_SIZE, dtype=dt, quantization=quant,
+                             calibration=calibration_prompts(load_tokenizer(ckpt)) if quant != "none" else ())
+        logits[name] = teacher_forced_logits(runner, seqs)
         del runner
-    kl, agree = pooled([kl_and_top1(a, b) for a, b in zip(logits[torch.float32], logits[dtype], strict=True) if len(a)])
+    kl, agree = pooled([kl_and_top1(a, b) for a, b in zip(logits["float32"], logits[label], strict=True) if len(a)])
     report["positions"] = int(kl.numel())
     report["kl_mean"], report["kl_p50"], report["kl_p99"] = (float(kl.mean()), float(kl.median()),
                                                             float(kl.quantile(0.99)))
@@ -138,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
         parts = []
         with torch.inference_mode():
-            for (p, c), ours in zip(seqs, logits[torch.float32], strict=True):
+            for (p, c), ours in zip(seqs, logits["float32"], strict=True):
                 if c:
                     theirs = hf(torch.tensor([p + c])).logits[0, len(p) - 1: len(p) + len(c) - 1]
                     parts.append(kl_and_top1(ours, theirs))
@@ -154,8 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"teacher-forced ({report['positions']} positions): KL(float32 ‖ {d}) mean {report['kl_mean']:.4f} nats, "
           f"p50 {report['kl_p50']:.4f}, p99 {report['kl_p99']:.4f}; top-1 agreement {report['top1_agreement']:.4f}")
     if "hf_kl_mean" in report:
-        print(f"transformers in {d} against our float32: KL mean {report['hf_kl_mean']:.4f}, p99 "
+        print(f"transformers in {d.split('+')[0]} against our float32: KL mean {report['hf_kl_mean']:.4f}, p99 "
               f"{report['hf_kl_p99']:.4f}; top-1 agreement {report['hf_top1_agreement']:.4f}")
+    if "speedup" in report:
+        base = d.split("+")[0]
+        print(f"greedy generation, seconds per generated token: {d} is {report['speedup']:.2f}x as fast as {base} "
+              f"({report[f'generate_s_{base}']:.1f} s and {report[f'generate_s_{d}']:.1f} s in all)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

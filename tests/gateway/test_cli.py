@@ -56,6 +56,7 @@ def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
     assert (cfg.cache.cache_bytes, cfg.scheduler.max_num_seqs) == (64 * 1024**2, 8)
     assert not cfg.cache.huge_pages and not cfg.cache.enable_prefix_caching
     assert engine_config_from_args(build_parser().parse_args(["generate", "--batch-invariant", "hi"])).batch_invariant
+    assert engine_config_from_args(build_parser().parse_args(["generate", "--quantization", "int8", "hi"])).quantization == "int8"
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -63,6 +64,7 @@ def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
     (["--max-model-len", "-1"], "--max-model-len must be positive"),
     (["--threads", "-2"], "--threads must be >= 0"),
     (["--device", "bogus"], "device must be cpu, cuda or cuda:N"),
+    (["--quantization", "int8", "--batch-invariant"], "int8 quantization is not batch-invariant"),
     (["--file", "/nonexistent/prompts.txt"], "cannot read /nonexistent/prompts.txt"),
 ])
 def test_generate_reports_bad_flags_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -299,3 +299,24 @@ def test_log_levels_are_checked_not_defaulted() -> None:
     assert parse_log_level("debug") == logging.DEBUG and parse_log_level("WARNING") == logging.WARNING
     with pytest.raises(ConfigError, match="DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'bogus'"):
         parse_log_level("bogus")
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), [
+    ([], {}, "none"),
+    (["--quantization", "int8"], {}, "int8"),
+    ([], {"LMGATE_QUANTIZATION": "int8"}, "int8"),
+])
+def test_quantization_reaches_the_engine_config(flags: list[str], env: dict[str, str], expected: str) -> None:
+    from gateway.config import config_from_args, runtime_config
+
+    assert runtime_config(config_from_args(parse(flags), env=env)).engine.quantization == expected
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"quantization": "int4"}, "quantization must be none or int8, got 'int4'"),
+    ({"quantization": "int8", "device": "cuda"}, "CPU only"),
+    ({"quantization": "int8", "batch_invariant": True}, "not both"),
+])
+def test_quantization_the_engine_cannot_run_is_refused_at_start(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        GatewayConfig(**kwargs)

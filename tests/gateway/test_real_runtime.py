@@ -76,6 +76,29 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
     stop.set()
 
 
+async def test_an_int8_server_streams_over_sse_and_websocket(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
+                                                            redis_url: str) -> None:
+    """`--quantization int8` through the whole stack: the engine calibrates and quantizes at
+    start, and a greedy completion streams the same text over SSE and the WebSocket."""
+    torch.set_num_threads(2)
+    out = io.StringIO()
+    stop = trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1,
+                           dtype="float32", quantization="int8", kv_cache_mb=64)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    async with LmgateClient(urls[0], key) as client:
+        async with client.completions_stream("The capital of France is", max_tokens=4, temperature=0) as stream:
+            text = "".join([d.text async for d in stream])
+        assert "Paris" in text
+        async with client.ws() as session, session.completions_stream("The capital of France is", max_tokens=4,
+                                                                      temperature=0) as ws_stream:
+            assert "".join([d.text async for d in ws_stream]) == text
+    status = await wait_idle(urls[0])
+    assert status["kv_usage"] == 0.0
+    stop.set()
+
+
 async def test_the_last_frame_of_a_request_frees_its_concurrency_slot(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
                                                                       redis_url: str) -> None:
     """With `max_concurrent: 1`, a request sent the moment the previous one's `done` or

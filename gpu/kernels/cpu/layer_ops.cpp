@@ -13,6 +13,9 @@
 //   rotary_(x, cos, sin, positions, heads)   (in place) "rotate half" RoPE of the first `heads`
 //                                                       head_dim-wide heads of every row of x
 //   argmax(x)                                -> (rows,) int64   torch.argmax(x, dim=-1) (greedy sampling)
+//   quantize_rows_int8(x)                    -> (q int8, scale (rows, 1) float32)
+//                                                       scale = max|x_r| / 127 (>= 1e-12), q = round(x / scale)
+//   scale_rows(y, scale, dtype)              -> out    out = (y * scale) rounded to dtype (y float32)
 // Rows are split across torch's threads (built with -fopenmp, gpu/kernels/build.py);
 // inner loops are `omp simd` so g++ -O3 -march=native vectorizes them.
 #include <torch/extension.h>
@@ -182,6 +185,46 @@ void argmax_rows(const S* x, int64_t* out, int64_t rows, int64_t n, int64_t stri
   });
 }
 
+// Per-token int8 quantization of the int8 projections' inputs (gpu/quantization.py): the
+// torch reference is five kernels (abs, amax, divide, round, cast). Same arithmetic:
+// x / scale in float32 (a division, not a reciprocal product), rounded half to even.
+template <typename E, typename S = typename E::S>
+void quantize_rows(const S* x, int64_t stride, int8_t* q, float* scale, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const S* row = x + r * stride;
+      float m = 0.f;
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < n; ++i) {
+        const float a = std::fabs(E::ld(row[i]));
+        m = a > m ? a : m;
+      }
+      const float s = std::max(m, 1e-12f) / 127.f;
+      scale[r] = s;
+      int8_t* qr = q + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        // |v| <= 127: adding and removing 1.5 * 2^23 rounds half to even, like torch.round
+        const float v = E::ld(row[i]) / s;
+        qr[i] = static_cast<int8_t>((v + 12582912.f) - 12582912.f);
+      }
+    }
+  });
+}
+
+template <typename E, typename S = typename E::S>
+void scale_rows_impl(const float* y, const float* scale, S* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = scale[r];
+      const float* yr = y + r * n;
+      S* o = out + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = E::st(yr[i] * s);
+    }
+  });
+}
+
 uint16_t* u16(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<bf16>()); }
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -271,6 +314,34 @@ torch::Tensor argmax(torch::Tensor x) {
   return out;
 }
 
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+  check_rows(x, "x");
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto q = torch::empty({rows, n}, x.options().dtype(torch::kInt8));
+  auto scale = torch::empty({rows, 1}, x.options().dtype(torch::kFloat32));
+  if (x.scalar_type() == torch::kFloat32) {
+    quantize_rows<F32>(x.data_ptr<float>(), x.stride(0), q.data_ptr<int8_t>(), scale.data_ptr<float>(), rows, n);
+  } else {
+    quantize_rows<BF16>(u16(x), x.stride(0), q.data_ptr<int8_t>(), scale.data_ptr<float>(), rows, n);
+  }
+  return {q, scale};
+}
+
+torch::Tensor scale_rows(torch::Tensor y, torch::Tensor scale, c10::ScalarType dtype) {
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == torch::kFloat32 && y.dim() == 2 && y.is_contiguous(),
+              "y must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == y.size(0),
+              "scale must be a contiguous float32 tensor of one value per row");
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dtype must be float32 or bfloat16");
+  auto out = torch::empty(y.sizes(), y.options().dtype(dtype));
+  if (dtype == torch::kFloat32) {
+    scale_rows_impl<F32>(y.data_ptr<float>(), scale.data_ptr<float>(), out.data_ptr<float>(), y.size(0), y.size(1));
+  } else {
+    scale_rows_impl<BF16>(y.data_ptr<float>(), scale.data_ptr<float>(), u16(out), y.size(0), y.size(1));
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -279,4 +350,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (rows, 2I) gate/up projection (CPU)");
   m.def("rotary_", &rotary_, "in-place rotate-half RoPE of the first `heads` heads of each row (CPU)");
   m.def("argmax", &argmax, "index of each row's maximum, as torch.argmax(x, -1) (CPU)");
+  m.def("quantize_rows_int8", &quantize_rows_int8, "per-row symmetric int8 quantization: (q, scale) (CPU)");
+  m.def("scale_rows", &scale_rows, "y * scale per row, rounded to dtype (CPU)");
 }

@@ -1,0 +1,176 @@
+"""Post-training int8 quantization of the projections and the LM head (W8A8, CPU).
+
+`--quantization int8` (`EngineConfig.quantization`) runs every projection and the LM
+head as an int8 × int8 GEMM accumulated in int32:
+
+- weights, once at load, per output channel and symmetric (zero point 0):
+  ``W_int8 = round(W / s_o)`` with ``s_o = max|W_o| / 127`` (`quantize_per_channel`);
+- activations, at every call, per token and symmetric, from the token's own range:
+  ``X_int8 = round(X / S_t)`` with ``S_t = max|X_t| / 127`` — seed 002's
+  ``round(X/S) + Z`` with Z = 0 ("dynamic": the scale is not calibrated but measured
+  on the data it quantizes). A token's scale never depends on the other tokens of its
+  step, so a request's numbers do not depend on who shares its batch through the
+  quantization itself (the GEMM kernel may still block rows differently);
+- the int32 product is rescaled to float by ``S_t · s_o``.
+
+Activations of a Llama have a few channels far larger than the rest (they come from the
+RMSNorm weights and persist across tokens); quantized as they are, those channels set
+S_t and crush every other channel to a few levels. SmoothQuant's remedy (Xiao et al.,
+2023) is applied at load: per input channel j of each projection,
+``σ_j = max|X_j|^α / max|W_j|^(1-α)`` (α = `SMOOTH_ALPHA`), the activation is divided by
+σ and the weight's column multiplied by it — an exact identity in real arithmetic,
+folded into the weights that produce the activation (the RMSNorm weight before QKV,
+gate/up and the LM head; the V rows before O; the up rows before down), so it costs
+nothing per step. ``max|X_j|`` is measured once per start, by a prefill of
+`CALIBRATION_CHATS` through the float model (`gpu.runner.ModelRunner`).
+
+The GEMM is oneDNN's (`torch.ops.onednn.qlinear_pointwise`, the kernel torch's own x86
+int8 inference path lowers to), on a weight pre-packed once. Embeddings, norms,
+attention and the KV cache stay in the model's dtype; the LM head gets its own int8
+copy when it is tied to the embeddings (the embeddings stay float).
+
+What it costs and buys, measured by `python -m ops.bench_dtype --quantization int8`
+(docs/benchmarking.md, "int8"): next-token distributions move ~15x further from
+float32's than bf16's do, and generation is faster than float32 where bf16 is not native.
+CPU only; not batch-invariant (`EngineConfig` refuses the two together).
+
+Why not other int8 schemes: measured on an AMX Xeon (2 threads), torch's dynamic
+quantized Linear (per-tensor activation scales) moved the model ~4x further than
+per-token scales (KL 0.158 against 0.036 nats, before smoothing); weight-only int8
+(`torch._weight_int8pack_mm`) and `torch._int_mm` were slower than the bf16 GEMM from
+8 rows on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from gpu import layer_ops
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8")
+INT8_MAX = 127  # symmetric: [-127, 127], so -W quantizes to -W_int8 exactly
+
+# SmoothQuant's migration strength. Teacher-forced KL(float32 ‖ int8) on 16 held-out
+# fixture prompts (890 positions, AMX Xeon): 0.036 nats unsmoothed; α 0.3: 0.024,
+# 0.4: 0.019, 0.5: 0.015, 0.6: 0.021, 0.8: 0.041. Weight-only int8 alone gives 0.004.
+SMOOTH_ALPHA = 0.5
+
+# What the float model prefills once per start to measure each projection's largest
+# input per channel (`SmoothQuant`). Short chats of the kinds a gateway serves — the
+# channels that matter are the model's systematic outliers, which any text shows.
+CALIBRATION_CHATS: tuple[tuple[dict, ...], ...] = (
+    ({"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Translate to French: The weather is lovely today, so we are going to walk "
+                                 "along the river and have lunch in the old town."}),
+    ({"role": "user", "content": "Fix the grammar: me and him goes to the store yesterday and buyed three apple."},),
+    ({"role": "system", "content": "Summarize the text in two sentences."},
+     {"role": "user", "content": "The city council met on Tuesday to discuss the new bicycle lanes. Residents "
+                                 "spoke for and against the plan, citing safety, parking and the cost of "
+                                 "construction. The council will vote next month after a traffic study."}),
+    ({"role": "user", "content": "Rewrite this Python function in JavaScript:\n\ndef total(xs):\n    s = 0\n"
+                                 "    for x in xs:\n        if x > 0:\n            s += x * 2\n    return s\n"},),
+    ({"role": "user", "content": "What is the capital of Australia, and why is it not Sydney?"},),
+    ({"role": "system", "content": "You write short stories for children."},
+     {"role": "user", "content": "Write a story about a small robot who learns to paint the sea."},
+     {"role": "assistant", "content": "Once upon a time, in a workshop by the harbour, there lived a little "
+                                      "robot named Pip. Every morning Pip watched the waves"},
+     {"role": "user", "content": "Go on, and give it a happy ending. Numbers: 3.14, 2048, 1e-5; symbols: {}[]<>#@%."}),
+)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight → (int8 values, float32 scale per output row), symmetric:
+    ``weight ≈ values · scale[:, None]`` with |error| ≤ scale/2 per element. An all-zero
+    row gets scale 1 (its values are 0 whatever the scale)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return values, scale
+
+
+def dequantize_per_channel(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_per_channel` (float32)."""
+    return values.float() * scale[:, None]
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, in) float activations → (int8 values, float32 scale (rows, 1)), each row by
+    its own largest magnitude (a zero row gets a tiny scale and zero values); one fused
+    pass on the CPU (`gpu.layer_ops.quantize_rows_int8`)."""
+    return layer_ops.quantize_rows_int8(x)
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
+    """SmoothQuant's per-input-channel σ for a projection `weight` (out, in) whose input's
+    largest magnitudes per channel are `act_absmax` (in,): σ_j = a_j^α / w_j^(1-α), with
+    w_j = max over rows of |W[:, j]|. Dividing the input by σ and multiplying W's columns
+    by it leaves the product unchanged while evening out the channels' ranges. Channels
+    never seen active (a_j = 0) or all-zero weight columns get σ = 1."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    a = act_absmax.float()
+    w = weight.detach().abs().amax(dim=0).float()
+    sigma = a.pow(alpha) / w.pow(1.0 - alpha)
+    ok = (a > 0) & (w > 0) & torch.isfinite(sigma) & (sigma > 0)
+    return torch.where(ok, sigma, torch.ones_like(sigma))
+
+
+@functools.cache
+def int8_available() -> bool:
+    """True when oneDNN's int8 linear runs here: packs and runs a small weight once
+    (the ops exist in every CPU build; a CPU without the instructions oneDNN's int8
+    kernels need would refuse here, not on the first request)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return False
+    try:
+        w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+        kernel = Int8Weight(w, _checked=True)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+        err = (kernel.linear(x) - x @ w.T).abs().max().item()
+    except RuntimeError as e:
+        log.info("oneDNN int8 linear unusable on this CPU: %s", e)
+        return False
+    if not err < 0.5:  # int8 of N(0,1) data over 64 channels: ~0.05
+        log.warning("oneDNN int8 linear gives wrong results on this CPU (max error %.3g): not used", err)
+        return False
+    return True
+
+
+class Int8Weight:
+    """A (out, in) float weight quantized per output channel and pre-packed for oneDNN,
+    with the interface of `gpu.model.PackedWeight`: `linear(x)` ≈ ``F.linear(x, weight)``
+    in x's dtype, x quantized per token at each call (module docstring).
+
+    Only the int8 copy is kept: the float weight it was built from may be freed."""
+
+    def __init__(self, weight: torch.Tensor, *, _checked: bool = False) -> None:
+        if weight.device.type != "cpu":
+            raise ValueError(f"int8 quantization runs on the CPU only, not on {weight.device}")
+        if not _checked and not int8_available():
+            raise RuntimeError("int8 quantization needs oneDNN's int8 linear, which this CPU or torch build lacks")
+        values, self.scale = quantize_per_channel(weight)
+        self.out_features, self.in_features = values.shape
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+        self.packed = torch.ops.onednn.qlinear_prepack(values, None)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_empty(*shape[:-1], self.out_features)
+        xq, xs = quantize_per_token(x2)
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.packed, self.scale, self.zero_points, None,
+                                               1.0, 0, torch.float32, "none", [], "")
+        return layer_ops.scale_rows(y, xs, x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def calibration_prompts(tokenizer) -> list[list[int]]:
+    """`CALIBRATION_CHATS` rendered with the model's chat template (as served) and tokenized."""
+    return [tokenizer.render_and_encode(list(chat)) for chat in CALIBRATION_CHATS]
+
