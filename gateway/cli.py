@@ -94,6 +94,7 @@ def engine_config_from_args(args: argparse.Namespace):
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gpu.engine import Engine, generate
     from gpu.loader import CheckpointError
+    from gpu.quantization import QuantizationUnavailable
     from gpu.sampling import SamplingParams, SamplingParamsError
 
     try:
@@ -129,6 +130,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
+    except QuantizationUnavailable as e:
+        print(f"lmgate generate: {e}", file=sys.stderr)
+        return 1
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     inputs = [
@@ -197,11 +201,14 @@ def startup_failure(exc: BaseException, host: str, port: int) -> tuple[int, str]
     from cache.store import CacheUnavailable
     from cache.tenants import SecretMismatch
     from gpu.loader import CheckpointError
+    from gpu.quantization import QuantizationUnavailable
 
     found: list[tuple[int, str]] = []
     for leaf in _leaves(exc):
         if isinstance(leaf, CheckpointError):
             found.append((2, f"cannot load the model: {leaf}"))
+        elif isinstance(leaf, QuantizationUnavailable):
+            found.append((1, str(leaf)))
         elif isinstance(leaf, SecretMismatch):
             found.append((2, str(leaf)))
         elif isinstance(leaf, CacheUnavailable):
@@ -236,10 +243,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cache.tenants import SecretMismatch
     from gateway.server import run_serve
     from gpu.loader import CheckpointError
+    from gpu.quantization import QuantizationUnavailable, int8_unavailable_reason
 
+    if config.quantization == "int8" and (why := int8_unavailable_reason()) is not None:
+        print(f"lmgate serve: int8 quantization is not available: {why}", file=sys.stderr)
+        return 1
     try:
         return run_serve(args)
-    except (CheckpointError, CacheUnavailable, RedisServerError, SecretMismatch, OSError, BaseExceptionGroup) as e:
+    except (CheckpointError, QuantizationUnavailable, CacheUnavailable, RedisServerError, SecretMismatch, OSError,
+            BaseExceptionGroup) as e:
         failure = startup_failure(e, config.host, config.port)
         if failure is None:
             raise

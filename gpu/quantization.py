@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
 
@@ -121,25 +122,55 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     return torch.where(ok, sigma, torch.ones_like(sigma))
 
 
-@functools.cache
+class QuantizationUnavailable(RuntimeError):
+    """The quantization asked for cannot run on this CPU or torch build (the message says why)."""
+
+
 def int8_available() -> bool:
-    """True when oneDNN's int8 linear runs here: packs and runs a small weight once
-    (the ops exist in every CPU build; a CPU without the instructions oneDNN's int8
-    kernels need would refuse here, not on the first request)."""
+    """True when oneDNN's int8 linear is usable here (`int8_unavailable_reason`)."""
+    return int8_unavailable_reason() is None
+
+
+# An int8 GEMM slower than this many float32 GEMMs of the same shape is not oneDNN's JIT
+# kernel but its reference loop (seen when its instruction set is capped: 50 ms for one
+# row of SmoothLM2's gate/up against 0.4 ms in float32): refused rather than served.
+MAX_SLOWDOWN = 4.0
+
+
+@functools.cache
+def int8_unavailable_reason() -> str | None:
+    """None when oneDNN's int8 linear runs here correctly and at JIT speed, else why not.
+
+    Checked once per process on a small weight, so that a CPU oneDNN has no fast or no
+    correct int8 kernel for is refused at start, not found out on the first request. Both
+    have been seen: with its instruction set capped to AVX2 (no VNNI) oneDNN's s8 × s8
+    product came out wrong (max error 1.8 where int8 rounding gives ~0.05), and capped to
+    AVX-512 it ran a reference loop ~100x slower than float32."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
-        return False
+        return "this torch build has no oneDNN int8 linear"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    x = torch.randn(16, 256, generator=g)
     try:
-        w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
         kernel = Int8Weight(w, _checked=True)
-        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
         err = (kernel.linear(x) - x @ w.T).abs().max().item()
     except RuntimeError as e:
-        log.info("oneDNN int8 linear unusable on this CPU: %s", e)
-        return False
-    if not err < 0.5:  # int8 of N(0,1) data over 64 channels: ~0.05
-        log.warning("oneDNN int8 linear gives wrong results on this CPU (max error %.3g): not used", err)
-        return False
-    return True
+        return f"oneDNN's int8 linear fails on this CPU ({e})"
+    if not err < 1.0:  # int8 rounding of N(0, 1) data over 256 channels: ~0.1
+        return f"oneDNN's int8 linear gives wrong results on this CPU (max error {err:.3g})"
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    slowdown = best(lambda: kernel.linear(x)) / max(best(lambda: x @ w.T), 1e-7)
+    if slowdown > MAX_SLOWDOWN:
+        return f"oneDNN has no fast int8 kernel for this CPU ({slowdown:.0f}x slower than float32)"
+    return None
 
 
 class Int8Weight:
@@ -152,8 +183,8 @@ class Int8Weight:
     def __init__(self, weight: torch.Tensor, *, _checked: bool = False) -> None:
         if weight.device.type != "cpu":
             raise ValueError(f"int8 quantization runs on the CPU only, not on {weight.device}")
-        if not _checked and not int8_available():
-            raise RuntimeError("int8 quantization needs oneDNN's int8 linear, which this CPU or torch build lacks")
+        if not _checked and (why := int8_unavailable_reason()) is not None:
+            raise QuantizationUnavailable(f"int8 quantization is not available: {why}")
         values, self.scale = quantize_per_channel(weight)
         self.out_features, self.in_features = values.shape
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int32)

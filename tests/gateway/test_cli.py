@@ -163,3 +163,14 @@ def test_a_secret_mismatch_is_one_line_with_status_2() -> None:
 
     group = BaseExceptionGroup("nursery", [SecretMismatch("issued under another server secret")])
     assert startup_failure(group, "h", 1) == (2, "issued under another server secret")
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_int8_on_a_cpu_without_a_usable_int8_kernel_is_refused_in_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    import gpu.quantization
+
+    monkeypatch.setattr(gpu.quantization, "int8_unavailable_reason", lambda: "no int8 here")
+    flags = quick(tmp_path) if command == "serve" else ["--kv-cache-mb", "16", "hi"]
+    assert main([command, "--quantization", "int8", *flags]) == 1
+    assert one_line_error(capsys, command).endswith("int8 quantization is not available: no int8 here")

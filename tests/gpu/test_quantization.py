@@ -215,3 +215,28 @@ def test_int8_engine_answers_and_frees_its_blocks(smollm2_path):
     again = generate(engine, prompts[::-1], params)[::-1]  # other batch order, same greedy tokens
     assert [c[0].token_ids for c in again] == [c[0].token_ids for c in first]
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_an_int8_kernel_that_is_wrong_or_slow_is_refused(monkeypatch):
+    """The start-up probe refuses oneDNN int8 kernels that compute wrong results or run as
+    a reference loop (both seen with oneDNN's instruction set capped), with the reason."""
+    from gpu import quantization
+
+    probe = quantization.int8_unavailable_reason.__wrapped__
+    if probe() is not None:
+        pytest.skip(f"int8 unavailable here: {probe()}")
+    real = quantization.Int8Weight.linear
+    monkeypatch.setattr(quantization.Int8Weight, "linear", lambda self, x: real(self, x) * 1.5)
+    assert "wrong results" in probe()
+
+    def slow(self, x):
+        import time
+
+        time.sleep(0.01)
+        return real(self, x)
+
+    monkeypatch.setattr(quantization.Int8Weight, "linear", slow)
+    assert "no fast int8 kernel" in probe()
+    monkeypatch.setattr(quantization, "int8_unavailable_reason", lambda: "no int8 here")
+    with pytest.raises(quantization.QuantizationUnavailable, match="no int8 here"):
+        Int8Weight(torch.randn(4, 4))
