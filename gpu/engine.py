@@ -28,6 +28,7 @@ from gpu.block_manager import BlockManager
 from gpu.config import EngineConfig
 from gpu.detokenizer import IncrementalDetokenizer, StopChecker
 from gpu.loader import load_checkpoint
+from gpu.model import release_free_heap
 from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import Sampler, SamplingParams, SeqSamplingState
@@ -141,6 +142,8 @@ class Engine:
             batch_invariant=self.config.batch_invariant, quantization=self.config.quantization,
             calibration=calibration_prompts(self.tokenizer) if self.config.quantization != "none" else (),
         )
+        del ckpt  # a checkpoint the caller passed stays theirs; a loaded one is freed here...
+        release_free_heap()  # ...and its pages, with the loader's other temporaries, go back to the OS
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s%s", str(self.dtype).removeprefix("torch."),
                  self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
