@@ -486,7 +486,8 @@ class LlamaModel(nn.Module):
         return "int8" if isinstance(self._lm_head, Int8Weight) else "none"
 
     @torch.no_grad()
-    def smooth_(self, input_absmax: dict[str, torch.Tensor], alpha: float | None = None) -> None:
+    def smooth_(self, input_absmax: dict[str, torch.Tensor], alpha: float | None = None, *,
+                repack: bool = True) -> None:
         """Fold SmoothQuant's per-channel factors into the float weights; the model
         computes the same function (up to rounding), with inputs to every projection and
         to the LM head whose channels have more even ranges (`gpu.quantization`).
@@ -498,7 +499,8 @@ class LlamaModel(nn.Module):
         projection's columns: the input RMSNorm weight for QKV, the post-attention one for
         gate/up, the final norm for the LM head (which then gets its own weight when tied:
         the embeddings keep theirs), the V rows for O (one σ per KV channel, the largest
-        over the query heads sharing it), the up rows for down."""
+        over the query heads sharing it), the up rows for down. `repack=False` leaves the
+        float kernels stale (for a caller that replaces them next, as `quantize_int8_`)."""
         if self.quantization != "none":
             raise RuntimeError("the model is already quantized")
         cfg = self.config
@@ -524,7 +526,8 @@ class LlamaModel(nn.Module):
         s = sigma("lm_head", self.lm_head_weight)
         self.norm.weight.div_(s.to(self.norm.weight.dtype))
         self.lm_head_weight = nn.Parameter((self.lm_head_weight.float() * s).to(self.dtype), requires_grad=False)
-        self.pack_weights()
+        if repack:
+            self.pack_weights()
 
     @torch.no_grad()
     def quantize_int8_(self, input_absmax: dict[str, torch.Tensor], alpha: float | None = None) -> None:
@@ -534,7 +537,7 @@ class LlamaModel(nn.Module):
         if self.batch_invariant:
             raise ValueError("int8 quantization is not batch-invariant (activation scales are per token, "
                              "the int8 GEMM's blocking is not)")
-        self.smooth_(input_absmax, alpha)
+        self.smooth_(input_absmax, alpha, repack=False)  # the float kernels are replaced below
         for m in self.modules():
             if isinstance(m, Linear):
                 m.quantize_int8_()
