@@ -108,13 +108,6 @@ def dequantize_per_channel(values: torch.Tensor, scale: torch.Tensor) -> torch.T
     return values.float() * scale[:, None]
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, in) float activations → (int8 values, float32 scale (rows, 1)), each row by
-    its own largest magnitude (a zero row gets a tiny scale and zero values); one fused
-    pass on the CPU (`gpu.layer_ops.quantize_rows_int8`)."""
-    return layer_ops.quantize_rows_int8(x)
-
-
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
     """SmoothQuant's per-input-channel σ for a projection `weight` (out, in) whose input's
     largest magnitudes per channel are `act_absmax` (in,): σ_j = a_j^α / w_j^(1-α), with
@@ -132,11 +125,6 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
 
 class QuantizationUnavailable(RuntimeError):
     """The quantization asked for cannot run on this CPU or torch build (the message says why)."""
-
-
-def int8_available() -> bool:
-    """True when oneDNN's int8 linear is usable here (`int8_unavailable_reason`)."""
-    return int8_unavailable_reason() is None
 
 
 # An int8 GEMM slower than this many float32 GEMMs of the same shape is not oneDNN's JIT
@@ -203,7 +191,7 @@ class Int8Weight:
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_empty(*shape[:-1], self.out_features)
-        xq, xs = quantize_per_token(x2)
+        xq, xs = layer_ops.quantize_rows_int8(x2)  # per token, one fused pass on the CPU
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.packed, self.scale, self.zero_points, None,
                                                1.0, 0, torch.float32, "none", [], "")
         return layer_ops.scale_rows(y, xs, x.dtype).reshape(*shape[:-1], self.out_features)

@@ -12,12 +12,12 @@ from gpu.quantization import (
     Int8Weight,
     calibration_prompts,
     dequantize_per_channel,
-    int8_available,
+    int8_unavailable_reason,
     quantize_per_channel,
     smoothing_factors,
 )
 
-needs_int8 = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 linear on this CPU / torch build")
+needs_int8 = pytest.mark.skipif(int8_unavailable_reason() is not None, reason="no oneDNN int8 linear on this CPU / torch build")
 needs_fused = pytest.mark.skipif(not layer_ops.fused_available(), reason="the CPU layer-ops extension did not build")
 
 
