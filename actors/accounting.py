@@ -114,7 +114,7 @@ class Accounting:
             if self.quotas is not None and st.quota_tenant is not None and (st.reserved or ran):
                 if ran:  # also fail-open requests (no reservation): their usage is owed all the same
                     ok = await self._patiently("settle", self.quotas.settle, st.quota_tenant, st.request_id,
-                                               st.prompt_tokens, st.completion_tokens, self.model_name)
+                                               st.prompt_tokens, st.completion_tokens, st.adapter or self.model_name)
                 else:
                     ok = await self._patiently("release", self.quotas.release, st.quota_tenant, st.request_id)
                 if ok is not None:
@@ -166,7 +166,7 @@ class Accounting:
             top_logprobs=rec.top_logprobs if with_logprobs and rec.top_logprobs else None,
         )
         tenant = st.call.tenant.as_tenant()
-        await self._with_retry("response_cache_put", self.response_cache.put, tenant, self.model_name,
+        await self._with_retry("response_cache_put", self.response_cache.put, tenant, st.adapter or self.model_name,
                                st.prompt_token_ids, st.params, value)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

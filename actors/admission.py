@@ -69,6 +69,12 @@ class _Refuse(Exception):
         self.rejected = (status, code, message, param, retry_after)
 
 
+def unknown_model_message(model: str, served: list[str]) -> str:
+    """The 404 text for a `model` this server does not serve, naming (up to 8 of) those it does."""
+    shown = ", ".join(repr(m) for m in served[:8]) + (f" and {len(served) - 8} more" if len(served) > 8 else "")
+    return f"model {model!r} does not exist; this server serves {shown}"
+
+
 def is_deterministic(p: SamplingParams) -> bool:
     """Same request → same answer: greedy, or sampling with a fixed seed."""
     return p.temperature == 0 or p.seed is not None
@@ -89,6 +95,7 @@ class Admission:
         quotas: Any = None,  # cache.quotas.QuotaManager | None
         response_cache: Any = None,  # cache.response_cache.ResponseCache | None
         prompt_cache: Any = None,  # cache.prompt_cache.PromptCache | None
+        adapters: Any = None,  # gpu.lora.LoraManager | None: LoRA adapters clients may name as `model`
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -99,9 +106,32 @@ class Admission:
         self.quotas = quotas
         self.response_cache = response_cache
         self.prompt_cache = prompt_cache
+        self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
 
     # ------------------------------------------------------------- pieces
+    async def _adapter(self, model: str) -> str | None:
+        """None for the base model (its id or an alias), else the LoRA adapter `model` names,
+        loaded now off the event loop (the engine finds it in its LRU when the request
+        reaches it). Refuses an unknown model (404) and an adapter that cannot be served
+        (400; the server log has the file and the reason)."""
+        if model == self.config.model_name or model in self.config.model_aliases:
+            return None
+        if self.adapters is not None:
+            from gpu.lora import AdapterNotFound, LoraError
+
+            try:
+                await trio.to_thread.run_sync(self.adapters.get, model)
+                return model
+            except AdapterNotFound:
+                pass
+            except LoraError as e:
+                log.warning("LoRA adapter %r cannot be served: %s", model, e)
+                raise _Refuse(400, "invalid_value", f"LoRA adapter {model!r} cannot be served: {e.reason}",
+                              "model") from None
+        served = [self.config.model_name] + (self.adapters.names() if self.adapters is not None else [])
+        raise _Refuse(404, "model_not_found", unknown_model_message(model, served), "model")
+
     async def _tokenize(self, call: GenerateCall) -> list[int]:
         if call.messages is not None:
             if not call.messages:
@@ -229,7 +259,7 @@ class Admission:
             self.metrics.cache_lookups.labels("bypass").inc()
             return None
         try:
-            hit = await self.response_cache.get(call.tenant.as_tenant(), self.config.model_name,
+            hit = await self.response_cache.get(call.tenant.as_tenant(), st.adapter or self.config.model_name,
                                                 st.prompt_token_ids, st.params)
         except CacheUnavailable:
             self.metrics.redis_errors.labels("response_cache_get").inc()
@@ -270,10 +300,7 @@ class Admission:
         tenant = call.tenant.tenant_id
         pending = False
         try:
-            if call.model != self.config.model_name and call.model not in self.config.model_aliases:
-                raise _Refuse(404, "model_not_found",
-                              f"model {call.model!r} does not exist; this server serves "
-                              f"{self.config.model_name!r}", "model")
+            adapter = await self._adapter(call.model)
             ids = await self._tokenize(call)
             params = self._resolve_params(call, len(ids))
             self._check_load()
@@ -282,7 +309,7 @@ class Admission:
             prio = call.tenant.priority if call.priority is None else min(call.priority, call.tenant.priority)
             send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
             st = RequestState(call, ids, params, prio, send,
-                              cacheable=is_deterministic(params) and call.cache_store)
+                              cacheable=is_deterministic(params) and call.cache_store, adapter=adapter)
             send, recv = trio.open_memory_channel(st.channel_size())
             st.events = send
             st.admitted_at = time.monotonic()

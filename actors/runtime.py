@@ -123,6 +123,12 @@ class Runtime:
         self.model_name = config.model_name or served_model_name(engine.config.model)
         # clients may also name the model the way the operator did (--model)
         self.model_aliases = frozenset({self.model_name, engine.config.model})
+        lora = getattr(engine, "lora", None)
+        clash = sorted(self.model_aliases & set(lora.names())) if lora is not None and lora.enabled else []
+        if clash:
+            from gpu.lora import LoraError
+
+            raise LoraError(f"LoRA adapter names {clash}", "they are the served model's own names: rename them")
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.ready = False
@@ -187,11 +193,25 @@ class Runtime:
             engine.tokenizer, self.metrics,
             to_predictor=self._pred_send, completed=self._done_send, load=self,
             quotas=quotas, response_cache=response_cache, prompt_cache=prompt_cache,
+            adapters=getattr(engine, "lora", None),
         )
         self.accounting = Accounting(
             self._done_recv, self.metrics, model_name=self.model_name, feedback=self._fb_send,
             service_time=self._service_time, quotas=quotas, response_cache=response_cache,
         )
+
+    # ------------------------------------------------------------------ models
+    def served_models(self) -> list[str]:
+        """What `/v1/models` lists: the model, then the LoRA adapters clients may name."""
+        lora = getattr(self.engine, "lora", None)
+        return [self.model_name] + (lora.names() if lora is not None and lora.enabled else [])
+
+    def serves(self, model: str) -> bool:
+        """`model` is the served model, an alias of it, or a LoRA adapter this server has."""
+        if model == self.model_name or model in self.model_aliases:
+            return True
+        lora = getattr(self.engine, "lora", None)
+        return lora is not None and lora.enabled and lora.folder(model) is not None
 
     # ------------------------------------------------------------------ load
     def waiting(self) -> int:

@@ -56,6 +56,7 @@ class RequestState:
     completion_tokens: int = 0
     finish_reasons: dict[int, str] = field(default_factory=dict)
     choices: dict[int, ChoiceRecord] = field(default_factory=dict)
+    adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)
 
     @property
     def request_id(self) -> str:

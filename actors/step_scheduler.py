@@ -57,6 +57,9 @@ class SchedRequest:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     priority: int = 0  # lower runs first; ties FCFS by add order
+    # LoRA adapter name (None: the base model); also the prefix cache's namespace, since an
+    # adapter's KV entries differ from the base model's for the same tokens
+    adapter: str | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -74,6 +77,7 @@ class ScheduledSeq:
     start_pos: int  # position of token_ids[0] (== num_computed_tokens before the step)
     block_table: tuple[int, ...]
     sample: bool  # this chunk reaches the last known token: a token is sampled for it
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,7 @@ class StepScheduler:
                     raise KeyError(f"no sampled token for {seq.request_id!r}")
                 req.output_token_ids.append(sampled[seq.request_id])
             if _full_blocks_grew(self.bm.block_size, seq.start_pos, req.num_computed_tokens):
-                self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens)
+                self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens, namespace=req.adapter)
 
     # -------------------------------------------------------------- internals
     def _key(self, req: SchedRequest) -> tuple[int, int]:
@@ -300,7 +304,7 @@ class StepScheduler:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._waiting[0]
             tokens = req.all_token_ids
-            hits, num_cached = self.bm.match_prefix(tokens[:-1])
+            hits, num_cached = self.bm.match_prefix(tokens[:-1], namespace=req.adapter)
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
                 return  # head-of-line waits: strict (priority, arrival) order
@@ -338,6 +342,7 @@ class _StepBuilder:
                 start_pos=start,
                 block_table=tuple(bm.block_table(req.request_id)),
                 sample=end == req.num_tokens,
+                adapter=req.adapter,
             )
             for req, start, end in self.chunks
         ]

@@ -129,7 +129,8 @@ class Stepper:
             return
         try:
             # tenants' tiers run higher-first; the step scheduler runs lower keys first
-            self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority)
+            self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
+                                    adapter=st.adapter)
         except ValueError as e:  # admission validated already; this is a last line of defence
             st.events.send_nowait(Failed(st.request_id, 400, "invalid_request_error", str(e)))
             self._finish(st, "error")

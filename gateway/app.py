@@ -27,6 +27,7 @@ from quart import Response, g, has_request_context, has_websocket_context, reque
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
 
+from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
 from cache.quotas import QuotaManager
 from cache.store import CacheUnavailable, RedisStore
@@ -43,6 +44,10 @@ class Runtime(Protocol):
     registry: prometheus_client.CollectorRegistry
 
     async def submit(self, call: GenerateCall) -> Accepted | Rejected: ...
+
+    def served_models(self) -> list[str]: ...  # model_name, then LoRA adapters
+
+    def serves(self, model: str) -> bool: ...  # a `model` a request may name
 
     # also read, where present: `length_service` (actors.predictor.PredictorService, or
     # None when the Magnus predictor is not in use), for /admin/predictor
@@ -180,13 +185,11 @@ class GatewayState:
             raise ApiError(403, "admin key required", code="forbidden")
 
     def check_model(self, model: str) -> None:
-        if model != self.runtime.model_name:
-            raise ApiError(
-                404,
-                f"model {model!r} does not exist; this gateway serves {self.runtime.model_name!r}",
-                code="model_not_found",
-                param="model",
-            )
+        """404 unless `model` is the served model, one of its aliases, or a LoRA adapter this
+        server has (whether it loads is admission's to say: `actors.admission`)."""
+        if not self.runtime.serves(model):
+            raise ApiError(404, unknown_model_message(model, self.runtime.served_models()),
+                           code="model_not_found", param="model")
 
 
 PREDICTOR_UPLOAD = ("PUT", "/admin/predictor")

@@ -92,13 +92,19 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gpu.config import LoraConfig
     from gpu.engine import Engine, generate
     from gpu.loader import CheckpointError
+    from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
     from gpu.sampling import SamplingParams, SamplingParamsError
 
     try:
         engine_config = engine_config_from_args(args)
+        if args.lora:
+            engine_config = replace(engine_config, lora=LoraConfig(modules=(("adapter", args.lora),)))
     except ValueError as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
@@ -127,7 +133,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         engine = Engine(engine_config)
-    except CheckpointError as e:
+    except (CheckpointError, LoraError) as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
     except QuantizationUnavailable as e:
@@ -141,7 +147,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ]
     t0 = time.perf_counter()
     try:
-        results = generate(engine, inputs, params)
+        results = generate(engine, inputs, params, adapter="adapter" if args.lora else None)
     except ValueError as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
@@ -201,12 +207,15 @@ def startup_failure(exc: BaseException, host: str, port: int) -> tuple[int, str]
     from cache.store import CacheUnavailable
     from cache.tenants import SecretMismatch
     from gpu.loader import CheckpointError
+    from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
 
     found: list[tuple[int, str]] = []
     for leaf in _leaves(exc):
         if isinstance(leaf, CheckpointError):
             found.append((2, f"cannot load the model: {leaf}"))
+        elif isinstance(leaf, LoraError):
+            found.append((2, f"cannot serve a LoRA adapter: {leaf}"))
         elif isinstance(leaf, QuantizationUnavailable):
             found.append((1, str(leaf)))
         elif isinstance(leaf, SecretMismatch):
@@ -286,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per choice")
+    p.add_argument("--lora", metavar="PATH", help="run every prompt with this LoRA adapter (a PEFT folder)")
     _add_engine_arguments(p)
     p.set_defaults(func=_cmd_generate)
 

@@ -65,6 +65,11 @@ class GatewayConfig:
     kv_huge_pages: bool = True  # back the KV cache with 2 MiB pages (Linux CPUs; gpu.model.advise_huge_pages)
     batch_invariant: bool = False  # a request's tokens never depend on the load (gpu.config.EngineConfig)
     quantization: str = "none"  # none | int8: W8A8 projections (gpu.quantization; CPU only)
+    # LoRA adapters (gpu.lora): NAME=PATH[,NAME=PATH...] and/or a folder of adapter folders
+    lora_modules: str = ""
+    lora_dir: str | None = None
+    max_loras: int = 8  # adapters kept loaded between requests (LRU)
+    max_lora_rank: int = 64
     max_waiting: int = 1024  # queued requests beyond this → 503
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
@@ -111,12 +116,44 @@ class GatewayConfig:
         if self.quantization != "none" and self.batch_invariant:
             raise ConfigError(f"quantization {self.quantization} is not batch-invariant: "
                               "set quantization or batch_invariant, not both")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ConfigError(f"max_loras and max_lora_rank must be at least 1, got {self.max_loras}, "
+                              f"{self.max_lora_rank}")
+        modules = self.lora_module_pairs  # raises on bad syntax or names
+        for name, path in modules:
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ConfigError(f"lora_modules: {name}={path}: no adapter_config.json there (not a PEFT LoRA folder)")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise ConfigError(f"lora_dir {self.lora_dir!r} is not a folder")
+        if (modules or self.lora_dir is not None) and self.batch_invariant:
+            raise ConfigError("LoRA adapters are not batch-invariant: set lora_modules/lora_dir or "
+                              "batch_invariant, not both")
         if self.length_predictor not in ("auto", "running", "magnus"):
             raise ConfigError(f"length_predictor must be auto, running or magnus, got {self.length_predictor!r}")
         if self.step_thread not in ("worker", "loop"):
             raise ConfigError(f"step_thread must be worker or loop, got {self.step_thread!r}")
         if self.predictor_seed is not None:
             check_predictor_seed(self.predictor_seed, self.resolved_length_predictor)
+
+    @property
+    def lora_module_pairs(self) -> tuple[tuple[str, str], ...]:
+        """`lora_modules` as (name, path) pairs: "a=/x,b=/y" → (("a", "/x"), ("b", "/y"))."""
+        from gpu.config import valid_adapter_name
+
+        pairs = []
+        for item in filter(None, (part.strip() for part in self.lora_modules.split(","))):
+            name, sep, path = item.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not path:
+                raise ConfigError(f"lora_modules: {item!r} is not NAME=PATH")
+            if not valid_adapter_name(name):
+                raise ConfigError(f"lora_modules: adapter name {name!r}: use letters, digits, '.', '_' and '-' "
+                                  "(at most 128, starting with a letter or digit)")
+            pairs.append((name, path))
+        names = [n for n, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"lora_modules: adapter names must be unique, got {names}")
+        return tuple(pairs)
 
     @property
     def resolved_length_predictor(self) -> str:
@@ -204,6 +241,13 @@ _HELP = {
     "quantization": "none, or int8: projections and LM head as int8 GEMMs with per-token activation scales "
                     "(SmoothQuant; CPU only; faster than float32 where bf16 is not native, moves the model "
                     "off the reference: docs/benchmarking.md)",
+    "lora_modules": "LoRA adapters to serve, NAME=PATH[,NAME=PATH...] (PEFT folders; a request names one as "
+                    "`model`; loaded on first use)",
+    "lora_dir": "a folder of PEFT LoRA folders: a request whose `model` names a sub-folder runs with that "
+                "adapter, loaded on first use (LoRAX-style; folders added later are found too)",
+    "max_loras": "LoRA adapters kept loaded between requests (least recently used ones are dropped; a running "
+                 "request keeps its own)",
+    "max_lora_rank": "largest LoRA rank an adapter may have (larger ones are refused with 400)",
     "max_waiting": "queued requests beyond which new ones get 503",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
@@ -345,7 +389,7 @@ def runtime_config(config: GatewayConfig):
     from actors.policies import PolicyConfig
     from actors.queue_policy import QueueConfig
     from actors.runtime import RuntimeConfig
-    from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+    from gpu.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
 
     engine = EngineConfig(
         model=config.model,
@@ -354,6 +398,8 @@ def runtime_config(config: GatewayConfig):
         num_threads=config.threads,
         batch_invariant=config.batch_invariant,
         quantization=config.quantization,
+        lora=LoraConfig(modules=config.lora_module_pairs, directory=config.lora_dir or "",
+                        max_loras=config.max_loras, max_rank=config.max_lora_rank),
         cache=CacheConfig(cache_bytes=config.kv_cache_mb * 1024**2, enable_prefix_caching=config.prefix_caching,
                           huge_pages=config.kv_huge_pages),
         scheduler=SchedulerConfig(

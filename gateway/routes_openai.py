@@ -637,16 +637,19 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
     @bp.get("/v1/models")
     async def models() -> Any:
         await state.authenticate(request.headers.get("Authorization"))
+        base = state.runtime.model_name
         return {
             "object": "list",
             "data": [
                 {
-                    "id": state.runtime.model_name,
+                    "id": name,
                     "object": "model",
                     "created": state.started,
                     "owned_by": "lmgate",
                     "max_model_len": state.runtime.max_model_len,
+                    **({"parent": base} if name != base else {}),  # a LoRA adapter of the base model
                 }
+                for name in state.runtime.served_models()
             ],
         }
 

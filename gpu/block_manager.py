@@ -15,6 +15,11 @@ names the whole prefix up to and including that block. A later sequence with the
 same prefix finds the blocks by hash and then compares the stored token ids too, so
 a hash collision can never hand out wrong KV data.
 
+Namespaces: the same tokens can have different KV entries — a LoRA adapter changes the
+K and V projections. A sequence's chain starts from its namespace's root
+(`root_hash(namespace)`; None, the base model's, roots at None), and a block keeps its
+namespace beside its tokens, so a prefix is only ever reused within one namespace.
+
 Free blocks live in two O(1) structures:
 
 * `_free`: blocks with no valid hash (never computed, or their hash was dropped);
@@ -47,10 +52,12 @@ class _Block:
     ref_count: int = 0
     hash: int | None = None  # set once, when the block is full and computed
     token_ids: tuple[int, ...] = ()  # the tokens whose KV it holds, kept with the hash
+    namespace: str | None = None  # whose KV (a LoRA adapter's name; None: the base model)
 
     def reset(self) -> None:
         self.hash = None
         self.token_ids = ()
+        self.namespace = None
 
 
 @dataclass
@@ -62,6 +69,11 @@ class _SeqState:
 def chain_hash(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     """Hash of a full block, chained to the hash of the block before it."""
     return hash((parent_hash, tuple(token_ids)))
+
+
+def root_hash(namespace: str | None) -> int | None:
+    """The parent hash of a sequence's first block in `namespace` (None for None)."""
+    return None if namespace is None else hash(("namespace", namespace))
 
 
 class BlockManager:
@@ -112,8 +124,8 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
-        """Longest cached run of *full* blocks that prefixes `token_ids`.
+    def match_prefix(self, token_ids: Sequence[int], namespace: str | None = None) -> tuple[list[int], int]:
+        """Longest cached run of *full* blocks that prefixes `token_ids`, within `namespace`.
 
         Returns (block ids, number of tokens they cover). Takes no references: pass
         the blocks to `allocate(..., prefix_blocks=...)` before anything else
@@ -123,13 +135,16 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return [], 0
         hits: list[int] = []
-        parent: int | None = None
+        parent = root_hash(namespace)
         bs = self.block_size
         for i in range(len(token_ids) // bs):
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
             parent = chain_hash(parent, chunk)
             block_id = self._hash_to_block.get(parent)
-            if block_id is None or self._blocks[block_id].token_ids != chunk:
+            if block_id is None:
+                break
+            block = self._blocks[block_id]
+            if block.token_ids != chunk or block.namespace != namespace:
                 break
             hits.append(block_id)
         return hits, len(hits) * bs
@@ -209,8 +224,10 @@ class BlockManager:
             copies.append((src, dst))
         return copies
 
-    def commit(self, seq_id: Hashable, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Register the hashes of the sequence's blocks that are now full and computed.
+    def commit(self, seq_id: Hashable, token_ids: Sequence[int], num_computed_tokens: int,
+               namespace: str | None = None) -> None:
+        """Register the hashes of the sequence's blocks that are now full and computed,
+        in `namespace` (the one its prefix hits were matched in).
 
         `token_ids` are the sequence's tokens (at least `num_computed_tokens` of
         them). If another block already caches the same prefix, this block keeps
@@ -227,12 +244,12 @@ class BlockManager:
         num_full = min(num_computed_tokens // bs, len(state.table))
         for i in range(len(state.hashes), num_full):
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(state.hashes[-1] if state.hashes else None, chunk)
+            h = chain_hash(state.hashes[-1] if state.hashes else root_hash(namespace), chunk)
             state.hashes.append(h)
             block = self._blocks[state.table[i]]
             if block.hash is not None:
                 continue  # shared from a fork or a prefix hit: already registered
-            block.hash, block.token_ids = h, chunk
+            block.hash, block.token_ids, block.namespace = h, chunk, namespace
             self._hash_to_block.setdefault(h, block.block_id)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:

@@ -7,6 +7,7 @@ objects, never patched into these ones.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -100,6 +101,45 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive")
 
 
+# a name a client may send as `model` for a LoRA adapter (also a folder name under --lora-dir)
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def valid_adapter_name(name: str) -> bool:
+    return bool(ADAPTER_NAME.fullmatch(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters the engine may serve (`gpu.lora`); none by default.
+
+    `modules`: (name, PEFT folder) pairs, checked at start and loaded on first use.
+    `directory`: a folder whose sub-folders are adapters named by folder name, found when
+    a request names one (added while the server runs, too). `max_loras`: adapters kept
+    loaded between requests (LRU); a running request keeps its own loaded. `max_rank`:
+    the largest rank an adapter may have (bounds one adapter's memory and compute)."""
+
+    modules: tuple[tuple[str, str], ...] = ()
+    directory: str = ""
+    max_loras: int = 8
+    max_rank: int = 64
+
+    def __post_init__(self) -> None:
+        names = [n for n, _ in self.modules]
+        for n in names:
+            if not valid_adapter_name(n):
+                raise ValueError(f"LoRA adapter name {n!r}: use letters, digits, '.', '_' and '-' "
+                                 "(at most 128, starting with a letter or digit)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoRA adapter names must be unique, got {names}")
+        if self.max_loras < 1 or self.max_rank < 1:
+            raise ValueError(f"max_loras and max_rank must be at least 1, got {self.max_loras}, {self.max_rank}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.modules or self.directory)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; built by the CLI / gateway from flags and files."""
@@ -120,8 +160,12 @@ class EngineConfig:
     # only, not batch-invariant, moves the model off the reference (measured by
     # `python -m ops.bench_dtype --quantization int8`)
     quantization: str = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        if self.lora.enabled and self.batch_invariant:
+            raise ValueError("LoRA adapters are not batch-invariant (their GEMMs run per adapter group): "
+                             "choose one of the two")
         if self.quantization not in ("none", "int8"):
             raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.quantization != "none":

@@ -28,6 +28,7 @@ from gpu.block_manager import BlockManager
 from gpu.config import EngineConfig
 from gpu.detokenizer import IncrementalDetokenizer, StopChecker
 from gpu.loader import load_checkpoint
+from gpu.lora import LoraAdapter, LoraManager
 from gpu.model import release_free_heap
 from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
@@ -76,6 +77,7 @@ class _Request:
     arrival: float
     choices: list[_Choice] = field(default_factory=list)
     forked: bool = False
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
 
     @property
     def finished(self) -> bool:
@@ -144,6 +146,12 @@ class Engine:
         )
         del ckpt  # a checkpoint the caller passed stays theirs; a loaded one is freed here...
         release_free_heap()  # ...and its pages, with the loader's other temporaries, go back to the OS
+        model = self.runner.model
+        self.lora = LoraManager(self.config.lora, self.model_config, self.dtype, self.config.device,
+                                scales=model.smoothing_scales())
+        # the adapter of every live request, with how many requests hold it: the runner gets
+        # these objects, so an adapter the LRU evicts keeps serving the requests that use it
+        self._live_adapters: dict[str, list] = {}  # name -> [LoraAdapter, requests]
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s%s", str(self.dtype).removeprefix("torch."),
                  self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
@@ -179,12 +187,17 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         priority: int = 0,
+        adapter: str | None = None,
     ) -> int:
         """Queue a request; returns its prompt length in tokens.
 
+        `adapter`: the name of a LoRA adapter to run it with (`gpu.lora.LoraManager`; loaded
+        now if it is not), None for the base model.
+
         Raises `ValueError` subclasses with a clear message: `SamplingParamsError`
         (bad parameter), `RequestRejected` (can never fit: prompt plus max_tokens
-        beyond the context window or the whole KV cache), or a duplicate id.
+        beyond the context window or the whole KV cache), `gpu.lora.LoraError` (no such
+        adapter, or one that cannot be served), or a duplicate id.
         """
         params = params or SamplingParams()
         if request_id in self._requests:
@@ -206,11 +219,14 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context window "
                 f"of {self.max_model_len} tokens"
             )
-        req = _Request(request_id, params, ids, max_tokens, time.monotonic())
+        lora = self.lora.get(adapter) if adapter is not None else None
+        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=adapter)
+        self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority, adapter=adapter))
         self.counters["prompt_tokens"] += len(ids)
-        self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority))
         req.choices.append(self._new_choice(req, request_id, 0))
         self._requests[request_id] = req
+        if lora is not None:
+            self._hold_adapter(lora)
         self._seq_owner[request_id] = (req, req.choices[0])
         return len(ids)
 
@@ -224,11 +240,25 @@ class Engine:
             sampling=SeqSamplingState.create(p, req.prompt_token_ids, tuple(self.eos_token_ids), child_index=index),
         )
 
+    def _hold_adapter(self, lora: LoraAdapter) -> None:
+        held = self._live_adapters.setdefault(lora.name, [lora, 0])
+        held[1] += 1
+
+    def _drop(self, req: _Request) -> None:
+        """Forget a finished or aborted request (its choices are already off the scheduler)."""
+        del self._requests[req.request_id]
+        if req.adapter is not None:
+            held = self._live_adapters[req.adapter]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._live_adapters[req.adapter]
+
     def abort(self, request_id: str) -> bool:
         """Drop a request now; its KV blocks are freed before this returns."""
-        req = self._requests.pop(request_id, None)
+        req = self._requests.get(request_id)
         if req is None:
             return False
+        self._drop(req)
         for c in req.choices:
             if c.scheduled:
                 self.scheduler.abort(c.seq_id)
@@ -262,7 +292,7 @@ class Engine:
             return []
         self.num_steps += 1
         self._count(plan)
-        out = self.runner.execute(plan)
+        out = self.runner.execute(plan, {name: held[0] for name, held in self._live_adapters.items()})
         rows, states, targets = self._sampling_batch(out.seq_ids)
         sampled_by_seq: dict[str, int] = {}
         picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
@@ -288,7 +318,7 @@ class Engine:
         for rid in {d.request_id for d in deltas}:
             req = self._requests.get(rid)
             if req is not None and req.finished:
-                del self._requests[rid]
+                self._drop(req)
         return deltas
 
     def _count(self, plan) -> None:
@@ -342,7 +372,7 @@ class Engine:
             return
         child = SchedRequest(
             choice.seq_id, list(req.prompt_token_ids), req.max_tokens,
-            output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens,
+            output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens, adapter=req.adapter,
         )
         self.scheduler.fork(parent_id, child)
         req.choices.append(choice)
@@ -412,18 +442,22 @@ def generate(
     engine: Engine,
     prompts: Sequence[str | Sequence[int]],
     params: SamplingParams | Sequence[SamplingParams] | None = None,
+    *,
+    adapter: str | None | Sequence[str | None] = None,
 ) -> list[list[CompletionOutput]]:
     """Offline batch generation: run every prompt to completion, continuously batched.
 
+    `adapter`: a LoRA adapter name for every prompt, or one per prompt (None: the base model).
     Returns, per prompt, its `n` choices in index order.
     """
     if params is None or isinstance(params, SamplingParams):
         params = [params or SamplingParams()] * len(prompts)
     outs: dict[str, dict[int, CompletionOutput]] = {}
     order = []
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+    adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
+    for i, (prompt, p, a) in enumerate(zip(prompts, params, adapters, strict=True)):
         rid = f"gen-{i}"
-        engine.add_request(rid, prompt, p)
+        engine.add_request(rid, prompt, p, adapter=a)
         order.append(rid)
         outs[rid] = {}
     while engine.has_unfinished():

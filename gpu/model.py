@@ -41,6 +41,7 @@ from gpu import layer_ops
 from gpu.attention import AttentionBackend, AttentionMetadata
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
+from gpu.lora import LoraBatch
 from gpu.quantization import Int8Weight, smoothing_factors
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,12 @@ class Linear(nn.Module):
 
     The weight is uninitialised: it always comes from a checkpoint, and random init of
     135M parameters would cost seconds at every start.
+
+    `name` is the module's path in the model (``layers.3.mlp.down_proj``), set by
+    `LlamaModel`: LoRA adapters key their updates by it (`gpu.lora.LoraBatch`).
+    `input_scale` is the SmoothQuant σ this projection's input has been divided by, and
+    `output_scale` what each of its output rows has been divided by (it produces the next
+    projection's smoothed input), both by `LlamaModel.smooth_`; None where nothing was.
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device) -> None:
@@ -219,6 +226,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
         self._kernel: PackedWeight | Int8Weight = PackedWeight(self.weight)
+        self.name = ""
+        self.input_scale: torch.Tensor | None = None
+        self.output_scale: torch.Tensor | None = None
 
     def pack(self, *, batch_invariant: bool = False) -> None:
         if isinstance(self._kernel, Int8Weight):
@@ -231,8 +241,9 @@ class Linear(nn.Module):
         self._kernel = Int8Weight(self.weight)
         self.weight = nn.Parameter(self.weight.new_empty(0, self.weight.shape[1]), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel.linear(x)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        out = self._kernel.linear(x)
+        return out if lora is None else lora.apply_(self.name, x, out)
 
 
 class RMSNorm(nn.Module):
@@ -324,10 +335,11 @@ class LlamaAttention(nn.Module):
         rope: RopeBatch,  # RotaryEmbedding.lookup(positions)
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         T = x.shape[0]
-        qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size), a fresh tensor: rotated in place
+        qkv = self.qkv_proj(x, lora)  # (T, q_size + 2 kv_size), a fresh tensor: rotated in place
         # q and k heads are adjacent in the fused projection: rotate them in one pass
         rope.rotate_(qkv, cfg.num_heads + cfg.num_kv_heads)
         q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)  # row-strided views of qkv
@@ -367,7 +379,7 @@ class LlamaAttention(nn.Module):
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (T, nh, hd)
         if out.shape[0] != T:
             raise ValueError(f"attention returned {out.shape[0]} rows for {T} tokens: metadata does not cover the batch")
-        return self.o_proj(out.reshape(T, cfg.q_size))
+        return self.o_proj(out.reshape(T, cfg.q_size), lora)
 
 
 class LlamaMLP(nn.Module):
@@ -377,8 +389,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(h, 2 * i, dtype, device)
         self.down_proj = Linear(i, h, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(layer_ops.silu_mul(self.gate_up_proj(x)))  # (T, 2·inter) → (T, inter)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        return self.down_proj(layer_ops.silu_mul(self.gate_up_proj(x, lora)), lora)  # (T, 2·inter) → (T, inter)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -390,7 +402,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, dtype, device)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeBatch, kv_cache, meta
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeBatch, kv_cache, meta,
+        lora: LoraBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the caller adds the
         two (fused into the next norm), so each residual add is one pass with a norm."""
@@ -398,9 +411,9 @@ class LlamaDecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, kv_cache, meta)
+        h = self.self_attn(h, rope, kv_cache, meta, lora)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -435,6 +448,9 @@ class LlamaModel(nn.Module):
                 requires_grad=False,
             )
         self._lm_head = PackedWeight(self.lm_head_weight)
+        for name, m in self.named_modules():
+            if isinstance(m, Linear):
+                m.name = name
         if self.device.type == "cpu":
             # build (or load the cached build of) the fused kernels now: a lazy build would
             # stall the first request's step for the compile (tens of seconds on 2 cores)
@@ -485,6 +501,14 @@ class LlamaModel(nn.Module):
         """"int8" once `quantize_int8_` ran, else "none"."""
         return "int8" if isinstance(self._lm_head, Int8Weight) else "none"
 
+    def smoothing_scales(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """By projection name, (what its input is divided by, what its output rows are
+        divided by) since `smooth_`; empty before. A LoRA adapter's A columns are
+        multiplied by the first and its B rows divided by the second
+        (`gpu.lora.load_adapter`), so its update is the one it was trained to make."""
+        return {m.name: (m.input_scale, m.output_scale) for m in self.modules()
+                if isinstance(m, Linear) and (m.input_scale is not None or m.output_scale is not None)}
+
     @torch.no_grad()
     def smooth_(self, input_absmax: dict[str, torch.Tensor], alpha: float | None = None, *,
                 repack: bool = True) -> None:
@@ -514,15 +538,21 @@ class LlamaModel(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             s = sigma(p + "self_attn.qkv_proj", attn.qkv_proj.weight)
             _fold(layer.input_layernorm.weight, attn.qkv_proj.weight, s)
+            _scale_input(attn.qkv_proj, s)
             s = sigma(p + "mlp.gate_up_proj", mlp.gate_up_proj.weight)
             _fold(layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, s)
+            _scale_input(mlp.gate_up_proj, s)
             s = sigma(p + "mlp.down_proj", mlp.down_proj.weight)
             _fold(mlp.gate_up_proj.weight[cfg.intermediate_size:], mlp.down_proj.weight, s)
+            _scale_input(mlp.down_proj, s)
+            _scale_output(mlp.gate_up_proj, s, start=cfg.intermediate_size)
             # O reads num_heads·head_dim channels; head h's come from KV head h // group
             group = cfg.num_heads // cfg.num_kv_heads
             s = sigma(p + "self_attn.o_proj", attn.o_proj.weight).view(cfg.num_kv_heads, group, cfg.head_dim).amax(1)
-            _fold(attn.qkv_proj.weight[cfg.q_size + cfg.kv_size:], attn.o_proj.weight,
-                  s.reshape(-1), s[:, None, :].expand(-1, group, -1).reshape(-1))
+            expanded = s[:, None, :].expand(-1, group, -1).reshape(-1)
+            _fold(attn.qkv_proj.weight[cfg.q_size + cfg.kv_size:], attn.o_proj.weight, s.reshape(-1), expanded)
+            _scale_input(attn.o_proj, expanded)
+            _scale_output(attn.qkv_proj, s.reshape(-1), start=cfg.q_size + cfg.kv_size)
         s = sigma("lm_head", self.lm_head_weight)
         self.norm.weight.div_(s.to(self.norm.weight.dtype))
         self.lm_head_weight = nn.Parameter((self.lm_head_weight.float() * s).to(self.dtype), requires_grad=False)
@@ -562,15 +592,17 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # (T,) int64
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states (T, hidden); keys/values of the T tokens land in the cache."""
+        """Final-normed hidden states (T, hidden); keys/values of the T tokens land in the cache.
+        `lora`: which rows run which LoRA adapter (`gpu.lora.LoraBatch`), None for none."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
         x = self.embed_tokens(input_ids)  # (T, hidden), a fresh tensor (the residual stream)
         rope = self.rope.lookup(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv_cache, meta)
+            x, residual = layer(x, residual, rope, kv_cache, meta, lora)
         if residual is None:  # no layers
             return self.norm(x)
         return self.norm(x, residual)[0]
@@ -578,6 +610,19 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) final hidden states → (N, vocab) float32 logits."""
         return self._lm_head.linear(hidden).float()
+
+
+def _scale_input(linear: Linear, sigma: torch.Tensor) -> None:
+    """Record that `linear`'s input is now divided by σ (compounds a previous smoothing)."""
+    sigma = sigma.detach().float().cpu()
+    linear.input_scale = sigma if linear.input_scale is None else linear.input_scale * sigma
+
+
+def _scale_output(linear: Linear, sigma: torch.Tensor, *, start: int) -> None:
+    """Record that `linear`'s output rows from `start` on are now divided by σ."""
+    scale = torch.ones(linear.weight.shape[0]) if linear.output_scale is None else linear.output_scale
+    scale[start:start + sigma.numel()] *= sigma.detach().float().cpu()
+    linear.output_scale = scale
 
 
 def _fold(producer: torch.Tensor, consumer: torch.Tensor, sigma: torch.Tensor,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.attention import AttentionBackend, AttentionMetadata, get_backend
 from gpu.loader import Checkpoint
+from gpu.lora import LoraAdapter, LoraBatch
 from gpu.model import Linear, LlamaModel, allocate_kv_caches
 from gpu.quantization import QUANTIZATIONS
 
@@ -168,20 +169,30 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ running
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> RunnerOutput:
-        """Apply copy-on-write copies, run the plan's tokens, return logits of sampling seqs."""
+    def execute(self, plan: StepPlan, adapters: Mapping[str, LoraAdapter] | None = None) -> RunnerOutput:
+        """Apply copy-on-write copies, run the plan's tokens, return logits of sampling seqs.
+
+        `adapters`: the loaded LoRA adapter of every `ScheduledSeq.adapter` name in the plan."""
         if plan.copies:
             src = torch.tensor([c[0] for c in plan.copies], dtype=torch.int64, device=self.device)
             dst = torch.tensor([c[1] for c in plan.copies], dtype=torch.int64, device=self.device)
             flat = [t for kv in self.kv_caches for t in kv]
             self.backend.copy_blocks(flat, src, dst)
         # decodes first (the scheduler already orders them so; a 1-token prefill chunk
-        # is attention-wise a decode, so order by query length to be safe)
-        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) != 1)
+        # is attention-wise a decode, so order by query length to be safe); within each
+        # part by LoRA adapter, so an adapter's rows are one range (`LoraBatch`)
+        seqs = sorted(plan.seqs, key=lambda s: (len(s.token_ids) != 1, s.adapter or ""))
         if not seqs:
             return RunnerOutput((), torch.empty((0, self.config.vocab_size)))
         ids, pos, meta, sample_idx, sample_ids = self._prepare(seqs)
-        hidden = self.model(ids, pos, self.kv_caches, meta)  # (T, hidden)
+        lora = None
+        if any(s.adapter for s in seqs):
+            missing = {s.adapter for s in seqs if s.adapter} - set(adapters or ())
+            if missing:
+                raise ValueError(f"the step runs LoRA adapters {sorted(missing)} that were not passed in")
+            lora = LoraBatch.for_rows([adapters[s.adapter] if s.adapter else None for s in seqs],
+                                      [len(s.token_ids) for s in seqs])
+        hidden = self.model(ids, pos, self.kv_caches, meta, lora)  # (T, hidden)
         if not sample_idx:
             return RunnerOutput((), torch.empty((0, self.config.vocab_size)))
         idx = torch.tensor(sample_idx, dtype=torch.int64, device=self.device)

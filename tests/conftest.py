@@ -52,6 +52,49 @@ def hf_reference(smollm2_path: Path):
     return model.eval()
 
 
+class LoraReference:
+    """Two PEFT LoRA adapters saved as folders, and transformers + peft generating with them.
+
+    "one": every projection, rank 8, alpha 16. "two": q, v and down only, rank 4 (down: 2, by
+    `rank_pattern`), alpha 8, rsLoRA. Both initialised at random (`init_lora_weights=False`),
+    so each moves the model's greedy answers away from the base model's."""
+
+    def __init__(self, model, paths: dict[str, Path]) -> None:
+        self.model = model
+        self.paths = paths
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[int], adapter: str | None, max_new_tokens: int) -> list[int]:
+        """transformers' greedy continuation (stops at EOS) with `adapter` (None: the base model)."""
+        ids = torch.tensor([prompt_ids])
+        if adapter is None:
+            with self.model.disable_adapter():
+                out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            self.model.set_adapter(adapter)
+            out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def lora_reference(hf_reference, tmp_path_factory: pytest.TempPathFactory) -> LoraReference:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(hf_reference), LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        adapter_name="one")
+    model.add_adapter("two", LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}))
+    for name in ("one", "two"):  # root/one, root/two: PEFT writes an adapter not named "default" in a folder of its name
+        model.save_pretrained(root, selected_adapters=[name])
+    return LoraReference(model.eval(), {name: root / name for name in ("one", "two")})
+
+
 SECRET = b"test-server-secret-0123456789"
 
 

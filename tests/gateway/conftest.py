@@ -70,6 +70,12 @@ class FakeRuntime:
         self.ready = True
         self.delay = 0.0
 
+    def served_models(self) -> list[str]:
+        return [MODEL]
+
+    def serves(self, model: str) -> bool:
+        return model == MODEL
+
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "degraded": [], "queue_len": 0, "running": 0, "kv_usage": 0.0}
 

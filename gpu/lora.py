@@ -1,0 +1,336 @@
+"""LoRA adapters: PEFT folders loaded on demand, many of them in one batch.
+
+An adapter adds a low-rank update to some projections: ``y = x Wᵀ + s · (x Aᵀ) Bᵀ`` with
+A (r, in), B (out, r) and s = alpha / r (alpha / √r with rsLoRA). The base weights are
+never touched, so one engine serves the base model and any number of adapters in the
+same step, each token with its own request's adapter (S-LoRA / Punica's multi-LoRA
+batching; LoRAX loads adapters the first time a request names one).
+
+Files: a PEFT LoRA folder, as `peft.PeftModel.save_pretrained` writes it::
+
+    adapter_config.json        r, lora_alpha, use_rslora, ... (checked: see `read_config`)
+    adapter_model.safetensors  base_model.model.model.layers.{i}.{self_attn,mlp}.{q,k,v,o,gate,up,down}_proj.lora_{A,B}.weight
+
+What runs (`LoraBatch.apply_`, called by every `gpu.model.Linear`): the runner orders a
+step's sequences by adapter within its decode and prefill parts, so each adapter's
+tokens are at most two row ranges; per range and projection, two thin GEMMs (rows × r,
+then rows × out) added into the projection's output. The engine's projections are fused
+(QKV, gate/up): an adapter's A matrices of a fused group are stacked row-wise and its B
+matrices placed block-diagonally, scale folded in, so a group costs one pair of GEMMs
+whatever subset of its projections the adapter targets.
+
+With `--quantization int8` the model's projections read SmoothQuant-scaled inputs
+(x / σ) and the V and up rows are scaled for the projection after them
+(`gpu.model.LlamaModel.smooth_`); an adapter's A columns and B rows are scaled the same
+way when it loads, so it computes the update it was trained to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu.config import LoraConfig, ModelConfig, valid_adapter_name
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# PEFT module name → (the engine's fused projection, which part of it)
+_GROUP = {
+    "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1), "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+                  r"\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+class LoraError(ValueError):
+    """An adapter that cannot be served: unreadable, unsupported, or not for this model.
+
+    `str(e)` names the file; `e.reason` says what is wrong without the server's paths
+    (what a client is told)."""
+
+    def __init__(self, where: object, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
+class AdapterNotFound(LoraError):
+    """No adapter of that name is configured (`--lora-module`) or in `--lora-dir`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"LoRA adapter {name!r}", "no adapter of that name is served")
+
+
+def _parts(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
+    """Fused projection → (in_features, out_features) of each of its parts, in row order."""
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    return {"self_attn.qkv_proj": [(h, q), (h, kv), (h, kv)], "self_attn.o_proj": [(q, h)],
+            "mlp.gate_up_proj": [(h, i), (h, i)], "mlp.down_proj": [(i, h)]}
+
+
+def read_config(folder: Path) -> dict:
+    """`adapter_config.json`, checked for what this engine computes: a plain LoRA (no DoRA,
+    no bias, no extra trained modules, one alpha for every module, weights not transposed).
+    Raises `LoraError` naming the field otherwise."""
+    path = folder / CONFIG_FILE
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoraError(folder, f"no {CONFIG_FILE} (not a PEFT LoRA folder)") from None
+    except (OSError, ValueError) as e:
+        raise LoraError(path, f"unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoraError(path, "expected a JSON object")
+    checks = [
+        (cfg.get("peft_type", "LORA") == "LORA", f"peft_type is {cfg.get('peft_type')!r}, only LORA is served"),
+        (not cfg.get("use_dora"), "DoRA adapters (use_dora) are not supported"),
+        (cfg.get("bias", "none") == "none", f"bias {cfg.get('bias')!r} is not supported (only 'none')"),
+        (not cfg.get("lora_bias"), "lora_bias is not supported"),
+        (not cfg.get("modules_to_save"), "modules_to_save (fully trained extra modules) is not supported"),
+        (not cfg.get("fan_in_fan_out"), "fan_in_fan_out weights are not supported"),
+        (not cfg.get("alpha_pattern"), "alpha_pattern (per-module alpha) is not supported"),
+        (not cfg.get("layer_replication"), "layer_replication is not supported"),
+        (not cfg.get("target_parameters"), "target_parameters (LoRA on raw parameters) is not supported"),
+        (not cfg.get("trainable_token_indices"), "trainable_token_indices (trained embedding rows) is not supported"),
+        (not cfg.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) is not supported"),
+        (not cfg.get("use_qalora") and not cfg.get("use_bdlora"), "QALoRA and BD-LoRA variants are not supported"),
+        (isinstance(cfg.get("r"), int) and cfg["r"] > 0, "r must be a positive integer"),
+        (isinstance(cfg.get("lora_alpha"), int | float) and not isinstance(cfg.get("lora_alpha"), bool),
+         "lora_alpha must be a number"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LoraError(path, message)
+    return cfg
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One loaded adapter: for each targeted fused projection (``layers.3.mlp.gate_up_proj``),
+    A (R, in) and B (out, R) with the scale folded into B, in the model's dtype and device."""
+
+    name: str
+    path: Path
+    rank: int  # the largest rank of any targeted module
+    weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted(self.weights))
+
+
+def load_adapter(
+    name: str, folder: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+    *, max_rank: int = 64, scales: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+) -> LoraAdapter:
+    """Read a PEFT LoRA folder into fused per-projection weights (see the module docstring).
+
+    `scales`: per fused projection, what SmoothQuant divided its input and its output rows
+    by (`gpu.model.LlamaModel.smoothing_scales`); A's columns are multiplied by the first,
+    B's rows divided by the second. Raises `LoraError`
+    for anything this engine would not compute exactly as PEFT does."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = read_config(folder)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        raise LoraError(folder, f"no {WEIGHTS_FILE}{bin_hint}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraError(path, f"unreadable ({e})") from None
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.search(key)
+        if m is None:
+            raise LoraError(path, f"tensor {key!r} is not a LoRA A/B weight of a decoder projection "
+                            "(adapters on embeddings, the LM head or norms are not supported)")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= config.num_layers:
+            raise LoraError(path, f"{key!r} is for layer {layer}; the model has {config.num_layers}")
+        found.setdefault((layer, module), {})[ab] = t
+    if not found:
+        raise LoraError(path, "holds no LoRA weights")
+    alpha = float(cfg["lora_alpha"])
+    parts = _parts(config)
+    groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    rank = 0
+    for (layer, module), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise LoraError(path, f"layer {layer} {module} has lora_{''.join(ab)} without its pair")
+        a, b = ab["A"], ab["B"]
+        group, part = _GROUP[module]
+        fan_in, fan_out = parts[group][part]
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
+            raise LoraError(path, f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                            f"do not fit a {fan_in} -> {fan_out} projection of this model")
+        if r > max_rank:
+            raise LoraError(path, f"layer {layer} {module} has rank {r}; this server allows up to "
+                            f"{max_rank} (--max-lora-rank)")
+        rank = max(rank, r)
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        groups.setdefault(f"layers.{layer}.{group}", []).append((part, a.float(), b.float() * scale))
+    weights = {}
+    for name_, items in groups.items():
+        group = name_.split(".", 2)[2]
+        outs = [fan_out for _, fan_out in parts[group]]
+        starts = [sum(outs[:k]) for k in range(len(outs))]
+        a_all = torch.cat([a for _, a, _ in items])  # (R, in)
+        b_all = torch.zeros(sum(outs), a_all.shape[0])
+        col = 0
+        for part, a, b in items:
+            b_all[starts[part]:starts[part] + outs[part], col:col + a.shape[0]] = b
+            col += a.shape[0]
+        in_scale, out_scale = (scales or {}).get(name_, (None, None))
+        if in_scale is not None:
+            a_all = a_all * in_scale.float().cpu()
+        if out_scale is not None:
+            b_all = b_all / out_scale.float().cpu()[:, None]
+        weights[name_] = (a_all.to(device, dtype).contiguous(), b_all.to(device, dtype).contiguous())
+    return LoraAdapter(name, folder, rank, weights)
+
+
+class LoraBatch:
+    """Which row ranges of one step use which adapter; `apply_` adds their updates.
+
+    `segments`: (adapter, first row, end row), disjoint. Rows outside every segment
+    (the base model's requests) get nothing added."""
+
+    def __init__(self, segments: Iterable[tuple[LoraAdapter, int, int]]) -> None:
+        self.segments = tuple(segments)
+
+    def apply_(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out[rows] += x[rows] Aᵀ Bᵀ for each segment's adapter on projection `name`."""
+        for adapter, start, end in self.segments:
+            w = adapter.weights.get(name)
+            if w is not None:
+                out[start:end].add_(F.linear(F.linear(x[start:end], w[0]), w[1]))
+        return out
+
+    @classmethod
+    def for_rows(cls, adapters: Iterable[LoraAdapter | None], counts: Iterable[int]) -> LoraBatch | None:
+        """From each sequence's adapter (None: the base model) and its row count, in row
+        order; adjacent sequences of one adapter merge into one segment. None when no
+        sequence uses an adapter (the step then runs exactly as without LoRA)."""
+        segments: list[list] = []
+        row = 0
+        for adapter, n in zip(adapters, counts, strict=True):
+            if adapter is not None:
+                if segments and segments[-1][0] is adapter and segments[-1][2] == row:
+                    segments[-1][2] = row + n
+                else:
+                    segments.append([adapter, row, row + n])
+            row += n
+        return cls(tuple(s) for s in segments) if segments else None
+
+
+class LoraManager:
+    """The adapters a server may serve, loaded on first use and kept in an LRU of
+    `config.max_loras`.
+
+    Names come from `config.modules` (name → folder) and, for any other valid name, from
+    a folder of that name under `config.directory` (LoRAX-style: drop a folder in, name it
+    in a request). An adapter evicted from the LRU stays alive for the requests that hold
+    it (the engine keeps each live request's adapter object), so the cap bounds what is
+    kept for future requests, not what running requests use. Thread-safe: the gateway
+    loads adapters off the event loop while the engine steps."""
+
+    def __init__(self, config: LoraConfig, model_config: ModelConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", *,
+                 scales: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.dtype = dtype
+        self.device = device
+        self.scales = scales
+        self._modules = {name: Path(p) for name, p in config.modules}
+        self._directory = Path(config.directory) if config.directory else None
+        for folder in self._modules.values():
+            read_config(folder)  # a broken adapter fails the start, not its first request
+        if self._directory is not None and not self._directory.is_dir():
+            raise LoraError(f"--lora-dir {self._directory}", "not a folder")
+        self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.counters = {"loads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._modules) or self._directory is not None
+
+    def folder(self, name: str) -> Path | None:
+        """Where adapter `name` lives, None if there is no such adapter."""
+        if name in self._modules:
+            return self._modules[name]
+        if self._directory is None or not valid_adapter_name(name):
+            return None
+        folder = self._directory / name
+        return folder if (folder / CONFIG_FILE).is_file() else None
+
+    def names(self) -> list[str]:
+        """Every adapter a request may name now: configured ones, then those under the folder."""
+        found = list(self._modules)
+        if self._directory is not None:
+            try:
+                entries = sorted(p.name for p in self._directory.iterdir())
+            except OSError:
+                entries = []
+            found += [n for n in entries if n not in self._modules and self.folder(n) is not None]
+        return found
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def get(self, name: str) -> LoraAdapter:
+        """The adapter, loaded now if it is not in the LRU. Raises `AdapterNotFound` or
+        `LoraError`."""
+        with self._lock:
+            hit = self._loaded.get(name)
+            if hit is not None:
+                self._loaded.move_to_end(name)
+                self.counters["hits"] += 1
+                return hit
+        folder = self.folder(name)
+        if folder is None:
+            raise AdapterNotFound(name)
+        t0 = time.perf_counter()
+        adapter = load_adapter(name, folder, self.model_config, self.dtype, self.device,
+                               max_rank=self.config.max_rank, scales=self.scales)
+        seconds = time.perf_counter() - t0
+        with self._lock:
+            if name in self._loaded:  # another thread loaded it meanwhile: keep one copy
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+            self._loaded[name] = adapter
+            self.counters["loads"] += 1
+            self.counters["load_seconds"] += seconds
+            while len(self._loaded) > self.config.max_loras:
+                evicted, _ = self._loaded.popitem(last=False)
+                self.counters["evictions"] += 1
+                log.info("LoRA adapter %r evicted (LRU of %d)", evicted, self.config.max_loras)
+        log.info("LoRA adapter %r loaded from %s in %.0f ms: rank %d, %d projections, %.1f MB", name, folder,
+                 seconds * 1e3, adapter.rank, len(adapter.weights), adapter.nbytes / 1e6)
+        return adapter

@@ -1,0 +1,225 @@
+"""LoRA adapters (`gpu.lora`): PEFT folders read into fused projections, many adapters and
+the base model in one batch, token-identical to transformers + peft in float32."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from actors.step_scheduler import ScheduledSeq, StepPlan
+from gpu.config import CacheConfig, EngineConfig, LoraConfig
+from gpu.engine import Engine, generate
+from gpu.loader import load_checkpoint
+from gpu.lora import AdapterNotFound, LoraBatch, LoraError, LoraManager, load_adapter
+from gpu.runner import ModelRunner
+from gpu.sampling import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
+MAX_TOKENS = 16
+
+
+def chat(engine: Engine, question: str) -> list[int]:
+    return engine.tokenizer.encode(engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True))
+
+
+def lora_engine(paths: dict[str, Path], **lora) -> Engine:
+    return Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=64 * 1024**2, huge_pages=False),
+                               lora=LoraConfig(modules=tuple((n, str(p)) for n, p in paths.items()), **lora)))
+
+
+@pytest.fixture(scope="module")
+def engine(lora_reference) -> Engine:
+    return lora_engine(lora_reference.paths)
+
+
+def test_an_adapter_loads_as_fused_projections(lora_reference, engine: Engine) -> None:
+    cfg = engine.model_config
+    a = engine.lora.get("one")
+    A, B = a.weights["layers.0.self_attn.qkv_proj"]
+    assert A.shape == (3 * 8, cfg.hidden_size) and B.shape == (cfg.q_size + 2 * cfg.kv_size, 3 * 8)
+    assert len(a.weights) == 4 * cfg.num_layers and a.rank == 8
+    b = engine.lora.get("two")  # q and v at rank 4, down at rank 2 (rank_pattern)
+    assert sorted({k.split(".", 2)[2] for k in b.weights}) == ["mlp.down_proj", "self_attn.qkv_proj"]
+    A, B = b.weights["layers.5.self_attn.qkv_proj"]
+    assert A.shape == (8, cfg.hidden_size)
+    assert B[cfg.q_size:cfg.q_size + cfg.kv_size].abs().sum() == 0  # k is not targeted: no update
+    assert b.weights["layers.5.mlp.down_proj"][0].shape == (2, cfg.intermediate_size)
+
+
+def test_greedy_tokens_match_peft_for_every_adapter_in_one_mixed_batch(lora_reference, engine: Engine) -> None:
+    """Each question with the base model, adapters one and two — nine requests in one
+    continuously batched run — gives transformers + peft's greedy tokens."""
+    jobs = [(q, adapter) for q in QUESTIONS for adapter in (None, "one", "two")]
+    prompts = [chat(engine, q) for q, _ in jobs]
+    outs = generate(engine, prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                    adapter=[a for _, a in jobs])
+    got = {(q, a): out[0].token_ids for (q, a), out in zip(jobs, outs, strict=True)}
+    for (q, a), ids in zip(jobs, prompts, strict=True):
+        want = lora_reference.greedy(ids, a, MAX_TOKENS)
+        assert got[q, a] == want, (q, a)
+    for q in QUESTIONS:  # the adapters change the answers (else this test could not fail)
+        assert got[q, "one"] != got[q, None] and got[q, "two"] != got[q, None]
+    assert engine.stats()["kv_usage"] == 0.0 and engine._live_adapters == {}
+
+
+def test_the_prefix_cache_never_hands_one_adapter_another_adapters_kv(lora_reference, engine: Engine) -> None:
+    """The same prompt, first with the base model, then with adapter "one": the base model's
+    cached blocks are not reused for it (its K/V differ); a second request with "one" reuses its own."""
+    ids = engine.tokenizer.encode("The moon and the stars, a story in one sentence: once, long ago, the moon")
+    assert len(ids) > engine.config.cache.block_size  # a full block, and no other test's prefix
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    generate(engine, [ids], params)
+    hits = engine.counters["prefix_hit_tokens"]
+    first = generate(engine, [ids], params, adapter="one")[0][0].token_ids
+    assert engine.counters["prefix_hit_tokens"] == hits
+    assert first == lora_reference.greedy(ids, "one", MAX_TOKENS)
+    again = generate(engine, [ids], params, adapter="one")[0][0].token_ids
+    assert engine.counters["prefix_hit_tokens"] > hits and again == first
+
+
+def test_n_greater_than_one_forks_keep_the_adapter(engine: Engine) -> None:
+    ids = chat(engine, QUESTIONS[0])
+    want = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), adapter="two")[0][0]
+    outs = generate(engine, [ids], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, n=3), adapter="two")[0]
+    assert [c.token_ids for c in outs] == [want.token_ids] * 3
+
+
+def test_an_evicted_adapter_keeps_serving_the_requests_that_hold_it(lora_reference) -> None:
+    """max_loras 1: loading "two" evicts "one" from the LRU while a request with "one" still
+    runs; it finishes with the tokens of "one", which is loaded again for the next request."""
+    engine = lora_engine(lora_reference.paths, max_loras=1)
+    ids = chat(engine, QUESTIONS[1])
+    engine.add_request("with-a", ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), adapter="one")
+    got: dict[str, list[int]] = {}
+    for d in engine.step():  # its prompt and first token
+        got.setdefault(d.request_id, []).extend(d.token_ids)
+    engine.add_request("with-b", ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), adapter="two")
+    assert engine.lora.loaded() == ["two"] and engine.lora.counters["evictions"] == 1
+    while engine.has_unfinished():
+        for d in engine.step():
+            got.setdefault(d.request_id, []).extend(d.token_ids)
+    assert got["with-a"] == lora_reference.greedy(ids, "one", MAX_TOKENS)
+    assert got["with-b"] == lora_reference.greedy(ids, "two", MAX_TOKENS)
+    generate(engine, [ids], SamplingParams(temperature=0, max_tokens=2), adapter="one")
+    assert engine.lora.counters["loads"] == 3 and engine._live_adapters == {}
+
+
+def test_an_unknown_adapter_is_refused_and_leaves_nothing_behind(engine: Engine) -> None:
+    with pytest.raises(AdapterNotFound, match="no adapter of that name"):
+        engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=4), adapter="nope")
+    assert not engine.has_unfinished() and engine.scheduler.get("x") is None
+    engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=1), adapter="one")  # the id is free again
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_smoothquant_scaled_inputs_get_the_same_update(lora_reference) -> None:
+    """After `smooth_` (what --quantization int8 runs first), projections read x / σ; an
+    adapter loaded with the model's input scales computes the same logits as before."""
+    ckpt = load_checkpoint("smollm2", torch.float32)
+    runner = ModelRunner(ckpt, num_blocks=8, block_size=16, dtype=torch.float32, huge_pages=False)
+    ids = tuple(range(100, 140))
+    plan = StepPlan((ScheduledSeq("x", ids, 0, (0, 1, 2), True, adapter="one"),), (), (), len(ids))
+    load = lambda scales=None: load_adapter("one", lora_reference.paths["one"], ckpt.config, torch.float32,  # noqa: E731
+                                            scales=scales)
+    before = runner.execute(plan, {"one": load()}).logits
+    runner.model.smooth_(runner.input_absmax([list(ids)]))
+    assert runner.model.smoothing_scales()  # smoothing recorded σ per projection
+    after = runner.execute(plan, {"one": load(runner.model.smoothing_scales())}).logits
+    unscaled = runner.execute(plan, {"one": load()}).logits
+    assert torch.allclose(after, before, atol=2e-3, rtol=1e-3)
+    assert not torch.allclose(unscaled, before, atol=2e-3, rtol=1e-3)
+
+
+def test_lora_batch_merges_adjacent_rows_of_one_adapter() -> None:
+    a, b = object(), object()
+    batch = LoraBatch.for_rows([None, a, a, b, None, a], [1, 1, 3, 2, 4, 1])
+    assert [(s[0] is a, s[1], s[2]) for s in batch.segments] == [(True, 1, 5), (False, 5, 7), (True, 11, 12)]
+    assert LoraBatch.for_rows([None, None], [3, 1]) is None
+
+
+# ------------------------------------------------------------------ what is refused
+
+
+def copy_adapter(src: Path, dst: Path, **config) -> Path:
+    shutil.copytree(src, dst)
+    path = dst / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
+    ({"peft_type": "IA3"}, "only LORA"),
+    ({"lora_alpha": "x"}, "lora_alpha"),
+])
+def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_reference, tmp_path, change,
+                                                                         message) -> None:
+    folder = copy_adapter(lora_reference.paths["two"], tmp_path / "bad", **change)
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    with pytest.raises(LoraError, match=message):
+        load_adapter("bad", folder, cfg, torch.float32)
+
+
+def test_weights_that_do_not_fit_this_model_are_refused(lora_reference, tmp_path) -> None:
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    folder = copy_adapter(lora_reference.paths["two"], tmp_path / "other-model")
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in weights if "q_proj.lora_A" in k)
+    save_file({**weights, key: torch.zeros(4, 1024)}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="do not fit"):
+        load_adapter("x", folder, cfg, torch.float32)
+    save_file({**weights, "base_model.model.lm_head.weight": torch.zeros(2, 2)}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="not a LoRA A/B weight"):
+        load_adapter("x", folder, cfg, torch.float32)
+    del weights[key]
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="without its pair"):
+        load_adapter("x", folder, cfg, torch.float32)
+    with pytest.raises(LoraError, match="rank 8; this server allows up to 4"):
+        load_adapter("one", lora_reference.paths["one"], cfg, torch.float32, max_rank=4)
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(LoraError, match="no adapter_model.safetensors"):
+        load_adapter("x", folder, cfg, torch.float32)
+
+
+def test_a_folder_of_adapters_is_searched_by_name(lora_reference, tmp_path) -> None:
+    root = tmp_path / "adapters"
+    shutil.copytree(lora_reference.paths["two"], root / "support-bot")
+    (root / "not-an-adapter").mkdir()
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    manager = LoraManager(LoraConfig(directory=str(root)), cfg, torch.float32)
+    assert manager.names() == ["support-bot"]
+    assert manager.get("support-bot").rank == 4
+    shutil.copytree(lora_reference.paths["one"], root / "added-later")
+    assert manager.names() == ["added-later", "support-bot"]
+    for name in ("not-an-adapter", "../adapters/support-bot", "..", ""):
+        assert manager.folder(name) is None
+        with pytest.raises(AdapterNotFound):
+            manager.get(name)
+
+
+def test_a_broken_configured_adapter_fails_the_start(tmp_path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(LoraError, match="unreadable"):
+        lora_engine({"broken": tmp_path})
+
+
+def test_lora_and_batch_invariance_are_refused_together(tmp_path) -> None:
+    with pytest.raises(ValueError, match="not batch-invariant"):
+        EngineConfig(batch_invariant=True, lora=LoraConfig(modules=(("one", str(tmp_path)),)))
+    with pytest.raises(ValueError, match="unique"):
+        LoraConfig(modules=(("one", "x"), ("one", "y")))
+    with pytest.raises(ValueError, match="adapter name"):
+        LoraConfig(modules=(("../a", "x"),))
