@@ -1,0 +1,110 @@
+"""LoRA adapters through the whole stack: `lmgate serve` settings, `/v1/models`, a request
+naming an adapter as its `model` over HTTP, SSE and the WebSocket, the response cache and
+usage kept apart per adapter, and the refusals (unknown model, unservable adapter)."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+
+import httpx
+import pytest
+import torch
+import trio
+
+from clients import LmgateClient
+from gateway.config import ConfigError, GatewayConfig
+from gateway.server import serve
+from gpu.loader import load_checkpoint
+from gpu.tokenizer import load_tokenizer
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
+
+QUESTION = "What is the capital of France?"
+
+
+async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.Nursery, tmp_path, redis_url: str,
+                                                                 lora_reference) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(2)
+    adapters = tmp_path / "adapters"  # --lora-dir: "two", and a broken one; "one" is configured by path
+    shutil.copytree(lora_reference.paths["two"], adapters / "two")
+    (adapters / "broken").mkdir()
+    (adapters / "broken" / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "use_dora": true}')
+    out, stop = io.StringIO(), trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64,
+                           lora_modules=f"one={lora_reference.paths['one']}", lora_dir=str(adapters))
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
+                                                         task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    tokenizer = load_tokenizer(load_checkpoint("smollm2", torch.float32))
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                                         add_generation_prompt=True))
+
+    def reference(adapter: str | None) -> str:
+        return tokenizer.decode(lora_reference.greedy(ids, adapter, 12), skip_special_tokens=True)
+
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        models = (await http.get("/v1/models")).json()["data"]
+        base = models[0]["id"]
+        assert [(m["id"], m.get("parent")) for m in models] == [(base, None), ("one", base), ("broken", base),
+                                                                ("two", base)]
+
+        async def ask(model: str) -> dict:
+            r = await http.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12,
+                "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        # the base model first: its greedy answer is stored in the response cache, and must not
+        # come back for the same prompt and parameters asked of an adapter
+        assert (await ask(base))["choices"][0]["message"]["content"] == reference(None)
+        for name in ("one", "two"):
+            reply = await ask(name)
+            assert reply["model"] == name
+            assert reply["choices"][0]["message"]["content"] == reference(name) != reference(None)
+
+        async with LmgateClient(urls[0], key) as client:
+            async with client.chat_stream([{"role": "user", "content": QUESTION}], model="two", max_tokens=12,
+                                          temperature=0, cache_control="no-cache") as stream:
+                assert "".join([d.text async for d in stream]) == reference("two")
+            async with client.ws() as session, session.chat_stream(
+                    [{"role": "user", "content": QUESTION}], model="one", max_tokens=12, temperature=0,
+                    cache_control="no-cache") as ws_stream:
+                assert "".join([d.text async for d in ws_stream]) == reference("one")
+
+        r = await http.post("/v1/chat/completions", json={"model": "three", "messages": [{"role": "user",
+                                                                                          "content": "hi"}]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "'one'" in r.json()["error"]["message"]
+        r = await http.post("/v1/completions", json={"model": "broken", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "model" and "DoRA" in error["message"] and str(tmp_path) not in error["message"]
+
+        async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
+            usage = (await admin.get("/admin/tenants/dev/usage")).json()["data"]
+        by_model = {row["model"]: row for row in usage}
+        assert {base, "one", "two"} <= set(by_model)  # usage is kept per adapter
+
+        status = (await http.get("/readyz")).json()
+        assert status["kv_usage"] == 0.0
+    stop.set()
+
+
+def test_lora_settings_are_checked_before_the_server_starts(lora_reference, tmp_path) -> None:
+    one = lora_reference.paths["one"]
+    config = GatewayConfig(lora_modules=f" one={one} , two={lora_reference.paths['two']}")
+    assert config.lora_module_pairs == (("one", str(one)), ("two", str(lora_reference.paths["two"])))
+    for bad, message in [("one", "not NAME=PATH"), (f"../x={one}", "adapter name"),
+                         (f"one={one},one={one}", "unique"), (f"one={tmp_path}", "no adapter_config.json")]:
+        with pytest.raises(ConfigError, match=message):
+            GatewayConfig(lora_modules=bad)
+    with pytest.raises(ConfigError, match="not a folder"):
+        GatewayConfig(lora_dir=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not batch-invariant"):
+        GatewayConfig(lora_dir=str(tmp_path), batch_invariant=True)
+    with pytest.raises(ConfigError, match="at least 1"):
+        GatewayConfig(max_loras=0)
