@@ -16,6 +16,7 @@ of roundings, so results agree up to float32 summation order in the norms' reduc
     argmax(x)                         -> torch.argmax(x, dim=-1)  (greedy sampling's)
     quantize_rows_int8(x)             -> (round(x / s), s), s = max|x_row| / 127 per row (int8 GEMM inputs)
     scale_rows(y, s, dtype)           -> (y * s).to(dtype), s per row                  (int8 GEMM outputs)
+    lora_rows_(out, x, segment, a, bt, span)   in place: out[t] += x[t] a[s]ᵀ bt[s], s = segment[t] ≥ 0 (LoRA)
 
 RMSNorm is computed in float32 like the HF reference: for bfloat16 the normalised row
 is rounded to bfloat16 before the weight multiplies it (HF's order).
@@ -162,3 +163,27 @@ def scale_rows(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
             and scale.numel() == y.shape[0] and fused_available()):
         return _module().scale_rows(y, scale, dtype)
     return (y * scale).to(dtype)
+
+
+def lora_rows_reference(out: torch.Tensor, x: torch.Tensor, segment: torch.Tensor,
+                        a: list[torch.Tensor], bt: list[torch.Tensor], span: list[torch.Tensor]) -> torch.Tensor:
+    for s, (a_s, bt_s) in enumerate(zip(a, bt, strict=True)):
+        rows = (segment == s).nonzero().squeeze(1)
+        if rows.numel() and a_s.shape[0]:
+            delta = (x.index_select(0, rows).float() @ a_s.t()) @ bt_s
+            out.index_copy_(0, rows, (out.index_select(0, rows).float() + delta).to(out.dtype))
+    return out
+
+
+def lora_rows_(out: torch.Tensor, x: torch.Tensor, segment: torch.Tensor,
+               a: list[torch.Tensor], bt: list[torch.Tensor], span: list[torch.Tensor]) -> torch.Tensor:
+    """In place, for every row t with s = segment[t] ≥ 0 (int32, -1: no adapter):
+    out[t] += (x[t] a[s]ᵀ) bt[s], with a[s] (R, in) and bt[s] (R, out) float32 (R may be 0),
+    computed in float32 and rounded to out's dtype once. `span[s]` (R, 2) int64: row r of
+    bt[s] is zero outside columns [span[r, 0], span[r, 1]) (the kernel reads only those). The LoRA update of small row
+    groups (`gpu.lora.LoraBatch`): per row, where two GEMMs per adapter would each pay a
+    GEMM call's fixed cost. Returns out."""
+    if _fused(out) and _fused(x) and x.dtype == out.dtype and x.stride(1) == 1 and out.stride(1) == 1:
+        _module().lora_rows_(out, x, segment, a, bt, span)
+        return out
+    return lora_rows_reference(out, x, segment, a, bt, span)

@@ -13,10 +13,14 @@ Files: a PEFT LoRA folder, as `peft.PeftModel.save_pretrained` writes it::
 
 What runs (`LoraBatch.apply_`, called by every `gpu.model.Linear`): the runner orders a
 step's sequences by adapter within its decode and prefill parts, so each adapter's
-tokens are at most two row ranges; per range and projection, two thin GEMMs (rows × r,
-then rows × out) added into the projection's output. The engine's projections are fused
-(QKV, gate/up): an adapter's A matrices of a fused group are stacked row-wise and its B
-matrices placed block-diagonally, scale folded in, so a group costs one pair of GEMMs
+tokens are at most two row ranges. A range of more than `GEMM_MIN_ROWS` rows (a prefill
+chunk) gets two thin GEMMs per projection (rows × r, then rows × out) added into the
+projection's output. Smaller ranges — a decode step's rows, a few per adapter — all go
+through one fused CPU kernel call per projection (`gpu.layer_ops.lora_rows_`): two bf16
+GEMMs per adapter and projection cost ~60 us of fixed overhead each, which made a mixed
+decode step of 4 adapters 1.8x as long as the base model's. The engine's projections are
+fused (QKV, gate/up): an adapter's A matrices of a fused group are stacked row-wise and
+its B matrices placed block-diagonally, scale folded in, so a group costs one update
 whatever subset of its projections the adapter targets.
 
 With `--quantization int8` the model's projections read SmoothQuant-scaled inputs
@@ -41,9 +45,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu import layer_ops
 from gpu.config import LoraConfig, ModelConfig, valid_adapter_name
 
 log = logging.getLogger(__name__)
+
+# Row ranges of more rows than this take the GEMM path, smaller ones the per-row kernel
+# (module docstring). Measured on an AMX Xeon in bf16: see `python -m ops.bench_lora`.
+GEMM_MIN_ROWS = 32
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -120,19 +129,23 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: a batch groups rows by adapter object
 class LoraAdapter:
     """One loaded adapter: for each targeted fused projection (``layers.3.mlp.gate_up_proj``),
-    A (R, in) and B (out, R) with the scale folded into B, in the model's dtype and device."""
+    A (R, in) and B (out, R) with the scale folded into B, in the model's dtype and device
+    (`weights`, for GEMMs) and, on a CPU, as float32 A (R, in), Bᵀ (R, out) and the output
+    columns each rank row writes (R, 2) (`rows`, for `gpu.layer_ops.lora_rows_`)."""
 
     name: str
     path: Path
     rank: int  # the largest rank of any targeted module
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    rows: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        return sum(t.numel() * t.element_size() for table in (self.weights, self.rows)
+                   for pair in table.values() for t in pair)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -193,16 +206,18 @@ def load_adapter(
         rank = max(rank, r)
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         groups.setdefault(f"layers.{layer}.{group}", []).append((part, a.float(), b.float() * scale))
-    weights = {}
+    weights, rows = {}, {}
     for name_, items in groups.items():
         group = name_.split(".", 2)[2]
         outs = [fan_out for _, fan_out in parts[group]]
         starts = [sum(outs[:k]) for k in range(len(outs))]
         a_all = torch.cat([a for _, a, _ in items])  # (R, in)
         b_all = torch.zeros(sum(outs), a_all.shape[0])
+        span = torch.zeros(a_all.shape[0], 2, dtype=torch.int64)  # each rank row's output columns
         col = 0
         for part, a, b in items:
             b_all[starts[part]:starts[part] + outs[part], col:col + a.shape[0]] = b
+            span[col:col + a.shape[0]] = torch.tensor([starts[part], starts[part] + outs[part]])
             col += a.shape[0]
         in_scale, out_scale = (scales or {}).get(name_, (None, None))
         if in_scale is not None:
@@ -210,24 +225,46 @@ def load_adapter(
         if out_scale is not None:
             b_all = b_all / out_scale.float().cpu()[:, None]
         weights[name_] = (a_all.to(device, dtype).contiguous(), b_all.to(device, dtype).contiguous())
-    return LoraAdapter(name, folder, rank, weights)
+        if torch.device(device).type == "cpu":
+            rows[name_] = (a_all.contiguous(), b_all.t().contiguous(), span)
+    return LoraAdapter(name, folder, rank, weights, rows)
+
+
+_NONE = (torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, 2, dtype=torch.int64))
 
 
 class LoraBatch:
     """Which row ranges of one step use which adapter; `apply_` adds their updates.
 
     `segments`: (adapter, first row, end row), disjoint. Rows outside every segment
-    (the base model's requests) get nothing added."""
+    (the base model's requests) get nothing added. Segments of more than
+    `GEMM_MIN_ROWS` rows, or every segment off the CPU, run as GEMMs; the others through
+    `gpu.layer_ops.lora_rows_`, one call per projection for all of them."""
 
-    def __init__(self, segments: Iterable[tuple[LoraAdapter, int, int]]) -> None:
+    def __init__(self, segments: Iterable[tuple[LoraAdapter, int, int]], num_rows: int | None = None) -> None:
         self.segments = tuple(segments)
+        small = [s for s in self.segments if s[2] - s[1] <= GEMM_MIN_ROWS and s[0].rows]
+        self.gemm_segments = tuple(s for s in self.segments if not any(s is t for t in small))
+        self.row_adapters: tuple[LoraAdapter, ...] = ()
+        self.row_segment: torch.Tensor | None = None
+        if small:
+            rows = num_rows if num_rows is not None else max(end for _, _, end in self.segments)
+            adapters = list(dict.fromkeys(adapter for adapter, _, _ in small))
+            segment = torch.full((rows,), -1, dtype=torch.int32)
+            for adapter, start, end in small:
+                segment[start:end] = adapters.index(adapter)
+            self.row_adapters, self.row_segment = tuple(adapters), segment
 
     def apply_(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out[rows] += x[rows] Aᵀ Bᵀ for each segment's adapter on projection `name`."""
-        for adapter, start, end in self.segments:
+        for adapter, start, end in self.gemm_segments:
             w = adapter.weights.get(name)
             if w is not None:
                 out[start:end].add_(F.linear(F.linear(x[start:end], w[0]), w[1]))
+        if self.row_segment is not None:
+            parts = [adapter.rows.get(name, _NONE) for adapter in self.row_adapters]
+            if any(p[0].numel() for p in parts):
+                layer_ops.lora_rows_(out, x, self.row_segment, *(list(t) for t in zip(*parts, strict=True)))
         return out
 
     @classmethod
@@ -244,7 +281,7 @@ class LoraBatch:
                 else:
                     segments.append([adapter, row, row + n])
             row += n
-        return cls(tuple(s) for s in segments) if segments else None
+        return cls((tuple(s) for s in segments), row) if segments else None
 
 
 class LoraManager:

@@ -279,6 +279,53 @@ def test_argmax_kernel_rejects_what_it_cannot_take():
     assert layer_ops.argmax(t).tolist() == t.argmax(dim=-1).tolist()
 
 
+# ------------------------------------------------------------------- LoRA rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_lora_rows_matches_reference(dtype):
+    """Rows of three adapters (one with rank 0: not on this projection; one whose rank rows
+    each write a part of the output, as a fused QKV's do) and base rows (-1), on row-strided
+    x and out, more rows than a tile: the kernel adds what the float32 reference adds,
+    rounding the sum to the dtype once; base rows are untouched."""
+    _needs_fused()
+    gen = _gen(13)
+    n_in, n_out, rows = 200, 300, 23
+    a = [torch.randn(r, n_in, generator=gen) * 0.1 for r in (4, 0, 9)]
+    bt = [torch.randn(r, n_out, generator=gen) * 0.1 for r in (4, 0, 9)]
+    span = [torch.tensor([[0, n_out]] * 4), torch.empty(0, 2, dtype=torch.int64),
+            torch.tensor([[0, 100]] * 3 + [[100, 260]] * 3 + [[260, 300]] * 3)]
+    for b, sp in zip(bt, span, strict=True):
+        for r, (lo, hi) in enumerate(sp.tolist()):
+            b[r, :lo] = 0
+            b[r, hi:] = 0
+    segment = torch.randint(-1, 3, (rows,), generator=gen, dtype=torch.int32)
+    x = torch.randn(rows, 2 * n_in, generator=gen).to(dtype)[:, :n_in]
+    out = torch.randn(rows, n_out + 5, generator=gen).to(dtype)[:, :n_out]
+    want = layer_ops.lora_rows_reference(out.clone(), x, segment, a, bt, span)
+    before = out.clone()
+    layer_ops.lora_rows_(out, x, segment, a, bt, span)
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (2**-7, 1e-6)
+    torch.testing.assert_close(out, want, rtol=tol[0], atol=tol[1])
+    untouched = (segment == -1) | (segment == 1)
+    assert untouched.any() and torch.equal(out[untouched], before[untouched])
+
+
+def test_lora_rows_kernel_rejects_what_it_cannot_take():
+    _needs_fused()
+    x, out = torch.randn(3, 8), torch.zeros(3, 4)
+    a, bt, span = [torch.randn(2, 8)], [torch.randn(2, 4)], [torch.tensor([[0, 4], [0, 4]])]
+    seg = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="not -1 or a segment index"):
+        layer_ops._module().lora_rows_(out, x, torch.tensor([0, 1, -1], dtype=torch.int32), a, bt, span)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        layer_ops._module().lora_rows_(out, x, seg, [torch.randn(2, 7)], bt, span)
+    with pytest.raises(RuntimeError, match="int32"):
+        layer_ops._module().lora_rows_(out, x, seg.long(), a, bt, span)
+    with pytest.raises(RuntimeError, match="not a column range"):
+        layer_ops._module().lora_rows_(out, x, seg, a, bt, [torch.tensor([[0, 4], [2, 5]])])
+
+
 # -------------------------------------------------------------------- fallback
 
 

@@ -15,7 +15,15 @@ from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.config import CacheConfig, EngineConfig, LoraConfig
 from gpu.engine import Engine, generate
 from gpu.loader import load_checkpoint
-from gpu.lora import AdapterNotFound, LoraBatch, LoraError, LoraManager, load_adapter
+from gpu.lora import (
+    GEMM_MIN_ROWS,
+    AdapterNotFound,
+    LoraAdapter,
+    LoraBatch,
+    LoraError,
+    LoraManager,
+    load_adapter,
+)
 from gpu.runner import ModelRunner
 from gpu.sampling import SamplingParams
 
@@ -139,10 +147,31 @@ def test_smoothquant_scaled_inputs_get_the_same_update(lora_reference) -> None:
     assert not torch.allclose(unscaled, before, atol=2e-3, rtol=1e-3)
 
 
-def test_lora_batch_merges_adjacent_rows_of_one_adapter() -> None:
-    a, b = object(), object()
-    batch = LoraBatch.for_rows([None, a, a, b, None, a], [1, 1, 3, 2, 4, 1])
-    assert [(s[0] is a, s[1], s[2]) for s in batch.segments] == [(True, 1, 5), (False, 5, 7), (True, 11, 12)]
+def test_a_batch_runs_small_row_ranges_through_the_kernel_and_large_ones_as_gemms() -> None:
+    """Adjacent rows of one adapter merge into one range; ranges up to GEMM_MIN_ROWS rows
+    go through `layer_ops.lora_rows_`, longer ones through GEMMs; both add x Aᵀ Bᵀ."""
+    g = torch.Generator().manual_seed(0)
+
+    weights = {name: (torch.randn(rank, 24, generator=g), torch.randn(40, rank, generator=g))
+               for name, rank in (("a", 4), ("b", 6))}
+    counts = [1, 1, 3, GEMM_MIN_ROWS + 8, 4, 1]
+    x = torch.randn(sum(counts), 24, generator=g)
+    end_b = 5 + GEMM_MIN_ROWS + 8
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        a, b = (LoraAdapter(name, Path(name), A.shape[0], {"p": (A.to(dtype), B.to(dtype))},
+                            {"p": (A, B.t().contiguous(), torch.tensor([[0, 40]] * A.shape[0]))})
+                for name, (A, B) in weights.items())
+        batch = LoraBatch.for_rows([None, a, a, b, None, a], counts)
+        assert [(s[0].name, s[1], s[2]) for s in batch.segments] == [("a", 1, 5), ("b", 5, end_b),
+                                                                     ("a", end_b + 4, end_b + 5)]
+        assert [s[0].name for s in batch.gemm_segments] == ["b"] and batch.row_adapters == (a,)
+        out = torch.zeros(sum(counts), 40, dtype=dtype)
+        batch.apply_("p", x.to(dtype), out)
+        want = torch.zeros(sum(counts), 40)
+        for who, start, end in batch.segments:
+            A, B = weights[who.name]
+            want[start:end] = x[start:end] @ A.t() @ B.t()
+        assert torch.allclose(out.float(), want, rtol=tol, atol=tol * want.abs().max().item())
     assert LoraBatch.for_rows([None, None], [3, 1]) is None
 
 
