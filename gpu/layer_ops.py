@@ -46,6 +46,25 @@ def _module():
 
 
 @functools.cache
+def _lora_module():
+    # its own build: FMA contraction and 512-bit vectors, which layer_ops.cpp must not have
+    return load_cpu_extension("lora_ops.cpp", ("-ffp-contract=fast", "-mprefer-vector-width=512"))
+
+
+@functools.cache
+def lora_kernel_available() -> bool:
+    """True when `gpu/kernels/cpu/lora_ops.cpp` builds and loads here (tried once)."""
+    if not fused_available():
+        return False
+    try:
+        _lora_module()
+    except Exception as e:  # noqa: BLE001 — as fused_available
+        log.warning("LoRA row kernel unavailable (%s: %s); using torch ops", type(e).__name__, e)
+        return False
+    return True
+
+
+@functools.cache
 def fused_available() -> bool:
     """True when the C++ kernels build and load here (tried once per process)."""
     try:
@@ -183,7 +202,8 @@ def lora_rows_(out: torch.Tensor, x: torch.Tensor, segment: torch.Tensor,
     bt[s] is zero outside columns [span[r, 0], span[r, 1]) (the kernel reads only those). The LoRA update of small row
     groups (`gpu.lora.LoraBatch`): per row, where two GEMMs per adapter would each pay a
     GEMM call's fixed cost. Returns out."""
-    if _fused(out) and _fused(x) and x.dtype == out.dtype and x.stride(1) == 1 and out.stride(1) == 1:
-        _module().lora_rows_(out, x, segment, a, bt, span)
+    if (_fused(out) and _fused(x) and x.dtype == out.dtype and x.stride(1) == 1 and out.stride(1) == 1
+            and lora_kernel_available()):
+        _lora_module().lora_rows_(out, x, segment, a, bt, span)
         return out
     return lora_rows_reference(out, x, segment, a, bt, span)

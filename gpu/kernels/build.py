@@ -238,10 +238,12 @@ def cpu_fingerprint() -> str:
 
 def cpu_extension_name(source: Path, cflags: Sequence[str], fingerprint: str) -> str:
     """Module (and cache directory) name of a CPU extension: a hash of the source text,
-    the flags and the CPU it is built for, so an edit, a flag or another CPU rebuilds
-    and a rerun on the same machine does not."""
+    the headers beside it (torch's build check does not follow includes), the flags and
+    the CPU it is built for, so an edit, a flag or another CPU rebuilds and a rerun on
+    the same machine does not."""
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     digest = hashlib.sha256(
-        source.read_bytes() + " ".join(cflags).encode() + b"\0" + fingerprint.encode()
+        source.read_bytes() + headers + " ".join(cflags).encode() + b"\0" + fingerprint.encode()
     ).hexdigest()[:12]
     return f"lmgate_{source.stem}_{digest}"
 

@@ -16,11 +16,6 @@
 //   quantize_rows_int8(x)                    -> (q int8, scale (rows, 1) float32)
 //                                                       scale = max|x_r| / 127 (>= 1e-12), q = round(x / scale)
 //   scale_rows(y, scale, dtype)              -> out    out = (y * scale) rounded to dtype (y float32)
-//   lora_rows_(out, x, segment, a, bt, span) (in place) out[t] += (x[t] a[s]ᵀ) bt[s] for each row t whose
-//                                                       segment s = segment[t] is >= 0 (LoRA updates of
-//                                                       decode-sized row groups; a[s] (R, in), bt[s] (R, out)
-//                                                       float32, row r of bt[s] zero outside columns
-//                                                       span[s][r]; the sum is rounded to out's dtype once)
 // Rows are split across torch's threads (built with -fopenmp, gpu/kernels/build.py);
 // inner loops are `omp simd` so g++ -O3 -march=native vectorizes them.
 #include <torch/extension.h>
@@ -34,32 +29,7 @@
 
 namespace {
 
-using bf16 = c10::BFloat16;
-
-// Element traits: the storage type S and float conversions, written as bit operations
-// on plain integers so that `omp simd` loops vectorize them (c10::BFloat16's operators
-// do not). float -> bfloat16 rounds to nearest even and keeps NaN a NaN, as torch does.
-struct F32 {
-  using S = float;
-  static float ld(S v) { return v; }
-  static S st(float x) { return x; }
-};
-struct BF16 {
-  using S = uint16_t;
-  static float ld(S v) {
-    const uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-  static S st(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    return static_cast<S>(nan ? 0x7fc0u : rounded);
-  }
-};
+#include "cpu_common.h"
 
 // Rows per thread task: a decode step has tens of rows of 576 floats, where waking a
 // second thread costs more than the work; a prefill chunk has hundreds.
@@ -192,108 +162,6 @@ void argmax_rows(const S* x, int64_t* out, int64_t rows, int64_t n, int64_t stri
 
 // Per-token int8 quantization of the int8 projections' inputs (gpu/quantization.py): the
 // torch reference is five kernels (abs, amax, divide, round, cast). Same arithmetic:
-// LoRA update of each row with an adapter: h = A x (R dot products over the input), then
-// out += Btᵀ h (R axpys over the output row, accumulated in float32 from out's value and
-// rounded once). One row is ~R·(in + out) multiply-adds: a decode step's rows are cheaper
-// here than as two small GEMMs per adapter, whose fixed cost (~30 us each in bf16) dominated.
-// Rows run in tiles of up to kLoraTile consecutive rows of one segment, the rank loop
-// outside the row loop, so a row of A or Bt is read from memory once per tile and from L1
-// for the other rows (per row, the gate/up weights of one rank-8 adapter are ~230 KB).
-// Row r of Bt is non-zero only in columns [span[r][0], span[r][1]) — a fused projection's
-// part (q, k or v; gate or up) — so the update reads only those (a third of QKV's Bt).
-constexpr int64_t kLoraTile = 8;
-constexpr int64_t kLoraChunk = 256;
-
-template <typename E, typename S = typename E::S>
-void lora_rows(S* out, int64_t so, const S* x, int64_t sx, const int32_t* seg, int64_t rows, int64_t n_in,
-               int64_t n_out, const std::vector<const float*>& a, const std::vector<const float*>& bt,
-               const std::vector<const int64_t*>& span, const std::vector<int64_t>& rank, int64_t max_rank) {
-  std::vector<int64_t> tiles;  // first row of each tile; a tile ends at the next start
-  for (int64_t t = 0; t < rows;) {
-    tiles.push_back(t);
-    const int32_t s = seg[t];
-    int64_t n = 1;
-    while (t + n < rows && n < kLoraTile && seg[t + n] == s) ++n;
-    t += n;
-  }
-  tiles.push_back(rows);
-  const int64_t ntiles = static_cast<int64_t>(tiles.size()) - 1;
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf_buf(kLoraTile * n_in), h_buf(kLoraTile * std::max<int64_t>(max_rank, 1)),
-        acc_buf(kLoraTile * n_out);
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t t0 = tiles[k], n = tiles[k + 1] - t0;
-      const int32_t s = seg[t0];
-      if (s < 0 || rank[s] == 0) continue;
-      const int64_t R = rank[s];
-      for (int64_t j = 0; j < n; ++j) {
-        const S* xr = x + (t0 + j) * sx;
-        float* xf = xf_buf.data() + j * n_in;
-#pragma omp simd
-        for (int64_t i = 0; i < n_in; ++i) xf[i] = E::ld(xr[i]);
-        const S* orow = out + (t0 + j) * so;
-        float* acc = acc_buf.data() + j * n_out;
-#pragma omp simd
-        for (int64_t o = 0; o < n_out; ++o) acc[o] = E::ld(orow[o]);
-      }
-      // h = A x: four rows at a time, so each element of A is loaded once for four
-      // independent accumulator chains (one chain is FMA-latency bound)
-      for (int64_t r = 0; r < R; ++r) {
-        const float* ar = a[s] + r * n_in;
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-          const float* x0 = xf_buf.data() + j * n_in;
-          const float* x1 = x0 + n_in;
-          const float* x2 = x1 + n_in;
-          const float* x3 = x2 + n_in;
-          float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-          for (int64_t i = 0; i < n_in; ++i) {
-            const float av = ar[i];
-            s0 += x0[i] * av;
-            s1 += x1[i] * av;
-            s2 += x2[i] * av;
-            s3 += x3[i] * av;
-          }
-          h_buf[j * R + r] = s0;
-          h_buf[(j + 1) * R + r] = s1;
-          h_buf[(j + 2) * R + r] = s2;
-          h_buf[(j + 3) * R + r] = s3;
-        }
-        for (; j < n; ++j) {
-          const float* xf = xf_buf.data() + j * n_in;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < n_in; ++i) sum += xf[i] * ar[i];
-          h_buf[j * R + r] = sum;
-        }
-      }
-      // out += Btᵀ h in column chunks: a chunk of each row's accumulator and of Bt's
-      // rows stay in L1 across the tile's rows and the ranks
-      for (int64_t c0 = 0; c0 < n_out; c0 += kLoraChunk) {
-        const int64_t cn = std::min(kLoraChunk, n_out - c0);
-        for (int64_t j = 0; j < n; ++j) {
-          float* acc = acc_buf.data() + j * n_out + c0;
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t lo = std::max<int64_t>(span[s][2 * r] - c0, 0);
-            const int64_t hi = std::min<int64_t>(span[s][2 * r + 1] - c0, cn);
-            const float hr = h_buf[j * R + r];
-            const float* br = bt[s] + r * n_out + c0;
-#pragma omp simd
-            for (int64_t o = lo; o < hi; ++o) acc[o] += hr * br[o];
-          }
-        }
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        S* orow = out + (t0 + j) * so;
-        const float* acc = acc_buf.data() + j * n_out;
-#pragma omp simd
-        for (int64_t o = 0; o < n_out; ++o) orow[o] = E::st(acc[o]);
-      }
-    }
-  });
-}
-
 // x / scale in float32 (a division, not a reciprocal product), rounded half to even.
 template <typename E, typename S = typename E::S>
 void quantize_rows(const S* x, int64_t stride, int8_t* q, float* scale, int64_t rows, int64_t n) {
@@ -332,14 +200,6 @@ void scale_rows_impl(const float* y, const float* scale, S* out, int64_t rows, i
   });
 }
 
-uint16_t* u16(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<bf16>()); }
-
-void check_rows(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16,
-              name, " must be float32 or bfloat16, got ", t.scalar_type());
-}
 
 torch::Tensor norm_impl(torch::Tensor res, c10::optional<torch::Tensor> x, torch::Tensor weight, double eps) {
   check_rows(res, "residual");
@@ -449,52 +309,6 @@ torch::Tensor scale_rows(torch::Tensor y, torch::Tensor scale, c10::ScalarType d
   return out;
 }
 
-void lora_rows_(torch::Tensor out, torch::Tensor x, torch::Tensor segment, std::vector<torch::Tensor> a,
-                std::vector<torch::Tensor> bt, std::vector<torch::Tensor> span) {
-  check_rows(out, "out");
-  check_rows(x, "x");
-  TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.size(0) == out.size(0), "x and out must match in dtype and rows");
-  TORCH_CHECK(segment.scalar_type() == torch::kInt32 && segment.is_contiguous() && segment.dim() == 1 &&
-                  segment.size(0) == x.size(0), "segment must be contiguous int32 (rows,)");
-  TORCH_CHECK(a.size() == bt.size() && a.size() == span.size(), "a, bt and span must have one entry per segment");
-  const int64_t n_in = x.size(1), n_out = out.size(1), nseg = static_cast<int64_t>(a.size());
-  std::vector<const float*> ap, bp;
-  std::vector<const int64_t*> sp;
-  std::vector<int64_t> rank;
-  int64_t max_rank = 0;
-  for (int64_t s = 0; s < nseg; ++s) {
-    TORCH_CHECK(a[s].scalar_type() == torch::kFloat32 && bt[s].scalar_type() == torch::kFloat32 &&
-                    a[s].is_contiguous() && bt[s].is_contiguous() && a[s].dim() == 2 && bt[s].dim() == 2,
-                "a and bt must be contiguous 2-D float32 tensors");
-    TORCH_CHECK(a[s].size(0) == bt[s].size(0) && (a[s].size(0) == 0 || (a[s].size(1) == n_in && bt[s].size(1) == n_out)),
-                "segment ", s, ": a (R, in) and bt (R, out) do not fit x and out");
-    TORCH_CHECK(span[s].scalar_type() == torch::kInt64 && span[s].is_contiguous() && span[s].dim() == 2 &&
-                    span[s].size(0) == a[s].size(0) && span[s].size(1) == 2,
-                "segment ", s, ": span must be contiguous int64 (R, 2)");
-    const int64_t* sv = span[s].data_ptr<int64_t>();
-    for (int64_t r = 0; r < a[s].size(0); ++r) {
-      TORCH_CHECK(0 <= sv[2 * r] && sv[2 * r] <= sv[2 * r + 1] && sv[2 * r + 1] <= n_out,
-                  "segment ", s, ": span row ", r, " is not a column range of out");
-    }
-    sp.push_back(sv);
-    ap.push_back(a[s].data_ptr<float>());
-    bp.push_back(bt[s].data_ptr<float>());
-    rank.push_back(a[s].size(0));
-    max_rank = std::max(max_rank, a[s].size(0));
-  }
-  const int32_t* seg = segment.data_ptr<int32_t>();
-  for (int64_t t = 0; t < x.size(0); ++t) {
-    TORCH_CHECK(seg[t] >= -1 && seg[t] < nseg, "segment[", t, "] = ", seg[t], " is not -1 or a segment index");
-  }
-  if (x.scalar_type() == torch::kFloat32) {
-    lora_rows<F32>(out.data_ptr<float>(), out.stride(0), x.data_ptr<float>(), x.stride(0), seg, x.size(0), n_in, n_out,
-                   ap, bp, sp, rank, max_rank);
-  } else {
-    lora_rows<BF16>(u16(out), out.stride(0), u16(x), x.stride(0), seg, x.size(0), n_in, n_out, ap, bp, sp, rank,
-                    max_rank);
-  }
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -504,6 +318,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "in-place rotate-half RoPE of the first `heads` heads of each row (CPU)");
   m.def("argmax", &argmax, "index of each row's maximum, as torch.argmax(x, -1) (CPU)");
   m.def("quantize_rows_int8", &quantize_rows_int8, "per-row symmetric int8 quantization: (q, scale) (CPU)");
-  m.def("lora_rows_", &lora_rows_, "out[t] += (x[t] a[s]^T) bt[s] for rows with a segment s >= 0 (CPU)");
   m.def("scale_rows", &scale_rows, "y * scale per row, rounded to dtype (CPU)");
 }
