@@ -66,6 +66,7 @@ def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
     (["--device", "bogus"], "device must be cpu, cuda or cuda:N"),
     (["--quantization", "int8", "--batch-invariant"], "int8 quantization is not batch-invariant"),
     (["--file", "/nonexistent/prompts.txt"], "cannot read /nonexistent/prompts.txt"),
+    (["--lora", "/nonexistent/adapter", "--batch-invariant"], "LoRA adapters are not batch-invariant"),
 ])
 def test_generate_reports_bad_flags_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: list[str], message: str) -> None:
@@ -86,6 +87,9 @@ def test_generate_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixt
     (["--port", "8080.7"], "'port': expected an integer"),
     (["--keep-alive-seconds", "-5"], "keep_alive_seconds must be a finite number >= 0"),
     (["--config", "/nonexistent.toml"], "config file /nonexistent.toml: No such file or directory"),
+    (["--lora-modules", "support=/nonexistent/adapter"], "support=/nonexistent/adapter: no adapter_config.json"),
+    (["--lora-modules", "support"], "'support' is not NAME=PATH"),
+    (["--max-loras", "0"], "max_loras and max_lora_rank must be at least 1"),
 ])
 def test_serve_reports_bad_settings_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: list[str], message: str) -> None:
