@@ -110,19 +110,19 @@ class Admission:
         self.pending = 0  # requests between the load check and the hand-off to the predictor
 
     # ------------------------------------------------------------- pieces
-    async def _adapter(self, model: str) -> str | None:
-        """None for the base model (its id or an alias), else the LoRA adapter `model` names,
-        loaded now off the event loop (the engine finds it in its LRU when the request
-        reaches it). Refuses an unknown model (404) and an adapter that cannot be served
-        (400; the server log has the file and the reason)."""
+    async def _adapter(self, model: str) -> tuple[str, str] | None:
+        """None for the base model (its id or an alias), else the LoRA adapter `model` names
+        and its key (`gpu.lora.LoraAdapter.key`), loaded now off the event loop (the engine
+        finds it in its LRU when the request reaches it). Refuses an unknown model (404)
+        and an adapter that cannot be served (400; the server log has the file and why)."""
         if model == self.config.model_name or model in self.config.model_aliases:
             return None
         if self.adapters is not None:
             from gpu.lora import AdapterNotFound, LoraError
 
             try:
-                await trio.to_thread.run_sync(self.adapters.get, model)
-                return model
+                loaded = await trio.to_thread.run_sync(self.adapters.get, model)
+                return model, loaded.key
             except AdapterNotFound:
                 pass
             except LoraError as e:
@@ -259,7 +259,7 @@ class Admission:
             self.metrics.cache_lookups.labels("bypass").inc()
             return None
         try:
-            hit = await self.response_cache.get(call.tenant.as_tenant(), st.adapter or self.config.model_name,
+            hit = await self.response_cache.get(call.tenant.as_tenant(), st.adapter_key or self.config.model_name,
                                                 st.prompt_token_ids, st.params)
         except CacheUnavailable:
             self.metrics.redis_errors.labels("response_cache_get").inc()
@@ -309,7 +309,8 @@ class Admission:
             prio = call.tenant.priority if call.priority is None else min(call.priority, call.tenant.priority)
             send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
             st = RequestState(call, ids, params, prio, send,
-                              cacheable=is_deterministic(params) and call.cache_store, adapter=adapter)
+                              cacheable=is_deterministic(params) and call.cache_store,
+                              adapter=adapter[0] if adapter else None, adapter_key=adapter[1] if adapter else None)
             send, recv = trio.open_memory_channel(st.channel_size())
             st.events = send
             st.admitted_at = time.monotonic()

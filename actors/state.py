@@ -57,6 +57,7 @@ class RequestState:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     choices: dict[int, ChoiceRecord] = field(default_factory=dict)
     adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)
+    adapter_key: str | None = None  # its name@version at admission: the response cache's model key
 
     @property
     def request_id(self) -> str:

@@ -57,8 +57,8 @@ class SchedRequest:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     priority: int = 0  # lower runs first; ties FCFS by add order
-    # LoRA adapter name (None: the base model); also the prefix cache's namespace, since an
-    # adapter's KV entries differ from the base model's for the same tokens
+    # LoRA adapter key (`gpu.lora.LoraAdapter.key`; None: the base model); also the prefix
+    # cache's namespace, since an adapter's KV entries differ from the base model's
     adapter: str | None = None
 
     @property
@@ -77,7 +77,7 @@ class ScheduledSeq:
     start_pos: int  # position of token_ids[0] (== num_computed_tokens before the step)
     block_table: tuple[int, ...]
     sample: bool  # this chunk reaches the last known token: a token is sampled for it
-    adapter: str | None = None  # LoRA adapter name (None: the base model)
+    adapter: str | None = None  # LoRA adapter key (None: the base model)
 
 
 @dataclass(frozen=True)

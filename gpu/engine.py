@@ -77,7 +77,7 @@ class _Request:
     arrival: float
     choices: list[_Choice] = field(default_factory=list)
     forked: bool = False
-    adapter: str | None = None  # LoRA adapter name (None: the base model)
+    adapter: str | None = None  # LoRA adapter key, name@version (None: the base model)
 
     @property
     def finished(self) -> bool:
@@ -150,8 +150,9 @@ class Engine:
         self.lora = LoraManager(self.config.lora, self.model_config, self.dtype, self.config.device,
                                 scales=model.smoothing_scales())
         # the adapter of every live request, with how many requests hold it: the runner gets
-        # these objects, so an adapter the LRU evicts keeps serving the requests that use it
-        self._live_adapters: dict[str, list] = {}  # name -> [LoraAdapter, requests]
+        # these objects, so an adapter the LRU evicts (or a newer version replaces) keeps
+        # serving the requests that use it
+        self._live_adapters: dict[str, list] = {}  # LoraAdapter.key -> [LoraAdapter, requests]
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s%s", str(self.dtype).removeprefix("torch."),
                  self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
@@ -220,8 +221,9 @@ class Engine:
                 f"of {self.max_model_len} tokens"
             )
         lora = self.lora.get(adapter) if adapter is not None else None
-        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=adapter)
-        self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority, adapter=adapter))
+        key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
+        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key)
+        self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority, adapter=key))
         self.counters["prompt_tokens"] += len(ids)
         req.choices.append(self._new_choice(req, request_id, 0))
         self._requests[request_id] = req
@@ -241,7 +243,7 @@ class Engine:
         )
 
     def _hold_adapter(self, lora: LoraAdapter) -> None:
-        held = self._live_adapters.setdefault(lora.name, [lora, 0])
+        held = self._live_adapters.setdefault(lora.key, [lora, 0])
         held[1] += 1
 
     def _drop(self, req: _Request) -> None:

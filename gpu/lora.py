@@ -141,6 +141,14 @@ class LoraAdapter:
     rank: int  # the largest rank of any targeted module
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     rows: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    version: str = ""  # `folder_version` of the files it was read from
+
+    @property
+    def key(self) -> str:
+        """``name@version``: what the engine's prefix cache and the response cache key it by,
+        so an adapter whose files were replaced under the same name shares nothing cached
+        with the one before."""
+        return f"{self.name}@{self.version}"
 
     @property
     def nbytes(self) -> int:
@@ -150,6 +158,16 @@ class LoraAdapter:
     @property
     def target_modules(self) -> tuple[str, ...]:
         return tuple(sorted(self.weights))
+
+
+def folder_version(folder: Path) -> str:
+    """The sizes and modification times of an adapter folder's two files, as one string:
+    changes when either file is replaced. "" when either is missing."""
+    try:
+        stats = [(folder / f).stat() for f in (CONFIG_FILE, WEIGHTS_FILE)]
+    except OSError:
+        return ""
+    return "-".join(f"{st.st_mtime_ns:x}.{st.st_size:x}" for st in stats)
 
 
 def load_adapter(
@@ -165,6 +183,7 @@ def load_adapter(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    version = folder_version(folder)  # before reading: a file replaced meanwhile reloads next time
     cfg = read_config(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
@@ -227,7 +246,7 @@ def load_adapter(
         weights[name_] = (a_all.to(device, dtype).contiguous(), b_all.to(device, dtype).contiguous())
         if torch.device(device).type == "cpu":
             rows[name_] = (a_all.contiguous(), b_all.t().contiguous(), span)
-    return LoraAdapter(name, folder, rank, weights, rows)
+    return LoraAdapter(name, folder, rank, weights, rows, version)
 
 
 _NONE = (torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, 2, dtype=torch.int64))
@@ -286,7 +305,8 @@ class LoraBatch:
 
 class LoraManager:
     """The adapters a server may serve, loaded on first use and kept in an LRU of
-    `config.max_loras`.
+    `config.max_loras`; one whose files changed since it loaded (`folder_version`) is
+    loaded again on its next use.
 
     Names come from `config.modules` (name → folder) and, for any other valid name, from
     a folder of that name under `config.directory` (LoRAX-style: drop a folder in, name it
@@ -311,7 +331,7 @@ class LoraManager:
             raise LoraError(f"--lora-dir {self._directory}", "not a folder")
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._lock = threading.Lock()
-        self.counters = {"loads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
+        self.counters = {"loads": 0, "reloads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
 
     @property
     def enabled(self) -> bool:
@@ -344,22 +364,25 @@ class LoraManager:
     def get(self, name: str) -> LoraAdapter:
         """The adapter, loaded now if it is not in the LRU. Raises `AdapterNotFound` or
         `LoraError`."""
-        with self._lock:
-            hit = self._loaded.get(name)
-            if hit is not None:
-                self._loaded.move_to_end(name)
-                self.counters["hits"] += 1
-                return hit
         folder = self.folder(name)
         if folder is None:
             raise AdapterNotFound(name)
+        with self._lock:
+            hit = self._loaded.get(name)
+            if hit is not None and hit.version == folder_version(folder):
+                self._loaded.move_to_end(name)
+                self.counters["hits"] += 1
+                return hit
+            if hit is not None:  # its files were replaced: read them again
+                del self._loaded[name]
+                self.counters["reloads"] += 1
         t0 = time.perf_counter()
         adapter = load_adapter(name, folder, self.model_config, self.dtype, self.device,
                                max_rank=self.config.max_rank, scales=self.scales)
         seconds = time.perf_counter() - t0
         with self._lock:
-            if name in self._loaded:  # another thread loaded it meanwhile: keep one copy
-                self._loaded.move_to_end(name)
+            if name in self._loaded and self._loaded[name].version == adapter.version:
+                self._loaded.move_to_end(name)  # another thread loaded it meanwhile: keep one copy
                 return self._loaded[name]
             self._loaded[name] = adapter
             self.counters["loads"] += 1

@@ -172,7 +172,7 @@ class ModelRunner:
     def execute(self, plan: StepPlan, adapters: Mapping[str, LoraAdapter] | None = None) -> RunnerOutput:
         """Apply copy-on-write copies, run the plan's tokens, return logits of sampling seqs.
 
-        `adapters`: the loaded LoRA adapter of every `ScheduledSeq.adapter` name in the plan."""
+        `adapters`: the loaded LoRA adapter of every `ScheduledSeq.adapter` key in the plan."""
         if plan.copies:
             src = torch.tensor([c[0] for c in plan.copies], dtype=torch.int64, device=self.device)
             dst = torch.tensor([c[1] for c in plan.copies], dtype=torch.int64, device=self.device)

@@ -120,6 +120,24 @@ def test_an_evicted_adapter_keeps_serving_the_requests_that_hold_it(lora_referen
     assert engine.lora.counters["loads"] == 3 and engine._live_adapters == {}
 
 
+def test_an_adapter_whose_files_are_replaced_is_loaded_again(lora_reference, tmp_path) -> None:
+    """Retraining an adapter under the same name: the next request reads the new files and
+    shares no cached prefix with the old version (the same prompt, a full block long)."""
+    folder = tmp_path / "support"
+    shutil.copytree(lora_reference.paths["one"], folder)
+    engine = lora_engine({"support": folder})
+    ids = chat(engine, QUESTIONS[2])
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    before = generate(engine, [ids], params, adapter="support")[0][0].token_ids
+    assert before == lora_reference.greedy(ids, "one", MAX_TOKENS)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(lora_reference.paths["two"] / f, folder / f)
+    hits = engine.counters["prefix_hit_tokens"]
+    after = generate(engine, [ids], params, adapter="support")[0][0].token_ids
+    assert after == lora_reference.greedy(ids, "two", MAX_TOKENS) != before
+    assert engine.lora.counters["reloads"] == 1 and engine.counters["prefix_hit_tokens"] == hits
+
+
 def test_an_unknown_adapter_is_refused_and_leaves_nothing_behind(engine: Engine) -> None:
     with pytest.raises(AdapterNotFound, match="no adapter of that name"):
         engine.add_request("x", [1, 2, 3], SamplingParams(max_tokens=4), adapter="nope")
