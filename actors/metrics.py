@@ -84,6 +84,14 @@ class Metrics:
             "engine's compute thread (CPU engine: the steps wait meanwhile): phase=embed (instruction "
             "embeddings) or phase=refit (regressor refits)", ["phase"], registry=r,
         )
+        self.lora_loads = Counter(
+            "lmgate_lora_adapter_loads", "LoRA adapters read from disk: kind=load (first use, or again after "
+            "an eviction) or kind=reload (its files changed)", ["kind"], registry=r,
+        )
+        self.lora_evictions = Counter(
+            "lmgate_lora_adapter_evictions", "LoRA adapters dropped from the LRU of --max-loras", registry=r,
+        )
+        self.lora_loaded = Gauge("lmgate_lora_adapters_loaded", "LoRA adapters in the LRU", registry=r)
         self.settle_backlog = Gauge(
             "lmgate_quota_settles_pending",
             "Quota settles/releases waiting for Redis to come back (usage not yet recorded)", registry=r,

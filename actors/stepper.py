@@ -114,7 +114,10 @@ class Stepper:
         # engine counters exported as Prometheus counters: each exports what follows this point
         self._exported = {"preemptions": metrics.preemptions,
                           "prefill_tokens_fed": metrics.step_tokens.labels("prefill"),
-                          "decode_tokens_fed": metrics.step_tokens.labels("decode")}
+                          "decode_tokens_fed": metrics.step_tokens.labels("decode"),
+                          "lora_loads": metrics.lora_loads.labels("load"),
+                          "lora_reloads": metrics.lora_loads.labels("reload"),
+                          "lora_evictions": metrics.lora_evictions}
         self._seen = {k: int(engine.stats().get(k, 0)) for k in self._exported}
         self._wakeup = trio.Event()
 
@@ -176,6 +179,7 @@ class Stepper:
         stats = self.engine.stats()
         self.metrics.running.set(stats["running"])
         self.metrics.kv_usage.set(stats["kv_usage"])
+        self.metrics.lora_loaded.set(stats.get("lora_loaded", 0))
         for key, counter in self._exported.items():
             value = stats.get(key, 0)
             if value > self._seen[key]:

@@ -284,6 +284,8 @@ class Engine:
             "num_blocks": self.num_blocks,
             "requests": len(self._requests),
             **self.counters,
+            "lora_loaded": len(self.lora.loaded()),
+            **{f"lora_{k}": v for k, v in self.lora.counters.items() if k in ("loads", "reloads", "evictions")},
         }
 
     # ------------------------------------------------------------------- step

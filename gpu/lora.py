@@ -331,6 +331,8 @@ class LoraManager:
             raise LoraError(f"--lora-dir {self._directory}", "not a folder")
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._lock = threading.Lock()
+        # loads: read from disk (first use, or again after an eviction); reloads: read again
+        # because its files changed; evictions: dropped from the LRU
         self.counters = {"loads": 0, "reloads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
 
     @property
@@ -375,7 +377,6 @@ class LoraManager:
                 return hit
             if hit is not None:  # its files were replaced: read them again
                 del self._loaded[name]
-                self.counters["reloads"] += 1
         t0 = time.perf_counter()
         adapter = load_adapter(name, folder, self.model_config, self.dtype, self.device,
                                max_rank=self.config.max_rank, scales=self.scales)
@@ -385,7 +386,7 @@ class LoraManager:
                 self._loaded.move_to_end(name)  # another thread loaded it meanwhile: keep one copy
                 return self._loaded[name]
             self._loaded[name] = adapter
-            self.counters["loads"] += 1
+            self.counters["reloads" if hit is not None else "loads"] += 1
             self.counters["load_seconds"] += seconds
             while len(self._loaded) > self.config.max_loras:
                 evicted, _ = self._loaded.popitem(last=False)

@@ -91,6 +91,9 @@ async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.N
 
         status = (await http.get("/readyz")).json()
         assert status["kv_usage"] == 0.0
+        metrics = (await http.get("/metrics")).text
+        assert 'lmgate_lora_adapter_loads_total{kind="load"} 2.0' in metrics
+        assert "lmgate_lora_adapters_loaded 2.0" in metrics
     stop.set()
 
 
