@@ -141,7 +141,7 @@ class Accounting:
         finish = st.finish_reasons.get(0)
         if st.params.n == 1 and finish in ("stop", "length"):
             try:
-                self.feedback.send_nowait(LengthFeedback(tenant, st.call.app, st.completion_tokens,
+                self.feedback.send_nowait(LengthFeedback(tenant, st.app, st.completion_tokens,
                                                          st.length_features, finish))
             except trio.WouldBlock:
                 pass  # feedback is advisory; never stall accounting for it

@@ -614,7 +614,7 @@ class PredictorService:
         return self._refitting
 
     def features(self, st, embedding: np.ndarray | None) -> RequestFeatures:
-        return RequestFeatures(st.tenant_id, st.call.app, st.call.user, st.prompt_tokens,
+        return RequestFeatures(st.tenant_id, st.app, st.call.user, st.prompt_tokens,
                                int(st.params.max_tokens or 1), embedding)
 
     async def _exclusive(self, phase: str, fn, *args):

@@ -341,7 +341,7 @@ class Runtime:
                         log.exception("length prediction failed; using the running estimate")
                 for one in batch:
                     if one.prediction is None:
-                        one.prediction = self.predictor.predict(one.tenant_id, one.call.app, one.params.max_tokens)
+                        one.prediction = self.predictor.predict(one.tenant_id, one.app, one.params.max_tokens)
                     await self._queue_send.send(one)
                     self._predicting -= 1
 

@@ -64,6 +64,13 @@ class RequestState:
         return self.call.request_id
 
     @property
+    def app(self) -> str | None:
+        """The application, for the length predictor and the queue: the request's tag
+        (`X-Lmgate-App` / `metadata.app`), else its LoRA adapter's name — an adapter is
+        usually trained for one application, and its answers' lengths follow it."""
+        return self.call.app if self.call.app is not None else self.adapter
+
+    @property
     def tenant_id(self) -> str:
         return self.call.tenant.tenant_id
 

@@ -178,6 +178,15 @@ def test_instruction_is_system_prompt_and_first_user_turn():
     assert instruction_of(state("a", 3, "u").call) == "sys\nhello"
 
 
+def test_a_lora_adapter_is_the_application_when_no_tag_names_one():
+    st = state(None, 3, "u")  # type: ignore[arg-type]
+    st.adapter = "support-bot"
+    assert st.app == "support-bot"
+    tagged = state("billing", 3, "u")
+    tagged.adapter = "support-bot"
+    assert tagged.app == "billing"
+
+
 class _GatedTrain(LengthPredictor):
     """A predictor whose first refit is held in its worker thread until released, so
     the test sees a prediction served *during* a refit without depending on timing."""
