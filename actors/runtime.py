@@ -124,11 +124,8 @@ class Runtime:
         # clients may also name the model the way the operator did (--model)
         self.model_aliases = frozenset({self.model_name, engine.config.model})
         lora = getattr(engine, "lora", None)
-        clash = sorted(self.model_aliases & set(lora.names())) if lora is not None and lora.enabled else []
-        if clash:
-            from gpu.lora import LoraError
-
-            raise LoraError(f"LoRA adapter names {clash}", "they are the served model's own names: rename them")
+        if lora is not None:
+            lora.reserve(self.model_aliases)  # LoraError if a configured adapter has one of these names
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.ready = False

@@ -118,7 +118,8 @@ class Stepper:
                           "lora_loads": metrics.lora_loads.labels("load"),
                           "lora_reloads": metrics.lora_loads.labels("reload"),
                           "lora_evictions": metrics.lora_evictions}
-        self._seen = {k: int(engine.stats().get(k, 0)) for k in self._exported}
+        # (adapter loads count from 0: the ones at start, checking --lora-modules, are real loads)
+        self._seen = {k: 0 if k.startswith("lora_") else int(engine.stats().get(k, 0)) for k in self._exported}
         self._wakeup = trio.Event()
 
     def poke(self) -> None:

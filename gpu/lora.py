@@ -120,8 +120,8 @@ def read_config(folder: Path) -> dict:
         (not cfg.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) is not supported"),
         (not cfg.get("use_qalora") and not cfg.get("use_bdlora"), "QALoRA and BD-LoRA variants are not supported"),
         (isinstance(cfg.get("r"), int) and cfg["r"] > 0, "r must be a positive integer"),
-        (isinstance(cfg.get("lora_alpha"), int | float) and not isinstance(cfg.get("lora_alpha"), bool),
-         "lora_alpha must be a number"),
+        (isinstance(cfg.get("lora_alpha"), int | float) and not isinstance(cfg.get("lora_alpha"), bool)
+         and math.isfinite(cfg.get("lora_alpha")), "lora_alpha must be a finite number"),
     ]
     for ok, message in checks:
         if not ok:
@@ -219,6 +219,8 @@ def load_adapter(
         if a.shape != (r, fan_in) or b.shape != (fan_out, r):
             raise LoraError(path, f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                             f"do not fit a {fan_in} -> {fan_out} projection of this model")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoraError(path, f"layer {layer} {module}: weights that are not finite (NaN or infinity)")
         if r > max_rank:
             raise LoraError(path, f"layer {layer} {module} has rank {r}; this server allows up to "
                             f"{max_rank} (--max-lora-rank)")
@@ -303,6 +305,14 @@ class LoraBatch:
         return cls((tuple(s) for s in segments), row) if segments else None
 
 
+def _config_ok(folder: Path) -> bool:
+    try:
+        read_config(folder)
+    except LoraError:
+        return False
+    return True
+
+
 class LoraManager:
     """The adapters a server may serve, loaded on first use and kept in an LRU of
     `config.max_loras`; one whose files changed since it loaded (`folder_version`) is
@@ -325,8 +335,6 @@ class LoraManager:
         self.scales = scales
         self._modules = {name: Path(p) for name, p in config.modules}
         self._directory = Path(config.directory) if config.directory else None
-        for folder in self._modules.values():
-            read_config(folder)  # a broken adapter fails the start, not its first request
         if self._directory is not None and not self._directory.is_dir():
             raise LoraError(f"--lora-dir {self._directory}", "not a folder")
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
@@ -334,13 +342,26 @@ class LoraManager:
         # loads: read from disk (first use, or again after an eviction); reloads: read again
         # because its files changed; evictions: dropped from the LRU
         self.counters = {"loads": 0, "reloads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
+        self._reserved: frozenset[str] = frozenset()
+        for name in self._modules:  # loaded now: a broken adapter fails the start, not its first request
+            self.get(name)
 
     @property
     def enabled(self) -> bool:
         return bool(self._modules) or self._directory is not None
 
+    def reserve(self, names: Iterable[str]) -> None:
+        """Names no adapter may have (the served model's own, set by the runtime): a
+        configured adapter of such a name is refused, a folder under `--lora-dir` ignored."""
+        self._reserved = frozenset(names)
+        clash = sorted(self._reserved & set(self._modules))
+        if clash:
+            raise LoraError(f"LoRA adapter names {clash}", "they are the served model's own names: rename them")
+
     def folder(self, name: str) -> Path | None:
         """Where adapter `name` lives, None if there is no such adapter."""
+        if name in self._reserved:
+            return None
         if name in self._modules:
             return self._modules[name]
         if self._directory is None or not valid_adapter_name(name):
@@ -349,14 +370,18 @@ class LoraManager:
         return folder if (folder / CONFIG_FILE).is_file() else None
 
     def names(self) -> list[str]:
-        """Every adapter a request may name now: configured ones, then those under the folder."""
-        found = list(self._modules)
+        """Every adapter a request may name now: configured ones, then those under the folder
+        whose configuration reads as a servable LoRA (its weights are checked when it loads)."""
+        found = [n for n in self._modules if n not in self._reserved]
         if self._directory is not None:
             try:
                 entries = sorted(p.name for p in self._directory.iterdir())
             except OSError:
                 entries = []
-            found += [n for n in entries if n not in self._modules and self.folder(n) is not None]
+            for n in entries:
+                folder = None if n in self._modules else self.folder(n)
+                if folder is not None and _config_ok(folder):
+                    found.append(n)
         return found
 
     def loaded(self) -> list[str]:

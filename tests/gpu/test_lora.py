@@ -102,22 +102,24 @@ def test_n_greater_than_one_forks_keep_the_adapter(engine: Engine) -> None:
 
 def test_an_evicted_adapter_keeps_serving_the_requests_that_hold_it(lora_reference) -> None:
     """max_loras 1: loading "two" evicts "one" from the LRU while a request with "one" still
-    runs; it finishes with the tokens of "one", which is loaded again for the next request."""
+    runs; it finishes with the tokens of "one", which is loaded again for the next request.
+    (Both were loaded once at start, to check them: two loads, one eviction.)"""
     engine = lora_engine(lora_reference.paths, max_loras=1)
+    assert engine.lora.counters["loads"] == 2 and engine.lora.loaded() == ["two"]
     ids = chat(engine, QUESTIONS[1])
     engine.add_request("with-a", ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), adapter="one")
     got: dict[str, list[int]] = {}
     for d in engine.step():  # its prompt and first token
         got.setdefault(d.request_id, []).extend(d.token_ids)
     engine.add_request("with-b", ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), adapter="two")
-    assert engine.lora.loaded() == ["two"] and engine.lora.counters["evictions"] == 1
+    assert engine.lora.loaded() == ["two"] and engine.lora.counters["evictions"] == 3
     while engine.has_unfinished():
         for d in engine.step():
             got.setdefault(d.request_id, []).extend(d.token_ids)
     assert got["with-a"] == lora_reference.greedy(ids, "one", MAX_TOKENS)
     assert got["with-b"] == lora_reference.greedy(ids, "two", MAX_TOKENS)
     generate(engine, [ids], SamplingParams(temperature=0, max_tokens=2), adapter="one")
-    assert engine.lora.counters["loads"] == 3 and engine._live_adapters == {}
+    assert engine.lora.counters["loads"] == 5 and engine._live_adapters == {}
 
 
 def test_an_adapter_whose_files_are_replaced_is_loaded_again(lora_reference, tmp_path) -> None:
@@ -210,6 +212,7 @@ def copy_adapter(src: Path, dst: Path, **config) -> Path:
     ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
     ({"peft_type": "IA3"}, "only LORA"),
     ({"lora_alpha": "x"}, "lora_alpha"),
+    ({"lora_alpha": float("nan")}, "finite number"),
 ])
 def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_reference, tmp_path, change,
                                                                          message) -> None:
@@ -229,6 +232,9 @@ def test_weights_that_do_not_fit_this_model_are_refused(lora_reference, tmp_path
         load_adapter("x", folder, cfg, torch.float32)
     save_file({**weights, "base_model.model.lm_head.weight": torch.zeros(2, 2)}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(LoraError, match="not a LoRA A/B weight"):
+        load_adapter("x", folder, cfg, torch.float32)
+    save_file({**weights, key: torch.full_like(weights[key], float("nan"))}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="not finite"):
         load_adapter("x", folder, cfg, torch.float32)
     del weights[key]
     save_file(weights, str(folder / "adapter_model.safetensors"))
@@ -255,6 +261,13 @@ def test_a_folder_of_adapters_is_searched_by_name(lora_reference, tmp_path) -> N
         assert manager.folder(name) is None
         with pytest.raises(AdapterNotFound):
             manager.get(name)
+    copy_adapter(lora_reference.paths["one"], root / "dora", use_dora=True)  # unservable: not listed
+    assert manager.names() == ["added-later", "support-bot"]
+    manager.reserve({"support-bot", "SmolLM2-135M-Instruct"})  # the served model's names
+    assert manager.names() == ["added-later"] and manager.folder("support-bot") is None
+    with pytest.raises(LoraError, match="served model's own names"):
+        LoraManager(LoraConfig(modules=(("smollm2", str(root / "added-later")),)), cfg,
+                    torch.float32).reserve({"smollm2"})
 
 
 def test_a_broken_configured_adapter_fails_the_start(tmp_path) -> None:
