@@ -70,9 +70,11 @@ class _Refuse(Exception):
 
 
 def unknown_model_message(model: str, served: list[str]) -> str:
-    """The 404 text for a `model` this server does not serve, naming (up to 8 of) those it does."""
+    """The 404 text for a `model` this server does not serve (its first 100 characters),
+    naming (up to 8 of) those it does."""
     shown = ", ".join(repr(m) for m in served[:8]) + (f" and {len(served) - 8} more" if len(served) > 8 else "")
-    return f"model {model!r} does not exist; this server serves {shown}"
+    asked = repr(model[:100]) + ("..." if len(model) > 100 else "")
+    return f"model {asked} does not exist; this server serves {shown}"
 
 
 def is_deterministic(p: SamplingParams) -> bool:
