@@ -141,7 +141,8 @@ def int8_unavailable_reason() -> str | None:
     correct int8 kernel for is refused at start, not found out on the first request. Both
     have been seen: with its instruction set capped to AVX2 (no VNNI) oneDNN's s8 × s8
     product came out wrong (max error 1.8 where int8 rounding gives ~0.05), and capped to
-    AVX-512 it ran a reference loop ~100x slower than float32."""
+    AVX-512 it ran a reference loop ~100x slower than float32 (there the timing takes a
+    few seconds: the product timed is 64 x 1024 x 1024)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this torch build has no oneDNN int8 linear"
     g = torch.Generator().manual_seed(0)
@@ -154,10 +155,17 @@ def int8_unavailable_reason() -> str | None:
         return f"oneDNN's int8 linear fails on this CPU ({e})"
     if not err < 1.0:  # int8 rounding of N(0, 1) data over 256 channels: ~0.1
         return f"oneDNN's int8 linear gives wrong results on this CPU (max error {err:.3g})"
+    # timed on a product big enough that the per-call work around the GEMM (quantizing x,
+    # rescaling the result: tens of µs) does not decide the ratio: on the 16 x 256 x 256
+    # one above it did, and a busy machine measured a working AMX kernel "4x slower"
+    w = torch.randn(1024, 1024, generator=g)
+    x = torch.randn(64, 1024, generator=g)
+    kernel = Int8Weight(w, _checked=True)
 
     def best(fn) -> float:
+        fn()  # the first call builds oneDNN's primitive
         times = []
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
