@@ -137,22 +137,20 @@ class GatewayConfig:
 
     @property
     def lora_module_pairs(self) -> tuple[tuple[str, str], ...]:
-        """`lora_modules` as (name, path) pairs: "a=/x,b=/y" → (("a", "/x"), ("b", "/y"))."""
-        from gpu.config import valid_adapter_name
+        """`lora_modules` as (name, path) pairs: "a=/x,b=/y" → (("a", "/x"), ("b", "/y")); names
+        checked as `gpu.config.LoraConfig` checks them."""
+        from gpu.config import LoraConfig
 
         pairs = []
         for item in filter(None, (part.strip() for part in self.lora_modules.split(","))):
             name, sep, path = item.partition("=")
-            name, path = name.strip(), path.strip()
-            if not sep or not path:
+            if not sep or not path.strip():
                 raise ConfigError(f"lora_modules: {item!r} is not NAME=PATH")
-            if not valid_adapter_name(name):
-                raise ConfigError(f"lora_modules: adapter name {name!r}: use letters, digits, '.', '_' and '-' "
-                                  "(at most 128, starting with a letter or digit)")
-            pairs.append((name, path))
-        names = [n for n, _ in pairs]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"lora_modules: adapter names must be unique, got {names}")
+            pairs.append((name.strip(), path.strip()))
+        try:
+            LoraConfig(modules=tuple(pairs))
+        except ValueError as e:
+            raise ConfigError(f"lora_modules: {e}") from None
         return tuple(pairs)
 
     @property

@@ -51,7 +51,8 @@ from gpu.config import LoraConfig, ModelConfig, valid_adapter_name
 log = logging.getLogger(__name__)
 
 # Row ranges of more rows than this take the GEMM path, smaller ones the per-row kernel
-# (module docstring). Measured on an AMX Xeon in bf16: see `python -m ops.bench_lora`.
+# (module docstring): a decode step's rows per adapter sit well below it, a prompt chunk
+# usually above. Not tuned: the end-to-end numbers are `python -m ops.bench_lora`'s.
 GEMM_MIN_ROWS = 32
 
 CONFIG_FILE = "adapter_config.json"
