@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from gpu.block_manager import BlockManager
@@ -111,7 +111,9 @@ class StepScheduler:
         self.config = config
         self.bm = block_manager
         self._requests: dict[str, SchedRequest] = {}
-        self._arrival: dict[str, int] = {}
+        # (root arrival, own arrival): a forked child sorts right after its parent's family,
+        # so the beams (or samples) of one request stay together in every ordering
+        self._arrival: dict[str, tuple[int, int]] = {}
         self._counter = itertools.count()
         self._waiting: list[SchedRequest] = []  # sorted by _key
         self._running: list[SchedRequest] = []  # admission order
@@ -177,6 +179,7 @@ class StepScheduler:
                 f"child {child.request_id!r} must extend the parent's {shared} computed tokens"
             )
         self._check_fits(child)
+        self._arrival[child.request_id] = (self._arrival[parent_id][0], next(self._counter))
         running = parent in self._running and len(self._running) < self.config.max_num_seqs
         if running:
             self.bm.fork(parent_id, child.request_id)
@@ -184,6 +187,17 @@ class StepScheduler:
         else:
             child.num_computed_tokens = 0
         self._enqueue(child, self._running if running else self._waiting)
+
+    def append(self, request_id: str, token_id: int) -> None:
+        """Give a held request (see `update`) its next token: it is scheduled again."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        if req.num_computed_tokens != req.num_tokens and req in self._running:
+            raise ValueError(f"request {request_id!r} is not waiting for a token")
+        if len(req.output_token_ids) >= req.max_tokens:
+            raise ValueError(f"request {request_id!r} already has max_tokens outputs")
+        req.output_token_ids.append(token_id)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks at once; False if unknown."""
@@ -210,14 +224,19 @@ class StepScheduler:
             self._schedule_running(req, step)
         if not step.preempted:
             self._admit_waiting(step)
+            if not step.chunks:
+                self._release_held(step)
         return step.build(self.bm)
 
-    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> None:
+    def update(self, plan: StepPlan, sampled: Mapping[str, int], held: Collection[str] = ()) -> None:
         """Apply the results of a step run by the engine.
 
         Every scheduled request advances by its chunk; those with `sample=True`
-        get `sampled[request_id]` appended. Requests aborted/finished since the
-        plan was made are skipped.
+        get `sampled[request_id]` appended — except those in `held`, whose next token
+        the engine decides later (a beam, chosen once every beam of its request has
+        run): a held request keeps its blocks but is not scheduled until `append` gives
+        it a token (or `fork`/`finish`/`abort` replace it). Requests aborted/finished
+        since the plan was made are skipped.
         """
         for seq in plan.seqs:
             req = self._requests.get(seq.request_id)
@@ -229,7 +248,7 @@ class StepScheduler:
                     f"{req.num_computed_tokens} tokens are computed (plan applied twice?)"
                 )
             req.num_computed_tokens += len(seq.token_ids)
-            if seq.sample:
+            if seq.sample and seq.request_id not in held:
                 if seq.request_id not in sampled:
                     raise KeyError(f"no sampled token for {seq.request_id!r}")
                 req.output_token_ids.append(sampled[seq.request_id])
@@ -237,12 +256,14 @@ class StepScheduler:
                 self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens, namespace=req.adapter)
 
     # -------------------------------------------------------------- internals
-    def _key(self, req: SchedRequest) -> tuple[int, int]:
+    def _key(self, req: SchedRequest) -> tuple[int, tuple[int, int]]:
         return (req.priority, self._arrival[req.request_id])
 
     def _enqueue(self, req: SchedRequest, queue: list[SchedRequest]) -> None:
         self._requests[req.request_id] = req
-        self._arrival.setdefault(req.request_id, next(self._counter))
+        if req.request_id not in self._arrival:
+            order = next(self._counter)
+            self._arrival[req.request_id] = (order, order)
         if queue is self._waiting:
             bisect.insort(queue, req, key=self._key)
         else:
@@ -312,6 +333,28 @@ class StepScheduler:
             self._running.append(req)
             req.num_computed_tokens = num_cached
             step.add(req, num_cached, end)
+
+    def _release_held(self, step: _StepBuilder) -> None:
+        """Nothing runs, yet requests wait: the running ones are all held (waiting for
+        `append`), and they hold the blocks or the seats the head of the queue needs —
+        typically beams whose sibling was preempted. Preempt held requests, latest
+        (priority, arrival) first, until the head is admitted: without this, held beams
+        and their waiting siblings would wait for each other forever.
+
+        Only requests that sort after the head are released (one before it would be
+        admitted again at once, and released again: a livelock). That suffices: forked
+        beams sort with their parent, so a held request before the head belongs to the
+        head's own beam family, and the engine only accepts a beam family that fits the
+        cache and `max_num_seqs` together."""
+        if not self._waiting:
+            return
+        head = self._key(self._waiting[0])
+        held = sorted((r for r in self._running if not self._wants_tokens(r) and self._key(r) > head), key=self._key)
+        while held and not step.chunks:
+            victim = held.pop()
+            self._preempt(victim)
+            step.preempted.append(victim.request_id)
+            self._admit_waiting(step)
 
     def _preempt(self, req: SchedRequest) -> None:
         self._running.remove(req)

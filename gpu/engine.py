@@ -12,6 +12,14 @@ steps. `abort` frees the request's KV blocks at once.
 A request with `n > 1` runs one sequence through prefill; at its first sample
 the row of logits is sampled `n` times and the sequence is forked, the children
 sharing the prompt's KV blocks copy-on-write.
+
+A beam search request (`use_beam_search`) runs its beams as sequences too. A beam
+that has run is *held* by the step scheduler (no token appended) until every beam of
+the request has reported its candidates; then `gpu.beam_search.BeamSearch.advance`
+picks the next beams: a parent's first child continues the parent's sequence, further
+children fork it copy-on-write, a parent with no child is freed. The request emits
+nothing until the search ends; then one delta per returned hypothesis holds its whole
+text (beams can replace each other's past, so no prefix is final before the end).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.step_scheduler import RequestRejected, SchedRequest, StepScheduler
+from gpu.beam_search import BeamConfig, BeamSearch, Continuation, beam_candidates
 from gpu.block_manager import BlockManager
 from gpu.config import EngineConfig
 from gpu.detokenizer import IncrementalDetokenizer, StopChecker
@@ -78,9 +87,16 @@ class _Request:
     choices: list[_Choice] = field(default_factory=list)
     forked: bool = False
     adapter: str | None = None  # LoRA adapter key, name@version (None: the base model)
+    priority: int = 0
+    beam: BeamSearch | None = None  # a beam search request (it has no `choices` until it ends)
+    beam_seqs: list[str] = field(default_factory=list)  # sequence of each running beam
+    beam_reports: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)  # seq -> candidates
+    beam_forks: int = 0  # forked beam sequences so far (names them)
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return len(self.choices) == (self.params.n if self.forked else 1) and all(
             c.finish_reason for c in self.choices
         )
@@ -168,6 +184,7 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[str, tuple[_Request, _Choice]] = {}
+        self._beam_owner: dict[str, _Request] = {}  # sequence of a running beam -> its request
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self.num_steps = 0
         # cumulative counters (exported by the runtime's metrics; read by tests and benchmarks)
@@ -220,17 +237,44 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context window "
                 f"of {self.max_model_len} tokens"
             )
+        if params.use_beam_search:
+            self._check_beams_fit(len(ids), max_tokens, params.beam_width)
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
-        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key)
+        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority)
         self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority, adapter=key))
         self.counters["prompt_tokens"] += len(ids)
-        req.choices.append(self._new_choice(req, request_id, 0))
         self._requests[request_id] = req
         if lora is not None:
             self._hold_adapter(lora)
-        self._seq_owner[request_id] = (req, req.choices[0])
+        if params.use_beam_search:
+            req.beam = BeamSearch(self._beam_config(params, max_tokens))
+            req.beam_seqs.append(request_id)
+            self._beam_owner[request_id] = req
+        else:
+            req.choices.append(self._new_choice(req, request_id, 0))
+            self._seq_owner[request_id] = (req, req.choices[0])
         return len(ids)
+
+    def _check_beams_fit(self, prompt_len: int, max_tokens: int, width: int) -> None:
+        """A beam family must fit the running set and the KV cache all at once: held beams
+        wait for their siblings (see `actors.step_scheduler.StepScheduler._release_held`)."""
+        seats = self.scheduler.config.max_num_seqs
+        if width > seats:
+            raise RequestRejected(f"beam search with {width} beams; this engine runs at most {seats} sequences")
+        per_beam = self.block_manager.blocks_for(prompt_len + max_tokens - 1)
+        if width * per_beam > self.num_blocks:
+            raise RequestRejected(
+                f"{width} beams of prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) need up to "
+                f"{width * per_beam} KV blocks; the cache has {self.num_blocks}"
+            )
+
+    def _beam_config(self, params: SamplingParams, max_tokens: int) -> BeamConfig:
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= self.eos_token_ids
+        return BeamConfig(params.beam_width, max_tokens, frozenset(stops), params.length_penalty,
+                          params.early_stopping, params.min_tokens)
 
     def _new_choice(self, req: _Request, seq_id: str, index: int) -> _Choice:
         p = req.params
@@ -266,7 +310,15 @@ class Engine:
                 self.scheduler.abort(c.seq_id)
             self._seq_owner.pop(c.seq_id, None)
             self._started.discard(c.seq_id)
+        self._free_beams(req)
         return True
+
+    def _free_beams(self, req: _Request) -> None:
+        for sid in req.beam_seqs:
+            self.scheduler.abort(sid)
+            self._beam_owner.pop(sid, None)
+            self._started.discard(sid)
+        req.beam_seqs = []
 
     # ------------------------------------------------------------------ state
     def has_unfinished(self) -> bool:
@@ -297,6 +349,7 @@ class Engine:
         self.num_steps += 1
         self._count(plan)
         out = self.runner.execute(plan, {name: held[0] for name, held in self._live_adapters.items()})
+        beams_reported = self._report_beams(out.seq_ids, out.logits)
         rows, states, targets = self._sampling_batch(out.seq_ids)
         sampled_by_seq: dict[str, int] = {}
         picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
@@ -312,13 +365,16 @@ class Engine:
                 if not fork_index:  # None (plain) or 0 (the parent of an n>1 fork)
                     sampled_by_seq[choice.seq_id] = tok
                 picks.append((req, choice, fork_index, tok, lp, top))
-        self.scheduler.update(plan, sampled_by_seq)
+        self.scheduler.update(plan, sampled_by_seq, held=[sid for req in beams_reported for sid in req.beam_reports])
         for req, choice, fork_index, tok, _, _ in picks:  # fork before any choice can finish
             if fork_index:
                 self._fork(req, choice, tok)
             if fork_index is not None and fork_index == req.params.n - 1:
                 req.forked = True
         deltas = [self._emit(req, choice, tok, lp, top) for req, choice, _, tok, lp, top in picks]
+        for req in beams_reported:
+            if len(req.beam_reports) == len(req.beam_seqs):
+                deltas += self._advance_beams(req)
         for rid in {d.request_id for d in deltas}:
             req = self._requests.get(rid)
             if req is not None and req.finished:
@@ -381,6 +437,119 @@ class Engine:
         self.scheduler.fork(parent_id, child)
         req.choices.append(choice)
         self._seq_owner[choice.seq_id] = (req, choice)
+
+    # ------------------------------------------------------------ beam search
+    def _report_beams(self, seq_ids: Sequence[str], logits: torch.Tensor) -> list[_Request]:
+        """Score the candidates of every beam that ran this step (stored in its request's
+        `beam_reports`, replacing a report from before a preemption); returns the requests."""
+        by_req: dict[str, tuple[_Request, list[int], list[str]]] = {}
+        for row, sid in enumerate(seq_ids):
+            req = self._beam_owner.get(sid)
+            if req is not None:
+                entry = by_req.setdefault(req.request_id, (req, [], []))
+                entry[1].append(row)
+                entry[2].append(sid)
+        for req, rows, sids in by_req.values():
+            index = {sid: i for i, sid in enumerate(req.beam_seqs)}
+            states = [
+                SeqSamplingState(req.params, req.prompt_token_ids, req.beam.running[index[sid]].tokens,
+                                 None, tuple(self.eos_token_ids))
+                for sid in sids
+            ]
+            picked = logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
+            cands = beam_candidates(picked, states, req.beam.config.candidates_per_beam)
+            req.beam_reports.update(zip(sids, cands, strict=True))
+        return [entry[0] for entry in by_req.values()]
+
+    def _advance_beams(self, req: _Request) -> list[StepDelta]:
+        """Every beam of `req` reported: pick the next beams and move their sequences
+        (continue, fork copy-on-write, free); at the end, the request's deltas."""
+        beam = req.beam
+        old = req.beam_seqs
+        stop_hit = None
+        if req.params.stop:
+            def stop_hit(parent: int, token: int) -> bool:
+                return self._beam_text(req, [*beam.running[parent].tokens, token])[1]
+        nxt = beam.advance([req.beam_reports[sid] for sid in old], stop_hit)
+        req.beam_reports.clear()
+        self.counters["generated_tokens"] += len(old)
+        if beam.done:
+            self._free_beams(req)
+            return self._beam_deltas(req)
+        seqs, continued = self._move_beams(req, old, nxt)
+        for i, sid in enumerate(old):
+            if i not in continued:
+                self.scheduler.finish(sid)
+                self._beam_owner.pop(sid, None)
+                self._started.discard(sid)
+        for sid, token in continued.values():
+            self.scheduler.append(sid, token)
+        req.beam_seqs = seqs
+        return []
+
+    def _move_beams(self, req: _Request, old: list[str], nxt: list[Continuation]):
+        """Sequences of the next beams: a parent's first child is the parent's sequence
+        (its token appended by the caller); later children fork it. Returns the sequences
+        in beam order and {parent index: (sequence, token)} of the continued ones."""
+        seqs: list[str] = []
+        continued: dict[int, tuple[str, int]] = {}
+        for c in nxt:
+            parent_sid = old[c.parent]
+            if c.parent not in continued:
+                continued[c.parent] = (parent_sid, c.token)
+                seqs.append(parent_sid)
+                continue
+            req.beam_forks += 1
+            child_sid = f"{req.request_id}#b{req.beam_forks}"
+            parent = self.scheduler.get(parent_sid)
+            self.scheduler.fork(parent_sid, SchedRequest(
+                child_sid, list(req.prompt_token_ids), req.max_tokens,
+                output_token_ids=[*parent.output_token_ids, c.token], priority=req.priority, adapter=req.adapter,
+            ))
+            self._beam_owner[child_sid] = req
+            seqs.append(child_sid)
+        return seqs, continued
+
+    def _beam_text(self, req: _Request, tokens: Sequence[int]) -> tuple[str, bool]:
+        """(text, stopped by a stop string) of a beam's tokens, by the rules of `_emit`."""
+        p = req.params
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens)
+        stop = StopChecker(tuple(p.stop), p.include_stop_str_in_output)
+        text = ""
+        for n, tok in enumerate(tokens, start=1):
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                break
+            piece = detok.push(tok)
+            if piece:
+                text += stop.push(piece, armed=n >= p.min_tokens)[0]
+                if stop.stopped:
+                    return text, True
+        tail = detok.finish()
+        if tail:
+            text += stop.push(tail)[0]
+        if not stop.stopped:
+            text += stop.flush()
+        return text, stop.stopped
+
+    def _beam_deltas(self, req: _Request) -> list[StepDelta]:
+        """The `n` best hypotheses of a finished beam search, one whole delta each."""
+        hyps = req.beam.results(req.params.n)
+        with_lp = req.params.logprobs is not None
+        deltas = []
+        for i, h in enumerate(hyps):
+            deltas.append(StepDelta(
+                request_id=req.request_id,
+                index=i,
+                text=self._beam_text(req, h.tokens)[0],
+                token_ids=h.tokens,
+                logprobs=h.logprobs if with_lp else None,
+                top_logprobs=tuple(() for _ in h.tokens) if with_lp else None,
+                finish_reason=h.finish_reason,
+                request_finished=i == len(hyps) - 1,
+                prompt_tokens=len(req.prompt_token_ids),
+                completion_tokens=len(h.tokens),
+            ))
+        return deltas
 
     def _emit(self, req: _Request, choice: _Choice, tok: int, lp, top) -> StepDelta:
         """Record a sampled token for one choice, check stop conditions, build its delta.

@@ -67,6 +67,16 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     `min_tokens`-th token's text on (vLLM's rule). `ignore_eos` keeps generating
     past EOS (EOS is then an ordinary token, not masked). `seed` makes sampling
     reproducible regardless of batch composition; with n > 1, sample i uses seed + i.
+
+    `use_beam_search` decodes by beam search instead of sampling (`gpu.beam_search`):
+    `best_of` beams (default `n`) run, and the `n` best finished hypotheses are returned.
+    It is deterministic: the scores are the model's log-probabilities (after the
+    min_tokens mask and the penalties, applied to log-probabilities as Hugging Face
+    does), so temperature and seed do not apply, and top_k/top_p/min_p, which would
+    restrict sampling, are refused. `length_penalty` divides a hypothesis's summed
+    log-probability by its length to that power; `early_stopping` is Hugging Face's
+    stopping rule (False: a heuristic, True: stop once `best_of` hypotheses exist,
+    "never": the canonical search).
     """
 
     n: int = 1
@@ -86,6 +96,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         # A bare string is a common client shape for `stop` ("stop": "\n").
@@ -101,6 +115,13 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     def greedy(self) -> bool:
         """True when the token is the argmax (temperature ~0 or top_k 1)."""
         return self.temperature < GREEDY_EPS or self.top_k == 1
+
+    @property
+    def beam_width(self) -> int:
+        """Beams a beam search runs (`best_of`, else `n`); 0 when sampling."""
+        if not self.use_beam_search:
+            return 0
+        return self.best_of if self.best_of is not None else self.n
 
 
 def _check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> None:
@@ -155,9 +176,32 @@ def _validate(p: SamplingParams) -> None:
         )
     if p.logprobs is not None:
         _check_int("logprobs", p.logprobs, 0, MAX_LOGPROBS)
-    for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+    for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "use_beam_search"):
         if not isinstance(getattr(p, name), bool):
             raise SamplingParamsError(name, f"must be a boolean, got {getattr(p, name)!r}")
+    _validate_beam_search(p)
+
+
+def _validate_beam_search(p: SamplingParams) -> None:
+    """`best_of`, `length_penalty`, `early_stopping`, and what beam search cannot combine with."""
+    if p.best_of is not None:
+        _check_int("best_of", p.best_of, 1, MAX_N)
+        if p.best_of < p.n:
+            raise SamplingParamsError("best_of", f"best_of ({p.best_of}) must be >= n ({p.n})")
+        if not p.use_beam_search and p.best_of != p.n:
+            raise SamplingParamsError("best_of", "best_of > n is supported with use_beam_search only")
+    _check_float("length_penalty", p.length_penalty, -10.0, 10.0)
+    if not (isinstance(p.early_stopping, bool) or p.early_stopping == "never"):
+        raise SamplingParamsError("early_stopping", f"must be true, false or \"never\", got {p.early_stopping!r}")
+    if not p.use_beam_search:
+        return
+    for name, off in (("top_k", p.top_k in (0, -1)), ("top_p", p.top_p == 1.0), ("min_p", p.min_p == 0.0)):
+        if not off:
+            raise SamplingParamsError(name, "restricts sampling, and beam search does not sample")
+    if p.logprobs:
+        raise SamplingParamsError(
+            "logprobs", "beam search returns each token's logprob (logprobs=0) but no top alternatives"
+        )
 
 
 # ----------------------------------------------------------------- per-sequence state
