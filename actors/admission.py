@@ -78,8 +78,8 @@ def unknown_model_message(model: str, served: list[str]) -> str:
 
 
 def is_deterministic(p: SamplingParams) -> bool:
-    """Same request → same answer: greedy, or sampling with a fixed seed."""
-    return p.temperature == 0 or p.seed is not None
+    """Same request → same answer: greedy, beam search, or sampling with a fixed seed."""
+    return p.temperature == 0 or p.seed is not None or p.use_beam_search
 
 
 class Admission:

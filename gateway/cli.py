@@ -123,9 +123,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print("lmgate generate: give at least one prompt (or --file)", file=sys.stderr)
         return 2
     try:
+        beam = dict(use_beam_search=True, best_of=args.beam_width, length_penalty=args.length_penalty) \
+            if args.beam_width else {}
         params = SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop or ()),
+            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop or ()), **beam,
         )
     except SamplingParamsError as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
@@ -292,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("-n", type=int, default=1, help="choices per prompt")
+    p.add_argument("--beam-width", type=int, default=0, metavar="K",
+                   help="decode by beam search with K beams and print the n best (0: sample)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: divide a hypothesis's summed logprob by its length to this power")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per choice")

@@ -92,6 +92,10 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     min_tokens: int | None = None
     ignore_eos: bool = False
     priority: int | None = None
+    use_beam_search: bool = False
+    best_of: int | None = None  # beams (default n); OpenAI's legacy completions name
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None  # true, false or "never"
 
 
 class CompletionRequest(_Sampling, frozen=True, kw_only=True):
@@ -191,6 +195,9 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         "frequency_penalty": req.frequency_penalty,
         "repetition_penalty": req.repetition_penalty,
         "min_tokens": req.min_tokens,
+        "best_of": req.best_of,
+        "length_penalty": req.length_penalty,
+        "early_stopping": req.early_stopping,
     }
     kwargs = {k: v for k, v in optional.items() if v is not None}
     try:
@@ -199,6 +206,7 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
             stop=tuple(stop),
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
+            use_beam_search=req.use_beam_search,
             logprobs=logprobs,
             **kwargs,
         )

@@ -382,3 +382,55 @@ def test_random_workloads_complete_without_leaks(seed):
     assert sched.kv_usage == 0.0
     assert sched.bm.num_free_blocks == sched.bm.num_blocks
     sched.bm.check_invariants()
+
+
+# ------------------------------------------------------- held requests (beam search)
+def test_held_request_keeps_its_blocks_and_runs_again_after_append():
+    sched = make_scheduler()
+    sched.add(request("b", 6, max_tokens=5))
+    plan = sched.schedule()
+    sched.update(plan, {}, held=["b"])  # the engine decides b's token later
+    req = sched.get("b")
+    assert req.output_token_ids == [] and req.num_computed_tokens == 6
+    blocks = sched.bm.block_table("b")
+    assert sched.schedule().seqs == ()  # held: not scheduled, blocks kept
+    assert sched.bm.block_table("b") == blocks
+    sched.append("b", 7)
+    plan = sched.schedule()
+    assert [(s.request_id, s.token_ids, s.start_pos) for s in plan.seqs] == [("b", (7,), 6)]
+    with pytest.raises(ValueError, match="not waiting for a token"):
+        sched.append("b", 8)  # it has a token to run
+
+
+def test_held_beams_release_seats_to_a_waiting_sibling_instead_of_deadlocking():
+    """Two seats, both held (beam a0, and x of another family), a0's sibling waiting: the
+    held request that sorts after the waiting head gives way; a0, before it, keeps its KV."""
+    sched = make_scheduler(max_num_seqs=2)
+    sched.add(request("a0", 6, max_tokens=4))
+    sched.add(request("x", 6, max_tokens=4))
+    plan = sched.schedule()
+    sched.update(plan, {"x": 1}, held=["a0"])
+    # a0's sibling forks while both seats are taken: it waits, sorted right after a0
+    a0 = sched.get("a0")
+    sched.fork("a0", SchedRequest("a0#1", list(a0.prompt_token_ids), 4, [5]))
+    sched.add(request("y", 6, max_tokens=4))  # arrives after the fork, sorts after a0#1
+    assert [r.request_id for r in sched._waiting] == ["a0#1", "y"]
+    # x holds its token too now (say it is a beam of another family): nothing runs
+    plan = sched.schedule()
+    assert chunk_lens(plan) == {"x": 1}
+    sched.update(plan, {}, held=["x"])
+    plan = sched.schedule()  # a0 (before the head) stays; x (after it) gives way
+    assert plan.preempted == ("x",)
+    assert list(chunk_lens(plan)) == ["a0#1"]
+    assert sched.get("a0").num_computed_tokens == 6  # the earlier held beam kept its KV
+
+
+def test_release_of_held_requests_never_readmits_the_released_one_first():
+    sched = make_scheduler(max_num_seqs=1)
+    sched.add(request("a", 6, max_tokens=4))
+    sched.update(sched.schedule(), {}, held=["a"])
+    sched.add(request("b", 6, max_tokens=4))
+    plan = sched.schedule()  # b sorts after a: a is not released for it (a would come back first)
+    assert plan.seqs == () and plan.preempted == ()
+    sched.append("a", 3)
+    assert chunk_lens(sched.schedule()) == {"a": 1}

@@ -1,0 +1,92 @@
+"""Beam search through the whole stack: the official openai package (`best_of` and
+`extra_body`), plain HTTP, SSE, the response cache, usage, and the 400s."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import httpx
+import openai
+import pytest
+import torch
+import trio
+
+from clients import LmgateClient
+from gateway.config import GatewayConfig
+from gateway.server import serve
+from gpu.config import CacheConfig, EngineConfig
+from gpu.engine import Engine, generate
+from gpu.sampling import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
+
+PROMPT = "Write a haiku about the sea."
+
+
+async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
+                                                             redis_url: str) -> None:
+    torch.set_num_threads(2)
+    out, stop = io.StringIO(), trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
+                                                         task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+
+    engine = Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=32 * 1024**2)))
+    prompt_ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True))
+    [want] = generate(engine, [prompt_ids], SamplingParams(use_beam_search=True, n=2, best_of=4, max_tokens=24))
+    [best] = generate(engine, [prompt_ids], SamplingParams(use_beam_search=True, best_of=3, max_tokens=24))
+    del engine
+
+    sdk = openai.OpenAI(base_url=urls[0] + "/v1", api_key=key, max_retries=0)
+    model = (await trio.to_thread.run_sync(sdk.models.list)).data[0].id
+
+    def sdk_chat():  # the 2 best of 4 beams
+        return sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=24, n=2,
+            extra_body={"use_beam_search": True, "best_of": 4})
+
+    reply = await trio.to_thread.run_sync(sdk_chat)
+    assert [c.message.content for c in reply.choices] == [c.text for c in want]
+    assert [c.finish_reason for c in reply.choices] == [c.finish_reason for c in want]
+    assert reply.usage.completion_tokens == sum(len(c.token_ids) for c in want)
+
+    def sdk_completion():  # completions takes `best_of` as an OpenAI parameter
+        return sdk.completions.create(model=model, prompt=PROMPT, max_tokens=8, best_of=2,
+                                      extra_body={"use_beam_search": True, "early_stopping": True})
+
+    completion = await trio.to_thread.run_sync(sdk_completion)
+    assert len(completion.choices) == 1 and completion.choices[0].text
+
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24,
+                "use_beam_search": True, "best_of": 3}
+        first = await http.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200, first.text
+        assert first.json()["choices"][0]["message"]["content"] == best[0].text
+        # deterministic, so a repeat is answered from the response cache
+        again = await http.post("/v1/chat/completions", json=body)
+        assert again.json()["choices"][0]["message"]["content"] == best[0].text
+        metrics = (await http.get("/metrics")).text
+        assert re.search(r'lmgate_response_cache_lookups_total\{result="hit"\} 1\.0', metrics), metrics
+
+        for bad, param in [({"top_p": 0.5}, "top_p"), ({"best_of": 1, "n": 2}, "best_of"),
+                           ({"early_stopping": "sometimes"}, "early_stopping"), ({"logprobs": True,
+                                                                                   "top_logprobs": 2}, "top_logprobs")]:
+            r = await http.post("/v1/chat/completions", json={**body, **bad})
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["param"] == param
+        r = await http.post("/v1/chat/completions", json={**body, "best_of": 64})
+        assert r.status_code == 400 and "64 beams" in r.json()["error"]["message"]
+
+    async with LmgateClient(urls[0], key) as client:
+        # a stream carries each beam's whole text at the end (no prefix is final before)
+        async with client.chat_stream([{"role": "user", "content": PROMPT}], max_tokens=24, use_beam_search=True,
+                                       best_of=3, cache_control="no-cache") as stream:
+            deltas = [d.text async for d in stream]
+        assert "".join(deltas) == best[0].text
+        assert len([d for d in deltas if d]) == 1
+    stop.set()
