@@ -51,6 +51,7 @@ class AdmissionConfig:
     vocab_size: int
     model_aliases: frozenset[str] = frozenset()
     kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0 = unchecked)
+    kv_block_size: int = 16  # its page size: a beam search's beams each get whole pages
     max_waiting: int = 1024  # queue depth beyond which → 503
     max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
     quota_fail_open: bool = True
@@ -181,7 +182,7 @@ class Admission:
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
                           "messages" if call.messages is not None else "prompt")
         cap = call.tenant.max_tokens_cap
-        cap_kv = self.config.kv_capacity_tokens
+        cap_kv, held_by = self._kv_room(p)
         max_tokens = p.max_tokens
         if max_tokens is None:
             if cap is not None and cap < 1:
@@ -192,7 +193,7 @@ class Admission:
                 if room < 1:
                     raise _Refuse(400, "context_length_exceeded",
                                   f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} "
-                                  "for one request", "messages" if call.messages is not None else "prompt")
+                                  f"for {held_by}", "messages" if call.messages is not None else "prompt")
             max_tokens = min(room, cap) if cap is not None else room
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_value",
@@ -204,7 +205,7 @@ class Admission:
         if cap_kv and n_prompt + max_tokens > cap_kv:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
-                          f"{cap_kv} tokens this server's KV cache holds for one request", "max_tokens")
+                          f"{cap_kv} tokens this server's KV cache holds for {held_by}", "max_tokens")
         try:  # the request's own fields were checked; what is filled in here may clash with them
             return msgspec.structs.replace(p, max_tokens=max_tokens)
         except SamplingParamsError as e:
@@ -212,6 +213,17 @@ class Admission:
                 " (max_tokens was not given: it defaults to the room left in the context window and KV cache"
                 + (f", capped at this key's limit of {cap})" if cap is not None else ")"))
             raise _Refuse(400, "invalid_value", f"{e}{why}", e.field) from e
+
+    def _kv_room(self, p: SamplingParams) -> tuple[int, str]:
+        """Tokens one sequence of this request may fill in the KV cache (0 = unchecked), and
+        for whom: all of it for one request, whole pages of an equal share for each beam of
+        a beam search (its beams must fit together: `gpu.engine.Engine._check_beams_fit`)."""
+        cap_kv = self.config.kv_capacity_tokens
+        beams = p.beam_width
+        if not cap_kv or beams <= 1:
+            return cap_kv, "one request"
+        block = self.config.kv_block_size
+        return cap_kv // block // beams * block, f"each of {beams} beams"
 
     def _check_load(self) -> None:
         # requests past this check and not yet handed to the predictor count too: admit()

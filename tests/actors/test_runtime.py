@@ -792,3 +792,26 @@ async def test_magnus_starts_from_a_seed_when_redis_holds_none(nursery, ckpt, to
     assert sources == ["model"]
     stored = PredictorService(store=services["store"])
     assert await stored.load() and stored.predictor.num_samples == 40
+
+
+async def test_beam_search_gets_an_equal_share_of_the_kv_cache_per_beam(runtime, services):
+    """max_tokens left out defaults to what each beam can hold (whole pages of a quarter of
+    the cache for 4 beams), not to what one sequence could: the engine would refuse that.
+    A max_tokens beyond a beam's share is a 400 that says so. Usage counts the answers."""
+    engine = runtime.stepper.engine
+    block = engine.config.cache.block_size
+    share = engine.num_blocks // 4 * block  # tokens each of 4 beams may fill
+    prompt = "word " * (share - 12)
+    n_prompt = len(engine.tokenizer.encode(prompt))
+    assert 0 < share - n_prompt < 40
+    t = tenant(id="beams")
+    acc = await runtime.submit(call(t, prompt=prompt, max_tokens=None, use_beam_search=True, n=2, best_of=4))
+    assert isinstance(acc, Accepted), acc
+    _, deltas, fin = await collect(acc)
+    assert isinstance(fin, Finished) and len(fin.finish_reasons) == 2
+    assert fin.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+    assert all(len(d.token_ids) <= share - n_prompt for d in deltas)
+    rej = await runtime.submit(call(t, prompt=prompt, max_tokens=share - n_prompt + 1, use_beam_search=True,
+                                    best_of=4))
+    assert isinstance(rej, Rejected) and rej.status == 400 and "each of 4 beams" in rej.message
+    await wait_until(lambda: engine.block_manager.num_free_blocks == engine.num_blocks)
