@@ -172,7 +172,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from gpu.convert import convert_checkpoint
 
     try:
-        out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, progress=not args.quiet)
+        out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, progress=not args.quiet, fmt=args.format)
     except (ValueError, FileNotFoundError) as e:
         print(f"lmgate convert: {e}", file=sys.stderr)
         return 2
@@ -305,10 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("convert", help="write a checkpoint as a Hugging Face folder (safetensors)")
-    p.add_argument("src", nargs="?", default="smollm2", help='"smollm2", a .gguf file or a HF folder')
+    p = sub.add_parser("convert", help="write a checkpoint as a Hugging Face folder (safetensors, or the "
+                                       "loading-optimized lmg format)")
+    p.add_argument("src", nargs="?", default="smollm2", help='"smollm2", a .gguf file, a HF folder or an lmg folder')
     p.add_argument("dst", help="output folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "lmg"],
+                   help="weights as model.safetensors, or as model.lmg + index: one aligned file whose "
+                        "views are the tensors, loaded without parsing or copying (docs/loading.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from gpu.config import ModelConfig
+from gpu.fastload import write_lmg
 from gpu.loader import Checkpoint, load_checkpoint, resolve_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,13 +56,19 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict[str, Any]:
     }
 
 
-def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bool = True) -> Path:
+FORMATS = ("safetensors", "lmg")
+
+
+def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bool = True,
+                       fmt: str = "safetensors") -> Path:
     """Write `src` ("smollm2", a .gguf or a HF folder) as a HF folder at `dst`; returns `dst`.
 
     `dst` is created if needed; files of the same names in it are overwritten.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     source = resolve_source(src)
     dst = Path(dst)
     if dst.resolve() == source.resolve():
@@ -69,7 +76,10 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
     ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in ckpt.state_dict.items()}
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if fmt == "lmg":
+        write_lmg(tensors, dst)
+    else:
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
     _write_tokenizer(ckpt, source, dst)
     return dst

@@ -17,6 +17,9 @@ Sources:
   un-permuted (see `unpermute_qk`).
 - a directory: ``config.json`` + ``*.safetensors`` (sharded via
   ``model.safetensors.index.json`` or not). `gpu.convert` writes this layout too.
+- a directory with ``model.lmg.index.json``: the loading-optimized format
+  (`gpu.fastload`; `lmgate convert --format lmg` writes it): one memory-mapped file
+  whose views are the tensors.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from gpu.config import ModelConfig
+from gpu.fastload import FormatError, is_lmg_folder, load_lmg
 
 BUNDLED_ALIASES = ("smollm2", "default")
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,6 +62,7 @@ class Checkpoint:
     source: str
     tokenizer_metadata: dict[str, Any] | None = None
     tokenizer_dir: Path | None = None
+    load_stats: Any = None  # `gpu.fastload.LoadStats` for the loading-optimized format
 
 
 class CheckpointError(ValueError):
@@ -95,6 +100,8 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype, *, progress: bool = F
     path = resolve_source(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, dtype, progress=progress)
+    if is_lmg_folder(path):
+        return load_lmg_folder(path, dtype)
     if path.is_dir():
         return load_hf_folder(path, dtype, progress=progress)
     raise CheckpointError(f"{path}: expected a .gguf file or a folder with config.json")
@@ -347,6 +354,22 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, *, progress: bool = False) 
     check_state_dict(config, state_dict)
     tokenizer_dir = folder if (folder / "tokenizer.json").is_file() else None
     return Checkpoint(config=config, state_dict=state_dict, source=str(folder), tokenizer_dir=tokenizer_dir)
+
+
+def load_lmg_folder(folder: Path, dtype: torch.dtype, **how: Any) -> Checkpoint:
+    """Load a folder in the loading-optimized format (`gpu.fastload`; `how`: `load_lmg`'s
+    mode, threads, direct)."""
+    config = _hf_config(folder)
+    try:
+        state_dict, stats = load_lmg(folder, dtype, **how)
+    except FormatError as e:
+        raise CheckpointError(str(e)) from None
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    check_state_dict(config, state_dict)
+    tokenizer_dir = folder if (folder / "tokenizer.json").is_file() else None
+    return Checkpoint(config=config, state_dict=state_dict, source=str(folder), tokenizer_dir=tokenizer_dir,
+                      load_stats=stats)
 
 
 # --------------------------------------------------------------------------- checks
