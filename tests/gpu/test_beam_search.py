@@ -221,3 +221,52 @@ def test_stop_strings_min_tokens_abort_and_refusals(ckpt, tokenizer, prompts):
     small = make_engine(ckpt, tokenizer, blocks=8)
     with pytest.raises(RequestRejected, match="KV blocks"):
         small.add_request("big", prompts[0], SamplingParams(use_beam_search=True, n=4, max_tokens=40))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("free_engines")
+@pytest.mark.parametrize("seed", [7, 2, 5])  # ten seeds passed when this was written
+def test_random_mixes_of_beams_samples_and_aborts_finish_without_leaks(ckpt, tokenizer, prompts, seed):
+    """Random beam settings beside sampled requests, on a cache small enough to preempt, with
+    some requests aborted mid-way: every survivor returns its n answers within its limits, and
+    every block comes back."""
+    import random
+
+    rng = random.Random(seed)
+    engine = make_engine(ckpt, tokenizer, blocks=22, max_num_seqs=10, max_num_batched_tokens=48)
+    expected: dict[str, SamplingParams] = {}
+    for i in range(14):
+        if rng.random() < 0.6:
+            width = rng.randint(1, 5)
+            max_tokens = rng.randint(1, 20)
+            params = SamplingParams(
+                use_beam_search=True, n=rng.randint(1, width), best_of=width, max_tokens=max_tokens,
+                length_penalty=rng.choice([0.0, 1.0, 2.0, -1.0]), early_stopping=rng.choice([False, True, "never"]),
+                min_tokens=min(max_tokens, rng.choice([0, 0, 3])), ignore_eos=rng.random() < 0.2,
+                repetition_penalty=rng.choice([1.0, 1.3]), stop=rng.choice([(), (" the",), ("\n",)]), logprobs=0)
+        else:
+            params = SamplingParams(n=rng.randint(1, 3), temperature=0.8, seed=i, max_tokens=rng.randint(1, 20))
+        expected[f"r{i}"] = params
+        engine.add_request(f"r{i}", prompts[i % len(prompts)], params)
+    answers: dict[str, dict[int, list[int]]] = {rid: {} for rid in expected}
+    finished: set[str] = set()
+    steps = 0
+    while engine.has_unfinished():
+        for d in engine.step():
+            answers[d.request_id].setdefault(d.index, []).extend(d.token_ids)
+            if d.request_finished:
+                finished.add(d.request_id)
+        steps += 1
+        if steps % 9 == 0:  # abort a random live request now and then
+            live = sorted(set(expected) - finished)
+            victim = rng.choice(live) if live and rng.random() < 0.3 else None
+            if victim is not None and engine.abort(victim):
+                expected.pop(victim)
+        assert steps < 5000
+    assert engine.counters["preemptions"] > 0
+    for rid, params in expected.items():
+        assert rid in finished
+        assert sorted(answers[rid]) == list(range(params.n))
+        for tokens in answers[rid].values():
+            assert 1 <= len(tokens) <= params.max_tokens
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
