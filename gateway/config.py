@@ -46,6 +46,7 @@ class GatewayConfig:
     redis_url: str | None = None  # None → start a private redis-server under data_dir
     data_dir: str = ".lmgate"
     model: str = "smollm2"  # what the runtime loads (see gpu.config.EngineConfig.model)
+    model_cache_dir: str = ""  # keep a loading-optimized copy of the model here ("" = off)
     max_body_bytes: int = 1024 * 1024  # HTTP request bodies above this → 413
     max_ws_frame_bytes: int = 1024 * 1024  # WebSocket messages above this → error + close 1009
     max_streams_per_socket: int = 16  # concurrent requests multiplexed on one WebSocket
@@ -125,6 +126,8 @@ class GatewayConfig:
                 raise ConfigError(f"lora_modules: {name}={path}: no adapter_config.json there (not a PEFT LoRA folder)")
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
             raise ConfigError(f"lora_dir {self.lora_dir!r} is not a folder")
+        if self.model_cache_dir and Path(self.model_cache_dir).exists() and not Path(self.model_cache_dir).is_dir():
+            raise ConfigError(f"model_cache_dir {self.model_cache_dir!r} exists and is not a folder")
         if (modules or self.lora_dir is not None) and self.batch_invariant:
             raise ConfigError("LoRA adapters are not batch-invariant: set lora_modules/lora_dir or "
                               "batch_invariant, not both")
@@ -214,7 +217,11 @@ _HELP = {
     "admin_key": "Bearer key for the /admin API (unset = admin API refused)",
     "redis_url": "Redis URL, also $REDIS_URL (unset = start a private redis-server under --data-dir)",
     "data_dir": "directory for the private Redis and other state",
-    "model": "model to serve: 'smollm2' (bundled), a .gguf path or a HF folder",
+    "model": "model to serve: 'smollm2' (bundled), a .gguf path, a HF folder or an lmg folder (docs/loading.md)",
+    "model_cache_dir": "keep a loading-optimized copy of a GGUF or safetensors model in this folder and "
+                       "start from it next time (the bundled GGUF: ~0.1 s instead of ~2.6 s to dequantize; "
+                       "270 MB in bfloat16, 540 MB in float32; one copy per model and dtype, shared by "
+                       "servers that name the same folder); empty: off",
     "max_body_bytes": "largest accepted HTTP request body (413 above)",
     "max_ws_frame_bytes": "largest accepted WebSocket message (error + close 1009 above)",
     "max_streams_per_socket": "concurrent requests on one WebSocket",
@@ -396,6 +403,7 @@ def runtime_config(config: GatewayConfig):
         num_threads=config.threads,
         batch_invariant=config.batch_invariant,
         quantization=config.quantization,
+        model_cache_dir=config.model_cache_dir,
         lora=LoraConfig(modules=config.lora_module_pairs, directory=config.lora_dir or "",
                         max_loras=config.max_loras, max_rank=config.max_lora_rank),
         cache=CacheConfig(cache_bytes=config.kv_cache_mb * 1024**2, enable_prefix_caching=config.prefix_caching,

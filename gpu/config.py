@@ -144,7 +144,7 @@ class LoraConfig:
 class EngineConfig:
     """Everything the engine needs; built by the CLI / gateway from flags and files."""
 
-    model: str = "smollm2"  # "smollm2" (bundled GGUF), a .gguf path, or a HF folder
+    model: str = "smollm2"  # "smollm2" (bundled GGUF), a .gguf path, a HF folder or an lmg folder
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
     device: str = "cpu"
     num_threads: int = 0  # 0 → torch default
@@ -161,6 +161,9 @@ class EngineConfig:
     # `python -m ops.bench_dtype --quantization int8`)
     quantization: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # keep a loading-optimized copy of a GGUF / safetensors model here and load it from
+    # there on later starts (`gpu.convert.load_cached`; "" = off)
+    model_cache_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.lora.enabled and self.batch_invariant:

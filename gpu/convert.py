@@ -14,7 +14,10 @@ of each tensor); the converted folder memory-maps straight into torch tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 from gpu.config import ModelConfig
-from gpu.fastload import write_lmg
-from gpu.loader import Checkpoint, load_checkpoint, resolve_source
+from gpu.fastload import is_lmg_folder, write_lmg
+from gpu.loader import Checkpoint, CheckpointError, load_checkpoint, load_lmg_folder, resolve_source
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
@@ -99,3 +104,71 @@ def _write_tokenizer(ckpt: Checkpoint, source: Path, dst: Path) -> None:
     tokenizer = load_tokenizer(source)
     (dst / "tokenizer.json").write_text(tokenizer.to_hf_tokenizer_json())
     (dst / "tokenizer_config.json").write_text(json.dumps(tokenizer.to_hf_tokenizer_config(), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------ the model cache
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def source_fingerprint(source: Path) -> str:
+    """What identifies a checkpoint's version: its path, and each file's name, size and mtime."""
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    parts = [str(source.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def load_cached(src: str, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
+    """`load_checkpoint(src, dtype)` through a cache of lmg folders in `cache_dir`.
+
+    The first load of a source (a GGUF or a safetensors folder) in a dtype also writes it
+    there in the loading-optimized format (`gpu.fastload`), under a name that holds its
+    fingerprint (`source_fingerprint`); later loads read that copy instead: the bundled
+    GGUF, dequantized at every start otherwise (~2.6 s on an AMX Xeon), loads in ~0.1 s
+    (docs/loading.md). A changed source gets a new entry and the old one is removed. An lmg
+    source is loaded as it is. The cache never stops a load: an entry that cannot be
+    written or read is reported in the log and the source is used.
+    """
+    source = resolve_source(src)
+    if is_lmg_folder(source) or dtype not in _DTYPE_NAMES:
+        return load_checkpoint(src, dtype)
+    prefix = f"{source.stem}-{_DTYPE_NAMES[dtype]}-"
+    entry = cache_dir / (prefix + source_fingerprint(source))
+    if is_lmg_folder(entry):
+        try:
+            ckpt = load_lmg_folder(entry, dtype)
+            log.info("model: %s from its loading-optimized copy %s", src, entry)
+            return ckpt
+        except CheckpointError as e:
+            log.warning("model cache: %s is unusable (%s); loading %s and writing it again", entry, e, src)
+            shutil.rmtree(entry, ignore_errors=True)
+    ckpt = load_checkpoint(src, dtype)
+    try:
+        _write_entry(ckpt, source, entry)
+    except OSError as e:
+        log.warning("model cache: cannot write %s (%s); later starts load %s again", entry, e, src)
+        return ckpt
+    for old in cache_dir.glob(prefix + "*"):  # earlier versions of this source
+        if old != entry and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("model: wrote a loading-optimized copy of %s to %s", src, entry)
+    return ckpt
+
+
+def _write_entry(ckpt: Checkpoint, source: Path, entry: Path) -> None:
+    """Write `ckpt` as an lmg folder at `entry`, atomically (a temporary folder renamed)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_lmg({name: t.contiguous() for name, t in ckpt.state_dict.items()}, tmp)
+        dtype = _DTYPE_NAMES[next(iter(ckpt.state_dict.values())).dtype]
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
+        _write_tokenizer(ckpt, source, tmp)
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not is_lmg_folder(entry):  # else another process wrote the same entry first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

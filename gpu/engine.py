@@ -147,7 +147,7 @@ class Engine:
         if self.config.num_threads > 0:
             torch.set_num_threads(self.config.num_threads)
         self.dtype = resolve_dtype(self.config.dtype, self.config.device)
-        ckpt = checkpoint or load_checkpoint(self.config.model, self.dtype)
+        ckpt = checkpoint or self._load_checkpoint()
         self.model_config = ckpt.config
         self.tokenizer = tokenizer or load_tokenizer(ckpt)
         dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
@@ -196,6 +196,15 @@ class Engine:
                          "prefill_tokens_fed": 0, "decode_tokens_fed": 0}
         self._started: set[str] = set()
         self.last_step_tokens = 0  # tokens fed to the latest step (prefill chunks + decodes)
+
+    def _load_checkpoint(self):
+        if not self.config.model_cache_dir:
+            return load_checkpoint(self.config.model, self.dtype)
+        from pathlib import Path
+
+        from gpu.convert import load_cached
+
+        return load_cached(self.config.model, self.dtype, Path(self.config.model_cache_dir))
 
     # ----------------------------------------------------------------- intake
     def add_request(

@@ -320,3 +320,17 @@ def test_quantization_reaches_the_engine_config(flags: list[str], env: dict[str,
 def test_quantization_the_engine_cannot_run_is_refused_at_start(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         GatewayConfig(**kwargs)
+
+
+def test_model_cache_dir_reaches_the_engine_config_and_a_file_there_is_refused(tmp_path: Path) -> None:
+    from gateway.config import config_from_args, runtime_config
+
+    assert runtime_config(config_from_args(parse([]), env={})).engine.model_cache_dir == ""
+    cache = str(tmp_path / "models")  # need not exist yet
+    assert runtime_config(config_from_args(parse(["--model-cache-dir", cache]), env={})).engine.model_cache_dir \
+        == cache
+    env = {"LMGATE_MODEL_CACHE_DIR": cache}
+    assert runtime_config(config_from_args(parse([]), env=env)).engine.model_cache_dir == cache
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="model_cache_dir"):
+        GatewayConfig(model_cache_dir=str(tmp_path / "file"))

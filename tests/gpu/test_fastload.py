@@ -120,3 +120,42 @@ def test_the_bundled_model_converted_to_lmg_loads_the_same_tensors_and_generates
     (dst / DATA_FILE).write_bytes(b"\0" * ALIGN)  # truncated: a clear refusal, not a crash
     with pytest.raises(CheckpointError, match="bytes the index says"):
         load_checkpoint(str(dst), torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_the_model_cache_writes_a_copy_once_and_loads_it_after(smollm2_path, tmp_path, caplog):
+    """First load: from the GGUF, and an lmg copy is written. Second: from the copy, the same
+    tensors. A damaged copy is rewritten; a changed source gets a new entry, the old one goes."""
+    import logging
+    import shutil
+
+    from gpu.convert import load_cached
+    from gpu.fastload import is_lmg_folder
+
+    source = tmp_path / "model.gguf"
+    shutil.copyfile(smollm2_path, source)
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="gpu.convert")
+    first = load_cached(str(source), torch.bfloat16, cache)
+    assert first.load_stats is None  # from the GGUF
+    [entry] = list(cache.iterdir())
+    assert is_lmg_folder(entry) and entry.name.startswith("model-bfloat16-")
+    second = load_cached(str(source), torch.bfloat16, cache)
+    assert second.load_stats is not None and second.source == str(entry)
+    assert second.config == first.config
+    for name, tensor in first.state_dict.items():
+        assert torch.equal(second.state_dict[name], tensor), name
+    assert "from its loading-optimized copy" in caplog.text
+
+    (entry / DATA_FILE).write_bytes(b"\0" * ALIGN)  # damaged: reported, rewritten, still loads
+    third = load_cached(str(source), torch.bfloat16, cache)
+    assert third.load_stats is None and "unusable" in caplog.text
+    assert is_lmg_folder(entry) and load_cached(str(source), torch.bfloat16, cache).load_stats is not None
+
+    import os
+
+    os.utime(source, ns=(0, 0))  # a new version of the source: a new entry replaces the old
+    load_cached(str(source), torch.bfloat16, cache)
+    [newer] = list(cache.iterdir())
+    assert newer != entry
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
