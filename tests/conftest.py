@@ -33,6 +33,22 @@ def free_engines() -> Iterator[None]:
     gc.collect()
 
 
+@pytest.fixture(scope="module")
+def ckpt():
+    """The bundled model dequantized in float32 (per module: freed when the module is done)."""
+    from gpu.loader import load_checkpoint
+
+    return load_checkpoint("smollm2", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    """The tokenizer of `ckpt`."""
+    from gpu.tokenizer import load_tokenizer
+
+    return load_tokenizer(ckpt)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """Path of the bundled SmolLM2-135M-Instruct Q4_1 GGUF (no download)."""

@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import msgspec
 import pytest
-import torch
 import trio
 
 from actors.messages import (
@@ -38,24 +37,12 @@ from cache.store import CacheUnavailable
 from cache.tenants import Tenant
 from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
 from gpu.engine import Engine
-from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams
-from gpu.tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 MODEL = "SmolLM2-135M-Instruct"
 _ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def ckpt():
-    return load_checkpoint("smollm2", torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return load_tokenizer(ckpt)
 
 
 def make_engine(ckpt, tokenizer, cache_mb: float = 48, **sched) -> Engine:

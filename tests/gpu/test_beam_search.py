@@ -12,9 +12,7 @@ import torch
 from gpu.beam_search import BeamConfig, BeamSearch, Continuation
 from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
 from gpu.engine import Engine, RequestRejected, generate
-from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams, SamplingParamsError
-from gpu.tokenizer import load_tokenizer
 
 EOS = 0
 
@@ -106,16 +104,6 @@ def test_params_refuse_what_beam_search_cannot_do():
 
 # ----------------------------------------------------------------- the engine (model)
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors."]
-
-
-@pytest.fixture(scope="module")
-def ckpt():
-    return load_checkpoint("smollm2", torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return load_tokenizer(ckpt)
 
 
 @pytest.fixture(scope="module")

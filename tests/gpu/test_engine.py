@@ -17,7 +17,6 @@ from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
 from gpu.engine import Engine, RequestRejected, cpu_has_native_bf16, generate, resolve_dtype
 from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams, SamplingParamsError
-from gpu.tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
@@ -34,16 +33,6 @@ QUESTIONS = [
     "Give me a synonym for 'happy'.",
     "Summarize the plot of Romeo and Juliet in two sentences, focusing on the feud between the families.",
 ]
-
-
-@pytest.fixture(scope="module")
-def ckpt():
-    return load_checkpoint("smollm2", torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return load_tokenizer(ckpt)
 
 
 @pytest.fixture(scope="module")
