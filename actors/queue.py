@@ -50,6 +50,7 @@ def job_of(st: RequestState, now: float) -> Job:
         predicted=float(pred.tokens) if pred is not None else float(st.params.max_tokens or 1),
         predicted_std=float(pred.std) if pred is not None else 0.0,
         priority=-st.priority, app=st.app, user=st.call.user, payload=st,
+        sequences=max(st.params.n, st.params.beam_width),
     )
 
 

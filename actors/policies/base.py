@@ -47,6 +47,9 @@ class Job:
     user: str | None = None
     payload: Any = None
     released_at: float = -1.0
+    # sequences it runs at once, each with its own output (n samples, or best_of beams):
+    # they share the prompt's KV blocks, not the outputs'
+    sequences: int = 1
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class KvReservation:
     mode "predicted": prompt + predicted + margin_std·std (at least
     `min_margin` × predicted), capped at prompt + max_tokens;
     mode "max_tokens": prompt + max_tokens (the conservative static-serving rule);
+    the output part counts once per sequence of the request (`Job.sequences`);
     mode "none": nothing reserved (vLLM-style optimistic admission).
     `fraction` of the cache may be reserved in total.
 
@@ -209,10 +213,10 @@ class KvReservation:
 
     def tokens(self, job: Job) -> int:
         if self.mode == "max_tokens":
-            return job.prompt_tokens + job.max_tokens
+            return job.prompt_tokens + job.sequences * job.max_tokens
         margin = max(self.margin_std * job.predicted_std, self.min_margin * job.predicted)
         out = min(float(job.max_tokens), job.predicted + margin)
-        return job.prompt_tokens + max(1, math.ceil(out))
+        return job.prompt_tokens + job.sequences * max(1, math.ceil(out))
 
     def blocks(self, job: Job, block_size: int) -> int:
         return -(-self.tokens(job) // block_size)
@@ -262,12 +266,13 @@ class KvReservation:
             job = inflight.get(rid)
             if held <= 0 or job is None:
                 continue
-            covered = held * view.block_size - job.prompt_tokens  # output tokens the blocks hold
+            # output tokens the blocks hold for each of its sequences
+            covered = (held * view.block_size - job.prompt_tokens) // job.sequences
             out = view.output_tokens(rid)
             if out is None or out < covered or covered >= job.max_tokens:
                 continue
             want = min(job.max_tokens, math.ceil(self.growth * max(1, out)))
-            self._held[rid] = -(-(job.prompt_tokens + want) // view.block_size)
+            self._held[rid] = -(-(job.prompt_tokens + job.sequences * want) // view.block_size)
             grew += 1
         self.grown += grew
         return grew

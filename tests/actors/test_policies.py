@@ -156,6 +156,25 @@ def test_kv_reservation_by_prediction_admits_more_than_by_max_tokens():
     assert by_pred == 16
 
 
+def test_kv_reservation_counts_the_output_once_per_sequence_and_grows_per_sequence():
+    """A request of 4 beams (or n=4 samples) shares its prompt's blocks, not its outputs'."""
+    from dataclasses import replace
+
+    kv = KvReservation(mode="predicted", margin_std=0.0, min_margin=0.0)
+    one = job("one", pred=40, prompt=40)
+    four = replace(job("four", pred=40, prompt=40), sequences=4)
+    assert (kv.tokens(one), kv.tokens(four)) == (80, 200)
+    assert KvReservation(mode="max_tokens").tokens(four) == 40 + 4 * 256
+    v = view(1, total=1000)
+    assert kv.take(four, v) == 13  # 200 tokens → 13 blocks of 16
+    # each beam's output reached the (13·16 - 40) / 4 = 42 tokens its share covers: grown to
+    # 2x, for every beam
+    assert kv.regrow({"four": four}, EngineView(1, 8, 1000, 1000, 16, output_tokens=lambda rid: 41)) == 0
+    assert kv.regrow({"four": four}, EngineView(1, 8, 1000, 1000, 16, output_tokens=lambda rid: 42)) == 1
+    assert kv.held == -(-(40 + 4 * 84) // 16)
+    assert kv.regrow({"four": four}, EngineView(1, 8, 1000, 1000, 16, output_tokens=lambda rid: 60)) == 0
+
+
 def test_kv_reservation_always_lets_one_request_into_an_empty_engine():
     p = FcfsContinuous(kv=KvReservation(mode="max_tokens"))
     p.on_arrival(job("big", 0.0, prompt=2000, max_tokens=2000), 0.0)
