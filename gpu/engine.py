@@ -441,7 +441,8 @@ class Engine:
             return
         child = SchedRequest(
             choice.seq_id, list(req.prompt_token_ids), req.max_tokens,
-            output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens, adapter=req.adapter,
+            output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens, priority=req.priority,
+            adapter=req.adapter,
         )
         self.scheduler.fork(parent_id, child)
         req.choices.append(choice)

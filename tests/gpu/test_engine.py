@@ -230,6 +230,18 @@ def test_n_choices_of_one_token_each(ckpt, tokenizer, prompts):
     assert engine.block_manager.num_free_blocks == engine.num_blocks and not engine.has_unfinished()
 
 
+def test_forked_choices_and_beams_keep_their_requests_priority(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    engine.add_request("n", prompts[0], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=4), priority=5)
+    engine.add_request("b", prompts[1], SamplingParams(use_beam_search=True, n=3, max_tokens=4), priority=7)
+    engine.step()  # both prefills: the n=3 request forks its choices, the beam search its beams
+    seqs = {sid: engine.scheduler.get(sid) for sid in ("n#1", "n#2", "b#b1", "b#b2")}
+    assert {sid: r.priority for sid, r in seqs.items() if r is not None} == {
+        "n#1": 5, "n#2": 5, "b#b1": 7, "b#b2": 7}
+    while engine.has_unfinished():
+        engine.step()
+
+
 def test_min_tokens_holds_off_stop_strings_too(ckpt, tokenizer):
     engine = make_engine(ckpt, tokenizer)
     prompt = tokenizer.encode("The capital of France is")
