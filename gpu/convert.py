@@ -32,6 +32,7 @@ from gpu.loader import Checkpoint, CheckpointError, load_checkpoint, load_lmg_fo
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
@@ -79,15 +80,21 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
     if dst.resolve() == source.resolve():
         raise ValueError(f"destination {dst} is the source folder")
     ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
+    write_folder(ckpt, source, dst, fmt)
+    return dst
+
+
+def write_folder(ckpt: Checkpoint, source: Path, dst: Path, fmt: str) -> None:
+    """Write a loaded checkpoint (of `source`) as a folder in `fmt`: weights, config.json, tokenizer."""
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in ckpt.state_dict.items()}
     if fmt == "lmg":
         write_lmg(tensors, dst)
     else:
         save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    dtype = _DTYPE_NAMES[next(iter(tensors.values())).dtype]
     (dst / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
     _write_tokenizer(ckpt, source, dst)
-    return dst
 
 
 def _write_tokenizer(ckpt: Checkpoint, source: Path, dst: Path) -> None:
@@ -107,9 +114,6 @@ def _write_tokenizer(ckpt: Checkpoint, source: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------ the model cache
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def source_fingerprint(source: Path) -> str:
     """What identifies a checkpoint's version: its path, and each file's name, size and mtime."""
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
@@ -160,11 +164,7 @@ def _write_entry(ckpt: Checkpoint, source: Path, entry: Path) -> None:
     tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        write_lmg({name: t.contiguous() for name, t in ckpt.state_dict.items()}, tmp)
-        dtype = _DTYPE_NAMES[next(iter(ckpt.state_dict.values())).dtype]
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
-        _write_tokenizer(ckpt, source, tmp)
+        write_folder(ckpt, source, tmp, "lmg")
         try:
             tmp.rename(entry)
         except OSError:
