@@ -43,8 +43,11 @@ Redis cannot be reached or the private redis-server cannot be started.
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2",
-                   help='"smollm2" (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file, or a '
-                        "Hugging Face Llama folder (default: %(default)s)")
+                   help='"smollm2" (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file, a '
+                        "Hugging Face Llama folder or an lmg folder (default: %(default)s)")
+    g.add_argument("--model-cache-dir", default="", metavar="DIR",
+                   help="keep a loading-optimized copy of the model in DIR and start from it next time "
+                        "(docs/loading.md; default: off)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache dtype; auto = bfloat16 on CUDA and on CPUs with AVX512-BF16 or "
                         "AMX, float32 on other CPUs (float32 is token-identical to the transformers reference)")
@@ -84,6 +87,7 @@ def engine_config_from_args(args: argparse.Namespace):
         num_threads=args.threads,
         batch_invariant=args.batch_invariant,
         quantization=args.quantization,
+        model_cache_dir=args.model_cache_dir,
         cache=CacheConfig(block_size=args.block_size, cache_bytes=args.kv_cache_mb * 1024**2,
                           enable_prefix_caching=not args.no_prefix_caching, huge_pages=not args.no_kv_huge_pages),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_batched_tokens,

@@ -57,6 +57,25 @@ def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
     assert not cfg.cache.huge_pages and not cfg.cache.enable_prefix_caching
     assert engine_config_from_args(build_parser().parse_args(["generate", "--batch-invariant", "hi"])).batch_invariant
     assert engine_config_from_args(build_parser().parse_args(["generate", "--quantization", "int8", "hi"])).quantization == "int8"
+    assert cfg.model_cache_dir == ""
+    assert engine_config_from_args(build_parser().parse_args(
+        ["generate", "--model-cache-dir", "/var/cache/lmgate", "hi"])).model_cache_dir == "/var/cache/lmgate"
+
+
+@pytest.mark.slow
+def test_convert_writes_the_lmg_format_and_generate_runs_it(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    from gpu.fastload import is_lmg_folder
+
+    dst = tmp_path / "lmg"
+    assert main(["convert", "smollm2", str(dst), "--dtype", "bfloat16", "--format", "lmg", "--quiet"]) == 0
+    assert is_lmg_folder(dst) and not (dst / "model.safetensors").exists()
+    assert main(["generate", "--model", str(dst), "--dtype", "bfloat16", "--kv-cache-mb", "16", "--max-tokens", "8",
+                 "--beam-width", "2", "--json", "What is the capital of France?"]) == 0
+    assert '"finish_reason"' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # argparse refuses a format that is not a choice
+        main(["convert", "smollm2", str(tmp_path / "x"), "--format", "gguf"])
+    assert e.value.code == 2 and "invalid choice: 'gguf'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("flags", "message"), [
