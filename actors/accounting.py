@@ -130,7 +130,7 @@ class Accounting:
         if c.outcome != "ok":
             return
         self.metrics.e2e.labels(tenant).observe(st.finished_at - st.arrival)
-        if st.first_token_at and st.completion_tokens > 1:
+        if st.first_token_at and st.completion_tokens > 1 and not st.params.use_beam_search:
             per_choice = st.completion_tokens / max(1, st.params.n)
             if per_choice > 1:
                 self.metrics.tpot.labels(tenant).observe(

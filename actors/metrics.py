@@ -22,11 +22,13 @@ class Metrics:
             "lmgate_rejections", "Requests refused at admission", ["tenant", "status", "reason"], registry=r
         )
         self.ttft = Histogram(
-            "lmgate_time_to_first_token_seconds", "Time to first token", ["tenant"],
+            "lmgate_time_to_first_token_seconds", "Time to first token (streamed decoding; not beam search)",
+            ["tenant"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.tpot = Histogram(
-            "lmgate_time_per_output_token_seconds", "Mean time per output token after the first",
+            "lmgate_time_per_output_token_seconds",
+            "Mean time per output token after the first (streamed decoding; not beam search)",
             ["tenant"], buckets=_TPOT_BUCKETS, registry=r,
         )
         self.e2e = Histogram(

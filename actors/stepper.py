@@ -217,7 +217,8 @@ class Stepper:
         now = time.monotonic()
         if not st.first_token_at:
             st.first_token_at = now
-            self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
+            if not st.params.use_beam_search:  # a beam search's first delta comes with its last
+                self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
         st.completion_tokens += len(d.token_ids)
         top = tokens = None
         if d.logprobs is not None:  # token texts only when asked for: decoding costs per token

@@ -798,6 +798,11 @@ async def test_beam_search_gets_an_equal_share_of_the_kv_cache_per_beam(runtime,
     assert isinstance(fin, Finished) and len(fin.finish_reasons) == 2
     assert fin.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
     assert all(len(d.token_ids) <= share - n_prompt for d in deltas)
+    # its answers come at the end: no TTFT or TPOT sample (they would read ~all and ~0), but a latency
+    sample = runtime.metrics.registry.get_sample_value
+    await wait_until(lambda: sample("lmgate_e2e_request_latency_seconds_count", {"tenant": "beams"}) == 1)
+    assert sample("lmgate_time_to_first_token_seconds_count", {"tenant": "beams"}) in (None, 0)
+    assert sample("lmgate_time_per_output_token_seconds_count", {"tenant": "beams"}) in (None, 0)
     rej = await runtime.submit(call(t, prompt=prompt, max_tokens=share - n_prompt + 1, use_beam_search=True,
                                     best_of=4))
     assert isinstance(rej, Rejected) and rej.status == 400 and "each of 4 beams" in rej.message
