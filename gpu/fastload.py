@@ -75,13 +75,17 @@ def write_lmg(state_dict: Mapping[str, torch.Tensor], folder: Path) -> int:
     """Write `state_dict` as `model.lmg` + its index into `folder`; returns the data size.
 
     Tensors keep their dtype (float32, bfloat16 or float16) and are written in the
-    dict's order, so a model's layers lie in the order it uses them.
+    dict's order, so a model's layers lie in the order it uses them. Both files are
+    written beside their final names and moved into place, the index last: a file that
+    a loading process has mapped is replaced, never truncated under it (which would
+    crash that process with SIGBUS).
     """
     folder.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
     offset = 0
     names = {v: k for k, v in _DTYPES.items()}
-    with open(folder / DATA_FILE, "wb") as f:
+    data_tmp = folder / f".{DATA_FILE}.{os.getpid()}.tmp"
+    with open(data_tmp, "wb") as f:
         for name, tensor in state_dict.items():
             if tensor.dtype not in names:
                 raise FormatError(f"{name}: dtype {tensor.dtype} is not one of {sorted(_DTYPES)}")
@@ -92,8 +96,10 @@ def write_lmg(state_dict: Mapping[str, torch.Tensor], folder: Path) -> int:
                              "shape": list(tensor.shape)}
             offset = _aligned(offset + len(data))
         f.truncate(offset)  # whole 4 KiB blocks: the last direct read is aligned too
-    index = {"format": FORMAT, "size": offset, "tensors": entries}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    index_tmp = folder / f".{INDEX_FILE}.{os.getpid()}.tmp"
+    index_tmp.write_text(json.dumps({"format": FORMAT, "size": offset, "tensors": entries}, indent=1) + "\n")
+    os.replace(data_tmp, folder / DATA_FILE)
+    os.replace(index_tmp, folder / INDEX_FILE)
     return offset
 
 

@@ -54,6 +54,16 @@ def test_round_trip_keeps_names_dtypes_shapes_and_values(tmp_path, mode, threads
     assert torch.equal(cast["b"], state["b"].float())
 
 
+def test_writing_over_a_mapped_folder_replaces_the_files_instead_of_truncating_them(tmp_path):
+    state = sample_state()
+    write_lmg(state, tmp_path)
+    mapped, _ = load_lmg(tmp_path)  # a process that loaded the folder still maps it
+    write_lmg({"small": torch.ones(3)}, tmp_path)  # truncating in place would SIGBUS on the next read
+    assert torch.equal(mapped["big"], state["big"])
+    assert list(load_lmg(tmp_path)[0]) == ["small"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DATA_FILE, INDEX_FILE]
+
+
 def test_parallel_reads_of_many_chunks_equal_the_file(tmp_path, monkeypatch):
     import gpu.fastload as fastload
 
