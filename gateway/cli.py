@@ -104,6 +104,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
     from gpu.sampling import SamplingParams, SamplingParamsError
+    from gpu.tokenizer import TokenizerError
 
     try:
         engine_config = engine_config_from_args(args)
@@ -139,7 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         engine = Engine(engine_config)
-    except (CheckpointError, LoraError) as e:
+    except (CheckpointError, LoraError, TokenizerError) as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
     except QuantizationUnavailable as e:
@@ -215,10 +216,11 @@ def startup_failure(exc: BaseException, host: str, port: int) -> tuple[int, str]
     from gpu.loader import CheckpointError
     from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
+    from gpu.tokenizer import TokenizerError
 
     found: list[tuple[int, str]] = []
     for leaf in _leaves(exc):
-        if isinstance(leaf, CheckpointError):
+        if isinstance(leaf, CheckpointError | TokenizerError):
             found.append((2, f"cannot load the model: {leaf}"))
         elif isinstance(leaf, LoraError):
             found.append((2, f"cannot serve a LoRA adapter: {leaf}"))

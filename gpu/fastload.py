@@ -110,19 +110,41 @@ def read_index(folder: Path) -> dict:
         raise FormatError(f"{folder / INDEX_FILE}: {e}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise FormatError(f"{folder / INDEX_FILE}: not an {FORMAT} index")
-    size = index.get("size")
+    size, tensors = index.get("size"), index.get("tensors")
+    if not _is_int(size) or size < 0 or not isinstance(tensors, dict):
+        raise FormatError(f"{folder / INDEX_FILE}: not an {FORMAT} index (size, tensors)")
     data = folder / DATA_FILE
     if not data.is_file() or data.stat().st_size != size:
         raise FormatError(f"{data}: missing, or not the {size} bytes the index says")
-    for name, e in index["tensors"].items():
-        dtype = _DTYPES.get(e.get("dtype"))
-        numel = 1
-        for d in e.get("shape", ()):
-            numel *= int(d)
-        if dtype is None or e["offset"] % ALIGN or e["offset"] + e["nbytes"] > size \
-                or numel * torch.tensor([], dtype=dtype).element_size() != e["nbytes"]:
+    spans = []
+    for name, e in tensors.items():
+        if not _entry_ok(e, size):
             raise FormatError(f"{folder / INDEX_FILE}: entry {name!r} is inconsistent")
+        spans.append((e["offset"], e["offset"] + e["nbytes"], name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise FormatError(f"{folder / INDEX_FILE}: entries {first!r} and {second!r} overlap")
     return index
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry_ok(e: object, size: int) -> bool:
+    """An index entry's types, alignment, bounds, and byte count against dtype and shape."""
+    if not isinstance(e, dict) or not isinstance(e.get("shape"), list):
+        return False
+    dtype = _DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+    offset, nbytes, shape = e.get("offset"), e.get("nbytes"), e["shape"]
+    if dtype is None or not (_is_int(offset) and _is_int(nbytes)) or not all(_is_int(d) and d >= 0 for d in shape):
+        return False
+    numel = 1
+    for d in shape:
+        numel *= d
+    return offset >= 0 and offset % ALIGN == 0 and offset + nbytes <= size \
+        and numel * torch.tensor([], dtype=dtype).element_size() == nbytes
 
 
 def _open(path: Path, direct: bool) -> tuple[int, bool]:

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from gpu.config import ModelConfig
-from gpu.fastload import FormatError, is_lmg_folder, load_lmg
+from gpu.fastload import DATA_FILE, INDEX_FILE, FormatError, is_lmg_folder, load_lmg
 
 BUNDLED_ALIASES = ("smollm2", "default")
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -275,7 +275,19 @@ def _hf_config(folder: Path) -> ModelConfig:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json")
-    cfg = json.loads(config_path.read_text())
+    try:
+        cfg = json.loads(config_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        return _hf_config_of(folder, cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{config_path}: not a usable Llama config ({what})") from None
+
+
+def _hf_config_of(folder: Path, cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures") or ["LlamaForCausalLM"]
     if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in archs:
         raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not llama")
@@ -328,6 +340,8 @@ def _hf_special_tokens(folder: Path) -> tuple[list[str], str | None]:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
+    if (folder / DATA_FILE).is_file() and not (folder / INDEX_FILE).is_file():
+        raise CheckpointError(f"{folder}: {DATA_FILE} without its index {INDEX_FILE}")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]

@@ -197,3 +197,46 @@ def test_int8_on_a_cpu_without_a_usable_int8_kernel_is_refused_in_one_line(
     flags = quick(tmp_path) if command == "serve" else ["--kv-cache-mb", "16", "hi"]
     assert main([command, "--quantization", "int8", *flags]) == 1
     assert one_line_error(capsys, command).endswith("int8 quantization is not available: no int8 here")
+
+
+def tiny_lmg_folder(path: Path, *, tokenizer: bool = False) -> Path:
+    """A random 1-layer Llama in the lmg format (no tokenizer files)."""
+    import json
+
+    import torch
+
+    from gpu.config import ModelConfig
+    from gpu.convert import hf_config_dict
+    from gpu.fastload import write_lmg
+    from gpu.loader import expected_shapes
+
+    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, eos_token_ids=(0,))
+    write_lmg({name: torch.randn(shape) for name, shape in expected_shapes(config).items()}, path)
+    (path / "config.json").write_text(json.dumps(hf_config_dict(config, "float32")))
+    return path
+
+
+def test_broken_model_folders_are_one_line_errors_not_tracebacks(capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    from gpu.fastload import INDEX_FILE
+    from gpu.tokenizer import TokenizerError
+
+    no_tokenizer = tiny_lmg_folder(tmp_path / "no-tokenizer")
+    assert main(["generate", "--model", str(no_tokenizer), "--dtype", "float32", "hi"]) == 2
+    assert "carries no tokenizer" in one_line_error(capsys, "generate")
+    assert startup_failure(TokenizerError("no tokenizer"), "127.0.0.1", 8000) == (
+        2, "cannot load the model: no tokenizer")
+
+    bad_config = tiny_lmg_folder(tmp_path / "bad-config")
+    (bad_config / "config.json").write_text('{"hidden_size": 100}')
+    assert main(["generate", "--model", str(bad_config), "hi"]) == 2
+    assert "not a usable Llama config (missing 'num_attention_heads')" in one_line_error(capsys, "generate")
+    (bad_config / "config.json").write_text('[1, 2]')
+    assert main(["generate", "--model", str(bad_config), "hi"]) == 2
+    assert "not a JSON object" in one_line_error(capsys, "generate")
+
+    no_index = tiny_lmg_folder(tmp_path / "no-index")
+    (no_index / INDEX_FILE).unlink()
+    assert main(["generate", "--model", str(no_index), "hi"]) == 2
+    assert "model.lmg without its index model.lmg.index.json" in one_line_error(capsys, "generate")

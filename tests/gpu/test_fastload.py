@@ -94,6 +94,10 @@ def test_broken_folders_are_refused_with_the_reason(tmp_path):
     assert "'a' is inconsistent" in broken(lambda i: i["tensors"]["a"].update(offset=8))
     assert "'big' is inconsistent" in broken(lambda i: i["tensors"]["big"].update(shape=[300, 999]))
     assert "'b' is inconsistent" in broken(lambda i: i["tensors"]["b"].update(dtype="int8"))
+    assert "'a' is inconsistent" in broken(lambda i: i["tensors"]["a"].update(offset=str(i["tensors"]["a"]["offset"])))
+    assert "'big' is inconsistent" in broken(lambda i: i["tensors"]["big"].update(shape=[-300, -1000]))
+    assert "(size, tensors)" in broken(lambda i: i.update(tensors=[]))
+    assert "'b' and 'a' overlap" in broken(lambda i: i["tensors"]["b"].update(offset=i["tensors"]["a"]["offset"]))
     index_path.write_text("{not json")
     with pytest.raises(FormatError, match=INDEX_FILE):
         load_lmg(tmp_path)
