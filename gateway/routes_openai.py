@@ -91,6 +91,7 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
     priority: int | None = None
     use_beam_search: bool = False
     best_of: int | None = None  # beams (default n); OpenAI's legacy completions name
@@ -204,6 +205,7 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         return SamplingParams(
             n=req.n,
             stop=tuple(stop),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
             use_beam_search=req.use_beam_search,

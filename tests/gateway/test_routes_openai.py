@@ -103,7 +103,7 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
             "/v1/completions",
             json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, "seed": 7, "top_k": 5,
                   "repetition_penalty": 1.1, "min_tokens": 1, "ignore_eos": True, "priority": 2,
-                  "user": "u1", "logprobs": 2},
+                  "user": "u1", "logprobs": 2, "stop_token_ids": [13, 30]},
             headers={"X-Lmgate-App": "translate"},
         )
     assert r.status_code == 200, r.text
@@ -111,6 +111,7 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
     assert call.prompt_token_ids == [1, 2, 3] and call.prompt is None
     p = call.params
     assert (p.seed, p.top_k, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.logprobs) == (7, 5, 1.1, 1, True, 2)
+    assert p.stop_token_ids == (13, 30)
     assert (call.priority, call.user, call.app) == (2, "u1", "translate")
     assert (call.cache_lookup, call.cache_store) == (True, True)
     lp = r.json()["choices"][0]["logprobs"]
