@@ -52,6 +52,7 @@ class AdmissionConfig:
     model_aliases: frozenset[str] = frozenset()
     kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0 = unchecked)
     kv_block_size: int = 16  # its page size: a beam search's beams each get whole pages
+    max_sequences: int = 0  # sequences the engine runs at once (0 = unchecked): a beam search's cap
     max_waiting: int = 1024  # queue depth beyond which → 503
     max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
     quota_fail_open: bool = True
@@ -181,6 +182,10 @@ class Admission:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
                           "messages" if call.messages is not None else "prompt")
+        seats = self.config.max_sequences
+        if seats and p.beam_width > seats:
+            raise _Refuse(400, "invalid_value", f"beam search with {p.beam_width} beams; this server runs at most "
+                          f"{seats} sequences at once", "best_of" if p.best_of is not None else "n")
         cap = call.tenant.max_tokens_cap
         cap_kv, held_by = self._kv_room(p)
         max_tokens = p.max_tokens

@@ -182,6 +182,7 @@ class Runtime:
                 model_aliases=self.model_aliases,
                 kv_capacity_tokens=engine.num_blocks * engine.config.cache.block_size,
                 kv_block_size=engine.config.cache.block_size,
+                max_sequences=engine.scheduler.config.max_num_seqs,
                 max_model_len=engine.max_model_len,
                 vocab_size=engine.model_config.vocab_size,
                 max_waiting=config.queue.max_waiting,

@@ -200,7 +200,8 @@ def _validate_beam_search(p: SamplingParams) -> None:
             raise SamplingParamsError(name, "restricts sampling, and beam search does not sample")
     if p.logprobs:
         raise SamplingParamsError(
-            "logprobs", "beam search returns each token's logprob (logprobs=0) but no top alternatives"
+            "logprobs", "beam search returns each token's logprob but no top alternatives "
+                        "(completions: logprobs 0; chat: top_logprobs 0 or none)"
         )
 
 

@@ -29,7 +29,7 @@ async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nurse
     torch.set_num_threads(2)
     out, stop = io.StringIO(), trio.Event()
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64)
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64, max_num_seqs=16)
     urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
                                                          task_status=task_status))
     key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
@@ -79,8 +79,9 @@ async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nurse
             r = await http.post("/v1/chat/completions", json={**body, **bad})
             assert r.status_code == 400, (bad, r.text)
             assert r.json()["error"]["param"] == param
-        r = await http.post("/v1/chat/completions", json={**body, "best_of": 64})
-        assert r.status_code == 400 and "64 beams" in r.json()["error"]["message"]
+        r = await http.post("/v1/chat/completions", json={**body, "best_of": 17})  # --max-num-seqs 16
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+        assert "17 beams; this server runs at most 16 sequences" in r.json()["error"]["message"]
 
     async with LmgateClient(urls[0], key) as client:
         # a stream carries each beam's whole text at the end (no prefix is final before)
