@@ -259,16 +259,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cache.store import CacheUnavailable
     from cache.tenants import SecretMismatch
     from gateway.server import run_serve
-    from gpu.loader import CheckpointError
+    from gpu.loader import CheckpointError, resolve_source
     from gpu.quantization import QuantizationUnavailable, int8_unavailable_reason
+    from gpu.tokenizer import TokenizerError
 
     if config.quantization == "int8" and (why := int8_unavailable_reason()) is not None:
         print(f"lmgate serve: int8 quantization is not available: {why}", file=sys.stderr)
         return 1
     try:
+        resolve_source(config.model)  # a missing model is said at once, before Redis starts
         return run_serve(args)
-    except (CheckpointError, QuantizationUnavailable, CacheUnavailable, RedisServerError, SecretMismatch, OSError,
-            BaseExceptionGroup) as e:
+    except (CheckpointError, TokenizerError, QuantizationUnavailable, CacheUnavailable, RedisServerError,
+            SecretMismatch, OSError, BaseExceptionGroup) as e:
         failure = startup_failure(e, config.host, config.port)
         if failure is None:
             raise

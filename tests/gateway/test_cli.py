@@ -146,6 +146,11 @@ def test_serve_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture
     assert main(["serve", "--port", "0", "--data-dir", str(tmp_path), "--redis-url", redis_url, "--no-dev-tenant",
                  "--model", str(tmp_path / "missing.gguf")]) == 2
     assert "cannot load the model: model" in one_line_error(capsys, "serve")
+    # said before anything starts: no private redis-server was started under the data dir
+    assert main(["serve", "--port", "0", "--data-dir", str(tmp_path / "fresh"), "--model",
+                 str(tmp_path / "missing.gguf")]) == 2
+    assert "cannot load the model: model" in one_line_error(capsys, "serve")
+    assert not (tmp_path / "fresh" / "redis").exists()
 
 
 def test_a_port_taken_after_the_check_is_unwrapped_from_the_nursery_groups(taken_port: int) -> None:
