@@ -182,6 +182,10 @@ class Admission:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
                           "messages" if call.messages is not None else "prompt")
+        beyond = [t for t, _ in p.logit_bias if t >= self.config.vocab_size]
+        if beyond:
+            raise _Refuse(400, "invalid_value", f"logit_bias token id {beyond[0]} is not in the vocabulary "
+                          f"(ids are below {self.config.vocab_size})", "logit_bias")
         seats = self.config.max_sequences
         if seats and p.beam_width > seats:
             raise _Refuse(400, "invalid_value", f"beam search with {p.beam_width} beams; this server runs at most "

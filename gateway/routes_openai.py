@@ -92,6 +92,7 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias in [-100, 100]
     priority: int | None = None
     use_beam_search: bool = False
     best_of: int | None = None  # beams (default n); OpenAI's legacy completions name
@@ -201,6 +202,12 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         "early_stopping": req.early_stopping,
     }
     kwargs = {k: v for k, v in optional.items() if v is not None}
+    if req.logit_bias:
+        try:
+            kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", code="invalid_value",
+                           param="logit_bias") from None
     try:
         return SamplingParams(
             n=req.n,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpu.sampling import SeqSamplingState, apply_penalties, apply_token_bans
+from gpu.sampling import SeqSamplingState, apply_logit_bias, apply_penalties, apply_token_bans
 
 # The score Hugging Face gives an empty hypothesis slot; a real score is far above it.
 _NO_SCORE = -1.0e9
@@ -195,14 +195,14 @@ def beam_candidates(
 ) -> list[tuple[list[float], list[int]]]:
     """Each row's `k` best (logprob, token) candidates, best first, from logits (B, V).
 
-    Scores are log_softmax of the raw logits, then the min_tokens mask (-inf) and the
-    repetition/frequency/presence penalties applied to the log-probabilities — Hugging
+    Scores are log_softmax of the raw logits, then the min_tokens mask (-inf), the
+    repetition/frequency/presence penalties and the logit_bias applied to the log-probabilities — Hugging
     Face applies its logits processors after the log-softmax in beam search, so the
     masked mass is not renormalized. `states[i]` holds row i's beam (its output tokens).
     """
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be (B={len(states)}, V), got {tuple(logits.shape)}")
     lp = logits.float().log_softmax(dim=-1)
-    lp = apply_penalties(apply_token_bans(lp, states), states)
+    lp = apply_logit_bias(apply_penalties(apply_token_bans(lp, states), states), states)
     vals, ids = lp.topk(min(k, lp.shape[1]), dim=-1)
     return list(zip(vals.tolist(), ids.tolist(), strict=True))

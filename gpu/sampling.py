@@ -10,7 +10,7 @@ for the gateway's 400) and on decode (msgspec re-raises the same message as
 transformation is a batched tensor op over the rows that need it:
 
     raw logits ──▶ min_tokens mask ──▶ repetition penalty (prompt + output, HF)
-               ──▶ frequency / presence penalties (output counts, OpenAI)
+               ──▶ frequency / presence penalties (output counts, OpenAI) ──▶ logit_bias
                ──▶ greedy rows: argmax
                ──▶ random rows: / temperature ──▶ top-k ──▶ top-p ──▶ min-p
                                ──▶ inverse-CDF draw (one uniform per row)
@@ -44,6 +44,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
 MAX_N = 64
+MAX_LOGIT_BIAS = 1024
 # Temperatures below this are treated as greedy (dividing by ~0 overflows).
 GREEDY_EPS = 1e-5
 
@@ -96,6 +97,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # (token id, bias) pairs, sorted by id: added to those logits before sampling (OpenAI's
+    # logit_bias; a dict is accepted too); -100 all but bans a token, +100 all but forces it
+    logit_bias: tuple[tuple[int, float], ...] = ()
     use_beam_search: bool = False
     best_of: int | None = None
     length_penalty: float = 1.0
@@ -109,6 +113,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, list):
             msgspec.structs.force_setattr(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        if isinstance(bias, dict | list | tuple):  # → ((id, bias), ...) sorted: one form, one cache key
+            try:
+                pairs = tuple(sorted((k, v) for k, v in (bias.items() if isinstance(bias, dict) else bias)))
+            except (TypeError, ValueError):
+                pairs = None  # not pairs of comparable ids: `_validate` says what is wrong
+            if pairs is not None:
+                msgspec.structs.force_setattr(self, "logit_bias", pairs)
         _validate(self)
 
     @property
@@ -176,6 +188,15 @@ def _validate(p: SamplingParams) -> None:
         )
     if p.logprobs is not None:
         _check_int("logprobs", p.logprobs, 0, MAX_LOGPROBS)
+    if not isinstance(p.logit_bias, tuple) or len(p.logit_bias) > MAX_LOGIT_BIAS:
+        raise SamplingParamsError("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases")
+    for pair in p.logit_bias:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise SamplingParamsError("logit_bias", "must map token ids to biases")
+        _check_int("logit_bias", pair[0], 0)
+        _check_float("logit_bias", pair[1], -100.0, 100.0)
+    if len({t for t, _ in p.logit_bias}) != len(p.logit_bias):
+        raise SamplingParamsError("logit_bias", "a token id is listed twice")
     for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "use_beam_search"):
         if not isinstance(getattr(p, name), bool):
             raise SamplingParamsError(name, f"must be a boolean, got {getattr(p, name)!r}")
@@ -319,7 +340,8 @@ class Sampler:
         params = [s.params for s in batch]
         x = raw
         if any(_modifies_logits(s) for s in batch):
-            x = apply_penalties(apply_token_bans(raw.clone(), batch), batch)  # raw kept for logprobs
+            x = raw.clone()  # raw is kept for logprobs
+            x = apply_logit_bias(apply_penalties(apply_token_bans(x, batch), batch), batch)
 
         tokens = torch.empty(len(batch), dtype=torch.long, device=x.device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
@@ -401,6 +423,7 @@ def _modifies_logits(s: SeqSamplingState) -> bool:
     p = s.params
     return (
         bool(s.banned_token_ids())
+        or bool(p.logit_bias)
         or p.repetition_penalty != 1.0
         or p.frequency_penalty != 0.0
         or p.presence_penalty != 0.0
@@ -438,6 +461,26 @@ def apply_token_bans(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) ->
                 cols.append(t)
     if rows:
         logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -math.inf
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
+    """Add each row's `logit_bias` to its logits, in place (ids beyond the vocabulary are skipped;
+    the gateway's admission refuses them with a 400)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    vocab = logits.shape[1]
+    for i, s in enumerate(batch):
+        for t, b in s.params.logit_bias:
+            if t < vocab:
+                rows.append(i)
+                cols.append(t)
+                vals.append(b)
+    if rows:
+        dev = logits.device
+        idx = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+        logits.index_put_(idx, torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
     return logits
 
 

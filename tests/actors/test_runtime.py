@@ -239,6 +239,9 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
     rej = await runtime.submit(call(t, prompt="Hi", max_tokens=100))
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
+    rej = await runtime.submit(call(t, prompt="Hi", logit_bias={49152: 1.0}))  # the vocabulary is 49152 ids
+    assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "logit_bias")
+    assert "49152 is not in the vocabulary" in rej.message
     big = tenant()
     rej = await runtime.submit(call(big, prompt="Hi", max_tokens=2000))  # > what the 48 MiB cache holds
     assert isinstance(rej, Rejected) and rej.status == 400 and "KV cache" in rej.message

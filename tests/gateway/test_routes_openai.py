@@ -103,7 +103,7 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
             "/v1/completions",
             json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, "seed": 7, "top_k": 5,
                   "repetition_penalty": 1.1, "min_tokens": 1, "ignore_eos": True, "priority": 2,
-                  "user": "u1", "logprobs": 2, "stop_token_ids": [13, 30]},
+                  "user": "u1", "logprobs": 2, "stop_token_ids": [13, 30], "logit_bias": {"30": -100, "7": 2.5}},
             headers={"X-Lmgate-App": "translate"},
         )
     assert r.status_code == 200, r.text
@@ -111,7 +111,7 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
     assert call.prompt_token_ids == [1, 2, 3] and call.prompt is None
     p = call.params
     assert (p.seed, p.top_k, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.logprobs) == (7, 5, 1.1, 1, True, 2)
-    assert p.stop_token_ids == (13, 30)
+    assert p.stop_token_ids == (13, 30) and p.logit_bias == ((7, 2.5), (30, -100.0))
     assert (call.priority, call.user, call.app) == (2, "u1", "translate")
     assert (call.cache_lookup, call.cache_store) == (True, True)
     lp = r.json()["choices"][0]["logprobs"]
@@ -239,6 +239,8 @@ CHAT_BAD = [
     ("too many top_logprobs", {**chat_body(), "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("max_completion_tokens 0", {**chat_body(), "max_completion_tokens": 0}, "max_completion_tokens"),
     ("stream_options wrong", {**chat_body(), "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ("logit_bias key not an id", {**chat_body(), "logit_bias": {"hello": 1}}, "logit_bias"),
+    ("logit_bias out of range", {**chat_body(), "logit_bias": {"5": 250}}, "logit_bias"),
 ]
 
 

@@ -87,6 +87,25 @@ def test_a_report_per_running_beam_is_required():
         search.advance([cands((1.0, 7))])
 
 
+def test_candidates_are_log_probabilities_with_the_bans_and_the_logit_bias_applied():
+    from gpu.beam_search import beam_candidates
+    from gpu.sampling import SeqSamplingState
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    raw = logits.log_softmax(-1)[0]
+
+    def top(**kw) -> tuple[list[float], list[int]]:
+        params = SamplingParams(use_beam_search=True, **kw)
+        return beam_candidates(logits, [SeqSamplingState(params, [5], [], None, (EOS,))], 2)[0]
+
+    lps, ids = top()
+    assert ids == [0, 1] and lps == pytest.approx([float(raw[0]), float(raw[1])])
+    assert top(min_tokens=1)[1] == [1, 2]  # EOS (0) masked, the rest not renormalized
+    assert top(min_tokens=1)[0] == pytest.approx([float(raw[1]), float(raw[2])])
+    assert top(logit_bias={3: 100.0})[1] == [3, 0]
+    assert top(logit_bias={3: 100.0})[0][0] == pytest.approx(float(raw[3]) + 100.0)
+
+
 def test_params_refuse_what_beam_search_cannot_do():
     with pytest.raises(SamplingParamsError, match="top_p"):
         SamplingParams(use_beam_search=True, top_p=0.9)
@@ -231,7 +250,8 @@ def test_random_mixes_of_beams_samples_and_aborts_finish_without_leaks(ckpt, tok
                 use_beam_search=True, n=rng.randint(1, width), best_of=width, max_tokens=max_tokens,
                 length_penalty=rng.choice([0.0, 1.0, 2.0, -1.0]), early_stopping=rng.choice([False, True, "never"]),
                 min_tokens=min(max_tokens, rng.choice([0, 0, 3])), ignore_eos=rng.random() < 0.2,
-                repetition_penalty=rng.choice([1.0, 1.3]), stop=rng.choice([(), (" the",), ("\n",)]), logprobs=0)
+                repetition_penalty=rng.choice([1.0, 1.3]), stop=rng.choice([(), (" the",), ("\n",)]), logprobs=0,
+                logit_bias=rng.choice([{}, {13: -100.0}, {30: 5.0, 28: -3.0}]))
         else:
             params = SamplingParams(n=rng.randint(1, 3), temperature=0.8, seed=i, max_tokens=rng.randint(1, 20))
         expected[f"r{i}"] = params

@@ -195,6 +195,28 @@ def test_penalties_change_the_greedy_choice_and_skip_neutral_rows():
     assert out.token_ids == [2, 1]
 
 
+def test_logit_bias_bans_and_forces_tokens_per_row_and_leaves_logprobs_raw():
+    logits = torch.tensor([[0.0, 2.0, 1.9, -1.0]] * 3)
+    ban = SamplingParams(temperature=0.0, logit_bias={1: -100.0}, logprobs=0)
+    force = SamplingParams(temperature=0.0, logit_bias={3: 100.0})
+    plain = SamplingParams(temperature=0.0)
+    out = Sampler().sample(logits, [state(ban), state(force), state(plain)])
+    assert out.token_ids == [2, 3, 1]
+    assert out.logprobs[0] == pytest.approx(float(logits[0].log_softmax(-1)[2]))  # raw, not biased
+    sampled = SamplingParams(temperature=1.0, seed=3, logit_bias={3: 100.0})
+    assert {Sampler().sample(logits[:1], [state(sampled, child=i)]).token_ids[0] for i in range(8)} == {3}
+
+
+def test_logit_bias_is_one_sorted_form_and_is_validated():
+    a = SamplingParams(logit_bias={7: 1.0, 3: -2.0})
+    assert a.logit_bias == ((3, -2.0), (7, 1.0)) == SamplingParams(logit_bias=[(7, 1.0), (3, -2.0)]).logit_bias
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(a), type=SamplingParams) == a
+    for bad, match in [({1: 101.0}, r"\[-100.0, 100.0\]"), ({-1: 1.0}, ">= 0"), ({"x": 1.0}, "integer"),
+                       ([(1, 1.0), (1, 2.0)], "listed twice"), ({i: 0.0 for i in range(2000)}, "at most 1024")]:
+        with pytest.raises(SamplingParamsError, match=match):
+            SamplingParams(logit_bias=bad)
+
+
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     logits = torch.tensor([[9.0, 1.0, 8.0, 0.0]])  # eos = 0, stop id = 2
     params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(2,))
