@@ -107,6 +107,7 @@ class CompletionRequest(_Sampling, frozen=True, kw_only=True):
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None  # number of top alternatives per token
     echo: bool = False  # accepted for compatibility; true is refused (not supported)
+    suffix: str | None = None  # insertion: refused when set (not supported)
 
 
 class ChatRequest(_Sampling, frozen=True, kw_only=True):
@@ -117,6 +118,27 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # accepted so that a client relying on them is told they are not supported, rather
+    # than silently getting plain text (`unsupported_chat_fields`)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+def unsupported_chat_fields(req: ChatRequest) -> None:
+    """400 for what this server cannot honour: JSON/schema output, tool or function calls."""
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise ApiError(400, f"response_format {kind!r} is not supported (no constrained decoding); "
+                       "omit it or send {\"type\": \"text\"}", code="unsupported_value", param="response_format")
+    for name in ("tools", "functions"):
+        if getattr(req, name):
+            raise ApiError(400, "tool and function calling is not supported by this server",
+                           code="unsupported_value", param=name)
+    if req.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice other than \"none\" or \"auto\" is not supported (no tool calling)",
+                       code="unsupported_value", param="tool_choice")
 
 
 Endpoint = Literal["completions", "chat.completions"]
@@ -286,10 +308,13 @@ def to_generate_call(
     if isinstance(req, ChatRequest):
         if not req.messages:
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
+        unsupported_chat_fields(req)
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
         return GenerateCall(messages=messages, **common)
     if req.echo:
         raise ApiError(400, "echo=true is not supported", code="unsupported_value", param="echo")
+    if req.suffix:
+        raise ApiError(400, "suffix (insertion) is not supported", code="unsupported_value", param="suffix")
     if isinstance(req.prompt, str):
         return GenerateCall(prompt=req.prompt, **common)
     if not req.prompt:

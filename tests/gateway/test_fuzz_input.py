@@ -22,7 +22,7 @@ FIELDS = [
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "user", "stream",
     "stream_options", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "priority", "metadata",
-    "stop_token_ids", "logit_bias",
+    "stop_token_ids", "logit_bias", "suffix", "response_format", "tools", "functions", "tool_choice",
     "use_beam_search", "best_of", "length_penalty", "early_stopping",
 ]
 KEYS = st.sampled_from(["role", "content", "type", "text", "include_usage", "app"]) | st.text(max_size=5)

@@ -216,6 +216,7 @@ BAD_INPUTS = [
     ("empty body", b"", 400, "invalid_json"),
     ("unknown model", b'{"model": "gpt-9", "prompt": "x"}', 404, "model_not_found"),
     ("echo", b'{"model": "fake-model", "prompt": "x", "echo": true}', 400, "unsupported_value"),
+    ("suffix", b'{"model": "fake-model", "prompt": "x", "suffix": "end"}', 400, "unsupported_value"),
     ("negative priority", b'{"model": "fake-model", "prompt": "x", "priority": -1}', 400, "invalid_value"),
 ]
 
@@ -241,7 +242,19 @@ CHAT_BAD = [
     ("stream_options wrong", {**chat_body(), "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
     ("logit_bias key not an id", {**chat_body(), "logit_bias": {"hello": 1}}, "logit_bias"),
     ("logit_bias out of range", {**chat_body(), "logit_bias": {"5": 250}}, "logit_bias"),
+    ("json output", {**chat_body(), "response_format": {"type": "json_object"}}, "response_format"),
+    ("response_format not an object", {**chat_body(), "response_format": "json"}, "response_format"),
+    ("tools", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("functions", {**chat_body(), "functions": [{"name": "f"}]}, "functions"),
+    ("tool_choice required", {**chat_body(), "tool_choice": "required"}, "tool_choice"),
 ]
+
+
+async def test_chat_fields_that_ask_for_nothing_unsupported_are_accepted(gateway: Gateway) -> None:
+    body = {**chat_body(), "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "suffix": None}
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize(("name", "body", "param"), CHAT_BAD, ids=[b[0] for b in CHAT_BAD])
