@@ -26,13 +26,12 @@ import torch
 from safetensors.torch import save_file
 
 from gpu.config import ModelConfig
-from gpu.fastload import is_lmg_folder, write_lmg
+from gpu.fastload import DTYPE_NAMES, is_lmg_folder, write_lmg
 from gpu.loader import Checkpoint, CheckpointError, load_checkpoint, load_lmg_folder, resolve_source
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
@@ -92,7 +91,7 @@ def write_folder(ckpt: Checkpoint, source: Path, dst: Path, fmt: str) -> None:
         write_lmg(tensors, dst)
     else:
         save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    dtype = _DTYPE_NAMES[next(iter(tensors.values())).dtype]
+    dtype = DTYPE_NAMES[next(iter(tensors.values())).dtype]
     (dst / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
     _write_tokenizer(ckpt, source, dst)
 
@@ -133,9 +132,9 @@ def load_cached(src: str, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
     written or read is reported in the log and the source is used.
     """
     source = resolve_source(src)
-    if is_lmg_folder(source) or dtype not in _DTYPE_NAMES:
+    if is_lmg_folder(source) or dtype not in DTYPE_NAMES:
         return load_checkpoint(src, dtype)
-    prefix = f"{source.stem}-{_DTYPE_NAMES[dtype]}-"
+    prefix = f"{source.stem}-{DTYPE_NAMES[dtype]}-"
     entry = cache_dir / (prefix + source_fingerprint(source))
     if is_lmg_folder(entry):
         try:

@@ -43,6 +43,7 @@ INDEX_FILE = "model.lmg.index.json"
 ALIGN = 4096  # the direct-I/O alignment of offsets, lengths and the buffer
 CHUNK_BYTES = 16 * 1024 * 1024  # one reader call; large enough to stream, small enough to spread
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # the dtypes the format stores, by name
 
 
 class FormatError(ValueError):
@@ -83,16 +84,15 @@ def write_lmg(state_dict: Mapping[str, torch.Tensor], folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
     offset = 0
-    names = {v: k for k, v in _DTYPES.items()}
     data_tmp = folder / f".{DATA_FILE}.{os.getpid()}.tmp"
     with open(data_tmp, "wb") as f:
         for name, tensor in state_dict.items():
-            if tensor.dtype not in names:
+            if tensor.dtype not in DTYPE_NAMES:
                 raise FormatError(f"{name}: dtype {tensor.dtype} is not one of {sorted(_DTYPES)}")
             data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
             f.seek(offset)
             f.write(data)
-            entries[name] = {"offset": offset, "nbytes": len(data), "dtype": names[tensor.dtype],
+            entries[name] = {"offset": offset, "nbytes": len(data), "dtype": DTYPE_NAMES[tensor.dtype],
                              "shape": list(tensor.shape)}
             offset = _aligned(offset + len(data))
         f.truncate(offset)  # whole 4 KiB blocks: the last direct read is aligned too
