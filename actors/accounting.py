@@ -139,8 +139,11 @@ class Accounting:
         if st.scheduled_at:
             self.service_time.observe(st.finished_at - st.scheduled_at)
         finish = st.finish_reasons.get(0)
-        # the predictor learns how long sampled answers run; beam search favours other lengths
-        if st.params.n == 1 and not st.params.use_beam_search and finish in ("stop", "length"):
+        # the predictor learns how long sampled answers run; beam search favours other lengths,
+        # and a scoring request (prompt logprobs, or no output at all) says nothing of them
+        p = st.params
+        if (p.n == 1 and not p.use_beam_search and p.prompt_logprobs is None and p.max_tokens != 0
+                and finish in ("stop", "length")):
             try:
                 self.feedback.send_nowait(LengthFeedback(tenant, st.app, st.completion_tokens,
                                                          st.length_features, finish))

@@ -62,6 +62,7 @@ class AdmissionConfig:
 class AdmitMsg:
     call: GenerateCall
     reply: trio.MemorySendChannel[Accepted | Rejected]
+    sink: trio.MemorySendChannel | None = None  # see `Admission.admit`
 
 
 class _Refuse(Exception):
@@ -82,6 +83,12 @@ def unknown_model_message(model: str, served: list[str]) -> str:
 def is_deterministic(p: SamplingParams) -> bool:
     """Same request → same answer: greedy, beam search, or sampling with a fixed seed."""
     return p.temperature == 0 or p.seed is not None or p.use_beam_search
+
+
+def is_cacheable(p: SamplingParams) -> bool:
+    """The response cache may store and answer it: deterministic, and an answer it can
+    replay whole (it keeps no prompt logprobs; a prefill-only request has nothing to keep)."""
+    return is_deterministic(p) and p.prompt_logprobs is None and p.max_tokens != 0
 
 
 class Admission:
@@ -272,11 +279,11 @@ class Admission:
         st.quota_tenant = tenant
         st.reserved = True
 
-    async def _cached(self, call: GenerateCall, st: RequestState) -> Accepted | None:
+    async def _cached(self, call: GenerateCall, st: RequestState, sink=None) -> Accepted | None:
         """A stored answer replayed, or None: the request goes to the engine. Only a
         deterministic single-choice request is looked up, and not when the caller asked for
         a fresh answer (`call.cache_lookup`, counted as a "bypass" lookup)."""
-        if self.response_cache is None or not is_deterministic(st.params) or st.params.n != 1:
+        if self.response_cache is None or not is_cacheable(st.params) or st.params.n != 1:
             return None
         if not call.cache_lookup:
             self.metrics.cache_lookups.labels("bypass").inc()
@@ -292,7 +299,8 @@ class Admission:
         self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
         if hit is None:
             return None
-        send, recv = trio.open_memory_channel(len(hit.token_ids) + 2)
+        # into the sink through the request's own clone (closed below: the replay is whole)
+        send, recv = (st.events, None) if sink is not None else trio.open_memory_channel(len(hit.token_ids) + 2)
         n = len(hit.token_ids)
         lps = hit.logprobs
         toks = hit.tokens if hit.tokens is not None and len(hit.tokens) == n else None
@@ -319,9 +327,15 @@ class Admission:
         return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, settled=st.settled)
 
     # ------------------------------------------------------------- the whole path
-    async def admit(self, call: GenerateCall) -> Accepted | Rejected:
+    async def admit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
+        """`sink`: an unbounded channel the request's events go to (through a clone, closed
+        when the request ends) instead of a channel of its own; `Accepted.events` is then
+        None. Several requests sharing one sink are read as one stream without a task per
+        request (the gateway's batched prompts)."""
         tenant = call.tenant.tenant_id
         pending = False
+        st: RequestState | None = None
+        admitted = False
         try:
             adapter = await self._adapter(call.model)
             ids = await self._tokenize(call)
@@ -332,14 +346,17 @@ class Admission:
             prio = call.tenant.priority if call.priority is None else min(call.priority, call.tenant.priority)
             send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
             st = RequestState(call, ids, params, prio, send,
-                              cacheable=is_deterministic(params) and call.cache_store,
+                              cacheable=is_cacheable(params) and call.cache_store,
                               adapter=adapter[0] if adapter else None, adapter_key=adapter[1] if adapter else None)
-            send, recv = trio.open_memory_channel(st.channel_size())
+            send.close()
+            recv.close()
+            send, recv = (sink.clone(), None) if sink is not None else trio.open_memory_channel(st.channel_size())
             st.events = send
             st.admitted_at = time.monotonic()
             await self._reserve(call, st)
-            cached = await self._cached(call, st)
+            cached = await self._cached(call, st, sink)
             if cached is not None:
+                admitted = True
                 return cached
             try:
                 self.to_predictor.send_nowait(st)
@@ -347,6 +364,7 @@ class Admission:
                 self.completed.send_nowait(Completed(st, "rejected"))
                 raise _Refuse(503, "overloaded", "server overloaded: admission backlog full",
                               retry_after=1.0) from None
+            admitted = True
         except _Refuse as r:
             status, code, message, param, retry = r.rejected
             self.metrics.rejections.labels(tenant, str(status), code).inc()
@@ -354,10 +372,12 @@ class Admission:
         finally:
             if pending:
                 self.pending -= 1
+            if not admitted and st is not None:
+                st.events.close()  # (a sink's clone must not hold the shared stream open)
 
         def cancel() -> None:
             st.cancelled = True
-            recv.close()
+            (recv if recv is not None else send).close()
 
         self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
         return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled)

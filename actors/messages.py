@@ -98,8 +98,19 @@ class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
     token: str = ""  # the token's text (decoded alone; may be part of a UTF-8 character)
 
 
+class PromptLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One prompt token's logprob given the tokens before it (None for the first token),
+    with the most likely tokens at its position (`SamplingParams.prompt_logprobs`)."""
+
+    token_id: int
+    token: str  # its text, as `TopLogprob.token`
+    logprob: float | None
+    top: list[TopLogprob]
+
+
 class TokenDelta(msgspec.Struct, frozen=True):
-    """New output of one choice: text that is safe to show (never a partial stop string)."""
+    """New output of one choice: text that is safe to show (never a partial stop string).
+    A choice's first delta carries `prompt_logprobs` when the request asked for them."""
 
     request_id: str
     index: int  # choice index (n > 1)
@@ -108,6 +119,7 @@ class TokenDelta(msgspec.Struct, frozen=True):
     logprobs: list[float] | None = None
     top_logprobs: list[list[TopLogprob]] | None = None
     tokens: list[str] | None = None  # text of each token in token_ids; only when logprobs were asked for
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 class Finished(msgspec.Struct, frozen=True):

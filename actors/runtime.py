@@ -259,16 +259,18 @@ class Runtime:
             await trio.sleep(0.02)
 
     # ---------------------------------------------------------------- entry
-    async def submit(self, call: GenerateCall) -> Accepted | Rejected:
+    async def submit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
         """Admit one request. On `Accepted`, consume `events` until `Finished`/`Failed`;
-        close it (or call `cancel`) to abort."""
+        close it (or call `cancel`) to abort. `sink`: send the events there instead (an
+        unbounded channel several requests share; `Accepted.events` is then None; see
+        `actors.admission.Admission.admit`)."""
         if call.arrival_time == 0.0:
             import msgspec
 
             call = msgspec.structs.replace(call, arrival_time=time.time())
         reply_send, reply_recv = trio.open_memory_channel[Accepted | Rejected](1)
         try:
-            self._admit_send.send_nowait(AdmitMsg(call, reply_send))
+            self._admit_send.send_nowait(AdmitMsg(call, reply_send, sink))
         except trio.WouldBlock:
             self.metrics.rejections.labels(call.tenant.tenant_id, "503", "overloaded").inc()
             return Rejected(call.request_id, 503, "overloaded", "server overloaded: admission backlog full",
@@ -294,7 +296,7 @@ class Runtime:
         async def one(msg: AdmitMsg) -> None:
             async with limiter:
                 try:
-                    result = await self.admission.admit(msg.call)
+                    result = await self.admission.admit(msg.call, msg.sink)
                 except Exception as e:  # noqa: BLE001 — a bug in admission must answer, not hang the caller
                     log.exception("admission failed")
                     result = Rejected(msg.call.request_id, 500, "internal_error", f"admission failed: {e}")

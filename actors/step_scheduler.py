@@ -60,6 +60,10 @@ class SchedRequest:
     # LoRA adapter key (`gpu.lora.LoraAdapter.key`; None: the base model); also the prefix
     # cache's namespace, since an adapter's KV entries differ from the base model's
     adapter: str | None = None
+    # k: the engine wants the logprobs of this request's prompt tokens (and k alternatives):
+    # its prompt chunks say so (`ScheduledSeq.logprob_targets`), and it takes no prefix hits,
+    # whose positions would never run. The engine clears it once it has them all.
+    prompt_logprobs: int | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -78,6 +82,11 @@ class ScheduledSeq:
     block_table: tuple[int, ...]
     sample: bool  # this chunk reaches the last known token: a token is sampled for it
     adapter: str | None = None  # LoRA adapter key (None: the base model)
+    # prompt logprobs (`SchedRequest.prompt_logprobs`): the prompt token that follows each of
+    # the chunk's first len(logprob_targets) positions, whose logprobs (and k alternatives,
+    # k = `prompt_logprobs`) the runner computes
+    logprob_targets: tuple[int, ...] = ()
+    prompt_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,7 +334,8 @@ class StepScheduler:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._waiting[0]
             tokens = req.all_token_ids
-            hits, num_cached = self.bm.match_prefix(tokens[:-1], namespace=req.adapter)
+            hits, num_cached = ([], 0) if req.prompt_logprobs is not None else \
+                self.bm.match_prefix(tokens[:-1], namespace=req.adapter)
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
                 return  # head-of-line waits: strict (priority, arrival) order
@@ -386,6 +396,7 @@ class _StepBuilder:
                 block_table=tuple(bm.block_table(req.request_id)),
                 sample=end == req.num_tokens,
                 adapter=req.adapter,
+                **_prompt_logprob_fields(req, start, end),
             )
             for req, start, end in self.chunks
         ]
@@ -404,6 +415,14 @@ def _token_slice(req: SchedRequest, start: int, end: int) -> tuple[int, ...]:
     if start >= n:
         return tuple(req.output_token_ids[start - n : end - n])
     return tuple(req.prompt_token_ids[start:end]) + tuple(req.output_token_ids[: max(0, end - n)])
+
+
+def _prompt_logprob_fields(req: SchedRequest, start: int, end: int) -> dict:
+    """The chunk's `logprob_targets` / `prompt_logprobs` (none past the prompt's end)."""
+    if req.prompt_logprobs is None or start >= len(req.prompt_token_ids) - 1:
+        return {}
+    targets = tuple(req.prompt_token_ids[start + 1 : min(end + 1, len(req.prompt_token_ids))])
+    return {"logprob_targets": targets, "prompt_logprobs": req.prompt_logprobs}
 
 
 def _full_blocks_grew(block_size: int, before: int, after: int) -> bool:

@@ -45,7 +45,7 @@ import trio
 import trio.testing
 
 from actors.compute import ComputeThread
-from actors.messages import Failed, Finished, TokenDelta, TopLogprob, Usage
+from actors.messages import Failed, Finished, PromptLogprob, TokenDelta, TopLogprob, Usage
 from actors.metrics import Metrics
 from actors.policies import StepCostFit
 from actors.state import ChoiceRecord, RequestState
@@ -238,11 +238,16 @@ class Stepper:
             if d.finish_reason:
                 rec.finish_reason = d.finish_reason
         if not st.cancelled:
+            prompt_lps = None
+            if d.prompt_logprobs is not None:
+                text_of = self._token_text
+                prompt_lps = [PromptLogprob(t, text_of(t), lp, [TopLogprob(a, v, text_of(a)) for a, v in row])
+                              for t, (lp, row) in zip(st.prompt_token_ids, d.prompt_logprobs, strict=True)]
             try:
                 st.events.send_nowait(
                     TokenDelta(
                         st.request_id, d.index, d.text, list(d.token_ids),
-                        list(d.logprobs) if d.logprobs is not None else None, top, tokens,
+                        list(d.logprobs) if d.logprobs is not None else None, top, tokens, prompt_lps,
                     )
                 )
             except (trio.BrokenResourceError, trio.ClosedResourceError):

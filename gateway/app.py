@@ -43,13 +43,16 @@ class Runtime(Protocol):
     max_model_len: int
     registry: prometheus_client.CollectorRegistry
 
-    async def submit(self, call: GenerateCall) -> Accepted | Rejected: ...
+    # `sink`: an unbounded channel the request's events go to instead of `Accepted.events`
+    # (None then); several requests of one API request share it (batched prompts)
+    async def submit(self, call: GenerateCall, sink: Any = None) -> Accepted | Rejected: ...
 
     def served_models(self) -> list[str]: ...  # model_name, then LoRA adapters
 
     def serves(self, model: str) -> bool: ...  # a `model` a request may name
 
-    # also read, where present: `length_service` (actors.predictor.PredictorService, or
+    # also read, where present: `tokenizer` (gpu.tokenizer.Tokenizer: logprobs' bytes,
+    # completions' echo of token ids), `length_service` (actors.predictor.PredictorService, or
     # None when the Magnus predictor is not in use), for /admin/predictor
 
     def status(self) -> dict[str, Any]: ...

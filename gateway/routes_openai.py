@@ -17,6 +17,7 @@ the handler or the body generator) stops generation within one engine step.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,9 +35,11 @@ from actors.messages import (
     Failed,
     Finished,
     GenerateCall,
+    PromptLogprob,
     Rejected,
     TenantContext,
     TokenDelta,
+    Usage,
 )
 from gateway import sse
 from gateway.errors import ApiError
@@ -101,12 +104,17 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CompletionRequest(_Sampling, frozen=True, kw_only=True):
-    """Body of POST /v1/completions."""
+    """Body of POST /v1/completions.
 
-    prompt: str | list[int]
+    `prompt`: a string, a list of token ids, or a batch: a list of strings or of token id
+    lists (`completion_prompts`). `echo` returns each prompt before its completion, with
+    `logprobs` for the prompt's tokens too (the first has none); with `max_tokens` 0 the
+    prompt alone: scoring a text."""
+
+    prompt: str | list[int | str | list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None  # number of top alternatives per token
-    echo: bool = False  # accepted for compatibility; true is refused (not supported)
+    echo: bool = False
     suffix: str | None = None  # insertion: refused when set (not supported)
 
 
@@ -198,6 +206,7 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
     ``max_tokens: null`` means "up to the context length" (the runtime caps it).
     """
     logprobs_param = "logprobs"
+    optional_prompt_lp = None
     if isinstance(req, ChatRequest):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
@@ -205,9 +214,14 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs is not None:
             logprobs_param = "top_logprobs"
+        if max_tokens == 0:  # only completions may run a prompt alone (echo, scoring)
+            raise ApiError(400, "must be >= 1 for chat completions", code="invalid_value",
+                           param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     else:
         max_tokens = req.max_tokens
         logprobs = req.logprobs
+        if req.echo and logprobs is not None:  # the echoed prompt comes with its logprobs
+            optional_prompt_lp = logprobs
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     optional: dict[str, Any] = {
         "temperature": req.temperature,
@@ -222,6 +236,7 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         "best_of": req.best_of,
         "length_penalty": req.length_penalty,
         "early_stopping": req.early_stopping,
+        "prompt_logprobs": optional_prompt_lp,
     }
     kwargs = {k: v for k, v in optional.items() if v is not None}
     if req.logit_bias:
@@ -242,7 +257,7 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
             **kwargs,
         )
     except SamplingParamsError as exc:
-        param = logprobs_param if exc.field == "logprobs" else exc.field
+        param = logprobs_param if exc.field in ("logprobs", "prompt_logprobs") else exc.field
         if param == "max_tokens" and isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
             param = "max_completion_tokens"
         raise ApiError(400, str(exc), code="invalid_value", param=param) from exc
@@ -279,6 +294,43 @@ class CacheDirectives:
         return cls(lookup, store)
 
 
+MAX_BATCH_PROMPTS = 2048  # prompts in one completions request (OpenAI's limit)
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completions request: one for a string or a list of token ids,
+    several for a list of strings or of token id lists (a batch). Other shapes → 400."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", code="invalid_value", param="prompt")
+    kinds = {type(p) for p in prompt}
+    if len(kinds) > 1:
+        raise ApiError(400, "prompt must be a string, a list of token ids, a list of strings or a list of token "
+                       "id lists; this list mixes them", code="invalid_value", param="prompt")
+    if kinds == {int}:
+        prompts: list[str | list[int]] = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        prompts = list(prompt)  # type: ignore[arg-type]
+    if len(prompts) > MAX_BATCH_PROMPTS:
+        raise ApiError(400, f"at most {MAX_BATCH_PROMPTS} prompts in one request, got {len(prompts)}",
+                       code="invalid_value", param="prompt")
+    for p in prompts:
+        if isinstance(p, list):
+            if not p:
+                raise ApiError(400, "prompt must not be empty", code="invalid_value", param="prompt")
+            if any(t < 0 for t in p):
+                raise ApiError(400, "prompt token ids must be >= 0", code="invalid_value", param="prompt")
+    return prompts
+
+
+def sub_request_id(request_id: str, i: int, count: int) -> str:
+    """The runtime's id of prompt `i` of a request with `count` prompts (one prompt: the
+    request's own id)."""
+    return request_id if count == 1 else f"{request_id}-{i}"
+
+
 def to_generate_call(
     req: CompletionRequest | ChatRequest,
     tenant: TenantContext,
@@ -287,7 +339,24 @@ def to_generate_call(
     app_tag: str | None = None,
     cache: CacheDirectives = CacheDirectives(),
 ) -> GenerateCall:
-    """Pure mapping from a decoded request to the runtime's message."""
+    """Pure mapping from a decoded single-prompt request to the runtime's message
+    (`to_generate_calls` for a batch)."""
+    calls = to_generate_calls(req, tenant, request_id, app_tag=app_tag, cache=cache)
+    if len(calls) != 1:
+        raise ApiError(400, "this endpoint takes one prompt per request", code="invalid_value", param="prompt")
+    return calls[0]
+
+
+def to_generate_calls(
+    req: CompletionRequest | ChatRequest,
+    tenant: TenantContext,
+    request_id: str,
+    *,
+    app_tag: str | None = None,
+    cache: CacheDirectives = CacheDirectives(),
+) -> list[GenerateCall]:
+    """Pure mapping from a decoded request to the runtime's messages: one per prompt
+    (`completion_prompts`), with ids from `sub_request_id`."""
     params = sampling_params(req)
     if req.priority is not None and req.priority < 0:
         raise ApiError(400, "priority must be >= 0", code="invalid_value", param="priority")
@@ -310,18 +379,16 @@ def to_generate_call(
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         unsupported_chat_fields(req)
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
-        return GenerateCall(messages=messages, **common)
-    if req.echo:
-        raise ApiError(400, "echo=true is not supported", code="unsupported_value", param="echo")
+        return [GenerateCall(messages=messages, **common)]
     if req.suffix:
         raise ApiError(400, "suffix (insertion) is not supported", code="unsupported_value", param="suffix")
-    if isinstance(req.prompt, str):
-        return GenerateCall(prompt=req.prompt, **common)
-    if not req.prompt:
-        raise ApiError(400, "prompt must not be empty", code="invalid_value", param="prompt")
-    if any(t < 0 for t in req.prompt):
-        raise ApiError(400, "prompt token ids must be >= 0", code="invalid_value", param="prompt")
-    return GenerateCall(prompt_token_ids=list(req.prompt), **common)
+    prompts = completion_prompts(req)
+    del common["request_id"]
+    return [
+        GenerateCall(request_id=sub_request_id(request_id, i, len(prompts)),
+                     **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}), **common)
+        for i, p in enumerate(prompts)
+    ]
 
 
 def rejected_error(rej: Rejected) -> ApiError:
@@ -404,9 +471,45 @@ def _completion_logprobs(delta: TokenDelta, offset: int = 0) -> dict[str, Any] |
             "text_offset": offsets}
 
 
+def _prompt_logprobs_json(prompt: list[PromptLogprob], text: str) -> dict[str, Any]:
+    """Legacy logprobs of an echoed prompt (`text`): its first token has none (null)."""
+    offsets, seen = [], 0
+    for p in prompt:
+        offsets.append(min(seen, len(text)))
+        seen += 0 if p.token.startswith("bytes:") else len(p.token)
+    return {
+        "tokens": [p.token for p in prompt],
+        "token_logprobs": [p.logprob for p in prompt],
+        "top_logprobs": [None if p.logprob is None else {t.token or f"<{t.token_id}>": t.logprob for t in p.top}
+                         for p in prompt],
+        "text_offset": offsets,
+    }
+
+
+def _concat_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Legacy logprobs of consecutive pieces of one choice's text, as one."""
+    return {
+        "tokens": [t for p in parts for t in p["tokens"]],
+        "token_logprobs": [t for p in parts for t in p["token_logprobs"]],
+        "top_logprobs": [t for p in parts for t in (p["top_logprobs"] or [])] or None,
+        "text_offset": [t for p in parts for t in p["text_offset"]],
+    }
+
+
+def _echo_parts(delta: TokenDelta, echo: str) -> tuple[str, dict[str, Any] | None]:
+    """The echoed prompt before a choice's first delta: its text, and its logprobs when
+    the request asked for logprobs (they come with the delta)."""
+    if delta.prompt_logprobs is None:
+        return echo, None
+    return echo, _prompt_logprobs_json(delta.prompt_logprobs, echo)
+
+
 @dataclass
 class Collector:
-    """Folds the events of one request into OpenAI's non-streaming response."""
+    """Folds the events of one request into OpenAI's non-streaming response.
+
+    `echo`: per prompt, its text, written before each of its choices (completions'
+    `echo`); choice `i` belongs to prompt `i // n`."""
 
     endpoint: Endpoint
     request_id: str
@@ -416,8 +519,14 @@ class Collector:
     texts: dict[int, list[str]] = field(default_factory=dict)
     logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
+    echo: list[str] | None = None
 
     def add(self, delta: TokenDelta) -> None:
+        if self.echo is not None and delta.index not in self.texts:
+            text, lp = _echo_parts(delta, self.echo[delta.index // self.n])
+            self.texts[delta.index] = [text]
+            if lp is not None:
+                self.logprobs[delta.index] = [lp]
         done = self.texts.setdefault(delta.index, [])
         lp = (_chat_logprobs(delta, self.token_bytes) if self.endpoint == "chat.completions"
               else _completion_logprobs(delta, sum(map(len, done))))
@@ -431,12 +540,7 @@ class Collector:
             return None
         if self.endpoint == "chat.completions":
             return {"content": [item for p in parts for item in p["content"]]}
-        return {
-            "tokens": [t for p in parts for t in p["tokens"]],
-            "token_logprobs": [t for p in parts for t in p["token_logprobs"]],
-            "top_logprobs": [t for p in parts for t in (p["top_logprobs"] or [])] or None,
-            "text_offset": [t for p in parts for t in p["text_offset"]],
-        }
+        return _concat_logprobs(parts)
 
     def response(self, finished: Finished) -> dict[str, Any]:
         choices = []
@@ -478,6 +582,8 @@ class ChunkRenderer:
     _role_sent: set[int] = field(default_factory=set)
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
     _chars: dict[int, int] = field(default_factory=dict)  # text streamed so far per choice (text_offset)
+    echo: list[str] | None = None  # as `Collector.echo`
+    n: int = 1
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -500,10 +606,15 @@ class ChunkRenderer:
             choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d, self.token_bytes),
                       "finish_reason": None}
         else:
-            offset = self._chars.get(d.index, 0)
+            head, head_lp = "", None
+            if self.echo is not None and d.index not in self._chars:  # the prompt, before the first delta
+                head, head_lp = _echo_parts(d, self.echo[d.index // self.n])
+            offset = self._chars.get(d.index, 0) + len(head)
             self._chars[d.index] = offset + len(d.text)
-            choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d, offset),
-                      "finish_reason": None}
+            lp = _completion_logprobs(d, offset)
+            if head_lp is not None:
+                lp = head_lp if lp is None else _concat_logprobs([head_lp, lp])
+            choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
         return self._chunk([choice])
 
     def finished(self, f: Finished) -> list[dict[str, Any]]:
@@ -533,6 +644,23 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
     return reply
 
 
+def echo_texts(state: GatewayState, req: CompletionRequest | ChatRequest, calls: list[GenerateCall]) -> list[str] | None:
+    """Completions' `echo`: each call's prompt text (token ids decoded, special tokens
+    kept), else None."""
+    if not isinstance(req, CompletionRequest) or not req.echo:
+        return None
+    tokenizer = getattr(state.runtime, "tokenizer", None)
+    texts = []
+    for call in calls:
+        if call.prompt is not None:
+            texts.append(call.prompt)
+        elif tokenizer is not None:
+            texts.append(tokenizer.decode(list(call.prompt_token_ids or ()), skip_special_tokens=False))
+        else:
+            texts.append("")
+    return texts
+
+
 def token_bytes_of(state: GatewayState) -> TokenBytes | None:
     tokenizer = getattr(state.runtime, "tokenizer", None)
     return getattr(tokenizer, "token_bytes", None)
@@ -558,7 +686,11 @@ class RequestHandle:
         if not self.ended and not self.aborted:
             self.aborted = True
             self.accepted.cancel()
-        self.accepted.events.close()
+        if self.accepted.events is not None:  # None: the events go to a shared sink (`BatchHandle`)
+            self.accepted.events.close()
+
+    def events(self) -> AsyncIterator[TokenDelta | Finished | Failed]:
+        return self.accepted.events
 
     async def wait_settled(self) -> None:
         """Until accounting has settled the request's quota (its `max_concurrent` slot is
@@ -569,14 +701,93 @@ class RequestHandle:
                 await self.accepted.settled.wait()
 
 
-async def events_of(handle: RequestHandle) -> AsyncIterator[TokenDelta | Finished | Failed]:
+class BatchHandle:
+    """The requests of one API request with several prompts (`to_generate_calls`), read as
+    one request: their events share one channel (`submit_all`), choice `j` of prompt `i`
+    becomes choice `i * n + j`, and one `Finished` ends it when every prompt has finished
+    (finish reasons in choice order, usage summed). A `Failed` of any prompt ends it (the
+    others are aborted). Same interface as `RequestHandle`."""
+
+    def __init__(self, request_id: str, parts: list[RequestHandle], events: trio.MemoryReceiveChannel, n: int) -> None:
+        self.request_id = request_id
+        self.parts = parts
+        self._events = events
+        self.n = n
+        self._prompt = {h.accepted.request_id: i for i, h in enumerate(parts)}
+        self.ended = False
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = self.aborted or not self.ended
+        for h in self.parts:
+            h.abort()
+        self._events.close()
+
+    async def wait_settled(self) -> None:
+        for h in self.parts:
+            await h.wait_settled()
+
+    async def events(self) -> AsyncIterator[TokenDelta | Finished | Failed]:
+        reasons: dict[int, list[str]] = {}
+        prompt_tokens = completion_tokens = 0
+        cached = True
+        async for event in self._events:
+            i = self._prompt.get(event.request_id)
+            if i is None:
+                continue
+            if isinstance(event, TokenDelta):
+                yield msgspec.structs.replace(event, request_id=self.request_id, index=i * self.n + event.index)
+            elif isinstance(event, Failed):
+                self.parts[i].ended = True
+                yield msgspec.structs.replace(event, request_id=self.request_id)
+                return
+            else:
+                self.parts[i].ended = True
+                reasons[i] = event.finish_reasons
+                prompt_tokens += event.usage.prompt_tokens
+                completion_tokens += event.usage.completion_tokens
+                cached = cached and event.cached
+                if len(reasons) == len(self.parts):
+                    yield Finished(self.request_id, [r for k in range(len(self.parts)) for r in reasons[k]],
+                                   Usage(prompt_tokens, completion_tokens), cached)
+                    return
+
+
+Handle = RequestHandle | BatchHandle
+
+
+async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id: str, n: int) -> Handle:
+    """Submit a request's calls (one per prompt). One call: a `RequestHandle`; several: a
+    `BatchHandle` whose calls send their events into one unbounded channel. Any refusal
+    aborts the calls accepted before it and is the whole request's error (each prompt is
+    a request to admission and the quotas: a batch of k counts k requests)."""
+    if len(calls) == 1:
+        return RequestHandle(await submit(state, calls[0]))
+    send, recv = trio.open_memory_channel[Any](math.inf)
+    parts: list[RequestHandle] = []
+    try:
+        async with send:  # the stream ends when every call's clone is closed
+            for call in calls:
+                reply = await state.runtime.submit(call, sink=send)
+                if isinstance(reply, Rejected):
+                    raise rejected_error(reply)
+                parts.append(RequestHandle(reply))
+    except BaseException:
+        for h in parts:
+            h.abort()
+        recv.close()
+        raise
+    return BatchHandle(request_id, parts, recv, n)
+
+
+async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Failed]:
     """Iterate a request's events, up to and including its Finished/Failed.
 
     Leaving early (client gone, cancel scope, exception) aborts the request.
     Callers use `aclosing(...)` so the abort happens at once, not at garbage collection.
     """
     try:
-        async for event in handle.accepted.events:
+        async for event in handle.events():
             if isinstance(event, Finished | Failed):
                 handle.ended = True
                 await handle.wait_settled()  # the last frame goes out with the slot free
@@ -587,9 +798,10 @@ async def events_of(handle: RequestHandle) -> AsyncIterator[TokenDelta | Finishe
         handle.abort()
 
 
-async def collect(state: GatewayState, endpoint: Endpoint, req: Any, call: GenerateCall) -> dict[str, Any]:
-    handle = RequestHandle(await submit(state, call))
-    collector = Collector(endpoint, call.request_id, req.model, req.n, token_bytes=token_bytes_of(state))
+async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list[GenerateCall], request_id: str,
+                  echo: list[str] | None = None) -> dict[str, Any]:
+    handle = await submit_all(state, calls, request_id, req.n)
+    collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo)
     async with aclosing(events_of(handle)) as events:
         async for event in events:
             if isinstance(event, TokenDelta):
@@ -611,7 +823,7 @@ class SseBody:
     collection of a body Quart never opened both abort the request.
     """
 
-    def __init__(self, handle: RequestHandle, renderer: ChunkRenderer) -> None:
+    def __init__(self, handle: Handle, renderer: ChunkRenderer) -> None:
         self.handle = handle
         self.renderer = renderer
         self._chunks = self._generate()
@@ -658,12 +870,14 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         state.check_model(req.model)
         request_id = new_request_id(endpoint)
         cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
-        call = to_generate_call(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"), cache=cache)
+        calls = to_generate_calls(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"), cache=cache)
+        echo = echo_texts(state, req, calls)
         if not req.stream:
-            return await collect(state, endpoint, req, call)
-        handle = RequestHandle(await submit(state, call))
+            return await collect(state, endpoint, req, calls, request_id, echo)
+        handle = await submit_all(state, calls, request_id, req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state))
+        renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state),
+                                 echo=echo, n=req.n)
         response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response
@@ -705,8 +919,12 @@ __all__ = [
     "Collector",
     "CompletionRequest",
     "decode_request",
+    "BatchHandle",
     "RequestHandle",
     "SseBody",
+    "completion_prompts",
+    "submit_all",
+    "to_generate_calls",
     "events_of",
     "openai_blueprint",
     "sampling_params",

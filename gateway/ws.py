@@ -32,13 +32,14 @@ from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from gateway.errors import ApiError
 from gateway.routes_openai import (
     CacheDirectives,
-    RequestHandle,
+    Handle,
     decode_request,
+    echo_texts,
     events_of,
     failed_error,
     new_request_id,
-    submit,
-    to_generate_call,
+    submit_all,
+    to_generate_calls,
     usage_json,
 )
 
@@ -119,7 +120,7 @@ class Session:
 
     async def run_request(self, frame: RequestFrame, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run one request to completion, streaming frames; errors become error frames."""
-        handles: list[RequestHandle] = []
+        handles: list[Handle] = []
         with trio.CancelScope() as scope:
             self.active[frame.id] = scope
             task_status.started()
@@ -134,26 +135,32 @@ class Session:
                 await handles[0].wait_settled()
             await self.send({"type": "cancelled", "id": frame.id})
 
-    async def _stream(self, frame: RequestFrame, handles: list[RequestHandle]) -> None:
+    async def _stream(self, frame: RequestFrame, handles: list[Handle]) -> None:
         if self.tenant is None:  # checked before spawning; kept for the type checker
             raise ApiError(401, "not authenticated", code="missing_api_key")
         req = decode_request(frame.endpoint, bytes(frame.body))
         self.state.check_model(req.model)
-        call = to_generate_call(req, self.tenant, new_request_id(frame.endpoint),
-                                cache=CacheDirectives.parse(frame.cache_control))
-        handle = RequestHandle(await submit(self.state, call))
+        request_id = new_request_id(frame.endpoint)
+        calls = to_generate_calls(req, self.tenant, request_id, cache=CacheDirectives.parse(frame.cache_control))
+        echo = echo_texts(self.state, req, calls)
+        handle = await submit_all(self.state, calls, request_id, req.n)
         handles.append(handle)
         async with aclosing(events_of(handle)) as events:
-            await self._forward(frame.id, events)
+            await self._forward(frame.id, events, echo, req.n)
 
-    async def _forward(self, frame_id: str, events: AsyncIterator[Any]) -> None:
+    async def _forward(self, frame_id: str, events: AsyncIterator[Any], echo: list[str] | None, n: int) -> None:
+        started: set[int] = set()
         async for event in events:
             if isinstance(event, TokenDelta):
+                head = ""
+                if echo is not None and event.index not in started:  # completions' echo: the prompt first
+                    head = echo[event.index // n]
+                started.add(event.index)
                 token: dict[str, Any] = {
                     "type": "token",
                     "id": frame_id,
                     "index": event.index,
-                    "text": event.text,
+                    "text": head + event.text,
                     "token_ids": event.token_ids,
                 }
                 if event.logprobs is not None:

@@ -20,6 +20,14 @@ picks the next beams: a parent's first child continues the parent's sequence, fu
 children fork it copy-on-write, a parent with no child is freed. The request emits
 nothing until the search ends; then one delta per returned hypothesis holds its whole
 text (beams can replace each other's past, so no prefix is final before the end).
+
+Prompt logprobs (`SamplingParams.prompt_logprobs`): the request's prompt chunks carry
+their next tokens (`actors.step_scheduler.ScheduledSeq.logprob_targets`); the runner
+returns each position's logprob of the token that follows, and the request's first
+delta of every choice carries them all (`StepDelta.prompt_logprobs`). Such a request
+takes no prefix-cache hits until it has them (a hit's positions never run). A request
+with `max_tokens` 0 ends at the end of its prefill without sampling: its choices each
+get one delta with no tokens, finish reason "length".
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ class StepDelta:
     request_finished: bool = False  # every choice of the request has ended
     prompt_tokens: int = 0
     completion_tokens: int = 0  # of this choice, so far
+    # on a choice's first delta when the request asked for prompt logprobs: per prompt
+    # position, (logprob of that token given the ones before, ((id, logprob), ...) the k most
+    # likely there); position 0 has no context: (None, ())
+    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 @dataclass
@@ -92,6 +104,9 @@ class _Request:
     beam_seqs: list[str] = field(default_factory=list)  # sequence of each running beam
     beam_reports: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)  # seq -> candidates
     beam_forks: int = 0  # forked beam sequences so far (names them)
+    # prompt logprobs by position (`SamplingParams.prompt_logprobs`), filled as chunks run
+    prompt_lp: list[tuple[float | None, tuple[tuple[int, float], ...]] | None] | None = None
+    prompt_lp_missing: int = 0  # positions not yet filled
 
     @property
     def finished(self) -> bool:
@@ -251,7 +266,12 @@ class Engine:
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
         req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority)
-        self.scheduler.add(SchedRequest(request_id, list(ids), max_tokens, priority=priority, adapter=key))
+        if params.prompt_logprobs is not None:
+            req.prompt_lp = [(None, ())] + [None] * (len(ids) - 1)
+            req.prompt_lp_missing = len(ids) - 1
+        # a prefill-only request (max_tokens 0) is scheduled as one token's; it never samples
+        self.scheduler.add(SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key,
+                                        prompt_logprobs=params.prompt_logprobs if req.prompt_lp_missing else None))
         self.counters["prompt_tokens"] += len(ids)
         self._requests[request_id] = req
         if lora is not None:
@@ -358,8 +378,9 @@ class Engine:
         self.num_steps += 1
         self._count(plan)
         out = self.runner.execute(plan, {name: held[0] for name, held in self._live_adapters.items()})
+        self._record_prompt_logprobs(out.prompt_logprobs)
         beams_reported = self._report_beams(out.seq_ids, out.logits)
-        rows, states, targets = self._sampling_batch(out.seq_ids)
+        rows, states, targets, prefilled = self._sampling_batch(out.seq_ids)
         sampled_by_seq: dict[str, int] = {}
         picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
         if rows:
@@ -374,13 +395,16 @@ class Engine:
                 if not fork_index:  # None (plain) or 0 (the parent of an n>1 fork)
                     sampled_by_seq[choice.seq_id] = tok
                 picks.append((req, choice, fork_index, tok, lp, top))
-        self.scheduler.update(plan, sampled_by_seq, held=[sid for req in beams_reported for sid in req.beam_reports])
+        held = [sid for req in beams_reported for sid in req.beam_reports] + [c.seq_id for _, c in prefilled]
+        self.scheduler.update(plan, sampled_by_seq, held=held)
         for req, choice, fork_index, tok, _, _ in picks:  # fork before any choice can finish
             if fork_index:
                 self._fork(req, choice, tok)
             if fork_index is not None and fork_index == req.params.n - 1:
                 req.forked = True
         deltas = [self._emit(req, choice, tok, lp, top) for req, choice, _, tok, lp, top in picks]
+        for req, choice in prefilled:
+            deltas += self._end_prefill_only(req, choice)
         for req in beams_reported:
             if len(req.beam_reports) == len(req.beam_seqs):
                 deltas += self._advance_beams(req)
@@ -405,16 +429,20 @@ class Engine:
                     c["prefix_hit_tokens"] += s.start_pos
 
     def _sampling_batch(self, seq_ids: Iterable[str]):
-        """Rows of logits to sample, with their sampling states; n>1 parents get n rows."""
+        """Rows of logits to sample, with their sampling states; n>1 parents get n rows.
+        Also the (request, choice) of prefill-only requests whose prefill ended (no row)."""
         rows: list[int] = []
         states: list[SeqSamplingState] = []
         targets: list = []
+        prefilled: list[tuple[_Request, _Choice]] = []
         for row, sid in enumerate(seq_ids):
             owner = self._seq_owner.get(sid)
             if owner is None:
                 continue
             req, choice = owner
-            if req.params.n > 1 and not req.forked:
+            if req.max_tokens == 0:
+                prefilled.append(owner)
+            elif req.params.n > 1 and not req.forked:
                 for i in range(req.params.n):
                     c = choice if i == 0 else self._new_choice(req, f"{req.request_id}#{i}", i)
                     rows.append(row)
@@ -424,7 +452,52 @@ class Engine:
                 rows.append(row)
                 states.append(choice.sampling)
                 targets.append((req, choice, None))
-        return rows, states, targets
+        return rows, states, targets, prefilled
+
+    def _record_prompt_logprobs(self, chunks) -> None:
+        """File the prompt logprobs of this step's chunks (`gpu.runner.PromptLogprobs`) by
+        position; once a request has them all, its later chunks stop asking (a recompute
+        after preemption would only repeat them) and it may take prefix hits again."""
+        for sid, chunk in chunks.items():
+            req = self._requests.get(sid)
+            if req is None or req.prompt_lp is None or not req.prompt_lp_missing:
+                continue
+            for i, (lp, top) in enumerate(zip(chunk.logprobs, chunk.top, strict=True)):
+                pos = chunk.start + i + 1
+                if req.prompt_lp[pos] is None:
+                    req.prompt_lp_missing -= 1
+                req.prompt_lp[pos] = (lp, tuple(top))
+            if not req.prompt_lp_missing:
+                sched = self.scheduler.get(sid)
+                if sched is not None:
+                    sched.prompt_logprobs = None
+
+    def _prompt_logprobs_out(self, req: _Request):
+        """`StepDelta.prompt_logprobs` of the request (None unless it asked for them)."""
+        if req.prompt_lp is None:
+            return None
+        if req.prompt_lp_missing:  # the engine's own invariant: every prompt chunk ran before a sample
+            raise RuntimeError(f"request {req.request_id!r} samples before its prompt logprobs are complete")
+        return tuple(req.prompt_lp)
+
+    def _end_prefill_only(self, req: _Request, choice: _Choice) -> list[StepDelta]:
+        """A max_tokens-0 request ran its prompt: end it, one empty delta per choice."""
+        self.scheduler.finish(choice.seq_id)
+        self._seq_owner.pop(choice.seq_id, None)
+        self._started.discard(choice.seq_id)
+        choice.finish_reason = "length"
+        for i in range(1, req.params.n):
+            extra = self._new_choice(req, f"{req.request_id}#{i}", i)
+            extra.scheduled = False
+            extra.finish_reason = "length"
+            req.choices.append(extra)
+        req.forked = True
+        prompt_lp = self._prompt_logprobs_out(req)
+        n = len(req.choices)
+        return [StepDelta(request_id=req.request_id, index=c.index, text="", token_ids=(), finish_reason="length",
+                          request_finished=i == n - 1, prompt_tokens=len(req.prompt_token_ids),
+                          prompt_logprobs=prompt_lp)
+                for i, c in enumerate(req.choices)]
 
     def _fork(self, req: _Request, choice: _Choice, tok: int) -> None:
         """Choice `choice.index` (≥ 1) of an n>1 request forks from choice 0 after its prefill.
@@ -558,6 +631,7 @@ class Engine:
                 request_finished=i == len(hyps) - 1,
                 prompt_tokens=len(req.prompt_token_ids),
                 completion_tokens=len(h.tokens),
+                prompt_logprobs=self._prompt_logprobs_out(req),
             ))
         return deltas
 
@@ -608,6 +682,7 @@ class Engine:
             request_finished=reason is not None and req.finished,
             prompt_tokens=len(req.prompt_token_ids),
             completion_tokens=n_out,
+            prompt_logprobs=self._prompt_logprobs_out(req) if n_out == 1 else None,
         )
 
 
@@ -619,6 +694,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[float] | None = None
+    prompt_logprobs: list[tuple[float | None, tuple[tuple[int, float], ...]]] | None = None  # see StepDelta
 
 
 def generate(
@@ -650,6 +726,8 @@ def generate(
             c.token_ids.extend(d.token_ids)
             if d.logprobs is not None:
                 c.logprobs = (c.logprobs or []) + list(d.logprobs)
+            if d.prompt_logprobs is not None:
+                c.prompt_logprobs = list(d.prompt_logprobs)
             if d.finish_reason:
                 c.finish_reason = d.finish_reason
     return [[outs[rid][k] for k in sorted(outs[rid])] for rid in order]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,11 +32,46 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens from one chunk: `logprobs[i]` is that of the prompt token at
+    position `start + i + 1` given the tokens before it, `top[i]` the k most likely tokens
+    there, (id, logprob) best first. Raw model distribution (log_softmax of the logits)."""
+
+    start: int
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
 class RunnerOutput:
-    """Logits of the sequences that sample this step, in `seq_ids` order."""
+    """Logits of the sequences that sample this step, in `seq_ids` order; the prompt
+    logprobs of the chunks that asked for them (`ScheduledSeq.logprob_targets`), by sequence."""
 
     seq_ids: tuple[str, ...]
     logits: torch.Tensor  # (len(seq_ids), vocab) float32
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+
+
+PROMPT_LOGIT_ROWS = 128  # rows of logits alive at once for prompt logprobs (128 x vocab floats)
+
+
+def token_logprobs(hidden: torch.Tensor, targets: Sequence[int], k: int, logits_of) -> tuple[list, list]:
+    """Logprob of `targets[i]` under row i of `hidden` (logits via `logits_of`), and the k
+    most likely (id, logprob) per row; a slice of `PROMPT_LOGIT_ROWS` rows at a time, so a
+    long prompt never holds its whole (rows, vocab) logits."""
+    chosen: list[float] = []
+    top: list[list[tuple[int, float]]] = []
+    tgt = torch.tensor(list(targets), dtype=torch.int64, device=hidden.device)
+    for a in range(0, len(targets), PROMPT_LOGIT_ROWS):
+        b = min(a + PROMPT_LOGIT_ROWS, len(targets))
+        lp = logits_of(hidden[a:b]).float().log_softmax(dim=-1)
+        chosen += lp.gather(1, tgt[a:b, None]).flatten().tolist()
+        if k > 0:
+            vals, ids = lp.topk(k, dim=-1)
+            top += [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+        else:
+            top += [[] for _ in range(b - a)]
+    return chosen, top
 
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
@@ -193,8 +228,21 @@ class ModelRunner:
             lora = LoraBatch.for_rows([adapters[s.adapter] if s.adapter else None for s in seqs],
                                       [len(s.token_ids) for s in seqs])
         hidden = self.model(ids, pos, self.kv_caches, meta, lora)  # (T, hidden)
+        prompt_lps = self._prompt_logprobs(seqs, hidden)
         if not sample_idx:
-            return RunnerOutput((), torch.empty((0, self.config.vocab_size)))
+            return RunnerOutput((), torch.empty((0, self.config.vocab_size)), prompt_lps)
         idx = torch.tensor(sample_idx, dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, idx))  # (S, vocab) float32
-        return RunnerOutput(tuple(sample_ids), logits.float().cpu())
+        return RunnerOutput(tuple(sample_ids), logits.float().cpu(), prompt_lps)
+
+    def _prompt_logprobs(self, seqs: list[ScheduledSeq], hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+        """Prompt logprobs of the chunks with `logprob_targets` (rows in `_prepare`'s order)."""
+        out: dict[str, PromptLogprobs] = {}
+        row = 0
+        for s in seqs:
+            if s.logprob_targets:
+                lps, top = token_logprobs(hidden[row : row + len(s.logprob_targets)], s.logprob_targets,
+                                          s.prompt_logprobs, self.model.compute_logits)
+                out[s.request_id] = PromptLogprobs(s.start_pos, lps, top)
+            row += len(s.token_ids)
+        return out

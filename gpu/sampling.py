@@ -78,6 +78,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     log-probability by its length to that power; `early_stopping` is Hugging Face's
     stopping rule (False: a heuristic, True: stop once `best_of` hypotheses exist,
     "never": the canonical search).
+
+    `prompt_logprobs` k (vLLM's name) returns, for every prompt token after the first,
+    its logprob given the tokens before it plus the k most likely tokens there (raw model
+    distribution, as `logprobs`): scoring a text. `max_tokens` 0 runs the prompt only
+    (prefill) and generates nothing: with `prompt_logprobs`, a pure scoring request.
     """
 
     n: int = 1
@@ -104,6 +109,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     best_of: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # A bare string is a common client shape for `stop` ("stop": "\n").
@@ -180,7 +186,7 @@ def _validate(p: SamplingParams) -> None:
     for t in p.stop_token_ids:
         _check_int("stop_token_ids", t, 0)
     if p.max_tokens is not None:
-        _check_int("max_tokens", p.max_tokens, 1)
+        _check_int("max_tokens", p.max_tokens, 0)
     _check_int("min_tokens", p.min_tokens, 0)
     if p.max_tokens is not None and p.min_tokens > p.max_tokens:
         raise SamplingParamsError(
@@ -188,6 +194,8 @@ def _validate(p: SamplingParams) -> None:
         )
     if p.logprobs is not None:
         _check_int("logprobs", p.logprobs, 0, MAX_LOGPROBS)
+    if p.prompt_logprobs is not None:
+        _check_int("prompt_logprobs", p.prompt_logprobs, 0, MAX_LOGPROBS)
     if not isinstance(p.logit_bias, tuple) or len(p.logit_bias) > MAX_LOGIT_BIAS:
         raise SamplingParamsError("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases")
     for pair in p.logit_bias:
@@ -216,6 +224,8 @@ def _validate_beam_search(p: SamplingParams) -> None:
         raise SamplingParamsError("early_stopping", f"must be true, false or \"never\", got {p.early_stopping!r}")
     if not p.use_beam_search:
         return
+    if p.max_tokens == 0:
+        raise SamplingParamsError("max_tokens", "beam search generates at least one token")
     for name, off in (("top_k", p.top_k in (0, -1)), ("top_p", p.top_p == 1.0), ("min_p", p.min_p == 0.0)):
         if not off:
             raise SamplingParamsError(name, "restricts sampling, and beam search does not sample")

@@ -67,6 +67,7 @@ class FakeRuntime:
         self.finished: set[str] = set()
         self.cancel_events: dict[str, trio.Event] = {}
         self.reject: Rejected | None = None
+        self.reject_after: int | None = None  # with `reject`: refuse only after this many calls
         self.ready = True
         self.delay = 0.0
 
@@ -79,11 +80,11 @@ class FakeRuntime:
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "degraded": [], "queue_len": 0, "running": 0, "kv_usage": 0.0}
 
-    async def submit(self, call: GenerateCall) -> Accepted | Rejected:
+    async def submit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
         self.calls.append(call)
-        if self.reject is not None:
+        if self.reject is not None and (self.reject_after is None or len(self.calls) > self.reject_after):
             return msgspec.structs.replace(self.reject, request_id=call.request_id)
-        send, receive = trio.open_memory_channel[Any](16)
+        send, receive = (sink.clone(), None) if sink is not None else trio.open_memory_channel[Any](16)
         self.cancel_events[call.request_id] = trio.Event()
 
         def cancel() -> None:

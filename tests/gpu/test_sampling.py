@@ -46,7 +46,7 @@ def random_logits(rows: int, seed: int = 0, vocab: int = V) -> torch.Tensor:
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"presence_penalty": -2.01}, "presence_penalty"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"stop": ("",)}, "stop"),

@@ -1,0 +1,132 @@
+"""Prompt logprobs (`SamplingParams.prompt_logprobs`) and prefill-only requests (max_tokens 0)
+against Hugging Face transformers: the logprob of every prompt token given the ones before
+it, and the top alternatives there, whatever the chunking, batching, prefix cache and
+preemption do."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
+from gpu.engine import Engine, generate
+from gpu.sampling import SamplingParams, SamplingParamsError
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It was a sunny afternoon in the small village by the river.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+]
+K = 3
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def reference(hf_reference, prompts):
+    """Per prompt: (logprob of token i given tokens < i, top-K ids there) for i >= 1."""
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            lp = hf_reference(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+            chosen = lp.gather(1, torch.tensor(ids[1:])[:, None]).flatten()
+            out.append((chosen, lp.topk(K, dim=-1)))
+    return out
+
+
+def make_engine(ckpt, tokenizer, cache: CacheConfig | None = None, **sched) -> Engine:
+    cfg = EngineConfig(dtype="float32", cache=cache or CacheConfig(cache_bytes=64 * 1024**2),
+                       scheduler=replace(SchedulerConfig(), **sched))
+    return Engine(cfg, checkpoint=ckpt, tokenizer=tokenizer)
+
+
+def scoring(max_tokens: int = 0, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=K, **kw)
+
+
+def check(got, ref, ids) -> None:
+    chosen, (top_vals, top_ids) = ref
+    assert len(got) == len(ids)
+    assert got[0] == (None, ())
+    lps = torch.tensor([lp for lp, _ in got[1:]])
+    torch.testing.assert_close(lps, chosen, atol=2e-4, rtol=0)
+    for i, (_, top) in enumerate(got[1:]):
+        assert len(top) == K
+        assert [t for t, _ in top] == top_ids[i].tolist() or torch.allclose(  # a near-tie may swap
+            torch.tensor([v for _, v in top]), top_vals[i], atol=2e-4)
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), top_vals[i], atol=2e-4, rtol=0)
+
+
+def test_prompt_logprobs_match_transformers_in_a_chunked_batch_with_prefix_hits_around(
+        ckpt, tokenizer, prompts, reference):
+    engine = make_engine(ckpt, tokenizer, max_num_batched_tokens=16)  # every prompt is chunked
+    generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=2))  # their blocks are now cached
+    hits = engine.counters["prefix_hit_tokens"]
+    outs = generate(engine, prompts, [scoring(), scoring(max_tokens=3), scoring()])
+    # a scoring request takes no prefix hits: every position must run
+    assert engine.counters["prefix_hit_tokens"] == hits
+    for [o], ids, ref in zip(outs, prompts, reference, strict=True):
+        check(o.prompt_logprobs, ref, ids)
+    assert [o.token_ids for [o] in outs] == [[], outs[1][0].token_ids, []]
+    assert len(outs[1][0].token_ids) == 3
+    assert [o.finish_reason for [o] in outs] == ["length"] * 3
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_generation_after_prompt_logprobs_is_unchanged(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    plain = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    scored = generate(engine, prompts, scoring(max_tokens=8, ignore_eos=True, n=2))
+    for [p], choices in zip(plain, scored, strict=True):
+        assert [c.token_ids for c in choices] == [p.token_ids, p.token_ids]  # greedy: n copies
+        assert choices[0].prompt_logprobs == choices[1].prompt_logprobs is not None
+
+
+def test_prefill_only_with_n_choices_returns_n_empty_choices(ckpt, tokenizer, prompts, reference):
+    engine = make_engine(ckpt, tokenizer)
+    [choices] = generate(engine, prompts[:1], scoring(n=3))
+    assert [(c.index, c.token_ids, c.text, c.finish_reason) for c in choices] == [
+        (i, [], "", "length") for i in range(3)]
+    for c in choices:
+        check(c.prompt_logprobs, reference[0], prompts[0])
+    # and without prompt logprobs: a pure prefill (it warms the prefix cache)
+    [[warm]] = generate(engine, prompts[1:2], SamplingParams(max_tokens=0))
+    assert warm.token_ids == [] and warm.prompt_logprobs is None and warm.finish_reason == "length"
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_preempted_scoring_requests_still_match(ckpt, tokenizer, prompts, reference):
+    per_block = CacheConfig(block_size=16).bytes_per_block(ckpt.config, 4)
+    blocks = (max(map(len, prompts)) + 40) // 16 + 2  # about one request at a time
+    engine = make_engine(ckpt, tokenizer, cache=CacheConfig(block_size=16, cache_bytes=per_block * blocks),
+                         max_num_batched_tokens=8)
+    outs = generate(engine, prompts, scoring(max_tokens=40, ignore_eos=True))
+    assert engine.counters["preemptions"] > 0
+    for [o], ids, ref in zip(outs, prompts, reference, strict=True):
+        check(o.prompt_logprobs, ref, ids)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_one_token_prompt_has_nothing_to_score(ckpt, tokenizer):
+    engine = make_engine(ckpt, tokenizer)
+    [[o]] = generate(engine, [[1]], scoring())
+    assert o.prompt_logprobs == [(None, ())] and o.token_ids == []
+
+
+def test_prompt_logprobs_params_are_validated():
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(prompt_logprobs=21)
+    assert e.value.field == "prompt_logprobs"
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(max_tokens=-1)
+    assert e.value.field == "max_tokens"
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(use_beam_search=True, max_tokens=0, temperature=0.0)
+    assert e.value.field == "max_tokens"
