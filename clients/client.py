@@ -62,6 +62,9 @@ class Choice(msgspec.Struct, frozen=True):
     index: int
     text: str
     finish_reason: str | None
+    # as the server sent it: completions' {"tokens", "token_logprobs", "top_logprobs",
+    # "text_offset"} (with `echo`, the prompt's tokens first), chat's {"content": [...]}
+    logprobs: dict[str, Any] | None = None
 
 
 class Completion(msgspec.Struct, frozen=True):
@@ -140,7 +143,7 @@ def completion_from(body: dict[str, Any]) -> Completion:
     choices = []
     for c in body["choices"]:
         text = c["message"]["content"] if "message" in c else c["text"]
-        choices.append(Choice(c["index"], text or "", c.get("finish_reason")))
+        choices.append(Choice(c["index"], text or "", c.get("finish_reason"), c.get("logprobs")))
     return Completion(body["id"], body["model"], choices, msgspec.convert(body["usage"], Usage))
 
 
@@ -319,9 +322,10 @@ class LmgateClient:
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._request_json("GET", "/v1/models"))["data"]]
 
-    async def completions(self, prompt: str | list[int], *, cache_control: str | None = None,
-                          **params: Any) -> Completion:
+    async def completions(self, prompt: str | list[int] | list[str] | list[list[int]], *,
+                          cache_control: str | None = None, **params: Any) -> Completion:
         """POST /v1/completions. `params` are OpenAI/lmgate body fields (max_tokens, temperature, ...).
+        A list of prompts is a batch: choice `i * n + j` is the j-th of prompt i.
         `cache_control` is sent as the Cache-Control header: "no-cache" asks for a fresh
         answer, "no-store" keeps it out of the response cache (docs/api.md). So in every
         method here, and on the WebSocket."""
@@ -333,8 +337,8 @@ class LmgateClient:
         body = await self._body(params, messages=messages)
         return completion_from(await self._request_json("POST", "/v1/chat/completions", body, cache_control))
 
-    def completions_stream(self, prompt: str | list[int], *, cache_control: str | None = None,
-                           **params: Any) -> TokenStream:
+    def completions_stream(self, prompt: str | list[int] | list[str] | list[list[int]], *,
+                           cache_control: str | None = None, **params: Any) -> TokenStream:
         return self._lazy_stream("/v1/completions", params, cache_control, prompt=prompt)
 
     def chat_stream(self, messages: list[dict[str, Any]], *, cache_control: str | None = None,

@@ -53,6 +53,10 @@ def test_completions_and_chat(served: Served, backend: str) -> None:
             chat = await client.chat(HELLO, max_tokens=3, n=2)
             assert [c.text for c in chat.choices] == ["".join(word(i, j) for j in range(3)) for i in (0, 1)]
             assert chat.choices[0].finish_reason == "length"
+            batch = await client.completions(["a", "b c"], max_tokens=1, echo=True, logprobs=1)
+            assert [c.text for c in batch.choices] == ["a" + word(0, 0), "b c" + word(0, 0)]
+            assert batch.usage.prompt_tokens == 3
+            assert batch.choices[1].logprobs is not None and batch.choices[1].logprobs["token_logprobs"] == [-0.5]
 
     run(backend, scenario)
 

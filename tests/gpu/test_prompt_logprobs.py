@@ -130,3 +130,13 @@ def test_prompt_logprobs_params_are_validated():
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(use_beam_search=True, max_tokens=0, temperature=0.0)
     assert e.value.field == "max_tokens"
+
+
+def test_beam_search_returns_the_prompt_logprobs_with_every_hypothesis(ckpt, tokenizer, prompts, reference):
+    engine = make_engine(ckpt, tokenizer)
+    [hyps] = generate(engine, prompts[1:2], SamplingParams(use_beam_search=True, n=2, best_of=3, max_tokens=4,
+                                                           prompt_logprobs=K))
+    assert len(hyps) == 2
+    for h in hyps:
+        check(h.prompt_logprobs, reference[1], prompts[1])
+    assert engine.block_manager.num_free_blocks == engine.num_blocks

@@ -1,0 +1,149 @@
+"""Completions with several prompts (a batch) and `echo`, over real sockets against the
+fake runtime: one runtime request per prompt, choice `i * n + j`, usage summed, one end;
+a refusal or failure of any prompt is the whole request's and aborts the others."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import trio
+from httpx_ws import aconnect_ws
+
+from actors.messages import Rejected
+from gateway.sse import parse_events
+from tests.gateway.conftest import MODEL, Gateway, word
+
+
+def words(index: int, count: int) -> str:
+    return "".join(word(index, j) for j in range(count))
+
+
+async def post(gateway: Gateway, body: dict) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        return await client.post("/v1/completions", json={"model": MODEL, **body})
+
+
+async def test_a_batch_of_strings_is_one_request_per_prompt_with_choices_in_prompt_order(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": ["one two", "three four five"], "max_tokens": 2, "n": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("cmpl-")
+    # choice j of prompt i is choice i * n + j
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, words(0, 2), "length"), (1, words(1, 2), "length"), (2, words(0, 2), "length"), (3, words(1, 2), "length")]
+    assert body["usage"] == {"prompt_tokens": 2 + 3, "completion_tokens": 8, "total_tokens": 13}
+    calls = gateway.runtime.calls
+    assert [c.prompt for c in calls] == ["one two", "three four five"]
+    assert [c.request_id for c in calls] == [body["id"] + "-0", body["id"] + "-1"]
+    assert gateway.runtime.cancelled == set()
+
+
+async def test_a_batch_of_token_lists_and_a_single_token_list(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": [[1, 2, 3], [4]], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert [c.prompt_token_ids for c in gateway.runtime.calls] == [[1, 2, 3], [4]]
+    r = await post(gateway, {"prompt": [5, 6], "max_tokens": 1})
+    assert len(r.json()["choices"]) == 1
+    assert gateway.runtime.calls[-1].prompt_token_ids == [5, 6]
+    assert gateway.runtime.calls[-1].request_id == r.json()["id"]  # one prompt: the request's own id
+
+
+async def test_a_streamed_batch_remaps_choices_and_ends_once(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": ["a", "b", "c"], "max_tokens": 2, "stream": True,
+                             "stream_options": {"include_usage": True}})
+    payloads = parse_events(r.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    texts: dict[int, str] = {}
+    for chunk in chunks[:-2]:
+        [choice] = chunk["choices"]
+        assert choice["finish_reason"] is None
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: words(0, 2), 1: words(0, 2), 2: words(0, 2)}
+    assert [c["finish_reason"] for c in chunks[-2]["choices"]] == ["length"] * 3
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert len({c["id"] for c in chunks}) == 1
+
+
+async def test_a_refused_prompt_refuses_the_batch_and_aborts_the_accepted_ones(gateway: Gateway) -> None:
+    gateway.runtime.reject = Rejected("", 429, "rate_limit_exceeded", "quota max_concurrent", retry_after=1.0)
+    gateway.runtime.reject_after = 1  # the first prompt is accepted, the second refused
+    r = await post(gateway, {"prompt": ["HANG", "x", "y"], "max_tokens": 2})
+    assert r.status_code == 429, r.text
+    assert r.headers["Retry-After"] == "1"
+    first, second = gateway.runtime.calls  # the third was never submitted
+    with trio.fail_after(5):
+        await gateway.runtime.cancel_events[first.request_id].wait()
+    assert second.request_id not in gateway.runtime.cancel_events
+
+
+async def test_a_failed_prompt_fails_the_batch_and_aborts_the_others(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": ["HANG", "FAIL"], "max_tokens": 4})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "engine_error"
+    hang = gateway.runtime.calls[0].request_id
+    with trio.fail_after(5):
+        await gateway.runtime.cancel_events[hang].wait()
+
+
+async def test_dropping_a_streamed_batch_cancels_every_prompt(gateway: Gateway) -> None:
+    async with (
+        httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client,
+        client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": ["HANG", "HANG two"],
+                                                       "stream": True}) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                break
+    with trio.fail_after(5):
+        for call in gateway.runtime.calls:
+            await gateway.runtime.cancel_events[call.request_id].wait()
+
+
+async def test_echo_writes_each_prompt_before_its_choices(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": ["one two", "three"], "max_tokens": 1, "echo": True, "n": 2})
+    assert [c["text"] for c in r.json()["choices"]] == [
+        "one two" + word(0, 0), "one two" + word(1, 0), "three" + word(0, 0), "three" + word(1, 0)]
+    r = await post(gateway, {"prompt": "one", "max_tokens": 2, "echo": True, "stream": True})
+    chunks = [json.loads(p) for p in parse_events(r.text)[:-1]]
+    assert chunks[0]["choices"][0]["text"] == "one" + word(0, 0)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "one" + words(0, 2)
+
+
+async def test_echo_asks_for_the_prompts_logprobs_with_logprobs_only(gateway: Gateway) -> None:
+    await post(gateway, {"prompt": "x", "echo": True, "logprobs": 2})
+    assert gateway.runtime.calls[-1].params.prompt_logprobs == 2
+    await post(gateway, {"prompt": "x", "echo": True})
+    assert gateway.runtime.calls[-1].params.prompt_logprobs is None
+    await post(gateway, {"prompt": "x", "logprobs": 2})
+    assert gateway.runtime.calls[-1].params.prompt_logprobs is None
+
+
+async def test_max_tokens_zero_is_for_completions_only(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": "x", "max_tokens": 0, "echo": True})
+    assert r.status_code == 200, r.text
+    assert gateway.runtime.calls[-1].params.max_tokens == 0
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 0,
+                                                            "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_tokens"
+
+
+async def test_a_batch_over_the_websocket(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json({"type": "request", "id": "b", "endpoint": "completions",
+                            "body": {"model": MODEL, "prompt": ["p", "q"], "max_tokens": 2, "echo": True}})
+        frames = []
+        with trio.fail_after(5):
+            while not frames or frames[-1]["type"] not in ("done", "error"):
+                frames.append(await ws.receive_json())
+    texts: dict[int, str] = {}
+    for f in frames[:-1]:
+        texts[f["index"]] = texts.get(f["index"], "") + f["text"]
+    assert texts == {0: "p" + words(0, 2), 1: "q" + words(0, 2)}
+    assert frames[-1]["finish_reasons"] == ["length", "length"]
+    assert frames[-1]["usage"]["completion_tokens"] == 4

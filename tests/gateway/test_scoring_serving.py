@@ -1,0 +1,116 @@
+"""Scoring text through the whole stack, as lm-evaluation-harness's `local-completions`
+does it: a batch of token-id prompts with `echo`, `logprobs` 1 and `max_tokens` 1, each
+prompt token's logprob as the engine computes it; `max_tokens` 0 scores without
+generating; SSE streams the same."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from operator import itemgetter
+
+import httpx
+import openai
+import pytest
+import torch
+import trio
+
+from gateway.config import GatewayConfig
+from gateway.server import serve
+from gateway.sse import parse_events
+from gpu.config import CacheConfig, EngineConfig
+from gpu.engine import Engine, generate
+from gpu.sampling import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
+
+CONTEXTS = ["Question: What is the capital of France?\nAnswer:", "The sun rises in the"]
+CONTINUATIONS = [[" Paris", " London"], [" east", " west"]]
+
+
+def lm_eval_parse(response: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
+    """lm-evaluation-harness's `LocalCompletionsAPI.parse_logprobs`: the continuation's
+    summed logprob (the last, generated token excluded) and whether it is the greedy one."""
+    res = []
+    for choice, ctxlen in zip(sorted(response["choices"], key=itemgetter("index")), ctxlens, strict=True):
+        lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        res.append((sum(lps), all(lp == max(top.values()) for lp, top in zip(lps, tops, strict=True))))
+    return res
+
+
+async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(2)
+    out, stop = io.StringIO(), trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
+                                                         task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+
+    engine = Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=32 * 1024**2)))
+    tok = engine.tokenizer
+    requests = [(tok.encode(c), tok.encode(c + x)) for c, xs in zip(CONTEXTS, CONTINUATIONS, strict=True) for x in xs]
+    prompts = [whole for _, whole in requests]
+    ctxlens = [len(ctx) for ctx, _ in requests]
+    for ctx, whole in requests:
+        assert whole[: len(ctx)] == ctx  # the continuation starts a new token here
+    want = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))
+    texts = [tok.decode(p, skip_special_tokens=False) for p in prompts]
+    del engine
+
+    sdk = openai.OpenAI(base_url=urls[0] + "/v1", api_key=key, max_retries=0)
+    model = (await trio.to_thread.run_sync(sdk.models.list)).data[0].id
+
+    def score():  # lm-evaluation-harness's loglikelihood payload
+        return sdk.completions.create(model=model, prompt=prompts, temperature=0, max_tokens=1, logprobs=1,
+                                      seed=1234, echo=True)
+
+    reply = (await trio.to_thread.run_sync(score)).model_dump()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+    for choice, [ref], text, ids in zip(reply["choices"], want, texts, prompts, strict=True):
+        lp = choice["logprobs"]
+        assert choice["text"] == text + ref.text
+        assert len(lp["tokens"]) == len(ids) + 1  # the prompt's tokens, then the generated one
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:-1] == pytest.approx([x for x, _ in ref.prompt_logprobs[1:]], abs=1e-3)
+        assert [next(iter(t)) for t in lp["top_logprobs"][1:-1]] == [
+            tok.decode([top[0][0]], skip_special_tokens=False) for _, top in ref.prompt_logprobs[1:]]
+        assert lp["text_offset"][0] == 0 and lp["text_offset"][-1] == len(text)
+    assert reply["usage"]["prompt_tokens"] == sum(map(len, prompts))
+    assert reply["usage"]["completion_tokens"] == 4
+    scores = lm_eval_parse(reply, ctxlens)
+    ref_scores = [sum(x for x, _ in ref.prompt_logprobs[c:]) for [ref], c in zip(want, ctxlens, strict=True)]
+    assert [s for s, _ in scores] == pytest.approx(ref_scores, abs=1e-3)
+    assert scores[0][0] > scores[1][0]  # Paris is likelier than London
+    assert scores[2][0] > scores[3][0]  # and the east than the west
+
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        # max_tokens 0: the prompts alone, scored; nothing generated or billed as completion
+        r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:2], "max_tokens": 0,
+                                                     "echo": True, "logprobs": 0})
+        assert r.status_code == 200, r.text
+        zero = r.json()
+        assert [c["text"] for c in zero["choices"]] == texts[:2]
+        assert zero["usage"]["completion_tokens"] == 0
+        for choice, full in zip(zero["choices"], reply["choices"][:2], strict=True):
+            assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+                full["logprobs"]["token_logprobs"][1:-1], abs=1e-3)
+            assert choice["logprobs"]["top_logprobs"][1:] == [{}] * (len(choice["logprobs"]["tokens"]) - 1)
+        # streamed: the echoed prompt and its logprobs come in each choice's first chunk
+        r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[2:], "max_tokens": 1,
+                                                     "echo": True, "logprobs": 1, "stream": True, "temperature": 0})
+        chunks = [json.loads(p) for p in parse_events(r.text)[:-1]]
+        streamed: dict[int, list] = {}
+        for chunk in chunks:
+            for c in chunk["choices"]:
+                if c["logprobs"] is not None:
+                    streamed.setdefault(c["index"], []).extend(c["logprobs"]["token_logprobs"])
+        assert [streamed[i][1:] for i in (0, 1)] == [pytest.approx(c["logprobs"]["token_logprobs"][1:], abs=1e-3)
+                                                     for c in reply["choices"][2:]]
+        # a scoring request is never answered from the response cache (it keeps no prompt logprobs)
+        metrics = (await http.get("/metrics")).text
+        assert not re.search(r'lmgate_response_cache_lookups_total\{result="hit"\} [1-9]', metrics)
+        assert re.search(r'lmgate_requests_total\{outcome="ok",tenant="dev"\} 8\.0', metrics), metrics
+    stop.set()
