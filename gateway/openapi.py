@@ -16,8 +16,9 @@ from cache.quotas import Quota
 from cache.tenants import ApiKeyInfo, Tenant
 from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
 from gateway.routes_openai import ChatRequest, CompletionRequest
+from gateway.routes_tokenizer import DetokenizeRequest, TokenizeRequest
 
-_SCHEMA_TYPES = (CompletionRequest, ChatRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
+_SCHEMA_TYPES = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
 
 _ERROR = {
     "type": "object",
@@ -93,6 +94,10 @@ def openapi_document() -> dict[str, Any]:
         "/v1/completions": {"post": completions},
         "/v1/chat/completions": {"post": chat},
         "/v1/models": {"get": _op("List served models")},
+        "/tokenize": {"post": _op("Token ids of a prompt or of chat messages (vLLM's)", body="TokenizeRequest",
+                                  errors=(400, 401, 404))},
+        "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404))},
+        "/tokenizer_info": {"get": _op("The tokenizer's config: bos/eos tokens, chat template (vLLM's)")},
         "/v1/ws": {"get": {**_op("WebSocket token streaming (see docs/websocket.md)", ok="101"), "responses": {"101": {"description": "switching protocols"}, **_errors(401)}}},
         "/healthz": {"get": {**_op("Process is up"), **public_path}},
         "/readyz": {"get": {**_op("Runtime ready (503 if not); lists degraded parts", errors=(503,)), **public_path}},

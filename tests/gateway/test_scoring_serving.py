@@ -1,7 +1,7 @@
 """Scoring text through the whole stack, as lm-evaluation-harness's `local-completions`
-does it: a batch of token-id prompts with `echo`, `logprobs` 1 and `max_tokens` 1, each
-prompt token's logprob as the engine computes it; `max_tokens` 0 scores without
-generating; SSE streams the same."""
+does it: the server's tokenizer (/tokenizer_info, /tokenize), then a batch of token-id
+prompts with `echo`, `logprobs` 1 and `max_tokens` 1, each prompt token's logprob as the
+engine computes it; `max_tokens` 0 scores without generating; SSE streams the same."""
 
 from __future__ import annotations
 
@@ -87,6 +87,11 @@ async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_pat
     assert scores[2][0] > scores[3][0]  # and the east than the west
 
     async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        # the harness's remote tokenizer: /tokenizer_info, then /tokenize for the token ids it sends
+        info = (await http.get("/tokenizer_info")).json()
+        assert info["eos_token"] and info["chat_template"]
+        r = await http.post("/tokenize", json={"prompt": CONTEXTS[0] + CONTINUATIONS[0][0], "add_special_tokens": False})
+        assert r.json()["tokens"] == prompts[0]
         # max_tokens 0: the prompts alone, scored; nothing generated or billed as completion
         r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:2], "max_tokens": 0,
                                                      "echo": True, "logprobs": 0})

@@ -1,0 +1,116 @@
+"""vLLM's tokenizer endpoints: the served model's tokenizer, for clients that count or
+build prompts in token ids without a copy of it (lm-evaluation-harness's
+`local-completions` detects them and then needs no tokenizer of its own).
+
+::
+
+    GET  /tokenizer_info     the tokenizer's config: class, bos/eos tokens, chat template, ...
+    POST /tokenize           {prompt, add_special_tokens?=true, return_token_strs?=false}
+                             or {messages, add_generation_prompt?=true, ...}
+                             -> {count, max_model_len, tokens, token_strs}
+    POST /detokenize         {tokens} -> {prompt}
+
+Each takes an optional `model` (the served model or one of its LoRA adapters: they
+share the tokenizer) and, like the OpenAI routes, a tenant's API key. Tokenizing costs
+CPU on the event loop, as admission's does; a body is at most `max_body_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from quart import Blueprint, request
+
+from gateway.errors import ApiError
+from gateway.routes_openai import ChatMessageIn
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+    from gpu.tokenizer import Tokenizer
+
+
+class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of POST /tokenize: a `prompt`, or chat `messages` rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+def _decode(raw: bytes, kind: type) -> Any:
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+
+
+def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
+    """The token ids of a /tokenize request (pure; 400 for a bad one)."""
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "give either prompt or messages", code="invalid_value", param="prompt")
+    if req.messages is not None:
+        from gpu.tokenizer import ChatTemplateError
+
+        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)
+        except ChatTemplateError as exc:
+            raise ApiError(400, f"messages: {exc}", code="invalid_value", param="messages") from exc
+        return tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+    special = True if req.add_special_tokens is None else req.add_special_tokens
+    return tokenizer.encode(req.prompt or "", add_special_tokens=special)
+
+
+def tokenizer_blueprint(state: GatewayState) -> Blueprint:
+    bp = Blueprint("tokenizer", __name__)
+
+    def tokenizer_of(model: str | None) -> Tokenizer:
+        if model is not None:
+            state.check_model(model)
+        tokenizer = getattr(state.runtime, "tokenizer", None)
+        if tokenizer is None:
+            raise ApiError(501, "this server has no tokenizer to offer", code="not_implemented")
+        return tokenizer
+
+    @bp.get("/tokenizer_info")
+    async def tokenizer_info() -> Any:
+        await state.authenticate(request.headers.get("Authorization"))
+        tokenizer = tokenizer_of(None)
+        return {**tokenizer.to_hf_tokenizer_config(), "model_max_length": state.runtime.max_model_len,
+                "pad_token": None, "vocab_size": tokenizer.vocab_size}
+
+    @bp.post("/tokenize")
+    async def tokenize_route() -> Any:
+        await state.authenticate(request.headers.get("Authorization"))
+        req = _decode(await request.get_data(cache=False), TokenizeRequest)
+        tokenizer = tokenizer_of(req.model)
+        ids = tokenize(tokenizer, req)
+        strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": state.runtime.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @bp.post("/detokenize")
+    async def detokenize_route() -> Any:
+        await state.authenticate(request.headers.get("Authorization"))
+        req = _decode(await request.get_data(cache=False), DetokenizeRequest)
+        tokenizer = tokenizer_of(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids must be in [0, {tokenizer.vocab_size}); got {bad[0]}",
+                           code="invalid_value", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    return bp
+
+
+__all__ = ["DetokenizeRequest", "TokenizeRequest", "tokenize", "tokenizer_blueprint"]

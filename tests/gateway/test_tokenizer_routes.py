@@ -1,0 +1,80 @@
+"""vLLM's tokenizer endpoints (/tokenize, /detokenize, /tokenizer_info) over real sockets,
+with the bundled model's tokenizer, as lm-evaluation-harness's remote tokenizer calls them."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from gpu.loader import bundled_gguf_path
+from gpu.tokenizer import load_tokenizer
+from tests.gateway.conftest import MODEL, Gateway
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(bundled_gguf_path())
+
+
+@pytest.fixture
+def client_of(gateway: Gateway, tokenizer):
+    gateway.runtime.tokenizer = tokenizer  # the fake runtime has none of its own
+
+    def make(**headers: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=gateway.base_url, headers={**gateway.headers, **headers})
+
+    return make
+
+
+async def test_tokenize_and_detokenize_round_trip(client_of, tokenizer) -> None:
+    async with client_of() as client:
+        r = await client.post("/tokenize", json={"prompt": "Hello world, héllo!", "add_special_tokens": False})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == tokenizer.encode("Hello world, héllo!")
+        assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 2048
+        assert body["token_strs"] is None
+        r = await client.post("/detokenize", json={"tokens": body["tokens"], "model": MODEL})
+        assert r.json() == {"prompt": "Hello world, héllo!"}
+        r = await client.post("/tokenize", json={"prompt": "Hi there", "return_token_strs": True})
+        assert r.json()["token_strs"] == ["Hi", "Ġthere"]
+
+
+async def test_tokenize_messages_with_the_chat_template(client_of, tokenizer) -> None:
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    async with client_of() as client:
+        r = await client.post("/tokenize", json={"messages": messages})
+    assert r.json()["tokens"] == tokenizer.render_and_encode(messages)
+
+
+async def test_tokenizer_info_is_what_a_remote_tokenizer_needs(client_of, tokenizer) -> None:
+    async with client_of() as client:
+        info = (await client.get("/tokenizer_info")).json()
+    assert info["eos_token"] == "<|im_end|>" and info["bos_token"] == "<|im_start|>"
+    assert info["chat_template"] == tokenizer.chat_template
+    assert info["model_max_length"] == 2048 and info["vocab_size"] == tokenizer.vocab_size
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, "prompt"),
+    ("/tokenize", {"prompt": 3}, 400, None),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("/detokenize", {}, 400, None),
+])
+async def test_bad_input_is_an_openai_error(client_of, path: str, body: dict, status: int, param: str | None) -> None:
+    async with client_of() as client:
+        r = await client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert r.json()["error"]["param"] == param
+
+
+async def test_they_need_an_api_key(client_of) -> None:
+    async with client_of(Authorization="Bearer wrong") as client:
+        for r in [await client.post("/tokenize", json={"prompt": "x"}), await client.get("/tokenizer_info"),
+                  await client.post("/detokenize", json={"tokens": [1]})]:
+            assert r.status_code == 401
