@@ -107,6 +107,7 @@ class Admission:
         response_cache: Any = None,  # cache.response_cache.ResponseCache | None
         prompt_cache: Any = None,  # cache.prompt_cache.PromptCache | None
         adapters: Any = None,  # gpu.lora.LoraManager | None: LoRA adapters clients may name as `model`
+        on_cancel: Any = None,  # called (no arguments) when an accepted request is cancelled
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -119,6 +120,7 @@ class Admission:
         self.prompt_cache = prompt_cache
         self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
+        self.on_cancel = on_cancel
 
     # ------------------------------------------------------------- pieces
     async def _adapter(self, model: str) -> tuple[str, str] | None:
@@ -350,7 +352,13 @@ class Admission:
                               adapter=adapter[0] if adapter else None, adapter_key=adapter[1] if adapter else None)
             send.close()
             recv.close()
-            send, recv = (sink.clone(), None) if sink is not None else trio.open_memory_channel(st.channel_size())
+            if sink is not None:
+                try:
+                    send, recv = sink.clone(), None
+                except trio.ClosedResourceError:  # the batch this belongs to was dropped meanwhile
+                    raise _Refuse(499, "client_closed_request", "the client went away before admission") from None
+            else:
+                send, recv = trio.open_memory_channel(st.channel_size())
             st.events = send
             st.admitted_at = time.monotonic()
             await self._reserve(call, st)
@@ -378,6 +386,8 @@ class Admission:
         def cancel() -> None:
             st.cancelled = True
             (recv if recv is not None else send).close()
+            if self.on_cancel is not None:
+                self.on_cancel()
 
         self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
         return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled)

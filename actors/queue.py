@@ -91,6 +91,7 @@ class QueueActor:
         # (the policy learns their lengths, reservations go back, the KV gauge follows)
         self.reconcile_s = reconcile_s
         self._arrived = trio.Event()
+        self._cancelled = trio.Event()  # a request was cancelled: purge the queue of such
         self._released: dict[str, Job] = {}
         self._kv_grown = 0  # the policy's KvReservation.grown already counted in metrics
 
@@ -104,6 +105,34 @@ class QueueActor:
             if self.policy.remove(job.rid) is not None:
                 out.append(job.payload)
         return out
+
+    def notice_cancel(self) -> None:
+        """A request was cancelled (the gateway's abort): cancelled requests leave the queue
+        soon, not when the policy would have released them — until then they counted as
+        waiting, for the gauge and for admission's overload check (a dropped batch of a
+        thousand prompts looked like a thousand waiting)."""
+        self._cancelled.set()
+
+    def purge_cancelled(self) -> int:
+        """Remove every cancelled request still waiting (each goes to accounting, which
+        releases its quota); returns how many."""
+        gone = 0
+        for job in [j for j in self.policy if j.payload.cancelled]:
+            if self.policy.remove(job.rid) is not None:
+                st: RequestState = job.payload
+                st.events.close()
+                self.completed.send_nowait(Completed(st, "cancelled"))
+                gone += 1
+        if gone:
+            self.metrics.waiting.set(len(self.policy))
+        return gone
+
+    async def _purger(self) -> None:
+        while True:
+            await self._cancelled.wait()
+            self._cancelled = trio.Event()
+            self.purge_cancelled()
+            await trio.sleep(0.05)  # a burst of cancels (a dropped batch): one pass
 
     def _reconcile(self, now: float) -> None:
         """Tell the policy about released requests that have left the engine."""
@@ -133,6 +162,10 @@ class QueueActor:
 
     async def _receive_arrivals(self) -> None:
         async for st in self.arrivals:
+            if st.cancelled:  # cancelled on its way here (admission, predictor)
+                st.events.close()
+                self.completed.send_nowait(Completed(st, "cancelled"))
+                continue
             self.policy.on_arrival(job_of(st, trio.current_time()), trio.current_time())
             self.metrics.waiting.set(len(self.policy))
             self._arrived.set()
@@ -177,4 +210,5 @@ class QueueActor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive_arrivals)
             nursery.start_soon(self._dispatch)
+            nursery.start_soon(self._purger)
             task_status.started()

@@ -17,6 +17,7 @@ the handler or the body generator) stops generation within one engine step.
 
 from __future__ import annotations
 
+import codecs
 import math
 import time
 import uuid
@@ -471,12 +472,22 @@ def _completion_logprobs(delta: TokenDelta, offset: int = 0) -> dict[str, Any] |
             "text_offset": offsets}
 
 
+def _token_raw_bytes(token: str) -> bytes:
+    """A token's bytes from its logprobs text (`bytes:\\xNN...` for part of a character)."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode()
+
+
 def _prompt_logprobs_json(prompt: list[PromptLogprob], text: str) -> dict[str, Any]:
-    """Legacy logprobs of an echoed prompt (`text`): its first token has none (null)."""
+    """Legacy logprobs of an echoed prompt (`text`): its first token has none (null).
+    `text_offset[i]`: the characters decoded before token i (a token that starts inside a
+    character starts where the character does)."""
     offsets, seen = [], 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for p in prompt:
         offsets.append(min(seen, len(text)))
-        seen += 0 if p.token.startswith("bytes:") else len(p.token)
+        seen += len(decoder.decode(_token_raw_bytes(p.token)))
     return {
         "tokens": [p.token for p in prompt],
         "token_logprobs": [p.logprob for p in prompt],
@@ -763,6 +774,7 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
     a request to admission and the quotas: a batch of k counts k requests)."""
     if len(calls) == 1:
         return RequestHandle(await submit(state, calls[0]))
+    check_batch(state, calls)
     send, recv = trio.open_memory_channel[Any](math.inf)
     parts: list[RequestHandle] = []
     try:
@@ -776,8 +788,28 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
         for h in parts:
             h.abort()
         recv.close()
+        with trio.move_on_after(SETTLE_WAIT_S) as scope:  # the refusal goes out with their slots free
+            scope.shield = True
+            for h in parts:
+                await h.wait_settled()
         raise
     return BatchHandle(request_id, parts, recv, n)
+
+
+def check_batch(state: GatewayState, calls: list[GenerateCall]) -> None:
+    """A batch that could never be admitted whole is a 400 now, not a 429/503 on every retry:
+    more prompts than the queue holds (`--max-waiting`), than the key may run at once
+    (`max_concurrent`) or send in a minute (`requests_per_minute`)."""
+    k = len(calls)
+    limits = [(state.config.max_waiting, "this server queues at most {} requests")]
+    quota = calls[0].tenant.quota
+    if quota is not None:
+        limits += [(quota.max_concurrent, "this key runs at most {} requests at once"),
+                   (quota.requests_per_minute, "this key may send at most {} requests a minute")]
+    for limit, what in limits:
+        if limit is not None and k > limit:
+            raise ApiError(400, f"a batch of {k} prompts is {k} requests, and {what.format(limit)}: "
+                           f"send at most {limit} prompts per request", code="invalid_value", param="prompt")
 
 
 async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Failed]:

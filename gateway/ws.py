@@ -165,6 +165,9 @@ class Session:
                 }
                 if event.logprobs is not None:
                     token["logprobs"] = event.logprobs
+                if event.prompt_logprobs is not None:  # the prompt's, on each choice's first frame
+                    token["prompt_token_ids"] = [p.token_id for p in event.prompt_logprobs]
+                    token["prompt_logprobs"] = [p.logprob for p in event.prompt_logprobs]
                 await self.send(token)
             elif isinstance(event, Finished):
                 await self.send(

@@ -103,6 +103,27 @@ async def test_cancelled_waiting_requests_are_settled_not_sent(nursery):
     assert done.state is gone and done.outcome == "cancelled"
 
 
+async def test_cancelled_requests_leave_the_queue_when_noticed_without_a_release(nursery):
+    h = Harness(QueueConfig())
+    await nursery.start(h.actor.run)
+    states = [state(f"r{k}") for k in range(5)]
+    await h.arrive(*states)
+    for st in states[:3]:
+        st.cancelled = True
+    h.actor.notice_cancel()  # what a cancel does (Admission's on_cancel): no demand, no step needed
+    await trio.sleep(0.1)
+    assert len(h.actor) == 2
+    assert h.actor.metrics.waiting._value.get() == 2
+    done = [h.done_recv.receive_nowait() for _ in range(3)]
+    assert [(d.state.request_id, d.outcome) for d in done] == [("r0", "cancelled"), ("r1", "cancelled"),
+                                                              ("r2", "cancelled")]
+    late = state("late")
+    late.cancelled = True  # cancelled before it reached the queue: never waits
+    await h.arrive(late)
+    assert len(h.actor) == 2 and h.done_recv.receive_nowait().state is late
+    assert await h.take(5) == ["r3", "r4"]
+
+
 async def test_finished_requests_give_back_their_kv_reservation(nursery):
     def view() -> EngineView:
         return EngineView(0, 8, 6, 6, 16)  # 6 blocks (×1.5 overcommit = 9); one request reserves 3 + 64 tokens = 5

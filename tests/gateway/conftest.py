@@ -25,6 +25,7 @@ from actors.messages import (
     Failed,
     Finished,
     GenerateCall,
+    PromptLogprob,
     Rejected,
     TokenDelta,
     TopLogprob,
@@ -96,6 +97,18 @@ class FakeRuntime:
         prompt_tokens = len(call.prompt_token_ids) if call.prompt_token_ids else len(prompt.split())
         return Accepted(call.request_id, prompt_tokens, receive, cancel)
 
+    def prompt_logprobs(self, call: GenerateCall) -> list[PromptLogprob] | None:
+        """With `prompt_logprobs` k: per prompt word (its id its index), logprob -1 - index
+        (None for the first), k alternatives "alt0".."alt{k-1}"."""
+        k = call.params.prompt_logprobs
+        if k is None:
+            return None
+        words = self.prompt_text(call).split(" ") if call.prompt_token_ids is None else [
+            f"<{t}>" for t in call.prompt_token_ids]
+        return [PromptLogprob(i, w if i == 0 else " " + w, None if i == 0 else -1.0 - i,
+                              [] if i == 0 else [TopLogprob(900 + a, -0.1 - a, f"alt{a}") for a in range(k)])
+                for i, w in enumerate(words)]
+
     def prompt_text(self, call: GenerateCall) -> str:
         return call.prompt or " ".join(m.content for m in call.messages or [])
 
@@ -115,7 +128,8 @@ class FakeRuntime:
                         top = ([[TopLogprob(1, -0.5, "zeta"), TopLogprob(2, -1.5, "alpha")][:call.params.logprobs]]
                                if call.params.logprobs else None)
                         await send.send(TokenDelta(call.request_id, i, word(i, j), [100 * i + j], logprobs=lp,
-                                                   top_logprobs=top))
+                                                   top_logprobs=top,
+                                                   prompt_logprobs=self.prompt_logprobs(call) if j == 0 else None))
                     if "FAIL" in text:
                         await send.send(Failed(call.request_id, 500, "engine_error", "the engine failed"))
                         return

@@ -12,7 +12,7 @@ from httpx_ws import aconnect_ws
 
 from actors.messages import Rejected
 from gateway.sse import parse_events
-from tests.gateway.conftest import MODEL, Gateway, word
+from tests.gateway.conftest import ADMIN_KEY, MODEL, Gateway, word
 
 
 def words(index: int, count: int) -> str:
@@ -147,3 +147,50 @@ async def test_a_batch_over_the_websocket(gateway: Gateway) -> None:
     assert texts == {0: "p" + words(0, 2), 1: "q" + words(0, 2)}
     assert frames[-1]["finish_reasons"] == ["length", "length"]
     assert frames[-1]["usage"]["completion_tokens"] == 4
+
+
+async def test_echo_with_logprobs_puts_the_prompts_tokens_first(gateway: Gateway) -> None:
+    r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "echo": True, "logprobs": 1})
+    [choice] = r.json()["choices"]
+    assert choice["text"] == "one two" + word(0, 0)
+    assert choice["logprobs"] == {
+        "tokens": ["one", " two", word(0, 0)],
+        "token_logprobs": [None, -2.0, -0.5],
+        "top_logprobs": [None, {"alt0": -0.1}, {"zeta": -0.5}],
+        "text_offset": [0, 3, 7],
+    }
+    r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "echo": True, "logprobs": 1, "stream": True})
+    [first] = json.loads(parse_events(r.text)[0])["choices"]
+    assert first["text"] == choice["text"] and first["logprobs"] == choice["logprobs"]
+
+
+def test_echoed_offsets_count_a_character_split_over_tokens_once() -> None:
+    from actors.messages import PromptLogprob
+    from gateway.routes_openai import _prompt_logprobs_json
+
+    # "Ünï☃": Ü and ☃ each split over two and three tokens (as the stepper spells such tokens)
+    tokens = ["bytes:\\xc3", "bytes:\\x9c", "n", "ï", "bytes:\\xe2\\x98", "bytes:\\x83", "!"]
+    got = _prompt_logprobs_json([PromptLogprob(0, t, None, []) for t in tokens], "Ünï☃!")
+    assert got["text_offset"] == [0, 0, 1, 2, 3, 3, 4]
+
+
+async def test_a_batch_that_can_never_be_admitted_whole_is_a_400(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": "Bearer " + ADMIN_KEY}) as admin:
+        r = await admin.put(f"/admin/tenants/{gateway.tenant_id}/quota",
+                            json={"max_concurrent": 2, "requests_per_minute": 100})
+        assert r.status_code == 200, r.text
+    r = await post(gateway, {"prompt": ["a", "b", "c"], "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and "at most 2" in r.json()["error"]["message"]
+    assert gateway.runtime.calls == []
+    assert (await post(gateway, {"prompt": ["a", "b"], "max_tokens": 1})).status_code == 200
+
+
+async def test_the_websocket_carries_the_prompts_logprobs(gateway: Gateway) -> None:
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json({"type": "request", "id": "s", "endpoint": "completions",
+                            "body": {"model": MODEL, "prompt": [[7, 8, 9]], "max_tokens": 1, "echo": True,
+                                     "logprobs": 0}})
+        first = await ws.receive_json()
+    assert first["prompt_token_ids"] == [0, 1, 2] and first["prompt_logprobs"] == [None, -2.0, -3.0]

@@ -5,6 +5,7 @@ engine computes it; `max_tokens` 0 scores without generating; SSE streams the sa
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -118,4 +119,21 @@ async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_pat
         metrics = (await http.get("/metrics")).text
         assert not re.search(r'lmgate_response_cache_lookups_total\{result="hit"\} [1-9]', metrics)
         assert re.search(r'lmgate_requests_total\{outcome="ok",tenant="dev"\} 8\.0', metrics), metrics
+
+        # quotas: a batch is k requests. One refused mid-way aborts the accepted ones, and the
+        # refusal goes out with their slots free again; one that could never fit is a 400
+        async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
+            r = await admin.put("/admin/tenants/dev/quota", json={"max_concurrent": 3})
+            assert r.status_code == 200, r.text
+        long = {"model": model, "prompt": "Count to a thousand:", "max_tokens": 300, "ignore_eos": True}
+        async with trio.open_nursery() as inner:
+            inner.start_soon(functools.partial(http.post, "/v1/completions", json=long))
+            await trio.sleep(1.0)  # it holds one of the 3 slots
+            r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:3], "max_tokens": 1})
+            assert r.status_code == 429, r.text  # the third prompt found no slot
+            r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:2], "max_tokens": 1})
+            assert r.status_code == 200, r.text  # the two aborted ones' slots were free again
+            r = await http.post("/v1/completions", json={"model": model, "prompt": prompts, "max_tokens": 1})
+            assert r.status_code == 400 and "at most 3" in r.json()["error"]["message"]
+            inner.cancel_scope.cancel()
     stop.set()
