@@ -56,7 +56,8 @@ def test_completions_and_chat(served: Served, backend: str) -> None:
             batch = await client.completions(["a", "b c"], max_tokens=1, echo=True, logprobs=1)
             assert [c.text for c in batch.choices] == ["a" + word(0, 0), "b c" + word(0, 0)]
             assert batch.usage.prompt_tokens == 3
-            assert batch.choices[1].logprobs is not None and batch.choices[1].logprobs["token_logprobs"] == [-0.5]
+            assert batch.choices[1].logprobs is not None
+            assert batch.choices[1].logprobs["token_logprobs"] == [None, -2.0, -0.5]  # the prompt's, then its own
 
     run(backend, scenario)
 
