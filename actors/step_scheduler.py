@@ -61,9 +61,12 @@ class SchedRequest:
     # cache's namespace, since an adapter's KV entries differ from the base model's
     adapter: str | None = None
     # k: the engine wants the logprobs of this request's prompt tokens (and k alternatives):
-    # its prompt chunks say so (`ScheduledSeq.logprob_targets`), and it takes no prefix hits,
-    # whose positions would never run. The engine clears it once it has them all.
+    # its prompt chunks say so (`ScheduledSeq.logprob_targets`). The engine clears it once it
+    # has them all.
     prompt_logprobs: int | None = None
+    # at most this many blocks of prefix-cache hits (None: as many as match). The engine caps
+    # a request that needs prompt logprobs: a hit's positions never run (gpu.prompt_logprobs)
+    max_prefix_blocks: int | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -334,8 +337,10 @@ class StepScheduler:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._waiting[0]
             tokens = req.all_token_ids
-            hits, num_cached = ([], 0) if req.prompt_logprobs is not None else \
-                self.bm.match_prefix(tokens[:-1], namespace=req.adapter)
+            hits, num_cached = self.bm.match_prefix(tokens[:-1], namespace=req.adapter)
+            if req.max_prefix_blocks is not None and len(hits) > req.max_prefix_blocks:
+                hits = hits[: req.max_prefix_blocks]
+                num_cached = len(hits) * self.bm.block_size
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
                 return  # head-of-line waits: strict (priority, arrival) order

@@ -24,8 +24,10 @@ text (beams can replace each other's past, so no prefix is final before the end)
 Prompt logprobs (`SamplingParams.prompt_logprobs`): the request's prompt chunks carry
 their next tokens (`actors.step_scheduler.ScheduledSeq.logprob_targets`); the runner
 returns each position's logprob of the token that follows, and the request's first
-delta of every choice carries them all (`StepDelta.prompt_logprobs`). Such a request
-takes no prefix-cache hits until it has them (a hit's positions never run). A request
+delta of every choice carries them all (`StepDelta.prompt_logprobs`). A hit's positions
+never run, so such a request takes prefix-cache hits only over blocks whose logprobs an
+earlier request left in `gpu.prompt_logprobs.PromptLogprobCache` (all but the last of
+them), and none once preempted until it has them all. A request
 with `max_tokens` 0 ends at the end of its prefill without sampling: its choices each
 get one delta with no tokens, finish reason "length".
 """
@@ -47,6 +49,7 @@ from gpu.detokenizer import IncrementalDetokenizer, StopChecker
 from gpu.loader import load_checkpoint
 from gpu.lora import LoraAdapter, LoraManager
 from gpu.model import release_free_heap
+from gpu.prompt_logprobs import PromptLogprobCache
 from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import Sampler, SamplingParams, SeqSamplingState
@@ -185,6 +188,9 @@ class Engine:
         # serving the requests that use it
         self._live_adapters: dict[str, list] = {}  # LoraAdapter.key -> [LoraAdapter, requests]
         self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        # prompt logprobs by prefix block: with the prefix cache on, scoring requests take hits too
+        self.prompt_lp_cache = PromptLogprobCache(cache.block_size,
+                                                  self.num_blocks if cache.enable_prefix_caching else 0)
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s%s", str(self.dtype).removeprefix("torch."),
                  self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
                  ", batch-invariant" if self.config.batch_invariant else "",
@@ -266,12 +272,18 @@ class Engine:
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
         req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority)
+        max_hits = None
         if params.prompt_logprobs is not None:
+            known = self.prompt_lp_cache.lookup(ids, key, params.prompt_logprobs)
             req.prompt_lp = [(None, ())] + [None] * (len(ids) - 1)
-            req.prompt_lp_missing = len(ids) - 1
+            req.prompt_lp[1 : len(known)] = known[1:]
+            req.prompt_lp_missing = len(ids) - max(1, len(known))
+            # the last known block's last position must run: its logits give the next token's logprob
+            max_hits = max(0, len(known) // self.block_manager.block_size - 1) if req.prompt_lp_missing else None
         # a prefill-only request (max_tokens 0) is scheduled as one token's; it never samples
         self.scheduler.add(SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key,
-                                        prompt_logprobs=params.prompt_logprobs if req.prompt_lp_missing else None))
+                                        prompt_logprobs=params.prompt_logprobs if req.prompt_lp_missing else None,
+                                        max_prefix_blocks=max_hits))
         self.counters["prompt_tokens"] += len(ids)
         self._requests[request_id] = req
         if lora is not None:
@@ -470,7 +482,9 @@ class Engine:
             if not req.prompt_lp_missing:
                 sched = self.scheduler.get(sid)
                 if sched is not None:
-                    sched.prompt_logprobs = None
+                    sched.prompt_logprobs = sched.max_prefix_blocks = None
+                self.prompt_lp_cache.store(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs,
+                                           req.prompt_lp)
 
     def _prompt_logprobs_out(self, req: _Request):
         """`StepDelta.prompt_logprobs` of the request (None unless it asked for them)."""

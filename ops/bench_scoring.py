@@ -14,13 +14,19 @@ Modes (each repeat runs them in a rotated order):
 - `lmgate-score`: lmgate's engine, every prompt added at once with `prompt_logprobs=1`
   and `max_tokens=0` (what `echo` + `logprobs` + `max_tokens: 0` asks of a server).
 - `lmgate-prefill`: the same prompts with `max_tokens=0` and no prompt logprobs: the
-  prefill alone, the cost floor (the prefix cache is off in both lmgate modes, so the
+  prefill alone, the cost floor (the prefix cache is off in the modes above, so the
   difference is the logits of every position).
+- `lmgate-serial` and `lmgate-serial-cached`: one prompt at a time, as the harness sends
+  them by default (`batch_size=1`), without and with the prefix cache: with it, an
+  answer after the first of its question takes the shared context's KV blocks as hits
+  and their logprobs from `gpu.prompt_logprobs.PromptLogprobCache` (caches emptied before
+  each run).
 
 Reported: wall time per mode; `score_vs_hf_time` and `score_vs_prefill_time` (medians
-over repeats, lower is better); `max_abs_logprob_diff` against hf over every scored token
-(float32 both); `same_choices_as_hf`: the share of questions where both pick the same
-answer (highest summed logprob); and the accuracy of those picks.
+over repeats, lower is better), `serial_cached_vs_serial_time` (what the prompt-logprob
+cache saves); `max_abs_logprob_diff` against hf over every scored token (float32 both,
+batched and serial-cached modes); `same_choices_as_hf`: the share of questions where both
+pick the same answer (highest summed logprob); and the accuracy of those picks.
 """
 
 from __future__ import annotations
@@ -82,13 +88,19 @@ def run_hf(model, prompts: list[list[int]], ctxlens: list[int]) -> tuple[float, 
     return time.perf_counter() - t0, scores
 
 
-def run_lmgate(engine, prompts: list[list[int]], ctxlens: list[int], *, score: bool) -> tuple[float, list]:
+def run_lmgate(engine, prompts: list[list[int]], ctxlens: list[int], *, score: bool,
+               serial: bool = False) -> tuple[float, list]:
     from gpu.engine import generate
     from gpu.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=0, prompt_logprobs=1 if score else None)
+    engine.block_manager.reset_prefix_cache()  # every run starts cold: it replays the same prompts
+    engine.prompt_lp_cache.clear()
     t0 = time.perf_counter()
-    outs = generate(engine, prompts, params)
+    if serial:
+        outs = [generate(engine, [p], params)[0] for p in prompts]
+    else:
+        outs = generate(engine, prompts, params)
     wall = time.perf_counter() - t0
     if not score:
         return wall, []
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="6 questions, 1 repeat")
     ap.add_argument("--questions", type=int, help=f"questions (at most {len(QUESTIONS)}; default all, --quick 6)")
     ap.add_argument("--shots", type=int, default=5, help="answered questions before each one (default %(default)s)")
-    ap.add_argument("--repeats", type=int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=int, help="rounds of the modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
@@ -126,28 +138,37 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(EngineConfig(dtype="float32", num_threads=args.threads,
                                  cache=CacheConfig(cache_bytes=256 * 1024**2, enable_prefix_caching=False)))
+    cached = Engine(EngineConfig(dtype="float32", num_threads=args.threads,
+                                 cache=CacheConfig(cache_bytes=256 * 1024**2)))
     gguf = bundled_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     prompts, ctxlens, owners = build(engine.tokenizer, args.shots, num)
 
     run_hf(hf, prompts[:2], ctxlens[:2])  # warm-up, outside the timings
     run_lmgate(engine, prompts[:2], ctxlens[:2], score=True)
+    run_lmgate(cached, prompts[:2], ctxlens[:2], score=True, serial=True)
+    cached_fed = 0
 
-    modes = ["hf", "lmgate-score", "lmgate-prefill"]
+    modes = ["hf", "lmgate-score", "lmgate-prefill", "lmgate-serial", "lmgate-serial-cached"]
     times: dict[str, list[float]] = {m: [] for m in modes}
     results: dict[str, list] = {}
     for r in range(repeats):
-        for mode in modes[r % 3:] + modes[: r % 3]:
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             if mode == "hf":
                 wall, scores = run_hf(hf, prompts, ctxlens)
+            elif mode == "lmgate-serial-cached":
+                before = cached.counters["prefill_tokens_fed"]
+                wall, scores = run_lmgate(cached, prompts, ctxlens, score=True, serial=True)
+                cached_fed = cached.counters["prefill_tokens_fed"] - before
             else:
-                wall, scores = run_lmgate(engine, prompts, ctxlens, score=mode == "lmgate-score")
+                wall, scores = run_lmgate(engine, prompts, ctxlens, score=mode != "lmgate-prefill",
+                                          serial=mode == "lmgate-serial")
             times[mode].append(wall)
             results[mode] = scores
             print(f"repeat {r + 1}/{repeats} {mode:15s} {wall:7.2f} s", file=sys.stderr)
 
-    diff = max(abs(a - b) for x, y in zip(results["lmgate-score"], results["hf"], strict=True)
-               for a, b in zip(x, y, strict=True))
+    diff = max(abs(a - b) for mode in ("lmgate-score", "lmgate-serial-cached")
+               for x, y in zip(results[mode], results["hf"], strict=True) for a, b in zip(x, y, strict=True))
     ours, theirs = picks(results["lmgate-score"], owners), picks(results["hf"], owners)
 
     def ratio(a: str, b: str) -> float:
@@ -160,17 +181,21 @@ def main(argv: list[str] | None = None) -> int:
         "time_s": times,
         "score_vs_hf_time": ratio("lmgate-score", "hf"),
         "score_vs_prefill_time": ratio("lmgate-score", "lmgate-prefill"),
+        "serial_cached_vs_serial_time": ratio("lmgate-serial-cached", "lmgate-serial"),
+        "serial_cached_prefill_tokens_vs_prompt_tokens": cached_fed / sum(map(len, prompts)),
         "max_abs_logprob_diff": diff,
         "same_choices_as_hf": sum(ours[q] == theirs[q] for q in ours) / num,
         "accuracy": sum(ours[q] == QUESTIONS[q][2] for q in ours) / num,
     }
     print(f"scoring, {num} questions x 4 answers, {args.shots}-shot, {len(prompts)} prompts, "
           f"{report['config']['prompt_tokens']} tokens, float32, {args.threads} threads")
-    print(f"{'mode':16s} {'median s':>9s}")
+    print(f"{'mode':21s} {'median s':>9s}")
     for m in modes:
-        print(f"{m:16s} {statistics.median(times[m]):9.2f}")
+        print(f"{m:21s} {statistics.median(times[m]):9.2f}")
     print(f"lmgate-score ÷ hf time       {report['score_vs_hf_time']:.3f}")
     print(f"lmgate-score ÷ prefill time  {report['score_vs_prefill_time']:.3f}")
+    print(f"serial: cached ÷ uncached    {report['serial_cached_vs_serial_time']:.3f} "
+          f"(prefilled {report['serial_cached_prefill_tokens_vs_prompt_tokens']:.2f} of the prompt tokens)")
     print(f"max |logprob - hf|           {diff:.2e}")
     print(f"same choices as hf           {report['same_choices_as_hf']:.0%} (accuracy {report['accuracy']:.0%})")
     if args.json:

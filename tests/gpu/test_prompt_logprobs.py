@@ -17,7 +17,9 @@ from gpu.sampling import SamplingParams, SamplingParamsError
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
 TEXTS = [
-    "The quick brown fox jumps over the lazy dog. It was a sunny afternoon in the small village by the river.",
+    "The quick brown fox jumps over the lazy dog. It was a sunny afternoon in the small village by the river, "
+    "and the children were playing near the old stone bridge while their parents talked about the harvest, "
+    "the weather, and the long winter that everyone expected to come.",
     "Paris is the capital of France, and Berlin is the capital of Germany.",
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
 ]
@@ -140,3 +142,54 @@ def test_beam_search_returns_the_prompt_logprobs_with_every_hypothesis(ckpt, tok
     for h in hyps:
         check(h.prompt_logprobs, reference[1], prompts[1])
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_scoring_requests_sharing_a_context_take_its_blocks_from_the_caches(ckpt, tokenizer, prompts, reference):
+    """The second request with the same long prefix takes all but one of its blocks as
+    prefix hits, their logprobs from the prompt-logprob cache, and matches transformers."""
+    engine = make_engine(ckpt, tokenizer)
+    bs = engine.block_manager.block_size
+    ids = prompts[0]
+    assert len(ids) >= 2 * bs
+    [[first]] = generate(engine, [ids], scoring())
+    assert len(engine.prompt_lp_cache) == len(ids) // bs
+    hits = engine.counters["prefix_hit_tokens"]
+    fed = engine.counters["prefill_tokens_fed"]
+    [[second]] = generate(engine, [ids], scoring())
+    assert engine.counters["prefix_hit_tokens"] - hits == (len(ids) // bs - 1) * bs
+    assert engine.counters["prefill_tokens_fed"] - fed == len(ids) - (len(ids) // bs - 1) * bs
+    assert second.prompt_logprobs == first.prompt_logprobs
+    check(second.prompt_logprobs, reference[0], ids)
+    # more alternatives than cached: the cache cannot answer, every position runs again
+    fed = engine.counters["prefill_tokens_fed"]
+    [[wider]] = generate(engine, [ids], SamplingParams(max_tokens=0, prompt_logprobs=K + 2))
+    assert engine.counters["prefill_tokens_fed"] - fed == len(ids)
+    assert [lp for lp, _ in wider.prompt_logprobs] == pytest.approx([lp for lp, _ in first.prompt_logprobs])
+    # an answer after a shared context (lm-evaluation-harness's multiple choice): only the
+    # answer and one block of the context run
+    context = ids[: 2 * bs + 3]
+    generate(engine, [context + tokenizer.encode(" first answer")], scoring())
+    fed = engine.counters["prefill_tokens_fed"]
+    answer = tokenizer.encode(" another answer entirely")
+    [[o]] = generate(engine, [context + answer], scoring())
+    assert engine.counters["prefill_tokens_fed"] - fed == len(context) + len(answer) - bs
+    got = [lp for lp, _ in o.prompt_logprobs[: len(context)]]
+    assert got == pytest.approx([lp for lp, _ in first.prompt_logprobs[: len(context)]], abs=1e-4)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_the_prompt_logprob_cache_is_keyed_by_prefix_namespace_and_alternatives():
+    from gpu.prompt_logprobs import PromptLogprobCache
+
+    cache = PromptLogprobCache(block_size=2, max_blocks=3)
+    toks = [5, 6, 7, 8, 9]
+    entries = [(None, ()), (-1.0, ((6, -1.0), (1, -2.0))), (-2.0, ((7, -2.0), (2, -3.0))),
+               (-3.0, ((1, -1.5), (8, -3.0))), (-4.0, ((9, -4.0), (3, -5.0)))]
+    cache.store(toks, None, 2, entries)
+    assert len(cache) == 2  # full blocks only
+    assert cache.lookup(toks, None, 1) == [(lp, top[:1]) for lp, top in entries[:4]]
+    assert cache.lookup(toks, None, 3) == []  # stored with 2 alternatives
+    assert cache.lookup(toks, "adapter@1", 1) == []  # another namespace's logprobs differ
+    assert cache.lookup([5, 6, 0, 8], None, 2) == entries[:2]  # only the leading run that matches
+    cache.store([1, 2, 3, 4, 5, 6], None, 1, [(None, ())] + [(-1.0, ())] * 5)
+    assert len(cache) == 3  # bounded: the least recently used block went
