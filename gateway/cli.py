@@ -2,6 +2,7 @@
 
     lmgate serve      run the gateway (HTTP, SSE, WebSocket) on the bundled model
     lmgate generate   offline generation on the engine, no server
+    lmgate perplexity perplexity of a text file under the model (prompt logprobs), no server
     lmgate convert    write a checkpoint as a Hugging Face folder (safetensors)
     lmgate chat       interactive chat against a running gateway
     lmgate predictor  train / show / export / import the Magnus length predictor
@@ -173,6 +174,64 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from gpu.engine import Engine
+    from gpu.loader import CheckpointError
+    from gpu.perplexity import perplexity
+    from gpu.quantization import QuantizationUnavailable
+    from gpu.tokenizer import TokenizerError
+
+    try:
+        engine_config = engine_config_from_args(args)
+    except ValueError as e:
+        print(f"lmgate perplexity: {e}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        print(f"lmgate perplexity: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"lmgate perplexity: {args.file}: not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        engine = Engine(engine_config)
+    except (CheckpointError, TokenizerError) as e:
+        print(f"lmgate perplexity: {e}", file=sys.stderr)
+        return 2
+    except QuantizationUnavailable as e:
+        print(f"lmgate perplexity: {e}", file=sys.stderr)
+        return 1
+    load_s = time.perf_counter() - t0
+    ids = engine.tokenizer.encode(text)
+    if args.max_tokens < 0:
+        print(f"lmgate perplexity: --max-tokens must be >= 0, got {args.max_tokens}", file=sys.stderr)
+        return 2
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    window = min(args.window or engine.max_model_len - 1, engine.max_model_len - 1)
+    stride = args.stride or max(1, window // 2)
+    t0 = time.perf_counter()
+    try:
+        res = perplexity(engine, ids, window=window, stride=stride)
+    except ValueError as e:
+        print(f"lmgate perplexity: {e}", file=sys.stderr)
+        return 2
+    run_s = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"file": args.file, "perplexity": res.perplexity, "mean_logprob": res.mean_logprob,
+                          "tokens": len(ids), "tokens_scored": res.tokens_scored, "windows": res.windows,
+                          "window": window, "stride": stride, "dtype": str(engine.dtype).removeprefix("torch.")}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens "
+              f"({res.windows} windows of {window}, stride {stride})")
+    print(f"# model loaded in {load_s:.1f}s; {len(ids)} tokens scored in {run_s:.2f}s "
+          f"({len(ids) / max(run_s, 1e-9):.0f} tok/s)", file=sys.stderr)
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from gpu.convert import convert_checkpoint
 
@@ -312,6 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", metavar="PATH", help="run every prompt with this LoRA adapter (a PEFT folder)")
     _add_engine_arguments(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file under the model (no server)",
+                       description="Perplexity of a UTF-8 text file: exp(-mean logprob of its tokens), scored "
+                                   "in overlapping windows, all batched (Hugging Face's sliding-window method).")
+    p.add_argument("file", help="a UTF-8 text file")
+    p.add_argument("--window", type=int, default=0,
+                   help="tokens per window (default: the context length - 1)")
+    p.add_argument("--stride", type=int, default=0,
+                   help="tokens between window starts; each token is scored with at least window - stride "
+                        "tokens of context once past the first window (default: window / 2)")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the file's first N tokens (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_engine_arguments(p)
+    p.set_defaults(func=_cmd_perplexity)
 
     p = sub.add_parser("convert", help="write a checkpoint as a Hugging Face folder (safetensors, or the "
                                        "loading-optimized lmg format)")

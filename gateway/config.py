@@ -253,7 +253,8 @@ _HELP = {
     "max_loras": "LoRA adapters kept loaded between requests (least recently used ones are dropped; a running "
                  "request keeps its own)",
     "max_lora_rank": "largest LoRA rank an adapter may have (larger ones are refused with 400)",
-    "max_waiting": "queued requests beyond which new ones get 503",
+    "max_waiting": "queued requests beyond which new ones get 503 (each prompt of a batched completions "
+                   "request is one; a larger batch is a 400)",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "

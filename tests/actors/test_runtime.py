@@ -150,8 +150,8 @@ async def test_a_caller_cancelled_as_admission_answers_aborts_its_request(runtim
     real = runtime.admission.admit
     scope = trio.CancelScope()
 
-    async def admit_then_cancel(c):
-        result = await real(c)
+    async def admit_then_cancel(c, sink=None):
+        result = await real(c, sink)
         scope.cancel()  # delivered to the waiting caller before the answer is sent
         return result
 

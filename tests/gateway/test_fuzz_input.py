@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +24,10 @@ FIELDS = [
     "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "user", "stream",
     "stream_options", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "priority", "metadata",
     "stop_token_ids", "logit_bias", "suffix", "response_format", "tools", "functions", "tool_choice",
-    "use_beam_search", "best_of", "length_penalty", "early_stopping",
+    "use_beam_search", "best_of", "length_penalty", "early_stopping", "echo",
 ]
+TOKENIZER_FIELDS = ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                    "return_token_strs", "tokens"]
 KEYS = st.sampled_from(["role", "content", "type", "text", "include_usage", "app"]) | st.text(max_size=5)
 
 scalars = st.one_of(
@@ -57,6 +60,26 @@ def test_random_http_bodies_never_500(served: Served, body: bytes, path: str) ->
     r = httpx.post(served.base_url + path, content=body, headers=headers)
     assert r.status_code in ALLOWED, (r.status_code, body, r.text)
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@FUZZ
+@given(body=st.dictionaries(st.sampled_from(TOKENIZER_FIELDS), values, max_size=5),
+       path=st.sampled_from(["/tokenize", "/detokenize"]))
+def test_random_tokenizer_bodies_never_500(served: Served, tokenizer, body: dict, path: str) -> None:
+    served.runtime.tokenizer = tokenizer
+    headers = {"Authorization": f"Bearer {served.api_key}", "Content-Type": "application/json"}
+    r = httpx.post(served.base_url + path, content=json.dumps(body).encode(), headers=headers)
+    assert r.status_code in {200, 400, 404}, (r.status_code, body, r.text)
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gpu.loader import bundled_gguf_path
+    from gpu.tokenizer import load_tokenizer
+
+    return load_tokenizer(bundled_gguf_path())
 
 
 frames = st.one_of(
