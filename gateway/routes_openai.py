@@ -595,6 +595,7 @@ class ChunkRenderer:
     _chars: dict[int, int] = field(default_factory=dict)  # text streamed so far per choice (text_offset)
     echo: list[str] | None = None  # as `Collector.echo`
     n: int = 1
+    _ended: set[int] = field(default_factory=set)  # choices whose finish_reason was sent
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -628,14 +629,20 @@ class ChunkRenderer:
             choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
         return self._chunk([choice])
 
+    def _finish_choice(self, i: int, reason: str) -> dict[str, Any]:
+        self._ended.add(i)
+        if self.endpoint == "chat.completions":
+            delta = {} if i in self._role_sent else {"role": "assistant", "content": ""}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+
+    def prompt_finished(self, p: PromptFinished) -> dict[str, Any]:
+        """The chunk ending one prompt's choices of a batch (`PromptFinished`)."""
+        return self._chunk([self._finish_choice(p.first_index + j, r) for j, r in enumerate(p.finish_reasons)])
+
     def finished(self, f: Finished) -> list[dict[str, Any]]:
-        choices = []
-        for i, reason in enumerate(f.finish_reasons):
-            if self.endpoint == "chat.completions":
-                delta = {} if i in self._role_sent else {"role": "assistant", "content": ""}
-                choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": reason})
-            else:
-                choices.append({"index": i, "text": "", "logprobs": None, "finish_reason": reason})
+        """The last chunks: the finish reasons of the choices not ended yet, then usage."""
+        choices = [self._finish_choice(i, r) for i, r in enumerate(f.finish_reasons) if i not in self._ended]
         chunks = [self._chunk(choices)]
         if self.include_usage:
             last = self._chunk([])
@@ -715,8 +722,9 @@ class RequestHandle:
 class BatchHandle:
     """The requests of one API request with several prompts (`to_generate_calls`), read as
     one request: their events share one channel (`submit_all`), choice `j` of prompt `i`
-    becomes choice `i * n + j`, and one `Finished` ends it when every prompt has finished
-    (finish reasons in choice order, usage summed). A `Failed` of any prompt ends it (the
+    becomes choice `i * n + j`, each prompt that ends before the last is a `PromptFinished`,
+    and one `Finished` ends it when every prompt has finished (finish reasons in choice
+    order, usage summed). A `Failed` of any prompt ends it (the
     others are aborted). Same interface as `RequestHandle`."""
 
     def __init__(self, request_id: str, parts: list[RequestHandle], events: trio.MemoryReceiveChannel, n: int) -> None:
@@ -738,7 +746,7 @@ class BatchHandle:
         for h in self.parts:
             await h.wait_settled()
 
-    async def events(self) -> AsyncIterator[TokenDelta | Finished | Failed]:
+    async def events(self) -> AsyncIterator[TokenDelta | PromptFinished | Finished | Failed]:
         reasons: dict[int, list[str]] = {}
         prompt_tokens = completion_tokens = 0
         cached = True
@@ -762,6 +770,17 @@ class BatchHandle:
                     yield Finished(self.request_id, [r for k in range(len(self.parts)) for r in reasons[k]],
                                    Usage(prompt_tokens, completion_tokens), cached)
                     return
+                yield PromptFinished(i * self.n, event.finish_reasons)
+
+
+@dataclass(frozen=True)
+class PromptFinished:
+    """A prompt of a batch (`BatchHandle`) ended before the request: its choices, from
+    `first_index` on, ended with `finish_reasons`. A stream says so at once; the request's
+    `Finished` comes after the last prompt."""
+
+    first_index: int
+    finish_reasons: list[str]
 
 
 Handle = RequestHandle | BatchHandle
@@ -838,6 +857,8 @@ async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list
         async for event in events:
             if isinstance(event, TokenDelta):
                 collector.add(event)
+            elif isinstance(event, PromptFinished):
+                continue  # the response has every finish reason at the end
             elif isinstance(event, Failed):
                 raise failed_error(event)
             else:
@@ -881,6 +902,8 @@ class SseBody:
             async for event in events:
                 if isinstance(event, TokenDelta):
                     yield sse.event(self.renderer.delta(event))
+                elif isinstance(event, PromptFinished):
+                    yield sse.event(self.renderer.prompt_finished(event))
                 elif isinstance(event, Finished):
                     for chunk in self.renderer.finished(event):
                         yield sse.event(chunk)

@@ -57,14 +57,35 @@ async def test_a_streamed_batch_remaps_choices_and_ends_once(gateway: Gateway) -
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     texts: dict[int, str] = {}
-    for chunk in chunks[:-2]:
-        [choice] = chunk["choices"]
-        assert choice["finish_reason"] is None
-        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    ended: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk["choices"]:
+            assert choice["index"] not in ended  # nothing after a choice's finish_reason
+            if choice["finish_reason"] is None:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            else:
+                ended[choice["index"]] = choice["finish_reason"]
     assert texts == {0: words(0, 2), 1: words(0, 2), 2: words(0, 2)}
-    assert [c["finish_reason"] for c in chunks[-2]["choices"]] == ["length"] * 3
+    assert ended == {0: "length", 1: "length", 2: "length"}  # each once, as its prompt ended
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
     assert len({c["id"] for c in chunks}) == 1
+
+
+async def test_a_prompt_that_ends_first_has_its_finish_reason_streamed_at_once(gateway: Gateway) -> None:
+    async with (
+        httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client,
+        client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": ["short", "HANG"], "n": 2,
+                                                       "max_tokens": 1, "stream": True}) as r,
+    ):
+        finished: list[tuple[int, str]] = []
+        with trio.fail_after(5):
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    chunk = json.loads(line[5:])
+                    finished += [(c["index"], c["finish_reason"]) for c in chunk["choices"] if c["finish_reason"]]
+                    if finished:
+                        break  # the other prompt still runs (it never ends)
+    assert finished == [(0, "length"), (1, "length")]
 
 
 async def test_a_refused_prompt_refuses_the_batch_and_aborts_the_accepted_ones(gateway: Gateway) -> None:
