@@ -167,6 +167,10 @@ class StepScheduler:
         self._check_fits(req)
         self._enqueue(req, self._waiting)
 
+    def check(self, req: SchedRequest) -> None:
+        """Raise RequestRejected if `req` could never run (what `add` checks), without adding it."""
+        self._check_fits(req)
+
     def fork(self, parent_id: str, child: SchedRequest) -> None:
         """Add `child`, whose tokens extend the parent's computed ones (n > 1 sampling).
 

@@ -110,6 +110,7 @@ class _Request:
     # prompt logprobs by position (`SamplingParams.prompt_logprobs`), filled as chunks run
     prompt_lp: list[tuple[float | None, tuple[tuple[int, float], ...]] | None] | None = None
     prompt_lp_missing: int = 0  # positions not yet filled
+    scoring_blocks: list[int] = field(default_factory=list)  # chain hashes it registered (Engine._scoring_blocks)
 
     @property
     def finished(self) -> bool:
@@ -191,6 +192,11 @@ class Engine:
         # prompt logprobs by prefix block: with the prefix cache on, scoring requests take hits too
         self.prompt_lp_cache = PromptLogprobCache(cache.block_size,
                                                   self.num_blocks if cache.enable_prefix_caching else 0)
+        # scoring requests still computing their prompt's logprobs, by the chain hash of each full
+        # block of their prompt; and the scoring requests held back until one of them has its
+        # logprobs (they share its leading blocks: see `_stage_or_schedule`)
+        self._scoring_blocks: dict[int, str] = {}
+        self._staged: dict[str, list[tuple[_Request, SchedRequest]]] = {}
         log.info("engine: %s on %s (dtype %r), %d KV blocks of %d tokens%s%s", str(self.dtype).removeprefix("torch."),
                  self.config.device, self.config.dtype, self.num_blocks, cache.block_size,
                  ", batch-invariant" if self.config.batch_invariant else "",
@@ -272,18 +278,15 @@ class Engine:
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
         req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority)
-        max_hits = None
-        if params.prompt_logprobs is not None:
-            known = self.prompt_lp_cache.lookup(ids, key, params.prompt_logprobs)
-            req.prompt_lp = [(None, ())] + [None] * (len(ids) - 1)
-            req.prompt_lp[1 : len(known)] = known[1:]
-            req.prompt_lp_missing = len(ids) - max(1, len(known))
-            # the last known block's last position must run: its logits give the next token's logprob
-            max_hits = max(0, len(known) // self.block_manager.block_size - 1) if req.prompt_lp_missing else None
         # a prefill-only request (max_tokens 0) is scheduled as one token's; it never samples
-        self.scheduler.add(SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key,
-                                        prompt_logprobs=params.prompt_logprobs if req.prompt_lp_missing else None,
-                                        max_prefix_blocks=max_hits))
+        sched = SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key)
+        if params.prompt_logprobs is None:
+            self.scheduler.add(sched)
+        else:
+            self.scheduler.check(sched)
+            req.prompt_lp = [(None, ())] + [None] * (len(ids) - 1)
+            req.prompt_lp_missing = len(ids) - 1
+            self._stage_or_schedule(req, sched)
         self.counters["prompt_tokens"] += len(ids)
         self._requests[request_id] = req
         if lora is not None:
@@ -334,6 +337,8 @@ class Engine:
     def _drop(self, req: _Request) -> None:
         """Forget a finished or aborted request (its choices are already off the scheduler)."""
         del self._requests[req.request_id]
+        if req.scoring_blocks or req.request_id in self._staged:
+            self._release_staged(req)
         if req.adapter is not None:
             held = self._live_adapters[req.adapter]
             held[1] -= 1
@@ -485,6 +490,58 @@ class Engine:
                     sched.prompt_logprobs = sched.max_prefix_blocks = None
                 self.prompt_lp_cache.store(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs,
                                            req.prompt_lp)
+                self._release_staged(req)
+
+    def _stage_or_schedule(self, req: _Request, sched: SchedRequest) -> None:
+        """Schedule a scoring request, or hold it back until a scoring request in flight that
+        shares at least two more of its leading full blocks than the prompt-logprob cache
+        knows has its logprobs (then those blocks come from the caches instead of running
+        twice: the answers of a multiple-choice question sent together)."""
+        hashes = self.prompt_lp_cache.block_hashes(req.prompt_token_ids, req.adapter)
+        known = self._known_blocks(req)
+        shared, owner = 0, None
+        for i, h in enumerate(hashes):
+            rid = self._scoring_blocks.get(h)
+            if rid is None:
+                break
+            shared, owner = i + 1, rid
+        if self.prompt_lp_cache.max_blocks and owner is not None and shared - known >= 2:
+            self._staged.setdefault(owner, []).append((req, sched))
+            return
+        self._schedule_scoring(req, sched, hashes)
+
+    def _known_blocks(self, req: _Request) -> int:
+        return len(self.prompt_lp_cache.lookup(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs)) \
+            // self.block_manager.block_size
+
+    def _schedule_scoring(self, req: _Request, sched: SchedRequest, hashes: list[int] | None = None) -> None:
+        """Fill what the prompt-logprob cache knows of `req`'s prompt, then schedule it: with
+        at most all but the last known block as prefix hits (the last one's last position
+        must run: its logits give the next token's logprob)."""
+        known = self.prompt_lp_cache.lookup(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs)
+        for pos in range(1, len(known)):
+            if req.prompt_lp[pos] is None:
+                req.prompt_lp[pos] = known[pos]
+                req.prompt_lp_missing -= 1
+        if req.prompt_lp_missing:
+            sched.prompt_logprobs = req.params.prompt_logprobs
+            sched.max_prefix_blocks = max(0, len(known) // self.block_manager.block_size - 1)
+            if hashes is None:
+                hashes = self.prompt_lp_cache.block_hashes(req.prompt_token_ids, req.adapter)
+            for h in hashes:
+                if self._scoring_blocks.setdefault(h, req.request_id) == req.request_id:
+                    req.scoring_blocks.append(h)
+        self.scheduler.add(sched)
+
+    def _release_staged(self, req: _Request) -> None:
+        """`req` has its prompt logprobs (or is gone): forget its blocks, schedule what waited on it."""
+        for h in req.scoring_blocks:
+            if self._scoring_blocks.get(h) == req.request_id:
+                del self._scoring_blocks[h]
+        req.scoring_blocks = []
+        for waiting, sched in self._staged.pop(req.request_id, ()):
+            if waiting.request_id in self._requests:
+                self._stage_or_schedule(waiting, sched)
 
     def _prompt_logprobs_out(self, req: _Request):
         """`StepDelta.prompt_logprobs` of the request (None unless it asked for them)."""

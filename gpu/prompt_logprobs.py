@@ -65,6 +65,10 @@ class PromptLogprobCache:
             parent = chain_hash(parent, chunk)
             yield b, parent, chunk
 
+    def block_hashes(self, token_ids: Sequence[int], namespace: str | None) -> list[int]:
+        """The chain hash of each full block of `token_ids` (what entries are keyed by)."""
+        return [h for _, h, _ in self._hashes(token_ids, namespace, len(token_ids) // self.block_size)]
+
     def lookup(self, token_ids: Sequence[int], namespace: str | None, k: int) -> list[Entry]:
         """The entries of tokens 0 .. m*bs-1 for the longest run of m leading full blocks
         cached with at least k alternatives (tops cut to k); [] when m is 0."""

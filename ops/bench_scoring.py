@@ -16,15 +16,16 @@ Modes (each repeat runs them in a rotated order):
 - `lmgate-prefill`: the same prompts with `max_tokens=0` and no prompt logprobs: the
   prefill alone, the cost floor (the prefix cache is off in the modes above, so the
   difference is the logits of every position).
+- `lmgate-score-cached`: as `lmgate-score`, with the prefix cache on: the answers of a
+  question after the first wait for the first to have its context's logprobs, then take
+  the context's KV blocks as hits and their logprobs from
+  `gpu.prompt_logprobs.PromptLogprobCache` (caches emptied before each run).
 - `lmgate-serial` and `lmgate-serial-cached`: one prompt at a time, as the harness sends
-  them by default (`batch_size=1`), without and with the prefix cache: with it, an
-  answer after the first of its question takes the shared context's KV blocks as hits
-  and their logprobs from `gpu.prompt_logprobs.PromptLogprobCache` (caches emptied before
-  each run).
+  them by default (`batch_size=1`), without and with the prefix cache.
 
 Reported: wall time per mode; `score_vs_hf_time` and `score_vs_prefill_time` (medians
-over repeats, lower is better), `serial_cached_vs_serial_time` (what the prompt-logprob
-cache saves); `max_abs_logprob_diff` against hf over every scored token (float32 both,
+over repeats, lower is better), `score_cached_vs_score_time` and
+`serial_cached_vs_serial_time` (what the prompt-logprob cache saves); `max_abs_logprob_diff` against hf over every scored token (float32 both,
 batched and serial-cached modes); `same_choices_as_hf`: the share of questions where both
 pick the same answer (highest summed logprob); and the accuracy of those picks.
 """
@@ -149,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     run_lmgate(cached, prompts[:2], ctxlens[:2], score=True, serial=True)
     cached_fed = 0
 
-    modes = ["hf", "lmgate-score", "lmgate-prefill", "lmgate-serial", "lmgate-serial-cached"]
+    modes = ["hf", "lmgate-score", "lmgate-score-cached", "lmgate-prefill", "lmgate-serial", "lmgate-serial-cached"]
     times: dict[str, list[float]] = {m: [] for m in modes}
     results: dict[str, list] = {}
     for r in range(repeats):
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             if mode == "hf":
                 wall, scores = run_hf(hf, prompts, ctxlens)
+            elif mode == "lmgate-score-cached":
+                wall, scores = run_lmgate(cached, prompts, ctxlens, score=True)
             elif mode == "lmgate-serial-cached":
                 before = cached.counters["prefill_tokens_fed"]
                 wall, scores = run_lmgate(cached, prompts, ctxlens, score=True, serial=True)
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             results[mode] = scores
             print(f"repeat {r + 1}/{repeats} {mode:15s} {wall:7.2f} s", file=sys.stderr)
 
-    diff = max(abs(a - b) for mode in ("lmgate-score", "lmgate-serial-cached")
+    diff = max(abs(a - b) for mode in ("lmgate-score", "lmgate-score-cached", "lmgate-serial-cached")
                for x, y in zip(results[mode], results["hf"], strict=True) for a, b in zip(x, y, strict=True))
     ours, theirs = picks(results["lmgate-score"], owners), picks(results["hf"], owners)
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_s": times,
         "score_vs_hf_time": ratio("lmgate-score", "hf"),
         "score_vs_prefill_time": ratio("lmgate-score", "lmgate-prefill"),
+        "score_cached_vs_score_time": ratio("lmgate-score-cached", "lmgate-score"),
         "serial_cached_vs_serial_time": ratio("lmgate-serial-cached", "lmgate-serial"),
         "serial_cached_prefill_tokens_vs_prompt_tokens": cached_fed / sum(map(len, prompts)),
         "max_abs_logprob_diff": diff,
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:21s} {statistics.median(times[m]):9.2f}")
     print(f"lmgate-score ÷ hf time       {report['score_vs_hf_time']:.3f}")
     print(f"lmgate-score ÷ prefill time  {report['score_vs_prefill_time']:.3f}")
+    print(f"batched: cached ÷ uncached   {report['score_cached_vs_score_time']:.3f}")
     print(f"serial: cached ÷ uncached    {report['serial_cached_vs_serial_time']:.3f} "
           f"(prefilled {report['serial_cached_prefill_tokens_vs_prompt_tokens']:.2f} of the prompt tokens)")
     print(f"max |logprob - hf|           {diff:.2e}")

@@ -193,3 +193,45 @@ def test_the_prompt_logprob_cache_is_keyed_by_prefix_namespace_and_alternatives(
     assert cache.lookup([5, 6, 0, 8], None, 2) == entries[:2]  # only the leading run that matches
     cache.store([1, 2, 3, 4, 5, 6], None, 1, [(None, ())] + [(-1.0, ())] * 5)
     assert len(cache) == 3  # bounded: the least recently used block went
+
+
+def test_scoring_requests_sent_together_wait_for_the_one_that_computes_their_shared_context(
+        ckpt, tokenizer, prompts):
+    """lm-evaluation-harness's multiple choice in one batch: the answers after the first
+    are held back until the first has its context's logprobs, then take it from the caches."""
+    engine = make_engine(ckpt, tokenizer)
+    bs = engine.block_manager.block_size
+    context = prompts[0][: 3 * bs + 5]
+    answers = [tokenizer.encode(a) for a in (" yes", " no, not at all", " maybe", " certainly")]
+    batch = [context + a for a in answers]
+    cold = make_engine(ckpt, tokenizer, cache=CacheConfig(cache_bytes=64 * 1024**2, enable_prefix_caching=False))
+    alone = [generate(cold, [p], scoring())[0][0] for p in batch[:2]]  # every position computed
+    del cold
+    fed = engine.counters["prefill_tokens_fed"]
+    outs = generate(engine, batch, scoring())
+    # the first runs all of it; each other one its answer and the last shared block
+    assert engine.counters["prefill_tokens_fed"] - fed == len(batch[0]) + sum(
+        len(p) - 2 * bs for p in batch[1:])
+    for [o], ref in zip(outs[:2], alone, strict=True):
+        assert [lp for lp, _ in o.prompt_logprobs] == pytest.approx([lp for lp, _ in ref.prompt_logprobs], abs=1e-4)
+    assert not engine._staged and not engine._scoring_blocks
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_aborting_the_request_others_wait_on_schedules_them(ckpt, tokenizer, prompts):
+    engine = make_engine(ckpt, tokenizer)
+    bs = engine.block_manager.block_size
+    context = prompts[0][: 3 * bs]
+    engine.add_request("first", context + [11], scoring())
+    engine.add_request("second", context + [12], scoring())
+    assert engine.scheduler.get("second") is None  # held back behind "first"
+    engine.abort("first")
+    assert engine.scheduler.get("second") is not None
+    engine.add_request("third", context + [13], scoring())  # stages on "second" now
+    engine.abort("third")  # a held-back request aborts cleanly
+    out = []
+    while engine.has_unfinished():
+        out += engine.step()
+    assert [d.request_id for d in out] == ["second"]
+    assert not engine._staged and not engine._scoring_blocks
+    assert engine.block_manager.num_free_blocks == engine.num_blocks

@@ -21,3 +21,4 @@ def test_a_tiny_run_reports_ratios_and_the_same_choices(tmp_path):
     assert report["score_vs_hf_time"] > 0 and report["score_vs_prefill_time"] > 0
     # the 4 answers of a question share its context: all but the first take it from the caches
     assert 0 < report["serial_cached_prefill_tokens_vs_prompt_tokens"] < 0.8
+    assert report["score_cached_vs_score_time"] > 0
