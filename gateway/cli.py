@@ -186,8 +186,14 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"lmgate perplexity: {e}", file=sys.stderr)
         return 2
+    for flag in ("window", "stride", "max_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "window" else 1):
+            print(f"lmgate perplexity: --{flag.replace('_', '-')} must be >= {2 if flag == 'window' else 1}, "
+                  f"got {value}", file=sys.stderr)
+            return 2
     try:
-        with open(args.file, encoding="utf-8") as f:
+        with open(args.file, encoding="utf-8-sig") as f:  # a byte-order mark is not text
             text = f.read()
     except OSError as e:
         print(f"lmgate perplexity: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
@@ -206,13 +212,15 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         return 1
     load_s = time.perf_counter() - t0
     ids = engine.tokenizer.encode(text)
-    if args.max_tokens < 0:
-        print(f"lmgate perplexity: --max-tokens must be >= 0, got {args.max_tokens}", file=sys.stderr)
-        return 2
-    if args.max_tokens:
+    if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
-    window = min(args.window or engine.max_model_len - 1, engine.max_model_len - 1)
-    stride = args.stride or max(1, window // 2)
+    room = engine.max_model_len - 1  # a prefill-only request leaves room for one token
+    window = room if args.window is None else args.window
+    if window > room or window < 2:
+        print(f"lmgate perplexity: a window of {window} tokens does not fit the context: this engine takes "
+              f"prompts of at most {room} tokens (--max-model-len {engine.max_model_len})", file=sys.stderr)
+        return 2
+    stride = max(1, window // 2) if args.stride is None else args.stride
     t0 = time.perf_counter()
     try:
         res = perplexity(engine, ids, window=window, stride=stride)
@@ -376,12 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity of a UTF-8 text file: exp(-mean logprob of its tokens), scored "
                                    "in overlapping windows, all batched (Hugging Face's sliding-window method).")
     p.add_argument("file", help="a UTF-8 text file")
-    p.add_argument("--window", type=int, default=0,
+    p.add_argument("--window", type=int, default=None,
                    help="tokens per window (default: the context length - 1)")
-    p.add_argument("--stride", type=int, default=0,
+    p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts; each token is scored with at least window - stride "
-                        "tokens of context once past the first window (default: window / 2)")
-    p.add_argument("--max-tokens", type=int, default=0, help="score only the file's first N tokens (default: all)")
+                        "tokens of context once past the first window; stride = window: windows that do "
+                        "not overlap, each one's first token unscored (default: window / 2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the file's first N tokens (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_engine_arguments(p)
     p.set_defaults(func=_cmd_perplexity)

@@ -62,6 +62,8 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
     if req.messages is not None:
         from gpu.tokenizer import ChatTemplateError
 
+        if not req.messages:  # as chat completions
+            raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)

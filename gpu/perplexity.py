@@ -4,8 +4,9 @@
 A text longer than the window is scored in overlapping windows (Hugging Face's sliding
 window): window w covers tokens [w*stride, w*stride + window); it scores only the tokens
 the windows before it did not, each given up to `window - stride` tokens of context
-before the region (the first window scores everything but the text's first token, which
-has no context)::
+before the region. A window's first token has no context in it, so it is never scored:
+the text's first token, and with `stride == window` (windows that do not overlap) the
+first token of every window, are left out, as in Hugging Face's method::
 
     tokens   0 ......................................... N
     win 0    [ scored ........... )
@@ -41,9 +42,10 @@ def windows(num_tokens: int, window: int, stride: int) -> list[Window]:
     start = 0
     while scored_to < num_tokens:
         end = min(start + window, num_tokens)
-        if end > scored_to:
-            out.append(Window(start, end, scored_to))
-            scored_to = end
+        first = max(scored_to, start + 1)
+        if end > first:
+            out.append(Window(start, end, first))
+        scored_to = max(scored_to, end)
         start += stride
     return out
 

@@ -21,11 +21,14 @@ TEXT = ("The history of the city begins with a small settlement on the river ban
 def test_windows_score_every_token_but_the_first_exactly_once():
     assert windows(10, 4, 2) == [Window(0, 4, 1), Window(2, 6, 4), Window(4, 8, 6), Window(6, 10, 8)]
     assert windows(5, 8, 4) == [Window(0, 5, 1)]
-    for n, w, s in [(100, 32, 16), (101, 32, 7), (64, 32, 32), (33, 32, 1)]:
+    for n, w, s in [(100, 32, 16), (101, 32, 7), (33, 32, 1), (64, 32, 31)]:
         wins = windows(n, w, s)
         scored = [t for x in wins for t in range(x.first_scored, x.end)]
         assert scored == list(range(1, n))
-        assert all(x.end - x.start <= w and x.start <= x.first_scored for x in wins)
+        assert all(x.end - x.start <= w and x.start < x.first_scored for x in wins)
+    # windows that do not overlap: each one's first token has no context, and is not scored
+    assert windows(70, 32, 32) == [Window(0, 32, 1), Window(32, 64, 33), Window(64, 70, 65)]
+    assert windows(65, 32, 32) == [Window(0, 32, 1), Window(32, 64, 33)]  # token 64 alone: nothing to score
     with pytest.raises(ValueError):
         windows(10, 4, 5)
     with pytest.raises(ValueError):
@@ -87,3 +90,9 @@ def test_perplexity_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe not text")
     assert main(["perplexity", str(bad)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    for args, what in [(["--stride", "0"], "--stride must be >= 1"), (["--window", "1"], "--window must be >= 2"),
+                       (["--max-tokens", "0"], "--max-tokens must be >= 1")]:
+        assert main(["perplexity", str(text), *args]) == 2
+        assert what in capsys.readouterr().err
