@@ -96,16 +96,56 @@ def engine_config_from_args(args: argparse.Namespace):
     )
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+class _Exit(Exception):
+    """A command stops with a one-line message on stderr and this exit status."""
 
-    from gpu.config import LoraConfig
-    from gpu.engine import Engine, generate
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _read_text(path: str, *, encoding: str = "utf-8") -> str:
+    """A text file's content, or `_Exit(2)` saying why it cannot be read."""
+    try:
+        with open(path, encoding=encoding) as f:
+            return f.read()
+    except OSError as e:
+        raise _Exit(2, f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise _Exit(2, f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _start_engine(engine_config):
+    """The engine, or `_Exit` for a model that cannot be served (2) or an unavailable
+    quantization (1)."""
+    from gpu.engine import Engine
     from gpu.loader import CheckpointError
     from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
-    from gpu.sampling import SamplingParams, SamplingParamsError
     from gpu.tokenizer import TokenizerError
+
+    try:
+        return Engine(engine_config)
+    except (CheckpointError, LoraError, TokenizerError) as e:
+        raise _Exit(2, str(e)) from None
+    except QuantizationUnavailable as e:
+        raise _Exit(1, str(e)) from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        return _generate(args)
+    except _Exit as e:
+        print(f"lmgate generate: {e}", file=sys.stderr)
+        return e.status
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gpu.config import LoraConfig
+    from gpu.engine import generate
+    from gpu.sampling import SamplingParams, SamplingParamsError
 
     try:
         engine_config = engine_config_from_args(args)
@@ -116,15 +156,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     prompts = list(args.prompt)
     if args.file:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            print(f"lmgate generate: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
-            return 2
-        except UnicodeDecodeError as e:
-            print(f"lmgate generate: {args.file}: not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
-            return 2
+        prompts += [line for line in _read_text(args.file).split("\n") if line.strip()]
     if not prompts:
         print("lmgate generate: give at least one prompt (or --file)", file=sys.stderr)
         return 2
@@ -139,14 +171,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    try:
-        engine = Engine(engine_config)
-    except (CheckpointError, LoraError, TokenizerError) as e:
-        print(f"lmgate generate: {e}", file=sys.stderr)
-        return 2
-    except QuantizationUnavailable as e:
-        print(f"lmgate generate: {e}", file=sys.stderr)
-        return 1
+    engine = _start_engine(engine_config)
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
     inputs = [
@@ -175,11 +200,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    from gpu.engine import Engine
-    from gpu.loader import CheckpointError
+    try:
+        return _perplexity(args)
+    except _Exit as e:
+        print(f"lmgate perplexity: {e}", file=sys.stderr)
+        return e.status
+
+
+def _perplexity(args: argparse.Namespace) -> int:
     from gpu.perplexity import perplexity
-    from gpu.quantization import QuantizationUnavailable
-    from gpu.tokenizer import TokenizerError
 
     try:
         engine_config = engine_config_from_args(args)
@@ -192,24 +221,9 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
             print(f"lmgate perplexity: --{flag.replace('_', '-')} must be >= {2 if flag == 'window' else 1}, "
                   f"got {value}", file=sys.stderr)
             return 2
-    try:
-        with open(args.file, encoding="utf-8-sig") as f:  # a byte-order mark is not text
-            text = f.read()
-    except OSError as e:
-        print(f"lmgate perplexity: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    except UnicodeDecodeError as e:
-        print(f"lmgate perplexity: {args.file}: not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
-        return 2
+    text = _read_text(args.file, encoding="utf-8-sig")  # a byte-order mark is not text
     t0 = time.perf_counter()
-    try:
-        engine = Engine(engine_config)
-    except (CheckpointError, TokenizerError) as e:
-        print(f"lmgate perplexity: {e}", file=sys.stderr)
-        return 2
-    except QuantizationUnavailable as e:
-        print(f"lmgate perplexity: {e}", file=sys.stderr)
-        return 1
+    engine = _start_engine(engine_config)
     load_s = time.perf_counter() - t0
     ids = engine.tokenizer.encode(text)
     if args.max_tokens is not None:
