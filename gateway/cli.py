@@ -132,15 +132,24 @@ def _start_engine(engine_config):
         raise _Exit(1, str(e)) from None
 
 
+def _command(name: str):
+    """`lmgate <name>`: an `_Exit` from the body becomes its one line on stderr and its status."""
+
+    def wrap(body):
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return body(args)
+            except _Exit as e:
+                print(f"lmgate {name}: {e}", file=sys.stderr)
+                return e.status
+
+        return run
+
+    return wrap
+
+
+@_command("generate")
 def _cmd_generate(args: argparse.Namespace) -> int:
-    try:
-        return _generate(args)
-    except _Exit as e:
-        print(f"lmgate generate: {e}", file=sys.stderr)
-        return e.status
-
-
-def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from gpu.config import LoraConfig
@@ -199,15 +208,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("perplexity")
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    try:
-        return _perplexity(args)
-    except _Exit as e:
-        print(f"lmgate perplexity: {e}", file=sys.stderr)
-        return e.status
-
-
-def _perplexity(args: argparse.Namespace) -> int:
     from gpu.perplexity import perplexity
 
     try:
