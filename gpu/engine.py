@@ -27,7 +27,8 @@ returns each position's logprob of the token that follows, and the request's fir
 delta of every choice carries them all (`StepDelta.prompt_logprobs`). A hit's positions
 never run, so such a request takes prefix-cache hits only over blocks whose logprobs an
 earlier request left in `gpu.prompt_logprobs.PromptLogprobCache` (all but the last of
-them), and none once preempted until it has them all. A request
+them; after a preemption too, until it has them all), and one that shares more leading
+blocks with a scoring request in flight waits for that one first. A request
 with `max_tokens` 0 ends at the end of its prefill without sampling: its choices each
 get one delta with no tokens, finish reason "length".
 """
@@ -497,28 +498,24 @@ class Engine:
         shares at least two more of its leading full blocks than the prompt-logprob cache
         knows has its logprobs (then those blocks come from the caches instead of running
         twice: the answers of a multiple-choice question sent together)."""
-        hashes = self.prompt_lp_cache.block_hashes(req.prompt_token_ids, req.adapter)
-        known = self._known_blocks(req)
+        cache = self.prompt_lp_cache
+        hashes = cache.block_hashes(req.prompt_token_ids, req.adapter)
+        known = cache.lookup(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs, hashes)
         shared, owner = 0, None
         for i, h in enumerate(hashes):
             rid = self._scoring_blocks.get(h)
             if rid is None:
                 break
             shared, owner = i + 1, rid
-        if self.prompt_lp_cache.max_blocks and owner is not None and shared - known >= 2:
+        if cache.max_blocks and owner is not None and shared - len(known) // cache.block_size >= 2:
             self._staged.setdefault(owner, []).append((req, sched))
             return
-        self._schedule_scoring(req, sched, hashes)
+        self._schedule_scoring(req, sched, hashes, known)
 
-    def _known_blocks(self, req: _Request) -> int:
-        return len(self.prompt_lp_cache.lookup(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs)) \
-            // self.block_manager.block_size
-
-    def _schedule_scoring(self, req: _Request, sched: SchedRequest, hashes: list[int] | None = None) -> None:
-        """Fill what the prompt-logprob cache knows of `req`'s prompt, then schedule it: with
-        at most all but the last known block as prefix hits (the last one's last position
-        must run: its logits give the next token's logprob)."""
-        known = self.prompt_lp_cache.lookup(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs)
+    def _schedule_scoring(self, req: _Request, sched: SchedRequest, hashes: list[int], known: list) -> None:
+        """Fill what the prompt-logprob cache knows of `req`'s prompt (`known`, its lookup),
+        then schedule it: with at most all but the last known block as prefix hits (the last
+        one's last position must run: its logits give the next token's logprob)."""
         for pos in range(1, len(known)):
             if req.prompt_lp[pos] is None:
                 req.prompt_lp[pos] = known[pos]
@@ -526,8 +523,6 @@ class Engine:
         if req.prompt_lp_missing:
             sched.prompt_logprobs = req.params.prompt_logprobs
             sched.max_prefix_blocks = max(0, len(known) // self.block_manager.block_size - 1)
-            if hashes is None:
-                hashes = self.prompt_lp_cache.block_hashes(req.prompt_token_ids, req.adapter)
             for h in hashes:
                 if self._scoring_blocks.setdefault(h, req.request_id) == req.request_id:
                     req.scoring_blocks.append(h)

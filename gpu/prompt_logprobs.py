@@ -69,11 +69,17 @@ class PromptLogprobCache:
         """The chain hash of each full block of `token_ids` (what entries are keyed by)."""
         return [h for _, h, _ in self._hashes(token_ids, namespace, len(token_ids) // self.block_size)]
 
-    def lookup(self, token_ids: Sequence[int], namespace: str | None, k: int) -> list[Entry]:
+    def lookup(self, token_ids: Sequence[int], namespace: str | None, k: int,
+               hashes: Sequence[int] | None = None) -> list[Entry]:
         """The entries of tokens 0 .. m*bs-1 for the longest run of m leading full blocks
-        cached with at least k alternatives (tops cut to k); [] when m is 0."""
+        cached with at least k alternatives (tops cut to k); [] when m is 0. `hashes`: the
+        blocks' `block_hashes`, when the caller has them."""
         out: list[Entry] = []
-        for _, h, chunk in self._hashes(token_ids, namespace, len(token_ids) // self.block_size):
+        bs = self.block_size
+        if hashes is None:
+            hashes = self.block_hashes(token_ids, namespace)
+        for b, h in enumerate(hashes):
+            chunk = tuple(token_ids[b * bs : (b + 1) * bs])
             block = self._blocks.get(h)
             if block is None or block.tokens != chunk or block.k < k:
                 break
