@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ops.cli import add_bench_arguments
 
-    p = sub.add_parser("bench", help="benchmarks: engine, gateway, serving load generator")
+    p = sub.add_parser("bench", help="benchmarks: engine, serving, scheduling, scoring, loading, ... (lmgate bench --help)")
     add_bench_arguments(p)
     return parser
 

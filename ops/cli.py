@@ -10,9 +10,19 @@ import argparse
 import importlib
 
 BENCHES = {
+    "beam": ("ops.bench_beam", "beam search vs transformers' generate(num_beams=k); KV blocks vs unshared beams"),
+    "dtype": ("ops.bench_dtype", "how far bf16 / int8 move the model from float32, and their speed"),
     "engine": ("ops.bench_engine", "engine vs Hugging Face transformers static batching; MBU"),
     "gateway": ("ops.bench_gateway", "cached-response RPS vs a bare route; latency added per token"),
-    "kernels": ("ops.bench_kernels", "CUDA kernel bandwidth and decode MBU (needs a GPU to time)"),
+    "invariance": ("ops.bench_invariance", "does output depend on the load; the cost of --batch-invariant"),
+    "kernels": ("ops.bench_kernels", "CUDA kernel bandwidth and decode MBU (needs a GPU to time; --cpu for the "
+                                     "CPU kernels)"),
+    "kv-pages": ("ops.bench_kv_pages", "the KV cache on 2 MiB pages vs 4 KiB pages"),
+    "load": ("ops.bench_load", "checkpoint loading: the lmg format vs safetensors and GGUF, cold and warm"),
+    "lora": ("ops.bench_lora", "many LoRA adapters in one batch vs the base model and one adapter at a time"),
+    "sched": ("ops.bench_sched", "every batching policy on the multi-application workload (Magnus vs FCFS)"),
+    "scoring": ("ops.bench_scoring", "multiple-choice loglikelihood (prompt logprobs) vs transformers; the "
+                                     "prompt-logprob cache"),
     "serve": ("ops.bench_serve", "serving benchmark with vLLM bench serve metrics; OpenAI SSE or lmgate WS; "
                                  "--compare a second target"),
 }
