@@ -4,7 +4,7 @@ Three layers, kept apart so each can be tested on its own:
 
 - request Structs (`CompletionRequest`, `ChatRequest`): the wire format, decoded
   with msgspec (wrong types → 400 naming the field);
-- `to_generate_call`: pure mapping to `actors.messages.GenerateCall` +
+- `to_generate_calls`: pure mapping to `actors.messages.GenerateCall` +
   `gpu.sampling.SamplingParams` (out-of-range values → 400 naming the field);
 - rendering: `Collector` folds a request's events into a plain JSON response,
   `ChunkRenderer` turns each event into OpenAI stream chunks (SSE and the
@@ -330,22 +330,6 @@ def sub_request_id(request_id: str, i: int, count: int) -> str:
     """The runtime's id of prompt `i` of a request with `count` prompts (one prompt: the
     request's own id)."""
     return request_id if count == 1 else f"{request_id}-{i}"
-
-
-def to_generate_call(
-    req: CompletionRequest | ChatRequest,
-    tenant: TenantContext,
-    request_id: str,
-    *,
-    app_tag: str | None = None,
-    cache: CacheDirectives = CacheDirectives(),
-) -> GenerateCall:
-    """Pure mapping from a decoded single-prompt request to the runtime's message
-    (`to_generate_calls` for a batch)."""
-    calls = to_generate_calls(req, tenant, request_id, app_tag=app_tag, cache=cache)
-    if len(calls) != 1:
-        raise ApiError(400, "this endpoint takes one prompt per request", code="invalid_value", param="prompt")
-    return calls[0]
 
 
 def to_generate_calls(
@@ -983,5 +967,4 @@ __all__ = [
     "events_of",
     "openai_blueprint",
     "sampling_params",
-    "to_generate_call",
 ]
