@@ -39,6 +39,7 @@ from actors.stepper import Completed
 from cache.quotas import Denied, DuplicateRequest
 from cache.store import CacheUnavailable
 from gpu.sampling import SamplingParams, SamplingParamsError
+from gpu.structured import GuidedDecodingError
 from gpu.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Admission:
         prompt_cache: Any = None,  # cache.prompt_cache.PromptCache | None
         adapters: Any = None,  # gpu.lora.LoraManager | None: LoRA adapters clients may name as `model`
         on_cancel: Any = None,  # called (no arguments) when an accepted request is cancelled
+        grammars: Any = None,  # gpu.structured.GrammarCompiler | None: checks structured-output specs
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -121,6 +123,7 @@ class Admission:
         self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
         self.on_cancel = on_cancel
+        self.grammars = grammars
 
     # ------------------------------------------------------------- pieces
     async def _adapter(self, model: str) -> tuple[str, str] | None:
@@ -232,6 +235,18 @@ class Admission:
                 + (f", capped at this key's limit of {cap})" if cap is not None else ")"))
             raise _Refuse(400, "invalid_value", f"{e}{why}", e.field) from e
 
+    async def _check_grammar(self, call: GenerateCall, p: SamplingParams) -> None:
+        """A structured-output spec that does not compile is the client's 400, before the
+        request queues. Compiling may take a while for a large schema: off the event loop
+        (the engine finds the result in the compiler's cache)."""
+        if p.guided is None or self.grammars is None:
+            return
+        try:
+            if not self.grammars.is_compiled(p.guided):
+                await trio.to_thread.run_sync(self.grammars.check, p.guided)
+        except GuidedDecodingError as e:
+            raise _Refuse(400, "invalid_value", str(e), call.guided_field or "response_format") from None
+
     def _kv_room(self, p: SamplingParams) -> tuple[int, str]:
         """Tokens one sequence of this request may fill in the KV cache (0 = unchecked), and
         for whom: all of it for one request, whole pages of an equal share for each beam of
@@ -342,6 +357,7 @@ class Admission:
             adapter = await self._adapter(call.model)
             ids = await self._tokenize(call)
             params = self._resolve_params(call, len(ids))
+            await self._check_grammar(call, params)
             self._check_load()
             self.pending += 1  # no await since the check: the count and the check agree
             pending = True

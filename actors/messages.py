@@ -81,6 +81,7 @@ class GenerateCall(msgspec.Struct, frozen=True):
     # the response cache, for a deterministic request (HTTP `Cache-Control: no-cache` / `no-store`):
     cache_lookup: bool = True  # False: generate afresh even if a stored answer exists
     cache_store: bool = True  # False: do not store this answer
+    guided_field: str | None = None  # the request field `params.guided` came from (a 400's `param`)
 
 
 class Usage(msgspec.Struct, frozen=True):

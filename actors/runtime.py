@@ -193,6 +193,7 @@ class Runtime:
             to_predictor=self._pred_send, completed=self._done_send, load=self,
             quotas=quotas, response_cache=response_cache, prompt_cache=prompt_cache,
             adapters=getattr(engine, "lora", None), on_cancel=self.queue.notice_cancel,
+            grammars=getattr(engine, "grammars", None),
         )
         self.accounting = Accounting(
             self._done_recv, self.metrics, model_name=self.model_name, feedback=self._fb_send,

@@ -18,6 +18,7 @@ the handler or the body generator) stops generation within one engine step.
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import time
 import uuid
@@ -45,6 +46,7 @@ from actors.messages import (
 from gateway import sse
 from gateway.errors import ApiError
 from gpu.sampling import SamplingParams, SamplingParamsError
+from gpu.structured import GuidedDecoding
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -102,6 +104,13 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     best_of: int | None = None  # beams (default n); OpenAI's legacy completions name
     length_penalty: float | None = None
     early_stopping: bool | str | None = None  # true, false or "never"
+    # structured outputs (`guided_decoding`): OpenAI's response_format, or vLLM's names
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.10.2: {"json"|"regex"|"choice"|"grammar"|"json_object": ...}
 
 
 class CompletionRequest(_Sampling, frozen=True, kw_only=True):
@@ -129,18 +138,13 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     top_logprobs: int | None = None
     # accepted so that a client relying on them is told they are not supported, rather
     # than silently getting plain text (`unsupported_chat_fields`)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
 
 def unsupported_chat_fields(req: ChatRequest) -> None:
-    """400 for what this server cannot honour: JSON/schema output, tool or function calls."""
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise ApiError(400, f"response_format {kind!r} is not supported (no constrained decoding); "
-                       "omit it or send {\"type\": \"text\"}", code="unsupported_value", param="response_format")
+    """400 for what this server cannot honour: tool or function calls."""
     for name in ("tools", "functions"):
         if getattr(req, name):
             raise ApiError(400, "tool and function calling is not supported by this server",
@@ -197,6 +201,76 @@ def _param_of(exc: msgspec.ValidationError) -> str | None:
 
 
 # ---------------------------------------------------------------- mapping
+_STRUCTURED_KINDS = {"json": "json", "json_object": "json_object", "regex": "regex", "choice": "choice",
+                     "grammar": "grammar"}
+
+
+def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecoding | None, str | None]:
+    """The request's structured-output constraint, and the field it came from (for a 400's
+    `param`): OpenAI's `response_format` (`json_object`, or `json_schema` with its
+    `json_schema.schema`), vLLM's `guided_json` / `guided_regex` / `guided_choice` /
+    `guided_grammar`, or vLLM's newer `structured_outputs` object. At most one may be given.
+    Whether the spec compiles is admission's to say (`gpu.structured.GrammarCompiler`)."""
+    found: list[tuple[GuidedDecoding, str]] = []
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type", "text")
+        if kind == "json_object":
+            found.append((GuidedDecoding("json_object"), "response_format"))
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict):
+                raise ApiError(400, "response_format json_schema needs a \"json_schema\" object "
+                               "({\"name\": ..., \"schema\": {...}})", code="invalid_value", param="response_format")
+            schema = js.get("schema")
+            if schema is None:  # OpenAI's schema is optional: then any JSON object
+                found.append((GuidedDecoding("json_object"), "response_format"))
+            else:
+                found.append((GuidedDecoding("json", _schema_text(schema, "response_format")), "response_format"))
+        elif kind != "text":
+            raise ApiError(400, f"response_format type must be \"text\", \"json_object\" or \"json_schema\", "
+                           f"got {str(kind)[:100]!r}", code="invalid_value", param="response_format")
+    if req.guided_json is not None:
+        found.append((GuidedDecoding("json", _schema_text(req.guided_json, "guided_json")), "guided_json"))
+    if req.guided_regex is not None:
+        found.append((GuidedDecoding("regex", req.guided_regex), "guided_regex"))
+    if req.guided_choice is not None:
+        found.append((GuidedDecoding("choice", json.dumps(req.guided_choice)), "guided_choice"))
+    if req.guided_grammar is not None:
+        found.append((GuidedDecoding("grammar", req.guided_grammar), "guided_grammar"))
+    for key, value in (req.structured_outputs or {}).items():
+        if value is None or value is False:
+            continue
+        kind = _STRUCTURED_KINDS.get(key)
+        if kind is None:
+            continue  # vLLM's other knobs (disable_any_whitespace, ...): not constraints
+        if kind == "json_object":
+            found.append((GuidedDecoding("json_object"), "structured_outputs"))
+        elif kind == "json":
+            found.append((GuidedDecoding("json", _schema_text(value, "structured_outputs")), "structured_outputs"))
+        elif kind == "choice":
+            if not isinstance(value, list):
+                raise ApiError(400, "structured_outputs.choice must be a list of strings", code="invalid_value",
+                               param="structured_outputs")
+            found.append((GuidedDecoding("choice", json.dumps(value)), "structured_outputs"))
+        elif not isinstance(value, str):
+            raise ApiError(400, f"structured_outputs.{key} must be a string", code="invalid_value",
+                           param="structured_outputs")
+        else:
+            found.append((GuidedDecoding(kind, value), "structured_outputs"))
+    if len(found) > 1:
+        names = ", ".join(dict.fromkeys(name for _, name in found))
+        raise ApiError(400, f"at most one output constraint per request; got {len(found)} ({names})",
+                       code="invalid_value", param=found[1][1])
+    return found[0] if found else (None, None)
+
+
+def _schema_text(schema: Any, param: str) -> str:
+    if isinstance(schema, str):
+        return schema
+    if isinstance(schema, dict | bool):
+        return json.dumps(schema)
+    raise ApiError(400, "a JSON schema must be an object (or its JSON text)", code="invalid_value", param=param)
 
 
 def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
@@ -240,6 +314,9 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         "prompt_logprobs": optional_prompt_lp,
     }
     kwargs = {k: v for k, v in optional.items() if v is not None}
+    guided, guided_param = guided_decoding(req)
+    if guided is not None:
+        kwargs["guided"] = guided
     if req.logit_bias:
         try:
             kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
@@ -259,6 +336,8 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         )
     except SamplingParamsError as exc:
         param = logprobs_param if exc.field in ("logprobs", "prompt_logprobs") else exc.field
+        if exc.field == "guided":
+            param = guided_param
         if param == "max_tokens" and isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
             param = "max_completion_tokens"
         raise ApiError(400, str(exc), code="invalid_value", param=param) from exc
@@ -358,6 +437,7 @@ def to_generate_calls(
         arrival_time=time.time(),
         cache_lookup=cache.lookup,
         cache_store=cache.store,
+        guided_field=guided_decoding(req)[1] if params.guided is not None else None,
     )
     if isinstance(req, ChatRequest):
         if not req.messages:

@@ -53,7 +53,8 @@ from gpu.model import release_free_heap
 from gpu.prompt_logprobs import PromptLogprobCache
 from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
-from gpu.sampling import Sampler, SamplingParams, SeqSamplingState
+from gpu.sampling import Sampler, SamplingParams, SamplingParamsError, SeqSamplingState
+from gpu.structured import GrammarCompiler, GuidedDecodingError
 from gpu.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ class Engine:
             sched_cfg = replace(sched_cfg, max_model_len=self.max_model_len)
         self.scheduler = StepScheduler(sched_cfg, self.block_manager)
         self.sampler = Sampler()
+        # structured outputs: compiled grammars by spec (admission shares it to check specs early)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[str, tuple[_Request, _Choice]] = {}
@@ -276,6 +279,11 @@ class Engine:
             )
         if params.use_beam_search:
             self._check_beams_fit(len(ids), max_tokens, params.beam_width)
+        if params.guided is not None:
+            try:
+                self.grammars.check(params.guided)
+            except GuidedDecodingError as e:
+                raise SamplingParamsError("guided", str(e)) from None
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
         req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority)
@@ -328,7 +336,8 @@ class Engine:
             index=index,
             detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens),
             stop=StopChecker(tuple(p.stop), p.include_stop_str_in_output),
-            sampling=SeqSamplingState.create(p, req.prompt_token_ids, tuple(self.eos_token_ids), child_index=index),
+            sampling=SeqSamplingState.create(p, req.prompt_token_ids, tuple(self.eos_token_ids), child_index=index,
+                                             matcher=self.grammars.matcher(p.guided) if p.guided else None),
         )
 
     def _hold_adapter(self, lora: LoraAdapter) -> None:
@@ -706,11 +715,12 @@ class Engine:
 
         EOS and stop token ids end the choice without adding text; a stop string
         ends it with the text cut before the match (the checker never lets part
-        of a stop string out); max_tokens / the context window end it with "length".
+        of a stop string out); a constrained choice whose text is complete ends with
+        "stop" at once; max_tokens / the context window end it with "length".
         """
         p = req.params
         st = choice.sampling
-        st.output_token_ids.append(tok)
+        st.accept(tok)
         n_out = len(st.output_token_ids)
         self.counters["generated_tokens"] += 1
         reason = None
@@ -723,6 +733,10 @@ class Engine:
                 emit, stopped, _ = choice.stop.push(text, armed=n_out >= p.min_tokens)
                 if stopped:
                     reason = "stop"
+            if reason is None and st.grammar_done:
+                reason = "stop"
+                if st.matcher.is_error():  # a token the grammar refused (only if every allowed one was banned)
+                    log.warning("request %s: structured output failed: %s", req.request_id, st.matcher.get_error())
         if reason is None and (n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len):
             reason = "length"
         if reason is not None:

@@ -11,6 +11,7 @@ transformation is a batched tensor op over the rows that need it:
 
     raw logits ──▶ min_tokens mask ──▶ repetition penalty (prompt + output, HF)
                ──▶ frequency / presence penalties (output counts, OpenAI) ──▶ logit_bias
+               ──▶ grammar mask (structured outputs, `gpu.structured`)
                ──▶ greedy rows: argmax
                ──▶ random rows: / temperature ──▶ top-k ──▶ top-p ──▶ min-p
                                ──▶ inverse-CDF draw (one uniform per row)
@@ -39,6 +40,7 @@ import msgspec
 import torch
 
 from gpu import layer_ops
+from gpu.structured import GuidedDecoding, allowed_tokens, apply_bitmask, check_shape, fill_bitmask
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -83,6 +85,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     its logprob given the tokens before it plus the k most likely tokens there (raw model
     distribution, as `logprobs`): scoring a text. `max_tokens` 0 runs the prompt only
     (prefill) and generates nothing: with `prompt_logprobs`, a pure scoring request.
+
+    `guided` constrains the text to a JSON schema, any JSON object, a regex, one of a list
+    of strings or a grammar (`gpu.structured.GuidedDecoding`; OpenAI's `response_format`,
+    vLLM's `guided_*`): tokens that would leave the language are never sampled, and the
+    choice ends ("stop") as soon as the text is complete. Not with beam search.
     """
 
     n: int = 1
@@ -110,6 +117,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     prompt_logprobs: int | None = None
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         # A bare string is a common client shape for `stop` ("stop": "\n").
@@ -196,6 +204,10 @@ def _validate(p: SamplingParams) -> None:
         _check_int("logprobs", p.logprobs, 0, MAX_LOGPROBS)
     if p.prompt_logprobs is not None:
         _check_int("prompt_logprobs", p.prompt_logprobs, 0, MAX_LOGPROBS)
+    if p.guided is not None:
+        problem = check_shape(p.guided) if isinstance(p.guided, GuidedDecoding) else "must be a GuidedDecoding"
+        if problem is not None:
+            raise SamplingParamsError("guided", problem)
     if not isinstance(p.logit_bias, tuple) or len(p.logit_bias) > MAX_LOGIT_BIAS:
         raise SamplingParamsError("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases")
     for pair in p.logit_bias:
@@ -226,6 +238,9 @@ def _validate_beam_search(p: SamplingParams) -> None:
         return
     if p.max_tokens == 0:
         raise SamplingParamsError("max_tokens", "beam search generates at least one token")
+    if p.guided is not None:
+        raise SamplingParamsError("guided", "structured outputs (a schema, regex, choice or grammar) are not "
+                                            "supported with beam search")
     for name, off in (("top_k", p.top_k in (0, -1)), ("top_p", p.top_p == 1.0), ("min_p", p.min_p == 0.0)):
         if not off:
             raise SamplingParamsError(name, "restricts sampling, and beam search does not sample")
@@ -250,6 +265,8 @@ class SeqSamplingState:
 
     The engine owns it and appends each sampled token to `output_token_ids`.
     `generator` is None for unseeded requests (the sampler's own randomness is used).
+    `matcher` is the sequence's `llguidance.LLMatcher` when its request is constrained
+    (`params.guided`): the sampler masks by it, the engine advances it (`accept`).
     """
 
     params: SamplingParams
@@ -257,6 +274,7 @@ class SeqSamplingState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     eos_token_ids: tuple[int, ...] = ()
+    matcher: object | None = None
 
     @classmethod
     def create(
@@ -267,12 +285,25 @@ class SeqSamplingState:
         *,
         child_index: int = 0,
         device: torch.device | str = "cpu",
+        matcher: object | None = None,
     ) -> SeqSamplingState:
-        """State for sample `child_index` of a request; seeded children use seed + child_index."""
+        """State for sample `child_index` of a request; seeded children use seed + child_index.
+        `matcher`: a fresh matcher of `params.guided` (`gpu.structured.GrammarCompiler.matcher`)."""
         gen = None
         if params.seed is not None:
             gen = make_generator(params.seed + child_index, device)
-        return cls(params, prompt_token_ids, [], gen, tuple(eos_token_ids))
+        return cls(params, prompt_token_ids, [], gen, tuple(eos_token_ids), matcher)
+
+    def accept(self, token_id: int) -> None:
+        """Record a sampled token (and advance the grammar, if any)."""
+        self.output_token_ids.append(token_id)
+        if self.matcher is not None and not self.matcher.is_stopped():
+            self.matcher.consume_token(token_id)
+
+    @property
+    def grammar_done(self) -> bool:
+        """True once a constrained sequence's text is complete (or its grammar failed)."""
+        return self.matcher is not None and self.matcher.is_stopped()
 
     def banned_token_ids(self) -> tuple[int, ...]:
         """Ids that may not be sampled now: stop ids (and EOS unless ignore_eos) below min_tokens."""
@@ -352,6 +383,7 @@ class Sampler:
         if any(_modifies_logits(s) for s in batch):
             x = raw.clone()  # raw is kept for logprobs
             x = apply_logit_bias(apply_penalties(apply_token_bans(x, batch), batch), batch)
+            x = apply_grammars(x, raw, batch)
 
         tokens = torch.empty(len(batch), dtype=torch.long, device=x.device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
@@ -432,7 +464,8 @@ class Sampler:
 def _modifies_logits(s: SeqSamplingState) -> bool:
     p = s.params
     return (
-        bool(s.banned_token_ids())
+        s.matcher is not None
+        or bool(s.banned_token_ids())
         or bool(p.logit_bias)
         or p.repetition_penalty != 1.0
         or p.frequency_penalty != 0.0
@@ -471,6 +504,21 @@ def apply_token_bans(logits: torch.Tensor, batch: Sequence[SeqSamplingState]) ->
                 cols.append(t)
     if rows:
         logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -math.inf
+    return logits
+
+
+def apply_grammars(logits: torch.Tensor, raw: torch.Tensor, batch: Sequence[SeqSamplingState]) -> torch.Tensor:
+    """Mask the rows of constrained sequences to the tokens their grammar allows next, in place
+    (`gpu.structured.apply_bitmask`; `raw` is the fallback where the request's bans leave none)."""
+    rows = [i for i, s in enumerate(batch) if s.matcher is not None]
+    if not rows:
+        return logits
+    vocab = logits.shape[1]
+    allowed = allowed_tokens(fill_bitmask([batch[i].matcher for i in rows], vocab), vocab, logits.device)
+    if len(rows) == logits.shape[0]:
+        return apply_bitmask(logits, allowed, raw)
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = apply_bitmask(logits[index], allowed, raw[index])
     return logits
 
 

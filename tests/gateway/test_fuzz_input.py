@@ -24,7 +24,8 @@ FIELDS = [
     "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "user", "stream",
     "stream_options", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "priority", "metadata",
     "stop_token_ids", "logit_bias", "suffix", "response_format", "tools", "functions", "tool_choice",
-    "use_beam_search", "best_of", "length_penalty", "early_stopping", "echo",
+    "use_beam_search", "best_of", "length_penalty", "early_stopping", "echo", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "structured_outputs",
 ]
 TOKENIZER_FIELDS = ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                     "return_token_strs", "tokens"]

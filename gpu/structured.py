@@ -1,0 +1,241 @@
+"""Structured outputs: sampling constrained to a JSON schema, a regex, a choice or a grammar.
+
+A request's `SamplingParams.guided` (a `GuidedDecoding`) names what its text must match.
+llguidance (the Rust grammar engine vLLM and SGLang also offer as a backend) compiles it
+against the tokenizer's vocabulary into a matcher. At every step the matcher gives the
+tokens that keep the text a prefix of some match (a bitmask, one bit per token id); the
+sampler sets every other logit to -inf before it samples (`apply_bitmask`), and the
+engine advances the matcher by the token it kept. When the matcher says the text is
+complete (`is_stopped`: nothing may follow but end of sequence), the engine ends the
+choice with `finish_reason` "stop" at once, without a step for the EOS token.
+
+What each kind takes (`GuidedDecoding.spec`):
+- "json": a JSON schema, as JSON text (OpenAI's `response_format` json_schema, vLLM's
+  `guided_json`). Whitespace between tokens is free (llguidance's default), so a model
+  may pretty-print as it was trained to; `maxLength`, `maxItems` and the like bound it.
+- "json_object": any JSON object (`response_format: {"type": "json_object"}`); spec empty.
+- "regex": a regular expression the whole text must match (Rust `regex` syntax).
+- "choice": a JSON list of strings; the text is exactly one of them.
+- "grammar": a Lark grammar (llguidance's dialect) or a GBNF one (llama.cpp's).
+
+Why these choices:
+- The grammar is compiled once per distinct spec and kept in an LRU of prototype matchers
+  (`GrammarCompiler`); each sequence gets a `deep_copy` (cheap: the compiled grammar is
+  shared). Admission compiles a request's grammar off the event loop, so a bad spec is a
+  400 before the request queues, and the engine's copy is a cache hit on its compute thread.
+- The masks of a step's constrained rows are computed together by llguidance's executor
+  (its own threads, without the GIL), then unpacked and applied as one tensor op.
+- If the request's own bans (EOS or stop ids below `min_tokens`) leave a row no allowed
+  token, the grammar wins: the row is sampled from its raw logits under the grammar alone.
+- Logprobs stay those of the raw model distribution (`gpu.sampling`), as vLLM reports them.
+- Beam search is not combined with a grammar (refused in `gpu.sampling`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgspec
+import torch
+
+log = logging.getLogger(__name__)
+
+GuidedKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+GUIDED_KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
+MAX_SPEC_CHARS = 65_536  # a schema, regex or grammar; longer is refused (400)
+MAX_CHOICES = 1024
+DEFAULT_CACHE_SIZE = 128  # compiled grammars kept (LRU)
+
+
+class GuidedDecoding(msgspec.Struct, frozen=True):
+    """What a request's text must match: `kind` and its `spec` (see the module docstring).
+
+    Frozen and hashable: it is part of `SamplingParams` (and so of the response cache's
+    key) and the key of the compiled-grammar LRU."""
+
+    kind: GuidedKind
+    spec: str = ""
+
+
+class GuidedDecodingError(ValueError):
+    """The spec does not compile (a bad schema, regex or grammar). The message says why."""
+
+
+def check_shape(guided: GuidedDecoding) -> str | None:
+    """What is wrong with `guided` before compiling it (None: nothing); pure, no tokenizer."""
+    if guided.kind not in GUIDED_KINDS:
+        return f"kind must be one of {', '.join(GUIDED_KINDS)}, got {guided.kind!r}"
+    if not isinstance(guided.spec, str):
+        return "spec must be a string"
+    if len(guided.spec) > MAX_SPEC_CHARS:
+        return f"the {guided.kind} spec is longer than {MAX_SPEC_CHARS} characters"
+    if guided.kind == "json_object":
+        return None if not guided.spec else "json_object takes no spec"
+    if not guided.spec.strip():
+        return f"the {guided.kind} spec is empty"
+    if guided.kind == "choice":
+        try:
+            choices = json.loads(guided.spec)
+        except ValueError:
+            return "choice spec must be a JSON list of strings"
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            return "choice must be a non-empty list of strings"
+        if len(choices) > MAX_CHOICES:
+            return f"at most {MAX_CHOICES} choices, got {len(choices)}"
+        if any(not c for c in choices):
+            return "choices must not be empty strings"
+    if guided.kind == "json":
+        try:
+            schema = json.loads(guided.spec)
+        except ValueError as e:
+            return f"the JSON schema is not valid JSON: {e}"
+        if not isinstance(schema, dict | bool):
+            return "a JSON schema must be an object (or true)"
+    return None
+
+
+def to_grammar(guided: GuidedDecoding) -> str:
+    """llguidance's grammar text for `guided` (`GuidedDecodingError` for a spec that cannot be
+    turned into one; whether the grammar itself is sound is the compiler's to say)."""
+    import llguidance
+
+    problem = check_shape(guided)
+    if problem is not None:
+        raise GuidedDecodingError(problem)
+    try:
+        if guided.kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema(guided.spec)
+        if guided.kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+        if guided.kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(guided.spec)
+        if guided.kind == "choice":
+            return llguidance.grammar_from("choice", guided.spec)
+        return llguidance.grammar_from("grammar", guided.spec)  # Lark, or GBNF converted to Lark
+    except ValueError as e:
+        raise GuidedDecodingError(_first_lines(str(e))) from e
+
+
+def _first_lines(message: str, limit: int = 600) -> str:
+    text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class GrammarCompiler:
+    """Compiles `GuidedDecoding` specs against one tokenizer and hands out matchers.
+
+    Thread-safe (admission compiles from a worker thread, the engine copies on its compute
+    thread). The llguidance tokenizer (~0.4 s to build for a 49k vocabulary) is built on
+    first use, so a server that never sees a constrained request never pays for it.
+    `vocab_size` is the width of the model's logits (it may exceed the tokenizer's)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._ll_tokenizer: Any = None
+        self._protos: OrderedDict[GuidedDecoding, Any] = OrderedDict()
+        self.compiled = 0  # grammars compiled (cache misses); read by tests
+
+    def _tok(self) -> Any:
+        if self._ll_tokenizer is None:
+            import llguidance
+
+            self._ll_tokenizer = llguidance.LLTokenizer(
+                self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                eos_token=list(self._tokenizer.eos_token_ids))
+        return self._ll_tokenizer
+
+    def is_compiled(self, guided: GuidedDecoding) -> bool:
+        """True when `guided` is in the cache (`check` and `matcher` will not compile)."""
+        with self._lock:
+            return guided in self._protos
+
+    def check(self, guided: GuidedDecoding) -> None:
+        """Compile `guided` (or find it compiled); `GuidedDecodingError` says why it cannot be."""
+        self._prototype(guided)
+
+    def matcher(self, guided: GuidedDecoding) -> Any:
+        """A fresh `llguidance.LLMatcher` for one sequence, at the start of the text."""
+        return self._prototype(guided).deep_copy()
+
+    def _prototype(self, guided: GuidedDecoding) -> Any:
+        import llguidance
+
+        with self._lock:
+            proto = self._protos.get(guided)
+            if proto is not None:
+                self._protos.move_to_end(guided)
+                return proto
+            grammar = to_grammar(guided)
+            proto = llguidance.LLMatcher(self._tok(), grammar, log_level=0)
+            if proto.is_error():
+                raise GuidedDecodingError(f"the {guided.kind} spec does not compile: "
+                                          f"{_first_lines(proto.get_error())}")
+            self.compiled += 1
+            self._protos[guided] = proto
+            while len(self._protos) > self._cache_size:
+                self._protos.popitem(last=False)
+            return proto
+
+
+_executor: Any = None
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def fill_bitmask(matchers: Sequence[Any], vocab_size: int) -> torch.Tensor:
+    """The allowed-token bitmask (R, ceil(vocab_size / 32)) int32 of each matcher's next
+    token, bit j of word w allowing token 32w + j. Several are computed in llguidance's own
+    threads, without the GIL."""
+    global _executor
+    import llguidance
+
+    words = (vocab_size + 31) // 32
+    mask = torch.zeros((len(matchers), words), dtype=torch.int32)
+    if len(matchers) == 1:
+        matchers[0].unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
+        return mask
+    if _executor is None:
+        _executor = llguidance.LLExecutor(num_threads=2)
+    _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], mask.data_ptr(), words * 4,
+                                      len(matchers))
+    return mask
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool (R, vocab): the bitmask (R, W) int32 unpacked, token t allowed where bit t is set
+    (ids past the bitmask's 32·W are not allowed)."""
+    device = torch.device(device)
+    shifts = _BIT_SHIFTS.get(device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS.setdefault(device, torch.arange(32, dtype=torch.int32, device=device))
+    bits = (bitmask.to(device).unsqueeze(-1) >> shifts) & 1  # (R, W, 32)
+    flat = bits.flatten(1).bool()  # (R, 32·W)
+    if flat.shape[1] >= vocab:
+        return flat[:, :vocab]
+    pad = torch.zeros((flat.shape[0], vocab - flat.shape[1]), dtype=torch.bool, device=device)
+    return torch.cat([flat, pad], dim=1)
+
+
+def apply_bitmask(logits: torch.Tensor, allowed: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """Set the logits (R, V) of tokens not `allowed` (R, V) to -inf, in place, and return them.
+
+    A row whose every allowed token was already -inf (the request's own bans took them all)
+    is taken from `fallback` (R, V) (the raw logits) under the mask instead: the grammar wins.
+    A row the mask allows nothing in (a matcher in its error state) is left as it was."""
+    none_allowed = ~allowed.any(dim=1)
+    if bool(none_allowed.any()):
+        allowed = allowed.clone()
+        allowed[none_allowed] = True
+    logits.masked_fill_(~allowed, float("-inf"))
+    if fallback is not None:
+        dead = torch.isneginf(logits).all(dim=1)
+        if bool(dead.any()):
+            logits[dead] = fallback[dead].masked_fill(~allowed[dead], float("-inf"))
+    return logits
