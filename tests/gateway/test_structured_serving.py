@@ -1,0 +1,131 @@
+"""Structured outputs through the whole stack, as users send them: the `openai` SDK's
+`response_format` (a JSON schema, and the SDK's own `parse` with a pydantic model), vLLM's
+`guided_*` fields over SSE and the WebSocket, batched prompts, the response cache keyed by
+the constraint, and a spec that does not compile refused as a 400 before it queues."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pydantic
+import pytest
+import torch
+import trio
+
+from clients import LmgateClient
+from gateway.config import GatewayConfig
+from gateway.server import serve
+from gateway.sse import parse_events
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
+
+BOOK = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+        "genres": {"type": "array", "items": {"type": "string", "enum": ["fiction", "history", "science"]},
+                   "minItems": 1, "maxItems": 2},
+    },
+    "required": ["title", "year", "genres"],
+    "additionalProperties": False,
+}
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=30)
+    age: int
+
+
+async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(2)
+    out, stop = io.StringIO(), trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
+                                                         task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    sdk = openai.OpenAI(base_url=urls[0] + "/v1", api_key=key, max_retries=0, timeout=300)
+    model = (await trio.to_thread.run_sync(sdk.models.list)).data[0].id
+    ask = [{"role": "user", "content": "Tell me about a book, as JSON."}]
+
+    def schema_chat(**extra):  # type: ignore[no-untyped-def]
+        return sdk.chat.completions.create(
+            model=model, messages=ask, max_tokens=150, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "book", "schema": BOOK, "strict": True}},
+            **extra)
+
+    first = await trio.to_thread.run_sync(schema_chat)
+    choice = first.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), BOOK)
+    again = await trio.to_thread.run_sync(schema_chat)  # greedy: answered from the response cache
+    assert again.choices[0].message.content == choice.message.content
+    free = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
+        model=model, messages=ask, max_tokens=150, temperature=0))  # the same prompt, unconstrained
+    assert free.choices[0].message.content != choice.message.content  # not the cached constrained answer
+
+    def parse() -> Person:  # the SDK's own structured-output helper: strict schema from a pydantic model
+        api = sdk.chat.completions if hasattr(sdk.chat.completions, "parse") else sdk.beta.chat.completions
+        reply = api.parse(model=model, messages=[{"role": "user", "content": "Invent a person."}],
+                          response_format=Person, max_tokens=80, temperature=0.9, seed=5)
+        return reply.choices[0].message.parsed
+
+    person = await trio.to_thread.run_sync(parse)
+    assert isinstance(person, Person) and len(person.name) <= 30
+
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=300) as http:
+        # SSE, n = 3 sampled choices under a regex; each choice's text matches whole
+        r = await http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "A phone number?"}], "stream": True,
+            "n": 3, "temperature": 1.2, "seed": 11, "max_tokens": 20, "guided_regex": r"\+1 [0-9]{3}-[0-9]{4}"})
+        assert r.status_code == 200, r.text
+        texts = ["", "", ""]
+        finish = [None, None, None]
+        for event in parse_events(r.text)[:-1]:
+            for c in json.loads(event)["choices"]:
+                texts[c["index"]] += c["delta"].get("content") or ""
+                finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
+        assert finish == ["stop"] * 3
+        assert all(re.fullmatch(r"\+1 [0-9]{3}-[0-9]{4}", t) for t in texts), texts
+
+        # a batch of completions prompts, each its own runtime request, all under one choice list
+        r = await http.post("/v1/completions", json={
+            "model": model, "prompt": ["The sky is", "Grass is", "Snow is"], "max_tokens": 5, "temperature": 0,
+            "guided_choice": ["blue", "green", "white"]})
+        assert r.status_code == 200, r.text
+        assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+        assert all(c["text"] in ("blue", "green", "white") and c["finish_reason"] == "stop"
+                   for c in r.json()["choices"]), r.json()
+
+        # vLLM's newer field, a Lark grammar
+        r = await http.post("/v1/completions", json={
+            "model": model, "prompt": "2 + 2 =", "max_tokens": 10, "temperature": 0,
+            "structured_outputs": {"grammar": 'start: " " DIGIT\nDIGIT: /[0-9]/'}})
+        assert r.status_code == 200, r.text
+        assert re.fullmatch(" [0-9]", r.json()["choices"][0]["text"])
+
+        # a spec that does not compile: a 400 naming the field, before the request queues
+        for body, param in [({"guided_regex": "(unclosed"}, "guided_regex"),
+                            ({"guided_grammar": "start: nowhere"}, "guided_grammar"),
+                            ({"response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+                             "response_format")]:
+            r = await http.post("/v1/completions", json={"model": model, "prompt": "x", **body})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == "invalid_value"
+        metrics = (await http.get("/metrics")).text
+        assert re.search(r'lmgate_rejections_total\{reason="invalid_value",status="400",tenant="dev"\} 3\.0', metrics)
+
+    # the WebSocket takes the same fields
+    async with LmgateClient(urls[0], key, model=model) as client, client.ws() as session, \
+            session.chat_stream(ask, max_tokens=150, temperature=0, guided_json=BOOK) as stream:
+        text = "".join([d.text async for d in stream])
+    # guided_json and response_format's schema are one constraint: the cached greedy answer
+    assert text == choice.message.content
+    stop.set()
