@@ -172,9 +172,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         beam = dict(use_beam_search=True, best_of=args.beam_width, length_penalty=args.length_penalty) \
             if args.beam_width else {}
+        guided = _guided_from_args(args)
         params = SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop or ()), **beam,
+            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop or ()), guided=guided, **beam,
         )
     except SamplingParamsError as e:
         print(f"lmgate generate: {e}", file=sys.stderr)
@@ -206,6 +207,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"# model loaded in {load_s:.1f}s; {n_out} tokens in {gen_s:.2f}s "
           f"({n_out / max(gen_s, 1e-9):.1f} tok/s, {len(prompts)} prompts batched)", file=sys.stderr)
     return 0
+
+
+def _guided_from_args(args: argparse.Namespace):
+    """The one output constraint `lmgate generate` was given (None: none). A schema or a
+    grammar may be given inline or as @FILE."""
+    from gpu.structured import GuidedDecoding
+
+    given = [(kind, value) for kind, value in (("json", args.json_schema), ("regex", args.regex),
+                                               ("choice", args.choice), ("grammar", args.grammar))
+             if value is not None]
+    if args.json_object:
+        given.append(("json_object", ""))
+    if len(given) > 1:
+        raise _Exit(2, "give at most one of --json-schema, --json-object, --regex, --choice, --grammar")
+    if not given:
+        return None
+    kind, value = given[0]
+    if kind in ("json", "grammar") and value.startswith("@"):
+        value = _read_text(value[1:])
+    if kind == "choice":
+        value = json.dumps(value)
+    return GuidedDecoding(kind, value)
 
 
 @_command("perplexity")
@@ -393,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per choice")
     p.add_argument("--lora", metavar="PATH", help="run every prompt with this LoRA adapter (a PEFT folder)")
+    g = p.add_argument_group("structured outputs (at most one)")
+    g.add_argument("--json-schema", metavar="SCHEMA", help="the text is JSON valid against this schema (JSON text, "
+                                                            "or @FILE)")
+    g.add_argument("--json-object", action="store_true", help="the text is a JSON object")
+    g.add_argument("--regex", help="the text is a whole match of this regular expression")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="the text is one of these (repeatable)")
+    g.add_argument("--grammar", help="the text is a sentence of this Lark or GBNF grammar (or @FILE)")
     _add_engine_arguments(p)
     p.set_defaults(func=_cmd_generate)
 

@@ -23,6 +23,8 @@ BENCHES = {
     "sched": ("ops.bench_sched", "every batching policy on the multi-application workload (Magnus vs FCFS)"),
     "scoring": ("ops.bench_scoring", "multiple-choice loglikelihood (prompt logprobs) vs transformers; the "
                                      "prompt-logprob cache"),
+    "structured": ("ops.bench_structured", "JSON-schema-constrained generation vs the same tokens unconstrained; "
+                                           "valid outputs with and without the schema"),
     "serve": ("ops.bench_serve", "serving benchmark with vLLM bench serve metrics; OpenAI SSE or lmgate WS; "
                                  "--compare a second target"),
 }

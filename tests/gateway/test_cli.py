@@ -5,6 +5,7 @@ never a traceback."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -86,12 +87,36 @@ def test_convert_writes_the_lmg_format_and_generate_runs_it(capsys: pytest.Captu
     (["--quantization", "int8", "--batch-invariant"], "int8 quantization is not batch-invariant"),
     (["--file", "/nonexistent/prompts.txt"], "cannot read /nonexistent/prompts.txt"),
     (["--lora", "/nonexistent/adapter", "--batch-invariant"], "LoRA adapters are not batch-invariant"),
+    (["--regex", "a+", "--choice", "b"], "give at most one of --json-schema"),
+    (["--json-schema", "@/nonexistent/schema.json"], "cannot read /nonexistent/schema.json"),
+    (["--json-schema", "{oops"], "not valid JSON"),
+    (["--choice", ""], "choices must not be empty strings"),
+    (["--regex", "a+", "--beam-width", "2"], "not supported with beam search"),
 ])
 def test_generate_reports_bad_flags_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: list[str], message: str) -> None:
     # a missing model: a flag wrongly accepted fails fast instead of loading and generating
     assert main(["generate", "--model", str(tmp_path / "missing.gguf"), *flags, "hi"]) == 2
     assert message in one_line_error(capsys, "generate")
+
+
+@pytest.mark.slow
+def test_generate_constrains_the_text(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import re
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                                  "required": ["city"], "additionalProperties": False}))
+    common = ["generate", "--dtype", "float32", "--kv-cache-mb", "16", "--max-tokens", "40", "--json"]
+    assert main([*common, "-n", "2", "--temperature", "1.0", "--seed", "3", "--regex", "[0-9]{3}-[0-9]{2}",
+                 "Give me a code."]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(re.fullmatch("[0-9]{3}-[0-9]{2}", x["text"]) for x in lines), lines
+    assert main([*common, "--json-schema", f"@{schema}", "Name a city in Italy."]) == 0
+    [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["finish_reason"] == "stop" and set(json.loads(line["text"])) == {"city"}
+    assert main([*common, "--regex", "(unclosed", "hi"]) == 2  # compiles only against the model's tokenizer
+    assert "unclosed group" in one_line_error(capsys, "generate")
 
 
 def test_generate_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
