@@ -173,16 +173,20 @@ class GrammarCompiler:
             if proto is not None:
                 self._protos.move_to_end(guided)
                 return proto
-            grammar = to_grammar(guided)
-            proto = llguidance.LLMatcher(self._tok(), grammar, log_level=0)
-            if proto.is_error():
-                raise GuidedDecodingError(f"the {guided.kind} spec does not compile: "
-                                          f"{_first_lines(proto.get_error())}")
+            if self._ll_tokenizer is None:
+                self._tok()
+        # compiled outside the lock: a large schema compiling for admission (seconds, in a
+        # worker thread) must not hold up the engine's copies of cached ones
+        grammar = to_grammar(guided)
+        proto = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        if proto.is_error():
+            raise GuidedDecodingError(f"the {guided.kind} spec does not compile: {_first_lines(proto.get_error())}")
+        with self._lock:
             self.compiled += 1
             self._protos[guided] = proto
             while len(self._protos) > self._cache_size:
                 self._protos.popitem(last=False)
-            return proto
+        return proto
 
 
 _executor: Any = None
