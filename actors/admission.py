@@ -124,6 +124,7 @@ class Admission:
         self.pending = 0  # requests between the load check and the hand-off to the predictor
         self.on_cancel = on_cancel
         self.grammars = grammars
+        self._compile_limiter = trio.CapacityLimiter(1)
 
     # ------------------------------------------------------------- pieces
     async def _adapter(self, model: str) -> tuple[str, str] | None:
@@ -235,17 +236,21 @@ class Admission:
                 + (f", capped at this key's limit of {cap})" if cap is not None else ")"))
             raise _Refuse(400, "invalid_value", f"{e}{why}", e.field) from e
 
-    async def _check_grammar(self, call: GenerateCall, p: SamplingParams) -> None:
-        """A structured-output spec that does not compile is the client's 400, before the
-        request queues. Compiling may take a while for a large schema: off the event loop
-        (the engine finds the result in the compiler's cache)."""
+    async def _compile_grammar(self, call: GenerateCall, p: SamplingParams) -> Any:
+        """The request's structured-output constraint compiled (None: it has none). A spec
+        that does not compile is the client's 400, before the request queues. A large schema
+        compiles for up to seconds: in a worker thread, one at a time (so a client sending
+        many cannot take the engine's cores), and the engine gets the result with the
+        request, so it never compiles on the event loop."""
         if p.guided is None or self.grammars is None:
-            return
+            return None
+        field = call.guided_field or "response_format"
         try:
-            if not self.grammars.is_compiled(p.guided):
-                await trio.to_thread.run_sync(self.grammars.check, p.guided)
+            if self.grammars.is_compiled(p.guided):
+                return self.grammars.prototype(p.guided)
+            return await trio.to_thread.run_sync(self.grammars.prototype, p.guided, limiter=self._compile_limiter)
         except GuidedDecodingError as e:
-            raise _Refuse(400, "invalid_value", str(e), call.guided_field or "response_format") from None
+            raise _Refuse(400, "invalid_value", f"{field}: {e}", field) from None
 
     def _kv_room(self, p: SamplingParams) -> tuple[int, str]:
         """Tokens one sequence of this request may fill in the KV cache (0 = unchecked), and
@@ -357,7 +362,7 @@ class Admission:
             adapter = await self._adapter(call.model)
             ids = await self._tokenize(call)
             params = self._resolve_params(call, len(ids))
-            await self._check_grammar(call, params)
+            grammar = await self._compile_grammar(call, params)
             self._check_load()
             self.pending += 1  # no await since the check: the count and the check agree
             pending = True
@@ -365,7 +370,8 @@ class Admission:
             send, recv = trio.open_memory_channel(0)  # replaced below once the size is known
             st = RequestState(call, ids, params, prio, send,
                               cacheable=is_cacheable(params) and call.cache_store,
-                              adapter=adapter[0] if adapter else None, adapter_key=adapter[1] if adapter else None)
+                              adapter=adapter[0] if adapter else None, adapter_key=adapter[1] if adapter else None,
+                              grammar=grammar)
             send.close()
             recv.close()
             if sink is not None:

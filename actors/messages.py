@@ -139,6 +139,7 @@ class Failed(msgspec.Struct, frozen=True):
     status: int
     code: str
     message: str
+    param: str | None = None  # the request field at fault, for a 4xx
 
 
 class Rejected(msgspec.Struct, frozen=True):

@@ -58,6 +58,7 @@ class RequestState:
     choices: dict[int, ChoiceRecord] = field(default_factory=dict)
     adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)
     adapter_key: str | None = None  # its name@version at admission: the response cache's model key
+    grammar: Any = None  # `params.guided` compiled at admission (gpu.structured.GrammarCompiler.prototype)
 
     @property
     def request_id(self) -> str:

@@ -134,7 +134,7 @@ class Stepper:
         try:
             # tenants' tiers run higher-first; the step scheduler runs lower keys first
             self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
-                                    adapter=st.adapter)
+                                    adapter=st.adapter, grammar=st.grammar)
         except ValueError as e:  # admission validated already; this is a last line of defence
             st.events.send_nowait(Failed(st.request_id, 400, "invalid_request_error", str(e)))
             self._finish(st, "error")
@@ -213,6 +213,16 @@ class Stepper:
     def _route(self, d: StepDelta) -> None:
         st = self.active.get(d.request_id)
         if st is None:
+            return
+        if d.error is not None:  # a choice failed (its output constraint broke): the request fails
+            self.engine.abort(d.request_id)  # its other choices, if any still run
+            del self.active[d.request_id]
+            try:
+                st.events.send_nowait(Failed(d.request_id, 400, "invalid_value", d.error,
+                                             st.call.guided_field or "response_format"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                pass
+            self._finish(st, "error")
             return
         now = time.monotonic()
         if not st.first_token_at:

@@ -110,6 +110,7 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # JSON constraints: whitespace allowed between tokens
     structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.10.2: {"json"|"regex"|"choice"|"grammar"|"json_object": ...}
 
 
@@ -201,8 +202,10 @@ def _param_of(exc: msgspec.ValidationError) -> str | None:
 
 
 # ---------------------------------------------------------------- mapping
-_STRUCTURED_KINDS = {"json": "json", "json_object": "json_object", "regex": "regex", "choice": "choice",
-                     "grammar": "grammar"}
+_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# vLLM's other `structured_outputs` keys: options, not constraints (see `guided_decoding`)
+_STRUCTURED_OPTIONS = ("disable_any_whitespace", "whitespace_pattern", "disable_fallback",
+                       "disable_additional_properties", "structural_tag")
 
 
 def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecoding | None, str | None]:
@@ -214,7 +217,10 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
     found: list[tuple[GuidedDecoding, str]] = []
     fmt = req.response_format
     if fmt is not None:
-        kind = fmt.get("type", "text")
+        if "type" not in fmt:
+            raise ApiError(400, "response_format needs a \"type\": \"text\", \"json_object\" or \"json_schema\"",
+                           code="invalid_value", param="response_format")
+        kind = fmt["type"]
         if kind == "json_object":
             found.append((GuidedDecoding("json_object"), "response_format"))
         elif kind == "json_schema":
@@ -238,13 +244,24 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
         found.append((GuidedDecoding("choice", json.dumps(req.guided_choice)), "guided_choice"))
     if req.guided_grammar is not None:
         found.append((GuidedDecoding("grammar", req.guided_grammar), "guided_grammar"))
-    for key, value in (req.structured_outputs or {}).items():
+    so = req.structured_outputs or {}
+    unknown = [k for k in so if k not in _STRUCTURED_KINDS and k not in _STRUCTURED_OPTIONS]
+    if unknown:
+        raise ApiError(400, f"structured_outputs has no field {unknown[0][:100]!r}; it takes one of "
+                       f"{', '.join(_STRUCTURED_KINDS)} and the options disable_any_whitespace, whitespace_pattern",
+                       code="invalid_value", param="structured_outputs")
+    for key in ("structural_tag", "disable_additional_properties"):
+        if so.get(key):
+            raise ApiError(400, f"structured_outputs.{key} is not supported", code="unsupported_value",
+                           param="structured_outputs")
+    for kind in _STRUCTURED_KINDS:
+        value = so.get(kind)
         if value is None or value is False:
             continue
-        kind = _STRUCTURED_KINDS.get(key)
-        if kind is None:
-            continue  # vLLM's other knobs (disable_any_whitespace, ...): not constraints
         if kind == "json_object":
+            if value is not True:
+                raise ApiError(400, "structured_outputs.json_object must be true or false", code="invalid_value",
+                               param="structured_outputs")
             found.append((GuidedDecoding("json_object"), "structured_outputs"))
         elif kind == "json":
             found.append((GuidedDecoding("json", _schema_text(value, "structured_outputs")), "structured_outputs"))
@@ -254,7 +271,7 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
                                param="structured_outputs")
             found.append((GuidedDecoding("choice", json.dumps(value)), "structured_outputs"))
         elif not isinstance(value, str):
-            raise ApiError(400, f"structured_outputs.{key} must be a string", code="invalid_value",
+            raise ApiError(400, f"structured_outputs.{kind} must be a string", code="invalid_value",
                            param="structured_outputs")
         else:
             found.append((GuidedDecoding(kind, value), "structured_outputs"))
@@ -262,7 +279,25 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
         names = ", ".join(dict.fromkeys(name for _, name in found))
         raise ApiError(400, f"at most one output constraint per request; got {len(found)} ({names})",
                        code="invalid_value", param=found[1][1])
-    return found[0] if found else (None, None)
+    if not found:
+        return None, None
+    guided, field = found[0]
+    whitespace, ws_field = None, None
+    if so.get("disable_any_whitespace"):
+        whitespace, ws_field = "", "structured_outputs"
+    for pattern, name in ((so.get("whitespace_pattern"), "structured_outputs"),
+                          (req.guided_whitespace_pattern, "guided_whitespace_pattern")):
+        if pattern is not None:
+            if not isinstance(pattern, str) or whitespace is not None:
+                raise ApiError(400, "give one whitespace rule: disable_any_whitespace or a whitespace_pattern string",
+                               code="invalid_value", param=name)
+            whitespace, ws_field = pattern, name
+    if whitespace is not None:
+        if guided.kind not in ("json", "json_object"):
+            raise ApiError(400, "a whitespace rule applies to JSON constraints only", code="invalid_value",
+                           param=ws_field)
+        guided = msgspec.structs.replace(guided, whitespace=whitespace)
+    return guided, field
 
 
 def _schema_text(schema: Any, param: str) -> str:
@@ -337,7 +372,7 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
     except SamplingParamsError as exc:
         param = logprobs_param if exc.field in ("logprobs", "prompt_logprobs") else exc.field
         if exc.field == "guided":
-            param = guided_param
+            raise ApiError(400, f"{guided_param}: {exc.reason}", code="invalid_value", param=guided_param) from exc
         if param == "max_tokens" and isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
             param = "max_completion_tokens"
         raise ApiError(400, str(exc), code="invalid_value", param=param) from exc
@@ -461,7 +496,7 @@ def rejected_error(rej: Rejected) -> ApiError:
 
 
 def failed_error(fail: Failed) -> ApiError:
-    return ApiError(fail.status, fail.message, code=fail.code)
+    return ApiError(fail.status, fail.message, code=fail.code, param=fail.param)
 
 
 def usage_json(finished: Finished) -> dict[str, int]:

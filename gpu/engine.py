@@ -54,7 +54,7 @@ from gpu.prompt_logprobs import PromptLogprobCache
 from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import Sampler, SamplingParams, SamplingParamsError, SeqSamplingState
-from gpu.structured import GrammarCompiler, GuidedDecodingError
+from gpu.structured import GrammarCompiler, GuidedDecodingError, first_line
 from gpu.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ class StepDelta:
     # position, (logprob of that token given the ones before, ((id, logprob), ...) the k most
     # likely there); position 0 has no context: (None, ())
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+    # finish_reason "error": why this choice failed (its structured-output grammar hit one of
+    # llguidance's limits mid-way); the caller fails the whole request with it
+    error: str | None = None
 
 
 @dataclass
@@ -113,6 +116,7 @@ class _Request:
     prompt_lp: list[tuple[float | None, tuple[tuple[int, float], ...]] | None] | None = None
     prompt_lp_missing: int = 0  # positions not yet filled
     scoring_blocks: list[int] = field(default_factory=list)  # chain hashes it registered (Engine._scoring_blocks)
+    grammar: object | None = None  # the compiled constraint (`params.guided`); each choice runs a copy
 
     @property
     def finished(self) -> bool:
@@ -246,11 +250,14 @@ class Engine:
         *,
         priority: int = 0,
         adapter: str | None = None,
+        grammar: object | None = None,
     ) -> int:
         """Queue a request; returns its prompt length in tokens.
 
         `adapter`: the name of a LoRA adapter to run it with (`gpu.lora.LoraManager`; loaded
-        now if it is not), None for the base model.
+        now if it is not), None for the base model. `grammar`: `params.guided` compiled
+        already (`GrammarCompiler.prototype`, as admission does off the event loop); None
+        compiles it here (a cache hit if it was compiled before).
 
         Raises `ValueError` subclasses with a clear message: `SamplingParamsError`
         (bad parameter), `RequestRejected` (can never fit: prompt plus max_tokens
@@ -279,14 +286,15 @@ class Engine:
             )
         if params.use_beam_search:
             self._check_beams_fit(len(ids), max_tokens, params.beam_width)
-        if params.guided is not None:
+        if params.guided is not None and grammar is None:
             try:
-                self.grammars.check(params.guided)
+                grammar = self.grammars.prototype(params.guided)
             except GuidedDecodingError as e:
                 raise SamplingParamsError("guided", str(e)) from None
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
-        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority)
+        req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority,
+                       grammar=grammar)
         # a prefill-only request (max_tokens 0) is scheduled as one token's; it never samples
         sched = SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key)
         if params.prompt_logprobs is None:
@@ -337,7 +345,7 @@ class Engine:
             detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens),
             stop=StopChecker(tuple(p.stop), p.include_stop_str_in_output),
             sampling=SeqSamplingState.create(p, req.prompt_token_ids, tuple(self.eos_token_ids), child_index=index,
-                                             matcher=self.grammars.matcher(p.guided) if p.guided else None),
+                                             matcher=req.grammar.deep_copy() if req.grammar is not None else None),
         )
 
     def _hold_adapter(self, lora: LoraAdapter) -> None:
@@ -417,8 +425,9 @@ class Engine:
             res = self.sampler.sample(logits, states, generator=self._rng)
             for k, (req, choice, fork_index) in enumerate(targets):
                 tok = res.token_ids[k]
-                lp = res.logprobs[k] if res.logprobs is not None else None
-                top = res.top_logprobs[k] if res.top_logprobs is not None else None
+                asked = req.params.logprobs is not None  # (the sampler computes them for every row if any asked)
+                lp = res.logprobs[k] if asked and res.logprobs is not None else None
+                top = res.top_logprobs[k] if asked and res.top_logprobs is not None else None
                 if not fork_index:  # None (plain) or 0 (the parent of an n>1 fork)
                     sampled_by_seq[choice.seq_id] = tok
                 picks.append((req, choice, fork_index, tok, lp, top))
@@ -725,7 +734,14 @@ class Engine:
         self.counters["generated_tokens"] += 1
         reason = None
         emit = ""
-        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        error = None
+        if st.matcher is not None and st.matcher.is_error():
+            # the grammar hit one of llguidance's limits: this token was not constrained, and
+            # nothing after it can be; the choice (and its request) fails, the token unshown
+            reason = "error"
+            error = f"the output constraint failed after {n_out - 1} tokens: {first_line(st.matcher.get_error())}"
+            log.warning("request %s: %s", req.request_id, error)
+        elif (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             reason = "stop"  # the sampler bans these below min_tokens
         else:
             text = choice.detok.push(tok)
@@ -735,12 +751,10 @@ class Engine:
                     reason = "stop"
             if reason is None and st.grammar_done:
                 reason = "stop"
-                if st.matcher.is_error():  # a token the grammar refused (only if every allowed one was banned)
-                    log.warning("request %s: structured output failed: %s", req.request_id, st.matcher.get_error())
         if reason is None and (n_out >= req.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            if not choice.stop.stopped:
+            if not choice.stop.stopped and error is None:
                 tail = choice.detok.finish()
                 if tail:
                     emit += choice.stop.push(tail)[0]
@@ -763,6 +777,7 @@ class Engine:
             prompt_tokens=len(req.prompt_token_ids),
             completion_tokens=n_out,
             prompt_logprobs=self._prompt_logprobs_out(req) if n_out == 1 else None,
+            error=error,
         )
 
 

@@ -57,6 +57,7 @@ class SamplingParamsError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"invalid sampling parameter {field!r}: {message}")
         self.field = field
+        self.reason = message
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,8 +11,11 @@ choice with `finish_reason` "stop" at once, without a step for the EOS token.
 
 What each kind takes (`GuidedDecoding.spec`):
 - "json": a JSON schema, as JSON text (OpenAI's `response_format` json_schema, vLLM's
-  `guided_json`). Whitespace between tokens is free (llguidance's default), so a model
-  may pretty-print as it was trained to; `maxLength`, `maxItems` and the like bound it.
+  `guided_json`). Between JSON tokens a model may write up to 24 whitespace characters
+  (`DEFAULT_JSON_WHITESPACE`), so it can pretty-print as it was trained to but cannot
+  run on in blank lines; `whitespace` "" allows none (vLLM's `disable_any_whitespace`),
+  another pattern replaces the default (vLLM's `whitespace_pattern`). A schema's own
+  `x-guidance` options override the default, not a request's `whitespace`.
 - "json_object": any JSON object (`response_format: {"type": "json_object"}`); spec empty.
 - "regex": a regular expression the whole text must match (Rust `regex` syntax).
 - "choice": a JSON list of strings; the text is exactly one of them.
@@ -49,6 +52,11 @@ GuidedKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 GUIDED_KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 65_536  # a schema, regex or grammar; longer is refused (400)
 MAX_CHOICES = 1024
+MAX_WHITESPACE_PATTERN_CHARS = 256
+# whitespace allowed between JSON tokens: enough for a newline and the indentation of a
+# pretty-printed document, not for a small model's run of blank lines (llguidance's own
+# default is unbounded)
+DEFAULT_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
 DEFAULT_CACHE_SIZE = 128  # compiled grammars kept (LRU)
 
 
@@ -60,10 +68,13 @@ class GuidedDecoding(msgspec.Struct, frozen=True):
 
     kind: GuidedKind
     spec: str = ""
+    # JSON kinds: the whitespace allowed between tokens, a regex; "" none; None the default
+    whitespace: str | None = None
 
 
 class GuidedDecodingError(ValueError):
-    """The spec does not compile (a bad schema, regex or grammar). The message says why."""
+    """The spec does not compile (a bad schema, regex or grammar), or it matches no text at
+    all. The message says why, without naming the request field (the caller knows it)."""
 
 
 def check_shape(guided: GuidedDecoding) -> str | None:
@@ -74,6 +85,11 @@ def check_shape(guided: GuidedDecoding) -> str | None:
         return "spec must be a string"
     if len(guided.spec) > MAX_SPEC_CHARS:
         return f"the {guided.kind} spec is longer than {MAX_SPEC_CHARS} characters"
+    if guided.whitespace is not None:
+        if guided.kind not in ("json", "json_object"):
+            return "a whitespace pattern applies to JSON constraints only"
+        if not isinstance(guided.whitespace, str) or len(guided.whitespace) > MAX_WHITESPACE_PATTERN_CHARS:
+            return f"the whitespace pattern must be a string of at most {MAX_WHITESPACE_PATTERN_CHARS} characters"
     if guided.kind == "json_object":
         return None if not guided.spec else "json_object takes no spec"
     if not guided.spec.strip():
@@ -81,7 +97,7 @@ def check_shape(guided: GuidedDecoding) -> str | None:
     if guided.kind == "choice":
         try:
             choices = json.loads(guided.spec)
-        except ValueError:
+        except (ValueError, RecursionError):
             return "choice spec must be a JSON list of strings"
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
             return "choice must be a non-empty list of strings"
@@ -94,6 +110,8 @@ def check_shape(guided: GuidedDecoding) -> str | None:
             schema = json.loads(guided.spec)
         except ValueError as e:
             return f"the JSON schema is not valid JSON: {e}"
+        except RecursionError:
+            return "the JSON schema is nested too deeply"
         if not isinstance(schema, dict | bool):
             return "a JSON schema must be an object (or true)"
     return None
@@ -108,20 +126,30 @@ def to_grammar(guided: GuidedDecoding) -> str:
     if problem is not None:
         raise GuidedDecodingError(problem)
     try:
-        if guided.kind == "json":
-            return llguidance.LLMatcher.grammar_from_json_schema(guided.spec)
-        if guided.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+        if guided.kind in ("json", "json_object"):
+            schema = guided.spec if guided.kind == "json" else '{"type": "object"}'
+            if guided.whitespace is None:
+                return llguidance.LLMatcher.grammar_from_json_schema(
+                    schema, defaults={"whitespace_pattern": DEFAULT_JSON_WHITESPACE})
+            options = {"whitespace_pattern": guided.whitespace} if guided.whitespace else {"whitespace_flexible": False}
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         if guided.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(guided.spec)
         if guided.kind == "choice":
             return llguidance.grammar_from("choice", guided.spec)
         return llguidance.grammar_from("grammar", guided.spec)  # Lark, or GBNF converted to Lark
     except ValueError as e:
-        raise GuidedDecodingError(_first_lines(str(e))) from e
+        raise GuidedDecodingError(first_line(str(e))) from e
 
 
-def _first_lines(message: str, limit: int = 600) -> str:
+_NAMES = {"json": "JSON schema", "json_object": "JSON object constraint", "regex": "regex", "choice": "choice",
+          "grammar": "grammar"}
+
+
+def first_line(message: str, limit: int = 600) -> str:
+    """llguidance's multi-line error text as one line of at most `limit` characters (without
+    the parser state it dumps after the message)."""
+    message = message.split("<state>", 1)[0]
     text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -159,13 +187,15 @@ class GrammarCompiler:
 
     def check(self, guided: GuidedDecoding) -> None:
         """Compile `guided` (or find it compiled); `GuidedDecodingError` says why it cannot be."""
-        self._prototype(guided)
+        self.prototype(guided)
 
     def matcher(self, guided: GuidedDecoding) -> Any:
         """A fresh `llguidance.LLMatcher` for one sequence, at the start of the text."""
-        return self._prototype(guided).deep_copy()
+        return self.prototype(guided).deep_copy()
 
-    def _prototype(self, guided: GuidedDecoding) -> Any:
+    def prototype(self, guided: GuidedDecoding) -> Any:
+        """The compiled matcher of `guided`, at the start of the text: never advance it, hand
+        each sequence its `deep_copy()`. Compiles on a cache miss (`GuidedDecodingError`)."""
         import llguidance
 
         with self._lock:
@@ -180,7 +210,11 @@ class GrammarCompiler:
         grammar = to_grammar(guided)
         proto = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
         if proto.is_error():
-            raise GuidedDecodingError(f"the {guided.kind} spec does not compile: {_first_lines(proto.get_error())}")
+            raise GuidedDecodingError(f"the {_NAMES[guided.kind]} does not compile: {first_line(proto.get_error())}")
+        # a grammar no text satisfies (`a: a "x"`) starts with nothing allowed and not accepting
+        first = fill_bitmask([proto], self.vocab_size)
+        if proto.is_error() or (not bool(first.any()) and not proto.is_accepting()):
+            raise GuidedDecodingError(f"the {_NAMES[guided.kind]} matches no text")
         with self._lock:
             self.compiled += 1
             self._protos[guided] = proto

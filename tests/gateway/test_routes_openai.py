@@ -263,6 +263,15 @@ CHAT_BAD = [
     ("empty regex", {**chat_body(), "guided_regex": ""}, "guided_regex"),
     ("structured_outputs choice not a list", {**chat_body(), "structured_outputs": {"choice": "a"}},
      "structured_outputs"),
+    ("structured_outputs unknown key", {**chat_body(), "structured_outputs": {"jsn": {}}}, "structured_outputs"),
+    ("structural_tag", {**chat_body(), "structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
+    ("json_object not a bool", {**chat_body(), "structured_outputs": {"json_object": "no"}}, "structured_outputs"),
+    ("response_format without type", {**chat_body(), "response_format": {}}, "response_format"),
+    ("schema string nested too deeply", {**chat_body(), "guided_json": "[" * 20000 + "]" * 20000}, "guided_json"),
+    ("whitespace rule on a regex", {**chat_body(), "guided_regex": "a+", "guided_whitespace_pattern": " *"},
+     "guided_whitespace_pattern"),
+    ("two whitespace rules", {**chat_body(), "structured_outputs": {"json_object": True, "disable_any_whitespace": True,
+                                                                    "whitespace_pattern": " "}}, "structured_outputs"),
     ("grammar with beam search", {**chat_body(), "guided_grammar": "start: \"a\"", "use_beam_search": True,
                                   "n": 2, "temperature": 0}, "guided_grammar"),
     ("tools", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -410,3 +419,28 @@ def test_chat_logprobs_bytes_come_from_the_tokenizer() -> None:
     assert [t["bytes"] for t in item["top_logprobs"]] == [[0xF0, 0x9F], [ord("a")]]
     [plain] = _chat_logprobs(delta)["content"]  # no tokenizer: the text's bytes
     assert plain["bytes"] == list("\ufffd".encode())
+
+
+@pytest.mark.parametrize(("fields", "kind", "spec", "whitespace", "param"), [
+    ({"response_format": {"type": "json_object"}}, "json_object", "", None, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}},
+     "json", '{"type": "integer"}', None, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}, "json_object", "", None,
+     "response_format"),
+    ({"guided_json": '{"type": "integer"}', "guided_whitespace_pattern": " ?"}, "json", '{"type": "integer"}', " ?",
+     "guided_json"),
+    ({"guided_choice": ["a", "b"]}, "choice", '["a", "b"]', None, "guided_choice"),
+    ({"structured_outputs": {"regex": "a+", "disable_fallback": True}}, "regex", "a+", None, "structured_outputs"),
+    ({"structured_outputs": {"json_object": True, "disable_any_whitespace": True}}, "json_object", "", "",
+     "structured_outputs"),
+    ({"response_format": {"type": "text"}, "structured_outputs": {"json_object": False}}, None, None, None, None),
+])
+def test_structured_output_fields_map_to_one_constraint(fields, kind, spec, whitespace, param) -> None:  # type: ignore[no-untyped-def]
+    from gateway.routes_openai import decode_request, guided_decoding
+
+    guided, field = guided_decoding(decode_request("chat.completions", {**chat_body(), **fields}))
+    assert field == param
+    if kind is None:
+        assert guided is None
+    else:
+        assert (guided.kind, guided.spec, guided.whitespace) == (kind, spec, whitespace)

@@ -122,6 +122,23 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         metrics = (await http.get("/metrics")).text
         assert re.search(r'lmgate_rejections_total\{reason="invalid_value",status="400",tenant="dev"\} 3\.0', metrics)
 
+        # a regex that compiles but passes llguidance's lexer limit on its first token: the
+        # request fails (a 400 naming the field, an error event when streamed), never a "stop"
+        # with unconstrained text; the server goes on
+        body = {"model": model, "prompt": "JSON:", "max_tokens": 5, "guided_regex": "(a{1000}){1000}"}
+        r = await http.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
+        assert "output constraint failed" in r.json()["error"]["message"]
+        r = await http.post("/v1/completions", json={**body, "stream": True})
+        events = parse_events(r.text)
+        assert events[-1] == "[DONE]" and "output constraint failed" in json.loads(events[-2])["error"]["message"]
+        assert all("choices" not in json.loads(e) for e in events[:-1])
+        r = await http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert re.search(r"lmgate_num_requests_running 0\.0", metrics) and re.search(r"lmgate_kv_cache_usage_ratio 0\.0",
+                                                                                     metrics), metrics
+
     # the WebSocket takes the same fields
     async with LmgateClient(urls[0], key, model=model) as client, client.ws() as session, \
             session.chat_stream(ask, max_tokens=150, temperature=0, guided_json=BOOK) as stream:

@@ -73,6 +73,8 @@ def test_apply_bitmask_masks_and_lets_the_grammar_win_over_bans() -> None:
     (GuidedDecoding("choice", '["a", 1]'), "non-empty list"),
     (GuidedDecoding("choice", '["a", ""]'), "empty strings"),
     (GuidedDecoding("regex", "x" * 70_000), "longer than"),
+    (GuidedDecoding("json", "[" * 20_000 + "]" * 20_000), "nested too deeply"),  # not a RecursionError
+    (GuidedDecoding("regex", "a+", whitespace=""), "JSON constraints only"),
 ])
 def test_check_shape_names_the_problem(guided: GuidedDecoding, problem: str) -> None:
     assert problem in (check_shape(guided) or "")
@@ -132,6 +134,25 @@ def test_compiler_caches_and_evicts_and_explains(compiler: GrammarCompiler) -> N
         compiler.check(GuidedDecoding("grammar", "start: undefined_rule"))
     with pytest.raises(GuidedDecodingError):
         compiler.check(GuidedDecoding("json", '{"type": "no-such-type"}'))
+    for nothing in ('start: a\na: a "x"', 'root ::= x\nx ::= x "y"'):  # Lark and GBNF: no finite sentence
+        with pytest.raises(GuidedDecodingError, match="matches no text"):
+            compiler.check(GuidedDecoding("grammar", nothing))
+    compiler.check(GuidedDecoding("grammar", "start: "))  # the empty text: a match
+
+
+def test_json_whitespace_is_bounded_by_default_and_can_be_removed(compiler: GrammarCompiler, tokenizer) -> None:
+    def accepts(guided: GuidedDecoding, text: str) -> bool:
+        m = compiler.matcher(guided)
+        return m.consume_tokens(tokenizer.encode(text)) and m.is_accepting()
+
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    pretty, compact, padded = '{\n    "a": 1\n}', '{"a":1}', "{" + "\n" * 40 + '"a": 1}'
+    default = GuidedDecoding("json", schema)
+    assert accepts(default, pretty) and accepts(default, compact) and not accepts(default, padded)
+    tight = GuidedDecoding("json", schema, whitespace="")  # vLLM's disable_any_whitespace
+    assert accepts(tight, compact) and not accepts(tight, pretty)
+    spaces = GuidedDecoding("json", schema, whitespace="[ ]{0,2}")
+    assert accepts(spaces, '{ "a": 1 }') and not accepts(spaces, pretty)
 
 
 # ------------------------------------------------------------------ the engine
@@ -212,3 +233,25 @@ def test_logprobs_stay_the_models_and_a_bad_spec_is_refused(engine: Engine, toke
         engine.add_request("bad", prompt, SamplingParams(guided=GuidedDecoding("regex", "(a")))
     assert info.value.field == "guided"
     assert not engine.has_unfinished()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("free_engines")
+def test_a_grammar_that_breaks_mid_way_fails_its_request_only(engine: Engine, tokenizer) -> None:
+    """A regex that compiles, then passes llguidance's lexer limit on the first token: the
+    choice ends with `error` and no text, never "stop" with unconstrained text; the request
+    beside it, asking logprobs, finishes; the other gets no logprobs it did not ask for."""
+    huge = GuidedDecoding("regex", "(a{1000}){1000}")
+    engine.add_request("huge", "Some JSON:", SamplingParams(temperature=0, max_tokens=5, guided=huge))
+    engine.add_request("plain", "Some JSON:", SamplingParams(temperature=0, max_tokens=5, logprobs=1))
+    engine.add_request("quiet", "Some text:", SamplingParams(temperature=0, max_tokens=5))
+    deltas = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+    [failed] = [d for d in deltas if d.request_id == "huge"]
+    assert failed.finish_reason == "error" and failed.text == "" and failed.request_finished
+    assert "too many expressions" in failed.error and "<state>" not in failed.error
+    assert [d.finish_reason for d in deltas if d.request_id == "plain"][-1] == "length"
+    assert all(d.logprobs is not None for d in deltas if d.request_id == "plain")
+    assert all(d.logprobs is None and d.top_logprobs is None for d in deltas if d.request_id == "quiet")
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
