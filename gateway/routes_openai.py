@@ -45,6 +45,7 @@ from actors.messages import (
 )
 from gateway import sse
 from gateway.errors import ApiError
+from gateway.tools import ToolCalling, render_message, tool_calling
 from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding
 
@@ -67,13 +68,17 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # an assistant turn's calls (`gateway.tools.render_message`)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content if part.type == "text")
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(part.text for part in self.content if part.type == "text")
+        return render_message(self.role, text, self.tool_calls)
 
 
 class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,22 +142,26 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # accepted so that a client relying on them is told they are not supported, rather
-    # than silently getting plain text (`unsupported_chat_fields`)
+    # tool calling (`gateway.tools`): "required" or a named function, through structured outputs
     tools: list[Any] | None = None
-    functions: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # the legacy form: refused, so that a client relying on it is told (`unsupported_chat_fields`)
+    functions: list[Any] | None = None
 
 
 def unsupported_chat_fields(req: ChatRequest) -> None:
-    """400 for what this server cannot honour: tool or function calls."""
-    for name in ("tools", "functions"):
-        if getattr(req, name):
-            raise ApiError(400, "tool and function calling is not supported by this server",
-                           code="unsupported_value", param=name)
-    if req.tool_choice not in (None, "none", "auto"):
-        raise ApiError(400, "tool_choice other than \"none\" or \"auto\" is not supported (no tool calling)",
-                       code="unsupported_value", param="tool_choice")
+    """400 for what this server cannot honour: the legacy `functions` (tools replace them)."""
+    if req.functions:
+        raise ApiError(400, "functions (the legacy form) is not supported; send them as tools",
+                       code="unsupported_value", param="functions")
+
+
+def tools_of(req: CompletionRequest | ChatRequest) -> ToolCalling | None:
+    """The chat request's tool calling (`gateway.tools`), None for plain text."""
+    if not isinstance(req, ChatRequest):
+        return None
+    return tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
 
 
 Endpoint = Literal["completions", "chat.completions"]
@@ -275,6 +284,9 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
                            param="structured_outputs")
         else:
             found.append((GuidedDecoding(kind, value), "structured_outputs"))
+    calling = tools_of(req)
+    if calling is not None:
+        found.append((calling.guided(), "tools"))
     if len(found) > 1:
         names = ", ".join(dict.fromkeys(name for _, name in found))
         raise ApiError(400, f"at most one output constraint per request; got {len(found)} ({names})",
@@ -479,6 +491,12 @@ def to_generate_calls(
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         unsupported_chat_fields(req)
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
+        calling = tools_of(req)
+        if calling is not None:  # the model reads the tools in the system message
+            if messages[0].role == "system":
+                messages[0] = ChatMessage("system", f"{messages[0].content}\n\n{calling.system_prompt()}")
+            else:
+                messages.insert(0, ChatMessage("system", calling.system_prompt()))
         return [GenerateCall(messages=messages, **common)]
     if req.suffix:
         raise ApiError(400, "suffix (insertion) is not supported", code="unsupported_value", param="suffix")
@@ -630,6 +648,7 @@ class Collector:
     logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
     echo: list[str] | None = None
+    tools: ToolCalling | None = None  # chat: the text of each choice is its tool calls
 
     def add(self, delta: TokenDelta) -> None:
         if self.echo is not None and delta.index not in self.texts:
@@ -658,10 +677,15 @@ class Collector:
             text = "".join(self.texts.get(i, []))
             reason = finished.finish_reasons[i] if i < len(finished.finish_reasons) else "stop"
             if self.endpoint == "chat.completions":
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                calls = self.tools.tool_calls_of(text) if self.tools is not None and reason == "stop" else None
+                if calls is not None:
+                    message = {"role": "assistant", "content": None, "tool_calls": calls}
+                    reason = self.tools.finish_reason
                 choices.append(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": self._merged_logprobs(i),
                         "finish_reason": reason,
                     }
@@ -695,6 +719,10 @@ class ChunkRenderer:
     echo: list[str] | None = None  # as `Collector.echo`
     n: int = 1
     _ended: set[int] = field(default_factory=set)  # choices whose finish_reason was sent
+    # chat with tool calling: each choice's text is held back and sent as its tool calls
+    # when it ends (`gateway.tools`)
+    tools: ToolCalling | None = None
+    _held: dict[int, list[str]] = field(default_factory=dict)
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -708,7 +736,11 @@ class ChunkRenderer:
             chunk["usage"] = None
         return chunk
 
-    def delta(self, d: TokenDelta) -> dict[str, Any]:
+    def delta(self, d: TokenDelta) -> dict[str, Any] | None:
+        """The chunk of one delta (None: nothing to send yet — a tool call's text is held)."""
+        if self.tools is not None:
+            self._held.setdefault(d.index, []).append(d.text)
+            return None
         if self.endpoint == "chat.completions":
             body: dict[str, Any] = {"content": d.text}
             if d.index not in self._role_sent:
@@ -732,6 +764,15 @@ class ChunkRenderer:
         self._ended.add(i)
         if self.endpoint == "chat.completions":
             delta = {} if i in self._role_sent else {"role": "assistant", "content": ""}
+            if self.tools is not None:
+                text = "".join(self._held.pop(i, []))
+                calls = self.tools.tool_calls_of(text) if reason == "stop" else None
+                if calls is not None:
+                    delta = {"role": "assistant", "content": None,
+                             "tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                    reason = self.tools.finish_reason
+                else:
+                    delta = {"role": "assistant", "content": text}
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
         return {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
 
@@ -951,7 +992,8 @@ async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Fai
 async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list[GenerateCall], request_id: str,
                   echo: list[str] | None = None) -> dict[str, Any]:
     handle = await submit_all(state, calls, request_id, req.n)
-    collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo)
+    collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo,
+                          tools=tools_of(req))
     async with aclosing(events_of(handle)) as events:
         async for event in events:
             if isinstance(event, TokenDelta):
@@ -1000,7 +1042,9 @@ class SseBody:
         async with aclosing(events_of(self.handle)) as events:
             async for event in events:
                 if isinstance(event, TokenDelta):
-                    yield sse.event(self.renderer.delta(event))
+                    chunk = self.renderer.delta(event)
+                    if chunk is not None:
+                        yield sse.event(chunk)
                 elif isinstance(event, PromptFinished):
                     yield sse.event(self.renderer.prompt_finished(event))
                 elif isinstance(event, Finished):
@@ -1031,7 +1075,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         handle = await submit_all(state, calls, request_id, req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state),
-                                 echo=echo, n=req.n)
+                                 echo=echo, n=req.n, tools=tools_of(req))
         response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response

@@ -40,6 +40,7 @@ from gateway.routes_openai import (
     new_request_id,
     submit_all,
     to_generate_calls,
+    tools_of,
     usage_json,
 )
 
@@ -141,6 +142,9 @@ class Session:
         req = decode_request(frame.endpoint, bytes(frame.body))
         self.state.check_model(req.model)
         request_id = new_request_id(frame.endpoint)
+        if tools_of(req) is not None:
+            raise ApiError(400, "tool calls are answered over HTTP (streamed or not); the WebSocket streams text",
+                           code="unsupported_value", param="tools")
         calls = to_generate_calls(req, self.tenant, request_id, cache=CacheDirectives.parse(frame.cache_control))
         echo = echo_texts(self.state, req, calls)
         handle = await submit_all(self.state, calls, request_id, req.n)

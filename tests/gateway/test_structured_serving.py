@@ -139,6 +139,56 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         assert re.search(r"lmgate_num_requests_running 0\.0", metrics) and re.search(r"lmgate_kv_cache_usage_ratio 0\.0",
                                                                                      metrics), metrics
 
+    # tool calling: a named function, "required" (streamed too), a later turn, and "auto" refused
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+               "required": ["city", "unit"], "additionalProperties": False}
+    clock = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+             "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": weather}},
+             {"type": "function", "function": {"name": "get_time", "description": "The local time in a city",
+                                               "parameters": clock}}]
+    question = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+    def named():  # type: ignore[no-untyped-def]
+        return sdk.chat.completions.create(model=model, messages=question, tools=tools, max_tokens=60, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+
+    reply = (await trio.to_thread.run_sync(named)).choices[0]
+    assert reply.finish_reason == "stop" and reply.message.content is None
+    [call] = reply.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), weather)
+
+    def required(stream: bool):  # type: ignore[no-untyped-def]
+        return sdk.chat.completions.create(model=model, messages=question, tools=tools, tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=80, temperature=0.8, seed=2, n=2,
+                                           stream=stream)
+
+    for sampled in (await trio.to_thread.run_sync(required, False)).choices:
+        assert sampled.finish_reason == "tool_calls"
+        [c] = sampled.message.tool_calls  # parallel_tool_calls false: one call
+        jsonschema.validate(json.loads(c.function.arguments), {"get_weather": weather, "get_time": clock}[c.function.name])
+    chunks = await trio.to_thread.run_sync(lambda: list(required(True)))
+    streamed = [(c.index, c.delta.tool_calls, c.finish_reason) for chunk in chunks for c in chunk.choices]
+    assert sorted(i for i, calls, _ in streamed if calls) == [0, 1]  # each choice's call, whole, as it ends
+    assert [r for _, _, r in streamed if r] == ["tool_calls", "tool_calls"]
+
+    def later_turn():  # type: ignore[no-untyped-def]
+        history = question + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+        return sdk.chat.completions.create(model=model, messages=history, tools=tools, tool_choice="none",
+                                           max_tokens=20, temperature=0)
+
+    answer = (await trio.to_thread.run_sync(later_turn)).choices[0]
+    assert answer.message.content and not answer.message.tool_calls
+    with pytest.raises(openai.BadRequestError) as refused:
+        await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(model=model, messages=question, tools=tools))
+    assert refused.value.body["param"] == "tool_choice"  # "auto" needs a tool-call format SmolLM2 lacks
+
     # the WebSocket takes the same fields
     async with LmgateClient(urls[0], key, model=model) as client, client.ws() as session, \
             session.chat_stream(ask, max_tokens=150, temperature=0, guided_json=BOOK) as stream:

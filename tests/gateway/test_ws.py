@@ -142,6 +142,13 @@ async def test_malformed_frames_get_error_frames_and_socket_stays(gateway: Gatew
         await ws.send_json(request_frame("bad", temperature=-3))
         frame = await ws.receive_json()
         assert (frame["id"], frame["status"], frame["error"]["param"]) == ("bad", 400, "temperature")
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        await ws.send_json(request_frame("t", tools=tools, tool_choice="required"))  # tool calls: HTTP only
+        frame = await ws.receive_json()
+        assert (frame["id"], frame["status"], frame["error"]["param"]) == ("t", 400, "tools")
+        await ws.send_json(request_frame("s", guided_json="[" * 5000 + "]" * 5000))  # a schema's text, too deep
+        frame = await ws.receive_json()
+        assert (frame["id"], frame["status"], frame["error"]["param"]) == ("s", 400, "guided_json")
         await ws.send_json({**request_frame("m"), "body": {"model": "nope", "prompt": "x"}, "endpoint": "completions"})
         assert (await ws.receive_json())["status"] == 404
         await ws.send_json(request_frame("ok", max_tokens=1))
