@@ -77,7 +77,11 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
         elif isinstance(self.content, str):
             text = self.content
         else:
-            text = "".join(part.text for part in self.content if part.type == "text")
+            other = next((part.type for part in self.content if part.type != "text"), None)
+            if other is not None:
+                raise ApiError(400, f"content parts of type {other[:50]!r} are not supported (this model reads "
+                               "text only)", code="unsupported_value", param="messages")
+            text = "".join(part.text for part in self.content)
         return render_message(self.role, text, self.tool_calls)
 
 
@@ -148,13 +152,22 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     parallel_tool_calls: bool | None = None
     # the legacy form: refused, so that a client relying on it is told (`unsupported_chat_fields`)
     functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 def unsupported_chat_fields(req: ChatRequest) -> None:
     """400 for what this server cannot honour: the legacy `functions` (tools replace them)."""
-    if req.functions:
-        raise ApiError(400, "functions (the legacy form) is not supported; send them as tools",
-                       code="unsupported_value", param="functions")
+    for name in ("functions", "function_call"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} (the legacy form) is not supported; send tools and tool_choice",
+                           code="unsupported_value", param=name)
+    called: set[str] = set()
+    for m in req.messages:  # a tool message answers a call an assistant message made before it
+        if m.role == "assistant" and m.tool_calls:
+            called.update(c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str))
+        elif m.role == "tool" and m.tool_call_id not in called:
+            raise ApiError(400, "a tool message must answer (tool_call_id) a tool call of an earlier assistant "
+                           "message", code="invalid_value", param="messages")
 
 
 def tools_of(req: CompletionRequest | ChatRequest) -> ToolCalling | None:
@@ -723,6 +736,7 @@ class ChunkRenderer:
     # when it ends (`gateway.tools`)
     tools: ToolCalling | None = None
     _held: dict[int, list[str]] = field(default_factory=dict)
+    _held_lp: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -740,6 +754,9 @@ class ChunkRenderer:
         """The chunk of one delta (None: nothing to send yet — a tool call's text is held)."""
         if self.tools is not None:
             self._held.setdefault(d.index, []).append(d.text)
+            lp = _chat_logprobs(d, self.token_bytes)
+            if lp is not None:
+                self._held_lp.setdefault(d.index, []).extend(lp["content"])
             return None
         if self.endpoint == "chat.completions":
             body: dict[str, Any] = {"content": d.text}
@@ -764,6 +781,7 @@ class ChunkRenderer:
         self._ended.add(i)
         if self.endpoint == "chat.completions":
             delta = {} if i in self._role_sent else {"role": "assistant", "content": ""}
+            logprobs = None
             if self.tools is not None:
                 text = "".join(self._held.pop(i, []))
                 calls = self.tools.tool_calls_of(text) if reason == "stop" else None
@@ -773,7 +791,9 @@ class ChunkRenderer:
                     reason = self.tools.finish_reason
                 else:
                     delta = {"role": "assistant", "content": text}
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                held_lp = self._held_lp.pop(i, None)
+                logprobs = {"content": held_lp} if held_lp is not None else None
+            return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
 
     def prompt_finished(self, p: PromptFinished) -> dict[str, Any]:

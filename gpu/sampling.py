@@ -209,6 +209,12 @@ def _validate(p: SamplingParams) -> None:
         problem = check_shape(p.guided) if isinstance(p.guided, GuidedDecoding) else "must be a GuidedDecoding"
         if problem is not None:
             raise SamplingParamsError("guided", problem)
+        # a stop would cut the text where the constraint does not end it: a "stop" that breaks it
+        for name in ("stop", "stop_token_ids"):
+            if getattr(p, name):
+                raise SamplingParamsError(name, "cannot be combined with an output constraint (a schema, regex, "
+                                                "choice, grammar or tool call): the constraint decides where the "
+                                                "text ends")
     if not isinstance(p.logit_bias, tuple) or len(p.logit_bias) > MAX_LOGIT_BIAS:
         raise SamplingParamsError("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases")
     for pair in p.logit_bias:

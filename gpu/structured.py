@@ -84,7 +84,7 @@ def check_shape(guided: GuidedDecoding) -> str | None:
     if not isinstance(guided.spec, str):
         return "spec must be a string"
     if len(guided.spec) > MAX_SPEC_CHARS:
-        return f"the {guided.kind} spec is longer than {MAX_SPEC_CHARS} characters"
+        return f"the {_NAMES.get(guided.kind, 'spec')} is longer than {MAX_SPEC_CHARS} characters"
     if guided.whitespace is not None:
         if guided.kind not in ("json", "json_object"):
             return "a whitespace pattern applies to JSON constraints only"

@@ -270,6 +270,17 @@ CHAT_BAD = [
     ("schema string nested too deeply", {**chat_body(), "guided_json": "[" * 20000 + "]" * 20000}, "guided_json"),
     ("whitespace rule on a regex", {**chat_body(), "guided_regex": "a+", "guided_whitespace_pattern": " *"},
      "guided_whitespace_pattern"),
+    ("stop with a constraint", {**chat_body(), "guided_regex": "[0-9]+", "stop": ["5"]}, "stop"),
+    ("stop ids with tools", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
+                             "tool_choice": "required", "stop_token_ids": [5]}, "stop_token_ids"),
+    ("tool message answering no call", {**chat_body(), "messages": [{"role": "user", "content": "hi"},
+                                                                   {"role": "tool", "content": "42"}]}, "messages"),
+    ("an image part", {**chat_body(), "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "messages"),
+    ("assistant tool_calls malformed", {**chat_body(), "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "x", "function": "zzz"}]}]},
+     "messages"),
+    ("legacy function_call", {**chat_body(), "function_call": "auto"}, "function_call"),
     ("two whitespace rules", {**chat_body(), "structured_outputs": {"json_object": True, "disable_any_whitespace": True,
                                                                     "whitespace_pattern": " "}}, "structured_outputs"),
     ("grammar with beam search", {**chat_body(), "guided_grammar": "start: \"a\"", "use_beam_search": True,

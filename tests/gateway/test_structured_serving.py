@@ -121,6 +121,9 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
             assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == "invalid_value"
         metrics = (await http.get("/metrics")).text
         assert re.search(r'lmgate_rejections_total\{reason="invalid_value",status="400",tenant="dev"\} 3\.0', metrics)
+        assert re.search(r'lmgate_structured_requests_total\{kind="json"\} [1-9]', metrics)  # the cached one too
+        assert re.search(r'lmgate_structured_requests_total\{kind="choice"\} 3\.0', metrics)  # a batch: 3 requests
+        assert re.search(r"lmgate_grammar_compile_seconds_count [1-9]", metrics)
 
         # a regex that compiles but passes llguidance's lexer limit on its first token: the
         # request fails (a 400 naming the field, an error event when streamed), never a "stop"
@@ -174,6 +177,27 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
     streamed = [(c.index, c.delta.tool_calls, c.finish_reason) for chunk in chunks for c in chunk.choices]
     assert sorted(i for i, calls, _ in streamed if calls) == [0, 1]  # each choice's call, whole, as it ends
     assert [r for _, _, r in streamed if r] == ["tool_calls", "tool_calls"]
+
+    class Address(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=30)
+
+    class Trip(pydantic.BaseModel):
+        destination: Address
+        days: int
+
+    def pydantic_tools():  # type: ignore[no-untyped-def]  # strict tools whose schema keeps Address in $defs
+        return sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Plan a trip to Rome for three days."}],
+            tools=[openai.pydantic_function_tool(Trip), tools[1]], tool_choice="required", max_tokens=80,
+            temperature=0)
+
+    planned = (await trio.to_thread.run_sync(pydantic_tools)).choices[0]
+    assert planned.finish_reason == "tool_calls"
+    for c in planned.message.tool_calls:
+        if c.function.name == "Trip":
+            Trip.model_validate_json(c.function.arguments)
+        else:
+            jsonschema.validate(json.loads(c.function.arguments), clock)
 
     def later_turn():  # type: ignore[no-untyped-def]
         history = question + [

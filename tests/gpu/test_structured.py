@@ -88,6 +88,15 @@ def test_beam_search_refuses_a_grammar() -> None:
         SamplingParams(use_beam_search=True, n=2, temperature=0, guided=GuidedDecoding("regex", "a+"))
 
 
+def test_stops_are_refused_beside_a_constraint() -> None:
+    """A stop string or id would end the text where the constraint does not: never a "stop"
+    whose text breaks it."""
+    for field, value in (("stop", ("-",)), ("stop_token_ids", (5,))):
+        with pytest.raises(SamplingParamsError, match="constraint decides") as info:
+            SamplingParams(guided=GuidedDecoding("regex", "[0-9]+-[0-9]+"), **{field: value})
+        assert info.value.field == field
+
+
 def test_params_with_a_grammar_round_trip_through_msgspec() -> None:
     import msgspec
 
