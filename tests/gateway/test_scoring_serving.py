@@ -6,7 +6,6 @@ engine computes it; `max_tokens` 0 scores without generating; SSE streams the sa
 from __future__ import annotations
 
 import functools
-import io
 import json
 import re
 from operator import itemgetter
@@ -18,11 +17,11 @@ import torch
 import trio
 
 from gateway.config import GatewayConfig
-from gateway.server import serve
 from gateway.sse import parse_events
 from gpu.config import CacheConfig, EngineConfig
 from gpu.engine import Engine, generate
 from gpu.sampling import SamplingParams
+from tests.gateway.conftest import serve_real
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
@@ -43,12 +42,9 @@ def lm_eval_parse(response: dict, ctxlens: list[int]) -> list[tuple[float, bool]
 
 async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
-    out, stop = io.StringIO(), trio.Event()
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
-                                                         task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    urls, key, stop = await serve_real(nursery, GatewayConfig(
+        port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm", shutdown_grace_seconds=1,
+        dtype="float32", kv_cache_mb=64))
 
     engine = Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=32 * 1024**2)))
     tok = engine.tokenizer

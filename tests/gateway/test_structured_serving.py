@@ -5,7 +5,6 @@ the constraint, and a spec that does not compile refused as a 400 before it queu
 
 from __future__ import annotations
 
-import io
 import json
 import re
 
@@ -19,8 +18,8 @@ import trio
 
 from clients import LmgateClient
 from gateway.config import GatewayConfig
-from gateway.server import serve
 from gateway.sse import parse_events
+from tests.gateway.conftest import serve_real
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
@@ -44,12 +43,9 @@ class Person(pydantic.BaseModel):
 
 async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
-    out, stop = io.StringIO(), trio.Event()
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
-                                                         task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    urls, key, stop = await serve_real(nursery, GatewayConfig(
+        port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm", shutdown_grace_seconds=1,
+        dtype="float32", kv_cache_mb=64))
     sdk = openai.OpenAI(base_url=urls[0] + "/v1", api_key=key, max_retries=0, timeout=300)
     model = (await trio.to_thread.run_sync(sdk.models.list)).data[0].id
     ask = [{"role": "user", "content": "Tell me about a book, as JSON."}]
