@@ -65,6 +65,9 @@ class Choice(msgspec.Struct, frozen=True):
     # as the server sent it: completions' {"tokens", "token_logprobs", "top_logprobs",
     # "text_offset"} (with `echo`, the prompt's tokens first), chat's {"content": [...]}
     logprobs: dict[str, Any] | None = None
+    # chat with tools: OpenAI's [{"id", "type": "function", "function": {"name", "arguments"}}]
+    # (`text` is then empty; the arguments are a JSON string)
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Completion(msgspec.Struct, frozen=True):
@@ -87,6 +90,7 @@ class Delta(msgspec.Struct, frozen=True):
     text: str
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # WebSocket only
+    tool_calls: list[dict[str, Any]] | None = None  # chat with tools: a choice's calls, whole, with its finish
 
 
 # ---------------------------------------------------------------- retry
@@ -143,15 +147,17 @@ def completion_from(body: dict[str, Any]) -> Completion:
     choices = []
     for c in body["choices"]:
         text = c["message"]["content"] if "message" in c else c["text"]
-        choices.append(Choice(c["index"], text or "", c.get("finish_reason"), c.get("logprobs")))
+        calls = c["message"].get("tool_calls") if "message" in c else None
+        choices.append(Choice(c["index"], text or "", c.get("finish_reason"), c.get("logprobs"), calls))
     return Completion(body["id"], body["model"], choices, msgspec.convert(body["usage"], Usage))
 
 
 def deltas_from_chunk(chunk: dict[str, Any]) -> list[Delta]:
     out = []
     for c in chunk.get("choices") or []:
-        text = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
-        out.append(Delta(c["index"], text or "", c.get("finish_reason")))
+        delta = c.get("delta") or {}
+        text = delta.get("content") if "delta" in c else c.get("text")
+        out.append(Delta(c["index"], text or "", c.get("finish_reason"), tool_calls=delta.get("tool_calls")))
     return out
 
 

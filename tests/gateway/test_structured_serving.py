@@ -209,6 +209,16 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(model=model, messages=question, tools=tools))
     assert refused.value.body["param"] == "tool_choice"  # "auto" needs a tool-call format SmolLM2 lacks
 
+    # lmgate's own client returns the calls too, whole and streamed
+    async with LmgateClient(urls[0], key, model=model) as client:
+        done = await client.chat(question, tools=tools, max_tokens=60, temperature=0,
+                                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert done.choices[0].tool_calls[0]["function"]["name"] == "get_weather" and done.text == ""
+        async with client.chat_stream(question, tools=tools, tool_choice="required", max_tokens=80,
+                                      temperature=0) as stream:
+            calls = [c for d in [d async for d in stream] for c in d.tool_calls or []]
+        assert calls and all(c["function"]["name"] in ("get_weather", "get_time") for c in calls)
+
     # the WebSocket takes the same fields
     async with LmgateClient(urls[0], key, model=model) as client, client.ws() as session, \
             session.chat_stream(ask, max_tokens=150, temperature=0, guided_json=BOOK) as stream:
