@@ -304,9 +304,6 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
         names = ", ".join(dict.fromkeys(name for _, name in found))
         raise ApiError(400, f"at most one output constraint per request; got {len(found)} ({names})",
                        code="invalid_value", param=found[1][1])
-    if not found:
-        return None, None
-    guided, field = found[0]
     whitespace, ws_field = None, None
     if so.get("disable_any_whitespace"):
         whitespace, ws_field = "", "structured_outputs"
@@ -317,6 +314,12 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
                 raise ApiError(400, "give one whitespace rule: disable_any_whitespace or a whitespace_pattern string",
                                code="invalid_value", param=name)
             whitespace, ws_field = pattern, name
+    if not found:
+        if whitespace is not None:
+            raise ApiError(400, "a whitespace rule applies to a JSON constraint, and the request has none",
+                           code="invalid_value", param=ws_field)
+        return None, None
+    guided, field = found[0]
     if whitespace is not None:
         if guided.kind not in ("json", "json_object"):
             raise ApiError(400, "a whitespace rule applies to JSON constraints only", code="invalid_value",

@@ -270,6 +270,7 @@ CHAT_BAD = [
     ("schema string nested too deeply", {**chat_body(), "guided_json": "[" * 20000 + "]" * 20000}, "guided_json"),
     ("whitespace rule on a regex", {**chat_body(), "guided_regex": "a+", "guided_whitespace_pattern": " *"},
      "guided_whitespace_pattern"),
+    ("whitespace rule alone", {**chat_body(), "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
     ("stop with a constraint", {**chat_body(), "guided_regex": "[0-9]+", "stop": ["5"]}, "stop"),
     ("stop ids with tools", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
                              "tool_choice": "required", "stop_token_ids": [5]}, "stop_token_ids"),
