@@ -247,10 +247,16 @@ class Admission:
         field = call.guided_field or "response_format"
         try:
             if self.grammars.is_compiled(p.guided):
-                return self.grammars.prototype(p.guided)
-            return await trio.to_thread.run_sync(self.grammars.prototype, p.guided, limiter=self._compile_limiter)
+                grammar = self.grammars.prototype(p.guided)
+            else:
+                start = time.monotonic()
+                grammar = await trio.to_thread.run_sync(self.grammars.prototype, p.guided,
+                                                        limiter=self._compile_limiter)
+                self.metrics.grammar_compile.observe(time.monotonic() - start)
         except GuidedDecodingError as e:
             raise _Refuse(400, "invalid_value", f"{field}: {e}", field) from None
+        self.metrics.structured.labels(p.guided.kind).inc()
+        return grammar
 
     def _kv_room(self, p: SamplingParams) -> tuple[int, str]:
         """Tokens one sequence of this request may fill in the KV cache (0 = unchecked), and

@@ -86,6 +86,15 @@ class Metrics:
             "engine's compute thread (CPU engine: the steps wait meanwhile): phase=embed (instruction "
             "embeddings) or phase=refit (regressor refits)", ["phase"], registry=r,
         )
+        self.structured = Counter(
+            "lmgate_structured_requests", "Requests admitted with an output constraint (gpu.structured): kind=json, "
+            "json_object, regex, choice or grammar (tool calls are json)", ["kind"], registry=r,
+        )
+        self.grammar_compile = Histogram(
+            "lmgate_grammar_compile_seconds", "Compiling an output constraint not in the compiled-grammar cache (with "
+            "the wait for the one compile slot)",
+            buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0), registry=r,
+        )
         self.lora_loads = Counter(
             "lmgate_lora_adapter_loads", "LoRA adapters read from disk: kind=load (first use, or again after "
             "an eviction) or kind=reload (its files changed)", ["kind"], registry=r,

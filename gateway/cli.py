@@ -195,6 +195,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"lmgate generate: {e}", file=sys.stderr)
         return 2
     gen_s = time.perf_counter() - t0
+    for i, choices in enumerate(results, 1):  # an output constraint that broke while it ran
+        failed = next((c for c in choices if c.finish_reason == "error"), None)
+        if failed is not None:
+            raise _Exit(2, f"prompt {i}: {failed.error}")
     n_out = sum(len(c.token_ids) for r in results for c in r)
     for prompt, choices in zip(prompts, results, strict=True):
         for c in choices:

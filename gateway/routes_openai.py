@@ -136,6 +136,8 @@ class CompletionRequest(_Sampling, frozen=True, kw_only=True):
     logprobs: int | None = None  # number of top alternatives per token
     echo: bool = False
     suffix: str | None = None  # insertion: refused when set (not supported)
+    tools: list[Any] | None = None  # chat only: refused when set
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class ChatRequest(_Sampling, frozen=True, kw_only=True):
@@ -161,13 +163,27 @@ def unsupported_chat_fields(req: ChatRequest) -> None:
         if getattr(req, name):
             raise ApiError(400, f"{name} (the legacy form) is not supported; send tools and tool_choice",
                            code="unsupported_value", param=name)
+
+
+def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) -> list[ChatMessage]:
+    """The conversation as the model reads it (chat completions and /tokenize alike): each
+    message's text (`ChatMessageIn.text`), and with tool calling the tools described in the
+    system message (`ToolCalling.system_prompt`: added to the first system message, or put
+    first). A tool message must answer a call an earlier assistant message made (400)."""
     called: set[str] = set()
-    for m in req.messages:  # a tool message answers a call an assistant message made before it
+    for m in messages:
         if m.role == "assistant" and m.tool_calls:
             called.update(c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str))
         elif m.role == "tool" and m.tool_call_id not in called:
             raise ApiError(400, "a tool message must answer (tool_call_id) a tool call of an earlier assistant "
                            "message", code="invalid_value", param="messages")
+    out = [ChatMessage(role=m.role, content=m.text()) for m in messages]
+    if calling is not None:
+        if out and out[0].role == "system":
+            out[0] = ChatMessage("system", f"{out[0].content}\n\n{calling.system_prompt()}")
+        else:
+            out.insert(0, ChatMessage("system", calling.system_prompt()))
+    return out
 
 
 def tools_of(req: CompletionRequest | ChatRequest) -> ToolCalling | None:
@@ -506,16 +522,12 @@ def to_generate_calls(
         if not req.messages:
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         unsupported_chat_fields(req)
-        messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
-        calling = tools_of(req)
-        if calling is not None:  # the model reads the tools in the system message
-            if messages[0].role == "system":
-                messages[0] = ChatMessage("system", f"{messages[0].content}\n\n{calling.system_prompt()}")
-            else:
-                messages.insert(0, ChatMessage("system", calling.system_prompt()))
-        return [GenerateCall(messages=messages, **common)]
+        return [GenerateCall(messages=chat_messages(req.messages, tools_of(req)), **common)]
     if req.suffix:
         raise ApiError(400, "suffix (insertion) is not supported", code="unsupported_value", param="suffix")
+    if req.tools or req.tool_choice not in (None, "none"):
+        raise ApiError(400, "tool calling is a chat completions feature", code="unsupported_value",
+                       param="tools" if req.tools else "tool_choice")
     prompts = completion_prompts(req)
     del common["request_id"]
     return [

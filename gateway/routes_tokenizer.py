@@ -23,7 +23,8 @@ import msgspec
 from quart import Blueprint, request
 
 from gateway.errors import ApiError
-from gateway.routes_openai import ChatMessageIn
+from gateway.routes_openai import ChatMessageIn, chat_messages
+from gateway.tools import tool_calling
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -39,6 +40,10 @@ class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    # chat tool calling: the tools the model reads in its system message, as chat completions adds them
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class DetokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,7 +69,8 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
 
         if not req.messages:  # as chat completions
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        calling = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
+        msgs = [{"role": m.role, "content": m.content} for m in chat_messages(req.messages, calling)]
         try:
             text = tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)
         except ChatTemplateError as exc:

@@ -769,7 +769,7 @@ class Engine:
             request_id=req.request_id,
             index=choice.index,
             text=emit,
-            token_ids=(tok,),
+            token_ids=(tok,) if error is None else (),  # a token sampled past a broken grammar is not output
             logprobs=(lp,) if lp is not None else None,
             top_logprobs=(tuple(top),) if top is not None else None,
             finish_reason=reason,
@@ -790,6 +790,7 @@ class CompletionOutput:
     finish_reason: str | None
     logprobs: list[float] | None = None
     prompt_logprobs: list[tuple[float | None, tuple[tuple[int, float], ...]]] | None = None  # see StepDelta
+    error: str | None = None  # finish_reason "error": why (StepDelta.error)
 
 
 def generate(
@@ -825,4 +826,5 @@ def generate(
                 c.prompt_logprobs = list(d.prompt_logprobs)
             if d.finish_reason:
                 c.finish_reason = d.finish_reason
+                c.error = d.error
     return [[outs[rid][k] for k in sorted(outs[rid])] for rid in order]

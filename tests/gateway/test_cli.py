@@ -117,6 +117,8 @@ def test_generate_constrains_the_text(capsys: pytest.CaptureFixture[str], tmp_pa
     assert line["finish_reason"] == "stop" and set(json.loads(line["text"])) == {"city"}
     assert main([*common, "--regex", "(unclosed", "hi"]) == 2  # compiles only against the model's tokenizer
     assert "unclosed group" in one_line_error(capsys, "generate")
+    assert main([*common, "--regex", "(a{1000}){1000}", "hi", "there"]) == 2  # compiles, then breaks on its first token
+    assert "prompt 1: the output constraint failed" in one_line_error(capsys, "generate")
 
 
 def test_generate_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -198,6 +198,8 @@ async def test_models(gateway: Gateway) -> None:
 # ---------------------------------------------------------------- errors
 
 BAD_INPUTS = [
+    ("tools on completions", b'{"model": "fake-model", "prompt": "x", "tools": [{"type": "function", '
+     b'"function": {"name": "f"}}], "tool_choice": "required"}', 400, "unsupported_value"),
     ("malformed json", b'{"model": "fake-model", "prompt": ', 400, "invalid_json"),
     ("not an object", b"[1, 2]", 400, "invalid_value"),
     ("missing prompt", b'{"model": "fake-model"}', 400, "invalid_value"),

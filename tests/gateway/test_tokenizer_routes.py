@@ -47,6 +47,36 @@ async def test_tokenize_messages_with_the_chat_template(client_of, tokenizer) ->
     assert r.json()["tokens"] == tokenizer.render_and_encode(messages)
 
 
+async def test_tokenize_counts_the_tools_a_chat_request_adds(client_of, tokenizer) -> None:
+    """With tool calling, chat completions describe the tools in the system message:
+    /tokenize renders the same messages, so a client can size its context."""
+    from gateway.routes_openai import chat_messages
+    from gateway.tools import tool_calling
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    history = [{"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    async with client_of() as client:
+        r = await client.post("/tokenize", json={"messages": history, "tools": tools, "tool_choice": "required"})
+        plain = await client.post("/tokenize", json={"messages": history})
+        orphan = await client.post("/tokenize", json={"messages": [{"role": "tool", "tool_call_id": "x",
+                                                                     "content": "sunny"}]})
+        auto = await client.post("/tokenize", json={"messages": history, "tools": tools})
+    import msgspec
+
+    from gateway.routes_openai import ChatMessageIn
+
+    msgs = chat_messages(msgspec.convert(history, list[ChatMessageIn]), tool_calling(tools, "required", None))
+    assert r.json()["tokens"] == tokenizer.render_and_encode([{"role": m.role, "content": m.content} for m in msgs])
+    assert r.json()["count"] > plain.json()["count"]
+    assert "get_weather" in tokenizer.decode(r.json()["tokens"])
+    assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "messages"  # as on chat completions
+    assert auto.status_code == 400 and auto.json()["error"]["param"] == "tool_choice"
+
+
 async def test_tokenizer_info_is_what_a_remote_tokenizer_needs(client_of, tokenizer) -> None:
     async with client_of() as client:
         info = (await client.get("/tokenizer_info")).json()
