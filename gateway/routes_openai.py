@@ -352,12 +352,14 @@ def _schema_text(schema: Any, param: str) -> str:
     raise ApiError(400, "a JSON schema must be an object (or its JSON text)", code="invalid_value", param=param)
 
 
-def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
+def sampling_params(req: CompletionRequest | ChatRequest,
+                    guided: tuple[GuidedDecoding | None, str | None] | None = None) -> SamplingParams:
     """The request's sampling settings; out-of-range values → 400 naming the field.
 
     Chat's ``logprobs: bool`` + ``top_logprobs: k`` and completions'
     ``logprobs: k`` both become ``SamplingParams.logprobs = k`` (None = off).
     ``max_tokens: null`` means "up to the context length" (the runtime caps it).
+    `guided`: `guided_decoding(req)` if the caller has it already (else computed here).
     """
     logprobs_param = "logprobs"
     optional_prompt_lp = None
@@ -393,9 +395,9 @@ def sampling_params(req: CompletionRequest | ChatRequest) -> SamplingParams:
         "prompt_logprobs": optional_prompt_lp,
     }
     kwargs = {k: v for k, v in optional.items() if v is not None}
-    guided, guided_param = guided_decoding(req)
-    if guided is not None:
-        kwargs["guided"] = guided
+    constraint, guided_param = guided if guided is not None else guided_decoding(req)
+    if constraint is not None:
+        kwargs["guided"] = constraint
     if req.logit_bias:
         try:
             kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
@@ -500,7 +502,8 @@ def to_generate_calls(
 ) -> list[GenerateCall]:
     """Pure mapping from a decoded request to the runtime's messages: one per prompt
     (`completion_prompts`), with ids from `sub_request_id`."""
-    params = sampling_params(req)
+    guided = guided_decoding(req)  # (the constraint, the field it came from): computed once
+    params = sampling_params(req, guided)
     if req.priority is not None and req.priority < 0:
         raise ApiError(400, "priority must be >= 0", code="invalid_value", param="priority")
     app = app_tag or (req.metadata or {}).get("app")
@@ -516,7 +519,7 @@ def to_generate_calls(
         arrival_time=time.time(),
         cache_lookup=cache.lookup,
         cache_store=cache.store,
-        guided_field=guided_decoding(req)[1] if params.guided is not None else None,
+        guided_field=guided[1],
     )
     if isinstance(req, ChatRequest):
         if not req.messages:
