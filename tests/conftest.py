@@ -9,11 +9,14 @@ module that compares against it shares one instance (treat it as read-only).
 from __future__ import annotations
 
 import gc
+import io
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import trio
 
 from cache.redis_server import PrivateRedis
 from cache.store import RedisStore
@@ -134,3 +137,16 @@ def redis_url(redis_server: PrivateRedis) -> str:
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     async with RedisStore(redis_url) as s:
         yield s
+
+
+async def serve_real(nursery: trio.Nursery, config) -> tuple[list[str], str, trio.Event]:  # type: ignore[no-untyped-def]
+    """The whole server (`gateway.server.serve` with `config`, a `GatewayConfig`: real model
+    and runtime) started in `nursery`: its URLs, the API key it printed on first start, and
+    the event that shuts it down."""
+    from gateway.server import serve
+
+    out, stop = io.StringIO(), trio.Event()
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
+                                                         task_status=task_status))
+    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    return urls, key, stop

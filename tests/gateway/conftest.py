@@ -9,9 +9,7 @@ words, records every call and every cancel, and can be told to reject.
 
 from __future__ import annotations
 
-import io
 import queue
-import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -253,14 +251,3 @@ def served(redis_url: str) -> Iterator[Served]:
     trio.from_thread.run_sync(stop_box["stop"].set, trio_token=stop_box["token"])
     thread.join(timeout=10)
 
-
-async def serve_real(nursery: trio.Nursery, config: GatewayConfig) -> tuple[list[str], str, trio.Event]:
-    """The whole server (`gateway.server.serve`, real model and runtime) started in `nursery`:
-    its URLs, the API key it printed on first start, and the event that shuts it down."""
-    from gateway.server import serve
-
-    out, stop = io.StringIO(), trio.Event()
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
-                                                         task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
-    return urls, key, stop

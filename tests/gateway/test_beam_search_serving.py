@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 
 import httpx
@@ -14,10 +13,10 @@ import trio
 
 from clients import LmgateClient
 from gateway.config import GatewayConfig
-from gateway.server import serve
 from gpu.config import CacheConfig, EngineConfig
 from gpu.engine import Engine, generate
 from gpu.sampling import SamplingParams
+from tests.conftest import serve_real
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
@@ -27,12 +26,9 @@ PROMPT = "Write a haiku about the sea."
 async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
                                                              redis_url: str) -> None:
     torch.set_num_threads(2)
-    out, stop = io.StringIO(), trio.Event()
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
                            shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64, max_num_seqs=16)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
-                                                         task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    urls, key, stop = await serve_real(nursery, config)
 
     engine = Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=32 * 1024**2)))
     prompt_ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(

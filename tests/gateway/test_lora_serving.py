@@ -4,8 +4,6 @@ usage kept apart per adapter, and the refusals (unknown model, unservable adapte
 
 from __future__ import annotations
 
-import io
-import re
 import shutil
 
 import httpx
@@ -15,9 +13,9 @@ import trio
 
 from clients import LmgateClient
 from gateway.config import ConfigError, GatewayConfig
-from gateway.server import serve
 from gpu.loader import load_checkpoint
 from gpu.tokenizer import load_tokenizer
+from tests.conftest import serve_real
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 
@@ -31,13 +29,10 @@ async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.N
     shutil.copytree(lora_reference.paths["two"], adapters / "two")
     (adapters / "broken").mkdir()
     (adapters / "broken" / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "use_dora": true}')
-    out, stop = io.StringIO(), trio.Event()
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
                            shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64,
                            lora_modules=f"one={lora_reference.paths['one']}", lora_dir=str(adapters))
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out,
-                                                         task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    urls, key, stop = await serve_real(nursery, config)
     tokenizer = load_tokenizer(load_checkpoint("smollm2", torch.float32))
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
                                                          add_generation_prompt=True))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import re
 
 import httpx
 import openai
@@ -20,6 +19,7 @@ from clients import LmgateClient
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from gateway.sse import parse_events
+from tests.conftest import serve_real
 
 TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
 
@@ -38,15 +38,12 @@ async def wait_idle(base_url: str) -> dict[str, object]:
 
 async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
-    out = io.StringIO()
-    stop = trio.Event()
     # float32: "Paris" below is float32's greedy answer; the first token is a near-tie ("The"
     # 0.152 against "L" 0.140) that bf16 rounding (the "auto" dtype on AVX512-BF16 CPUs) can flip
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
                            shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
+    urls, key, stop = await serve_real(nursery, config)
     base_url = urls[0]
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
 
     sdk = openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0)
     model = (await trio.to_thread.run_sync(sdk.models.list)).data[0].id
@@ -81,12 +78,9 @@ async def test_an_int8_server_streams_over_sse_and_websocket(nursery: trio.Nurse
     """`--quantization int8` through the whole stack: the engine calibrates and quantizes at
     start, and a greedy completion streams the same text over SSE and the WebSocket."""
     torch.set_num_threads(2)
-    out = io.StringIO()
-    stop = trio.Event()
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1,
                            dtype="float32", quantization="int8", kv_cache_mb=64)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    urls, key, stop = await serve_real(nursery, config)
     async with LmgateClient(urls[0], key) as client:
         async with client.completions_stream("The capital of France is", max_tokens=4, temperature=0) as stream:
             text = "".join([d.text async for d in stream])

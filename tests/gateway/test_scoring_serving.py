@@ -21,7 +21,7 @@ from gateway.sse import parse_events
 from gpu.config import CacheConfig, EngineConfig
 from gpu.engine import Engine, generate
 from gpu.sampling import SamplingParams
-from tests.gateway.conftest import serve_real
+from tests.conftest import serve_real
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 

@@ -19,7 +19,7 @@ import trio
 from clients import LmgateClient
 from gateway.config import GatewayConfig
 from gateway.sse import parse_events
-from tests.gateway.conftest import serve_real
+from tests.conftest import serve_real
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 

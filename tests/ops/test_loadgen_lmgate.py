@@ -3,7 +3,6 @@ private Redis) over both transports: SSE and the WebSocket."""
 
 from __future__ import annotations
 
-import io
 import math
 import re
 
@@ -13,11 +12,11 @@ import torch
 import trio
 
 from gateway.config import GatewayConfig
-from gateway.server import serve
 from ops.loadgen.backends import SendOptions, Target
 from ops.loadgen.dataset import LengthRange, RandomSpec, Tenant, WorkloadSpec, build_workload
 from ops.loadgen.metrics import compute_metrics
 from ops.loadgen.runner import RunConfig, run_workload
+from tests.conftest import serve_real
 
 TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
 
@@ -27,12 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
 @pytest.fixture
 async def lmgate(nursery: trio.Nursery, tmp_path, redis_url: str):  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
-    out = io.StringIO()
-    stop = trio.Event()
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1,
                            kv_cache_mb=TEST_KV_MB)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=out, task_status=task_status))
-    key = re.search(r"shown once\): (\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]
+    urls, key, stop = await serve_real(nursery, config)
     yield urls[0], key
     stop.set()
 
