@@ -154,16 +154,18 @@ class Admission:
             if not call.messages:
                 raise _Refuse(400, "invalid_value", "messages must not be empty", "messages")
             msgs = [{"role": m.role, "content": m.content} for m in call.messages]
+            ending = {"add_generation_prompt": call.add_generation_prompt,
+                      "continue_final_message": call.continue_final_message}
             if self.prompt_cache is not None:
                 try:
-                    hit = await self.prompt_cache.get(self.config.model_name, msgs, True)
+                    hit = await self.prompt_cache.get(self.config.model_name, msgs, **ending)
                 except CacheUnavailable:
                     hit = None
                 self.metrics.prompt_cache_lookups.labels("hit" if hit else "miss").inc()
                 if hit is not None:
                     return list(hit.token_ids)
             try:
-                text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(msgs, **ending)
             except Exception as e:  # template errors (e.g. raise_exception for bad roles) are the caller's
                 raise _Refuse(400, "invalid_value", f"messages: {e}", "messages") from e
             ids = self.tokenizer.encode(text)
@@ -171,7 +173,8 @@ class Admission:
                 from cache.prompt_cache import RenderedPrompt
 
                 try:
-                    await self.prompt_cache.put(self.config.model_name, msgs, True, RenderedPrompt(text, ids))
+                    await self.prompt_cache.put(self.config.model_name, msgs, call.add_generation_prompt,
+                                                RenderedPrompt(text, ids), call.continue_final_message)
                 except CacheUnavailable:
                     pass
             return ids

@@ -73,6 +73,9 @@ class GenerateCall(msgspec.Struct, frozen=True):
     prompt: str | None = None  # /v1/completions (text)
     prompt_token_ids: list[int] | None = None  # /v1/completions (token ids)
     messages: list[ChatMessage] | None = None  # /v1/chat/completions
+    # chat: how the rendered messages end (`gpu.tokenizer.Tokenizer.apply_chat_template`)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     stream: bool = False
     priority: int | None = None  # a request may ask for a LOWER priority than its tenant's tier (higher runs first)
     user: str | None = None  # OpenAI `user`: user-level semantics for the length predictor

@@ -47,14 +47,18 @@ class _Stored(msgspec.Struct, frozen=True, array_like=True):
 _decoder = msgspec.msgpack.Decoder(_Stored)
 
 
-def prompt_key(model: str, messages: Sequence[Any], add_generation_prompt: bool) -> str:
-    """sha256 hex of model + canonical messages JSON + the add_generation_prompt flag (pure).
+def prompt_key(model: str, messages: Sequence[Any], add_generation_prompt: bool,
+               continue_final_message: bool = False) -> str:
+    """sha256 hex of model + canonical messages JSON + how the chat ends: the
+    add_generation_prompt flag, and a mark when the final message is left open (pure).
 
     ``messages`` may be dicts or msgspec Structs (anything msgspec encodes).
     """
     canonical = msgspec.json.encode(list(messages), order="sorted")
-    payload = b"\0".join([model.encode(), canonical, b"1" if add_generation_prompt else b"0"])
-    return hashlib.sha256(payload).hexdigest()
+    parts = [model.encode(), canonical, b"1" if add_generation_prompt else b"0"]
+    if continue_final_message:
+        parts.append(b"open")
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()
 
 
 def pack_ids(token_ids: Sequence[int]) -> bytes:
@@ -76,9 +80,10 @@ class PromptCache:
         self.ttl_s = ttl_s
 
     async def get(
-        self, model: str, messages: Sequence[Any], add_generation_prompt: bool = True
+        self, model: str, messages: Sequence[Any], add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> RenderedPrompt | None:
-        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt))
+        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt, continue_final_message))
         with self.store.guard():
             raw = await self.store.client.get(key)
         if raw is None:
@@ -88,9 +93,9 @@ class PromptCache:
 
     async def put(
         self, model: str, messages: Sequence[Any], add_generation_prompt: bool,
-        rendered: RenderedPrompt,
+        rendered: RenderedPrompt, continue_final_message: bool = False,
     ) -> None:
-        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt))
+        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt, continue_final_message))
         value = msgspec.msgpack.encode(_Stored(rendered.text, pack_ids(rendered.token_ids)))
         with self.store.guard():
             await self.store.client.set(key, value, px=round(self.ttl_s * 1000))

@@ -45,7 +45,7 @@ from actors.messages import (
 )
 from gateway import sse
 from gateway.errors import ApiError
-from gateway.tools import ToolCalling, render_message, tool_calling
+from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
 from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding
 
@@ -71,7 +71,8 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
     tool_calls: list[Any] | None = None  # an assistant turn's calls (`gateway.tools.render_message`)
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
-    def text(self) -> str:
+    def text(self, *, markers: bool = False) -> str:
+        """The message as the model reads it (`markers`: tool calls as auto mode writes them)."""
         if self.content is None:
             text = ""
         elif isinstance(self.content, str):
@@ -82,7 +83,7 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
                 raise ApiError(400, f"content parts of type {other[:50]!r} are not supported (this model reads "
                                "text only)", code="unsupported_value", param="messages")
             text = "".join(part.text for part in self.content)
-        return render_message(self.role, text, self.tool_calls)
+        return render_message(self.role, text, self.tool_calls, markers=markers)
 
 
 class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,6 +153,10 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's: how the rendered chat ends — a new assistant turn (the default), nothing, or
+    # the last message left open for the model to continue (a prefilled answer)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     # the legacy form: refused, so that a client relying on it is told (`unsupported_chat_fields`)
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -177,7 +182,8 @@ def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) ->
         elif m.role == "tool" and m.tool_call_id not in called:
             raise ApiError(400, "a tool message must answer (tool_call_id) a tool call of an earlier assistant "
                            "message", code="invalid_value", param="messages")
-    out = [ChatMessage(role=m.role, content=m.text()) for m in messages]
+    markers = calling is not None and calling.auto
+    out = [ChatMessage(role=chat_role(m.role, markers=markers), content=m.text(markers=markers)) for m in messages]
     if calling is not None:
         if out and out[0].role == "system":
             out[0] = ChatMessage("system", f"{out[0].content}\n\n{calling.system_prompt()}")
@@ -525,7 +531,20 @@ def to_generate_calls(
         if not req.messages:
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         unsupported_chat_fields(req)
-        return [GenerateCall(messages=chat_messages(req.messages, tools_of(req)), **common)]
+        if req.continue_final_message:
+            if req.add_generation_prompt:
+                raise ApiError(400, "continue_final_message continues the last message: send it with "
+                               "add_generation_prompt false", code="invalid_value", param="continue_final_message")
+            if params.guided is not None:
+                raise ApiError(400, "continue_final_message cannot be combined with an output constraint or tool "
+                               "calling (the constraint would start inside the continued message)",
+                               code="invalid_value", param="continue_final_message")
+        messages = chat_messages(req.messages, tools_of(req))
+        if req.continue_final_message and not messages[-1].content.strip():
+            raise ApiError(400, "continue_final_message needs a last message with text to continue",
+                           code="invalid_value", param="continue_final_message")
+        return [GenerateCall(messages=messages, **common, add_generation_prompt=req.add_generation_prompt,
+                             continue_final_message=req.continue_final_message)]
     if req.suffix:
         raise ApiError(400, "suffix (insertion) is not supported", code="unsupported_value", param="suffix")
     if req.tools or req.tool_choice not in (None, "none"):
@@ -709,9 +728,9 @@ class Collector:
             reason = finished.finish_reasons[i] if i < len(finished.finish_reasons) else "stop"
             if self.endpoint == "chat.completions":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
-                calls = self.tools.tool_calls_of(text) if self.tools is not None and reason == "stop" else None
-                if calls is not None:
-                    message = {"role": "assistant", "content": None, "tool_calls": calls}
+                parsed = self.tools.tool_calls_of(text) if self.tools is not None and reason == "stop" else None
+                if parsed is not None:
+                    message = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
                     reason = self.tools.finish_reason
                 choices.append(
                     {
@@ -751,10 +770,12 @@ class ChunkRenderer:
     n: int = 1
     _ended: set[int] = field(default_factory=set)  # choices whose finish_reason was sent
     # chat with tool calling: each choice's text is held back and sent as its tool calls
-    # when it ends (`gateway.tools`)
+    # when it ends (`gateway.tools`); in auto mode only what may be a call is held
+    # (`gateway.tools.streamable`), the logprobs of held text go out with the next chunk
     tools: ToolCalling | None = None
     _held: dict[int, list[str]] = field(default_factory=dict)
     _held_lp: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    _streamed: dict[int, int] = field(default_factory=dict)  # auto mode: characters sent as content
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -771,11 +792,21 @@ class ChunkRenderer:
     def delta(self, d: TokenDelta) -> dict[str, Any] | None:
         """The chunk of one delta (None: nothing to send yet — a tool call's text is held)."""
         if self.tools is not None:
-            self._held.setdefault(d.index, []).append(d.text)
+            held = self._held.setdefault(d.index, [])
+            held.append(d.text)
             lp = _chat_logprobs(d, self.token_bytes)
             if lp is not None:
                 self._held_lp.setdefault(d.index, []).extend(lp["content"])
-            return None
+            if not self.tools.auto:
+                return None
+            text = "".join(held)
+            held[:] = [text]
+            sent = self._streamed.get(d.index, 0)
+            ready = streamable(text)
+            if ready <= sent:
+                return None
+            self._streamed[d.index] = ready
+            return self._chunk([self._content_choice(d.index, text[sent:ready], self._held_lp.pop(d.index, None))])
         if self.endpoint == "chat.completions":
             body: dict[str, Any] = {"content": d.text}
             if d.index not in self._role_sent:
@@ -795,20 +826,32 @@ class ChunkRenderer:
             choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
         return self._chunk([choice])
 
+    def _content_choice(self, i: int, text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """A chat choice's delta of content (with the role, the first time)."""
+        body: dict[str, Any] = {"content": text}
+        if i not in self._role_sent:
+            self._role_sent.add(i)
+            body = {"role": "assistant", "content": text}
+        return {"index": i, "delta": body, "logprobs": {"content": logprobs} if logprobs is not None else None,
+                "finish_reason": None}
+
     def _finish_choice(self, i: int, reason: str) -> dict[str, Any]:
         self._ended.add(i)
         if self.endpoint == "chat.completions":
-            delta = {} if i in self._role_sent else {"role": "assistant", "content": ""}
+            delta: dict[str, Any] = {} if i in self._role_sent else {"role": "assistant", "content": ""}
             logprobs = None
             if self.tools is not None:
                 text = "".join(self._held.pop(i, []))
-                calls = self.tools.tool_calls_of(text) if reason == "stop" else None
-                if calls is not None:
-                    delta = {"role": "assistant", "content": None,
-                             "tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                sent = self._streamed.pop(i, 0)  # auto mode: content already streamed
+                parsed = self.tools.tool_calls_of(text) if reason == "stop" else None
+                if parsed is not None:
+                    delta = {"content": None, "tool_calls": [{"index": k, **c} for k, c in enumerate(parsed[1])]}
+                    if sent == 0:
+                        delta = {"role": "assistant", "content": parsed[0], **delta}
                     reason = self.tools.finish_reason
                 else:
-                    delta = {"role": "assistant", "content": text}
+                    delta = {"content": text[sent:]} if sent else {"role": "assistant", "content": text}
+                self._role_sent.add(i)
                 held_lp = self._held_lp.pop(i, None)
                 logprobs = {"content": held_lp} if held_lp is not None else None
             return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}

@@ -6,7 +6,7 @@ build prompts in token ids without a copy of it (lm-evaluation-harness's
 
     GET  /tokenizer_info     the tokenizer's config: class, bos/eos tokens, chat template, ...
     POST /tokenize           {prompt, add_special_tokens?=true, return_token_strs?=false}
-                             or {messages, add_generation_prompt?=true, ...}
+                             or {messages, add_generation_prompt?=true, continue_final_message?=false, ...}
                              -> {count, max_model_len, tokens, token_strs}
     POST /detokenize         {tokens} -> {prompt}
 
@@ -39,6 +39,7 @@ class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
     messages: list[ChatMessageIn] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as chat completions: the last message left open
     return_token_strs: bool = False
     # chat tool calling: the tools the model reads in its system message, as chat completions adds them
     tools: list[Any] | None = None
@@ -72,7 +73,11 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
         calling = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
         msgs = [{"role": m.role, "content": m.content} for m in chat_messages(req.messages, calling)]
         try:
-            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt)
+            if req.continue_final_message and req.add_generation_prompt:
+                raise ApiError(400, "continue_final_message continues the last message: send it with "
+                               "add_generation_prompt false", code="invalid_value", param="continue_final_message")
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt,
+                                                 continue_final_message=req.continue_final_message)
         except ChatTemplateError as exc:
             raise ApiError(400, f"messages: {exc}", code="invalid_value", param="messages") from exc
         return tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))

@@ -1,29 +1,35 @@
 """Tool (function) calling on chat completions, built on structured outputs.
 
-OpenAI's `tools` + `tool_choice` map onto a constraint (`gpu.structured`), as vLLM does
-for the choices that need no model-specific parser:
+OpenAI's `tools` + `tool_choice` map onto a constraint (`gpu.structured`):
 
 - `tool_choice: {"type": "function", "function": {"name": N}}` — the text is the arguments
   of N, JSON valid against its `parameters` schema; the answer is one tool call of N.
 - `tool_choice: "required"` — the text is a JSON array of one or more calls
   `{"name": ..., "parameters": {...}}`, each naming one of the tools with arguments valid
   for it (vLLM's shape); one call only when `parallel_tool_calls` is false.
+- `"auto"` (OpenAI's default when tools are given) — the model chooses: plain text, or
+  (after optional text) the marker `<tool_call>`, that same JSON array and `</tool_call>`.
+  The constraint is a grammar (`AUTO_GRAMMAR`): any text that does not hold the marker,
+  or text up to the first marker and then a valid array, closed. So the text is free
+  until the model writes the marker, and from there it can only complete valid calls.
+  SmolLM2 has no tool-call format of its own (nor special tokens for one), so the marker
+  is a plain string the system message teaches, as llguidance's "unified interface" and
+  vLLM's phi-4-mini template do.
 - `"none"` (or no tools): plain text, as without tools.
-- `"auto"` (OpenAI's default when tools are given) would need the model to choose between
-  text and a call in a format a parser knows; SmolLM2 has no such format, so it is a 400
-  naming `tool_choice` (vLLM answers the same without `--enable-auto-tool-choice`).
 
 The model sees the tools: a system message lists each one's name, description and
 parameter schema (`system_prompt`; appended to the request's own system message, if any),
 since the bundled model's chat template takes no `tools`. Earlier turns keep working:
-an assistant message's `tool_calls` are rendered as the JSON it produced, and `tool`
-messages as their content.
+an assistant message's `tool_calls` are rendered as the text the model wrote for them
+(with the markers in auto mode), and `tool` messages as their content.
 
 The gateway turns a finished choice's text back into `tool_calls` (`tool_calls_of`): an
 id (`call_` + 24 hex digits, fresh per response), the function's name and the arguments
 as a JSON string, with `finish_reason` "tool_calls" ("stop" for a named function, as
-OpenAI). A choice cut short by `max_tokens` is returned as its text with "length".
-Pure logic: no I/O.
+OpenAI); in auto mode the text before the marker is the message's `content`. A choice cut
+short by `max_tokens` is returned as its text with "length". While streaming, auto mode's
+text goes out as content as it comes, except what may be the start of the marker
+(`streamable`); the calls go out whole when the choice ends. Pure logic: no I/O.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import ApiError
-from gpu.structured import GuidedDecoding
+from gpu.structured import DEFAULT_JSON_WHITESPACE, GuidedDecoding
 
 MAX_TOOLS = 128
 # a tool without parameters (or `{}`) takes none: its arguments are `{}`
@@ -52,31 +58,67 @@ class Function:
     parameters: dict[str, Any]
 
 
+MARKER, END_MARKER = "<tool_call>", "</tool_call>"
+# auto mode: any text without the marker, or text up to the first marker, the calls and the
+# closing marker (llguidance's Lark: `&`/`~` intersect and negate terminals, `lazy` ends the
+# head at the first marker). `{calls}` is the calls' JSON schema.
+AUTO_GRAMMAR = """%llguidance {{}}
+start: TEXT | call
+TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/
+call: head calls "</tool_call>"
+head[lazy]: /(?s:.*)<tool_call>/
+calls: %json {calls}
+"""
+
+
 @dataclass(frozen=True)
 class ToolCalling:
-    """What a request's `tools` and `tool_choice` ask for: calls of `named` (one function)
-    or any of `functions` (`required`)."""
+    """What a request's `tools` and `tool_choice` ask for: calls of `named` (one function),
+    or any of `functions` (`required`), or text or calls as the model chooses (`auto`)."""
 
     functions: tuple[Function, ...]
     named: Function | None = None
     parallel: bool = True
+    auto: bool = False
 
     def guided(self) -> GuidedDecoding:
         """The constraint the text must meet."""
         if self.named is not None:
             return GuidedDecoding("json", json.dumps(self.named.parameters))
+        if self.auto:
+            schema = {**self._calls_schema(), "x-guidance": {"whitespace_pattern": DEFAULT_JSON_WHITESPACE}}
+            return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=json.dumps(schema)))
+        return GuidedDecoding("json", json.dumps(self._calls_schema()))
+
+    @property
+    def args_key(self) -> str:
+        """The key of a call's arguments: SmolLM2's "arguments" in auto mode, vLLM's
+        "parameters" for `required`."""
+        return "arguments" if self.auto else "parameters"
+
+    def _calls_schema(self) -> dict[str, Any]:
+        """A JSON array of one or more calls (one when not `parallel`) of any of the tools."""
         defs: dict[str, Any] = {}
-        call = [{"type": "object", "properties": {"name": {"const": f.name}, "parameters": _lift_defs(f, defs)},
-                 "required": ["name", "parameters"], "additionalProperties": False} for f in self.functions]
+        key = self.args_key
+        call = [{"type": "object", "properties": {"name": {"const": f.name}, key: _lift_defs(f, defs)},
+                 "required": ["name", key], "additionalProperties": False} for f in self.functions]
         array: dict[str, Any] = {"type": "array", "minItems": 1, "items": call[0] if len(call) == 1 else {"anyOf": call}}
         if not self.parallel:
             array["maxItems"] = 1
         if defs:
             array["$defs"] = defs
-        return GuidedDecoding("json", json.dumps(array))
+        return array
 
     def system_prompt(self) -> str:
-        """The tools, as the model reads them."""
+        """The tools, as the model reads them (in auto mode, as SmolLM2's tool-calling data
+        lists them: a JSON list inside `<tools>`, and the call format)."""
+        if self.auto:
+            tools = [{"name": f.name, "description": f.description, "parameters": f.parameters}
+                     for f in self.functions]
+            return (f"You can call functions. You have access to the following tools:\n<tools>{json.dumps(tools)}</tools>\n"
+                    f"To call one or more of them, answer with the calls and nothing else, in this format:\n"
+                    f'{MARKER}[\n{{"name": "func_name1", "arguments": {{"argument1": "value1"}}}}\n]{END_MARKER}\n'
+                    "If none of them is needed, answer in plain text.")
         lines = ["You can call these functions. Answer with a call: JSON arguments that match the function's "
                  "parameters."]
         for f in self.functions if self.named is None else (self.named,):
@@ -92,9 +134,18 @@ class ToolCalling:
     def finish_reason(self) -> str:
         return "stop" if self.named is not None else "tool_calls"
 
-    def tool_calls_of(self, text: str) -> list[dict[str, Any]] | None:
-        """The OpenAI `tool_calls` a finished choice's text spells (None if it does not parse:
-        a choice cut short by max_tokens)."""
+    def tool_calls_of(self, text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
+        """The message `content` and OpenAI `tool_calls` a finished choice's text spells;
+        None if it spells no call (auto mode's plain text, or a choice cut short by
+        max_tokens). Only auto mode has content beside the calls: the text before the
+        marker, as streamed (None when blank)."""
+        content = None
+        if self.auto:
+            at = text.find(MARKER)
+            if at < 0 or not text.endswith(END_MARKER):
+                return None
+            content = text[:at] if text[:at].strip() else None
+            text = text[at + len(MARKER):-len(END_MARKER)]
         try:
             value = json.loads(text)
         except ValueError:
@@ -102,12 +153,24 @@ class ToolCalling:
         if self.named is not None:
             calls = [(self.named.name, value)]
         elif isinstance(value, list) and all(isinstance(c, dict) and "name" in c for c in value):
-            calls = [(c["name"], c.get("parameters", {})) for c in value]
+            calls = [(c["name"], c.get(self.args_key, {})) for c in value]
         else:
             return None
-        return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-                for name, args in calls]
+        return content, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                          "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+                         for name, args in calls]
+
+
+def streamable(text: str) -> int:
+    """Auto mode, streaming: how much of a choice's text so far is surely content — all of
+    it but a tail that may be the start of the marker, and nothing from the marker on."""
+    at = text.find(MARKER)
+    if at >= 0:
+        return at
+    for k in range(min(len(MARKER) - 1, len(text)), 0, -1):
+        if text.endswith(MARKER[:k]):
+            return len(text) - k
+    return len(text)
 
 
 def tool_calling(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolCalling | None:
@@ -121,9 +184,7 @@ def tool_calling(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls:
         raise ApiError(400, "tool_choice names a tool but the request has no tools", code="invalid_value",
                        param="tool_choice")
     if tool_choice == "auto":
-        raise ApiError(400, "tool_choice \"auto\" needs a tool-call format this model does not have; send "
-                       "\"required\", name a function ({\"type\": \"function\", \"function\": {\"name\": ...}}), "
-                       "or \"none\"", code="unsupported_value", param="tool_choice")
+        return ToolCalling(functions, parallel=parallel_tool_calls is not False, auto=True)
     if tool_choice == "required":
         return ToolCalling(functions, parallel=parallel_tool_calls is not False)
     fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
@@ -196,10 +257,14 @@ def _lift_defs(f: Function, defs: dict[str, Any]) -> dict[str, Any]:
     return lifted
 
 
-def render_message(role: str, content: str, tool_calls: list[Any] | None) -> str:
+def render_message(role: str, content: str, tool_calls: list[Any] | None, *, markers: bool = False) -> str:
     """An earlier turn's text as the model reads it: an assistant's tool calls as the JSON
-    it wrote for them (after its text, if any). A call that is not
+    it wrote for them (after its text, if any). With `markers` (auto mode) in SmolLM2's
+    format: the calls between the markers, and a tool's answer inside `<tool_response>`
+    (`chat_role` makes that turn a user's). A call that is not
     `{"function": {"name": ..., "arguments": ...}}` is a 400 (`messages`)."""
+    if markers and role == "tool":
+        return f"<tool_response>\n{content}\n</tool_response>"
     if not tool_calls:
         return content
     if role != "assistant":
@@ -217,6 +282,14 @@ def render_message(role: str, content: str, tool_calls: list[Any] | None) -> str
             args = json.loads(args) if isinstance(args, str) else args
         except ValueError:
             pass
-        calls.append({"name": fn.get("name"), "parameters": args})
+        calls.append({"name": fn.get("name"), "arguments" if markers else "parameters": args})
     text = json.dumps(calls, ensure_ascii=False)
+    if markers:
+        return f"{content}{MARKER}{text}{END_MARKER}"
     return f"{content}\n{text}" if content else text
+
+
+def chat_role(role: str, *, markers: bool = False) -> str:
+    """The role a turn is read under: in auto mode a tool's answer is a user turn, as in
+    SmolLM2's tool-calling data; otherwise the turn's own."""
+    return "user" if markers and role == "tool" else role

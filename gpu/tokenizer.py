@@ -73,6 +73,22 @@ class ChatTemplateError(ValueError):
     """The chat template is missing or raised (`raise_exception`) while rendering."""
 
 
+def open_final_message(rendered: str, final: str) -> str:
+    """`rendered` (a chat rendered without a generation prompt) cut right after the text of
+    its final message, `final`, so the model continues that message instead of reading it
+    as ended: whatever the template writes after it (end of turn, newlines) goes. A template
+    may trim the message's surrounding whitespace; then the cut follows the trimmed text.
+    ChatTemplateError if the final message is blank or the template does not write it."""
+    core = final.strip()
+    if not core:
+        raise ChatTemplateError("continue_final_message needs a final message with text to continue")
+    at = rendered.rfind(core)
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the chat template does not write the final message as given")
+    kept = final.lstrip()  # the message's trailing whitespace stays if the template kept it
+    return rendered[:at + len(kept)] if rendered.startswith(kept, at) else rendered[:at + len(core)]
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     """What a tokenizer needs besides its `tokenizers.Tokenizer`: the special ids and template."""
@@ -195,6 +211,7 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
         """Render `messages` with the model's chat template, as transformers does.
@@ -202,26 +219,37 @@ class Tokenizer:
         Same environment as transformers (sandboxed, `trim_blocks`, `lstrip_blocks`,
         `loopcontrols`, `raise_exception`, `strftime_now`, a non-escaping `tojson`) and the
         same variables (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`, ...).
-        Raises ChatTemplateError when there is no template or the template raises.
+        `continue_final_message` leaves the last message open (`open_final_message`), so the
+        model continues it (a prefilled answer); it excludes `add_generation_prompt`.
+        Raises ChatTemplateError when there is no template, the template raises, or the
+        final message cannot be left open.
         """
         if self._template is None:
             raise ChatTemplateError("this tokenizer has no chat template")
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set")
         variables = dict(self._special_token_strings())
         variables.update(template_kwargs)
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        if continue_final_message:
+            final = messages[-1].get("content") if messages else None
+            return open_final_message(text, final if isinstance(final, str) else "")
+        return text
 
     def render_and_encode(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """Prompt ids for `messages`. The template writes its own special tokens, so none are added."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message)
         return self.encode(text, add_special_tokens=False)
 
     # ----------------------------------------------------------- serialization

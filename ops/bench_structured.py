@@ -13,9 +13,12 @@ Modes (each repeat runs them in a rotated order):
   constrained twin produced (`max_tokens` = that length, `ignore_eos`): the same tokens
   through the same steps, so the difference is the grammar's work (masks computed by
   llguidance, unpacked and applied to the logits, the matcher advanced per token).
+- `auto_text`: as `free`, under chat tool calling's `tool_choice: "auto"` grammar
+  (`gateway.tools`, two tools) — what auto mode costs a request that has tools and answers
+  in text: the grammar runs at every step though the text is free until a `<tool_call>`.
 
-Reported: wall time per mode; `constrained_vs_free_time` (median over repeats, lower is
-better; 1.0 would be free); `grammar_share_of_constrained` (the share of the constrained
+Reported: wall time per mode; `constrained_vs_free_time` and `auto_text_vs_free_time`
+(medians over repeats, lower is better; 1.0 would be free); `grammar_share_of_constrained` (the share of the constrained
 run spent in the sampler's grammar step, timed around `gpu.sampling.apply_grammars`);
 `valid_constrained` (outputs that parse and validate against the schema, and end with
 "stop" before `max_tokens`); and `valid_unconstrained` — the same prompts run
@@ -47,6 +50,11 @@ SCHEMA = {
     "required": ["title", "year", "tags", "summary"],
     "additionalProperties": False,
 }
+# two tools for the auto_text mode (the prompts do not mention them)
+AUTO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+                  "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+              {"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
+                  "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
 SUBJECTS = ["a famous book", "a European city", "a scientist", "a river", "a painting", "a mountain",
             "an old bridge", "a musical instrument", "a programming language", "a famous ship", "a planet",
             "a cathedral", "an Asian country", "a composer", "a novel about the sea", "a large desert"]
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="8 requests, 1 repeat")
     ap.add_argument("--requests", type=int, help="requests in the batch (default 16; --quick 8)")
     ap.add_argument("--max-tokens", type=int, default=160, help="max_tokens of every request (default %(default)s)")
-    ap.add_argument("--repeats", type=int, help="rounds of the two modes, order rotated (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
+    from gateway.tools import tool_calling
     from gpu import sampling
     from gpu.config import CacheConfig, EngineConfig
     from gpu.engine import Engine
@@ -141,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
                                                 for i in range(num)])
     valid_unconstrained = sum(map(is_valid, free_texts)) / num
 
-    times: dict[str, list[float]] = {"constrained": [], "free": []}
+    auto = tool_calling(AUTO_TOOLS, "auto", None).guided()
+    times: dict[str, list[float]] = {"constrained": [], "free": [], "auto_text": []}
+    auto_calls = 0  # auto_text rows that wrote a call (and so ended early): none expected
     shares: list[float] = []
     lengths: list[int] | None = None
     valid = []
     for r in range(repeats):
-        for mode in (["constrained", "free"] if r % 2 == 0 else ["free", "constrained"]):
+        order = ["constrained", "free", "auto_text"]
+        for mode in order[r % 3:] + order[:r % 3]:
             if mode == "constrained":  # (first in round 1: the free runs take its lengths)
                 grammar_s[0] = 0.0
                 wall, toks, texts, finish = run(engine, prompts, constrained)
@@ -154,21 +166,28 @@ def main(argv: list[str] | None = None) -> int:
                 lengths = lengths or [len(t) for t in toks]
                 valid.append(sum(is_valid(t) and f == "stop" for t, f in zip(texts, finish, strict=True)) / num)
             else:
-                forced = [SamplingParams(temperature=0.7, seed=i, max_tokens=n, ignore_eos=True)
+                guide = auto if mode == "auto_text" else None
+                forced = [SamplingParams(temperature=0.7, seed=i, max_tokens=n, ignore_eos=True, guided=guide)
                           for i, n in enumerate(lengths)]
-                wall, toks, _, _ = run(engine, prompts, forced)
-                assert [len(t) for t in toks] == lengths
+                wall, toks, texts, _ = run(engine, prompts, forced)
+                if mode == "auto_text":
+                    auto_calls += sum("<tool_call>" in t for t in texts)
+                else:
+                    assert [len(t) for t in toks] == lengths
             times[mode].append(wall)
             print(f"repeat {r + 1}/{repeats} {mode:12s} {wall:7.2f} s", file=sys.stderr)
     sampling.apply_grammars = apply_grammars
 
     ratio = statistics.median(a / b for a, b in zip(times["constrained"], times["free"], strict=True))
+    auto_ratio = statistics.median(a / b for a, b in zip(times["auto_text"], times["free"], strict=True))
     report = {
         "config": {"requests": num, "max_tokens": args.max_tokens, "repeats": repeats, "threads": args.threads,
                    "dtype": "float32", "temperature": 0.7},
         "time_s": times,
         "output_tokens": sum(lengths or []),
         "constrained_vs_free_time": ratio,
+        "auto_text_vs_free_time": auto_ratio,
+        "auto_text_calls": auto_calls,
         "grammar_share_of_constrained": statistics.median(shares),
         "valid_constrained": min(valid),
         "valid_unconstrained": valid_unconstrained,
@@ -179,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in times:
         print(f"{m:12s} {statistics.median(times[m]):9.2f}")
     print(f"constrained ÷ free time        {ratio:.3f}")
+    print(f"auto tools text ÷ free time    {auto_ratio:.3f}  ({auto_calls} rows wrote a call)")
     print(f"grammar step share             {report['grammar_share_of_constrained']:.3f}")
     print(f"valid JSON per schema          {report['valid_constrained']:.0%} constrained, "
           f"{valid_unconstrained:.0%} unconstrained")

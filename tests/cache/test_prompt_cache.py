@@ -38,6 +38,11 @@ async def test_key_is_canonical_and_complete(cache: PromptCache):
     edited = [MESSAGES[0], {"role": "user", "content": "Capital of Spain?"}]
     assert await cache.get("m", edited, True) is None
     assert prompt_key("m", MESSAGES, True) != prompt_key("m", MESSAGES, False)
+    # a chat whose last message is left open (continue_final_message) is another prompt
+    assert prompt_key("m", MESSAGES, False, True) != prompt_key("m", MESSAGES, False)
+    await cache.put("m", MESSAGES, False, RENDERED, True)
+    assert await cache.get("m", MESSAGES, False) is None
+    assert await cache.get("m", MESSAGES, False, True) == RENDERED
 
 
 async def test_entries_expire(store: RedisStore):

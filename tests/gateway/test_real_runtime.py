@@ -57,6 +57,25 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
 
     assert "Paris" in await trio.to_thread.run_sync(ask)
 
+    # a prefilled answer (vLLM's continue_final_message): the model continues the last
+    # message, the reply is the continuation alone, and the prompt is what /tokenize counts
+    prefill = [{"role": "user", "content": "What is the capital of France?"},
+               {"role": "assistant", "content": "The capital of France is"}]
+    ending = {"add_generation_prompt": False, "continue_final_message": True}
+
+    def continued() -> tuple[str, int]:
+        reply = sdk.chat.completions.create(model=model, messages=prefill, max_tokens=6, temperature=0,
+                                            extra_body=ending)
+        return reply.choices[0].message.content or "", reply.usage.prompt_tokens
+
+    text, prompt_tokens = await trio.to_thread.run_sync(continued)
+    assert "Paris" in text and "capital" not in text
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        counted = (await http.post("/tokenize", json={"messages": prefill, **ending})).json()["count"]
+        closed = (await http.post("/tokenize", json={"messages": prefill})).json()["count"]
+    assert prompt_tokens == counted < closed  # no end of turn, no new assistant header
+    assert await trio.to_thread.run_sync(continued) == (text, prompt_tokens)  # again, through the prompt cache
+
     async with LmgateClient(base_url, key, model=model) as client:
         async with client.completions_stream("The capital of France is", max_tokens=4, temperature=0) as stream:
             text = "".join([d.text async for d in stream])

@@ -9,19 +9,53 @@ import httpx
 import pytest
 import trio
 
-from actors.messages import Rejected
+from actors.messages import Finished, Rejected, TokenDelta, Usage
 from gateway.errors import ApiError
 from gateway.routes_openai import (
     CacheDirectives,
     ChatRequest,
+    ChunkRenderer,
+    Collector,
     CompletionRequest,
     decode_request,
     sampling_params,
 )
 from gateway.sse import parse_events
+from gateway.tools import tool_calling
 from tests.gateway.conftest import MODEL, Gateway, word
 
 # ---------------------------------------------------------------- pure mapping
+
+
+def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
+    """tool_choice "auto": text goes out as it comes except what may be the start of the
+    marker; a call goes out whole as the choice ends; streamed and whole answers agree."""
+    calling = tool_calling([{"type": "function", "function": {"name": "ping"}}], "auto", None)
+    pieces = ["Let me", " check. <", "tool_", 'call>[{"name": "ping", ', '"arguments": {}}]</tool_call>']
+    deltas = [TokenDelta("r", 0, text, [k]) for k, text in enumerate(pieces)]
+    finished = Finished("r", ["stop"], Usage(3, 5))
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=calling)
+    chunks = [renderer.delta(d) for d in deltas]
+    assert [c["choices"][0]["delta"] if c else None for c in chunks] == [
+        {"role": "assistant", "content": "Let me"}, {"content": " check. "}, None, None, None]
+    [last] = renderer.finished(finished)
+    [choice] = last["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["delta"]["content"] is None
+    [call] = choice["delta"]["tool_calls"]
+    assert call["index"] == 0 and call["function"] == {"name": "ping", "arguments": "{}"}
+    collector = Collector("chat.completions", "r", MODEL, n=1, tools=calling)
+    for d in deltas:
+        collector.add(d)
+    [whole] = collector.response(finished)["choices"]
+    assert whole["message"]["content"] == "Let me check. " and whole["finish_reason"] == "tool_calls"
+    # a "<" that starts no marker is let go with the next text; text cut short ends as text
+    renderer = ChunkRenderer("chat.completions", "s", MODEL, include_usage=False, tools=calling)
+    assert renderer.delta(TokenDelta("s", 0, "x <", [1]))["choices"][0]["delta"]["content"] == "x "
+    assert renderer.delta(TokenDelta("s", 0, " y", [2]))["choices"][0]["delta"]["content"] == "< y"
+    assert renderer.delta(TokenDelta("s", 0, " <tool_call>[", [3])) is not None  # " " before the marker
+    [end] = renderer.finished(Finished("s", ["length"], Usage(3, 3)))
+    assert end["choices"][0] == {"index": 0, "delta": {"content": "<tool_call>["}, "logprobs": None,
+                                 "finish_reason": "length"}
 
 
 def test_decode_wrong_type_names_the_field() -> None:
@@ -144,6 +178,20 @@ async def test_chat_json_n2(gateway: Gateway) -> None:
         {"role": "assistant", "content": word(1, 0) + word(1, 1)},
     ]
     assert gateway.runtime.calls[-1].messages[0].content == "hello there"
+    call = gateway.runtime.calls[-1]
+    assert (call.add_generation_prompt, call.continue_final_message) == (True, False)
+
+
+async def test_chat_can_continue_its_last_message(gateway: Gateway) -> None:
+    """vLLM's continue_final_message: the call carries how the chat ends (admission renders it)."""
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! I"}]
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body(
+            messages=prefill, max_tokens=1, add_generation_prompt=False, continue_final_message=True))
+        assert r.status_code == 200, r.text
+        call = gateway.runtime.calls[-1]
+        assert (call.add_generation_prompt, call.continue_final_message) == (False, True)
+        assert call.messages[-1].content == "Hello! I"
 
 
 async def test_chat_sse_chunks_and_include_usage(gateway: Gateway) -> None:
@@ -288,8 +336,8 @@ CHAT_BAD = [
                                                                     "whitespace_pattern": " "}}, "structured_outputs"),
     ("grammar with beam search", {**chat_body(), "guided_grammar": "start: \"a\"", "use_beam_search": True,
                                   "n": 2, "temperature": 0}, "guided_grammar"),
-    ("tools with tool_choice auto", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tool_choice"),
+    ("stop with tools (auto)", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
+                                "stop": "\n"}, "stop"),
     ("tool not a function", {**chat_body(), "tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools"),
     ("tool_choice names no tool", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
                                    "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
@@ -297,6 +345,14 @@ CHAT_BAD = [
                                    "tool_choice": "required", "response_format": {"type": "json_object"}}, "tools"),
     ("functions", {**chat_body(), "functions": [{"name": "f"}]}, "functions"),
     ("tool_choice required", {**chat_body(), "tool_choice": "required"}, "tool_choice"),
+    ("continue with a generation prompt", {**chat_body(), "continue_final_message": True}, "continue_final_message"),
+    ("continue under a constraint", {**chat_body(), "continue_final_message": True, "add_generation_prompt": False,
+                                     "guided_regex": "[a-z]+"}, "continue_final_message"),
+    ("continue a blank message", {**chat_body(), "continue_final_message": True, "add_generation_prompt": False,
+                                  "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+     "continue_final_message"),
+    ("continue with tools", {**chat_body(), "continue_final_message": True, "add_generation_prompt": False,
+                             "tools": [{"type": "function", "function": {"name": "f"}}]}, "continue_final_message"),
 ]
 
 

@@ -138,7 +138,7 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         assert re.search(r"lmgate_num_requests_running 0\.0", metrics) and re.search(r"lmgate_kv_cache_usage_ratio 0\.0",
                                                                                      metrics), metrics
 
-    # tool calling: a named function, "required" (streamed too), a later turn, and "auto" refused
+    # tool calling: a named function, "required" (streamed too), a later turn, and "auto"
     weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                "required": ["city", "unit"], "additionalProperties": False}
@@ -205,9 +205,39 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
 
     answer = (await trio.to_thread.run_sync(later_turn)).choices[0]
     assert answer.message.content and not answer.message.tool_calls
-    with pytest.raises(openai.BadRequestError) as refused:
-        await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(model=model, messages=question, tools=tools))
-    assert refused.value.body["param"] == "tool_choice"  # "auto" needs a tool-call format SmolLM2 lacks
+
+    # "auto" (the default with tools): the model chooses between text and calls. SmolLM2-135M
+    # was not trained on tool calls, so it answers in text; shown two earlier calls (read in
+    # SmolLM2's format) and nudged toward "call" over "response" after "<tool_" (logit_bias),
+    # it calls, and the call is held to the tools' schemas, whole and streamed
+    def auto(messages, stream=False, **extra):  # type: ignore[no-untyped-def]
+        return sdk.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=60, temperature=0,
+                                           stream=stream, **extra)
+
+    plain = (await trio.to_thread.run_sync(auto, [{"role": "user", "content": "What is 2+2?"}])).choices[0]
+    assert plain.message.content and not plain.message.tool_calls and plain.finish_reason in ("stop", "length")
+    shown: list[dict] = []  # type: ignore[type-arg]
+    for k, (city, answer) in enumerate((("Oslo", "3 C, snow"), ("Lima", "22 C, sun"))):
+        shown += [{"role": "user", "content": f"What is the weather in {city}, in celsius?"},
+                  {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{k}", "type": "function", "function": {
+                      "name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}}]},
+                  {"role": "tool", "tool_call_id": f"call_{k}", "content": answer},
+                  {"role": "assistant", "content": f"It is {answer} in {city}."}]
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}) as http:
+        marker = (await http.post("/tokenize", json={"prompt": "<tool_call>", "add_special_tokens": False,
+                                                     "return_token_strs": True})).json()
+    nudge = {str(t): 3 for t, s in zip(marker["tokens"], marker["token_strs"], strict=True) if s == "call"}
+    assert len(nudge) == 1
+    called = (await trio.to_thread.run_sync(lambda: auto(shown + question, logit_bias=nudge))).choices[0]
+    assert called.finish_reason == "tool_calls", called
+    [call] = called.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), weather)
+    chunks = await trio.to_thread.run_sync(lambda: list(auto(shown + question, stream=True, logit_bias=nudge)))
+    streamed = [c for chunk in chunks for c in chunk.choices]
+    assert not any(c.delta.content for c in streamed)  # nothing of the marker leaks as text
+    [[streamed_call]] = [c.delta.tool_calls for c in streamed if c.delta.tool_calls]
+    assert streamed_call.function.arguments == call.function.arguments and streamed[-1].finish_reason == "tool_calls"
 
     # lmgate's own client returns the calls too, whole and streamed
     async with LmgateClient(urls[0], key, model=model) as client:

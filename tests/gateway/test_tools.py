@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 
 from gateway.errors import ApiError
-from gateway.tools import render_message, tool_calling
+from gateway.tools import chat_role, render_message, streamable, tool_calling
+from gpu.structured import GrammarCompiler
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
@@ -24,8 +25,6 @@ def test_no_tools_or_none_is_plain_text() -> None:
 
 
 @pytest.mark.parametrize(("tools", "choice", "param", "message"), [
-    (TOOLS, None, "tool_choice", "needs a tool-call format"),  # OpenAI's default with tools: "auto"
-    (TOOLS, "auto", "tool_choice", "needs a tool-call format"),
     (None, "required", "tool_choice", "has no tools"),
     (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice", "not among the tools"),
     (TOOLS, {"type": "function"}, "tool_choice", "must be"),
@@ -52,7 +51,8 @@ def test_a_named_function_constrains_to_its_arguments() -> None:
     assert calling is not None and calling.finish_reason == "stop"
     assert json.loads(calling.guided().spec) == WEATHER
     assert "get_weather" in calling.system_prompt() and "ping" not in calling.system_prompt()
-    [call] = calling.tool_calls_of('{"city": "Paris"}')
+    content, [call] = calling.tool_calls_of('{"city": "Paris"}')
+    assert content is None
     assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) == 29
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert calling.tool_calls_of('{"city": "Par') is None  # cut short by max_tokens
@@ -69,7 +69,7 @@ def test_required_constrains_to_a_list_of_calls_of_any_tool() -> None:
             jsonschema.validate(bad, schema)
     single = json.loads(tool_calling(TOOLS, "required", False).guided().spec)  # parallel_tool_calls false
     assert single["maxItems"] == 1
-    calls = calling.tool_calls_of('[{"name": "ping", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    _, calls = calling.tool_calls_of('[{"name": "ping", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]')
     assert [c["function"]["name"] for c in calls] == ["ping", "get_weather"]
     assert len({c["id"] for c in calls}) == 2
     assert "get_weather" in calling.system_prompt() and "ping" in calling.system_prompt()
@@ -118,3 +118,69 @@ def test_an_earlier_turns_calls_read_as_the_json_the_model_wrote() -> None:
         assert info.value.param == "messages"
     with pytest.raises(ApiError):
         render_message("user", "hi", calls)
+
+
+CALL = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]</tool_call>'
+
+
+def test_auto_is_the_default_with_tools_and_lets_the_model_choose() -> None:
+    for choice in (None, "auto"):
+        calling = tool_calling(TOOLS, choice, None)
+        assert calling is not None and calling.auto and calling.guided().kind == "grammar"
+        assert calling.finish_reason == "tool_calls"
+    calling = tool_calling(TOOLS, None, None)
+    prompt = calling.system_prompt()  # every tool, in SmolLM2's <tools> list, and the call format
+    assert "<tools>" in prompt and "get_weather" in prompt and "ping" in prompt and "<tool_call>[" in prompt
+    assert calling.tool_calls_of("It is sunny in Oslo.") is None  # plain text: no call
+    assert calling.tool_calls_of(CALL[:-5]) is None  # cut short by max_tokens
+    content, [call] = calling.tool_calls_of(CALL)
+    assert content is None and call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    content, calls = calling.tool_calls_of("Let me look.\n" + CALL.replace("}]<", '}, {"name": "ping", "arguments": {}}]<'))
+    assert content == "Let me look.\n" and [c["function"]["name"] for c in calls] == ["get_weather", "ping"]
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer) -> GrammarCompiler:  # type: ignore[no-untyped-def]
+    return GrammarCompiler(tokenizer, tokenizer.vocab_size)
+
+
+def _accepts(compiler: GrammarCompiler, tokenizer, calling, text: str) -> tuple[bool, bool]:  # type: ignore[no-untyped-def]
+    """(the text is allowed so far, the grammar is complete after it)"""
+    matcher = compiler.matcher(calling.guided())
+    ok = all(matcher.consume_token(t) for t in tokenizer.encode(text)) and not matcher.is_error()
+    return ok, ok and matcher.is_stopped()
+
+
+def test_the_auto_grammar_frees_text_and_holds_calls_to_the_tools(compiler, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    calling = tool_calling(TOOLS, "auto", None)
+    accepts = lambda text: _accepts(compiler, tokenizer, calling, text)  # noqa: E731
+    assert accepts("Any answer, even <tool_ or <tool_response>.") == (True, False)  # text: open-ended, ends at EOS
+    assert accepts(CALL) == (True, True)  # a call ends the choice
+    assert accepts("Checking. " + CALL) == (True, True)
+    assert accepts('<tool_call>[\n  {"name": "ping", "arguments": {}}\n]</tool_call>') == (True, True)
+    for bad in ('<tool_call>[{"name": "nope", "arguments": {}}]</tool_call>',  # not a tool
+                '<tool_call>[{"name": "get_weather", "arguments": {}}]</tool_call>',  # city is required
+                '<tool_call>[{"name": "ping", "parameters": {}}]</tool_call>',  # SmolLM2's key is "arguments"
+                '<tool_call>[]</tool_call>',  # at least one call
+                CALL + " and more",  # nothing after the call
+                '<tool_call>[' + " " * 30 + '{"name": "ping", "arguments": {}}]</tool_call>'):  # bounded whitespace
+        assert accepts(bad)[0] is False, bad
+    single = tool_calling(TOOLS, "auto", False)  # parallel_tool_calls false: one call
+    two = '<tool_call>[{"name": "ping", "arguments": {}}, {"name": "ping", "arguments": {}}]</tool_call>'
+    assert accepts(two) == (True, True) and _accepts(compiler, tokenizer, single, two)[0] is False
+
+
+@pytest.mark.parametrize(("text", "ready"), [
+    ("Hello", 5), ("Hello <", 6), ("Hello <tool_ca", 6), ("<tool_call>[", 0), ("a<tool_call>[{", 1),
+    ("x < y", 5), ("<tool_cal", 0), ("<tool_response>", 15), ("", 0),
+])
+def test_streamable_holds_back_only_what_may_be_a_call(text: str, ready: int) -> None:
+    assert streamable(text) == ready
+
+
+def test_auto_mode_reads_earlier_calls_and_answers_in_smollm2s_format() -> None:
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    assert render_message("assistant", "", calls, markers=True) == CALL
+    assert render_message("tool", "3 C", None, markers=True) == "<tool_response>\n3 C\n</tool_response>"
+    assert chat_role("tool", markers=True) == "user" and chat_role("tool") == "tool"
+    assert chat_role("assistant", markers=True) == "assistant"

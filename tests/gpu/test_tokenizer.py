@@ -106,6 +106,26 @@ def test_chat_template_raise_exception_and_missing_template(tok):
         bare.apply_chat_template([])
 
 
+def test_continue_final_message_leaves_the_last_message_open(tok):
+    """A prefilled answer: the chat ends inside the last message, its whitespace kept, so
+    the model continues it; a template that trims the message is cut after the trimmed text."""
+    chat = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Sure, it is "}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True)
+    assert text == tok.apply_chat_template(chat[:1]) + "Sure, it is "
+    assert tok.render_and_encode(chat, False, True) == tok.encode(text)
+    trimming = Tokenizer(tok.backend, TokenizerSpec(1, 2, "{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}"))
+    assert trimming.apply_chat_template(chat, add_generation_prompt=False,
+                                        continue_final_message=True) == "[Capital of France?][Sure, it is"
+    for bad, match in (([*chat[:1], {"role": "assistant", "content": "  "}], "text to continue"), ([], "text")):
+        with pytest.raises(ChatTemplateError, match=match):
+            tok.apply_chat_template(bad, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="cannot both"):
+        tok.apply_chat_template(chat, continue_final_message=True)
+    hidden = Tokenizer(tok.backend, TokenizerSpec(1, 2, "{% for m in messages %}{{ m['role'] }};{% endfor %}"))
+    with pytest.raises(ChatTemplateError, match="does not write the final message"):
+        hidden.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True)
+
+
 def test_hf_folder_roundtrip(tok, tmp_path):
     (tmp_path / "tokenizer.json").write_text(tok.to_hf_tokenizer_json())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.to_hf_tokenizer_config()))
@@ -192,6 +212,15 @@ def test_chat_template_matches_transformers(tok, hf, add_generation_prompt):
         assert tok.render_and_encode(msgs, add_generation_prompt) == hf.encode(
             theirs, add_special_tokens=False
         )
+
+
+@pytest.mark.slow
+def test_continue_final_message_matches_transformers(tok, hf):
+    for msgs in CONVERSATIONS:
+        for prefill in ("The answer", "Sure, ", "  spaced  ", "日本"):
+            chat = [*msgs, {"role": "assistant", "content": prefill}]
+            theirs = hf.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+            assert tok.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True) == theirs
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""ops.bench_structured: a tiny run reports its ratio, and every constrained output is valid."""
+"""ops.bench_structured: a tiny run reports its ratios (a schema, and auto tool calling's
+grammar on text), and every constrained output is valid."""
 
 from __future__ import annotations
 
@@ -22,4 +23,6 @@ def test_a_tiny_run_reports_the_cost_and_valid_outputs(tmp_path):
     assert report["valid_constrained"] == 1.0
     assert 0 <= report["valid_unconstrained"] <= 1.0
     assert report["constrained_vs_free_time"] > 0 and 0 < report["grammar_share_of_constrained"] < 1
+    assert report["auto_text_vs_free_time"] > 0 and report["auto_text_calls"] == 0
+    assert len(report["time_s"]["auto_text"]) == 1
     assert report["output_tokens"] > 0
