@@ -114,7 +114,8 @@ class PromptLogprob(msgspec.Struct, frozen=True, array_like=True):
 
 class TokenDelta(msgspec.Struct, frozen=True):
     """New output of one choice: text that is safe to show (never a partial stop string).
-    A choice's first delta carries `prompt_logprobs` when the request asked for them."""
+    A choice's first delta carries `prompt_logprobs` when the request asked for them; its
+    last, the reason it ended (the request's `Finished` still lists every choice's)."""
 
     request_id: str
     index: int  # choice index (n > 1)
@@ -124,6 +125,7 @@ class TokenDelta(msgspec.Struct, frozen=True):
     top_logprobs: list[list[TopLogprob]] | None = None
     tokens: list[str] | None = None  # text of each token in token_ids; only when logprobs were asked for
     prompt_logprobs: list[PromptLogprob] | None = None
+    finish_reason: str | None = None  # the choice ended with this delta (a stream may say so at once)
 
 
 class Finished(msgspec.Struct, frozen=True):

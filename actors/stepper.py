@@ -258,6 +258,7 @@ class Stepper:
                     TokenDelta(
                         st.request_id, d.index, d.text, list(d.token_ids),
                         list(d.logprobs) if d.logprobs is not None else None, top, tokens, prompt_lps,
+                        d.finish_reason,
                     )
                 )
             except (trio.BrokenResourceError, trio.ClosedResourceError):

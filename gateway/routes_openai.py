@@ -857,14 +857,25 @@ class ChunkRenderer:
             return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
 
-    def prompt_finished(self, p: PromptFinished) -> dict[str, Any]:
-        """The chunk ending one prompt's choices of a batch (`PromptFinished`)."""
-        return self._chunk([self._finish_choice(p.first_index + j, r) for j, r in enumerate(p.finish_reasons)])
+    def choice_end(self, d: TokenDelta) -> dict[str, Any] | None:
+        """The chunk ending `d`'s choice when `d` is its last (None otherwise), sent right
+        after `d`'s own: with n > 1 each choice's finish_reason (and tool calls) goes out
+        as that choice ends, not when the last one does."""
+        if d.finish_reason is None or d.index in self._ended:
+            return None
+        return self._chunk([self._finish_choice(d.index, d.finish_reason)])
+
+    def prompt_finished(self, p: PromptFinished) -> dict[str, Any] | None:
+        """The chunk ending one prompt's choices of a batch (`PromptFinished`) that have not
+        ended yet (None if none is left)."""
+        choices = [self._finish_choice(p.first_index + j, r) for j, r in enumerate(p.finish_reasons)
+                   if p.first_index + j not in self._ended]
+        return self._chunk(choices) if choices else None
 
     def finished(self, f: Finished) -> list[dict[str, Any]]:
         """The last chunks: the finish reasons of the choices not ended yet, then usage."""
         choices = [self._finish_choice(i, r) for i, r in enumerate(f.finish_reasons) if i not in self._ended]
-        chunks = [self._chunk(choices)]
+        chunks = [self._chunk(choices)] if choices else []
         if self.include_usage:
             last = self._chunk([])
             last["usage"] = usage_json(f)
@@ -1123,11 +1134,13 @@ class SseBody:
         async with aclosing(events_of(self.handle)) as events:
             async for event in events:
                 if isinstance(event, TokenDelta):
-                    chunk = self.renderer.delta(event)
+                    for chunk in (self.renderer.delta(event), self.renderer.choice_end(event)):
+                        if chunk is not None:
+                            yield sse.event(chunk)
+                elif isinstance(event, PromptFinished):
+                    chunk = self.renderer.prompt_finished(event)
                     if chunk is not None:
                         yield sse.event(chunk)
-                elif isinstance(event, PromptFinished):
-                    yield sse.event(self.renderer.prompt_finished(event))
                 elif isinstance(event, Finished):
                     for chunk in self.renderer.finished(event):
                         yield sse.event(chunk)

@@ -76,6 +76,18 @@ async def collect(acc: Accepted) -> tuple[str, list, object]:
     return text, deltas, last
 
 
+async def test_each_choice_s_last_delta_carries_its_finish_reason(runtime):
+    """n > 1: a choice's end is known at its last delta (a stream can end it there),
+    and it agrees with the request's Finished."""
+    acc = await runtime.submit(call(tenant(), prompt="My favourite animal is", n=3, temperature=1.0, seed=4,
+                                    max_tokens=12))
+    _, deltas, last = await collect(acc)
+    assert isinstance(last, Finished)
+    for i, reason in enumerate(last.finish_reasons):
+        mine = [d.finish_reason for d in deltas if d.index == i]
+        assert mine[-1] == reason and not any(mine[:-1]), (i, mine)
+
+
 async def wait_until(pred, timeout: float = 30.0) -> None:
     with trio.fail_after(timeout):
         while not pred():
@@ -109,6 +121,7 @@ async def test_chat_streams_and_settles_usage(runtime, services):
     assert "Paris" in text
     assert isinstance(last, Finished) and last.finish_reasons == ["stop"]
     assert last.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["stop"]  # the last delta says so
     # the stepper fits step time on tokens fed (the prefill, then one-token decodes) for the policies
     assert runtime.stepper.step_cost.steps >= 2
     # policies see the steps' recent mean (as in the simulator), not the raw last step

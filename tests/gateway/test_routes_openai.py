@@ -27,6 +27,26 @@ from tests.gateway.conftest import MODEL, Gateway, word
 # ---------------------------------------------------------------- pure mapping
 
 
+def test_a_stream_ends_each_choice_as_it_ends() -> None:
+    """n > 1: the finish chunk of a choice follows its last delta; the request's end then
+    closes only the choices still open, and usage comes last."""
+    renderer = ChunkRenderer("completions", "r", MODEL, include_usage=True, n=2)
+    assert renderer.choice_end(TokenDelta("r", 1, "a", [1])) is None  # not its last
+    assert renderer.delta(TokenDelta("r", 1, "b", [2], finish_reason="stop"))["choices"][0]["text"] == "b"
+    end = renderer.choice_end(TokenDelta("r", 1, "b", [2], finish_reason="stop"))
+    assert end["choices"] == [{"index": 1, "text": "", "logprobs": None, "finish_reason": "stop"}]
+    renderer.delta(TokenDelta("r", 0, "c", [3]))
+    last, usage = renderer.finished(Finished("r", ["length", "stop"], Usage(2, 3)))
+    assert [c["index"] for c in last["choices"]] == [0] and last["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    # every choice ended at its delta: the end is usage alone
+    renderer = ChunkRenderer("completions", "s", MODEL, include_usage=True)
+    renderer.delta(TokenDelta("s", 0, "x", [1], finish_reason="stop"))
+    assert renderer.choice_end(TokenDelta("s", 0, "x", [1], finish_reason="stop")) is not None
+    [usage] = renderer.finished(Finished("s", ["stop"], Usage(1, 1)))
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 2
+
+
 def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
     """tool_choice "auto": text goes out as it comes except what may be the start of the
     marker; a call goes out whole as the choice ends; streamed and whole answers agree."""
