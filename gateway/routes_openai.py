@@ -157,6 +157,7 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     # the last message left open for the model to continue (a prefilled answer)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    echo: bool = False  # vLLM's: the reply starts with the last message's text when it is an assistant's
     # the legacy form: refused, so that a client relying on it is told (`unsupported_chat_fields`)
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -531,6 +532,9 @@ def to_generate_calls(
         if not req.messages:
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         unsupported_chat_fields(req)
+        if req.echo and params.guided is not None:
+            raise ApiError(400, "echo cannot be combined with an output constraint or tool calling",
+                           code="invalid_value", param="echo")
         if req.continue_final_message:
             if req.add_generation_prompt:
                 raise ApiError(400, "continue_final_message continues the last message: send it with "
@@ -724,7 +728,8 @@ class Collector:
     def response(self, finished: Finished) -> dict[str, Any]:
         choices = []
         for i in range(max(self.n, len(finished.finish_reasons))):
-            text = "".join(self.texts.get(i, []))
+            parts = self.texts.get(i) or ([self.echo[i // self.n]] if self.echo else [])  # (a choice without deltas)
+            text = "".join(parts)
             reason = finished.finish_reasons[i] if i < len(finished.finish_reasons) else "stop"
             if self.endpoint == "chat.completions":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -809,9 +814,9 @@ class ChunkRenderer:
             return self._chunk([self._content_choice(d.index, text[sent:ready], self._held_lp.pop(d.index, None))])
         if self.endpoint == "chat.completions":
             body: dict[str, Any] = {"content": d.text}
-            if d.index not in self._role_sent:
+            if d.index not in self._role_sent:  # the choice's first chunk (after the echoed message, if any)
                 self._role_sent.add(d.index)
-                body = {"role": "assistant", "content": d.text}
+                body = {"role": "assistant", "content": (self.echo[0] if self.echo else "") + d.text}
             choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d, self.token_bytes),
                       "finish_reason": None}
         else:
@@ -838,7 +843,8 @@ class ChunkRenderer:
     def _finish_choice(self, i: int, reason: str) -> dict[str, Any]:
         self._ended.add(i)
         if self.endpoint == "chat.completions":
-            delta: dict[str, Any] = {} if i in self._role_sent else {"role": "assistant", "content": ""}
+            delta: dict[str, Any] = {} if i in self._role_sent else {"role": "assistant",
+                                                                     "content": self.echo[0] if self.echo else ""}
             logprobs = None
             if self.tools is not None:
                 text = "".join(self._held.pop(i, []))
@@ -896,8 +902,13 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
 
 def echo_texts(state: GatewayState, req: CompletionRequest | ChatRequest, calls: list[GenerateCall]) -> list[str] | None:
     """Completions' `echo`: each call's prompt text (token ids decoded, special tokens
-    kept), else None."""
-    if not isinstance(req, CompletionRequest) or not req.echo:
+    kept). Chat's (vLLM's): the last message's text if it is an assistant's (a prefilled
+    answer, with `continue_final_message`), which each choice then starts with. Else None."""
+    if isinstance(req, ChatRequest):
+        if not req.echo or req.messages[-1].role != "assistant":
+            return None
+        return [req.messages[-1].text()]
+    if not req.echo:
         return None
     tokenizer = getattr(state.runtime, "tokenizer", None)
     texts = []

@@ -75,6 +75,9 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
         closed = (await http.post("/tokenize", json={"messages": prefill})).json()["count"]
     assert prompt_tokens == counted < closed  # no end of turn, no new assistant header
     assert await trio.to_thread.run_sync(continued) == (text, prompt_tokens)  # again, through the prompt cache
+    echoed = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
+        model=model, messages=prefill, max_tokens=6, temperature=0, extra_body={**ending, "echo": True}))
+    assert echoed.choices[0].message.content == "The capital of France is" + text  # vLLM's echo: prefill first
 
     async with LmgateClient(base_url, key, model=model) as client:
         async with client.completions_stream("The capital of France is", max_tokens=4, temperature=0) as stream:

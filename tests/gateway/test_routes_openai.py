@@ -212,6 +212,21 @@ async def test_chat_can_continue_its_last_message(gateway: Gateway) -> None:
         call = gateway.runtime.calls[-1]
         assert (call.add_generation_prompt, call.continue_final_message) == (False, True)
         assert call.messages[-1].content == "Hello! I"
+        assert r.json()["choices"][0]["message"]["content"] == word(0, 0)  # the continuation alone
+        # vLLM's echo: each choice starts with the prefill, whole and streamed
+        body = chat_body(messages=prefill, max_tokens=2, n=2, add_generation_prompt=False, continue_final_message=True,
+                         echo=True)
+        r = await client.post("/v1/chat/completions", json=body)
+        assert [c["message"]["content"] for c in r.json()["choices"]] == [
+            "Hello! I" + word(0, 0) + word(0, 1), "Hello! I" + word(1, 0) + word(1, 1)]
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        chunks = [json.loads(e) for e in parse_events(r.text)[:-1]]
+        texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                         if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
+        assert texts == [c["message"]["content"] for c in
+                         (await client.post("/v1/chat/completions", json=body)).json()["choices"]]
+        r = await client.post("/v1/chat/completions", json=chat_body(echo=True, max_tokens=1))  # last turn: a user's
+        assert r.json()["choices"][0]["message"]["content"] == word(0, 0)
 
 
 async def test_chat_sse_chunks_and_include_usage(gateway: Gateway) -> None:
@@ -371,6 +386,8 @@ CHAT_BAD = [
     ("continue a blank message", {**chat_body(), "continue_final_message": True, "add_generation_prompt": False,
                                   "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
      "continue_final_message"),
+    ("echo with tools", {**chat_body(), "echo": True, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "echo"),
     ("continue with tools", {**chat_body(), "continue_final_message": True, "add_generation_prompt": False,
                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "continue_final_message"),
 ]
