@@ -149,7 +149,7 @@ class ChatRequest(_Sampling, frozen=True, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # tool calling (`gateway.tools`): "required" or a named function, through structured outputs
+    # tool calling (`gateway.tools`): auto, required or a named function, through structured outputs
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -808,6 +808,8 @@ class ChunkRenderer:
             held[:] = [text]
             sent = self._streamed.get(d.index, 0)
             ready = streamable(text)
+            if not text[:ready].strip():  # blank so far: held, as the answer's content is None if a call follows
+                ready = 0
             if ready <= sent:
                 return None
             self._streamed[d.index] = ready
@@ -840,48 +842,58 @@ class ChunkRenderer:
         return {"index": i, "delta": body, "logprobs": {"content": logprobs} if logprobs is not None else None,
                 "finish_reason": None}
 
-    def _finish_choice(self, i: int, reason: str) -> dict[str, Any]:
+    def _finish_choice(self, i: int, reason: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Choice `i`'s end: its tool calls, if it made any (sent in a chunk of their own
+        before the finish, as OpenAI does: the SDK's stream helper completes a call only
+        when the finish comes after it), and the choice with its `finish_reason`."""
         self._ended.add(i)
-        if self.endpoint == "chat.completions":
-            delta: dict[str, Any] = {} if i in self._role_sent else {"role": "assistant",
-                                                                     "content": self.echo[0] if self.echo else ""}
-            logprobs = None
-            if self.tools is not None:
-                text = "".join(self._held.pop(i, []))
-                sent = self._streamed.pop(i, 0)  # auto mode: content already streamed
-                parsed = self.tools.tool_calls_of(text) if reason == "stop" else None
-                if parsed is not None:
-                    delta = {"content": None, "tool_calls": [{"index": k, **c} for k, c in enumerate(parsed[1])]}
-                    if sent == 0:
-                        delta = {"role": "assistant", "content": parsed[0], **delta}
-                    reason = self.tools.finish_reason
-                else:
-                    delta = {"content": text[sent:]} if sent else {"role": "assistant", "content": text}
-                self._role_sent.add(i)
-                held_lp = self._held_lp.pop(i, None)
-                logprobs = {"content": held_lp} if held_lp is not None else None
-            return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+        if self.endpoint != "chat.completions":
+            return None, {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
+        delta: dict[str, Any] = {} if i in self._role_sent else {"role": "assistant",
+                                                                 "content": self.echo[0] if self.echo else ""}
+        calls = None
+        logprobs = None
+        if self.tools is not None:
+            text = "".join(self._held.pop(i, []))
+            sent = self._streamed.pop(i, 0)  # auto mode: content already streamed
+            parsed = self.tools.tool_calls_of(text) if reason == "stop" else None
+            held_lp = self._held_lp.pop(i, None)
+            logprobs = {"content": held_lp} if held_lp is not None else None
+            if parsed is not None:
+                body = {"content": None, "tool_calls": [{"index": k, **c} for k, c in enumerate(parsed[1])]}
+                if i not in self._role_sent:
+                    body = {"role": "assistant", "content": parsed[0], **body}
+                calls = {"index": i, "delta": body, "logprobs": logprobs, "finish_reason": None}
+                delta, logprobs, reason = {}, None, self.tools.finish_reason
+            else:
+                delta = {"content": text[sent:]} if i in self._role_sent else {"role": "assistant", "content": text}
+            self._role_sent.add(i)
+        return calls, {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
-    def choice_end(self, d: TokenDelta) -> dict[str, Any] | None:
-        """The chunk ending `d`'s choice when `d` is its last (None otherwise), sent right
+    def _end_chunks(self, ends: list[tuple[dict[str, Any] | None, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The chunks ending some choices: their tool calls, then their finish reasons."""
+        calls = [c for c, _ in ends if c is not None]
+        finishes = [f for _, f in ends]
+        return ([self._chunk(calls)] if calls else []) + ([self._chunk(finishes)] if finishes else [])
+
+    def choice_end(self, d: TokenDelta) -> list[dict[str, Any]]:
+        """The chunks ending `d`'s choice when `d` is its last (none otherwise), sent right
         after `d`'s own: with n > 1 each choice's finish_reason (and tool calls) goes out
         as that choice ends, not when the last one does."""
         if d.finish_reason is None or d.index in self._ended:
-            return None
-        return self._chunk([self._finish_choice(d.index, d.finish_reason)])
+            return []
+        return self._end_chunks([self._finish_choice(d.index, d.finish_reason)])
 
-    def prompt_finished(self, p: PromptFinished) -> dict[str, Any] | None:
-        """The chunk ending one prompt's choices of a batch (`PromptFinished`) that have not
-        ended yet (None if none is left)."""
-        choices = [self._finish_choice(p.first_index + j, r) for j, r in enumerate(p.finish_reasons)
-                   if p.first_index + j not in self._ended]
-        return self._chunk(choices) if choices else None
+    def prompt_finished(self, p: PromptFinished) -> list[dict[str, Any]]:
+        """The chunks ending one prompt's choices of a batch (`PromptFinished`) that have not
+        ended yet."""
+        return self._end_chunks([self._finish_choice(p.first_index + j, r) for j, r in enumerate(p.finish_reasons)
+                                 if p.first_index + j not in self._ended])
 
     def finished(self, f: Finished) -> list[dict[str, Any]]:
         """The last chunks: the finish reasons of the choices not ended yet, then usage."""
-        choices = [self._finish_choice(i, r) for i, r in enumerate(f.finish_reasons) if i not in self._ended]
-        chunks = [self._chunk(choices)] if choices else []
+        chunks = self._end_chunks([self._finish_choice(i, r) for i, r in enumerate(f.finish_reasons)
+                                   if i not in self._ended])
         if self.include_usage:
             last = self._chunk([])
             last["usage"] = usage_json(f)
@@ -1145,12 +1157,11 @@ class SseBody:
         async with aclosing(events_of(self.handle)) as events:
             async for event in events:
                 if isinstance(event, TokenDelta):
-                    for chunk in (self.renderer.delta(event), self.renderer.choice_end(event)):
-                        if chunk is not None:
-                            yield sse.event(chunk)
+                    chunk = self.renderer.delta(event)
+                    for c in ([chunk] if chunk is not None else []) + self.renderer.choice_end(event):
+                        yield sse.event(c)
                 elif isinstance(event, PromptFinished):
-                    chunk = self.renderer.prompt_finished(event)
-                    if chunk is not None:
+                    for chunk in self.renderer.prompt_finished(event):
                         yield sse.event(chunk)
                 elif isinstance(event, Finished):
                     for chunk in self.renderer.finished(event):

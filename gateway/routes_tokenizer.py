@@ -81,6 +81,9 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
         except ChatTemplateError as exc:
             raise ApiError(400, f"messages: {exc}", code="invalid_value", param="messages") from exc
         return tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+    if req.tools or req.tool_choice not in (None, "none"):  # as completions: tools belong to chat messages
+        raise ApiError(400, "tools apply to chat messages; a prompt takes none", code="unsupported_value",
+                       param="tools" if req.tools else "tool_choice")
     special = True if req.add_special_tokens is None else req.add_special_tokens
     return tokenizer.encode(req.prompt or "", add_special_tokens=special)
 

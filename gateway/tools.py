@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import ApiError
-from gpu.structured import DEFAULT_JSON_WHITESPACE, GuidedDecoding
+from gpu.structured import JSON_DEFAULTS, GuidedDecoding
 
 MAX_TOOLS = 128
 # a tool without parameters (or `{}`) takes none: its arguments are `{}`
@@ -59,6 +59,7 @@ class Function:
 
 
 MARKER, END_MARKER = "<tool_call>", "</tool_call>"
+LABEL = "schema of the tools"  # what a constraint built from the tools is called in a 400
 # auto mode: any text without the marker, or text up to the first marker, the calls and the
 # closing marker (llguidance's Lark: `&`/`~` intersect and negate terminals, `lazy` ends the
 # head at the first marker). `{calls}` is the calls' JSON schema.
@@ -84,11 +85,11 @@ class ToolCalling:
     def guided(self) -> GuidedDecoding:
         """The constraint the text must meet."""
         if self.named is not None:
-            return GuidedDecoding("json", json.dumps(self.named.parameters))
+            return GuidedDecoding("json", json.dumps(self.named.parameters), label=LABEL)
         if self.auto:
-            schema = {**self._calls_schema(), "x-guidance": {"whitespace_pattern": DEFAULT_JSON_WHITESPACE}}
-            return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=json.dumps(schema)))
-        return GuidedDecoding("json", json.dumps(self._calls_schema()))
+            schema = {**self._calls_schema(), "x-guidance": JSON_DEFAULTS}
+            return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=json.dumps(schema)), label=LABEL)
+        return GuidedDecoding("json", json.dumps(self._calls_schema()), label=LABEL)
 
     @property
     def args_key(self) -> str:
@@ -151,14 +152,74 @@ class ToolCalling:
         except ValueError:
             return None
         if self.named is not None:
-            calls = [(self.named.name, value)]
+            calls = [(self.named.name, text.strip())]
         elif isinstance(value, list) and all(isinstance(c, dict) and "name" in c for c in value):
-            calls = [(c["name"], c.get(self.args_key, {})) for c in value]
+            try:
+                spans = _argument_texts(text, self.args_key)
+            except (IndexError, RecursionError):  # not reached for JSON that parsed; a safe fallback
+                spans = [None] * len(value)
+            calls = [(c["name"], raw if raw is not None else json.dumps(c.get(self.args_key, {}), ensure_ascii=False))
+                     for c, raw in zip(value, spans, strict=True)]
         else:
             return None
         return content, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                          "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-                         for name, args in calls]
+                          "function": {"name": name, "arguments": args}} for name, args in calls]
+
+
+def _skip_ws(s: str, i: int) -> int:
+    while i < len(s) and s[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def _value_end(s: str, i: int) -> int:
+    """The index just past the JSON value that starts at `s[i]` (`s` is valid JSON)."""
+    c = s[i]
+    if c == '"':
+        i += 1
+        while s[i] != '"':
+            i += 2 if s[i] == "\\" else 1
+        return i + 1
+    if c in "[{":
+        close = "]" if c == "[" else "}"
+        i = _skip_ws(s, i + 1)
+        while s[i] != close:
+            if c == "{":  # a key, then ':'
+                i = _skip_ws(s, _skip_ws(s, _value_end(s, i)) + 1)
+            i = _skip_ws(s, _value_end(s, i))
+            if s[i] == ",":
+                i = _skip_ws(s, i + 1)
+        return i + 1
+    while i < len(s) and s[i] not in ",]} \t\n\r":  # a number, true, false or null
+        i += 1
+    return i
+
+
+def _argument_texts(text: str, key: str) -> list[str | None]:
+    """For a JSON list of call objects, each call's `key` value exactly as written (the
+    model's own text: re-encoding a parsed value would turn 9e999 into Infinity and
+    reformat numbers); None for a call without it. `text` must be valid JSON."""
+    out: list[str | None] = []
+    i = _skip_ws(text, 0) + 1  # past '['
+    i = _skip_ws(text, i)
+    while text[i] != "]":
+        found = None
+        i = _skip_ws(text, i + 1)  # past '{'
+        while text[i] != "}":
+            end = _value_end(text, i)
+            name = json.loads(text[i:end])
+            i = _skip_ws(text, _skip_ws(text, end) + 1)  # past ':'
+            end = _value_end(text, i)
+            if name == key:
+                found = text[i:end]
+            i = _skip_ws(text, end)
+            if text[i] == ",":
+                i = _skip_ws(text, i + 1)
+        out.append(found)
+        i = _skip_ws(text, i + 1)
+        if text[i] == ",":
+            i = _skip_ws(text, i + 1)
+    return out
 
 
 def streamable(text: str) -> int:
@@ -181,8 +242,8 @@ def tool_calling(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls:
     if tool_choice == "none" or (not tools and tool_choice == "auto"):
         return None
     if not tools:
-        raise ApiError(400, "tool_choice names a tool but the request has no tools", code="invalid_value",
-                       param="tool_choice")
+        raise ApiError(400, f"tool_choice {json.dumps(tool_choice)[:100]} needs tools, and the request has none",
+                       code="invalid_value", param="tool_choice")
     if tool_choice == "auto":
         return ToolCalling(functions, parallel=parallel_tool_calls is not False, auto=True)
     if tool_choice == "required":
@@ -224,28 +285,37 @@ def _functions(tools: list[Any]) -> tuple[Function, ...]:
     return tuple(out)
 
 
+def _pointer(name: str) -> str:
+    """`name` as one JSON-pointer segment (RFC 6901: "~" is "~0", "/" is "~1")."""
+    return name.replace("~", "~0").replace("/", "~1")
+
+
 def _lift_defs(f: Function, defs: dict[str, Any]) -> dict[str, Any]:
-    """`f.parameters` for nesting inside the "required" array's schema: its `$defs` (or
-    `definitions`) move to the root as `<name>.<def>` and its `$ref`s follow them (a
-    root-relative pointer would not resolve where the schema now sits). Other pointers
-    into the schema's root are a 400: they cannot be moved."""
+    """`f.parameters` for nesting inside the list-of-calls schema ("required" and auto): its
+    `$defs` (or `definitions`) move to the root as `<name>.<def>` and its `$ref`s follow
+    them, since a root-relative pointer would not resolve where the schema now sits. Other
+    pointers into the schema (`#`, `#/properties/...`: recursive schemas, as zod writes
+    them) point at a copy of the whole schema kept as the def `<name>`."""
     params = copy.deepcopy(f.parameters)
     local: dict[str, str] = {}
     for key in _DEFS:
         for name, schema in (params.pop(key, None) or {}).items():
-            local[f"#/{key}/{name}"] = f"#/$defs/{f.name}.{name}"
+            local[f"#/{key}/{_pointer(name)}"] = f"#/$defs/{_pointer(f'{f.name}.{name}')}"
             defs[f"{f.name}.{name}"] = schema
+    root = f"#/$defs/{_pointer(f.name)}"
+    uses_root = False
 
     def rewrite(node: Any) -> Any:
+        nonlocal uses_root
         if isinstance(node, dict):
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#"):
                 head = next((r for r in local if ref == r or ref.startswith(r + "/")), None)
-                if head is None:
-                    raise ApiError(400, f"tools: {f.name}'s parameters refer to {ref[:100]!r}; with tool_choice "
-                                   "\"required\" only references into its $defs are supported",
-                                   code="invalid_value", param="tools")
-                node = {**node, "$ref": local[head] + ref[len(head):]}
+                if head is not None:
+                    node = {**node, "$ref": local[head] + ref[len(head):]}
+                else:
+                    uses_root = True
+                    node = {**node, "$ref": root + ref[1:]}
             return {k: rewrite(v) for k, v in node.items()}
         if isinstance(node, list):
             return [rewrite(v) for v in node]
@@ -254,6 +324,8 @@ def _lift_defs(f: Function, defs: dict[str, Any]) -> dict[str, Any]:
     lifted = rewrite(params)
     for name in [n for n in defs if n.startswith(f"{f.name}.")]:
         defs[name] = rewrite(defs[name])
+    if uses_root:
+        defs[f.name] = lifted
     return lifted
 
 

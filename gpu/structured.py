@@ -15,7 +15,9 @@ What each kind takes (`GuidedDecoding.spec`):
   (`DEFAULT_JSON_WHITESPACE`), so it can pretty-print as it was trained to but cannot
   run on in blank lines; `whitespace` "" allows none (vLLM's `disable_any_whitespace`),
   another pattern replaces the default (vLLM's `whitespace_pattern`). A schema's own
-  `x-guidance` options override the default, not a request's `whitespace`.
+  `x-guidance` options override the default, not a request's `whitespace`. `oneOf` is
+  read as `anyOf` (`JSON_DEFAULTS`: pydantic's discriminated unions, whose branches
+  exclude each other anyway).
 - "json_object": any JSON object (`response_format: {"type": "json_object"}`); spec empty.
 - "regex": a regular expression the whole text must match (Rust `regex` syntax).
 - "choice": a JSON list of strings; the text is exactly one of them.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -58,6 +61,10 @@ MAX_WHITESPACE_PATTERN_CHARS = 256
 # default is unbounded)
 DEFAULT_JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
 DEFAULT_CACHE_SIZE = 128  # compiled grammars kept (LRU)
+# JSON schema options by default: `oneOf` read as `anyOf` (pydantic's discriminated unions
+# write oneOf, which llguidance cannot enforce exactly; their branches exclude each other)
+JSON_DEFAULTS: dict[str, Any] = {"whitespace_pattern": DEFAULT_JSON_WHITESPACE, "coerce_one_of": True}
+_POSITION = re.compile(r"^at \d+\(\d+\): ")
 
 
 class GuidedDecoding(msgspec.Struct, frozen=True):
@@ -70,6 +77,9 @@ class GuidedDecoding(msgspec.Struct, frozen=True):
     spec: str = ""
     # JSON kinds: the whitespace allowed between tokens, a regex; "" none; None the default
     whitespace: str | None = None
+    # what the spec is called in error messages, when the request did not write it itself
+    # (tool calling's grammar: "schema of the tools"); None: the kind's name
+    label: str | None = None
 
 
 class GuidedDecodingError(ValueError):
@@ -84,7 +94,7 @@ def check_shape(guided: GuidedDecoding) -> str | None:
     if not isinstance(guided.spec, str):
         return "spec must be a string"
     if len(guided.spec) > MAX_SPEC_CHARS:
-        return f"the {_NAMES.get(guided.kind, 'spec')} is longer than {MAX_SPEC_CHARS} characters"
+        return f"the {guided.label or _NAMES.get(guided.kind, 'spec')} is longer than {MAX_SPEC_CHARS} characters"
     if guided.whitespace is not None:
         if guided.kind not in ("json", "json_object"):
             return "a whitespace pattern applies to JSON constraints only"
@@ -129,10 +139,10 @@ def to_grammar(guided: GuidedDecoding) -> str:
         if guided.kind in ("json", "json_object"):
             schema = guided.spec if guided.kind == "json" else '{"type": "object"}'
             if guided.whitespace is None:
-                return llguidance.LLMatcher.grammar_from_json_schema(
-                    schema, defaults={"whitespace_pattern": DEFAULT_JSON_WHITESPACE})
+                return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
             options = {"whitespace_pattern": guided.whitespace} if guided.whitespace else {"whitespace_flexible": False}
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"coerce_one_of": True}, overrides=options)
         if guided.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(guided.spec)
         if guided.kind == "choice":
@@ -209,12 +219,16 @@ class GrammarCompiler:
         # worker thread) must not hold up the engine's copies of cached ones
         grammar = to_grammar(guided)
         proto = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        name = guided.label or _NAMES[guided.kind]
         if proto.is_error():
-            raise GuidedDecodingError(f"the {_NAMES[guided.kind]} does not compile: {first_line(proto.get_error())}")
+            error = proto.get_error()
+            if guided.label is not None:  # the grammar is ours: the cause alone, not where in our text
+                error = _POSITION.sub("", error.strip().splitlines()[0])
+            raise GuidedDecodingError(f"the {name} does not compile: {first_line(error)}")
         # a grammar no text satisfies (`a: a "x"`) starts with nothing allowed and not accepting
         first = fill_bitmask([proto], self.vocab_size)
         if proto.is_error() or (not bool(first.any()) and not proto.is_accepting()):
-            raise GuidedDecodingError(f"the {_NAMES[guided.kind]} matches no text")
+            raise GuidedDecodingError(f"the {name} matches no text")
         with self._lock:
             self.compiled += 1
             self._protos[guided] = proto

@@ -31,9 +31,9 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     """n > 1: the finish chunk of a choice follows its last delta; the request's end then
     closes only the choices still open, and usage comes last."""
     renderer = ChunkRenderer("completions", "r", MODEL, include_usage=True, n=2)
-    assert renderer.choice_end(TokenDelta("r", 1, "a", [1])) is None  # not its last
+    assert renderer.choice_end(TokenDelta("r", 1, "a", [1])) == []  # not its last
     assert renderer.delta(TokenDelta("r", 1, "b", [2], finish_reason="stop"))["choices"][0]["text"] == "b"
-    end = renderer.choice_end(TokenDelta("r", 1, "b", [2], finish_reason="stop"))
+    [end] = renderer.choice_end(TokenDelta("r", 1, "b", [2], finish_reason="stop"))
     assert end["choices"] == [{"index": 1, "text": "", "logprobs": None, "finish_reason": "stop"}]
     renderer.delta(TokenDelta("r", 0, "c", [3]))
     last, usage = renderer.finished(Finished("r", ["length", "stop"], Usage(2, 3)))
@@ -42,7 +42,7 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     # every choice ended at its delta: the end is usage alone
     renderer = ChunkRenderer("completions", "s", MODEL, include_usage=True)
     renderer.delta(TokenDelta("s", 0, "x", [1], finish_reason="stop"))
-    assert renderer.choice_end(TokenDelta("s", 0, "x", [1], finish_reason="stop")) is not None
+    assert len(renderer.choice_end(TokenDelta("s", 0, "x", [1], finish_reason="stop"))) == 1
     [usage] = renderer.finished(Finished("s", ["stop"], Usage(1, 1)))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 2
 
@@ -58,16 +58,26 @@ def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
     chunks = [renderer.delta(d) for d in deltas]
     assert [c["choices"][0]["delta"] if c else None for c in chunks] == [
         {"role": "assistant", "content": "Let me"}, {"content": " check. "}, None, None, None]
-    [last] = renderer.finished(finished)
-    [choice] = last["choices"]
-    assert choice["finish_reason"] == "tool_calls" and choice["delta"]["content"] is None
+    calls, last = renderer.finished(finished)  # the calls, then the finish in a chunk of its own (as OpenAI)
+    [choice] = calls["choices"]
+    assert choice["finish_reason"] is None and choice["delta"]["content"] is None
     [call] = choice["delta"]["tool_calls"]
     assert call["index"] == 0 and call["function"] == {"name": "ping", "arguments": "{}"}
+    assert last["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]
     collector = Collector("chat.completions", "r", MODEL, n=1, tools=calling)
     for d in deltas:
         collector.add(d)
     [whole] = collector.response(finished)["choices"]
     assert whole["message"]["content"] == "Let me check. " and whole["finish_reason"] == "tool_calls"
+    # blank text before a call is held (content None, as the whole answer says)
+    renderer = ChunkRenderer("chat.completions", "w", MODEL, include_usage=False, tools=calling)
+    assert renderer.delta(TokenDelta("w", 0, "\n", [1])) is None
+    assert renderer.delta(TokenDelta("w", 0, '<tool_call>[{"name": "ping", "arguments": {}}]</tool_call>', [2])) is None
+    calls, _ = renderer.finished(finished)
+    assert calls["choices"][0]["delta"]["content"] is None and calls["choices"][0]["delta"]["role"] == "assistant"
+    renderer = ChunkRenderer("chat.completions", "w", MODEL, include_usage=False, tools=calling)
+    assert renderer.delta(TokenDelta("w", 0, "\n", [1])) is None
+    assert renderer.delta(TokenDelta("w", 0, "Hi", [2]))["choices"][0]["delta"]["content"] == "\nHi"
     # a "<" that starts no marker is let go with the next text; text cut short ends as text
     renderer = ChunkRenderer("chat.completions", "s", MODEL, include_usage=False, tools=calling)
     assert renderer.delta(TokenDelta("s", 0, "x <", [1]))["choices"][0]["delta"]["content"] == "x "

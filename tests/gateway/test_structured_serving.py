@@ -239,6 +239,14 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
     [[streamed_call]] = [c.delta.tool_calls for c in streamed if c.delta.tool_calls]
     assert streamed_call.function.arguments == call.function.arguments and streamed[-1].finish_reason == "tool_calls"
 
+    def sdk_stream_events():  # type: ignore[no-untyped-def]  # the SDK's stream helper sees each call done
+        with sdk.chat.completions.stream(model=model, messages=shown + question, tools=tools, max_tokens=60,
+                                         temperature=0, logit_bias=nudge) as stream:
+            return [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+
+    [done] = await trio.to_thread.run_sync(sdk_stream_events)
+    assert done.name == "get_weather" and done.arguments == call.function.arguments
+
     # lmgate's own client returns the calls too, whole and streamed
     async with LmgateClient(urls[0], key, model=model) as client:
         done = await client.chat(question, tools=tools, max_tokens=60, temperature=0,

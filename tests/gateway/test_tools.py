@@ -25,7 +25,8 @@ def test_no_tools_or_none_is_plain_text() -> None:
 
 
 @pytest.mark.parametrize(("tools", "choice", "param", "message"), [
-    (None, "required", "tool_choice", "has no tools"),
+    (None, "required", "tool_choice", "needs tools"),
+    ([], "required", "tool_choice", "needs tools"),
     (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice", "not among the tools"),
     (TOOLS, {"type": "function"}, "tool_choice", "must be"),
     (TOOLS, "sometimes", "tool_choice", "must be"),
@@ -75,6 +76,19 @@ def test_required_constrains_to_a_list_of_calls_of_any_tool() -> None:
     assert "get_weather" in calling.system_prompt() and "ping" in calling.system_prompt()
 
 
+def test_arguments_are_the_models_own_text() -> None:
+    """Re-encoding parsed arguments would turn 9e999 into Infinity (not JSON) and reformat
+    numbers: each call's arguments are passed on exactly as written."""
+    big = [{"type": "function", "function": {"name": "big", "parameters": {
+        "type": "object", "properties": {"x": {"type": "number"}}}}}]
+    named = tool_calling(big, {"type": "function", "function": {"name": "big"}}, None)
+    assert named.tool_calls_of(' {"x": 9e999}\n')[1][0]["function"]["arguments"] == '{"x": 9e999}'
+    auto = tool_calling(big, "auto", None)
+    text = '<tool_call>[{"name": "big", "arguments": {"x":0.10000000000000000001, "s": "}]\\""}}, {"name": "big"}]</tool_call>'
+    _, calls = auto.tool_calls_of(text)
+    assert [c["function"]["arguments"] for c in calls] == ['{"x":0.10000000000000000001, "s": "}]\\""}', "{}"]
+
+
 def test_a_tool_without_parameters_takes_an_empty_object() -> None:
     for params in (None, {}):
         tool = {"type": "function", "function": {"name": "ping", **({} if params is None else {"parameters": params})}}
@@ -101,10 +115,18 @@ def test_required_lifts_each_tools_defs_to_the_root() -> None:
                          {"name": "visit", "parameters": {"at": {"city": "Rome"}}}], schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "add_person", "parameters": {"home": {"town": "Oslo"}}}], schema)
-    root_ref = {"type": "object", "properties": {"next": {"$ref": "#"}}}
-    with pytest.raises(ApiError, match="only references into its \\$defs"):
-        tool_calling([{"type": "function", "function": {"name": "chain", "parameters": root_ref}}], "required",
-                     None).guided()
+    # pointers into the schema itself (recursion, as zod writes it) and escaped def names
+    chain = {"type": "object", "properties": {"next": {"$ref": "#"}, "id": {"type": "integer"},
+                                              "alias": {"$ref": "#/properties/id"}, "tag": {"$ref": "#/$defs/a~1b"}},
+             "$defs": {"a/b": {"type": "string"}}, "additionalProperties": False}
+    for choice in ("required", "auto"):
+        calling = tool_calling([{"type": "function", "function": {"name": "chain", "parameters": chain}}], choice, None)
+        spec = calling.guided().spec
+        schema = json.loads(spec if choice == "required" else spec.split("%json ", 1)[1])
+        key = calling.args_key
+        jsonschema.validate([{"name": "chain", key: {"id": 1, "next": {"id": 2, "alias": 3, "tag": "x"}}}], schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([{"name": "chain", key: {"next": {"alias": "three"}}}], schema)
 
 
 def test_an_earlier_turns_calls_read_as_the_json_the_model_wrote() -> None:
@@ -165,6 +187,12 @@ def test_the_auto_grammar_frees_text_and_holds_calls_to_the_tools(compiler, toke
                 CALL + " and more",  # nothing after the call
                 '<tool_call>[' + " " * 30 + '{"name": "ping", "arguments": {}}]</tool_call>'):  # bounded whitespace
         assert accepts(bad)[0] is False, bad
+    chain = {"type": "object", "properties": {"id": {"type": "integer"}, "next": {"$ref": "#"}}, "required": ["id"],
+             "additionalProperties": False}  # a recursive tool compiles, its pointer moved with it
+    recursive = tool_calling([{"type": "function", "function": {"name": "chain", "parameters": chain}}], "auto", None)
+    nested = '<tool_call>[{"name": "chain", "arguments": {"id": 1, "next": {"id": 2}}}]</tool_call>'
+    assert _accepts(compiler, tokenizer, recursive, nested) == (True, True)
+    assert _accepts(compiler, tokenizer, recursive, nested.replace('"id": 2', '"id": "2"'))[0] is False
     single = tool_calling(TOOLS, "auto", False)  # parallel_tool_calls false: one call
     two = '<tool_call>[{"name": "ping", "arguments": {}}, {"name": "ping", "arguments": {}}]</tool_call>'
     assert accepts(two) == (True, True) and _accepts(compiler, tokenizer, single, two)[0] is False

@@ -128,6 +128,19 @@ def test_compiler_masks_agree_with_text_the_grammar_accepts(compiler: GrammarCom
     assert m.is_stopped() and not m.is_error()
 
 
+def test_one_of_is_read_as_any_of(compiler: GrammarCompiler, tokenizer) -> None:
+    """pydantic's discriminated unions write oneOf (branches told apart by a const)."""
+    cat = {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+           "required": ["kind", "lives"], "additionalProperties": False}
+    dog = {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}},
+           "required": ["kind", "good"], "additionalProperties": False}
+    guided = GuidedDecoding("json", json.dumps({"type": "object", "properties": {"pet": {"oneOf": [cat, dog]}},
+                                                "required": ["pet"], "additionalProperties": False}))
+    for text, ok in (('{"pet": {"kind": "dog", "good": true}}', True), ('{"pet": {"kind": "dog", "lives": 9}}', False)):
+        m = compiler.matcher(guided)
+        assert (all(m.consume_token(t) for t in tokenizer.encode(text)) and m.is_stopped()) is ok
+
+
 def test_compiler_caches_and_evicts_and_explains(compiler: GrammarCompiler) -> None:
     a, b, c = (GuidedDecoding("regex", r) for r in ("a+", "b+", "c+"))
     before = compiler.compiled
