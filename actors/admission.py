@@ -343,11 +343,13 @@ class Admission:
             return {"logprobs": lps[i:j], "tokens": toks[i:j] if toks is not None else None,
                     "top_logprobs": [[TopLogprob(*a) for a in row] for row in tops[i:j]] if tops is not None else None}
 
-        if len(hit.deltas) == n:  # replay token by token, as it was streamed
+        if len(hit.deltas) == n:  # replay token by token, as it was streamed (the last one ends the choice)
             for i, (text, tok) in enumerate(zip(hit.deltas, hit.token_ids, strict=True)):
-                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok], **extras(i, i + 1)))
+                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok], **extras(i, i + 1),
+                                            finish_reason=hit.finish_reason if i == n - 1 else None))
         else:
-            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids), **extras(0, n)))
+            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids), **extras(0, n),
+                                        finish_reason=hit.finish_reason))
         usage = Usage(st.prompt_tokens, hit.usage.completion_tokens)
         send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
         send.close()

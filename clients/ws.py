@@ -88,19 +88,24 @@ class WsStream:
 
     async def _deltas(self) -> Any:
         assert self._receive is not None
+        ended: set[int] = set()  # choices whose finish came on their last token frame
         async for frame in self._receive:
             if isinstance(frame, LmgateError):
                 self.done = True
                 raise frame
             kind = frame.get("type")
             if kind == "token":
-                yield Delta(frame["index"], frame["text"], None, frame.get("token_ids"))
+                reason = frame.get("finish_reason")  # on a choice's last frame
+                if reason is not None:
+                    ended.add(frame["index"])
+                yield Delta(frame["index"], frame["text"], reason, frame.get("token_ids"))
             elif kind == "done":
                 self.done = True
                 self.usage = Usage(**frame["usage"]) if frame.get("usage") else None
                 self.finish_reasons = list(frame.get("finish_reasons") or [])
                 for index, reason in enumerate(self.finish_reasons):
-                    yield Delta(index, "", reason)
+                    if index not in ended:
+                        yield Delta(index, "", reason)
                 return
             elif kind == "error":
                 self.done = True

@@ -157,7 +157,7 @@ class Session:
         async for event in events:
             if isinstance(event, TokenDelta):
                 head = ""
-                if echo is not None and event.index not in started:  # completions' echo: the prompt first
+                if echo is not None and event.index not in started:  # echo: the prompt (chat: the prefill) first
                     head = echo[event.index // n]
                 started.add(event.index)
                 token: dict[str, Any] = {
@@ -169,6 +169,8 @@ class Session:
                 }
                 if event.logprobs is not None:
                     token["logprobs"] = event.logprobs
+                if event.finish_reason is not None:  # the choice's last frame (`done` lists every choice's)
+                    token["finish_reason"] = event.finish_reason
                 if event.prompt_logprobs is not None:  # the prompt's, on each choice's first frame
                     token["prompt_token_ids"] = [p.token_id for p in event.prompt_logprobs]
                     token["prompt_logprobs"] = [p.logprob for p in event.prompt_logprobs]

@@ -85,7 +85,10 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
         assert "Paris" in text
         assert stream.usage is not None and stream.usage.completion_tokens <= 4
         async with client.ws() as session, session.completions_stream("The capital of France is", max_tokens=4, temperature=0) as ws_stream:
-            assert "".join([d.text async for d in ws_stream]) == text  # greedy: same answer on both transports
+            ws_deltas = [d async for d in ws_stream]
+            assert "".join(d.text for d in ws_deltas) == text  # greedy: same answer on both transports
+            [end] = [d for d in ws_deltas if d.finish_reason]  # one finish, on the choice's last token frame
+            assert end is ws_deltas[-1] and end.token_ids and end.finish_reason == ws_stream.finish_reasons[0]
 
         # disconnect = abort: a long generation is dropped after its first token
         async with client.completions_stream("Once upon a time", max_tokens=2000, ignore_eos=True) as long:
