@@ -90,7 +90,7 @@ class Delta(msgspec.Struct, frozen=True):
     text: str
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # WebSocket only
-    tool_calls: list[dict[str, Any]] | None = None  # chat with tools: a choice's calls, whole, with its finish
+    tool_calls: list[dict[str, Any]] | None = None  # chat with tools: a choice's calls, whole, just before its finish
 
 
 # ---------------------------------------------------------------- retry
