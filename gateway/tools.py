@@ -362,6 +362,9 @@ def render_message(role: str, content: str, tool_calls: list[Any] | None, *, mar
 
 
 def chat_role(role: str, *, markers: bool = False) -> str:
-    """The role a turn is read under: in auto mode a tool's answer is a user turn, as in
-    SmolLM2's tool-calling data; otherwise the turn's own."""
+    """The role a turn is read under: OpenAI's "developer" (its newer name for system
+    instructions) is a system turn, as the chat template knows no other; in auto mode a
+    tool's answer is a user turn, as in SmolLM2's tool-calling data; otherwise the turn's own."""
+    if role == "developer":
+        return "system"
     return "user" if markers and role == "tool" else role

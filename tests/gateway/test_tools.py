@@ -212,3 +212,4 @@ def test_auto_mode_reads_earlier_calls_and_answers_in_smollm2s_format() -> None:
     assert render_message("tool", "3 C", None, markers=True) == "<tool_response>\n3 C\n</tool_response>"
     assert chat_role("tool", markers=True) == "user" and chat_role("tool") == "tool"
     assert chat_role("assistant", markers=True) == "assistant"
+    assert chat_role("developer") == "system"  # OpenAI's newer name for system instructions
