@@ -193,6 +193,25 @@ def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) ->
     return out
 
 
+def check_chat_ending(messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
+                      constrained: bool) -> None:
+    """400 (`continue_final_message`) for an ending the chat cannot have (chat completions
+    and /tokenize alike): a continued last message beside a generation prompt, without
+    text, or under an output constraint or tool calling (which would start inside it)."""
+    if not continue_final_message:
+        return
+    if add_generation_prompt:
+        raise ApiError(400, "continue_final_message continues the last message: send it with "
+                       "add_generation_prompt false", code="invalid_value", param="continue_final_message")
+    if constrained:
+        raise ApiError(400, "continue_final_message cannot be combined with an output constraint or tool "
+                       "calling (the constraint would start inside the continued message)",
+                       code="invalid_value", param="continue_final_message")
+    if not messages or not messages[-1].content.strip():
+        raise ApiError(400, "continue_final_message needs a last message with text to continue",
+                       code="invalid_value", param="continue_final_message")
+
+
 def tools_of(req: CompletionRequest | ChatRequest) -> ToolCalling | None:
     """The chat request's tool calling (`gateway.tools`), None for plain text."""
     if not isinstance(req, ChatRequest):
@@ -535,18 +554,8 @@ def to_generate_calls(
         if req.echo and params.guided is not None:
             raise ApiError(400, "echo cannot be combined with an output constraint or tool calling",
                            code="invalid_value", param="echo")
-        if req.continue_final_message:
-            if req.add_generation_prompt:
-                raise ApiError(400, "continue_final_message continues the last message: send it with "
-                               "add_generation_prompt false", code="invalid_value", param="continue_final_message")
-            if params.guided is not None:
-                raise ApiError(400, "continue_final_message cannot be combined with an output constraint or tool "
-                               "calling (the constraint would start inside the continued message)",
-                               code="invalid_value", param="continue_final_message")
         messages = chat_messages(req.messages, tools_of(req))
-        if req.continue_final_message and not messages[-1].content.strip():
-            raise ApiError(400, "continue_final_message needs a last message with text to continue",
-                           code="invalid_value", param="continue_final_message")
+        check_chat_ending(messages, req.add_generation_prompt, req.continue_final_message, params.guided is not None)
         return [GenerateCall(messages=messages, **common, add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message)]
     if req.suffix:
@@ -832,6 +841,18 @@ class ChunkRenderer:
                 lp = head_lp if lp is None else _concat_logprobs([head_lp, lp])
             choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
         return self._chunk([choice])
+
+    def opening(self) -> dict[str, Any] | None:
+        """Chat with n > 1, before the stream's first chunk: one chunk starting every choice
+        (its role, and the echoed message if any), in index order. Choices end in any
+        order, and the openai SDK's stream helper takes a choice's first appearance as its
+        position; with every choice started at once, any order after it is fine."""
+        if self.endpoint != "chat.completions" or self.n <= 1 or self._role_sent:
+            return None
+        self._role_sent.update(range(self.n))
+        start = {"role": "assistant", "content": self.echo[0] if self.echo else ""}
+        return self._chunk([{"index": i, "delta": dict(start), "logprobs": None, "finish_reason": None}
+                            for i in range(self.n)])
 
     def _content_choice(self, i: int, text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
         """A chat choice's delta of content (with the role, the first time)."""
@@ -1156,6 +1177,8 @@ class SseBody:
     async def _generate(self) -> AsyncIterator[bytes]:
         async with aclosing(events_of(self.handle)) as events:
             async for event in events:
+                if isinstance(event, TokenDelta | Finished) and (opening := self.renderer.opening()) is not None:
+                    yield sse.event(opening)
                 if isinstance(event, TokenDelta):
                     chunk = self.renderer.delta(event)
                     for c in ([chunk] if chunk is not None else []) + self.renderer.choice_end(event):

@@ -23,7 +23,7 @@ import msgspec
 from quart import Blueprint, request
 
 from gateway.errors import ApiError
-from gateway.routes_openai import ChatMessageIn, chat_messages
+from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending
 from gateway.tools import tool_calling
 
 if TYPE_CHECKING:
@@ -71,11 +71,10 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
         if not req.messages:  # as chat completions
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         calling = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
-        msgs = [{"role": m.role, "content": m.content} for m in chat_messages(req.messages, calling)]
+        rendered = chat_messages(req.messages, calling)
+        check_chat_ending(rendered, req.add_generation_prompt, req.continue_final_message, calling is not None)
+        msgs = [{"role": m.role, "content": m.content} for m in rendered]
         try:
-            if req.continue_final_message and req.add_generation_prompt:
-                raise ApiError(400, "continue_final_message continues the last message: send it with "
-                               "add_generation_prompt false", code="invalid_value", param="continue_final_message")
             text = tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt,
                                                  continue_final_message=req.continue_final_message)
         except ChatTemplateError as exc:

@@ -73,16 +73,21 @@ class ChatTemplateError(ValueError):
     """The chat template is missing or raised (`raise_exception`) while rendering."""
 
 
-def open_final_message(rendered: str, final: str) -> str:
+_PROBE = "\x00lmgate-final-message\x00"  # stands for the final message's text (`apply_chat_template`)
+
+
+def open_final_message(rendered: str, final: str, start: int = -1) -> str:
     """`rendered` (a chat rendered without a generation prompt) cut right after the text of
     its final message, `final`, so the model continues that message instead of reading it
     as ended: whatever the template writes after it (end of turn, newlines) goes. A template
     may trim the message's surrounding whitespace; then the cut follows the trimmed text.
-    ChatTemplateError if the final message is blank or the template does not write it."""
+    `start`: where the message's text begins in `rendered`, if known (else the last place
+    the text occurs is taken). ChatTemplateError if the final message is blank or the
+    template does not write it."""
     core = final.strip()
     if not core:
         raise ChatTemplateError("continue_final_message needs a final message with text to continue")
-    at = rendered.rfind(core)
+    at = rendered.find(core, start) if start >= 0 else rendered.rfind(core)
     if at < 0:
         raise ChatTemplateError("continue_final_message: the chat template does not write the final message as given")
     kept = final.lstrip()  # the message's trailing whitespace stays if the template kept it
@@ -240,7 +245,15 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
         if continue_final_message:
             final = messages[-1].get("content") if messages else None
-            return open_final_message(text, final if isinstance(final, str) else "")
+            # where the final message's text begins: rendered again with a marker for it, so
+            # a prefill that also occurs in the template's end of turn (">", "im_end") is
+            # found as written, not inside the end-of-turn text after it
+            probe = [*map(dict, messages[:-1]), {**messages[-1], "content": _PROBE}] if messages else []
+            try:
+                start = self._template.render(messages=probe, add_generation_prompt=False, **variables).find(_PROBE)
+            except jinja2.TemplateError:
+                start = -1
+            return open_final_message(text, final if isinstance(final, str) else "", start=start)
         return text
 
     def render_and_encode(

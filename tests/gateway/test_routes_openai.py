@@ -39,6 +39,13 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     last, usage = renderer.finished(Finished("r", ["length", "stop"], Usage(2, 3)))
     assert [c["index"] for c in last["choices"]] == [0] and last["choices"][0]["finish_reason"] == "length"
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    # chat, n > 1: every choice starts in one chunk, in index order, before any ends
+    chat = ChunkRenderer("chat.completions", "c", MODEL, include_usage=False, n=2, echo=["Pre"])
+    opening = chat.opening()
+    assert [c["delta"] for c in opening["choices"]] == [{"role": "assistant", "content": "Pre"}] * 2
+    assert chat.opening() is None
+    assert chat.delta(TokenDelta("c", 1, "x", [1], finish_reason="stop"))["choices"][0]["delta"] == {"content": "x"}
+    assert ChunkRenderer("chat.completions", "d", MODEL, include_usage=False).opening() is None  # n == 1: not needed
     # every choice ended at its delta: the end is usage alone
     renderer = ChunkRenderer("completions", "s", MODEL, include_usage=True)
     renderer.delta(TokenDelta("s", 0, "x", [1], finish_reason="stop"))
@@ -231,8 +238,8 @@ async def test_chat_can_continue_its_last_message(gateway: Gateway) -> None:
             "Hello! I" + word(0, 0) + word(0, 1), "Hello! I" + word(1, 0) + word(1, 1)]
         r = await client.post("/v1/chat/completions", json={**body, "stream": True})
         chunks = [json.loads(e) for e in parse_events(r.text)[:-1]]
-        texts = ["".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
-                         if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)]
+        texts = ["".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"]
+                         if c["index"] == i) for i in (0, 1)]
         assert texts == [c["message"]["content"] for c in
                          (await client.post("/v1/chat/completions", json=body)).json()["choices"]]
         r = await client.post("/v1/chat/completions", json=chat_body(echo=True, max_tokens=1))  # last turn: a user's
@@ -398,6 +405,10 @@ CHAT_BAD = [
      "continue_final_message"),
     ("echo with tools", {**chat_body(), "echo": True, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "echo"),
+    ("continue without a last message's text", {**chat_body(), "continue_final_message": True,
+                                                 "add_generation_prompt": False, "messages": [
+                                                     {"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": None}]}, "continue_final_message"),
     ("continue with tools", {**chat_body(), "continue_final_message": True, "add_generation_prompt": False,
                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "continue_final_message"),
 ]

@@ -169,6 +169,14 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         assert sampled.finish_reason == "tool_calls"
         [c] = sampled.message.tool_calls  # parallel_tool_calls false: one call
         jsonschema.validate(json.loads(c.function.arguments), {"get_weather": weather, "get_time": clock}[c.function.name])
+    def stream_helper():  # type: ignore[no-untyped-def]  # n=2: choices end in any order; the SDK copes
+        with sdk.chat.completions.stream(model=model, messages=question, tools=tools, tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=80, temperature=0.8, seed=2,
+                                         n=2) as stream:
+            return stream.get_final_completion()
+
+    for c in (await trio.to_thread.run_sync(stream_helper)).choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls
     chunks = await trio.to_thread.run_sync(lambda: list(required(True)))
     streamed = [(c.index, c.delta.tool_calls, c.finish_reason) for chunk in chunks for c in chunk.choices]
     assert sorted(i for i, calls, _ in streamed if calls) == [0, 1]  # each choice's call, whole, as it ends

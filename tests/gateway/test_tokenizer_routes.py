@@ -66,6 +66,9 @@ async def test_tokenize_counts_the_tools_a_chat_request_adds(client_of, tokenize
                                                                      "content": "sunny"}]})
         auto = await client.post("/tokenize", json={"messages": history, "tools": tools})
         prompt_tools = await client.post("/tokenize", json={"prompt": "hi", "tools": tools})
+        continued = await client.post("/tokenize", json={"messages": history[:1] + [{"role": "assistant", "content": "It"}],
+                                                         "tools": tools, "add_generation_prompt": False,
+                                                         "continue_final_message": True})
     import msgspec
 
     from gateway.routes_openai import ChatMessageIn
@@ -76,6 +79,7 @@ async def test_tokenize_counts_the_tools_a_chat_request_adds(client_of, tokenize
     assert "get_weather" in tokenizer.decode(r.json()["tokens"])
     assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "messages"  # as on chat completions
     assert prompt_tools.status_code == 400 and prompt_tools.json()["error"]["param"] == "tools"  # as on completions
+    assert continued.status_code == 400 and continued.json()["error"]["param"] == "continue_final_message"  # as chat
     # auto (the default with tools) reads the history in SmolLM2's format: the call between
     # markers, the tool's answer a user turn inside <tool_response>
     auto_text = tokenizer.decode(auto.json()["tokens"])

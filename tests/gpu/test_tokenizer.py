@@ -113,6 +113,9 @@ def test_continue_final_message_leaves_the_last_message_open(tok):
     text = tok.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True)
     assert text == tok.apply_chat_template(chat[:1]) + "Sure, it is "
     assert tok.render_and_encode(chat, False, True) == tok.encode(text)
+    for prefill in (">", "<", "im_end", "end", "|"):  # text the end-of-turn marker also holds: cut after the message
+        assert tok.apply_chat_template([*chat[:1], {"role": "assistant", "content": prefill}], add_generation_prompt=False,
+                                       continue_final_message=True) == tok.apply_chat_template(chat[:1]) + prefill
     trimming = Tokenizer(tok.backend, TokenizerSpec(1, 2, "{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}"))
     assert trimming.apply_chat_template(chat, add_generation_prompt=False,
                                         continue_final_message=True) == "[Capital of France?][Sure, it is"
