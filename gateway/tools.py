@@ -8,13 +8,13 @@ OpenAI's `tools` + `tool_choice` map onto a constraint (`gpu.structured`):
   `{"name": ..., "parameters": {...}}`, each naming one of the tools with arguments valid
   for it (vLLM's shape); one call only when `parallel_tool_calls` is false.
 - `"auto"` (OpenAI's default when tools are given) — the model chooses: plain text, or
-  (after optional text) the marker `<tool_call>`, that same JSON array and `</tool_call>`.
-  The constraint is a grammar (`AUTO_GRAMMAR`): any text that does not hold the marker,
-  or text up to the first marker and then a valid array, closed. So the text is free
-  until the model writes the marker, and from there it can only complete valid calls.
-  SmolLM2 has no tool-call format of its own (nor special tokens for one), so the marker
-  is a plain string the system message teaches, as llguidance's "unified interface" and
-  vLLM's phi-4-mini template do.
+  (after optional text) SmolLM2's tool-call format: `<tool_call>`, a JSON array of calls
+  `{"name": ..., "arguments": {...}}` and `</tool_call>` (the format of SmolLM2-1.7B's
+  tool-calling data; the markers are plain text, not special tokens). The constraint is
+  a grammar (`AUTO_GRAMMAR`): any text that does not hold the marker, or text up to the
+  first marker and then a valid array, closed. So the text is free until the model
+  writes the marker, and from there it can only complete valid calls. The bundled 135M
+  model was not trained on tool calls and nearly always answers in text.
 - `"none"` (or no tools): plain text, as without tools.
 
 The model sees the tools: a system message lists each one's name, description and
