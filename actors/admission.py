@@ -198,6 +198,10 @@ class Admission:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
                           "messages" if call.messages is not None else "prompt")
+        outside = [t for t in p.stop_token_ids if t >= self.config.vocab_size]
+        if outside:
+            raise _Refuse(400, "invalid_value", f"stop_token_ids: token id {outside[0]} is not in the vocabulary "
+                          f"(ids are below {self.config.vocab_size})", "stop_token_ids")
         beyond = [t for t, _ in p.logit_bias if t >= self.config.vocab_size]
         if beyond:
             raise _Refuse(400, "invalid_value", f"logit_bias token id {beyond[0]} is not in the vocabulary "

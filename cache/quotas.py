@@ -61,8 +61,14 @@ __all__ = [
 ]
 
 _UNLIMITED = -1
+MAX_LIMIT = 2**53  # Redis' Lua counts in doubles: integers above this are not exact
 _DAY_S = 86400
 _EPOCH = dt.date(1970, 1, 1)
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis glob (SCAN MATCH): its `*?[]\\` escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +85,8 @@ class Quota(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Quota.{name} must be >= 0 or None, got {value}")
+            if value is not None and value > MAX_LIMIT:
+                raise ValueError(f"Quota.{name} must be at most {MAX_LIMIT} (the quota scripts count in doubles)")
 
 
 class Admitted(msgspec.Struct, frozen=True):
@@ -290,6 +298,21 @@ class QuotaManager:
 
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")
+
+    async def reset_limits(self, tenant_id: str) -> int:
+        """Forget a tenant's enforcement state — its daily budget and per-minute counters,
+        running set and reservations — but not its usage rows (billing keeps them). For a
+        deleted tenant, so a tenant later created under the same id starts afresh. Returns
+        the number of keys removed."""
+        base = self._base(tenant_id)
+        keep = (base + "usage:", base + "done:")
+        removed = 0
+        with self.store.guard():
+            keys = [k async for k in self.store.client.scan_iter(match=_glob_escape(base) + "*", count=500)]
+            doomed = [k for k in keys if not (k.decode() if isinstance(k, bytes) else k).startswith(keep)]
+            for i in range(0, len(doomed), 500):
+                removed += await self.store.client.delete(doomed[i:i + 500])
+        return removed
 
     async def reserve(
         self,

@@ -9,7 +9,7 @@ and the frozen `GatewayConfig`. Everything a route needs hangs off one
 Routes::
 
     POST /v1/completions, /v1/chat/completions   JSON or SSE (routes_openai)
-    GET  /v1/models
+    GET  /v1/models, /v1/models/<id>
     WS   /v1/ws                                  multiplexed token streaming (ws)
     *    /admin/...                              tenants, keys, quotas, usage (routes_admin)
     GET  /healthz /readyz /metrics /openapi.json

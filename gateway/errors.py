@@ -113,3 +113,18 @@ def install_error_handlers(app: Quart) -> None:
     async def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error while serving a request")
         return ApiError(500, "internal server error", code="internal_error").response()
+
+
+def param_of(exc: msgspec.ValidationError) -> str | None:
+    """The top-level request field a msgspec validation error is about (an error's
+    `param`): its path ("... - at `$.messages[0].content`" → "messages"), or, at the top
+    level, the missing field ("Object missing required field `prompt`" → "prompt")."""
+    text = str(exc)
+    marker = "at `$."
+    if marker in text:
+        path = text.split(marker, 1)[1].rstrip("`")
+        return path.split("[", 1)[0].split(".", 1)[0] or None
+    missing = "missing required field `"
+    if missing in text:
+        return text.split(missing, 1)[1].split("`", 1)[0] or None
+    return None

@@ -94,6 +94,8 @@ def openapi_document() -> dict[str, Any]:
         "/v1/completions": {"post": completions},
         "/v1/chat/completions": {"post": chat},
         "/v1/models": {"get": _op("List served models")},
+        "/v1/models/{model}": {"get": {**_op("One served model", errors=(401, 404)), "parameters": [
+            {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]}},
         "/tokenize": {"post": _op("Token ids of a prompt or of chat messages (vLLM's)", body="TokenizeRequest",
                                   errors=(400, 401, 404))},
         "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404))},

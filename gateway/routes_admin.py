@@ -37,7 +37,7 @@ from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
 from cache.tenants import TenantExists, TenantNotFound
-from gateway.errors import ApiError
+from gateway.errors import ApiError, param_of
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -71,7 +71,7 @@ def decode_body(raw: bytes, kind: type[S]) -> S:
     try:
         return msgspec.json.decode(raw or b"{}", type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value") from exc
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level
@@ -162,6 +162,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     async def delete_tenant(tenant_id: str) -> Any:
         if not await tenants.delete_tenant(tenant_id):
             raise TenantNotFound(tenant_id)
+        await quotas.reset_limits(tenant_id)  # a tenant re-created under this id starts afresh (usage rows stay)
         return {"id": tenant_id, "deleted": True}
 
     @bp.put("/tenants/<tenant_id>/quota")

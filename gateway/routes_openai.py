@@ -44,7 +44,7 @@ from actors.messages import (
     Usage,
 )
 from gateway import sse
-from gateway.errors import ApiError
+from gateway.errors import ApiError, param_of
 from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
 from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding
@@ -61,7 +61,7 @@ class StreamOptions(msgspec.Struct, frozen=True):
 
 class TextPart(msgspec.Struct, frozen=True):
     type: str
-    text: str = ""
+    text: str | None = None  # required for a text part (`ChatMessageIn.text`); other types are refused
 
 
 class ChatMessageIn(msgspec.Struct, frozen=True):
@@ -73,7 +73,9 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
 
     def text(self, *, markers: bool = False) -> str:
         """The message as the model reads it (`markers`: tool calls as auto mode writes them)."""
-        if self.content is None:
+        if self.content is None or self.content == []:
+            if self.role == "user":  # as OpenAI: only an assistant's turn (with tool calls) may be empty
+                raise ApiError(400, "a user message needs content", code="invalid_value", param="messages")
             text = ""
         elif isinstance(self.content, str):
             text = self.content
@@ -82,7 +84,9 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
             if other is not None:
                 raise ApiError(400, f"content parts of type {other[:50]!r} are not supported (this model reads "
                                "text only)", code="unsupported_value", param="messages")
-            text = "".join(part.text for part in self.content)
+            if any(part.text is None for part in self.content):
+                raise ApiError(400, "a text content part needs its text", code="invalid_value", param="messages")
+            text = "".join(part.text or "" for part in self.content)
         return render_message(self.role, text, self.tool_calls, markers=markers)
 
 
@@ -234,7 +238,7 @@ def decode_request(endpoint: Endpoint, raw: bytes | str | Any) -> CompletionRequ
             return msgspec.json.decode(raw, type=kind)
         return msgspec.convert(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=_param_of(exc)) from exc
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
     except msgspec.DecodeError as exc:
         # msgspec < 0.23 raised UnicodeDecodeError for bad UTF-8, 0.23 a DecodeError:
         # tell the two cases apart by the body itself (this is the error path only)
@@ -253,16 +257,6 @@ def _is_utf8(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def _param_of(exc: msgspec.ValidationError) -> str | None:
-    # msgspec messages end with "- at `$.field[...]`"
-    text = str(exc)
-    marker = "at `$."
-    if marker not in text:
-        return None
-    path = text.split(marker, 1)[1].rstrip("`")
-    return path.split("[", 1)[0].split(".", 1)[0] or None
 
 
 # ---------------------------------------------------------------- mapping
@@ -1227,24 +1221,30 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
     async def chat_completions() -> Any:
         return await handle("chat.completions")
 
+    def model_card(name: str) -> dict[str, Any]:
+        base = state.runtime.model_name
+        return {
+            "id": name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "lmgate",
+            "max_model_len": state.runtime.max_model_len,
+            **({"parent": base} if name != base else {}),  # a LoRA adapter of the base model
+        }
+
     @bp.get("/v1/models")
     async def models() -> Any:
         await state.authenticate(request.headers.get("Authorization"))
-        base = state.runtime.model_name
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": state.started,
-                    "owned_by": "lmgate",
-                    "max_model_len": state.runtime.max_model_len,
-                    **({"parent": base} if name != base else {}),  # a LoRA adapter of the base model
-                }
-                for name in state.runtime.served_models()
-            ],
-        }
+        return {"object": "list", "data": [model_card(name) for name in state.runtime.served_models()]}
+
+    @bp.get("/v1/models/<path:model>")
+    async def model(model: str) -> Any:
+        """One served model (OpenAI's retrieve; the SDK's `models.retrieve`), or a 404."""
+        await state.authenticate(request.headers.get("Authorization"))
+        if model in state.runtime.served_models():
+            return model_card(model)
+        state.check_model(model)  # a 404 unless served under another name (the --model it started with)
+        return {**model_card(state.runtime.model_name), "id": model}
 
     return bp
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from quart import Blueprint, request
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, param_of
 from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending
 from gateway.tools import tool_calling
 
@@ -56,7 +56,7 @@ def _decode(raw: bytes, kind: type) -> Any:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value") from exc
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
 

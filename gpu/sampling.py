@@ -47,6 +47,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
 MAX_N = 64
 MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 1024  # as logit_bias: a request cannot name more ids than that
 # Temperatures below this are treated as greedy (dividing by ~0 overflows).
 GREEDY_EPS = 1e-5
 
@@ -190,8 +191,8 @@ def _validate(p: SamplingParams) -> None:
             raise SamplingParamsError("stop", "stop strings must not be empty")
         if len(s) > MAX_STOP_STRING_CHARS:
             raise SamplingParamsError("stop", f"a stop string is longer than {MAX_STOP_STRING_CHARS} characters")
-    if not isinstance(p.stop_token_ids, tuple):
-        raise SamplingParamsError("stop_token_ids", "must be a list of token ids")
+    if not isinstance(p.stop_token_ids, tuple) or len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise SamplingParamsError("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids")
     for t in p.stop_token_ids:
         _check_int("stop_token_ids", t, 0)
     if p.max_tokens is not None:

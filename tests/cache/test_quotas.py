@@ -102,6 +102,32 @@ async def test_daily_token_budget(quotas: QuotaManager):
     assert isinstance(await quotas.reserve(tenant, "c", 100, 100), Admitted)  # exactly 1000
 
 
+async def test_reset_limits_forgets_enforcement_but_keeps_usage(quotas: QuotaManager):
+    """A deleted tenant's counters go (one re-created under its id starts afresh); its
+    usage rows stay for billing; other tenants are untouched."""
+    tenant = make_tenant(Quota(daily_token_budget=1000, max_concurrent=1))
+    other = make_tenant(Quota(daily_token_budget=1000), "acme2")
+    assert isinstance(await quotas.reserve(tenant, "a", 500, 400), Admitted)
+    assert await quotas.settle(tenant, "a", 500, 400, "m")
+    assert isinstance(await quotas.reserve(tenant, "b", 10, 10), Admitted)  # running when the tenant goes
+    assert isinstance(await quotas.reserve(other, "c", 500, 400), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "d", 100, 100), Denied)
+    assert await quotas.reset_limits("acme") > 0
+    assert await quotas.running("acme") == 0
+    assert isinstance(await quotas.reserve(tenant, "d", 500, 400), Admitted)  # the budget is whole again
+    assert isinstance(await quotas.reserve(other, "e", 100, 100), Denied)  # acme2's counters stayed
+    today = utc_today()
+    assert [r.requests for r in await quotas.get_usage("acme", today, today)] == [1]
+    assert not await quotas.settle(tenant, "a", 500, 400, "m")  # settled ids stay settled
+
+
+async def test_quota_values_stay_exact_in_the_scripts() -> None:
+    import msgspec
+
+    with pytest.raises(msgspec.ValidationError, match="at most"):
+        msgspec.json.decode(b'{"max_concurrent": 99999999999999999999999}', type=Quota)
+
+
 async def test_denied_requests_consume_nothing(store: RedisStore, quotas: QuotaManager):
     await away_from_minute_edge(store)
     tenant = make_tenant(Quota(requests_per_minute=1, tokens_per_minute=100))

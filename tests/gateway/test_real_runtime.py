@@ -56,6 +56,10 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
         return reply.choices[0].message.content or ""
 
     assert "Paris" in await trio.to_thread.run_sync(ask)
+    with pytest.raises(openai.BadRequestError) as outside:  # a stop token id outside the vocabulary
+        await trio.to_thread.run_sync(lambda: sdk.completions.create(
+            model=model, prompt="Hi", max_tokens=2, extra_body={"stop_token_ids": [10**6]}))
+    assert outside.value.body["param"] == "stop_token_ids"
 
     # a prefilled answer (vLLM's continue_final_message): the model continues the last
     # message, the reply is the continuation alone, and the prompt is what /tokenize counts

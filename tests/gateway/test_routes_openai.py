@@ -292,7 +292,20 @@ async def test_failed_after_accept_in_json_and_stream(gateway: Gateway) -> None:
 async def test_models(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         r = await client.get("/v1/models")
+        one = await client.get(f"/v1/models/{MODEL}")  # the openai SDK's models.retrieve
+        missing = await client.get("/v1/models/nope")
     assert [m["id"] for m in r.json()["data"]] == [MODEL]
+    assert one.status_code == 200 and one.json() == r.json()["data"][0]
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_a_missing_field_is_named() -> None:
+    with pytest.raises(ApiError) as info:
+        decode_request("completions", b'{"model": "m"}')
+    assert info.value.param == "prompt"
+    with pytest.raises(ApiError) as info:
+        decode_request("chat.completions", b'{"model": "m", "messages": [{"content": "x"}]}')
+    assert info.value.param == "messages"
 
 
 # ---------------------------------------------------------------- errors
@@ -344,6 +357,12 @@ async def test_bad_input_is_an_openai_error(gateway: Gateway, name: str, body: b
 
 
 CHAT_BAD = [
+    ("user message without content", {**chat_body(), "messages": [{"role": "user"}]}, "messages"),
+    ("user content null", {**chat_body(), "messages": [{"role": "user", "content": None}]}, "messages"),
+    ("user content no parts", {**chat_body(), "messages": [{"role": "user", "content": []}]}, "messages"),
+    ("text part without text", {**chat_body(), "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages"),
+    ("too many stop token ids", {**chat_body(), "stop_token_ids": list(range(1025))}, "stop_token_ids"),
     ("bad role", {"model": "fake-model", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ("no messages", {"model": "fake-model", "messages": []}, "messages"),
     ("top_logprobs without logprobs", {**chat_body(), "top_logprobs": 2}, "top_logprobs"),
