@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import prometheus_client
+import trio
 from quart import Response, g, has_request_context, has_websocket_context, request
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioRequest
@@ -156,6 +157,8 @@ class GatewayState:
     metrics: HttpMetrics
     started: int = field(default_factory=lambda: int(time.time()))
     recent_keys: RecentKeys = field(default_factory=lambda: RecentKeys())
+    # per tenant: batches submit one at a time (`routes_openai.submit_all`)
+    batch_locks: dict[str, trio.Lock] = field(default_factory=dict)
 
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
         """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""

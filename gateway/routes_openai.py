@@ -1066,8 +1066,13 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
     check_batch(state, calls)
     send, recv = trio.open_memory_channel[Any](math.inf)
     parts: list[RequestHandle] = []
+    # a tenant's batches are admitted one at a time: two batches interleaving under
+    # `max_concurrent` would each take a slot, each be refused its next, and both fail,
+    # again on every retry; in turn, the first is admitted whole and the other refused
+    tenant_id = calls[0].tenant.tenant_id
+    lock = state.batch_locks.setdefault(tenant_id, trio.Lock())
     try:
-        async with send:  # the stream ends when every call's clone is closed
+        async with lock, send:  # the stream ends when every call's clone is closed
             for call in calls:
                 reply = await state.runtime.submit(call, sink=send)
                 if isinstance(reply, Rejected):
@@ -1082,6 +1087,9 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
             for h in parts:
                 await h.wait_settled()
         raise
+    finally:
+        if not lock.locked() and not lock.statistics().tasks_waiting:
+            state.batch_locks.pop(tenant_id, None)
     return BatchHandle(request_id, parts, recv, n)
 
 

@@ -207,6 +207,23 @@ async def test_a_batch_that_can_never_be_admitted_whole_is_a_400(gateway: Gatewa
     assert (await post(gateway, {"prompt": ["a", "b"], "max_tokens": 1})).status_code == 200
 
 
+async def test_a_tenants_batches_are_admitted_one_at_a_time(gateway: Gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two batches sent at once must not interleave their prompts' admission: under
+    max_concurrent each would take a slot, be refused its next, and both fail."""
+    submit = gateway.runtime.submit
+
+    async def slow_submit(call, sink=None):  # type: ignore[no-untyped-def]
+        await trio.sleep(0.02)  # admission takes a while (tokenizing, the quota script)
+        return await submit(call, sink=sink)
+
+    monkeypatch.setattr(gateway.runtime, "submit", slow_submit)
+    async with trio.open_nursery() as nursery:
+        for batch in ("a", "b"):
+            nursery.start_soon(post, gateway, {"prompt": [f"{batch}0", f"{batch}1", f"{batch}2"], "max_tokens": 1})
+    order = [c.prompt[0] for c in gateway.runtime.calls]
+    assert order in (list("aaabbb"), list("bbbaaa")), order
+
+
 async def test_the_websocket_carries_the_prompts_logprobs(gateway: Gateway) -> None:
     async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
         assert await ws.receive_json() == {"type": "ready"}
