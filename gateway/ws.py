@@ -100,6 +100,9 @@ class Session:
     state: GatewayState
     tenant: TenantContext | None = None
     active: dict[str, trio.CancelScope] = field(default_factory=dict)
+    # cancelled, "cancelled" not sent yet (its quota settling): a repeated cancel is ignored,
+    # and the id cannot be reused until then (no frames of two requests under one id)
+    cancelling: set[str] = field(default_factory=set)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -131,10 +134,13 @@ class Session:
                 await self.send(error_frame(frame.id, exc))
             finally:
                 self.active.pop(frame.id, None)
-        if scope.cancelled_caught:
-            if handles:  # "cancelled" means gone: its quota settled, its concurrency slot free
-                await handles[0].wait_settled()
-            await self.send({"type": "cancelled", "id": frame.id})
+        try:
+            if scope.cancelled_caught:
+                if handles:  # "cancelled" means gone: its quota settled, its concurrency slot free
+                    await handles[0].wait_settled()
+                await self.send({"type": "cancelled", "id": frame.id})
+        finally:
+            self.cancelling.discard(frame.id)  # (also when the request ended before the cancel took)
 
     async def _stream(self, frame: RequestFrame, handles: list[Handle]) -> None:
         if self.tenant is None:  # checked before spawning; kept for the type checker
@@ -193,7 +199,11 @@ class Session:
 async def _authenticate_first_frame(session: Session) -> None:
     """No Authorization header: the first frame must be an auth frame."""
     with trio.move_on_after(AUTH_TIMEOUT_S) as timeout:
-        frame = decode_frame(await session.receive())
+        data = await session.receive()
+        try:
+            frame = decode_frame(data)
+        except ApiError:  # not even a frame: still, what is missing is the auth frame
+            frame = None
     if timeout.cancelled_caught:
         raise ApiError(401, "no auth frame received in time", code="missing_api_key")
     if not isinstance(frame, AuthFrame):
@@ -218,13 +228,14 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
             continue
         if isinstance(frame, CancelFrame):
             scope = session.active.get(frame.id)
-            if scope is None:
-                await session.send(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}", code="unknown_request")))
-            else:
+            if scope is not None:
+                session.cancelling.add(frame.id)
                 scope.cancel()
+            elif frame.id not in session.cancelling:  # (a repeated cancel: "cancelled" is on its way)
+                await session.send(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}", code="unknown_request")))
         elif isinstance(frame, AuthFrame):
             await session.send(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
-        elif frame.id in session.active:
+        elif frame.id in session.active or frame.id in session.cancelling:
             await session.send(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active", code="duplicate_id")))
         elif len(session.active) >= limit:
             await session.send(

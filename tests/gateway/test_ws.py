@@ -89,6 +89,11 @@ async def test_request_before_auth_is_refused(gateway: Gateway) -> None:
         await ws.send_json(request_frame("a"))
         frame = await ws.receive_json()
         assert frame["status"] == 401
+    for first in ('{"type": "request", "id": "a"}', "garbage"):  # not even a frame: still a 401
+        async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
+            await ws.send_text(first)
+            frame = await ws.receive_json()
+            assert (frame["status"], frame["error"]["code"]) == (401, "missing_api_key"), frame
     assert gateway.runtime.calls == []
 
 
@@ -108,10 +113,12 @@ async def test_cancel_frame_cancels_only_that_request(gateway: Gateway) -> None:
         assert (first["type"], first["id"]) == ("token", "slow")
         await ws.send_json(request_frame("fast", max_tokens=2))
         await ws.send_json({"type": "cancel", "id": "slow"})
+        await ws.send_json({"type": "cancel", "id": "slow"})  # repeated before "cancelled": ignored
         frames = await frames_until_done(ws, {"slow", "fast"})
         await ws.send_json({"type": "cancel", "id": "slow"})  # no longer active
         again = await ws.receive_json()
     assert frames["slow"][-1] == {"type": "cancelled", "id": "slow"}
+    assert not any(f["type"] == "error" for f in frames["slow"])  # no 404 for the repeat
     assert frames["fast"][-1]["type"] == "done"
     slow_id = next(c.request_id for c in gateway.runtime.calls if c.messages[0].content == "HANG")
     assert gateway.runtime.cancelled == {slow_id}
