@@ -153,13 +153,19 @@ end
 
 local conc_key = base .. 'conc'
 redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
-if conc >= 0 and redis.call('ZCARD', conc_key) >= conc then
+if conc == 0 then
+  return {0, 'max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)'}
+end
+if conc > 0 and redis.call('ZCARD', conc_key) >= conc then
   return {0, 'max_concurrent', 1000, conc .. ' requests already running'}
 end
 
 local rpm_key = base .. 'rpm'
 redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - 60000)
-if rpm >= 0 and redis.call('ZCARD', rpm_key) >= rpm then
+if rpm == 0 then
+  return {0, 'requests_per_minute', -1, 'this key may send no requests (requests_per_minute is 0)'}
+end
+if rpm > 0 and redis.call('ZCARD', rpm_key) >= rpm then
   local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
   local retry = 60000
   if oldest[2] then retry = tonumber(oldest[2]) + 60000 - now end

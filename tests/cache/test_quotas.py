@@ -121,6 +121,14 @@ async def test_reset_limits_forgets_enforcement_but_keeps_usage(quotas: QuotaMan
     assert not await quotas.settle(tenant, "a", 500, 400, "m")  # settled ids stay settled
 
 
+async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):
+    """Retrying cannot help a key whose limit is 0: no Retry-After (as for a request too big)."""
+    for quota, limit in ((Quota(max_concurrent=0), "max_concurrent"), (Quota(requests_per_minute=0), "requests_per_minute"),
+                         (Quota(tokens_per_minute=0), "tokens_per_minute"), (Quota(daily_token_budget=0), "daily_token_budget")):
+        denied = await quotas.reserve(make_tenant(quota, f"zero-{limit}"), "r", 1, 1)
+        assert isinstance(denied, Denied) and denied.limit == limit and denied.retry_after_s is None, denied
+
+
 async def test_quota_values_stay_exact_in_the_scripts() -> None:
     import msgspec
 
