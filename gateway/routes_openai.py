@@ -818,12 +818,8 @@ class ChunkRenderer:
             self._streamed[d.index] = ready
             return self._chunk([self._content_choice(d.index, text[sent:ready], self._held_lp.pop(d.index, None))])
         if self.endpoint == "chat.completions":
-            body: dict[str, Any] = {"content": d.text}
-            if d.index not in self._role_sent:  # the choice's first chunk (after the echoed message, if any)
-                self._role_sent.add(d.index)
-                body = {"role": "assistant", "content": (self.echo[0] if self.echo else "") + d.text}
-            choice = {"index": d.index, "delta": body, "logprobs": _chat_logprobs(d, self.token_bytes),
-                      "finish_reason": None}
+            lp = _chat_logprobs(d, self.token_bytes)
+            choice = self._content_choice(d.index, d.text, lp["content"] if lp is not None else None)
         else:
             head, head_lp = "", None
             if self.echo is not None and d.index not in self._chars:  # the prompt, before the first delta
@@ -849,11 +845,12 @@ class ChunkRenderer:
                             for i in range(self.n)])
 
     def _content_choice(self, i: int, text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
-        """A chat choice's delta of content (with the role, the first time)."""
+        """A chat choice's delta of content (the first time with the role, after the echoed
+        message if any)."""
         body: dict[str, Any] = {"content": text}
         if i not in self._role_sent:
             self._role_sent.add(i)
-            body = {"role": "assistant", "content": text}
+            body = {"role": "assistant", "content": (self.echo[0] if self.echo else "") + text}
         return {"index": i, "delta": body, "logprobs": {"content": logprobs} if logprobs is not None else None,
                 "finish_reason": None}
 
