@@ -250,6 +250,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.openapi import openapi_document
     from gateway.routes_admin import admin_blueprint
     from gateway.routes_openai import openai_blueprint
+    from gateway.routes_responses import responses_blueprint
     from gateway.routes_tokenizer import tokenizer_blueprint
     from gateway.ws import ws_blueprint
 
@@ -306,6 +307,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         return openapi_document()
 
     app.register_blueprint(openai_blueprint(state))
+    app.register_blueprint(responses_blueprint(state))
     app.register_blueprint(tokenizer_blueprint(state))
     app.register_blueprint(admin_blueprint(state))
     app.register_blueprint(ws_blueprint(state))

@@ -79,6 +79,7 @@ class GatewayConfig:
     length_predictor: str = "auto"  # auto | running | magnus (auto: magnus for the magnus/hybrid policies)
     predictor_seed: str | None = None  # a saved Magnus predictor to start from when Redis holds none
     step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
+    response_store_ttl_seconds: float = 30 * 86400  # stored Responses API responses (cache.response_store)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -86,6 +87,9 @@ class GatewayConfig:
         for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.response_store_ttl_seconds) and self.response_store_ttl_seconds > 0):
+            raise ConfigError(f"response_store_ttl_seconds must be a finite number > 0, "
+                              f"got {self.response_store_ttl_seconds}")
         for name in ("shutdown_grace_seconds", "keep_alive_seconds"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -273,6 +277,9 @@ _HELP = {
     "step_thread": "where engine steps run: worker (the compute thread, one long-lived thread for all torch "
                    "work; the event loop streams while the engine steps) or loop (the event loop's thread, which waits for each step; measured better without "
                    "HTTP, not through it: docs/scheduling.md, 'Where the step runs')",
+    "response_store_ttl_seconds": "how long a stored response of the Responses API (`store`, the default) "
+                                  "is kept in Redis to be read back or continued (`previous_response_id`); "
+                                  "30 days as OpenAI's",
 }
 
 

@@ -16,9 +16,10 @@ from cache.quotas import Quota
 from cache.tenants import ApiKeyInfo, Tenant
 from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
 from gateway.routes_openai import ChatRequest, CompletionRequest
+from gateway.routes_responses import ResponsesRequest
 from gateway.routes_tokenizer import DetokenizeRequest, TokenizeRequest
 
-_SCHEMA_TYPES = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
+_SCHEMA_TYPES = (CompletionRequest, ChatRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
 
 _ERROR = {
     "type": "object",
@@ -88,7 +89,14 @@ def openapi_document() -> dict[str, Any]:
         {"name": "Cache-Control", "in": "header", "schema": {"type": "string"},
          "description": "response cache: no-cache (or max-age=0) generates afresh, no-store does not store the answer"},
     ]
-    completions["parameters"] = chat["parameters"] = headers
+    responses = _op("Create a response (OpenAI's Responses API)", body="ResponsesRequest", errors=gen_errors)
+    responses["responses"]["200"] = {
+        "description": "the Response object, or with stream=true an SSE stream of named events (`event: <type>`) "
+                       "ending with response.completed, response.incomplete or response.failed",
+        "content": streaming["content"],
+    }
+    completions["parameters"] = chat["parameters"] = responses["parameters"] = headers
+    response_id = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     public_path = {"security": []}
     paths: dict[str, Any] = {
         "/v1/completions": {"post": completions},
@@ -96,6 +104,17 @@ def openapi_document() -> dict[str, Any]:
         "/v1/models": {"get": _op("List served models")},
         "/v1/models/{model}": {"get": {**_op("One served model", errors=(401, 404)), "parameters": [
             {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+        "/v1/responses": {"post": responses},
+        "/v1/responses/{response_id}": {
+            "get": {**_op("A stored response", errors=(401, 404, 503)), "parameters": response_id},
+            "delete": {**_op("Delete a stored response", errors=(401, 404, 503)), "parameters": response_id},
+        },
+        "/v1/responses/{response_id}/input_items": {"get": {
+            **_op("A stored response's input items", errors=(400, 401, 404, 503)), "parameters": [
+                *response_id,
+                {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                {"name": "after", "in": "query", "schema": {"type": "string"}}]}},
         "/tokenize": {"post": _op("Token ids of a prompt or of chat messages (vLLM's)", body="TokenizeRequest",
                                   errors=(400, 401, 404))},
         "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404))},

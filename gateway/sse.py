@@ -2,7 +2,8 @@
 
 Each event is one ``data:`` line holding a JSON chunk and a blank line; the stream
 ends with ``data: [DONE]``. Nothing else (no ``event:``/``id:`` fields) because
-OpenAI clients parse exactly this.
+OpenAI clients parse exactly this. The Responses API's stream is the exception: each
+event is named (``event: <type>``) and there is no ``[DONE]`` (`named_event`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ SSE_HEADERS = {
 def event(payload: Any) -> bytes:
     """One SSE event from a JSON-encodable value (msgspec Structs included)."""
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+def named_event(name: str, payload: Any) -> bytes:
+    """One SSE event with an ``event:`` name (the Responses API's stream)."""
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 def parse_events(text: str) -> list[str]:

@@ -53,11 +53,13 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
     async with httpx.AsyncClient(base_url=gateway.base_url) as client:
         doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/admin/tenants", "/admin/tenants/{tenant_id}/usage"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}",
+                 "/v1/models", "/admin/tenants", "/admin/tenants/{tenant_id}/usage"):
         assert path in doc["paths"]
     schemas = doc["components"]["schemas"]
     assert "max_completion_tokens" in schemas["ChatRequest"]["properties"]
     assert "prompt" in schemas["CompletionRequest"]["required"]
+    assert "previous_response_id" in schemas["ResponsesRequest"]["properties"]
     assert "requests_per_minute" in schemas["Quota"]["properties"]
 
 

@@ -1,0 +1,79 @@
+"""Stored responses of the Responses API (`store: true`), kept per tenant in Redis.
+
+A stored response is what `GET /v1/responses/{id}` returns, and what a later request's
+`previous_response_id` continues from: the conversation the model read (the earlier
+turns and this request's input, as Responses items) and the response with its output.
+Instructions are not kept in the conversation: as OpenAI's, they apply to one request
+and are not carried over.
+
+Redis key: ``{prefix}resp1:<tenant id>:<response id>``, value JSON, TTL ``ttl_s``
+(OpenAI keeps stored responses 30 days). The tenant is part of the key, so one tenant
+can neither read nor continue nor delete another's responses: to it they do not exist.
+Entries bigger than ``max_entry_bytes`` are not stored (`put` returns False): a
+conversation that long no longer fits the model's context anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from cache.store import RedisStore
+
+__all__ = ["ResponseStore", "StoredResponse"]
+
+_encoder = msgspec.json.Encoder()
+
+
+class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """`response`: the Response object as returned. `context`: the items of the turns
+    before this request (from its `previous_response_id`); `input`: this request's own
+    input items, each with an `id`. The next turn reads context + input + output."""
+
+    response: dict[str, Any]
+    context: list[dict[str, Any]]
+    input: list[dict[str, Any]]
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """The items a request continuing this response starts from."""
+        return [*self.context, *self.input, *self.response.get("output", [])]
+
+
+_decoder = msgspec.json.Decoder(StoredResponse)
+
+
+class ResponseStore:
+    """Per-tenant stored responses. Every method raises CacheUnavailable when Redis
+    cannot be reached."""
+
+    def __init__(self, store: RedisStore, *, ttl_s: float = 30 * 86400, max_entry_bytes: int = 8 << 20) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self.store = store
+        self.ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes
+
+    def _key(self, tenant_id: str, response_id: str) -> str:
+        return self.store.key("resp1", tenant_id, response_id)
+
+    async def put(self, tenant_id: str, stored: StoredResponse) -> bool:
+        """Store (or replace) `stored` under its response id for `ttl_s`; False when it is
+        too large to keep."""
+        value = _encoder.encode(stored)
+        if len(value) > self.max_entry_bytes:
+            return False
+        with self.store.guard():
+            await self.store.client.set(self._key(tenant_id, stored.response["id"]), value,
+                                        px=round(self.ttl_s * 1000))
+        return True
+
+    async def get(self, tenant_id: str, response_id: str) -> StoredResponse | None:
+        with self.store.guard():
+            raw = await self.store.client.get(self._key(tenant_id, response_id))
+        return None if raw is None else _decoder.decode(raw)
+
+    async def delete(self, tenant_id: str, response_id: str) -> bool:
+        """True if the response was stored (and is gone now)."""
+        with self.store.guard():
+            return bool(await self.store.client.delete([self._key(tenant_id, response_id)]))

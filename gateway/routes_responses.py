@@ -1,0 +1,645 @@
+"""OpenAI's Responses API: POST /v1/responses, and GET/DELETE of stored responses.
+
+The Responses API is the chat API with another wire format: `input` items instead of
+`messages`, output items (messages and function calls) instead of choices, typed stream
+events instead of chunks, and responses stored server-side so that the next request
+continues one by its id (`previous_response_id`) instead of sending the conversation
+again. A request is mapped onto a chat request (`chat_request`) and runs the chat
+path's parts: tool calling, output constraints, sampling checks, admission, quotas and
+the response cache are the same. The chat stream chunks of `routes_openai.ChunkRenderer`
+(which holds back tool-call text) are turned into Responses events (`ResponseRenderer`),
+so a JSON response and a stream are built the same way.
+
+Not supported (400): background mode, conversations, prompt templates, truncation
+`auto`, reasoning effort (this model does not reason), hosted tools (web search, file
+search, ...), and non-text input (images, files, audio): this model reads text only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from quart import Blueprint, Response, request
+
+from actors.messages import Failed, Finished, TokenDelta
+from cache.response_store import ResponseStore, StoredResponse
+from cache.store import CacheUnavailable
+from gateway import sse
+from gateway.errors import ApiError, param_of
+from gateway.routes_openai import (
+    CacheDirectives,
+    ChatRequest,
+    ChunkRenderer,
+    Handle,
+    PromptFinished,
+    SseBody,
+    events_of,
+    failed_error,
+    submit_all,
+    to_generate_calls,
+    token_bytes_of,
+    tools_of,
+)
+from gateway.tools import ToolCalling
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+
+log = logging.getLogger("lmgate.gateway")
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# `include` values a request may send: logprobs, and what only applies to items this
+# server never produces (reasoning), so they ask for nothing here
+_INCLUDES = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")
+_TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+_ROLES = ("user", "system", "developer", "assistant")
+
+
+class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of POST /v1/responses (OpenAI's names, then the chat extensions it takes)."""
+
+    model: str
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    store: bool = True
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's successor of `user`
+    truncation: Literal["disabled", "auto"] | None = None
+    reasoning: dict[str, Any] | None = None
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    # accepted and without effect here: routing and caching hints for OpenAI's own service
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    stream_options: dict[str, Any] | None = None
+    # extensions (the chat endpoint's, vLLM names)
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    priority: int | None = None
+
+
+def decode_request(raw: bytes) -> ResponsesRequest:
+    """A body → `ResponsesRequest`, or a 400 naming the field."""
+    try:
+        return msgspec.json.decode(raw, type=ResponsesRequest)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+
+
+def _unsupported(req: ResponsesRequest) -> None:
+    """400 for what this server cannot honour, naming the field."""
+    refused = [
+        ("background", bool(req.background), "background mode is not supported; send the request and read "
+                                              "the stream (stream: true) instead"),
+        ("conversation", req.conversation is not None, "conversations are not supported; continue a stored "
+                                                       "response with previous_response_id"),
+        ("prompt", req.prompt is not None, "prompt templates are not supported; send instructions and input"),
+        ("truncation", req.truncation == "auto", "truncation \"auto\" is not supported: a conversation longer "
+                                                 "than the model's context is refused (400)"),
+    ]
+    for name, bad, message in refused:
+        if bad:
+            raise ApiError(400, message, code="unsupported_value", param=name)
+    effort = (req.reasoning or {}).get("effort")
+    if effort not in (None, "none"):
+        raise ApiError(400, "reasoning is not supported: this model does not reason", code="unsupported_value",
+                       param="reasoning")
+    for value in req.include or []:
+        if value not in _INCLUDES:
+            raise ApiError(400, f"include {value[:100]!r} is not supported; this server can include "
+                           f"{LOGPROBS_INCLUDE!r}", code="unsupported_value", param="include")
+    if req.max_tool_calls is not None and req.max_tool_calls != 1:
+        raise ApiError(400, "max_tool_calls may only be 1 (one call, as parallel_tool_calls false) here",
+                       code="unsupported_value", param="max_tool_calls")
+
+
+# ---------------------------------------------------------------- input items
+
+
+def _text_of(content: Any, where: str) -> tuple[str, list[dict[str, Any]]]:
+    """A message's content (a string, or a list of text parts) → its text and its parts."""
+    if isinstance(content, str):
+        return content, [{"type": "input_text", "text": content}]
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of content parts", code="invalid_value",
+                       param="input")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS:
+            if isinstance(kind, str) and kind.startswith("input_"):
+                raise ApiError(400, f"content parts of type {kind[:50]!r} are not supported (this model reads text "
+                               "only)", code="unsupported_value", param="input")
+            raise ApiError(400, f"{where}: a content part needs a \"type\" (input_text, output_text)",
+                           code="invalid_value", param="input")
+        text = part.get("text", part.get("refusal"))
+        if not isinstance(text, str):
+            raise ApiError(400, f"{where}: a {kind} part needs its text", code="invalid_value", param="input")
+        parts.append({"type": "output_text" if kind in ("output_text", "refusal") else "input_text", "text": text})
+    return "".join(p["text"] for p in parts), parts
+
+
+def _string(item: dict[str, Any], name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where} needs \"{name}\" (a string)", code="invalid_value", param="input")
+    return value
+
+
+def input_items(value: str | list[Any] | None) -> list[dict[str, Any]]:
+    """A request's `input` as the items it is stored as: messages (text parts only),
+    function calls and their outputs, each with an id. Reasoning items are dropped (this
+    model writes none and reads none); other kinds are a 400."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    items = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"{where} must be an object", code="invalid_value", param="input")
+        kind = item.get("type", "message")
+        given_id = item.get("id") if isinstance(item.get("id"), str) else None
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                raise ApiError(400, f"{where}.role must be one of {', '.join(_ROLES)}", code="invalid_value",
+                               param="input")
+            _, parts = _text_of(item.get("content"), where)
+            if role == "assistant":
+                parts = [{**p, "type": "output_text", "annotations": []} for p in parts]
+            items.append({"id": given_id or _new_id("msg"), "type": "message", "role": role, "content": parts})
+        elif kind == "function_call":
+            items.append({"id": given_id or _new_id("fc"), "type": "function_call",
+                          "call_id": _string(item, "call_id", where), "name": _string(item, "name", where),
+                          "arguments": _string(item, "arguments", where), "status": "completed"})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text_of(output, where)[0]
+            items.append({"id": given_id or _new_id("fco"), "type": "function_call_output",
+                          "call_id": _string(item, "call_id", where), "output": text})
+        elif kind == "reasoning":
+            continue
+        else:
+            raise ApiError(400, f"{where}: input items of type {str(kind)[:50]!r} are not supported (messages, "
+                           "function_call and function_call_output are)", code="unsupported_value", param="input")
+    return items
+
+
+def chat_messages_of(items: list[dict[str, Any]], instructions: str | None) -> list[dict[str, Any]]:
+    """Items → chat messages: the instructions first as a system message, a function call
+    joins the assistant turn before it (its text and calls are one turn), a call's output
+    is a tool message."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    for item in items:
+        if item["type"] == "message":
+            messages.append({"role": item["role"], "content": "".join(p["text"] for p in item["content"])})
+        elif item["type"] == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+    return messages
+
+
+# ---------------------------------------------------------------- mapping to chat
+
+
+def chat_tools(tools: list[Any] | None) -> list[Any] | None:
+    """Responses function tools (`{"type": "function", "name", "parameters", ...}`) → chat's."""
+    if tools is None:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise ApiError(400, f"tools[{i}]: tools of type {str(kind)[:50]!r} are not supported (function tools "
+                           "are)", code="unsupported_value", param="tools")
+        out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
+                                                     if tool.get(k) is not None}})
+    return out
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if not isinstance(choice, dict):
+        return choice
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise ApiError(400, "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                   "\"name\": ...}", code="invalid_value", param="tool_choice")
+
+
+def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`text.format` → chat's `response_format`."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, "text.format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                       "{\"type\": \"json_schema\", \"name\": ..., \"schema\": {...}}", code="invalid_value",
+                       param="text")
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "response"), "schema": fmt.get("schema")}}
+
+
+# chat names in errors → the Responses request's own
+_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+           "response_format": "text", "logprobs": "top_logprobs"}
+
+
+@contextmanager
+def own_params() -> Iterator[None]:
+    """A 400 of the chat path names the Responses request's field (`_PARAMS`)."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.param = _PARAMS.get(exc.param or "", exc.param)
+        raise
+
+
+def chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatRequest:
+    """The chat request that runs `req` on the conversation `items`."""
+    logprobs = LOGPROBS_INCLUDE in (req.include or []) or req.top_logprobs is not None
+    body = {
+        "model": req.model,
+        "messages": chat_messages_of(items, req.instructions),
+        "max_completion_tokens": req.max_output_tokens,
+        "stream": req.stream,
+        "tools": chat_tools(req.tools),
+        "tool_choice": chat_tool_choice(req.tool_choice),
+        "parallel_tool_calls": False if req.max_tool_calls == 1 else req.parallel_tool_calls,
+        "response_format": response_format(req.text),
+        "user": req.safety_identifier or req.user,
+        "metadata": req.metadata,
+        "logprobs": logprobs,
+        "top_logprobs": req.top_logprobs if logprobs else None,
+        **{k: getattr(req, k) for k in ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty",
+                                        "logit_bias", "priority")},
+    }
+    try:
+        return msgspec.convert({k: v for k, v in body.items() if v is not None}, type=ChatRequest)
+    except msgspec.ValidationError as exc:
+        with own_params():
+            raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}_{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- rendering
+
+
+@dataclass
+class ResponseRenderer:
+    """Turns a request's events into the Response object and its stream events.
+
+    Output items come from the chat chunks of a `ChunkRenderer` (which holds back the text
+    of tool calls and sends the calls when the choice ends): content opens a message item
+    and streams into its one output_text part; a tool call closes the message and adds a
+    function_call item. The finish reason "length" leaves the response `incomplete`
+    (`max_output_tokens`). Every event carries the next `sequence_number`."""
+
+    response_id: str
+    req: ResponsesRequest
+    tools: ToolCalling | None
+    chunks: ChunkRenderer
+    logprobs: bool = False
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    output: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "in_progress"
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    failure: Failed | None = None  # what ended a failed run
+    _seq: int = 0
+    _message: dict[str, Any] | None = None  # the open message item
+    _text: list[str] = field(default_factory=list)
+    _text_lp: list[dict[str, Any]] = field(default_factory=list)
+
+    def _event(self, kind: str, **body: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._seq, **body}
+        self._seq += 1
+        return event
+
+    def response(self) -> dict[str, Any]:
+        """The Response object as it stands."""
+        req = self.req
+        fmt = (req.text or {}).get("format") or {"type": "text"}
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": self.status,
+            "error": self.error,
+            "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": req.model,
+            "output": [dict(item) for item in self.output],
+            "parallel_tool_calls": req.parallel_tool_calls is not False and req.max_tool_calls != 1,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": None, "summary": None},
+            "store": req.store,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "text": {"format": fmt},
+            "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
+            "tools": list(req.tools or []),
+            "top_logprobs": req.top_logprobs or 0,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "truncation": req.truncation or "disabled",
+            "usage": self.usage,
+            "user": req.user,
+            "metadata": req.metadata or {},
+        }
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._event("response.created", response=self.response()),
+                self._event("response.in_progress", response=self.response())]
+
+    def delta(self, d: TokenDelta) -> list[dict[str, Any]]:
+        chunk = self.chunks.delta(d)
+        return self._from_chunks(([chunk] if chunk is not None else []) + self.chunks.choice_end(d))
+
+    def finished(self, f: Finished) -> list[dict[str, Any]]:
+        events = self._from_chunks(self.chunks.finished(f))
+        if not self.output and self._message is None:  # nothing written: an empty message, as OpenAI's
+            events += self._open_message()
+        events += self._close_message()
+        u = f.usage
+        self.usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": u.total_tokens}
+        kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
+        self.status = "incomplete" if self.status == "incomplete" else "completed"
+        return [*events, self._event(kind, response=self.response())]
+
+    def failed(self, fail: Failed) -> list[dict[str, Any]]:
+        events = self._close_message()
+        self.status, self.failure = "failed", fail
+        self.error = {"code": fail.code, "message": fail.message}
+        return [*events, self._event("response.failed", response=self.response())]
+
+    def _from_chunks(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                delta = choice.get("delta") or {}
+                lp = (choice.get("logprobs") or {}).get("content") or []
+                if delta.get("content"):
+                    events += self._content(delta["content"], lp)
+                for call in delta.get("tool_calls") or []:
+                    events += self._call(call)
+                if choice.get("finish_reason") == "length":
+                    self.status = "incomplete"
+        return events
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        self._message = {"id": _new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
+                         "content": []}
+        self.output.append(self._message)
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        index = len(self.output) - 1
+        return [self._event("response.output_item.added", output_index=index, item={**self._message, "content": []}),
+                self._event("response.content_part.added", item_id=self._message["id"], output_index=index,
+                            content_index=0, part=part)]
+
+    def _content(self, text: str, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        events = self._open_message() if self._message is None else []
+        self._text.append(text)
+        lp = logprobs if self.logprobs else []
+        self._text_lp += lp
+        return [*events, self._event("response.output_text.delta", item_id=self._message["id"],  # type: ignore[index]
+                                     output_index=len(self.output) - 1, content_index=0, delta=text, logprobs=lp)]
+
+    def _close_message(self) -> list[dict[str, Any]]:
+        if self._message is None:
+            return []
+        message, self._message = self._message, None
+        text, lp = "".join(self._text), list(self._text_lp)
+        self._text, self._text_lp = [], []
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
+        message["content"] = [part]
+        message["status"] = "incomplete" if self.status == "incomplete" else "completed"
+        index = self.output.index(message)
+        ids = {"item_id": message["id"], "output_index": index, "content_index": 0}
+        return [self._event("response.output_text.done", **ids, text=text, logprobs=lp),
+                self._event("response.content_part.done", **ids, part=part),
+                self._event("response.output_item.done", output_index=index, item=dict(message))]
+
+    def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self._close_message()
+        fn = call["function"]
+        item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call["id"],
+                "name": fn["name"], "arguments": ""}
+        self.output.append(item)
+        index = len(self.output) - 1
+        events.append(self._event("response.output_item.added", output_index=index, item=dict(item)))
+        events.append(self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                  delta=fn["arguments"]))
+        item.update(arguments=fn["arguments"], status="completed")
+        events.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                  name=fn["name"], arguments=fn["arguments"]))
+        events.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
+        return events
+
+
+# ---------------------------------------------------------------- serving
+
+
+@dataclass
+class Turn:
+    """One request's run: what it reads, how its output is rendered, where it is kept."""
+
+    state: GatewayState
+    store: ResponseStore
+    tenant_id: str
+    req: ResponsesRequest
+    context: list[dict[str, Any]]  # the earlier turns' items (`previous_response_id`)
+    input: list[dict[str, Any]]
+    renderer: ResponseRenderer
+
+    async def events(self, handle: Handle) -> AsyncIterator[dict[str, Any]]:
+        """Every stream event of the run, from `response.created` to its last; the response
+        is stored (when asked) before the last event goes out, so a client may continue it
+        as soon as it has read it."""
+        for event in self.renderer.start():
+            yield event
+        async with aclosing(events_of(handle)) as events:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    for e in self.renderer.delta(event):
+                        yield e
+                elif isinstance(event, PromptFinished):
+                    continue
+                elif isinstance(event, Failed):
+                    for e in self.renderer.failed(event):
+                        yield e
+                    return
+                else:
+                    out = self.renderer.finished(event)
+                    await self.keep()
+                    for e in out:
+                        yield e
+                    return
+        raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+
+    async def keep(self) -> None:
+        """Store the finished response (`store`); a Redis that cannot be reached loses
+        only this: the answer still goes out, and a later `previous_response_id` gets a 404."""
+        if not self.req.store:
+            return
+        stored = StoredResponse(response=self.renderer.response(), context=self.context, input=self.input)
+        try:
+            if not await self.store.put(self.tenant_id, stored):
+                log.warning("response %s not stored: larger than %d bytes", self.renderer.response_id,
+                            self.store.max_entry_bytes)
+        except CacheUnavailable as exc:
+            log.warning("response %s not stored: %s", self.renderer.response_id, exc)
+
+
+class ResponsesSseBody(SseBody):
+    """The stream of one Responses request: named SSE events (`event: <type>`), no
+    `[DONE]`; aborts as `SseBody` does."""
+
+    def __init__(self, handle: Handle, turn: Turn) -> None:
+        self.turn = turn
+        super().__init__(handle, turn.renderer.chunks)
+
+    async def _generate(self) -> AsyncIterator[bytes]:
+        async with aclosing(self.turn.events(self.handle)) as events:
+            async for event in events:
+                yield sse.named_event(event["type"], event)
+
+
+def responses_blueprint(state: GatewayState) -> Blueprint:
+    bp = Blueprint("responses", __name__)
+    store = ResponseStore(state.stores.redis, ttl_s=state.config.response_store_ttl_seconds)
+
+    async def stored(tenant_id: str, response_id: str, param: str | None = None) -> StoredResponse:
+        try:
+            found = await store.get(tenant_id, response_id)
+        except CacheUnavailable as exc:
+            raise ApiError(503, "the response store is unavailable", code="store_unavailable",
+                           retry_after=1) from exc
+        if found is None:
+            raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found", param=param)
+        return found
+
+    @bp.post("/v1/responses")
+    async def create() -> Any:
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        req = decode_request(await request.get_data(cache=False))
+        state.check_model(req.model)
+        _unsupported(req)
+        items = input_items(req.input)
+        context = []
+        if req.previous_response_id is not None:
+            context = (await stored(tenant.tenant_id, req.previous_response_id, "previous_response_id")).conversation()
+        elif not items:
+            raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
+        chat = chat_request(req, [*context, *items])
+        response_id = _new_id("resp")
+        cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
+        with own_params():
+            calls = to_generate_calls(chat, tenant, response_id, app_tag=request.headers.get("X-Lmgate-App"),
+                                      cache=cache)
+            handle = await submit_all(state, calls, response_id, 1)  # admission compiles a constraint: its 400
+        tools = tools_of(chat)
+        chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
+                               token_bytes=token_bytes_of(state), tools=tools)
+        renderer = ResponseRenderer(response_id, req, tools, chunks, logprobs=chat.logprobs)
+        turn = Turn(state, store, tenant.tenant_id, req, context, items, renderer)
+        if req.stream:
+            response = Response(ResponsesSseBody(handle, turn), content_type="text/event-stream",
+                                headers=sse.SSE_HEADERS)
+            response.timeout = None
+            return response
+        async with aclosing(turn.events(handle)) as events:
+            async for _ in events:
+                pass
+        if renderer.failure is not None:
+            raise failed_error(renderer.failure)
+        return renderer.response()
+
+    @bp.get("/v1/responses/<response_id>")
+    async def retrieve(response_id: str) -> Any:
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        return (await stored(tenant.tenant_id, response_id)).response
+
+    @bp.delete("/v1/responses/<response_id>")
+    async def delete(response_id: str) -> Any:
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        try:
+            found = await store.delete(tenant.tenant_id, response_id)
+        except CacheUnavailable as exc:
+            raise ApiError(503, "the response store is unavailable", code="store_unavailable",
+                           retry_after=1) from exc
+        if not found:
+            raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @bp.get("/v1/responses/<response_id>/input_items")
+    async def list_input_items(response_id: str) -> Any:
+        """This response's input items (OpenAI's: newest first unless `order=asc`), `limit`
+        (1-100, default 20) at a time after the item `after`."""
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        items = list((await stored(tenant.tenant_id, response_id)).input)
+        order = request.args.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order must be asc or desc", code="invalid_value", param="order")
+        try:
+            limit = int(request.args.get("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            raise ApiError(400, "limit must be an integer from 1 to 100", code="invalid_value", param="limit")
+        if order == "desc":
+            items.reverse()
+        after = request.args.get("after")
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item.get("id") == after), None)
+            if at is None:
+                raise ApiError(400, f"after: no input item {after[:100]!r} in this response", code="invalid_value",
+                               param="after")
+            items = items[at + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+    return bp
+
+
+__all__ = ["ResponseRenderer", "ResponsesRequest", "chat_request", "input_items", "responses_blueprint"]

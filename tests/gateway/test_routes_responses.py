@@ -1,0 +1,286 @@
+"""The Responses API (POST /v1/responses, stored responses) over real sockets and the
+official SDK: output items, stream events, tool calls, continuing a stored response,
+per-tenant storage, and its 400s/404s."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import trio
+
+from actors.messages import Failed, Finished, TokenDelta, Usage
+from gateway.errors import ApiError
+from gateway.routes_openai import ChunkRenderer
+from gateway.routes_responses import ResponseRenderer, ResponsesRequest, chat_request, input_items
+from gateway.sse import parse_events
+from gateway.tools import tool_calling
+from tests.gateway.conftest import MODEL, Gateway, word
+
+# ---------------------------------------------------------------- pure mapping
+
+
+def renderer(req: ResponsesRequest, tools: list | None = None, choice: str | None = None) -> ResponseRenderer:
+    calling = tool_calling(tools, choice, None) if tools else None
+    return ResponseRenderer("resp_1", req, calling,
+                            ChunkRenderer("chat.completions", "resp_1", MODEL, False, tools=calling))
+
+
+def test_text_becomes_one_message_item_and_the_events_follow_openais_order() -> None:
+    r = renderer(ResponsesRequest(model=MODEL, input="hi"))
+    events = r.start() + r.delta(TokenDelta("resp_1", 0, "Hel", [1])) + r.delta(TokenDelta("resp_1", 0, "lo", [2]))
+    events += r.finished(Finished("resp_1", ["stop"], Usage(3, 2)))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    final = events[-1]["response"]
+    [message] = final["output"]
+    assert message["type"] == "message" and message["status"] == "completed" and message["role"] == "assistant"
+    assert message["content"] == [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}]
+    assert events[2]["item"]["id"] == events[4]["item_id"] == message["id"]
+    assert final["status"] == "completed" and final["incomplete_details"] is None
+    assert final["usage"]["input_tokens"] == 3 and final["usage"]["output_tokens"] == 2
+    assert final["usage"]["total_tokens"] == 5
+
+
+def test_a_cut_answer_is_incomplete_and_an_empty_one_still_has_its_message() -> None:
+    r = renderer(ResponsesRequest(model=MODEL, input="hi", max_output_tokens=1))
+    events = r.delta(TokenDelta("resp_1", 0, "x", [1], finish_reason="length"))
+    events += r.finished(Finished("resp_1", ["length"], Usage(1, 1)))
+    final = events[-1]
+    assert final["type"] == "response.incomplete"
+    assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["response"]["output"][0]["status"] == "incomplete"
+    r = renderer(ResponsesRequest(model=MODEL, input="hi"))
+    final = r.finished(Finished("resp_1", ["stop"], Usage(1, 0)))[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == ""
+
+
+def test_tool_calls_become_function_call_items_after_the_text() -> None:
+    tools = [{"type": "function", "function": {"name": "ping"}}]
+    r = renderer(ResponsesRequest(model=MODEL, input="hi"), tools, "auto")
+    events = r.delta(TokenDelta("resp_1", 0, "Let me check. ", [1]))
+    events += r.delta(TokenDelta("resp_1", 0, '<tool_call>[{"name": "ping", "arguments": {"a": 1}}]</tool_call>', [2]))
+    assert [e["type"] for e in events] == ["response.output_item.added", "response.content_part.added",
+                                           "response.output_text.delta"]  # the call's text is held
+    events = r.finished(Finished("resp_1", ["stop"], Usage(1, 2)))
+    assert [e["type"] for e in events] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    message, call = events[-1]["response"]["output"]
+    assert message["content"][0]["text"] == "Let me check. "
+    assert call["type"] == "function_call" and call["name"] == "ping" and call["arguments"] == '{"a": 1}'
+    assert call["call_id"].startswith("call_") and call["status"] == "completed"
+    assert events[-1]["response"]["status"] == "completed"
+
+
+def test_a_failure_ends_the_response_failed() -> None:
+    r = renderer(ResponsesRequest(model=MODEL, input="hi"))
+    r.delta(TokenDelta("resp_1", 0, "x", [1]))
+    events = r.failed(Failed("resp_1", 500, "engine_error", "the engine failed"))
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"] == {"code": "engine_error", "message": "the engine failed"}
+    assert r.failure is not None
+
+
+def test_input_items_map_onto_the_chat_conversation() -> None:
+    items = input_items([
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather "},
+                                                        {"type": "input_text", "text": "in Paris?"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+    ])
+    assert [i["type"] for i in items] == ["message", "message", "message", "function_call", "function_call_output"]
+    assert all(isinstance(i["id"], str) for i in items)
+    chat = chat_request(ResponsesRequest(model=MODEL, instructions="You are a bot.", max_output_tokens=5), items)
+    assert [(m.role, m.content) for m in chat.messages][:3] == [
+        ("system", "You are a bot."), ("developer", "Be brief."), ("user", "Weather in Paris?")]
+    assistant, tool = chat.messages[3:]
+    assert assistant.content == "Checking." and assistant.tool_calls[0]["function"]["name"] == "weather"
+    assert tool.role == "tool" and tool.tool_call_id == "call_1" and tool.content == "18C"
+    assert chat.max_completion_tokens == 5
+    assert input_items("hi")[0]["content"] == [{"type": "input_text", "text": "hi"}]
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ({"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}, "text only"),
+    ({"type": "item_reference", "id": "x"}, "not supported"),
+    ({"role": "robot", "content": "x"}, "role must be"),
+    ({"type": "function_call", "name": "f", "arguments": "{}"}, "call_id"),
+    ("just a string", "must be an object"),
+])
+def test_bad_input_items_are_400s_naming_input(item: object, message: str) -> None:
+    with pytest.raises(ApiError) as err:
+        input_items([item])
+    assert err.value.status == 400 and err.value.param == "input" and message in str(err.value)
+
+
+# ---------------------------------------------------------------- served
+
+
+async def test_create_retrieve_continue_and_delete(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        first = await client.post("/v1/responses", json={"model": MODEL, "input": "hello there",
+                                                         "instructions": "Be kind.", "max_output_tokens": 2})
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert body["object"] == "response" and body["id"].startswith("resp_")
+        assert body["status"] == "incomplete"  # the fake runtime always runs to max_tokens
+        assert body["output"][0]["content"][0]["text"] == word(0, 0) + word(0, 1)
+        assert body["usage"]["output_tokens"] == 2 and body["store"] is True
+        call = gateway.runtime.calls[-1]
+        assert [(m.role, m.content) for m in call.messages] == [("system", "Be kind."), ("user", "hello there")]
+        assert call.params.max_tokens == 2 and call.request_id == body["id"]
+
+        got = await client.get(f"/v1/responses/{body['id']}")
+        assert got.status_code == 200 and got.json() == body
+
+        second = await client.post("/v1/responses", json={"model": MODEL, "input": "and again",
+                                                          "previous_response_id": body["id"], "max_output_tokens": 1})
+        assert second.status_code == 200, second.text
+        assert second.json()["previous_response_id"] == body["id"]
+        # the earlier turn, its answer and the new input; the instructions are not carried over
+        assert [(m.role, m.content) for m in gateway.runtime.calls[-1].messages] == [
+            ("user", "hello there"), ("assistant", word(0, 0) + word(0, 1)), ("user", "and again")]
+        # a third turn reads the whole chain
+        third = await client.post("/v1/responses", json={"model": MODEL, "input": "third",
+                                                         "previous_response_id": second.json()["id"]})
+        assert [m.content for m in gateway.runtime.calls[-1].messages][-2:] == [word(0, 0), "third"]
+        assert third.status_code == 200
+
+        items = await client.get(f"/v1/responses/{second.json()['id']}/input_items")
+        assert [i["content"][0]["text"] for i in items.json()["data"]] == ["and again"]
+
+        gone = await client.delete(f"/v1/responses/{body['id']}")
+        assert gone.json() == {"id": body["id"], "object": "response", "deleted": True}
+        missing = await client.get(f"/v1/responses/{body['id']}")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+        assert (await client.delete(f"/v1/responses/{body['id']}")).status_code == 404
+        cont = await client.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                                        "previous_response_id": body["id"]})
+        assert cont.status_code == 404 and cont.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_responses_are_private_to_their_tenant_and_store_false_keeps_nothing(gateway: Gateway) -> None:
+    await gateway.stores.tenants.create_tenant("t2", "tenant two")
+    _, other_key = await gateway.stores.tenants.create_key("t2", "other")
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        mine = (await client.post("/v1/responses", json={"model": MODEL, "input": "secret",
+                                                         "max_output_tokens": 1})).json()
+        other = {"Authorization": f"Bearer {other_key}"}
+        assert (await client.get(f"/v1/responses/{mine['id']}", headers=other)).status_code == 404
+        assert (await client.delete(f"/v1/responses/{mine['id']}", headers=other)).status_code == 404
+        cont = await client.post("/v1/responses", headers=other, json={
+            "model": MODEL, "input": "x", "previous_response_id": mine["id"]})
+        assert cont.status_code == 404
+        assert (await client.get(f"/v1/responses/{mine['id']}")).status_code == 200  # still there for its owner
+        unstored = (await client.post("/v1/responses", json={"model": MODEL, "input": "x", "store": False,
+                                                             "max_output_tokens": 1})).json()
+        assert unstored["store"] is False
+        assert (await client.get(f"/v1/responses/{unstored['id']}")).status_code == 404
+
+
+async def test_input_items_pages(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        body = (await client.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "input": [
+            {"role": "user", "content": f"m{i}"} for i in range(5)]})).json()
+        url = f"/v1/responses/{body['id']}/input_items"
+        page = (await client.get(url, params={"limit": 2})).json()
+        assert [i["content"][0]["text"] for i in page["data"]] == ["m4", "m3"] and page["has_more"] is True
+        rest = (await client.get(url, params={"limit": 10, "after": page["last_id"]})).json()
+        assert [i["content"][0]["text"] for i in rest["data"]] == ["m2", "m1", "m0"] and rest["has_more"] is False
+        asc = (await client.get(url, params={"order": "asc", "limit": 1})).json()
+        assert asc["data"][0]["content"][0]["text"] == "m0"
+        assert (await client.get(url, params={"limit": 0})).status_code == 400
+
+
+async def test_stream_events_are_named_and_end_with_the_response(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 3,
+                                                     "stream": True, "top_logprobs": 1})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    names = [line[len("event: "):] for line in r.text.split("\n") if line.startswith("event: ")]
+    events = [json.loads(p) for p in parse_events(r.text)]
+    assert names == [e["type"] for e in events] and "[DONE]" not in r.text
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(e["delta"] for e in deltas) == word(0, 0) + word(0, 1) + word(0, 2)
+    assert deltas[0]["logprobs"][0]["logprob"] == -0.5 and deltas[0]["logprobs"][0]["top_logprobs"][0]["token"] == "zeta"
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete" and final["usage"]["output_tokens"] == 3
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        stored = (await client.get(f"/v1/responses/{final['id']}")).json()
+    assert stored == final  # stored before the last event went out
+
+
+async def test_a_failure_mid_stream_is_a_failed_response_and_a_500_without_stream(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "FAIL", "stream": True})
+        events = [json.loads(p) for p in parse_events(r.text)]
+        assert events[-1]["type"] == "response.failed"
+        assert events[-1]["response"]["error"]["code"] == "engine_error"
+        whole = await client.post("/v1/responses", json={"model": MODEL, "input": "FAIL"})
+        assert whole.status_code == 500 and whole.json()["error"]["code"] == "engine_error"
+        assert (await client.get(f"/v1/responses/{events[-1]['response']['id']}")).status_code == 404
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "file_search"}},
+     "tool_choice"),
+    ({"input": "x", "include": ["file_search_call.results"]}, "include"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "temperature": -1}, "temperature"),
+    ({"input": "x", "text": {"format": {"type": "xml"}}}, "text"),
+    ({"input": []}, "input"),
+    ({}, "input"),
+    ({"input": 5}, "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "1"}]}, "input"),
+])
+async def test_bad_requests_are_400s_naming_the_field(gateway: Gateway, body: dict, param: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert not gateway.runtime.calls  # nothing ran
+
+
+async def test_unknown_model_and_key(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+        assert (await client.post("/v1/responses", json={"model": MODEL, "input": "x"})).status_code == 401
+        assert (await client.get("/v1/responses/resp_x")).status_code == 401
+        r = await client.post("/v1/responses", headers=gateway.headers, json={"model": "gpt-9", "input": "x"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+async def test_the_sdk_creates_streams_and_continues(gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=gateway.api_key, max_retries=0)
+
+    def run() -> tuple[object, object, list[str], object, object]:
+        first = client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+        with client.responses.stream(model=MODEL, input="more", previous_response_id=first.id,
+                                     max_output_tokens=3) as stream:
+            events = list(stream)
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert events[-1].type == "response.incomplete"  # (as OpenAI's: `get_final_response` wants a completed one)
+        final = events[-1].response
+        got = client.responses.retrieve(final.id)
+        items = client.responses.input_items.list(final.id)
+        return first, final, deltas, got, items
+
+    first, final, deltas, got, items = await trio.to_thread.run_sync(run)
+    assert first.output_text == word(0, 0) + word(0, 1)  # type: ignore[attr-defined]
+    assert "".join(deltas) == final.output_text == word(0, 0) + word(0, 1) + word(0, 2)  # type: ignore[attr-defined]
+    assert final.status == "incomplete" and got.id == final.id  # type: ignore[attr-defined]
+    assert [i.content[0].text for i in items.data] == ["more"]  # type: ignore[attr-defined]
