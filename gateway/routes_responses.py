@@ -72,8 +72,8 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stream: bool = False
-    store: bool = True
+    stream: bool | None = False
+    store: bool | None = True  # null: the default, stored
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -100,6 +100,10 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     priority: int | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not False
 
 
 def decode_request(raw: bytes) -> ResponsesRequest:
@@ -372,7 +376,7 @@ class ResponseRenderer:
             "parallel_tool_calls": req.parallel_tool_calls is not False and req.max_tool_calls != 1,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
-            "store": req.store,
+            "store": req.stored,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "text": {"format": fmt},
             "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
@@ -519,7 +523,7 @@ class Turn:
     async def keep(self) -> None:
         """Store the finished response (`store`); a Redis that cannot be reached loses
         only this: the answer still goes out, and a later `previous_response_id` gets a 404."""
-        if not self.req.store:
+        if not self.req.stored:
             return
         stored = StoredResponse(response=self.renderer.response(), context=self.context, input=self.input)
         try:

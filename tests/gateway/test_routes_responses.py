@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from actors.messages import Failed, Finished, TokenDelta, Usage
+from cache.redis_server import PrivateRedis
 from gateway.errors import ApiError
 from gateway.routes_openai import ChunkRenderer
 from gateway.routes_responses import ResponseRenderer, ResponsesRequest, chat_request, input_items
@@ -284,3 +285,32 @@ async def test_the_sdk_creates_streams_and_continues(gateway: Gateway) -> None:
     assert "".join(deltas) == final.output_text == word(0, 0) + word(0, 1) + word(0, 2)  # type: ignore[attr-defined]
     assert final.status == "incomplete" and got.id == final.id  # type: ignore[attr-defined]
     assert [i.content[0].text for i in items.data] == ["more"]  # type: ignore[attr-defined]
+
+
+async def test_nulls_mean_the_defaults(gateway: Gateway) -> None:
+    """What SDKs and agent frameworks send for fields they leave unset."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={
+            "model": MODEL, "input": "x", "max_output_tokens": 1, "store": None, "stream": None, "instructions": None,
+            "tools": [], "include": [], "reasoning": None, "parallel_tool_calls": None, "tool_choice": None,
+            "text": None, "truncation": None, "metadata": None, "previous_response_id": None})
+        assert r.status_code == 200, r.text
+        assert r.json()["store"] is True
+        assert (await client.get(f"/v1/responses/{r.json()['id']}")).status_code == 200
+
+
+async def test_with_redis_down_answers_go_out_and_reads_are_503s(gateway: Gateway, redis_server: PrivateRedis) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        kept = (await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 1})).json()
+        redis_server.stop()
+        try:
+            r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 1})
+            assert r.status_code == 200  # (quotas fail open by default) not stored, still answered
+            for read in (client.get(f"/v1/responses/{kept['id']}"),
+                         client.post("/v1/responses", json={"model": MODEL, "input": "y",
+                                                            "previous_response_id": kept["id"]})):
+                r = await read
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "store_unavailable"
+        finally:
+            await trio.to_thread.run_sync(redis_server.start)
