@@ -105,6 +105,8 @@ def openapi_document() -> dict[str, Any]:
         "/v1/models/{model}": {"get": {**_op("One served model", errors=(401, 404)), "parameters": [
             {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]}},
         "/v1/responses": {"post": responses},
+        "/v1/responses/input_tokens": {"post": _op("Count the input tokens of a response request",
+                                                    body="ResponsesRequest", errors=(400, 401, 404, 503))},
         "/v1/responses/{response_id}": {
             "get": {**_op("A stored response", errors=(401, 404, 503)), "parameters": response_id},
             "delete": {**_op("Delete a stored response", errors=(401, 404, 503)), "parameters": response_id},

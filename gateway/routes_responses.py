@@ -47,6 +47,7 @@ from gateway.routes_openai import (
     token_bytes_of,
     tools_of,
 )
+from gateway.routes_tokenizer import TokenizeRequest, tokenize
 from gateway.tools import ToolCalling
 
 if TYPE_CHECKING:
@@ -562,19 +563,25 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found", param=param)
         return found
 
-    @bp.post("/v1/responses")
-    async def create() -> Any:
-        tenant = await state.authenticate(request.headers.get("Authorization"))
+    async def prepare(tenant_id: str) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]],
+                                                ChatRequest]:
+        """The request, the earlier turns' items, its own input items, and the chat request
+        that runs them."""
         req = decode_request(await request.get_data(cache=False))
         state.check_model(req.model)
         _unsupported(req)
         items = input_items(req.input)
         context = []
         if req.previous_response_id is not None:
-            context = (await stored(tenant.tenant_id, req.previous_response_id, "previous_response_id")).conversation()
+            context = (await stored(tenant_id, req.previous_response_id, "previous_response_id")).conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
-        chat = chat_request(req, [*context, *items])
+        return req, context, items, chat_request(req, [*context, *items])
+
+    @bp.post("/v1/responses")
+    async def create() -> Any:
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        req, context, items, chat = await prepare(tenant.tenant_id)
         response_id = _new_id("resp")
         cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
         with own_params():
@@ -597,6 +604,21 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if renderer.failure is not None:
             raise failed_error(renderer.failure)
         return renderer.response()
+
+    @bp.post("/v1/responses/input_tokens")
+    async def input_tokens() -> Any:
+        """How many tokens the model would read for this request (OpenAI's
+        `responses.input_tokens.count`): its conversation in the chat template, with the
+        tools it lists; nothing runs and nothing is charged."""
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        _, _, _, chat = await prepare(tenant.tenant_id)
+        tokenizer = getattr(state.runtime, "tokenizer", None)
+        if tokenizer is None:
+            raise ApiError(501, "this server has no tokenizer to count with", code="not_implemented")
+        count = TokenizeRequest(model=chat.model, messages=chat.messages, tools=chat.tools,
+                                tool_choice=chat.tool_choice, parallel_tool_calls=chat.parallel_tool_calls)
+        with own_params():
+            return {"object": "response.input_tokens", "input_tokens": len(tokenize(tokenizer, count))}
 
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:

@@ -52,6 +52,9 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
         return whole, deltas, final
 
     whole, deltas, final = await trio.to_thread.run_sync(text_both)
+    counted = await trio.to_thread.run_sync(lambda: sdk.responses.input_tokens.count(
+        model=model, input="Say hello in one short sentence.", instructions="You are a friendly assistant."))
+    assert counted.input_tokens == whole.usage.input_tokens
     assert whole.status == "completed" and whole.output_text.strip()
     assert "".join(deltas) == final.output_text == whole.output_text
     assert final.usage.output_tokens == whole.usage.output_tokens > 0
@@ -114,4 +117,10 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
     whole_again = [*shown, *question, *(i.model_dump(exclude_none=True) for i in called.output), *output]
     again = await trio.to_thread.run_sync(lambda: answer(input=whole_again))
     assert again.output_text == answered.output_text and again.usage.input_tokens == answered.usage.input_tokens
+    counted = await trio.to_thread.run_sync(lambda: sdk.responses.input_tokens.count(
+        model=model, previous_response_id=called.id, input=output, tools=TOOLS, tool_choice="none"))
+    assert counted.input_tokens == answered.usage.input_tokens
+    counted = await trio.to_thread.run_sync(lambda: sdk.responses.input_tokens.count(
+        model=model, input=shown + question, tools=TOOLS))  # auto: the tools are listed in the prompt
+    assert counted.input_tokens == called.usage.input_tokens
     stop.set()
