@@ -10,8 +10,7 @@ the response cache are the same. The chat stream chunks of `routes_openai.ChunkR
 (which holds back tool-call text) are turned into Responses events (`ResponseRenderer`),
 so a JSON response and a stream are built the same way.
 
-Not supported (400): background mode, conversations, prompt templates, truncation
-`auto`, reasoning effort (this model does not reason), hosted tools (web search, file
+Not supported (400): background mode, conversations, prompt templates, reasoning effort (this model does not reason), hosted tools (web search, file
 search, ...), and non-text input (images, files, audio): this model reads text only.
 """
 
@@ -20,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -125,8 +124,6 @@ def _unsupported(req: ResponsesRequest) -> None:
         ("conversation", req.conversation is not None, "conversations are not supported; continue a stored "
                                                        "response with previous_response_id"),
         ("prompt", req.prompt is not None, "prompt templates are not supported; send instructions and input"),
-        ("truncation", req.truncation == "auto", "truncation \"auto\" is not supported: a conversation longer "
-                                                 "than the model's context is refused (400)"),
     ]
     for name, bad, message in refused:
         if bad:
@@ -321,8 +318,42 @@ def chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatRequ
             raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
 
 
+def count_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> TokenizeRequest:
+    """The /tokenize request of the prompt `req` reads on `items` (the tools it lists included)."""
+    chat = chat_request(req, items)
+    return TokenizeRequest(model=chat.model, messages=chat.messages, tools=chat.tools, tool_choice=chat.tool_choice,
+                           parallel_tool_calls=chat.parallel_tool_calls)
+
+
 def _new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
+
+
+def orphans_dropped(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`items` without the outputs of calls that are not among them (a conversation cut
+    before a call must not keep its output: a tool turn answers a call)."""
+    calls = {item["call_id"] for item in items if item["type"] == "function_call"}
+    return [item for item in items if item["type"] != "function_call_output" or item["call_id"] in calls]
+
+
+def truncated(items: list[dict[str, Any]], tokens: Callable[[list[dict[str, Any]]], int], limit: int) -> int:
+    """Truncation "auto": how many items to drop from the start of the conversation so
+    that what is left (`orphans_dropped`) reads at most `limit` tokens — the fewest that
+    do, found by bisection (`tokens` renders the whole prompt: the instructions and tools
+    stay, only items go). 0 when it fits; when even the last item alone does not fit, none
+    are dropped (the request is then refused as too long, as without truncation)."""
+    if tokens(items) <= limit:
+        return 0
+    if len(items) < 2 or tokens(orphans_dropped(items[-1:])) > limit:
+        return 0
+    lo, hi = 1, len(items) - 1  # hi fits, lo - 1 does not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokens(orphans_dropped(items[mid:])) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 # ---------------------------------------------------------------- rendering
@@ -576,6 +607,18 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             context = (await stored(tenant_id, req.previous_response_id, "previous_response_id")).conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
+        tokenizer = getattr(state.runtime, "tokenizer", None)
+        if req.truncation == "auto" and tokenizer is not None:
+            conversation = [*context, *items]
+            # room for at least one output token, or for max_output_tokens when given
+            limit = state.runtime.max_model_len - (req.max_output_tokens or 1)
+            drop = truncated(conversation, lambda kept: len(tokenize(tokenizer, count_request(req, kept))), limit)
+            if drop:
+                kept = orphans_dropped(conversation[drop:])
+                log.info("truncation auto: dropped the first %d of %d items", len(conversation) - len(kept),
+                         len(conversation))
+                earlier = {id(i) for i in context}
+                context, items = [i for i in kept if id(i) in earlier], [i for i in kept if id(i) not in earlier]
         return req, context, items, chat_request(req, [*context, *items])
 
     @bp.post("/v1/responses")
@@ -611,14 +654,13 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         `responses.input_tokens.count`): its conversation in the chat template, with the
         tools it lists; nothing runs and nothing is charged."""
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        _, _, _, chat = await prepare(tenant.tenant_id)
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if tokenizer is None:
             raise ApiError(501, "this server has no tokenizer to count with", code="not_implemented")
-        count = TokenizeRequest(model=chat.model, messages=chat.messages, tools=chat.tools,
-                                tool_choice=chat.tool_choice, parallel_tool_calls=chat.parallel_tool_calls)
+        req, context, items, _ = await prepare(tenant.tenant_id)
         with own_params():
-            return {"object": "response.input_tokens", "input_tokens": len(tokenize(tokenizer, count))}
+            return {"object": "response.input_tokens",
+                    "input_tokens": len(tokenize(tokenizer, count_request(req, [*context, *items])))}
 
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:

@@ -15,7 +15,14 @@ from actors.messages import Failed, Finished, TokenDelta, Usage
 from cache.redis_server import PrivateRedis
 from gateway.errors import ApiError
 from gateway.routes_openai import ChunkRenderer
-from gateway.routes_responses import ResponseRenderer, ResponsesRequest, chat_request, input_items
+from gateway.routes_responses import (
+    ResponseRenderer,
+    ResponsesRequest,
+    chat_request,
+    input_items,
+    orphans_dropped,
+    truncated,
+)
 from gateway.sse import parse_events
 from gateway.tools import tool_calling
 from tests.gateway.conftest import MODEL, Gateway, word
@@ -110,6 +117,26 @@ def test_input_items_map_onto_the_chat_conversation() -> None:
     assert tool.role == "tool" and tool.tool_call_id == "call_1" and tool.content == "18C"
     assert chat.max_completion_tokens == 5
     assert input_items("hi")[0]["content"] == [{"type": "input_text", "text": "hi"}]
+
+
+def test_truncation_drops_the_fewest_items_from_the_start_and_their_orphans() -> None:
+    items = input_items([
+        {"role": "user", "content": "a" * 10},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "b" * 10},
+        {"role": "user", "content": "c" * 10},
+        {"role": "user", "content": "d" * 10},
+    ])
+
+    def tokens(kept: list[dict]) -> int:  # a fixed overhead (instructions, template) and 10 per item
+        return 7 + 10 * len(kept)
+
+    assert truncated(items, tokens, 57) == 0  # everything fits
+    assert truncated(items, tokens, 56) == 1  # the first item goes
+    # dropping the call takes its output too: 2 items dropped leave 2
+    assert truncated(items, tokens, 36) == 2 and len(orphans_dropped(items[2:])) == 2
+    assert truncated(items, tokens, 17) == 4  # the last item alone
+    assert truncated(items, tokens, 16) == 0  # nothing fits: nothing dropped (then refused as too long)
 
 
 @pytest.mark.parametrize(("item", "message"), [
@@ -235,7 +262,6 @@ async def test_a_failure_mid_stream_is_a_failed_response_and_a_500_without_strea
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"input": "x", "background": True}, "background"),
-    ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "file_search"}},
