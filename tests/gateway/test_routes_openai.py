@@ -3,7 +3,9 @@ GenerateCall, error mapping for bad input, and disconnect → cancel."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import httpx
 import pytest
@@ -454,6 +456,32 @@ async def test_too_large_body_is_413(gateway: Gateway) -> None:
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+async def test_compressed_bodies_are_decoded_within_the_cap(gateway: Gateway) -> None:
+    """Content-Encoding gzip / deflate is decoded (a small body that inflates past the cap
+    is a 413, not gigabytes in memory); an unknown coding is a 415; a broken body a 400."""
+    body = json.dumps({"model": MODEL, "prompt": "a b", "max_tokens": 2}).encode()
+    bomb = json.dumps({"model": MODEL, "prompt": "x" * (gateway.config.max_body_bytes * 4)}).encode()
+    cases = [
+        ("gzip", gzip.compress(body), 200),
+        ("deflate", zlib.compress(body), 200),
+        ("identity, gzip", gzip.compress(body), 200),
+        ("gzip", gzip.compress(bomb), 413),
+        ("br", body, 415),
+        ("gzip", body, 400),
+        ("gzip", gzip.compress(body)[:-12], 400),
+    ]
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        for coding, content, status in cases:
+            r = await client.post("/v1/completions", content=content,
+                                  headers={"Content-Encoding": coding, "Content-Type": "application/json"})
+            assert r.status_code == status, (coding, r.text)
+            if status == 200:
+                assert r.json()["choices"][0]["text"] == word(0, 0) + word(0, 1)
+            else:
+                assert r.json()["error"]["code"] in ("request_too_large", "unsupported_encoding", "invalid_encoding")
+    assert len(gzip.compress(bomb)) < gateway.config.max_body_bytes  # the bomb itself was under the cap
 
 
 @pytest.mark.parametrize(
