@@ -17,6 +17,7 @@ search, ...), and non-text input (images, files, audio): this model reads text o
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+import trio
 from quart import Blueprint, Response, request
 
 from actors.messages import Failed, Finished, TokenDelta
@@ -136,6 +138,11 @@ def _unsupported(req: ResponsesRequest) -> None:
         if value not in _INCLUDES:
             raise ApiError(400, f"include {value[:100]!r} is not supported; this server can include "
                            f"{LOGPROBS_INCLUDE!r}", code="unsupported_value", param="include")
+    pairs, key_len, value_len = MAX_METADATA
+    meta = req.metadata or {}
+    if len(meta) > pairs or any(len(k) > key_len or len(v) > value_len for k, v in meta.items()):
+        raise ApiError(400, f"metadata holds at most {pairs} pairs, keys of at most {key_len} characters and "
+                       f"values of at most {value_len}", code="invalid_value", param="metadata")
     if req.max_tool_calls is not None and req.max_tool_calls != 1:
         raise ApiError(400, "max_tool_calls may only be 1 (one call, as parallel_tool_calls false) here",
                        code="unsupported_value", param="max_tool_calls")
@@ -169,9 +176,30 @@ def _text_of(content: Any, where: str) -> tuple[str, list[dict[str, Any]]]:
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
     value = item.get(name)
-    if not isinstance(value, str):
-        raise ApiError(400, f"{where} needs \"{name}\" (a string)", code="invalid_value", param="input")
+    if not isinstance(value, str) or (name == "call_id" and not value):
+        raise ApiError(400, f"{where} needs \"{name}\" (a{' non-empty' if name == 'call_id' else ''} string)",
+                       code="invalid_value", param="input")
     return value
+
+
+def check_calls(items: list[dict[str, Any]]) -> None:
+    """A conversation's function calls as OpenAI takes them: each `call_id` made once, and
+    answered (a `function_call_output` after it) — a call left unanswered is a 400, as the
+    model would read a call that never returned. (An output of no call is the chat path's 400.)"""
+    made: set[str] = set()
+    answered: set[str] = set()
+    for item in items:
+        if item["type"] == "function_call":
+            if item["call_id"] in made:
+                raise ApiError(400, f"function call {item['call_id'][:100]!r} is made twice in the input",
+                               code="invalid_value", param="input")
+            made.add(item["call_id"])
+        elif item["type"] == "function_call_output":
+            answered.add(item["call_id"])
+    missing = next((c for c in made if c not in answered), None)
+    if missing is not None:
+        raise ApiError(400, f"No tool output found for function call {missing[:100]}.", code="invalid_value",
+                       param="input")
 
 
 def input_items(value: str | list[Any] | None) -> list[dict[str, Any]]:
@@ -204,6 +232,9 @@ def input_items(value: str | list[Any] | None) -> list[dict[str, Any]]:
                           "arguments": _string(item, "arguments", where), "status": "completed"})
         elif kind == "function_call_output":
             output = item.get("output")
+            if not isinstance(output, str | list):
+                raise ApiError(400, f"{where}.output must be a string or a list of content parts",
+                               code="invalid_value", param="input")
             text = output if isinstance(output, str) else _text_of(output, where)[0]
             items.append({"id": given_id or _new_id("fco"), "type": "function_call_output",
                           "call_id": _string(item, "call_id", where), "output": text})
@@ -255,9 +286,9 @@ def chat_tools(tools: list[Any] | None) -> list[Any] | None:
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-    if not isinstance(choice, dict):
+    if choice is None or choice in ("none", "auto", "required"):
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise ApiError(400, "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
                    "\"name\": ...}", code="invalid_value", param="tool_choice")
@@ -274,7 +305,18 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
                        param="text")
     if fmt["type"] != "json_schema":
         return {"type": fmt["type"]}
-    return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "response"), "schema": fmt.get("schema")}}
+    name, schema = fmt.get("name"), fmt.get("schema")
+    if not isinstance(name, str) or not _FORMAT_NAME.fullmatch(name):
+        raise ApiError(400, "text.format.name must be 1 to 64 letters, digits, '_' or '-'", code="invalid_value",
+                       param="text")
+    if not isinstance(schema, dict):
+        raise ApiError(400, "text.format json_schema needs its \"schema\" (a JSON schema object)",
+                       code="invalid_value", param="text")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+_FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+MAX_METADATA = (16, 64, 512)  # OpenAI's: pairs, characters of a key, of a value
 
 
 # chat names in errors → the Responses request's own
@@ -410,8 +452,10 @@ class ResponseRenderer:
             "reasoning": {"effort": None, "summary": None},
             "store": req.stored,
             "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": {"format": fmt},
-            "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
+            "text": {"format": fmt, **({"verbosity": req.text["verbosity"]} if "verbosity" in (req.text or {}) else {})},
+            "tool_choice": req.tool_choice or "auto",
+            "max_tool_calls": req.max_tool_calls,
+            "safety_identifier": req.safety_identifier,
             "tools": list(req.tools or []),
             "top_logprobs": req.top_logprobs or 0,
             "top_p": 1.0 if req.top_p is None else req.top_p,
@@ -454,9 +498,12 @@ class ResponseRenderer:
             for choice in chunk["choices"]:
                 delta = choice.get("delta") or {}
                 lp = (choice.get("logprobs") or {}).get("content") or []
-                if delta.get("content"):
-                    events += self._content(delta["content"], lp)
-                for call in delta.get("tool_calls") or []:
+                calls = delta.get("tool_calls") or []
+                # a token may add no text (part of a character): its logprob still goes out
+                # (a call's own tokens have none to give: an item has no logprobs)
+                if delta.get("content") or (lp and self.logprobs and not calls):
+                    events += self._content(delta.get("content") or "", lp)
+                for call in calls:
                     events += self._call(call)
                 if choice.get("finish_reason") == "length":
                     self.status = "incomplete"
@@ -583,6 +630,7 @@ class ResponsesSseBody(SseBody):
 def responses_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("responses", __name__)
     store = ResponseStore(state.stores.redis, ttl_s=state.config.response_store_ttl_seconds)
+    truncation_limiter = trio.CapacityLimiter(1)
 
     async def stored(tenant_id: str, response_id: str, param: str | None = None) -> StoredResponse:
         try:
@@ -607,12 +655,17 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             context = (await stored(tenant_id, req.previous_response_id, "previous_response_id")).conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
+        check_calls([*context, *items])
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if req.truncation == "auto" and tokenizer is not None:
             conversation = [*context, *items]
             # room for at least one output token, or for max_output_tokens when given
             limit = state.runtime.max_model_len - (req.max_output_tokens or 1)
-            drop = truncated(conversation, lambda kept: len(tokenize(tokenizer, count_request(req, kept))), limit)
+            # rendering and tokenizing the conversation a few times takes up to a second for a
+            # long one: on a worker thread (one at a time), not on the event loop
+            drop = await trio.to_thread.run_sync(
+                truncated, conversation, lambda kept: len(tokenize(tokenizer, count_request(req, kept))), limit,
+                limiter=truncation_limiter)
             if drop:
                 kept = orphans_dropped(conversation[drop:])
                 log.info("truncation auto: dropped the first %d of %d items", len(conversation) - len(kept),
@@ -672,9 +725,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         try:
             found = await store.delete(tenant.tenant_id, response_id)
-        except CacheUnavailable as exc:
-            raise ApiError(503, "the response store is unavailable", code="store_unavailable",
-                           retry_after=1) from exc
+        except CacheUnavailable as exc:  # (a Redis that stalled may still carry the delete out)
+            raise ApiError(503, "the response store did not answer: the response may or may not be deleted; "
+                           "retry", code="store_unavailable", retry_after=1) from exc
         if not found:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
         return {"id": response_id, "object": "response", "deleted": True}

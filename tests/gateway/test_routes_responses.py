@@ -88,6 +88,19 @@ def test_tool_calls_become_function_call_items_after_the_text() -> None:
     assert events[-1]["response"]["status"] == "completed"
 
 
+def test_every_token_keeps_its_logprob_even_without_text() -> None:
+    """A token that is part of a character adds no text; its logprob still goes out."""
+    r = ResponseRenderer("resp_1", ResponsesRequest(model=MODEL, input="hi", top_logprobs=0), None,
+                         ChunkRenderer("chat.completions", "resp_1", MODEL, False), logprobs=True)
+    events = r.delta(TokenDelta("resp_1", 0, "", [1], logprobs=[-0.1], tokens=["bytes:\\xf0"]))
+    events += r.delta(TokenDelta("resp_1", 0, "\U0001f30d", [2], logprobs=[-0.2], tokens=["bytes:\\x8d"]))
+    events += r.finished(Finished("resp_1", ["stop"], Usage(1, 2)))
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [d["delta"] for d in deltas] == ["", "\U0001f30d"]
+    part = events[-1]["response"]["output"][0]["content"][0]
+    assert [lp["logprob"] for lp in part["logprobs"]] == [-0.1, -0.2]
+
+
 def test_a_failure_ends_the_response_failed() -> None:
     r = renderer(ResponsesRequest(model=MODEL, input="hi"))
     r.delta(TokenDelta("resp_1", 0, "x", [1]))
@@ -271,6 +284,19 @@ async def test_a_failure_mid_stream_is_a_failed_response_and_a_500_without_strea
     ({"input": "x", "temperature": -1}, "temperature"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text"),
     ({"input": []}, "input"),
+    ({"input": [{"role": "user", "content": "x"},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]}, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "1"}]}, "input"),
+    ({"input": [{"type": "function_call", "call_id": "", "name": "f", "arguments": "{}"}]}, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": None}]}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "bad name!", "schema": {}}}}, "text"),
+    ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": "always"}, "tool_choice"),
     ({}, "input"),
     ({"input": 5}, "input"),
     ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "1"}]}, "input"),
@@ -281,6 +307,24 @@ async def test_bad_requests_are_400s_naming_the_field(gateway: Gateway, body: di
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert not gateway.runtime.calls  # nothing ran
+
+
+async def test_messages_name_the_responses_fields(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": [
+            {"type": "function_call", "call_id": "c9", "name": "f", "arguments": "{}"}]})
+        assert r.json()["error"]["message"] == "No tool output found for function call c9."
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "tool_choice": "always",
+                                                     "tools": [{"type": "function", "name": "f"}]})
+        assert '"name": ...}' in r.json()["error"]["message"] and '"function": {' not in r.json()["error"]["message"]
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": [
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": 3}]})
+        assert "input[1].output must be" in r.json()["error"]["message"]
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 1,
+                                                     "safety_identifier": "u-1", "text": {"verbosity": "low"}})
+        assert r.json()["safety_identifier"] == "u-1" and r.json()["text"]["verbosity"] == "low"
+        assert gateway.runtime.calls[-1].user == "u-1"
 
 
 async def test_unknown_model_and_key(gateway: Gateway) -> None:
@@ -323,7 +367,7 @@ async def test_nulls_mean_the_defaults(gateway: Gateway) -> None:
             "tools": [], "include": [], "reasoning": None, "parallel_tool_calls": None, "tool_choice": None,
             "text": None, "truncation": None, "metadata": None, "previous_response_id": None})
         assert r.status_code == 200, r.text
-        assert r.json()["store"] is True
+        assert r.json()["store"] is True and r.json()["tool_choice"] == "auto"
         assert (await client.get(f"/v1/responses/{r.json()['id']}")).status_code == 200
 
 
