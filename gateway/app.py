@@ -35,6 +35,7 @@ from cache.quotas import QuotaManager
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key
 from gateway.config import GatewayConfig
+from gateway.cors import CorsPolicy
 from gateway.errors import ApiError, install_error_handlers
 
 
@@ -320,6 +321,14 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         return response
 
     app.after_request(close_after_refused_body)
+    cors = CorsPolicy.parse(config.allowed_origins)
+
+    @app.after_request
+    async def _cors(response: Response) -> Response:
+        preflight = request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+        response.headers.update(cors.headers(request.path, request.headers.get("Origin"),
+                                             request.headers.get("Access-Control-Request-Headers"), preflight))
+        return response
 
     @app.get("/healthz")
     async def healthz() -> Any:

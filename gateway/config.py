@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.policies import KV_RESERVATIONS, LENGTH_AWARE_POLICIES, POLICY_NAMES
+from gateway.cors import CorsConfigError, CorsPolicy
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ class GatewayConfig:
     predictor_seed: str | None = None  # a saved Magnus predictor to start from when Redis holds none
     step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
     response_store_ttl_seconds: float = 30 * 86400  # stored Responses API responses (cache.response_store)
+    allowed_origins: str = "*"  # web pages that may call the public API: *, "" (none) or origins (gateway.cors)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -87,6 +89,10 @@ class GatewayConfig:
         for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        try:
+            CorsPolicy.parse(self.allowed_origins)
+        except CorsConfigError as exc:
+            raise ConfigError(f"allowed_origins: {exc}") from exc
         if not (math.isfinite(self.response_store_ttl_seconds) and self.response_store_ttl_seconds > 0):
             raise ConfigError(f"response_store_ttl_seconds must be a finite number > 0, "
                               f"got {self.response_store_ttl_seconds}")
@@ -280,6 +286,9 @@ _HELP = {
     "response_store_ttl_seconds": "how long a stored response of the Responses API (`store`, the default) "
                                   "is kept in Redis to be read back or continued (`previous_response_id`); "
                                   "30 days as OpenAI's",
+    "allowed_origins": "web pages (CORS) that may call the public API with a key: * (any, as OpenAI's API), "
+                       "comma-separated origins (https://app.example.com), or \"\" for none; the admin API "
+                       "never answers cross-origin",
 }
 
 

@@ -1,0 +1,72 @@
+"""Cross-origin requests (CORS) from web pages to the public API.
+
+A page served from another origin (a browser playground, a JavaScript app using the
+`openai` package in the browser) may call `/v1/*` only if the answer says its origin
+is allowed; for a request with an `Authorization` header the browser first sends a
+preflight (`OPTIONS` with `Access-Control-Request-Method`), which must say so too.
+
+The public API authenticates with a bearer key the page itself sends, never with
+cookies, so allowing every origin (`*`, the default, as OpenAI's API and vLLM do) gives
+a page no power it does not already hold: credentials are not allowed
+(`Access-Control-Allow-Credentials` is never sent). The admin API (`/admin/...`) never
+answers cross-origin: its key does not belong in a browser.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ORIGIN = re.compile(r"https?://[^\s/?#,]+")
+ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
+EXPOSED_HEADERS = "Retry-After"  # a 429/503 says when to come back
+MAX_AGE_S = 600  # browsers cache a preflight this long (Chromium caps it at 7200)
+
+
+class CorsConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Which origins may call the public API: `("*",)` any, `()` none (CORS off), or a
+    list of exact origins (`https://app.example.com`)."""
+
+    origins: tuple[str, ...] = ("*",)
+
+    @classmethod
+    def parse(cls, text: str) -> CorsPolicy:
+        """`"*"`, `""` (off) or comma-separated origins; CorsConfigError for anything else."""
+        origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise CorsConfigError(f"an allowed origin is '*' or scheme://host[:port], got {origin!r}")
+        if "*" in origins and len(origins) > 1:
+            raise CorsConfigError("'*' allows every origin: give it alone")
+        return cls(origins)
+
+    def allows(self, origin: str) -> bool:
+        return origin in self.origins or self.origins == ("*",)
+
+    def headers(self, path: str, origin: str | None, preflight_headers: str | None,
+                preflight: bool) -> dict[str, str]:
+        """The CORS headers of an answer to a request from `origin` for `path` (none for a
+        same-origin or non-browser request, an origin not allowed, or the admin API).
+        `preflight`: the request is a preflight; `preflight_headers` the headers it asks
+        to send (`Access-Control-Request-Headers`), which are allowed as asked."""
+        if origin is None or path.startswith("/admin") or not self.allows(origin):
+            return {}
+        out = {"Access-Control-Allow-Origin": "*" if self.origins == ("*",) else origin}
+        if self.origins != ("*",):
+            out["Vary"] = "Origin"
+        if preflight:
+            out["Access-Control-Allow-Methods"] = ALLOWED_METHODS
+            if preflight_headers:
+                out["Access-Control-Allow-Headers"] = preflight_headers
+            out["Access-Control-Max-Age"] = str(MAX_AGE_S)
+        else:
+            out["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        return out
+
+
+__all__ = ["CorsConfigError", "CorsPolicy"]
