@@ -42,6 +42,7 @@ class TenantContext(msgspec.Struct, frozen=True):
     shared_cache_pool: bool = False
     quota: Quota | None = None  # None: no quota is enforced (no Redis, or an internal caller)
     created_at: float = 0.0  # the tenant record's: tells a re-created tenant id from the deleted one
+    models: tuple[str, ...] | None = None  # the tenant's allow-list (`cache.tenants.may_use`); None: any
 
     @classmethod
     def from_tenant(cls, tenant: Tenant) -> TenantContext:
@@ -52,6 +53,7 @@ class TenantContext(msgspec.Struct, frozen=True):
             shared_cache_pool=tenant.shared_cache_pool,
             quota=tenant.quota,
             created_at=tenant.created_at,
+            models=tenant.models,
         )
 
     def as_tenant(self) -> Tenant:
@@ -59,7 +61,7 @@ class TenantContext(msgspec.Struct, frozen=True):
         return Tenant(
             id=self.tenant_id, name=self.tenant_id, priority=self.priority,
             shared_cache_pool=self.shared_cache_pool, quota=self.quota or Quota(),
-            created_at=self.created_at,
+            created_at=self.created_at, models=self.models,
         )
 
 

@@ -20,6 +20,7 @@ reads the key record and the tenant it points to.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -51,7 +52,8 @@ _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     """A customer of the gateway. ``priority`` is the scheduling tier (higher first);
-    ``shared_cache_pool`` opts into the cross-tenant response cache."""
+    ``shared_cache_pool`` opts into the cross-tenant response cache; ``models``, when set,
+    lists the models its keys may use (`may_use`), else every served one may be."""
 
     id: str
     name: str
@@ -59,6 +61,36 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     shared_cache_pool: bool = False
     quota: Quota = Quota()
     created_at: float = 0.0
+    models: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_models(self.models)
+
+    def may_use(self, model: str) -> bool:
+        return may_use(self.models, model)
+
+
+MAX_MODEL_PATTERNS = 256
+
+
+def check_models(models: tuple[str, ...] | None) -> None:
+    """ValueError unless `models` is None or at most MAX_MODEL_PATTERNS names or patterns
+    of 1 to 256 characters."""
+    if models is None:
+        return
+    if len(models) > MAX_MODEL_PATTERNS:
+        raise ValueError(f"models lists at most {MAX_MODEL_PATTERNS} names or patterns, got {len(models)}")
+    for m in models:
+        if not 1 <= len(m) <= 256:
+            raise ValueError("a model name or pattern in models has 1 to 256 characters")
+
+
+def may_use(models: tuple[str, ...] | None, model: str) -> bool:
+    """Whether a tenant with the allow-list `models` may use `model`: None allows every
+    model; otherwise a name or a shell-style pattern (`acme-*`, `*`) must match it
+    (case-sensitive). A LoRA-serving gateway (LoRAX's use) keeps each customer's adapters
+    to that customer this way."""
+    return models is None or any(fnmatch.fnmatchcase(model, m) for m in models)
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,13 +242,14 @@ class TenantRegistry:
         priority: int = 0,
         shared_cache_pool: bool = False,
         quota: Quota | None = None,
+        models: tuple[str, ...] | None = None,
     ) -> Tenant:
         """Create a tenant; raises TenantExists if the id is taken."""
         if not _TENANT_ID.match(tenant_id):
             raise ValueError(f"tenant id must match {_TENANT_ID.pattern}, got {tenant_id!r}")
         tenant = Tenant(
             id=tenant_id, name=name, priority=priority, shared_cache_pool=shared_cache_pool,
-            quota=quota or Quota(), created_at=time.time(),
+            quota=quota or Quota(), created_at=time.time(), models=models,
         )
         with self.store.guard():
             # one round trip; SADD is harmless when the id already exists (it is listed)
@@ -252,8 +285,10 @@ class TenantRegistry:
         priority: int | None = None,
         shared_cache_pool: bool | None = None,
         quota: Quota | None = None,
+        models: tuple[str, ...] | None = None,
     ) -> Tenant:
-        """Change the given fields (None = keep). Raises TenantNotFound.
+        """Change the given fields (None = keep; `models` `("*",)` allows every model again).
+        Raises TenantNotFound.
 
         Last writer wins; admin edits are rare and whole-record.
         """
@@ -263,7 +298,7 @@ class TenantRegistry:
         changes = {
             k: v for k, v in {
                 "name": name, "priority": priority,
-                "shared_cache_pool": shared_cache_pool, "quota": quota,
+                "shared_cache_pool": shared_cache_pool, "quota": quota, "models": models,
             }.items() if v is not None
         }
         updated = msgspec.structs.replace(current, **changes)

@@ -62,10 +62,14 @@ class AdminClient:
         priority: int = 0,
         shared_cache_pool: bool = False,
         quota: dict[str, int | None] | None = None,
+        models: list[str] | None = None,
     ) -> dict[str, Any]:
+        """`models`: the models its keys may use (names or patterns such as "acme-*"); None: all."""
         body: dict[str, Any] = {"id": tenant_id, "name": name, "priority": priority, "shared_cache_pool": shared_cache_pool}
         if quota is not None:
             body["quota"] = quota
+        if models is not None:
+            body["models"] = models
         return await self._call("POST", "/tenants", body)
 
     async def list_tenants(self) -> list[dict[str, Any]]:
@@ -76,7 +80,7 @@ class AdminClient:
         return await self._call("GET", f"/tenants/{tenant_id}")
 
     async def update_tenant(self, tenant_id: str, **fields: Any) -> dict[str, Any]:
-        """Change name / priority / shared_cache_pool / quota (others unchanged)."""
+        """Change name / priority / shared_cache_pool / quota / models (others unchanged)."""
         return await self._call("PATCH", f"/tenants/{tenant_id}", fields)
 
     async def delete_tenant(self, tenant_id: str) -> None:

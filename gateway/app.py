@@ -33,7 +33,7 @@ from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
 from cache.quotas import QuotaManager
 from cache.store import CacheUnavailable, RedisStore
-from cache.tenants import Tenant, TenantRegistry, is_admin_key
+from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
 from gateway.config import GatewayConfig
 from gateway.cors import CorsPolicy
 from gateway.errors import ApiError, install_error_handlers
@@ -192,12 +192,25 @@ class GatewayState:
         if not is_admin_key(bearer(authorization), self.config.admin_key):
             raise ApiError(403, "admin key required", code="forbidden")
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str, tenant: TenantContext) -> None:
         """404 unless `model` is the served model, one of its aliases, or a LoRA adapter this
-        server has (whether it loads is admission's to say: `actors.admission`)."""
-        if not self.runtime.serves(model):
-            raise ApiError(404, unknown_model_message(model, self.runtime.served_models()),
-                           code="model_not_found", param="model")
+        server has (whether it loads is admission's to say: `actors.admission`), and the
+        tenant may use it (`Tenant.models`: a model it may not use is, to it, one that does
+        not exist, as OpenAI answers; the message names only what it may use)."""
+        served = self.models_for(tenant)
+        if not self.runtime.serves(model) or not may_use(tenant.models, self.canonical_model(model)):
+            message = (unknown_model_message(model, served) if served
+                       else f"model {model[:100]!r} does not exist or this key may not use it")
+            raise ApiError(404, message, code="model_not_found", param="model")
+
+    def canonical_model(self, model: str) -> str:
+        """The name a served `model` is listed under: itself (the model's id, an adapter), or
+        the model's id for an alias (the `--model` it was started with)."""
+        return model if model in self.runtime.served_models() else self.runtime.model_name
+
+    def models_for(self, tenant: TenantContext) -> list[str]:
+        """The served models this tenant may use, as /v1/models lists them."""
+        return [m for m in self.runtime.served_models() if may_use(tenant.models, m)]
 
 
 PREDICTOR_UPLOAD = ("PUT", "/admin/predictor")

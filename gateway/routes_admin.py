@@ -51,6 +51,7 @@ class TenantCreate(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     shared_cache_pool: bool = False
     quota: Quota | None = None
+    models: list[str] | None = None  # the models its keys may use (names or patterns like "acme-*"); None: all
 
 
 class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +59,7 @@ class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True):
     priority: int | None = None
     shared_cache_pool: bool | None = None
     quota: Quota | None = None
+    models: list[str] | None = None  # replaces the list; ["*"] allows every model again
 
 
 class KeyCreate(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,7 +135,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     async def create_tenant() -> Any:
         body = decode_body(await request.get_data(cache=False), TenantCreate)
         tenant = await tenants.create_tenant(
-            body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota
+            body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota,
+            models=None if body.models is None else tuple(body.models),
         )
         return to_json(tenant), 201
 
@@ -153,7 +156,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     async def update_tenant(tenant_id: str) -> Any:
         body = decode_body(await request.get_data(cache=False), TenantUpdate)
         tenant = await tenants.update_tenant(
-            tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota
+            tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota,
+            models=None if body.models is None else tuple(body.models),
         )
         return to_json(tenant)
 

@@ -1203,7 +1203,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         raw = await request.get_data(cache=False)
         req = decode_request(endpoint, raw)
-        state.check_model(req.model)
+        state.check_model(req.model, tenant)
         request_id = new_request_id(endpoint)
         cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
         calls = to_generate_calls(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"), cache=cache)
@@ -1239,16 +1239,16 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
 
     @bp.get("/v1/models")
     async def models() -> Any:
-        await state.authenticate(request.headers.get("Authorization"))
-        return {"object": "list", "data": [model_card(name) for name in state.runtime.served_models()]}
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        return {"object": "list", "data": [model_card(name) for name in state.models_for(tenant)]}
 
     @bp.get("/v1/models/<path:model>")
     async def model(model: str) -> Any:
         """One served model (OpenAI's retrieve; the SDK's `models.retrieve`), or a 404."""
-        await state.authenticate(request.headers.get("Authorization"))
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        state.check_model(model, tenant)  # a 404 unless served (maybe under another name: the --model it started with)
         if model in state.runtime.served_models():
             return model_card(model)
-        state.check_model(model)  # a 404 unless served under another name (the --model it started with)
         return {**model_card(state.runtime.model_name), "id": model}
 
     return bp

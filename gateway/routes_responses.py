@@ -29,7 +29,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, request
 
-from actors.messages import Failed, Finished, TokenDelta
+from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from cache.response_store import ResponseStore, StoredResponse
 from cache.store import CacheUnavailable
 from gateway import sse
@@ -642,17 +642,18 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found", param=param)
         return found
 
-    async def prepare(tenant_id: str) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]],
+    async def prepare(tenant: TenantContext) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]],
                                                 ChatRequest]:
         """The request, the earlier turns' items, its own input items, and the chat request
         that runs them."""
         req = decode_request(await request.get_data(cache=False))
-        state.check_model(req.model)
+        state.check_model(req.model, tenant)
         _unsupported(req)
         items = input_items(req.input)
         context = []
         if req.previous_response_id is not None:
-            context = (await stored(tenant_id, req.previous_response_id, "previous_response_id")).conversation()
+            context = (await stored(tenant.tenant_id, req.previous_response_id,
+                                    "previous_response_id")).conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
         check_calls([*context, *items])
@@ -677,7 +678,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     @bp.post("/v1/responses")
     async def create() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        req, context, items, chat = await prepare(tenant.tenant_id)
+        req, context, items, chat = await prepare(tenant)
         response_id = _new_id("resp")
         cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
         with own_params():
@@ -710,7 +711,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if tokenizer is None:
             raise ApiError(501, "this server has no tokenizer to count with", code="not_implemented")
-        req, context, items, _ = await prepare(tenant.tenant_id)
+        req, context, items, _ = await prepare(tenant)
         with own_params():
             return {"object": "response.input_tokens",
                     "input_tokens": len(tokenize(tokenizer, count_request(req, [*context, *items])))}

@@ -27,6 +27,7 @@ from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_endin
 from gateway.tools import tool_calling
 
 if TYPE_CHECKING:
+    from actors.messages import TenantContext
     from gateway.app import GatewayState
     from gpu.tokenizer import Tokenizer
 
@@ -90,9 +91,9 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
 def tokenizer_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("tokenizer", __name__)
 
-    def tokenizer_of(model: str | None) -> Tokenizer:
+    def tokenizer_of(model: str | None, tenant: TenantContext) -> Tokenizer:
         if model is not None:
-            state.check_model(model)
+            state.check_model(model, tenant)
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if tokenizer is None:
             raise ApiError(501, "this server has no tokenizer to offer", code="not_implemented")
@@ -100,25 +101,25 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
 
     @bp.get("/tokenizer_info")
     async def tokenizer_info() -> Any:
-        await state.authenticate(request.headers.get("Authorization"))
-        tokenizer = tokenizer_of(None)
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        tokenizer = tokenizer_of(None, tenant)
         return {**tokenizer.to_hf_tokenizer_config(), "model_max_length": state.runtime.max_model_len,
                 "pad_token": None, "vocab_size": tokenizer.vocab_size}
 
     @bp.post("/tokenize")
     async def tokenize_route() -> Any:
-        await state.authenticate(request.headers.get("Authorization"))
+        tenant = await state.authenticate(request.headers.get("Authorization"))
         req = _decode(await request.get_data(cache=False), TokenizeRequest)
-        tokenizer = tokenizer_of(req.model)
+        tokenizer = tokenizer_of(req.model, tenant)
         ids = tokenize(tokenizer, req)
         strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": state.runtime.max_model_len, "tokens": ids, "token_strs": strs}
 
     @bp.post("/detokenize")
     async def detokenize_route() -> Any:
-        await state.authenticate(request.headers.get("Authorization"))
+        tenant = await state.authenticate(request.headers.get("Authorization"))
         req = _decode(await request.get_data(cache=False), DetokenizeRequest)
-        tokenizer = tokenizer_of(req.model)
+        tokenizer = tokenizer_of(req.model, tenant)
         bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise ApiError(400, f"token ids must be in [0, {tokenizer.vocab_size}); got {bad[0]}",

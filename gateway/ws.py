@@ -146,7 +146,7 @@ class Session:
         if self.tenant is None:  # checked before spawning; kept for the type checker
             raise ApiError(401, "not authenticated", code="missing_api_key")
         req = decode_request(frame.endpoint, bytes(frame.body))
-        self.state.check_model(req.model)
+        self.state.check_model(req.model, self.tenant)
         request_id = new_request_id(frame.endpoint)
         if tools_of(req) is not None:
             raise ApiError(400, "tool calls are answered over HTTP (streamed or not); the WebSocket streams text",

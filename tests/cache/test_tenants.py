@@ -9,13 +9,16 @@ from cache.quotas import Quota
 from cache.store import RedisStore
 from cache.tenants import (
     KEY_PREFIX,
+    MAX_MODEL_PATTERNS,
     ApiKeyInfo,
     Tenant,
     TenantExists,
     TenantNotFound,
     TenantRegistry,
+    check_models,
     hash_key,
     is_admin_key,
+    may_use,
 )
 
 from .conftest import SECRET
@@ -164,3 +167,28 @@ async def test_a_gateway_with_another_secret_is_stopped_not_silently_401(store: 
     assert not await TenantRegistry(store, SECRET).check_secret()  # a replica with the same secret
     with pytest.raises(SecretMismatch, match="LMGATE_SECRET"):
         await TenantRegistry(store, b"another secret of 32 bytes......").check_secret()
+
+
+def test_model_allow_lists() -> None:
+    assert may_use(None, "anything")
+    assert may_use(("SmolLM2-135M-Instruct", "acme-*"), "acme-support")
+    assert not may_use(("SmolLM2-135M-Instruct", "acme-*"), "globex-support")
+    assert not may_use(("acme-*",), "ACME-x")  # case-sensitive, as model names are
+    assert not may_use((), "SmolLM2-135M-Instruct")  # an empty list: no model
+    assert may_use(("*",), "x")
+    with pytest.raises(ValueError):
+        check_models(("",))
+    with pytest.raises(ValueError):
+        check_models(tuple(f"m{i}" for i in range(MAX_MODEL_PATTERNS + 1)))
+
+
+async def test_models_are_stored_and_updated(registry: TenantRegistry):
+    await registry.create_tenant("acme", "Acme", models=("acme-*",))
+    tenant = await registry.get_tenant("acme")
+    assert tenant is not None and tenant.models == ("acme-*",) and not tenant.may_use("base")
+    tenant = await registry.update_tenant("acme", name="Acme Corp")  # other fields keep the list
+    assert tenant.models == ("acme-*",)
+    tenant = await registry.update_tenant("acme", models=("*",))
+    assert tenant.may_use("base")
+    with pytest.raises(ValueError):
+        await registry.create_tenant("bad", "Bad", models=("x" * 300,))

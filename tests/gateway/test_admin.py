@@ -210,3 +210,35 @@ def test_the_body_cap_is_lifted_only_for_an_admin_predictor_upload() -> None:
     req = no_admin("PUT", "http", "/admin/predictor", b"", Headers({"Authorization": "Bearer x"}), "", "1.1",
                    max_content_length=1024, send_push_promise=None, scope={})
     assert req.body._max_content_length == 1024
+
+
+async def test_a_tenant_uses_only_the_models_it_may(gateway: Gateway) -> None:
+    """`models` on a tenant: every route that names a model answers 404 for one it may not
+    use (as for one that does not exist), and /v1/models lists only the others."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as admin:
+        r = await admin.post("/admin/tenants", json={"id": "acme", "name": "Acme", "models": ["acme-*"]})
+        assert r.status_code == 201 and r.json()["models"] == ["acme-*"]
+        key = (await admin.post("/admin/tenants/acme/keys", json={"name": "k"})).json()["key"]
+        bad = await admin.post("/admin/tenants", json={"id": "bad", "name": "Bad", "models": [""]})
+        assert bad.status_code == 400
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=auth) as client:
+        assert (await client.get("/v1/models")).json()["data"] == []
+        for r in (await client.post("/v1/chat/completions", json=chat),
+                  await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}),
+                  await client.post("/v1/responses", json={"model": MODEL, "input": "x"}),
+                  await client.post("/tokenize", json={"model": MODEL, "prompt": "x"}),
+                  await client.get(f"/v1/models/{MODEL}")):
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+            assert "may not use" in r.json()["error"]["message"]
+        assert not gateway.runtime.calls
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as admin:
+        r = await admin.patch("/admin/tenants/acme", json={"models": [MODEL]})
+        assert r.json()["models"] == [MODEL]
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=auth) as client:
+        assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == [MODEL]
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    # the other tenant's keys are not restricted
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
