@@ -1,7 +1,17 @@
 """Python async client of lmgate (anyio-based: runs under trio and asyncio)."""
 
 from clients.admin import AdminClient
-from clients.client import Choice, Completion, Delta, LmgateClient, RetryPolicy, TokenStream, Usage
+from clients.client import (
+    Choice,
+    Completion,
+    Delta,
+    LmgateClient,
+    Response,
+    ResponseStream,
+    RetryPolicy,
+    TokenStream,
+    Usage,
+)
 from clients.errors import (
     AuthError,
     BadRequest,
@@ -29,6 +39,8 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "RateLimited",
+    "Response",
+    "ResponseStream",
     "RetryPolicy",
     "ServerError",
     "TokenStream",

@@ -10,6 +10,12 @@
         print(stream.usage)
         async with client.ws() as session:      # several requests on one WebSocket
             ...
+        first = await client.respond("Hi", instructions="Be brief.")   # the Responses API
+        again = await client.respond("And?", previous_response_id=first.id)
+        async with client.respond_stream("Hi") as events:
+            async for event in events:          # {"type": "response.output_text.delta", ...}
+                ...
+        print(events.response.text)
 
 Cancellation: leaving a stream early (``break`` inside ``async with``, an
 exception, a cancel scope) closes the HTTP connection, and the gateway aborts the
@@ -91,6 +97,36 @@ class Delta(msgspec.Struct, frozen=True):
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # WebSocket only
     tool_calls: list[dict[str, Any]] | None = None  # chat with tools: a choice's calls, whole, just before its finish
+
+
+class Response(msgspec.Struct, frozen=True):
+    """A Responses API response (`LmgateClient.respond`): `raw` is the object as sent."""
+
+    raw: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.raw["id"]
+
+    @property
+    def status(self) -> str:
+        """completed, incomplete (cut at max_output_tokens) or failed."""
+        return self.raw["status"]
+
+    @property
+    def text(self) -> str:
+        """The output text of its message items."""
+        return "".join(part.get("text", "") for item in self.raw.get("output", []) if item.get("type") == "message"
+                       for part in item.get("content", []) if part.get("type") == "output_text")
+
+    @property
+    def function_calls(self) -> list[dict[str, Any]]:
+        """Its function_call items (`call_id`, `name`, `arguments` as a JSON string)."""
+        return [item for item in self.raw.get("output", []) if item.get("type") == "function_call"]
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.raw.get("usage")
 
 
 # ---------------------------------------------------------------- retry
@@ -228,6 +264,47 @@ class TokenStream:
             await self.aclose()
 
 
+class ResponseStream(TokenStream):
+    """The events of one streamed Responses request (dicts, each with its `type`), up to
+    the last (`response.completed`, `.incomplete`); `response` holds the whole Response
+    then. A `response.failed` event raises (ServerError). Closing it early aborts the
+    request, as `TokenStream`."""
+
+    def __init__(self, open_response: Callable[[AsyncExitStack], Awaitable[httpx.Response]]) -> None:
+        super().__init__(open_response)
+        self.response: Response | None = None
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        try:
+            response = await self._ensure_open()
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:].strip())
+                if "error" in event and "type" not in event:  # an error before the response started
+                    raise error_for(status_of_type(event["error"].get("type")), event)
+                if "response" in event:
+                    self.id = event["response"].get("id", self.id)
+                if event.get("type") == "response.failed":
+                    error = event["response"].get("error") or {}
+                    raise error_for(500, {"error": {"message": error.get("message", "the response failed"),
+                                                    "type": "server_error", "code": error.get("code")}})
+                yield event
+                if event.get("type") in ("response.completed", "response.incomplete"):
+                    self.response = Response(event["response"])
+                    if event["response"].get("usage"):
+                        u = event["response"]["usage"]
+                        self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"])
+                    return
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"stream broken: {exc}") from exc
+        finally:
+            await self.aclose()
+
+
 # ---------------------------------------------------------------- client
 
 
@@ -359,6 +436,33 @@ class LmgateClient:
             return await self._open_stream(stack, path, await self._body(dict(params), **fields), cache_control)
 
         return TokenStream(open_response)
+
+    async def respond(self, input: str | list[dict[str, Any]] | None = None, *,  # noqa: A002 - the API's name
+                      cache_control: str | None = None, **params: Any) -> Response:
+        """POST /v1/responses (the Responses API). `input`: a string or items; `params`:
+        its other fields (instructions, previous_response_id, max_output_tokens, tools,
+        text, store, truncation, ...; docs/api.md)."""
+        body = await self._body(params, **({"input": input} if input is not None else {}))
+        return Response(await self._request_json("POST", "/v1/responses", body, cache_control))
+
+    def respond_stream(self, input: str | list[dict[str, Any]] | None = None, *,  # noqa: A002
+                       cache_control: str | None = None, **params: Any) -> ResponseStream:
+        """POST /v1/responses with `stream`: its events, as `ResponseStream`."""
+        params = {**params, "stream": True}
+        fields = {"input": input} if input is not None else {}
+
+        async def open_response(stack: AsyncExitStack) -> httpx.Response:
+            return await self._open_stream(stack, "/v1/responses", await self._body(dict(params), **fields),
+                                           cache_control)
+
+        return ResponseStream(open_response)
+
+    async def get_response(self, response_id: str) -> Response:
+        """A stored response (NotFound once deleted, expired, or another tenant's)."""
+        return Response(await self._request_json("GET", f"/v1/responses/{response_id}"))
+
+    async def delete_response(self, response_id: str) -> None:
+        await self._request_json("DELETE", f"/v1/responses/{response_id}")
 
     def ws(self) -> Any:
         """A WebSocket session multiplexing requests (see clients.ws.WsSession)."""

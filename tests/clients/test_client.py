@@ -391,3 +391,33 @@ def test_a_closed_client_raises_connection_failed_at_once(served: Served, backen
                     [d async for d in s]
 
     run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_responses_api(served: Served, backend: str) -> None:
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            first = await client.respond("hello", instructions="Be brief.", max_output_tokens=2)
+            assert first.text == word(0, 0) + word(0, 1) and first.status == "incomplete"
+            assert first.usage is not None and first.usage["output_tokens"] == 2
+            async with client.respond_stream("more", previous_response_id=first.id, max_output_tokens=3) as events:
+                seen = [e async for e in events]
+            deltas = "".join(e["delta"] for e in seen if e["type"] == "response.output_text.delta")
+            assert events.response is not None and deltas == events.response.text == word(0, 0) + word(0, 1) + word(0, 2)
+            assert events.usage is not None and events.usage.completion_tokens == 3
+            assert [m.content for m in served.runtime.calls[-1].messages] == ["hello", first.text, "more"]
+            assert (await client.get_response(first.id)).raw == first.raw
+            await client.delete_response(first.id)
+            with pytest.raises(NotFound):
+                await client.get_response(first.id)
+            with pytest.raises(BadRequest):
+                await client.respond([{"type": "input_image"}])
+            with pytest.raises(ServerError):
+                async with client.respond_stream("FAIL") as failing:
+                    [e async for e in failing]
+            async with client.respond_stream("HANG") as hanging:  # leaving early aborts it
+                async for _ in hanging:
+                    break
+
+    run(backend, scenario)
+    wait_until(lambda: served.runtime.calls[-1].request_id in served.cancelled_ids())
