@@ -23,6 +23,7 @@ import base64
 import fnmatch
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -101,6 +102,7 @@ class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     prefix: str
     created_at: float
+    expires_at: float | None = None  # unix time after which it no longer authenticates
 
 
 class _KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,12 +112,20 @@ class _KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str
     created_at: float
     digest: str
+    expires_at: float | None = None
 
     def info(self) -> ApiKeyInfo:
         return ApiKeyInfo(
             id=self.id, tenant_id=self.tenant_id, name=self.name,
-            prefix=self.prefix, created_at=self.created_at,
+            prefix=self.prefix, created_at=self.created_at, expires_at=self.expires_at,
         )
+
+
+class KeyAuth(msgspec.Struct, frozen=True):
+    """What a key that authenticates says: its tenant, and when the key expires (None: never)."""
+
+    tenant: Tenant
+    expires_at: float | None = None
 
 
 class TenantNotFound(KeyError):
@@ -317,21 +327,26 @@ class TenantRegistry:
 
     # -- API keys ------------------------------------------------------------
 
-    async def create_key(self, tenant_id: str, name: str) -> tuple[str, str]:
+    async def create_key(self, tenant_id: str, name: str, *, expires_at: float | None = None) -> tuple[str, str]:
         """Issue a key: returns ``(key_id, plaintext)``. The plaintext is not stored
-        anywhere; show it to the user once."""
+        anywhere; show it to the user once. `expires_at` (unix time): the key stops
+        authenticating then, and Redis drops its record (its id stays listed until
+        then only). ValueError for a time not in the future."""
+        if expires_at is not None and not (math.isfinite(expires_at) and expires_at > time.time()):
+            raise ValueError("expires_at must be a time in the future")
         if await self.get_tenant(tenant_id) is None:
             raise TenantNotFound(tenant_id)
         plaintext = _new_plaintext_key()
         digest = hash_key(self._secret, plaintext)
         record = _KeyRecord(
             id="key_" + secrets.token_hex(8), tenant_id=tenant_id, name=name,
-            prefix=plaintext[:_DISPLAY_CHARS], created_at=time.time(), digest=digest,
+            prefix=plaintext[:_DISPLAY_CHARS], created_at=time.time(), digest=digest, expires_at=expires_at,
         )
+        pxat = None if expires_at is None else math.ceil(expires_at * 1000)
         with self.store.guard():
             async with self.store.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.store.key("key", digest), msgspec.json.encode(record))
-                pipe.set(self.store.key("keyid", record.id), digest)
+                pipe.set(self.store.key("key", digest), msgspec.json.encode(record), pxat=pxat)
+                pipe.set(self.store.key("keyid", record.id), digest, pxat=pxat)
                 pipe.sadd(self.store.key("tenant_keys", tenant_id), [record.id])
         return record.id, plaintext
 
@@ -356,7 +371,12 @@ class TenantRegistry:
         return [r.info() for r in sorted(records, key=lambda r: (r.created_at, r.id))]
 
     async def authenticate(self, plaintext: str | None) -> Tenant | None:
-        """The tenant owning this key, or None (unknown, revoked, malformed). One round trip."""
+        """The tenant owning this key, or None (unknown, revoked, expired, malformed). One round trip."""
+        found = await self.lookup_key(plaintext)
+        return None if found is None else found.tenant
+
+    async def lookup_key(self, plaintext: str | None) -> KeyAuth | None:
+        """As `authenticate`, with the key's expiry."""
         if not plaintext or not plaintext.startswith(KEY_PREFIX):
             return None
         digest = hash_key(self._secret, plaintext)
@@ -370,4 +390,6 @@ class TenantRegistry:
         record = msgspec.json.decode(raw_record, type=_KeyRecord)
         if not hmac.compare_digest(record.digest.encode(), digest.encode()):
             return None
-        return msgspec.json.decode(raw_tenant, type=Tenant)
+        if record.expires_at is not None and time.time() >= record.expires_at:  # (Redis drops it about now)
+            return None
+        return KeyAuth(msgspec.json.decode(raw_tenant, type=Tenant), record.expires_at)

@@ -93,9 +93,14 @@ class AdminClient:
 
     # -- keys
 
-    async def create_key(self, tenant_id: str, name: str = "default") -> tuple[str, str]:
-        """Returns (key_id, plaintext key). The plaintext is shown only this once."""
-        reply = await self._call("POST", f"/tenants/{tenant_id}/keys", {"name": name})
+    async def create_key(self, tenant_id: str, name: str = "default", *,
+                         expires_in_seconds: float | None = None) -> tuple[str, str]:
+        """Returns (key_id, plaintext key). The plaintext is shown only this once.
+        `expires_in_seconds`: the key stops working that long from now (default: never)."""
+        body: dict[str, Any] = {"name": name}
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        reply = await self._call("POST", f"/tenants/{tenant_id}/keys", body)
         return reply["id"], reply["key"]
 
     async def list_keys(self, tenant_id: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ Routes::
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -126,16 +127,18 @@ class RecentKeys:
     def __init__(self, max_age_s: float = 300.0, max_entries: int = 10_000) -> None:
         self.max_age_s = max_age_s
         self.max_entries = max_entries
-        self._entries: dict[bytes, tuple[Tenant, float]] = {}
+        self._entries: dict[bytes, tuple[Tenant, float, float]] = {}  # tenant, seen, expires (monotonic)
 
     @staticmethod
     def _digest(api_key: str) -> bytes:
         return hashlib.sha256(api_key.encode()).digest()
 
-    def put(self, api_key: str, tenant: Tenant, now: float) -> None:
+    def put(self, api_key: str, tenant: Tenant, now: float, expires_in: float | None = None) -> None:
+        """Remember `api_key`'s tenant at `now` (monotonic); `expires_in`: seconds until the
+        key expires, after which it is not remembered either."""
         digest = self._digest(api_key)
         self._entries.pop(digest, None)
-        self._entries[digest] = (tenant, now)
+        self._entries[digest] = (tenant, now, math.inf if expires_in is None else now + expires_in)
         while len(self._entries) > self.max_entries:
             del self._entries[next(iter(self._entries))]
 
@@ -144,7 +147,7 @@ class RecentKeys:
 
     def get(self, api_key: str, now: float) -> Tenant | None:
         entry = self._entries.get(self._digest(api_key))
-        if entry is None or now - entry[1] > self.max_age_s:
+        if entry is None or now - entry[1] > self.max_age_s or now >= entry[2]:
             return None
         return entry[0]
 
@@ -167,16 +170,18 @@ class GatewayState:
         if not api_key:
             raise ApiError(401, "missing API key (Authorization: Bearer <key>)", code="missing_api_key")
         try:
-            tenant = await self.stores.tenants.authenticate(api_key)
+            found = await self.stores.tenants.lookup_key(api_key)
         except CacheUnavailable as exc:
             tenant = self.recent_keys.get(api_key, time.monotonic())
             if tenant is None:
                 raise ApiError(503, "authentication store unavailable", code="auth_unavailable", retry_after=1) from exc
         else:
-            if tenant is None:
+            if found is None:
                 self.recent_keys.forget(api_key)
                 raise ApiError(401, "invalid API key", code="invalid_api_key")
-            self.recent_keys.put(api_key, tenant, time.monotonic())
+            tenant = found.tenant
+            expires_in = None if found.expires_at is None else found.expires_at - time.time()
+            self.recent_keys.put(api_key, tenant, time.monotonic(), expires_in)
         if has_request_context() or has_websocket_context():
             g.tenant_id = tenant.id  # metrics label
         return tenant_context(tenant)

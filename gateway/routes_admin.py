@@ -26,6 +26,8 @@ that is not a saved predictor; an upload may be up to 64 MiB (app.MAX_PREDICTOR_
 from __future__ import annotations
 
 import datetime as dt
+import math
+import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,6 +66,23 @@ class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True):
 
 class KeyCreate(msgspec.Struct, frozen=True, kw_only=True):
     name: str = "default"
+    expires_at: float | None = None  # unix time; or
+    expires_in_seconds: float | None = None  # from now; neither: the key never expires
+
+    def expiry(self) -> float | None:
+        """When the key expires (unix time), or None; 400 for both fields or a time not ahead."""
+        if self.expires_at is not None and self.expires_in_seconds is not None:
+            raise ApiError(400, "give expires_at or expires_in_seconds, not both", code="invalid_value",
+                           param="expires_in_seconds")
+        if self.expires_in_seconds is not None:
+            if not (math.isfinite(self.expires_in_seconds) and self.expires_in_seconds > 0):
+                raise ApiError(400, "expires_in_seconds must be a number > 0", code="invalid_value",
+                               param="expires_in_seconds")
+            return time.time() + self.expires_in_seconds
+        if self.expires_at is not None and not (math.isfinite(self.expires_at) and self.expires_at > time.time()):
+            raise ApiError(400, "expires_at must be a time in the future (unix seconds)", code="invalid_value",
+                           param="expires_at")
+        return self.expires_at
 
 
 S = TypeVar("S")
@@ -179,8 +198,10 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @store_errors
     async def create_key(tenant_id: str) -> Any:
         body = decode_body(await request.get_data(cache=False), KeyCreate)
-        key_id, plaintext = await tenants.create_key(tenant_id, body.name)
-        return {"id": key_id, "tenant_id": tenant_id, "name": body.name, "key": plaintext}, 201
+        expires_at = body.expiry()
+        key_id, plaintext = await tenants.create_key(tenant_id, body.name, expires_at=expires_at)
+        return {"id": key_id, "tenant_id": tenant_id, "name": body.name, "key": plaintext,
+                "expires_at": expires_at}, 201
 
     @bp.get("/tenants/<tenant_id>/keys")
     @store_errors

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
+import trio
 
 from cache.quotas import Quota
 from cache.store import RedisStore
@@ -192,3 +195,21 @@ async def test_models_are_stored_and_updated(registry: TenantRegistry):
     assert tenant.may_use("base")
     with pytest.raises(ValueError):
         await registry.create_tenant("bad", "Bad", models=("x" * 300,))
+
+
+async def test_keys_expire(registry: TenantRegistry, store: RedisStore):
+    await registry.create_tenant("acme", "Acme")
+    key_id, key = await registry.create_key("acme", "temp", expires_at=time.time() + 1.0)
+    found = await registry.lookup_key(key)
+    assert found is not None and found.tenant.id == "acme" and found.expires_at is not None
+    [info] = await registry.list_keys("acme")
+    assert info.id == key_id and info.expires_at == found.expires_at
+    with store.guard():
+        assert 0 < await store.client.pttl(store.key("keyid", key_id)) <= 1000  # Redis drops it then
+    _, forever = await registry.create_key("acme", "forever")
+    assert (await registry.lookup_key(forever)).expires_at is None  # type: ignore[union-attr]
+    await trio.sleep(1.1)
+    assert await registry.authenticate(key) is None
+    assert [k.name for k in await registry.list_keys("acme")] == ["forever"]
+    with pytest.raises(ValueError):
+        await registry.create_key("acme", "past", expires_at=time.time() - 1)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import httpx
 import pytest
+import trio
 
 from tests.gateway.conftest import ADMIN_KEY, MODEL, Gateway
 
@@ -242,3 +244,20 @@ async def test_a_tenant_uses_only_the_models_it_may(gateway: Gateway) -> None:
     # the other tenant's keys are not restricted
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+
+
+async def test_a_key_made_to_expire_stops_working(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as admin:
+        r = await admin.post("/admin/tenants/t1/keys", json={"name": "demo", "expires_in_seconds": 1})
+        assert r.status_code == 201 and r.json()["expires_at"] > time.time()
+        key = r.json()["key"]
+        listed = (await admin.get("/admin/tenants/t1/keys")).json()["data"]
+        assert [k["expires_at"] for k in listed if k["name"] == "demo"] == [r.json()["expires_at"]]
+        for body in ({"expires_in_seconds": 0}, {"expires_at": time.time() - 5},
+                     {"expires_at": time.time() + 60, "expires_in_seconds": 60}):
+            bad = await admin.post("/admin/tenants/t1/keys", json={"name": "x", **body})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] in body, bad.text
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": f"Bearer {key}"}) as client:
+        assert (await client.get("/v1/models")).status_code == 200
+        await trio.sleep(1.1)
+        assert (await client.get("/v1/models")).status_code == 401

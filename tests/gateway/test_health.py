@@ -77,3 +77,5 @@ def test_recent_keys_expire_and_are_bounded() -> None:
     assert keys.get("a", now=3) is None  # evicted: oldest of three
     keys.forget("b")
     assert keys.get("b", now=3) is None and keys.get("c", now=3) == t
+    keys.put("d", t, now=5, expires_in=2)  # a key that expires is not remembered past it
+    assert keys.get("d", now=6.9) == t and keys.get("d", now=7) is None
