@@ -313,6 +313,7 @@ class Admission:
                           retry_after=res.retry_after_s)
         st.quota_tenant = tenant
         st.reserved = True
+        st.rate_limits = res.limits
 
     async def _cached(self, call: GenerateCall, st: RequestState, sink=None) -> Accepted | None:
         """A stored answer replayed, or None: the request goes to the engine. Only a
@@ -361,7 +362,8 @@ class Admission:
         st.finish_reasons[0] = hit.finish_reason
         st.first_token_at = st.finished_at = time.monotonic()
         self.completed.send_nowait(Completed(st, "cached"))
-        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, settled=st.settled)
+        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, settled=st.settled,
+                        rate_limits=st.rate_limits)
 
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
@@ -427,4 +429,5 @@ class Admission:
                 self.on_cancel()
 
         self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
-        return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled)
+        return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled,
+                        rate_limits=st.rate_limits)

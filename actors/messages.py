@@ -180,6 +180,7 @@ class Accepted(msgspec.Struct):
     cancel: Any  # Callable[[], None]
     cached: bool = False
     settled: Any = None  # trio.Event | None
+    rate_limits: Any = None  # cache.quotas.RateLimits: the tenant's per-minute limits after this request
 
 
 class LengthFeedback(msgspec.Struct, frozen=True):

@@ -57,6 +57,7 @@ __all__ = [
     "DuplicateRequest",
     "Quota",
     "QuotaManager",
+    "RateLimits",
     "UsageRow",
 ]
 
@@ -64,6 +65,21 @@ _UNLIMITED = -1
 MAX_LIMIT = 2**53  # Redis' Lua counts in doubles: integers above this are not exact
 _DAY_S = 86400
 _EPOCH = dt.date(1970, 1, 1)
+
+
+def _rate_limits(q: Quota, left: list[int]) -> RateLimits | None:
+    """The reserve script's (rpm left, rpm reset ms, tpm left, tpm reset ms) as RateLimits."""
+    if len(left) < 4 or (q.requests_per_minute is None and q.tokens_per_minute is None):
+        return None
+    rpm_left, rpm_reset, tpm_left, tpm_reset = (int(v) for v in left[:4])
+    rpm = q.requests_per_minute is not None and rpm_left >= 0
+    tpm = q.tokens_per_minute is not None and tpm_left >= 0
+    return RateLimits(
+        limit_requests=q.requests_per_minute if rpm else None, remaining_requests=rpm_left if rpm else None,
+        reset_requests_s=max(rpm_reset, 0) / 1000 if rpm else None,
+        limit_tokens=q.tokens_per_minute if tpm else None, remaining_tokens=tpm_left if tpm else None,
+        reset_tokens_s=max(tpm_reset, 0) / 1000 if tpm else None,
+    )
 
 
 def _glob_escape(text: str) -> str:
@@ -89,11 +105,28 @@ class Quota(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"Quota.{name} must be at most {MAX_LIMIT} (the quota scripts count in doubles)")
 
 
+class RateLimits(msgspec.Struct, frozen=True):
+    """Where a tenant stands against its per-minute limits right after a request was
+    admitted (OpenAI's `x-ratelimit-*` headers): for requests_per_minute and
+    tokens_per_minute, the limit, what is left of it, and the seconds until it is whole
+    again (the oldest request leaves the sliding window; the fixed token window ends).
+    None: that limit is not set."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+
 class Admitted(msgspec.Struct, frozen=True):
-    """The request holds a reservation of ``reserved_tokens`` until settle/release."""
+    """The request holds a reservation of ``reserved_tokens`` until settle/release.
+    `limits`: the per-minute limits after it (None when reserved before: a retried call)."""
 
     request_id: str
     reserved_tokens: int
+    limits: RateLimits | None = None
 
 
 class Denied(msgspec.Struct, frozen=True):
@@ -125,8 +158,10 @@ local rid = ARGV[2]
 """
 
 # ARGV: base, rid, prompt, max_new, rpm, tpm, conc, cap, daily, ttl_ms
-# -> {status, limit, retry_ms, reason}; status 1 admitted, 0 denied, 2 id already finished,
-#    3 id already holds a live reservation (retry_ms carries its reserved tokens).
+# -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms]};
+#    status 1 admitted (with what is left of the per-minute limits, -1 where unlimited),
+#    0 denied, 2 id already finished, 3 id already holds a live reservation (retry_ms
+#    carries its reserved tokens).
 _RESERVE = _PRELUDE + """
 local prompt = tonumber(ARGV[3])
 local max_new = tonumber(ARGV[4])
@@ -206,7 +241,17 @@ redis.call('INCRBY', day_key, tokens)
 redis.call('EXPIRE', day_key, 2 * 86400)
 redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day)
 redis.call('PEXPIRE', res_key, ttl)
-return {1, '', 0, ''}
+local rpm_left, rpm_reset, tpm_left, tpm_reset = -1, -1, -1, -1
+if rpm > 0 then
+  rpm_left = rpm - redis.call('ZCARD', rpm_key)
+  local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
+  rpm_reset = tonumber(oldest[2]) + 60000 - now
+end
+if tpm >= 0 then
+  tpm_left = tpm - tonumber(redis.call('GET', tpm_key))
+  tpm_reset = win + 60000 - now
+end
+return {1, '', 0, '', rpm_left, rpm_reset, tpm_left, tpm_reset}
 """
 
 # ARGV: base, rid, prompt, completion, model, usage_ttl_s -> 1 settled now, 0 already done
@@ -349,9 +394,10 @@ class QuotaManager:
             _limit(q.daily_token_budget), ttl_ms,
         ]
         with self.store.guard():
-            status, limit, retry_ms, reason = await self._reserve(args=args)
+            reply = await self._reserve(args=args)
+        status, limit, retry_ms, reason = reply[:4]
         if status == 1:
-            return Admitted(request_id, prompt_tokens + max_new_tokens)
+            return Admitted(request_id, prompt_tokens + max_new_tokens, _rate_limits(q, reply[4:]))
         if status == 3:
             return Admitted(request_id, retry_ms)
         if status == 2:

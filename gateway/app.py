@@ -32,7 +32,7 @@ from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
-from cache.quotas import QuotaManager
+from cache.quotas import QuotaManager, RateLimits
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
 from gateway.config import GatewayConfig
@@ -73,6 +73,29 @@ class GatewayStores:
 
 def tenant_context(tenant: Tenant) -> TenantContext:
     return TenantContext.from_tenant(tenant)
+
+
+def _duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: "20ms", "1s", "6m0s"."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def rate_limit_headers(limits: RateLimits) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers for the tenant's per-minute limits (only those set)."""
+    out: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        limit = getattr(limits, f"limit_{kind}")
+        if limit is None:
+            continue
+        out[f"x-ratelimit-limit-{kind}"] = str(limit)
+        out[f"x-ratelimit-remaining-{kind}"] = str(getattr(limits, f"remaining_{kind}"))
+        out[f"x-ratelimit-reset-{kind}"] = _duration(getattr(limits, f"reset_{kind}_s"))
+    return out
 
 
 def bearer(header: str | None) -> str | None:
@@ -340,6 +363,13 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
 
     app.after_request(close_after_refused_body)
     cors = CorsPolicy.parse(config.allowed_origins)
+
+    @app.after_request
+    async def _rate_limits(response: Response) -> Response:
+        limits = getattr(g, "rate_limits", None)
+        if limits is not None:
+            response.headers.update(rate_limit_headers(limits))
+        return response
 
     @app.after_request
     async def _cors(response: Response) -> Response:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, has_request_context, request
 
 from actors.messages import (
     Accepted,
@@ -921,7 +921,15 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
     reply = await state.runtime.submit(call)
     if isinstance(reply, Rejected):
         raise rejected_error(reply)
+    note_rate_limits(reply)
     return reply
+
+
+def note_rate_limits(accepted: Accepted) -> None:
+    """Keep where the tenant stands against its per-minute limits after this request, for
+    the response's `x-ratelimit-*` headers (`gateway.app.rate_limit_headers`)."""
+    if accepted.rate_limits is not None and has_request_context():
+        g.rate_limits = accepted.rate_limits
 
 
 def echo_texts(state: GatewayState, req: CompletionRequest | ChatRequest, calls: list[GenerateCall]) -> list[str] | None:
@@ -1074,6 +1082,7 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
                 reply = await state.runtime.submit(call, sink=send)
                 if isinstance(reply, Rejected):
                     raise rejected_error(reply)
+                note_rate_limits(reply)
                 parts.append(RequestHandle(reply))
     except BaseException:
         for h in parts:

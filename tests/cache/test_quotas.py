@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from cache.quotas import Admitted, Denied, DuplicateRequest, Quota, QuotaManager, UsageRow
+from cache.quotas import Admitted, Denied, DuplicateRequest, Quota, QuotaManager, RateLimits, UsageRow
 from cache.store import RedisStore
 from cache.tenants import Tenant
 
@@ -167,8 +167,10 @@ async def test_settle_exactly_once_and_usage(quotas: QuotaManager):
 
 async def test_reserve_is_idempotent_and_finished_ids_cannot_be_reused(quotas: QuotaManager):
     tenant = make_tenant(Quota(requests_per_minute=2, max_concurrent=2))
-    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7)
-    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7)  # a retry: not counted
+    first = await quotas.reserve(tenant, "r1", 3, 4)
+    assert isinstance(first, Admitted) and (first.request_id, first.reserved_tokens) == ("r1", 7)
+    assert first.limits is not None and first.limits.remaining_requests == 1
+    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7)  # a retry: not counted (no limits read)
     assert await quotas.running("acme") == 1
     assert isinstance(await quotas.reserve(tenant, "r2", 1, 1), Admitted)  # 2nd of 2 per minute
     await quotas.settle(tenant, "r1", 3, 1, "m")
@@ -243,3 +245,20 @@ async def test_concurrent_reserves_from_two_clients_admit_exactly_n(redis_url, q
     assert len(admitted) == 37
     assert len(denied) == 163
     assert {int(r.split("-")[1]) % 2 for r in admitted} == {0, 1}  # both clients got some
+
+
+async def test_admitted_says_what_is_left_of_the_minute(quotas: QuotaManager, store: RedisStore):
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(requests_per_minute=5, tokens_per_minute=1000))
+    first = await quotas.reserve(tenant, "a", 100, 50)
+    second = await quotas.reserve(tenant, "b", 10, 10)
+    assert isinstance(first, Admitted) and isinstance(second, Admitted)
+    assert first.limits == RateLimits(5, 4, first.limits.reset_requests_s, 1000, 850,  # type: ignore[union-attr]
+                                      first.limits.reset_tokens_s)  # type: ignore[union-attr]
+    limits = second.limits
+    assert limits is not None and (limits.remaining_requests, limits.remaining_tokens) == (3, 830)
+    assert 59 < limits.reset_requests_s <= 60 and 0 < limits.reset_tokens_s <= 60  # type: ignore[operator]
+    only_tpm = await quotas.reserve(make_tenant(Quota(tokens_per_minute=100), "solo"), "c", 1, 1)
+    assert only_tpm.limits.limit_requests is None and only_tpm.limits.remaining_tokens == 98  # type: ignore[union-attr]
+    unlimited = await quotas.reserve(make_tenant(Quota(max_concurrent=3), "free"), "d", 1, 1)
+    assert unlimited.limits is None  # type: ignore[union-attr]

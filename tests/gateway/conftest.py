@@ -71,6 +71,7 @@ class FakeRuntime:
         self.reject_after: int | None = None  # with `reject`: refuse only after this many calls
         self.ready = True
         self.delay = 0.0
+        self.rate_limits: Any = None  # what each Accepted reports (cache.quotas.RateLimits)
 
     def served_models(self) -> list[str]:
         return [MODEL]
@@ -95,7 +96,7 @@ class FakeRuntime:
         self.nursery.start_soon(self._produce, call, send)
         prompt = call.prompt or " ".join(m.content for m in call.messages or [])
         prompt_tokens = len(call.prompt_token_ids) if call.prompt_token_ids else len(prompt.split())
-        return Accepted(call.request_id, prompt_tokens, receive, cancel)
+        return Accepted(call.request_id, prompt_tokens, receive, cancel, rate_limits=self.rate_limits)
 
     def prompt_logprobs(self, call: GenerateCall) -> list[PromptLogprob] | None:
         """With `prompt_logprobs` k: per prompt word (its id its index), logprob -1 - index

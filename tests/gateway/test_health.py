@@ -79,3 +79,17 @@ def test_recent_keys_expire_and_are_bounded() -> None:
     assert keys.get("b", now=3) is None and keys.get("c", now=3) == t
     keys.put("d", t, now=5, expires_in=2)  # a key that expires is not remembered past it
     assert keys.get("d", now=6.9) == t and keys.get("d", now=7) is None
+
+
+def test_rate_limit_headers_in_openais_form() -> None:
+    from cache.quotas import RateLimits
+    from gateway.app import rate_limit_headers
+
+    assert rate_limit_headers(RateLimits()) == {}
+    headers = rate_limit_headers(RateLimits(60, 59, 0.02, 1000, 250, 371.5))
+    assert headers == {
+        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "20ms", "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "250", "x-ratelimit-reset-tokens": "6m11.5s"}
+    assert rate_limit_headers(RateLimits(limit_tokens=9, remaining_tokens=0, reset_tokens_s=1.0)) == {
+        "x-ratelimit-limit-tokens": "9", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1s"}

@@ -1,6 +1,7 @@
 """Two gateway replicas (each with its own engine, runtime and Redis client) share one
 Redis: a burst of concurrent requests split across both admits exactly what the
-tenant's quota allows, and every refusal is a 429 with Retry-After."""
+tenant's quota allows, every refusal is a 429 with Retry-After, and each admitted
+request's `x-ratelimit-remaining-requests` is its own (the counts are taken atomically)."""
 
 from __future__ import annotations
 
@@ -58,12 +59,18 @@ async def test_two_replicas_admit_exactly_the_quota(redis_url: str, store) -> No
 async def burst(urls: list[str], key: str) -> None:
     statuses: list[int] = []
     retry_after: list[str | None] = []
+    remaining: list[int] = []
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
         r = await client.post(f"{urls[i % 2]}/v1/completions", json={
             "model": "SmolLM2-135M-Instruct", "prompt": f"Number {i}:", "max_tokens": 1, "temperature": 0,
         }, headers={"Authorization": f"Bearer {key}"})
         statuses.append(r.status_code)
+        if r.status_code == 200:
+            assert r.headers["x-ratelimit-limit-requests"] == str(LIMIT)
+            assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+            remaining.append(int(r.headers["x-ratelimit-remaining-requests"]))
+            assert "x-ratelimit-limit-tokens" not in r.headers  # no tokens_per_minute set
         if r.status_code == 429:
             retry_after.append(r.headers.get("retry-after"))
             assert r.json()["error"]["type"]
@@ -74,3 +81,4 @@ async def burst(urls: list[str], key: str) -> None:
     assert statuses.count(200) == LIMIT, statuses
     assert statuses.count(429) == BURST - LIMIT, statuses
     assert all(ra is not None and float(ra) > 0 for ra in retry_after)
+    assert sorted(remaining) == list(range(LIMIT))

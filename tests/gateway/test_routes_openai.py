@@ -458,6 +458,23 @@ async def test_too_large_body_is_413(gateway: Gateway) -> None:
     assert r.json()["error"]["code"] == "request_too_large"
 
 
+async def test_rate_limit_headers_on_every_kind_of_answer(gateway: Gateway) -> None:
+    from cache.quotas import RateLimits
+
+    gateway.runtime.rate_limits = RateLimits(10, 9, 59.5, None, None, None)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        for r in (await client.post("/v1/chat/completions", json=chat),
+                  await client.post("/v1/chat/completions", json={**chat, "stream": True}),
+                  await client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1}),
+                  await client.post("/v1/responses", json={"model": MODEL, "input": "x", "stream": True})):
+            assert r.status_code == 200
+            assert (r.headers["x-ratelimit-remaining-requests"], r.headers["x-ratelimit-reset-requests"]) == (
+                "9", "59.5s")
+        gateway.runtime.rate_limits = None  # a tenant without per-minute limits: none
+        assert "x-ratelimit-limit-requests" not in (await client.post("/v1/chat/completions", json=chat)).headers
+
+
 async def test_compressed_bodies_are_decoded_within_the_cap(gateway: Gateway) -> None:
     """Content-Encoding gzip / deflate is decoded (a small body that inflates past the cap
     is a 413, not gigabytes in memory); an unknown coding is a 415; a broken body a 400."""
