@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("lmgate.gateway")
+S = TypeVar("S")
 
 # OpenAI's `type` for each status we produce.
 _TYPES = {
@@ -113,6 +114,20 @@ def install_error_handlers(app: Quart) -> None:
     async def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error while serving a request")
         return ApiError(500, "internal server error", code="internal_error").response()
+
+
+def decode_json(raw: bytes, kind: type[S]) -> S:
+    """A JSON body decoded into `kind` (a msgspec Struct), or the 400 that says why not:
+    wrong types or missing fields naming the field (`param_of`), malformed JSON, bad UTF-8,
+    nesting deeper than the decoder recurses."""
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # msgspec's decoder recurses per nesting level
+        raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from exc
 
 
 def param_of(exc: msgspec.ValidationError) -> str | None:

@@ -39,7 +39,7 @@ from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
 from cache.tenants import TenantExists, TenantNotFound
-from gateway.errors import ApiError, param_of
+from gateway.errors import ApiError, decode_json
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -89,14 +89,8 @@ S = TypeVar("S")
 
 
 def decode_body(raw: bytes, kind: type[S]) -> S:
-    try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
-    except RecursionError as exc:  # msgspec's decoder recurses per nesting level
-        raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from exc
+    """An admin body (an empty one is `{}`: every field its default)."""
+    return decode_json(raw or b"{}", kind)
 
 
 def to_json(value: Any) -> Any:

@@ -33,7 +33,7 @@ from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from cache.response_store import ResponseStore, StoredResponse
 from cache.store import CacheUnavailable
 from gateway import sse
-from gateway.errors import ApiError, param_of
+from gateway.errors import ApiError, decode_json, param_of
 from gateway.routes_openai import (
     CacheDirectives,
     ChatRequest,
@@ -110,12 +110,7 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 def decode_request(raw: bytes) -> ResponsesRequest:
     """A body → `ResponsesRequest`, or a 400 naming the field."""
-    try:
-        return msgspec.json.decode(raw, type=ResponsesRequest)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    return decode_json(raw, ResponsesRequest)
 
 
 def _unsupported(req: ResponsesRequest) -> None:

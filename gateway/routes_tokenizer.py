@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from quart import Blueprint, request
 
-from gateway.errors import ApiError, param_of
+from gateway.errors import ApiError, decode_json
 from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending
 from gateway.tools import tool_calling
 
@@ -51,15 +51,6 @@ class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
 class DetokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
     model: str | None = None
     tokens: list[int]
-
-
-def _decode(raw: bytes, kind: type) -> Any:
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
 
 
 def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
@@ -109,7 +100,7 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
     @bp.post("/tokenize")
     async def tokenize_route() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        req = _decode(await request.get_data(cache=False), TokenizeRequest)
+        req = decode_json(await request.get_data(cache=False), TokenizeRequest)
         tokenizer = tokenizer_of(req.model, tenant)
         ids = tokenize(tokenizer, req)
         strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
@@ -118,7 +109,7 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
     @bp.post("/detokenize")
     async def detokenize_route() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        req = _decode(await request.get_data(cache=False), DetokenizeRequest)
+        req = decode_json(await request.get_data(cache=False), DetokenizeRequest)
         tokenizer = tokenizer_of(req.model, tenant)
         bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
