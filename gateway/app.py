@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -73,6 +75,19 @@ class GatewayStores:
 
 def tenant_context(tenant: Tenant) -> TenantContext:
     return TenantContext.from_tenant(tenant)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id_of(header: str | None) -> str:
+    """The id an HTTP request is known by (its `X-Request-Id` answer header, and the logs
+    of its failure): the caller's own `X-Request-Id` when it sent a sane one (1-128 of
+    letters, digits and `._:/+=-`: a proxy's or tracer's id then follows the request
+    through), else a new `req_<hex>`."""
+    if header is not None and _REQUEST_ID.fullmatch(header):
+        return header
+    return "req_" + uuid.uuid4().hex
 
 
 def _duration(seconds: float) -> str:
@@ -350,6 +365,12 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     @app.before_request
     async def _start_clock() -> None:
         g.started = time.perf_counter()
+        g.request_id = request_id_of(request.headers.get("X-Request-Id"))
+
+    @app.after_request
+    async def _request_id(response: Response) -> Response:
+        response.headers["X-Request-Id"] = getattr(g, "request_id", None) or request_id_of(None)
+        return response
 
     @app.after_request
     async def _count(response: Response) -> Response:

@@ -17,7 +17,7 @@ import math
 from typing import Any, TypeVar
 
 import msgspec
-from quart import Quart, Response
+from quart import Quart, Response, g
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("lmgate.gateway")
@@ -112,7 +112,7 @@ def install_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error while serving a request")
+        log.exception("unhandled error while serving request %s", getattr(g, "request_id", "-"))
         return ApiError(500, "internal server error", code="internal_error").response()
 
 

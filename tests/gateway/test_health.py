@@ -93,3 +93,13 @@ def test_rate_limit_headers_in_openais_form() -> None:
         "x-ratelimit-remaining-tokens": "250", "x-ratelimit-reset-tokens": "6m11.5s"}
     assert rate_limit_headers(RateLimits(limit_tokens=9, remaining_tokens=0, reset_tokens_s=1.0)) == {
         "x-ratelimit-limit-tokens": "9", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1s"}
+
+
+async def test_every_answer_carries_a_request_id(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        mine = await client.get("/v1/models", headers={"X-Request-Id": "trace-42/a:b"})
+        assert mine.headers["x-request-id"] == "trace-42/a:b"  # a caller's (a proxy's, a tracer's) id follows
+        fresh = [await client.get("/v1/models"), await client.get("/nope"),
+                 await client.get("/healthz", headers={"X-Request-Id": "bad id\twith spaces"})]
+        ids = [r.headers["x-request-id"] for r in fresh]
+        assert all(i.startswith("req_") for i in ids) and len(set(ids)) == 3
