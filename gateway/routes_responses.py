@@ -561,7 +561,6 @@ class ResponseRenderer:
 class Turn:
     """One request's run: what it reads, how its output is rendered, where it is kept."""
 
-    state: GatewayState
     store: ResponseStore
     tenant_id: str
     req: ResponsesRequest
@@ -684,7 +683,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
                                token_bytes=token_bytes_of(state), tools=tools)
         renderer = ResponseRenderer(response_id, req, tools, chunks, logprobs=chat.logprobs)
-        turn = Turn(state, store, tenant.tenant_id, req, context, items, renderer)
+        turn = Turn(store, tenant.tenant_id, req, context, items, renderer)
         if req.stream:
             response = Response(ResponsesSseBody(handle, turn), content_type="text/event-stream",
                                 headers=sse.SSE_HEADERS)
