@@ -60,13 +60,16 @@ class Accounting:
         self.settled = 0  # settle/release calls that succeeded (for tests and /metrics)
         self.pending = 0  # Completed messages being handled (a settle waiting for Redis included)
 
-    async def _with_retry(self, op: str, fn, *args) -> Any:
+    async def _with_retry(self, op: str, fn, *args, on_failure: Any = None) -> Any:
+        """`fn(*args)`, retried quickly; `on_failure()` is called at the first failure."""
         delay = 0.05
         for attempt in range(self.retries):
             try:
                 return await fn(*args)
             except CacheUnavailable:
                 self.metrics.redis_errors.labels(op).inc()
+                if on_failure is not None and attempt == 0:
+                    on_failure()
                 if attempt == self.retries - 1:
                     log.warning("%s failed after %d attempts", op, self.retries)
                     return None
@@ -74,10 +77,11 @@ class Accounting:
                 delay *= 4
         return None
 
-    async def _patiently(self, op: str, fn, *args) -> Any:
+    async def _patiently(self, op: str, fn, *args, on_failure: Any = None) -> Any:
         """`fn(*args)` until Redis answers: quick retries, then backoff up to 5 s between
-        tries, for at most `settle_patience_s`. None if it never did."""
-        result = await self._with_retry(op, fn, *args)
+        tries, for at most `settle_patience_s`. None if it never did. `on_failure()`: called
+        once, when Redis first does not answer."""
+        result = await self._with_retry(op, fn, *args, on_failure=on_failure)
         if result is not None:
             return result
         delay = 1.0
@@ -111,12 +115,19 @@ class Accounting:
         tenant = st.tenant_id
         ran = bool(st.scheduled_at) or c.outcome == "cached"
         try:
+            # the caller's last frame waits for `settled` so that its next request is not
+            # refused for this one's slot; while Redis does not answer, that next request
+            # cannot be refused for it either (its own reservation fails the same way), so
+            # `settled` is set at the first failure, not after a retry loop that may last
+            # as long as the outage (each answer waited SETTLE_WAIT_S for nothing before)
             if self.quotas is not None and st.quota_tenant is not None and (st.reserved or ran):
                 if ran:  # also fail-open requests (no reservation): their usage is owed all the same
                     ok = await self._patiently("settle", self.quotas.settle, st.quota_tenant, st.request_id,
-                                               st.prompt_tokens, st.completion_tokens, st.adapter or self.model_name)
+                                               st.prompt_tokens, st.completion_tokens, st.adapter or self.model_name,
+                                               on_failure=st.settled.set)
                 else:
-                    ok = await self._patiently("release", self.quotas.release, st.quota_tenant, st.request_id)
+                    ok = await self._patiently("release", self.quotas.release, st.quota_tenant, st.request_id,
+                                               on_failure=st.settled.set)
                 if ok is not None:
                     self.settled += 1
         finally:

@@ -53,6 +53,7 @@ class GatewayConfig:
     max_streams_per_socket: int = 16  # concurrent requests multiplexed on one WebSocket
     shutdown_grace_seconds: float = 10.0  # streams may finish this long after SIGINT/SIGTERM
     keep_alive_seconds: float = 5.0
+    listen_backlog: int = 4096  # connections the kernel queues before the server accepts them (gateway.server)
     dev_tenant: bool = True  # on first start create a development tenant and print its key
     # engine and scheduling (see gpu.config / actors.runtime)
     served_model_name: str = ""  # id clients send as `model`; "" → derived from --model
@@ -86,7 +87,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket"):
+        for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket", "listen_backlog"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         try:
@@ -237,6 +238,8 @@ _HELP = {
     "max_streams_per_socket": "concurrent requests on one WebSocket",
     "shutdown_grace_seconds": "on SIGINT/SIGTERM, let streams finish this long, then cancel",
     "keep_alive_seconds": "HTTP keep-alive timeout",
+    "listen_backlog": "new connections the kernel queues until the server accepts them (capped by "
+                      "net.core.somaxconn); a burst beyond it gets connection resets instead of 503s",
     "dev_tenant": "create a development tenant on first start and print its key",
     "served_model_name": "model id clients send (empty = derived from --model, e.g. SmolLM2-135M-Instruct)",
     "dtype": "weights/KV dtype: auto (bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32), "

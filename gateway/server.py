@@ -56,12 +56,17 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     """Hypercorn settings derived from the gateway config.
 
     Hypercorn's own WebSocket limit is set above ours so an oversized frame
-    reaches the app, which answers with an error frame before closing 1009.
+    reaches the app, which answers with an error frame before closing 1009. The listen
+    backlog is `listen_backlog`: with Hypercorn's default of 100, a burst of new
+    connections while the event loop is busy overflowed the kernel's queue, and clients
+    got connection resets instead of the app's 503 (the kernel caps it at
+    net.core.somaxconn).
     """
     hc = hypercorn.config.Config()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.graceful_timeout = config.shutdown_grace_seconds
     hc.keep_alive_timeout = config.keep_alive_seconds
+    hc.backlog = config.listen_backlog
     hc.websocket_max_message_size = 2 * config.max_ws_frame_bytes + 4096
     hc.h11_max_incomplete_size = 64 * 1024
     hc.accesslog = None
@@ -160,9 +165,10 @@ async def serve(
     """
     out = out or sys.stdout
     secret = server_secret(config.data_dir)
+    config_private: PrivateRedis | None = None
     async with AsyncExitStack() as stack:
         if config.redis_url is None:
-            private = PrivateRedis(Path(config.data_dir) / "redis")
+            private = config_private = PrivateRedis(Path(config.data_dir) / "redis")
             stack.enter_context(private)
             config = dataclasses.replace(config, redis_url=private.url)
             print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
@@ -197,8 +203,22 @@ async def serve(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(end_streams_before_the_cut)
+            if config_private is not None:
+                nursery.start_soon(watch_private_redis, config_private)
             await serve_app(app, config, shutdown_trigger=trigger, task_status=task_status)
             nursery.cancel_scope.cancel()
+
+
+async def watch_private_redis(private: PrivateRedis, interval_s: float = 2.0) -> None:
+    """Say so, once, when the private redis-server has exited (and reap it). It is not
+    restarted: it keeps nothing on disk, so it would come back without the tenants and keys,
+    and every key would be refused as unknown. Until lmgate restarts, the gateway serves
+    degraded, as with any Redis outage (recently seen keys, quotas fail-open; /readyz
+    says `redis_unavailable`)."""
+    while private.running:  # (polling the process also reaps it once it has exited)
+        await trio.sleep(interval_s)
+    log.error("the private redis-server has exited (its log: %s); serving degraded without Redis until "
+              "lmgate serve is restarted", private.log_path)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -197,7 +197,11 @@ async def test_a_settle_during_a_redis_outage_lands_once_redis_is_back(runtime, 
     settle, calls = flaky(quotas.settle, failures=5)  # 3 quick tries, then 1 s and 2 s apart
     monkeypatch.setattr(quotas, "settle", settle)
     t = tenant(Quota(max_concurrent=1), id="outage")
-    _, _, fin = await collect(await runtime.submit(call(t, prompt="Hi", max_tokens=3, ignore_eos=True)))
+    acc = await runtime.submit(call(t, prompt="Hi", max_tokens=3, ignore_eos=True))
+    _, _, fin = await collect(acc)
+    # the caller is not held waiting for an outage: `settled` is set at the first failure
+    await wait_until(lambda: acc.settled.is_set() and calls["n"] >= 1, timeout=2)  # (else after 3+ s of retries)
+    assert runtime.accounting.settled == 0
     await wait_until(lambda: runtime.metrics.settle_backlog._value.get() == 1)  # waiting for Redis, not dropped
     await wait_until(lambda: runtime.accounting.settled == 1, timeout=20)
     assert calls["n"] == 6 and runtime.metrics.settle_backlog._value.get() == 0

@@ -9,7 +9,10 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import stat
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -163,3 +166,32 @@ async def test_graceful_shutdown_lets_short_streams_finish_and_cuts_long_ones(
     hang_id = next(c.request_id for c in runtime.calls if c.prompt == "HANG")
     with trio.fail_after(5):
         await runtime.cancel_events[hang_id].wait()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a listening socket's backlog")
+async def test_the_listen_queue_takes_a_burst(gateway: Gateway) -> None:
+    """The listening socket's backlog is `listen_backlog` (up to net.core.somaxconn), not
+    Hypercorn's 100: a burst of connects beyond 100 waits to be accepted instead of being
+    reset. `ss` shows a listening socket's backlog as its Send-Q."""
+    port = gateway.base_url.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    backlog = int(out.split()[2])
+    cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert backlog == min(gateway.config.listen_backlog, cap) and backlog > 100
+
+
+async def test_a_private_redis_that_dies_is_reported_and_reaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cache.redis_server import PrivateRedis
+    from gateway.server import watch_private_redis
+
+    with PrivateRedis(tmp_path / "redis") as private:
+        pid = private.pid
+        assert pid is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_private_redis, private, 0.05)
+            await trio.sleep(0.2)
+            assert not caplog.records  # alive: nothing to say
+            os.kill(pid, signal.SIGKILL)
+        assert "private redis-server has exited" in caplog.text
+        with pytest.raises(ChildProcessError):  # reaped: no zombie left behind
+            os.waitpid(pid, os.WNOHANG)
