@@ -737,6 +737,8 @@ class Collector:
             if self.endpoint == "chat.completions":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
                 parsed = self.tools.tool_calls_of(text) if self.tools is not None and reason == "stop" else None
+                if self.tools is not None and parsed is None:
+                    message["content"] = self.tools.content_of(text, reason)
                 if parsed is not None:
                     message = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
                     reason = self.tools.finish_reason
@@ -878,6 +880,7 @@ class ChunkRenderer:
                 calls = {"index": i, "delta": body, "logprobs": logprobs, "finish_reason": None}
                 delta, logprobs, reason = {}, None, self.tools.finish_reason
             else:
+                text = self.tools.content_of(text, reason)
                 delta = {"content": text[sent:]} if i in self._role_sent else {"role": "assistant", "content": text}
             self._role_sent.add(i)
         return calls, {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}

@@ -88,7 +88,8 @@ class ToolCalling:
             return GuidedDecoding("json", json.dumps(self.named.parameters), label=LABEL)
         if self.auto:
             schema = {**self._calls_schema(), "x-guidance": JSON_DEFAULTS}
-            return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=json.dumps(schema)), label=LABEL)
+            return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=json.dumps(schema)), label=LABEL,
+                                  stoppable=True)
         return GuidedDecoding("json", json.dumps(self._calls_schema()), label=LABEL)
 
     @property
@@ -134,6 +135,14 @@ class ToolCalling:
     @property
     def finish_reason(self) -> str:
         return "stop" if self.named is not None else "tool_calls"
+
+    def content_of(self, text: str, reason: str) -> str:
+        """The content of a finished choice that spells no call (`tool_calls_of` None): all
+        its text, except in auto mode when a stop string or stop token ended it inside a
+        call, whose unfinished call is dropped (the text before the marker remains). A
+        choice cut by max_tokens keeps what it wrote."""
+        at = text.find(MARKER) if self.auto and reason == "stop" else -1
+        return text if at < 0 else text[:at]
 
     def tool_calls_of(self, text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
         """The message `content` and OpenAI `tool_calls` a finished choice's text spells;

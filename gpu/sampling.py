@@ -212,7 +212,7 @@ def _validate(p: SamplingParams) -> None:
             raise SamplingParamsError("guided", problem)
         # a stop would cut the text where the constraint does not end it: a "stop" that breaks it
         for name in ("stop", "stop_token_ids"):
-            if getattr(p, name):
+            if getattr(p, name) and not p.guided.stoppable:
                 raise SamplingParamsError(name, "cannot be combined with an output constraint (a schema, regex, "
                                                 "choice, grammar or tool call): the constraint decides where the "
                                                 "text ends")

@@ -80,6 +80,10 @@ class GuidedDecoding(msgspec.Struct, frozen=True):
     # what the spec is called in error messages, when the request did not write it itself
     # (tool calling's grammar: "schema of the tools"); None: the kind's name
     label: str | None = None
+    # stop strings and stop tokens may end the text anywhere (tool calling's "auto": its
+    # free text may end anywhere, and a call a stop cuts is dropped); else a stop is refused,
+    # as it would break the constraint
+    stoppable: bool = False
 
 
 class GuidedDecodingError(ValueError):

@@ -56,6 +56,29 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 2
 
 
+def test_a_stop_inside_an_auto_call_drops_the_call() -> None:
+    """tool_choice "auto" takes stop strings (its text may end anywhere); a stop that ends
+    the choice inside a call drops the unfinished call, whole and streamed alike."""
+    calling = tool_calling([{"type": "function", "function": {"name": "ping"}}], "auto", None)
+    assert calling is not None and calling.guided().stoppable
+    sampling_params(ChatRequest(model=MODEL, messages=[], stop=["x"], tools=[
+        {"type": "function", "function": {"name": "ping"}}]))  # no 400
+    deltas = [TokenDelta("r", 0, "Sure. ", [1]), TokenDelta("r", 0, '<tool_call>[{"name": "pi', [2])]
+    finished = Finished("r", ["stop"], Usage(3, 2))
+    collector = Collector("chat.completions", "r", MODEL, n=1, tools=calling)
+    for d in deltas:
+        collector.add(d)
+    [whole] = collector.response(finished)["choices"]
+    assert whole["message"] == {"role": "assistant", "content": "Sure. "} and whole["finish_reason"] == "stop"
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=calling)
+    chunks = [c for d in deltas if (c := renderer.delta(d)) is not None] + renderer.finished(finished)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "Sure. " and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    # cut by max_tokens instead, the choice keeps what it wrote
+    assert calling.content_of('a <tool_call>[{"na', "length") == 'a <tool_call>[{"na'
+
+
 def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
     """tool_choice "auto": text goes out as it comes except what may be the start of the
     marker; a call goes out whole as the choice ends; streamed and whole answers agree."""
@@ -409,8 +432,8 @@ CHAT_BAD = [
                                                                     "whitespace_pattern": " "}}, "structured_outputs"),
     ("grammar with beam search", {**chat_body(), "guided_grammar": "start: \"a\"", "use_beam_search": True,
                                   "n": 2, "temperature": 0}, "guided_grammar"),
-    ("stop with tools (auto)", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
-                                "stop": "\n"}, "stop"),
+    ("stop with tools (required)", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
+                                    "tool_choice": "required", "stop": "\n"}, "stop"),
     ("tool not a function", {**chat_body(), "tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools"),
     ("tool_choice names no tool", {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}],
                                    "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),

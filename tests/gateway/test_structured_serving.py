@@ -247,6 +247,12 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
     [[streamed_call]] = [c.delta.tool_calls for c in streamed if c.delta.tool_calls]
     assert streamed_call.function.arguments == call.function.arguments and streamed[-1].finish_reason == "tool_calls"
 
+    # a stop string inside the call ends the choice there and drops the unfinished call
+    # ("city" is a required key of every get_weather call)
+    cut = (await trio.to_thread.run_sync(lambda: auto(shown + question, logit_bias=nudge, stop=['"city"']))).choices[0]
+    assert cut.finish_reason == "stop" and not cut.message.tool_calls
+    assert "<tool_call>" not in (cut.message.content or "")
+
     def sdk_stream_events():  # type: ignore[no-untyped-def]  # the SDK's stream helper sees each call done
         with sdk.chat.completions.stream(model=model, messages=shown + question, tools=tools, max_tokens=60,
                                          temperature=0, logit_bias=nudge) as stream:
