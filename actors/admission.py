@@ -355,7 +355,7 @@ class Admission:
         else:
             send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids), **extras(0, n),
                                         finish_reason=hit.finish_reason))
-        usage = Usage(st.prompt_tokens, hit.usage.completion_tokens)
+        usage = Usage(st.prompt_tokens, hit.usage.completion_tokens, st.prompt_tokens)  # nothing computed
         send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
         send.close()
         st.completion_tokens = hit.usage.completion_tokens

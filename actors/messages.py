@@ -92,6 +92,7 @@ class GenerateCall(msgspec.Struct, frozen=True):
 class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # prompt tokens not computed: prefix-cache hits (all of them for a cached answer)
 
     @property
     def total_tokens(self) -> int:

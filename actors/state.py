@@ -55,6 +55,7 @@ class RequestState:
     first_token_at: float = 0.0
     finished_at: float = 0.0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache (the engine's first step)
     finish_reasons: dict[int, str] = field(default_factory=dict)
     choices: dict[int, ChoiceRecord] = field(default_factory=dict)
     adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)

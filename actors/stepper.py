@@ -230,6 +230,7 @@ class Stepper:
             if not st.params.use_beam_search:  # a beam search's first delta comes with its last
                 self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
         st.completion_tokens += len(d.token_ids)
+        st.cached_prompt_tokens = max(st.cached_prompt_tokens, d.cached_prompt_tokens)
         top = tokens = None
         if d.logprobs is not None:  # token texts only when asked for: decoding costs per token
             text_of = self._token_text
@@ -272,7 +273,7 @@ class Stepper:
     def _finish(self, st: RequestState, outcome: str) -> None:
         st.finished_at = time.monotonic()
         if outcome == "ok":
-            usage = Usage(st.prompt_tokens, st.completion_tokens)
+            usage = Usage(st.prompt_tokens, st.completion_tokens, st.cached_prompt_tokens)
             reasons = [st.finish_reasons.get(i, "stop") for i in range(st.params.n)]
             try:
                 st.events.send_nowait(Finished(st.request_id, reasons, usage))

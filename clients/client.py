@@ -62,6 +62,12 @@ class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": n}
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the server did not compute (prefix-cache hits, or a cached answer)."""
+        return (self.prompt_tokens_details or {}).get("cached_tokens", 0)
 
 
 class Choice(msgspec.Struct, frozen=True):
@@ -175,7 +181,7 @@ async def with_retry(policy: RetryPolicy, attempt_fn: Callable[[], Awaitable[T]]
 # ---------------------------------------------------------------- parsing
 
 
-def _usage(raw: Any) -> Usage | None:
+def usage_from(raw: Any) -> Usage | None:
     return msgspec.convert(raw, Usage) if raw else None
 
 
@@ -255,7 +261,7 @@ class TokenStream:
                     raise error_for(status_of_type(chunk["error"].get("type")), chunk)
                 self.id = chunk.get("id", self.id)
                 if chunk.get("usage"):
-                    self.usage = _usage(chunk["usage"])
+                    self.usage = usage_from(chunk["usage"])
                 for delta in deltas_from_chunk(chunk):
                     yield delta
         except httpx.TransportError as exc:
@@ -297,7 +303,8 @@ class ResponseStream(TokenStream):
                     self.response = Response(event["response"])
                     if event["response"].get("usage"):
                         u = event["response"]["usage"]
-                        self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"])
+                        self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"],
+                                           u.get("input_tokens_details"))
                     return
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"stream broken: {exc}") from exc

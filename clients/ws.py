@@ -30,7 +30,7 @@ import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from httpx_ws import HTTPXWSException, aconnect_ws
 
-from clients.client import Delta, Usage
+from clients.client import Delta, Usage, usage_from
 from clients.errors import ConnectionFailed, LmgateError, error_for
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class WsStream:
                 yield Delta(frame["index"], frame["text"], reason, frame.get("token_ids"))
             elif kind == "done":
                 self.done = True
-                self.usage = Usage(**frame["usage"]) if frame.get("usage") else None
+                self.usage = usage_from(frame.get("usage"))
                 self.finish_reasons = list(frame.get("finish_reasons") or [])
                 for index, reason in enumerate(self.finish_reasons):
                     if index not in ended:

@@ -574,12 +574,15 @@ def failed_error(fail: Failed) -> ApiError:
     return ApiError(fail.status, fail.message, code=fail.code, param=fail.param)
 
 
-def usage_json(finished: Finished) -> dict[str, int]:
+def usage_json(finished: Finished) -> dict[str, Any]:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens`: the prompt tokens not computed
+    (prefix-cache hits; all of them for an answer from the response cache)."""
     u = finished.usage
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
     }
 
 
@@ -1026,7 +1029,7 @@ class BatchHandle:
 
     async def events(self) -> AsyncIterator[TokenDelta | PromptFinished | Finished | Failed]:
         reasons: dict[int, list[str]] = {}
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_prompt_tokens = 0
         cached = True
         async for event in self._events:
             i = self._prompt.get(event.request_id)
@@ -1043,10 +1046,11 @@ class BatchHandle:
                 reasons[i] = event.finish_reasons
                 prompt_tokens += event.usage.prompt_tokens
                 completion_tokens += event.usage.completion_tokens
+                cached_prompt_tokens += event.usage.cached_prompt_tokens
                 cached = cached and event.cached
                 if len(reasons) == len(self.parts):
                     yield Finished(self.request_id, [r for k in range(len(self.parts)) for r in reasons[k]],
-                                   Usage(prompt_tokens, completion_tokens), cached)
+                                   Usage(prompt_tokens, completion_tokens, cached_prompt_tokens), cached)
                     return
                 yield PromptFinished(i * self.n, event.finish_reasons)
 

@@ -474,7 +474,7 @@ class ResponseRenderer:
             events += self._open_message()
         events += self._close_message()
         u = f.usage
-        self.usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        self.usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
                       "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": u.total_tokens}
         kind = "response.incomplete" if self.status == "incomplete" else "response.completed"

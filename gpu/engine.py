@@ -77,6 +77,7 @@ class StepDelta:
     request_finished: bool = False  # every choice of the request has ended
     prompt_tokens: int = 0
     completion_tokens: int = 0  # of this choice, so far
+    cached_prompt_tokens: int = 0  # prompt tokens its first step found in the prefix cache (not computed)
     # on a choice's first delta when the request asked for prompt logprobs: per prompt
     # position, (logprob of that token given the ones before, ((id, logprob), ...) the k most
     # likely there); position 0 has no context: (None, ())
@@ -117,6 +118,7 @@ class _Request:
     prompt_lp_missing: int = 0  # positions not yet filled
     scoring_blocks: list[int] = field(default_factory=list)  # chain hashes it registered (Engine._scoring_blocks)
     grammar: object | None = None  # the compiled constraint (`params.guided`); each choice runs a copy
+    cached_tokens: int = 0  # prompt tokens its first step took from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -463,6 +465,9 @@ class Engine:
                 self._started.add(s.request_id)
                 if "#" not in s.request_id:  # forked children start from shared blocks, not hits
                     c["prefix_hit_tokens"] += s.start_pos
+                    owner = self._seq_owner.get(s.request_id)
+                    if owner is not None and not owner[0].cached_tokens:  # (a preempted one starts again)
+                        owner[0].cached_tokens = s.start_pos
 
     def _sampling_batch(self, seq_ids: Iterable[str]):
         """Rows of logits to sample, with their sampling states; n>1 parents get n rows.
@@ -580,7 +585,7 @@ class Engine:
         n = len(req.choices)
         return [StepDelta(request_id=req.request_id, index=c.index, text="", token_ids=(), finish_reason="length",
                           request_finished=i == n - 1, prompt_tokens=len(req.prompt_token_ids),
-                          prompt_logprobs=prompt_lp)
+                          cached_prompt_tokens=req.cached_tokens, prompt_logprobs=prompt_lp)
                 for i, c in enumerate(req.choices)]
 
     def _fork(self, req: _Request, choice: _Choice, tok: int) -> None:
@@ -714,6 +719,7 @@ class Engine:
                 finish_reason=h.finish_reason,
                 request_finished=i == len(hyps) - 1,
                 prompt_tokens=len(req.prompt_token_ids),
+                cached_prompt_tokens=req.cached_tokens,
                 completion_tokens=len(h.tokens),
                 prompt_logprobs=self._prompt_logprobs_out(req),
             ))
@@ -775,6 +781,7 @@ class Engine:
             finish_reason=reason,
             request_finished=reason is not None and req.finished,
             prompt_tokens=len(req.prompt_token_ids),
+            cached_prompt_tokens=req.cached_tokens,
             completion_tokens=n_out,
             prompt_logprobs=self._prompt_logprobs_out(req) if n_out == 1 else None,
             error=error,

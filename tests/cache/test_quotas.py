@@ -8,7 +8,15 @@ import time
 import pytest
 import trio
 
-from cache.quotas import Admitted, Denied, DuplicateRequest, Quota, QuotaManager, RateLimits, UsageRow
+from cache.quotas import (
+    Admitted,
+    Denied,
+    DuplicateRequest,
+    Quota,
+    QuotaManager,
+    RateLimits,
+    UsageRow,
+)
 from cache.store import RedisStore
 from cache.tenants import Tenant
 

@@ -32,7 +32,7 @@ async def test_a_batch_of_strings_is_one_request_per_prompt_with_choices_in_prom
     # choice j of prompt i is choice i * n + j
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
         (0, words(0, 2), "length"), (1, words(1, 2), "length"), (2, words(0, 2), "length"), (3, words(1, 2), "length")]
-    assert body["usage"] == {"prompt_tokens": 2 + 3, "completion_tokens": 8, "total_tokens": 13}
+    assert body["usage"] == {"prompt_tokens": 2 + 3, "completion_tokens": 8, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 0}}
     calls = gateway.runtime.calls
     assert [c.prompt for c in calls] == ["one two", "three four five"]
     assert [c.request_id for c in calls] == [body["id"] + "-0", body["id"] + "-1"]
@@ -67,7 +67,7 @@ async def test_a_streamed_batch_remaps_choices_and_ends_once(gateway: Gateway) -
                 ended[choice["index"]] = choice["finish_reason"]
     assert texts == {0: words(0, 2), 1: words(0, 2), 2: words(0, 2)}
     assert ended == {0: "length", 1: "length", 2: "length"}  # each once, as its prompt ended
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}}
     assert len({c["id"] for c in chunks}) == 1
 
 

@@ -79,6 +79,22 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
         closed = (await http.post("/tokenize", json={"messages": prefill})).json()["count"]
     assert prompt_tokens == counted < closed  # no end of turn, no new assistant header
     assert await trio.to_thread.run_sync(continued) == (text, prompt_tokens)  # again, through the prompt cache
+
+    # usage says which prompt tokens were not computed: a shared prefix's blocks found in the
+    # prefix cache (whole blocks, never all), and all of them for an answer from the response cache
+    system = {"role": "system", "content": "You are a careful geography teacher. " * 8}
+
+    def shared(question: str, **extra):  # type: ignore[no-untyped-def]
+        return sdk.chat.completions.create(model=model, messages=[system, {"role": "user", "content": question}],
+                                           max_tokens=2, temperature=0, **extra).usage
+
+    first = await trio.to_thread.run_sync(lambda: shared("Name a river.", extra_headers={"Cache-Control": "no-store"}))
+    second = await trio.to_thread.run_sync(lambda: shared("Name a mountain."))
+    assert first.prompt_tokens_details.cached_tokens < 16 <= second.prompt_tokens_details.cached_tokens
+    assert second.prompt_tokens_details.cached_tokens % 16 == 0 and second.prompt_tokens_details.cached_tokens < \
+        second.prompt_tokens
+    replayed = await trio.to_thread.run_sync(lambda: shared("Name a mountain."))  # the response cache answers
+    assert replayed.prompt_tokens_details.cached_tokens == replayed.prompt_tokens
     echoed = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
         model=model, messages=prefill, max_tokens=6, temperature=0, extra_body={**ending, "echo": True}))
     assert echoed.choices[0].message.content == "The capital of France is" + text  # vLLM's echo: prefill first

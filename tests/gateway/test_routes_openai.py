@@ -186,7 +186,7 @@ async def test_completion_json(gateway: Gateway) -> None:
     assert body["choices"] == [
         {"index": 0, "text": word(0, 0) + word(0, 1) + word(0, 2), "logprobs": None, "finish_reason": "length"}
     ]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 0}}
     call = gateway.runtime.calls[-1]
     assert call.prompt == "one two three"
     assert call.tenant.tenant_id == "t1"
@@ -291,7 +291,7 @@ async def test_chat_sse_chunks_and_include_usage(gateway: Gateway) -> None:
     assert chunks[3]["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
     assert all(c["usage"] is None for c in chunks[:4])
     assert chunks[4]["choices"] == []
-    assert chunks[4]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert chunks[4]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_completion_sse_without_usage(gateway: Gateway) -> None:

@@ -45,7 +45,7 @@ async def test_header_auth_and_multiplexed_requests(gateway: Gateway) -> None:
     assert tokens_a[0]["token_ids"] == [0]
     done_a = frames["a"][-1]
     assert done_a["type"] == "done" and done_a["finish_reasons"] == ["length"]
-    assert done_a["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    assert done_a["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
     by_index = {0: "", 1: ""}
     for f in frames["b"]:
         if f["type"] == "token":
