@@ -6,9 +6,11 @@ turns and this request's input, as Responses items) and the response with its ou
 Instructions are not kept in the conversation: as OpenAI's, they apply to one request
 and are not carried over.
 
-Redis key: ``{prefix}resp1:<tenant id>:<response id>``, value JSON, TTL ``ttl_s``
-(OpenAI keeps stored responses 30 days). The tenant is part of the key, so one tenant
-can neither read nor continue nor delete another's responses: to it they do not exist.
+Redis key: ``{prefix}resp2:<owner>:<response id>``, value JSON, TTL ``ttl_s`` (OpenAI
+keeps stored responses 30 days). The owner (`owner_of`) is the tenant's id and its
+record's creation time, so one tenant can neither read nor continue nor delete another's
+responses — to it they do not exist — and a tenant deleted and created again under the
+same id does not find the deleted one's (they expire with their TTL).
 Entries bigger than ``max_entry_bytes`` are not stored (`put` returns False): a
 conversation that long no longer fits the model's context anyway.
 """
@@ -21,7 +23,7 @@ import msgspec
 
 from cache.store import RedisStore
 
-__all__ = ["ResponseStore", "StoredResponse"]
+__all__ = ["ResponseStore", "StoredResponse", "owner_of"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -43,6 +45,11 @@ class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
 _decoder = msgspec.json.Decoder(StoredResponse)
 
 
+def owner_of(tenant_id: str, created_at: float) -> str:
+    """Whose stored responses these are: the tenant, as created at `created_at` (its record's)."""
+    return f"{tenant_id}:{round(created_at * 1e6)}"
+
+
 class ResponseStore:
     """Per-tenant stored responses. Every method raises CacheUnavailable when Redis
     cannot be reached."""
@@ -54,26 +61,26 @@ class ResponseStore:
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
 
-    def _key(self, tenant_id: str, response_id: str) -> str:
-        return self.store.key("resp1", tenant_id, response_id)
+    def _key(self, owner: str, response_id: str) -> str:
+        return self.store.key("resp2", owner, response_id)
 
-    async def put(self, tenant_id: str, stored: StoredResponse) -> bool:
+    async def put(self, owner: str, stored: StoredResponse) -> bool:
         """Store (or replace) `stored` under its response id for `ttl_s`; False when it is
         too large to keep."""
         value = _encoder.encode(stored)
         if len(value) > self.max_entry_bytes:
             return False
         with self.store.guard():
-            await self.store.client.set(self._key(tenant_id, stored.response["id"]), value,
+            await self.store.client.set(self._key(owner, stored.response["id"]), value,
                                         px=round(self.ttl_s * 1000))
         return True
 
-    async def get(self, tenant_id: str, response_id: str) -> StoredResponse | None:
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
         with self.store.guard():
-            raw = await self.store.client.get(self._key(tenant_id, response_id))
+            raw = await self.store.client.get(self._key(owner, response_id))
         return None if raw is None else _decoder.decode(raw)
 
-    async def delete(self, tenant_id: str, response_id: str) -> bool:
+    async def delete(self, owner: str, response_id: str) -> bool:
         """True if the response was stored (and is gone now)."""
         with self.store.guard():
-            return bool(await self.store.client.delete([self._key(tenant_id, response_id)]))
+            return bool(await self.store.client.delete([self._key(owner, response_id)]))

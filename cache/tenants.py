@@ -72,6 +72,7 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
 
 
 MAX_MODEL_PATTERNS = 256
+MAX_KEY_EXPIRY = 253402300799.0  # 9999-12-31T23:59:59Z: what Redis (PXAT) and every client can hold
 
 
 def check_models(models: tuple[str, ...] | None) -> None:
@@ -332,8 +333,8 @@ class TenantRegistry:
         anywhere; show it to the user once. `expires_at` (unix time): the key stops
         authenticating then, and Redis drops its record (its id stays listed until
         then only). ValueError for a time not in the future."""
-        if expires_at is not None and not (math.isfinite(expires_at) and expires_at > time.time()):
-            raise ValueError("expires_at must be a time in the future")
+        if expires_at is not None and not (math.isfinite(expires_at) and time.time() < expires_at <= MAX_KEY_EXPIRY):
+            raise ValueError("expires_at must be a time in the future, before the year 10000")
         if await self.get_tenant(tenant_id) is None:
             raise TenantNotFound(tenant_id)
         plaintext = _new_plaintext_key()

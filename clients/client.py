@@ -38,6 +38,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -466,10 +467,10 @@ class LmgateClient:
 
     async def get_response(self, response_id: str) -> Response:
         """A stored response (NotFound once deleted, expired, or another tenant's)."""
-        return Response(await self._request_json("GET", f"/v1/responses/{response_id}"))
+        return Response(await self._request_json("GET", f"/v1/responses/{quote(response_id, safe='')}"))
 
     async def delete_response(self, response_id: str) -> None:
-        await self._request_json("DELETE", f"/v1/responses/{response_id}")
+        await self._request_json("DELETE", f"/v1/responses/{quote(response_id, safe='')}")
 
     def ws(self) -> Any:
         """A WebSocket session multiplexing requests (see clients.ws.WsSession)."""

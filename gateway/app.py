@@ -241,19 +241,29 @@ class GatewayState:
         tenant may use it (`Tenant.models`: a model it may not use is, to it, one that does
         not exist, as OpenAI answers; the message names only what it may use)."""
         served = self.models_for(tenant)
-        if not self.runtime.serves(model) or not may_use(tenant.models, self.canonical_model(model)):
+        if not self.runtime.serves(model) or not self.may_use(tenant, model):
             message = (unknown_model_message(model, served) if served
                        else f"model {model[:100]!r} does not exist or this key may not use it")
             raise ApiError(404, message, code="model_not_found", param="model")
 
-    def canonical_model(self, model: str) -> str:
-        """The name a served `model` is listed under: itself (the model's id, an adapter), or
-        the model's id for an alias (the `--model` it was started with)."""
-        return model if model in self.runtime.served_models() else self.runtime.model_name
+    def base_names(self) -> frozenset[str]:
+        """The names the base model is served under: its id and its aliases (the `--model`
+        it was started with); every other served name is a LoRA adapter."""
+        return frozenset(getattr(self.runtime, "model_aliases", ())) | {self.runtime.model_name}
+
+    def may_use(self, tenant: TenantContext, model: str) -> bool:
+        """Whether the tenant's `models` allow `model`: an adapter by its own name only; the
+        base model by its id or any of its aliases (a list naming "smollm2" allows the model
+        served under that alias, whichever name the request uses)."""
+        if tenant.models is None:
+            return True
+        base = self.base_names()
+        names = base if model in base else {model}
+        return any(may_use(tenant.models, name) for name in names)
 
     def models_for(self, tenant: TenantContext) -> list[str]:
         """The served models this tenant may use, as /v1/models lists them."""
-        return [m for m in self.runtime.served_models() if may_use(tenant.models, m)]
+        return [m for m in self.runtime.served_models() if self.may_use(tenant, m)]
 
 
 PREDICTOR_UPLOAD = ("PUT", "/admin/predictor")
@@ -308,15 +318,23 @@ def decoded_body(raw: bytes, encoding: str, limit: int) -> bytes:
         if wbits is None:
             raise ApiError(415, f"Content-Encoding {coding[:50]!r} is not supported (gzip, deflate or identity)",
                            code="unsupported_encoding")
-        decoder = zlib.decompressobj(wbits)
-        try:
-            out = decoder.decompress(raw, limit + 1)
-        except zlib.error as exc:
-            raise ApiError(400, f"the body is not valid {coding} data: {exc}", code="invalid_encoding") from exc
-        if len(out) > limit or decoder.unconsumed_tail:
-            raise ApiError(413, f"the decoded body is larger than {limit} bytes", code="request_too_large")
-        if not decoder.eof:
-            raise ApiError(400, f"the body is not valid {coding} data: it ends early", code="invalid_encoding")
+        out, rest = b"", raw
+        while True:  # gzip: member after member (RFC 1952); deflate: one stream
+            decoder = zlib.decompressobj(wbits)
+            try:
+                out += decoder.decompress(rest, limit + 1 - len(out))
+            except zlib.error as exc:
+                raise ApiError(400, f"the body is not valid {coding} data: {exc}", code="invalid_encoding") from exc
+            if len(out) > limit or decoder.unconsumed_tail:
+                raise ApiError(413, f"the decoded body is larger than {limit} bytes", code="request_too_large")
+            if not decoder.eof:
+                raise ApiError(400, f"the body is not valid {coding} data: it ends early", code="invalid_encoding")
+            rest = decoder.unused_data
+            if not rest:
+                break
+            if wbits != 31:
+                raise ApiError(400, f"the body is not valid {coding} data: bytes after its end",
+                               code="invalid_encoding")
         raw = out
     return raw
 

@@ -56,11 +56,14 @@ class CorsPolicy:
         same-origin or non-browser request, an origin not allowed, or the admin API).
         `preflight`: the request is a preflight; `preflight_headers` the headers it asks
         to send (`Access-Control-Request-Headers`), which are allowed as asked."""
-        if origin is None or path.startswith("/admin") or not self.allows(origin):
+        if path.startswith("/admin") or not self.origins:
             return {}
-        out = {"Access-Control-Allow-Origin": "*" if self.origins == ("*",) else origin}
-        if self.origins != ("*",):
-            out["Vary"] = "Origin"
+        # listed origins: the answer depends on the Origin, whether it is allowed or not, so
+        # a shared cache must key on it (else it could serve one origin's answer to another)
+        vary = {} if self.origins == ("*",) else {"Vary": "Origin"}
+        if origin is None or not self.allows(origin):
+            return vary
+        out = {"Access-Control-Allow-Origin": "*" if self.origins == ("*",) else origin, **vary}
         if preflight:
             out["Access-Control-Allow-Methods"] = ALLOWED_METHODS
             if preflight_headers:

@@ -38,7 +38,7 @@ from quart import Blueprint, Response, request
 from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
-from cache.tenants import TenantExists, TenantNotFound
+from cache.tenants import MAX_KEY_EXPIRY, TenantExists, TenantNotFound, check_models
 from gateway.errors import ApiError, decode_json
 
 if TYPE_CHECKING:
@@ -64,24 +64,38 @@ class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True):
     models: list[str] | None = None  # replaces the list; ["*"] allows every model again
 
 
+def models_of(models: list[str] | None) -> tuple[str, ...] | None:
+    """A tenant's `models` as stored, or a 400 naming the field."""
+    if models is None:
+        return None
+    try:
+        check_models(tuple(models))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_value", param="models") from exc
+    return tuple(models)
+
+
 class KeyCreate(msgspec.Struct, frozen=True, kw_only=True):
     name: str = "default"
     expires_at: float | None = None  # unix time; or
     expires_in_seconds: float | None = None  # from now; neither: the key never expires
 
     def expiry(self) -> float | None:
-        """When the key expires (unix time), or None; 400 for both fields or a time not ahead."""
+        """When the key expires (unix time), or None; 400 for both fields, or a time not at
+        least a second ahead or past `MAX_KEY_EXPIRY`."""
         if self.expires_at is not None and self.expires_in_seconds is not None:
             raise ApiError(400, "give expires_at or expires_in_seconds, not both", code="invalid_value",
                            param="expires_in_seconds")
+        now = time.time()
         if self.expires_in_seconds is not None:
-            if not (math.isfinite(self.expires_in_seconds) and self.expires_in_seconds > 0):
-                raise ApiError(400, "expires_in_seconds must be a number > 0", code="invalid_value",
-                               param="expires_in_seconds")
-            return time.time() + self.expires_in_seconds
-        if self.expires_at is not None and not (math.isfinite(self.expires_at) and self.expires_at > time.time()):
-            raise ApiError(400, "expires_at must be a time in the future (unix seconds)", code="invalid_value",
-                           param="expires_at")
+            if not (math.isfinite(self.expires_in_seconds) and 1 <= self.expires_in_seconds <= MAX_KEY_EXPIRY - now):
+                raise ApiError(400, "expires_in_seconds must be a number of seconds from 1 until the year 9999",
+                               code="invalid_value", param="expires_in_seconds")
+            return now + self.expires_in_seconds
+        if self.expires_at is not None and not (math.isfinite(self.expires_at)
+                                                and now + 1 <= self.expires_at <= MAX_KEY_EXPIRY):
+            raise ApiError(400, "expires_at must be a time (unix seconds) at least a second ahead and before the "
+                           "year 10000", code="invalid_value", param="expires_at")
         return self.expires_at
 
 
@@ -149,7 +163,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
         body = decode_body(await request.get_data(cache=False), TenantCreate)
         tenant = await tenants.create_tenant(
             body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota,
-            models=None if body.models is None else tuple(body.models),
+            models=models_of(body.models),
         )
         return to_json(tenant), 201
 
@@ -170,7 +184,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
         body = decode_body(await request.get_data(cache=False), TenantUpdate)
         tenant = await tenants.update_tenant(
             tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota,
-            models=None if body.models is None else tuple(body.models),
+            models=models_of(body.models),
         )
         return to_json(tenant)
 

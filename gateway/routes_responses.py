@@ -30,7 +30,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
-from cache.response_store import ResponseStore, StoredResponse
+from cache.response_store import ResponseStore, StoredResponse, owner_of
 from cache.store import CacheUnavailable
 from gateway import sse
 from gateway.errors import ApiError, decode_json, param_of
@@ -562,7 +562,7 @@ class Turn:
     """One request's run: what it reads, how its output is rendered, where it is kept."""
 
     store: ResponseStore
-    tenant_id: str
+    owner: str  # `cache.response_store.owner_of` the tenant
     req: ResponsesRequest
     context: list[dict[str, Any]]  # the earlier turns' items (`previous_response_id`)
     input: list[dict[str, Any]]
@@ -600,7 +600,7 @@ class Turn:
             return
         stored = StoredResponse(response=self.renderer.response(), context=self.context, input=self.input)
         try:
-            if not await self.store.put(self.tenant_id, stored):
+            if not await self.store.put(self.owner, stored):
                 log.warning("response %s not stored: larger than %d bytes", self.renderer.response_id,
                             self.store.max_entry_bytes)
         except CacheUnavailable as exc:
@@ -626,9 +626,12 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     store = ResponseStore(state.stores.redis, ttl_s=state.config.response_store_ttl_seconds)
     truncation_limiter = trio.CapacityLimiter(1)
 
-    async def stored(tenant_id: str, response_id: str, param: str | None = None) -> StoredResponse:
+    def owner(tenant: TenantContext) -> str:
+        return owner_of(tenant.tenant_id, tenant.created_at)
+
+    async def stored(tenant: TenantContext, response_id: str, param: str | None = None) -> StoredResponse:
         try:
-            found = await store.get(tenant_id, response_id)
+            found = await store.get(owner(tenant), response_id)
         except CacheUnavailable as exc:
             raise ApiError(503, "the response store is unavailable", code="store_unavailable",
                            retry_after=1) from exc
@@ -646,8 +649,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         items = input_items(req.input)
         context = []
         if req.previous_response_id is not None:
-            context = (await stored(tenant.tenant_id, req.previous_response_id,
-                                    "previous_response_id")).conversation()
+            context = (await stored(tenant, req.previous_response_id, "previous_response_id")).conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
         check_calls([*context, *items])
@@ -683,7 +685,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
                                token_bytes=token_bytes_of(state), tools=tools)
         renderer = ResponseRenderer(response_id, req, tools, chunks, logprobs=chat.logprobs)
-        turn = Turn(store, tenant.tenant_id, req, context, items, renderer)
+        turn = Turn(store, owner(tenant), req, context, items, renderer)
         if req.stream:
             response = Response(ResponsesSseBody(handle, turn), content_type="text/event-stream",
                                 headers=sse.SSE_HEADERS)
@@ -713,13 +715,13 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        return (await stored(tenant.tenant_id, response_id)).response
+        return (await stored(tenant, response_id)).response
 
     @bp.delete("/v1/responses/<response_id>")
     async def delete(response_id: str) -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         try:
-            found = await store.delete(tenant.tenant_id, response_id)
+            found = await store.delete(owner(tenant), response_id)
         except CacheUnavailable as exc:  # (a Redis that stalled may still carry the delete out)
             raise ApiError(503, "the response store did not answer: the response may or may not be deleted; "
                            "retry", code="store_unavailable", retry_after=1) from exc
@@ -732,7 +734,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         """This response's input items (OpenAI's: newest first unless `order=asc`), `limit`
         (1-100, default 20) at a time after the item `after`."""
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        items = list((await stored(tenant.tenant_id, response_id)).input)
+        items = list((await stored(tenant, response_id)).input)
         order = request.args.get("order", "desc")
         if order not in ("asc", "desc"):
             raise ApiError(400, "order must be asc or desc", code="invalid_value", param="order")

@@ -29,6 +29,7 @@ import trio
 from quart import Blueprint, websocket
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
+from gateway.app import bearer
 from gateway.errors import ApiError
 from gateway.routes_openai import (
     CacheDirectives,
@@ -99,6 +100,7 @@ class Session:
 
     state: GatewayState
     tenant: TenantContext | None = None
+    api_key: str | None = None  # the key it authenticated with: checked again for every request
     active: dict[str, trio.CancelScope] = field(default_factory=dict)
     # cancelled, "cancelled" not sent yet (its quota settling): a repeated cancel is ignored,
     # and the id cannot be reused until then (no frames of two requests under one id)
@@ -145,6 +147,9 @@ class Session:
     async def _stream(self, frame: RequestFrame, handles: list[Handle]) -> None:
         if self.tenant is None:  # checked before spawning; kept for the type checker
             raise ApiError(401, "not authenticated", code="missing_api_key")
+        # as every HTTP request: a key revoked or expired, a tenant deleted or its models
+        # changed since the socket opened, holds for the socket's next request too
+        self.tenant = await self.state.authenticate_key(self.api_key)
         req = decode_request(frame.endpoint, bytes(frame.body))
         self.state.check_model(req.model, self.tenant)
         request_id = new_request_id(frame.endpoint)
@@ -209,6 +214,7 @@ async def _authenticate_first_frame(session: Session) -> None:
     if not isinstance(frame, AuthFrame):
         raise ApiError(401, "first frame must be {'type':'auth','api_key':...}", code="missing_api_key")
     session.tenant = await session.state.authenticate_key(frame.api_key)
+    session.api_key = frame.api_key
     await session.send({"type": "ready"})
 
 
@@ -255,6 +261,7 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
         if header is not None:
             try:
                 session.tenant = await state.authenticate(header)
+                session.api_key = bearer(header)
             except ApiError as exc:
                 return exc.response()  # reject the upgrade with an HTTP error
         await websocket.accept()

@@ -58,6 +58,7 @@ class FakeRuntime:
     """
 
     model_name = MODEL
+    model_aliases = frozenset({MODEL, "fake-alias"})  # as a real one started with `--model fake-alias`
     max_model_len = 2048
 
     def __init__(self, nursery: trio.Nursery) -> None:
@@ -77,7 +78,7 @@ class FakeRuntime:
         return [MODEL]
 
     def serves(self, model: str) -> bool:
-        return model == MODEL
+        return model in self.model_aliases
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "degraded": [], "queue_len": 0, "running": 0, "kv_usage": 0.0}

@@ -231,16 +231,21 @@ async def test_a_tenant_uses_only_the_models_it_may(gateway: Gateway) -> None:
                   await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}),
                   await client.post("/v1/responses", json={"model": MODEL, "input": "x"}),
                   await client.post("/tokenize", json={"model": MODEL, "prompt": "x"}),
+                  await client.post("/tokenize", json={"prompt": "x"}),  # (no model it may use: none)
+                  await client.post("/v1/chat/completions", json={**chat, "model": "fake-alias"}),
                   await client.get(f"/v1/models/{MODEL}")):
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
-            assert "may not use" in r.json()["error"]["message"]
+            assert "may not use" in r.json()["error"]["message"] or "may use no model" in r.json()["error"]["message"]
         assert not gateway.runtime.calls
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as admin:
-        r = await admin.patch("/admin/tenants/acme", json={"models": [MODEL]})
-        assert r.json()["models"] == [MODEL]
+        r = await admin.patch("/admin/tenants/acme", json={"models": ["fake-alias"]})  # the model by its alias
+        assert r.json()["models"] == ["fake-alias"]
+        bad = await admin.patch("/admin/tenants/acme", json={"models": ["x" * 300]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "models"
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=auth) as client:
         assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == [MODEL]
         assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        assert (await client.post("/v1/chat/completions", json={**chat, "model": "fake-alias"})).status_code == 200
     # the other tenant's keys are not restricted
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
@@ -253,8 +258,9 @@ async def test_a_key_made_to_expire_stops_working(gateway: Gateway) -> None:
         key = r.json()["key"]
         listed = (await admin.get("/admin/tenants/t1/keys")).json()["data"]
         assert [k["expires_at"] for k in listed if k["name"] == "demo"] == [r.json()["expires_at"]]
-        for body in ({"expires_in_seconds": 0}, {"expires_at": time.time() - 5},
-                     {"expires_at": time.time() + 60, "expires_in_seconds": 60}):
+        for body in ({"expires_in_seconds": 0}, {"expires_in_seconds": 1e-9}, {"expires_at": time.time() - 5},
+                     {"expires_at": time.time() + 60, "expires_in_seconds": 60}, {"expires_in_seconds": 1e300},
+                     {"expires_at": 1e300}, {"expires_in_seconds": 9.3e15}):
             bad = await admin.post("/admin/tenants/t1/keys", json={"name": "x", **body})
             assert bad.status_code == 400 and bad.json()["error"]["param"] in body, bad.text
     async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": f"Bearer {key}"}) as client:

@@ -31,7 +31,8 @@ def test_headers() -> None:
     any_origin, listed, off = CorsPolicy.parse("*"), CorsPolicy.parse(PAGE), CorsPolicy.parse("")
     assert any_origin.headers("/v1/models", None, None, False) == {}  # not a cross-origin request
     assert off.headers("/v1/models", PAGE, None, False) == {}
-    assert listed.headers("/v1/models", "https://evil.example", None, False) == {}
+    assert listed.headers("/v1/models", "https://evil.example", None, False) == {"Vary": "Origin"}
+    assert listed.headers("/v1/models", None, None, False) == {"Vary": "Origin"}
     assert any_origin.headers("/admin/tenants", PAGE, None, True) == {}
     h = listed.headers("/v1/chat/completions", PAGE, "authorization, content-type", True)
     assert h["Access-Control-Allow-Origin"] == PAGE and h["Vary"] == "Origin"
@@ -68,4 +69,5 @@ async def test_listed_origins_only(gateway: Gateway, nursery: trio.Nursery) -> N
         assert ok.headers["access-control-allow-origin"] == PAGE and ok.headers["vary"] == "Origin"
         other = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
         assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+        assert other.headers["vary"] == "Origin"  # (a shared cache keys on the origin)
     stop.set()

@@ -511,6 +511,9 @@ async def test_compressed_bodies_are_decoded_within_the_cap(gateway: Gateway) ->
         ("br", body, 415),
         ("gzip", body, 400),
         ("gzip", gzip.compress(body)[:-12], 400),
+        ("gzip", gzip.compress(body[:20]) + gzip.compress(body[20:]), 200),  # two members (RFC 1952)
+        ("gzip", gzip.compress(body) + b"GARBAGE", 400),
+        ("deflate", zlib.compress(body) + b"x", 400),
     ]
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         for coding, content, status in cases:

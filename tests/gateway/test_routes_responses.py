@@ -224,6 +224,18 @@ async def test_responses_are_private_to_their_tenant_and_store_false_keeps_nothi
             "model": MODEL, "input": "x", "previous_response_id": mine["id"]})
         assert cont.status_code == 404
         assert (await client.get(f"/v1/responses/{mine['id']}")).status_code == 200  # still there for its owner
+        # a tenant deleted and created again under the same id does not find the deleted one's
+        await gateway.stores.tenants.create_tenant("t3", "three")
+        _, third_key = await gateway.stores.tenants.create_key("t3", "k")
+        third = {"Authorization": f"Bearer {third_key}"}
+        old = (await client.post("/v1/responses", headers=third, json={"model": MODEL, "input": "secret",
+                                                                         "max_output_tokens": 1})).json()
+        await gateway.stores.tenants.delete_tenant("t3")
+        await gateway.stores.tenants.create_tenant("t3", "three again")
+        _, again_key = await gateway.stores.tenants.create_key("t3", "k")
+        again = {"Authorization": f"Bearer {again_key}"}
+        for path in (f"/v1/responses/{old['id']}", f"/v1/responses/{old['id']}/input_items"):
+            assert (await client.get(path, headers=again)).status_code == 404
         unstored = (await client.post("/v1/responses", json={"model": MODEL, "input": "x", "store": False,
                                                              "max_output_tokens": 1})).json()
         assert unstored["store"] is False

@@ -201,3 +201,26 @@ async def test_socket_close_cancels_all_requests(gateway: Gateway) -> None:
         for rid in ids:
             await gateway.runtime.cancel_events[rid].wait()
     assert gateway.runtime.cancelled == set(ids)
+
+
+@pytest.mark.parametrize("auth", ["header", "frame"])
+async def test_an_open_socket_sees_revocation_and_model_changes(gateway: Gateway, auth: str) -> None:
+    """Each request on a socket is authorized as an HTTP request would be: a model the
+    tenant may no longer use is a 404, a revoked key a 401, from the next request on."""
+    key_id, key = await gateway.stores.tenants.create_key("t1", "socket")
+    headers = {"Authorization": f"Bearer {key}"} if auth == "header" else {}
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=headers) as ws:
+        if auth == "frame":
+            await ws.send_json({"type": "auth", "api_key": key})
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json(request_frame("a", max_tokens=1))
+        assert (await frames_until_done(ws, {"a"}))["a"][-1]["type"] == "done"
+        await gateway.stores.tenants.update_tenant("t1", models=("other-*",))
+        await ws.send_json(request_frame("b", max_tokens=1))
+        [refused] = (await frames_until_done(ws, {"b"}))["b"]
+        assert refused["type"] == "error" and refused["error"]["code"] == "model_not_found"
+        await gateway.stores.tenants.update_tenant("t1", models=("*",))
+        await gateway.stores.tenants.revoke_key(key_id)
+        await ws.send_json(request_frame("c", max_tokens=1))
+        [refused] = (await frames_until_done(ws, {"c"}))["c"]
+        assert refused["type"] == "error" and refused["error"]["code"] == "invalid_api_key"
