@@ -153,6 +153,27 @@ def test_prefix_cache_hits(ckpt, tokenizer, prompts, expected):
         assert o.token_ids == want
 
 
+def test_each_request_says_how_many_prompt_tokens_came_from_the_prefix_cache(ckpt, tokenizer, prompts):
+    """`StepDelta.cached_prompt_tokens`: the prompt tokens a request's first step found in
+    the prefix cache (whole blocks), on every delta, for each of its `n` choices alike."""
+    engine = make_engine(ckpt, tokenizer)
+
+    def cached_of(rid: str, prompt, params) -> set[int]:
+        engine.add_request(rid, prompt, params)
+        seen = set()
+        while engine.has_unfinished():
+            seen |= {d.cached_prompt_tokens for d in engine.step() if d.request_id == rid}
+        return seen
+
+    assert cached_of("first", prompts[0], greedy()) == {0}
+    [hit] = cached_of("again", prompts[1], SamplingParams(n=2, temperature=0.7, seed=1, max_tokens=NEW_TOKENS,
+                                                          ignore_eos=True))
+    bs = engine.config.cache.block_size
+    assert hit >= bs and hit % bs == 0 and hit < len(prompts[1])
+    before = engine.counters["prefix_hit_tokens"]
+    assert cached_of("third", prompts[1], greedy()) == {engine.counters["prefix_hit_tokens"] - before}
+
+
 def test_preemption_and_recompute(ckpt, tokenizer, prompts, expected):
     """A cache too small for all requests at once: some are preempted, none fails or diverges."""
     per_block = CacheConfig(block_size=16).bytes_per_block(ckpt.config, 4)
