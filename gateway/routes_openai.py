@@ -47,7 +47,7 @@ from gateway import sse
 from gateway.errors import ApiError, param_of
 from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
 from gpu.sampling import SamplingParams, SamplingParamsError
-from gpu.structured import GuidedDecoding
+from gpu.structured import GuidedDecoding, closed_objects
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -289,8 +289,9 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
             schema = js.get("schema")
             if schema is None:  # OpenAI's schema is optional: then any JSON object
                 found.append((GuidedDecoding("json_object"), "response_format"))
-            else:
-                found.append((GuidedDecoding("json", _schema_text(schema, "response_format")), "response_format"))
+            else:  # the keys it names, and no others (`closed_objects`)
+                found.append((GuidedDecoding("json", _schema_text(closed_objects(schema), "response_format")),
+                              "response_format"))
         elif kind != "text":
             raise ApiError(400, f"response_format type must be \"text\", \"json_object\" or \"json_schema\", "
                            f"got {str(kind)[:100]!r}", code="invalid_value", param="response_format")
@@ -308,10 +309,10 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
         raise ApiError(400, f"structured_outputs has no field {unknown[0][:100]!r}; it takes one of "
                        f"{', '.join(_STRUCTURED_KINDS)} and the options disable_any_whitespace, whitespace_pattern",
                        code="invalid_value", param="structured_outputs")
-    for key in ("structural_tag", "disable_additional_properties"):
-        if so.get(key):
-            raise ApiError(400, f"structured_outputs.{key} is not supported", code="unsupported_value",
-                           param="structured_outputs")
+    if so.get("structural_tag"):
+        raise ApiError(400, "structured_outputs.structural_tag is not supported", code="unsupported_value",
+                       param="structured_outputs")
+    close = closed_objects if so.get("disable_additional_properties") else (lambda schema: schema)
     for kind in _STRUCTURED_KINDS:
         value = so.get(kind)
         if value is None or value is False:
@@ -322,7 +323,8 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
                                param="structured_outputs")
             found.append((GuidedDecoding("json_object"), "structured_outputs"))
         elif kind == "json":
-            found.append((GuidedDecoding("json", _schema_text(value, "structured_outputs")), "structured_outputs"))
+            found.append((GuidedDecoding("json", _schema_text(close(value), "structured_outputs")),
+                          "structured_outputs"))
         elif kind == "choice":
             if not isinstance(value, list):
                 raise ApiError(400, "structured_outputs.choice must be a list of strings", code="invalid_value",
@@ -334,8 +336,10 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
         else:
             found.append((GuidedDecoding(kind, value), "structured_outputs"))
     calling = tools_of(req)
-    if calling is not None:
-        found.append((calling.guided(), "tools"))
+    if calling is not None:  # a text format goes with tools (as OpenAI's); any other constraint does not
+        answer = [g for g, name in found if name == "response_format"]
+        found = [(g, name) for g, name in found if name != "response_format"]
+        found.append((calling.guided(answer[0] if answer else None), "tools"))
     if len(found) > 1:
         names = ", ".join(dict.fromkeys(name for _, name in found))
         raise ApiError(400, f"at most one output constraint per request; got {len(found)} ({names})",

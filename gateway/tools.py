@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import ApiError
-from gpu.structured import JSON_DEFAULTS, GuidedDecoding
+from gpu.structured import JSON_DEFAULTS, GuidedDecoding, closed_objects
 
 MAX_TOOLS = 128
 # a tool without parameters (or `{}`) takes none: its arguments are `{}`
@@ -70,6 +70,16 @@ call: head calls "</tool_call>"
 head[lazy]: /(?s:.*)<tool_call>/
 calls: %json {calls}
 """
+# auto mode with a format for the answer (`response_format`): the answer is JSON of that
+# schema, or the calls as above with nothing before them (a free text head would keep the
+# lexer from ever ending the JSON: llguidance lexes greedily, and the head's lazy regex
+# could always go on, so EOS would never be allowed after a complete answer)
+AUTO_FORMAT_GRAMMAR = """%llguidance {{}}
+start: answer | call
+answer: %json {answer}
+call: "<tool_call>" calls "</tool_call>"
+calls: %json {calls}
+"""
 
 
 @dataclass(frozen=True)
@@ -82,14 +92,22 @@ class ToolCalling:
     parallel: bool = True
     auto: bool = False
 
-    def guided(self) -> GuidedDecoding:
-        """The constraint the text must meet."""
+    def guided(self, answer: GuidedDecoding | None = None) -> GuidedDecoding:
+        """The constraint the text must meet. `answer`: the request's format for a text
+        answer (`response_format`, a JSON kind), as OpenAI applies it beside tools: in auto
+        mode the answer, when the model answers instead of calling, is JSON of it; when a
+        call is required it has nothing to apply to."""
         if self.named is not None:
-            return GuidedDecoding("json", json.dumps(self.named.parameters), label=LABEL)
+            return GuidedDecoding("json", json.dumps(closed_objects(self.named.parameters)), label=LABEL)
         if self.auto:
-            schema = {**self._calls_schema(), "x-guidance": JSON_DEFAULTS}
-            return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=json.dumps(schema)), label=LABEL,
-                                  stoppable=True)
+            schema = json.dumps({**self._calls_schema(), "x-guidance": JSON_DEFAULTS})
+            if answer is None:
+                return GuidedDecoding("grammar", AUTO_GRAMMAR.format(calls=schema), label=LABEL, stoppable=True)
+            shape = json.loads(answer.spec) if answer.kind == "json" else {"type": "object"}
+            if isinstance(shape, dict):
+                shape = {"x-guidance": JSON_DEFAULTS, **shape}
+            return GuidedDecoding("grammar", AUTO_FORMAT_GRAMMAR.format(answer=json.dumps(shape), calls=schema),
+                                  label=f"{LABEL} and response_format")
         return GuidedDecoding("json", json.dumps(self._calls_schema()), label=LABEL)
 
     @property
@@ -304,8 +322,9 @@ def _lift_defs(f: Function, defs: dict[str, Any]) -> dict[str, Any]:
     `$defs` (or `definitions`) move to the root as `<name>.<def>` and its `$ref`s follow
     them, since a root-relative pointer would not resolve where the schema now sits. Other
     pointers into the schema (`#`, `#/properties/...`: recursive schemas, as zod writes
-    them) point at a copy of the whole schema kept as the def `<name>`."""
-    params = copy.deepcopy(f.parameters)
+    them) point at a copy of the whole schema kept as the def `<name>`. Its objects are
+    closed (`gpu.structured.closed_objects`), as a named function's are."""
+    params = closed_objects(copy.deepcopy(f.parameters))
     local: dict[str, str] = {}
     for key in _DEFS:
         for name, schema in (params.pop(key, None) or {}).items():

@@ -67,6 +67,42 @@ JSON_DEFAULTS: dict[str, Any] = {"whitespace_pattern": DEFAULT_JSON_WHITESPACE, 
 _POSITION = re.compile(r"^at \d+\(\d+\): ")
 
 
+_OPENING_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "additionalProperties",
+               "propertyNames", "unevaluatedItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with every object that declares its `properties` closed to others
+    (`additionalProperties: false`), unless it says otherwise itself (additionalProperties,
+    patternProperties, unevaluatedProperties) or combines with others (`allOf`, whose
+    branches would each forbid the others' properties). An object without `properties`
+    (a free-form map) stays open. By JSON Schema's letter an object that does not say is
+    open, but a tool's parameters or a `response_format` name the keys wanted: a small
+    model left free writes keys it invents until max_tokens (xgrammar, vLLM's default
+    backend, closes them the same way by default). Pure: returns a new schema."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(s) for name, s in value.items()}
+        elif key in _SCHEMA_ONE or (key in _SCHEMA_LISTS and isinstance(value, list)):
+            out[key] = closed_objects(value)
+        else:  # (allOf's branches are left as they are)
+            out[key] = value
+    kind = out.get("type", "object")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind)
+    if is_object and isinstance(out.get("properties"), dict) and "allOf" not in out \
+            and not any(k in out for k in _OPENING_KEYS):
+        out["additionalProperties"] = False
+    return out
+
+
 class GuidedDecoding(msgspec.Struct, frozen=True):
     """What a request's text must match: `kind` and its `spec` (see the module docstring).
 

@@ -247,6 +247,23 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
     [[streamed_call]] = [c.delta.tool_calls for c in streamed if c.delta.tool_calls]
     assert streamed_call.function.arguments == call.function.arguments and streamed[-1].finish_reason == "tool_calls"
 
+    # tools beside a response_format (as pydantic-ai's NativeOutput and instructor send them):
+    # auto answers in the format's JSON or calls; a required call ignores the format. A
+    # tool schema that does not close its objects (langchain's default) gets no invented keys
+    fmt = {"type": "json_schema", "json_schema": {"name": "book", "schema": BOOK}}
+    both = (await trio.to_thread.run_sync(lambda: auto([{"role": "user", "content": "A book, please."}],
+                                                       response_format=fmt))).choices[0]
+    if both.message.tool_calls:
+        assert both.finish_reason == "tool_calls"
+    else:
+        jsonschema.validate(json.loads(both.message.content), BOOK)
+    loose = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}
+    forced = (await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
+        model=model, messages=question, max_tokens=60, temperature=0, response_format=fmt,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": loose}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))).choices[0]
+    assert set(json.loads(forced.message.tool_calls[0].function.arguments)) == {"city"}
+
     # a stop string inside the call ends the choice there and drops the unfinished call
     # ("city" is a required key of every get_weather call)
     cut = (await trio.to_thread.run_sync(lambda: auto(shown + question, logit_bias=nudge, stop=['"city"']))).choices[0]

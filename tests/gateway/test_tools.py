@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import msgspec
 import pytest
 
 from gateway.errors import ApiError
+from gateway.routes_openai import ChatRequest, guided_decoding
 from gateway.tools import chat_role, render_message, streamable, tool_calling
 from gpu.structured import GrammarCompiler
 
@@ -50,7 +52,7 @@ def test_bad_tools_are_400s_naming_the_field(tools, choice, param, message) -> N
 def test_a_named_function_constrains_to_its_arguments() -> None:
     calling = tool_calling(TOOLS, {"type": "function", "function": {"name": "get_weather"}}, None)
     assert calling is not None and calling.finish_reason == "stop"
-    assert json.loads(calling.guided().spec) == WEATHER
+    assert json.loads(calling.guided().spec) == {**WEATHER, "additionalProperties": False}  # (closed)
     assert "get_weather" in calling.system_prompt() and "ping" not in calling.system_prompt()
     content, [call] = calling.tool_calls_of('{"city": "Paris"}')
     assert content is None
@@ -168,9 +170,7 @@ def compiler(tokenizer) -> GrammarCompiler:  # type: ignore[no-untyped-def]
 
 def _accepts(compiler: GrammarCompiler, tokenizer, calling, text: str) -> tuple[bool, bool]:  # type: ignore[no-untyped-def]
     """(the text is allowed so far, the grammar is complete after it)"""
-    matcher = compiler.matcher(calling.guided())
-    ok = all(matcher.consume_token(t) for t in tokenizer.encode(text)) and not matcher.is_error()
-    return ok, ok and matcher.is_stopped()
+    return _matches(compiler, tokenizer, calling.guided(), text)
 
 
 def test_the_auto_grammar_frees_text_and_holds_calls_to_the_tools(compiler, tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -213,3 +213,43 @@ def test_auto_mode_reads_earlier_calls_and_answers_in_smollm2s_format() -> None:
     assert chat_role("tool", markers=True) == "user" and chat_role("tool") == "tool"
     assert chat_role("assistant", markers=True) == "assistant"
     assert chat_role("developer") == "system"  # OpenAI's newer name for system instructions
+
+
+def test_a_tool_takes_only_the_arguments_it_names(compiler, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Parameters that do not say `additionalProperties` (what most libraries send) are
+    closed: the model cannot invent keys until max_tokens."""
+    loose = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "where", "parameters": loose}}]
+    named = tool_calling(tools, {"type": "function", "function": {"name": "where"}}, None)
+    auto = tool_calling(tools, "auto", None)
+    assert _accepts(compiler, tokenizer, named, '{"city": "Oslo"}') == (True, True)
+    assert _accepts(compiler, tokenizer, named, '{"city": "Oslo", "country": "NO"}')[0] is False
+    call = '<tool_call>[{"name": "where", "arguments": {"city": "Oslo", "country": "NO"}}]</tool_call>'
+    assert _accepts(compiler, tokenizer, auto, call)[0] is False
+    assert "additionalProperties" not in auto.system_prompt()  # the model reads the schema as sent
+
+
+def test_auto_with_a_response_format_answers_in_its_json_or_calls(compiler, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """tools + response_format (as OpenAI takes them): in auto mode a text answer is JSON of
+    the format, and a call is still open; a required call ignores the format."""
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}}, "required": ["name"]}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": person}}}
+    guided, field = guided_decoding(msgspec.convert(body, ChatRequest))
+    assert field == "tools" and guided is not None and guided.kind == "grammar" and not guided.stoppable
+    matcher = lambda text: _matches(compiler, tokenizer, guided, text)  # noqa: E731
+    answer = compiler.matcher(guided)  # a JSON answer may end there (EOS is allowed after it)
+    assert all(answer.consume_token(t) for t in tokenizer.encode('{"name": "Ada"}')) and answer.is_accepting()
+    assert matcher(CALL) == (True, True)
+    assert matcher("Plain text")[0] is False and matcher('{"name": "Ada", "age": 3}')[0] is False
+    required, _ = guided_decoding(msgspec.convert({**body, "tool_choice": "required"}, ChatRequest))
+    assert required == tool_calling(TOOLS, "required", None).guided()  # the format has nothing to apply to
+    with pytest.raises(ApiError) as info:  # any other constraint beside tools is still one too many
+        guided_decoding(msgspec.convert({**body, "response_format": None, "guided_regex": "a"}, ChatRequest))
+    assert info.value.param == "tools"
+
+
+def _matches(compiler: GrammarCompiler, tokenizer, guided, text: str) -> tuple[bool, bool]:  # type: ignore[no-untyped-def]
+    matcher = compiler.matcher(guided)
+    ok = all(matcher.consume_token(t) for t in tokenizer.encode(text)) and not matcher.is_error()
+    return ok, ok and matcher.is_stopped()

@@ -277,3 +277,28 @@ def test_a_grammar_that_breaks_mid_way_fails_its_request_only(engine: Engine, to
     assert all(d.logprobs is not None for d in deltas if d.request_id == "plain")
     assert all(d.logprobs is None and d.top_logprobs is None for d in deltas if d.request_id == "quiet")
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_closed_objects_closes_what_names_its_properties_and_nothing_else() -> None:
+    from gpu.structured import closed_objects
+
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                       "free": {"type": "object"},  # a map: stays open
+                       "open": {"type": "object", "properties": {}, "additionalProperties": True},
+                       "list": {"type": "array", "items": {"properties": {"y": {}}}},
+                       "either": {"anyOf": [{"type": "object", "properties": {"z": {}}}, {"type": "null"}]},
+                       "both": {"allOf": [{"properties": {"p": {}}}, {"properties": {"q": {}}}]}},
+        "$defs": {"D": {"type": "object", "properties": {"d": {}}}},
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    props = closed["properties"]
+    assert props["a"]["additionalProperties"] is False and "additionalProperties" not in props["free"]
+    assert props["open"]["additionalProperties"] is True
+    assert props["list"]["items"]["additionalProperties"] is False
+    assert props["either"]["anyOf"][0]["additionalProperties"] is False
+    assert props["both"] == schema["properties"]["both"]  # allOf's branches combine: left open
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # a new schema: the caller's is untouched
