@@ -19,6 +19,7 @@ from clients import LmgateClient
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from gateway.sse import parse_events
+from gpu.quantization import int8_unavailable_reason
 from tests.conftest import serve_real
 
 TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
@@ -118,6 +119,8 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
     stop.set()
 
 
+@pytest.mark.skipif(int8_unavailable_reason() is not None, reason="no fast oneDNN int8 linear on this CPU "
+                    "(the server refuses --quantization int8 there, as tests/gpu/test_quantization.py checks)")
 async def test_an_int8_server_streams_over_sse_and_websocket(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
                                                             redis_url: str) -> None:
     """`--quantization int8` through the whole stack: the engine calibrates and quantizes at

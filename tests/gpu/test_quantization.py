@@ -176,6 +176,7 @@ def test_smoothing_alone_leaves_the_float_model_unchanged(smollm2_path, tokenize
 
 
 @pytest.mark.slow
+@needs_int8
 def test_int8_model_stays_close_to_float32(smollm2_path, tokenizer):
     """Teacher-forced on text outside the calibration set: next-token distributions within
     a small KL of float32's and mostly the same top token (ops.bench_dtype measures
@@ -196,6 +197,7 @@ def test_int8_model_stays_close_to_float32(smollm2_path, tokenizer):
 
 
 @pytest.mark.slow
+@needs_int8
 def test_int8_engine_answers_and_frees_its_blocks(smollm2_path):
     from gpu.config import CacheConfig
     from gpu.engine import Engine, generate
