@@ -240,8 +240,8 @@ class GatewayState:
         server has (whether it loads is admission's to say: `actors.admission`), and the
         tenant may use it (`Tenant.models`: a model it may not use is, to it, one that does
         not exist, as OpenAI answers; the message names only what it may use)."""
-        served = self.models_for(tenant)
         if not self.runtime.serves(model) or not self.may_use(tenant, model):
+            served = self.models_for(tenant)  # (only here: listing adapters may read their folder)
             message = (unknown_model_message(model, served) if served
                        else f"model {model[:100]!r} does not exist or this key may not use it")
             raise ApiError(404, message, code="model_not_found", param="model")
