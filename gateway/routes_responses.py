@@ -49,7 +49,6 @@ from gateway.routes_openai import (
     tools_of,
 )
 from gateway.routes_tokenizer import TokenizeRequest, tokenize
-from gateway.tools import ToolCalling
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -408,8 +407,7 @@ class ResponseRenderer:
 
     response_id: str
     req: ResponsesRequest
-    tools: ToolCalling | None
-    chunks: ChunkRenderer
+    chunks: ChunkRenderer  # holds the tool calling: it decides what text is a call
     logprobs: bool = False
     created_at: int = field(default_factory=lambda: int(time.time()))
     output: list[dict[str, Any]] = field(default_factory=list)
@@ -684,7 +682,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         tools = tools_of(chat)
         chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
                                token_bytes=token_bytes_of(state), tools=tools)
-        renderer = ResponseRenderer(response_id, req, tools, chunks, logprobs=chat.logprobs)
+        renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
         if req.stream:
             response = Response(ResponsesSseBody(handle, turn), content_type="text/event-stream",

@@ -32,7 +32,7 @@ from tests.gateway.conftest import MODEL, Gateway, word
 
 def renderer(req: ResponsesRequest, tools: list | None = None, choice: str | None = None) -> ResponseRenderer:
     calling = tool_calling(tools, choice, None) if tools else None
-    return ResponseRenderer("resp_1", req, calling,
+    return ResponseRenderer("resp_1", req,
                             ChunkRenderer("chat.completions", "resp_1", MODEL, False, tools=calling))
 
 
@@ -90,7 +90,7 @@ def test_tool_calls_become_function_call_items_after_the_text() -> None:
 
 def test_every_token_keeps_its_logprob_even_without_text() -> None:
     """A token that is part of a character adds no text; its logprob still goes out."""
-    r = ResponseRenderer("resp_1", ResponsesRequest(model=MODEL, input="hi", top_logprobs=0), None,
+    r = ResponseRenderer("resp_1", ResponsesRequest(model=MODEL, input="hi", top_logprobs=0),
                          ChunkRenderer("chat.completions", "resp_1", MODEL, False), logprobs=True)
     events = r.delta(TokenDelta("resp_1", 0, "", [1], logprobs=[-0.1], tokens=["bytes:\\xf0"]))
     events += r.delta(TokenDelta("resp_1", 0, "\U0001f30d", [2], logprobs=[-0.2], tokens=["bytes:\\x8d"]))
