@@ -8,6 +8,9 @@ For each `Completed`:
 - predictor feedback: the true output length of requests that ended on EOS/stop;
 - metrics: outcome, end-to-end latency, TPOT, generated tokens.
 
+A `UsageRecord` (an embedding request: `actors.embeddings.EmbeddingService`) is settled
+or released the same way, and its outcome counted.
+
 Redis work never blocks the stepper (this actor has its own bounded inbox, and the
 stepper's sends are sized to it), and each request is accounted in its own task. The
 response-cache store is retried briefly; a quota settle or release is retried with
@@ -22,6 +25,7 @@ accounted (the runtime's shutdown waits for it to reach 0).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -34,10 +38,28 @@ from cache.store import CacheUnavailable
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class UsageRecord:
+    """A request that did not go through the engine (an embedding request), to account:
+    its quota settled with `prompt_tokens` under `model` if it `ran` (else its reservation
+    released), and its outcome counted in `lmgate_requests`. `settled` as
+    `RequestState.settled`."""
+
+    tenant_id: str
+    request_id: str
+    quota_tenant: Any  # cache.tenants.Tenant | None (`actors.admission.QuotaHold.tenant`)
+    reserved: bool
+    ran: bool
+    prompt_tokens: int
+    model: str
+    outcome: str  # "ok", "cancelled" or "error"
+    settled: trio.Event = field(default_factory=trio.Event)
+
+
 class Accounting:
     def __init__(
         self,
-        inbox: trio.MemoryReceiveChannel[Completed],
+        inbox: trio.MemoryReceiveChannel[Completed | UsageRecord],
         metrics: Metrics,
         *,
         model_name: str,
@@ -103,35 +125,52 @@ class Accounting:
         log.error("%s gave up after %.0f s without Redis; usage of this request is lost", op, self.settle_patience_s)
         return None
 
-    async def handle(self, c: Completed) -> None:
+    async def handle(self, c: Completed | UsageRecord) -> None:
         self.pending += 1
         try:
-            await self._handle(c)
+            if isinstance(c, UsageRecord):
+                await self._record(c)
+            else:
+                await self._handle(c)
         finally:
             self.pending -= 1
+
+    async def _settle(self, tenant: Any, request_id: str, *, reserved: bool, ran: bool, prompt_tokens: int,
+                      completion_tokens: int, model: str, settled: trio.Event) -> None:
+        """Settle a request's quota with its real usage if it ran (also a fail-open request,
+        which holds no reservation: its usage is owed all the same), else release its
+        reservation; `settled` is set when done.
+
+        The caller's last frame waits for `settled` so that its next request is not refused
+        for this one's slot; while Redis does not answer, that next request cannot be
+        refused for it either (its own reservation fails the same way), so `settled` is set
+        at the first failure, not after a retry loop that may last as long as the outage
+        (each answer waited SETTLE_WAIT_S for nothing before)."""
+        try:
+            if self.quotas is not None and tenant is not None and (reserved or ran):
+                if ran:
+                    ok = await self._patiently("settle", self.quotas.settle, tenant, request_id,
+                                               prompt_tokens, completion_tokens, model, on_failure=settled.set)
+                else:
+                    ok = await self._patiently("release", self.quotas.release, tenant, request_id,
+                                               on_failure=settled.set)
+                if ok is not None:
+                    self.settled += 1
+        finally:
+            settled.set()
+
+    async def _record(self, r: UsageRecord) -> None:
+        await self._settle(r.quota_tenant, r.request_id, reserved=r.reserved, ran=r.ran,
+                           prompt_tokens=r.prompt_tokens, completion_tokens=0, model=r.model, settled=r.settled)
+        self.metrics.requests.labels(r.tenant_id, r.outcome).inc()
 
     async def _handle(self, c: Completed) -> None:
         st = c.state
         tenant = st.tenant_id
         ran = bool(st.scheduled_at) or c.outcome == "cached"
-        try:
-            # the caller's last frame waits for `settled` so that its next request is not
-            # refused for this one's slot; while Redis does not answer, that next request
-            # cannot be refused for it either (its own reservation fails the same way), so
-            # `settled` is set at the first failure, not after a retry loop that may last
-            # as long as the outage (each answer waited SETTLE_WAIT_S for nothing before)
-            if self.quotas is not None and st.quota_tenant is not None and (st.reserved or ran):
-                if ran:  # also fail-open requests (no reservation): their usage is owed all the same
-                    ok = await self._patiently("settle", self.quotas.settle, st.quota_tenant, st.request_id,
-                                               st.prompt_tokens, st.completion_tokens, st.adapter or self.model_name,
-                                               on_failure=st.settled.set)
-                else:
-                    ok = await self._patiently("release", self.quotas.release, st.quota_tenant, st.request_id,
-                                               on_failure=st.settled.set)
-                if ok is not None:
-                    self.settled += 1
-        finally:
-            st.settled.set()
+        await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
+                           prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                           model=st.adapter or self.model_name, settled=st.settled)
         if c.outcome in ("rejected",):
             return
         self.metrics.requests.labels(tenant, c.outcome).inc()

@@ -29,6 +29,7 @@ from actors.messages import (
     Finished,
     GenerateCall,
     Rejected,
+    TenantContext,
     TokenDelta,
     TopLogprob,
     Usage,
@@ -36,8 +37,9 @@ from actors.messages import (
 from actors.metrics import Metrics
 from actors.state import RequestState
 from actors.stepper import Completed
-from cache.quotas import Denied, DuplicateRequest
+from cache.quotas import Denied, DuplicateRequest, RateLimits
 from cache.store import CacheUnavailable
+from cache.tenants import Tenant
 from gpu.sampling import SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecodingError
 from gpu.tokenizer import Tokenizer
@@ -57,6 +59,7 @@ class AdmissionConfig:
     max_waiting: int = 1024  # queue depth beyond which → 503
     max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
     quota_fail_open: bool = True
+    embedding_models: frozenset[str] = frozenset()  # served for /v1/embeddings only: a 400 here
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,17 @@ class AdmitMsg:
     call: GenerateCall
     reply: trio.MemorySendChannel[Accepted | Rejected]
     sink: trio.MemorySendChannel | None = None  # see `Admission.admit`
+
+
+@dataclass(frozen=True)
+class QuotaHold:
+    """What `Admission.reserve_quota` did: `tenant`, whose usage is settled when the
+    request ends (None: no quota applies); `reserved`, whether Redis holds a reservation
+    (False while Redis is down and quotas fail open); the per-minute limits after it."""
+
+    tenant: Tenant | None
+    reserved: bool
+    rate_limits: RateLimits | None
 
 
 class _Refuse(Exception):
@@ -134,6 +148,9 @@ class Admission:
         and an adapter that cannot be served (400; the server log has the file and why)."""
         if model == self.config.model_name or model in self.config.model_aliases:
             return None
+        if model in self.config.embedding_models:
+            raise _Refuse(400, "invalid_value", f"model {model[:100]!r} is an embedding model: it serves "
+                          f"/v1/embeddings only", "model")
         if self.adapters is not None:
             from gpu.lora import AdapterNotFound, LoraError
 
@@ -288,18 +305,22 @@ class Admission:
             raise _Refuse(503, "overloaded", f"server overloaded: estimated wait {est:.0f}s",
                           retry_after=max(1.0, est - self.config.max_estimated_wait_s))
 
-    async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
-        if self.quotas is None or call.tenant.quota is None:
-            return
-        tenant = call.tenant.as_tenant()
+    async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
+                            max_new_tokens: int) -> QuotaHold:
+        """Reserve `prompt_tokens + max_new_tokens` against the tenant's quota (atomically,
+        every limit at once); `_Refuse` (429, a 400 for a request that can never pass, or
+        503 when Redis is down and quotas fail closed) if it may not run. Redis down and
+        failing open: no reservation, but the hold names the tenant, so its usage is
+        settled once Redis is back."""
+        if self.quotas is None or tenant.quota is None:
+            return QuotaHold(None, False, None)
+        who = tenant.as_tenant()
         try:
-            res = await self.quotas.reserve(tenant, call.request_id, st.prompt_tokens,
-                                            st.params.max_tokens * st.params.n)
+            res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens)
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
-                st.quota_tenant = tenant  # no reservation, but its usage is settled once Redis is back
-                return
+                return QuotaHold(who, False, None)
             raise _Refuse(503, "quota_unavailable", "quota service unavailable", retry_after=1.0) from e
         except DuplicateRequest as e:
             raise _Refuse(400, "invalid_value", str(e), "request_id") from e
@@ -311,9 +332,18 @@ class Admission:
                               "max_tokens" if res.limit == "max_tokens_cap" else None)
             raise _Refuse(429, "rate_limit_exceeded", f"quota {res.limit}: {res.reason}",
                           retry_after=res.retry_after_s)
-        st.quota_tenant = tenant
-        st.reserved = True
-        st.rate_limits = res.limits
+        return QuotaHold(who, True, res.limits)
+
+    async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
+        hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens,
+                                        st.params.max_tokens * st.params.n)
+        st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
+
+    def rejected(self, request_id: str, tenant_id: str, refusal: _Refuse) -> Rejected:
+        """A refusal as the caller's `Rejected`, counted in `lmgate_rejections`."""
+        status, code, message, param, retry = refusal.rejected
+        self.metrics.rejections.labels(tenant_id, str(status), code).inc()
+        return Rejected(request_id, status, code, message, param, retry)
 
     async def _cached(self, call: GenerateCall, st: RequestState, sink=None) -> Accepted | None:
         """A stored answer replayed, or None: the request goes to the engine. Only a
@@ -413,9 +443,7 @@ class Admission:
                               retry_after=1.0) from None
             admitted = True
         except _Refuse as r:
-            status, code, message, param, retry = r.rejected
-            self.metrics.rejections.labels(tenant, str(status), code).inc()
-            return Rejected(call.request_id, status, code, message, param, retry)
+            return self.rejected(call.request_id, tenant, r)
         finally:
             if pending:
                 self.pending -= 1

@@ -184,6 +184,28 @@ class Accepted(msgspec.Struct):
     rate_limits: Any = None  # cache.quotas.RateLimits: the tenant's per-minute limits after this request
 
 
+class EmbedCall(msgspec.Struct, frozen=True):
+    """One `/v1/embeddings` request: `texts` or `token_ids` (the embedding model's own
+    vocabulary), one vector each. `truncate`: cut inputs to at most that many tokens
+    (vLLM's `truncate_prompt_tokens`; None: a longer input is a 400)."""
+
+    request_id: str
+    tenant: TenantContext
+    model: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    truncate: int | None = None
+
+
+class Embedded(msgspec.Struct):
+    """The vectors of an `EmbedCall`, in its inputs' order."""
+
+    request_id: str
+    vectors: Any  # numpy float32 (inputs, dim)
+    prompt_tokens: int
+    rate_limits: Any = None  # as `Accepted.rate_limits`
+
+
 class LengthFeedback(msgspec.Struct, frozen=True):
     """accounting → predictor: a request ended after `tokens` output tokens, on EOS/stop
     (`finish_reason` "stop") or at its `max_tokens` ("length").

@@ -86,6 +86,14 @@ class Metrics:
             "engine's compute thread (CPU engine: the steps wait meanwhile): phase=embed (instruction "
             "embeddings) or phase=refit (regressor refits)", ["phase"], registry=r,
         )
+        self.embedding_compute = Counter(  # beside lmgate_step_seconds' sum: what /v1/embeddings costs the engine
+            "lmgate_embedding_compute_seconds", "Seconds the embedding model ran for /v1/embeddings on the engine's "
+            "compute thread (CPU engine: the steps wait meanwhile)", registry=r,
+        )
+        self.embedding_inputs = Counter(
+            "lmgate_embedding_inputs", "Inputs embedded for /v1/embeddings (their tokens count in "
+            "lmgate_prompt_tokens)", ["tenant"], registry=r,
+        )
         self.structured = Counter(
             "lmgate_structured_requests", "Requests admitted with an output constraint (gpu.structured): kind=json, "
             "json_object, regex, choice or grammar (tool calls are json)", ["kind"], registry=r,

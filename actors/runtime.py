@@ -5,7 +5,10 @@
                               │                  Demand(slots)──┘
                               └───────── Completed ─────────▶ accounting ─▶ Redis, predictor feedback
 
-`Runtime.submit(call)` is the gateway's one entry point. Each actor runs
+`Runtime.submit(call)` is the gateway's entry point for generation; `Runtime.embed(call)`
+runs a /v1/embeddings request (`actors.embeddings.EmbeddingService`: quota through
+admission, batches on the compute thread between engine steps, a `UsageRecord` to
+accounting). Each actor runs
 under a supervisor: if it crashes, what it owned fails cleanly (the stepper
 fails its in-flight requests; the queue fails its waiting ones) and the actor
 is restarted with the same channels.
@@ -26,7 +29,16 @@ import trio
 from actors.accounting import Accounting
 from actors.admission import Admission, AdmissionConfig, AdmitMsg
 from actors.compute import ComputeThread, InlineCompute, release_openmp_pool
-from actors.messages import Accepted, Failed, GenerateCall, LengthFeedback, Rejected
+from actors.embeddings import EmbeddingConfig, EmbeddingService, SentenceEmbedder
+from actors.messages import (
+    Accepted,
+    EmbedCall,
+    Embedded,
+    Failed,
+    GenerateCall,
+    LengthFeedback,
+    Rejected,
+)
 from actors.metrics import Metrics
 from actors.policies import BatchPolicy
 from actors.predictor import PredictorConfig, PredictorService, RunningLengthEstimator
@@ -60,6 +72,8 @@ class RuntimeConfig:
     quota_fail_open: bool = True
     admission_concurrency: int = 256
     channel_size: int = 256
+    # the model /v1/embeddings serves (actors.embeddings), or None: no embeddings
+    embeddings: EmbeddingConfig | None = None
     # where engine steps run: a worker thread (the event loop overlaps the step), or the trio
     # thread (the loop waits; actors.stepper's docstring has the measurements of both)
     step_in_thread: bool = True
@@ -123,9 +137,16 @@ class Runtime:
         self.model_name = config.model_name or served_model_name(engine.config.model)
         # clients may also name the model the way the operator did (--model)
         self.model_aliases = frozenset({self.model_name, engine.config.model})
+        emb = config.embeddings
+        self.embedding_model_name = emb.served_name if emb is not None else None
+        self.embedding_aliases = emb.aliases if emb is not None else frozenset()
+        if self.embedding_aliases & self.model_aliases:
+            raise ValueError(f"the embedding model's name {self.embedding_model_name!r} is the served model's")
+        self.embeddings: EmbeddingService | None = None  # loaded in `run`
         lora = getattr(engine, "lora", None)
         if lora is not None:
-            lora.reserve(self.model_aliases)  # LoraError if a configured adapter has one of these names
+            # LoraError if a configured adapter has one of these names
+            lora.reserve(self.model_aliases | self.embedding_aliases)
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.ready = False
@@ -145,6 +166,7 @@ class Runtime:
         self._demand_send, self._demand_recv = trio.open_memory_channel[Demand](1)
         # accounting must never block the stepper: one slot per request that can be alive
         cap = config.queue.max_waiting + engine.config.scheduler.max_num_seqs + cs * 3
+        cap += emb.max_in_flight if emb is not None else 0  # an embedding request's UsageRecord
         self._done_send, self._done_recv = trio.open_memory_channel[Completed](cap)
         self._fb_send, self._fb_recv = trio.open_memory_channel[LengthFeedback](cs)
         self.predictor = RunningLengthEstimator(config.predictor)
@@ -188,6 +210,7 @@ class Runtime:
                 max_waiting=config.queue.max_waiting,
                 max_estimated_wait_s=config.max_estimated_wait_s,
                 quota_fail_open=config.quota_fail_open,
+                embedding_models=self.embedding_aliases,
             ),
             engine.tokenizer, self.metrics,
             to_predictor=self._pred_send, completed=self._done_send, load=self,
@@ -202,13 +225,16 @@ class Runtime:
 
     # ------------------------------------------------------------------ models
     def served_models(self) -> list[str]:
-        """What `/v1/models` lists: the model, then the LoRA adapters clients may name."""
+        """What `/v1/models` lists: the model, then the LoRA adapters clients may name, then
+        the embedding model."""
         lora = getattr(self.engine, "lora", None)
-        return [self.model_name] + (lora.names() if lora is not None and lora.enabled else [])
+        adapters = lora.names() if lora is not None and lora.enabled else []
+        return [self.model_name] + adapters + ([self.embedding_model_name] if self.embedding_model_name else [])
 
     def serves(self, model: str) -> bool:
-        """`model` is the served model, an alias of it, or a LoRA adapter this server has."""
-        if model == self.model_name or model in self.model_aliases:
+        """`model` is the served model, an alias of it, a LoRA adapter this server has, or
+        the embedding model (by any of its names)."""
+        if model == self.model_name or model in self.model_aliases or model in self.embedding_aliases:
             return True
         lora = getattr(self.engine, "lora", None)
         return lora is not None and lora.enabled and lora.folder(model) is not None
@@ -290,6 +316,24 @@ class Runtime:
                         late.cancel()
                 raise
 
+    @property
+    def embedding_dim(self) -> int | None:
+        """The embedding model's vector size (None: no embedding model loaded)."""
+        return self.embeddings.embedder.dim if self.embeddings is not None else None
+
+    @property
+    def embedding_max_tokens(self) -> int | None:
+        """The most tokens one input of the embedding model may have."""
+        return self.embeddings.embedder.max_length if self.embeddings is not None else None
+
+    async def embed(self, call: EmbedCall) -> Embedded | Rejected:
+        """A `/v1/embeddings` request's vectors (`actors.embeddings.EmbeddingService`)."""
+        if self.embeddings is None or call.model not in self.embedding_aliases:
+            return Rejected(call.request_id, 400, "invalid_value", f"model {call.model[:100]!r} does not serve "
+                            f"embeddings" + (f"; {self.embedding_model_name!r} does" if self.embedding_model_name
+                                             else ": this server has no embedding model"), "model")
+        return await self.embeddings.embed(call)
+
     # ---------------------------------------------------------------- actors
     async def _admission_actor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         limiter = trio.CapacityLimiter(self.config.admission_concurrency)
@@ -347,16 +391,28 @@ class Runtime:
                     await self._queue_send.send(one)
                     self._predicting -= 1
 
+    async def _load_embeddings(self) -> None:
+        """The /v1/embeddings model, loaded on the compute thread (torch's one thread)."""
+        cfg = self.config.embeddings
+        if cfg is None or self.embeddings is not None:
+            return
+        # threads=0: the torch thread count is process-wide; the engine owns it
+        embedder = await self.compute.run(lambda: SentenceEmbedder(cfg.path, threads=0))
+        self.embeddings = EmbeddingService(embedder, cfg, admission=self.admission, accounting=self._done_send,
+                                           metrics=self.metrics, compute=self.compute, compute_lock=self.compute_lock)
+        log.info("embedding model %s loaded (%d dimensions, %d tokens at most)", self.embedding_model_name,
+                 embedder.dim, embedder.max_length)
+
     async def _load_length_predictor(self) -> None:
         """Magnus predictor: load the embedder (worker thread) and any model saved in Redis."""
         service = self.length_service
         if service is None:
             return
-        from actors.embeddings import InstructionEmbedder
-
+        if service.embedder is None and self.embeddings is not None and self.embeddings.config.model == "bundled":
+            service.embedder = self.embeddings.embedder  # /v1/embeddings serves the same model: one copy
         if service.embedder is None:  # one given with the service is kept
             # threads=0: the torch thread count is process-wide; the engine owns it
-            service.embedder = await self.compute.run(lambda: InstructionEmbedder(threads=0))
+            service.embedder = await self.compute.run(lambda: SentenceEmbedder(threads=0))
         seed_path = self.config.predictor_seed
         seed = Path(seed_path).read_bytes() if seed_path else None
         how = await service.load_or_seed(seed)
@@ -426,6 +482,7 @@ class Runtime:
             # it an OpenMP pool of its own: free it, so the compute thread's is the only one
             release_openmp_pool()
         try:
+            await self._load_embeddings()
             await self._load_length_predictor()
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._supervise, "accounting", self.accounting.run)

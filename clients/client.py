@@ -16,6 +16,7 @@
             async for event in events:          # {"type": "response.output_text.delta", ...}
                 ...
         print(events.response.text)
+        vectors = (await client.embed(["first text", "second text"])).vectors   # /v1/embeddings
 
 Cancellation: leaving a stream early (``break`` inside ``async with``, an
 exception, a cancel scope) closes the HTTP connection, and the gateway aborts the
@@ -31,8 +32,10 @@ Streams are retried only before their first byte.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -134,6 +137,26 @@ class Response(msgspec.Struct, frozen=True):
     @property
     def usage(self) -> dict[str, Any] | None:
         return self.raw.get("usage")
+
+
+class Embeddings(msgspec.Struct, frozen=True):
+    """`/v1/embeddings`' answer (`LmgateClient.embed`): one vector per input, in order."""
+
+    vectors: list[list[float]]
+    model: str
+    prompt_tokens: int
+
+
+def embeddings_from(body: dict[str, Any]) -> Embeddings:
+    """The answer's vectors, from floats or from base64 (little-endian float32)."""
+    vectors = []
+    for item in sorted(body["data"], key=lambda d: d["index"]):
+        e = item["embedding"]
+        if isinstance(e, str):
+            raw = base64.b64decode(e)
+            e = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        vectors.append(e)
+    return Embeddings(vectors, body["model"], body["usage"]["prompt_tokens"])
 
 
 # ---------------------------------------------------------------- retry
@@ -464,6 +487,16 @@ class LmgateClient:
                                            cache_control)
 
         return ResponseStream(open_response)
+
+    async def embed(self, input: str | list[str] | list[int] | list[list[int]], *,  # noqa: A002 - the API's name
+                    model: str = "all-MiniLM-L6-v2", **params: Any) -> Embeddings:
+        """POST /v1/embeddings: one vector per input (a string, strings, or the embedding
+        model's token ids). `model`: the server's embedding model (the bundled one by
+        default); `params`: other fields (truncate_prompt_tokens, user). Vectors travel as
+        base64, as the openai SDK asks for them."""
+        body = {"model": model, "input": input, "encoding_format": "base64",
+                **{k: v for k, v in params.items() if v is not None}}
+        return embeddings_from(await self._request_json("POST", "/v1/embeddings", body))
 
     async def get_response(self, response_id: str) -> Response:
         """A stored response (NotFound once deleted, expired, or another tenant's)."""

@@ -9,6 +9,9 @@ and the frozen `GatewayConfig`. Everything a route needs hangs off one
 Routes::
 
     POST /v1/completions, /v1/chat/completions   JSON or SSE (routes_openai)
+    POST /v1/responses ...                       OpenAI's Responses API (routes_responses)
+    POST /v1/embeddings                          the embedding model's vectors (routes_embeddings)
+    GET/POST /tokenizer_info /tokenize /detokenize   (routes_tokenizer)
     GET  /v1/models, /v1/models/<id>
     WS   /v1/ws                                  multiplexed token streaming (ws)
     *    /admin/...                              tenants, keys, quotas, usage (routes_admin)
@@ -57,7 +60,8 @@ class Runtime(Protocol):
 
     def serves(self, model: str) -> bool: ...  # a `model` a request may name
 
-    # also read, where present: `tokenizer` (gpu.tokenizer.Tokenizer: logprobs' bytes,
+    # also read, where present: `embedding_model_name`, `embedding_aliases`, `embedding_dim`,
+    # `embedding_max_tokens` and `embed(EmbedCall)` (actors.embeddings: /v1/embeddings), `tokenizer` (gpu.tokenizer.Tokenizer: logprobs' bytes,
     # completions' echo of token ids), `length_service` (actors.predictor.PredictorService, or
     # None when the Magnus predictor is not in use), for /admin/predictor
 
@@ -246,6 +250,13 @@ class GatewayState:
                        else f"model {model[:100]!r} does not exist or this key may not use it")
             raise ApiError(404, message, code="model_not_found", param="model")
 
+    def check_generation_model(self, model: str, tenant: TenantContext) -> None:
+        """`check_model`, and a 400 for the embedding model (it serves /v1/embeddings only)."""
+        self.check_model(model, tenant)
+        if model in getattr(self.runtime, "embedding_aliases", ()):
+            raise ApiError(400, f"model {model[:100]!r} is an embedding model: it serves /v1/embeddings only",
+                           code="invalid_value", param="model")
+
     def base_names(self) -> frozenset[str]:
         """The names the base model is served under: its id and its aliases (the `--model`
         it was started with); every other served name is a LoRA adapter."""
@@ -363,6 +374,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     """Build the gateway app. `store` must be opened (inside `async with RedisStore`)."""
     from gateway.openapi import openapi_document
     from gateway.routes_admin import admin_blueprint
+    from gateway.routes_embeddings import embeddings_blueprint
     from gateway.routes_openai import openai_blueprint
     from gateway.routes_responses import responses_blueprint
     from gateway.routes_tokenizer import tokenizer_blueprint
@@ -444,6 +456,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     app.register_blueprint(openai_blueprint(state))
     app.register_blueprint(responses_blueprint(state))
     app.register_blueprint(tokenizer_blueprint(state))
+    app.register_blueprint(embeddings_blueprint(state))
     app.register_blueprint(admin_blueprint(state))
     app.register_blueprint(ws_blueprint(state))
     return app

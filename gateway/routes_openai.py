@@ -1223,7 +1223,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         raw = await request.get_data(cache=False)
         req = decode_request(endpoint, raw)
-        state.check_model(req.model, tenant)
+        state.check_generation_model(req.model, tenant)
         request_id = new_request_id(endpoint)
         cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
         calls = to_generate_calls(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"), cache=cache)
@@ -1248,6 +1248,9 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
 
     def model_card(name: str) -> dict[str, Any]:
         base = state.runtime.model_name
+        if name == getattr(state.runtime, "embedding_model_name", None):  # /v1/embeddings' model
+            return {"id": name, "object": "model", "created": state.started, "owned_by": "lmgate",
+                    "max_model_len": state.runtime.embedding_max_tokens}
         return {
             "id": name,
             "object": "model",
@@ -1269,6 +1272,8 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         state.check_model(model, tenant)  # a 404 unless served (maybe under another name: the --model it started with)
         if model in state.runtime.served_models():
             return model_card(model)
+        if model in getattr(state.runtime, "embedding_aliases", ()):
+            return {**model_card(state.runtime.embedding_model_name), "id": model}
         return {**model_card(state.runtime.model_name), "id": model}
 
     return bp

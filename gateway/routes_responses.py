@@ -642,7 +642,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         """The request, the earlier turns' items, its own input items, and the chat request
         that runs them."""
         req = decode_request(await request.get_data(cache=False))
-        state.check_model(req.model, tenant)
+        state.check_generation_model(req.model, tenant)
         _unsupported(req)
         items = input_items(req.input)
         context = []

@@ -84,8 +84,9 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
 
     def tokenizer_of(model: str | None, tenant: TenantContext) -> Tokenizer:
         if model is not None:
-            state.check_model(model, tenant)
-        elif not state.models_for(tenant):  # (every model shares the tokenizer: any one will do)
+            state.check_generation_model(model, tenant)
+        elif not [m for m in state.models_for(tenant) if m != getattr(state.runtime, "embedding_model_name", None)]:
+            # (every generation model shares the tokenizer: any one will do)
             raise ApiError(404, "this key may use no model", code="model_not_found", param="model")
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if tokenizer is None:

@@ -151,7 +151,7 @@ class Session:
         # changed since the socket opened, holds for the socket's next request too
         self.tenant = await self.state.authenticate_key(self.api_key)
         req = decode_request(frame.endpoint, bytes(frame.body))
-        self.state.check_model(req.model, self.tenant)
+        self.state.check_generation_model(req.model, self.tenant)
         request_id = new_request_id(frame.endpoint)
         if tools_of(req) is not None:
             raise ApiError(400, "tool calls are answered over HTTP (streamed or not); the WebSocket streams text",

@@ -748,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from actors.embeddings import InstructionEmbedder
+    from actors.embeddings import SentenceEmbedder
     from gpu.config import EngineConfig
     from gpu.engine import Engine
 
@@ -762,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. predictor
     _log(f"embedding {len(fixture)} instructions ...")
-    embedder = InstructionEmbedder(threads=args.threads)
+    embedder = SentenceEmbedder(threads=args.threads)
     vecs = embedder.embed([r.instruction for r in fixture])
     embeddings = {r.id: v for r, v in zip(fixture, vecs, strict=True)}
     predictor, ev = train_and_evaluate(train, test, embeddings, fixture_cap)

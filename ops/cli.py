@@ -12,6 +12,8 @@ import importlib
 BENCHES = {
     "beam": ("ops.bench_beam", "beam search vs transformers' generate(num_beams=k); KV blocks vs unshared beams"),
     "dtype": ("ops.bench_dtype", "how far bf16 / int8 move the model from float32, and their speed"),
+    "embeddings": ("ops.bench_embeddings", "/v1/embeddings throughput vs the model called directly; what an "
+                                           "embedding load costs streamed generation"),
     "engine": ("ops.bench_engine", "engine vs Hugging Face transformers static batching; MBU"),
     "gateway": ("ops.bench_gateway", "cached-response RPS vs a bare route; latency added per token"),
     "invariance": ("ops.bench_invariance", "does output depend on the load; the cost of --batch-invariant"),

@@ -115,9 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail("train", f"{path} holds no requests")
     if args.tenant:
         log = [dataclasses.replace(r, tenant=args.tenant) for r in log]
-    from actors.embeddings import InstructionEmbedder
+    from actors.embeddings import SentenceEmbedder
 
-    embedder = InstructionEmbedder(threads=args.threads)
+    embedder = SentenceEmbedder(threads=args.threads)
     vectors = embedder.embed([r.instruction for r in log])
     embeddings = {r.id: v for r, v in zip(log, vectors, strict=True)}
     report: dict = {"requests": str(path)}

@@ -1,0 +1,135 @@
+"""OpenAI's embeddings endpoint, served by the runtime's embedding model
+(`actors.embeddings`: all-MiniLM-L6-v2 by default, `--embedding-model`)::
+
+    POST /v1/embeddings  {model, input, encoding_format?="float", dimensions?, user?,
+                          truncate_prompt_tokens?}
+                         -> {object: "list", data: [{object: "embedding", index, embedding}],
+                             model, usage: {prompt_tokens, total_tokens}}
+
+`input` is a string, a list of strings, a list of token ids, or a list of such lists (up
+to 2048 inputs, as OpenAI's); token ids are the embedding model's own vocabulary, used as
+given. An input longer than the model takes (256 tokens for MiniLM) is a 400 unless
+`truncate_prompt_tokens` (vLLM's: N, or -1 for the model's most) cuts it. `base64` is the
+vectors' little-endian float32 bytes, what the openai SDK asks for by default and decodes.
+`dimensions` other than the model's own is a 400: MiniLM was not trained to be cut
+(OpenAI's text-embedding-3 models were). The API key, the tenant's model list and its
+quotas (requests and tokens per minute, daily budget, concurrency) apply as to
+generation; usage is recorded under the embedding model's name.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import numpy as np
+from quart import Blueprint, Response, g, has_request_context, request
+
+from actors.messages import EmbedCall, Rejected
+from gateway.errors import ApiError, decode_json
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+
+MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of POST /v1/embeddings."""
+
+    model: str
+    input: Any
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: at most N tokens per input (-1: the model's most)
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def embedding_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+    """`input` as texts or as token-id lists (pure; an ApiError 400 naming `input` for
+    anything else: empty, mixed kinds, more than MAX_INPUTS)."""
+    def bad(message: str) -> ApiError:
+        return ApiError(400, f"input {message}", code="invalid_value", param="input")
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise bad("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    if not value:
+        raise bad("must not be empty")
+    if all(_is_id(x) for x in value):
+        value = [value]
+    if len(value) > MAX_INPUTS:
+        raise bad(f"holds {len(value)} inputs; {MAX_INPUTS} at most")
+    if all(isinstance(x, str) for x in value):
+        empty = next((i for i, x in enumerate(value) if not x), None)
+        if empty is not None:
+            raise bad(f"{empty} is an empty string")
+        return value, None
+    if all(isinstance(x, list) and all(_is_id(t) for t in x) for x in value):
+        return None, value
+    raise bad("must be a string, a list of strings, a list of token ids or a list of token-id lists, "
+              "not a mix of them")
+
+
+def embedding_body(vectors: np.ndarray, *, model: str, prompt_tokens: int, encoding_format: str) -> bytes:
+    """The answer's JSON bytes (msgspec: thousands of floats encode in milliseconds)."""
+    if encoding_format == "base64":
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        data = vectors.tolist()
+    return msgspec.json.encode({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    })
+
+
+def embeddings_blueprint(state: GatewayState) -> Blueprint:
+    bp = Blueprint("embeddings", __name__)
+
+    @bp.post("/v1/embeddings")
+    async def embeddings() -> Any:
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        req = decode_json(await request.get_data(cache=False), EmbeddingRequest)
+        state.check_model(req.model, tenant)
+        name = getattr(state.runtime, "embedding_model_name", None)
+        if req.model not in getattr(state.runtime, "embedding_aliases", ()):
+            raise ApiError(400, f"model {req.model[:100]!r} does not serve embeddings" +
+                           (f"; {name!r} does" if name else ": this server has no embedding model"),
+                           code="invalid_value", param="model")
+        if req.encoding_format not in ("float", "base64"):
+            raise ApiError(400, f"encoding_format must be float or base64, got {req.encoding_format[:50]!r}",
+                           code="invalid_value", param="encoding_format")
+        dim = state.runtime.embedding_dim
+        if req.dimensions is not None and req.dimensions != dim:
+            raise ApiError(400, f"dimensions: {name} gives vectors of {dim} dimensions only (it was not trained "
+                           f"to be cut shorter)", code="invalid_value", param="dimensions")
+        truncate = req.truncate_prompt_tokens
+        if truncate is not None and truncate < 1 and truncate != -1:
+            raise ApiError(400, "truncate_prompt_tokens must be -1 (the model's most) or at least 1",
+                           code="invalid_value", param="truncate_prompt_tokens")
+        texts, ids = embedding_inputs(req.input)
+        if truncate == -1:
+            truncate = state.runtime.embedding_max_tokens
+        call = EmbedCall("embd-" + uuid.uuid4().hex, tenant, req.model, texts=texts, token_ids=ids, truncate=truncate)
+        reply = await state.runtime.embed(call)
+        if isinstance(reply, Rejected):
+            raise ApiError(reply.status, reply.message, code=reply.code, param=reply.param,
+                           retry_after=reply.retry_after)
+        if reply.rate_limits is not None and has_request_context():
+            g.rate_limits = reply.rate_limits
+        return Response(embedding_body(reply.vectors, model=name or req.model, prompt_tokens=reply.prompt_tokens,
+                                       encoding_format=req.encoding_format), content_type="application/json")
+
+    return bp
+
+
+__all__ = ["EmbeddingRequest", "embedding_body", "embedding_inputs", "embeddings_blueprint"]

@@ -1,0 +1,185 @@
+"""Embeddings benchmark: what serving /v1/embeddings costs, and what it costs generation.
+
+    python -m ops.bench_embeddings [--quick] [--json PATH]
+
+1. Throughput: texts embedded per second through the whole gateway (`lmgate serve` in
+   its own process: auth → quota reserve → tokenize → batches on the compute thread →
+   settle → base64 JSON), `--concurrency` clients each posting `--batch` texts at a time,
+   against the same model called in this process on the same texts (`SentenceEmbedder`:
+   tokenize, then `encode_ids` over the same batches the server plans), after the server
+   has stopped, on the same number of threads. The texts are sentences of 5 to 120 words
+   (about 8 to 160 tokens), fixed by a seed.
+2. Interference: the time per token a streamed completion sees alone, and while the
+   clients of (1) embed without pause: how much an embedding load slows generation (the
+   two share the compute thread; one embedding batch of at most 2048 padded tokens runs
+   between two engine steps).
+
+JSON keys: served_texts_s, direct_texts_s, served_vs_direct (throughput ratio), tpot_alone_ms,
+tpot_with_embeddings_ms, tpot_ratio (with ÷ alone), plus the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from ops.bench_gateway import ADMIN_KEY, free_port, sse_tpot, wait_ready
+
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+WORDS = ["the", "a", "model", "server", "token", "batch", "request", "cache", "quota", "tenant", "stream",
+         "socket", "answer", "question", "river", "mountain", "city", "language", "story", "morning", "evening",
+         "garden", "window", "music", "number", "system", "network", "memory", "kernel", "thread", "engine",
+         "paper", "letter", "friend", "market", "price", "weather"]
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120))) + "." for _ in range(n)]
+
+
+async def embed_load(url: str, headers: dict, corpus: list[str], batch: int, concurrency: int,
+                     seconds: float) -> dict:
+    """`concurrency` clients post `batch` texts at a time, in turn through `corpus`, for
+    `seconds`; every reply must be 200."""
+    done = errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=300) as client:
+        deadline = trio.current_time() + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal done, errors
+            i = k * batch
+            while trio.current_time() < deadline:
+                chunk = [corpus[(i + j) % len(corpus)] for j in range(batch)]
+                i += batch * concurrency
+                r = await client.post(url, json={"model": EMBEDDING_MODEL, "input": chunk,
+                                                 "encoding_format": "base64"})
+                if r.status_code == 200:
+                    done += batch
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as n:
+            for k in range(concurrency):
+                n.start_soon(worker, k)
+        dt = time.perf_counter() - t0
+    return {"texts": done, "errors": errors, "seconds": dt, "texts_s": done / dt}
+
+
+def direct_texts_s(corpus: list[str], batch: int, threads: int, seconds: float) -> float:
+    """Texts per second of the model called directly, request by request as the server
+    runs them (tokenize, then `plan_batches`' batches through `encode_ids`)."""
+    import torch
+
+    from actors.embeddings import EmbeddingConfig, SentenceEmbedder, plan_batches
+
+    torch.set_num_threads(threads)
+    emb = SentenceEmbedder(threads=threads)
+    budget = EmbeddingConfig().batch_tokens
+    emb.encode_ids(emb.tokenize(corpus[:batch]))  # warm-up
+    done, i, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = [corpus[(i + j) % len(corpus)] for j in range(batch)]
+        i += batch
+        ids = emb.tokenize(chunk)
+        for b in plan_batches([len(x) for x in ids], token_budget=budget):
+            emb.encode_ids([ids[k] for k in b])
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from clients.admin import AdminClient
+
+    corpus = texts(2048)
+    tmp = Path(tempfile.mkdtemp(prefix="lmgate-bench-emb-"))
+    port = free_port()
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--admin-key", ADMIN_KEY,
+         "--data-dir", str(tmp), "--threads", str(args.threads), "--log-level", "WARNING"],
+        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_ready(base + "/readyz")
+        async with AdminClient(base, ADMIN_KEY) as admin:
+            await admin.create_tenant("bench", "benchmark tenant")
+            _, key = await admin.create_key("bench", "bench")
+        headers = {"Authorization": f"Bearer {key}"}
+        url = base + "/v1/embeddings"
+        await embed_load(url, headers, corpus, args.batch, args.concurrency, 2.0)  # warm-up
+        served = await embed_load(url, headers, corpus, args.batch, args.concurrency, args.seconds)
+        print(f"served: {served['texts_s']:.1f} texts/s ({served['errors']} errors)", flush=True)
+
+        prompt = list(range(1000, 1128))
+        completions = base + "/v1/completions"
+        await sse_tpot(completions, headers, prompt, 8)  # warm-up
+        alone = await sse_tpot(completions, headers, prompt, args.tokens)
+        with_load: dict[str, float] = {}
+
+        async def measure(nursery: trio.Nursery) -> None:
+            await trio.sleep(1.0)  # the embedding load running
+            with_load["tpot"] = await sse_tpot(completions, headers, prompt, args.tokens)
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(embed_load, url, headers, corpus, args.batch, args.concurrency, 3600.0)
+            n.start_soon(measure, n)
+        print(f"per streamed token: alone {alone * 1e3:.2f} ms, while embedding "
+              f"{with_load['tpot'] * 1e3:.2f} ms", flush=True)
+    finally:
+        gw.terminate()
+        try:
+            gw.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gw.kill()
+    direct = await trio.to_thread.run_sync(direct_texts_s, corpus, args.batch, args.threads, args.seconds)
+    print(f"direct: {direct:.1f} texts/s", flush=True)
+    return {
+        "served_texts_s": served["texts_s"],
+        "direct_texts_s": direct,
+        "served_vs_direct": served["texts_s"] / direct,
+        "tpot_alone_ms": alone * 1e3,
+        "tpot_with_embeddings_ms": with_load["tpot"] * 1e3,
+        "tpot_ratio": with_load["tpot"] / alone,
+        "served_errors": served["errors"],
+        "batch": args.batch,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ops.bench_embeddings", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs (5 s, 32 tokens)")
+    ap.add_argument("--concurrency", type=int, default=4, help="embedding clients at once")
+    ap.add_argument("--batch", type=int, default=32, help="texts per embedding request")
+    ap.add_argument("--seconds", type=float, default=20.0, help="duration of each throughput run")
+    ap.add_argument("--tokens", type=int, default=96, help="tokens streamed for the time per token")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (server and direct run)")
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.tokens = 5.0, 32
+    result = trio.run(run, args)
+    print(f"served ÷ direct throughput: {result['served_vs_direct']:.2f}; time per token while embedding ÷ "
+          f"alone: {result['tpot_ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
