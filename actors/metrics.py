@@ -90,6 +90,9 @@ class Metrics:
             "lmgate_embedding_compute_seconds", "Seconds the embedding model ran for /v1/embeddings on the engine's "
             "compute thread (CPU engine: the steps wait meanwhile)", registry=r,
         )
+        self.embedding_running = Gauge(
+            "lmgate_embedding_requests_running", "/v1/embeddings requests tokenizing, waiting or encoding", registry=r,
+        )
         self.embedding_inputs = Counter(
             "lmgate_embedding_inputs", "Inputs embedded for /v1/embeddings (their tokens count in "
             "lmgate_prompt_tokens)", ["tenant"], registry=r,

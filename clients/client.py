@@ -106,7 +106,8 @@ class Delta(msgspec.Struct, frozen=True):
     text: str
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # WebSocket only
-    tool_calls: list[dict[str, Any]] | None = None  # chat with tools: a choice's calls, whole, just before its finish
+    # chat with tools: a choice's calls, whole (the stream's pieces joined), just before its finish
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Response(msgspec.Struct, frozen=True):
@@ -218,6 +219,21 @@ def completion_from(body: dict[str, Any]) -> Completion:
     return Completion(body["id"], body["model"], choices, msgspec.convert(body["usage"], Usage))
 
 
+def join_call_pieces(calls: dict[int, dict[str, Any]], pieces: list[dict[str, Any]]) -> None:
+    """Add a chunk's tool-call pieces to `calls` (by call index): a call's first piece
+    brings its id, type and name, every piece more of its arguments."""
+    for piece in pieces:
+        call = calls.setdefault(piece["index"], {"index": piece["index"], "id": None, "type": "function",
+                                                 "function": {"name": None, "arguments": ""}})
+        fn = piece.get("function") or {}
+        for key in ("id", "type"):
+            if piece.get(key):
+                call[key] = piece[key]
+        if fn.get("name"):
+            call["function"]["name"] = fn["name"]
+        call["function"]["arguments"] += fn.get("arguments") or ""
+
+
 def deltas_from_chunk(chunk: dict[str, Any]) -> list[Delta]:
     out = []
     for c in chunk.get("choices") or []:
@@ -252,6 +268,7 @@ class TokenStream:
         self._response: httpx.Response | None = None
         self.usage: Usage | None = None
         self.id: str | None = None
+        self._calls: dict[int, dict[int, dict[str, Any]]] = {}  # per choice: its tool calls so far
 
     async def __aenter__(self) -> TokenStream:
         await self._ensure_open()
@@ -287,6 +304,14 @@ class TokenStream:
                 if chunk.get("usage"):
                     self.usage = usage_from(chunk["usage"])
                 for delta in deltas_from_chunk(chunk):
+                    if delta.tool_calls:  # a call's pieces (streamed as written): joined here
+                        join_call_pieces(self._calls.setdefault(delta.index, {}), delta.tool_calls)
+                        if not delta.text and delta.finish_reason is None:
+                            continue
+                        delta = msgspec.structs.replace(delta, tool_calls=None)
+                    if delta.finish_reason is not None and delta.index in self._calls:
+                        calls = self._calls.pop(delta.index)
+                        yield Delta(delta.index, "", None, tool_calls=[calls[k] for k in sorted(calls)])
                     yield delta
         except httpx.TransportError as exc:
             raise ConnectionFailed(f"stream broken: {exc}") from exc

@@ -265,11 +265,13 @@ class GatewayState:
     def may_use(self, tenant: TenantContext, model: str) -> bool:
         """Whether the tenant's `models` allow `model`: an adapter by its own name only; the
         base model by its id or any of its aliases (a list naming "smollm2" allows the model
-        served under that alias, whichever name the request uses)."""
+        served under that alias, whichever name the request uses), and so the embedding
+        model."""
         if tenant.models is None:
             return True
         base = self.base_names()
-        names = base if model in base else {model}
+        embedding = frozenset(getattr(self.runtime, "embedding_aliases", ()))
+        names = base if model in base else embedding if model in embedding else {model}
         return any(may_use(tenant.models, name) for name in names)
 
     def models_for(self, tenant: TenantContext) -> list[str]:

@@ -17,7 +17,7 @@ import math
 from typing import Any, TypeVar
 
 import msgspec
-from quart import Quart, Response, g
+from quart import Quart, Response, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("lmgate.gateway")
@@ -98,7 +98,12 @@ def from_http_exception(exc: HTTPException) -> ApiError:
         400: "bad_request",
         408: "request_timeout",
     }
-    return ApiError(status, exc.description or exc.name, code=codes.get(status))
+    message = exc.description or exc.name
+    if status == 413:  # Werkzeug's "The data value transmitted exceeds the capacity limit." says neither
+        limit = request.max_content_length if has_request_context() else None
+        message = (f"the request body is larger than the server takes ({limit} bytes; its operator sets "
+                   f"--max-body-bytes)" if limit else "the request body is larger than the server takes")
+    return ApiError(status, message, code=codes.get(status))
 
 
 def install_error_handlers(app: Quart) -> None:
@@ -108,7 +113,11 @@ def install_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
-        return from_http_exception(exc).response()
+        response = from_http_exception(exc).response()
+        for name, value in exc.get_headers():  # a 405's Allow (RFC 9110 §15.5.6)
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+        return response
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:

@@ -216,6 +216,13 @@ def check_chat_ending(messages: list[ChatMessage], add_generation_prompt: bool, 
                        code="invalid_value", param="continue_final_message")
 
 
+def streams_calls(req: CompletionRequest | ChatRequest) -> bool:
+    """Whether a stream sends tool calls as they are written (`ChunkRenderer.stream_calls`):
+    yes, unless a stop string or token may end the choice inside a call (auto mode; the
+    other modes refuse stops), which then must be dropped, not half sent."""
+    return not (req.stop or req.stop_token_ids)
+
+
 def tools_of(req: CompletionRequest | ChatRequest) -> ToolCalling | None:
     """The chat request's tool calling (`gateway.tools`), None for plain text."""
     if not isinstance(req, ChatRequest):
@@ -787,12 +794,18 @@ class ChunkRenderer:
     n: int = 1
     _ended: set[int] = field(default_factory=set)  # choices whose finish_reason was sent
     # chat with tool calling: each choice's text is held back and sent as its tool calls
-    # when it ends (`gateway.tools`); in auto mode only what may be a call is held
-    # (`gateway.tools.streamable`), the logprobs of held text go out with the next chunk
+    # (`gateway.tools`); in auto mode only what may be a call is held
+    # (`gateway.tools.streamable`), the logprobs of held text go out with the next chunk.
+    # `stream_calls`: each call goes out as it is written (`call_chunks`: its id and name
+    # once the name is whole, then its arguments in pieces, as OpenAI streams them); False:
+    # whole when the choice ends — auto mode with `stop` / `stop_token_ids`, where a stop
+    # may end the choice inside a call, which is then dropped (it cannot be unsent)
     tools: ToolCalling | None = None
+    stream_calls: bool = True
     _held: dict[int, list[str]] = field(default_factory=dict)
     _held_lp: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     _streamed: dict[int, int] = field(default_factory=dict)  # auto mode: characters sent as content
+    _calls: dict[int, list[list[Any]]] = field(default_factory=dict)  # per choice: [id, argument chars sent]
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -841,6 +854,44 @@ class ChunkRenderer:
             choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
         return self._chunk([choice])
 
+    def call_chunks(self, i: int) -> list[dict[str, Any]]:
+        """Choice `i`'s tool calls as far as its text so far spells them, after its last
+        delta (`stream_calls`): a call's first piece carries its `id`, `type` and name
+        (arguments "" or their start), later pieces only `index` and more `arguments`.
+        Nothing when calls go out whole, or nothing new is written."""
+        if self.tools is None or not self.stream_calls or i in self._ended:
+            return []
+        text = "".join(self._held.get(i, []))
+        sent = self._calls.setdefault(i, [])
+        pieces: list[dict[str, Any]] = []
+        for k, call in enumerate(self.tools.calls_so_far(text)):
+            if call.name is None:
+                break
+            if k == len(sent):
+                sent.append(["call_" + uuid.uuid4().hex[:24], 0])
+                pieces.append({"index": k, "id": sent[k][0], "type": "function",
+                               "function": {"name": call.name, "arguments": ""}})
+            if call.start is None:
+                continue
+            end = call.end if call.end is not None else len(text)
+            new = text[call.start + sent[k][1]:end]
+            if not new:
+                continue
+            sent[k][1] = end - call.start
+            if pieces and pieces[-1]["index"] == k:
+                pieces[-1]["function"]["arguments"] += new
+            else:
+                pieces.append({"index": k, "function": {"arguments": new}})
+        if not pieces:
+            return []
+        body: dict[str, Any] = {"tool_calls": pieces}
+        if i not in self._role_sent:
+            self._role_sent.add(i)
+            body = {"role": "assistant", "content": None, **body}
+        lp = self._held_lp.pop(i, None)
+        return [self._chunk([{"index": i, "delta": body, "logprobs": {"content": lp} if lp is not None else None,
+                              "finish_reason": None}])]
+
     def opening(self) -> dict[str, Any] | None:
         """Chat with n > 1, before the stream's first chunk: one chunk starting every choice
         (its role, and the echoed message if any), in index order. Choices end in any
@@ -877,15 +928,29 @@ class ChunkRenderer:
         if self.tools is not None:
             text = "".join(self._held.pop(i, []))
             sent = self._streamed.pop(i, 0)  # auto mode: content already streamed
+            started = self._calls.pop(i, [])  # calls already streamed in part (`call_chunks`)
             parsed = self.tools.tool_calls_of(text) if reason == "stop" else None
             held_lp = self._held_lp.pop(i, None)
             logprobs = {"content": held_lp} if held_lp is not None else None
             if parsed is not None:
-                body = {"content": None, "tool_calls": [{"index": k, **c} for k, c in enumerate(parsed[1])]}
+                pieces = []
+                for k, c in enumerate(parsed[1]):
+                    if k < len(started):  # the rest of its arguments, under the id it went out with
+                        rest = c["function"]["arguments"][started[k][1]:]
+                        if rest:
+                            pieces.append({"index": k, "function": {"arguments": rest}})
+                    else:
+                        pieces.append({"index": k, **c})
+                body: dict[str, Any] = {"tool_calls": pieces} if pieces else {}
+                if not started:
+                    body = {"content": None, **body}
                 if i not in self._role_sent:
                     body = {"role": "assistant", "content": parsed[0], **body}
-                calls = {"index": i, "delta": body, "logprobs": logprobs, "finish_reason": None}
+                if body or logprobs is not None:
+                    calls = {"index": i, "delta": body, "logprobs": logprobs, "finish_reason": None}
                 delta, logprobs, reason = {}, None, self.tools.finish_reason
+            elif started:  # cut inside a call (max_tokens): what was written of it has gone out
+                delta = {}
             else:
                 text = self.tools.content_of(text, reason)
                 delta = {"content": text[sent:]} if i in self._role_sent else {"role": "assistant", "content": text}
@@ -1200,7 +1265,8 @@ class SseBody:
                     yield sse.event(opening)
                 if isinstance(event, TokenDelta):
                     chunk = self.renderer.delta(event)
-                    for c in ([chunk] if chunk is not None else []) + self.renderer.choice_end(event):
+                    for c in (([chunk] if chunk is not None else []) + self.renderer.call_chunks(event.index)
+                              + self.renderer.choice_end(event)):
                         yield sse.event(c)
                 elif isinstance(event, PromptFinished):
                     for chunk in self.renderer.prompt_finished(event):
@@ -1233,7 +1299,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         handle = await submit_all(state, calls, request_id, req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state),
-                                 echo=echo, n=req.n, tools=tools_of(req))
+                                 echo=echo, n=req.n, tools=tools_of(req), stream_calls=streams_calls(req))
         response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 import trio
 from quart import Blueprint, Response, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from cache.response_store import ResponseStore, StoredResponse, owner_of
@@ -43,6 +44,7 @@ from gateway.routes_openai import (
     SseBody,
     events_of,
     failed_error,
+    streams_calls,
     submit_all,
     to_generate_calls,
     token_bytes_of,
@@ -399,11 +401,13 @@ def truncated(items: list[dict[str, Any]], tokens: Callable[[list[dict[str, Any]
 class ResponseRenderer:
     """Turns a request's events into the Response object and its stream events.
 
-    Output items come from the chat chunks of a `ChunkRenderer` (which holds back the text
-    of tool calls and sends the calls when the choice ends): content opens a message item
-    and streams into its one output_text part; a tool call closes the message and adds a
-    function_call item. The finish reason "length" leaves the response `incomplete`
-    (`max_output_tokens`). Every event carries the next `sequence_number`."""
+    Output items come from the chat chunks of a `ChunkRenderer` (which tells a call's text
+    from content): content opens a message item and streams into its one output_text part;
+    a tool call's first piece closes the message and adds a function_call item, its
+    later pieces are `function_call_arguments.delta` events, and the next call or the
+    choice's end closes it. The finish reason "length" leaves the response `incomplete`
+    (`max_output_tokens`), and a call it cut short `incomplete` too. Every event carries
+    the next `sequence_number`."""
 
     response_id: str
     req: ResponsesRequest
@@ -419,6 +423,8 @@ class ResponseRenderer:
     _message: dict[str, Any] | None = None  # the open message item
     _text: list[str] = field(default_factory=list)
     _text_lp: list[dict[str, Any]] = field(default_factory=list)
+    _call: dict[str, Any] | None = None  # the open function_call item
+    _call_args: list[str] = field(default_factory=list)
 
     def _event(self, kind: str, **body: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._seq, **body}
@@ -464,13 +470,14 @@ class ResponseRenderer:
 
     def delta(self, d: TokenDelta) -> list[dict[str, Any]]:
         chunk = self.chunks.delta(d)
-        return self._from_chunks(([chunk] if chunk is not None else []) + self.chunks.choice_end(d))
+        return self._from_chunks(([chunk] if chunk is not None else []) + self.chunks.call_chunks(d.index)
+                                 + self.chunks.choice_end(d))
 
     def finished(self, f: Finished) -> list[dict[str, Any]]:
         events = self._from_chunks(self.chunks.finished(f))
         if not self.output and self._message is None:  # nothing written: an empty message, as OpenAI's
             events += self._open_message()
-        events += self._close_message()
+        events += self._close_call() + self._close_message()
         u = f.usage
         self.usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
                       "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -480,7 +487,7 @@ class ResponseRenderer:
         return [*events, self._event(kind, response=self.response())]
 
     def failed(self, fail: Failed) -> list[dict[str, Any]]:
-        events = self._close_message()
+        events = self._close_call() + self._close_message()
         self.status, self.failure = "failed", fail
         self.error = {"code": fail.code, "message": fail.message}
         return [*events, self._event("response.failed", response=self.response())]
@@ -497,9 +504,11 @@ class ResponseRenderer:
                 if delta.get("content") or (lp and self.logprobs and not calls):
                     events += self._content(delta.get("content") or "", lp)
                 for call in calls:
-                    events += self._call(call)
+                    events += self._call_piece(call)
                 if choice.get("finish_reason") == "length":
                     self.status = "incomplete"
+                if choice.get("finish_reason") is not None:
+                    events += self._close_call()
         return events
 
     def _open_message(self) -> list[dict[str, Any]]:
@@ -535,21 +544,34 @@ class ResponseRenderer:
                 self._event("response.content_part.done", **ids, part=part),
                 self._event("response.output_item.done", output_index=index, item=dict(message))]
 
-    def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
-        events = self._close_message()
-        fn = call["function"]
-        item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call["id"],
-                "name": fn["name"], "arguments": ""}
-        self.output.append(item)
-        index = len(self.output) - 1
-        events.append(self._event("response.output_item.added", output_index=index, item=dict(item)))
-        events.append(self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                  delta=fn["arguments"]))
-        item.update(arguments=fn["arguments"], status="completed")
-        events.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                  name=fn["name"], arguments=fn["arguments"]))
-        events.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
+    def _call_piece(self, piece: dict[str, Any]) -> list[dict[str, Any]]:
+        """A tool call's piece: a new call (it has an `id`) closes what is open and adds a
+        function_call item; every piece's arguments are a delta of the open call's."""
+        events: list[dict[str, Any]] = []
+        fn = piece.get("function") or {}
+        if "id" in piece:
+            events += self._close_call() + self._close_message()
+            self._call = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress",
+                          "call_id": piece["id"], "name": fn["name"], "arguments": ""}
+            self.output.append(self._call)
+            events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
+                                      item=dict(self._call)))
+        if self._call is not None and fn.get("arguments"):
+            self._call_args.append(fn["arguments"])
+            events.append(self._event("response.function_call_arguments.delta", item_id=self._call["id"],
+                                      output_index=self.output.index(self._call), delta=fn["arguments"]))
         return events
+
+    def _close_call(self) -> list[dict[str, Any]]:
+        if self._call is None:
+            return []
+        item, self._call = self._call, None
+        arguments, self._call_args = "".join(self._call_args), []
+        item.update(arguments=arguments, status="incomplete" if self.status == "incomplete" else "completed")
+        index = self.output.index(item)
+        return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            name=item["name"], arguments=arguments),
+                self._event("response.output_item.done", output_index=index, item=dict(item))]
 
 
 # ---------------------------------------------------------------- serving
@@ -681,7 +703,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             handle = await submit_all(state, calls, response_id, 1)  # admission compiles a constraint: its 400
         tools = tools_of(chat)
         chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
-                               token_bytes=token_bytes_of(state), tools=tools)
+                               token_bytes=token_bytes_of(state), tools=tools, stream_calls=streams_calls(chat))
         renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
         if req.stream:
@@ -710,13 +732,21 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             return {"object": "response.input_tokens",
                     "input_tokens": len(tokenize(tokenizer, count_request(req, [*context, *items])))}
 
+    def not_an_id(response_id: str) -> None:
+        """`input_tokens` is a route of its own (POST), not a response id: a 405 for the
+        other methods, as OpenAI answers, rather than a 404 for a response of that id."""
+        if response_id == "input_tokens":
+            raise MethodNotAllowed(valid_methods=["POST"], description="/v1/responses/input_tokens takes POST only")
+
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:
+        not_an_id(response_id)
         tenant = await state.authenticate(request.headers.get("Authorization"))
         return (await stored(tenant, response_id)).response
 
     @bp.delete("/v1/responses/<response_id>")
     async def delete(response_id: str) -> Any:
+        not_an_id(response_id)
         tenant = await state.authenticate(request.headers.get("Authorization"))
         try:
             found = await store.delete(owner(tenant), response_id)

@@ -29,7 +29,8 @@ as a JSON string, with `finish_reason` "tool_calls" ("stop" for a named function
 OpenAI); in auto mode the text before the marker is the message's `content`. A choice cut
 short by `max_tokens` is returned as its text with "length". While streaming, auto mode's
 text goes out as content as it comes, except what may be the start of the marker
-(`streamable`); the calls go out whole when the choice ends. Pure logic: no I/O.
+(`streamable`); each call goes out as it is written (`calls_so_far` reads the text so
+far: a call's name once whole, and the span of its arguments). Pure logic: no I/O.
 """
 
 from __future__ import annotations
@@ -162,6 +163,26 @@ class ToolCalling:
         at = text.find(MARKER) if self.auto and reason == "stop" else -1
         return text if at < 0 else text[:at]
 
+    def calls_so_far(self, text: str) -> list[CallSoFar]:
+        """The calls a choice's text so far spells, in order, for streaming them as they
+        are written: each with its name once the name is whole, and its arguments' span
+        (the text `tool_calls_of` will give as `arguments` once the choice ends)."""
+        if self.named is not None:
+            start = _skip_ws(text, 0)
+            if start >= len(text):
+                return [CallSoFar(self.named.name)]
+            return [CallSoFar(self.named.name, start, _prefix_value_end(text, start))]
+        offset = 0
+        if self.auto:
+            at = text.find(MARKER)
+            if at < 0:
+                return []
+            offset = at + len(MARKER)
+        try:
+            return _calls_so_far(text, offset, self.args_key)
+        except (ValueError, IndexError):  # not reached for a prefix of valid calls; stream them whole then
+            return []
+
     def tool_calls_of(self, text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
         """The message `content` and OpenAI `tool_calls` a finished choice's text spells;
         None if it spells no call (auto mode's plain text, or a choice cut short by
@@ -245,6 +266,95 @@ def _argument_texts(text: str, key: str) -> list[str | None]:
         out.append(found)
         i = _skip_ws(text, i + 1)
         if text[i] == ",":
+            i = _skip_ws(text, i + 1)
+    return out
+
+
+def _prefix_value_end(s: str, i: int) -> int | None:
+    """The index just past the JSON value that starts at `s[i]`, or None when `s` ends
+    before the value does (`s` is a prefix of valid JSON: the text so far of a choice
+    whose constraint only lets valid JSON through; a number at the very end may go on)."""
+    n = len(s)
+    if i >= n:
+        return None
+    c = s[i]
+    if c == '"':
+        i += 1
+        while i < n and s[i] != '"':
+            i += 2 if s[i] == "\\" else 1
+        return i + 1 if i < n else None
+    if c in "[{":
+        depth, in_string = 0, False
+        while i < n:
+            ch = s[i]
+            if in_string:
+                if ch == "\\":
+                    i += 2
+                    continue
+                in_string = ch != '"'
+            elif ch == '"':
+                in_string = True
+            elif ch in "[{":
+                depth += 1
+            elif ch in "]}":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return None
+    while i < n and s[i] not in ",]} \t\n\r":  # a number, true, false or null
+        i += 1
+    return i if i < n else None
+
+
+@dataclass
+class CallSoFar:
+    """A call as far as a choice has written it: its name once whole, and where its
+    arguments' text starts and ends in the choice's text (`end` None: still being written)."""
+
+    name: str | None = None
+    start: int | None = None
+    end: int | None = None
+
+
+def _calls_so_far(text: str, offset: int, key: str) -> list[CallSoFar]:
+    """The calls of the JSON list of call objects that starts at `text[offset]`, as far as
+    `text` goes (positions in `text`)."""
+    out: list[CallSoFar] = []
+    n = len(text)
+    i = _skip_ws(text, offset)
+    if i >= n or text[i] != "[":
+        return out
+    i = _skip_ws(text, i + 1)
+    while i < n and text[i] == "{":
+        call = CallSoFar()
+        out.append(call)
+        i = _skip_ws(text, i + 1)
+        while i < n and text[i] != "}":
+            end = _prefix_value_end(text, i)  # a key
+            if end is None:
+                return out
+            field = json.loads(text[i:end])
+            i = _skip_ws(text, end)
+            if i >= n or text[i] != ":":
+                return out
+            i = _skip_ws(text, i + 1)
+            if i >= n:
+                return out
+            end = _prefix_value_end(text, i)
+            if field == key:
+                call.start, call.end = i, end
+            elif field == "name" and end is not None:
+                call.name = json.loads(text[i:end])
+            if end is None:
+                return out
+            i = _skip_ws(text, end)
+            if i < n and text[i] == ",":
+                i = _skip_ws(text, i + 1)
+        if i >= n:
+            return out
+        i = _skip_ws(text, i + 1)  # past '}'
+        if i < n and text[i] == ",":
             i = _skip_ws(text, i + 1)
     return out
 

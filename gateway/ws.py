@@ -29,7 +29,7 @@ import trio
 from quart import Blueprint, websocket
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
-from gateway.app import bearer
+from gateway.app import bearer, request_id_of
 from gateway.errors import ApiError
 from gateway.routes_openai import (
     CacheDirectives,
@@ -262,8 +262,10 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
             try:
                 session.tenant = await state.authenticate(header)
                 session.api_key = bearer(header)
-            except ApiError as exc:
-                return exc.response()  # reject the upgrade with an HTTP error
+            except ApiError as exc:  # reject the upgrade with an HTTP error, named as every answer is
+                refusal = exc.response()
+                refusal.headers["X-Request-Id"] = request_id_of(websocket.headers.get("X-Request-Id"))
+                return refusal
         await websocket.accept()
         state.metrics.ws_connections.inc()
         try:

@@ -138,7 +138,7 @@ def test_a_text_too_long_is_refused_unless_truncated(float32):
     assert e.value.index == 1
     [cut] = float32.tokenize([long], truncate=10)
     assert len(cut) == 10 and cut[-1] == float32.tokenizer.sep_token_id  # the closing token kept
-    assert len(float32.tokenize([long], truncate=10**6)[0]) == 256  # never beyond the model's most
+    assert len(float32.tokenize([long], truncate=256)[0]) == 256
 
 
 @slow
@@ -147,9 +147,27 @@ def test_token_id_inputs_are_checked(float32):
         float32.check_ids([[101, 102], [30522]])
     with pytest.raises(EmbeddingInputError, match="input 0 is empty"):
         float32.check_ids([[]])
+    long = [101, *[100] * 298, 102]
     with pytest.raises(EmbeddingInputError, match="has 300 tokens"):
-        float32.check_ids([[100] * 300])
-    assert float32.check_ids([[100] * 300], truncate=5) == [[100] * 5]
+        float32.check_ids([long])
+    assert float32.check_ids([long], truncate=5) == [[101, 100, 100, 100, 102]]  # the closing [SEP] kept
+    # ids as another tokenizer writes them (langchain sends OpenAI's tiktoken ids): refused,
+    # not embedded as unrelated words; the message says what to do
+    assert (float32.prefix, float32.suffix) == ([101], [102])
+    with pytest.raises(EmbeddingInputError, match=r"must start with \[101\] and end with \[102\].*"
+                                                  r"check_embedding_ctx_length=False"):
+        float32.check_ids([[101, 102], [791, 8415, 7731, 389, 279, 5634, 13]])
+
+
+@slow
+def test_a_cut_must_leave_room_for_the_special_tokens_and_some_text(float32):
+    long = "word " * 400
+    for bad in (1, 2, 257):
+        with pytest.raises(ValueError, match=r"truncate_prompt_tokens must be -1 or in \[3, 256\]"):
+            float32.tokenize([long], truncate=bad)
+        with pytest.raises(ValueError):
+            float32.check_ids([[101, 7592, 102]], truncate=bad)
+    assert float32.tokenize([long], truncate=3) == [[101, 2773, 102]]
 
 
 # ---------------------------------------------------------------- through the runtime
@@ -258,6 +276,45 @@ async def test_generation_goes_on_between_the_batches_of_a_long_embedding(nurser
         inner.start_soon(generate)
     # the generation, started after the embedding, did not wait for all of its batches
     assert done["generate"] < done["embed"]
+
+
+@slow
+async def test_many_embedding_requests_queue_one_batch_at_a_time(nursery, ckpt, tokenizer, services):
+    """Between two engine steps runs one embedding batch, however many requests embed: the
+    compute thread serves jobs in order, and with a batch of every request queued a step
+    waited behind all of them."""
+    rt = await embedding_runtime(nursery, ckpt, tokenizer, services, batch_tokens=64)
+    order: list[str] = []  # what the compute thread ran, in order
+    encode, step = rt.embeddings.embedder.encode_ids, rt.engine.step
+
+    def encode_logged(rows):  # type: ignore[no-untyped-def]
+        order.append("e")
+        return encode(rows)
+
+    def step_logged():  # type: ignore[no-untyped-def]
+        order.append("s")
+        return step()
+
+    rt.embeddings.embedder.encode_ids = encode_logged
+    rt.engine.step = step_logged
+    t = tenant()
+    texts = [f"sentence number {i} of a request that takes many batches" for i in range(120)]
+    generated: dict[str, int] = {}
+
+    async def generate() -> None:
+        acc = await rt.submit(call(t, prompt="Once upon a time", max_tokens=16, ignore_eos=True))
+        assert isinstance(acc, Accepted)
+        _, _, last = await collect(acc)
+        generated["tokens"] = last.usage.completion_tokens
+
+    async with trio.open_nursery() as inner:
+        for _ in range(6):
+            inner.start_soon(rt.embed, embed_call(t, texts))
+        await wait_until(lambda: order.count("e") >= 6)
+        inner.start_soon(generate)
+    assert generated["tokens"] == 16
+    during = "".join(order)[order.index("s"):len(order) - order[::-1].index("s")]
+    assert during.count("s") >= 16 and max(map(len, during.split("s"))) <= 2, during
 
 
 @slow

@@ -119,6 +119,10 @@ async def test_embeddings_served(nursery: trio.Nursery, tmp_path, redis_url: str
             ({"model": MODEL, "input": "x", "dimensions": 128}, 400, "dimensions"),
             ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
             ({"model": MODEL, "input": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+            ({"model": MODEL, "input": long, "truncate_prompt_tokens": 1}, 400, "truncate_prompt_tokens"),
+            ({"model": MODEL, "input": long, "truncate_prompt_tokens": 300}, 400, "truncate_prompt_tokens"),
+            # another tokenizer's ids (langchain's default sends OpenAI's): no [CLS] ... [SEP]
+            ({"model": MODEL, "input": [[791, 8415, 7731, 389, 279, 5634, 13]]}, 400, "input"),
             ({"model": "SmolLM2-135M-Instruct", "input": "x"}, 400, "model"),
             ({"model": "text-embedding-3-small", "input": "x"}, 404, "model"),
             ({"input": "x"}, 400, "model"),
@@ -153,6 +157,13 @@ async def test_embeddings_served(nursery: trio.Nursery, tmp_path, redis_url: str
                                                                        "prompt": "hi", "max_tokens": 2})
         assert gen.status_code == 404  # not in its list
         assert [m["id"] for m in (await http.get("/v1/models", headers=theirs)).json()["data"]] == [MODEL]
+        # a tenant's list may name the model by either of its names
+        await http.post("/admin/tenants", headers=admin, json={
+            "id": "hf", "name": "hf", "models": ["sentence-transformers/all-MiniLM-L6-v2"]})
+        hkey = (await http.post("/admin/tenants/hf/keys", headers=admin, json={})).json()["key"]
+        hf = {"Authorization": f"Bearer {hkey}"}
+        assert [m["id"] for m in (await http.get("/v1/models", headers=hf)).json()["data"]] == [MODEL]
+        assert (await http.post("/v1/embeddings", headers=hf, json={"model": MODEL, "input": "x"})).status_code == 200
         usage = (await http.get("/admin/tenants/emb/usage", headers=admin)).json()["data"]
         assert [(u["model"], u["requests"], u["prompt_tokens"], u["completion_tokens"]) for u in usage] == [
             (MODEL, 1, used, 0)]

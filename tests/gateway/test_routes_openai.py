@@ -81,7 +81,8 @@ def test_a_stop_inside_an_auto_call_drops_the_call() -> None:
 
 def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
     """tool_choice "auto": text goes out as it comes except what may be the start of the
-    marker; a call goes out whole as the choice ends; streamed and whole answers agree."""
+    marker; a call not streamed in pieces (`call_chunks`, next test) goes out whole as the
+    choice ends; streamed and whole answers agree."""
     calling = tool_calling([{"type": "function", "function": {"name": "ping"}}], "auto", None)
     pieces = ["Let me", " check. <", "tool_", 'call>[{"name": "ping", ', '"arguments": {}}]</tool_call>']
     deltas = [TokenDelta("r", 0, text, [k]) for k, text in enumerate(pieces)]
@@ -118,6 +119,107 @@ def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
     [end] = renderer.finished(Finished("s", ["length"], Usage(3, 3)))
     assert end["choices"][0] == {"index": 0, "delta": {"content": "<tool_call>["}, "logprobs": None,
                                  "finish_reason": "length"}
+
+
+def stream_chunks(renderer: ChunkRenderer, deltas: list[TokenDelta], finished: Finished) -> list[dict]:
+    """The chunks of a stream, in the order `SseBody` sends them."""
+    chunks: list[dict] = []
+    for d in deltas:
+        chunk = renderer.delta(d)
+        chunks += ([chunk] if chunk is not None else []) + renderer.call_chunks(d.index) + renderer.choice_end(d)
+    return chunks + renderer.finished(finished)
+
+
+def accumulate(chunks: list[dict]) -> tuple[str, list[dict], str | None]:
+    """Content, tool calls and finish reason of choice 0, joined as the openai SDK joins them."""
+    content, calls, finish = "", {}, None
+    for c in chunks:
+        for choice in c["choices"]:
+            delta = choice["delta"]
+            content += delta.get("content") or ""
+            for piece in delta.get("tool_calls") or []:
+                call = calls.setdefault(piece["index"], {"id": None, "name": None, "arguments": ""})
+                if "id" in piece:
+                    assert call["id"] is None, "a call's id and name come once, in its first piece"
+                    call["id"], call["name"] = piece["id"], piece["function"]["name"]
+                else:
+                    assert set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"}
+                call["arguments"] += piece["function"]["arguments"]
+            finish = choice["finish_reason"] or finish
+    return content, [calls[k] for k in sorted(calls)], finish
+
+
+ARGS_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+              for n in ("search", "note")]
+
+
+def test_tool_calls_stream_in_pieces_as_written() -> None:
+    """A call goes out as it is written: its id and name once the name is whole, then its
+    arguments in pieces (OpenAI's stream); joined, the pieces are the whole answer's
+    arguments, wherever the tokens split the text (strings holding quotes and braces)."""
+    calling = tool_calling(ARGS_TOOLS, "required", None)
+    text = ('[{"name": "search", "parameters": {"q": "a \\"quoted\\" } {brace", "n": [1, {"x": []}]}}, '
+            '{"name": "note", "parameters": {}}]')
+    finished = Finished("r", ["stop"], Usage(3, 9))
+    collector = Collector("chat.completions", "r", MODEL, n=1, tools=calling)
+    collector.add(TokenDelta("r", 0, text, [1]))
+    whole = collector.response(finished)["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["arguments"] for c in whole] == [
+        '{"q": "a \\"quoted\\" } {brace", "n": [1, {"x": []}]}', "{}"]
+    for size in (1, 2, 3, 5, 8, 13, len(text)):
+        deltas = [TokenDelta("r", 0, text[k:k + size], [k]) for k in range(0, len(text), size)]
+        renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=calling)
+        chunks = stream_chunks(renderer, deltas, finished)
+        content, calls, finish = accumulate(chunks)
+        assert content == "" and finish == "tool_calls"
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (w["function"]["name"], w["function"]["arguments"]) for w in whole]
+        assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
+        assert chunks[-1]["choices"][0]["delta"] == {}  # the finish in a chunk of its own
+        if size == 1:  # each character of the arguments went out as it came
+            assert sum(1 for c in chunks for ch in c["choices"] for _ in ch["delta"].get("tool_calls") or []) > 40
+    # the first piece: role, null content, id, type and name, before any argument
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=calling)
+    assert renderer.delta(TokenDelta("r", 0, '[{"name": "sea', [1])) is None
+    assert renderer.call_chunks(0) == []  # the name is not whole yet
+    renderer.delta(TokenDelta("r", 0, 'rch", "parameters": {"q', [2]))
+    [chunk] = renderer.call_chunks(0)
+    delta = chunk["choices"][0]["delta"]
+    assert delta["role"] == "assistant" and delta["content"] is None
+    [piece] = delta["tool_calls"]
+    assert piece["type"] == "function" and piece["function"] == {"name": "search", "arguments": '{"q'}
+
+
+def test_streamed_calls_of_a_named_function_and_of_auto_mode() -> None:
+    named = tool_calling(ARGS_TOOLS, {"type": "function", "function": {"name": "note"}}, None)
+    deltas = [TokenDelta("r", 0, t, [k], logprobs=[-0.5], tokens=[t]) for k, t in enumerate(['{"a"', ": ", '1}'])]
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=named)
+    chunks = stream_chunks(renderer, deltas, Finished("r", ["stop"], Usage(3, 3)))
+    assert accumulate(chunks)[1:] == ([{"id": accumulate(chunks)[1][0]["id"], "name": "note",
+                                        "arguments": '{"a": 1}'}], "stop")
+    # each piece carries the logprobs of its tokens
+    assert [len((c["choices"][0]["logprobs"] or {}).get("content") or []) for c in chunks[:3]] == [1, 1, 1]
+    # auto: text as content, then the call's pieces
+    auto = tool_calling(ARGS_TOOLS, "auto", None)
+    pieces = ["Let me look. ", '<tool_call>[{"name": "search", "argu', 'ments": {"q": "x"}}]</tool_call>']
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=auto)
+    chunks = stream_chunks(renderer, [TokenDelta("r", 0, t, [k]) for k, t in enumerate(pieces)],
+                           Finished("r", ["stop"], Usage(3, 3)))
+    content, calls, finish = accumulate(chunks)
+    assert (content, [(c["name"], c["arguments"]) for c in calls], finish) == (
+        "Let me look. ", [("search", '{"q": "x"}')], "tool_calls")
+
+
+def test_a_streamed_call_cut_by_max_tokens_ends_with_length() -> None:
+    """What was written of a call has gone out; the choice ends "length" (as OpenAI's), and
+    its text is not sent again as content. A whole answer keeps the text as content."""
+    named = tool_calling(ARGS_TOOLS, {"type": "function", "function": {"name": "note"}}, None)
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=named)
+    chunks = stream_chunks(renderer, [TokenDelta("r", 0, '{"a": "lo', [1]), TokenDelta("r", 0, "ng", [2],
+                                                                                         finish_reason="length")],
+                           Finished("r", ["length"], Usage(3, 2)))
+    content, calls, finish = accumulate(chunks)
+    assert (content, [c["arguments"] for c in calls], finish) == ("", ['{"a": "long'], "length")
 
 
 def test_decode_wrong_type_names_the_field() -> None:
@@ -479,6 +581,8 @@ async def test_too_large_body_is_413(gateway: Gateway) -> None:
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
+    assert f"({gateway.config.max_body_bytes} bytes; its operator sets --max-body-bytes)" in r.json()["error"][
+        "message"]
 
 
 async def test_rate_limit_headers_on_every_kind_of_answer(gateway: Gateway) -> None:

@@ -73,19 +73,51 @@ def test_tool_calls_become_function_call_items_after_the_text() -> None:
     tools = [{"type": "function", "function": {"name": "ping"}}]
     r = renderer(ResponsesRequest(model=MODEL, input="hi"), tools, "auto")
     events = r.delta(TokenDelta("resp_1", 0, "Let me check. ", [1]))
-    events += r.delta(TokenDelta("resp_1", 0, '<tool_call>[{"name": "ping", "arguments": {"a": 1}}]</tool_call>', [2]))
     assert [e["type"] for e in events] == ["response.output_item.added", "response.content_part.added",
-                                           "response.output_text.delta"]  # the call's text is held
-    events = r.finished(Finished("resp_1", ["stop"], Usage(1, 2)))
+                                           "response.output_text.delta"]
+    events = r.delta(TokenDelta("resp_1", 0, '<tool_call>[{"name": "ping", "arguments": {"a"', [2]))
+    # the call's name is whole: the message closes, the call opens, its arguments stream
     assert [e["type"] for e in events] == [
         "response.output_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.output_item.added", "response.function_call_arguments.delta"]
+    assert events[3]["item"]["name"] == "ping" and events[3]["item"]["arguments"] == ""
+    assert events[4]["delta"] == '{"a"'
+    events = r.delta(TokenDelta("resp_1", 0, ': 1}}]</tool_call>', [3]))
+    assert [(e["type"], e["delta"]) for e in events] == [("response.function_call_arguments.delta", ": 1}")]
+    events = r.finished(Finished("resp_1", ["stop"], Usage(1, 3)))
+    assert [e["type"] for e in events] == [
         "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert events[0]["arguments"] == '{"a": 1}'
     message, call = events[-1]["response"]["output"]
     assert message["content"][0]["text"] == "Let me check. "
     assert call["type"] == "function_call" and call["name"] == "ping" and call["arguments"] == '{"a": 1}'
     assert call["call_id"].startswith("call_") and call["status"] == "completed"
     assert events[-1]["response"]["status"] == "completed"
+
+
+def test_calls_go_out_whole_when_a_stop_may_cut_them() -> None:
+    tools = [{"type": "function", "function": {"name": "ping"}}]
+    r = ResponseRenderer("resp_1", ResponsesRequest(model=MODEL, input="hi"), ChunkRenderer(
+        "chat.completions", "resp_1", MODEL, False, tools=tool_calling(tools, "auto", None), stream_calls=False))
+    assert r.delta(TokenDelta("resp_1", 0, '<tool_call>[{"name": "ping", "arguments": {"a": 1}', [1])) == []
+    events = r.delta(TokenDelta("resp_1", 0, "}]</tool_call>", [2])) + r.finished(Finished("resp_1", ["stop"],
+                                                                                           Usage(1, 2)))
+    assert [e["type"] for e in events] == [
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert events[1]["delta"] == '{"a": 1}'
+
+
+def test_a_call_cut_by_max_output_tokens_is_incomplete() -> None:
+    tools = [{"type": "function", "function": {"name": "ping", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}}}}]
+    r = renderer(ResponsesRequest(model=MODEL, input="hi"), tools, "required")
+    events = r.delta(TokenDelta("resp_1", 0, '[{"name": "ping", "parameters": {"text": "long', [1],
+                                finish_reason="length"))
+    events += r.finished(Finished("resp_1", ["length"], Usage(1, 1)))
+    [call] = events[-1]["response"]["output"]
+    assert events[-1]["type"] == "response.incomplete"
+    assert call["status"] == "incomplete" and call["arguments"] == '{"text": "long'
 
 
 def test_every_token_keeps_its_logprob_even_without_text() -> None:
@@ -254,6 +286,17 @@ async def test_input_items_pages(gateway: Gateway) -> None:
         asc = (await client.get(url, params={"order": "asc", "limit": 1})).json()
         assert asc["data"][0]["content"][0]["text"] == "m0"
         assert (await client.get(url, params={"limit": 0})).status_code == 400
+
+
+async def test_input_tokens_is_no_response_id(gateway: Gateway) -> None:
+    """GET or DELETE /v1/responses/input_tokens is a 405 naming POST (as OpenAI's), not a 404."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        for method in ("GET", "DELETE"):
+            r = await client.request(method, "/v1/responses/input_tokens")
+            assert r.status_code == 405 and r.headers["Allow"] == "POST"
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        r = await client.put("/v1/responses")  # any route's 405 says what it allows
+        assert r.status_code == 405 and "POST" in r.headers["Allow"]
 
 
 async def test_stream_events_are_named_and_end_with_the_response(gateway: Gateway) -> None:

@@ -165,7 +165,8 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
                                            parallel_tool_calls=False, max_tokens=80, temperature=0.8, seed=2, n=2,
                                            stream=stream)
 
-    for sampled in (await trio.to_thread.run_sync(required, False)).choices:
+    whole = (await trio.to_thread.run_sync(required, False)).choices
+    for sampled in whole:
         assert sampled.finish_reason == "tool_calls"
         [c] = sampled.message.tool_calls  # parallel_tool_calls false: one call
         jsonschema.validate(json.loads(c.function.arguments), {"get_weather": weather, "get_time": clock}[c.function.name])
@@ -179,8 +180,16 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         assert c.finish_reason == "tool_calls" and c.message.tool_calls
     chunks = await trio.to_thread.run_sync(lambda: list(required(True)))
     streamed = [(c.index, c.delta.tool_calls, c.finish_reason) for chunk in chunks for c in chunk.choices]
-    assert sorted(i for i, calls, _ in streamed if calls) == [0, 1]  # each choice's call, whole, as it ends
     assert [r for _, _, r in streamed if r] == ["tool_calls", "tool_calls"]
+    # each choice's call in pieces as it is written: id and name first, then its arguments,
+    # which joined are the whole answer's (same seed, same tokens)
+    for i in (0, 1):
+        pieces = [p for index, calls, _ in streamed if index == i for p in calls or []]
+        assert len(pieces) > 3 and pieces[0].id.startswith("call_") and pieces[0].function.name
+        assert all(p.id is None and p.function.name is None for p in pieces[1:])
+        [c] = whole[i].message.tool_calls
+        assert (pieces[0].function.name, "".join(p.function.arguments for p in pieces)) == (
+            c.function.name, c.function.arguments)
 
     class Address(pydantic.BaseModel):
         city: str = pydantic.Field(max_length=30)
@@ -244,8 +253,10 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
     chunks = await trio.to_thread.run_sync(lambda: list(auto(shown + question, stream=True, logit_bias=nudge)))
     streamed = [c for chunk in chunks for c in chunk.choices]
     assert not any(c.delta.content for c in streamed)  # nothing of the marker leaks as text
-    [[streamed_call]] = [c.delta.tool_calls for c in streamed if c.delta.tool_calls]
-    assert streamed_call.function.arguments == call.function.arguments and streamed[-1].finish_reason == "tool_calls"
+    pieces = [p for c in streamed for p in c.delta.tool_calls or []]  # the call as it was written
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather"
+    assert "".join(p.function.arguments for p in pieces) == call.function.arguments
+    assert streamed[-1].finish_reason == "tool_calls"
 
     # tools beside a response_format (as pydantic-ai's NativeOutput and instructor send them):
     # auto answers in the format's JSON or calls; a required call ignores the format. A

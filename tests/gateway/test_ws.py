@@ -100,9 +100,11 @@ async def test_request_before_auth_is_refused(gateway: Gateway) -> None:
 async def test_bad_header_rejects_the_upgrade(gateway: Gateway) -> None:
     async with httpx.AsyncClient() as client:
         with pytest.raises(WebSocketUpgradeError) as info:
-            async with aconnect_ws(gateway.ws_url, client, headers={"Authorization": "Bearer lmg-wrong"}):
+            async with aconnect_ws(gateway.ws_url, client, headers={"Authorization": "Bearer lmg-wrong",
+                                                                    "X-Request-Id": "trace-42"}):
                 pass
     assert info.value.response.status_code == 401
+    assert info.value.response.headers["X-Request-Id"] == "trace-42"  # as every HTTP answer
 
 
 async def test_cancel_frame_cancels_only_that_request(gateway: Gateway) -> None:
