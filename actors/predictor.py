@@ -18,6 +18,7 @@ import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,23 @@ class PredictorConfig:
     prior_tokens: float = 128.0
 
 
+MAX_KEYS = 10_000  # per-(tenant, app) and per-user statistics kept at most: the least recently fed go
+
+
+def _touch(table: dict, key: Any, make: Any) -> Any:
+    """`table[key]` (made by `make()` if missing), now the most recently used; beyond
+    MAX_KEYS entries the least recently used is dropped (a dict keeps insertion order):
+    the tables are keyed by what clients send (app tags, `user`), and must not grow
+    without bound."""
+    value = table.pop(key, None)
+    if value is None:
+        value = make()
+    table[key] = value
+    while len(table) > MAX_KEYS:
+        del table[next(iter(table))]
+    return value
+
+
 class RunningLengthEstimator:
     """Per-tenant/app running estimate of output length."""
 
@@ -79,7 +97,7 @@ class RunningLengthEstimator:
     def observe(self, tenant: str, app: str | None, true_tokens: int) -> None:
         """Feed back the true output length of a finished request."""
         for key, _ in self._keys(tenant, app):
-            self._stats.setdefault(key, _Stat()).add(float(true_tokens), self.config.alpha)
+            _touch(self._stats, key, _Stat).add(float(true_tokens), self.config.alpha)
 
 
 # ============================================================================
@@ -313,9 +331,9 @@ class LengthPredictor:
         self._y.append(float(np.log1p(max(0, true_tokens))))
         self._kind.append(kind)
         for key in ((f.tenant, f.app or ""), (f.tenant,), ()):
-            self._lengths.setdefault(key, collections.deque(maxlen=c.quantile_window)).append(float(true_tokens))
+            _touch(self._lengths, key, lambda: collections.deque(maxlen=c.quantile_window)).append(float(true_tokens))
         if f.user:
-            self._users.setdefault((f.tenant, f.user), collections.deque(maxlen=c.user_history)).append(
+            _touch(self._users, (f.tenant, f.user), lambda: collections.deque(maxlen=c.user_history)).append(
                 float(true_tokens))
         self._since_fit += 1
 

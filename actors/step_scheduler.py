@@ -47,6 +47,12 @@ from gpu.block_manager import BlockManager
 from gpu.config import SchedulerConfig
 
 
+def prefix_namespace(adapter: str | None, cache_salt: str | None) -> str | None:
+    """The prefix cache's namespace of a request's blocks: its adapter (whose KV entries
+    differ from the base model's) and its salt (`SchedRequest.cache_salt`)."""
+    return adapter if cache_salt is None else f"{adapter or ''}\x1f{cache_salt}"
+
+
 @dataclass
 class SchedRequest:
     """Mutable per-request state owned by the scheduler."""
@@ -67,6 +73,14 @@ class SchedRequest:
     # at most this many blocks of prefix-cache hits (None: as many as match). The engine caps
     # a request that needs prompt logprobs: a hit's positions never run (gpu.prompt_logprobs)
     max_prefix_blocks: int | None = None
+    # who may share this request's cached prefix blocks (None: every request without a salt,
+    # as vLLM's `cache_salt`): the gateway salts by tenant, so a hit (`cached_tokens`, or the
+    # time it saves) never tells one tenant what another one's prompt was
+    cache_salt: str | None = None
+
+    @property
+    def namespace(self) -> str | None:
+        return prefix_namespace(self.adapter, self.cache_salt)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -269,7 +283,7 @@ class StepScheduler:
                     raise KeyError(f"no sampled token for {seq.request_id!r}")
                 req.output_token_ids.append(sampled[seq.request_id])
             if _full_blocks_grew(self.bm.block_size, seq.start_pos, req.num_computed_tokens):
-                self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens, namespace=req.adapter)
+                self.bm.commit(seq.request_id, req.all_token_ids, req.num_computed_tokens, namespace=req.namespace)
 
     # -------------------------------------------------------------- internals
     def _key(self, req: SchedRequest) -> tuple[int, tuple[int, int]]:
@@ -341,7 +355,7 @@ class StepScheduler:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._waiting[0]
             tokens = req.all_token_ids
-            hits, num_cached = self.bm.match_prefix(tokens[:-1], namespace=req.adapter)
+            hits, num_cached = self.bm.match_prefix(tokens[:-1], namespace=req.namespace)
             if req.max_prefix_blocks is not None and len(hits) > req.max_prefix_blocks:
                 hits = hits[: req.max_prefix_blocks]
                 num_cached = len(hits) * self.bm.block_size

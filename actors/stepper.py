@@ -133,8 +133,11 @@ class Stepper:
             return
         try:
             # tenants' tiers run higher-first; the step scheduler runs lower keys first
+            # tenants share cached prefixes only within the shared cache pool: a hit shows in
+            # `cached_tokens` and in time, and would tell one tenant another's prompt
+            salt = None if st.call.tenant.shared_cache_pool else st.tenant_id
             self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
-                                    adapter=st.adapter, grammar=st.grammar)
+                                    adapter=st.adapter, grammar=st.grammar, cache_salt=salt)
         except ValueError as e:  # admission validated already; this is a last line of defence
             st.events.send_nowait(Failed(st.request_id, 400, "invalid_request_error", str(e)))
             self._finish(st, "error")

@@ -53,7 +53,9 @@ _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     """A customer of the gateway. ``priority`` is the scheduling tier (higher first);
-    ``shared_cache_pool`` opts into the cross-tenant response cache; ``models``, when set,
+    ``shared_cache_pool`` opts into the cross-tenant response cache and the engine's
+    prefix cache shared across tenants (outside it, a tenant's cached prefixes are its
+    own: a hit would tell it another tenant's prompt); ``models``, when set,
     lists the models its keys may use (`may_use`), else every served one may be."""
 
     id: str

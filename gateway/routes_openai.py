@@ -523,6 +523,32 @@ def sub_request_id(request_id: str, i: int, count: int) -> str:
     return request_id if count == 1 else f"{request_id}-{i}"
 
 
+MAX_METADATA = (16, 64, 512)  # OpenAI's: pairs, characters of a key, of a value
+MAX_APP_CHARS = 128  # an application tag (`metadata.app`, X-Lmgate-App)
+MAX_USER_CHARS = 256  # `user`
+
+
+def check_metadata(meta: dict[str, str] | None) -> None:
+    """OpenAI's limits on `metadata` (16 pairs, keys of 64 characters, values of 512), a
+    400 naming it beyond them."""
+    pairs, key_len, value_len = MAX_METADATA
+    meta = meta or {}
+    if len(meta) > pairs or any(len(k) > key_len or len(v) > value_len for k, v in meta.items()):
+        raise ApiError(400, f"metadata holds at most {pairs} pairs, keys of at most {key_len} characters and "
+                       f"values of at most {value_len}", code="invalid_value", param="metadata")
+
+
+def check_labels(app: str | None, user: str | None) -> None:
+    """The application tag and `user` a request is known by (the length predictors keep
+    statistics per tenant, app and user: bounded in count, so bounded in length here: a
+    400 beyond `MAX_APP_CHARS` / `MAX_USER_CHARS`)."""
+    if app is not None and len(app) > MAX_APP_CHARS:
+        raise ApiError(400, f"the application tag (metadata.app or X-Lmgate-App) is at most {MAX_APP_CHARS} "
+                       f"characters", code="invalid_value", param="metadata")
+    if user is not None and len(user) > MAX_USER_CHARS:
+        raise ApiError(400, f"user is at most {MAX_USER_CHARS} characters", code="invalid_value", param="user")
+
+
 def to_generate_calls(
     req: CompletionRequest | ChatRequest,
     tenant: TenantContext,
@@ -537,7 +563,9 @@ def to_generate_calls(
     params = sampling_params(req, guided)
     if req.priority is not None and req.priority < 0:
         raise ApiError(400, "priority must be >= 0", code="invalid_value", param="priority")
+    check_metadata(req.metadata)
     app = app_tag or (req.metadata or {}).get("app")
+    check_labels(app, req.user)
     common = dict(
         request_id=request_id,
         tenant=tenant,

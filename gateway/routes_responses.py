@@ -42,6 +42,7 @@ from gateway.routes_openai import (
     Handle,
     PromptFinished,
     SseBody,
+    check_metadata,
     events_of,
     failed_error,
     streams_calls,
@@ -134,11 +135,7 @@ def _unsupported(req: ResponsesRequest) -> None:
         if value not in _INCLUDES:
             raise ApiError(400, f"include {value[:100]!r} is not supported; this server can include "
                            f"{LOGPROBS_INCLUDE!r}", code="unsupported_value", param="include")
-    pairs, key_len, value_len = MAX_METADATA
-    meta = req.metadata or {}
-    if len(meta) > pairs or any(len(k) > key_len or len(v) > value_len for k, v in meta.items()):
-        raise ApiError(400, f"metadata holds at most {pairs} pairs, keys of at most {key_len} characters and "
-                       f"values of at most {value_len}", code="invalid_value", param="metadata")
+    check_metadata(req.metadata)
     if req.max_tool_calls is not None and req.max_tool_calls != 1:
         raise ApiError(400, "max_tool_calls may only be 1 (one call, as parallel_tool_calls false) here",
                        code="unsupported_value", param="max_tool_calls")
@@ -312,7 +309,6 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 _FORMAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-MAX_METADATA = (16, 64, 512)  # OpenAI's: pairs, characters of a key, of a value
 
 
 # chat names in errors → the Responses request's own

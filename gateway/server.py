@@ -115,6 +115,33 @@ async def wait_for_signal() -> None:
             return
 
 
+def close_connections_for_sure() -> None:
+    """Make Hypercorn's closing of a connection (`TCPServer._close`) shielded from
+    cancellation. Idempotent.
+
+    Why: an answer sent before the request's body has arrived (a 401 to a request that
+    announces a 100 MB body; any early 4xx) ends with `Connection: close`, and Hypercorn
+    closes the socket from inside the app's task — which Quart-Trio is cancelling at that
+    moment (its request is done). The close was cancelled at its first await and the
+    socket stayed open, for as long as the client liked: anyone, without a key, could
+    hold every file descriptor of the process (the audit held 700 with a limit of 600,
+    and /healthz stopped answering). Shielded, the close completes: the client sees EOF
+    right after the error.
+    """
+    from hypercorn.trio.tcp_server import TCPServer
+
+    if getattr(TCPServer._close, "_lmgate_shielded", False):
+        return
+    close = TCPServer._close
+
+    async def shielded_close(self: Any) -> None:
+        with trio.CancelScope(shield=True):
+            await close(self)
+
+    shielded_close._lmgate_shielded = True  # type: ignore[attr-defined]
+    TCPServer._close = shielded_close  # type: ignore[method-assign]
+
+
 async def serve_app(
     app: Any,
     config: GatewayConfig,
@@ -123,6 +150,7 @@ async def serve_app(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until `shutdown_trigger` returns; reports the bound URLs via task_status."""
+    close_connections_for_sure()
     await hypercorn.trio.serve(
         app, hypercorn_config(config), shutdown_trigger=shutdown_trigger, task_status=task_status
     )

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.step_scheduler import RequestRejected, SchedRequest, StepScheduler
+from actors.step_scheduler import RequestRejected, SchedRequest, StepScheduler, prefix_namespace
 from gpu.beam_search import BeamConfig, BeamSearch, Continuation, beam_candidates
 from gpu.block_manager import BlockManager
 from gpu.config import EngineConfig
@@ -108,6 +108,7 @@ class _Request:
     choices: list[_Choice] = field(default_factory=list)
     forked: bool = False
     adapter: str | None = None  # LoRA adapter key, name@version (None: the base model)
+    cache_salt: str | None = None  # who shares its cached prefix (`Engine.add_request`)
     priority: int = 0
     beam: BeamSearch | None = None  # a beam search request (it has no `choices` until it ends)
     beam_seqs: list[str] = field(default_factory=list)  # sequence of each running beam
@@ -119,6 +120,11 @@ class _Request:
     scoring_blocks: list[int] = field(default_factory=list)  # chain hashes it registered (Engine._scoring_blocks)
     grammar: object | None = None  # the compiled constraint (`params.guided`); each choice runs a copy
     cached_tokens: int = 0  # prompt tokens its first step took from the prefix cache
+
+    @property
+    def namespace(self) -> str | None:
+        """Its prefix-cache namespace (`actors.step_scheduler.SchedRequest.namespace`)."""
+        return prefix_namespace(self.adapter, self.cache_salt)
 
     @property
     def finished(self) -> bool:
@@ -253,8 +259,12 @@ class Engine:
         priority: int = 0,
         adapter: str | None = None,
         grammar: object | None = None,
+        cache_salt: str | None = None,
     ) -> int:
         """Queue a request; returns its prompt length in tokens.
+
+        `cache_salt`: only requests of the same salt share cached prefix blocks (and cached
+        prompt logprobs); None shares with every unsalted request (vLLM's `cache_salt`).
 
         `adapter`: the name of a LoRA adapter to run it with (`gpu.lora.LoraManager`; loaded
         now if it is not), None for the base model. `grammar`: `params.guided` compiled
@@ -296,9 +306,10 @@ class Engine:
         lora = self.lora.get(adapter) if adapter is not None else None
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
         req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority,
-                       grammar=grammar)
+                       grammar=grammar, cache_salt=cache_salt)
         # a prefill-only request (max_tokens 0) is scheduled as one token's; it never samples
-        sched = SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key)
+        sched = SchedRequest(request_id, list(ids), max(1, max_tokens), priority=priority, adapter=key,
+                             cache_salt=cache_salt)
         if params.prompt_logprobs is None:
             self.scheduler.add(sched)
         else:
@@ -512,7 +523,7 @@ class Engine:
                 sched = self.scheduler.get(sid)
                 if sched is not None:
                     sched.prompt_logprobs = sched.max_prefix_blocks = None
-                self.prompt_lp_cache.store(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs,
+                self.prompt_lp_cache.store(req.prompt_token_ids, req.namespace, req.params.prompt_logprobs,
                                            req.prompt_lp)
                 self._release_staged(req)
 
@@ -522,8 +533,8 @@ class Engine:
         knows has its logprobs (then those blocks come from the caches instead of running
         twice: the answers of a multiple-choice question sent together)."""
         cache = self.prompt_lp_cache
-        hashes = cache.block_hashes(req.prompt_token_ids, req.adapter)
-        known = cache.lookup(req.prompt_token_ids, req.adapter, req.params.prompt_logprobs, hashes)
+        hashes = cache.block_hashes(req.prompt_token_ids, req.namespace)
+        known = cache.lookup(req.prompt_token_ids, req.namespace, req.params.prompt_logprobs, hashes)
         shared, owner = 0, None
         for i, h in enumerate(hashes):
             rid = self._scoring_blocks.get(h)
@@ -604,7 +615,7 @@ class Engine:
         child = SchedRequest(
             choice.seq_id, list(req.prompt_token_ids), req.max_tokens,
             output_token_ids=[tok], num_computed_tokens=parent.num_computed_tokens, priority=req.priority,
-            adapter=req.adapter,
+            adapter=req.adapter, cache_salt=req.cache_salt,
         )
         self.scheduler.fork(parent_id, child)
         req.choices.append(choice)
@@ -677,6 +688,7 @@ class Engine:
             self.scheduler.fork(parent_sid, SchedRequest(
                 child_sid, list(req.prompt_token_ids), req.max_tokens,
                 output_token_ids=[*parent.output_token_ids, c.token], priority=req.priority, adapter=req.adapter,
+                cache_salt=req.cache_salt,
             ))
             self._beam_owner[child_sid] = req
             seqs.append(child_sid)

@@ -506,3 +506,23 @@ async def test_the_service_refit_keeps_the_penalty_between_searches() -> None:
     assert svc.refits >= 1
     assert svc.predictor.model.length.penalty == searched.penalty
     assert svc.predictor.model.length.refits_since_search == svc.refits
+
+
+def test_statistics_per_app_and_user_are_bounded(monkeypatch):
+    """Apps and users are whatever clients send: the tables keyed by them keep the most
+    recently fed MAX_KEYS entries, so a client inventing a new tag per request cannot grow
+    the process without bound."""
+    import actors.predictor as predictor
+
+    monkeypatch.setattr(predictor, "MAX_KEYS", 50)
+    est = RunningLengthEstimator()
+    for i in range(500):
+        est.observe("t", f"app-{i}", 10)
+    assert len(est._stats) == 50
+    assert ("t", "app-499") in est._stats and ("t", "app-0") not in est._stats
+    assert ("t",) in est._stats and () in est._stats  # fed every time: never the oldest
+    lp = LengthPredictor()
+    for i in range(500):
+        lp.observe(RequestFeatures("t", f"app-{i}", f"user-{i}", 10, 100), 10)
+    assert len(lp._lengths) == 50 and len(lp._users) == 50
+    assert ("t", "user-499") in lp._users and ("t",) in lp._lengths

@@ -829,3 +829,41 @@ async def test_beam_search_gets_an_equal_share_of_the_kv_cache_per_beam(runtime,
                                     best_of=4))
     assert isinstance(rej, Rejected) and rej.status == 400 and "each of 4 beams" in rej.message
     await wait_until(lambda: engine.block_manager.num_free_blocks == engine.num_blocks)
+
+
+async def test_a_refused_chat_request_stores_nothing_in_the_prompt_cache(runtime, services):
+    """The rendering of a chat prompt is stored only once its request is admitted: a tenant
+    over its quota (or a prompt too long to run) could otherwise fill Redis for free."""
+    cache = services["prompt_cache"]
+    msgs = [ChatMessage("user", "A question nobody asked before: " + "why? " * 20)]
+    as_dicts = [{"role": m.role, "content": m.content} for m in msgs]
+    over = await runtime.submit(call(tenant(Quota(tokens_per_minute=10)), messages=msgs, max_tokens=4))
+    assert isinstance(over, Rejected) and over.status == 429
+    too_long = await runtime.submit(call(tenant(), messages=[ChatMessage("user", "word " * 3000)], max_tokens=4))
+    assert isinstance(too_long, Rejected) and too_long.status == 400
+    assert await cache.get(MODEL, as_dicts) is None
+    assert await cache.get(MODEL, [{"role": "user", "content": "word " * 3000}]) is None
+    ok = await runtime.submit(call(tenant(id="other"), messages=msgs, max_tokens=4))
+    assert isinstance(ok, Accepted)
+    await collect(ok)
+    hit = await cache.get(MODEL, as_dicts)
+    assert hit is not None and list(hit.token_ids) and hit.text.endswith("assistant\n")
+
+
+async def test_cached_prefixes_are_shared_within_a_tenant_only(runtime):
+    """The engine's prefix cache is salted by tenant (vLLM's cache_salt): tenant B sending
+    A's prompt computes it all (`cached_prompt_tokens` 0), A again finds its blocks; the
+    tenants of the shared cache pool share theirs."""
+    prompt = "A secret that only one tenant knows: " + "the launch code is 4 8 15 16 23 42. " * 6
+
+    async def cached(t: TenantContext) -> int:
+        acc = await runtime.submit(call(t, prompt=prompt, max_tokens=1))
+        assert isinstance(acc, Accepted)
+        _, _, last = await collect(acc)
+        return last.usage.cached_prompt_tokens
+
+    assert await cached(tenant(id="a")) == 0
+    assert await cached(tenant(id="b")) == 0  # not A's blocks
+    assert await cached(tenant(id="a")) >= 48
+    assert await cached(tenant(id="p1", shared_cache_pool=True)) == 0
+    assert await cached(tenant(id="p2", shared_cache_pool=True)) >= 48

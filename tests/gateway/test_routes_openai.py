@@ -11,16 +11,18 @@ import httpx
 import pytest
 import trio
 
-from actors.messages import Finished, Rejected, TokenDelta, Usage
+from actors.messages import Finished, Rejected, TenantContext, TokenDelta, Usage
 from gateway.errors import ApiError
 from gateway.routes_openai import (
     CacheDirectives,
+    ChatMessageIn,
     ChatRequest,
     ChunkRenderer,
     Collector,
     CompletionRequest,
     decode_request,
     sampling_params,
+    to_generate_calls,
 )
 from gateway.sse import parse_events
 from gateway.tools import tool_calling
@@ -220,6 +222,24 @@ def test_a_streamed_call_cut_by_max_tokens_ends_with_length() -> None:
                            Finished("r", ["length"], Usage(3, 2)))
     content, calls, finish = accumulate(chunks)
     assert (content, [c["arguments"] for c in calls], finish) == ("", ['{"a": "long'], "length")
+
+
+@pytest.mark.parametrize(("fields", "app_tag", "param"), [
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, None, "metadata"),  # OpenAI's 16 pairs
+    ({"metadata": {"k": "v" * 513}}, None, "metadata"),
+    ({"metadata": {"app": "a" * 129}}, None, "metadata"),
+    ({}, "a" * 129, "metadata"),  # X-Lmgate-App
+    ({"user": "u" * 257}, None, "user"),
+])
+def test_labels_of_a_request_are_bounded(fields, app_tag, param) -> None:
+    req = ChatRequest(model=MODEL, messages=[ChatMessageIn("user", "hi")], **fields)
+    with pytest.raises(ApiError) as e:
+        to_generate_calls(req, TenantContext("t"), "r", app_tag=app_tag)
+    assert (e.value.status, e.value.param) == (400, param)
+    ok = ChatRequest(model=MODEL, messages=[ChatMessageIn("user", "hi")], user="u" * 256,
+                     metadata={"app": "a" * 128})
+    [call] = to_generate_calls(ok, TenantContext("t"), "r")
+    assert call.app == "a" * 128 and call.user == "u" * 256
 
 
 def test_decode_wrong_type_names_the_field() -> None:

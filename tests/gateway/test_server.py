@@ -180,6 +180,23 @@ async def test_the_listen_queue_takes_a_burst(gateway: Gateway) -> None:
     assert backlog == min(gateway.config.listen_backlog, cap) and backlog > 100
 
 
+async def test_an_answer_before_the_body_closes_the_connection(gateway: Gateway) -> None:
+    """A request that announces a body it never sends (no key: a 401 at once) gets its
+    answer and then EOF: the socket is closed, not held for as long as the client likes
+    (held, a keyless client could take every file descriptor of the server)."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    for path in ("/v1/chat/completions", "/healthz"):  # a 401, and a 405
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n".encode())
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        assert received.split(b"\r\n", 1)[0] in (b"HTTP/1.1 401 ", b"HTTP/1.1 405 ")
+        assert b"connection: close" in received.lower()
+        await stream.aclose()
+
+
 async def test_a_private_redis_that_dies_is_reported_and_reaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from cache.redis_server import PrivateRedis
     from gateway.server import watch_private_redis
