@@ -44,7 +44,8 @@ async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.N
         models = (await http.get("/v1/models")).json()["data"]
         base = models[0]["id"]
         # "broken" is not listed (its configuration asks for DoRA); a request naming it gets why
-        assert [(m["id"], m.get("parent")) for m in models] == [(base, None), ("one", base), ("two", base)]
+        assert [(m["id"], m.get("parent")) for m in models] == [(base, None), ("one", base), ("two", base),
+                                                                  ("all-MiniLM-L6-v2", None)]  # embeddings
 
         async def ask(model: str) -> dict:
             r = await http.post("/v1/chat/completions", json={
