@@ -380,6 +380,7 @@ class EmbeddingService:
         self.metrics.embedding_running.inc()
         try:
             try:
+                self.admission.check_rpm_block(call.tenant)
                 try:
                     ids = await self._token_ids(call)
                 except EmbeddingInputError as e:

@@ -867,3 +867,22 @@ async def test_cached_prefixes_are_shared_within_a_tenant_only(runtime):
     assert await cached(tenant(id="a")) >= 48
     assert await cached(tenant(id="p1", shared_cache_pool=True)) == 0
     assert await cached(tenant(id="p2", shared_cache_pool=True)) >= 48
+
+
+async def test_a_tenant_out_of_requests_per_minute_is_refused_before_tokenizing(runtime):
+    """Once Redis says a tenant's requests per minute are used up, its next requests get
+    the 429 at once, before their prompt is tokenized (a bad prompt is not even read), until
+    the window frees one; other tenants, and the tenant re-created, are not held."""
+    t = tenant(Quota(requests_per_minute=1))
+    first = await runtime.submit(call(t, prompt="hi", max_tokens=1))
+    assert isinstance(first, Accepted)
+    await collect(first)
+    second = await runtime.submit(call(t, prompt="hi", max_tokens=1))
+    assert isinstance(second, Rejected) and second.status == 429 and second.retry_after > 50
+    unreadable = await runtime.submit(call(t, messages=[], max_tokens=1))  # a 400 were it tokenized
+    assert isinstance(unreadable, Rejected) and unreadable.status == 429 and 0 < unreadable.retry_after <= 60
+    assert "requests_per_minute" in unreadable.message
+    other = await runtime.submit(call(tenant(Quota(requests_per_minute=1), id="other"), messages=[], max_tokens=1))
+    assert isinstance(other, Rejected) and other.status == 400
+    raised = await runtime.submit(call(tenant(Quota(requests_per_minute=5)), messages=[], max_tokens=1))
+    assert isinstance(raised, Rejected) and raised.status == 400  # its limit changed: read afresh
