@@ -448,6 +448,13 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        """Prometheus text; with `metrics_key` set, only for `Bearer <metrics_key>` (or the
+        admin key): the metrics name every tenant and its counts."""
+        if config.metrics_key:
+            presented = bearer(request.headers.get("Authorization"))
+            if not (is_admin_key(presented, config.metrics_key) or is_admin_key(presented, config.admin_key)):
+                raise ApiError(401, "the metrics need the metrics key (Authorization: Bearer <key>)",
+                               code="invalid_api_key")
         body = prometheus_client.generate_latest(runtime.registry)
         return Response(body, content_type=prometheus_client.CONTENT_TYPE_LATEST)
 

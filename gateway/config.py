@@ -44,6 +44,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     admin_key: str | None = None  # Bearer token for /admin; None disables the admin API (403)
+    metrics_key: str | None = None  # Bearer token /metrics asks for (or the admin key); None: open
     redis_url: str | None = None  # None → start a private redis-server under data_dir
     data_dir: str = ".lmgate"
     model: str = "smollm2"  # what the runtime loads (see gpu.config.EngineConfig.model)
@@ -231,6 +232,8 @@ _HELP = {
     "host": "interface to bind",
     "port": "TCP port to bind (0 = any free port)",
     "admin_key": "Bearer key for the /admin API (unset = admin API refused)",
+    "metrics_key": "Bearer key /metrics asks for (the admin key works too); unset = /metrics open to anyone "
+                   "who reaches the port (it names every tenant and its counts: firewall it, or set this)",
     "redis_url": "Redis URL, also $REDIS_URL (unset = start a private redis-server under --data-dir)",
     "data_dir": "directory for the private Redis and other state",
     "model": "model to serve: 'smollm2' (bundled), a .gguf path, a HF folder or an lmg folder (docs/loading.md)",

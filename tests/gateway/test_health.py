@@ -6,7 +6,7 @@ import httpx
 import trio
 
 from cache.redis_server import PrivateRedis
-from tests.gateway.conftest import MODEL, Gateway
+from tests.gateway.conftest import MODEL, Gateway, start_gateway
 
 
 async def test_healthz_and_readyz(gateway: Gateway) -> None:
@@ -47,6 +47,23 @@ async def test_metrics_count_requests_by_route_status_tenant(gateway: Gateway) -
     assert 'lmgate_http_requests_total{method="POST",route="/v1/completions",status="200",tenant="t1"} 1.0' in text
     assert 'lmgate_http_requests_total{method="POST",route="/v1/completions",status="404",tenant="t1"} 1.0' in text
     assert "lmgate_http_request_duration_seconds_bucket" in text
+
+
+async def test_metrics_may_ask_for_a_key(nursery: trio.Nursery, stores, gateway_config) -> None:  # type: ignore[no-untyped-def]
+    """With `metrics_key` set, /metrics answers only that key or the admin key: it names
+    every tenant and its counts."""
+    import dataclasses
+
+    config = dataclasses.replace(gateway_config, metrics_key="scrape-me")
+    base_url, _, stop = await start_gateway(nursery, stores, config)
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = await client.get("/metrics", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for key in ("scrape-me", config.admin_key):
+            r = await client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and "lmgate_http_requests_total" in r.text
+    stop.set()
 
 
 async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None:
