@@ -82,9 +82,10 @@ class QuotaHold:
 
 class _Refuse(Exception):
     def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, rate_limits: RateLimits | None = None) -> None:
         super().__init__(message)
         self.rejected = (status, code, message, param, retry_after)
+        self.rate_limits = rate_limits  # a quota refusal's: where the tenant stands (x-ratelimit headers)
 
 
 def unknown_model_message(model: str, served: list[str]) -> str:
@@ -333,8 +334,10 @@ class Admission:
         if left <= 0:
             del self._rpm_blocked[self._rpm_key(tenant)]
             return
-        raise _Refuse(429, "rate_limit_exceeded", f"quota requests_per_minute: {tenant.quota.requests_per_minute} "
-                      f"requests per minute reached", retry_after=left)
+        rpm = tenant.quota.requests_per_minute if tenant.quota else None
+        raise _Refuse(429, "rate_limit_exceeded", f"quota requests_per_minute: {rpm} requests per minute reached",
+                      retry_after=left, rate_limits=RateLimits(limit_requests=rpm, remaining_requests=0,
+                                                               reset_requests_s=left))
 
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
                             max_new_tokens: int) -> QuotaHold:
@@ -360,13 +363,13 @@ class Admission:
                 raise _Refuse(400 if res.limit == "max_tokens_cap" else 429, "rate_limit_exceeded"
                               if res.limit != "max_tokens_cap" else "invalid_value",
                               f"quota {res.limit}: {res.reason}",
-                              "max_tokens" if res.limit == "max_tokens_cap" else None)
+                              "max_tokens" if res.limit == "max_tokens_cap" else None, rate_limits=res.limits)
             if res.limit == "requests_per_minute":
                 if len(self._rpm_blocked) > 10_000:  # stale entries of tenants gone quiet
                     self._rpm_blocked.clear()
                 self._rpm_blocked[self._rpm_key(tenant)] = time.monotonic() + res.retry_after_s
             raise _Refuse(429, "rate_limit_exceeded", f"quota {res.limit}: {res.reason}",
-                          retry_after=res.retry_after_s)
+                          retry_after=res.retry_after_s, rate_limits=res.limits)
         return QuotaHold(who, True, res.limits)
 
     async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
@@ -378,7 +381,7 @@ class Admission:
         """A refusal as the caller's `Rejected`, counted in `lmgate_rejections`."""
         status, code, message, param, retry = refusal.rejected
         self.metrics.rejections.labels(tenant_id, str(status), code).inc()
-        return Rejected(request_id, status, code, message, param, retry)
+        return Rejected(request_id, status, code, message, param, retry, refusal.rate_limits)
 
     async def _cached(self, call: GenerateCall, st: RequestState, sink=None) -> Accepted | None:
         """A stored answer replayed, or None: the request goes to the engine. Only a

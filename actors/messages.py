@@ -159,6 +159,7 @@ class Rejected(msgspec.Struct, frozen=True):
     message: str
     param: str | None = None
     retry_after: float | None = None
+    rate_limits: Any = None  # a quota refusal's `cache.quotas.RateLimits`: where the tenant stands
 
 
 StreamEvent = TokenDelta | Finished | Failed

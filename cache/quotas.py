@@ -135,6 +135,7 @@ class Denied(msgspec.Struct, frozen=True):
     limit: str  # name of the Quota field that refused
     reason: str
     retry_after_s: float | None
+    limits: RateLimits | None = None  # the per-minute limits as they stand (the 429's x-ratelimit headers)
 
 
 class DuplicateRequest(ValueError):
@@ -159,9 +160,9 @@ local rid = ARGV[2]
 
 # ARGV: base, rid, prompt, max_new, rpm, tpm, conc, cap, daily, ttl_ms
 # -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms]};
-#    status 1 admitted (with what is left of the per-minute limits, -1 where unlimited),
-#    0 denied, 2 id already finished, 3 id already holds a live reservation (retry_ms
-#    carries its reserved tokens).
+#    status 1 admitted, 0 denied — both with what is left of the per-minute limits (after
+#    the admission, or as they stand when denied; -1 where unlimited) —, 2 id already
+#    finished, 3 id already holds a live reservation (retry_ms carries its reserved tokens).
 _RESERVE = _PRELUDE + """
 local prompt = tonumber(ARGV[3])
 local max_new = tonumber(ARGV[4])
@@ -173,6 +174,32 @@ local daily = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
 local tokens = prompt + max_new
 
+local rpm_key = base .. 'rpm'
+local win = now - (now % 60000)
+local tpm_key = base .. 'tpm:' .. win
+
+-- what is left of the per-minute limits (-1 where unlimited), for the x-ratelimit headers
+local function standing()
+  local rpm_left, rpm_reset, tpm_left, tpm_reset = -1, -1, -1, -1
+  if rpm > 0 then
+    redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - 60000)
+    rpm_left = math.max(0, rpm - redis.call('ZCARD', rpm_key))
+    local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
+    rpm_reset = 0
+    if oldest[2] then rpm_reset = tonumber(oldest[2]) + 60000 - now end
+  end
+  if tpm >= 0 then
+    tpm_left = math.max(0, tpm - tonumber(redis.call('GET', tpm_key) or '0'))
+    tpm_reset = win + 60000 - now
+  end
+  return rpm_left, rpm_reset, tpm_left, tpm_reset
+end
+
+local function deny(limit, retry, reason)
+  local a, b, c, d = standing()
+  return {0, limit, retry, reason, a, b, c, d}
+end
+
 local res_key = base .. 'res:' .. rid
 local held = redis.call('HGET', res_key, 'tokens')
 if held then
@@ -183,39 +210,36 @@ if redis.call('EXISTS', base .. 'done:' .. rid) == 1 then
   return {2, 'request_id', -1, 'request id already settled or released'}
 end
 if cap >= 0 and max_new > cap then
-  return {0, 'max_tokens_cap', -1, 'max_new_tokens ' .. max_new .. ' exceeds cap ' .. cap}
+  return deny('max_tokens_cap', -1, 'max_new_tokens ' .. max_new .. ' exceeds cap ' .. cap)
 end
 
 local conc_key = base .. 'conc'
 redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
 if conc == 0 then
-  return {0, 'max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)'}
+  return deny('max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)')
 end
 if conc > 0 and redis.call('ZCARD', conc_key) >= conc then
-  return {0, 'max_concurrent', 1000, conc .. ' requests already running'}
+  return deny('max_concurrent', 1000, conc .. ' requests already running')
 end
 
-local rpm_key = base .. 'rpm'
 redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - 60000)
 if rpm == 0 then
-  return {0, 'requests_per_minute', -1, 'this key may send no requests (requests_per_minute is 0)'}
+  return deny('requests_per_minute', -1, 'this key may send no requests (requests_per_minute is 0)')
 end
 if rpm > 0 and redis.call('ZCARD', rpm_key) >= rpm then
   local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
   local retry = 60000
   if oldest[2] then retry = tonumber(oldest[2]) + 60000 - now end
-  return {0, 'requests_per_minute', retry, rpm .. ' requests per minute reached'}
+  return deny('requests_per_minute', retry, rpm .. ' requests per minute reached')
 end
 
-local win = now - (now % 60000)
-local tpm_key = base .. 'tpm:' .. win
 if tpm >= 0 then
   if tokens > tpm then
-    return {0, 'tokens_per_minute', -1, 'request needs ' .. tokens .. ' tokens, limit is ' .. tpm .. ' per minute'}
+    return deny('tokens_per_minute', -1, 'request needs ' .. tokens .. ' tokens, limit is ' .. tpm .. ' per minute')
   end
   local used = tonumber(redis.call('GET', tpm_key) or '0')
   if used + tokens > tpm then
-    return {0, 'tokens_per_minute', win + 60000 - now, tpm .. ' tokens per minute reached'}
+    return deny('tokens_per_minute', win + 60000 - now, tpm .. ' tokens per minute reached')
   end
 end
 
@@ -223,11 +247,11 @@ local day = math.floor(now / 86400000)
 local day_key = base .. 'day:' .. day
 if daily >= 0 then
   if tokens > daily then
-    return {0, 'daily_token_budget', -1, 'request needs ' .. tokens .. ' tokens, daily budget is ' .. daily}
+    return deny('daily_token_budget', -1, 'request needs ' .. tokens .. ' tokens, daily budget is ' .. daily)
   end
   local used = tonumber(redis.call('GET', day_key) or '0')
   if used + tokens > daily then
-    return {0, 'daily_token_budget', (day + 1) * 86400000 - now, 'daily budget of ' .. daily .. ' tokens reached'}
+    return deny('daily_token_budget', (day + 1) * 86400000 - now, 'daily budget of ' .. daily .. ' tokens reached')
   end
 end
 
@@ -241,16 +265,7 @@ redis.call('INCRBY', day_key, tokens)
 redis.call('EXPIRE', day_key, 2 * 86400)
 redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day)
 redis.call('PEXPIRE', res_key, ttl)
-local rpm_left, rpm_reset, tpm_left, tpm_reset = -1, -1, -1, -1
-if rpm > 0 then
-  rpm_left = rpm - redis.call('ZCARD', rpm_key)
-  local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
-  rpm_reset = tonumber(oldest[2]) + 60000 - now
-end
-if tpm >= 0 then
-  tpm_left = tpm - tonumber(redis.call('GET', tpm_key))
-  tpm_reset = win + 60000 - now
-end
+local rpm_left, rpm_reset, tpm_left, tpm_reset = standing()
 return {1, '', 0, '', rpm_left, rpm_reset, tpm_left, tpm_reset}
 """
 
@@ -403,7 +418,7 @@ class QuotaManager:
         if status == 2:
             raise DuplicateRequest(f"request id {request_id!r} was already settled or released")
         retry = None if retry_ms < 0 else max(retry_ms, 1) / 1000
-        return Denied(limit.decode(), reason.decode(), retry)
+        return Denied(limit.decode(), reason.decode(), retry, _rate_limits(q, reply[4:]))
 
     async def settle(
         self,

@@ -29,6 +29,7 @@ from quart import Blueprint, Response, g, has_request_context, request
 
 from actors.messages import EmbedCall, Rejected
 from gateway.errors import ApiError, decode_json
+from gateway.routes_openai import rejected_error
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -122,8 +123,7 @@ def embeddings_blueprint(state: GatewayState) -> Blueprint:
         call = EmbedCall("embd-" + uuid.uuid4().hex, tenant, req.model, texts=texts, token_ids=ids, truncate=truncate)
         reply = await state.runtime.embed(call)
         if isinstance(reply, Rejected):
-            raise ApiError(reply.status, reply.message, code=reply.code, param=reply.param,
-                           retry_after=reply.retry_after)
+            raise rejected_error(reply)
         if reply.rate_limits is not None and has_request_context():
             g.rate_limits = reply.rate_limits
         return Response(embedding_body(reply.vectors, model=name or req.model, prompt_tokens=reply.prompt_tokens,

@@ -879,8 +879,10 @@ async def test_a_tenant_out_of_requests_per_minute_is_refused_before_tokenizing(
     await collect(first)
     second = await runtime.submit(call(t, prompt="hi", max_tokens=1))
     assert isinstance(second, Rejected) and second.status == 429 and second.retry_after > 50
+    assert (second.rate_limits.limit_requests, second.rate_limits.remaining_requests) == (1, 0)
     unreadable = await runtime.submit(call(t, messages=[], max_tokens=1))  # a 400 were it tokenized
     assert isinstance(unreadable, Rejected) and unreadable.status == 429 and 0 < unreadable.retry_after <= 60
+    assert (unreadable.rate_limits.limit_requests, unreadable.rate_limits.remaining_requests) == (1, 0)
     assert "requests_per_minute" in unreadable.message
     other = await runtime.submit(call(tenant(Quota(requests_per_minute=1), id="other"), messages=[], max_tokens=1))
     assert isinstance(other, Rejected) and other.status == 400

@@ -270,3 +270,22 @@ async def test_admitted_says_what_is_left_of_the_minute(quotas: QuotaManager, st
     assert only_tpm.limits.limit_requests is None and only_tpm.limits.remaining_tokens == 98  # type: ignore[union-attr]
     unlimited = await quotas.reserve(make_tenant(Quota(max_concurrent=3), "free"), "d", 1, 1)
     assert unlimited.limits is None  # type: ignore[union-attr]
+
+
+async def test_denied_says_where_the_minute_stands(quotas: QuotaManager, store: RedisStore):
+    """A refusal carries the per-minute limits as they stand (a 429's x-ratelimit headers,
+    as OpenAI sends them), whichever limit refused, and counts nothing."""
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(requests_per_minute=2, tokens_per_minute=100, max_concurrent=5))
+    assert isinstance(await quotas.reserve(tenant, "a", 30, 10), Admitted)
+    too_big = await quotas.reserve(tenant, "b", 100, 10)  # over tokens_per_minute: can never pass
+    assert isinstance(too_big, Denied) and too_big.retry_after_s is None
+    assert too_big.limits == RateLimits(2, 1, too_big.limits.reset_requests_s, 100, 60,  # type: ignore[union-attr]
+                                        too_big.limits.reset_tokens_s)  # type: ignore[union-attr]
+    assert isinstance(await quotas.reserve(tenant, "c", 1, 1), Admitted)
+    rpm = await quotas.reserve(tenant, "d", 1, 1)
+    assert isinstance(rpm, Denied) and rpm.limit == "requests_per_minute"
+    assert (rpm.limits.remaining_requests, rpm.limits.remaining_tokens) == (0, 58)  # type: ignore[union-attr]
+    assert 58 < rpm.limits.reset_requests_s <= 60  # type: ignore[union-attr,operator]
+    busy = await quotas.reserve(make_tenant(Quota(max_concurrent=0, requests_per_minute=9), "z"), "e", 1, 1)
+    assert isinstance(busy, Denied) and busy.limits.remaining_requests == 9  # type: ignore[union-attr]

@@ -153,6 +153,7 @@ async def test_embeddings_served(nursery: trio.Nursery, tmp_path, redis_url: str
         assert ok.headers["x-ratelimit-remaining-tokens"] == str(60 - used)
         over = await http.post("/v1/embeddings", headers=theirs, json={"model": MODEL, "input": [long[:200]] * 2})
         assert over.status_code == 429 and "tokens_per_minute" in over.json()["error"]["message"]
+        assert over.headers["x-ratelimit-remaining-tokens"] == str(60 - used)  # a 429 says where it stands
         gen = await http.post("/v1/completions", headers=theirs, json={"model": "SmolLM2-135M-Instruct",
                                                                        "prompt": "hi", "max_tokens": 2})
         assert gen.status_code == 404  # not in its list
