@@ -362,6 +362,15 @@ class EmbeddingService:
             async with self.compute_lock:
                 return await run(fn)
 
+    def _encode(self, rows: list[list[int]]) -> np.ndarray:
+        """One batch, on the compute thread; its time (not the wait for its turn) is what
+        `lmgate_embedding_compute_seconds` counts."""
+        t0 = time.perf_counter()
+        try:
+            return self.embedder.encode_ids(rows)
+        finally:
+            self.metrics.embedding_compute.inc(time.perf_counter() - t0)
+
     async def _token_ids(self, call: EmbedCall) -> list[list[int]]:
         if call.texts is not None:
             return await trio.to_thread.run_sync(self.embedder.tokenize, call.texts, call.truncate)
@@ -401,9 +410,7 @@ class EmbeddingService:
                     # takes no cancellation: a client gone away stops the request here
                     await trio.lowlevel.checkpoint_if_cancelled()
                     rows = [ids[i] for i in batch]
-                    t0 = time.perf_counter()
-                    out[batch] = await self._run(lambda rows=rows: self.embedder.encode_ids(rows))
-                    self.metrics.embedding_compute.inc(time.perf_counter() - t0)
+                    out[batch] = await self._run(lambda rows=rows: self._encode(rows))
                     record.ran = True
                     record.prompt_tokens += sum(len(one) for one in rows)
                     embedded += len(rows)
