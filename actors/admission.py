@@ -374,7 +374,7 @@ class Admission:
 
     async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
         hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens,
-                                        st.params.max_tokens * st.params.n)
+                                        st.params.max_tokens * max(st.params.n, st.params.beam_width))
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
 
     def rejected(self, request_id: str, tenant_id: str, refusal: _Refuse) -> Rejected:

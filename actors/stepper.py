@@ -170,6 +170,8 @@ class Stepper:
         aborted = False
         for rid, st in list(self.active.items()):
             if st.cancelled:
+                if st.params.use_beam_search:  # its beams ran, though none came back: bill them
+                    st.completion_tokens = max(st.completion_tokens, self.engine.decoded_tokens(rid))
                 self.engine.abort(rid)
                 del self.active[rid]
                 self._finish(st, "cancelled")
@@ -232,7 +234,7 @@ class Stepper:
             st.first_token_at = now
             if not st.params.use_beam_search:  # a beam search's first delta comes with its last
                 self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
-        st.completion_tokens += len(d.token_ids)
+        st.completion_tokens += len(d.token_ids) + d.unreturned_tokens
         st.cached_prompt_tokens = max(st.cached_prompt_tokens, d.cached_prompt_tokens)
         top = tokens = None
         if d.logprobs is not None:  # token texts only when asked for: decoding costs per token

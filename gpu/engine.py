@@ -85,6 +85,9 @@ class StepDelta:
     # finish_reason "error": why this choice failed (its structured-output grammar hit one of
     # llguidance's limits mid-way); the caller fails the whole request with it
     error: str | None = None
+    # on a request's last delta: tokens it decoded that no choice returns (the beams a beam
+    # search ran and did not return); they cost what returned tokens cost, so they are billed
+    unreturned_tokens: int = 0
 
 
 @dataclass
@@ -114,6 +117,7 @@ class _Request:
     beam_seqs: list[str] = field(default_factory=list)  # sequence of each running beam
     beam_reports: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)  # seq -> candidates
     beam_forks: int = 0  # forked beam sequences so far (names them)
+    beam_decoded: int = 0  # tokens its beams decoded so far: one per running beam per step
     # prompt logprobs by position (`SamplingParams.prompt_logprobs`), filled as chunks run
     prompt_lp: list[tuple[float | None, tuple[tuple[int, float], ...]] | None] | None = None
     prompt_lp_missing: int = 0  # positions not yet filled
@@ -375,6 +379,17 @@ class Engine:
             held[1] -= 1
             if held[1] == 0:
                 del self._live_adapters[req.adapter]
+
+    def decoded_tokens(self, request_id: str) -> int:
+        """Tokens a running request has decoded so far, over all its choices or beams (0 when
+        it is not here). A beam search returns nothing before its end, so what its beams
+        ran is billed from this when it is cancelled."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return 0
+        if req.beam is not None:
+            return req.beam_decoded
+        return sum(len(c.sampling.output_token_ids) for c in req.choices)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now; its KV blocks are freed before this returns."""
@@ -656,6 +671,7 @@ class Engine:
         nxt = beam.advance([req.beam_reports[sid] for sid in old], stop_hit)
         req.beam_reports.clear()
         self.counters["generated_tokens"] += len(old)
+        req.beam_decoded += len(old)
         if beam.done:
             self._free_beams(req)
             return self._beam_deltas(req)
@@ -719,6 +735,7 @@ class Engine:
         """The `n` best hypotheses of a finished beam search, one whole delta each."""
         hyps = req.beam.results(req.params.n)
         with_lp = req.params.logprobs is not None
+        unreturned = max(0, req.beam_decoded - sum(len(h.tokens) for h in hyps))
         deltas = []
         for i, h in enumerate(hyps):
             deltas.append(StepDelta(
@@ -734,6 +751,7 @@ class Engine:
                 cached_prompt_tokens=req.cached_tokens,
                 completion_tokens=len(h.tokens),
                 prompt_logprobs=self._prompt_logprobs_out(req),
+                unreturned_tokens=unreturned if i == len(hyps) - 1 else 0,
             ))
         return deltas
 

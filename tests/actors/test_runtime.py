@@ -806,7 +806,8 @@ async def test_magnus_starts_from_a_seed_when_redis_holds_none(nursery, ckpt, to
 async def test_beam_search_gets_an_equal_share_of_the_kv_cache_per_beam(runtime, services):
     """max_tokens left out defaults to what each beam can hold (whole pages of a quarter of
     the cache for 4 beams), not to what one sequence could: the engine would refuse that.
-    A max_tokens beyond a beam's share is a 400 that says so. Usage counts the answers."""
+    A max_tokens beyond a beam's share is a 400 that says so. Usage counts what every beam
+    decoded, not only the answers."""
     engine = runtime.stepper.engine
     block = engine.config.cache.block_size
     share = engine.num_blocks // 4 * block  # tokens each of 4 beams may fill
@@ -814,11 +815,13 @@ async def test_beam_search_gets_an_equal_share_of_the_kv_cache_per_beam(runtime,
     n_prompt = len(engine.tokenizer.encode(prompt))
     assert 0 < share - n_prompt < 40
     t = tenant(id="beams")
+    decoded = engine.counters["generated_tokens"]
     acc = await runtime.submit(call(t, prompt=prompt, max_tokens=None, use_beam_search=True, n=2, best_of=4))
     assert isinstance(acc, Accepted), acc
     _, deltas, fin = await collect(acc)
     assert isinstance(fin, Finished) and len(fin.finish_reasons) == 2
-    assert fin.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+    decoded = engine.counters["generated_tokens"] - decoded
+    assert fin.usage.completion_tokens == decoded > sum(len(d.token_ids) for d in deltas)
     assert all(len(d.token_ids) <= share - n_prompt for d in deltas)
     # its answers come at the end: no TTFT or TPOT sample (they would read ~all and ~0), but a latency
     sample = runtime.metrics.registry.get_sample_value
@@ -829,6 +832,28 @@ async def test_beam_search_gets_an_equal_share_of_the_kv_cache_per_beam(runtime,
                                     best_of=4))
     assert isinstance(rej, Rejected) and rej.status == 400 and "each of 4 beams" in rej.message
     await wait_until(lambda: engine.block_manager.num_free_blocks == engine.num_blocks)
+
+
+async def test_a_beam_search_holds_its_beams_tokens_and_is_charged_what_they_ran_when_cancelled(runtime, services):
+    """A beam search returns nothing before its end, yet every beam step costs: the quota
+    holds max_tokens x best_of, and a search cancelled mid-way is charged its beams' tokens."""
+    engine = runtime.stepper.engine
+    prompt = "Name three rivers of Europe."
+    n_prompt = len(engine.tokenizer.encode(prompt))
+    room = Quota(tokens_per_minute=n_prompt + 4 * 40)
+    wide = await runtime.submit(call(tenant(room, id="wide"), prompt=prompt, max_tokens=41, use_beam_search=True,
+                                     best_of=4))
+    assert isinstance(wide, Rejected) and wide.status == 429 and "tokens_per_minute" in wide.message
+    c = call(tenant(room, id="cut"), prompt=prompt, max_tokens=40, use_beam_search=True, best_of=4,
+             ignore_eos=True)
+    acc = await runtime.submit(c)
+    assert isinstance(acc, Accepted), acc
+    await wait_until(lambda: engine.decoded_tokens(c.request_id) >= 9)
+    acc.cancel()
+    await wait_until(lambda: not engine.has_unfinished() and runtime.accounting.settled >= 1)
+    [row] = await usage_rows(services["quotas"], "cut")
+    assert row.prompt_tokens == n_prompt and 9 <= row.completion_tokens < 4 * 40
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
 async def test_a_refused_chat_request_stores_nothing_in_the_prompt_cache(runtime, services):

@@ -33,7 +33,12 @@ async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nurse
     engine = Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=32 * 1024**2)))
     prompt_ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True))
+    decoded = engine.counters["generated_tokens"]
     [want] = generate(engine, [prompt_ids], SamplingParams(use_beam_search=True, n=2, best_of=4, max_tokens=24))
+    decoded = engine.counters["generated_tokens"] - decoded  # every beam's tokens, not only the 2 returned
+    narrow_decoded = engine.counters["generated_tokens"]
+    generate(engine, [prompt_ids], SamplingParams(use_beam_search=True, n=2, best_of=4, max_tokens=12))
+    narrow_decoded = engine.counters["generated_tokens"] - narrow_decoded
     [best] = generate(engine, [prompt_ids], SamplingParams(use_beam_search=True, best_of=3, max_tokens=24))
     del engine
 
@@ -48,7 +53,8 @@ async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nurse
     reply = await trio.to_thread.run_sync(sdk_chat)
     assert [c.message.content for c in reply.choices] == [c.text for c in want]
     assert [c.finish_reason for c in reply.choices] == [c.finish_reason for c in want]
-    assert reply.usage.completion_tokens == sum(len(c.token_ids) for c in want)
+    # billed as OpenAI bills best_of: every token the 4 beams decoded
+    assert reply.usage.completion_tokens == decoded > sum(len(c.token_ids) for c in want)
 
     def sdk_completion():  # completions takes `best_of` as an OpenAI parameter
         return sdk.completions.create(model=model, prompt=PROMPT, max_tokens=8, best_of=2,
@@ -78,6 +84,26 @@ async def test_beam_search_is_served_like_the_engine_runs_it(nursery: trio.Nurse
         r = await http.post("/v1/chat/completions", json={**body, "best_of": 17})  # --max-num-seqs 16
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
         assert "17 beams; this server runs at most 16 sequences" in r.json()["error"]["message"]
+
+        # a tenant's quota holds max_tokens x best_of for a beam search, and is charged what the beams ran
+        admin = {"Authorization": "Bearer adm"}
+        await http.post("/admin/tenants", headers=admin, json={
+            "id": "beams", "name": "beams", "quota": {"tokens_per_minute": len(prompt_ids) + 4 * 12 + 8}})
+        tkey = (await http.post("/admin/tenants/beams/keys", headers=admin, json={})).json()["key"]
+        theirs = {"Authorization": f"Bearer {tkey}", "Cache-Control": "no-cache"}
+        prompt = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24}
+        wide = await http.post("/v1/chat/completions", headers=theirs,
+                               json={**prompt, "n": 2, "use_beam_search": True, "best_of": 4})
+        assert wide.status_code == 429, wide.text  # the prompt and 4 beams x 24 tokens cannot fit its minute
+        assert "tokens_per_minute" in wide.json()["error"]["message"]
+        narrow = await http.post("/v1/chat/completions", headers=theirs,
+                                 json={**prompt, "max_tokens": 12, "n": 2, "use_beam_search": True, "best_of": 4})
+        assert narrow.status_code == 200, narrow.text
+        billed = narrow.json()["usage"]
+        assert billed["completion_tokens"] == narrow_decoded
+        usage = (await http.get("/admin/tenants/beams/usage", headers=admin)).json()["data"]
+        assert [(u["prompt_tokens"], u["completion_tokens"]) for u in usage] == [
+            (billed["prompt_tokens"], billed["completion_tokens"])]
 
     async with LmgateClient(urls[0], key) as client:
         # a stream carries each beam's whole text at the end (no prefix is final before)

@@ -217,10 +217,22 @@ def test_stop_strings_min_tokens_abort_and_refusals(ckpt, tokenizer, prompts):
                                                              min_tokens=12))
     assert all(len(c.token_ids) >= 12 for c in long)
 
+    # every token the beams decode is accounted: the returned ones, and the rest on the last delta
+    before = engine.counters["generated_tokens"]
+    engine.add_request("b", prompts[0], SamplingParams(use_beam_search=True, n=2, best_of=4, max_tokens=10))
+    deltas = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+    assert [d.request_finished for d in deltas] == [False, True]
+    assert deltas[0].unreturned_tokens == 0 and deltas[1].unreturned_tokens > 0
+    assert sum(len(d.token_ids) + d.unreturned_tokens for d in deltas) == engine.counters["generated_tokens"] - before
+
     engine.add_request("a", prompts[2], SamplingParams(use_beam_search=True, n=4, max_tokens=30))
     for _ in range(4):
         assert engine.step() == []  # beams emit nothing until the search ends
+    assert engine.decoded_tokens("a") == 1 + 3 * 4  # the prompt's step chose 4 beams; 3 steps of 4 followed
     assert engine.abort("a") and not engine.has_unfinished()
+    assert engine.decoded_tokens("a") == 0
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
     with pytest.raises(RequestRejected, match="at most 8 sequences"):
