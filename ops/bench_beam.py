@@ -98,19 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
     from gpu.config import CacheConfig, EngineConfig
     from gpu.engine import Engine
-    from gpu.loader import bundled_gguf_path
     from gpu.sampling import SamplingParams
+    from ops.hf_reference import load_model
 
     engine = Engine(EngineConfig(dtype="float32", cache=CacheConfig(cache_bytes=256 * 1024**2, enable_prefix_caching=False),
                                  num_threads=args.threads))
     tok = engine.tokenizer
     eos = tuple(tok.eos_token_ids)
-    gguf = bundled_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = load_model(torch.float32)
     prompts = [tok.encode(tok.apply_chat_template(list(r.messages), add_generation_prompt=True))
                for r in workload(num)]
     params = SamplingParams(use_beam_search=True, n=args.beams, max_tokens=max_tokens)

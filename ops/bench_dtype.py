@@ -36,7 +36,7 @@ import torch
 from actors.step_scheduler import ScheduledSeq, StepPlan
 from gpu.config import EngineConfig, SchedulerConfig
 from gpu.engine import Engine, generate, resolve_dtype
-from gpu.loader import bundled_gguf_path, load_checkpoint
+from gpu.loader import load_checkpoint
 from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import SamplingParams
@@ -156,10 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["top1_agreement"] = float(agree.float().mean())
 
     if not args.skip_hf and dtype != torch.float32:  # transformers' float32 is ours (tests/gpu)
-        from transformers import AutoModelForCausalLM
+        from ops.hf_reference import load_model
 
-        path = bundled_gguf_path()
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        hf = load_model(dtype)
         parts = []
         with torch.inference_mode():
             for (p, c), ours in zip(seqs, logits["float32"], strict=True):

@@ -171,12 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_runs = []
     if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
+        from ops.hf_reference import load_model
 
-        from gpu.loader import bundled_gguf_path
-
-        path = bundled_gguf_path()
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=dtype).eval()
+        hf = load_model(dtype)
         for bs in [int(x) for x in args.hf_batch_sizes.split(",")]:
             r = run_hf(hf, prompts, olens, bs, pad_id=0)
             hf_runs.append(r)

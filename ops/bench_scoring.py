@@ -131,18 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
     from gpu.config import CacheConfig, EngineConfig
     from gpu.engine import Engine
-    from gpu.loader import bundled_gguf_path
+    from ops.hf_reference import load_model
 
     engine = Engine(EngineConfig(dtype="float32", num_threads=args.threads,
                                  cache=CacheConfig(cache_bytes=256 * 1024**2, enable_prefix_caching=False)))
     cached = Engine(EngineConfig(dtype="float32", num_threads=args.threads,
                                  cache=CacheConfig(cache_bytes=256 * 1024**2)))
-    gguf = bundled_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = load_model(torch.float32)
     prompts, ctxlens, owners = build(engine.tokenizer, args.shots, num)
 
     run_hf(hf, prompts[:2], ctxlens[:2])  # warm-up, outside the timings

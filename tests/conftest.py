@@ -62,13 +62,11 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def hf_reference(smollm2_path: Path):
-    """transformers `LlamaForCausalLM` loaded from the same GGUF, fp32, eval mode."""
-    from transformers import AutoModelForCausalLM
+    """transformers `LlamaForCausalLM` of the same GGUF, fp32, eval mode (read once from
+    the GGUF by transformers, then from `ops.hf_reference`'s cached copy)."""
+    from ops.hf_reference import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32
-    )
-    return model.eval()
+    return load_model(torch.float32)
 
 
 class LoraReference:

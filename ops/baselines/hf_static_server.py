@@ -17,7 +17,7 @@ done at their own `max_tokens` or EOS (so SSE is as fair to the baseline as it c
 be; only the batching policy differs from lmgate).
 
 Same model as lmgate: the bundled SmolLM2 GGUF, dequantized by transformers
-(`from_pretrained(dir, gguf_file=name)`), in the dtype `lmgate serve` picks with the same
+(`from_pretrained(dir, gguf_file=name)`, kept converted by `ops.hf_reference`), in the dtype `lmgate serve` picks with the same
 flag (`--dtype auto`, the default of both: bfloat16 on a CPU with AVX512-BF16 or AMX,
 float32 elsewhere), greedy (temperature 0 only).
 Endpoints: POST /v1/completions (text or token-id prompt), POST /v1/chat/completions,
@@ -103,17 +103,13 @@ class HFModel:
 
     def __init__(self, threads: int, dtype: str = "auto") -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from gpu.engine import resolve_dtype
-        from gpu.loader import bundled_gguf_path
+        from ops.hf_reference import load_model, load_tokenizer
 
         torch.set_num_threads(threads)
-        path = bundled_gguf_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=resolve_dtype(dtype, "cpu")
-        ).eval()
+        self.tokenizer = load_tokenizer()  # transformers' own GGUF conversion, kept by ops.hf_reference
+        self.model = load_model(resolve_dtype(dtype, "cpu"))
         gen = self.model.generation_config
         eos = gen.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

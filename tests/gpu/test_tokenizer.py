@@ -52,9 +52,11 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf():
-    transformers = pytest.importorskip("transformers")
-    path = bundled_gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    """transformers' tokenizer of the GGUF (its own conversion; `ops.hf_reference` keeps it)."""
+    pytest.importorskip("transformers")
+    from ops.hf_reference import load_tokenizer as load_hf_tokenizer
+
+    return load_hf_tokenizer()
 
 
 # ------------------------------------------------------------------ own behaviour
