@@ -222,7 +222,7 @@ class Admission:
         room = self.config.max_model_len - n_prompt
         if n_prompt == 0:
             raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
-        if room < 1:
+        if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
                           "messages" if call.messages is not None else "prompt")

@@ -314,12 +314,14 @@ class StepScheduler:
             raise RequestRejected(f"request {req.request_id!r}: max_tokens must be >= 1")
         if len(req.output_token_ids) >= req.max_tokens:
             raise RequestRejected(f"request {req.request_id!r} already has max_tokens outputs")
-        if total > self.config.max_model_len:
+        # the last sampled token is never fed back, so its position is never computed and its
+        # KV never stored: a prefill-only request (the engine schedules it as one token's) may
+        # fill the window; the engine holds generating requests to prompt + max_tokens <= it
+        if total - 1 > self.config.max_model_len:
             raise RequestRejected(
                 f"request {req.request_id!r}: prompt ({len(req.prompt_token_ids)}) + max_tokens "
                 f"({req.max_tokens}) exceeds max_model_len ({self.config.max_model_len})"
             )
-        # the last sampled token is never fed back, so its KV is never stored
         needed = self.bm.blocks_for(total - 1)
         if needed > self.bm.num_blocks:
             raise RequestRejected(

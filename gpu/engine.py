@@ -290,7 +290,7 @@ class Engine:
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
             raise RequestRejected(f"prompt token ids must be integers in [0, {vocab})")
         room = self.max_model_len - len(ids)
-        if room < 1:
+        if room < (0 if params.max_tokens == 0 else 1):  # a prompt only scored may fill the window
             raise RequestRejected(
                 f"prompt is {len(ids)} tokens; this model's context window is {self.max_model_len}"
             )

@@ -269,6 +269,26 @@ async def test_bad_requests_are_4xx(runtime):
     await collect(acc)
 
 
+async def test_a_prompt_of_the_whole_window_is_scored_not_generated_from(nursery, ckpt, tokenizer, services):
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, cache_mb=128), **services)  # 2048 tokens fit
+    await nursery.start(rt.run)
+    window = [tokenizer.encode("word")[0]] * 2048  # the context window
+
+    def ask(**params) -> GenerateCall:
+        return msgspec.structs.replace(call(tenant(), **params), prompt=None, prompt_token_ids=window)
+
+    rej = await rt.submit(ask())  # max_tokens 8: no room
+    assert isinstance(rej, Rejected) and rej.code == "context_length_exceeded"
+    rej = await rt.submit(ask(max_tokens=None))  # the room left is none
+    assert isinstance(rej, Rejected) and rej.code == "context_length_exceeded"
+    scored = await rt.submit(ask(max_tokens=0, prompt_logprobs=0))  # what lm-evaluation-harness sends
+    assert isinstance(scored, Accepted), scored
+    _, deltas, fin = await collect(scored)
+    assert isinstance(fin, Finished) and fin.usage.prompt_tokens == 2048 and fin.usage.completion_tokens == 0
+    assert len(deltas[0].prompt_logprobs) == 2048
+    await wait_until(lambda: rt.engine.block_manager.num_free_blocks == rt.engine.num_blocks)
+
+
 async def test_a_max_tokens_filled_in_that_clashes_with_the_request_is_400(runtime):
     # max_tokens left out: admission fills in the room left (or the key's cap), which
     # must still agree with min_tokens — a clash is the caller's, not a server error

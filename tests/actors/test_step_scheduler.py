@@ -252,7 +252,7 @@ def test_plan_applied_twice_is_an_error():
 
 @pytest.mark.parametrize(
     ("prompt", "max_tokens", "match"),
-    [(100, 29, "max_model_len"), (60, 10, "KV blocks"), (0, 3, "empty"), (3, 0, "max_tokens")],
+    [(100, 30, "max_model_len"), (60, 10, "KV blocks"), (0, 3, "empty"), (3, 0, "max_tokens")],
 )
 def test_impossible_requests_are_rejected(prompt, max_tokens, match):
     sched = make_scheduler(num_blocks=16, max_model_len=128)  # cache holds 64 tokens

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
-from gpu.engine import Engine, generate
+from gpu.engine import Engine, RequestRejected, generate
 from gpu.sampling import SamplingParams, SamplingParamsError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("free_engines")]
@@ -113,6 +113,21 @@ def test_preempted_scoring_requests_still_match(ckpt, tokenizer, prompts, refere
     assert engine.counters["preemptions"] > 0
     for [o], ids, ref in zip(outs, prompts, reference, strict=True):
         check(o.prompt_logprobs, ref, ids)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_a_prompt_only_scored_may_fill_the_context_window(ckpt, tokenizer, prompts, reference):
+    """lm-evaluation-harness cuts contexts to exactly the window: with max_tokens 0 nothing
+    is generated, so a prompt of max_model_len tokens fits; generating still needs room."""
+    ids = prompts[0]
+    engine = make_engine(ckpt, tokenizer, max_model_len=len(ids), max_num_batched_tokens=16)
+    [[o]] = generate(engine, [ids], scoring())
+    check(o.prompt_logprobs, reference[0], ids)
+    [[warm]] = generate(engine, [ids], SamplingParams(max_tokens=0))
+    assert warm.token_ids == [] and warm.finish_reason == "length"
+    for params in (SamplingParams(max_tokens=1), scoring(max_tokens=1), SamplingParams()):
+        with pytest.raises(RequestRejected, match="context window"):
+            engine.add_request("gen", ids, params)
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
