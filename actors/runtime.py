@@ -46,6 +46,7 @@ from actors.queue import QueueActor, engine_view
 from actors.queue_policy import QueueConfig
 from actors.state import RequestState
 from actors.stepper import Completed, Demand, Stepper
+from cache.store import CacheUnavailable
 from gpu.config import EngineConfig
 from gpu.engine import Engine
 
@@ -148,6 +149,7 @@ class Runtime:
             # LoraError if a configured adapter has one of these names
             lora.reserve(self.model_aliases | self.embedding_aliases)
         self.max_model_len = engine.max_model_len
+        self.quotas = quotas
         self.tokenizer = engine.tokenizer
         self.ready = False
         self._service_time = _ServiceTime()
@@ -449,6 +451,33 @@ class Runtime:
             failed += 1
         return failed
 
+    def _holding_reservations(self) -> list[RequestState]:
+        """Requests that hold a quota reservation and have not ended: waiting in the queue or
+        running in the engine."""
+        live = [job.payload for job in self.queue.policy] + list(self.stepper.active.values())
+        return [st for st in live if st.reserved and st.quota_tenant is not None and not st.cancelled]
+
+    async def _keep_reservations(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Every third of the quota reservations' TTL, extend those of the requests still
+        waiting or running (`cache.quotas.QuotaManager.extend`): a request may outlive the
+        TTL (a long answer on a busy CPU, a long wait in the queue), and its expired
+        concurrency slot would let its tenant start one request too many. Redis down: the
+        next round tries again (a reservation lost meanwhile is settled all the same)."""
+        task_status.started()
+        ttl = getattr(self.quotas, "reservation_ttl_s", None)
+        if ttl is None:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep(ttl / 3)
+            by_tenant: dict[str, tuple[Any, list[str]]] = {}
+            for st in self._holding_reservations():
+                by_tenant.setdefault(st.quota_tenant.id, (st.quota_tenant, []))[1].append(st.request_id)
+            for tenant, rids in by_tenant.values():
+                try:
+                    await self.quotas.extend(tenant, rids)
+                except CacheUnavailable:
+                    self.metrics.redis_errors.labels("extend").inc()
+
     async def _supervise(
         self,
         name: str,
@@ -490,6 +519,7 @@ class Runtime:
                 await nursery.start(self._supervise, "queue", self.queue.run, self._fail_waiting)
                 await nursery.start(self._supervise, "predictor", self._predictor_actor)
                 await nursery.start(self._supervise, "admission", self._admission_actor)
+                await nursery.start(self._supervise, "reservations", self._keep_reservations)
                 self.ready = True
                 task_status.started()
         finally:

@@ -15,6 +15,9 @@ The life of one request::
         to the per-day per-model usage counters. Exactly once per request id.
     release(tenant, rid)                    -> True / False
         for a request that never ran: refunds its tokens and its RPM entry.
+    extend(tenant, [rid, ...])              -> how many were live
+        while a request waits or runs: its reservation and slot expire a TTL later
+        (the runtime calls it every third of the TTL).
 
 Windows (per tenant):
 
@@ -329,6 +332,22 @@ return 1
 """
 
 
+# ARGV: base, ttl_ms, rid... -> how many live reservations now expire ttl_ms from now
+_EXTEND = _PRELUDE + """
+local ttl = tonumber(ARGV[2])
+local conc_key = base .. 'conc'
+local n = 0
+for i = 3, #ARGV do
+  if redis.call('PEXPIRE', base .. 'res:' .. ARGV[i], ttl) == 1 then
+    redis.call('ZADD', conc_key, 'XX', now + ttl, ARGV[i])
+    n = n + 1
+  end
+end
+if n > 0 and redis.call('PTTL', conc_key) < ttl then redis.call('PEXPIRE', conc_key, ttl) end
+return n
+"""
+
+
 def _limit(value: int | None) -> int:
     return _UNLIMITED if value is None else value
 
@@ -342,8 +361,9 @@ class QuotaManager:
     """Atomic reserve / settle / release against a tenant's Quota.
 
     ``reservation_ttl_s`` bounds how long a reservation (and its concurrency
-    slot) outlives a gateway that crashed before settling; set it above the
-    longest request you serve. A settle after expiry still records the usage.
+    slot) outlives a gateway that crashed before settling; a live gateway extends
+    the reservations of requests that outlast it (`extend`). A settle after expiry
+    still records the usage.
     """
 
     def __init__(
@@ -361,6 +381,7 @@ class QuotaManager:
         self._reserve = store.register_script(_RESERVE)
         self._settle = store.register_script(_SETTLE)
         self._release = store.register_script(_RELEASE)
+        self._extend = store.register_script(_EXTEND)
 
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")
@@ -446,6 +467,20 @@ class QuotaManager:
         entry, free the slot). True if a live reservation was released."""
         with self.store.guard():
             return bool(await self._release(args=[self._base(tenant.id), request_id]))
+
+    async def extend(self, tenant: Tenant, request_ids: list[str], *, ttl_s: float | None = None) -> int:
+        """Push back the expiry of live reservations (and their concurrency slots) to `ttl_s`
+        (default `reservation_ttl_s`) from now; returns how many were live. The runtime calls
+        it for requests still waiting or running, so a request that outlives the TTL keeps
+        its slot (else a tenant at `max_concurrent` could start one more per expired
+        request); a crashed gateway stops calling, and its reservations expire as before."""
+        if not request_ids:
+            return 0
+        ttl_ms = round((ttl_s if ttl_s is not None else self.reservation_ttl_s) * 1000)
+        if ttl_ms <= 0:
+            raise ValueError("ttl_s must be > 0")
+        with self.store.guard():
+            return int(await self._extend(args=[self._base(tenant.id), ttl_ms, *request_ids]))
 
     async def running(self, tenant_id: str) -> int:
         """Number of unexpired reservations (concurrency slots in use)."""

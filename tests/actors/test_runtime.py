@@ -158,6 +158,23 @@ async def test_cancel_mid_stream_frees_blocks_and_settles_once(runtime, services
     assert not await services["quotas"].settle(t.as_tenant(), c.request_id, 1, 1, MODEL)
 
 
+async def test_a_request_outliving_the_reservation_ttl_keeps_its_concurrency_slot(nursery, ckpt, tokenizer,
+                                                                                   services):
+    quotas = QuotaManager(services["store"], reservation_ttl_s=0.6)  # extended every 0.2 s
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer), **{**services, "quotas": quotas})
+    await nursery.start(rt.run)
+    t = tenant(Quota(max_concurrent=1))
+    acc = await rt.submit(call(t, prompt="Once upon a time", max_tokens=600, ignore_eos=True))
+    assert isinstance(acc, Accepted)
+    await trio.sleep(1.5)  # two and a half TTLs; 600 tokens take far longer on a CPU
+    assert rt.engine.has_unfinished() and await quotas.running("acme") == 1
+    second = await rt.submit(call(t, prompt="Hi"))
+    assert isinstance(second, Rejected) and second.status == 429 and "max_concurrent" in second.message
+    acc.cancel()
+    await wait_until(lambda: not rt.engine.has_unfinished() and rt.accounting.settled >= 1)
+    assert await quotas.running("acme") == 0
+
+
 async def test_a_caller_cancelled_as_admission_answers_aborts_its_request(runtime, services, monkeypatch):
     # a WebSocket closed right after its request frame: the handler's wait for admission
     # is cancelled, and admission's Accepted lands in the reply buffer after that

@@ -219,6 +219,26 @@ async def test_reservation_expires_after_ttl(quotas: QuotaManager):
     ]
 
 
+async def test_a_live_request_extends_its_reservation(quotas: QuotaManager, store: RedisStore):
+    """A request that outlives the TTL keeps its slot while its gateway extends it; a settled
+    one is not brought back; one no longer extended expires as a crashed gateway's does."""
+    tenant = make_tenant(Quota(max_concurrent=2, tokens_per_minute=1000))
+    for rid in ("long", "done"):
+        assert isinstance(await quotas.reserve(tenant, rid, 10, 10, ttl_s=0.3), Admitted)
+    assert await quotas.settle(tenant, "done", 10, 1, "m")
+    assert await quotas.extend(tenant, ["long", "done", "unknown"], ttl_s=1.0) == 1
+    await trio.sleep(0.5)  # past the first TTL
+    assert await quotas.running("acme") == 1
+    assert isinstance(await quotas.reserve(tenant, "third", 1, 1, ttl_s=0.3), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "fourth", 1, 1), Denied)  # "long" still holds its slot
+    assert await store.client.pttl(store.key("q", "{acme}", "res:long")) > 300
+    await trio.sleep(0.7)  # neither extended again: both expire
+    assert await quotas.running("acme") == 0
+    assert await quotas.extend(tenant, ["long"]) == 0
+    assert await quotas.settle(tenant, "long", 10, 10, "m")  # a late settle still counts
+    assert await quotas.extend(tenant, []) == 0
+
+
 @pytest.mark.parametrize(
     ("quota", "limit"),
     [
