@@ -340,8 +340,8 @@ class Admission:
                                                                reset_requests_s=left))
 
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
-                            max_new_tokens: int) -> QuotaHold:
-        """Reserve `prompt_tokens + max_new_tokens` against the tenant's quota (atomically,
+                            max_new_tokens: int, sequences: int = 1) -> QuotaHold:
+        """Reserve `prompt_tokens + max_new_tokens × sequences` against the tenant's quota (atomically,
         every limit at once); `_Refuse` (429, a 400 for a request that can never pass, or
         503 when Redis is down and quotas fail closed) if it may not run. Redis down and
         failing open: no reservation, but the hold names the tenant, so its usage is
@@ -350,7 +350,7 @@ class Admission:
             return QuotaHold(None, False, None)
         who = tenant.as_tenant()
         try:
-            res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens)
+            res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences)
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
@@ -373,8 +373,8 @@ class Admission:
         return QuotaHold(who, True, res.limits)
 
     async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
-        hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens,
-                                        st.params.max_tokens * max(st.params.n, st.params.beam_width))
+        hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens, st.params.max_tokens,
+                                        max(st.params.n, st.params.beam_width))
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
 
     def rejected(self, request_id: str, tenant_id: str, refusal: _Refuse) -> Rejected:

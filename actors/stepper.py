@@ -170,14 +170,19 @@ class Stepper:
         aborted = False
         for rid, st in list(self.active.items()):
             if st.cancelled:
-                if st.params.use_beam_search:  # its beams ran, though none came back: bill them
-                    st.completion_tokens = max(st.completion_tokens, self.engine.decoded_tokens(rid))
+                self._bill_beams(st)
                 self.engine.abort(rid)
                 del self.active[rid]
                 self._finish(st, "cancelled")
                 aborted = True
         if aborted:  # no step may follow to refresh the gauges (the last request just left)
             self._export_stats()
+
+    def _bill_beams(self, st: RequestState) -> None:
+        """Before a beam search leaves the engine unfinished: its beams ran, though none came
+        back (a beam search returns nothing before its end), so they are charged."""
+        if st.params.use_beam_search:
+            st.completion_tokens = max(st.completion_tokens, self.engine.decoded_tokens(st.request_id))
 
     def _export_stats(self) -> None:
         """The engine's gauges and counters into /metrics: after every step, and after
@@ -290,6 +295,7 @@ class Stepper:
     def fail_all(self, message: str) -> None:
         """Fail every request in the engine (engine error or actor crash)."""
         for rid, st in list(self.active.items()):
+            self._bill_beams(st)
             self.engine.abort(rid)
             try:
                 st.events.send_nowait(Failed(rid, 500, "engine_error", message))

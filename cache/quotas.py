@@ -6,8 +6,8 @@ from Redis (``TIME`` inside the script), so replicas with skewed clocks agree.
 
 The life of one request::
 
-    reserve(tenant, rid, prompt, max_new)   -> Admitted | Denied
-        counts the request (RPM), reserves prompt+max_new tokens against TPM and
+    reserve(tenant, rid, prompt, max_new, sequences=1)   -> Admitted | Denied
+        counts the request (RPM), reserves prompt + max_new × sequences tokens against TPM and
         the daily budget, takes a concurrency slot, records the reservation
         (with a TTL: a crashed gateway's reservations expire on their own)
     settle(tenant, rid, prompt, completion, model)   -> True (first call) / False
@@ -32,8 +32,9 @@ Windows (per tenant):
 - max_concurrent: ZSET request_id -> expiry ms; expired entries (a crashed
   replica never settled) are dropped on every reserve. Retry-After = 1 s (we
   cannot know when a running request finishes).
-- max_tokens_cap: per request, max_new_tokens above it is denied for good
-  (callers that prefer clamping clamp before reserving).
+- max_tokens_cap: per sequence (each of a request's `n` choices or beams),
+  max_new_tokens above it is denied for good (callers that prefer clamping clamp
+  before reserving).
 
 Keys (all under ``{prefix}q:{<tenant>}:``, the braces are a cluster hash tag so a
 tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
@@ -161,7 +162,7 @@ local base = ARGV[1]
 local rid = ARGV[2]
 """
 
-# ARGV: base, rid, prompt, max_new, rpm, tpm, conc, cap, daily, ttl_ms
+# ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences
 # -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms]};
 #    status 1 admitted, 0 denied — both with what is left of the per-minute limits (after
 #    the admission, or as they stand when denied; -1 where unlimited) —, 2 id already
@@ -175,7 +176,8 @@ local conc = tonumber(ARGV[7])
 local cap = tonumber(ARGV[8])
 local daily = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
-local tokens = prompt + max_new
+local seqs = tonumber(ARGV[11])
+local tokens = prompt + max_new * seqs
 
 local rpm_key = base .. 'rpm'
 local win = now - (now % 60000)
@@ -408,9 +410,14 @@ class QuotaManager:
         prompt_tokens: int,
         max_new_tokens: int,
         *,
+        sequences: int = 1,
         ttl_s: float | None = None,
     ) -> Admitted | Denied:
         """Check every limit and, if all pass, count the request — atomically.
+
+        It reserves `prompt_tokens + max_new_tokens × sequences` (a request generating `n`
+        choices, or running `best_of` beams, runs that many sequences of up to
+        `max_new_tokens` each); `max_tokens_cap` bounds `max_new_tokens`, per sequence.
 
         Idempotent while the reservation is live: reserving the same id again
         returns the existing Admitted without counting anything (the client
@@ -419,6 +426,8 @@ class QuotaManager:
         """
         if prompt_tokens < 0 or max_new_tokens < 0:
             raise ValueError("token counts must be >= 0")
+        if sequences < 1:
+            raise ValueError("sequences must be >= 1")
         ttl_ms = round((ttl_s if ttl_s is not None else self.reservation_ttl_s) * 1000)
         if ttl_ms <= 0:
             raise ValueError("ttl_s must be > 0")
@@ -427,13 +436,13 @@ class QuotaManager:
             self._base(tenant.id), request_id, prompt_tokens, max_new_tokens,
             _limit(q.requests_per_minute), _limit(q.tokens_per_minute),
             _limit(q.max_concurrent), _limit(q.max_tokens_cap),
-            _limit(q.daily_token_budget), ttl_ms,
+            _limit(q.daily_token_budget), ttl_ms, sequences,
         ]
         with self.store.guard():
             reply = await self._reserve(args=args)
         status, limit, retry_ms, reason = reply[:4]
         if status == 1:
-            return Admitted(request_id, prompt_tokens + max_new_tokens, _rate_limits(q, reply[4:]))
+            return Admitted(request_id, prompt_tokens + max_new_tokens * sequences, _rate_limits(q, reply[4:]))
         if status == 3:
             return Admitted(request_id, retry_ms)
         if status == 2:

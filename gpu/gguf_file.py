@@ -18,8 +18,11 @@ which starts at the next multiple of ``general.alignment`` (default 32).
 
 Contract: `GgufFile.open` raises `GgufError` (a ValueError) naming the problem for a
 file that is not GGUF, is big-endian, is truncated, or is inconsistent (a tensor past
-the end of the file, a duplicate name, an unknown value type); it never returns a
-half-read file.
+the end of the file, a duplicate tensor name or metadata key, an unknown value type,
+arrays nested deeper than `MAX_ARRAY_DEPTH`, a tensor of a type that cannot be
+dequantized or of no elements); it never returns a half-read file. Where the two differ
+on a malformed file, this reader refuses and `gguf`'s may not (it reads nested arrays
+flattened, and hangs on some corrupt files); on well-formed files they agree.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = ["GgufError", "GgufFile", "GgufTensor", "dequantize"]
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_DEPTH = 8  # arrays of arrays: none in real files; deeper is refused, not recursed into
 
 # metadata value types (gguf.GGUFValueType)
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = range(13)
@@ -93,7 +97,7 @@ class GgufFile:
             raise GgufError(f"{path}: not a GGUF file (empty)") from e
         try:
             return _parse(path, mm)
-        except (struct.error, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        except (struct.error, IndexError, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
             raise GgufError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from e
 
 
@@ -144,7 +148,7 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _SCALARS:
             return self.scalar(kind)
         if kind == _STRING:
@@ -158,7 +162,9 @@ class _Cursor:
                 start = self.take(size * count)
                 return np.frombuffer(self.buf, _NUMPY[sub], count, start).tolist()
             if sub == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
+                if depth >= MAX_ARRAY_DEPTH:
+                    raise GgufError(f"metadata arrays nested deeper than {MAX_ARRAY_DEPTH}")
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
             raise GgufError(f"unknown array element type {sub}")
         raise GgufError(f"unknown metadata value type {kind}")
 
@@ -181,7 +187,12 @@ def _parse(path: Path, mm: mmap.mmap) -> GgufFile:
     fields: dict[str, Any] = {}
     for _ in range(n_fields):
         key = cur.string()
-        fields[key] = cur.value(cur.u32())
+        if key in fields:
+            raise GgufError(f"{path}: metadata key {key!r} appears twice")
+        try:
+            fields[key] = cur.value(cur.u32())
+        except GgufError as e:
+            raise GgufError(f"{path}: metadata {key!r}: {e}") from None
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -209,15 +220,20 @@ def _parse(path: Path, mm: mmap.mmap) -> GgufFile:
 
 
 def _block(ggml_type: int) -> tuple[int, int]:
-    """(elements per block, bytes per block) of a ggml type."""
+    """(elements per block, bytes per block) of a ggml type this module can dequantize
+    (itself, or through `gguf.quants`); `GgufError` for any other."""
     if ggml_type in _OWN:
         return _OWN[ggml_type]
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    import gguf
 
     try:
-        return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+    except ValueError:
         raise GgufError(f"unknown ggml tensor type {ggml_type}") from None
+    # gguf lists sizes for more types than it dequantizes (Q8_1, Q8_K, the integer types)
+    if qtype not in getattr(gguf.quants, "_type_traits", {}) or qtype not in gguf.GGML_QUANT_SIZES:
+        raise GgufError(f"tensor type {qtype.name} cannot be dequantized")
+    return gguf.GGML_QUANT_SIZES[qtype]
 
 
 def _nbytes(path: Path, name: str, ggml_type: int, shape: tuple[int, ...]) -> int:
@@ -228,14 +244,26 @@ def _nbytes(path: Path, name: str, ggml_type: int, shape: tuple[int, ...]) -> in
     n = 1
     for d in shape:
         n *= d
-    if shape and shape[0] % per_block:
-        raise GgufError(f"{path}: tensor {name!r} rows of {shape[0]} are not whole blocks of {per_block}")
+    if n == 0:
+        raise GgufError(f"{path}: tensor {name!r} has no elements (shape {list(shape)})")
+    row = shape[0] if shape else 1
+    if row % per_block:
+        raise GgufError(f"{path}: tensor {name!r} rows of {row} are not whole blocks of {per_block}")
     return n // per_block * block_bytes
 
 
 def dequantize(tensor: GgufTensor) -> np.ndarray:
     """The tensor's values as float32, in `tensor.torch_shape`. A new array for quantized
-    and half types; for F32, a read-only view of the file (copy it before writing)."""
+    and half types; for F32, a read-only view of the file (copy it before writing).
+    `GgufError` if it cannot be (`GgufFile.open` has refused the types and shapes that
+    cannot, so this is a guard)."""
+    try:
+        return _dequantize(tensor)
+    except (ValueError, NotImplementedError) as e:
+        raise GgufError(f"tensor {tensor.name!r} cannot be dequantized: {e}") from None
+
+
+def _dequantize(tensor: GgufTensor) -> np.ndarray:
     t, raw, shape = tensor.ggml_type, tensor.raw, tensor.torch_shape
     if t == F32:
         return raw.view("<f4").reshape(shape)

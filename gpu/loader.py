@@ -241,9 +241,13 @@ def load_gguf(path: Path, dtype: torch.dtype, *, progress: bool = False) -> Chec
     names = {t.name for t in gf.tensors}
     config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
 
+    shapes = expected_shapes(config)
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in tqdm(gf.tensors, desc="dequantizing", unit="tensor", disable=not progress):
         hf_name = gguf_to_hf_name(tensor.name)
+        if hf_name in shapes and tensor.torch_shape != shapes[hf_name]:  # before its memory is allocated
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} has shape {list(tensor.torch_shape)}, "
+                                  f"the model's configuration needs {list(shapes[hf_name])}")
         try:  # numpy data comes out (out, in), ggml's dims reversed
             array = dequantize(tensor)
         except GgufError as e:

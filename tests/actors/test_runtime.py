@@ -274,6 +274,13 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
     rej = await runtime.submit(call(t, prompt="Hi", max_tokens=100))
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
+    # the cap is per choice: 2 choices or 2 beams of 40 tokens each pass a cap of 64
+    for params in ({"n": 2, "temperature": 0.8, "seed": 1}, {"use_beam_search": True, "best_of": 2},
+                   {"use_beam_search": True, "best_of": 2, "max_tokens": None}):
+        acc = await runtime.submit(call(t, prompt="Hi", **{"max_tokens": 40, **params}))
+        assert isinstance(acc, Accepted), (params, acc)
+        _, _, fin = await collect(acc)
+        assert isinstance(fin, Finished)
     rej = await runtime.submit(call(t, prompt="Hi", logit_bias={49152: 1.0}))  # the vocabulary is 49152 ids
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "logit_bias")
     assert "49152 is not in the vocabulary" in rej.message

@@ -99,6 +99,20 @@ async def test_max_tokens_cap(quotas: QuotaManager):
     assert denied.retry_after_s is None and "257" in denied.reason
 
 
+async def test_a_request_of_several_sequences_reserves_each_and_is_capped_per_sequence(quotas: QuotaManager):
+    """n choices or best_of beams: the cap bounds each sequence's tokens, the minute counts them all."""
+    tenant = make_tenant(Quota(max_tokens_cap=256, tokens_per_minute=1000))
+    held = await quotas.reserve(tenant, "n4", 10, 200, sequences=4)
+    assert isinstance(held, Admitted) and held.reserved_tokens == 810
+    assert held.limits.remaining_tokens == 190
+    over = await quotas.reserve(tenant, "n2", 10, 100, sequences=2)  # 210 more than the 190 left
+    assert isinstance(over, Denied) and over.limit == "tokens_per_minute"
+    capped = await quotas.reserve(tenant, "wide", 1, 257, sequences=1)
+    assert isinstance(capped, Denied) and capped.limit == "max_tokens_cap"
+    with pytest.raises(ValueError):
+        await quotas.reserve(tenant, "none", 1, 1, sequences=0)
+
+
 async def test_daily_token_budget(quotas: QuotaManager):
     tenant = make_tenant(Quota(daily_token_budget=1000))
     assert isinstance(await quotas.reserve(tenant, "a", 400, 400), Admitted)

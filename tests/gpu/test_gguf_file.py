@@ -6,6 +6,7 @@ whole GGUFs."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -113,3 +114,59 @@ def test_files_that_are_not_whole_ggufs_are_refused_with_the_reason(tmp_path):
         load_checkpoint(str(tmp_path / "tensors.gguf"), torch.float32)
     with pytest.raises(TokenizerError, match="not a GGUF file"):
         load_tokenizer(tmp_path / "magic.gguf")
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def raw_gguf(path: Path, kvs: list[bytes], tensors: list[tuple[str, list[int], int]], data: bytes = b"") -> Path:
+    """A GGUF built byte by byte (what `gguf.GGUFWriter` refuses to write): metadata
+    entries as given, tensors laid out back to back from offset 0 of the data section."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs)
+    offset = 0
+    for name, dims, ggml_type in tensors:
+        out += _str(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        out += struct.pack("<IQ", ggml_type, offset)
+    out += b"\0" * (-len(out) % 32) + data
+    path.write_bytes(out)
+    return path
+
+
+def u32_kv(key: str, value: int) -> bytes:
+    return _str(key) + struct.pack("<II", 4, value)
+
+
+@pytest.mark.parametrize(("kvs", "tensors", "data", "reason"), [
+    ([u32_kv("a", 1), u32_kv("a", 2)], [], b"", "'a' appears twice"),  # gguf refuses it too
+    # 5000 arrays nested: gguf's reader recurses until Python gives up
+    ([_str("deep") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0)], [], b"",
+     "nested deeper than 8"),
+    ([], [("t", [4], 26)], b"\0" * 16, "I32 cannot be dequantized"),  # a type gguf sizes but cannot read
+    ([], [("t", [0, 4], 8)], b"", "no elements"),
+    ([], [("t", [], 8)], b"\0" * 34, "not whole blocks of 32"),  # one quantized value is not a block
+])
+def test_inconsistent_files_are_refused_when_opened(tmp_path, kvs, tensors, data, reason):
+    with pytest.raises(GgufError, match=reason):
+        GgufFile.open(raw_gguf(tmp_path / "bad.gguf", kvs, tensors, data))
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_before_it_is_dequantized(tmp_path, monkeypatch):
+    """A file can claim a tensor far larger than the model needs (a sparse file costs no disk):
+    the loader compares shapes with the configuration first, so nothing that big is allocated."""
+    src = GgufFile.open(bundled_gguf_path())
+    path = tmp_path / "wide.gguf"
+    data = bundled_gguf_path().read_bytes()
+    embd = next(t for t in src.tensors if t.name == "token_embd.weight")
+    at = data.index(_str("token_embd.weight")) + len(_str("token_embd.weight"))
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    dims = list(struct.unpack_from(f"<{n_dims}Q", data, at + 4))
+    assert dims == list(embd.shape)
+    patched = data[:at + 4] + struct.pack("<Q", dims[0] // 2) + data[at + 12:]  # half the rows' width
+    path.write_bytes(patched)
+    called = []
+    monkeypatch.setattr("gpu.loader.dequantize", lambda t: called.append(t.name) or dequantize(t))
+    with pytest.raises(CheckpointError, match="'token_embd.weight' has shape .* the model's configuration needs"):
+        load_checkpoint(str(path), torch.float32)
+    assert "token_embd.weight" not in called
