@@ -201,11 +201,11 @@ def flaky(fn, failures: int):
     """`fn` behind a Redis that is down for its first `failures` calls."""
     calls = {"n": 0}
 
-    async def call_(*args):
+    async def call_(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] <= failures:
             raise CacheUnavailable("redis is down")
-        return await fn(*args)
+        return await fn(*args, **kwargs)
 
     return call_, calls
 
