@@ -291,6 +291,6 @@ def _dequantize(tensor: GgufTensor) -> np.ndarray:
         return out.reshape(shape)
     import gguf
 
-    _, block_bytes = _block(t)
-    rows = raw.reshape(-1, shape[-1] // _block(t)[0] * block_bytes) if shape else raw
+    per_block, block_bytes = _block(t)
+    rows = raw.reshape(-1, shape[-1] // per_block * block_bytes) if shape else raw
     return np.asarray(gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(t)), np.float32).reshape(shape)
