@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -38,6 +39,17 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+
+
+def _not_a_script_reload(record: logging.LogRecord) -> bool:
+    """coredis runs a script by its hash and, on a Redis that does not hold it yet (a new
+    or restarted one), loads it and runs it again: by design, not a fault. It logs that
+    retry at INFO as "Retry attempt 1 due to error: No matching script", once per script,
+    which reads like an error in a server's log. Drop that record only."""
+    return "No matching script" not in record.getMessage()
+
+
+logging.getLogger("coredis").addFilter(_not_a_script_reload)
 
 
 class CacheUnavailable(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -90,3 +91,15 @@ async def test_a_hung_redis_is_unavailable_within_the_timeout(tmp_path):
                 os.kill(server.pid, signal.SIGCONT)
             assert await store.ping() and store.healthy
             assert await store.client.get("k") == b"v"
+
+
+async def test_loading_a_script_into_a_new_redis_is_not_logged(store: RedisStore, caplog):
+    """A script meets a Redis without it (new, restarted or flushed): coredis loads it and
+    runs it again, a retry it would log at INFO as an error; other coredis records stay."""
+    await store.client.script_flush()
+    script = store.register_script("return ARGV[1]")
+    with caplog.at_level(logging.DEBUG, logger="coredis"):
+        assert await script(args=["x"]) in ("x", b"x")
+        logging.getLogger("coredis").info("Retry attempt 1 due to error: connection reset")
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("coredis")]
+    assert messages == ["Retry attempt 1 due to error: connection reset"]
