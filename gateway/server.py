@@ -70,6 +70,9 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     hc.websocket_max_message_size = 2 * config.max_ws_frame_bytes + 4096
     hc.h11_max_incomplete_size = 64 * 1024
     hc.accesslog = None
+    # Hypercorn's messages go through the root logger like everyone else's; given "-" (its
+    # default) it adds its own stderr handler and every line ("Running on ...") came twice
+    hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
 
 

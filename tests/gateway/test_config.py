@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
+import trio
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.server import add_serve_arguments, hypercorn_config
@@ -70,6 +72,17 @@ def test_hypercorn_limits_leave_room_for_the_app_to_answer() -> None:
     hc = hypercorn_config(config)
     assert hc.websocket_max_message_size > config.max_ws_frame_bytes
     assert hc.graceful_timeout == 3
+
+
+def test_hypercorn_logs_through_the_root_logger_once(caplog: pytest.LogCaptureFixture) -> None:
+    from hypercorn.logging import Logger
+
+    logger = Logger(hypercorn_config(GatewayConfig()))
+    assert logger.error_logger is not None and logger.error_logger.handlers == []
+    assert logger.error_logger.propagate
+    with caplog.at_level(logging.INFO):
+        trio.run(logger.info, "Running on http://127.0.0.1:8000")
+    assert [r.getMessage() for r in caplog.records] == ["Running on http://127.0.0.1:8000"]
 
 
 @pytest.mark.parametrize(
