@@ -212,7 +212,9 @@ def test_stop_timeouts_cover_the_shutdown_grace_and_the_charging_after_it():
     compose_stop = int(compose()["services"]["lmgate"]["stop_grace_period"].rstrip("s"))
     assert compose_stop > _grace(commands["compose"][0]) + charging
     pod = next(d for d in k8s() if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-    pre_stop = k8s_container()["lifecycle"]["preStop"]["sleep"]["seconds"]
+    command = k8s_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + _grace(commands["k8s"][0]) + charging
     unit = systemd_unit()
     assert int(unit["TimeoutStopSec"][0]) > _grace(commands["systemd"][0]) + charging
