@@ -113,6 +113,7 @@ class PromptLogprob(msgspec.Struct, frozen=True, array_like=True):
     token: str  # its text, as `TopLogprob.token`
     logprob: float | None
     top: list[TopLogprob]
+    rank: int | None = None  # how many tokens are at least as likely there (1: the most likely); None first
 
 
 class TokenDelta(msgspec.Struct, frozen=True):

@@ -262,8 +262,8 @@ class Stepper:
             prompt_lps = None
             if d.prompt_logprobs is not None:
                 text_of = self._token_text
-                prompt_lps = [PromptLogprob(t, text_of(t), lp, [TopLogprob(a, v, text_of(a)) for a, v in row])
-                              for t, (lp, row) in zip(st.prompt_token_ids, d.prompt_logprobs, strict=True)]
+                prompt_lps = [PromptLogprob(t, text_of(t), lp, [TopLogprob(a, v, text_of(a)) for a, v in row], rank)
+                              for t, (lp, row, rank) in zip(st.prompt_token_ids, d.prompt_logprobs, strict=True)]
             try:
                 st.events.send_nowait(
                     TokenDelta(

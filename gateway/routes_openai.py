@@ -46,7 +46,7 @@ from actors.messages import (
 from gateway import sse
 from gateway.errors import ApiError, param_of
 from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
-from gpu.sampling import SamplingParams, SamplingParamsError
+from gpu.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding, closed_objects
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     priority: int | None = None
     use_beam_search: bool = False
     best_of: int | None = None  # beams (default n); OpenAI's legacy completions name
+    prompt_logprobs: int | None = None  # each prompt token's logprob, rank and k alternatives (not streamed)
     length_penalty: float | None = None
     early_stopping: bool | str | None = None  # true, false or "never"
     # structured outputs (`guided_decoding`): OpenAI's response_format, or vLLM's names
@@ -394,6 +395,14 @@ def sampling_params(req: CompletionRequest | ChatRequest,
     """
     logprobs_param = "logprobs"
     optional_prompt_lp = None
+    if req.prompt_logprobs is not None:
+        if req.stream:  # as vLLM: they would all come before the first token
+            raise ApiError(400, "prompt_logprobs are not available when stream is true", code="invalid_value",
+                           param="prompt_logprobs")
+        if not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {req.prompt_logprobs}",
+                           code="invalid_value", param="prompt_logprobs")
+        optional_prompt_lp = req.prompt_logprobs
     if isinstance(req, ChatRequest):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
@@ -408,7 +417,7 @@ def sampling_params(req: CompletionRequest | ChatRequest,
         max_tokens = req.max_tokens
         logprobs = req.logprobs
         if req.echo and logprobs is not None:  # the echoed prompt comes with its logprobs
-            optional_prompt_lp = logprobs
+            optional_prompt_lp = max(logprobs, optional_prompt_lp or 0)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     optional: dict[str, Any] = {
         "temperature": req.temperature,
@@ -727,12 +736,29 @@ def _concat_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _echo_parts(delta: TokenDelta, echo: str) -> tuple[str, dict[str, Any] | None]:
-    """The echoed prompt before a choice's first delta: its text, and its logprobs when
-    the request asked for logprobs (they come with the delta)."""
-    if delta.prompt_logprobs is None:
+def _echo_parts(delta: TokenDelta, echo: str, logprobs: int | None) -> tuple[str, dict[str, Any] | None]:
+    """The echoed prompt before a choice's first delta: its text, and its logprobs with
+    `logprobs` alternatives when the request asked for them (they come with the delta; it
+    may carry more alternatives, for `prompt_logprobs`)."""
+    if delta.prompt_logprobs is None or logprobs is None:
         return echo, None
-    return echo, _prompt_logprobs_json(delta.prompt_logprobs, echo)
+    cut = [msgspec.structs.replace(p, top=p.top[:logprobs]) for p in delta.prompt_logprobs]
+    return echo, _prompt_logprobs_json(cut, echo)
+
+
+def vllm_prompt_logprobs(prompt: list[PromptLogprob]) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob,
+    rank, decoded_token}} for the token itself and the k most likely there (ranks 1..k)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for p in prompt:
+        if p.logprob is None:
+            out.append(None)
+            continue
+        entry = {str(p.token_id): {"logprob": p.logprob, "rank": p.rank, "decoded_token": p.token}}
+        for rank, t in enumerate(p.top, 1):
+            entry.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": rank, "decoded_token": t.token})
+        out.append(entry)
+    return out
 
 
 @dataclass
@@ -752,10 +778,14 @@ class Collector:
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
     echo: list[str] | None = None
     tools: ToolCalling | None = None  # chat: the text of each choice is its tool calls
+    echo_logprobs: int | None = None  # completions' `logprobs`: the echoed prompt's alternatives
+    prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # by choice, when asked for
 
     def add(self, delta: TokenDelta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs.setdefault(delta.index, delta.prompt_logprobs)
         if self.echo is not None and delta.index not in self.texts:
-            text, lp = _echo_parts(delta, self.echo[delta.index // self.n])
+            text, lp = _echo_parts(delta, self.echo[delta.index // self.n], self.echo_logprobs)
             self.texts[delta.index] = [text]
             if lp is not None:
                 self.logprobs[delta.index] = [lp]
@@ -800,7 +830,9 @@ class Collector:
                 choices.append(
                     {"index": i, "text": text, "logprobs": self._merged_logprobs(i), "finish_reason": reason}
                 )
-        return {
+                if self.prompt_logprobs:  # vLLM's: each choice its prompt's
+                    choices[-1]["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt_logprobs.get(i, []))
+        out = {
             "id": self.request_id,
             "object": "chat.completion" if self.endpoint == "chat.completions" else "text_completion",
             "created": self.created,
@@ -808,6 +840,9 @@ class Collector:
             "choices": choices,
             "usage": usage_json(finished),
         }
+        if self.prompt_logprobs and self.endpoint == "chat.completions":  # vLLM's: once, beside the choices
+            out["prompt_logprobs"] = vllm_prompt_logprobs(next(iter(self.prompt_logprobs.values())))
+        return out
 
 
 @dataclass
@@ -823,6 +858,7 @@ class ChunkRenderer:
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
     _chars: dict[int, int] = field(default_factory=dict)  # text streamed so far per choice (text_offset)
     echo: list[str] | None = None  # as `Collector.echo`
+    echo_logprobs: int | None = None  # as `Collector.echo_logprobs`
     n: int = 1
     _ended: set[int] = field(default_factory=set)  # choices whose finish_reason was sent
     # chat with tool calling: each choice's text is held back and sent as its tool calls
@@ -877,7 +913,7 @@ class ChunkRenderer:
         else:
             head, head_lp = "", None
             if self.echo is not None and d.index not in self._chars:  # the prompt, before the first delta
-                head, head_lp = _echo_parts(d, self.echo[d.index // self.n])
+                head, head_lp = _echo_parts(d, self.echo[d.index // self.n], self.echo_logprobs)
             offset = self._chars.get(d.index, 0) + len(head)
             self._chars[d.index] = offset + len(d.text)
             lp = _completion_logprobs(d, offset)
@@ -1241,11 +1277,16 @@ async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Fai
         handle.abort()
 
 
+def echo_logprobs_of(req: Any) -> int | None:
+    """Alternatives per token of an echoed completions prompt (its `logprobs`), or None."""
+    return req.logprobs if isinstance(req, CompletionRequest) and req.echo else None
+
+
 async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list[GenerateCall], request_id: str,
                   echo: list[str] | None = None) -> dict[str, Any]:
     handle = await submit_all(state, calls, request_id, req.n)
     collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo,
-                          tools=tools_of(req))
+                          tools=tools_of(req), echo_logprobs=echo_logprobs_of(req))
     async with aclosing(events_of(handle)) as events:
         async for event in events:
             if isinstance(event, TokenDelta):
@@ -1331,7 +1372,8 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         handle = await submit_all(state, calls, request_id, req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state),
-                                 echo=echo, n=req.n, tools=tools_of(req), stream_calls=streams_calls(req))
+                                 echo=echo, echo_logprobs=echo_logprobs_of(req), n=req.n, tools=tools_of(req),
+                                 stream_calls=streams_calls(req))
         response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response

@@ -80,8 +80,9 @@ class StepDelta:
     cached_prompt_tokens: int = 0  # prompt tokens its first step found in the prefix cache (not computed)
     # on a choice's first delta when the request asked for prompt logprobs: per prompt
     # position, (logprob of that token given the ones before, ((id, logprob), ...) the k most
-    # likely there); position 0 has no context: (None, ())
-    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+    # likely there, the token's rank there (`gpu.runner.PromptLogprobs.ranks`)); position 0
+    # has no context: (None, (), None)
+    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...], int | None], ...] | None = None
     # finish_reason "error": why this choice failed (its structured-output grammar hit one of
     # llguidance's limits mid-way); the caller fails the whole request with it
     error: str | None = None
@@ -318,7 +319,7 @@ class Engine:
             self.scheduler.add(sched)
         else:
             self.scheduler.check(sched)
-            req.prompt_lp = [(None, ())] + [None] * (len(ids) - 1)
+            req.prompt_lp = [(None, (), None)] + [None] * (len(ids) - 1)
             req.prompt_lp_missing = len(ids) - 1
             self._stage_or_schedule(req, sched)
         self.counters["prompt_tokens"] += len(ids)
@@ -529,11 +530,11 @@ class Engine:
             req = self._requests.get(sid)
             if req is None or req.prompt_lp is None or not req.prompt_lp_missing:
                 continue
-            for i, (lp, top) in enumerate(zip(chunk.logprobs, chunk.top, strict=True)):
+            for i, (lp, top, rank) in enumerate(zip(chunk.logprobs, chunk.top, chunk.ranks, strict=True)):
                 pos = chunk.start + i + 1
                 if req.prompt_lp[pos] is None:
                     req.prompt_lp_missing -= 1
-                req.prompt_lp[pos] = (lp, tuple(top))
+                req.prompt_lp[pos] = (lp, tuple(top), rank)
             if not req.prompt_lp_missing:
                 sched = self.scheduler.get(sid)
                 if sched is not None:
@@ -826,7 +827,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[float] | None = None
-    prompt_logprobs: list[tuple[float | None, tuple[tuple[int, float], ...]]] | None = None  # see StepDelta
+    prompt_logprobs: list[tuple[float | None, tuple[tuple[int, float], ...], int | None]] | None = None  # StepDelta's
     error: str | None = None  # finish_reason "error": why (StepDelta.error)
 
 

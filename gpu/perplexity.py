@@ -68,7 +68,7 @@ def perplexity(engine, token_ids: Sequence[int], *, window: int, stride: int) ->
                     SamplingParams(max_tokens=0, prompt_logprobs=0))
     total, count = 0.0, 0
     for w, [o] in zip(wins, outs, strict=True):
-        for lp, _ in o.prompt_logprobs[w.first_scored - w.start :]:
+        for lp, *_ in o.prompt_logprobs[w.first_scored - w.start :]:
             total += lp
             count += 1
     mean = total / count

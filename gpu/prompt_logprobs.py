@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from gpu.block_manager import chain_hash, root_hash
 
-Entry = tuple[float | None, tuple[tuple[int, float], ...]]  # a token's logprob, its position's top k
+# a token's logprob, its position's top k, its rank there (`gpu.runner.PromptLogprobs`)
+Entry = tuple[float | None, tuple[tuple[int, float], ...], int | None]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class PromptLogprobCache:
             if block is None or block.tokens != chunk or block.k < k:
                 break
             self._blocks.move_to_end(h)
-            out += [(lp, top[:k]) for lp, top in block.entries]
+            out += [(lp, top[:k], *rest) for lp, top, *rest in block.entries]
             self.hits += 1
         return out
 

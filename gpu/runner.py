@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 class PromptLogprobs:
     """Logprobs of prompt tokens from one chunk: `logprobs[i]` is that of the prompt token at
     position `start + i + 1` given the tokens before it, `top[i]` the k most likely tokens
-    there, (id, logprob) best first. Raw model distribution (log_softmax of the logits)."""
+    there, (id, logprob) best first, `ranks[i]` the token's rank there (vLLM's: how many
+    tokens are at least as likely, itself included; 1 = the most likely). Raw model
+    distribution (log_softmax of the logits)."""
 
     start: int
     logprobs: list[float]
     top: list[list[tuple[int, float]]]
+    ranks: list[int]
 
 
 @dataclass(frozen=True)
@@ -55,23 +58,27 @@ class RunnerOutput:
 PROMPT_LOGIT_ROWS = 128  # rows of logits alive at once for prompt logprobs (128 x vocab floats)
 
 
-def token_logprobs(hidden: torch.Tensor, targets: Sequence[int], k: int, logits_of) -> tuple[list, list]:
-    """Logprob of `targets[i]` under row i of `hidden` (logits via `logits_of`), and the k
-    most likely (id, logprob) per row; a slice of `PROMPT_LOGIT_ROWS` rows at a time, so a
-    long prompt never holds its whole (rows, vocab) logits."""
+def token_logprobs(hidden: torch.Tensor, targets: Sequence[int], k: int, logits_of) -> tuple[list, list, list]:
+    """Logprob of `targets[i]` under row i of `hidden` (logits via `logits_of`), the k most
+    likely (id, logprob) per row, and each target's rank (`PromptLogprobs.ranks`); a slice
+    of `PROMPT_LOGIT_ROWS` rows at a time, so a long prompt never holds its whole
+    (rows, vocab) logits."""
     chosen: list[float] = []
     top: list[list[tuple[int, float]]] = []
+    ranks: list[int] = []
     tgt = torch.tensor(list(targets), dtype=torch.int64, device=hidden.device)
     for a in range(0, len(targets), PROMPT_LOGIT_ROWS):
         b = min(a + PROMPT_LOGIT_ROWS, len(targets))
         lp = logits_of(hidden[a:b]).float().log_softmax(dim=-1)
-        chosen += lp.gather(1, tgt[a:b, None]).flatten().tolist()
+        mine = lp.gather(1, tgt[a:b, None])
+        chosen += mine.flatten().tolist()
+        ranks += (lp >= mine).sum(dim=1).tolist()
         if k > 0:
             vals, ids = lp.topk(k, dim=-1)
             top += [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
         else:
             top += [[] for _ in range(b - a)]
-    return chosen, top
+    return chosen, top, ranks
 
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
@@ -241,8 +248,8 @@ class ModelRunner:
         row = 0
         for s in seqs:
             if s.logprob_targets:
-                lps, top = token_logprobs(hidden[row : row + len(s.logprob_targets)], s.logprob_targets,
-                                          s.prompt_logprobs, self.model.compute_logits)
-                out[s.request_id] = PromptLogprobs(s.start_pos, lps, top)
+                lps, top, ranks = token_logprobs(hidden[row : row + len(s.logprob_targets)], s.logprob_targets,
+                                                 s.prompt_logprobs, self.model.compute_logits)
+                out[s.request_id] = PromptLogprobs(s.start_pos, lps, top, ranks)
             row += len(s.token_ids)
         return out

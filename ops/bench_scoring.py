@@ -105,7 +105,7 @@ def run_lmgate(engine, prompts: list[list[int]], ctxlens: list[int], *, score: b
     wall = time.perf_counter() - t0
     if not score:
         return wall, []
-    return wall, [[lp for lp, _ in o.prompt_logprobs[c:]] for [o], c in zip(outs, ctxlens, strict=True)]
+    return wall, [[lp for lp, *_ in o.prompt_logprobs[c:]] for [o], c in zip(outs, ctxlens, strict=True)]
 
 
 def picks(scores: list[list[float]], owners: list[tuple[int, int]]) -> dict[int, int]:

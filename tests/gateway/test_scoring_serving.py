@@ -6,6 +6,7 @@ engine computes it; `max_tokens` 0 scores without generating; SSE streams the sa
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from operator import itemgetter
@@ -71,14 +72,14 @@ async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_pat
         assert choice["text"] == text + ref.text
         assert len(lp["tokens"]) == len(ids) + 1  # the prompt's tokens, then the generated one
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-        assert lp["token_logprobs"][1:-1] == pytest.approx([x for x, _ in ref.prompt_logprobs[1:]], abs=1e-3)
+        assert lp["token_logprobs"][1:-1] == pytest.approx([x for x, *_ in ref.prompt_logprobs[1:]], abs=1e-3)
         assert [next(iter(t)) for t in lp["top_logprobs"][1:-1]] == [
-            tok.decode([top[0][0]], skip_special_tokens=False) for _, top in ref.prompt_logprobs[1:]]
+            tok.decode([top[0][0]], skip_special_tokens=False) for _, top, _ in ref.prompt_logprobs[1:]]
         assert lp["text_offset"][0] == 0 and lp["text_offset"][-1] == len(text)
     assert reply["usage"]["prompt_tokens"] == sum(map(len, prompts))
     assert reply["usage"]["completion_tokens"] == 4
     scores = lm_eval_parse(reply, ctxlens)
-    ref_scores = [sum(x for x, _ in ref.prompt_logprobs[c:]) for [ref], c in zip(want, ctxlens, strict=True)]
+    ref_scores = [sum(x for x, *_ in ref.prompt_logprobs[c:]) for [ref], c in zip(want, ctxlens, strict=True)]
     assert [s for s, _ in scores] == pytest.approx(ref_scores, abs=1e-3)
     assert scores[0][0] > scores[1][0]  # Paris is likelier than London
     assert scores[2][0] > scores[3][0]  # and the east than the west
@@ -115,6 +116,38 @@ async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_pat
         metrics = (await http.get("/metrics")).text
         assert not re.search(r'lmgate_response_cache_lookups_total\{result="hit"\} [1-9]', metrics)
         assert re.search(r'lmgate_requests_total\{outcome="ok",tenant="dev"\} 8\.0', metrics), metrics
+
+        # vLLM's prompt_logprobs: per prompt token its logprob, rank and the k likeliest there
+        r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:2], "max_tokens": 0,
+                                                     "prompt_logprobs": 2, "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        for choice, ids, [ref] in zip(r.json()["choices"], prompts[:2], want[:2], strict=True):
+            assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"][1:])  # echo: its own k
+            got = choice["prompt_logprobs"]
+            assert len(got) == len(ids) and got[0] is None
+            for i, (entry, (ref_lp, _, ref_rank)) in enumerate(zip(got[1:], ref.prompt_logprobs[1:], strict=True)):
+                mine = entry[str(ids[i + 1])]
+                assert mine["logprob"] == pytest.approx(ref_lp, abs=1e-3)
+                assert mine["decoded_token"] == tok.decode([ids[i + 1]], skip_special_tokens=False)
+                assert abs(mine["rank"] - ref_rank) <= 2  # another batch: the deep tail's near-ties may swap
+                others = [v["rank"] for k, v in entry.items() if k != str(ids[i + 1])]
+                assert sorted(others if len(entry) == 3 else [*others, mine["rank"]]) == [1, 2]  # the top 2
+                by_rank = [v["logprob"] for v in sorted(entry.values(), key=itemgetter("rank"))]
+                assert all(a >= b - 1e-6 for a, b in itertools.pairwise(by_rank))
+        chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                "prompt_logprobs": 0}
+        r = await http.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
+        assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in body["prompt_logprobs"][1:])
+        assert "prompt_logprobs" not in body["choices"][0]
+        r = await http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1, "echo": True,
+                                                     "prompt_logprobs": 1})
+        assert r.json()["choices"][0]["logprobs"] is None  # echo without logprobs: the text alone
+        for bad in ({**chat, "stream": True}, {**chat, "prompt_logprobs": 21}, {**chat, "prompt_logprobs": -1}):
+            r = await http.post("/v1/chat/completions", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
 
         # quotas: a batch is k requests. One refused mid-way aborts the accepted ones, and the
         # refusal goes out with their slots free again; one that could never fit is a 400

@@ -33,13 +33,16 @@ def prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(hf_reference, prompts):
-    """Per prompt: (logprob of token i given tokens < i, top-K ids there) for i >= 1."""
+    """Per prompt: (logprob of token i given tokens < i, top-K ids there, the bounds of the
+    token's rank there given a 2e-4 tolerance on every logprob) for i >= 1."""
     out = []
     with torch.inference_mode():
         for ids in prompts:
             lp = hf_reference(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
             chosen = lp.gather(1, torch.tensor(ids[1:])[:, None]).flatten()
-            out.append((chosen, lp.topk(K, dim=-1)))
+            lowest = (lp > chosen[:, None] + 2e-4).sum(1) + 1
+            highest = (lp >= chosen[:, None] - 2e-4).sum(1)
+            out.append((chosen, lp.topk(K, dim=-1), (lowest, highest)))
     return out
 
 
@@ -54,12 +57,15 @@ def scoring(max_tokens: int = 0, **kw) -> SamplingParams:
 
 
 def check(got, ref, ids) -> None:
-    chosen, (top_vals, top_ids) = ref
+    chosen, (top_vals, top_ids), (lowest, highest) = ref
     assert len(got) == len(ids)
-    assert got[0] == (None, ())
-    lps = torch.tensor([lp for lp, _ in got[1:]])
+    assert got[0] == (None, (), None)
+    lps = torch.tensor([lp for lp, *_ in got[1:]])
     torch.testing.assert_close(lps, chosen, atol=2e-4, rtol=0)
-    for i, (_, top) in enumerate(got[1:]):
+    ranks = torch.tensor([rank for *_, rank in got[1:]])
+    assert bool(((lowest <= ranks) & (ranks <= highest)).all()), (ranks, lowest, highest)
+    assert int(lowest.max()) > K  # some prompt token lies outside the top K: its rank is counted
+    for i, (_, top, _) in enumerate(got[1:]):
         assert len(top) == K
         assert [t for t, _ in top] == top_ids[i].tolist() or torch.allclose(  # a near-tie may swap
             torch.tensor([v for _, v in top]), top_vals[i], atol=2e-4)
@@ -134,7 +140,7 @@ def test_a_prompt_only_scored_may_fill_the_context_window(ckpt, tokenizer, promp
 def test_one_token_prompt_has_nothing_to_score(ckpt, tokenizer):
     engine = make_engine(ckpt, tokenizer)
     [[o]] = generate(engine, [[1]], scoring())
-    assert o.prompt_logprobs == [(None, ())] and o.token_ids == []
+    assert o.prompt_logprobs == [(None, (), None)] and o.token_ids == []
 
 
 def test_prompt_logprobs_params_are_validated():
@@ -179,7 +185,8 @@ def test_scoring_requests_sharing_a_context_take_its_blocks_from_the_caches(ckpt
     fed = engine.counters["prefill_tokens_fed"]
     [[wider]] = generate(engine, [ids], SamplingParams(max_tokens=0, prompt_logprobs=K + 2))
     assert engine.counters["prefill_tokens_fed"] - fed == len(ids)
-    assert [lp for lp, _ in wider.prompt_logprobs] == pytest.approx([lp for lp, _ in first.prompt_logprobs])
+    assert [lp for lp, *_ in wider.prompt_logprobs] == pytest.approx([lp for lp, *_ in first.prompt_logprobs])
+    assert [rank for *_, rank in wider.prompt_logprobs] == [rank for *_, rank in first.prompt_logprobs]
     # an answer after a shared context (lm-evaluation-harness's multiple choice): only the
     # answer and one block of the context run
     context = ids[: 2 * bs + 3]
@@ -188,8 +195,8 @@ def test_scoring_requests_sharing_a_context_take_its_blocks_from_the_caches(ckpt
     answer = tokenizer.encode(" another answer entirely")
     [[o]] = generate(engine, [context + answer], scoring())
     assert engine.counters["prefill_tokens_fed"] - fed == len(context) + len(answer) - bs
-    got = [lp for lp, _ in o.prompt_logprobs[: len(context)]]
-    assert got == pytest.approx([lp for lp, _ in first.prompt_logprobs[: len(context)]], abs=1e-4)
+    got = [lp for lp, *_ in o.prompt_logprobs[: len(context)]]
+    assert got == pytest.approx([lp for lp, *_ in first.prompt_logprobs[: len(context)]], abs=1e-4)
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
@@ -198,15 +205,16 @@ def test_the_prompt_logprob_cache_is_keyed_by_prefix_namespace_and_alternatives(
 
     cache = PromptLogprobCache(block_size=2, max_blocks=3)
     toks = [5, 6, 7, 8, 9]
-    entries = [(None, ()), (-1.0, ((6, -1.0), (1, -2.0))), (-2.0, ((7, -2.0), (2, -3.0))),
-               (-3.0, ((1, -1.5), (8, -3.0))), (-4.0, ((9, -4.0), (3, -5.0)))]
+    entries = [(None, (), None), (-1.0, ((6, -1.0), (1, -2.0)), 1), (-2.0, ((7, -2.0), (2, -3.0)), 1),
+               (-3.0, ((1, -1.5), (8, -3.0)), 2), (-4.0, ((9, -4.0), (3, -5.0)), 1)]
     cache.store(toks, None, 2, entries)
     assert len(cache) == 2  # full blocks only
-    assert cache.lookup(toks, None, 1) == [(lp, top[:1]) for lp, top in entries[:4]]
+    # tops cut to the k asked for; the rank is the token's whatever k is
+    assert cache.lookup(toks, None, 1) == [(lp, top[:1], rank) for lp, top, rank in entries[:4]]
     assert cache.lookup(toks, None, 3) == []  # stored with 2 alternatives
     assert cache.lookup(toks, "adapter@1", 1) == []  # another namespace's logprobs differ
     assert cache.lookup([5, 6, 0, 8], None, 2) == entries[:2]  # only the leading run that matches
-    cache.store([1, 2, 3, 4, 5, 6], None, 1, [(None, ())] + [(-1.0, ())] * 5)
+    cache.store([1, 2, 3, 4, 5, 6], None, 1, [(None, (), None)] + [(-1.0, (), 1)] * 5)
     assert len(cache) == 3  # bounded: the least recently used block went
 
 
@@ -228,7 +236,7 @@ def test_scoring_requests_sent_together_wait_for_the_one_that_computes_their_sha
     assert engine.counters["prefill_tokens_fed"] - fed == len(batch[0]) + sum(
         len(p) - 2 * bs for p in batch[1:])
     for [o], ref in zip(outs[:2], alone, strict=True):
-        assert [lp for lp, _ in o.prompt_logprobs] == pytest.approx([lp for lp, _ in ref.prompt_logprobs], abs=1e-4)
+        assert [lp for lp, *_ in o.prompt_logprobs] == pytest.approx([lp for lp, *_ in ref.prompt_logprobs], abs=1e-4)
     assert not engine._staged and not engine._scoring_blocks
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
