@@ -252,6 +252,8 @@ class Admission:
                                   f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} "
                                   f"for {held_by}", "messages" if call.messages is not None else "prompt")
             max_tokens = min(room, cap) if cap is not None else room
+        if cap is not None and max_tokens > cap and call.max_tokens_default:
+            max_tokens = cap
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_value",
                           f"max_tokens {max_tokens} exceeds this key's limit of {cap}", "max_tokens")

@@ -87,6 +87,9 @@ class GenerateCall(msgspec.Struct, frozen=True):
     cache_lookup: bool = True  # False: generate afresh even if a stored answer exists
     cache_store: bool = True  # False: do not store this answer
     guided_field: str | None = None  # the request field `params.guided` came from (a 400's `param`)
+    # params.max_tokens is the endpoint's default (completions' 16), not the client's: a
+    # key's max_tokens_cap lowers it instead of refusing a number the client never sent
+    max_tokens_default: bool = False
 
 
 class Usage(msgspec.Struct, frozen=True):

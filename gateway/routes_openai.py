@@ -129,6 +129,9 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     structured_outputs: dict[str, Any] | None = None  # vLLM >= 0.10.2: {"json"|"regex"|"choice"|"grammar"|"json_object": ...}
 
 
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
 class CompletionRequest(_Sampling, frozen=True, kw_only=True):
     """Body of POST /v1/completions.
 
@@ -138,7 +141,8 @@ class CompletionRequest(_Sampling, frozen=True, kw_only=True):
     prompt alone: scoring a text."""
 
     prompt: str | list[int | str | list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    # absent: OpenAI's default for completions (COMPLETIONS_MAX_TOKENS); null: up to the context length
+    max_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     logprobs: int | None = None  # number of top alternatives per token
     echo: bool = False
     suffix: str | None = None  # insertion: refused when set (not supported)
@@ -414,7 +418,7 @@ def sampling_params(req: CompletionRequest | ChatRequest,
             raise ApiError(400, "must be >= 1 for chat completions", code="invalid_value",
                            param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     else:
-        max_tokens = req.max_tokens
+        max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is msgspec.UNSET else req.max_tokens
         logprobs = req.logprobs
         if req.echo and logprobs is not None:  # the echoed prompt comes with its logprobs
             optional_prompt_lp = max(logprobs, optional_prompt_lp or 0)
@@ -609,7 +613,8 @@ def to_generate_calls(
     del common["request_id"]
     return [
         GenerateCall(request_id=sub_request_id(request_id, i, len(prompts)),
-                     **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}), **common)
+                     **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}), **common,
+                     max_tokens_default=req.max_tokens is msgspec.UNSET)
         for i, p in enumerate(prompts)
     ]
 

@@ -274,6 +274,12 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
     rej = await runtime.submit(call(t, prompt="Hi", max_tokens=100))
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
+    # the same number as the endpoint's default (completions' 16), not the client's: capped
+    acc = await runtime.submit(msgspec.structs.replace(call(t, prompt="Hi", max_tokens=100, ignore_eos=True),
+                                                       max_tokens_default=True))
+    assert isinstance(acc, Accepted), acc
+    _, deltas, fin = await collect(acc)
+    assert isinstance(fin, Finished) and fin.usage.completion_tokens == 64
     # the cap is per choice: 2 choices or 2 beams of 40 tokens each pass a cap of 64
     for params in ({"n": 2, "temperature": 0.8, "seed": 1}, {"use_beam_search": True, "best_of": 2},
                    {"use_beam_search": True, "best_of": 2, "max_tokens": None}):

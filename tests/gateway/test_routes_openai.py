@@ -313,6 +313,21 @@ async def test_completion_json(gateway: Gateway) -> None:
     assert call.prompt == "one two three"
     assert call.tenant.tenant_id == "t1"
     assert call.params.max_tokens == 3
+    assert not call.max_tokens_default
+
+
+async def test_completions_without_max_tokens_take_openai_s_default_as_a_default(gateway: Gateway) -> None:
+    """16, marked as the endpoint's (a key's max_tokens_cap lowers it rather than refusing a
+    number the client never sent); an explicit null is the context's room, as in chat."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "one"})
+        assert r.status_code == 200, r.text
+        call = gateway.runtime.calls[-1]
+        assert (call.params.max_tokens, call.max_tokens_default) == (16, True)
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "one", "max_tokens": None})
+        assert r.status_code == 200, r.text
+        call = gateway.runtime.calls[-1]
+        assert (call.params.max_tokens, call.max_tokens_default) == (None, False)
 
 
 async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
