@@ -227,7 +227,9 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @bp.get("/tenants/<tenant_id>/usage")
     @store_errors
     async def usage(tenant_id: str) -> Any:
-        await existing(tenant_id)
+        """Usage rows are the id's, for billing: they outlive a deleted tenant (a re-created
+        id continues them); 404 only for an id with neither a tenant nor rows in the range."""
+        exists = await tenants.get_tenant(tenant_id) is not None
         today = dt.datetime.now(dt.UTC).date()
         day_to = parse_day(request.args.get("to"), today, "to")
         week_before = day_to - dt.timedelta(days=min(6, (day_to - dt.date.min).days))
@@ -237,10 +239,13 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
         if (day_to - day_from).days >= MAX_USAGE_DAYS:
             raise ApiError(400, f"at most {MAX_USAGE_DAYS} days per query", code="invalid_value", param="from")
         rows = await quotas.get_usage(tenant_id, day_from, day_to)
+        if not exists and not rows:
+            raise TenantNotFound(tenant_id)
         data = [
             {**to_json(r), "total_tokens": r.prompt_tokens + r.completion_tokens} for r in rows
         ]
-        return {"object": "list", "tenant_id": tenant_id, "from": day_from.isoformat(), "to": day_to.isoformat(), "data": data}
+        return {"object": "list", "tenant_id": tenant_id, "tenant_exists": exists, "from": day_from.isoformat(),
+                "to": day_to.isoformat(), "data": data}
 
     def length_service() -> Any:
         service = getattr(state.runtime, "length_service", None)

@@ -107,6 +107,16 @@ async def test_usage_per_day_and_model(gateway: Gateway) -> None:
         # the default week before the first day there is is that day alone, not an overflow
         r = await client.get("/admin/tenants/t1/usage", params={"to": "0001-01-03"})
         assert (r.status_code, r.json()["from"]) == (200, "0001-01-01")
+        assert r.json()["tenant_exists"] is True
+        # a deleted tenant's rows stay readable, by id, for billing; a re-created id continues them
+        assert (await client.delete("/admin/tenants/t1")).status_code == 200
+        r = await client.get("/admin/tenants/t1/usage")
+        assert r.status_code == 200, r.text
+        assert r.json()["tenant_exists"] is False and r.json()["data"] == rows
+        assert (await client.get("/admin/tenants/t1/usage", params={"to": "2020-01-01"})).status_code == 404
+        assert (await client.post("/admin/tenants", json={"id": "t1", "name": "again"})).status_code == 201
+        r = await client.get("/admin/tenants/t1/usage")
+        assert r.json()["tenant_exists"] is True and r.json()["data"] == rows
         deep = b'{"id": "deep", "name": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}"
         r = await client.post("/admin/tenants", content=deep)
         assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
