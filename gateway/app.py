@@ -206,6 +206,9 @@ class GatewayState:
     recent_keys: RecentKeys = field(default_factory=lambda: RecentKeys())
     # per tenant: batches submit one at a time (`routes_openai.submit_all`)
     batch_locks: dict[str, trio.Lock] = field(default_factory=dict)
+    # set when a graceful shutdown starts (`gateway.server.serve_app`): WebSockets take no
+    # new requests and close once their streams are done
+    draining: trio.Event = field(default_factory=trio.Event)
 
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
         """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""

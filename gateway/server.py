@@ -152,10 +152,19 @@ async def serve_app(
     shutdown_trigger: Any = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` until `shutdown_trigger` returns; reports the bound URLs via task_status."""
+    """Serve `app` until `shutdown_trigger` returns; reports the bound URLs via task_status.
+    Then the app is draining (`GatewayState.draining`) while Hypercorn lets its connections
+    finish for the grace period."""
     close_connections_for_sure()
+    state = app.extensions.get("lmgate")
+
+    async def trigger() -> None:
+        await shutdown_trigger()
+        if state is not None:
+            state.draining.set()
+
     await hypercorn.trio.serve(
-        app, hypercorn_config(config), shutdown_trigger=shutdown_trigger, task_status=task_status
+        app, hypercorn_config(config), shutdown_trigger=trigger if shutdown_trigger else None, task_status=task_status
     )
 
 

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmgate.gateway.ws")
 
 AUTH_TIMEOUT_S = 10.0
+DRAIN_POLL_S = 0.05
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
@@ -106,6 +108,7 @@ class Session:
     # and the id cannot be reused until then (no frames of two requests under one id)
     cancelling: set[str] = field(default_factory=set)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    drained: bool = False  # the server shut down and this socket's streams are done: close it
 
     async def send(self, frame: dict[str, Any]) -> None:
         data = _encoder.encode(frame).decode()
@@ -243,12 +246,27 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
             await session.send(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
         elif frame.id in session.active or frame.id in session.cancelling:
             await session.send(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active", code="duplicate_id")))
+        elif session.state.draining.is_set():
+            await session.send(error_frame(frame.id, ApiError(503, "server shutting down: send this request to "
+                                                              "another server", code="shutting_down")))
         elif len(session.active) >= limit:
             await session.send(
                 error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket", code="too_many_streams"))
             )
         else:
             await nursery.start(session.run_request, frame)
+
+
+async def _close_when_drained(session: Session, scope: trio.CancelScope) -> None:
+    """Shutdown: once the server drains and this socket's streams are done (each ended with
+    `done`, or with a 503 `shutting_down` error at the grace period's end), stop serving
+    it, so that it closes with 1001 (going away) rather than hold the shutdown until
+    Hypercorn cuts it."""
+    await session.state.draining.wait()
+    while session.active or session.cancelling:
+        await trio.sleep(DRAIN_POLL_S)
+    session.drained = True
+    scope.cancel()
 
 
 def ws_blueprint(state: GatewayState) -> Blueprint:
@@ -273,9 +291,15 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                 await _authenticate_first_frame(session)
             else:
                 await session.send({"type": "ready"})
+            fatal = None
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(_close_when_drained, session, nursery.cancel_scope)
                 fatal = await _serve(session, nursery)
                 nursery.cancel_scope.cancel()
+            if session.drained:
+                await websocket.close(CLOSE_GOING_AWAY, "shutting_down")
+                return None
+            assert fatal is not None
             raise fatal
         except ApiError as exc:
             await session.send(error_frame(None, exc))

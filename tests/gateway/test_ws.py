@@ -226,3 +226,57 @@ async def test_an_open_socket_sees_revocation_and_model_changes(gateway: Gateway
         await ws.send_json(request_frame("c", max_tokens=1))
         [refused] = (await frames_until_done(ws, {"c"}))["c"]
         assert refused["type"] == "error" and refused["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_shutdown_closes_sockets_once_their_streams_are_done(nursery: trio.Nursery, gateway: Gateway) -> None:
+    """On SIGTERM a socket takes no new requests (503 shutting_down), lets its streams
+    finish, then closes with 1001 (going away); an idle one closes at once. The server
+    stops well inside its grace period instead of waiting for Hypercorn to cut the sockets."""
+    import dataclasses
+    import time
+
+    from tests.gateway.conftest import start_gateway
+
+    config = dataclasses.replace(gateway.config, shutdown_grace_seconds=5.0)
+    base_url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
+    runtime.delay = 0.05
+    ws_url = base_url.replace("http://", "ws://") + "/v1/ws"
+    closed: dict[str, tuple[int, float]] = {}
+    frames: list[dict[str, Any]] = []
+    streaming = trio.Event()
+
+    async def idle() -> None:
+        async with httpx.AsyncClient() as client, aconnect_ws(ws_url, client, headers=gateway.headers) as ws:
+            assert await ws.receive_json() == {"type": "ready"}
+            with pytest.raises(WebSocketDisconnect) as gone:
+                await ws.receive_json()
+            closed["idle"] = (gone.value.code, time.monotonic())
+
+    async def busy() -> None:
+        async with httpx.AsyncClient() as client, aconnect_ws(ws_url, client, headers=gateway.headers) as ws:
+            assert await ws.receive_json() == {"type": "ready"}
+            await ws.send_json(request_frame("long", max_tokens=20))
+            frames.append(await ws.receive_json())
+            streaming.set()
+            await stop_sent.wait()
+            await ws.send_json(request_frame("late", max_tokens=1))
+            with pytest.raises(WebSocketDisconnect) as gone:
+                while True:
+                    frames.append(await ws.receive_json())
+            closed["busy"] = (gone.value.code, time.monotonic())
+
+    stop_sent = trio.Event()
+    async with trio.open_nursery() as clients:
+        clients.start_soon(idle)
+        clients.start_soon(busy)
+        await streaming.wait()
+        t0 = time.monotonic()
+        stop.set()
+        await trio.sleep(0.1)  # the server is draining
+        stop_sent.set()
+    assert closed["idle"][0] == 1001 and closed["idle"][1] - t0 < 1.0
+    late = [f for f in frames if f.get("id") == "late"]
+    assert [(f["type"], f["status"], f["error"]["code"]) for f in late] == [("error", 503, "shutting_down")]
+    long = [f for f in frames if f.get("id") == "long"]
+    assert long[-1]["type"] == "done" and sum(f["type"] == "token" for f in long) == 20  # it finished
+    assert closed["busy"][0] == 1001 and closed["busy"][1] - t0 < 3.0  # after its stream, not at the grace's end
