@@ -194,6 +194,10 @@ class RecentKeys:
         return entry[0]
 
 
+# POST routes refused with 503 `shutting_down` once the server drains (`GatewayState.draining`)
+DRAINED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
+
+
 @dataclass
 class GatewayState:
     """Everything a route needs, passed explicitly to each blueprint."""
@@ -402,6 +406,20 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         g.started = time.perf_counter()
         g.request_id = request_id_of(request.headers.get("X-Request-Id"))
 
+    @app.before_request
+    async def _refuse_new_work_while_draining() -> None:
+        """Shutting down: a new generation or embedding request (on a connection kept
+        alive from before) is sent elsewhere at once rather than cut at the grace's end."""
+        if state.draining.is_set() and request.method == "POST" and request.path in DRAINED_ROUTES:
+            raise ApiError(503, "server shutting down: send this request to another server", code="shutting_down",
+                           retry_after=1)
+
+    @app.after_request
+    async def _close_while_draining(response: Response) -> Response:
+        if state.draining.is_set():  # the client's next request opens a connection (to another server)
+            response.headers["Connection"] = "close"
+        return response
+
     @app.after_request
     async def _request_id(response: Response) -> Response:
         response.headers["X-Request-Id"] = getattr(g, "request_id", None) or request_id_of(None)
@@ -444,8 +462,10 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         degraded = list(status.get("degraded", []))
         if not await store.redis.ping():
             degraded.append("redis_unavailable")
+        if state.draining.is_set():
+            degraded.append("shutting_down")
         status["degraded"] = degraded
-        ready = bool(status.get("ready", False))
+        ready = bool(status.get("ready", False)) and not state.draining.is_set()
         status["status"] = "ready" if ready else "not_ready"
         return status, (200 if ready else 503)
 

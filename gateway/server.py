@@ -156,7 +156,7 @@ async def serve_app(
     Then the app is draining (`GatewayState.draining`) while Hypercorn lets its connections
     finish for the grace period."""
     close_connections_for_sure()
-    state = app.extensions.get("lmgate")
+    state = getattr(app, "extensions", {}).get("lmgate")
 
     async def trigger() -> None:
         await shutdown_trigger()

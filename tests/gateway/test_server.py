@@ -147,7 +147,10 @@ async def test_graceful_shutdown_lets_short_streams_finish_and_cuts_long_ones(
     async def long() -> None:
         results["long"] = await read_sse(base_url, gateway.headers, {"model": MODEL, "prompt": "HANG", "stream": True}, long_started)
 
-    async with trio.open_nursery() as clients:
+    async with (trio.open_nursery() as clients, httpx.AsyncClient(base_url=base_url) as probe,
+                httpx.AsyncClient(base_url=base_url, headers=gateway.headers) as late):
+        assert (await probe.get("/readyz")).status_code == 200  # connections kept alive from before
+        assert (await late.get("/v1/models")).status_code == 200
         clients.start_soon(short)
         clients.start_soon(long)
         await short_started.wait()
@@ -157,6 +160,13 @@ async def test_graceful_shutdown_lets_short_streams_finish_and_cuts_long_ones(
         await trio.sleep(0.1)
         with pytest.raises(OSError):  # no longer accepting
             await trio.open_tcp_stream("127.0.0.1", int(base_url.rsplit(":", 1)[1]))
+        # draining: not ready, and new work on an old connection is sent elsewhere
+        r = await probe.get("/readyz")
+        assert r.status_code == 503 and "shutting_down" in r.json()["degraded"]
+        assert r.headers["connection"] == "close"
+        r = await late.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "shutting_down"), r.text
+        assert r.headers["connection"] == "close"
     elapsed = time.monotonic() - t0
     assert results["short"][-1] == "[DONE]"
     texts = [json.loads(p)["choices"][0]["text"] for p in results["short"][:-1]]
