@@ -16,7 +16,7 @@ from cache.quotas import Quota
 from cache.tenants import ApiKeyInfo, Tenant
 from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
 from gateway.routes_embeddings import EmbeddingRequest
-from gateway.routes_openai import ChatRequest, CompletionRequest
+from gateway.routes_openai import COMPLETIONS_MAX_TOKENS, ChatRequest, CompletionRequest
 from gateway.routes_responses import ResponsesRequest
 from gateway.routes_tokenizer import DetokenizeRequest, TokenizeRequest
 
@@ -75,6 +75,8 @@ def _op(summary: str, *, body: str | None = None, ok: str = "200", admin: bool =
 def openapi_document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
     components["Error"] = _ERROR
+    # absent is not null there (null: up to the context length), which msgspec cannot say
+    components["CompletionRequest"]["properties"]["max_tokens"]["default"] = COMPLETIONS_MAX_TOKENS
     gen_errors = (400, 401, 404, 413, 429, 503)
     streaming = {
         "description": "JSON response, or with stream=true an SSE stream of chunks ending with `data: [DONE]`",

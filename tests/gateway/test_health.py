@@ -76,6 +76,8 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
     schemas = doc["components"]["schemas"]
     assert "max_completion_tokens" in schemas["ChatRequest"]["properties"]
     assert "prompt" in schemas["CompletionRequest"]["required"]
+    assert schemas["CompletionRequest"]["properties"]["max_tokens"]["default"] == 16
+    assert "prompt_logprobs" in schemas["ChatRequest"]["properties"]
     assert "previous_response_id" in schemas["ResponsesRequest"]["properties"]
     assert "requests_per_minute" in schemas["Quota"]["properties"]
 
