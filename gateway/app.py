@@ -466,6 +466,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
             degraded.append("shutting_down")
         status["degraded"] = degraded
         ready = bool(status.get("ready", False)) and not state.draining.is_set()
+        status["ready"] = ready
         status["status"] = "ready" if ready else "not_ready"
         return status, (200 if ready else 503)
 

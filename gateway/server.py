@@ -119,8 +119,8 @@ async def wait_for_signal() -> None:
 
 
 def close_connections_for_sure() -> None:
-    """Make Hypercorn's closing of a connection (`TCPServer._close`) shielded from
-    cancellation. Idempotent.
+    """Make Hypercorn's closing of a connection (`TCPServer._close`), and the start of an
+    idle connection's keep-alive timer, shielded from cancellation. Idempotent.
 
     Why: an answer sent before the request's body has arrived (a 401 to a request that
     announces a 100 MB body; any early 4xx) ends with `Connection: close`, and Hypercorn
@@ -131,18 +131,34 @@ def close_connections_for_sure() -> None:
     and /healthz stopped answering). Shielded, the close completes: the client sees EOF
     right after the error.
     """
+    from hypercorn.events import Updated
     from hypercorn.trio.tcp_server import TCPServer
 
     if getattr(TCPServer._close, "_lmgate_shielded", False):
         return
     close = TCPServer._close
+    send = TCPServer.protocol_send
 
     async def shielded_close(self: Any) -> None:
         with trio.CancelScope(shield=True):
             await close(self)
 
+    async def shielded_idle(self: Any, event: Any) -> None:
+        # The same cancellation: a connection that turns idle after an answer starts its
+        # keep-alive timer from inside the app's task, and the start was cancelled. No timer
+        # ran, so an idle kept-alive connection was never closed — not after
+        # `keep_alive_seconds`, not at a shutdown (the timer is what closes idle
+        # connections when the server stops): any client could hold a descriptor forever
+        # after one request, and one idle pooled connection held a shutdown for its whole grace.
+        if isinstance(event, Updated):
+            with trio.CancelScope(shield=True):
+                await send(self, event)
+        else:
+            await send(self, event)
+
     shielded_close._lmgate_shielded = True  # type: ignore[attr-defined]
     TCPServer._close = shielded_close  # type: ignore[method-assign]
+    TCPServer.protocol_send = shielded_idle  # type: ignore[method-assign]
 
 
 async def serve_app(

@@ -147,10 +147,8 @@ async def test_graceful_shutdown_lets_short_streams_finish_and_cuts_long_ones(
     async def long() -> None:
         results["long"] = await read_sse(base_url, gateway.headers, {"model": MODEL, "prompt": "HANG", "stream": True}, long_started)
 
-    async with (trio.open_nursery() as clients, httpx.AsyncClient(base_url=base_url) as probe,
-                httpx.AsyncClient(base_url=base_url, headers=gateway.headers) as late):
-        assert (await probe.get("/readyz")).status_code == 200  # connections kept alive from before
-        assert (await late.get("/v1/models")).status_code == 200
+    async with trio.open_nursery() as clients, httpx.AsyncClient(base_url=base_url) as idle:
+        assert (await idle.get("/readyz")).status_code == 200  # a connection kept alive from before
         clients.start_soon(short)
         clients.start_soon(long)
         await short_started.wait()
@@ -160,13 +158,8 @@ async def test_graceful_shutdown_lets_short_streams_finish_and_cuts_long_ones(
         await trio.sleep(0.1)
         with pytest.raises(OSError):  # no longer accepting
             await trio.open_tcp_stream("127.0.0.1", int(base_url.rsplit(":", 1)[1]))
-        # draining: not ready, and new work on an old connection is sent elsewhere
-        r = await probe.get("/readyz")
-        assert r.status_code == 503 and "shutting_down" in r.json()["degraded"]
-        assert r.headers["connection"] == "close"
-        r = await late.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
-        assert (r.status_code, r.json()["error"]["code"]) == (503, "shutting_down"), r.text
-        assert r.headers["connection"] == "close"
+        with pytest.raises(httpx.ConnectError):  # the idle connection was closed at once
+            await idle.get("/readyz")
     elapsed = time.monotonic() - t0
     assert results["short"][-1] == "[DONE]"
     texts = [json.loads(p)["choices"][0]["text"] for p in results["short"][:-1]]
@@ -205,6 +198,62 @@ async def test_an_answer_before_the_body_closes_the_connection(gateway: Gateway)
         assert received.split(b"\r\n", 1)[0] in (b"HTTP/1.1 401 ", b"HTTP/1.1 405 ")
         assert b"connection: close" in received.lower()
         await stream.aclose()
+
+
+async def test_a_draining_server_is_not_ready_and_sends_new_work_elsewhere(nursery: trio.Nursery, gateway: Gateway) -> None:
+    """Once a shutdown starts, /readyz is 503 (`shutting_down`), a request that still
+    reaches the app (pipelined on a connection) is a 503 `shutting_down`, and every answer
+    closes its connection."""
+    from gateway.app import create_app
+
+    app = create_app(FakeRuntime(nursery), gateway.stores, gateway.config)
+    client = app.test_client()
+    assert (await client.get("/readyz")).status_code == 200
+    app.extensions["lmgate"].draining.set()
+    r = await client.get("/readyz")
+    body = await r.get_json()
+    assert r.status_code == 503 and "shutting_down" in body["degraded"] and body["ready"] is False
+    assert r.headers["Connection"] == "close"
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                          headers=gateway.headers)
+    assert (r.status_code, (await r.get_json())["error"]["code"]) == (503, "shutting_down")
+    assert r.headers["Retry-After"] == "1"
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_its_timeout_and_at_a_shutdown(
+    nursery: trio.Nursery, gateway: Gateway
+) -> None:
+    """After an answer, a kept-alive connection that sends nothing more is closed after
+    `keep_alive_seconds`, and at once when the server shuts down (its keep-alive timer was
+    never started: such a connection stayed open forever and held a shutdown for its grace)."""
+    config = dataclasses.replace(gateway.config, keep_alive_seconds=0.5, shutdown_grace_seconds=10.0)
+    base_url, _, stop = await start_gateway(nursery, gateway.stores, config)
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+
+    async def idle_after_one_answer() -> trio.SocketStream:
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while b'"ok"}' not in answer:
+                answer += await stream.receive_some(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        return stream
+
+    stream = await idle_after_one_answer()
+    t0 = time.monotonic()
+    with trio.fail_after(5):
+        assert await stream.receive_some(65536) == b""  # EOF: the server closed it
+    assert 0.3 < time.monotonic() - t0 < 3
+    await stream.aclose()
+
+    stream = await idle_after_one_answer()
+    t0 = time.monotonic()
+    stop.set()
+    with trio.fail_after(5):
+        assert await stream.receive_some(65536) == b""
+    assert time.monotonic() - t0 < 3  # at once, not after the 10 s grace
+    await stream.aclose()
 
 
 async def test_a_private_redis_that_dies_is_reported_and_reaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
