@@ -751,19 +751,25 @@ def _echo_parts(delta: TokenDelta, echo: str, logprobs: int | None) -> tuple[str
     return echo, _prompt_logprobs_json(cut, echo)
 
 
-def vllm_prompt_logprobs(prompt: list[PromptLogprob]) -> list[dict[str, dict[str, Any]] | None]:
+def vllm_prompt_logprobs(prompt: list[PromptLogprob], k: int) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob,
-    rank, decoded_token}} for the token itself and the k most likely there (ranks 1..k)."""
+    rank, decoded_token}} for the token itself and the k most likely there (ranks 1..k). A
+    token that is part of a UTF-8 character decodes as vLLM's does, with U+FFFD."""
     out: list[dict[str, dict[str, Any]] | None] = []
     for p in prompt:
         if p.logprob is None:
             out.append(None)
             continue
-        entry = {str(p.token_id): {"logprob": p.logprob, "rank": p.rank, "decoded_token": p.token}}
-        for rank, t in enumerate(p.top, 1):
-            entry.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": rank, "decoded_token": t.token})
+        entry = {str(p.token_id): {"logprob": p.logprob, "rank": p.rank, "decoded_token": _decoded(p.token)}}
+        for rank, t in enumerate(p.top[:k], 1):
+            entry.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": rank, "decoded_token": _decoded(t.token)})
         out.append(entry)
     return out
+
+
+def _decoded(token: str) -> str:
+    """A token's text as `tokenizer.decode([id])` gives it (logprobs' `bytes:\\xNN` form → U+FFFD)."""
+    return _token_raw_bytes(token).decode("utf-8", errors="replace") if token.startswith("bytes:") else token
 
 
 @dataclass
@@ -784,10 +790,11 @@ class Collector:
     echo: list[str] | None = None
     tools: ToolCalling | None = None  # chat: the text of each choice is its tool calls
     echo_logprobs: int | None = None  # completions' `logprobs`: the echoed prompt's alternatives
-    prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # by choice, when asked for
+    prompt_logprobs_k: int | None = None  # vLLM's `prompt_logprobs` asked for (None: not in the answer)
+    prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # by choice
 
     def add(self, delta: TokenDelta) -> None:
-        if delta.prompt_logprobs is not None:
+        if delta.prompt_logprobs is not None and self.prompt_logprobs_k is not None:
             self.prompt_logprobs.setdefault(delta.index, delta.prompt_logprobs)
         if self.echo is not None and delta.index not in self.texts:
             text, lp = _echo_parts(delta, self.echo[delta.index // self.n], self.echo_logprobs)
@@ -835,8 +842,9 @@ class Collector:
                 choices.append(
                     {"index": i, "text": text, "logprobs": self._merged_logprobs(i), "finish_reason": reason}
                 )
-                if self.prompt_logprobs:  # vLLM's: each choice its prompt's
-                    choices[-1]["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt_logprobs.get(i, []))
+                if self.prompt_logprobs_k is not None:  # vLLM's: each choice its prompt's
+                    choices[-1]["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt_logprobs.get(i, []),
+                                                                          self.prompt_logprobs_k)
         out = {
             "id": self.request_id,
             "object": "chat.completion" if self.endpoint == "chat.completions" else "text_completion",
@@ -845,8 +853,9 @@ class Collector:
             "choices": choices,
             "usage": usage_json(finished),
         }
-        if self.prompt_logprobs and self.endpoint == "chat.completions":  # vLLM's: once, beside the choices
-            out["prompt_logprobs"] = vllm_prompt_logprobs(next(iter(self.prompt_logprobs.values())))
+        if self.prompt_logprobs_k is not None and self.endpoint == "chat.completions":  # vLLM's: once, beside
+            first = next(iter(self.prompt_logprobs.values()), [])
+            out["prompt_logprobs"] = vllm_prompt_logprobs(first, self.prompt_logprobs_k)
         return out
 
 
@@ -1291,7 +1300,8 @@ async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list
                   echo: list[str] | None = None) -> dict[str, Any]:
     handle = await submit_all(state, calls, request_id, req.n)
     collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo,
-                          tools=tools_of(req), echo_logprobs=echo_logprobs_of(req))
+                          tools=tools_of(req), echo_logprobs=echo_logprobs_of(req),
+                          prompt_logprobs_k=req.prompt_logprobs)
     async with aclosing(events_of(handle)) as events:
         async for event in events:
             if isinstance(event, TokenDelta):

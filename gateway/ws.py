@@ -153,7 +153,9 @@ class Session:
         # as every HTTP request: a key revoked or expired, a tenant deleted or its models
         # changed since the socket opened, holds for the socket's next request too
         self.tenant = await self.state.authenticate_key(self.api_key)
-        req = decode_request(frame.endpoint, bytes(frame.body))
+        # the socket streams every request, whatever the body's `stream` says (ignored here,
+        # so a field that HTTP refuses with a stream, prompt_logprobs, is not refused here)
+        req = msgspec.structs.replace(decode_request(frame.endpoint, bytes(frame.body)), stream=False)
         self.state.check_generation_model(req.model, self.tenant)
         request_id = new_request_id(frame.endpoint)
         if tools_of(req) is not None:
@@ -219,6 +221,19 @@ async def _authenticate_first_frame(session: Session) -> None:
     session.tenant = await session.state.authenticate_key(frame.api_key)
     session.api_key = frame.api_key
     await session.send({"type": "ready"})
+
+
+async def _open(session: Session) -> ApiError | None:
+    """Authenticate the socket (header, or its first frame) and say `ready`; returns the
+    error that refuses it (raised inside the nursery it would arrive in an exception group)."""
+    try:
+        if session.tenant is None:
+            await _authenticate_first_frame(session)
+        else:
+            await session.send({"type": "ready"})
+    except ApiError as exc:
+        return exc
+    return None
 
 
 async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
@@ -287,14 +302,12 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
         await websocket.accept()
         state.metrics.ws_connections.inc()
         try:
-            if session.tenant is None:
-                await _authenticate_first_frame(session)
-            else:
-                await session.send({"type": "ready"})
             fatal = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_close_when_drained, session, nursery.cancel_scope)
-                fatal = await _serve(session, nursery)
+                fatal = await _open(session)
+                if fatal is None:
+                    fatal = await _serve(session, nursery)
                 nursery.cancel_scope.cancel()
             if session.drained:
                 await websocket.close(CLOSE_GOING_AWAY, "shutting_down")

@@ -119,6 +119,12 @@ async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_pat
 
         # vLLM's prompt_logprobs: per prompt token its logprob, rank and the k likeliest there
         r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:2], "max_tokens": 0,
+                                                     "echo": True, "logprobs": 3})
+        assert "prompt_logprobs" not in r.json()["choices"][0]  # only when asked for
+        r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[0], "max_tokens": 0,
+                                                     "prompt_logprobs": 0, "echo": True, "logprobs": 3})
+        assert all(len(e) == 1 for e in r.json()["choices"][0]["prompt_logprobs"][1:])  # its own k, not echo's
+        r = await http.post("/v1/completions", json={"model": model, "prompt": prompts[:2], "max_tokens": 0,
                                                      "prompt_logprobs": 2, "echo": True, "logprobs": 1})
         assert r.status_code == 200, r.text
         for choice, ids, [ref] in zip(r.json()["choices"], prompts[:2], want[:2], strict=True):
@@ -145,6 +151,13 @@ async def test_scoring_like_lm_evaluation_harness(nursery: trio.Nursery, tmp_pat
         r = await http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1, "echo": True,
                                                      "prompt_logprobs": 1})
         assert r.json()["choices"][0]["logprobs"] is None  # echo without logprobs: the text alone
+        # a token that is part of a character decodes as vLLM's tokenizer.decode([id]) does
+        ids = tok.encode("日本語のテキスト")
+        r = await http.post("/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 0,
+                                                     "prompt_logprobs": 0})
+        decoded = [next(iter(e.values()))["decoded_token"] for e in r.json()["choices"][0]["prompt_logprobs"][1:]]
+        assert decoded == [tok.decode([i], skip_special_tokens=False) for i in ids[1:]]
+        assert any("\ufffd" in d for d in decoded)
         for bad in ({**chat, "stream": True}, {**chat, "prompt_logprobs": 21}, {**chat, "prompt_logprobs": -1}):
             r = await http.post("/v1/chat/completions", json=bad)
             assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text

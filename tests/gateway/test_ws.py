@@ -252,6 +252,12 @@ async def test_a_shutdown_closes_sockets_once_their_streams_are_done(nursery: tr
                 await ws.receive_json()
             closed["idle"] = (gone.value.code, time.monotonic())
 
+    async def unauthenticated() -> None:  # still owes its auth frame
+        async with httpx.AsyncClient() as client, aconnect_ws(ws_url, client) as ws:
+            with pytest.raises(WebSocketDisconnect) as gone:
+                await ws.receive_json()
+            closed["unauthenticated"] = (gone.value.code, time.monotonic())
+
     async def busy() -> None:
         async with httpx.AsyncClient() as client, aconnect_ws(ws_url, client, headers=gateway.headers) as ws:
             assert await ws.receive_json() == {"type": "ready"}
@@ -268,6 +274,7 @@ async def test_a_shutdown_closes_sockets_once_their_streams_are_done(nursery: tr
     stop_sent = trio.Event()
     async with trio.open_nursery() as clients:
         clients.start_soon(idle)
+        clients.start_soon(unauthenticated)
         clients.start_soon(busy)
         await streaming.wait()
         t0 = time.monotonic()
@@ -275,8 +282,22 @@ async def test_a_shutdown_closes_sockets_once_their_streams_are_done(nursery: tr
         await trio.sleep(0.1)  # the server is draining
         stop_sent.set()
     assert closed["idle"][0] == 1001 and closed["idle"][1] - t0 < 1.0
+    assert closed["unauthenticated"][0] == 1001 and closed["unauthenticated"][1] - t0 < 1.0  # not at its auth timeout
     late = [f for f in frames if f.get("id") == "late"]
     assert [(f["type"], f["status"], f["error"]["code"]) for f in late] == [("error", 503, "shutting_down")]
     long = [f for f in frames if f.get("id") == "long"]
     assert long[-1]["type"] == "done" and sum(f["type"] == "token" for f in long) == 20  # it finished
     assert closed["busy"][0] == 1001 and closed["busy"][1] - t0 < 3.0  # after its stream, not at the grace's end
+
+
+async def test_a_body_s_stream_field_is_ignored_so_prompt_logprobs_pass(gateway: Gateway) -> None:
+    """HTTP refuses prompt_logprobs with stream true; the socket always streams and ignores
+    the field, so it does not refuse them."""
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        await ws.send_json(request_frame("a", endpoint="completions", max_tokens=1, prompt_logprobs=1, stream=True))
+        frames = await frames_until_done(ws, {"a"})
+    assert frames["a"][-1]["type"] == "done", frames
+    assert gateway.runtime.calls[-1].params.prompt_logprobs == 1
+    first = next(f for f in frames["a"] if f["type"] == "token")
+    assert first["prompt_logprobs"][0] is None and len(first["prompt_logprobs"]) == len(first["prompt_token_ids"])
