@@ -210,8 +210,9 @@ class GatewayState:
     recent_keys: RecentKeys = field(default_factory=lambda: RecentKeys())
     # per tenant: batches submit one at a time (`routes_openai.submit_all`)
     batch_locks: dict[str, trio.Lock] = field(default_factory=dict)
-    # set when a graceful shutdown starts (`gateway.server.serve_app`): WebSockets take no
-    # new requests and close once their streams are done
+    # set when a graceful shutdown starts (`gateway.server.serve_app`): /readyz is 503, new
+    # work is refused with 503 `shutting_down`, answers close their connections, and
+    # WebSockets close once their streams are done
     draining: trio.Event = field(default_factory=trio.Event)
 
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
@@ -408,8 +409,9 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
 
     @app.before_request
     async def _refuse_new_work_while_draining() -> None:
-        """Shutting down: a new generation or embedding request (on a connection kept
-        alive from before) is sent elsewhere at once rather than cut at the grace's end."""
+        """Shutting down: a generation or embedding request that still arrives (pipelined,
+        or racing the close of its idle connection) is sent elsewhere at once rather than
+        cut at the grace's end."""
         if state.draining.is_set() and request.method == "POST" and request.path in DRAINED_ROUTES:
             raise ApiError(503, "server shutting down: send this request to another server", code="shutting_down",
                            retry_after=1)
