@@ -85,7 +85,7 @@ class PromptLogprobCache:
             if block is None or block.tokens != chunk or block.k < k:
                 break
             self._blocks.move_to_end(h)
-            out += [(lp, top[:k], *rest) for lp, top, *rest in block.entries]
+            out += [(lp, top[:k], rank) for lp, top, rank in block.entries]
             self.hits += 1
         return out
 
