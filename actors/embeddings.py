@@ -54,11 +54,17 @@ def model_path() -> str:
 
 
 class EmbeddingInputError(ValueError):
-    """An input `/v1/embeddings` cannot encode: `index` is its place in the request's list."""
+    """An input `/v1/embeddings` cannot encode: `index` is its place in the request's list,
+    `detail` what is wrong with it. The message names it `input {index}`; `about(label)`
+    names it as the route calls it (`documents[2]` on /v1/rerank)."""
 
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(f"input {index}{detail}")
         self.index = index
+        self.detail = detail
+
+    def about(self, label: str) -> str:
+        return f"{label}{self.detail}"
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class SentenceEmbedder:
                                       return_attention_mask=False)["input_ids"])
         for i, one in enumerate(ids):
             if len(one) > self.max_length:
-                raise EmbeddingInputError(i, f"input {i} has {len(one)} tokens; {self.max_length} is the most the "
+                raise EmbeddingInputError(i, f" has {len(one)} tokens; {self.max_length} is the most the "
                                              f"embedding model takes (truncate_prompt_tokens cuts it)")
         return ids
 
@@ -200,21 +206,21 @@ class SentenceEmbedder:
         out = []
         for i, one in enumerate(batch):
             if not one:
-                raise EmbeddingInputError(i, f"input {i} is empty")
+                raise EmbeddingInputError(i, " is empty")
             bad = next((t for t in one if not 0 <= t < self.vocab_size), None)
             if bad is not None:
-                raise EmbeddingInputError(i, f"input {i}: token id {bad} is not in [0, {self.vocab_size}) "
+                raise EmbeddingInputError(i, f": token id {bad} is not in [0, {self.vocab_size}) "
                                              f"{self._ids_hint()}")
             n = len(one)
             if (n < len(self.prefix) + len(self.suffix) or list(one[:len(self.prefix)]) != self.prefix
                     or list(one[n - len(self.suffix):]) != self.suffix):
-                raise EmbeddingInputError(i, f"input {i}: token ids must start with {self.prefix} and end with "
+                raise EmbeddingInputError(i, f": token ids must start with {self.prefix} and end with "
                                              f"{self.suffix}, the special tokens the embedding model's tokenizer "
                                              f"writes around a text {self._ids_hint()}")
             if truncate is not None and n > truncate:
                 one = [*one[:truncate - len(self.suffix)], *self.suffix]
             elif len(one) > self.max_length:
-                raise EmbeddingInputError(i, f"input {i} has {len(one)} tokens; {self.max_length} is the most the "
+                raise EmbeddingInputError(i, f" has {len(one)} tokens; {self.max_length} is the most the "
                                              f"embedding model takes (truncate_prompt_tokens cuts it)")
             out.append(list(one))
         return out
@@ -393,7 +399,10 @@ class EmbeddingService:
                 try:
                     ids = await self._token_ids(call)
                 except EmbeddingInputError as e:
-                    raise _Refuse(400, "invalid_value", str(e), "input") from None
+                    if call.labels is None:
+                        raise _Refuse(400, "invalid_value", str(e), "input") from None
+                    label = call.labels[e.index]
+                    raise _Refuse(400, "invalid_value", e.about(label), label.split("[")[0]) from None
                 except ValueError as e:  # `SentenceEmbedder.check_truncate`
                     raise _Refuse(400, "invalid_value", str(e), "truncate_prompt_tokens") from None
                 tokens = sum(len(one) for one in ids)

@@ -17,6 +17,7 @@
                 ...
         print(events.response.text)
         vectors = (await client.embed(["first text", "second text"])).vectors   # /v1/embeddings
+        ranked = (await client.rerank("a query", ["doc one", "doc two"])).results  # best first
 
 Cancellation: leaving a stream early (``break`` inside ``async with``, an
 exception, a cancel scope) closes the HTTP connection, and the gateway aborts the
@@ -158,6 +159,42 @@ def embeddings_from(body: dict[str, Any]) -> Embeddings:
             e = list(struct.unpack(f"<{len(raw) // 4}f", raw))
         vectors.append(e)
     return Embeddings(vectors, body["model"], body["usage"]["prompt_tokens"])
+
+
+class Scores(msgspec.Struct, frozen=True):
+    """`/v1/score`'s answer (`LmgateClient.score`): one cosine similarity per pair."""
+
+    scores: list[float]
+    model: str
+    prompt_tokens: int
+
+
+class Ranked(msgspec.Struct, frozen=True):
+    """One document of a ranking: its index in the request, its relevance score, its text
+    (None when asked without `return_documents`)."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+class Ranking(msgspec.Struct, frozen=True):
+    """`/v1/rerank`'s answer (`LmgateClient.rerank`): documents best first."""
+
+    results: list[Ranked]
+    model: str
+    prompt_tokens: int
+
+
+def scores_from(body: dict[str, Any]) -> Scores:
+    data = sorted(body["data"], key=lambda d: d["index"])
+    return Scores([d["score"] for d in data], body["model"], body["usage"]["prompt_tokens"])
+
+
+def ranking_from(body: dict[str, Any]) -> Ranking:
+    results = [Ranked(r["index"], r["relevance_score"], (r.get("document") or {}).get("text"))
+               for r in body["results"]]
+    return Ranking(results, body["model"], body["usage"]["prompt_tokens"])
 
 
 # ---------------------------------------------------------------- retry
@@ -522,6 +559,24 @@ class LmgateClient:
         body = {"model": model, "input": input, "encoding_format": "base64",
                 **{k: v for k, v in params.items() if v is not None}}
         return embeddings_from(await self._request_json("POST", "/v1/embeddings", body))
+
+    async def score(self, text_1: str | list[str], text_2: str | list[str], *, model: str | None = None,
+                    **params: Any) -> Scores:
+        """POST /v1/score: the cosine similarity of each pair, with the server's embedding
+        model (`model` None: its own). Pairs 1:1, 1:N (the first text against each second
+        one) or N:N; `params`: other fields (truncate_prompt_tokens, user)."""
+        body = {"text_1": text_1, "text_2": text_2, "model": model, **params}
+        return scores_from(await self._request_json("POST", "/v1/score",
+                                                    {k: v for k, v in body.items() if v is not None}))
+
+    async def rerank(self, query: str, documents: list[str], *, top_n: int = 0, model: str | None = None,
+                     **params: Any) -> Ranking:
+        """POST /v1/rerank: `documents` ranked by their cosine similarity to `query`, best
+        first, the `top_n` best (0: all); `params`: other fields (return_documents,
+        truncate_prompt_tokens, user)."""
+        body = {"query": query, "documents": documents, "top_n": top_n, "model": model, **params}
+        return ranking_from(await self._request_json("POST", "/v1/rerank",
+                                                      {k: v for k, v in body.items() if v is not None}))
 
     async def get_response(self, response_id: str) -> Response:
         """A stored response (NotFound once deleted, expired, or another tenant's)."""

@@ -11,6 +11,7 @@ Routes::
     POST /v1/completions, /v1/chat/completions   JSON or SSE (routes_openai)
     POST /v1/responses ...                       OpenAI's Responses API (routes_responses)
     POST /v1/embeddings                          the embedding model's vectors (routes_embeddings)
+    POST /v1/score, /v1/rerank (+ vLLM's aliases)  its cosine similarities (routes_scoring)
     GET/POST /tokenizer_info /tokenize /detokenize   (routes_tokenizer)
     GET  /v1/models, /v1/models/<id>
     WS   /v1/ws                                  multiplexed token streaming (ws)
@@ -195,7 +196,8 @@ class RecentKeys:
 
 
 # POST routes refused with 503 `shutting_down` once the server drains (`GatewayState.draining`)
-DRAINED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
+DRAINED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/score",
+                  "/score", "/v1/rerank", "/rerank", "/v2/rerank")
 
 
 @dataclass
@@ -387,6 +389,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.routes_embeddings import embeddings_blueprint
     from gateway.routes_openai import openai_blueprint
     from gateway.routes_responses import responses_blueprint
+    from gateway.routes_scoring import scoring_blueprint
     from gateway.routes_tokenizer import tokenizer_blueprint
     from gateway.ws import ws_blueprint
 
@@ -492,6 +495,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     app.register_blueprint(responses_blueprint(state))
     app.register_blueprint(tokenizer_blueprint(state))
     app.register_blueprint(embeddings_blueprint(state))
+    app.register_blueprint(scoring_blueprint(state))
     app.register_blueprint(admin_blueprint(state))
     app.register_blueprint(ws_blueprint(state))
     return app

@@ -18,9 +18,11 @@ from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
 from gateway.routes_embeddings import EmbeddingRequest
 from gateway.routes_openai import COMPLETIONS_MAX_TOKENS, ChatRequest, CompletionRequest
 from gateway.routes_responses import ResponsesRequest
+from gateway.routes_scoring import RERANK_ROUTES, SCORE_ROUTES, RerankRequest, ScoreRequest
 from gateway.routes_tokenizer import DetokenizeRequest, TokenizeRequest
 
-_SCHEMA_TYPES = (CompletionRequest, ChatRequest, ResponsesRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
+_SCHEMA_TYPES = (CompletionRequest, ChatRequest, ResponsesRequest, EmbeddingRequest, ScoreRequest, RerankRequest,
+                 TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
 
 _ERROR = {
     "type": "object",
@@ -122,6 +124,10 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "after", "in": "query", "schema": {"type": "string"}}]}},
         "/v1/embeddings": {"post": _op("Embed texts or token ids with the embedding model", body="EmbeddingRequest",
                                        errors=(400, 401, 404, 429, 503))},
+        **{path: {"post": _op("Cosine similarities of text pairs with the embedding model (vLLM's)",
+                              body="ScoreRequest", errors=(400, 401, 404, 429, 503))} for path in SCORE_ROUTES},
+        **{path: {"post": _op("Documents ranked by cosine similarity to a query with the embedding model (vLLM's)",
+                              body="RerankRequest", errors=(400, 401, 404, 429, 503))} for path in RERANK_ROUTES},
         "/tokenize": {"post": _op("Token ids of a prompt or of chat messages (vLLM's)", body="TokenizeRequest",
                                   errors=(400, 401, 404))},
         "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404))},

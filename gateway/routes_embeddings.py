@@ -32,6 +32,7 @@ from gateway.errors import ApiError, decode_json
 from gateway.routes_openai import rejected_error
 
 if TYPE_CHECKING:
+    from actors.messages import TenantContext
     from gateway.app import GatewayState
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
@@ -93,6 +94,34 @@ def embedding_body(vectors: np.ndarray, *, model: str, prompt_tokens: int, encod
     })
 
 
+def check_embedding_model(state: GatewayState, model: str | None, tenant: TenantContext, *, serves: str) -> str:
+    """The model a request for the embedding model names (None: the embedding model), if
+    this tenant may use it: a 404 for a model not served or not the tenant's
+    (`GatewayState.check_model`), a 400 for a served model that is not the embedding model
+    (it `serves` no such thing) or when there is none."""
+    name = getattr(state.runtime, "embedding_model_name", None)
+    if model is None:
+        if name is None:
+            raise ApiError(400, f"this server has no embedding model to serve {serves}", code="invalid_value",
+                           param="model")
+        model = name
+    state.check_model(model, tenant)
+    if model not in getattr(state.runtime, "embedding_aliases", ()):
+        raise ApiError(400, f"model {model[:100]!r} does not serve {serves}" +
+                       (f"; {name!r} does" if name else ": this server has no embedding model"),
+                       code="invalid_value", param="model")
+    return model
+
+
+def check_truncate(state: GatewayState, truncate: int | None) -> int | None:
+    """vLLM's `truncate_prompt_tokens` as a cut: None, or N ≥ 1 (-1: the model's most);
+    a 400 for other values (the embedding model says which N it takes)."""
+    if truncate is not None and truncate < 1 and truncate != -1:
+        raise ApiError(400, "truncate_prompt_tokens must be -1 (the model's most) or at least 1",
+                       code="invalid_value", param="truncate_prompt_tokens")
+    return state.runtime.embedding_max_tokens if truncate == -1 else truncate
+
+
 def embeddings_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("embeddings", __name__)
 
@@ -100,12 +129,8 @@ def embeddings_blueprint(state: GatewayState) -> Blueprint:
     async def embeddings() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         req = decode_json(await request.get_data(cache=False), EmbeddingRequest)
-        state.check_model(req.model, tenant)
+        check_embedding_model(state, req.model, tenant, serves="embeddings")
         name = getattr(state.runtime, "embedding_model_name", None)
-        if req.model not in getattr(state.runtime, "embedding_aliases", ()):
-            raise ApiError(400, f"model {req.model[:100]!r} does not serve embeddings" +
-                           (f"; {name!r} does" if name else ": this server has no embedding model"),
-                           code="invalid_value", param="model")
         if req.encoding_format not in ("float", "base64"):
             raise ApiError(400, f"encoding_format must be float or base64, got {req.encoding_format[:50]!r}",
                            code="invalid_value", param="encoding_format")
@@ -113,13 +138,8 @@ def embeddings_blueprint(state: GatewayState) -> Blueprint:
         if req.dimensions is not None and req.dimensions != dim:
             raise ApiError(400, f"dimensions: {name} gives vectors of {dim} dimensions only (it was not trained "
                            f"to be cut shorter)", code="invalid_value", param="dimensions")
-        truncate = req.truncate_prompt_tokens
-        if truncate is not None and truncate < 1 and truncate != -1:
-            raise ApiError(400, "truncate_prompt_tokens must be -1 (the model's most) or at least 1",
-                           code="invalid_value", param="truncate_prompt_tokens")
+        truncate = check_truncate(state, req.truncate_prompt_tokens)
         texts, ids = embedding_inputs(req.input)
-        if truncate == -1:
-            truncate = state.runtime.embedding_max_tokens
         call = EmbedCall("embd-" + uuid.uuid4().hex, tenant, req.model, texts=texts, token_ids=ids, truncate=truncate)
         reply = await state.runtime.embed(call)
         if isinstance(reply, Rejected):
@@ -132,4 +152,5 @@ def embeddings_blueprint(state: GatewayState) -> Blueprint:
     return bp
 
 
-__all__ = ["EmbeddingRequest", "embedding_body", "embedding_inputs", "embeddings_blueprint"]
+__all__ = ["EmbeddingRequest", "check_embedding_model", "check_truncate", "embedding_body", "embedding_inputs",
+           "embeddings_blueprint"]

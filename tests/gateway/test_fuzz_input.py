@@ -1,5 +1,6 @@
 """No input makes the gateway answer 500: random bodies (the real field names, random
-JSON values, random bytes) against both generation routes and the WebSocket.
+JSON values, random bytes) against both generation routes, the tokenizer's, the
+embedding model's (score, rerank, embeddings) and the WebSocket.
 Requests that pass validation are refused by the fake runtime with a 503, so only
 the gateway's own parsing and mapping are under test.
 
@@ -27,6 +28,8 @@ FIELDS = [
     "use_beam_search", "best_of", "length_penalty", "early_stopping", "echo", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "structured_outputs",
 ]
+SCORING_FIELDS = ["model", "text_1", "text_2", "queries", "documents", "query", "top_n", "return_documents",
+                  "truncate_prompt_tokens"]
 TOKENIZER_FIELDS = ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                     "return_token_strs", "tokens"]
 KEYS = st.sampled_from(["role", "content", "type", "text", "include_usage", "app"]) | st.text(max_size=5)
@@ -60,6 +63,16 @@ def test_random_http_bodies_never_500(served: Served, body: bytes, path: str) ->
     headers = {"Authorization": f"Bearer {served.api_key}", "Content-Type": "application/json"}
     r = httpx.post(served.base_url + path, content=body, headers=headers)
     assert r.status_code in ALLOWED, (r.status_code, body, r.text)
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@FUZZ
+@given(body=st.dictionaries(st.sampled_from(SCORING_FIELDS), values, max_size=6),
+       path=st.sampled_from(["/v1/score", "/v1/rerank", "/v1/embeddings"]))
+def test_random_scoring_bodies_never_500(served: Served, body: dict, path: str) -> None:
+    headers = {"Authorization": f"Bearer {served.api_key}", "Content-Type": "application/json"}
+    r = httpx.post(served.base_url + path, content=json.dumps(body).encode(), headers=headers)
+    assert r.status_code in {400, 404}, (r.status_code, body, r.text)  # the fake runtime has no embedding model
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 

@@ -71,7 +71,8 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
         doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}",
-                 "/v1/models", "/admin/tenants", "/admin/tenants/{tenant_id}/usage"):
+                 "/v1/models", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/admin/tenants",
+                 "/admin/tenants/{tenant_id}/usage"):
         assert path in doc["paths"]
     schemas = doc["components"]["schemas"]
     assert "max_completion_tokens" in schemas["ChatRequest"]["properties"]
@@ -80,6 +81,8 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
     assert "prompt_logprobs" in schemas["ChatRequest"]["properties"]
     assert "previous_response_id" in schemas["ResponsesRequest"]["properties"]
     assert "requests_per_minute" in schemas["Quota"]["properties"]
+    assert schemas["RerankRequest"]["required"] == ["query", "documents"]
+    assert "text_1" in schemas["ScoreRequest"]["properties"]
 
 
 def test_recent_keys_expire_and_are_bounded() -> None:

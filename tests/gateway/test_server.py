@@ -218,6 +218,10 @@ async def test_a_draining_server_is_not_ready_and_sends_new_work_elsewhere(nurse
                           headers=gateway.headers)
     assert (r.status_code, (await r.get_json())["error"]["code"]) == (503, "shutting_down")
     assert r.headers["Retry-After"] == "1"
+    for path, body in [("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "x"}),
+                       ("/v1/rerank", {"query": "x", "documents": ["y"]}), ("/score", {"text_1": "x", "text_2": "y"})]:
+        r = await client.post(path, json=body, headers=gateway.headers)
+        assert (r.status_code, (await r.get_json())["error"]["code"]) == (503, "shutting_down"), path
 
 
 async def test_an_idle_kept_alive_connection_is_closed_after_its_timeout_and_at_a_shutdown(
