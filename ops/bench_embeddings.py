@@ -1,4 +1,5 @@
-"""Embeddings benchmark: what serving /v1/embeddings costs, and what it costs generation.
+"""Embeddings benchmark: what serving /v1/embeddings (and /v1/rerank) costs, and what it
+costs generation.
 
     python -m ops.bench_embeddings [--quick] [--json PATH]
 
@@ -16,7 +17,12 @@
    per token: a stream's chunk times, read by a client whose process also runs the load,
    came bunched.
 
+3. Rerank: the clients of (1) post /v1/rerank instead, each request's first text the
+   query and the rest its documents (`top_n` 5): texts ranked per second, against (1)'s
+   texts embedded per second (what scoring and sorting add to embedding).
+
 JSON keys: served_texts_s, direct_texts_s, served_vs_direct (throughput ratio),
+served_rerank_texts_s, rerank_vs_embeddings (throughput ratio),
 ms_per_token_alone, ms_per_token_with_embeddings, slowdown (with ÷ alone), plus the raw
 figures.
 """
@@ -50,10 +56,19 @@ def texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120))) + "." for _ in range(n)]
 
 
+def embeddings_body(chunk: list[str]) -> dict:
+    return {"model": EMBEDDING_MODEL, "input": chunk, "encoding_format": "base64"}
+
+
+def rerank_body(chunk: list[str]) -> dict:
+    """The chunk's first text as the query, the rest as its documents."""
+    return {"model": EMBEDDING_MODEL, "query": chunk[0], "documents": chunk[1:], "top_n": 5}
+
+
 async def embed_load(url: str, headers: dict, corpus: list[str], batch: int, concurrency: int,
-                     seconds: float) -> dict:
-    """`concurrency` clients post `batch` texts at a time, in turn through `corpus`, for
-    `seconds`; every reply must be 200."""
+                     seconds: float, body=embeddings_body) -> dict:  # type: ignore[no-untyped-def]
+    """`concurrency` clients post `batch` texts at a time (`body` makes the request of a
+    chunk), in turn through `corpus`, for `seconds`; every reply must be 200."""
     done = errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=300) as client:
@@ -65,8 +80,7 @@ async def embed_load(url: str, headers: dict, corpus: list[str], batch: int, con
             while trio.current_time() < deadline:
                 chunk = [corpus[(i + j) % len(corpus)] for j in range(batch)]
                 i += batch * concurrency
-                r = await client.post(url, json={"model": EMBEDDING_MODEL, "input": chunk,
-                                                 "encoding_format": "base64"})
+                r = await client.post(url, json=body(chunk))
                 if r.status_code == 200:
                     done += batch
                 else:
@@ -136,6 +150,9 @@ async def run(args: argparse.Namespace) -> dict:
         await embed_load(url, headers, corpus, args.batch, args.concurrency, 2.0)  # warm-up
         served = await embed_load(url, headers, corpus, args.batch, args.concurrency, args.seconds)
         print(f"served: {served['texts_s']:.1f} texts/s ({served['errors']} errors)", flush=True)
+        rerank = await embed_load(base + "/v1/rerank", headers, corpus, args.batch, args.concurrency,
+                                  args.seconds, rerank_body)
+        print(f"served rerank: {rerank['texts_s']:.1f} texts/s ({rerank['errors']} errors)", flush=True)
 
         prompt = list(range(1000, 1128))
         completions = base + "/v1/completions"
@@ -165,6 +182,9 @@ async def run(args: argparse.Namespace) -> dict:
         "served_texts_s": served["texts_s"],
         "direct_texts_s": direct,
         "served_vs_direct": served["texts_s"] / direct,
+        "served_rerank_texts_s": rerank["texts_s"],
+        "rerank_vs_embeddings": rerank["texts_s"] / served["texts_s"],
+        "served_rerank_errors": rerank["errors"],
         "ms_per_token_alone": alone * 1e3,
         "ms_per_token_with_embeddings": with_load["tpot"] * 1e3,
         "slowdown": with_load["tpot"] / alone,
@@ -189,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds, args.tokens = 5.0, 32
     result = trio.run(run, args)
-    print(f"served ÷ direct throughput: {result['served_vs_direct']:.2f}; time per generated token while "
-          f"embedding ÷ alone: {result['slowdown']:.2f}")
+    print(f"served ÷ direct throughput: {result['served_vs_direct']:.2f}; rerank ÷ embeddings throughput: "
+          f"{result['rerank_vs_embeddings']:.2f}; time per generated token while embedding ÷ alone: "
+          f"{result['slowdown']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
