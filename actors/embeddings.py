@@ -315,12 +315,9 @@ class EmbeddingConfig:
 
     @property
     def aliases(self) -> frozenset[str]:
-        """Every name a request may use: the id, the path it was started with, and for the
-        bundled model its Hugging Face id."""
-        names = {self.served_name, self.model}
-        if self.model == "bundled":
-            names |= BUNDLED_ALIASES
-        return frozenset(names)
+        """Every name a request may use: the id, and the path it was started with, or for
+        the bundled model its Hugging Face id (not `bundled`, the flag's keyword)."""
+        return frozenset({self.served_name} | (BUNDLED_ALIASES if self.model == "bundled" else {self.model}))
 
 
 class EmbeddingService:
@@ -359,6 +356,18 @@ class EmbeddingService:
         # all of them (64 requests: 1.3 s a token instead of 0.05). Taken in turn (a
         # trio.Lock is fair), requests share the embedding time batch by batch.
         self._turn = trio.Lock()
+        self._ending: set[trio.CancelScope] = set()  # one per request embedding its batches (`end_all`)
+        self._end_message = "server shutting down"
+
+    def end_all(self, message: str) -> int:
+        """Shutdown, at the end of the grace period: every request embedding its batches
+        stops after the batch it is in and answers 503 `shutting_down` with `message`
+        (rather than a connection the server cuts), charged for what it embedded. Returns
+        how many."""
+        self._end_message = message
+        for scope in self._ending:
+            scope.cancel()
+        return len(self._ending)
 
     async def _run(self, fn: Any) -> Any:
         run = self.compute.run if self.compute is not None else trio.to_thread.run_sync
@@ -413,25 +422,32 @@ class EmbeddingService:
                                  model=self.name, outcome="cancelled")
             out = np.zeros((len(ids), self.embedder.dim), dtype=np.float32)
             embedded = 0
-            try:
-                for batch in plan_batches([len(one) for one in ids], token_budget=self.config.batch_tokens):
-                    # a compute call runs to its end whatever happens (`actors.compute`), and
-                    # takes no cancellation: a client gone away stops the request here
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    rows = [ids[i] for i in batch]
-                    out[batch] = await self._run(lambda rows=rows: self._encode(rows))
-                    record.ran = True
-                    record.prompt_tokens += sum(len(one) for one in rows)
-                    embedded += len(rows)
-                record.outcome = "ok"
-            except Exception:
-                record.outcome = "error"
-                log.exception("embedding request %s failed", call.request_id)
-                return Rejected(call.request_id, 500, "internal_error", "the embedding model failed on this request")
-            finally:
-                self.accounting.send_nowait(record)  # sized for it: never blocks (`Runtime`)
-                self.metrics.prompt_tokens.labels(tenant).inc(record.prompt_tokens)
-                self.metrics.embedding_inputs.labels(tenant).inc(embedded)
+            with trio.CancelScope() as ending:
+                self._ending.add(ending)
+                try:
+                    for batch in plan_batches([len(one) for one in ids], token_budget=self.config.batch_tokens):
+                        # a compute call runs to its end whatever happens (`actors.compute`), and
+                        # takes no cancellation: a client gone away (or `end_all`) stops the
+                        # request here
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        rows = [ids[i] for i in batch]
+                        out[batch] = await self._run(lambda rows=rows: self._encode(rows))
+                        record.ran = True
+                        record.prompt_tokens += sum(len(one) for one in rows)
+                        embedded += len(rows)
+                    record.outcome = "ok"
+                except Exception:
+                    record.outcome = "error"
+                    log.exception("embedding request %s failed", call.request_id)
+                    return Rejected(call.request_id, 500, "internal_error",
+                                    "the embedding model failed on this request")
+                finally:
+                    self._ending.discard(ending)
+                    self.accounting.send_nowait(record)  # sized for it: never blocks (`Runtime`)
+                    self.metrics.prompt_tokens.labels(tenant).inc(record.prompt_tokens)
+                    self.metrics.embedding_inputs.labels(tenant).inc(embedded)
+            if ending.cancelled_caught:  # charged for the batches embedded (outcome "cancelled")
+                return Rejected(call.request_id, 503, "shutting_down", self._end_message, retry_after=1.0)
             with trio.move_on_after(SETTLE_WAIT_S):  # the answer goes out with the tenant's slot free
                 await record.settled.wait()
             return Embedded(call.request_id, out, tokens, hold.rate_limits)

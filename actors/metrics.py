@@ -87,15 +87,17 @@ class Metrics:
             "embeddings) or phase=refit (regressor refits)", ["phase"], registry=r,
         )
         self.embedding_compute = Counter(  # beside lmgate_step_seconds' sum: what /v1/embeddings costs the engine
-            "lmgate_embedding_compute_seconds", "Seconds the embedding model ran for /v1/embeddings on the engine's "
+            "lmgate_embedding_compute_seconds", "Seconds the embedding model ran for /v1/embeddings, /v1/score and "
+            "/v1/rerank on the engine's "
             "compute thread (CPU engine: the steps wait meanwhile)", registry=r,
         )
         self.embedding_running = Gauge(
-            "lmgate_embedding_requests_running", "/v1/embeddings requests tokenizing, waiting or encoding", registry=r,
+            "lmgate_embedding_requests_running", "/v1/embeddings, /v1/score and /v1/rerank requests tokenizing, "
+            "waiting or encoding", registry=r,
         )
         self.embedding_inputs = Counter(
-            "lmgate_embedding_inputs", "Inputs embedded for /v1/embeddings (their tokens count in "
-            "lmgate_prompt_tokens)", ["tenant"], registry=r,
+            "lmgate_embedding_inputs", "Inputs embedded for /v1/embeddings, and distinct texts for /v1/score and "
+            "/v1/rerank (their tokens count in lmgate_prompt_tokens)", ["tenant"], registry=r,
         )
         self.structured = Counter(
             "lmgate_structured_requests", "Requests admitted with an output constraint (gpu.structured): kind=json, "

@@ -344,9 +344,10 @@ class Runtime:
             async with limiter:
                 try:
                     result = await self.admission.admit(msg.call, msg.sink)
-                except Exception as e:  # noqa: BLE001 — a bug in admission must answer, not hang the caller
+                except Exception:  # noqa: BLE001 — a bug in admission must answer, not hang the caller
                     log.exception("admission failed")
-                    result = Rejected(msg.call.request_id, 500, "internal_error", f"admission failed: {e}")
+                    result = Rejected(msg.call.request_id, 500, "internal_error",
+                                      "admission failed on an internal error (the server log has it)")
                 with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
                     msg.reply.send_nowait(result)
                     return
@@ -428,7 +429,9 @@ class Runtime:
         """Shutdown, at the end of the grace period: every request still waiting or running
         gets a last `Failed` (503 `shutting_down`) on its stream — an SSE client then sees an
         error event and ``[DONE]``, a WebSocket client an error frame, rather than a cut
-        connection — and is aborted; accounting charges what it generated. Returns how many."""
+        connection — and is aborted; accounting charges what it generated. Embedding (and
+        score, rerank) requests stop after their current batch and answer the same 503
+        (`EmbeddingService.end_all`). Returns how many."""
         ended = self._fail_waiting(message, code="shutting_down", outcome="cancelled")
         for st in list(self.stepper.active.values()):
             if not st.cancelled:
@@ -437,6 +440,8 @@ class Runtime:
                 st.cancelled = True  # no token after the Failed; the stepper aborts it between steps
                 ended += 1
         self.stepper.poke()
+        if self.embeddings is not None:
+            ended += self.embeddings.end_all(message)
         return ended
 
     def _fail_waiting(self, message: str, *, code: str = "queue_error", outcome: str = "error") -> int:

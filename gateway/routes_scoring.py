@@ -171,8 +171,8 @@ def scoring_blueprint(state: GatewayState) -> Blueprint:
         req, tenant, model, truncate = await admit(ScoreRequest)
         if req.text_1 is not UNSET or req.text_2 is not UNSET:
             if req.queries is not UNSET or req.documents is not UNSET:
-                raise ApiError(400, "send text_1 and text_2, or queries and documents, not both",
-                               code="invalid_value", param="queries")
+                raise ApiError(400, "send text_1 and text_2, or queries and documents, not a mix of them",
+                               code="invalid_value", param="queries" if req.queries is not UNSET else "documents")
             first, second = "text_1", "text_2"
             one, two = req.text_1, req.text_2
         elif req.queries is not UNSET or req.documents is not UNSET:

@@ -105,6 +105,8 @@ def read_config(folder: Path) -> dict:
         raise LoraError(folder, f"no {CONFIG_FILE} (not a PEFT LoRA folder)") from None
     except (OSError, ValueError) as e:
         raise LoraError(path, f"unreadable ({e})") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise LoraError(path, "unreadable (nested too deeply)") from None
     if not isinstance(cfg, dict):
         raise LoraError(path, "expected a JSON object")
     checks = [
@@ -121,13 +123,29 @@ def read_config(folder: Path) -> dict:
         (not cfg.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) is not supported"),
         (not cfg.get("use_qalora") and not cfg.get("use_bdlora"), "QALoRA and BD-LoRA variants are not supported"),
         (isinstance(cfg.get("r"), int) and cfg["r"] > 0, "r must be a positive integer"),
-        (isinstance(cfg.get("lora_alpha"), int | float) and not isinstance(cfg.get("lora_alpha"), bool)
-         and math.isfinite(cfg.get("lora_alpha")), "lora_alpha must be a finite number"),
+        (_finite_number(cfg.get("lora_alpha")), "lora_alpha must be a finite number"),
+        (_rank_pattern_ok(cfg.get("rank_pattern")), "rank_pattern must map module names to positive integers"),
     ]
     for ok, message in checks:
         if not ok:
             raise LoraError(path, message)
     return cfg
+
+
+def _finite_number(x: object) -> bool:
+    """A JSON number a float holds (an integer of 400 digits is a number, but not one that
+    scales weights: `float` of it overflows)."""
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _rank_pattern_ok(pattern: object) -> bool:
+    return pattern is None or (isinstance(pattern, dict) and all(
+        isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in pattern.values()))
 
 
 @dataclass(frozen=True, eq=False)  # identity: a batch groups rows by adapter object
@@ -207,6 +225,7 @@ def load_adapter(
     if not found:
         raise LoraError(path, "holds no LoRA weights")
     alpha = float(cfg["lora_alpha"])
+    ranks = {cfg["r"], *(cfg.get("rank_pattern") or {}).values()}
     parts = _parts(config)
     groups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     rank = 0
@@ -217,9 +236,16 @@ def load_adapter(
         group, part = _GROUP[module]
         fan_in, fan_out = parts[group][part]
         r = a.shape[0] if a.dim() == 2 else -1
-        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
+        if a.shape != (r, fan_in) or b.shape != (fan_out, r) or r < 1:
             raise LoraError(path, f"layer {layer} {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                             f"do not fit a {fan_in} -> {fan_out} projection of this model")
+        if r not in ranks:  # PEFT scales by the configured rank: weights of another one are not this config's
+            raise LoraError(path, f"layer {layer} {module}: its weights have rank {r}, and the config says r = "
+                            f"{cfg['r']}" + (" (rank_pattern: " + ", ".join(map(str, sorted(ranks - {cfg['r']})))
+                                            + ")" if len(ranks) > 1 else ""))
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise LoraError(path, f"layer {layer} {module}: weights of dtype {a.dtype} and {b.dtype}; LoRA weights "
+                            "are floating point")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise LoraError(path, f"layer {layer} {module}: weights that are not finite (NaN or infinity)")
         if r > max_rank:

@@ -109,7 +109,7 @@ def test_pooling_is_read_from_a_sentence_transformers_folder(tmp_path):
 def test_embedding_config_names():
     bundled = EmbeddingConfig()
     assert bundled.served_name == "all-MiniLM-L6-v2" and bundled.path is None
-    assert "sentence-transformers/all-MiniLM-L6-v2" in bundled.aliases
+    assert bundled.aliases == {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}  # not "bundled"
     local = EmbeddingConfig(model="/models/bge-small-en")
     assert local.served_name == "bge-small-en" and local.aliases == {"bge-small-en", "/models/bge-small-en"}
     with pytest.raises(ValueError):
@@ -248,6 +248,32 @@ async def test_a_cancelled_embedding_is_charged_for_the_batches_it_ran(nursery, 
     assert row.requests == 1 and 0 < row.prompt_tokens < total
     assert rt.metrics.requests.labels("acme", "cancelled")._value.get() == 1
     assert await services["quotas"].running("acme") == 0 and rt.embeddings.in_flight == 0
+
+
+@slow
+async def test_a_shutdown_ends_a_long_embedding_with_a_503_and_charges_what_ran(nursery, ckpt, tokenizer, services):
+    """`Runtime.end_streams` at the end of the grace period: an embedding request stops
+    after its current batch and answers 503 `shutting_down` (it was left running, and the
+    server then cut its connection without an answer)."""
+    rt = await embedding_runtime(nursery, ckpt, tokenizer, services, batch_tokens=64)
+    t = tenant(Quota(requests_per_minute=100))
+    texts = [f"sentence {i} is long enough to take some time to embed here" for i in range(400)]
+    got: list[object] = []
+
+    async def embed() -> None:
+        got.append(await rt.embed(embed_call(t, texts)))
+
+    nursery.start_soon(embed)
+    await wait_until(lambda: rt.metrics.embedding_compute._value.get() > 0)
+    assert rt.end_streams("server shutting down") == 1
+    await wait_until(lambda: bool(got))
+    [out] = got
+    assert isinstance(out, Rejected) and (out.status, out.code, out.retry_after) == (503, "shutting_down", 1.0)
+    await wait_until(lambda: rt.accounting.settled >= 1)
+    [row] = await usage_rows(services["quotas"], "acme")
+    assert row.requests == 1 and 0 < row.prompt_tokens < sum(map(len, rt.embeddings.embedder.tokenize(texts)))
+    assert await services["quotas"].running("acme") == 0 and rt.embeddings.in_flight == 0
+    assert rt.end_streams("again") == 0
 
 
 @slow

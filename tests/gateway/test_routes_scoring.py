@@ -161,6 +161,7 @@ async def test_score_and_rerank_served(nursery: trio.Nursery, tmp_path, redis_ur
             ("/v1/score", {"text_1": "a"}, 400, "text_2"),
             ("/v1/score", {}, 400, "text_1"),
             ("/v1/score", {"text_1": "a", "text_2": "b", "queries": "a", "documents": "b"}, 400, "queries"),
+            ("/v1/score", {"text_1": "a", "documents": "b"}, 400, "documents"),
             ("/v1/score", {"text_1": 3, "text_2": "b"}, 400, "text_1"),
             ("/v1/score", {"text_1": "a", "text_2": []}, 400, "text_2"),
             ("/v1/rerank", {"query": "a", "documents": ["b", ""]}, 400, "documents"),

@@ -213,6 +213,9 @@ def copy_adapter(src: Path, dst: Path, **config) -> Path:
     ({"peft_type": "IA3"}, "only LORA"),
     ({"lora_alpha": "x"}, "lora_alpha"),
     ({"lora_alpha": float("nan")}, "finite number"),
+    ({"lora_alpha": 10 ** 400}, "finite number"),  # a JSON number no float holds (it was an OverflowError)
+    ({"rank_pattern": {"down_proj": 0}}, "rank_pattern"),
+    ({"r": 8}, r"rank 4, and the config says r = 8 \(rank_pattern: 2\)"),  # PEFT scales by the config's r
 ])
 def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_reference, tmp_path, change,
                                                                          message) -> None:
@@ -235,6 +238,14 @@ def test_weights_that_do_not_fit_this_model_are_refused(lora_reference, tmp_path
         load_adapter("x", folder, cfg, torch.float32)
     save_file({**weights, key: torch.full_like(weights[key], float("nan"))}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(LoraError, match="not finite"):
+        load_adapter("x", folder, cfg, torch.float32)
+    b_key = key.replace("lora_A", "lora_B")
+    save_file({**weights, key: torch.zeros(0, weights[key].shape[1]), b_key: torch.zeros(weights[b_key].shape[0], 0)},
+              str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="do not fit"):  # rank 0 (alpha / r divided by zero)
+        load_adapter("x", folder, cfg, torch.float32)
+    save_file({**weights, key: weights[key].to(torch.int32)}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(LoraError, match="floating point"):
         load_adapter("x", folder, cfg, torch.float32)
     del weights[key]
     save_file(weights, str(folder / "adapter_model.safetensors"))
@@ -262,7 +273,13 @@ def test_a_folder_of_adapters_is_searched_by_name(lora_reference, tmp_path) -> N
         with pytest.raises(AdapterNotFound):
             manager.get(name)
     copy_adapter(lora_reference.paths["one"], root / "dora", use_dora=True)  # unservable: not listed
-    assert manager.names() == ["added-later", "support-bot"]
+    copy_adapter(lora_reference.paths["one"], root / "huge-alpha", lora_alpha=10 ** 400)
+    shutil.copytree(lora_reference.paths["one"], root / "deep")
+    (root / "deep" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert manager.names() == ["added-later", "support-bot"]  # (these two made it raise: every listing a 500)
+    for name in ("huge-alpha", "deep"):
+        with pytest.raises(LoraError):
+            manager.get(name)
     manager.reserve({"support-bot", "SmolLM2-135M-Instruct"})  # the served model's names
     assert manager.names() == ["added-later"] and manager.folder("support-bot") is None
     with pytest.raises(LoraError, match="served model's own names"):
