@@ -244,7 +244,8 @@ if tpm >= 0 then
   end
   local used = tonumber(redis.call('GET', tpm_key) or '0')
   if used + tokens > tpm then
-    return deny('tokens_per_minute', win + 60000 - now, tpm .. ' tokens per minute reached')
+    return deny('tokens_per_minute', win + 60000 - now,
+                used .. ' of ' .. tpm .. ' tokens per minute used; this request needs ' .. tokens)
   end
 end
 
@@ -256,7 +257,8 @@ if daily >= 0 then
   end
   local used = tonumber(redis.call('GET', day_key) or '0')
   if used + tokens > daily then
-    return deny('daily_token_budget', (day + 1) * 86400000 - now, 'daily budget of ' .. daily .. ' tokens reached')
+    return deny('daily_token_budget', (day + 1) * 86400000 - now,
+                used .. ' of the daily budget of ' .. daily .. ' tokens used; this request needs ' .. tokens)
   end
 end
 

@@ -69,6 +69,7 @@ async def test_tokens_per_minute(store: RedisStore, quotas: QuotaManager):
     assert isinstance(await quotas.reserve(tenant, "a", 10, 90), Admitted)  # 100 reserved
     denied = await quotas.reserve(tenant, "b", 10, 90)
     assert isinstance(denied, Denied) and denied.limit == "tokens_per_minute"
+    assert denied.reason == "100 of 150 tokens per minute used; this request needs 100"
     assert 0 < denied.retry_after_s <= 60  # rest of the fixed window
     # settle replaces the 100 reserved tokens with the 15 really used: b now fits
     assert await quotas.settle(tenant, "a", 10, 5, "m")
@@ -118,6 +119,7 @@ async def test_daily_token_budget(quotas: QuotaManager):
     assert isinstance(await quotas.reserve(tenant, "a", 400, 400), Admitted)
     denied = await quotas.reserve(tenant, "b", 100, 101)
     assert isinstance(denied, Denied) and denied.limit == "daily_token_budget"
+    assert denied.reason == "800 of the daily budget of 1000 tokens used; this request needs 201"
     now = time.time()
     to_midnight = 86400 - now % 86400
     assert abs(denied.retry_after_s - to_midnight) < 5
