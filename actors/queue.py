@@ -176,6 +176,8 @@ class QueueActor:
         self._reconcile(now)
         sent = 0
         released = self.policy.release(now, self._current_view(slots))[:slots]
+        if released:  # (a release of cancelled requests alone sends nothing: the gauge stayed at them)
+            self.metrics.waiting.set(len(self.policy))
         self._report_kv()
         for job in released:
             st: RequestState = job.payload

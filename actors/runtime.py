@@ -304,19 +304,24 @@ class Runtime:
             self.metrics.rejections.labels(call.tenant.tenant_id, "503", "overloaded").inc()
             return Rejected(call.request_id, 503, "overloaded", "server overloaded: admission backlog full",
                             retry_after=1.0)
-        async with reply_recv:
-            try:
-                return await reply_recv.receive()
-            except trio.Cancelled:
-                # Admission may have answered after the cancel was delivered: its Accepted
-                # sits in the buffer, and closing the channel would drop it with the request
-                # still running (and billed in full). Abort it here; an answer that comes
-                # after the close finds the channel broken and is aborted by admission.
-                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                    late = reply_recv.receive_nowait()
-                    if isinstance(late, Accepted):
-                        late.cancel()
-                raise
+        # closed with `close()`, never `async with`: its `aclose` is a checkpoint, where a
+        # cancel arriving just after the answer did would drop an Accepted on the floor with
+        # its request running (a client gone ~2 ms after sending: generated to the end)
+        try:
+            reply = await reply_recv.receive()
+        except trio.Cancelled:
+            # Admission may have answered after the cancel was delivered: its Accepted
+            # sits in the buffer, and closing the channel would drop it with the request
+            # still running (and billed in full). Abort it here; an answer that comes
+            # after the close finds the channel broken and is aborted by admission.
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                late = reply_recv.receive_nowait()
+                if isinstance(late, Accepted):
+                    late.cancel()
+            raise
+        finally:
+            reply_recv.close()
+        return reply
 
     @property
     def embedding_dim(self) -> int | None:

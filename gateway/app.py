@@ -34,6 +34,7 @@ import prometheus_client
 import trio
 from quart import Response, g, has_request_context, has_websocket_context, request
 from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
@@ -382,6 +383,26 @@ def _route_label() -> str:
     return rule.rule if rule is not None else "unmatched"
 
 
+class HttpConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, which also tells the streamed bodies a route made
+    (`gateway.routes_openai.stream_body`) that the exchange is over, read or not: `abandon()` on each
+    (`gateway.routes_openai.SseBody`: it aborts its request unless it ended).
+
+    Why: a client gone just after its request (a couple of milliseconds) cancels the
+    handler after the route returned its streaming Response but before Quart entered the
+    body (`async with response.response`), so the body's `aclose` never ran; its request
+    generated on, holding KV blocks, until garbage collection happened to free the body
+    (seconds, or the whole answer)."""
+
+    async def handle_request(self, nursery: trio.Nursery, request: Any, send: Any) -> None:  # type: ignore[override]
+        try:
+            await super().handle_request(nursery, request, send)
+        finally:
+            for body in getattr(request, "lmgate_bodies", ()):
+                body.abandon()
+
+
+
 def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) -> QuartTrio:
     """Build the gateway app. `store` must be opened (inside `async with RedisStore`)."""
     from gateway.openapi import openapi_document
@@ -394,6 +415,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.ws import ws_blueprint
 
     app = QuartTrio("lmgate")
+    app.asgi_http_class = HttpConnection
     # keys keep their order (Flask's provider sorts them): logprobs' top_logprobs dicts are
     # best first, as streamed (msgspec) and as OpenAI sends them
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -1342,9 +1342,14 @@ class SseBody:
         finally:
             self.handle.abort()
 
-    def __del__(self) -> None:
+    def abandon(self) -> None:
+        """The answer is over, read or not (`gateway.app.HttpConnection`): abort the request
+        unless it ended. Idempotent."""
         if not self.handle.ended and not self.handle.aborted:
             self.handle.abort()
+
+    def __del__(self) -> None:
+        self.abandon()
 
     async def _generate(self) -> AsyncIterator[bytes]:
         async with aclosing(events_of(self.handle)) as events:
@@ -1365,6 +1370,17 @@ class SseBody:
                 else:
                     yield sse.event(failed_error(event).body())
         yield sse.DONE
+
+
+def stream_body(body: SseBody) -> SseBody:
+    """`body`, registered with the current request: `gateway.app.HttpConnection` calls its
+    `abandon()` when the exchange ends, whether Quart ever read it or not."""
+    current = request._get_current_object()  # type: ignore[attr-defined]
+    bodies = getattr(current, "lmgate_bodies", None)
+    if bodies is None:
+        bodies = current.lmgate_bodies = []
+    bodies.append(body)
+    return body
 
 
 # ---------------------------------------------------------------- routes
@@ -1389,7 +1405,8 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state),
                                  echo=echo, echo_logprobs=echo_logprobs_of(req), n=req.n, tools=tools_of(req),
                                  stream_calls=streams_calls(req))
-        response = Response(SseBody(handle, renderer), content_type="text/event-stream", headers=sse.SSE_HEADERS)
+        response = Response(stream_body(SseBody(handle, renderer)), content_type="text/event-stream",
+                            headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response
 

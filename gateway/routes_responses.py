@@ -45,6 +45,7 @@ from gateway.routes_openai import (
     check_metadata,
     events_of,
     failed_error,
+    stream_body,
     streams_calls,
     submit_all,
     to_generate_calls,
@@ -703,7 +704,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
         if req.stream:
-            response = Response(ResponsesSseBody(handle, turn), content_type="text/event-stream",
+            response = Response(stream_body(ResponsesSseBody(handle, turn)), content_type="text/event-stream",
                                 headers=sse.SSE_HEADERS)
             response.timeout = None
             return response

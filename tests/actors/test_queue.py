@@ -103,6 +103,21 @@ async def test_cancelled_waiting_requests_are_settled_not_sent(nursery):
     assert done.state is gone and done.outcome == "cancelled"
 
 
+async def test_a_release_of_cancelled_requests_alone_empties_the_waiting_gauge(nursery):
+    """Cancelled before the purger saw it (no `notice_cancel`), released, dropped: nothing
+    goes to the stepper, and the gauge must not keep counting it (it read 1 waiting, with
+    nothing anywhere, until the next arrival)."""
+    h = Harness(QueueConfig())
+    await nursery.start(h.actor.run)
+    gone = state("gone")
+    await h.arrive(gone)
+    assert h.actor.metrics.waiting._value.get() == 1
+    gone.cancelled = True
+    assert await h.take(2) == []
+    assert h.done_recv.receive_nowait().outcome == "cancelled"
+    assert len(h.actor) == 0 and h.actor.metrics.waiting._value.get() == 0
+
+
 async def test_cancelled_requests_leave_the_queue_when_noticed_without_a_release(nursery):
     h = Harness(QueueConfig())
     await nursery.start(h.actor.run)

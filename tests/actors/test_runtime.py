@@ -197,6 +197,43 @@ async def test_a_caller_cancelled_as_admission_answers_aborts_its_request(runtim
     assert runtime.engine.block_manager.num_free_blocks == runtime.engine.num_blocks
 
 
+async def test_a_caller_cancelled_just_after_admission_answered_aborts_its_request(runtime, services):
+    """The answer is in, and the cancel lands before the caller runs again: `submit` must
+    hand it over, not lose it at a later checkpoint (the reply channel's `aclose` was one:
+    a client gone ~2 ms after sending had its request generated to the end)."""
+    scope = trio.CancelScope()
+    real_send = runtime._admit_send
+
+    class CancelAfterAnswer:
+        """The reply channel of each message: the answer is sent, then the caller cancelled."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def send_nowait(self, value) -> None:
+            self.inner.send_nowait(value)
+            scope.cancel()
+
+    class Wrap:
+        def send_nowait(self, msg) -> None:
+            real_send.send_nowait(replace(msg, reply=CancelAfterAnswer(msg.reply)))
+
+    runtime._admit_send = Wrap()
+    got = []
+    try:
+        with scope:
+            got.append(await runtime.submit(call(tenant(Quota(requests_per_minute=100), id="gone"),
+                                                 prompt="Once upon a time", max_tokens=600, ignore_eos=True)))
+    finally:
+        runtime._admit_send = real_send
+    if got:  # handed over: the caller owns it and aborts it, as a route's `events_of` does
+        got[0].cancel()
+    await wait_until(lambda: not runtime.engine.has_unfinished() and runtime.accounting.settled >= 1)
+    rows = await usage_rows(services["quotas"], "gone")
+    assert sum(r.completion_tokens for r in rows) < 600  # aborted, not run to the end and billed in full
+    assert runtime.engine.block_manager.num_free_blocks == runtime.engine.num_blocks
+
+
 def flaky(fn, failures: int):
     """`fn` behind a Redis that is down for its first `failures` calls."""
     calls = {"n": 0}

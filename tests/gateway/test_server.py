@@ -224,6 +224,57 @@ async def test_a_draining_server_is_not_ready_and_sends_new_work_elsewhere(nurse
         assert (r.status_code, (await r.get_json())["error"]["code"]) == (503, "shutting_down"), path
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"model": MODEL, "prompt": "SILENT", "max_tokens": 5, "stream": True}),
+    ("/v1/responses", {"model": MODEL, "input": "SILENT", "stream": True}),
+])
+async def test_a_stream_whose_client_left_before_its_first_byte_is_aborted(
+    nursery: trio.Nursery, gateway: Gateway, monkeypatch: pytest.MonkeyPatch, path: str, body: dict
+) -> None:
+    """The client disconnects as the route returns its streaming answer, before Quart
+    starts the body: the body's `aclose` never runs, and only `gateway.app.HttpConnection`
+    ends the request (it generated on until garbage collection freed the body: a client
+    gone ~2 ms after sending held KV blocks for seconds, or the whole answer). Driven at
+    the ASGI level: the disconnect arrives when the answer's start is sent."""
+    from gateway.app import create_app
+    from gateway.routes_openai import SseBody
+
+    runtime = FakeRuntime(nursery)
+    app = create_app(runtime, gateway.stores, gateway.config)
+    kept: list[SseBody] = []  # held, as a reference cycle would: garbage collection cannot end it here
+    real_init = SseBody.__init__
+
+    def keep(self: SseBody, *args: Any) -> None:
+        real_init(self, *args)
+        kept.append(self)
+
+    monkeypatch.setattr(SseBody, "__init__", keep)
+    gone = trio.Event()
+    raw = json.dumps(body).encode()
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            gone.set()
+            await trio.sleep_forever()  # the client is gone: this send never completes
+
+    headers = [(b"authorization", f"Bearer {gateway.api_key}".encode()), (b"content-type", b"application/json"),
+               (b"content-length", str(len(raw)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "extensions": {}}
+    with trio.fail_after(10):
+        await app(scope, receive, send)
+    assert len(kept) == 1 and len(runtime.calls) == 1
+    assert runtime.calls[0].request_id in runtime.cancelled  # aborted when the exchange ended
+
+
 async def test_an_idle_kept_alive_connection_is_closed_after_its_timeout_and_at_a_shutdown(
     nursery: trio.Nursery, gateway: Gateway
 ) -> None:
