@@ -142,13 +142,14 @@ def decode_json(raw: bytes, kind: type[S]) -> S:
 def param_of(exc: msgspec.ValidationError) -> str | None:
     """The top-level request field a msgspec validation error is about (an error's
     `param`): its path ("... - at `$.messages[0].content`" → "messages"), or, at the top
-    level, the missing field ("Object missing required field `prompt`" → "prompt")."""
+    level, the missing or unknown field ("Object missing required field `prompt`" → "prompt",
+    "Object contains unknown field `rpm`" → "rpm")."""
     text = str(exc)
     marker = "at `$."
     if marker in text:
         path = text.split(marker, 1)[1].rstrip("`")
         return path.split("[", 1)[0].split(".", 1)[0] or None
-    missing = "missing required field `"
-    if missing in text:
-        return text.split(missing, 1)[1].split("`", 1)[0] or None
+    for marker in ("missing required field `", "contains unknown field `"):
+        if marker in text:
+            return text.split(marker, 1)[1].split("`", 1)[0] or None
     return None

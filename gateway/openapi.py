@@ -14,7 +14,7 @@ import msgspec
 
 from cache.quotas import Quota
 from cache.tenants import ApiKeyInfo, Tenant
-from gateway.routes_admin import KeyCreate, TenantCreate, TenantUpdate
+from gateway.routes_admin import KeyCreate, QuotaBody, TenantCreate, TenantUpdate
 from gateway.routes_embeddings import EmbeddingRequest
 from gateway.routes_openai import COMPLETIONS_MAX_TOKENS, ChatRequest, CompletionRequest
 from gateway.routes_responses import ResponsesRequest
@@ -22,7 +22,7 @@ from gateway.routes_scoring import RERANK_ROUTES, SCORE_ROUTES, RerankRequest, S
 from gateway.routes_tokenizer import DetokenizeRequest, TokenizeRequest
 
 _SCHEMA_TYPES = (CompletionRequest, ChatRequest, ResponsesRequest, EmbeddingRequest, ScoreRequest, RerankRequest,
-                 TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, Quota, Tenant, ApiKeyInfo)
+                 TokenizeRequest, DetokenizeRequest, TenantCreate, TenantUpdate, KeyCreate, QuotaBody, Quota, Tenant, ApiKeyInfo)
 
 _ERROR = {
     "type": "object",
@@ -145,7 +145,7 @@ def openapi_document() -> dict[str, Any]:
             "patch": _op("Update a tenant", body="TenantUpdate", admin=True, errors=(400, 403, 404)),
             "delete": _op("Delete a tenant and its keys", admin=True, errors=(403, 404)),
         },
-        "/admin/tenants/{tenant_id}/quota": {"put": _op("Set the quota", body="Quota", admin=True, errors=(400, 403, 404))},
+        "/admin/tenants/{tenant_id}/quota": {"put": _op("Set the quota", body="QuotaBody", admin=True, errors=(400, 403, 404))},
         "/admin/tenants/{tenant_id}/keys": {
             "get": _op("List keys", admin=True, errors=(403, 404)),
             "post": _op("Create a key (plaintext returned once)", body="KeyCreate", ok="201", admin=True, errors=(403, 404)),

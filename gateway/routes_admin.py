@@ -47,20 +47,34 @@ if TYPE_CHECKING:
 MAX_USAGE_DAYS = 366
 
 
-class TenantCreate(msgspec.Struct, frozen=True, kw_only=True):
+class QuotaBody(Quota, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A quota as the admin API takes it: a `Quota` whose unknown fields are a 400. A PUT
+    replaces the whole quota, so a misspelt limit (`rpm`) ignored would have set every limit
+    to unlimited. (Stored quotas decode leniently: `Quota`.)"""
+
+    def plain(self) -> Quota:
+        """As a `Quota` (what is stored and compared: structs of two types are never equal)."""
+        return Quota(**msgspec.structs.asdict(self))
+
+
+def plain_quota(quota: QuotaBody | None) -> Quota | None:
+    return None if quota is None else quota.plain()
+
+
+class TenantCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str
     name: str
     priority: int = 0
     shared_cache_pool: bool = False
-    quota: Quota | None = None
+    quota: QuotaBody | None = None
     models: list[str] | None = None  # the models its keys may use (names or patterns like "acme-*"); None: all
 
 
-class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True):
+class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: str | None = None
     priority: int | None = None
     shared_cache_pool: bool | None = None
-    quota: Quota | None = None
+    quota: QuotaBody | None = None
     models: list[str] | None = None  # replaces the list; ["*"] allows every model again
 
 
@@ -75,7 +89,7 @@ def models_of(models: list[str] | None) -> tuple[str, ...] | None:
     return tuple(models)
 
 
-class KeyCreate(msgspec.Struct, frozen=True, kw_only=True):
+class KeyCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: str = "default"
     expires_at: float | None = None  # unix time; or
     expires_in_seconds: float | None = None  # from now; neither: the key never expires
@@ -162,7 +176,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     async def create_tenant() -> Any:
         body = decode_body(await request.get_data(cache=False), TenantCreate)
         tenant = await tenants.create_tenant(
-            body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota,
+            body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=plain_quota(body.quota),
             models=models_of(body.models),
         )
         return to_json(tenant), 201
@@ -183,7 +197,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     async def update_tenant(tenant_id: str) -> Any:
         body = decode_body(await request.get_data(cache=False), TenantUpdate)
         tenant = await tenants.update_tenant(
-            tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=body.quota,
+            tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=plain_quota(body.quota),
             models=models_of(body.models),
         )
         return to_json(tenant)
@@ -199,8 +213,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @bp.put("/tenants/<tenant_id>/quota")
     @store_errors
     async def set_quota(tenant_id: str) -> Any:
-        quota = decode_body(await request.get_data(cache=False), Quota)
-        return to_json(await tenants.update_tenant(tenant_id, quota=quota))
+        quota = decode_body(await request.get_data(cache=False), QuotaBody)
+        return to_json(await tenants.update_tenant(tenant_id, quota=quota.plain()))
 
     @bp.post("/tenants/<tenant_id>/keys")
     @store_errors

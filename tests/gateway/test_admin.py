@@ -9,6 +9,8 @@ import httpx
 import pytest
 import trio
 
+from cache.quotas import Quota
+
 from tests.gateway.conftest import ADMIN_KEY, MODEL, Gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -54,6 +56,23 @@ async def test_tenant_lifecycle(gateway: Gateway) -> None:
         assert (await client.put("/admin/tenants/acme/quota", json={"requests_per_minute": -1})).status_code == 400
         tenant = await gateway.stores.tenants.get_tenant("acme")
         assert tenant is not None and tenant.quota.max_tokens_cap == 64
+        assert type(tenant.quota) is Quota and tenant.quota == Quota(requests_per_minute=10, max_tokens_cap=64)
+
+        # a misspelt field is a 400 naming it, not ignored: a PUT replaces the whole quota, and
+        # `{"rpm": 5}` set every limit to unlimited
+        for method, path, body, param in [
+            ("PUT", "/admin/tenants/acme/quota", {"rpm": 5}, "rpm"),
+            ("PATCH", "/admin/tenants/acme", {"bogus": 1}, "bogus"),
+            ("PATCH", "/admin/tenants/acme", {"quota": {"tokens_per_minute": 5, "tpm": 5}}, "quota"),
+            ("POST", "/admin/tenants", {"id": "new", "name": "n", "quota": {"rpm": 5}}, "quota"),
+            ("POST", "/admin/tenants/acme/keys", {"name": "k", "expires": 60}, "expires"),
+        ]:
+            r = await client.request(method, path, json=body)
+            assert (r.status_code, r.json()["error"]["param"]) == (400, param), (method, path, r.text)
+            assert "unknown field" in r.json()["error"]["message"]
+        tenant = await gateway.stores.tenants.get_tenant("acme")
+        assert tenant is not None and tenant.quota.requests_per_minute == 10  # untouched
+        assert (await client.get("/admin/tenants/new")).status_code == 404
 
         assert (await client.get("/admin/tenants/ghost")).status_code == 404
         assert (await client.delete("/admin/tenants/acme")).json() == {"id": "acme", "deleted": True}
@@ -119,7 +138,7 @@ async def test_usage_per_day_and_model(gateway: Gateway) -> None:
         assert r.json()["tenant_exists"] is True and r.json()["data"] == rows
         deep = b'{"id": "deep", "name": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}"
         r = await client.post("/admin/tenants", content=deep)
-        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "extra")  # refused before it is read
 
 
 async def test_admin_disabled_without_admin_key(nursery, stores, gateway_config) -> None:  # type: ignore[no-untyped-def]
