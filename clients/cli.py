@@ -3,7 +3,8 @@
 Reads a line, sends the conversation so far, prints the answer as it streams
 (over SSE, or over the WebSocket with ``--ws``), and keeps the history. Commands:
 ``/reset`` forgets the history, ``/quit`` (or end of input) leaves. Ctrl-C while an
-answer streams stops it (the server aborts the request) and returns to the prompt.
+answer streams stops it (the server aborts the request) and returns to the prompt;
+Ctrl-C at the prompt leaves (exit status 130). With ``--once`` a failed request's error goes to stderr and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ async def chat_loop(
     system: str | None = None,
     params: dict[str, Any] | None = None,
     use_ws: bool = False,
-) -> None:
-    """The conversation loop (I/O injected so it can be tested without a terminal)."""
+    err: TextIO | None = None,
+) -> int:
+    """The conversation loop (I/O injected so it can be tested without a terminal). A turn
+    that fails prints `[error …]` to `err` (default: `out`, inline in the conversation)
+    and the conversation goes on; returns how many turns failed."""
+    failed = 0
     params = params or {}
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
@@ -95,7 +100,9 @@ async def chat_loop(
             except AuthError:
                 raise
             except LmgateError as error:
-                out.write(f"\n[error {error.status}: {error.message}]\n")
+                nonlocal failed
+                failed += 1
+                (err or out).write(f"\n[error {error.status}: {error.message}]\n")
                 history.pop()
                 continue
             history.append({"role": "assistant", "content": text})
@@ -105,6 +112,7 @@ async def chat_loop(
             await turns(session)
     else:
         await turns(None)
+    return failed
 
 
 def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
@@ -124,13 +132,15 @@ def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         once_done = True
         return args.once
 
-    async def main() -> None:
+    async def main() -> int:
         async with LmgateClient(args.url, args.api_key, model=args.model) as client:
-            reader = once_reader if args.once is not None else stdin_reader
-            await chat_loop(client, reader, out, system=args.system, params=params, use_ws=args.ws)
+            if args.once is not None:  # a script's call: its error on stderr, and a failing exit status
+                return await chat_loop(client, once_reader, out, system=args.system, params=params,
+                                       use_ws=args.ws, err=sys.stderr)
+            return await chat_loop(client, stdin_reader, out, system=args.system, params=params, use_ws=args.ws)
 
     try:
-        anyio.run(main, backend="trio")
+        failed = anyio.run(main, backend="trio")
     except AuthError as error:
         print(f"lmgate chat: {error.message}", file=sys.stderr)
         return 1
@@ -139,4 +149,4 @@ def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return 1 if failed and args.once is not None else 0

@@ -118,12 +118,16 @@ def _read_text(path: str, *, encoding: str = "utf-8") -> str:
 def _start_engine(engine_config):
     """The engine, or `_Exit` for a model that cannot be served (2) or an unavailable
     quantization (1)."""
+    from gateway.config import device_unavailable
     from gpu.engine import Engine
     from gpu.loader import CheckpointError
     from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
     from gpu.tokenizer import TokenizerError
 
+    problem = device_unavailable(engine_config.device)
+    if problem is not None:
+        raise _Exit(2, problem)
     try:
         return Engine(engine_config)
     except (CheckpointError, LoraError, TokenizerError) as e:
@@ -288,7 +292,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     try:
         out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, progress=not args.quiet, fmt=args.format)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a bad source, or a destination that cannot be written
         print(f"lmgate convert: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -202,6 +202,22 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
+def device_unavailable(device: str) -> str | None:
+    """Why `device` (checked by `check_device`) cannot run here, or None: a CUDA device
+    when torch was built without CUDA or sees no such GPU (torch's own error is an
+    AssertionError traceback from deep inside the engine's start)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"device {device!r}: this torch has no usable CUDA (built for the CPU, or no GPU or driver); use cpu"
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        return f"device {device!r}: torch sees {torch.cuda.device_count()} GPU(s)"
+    return None
+
+
 def parse_log_level(name: str) -> int:
     """The `logging` level a ``--log-level`` name means (case-insensitive); ConfigError listing
     the valid names otherwise (no silent fallback to INFO)."""

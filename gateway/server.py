@@ -42,6 +42,7 @@ from gateway.config import (
     GatewayConfig,
     add_config_arguments,
     config_from_args,
+    device_unavailable,
     parse_log_level,
 )
 
@@ -288,6 +289,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         logging.basicConfig(level=parse_log_level(args.log_level))
         config = config_from_args(args)
+        problem = device_unavailable(config.device)
+        if problem is not None:
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"lmgate serve: {e}", file=sys.stderr)
         return 2

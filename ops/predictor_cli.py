@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,10 +99,32 @@ def _read_redis(action: str, url: str) -> tuple[bytes | None, int]:
     return blob, code
 
 
+def _output_problem(path: str) -> str | None:
+    """Why `path` cannot be written (checked before a command spends minutes training), or None."""
+    folder = Path(path).resolve().parent
+    if Path(path).is_dir():
+        return f"{path} is a folder"
+    if not folder.is_dir():
+        return f"no such folder: {folder}"
+    if not os.access(folder, os.W_OK):
+        return f"cannot write into {folder}"
+    return None
+
+
+def _write(action: str, path: str, blob: bytes) -> int:
+    try:
+        Path(path).write_bytes(blob)
+    except OSError as e:
+        return _fail(action, f"cannot write {path}: {e.strerror or e}", 1)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ops.bench_sched import features_of, fixture_max_tokens, train_and_evaluate
     from ops.workload.fixture import FIXTURE, load_fixture, split_fixture
 
+    if (problem := _output_problem(args.output)) is not None:
+        return _fail("train", problem)
     path = Path(args.requests) if args.requests else FIXTURE
     if not path.is_file():
         return _fail("train", f"no such file: {path}")
@@ -136,7 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         predictor = LengthPredictor()
         predictor.train_offline((features_of(r, r.max_tokens, embeddings[r.id]), r.output_tokens, r.finish_reason)
                                 for r in log)
-    Path(args.output).write_bytes(predictor.to_bytes())
+    if code := _write("train", args.output, predictor.to_bytes()):
+        return code
     report["output"] = args.output
     report["predictor"] = predictor.summary()
     print(json.dumps(report, indent=2))
@@ -157,6 +181,8 @@ def _run_redis(action: str, url: str, fn) -> tuple[object, int]:
 
     from cache.store import CacheUnavailable
 
+    if not url.startswith(("redis://", "rediss://", "unix://")):  # (coredis asserts on anything else)
+        return None, _fail(action, f"--redis-url must be redis://, rediss:// or unix://, got {url!r}")
     try:
         try:
             return trio.run(_redis, url, fn), 0
@@ -205,10 +231,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if (problem := _output_problem(args.output)) is not None:
+        return _fail("export", problem)
     blob, code = _read_redis("export", args.redis_url)
     if code:
         return code
-    Path(args.output).write_bytes(blob)
+    if code := _write("export", args.output, blob):
+        return code
     print(json.dumps({"output": args.output, "predictor": LengthPredictor.from_bytes(blob).summary()}, indent=2))
     return 0
 

@@ -67,3 +67,17 @@ def test_run_chat_once_and_bad_key(served: Served) -> None:
     missing = parser.parse_args(["--url", served.base_url, "--once", "hi"])
     missing.api_key = None
     assert run_chat(missing, out=io.StringIO()) == 2
+
+
+@pytest.mark.parametrize("use_ws", [False, True], ids=["sse", "ws"])
+def test_run_chat_once_that_fails_exits_1_with_the_error_on_stderr(served: Served, use_ws: bool,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A script checks the exit status: a failed `--once` request said 0, its error on stdout."""
+    parser = argparse.ArgumentParser()
+    add_chat_arguments(parser)
+    out = io.StringIO()
+    args = parser.parse_args(["--url", served.base_url, "--api-key", served.api_key, "--once", "hi",
+                              "--model", "nope"] + (["--ws"] if use_ws else []))
+    assert run_chat(args, out=out) == 1
+    assert "[error 404" in capsys.readouterr().err and "[error" not in out.getvalue()
+

@@ -143,6 +143,25 @@ def test_serve_reports_bad_settings_in_one_line(capsys: pytest.CaptureFixture[st
     assert message in one_line_error(capsys, "serve")
 
 
+def test_a_cuda_device_this_torch_cannot_use_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """It was torch's AssertionError traceback from inside the engine's start."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    assert main(["generate", "--device", "cuda", "hi"]) == 2
+    assert "this torch has no usable CUDA" in one_line_error(capsys, "generate")
+    assert main(["serve", *quick(tmp_path), "--device", "cuda:1"]) == 2
+    assert "this torch has no usable CUDA" in one_line_error(capsys, "serve")
+
+
+def test_convert_onto_a_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert main(["convert", "smollm2", str(taken), "--quiet"]) == 2
+    assert "File exists" in one_line_error(capsys, "convert") and taken.read_text() == "mine"
+
+
 @pytest.mark.parametrize("content", [b"port = \n", b"\xff\xfe", b"port = 9999\n[gateway]\nmax_waiting = 5\n"])
 def test_serve_reports_a_bad_config_file_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:

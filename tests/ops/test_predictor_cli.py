@@ -114,3 +114,15 @@ def test_redis_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.Cap
     junk.write_bytes(b"junk")
     code, _, err = run(capsys, "import", str(junk), "--redis-url", f"redis://127.0.0.1:{port}/0")
     assert code == 2 and "not a length-predictor blob" in err  # checked before Redis is asked
+
+
+def test_a_bad_redis_url_or_an_unwritable_output_is_one_line(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """They were coredis' AssertionError, and a FileNotFoundError after the whole training."""
+    code, _, err = run(capsys, "show", "--redis-url", "notaurl")
+    assert code == 2 and "--redis-url must be redis://, rediss:// or unix://" in err and "Traceback" not in err
+    for argv in (["export", "--redis-url", "redis://127.0.0.1:1/0"], ["train"]):
+        code, _, err = run(capsys, *argv, "-o", str(tmp_path / "missing" / "x.npz"))
+        assert code == 2 and f"no such folder: {tmp_path / 'missing'}" in err, err
+        code, _, err = run(capsys, *argv, "-o", str(tmp_path))
+        assert code == 2 and "is a folder" in err, err
