@@ -385,8 +385,9 @@ def _route_label() -> str:
 
 class HttpConnection(TrioASGIHTTPConnection):
     """Quart-Trio's HTTP connection, which also tells the streamed bodies a route made
-    (`gateway.routes_openai.stream_body`) that the exchange is over, read or not: `abandon()` on each
-    (`gateway.routes_openai.SseBody`: it aborts its request unless it ended).
+    (`gateway.routes_openai.stream_body`) that the exchange is over, read or not:
+    `abandon()` on each (`gateway.routes_openai.SseBody`: it aborts its request unless it
+    ended).
 
     Why: a client gone just after its request (a couple of milliseconds) cancels the
     handler after the route returned its streaming Response but before Quart entered the
@@ -400,7 +401,6 @@ class HttpConnection(TrioASGIHTTPConnection):
         finally:
             for body in getattr(request, "lmgate_bodies", ()):
                 body.abandon()
-
 
 
 def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) -> QuartTrio:
