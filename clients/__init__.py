@@ -20,12 +20,14 @@ from clients.errors import (
     AuthError,
     BadRequest,
     ConnectionFailed,
+    InvalidRequest,
     LmgateError,
     NotFound,
     Overloaded,
     PermissionDenied,
     RateLimited,
     ServerError,
+    TimedOut,
 )
 from clients.ws import WsSession, WsStream
 
@@ -38,6 +40,7 @@ __all__ = [
     "ConnectionFailed",
     "Delta",
     "Embeddings",
+    "InvalidRequest",
     "LmgateClient",
     "LmgateError",
     "NotFound",
@@ -51,6 +54,7 @@ __all__ = [
     "RetryPolicy",
     "Scores",
     "ServerError",
+    "TimedOut",
     "TokenStream",
     "Usage",
     "WsSession",

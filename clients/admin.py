@@ -1,19 +1,22 @@
 """Async client of the admin API (/admin/..., admin key as Bearer). Replies are the
-gateway's JSON objects (dicts); errors are the typed `clients.errors` classes."""
+gateway's JSON objects (dicts); errors are the typed `clients.errors` classes, as for
+`LmgateClient` (a closed client: `ConnectionFailed`; a failed POST or PATCH is retried
+only if it cannot have reached the server). Ids are sent as one path segment each
+("?", "%" or ".." stay part of the id; an empty id, or one holding "/", is
+`InvalidRequest`), so no id reaches another tenant, key or route."""
 
 from __future__ import annotations
 
 import datetime as dt
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from clients.client import NO_RETRY, RetryPolicy, _raise_for_status, with_retry
-from clients.errors import ConnectionFailed
+from clients.client import JsonApi, RetryPolicy
+from clients.client import path_segment as seg
 
 
-class AdminClient:
+class AdminClient(JsonApi):
     def __init__(
         self,
         base_url: str,
@@ -23,34 +26,11 @@ class AdminClient:
         retry: RetryPolicy | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.retry = retry or NO_RETRY
-        self._owns_http = http is None
-        self.http = http or httpx.AsyncClient(timeout=timeout)
-        self.headers = {"Authorization": f"Bearer {admin_key}"}
-
-    async def __aenter__(self) -> AdminClient:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self.http.aclose()
+        super().__init__(base_url, admin_key, timeout=timeout, retry=retry, http=http)
 
     async def _call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        async def once() -> Any:
-            try:
-                response = await self.http.request(
-                    method, self.base_url + "/admin" + path, json=body, params=params, headers=self.headers
-                )
-            except httpx.TransportError as exc:
-                raise ConnectionFailed(f"{method} {path}: {exc}") from exc
-            await _raise_for_status(response)
-            return response.json()
-
-        return await with_retry(self.retry, once)
+        """`method` /admin`path`; every id in `path` must be escaped with `seg`."""
+        return await self._request_json(method, "/admin" + path, body, params=params)
 
     # -- tenants
 
@@ -77,19 +57,19 @@ class AdminClient:
 
     async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
         """The tenant and its keys (ids, names, display prefixes; never the plaintext)."""
-        return await self._call("GET", f"/tenants/{tenant_id}")
+        return await self._call("GET", f"/tenants/{seg(tenant_id)}")
 
     async def update_tenant(self, tenant_id: str, **fields: Any) -> dict[str, Any]:
         """Change name / priority / shared_cache_pool / quota / models (others unchanged)."""
-        return await self._call("PATCH", f"/tenants/{tenant_id}", fields)
+        return await self._call("PATCH", f"/tenants/{seg(tenant_id)}", fields)
 
     async def delete_tenant(self, tenant_id: str) -> None:
-        await self._call("DELETE", f"/tenants/{tenant_id}")
+        await self._call("DELETE", f"/tenants/{seg(tenant_id)}")
 
     async def set_quota(self, tenant_id: str, **limits: int | None) -> dict[str, Any]:
         """Replace the quota: requests_per_minute, tokens_per_minute, max_concurrent,
         max_tokens_cap, daily_token_budget (omitted = unlimited)."""
-        return await self._call("PUT", f"/tenants/{tenant_id}/quota", limits)
+        return await self._call("PUT", f"/tenants/{seg(tenant_id)}/quota", limits)
 
     # -- keys
 
@@ -100,14 +80,14 @@ class AdminClient:
         body: dict[str, Any] = {"name": name}
         if expires_in_seconds is not None:
             body["expires_in_seconds"] = expires_in_seconds
-        reply = await self._call("POST", f"/tenants/{tenant_id}/keys", body)
+        reply = await self._call("POST", f"/tenants/{seg(tenant_id)}/keys", body)
         return reply["id"], reply["key"]
 
     async def list_keys(self, tenant_id: str) -> list[dict[str, Any]]:
-        return (await self._call("GET", f"/tenants/{tenant_id}/keys"))["data"]
+        return (await self._call("GET", f"/tenants/{seg(tenant_id)}/keys"))["data"]
 
     async def revoke_key(self, key_id: str) -> None:
-        await self._call("DELETE", f"/keys/{key_id}")
+        await self._call("DELETE", f"/keys/{seg(key_id)}")
 
     # -- usage
 
@@ -121,4 +101,4 @@ class AdminClient:
             params["from"] = day_from.isoformat()
         if day_to is not None:
             params["to"] = day_to.isoformat()
-        return (await self._call("GET", f"/tenants/{tenant_id}/usage", params=params))["data"]
+        return (await self._call("GET", f"/tenants/{seg(tenant_id)}/usage", params=params))["data"]

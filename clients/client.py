@@ -27,8 +27,19 @@ only closed when the stream object is garbage-collected.
 
 Retries (opt-in, ``retry=RetryPolicy(...)``): 429 and 503 replies and connection
 failures are retried with exponential backoff, waiting at least the server's
-``Retry-After``; a 429 without Retry-After (cannot succeed) is not retried.
-Streams are retried only before their first byte.
+``Retry-After``; a 429 without Retry-After (cannot succeed) is not retried. A POST
+(every generation, embedding, score) is retried after a connection failure only if it
+cannot have reached the server (connect error or timeout, pool timeout): once sent, a
+broken connection or a read timeout (`TimedOut`) may leave it running, and billed, on
+the server, so sending it again could generate it twice. Streams are retried only
+before their first byte.
+
+Every failure is a `clients.errors.LmgateError`: httpx's own exceptions are mapped
+(`request_error`), and a request that cannot be sent at all (a malformed base URL, an
+API key that is not printable ASCII) is `InvalidRequest`.
+
+A stream object is one request: once finished or closed, iterating it again yields
+nothing, and entering it again (``async with``) raises `InvalidRequest`.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -50,9 +61,11 @@ import msgspec
 
 from clients.errors import (
     ConnectionFailed,
+    InvalidRequest,
     LmgateError,
     Overloaded,
     RateLimited,
+    TimedOut,
     error_for,
     status_of_type,
 )
@@ -221,9 +234,13 @@ class RetryPolicy:
 
     @staticmethod
     def retryable(error: LmgateError) -> bool:
+        """429 with a Retry-After, 503, and a connection failure its raiser marked
+        ``retryable`` (one that cannot run the request twice: see `ConnectionFailed`)."""
         if isinstance(error, RateLimited):
             return error.retry_after is not None
-        return isinstance(error, Overloaded | ConnectionFailed)
+        if isinstance(error, ConnectionFailed):
+            return error.retryable
+        return isinstance(error, Overloaded)
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -291,23 +308,155 @@ async def _raise_for_status(response: httpx.Response) -> None:
     raise error_for(response.status_code, body, response.headers)
 
 
+# ---------------------------------------------------------------- sending
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+# httpx's exceptions for a request that never left the client: resending is safe
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# ... and for one it cannot build or send at all: resending cannot help
+_UNSENDABLE = (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeEncodeError)
+# every exception `request_error` maps (others are bugs, and propagate as they are)
+SEND_ERRORS = (httpx.RequestError, httpx.InvalidURL, UnicodeEncodeError)
+
+
+def describe(exc: BaseException) -> str:
+    """`exc`'s class name and text; never empty (httpx's timeouts often have no text)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def request_error(exc: BaseException, what: str, *, idempotent: bool) -> LmgateError:
+    """The `clients.errors` error for `exc`, one of `SEND_ERRORS` that httpx raised while
+    sending `what` ("POST /v1/completions") or reading its answer.
+
+    A request httpx cannot send is `InvalidRequest`. A connection failure is
+    `ConnectionFailed` (a read or write timeout: `TimedOut`), ``retryable`` if the request
+    cannot have reached the server or is `idempotent`: a POST whose connection broke
+    after it was sent may be generating, and billed, already."""
+    if isinstance(exc, _UNSENDABLE):
+        return InvalidRequest(f"{what}: cannot be sent: {describe(exc)}")
+    if isinstance(exc, _NOT_SENT):
+        return ConnectionFailed(f"{what}: {describe(exc)}")
+    if isinstance(exc, httpx.TimeoutException):  # a read or write one: the request (partly) left
+        return TimedOut(f"{what}: timed out waiting for the server ({describe(exc)})", retryable=idempotent)
+    return ConnectionFailed(f"{what}: {describe(exc)}", retryable=idempotent)
+
+
+def checked_headers(headers: dict[str, str]) -> dict[str, str]:
+    """`headers`, if every value can travel in HTTP (printable ASCII); else
+    `InvalidRequest`, naming the header but not its value (it may be the API key):
+    httpx would raise UnicodeEncodeError for a non-ASCII value, and h11 an error quoting
+    the whole value for a control character (a newline pasted with the key)."""
+    for name, value in headers.items():
+        if not all(" " <= c <= "~" or c == "\t" for c in value):
+            which = " (the API key)" if name.lower() == "authorization" else ""
+            raise InvalidRequest(f"the {name} header{which} holds characters HTTP cannot carry: use printable ASCII")
+    return headers
+
+
+def path_segment(value: str) -> str:
+    """`value` (a tenant, key or response id) escaped as one URL path segment, so that it
+    cannot reach another route: "?", "#", "%" and the like are percent-escaped, and "."
+    or ".." (which httpx would resolve as dot segments, climbing up the path) are sent
+    as %2E. An empty id, or one holding "/", is `InvalidRequest`: no such id exists,
+    and the gateway routes on the unescaped path, where %2F is a separator again
+    ("t1/keys" would read tenant t1's keys)."""
+    if not value or "/" in value:
+        raise InvalidRequest(f"{value!r} is no id: ids are not empty and hold no '/'")
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _json_of(response: httpx.Response, what: str) -> Any:
+    """The JSON of a successful answer; LmgateError (with its status) if it is none, as
+    from something else than lmgate at the base URL, or a redirect."""
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise LmgateError(f"{what}: the answer (HTTP {response.status_code}) is not JSON",
+                          status=response.status_code) from exc
+
+
+class JsonApi:
+    """What `LmgateClient` and `AdminClient` share: an httpx client (closed by `aclose`
+    only if made here), the Bearer header, and one JSON request with retries whose
+    every failure is a `clients.errors.LmgateError`."""
+
+    def __init__(self, base_url: str, key: str, *, timeout: httpx.Timeout | float,
+                 retry: RetryPolicy | None, http: httpx.AsyncClient | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or NO_RETRY
+        self._owns_http = http is None
+        self.http = http or httpx.AsyncClient(timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self.http.aclose()
+
+    def _check_open(self) -> None:
+        """ConnectionFailed, not retryable, once the httpx client is closed (httpx would
+        raise a bare RuntimeError): a closed client stays closed."""
+        if self.http.is_closed:
+            raise ConnectionFailed("the client is closed", retryable=False)
+
+    async def _request_json(self, method: str, path: str, body: Any = None, *,
+                            params: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> Any:
+        """`method` `path` (under the base URL) with a JSON `body`, retried by the policy;
+        the answer's JSON, or the typed error of a refusal or failure."""
+        headers = checked_headers(headers or self.headers)
+        what = f"{method} {path}"
+
+        async def once() -> Any:
+            self._check_open()
+            try:
+                response = await self.http.request(method, self.base_url + path, json=body, params=params,
+                                                   headers=headers)
+            except SEND_ERRORS as exc:
+                raise request_error(exc, what, idempotent=method in IDEMPOTENT_METHODS) from exc
+            await _raise_for_status(response)
+            return _json_of(response, what)
+
+        return await with_retry(self.retry, once)
+
+
 # ---------------------------------------------------------------- streams
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    """An iterator that ends at once: what a finished or closed stream yields."""
+    return
+    yield  # makes this an async generator
 
 
 class TokenStream:
     """Deltas of one streamed request over SSE. Use as ``async with`` (closes the
     connection → the server aborts the request) or plain ``async for``.
-    ``usage`` is set once the server sent it (stream_options.include_usage)."""
+    ``usage`` is set once the server sent it (stream_options.include_usage).
+
+    One object is one request: once it ended or was closed, iterating it again yields
+    nothing (its answer was consumed), and entering it again raises `InvalidRequest`
+    (it cannot be sent again: make a new stream)."""
 
     def __init__(self, open_response: Callable[[AsyncExitStack], Awaitable[httpx.Response]]) -> None:
         self._open_response = open_response
         self._stack = AsyncExitStack()
         self._response: httpx.Response | None = None
+        self._closed = False
         self.usage: Usage | None = None
         self.id: str | None = None
         self._calls: dict[int, dict[int, dict[str, Any]]] = {}  # per choice: its tool calls so far
 
-    async def __aenter__(self) -> TokenStream:
+    async def __aenter__(self) -> Self:
+        if self._closed:
+            raise InvalidRequest("this stream was used already: a stream is one request, start a new one")
         await self._ensure_open()
         return self
 
@@ -315,6 +464,8 @@ class TokenStream:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connection (the server aborts the request if it still runs); idempotent."""
+        self._closed = True
         await self._stack.aclose()
 
     async def _ensure_open(self) -> httpx.Response:
@@ -323,7 +474,7 @@ class TokenStream:
         return self._response
 
     def __aiter__(self) -> AsyncIterator[Delta]:
-        return self._iterate()
+        return _nothing() if self._closed else self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Delta]:
         try:
@@ -350,8 +501,8 @@ class TokenStream:
                         calls = self._calls.pop(delta.index)
                         yield Delta(delta.index, "", None, tool_calls=[calls[k] for k in sorted(calls)])
                     yield delta
-        except httpx.TransportError as exc:
-            raise ConnectionFailed(f"stream broken: {exc}") from exc
+        except httpx.RequestError as exc:
+            raise request_error(exc, "stream broken", idempotent=False) from exc
         finally:
             await self.aclose()
 
@@ -367,7 +518,7 @@ class ResponseStream(TokenStream):
         self.response: Response | None = None
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
-        return self._events()
+        return _nothing() if self._closed else self._events()
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
         try:
@@ -392,8 +543,8 @@ class ResponseStream(TokenStream):
                         self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"],
                                            u.get("input_tokens_details"))
                     return
-        except httpx.TransportError as exc:
-            raise ConnectionFailed(f"stream broken: {exc}") from exc
+        except httpx.RequestError as exc:
+            raise request_error(exc, "stream broken", idempotent=False) from exc
         finally:
             await self.aclose()
 
@@ -401,8 +552,10 @@ class ResponseStream(TokenStream):
 # ---------------------------------------------------------------- client
 
 
-class LmgateClient:
-    """Client of the public API. `model=None` uses the first model the server lists."""
+class LmgateClient(JsonApi):
+    """Client of the public API. `model=None` uses the first model the server lists.
+    `timeout`: seconds to wait for each read or write (a whole non-streamed answer, or
+    the next piece of a stream; `TimedOut` past it); connecting may take 10 s."""
 
     def __init__(
         self,
@@ -414,70 +567,38 @@ class LmgateClient:
         retry: RetryPolicy | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, api_key, timeout=httpx.Timeout(timeout, connect=10.0), retry=retry, http=http)
         self.api_key = api_key
         self.model = model
-        self.retry = retry or NO_RETRY
-        self._owns_http = http is None
-        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
-        self.headers = {"Authorization": f"Bearer {api_key}"}
-
-    async def __aenter__(self) -> LmgateClient:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self.http.aclose()
 
     # -- plumbing
 
     def _headers(self, cache_control: str | None) -> dict[str, str]:
         return {**self.headers, "Cache-Control": cache_control} if cache_control else self.headers
 
-    def _check_open(self) -> None:
-        if self.http.is_closed:  # httpx would raise a bare RuntimeError
-            raise ConnectionFailed("the client is closed")
-
-    async def _request_json(self, method: str, path: str, body: Any = None, cache_control: str | None = None) -> Any:
-        headers = self._headers(cache_control)
-
-        async def once() -> Any:
-            try:
-                response = await self.http.request(method, self.base_url + path, json=body, headers=headers)
-            except httpx.TransportError as exc:
-                raise ConnectionFailed(f"{method} {path}: {exc}") from exc
-            await _raise_for_status(response)
-            return response.json()
-
-        self._check_open()  # not retried: a closed client stays closed
-        return await with_retry(self.retry, once)
-
     async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any],
                            cache_control: str | None = None) -> httpx.Response:
-        """POST a streaming request (retried until the first byte); the response is
-        closed by `stack`."""
-        headers = self._headers(cache_control)
+        """POST a streaming request (retried until the first byte, as `_request_json`
+        retries a POST); the response is closed by `stack`."""
+        headers = checked_headers(self._headers(cache_control))
 
         async def once() -> httpx.Response:
+            self._check_open()
             attempt = AsyncExitStack()
             try:
                 request = self.http.build_request("POST", self.base_url + path, json=body, headers=headers)
                 response = await self.http.send(request, stream=True)
                 attempt.push_async_callback(response.aclose)
                 await _raise_for_status(response)
-            except httpx.TransportError as exc:
+            except SEND_ERRORS as exc:
                 await attempt.aclose()
-                raise ConnectionFailed(f"POST {path}: {exc}") from exc
+                raise request_error(exc, f"POST {path}", idempotent=False) from exc
             except BaseException:
                 await attempt.aclose()
                 raise
             stack.push_async_exit(attempt)
             return response
 
-        self._check_open()  # not retried: a closed client stays closed
         return await with_retry(self.retry, once)
 
     async def _model(self) -> str:
@@ -504,14 +625,17 @@ class LmgateClient:
         A list of prompts is a batch: choice `i * n + j` is the j-th of prompt i.
         `cache_control` is sent as the Cache-Control header: "no-cache" asks for a fresh
         answer, "no-store" keeps it out of the response cache (docs/api.md). So in every
-        method here, and on the WebSocket."""
+        generating method (chat, the streams, respond), and on the WebSocket; embed,
+        score and rerank, whose answers are never cached, refuse it (TypeError)."""
         body = await self._body(params, prompt=prompt)
-        return completion_from(await self._request_json("POST", "/v1/completions", body, cache_control))
+        return completion_from(await self._request_json("POST", "/v1/completions", body,
+                                                        headers=self._headers(cache_control)))
 
     async def chat(self, messages: list[dict[str, Any]], *, cache_control: str | None = None,
                    **params: Any) -> Completion:
         body = await self._body(params, messages=messages)
-        return completion_from(await self._request_json("POST", "/v1/chat/completions", body, cache_control))
+        return completion_from(await self._request_json("POST", "/v1/chat/completions", body,
+                                                        headers=self._headers(cache_control)))
 
     def completions_stream(self, prompt: str | list[int] | list[str] | list[list[int]], *,
                            cache_control: str | None = None, **params: Any) -> TokenStream:
@@ -536,7 +660,7 @@ class LmgateClient:
         its other fields (instructions, previous_response_id, max_output_tokens, tools,
         text, store, truncation, ...; docs/api.md)."""
         body = await self._body(params, **({"input": input} if input is not None else {}))
-        return Response(await self._request_json("POST", "/v1/responses", body, cache_control))
+        return Response(await self._request_json("POST", "/v1/responses", body, headers=self._headers(cache_control)))
 
     def respond_stream(self, input: str | list[dict[str, Any]] | None = None, *,  # noqa: A002
                        cache_control: str | None = None, **params: Any) -> ResponseStream:
@@ -556,6 +680,7 @@ class LmgateClient:
         model's token ids). `model`: the server's embedding model (the bundled one by
         default); `params`: other fields (truncate_prompt_tokens, user). Vectors travel as
         base64, as the openai SDK asks for them."""
+        _refuse_cache_control("embed", params)
         body = {"model": model, "input": input, "encoding_format": "base64",
                 **{k: v for k, v in params.items() if v is not None}}
         return embeddings_from(await self._request_json("POST", "/v1/embeddings", body))
@@ -565,6 +690,7 @@ class LmgateClient:
         """POST /v1/score: the cosine similarity of each pair, with the server's embedding
         model (`model` None: its own). Pairs 1:1, 1:N (the first text against each second
         one) or N:N; `params`: other fields (truncate_prompt_tokens, user)."""
+        _refuse_cache_control("score", params)
         body = {"text_1": text_1, "text_2": text_2, "model": model, **params}
         return scores_from(await self._request_json("POST", "/v1/score",
                                                     {k: v for k, v in body.items() if v is not None}))
@@ -574,19 +700,29 @@ class LmgateClient:
         """POST /v1/rerank: `documents` ranked by their cosine similarity to `query`, best
         first, the `top_n` best (0: all); `params`: other fields (return_documents,
         truncate_prompt_tokens, user)."""
+        _refuse_cache_control("rerank", params)
         body = {"query": query, "documents": documents, "top_n": top_n, "model": model, **params}
         return ranking_from(await self._request_json("POST", "/v1/rerank",
                                                       {k: v for k, v in body.items() if v is not None}))
 
     async def get_response(self, response_id: str) -> Response:
         """A stored response (NotFound once deleted, expired, or another tenant's)."""
-        return Response(await self._request_json("GET", f"/v1/responses/{quote(response_id, safe='')}"))
+        return Response(await self._request_json("GET", f"/v1/responses/{path_segment(response_id)}"))
 
     async def delete_response(self, response_id: str) -> None:
-        await self._request_json("DELETE", f"/v1/responses/{quote(response_id, safe='')}")
+        await self._request_json("DELETE", f"/v1/responses/{path_segment(response_id)}")
 
     def ws(self) -> Any:
         """A WebSocket session multiplexing requests (see clients.ws.WsSession)."""
         from clients.ws import WsSession
 
         return WsSession(self)
+
+
+def _refuse_cache_control(method: str, params: dict[str, Any]) -> None:
+    """TypeError for a `cache_control` given to `method`: the server never caches
+    embeddings, scores or rankings, and passed on it would land in the JSON body, where it
+    means nothing (the generating methods take it as a parameter, sent as a header)."""
+    if "cache_control" in params:
+        raise TypeError(f"{method}() got an unexpected keyword argument 'cache_control' "
+                        "(its answers are never cached)")

@@ -13,7 +13,8 @@ from typing import Any
 
 
 class LmgateError(Exception):
-    """An error reply from the gateway (or a broken connection: status 0)."""
+    """An error reply from the gateway, or a failure on the client side (status 0:
+    `ConnectionFailed`, `InvalidRequest`)."""
 
     def __init__(
         self,
@@ -66,7 +67,35 @@ class ServerError(LmgateError):
 
 
 class ConnectionFailed(LmgateError):
-    """The gateway could not be reached or the connection broke mid-request."""
+    """The gateway could not be reached, or the connection broke or timed out mid-request
+    (status 0; the message always names what failed).
+
+    ``retryable`` says whether sending the request again is safe and can help, which is
+    what `RetryPolicy` goes by. True when the request cannot have reached the server
+    (connect error or timeout, no pooled connection free in time), for an idempotent
+    request (GET, PUT, DELETE), and for a stream of a dropped WebSocket. False when a
+    POST or PATCH failed after it was sent, since the server may be running (and billing)
+    it already, and for a closed client, which stays closed."""
+
+    def __init__(self, message: str, *, retryable: bool = True, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.retryable = retryable
+
+
+class TimedOut(ConnectionFailed):
+    """The request was sent but no answer came within the client's ``timeout`` (a read or
+    write timeout; a stream that stayed silent that long mid-way, too). A subclass of
+    `ConnectionFailed`, so existing handlers still catch it; a POST is not ``retryable``:
+    it may still be generating on the server."""
+
+
+class InvalidRequest(LmgateError):
+    """The client cannot send the request as given (status 0, never retried: it would
+    fail the same way). A malformed base URL (no ``http://``/``https://`` scheme, a bad
+    host or port); an API key or ``cache_control`` value HTTP headers cannot carry
+    (non-ASCII, control characters); a body that cannot be encoded; or a stream object
+    entered a second time (one stream object is one request). Unlike `BadRequest`, the
+    server never saw it."""
 
 
 def _class_for(status: int) -> type[LmgateError]:

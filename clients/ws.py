@@ -16,22 +16,38 @@ cancel scope; or a bare ``async for`` broken out of, once the iterator is droppe
 ``{"type":"cancel"}`` for that id; leaving the session closes the socket, which
 cancels whatever is still running server-side. A dropped connection ends every open
 stream with `ConnectionFailed`, and a stream started on a closed session raises it.
+The one exception: when the server closes the socket because a request frame was
+larger than its limit (413 ``frame_too_large``), the stream(s) whose frame was too
+large get that `BadRequest` (it would fail again), the others `ConnectionFailed`.
+Cancelling ``async with client.ws()`` while it connects (a cancel scope, a timeout)
+closes what was opened and propagates the cancellation, under trio and asyncio.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from httpx_ws import HTTPXWSException, aconnect_ws
 
-from clients.client import Delta, Usage, usage_from
-from clients.errors import ConnectionFailed, LmgateError, error_for
+from clients.client import (
+    SEND_ERRORS,
+    Delta,
+    Usage,
+    checked_headers,
+    describe,
+    request_error,
+    usage_from,
+)
+from clients.errors import ConnectionFailed, InvalidRequest, LmgateError, error_for
 
 if TYPE_CHECKING:
     from clients.client import LmgateClient
@@ -39,7 +55,9 @@ if TYPE_CHECKING:
 
 class WsStream:
     """One request on a session. Iterate for `Delta`s; `usage`/`finish_reasons` are
-    set when the ``done`` frame arrives."""
+    set when the ``done`` frame arrives. As `TokenStream`, one object is one request:
+    once ended or closed, iterating it again yields nothing, and entering it again
+    raises `InvalidRequest`."""
 
     def __init__(self, session: WsSession, request_id: str, endpoint: str, body: dict[str, Any]) -> None:
         self.session = session
@@ -47,15 +65,19 @@ class WsStream:
         self.endpoint = endpoint
         self._body = body
         self._receive: MemoryObjectReceiveStream[Any] | None = None
+        self._closed = False
         self.done = False
         self.usage: Usage | None = None
         self.finish_reasons: list[str] = []
 
     async def start(self) -> None:
-        if self._receive is None:
+        """Send the request frame (once; not after the stream was closed)."""
+        if self._receive is None and not self._closed:
             self._receive = await self.session._start(self)
 
-    async def __aenter__(self) -> WsStream:
+    async def __aenter__(self) -> Self:
+        if self._closed:
+            raise InvalidRequest("this stream was used already: a stream is one request, start a new one")
         await self.start()
         return self
 
@@ -64,6 +86,7 @@ class WsStream:
 
     async def aclose(self) -> None:
         """Cancel server-side if not finished; idempotent."""
+        self._closed = True
         if self._receive is None:
             return
         if not self.done:
@@ -77,9 +100,10 @@ class WsStream:
         return self._iterate()
 
     async def _iterate(self) -> Any:
+        if self._closed:  # ended or closed: its frames were consumed (the buffer is closed)
+            return
         await self.start()
-        if self._receive is None:
-            raise RuntimeError("stream did not start")
+        assert self._receive is not None  # start() sent it or raised
         try:
             async for delta in self._deltas():
                 yield delta
@@ -115,39 +139,55 @@ class WsStream:
                 return
 
 
+@dataclass
+class _Route:
+    """Where the reader puts one request's frames, and the size of the request frame that
+    started it, in UTF-8 bytes, as the server measures it against its frame limit."""
+
+    send: MemoryObjectSendStream[Any]
+    request_bytes: int
+
+
 class WsSession:
-    """An open /v1/ws connection (header auth). Create with `LmgateClient.ws()`."""
+    """An open /v1/ws connection (header auth). Create with `LmgateClient.ws()`.
+    `closed_error`: the last error the server sent for no request (its reason, when it
+    closes the socket), or None."""
 
     def __init__(self, client: LmgateClient) -> None:
         self.client = client
         self._ids = itertools.count(1)
-        self._streams: dict[str, MemoryObjectSendStream[Any]] = {}
+        self._routes: dict[str, _Route] = {}
         self._stack = AsyncExitStack()
         self._ws: Any = None
         self._send_lock = anyio.Lock()
         self.closed_error: LmgateError | None = None
-        self._ended: LmgateError | None = None  # set when the socket is gone: new streams fail with it
+        self._closing_frame: dict[str, Any] | None = None  # the error frame behind closed_error
+        self._ended: str | None = None  # why the socket is gone: new streams fail with ConnectionFailed saying so
 
     @property
     def url(self) -> str:
-        base = self.client.base_url
-        return ("wss://" + base[len("https://"):] if base.startswith("https://") else "ws://" + base.split("://", 1)[-1]) + "/v1/ws"
+        """ws:// (wss://) for the client's http:// (https://) base URL; InvalidRequest for
+        any other (as a plain request on that client would be)."""
+        scheme, sep, rest = self.client.base_url.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise InvalidRequest(f"the base URL {self.client.base_url!r} is not http:// or https://")
+        return ("wss://" if scheme.lower() == "https" else "ws://") + rest + "/v1/ws"
 
-    async def __aenter__(self) -> WsSession:
+    async def __aenter__(self) -> Self:
         try:
+            self.client._check_open()
             # A copy of the headers: httpx_ws adds its upgrade headers to the dict it is
             # given, which would then leak into every later plain request.
+            headers = checked_headers(dict(self.client.headers))
             self._ws = await self._stack.enter_async_context(
-                aconnect_ws(self.url, self.client.http, headers=dict(self.client.headers), max_message_size_bytes=4 * 1024 * 1024)
+                aconnect_ws(self.url, self.client.http, headers=headers, max_message_size_bytes=4 * 1024 * 1024)
             )
             first = await self._ws.receive_json()
-        except Exception as exc:
-            await self._stack.aclose()
-            raise _connection_error(exc) from exc
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._stack.aclose()
-            raise
+        except BaseException as exc:
+            await self._unwind(exc)
+            if isinstance(exc, Exception):
+                raise _connection_error(exc) from exc
+            raise  # a cancellation (or KeyboardInterrupt...) as it is
         if first.get("type") != "ready":
             await self._stack.aclose()
             raise error_for(first.get("status", 500), first)
@@ -156,57 +196,86 @@ class WsSession:
         task_group.start_soon(self._reader)
         return self
 
+    async def _unwind(self, exc: BaseException) -> None:
+        """Close what a failed or cancelled `__aenter__` opened, in the cancel-scope
+        nesting it was opened in. httpx_ws's connection holds a task group (a cancel
+        scope); exiting it inside a scope opened later, such as a shielding one, is what
+        anyio forbids ("Cancel scope stack corrupted" under trio, "Attempted to exit a
+        cancel scope that isn't the current task's current cancel scope" under asyncio).
+        No shield is needed: httpx_ws shields its own closing handshake. `exc` is passed
+        in, so the connection's context managers unwind as for that exception."""
+        await self._stack.__aexit__(type(exc), exc, exc.__traceback__)
+
     async def __aexit__(self, *exc: object) -> None:
-        self._ended = self._ended or ConnectionFailed("the WebSocket session is closed")
+        self._ended = self._ended or "the WebSocket session is closed"
         await self._stack.aclose()
 
     async def _reader(self) -> None:
         try:
             while True:
                 frame = await self._ws.receive_json()
-                target = self._streams.get(frame.get("id"))
-                if target is not None:
+                route = self._routes.get(frame.get("id"))
+                if route is not None:
                     try:
-                        target.send_nowait(frame)  # unbounded: never waits on one stream
+                        route.send.send_nowait(frame)  # unbounded: never waits on one stream
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        self._streams.pop(frame.get("id"), None)
+                        self._routes.pop(frame.get("id"), None)
                 elif frame.get("type") == "error" and frame.get("id") is None:
+                    self._closing_frame = frame
                     self.closed_error = error_for(frame.get("status", 500), frame)
         except (HTTPXWSException, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 OSError, ValueError) as exc:  # closed, reset, or a frame that is not JSON
-            error = self.closed_error or ConnectionFailed(f"WebSocket closed: {exc}")
-            self._ended = error
-            for stream in list(self._streams.values()):
-                with anyio.move_on_after(1):
-                    await stream.send(error)
-                stream.close()
-            self._streams.clear()
+            self._drop(exc)
 
-    async def _send(self, frame: dict[str, Any]) -> None:
+    def _drop(self, exc: BaseException) -> None:
+        """The socket is gone (`exc`): end every open stream with `ConnectionFailed`,
+        retryable on a new session, except those whose request frame was over the limit
+        the server closed the socket for: those get its 413 `BadRequest`, which a retry
+        would get again. The reader puts them into the streams' buffers without waiting
+        (they are unbounded), and every stream gets an error of its own."""
+        closing = self._closing_frame
+        reason = describe(exc) if closing is None else f"{self.closed_error} ({describe(exc)})"
+        self._ended = f"WebSocket closed: {reason}"
+        limit = _frame_limit(closing)  # None unless the server closed it for a frame too large
+        for route in self._routes.values():
+            error: LmgateError = ConnectionFailed(self._ended)
+            if closing is not None and limit is not None and route.request_bytes > limit:
+                error = error_for(closing.get("status", 413), closing)
+            try:
+                route.send.send_nowait(error)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # that stream was closed meanwhile
+            route.send.close()
+        self._routes.clear()
+
+    async def _send(self, text: str) -> None:
+        """Send one frame (JSON text); ConnectionFailed if the socket is gone."""
         if self._ended is not None:
-            raise self._ended
+            raise ConnectionFailed(self._ended)
         try:
             async with self._send_lock:
-                await self._ws.send_json(frame)
+                await self._ws.send_text(text)
         except (HTTPXWSException, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise ConnectionFailed(f"WebSocket closed: {exc}") from exc
+            raise ConnectionFailed(f"WebSocket closed: {describe(exc)}") from exc
         except Exception as exc:  # noqa: BLE001 - wsproto refuses to send on a closed connection
             if type(exc).__module__.startswith("wsproto"):
-                raise ConnectionFailed(f"WebSocket closed: {exc}") from exc
+                raise ConnectionFailed(f"WebSocket closed: {describe(exc)}") from exc
             raise
 
     async def _start(self, stream: WsStream) -> MemoryObjectReceiveStream[Any]:
         if self._ended is not None:
-            raise self._ended
-        cache_control = stream._body.pop("cache_control")
-        body = await self.client._body(dict(stream._body.pop("params")), **stream._body)
-        send, receive = anyio.create_memory_object_stream[Any](math.inf)
-        self._streams[stream.id] = send
+            raise ConnectionFailed(self._ended)
+        fields = dict(stream._body)  # not popped: a start that failed here can be tried again
+        cache_control = fields.pop("cache_control")
+        body = await self.client._body(dict(fields.pop("params")), **fields)
         frame = {"type": "request", "id": stream.id, "endpoint": stream.endpoint, "body": body}
         if cache_control:
             frame["cache_control"] = cache_control
+        text = json.dumps(frame)
+        send, receive = anyio.create_memory_object_stream[Any](math.inf)
+        self._routes[stream.id] = _Route(send, len(text.encode()))
         try:
-            await self._send(frame)
+            await self._send(text)
         except BaseException:
             self._forget(stream.id)
             receive.close()
@@ -214,16 +283,16 @@ class WsSession:
         return receive
 
     async def _cancel(self, request_id: str) -> None:
-        if request_id in self._streams:
+        if request_id in self._routes:
             try:
-                await self._send({"type": "cancel", "id": request_id})
+                await self._send(json.dumps({"type": "cancel", "id": request_id}))
             except Exception:  # noqa: BLE001 - socket already gone: the server cancels on close
                 return
 
     def _forget(self, request_id: str) -> None:
-        send = self._streams.pop(request_id, None)
-        if send is not None:
-            send.close()
+        route = self._routes.pop(request_id, None)
+        if route is not None:
+            route.send.close()
 
     def _stream(self, endpoint: str, params: dict[str, Any], cache_control: str | None, **fields: Any) -> WsStream:
         rid = f"r{next(self._ids)}"
@@ -238,7 +307,23 @@ class WsSession:
         return self._stream("completions", params, cache_control, prompt=prompt)
 
 
+_LIMIT = re.compile(r"limit of (\d+)")
+
+
+def _frame_limit(frame: dict[str, Any] | None) -> int | None:
+    """The limit a ``frame_too_large`` error frame states ("frame of N bytes exceeds the
+    limit of L"); None for another frame, or one stating none (then no stream can be told
+    apart, and every one gets ConnectionFailed)."""
+    error = (frame or {}).get("error") or {}
+    if error.get("code") != "frame_too_large":
+        return None
+    match = _LIMIT.search(str(error.get("message") or ""))
+    return int(match.group(1)) if match else None
+
+
 def _connection_error(exc: BaseException) -> LmgateError:
+    """The error for a failed connect: the server's refusal of the upgrade as its typed
+    error, httpx's exceptions as for a plain request."""
     from httpx_ws import WebSocketUpgradeError
 
     if isinstance(exc, WebSocketUpgradeError):
@@ -252,7 +337,9 @@ def _connection_error(exc: BaseException) -> LmgateError:
         return error_for(response.status_code, body, response.headers)
     if isinstance(exc, LmgateError):
         return exc
-    return ConnectionFailed(f"WebSocket connect failed: {exc}")
+    if isinstance(exc, SEND_ERRORS):
+        return request_error(exc, "WebSocket connect", idempotent=True)
+    return ConnectionFailed(f"WebSocket connect failed: {describe(exc)}")
 
 
 __all__ = ["WsSession", "WsStream"]

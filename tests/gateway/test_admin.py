@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from cache.quotas import Quota
-
 from tests.gateway.conftest import ADMIN_KEY, MODEL, Gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
