@@ -48,7 +48,9 @@ __all__ = [
 
 KEY_PREFIX = "lmg-"
 _DISPLAY_CHARS = 8  # "lmg-" + 4 chars of the random part, enough to tell keys apart
-_TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# ids are URL path segments (/admin/tenants/<id>): "." and ".." would be dot segments,
+# which an HTTP client resolves, climbing to another route
+_TENANT_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
 
 
 class Tenant(msgspec.Struct, frozen=True, kw_only=True):
@@ -259,7 +261,8 @@ class TenantRegistry:
     ) -> Tenant:
         """Create a tenant; raises TenantExists if the id is taken."""
         if not _TENANT_ID.match(tenant_id):
-            raise ValueError(f"tenant id must match {_TENANT_ID.pattern}, got {tenant_id!r}")
+            raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.' or '..'), "
+                             f"got {tenant_id!r}")
         tenant = Tenant(
             id=tenant_id, name=name, priority=priority, shared_cache_pool=shared_cache_pool,
             quota=quota or Quota(), created_at=time.time(), models=models,

@@ -40,6 +40,10 @@ async def test_tenant_lifecycle(gateway: Gateway) -> None:
         assert (r.json()["id"], r.json()["priority"]) == ("acme", 2)
         assert (await client.post("/admin/tenants", json={"id": "acme", "name": "again"})).status_code == 409
         assert (await client.post("/admin/tenants", json={"id": "bad id!", "name": "x"})).status_code == 400
+        for dots in (".", ".."):  # dot segments: a client resolves /admin/tenants/.. to another route
+            assert (await client.post("/admin/tenants", json={"id": dots, "name": "x"})).status_code == 400
+        assert (await client.post("/admin/tenants", json={"id": "...", "name": "x"})).status_code == 201
+        assert (await client.delete("/admin/tenants/...")).status_code == 200  # three dots are a plain segment
         assert (await client.post("/admin/tenants", json={"id": "x"})).status_code == 400
         assert (await client.post("/admin/tenants", content=b"{nope")).status_code == 400
 
