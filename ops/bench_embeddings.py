@@ -13,7 +13,7 @@ costs generation.
 2. Interference: how long a completion of `--tokens` tokens (greedy, EOS ignored) takes
    alone, and while the clients of (1) embed without pause: how much an embedding load
    slows generation (the two share the compute thread; one embedding batch of at most
-   2048 padded tokens runs between two engine steps). Timed whole, request to answer,
+   `--embedding-batch-tokens` padded tokens runs between two engine steps). Timed whole, request to answer,
    per token: a stream's chunk times, read by a client whose process also runs the load,
    came bunched.
 
@@ -106,16 +106,16 @@ async def completion_s_per_token(url: str, headers: dict, prompt: list[int], n: 
     return took / n
 
 
-def direct_texts_s(corpus: list[str], batch: int, threads: int, seconds: float) -> float:
+def direct_texts_s(corpus: list[str], batch: int, threads: int, seconds: float, batch_tokens: int = 512) -> float:
     """Texts per second of the model called directly, request by request as the server
     runs them (tokenize, then `plan_batches`' batches through `encode_ids`)."""
     import torch
 
-    from actors.embeddings import EmbeddingConfig, SentenceEmbedder, plan_batches
+    from actors.embeddings import SentenceEmbedder, plan_batches
 
     torch.set_num_threads(threads)
     emb = SentenceEmbedder(threads=threads)
-    budget = EmbeddingConfig().batch_tokens
+    budget = batch_tokens
     emb.encode_ids(emb.tokenize(corpus[:batch]))  # warm-up
     done, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -136,7 +136,8 @@ async def run(args: argparse.Namespace) -> dict:
     port = free_port()
     gw = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--admin-key", ADMIN_KEY,
-         "--data-dir", str(tmp), "--threads", str(args.threads), "--log-level", "WARNING"],
+         "--data-dir", str(tmp), "--threads", str(args.threads), "--log-level", "WARNING",
+         "--embedding-batch-tokens", str(args.embedding_batch_tokens)],
         env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -176,7 +177,8 @@ async def run(args: argparse.Namespace) -> dict:
             gw.wait(timeout=30)
         except subprocess.TimeoutExpired:
             gw.kill()
-    direct = await trio.to_thread.run_sync(direct_texts_s, corpus, args.batch, args.threads, args.seconds)
+    direct = await trio.to_thread.run_sync(direct_texts_s, corpus, args.batch, args.threads, args.seconds,
+                                           args.embedding_batch_tokens)
     print(f"direct: {direct:.1f} texts/s", flush=True)
     return {
         "served_texts_s": served["texts_s"],
@@ -192,6 +194,7 @@ async def run(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
+        "embedding_batch_tokens": args.embedding_batch_tokens,
     }
 
 
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of each throughput run")
     ap.add_argument("--tokens", type=int, default=96, help="tokens generated for the time per token")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (server and direct run)")
+    ap.add_argument("--embedding-batch-tokens", type=int, default=512,
+                    help="the server's --embedding-batch-tokens (the direct run batches the same)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
     if args.quick:
