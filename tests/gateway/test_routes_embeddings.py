@@ -193,4 +193,9 @@ async def test_no_embedding_model(nursery: trio.Nursery, tmp_path, redis_url: st
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         r = await http.post("/v1/embeddings", json={"model": "SmolLM2-135M-Instruct", "input": "x"})
         assert r.status_code == 400 and "no embedding model" in r.json()["error"]["message"]
+        # nor scores (gateway.routes_scoring): no model named is a 400, the embedding model's name a 404
+        r = await http.post("/v1/rerank", json={"query": "a", "documents": ["b"]})
+        assert r.status_code == 400 and "no embedding model" in r.json()["error"]["message"]
+        r = await http.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": "b"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     stop.set()

@@ -223,16 +223,3 @@ async def test_score_and_rerank_served(nursery: trio.Nursery, tmp_path, redis_ur
         assert 'lmgate_embedding_inputs_total{tenant="rr"} 5.0' in metrics  # 3, then 2 distinct
     stop.set()
 
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("free_engines")
-async def test_no_embedding_model_no_scores(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
-    urls, key, stop = await serve_real(nursery, GatewayConfig(
-        port=0, data_dir=str(tmp_path), redis_url=redis_url, shutdown_grace_seconds=1, dtype="float32",
-        kv_cache_mb=64, max_model_len=1024, embedding_model="none"))
-    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}) as http:
-        r = await http.post("/v1/rerank", json={"query": "a", "documents": ["b"]})
-        assert r.status_code == 400 and "no embedding model" in r.json()["error"]["message"]
-        r = await http.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": "b"})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    stop.set()
