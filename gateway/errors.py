@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -134,9 +135,33 @@ def decode_json(raw: bytes, kind: type[S]) -> S:
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+        raise malformed_json(raw, exc) from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level
         raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from exc
+
+
+# A \uD800-\uDBFF escape (not itself escaped: an even run of backslashes before it) that no
+# \uDC00-\uDFFF escape follows: msgspec reports such a lone high surrogate as "Input data
+# was truncated", which sends a client looking for a cut body.
+_LONE_HIGH_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+def malformed_json(raw: bytes | str, exc: Exception, *, frame: bool = False) -> ApiError:
+    """The 400 for a request body (or WebSocket `frame`) msgspec could not parse, saying
+    why in the client's terms: not UTF-8 (`invalid_encoding`), a lone UTF-16 surrogate
+    escape, or msgspec's own message. Runs on the error path only."""
+    what = "JSON frame" if frame else "JSON"
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return ApiError(400, f"{'frame' if frame else 'request body'} is not valid UTF-8", code="invalid_encoding")
+    lone = _LONE_HIGH_SURROGATE.search(data)
+    if lone is not None:
+        escape = lone.group().lstrip(b"\\").decode("ascii")
+        return ApiError(400, f"malformed {what}: \\{escape} at byte {lone.end() - 6} is half of a UTF-16 surrogate "
+                             "pair (a lone surrogate is not text)", code="invalid_json")
+    return ApiError(400, f"malformed {what}: {exc}", code="invalid_json")
 
 
 def param_of(exc: msgspec.ValidationError) -> str | None:

@@ -44,7 +44,7 @@ from actors.messages import (
     Usage,
 )
 from gateway import sse
-from gateway.errors import ApiError, param_of
+from gateway.errors import ApiError, malformed_json, param_of
 from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
 from gpu.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding, closed_objects
@@ -251,24 +251,11 @@ def decode_request(endpoint: Endpoint, raw: bytes | str | Any) -> CompletionRequ
         return msgspec.convert(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
-    except msgspec.DecodeError as exc:
-        # msgspec < 0.23 raised UnicodeDecodeError for bad UTF-8, 0.23 a DecodeError:
-        # tell the two cases apart by the body itself (this is the error path only)
-        if isinstance(raw, bytes) and not _is_utf8(raw):
-            raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from exc
-        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, "request body is not valid UTF-8", code="invalid_encoding") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec < 0.23 raised UnicodeDecodeError for bad UTF-8, 0.23 a DecodeError
+        raise malformed_json(raw, exc) from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level
         raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from exc
-
-
-def _is_utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- mapping

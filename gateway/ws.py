@@ -30,7 +30,7 @@ from quart import Blueprint, websocket
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from gateway.app import bearer, request_id_of
-from gateway.errors import ApiError
+from gateway.errors import ApiError, malformed_json
 from gateway.routes_openai import (
     CacheDirectives,
     Handle,
@@ -84,7 +84,7 @@ def decode_frame(data: str | bytes) -> ClientFrame:
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid frame: {exc}", code="invalid_frame") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON frame: {exc}", code="invalid_json") from exc
+        raise malformed_json(data, exc, frame=True) from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level
         raise ApiError(400, "malformed JSON frame: nested too deeply", code="invalid_json") from exc
 

@@ -491,6 +491,7 @@ BAD_INPUTS = [
     ("nan temperature", b'{"model": "fake-model", "prompt": "x", "temperature": NaN}', 400, "invalid_json"),
     ("invalid utf-8", b'{"model": "fake-model", "prompt": "\xff\xfe"}', 400, "invalid_encoding"),
     ("empty body", b"", 400, "invalid_json"),
+    ("lone surrogate", b'{"model": "fake-model", "prompt": "x\\ud83d"}', 400, "invalid_json"),
     ("unknown model", b'{"model": "gpt-9", "prompt": "x"}', 404, "model_not_found"),
     ("mixed batch", b'{"model": "fake-model", "prompt": ["x", [1, 2]]}', 400, "invalid_value"),
     ("ids and strings", b'{"model": "fake-model", "prompt": [1, "x"]}', 400, "invalid_value"),

@@ -1,0 +1,51 @@
+"""gateway.errors: the 400s for bodies msgspec cannot parse say why in the client's terms."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from gateway.errors import ApiError, decode_json
+from gateway.ws import decode_frame
+
+
+class Body(msgspec.Struct):
+    text: str
+
+
+def _error(raw: bytes) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        decode_json(raw, Body)
+    return info.value
+
+
+@pytest.mark.parametrize("escape", [rb"\ud83d", rb"\uD800", rb"\udbff"])
+def test_a_lone_high_surrogate_is_named_not_called_truncated(escape: bytes) -> None:
+    raw = b'{"text": "ab' + escape + b'"}'
+    error = _error(raw)
+    assert (error.status, error.code) == (400, "invalid_json")
+    assert "truncated" not in error.message
+    assert escape.decode() in error.message and f"byte {raw.index(escape)}" in error.message
+    assert "surrogate" in error.message
+
+
+def test_a_surrogate_pair_decodes_and_an_escaped_backslash_is_no_escape() -> None:
+    assert decode_json(rb'{"text": "\ud83d\ude00"}', Body).text == "\U0001f600"
+    assert decode_json(rb'{"text": "\\ud800"}', Body).text == "\\ud800"  # a backslash, then "ud800"
+    # a truly cut body still says so; an escaped backslash before it is not an escape
+    assert "truncated" in _error(rb'{"text": "\\ud800').message
+
+
+def test_bad_utf8_is_an_encoding_error_on_every_decoder() -> None:
+    error = _error(b'{"text": "\xff"}')
+    assert (error.code, error.message) == ("invalid_encoding", "request body is not valid UTF-8")
+    with pytest.raises(ApiError) as info:
+        decode_frame(b'{"type": "cancel", "id": "\xff"}')
+    assert (info.value.code, info.value.message) == ("invalid_encoding", "frame is not valid UTF-8")
+
+
+def test_a_websocket_frame_names_its_lone_surrogate() -> None:
+    with pytest.raises(ApiError) as info:
+        decode_frame('{"type": "cancel", "id": "\\ud800"}')
+    assert info.value.code == "invalid_json"
+    assert info.value.message.startswith("malformed JSON frame: \\ud800 at byte 26")
