@@ -291,7 +291,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from gpu.convert import convert_checkpoint
 
     try:
-        out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, progress=not args.quiet, fmt=args.format)
+        out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, progress=not args.quiet, fmt=args.format,
+                                 overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # a bad source, or a destination that cannot be written
         print(f"lmgate convert: {e}", file=sys.stderr)
         return 2
@@ -457,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=["safetensors", "lmg"],
                    help="weights as model.safetensors, or as model.lmg + index: one aligned file whose "
                         "views are the tensors, loaded without parsing or copying (docs/loading.md)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint already in the output folder (its weights, of either format, are "
+                        "removed); without it such a folder is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

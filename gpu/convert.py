@@ -26,12 +26,14 @@ import torch
 from safetensors.torch import save_file
 
 from gpu.config import ModelConfig
-from gpu.fastload import DTYPE_NAMES, is_lmg_folder, write_lmg
+from gpu.fastload import DATA_FILE, DTYPE_NAMES, INDEX_FILE, is_lmg_folder, write_lmg
 from gpu.loader import Checkpoint, CheckpointError, load_checkpoint, load_lmg_folder, resolve_source
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
@@ -65,10 +67,13 @@ FORMATS = ("safetensors", "lmg")
 
 
 def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bool = True,
-                       fmt: str = "safetensors") -> Path:
+                       fmt: str = "safetensors", overwrite: bool = False) -> Path:
     """Write `src` ("smollm2", a .gguf or a HF folder) as a HF folder at `dst`; returns `dst`.
 
-    `dst` is created if needed; files of the same names in it are overwritten.
+    `dst` is created if needed. A `dst` that already holds a checkpoint's weights is
+    refused (ValueError) unless `overwrite`: then the new weights replace them, and the
+    other layout's weight files are removed, since a loader would pick a stale lmg index
+    or shard index over the new `model.safetensors`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -78,19 +83,44 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
     dst = Path(dst)
     if dst.resolve() == source.resolve():
         raise ValueError(f"destination {dst} is the source folder")
+    held = weight_files(dst)
+    if held and not overwrite:
+        raise ValueError(f"{dst} already holds a checkpoint ({', '.join(p.name for p in held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}); --overwrite replaces it")
     ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
     write_folder(ckpt, source, dst, fmt)
     return dst
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint weight files (and their indexes) in `folder`: what a loader reads from a
+    folder (a .gguf beside them is not one: folders load as lmg or safetensors)."""
+    if not folder.is_dir():
+        return []
+    names = {DATA_FILE, INDEX_FILE, SAFETENSORS_INDEX}
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (p.name in names or p.suffix == ".safetensors"))
+
+
 def write_folder(ckpt: Checkpoint, source: Path, dst: Path, fmt: str) -> None:
-    """Write a loaded checkpoint (of `source`) as a folder in `fmt`: weights, config.json, tokenizer."""
+    """Write a loaded checkpoint (of `source`) as a folder in `fmt`: weights, config.json, tokenizer.
+
+    Weights are written beside their final name and moved into place, so a process that
+    has the old file mapped keeps it intact; then weight files of any other layout are
+    removed (indexes first), leaving one checkpoint a loader cannot mistake."""
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in ckpt.state_dict.items()}
     if fmt == "lmg":
         write_lmg(tensors, dst)
+        keep = {DATA_FILE, INDEX_FILE}
     else:
-        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        tmp = dst / f".{SAFETENSORS_FILE}.{os.getpid()}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, dst / SAFETENSORS_FILE)
+        keep = {SAFETENSORS_FILE}
+    stale = [p for p in weight_files(dst) if p.name not in keep]
+    for path in sorted(stale, key=lambda p: not p.name.endswith(".json")):  # indexes before data
+        path.unlink(missing_ok=True)
     dtype = DTYPE_NAMES[next(iter(tensors.values())).dtype]
     (dst / "config.json").write_text(json.dumps(hf_config_dict(ckpt.config, dtype), indent=2) + "\n")
     _write_tokenizer(ckpt, source, dst)

@@ -66,7 +66,11 @@ def test_generate_takes_the_engine_defaults_and_its_flags_override_them():
 @pytest.mark.slow
 def test_convert_writes_the_lmg_format_and_generate_runs_it(capsys: pytest.CaptureFixture[str],
                                                            tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
     from gpu.fastload import is_lmg_folder
+    from gpu.loader import load_checkpoint
 
     dst = tmp_path / "lmg"
     assert main(["convert", "smollm2", str(dst), "--dtype", "bfloat16", "--format", "lmg", "--quiet"]) == 0
@@ -74,6 +78,21 @@ def test_convert_writes_the_lmg_format_and_generate_runs_it(capsys: pytest.Captu
     assert main(["generate", "--model", str(dst), "--dtype", "bfloat16", "--kv-cache-mb", "16", "--max-tokens", "8",
                  "--beam-width", "2", "--json", "What is the capital of France?"]) == 0
     assert '"finish_reason"' in capsys.readouterr().out
+    # the folder holds a checkpoint now: refused without --overwrite, its lmg files left as they were
+    data_mtime = (dst / "model.lmg").stat().st_mtime_ns
+    assert main(["convert", "smollm2", str(dst), "--quiet"]) == 2
+    assert one_line_error(capsys, "convert").endswith(
+        "already holds a checkpoint (model.lmg, model.lmg.index.json); --overwrite replaces it")
+    assert (dst / "model.lmg").stat().st_mtime_ns == data_mtime
+    # replaced by safetensors: the lmg files go (a loader would read their stale bfloat16 weights first)
+    assert main(["convert", "smollm2", str(dst), "--overwrite", "--quiet"]) == 0
+    assert not (dst / "model.lmg").exists() and not (dst / "model.lmg.index.json").exists()
+    assert sorted(p.name for p in dst.iterdir() if not p.name.startswith("tokenizer")) == ["config.json",
+                                                                                           "model.safetensors"]
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.norm.weight").get_dtype() == "F32"
+    assert load_checkpoint(str(dst), torch.float32).config.vocab_size == 49152
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # argparse refuses a format that is not a choice
         main(["convert", "smollm2", str(tmp_path / "x"), "--format", "gguf"])
     assert e.value.code == 2 and "invalid choice: 'gguf'" in capsys.readouterr().err
