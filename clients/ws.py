@@ -53,6 +53,11 @@ if TYPE_CHECKING:
     from clients.client import LmgateClient
 
 
+# How long closing an unfinished stream waits for the server's answer to its cancel
+# (the answer comes once the request's quota has settled: at most ~2 s with a slow Redis).
+CANCEL_ACK_SECONDS = 5.0
+
+
 class WsStream:
     """One request on a session. Iterate for `Delta`s; `usage`/`finish_reasons` are
     set when the ``done`` frame arrives. As `TokenStream`, one object is one request:
@@ -66,6 +71,7 @@ class WsStream:
         self._body = body
         self._receive: MemoryObjectReceiveStream[Any] | None = None
         self._closed = False
+        self._closing: anyio.Event | None = None  # set once an aclose has finished
         self.done = False
         self.usage: Usage | None = None
         self.finish_reasons: list[str] = []
@@ -85,16 +91,38 @@ class WsStream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel server-side if not finished; idempotent."""
+        """Cancel server-side if not finished, and wait (at most `CANCEL_ACK_SECONDS`) for
+        the server's ``cancelled``: it means the request is gone, charged, and its
+        `max_concurrent` slot free, so a request sent next is not refused for this one.
+        Idempotent. The cancel frame is sent even when the caller is being cancelled; the
+        wait for its answer is not shielded (a cancelled caller does not wait)."""
         self._closed = True
         if self._receive is None:
             return
-        if not self.done:
-            self.done = True
-            with anyio.CancelScope(shield=True):
-                await self.session._cancel(self.id)
-        self.session._forget(self.id)
-        self._receive.close()
+        if self._closing is not None:  # another aclose is at work (an abandoned iterator's): wait for it
+            await self._closing.wait()
+            return
+        self._closing = anyio.Event()
+        try:
+            if not self.done:
+                self.done = True
+                with anyio.CancelScope(shield=True):
+                    sent = await self.session._cancel(self.id)
+                if sent:
+                    await self._acknowledged()
+        finally:
+            self.session._forget(self.id)
+            self._receive.close()
+            self._closing.set()
+
+    async def _acknowledged(self) -> None:
+        """Read this stream's frames up to the one that ends it: ``cancelled``, or a
+        ``done``/``error`` that crossed the cancel; the socket's loss ends the wait too."""
+        assert self._receive is not None
+        with anyio.move_on_after(CANCEL_ACK_SECONDS):
+            async for frame in self._receive:
+                if isinstance(frame, LmgateError) or frame.get("type") in ("cancelled", "done", "error"):
+                    return
 
     def __aiter__(self) -> Any:
         return self._iterate()
@@ -282,12 +310,15 @@ class WsSession:
             raise
         return receive
 
-    async def _cancel(self, request_id: str) -> None:
-        if request_id in self._routes:
-            try:
-                await self._send(json.dumps({"type": "cancel", "id": request_id}))
-            except Exception:  # noqa: BLE001 - socket already gone: the server cancels on close
-                return
+    async def _cancel(self, request_id: str) -> bool:
+        """Send a cancel frame for a live request; whether it was sent."""
+        if request_id not in self._routes:
+            return False
+        try:
+            await self._send(json.dumps({"type": "cancel", "id": request_id}))
+        except Exception:  # noqa: BLE001 - socket already gone: the server cancels on close
+            return False
+        return True
 
     def _forget(self, request_id: str) -> None:
         route = self._routes.pop(request_id, None)

@@ -291,6 +291,24 @@ def test_a_ws_stream_read_late_does_not_stall_the_others(served: Served, backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_closing_a_ws_stream_waits_for_the_servers_cancelled(served: Served, backend: str) -> None:
+    # the server answers `cancelled` once the request is gone (its quota settled): a stream
+    # closed early returns only then, so a request sent next cannot be refused for it
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session:
+            for attempt in range(3):
+                async with session.chat_stream([{"role": "user", "content": "HANG"}]) as stream:
+                    async for _ in stream:
+                        break
+                hung = [c.request_id for c in served.runtime.calls if c.messages[0].content == "HANG"]
+                assert len(hung) == attempt + 1 and set(hung) <= served.cancelled_ids()
+            async with session.completions_stream("z", max_tokens=1) as after:
+                assert "".join([d.text async for d in after]) == word(0, 0)
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bare_async_for_broken_out_of_cancels_server_side(served: Served, backend: str) -> None:
     async def scenario() -> None:
         async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session:
