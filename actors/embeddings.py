@@ -192,6 +192,22 @@ class SentenceEmbedder:
                                              f"embedding model takes (truncate_prompt_tokens cuts it)")
         return ids
 
+    def tokenize_each(self, texts: Sequence[str], truncates: Sequence[int | None]) -> list[list[int]]:
+        """`tokenize`, each text with its own cut (`truncates[i]`, as `tokenize`'s
+        `truncate`); an `EmbeddingInputError` names the text by its place in `texts`."""
+        if len(truncates) != len(texts):
+            raise ValueError(f"{len(truncates)} cuts for {len(texts)} texts")
+        out: list[list[int]] = [[] for _ in texts]
+        for cut in dict.fromkeys(truncates):  # one tokenizer call per distinct cut
+            places = [i for i, c in enumerate(truncates) if c == cut]
+            try:
+                ids = self.tokenize([texts[i] for i in places], cut)
+            except EmbeddingInputError as e:
+                raise EmbeddingInputError(places[e.index], e.detail) from None
+            for i, one in zip(places, ids, strict=True):
+                out[i] = one
+        return out
+
     def check_ids(self, batch: Sequence[Sequence[int]], truncate: int | None = None) -> list[list[int]]:
         """Token-id inputs, as `encode_ids` takes them: each id in the vocabulary, each
         input written as the tokenizer writes a text — its special tokens around it
@@ -389,7 +405,11 @@ class EmbeddingService:
 
     async def _token_ids(self, call: EmbedCall) -> list[list[int]]:
         if call.texts is not None:
+            if isinstance(call.truncate, list):
+                return await trio.to_thread.run_sync(self.embedder.tokenize_each, call.texts, call.truncate)
             return await trio.to_thread.run_sync(self.embedder.tokenize, call.texts, call.truncate)
+        if isinstance(call.truncate, list):
+            raise ValueError("token-id inputs take one truncate_prompt_tokens for all")  # no route sends this
         return self.embedder.check_ids(call.token_ids or [], call.truncate)
 
     async def embed(self, call: EmbedCall) -> Embedded | Rejected:

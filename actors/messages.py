@@ -192,16 +192,17 @@ class Accepted(msgspec.Struct):
 class EmbedCall(msgspec.Struct, frozen=True):
     """One `/v1/embeddings` request: `texts` or `token_ids` (the embedding model's own
     vocabulary), one vector each. `truncate`: cut inputs to at most that many tokens
-    (vLLM's `truncate_prompt_tokens`; None: a longer input is a 400). `labels`: what the
-    route calls each input in an error, its field first (`documents[2]`, `query`: the
-    error's `param` is the field); None: `input {i}`, param `input`."""
+    (vLLM's `truncate_prompt_tokens`; None: a longer input is a 400), or, a list, each
+    text's own cut (rerank's `max_tokens_per_doc` cuts documents, not the query). `labels`:
+    what the route calls each input in an error, its field first (`documents[2]`, `query`:
+    the error's `param` is the field); None: `input {i}`, param `input`."""
 
     request_id: str
     tenant: TenantContext
     model: str
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
-    truncate: int | None = None
+    truncate: int | list[int | None] | None = None
     labels: list[str] | None = None
 
 

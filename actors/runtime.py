@@ -333,6 +333,11 @@ class Runtime:
         """The most tokens one input of the embedding model may have."""
         return self.embeddings.embedder.max_length if self.embeddings is not None else None
 
+    @property
+    def embedding_min_tokens(self) -> int | None:
+        """The fewest tokens a cut may leave an input: its special tokens and one of text."""
+        return self.embeddings.embedder.min_length if self.embeddings is not None else None
+
     async def embed(self, call: EmbedCall) -> Embedded | Rejected:
         """A `/v1/embeddings` request's vectors (`actors.embeddings.EmbeddingService`)."""
         if self.embeddings is None or call.model not in self.embedding_aliases:

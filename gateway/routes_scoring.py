@@ -7,7 +7,7 @@ model)::
             usage: {prompt_tokens, total_tokens, completion_tokens: 0}}
     POST /v1/rerank, /rerank, /v2/rerank
                               {model?, query, documents, top_n?=0, return_documents?=true,
-                               truncate_prompt_tokens?}
+                               truncate_prompt_tokens?, max_tokens_per_doc?}
         -> {id, model, usage: {prompt_tokens, total_tokens},
             results: [{index, document: {text}, relevance_score}]}   (best first)
 
@@ -18,7 +18,8 @@ with a `text` string (Cohere's and Jina's form). `model` defaults to the embeddi
 the chat model is a 400 (it is no scorer). Each distinct text is embedded once, and
 `usage` counts the tokens embedded. Everything else is `/v1/embeddings`' (`EmbedCall`):
 the key, the tenant's models and quotas, `truncate_prompt_tokens`, the usage record under
-the embedding model's name, the compute thread's turns.
+the embedding model's name, the compute thread's turns. Rerank also takes Cohere's
+`max_tokens_per_doc`, a cut of the documents alone (`document_cut`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class RerankRequest(msgspec.Struct, frozen=True, kw_only=True):
     top_n: int = 0
     return_documents: bool = True
     truncate_prompt_tokens: int | None = None
+    max_tokens_per_doc: int | None = None  # Cohere's: cut each document (not the query) to this many tokens
     user: str | None = None
 
 
@@ -110,25 +112,42 @@ def score_pairs(n_first: int, n_second: int, first: str, second: str) -> list[tu
 
 
 class Distinct:
-    """Texts to embed, each distinct one once, with what an error calls it (its first
-    place: `query`, `documents[2]`)."""
+    """Texts to embed, each distinct one (with its cut) once, with what an error calls it
+    (its first place: `query`, `documents[2]`) and its cut (tokens, None: none)."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
         self.labels: list[str] = []
-        self._row: dict[str, int] = {}
+        self.cuts: list[int | None] = []
+        self._row: dict[tuple[str, int | None], int] = {}
 
-    def add(self, texts: list[str], param: str, *, listed: bool) -> list[int]:
+    def add(self, texts: list[str], param: str, *, listed: bool, cut: int | None = None) -> list[int]:
         """The row of each text (`listed`: the field was a list, so labels carry the index)."""
         rows = []
         for i, text in enumerate(texts):
-            row = self._row.get(text)
+            row = self._row.get((text, cut))
             if row is None:
-                row = self._row[text] = len(self.texts)
+                row = self._row[(text, cut)] = len(self.texts)
                 self.texts.append(text)
                 self.labels.append(f"{param}[{i}]" if listed else param)
+                self.cuts.append(cut)
             rows.append(row)
         return rows
+
+
+def document_cut(max_tokens_per_doc: int | None, truncate: int | None, runtime: Any) -> int | None:
+    """The cut of each rerank document: Cohere's `max_tokens_per_doc` (at most the
+    embedding model's most; a 400 below the fewest a cut may leave), the stricter of it and
+    `truncate_prompt_tokens` when both are given, else `truncate_prompt_tokens`' (pure)."""
+    if max_tokens_per_doc is None:
+        return truncate
+    most = getattr(runtime, "embedding_max_tokens", None)
+    fewest = getattr(runtime, "embedding_min_tokens", None) or 1
+    if max_tokens_per_doc < fewest:
+        raise _bad("max_tokens_per_doc", f"must be at least {fewest} for this embedding model (its special tokens "
+                                         "and one of text)")
+    cut = min(max_tokens_per_doc, most) if most is not None else max_tokens_per_doc
+    return cut if truncate is None else min(cut, truncate)
 
 
 def cosine(vectors: np.ndarray, a: list[int], b: list[int]) -> list[float]:
@@ -149,7 +168,7 @@ def rerank_order(scores: list[float], top_n: int) -> list[int]:
 def scoring_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("scoring", __name__)
 
-    async def embed(tenant: TenantContext, model: str, distinct: Distinct, truncate: int | None,
+    async def embed(tenant: TenantContext, model: str, distinct: Distinct, truncate: int | list[int | None] | None,
                     prefix: str) -> tuple[np.ndarray, int]:
         call = EmbedCall(f"{prefix}-{uuid.uuid4().hex}", tenant, model, texts=distinct.texts,
                          truncate=truncate, labels=distinct.labels)
@@ -202,10 +221,12 @@ def scoring_blueprint(state: GatewayState) -> Blueprint:
             raise ApiError(400, "top_n must be 0 (every document) or more", code="invalid_value", param="top_n")
         query = score_texts(req.query, "query")
         documents = score_texts(req.documents, "documents", documents=True)
+        doc_cut = document_cut(req.max_tokens_per_doc, truncate, state.runtime)
         distinct = Distinct()
-        (q,) = distinct.add(query, "query", listed=False)
-        rows = distinct.add(documents, "documents", listed=isinstance(req.documents, list))
-        vectors, tokens = await embed(tenant, model, distinct, truncate, "rerank")
+        (q,) = distinct.add(query, "query", listed=False, cut=truncate)
+        rows = distinct.add(documents, "documents", listed=isinstance(req.documents, list), cut=doc_cut)
+        cuts = distinct.cuts if doc_cut != truncate else truncate
+        vectors, tokens = await embed(tenant, model, distinct, cuts, "rerank")
         scores = cosine(vectors, [q] * len(rows), rows)
         results = []
         for i in rerank_order(scores, req.top_n):
