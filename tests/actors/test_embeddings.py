@@ -68,6 +68,17 @@ def test_bfloat16_encoder_gives_float32_vectors_of_the_same_direction(float32):
 
 
 @slow
+def test_each_text_takes_its_own_cut_and_errors_name_its_place(float32):
+    long = "word " * 300
+    ids = float32.tokenize_each(["a b", long, long], [None, 16, 5])
+    assert [len(one) for one in ids] == [4, 16, 5]
+    assert ids[1][-1] == ids[2][-1] == ids[0][-1]  # the closing special token kept
+    with pytest.raises(EmbeddingInputError) as info:
+        float32.tokenize_each(["a", "b", long], [8, 8, None])
+    assert info.value.index == 2 and info.value.detail.startswith(" has 302 tokens")
+
+
+@slow
 def test_auto_follows_the_engines_cpu_rule():
     emb = SentenceEmbedder()  # dtype="auto", what the server loads
     assert emb.dtype == resolve_dtype("auto", "cpu")
