@@ -615,7 +615,10 @@ def rejected_error(rej: Rejected) -> ApiError:
 
 
 def failed_error(fail: Failed) -> ApiError:
-    return ApiError(fail.status, fail.message, code=fail.code, param=fail.param)
+    """The error of a request that failed after admission; a 429 or 503 (a shutdown's grace
+    end) says when to retry, as every 429 and 503 does."""
+    retry_after = 1.0 if fail.status in (429, 503) else None
+    return ApiError(fail.status, fail.message, code=fail.code, param=fail.param, retry_after=retry_after)
 
 
 def usage_json(finished: Finished) -> dict[str, Any]:

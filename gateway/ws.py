@@ -55,6 +55,10 @@ DRAIN_POLL_S = 0.05
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+# Answers of the reader's (errors for refused frames) a client may leave unread before the
+# socket is closed (a client that writes and never reads would otherwise queue them for ever)
+MAX_UNREAD_REPLIES = 64
+CLOSE_TIMEOUT_S = 5.0  # for the last error frame and the close frame of a socket ending on an error
 
 
 class AuthFrame(msgspec.Struct, tag="auth", tag_field="type"):
@@ -109,11 +113,36 @@ class Session:
     cancelling: set[str] = field(default_factory=set)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     drained: bool = False  # the server shut down and this socket's streams are done: close it
+    # the reader's answers (errors for frames it refused), sent by `write_replies`: the
+    # reader itself never waits on a send (see `_serve`)
+    replies: tuple[trio.MemorySendChannel[dict[str, Any]], trio.MemoryReceiveChannel[dict[str, Any]]] = field(
+        default_factory=lambda: trio.open_memory_channel[dict[str, Any]](MAX_UNREAD_REPLIES))
 
     async def send(self, frame: dict[str, Any]) -> None:
         data = _encoder.encode(frame).decode()
         async with self.send_lock:
             await websocket.send(data)
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        """Queue an answer of the reader's; ApiError (fatal for the socket) when the client
+        has left `MAX_UNREAD_REPLIES` of them unsent, by not reading."""
+        try:
+            self.replies[0].send_nowait(frame)
+        except trio.WouldBlock:
+            raise ApiError(400, f"the client sent frames whose {MAX_UNREAD_REPLIES} answers it does not read",
+                           code="client_not_reading") from None
+
+    async def write_replies(self) -> None:
+        async for frame in self.replies[1]:
+            await self.send(frame)
+
+    async def discard_frames(self) -> None:
+        """Read and drop frames until cancelled: while a socket ends, a connection lost
+        reaches the app as Hypercorn's `websocket.disconnect` through queues that only
+        reading empties; left full, the send that found the connection gone waits on
+        them for ever (and with it the socket's handler)."""
+        while True:
+            await websocket.receive()
 
     async def receive(self) -> str | bytes:
         """Next frame; raises ApiError(413) if it is above the size limit."""
@@ -237,39 +266,45 @@ async def _open(session: Session) -> ApiError | None:
 
 
 async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
-    """Read frames until one is fatal (too big); returns that error (raising it
-    inside the nursery would arrive wrapped in an exception group)."""
+    """Read frames until one is fatal (too big, or answers the client leaves unread);
+    returns that error (raising it inside the nursery would arrive wrapped in an exception
+    group). The reader never waits on a send: its answers are queued (`Session.reply`).
+    A reader waiting behind a stream's send to a client that does not read stops emptying
+    Hypercorn's queue to the app, and when that client's connection then dies, the send
+    that finds it gone waits on the full queue to tell the app: the socket never ends."""
     limit = session.state.config.max_streams_per_socket
     while True:
         try:
             data = await session.receive()
-        except ApiError as exc:
+            try:
+                frame = decode_frame(data)
+            except ApiError as exc:
+                session.reply(error_frame(None, exc))
+                continue
+            if isinstance(frame, CancelFrame):
+                scope = session.active.get(frame.id)
+                if scope is not None:
+                    session.cancelling.add(frame.id)
+                    scope.cancel()
+                elif frame.id not in session.cancelling:  # (a repeated cancel: "cancelled" is on its way)
+                    session.reply(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}",
+                                                                 code="unknown_request")))
+            elif isinstance(frame, AuthFrame):
+                session.reply(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
+            elif frame.id in session.active or frame.id in session.cancelling:
+                session.reply(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active",
+                                                             code="duplicate_id")))
+            elif session.state.draining.is_set():
+                session.reply(error_frame(frame.id, ApiError(503, "server shutting down: send this request to "
+                                                             "another server", code="shutting_down",
+                                                             retry_after=1.0)))
+            elif len(session.active) >= limit:
+                session.reply(error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket",
+                                                             code="too_many_streams", retry_after=1.0)))
+            else:
+                await nursery.start(session.run_request, frame)
+        except ApiError as exc:  # too big, or not reading
             return exc
-        try:
-            frame = decode_frame(data)
-        except ApiError as exc:
-            await session.send(error_frame(None, exc))
-            continue
-        if isinstance(frame, CancelFrame):
-            scope = session.active.get(frame.id)
-            if scope is not None:
-                session.cancelling.add(frame.id)
-                scope.cancel()
-            elif frame.id not in session.cancelling:  # (a repeated cancel: "cancelled" is on its way)
-                await session.send(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}", code="unknown_request")))
-        elif isinstance(frame, AuthFrame):
-            await session.send(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
-        elif frame.id in session.active or frame.id in session.cancelling:
-            await session.send(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active", code="duplicate_id")))
-        elif session.state.draining.is_set():
-            await session.send(error_frame(frame.id, ApiError(503, "server shutting down: send this request to "
-                                                              "another server", code="shutting_down")))
-        elif len(session.active) >= limit:
-            await session.send(
-                error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket", code="too_many_streams"))
-            )
-        else:
-            await nursery.start(session.run_request, frame)
 
 
 async def _close_when_drained(session: Session, scope: trio.CancelScope) -> None:
@@ -302,22 +337,24 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
         await websocket.accept()
         state.metrics.ws_connections.inc()
         try:
-            fatal = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_close_when_drained, session, nursery.cancel_scope)
+                nursery.start_soon(session.write_replies)
                 fatal = await _open(session)
                 if fatal is None:
-                    fatal = await _serve(session, nursery)
+                    async with trio.open_nursery() as requests:
+                        fatal = await _serve(session, requests)
+                        # ending: read on (see `Session.discard_frames`) until the requests'
+                        # tasks, whose sends may wait on the client, and the goodbye are done
+                        nursery.start_soon(session.discard_frames)
+                        requests.cancel_scope.cancel()  # (no "cancelled" frames: the socket is what ends)
+                with trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await session.send(error_frame(None, fatal))
+                    code = CLOSE_TOO_BIG if fatal.code == "frame_too_large" else CLOSE_POLICY
+                    await websocket.close(code, fatal.code or "")
                 nursery.cancel_scope.cancel()
             if session.drained:
                 await websocket.close(CLOSE_GOING_AWAY, "shutting_down")
-                return None
-            assert fatal is not None
-            raise fatal
-        except ApiError as exc:
-            await session.send(error_frame(None, exc))
-            code = CLOSE_TOO_BIG if exc.code == "frame_too_large" else CLOSE_POLICY
-            await websocket.close(code, exc.code or "")
         finally:
             state.metrics.ws_connections.dec()
         return None

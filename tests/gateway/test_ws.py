@@ -3,6 +3,11 @@ oversized frames, and socket close → every request cancelled."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import struct
 from typing import Any
 
 import httpx
@@ -301,3 +306,74 @@ async def test_a_body_s_stream_field_is_ignored_so_prompt_logprobs_pass(gateway:
     assert gateway.runtime.calls[-1].params.prompt_logprobs == 1
     first = next(f for f in frames["a"] if f["type"] == "token")
     assert first["prompt_logprobs"][0] is None and len(first["prompt_logprobs"]) == len(first["prompt_token_ids"])
+
+
+# ---------------------------------------------------------------- clients that do not read
+
+
+class RawWs:
+    """A WebSocket client on a bare trio socket with a small receive buffer: it writes
+    frames and reads nothing, so the server's sends to it block, then it resets (RST)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def connect(cls, gateway: Gateway) -> RawWs:
+        host, port = gateway.base_url.removeprefix("http://").split(":")
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        await sock.send((f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                         f"Authorization: Bearer {gateway.api_key}\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        return cls(sock)
+
+    async def send_json(self, obj: dict[str, Any]) -> None:
+        data, mask = json.dumps(obj).encode(), os.urandom(4)
+        assert len(data) < 65536
+        head = bytes([0x81, 0x80 | len(data)]) if len(data) < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(
+            ">H", len(data))
+        out = head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        while out:
+            out = out[await self.sock.send(out):]
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+async def ws_connections(gateway: Gateway) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(gateway.base_url + "/metrics")).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("lmgate_ws_connections ")))
+
+
+@pytest.mark.parametrize("unread", [40, 100])
+async def test_a_client_that_writes_but_never_reads_then_resets_ends_its_socket(gateway: Gateway, unread: int) -> None:
+    # streams fill the client's buffers; then frames the reader answers (unknown cancels):
+    # the reader used to wait behind a blocked stream's send and stop emptying Hypercorn's
+    # queue, so the reset's disconnect never reached the app and the socket's handler
+    # (and the connection gauge) stayed for ever. 100 unread answers: closed as not reading
+    raw = await RawWs.connect(gateway)
+    for i in range(4):
+        await raw.send_json({"type": "request", "id": f"r{i}", "endpoint": "completions",
+                             "body": {"model": MODEL, "prompt": "x", "max_tokens": 400, "n": 4}})
+    await trio.sleep(0.3)
+    for i in range(unread):
+        await raw.send_json({"type": "cancel", "id": f"u{i}"})
+    await trio.sleep(0.5)
+    assert await ws_connections(gateway) == 1
+    raw.reset()
+    with trio.fail_after(5):
+        while await ws_connections(gateway) != 0:
+            await trio.sleep(0.05)
+    ids = [c.request_id for c in gateway.runtime.calls]
+    with trio.fail_after(5):
+        for rid in ids:
+            await gateway.runtime.cancel_events[rid].wait()
