@@ -174,9 +174,11 @@ class Accounting:
         if c.outcome in ("rejected",):
             return
         self.metrics.requests.labels(tenant, c.outcome).inc()
-        if not ran:
+        if not ran:  # cancelled or refused before the engine had it: nothing billed, nothing counted
             return
-        self.metrics.generation_tokens.labels(tenant).inc(st.completion_tokens)
+        self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)  # billed: also a cached answer's
+        if c.outcome != "cached":
+            self.metrics.generation_tokens.labels(tenant).inc(st.completion_tokens)
         if c.outcome != "ok":
             return
         self.metrics.e2e.labels(tenant).observe(st.finished_at - st.arrival)

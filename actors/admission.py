@@ -38,6 +38,7 @@ from actors.metrics import Metrics
 from actors.state import RequestState
 from actors.stepper import Completed
 from cache.quotas import Denied, DuplicateRequest, RateLimits
+from cache.response_cache import scope_for
 from cache.store import CacheUnavailable
 from cache.tenants import Tenant
 from gpu.sampling import SamplingParams, SamplingParamsError
@@ -181,7 +182,8 @@ class Admission:
                       "continue_final_message": call.continue_final_message}
             if self.prompt_cache is not None:
                 try:
-                    hit = await self.prompt_cache.get(self.config.model_name, msgs, **ending)
+                    hit = await self.prompt_cache.get(scope_for(call.tenant.as_tenant()), self.config.model_name,
+                                                      msgs, **ending)
                 except CacheUnavailable:
                     hit = None
                 self.metrics.prompt_cache_lookups.labels("hit" if hit else "miss").inc()
@@ -205,15 +207,17 @@ class Admission:
         raise _Refuse(400, "invalid_value", "a prompt is required", "prompt")
 
     async def _remember(self, call: GenerateCall, rendering: Any) -> None:
-        """Store a chat prompt's rendering (`_tokenize`) in the prompt cache."""
-        if rendering is None or self.prompt_cache is None:
+        """Store a chat prompt's rendering (`_tokenize`) in the prompt cache, unless the
+        request said `no-store` (its conversation must not stay in Redis)."""
+        if rendering is None or self.prompt_cache is None or not call.cache_store:
             return
         from cache.prompt_cache import RenderedPrompt
 
         msgs, text, ids = rendering
         try:
-            await self.prompt_cache.put(self.config.model_name, msgs, call.add_generation_prompt,
-                                        RenderedPrompt(text, ids), call.continue_final_message)
+            await self.prompt_cache.put(scope_for(call.tenant.as_tenant()), self.config.model_name, msgs,
+                                        call.add_generation_prompt, RenderedPrompt(text, ids),
+                                        call.continue_final_message)
         except CacheUnavailable:
             pass
 
@@ -472,8 +476,12 @@ class Admission:
             st.events = send
             st.admitted_at = time.monotonic()
             await self._reserve(call, st)
-            await self._remember(call, rendering)
-            cached = await self._cached(call, st, sink)
+            try:
+                await self._remember(call, rendering)
+                cached = await self._cached(call, st, sink)
+            except BaseException:  # a bug, or a Redis error no cache path expects: the hold must go
+                self.completed.send_nowait(Completed(st, "rejected"))
+                raise
             if cached is not None:
                 admitted = True
                 return cached
@@ -498,6 +506,5 @@ class Admission:
             if self.on_cancel is not None:
                 self.on_cancel()
 
-        self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
         return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled,
                         rate_limits=st.rate_limits)

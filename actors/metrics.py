@@ -39,9 +39,12 @@ class Metrics:
             "lmgate_request_queue_time_seconds", "Time from admission to the engine", ["tenant"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.prompt_tokens = Counter("lmgate_prompt_tokens", "Prompt tokens", ["tenant"], registry=r)
+        self.prompt_tokens = Counter(
+            "lmgate_prompt_tokens", "Prompt tokens billed: of requests the engine ran (to the end or not) or the "
+            "response cache answered, and of embeddings", ["tenant"], registry=r)
         self.generation_tokens = Counter(
-            "lmgate_generation_tokens", "Generated tokens", ["tenant"], registry=r
+            "lmgate_generation_tokens", "Tokens the engine generated (not those of answers from the response cache)",
+            ["tenant"], registry=r
         )
         self.waiting = Gauge("lmgate_num_requests_waiting", "Requests waiting in the queue", registry=r)
         self.running = Gauge("lmgate_num_requests_running", "Requests in the engine", registry=r)

@@ -49,6 +49,7 @@ from actors.messages import Failed, Finished, PromptLogprob, TokenDelta, TopLogp
 from actors.metrics import Metrics
 from actors.policies import StepCostFit
 from actors.state import ChoiceRecord, RequestState
+from cache.response_cache import scope_for
 from gpu.engine import Engine, StepDelta
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class Stepper:
         try:
             # tenants' tiers run higher-first; the step scheduler runs lower keys first
             # tenants share cached prefixes only within the shared cache pool: a hit shows in
-            # `cached_tokens` and in time, and would tell one tenant another's prompt
-            salt = None if st.call.tenant.shared_cache_pool else st.tenant_id
+            # `cached_tokens` and in time, and would tell one tenant another's prompt. The
+            # salt is the response cache's scope, the tenant's creation time in it: a tenant
+            # id deleted and created again must not see the deleted tenant's prompts either
+            salt = None if st.call.tenant.shared_cache_pool else scope_for(st.call.tenant.as_tenant())
             self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
                                     adapter=st.adapter, grammar=st.grammar, cache_salt=salt)
         except ValueError as e:  # admission validated already; this is a last line of defence

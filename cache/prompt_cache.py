@@ -12,10 +12,12 @@ little-endian uint32 (4 bytes per token instead of msgpack's up to 5 + framing).
 ``model`` should name the tokenizer and chat template too (e.g. include a
 revision) when they can change under the same model name.
 
-Redis key: ``{prefix}pc1:<sha256 hex>``, TTL ``ttl_s``. The entry is not
-tenant-scoped: it holds only what the tokenizer computes from the messages, and
-the key is a hash of the full messages, so it reveals nothing to a tenant who
-did not already send them.
+Redis key: ``{prefix}pc1:<scope>:<sha256 hex>``, TTL ``ttl_s``. The scope is the
+response cache's (`cache.response_cache.scope_for`: the tenant, or the shared pool):
+an entry holds only what the tokenizer computes from the messages, but whether it
+exists shows, in the time a request takes to be refused or answered, whether someone
+sent that exact conversation, and a tenant must not learn that about another.
+An entry that does not decode is a miss (`RedisStore.get_value`).
 """
 
 from __future__ import annotations
@@ -80,22 +82,25 @@ class PromptCache:
         self.ttl_s = ttl_s
 
     async def get(
-        self, model: str, messages: Sequence[Any], add_generation_prompt: bool = True,
+        self, scope: str, model: str, messages: Sequence[Any], add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> RenderedPrompt | None:
-        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt, continue_final_message))
-        with self.store.guard():
-            raw = await self.store.client.get(key)
-        if raw is None:
-            return None
-        stored = _decoder.decode(raw)
-        return RenderedPrompt(stored.text, unpack_ids(stored.packed_ids))
+        """The rendering stored under `scope` for these messages, or None; CacheUnavailable
+        when Redis is down (a miss to the caller)."""
+        key = self.store.key("pc1", scope, prompt_key(model, messages, add_generation_prompt, continue_final_message))
+        return await self.store.get_value(key, _decode)
 
     async def put(
-        self, model: str, messages: Sequence[Any], add_generation_prompt: bool,
+        self, scope: str, model: str, messages: Sequence[Any], add_generation_prompt: bool,
         rendered: RenderedPrompt, continue_final_message: bool = False,
     ) -> None:
-        key = self.store.key("pc1", prompt_key(model, messages, add_generation_prompt, continue_final_message))
+        key = self.store.key("pc1", scope, prompt_key(model, messages, add_generation_prompt, continue_final_message))
         value = msgspec.msgpack.encode(_Stored(rendered.text, pack_ids(rendered.token_ids)))
-        with self.store.guard():
-            await self.store.client.set(key, value, px=round(self.ttl_s * 1000))
+        await self.store.set_value(key, value, self.ttl_s)
+
+
+def _decode(raw: bytes) -> RenderedPrompt:
+    stored = _decoder.decode(raw)
+    if len(stored.packed_ids) % _TOKEN_DTYPE.itemsize:
+        raise ValueError(f"{len(stored.packed_ids)} bytes of token ids are not whole uint32s")
+    return RenderedPrompt(stored.text, unpack_ids(stored.packed_ids))

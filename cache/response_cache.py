@@ -131,16 +131,16 @@ class ResponseCache:
         self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
         params: msgspec.Struct | Mapping[str, Any],
     ) -> CachedCompletion | None:
-        """The cached completion or None. Raises CacheUnavailable (callers usually
-        treat that as a miss: fail open)."""
+        """The cached completion or None (also for an entry that does not decode:
+        `RedisStore.get_value`). Raises CacheUnavailable (callers usually treat that as a
+        miss: fail open)."""
         key = self._redis_key(tenant, model, prompt_token_ids, params)
-        with self.store.guard():
-            raw = await self.store.client.get(key)
-        if raw is None:
+        hit = await self.store.get_value(key, _value_decoder.decode)
+        if hit is None:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
-        return _value_decoder.decode(raw)
+        return hit
 
     async def put(
         self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
@@ -153,7 +153,6 @@ class ResponseCache:
             self.stats.skipped_too_large += 1
             return False
         key = self._redis_key(tenant, model, prompt_token_ids, params)
-        with self.store.guard():
-            await self.store.client.set(key, value, px=round(self.ttl_s * 1000))
+        await self.store.set_value(key, value, self.ttl_s)
         self.stats.stores += 1
         return True

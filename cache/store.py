@@ -6,8 +6,9 @@ that goes away and comes back is survived without any reconnect loop here: the
 commands issued while it is down fail, the first one after it is back succeeds.
 
 Every operation of the cache/ components goes through ``RedisStore.guard()``,
-which turns "Redis is unreachable" (connection refused/reset, timeouts) into one
-exception type, ``CacheUnavailable``, and records health. Callers decide what a
+which turns "Redis is unreachable" (connection refused/reset, timeouts), and "Redis
+refuses service" (read-only, out of memory: ``is_refusal``), into one exception type,
+``CacheUnavailable``, and records health. Callers decide what a
 missing Redis means for them: the response cache fails open (just a miss), quota
 reservation fails closed or open by gateway policy. Errors that are *not* about
 reachability (a bug in a Lua script, a wrong type) propagate unchanged.
@@ -23,15 +24,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import coredis
 import coredis.exceptions
 from coredis.retry import ConstantRetryPolicy
 
-__all__ = ["CacheUnavailable", "RedisStore"]
+__all__ = ["CacheUnavailable", "RedisStore", "is_refusal"]
 
 # Exceptions meaning "could not talk to Redis" (as opposed to "Redis said no").
 _UNREACHABLE: tuple[type[BaseException], ...] = (
@@ -39,6 +40,24 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+# Replies meaning "Redis is there but will not serve this now": a replica after a failover
+# (READONLY), maxmemory reached under noeviction (OOM), a failed RDB save (MISCONF), a
+# script running too long (BUSY), a primary gone (MASTERDOWN, NOREPLICAS), a cluster
+# slot moving (TRYAGAIN), a server still loading (LOADING). As an unreachable Redis, these
+# are an outage to degrade through, not a bug: a request must not fail on them.
+_REFUSALS = ("READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "LOADING")
+# After an error, how long operations that can do without Redis (the caches) skip it
+# instead of each waiting out the timeouts again (`RedisStore.worth_trying`).
+SKIP_AFTER_ERROR_S = 1.0
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether a Redis error reply means the server refuses service (see `_REFUSALS`)."""
+    if isinstance(error, coredis.exceptions.ReadOnlyError):
+        return True
+    if not isinstance(error, coredis.exceptions.ResponseError):
+        return False
+    return str(error).lstrip("-").split(" ", 1)[0].upper() in _REFUSALS
 
 
 def _not_a_script_reload(record: logging.LogRecord) -> bool:
@@ -50,10 +69,13 @@ def _not_a_script_reload(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("coredis").addFilter(_not_a_script_reload)
+log = logging.getLogger("lmgate.cache")
+T = TypeVar("T")
 
 
 class CacheUnavailable(Exception):
-    """Redis could not be reached; the operation did not happen (or its outcome is unknown)."""
+    """Redis could not be reached, or refused service (read-only, out of memory, ...: see
+    `is_refusal`); the operation did not happen (or its outcome is unknown)."""
 
 
 class RedisStore:
@@ -113,26 +135,83 @@ class RedisStore:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """Wrap Redis calls: map unreachability to CacheUnavailable and track health.
+        """Wrap Redis calls: map unreachability, and a refusal of service (`is_refusal`),
+        to CacheUnavailable and track health.
 
-        ``with store.guard(): await store.client.get(...)``. Cancellation and
-        non-connectivity errors pass through untouched.
+        ``with store.guard(): await store.client.get(...)``. Cancellation and other
+        errors (a bug in a Lua script, a key of the wrong type) pass through untouched.
         """
         try:
             yield
         except _UNREACHABLE as error:
-            self.healthy = False
-            self.last_error = f"{type(error).__name__}: {error}"
-            self.last_error_at = time.time()
+            self._failed(error)
             raise CacheUnavailable(f"Redis at {self.url} unreachable: {error}") from error
+        except coredis.exceptions.RedisError as error:
+            if not is_refusal(error):
+                raise
+            self._failed(error)
+            raise CacheUnavailable(f"Redis at {self.url} refuses service: {error}") from error
         self.healthy = True
 
-    async def ping(self) -> bool:
-        """Health probe: True if Redis answered PING (updates ``healthy``); never raises
-        CacheUnavailable."""
+    def _failed(self, error: BaseException) -> None:
+        self.healthy = False
+        self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error_at = time.time()
+
+    def worth_trying(self) -> bool:
+        """False for `SKIP_AFTER_ERROR_S` after an operation failed on Redis (and until one
+        succeeds): what can do without Redis (the caches) skips it meanwhile rather than
+        wait out the timeouts on every request; one try per interval finds it back."""
+        if self.healthy or self.last_error_at is None:
+            return True
+        if time.time() - self.last_error_at < SKIP_AFTER_ERROR_S:
+            return False
+        self.last_error_at = time.time()  # this caller probes; the others keep skipping
+        return True
+
+    async def get_value(self, key: str, decode: Callable[[bytes], T]) -> T | None:
+        """A cache's read: the decoded value, or None for a miss. A value that does not
+        decode, or a key of another type, is a miss too (and deleted, best effort): a
+        corrupt entry must cost one generation, not fail every request that maps to it
+        until it expires. CacheUnavailable when Redis is down, refuses service, or failed
+        within `SKIP_AFTER_ERROR_S` (`worth_trying`)."""
+        if not self.worth_trying():
+            raise CacheUnavailable(f"Redis at {self.url} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
         try:
             with self.guard():
-                await self.client.ping()
+                raw = await self.client.get(key)
+        except coredis.exceptions.ResponseError as error:  # WRONGTYPE: not a cache entry
+            log.warning("cache key %s: %s; treated as a miss", key, error)
+            raw = None
+            await self._discard(key)
+        if raw is None:
+            return None
+        try:
+            return decode(raw)
+        except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the entry is unusable
+            log.warning("cache key %s holds a value that does not decode (%s: %s); discarded",
+                        key, type(error).__name__, error)
+            await self._discard(key)
+            return None
+
+    async def set_value(self, key: str, value: bytes, ttl_s: float) -> None:
+        """A cache's write (SET with a TTL); CacheUnavailable as `get_value`."""
+        if not self.worth_trying():
+            raise CacheUnavailable(f"Redis at {self.url} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
+        with self.guard():
+            await self.client.set(key, value, px=max(1, round(ttl_s * 1000)))
+
+    async def _discard(self, key: str) -> None:
+        with contextlib.suppress(CacheUnavailable, coredis.exceptions.RedisError), self.guard():
+            await self.client.delete([key])
+
+    async def ping(self) -> bool:
+        """Health probe: True if Redis took a write (updates ``healthy``); never raises
+        CacheUnavailable. A write, not PING: a read-only replica or a Redis out of memory
+        answers PING but refuses what the gateway needs (quota scripts, caches)."""
+        try:
+            with self.guard():
+                await self.client.set(self.key("health"), b"1", px=10_000)
         except CacheUnavailable:
             return False
         return True

@@ -33,7 +33,7 @@ from actors.queue_policy import QueueConfig
 from actors.runtime import Runtime, RuntimeConfig, open_runtime
 from cache.prompt_cache import PromptCache
 from cache.quotas import Quota, QuotaManager
-from cache.response_cache import ResponseCache
+from cache.response_cache import ResponseCache, scope_for
 from cache.store import CacheUnavailable
 from cache.tenants import Tenant
 from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -263,6 +263,27 @@ async def test_a_settle_during_a_redis_outage_lands_once_redis_is_back(runtime, 
     [row] = await usage_rows(quotas, "outage")
     assert (row.requests, row.completion_tokens) == (1, fin.usage.completion_tokens)
     assert await quotas.running("outage") == 0  # the max_concurrent slot is free again
+
+
+async def test_an_error_in_the_cache_path_after_the_reservation_gives_the_hold_back(runtime, services, monkeypatch):
+    """A cache lookup that fails on something no cache path expects answers a 500, and the
+    quota reserved for the request goes back (its max_concurrent slot was held for the
+    reservation's 10 minutes, its tokens charged to the day's budget for good)."""
+    quotas = services["quotas"]
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a cache bug")
+
+    monkeypatch.setattr(services["response_cache"], "get", broken)
+    t = tenant(Quota(max_concurrent=1, daily_token_budget=10_000), id="cachebug")
+    failed = await runtime.submit(call(t, prompt="Hi", max_tokens=500))
+    assert isinstance(failed, Rejected) and failed.status == 500
+    await wait_until(lambda: runtime.accounting.settled == 1)  # released
+    assert await quotas.running("cachebug") == 0
+    monkeypatch.undo()
+    ok = await runtime.submit(call(t, prompt="Hi", max_tokens=2))
+    assert isinstance(ok, Accepted), ok
+    await collect(ok)
 
 
 async def test_usage_served_fail_open_is_recorded_once_redis_answers(runtime, services, monkeypatch):
@@ -949,23 +970,55 @@ async def test_a_refused_chat_request_stores_nothing_in_the_prompt_cache(runtime
     cache = services["prompt_cache"]
     msgs = [ChatMessage("user", "A question nobody asked before: " + "why? " * 20)]
     as_dicts = [{"role": m.role, "content": m.content} for m in msgs]
-    over = await runtime.submit(call(tenant(Quota(tokens_per_minute=10)), messages=msgs, max_tokens=4))
+    acme = tenant(Quota(tokens_per_minute=10))
+    over = await runtime.submit(call(acme, messages=msgs, max_tokens=4))
     assert isinstance(over, Rejected) and over.status == 429
     too_long = await runtime.submit(call(tenant(), messages=[ChatMessage("user", "word " * 3000)], max_tokens=4))
     assert isinstance(too_long, Rejected) and too_long.status == 400
-    assert await cache.get(MODEL, as_dicts) is None
-    assert await cache.get(MODEL, [{"role": "user", "content": "word " * 3000}]) is None
-    ok = await runtime.submit(call(tenant(id="other"), messages=msgs, max_tokens=4))
+    scope = scope_for(acme.as_tenant())
+    assert await cache.get(scope, MODEL, as_dicts) is None
+    assert await cache.get(scope, MODEL, [{"role": "user", "content": "word " * 3000}]) is None
+    other = tenant(id="other")
+    ok = await runtime.submit(call(other, messages=msgs, max_tokens=4))
     assert isinstance(ok, Accepted)
     await collect(ok)
-    hit = await cache.get(MODEL, as_dicts)
+    hit = await cache.get(scope_for(other.as_tenant()), MODEL, as_dicts)
     assert hit is not None and list(hit.token_ids) and hit.text.endswith("assistant\n")
+    # stored for its tenant only: whether an entry exists shows in time, and tells whether
+    # someone sent that exact conversation
+    assert await cache.get(scope, MODEL, as_dicts) is None
+
+
+async def test_a_no_store_chat_request_leaves_its_conversation_out_of_the_prompt_cache(runtime, services):
+    cache = services["prompt_cache"]
+    t = tenant(id="private")
+    msgs = [ChatMessage("user", "My account number is 12345678; what is my balance?")]
+    ok = await runtime.submit(msgspec.structs.replace(call(t, messages=msgs, max_tokens=2), cache_store=False))
+    assert isinstance(ok, Accepted)
+    await collect(ok)
+    assert await cache.get(scope_for(t.as_tenant()), MODEL, [{"role": "user", "content": msgs[0].content}]) is None
+
+
+async def test_token_metrics_count_what_was_billed_and_what_the_engine_generated(runtime, services):
+    t = tenant(id="metered")
+    totals = []
+    for _ in range(2):  # generated, then answered from the response cache
+        acc = await runtime.submit(call(t, prompt="Count to three.", max_tokens=4, ignore_eos=True))
+        _, _, last = await collect(acc)
+        totals.append((last.usage.prompt_tokens, last.usage.completion_tokens, last.cached))
+        await wait_until(lambda: services["response_cache"].stats.stores == 1)
+    assert [cached for *_, cached in totals] == [False, True]
+    await wait_until(lambda: runtime.metrics.requests.labels("metered", "cached")._value.get() == 1)
+    prompt, completion = totals[0][:2]
+    assert runtime.metrics.prompt_tokens.labels("metered")._value.get() == 2 * prompt  # both billed
+    assert runtime.metrics.generation_tokens.labels("metered")._value.get() == completion  # one generated
 
 
 async def test_cached_prefixes_are_shared_within_a_tenant_only(runtime):
     """The engine's prefix cache is salted by tenant (vLLM's cache_salt): tenant B sending
     A's prompt computes it all (`cached_prompt_tokens` 0), A again finds its blocks; the
-    tenants of the shared cache pool share theirs."""
+    tenants of the shared cache pool share theirs. The salt is the tenant record's, its
+    creation time in it: the id deleted and created again does not see the old blocks."""
     prompt = "A secret that only one tenant knows: " + "the launch code is 4 8 15 16 23 42. " * 6
 
     async def cached(t: TenantContext) -> int:
@@ -977,6 +1030,7 @@ async def test_cached_prefixes_are_shared_within_a_tenant_only(runtime):
     assert await cached(tenant(id="a")) == 0
     assert await cached(tenant(id="b")) == 0  # not A's blocks
     assert await cached(tenant(id="a")) >= 48
+    assert await cached(tenant(id="a", created_at=1e9)) == 0  # "a" deleted, and created again
     assert await cached(tenant(id="p1", shared_cache_pool=True)) == 0
     assert await cached(tenant(id="p2", shared_cache_pool=True)) >= 48
 

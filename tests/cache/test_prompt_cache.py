@@ -23,33 +23,33 @@ async def cache(store: RedisStore) -> PromptCache:
 
 
 async def test_round_trip(cache: PromptCache):
-    assert await cache.get("m", MESSAGES) is None
-    await cache.put("m", MESSAGES, True, RENDERED)
-    assert await cache.get("m", MESSAGES, True) == RENDERED
+    assert await cache.get("s", "m", MESSAGES) is None
+    await cache.put("s", "m", MESSAGES, True, RENDERED)
+    assert await cache.get("s", "m", MESSAGES, True) == RENDERED
 
 
 async def test_key_is_canonical_and_complete(cache: PromptCache):
-    await cache.put("m", MESSAGES, True, RENDERED)
+    await cache.put("s", "m", MESSAGES, True, RENDERED)
     reordered = [{"content": m["content"], "role": m["role"]} for m in MESSAGES]
-    assert await cache.get("m", reordered, True) == RENDERED  # key order does not matter
-    assert await cache.get("m", MESSAGES, False) is None
-    assert await cache.get("m2", MESSAGES, True) is None
-    assert await cache.get("m", MESSAGES[:1], True) is None
+    assert await cache.get("s", "m", reordered, True) == RENDERED  # key order does not matter
+    assert await cache.get("s", "m", MESSAGES, False) is None
+    assert await cache.get("s", "m2", MESSAGES, True) is None
+    assert await cache.get("s", "m", MESSAGES[:1], True) is None
     edited = [MESSAGES[0], {"role": "user", "content": "Capital of Spain?"}]
-    assert await cache.get("m", edited, True) is None
+    assert await cache.get("s", "m", edited, True) is None
     assert prompt_key("m", MESSAGES, True) != prompt_key("m", MESSAGES, False)
     # a chat whose last message is left open (continue_final_message) is another prompt
     assert prompt_key("m", MESSAGES, False, True) != prompt_key("m", MESSAGES, False)
-    await cache.put("m", MESSAGES, False, RENDERED, True)
-    assert await cache.get("m", MESSAGES, False) is None
-    assert await cache.get("m", MESSAGES, False, True) == RENDERED
+    await cache.put("s", "m", MESSAGES, False, RENDERED, True)
+    assert await cache.get("s", "m", MESSAGES, False) is None
+    assert await cache.get("s", "m", MESSAGES, False, True) == RENDERED
 
 
 async def test_entries_expire(store: RedisStore):
     cache = PromptCache(store, ttl_s=0.2)
-    await cache.put("m", MESSAGES, True, RENDERED)
+    await cache.put("s", "m", MESSAGES, True, RENDERED)
     await trio.sleep(0.3)
-    assert await cache.get("m", MESSAGES, True) is None
+    assert await cache.get("s", "m", MESSAGES, True) is None
 
 
 def test_token_packing():

@@ -48,7 +48,7 @@ async def test_unavailable_while_stopped_then_recovers_on_same_port(tmp_path):
                 lambda: quotas.reserve(tenant, "r1", 1, 1),
                 lambda: quotas.settle(tenant, "r1", 1, 1, "m"),
                 lambda: responses.get(tenant, "m", [1, 2], {"temperature": 0.0}),
-                lambda: prompts.get("m", [{"role": "user", "content": "hi"}]),
+                lambda: prompts.get("s", "m", [{"role": "user", "content": "hi"}]),
             ]
             for operation in operations:
                 with pytest.raises(CacheUnavailable):
@@ -70,8 +70,8 @@ async def test_unavailable_while_stopped_then_recovers_on_same_port(tmp_path):
             )
             assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
             assert await responses.get(tenant, "m", [1, 2], {"t": 0}) == completion
-            await prompts.put("m", [], True, RenderedPrompt("x", [1]))
-            assert await prompts.get("m", [], True) == RenderedPrompt("x", [1])
+            await prompts.put("s", "m", [], True, RenderedPrompt("x", [1]))
+            assert await prompts.get("s", "m", [], True) == RenderedPrompt("x", [1])
     finally:
         server.stop()
 
@@ -103,3 +103,61 @@ async def test_loading_a_script_into_a_new_redis_is_not_logged(store: RedisStore
         logging.getLogger("coredis").info("Retry attempt 1 due to error: connection reset")
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("coredis")]
     assert messages == ["Retry attempt 1 due to error: connection reset"]
+
+
+@pytest.mark.parametrize("refusal", ["read-only replica", "out of memory"])
+async def test_a_redis_that_refuses_writes_is_unavailable_then_recovers(tmp_path, refusal: str):
+    """A replica after a failover (READONLY) or maxmemory under noeviction (OOM) answers
+    reads and PING but refuses writes: an outage to degrade through (the quota policy,
+    the caches skipped, /readyz degraded), not a 500 on every request."""
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url) as store:
+            registry, quotas = TenantRegistry(store, SECRET), QuotaManager(store)
+            responses, prompts = ResponseCache(store), PromptCache(store)
+            tenant = await registry.create_tenant("t1", "one", quota=Quota(requests_per_minute=10))
+            admin = store.client
+            if refusal == "read-only replica":
+                await admin.replicaof("127.0.0.1", 1)  # a primary that is not there
+            else:
+                await admin.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+            completion = CachedCompletion(text="a", token_ids=[5], finish_reason="stop",
+                                          usage=CachedUsage(prompt_tokens=2, completion_tokens=1), deltas=["a"])
+            try:
+                with pytest.raises(CacheUnavailable, match="refuses service"):
+                    if refusal == "read-only replica":  # (a script's writes are refused too)
+                        await quotas.reserve(tenant, "r1", 1, 1)
+                    else:
+                        await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+                assert not store.healthy and not await store.ping()
+                with pytest.raises(CacheUnavailable, match="skipped"):  # Redis failed within the last second
+                    await prompts.get("s", "m", [], True)
+            finally:
+                if refusal == "read-only replica":
+                    await admin.replicaof(None, None)
+                else:
+                    await admin.config_set({"maxmemory": "0"})
+            assert await store.ping() and store.healthy
+            assert isinstance(await quotas.reserve(tenant, "r1", 1, 1), Admitted)
+            assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+
+
+async def test_a_cache_entry_that_does_not_decode_is_a_miss_and_goes(store: RedisStore):
+    responses, prompts = ResponseCache(store), PromptCache(store)
+    tenant = await TenantRegistry(store, SECRET).create_tenant("t1", "one")
+    completion = CachedCompletion(text="a", token_ids=[5], finish_reason="stop",
+                                  usage=CachedUsage(prompt_tokens=2, completion_tokens=1), deltas=["a"])
+    await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+    await prompts.put("s", "m", [], True, RenderedPrompt("x", [1]))
+    [response_key] = await store.client.keys(store.key("rc1", "*"))
+    [prompt_key] = await store.client.keys(store.key("pc1", "*"))
+    for garbage in (b"\xc1 not msgpack", b"", b"\x93\x01\x02\x03"):  # bad bytes, empty, the wrong shape
+        for key in (response_key, prompt_key):
+            await store.client.set(key, garbage)
+        assert await responses.get(tenant, "m", [1, 2], {"t": 0}) is None
+        assert await prompts.get("s", "m", [], True) is None
+        assert await store.client.exists([response_key, prompt_key]) == 0  # discarded
+    await store.client.hset(response_key, {"a": "b"})  # a key of another type (WRONGTYPE on GET)
+    assert await responses.get(tenant, "m", [1, 2], {"t": 0}) is None
+    assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)  # SET replaces it
+    assert await responses.get(tenant, "m", [1, 2], {"t": 0}) == completion
+    assert store.healthy
