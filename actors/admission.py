@@ -265,6 +265,10 @@ class Admission:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
                           f"window of {self.config.max_model_len} tokens", "max_tokens")
+        if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long
+            raise _Refuse(400, "context_length_exceeded",
+                          f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} for {held_by}",
+                          "messages" if call.messages is not None else "prompt")
         if cap_kv and n_prompt + max_tokens > cap_kv:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "

@@ -148,7 +148,15 @@ class Runtime:
         if lora is not None:
             # LoraError if a configured adapter has one of these names
             lora.reserve(self.model_aliases | self.embedding_aliases)
-        self.max_model_len = engine.max_model_len
+        # what one request may hold, as the API reports it (/v1/models, /tokenize) and the
+        # Responses API's truncation budgets: the context window, or the KV cache when that
+        # is smaller (admission refuses more either way, naming which one)
+        kv_tokens = engine.num_blocks * engine.config.cache.block_size
+        self.max_model_len = min(engine.max_model_len, kv_tokens)
+        if kv_tokens < engine.max_model_len:
+            log.warning("the KV cache holds %d tokens, fewer than the context window of %d: one request may hold "
+                        "at most %d (a larger --kv-cache-mb, or a smaller --max-model-len)",
+                        kv_tokens, engine.max_model_len, kv_tokens)
         self.quotas = quotas
         self.tokenizer = engine.tokenizer
         self.ready = False

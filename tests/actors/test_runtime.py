@@ -351,6 +351,14 @@ async def test_bad_requests_are_4xx(runtime):
     big = tenant()
     rej = await runtime.submit(call(big, prompt="Hi", max_tokens=2000))  # > what the 48 MiB cache holds
     assert isinstance(rej, Rejected) and rej.status == 400 and "KV cache" in rej.message
+    assert rej.param == "max_tokens"
+    # what one request may hold is reported as the cache's, not the larger window's; a
+    # prompt that alone fills it is the prompt's fault, not max_tokens'
+    kv_tokens = runtime.engine.num_blocks * runtime.engine.config.cache.block_size
+    assert runtime.max_model_len == kv_tokens < runtime.engine.max_model_len
+    whole = msgspec.structs.replace(call(big, max_tokens=2), prompt=None, prompt_token_ids=[1] * kv_tokens)
+    rej = await runtime.submit(whole)
+    assert isinstance(rej, Rejected) and rej.param == "prompt" and "KV cache holds" in rej.message
     # the operator's --model name is an alias of the served id
     acc = await runtime.submit(call(t, prompt="Hi", model="smollm2", max_tokens=2))
     assert isinstance(acc, Accepted)

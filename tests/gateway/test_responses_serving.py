@@ -36,7 +36,7 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
     torch.set_num_threads(2)
     urls, key, stop = await serve_real(nursery, GatewayConfig(
         port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm", shutdown_grace_seconds=1,
-        dtype="float32", kv_cache_mb=64, max_model_len=1024))
+        dtype="float32", kv_cache_mb=48))  # 68 blocks: 1088 tokens, fewer than the 8192-token window
     sdk = openai.OpenAI(base_url=urls[0] + "/v1", api_key=key, max_retries=0, timeout=300)
     model = (await trio.to_thread.run_sync(sdk.models.list)).data[0].id
 
@@ -128,13 +128,17 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
     long = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"Note {k}: " + "lorem ipsum " * 100}
             for k in range(6)] + [{"role": "user", "content": "Summarize the notes."}]
     async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=300) as http:
+        # the KV cache, not the context window, bounds a request here: what is reported and
+        # what truncation keeps to (it used to budget for the 8192-token window, and refuse)
+        window = (await http.get("/v1/models")).json()["data"][0]["max_model_len"]
+        assert window == 1088
         refused = await http.post("/v1/responses", json={"model": model, "input": long, "max_output_tokens": 16})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "input", refused.text
         ask_long = {"model": model, "input": long, "max_output_tokens": 16, "truncation": "auto", "temperature": 0}
         counted = (await http.post("/v1/responses/input_tokens", json=ask_long)).json()["input_tokens"]
         cut = await http.post("/v1/responses", json=ask_long)
         assert cut.status_code == 200, cut.text
-        assert cut.json()["usage"]["input_tokens"] == counted <= 1024 - 16
+        assert cut.json()["usage"]["input_tokens"] == counted <= window - 16
         items = (await http.get(f"/v1/responses/{cut.json()['id']}/input_items", params={"order": "asc"})).json()
         texts = [i["content"][0]["text"] for i in items["data"]]
         assert texts[-1] == "Summarize the notes." and len(texts) < len(long)  # stored as read
