@@ -520,64 +520,237 @@ class LengthPredictor:
 
     @classmethod
     def from_bytes(cls, blob: bytes, config: LengthModelConfig | None = None) -> LengthPredictor:
-        """The predictor `to_bytes` wrote. Raises `PredictorBlobError` for anything else:
-        not a blob at all, or one whose feature width does not match `config`'s embedding
-        size (a predictor trained with another embedder)."""
+        """The predictor `to_bytes` wrote (or an earlier version's blob). Raises
+        `PredictorBlobError`, and nothing else, for any other bytes: not a blob at all, one
+        whose feature width does not match `config`'s embedding size (a predictor trained
+        with another embedder), one holding more than a predictor of `config` keeps (refused
+        before it is decompressed: `_BlobMembers`), or one holding values no predictor
+        writes (NaN or infinity, negative lengths, unknown kinds: `_read_samples`)."""
         if not blob.startswith(b"PK\x03\x04"):  # what np.savez writes: a zip archive
             raise PredictorBlobError("not a length-predictor blob (not an .npz archive)")
         try:
             return cls._from_bytes(blob, config)
         except PredictorBlobError:
             raise
-        except (OSError, ValueError, KeyError, SyntaxError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        except Exception as e:  # the bytes come from outside (an upload, a file, Redis): whatever
+            # fails to decode them (zlib.error, NotImplementedError for a zip method, ...) is a bad blob
             raise PredictorBlobError(f"not a length-predictor blob ({type(e).__name__}: {e})") from e
 
     @classmethod
     def _from_bytes(cls, blob: bytes, config: LengthModelConfig | None) -> LengthPredictor:
-        import ast
-
         p = cls(config)
         c = p.config
-        width = _HEAD + 2 * c.emb_dim
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            members = _BlobMembers(zf, c)
             for name in ("y", "w", "meta"):
-                if name not in z.files:
+                if name not in members:
                     raise PredictorBlobError(f"not a length-predictor blob (no {name!r} array)")
-            if "x" in z.files:  # whole rows (blobs before the eighteenth session, or float64 embeddings)
-                x = z["x"]
-            elif "head" in z.files and "emb" in z.files:
-                head, emb = z["head"], z["emb"]
-                if emb.ndim != 2 or emb.shape[1] != c.emb_dim or head.shape != (len(emb), _HEAD):
-                    raise PredictorBlobError(f"the blob's embeddings have shape {emb.shape}, this predictor "
-                                             f"uses embedding size {c.emb_dim}")
-                x = _rebuild(head, emb, c)
-            else:
-                raise PredictorBlobError("not a length-predictor blob (no 'x' array)")
-            if z["y"].size and (x.ndim != 2 or x.shape[1] != width):
-                raise PredictorBlobError(f"the blob's samples have {x.shape[-1]} features, this predictor "
-                                         f"uses {width} (embedding size {c.emb_dim})")
-            if z["w"].size and z["w"].shape != (width,):
-                raise PredictorBlobError(f"the blob's weights have {z['w'].shape[0]} features, this predictor "
-                                         f"uses {width} (embedding size {c.emb_dim})")
-            meta = ast.literal_eval(bytes(z["meta"]).decode())
-            kinds = z["kind"].tolist() if "kind" in z.files else [STOP] * len(z["y"])  # older blobs: all stopped
-            for row, y, kind in zip(x, z["y"], kinds, strict=True):
-                p._x.append(row)
-                p._y.append(float(y))
-                p._kind.append(int(kind))
-            for i, k in enumerate(meta["lengths_keys"]):
-                key = () if k == "\x1e" else tuple(k.split("\x1f"))
-                p._lengths[key] = collections.deque(z[f"l{i}"].tolist(), maxlen=c.quantile_window)
-            for i, k in enumerate(meta["users_keys"]):
-                p._users[tuple(k.split("\x1f"))] = collections.deque(z[f"u{i}"].tolist(), maxlen=c.user_history)
-            if z["w"].size:
-                sigma, n = z["model"].tolist()
-                runaway = None
-                if "wr" in z.files and z["wr"].size:
-                    rs, rn = z["runaway"].tolist()
-                    runaway = LinearModel(z["wr"].copy(), float(rs), int(rn))
-                p.model = LengthModel(LinearModel(z["w"].copy(), float(sigma), int(n)), runaway)
+            lengths_keys, users_keys = _decode_meta(members.read("meta"))
+            x, y, kind = _read_samples(members, c)
+            lengths = _read_histories(members, "l", lengths_keys)
+            users = _read_histories(members, "u", users_keys)
+            model = _read_model(members, c)
+        p._x.extend(x)
+        p._y.extend(y.tolist())
+        p._kind.extend(kind.tolist())
+        for k, d in zip(lengths_keys, lengths, strict=True):
+            key = () if k == "\x1e" else tuple(k.split("\x1f"))
+            p._lengths[key] = collections.deque(d, maxlen=c.quantile_window)
+        for k, d in zip(users_keys, users, strict=True):
+            p._users[tuple(k.split("\x1f"))] = collections.deque(d, maxlen=c.user_history)
+        p.model = model
         return p
+
+
+# ============================================================================
+# Reading a blob: untrusted bytes (an upload, a seed file, what Redis holds)
+# ============================================================================
+
+_NPY_HEADER_BYTES = 10_000  # the longest .npy header read (numpy's own default max_header_size)
+_ITEM_BYTES = 8  # the widest value a predictor writes (float64)
+_KEY_REPR_BYTES = 1024  # meta: bytes of repr per history key, on average, at most (a key is a tenant id
+# of <= 64 characters and an app tag of <= 128 or a user of <= 256: routes_openai's limits)
+
+
+def _most_values(name: str, c: LengthModelConfig) -> int:
+    """The most values a predictor of config `c` writes into the blob's array `name`.
+
+    The window of `max_samples` feature rows (n × (6 + 2·emb_dim)) is the largest: 25 MB of
+    float64 at 4096 × 774; the histories are at most MAX_KEYS arrays each, of
+    `quantile_window` (per app) and `user_history` (per user) lengths; `meta` is the repr of
+    their keys. Every array a predictor writes is float64 or narrower, so reading a blob
+    inflates ~70 MB at most (x, or head + emb, and every history full), whatever its size
+    on the wire."""
+    rows, width = c.max_samples, _HEAD + 2 * c.emb_dim
+    most = {"x": rows * width, "head": rows * _HEAD, "emb": rows * c.emb_dim, "y": rows, "kind": rows,
+            "w": width, "wr": width, "model": 2, "runaway": 2, "meta": 2 * MAX_KEYS * _KEY_REPR_BYTES}
+    if name in most:
+        return most[name]
+    return {"l": c.quantile_window, "u": c.user_history}[name[0]]  # f"l{i}", f"u{i}": i < MAX_KEYS (meta)
+
+
+class _BlobMembers:
+    """The arrays of an .npz blob, each read once, and checked before it is decompressed.
+
+    An .npz is a zip of .npy files, and zip deflates ~1000:1 on zeros: a 1 MB upload held a
+    1 GB `y`, and `np.load` inflated it (twice) before any shape was looked at. `read`
+    refuses a member whose zip entry declares more bytes, or whose .npy header declares more
+    values, than `_most_values` allows (it never reads past what the zip entry declares, and
+    allocates only what the header declares), and one that is not real numbers, all finite.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, config: LengthModelConfig) -> None:
+        self._zf = zf
+        self._config = config
+        self._infos = {info.filename.removesuffix(".npy"): info for info in zf.infolist()
+                       if info.filename.endswith(".npy")}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def read(self, name: str) -> np.ndarray:
+        """Member `name` (without ".npy") as a read-only array."""
+        info = self._infos.get(name)
+        if info is None:
+            raise PredictorBlobError(f"not a length-predictor blob (no {name!r} array)")
+        most = _most_values(name, self._config)
+        limit = _NPY_HEADER_BYTES + _ITEM_BYTES * most
+        if info.file_size > limit:
+            raise PredictorBlobError(f"the blob's {name!r} array is {info.file_size} bytes uncompressed, more than "
+                                     f"a predictor writes there ({limit} at most)")
+        with self._zf.open(info) as f:
+            shape, fortran, dtype = _npy_header(f, name)
+            count = math.prod(shape)
+            if min(shape, default=0) < 0:
+                raise PredictorBlobError(f"the blob's {name!r} array has shape {shape}")
+            if count > most:
+                raise PredictorBlobError(f"the blob's {name!r} array has shape {shape}, more than the {most} "
+                                         f"values a predictor writes there")
+            if dtype.kind not in "biuf" or dtype.itemsize > _ITEM_BYTES:
+                raise PredictorBlobError(f"the blob's {name!r} array holds {dtype} values, not real numbers")
+            data = f.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise PredictorBlobError(f"the blob's {name!r} array is truncated")
+        a = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        if dtype.kind == "f" and not np.isfinite(a).all():
+            raise PredictorBlobError(f"the blob's {name!r} array holds NaN or infinity")
+        return a
+
+
+def _npy_header(f, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) from the header of a .npy stream, which is left at the data."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            return fmt.read_array_header_1_0(f, max_header_size=_NPY_HEADER_BYTES)
+        if version == (2, 0):
+            return fmt.read_array_header_2_0(f, max_header_size=_NPY_HEADER_BYTES)
+    except ValueError as e:
+        raise PredictorBlobError(f"the blob's {name!r} member is not a NumPy array ({e})") from e
+    raise PredictorBlobError(f"the blob's {name!r} member is a .npy of version {version}, not 1.0 or 2.0")
+
+
+def _decode_meta(meta: np.ndarray) -> tuple[list[str], list[str]]:
+    """The keys the blob's histories are filed under, (tenant, app) ones then (tenant, user)
+    ones (joined by "\\x1f"; "\\x1e" is the global key), from its `meta` array: the UTF-8
+    repr of a dict of two lists of strings, at most MAX_KEYS each (`pack`)."""
+    import ast
+
+    if meta.dtype != np.uint8 or meta.ndim != 1:
+        raise PredictorBlobError(f"the blob's 'meta' array is not text (a {meta.dtype} array of shape {meta.shape})")
+    try:
+        value = ast.literal_eval(meta.tobytes().decode())
+    except (ValueError, SyntaxError, TypeError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise PredictorBlobError(f"the blob's 'meta' array is not a Python literal ({type(e).__name__})") from e
+    if not isinstance(value, dict):
+        raise PredictorBlobError(f"the blob's 'meta' is a {type(value).__name__}, not a dict")
+    keys = []
+    for field in ("lengths_keys", "users_keys"):
+        names = value.get(field)
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+            raise PredictorBlobError(f"the blob's meta[{field!r}] is not a list of strings")
+        if len(names) > MAX_KEYS:
+            raise PredictorBlobError(f"the blob's meta[{field!r}] has {len(names)} keys, more than the "
+                                     f"{MAX_KEYS} a predictor keeps")
+        keys.append(names)
+    return keys[0], keys[1]
+
+
+def _read_samples(members: _BlobMembers, c: LengthModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blob's training window: feature rows (n, 6 + 2·emb_dim) float64, targets
+    log(1 + tokens) (n,) >= 0, and kinds (n,) int8 in STOP/RUNAWAY/CENSORED (a blob without
+    kinds is from before the runaway model: all stopped). Rows are stored whole (`x`: blobs
+    before the eighteenth session, or float64 embeddings) or as head + embedding."""
+    width = _HEAD + 2 * c.emb_dim
+    y = members.read("y")
+    if y.ndim != 1 or (y < 0).any():
+        raise PredictorBlobError(f"the blob's 'y' array must hold log lengths (>= 0, one per sample), has shape "
+                                 f"{y.shape} and minimum {y.min(initial=0)}")
+    n = len(y)
+    if "x" in members:
+        x = members.read("x").astype(np.float64)
+    elif "head" in members and "emb" in members:
+        head, emb = members.read("head"), members.read("emb")
+        if emb.ndim != 2 or emb.shape[1] != c.emb_dim or head.shape != (len(emb), _HEAD):
+            raise PredictorBlobError(f"the blob's embeddings have shape {emb.shape}, this predictor "
+                                     f"uses embedding size {c.emb_dim}")
+        x = _rebuild(head, emb, c)
+    else:
+        raise PredictorBlobError("not a length-predictor blob (no 'x' array)")
+    if x.shape[:1] != (n,):
+        raise PredictorBlobError(f"the blob holds feature rows of shape {x.shape} for {n} samples")
+    if n and (x.ndim != 2 or x.shape[1] != width):
+        raise PredictorBlobError(f"the blob's samples have {x.shape[-1]} features, this predictor "
+                                 f"uses {width} (embedding size {c.emb_dim})")
+    kind = members.read("kind") if "kind" in members else np.full(n, STOP, dtype=np.int8)
+    if kind.shape != (n,) or not np.isin(kind, (STOP, RUNAWAY, CENSORED)).all():
+        raise PredictorBlobError(f"the blob's 'kind' array must hold one of {STOP}, {RUNAWAY}, {CENSORED} "
+                                 f"per sample (has shape {kind.shape})")
+    return x, y.astype(np.float64), kind.astype(np.int8)
+
+
+def _read_histories(members: _BlobMembers, prefix: str, keys: list[str]) -> list[list[float]]:
+    """The finished lengths (>= 0) filed under each of `keys`: arrays f"{prefix}{i}"."""
+    histories = []
+    for i in range(len(keys)):
+        name = f"{prefix}{i}"
+        d = members.read(name)
+        if d.ndim != 1 or (d < 0).any():
+            raise PredictorBlobError(f"the blob's {name!r} array must hold output lengths (>= 0), has shape "
+                                     f"{d.shape}")
+        histories.append(d.astype(np.float64).tolist())
+    return histories
+
+
+def _read_model(members: _BlobMembers, c: LengthModelConfig) -> LengthModel | None:
+    """The fitted hurdle model (None: none was fitted): `w` + `model` (σ, n) for the length
+    half, `wr` + `runaway` for the runaway half (none, or empty: not fitted yet)."""
+    length = _read_linear(members, "w", "model", c)
+    if length is None:
+        return None
+    runaway = _read_linear(members, "wr", "runaway", c) if "wr" in members else None
+    return LengthModel(length, runaway)
+
+
+def _read_linear(members: _BlobMembers, weights: str, stats: str, c: LengthModelConfig) -> LinearModel | None:
+    """A `LinearModel` from its weights (one per feature; empty: not fitted) and its (σ, n):
+    σ a residual std (>= 0), n the whole number of samples it was fitted on (<= max_samples)."""
+    width = _HEAD + 2 * c.emb_dim
+    w = members.read(weights)
+    if not w.size:
+        return None
+    if w.shape != (width,):
+        raise PredictorBlobError(f"the blob's weights have shape {w.shape}, this predictor uses {width} features "
+                                 f"(embedding size {c.emb_dim})")
+    s = members.read(stats)
+    if s.shape != (2,):
+        raise PredictorBlobError(f"the blob's {stats!r} array must hold (sigma, n), has shape {s.shape}")
+    sigma, n = float(s[0]), float(s[1])
+    if sigma < 0 or not (0 <= n <= c.max_samples and n == int(n)):
+        raise PredictorBlobError(f"the blob's {stats!r} array holds sigma {sigma} and n {n}: not a residual std "
+                                 f"(>= 0) and a sample count (0 to {c.max_samples})")
+    return LinearModel(w.astype(np.float64), sigma, int(n))
 
 
 # ============================================================================
@@ -615,6 +788,7 @@ class PredictorService:
         self.refits = 0
         self._refitting = False
         self._embed_lock = None
+        self._save_lock = None  # a trio.Lock (made on first use): one save, or swap and save, at a time
         # a trio.Lock shared with the engine's steps (Runtime.compute_lock), or None:
         # embeddings and refits then run beside the steps
         self.compute_lock = None
@@ -713,16 +887,37 @@ class PredictorService:
         served all the same, and saved at the next refit). Raises `PredictorBlobError`
         (and changes nothing) if `blob` is not a predictor. Requests in flight keep the
         features they were predicted with; their observations teach the new predictor. A
-        refit running meanwhile is discarded."""
-        self.predictor = await self._parse(blob)
-        return await self.save()
+        refit running meanwhile is discarded.
+
+        The swap and its save hold the save lock, so replacements (and refits' saves) land
+        in Redis in the order they were served: of two overlapping uploads the one served
+        last is the one stored (without it the first one's slower pack and SET could land
+        after the second's, and a restart would bring back the predictor that lost)."""
+        predictor = await self._parse(blob)  # outside the lock: a bad blob waits for nothing
+        async with self._saving():
+            self.predictor = predictor
+            return await self._save_held()
 
     def export(self) -> bytes:
         """The predictor as bytes (what `save` writes to Redis and `replace` reads)."""
         return self.predictor.to_bytes()
 
     async def save(self) -> bool:
-        """Persist to Redis; False (and the store marked unhealthy) if Redis is down."""
+        """Persist the predictor served when the save lock is taken (one save at a time:
+        `replace`); False (and the store marked unhealthy) if Redis is down."""
+        async with self._saving():
+            return await self._save_held()
+
+    def _saving(self):
+        """The save lock (made here: trio is imported only where it runs)."""
+        import trio
+
+        if self._save_lock is None:
+            self._save_lock = trio.Lock()
+        return self._save_lock
+
+    async def _save_held(self) -> bool:
+        """`save`, the caller holding the save lock."""
         if self.store is None:
             return False
         import trio

@@ -243,30 +243,45 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from actors.predictor import PredictorService
-
     read, code = _read_file("import", args.file)
     if code:
         return code
     blob, predictor = read
-
-    async def store_it(store) -> bool:
-        service = PredictorService(store=store)
-        with store.guard():
-            held = await store.client.exists([store.key(service.key)])
-        if held and not args.force:
-            return False
-        await service.replace(blob)  # its save swallows a Redis outage: read back to know
-        with store.guard():
-            if await store.client.get(store.key(service.key)) != blob:
-                raise OSError("the predictor was not stored (Redis did not keep the write)")
-        return True
-
-    stored, code = _run_redis("import", args.redis_url, store_it)
+    outcome, code = _run_redis("import", args.redis_url, lambda store: _store(store, blob, args.force))
     if code:
         return code
-    if not stored:
+    if outcome == "held":
         return _fail("import", f"{args.redis_url} already holds a predictor (what that deployment learned); "
                                "--force replaces it", 1)
+    if outcome == "changed":
+        return _fail("import", f"{args.redis_url} holds another predictor than the one just written (another "
+                               "writer, e.g. a running server saving after a refit?); check it with `lmgate "
+                               "predictor show --redis-url`", 1)
     print(json.dumps({"imported": args.file, "predictor": predictor.summary()}, indent=2))
     return 0
+
+
+async def _store(store, blob: bytes, force: bool) -> str:
+    """Store the predictor file `blob` as a server saves one: "stored", "held" (Redis holds
+    one and not `force`: nothing written) or "changed" (written, but Redis holds other bytes
+    when read back). Raises `CacheUnavailable` if Redis did not take the write.
+
+    What is written is the file re-packed (`PredictorService.replace`: the canonical .npz of
+    what it holds), not the file: a compressed or earlier-version file is stored as this
+    version writes it, so the read-back compares with that."""
+    from actors.predictor import PredictorService
+    from cache.store import CacheUnavailable
+
+    service = PredictorService(store=store)
+    key = store.key(service.key)
+    with store.guard():
+        held = await store.client.exists([key])
+    if held and not force:
+        return "held"
+    if not await service.replace(blob):  # its save swallows a Redis outage
+        raise CacheUnavailable(f"Redis at {store.url} did not take the write ({store.last_error}): the predictor "
+                               "was not stored")
+    written = service.export()
+    with store.guard():
+        stored = await store.client.get(key)
+    return "stored" if stored == written else "changed"

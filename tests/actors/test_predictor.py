@@ -526,3 +526,207 @@ def test_statistics_per_app_and_user_are_bounded(monkeypatch):
         lp.observe(RequestFeatures("t", f"app-{i}", f"user-{i}", 10, 100), 10)
     assert len(lp._lengths) == 50 and len(lp._users) == 50
     assert ("t", "user-499") in lp._users and ("t",) in lp._lengths
+
+
+# ---------------------------------------------------------------- untrusted blobs (uploads, seed files, Redis)
+def _arrays(p: LengthPredictor) -> dict[str, np.ndarray]:
+    """The arrays of `p.to_bytes()`, to make variants of a real blob from."""
+    import io
+
+    with np.load(io.BytesIO(p.to_bytes())) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _npz(arrays: dict[str, np.ndarray], compressed: bool = False) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def _meta(value: object) -> np.ndarray:
+    return np.frombuffer(repr(value).encode(), dtype=np.uint8)
+
+
+def _full_window() -> LengthPredictor:
+    """A predictor holding a whole window (max_samples rows) and a fitted model."""
+    rng = np.random.default_rng(4)
+    p = LengthPredictor()
+    e = rng.normal(size=(p.config.max_samples + 10, 384)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    for i, v in enumerate(e):
+        p.observe(RequestFeatures("t", f"app-{i % 40}", f"user-{i}", 10 + i % 500, 512, v), 20 + i % 300)
+    return p
+
+
+def _peak_bytes(fn) -> int:
+    """The most memory Python and NumPy held at once while `fn()` ran (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_blob_holds_at_most_a_full_window_of_samples() -> None:
+    """The caps are what a predictor can hold (max_samples rows): a full window loads, one
+    row more is refused by its .npy header's shape."""
+    p = _full_window()
+    assert LengthPredictor.from_bytes(p.to_bytes()).num_samples == p.config.max_samples
+    arrays = _arrays(p)
+    for name in ("y", "kind", "head", "emb"):
+        arrays[name] = np.concatenate([arrays[name], arrays[name][:1]])
+    with pytest.raises(PredictorBlobError, match=r"'y' array has shape \(4097,\), more than the 4096 values"):
+        LengthPredictor.from_bytes(_npz(arrays))
+
+
+def test_a_zip_bomb_is_refused_before_it_is_decompressed() -> None:
+    """A 1 MB upload of deflated zeros held a 1 GB `y`: the zip entry's declared size is
+    checked before a byte of it is inflated."""
+    arrays = _arrays(trained(n=40))
+    arrays["y"] = np.zeros(4_000_000)  # 32 MB of float64 zeros, ~30 KB deflated
+    blob = _npz(arrays, compressed=True)
+    del arrays
+    assert len(blob) < 1_000_000
+
+    def load() -> None:
+        with pytest.raises(PredictorBlobError, match=r"'y' array is 32000128 bytes uncompressed, more than a "
+                                                     r"predictor writes there \(42768 at most\)"):
+            LengthPredictor.from_bytes(blob)
+
+    assert _peak_bytes(load) < 4_000_000
+
+
+def test_a_npy_header_declaring_more_values_than_a_predictor_holds_is_refused_before_allocating() -> None:
+    """A small zip entry whose .npy header declares 10M values: refused by the shape, not by
+    allocating 80 MB and finding the data short."""
+    import io
+    import zipfile
+
+    arrays = _arrays(trained(n=40))
+    del arrays["y"]
+    buf = io.BytesIO(_npz(arrays))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10_000_000,)})
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr("y.npy", header.getvalue() + bytes(16))
+    blob = buf.getvalue()
+
+    def load() -> None:
+        with pytest.raises(PredictorBlobError, match=r"'y' array has shape \(10000000,\), more than the 4096 values"):
+            LengthPredictor.from_bytes(blob)
+
+    assert _peak_bytes(load) < 4_000_000
+
+
+def _malformed(change) -> bytes:
+    arrays = _arrays(trained(n=40))
+    change(arrays)
+    return _npz(arrays)
+
+
+_WIDTH = 6 + 2 * 384
+MALFORMED = {  # what the audit's uploads held: each was a 500, a traceback, or accepted (and served NaN)
+    "meta int key": (lambda a: a.update(meta=_meta({"lengths_keys": [1], "users_keys": []})),
+                     r"meta\['lengths_keys'\] is not a list of strings"),
+    "meta None key": (lambda a: a.update(meta=_meta({"lengths_keys": [], "users_keys": [None]})),
+                      r"meta\['users_keys'\] is not a list of strings"),
+    "model n infinite": (lambda a: a.update(model=np.array([0.5, np.inf])), r"'model' array holds NaN or infinity"),
+    "model n not a count": (lambda a: a.update(model=np.array([0.5, 1e300])), r"not a residual std .* sample count"),
+    "sigma infinite": (lambda a: a.update(model=np.array([np.inf, 40.0])), r"'model' array holds NaN or infinity"),
+    "sigma negative": (lambda a: a.update(model=np.array([-1.0, 40.0])), r"not a residual std"),
+    "weights NaN": (lambda a: a.update(w=np.full(_WIDTH, np.nan)), r"'w' array holds NaN or infinity"),
+    "weights infinite": (lambda a: a.update(w=np.full(_WIDTH, np.inf)), r"'w' array holds NaN or infinity"),
+    "runaway weights NaN": (lambda a: a.update(wr=np.full(_WIDTH, np.nan), runaway=np.array([0.3, 40.0])),
+                            r"'wr' array holds NaN or infinity"),
+    "y NaN": (lambda a: a["y"].__setitem__(0, np.nan), r"'y' array holds NaN or infinity"),
+    "y negative": (lambda a: a["y"].__setitem__(0, -5.0), r"'y' array must hold log lengths \(>= 0"),
+    "y complex": (lambda a: a.update(y=a["y"].astype(np.complex128)), r"'y' array holds complex128 values"),
+    "y strings": (lambda a: a.update(y=a["y"].astype("U10")), r"'y' array holds <U10 values"),
+    "head NaN": (lambda a: a["head"].__setitem__((0, 1), np.nan), r"'head' array holds NaN or infinity"),
+    "embedding infinite": (lambda a: a["emb"].__setitem__((0, 0), np.inf), r"'emb' array holds NaN or infinity"),
+    "kind 99": (lambda a: a["kind"].__setitem__(0, 99), r"'kind' array must hold one of 0, 1, 2"),
+    "app history NaN": (lambda a: a["l0"].__setitem__(0, np.nan), r"'l0' array holds NaN or infinity"),
+    "user history negative": (lambda a: a["u0"].__setitem__(0, -1.0), r"'u0' array must hold output lengths"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_blob_is_a_predictor_blob_error_naming_what_is_wrong(case: str) -> None:
+    change, message = MALFORMED[case]
+    with pytest.raises(PredictorBlobError, match=message):
+        LengthPredictor.from_bytes(_malformed(change))
+
+
+def test_any_failure_to_decode_a_blob_is_a_predictor_blob_error() -> None:
+    """Whatever the zip layer raises (here NotImplementedError: a compression method zipfile
+    lacks) is a bad blob, not a 500 or a traceback."""
+    blob = bytearray(trained(n=40).to_bytes())
+    last = blob.rfind(b"PK\x01\x02")  # the last central-directory entry: its compression method
+    blob[last + 10:last + 12] = (99).to_bytes(2, "little")
+    with pytest.raises(PredictorBlobError, match="NotImplementedError"):
+        LengthPredictor.from_bytes(bytes(blob))
+
+
+async def test_an_upload_with_infinite_values_is_refused_and_the_summary_stays_strict_json() -> None:
+    """An infinite sigma was served as `"length_sigma": Infinity`, which is not JSON."""
+    import json
+
+    svc = PredictorService(trained(n=40))
+    before = svc.predictor.summary()
+    with pytest.raises(PredictorBlobError, match="'model' array holds NaN or infinity"):
+        await svc.replace(_malformed(lambda a: a.update(model=np.array([np.inf, 40.0]))))
+    assert json.loads(json.dumps(svc.predictor.summary(), allow_nan=False)) == before
+
+
+class _SlowFirstSet:
+    """The parts of a `RedisStore` that `PredictorService.save` uses, whose first SET lands
+    only once a second SET has begun (or after a second): the first upload's slower save."""
+
+    def __init__(self) -> None:
+        self.client = self
+        self.held: dict[str, bytes] = {}
+        self.sets = 0
+        self._second = trio.Event()
+
+    def key(self, name: str) -> str:
+        return f"lmgate:{name}"
+
+    def guard(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    async def set(self, key: str, value: bytes) -> None:
+        self.sets += 1
+        if self.sets == 1:
+            with trio.move_on_after(1):
+                await self._second.wait()
+        else:
+            self._second.set()
+        self.held[key] = value
+
+
+@pytest.mark.parametrize("first", ["replace", "refit"])
+async def test_overlapping_saves_leave_redis_holding_the_predictor_served(first: str) -> None:
+    """Two overlapping uploads (or a refit's save and an upload) both answered saved, while
+    Redis kept the first one's predictor and the second was served: a restart brought back
+    the one that lost."""
+    store = _SlowFirstSet()
+    old, new = _samples(30), _samples(50, seed=6)
+    svc = PredictorService(old, store=store)
+    async with trio.open_nursery() as nursery:
+        if first == "replace":
+            nursery.start_soon(svc.replace, old.to_bytes())
+        else:
+            nursery.start_soon(svc.refit)
+        while store.sets == 0:  # the first save's SET has begun
+            await trio.sleep(0.01)
+        assert await svc.replace(new.to_bytes())
+    assert store.sets == 2
+    stored = LengthPredictor.from_bytes(store.held[store.key(svc.key)])
+    assert svc.predictor.num_samples == stored.num_samples == 50

@@ -4,8 +4,10 @@ MiniLM embedder and a real private redis-server."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actors.predictor import LengthPredictor
@@ -126,3 +128,101 @@ def test_a_bad_redis_url_or_an_unwritable_output_is_one_line(tmp_path: Path,
         assert code == 2 and f"no such folder: {tmp_path / 'missing'}" in err, err
         code, _, err = run(capsys, *argv, "-o", str(tmp_path))
         assert code == 2 and "is a folder" in err, err
+
+
+def _predictor_file(tmp_path: Path, name: str, change=None, compressed: bool = False,
+                    whole_rows: bool = False) -> Path:
+    """A small predictor file (no embedder: random unit embeddings), its arrays changed by
+    `change` (a variant a file might hold), saved compressed or as `to_bytes` writes it;
+    `whole_rows`: in the layout before the eighteenth session (feature rows `x`, not
+    head + embedding)."""
+    import io
+
+    from actors.predictor import RequestFeatures
+
+    rng = np.random.default_rng(1)
+    p = LengthPredictor()
+    for i in range(30):
+        e = rng.normal(size=384).astype(np.float32)
+        p.observe(RequestFeatures("dev", f"app-{i % 3}", f"user-{i % 4}", 20 + i, 512, e / np.linalg.norm(e)), 40 + i)
+    p.fit()
+    with np.load(io.BytesIO(p.to_bytes())) as z:
+        arrays = {k: z[k] for k in z.files}
+    if whole_rows:
+        del arrays["head"], arrays["emb"]
+        arrays["x"] = p.snapshot()[0]
+    if change is not None:
+        change(arrays)
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    path = tmp_path / f"{name}.npz"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("variant", ["compressed", "whole rows"])
+def test_import_stores_a_valid_file_that_is_not_byte_for_byte_what_a_server_writes(
+        variant: str, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Import re-packs the file (as a server saves it): it compared Redis with the file itself,
+    and reported "unreachable: the predictor was not stored" (exit 1) for one Redis held."""
+    import coredis
+
+    path = (_predictor_file(tmp_path, "c", compressed=True) if variant == "compressed"
+            else _predictor_file(tmp_path, "x", whole_rows=True))
+    summary = LengthPredictor.from_bytes(path.read_bytes()).summary()
+    code, out, err = run(capsys, "import", str(path), "--redis-url", redis_url)
+    assert code == 0, err
+    assert json.loads(out)["predictor"] == summary
+    code, out, _ = run(capsys, "show", "--redis-url", redis_url)
+    assert code == 0 and json.loads(out) == summary
+
+    async def stored() -> bytes:
+        async with coredis.Redis.from_url(redis_url) as client:
+            return await client.get("lmgate:predictor:length")
+
+    import trio
+
+    assert trio.run(stored) == LengthPredictor.from_bytes(path.read_bytes()).to_bytes()  # the canonical layout
+
+
+def test_import_reports_a_read_back_mismatch_as_such_not_as_unreachable(
+        redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer between the write and the read-back: Redis was reachable all along."""
+    from actors.predictor import PredictorService
+
+    path = _predictor_file(tmp_path, "p")
+    other = _predictor_file(tmp_path, "other", lambda a: a.update(y=a["y"] + 0.5)).read_bytes()
+    real_replace = PredictorService.replace
+
+    async def replace_then_another_writer(self: PredictorService, blob: bytes) -> bool:
+        saved = await real_replace(self, blob)
+        with self.store.guard():
+            await self.store.client.set(self.store.key(self.key), other)
+        return saved
+
+    monkeypatch.setattr(PredictorService, "replace", replace_then_another_writer)
+    code, _, err = run(capsys, "import", str(path), "--redis-url", redis_url)
+    assert code == 1 and "holds another predictor than the one just written" in err
+    assert "unreachable" not in err and "not stored" not in err
+
+
+MALFORMED_FILES = {  # each ended in a traceback (AttributeError, OverflowError)
+    "meta_intkey": (lambda a: a.update(meta=np.frombuffer(repr({"lengths_keys": [1], "users_keys": []}).encode(),
+                                                          dtype=np.uint8)),
+                    "meta['lengths_keys'] is not a list of strings"),
+    "model_n_inf": (lambda a: a.update(model=np.array([1.0, np.inf])), "'model' array holds NaN or infinity"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_FILES))
+def test_show_import_and_a_seed_refuse_a_malformed_predictor_in_one_line(
+        name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.config import ConfigError, check_predictor_seed
+
+    change, message = MALFORMED_FILES[name]
+    path = _predictor_file(tmp_path, name, change)
+    for argv in (["show", str(path)], ["import", str(path), "--redis-url", "redis://127.0.0.1:1/0"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err == f"lmgate predictor {argv[0]}: {path}: the blob's {message}\n"  # before Redis
+    with pytest.raises(ConfigError, match="predictor_seed: .*" + re.escape(message)):  # lmgate serve --predictor-seed
+        check_predictor_seed(str(path), "magnus")
