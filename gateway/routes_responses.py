@@ -484,8 +484,8 @@ class ResponseRenderer:
         return [*events, self._event(kind, response=self.response())]
 
     def failed(self, fail: Failed) -> list[dict[str, Any]]:
+        self.status, self.failure = "failed", fail  # first: the items it closes were cut off (incomplete)
         events = self._close_call() + self._close_message()
-        self.status, self.failure = "failed", fail
         self.error = {"code": fail.code, "message": fail.message}
         return [*events, self._event("response.failed", response=self.response())]
 
@@ -534,7 +534,7 @@ class ResponseRenderer:
         self._text, self._text_lp = [], []
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
         message["content"] = [part]
-        message["status"] = "incomplete" if self.status == "incomplete" else "completed"
+        message["status"] = "incomplete" if self.status in ("incomplete", "failed") else "completed"
         index = self.output.index(message)
         ids = {"item_id": message["id"], "output_index": index, "content_index": 0}
         return [self._event("response.output_text.done", **ids, text=text, logprobs=lp),
@@ -564,7 +564,7 @@ class ResponseRenderer:
             return []
         item, self._call = self._call, None
         arguments, self._call_args = "".join(self._call_args), []
-        item.update(arguments=arguments, status="incomplete" if self.status == "incomplete" else "completed")
+        item.update(arguments=arguments, status="incomplete" if self.status in ("incomplete", "failed") else "completed")
         index = self.output.index(item)
         return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                             name=item["name"], arguments=arguments),

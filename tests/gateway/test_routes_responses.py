@@ -140,6 +140,10 @@ def test_a_failure_ends_the_response_failed() -> None:
     assert events[-1]["type"] == "response.failed"
     assert events[-1]["response"]["error"] == {"code": "engine_error", "message": "the engine failed"}
     assert r.failure is not None
+    # the message it cut off is incomplete, in its done event and in the failed response (as OpenAI's)
+    [done] = [e for e in events if e["type"] == "response.output_item.done"]
+    assert done["item"]["status"] == events[-1]["response"]["output"][0]["status"] == "incomplete"
+    assert events[-1]["response"]["status"] == "failed"
 
 
 def test_input_items_map_onto_the_chat_conversation() -> None:
