@@ -479,7 +479,7 @@ class CacheDirectives:
         for part in (header or "").split(","):
             name, _, arg = part.strip().partition("=")
             name, arg = name.strip().lower(), arg.strip().strip('"')
-            if name == "no-cache" or (name == "max-age" and arg == "0"):
+            if name == "no-cache" or (name == "max-age" and arg.isdigit() and int(arg) == 0):  # "00" too
                 lookup = False
             elif name == "no-store":
                 store = False

@@ -285,6 +285,8 @@ def test_chat_content_parts_are_joined() -> None:
     ("no-cache, no-store", False, False),
     ("max-age=0", False, True),
     ('max-age="0" , private', False, True),
+    ("max-age=00", False, True),  # RFC 9111: a delta-seconds of 0, written as it may be
+    ("max-age=-0, max-age=0x0", True, True),  # not delta-seconds
     ("max-age=60, no-transform, only-if-cached", True, True),  # what the cache does not implement is ignored
     ("no-cache-please, ,=,no-storage", True, True),  # only whole directive names count
 ])
