@@ -222,7 +222,7 @@ class Accounting:
             top_logprobs=rec.top_logprobs if with_logprobs and rec.top_logprobs else None,
         )
         tenant = st.call.tenant.as_tenant()
-        await self._with_retry("response_cache_put", self.response_cache.put, tenant, st.adapter_key or self.model_name,
+        await self._with_retry("response_cache_put", self.response_cache.put, tenant, st.cache_model or self.model_name,
                                st.prompt_token_ids, st.params, value)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -55,6 +55,9 @@ class AdmissionConfig:
     vocab_size: int
     model_aliases: frozenset[str] = frozenset()
     kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0 = unchecked)
+    # what computes the answers, beyond the served name (the response cache's model key: replicas
+    # sharing a Redis in another dtype or quantization must not answer each other's requests)
+    engine_variant: str = ""
     kv_block_size: int = 16  # its page size: a beam search's beams each get whole pages
     max_sequences: int = 0  # sequences the engine runs at once (0 = unchecked): a beam search's cap
     max_waiting: int = 1024  # queue depth beyond which → 503
@@ -403,8 +406,8 @@ class Admission:
             self.metrics.cache_lookups.labels("bypass").inc()
             return None
         try:
-            hit = await self.response_cache.get(call.tenant.as_tenant(), st.adapter_key or self.config.model_name,
-                                                st.prompt_token_ids, st.params)
+            hit = await self.response_cache.get(call.tenant.as_tenant(), st.cache_model, st.prompt_token_ids,
+                                                st.params)
         except CacheUnavailable:
             self.metrics.redis_errors.labels("response_cache_get").inc()
             hit = None
@@ -478,6 +481,8 @@ class Admission:
             else:
                 send, recv = trio.open_memory_channel(st.channel_size())
             st.events = send
+            st.cache_model = "+".join(filter(None, (self.config.model_name, self.config.engine_variant,
+                                                    st.adapter_key)))
             st.admitted_at = time.monotonic()
             await self._reserve(call, st)
             try:

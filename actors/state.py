@@ -59,7 +59,8 @@ class RequestState:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     choices: dict[int, ChoiceRecord] = field(default_factory=dict)
     adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)
-    adapter_key: str | None = None  # its name@version at admission: the response cache's model key
+    adapter_key: str | None = None  # its name@version at admission (part of `cache_model`)
+    cache_model: str = ""  # what produced its answer, as the response cache keys it (`Admission._cached`)
     grammar: Any = None  # `params.guided` compiled at admission (gpu.structured.GrammarCompiler.prototype)
 
     @property

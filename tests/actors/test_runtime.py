@@ -1022,6 +1022,28 @@ async def test_token_metrics_count_what_was_billed_and_what_the_engine_generated
     assert runtime.metrics.generation_tokens.labels("metered")._value.get() == completion  # one generated
 
 
+async def test_an_engine_of_another_dtype_or_quantization_does_not_answer_from_the_cache(runtime, services):
+    """Replicas that share a Redis may run the model in another dtype or quantization
+    (`--dtype auto` picks per CPU): their greedy answers differ, so the response cache keys
+    them apart."""
+    t = tenant(id="variants")
+    assert runtime.admission.config.engine_variant == f"{str(runtime.engine.dtype).removeprefix('torch.')}/none"
+
+    async def cached() -> bool:
+        acc = await runtime.submit(call(t, prompt="Name a colour.", max_tokens=3))
+        _, _, last = await collect(acc)
+        return last.cached
+
+    assert not await cached()
+    await wait_until(lambda: services["response_cache"].stats.stores == 1)
+    assert await cached()
+    mine = runtime.admission.config
+    runtime.admission.config = replace(mine, engine_variant="float32/int8")
+    assert not await cached()
+    runtime.admission.config = mine
+    assert await cached()
+
+
 async def test_cached_prefixes_are_shared_within_a_tenant_only(runtime):
     """The engine's prefix cache is salted by tenant (vLLM's cache_salt): tenant B sending
     A's prompt computes it all (`cached_prompt_tokens` 0), A again finds its blocks; the
