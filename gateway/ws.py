@@ -93,6 +93,17 @@ def decode_frame(data: str | bytes) -> ClientFrame:
         raise ApiError(400, "malformed JSON frame: nested too deeply", code="invalid_json") from exc
 
 
+def frame_id_of(data: str | bytes) -> str | None:
+    """The `id` of a frame `decode_frame` refused, when it is JSON with a string `id` (a
+    request with a field of the wrong type: its error frame names it); else None."""
+    try:
+        value = msgspec.json.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    frame_id = value.get("id") if isinstance(value, dict) else None
+    return frame_id if isinstance(frame_id, str) else None
+
+
 def error_frame(request_id: str | None, exc: ApiError) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "id": request_id, "status": exc.status, **exc.body()}
     if exc.retry_after is not None:
@@ -279,7 +290,7 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
             try:
                 frame = decode_frame(data)
             except ApiError as exc:
-                session.reply(error_frame(None, exc))
+                session.reply(error_frame(frame_id_of(data), exc))
                 continue
             if isinstance(frame, CancelFrame):
                 scope = session.active.get(frame.id)

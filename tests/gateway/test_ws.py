@@ -152,6 +152,10 @@ async def test_malformed_frames_get_error_frames_and_socket_stays(gateway: Gatew
             frame = await ws.receive_json()
             assert (frame["type"], frame["status"]) == ("error", 400), data
             assert set(frame["error"]) == {"message", "type", "param", "code"}
+        # a frame with a field of the wrong type is refused under its id (it was null)
+        await ws.send_json({**request_frame("typed"), "cache_control": 5})
+        frame = await ws.receive_json()
+        assert (frame["id"], frame["status"], frame["type"]) == ("typed", 400, "error")
         # a well-formed frame with a bad body is an error for that id
         await ws.send_json(request_frame("bad", temperature=-3))
         frame = await ws.receive_json()
