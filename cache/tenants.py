@@ -38,6 +38,7 @@ __all__ = [
     "ApiKeyInfo",
     "KEY_PREFIX",
     "SecretMismatch",
+    "SecretTooShort",
     "Tenant",
     "TenantExists",
     "TenantNotFound",
@@ -145,6 +146,13 @@ class SecretMismatch(RuntimeError):
     """This Redis's keys were issued under another server secret: none would authenticate."""
 
 
+class SecretTooShort(ValueError):
+    """A server secret below `MIN_SECRET_BYTES`: a setting to fix, not a bug."""
+
+
+MIN_SECRET_BYTES = 16
+
+
 def hash_key(secret: bytes, plaintext: str) -> str:
     """HMAC-SHA256(secret, key) as hex: the only form a key is stored in."""
     return hmac.new(secret, plaintext.encode(), hashlib.sha256).hexdigest()
@@ -214,8 +222,9 @@ class TenantRegistry:
     """
 
     def __init__(self, store: RedisStore, secret: bytes) -> None:
-        if len(secret) < 16:
-            raise ValueError("server secret must be at least 16 bytes")
+        if len(secret) < MIN_SECRET_BYTES:
+            raise SecretTooShort(f"the server secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)} "
+                                 "(LMGATE_SECRET, or the server_secret file in the data dir)")
         self.store = store
         self._secret = secret
         self._authenticate = store.register_script(_AUTHENTICATE)

@@ -313,6 +313,9 @@ def request_class_for(config: GatewayConfig) -> type[TrioRequest]:
                 max_content_length = max(max_content_length or 0, MAX_PREDICTOR_BYTES)
             super().__init__(method, scheme, path, query_string, headers, *args,
                              max_content_length=max_content_length, **kwargs)
+            # Quart's `max_content_length` falls back to the app's MAX_CONTENT_LENGTH, not this
+            # body's limit: the 413 message and the decoded-size cap (`get_data`) read this one
+            self.max_content_length = max_content_length
 
         async def get_data(self, cache: bool = True, as_text: bool = False,
                            parse_form_data: bool = False) -> str | bytes:

@@ -18,26 +18,38 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 SERVE_EPILOG = """\
 environment:
   Every setting above is also read from its LMGATE_* variable (redis_url also
-  from REDIS_URL), and --config from LMGATE_CONFIG.
-  LMGATE_SECRET  the server secret API keys are HMACed with (unset: one is
-                 generated on first start in DATA_DIR/server_secret, mode 0600).
-                 Replicas sharing one Redis must share it, or a key issued by
-                 one is refused by the others; changing it invalidates every
-                 issued key.
+  from REDIS_URL, --log-level from LMGATE_LOG_LEVEL), and --config from
+  LMGATE_CONFIG. Another LMGATE_* variable is ignored, with a warning naming
+  the closest one lmgate reads.
+  LMGATE_SECRET  the server secret API keys are HMACed with, at least 16 bytes
+                 (unset: one is generated on first start in
+                 DATA_DIR/server_secret, mode 0600). Replicas sharing one
+                 Redis must share it, or a key issued by one is refused by the
+                 others; changing it invalidates every issued key.
 
---log-level takes DEBUG, INFO, WARNING, ERROR or CRITICAL.
+--log-level takes DEBUG, INFO, WARNING, ERROR or CRITICAL (log_level in the
+settings file).
 
-exit status: 2 for a bad setting or model, or a server secret other than the one
-the keys in Redis were issued under; 1 when the port cannot be bound,
-Redis cannot be reached or the private redis-server cannot be started.
+exit status: 2 for a bad setting (a host this machine cannot bind, a data dir
+that cannot be a folder, a short server secret, a KV cache larger than the RAM,
+...) or model, a server secret other than the one the keys in Redis were issued
+under, or a Magnus predictor in Redis that cannot be read; 1 when the port cannot
+be bound, Redis cannot be reached or refuses the database or credentials of
+--redis-url, the private redis-server cannot be started, or memory runs out.
 """
 
 
@@ -72,7 +84,7 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace):
     """The EngineConfig of the engine flags; ValueError naming the flag on a bad value."""
-    from gateway.config import ConfigError, check_device
+    from gateway.config import ConfigError, check_device, kv_cache_unavailable
     from gpu.config import CacheConfig, EngineConfig, SchedulerConfig
 
     for name in ("kv_cache_mb", "block_size", "max_num_seqs", "max_batched_tokens", "max_model_len"):
@@ -81,6 +93,8 @@ def engine_config_from_args(args: argparse.Namespace):
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     check_device(args.device)
+    if (problem := kv_cache_unavailable(args.kv_cache_mb, args.device)) is not None:
+        raise ConfigError(problem)
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -303,9 +317,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def check_bindable(host: str, port: int) -> None:
     """Raise OSError if `host:port` cannot be bound now (taken, not a local address, privileged),
     binding the way Hypercorn will (SO_REUSEADDR, IPv6 when the host has a colon): `lmgate serve`
-    checks before it spends seconds loading the model. Port 0 (any free port) always binds."""
-    if port == 0:
-        return
+    checks before it spends seconds loading the model. With port 0 (any free port) only the
+    host is checked."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -321,18 +334,46 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
-def startup_failure(exc: BaseException, host: str, port: int) -> tuple[int, str] | None:
+def unbindable_host(error: OSError) -> bool:
+    """Whether a bind failed because of the host setting (a name that does not resolve, an
+    address that is not this machine's): a bad setting, not a busy port or a refusal."""
+    if isinstance(error, socket.gaierror):
+        return error.errno != socket.EAI_AGAIN  # a DNS server that did not answer may answer later
+    return error.errno == errno.EADDRNOTAVAIL
+
+
+def _within(filename: object, folder: str) -> bool:
+    """Whether `filename` (an OSError's) is `folder` or inside it."""
+    if not isinstance(filename, str | bytes | os.PathLike):
+        return False
+    return Path(os.path.abspath(os.fsdecode(filename))).is_relative_to(os.path.abspath(folder))
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocator refusing (a RuntimeError on the CPU,
+    torch.OutOfMemoryError, also a RuntimeError, on a GPU)."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def startup_failure(exc: BaseException, config: GatewayConfig) -> tuple[int, str] | None:
     """(exit status, one-line message) when `exc`, or every exception of the group it is, is a
-    known reason `lmgate serve` could not start; None for anything else (shown as a traceback:
-    a bug, not a setting). Status 2: the model setting is wrong; 1: the environment refused."""
+    known reason `lmgate serve` (with `config`) could not start; None for anything else (shown
+    as a traceback: a bug, not a setting). Status 2: a setting, the model or what Redis holds
+    is wrong, and a restart would not help; 1: the environment refused (see SERVE_EPILOG)."""
+    from actors.predictor import PredictorBlobError
     from cache.redis_server import RedisServerError
     from cache.store import CacheUnavailable
-    from cache.tenants import SecretMismatch
+    from cache.tenants import SecretMismatch, SecretTooShort
+    from gateway.config import redis_refusal
     from gpu.loader import CheckpointError
     from gpu.lora import LoraError
     from gpu.quantization import QuantizationUnavailable
     from gpu.tokenizer import TokenizerError
 
+    where = f"{config.host}:{config.port}"
     found: list[tuple[int, str]] = []
     for leaf in _leaves(exc):
         if isinstance(leaf, CheckpointError | TokenizerError):
@@ -341,42 +382,63 @@ def startup_failure(exc: BaseException, host: str, port: int) -> tuple[int, str]
             found.append((2, f"cannot serve a LoRA adapter: {leaf}"))
         elif isinstance(leaf, QuantizationUnavailable):
             found.append((1, str(leaf)))
-        elif isinstance(leaf, SecretMismatch):
+        elif isinstance(leaf, SecretMismatch | SecretTooShort):
             found.append((2, str(leaf)))
+        elif isinstance(leaf, PredictorBlobError):
+            found.append((2, f"cannot load the Magnus length predictor (the one Redis holds, else "
+                             f"--predictor-seed): {leaf}; replace the one in Redis with lmgate predictor import "
+                             "FILE --redis-url URL --force"))
         elif isinstance(leaf, CacheUnavailable):
             found.append((1, f"{leaf} (is Redis running? see --redis-url)"))
+        elif (refused := redis_refusal(leaf)) is not None:
+            found.append((1, refused))
         elif isinstance(leaf, RedisServerError):
             found.append((1, f"cannot start the private redis-server: {leaf}"))
         elif isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE:
-            found.append((1, f"cannot listen on {host}:{port}: address already in use"))
+            found.append((1, f"cannot listen on {where}: address already in use"))
+        elif isinstance(leaf, OSError) and unbindable_host(leaf):
+            found.append((2, f"cannot listen on {where}: {leaf.strerror or leaf} (see --host)"))
+        elif isinstance(leaf, OSError) and _within(leaf.filename, config.data_dir):
+            found.append((2, f"cannot use the data dir {config.data_dir}: {leaf.strerror or leaf}: "
+                             f"{os.fsdecode(leaf.filename)}"))
+        elif _out_of_memory(leaf):
+            found.append((1, f"out of memory (see --kv-cache-mb): {str(leaf).splitlines()[0]}"))
         else:
             return None
     return found[0] if found else None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """`lmgate serve`: check what can be checked before anything starts (settings, log level,
-    the port), then `gateway.server.run_serve`; a start-up failure is one line on stderr."""
-    from gateway.config import ConfigError, config_from_args, parse_log_level
+    """`lmgate serve`: check what can be checked before anything starts (settings, the server
+    secret, the KV cache against the RAM, the port), then `gateway.server.run_serve`; a
+    start-up failure is one line on stderr (`startup_failure`)."""
+    from gateway.config import (
+        ConfigError,
+        config_from_args,
+        kv_cache_unavailable,
+        unknown_variables,
+    )
 
+    for name, closest in unknown_variables(os.environ):
+        print(f"lmgate serve: warning: {name} is not a variable lmgate reads (ignored); did you mean {closest}?",
+              file=sys.stderr)
     try:
-        parse_log_level(args.log_level)
         config = config_from_args(args)
+        if (problem := kv_cache_unavailable(config.kv_cache_mb, config.device)) is not None:
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"lmgate serve: {e}", file=sys.stderr)
         return 2
     try:
         check_bindable(config.host, config.port)
     except OSError as e:
-        print(f"lmgate serve: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    from cache.redis_server import RedisServerError
-    from cache.store import CacheUnavailable
-    from cache.tenants import SecretMismatch
+        bad_host = unbindable_host(e)
+        print(f"lmgate serve: cannot listen on {config.host}:{config.port}: {e.strerror or e}"
+              f"{' (see --host)' if bad_host else ''}", file=sys.stderr)
+        return 2 if bad_host else 1
     from gateway.server import run_serve
-    from gpu.loader import CheckpointError, resolve_source
-    from gpu.quantization import QuantizationUnavailable, int8_unavailable_reason
-    from gpu.tokenizer import TokenizerError
+    from gpu.loader import resolve_source
+    from gpu.quantization import int8_unavailable_reason
 
     if config.quantization == "int8" and (why := int8_unavailable_reason()) is not None:
         print(f"lmgate serve: int8 quantization is not available: {why}", file=sys.stderr)
@@ -384,9 +446,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         resolve_source(config.model)  # a missing model is said at once, before Redis starts
         return run_serve(args)
-    except (CheckpointError, TokenizerError, QuantizationUnavailable, CacheUnavailable, RedisServerError,
-            SecretMismatch, OSError, BaseExceptionGroup) as e:
-        failure = startup_failure(e, config.host, config.port)
+    except (Exception, BaseExceptionGroup) as e:
+        failure = startup_failure(e, config)
         if failure is None:
             raise
         status, message = failure

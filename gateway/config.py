@@ -10,8 +10,11 @@ settings outside it is refused (they would otherwise be silently ignored).
 Integer settings take integers only (``8080.7`` is refused, never truncated);
 float settings must be finite. Environment variables are the field
 name upper-cased with an ``LMGATE_`` prefix (``LMGATE_MAX_BODY_BYTES=2097152``);
-``REDIS_URL`` is also honoured for ``redis_url``. Settings are read here and only
-here: the rest of the gateway receives the object (no environment reads deep in
+``REDIS_URL`` is also honoured for ``redis_url``. A value of the wrong type is refused
+naming where it came from (the file, the variable or the flag). An unknown key in the
+file is refused, but an unknown ``LMGATE_*`` variable only earns a warning
+(`unknown_variables`): other software may use the prefix. Settings are read here and
+only here: the rest of the gateway receives the object (no environment reads deep in
 the logic).
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -28,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from actors.policies import KV_RESERVATIONS, LENGTH_AWARE_POLICIES, POLICY_NAMES
 from gateway.cors import CorsConfigError, CorsPolicy
@@ -86,6 +91,7 @@ class GatewayConfig:
     allowed_origins: str = "*"  # web pages that may call the public API: *, "" (none) or origins (gateway.cors)
     embedding_model: str = "bundled"  # /v1/embeddings: bundled (all-MiniLM-L6-v2), none, or a local folder
     embedding_batch_tokens: int = 512  # padded tokens per embedding batch: one batch runs between two steps
+    log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR | CRITICAL (parse_log_level)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -94,6 +100,13 @@ class GatewayConfig:
                      "embedding_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_body_bytes", "max_ws_frame_bytes"):  # the server holds a whole body in memory
+            if getattr(self, name) > MAX_BODY_BYTES:
+                raise ConfigError(f"{name} must be at most {MAX_BODY_BYTES} (1 GiB), got {getattr(self, name)}")
+        if self.listen_backlog > MAX_LISTEN_BACKLOG:  # listen() takes a C int; the kernel caps it lower
+            raise ConfigError(f"listen_backlog must be at most {MAX_LISTEN_BACKLOG}, got {self.listen_backlog}")
+        parse_log_level(self.log_level)
+        check_data_dir(self.data_dir)
         try:
             CorsPolicy.parse(self.allowed_origins)
         except CorsConfigError as exc:
@@ -187,14 +200,140 @@ class GatewayConfig:
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 _DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_BODY_BYTES = 1024**3  # max_body_bytes, max_ws_frame_bytes: each body is buffered whole
+MAX_LISTEN_BACKLOG = 65535  # Linux caps the backlog at net.core.somaxconn (4096 by default)
+# LMGATE_* variables read outside GatewayConfig: not misspelt settings (`unknown_variables`)
+OTHER_VARIABLES = (
+    "LMGATE_CONFIG",  # the settings file (load_config)
+    "LMGATE_SECRET",  # the server secret (gateway.server.server_secret; check_secret_variable)
+    "LMGATE_URL",  # lmgate chat's gateway (clients.cli)
+    "LMGATE_API_KEY",  # lmgate chat's and bench serve's tenant key (clients.cli, ops.bench_serve)
+    "LMGATE_HF_CACHE",  # converted reference models (ops.hf_reference)
+)
+
+
+def env_name(name: str) -> str:
+    """The environment variable of setting `name`: ``max_body_bytes`` → ``LMGATE_MAX_BODY_BYTES``."""
+    return "LMGATE_" + name.upper()
+
+
+def _redacted(url: str) -> str:
+    """`url` without its password (it goes to stderr and logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
 def check_redis_url(url: str) -> None:
-    """A Redis URL is ``redis://``, ``rediss://`` (TLS) or ``unix://`` followed by something:
-    refuse anything else at start-up rather than fail on the first Redis command."""
+    """A Redis URL coredis connects to as it reads: ``redis://`` or ``rediss://`` (TLS) with a
+    host, an optional port in 1..65535 and an optional database number (``/N`` or
+    ``?db=N``), or ``unix:///path/to.sock`` with an optional ``?db=N``. Refused at
+    start-up, not on the first Redis command: there ``redis://:::`` was an AssertionError
+    inside coredis, ``/abc`` silently database 0 and port 0 silently 6379. Whether the
+    server has that database is known once connected (`redis_refusal`)."""
+    shown = _redacted(url)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in REDIS_URL_SCHEMES or not rest:
-        raise ConfigError(f"redis_url must start with redis://, rediss:// or unix:// and name a server, got {url!r}")
+        raise ConfigError(f"redis_url must start with redis://, rediss:// or unix:// and name a server, got {shown!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:  # a port that is not a number, an unclosed [IPv6 literal
+        raise ConfigError(f"redis_url {shown!r}: {e}") from None
+    if parts.scheme == "unix":
+        if parts.hostname is not None or not parts.path:
+            raise ConfigError(f"redis_url {shown!r}: a unix:// URL names a socket file, as "
+                              "unix:///path/to/redis.sock (three slashes)")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"redis_url {shown!r} names no host (redis://HOST[:PORT][/DB])")
+        if port == 0:
+            raise ConfigError(f"redis_url {shown!r}: port must be in 1..65535, got 0")
+        if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]+", parts.path):
+            raise ConfigError(f"redis_url {shown!r}: the path is the database number (/0, /1, ...), "
+                              f"got {parts.path!r}")
+    _check_redis_query(shown, parse_qs(parts.query, keep_blank_values=True))
+
+
+def _check_redis_query(shown: str, query: dict[str, list[str]]) -> None:
+    """The query options of a Redis URL that coredis parses (db, timeouts, ...) parse."""
+    from coredis import ConnectionPool
+
+    for name, values in query.items():
+        if name == "db" and not re.fullmatch(r"[0-9]+", values[0]):
+            raise ConfigError(f"redis_url {shown!r}: db must be a database number (0, 1, ...), got {values[0]!r}")
+        parser = ConnectionPool.URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parser is not None and values[0]:
+            try:
+                parser(values[0])
+            except ValueError:
+                raise ConfigError(f"redis_url {shown!r}: bad {name} {values[0]!r}") from None
+
+
+def redis_refusal(error: BaseException) -> str | None:
+    """What a Redis server refused when a connection to a well-formed `redis_url` opened —
+    its database (beyond the server's `databases`, which only the server knows) or its
+    credentials — as one line; None for any other error. (coredis raises it from its
+    handshake as a ResponseError: neither "unreachable" nor a bug.)"""
+    import coredis.exceptions
+
+    if isinstance(error, coredis.exceptions.AuthenticationError):
+        return f"Redis refused the credentials of --redis-url: {error}"
+    if isinstance(error, coredis.exceptions.ResponseError) and "DB index is out of range" in str(error):
+        return (f"Redis refused the database number of --redis-url: {error} (that server has fewer "
+                "databases: see its `databases` setting)")
+    return None
+
+
+def check_data_dir(data_dir: str) -> None:
+    """`data_dir` is a folder, or can become one: neither it nor the nearest of its parents
+    that exists is a file (it was a FileExistsError traceback at start-up)."""
+    path = Path(data_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    if existing == path:
+        raise ConfigError(f"data_dir {data_dir!r} exists and is not a folder")
+    raise ConfigError(f"data_dir {data_dir!r} cannot be created: {str(existing)!r} is not a folder")
+
+
+def check_secret_variable(env: Mapping[str, str]) -> None:
+    """``LMGATE_SECRET``, when set, is long enough for `cache.tenants.TenantRegistry`:
+    said with the other settings, before anything starts."""
+    from cache.tenants import MIN_SECRET_BYTES
+
+    secret = env.get("LMGATE_SECRET")
+    if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(f"LMGATE_SECRET must be at least {MIN_SECRET_BYTES} bytes, got {len(secret.encode())} "
+                          "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+
+
+def kv_cache_unavailable(kv_cache_mb: int, device: str) -> str | None:
+    """Why a KV cache of `kv_cache_mb` MiB cannot be had on `device`, or None: on the CPU, one
+    as large as the machine's RAM, or its cgroup's memory limit (torch's allocator refused
+    it with a traceback, after the model had loaded). A GPU's memory is known once torch
+    has initialised it: the engine finds out."""
+    if device != "cpu":
+        return None
+    limits = []
+    try:
+        limits.append(("this machine's RAM", os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+    except (AttributeError, ValueError, OSError):  # not a POSIX host: nothing to compare with
+        pass
+    try:
+        limits.append(("this cgroup's memory.max", int(Path("/sys/fs/cgroup/memory.max").read_text())))
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        pass
+    for what, limit in limits:
+        if kv_cache_mb * 1024**2 >= limit:
+            return f"kv_cache_mb {kv_cache_mb} MiB does not fit in {what} ({limit // 1024**2} MiB)"
+    return None
 
 
 def check_device(device: str) -> None:
@@ -252,27 +391,29 @@ _HELP = {
     "admin_key": "Bearer key for the /admin API (unset = admin API refused)",
     "metrics_key": "Bearer key /metrics asks for (the admin key works too); unset = /metrics open to anyone "
                    "who reaches the port (it names every tenant and its counts: firewall it, or set this)",
-    "redis_url": "Redis URL, also $REDIS_URL (unset = start a private redis-server under --data-dir)",
-    "data_dir": "directory for the private Redis and other state",
+    "redis_url": "Redis URL: redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH[?db=DB], also "
+                 "$REDIS_URL (unset = start a private redis-server under --data-dir)",
+    "data_dir": "directory for the private Redis and other state (created if missing)",
     "model": "model to serve: 'smollm2' (bundled), a .gguf path, a HF folder or an lmg folder (docs/loading.md)",
     "model_cache_dir": "keep a loading-optimized copy of a GGUF or safetensors model in this folder and "
                        "start from it next time (the bundled GGUF: ~0.1 s to map instead of ~0.5 s to read and dequantize; "
                        "270 MB in bfloat16, 540 MB in float32; one copy per model and dtype, shared by "
                        "servers that name the same folder); empty: off",
-    "max_body_bytes": "largest accepted HTTP request body (413 above)",
-    "max_ws_frame_bytes": "largest accepted WebSocket message (error + close 1009 above)",
+    "max_body_bytes": "largest accepted HTTP request body (413 above; at most 1 GiB); an admin's PUT "
+                      "/admin/predictor may send 64 MiB, or this if larger",
+    "max_ws_frame_bytes": "largest accepted WebSocket message (error + close 1009 above; at most 1 GiB)",
     "max_streams_per_socket": "concurrent requests on one WebSocket",
     "shutdown_grace_seconds": "on SIGINT/SIGTERM, let streams finish this long, then cancel",
     "keep_alive_seconds": "HTTP keep-alive timeout",
-    "listen_backlog": "new connections the kernel queues until the server accepts them (capped by "
-                      "net.core.somaxconn); a burst beyond it gets connection resets instead of 503s",
+    "listen_backlog": "new connections the kernel queues until the server accepts them (at most 65535; "
+                      "capped by net.core.somaxconn); a burst beyond it gets connection resets instead of 503s",
     "dev_tenant": "create a development tenant on first start and print its key",
     "served_model_name": "model id clients send (empty = derived from --model, e.g. SmolLM2-135M-Instruct)",
     "dtype": "weights/KV dtype: auto (bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32), "
              "float32, bfloat16, float16",
     "device": "cpu or cuda[:N]",
     "threads": "torch CPU threads (0 = torch default)",
-    "kv_cache_mb": "KV cache budget in MiB",
+    "kv_cache_mb": "KV cache budget in MiB (on the CPU: less than the RAM)",
     "max_num_seqs": "running-requests cap of the engine",
     "max_batched_tokens": "token budget of one engine step (prefill chunks + decodes)",
     "max_model_len": "prompt + output tokens per request",
@@ -327,11 +468,13 @@ _HELP = {
     "allowed_origins": "web pages (CORS) that may call the public API with a key: * (any, as OpenAI's API), "
                        "comma-separated origins (https://app.example.com), or \"\" for none; the admin API "
                        "never answers cross-origin",
+    "log_level": "logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL",
 }
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Convert a TOML/env/flag value to the field's type; raise ConfigError naming the field."""
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a TOML/env/flag value to the field's type; raise ConfigError naming the field
+    and the `source` of the value ("config file X", "environment variable LMGATE_X", "flag --x")."""
     kind = _FIELDS[name].type
     try:
         if "bool" in kind:
@@ -362,8 +505,8 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError(f"expected a string, got {type(value).__name__}")
             return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: {exc}") from exc
-    raise ConfigError(f"setting {name!r}: unsupported type {kind}")
+        raise ConfigError(f"setting {name!r} ({source}): {exc}") from exc
+    raise ConfigError(f"setting {name!r} ({source}): unsupported type {kind}")
 
 
 def values_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -391,7 +534,7 @@ def values_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     unknown = sorted(k for k in table if k not in _FIELDS)
     if unknown:
         raise ConfigError(f"{path}: unknown settings {unknown}")
-    return {k: _coerce(k, v) for k, v in table.items()}
+    return {k: _coerce(k, v, f"config file {os.fspath(path)}") for k, v in table.items()}
 
 
 def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -399,10 +542,20 @@ def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("REDIS_URL"):
         out["redis_url"] = env["REDIS_URL"]
     for name in _FIELDS:
-        key = "LMGATE_" + name.upper()
+        key = env_name(name)
         if key in env:
-            out[name] = _coerce(name, env[key])
+            out[name] = _coerce(name, env[key], f"environment variable {key}")
     return out
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the closest one lmgate reads) for each ``LMGATE_*`` variable in `env` that
+    lmgate does not read (``LMGATE_MAXNUMSEQS`` → ``LMGATE_MAX_NUM_SEQS``). Such a variable is
+    ignored, and `lmgate serve` warns rather than refuses (an unknown key in the file is
+    refused): other software may use the prefix."""
+    known = [env_name(name) for name in _FIELDS] + list(OTHER_VARIABLES)
+    return [(name, difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.0)[0])
+            for name in sorted(env) if name.upper().startswith("LMGATE_") and name not in known]
 
 
 def load_config(
@@ -420,7 +573,8 @@ def load_config(
     values.update(values_from_env(env))
     for name, value in (flags or {}).items():
         if name in _FIELDS and value is not None:
-            values[name] = _coerce(name, value)
+            values[name] = _coerce(name, value, f"flag --{name.replace('_', '-')}")
+    check_secret_variable(env)
     return GatewayConfig(**values)
 
 
@@ -436,8 +590,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GatewayConfig()
     for name, field in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        env_name = "LMGATE_" + name.upper()
-        text = f"{_HELP.get(name, name)} (env {env_name}; default {getattr(defaults, name)!r})"
+        text = f"{_HELP.get(name, name)} (env {env_name(name)}; default {getattr(defaults, name)!r})"
         if "bool" in field.type:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:

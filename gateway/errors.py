@@ -18,7 +18,7 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-from quart import Quart, Response, g, has_request_context, request
+from quart import Quart, Response, current_app, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("lmgate.gateway")
@@ -101,10 +101,21 @@ def from_http_exception(exc: HTTPException) -> ApiError:
     }
     message = exc.description or exc.name
     if status == 413:  # Werkzeug's "The data value transmitted exceeds the capacity limit." says neither
-        limit = request.max_content_length if has_request_context() else None
-        message = (f"the request body is larger than the server takes ({limit} bytes; its operator sets "
-                   f"--max-body-bytes)" if limit else "the request body is larger than the server takes")
+        message = _too_large_message()
     return ApiError(status, message, code=codes.get(status))
+
+
+def _too_large_message() -> str:
+    """The 413's message: the limit that applied to this request, and what sets it. That is
+    `--max-body-bytes` (the app's MAX_CONTENT_LENGTH) unless the request class gave the
+    route its own (an admin's `PUT /admin/predictor`: `app.MAX_PREDICTOR_BYTES`), which
+    that flag does not control."""
+    limit = request.max_content_length if has_request_context() else None
+    if not limit:
+        return "the request body is larger than the server takes"
+    if limit == current_app.config.get("MAX_CONTENT_LENGTH"):
+        return f"the request body is larger than the server takes ({limit} bytes; its operator sets --max-body-bytes)"
+    return f"the request body is larger than {request.method} {request.path} takes ({limit} bytes)"
 
 
 def install_error_handlers(app: Quart) -> None:

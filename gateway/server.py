@@ -279,16 +279,14 @@ async def watch_private_redis(private: PrivateRedis, interval_s: float = 2.0) ->
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `lmgate serve` (one per GatewayConfig field, plus --config and --log-level)."""
+    """Flags of `lmgate serve`: one per GatewayConfig field (--log-level too), plus --config."""
     add_config_arguments(parser)
-    parser.add_argument("--log-level", default="INFO",
-                        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        logging.basicConfig(level=parse_log_level(args.log_level))
         config = config_from_args(args)
+        logging.basicConfig(level=parse_log_level(config.log_level))
         problem = device_unavailable(config.device)
         if problem is not None:
             raise ConfigError(problem)

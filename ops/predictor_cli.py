@@ -180,9 +180,12 @@ def _run_redis(action: str, url: str, fn) -> tuple[object, int]:
     import trio
 
     from cache.store import CacheUnavailable
+    from gateway.config import ConfigError, check_redis_url, redis_refusal
 
-    if not url.startswith(("redis://", "rediss://", "unix://")):  # (coredis asserts on anything else)
-        return None, _fail(action, f"--redis-url must be redis://, rediss:// or unix://, got {url!r}")
+    try:
+        check_redis_url(url)  # (coredis asserts on, or misreads, what it does not take)
+    except ConfigError as e:
+        return None, _fail(action, f"--{e}".replace("--redis_url", "--redis-url", 1))
     try:
         try:
             return trio.run(_redis, url, fn), 0
@@ -194,6 +197,11 @@ def _run_redis(action: str, url: str, fn) -> tuple[object, int]:
         return None, _fail(action, f"Redis holds something that is not a predictor: {e}", 1)
     except (ValueError, OSError) as e:  # a malformed URL, a refused connection
         return None, _fail(action, f"{url}: {e}", 1)
+    except Exception as e:
+        refused = redis_refusal(e)  # a database the server does not have, credentials it refuses
+        if refused is None:
+            raise
+        return None, _fail(action, refused, 1)
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

@@ -149,12 +149,21 @@ def test_generate_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixt
     (["--log-level", "bogus"], "log level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'bogus'"),
     (["--redis-url", "notaurl"], "redis_url must start with redis://, rediss:// or unix://"),
     (["--device", "bogus"], "device must be cpu, cuda or cuda:N"),
-    (["--port", "8080.7"], "'port': expected an integer"),
+    (["--port", "8080.7"], "setting 'port' (flag --port): expected an integer"),
     (["--keep-alive-seconds", "-5"], "keep_alive_seconds must be a finite number >= 0"),
     (["--config", "/nonexistent.toml"], "config file /nonexistent.toml: No such file or directory"),
     (["--lora-modules", "support=/nonexistent/adapter"], "support=/nonexistent/adapter: no adapter_config.json"),
     (["--lora-modules", "support"], "'support' is not NAME=PATH"),
     (["--max-loras", "0"], "max_loras and max_lora_rank must be at least 1"),
+    # tracebacks before (an AssertionError in coredis, an OverflowError in listen(), torch's
+    # allocator), or accepted: the database silently 0, any body buffered
+    (["--redis-url", "redis://:::"], "redis_url 'redis://:::': Port could not be cast"),
+    (["--redis-url", "redis://127.0.0.1:1/abc"], "the path is the database number"),
+    (["--listen-backlog", "99999999999999"], "listen_backlog must be at most 65535"),
+    (["--max-body-bytes", "100000000000000"], "max_body_bytes must be at most 1073741824"),
+    (["--kv-cache-mb", str(2**40)], f"kv_cache_mb {2**40} MiB does not fit in"),
+    (["--log-level", "loud"], "got 'loud'"),
+    (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:0: Cannot assign requested address (see --host)"),
 ])
 def test_serve_reports_bad_settings_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: list[str], message: str) -> None:
@@ -228,19 +237,24 @@ def test_a_port_taken_after_the_check_is_unwrapped_from_the_nursery_groups(taken
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
 
+    config = GatewayConfig(port=taken_port)
     with pytest.raises(BaseExceptionGroup) as info:
-        trio.run(serve_app, app, GatewayConfig(port=taken_port))
-    assert startup_failure(info.value, "127.0.0.1", taken_port) == (
+        trio.run(serve_app, app, config)
+    assert startup_failure(info.value, config) == (
         1, f"cannot listen on 127.0.0.1:{taken_port}: address already in use")
 
 
-def test_unknown_failures_are_not_disguised_as_start_up_errors() -> None:
+def test_unknown_failures_are_not_disguised_as_start_up_errors(tmp_path: Path) -> None:
     from cache.store import CacheUnavailable
+    from gateway.config import GatewayConfig
 
-    assert startup_failure(OSError(errno.EACCES, "denied"), "h", 1) is None
-    assert startup_failure(ExceptionGroup("g", [CacheUnavailable("x"), KeyError("bug")]), "h", 1) is None
+    config = GatewayConfig(host="h", port=1, data_dir=str(tmp_path / "data"))
+    assert startup_failure(OSError(errno.EACCES, "denied"), config) is None
+    assert startup_failure(PermissionError(errno.EACCES, "denied", str(tmp_path / "elsewhere")), config) is None
+    assert startup_failure(RuntimeError("a bug"), config) is None
+    assert startup_failure(ExceptionGroup("g", [CacheUnavailable("x"), KeyError("bug")]), config) is None
     assert startup_failure(ExceptionGroup("g", [ExceptionGroup("h", [CacheUnavailable("Redis at u unreachable")])]),
-                           "h", 1) == (1, "Redis at u unreachable (is Redis running? see --redis-url)")
+                           config) == (1, "Redis at u unreachable (is Redis running? see --redis-url)")
 
 
 def test_serve_help_documents_the_server_secret(capsys: pytest.CaptureFixture[str]) -> None:
@@ -249,13 +263,15 @@ def test_serve_help_documents_the_server_secret(capsys: pytest.CaptureFixture[st
     out = " ".join(capsys.readouterr().out.split())
     assert "LMGATE_SECRET" in out and "Replicas sharing one Redis must share it" in out
     assert "DEBUG, INFO, WARNING, ERROR or CRITICAL" in out
+    assert "--log-level from LMGATE_LOG_LEVEL" in out and "log_level in the settings file" in out
 
 
 def test_a_secret_mismatch_is_one_line_with_status_2() -> None:
     from cache.tenants import SecretMismatch
+    from gateway.config import GatewayConfig
 
     group = BaseExceptionGroup("nursery", [SecretMismatch("issued under another server secret")])
-    assert startup_failure(group, "h", 1) == (2, "issued under another server secret")
+    assert startup_failure(group, GatewayConfig()) == (2, "issued under another server secret")
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
@@ -289,13 +305,14 @@ def tiny_lmg_folder(path: Path, *, tokenizer: bool = False) -> Path:
 
 def test_broken_model_folders_are_one_line_errors_not_tracebacks(capsys: pytest.CaptureFixture[str],
                                                                 tmp_path: Path) -> None:
+    from gateway.config import GatewayConfig
     from gpu.fastload import INDEX_FILE
     from gpu.tokenizer import TokenizerError
 
     no_tokenizer = tiny_lmg_folder(tmp_path / "no-tokenizer")
     assert main(["generate", "--model", str(no_tokenizer), "--dtype", "float32", "hi"]) == 2
     assert "carries no tokenizer" in one_line_error(capsys, "generate")
-    assert startup_failure(TokenizerError("no tokenizer"), "127.0.0.1", 8000) == (
+    assert startup_failure(TokenizerError("no tokenizer"), GatewayConfig()) == (
         2, "cannot load the model: no tokenizer")
 
     bad_config = tiny_lmg_folder(tmp_path / "bad-config")
@@ -310,3 +327,99 @@ def test_broken_model_folders_are_one_line_errors_not_tracebacks(capsys: pytest.
     (no_index / INDEX_FILE).unlink()
     assert main(["generate", "--model", str(no_index), "hi"]) == 2
     assert "model.lmg without its index model.lmg.index.json" in one_line_error(capsys, "generate")
+
+
+def test_generate_refuses_a_kv_cache_larger_than_the_ram(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["generate", "--model", str(tmp_path / "missing.gguf"), "--kv-cache-mb", str(2**40), "hi"]) == 2
+    assert "does not fit in this machine's RAM" in one_line_error(capsys, "generate")
+
+
+@pytest.mark.parametrize("env", [{"LMGATE_LOG_LEVEL": "loud"}, {"LMGATE_SECRET": "short"},
+                                 {"LMGATE_LISTEN_BACKLOG": "99999999999999"}])
+def test_serve_reports_bad_settings_from_the_environment_in_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", *quick(tmp_path)]) == 2
+    one_line_error(capsys, "serve")
+
+
+def test_serve_takes_the_log_level_from_the_environment_and_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.server
+    from gateway.config import config_from_args
+
+    levels = []  # the level run_serve configures logging with
+    monkeypatch.setattr(gateway.server, "run_serve", lambda args: levels.append(config_from_args(args).log_level) or 0)
+    config = tmp_path / "c.toml"
+    config.write_text('log_level = "ERROR"\n')
+    assert main(["serve", *quick(tmp_path)]) == 0
+    assert main(["serve", *quick(tmp_path), "--config", str(config)]) == 0
+    monkeypatch.setenv("LMGATE_LOG_LEVEL", "debug")
+    assert main(["serve", *quick(tmp_path), "--config", str(config)]) == 0
+    assert main(["serve", *quick(tmp_path), "--log-level", "WARNING"]) == 0
+    assert levels == ["INFO", "ERROR", "debug", "WARNING"]
+
+
+def test_serve_warns_of_an_lmgate_variable_it_does_not_read(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"LMGATE_MAXNUMSEQS": "1", "LMGATE_SECRET": "s" * 32, "LMGATE_URL": "http://x",
+                        "LMGATE_API_KEY": "k", "LMGATE_HF_CACHE": "/tmp"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", *quick(tmp_path)]) == 1  # a warning: it starts (and finds no Redis)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["lmgate serve: warning: LMGATE_MAXNUMSEQS is not a variable lmgate reads (ignored); "
+                        "did you mean LMGATE_MAX_NUM_SEQS?"]
+
+
+def test_serve_reports_a_data_dir_it_cannot_use_in_one_line(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["serve", *quick(tmp_path), "--data-dir", str(afile)]) == 2
+    assert "exists and is not a folder" in one_line_error(capsys, "serve")
+    # a folder that cannot be created although its parent is one: found when the server starts
+    assert main(["serve", *quick(tmp_path), "--data-dir", "/proc/lmgate-no-such-dir"]) == 2
+    assert "cannot use the data dir /proc/lmgate-no-such-dir: " in one_line_error(capsys, "serve")
+
+
+def test_serve_reports_a_short_secret_file_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "server_secret").write_text("short")
+    assert main(["serve", *quick(tmp_path)]) == 2
+    assert "the server secret must be at least 16 bytes, got 5" in one_line_error(capsys, "serve")
+
+
+def test_serve_reports_a_database_redis_refuses_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                           redis_url: str) -> None:
+    url = redis_url.rsplit("/", 1)[0] + "/99"  # a well-formed URL, beyond the server's 16 databases
+    assert main(["serve", "--port", "0", "--data-dir", str(tmp_path), "--redis-url", url]) == 1
+    assert "Redis refused the database number of --redis-url: DB index is out of range" in one_line_error(
+        capsys, "serve")
+
+
+def test_start_up_failures_found_while_starting_are_one_line(tmp_path: Path) -> None:
+    import coredis.exceptions
+
+    from actors.predictor import PredictorBlobError
+    from cache.tenants import SecretTooShort
+    from gateway.config import GatewayConfig
+
+    config = GatewayConfig(port=8000, data_dir=str(tmp_path / "data"))
+    nursery = BaseExceptionGroup
+    status, message = startup_failure(nursery("n", [PredictorBlobError("not an .npz archive")]), config)
+    assert status == 2 and message.startswith("cannot load the Magnus length predictor (the one Redis holds, else "
+                                              "--predictor-seed): not an .npz archive; replace")
+    assert startup_failure(nursery("n", [SecretTooShort("too short")]), config) == (2, "too short")
+    assert startup_failure(nursery("n", [coredis.exceptions.ResponseError("DB index is out of range")]),
+                           config)[0] == 1
+    assert startup_failure(coredis.exceptions.AuthenticationFailureError("WRONGPASS"), config)[0] == 1
+    assert startup_failure(coredis.exceptions.ResponseError("ERR a bug in a script"), config) is None
+    assert startup_failure(socket.gaierror(socket.EAI_NONAME, "Name or service not known"), config) == (
+        2, "cannot listen on 127.0.0.1:8000: Name or service not known (see --host)")
+    assert startup_failure(socket.gaierror(socket.EAI_AGAIN, "Temporary failure"), config) is None
+    assert startup_failure(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "data")), config) == (
+        2, f"cannot use the data dir {tmp_path / 'data'}: File exists: {tmp_path / 'data'}")
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 104857599836160 bytes.")
+    status, message = startup_failure(nursery("n", [nursery("m", [oom])]), config)
+    assert status == 1 and message.startswith("out of memory (see --kv-cache-mb): [enforce fail")

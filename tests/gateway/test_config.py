@@ -251,7 +251,8 @@ def test_a_float_for_an_integer_setting_in_the_file_is_refused_not_truncated(tmp
 
 
 def test_a_float_for_an_integer_setting_from_env_or_flag_is_refused() -> None:
-    with pytest.raises(ConfigError, match="'port': expected an integer, got '8080.7'"):
+    with pytest.raises(ConfigError, match=r"'port' \(environment variable LMGATE_PORT\): expected an integer, "
+                                          "got '8080.7'"):
         load_config(None, {"LMGATE_PORT": "8080.7"}, {})
     with pytest.raises(ConfigError, match="max_body_bytes"):
         load_config(None, {}, {"max_body_bytes": "1.9"})
@@ -347,3 +348,152 @@ def test_model_cache_dir_reaches_the_engine_config_and_a_file_there_is_refused(t
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="model_cache_dir"):
         GatewayConfig(model_cache_dir=str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize(("url", "match"), [
+    ("redis://:::", "Port could not be cast"),  # an AssertionError inside coredis
+    ("redis://:6379/0", "names no host"),
+    ("redis://h:99999/0", "Port out of range"),
+    ("redis://h:0/0", "port must be in 1..65535"),  # coredis took port 0 for 6379
+    ("redis://h:6379/abc", "the path is the database number"),  # coredis silently used database 0
+    ("redis://h/1/2", "the path is the database number"),  # coredis read database 12
+    ("redis://h?db=x", "db must be a database number"),
+    ("redis://h?max_connections=lots", "bad max_connections"),
+    ("unix://tmp/redis.sock", "three slashes"),  # coredis connected to /redis.sock
+])
+def test_a_redis_url_coredis_would_misread_is_refused(url: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, {}, {"redis_url": url})
+
+
+@pytest.mark.parametrize("url", ["redis://[::1]:6379/2", "redis://h?db=3", "redis://h/", "rediss://:pw@h:6380/15",
+                                 "unix:///tmp/redis.sock?db=1", "unix://:pw@/tmp/redis.sock"])
+def test_redis_urls_with_a_database_are_accepted(url: str) -> None:
+    assert load_config(None, {"REDIS_URL": url}, {}).redis_url == url
+
+
+def test_a_refused_redis_url_does_not_show_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {}, {"redis_url": "redis://user:hunter2@h:6379/abc"})
+    assert "hunter2" not in str(info.value) and "redis://user:***@h:6379/abc" in str(info.value)
+
+
+def test_log_level_is_a_setting_of_the_file_the_environment_and_the_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('log_level = "debug"\n')
+    assert GatewayConfig().log_level == "INFO"
+    assert load_config(path, {}, {}).log_level == "debug"
+    assert load_config(path, {"LMGATE_LOG_LEVEL": "WARNING"}, {}).log_level == "WARNING"
+    assert load_config(path, {"LMGATE_LOG_LEVEL": "WARNING"}, {"log_level": "ERROR"}).log_level == "ERROR"
+    with pytest.raises(ConfigError, match="log level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"):
+        load_config(None, {"LMGATE_LOG_LEVEL": "loud"}, {})
+
+
+def test_a_value_of_the_wrong_type_names_where_it_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('dev_tenant = "maybe"\n')
+    with pytest.raises(ConfigError, match=rf"'dev_tenant' \(config file {path}\): not a boolean: 'maybe'"):
+        load_config(path, {}, {})
+    with pytest.raises(ConfigError, match=r"'dev_tenant' \(environment variable LMGATE_DEV_TENANT\): not a boolean"):
+        load_config(None, {"LMGATE_DEV_TENANT": "maybe"}, {})
+    with pytest.raises(ConfigError, match=r"'port' \(flag --port\): expected an integer, got 'eighty'"):
+        load_config(None, {}, {"port": "eighty"})
+
+
+def test_unknown_lmgate_variables_are_named_with_the_closest_known_one() -> None:
+    from gateway.config import unknown_variables
+
+    env = {"LMGATE_MAXNUMSEQS": "1", "LMGATE_PORT": "8000", "LMGATE_SECRET": "s" * 32, "LMGATE_CONFIG": "",
+           "lmgate_admin_key": "k", "PATH": "/bin", "REDIS_URL": "redis://h/0"}
+    assert unknown_variables(env) == [("LMGATE_MAXNUMSEQS", "LMGATE_MAX_NUM_SEQS"),
+                                      ("lmgate_admin_key", "LMGATE_ADMIN_KEY")]
+    assert load_config(None, env, {}).max_num_seqs == GatewayConfig().max_num_seqs  # ignored, not refused
+
+
+def test_every_lmgate_variable_the_code_reads_is_known() -> None:
+    """LMGATE_SECRET, LMGATE_CONFIG and the variables other commands read (lmgate chat's
+    LMGATE_URL, ...) are not misspelt settings: grep the sources (but gateway/config.py, whose
+    docstrings show misspelt ones) for them."""
+    import re
+
+    import gateway.config
+    from gateway.config import unknown_variables
+
+    root = Path(__file__).resolve().parents[2]
+    names = {name for folder in ("gateway", "actors", "cache", "clients", "gpu", "ops")
+             for source in (root / folder).rglob("*.py") if source != Path(gateway.config.__file__).resolve()
+             for name in re.findall(r"\bLMGATE_[A-Z][A-Z0-9_]*\b", source.read_text(encoding="utf-8"))}
+    assert {"LMGATE_SECRET", "LMGATE_CONFIG", "LMGATE_URL", "LMGATE_API_KEY", "LMGATE_HF_CACHE"} <= names
+    assert unknown_variables(dict.fromkeys(names, "")) == []
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("max_body_bytes", 2**30 + 1, "max_body_bytes must be at most 1073741824"),
+    ("max_body_bytes", 10**14, "max_body_bytes must be at most"),
+    ("max_ws_frame_bytes", 2**31, "max_ws_frame_bytes must be at most"),
+    ("listen_backlog", 65536, "listen_backlog must be at most 65535"),
+    ("listen_backlog", 99999999999999, "listen_backlog must be at most 65535"),  # an OverflowError in listen()
+])
+def test_sizes_have_an_upper_bound(name: str, value: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"LMGATE_" + name.upper(): str(value)}, {})
+
+
+def test_the_largest_sizes_are_accepted() -> None:
+    config = GatewayConfig(max_body_bytes=2**30, max_ws_frame_bytes=2**30, listen_backlog=65535)
+    assert (config.max_body_bytes, config.listen_backlog) == (2**30, 65535)
+
+
+def test_a_data_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="data_dir .* exists and is not a folder"):
+        GatewayConfig(data_dir=str(afile))
+    with pytest.raises(ConfigError, match=f"data_dir .* cannot be created: '{afile}' is not a folder"):
+        GatewayConfig(data_dir=str(afile / "sub" / "dir"))
+    assert GatewayConfig(data_dir=str(tmp_path / "new" / "dir")).data_dir == str(tmp_path / "new" / "dir")
+
+
+def test_a_short_server_secret_is_refused_with_the_settings() -> None:
+    with pytest.raises(ConfigError, match="LMGATE_SECRET must be at least 16 bytes, got 5"):
+        load_config(None, {"LMGATE_SECRET": "short"}, {})
+    with pytest.raises(ConfigError, match="got 15"):
+        load_config(None, {"LMGATE_SECRET": "é" * 7 + "x"}, {})  # bytes, as the HMAC takes it
+    assert load_config(None, {"LMGATE_SECRET": "s" * 16}, {}).port == 8000
+    assert load_config(None, {"LMGATE_SECRET": ""}, {}).port == 8000  # unset: the data dir's secret file
+
+
+def test_a_kv_cache_larger_than_the_ram_is_refused() -> None:
+    from gateway.config import kv_cache_unavailable
+
+    problem = kv_cache_unavailable(2**40, "cpu")  # 1 EiB
+    assert problem is not None and problem.startswith("kv_cache_mb 1099511627776 MiB does not fit in")
+    assert kv_cache_unavailable(GatewayConfig().kv_cache_mb, "cpu") is None
+    assert kv_cache_unavailable(2**40, "cuda") is None  # the engine finds out, with torch
+
+
+def test_the_413_names_the_limit_of_its_route() -> None:
+    """A route with its own body limit (an admin's PUT /admin/predictor: 64 MiB) must not
+    send the client to --max-body-bytes, which does not set it."""
+    from quart_trio import QuartTrio
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    from gateway.errors import from_http_exception
+
+    app = QuartTrio("t")
+    app.config["MAX_CONTENT_LENGTH"] = 1024
+
+    async def messages() -> tuple[str, str]:
+        async with app.test_request_context("/v1/completions", method="POST"):
+            app_wide = from_http_exception(RequestEntityTooLarge()).message
+        async with app.test_request_context("/admin/predictor", method="PUT"):
+            from quart import request
+
+            request.max_content_length = 64 * 1024 * 1024
+            route = from_http_exception(RequestEntityTooLarge()).message
+        return app_wide, route
+
+    app_wide, route = trio.run(messages)
+    assert app_wide == "the request body is larger than the server takes (1024 bytes; its operator sets " \
+                       "--max-body-bytes)"
+    assert route == "the request body is larger than PUT /admin/predictor takes (67108864 bytes)"

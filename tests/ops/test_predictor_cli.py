@@ -104,6 +104,11 @@ def test_import_export_and_show_through_a_real_redis(seed: tuple[Path, dict], re
     assert (tmp_path / "out.npz").read_bytes() == path.read_bytes()
 
 
+def test_a_database_redis_does_not_have_is_one_line(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "show", "--redis-url", redis_url.rsplit("/", 1)[0] + "/99")
+    assert code == 1 and "Redis refused the database number of --redis-url" in err and "Traceback" not in err
+
+
 def test_redis_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
@@ -122,7 +127,10 @@ def test_a_bad_redis_url_or_an_unwritable_output_is_one_line(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """They were coredis' AssertionError, and a FileNotFoundError after the whole training."""
     code, _, err = run(capsys, "show", "--redis-url", "notaurl")
-    assert code == 2 and "--redis-url must be redis://, rediss:// or unix://" in err and "Traceback" not in err
+    assert code == 2 and "--redis-url must start with redis://, rediss:// or unix://" in err and "Traceback" not in err
+    for url in ("redis://:::", "redis://127.0.0.1:1/abc"):  # an AssertionError in coredis; database 0
+        code, _, err = run(capsys, "show", "--redis-url", url)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("lmgate predictor show: --redis-url"), err
     for argv in (["export", "--redis-url", "redis://127.0.0.1:1/0"], ["train"]):
         code, _, err = run(capsys, *argv, "-o", str(tmp_path / "missing" / "x.npz"))
         assert code == 2 and f"no such folder: {tmp_path / 'missing'}" in err, err
