@@ -192,6 +192,10 @@ class Engine:
         cache = self.config.cache
         self.num_blocks = cache.num_blocks_for(self.model_config, dtype_bytes)
         self.max_model_len = min(self.config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        if self.max_model_len < self.config.scheduler.max_model_len:
+            log.warning("--max-model-len %d is more than the model's %d positions: %d it is",
+                        self.config.scheduler.max_model_len, self.model_config.max_position_embeddings,
+                        self.max_model_len)
         self.runner = ModelRunner(
             ckpt, num_blocks=self.num_blocks, block_size=cache.block_size,
             dtype=self.dtype, device=self.config.device, huge_pages=cache.huge_pages,
