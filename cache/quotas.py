@@ -154,6 +154,16 @@ class UsageRow(msgspec.Struct, frozen=True):
     completion_tokens: int
 
 
+# Each script opens with a shebang (Redis >= 7), so Redis checks it as a whole before it
+# runs: without `allow-oom` a script is refused up front while Redis is out of memory (a
+# script without one is checked at its first write only, and the reserve script's first,
+# a ZREMRANGEBYSCORE, is one Redis lets through: reservations went on while the settles,
+# whose first write is a SET, were refused, and tenants met max_concurrent with nothing
+# running). Reserving is refused under OOM (CacheUnavailable: the quota policy applies);
+# settling, releasing and extending run (`allow-oom`): they give back what was taken.
+_TAKES = "#!lua\n"
+_GIVES_BACK = "#!lua flags=allow-oom\n"
+
 # Shared Lua prelude: the Redis clock in ms and limit decoding (-1 = unlimited).
 _PRELUDE = """
 local t = redis.call('TIME')
@@ -167,7 +177,7 @@ local rid = ARGV[2]
 #    status 1 admitted, 0 denied — both with what is left of the per-minute limits (after
 #    the admission, or as they stand when denied; -1 where unlimited) —, 2 id already
 #    finished, 3 id already holds a live reservation (retry_ms carries its reserved tokens).
-_RESERVE = _PRELUDE + """
+_RESERVE = _TAKES + _PRELUDE + """
 local prompt = tonumber(ARGV[3])
 local max_new = tonumber(ARGV[4])
 local rpm = tonumber(ARGV[5])
@@ -277,7 +287,7 @@ return {1, '', 0, '', rpm_left, rpm_reset, tpm_left, tpm_reset}
 """
 
 # ARGV: base, rid, prompt, completion, model, usage_ttl_s -> 1 settled now, 0 already done
-_SETTLE = _PRELUDE + """
+_SETTLE = _GIVES_BACK + _PRELUDE + """
 local prompt = tonumber(ARGV[3])
 local completion = tonumber(ARGV[4])
 local model = ARGV[5]
@@ -317,7 +327,7 @@ return 1
 """
 
 # ARGV: base, rid -> 1 released a live reservation, 0 nothing to release
-_RELEASE = _PRELUDE + """
+_RELEASE = _GIVES_BACK + _PRELUDE + """
 if not redis.call('SET', base .. 'done:' .. rid, '1', 'NX', 'EX', 86400) then
   return 0
 end
@@ -337,7 +347,7 @@ return 1
 
 
 # ARGV: base, ttl_ms, rid... -> how many live reservations now expire ttl_ms from now
-_EXTEND = _PRELUDE + """
+_EXTEND = _GIVES_BACK + _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local conc_key = base .. 'conc'
 local n = 0

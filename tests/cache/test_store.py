@@ -161,3 +161,25 @@ async def test_a_cache_entry_that_does_not_decode_is_a_miss_and_goes(store: Redi
     assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)  # SET replaces it
     assert await responses.get(tenant, "m", [1, 2], {"t": 0}) == completion
     assert store.healthy
+
+
+async def test_out_of_memory_refuses_new_reservations_and_lets_the_old_ones_go(tmp_path):
+    """Under maxmemory (noeviction) a reservation is refused up front (the quota policy then
+    applies), and a settle or release still gives back what was taken: reservations used to
+    go through (their script's first write is one Redis lets by) while settles were refused,
+    and a tenant met max_concurrent with nothing running."""
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url) as store:
+            tenant = await TenantRegistry(store, SECRET).create_tenant("t1", "one", quota=Quota(max_concurrent=2))
+            quotas = QuotaManager(store)
+            assert isinstance(await quotas.reserve(tenant, "r1", 5, 5), Admitted)
+            assert isinstance(await quotas.reserve(tenant, "r2", 5, 5), Admitted)
+            await store.client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+            try:
+                with pytest.raises(CacheUnavailable, match="OOM"):
+                    await quotas.reserve(tenant, "r3", 5, 5)
+                assert await quotas.settle(tenant, "r1", 5, 3, "m")
+                assert await quotas.release(tenant, "r2")
+                assert await quotas.running("t1") == 0
+            finally:
+                await store.client.config_set({"maxmemory": "0"})
