@@ -55,9 +55,11 @@ DRAIN_POLL_S = 0.05
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
-# Answers of the reader's (errors for refused frames) a client may leave unread before the
-# socket is closed (a client that writes and never reads would otherwise queue them for ever)
+# Answers of the reader's (errors for refused frames) queued for the writer; a full queue
+# holds the reader up to UNREAD_REPLIES_S, then the socket is closed as not reading (a client
+# that writes and never reads would otherwise queue them for ever)
 MAX_UNREAD_REPLIES = 64
+UNREAD_REPLIES_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # for the last error frame and the close frame of a socket ending on an error
 
 
@@ -128,24 +130,35 @@ class Session:
     # reader itself never waits on a send (see `_serve`)
     replies: tuple[trio.MemorySendChannel[dict[str, Any]], trio.MemoryReceiveChannel[dict[str, Any]]] = field(
         default_factory=lambda: trio.open_memory_channel[dict[str, Any]](MAX_UNREAD_REPLIES))
+    writer: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     async def send(self, frame: dict[str, Any]) -> None:
         data = _encoder.encode(frame).decode()
         async with self.send_lock:
             await websocket.send(data)
 
-    def reply(self, frame: dict[str, Any]) -> None:
-        """Queue an answer of the reader's; ApiError (fatal for the socket) when the client
-        has left `MAX_UNREAD_REPLIES` of them unsent, by not reading."""
+    async def reply(self, frame: dict[str, Any]) -> None:
+        """Queue an answer of the reader's. A full queue (a burst of frames to answer) holds
+        the reader until the writer catches up, but at most `UNREAD_REPLIES_S`: answers that
+        do not go out for that long mean a client that does not read, and the ApiError then
+        raised ends the socket (the reader must not wait longer: see `_serve`)."""
         try:
             self.replies[0].send_nowait(frame)
+            return
         except trio.WouldBlock:
-            raise ApiError(400, f"the client sent frames whose {MAX_UNREAD_REPLIES} answers it does not read",
-                           code="client_not_reading") from None
+            pass
+        with trio.move_on_after(UNREAD_REPLIES_S):
+            await self.replies[0].send(frame)
+            return
+        raise ApiError(400, f"the client sent frames whose answers it does not read ({MAX_UNREAD_REPLIES} unsent "
+                       f"for {UNREAD_REPLIES_S:g} s)", code="client_not_reading")
 
     async def write_replies(self) -> None:
-        async for frame in self.replies[1]:
-            await self.send(frame)
+        """Send the reader's answers, until `writer.cancel()` (before the socket closes: a
+        send after the close is an error)."""
+        with self.writer:
+            async for frame in self.replies[1]:
+                await self.send(frame)
 
     async def discard_frames(self) -> None:
         """Read and drop frames until cancelled: while a socket ends, a connection lost
@@ -279,10 +292,11 @@ async def _open(session: Session) -> ApiError | None:
 async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
     """Read frames until one is fatal (too big, or answers the client leaves unread);
     returns that error (raising it inside the nursery would arrive wrapped in an exception
-    group). The reader never waits on a send: its answers are queued (`Session.reply`).
-    A reader waiting behind a stream's send to a client that does not read stops emptying
-    Hypercorn's queue to the app, and when that client's connection then dies, the send
-    that finds it gone waits on the full queue to tell the app: the socket never ends."""
+    group). The reader does not wait on a send: its answers are queued (`Session.reply`,
+    which holds it at most `UNREAD_REPLIES_S` when the queue is full). A reader waiting
+    behind a stream's send to a client that does not read stops emptying Hypercorn's queue
+    to the app, and when that client's connection then dies, the send that finds it gone
+    waits on the full queue to tell the app: the socket would never end."""
     limit = session.state.config.max_streams_per_socket
     while True:
         try:
@@ -290,7 +304,7 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
             try:
                 frame = decode_frame(data)
             except ApiError as exc:
-                session.reply(error_frame(frame_id_of(data), exc))
+                await session.reply(error_frame(frame_id_of(data), exc))
                 continue
             if isinstance(frame, CancelFrame):
                 scope = session.active.get(frame.id)
@@ -298,19 +312,19 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
                     session.cancelling.add(frame.id)
                     scope.cancel()
                 elif frame.id not in session.cancelling:  # (a repeated cancel: "cancelled" is on its way)
-                    session.reply(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}",
+                    await session.reply(error_frame(frame.id, ApiError(404, f"no active request {frame.id!r}",
                                                                  code="unknown_request")))
             elif isinstance(frame, AuthFrame):
-                session.reply(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
+                await session.reply(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
             elif frame.id in session.active or frame.id in session.cancelling:
-                session.reply(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active",
+                await session.reply(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active",
                                                              code="duplicate_id")))
             elif session.state.draining.is_set():
-                session.reply(error_frame(frame.id, ApiError(503, "server shutting down: send this request to "
+                await session.reply(error_frame(frame.id, ApiError(503, "server shutting down: send this request to "
                                                              "another server", code="shutting_down",
                                                              retry_after=1.0)))
             elif len(session.active) >= limit:
-                session.reply(error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket",
+                await session.reply(error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket",
                                                              code="too_many_streams", retry_after=1.0)))
             else:
                 await nursery.start(session.run_request, frame)
@@ -359,6 +373,7 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                         # tasks, whose sends may wait on the client, and the goodbye are done
                         nursery.start_soon(session.discard_frames)
                         requests.cancel_scope.cancel()  # (no "cancelled" frames: the socket is what ends)
+                session.writer.cancel()  # the queued answers go unsent: the socket is closing
                 with trio.move_on_after(CLOSE_TIMEOUT_S):
                     await session.send(error_frame(None, fatal))
                     code = CLOSE_TOO_BIG if fatal.code == "frame_too_large" else CLOSE_POLICY

@@ -15,6 +15,7 @@ import pytest
 import trio
 from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError, aconnect_ws
 
+from gateway import ws as ws_module
 from tests.gateway.conftest import MODEL, Gateway, word
 
 
@@ -359,11 +360,13 @@ async def ws_connections(gateway: Gateway) -> float:
 
 
 @pytest.mark.parametrize("unread", [40, 100])
-async def test_a_client_that_writes_but_never_reads_then_resets_ends_its_socket(gateway: Gateway, unread: int) -> None:
+async def test_a_client_that_writes_but_never_reads_then_resets_ends_its_socket(
+        gateway: Gateway, unread: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # streams fill the client's buffers; then frames the reader answers (unknown cancels):
     # the reader used to wait behind a blocked stream's send and stop emptying Hypercorn's
     # queue, so the reset's disconnect never reached the app and the socket's handler
     # (and the connection gauge) stayed for ever. 100 unread answers: closed as not reading
+    monkeypatch.setattr(ws_module, "UNREAD_REPLIES_S", 0.3)
     raw = await RawWs.connect(gateway)
     for i in range(4):
         await raw.send_json({"type": "request", "id": f"r{i}", "endpoint": "completions",
@@ -381,3 +384,24 @@ async def test_a_client_that_writes_but_never_reads_then_resets_ends_its_socket(
     with trio.fail_after(5):
         for rid in ids:
             await gateway.runtime.cancel_events[rid].wait()
+
+
+async def test_a_client_that_reads_may_send_a_burst_of_frames_to_answer(gateway: Gateway) -> None:
+    """A burst of frames the reader answers (here 150 cancels of unknown ids, or requests
+    beyond the socket's stream limit) outruns the writer: the reader waits for it rather
+    than take the client for one that does not read (the socket was closed)."""
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        got: list[dict[str, Any]] = []
+
+        async def read() -> None:
+            while len(got) < 150:
+                got.append(await ws.receive_json())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            for i in range(150):
+                await ws.send_json({"type": "cancel", "id": f"u{i}"})
+        assert [f["error"]["code"] for f in got] == ["unknown_request"] * 150
+        await ws.send_json(request_frame("after", max_tokens=1))
+        assert (await frames_until_done(ws, {"after"}))["after"][-1]["type"] == "done"
