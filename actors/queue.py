@@ -191,9 +191,21 @@ class QueueActor:
             sent += 1
         return sent
 
+    def _newest(self, want: Demand) -> Demand:
+        """The stepper's latest report of its room, `want` if it sent none since. It reports
+        every step (and every 0.5 s idle), dropping a report while one is pending; polling on
+        the first one's slots saw the engine as full as it was then for good: fcfs-static,
+        which releases only into an empty engine, then waited for ever."""
+        while True:
+            try:
+                want = self.demand.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return want
+
     async def _dispatch(self) -> None:
         async for want in self.demand:
             while True:
+                want = self._newest(want)
                 if await self._release(want.slots):
                     break
                 self._arrived = trio.Event()

@@ -92,6 +92,34 @@ async def test_static_batches_wait_for_an_empty_engine(nursery):
     assert got == ["r2", "r3"]
 
 
+async def test_a_static_batch_goes_once_the_engine_empties_after_a_demand_made_while_it_ran(nursery):
+    """The stepper reports its room every step: a demand made while a batch ran (6 of 8
+    seats) must not stand for the engine's state for good. The dispatcher polled on it,
+    saw 2 running after the engine had emptied, and fcfs-static never released again."""
+    running = {"n": 0}
+
+    def view() -> EngineView:
+        return EngineView(running["n"], 8, 1000, 1000, 16)
+
+    h = Harness(QueueConfig(policy=PolicyConfig(name="fcfs-static", static_batch_size=2)), view)
+    await nursery.start(h.actor.run)
+    await h.arrive(*(state(f"r{k}") for k in range(4)))
+    assert await h.take(8) == ["r0", "r1"]
+    running["n"] = 2
+    assert await h.take(6) == []  # the room while the batch runs
+    running["n"] = 0
+    assert await h.take(8) == []  # the stepper, the batch done, reports its room (queued behind)
+    await trio.sleep(0.1)  # the dispatcher's next poll takes the newer report
+    await trio.testing.wait_all_tasks_blocked()
+    got = []
+    while True:
+        try:
+            got.append(h.out_recv.receive_nowait().request_id)
+        except trio.WouldBlock:
+            break
+    assert got == ["r2", "r3"]
+
+
 async def test_cancelled_waiting_requests_are_settled_not_sent(nursery):
     h = Harness(QueueConfig())
     await nursery.start(h.actor.run)
