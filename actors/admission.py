@@ -322,11 +322,13 @@ class Admission:
         # awaits Redis after it, and a burst would otherwise all pass against the same count
         waiting = self.load.waiting() + self.pending
         if waiting >= self.config.max_waiting:
-            raise _Refuse(503, "overloaded", f"server overloaded: {waiting} requests waiting",
+            raise _Refuse(503, "overloaded", f"server overloaded: {waiting} requests waiting (the limit is "
+                          f"{self.config.max_waiting})",
                           retry_after=max(1.0, self.load.estimated_wait_s()))
         est = self.load.estimated_wait_s()
         if est > self.config.max_estimated_wait_s:
-            raise _Refuse(503, "overloaded", f"server overloaded: estimated wait {est:.0f}s",
+            raise _Refuse(503, "overloaded", f"server overloaded: estimated wait {est:.1f}s, over the "
+                          f"{self.config.max_estimated_wait_s:g}s limit",
                           retry_after=max(1.0, est - self.config.max_estimated_wait_s))
 
     def _rpm_key(self, tenant: TenantContext) -> tuple[Any, ...]:

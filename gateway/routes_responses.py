@@ -694,6 +694,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         req, context, items, chat = await prepare(tenant)
         response_id = _new_id("resp")
         cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
+        if req.store is False:  # "do not retain": nor the answer nor the conversation in the caches
+            cache = CacheDirectives(cache.lookup, store=False)
         with own_params():
             calls = to_generate_calls(chat, tenant, response_id, app_tag=request.headers.get("X-Lmgate-App"),
                                       cache=cache)

@@ -445,3 +445,12 @@ async def test_with_redis_down_answers_go_out_and_reads_are_503s(gateway: Gatewa
                 assert r.json()["error"]["code"] == "store_unavailable"
         finally:
             await trio.to_thread.run_sync(redis_server.start)
+
+
+async def test_store_false_keeps_the_conversation_out_of_the_caches(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        for store in (False, True):
+            r = await client.post("/v1/responses", json={"model": MODEL, "input": "private note", "store": store,
+                                                         "max_output_tokens": 1})
+            assert r.status_code == 200, r.text
+    assert [c.cache_store for c in gateway.runtime.calls] == [False, True]
