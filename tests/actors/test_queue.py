@@ -68,28 +68,36 @@ async def test_configured_policy_is_used_and_demand_caps_the_release(nursery):
     assert await h.take(1) == ["short"]
 
 
-async def test_static_batches_wait_for_an_empty_engine(nursery):
-    running = {"n": 0}
-
-    def view() -> EngineView:
-        return EngineView(running["n"], 8, 1000, 1000, 16)
-
-    h = Harness(QueueConfig(policy=PolicyConfig(name="fcfs-static", static_batch_size=2)), view)
+async def static_batches(nursery, running: dict[str, int]) -> Harness:
+    """A queue of fcfs-static batches of 2 before an engine of 8 seats running `running["n"]`,
+    four requests waiting."""
+    h = Harness(QueueConfig(policy=PolicyConfig(name="fcfs-static", static_batch_size=2)),
+                lambda: EngineView(running["n"], 8, 1000, 1000, 16))
     await nursery.start(h.actor.run)
     await h.arrive(*(state(f"r{k}") for k in range(4)))
-    assert await h.take(8) == ["r0", "r1"]
-    running["n"] = 2
-    assert await h.take(8) == []  # held: the batch is still in the engine
-    running["n"] = 0
-    await trio.sleep(0.1)  # the dispatcher polls with a fresh view
+    return h
+
+
+async def released_by_a_poll(h: Harness) -> list[str]:
+    """What the dispatcher releases at its next polls, with no new demand."""
+    await trio.sleep(0.1)
     await trio.testing.wait_all_tasks_blocked()
     got = []
     while True:
         try:
             got.append(h.out_recv.receive_nowait().request_id)
         except trio.WouldBlock:
-            break
-    assert got == ["r2", "r3"]
+            return got
+
+
+async def test_static_batches_wait_for_an_empty_engine(nursery):
+    running = {"n": 0}
+    h = await static_batches(nursery, running)
+    assert await h.take(8) == ["r0", "r1"]
+    running["n"] = 2
+    assert await h.take(8) == []  # held: the batch is still in the engine
+    running["n"] = 0
+    assert await released_by_a_poll(h) == ["r2", "r3"]  # the dispatcher polls with a fresh view
 
 
 async def test_a_static_batch_goes_once_the_engine_empties_after_a_demand_made_while_it_ran(nursery):
@@ -97,27 +105,13 @@ async def test_a_static_batch_goes_once_the_engine_empties_after_a_demand_made_w
     seats) must not stand for the engine's state for good. The dispatcher polled on it,
     saw 2 running after the engine had emptied, and fcfs-static never released again."""
     running = {"n": 0}
-
-    def view() -> EngineView:
-        return EngineView(running["n"], 8, 1000, 1000, 16)
-
-    h = Harness(QueueConfig(policy=PolicyConfig(name="fcfs-static", static_batch_size=2)), view)
-    await nursery.start(h.actor.run)
-    await h.arrive(*(state(f"r{k}") for k in range(4)))
+    h = await static_batches(nursery, running)
     assert await h.take(8) == ["r0", "r1"]
     running["n"] = 2
     assert await h.take(6) == []  # the room while the batch runs
     running["n"] = 0
     assert await h.take(8) == []  # the stepper, the batch done, reports its room (queued behind)
-    await trio.sleep(0.1)  # the dispatcher's next poll takes the newer report
-    await trio.testing.wait_all_tasks_blocked()
-    got = []
-    while True:
-        try:
-            got.append(h.out_recv.receive_nowait().request_id)
-        except trio.WouldBlock:
-            break
-    assert got == ["r2", "r3"]
+    assert await released_by_a_poll(h) == ["r2", "r3"]  # the next poll takes the newer report
 
 
 async def test_cancelled_waiting_requests_are_settled_not_sent(nursery):
