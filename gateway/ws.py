@@ -127,7 +127,7 @@ class Session:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     drained: bool = False  # the server shut down and this socket's streams are done: close it
     # the reader's answers (errors for frames it refused), sent by `write_replies`: the
-    # reader itself never waits on a send (see `_serve`)
+    # reader does not wait on a send (`reply`; see `_serve`)
     replies: tuple[trio.MemorySendChannel[dict[str, Any]], trio.MemoryReceiveChannel[dict[str, Any]]] = field(
         default_factory=lambda: trio.open_memory_channel[dict[str, Any]](MAX_UNREAD_REPLIES))
     writer: trio.CancelScope = field(default_factory=trio.CancelScope)
