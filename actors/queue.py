@@ -75,6 +75,7 @@ class QueueActor:
         *,
         policy: BatchPolicy | None = None,
         engine_view: Callable[[], EngineView] | None = None,
+        room: Callable[[], int] | None = None,
         poll_s: float = 0.02,
         reconcile_s: float = 0.5,
     ) -> None:
@@ -86,6 +87,7 @@ class QueueActor:
         self.completed = completed
         self.metrics = metrics
         self._view = engine_view
+        self._room = room  # the stepper's room now (`Stepper.room`): what its demands report, read live
         self.poll_s = poll_s
         # with nothing waiting but requests in flight, how often finished ones are reconciled
         # (the policy learns their lengths, reservations go back, the KV gauge follows)
@@ -192,21 +194,23 @@ class QueueActor:
         return sent
 
     def _newest(self, want: Demand) -> Demand:
-        """The stepper's latest report of its room, `want` if it sent none since. It reports
-        every step (and every 0.5 s idle), dropping a report while one is pending; polling on
-        the first one's slots saw the engine as full as it was then for good: fcfs-static,
-        which releases only into an empty engine, then waited for ever."""
+        """The stepper's room now (`room`), else its latest report, `want` if it sent none
+        since. It reports every step (and every 0.5 s idle), dropping a report while one is
+        pending: polling on the first one's slots saw the engine as full as it was then for
+        good (fcfs-static, which releases only into an empty engine, then waited for ever),
+        and a report waits up to 0.5 s for an idle stepper to send it."""
         while True:
             try:
                 want = self.demand.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
-                return want
+                break
+        return want if self._room is None else Demand(max(0, self._room()))
 
     async def _dispatch(self) -> None:
         async for want in self.demand:
             while True:
                 want = self._newest(want)
-                if await self._release(want.slots):
+                if want.slots > 0 and await self._release(want.slots):  # (no room now: poll again)
                     break
                 self._arrived = trio.Event()
                 wake = self.policy.next_wakeup(trio.current_time())

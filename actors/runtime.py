@@ -203,7 +203,8 @@ class Runtime:
         self.queue = QueueActor(config.queue, self._queue_recv, self._demand_recv, self._intake_send,
                                 self._done_send, self.metrics, policy=policy,
                                 engine_view=lambda: engine_view(engine, self.stepper.mean_step_s,
-                                                                self.stepper.step_cost))
+                                                                self.stepper.step_cost),
+                                room=lambda: self.stepper.room())
         self.stepper = Stepper(engine, self._intake_recv, self._demand_send, self._done_send, self.metrics,
                                max_inflight=engine.config.scheduler.max_num_seqs, compute_lock=self.compute_lock,
                                step_in_thread=config.step_in_thread,

@@ -200,9 +200,13 @@ class Stepper:
                 counter.inc(value - self._seen[key])
                 self._seen[key] = value
 
+    def room(self) -> int:
+        """How many more requests the engine can take now; released requests still in the
+        intake buffer are on their way in, and count."""
+        return self.max_inflight - len(self.active) - self.intake.statistics().current_buffer_used
+
     def _report_demand(self) -> None:
-        # released requests still in the intake buffer are on their way in: count them
-        free = self.max_inflight - len(self.active) - self.intake.statistics().current_buffer_used
+        free = self.room()
         if free > 0:
             try:
                 self.demand.send_nowait(Demand(free))

@@ -27,13 +27,13 @@ def state(rid: str, *, tier: int = 0, tenant: str = "t", pred: float | None = No
 
 
 class Harness:
-    def __init__(self, config: QueueConfig, view=None):
+    def __init__(self, config: QueueConfig, view=None, room=None):
         self.arr_send, arr_recv = trio.open_memory_channel[RequestState](64)
         self.dem_send, dem_recv = trio.open_memory_channel[Demand](1)
         self.out_send, self.out_recv = trio.open_memory_channel[RequestState](64)
         self.done_send, self.done_recv = trio.open_memory_channel[Completed](64)
         self.actor = QueueActor(config, arr_recv, dem_recv, self.out_send, self.done_send, Metrics(),
-                                engine_view=view)
+                                engine_view=view, room=room)
 
     async def arrive(self, *states: RequestState) -> None:
         for st in states:
@@ -68,11 +68,12 @@ async def test_configured_policy_is_used_and_demand_caps_the_release(nursery):
     assert await h.take(1) == ["short"]
 
 
-async def static_batches(nursery, running: dict[str, int]) -> Harness:
+async def static_batches(nursery, running: dict[str, int], *, live_room: bool = False) -> Harness:
     """A queue of fcfs-static batches of 2 before an engine of 8 seats running `running["n"]`,
-    four requests waiting."""
+    four requests waiting; `live_room`: the queue reads the stepper's room live."""
     h = Harness(QueueConfig(policy=PolicyConfig(name="fcfs-static", static_batch_size=2)),
-                lambda: EngineView(running["n"], 8, 1000, 1000, 16))
+                lambda: EngineView(running["n"], 8, 1000, 1000, 16),
+                room=(lambda: 8 - running["n"]) if live_room else None)
     await nursery.start(h.actor.run)
     await h.arrive(*(state(f"r{k}") for k in range(4)))
     return h
@@ -112,6 +113,19 @@ async def test_a_static_batch_goes_once_the_engine_empties_after_a_demand_made_w
     running["n"] = 0
     assert await h.take(8) == []  # the stepper, the batch done, reports its room (queued behind)
     assert await released_by_a_poll(h) == ["r2", "r3"]  # the next poll takes the newer report
+
+
+async def test_the_room_read_live_releases_the_next_batch_without_a_new_demand(nursery):
+    """With the stepper's room read live (as the runtime wires it), the next static batch
+    goes at the first poll after the engine empties, not when an idle stepper next reports
+    (up to 0.5 s later: a served fcfs-static request took 0.8 s instead of 0.3)."""
+    running = {"n": 0}
+    h = await static_batches(nursery, running, live_room=True)
+    assert await h.take(8) == ["r0", "r1"]
+    running["n"] = 2
+    assert await h.take(6) == []
+    running["n"] = 0
+    assert await released_by_a_poll(h) == ["r2", "r3"]
 
 
 async def test_cancelled_waiting_requests_are_settled_not_sent(nursery):
