@@ -13,6 +13,13 @@ responses — to it they do not exist — and a tenant deleted and created again
 same id does not find the deleted one's (they expire with their TTL).
 Entries bigger than ``max_entry_bytes`` are not stored (`put` returns False): a
 conversation that long no longer fits the model's context anyway.
+
+A background response (`background: true`) is stored as soon as it is accepted and
+rewritten as it runs (`put(..., existing=True)`, so a response deleted meanwhile is not
+brought back), with `running_until`: the time by which the server running it will have
+written it again. A response still queued or in progress past that time was left by a
+server that stopped (`StoredResponse.orphaned`). A cancellation asked of a server that
+does not run the response is a flag (`request_cancel`) the running one reads.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from coredis import PureToken
 
 from cache.store import RedisStore
 
@@ -36,6 +44,18 @@ class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
     response: dict[str, Any]
     context: list[dict[str, Any]]
     input: list[dict[str, Any]]
+    # a background response still running: the (Unix) time by which it is written again
+    running_until: float | None = None
+    last_sequence: int | None = None  # its last stream event's sequence_number
+
+    @property
+    def status(self) -> str:
+        return str(self.response.get("status"))
+
+    def orphaned(self, now: float) -> bool:
+        """Still queued or in progress, but no longer kept up to date: its server stopped."""
+        return (self.status in ("queued", "in_progress") and self.running_until is not None
+                and now > self.running_until)
 
     def conversation(self) -> list[dict[str, Any]]:
         """The items a request continuing this response starts from."""
@@ -64,16 +84,33 @@ class ResponseStore:
     def _key(self, owner: str, response_id: str) -> str:
         return self.store.key("resp2", owner, response_id)
 
-    async def put(self, owner: str, stored: StoredResponse) -> bool:
+    def _cancel_key(self, owner: str, response_id: str) -> str:
+        return self.store.key("resp2cancel", owner, response_id)
+
+    def fits(self, stored: StoredResponse) -> bool:
+        """Whether `stored` is small enough to keep (`max_entry_bytes`)."""
+        return len(_encoder.encode(stored)) <= self.max_entry_bytes
+
+    async def put(self, owner: str, stored: StoredResponse, *, existing: bool = False) -> bool:
         """Store (or replace) `stored` under its response id for `ttl_s`; False when it is
-        too large to keep."""
+        too large to keep or, with `existing`, when no such response is stored (deleted)."""
         value = _encoder.encode(stored)
         if len(value) > self.max_entry_bytes:
             return False
         with self.store.guard():
-            await self.store.client.set(self._key(owner, stored.response["id"]), value,
-                                        px=round(self.ttl_s * 1000))
-        return True
+            done = await self.store.client.set(self._key(owner, stored.response["id"]), value,
+                                               px=round(self.ttl_s * 1000),
+                                               condition=PureToken.XX if existing else None)
+        return bool(done)
+
+    async def request_cancel(self, owner: str, response_id: str, ttl_s: float = 300.0) -> None:
+        """Ask the server running a background response to cancel it (`cancel_requested`)."""
+        with self.store.guard():
+            await self.store.client.set(self._cancel_key(owner, response_id), b"1", px=round(ttl_s * 1000))
+
+    async def cancel_requested(self, owner: str, response_id: str) -> bool:
+        with self.store.guard():
+            return bool(await self.store.client.exists([self._cancel_key(owner, response_id)]))
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
         with self.store.guard():

@@ -135,7 +135,8 @@ class Response(msgspec.Struct, frozen=True):
 
     @property
     def status(self) -> str:
-        """completed, incomplete (cut at max_output_tokens) or failed."""
+        """completed, incomplete (cut at max_output_tokens) or failed; a background
+        response is queued, then in_progress, until it ends (or is cancelled)."""
         return self.raw["status"]
 
     @property
@@ -508,10 +509,12 @@ class TokenStream:
 
 
 class ResponseStream(TokenStream):
-    """The events of one streamed Responses request (dicts, each with its `type`), up to
-    the last (`response.completed`, `.incomplete`); `response` holds the whole Response
-    then. A `response.failed` event raises (ServerError). Closing it early aborts the
-    request, as `TokenStream`."""
+    """The events of one streamed Responses request (dicts, each with its `type` and
+    `sequence_number`), up to the last (`response.completed`, `.incomplete`,
+    `.cancelled`); `response` holds the whole Response then. A `response.failed` event
+    raises (ServerError). Closing it early aborts the request, as `TokenStream`, unless it
+    is a background response's (`background=True`): that one runs on, and
+    `LmgateClient.resume_stream` reads on from the last event read."""
 
     def __init__(self, open_response: Callable[[AsyncExitStack], Awaitable[httpx.Response]]) -> None:
         super().__init__(open_response)
@@ -536,7 +539,7 @@ class ResponseStream(TokenStream):
                     raise error_for(500, {"error": {"message": error.get("message", "the response failed"),
                                                     "type": "server_error", "code": error.get("code")}})
                 yield event
-                if event.get("type") in ("response.completed", "response.incomplete"):
+                if event.get("type") in ("response.completed", "response.incomplete", "response.cancelled"):
                     self.response = Response(event["response"])
                     if event["response"].get("usage"):
                         u = event["response"]["usage"]
@@ -576,23 +579,23 @@ class LmgateClient(JsonApi):
     def _headers(self, cache_control: str | None) -> dict[str, str]:
         return {**self.headers, "Cache-Control": cache_control} if cache_control else self.headers
 
-    async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any],
-                           cache_control: str | None = None) -> httpx.Response:
-        """POST a streaming request (retried until the first byte, as `_request_json`
-        retries a POST); the response is closed by `stack`."""
+    async def _open_stream(self, stack: AsyncExitStack, path: str, body: dict[str, Any] | None,
+                           cache_control: str | None = None, *, method: str = "POST") -> httpx.Response:
+        """Send a streaming request (retried until the first byte, as `_request_json`
+        retries one); the response is closed by `stack`."""
         headers = checked_headers(self._headers(cache_control))
 
         async def once() -> httpx.Response:
             self._check_open()
             attempt = AsyncExitStack()
             try:
-                request = self.http.build_request("POST", self.base_url + path, json=body, headers=headers)
+                request = self.http.build_request(method, self.base_url + path, json=body, headers=headers)
                 response = await self.http.send(request, stream=True)
                 attempt.push_async_callback(response.aclose)
                 await _raise_for_status(response)
             except SEND_ERRORS as exc:
                 await attempt.aclose()
-                raise request_error(exc, f"POST {path}", idempotent=False) from exc
+                raise request_error(exc, f"{method} {path}", idempotent=method == "GET") from exc
             except BaseException:
                 await attempt.aclose()
                 raise
@@ -706,8 +709,27 @@ class LmgateClient(JsonApi):
                                                       {k: v for k, v in body.items() if v is not None}))
 
     async def get_response(self, response_id: str) -> Response:
-        """A stored response (NotFound once deleted, expired, or another tenant's)."""
+        """A stored response, or one still running, as it stands (NotFound once deleted,
+        expired, or another tenant's)."""
         return Response(await self._request_json("GET", f"/v1/responses/{path_segment(response_id)}"))
+
+    async def cancel_response(self, response_id: str) -> Response:
+        """Cancel a background response (`respond(..., background=True)`): it ends
+        `cancelled`; one that has ended comes back as it ended. InvalidRequest for a
+        response that is not background."""
+        return Response(await self._request_json("POST", f"/v1/responses/{path_segment(response_id)}/cancel", {}))
+
+    def resume_stream(self, response_id: str, *, starting_after: int | None = None) -> ResponseStream:
+        """The events of a background response after the one numbered `starting_after`
+        (every one without), as they come: a stream that broke resumes here. Closing it
+        does not end the response."""
+        query = "?stream=true" + (f"&starting_after={int(starting_after)}" if starting_after is not None else "")
+        path = f"/v1/responses/{path_segment(response_id)}{query}"
+
+        async def open_response(stack: AsyncExitStack) -> httpx.Response:
+            return await self._open_stream(stack, path, None, method="GET")
+
+        return ResponseStream(open_response)
 
     async def delete_response(self, response_id: str) -> None:
         await self._request_json("DELETE", f"/v1/responses/{path_segment(response_id)}")

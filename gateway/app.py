@@ -45,6 +45,7 @@ from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
 from gateway.config import GatewayConfig
 from gateway.cors import CorsPolicy
 from gateway.errors import ApiError, install_error_handlers
+from gateway.responses_live import LiveResponses
 
 
 class Runtime(Protocol):
@@ -136,6 +137,7 @@ class HttpMetrics:
     requests: prometheus_client.Counter
     latency: prometheus_client.Histogram
     ws_connections: prometheus_client.Gauge
+    background_responses: prometheus_client.Gauge
 
     @classmethod
     def register(cls, registry: prometheus_client.CollectorRegistry) -> HttpMetrics:
@@ -154,6 +156,10 @@ class HttpMetrics:
             ),
             ws_connections=prometheus_client.Gauge(
                 "lmgate_ws_connections", "Open WebSocket connections", registry=registry
+            ),
+            background_responses=prometheus_client.Gauge(
+                "lmgate_background_responses", "Background responses (Responses API) running on this server",
+                registry=registry,
             ),
         )
 
@@ -217,6 +223,8 @@ class GatewayState:
     # work is refused with 503 `shutting_down`, answers close their connections, and
     # WebSockets close once their streams are done
     draining: trio.Event = field(default_factory=trio.Event)
+    # Responses API runs on this server: read while they run, background mode
+    live_responses: LiveResponses = field(default_factory=LiveResponses)
 
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
         """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""
@@ -425,8 +433,12 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     app.request_class = request_class_for(config)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams set it per response too
+    # background responses (`gateway.responses_live`) run in the app's nursery: at a shutdown
+    # the runtime ends them at the grace period's end, and they then store how they ended
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = config.shutdown_grace_seconds + 5
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     state = GatewayState(runtime, store, config, HttpMetrics.register(runtime.registry))
+    state.metrics.background_responses.set_function(state.live_responses.running)
     app.extensions["lmgate"] = state
     install_error_handlers(app)
 

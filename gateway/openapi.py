@@ -113,9 +113,16 @@ def openapi_document() -> dict[str, Any]:
         "/v1/responses/input_tokens": {"post": _op("Count the input tokens of a response request",
                                                     body="ResponsesRequest", errors=(400, 401, 404, 503))},
         "/v1/responses/{response_id}": {
-            "get": {**_op("A stored response", errors=(401, 404, 503)), "parameters": response_id},
-            "delete": {**_op("Delete a stored response", errors=(401, 404, 503)), "parameters": response_id},
+            "get": {**_op("A stored response, or one running as it stands; with stream=true, a background "
+                          "response's events after starting_after", errors=(400, 401, 404, 503)), "parameters": [
+                *response_id,
+                {"name": "stream", "in": "query", "schema": {"type": "boolean"}},
+                {"name": "starting_after", "in": "query", "schema": {"type": "integer", "minimum": 0}}]},
+            "delete": {**_op("Delete a stored response (a running background one is cancelled)",
+                             errors=(401, 404, 503)), "parameters": response_id},
         },
+        "/v1/responses/{response_id}/cancel": {"post": {
+            **_op("Cancel a background response", errors=(400, 401, 404, 503)), "parameters": response_id}},
         "/v1/responses/{response_id}/input_items": {"get": {
             **_op("A stored response's input items", errors=(400, 401, 404, 503)), "parameters": [
                 *response_id,

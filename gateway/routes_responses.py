@@ -10,7 +10,11 @@ the response cache are the same. The chat stream chunks of `routes_openai.ChunkR
 (which holds back tool-call text) are turned into Responses events (`ResponseRenderer`),
 so a JSON response and a stream are built the same way.
 
-Not supported (400): background mode, conversations, prompt templates, reasoning effort (this model does not reason), hosted tools (web search, file
+Background mode (`background: true`): the response runs on after its request has been
+answered, is read back with GET (or a stream resumed after an event), and can be
+cancelled; see `gateway.responses_live`.
+
+Not supported (400): conversations, prompt templates, reasoning effort (this model does not reason), hosted tools (web search, file
 search, ...), and non-text input (images, files, audio): this model reads text only.
 """
 
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, current_app, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
@@ -35,6 +39,7 @@ from cache.response_store import ResponseStore, StoredResponse, owner_of
 from cache.store import CacheUnavailable
 from gateway import sse
 from gateway.errors import ApiError, decode_json, param_of
+from gateway.responses_live import ORPHAN_AFTER_S, TERMINAL_EVENTS, LiveResponse, run_background
 from gateway.routes_openai import (
     CacheDirectives,
     ChatRequest,
@@ -58,6 +63,8 @@ if TYPE_CHECKING:
     from gateway.app import GatewayState
 
 log = logging.getLogger("lmgate.gateway")
+
+CANCEL_WAIT_S = 5.0  # a cancel of a response another server runs waits this long for its end
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # `include` values a request may send: logprobs, and what only applies to items this
@@ -119,8 +126,8 @@ def decode_request(raw: bytes) -> ResponsesRequest:
 def _unsupported(req: ResponsesRequest) -> None:
     """400 for what this server cannot honour, naming the field."""
     refused = [
-        ("background", bool(req.background), "background mode is not supported; send the request and read "
-                                              "the stream (stream: true) instead"),
+        ("background", bool(req.background) and not req.stored, "background mode needs store: true (a background "
+                                                                "response is read back from the store)"),
         ("conversation", req.conversation is not None, "conversations are not supported; continue a stored "
                                                        "response with previous_response_id"),
         ("prompt", req.prompt is not None, "prompt templates are not supported; send instructions and input"),
@@ -412,7 +419,7 @@ class ResponseRenderer:
     logprobs: bool = False
     created_at: int = field(default_factory=lambda: int(time.time()))
     output: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "in_progress"
+    status: str = "in_progress"  # "queued" for a background response until the engine starts it
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     failure: Failed | None = None  # what ended a failed run
@@ -423,10 +430,35 @@ class ResponseRenderer:
     _call: dict[str, Any] | None = None  # the open function_call item
     _call_args: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.req.background:
+            self.status = "queued"
+
     def _event(self, kind: str, **body: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._seq, **body}
         self._seq += 1
         return event
+
+    @property
+    def last_sequence(self) -> int:
+        """The sequence_number of the last event made (-1 before any)."""
+        return self._seq - 1
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("queued", "in_progress")
+
+    def current(self) -> dict[str, Any]:
+        """The Response object as it stands, with the text and arguments of the items still
+        open (`response()` has an open item's as its `done` event will give them)."""
+        response = self.response()
+        for item in response["output"]:
+            if self._message is not None and item["id"] == self._message["id"]:
+                item["content"] = [{"type": "output_text", "text": "".join(self._text), "annotations": [],
+                                    "logprobs": list(self._text_lp)}]
+            elif self._call is not None and item["id"] == self._call["id"]:
+                item["arguments"] = "".join(self._call_args)
+        return response
 
     def response(self) -> dict[str, Any]:
         """The Response object as it stands."""
@@ -437,6 +469,7 @@ class ResponseRenderer:
             "object": "response",
             "created_at": self.created_at,
             "status": self.status,
+            "background": bool(req.background),
             "error": self.error,
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "instructions": req.instructions,
@@ -462,8 +495,24 @@ class ResponseRenderer:
         }
 
     def start(self) -> list[dict[str, Any]]:
+        """The first events: created, then in_progress (queued for a background response,
+        whose in_progress comes when the engine starts it: `begin`)."""
         return [self._event("response.created", response=self.response()),
-                self._event("response.in_progress", response=self.response())]
+                self._event(f"response.{self.status}", response=self.response())]
+
+    def begin(self) -> list[dict[str, Any]]:
+        """The engine has started a queued response: its `response.in_progress`."""
+        if self.status != "queued":
+            return []
+        self.status = "in_progress"
+        return [self._event("response.in_progress", response=self.response())]
+
+    def cancelled(self) -> list[dict[str, Any]]:
+        """A background response cancelled while it ran: the items it cut off are
+        incomplete; usage is unknown here (the tokens generated are billed by accounting)."""
+        self.status = "cancelled"
+        events = self._close_call() + self._close_message()
+        return [*events, self._event("response.cancelled", response=self.response())]
 
     def delta(self, d: TokenDelta) -> list[dict[str, Any]]:
         chunk = self.chunks.delta(d)
@@ -534,7 +583,7 @@ class ResponseRenderer:
         self._text, self._text_lp = [], []
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
         message["content"] = [part]
-        message["status"] = "incomplete" if self.status in ("incomplete", "failed") else "completed"
+        message["status"] = "incomplete" if self.status in ("incomplete", "failed", "cancelled") else "completed"
         index = self.output.index(message)
         ids = {"item_id": message["id"], "output_index": index, "content_index": 0}
         return [self._event("response.output_text.done", **ids, text=text, logprobs=lp),
@@ -564,7 +613,8 @@ class ResponseRenderer:
             return []
         item, self._call = self._call, None
         arguments, self._call_args = "".join(self._call_args), []
-        item.update(arguments=arguments, status="incomplete" if self.status in ("incomplete", "failed") else "completed")
+        item.update(arguments=arguments,
+                    status="incomplete" if self.status in ("incomplete", "failed", "cancelled") else "completed")
         index = self.output.index(item)
         return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                             name=item["name"], arguments=arguments),
@@ -584,42 +634,59 @@ class Turn:
     context: list[dict[str, Any]]  # the earlier turns' items (`previous_response_id`)
     input: list[dict[str, Any]]
     renderer: ResponseRenderer
+    done: bool = False  # its events are over (ended, or left early)
+    kept: bool = False  # its end is stored (or was not to be)
+
+    def stored(self, *, running_until: float | None = None) -> StoredResponse:
+        """What the store keeps of it now."""
+        return StoredResponse(response=self.renderer.current(), context=self.context, input=self.input,
+                              running_until=running_until, last_sequence=self.renderer.last_sequence)
 
     async def events(self, handle: Handle) -> AsyncIterator[dict[str, Any]]:
         """Every stream event of the run, from `response.created` to its last; the response
         is stored (when asked) before the last event goes out, so a client may continue it
-        as soon as it has read it."""
-        for event in self.renderer.start():
-            yield event
-        async with aclosing(events_of(handle)) as events:
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    for e in self.renderer.delta(event):
+        as soon as it has read it. A background response is stored failed too, and its
+        `response.in_progress` waits for the engine's first event."""
+        try:
+            for event in self.renderer.start():
+                yield event
+            async with aclosing(events_of(handle)) as events:
+                async for event in events:
+                    for e in self.renderer.begin():
                         yield e
-                elif isinstance(event, PromptFinished):
-                    continue
-                elif isinstance(event, Failed):
-                    for e in self.renderer.failed(event):
-                        yield e
-                    return
-                else:
-                    out = self.renderer.finished(event)
-                    await self.keep()
-                    for e in out:
-                        yield e
-                    return
-        raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+                    if isinstance(event, TokenDelta):
+                        for e in self.renderer.delta(event):
+                            yield e
+                    elif isinstance(event, PromptFinished):
+                        continue
+                    elif isinstance(event, Failed):
+                        out = self.renderer.failed(event)
+                        if self.req.background:
+                            await self.keep()
+                        for e in out:
+                            yield e
+                        return
+                    else:
+                        out = self.renderer.finished(event)
+                        await self.keep()
+                        for e in out:
+                            yield e
+                        return
+            raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+        finally:
+            self.done = True
 
     async def keep(self) -> None:
-        """Store the finished response (`store`); a Redis that cannot be reached loses
-        only this: the answer still goes out, and a later `previous_response_id` gets a 404."""
+        """Store the response as it ended (`store`); a Redis that cannot be reached loses
+        only this: the answer still goes out, and a later `previous_response_id` gets a 404.
+        A background response is only rewritten: one deleted meanwhile stays deleted."""
+        self.kept = True
         if not self.req.stored:
             return
-        stored = StoredResponse(response=self.renderer.response(), context=self.context, input=self.input)
         try:
-            if not await self.store.put(self.owner, stored):
-                log.warning("response %s not stored: larger than %d bytes", self.renderer.response_id,
-                            self.store.max_entry_bytes)
+            if not await self.store.put(self.owner, self.stored(), existing=bool(self.req.background)):
+                log.warning("response %s not stored: larger than %d bytes%s", self.renderer.response_id,
+                            self.store.max_entry_bytes, " or deleted" if self.req.background else "")
         except CacheUnavailable as exc:
             log.warning("response %s not stored: %s", self.renderer.response_id, exc)
 
@@ -638,9 +705,52 @@ class ResponsesSseBody(SseBody):
                 yield sse.named_event(event["type"], event)
 
 
+def presented(found: StoredResponse, now: float) -> dict[str, Any]:
+    """A stored response as GET returns it: one whose server stopped while it ran
+    (`StoredResponse.orphaned`) is failed, not in progress for good."""
+    if not found.orphaned(now):
+        return found.response
+    return {**found.response, "status": "failed",
+            "error": {"code": "server_error", "message": "the server running this response stopped before it ended"}}
+
+
+def positive_int_arg(name: str) -> int | None:
+    """A query argument that must be an integer >= 0, or None when absent; a 400 naming it."""
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ApiError(400, f"{name} must be an integer >= 0", code="invalid_value", param=name)
+    return value
+
+
+def bool_arg(name: str) -> bool:
+    raw = request.args.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"{name} must be true or false", code="invalid_value", param=name)
+    return raw in ("true", "1")
+
+
+def event_stream(events: AsyncIterator[dict[str, Any]]) -> Response:
+    """Named SSE events that follow a response (no request of their own to abort)."""
+    async def body() -> AsyncIterator[bytes]:
+        async with aclosing(events) as each:
+            async for event in each:
+                yield sse.named_event(event["type"], event)
+
+    response = Response(body(), content_type="text/event-stream", headers=sse.SSE_HEADERS)
+    response.timeout = None
+    return response
+
+
 def responses_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("responses", __name__)
     store = ResponseStore(state.stores.redis, ttl_s=state.config.response_store_ttl_seconds)
+    live_responses = state.live_responses
     truncation_limiter = trio.CapacityLimiter(1)
 
     def owner(tenant: TenantContext) -> str:
@@ -666,7 +776,12 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         items = input_items(req.input)
         context = []
         if req.previous_response_id is not None:
-            context = (await stored(tenant, req.previous_response_id, "previous_response_id")).conversation()
+            previous = await stored(tenant, req.previous_response_id, "previous_response_id")
+            if previous.status in ("queued", "in_progress") and not previous.orphaned(time.time()):
+                raise ApiError(400, f"previous response {req.previous_response_id[:100]!r} is still "
+                               f"{previous.status}: continue it once it has ended", code="invalid_value",
+                               param="previous_response_id")
+            context = previous.conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
         check_calls([*context, *items])
@@ -688,6 +803,26 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 context, items = [i for i in kept if id(i) in earlier], [i for i in kept if id(i) not in earlier]
         return req, context, items, chat_request(req, [*context, *items])
 
+    async def start_background(turn: Turn, handle: Handle) -> Any:
+        """Store the accepted response as queued, run it in the app's nursery, and answer:
+        the queued response, or a stream of its events that does not end it when it drops."""
+        try:
+            fits = await store.put(turn.owner, turn.stored(running_until=time.time() + ORPHAN_AFTER_S))
+        except CacheUnavailable as exc:
+            handle.abort()
+            raise ApiError(503, "the response store is unavailable: a background response could not be kept",
+                           code="store_unavailable", retry_after=1) from exc
+        if not fits:
+            handle.abort()
+            raise ApiError(400, f"this conversation is larger than the {store.max_entry_bytes} bytes a stored "
+                           "response may take: run it without background", code="invalid_value", param="input")
+        live = LiveResponse(turn.owner, turn, handle, background=True)
+        live_responses.add(live)
+        current_app.add_background_task(run_background, live, store)
+        if turn.req.stream:
+            return event_stream(live.follow(-1))
+        return turn.renderer.response()
+
     @bp.post("/v1/responses")
     async def create() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
@@ -705,6 +840,10 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                                token_bytes=token_bytes_of(state), tools=tools, stream_calls=streams_calls(chat))
         renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
+        if req.background:
+            return await start_background(turn, handle)
+        if req.stored:  # GET reads it here while it runs
+            live_responses.add(LiveResponse(turn.owner, turn, handle, background=False))
         if req.stream:
             response = Response(stream_body(ResponsesSseBody(handle, turn)), content_type="text/event-stream",
                                 headers=sse.SSE_HEADERS)
@@ -737,21 +876,93 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if response_id == "input_tokens":
             raise MethodNotAllowed(valid_methods=["POST"], description="/v1/responses/input_tokens takes POST only")
 
+    async def followed_elsewhere(tenant: TenantContext, found: StoredResponse,
+                                 after: int | None) -> AsyncIterator[dict[str, Any]]:
+        """The stream of a background response this server does not run (or no longer
+        keeps the events of): its terminal event, once the store has it."""
+        while found.status in ("queued", "in_progress") and not found.orphaned(time.time()):
+            await trio.sleep(1.0)
+            found = await stored(tenant, found.response["id"])
+        response = presented(found, time.time())
+        sequence = found.last_sequence if found.last_sequence is not None else 0
+        if found.orphaned(time.time()):
+            sequence += 1
+        if after is None or sequence > after:
+            yield {"type": TERMINAL_EVENTS[response["status"]], "sequence_number": sequence, "response": response}
+
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:
+        """The response as it stands; with `stream=true` (a background response), its events
+        after `starting_after` (all of them without), then each as it comes."""
         not_an_id(response_id)
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        return (await stored(tenant, response_id)).response
+        stream, after = bool_arg("stream"), positive_int_arg("starting_after")
+        live = live_responses.get(owner(tenant), response_id)
+        if not stream:
+            if live is not None and not live.over:
+                return live.snapshot()
+            return presented(await stored(tenant, response_id), time.time())
+        if live is not None and live.background:
+            return event_stream(live.follow(-1 if after is None else after))
+        found = await stored(tenant, response_id)
+        if not found.response.get("background"):
+            raise ApiError(400, "only a background response can be streamed again: GET it without stream",
+                           code="invalid_value", param="stream")
+        return event_stream(followed_elsewhere(tenant, found, after))
+
+    @bp.post("/v1/responses/<response_id>/cancel")
+    async def cancel(response_id: str) -> Any:
+        """Cancel a background response that is queued or in progress; one that has ended
+        is returned as it is. Here it ends at once; run by another server, that server
+        reads the request within a second, and the answer waits up to `CANCEL_WAIT_S`
+        for it (then it is the response as it stands, still cancelling)."""
+        tenant = await state.authenticate(request.headers.get("Authorization"))
+        live = live_responses.get(owner(tenant), response_id)
+        if live is not None and live.background:
+            live.cancel()
+            with trio.move_on_after(CANCEL_WAIT_S):
+                await live.ended.wait()
+            return live.snapshot()
+        found = await stored(tenant, response_id) if live is None else None
+        if found is None or not found.response.get("background"):
+            raise ApiError(400, "only a background response (background: true) can be cancelled",
+                           code="invalid_value")
+        now = time.time()
+        if found.status not in ("queued", "in_progress"):
+            return found.response
+        try:
+            if found.orphaned(now):  # no server runs it: cancelled here
+                response = {**found.response, "status": "cancelled"}
+                await store.put(owner(tenant), msgspec.structs.replace(found, response=response, running_until=None),
+                                existing=True)
+                return response
+            await store.request_cancel(owner(tenant), response_id)
+        except CacheUnavailable as exc:
+            raise ApiError(503, "the response store is unavailable", code="store_unavailable",
+                           retry_after=1) from exc
+        with trio.move_on_after(CANCEL_WAIT_S):
+            while found.status in ("queued", "in_progress") and not found.orphaned(time.time()):
+                await trio.sleep(0.2)
+                found = await stored(tenant, response_id)
+        return presented(found, time.time())
 
     @bp.delete("/v1/responses/<response_id>")
     async def delete(response_id: str) -> Any:
+        """Delete a stored response; a background one still running is cancelled first."""
         not_an_id(response_id)
         tenant = await state.authenticate(request.headers.get("Authorization"))
+        live = live_responses.get(owner(tenant), response_id)
+        if live is not None and live.background:
+            live.deleted = True
+            live.cancel()
         try:
             found = await store.delete(owner(tenant), response_id)
         except CacheUnavailable as exc:  # (a Redis that stalled may still carry the delete out)
             raise ApiError(503, "the response store did not answer: the response may or may not be deleted; "
                            "retry", code="store_unavailable", retry_after=1) from exc
+        if live is not None and live.background:
+            live_responses.pop(owner(tenant), response_id)
+            found = True
         if not found:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
         return {"id": response_id, "object": "response", "deleted": True}

@@ -439,3 +439,40 @@ def test_responses_api(served: Served, backend: str) -> None:
 
     run(backend, scenario)
     wait_until(lambda: served.runtime.calls[-1].request_id in served.cancelled_ids())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_background_responses(served: Served, backend: str) -> None:
+    async def scenario() -> str:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            queued = await client.respond("hello", max_output_tokens=3, background=True)
+            assert queued.status == "queued" and queued.text == ""
+            done = queued
+            with anyio.fail_after(10):
+                while done.status in ("queued", "in_progress"):
+                    await anyio.sleep(0.05)
+                    done = await client.get_response(queued.id)
+            assert done.status == "incomplete" and done.text == word(0, 0) + word(0, 1) + word(0, 2)
+            assert (await client.cancel_response(done.id)).raw == done.raw  # ended: as it ended
+            with pytest.raises(BadRequest):  # not background
+                await client.cancel_response((await client.respond("x", max_output_tokens=1)).id)
+            # a background stream left early does not end the response: it is read on after the last event
+            async with client.respond_stream("HANG", background=True) as events:
+                first = []
+                async for event in events:
+                    first.append(event)
+                    if len(first) == 5:  # ... the first delta
+                        break
+            hung = first[0]["response"]["id"]
+            assert hung not in served.cancelled_ids()
+            cancelled = await client.cancel_response(hung)
+            assert cancelled.status == "cancelled" and cancelled.text == word(0, 0)
+            async with client.resume_stream(hung, starting_after=first[-1]["sequence_number"]) as rest:
+                tail = [e async for e in rest]
+            assert [e["sequence_number"] for e in first + tail] == list(range(len(first) + len(tail)))
+            assert tail[-1]["type"] == "response.cancelled" and rest.response is not None
+            assert rest.response.status == "cancelled"
+            return hung
+
+    hung = run(backend, scenario)
+    wait_until(lambda: hung in served.cancelled_ids())

@@ -71,6 +71,7 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
         doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}",
+                 "/v1/responses/{response_id}/cancel",
                  "/v1/models", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/admin/tenants",
                  "/admin/tenants/{tenant_id}/usage"):
         assert path in doc["paths"]

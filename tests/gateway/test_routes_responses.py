@@ -333,7 +333,7 @@ async def test_a_failure_mid_stream_is_a_failed_response_and_a_500_without_strea
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "background": True, "store": False}, "background"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "file_search"}},

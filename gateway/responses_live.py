@@ -1,0 +1,225 @@
+"""Responses API runs in flight on this server: what `GET /v1/responses/{id}` reads while a
+response runs, and background mode (`background: true`).
+
+A background response is accepted (admission and quotas as any request), stored at once
+as `queued`, and answered at once; it then runs in the app's nursery (`run_background`),
+not in the request that created it, so neither a client that disconnects nor one that
+never reads ends it. While it runs:
+- every stream event is kept in order (`LiveResponse.log`, `sequence_number` k at index
+  k), so a stream that dropped resumes after the last event it read
+  (`GET ...?stream=true&starting_after=N`);
+- it is rewritten in the store every `tick_s` while it changes, and at least every
+  `orphan_after_s / 3` while it waits, with the time by which it is written again
+  (`StoredResponse.running_until`): another server of the same Redis reads its progress,
+  and a response whose server stopped reads as failed instead of in progress for good;
+- a cancellation (`POST .../cancel`) ends it as `cancelled`, whether asked here
+  (`LiveResponse.cancel`) or of another server (a flag read every tick); deleting it
+  cancels it too, and its later writes do not bring it back (`put(existing=True)`).
+
+Events of background responses are kept `keep_s` after their end (at most `max_kept`
+of them), for a stream to resume; the response itself is in the store for its TTL.
+A response that is not background is here only while it runs (`GET` shows its output so
+far on this server; other servers find it once it is stored, at its end).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from actors.messages import Failed
+from cache.store import CacheUnavailable
+
+if TYPE_CHECKING:
+    from cache.response_store import ResponseStore
+    from gateway.routes_openai import Handle
+    from gateway.routes_responses import Turn
+
+log = logging.getLogger("lmgate.gateway")
+
+TICK_S = 1.0  # how often a running background response is written and its cancel flag read
+ORPHAN_AFTER_S = 30.0  # a background response not written for this long was left by a stopped server
+FINAL_WRITE_S = 3.0  # at most this long to store how a cancelled or interrupted run ended
+TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete",
+                   "failed": "response.failed", "cancelled": "response.cancelled"}
+
+
+@dataclass(eq=False)
+class LiveResponse:
+    """One Responses run on this server."""
+
+    owner: str  # `cache.response_store.owner_of` its tenant
+    turn: Turn
+    handle: Handle
+    background: bool
+    log: list[dict[str, Any]] = field(default_factory=list)  # background: every event so far
+    ended: trio.Event = field(default_factory=trio.Event)  # background: the run is over and stored
+    ended_at: float | None = None
+    cancel_asked: bool = False
+    deleted: bool = False  # (its later writes must not store it again)
+    scope: trio.CancelScope | None = None
+    _grew: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def response_id(self) -> str:
+        return self.turn.renderer.response_id
+
+    @property
+    def over(self) -> bool:
+        """Nothing more will come: a background run has ended; another has ended, or its
+        client went away (its body was abandoned without ever being read, perhaps)."""
+        if self.background:
+            return self.ended.is_set()
+        return self.turn.done or self.handle.aborted
+
+    def snapshot(self) -> dict[str, Any]:
+        """The Response object as it stands, with the output so far."""
+        return self.turn.renderer.current()
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.log.append(event)
+        self._grew.set()
+        self._grew = trio.Event()
+
+    def end(self) -> None:
+        self.ended_at = time.monotonic()
+        self.ended.set()
+        self._grew.set()
+
+    def cancel(self) -> None:
+        """End the run as `cancelled` (idempotent; nothing once it has ended)."""
+        if self.ended.is_set():
+            return
+        self.cancel_asked = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
+        """The events after sequence number `after`, then each as it comes, until the last."""
+        i = max(0, after + 1)  # the log holds event k at index k
+        while True:
+            while i < len(self.log):
+                yield self.log[i]
+                i += 1
+            if self.ended.is_set():
+                return
+            await self._grew.wait()
+
+
+class LiveResponses:
+    """The runs of this server by (owner, response id); ended background runs stay
+    `keep_s` (at most `max_kept` of them, the oldest go first)."""
+
+    def __init__(self, *, keep_s: float = 600.0, max_kept: int = 64) -> None:
+        self.keep_s = keep_s
+        self.max_kept = max_kept
+        self._live: dict[tuple[str, str], LiveResponse] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def add(self, live: LiveResponse) -> None:
+        self._prune()
+        self._live[(live.owner, live.response_id)] = live
+
+    def get(self, owner: str, response_id: str) -> LiveResponse | None:
+        self._prune()
+        return self._live.get((owner, response_id))
+
+    def pop(self, owner: str, response_id: str) -> LiveResponse | None:
+        return self._live.pop((owner, response_id), None)
+
+    def running(self) -> int:
+        """Background runs not yet ended."""
+        return sum(1 for live in self._live.values() if live.background and not live.ended.is_set())
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        kept: list[tuple[float, tuple[str, str]]] = []
+        for key, live in list(self._live.items()):
+            if not live.background:
+                if live.over:
+                    del self._live[key]
+            elif live.ended_at is not None:
+                if now - live.ended_at > self.keep_s:
+                    del self._live[key]
+                else:
+                    kept.append((live.ended_at, key))
+        kept.sort()
+        for _, key in kept[:max(0, len(kept) - self.max_kept)]:
+            del self._live[key]
+
+
+async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: float = TICK_S,
+                         orphan_after_s: float = ORPHAN_AFTER_S) -> None:
+    """Run a background response to its end, keeping its events and its stored copy up to
+    date (see the module docstring). Cancelled from outside (the server stopping), it is
+    stored as failed before the cancellation goes on."""
+    turn, renderer = live.turn, live.turn.renderer
+    failure: str | None = None
+    stopped = True  # until the run ends here: what leaves early is the server stopping
+    try:
+        with trio.CancelScope() as live.scope:
+            if live.cancel_asked:
+                live.scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_stored, live, store, tick_s, orphan_after_s)
+                try:
+                    async with aclosing(turn.events(live.handle)) as events:
+                        async for event in events:
+                            live.add(event)
+                except Exception as exc:  # (the runtime's stream closed without an end)
+                    log.exception("background response %s failed", live.response_id)
+                    failure = str(getattr(exc, "message", exc)) or type(exc).__name__
+                nursery.cancel_scope.cancel()
+        stopped = False
+    finally:
+        if renderer.running:
+            if stopped:
+                failure = "the server stopped before the response ended"
+            ended = (renderer.cancelled() if live.cancel_asked and failure is None
+                     else renderer.failed(Failed(live.response_id, 500, "server_error",
+                                                 failure or "the response ended without an answer")))
+            for event in ended:
+                live.add(event)
+        if not turn.kept and not live.deleted:
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S):
+                await turn.keep()
+        live.end()
+
+
+async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, orphan_after_s: float) -> None:
+    """Each tick: cancel the run if another server was asked to; store it again if it
+    changed, or if its `running_until` is a third spent. A write that finds it deleted
+    cancels it."""
+    turn, renderer = live.turn, live.turn.renderer
+    written, written_at = -1, time.monotonic()  # the store has it as accepted, before any event
+    while True:
+        await trio.sleep(tick_s)
+        try:
+            if await store.cancel_requested(live.owner, live.response_id):
+                live.cancel()
+                return
+            if renderer.last_sequence == written and time.monotonic() - written_at < orphan_after_s / 3:
+                continue
+            stored = turn.stored(running_until=time.time() + orphan_after_s)
+            if not store.fits(stored):
+                written, written_at = renderer.last_sequence, math.inf  # (its end is stored only if it fits)
+                continue
+            if not await store.put(live.owner, stored, existing=True):
+                live.deleted = True
+                live.cancel()
+                return
+            written, written_at = -1, time.monotonic()  # the store has it as accepted, before any event
+        except CacheUnavailable as exc:
+            log.debug("background response %s: not stored this tick: %s", live.response_id, exc)
+
+
+__all__ = ["LiveResponse", "LiveResponses", "ORPHAN_AFTER_S", "TERMINAL_EVENTS", "run_background"]

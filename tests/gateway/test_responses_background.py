@@ -1,0 +1,254 @@
+"""Background mode of the Responses API (`background: true`, `gateway.responses_live`) over
+real sockets and a real Redis: a response that runs on after its request was answered,
+read back while it runs, streamed again after the last event read, cancelled here or by
+another server of the same Redis, deleted, and the one a stopped server left behind."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import trio
+
+from cache.response_store import ResponseStore, StoredResponse, owner_of
+from gateway.sse import parse_events
+from tests.gateway.conftest import MODEL, Gateway, start_gateway, word
+
+
+async def wait_for(client: httpx.AsyncClient, response_id: str, *statuses: str, timeout: float = 10) -> dict:
+    with trio.fail_after(timeout):
+        while True:
+            r = await client.get(f"/v1/responses/{response_id}")
+            assert r.status_code == 200, r.text
+            if r.json()["status"] in statuses:
+                return r.json()
+            await trio.sleep(0.05)
+
+
+async def events_until(lines: AsyncIterator[str], last_sequence: int) -> list[dict[str, Any]]:
+    """Read SSE lines up to the event of `last_sequence` (data lines only)."""
+    events: list[dict[str, Any]] = []
+    async for line in lines:
+        if line.startswith("data: "):
+            events.append(json.loads(line[6:]))
+            if events[-1]["sequence_number"] >= last_sequence:
+                break
+    return events
+
+
+async def sse_events(r: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(data) for data in parse_events((await r.aread()).decode())]
+
+
+def text_of(response: dict) -> str:
+    return "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                   for part in item["content"])
+
+
+async def test_a_background_response_is_answered_queued_and_runs_on(gateway: Gateway) -> None:
+    gateway.runtime.delay = 0.05
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True,
+                                                     "max_output_tokens": 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] == "queued" and body["background"] is True and body["output"] == []
+        # answered before the run: the engine has not finished it
+        assert body["id"] not in gateway.runtime.finished
+        done = await wait_for(client, body["id"], "incomplete", "completed")
+        assert text_of(done) == "".join(word(0, j) for j in range(4))
+        assert done["usage"]["output_tokens"] == 4 and done["background"] is True
+        assert body["id"] in gateway.runtime.finished and body["id"] not in gateway.runtime.cancelled
+        # and it continues as any stored response
+        nxt = await client.post("/v1/responses", json={"model": MODEL, "input": "more", "max_output_tokens": 1,
+                                                       "previous_response_id": body["id"]})
+        assert nxt.status_code == 200, nxt.text
+
+
+async def test_a_running_response_reads_as_it_stands_and_cancels(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        # "HANG": one token, then nothing: in progress until cancelled
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "HANG", "background": True})
+        rid = r.json()["id"]
+        running = await wait_for(client, rid, "in_progress")
+        assert "lmgate_background_responses 1.0" in (await client.get("/metrics")).text
+        with trio.fail_after(5):
+            while text_of(running) != word(0, 0):  # the output so far, its message still open
+                running = (await client.get(f"/v1/responses/{rid}")).json()
+        assert running["output"][0]["status"] == "in_progress"
+        # a running response is not a conversation to continue yet
+        cont = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": rid})
+        assert cont.status_code == 400 and cont.json()["error"]["param"] == "previous_response_id"
+
+        cancelled = await client.post(f"/v1/responses/{rid}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        body = cancelled.json()
+        assert body["status"] == "cancelled" and text_of(body) == word(0, 0)
+        assert body["output"][0]["status"] == "incomplete"
+        assert rid in gateway.runtime.cancelled  # the engine stopped it
+        metrics = (await client.get("/metrics")).text
+        assert "lmgate_background_responses 0.0" in metrics
+        assert (await client.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+        again = await client.post(f"/v1/responses/{rid}/cancel")  # idempotent
+        assert again.status_code == 200 and again.json()["status"] == "cancelled"
+        # a cancelled response is stored: it continues (in the background: "HANG" hangs again)
+        cont = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "background": True,
+                                                        "previous_response_id": rid})
+        assert cont.status_code == 200, cont.text
+        assert (await client.post(f"/v1/responses/{cont.json()['id']}/cancel")).json()["status"] == "cancelled"
+
+
+async def test_only_background_responses_cancel_and_an_ended_one_stays_as_it_ended(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        plain = (await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 1})).json()
+        r = await client.post(f"/v1/responses/{plain['id']}/cancel")
+        assert r.status_code == 400 and "background" in r.json()["error"]["message"]
+        r = await client.post("/v1/responses/resp_nope/cancel")
+        assert r.status_code == 404
+        bg = (await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2,
+                                                       "background": True})).json()
+        done = await wait_for(client, bg["id"], "incomplete")
+        r = await client.post(f"/v1/responses/{bg['id']}/cancel")
+        assert r.status_code == 200 and r.json() == done
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "background": True, "store": False})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "background"
+        for bad in ("stream=maybe", "stream=true&starting_after=-1", "stream=true&starting_after=x"):
+            r = await client.get(f"/v1/responses/{bg['id']}?{bad}")
+            assert r.status_code == 400, bad
+        r = await client.get(f"/v1/responses/{plain['id']}?stream=true")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+async def test_the_stream_drops_the_response_runs_on_and_the_stream_resumes(gateway: Gateway) -> None:
+    gateway.runtime.delay = 0.1
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        async with client.stream("POST", "/v1/responses", json={
+                "model": MODEL, "input": "x", "background": True, "stream": True, "max_output_tokens": 8}) as r:
+            assert r.status_code == 200
+            first = await events_until(r.aiter_lines(), 5)
+        # created (queued), queued, in_progress, the message's two "added", a delta ...
+        assert [e["type"] for e in first[:3]] == ["response.created", "response.queued", "response.in_progress"]
+        assert first[0]["response"]["status"] == "queued"
+        rid = first[0]["response"]["id"]
+        await trio.sleep(0.2)
+        assert rid not in gateway.runtime.cancelled  # the dropped stream did not end it
+        async with client.stream("GET", f"/v1/responses/{rid}?stream=true&starting_after=5") as r:
+            assert r.status_code == 200
+            rest = await sse_events(r)
+        seq = [e["sequence_number"] for e in first + rest]
+        assert seq == list(range(len(seq)))  # nothing lost, nothing twice
+        assert rest[-1]["type"] == "response.incomplete"
+        deltas = "".join(e["delta"] for e in first + rest if e["type"] == "response.output_text.delta")
+        assert deltas == text_of(rest[-1]["response"]) == "".join(word(0, j) for j in range(8))
+        # after the end, the whole stream again from the start
+        async with client.stream("GET", f"/v1/responses/{rid}?stream=true") as r:
+            again = await sse_events(r)
+        assert again == first + rest
+
+
+async def test_deleting_a_running_response_cancels_it_and_it_stays_deleted(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        rid = (await client.post("/v1/responses", json={"model": MODEL, "input": "HANG", "background": True})).json()["id"]
+        await wait_for(client, rid, "in_progress")
+        r = await client.delete(f"/v1/responses/{rid}")
+        assert r.status_code == 200 and r.json()["deleted"] is True
+        assert rid in gateway.runtime.cancelled
+        await trio.sleep(1.5)  # past a tick of the run's writes
+        assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
+
+
+async def test_another_server_of_the_redis_reads_and_cancels_a_response(nursery: trio.Nursery, gateway: Gateway) -> None:
+    other_url, _, stop = await start_gateway(nursery, gateway.stores, gateway.config)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as here, \
+                httpx.AsyncClient(base_url=other_url, headers=gateway.headers) as there:
+            rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
+                                                          "background": True})).json()["id"]
+            # the other server reads it from the store, as the running one writes it each second
+            seen = await wait_for(there, rid, "in_progress", timeout=5)
+            assert seen["background"] is True
+            with trio.fail_after(5):
+                while text_of(seen) != word(0, 0):
+                    await trio.sleep(0.2)
+                    seen = (await there.get(f"/v1/responses/{rid}")).json()
+            # the other server cannot stream its events: it gives the end once stored
+            async with there.stream("GET", f"/v1/responses/{rid}?stream=true") as stream:
+                r = await there.post(f"/v1/responses/{rid}/cancel")
+                assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+                tail = await sse_events(stream)
+            assert [e["type"] for e in tail] == ["response.cancelled"]
+            assert rid in gateway.runtime.cancelled
+            assert (await here.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+    finally:
+        stop.set()
+
+
+async def test_a_response_left_running_by_a_stopped_server_reads_failed(gateway: Gateway) -> None:
+    tenant = await gateway.stores.tenants.get_tenant("t1")
+    owner = owner_of(tenant.id, tenant.created_at)
+    store = ResponseStore(gateway.stores.redis)
+    left = {"id": "resp_left", "object": "response", "status": "in_progress", "background": True, "output": []}
+    await store.put(owner, StoredResponse(response=left, context=[], input=[], running_until=time.time() - 1,
+                                          last_sequence=2))
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        got = (await client.get("/v1/responses/resp_left")).json()
+        assert got["status"] == "failed" and got["error"]["code"] == "server_error"
+        async with client.stream("GET", "/v1/responses/resp_left?stream=true&starting_after=2") as r:
+            events = await sse_events(r)
+        assert [(e["type"], e["sequence_number"]) for e in events] == [("response.failed", 3)]
+        r = await client.post("/v1/responses/resp_left/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        assert (await client.get("/v1/responses/resp_left")).json()["status"] == "cancelled"
+
+
+async def test_a_plain_response_reads_in_progress_while_it_streams(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        async with client.stream("POST", "/v1/responses", json={"model": MODEL, "input": "HANG", "stream": True}) as r:
+            lines = r.aiter_lines()  # (kept: a dropped iterator closes the stream)
+            first = await events_until(lines, 4)  # ... the first delta
+            rid = first[0]["response"]["id"]
+            got = (await client.get(f"/v1/responses/{rid}")).json()
+            assert got["status"] == "in_progress" and text_of(got) == word(0, 0)
+            r = await client.post(f"/v1/responses/{rid}/cancel")
+            assert r.status_code == 400, r.text
+        with trio.fail_after(5):  # the client left: it was not finished, so it is not stored
+            while (await client.get(f"/v1/responses/{rid}")).status_code != 404:
+                await trio.sleep(0.05)
+
+
+async def test_a_server_stopping_stores_its_running_responses_failed(nursery: trio.Nursery, gateway: Gateway) -> None:
+    url, _, stop = await start_gateway(nursery, gateway.stores, gateway.config)
+    async with httpx.AsyncClient(base_url=url, headers=gateway.headers) as client:
+        rid = (await client.post("/v1/responses", json={"model": MODEL, "input": "HANG",
+                                                        "background": True})).json()["id"]
+        await wait_for(client, rid, "in_progress")
+    stop.set()
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        with trio.fail_after(gateway.config.shutdown_grace_seconds + 10):
+            while (got := (await client.get(f"/v1/responses/{rid}")).json())["status"] == "in_progress":
+                await trio.sleep(0.1)
+    assert got["status"] == "failed" and "stopped" in got["error"]["message"]
+
+
+async def test_the_sdk_runs_polls_and_cancels_background_responses(gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=gateway.api_key, max_retries=0)
+
+    def run() -> tuple[Any, Any, Any]:
+        done = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, background=True)
+        while done.status in ("queued", "in_progress"):
+            time.sleep(0.05)
+            done = client.responses.retrieve(done.id)
+        hung = client.responses.create(model=MODEL, input="HANG", background=True)
+        cancelled = client.responses.cancel(hung.id)
+        with client.responses.retrieve(hung.id, stream=True, starting_after=0) as stream:
+            tail = [e.type for e in stream]
+        return done, cancelled, tail
+
+    done, cancelled, tail = await trio.to_thread.run_sync(run)
+    assert done.status == "incomplete" and done.output_text == word(0, 0) + word(0, 1)
+    assert cancelled.status == "cancelled"
+    assert tail[0] == "response.queued" and tail[-1] == "response.cancelled"
