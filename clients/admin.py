@@ -74,12 +74,15 @@ class AdminClient(JsonApi):
     # -- keys
 
     async def create_key(self, tenant_id: str, name: str = "default", *,
-                         expires_in_seconds: float | None = None) -> tuple[str, str]:
+                         expires_in_seconds: float | None = None, expires_at: float | None = None) -> tuple[str, str]:
         """Returns (key_id, plaintext key). The plaintext is shown only this once.
-        `expires_in_seconds`: the key stops working that long from now (default: never)."""
+        The key stops working `expires_in_seconds` from now, or at `expires_at` (Unix
+        seconds; one or the other, a 400 for both); default: never (`list_keys` shows it)."""
         body: dict[str, Any] = {"name": name}
         if expires_in_seconds is not None:
             body["expires_in_seconds"] = expires_in_seconds
+        if expires_at is not None:
+            body["expires_at"] = expires_at
         reply = await self._call("POST", f"/tenants/{seg(tenant_id)}/keys", body)
         return reply["id"], reply["key"]
 

@@ -120,6 +120,9 @@ def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     if not args.api_key:
         print("lmgate chat: an API key is required (--api-key or LMGATE_API_KEY)", file=sys.stderr)
         return 2
+    if args.once is not None and not args.once.strip():
+        print("lmgate chat: --once needs a prompt (it is empty)", file=sys.stderr)
+        return 2
     params: dict[str, Any] = {"max_tokens": args.max_tokens}
     if args.temperature is not None:
         params["temperature"] = args.temperature

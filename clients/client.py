@@ -32,7 +32,9 @@ failures are retried with exponential backoff, waiting at least the server's
 cannot have reached the server (connect error or timeout, pool timeout): once sent, a
 broken connection or a read timeout (`TimedOut`) may leave it running, and billed, on
 the server, so sending it again could generate it twice. Streams are retried only
-before their first byte.
+before their first byte. A Retry-After beyond `RetryPolicy.max_retry_after` is raised,
+not waited for. The WebSocket's streams are not retried: a refusal raises at the
+stream's first read (start a new stream, or stream over SSE, to retry).
 
 Every failure is a `clients.errors.LmgateError`: httpx's own exceptions are mapped
 (`request_error`), and a request that cannot be sent at all (a malformed base URL, an
@@ -217,12 +219,15 @@ def ranking_from(body: dict[str, Any]) -> Ranking:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff: attempt k (0-based) waits min(max_delay, base_delay * 2**k)
-    with ±`jitter` spread, and never less than the server's Retry-After."""
+    with ±`jitter` spread, and never less than the server's Retry-After. A Retry-After
+    longer than `max_retry_after` is not waited for: the error is raised at once with its
+    `retry_after` (a daily budget spent says "after midnight UTC", hours away)."""
 
     max_attempts: int = 4
     base_delay: float = 0.25
     max_delay: float = 20.0
     jitter: float = 0.1
+    max_retry_after: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -252,7 +257,8 @@ async def with_retry(policy: RetryPolicy, attempt_fn: Callable[[], Awaitable[T]]
         try:
             return await attempt_fn()
         except LmgateError as error:
-            if attempt + 1 >= policy.max_attempts or not policy.retryable(error):
+            if (attempt + 1 >= policy.max_attempts or not policy.retryable(error)
+                    or (error.retry_after or 0.0) > policy.max_retry_after):
                 raise
             await anyio.sleep(policy.delay(attempt, error.retry_after))
     raise AssertionError("unreachable")  # the loop returns or raises
@@ -488,7 +494,8 @@ class TokenStream:
                     return
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise error_for(status_of_type(chunk["error"].get("type")), chunk)
+                    raise error_for(status_of_type(chunk["error"].get("type")), chunk,
+                                    retry_after=chunk.get("retry_after"))
                 self.id = chunk.get("id", self.id)
                 if chunk.get("usage"):
                     self.usage = usage_from(chunk["usage"])

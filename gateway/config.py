@@ -359,6 +359,28 @@ def device_unavailable(device: str) -> str | None:
     return None
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warnings(config: GatewayConfig) -> list[str]:
+    """What a server other hosts can reach leaves open or loses, one line each (logged at
+    start): an env file whose secrets were left empty starts, but should not pass unseen."""
+    if config.host in LOOPBACK_HOSTS:
+        return []
+    where = f"{config.host}:{config.port}"
+    warnings = []
+    if not config.metrics_key:
+        warnings.append(f"/metrics is open to anyone who reaches {where}, and it names every tenant: "
+                        "set --metrics-key (LMGATE_METRICS_KEY)")
+    if not config.admin_key and not config.dev_tenant:
+        warnings.append("no admin key and no development tenant: no API key can be issued, so every request "
+                        "will be refused: set --admin-key (LMGATE_ADMIN_KEY)")
+    if config.redis_url is None:
+        warnings.append("no REDIS_URL: the private redis-server keeps nothing on disk, so the tenants, keys and "
+                        "usage are lost at every restart")
+    return warnings
+
+
 def parse_log_level(name: str) -> int:
     """The `logging` level a ``--log-level`` name means (case-insensitive); ConfigError listing
     the valid names otherwise (no silent fallback to INFO)."""

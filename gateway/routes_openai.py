@@ -1358,7 +1358,7 @@ class SseBody:
                     for chunk in self.renderer.finished(event):
                         yield sse.event(chunk)
                 else:
-                    yield sse.event(failed_error(event).body())
+                    yield sse.event(failed_error(event).event_body())
         yield sse.DONE
 
 

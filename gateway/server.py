@@ -43,6 +43,7 @@ from gateway.config import (
     add_config_arguments,
     config_from_args,
     device_unavailable,
+    exposure_warnings,
     parse_log_level,
 )
 
@@ -221,6 +222,8 @@ async def serve(
     whole start-up/shutdown path with a stand-in runtime and an event.
     """
     out = out or sys.stdout
+    for warning in exposure_warnings(config):
+        log.warning("%s", warning)
     secret = server_secret(config.data_dir)
     config_private: PrivateRedis | None = None
     async with AsyncExitStack() as stack:

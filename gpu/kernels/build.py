@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,7 @@ def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
     """
     from torch.utils.cpp_extension import _get_build_directory, load
 
+    ninja_on_path()
     path = KERNEL_DIR / "cpu" / source
     cflags = [*CPU_EXTENSION_CFLAGS, *extra_cflags]
     name = cpu_extension_name(path, cflags, cpu_fingerprint())
@@ -281,6 +283,20 @@ def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
+
+
+def ninja_on_path() -> bool:
+    """Whether `ninja` (torch builds extensions with it) is on PATH, after putting the
+    running interpreter's bin directory there when ninja lies there and not on PATH: the
+    set-up installs it into the venv, and `.venv/bin/lmgate` run without the venv
+    activated (a systemd unit, cron) has only the system's PATH."""
+    if shutil.which("ninja") is not None:
+        return True
+    bin_dir = Path(sys.executable).parent
+    if shutil.which("ninja", path=str(bin_dir)) is None:
+        return False
+    os.environ["PATH"] = os.pathsep.join(p for p in (str(bin_dir), os.environ.get("PATH", "")) if p)
+    return True
 
 
 @contextlib.contextmanager

@@ -67,6 +67,8 @@ def test_run_chat_once_and_bad_key(served: Served) -> None:
     missing = parser.parse_args(["--url", served.base_url, "--once", "hi"])
     missing.api_key = None
     assert run_chat(missing, out=io.StringIO()) == 2
+    empty = parser.parse_args(["--url", served.base_url, "--api-key", served.api_key, "--once", " "])
+    assert run_chat(empty, out=io.StringIO()) == 2  # not a silent success that asked nothing
 
 
 @pytest.mark.parametrize("use_ws", [False, True], ids=["sse", "ws"])

@@ -228,6 +228,22 @@ def test_retry_then_success(served: Served) -> None:
     assert run("trio", scenario) == word(0, 0)
 
 
+def test_a_retry_after_beyond_max_retry_after_is_raised_at_once(served: Served) -> None:
+    """A spent daily budget says "retry in hours": the call raises with that, it does not sleep."""
+    from actors.messages import Rejected
+
+    served.runtime.reject = Rejected("", 429, "quota_exceeded", "daily budget spent", retry_after=52846.0)
+
+    async def scenario() -> float | None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL, retry=RetryPolicy()) as client:
+            with anyio.fail_after(5), pytest.raises(RateLimited) as err:
+                await client.completions("x", max_tokens=1)
+            return err.value.retry_after
+
+    assert run("trio", scenario) == 52846.0
+    assert len(served.runtime.calls) == 1
+
+
 def test_rate_limited_without_retry_after_is_not_retried() -> None:
     policy = RetryPolicy()
     assert not policy.retryable(RateLimited("over budget", status=429, retry_after=None))

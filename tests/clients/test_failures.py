@@ -17,6 +17,7 @@ from clients import (
     LmgateClient,
     LmgateError,
     NotFound,
+    Overloaded,
     RetryPolicy,
     TimedOut,
 )
@@ -284,3 +285,17 @@ def test_embed_score_and_rerank_refuse_cache_control() -> None:
                 await client.rerank("q", ["d"], cache_control="no-store")
 
     run("trio", scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stream_ended_by_a_shutdown_says_when_to_retry(served: Served, backend: str) -> None:
+    """A 503 in the middle of an SSE stream carries its retry_after in the event (its
+    headers went out at the start), as the WebSocket's frame and a plain answer do."""
+    async def scenario() -> float | None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            with pytest.raises(Overloaded) as err:
+                async with client.chat_stream([{"role": "user", "content": "GONE"}], max_tokens=4) as stream:
+                    [d async for d in stream]
+            return err.value.retry_after
+
+    assert run(backend, scenario) == 1.0

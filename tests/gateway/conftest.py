@@ -53,7 +53,7 @@ class FakeRuntime:
 
     Each accepted request streams `max_tokens` words per choice (``word(i, j)``),
     `delay` seconds apart, then Finished("length"). A prompt containing "FAIL"
-    fails after one token; "HANG" streams one token and then waits forever,
+    fails after one token ("GONE": a 503 shutting_down, as at a shutdown); "HANG" streams one token and then waits forever,
     "SILENT" waits forever before the first token (for disconnect tests). `reject` (a Rejected template) refuses the next submits.
     """
 
@@ -134,6 +134,9 @@ class FakeRuntime:
                                                    prompt_logprobs=self.prompt_logprobs(call) if j == 0 else None))
                     if "FAIL" in text:
                         await send.send(Failed(call.request_id, 500, "engine_error", "the engine failed"))
+                        return
+                    if "GONE" in text:  # as the runtime ends a stream at a shutdown's grace end
+                        await send.send(Failed(call.request_id, 503, "shutting_down", "server shutting down"))
                         return
                     if "HANG" in text:
                         await trio.sleep_forever()

@@ -261,3 +261,22 @@ def test_a_build_lock_left_by_a_dead_process_does_not_hang_the_next_load():
     load = "from gpu.layer_ops import fused_available; assert fused_available()"
     subprocess.run([sys.executable, "-c", load], check=True, timeout=600, cwd=Path(__file__).parents[2])
     assert not lock.exists()
+
+
+def test_ninja_is_found_in_the_interpreters_bin_without_it_on_path(tmp_path, monkeypatch):
+    """`.venv/bin/lmgate` run by systemd has the system's PATH only: the venv's ninja is
+    put on it, or torch cannot build the CPU kernels and the server falls back silently."""
+    bin_dir = tmp_path / "venv-bin"
+    bin_dir.mkdir()
+    ninja = bin_dir / "ninja"
+    ninja.write_text("#!/bin/sh\n")
+    ninja.chmod(0o755)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(build.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", str(empty))
+    assert build.ninja_on_path()
+    assert shutil.which("ninja") == str(ninja)
+    ninja.unlink()
+    monkeypatch.setenv("PATH", str(empty))
+    assert not build.ninja_on_path()
