@@ -365,6 +365,8 @@ class Admission:
             return QuotaHold(None, False, None)
         who = tenant.as_tenant()
         try:
+            if not self.quotas.store.reachable():  # (failed to answer within the last second)
+                raise CacheUnavailable("Redis was unreachable a moment ago: skipped")
             res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences)
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()

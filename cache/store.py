@@ -118,6 +118,7 @@ class RedisStore:
         self.healthy = True
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.unreachable_at: float | None = None  # the last failure that was no answer at all
 
     @property
     def client(self) -> coredis.Redis[bytes]:
@@ -156,6 +157,7 @@ class RedisStore:
             yield
         except _UNREACHABLE as error:
             self._failed(error)
+            self.unreachable_at = self.last_error_at
             raise CacheUnavailable(f"Redis at {self.url} unreachable: {error}") from error
         except coredis.exceptions.RedisError as error:
             if not is_refusal(error):
@@ -163,6 +165,7 @@ class RedisStore:
             self._failed(error)
             raise CacheUnavailable(f"Redis at {self.url} refuses service: {error}") from error
         self.healthy = True
+        self.unreachable_at = None
 
     def _failed(self, error: BaseException) -> None:
         self.healthy = False
@@ -178,6 +181,20 @@ class RedisStore:
         if time.time() - self.last_error_at < SKIP_AFTER_ERROR_S:
             return False
         self.last_error_at = time.time()  # this caller probes; the others keep skipping
+        return True
+
+    def reachable(self) -> bool:
+        """False for `SKIP_AFTER_ERROR_S` after Redis could not be reached at all (a timeout,
+        a refused connection) and until it answers again; one caller per interval probes.
+        What must ask Redis when it can — API keys, quota reservations — goes to its
+        degraded path (recently seen keys; the quota policy) at once meanwhile, instead of
+        each request waiting out the timeouts (seconds against a hung Redis). A refusal of
+        service (OOM, READONLY) does not count: a Redis refusing writes still reads keys."""
+        if self.healthy or self.unreachable_at is None:
+            return True
+        if time.time() - self.unreachable_at < SKIP_AFTER_ERROR_S:
+            return False
+        self.unreachable_at = time.time()  # this caller probes; the others keep skipping
         return True
 
     async def get_value(self, key: str, decode: Callable[[bytes], T]) -> T | None:

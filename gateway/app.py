@@ -231,6 +231,8 @@ class GatewayState:
         if not api_key:
             raise ApiError(401, "missing API key (Authorization: Bearer <key>)", code="missing_api_key")
         try:
+            if not self.stores.redis.reachable():  # (failed to answer within the last second)
+                raise CacheUnavailable("Redis was unreachable a moment ago: skipped")
             found = await self.stores.tenants.lookup_key(api_key)
         except CacheUnavailable as exc:
             tenant = self.recent_keys.get(api_key, time.monotonic())

@@ -1084,3 +1084,23 @@ async def test_a_tenant_out_of_requests_per_minute_is_refused_before_tokenizing(
     assert isinstance(other, Rejected) and other.status == 400
     raised = await runtime.submit(call(tenant(Quota(requests_per_minute=5)), messages=[], max_tokens=1))
     assert isinstance(raised, Rejected) and raised.status == 400  # its limit changed: read afresh
+
+
+async def test_a_redis_that_just_failed_to_answer_is_not_asked_for_the_reservation(runtime, services, monkeypatch):
+    """Within a second of a Redis call timing out, admission goes straight to the quota
+    policy (fail-open here) instead of waiting out the timeouts again on every request."""
+    import time
+
+    quotas = services["quotas"]
+    asked = []
+
+    async def reserve(*args, **kwargs):
+        asked.append(args)
+        raise AssertionError("asked a Redis that just failed to answer")
+
+    monkeypatch.setattr(quotas, "reserve", reserve)
+    monkeypatch.setattr(quotas.store, "healthy", False)
+    monkeypatch.setattr(quotas.store, "unreachable_at", time.time())  # as a timeout leaves it
+    acc = await runtime.submit(call(tenant(Quota(requests_per_minute=10), id="skip"), prompt="Hi", max_tokens=2))
+    assert isinstance(acc, Accepted) and not asked
+    await collect(acc)

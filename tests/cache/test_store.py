@@ -195,3 +195,25 @@ async def test_quota_scripts_run_without_their_shebang_on_a_redis_before_7(store
     assert isinstance(await quotas.reserve(tenant, "r1", 5, 5), Admitted)
     assert await quotas.settle(tenant, "r1", 5, 3, "m")
     assert await quotas.running("t1") == 0
+
+
+async def test_an_unreachable_redis_is_skipped_for_a_second_and_a_refusing_one_is_not(tmp_path):
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url, stream_timeout_s=0.2, retries=0) as store:
+            await store.client.set("k", "v")
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(CacheUnavailable), store.guard():
+                    await store.client.get("k")
+                assert not store.reachable() and not store.reachable()
+                store.unreachable_at -= 1.1  # a second later: one caller probes, the others skip
+                assert store.reachable() and not store.reachable()
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            with store.guard():
+                assert await store.client.get("k") == b"v"
+            assert store.reachable()
+            await store.client.config_set({"min-replicas-to-write": "1"})  # refuses writes (NOREPLICAS)
+            with pytest.raises(CacheUnavailable, match="refuses"), store.guard():
+                await store.client.set("k", "w")
+            assert not store.healthy and store.reachable()  # its reads still work: keys are still asked

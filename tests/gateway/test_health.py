@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import httpx
 import trio
 
@@ -126,3 +129,26 @@ async def test_every_answer_carries_a_request_id(gateway: Gateway) -> None:
                  await client.get("/healthz", headers={"X-Request-Id": "bad id\twith spaces"})]
         ids = [r.headers["x-request-id"] for r in fresh]
         assert all(i.startswith("req_") for i in ids) and len(set(ids)) == 3
+
+
+async def test_a_hung_redis_costs_one_request_its_timeouts_not_every_request(gateway: Gateway,
+                                                                           redis_server: PrivateRedis) -> None:
+    """A Redis that stops answering (not refusing: a partition, a stalled host): the first
+    request waits out the key lookup's timeouts and is served from the recently seen keys;
+    for the next second the lookups go there at once."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=30) as client:
+        assert (await client.post("/v1/completions", json=body)).status_code == 200  # the key is seen
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            started = trio.current_time()
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            first = trio.current_time() - started
+            started = trio.current_time()
+            for _ in range(3):
+                assert (await client.post("/v1/completions", json=body)).status_code == 200
+            three = trio.current_time() - started
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+    assert first >= 0.9  # (the store's timeout: 1 s)
+    assert three < first / 3, (first, three)
