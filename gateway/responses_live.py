@@ -217,7 +217,7 @@ async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, o
                 live.deleted = True
                 live.cancel()
                 return
-            written, written_at = -1, time.monotonic()  # the store has it as accepted, before any event
+            written, written_at = renderer.last_sequence, time.monotonic()
         except CacheUnavailable as exc:
             log.debug("background response %s: not stored this tick: %s", live.response_id, exc)
 

@@ -705,13 +705,28 @@ class ResponsesSseBody(SseBody):
                 yield sse.named_event(event["type"], event)
 
 
+def ended_as(response: dict[str, Any], status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`response` ended with `status` where it stood: the items it was still writing are
+    incomplete, as a run that ends there leaves them."""
+    output = [{**item, "status": "incomplete"} if item.get("status") == "in_progress" else item
+              for item in response.get("output", [])]
+    return {**response, "status": status, "error": error, "output": output}
+
+
 def presented(found: StoredResponse, now: float) -> dict[str, Any]:
     """A stored response as GET returns it: one whose server stopped while it ran
     (`StoredResponse.orphaned`) is failed, not in progress for good."""
     if not found.orphaned(now):
         return found.response
-    return {**found.response, "status": "failed",
-            "error": {"code": "server_error", "message": "the server running this response stopped before it ended"}}
+    return ended_as(found.response, "failed", {"code": "server_error",
+                                               "message": "the server running this response stopped before it ended"})
+
+
+def terminal_sequence(found: StoredResponse, now: float) -> int:
+    """The sequence_number of a stored response's last event: an orphan's failure is one
+    more than its server wrote."""
+    sequence = found.last_sequence if found.last_sequence is not None else 0
+    return sequence + 1 if found.orphaned(now) else sequence
 
 
 def positive_int_arg(name: str) -> int | None:
@@ -736,11 +751,19 @@ def bool_arg(name: str) -> bool:
 
 
 def event_stream(events: AsyncIterator[dict[str, Any]]) -> Response:
-    """Named SSE events that follow a response (no request of their own to abort)."""
+    """Named SSE events that follow a response (no request of their own to abort). An
+    error after the stream started (the response deleted meanwhile, the store gone) ends
+    it with an `error` event, as OpenAI's streams end."""
     async def body() -> AsyncIterator[bytes]:
-        async with aclosing(events) as each:
-            async for event in each:
-                yield sse.named_event(event["type"], event)
+        sequence = -1
+        try:
+            async with aclosing(events) as each:
+                async for event in each:
+                    sequence = event.get("sequence_number", sequence)
+                    yield sse.named_event(event["type"], event)
+        except ApiError as exc:
+            yield sse.named_event("error", {"type": "error", "code": exc.code, "message": exc.message,
+                                            "param": exc.param, "sequence_number": sequence + 1})
 
     response = Response(body(), content_type="text/event-stream", headers=sse.SSE_HEADERS)
     response.timeout = None
@@ -777,9 +800,14 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         context = []
         if req.previous_response_id is not None:
             previous = await stored(tenant, req.previous_response_id, "previous_response_id")
-            if previous.status in ("queued", "in_progress") and not previous.orphaned(time.time()):
+            live = live_responses.get(owner(tenant), req.previous_response_id)
+            # running by what this server runs, or else by what the store holds (the stored
+            # copy of a run here lags: it is rewritten each second, and last at its end)
+            status = (live.turn.renderer.status if live is not None and not live.over
+                      and live.turn.renderer.running else previous.status)
+            if status in ("queued", "in_progress") and not previous.orphaned(time.time()):
                 raise ApiError(400, f"previous response {req.previous_response_id[:100]!r} is still "
-                               f"{previous.status}: continue it once it has ended", code="invalid_value",
+                               f"{status}: continue it once it has ended", code="invalid_value",
                                param="previous_response_id")
             context = previous.conversation()
         elif not items:
@@ -883,10 +911,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         while found.status in ("queued", "in_progress") and not found.orphaned(time.time()):
             await trio.sleep(1.0)
             found = await stored(tenant, found.response["id"])
-        response = presented(found, time.time())
-        sequence = found.last_sequence if found.last_sequence is not None else 0
-        if found.orphaned(time.time()):
-            sequence += 1
+        now = time.time()
+        response, sequence = presented(found, now), terminal_sequence(found, now)
         if after is None or sequence > after:
             yield {"type": TERMINAL_EVENTS[response["status"]], "sequence_number": sequence, "response": response}
 
@@ -931,10 +957,11 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if found.status not in ("queued", "in_progress"):
             return found.response
         try:
-            if found.orphaned(now):  # no server runs it: cancelled here
-                response = {**found.response, "status": "cancelled"}
-                await store.put(owner(tenant), msgspec.structs.replace(found, response=response, running_until=None),
-                                existing=True)
+            if found.orphaned(now):  # it has ended, failed: kept so (a cancel does not undo an end)
+                response = presented(found, now)
+                await store.put(owner(tenant), msgspec.structs.replace(
+                    found, response=response, running_until=None, last_sequence=terminal_sequence(found, now)),
+                    existing=True)
                 return response
             await store.request_cancel(owner(tenant), response_id)
         except CacheUnavailable as exc:

@@ -183,6 +183,14 @@ async def test_another_server_of_the_redis_reads_and_cancels_a_response(nursery:
             assert [e["type"] for e in tail] == ["response.cancelled"]
             assert rid in gateway.runtime.cancelled
             assert (await here.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+            # deleted while the other server follows it: its stream ends with an error event
+            rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
+                                                          "background": True})).json()["id"]
+            await wait_for(there, rid, "in_progress", timeout=5)
+            async with there.stream("GET", f"/v1/responses/{rid}?stream=true") as stream:
+                assert (await here.delete(f"/v1/responses/{rid}")).status_code == 200
+                tail = await sse_events(stream)
+            assert [(e["type"], e["code"]) for e in tail] == [("error", "not_found")]
     finally:
         stop.set()
 
@@ -191,18 +199,24 @@ async def test_a_response_left_running_by_a_stopped_server_reads_failed(gateway:
     tenant = await gateway.stores.tenants.get_tenant("t1")
     owner = owner_of(tenant.id, tenant.created_at)
     store = ResponseStore(gateway.stores.redis)
-    left = {"id": "resp_left", "object": "response", "status": "in_progress", "background": True, "output": []}
+    left = {"id": "resp_left", "object": "response", "status": "in_progress", "background": True,
+            "output": [{"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "half", "annotations": [], "logprobs": []}]}]}
     await store.put(owner, StoredResponse(response=left, context=[], input=[], running_until=time.time() - 1,
                                           last_sequence=2))
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         got = (await client.get("/v1/responses/resp_left")).json()
         assert got["status"] == "failed" and got["error"]["code"] == "server_error"
+        assert got["output"][0]["status"] == "incomplete" and text_of(got) == "half"
         async with client.stream("GET", "/v1/responses/resp_left?stream=true&starting_after=2") as r:
             events = await sse_events(r)
         assert [(e["type"], e["sequence_number"]) for e in events] == [("response.failed", 3)]
+        # it has ended (failed): a cancel returns it so, and keeps it so, event number and all
         r = await client.post("/v1/responses/resp_left/cancel")
-        assert r.status_code == 200 and r.json()["status"] == "cancelled"
-        assert (await client.get("/v1/responses/resp_left")).json()["status"] == "cancelled"
+        assert r.status_code == 200 and r.json() == got
+        assert (await client.get("/v1/responses/resp_left")).json() == got
+        async with client.stream("GET", "/v1/responses/resp_left?stream=true") as r:
+            assert [(e["type"], e["sequence_number"]) for e in await sse_events(r)] == [("response.failed", 3)]
 
 
 async def test_a_plain_response_reads_in_progress_while_it_streams(gateway: Gateway) -> None:
@@ -252,3 +266,33 @@ async def test_the_sdk_runs_polls_and_cancels_background_responses(gateway: Gate
     assert done.status == "incomplete" and done.output_text == word(0, 0) + word(0, 1)
     assert cancelled.status == "cancelled"
     assert tail[0] == "response.queued" and tail[-1] == "response.cancelled"
+
+
+async def test_a_response_that_does_not_change_is_not_written_every_second(gateway: Gateway, monkeypatch) -> None:
+    """Its running_until is renewed every 10 s (a third of the 30 s): between, a response
+    waiting on the engine costs Redis nothing."""
+    writes: list[int | None] = []
+    put = ResponseStore.put
+
+    async def counted(self, owner, stored, *, existing=False):  # type: ignore[no-untyped-def]
+        if existing:
+            writes.append(stored.last_sequence)
+        return await put(self, owner, stored, existing=existing)
+
+    monkeypatch.setattr(ResponseStore, "put", counted)
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        rid = (await client.post("/v1/responses", json={"model": MODEL, "input": "HANG", "background": True})).json()["id"]
+        await wait_for(client, rid, "in_progress")
+        await trio.sleep(2.5)  # two more ticks: nothing new to write
+        assert len(writes) == 1, writes  # the first token's
+        await client.post(f"/v1/responses/{rid}/cancel")
+    assert len(writes) == 2  # and how it ended
+
+
+async def test_a_response_running_here_is_not_continued_before_its_end(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        rid = (await client.post("/v1/responses", json={"model": MODEL, "input": "HANG", "background": True})).json()["id"]
+        await wait_for(client, rid, "in_progress")
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": rid})
+        assert r.status_code == 400 and "still in_progress" in r.json()["error"]["message"]
+        await client.post(f"/v1/responses/{rid}/cancel")
