@@ -322,8 +322,10 @@ class Admission:
         # awaits Redis after it, and a burst would otherwise all pass against the same count
         waiting = self.load.waiting() + self.pending
         if waiting >= self.config.max_waiting:
-            raise _Refuse(503, "overloaded", f"server overloaded: {waiting} requests waiting (the limit is "
-                          f"{self.config.max_waiting})",
+            # (the count can pass the limit by admissions under way and preempted requests:
+            # the limit is what the client can act on)
+            raise _Refuse(503, "overloaded", f"server overloaded: its queue is full ({self.config.max_waiting} "
+                          "requests waiting, --max-waiting)",
                           retry_after=max(1.0, self.load.estimated_wait_s()))
         est = self.load.estimated_wait_s()
         if est > self.config.max_estimated_wait_s:

@@ -362,13 +362,18 @@ def device_unavailable(device: str) -> str | None:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def exposure_warnings(config: GatewayConfig) -> list[str]:
-    """What a server other hosts can reach leaves open or loses, one line each (logged at
-    start): an env file whose secrets were left empty starts, but should not pass unseen."""
-    if config.host in LOOPBACK_HOSTS:
-        return []
-    where = f"{config.host}:{config.port}"
+def start_warnings(config: GatewayConfig) -> list[str]:
+    """What the settings leave without effect, and what a server other hosts can reach
+    leaves open or loses, one line each (logged at start): an env file whose secrets were
+    left empty starts, but should not pass unseen."""
     warnings = []
+    if config.kv_reservation != "auto" and config.scheduling_policy not in ("magnus", "hybrid"):
+        warnings.append(f"kv_reservation {config.kv_reservation!r} has no effect under the "
+                        f"{config.scheduling_policy!r} policy: only magnus and hybrid reserve KV blocks by "
+                        "predicted length")
+    if config.host in LOOPBACK_HOSTS:
+        return warnings
+    where = f"{config.host}:{config.port}"
     if not config.metrics_key:
         warnings.append(f"/metrics is open to anyone who reaches {where}, and it names every tenant: "
                         "set --metrics-key (LMGATE_METRICS_KEY)")

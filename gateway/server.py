@@ -43,8 +43,8 @@ from gateway.config import (
     add_config_arguments,
     config_from_args,
     device_unavailable,
-    exposure_warnings,
     parse_log_level,
+    start_warnings,
 )
 
 log = logging.getLogger("lmgate.gateway.server")
@@ -222,7 +222,7 @@ async def serve(
     whole start-up/shutdown path with a stand-in runtime and an event.
     """
     out = out or sys.stdout
-    for warning in exposure_warnings(config):
+    for warning in start_warnings(config):
         log.warning("%s", warning)
     secret = server_secret(config.data_dir)
     config_private: PrivateRedis | None = None

@@ -132,6 +132,40 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
+# PEFT's default target_modules for Llama-family models (a config that names none)
+_DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+def _untargeted(cfg: dict, layer: int, module: str) -> str | None:
+    """Why PEFT would not apply the config's LoRA to `module` of decoder layer `layer`
+    (None: it would). As PEFT matches them: `target_modules` a list of names, each the
+    module's name or a dotted suffix of its path, or a regex its whole path must match, or
+    "all-linear"; none: the model type's defaults; `layers_to_transform` an index or a list."""
+    path = f"model.layers.{layer}.{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}"
+    targets = cfg.get("target_modules")
+    if targets is None:
+        targets = list(_DEFAULT_TARGETS)
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            try:
+                matched = re.fullmatch(targets, path) is not None
+            except re.error:
+                return f"target_modules {targets[:100]!r} is not a regular expression"
+            if not matched:
+                return f"target_modules {targets[:100]!r} does not match {path}"
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        if not any(path == t or path.endswith("." + t) for t in targets):
+            return f"target_modules {sorted(targets)[:10]} does not name it"
+    else:
+        return "target_modules must be a list of module names or a regular expression"
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        wanted = [layers] if isinstance(layers, int) else layers
+        if not isinstance(wanted, list) or layer not in wanted:
+            return f"layers_to_transform {layers!r} leaves layer {layer} out"
+    return None
+
+
 def _finite_number(x: object) -> bool:
     """A JSON number a float holds (an integer of 400 digits is a number, but not one that
     scales weights: `float` of it overflows)."""
@@ -224,6 +258,11 @@ def load_adapter(
         found.setdefault((layer, module), {})[ab] = t
     if not found:
         raise LoraError(path, "holds no LoRA weights")
+    for layer, module in sorted(found):
+        problem = _untargeted(cfg, layer, module)
+        if problem is not None:
+            raise LoraError(path, f"it holds weights for layer {layer} {module}, but {problem}: PEFT would not "
+                            "apply them (fix the config or the weights)")
     alpha = float(cfg["lora_alpha"])
     ranks = {cfg["r"], *(cfg.get("rank_pattern") or {}).values()}
     parts = _parts(config)
@@ -332,12 +371,13 @@ class LoraBatch:
         return cls((tuple(s) for s in segments), row) if segments else None
 
 
-def _config_ok(folder: Path) -> bool:
+def _config_ok(folder: Path, max_rank: int) -> bool:
+    """Whether the folder's configuration is one this server serves, its ranks included."""
     try:
-        read_config(folder)
+        cfg = read_config(folder)
     except LoraError:
         return False
-    return True
+    return max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()]) <= max_rank
 
 
 class LoraManager:
@@ -398,7 +438,8 @@ class LoraManager:
 
     def names(self) -> list[str]:
         """Every adapter a request may name now: configured ones, then those under the folder
-        whose configuration reads as a servable LoRA (its weights are checked when it loads)."""
+        whose configuration reads as a servable LoRA of a rank this server allows (its
+        weights are checked when it loads)."""
         found = [n for n in self._modules if n not in self._reserved]
         if self._directory is not None:
             try:
@@ -407,7 +448,7 @@ class LoraManager:
                 entries = []
             for n in entries:
                 folder = None if n in self._modules else self.folder(n)
-                if folder is not None and _config_ok(folder):
+                if folder is not None and _config_ok(folder, self.config.max_rank):
                     found.append(n)
         return found
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.config import ConfigError, GatewayConfig, exposure_warnings, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config, start_warnings
 from gateway.server import add_serve_arguments, hypercorn_config
 
 
@@ -502,10 +502,15 @@ def test_the_413_names_the_limit_of_its_route() -> None:
 def test_a_server_reachable_from_other_hosts_warns_of_what_it_leaves_open() -> None:
     """The env file of the deployments, its secrets left empty: it starts, and says so."""
     env = {"LMGATE_HOST": "0.0.0.0", "LMGATE_METRICS_KEY": "", "LMGATE_ADMIN_KEY": "", "LMGATE_DEV_TENANT": "false"}
-    warnings = exposure_warnings(load_config(None, env, {}))
+    warnings = start_warnings(load_config(None, env, {}))
     assert [w.split(" ")[0] for w in warnings] == ["/metrics", "no", "no"]
     assert "LMGATE_METRICS_KEY" in warnings[0] and "LMGATE_ADMIN_KEY" in warnings[1] and "REDIS_URL" in warnings[2]
     kept = load_config(None, {**env, "LMGATE_METRICS_KEY": "m", "LMGATE_ADMIN_KEY": "a",
                               "REDIS_URL": "redis://127.0.0.1:6379/0"}, {})
-    assert exposure_warnings(kept) == []
-    assert exposure_warnings(load_config(None, {"LMGATE_HOST": "127.0.0.1"}, {})) == []
+    assert start_warnings(kept) == []
+    assert start_warnings(load_config(None, {"LMGATE_HOST": "127.0.0.1"}, {})) == []
+
+    ignored = start_warnings(load_config(None, {"LMGATE_HOST": "127.0.0.1", "LMGATE_KV_RESERVATION": "always"}, {}))
+    assert len(ignored) == 1 and "no effect under the 'priority' policy" in ignored[0]
+    assert start_warnings(load_config(None, {"LMGATE_HOST": "127.0.0.1", "LMGATE_KV_RESERVATION": "always",
+                                             "LMGATE_SCHEDULING_POLICY": "magnus"}, {})) == []

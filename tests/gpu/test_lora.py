@@ -216,6 +216,12 @@ def copy_adapter(src: Path, dst: Path, **config) -> Path:
     ({"lora_alpha": 10 ** 400}, "finite number"),  # a JSON number no float holds (it was an OverflowError)
     ({"rank_pattern": {"down_proj": 0}}, "rank_pattern"),
     ({"r": 8}, r"rank 4, and the config says r = 8 \(rank_pattern: 2\)"),  # PEFT scales by the config's r
+    # weights for modules the config does not target: PEFT would leave them out
+    ({"target_modules": ["q_proj", "v_proj"]}, "layer 0 down_proj, but target_modules .* does not name it"),
+    ({"target_modules": None}, "down_proj, but target_modules"),  # (PEFT's Llama default: q_proj, v_proj)
+    ({"target_modules": r".*\.(q_proj|v_proj)"}, "does not match model.layers.0.mlp.down_proj"),
+    ({"target_modules": "("}, "not a regular expression"),
+    ({"layers_to_transform": [0]}, "layers_to_transform \\[0\\] leaves layer 1 out"),
 ])
 def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_reference, tmp_path, change,
                                                                          message) -> None:
@@ -223,6 +229,14 @@ def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_r
     cfg = load_checkpoint("smollm2", torch.float32).config
     with pytest.raises(LoraError, match=message):
         load_adapter("bad", folder, cfg, torch.float32)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], ["self_attn.q_proj", "v_proj", "mlp.down_proj"],
+                                     r".*\.(q_proj|v_proj|down_proj)", "all-linear"])
+def test_target_modules_are_matched_as_peft_matches_them(lora_reference, tmp_path, targets) -> None:
+    folder = copy_adapter(lora_reference.paths["two"], tmp_path / "ok", target_modules=targets)
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    assert load_adapter("ok", folder, cfg, torch.float32).rank == 4
 
 
 def test_weights_that_do_not_fit_this_model_are_refused(lora_reference, tmp_path) -> None:
@@ -280,6 +294,8 @@ def test_a_folder_of_adapters_is_searched_by_name(lora_reference, tmp_path) -> N
     for name in ("huge-alpha", "deep"):
         with pytest.raises(LoraError):
             manager.get(name)
+    small = LoraManager(LoraConfig(directory=str(root), max_rank=4), cfg, torch.float32)
+    assert small.names() == ["support-bot"]  # added-later has rank 8: refused, so not listed
     manager.reserve({"support-bot", "SmolLM2-135M-Instruct"})  # the served model's names
     assert manager.names() == ["added-later"] and manager.folder("support-bot") is None
     with pytest.raises(LoraError, match="served model's own names"):
