@@ -33,8 +33,8 @@ cannot have reached the server (connect error or timeout, pool timeout): once se
 broken connection or a read timeout (`TimedOut`) may leave it running, and billed, on
 the server, so sending it again could generate it twice. Streams are retried only
 before their first byte. A Retry-After beyond `RetryPolicy.max_retry_after` is raised,
-not waited for. The WebSocket's streams are not retried: a refusal raises at the
-stream's first read (start a new stream, or stream over SSE, to retry).
+not waited for. A WebSocket stream refused before its first token (429, 503) is sent
+again on its session, under a new id; a dropped socket is not reconnected.
 
 Every failure is a `clients.errors.LmgateError`: httpx's own exceptions are mapped
 (`request_error`), and a request that cannot be sent at all (a malformed base URL, an
@@ -238,6 +238,11 @@ class RetryPolicy:
         backoff *= 1 + random.uniform(-self.jitter, self.jitter)
         return max(backoff, retry_after or 0.0)
 
+    def retries(self, error: LmgateError, attempt: int) -> bool:
+        """Whether attempt `attempt` (0-based), which failed with `error`, is tried again."""
+        return (attempt + 1 < self.max_attempts and self.retryable(error)
+                and (error.retry_after or 0.0) <= self.max_retry_after)
+
     @staticmethod
     def retryable(error: LmgateError) -> bool:
         """429 with a Retry-After, 503, and a connection failure its raiser marked
@@ -257,8 +262,7 @@ async def with_retry(policy: RetryPolicy, attempt_fn: Callable[[], Awaitable[T]]
         try:
             return await attempt_fn()
         except LmgateError as error:
-            if (attempt + 1 >= policy.max_attempts or not policy.retryable(error)
-                    or (error.retry_after or 0.0) > policy.max_retry_after):
+            if not policy.retries(error, attempt):
                 raise
             await anyio.sleep(policy.delay(attempt, error.retry_after))
     raise AssertionError("unreachable")  # the loop returns or raises

@@ -141,12 +141,24 @@ class WsStream:
     async def _deltas(self) -> Any:
         assert self._receive is not None
         ended: set[int] = set()  # choices whose finish came on their last token frame
+        started = False  # a token came: an error after it is not retried (its tokens went out)
+        attempt = 0
         async for frame in self._receive:
             if isinstance(frame, LmgateError):
                 self.done = True
                 raise frame
             kind = frame.get("type")
+            if kind == "error":
+                error = error_for(frame.get("status", 500), frame, retry_after=frame.get("retry_after"))
+                if not started and self.session.client.retry.retries(error, attempt):
+                    await anyio.sleep(self.session.client.retry.delay(attempt, error.retry_after))
+                    attempt += 1
+                    await self.session._resend(self)
+                    continue
+                self.done = True
+                raise error
             if kind == "token":
+                started = True
                 reason = frame.get("finish_reason")  # on a choice's last frame
                 if reason is not None:
                     ended.add(frame["index"])
@@ -159,9 +171,6 @@ class WsStream:
                     if index not in ended:
                         yield Delta(index, "", reason)
                 return
-            elif kind == "error":
-                self.done = True
-                raise error_for(frame.get("status", 500), frame, retry_after=frame.get("retry_after"))
             elif kind == "cancelled":
                 self.done = True
                 return
@@ -290,16 +299,30 @@ class WsSession:
                 raise ConnectionFailed(f"WebSocket closed: {describe(exc)}") from exc
             raise
 
-    async def _start(self, stream: WsStream) -> MemoryObjectReceiveStream[Any]:
-        if self._ended is not None:
-            raise ConnectionFailed(self._ended)
+    async def _request_frame(self, stream: WsStream) -> str:
         fields = dict(stream._body)  # not popped: a start that failed here can be tried again
         cache_control = fields.pop("cache_control")
         body = await self.client._body(dict(fields.pop("params")), **fields)
         frame = {"type": "request", "id": stream.id, "endpoint": stream.endpoint, "body": body}
         if cache_control:
             frame["cache_control"] = cache_control
-        text = json.dumps(frame)
+        return json.dumps(frame)
+
+    async def _resend(self, stream: WsStream) -> None:
+        """Send a refused stream's request again (`RetryPolicy`), under a new id: the
+        refused one may not be cleared server-side yet. Its frames keep their buffer."""
+        route = self._routes.pop(stream.id, None)
+        if route is None or self._ended is not None:
+            raise ConnectionFailed(self._ended or "the stream was closed")
+        stream.id = f"r{next(self._ids)}"
+        text = await self._request_frame(stream)
+        self._routes[stream.id] = _Route(route.send, len(text.encode()))
+        await self._send(text)
+
+    async def _start(self, stream: WsStream) -> MemoryObjectReceiveStream[Any]:
+        if self._ended is not None:
+            raise ConnectionFailed(self._ended)
+        text = await self._request_frame(stream)
         send, receive = anyio.create_memory_object_stream[Any](math.inf)
         self._routes[stream.id] = _Route(send, len(text.encode()))
         try:

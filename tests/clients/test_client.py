@@ -228,6 +228,59 @@ def test_retry_then_success(served: Served) -> None:
     assert run("trio", scenario) == word(0, 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ws_stream_refused_before_its_first_token_is_sent_again(served: Served, backend: str) -> None:
+    """As over SSE: a 429/503 for a WebSocket stream is retried on its session, under a new
+    id, until the server takes it; the other streams of the session go on meanwhile."""
+    from actors.messages import Rejected
+
+    served.runtime.reject = Rejected("", 503, "overloaded", "server overloaded", retry_after=0.01)
+
+    async def scenario() -> tuple[str, str, str]:
+        policy = RetryPolicy(max_attempts=50, base_delay=0.02, max_delay=0.05)
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL, retry=policy) as client, \
+                client.ws() as session:
+            stream = session.chat_stream(HELLO, max_tokens=2)
+            first_id = stream.id
+            async with anyio.create_task_group() as tg:
+                async def clear_later() -> None:
+                    await anyio.sleep(0.3)
+                    served.runtime.reject = None
+                tg.start_soon(clear_later)
+                async with stream:
+                    text = "".join([d.text async for d in stream])
+            return text, first_id, stream.id
+
+    text, first_id, last_id = run(backend, scenario)
+    assert text == word(0, 0) + word(0, 1)
+    assert last_id != first_id and len(served.runtime.calls) > 2  # refused, then sent again
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ws_stream_is_not_retried_without_a_policy_or_after_its_first_token(served: Served, backend: str) -> None:
+    from actors.messages import Rejected
+
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session:
+            served.runtime.reject = Rejected("", 503, "overloaded", "server overloaded", retry_after=0.01)
+            with pytest.raises(Overloaded):
+                async with session.chat_stream(HELLO, max_tokens=2) as refused:
+                    [d async for d in refused]
+            served.runtime.reject = None
+        policy = RetryPolicy(max_attempts=5, base_delay=0.01)
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL, retry=policy) as client, \
+                client.ws() as session:
+            got = []
+            with pytest.raises(Overloaded):  # "GONE": a token, then a 503 shutting_down
+                async with session.chat_stream([{"role": "user", "content": "GONE"}], max_tokens=4) as cut:
+                    async for d in cut:
+                        got.append(d.text)
+            assert got == [word(0, 0)]
+
+    run(backend, scenario)
+    assert len(served.runtime.calls) == 2  # neither was sent again
+
+
 def test_a_retry_after_beyond_max_retry_after_is_raised_at_once(served: Served) -> None:
     """A spent daily budget says "retry in hours": the call raises with that, it does not sleep."""
     from actors.messages import Rejected
