@@ -277,6 +277,22 @@ class SentenceEmbedder:
                 torch.set_num_threads(prev)
 
 
+def distinct_rows(ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct token-id rows of a call, first-seen order, and each input's place among
+    them: a document identical to the query, or an input repeated, is one row to embed (pure)."""
+    seen: dict[tuple[int, ...], int] = {}
+    rows: list[list[int]] = []
+    place = []
+    for one in ids:
+        key = tuple(one)
+        at = seen.get(key)
+        if at is None:
+            at = seen[key] = len(rows)
+            rows.append(one)
+        place.append(at)
+    return rows, place
+
+
 def plan_batches(lengths: Sequence[int], *, token_budget: int, max_inputs: int = 64) -> list[list[int]]:
     """The inputs' indices in encoder batches: shortest first (padding to the longest of
     a batch then wastes little), each batch at most `max_inputs` inputs and, padded, at
@@ -435,6 +451,8 @@ class EmbeddingService:
                     raise _Refuse(400, "invalid_value", e.about(label), label.split("[")[0]) from None
                 except ValueError as e:  # `SentenceEmbedder.check_truncate`
                     raise _Refuse(400, "invalid_value", str(e), "truncate_prompt_tokens") from None
+                # identical inputs (by token ids, after their cut) are embedded and counted once
+                ids, place = distinct_rows(ids)
                 tokens = sum(len(one) for one in ids)
                 hold = await self.admission.reserve_quota(call.tenant, call.request_id, tokens, 0)
             except _Refuse as r:
@@ -471,7 +489,7 @@ class EmbeddingService:
                 return Rejected(call.request_id, 503, "shutting_down", self._end_message, retry_after=1.0)
             with trio.move_on_after(SETTLE_WAIT_S):  # the answer goes out with the tenant's slot free
                 await record.settled.wait()
-            return Embedded(call.request_id, out, tokens, hold.rate_limits)
+            return Embedded(call.request_id, out[place], tokens, hold.rate_limits)
         finally:
             self.in_flight -= 1
             self.metrics.embedding_running.dec()

@@ -16,6 +16,7 @@ from actors.embeddings import (
     EmbeddingInputError,
     Pooling,
     SentenceEmbedder,
+    distinct_rows,
     plan_batches,
 )
 from actors.messages import Accepted, ChatMessage, EmbedCall, Embedded, Finished, Rejected
@@ -102,6 +103,12 @@ def test_batches_go_shortest_first_within_the_token_budget():
         assert max(lengths[i] for i in b) * len(b) <= 120
     assert plan_batches([5] * 10, token_budget=10**6, max_inputs=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert plan_batches([], token_budget=10) == []
+
+
+def test_the_same_tokens_are_one_row_to_embed():
+    rows, place = distinct_rows([[1, 5, 2], [1, 6, 2], [1, 5, 2], [1, 2], [1, 6, 2]])
+    assert rows == [[1, 5, 2], [1, 6, 2], [1, 2]] and place == [0, 1, 0, 2, 1]
+    assert distinct_rows([]) == ([], [])
 
 
 def test_pooling_is_read_from_a_sentence_transformers_folder(tmp_path):
@@ -222,13 +229,18 @@ async def test_embeddings_through_the_runtime_are_charged_and_counted(nursery, c
     assert rt.metrics.embedding_inputs.labels("acme")._value.get() == 7
     assert rt.metrics.requests.labels("acme", "ok")._value.get() == 2
     assert rt.metrics.embedding_compute._value.get() > 0
+    # an input repeated is embedded and charged once, and answered in its place
+    twice = await rt.embed(embed_call(t, [TEXTS[1], TEXTS[0], TEXTS[1]]))
+    assert isinstance(twice, Embedded) and twice.vectors.shape == (3, 384)
+    assert twice.prompt_tokens == len(ids[0]) + len(ids[1])
+    assert np.allclose(twice.vectors, out.vectors[[1, 0, 1]], atol=1e-5)
 
 
 @slow
 async def test_embedding_refusals(nursery, ckpt, tokenizer, services):
     rt = await embedding_runtime(nursery, ckpt, tokenizer, services)
     t = tenant(Quota(tokens_per_minute=50))
-    too_many = await rt.embed(embed_call(t, ["a sentence of some length, to count tokens"] * 5))
+    too_many = await rt.embed(embed_call(t, [f"sentence {i} of some length, to count tokens" for i in range(5)]))
     assert isinstance(too_many, Rejected) and too_many.status == 429 and "tokens_per_minute" in too_many.message
     long = await rt.embed(embed_call(t, ["short", "word " * 300]))
     assert isinstance(long, Rejected) and (long.status, long.param) == (400, "input") and "input 1 " in long.message
