@@ -220,6 +220,8 @@ async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, o
             written, written_at = renderer.last_sequence, time.monotonic()
         except CacheUnavailable as exc:
             log.debug("background response %s: not stored this tick: %s", live.response_id, exc)
+        except Exception:  # (a Redis reply not foreseen): the run goes on, its end is stored by the run
+            log.exception("background response %s: its stored copy was not updated", live.response_id)
 
 
 __all__ = ["LiveResponse", "LiveResponses", "ORPHAN_AFTER_S", "TERMINAL_EVENTS", "run_background"]
