@@ -523,7 +523,8 @@ class ResponseStream(TokenStream):
     """The events of one streamed Responses request (dicts, each with its `type` and
     `sequence_number`), up to the last (`response.completed`, `.incomplete`,
     `.cancelled`); `response` holds the whole Response then. A `response.failed` event
-    raises (ServerError). Closing it early aborts the request, as `TokenStream`, unless it
+    raises (ServerError), as does an `error` event (NotFound: the response was deleted while
+    followed; Overloaded: the store could not be read). Closing it early aborts the request, as `TokenStream`, unless it
     is a background response's (`background=True`): that one runs on, and
     `LmgateClient.resume_stream` reads on from the last event read."""
 
@@ -545,6 +546,11 @@ class ResponseStream(TokenStream):
                     raise error_for(status_of_type(event["error"].get("type")), event)
                 if "response" in event:
                     self.id = event["response"].get("id", self.id)
+                if event.get("type") == "error":  # a followed stream cut: the response deleted, the store down
+                    status = {"not_found": 404, "store_unavailable": 503}.get(event.get("code"), 500)
+                    raise error_for(status, {"error": {"message": event.get("message", "the stream failed"),
+                                                       "code": event.get("code"), "param": event.get("param")}},
+                                    retry_after=1.0 if status == 503 else None)
                 if event.get("type") == "response.failed":
                     error = event["response"].get("error") or {}
                     raise error_for(500, {"error": {"message": error.get("message", "the response failed"),
@@ -726,8 +732,8 @@ class LmgateClient(JsonApi):
 
     async def cancel_response(self, response_id: str) -> Response:
         """Cancel a background response (`respond(..., background=True)`): it ends
-        `cancelled`; one that has ended comes back as it ended. InvalidRequest for a
-        response that is not background."""
+        `cancelled`; one that has ended comes back as it ended. BadRequest for a response
+        that is not background."""
         return Response(await self._request_json("POST", f"/v1/responses/{path_segment(response_id)}/cancel", {}))
 
     def resume_stream(self, response_id: str, *, starting_after: int | None = None) -> ResponseStream:

@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import trio
 
 from cache.response_store import ResponseStore, StoredResponse, owner_of
+from clients import LmgateClient, NotFound
 from gateway.sse import parse_events
 from tests.gateway.conftest import MODEL, Gateway, start_gateway, word
 
@@ -191,6 +193,15 @@ async def test_another_server_of_the_redis_reads_and_cancels_a_response(nursery:
                 assert (await here.delete(f"/v1/responses/{rid}")).status_code == 200
                 tail = await sse_events(stream)
             assert [(e["type"], e["code"]) for e in tail] == [("error", "not_found")]
+            # the project's client raises it: NotFound
+            rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
+                                                          "background": True})).json()["id"]
+            await wait_for(there, rid, "in_progress", timeout=5)
+            client = LmgateClient(other_url, gateway.api_key)
+            async with client, client.resume_stream(rid) as followed:
+                assert (await here.delete(f"/v1/responses/{rid}")).status_code == 200
+                with pytest.raises(NotFound):
+                    [e async for e in followed]
     finally:
         stop.set()
 
