@@ -176,12 +176,7 @@ class RedisStore:
         """False for `SKIP_AFTER_ERROR_S` after an operation failed on Redis (and until one
         succeeds): what can do without Redis (the caches) skips it meanwhile rather than
         wait out the timeouts on every request; one try per interval finds it back."""
-        if self.healthy or self.last_error_at is None:
-            return True
-        if time.time() - self.last_error_at < SKIP_AFTER_ERROR_S:
-            return False
-        self.last_error_at = time.time()  # this caller probes; the others keep skipping
-        return True
+        return self._probe("last_error_at")
 
     def reachable(self) -> bool:
         """False for `SKIP_AFTER_ERROR_S` after Redis could not be reached at all (a timeout,
@@ -190,11 +185,18 @@ class RedisStore:
         degraded path (recently seen keys; the quota policy) at once meanwhile, instead of
         each request waiting out the timeouts (seconds against a hung Redis). A refusal of
         service (OOM, READONLY) does not count: a Redis refusing writes still reads keys."""
-        if self.healthy or self.unreachable_at is None:
+        return self._probe("unreachable_at")
+
+    def _probe(self, failed_at: str) -> bool:
+        """Whether to ask Redis, given the time of the last failure that counts (the
+        attribute `failed_at`): not within `SKIP_AFTER_ERROR_S` of it, unless Redis has
+        answered since; past it, this caller probes and the others keep skipping."""
+        at = getattr(self, failed_at)
+        if self.healthy or at is None:
             return True
-        if time.time() - self.unreachable_at < SKIP_AFTER_ERROR_S:
+        if time.time() - at < SKIP_AFTER_ERROR_S:
             return False
-        self.unreachable_at = time.time()  # this caller probes; the others keep skipping
+        setattr(self, failed_at, time.time())
         return True
 
     async def get_value(self, key: str, decode: Callable[[bytes], T]) -> T | None:
