@@ -56,7 +56,8 @@ class AdmissionConfig:
     model_aliases: frozenset[str] = frozenset()
     kv_capacity_tokens: int = 0  # tokens the whole KV cache holds (0 = unchecked)
     # what computes the answers, beyond the served name (the response cache's model key: replicas
-    # sharing a Redis in another dtype or quantization must not answer each other's requests)
+    # sharing a Redis in another dtype or quantization, or other weights under the same name,
+    # must not answer each other's requests): dtype/quantization/`gpu.loader.weights_fingerprint`
     engine_variant: str = ""
     kv_block_size: int = 16  # its page size: a beam search's beams each get whole pages
     max_sequences: int = 0  # sequences the engine runs at once (0 = unchecked): a beam search's cap

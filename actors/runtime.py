@@ -214,7 +214,8 @@ class Runtime:
                 model_name=self.model_name,
                 model_aliases=self.model_aliases,
                 kv_capacity_tokens=engine.num_blocks * engine.config.cache.block_size,
-                engine_variant=f"{str(engine.dtype).removeprefix('torch.')}/{engine.config.quantization}",
+                engine_variant=(f"{str(engine.dtype).removeprefix('torch.')}/{engine.config.quantization}"
+                                f"/{getattr(engine, 'weights_fingerprint', '')}"),
                 kv_block_size=engine.config.cache.block_size,
                 max_sequences=engine.scheduler.config.max_num_seqs,
                 max_model_len=engine.max_model_len,

@@ -47,7 +47,7 @@ from gpu.beam_search import BeamConfig, BeamSearch, Continuation, beam_candidate
 from gpu.block_manager import BlockManager
 from gpu.config import EngineConfig
 from gpu.detokenizer import IncrementalDetokenizer, StopChecker
-from gpu.loader import load_checkpoint
+from gpu.loader import load_checkpoint, weights_fingerprint
 from gpu.lora import LoraAdapter, LoraManager
 from gpu.model import release_free_heap
 from gpu.prompt_logprobs import PromptLogprobCache
@@ -187,6 +187,7 @@ class Engine:
         self.dtype = resolve_dtype(self.config.dtype, self.config.device)
         ckpt = checkpoint or self._load_checkpoint()
         self.model_config = ckpt.config
+        self.weights_fingerprint = weights_fingerprint(ckpt.state_dict)  # (before the runner packs them)
         self.tokenizer = tokenizer or load_tokenizer(ckpt)
         dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
         cache = self.config.cache

@@ -24,6 +24,7 @@ Sources:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -411,6 +412,21 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp.up_proj.weight"] = (i, h)
         shapes[p + "mlp.down_proj.weight"] = (h, i)
     return shapes
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], sample: int = 64) -> str:
+    """A short digest of a checkpoint's weights: each tensor's name, shape and first and
+    last `sample` values (pure; milliseconds for this model). The same weights give the
+    same digest from any file, path or host; another checkpoint (retrained, merged,
+    re-quantized) gives another, so that what was cached for one model name is not
+    answered for other weights served under the same name."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().reshape(-1)
+        digest.update(f"{name}{tuple(state_dict[name].shape)}".encode())
+        for part in (t[:sample], t[-sample:]):
+            digest.update(part.to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:

@@ -1024,10 +1024,11 @@ async def test_token_metrics_count_what_was_billed_and_what_the_engine_generated
 
 async def test_an_engine_of_another_dtype_or_quantization_does_not_answer_from_the_cache(runtime, services):
     """Replicas that share a Redis may run the model in another dtype or quantization
-    (`--dtype auto` picks per CPU): their greedy answers differ, so the response cache keys
-    them apart."""
+    (`--dtype auto` picks per CPU), or other weights under the same served name: their
+    greedy answers differ, so the response cache keys them apart."""
     t = tenant(id="variants")
-    assert runtime.admission.config.engine_variant == f"{str(runtime.engine.dtype).removeprefix('torch.')}/none"
+    assert runtime.admission.config.engine_variant == (
+        f"{str(runtime.engine.dtype).removeprefix('torch.')}/none/{runtime.engine.weights_fingerprint}")
 
     async def cached() -> bool:
         acc = await runtime.submit(call(t, prompt="Name a colour.", max_tokens=3))
@@ -1038,8 +1039,9 @@ async def test_an_engine_of_another_dtype_or_quantization_does_not_answer_from_t
     await wait_until(lambda: services["response_cache"].stats.stores == 1)
     assert await cached()
     mine = runtime.admission.config
-    runtime.admission.config = replace(mine, engine_variant="float32/int8")
-    assert not await cached()
+    for other in ("float32/int8/" + runtime.engine.weights_fingerprint, mine.engine_variant[:-1] + "x"):
+        runtime.admission.config = replace(mine, engine_variant=other)
+        assert not await cached()
     runtime.admission.config = mine
     assert await cached()
 

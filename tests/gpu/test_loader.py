@@ -18,6 +18,7 @@ from gpu.loader import (
     load_checkpoint,
     resolve_eos_token_ids,
     unpermute_qk,
+    weights_fingerprint,
 )
 
 
@@ -150,3 +151,19 @@ def test_convert_round_trip(smollm2_path, tmp_path):
     assert set(converted.state_dict) == set(original.state_dict)
     for name, tensor in original.state_dict.items():
         assert torch.equal(converted.state_dict[name], tensor), name
+
+
+def test_the_weights_fingerprint_tells_other_weights_apart_whatever_their_order():
+    """The response cache keys a served name by it: a checkpoint swapped behind a fixed
+    --served-model-name must not be answered from the old weights' entries."""
+    torch.manual_seed(0)
+    weights = {"a.weight": torch.randn(300, 7), "b.weight": torch.randn(5), "c.bias": torch.randn(200)}
+    same = dict(reversed(list((k, v.clone()) for k, v in weights.items())))
+    assert weights_fingerprint(weights) == weights_fingerprint(same)
+    tuned = {**weights, "a.weight": weights["a.weight"] + 1e-3}
+    assert weights_fingerprint(tuned) != weights_fingerprint(weights)
+    reshaped = {**weights, "a.weight": weights["a.weight"].reshape(7, 300)}
+    assert weights_fingerprint(reshaped) != weights_fingerprint(weights)
+    renamed = {("z.weight" if k == "a.weight" else k): v for k, v in weights.items()}
+    assert weights_fingerprint(renamed) != weights_fingerprint(weights)
+    assert len(weights_fingerprint(weights)) == 16
