@@ -102,8 +102,16 @@ class Accounting:
     async def _patiently(self, op: str, fn, *args, on_failure: Any = None) -> Any:
         """`fn(*args)` until Redis answers: quick retries, then backoff up to 5 s between
         tries, for at most `settle_patience_s`. None if it never did. `on_failure()`: called
-        once, when Redis first does not answer."""
-        result = await self._with_retry(op, fn, *args, on_failure=on_failure)
+        once, when Redis first does not answer. A Redis that did not answer within the last
+        second (`RedisStore.reachable`) is not tried at once: the answer waiting on
+        `on_failure` goes out now, and the tries in the background begin."""
+        store = getattr(self.quotas, "store", None)
+        if store is not None and not store.reachable():
+            if on_failure is not None:
+                on_failure()
+            result = None
+        else:
+            result = await self._with_retry(op, fn, *args, on_failure=on_failure)
         if result is not None:
             return result
         delay = 1.0

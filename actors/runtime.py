@@ -546,6 +546,8 @@ class Runtime:
                 await nursery.start(self._supervise, "predictor", self._predictor_actor)
                 await nursery.start(self._supervise, "admission", self._admission_actor)
                 await nursery.start(self._supervise, "reservations", self._keep_reservations)
+                if hasattr(self.store, "watch"):  # a hung Redis is found back by this, not by requests
+                    await nursery.start(self._supervise, "redis-watch", self.store.watch)
                 self.ready = True
                 task_status.started()
         finally:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import coredis
 import coredis.exceptions
+import trio
 from coredis.retry import ConstantRetryPolicy
 
 __all__ = ["CacheUnavailable", "RedisStore", "is_refusal"]
@@ -119,6 +120,7 @@ class RedisStore:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.unreachable_at: float | None = None  # the last failure that was no answer at all
+        self._watchers = 0  # `watch` tasks running: they, not requests, find a hung Redis back
 
     @property
     def client(self) -> coredis.Redis[bytes]:
@@ -163,6 +165,7 @@ class RedisStore:
             if not is_refusal(error):
                 raise
             self._failed(error)
+            self.unreachable_at = None  # (it answered: it is reachable, if refusing)
             raise CacheUnavailable(f"Redis at {self.url} refuses service: {error}") from error
         self.healthy = True
         self.unreachable_at = None
@@ -184,8 +187,26 @@ class RedisStore:
         What must ask Redis when it can — API keys, quota reservations — goes to its
         degraded path (recently seen keys; the quota policy) at once meanwhile, instead of
         each request waiting out the timeouts (seconds against a hung Redis). A refusal of
-        service (OOM, READONLY) does not count: a Redis refusing writes still reads keys."""
+        service (OOM, READONLY) does not count: a Redis refusing writes still reads keys.
+        While a `watch` task runs, it is what tries Redis again: no request waits on a probe."""
+        if self._watchers and not self.healthy and self.unreachable_at is not None:
+            return False
         return self._probe("unreachable_at")
+
+    async def watch(self, interval_s: float = 1.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        """Run for as long as the server does: every `interval_s`, while Redis is marked
+        unreachable, ping it (a write, `ping`), so that it is found back without any request
+        paying a probe's timeouts (`reachable`)."""
+        self._watchers += 1
+        try:
+            task_status.started()
+            while True:
+                await trio.sleep(interval_s)
+                if self.unreachable_at is not None:
+                    await self.ping()
+        finally:
+            self._watchers -= 1
 
     def _probe(self, failed_at: str) -> bool:
         """Whether to ask Redis, given the time of the last failure that counts (the

@@ -930,8 +930,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             return presented(await stored(tenant, response_id), time.time())
         if live is not None and live.background:
             return event_stream(live.follow(-1 if after is None else after))
-        found = await stored(tenant, response_id)
-        if not found.response.get("background"):
+        found = await stored(tenant, response_id) if live is None or live.over else None
+        if found is None or not found.response.get("background"):
             raise ApiError(400, "only a background response can be streamed again: GET it without stream",
                            code="invalid_value", param="stream")
         return event_stream(followed_elsewhere(tenant, found, after))

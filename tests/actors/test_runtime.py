@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import os
+import signal
 from dataclasses import replace
 
 import msgspec
@@ -1086,6 +1088,42 @@ async def test_a_tenant_out_of_requests_per_minute_is_refused_before_tokenizing(
     assert isinstance(other, Rejected) and other.status == 400
     raised = await runtime.submit(call(tenant(Quota(requests_per_minute=5)), messages=[], max_tokens=1))
     assert isinstance(raised, Rejected) and raised.status == 400  # its limit changed: read afresh
+
+
+async def test_a_hung_redis_costs_one_request_its_timeouts_and_is_found_back_without_requests(
+        runtime, services, redis_server):
+    """A Redis that stops answering (a stalled host): the first request waits out the
+    reservation's timeouts; the next ones skip the reservation and their settles (served
+    fail-open, their usage owed), and the runtime's watcher finds Redis back once it answers,
+    with no request paying for the probe; what was owed is then recorded."""
+    store = services["store"]
+    t = tenant(Quota(requests_per_minute=100), id="hung")
+
+    async def one() -> float:
+        started = trio.current_time()
+        acc = await runtime.submit(call(t, prompt="Hi", max_tokens=2, temperature=1.0))
+        assert isinstance(acc, Accepted), acc
+        await collect(acc)
+        with trio.move_on_after(2.0):  # as the gateway's last frame waits (`RequestHandle.wait_settled`)
+            await acc.settled.wait()
+        return trio.current_time() - started
+
+    await one()  # (warm)
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        first = await one()
+        rest = []
+        for _ in range(3):  # more than a second apart: past the window a request would probe in
+            await trio.sleep(1.2)
+            rest.append(await one())
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert first >= 0.9, first  # (the store's timeout: 1 s)
+    assert max(rest) < first / 2, (first, rest)
+    await wait_until(lambda: store.healthy and store.reachable(), timeout=15)  # the watcher's ping
+    await wait_until(lambda: runtime.accounting.settled == 5, timeout=30)
+    [row] = await usage_rows(services["quotas"], "hung")
+    assert row.requests == 5
 
 
 async def test_a_redis_that_just_failed_to_answer_is_not_asked_for_the_reservation(runtime, services, monkeypatch):

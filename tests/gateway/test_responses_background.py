@@ -240,6 +240,8 @@ async def test_a_plain_response_reads_in_progress_while_it_streams(gateway: Gate
             assert got["status"] == "in_progress" and text_of(got) == word(0, 0)
             r = await client.post(f"/v1/responses/{rid}/cancel")
             assert r.status_code == 400, r.text
+            r = await client.get(f"/v1/responses/{rid}?stream=true")  # not background: not streamed again
+            assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
         with trio.fail_after(5):  # the client left: it was not finished, so it is not stored
             while (await client.get(f"/v1/responses/{rid}")).status_code != 404:
                 await trio.sleep(0.05)
