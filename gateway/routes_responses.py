@@ -203,6 +203,22 @@ def check_calls(items: list[dict[str, Any]]) -> None:
                        param="input")
 
 
+def cut_calls_dropped(context: list[dict[str, Any]], items: list[dict[str, Any]]
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The conversation without the function calls that `max_output_tokens` cut off
+    (status `incomplete`: their arguments end mid-way, so no client can run them) and that
+    no output answers: the model does not read a call it never finished, and the next
+    request is not refused for leaving it unanswered. A cut call that the client did answer
+    stays (pure)."""
+    answered = {i["call_id"] for i in [*context, *items] if i.get("type") == "function_call_output"}
+
+    def kept(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [i for i in part if not (i.get("type") == "function_call" and i.get("status") == "incomplete"
+                                         and i.get("call_id") not in answered)]
+
+    return kept(context), kept(items)
+
+
 def input_items(value: str | list[Any] | None) -> list[dict[str, Any]]:
     """A request's `input` as the items it is stored as: messages (text parts only),
     function calls and their outputs, each with an id. Reasoning items are dropped (this
@@ -812,6 +828,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             context = previous.conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
+        context, items = cut_calls_dropped(context, items)
         check_calls([*context, *items])
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if req.truncation == "auto" and tokenizer is not None:

@@ -13,6 +13,7 @@ import trio
 
 from actors.messages import Failed, Finished, TokenDelta, Usage
 from cache.redis_server import PrivateRedis
+from cache.response_store import ResponseStore, StoredResponse, owner_of
 from gateway.errors import ApiError
 from gateway.routes_openai import ChunkRenderer
 from gateway.routes_responses import (
@@ -276,6 +277,32 @@ async def test_responses_are_private_to_their_tenant_and_store_false_keeps_nothi
                                                              "max_output_tokens": 1})).json()
         assert unstored["store"] is False
         assert (await client.get(f"/v1/responses/{unstored['id']}")).status_code == 404
+
+
+async def test_a_call_cut_by_max_output_tokens_is_not_owed_an_output(gateway: Gateway) -> None:
+    """A response whose function call `max_output_tokens` cut off (arguments mid-way): the
+    next turn is not refused for leaving it unanswered, and the model does not read it; a
+    call that was cut but answered all the same stays."""
+    tenant = await gateway.stores.tenants.get_tenant("t1")
+    owner = owner_of(tenant.id, tenant.created_at)
+    cut = {"id": "fc_1", "type": "function_call", "status": "incomplete", "call_id": "call_1", "name": "f",
+           "arguments": '{"city": "Par'}
+    question = {"id": "msg_0", "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "weather?"}]}
+    await ResponseStore(gateway.stores.redis).put(owner, StoredResponse(
+        response={"id": "resp_cut", "object": "response", "status": "incomplete", "output": [cut]},
+        context=[], input=[question]))
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "try again", "max_output_tokens": 1,
+                                                     "previous_response_id": "resp_cut"})
+        assert r.status_code == 200, r.text
+        assert [m.content for m in gateway.runtime.calls[-1].messages] == ["weather?", "try again"]
+        answered = await client.post("/v1/responses", json={
+            "model": MODEL, "max_output_tokens": 1, "previous_response_id": "resp_cut",
+            "input": [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]})
+        assert answered.status_code == 200, answered.text
+        read = [(m.role, m.content) for m in gateway.runtime.calls[-1].messages]
+        assert any("Par" in content for _, content in read) and any("sunny" in content for _, content in read), read
 
 
 async def test_input_items_pages(gateway: Gateway) -> None:
