@@ -102,7 +102,8 @@ async def chat_loop(
             except LmgateError as error:
                 nonlocal failed
                 failed += 1
-                (err or out).write(f"\n[error {error.status}: {error.message}]\n")
+                status = f" {error.status}" if error.status else ""  # (0: no answer came: a connection failure)
+                (err or out).write(f"\n[error{status}: {error.message}]\n")
                 history.pop()
                 continue
             history.append({"role": "assistant", "content": text})

@@ -463,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from gateway.server import add_serve_arguments
+    # (gateway.config, not gateway.server: the server pulls in torch, and --help should not wait for it)
+    from gateway.config import add_config_arguments as add_serve_arguments
+    from ops.cli import positive_int
 
     p = sub.add_parser("serve", help="run the gateway (OpenAI-compatible HTTP, SSE, WebSocket, admin API)",
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -473,16 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="prompts (each sent as a user chat message unless --raw)")
     p.add_argument("--file", help="read more prompts from a file, one per line")
     p.add_argument("--raw", action="store_true", help="feed prompts as raw text, without the chat template")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per choice at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="(default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="(default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="(default 0: every token)")
     p.add_argument("-n", type=int, default=1, help="choices per prompt")
     p.add_argument("--beam-width", type=int, default=0, metavar="K",
                    help="decode by beam search with K beams and print the n best (0: sample)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search: divide a hypothesis's summed logprob by its length to this power")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per choice")
     p.add_argument("--lora", metavar="PATH", help="run every prompt with this LoRA adapter (a PEFT folder)")

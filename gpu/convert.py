@@ -83,10 +83,16 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
     dst = Path(dst)
     if dst.resolve() == source.resolve():
         raise ValueError(f"destination {dst} is the source folder")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"destination {dst} is a file, not a folder")
     held = weight_files(dst)
     if held and not overwrite:
         raise ValueError(f"{dst} already holds a checkpoint ({', '.join(p.name for p in held[:3])}"
                          f"{', ...' if len(held) > 3 else ''}); --overwrite replaces it")
+    try:  # the folder is made before the model is loaded: an unwritable place fails now, not after it
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {dst}: {e.strerror or e}") from None
     ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
     write_folder(ckpt, source, dst, fmt)
     return dst

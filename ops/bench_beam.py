@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ops.cli import positive_int
+
 APPS = ("translation", "grammar", "summarization")
 
 
@@ -86,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 requests, 24 tokens, 1 repeat")
-    ap.add_argument("--beams", type=int, default=4, help="beams per request (default %(default)s)")
-    ap.add_argument("--requests", type=int, help="requests (default 12; --quick 6)")
+    ap.add_argument("--beams", type=positive_int, default=4, help="beams per request (default %(default)s)")
+    ap.add_argument("--requests", type=positive_int, help="requests (default 12; --quick 6)")
     ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default 48; --quick 24)")
-    ap.add_argument("--repeats", type=int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=positive_int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)

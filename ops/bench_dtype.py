@@ -41,6 +41,7 @@ from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
+from ops.cli import positive_int
 from ops.workload.fixture import load_fixture
 
 BLOCK_SIZE = 16
@@ -91,10 +92,11 @@ def teacher_forced_logits(runner: ModelRunner, seqs: Sequence[tuple[list[int], l
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", default="bfloat16", help="the dtype compared with float32 (default bfloat16)")
-    ap.add_argument("--prompts", type=int, default=48, help="held-out fixture prompts (default 48)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                    help="the dtype compared with float32 (default bfloat16)")
+    ap.add_argument("--prompts", type=positive_int, default=48, help="held-out fixture prompts (default 48)")
+    ap.add_argument("--new-tokens", type=positive_int, default=128, help="greedy tokens per prompt (default 128)")
     ap.add_argument("--quantization", default="none", choices=["none", "int8"],
                     help="compare --dtype with this quantization against float32 (default none)")
     ap.add_argument("--threads", type=int, default=2)

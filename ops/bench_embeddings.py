@@ -43,6 +43,7 @@ import httpx
 import trio
 
 from ops.bench_gateway import ADMIN_KEY, MODEL, free_port, wait_ready
+from ops.cli import positive_int
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 WORDS = ["the", "a", "model", "server", "token", "batch", "request", "cache", "quota", "tenant", "stream",
@@ -202,17 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.bench_embeddings", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (5 s, 32 tokens)")
-    ap.add_argument("--concurrency", type=int, default=4, help="embedding clients at once")
-    ap.add_argument("--batch", type=int, default=32, help="texts per embedding request")
-    ap.add_argument("--seconds", type=float, default=20.0, help="duration of each throughput run")
-    ap.add_argument("--tokens", type=int, default=96, help="tokens generated for the time per token")
+    ap.add_argument("--concurrency", type=positive_int, default=4, help="embedding clients at once")
+    ap.add_argument("--batch", type=positive_int, default=32, help="texts per embedding request")
+    ap.add_argument("--seconds", type=float, default=None, help="(default 20.0; --quick 5) duration of each throughput run")
+    ap.add_argument("--tokens", type=positive_int, default=None, help="(default 96; --quick 32) tokens generated for the time per token")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (server and direct run)")
-    ap.add_argument("--embedding-batch-tokens", type=int, default=512,
+    ap.add_argument("--embedding-batch-tokens", type=positive_int, default=512,
                     help="the server's --embedding-batch-tokens (the direct run batches the same)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.tokens = 5.0, 32
+    # --quick shortens what was not given
+    args.seconds = args.seconds if args.seconds is not None else 5.0 if args.quick else 20.0
+    args.tokens = args.tokens if args.tokens is not None else 32 if args.quick else 96
+    if args.seconds <= 0:
+        ap.error("--seconds must be positive")
     result = trio.run(run, args)
     print(f"served ÷ direct throughput: {result['served_vs_direct']:.2f}; rerank ÷ embeddings throughput: "
           f"{result['rerank_vs_embeddings']:.2f}; time per generated token while embedding ÷ alone: "

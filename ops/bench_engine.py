@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ops.cli import positive_int
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -127,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.bench_engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="scaled-down workload (48 requests, < 3 min)")
-    ap.add_argument("--requests", type=int, help="override the number of requests")
-    ap.add_argument("--dtype", default="auto", help="engine and baseline dtype (default: auto)")
+    ap.add_argument("--requests", type=positive_int, help="override the number of requests")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                    help="engine and baseline dtype (default: auto)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (both systems)")
     ap.add_argument("--hf-batch-sizes", default="8,32", help="static batch sizes of the baseline")
     ap.add_argument("--skip-hf", action="store_true", help="engine figures only")

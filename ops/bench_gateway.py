@@ -31,6 +31,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from ops.cli import positive_int
+
 MODEL = "SmolLM2-135M-Instruct"
 ADMIN_KEY = "bench-admin-key"
 CACHED_BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
@@ -207,14 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.bench_gateway", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (5 s per phase, 32 tokens)")
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=15.0, help="duration of each RPS phase")
-    ap.add_argument("--tokens", type=int, default=96, help="tokens streamed for the per-token latency")
+    ap.add_argument("--concurrency", type=positive_int, default=32)
+    ap.add_argument("--seconds", type=float, default=None, help="(default 15.0; --quick 5) duration of each RPS phase")
+    ap.add_argument("--tokens", type=positive_int, default=None, help="(default 96; --quick 32) tokens streamed for the per-token latency")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the engine (both runs)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.seconds, args.tokens = 5.0, 32
+    # --quick shortens what was not given
+    args.seconds = args.seconds if args.seconds is not None else 5.0 if args.quick else 15.0
+    args.tokens = args.tokens if args.tokens is not None else 32 if args.quick else 96
+    if args.seconds <= 0:
+        ap.error("--seconds must be positive")
     fig = trio.run(run, args)
     print()
     for k in ("cached_rps", "bare_rps", "cached_vs_bare", "added_ms_per_token"):

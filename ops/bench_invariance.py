@@ -38,6 +38,7 @@ from gpu.engine import Engine, generate, resolve_dtype
 from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
+from ops.cli import positive_int
 from ops.workload.fixture import load_fixture
 
 SCENARIOS = ("batched", "chunked", "preempted")
@@ -53,11 +54,11 @@ def agreement(reference: Sequence[Sequence[int]], outputs: Sequence[Sequence[int
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="auto", help="engine dtype (default auto: bf16 where the CPU has it)")
-    ap.add_argument("--prompts", type=int, default=64, help="held-out fixture prompts run together (default 64)")
-    ap.add_argument("--solo", type=int, default=16, help="of them, how many are run alone and watched (default 16)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="max tokens per prompt, EOS on (default 128)")
-    ap.add_argument("--repeats", type=int, default=2, help="ABBA pairs of timed runs (default 2)")
-    ap.add_argument("--max-num-seqs", type=int, default=64,
+    ap.add_argument("--prompts", type=positive_int, default=64, help="held-out fixture prompts run together (default 64)")
+    ap.add_argument("--solo", type=positive_int, default=16, help="of them, how many are run alone and watched (default 16)")
+    ap.add_argument("--new-tokens", type=positive_int, default=128, help="max tokens per prompt, EOS on (default 128)")
+    ap.add_argument("--repeats", type=positive_int, default=2, help="ABBA pairs of timed runs (default 2)")
+    ap.add_argument("--max-num-seqs", type=positive_int, default=64,
                     help="running-sequences cap (default 64; the GEMM tiles cost more past 32 rows)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from gpu.kernels import build
+from ops.cli import positive_int
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,7 @@ def print_table(rows: list[Row], models: tuple[AttnShape, ...], peak: float | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=positive_int, default=50)
     parser.add_argument("--peak-gbps", type=float, help="override the device's peak bandwidth")
     parser.add_argument("--cpu", action="store_true",
                         help="compare the CPU kernels with the torch backend instead (no device needed)")

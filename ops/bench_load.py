@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ops.cli import positive_int
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -80,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="(default %(default)s)")
-    ap.add_argument("--repeats", type=int, default=5, help="rounds of every mode, order rotated (default %(default)s)")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="rounds of every mode, order rotated (default %(default)s)")
     ap.add_argument("--threads", type=int, default=4, help="lmg readers (default %(default)s)")
     ap.add_argument("--dir", help="where to write the converted folders (default: a temporary folder)")
     ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine start timings")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
+    if args.dir is not None and Path(args.dir).exists() and not Path(args.dir).is_dir():
+        ap.error(f"--dir {args.dir}: not a folder")
     torch.set_num_threads(2)
 
     from gpu.convert import convert_checkpoint

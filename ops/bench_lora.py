@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ops.cli import positive_int
+
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -124,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="48 requests, 4 adapters, shorter prompts and outputs")
-    ap.add_argument("--requests", type=int, help="requests per mode (default 96; --quick 48)")
-    ap.add_argument("--adapters", type=int, help="adapters (default 8; --quick 4)")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of every adapter (default %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of the three modes, order rotated (default %(default)s)")
+    ap.add_argument("--requests", type=positive_int, help="requests per mode (default 96; --quick 48)")
+    ap.add_argument("--adapters", type=positive_int, help="adapters (default 8; --quick 4)")
+    ap.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of every adapter (default %(default)s)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="rounds of the three modes, order rotated (default %(default)s)")
     ap.add_argument("--dtype", default="auto", help="engine dtype (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")

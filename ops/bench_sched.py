@@ -71,6 +71,7 @@ from actors.policies import (
 )
 from actors.predictor import LengthModelConfig, LengthPredictor, RequestFeatures
 from gpu.config import CacheConfig, SchedulerConfig
+from ops.cli import float_list, positive_int
 from ops.sim.simulator import (
     RequestRecord,
     SimConfig,
@@ -673,8 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", type=Path, help="PNG (default: next to --json, or bench_sched.png)")
     ap.add_argument("--policies", help="comma-separated policies for the real runs (default: all; quick: "
                                        + ",".join(BASELINES) + ")")
-    ap.add_argument("--rates", help="comma-separated arrival rates (req/s) instead of the automatic ones")
-    ap.add_argument("--real-requests", type=int,
+    ap.add_argument("--rates", type=float_list,
+                    help="comma-separated arrival rates (req/s) instead of the automatic ones")
+    ap.add_argument("--real-requests", type=positive_int,
                     help="requests per real run at the highest rate (default 400, --quick 48; at most the held-out "
                          "half of the fixture); a lower rate runs proportionally fewer, never below 24")
     ap.add_argument("--same-requests-every-rate", action="store_true",
@@ -690,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-growth", type=float, metavar="FACTOR",
                     help="magnus/hybrid: a KV reservation its request outgrows grows to FACTOR x the output so far, "
                          f"capped at max_tokens (default {PolicyConfig.kv_growth:g}; 0: reservations never grow)")
-    ap.add_argument("--max-num-seqs", type=int,
+    ap.add_argument("--max-num-seqs", type=positive_int,
                     help="the engine's running-requests cap (default 64: the KV-bound regime; the server's default "
                          "is 128)")
     ap.add_argument("--cache-mb", type=float,
@@ -707,17 +709,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fixture", type=Path, help="workload JSONL (default: the shipped ops/workload/requests.jsonl)")
     ap.add_argument("--no-real", action="store_true", help="simulation only (needs a calibration run anyway)")
     ap.add_argument("--predictor-only", action="store_true", help="only train and evaluate the length predictor")
-    ap.add_argument("--step-coef", help="simulation only, with this step-time model instead of a calibration "
+    ap.add_argument("--step-coef", type=float_list, help="simulation only, with this step-time model instead of a calibration "
                                         "run: c0,c_tok,c_seq,c_ctx (e.g. step_model.coef of an earlier --json)")
     ap.add_argument("--max-tokens", type=int, help="max_tokens of every request (default: the fixture's own, 512)")
-    ap.add_argument("--sim-requests", type=int)
+    ap.add_argument("--sim-requests", type=positive_int)
     ap.add_argument("--time-budget", type=float, metavar="MIN",
                     help="minutes for the whole benchmark: after calibration the real runs are sized from "
                          "their simulated duration to fit (every rate while the highest gets at least 2x "
                          "--max-num-seqs requests, or all of --real-requests if fewer; else the highest rate "
                          "alone, down to 24 requests, then 8); "
                          f"default: none, --quick: {QUICK_BUDGET_S / 60:g}")
-    ap.add_argument("--repeats", type=int, help="real runs per policy and rate, alternating the order (ABBA); "
+    ap.add_argument("--repeats", type=positive_int, help="real runs per policy and rate, alternating the order (ABBA); "
                                                 "the report holds their mean (default 1)")
     ap.add_argument("--driver", choices=["loop", "runtime"], default="loop",
                     help="real runs: 'loop' drives the engine from a synchronous loop with the offline "
@@ -739,6 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = bench_config(args)
     except ValueError as e:
         ap.error(str(e))
+    if args.step_coef is not None and len(args.step_coef) != 4:
+        ap.error("--step-coef takes four numbers: c0,c_tok,c_seq,c_ctx")
+    if args.rates is not None and (not args.rates or min(args.rates) <= 0):
+        ap.error("--rates must be positive arrival rates (req/s)")
+    if args.fixture is not None and not args.fixture.is_file():
+        ap.error(f"--fixture {args.fixture}: no such file")
     if args.step_coef:
         args.no_real = True
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -789,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     report["engine"] = {"num_blocks": engine.num_blocks, "block_size": engine.config.cache.block_size,
                         "max_num_seqs": cfg.max_num_seqs, "dtype": str(engine.dtype).removeprefix("torch.")}
     if args.step_coef:
-        model = StepTimeModel(tuple(float(x) for x in args.step_coef.split(",")))  # type: ignore[arg-type]
+        model = StepTimeModel(tuple(args.step_coef))  # type: ignore[arg-type]
         steps = []
         report["step_model"] = {"coef": list(model.coef), "given": True,
                                 "terms": ["1", "tokens", "seqs", "context_tokens"]}
@@ -809,10 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     cap_static = static_capacity(bench_reqs, cfg, sim_cfg, model)
     cap_cont = static_capacity(bench_reqs, cfg, sim_cfg, model, "fcfs-continuous")
     report["capacity_req_s"] = {"fcfs-static": cap_static, "fcfs-continuous": cap_cont}
-    if args.rates:
-        rates = [float(x) for x in args.rates.split(",")]
-    else:
-        rates = sweep_rates(cap_static, cap_cont, cfg)
+    rates = list(args.rates) if args.rates else sweep_rates(cap_static, cap_cont, cfg)
     _log(f"simulated capacity: fcfs-static {cap_static:.2f} req/s, fcfs-continuous {cap_cont:.2f} req/s; "
          f"rates {rates}")
 

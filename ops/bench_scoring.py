@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from ops.cli import positive_int
+
 QUESTIONS = [
     ("What is the capital of France?", [" Paris", " London", " Rome", " Madrid"], 0),
     ("Which planet is known as the Red Planet?", [" Venus", " Mars", " Jupiter", " Saturn"], 1),
@@ -121,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 questions, 1 repeat")
-    ap.add_argument("--questions", type=int, help=f"questions (at most {len(QUESTIONS)}; default all, --quick 6)")
+    ap.add_argument("--questions", type=positive_int, help=f"questions (at most {len(QUESTIONS)}; default all, --quick 6)")
     ap.add_argument("--shots", type=int, default=5, help="answered questions before each one (default %(default)s)")
-    ap.add_argument("--repeats", type=int, help="rounds of the modes, order rotated (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=positive_int, help="rounds of the modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)

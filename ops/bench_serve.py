@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from ops.loadgen.backends import BACKENDS, SendOptions, Target
@@ -64,9 +65,18 @@ from ops.loadgen.runner import RunConfig, RunOutcome, run_workload
 from ops.loadgen.schedule import parse_rates
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where the help names its own (it would read "(default:
+    first of GET /v1/models) (default: None)", or show an API key from the environment)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lmgate bench serve", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     t = ap.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (no /v1)")
     t.add_argument("--backend", choices=BACKENDS, default="openai",
@@ -206,6 +216,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     plot_dir = Path(args.plot) if args.plot else None
     if plot_dir:
         plot_dir.mkdir(parents=True, exist_ok=True)
+    if args.save_result:  # checked now, not after a run of many minutes
+        save_to = Path(args.save_result)
+        if not save_to.parent.is_dir() or save_to.is_dir():
+            raise ValueError(f"--save-result {save_to}: not a file in an existing folder")
 
     runs: list[dict[str, Any]] = []
     comparisons: dict[str, list[dict[str, Any]]] = {}
@@ -248,8 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         trio.run(run, args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # a bad value, a dataset or folder that is not there
         print(f"lmgate bench serve: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:  # the server: not there, not http(s)
+        print(f"lmgate bench serve: cannot reach {args.base_url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0
 

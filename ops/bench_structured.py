@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ops.cli import positive_int
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -109,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 requests, 1 repeat")
-    ap.add_argument("--requests", type=int, help="requests in the batch (default 16; --quick 8)")
+    ap.add_argument("--requests", type=positive_int, help="requests in the batch (default 16; --quick 8)")
     ap.add_argument("--max-tokens", type=int, default=160, help="max_tokens of every request (default %(default)s)")
-    ap.add_argument("--repeats", type=int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
+    ap.add_argument("--repeats", type=positive_int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)

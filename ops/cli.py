@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 BENCHES = {
     "beam": ("ops.bench_beam", "beam search vs transformers' generate(num_beams=k); KV blocks vs unshared beams"),
@@ -32,6 +33,26 @@ BENCHES = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of requests, rounds, tokens...), so that a
+    0 or a negative is refused with the usage line and status 2, not a traceback minutes in."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers (`--rates 0.5,1,2`)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHES),
                         help="; ".join(f"{k}: {v[1]}" for k, v in sorted(BENCHES.items())))
@@ -41,4 +62,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHES[args.name][0])
-    return int(module.main(args.rest) or 0)
+    old_argv0 = sys.argv[0]
+    sys.argv[0] = f"lmgate bench {args.name}"  # (the usage line of a parser with no prog of its own)
+    try:
+        return int(module.main(args.rest) or 0)
+    finally:
+        sys.argv[0] = old_argv0

@@ -187,7 +187,7 @@ def test_convert_onto_a_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp
     taken = tmp_path / "notes.txt"
     taken.write_text("mine")
     assert main(["convert", "smollm2", str(taken), "--quiet"]) == 2
-    assert "File exists" in one_line_error(capsys, "convert") and taken.read_text() == "mine"
+    assert "is a file, not a folder" in one_line_error(capsys, "convert") and taken.read_text() == "mine"
 
 
 @pytest.mark.parametrize("content", [b"port = \n", b"\xff\xfe", b"port = 9999\n[gateway]\nmax_waiting = 5\n"])
@@ -423,3 +423,20 @@ def test_start_up_failures_found_while_starting_are_one_line(tmp_path: Path) -> 
                        "to allocate 104857599836160 bytes.")
     status, message = startup_failure(nursery("n", [nursery("m", [oom])]), config)
     assert status == 1 and message.startswith("out of memory (see --kv-cache-mb): [enforce fail")
+
+
+def test_lmgate_help_does_not_load_the_engine() -> None:
+    """`lmgate --help` answers at once: building the parser imports neither torch nor the server."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gateway.cli; gateway.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'gateway.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_generate_refuses_a_count_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--max-tokens", "0", "hi"])
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err

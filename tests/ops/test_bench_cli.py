@@ -27,3 +27,25 @@ def test_the_flags_after_the_name_reach_the_benchmark(capsys):
         main(["bench", "--help"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in BENCHES)
+
+
+@pytest.mark.parametrize("bench, flag", [("beam", "--beams"), ("load", "--repeats"), ("kernels", "--iters"),
+                                         ("scoring", "--questions"), ("structured", "--requests"),
+                                         ("sched", "--real-requests"), ("lora", "--requests")])
+def test_a_count_below_one_is_a_usage_error_naming_the_command(capsys, bench, flag):
+    """Refused before anything runs (some took minutes, then a traceback), in the usage of
+    the command as typed."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", bench, flag, "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"lmgate bench {bench}: error: argument {flag}: must be at least 1" in err
+
+
+def test_bench_serve_says_in_one_line_what_it_cannot_reach_or_write(capsys, tmp_path):
+    assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--disable-tqdm"]) == 2
+    assert capsys.readouterr().err.strip().startswith("lmgate bench serve: cannot reach http://127.0.0.1:9")
+    assert main(["bench", "serve", "--num-prompts", "1", "--save-result", str(tmp_path / "no" / "x.json")]) == 2
+    assert "--save-result" in capsys.readouterr().err  # before any request
+    assert main(["bench", "serve", "--dataset", "jsonl", "--dataset-path", str(tmp_path / "none.jsonl"),
+                 "--num-prompts", "1"]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
