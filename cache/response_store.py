@@ -10,7 +10,9 @@ Redis key: ``{prefix}resp2:<owner>:<response id>``, value JSON, TTL ``ttl_s`` (O
 keeps stored responses 30 days). The owner (`owner_of`) is the tenant's id and its
 record's creation time, so one tenant can neither read nor continue nor delete another's
 responses — to it they do not exist — and a tenant deleted and created again under the
-same id does not find the deleted one's (they expire with their TTL).
+same id does not find the deleted one's (they expire with their TTL). A background
+response's stream events are kept beside it (``{prefix}resp2events:<owner>:<id>``, a list,
+for as long as the running server keeps them itself) so that a stream resumes on any server.
 Entries bigger than ``max_entry_bytes`` are not stored (`put` returns False): a
 conversation that long no longer fits the model's context anyway.
 
@@ -118,6 +120,27 @@ class ResponseStore:
         return None if raw is None else _decoder.decode(raw)
 
     async def delete(self, owner: str, response_id: str) -> bool:
-        """True if the response was stored (and is gone now)."""
+        """True if the response was stored (and is gone now); its events go with it."""
         with self.store.guard():
-            return bool(await self.store.client.delete([self._key(owner, response_id)]))
+            found = bool(await self.store.client.delete([self._key(owner, response_id)]))
+            await self.store.client.delete([self._events_key(owner, response_id)])
+        return found
+
+    def _events_key(self, owner: str, response_id: str) -> str:
+        return self.store.key("resp2events", owner, response_id)
+
+    async def push_events(self, owner: str, response_id: str, events: list[dict[str, Any]], ttl_s: float) -> None:
+        """Append a background response's stream events (in order: event k at index k), kept
+        `ttl_s` after the last push, so that any server resumes its stream (`read_events`)."""
+        if not events:
+            return
+        key = self._events_key(owner, response_id)
+        with self.store.guard():
+            await self.store.client.rpush(key, [_encoder.encode(e) for e in events])
+            await self.store.client.pexpire(key, round(ttl_s * 1000))
+
+    async def read_events(self, owner: str, response_id: str, start: int) -> list[dict[str, Any]]:
+        """The events pushed from index (sequence number) `start` on; [] when none (or expired)."""
+        with self.store.guard():
+            raw = await self.store.client.lrange(self._events_key(owner, response_id), max(0, start), -1)
+        return [msgspec.json.decode(r) for r in raw]

@@ -12,6 +12,8 @@ never reads ends it. While it runs:
   `orphan_after_s / 3` while it waits, with the time by which it is written again
   (`StoredResponse.running_until`): another server of the same Redis reads its progress,
   and a response whose server stopped reads as failed instead of in progress for good;
+- its events are pushed to Redis each tick too (`share_events`), so that a stream resumes
+  on any server of the same Redis, which reads them there (half a second behind);
 - a cancellation (`POST .../cancel`) ends it as `cancelled`, whether asked here
   (`LiveResponse.cancel`) or of another server (a flag read every tick); deleting it
   cancels it too, and its later writes do not bring it back (`put(existing=True)`).
@@ -47,6 +49,7 @@ log = logging.getLogger("lmgate.gateway")
 TICK_S = 1.0  # how often a running background response is written and its cancel flag read
 ORPHAN_AFTER_S = 30.0  # a background response not written for this long was left by a stopped server
 FINAL_WRITE_S = 3.0  # at most this long to store how a cancelled or interrupted run ended
+EVENTS_KEEP_S = 600.0  # a background response's events are kept this long after its end, here and in Redis
 TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete",
                    "failed": "response.failed", "cancelled": "response.cancelled"}
 
@@ -64,6 +67,8 @@ class LiveResponse:
     ended_at: float | None = None
     cancel_asked: bool = False
     deleted: bool = False  # (its later writes must not store it again)
+    pushed: int = 0  # events of `log` shared in Redis for other servers' streams (`share_events`)
+    pushed_bytes: int = 0
     scope: trio.CancelScope | None = None
     _grew: trio.Event = field(default_factory=trio.Event)
 
@@ -117,7 +122,7 @@ class LiveResponses:
     """The runs of this server by (owner, response id); ended background runs stay
     `keep_s` (at most `max_kept` of them, the oldest go first)."""
 
-    def __init__(self, *, keep_s: float = 600.0, max_kept: int = 64) -> None:
+    def __init__(self, *, keep_s: float = EVENTS_KEEP_S, max_kept: int = 64) -> None:
         self.keep_s = keep_s
         self.max_kept = max_kept
         self._live: dict[tuple[str, str], LiveResponse] = {}
@@ -189,10 +194,28 @@ async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: fl
                                                  failure or "the response ended without an answer")))
             for event in ended:
                 live.add(event)
-        if not turn.kept and not live.deleted:
-            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S):
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S):
+            if not turn.kept and not live.deleted:
                 await turn.keep()
+            if not live.deleted:
+                await share_events(live, store)
         live.end()
+
+
+async def share_events(live: LiveResponse, store: ResponseStore) -> None:
+    """Push the events not yet shared to Redis, for streams that resume on another server;
+    best effort, and not past `store.max_entry_bytes` of them (those streams then get the
+    terminal event alone, as without this)."""
+    if live.pushed >= len(live.log) or live.pushed_bytes > store.max_entry_bytes:
+        return
+    events = live.log[live.pushed:]
+    try:
+        await store.push_events(live.owner, live.response_id, events, EVENTS_KEEP_S)
+    except CacheUnavailable as exc:
+        log.debug("background response %s: events not shared this time: %s", live.response_id, exc)
+        return
+    live.pushed += len(events)
+    live.pushed_bytes += sum(len(str(e)) for e in events)
 
 
 async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, orphan_after_s: float) -> None:
@@ -217,6 +240,7 @@ async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, o
                 live.deleted = True
                 live.cancel()
                 return
+            await share_events(live, store)  # (after the write that finds a deleted response out)
             written, written_at = renderer.last_sequence, time.monotonic()
         except CacheUnavailable as exc:
             log.debug("background response %s: not stored this tick: %s", live.response_id, exc)

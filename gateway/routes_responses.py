@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmgate.gateway")
 
 CANCEL_WAIT_S = 5.0  # a cancel of a response another server runs waits this long for its end
+FOLLOW_POLL_S = 0.5  # a stream of a response another server runs reads its shared events this often
+FINAL_EVENTS_WAIT_S = 2.0  # and waits this long, once it has ended, for its last events
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # `include` values a request may send: logprobs, and what only applies to items this
@@ -923,15 +925,29 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
 
     async def followed_elsewhere(tenant: TenantContext, found: StoredResponse,
                                  after: int | None) -> AsyncIterator[dict[str, Any]]:
-        """The stream of a background response this server does not run (or no longer
-        keeps the events of): its terminal event, once the store has it."""
-        while found.status in ("queued", "in_progress") and not found.orphaned(time.time()):
-            await trio.sleep(1.0)
-            found = await stored(tenant, found.response["id"])
-        now = time.time()
-        response, sequence = presented(found, now), terminal_sequence(found, now)
-        if after is None or sequence > after:
-            yield {"type": TERMINAL_EVENTS[response["status"]], "sequence_number": sequence, "response": response}
+        """The stream of a background response this server does not run: its events as the
+        running server shares them in Redis (`responses_live.share_events`, read every
+        FOLLOW_POLL_S), from after `after`; once it has ended, the events shared last, or
+        else (not shared: too large, expired, its server gone) its terminal event alone."""
+        response_id, last = found.response["id"], -1 if after is None else after
+        grace = FINAL_EVENTS_WAIT_S  # its end is stored just before its last events are shared
+        while True:
+            for event in await store.read_events(owner(tenant), response_id, last + 1):
+                yield event
+                last = event["sequence_number"]
+                if event["type"] in TERMINAL_EVENTS.values():
+                    return
+            now = time.time()
+            if found.status not in ("queued", "in_progress") or found.orphaned(now):
+                if grace <= 0 or found.orphaned(now):
+                    response, sequence = presented(found, now), terminal_sequence(found, now)
+                    if sequence > last:
+                        yield {"type": TERMINAL_EVENTS[response["status"]], "sequence_number": sequence,
+                               "response": response}
+                    return
+                grace -= FOLLOW_POLL_S
+            await trio.sleep(FOLLOW_POLL_S)
+            found = await stored(tenant, response_id)
 
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:

@@ -177,14 +177,21 @@ async def test_another_server_of_the_redis_reads_and_cancels_a_response(nursery:
                 while text_of(seen) != word(0, 0):
                     await trio.sleep(0.2)
                     seen = (await there.get(f"/v1/responses/{rid}")).json()
-            # the other server cannot stream its events: it gives the end once stored
+            # the other server streams its events as the running one shares them in Redis
             async with there.stream("GET", f"/v1/responses/{rid}?stream=true") as stream:
                 r = await there.post(f"/v1/responses/{rid}/cancel")
                 assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
                 tail = await sse_events(stream)
-            assert [e["type"] for e in tail] == ["response.cancelled"]
+            assert [e["type"] for e in tail][:3] == ["response.created", "response.queued", "response.in_progress"]
+            assert tail[-1]["type"] == "response.cancelled"
+            assert [e["sequence_number"] for e in tail] == list(range(len(tail)))
             assert rid in gateway.runtime.cancelled
             assert (await here.get(f"/v1/responses/{rid}")).json()["status"] == "cancelled"
+            # and resumes there after any of them, as on the server that ran it
+            async with there.stream("GET", f"/v1/responses/{rid}?stream=true&starting_after=2") as stream:
+                assert await sse_events(stream) == tail[3:]
+            async with here.stream("GET", f"/v1/responses/{rid}?stream=true&starting_after=2") as stream:
+                assert await sse_events(stream) == tail[3:]
             # deleted while the other server follows it: its stream ends with an error event
             rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
                                                           "background": True})).json()["id"]
@@ -192,7 +199,8 @@ async def test_another_server_of_the_redis_reads_and_cancels_a_response(nursery:
             async with there.stream("GET", f"/v1/responses/{rid}?stream=true") as stream:
                 assert (await here.delete(f"/v1/responses/{rid}")).status_code == 200
                 tail = await sse_events(stream)
-            assert [(e["type"], e["code"]) for e in tail] == [("error", "not_found")]
+            assert (tail[-1]["type"], tail[-1]["code"]) == ("error", "not_found")  # after what was shared
+            assert "response.cancelled" not in [e["type"] for e in tail]  # (a deleted run shares nothing more)
             # the project's client raises it: NotFound
             rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
                                                           "background": True})).json()["id"]
