@@ -747,7 +747,7 @@ def terminal_sequence(found: StoredResponse, now: float) -> int:
     return sequence + 1 if found.orphaned(now) else sequence
 
 
-def positive_int_arg(name: str) -> int | None:
+def nonnegative_int_arg(name: str) -> int | None:
     """A query argument that must be an integer >= 0, or None when absent; a 400 naming it."""
     raw = request.args.get(name)
     if raw is None:
@@ -955,7 +955,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         after `starting_after` (all of them without), then each as it comes."""
         not_an_id(response_id)
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        stream, after = bool_arg("stream"), positive_int_arg("starting_after")
+        stream, after = bool_arg("stream"), nonnegative_int_arg("starting_after")
         live = live_responses.get(owner(tenant), response_id)
         if not stream:
             if live is not None and not live.over:
