@@ -129,15 +129,18 @@ class ResponseStore:
     def _events_key(self, owner: str, response_id: str) -> str:
         return self.store.key("resp2events", owner, response_id)
 
-    async def push_events(self, owner: str, response_id: str, events: list[dict[str, Any]], ttl_s: float) -> None:
+    async def push_events(self, owner: str, response_id: str, events: list[dict[str, Any]], ttl_s: float) -> int:
         """Append a background response's stream events (in order: event k at index k), kept
-        `ttl_s` after the last push, so that any server resumes its stream (`read_events`)."""
+        `ttl_s` after the last push, so that any server resumes its stream (`read_events`).
+        The bytes pushed."""
         if not events:
-            return
+            return 0
         key = self._events_key(owner, response_id)
+        encoded = [_encoder.encode(e) for e in events]
         with self.store.guard():
-            await self.store.client.rpush(key, [_encoder.encode(e) for e in events])
+            await self.store.client.rpush(key, encoded)
             await self.store.client.pexpire(key, round(ttl_s * 1000))
+        return sum(map(len, encoded))
 
     async def read_events(self, owner: str, response_id: str, start: int) -> list[dict[str, Any]]:
         """The events pushed from index (sequence number) `start` on; [] when none (or expired)."""

@@ -210,12 +210,11 @@ async def share_events(live: LiveResponse, store: ResponseStore) -> None:
         return
     events = live.log[live.pushed:]
     try:
-        await store.push_events(live.owner, live.response_id, events, EVENTS_KEEP_S)
+        live.pushed_bytes += await store.push_events(live.owner, live.response_id, events, EVENTS_KEEP_S)
     except CacheUnavailable as exc:
         log.debug("background response %s: events not shared this time: %s", live.response_id, exc)
         return
     live.pushed += len(events)
-    live.pushed_bytes += sum(len(str(e)) for e in events)
 
 
 async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, orphan_after_s: float) -> None:
