@@ -25,6 +25,7 @@ accounted (the runtime's shutdown waits for it to reach 0).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,7 @@ class Accounting:
             logprobs=rec.logprobs if with_logprobs else None,
             tokens=rec.tokens if with_logprobs else None,
             top_logprobs=rec.top_logprobs if with_logprobs and rec.top_logprobs else None,
+            stored_at=time.time(),
         )
         tenant = st.call.tenant.as_tenant()
         await self._with_retry("response_cache_put", self.response_cache.put, tenant, st.cache_model or self.model_name,

@@ -38,7 +38,7 @@ from actors.metrics import Metrics
 from actors.state import RequestState
 from actors.stepper import Completed
 from cache.quotas import Denied, DuplicateRequest, RateLimits
-from cache.response_cache import scope_for
+from cache.response_cache import CachedCompletion, scope_for
 from cache.store import CacheUnavailable
 from cache.tenants import Tenant
 from gpu.sampling import SamplingParams, SamplingParamsError
@@ -110,6 +110,17 @@ def is_cacheable(p: SamplingParams) -> bool:
     """The response cache may store and answer it: deterministic, and an answer it can
     replay whole (it keeps no prompt logprobs; a prefill-only request has nothing to keep)."""
     return is_deterministic(p) and p.prompt_logprobs is None and p.max_tokens != 0
+
+
+def fresh_enough(age_s: float | None, ttl_s: float, max_age_s: int | None, min_fresh_s: int | None) -> bool:
+    """A stored answer `age_s` old (None: not known), kept `ttl_s` in all, satisfies a
+    request's `Cache-Control: max-age` (at most that old) and `min-fresh` (kept at least that
+    much longer). An answer of unknown age satisfies neither (pure)."""
+    if max_age_s is None and min_fresh_s is None:
+        return True
+    if age_s is None:
+        return False
+    return (max_age_s is None or age_s <= max_age_s) and (min_fresh_s is None or ttl_s - age_s >= min_fresh_s)
 
 
 class Admission:
@@ -403,10 +414,11 @@ class Admission:
         self.metrics.rejections.labels(tenant_id, str(status), code).inc()
         return Rejected(request_id, status, code, message, param, retry, refusal.rate_limits)
 
-    async def _cached(self, call: GenerateCall, st: RequestState, sink=None) -> Accepted | None:
-        """A stored answer replayed, or None: the request goes to the engine. Only a
-        deterministic single-choice request is looked up, and not when the caller asked for
-        a fresh answer (`call.cache_lookup`, counted as a "bypass" lookup)."""
+    async def _lookup(self, call: GenerateCall, st: RequestState) -> CachedCompletion | None:
+        """The stored answer the request may be given, or None. Only a deterministic
+        single-choice request is looked up, and not when the caller asked for a fresh answer
+        (`call.cache_lookup`, counted as a "bypass" lookup). An entry older than the
+        caller's `max-age`, or kept for less than its `min-fresh`, is a miss."""
         if self.response_cache is None or not is_cacheable(st.params) or st.params.n != 1:
             return None
         if not call.cache_lookup:
@@ -420,9 +432,32 @@ class Admission:
             hit = None
         if hit is not None and st.params.logprobs is not None and hit.logprobs is None:
             hit = None  # stored without its logprobs (an older entry): answer afresh
+        if hit is not None and not fresh_enough(hit.age_s(time.time()), self.response_cache.ttl_s,
+                                                call.cache_max_age_s, call.cache_min_fresh_s):
+            hit = None
         self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
+        return hit
+
+    async def _only_cached(self, call: GenerateCall, st: RequestState) -> CachedCompletion:
+        """The stored answer of an `only-if-cached` request (`call.cache_only`), looked up
+        before any quota is taken: without one it is a 504 `not_cached` that holds nothing
+        (the caller's next request is not refused for a slot this one took)."""
+        hit = await self._lookup(call, st)
+        if hit is None:
+            raise _Refuse(504, "not_cached", "no stored answer for this request satisfies its Cache-Control "
+                          "(only-if-cached): only a deterministic request (temperature 0, or a seed) with "
+                          "n = 1 is stored, once it has been answered")
+        return hit
+
+    async def _cached(self, call: GenerateCall, st: RequestState, sink=None,
+                      hit: CachedCompletion | None = None) -> Accepted | None:
+        """A stored answer replayed (`hit`, else `_lookup`), or None: the request goes to
+        the engine."""
+        if hit is None:
+            hit = await self._lookup(call, st)
         if hit is None:
             return None
+        age = hit.age_s(time.time())
         # into the sink through the request's own clone (closed below: the replay is whole)
         send, recv = (st.events, None) if sink is not None else trio.open_memory_channel(len(hit.token_ids) + 2)
         n = len(hit.token_ids)
@@ -450,8 +485,8 @@ class Admission:
         st.finish_reasons[0] = hit.finish_reason
         st.first_token_at = st.finished_at = time.monotonic()
         self.completed.send_nowait(Completed(st, "cached"))
-        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, settled=st.settled,
-                        rate_limits=st.rate_limits)
+        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, cache_age_s=age,
+                        settled=st.settled, rate_limits=st.rate_limits)
 
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
@@ -491,10 +526,11 @@ class Admission:
             st.cache_model = "+".join(filter(None, (self.config.model_name, self.config.engine_variant,
                                                     st.adapter_key)))
             st.admitted_at = time.monotonic()
+            hit = await self._only_cached(call, st) if call.cache_only else None
             await self._reserve(call, st)
             try:
                 await self._remember(call, rendering)
-                cached = await self._cached(call, st, sink)
+                cached = await self._cached(call, st, sink, hit)
             except BaseException:  # a bug, or a Redis error no cache path expects: the hold must go
                 self.completed.send_nowait(Completed(st, "rejected"))
                 raise

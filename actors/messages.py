@@ -83,9 +83,12 @@ class GenerateCall(msgspec.Struct, frozen=True):
     user: str | None = None  # OpenAI `user`: user-level semantics for the length predictor
     app: str | None = None  # application tag (header or metadata) for the length predictor
     arrival_time: float = 0.0
-    # the response cache, for a deterministic request (HTTP `Cache-Control: no-cache` / `no-store`):
+    # the response cache, for a deterministic request (HTTP `Cache-Control`, `gateway.routes_openai.CacheDirectives`):
     cache_lookup: bool = True  # False: generate afresh even if a stored answer exists
     cache_store: bool = True  # False: do not store this answer
+    cache_max_age_s: int | None = None  # answer only from an entry stored at most this long ago
+    cache_min_fresh_s: int | None = None  # answer only from an entry kept at least this much longer
+    cache_only: bool = False  # only-if-cached: a stored answer or a 504, never the engine
     guided_field: str | None = None  # the request field `params.guided` came from (a 400's `param`)
     # params.max_tokens is the endpoint's default (completions' 16), not the client's: a
     # key's max_tokens_cap lowers it instead of refusing a number the client never sent
@@ -185,6 +188,7 @@ class Accepted(msgspec.Struct):
     events: Any  # trio.MemoryReceiveChannel[StreamEvent]
     cancel: Any  # Callable[[], None]
     cached: bool = False
+    cache_age_s: float | None = None  # a cached answer: seconds since it was stored (None: not known)
     settled: Any = None  # trio.Event | None
     rate_limits: Any = None  # cache.quotas.RateLimits: the tenant's per-minute limits after this request
 

@@ -61,7 +61,8 @@ class CachedCompletion(msgspec.Struct, frozen=True, kw_only=True):
     asked for logprobs (they are part of its key), ``logprobs[i]``, ``tokens[i]`` and
     ``top_logprobs[i]`` (``(token_id, logprob, text)`` alternatives) go with
     ``token_ids[i]``, so a replay answers with them too; None otherwise (and in entries
-    stored before they were kept).
+    stored before they were kept). ``stored_at`` gives a hit its age (HTTP's `Age`,
+    `Cache-Control: max-age`).
     """
 
     text: str
@@ -72,6 +73,11 @@ class CachedCompletion(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: list[float] | None = None
     tokens: list[str] | None = None
     top_logprobs: list[list[tuple[int, float, str]]] | None = None
+    stored_at: float = 0.0  # unix time it was stored (0: not known, an entry stored before it was kept)
+
+    def age_s(self, now: float) -> float | None:
+        """Seconds since it was stored, or None when that is not known."""
+        return max(0.0, now - self.stored_at) if self.stored_at > 0 else None
 
 
 _value_decoder = msgspec.msgpack.Decoder(CachedCompletion)

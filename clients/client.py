@@ -644,7 +644,8 @@ class LmgateClient(JsonApi):
         """POST /v1/completions. `params` are OpenAI/lmgate body fields (max_tokens, temperature, ...).
         A list of prompts is a batch: choice `i * n + j` is the j-th of prompt i.
         `cache_control` is sent as the Cache-Control header: "no-cache" asks for a fresh
-        answer, "no-store" keeps it out of the response cache (docs/api.md). So in every
+        answer, "no-store" keeps it out of the response cache, "only-if-cached" takes a stored
+        answer or raises `NotCached` (docs/api.md, "Response cache"). So in every
         generating method (chat, the streams, respond), and on the WebSocket; embed,
         score and rerank, whose answers are never cached, refuse it (TypeError)."""
         body = await self._body(params, prompt=prompt)

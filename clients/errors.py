@@ -54,6 +54,11 @@ class NotFound(LmgateError):
     """404: unknown model, tenant, key or route."""
 
 
+class NotCached(NotFound):
+    """504 `not_cached`: the request asked for a stored answer only (`cache_control=
+    "only-if-cached"`) and the response cache holds none that satisfies it."""
+
+
 class RateLimited(LmgateError):
     """429: over quota. ``retry_after`` says when trying again can succeed (None: never)."""
 
@@ -63,7 +68,7 @@ class Overloaded(LmgateError):
 
 
 class ServerError(LmgateError):
-    """5xx other than 503: a failure on the server side."""
+    """5xx other than 503 and 504: a failure on the server side."""
 
 
 class ConnectionFailed(LmgateError):
@@ -101,9 +106,9 @@ class InvalidRequest(LmgateError):
 def _class_for(status: int) -> type[LmgateError]:
     if status in (400, 409, 413, 415, 422):
         return BadRequest
-    return {401: AuthError, 403: PermissionDenied, 404: NotFound, 429: RateLimited, 503: Overloaded}.get(
-        status, ServerError if status >= 500 else BadRequest
-    )
+    by_status = {401: AuthError, 403: PermissionDenied, 404: NotFound, 429: RateLimited, 503: Overloaded,
+                 504: NotCached}
+    return by_status.get(status, ServerError if status >= 500 else BadRequest)
 
 
 _STATUS_OF_TYPE = {

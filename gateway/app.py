@@ -487,6 +487,9 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         limits = getattr(g, "rate_limits", None)
         if limits is not None:
             response.headers.update(rate_limit_headers(limits))
+        age = getattr(g, "cache_age_s", None)  # an answer from the response cache (`note_accepted`)
+        if age is not None and response.status_code < 300:
+            response.headers["Age"] = str(int(age))
         return response
 
     @app.after_request

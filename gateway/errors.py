@@ -38,6 +38,7 @@ _TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "overloaded_error",
+    504: "not_found_error",  # `only-if-cached` with no stored answer (RFC 9111's 504): none was found
 }
 
 

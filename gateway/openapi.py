@@ -92,7 +92,9 @@ def openapi_document() -> dict[str, Any]:
         {"name": "X-Lmgate-App", "in": "header", "schema": {"type": "string"},
          "description": "application tag for the length predictor (as metadata.app)"},
         {"name": "Cache-Control", "in": "header", "schema": {"type": "string"},
-         "description": "response cache: no-cache (or max-age=0) generates afresh, no-store does not store the answer"},
+         "description": "response cache: no-cache (or max-age=0) generates afresh, no-store does not store "
+                        "the answer, max-age=N / min-fresh=N bound the stored answer's age, only-if-cached "
+                        "answers from the cache or with a 504 not_cached"},
     ]
     responses = _op("Create a response (OpenAI's Responses API)", body="ResponsesRequest", errors=gen_errors)
     responses["responses"]["200"] = {

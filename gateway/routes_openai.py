@@ -466,24 +466,60 @@ class CacheDirectives:
     - `no-cache` (or `max-age=0`): do not answer from a stored response; the fresh answer
       is stored (it refreshes the entry).
     - `no-store`: do not store this answer (a stored one may still answer it).
+    - `max-age=N`: answer only from a response stored at most N seconds ago; an older one
+      is a miss (the fresh answer then replaces it).
+    - `min-fresh=N`: answer only from a response that stays stored at least N more seconds.
+    - `only-if-cached`: answer from a stored response or not at all (504 `not_cached`);
+      nothing is generated.
 
-    Every other directive is ignored (as a cache that does not implement it may).
-    The cache only ever holds deterministic requests (greedy, or sampling with a seed)."""
+    `Pragma: no-cache` is `no-cache` when the request has no `Cache-Control` (§5.4). Every
+    other directive is ignored (as a cache that does not implement it may; `max-stale`
+    asks for nothing here: an entry is gone when it goes stale), and so is a directive
+    whose argument is not a number of seconds. The cache only ever holds deterministic
+    requests (greedy, or sampling with a seed)."""
 
     lookup: bool = True
     store: bool = True
+    max_age_s: int | None = None
+    min_fresh_s: int | None = None
+    only_if_cached: bool = False
 
     @classmethod
     def parse(cls, header: str | None) -> CacheDirectives:
         lookup = store = True
+        only_if_cached = False
+        max_age: int | None = None
+        min_fresh: int | None = None
         for part in (header or "").split(","):
             name, _, arg = part.strip().partition("=")
             name, arg = name.strip().lower(), arg.strip().strip('"')
-            if name == "no-cache" or (name == "max-age" and arg.isdigit() and int(arg) == 0):  # "00" too
+            seconds = int(arg) if arg.isascii() and arg.isdigit() else None  # "00" too
+            if name == "no-cache" or (name == "max-age" and seconds == 0):
                 lookup = False
             elif name == "no-store":
                 store = False
-        return cls(lookup, store)
+            elif name == "only-if-cached":
+                only_if_cached = True
+            elif name == "max-age" and seconds is not None:
+                max_age = seconds if max_age is None else min(max_age, seconds)
+            elif name == "min-fresh" and seconds is not None:
+                min_fresh = seconds if min_fresh is None else max(min_fresh, seconds)
+        return cls(lookup, store, max_age, min_fresh, only_if_cached)
+
+    @classmethod
+    def of(cls, headers: Any) -> CacheDirectives:
+        """The directives of a request's headers: its `Cache-Control` fields, or without
+        any, `Pragma: no-cache`."""
+        fields = headers.getlist("Cache-Control")
+        if fields:
+            return cls.parse(", ".join(fields))
+        pragma = ", ".join(headers.getlist("Pragma"))
+        return cls(lookup=False) if any(p.strip().lower() == "no-cache" for p in pragma.split(",")) else cls()
+
+    def call_fields(self) -> dict[str, Any]:
+        """The `GenerateCall` fields that carry these directives to admission."""
+        return {"cache_lookup": self.lookup, "cache_store": self.store, "cache_max_age_s": self.max_age_s,
+                "cache_min_fresh_s": self.min_fresh_s, "cache_only": self.only_if_cached}
 
 
 MAX_BATCH_PROMPTS = 2048  # prompts in one completions request (OpenAI's limit)
@@ -576,8 +612,7 @@ def to_generate_calls(
         user=req.user,
         app=app,
         arrival_time=time.time(),
-        cache_lookup=cache.lookup,
-        cache_store=cache.store,
+        **cache.call_fields(),
         guided_field=guided[1],
     )
     if isinstance(req, ChatRequest):
@@ -1068,15 +1103,24 @@ async def submit(state: GatewayState, call: GenerateCall) -> Accepted:
     reply = await state.runtime.submit(call)
     if isinstance(reply, Rejected):
         raise rejected_error(reply)
-    note_rate_limits(reply)
+    note_accepted(reply)
     return reply
 
 
-def note_rate_limits(accepted: Accepted) -> None:
-    """Keep where the tenant stands against its per-minute limits after this request, for
-    the response's `x-ratelimit-*` headers (`gateway.app.rate_limit_headers`)."""
-    if accepted.rate_limits is not None and has_request_context():
+def note_accepted(accepted: Accepted) -> None:
+    """Keep, for the response's headers, where the tenant stands against its per-minute
+    limits after this request (`x-ratelimit-*`, `gateway.app.rate_limit_headers`), and how
+    old the stored answer is when it came from the response cache (`Age`: only when every
+    prompt of the request did, the oldest)."""
+    if not has_request_context():
+        return
+    if accepted.rate_limits is not None:
         g.rate_limits = accepted.rate_limits
+    if accepted.cached and accepted.cache_age_s is not None and not g.get("fresh_answer", False):
+        g.cache_age_s = max(g.get("cache_age_s", 0.0), accepted.cache_age_s)
+    else:
+        g.fresh_answer = True
+        g.pop("cache_age_s", None)
 
 
 def echo_texts(state: GatewayState, req: CompletionRequest | ChatRequest, calls: list[GenerateCall]) -> list[str] | None:
@@ -1230,7 +1274,7 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
                 reply = await state.runtime.submit(call, sink=send)
                 if isinstance(reply, Rejected):
                     raise rejected_error(reply)
-                note_rate_limits(reply)
+                note_accepted(reply)
                 parts.append(RequestHandle(reply))
     except BaseException:
         for h in parts:
@@ -1385,7 +1429,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         req = decode_request(endpoint, raw)
         state.check_generation_model(req.model, tenant)
         request_id = new_request_id(endpoint)
-        cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
+        cache = CacheDirectives.of(request.headers)
         calls = to_generate_calls(req, tenant, request_id, app_tag=request.headers.get("X-Lmgate-App"), cache=cache)
         echo = echo_texts(state, req, calls)
         if not req.stream:

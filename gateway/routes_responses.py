@@ -20,6 +20,7 @@ search, ...), and non-text input (images, files, audio): this model reads text o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -875,9 +876,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         req, context, items, chat = await prepare(tenant)
         response_id = _new_id("resp")
-        cache = CacheDirectives.parse(", ".join(request.headers.getlist("Cache-Control")))
+        cache = CacheDirectives.of(request.headers)
         if req.store is False:  # "do not retain": nor the answer nor the conversation in the caches
-            cache = CacheDirectives(cache.lookup, store=False)
+            cache = dataclasses.replace(cache, store=False)
         with own_params():
             calls = to_generate_calls(chat, tenant, response_id, app_tag=request.headers.get("X-Lmgate-App"),
                                       cache=cache)

@@ -477,6 +477,42 @@ async def test_cache_control_generates_afresh_and_skips_the_store(runtime):
     assert hit.cached
 
 
+async def test_cache_control_max_age_min_fresh_and_only_if_cached(runtime, services):
+    """A hit carries its age; an entry older than `max-age`, or kept for less than
+    `min-fresh`, is a miss whose fresh answer replaces it; `only-if-cached` with no
+    acceptable entry is a 504 that frees its quota hold and never reaches the engine."""
+    t = tenant(Quota(max_concurrent=1))
+    prompt = "The capital of Portugal is"
+
+    async def ask(p: str = prompt, **cache) -> Accepted | Rejected:
+        reply = await runtime.submit(msgspec.structs.replace(call(t, prompt=p, max_tokens=4), **cache))
+        if isinstance(reply, Accepted):
+            await collect(reply)
+            await trio.sleep(0.2)  # the store happens in accounting, after Finished
+        return reply
+
+    steps = runtime.engine.counters["steps"]
+    refused = await ask(cache_only=True)
+    assert isinstance(refused, Rejected) and (refused.status, refused.code) == (504, "not_cached")
+    assert runtime.engine.counters["steps"] == steps
+    first = await ask()  # max_concurrent=1: the 504 gave its slot back
+    assert isinstance(first, Accepted) and not first.cached and first.cache_age_s is None
+    hit = await ask(cache_only=True, cache_max_age_s=60, cache_min_fresh_s=60)
+    assert isinstance(hit, Accepted) and hit.cached and 0 <= hit.cache_age_s < 5
+    assert isinstance(await ask(cache_min_fresh_s=int(services["response_cache"].ttl_s)), Accepted)
+    stale = await ask(cache_only=True, cache_min_fresh_s=int(services["response_cache"].ttl_s))  # expires before that
+    assert isinstance(stale, Rejected) and stale.status == 504
+    await trio.sleep(1.1)
+    old = await ask(cache_max_age_s=1)  # over a second old: answered afresh and stored again
+    assert isinstance(old, Accepted) and not old.cached and runtime.engine.counters["steps"] > steps
+    renewed = await ask(cache_only=True, cache_max_age_s=1)
+    assert isinstance(renewed, Accepted) and renewed.cached and renewed.cache_age_s < 1
+    # sampling without a seed is never stored, so never answered from the cache
+    sampled = await runtime.submit(msgspec.structs.replace(call(t, prompt=prompt, max_tokens=4, temperature=0.7),
+                                                           cache_only=True))
+    assert isinstance(sampled, Rejected) and sampled.status == 504
+
+
 async def test_overload_is_503_with_retry_after(nursery, ckpt, tokenizer, services):
     rt = Runtime(RuntimeConfig(queue=QueueConfig(max_waiting=2)), make_engine(ckpt, tokenizer, max_num_seqs=1),
                  **services)

@@ -15,6 +15,8 @@ from clients import (
     AuthError,
     BadRequest,
     LmgateClient,
+    LmgateError,
+    NotCached,
     NotFound,
     Overloaded,
     PermissionDenied,
@@ -295,6 +297,31 @@ def test_a_retry_after_beyond_max_retry_after_is_raised_at_once(served: Served) 
 
     assert run("trio", scenario) == 52846.0
     assert len(served.runtime.calls) == 1
+
+
+def test_an_only_if_cached_miss_raises_not_cached_over_http_and_the_websocket(served: Served) -> None:
+    """The 504 `not_cached` of `only-if-cached` is `NotCached` (a `NotFound`), never retried."""
+    from actors.messages import Rejected
+
+    served.runtime.reject = Rejected("", 504, "not_cached", "no stored answer")
+
+    async def scenario() -> list[LmgateError]:
+        raised = []
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL, retry=RetryPolicy()) as client:
+            with pytest.raises(NotCached) as err:
+                await client.chat(HELLO, cache_control="only-if-cached")
+            raised.append(err.value)
+            async with client.ws() as session:
+                with pytest.raises(NotCached) as err:
+                    async with session.chat_stream(HELLO, cache_control="only-if-cached") as stream:
+                        [d async for d in stream]
+                raised.append(err.value)
+        return raised
+
+    errors = run("trio", scenario)
+    assert [(e.status, e.code, e.type, isinstance(e, NotFound)) for e in errors] == [
+        (504, "not_cached", "not_found_error", True)] * 2
+    assert len(served.runtime.calls) == 2 and all(c.cache_only for c in served.runtime.calls)
 
 
 def test_rate_limited_without_retry_after_is_not_retried() -> None:

@@ -96,6 +96,14 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
         second.prompt_tokens
     replayed = await trio.to_thread.run_sync(lambda: shared("Name a mountain."))  # the response cache answers
     assert replayed.prompt_tokens_details.cached_tokens == replayed.prompt_tokens
+    # a cached answer says its age; only-if-cached answers from the cache or with a 504
+    raw = await trio.to_thread.run_sync(lambda: sdk.chat.completions.with_raw_response.create(
+        model=model, messages=[system, {"role": "user", "content": "Name a mountain."}], max_tokens=2,
+        temperature=0, extra_headers={"Cache-Control": "only-if-cached, max-age=600"}))
+    assert 0 <= int(raw.headers["age"]) < 600 and raw.parse().usage == replayed
+    with pytest.raises(openai.APIStatusError) as uncached:
+        await trio.to_thread.run_sync(lambda: shared("Name a lake.", extra_headers={"Cache-Control": "only-if-cached"}))
+    assert uncached.value.status_code == 504 and uncached.value.body["code"] == "not_cached"
     echoed = await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
         model=model, messages=prefill, max_tokens=6, temperature=0, extra_body={**ending, "echo": True}))
     assert echoed.choices[0].message.content == "The capital of France is" + text  # vLLM's echo: prefill first

@@ -286,13 +286,28 @@ def test_chat_content_parts_are_joined() -> None:
     ("max-age=0", False, True),
     ('max-age="0" , private', False, True),
     ("max-age=00", False, True),  # RFC 9111: a delta-seconds of 0, written as it may be
-    ("max-age=-0, max-age=0x0", True, True),  # not delta-seconds
-    ("max-age=60, no-transform, only-if-cached", True, True),  # what the cache does not implement is ignored
+    ("max-age=-0, max-age=0x0, max-age=\u0660", True, True),  # not delta-seconds (nor an Arabic-Indic zero)
+    ("no-transform, max-stale=5, private", True, True),  # what the cache does not implement is ignored
     ("no-cache-please, ,=,no-storage", True, True),  # only whole directive names count
 ])
 def test_cache_control_directives(header: str | None, lookup: bool, store: bool) -> None:
     assert CacheDirectives.parse(header) == CacheDirectives(lookup, store)
 
+
+@pytest.mark.parametrize(("header", "max_age", "min_fresh", "only"), [
+    ("max-age=60", 60, None, False),
+    ("max-age=60, max-age=30", 30, None, False),  # the stricter of two
+    ('min-fresh="120", min-fresh=5', None, 120, False),
+    ("ONLY-IF-CACHED, max-age=10, min-fresh=1", 10, 1, True),
+    ("max-age=ten, min-fresh=-1", None, None, False),
+])
+def test_cache_control_freshness_directives(header: str, max_age: int | None, min_fresh: int | None,
+                                            only: bool) -> None:
+    d = CacheDirectives.parse(header)
+    assert (d.lookup, d.store, d.max_age_s, d.min_fresh_s, d.only_if_cached) == (True, True, max_age, min_fresh, only)
+
+
+# ---------------------------------------------------------------- HTTP
 
 # ---------------------------------------------------------------- HTTP
 
@@ -365,6 +380,18 @@ async def test_cache_control_header_reaches_the_call(gateway: Gateway) -> None:
         r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": True},
                               headers={"Cache-Control": "no-store"})
         assert r.status_code == 200, r.text
+        assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (True, False)
+        r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1),
+                              headers={"Cache-Control": "max-age=30, min-fresh=5, only-if-cached"})
+        assert r.status_code == 200, r.text
+        last = gateway.runtime.calls[-1]
+        assert (last.cache_max_age_s, last.cache_min_fresh_s, last.cache_only) == (30, 5, True)
+        assert "Age" not in r.headers  # the fake runtime's answers are not from the cache
+        # HTTP/1.0's Pragma: no-cache, unless Cache-Control says otherwise (RFC 9111 §5.4)
+        r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1), headers={"Pragma": "no-cache"})
+        assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (False, True)
+        r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1),
+                              headers={"Pragma": "no-cache", "Cache-Control": "no-store"})
         assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (True, False)
 
 
