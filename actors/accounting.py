@@ -176,7 +176,7 @@ class Accounting:
     async def _handle(self, c: Completed) -> None:
         st = c.state
         tenant = st.tenant_id
-        ran = bool(st.scheduled_at) or c.outcome == "cached"
+        ran = (bool(st.scheduled_at) or c.outcome == "cached") and not st.refunded
         await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
                            prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
                            model=st.adapter or self.model_name, settled=st.settled)

@@ -37,7 +37,7 @@ from actors.messages import (
 from actors.metrics import Metrics
 from actors.state import RequestState
 from actors.stepper import Completed
-from cache.quotas import Denied, DuplicateRequest, RateLimits
+from cache.quotas import Denied, DuplicateRequest, Quota, RateLimits
 from cache.response_cache import CachedCompletion, scope_for
 from cache.store import CacheUnavailable
 from cache.tenants import Tenant
@@ -110,6 +110,19 @@ def is_cacheable(p: SamplingParams) -> bool:
     """The response cache may store and answer it: deterministic, and an answer it can
     replay whole (it keeps no prompt logprobs; a prefill-only request has nothing to keep)."""
     return is_deterministic(p) and p.prompt_logprobs is None and p.max_tokens != 0
+
+
+def quota_room(quota: Quota | None, n_prompt: int, sequences: int) -> int | None:
+    """The most tokens per sequence a request of `n_prompt` prompt tokens may reserve under
+    its quota's token limits (`tokens_per_minute`, `daily_token_budget`: a reservation
+    counts the prompt plus `max_tokens` per sequence), or None when neither is set (pure).
+    A request that does not give max_tokens defaults to no more than this, as well as to
+    the room in the context window, so that a key whose limits are below the window can
+    still be used by clients that never send max_tokens (most OpenAI clients)."""
+    if quota is None:
+        return None
+    limits = [x for x in (quota.tokens_per_minute, quota.daily_token_budget) if x is not None]
+    return (min(limits) - n_prompt) // max(1, sequences) if limits else None
 
 
 def fresh_enough(age_s: float | None, ttl_s: float, max_age_s: int | None, min_fresh_s: int | None) -> bool:
@@ -271,6 +284,9 @@ class Admission:
                                   f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} "
                                   f"for {held_by}", "messages" if call.messages is not None else "prompt")
             max_tokens = min(room, cap) if cap is not None else room
+            fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width))
+            if fits is not None and 1 <= fits < max_tokens:
+                max_tokens = fits  # (below 1 it never fits: the quota's 429 says so)
         if cap is not None and max_tokens > cap and call.max_tokens_default:
             max_tokens = cap
         if cap is not None and max_tokens > cap:
@@ -558,5 +574,8 @@ class Admission:
             if self.on_cancel is not None:
                 self.on_cancel()
 
+        def refund() -> None:
+            st.refunded = True
+
         return Accepted(call.request_id, st.prompt_tokens, recv, cancel, settled=st.settled,
-                        rate_limits=st.rate_limits)
+                        rate_limits=st.rate_limits, refund=refund)

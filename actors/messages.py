@@ -191,6 +191,10 @@ class Accepted(msgspec.Struct):
     cache_age_s: float | None = None  # a cached answer: seconds since it was stored (None: not known)
     settled: Any = None  # trio.Event | None
     rate_limits: Any = None  # cache.quotas.RateLimits: the tenant's per-minute limits after this request
+    # call before `cancel` when the caller will never see the answer (a batch refused after
+    # this prompt was admitted): its quota is released, not settled (None: cannot be; an
+    # answer from the response cache was accounted when it was replayed)
+    refund: Any = None  # Callable[[], None] | None
 
 
 class EmbedCall(msgspec.Struct, frozen=True):

@@ -48,6 +48,7 @@ class RequestState:
     prediction: Prediction | None = None
     length_features: Any = None  # actors.predictor.RequestFeatures behind `prediction` (learned from)
     cancelled: bool = False
+    refunded: bool = False  # the caller never got the answer (a batch refused after it): release, not settle
     settled: trio.Event = field(default_factory=trio.Event)  # accounting has settled/released its quota
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0

@@ -39,7 +39,8 @@ Windows (per tenant):
 Keys (all under ``{prefix}q:{<tenant>}:``, the braces are a cluster hash tag so a
 tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
 ``day:<epoch_day>``, ``res:<rid>`` (reservation hash, TTL), ``done:<rid>``
-(settled/released marker, 1 day), ``usage:<epoch_day>`` (hash
+(settled/released marker, 1 day), ``reset:<rid>`` (a reservation `reset_limits`
+removed, 1 day), ``usage:<epoch_day>`` (hash
 ``"<model>\\n<field>"`` -> int).
 """
 
@@ -322,6 +323,10 @@ if res[1] then
   local day_key = base .. 'day:' .. day
   if redis.call('EXISTS', day_key) == 1 then redis.call('INCRBY', day_key, delta) end
   redis.call('DEL', res_key)
+elseif redis.call('DEL', base .. 'reset:' .. rid) == 1 then
+  -- its tenant's limits were reset (the tenant deleted): its usage is recorded, but not
+  -- charged to a tenant created again under the id, which starts afresh
+  day = tostring(math.floor(now / 86400000))
 else
   -- the reservation expired (request outlived its TTL): charge the real usage now
   local tpm_key = base .. 'tpm:' .. (now - (now % 60000))
@@ -417,14 +422,21 @@ class QuotaManager:
     async def reset_limits(self, tenant_id: str) -> int:
         """Forget a tenant's enforcement state — its daily budget and per-minute counters,
         running set and reservations — but not its usage rows (billing keeps them). For a
-        deleted tenant, so a tenant later created under the same id starts afresh. Returns
-        the number of keys removed."""
+        deleted tenant, so a tenant later created under the same id starts afresh: a
+        request of the deleted one that settles later records its usage but charges none
+        of the new one's limits. Returns the number of keys removed."""
         base = self._base(tenant_id)
-        keep = (base + "usage:", base + "done:")
+        keep = (base + "usage:", base + "done:", base + "reset:")
         removed = 0
         with self.store.guard():
-            keys = [k async for k in self.store.client.scan_iter(match=_glob_escape(base) + "*", count=500)]
-            doomed = [k for k in keys if not (k.decode() if isinstance(k, bytes) else k).startswith(keep)]
+            keys = [k.decode() if isinstance(k, bytes) else k
+                    async for k in self.store.client.scan_iter(match=_glob_escape(base) + "*", count=500)]
+            doomed = [k for k in keys if not k.startswith(keep)]
+            # a request still running holds a reservation: mark it, so that its settle records
+            # its usage without charging the limits of a tenant created again meanwhile
+            running = [base + "reset:" + k[len(base) + 4:] for k in doomed if k.startswith(base + "res:")]
+            for rk in running:
+                await self.store.client.set(rk, "1", ex=_DAY_S)
             for i in range(0, len(doomed), 500):
                 removed += await self.store.client.delete(doomed[i:i + 500])
         return removed

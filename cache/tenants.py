@@ -27,6 +27,8 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 from coredis import PureToken
@@ -43,6 +45,7 @@ __all__ = [
     "TenantExists",
     "TenantNotFound",
     "TenantRegistry",
+    "check_name",
     "hash_key",
     "is_admin_key",
 ]
@@ -78,6 +81,15 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
 
 MAX_MODEL_PATTERNS = 256
 MAX_KEY_EXPIRY = 253402300799.0  # 9999-12-31T23:59:59Z: what Redis (PXAT) and every client can hold
+
+
+MAX_NAME_CHARS = 256  # a tenant's or a key's display name: every listing returns it
+
+
+def check_name(name: str, what: str) -> None:
+    """ValueError unless `name` has at most MAX_NAME_CHARS characters."""
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"a {what} has at most {MAX_NAME_CHARS} characters, got {len(name)}")
 
 
 def check_models(models: tuple[str, ...] | None) -> None:
@@ -214,6 +226,26 @@ return 1
 """
 
 
+# ARGV: store prefix, tenant id, the tenant's created_at, key id, digest, record JSON, PXAT ms ('' = never)
+# -> 1 issued, 0 the tenant is gone (or was deleted and created again since it was read).
+# One script, so a key is never written for a tenant a concurrent delete has just removed:
+# the delete takes the keys it finds listed, and a key written after it would outlive it.
+_CREATE_KEY = """
+local p = ARGV[1]
+local tenant = redis.call('GET', p .. 'tenant:' .. ARGV[2])
+if not tenant or (cjson.decode(tenant)['created_at'] or 0) ~= tonumber(ARGV[3]) then return 0 end
+if ARGV[7] == '' then
+  redis.call('SET', p .. 'key:' .. ARGV[5], ARGV[6])
+  redis.call('SET', p .. 'keyid:' .. ARGV[4], ARGV[5])
+else
+  redis.call('SET', p .. 'key:' .. ARGV[5], ARGV[6], 'PXAT', ARGV[7])
+  redis.call('SET', p .. 'keyid:' .. ARGV[4], ARGV[5], 'PXAT', ARGV[7])
+end
+redis.call('SADD', p .. 'tenant_keys:' .. ARGV[2], ARGV[4])
+return 1
+"""
+
+
 class TenantRegistry:
     """Tenant CRUD, API key lifecycle and authentication. Create inside ``async with store``.
 
@@ -230,6 +262,7 @@ class TenantRegistry:
         self._authenticate = store.register_script(_AUTHENTICATE)
         self._revoke = store.register_script(_REVOKE)
         self._delete_tenant = store.register_script(_DELETE_TENANT)
+        self._create_key = store.register_script(_CREATE_KEY)
 
     # -- the server secret ---------------------------------------------------
 
@@ -269,6 +302,7 @@ class TenantRegistry:
         models: tuple[str, ...] | None = None,
     ) -> Tenant:
         """Create a tenant; raises TenantExists if the id is taken."""
+        check_name(name, "tenant name")
         if not _TENANT_ID.match(tenant_id):
             raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.' or '..'), "
                              f"got {tenant_id!r}")
@@ -310,22 +344,30 @@ class TenantRegistry:
         priority: int | None = None,
         shared_cache_pool: bool | None = None,
         quota: Quota | None = None,
-        models: tuple[str, ...] | None = None,
+        quota_changes: Mapping[str, int | None] | None = None,
+        models: tuple[str, ...] | None | msgspec.UnsetType = msgspec.UNSET,
     ) -> Tenant:
-        """Change the given fields (None = keep; `models` `("*",)` allows every model again).
-        Raises TenantNotFound.
+        """Change the given fields (None = keep, but for `models`: UNSET = keep, None = every
+        model, as does `("*",)`). `quota` replaces the quota; `quota_changes` sets the limits
+        it names (None: unlimited) and keeps the others, after `quota` if both are given.
+        Raises TenantNotFound; ValueError for a bad name or limit.
 
         Last writer wins; admin edits are rare and whole-record.
         """
+        if name is not None:
+            check_name(name, "tenant name")
         current = await self.get_tenant(tenant_id)
         if current is None:
             raise TenantNotFound(tenant_id)
-        changes = {
+        changes: dict[str, Any] = {
             k: v for k, v in {
-                "name": name, "priority": priority,
-                "shared_cache_pool": shared_cache_pool, "quota": quota, "models": models,
+                "name": name, "priority": priority, "shared_cache_pool": shared_cache_pool, "quota": quota,
             }.items() if v is not None
         }
+        if quota_changes:
+            changes["quota"] = msgspec.structs.replace(changes.get("quota", current.quota), **quota_changes)
+        if models is not msgspec.UNSET:
+            changes["models"] = models
         updated = msgspec.structs.replace(current, **changes)
         with self.store.guard():
             stored = await self.store.client.set(
@@ -349,7 +391,9 @@ class TenantRegistry:
         then only). ValueError for a time not in the future."""
         if expires_at is not None and not (math.isfinite(expires_at) and time.time() < expires_at <= MAX_KEY_EXPIRY):
             raise ValueError("expires_at must be a time in the future, before the year 10000")
-        if await self.get_tenant(tenant_id) is None:
+        check_name(name, "key name")
+        tenant = await self.get_tenant(tenant_id)
+        if tenant is None:
             raise TenantNotFound(tenant_id)
         plaintext = _new_plaintext_key()
         digest = hash_key(self._secret, plaintext)
@@ -357,12 +401,12 @@ class TenantRegistry:
             id="key_" + secrets.token_hex(8), tenant_id=tenant_id, name=name,
             prefix=plaintext[:_DISPLAY_CHARS], created_at=time.time(), digest=digest, expires_at=expires_at,
         )
-        pxat = None if expires_at is None else math.ceil(expires_at * 1000)
+        pxat = "" if expires_at is None else str(math.ceil(expires_at * 1000))
         with self.store.guard():
-            async with self.store.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.store.key("key", digest), msgspec.json.encode(record), pxat=pxat)
-                pipe.set(self.store.key("keyid", record.id), digest, pxat=pxat)
-                pipe.sadd(self.store.key("tenant_keys", tenant_id), [record.id])
+            issued = await self._create_key(args=[self.store.prefix, tenant_id, repr(tenant.created_at), record.id,
+                                                  digest, msgspec.json.encode(record), pxat])
+        if not issued:
+            raise TenantNotFound(tenant_id)
         return record.id, plaintext
 
     async def revoke_key(self, key_id: str) -> bool:

@@ -5,7 +5,8 @@
     POST   /admin/tenants                      create  {id, name, priority?, shared_cache_pool?, quota?}
     GET    /admin/tenants                      list
     GET    /admin/tenants/<id>                 read (with its keys, never their plaintext)
-    PATCH  /admin/tenants/<id>                 update  {name?, priority?, shared_cache_pool?, quota?}
+    PATCH  /admin/tenants/<id>                 update  {name?, priority?, shared_cache_pool?, quota?, models?}
+                                               (a JSON merge patch: quota merges limit by limit)
     DELETE /admin/tenants/<id>                 delete (and all its keys)
     PUT    /admin/tenants/<id>/quota           set the quota (whole Quota object)
     POST   /admin/tenants/<id>/keys            create a key {name}: the plaintext is in this reply only
@@ -27,10 +28,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 from quart import Blueprint, Response, request
@@ -38,7 +40,7 @@ from quart import Blueprint, Response, request
 from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
-from cache.tenants import MAX_KEY_EXPIRY, TenantExists, TenantNotFound, check_models
+from cache.tenants import MAX_KEY_EXPIRY, MAX_NAME_CHARS, TenantExists, TenantNotFound, check_models
 from gateway.errors import ApiError, decode_json
 
 if TYPE_CHECKING:
@@ -61,21 +63,46 @@ def plain_quota(quota: QuotaBody | None) -> Quota | None:
     return None if quota is None else quota.plain()
 
 
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+
+
 class TenantCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str
-    name: str
+    name: Name
     priority: int = 0
     shared_cache_pool: bool = False
     quota: QuotaBody | None = None
     models: list[str] | None = None  # the models its keys may use (names or patterns like "acme-*"); None: all
 
 
+class QuotaPatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The limits a PATCH names (null: unlimited); the others are kept."""
+
+    requests_per_minute: int | None | msgspec.UnsetType = msgspec.UNSET
+    tokens_per_minute: int | None | msgspec.UnsetType = msgspec.UNSET
+    max_concurrent: int | None | msgspec.UnsetType = msgspec.UNSET
+    max_tokens_cap: int | None | msgspec.UnsetType = msgspec.UNSET
+    daily_token_budget: int | None | msgspec.UnsetType = msgspec.UNSET
+
+    def changes(self) -> dict[str, int | None]:
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not msgspec.UNSET}
+
+
 class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: str | None = None
-    priority: int | None = None
-    shared_cache_pool: bool | None = None
-    quota: QuotaBody | None = None
-    models: list[str] | None = None  # replaces the list; ["*"] allows every model again
+    """A PATCH, as a JSON merge patch (RFC 7396): the fields given change, the others are
+    kept; `quota` merges limit by limit (a null limit: unlimited; `"quota": null`: every
+    limit unlimited), `"models": null` allows every model. `name`, `priority` and
+    `shared_cache_pool` cannot be null (a 400)."""
+
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    priority: int | msgspec.UnsetType = msgspec.UNSET
+    shared_cache_pool: bool | msgspec.UnsetType = msgspec.UNSET
+    quota: QuotaPatch | None | msgspec.UnsetType = msgspec.UNSET
+    models: list[str] | None | msgspec.UnsetType = msgspec.UNSET  # replaces the list; null or ["*"]: every model
+
+
+def given(value: S | msgspec.UnsetType) -> S | None:
+    return None if value is msgspec.UNSET else value  # type: ignore[return-value]
 
 
 def models_of(models: list[str] | None) -> tuple[str, ...] | None:
@@ -90,7 +117,7 @@ def models_of(models: list[str] | None) -> tuple[str, ...] | None:
 
 
 class KeyCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: str = "default"
+    name: Name = "default"
     expires_at: float | None = None  # unix time; or
     expires_in_seconds: float | None = None  # from now; neither: the key never expires
 
@@ -116,9 +143,21 @@ class KeyCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 S = TypeVar("S")
 
 
-def decode_body(raw: bytes, kind: type[S]) -> S:
-    """An admin body (an empty one is `{}`: every field its default)."""
-    return decode_json(raw or b"{}", kind)
+def decode_body(raw: bytes, kind: type[S], *, quota_prefix: str = "quota.") -> S:
+    """An admin body (an empty one is `{}`: every field its default); a limit out of range
+    is a 400 naming it (`quota_param`)."""
+    try:
+        return decode_json(raw or b"{}", kind)
+    except ApiError as exc:
+        exc.param = quota_param(exc.message, quota_prefix) or exc.param
+        raise
+
+
+def quota_param(message: str, prefix: str) -> str | None:
+    """The limit a quota's ValueError ("Quota.max_concurrent must be >= 0 ...") is about, as
+    the error's `param` (`quota.max_concurrent` in a tenant body), or None."""
+    found = re.search(r"\bQuota\.(\w+)", message)
+    return prefix + found.group(1) if found else None
 
 
 def to_json(value: Any) -> Any:
@@ -196,10 +235,16 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @store_errors
     async def update_tenant(tenant_id: str) -> Any:
         body = decode_body(await request.get_data(cache=False), TenantUpdate)
-        tenant = await tenants.update_tenant(
-            tenant_id, name=body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=plain_quota(body.quota),
-            models=models_of(body.models),
-        )
+        try:
+            tenant = await tenants.update_tenant(
+                tenant_id, name=given(body.name), priority=given(body.priority),
+                shared_cache_pool=given(body.shared_cache_pool),
+                quota=Quota() if body.quota is None else None,
+                quota_changes=given(body.quota) and body.quota.changes(),  # type: ignore[union-attr]
+                models=body.models if body.models is msgspec.UNSET else models_of(body.models),
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_value", param=quota_param(str(exc), "quota.")) from exc
         return to_json(tenant)
 
     @bp.delete("/tenants/<tenant_id>")
@@ -213,7 +258,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @bp.put("/tenants/<tenant_id>/quota")
     @store_errors
     async def set_quota(tenant_id: str) -> Any:
-        quota = decode_body(await request.get_data(cache=False), QuotaBody)
+        quota = decode_body(await request.get_data(cache=False), QuotaBody, quota_prefix="")
         return to_json(await tenants.update_tenant(tenant_id, quota=quota.plain()))
 
     @bp.post("/tenants/<tenant_id>/keys")

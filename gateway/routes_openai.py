@@ -1165,10 +1165,14 @@ class RequestHandle:
         self.ended = False  # Finished or Failed was received
         self.aborted = False
 
-    def abort(self) -> None:
-        """Cancel the request unless it already ended; always close the channel."""
+    def abort(self, *, refund: bool = False) -> None:
+        """Cancel the request unless it already ended; always close the channel. `refund`:
+        the caller never gets any of it (its batch was refused), so its quota is released
+        rather than charged with what it had computed (`Accepted.refund`)."""
         if not self.ended and not self.aborted:
             self.aborted = True
+            if refund and self.accepted.refund is not None:
+                self.accepted.refund()
             self.accepted.cancel()
         if self.accepted.events is not None:  # None: the events go to a shared sink (`BatchHandle`)
             self.accepted.events.close()
@@ -1278,7 +1282,7 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
                 parts.append(RequestHandle(reply))
     except BaseException:
         for h in parts:
-            h.abort()
+            h.abort(refund=True)  # the client gets the refusal, none of these answers
         recv.close()
         with trio.move_on_after(SETTLE_WAIT_S) as scope:  # the refusal goes out with their slots free
             scope.shield = True

@@ -409,6 +409,43 @@ async def test_a_max_tokens_filled_in_that_clashes_with_the_request_is_400(runti
     assert 2 <= fin.usage.completion_tokens <= 3
 
 
+async def test_without_max_tokens_a_request_defaults_to_what_its_token_limits_allow(runtime):
+    """A key whose tokens_per_minute (or daily budget) is below the context window can be
+    used by clients that never send max_tokens: the default is cut to the limit."""
+    t = tenant(Quota(tokens_per_minute=60, daily_token_budget=500))
+    acc = await runtime.submit(call(t, prompt="Count from one to fifty:", max_tokens=None, ignore_eos=True))
+    assert isinstance(acc, Accepted), acc
+    _, _, fin = await collect(acc)
+    assert fin.usage.prompt_tokens + fin.usage.completion_tokens == 60  # all the limit allowed, no more
+    # n = 2 reserves two sequences; a prompt the limit cannot hold is still the quota's 429
+    acc = await runtime.submit(call(tenant(Quota(daily_token_budget=50), id="b"), prompt="Hi", max_tokens=None,
+                                    n=2, seed=1, temperature=0.5, ignore_eos=True))
+    assert isinstance(acc, Accepted), acc
+    _, _, fin = await collect(acc)
+    assert fin.usage.completion_tokens == 2 * ((50 - fin.usage.prompt_tokens) // 2)
+    refused = await runtime.submit(call(tenant(Quota(tokens_per_minute=3), id="c"), prompt="Count from one to ten",
+                                        max_tokens=None))
+    assert isinstance(refused, Rejected) and refused.status == 429 and "tokens_per_minute" in refused.message
+
+
+async def test_a_refunded_request_gives_its_quota_back_though_it_ran(runtime, services):
+    """`Accepted.refund` then cancel (the gateway's batch refused after this prompt was
+    admitted): nothing is charged or counted, though the engine had started it."""
+    t = tenant(Quota(requests_per_minute=1, daily_token_budget=1000), id="refunds")
+    acc = await runtime.submit(call(t, prompt="Count from one to a hundred:", max_tokens=200, ignore_eos=True))
+    assert isinstance(acc, Accepted)
+    async for _ in acc.events:  # running: the engine computed its prompt and a token
+        break
+    acc.refund()
+    acc.cancel()
+    with trio.fail_after(10):
+        await acc.settled.wait()
+    assert await usage_rows(services["quotas"], "refunds") == []
+    again = await runtime.submit(call(t, prompt="Hi", max_tokens=2))  # the minute's one request is free again
+    assert isinstance(again, Accepted), again
+    await collect(again)
+
+
 async def test_logprobs_are_replayed_from_the_cache(runtime):
     ask = dict(prompt="The capital of Germany is", max_tokens=5, logprobs=2)
     first = await runtime.submit(call(tenant(), **ask))

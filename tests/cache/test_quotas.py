@@ -143,6 +143,13 @@ async def test_reset_limits_forgets_enforcement_but_keeps_usage(quotas: QuotaMan
     today = utc_today()
     assert [r.requests for r in await quotas.get_usage("acme", today, today)] == [1]
     assert not await quotas.settle(tenant, "a", 500, 400, "m")  # settled ids stay settled
+    # "b" ran through the reset: its usage is recorded, but the budget of the tenant now
+    # under the id ("d" holds 900 of its 1000) is not charged for it
+    assert await quotas.settle(tenant, "b", 10, 80, "m")
+    assert [r.requests for r in await quotas.get_usage("acme", today, today)] == [2]
+    assert await quotas.settle(tenant, "d", 500, 400, "m")  # (its max_concurrent slot)
+    assert isinstance(await quotas.reserve(tenant, "f", 50, 50), Admitted)  # exactly 1000
+    assert not await quotas.settle(tenant, "b", 10, 80, "m")
 
 
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):

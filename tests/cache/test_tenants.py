@@ -51,6 +51,46 @@ async def test_tenant_crud(registry: TenantRegistry):
     assert [t.id for t in await registry.list_tenants()] == ["beta"]
 
 
+async def test_a_key_is_never_issued_to_a_tenant_deleted_since_it_was_read(registry: TenantRegistry, store: RedisStore):
+    """create_key reads the tenant, then writes the key in one script that checks it is
+    still the same tenant: a delete in between (and a tenant created again under the id)
+    leaves no key that outlives the tenant it was issued to."""
+    await registry.create_tenant("acme", "Acme")
+    before = await registry.get_tenant("acme")
+
+    async def stale(tenant_id: str) -> Tenant | None:  # the read happened before the delete
+        return before
+
+    registry.get_tenant = stale  # type: ignore[method-assign]
+    await registry.delete_tenant("acme")
+    with pytest.raises(TenantNotFound):
+        await registry.create_key("acme", "racing the delete")
+    await registry.create_tenant("acme", "Acme again")
+    with pytest.raises(TenantNotFound):
+        await registry.create_key("acme", "for the deleted one")
+    del registry.get_tenant
+    assert await registry.list_keys("acme") == []
+    assert [k async for k in store.client.scan_iter(match=store.key("key", "*"))] == []
+    _, plaintext = await registry.create_key("acme", "its own")
+    assert (await registry.authenticate(plaintext)).name == "Acme again"
+
+
+async def test_names_and_merged_quota_changes(registry: TenantRegistry):
+    await registry.create_tenant("acme", "Acme", quota=Quota(max_concurrent=2, requests_per_minute=5),
+                                 models=("x",))
+    for bad in (lambda: registry.create_tenant("long", "n" * 257), lambda: registry.update_tenant("acme", name="n" * 257),
+                lambda: registry.create_key("acme", "k" * 257)):
+        with pytest.raises(ValueError, match="at most 256 characters"):
+            await bad()
+    t = await registry.update_tenant("acme", quota_changes={"requests_per_minute": 100})
+    assert t.quota == Quota(max_concurrent=2, requests_per_minute=100) and t.models == ("x",)
+    t = await registry.update_tenant("acme", quota_changes={"max_concurrent": None}, models=None)
+    assert t.quota == Quota(requests_per_minute=100) and t.models is None
+    with pytest.raises(ValueError, match="max_concurrent"):
+        await registry.update_tenant("acme", quota_changes={"max_concurrent": -1})
+    assert await registry.get_tenant("acme") == t
+
+
 async def test_tenant_id_is_validated(registry: TenantRegistry):
     for bad in ["", "a b", "x" * 65, "a:b", "{a}"]:
         with pytest.raises(ValueError, match="tenant id"):

@@ -66,6 +66,7 @@ class FakeRuntime:
         self.registry = prometheus_client.CollectorRegistry()
         self.calls: list[GenerateCall] = []
         self.cancelled: set[str] = set()
+        self.refunded: set[str] = set()  # cancelled with their quota given back (`Accepted.refund`)
         self.finished: set[str] = set()
         self.cancel_events: dict[str, trio.Event] = {}
         self.reject: Rejected | None = None
@@ -97,7 +98,8 @@ class FakeRuntime:
         self.nursery.start_soon(self._produce, call, send)
         prompt = call.prompt or " ".join(m.content for m in call.messages or [])
         prompt_tokens = len(call.prompt_token_ids) if call.prompt_token_ids else len(prompt.split())
-        return Accepted(call.request_id, prompt_tokens, receive, cancel, rate_limits=self.rate_limits)
+        return Accepted(call.request_id, prompt_tokens, receive, cancel, rate_limits=self.rate_limits,
+                        refund=lambda: self.refunded.add(call.request_id))
 
     def prompt_logprobs(self, call: GenerateCall) -> list[PromptLogprob] | None:
         """With `prompt_logprobs` k: per prompt word (its id its index), logprob -1 - index

@@ -85,6 +85,43 @@ async def test_tenant_lifecycle(gateway: Gateway) -> None:
         assert (await client.get("/admin/tenants/acme")).status_code == 404
 
 
+async def test_patch_merges_and_a_bad_limit_or_name_is_a_400_naming_it(gateway: Gateway) -> None:
+    """PATCH is a JSON merge patch: a quota merges limit by limit (null: unlimited), null
+    models allow every model, null where a value is required is a 400; an out-of-range
+    limit names itself, and names are bounded."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        r = await client.post("/admin/tenants", json={"id": "pm", "name": "P", "models": ["x"],
+                                                      "quota": {"max_concurrent": 2, "requests_per_minute": 5}})
+        assert r.status_code == 201, r.text
+
+        async def patch(body: object) -> httpx.Response:
+            return await client.patch("/admin/tenants/pm", json=body)
+
+        r = await patch({"quota": {"requests_per_minute": 100}})
+        assert (r.json()["quota"]["max_concurrent"], r.json()["quota"]["requests_per_minute"]) == (2, 100)
+        r = await patch({"quota": {"max_concurrent": None}, "models": None})
+        assert (r.json()["quota"]["max_concurrent"], r.json()["quota"]["requests_per_minute"]) == (None, 100)
+        assert r.json()["models"] is None
+        for field in ("name", "priority", "shared_cache_pool"):
+            r = await patch({field: None})
+            assert (r.status_code, r.json()["error"]["param"]) == (400, field), r.text
+        r = await patch({"quota": None})
+        assert set(r.json()["quota"].values()) == {None}
+        for method, path, body, param in [
+            ("PUT", "/admin/tenants/pm/quota", {"max_concurrent": -1}, "max_concurrent"),
+            ("PATCH", "/admin/tenants/pm", {"quota": {"daily_token_budget": -5}}, "quota.daily_token_budget"),
+            ("POST", "/admin/tenants", {"id": "n", "name": "n", "quota": {"tokens_per_minute": -1}},
+             "quota.tokens_per_minute"),
+            ("POST", "/admin/tenants", {"id": "n", "name": "n" * 257}, "name"),
+            ("PATCH", "/admin/tenants/pm", {"name": "n" * 257}, "name"),
+            ("POST", "/admin/tenants/pm/keys", {"name": "k" * 257}, "name"),
+        ]:
+            r = await client.request(method, path, json=body)
+            assert (r.status_code, r.json()["error"]["param"]) == (400, param), (method, body, r.text)
+        assert (await client.get("/admin/tenants/n")).status_code == 404
+        assert set((await client.get("/admin/tenants/pm")).json()["quota"].values()) == {None}
+
+
 async def test_keys_create_use_revoke(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as admin:
         r = await admin.post("/admin/tenants/t1/keys", json={"name": "ci"})

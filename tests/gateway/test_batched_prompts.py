@@ -98,6 +98,7 @@ async def test_a_refused_prompt_refuses_the_batch_and_aborts_the_accepted_ones(g
     with trio.fail_after(5):
         await gateway.runtime.cancel_events[first.request_id].wait()
     assert second.request_id not in gateway.runtime.cancel_events
+    assert gateway.runtime.refunded == {first.request_id}  # the client got none of it: not charged
 
 
 async def test_a_failed_prompt_fails_the_batch_and_aborts_the_others(gateway: Gateway) -> None:
