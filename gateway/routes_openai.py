@@ -289,7 +289,7 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
             if schema is None:  # OpenAI's schema is optional: then any JSON object
                 found.append((GuidedDecoding("json_object"), "response_format"))
             else:  # the keys it names, and no others (`closed_objects`)
-                found.append((GuidedDecoding("json", _schema_text(closed_objects(schema), "response_format")),
+                found.append((GuidedDecoding("json", _schema_text(closed_objects(_parsed(schema)), "response_format")),
                               "response_format"))
         elif kind != "text":
             raise ApiError(400, f"response_format type must be \"text\", \"json_object\" or \"json_schema\", "
@@ -322,7 +322,7 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
                                param="structured_outputs")
             found.append((GuidedDecoding("json_object"), "structured_outputs"))
         elif kind == "json":
-            found.append((GuidedDecoding("json", _schema_text(close(value), "structured_outputs")),
+            found.append((GuidedDecoding("json", _schema_text(close(_parsed(value)), "structured_outputs")),
                           "structured_outputs"))
         elif kind == "choice":
             if not isinstance(value, list):
@@ -365,6 +365,17 @@ def guided_decoding(req: CompletionRequest | ChatRequest) -> tuple[GuidedDecodin
                            param=ws_field)
         guided = msgspec.structs.replace(guided, whitespace=whitespace)
     return guided, field
+
+
+def _parsed(schema: Any) -> Any:
+    """A schema given as its JSON text, parsed (so `closed_objects` can close it); anything
+    else, or text that is not JSON (the compiler's 400 then says why), as it is."""
+    if not isinstance(schema, str):
+        return schema
+    try:
+        return json.loads(schema)
+    except (ValueError, RecursionError):
+        return schema
 
 
 def _schema_text(schema: Any, param: str) -> str:
@@ -1007,7 +1018,10 @@ class ChunkRenderer:
         if self.endpoint != "chat.completions" or self.n <= 1 or self._role_sent:
             return None
         self._role_sent.update(range(self.n))
-        start = {"role": "assistant", "content": self.echo[0] if self.echo else ""}
+        # with tools, a choice that calls has no content (null, as OpenAI streams it): a ""
+        # here would stay in what the SDK assembles; text that follows replaces the null
+        blank = None if self.tools is not None else ""
+        start = {"role": "assistant", "content": self.echo[0] if self.echo else blank}
         return self._chunk([{"index": i, "delta": dict(start), "logprobs": None, "finish_reason": None}
                             for i in range(self.n)])
 

@@ -349,7 +349,11 @@ def own_params() -> Iterator[None]:
     try:
         yield
     except ApiError as exc:
-        exc.param = _PARAMS.get(exc.param or "", exc.param)
+        chat_field = exc.param or ""
+        exc.param = _PARAMS.get(chat_field, exc.param)
+        if chat_field in _PARAMS and exc.message.startswith(chat_field + ":"):  # "response_format: the JSON ..."
+            own = "text.format" if chat_field == "response_format" else exc.param
+            exc.message = f"{own}{exc.message[len(chat_field):]}"
         raise
 
 

@@ -178,6 +178,10 @@ def to_grammar(guided: GuidedDecoding) -> str:
     try:
         if guided.kind in ("json", "json_object"):
             schema = guided.spec if guided.kind == "json" else '{"type": "object"}'
+            if schema.strip() in ("true", "false"):  # boolean schemas: any JSON value, or none
+                if schema.strip() == "false":
+                    raise GuidedDecodingError("the JSON schema false matches no value")
+                schema = "{}"
             if guided.whitespace is None:
                 return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
             options = {"whitespace_pattern": guided.whitespace} if guided.whitespace else {"whitespace_flexible": False}
@@ -218,6 +222,7 @@ class GrammarCompiler:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
+        self._specials: tuple[str, ...] | None = None  # the texts of the tokenizer's special tokens
         self._protos: OrderedDict[GuidedDecoding, Any] = OrderedDict()
         self.compiled = 0  # grammars compiled (cache misses); read by tests
 
@@ -229,6 +234,23 @@ class GrammarCompiler:
                 self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
                 eos_token=list(self._tokenizer.eos_token_ids))
         return self._ll_tokenizer
+
+    def _special_texts(self) -> tuple[str, ...]:
+        if self._specials is None:
+            added = self._tokenizer.backend.get_added_tokens_decoder()
+            self._specials = tuple(sorted({t.content for t in added.values() if t.special and t.content}))
+        return self._specials
+
+    def _check_choices(self, guided: GuidedDecoding) -> None:
+        """`GuidedDecodingError` for a choice that spells a special token (`<|im_end|>`):
+        llguidance matches it neither as the token nor as plain text (the first step that
+        must write it fails the request), so it is refused before the request queues."""
+        specials = self._special_texts()
+        for i, choice in enumerate(json.loads(guided.spec)):
+            found = next((t for t in specials if t in choice), None)
+            if found is not None:
+                raise GuidedDecodingError(f"choice {i} spells the special token {found!r}, which a "
+                                          "constrained output cannot contain")
 
     def is_compiled(self, guided: GuidedDecoding) -> bool:
         """True when `guided` is in the cache (`check` and `matcher` will not compile)."""
@@ -255,6 +277,8 @@ class GrammarCompiler:
                 return proto
             if self._ll_tokenizer is None:
                 self._tok()
+        if guided.kind == "choice":
+            self._check_choices(guided)
         # compiled outside the lock: a large schema compiling for admission (seconds, in a
         # worker thread) must not hold up the engine's copies of cached ones
         grammar = to_grammar(guided)

@@ -92,6 +92,7 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
         bad = await http.post("/v1/responses", json={"model": model, "input": "x", "text": {"format": {
             "type": "json_schema", "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "text", bad.text
+        assert bad.json()["error"]["message"].startswith("text.format: "), bad.text  # the field the client sent
 
     def auto_call():  # type: ignore[no-untyped-def]
         with sdk.responses.stream(model=model, input=shown + question, tools=TOOLS, temperature=0,

@@ -50,6 +50,13 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     assert chat.opening() is None
     assert chat.delta(TokenDelta("c", 1, "x", [1], finish_reason="stop"))["choices"][0]["delta"] == {"content": "x"}
     assert ChunkRenderer("chat.completions", "d", MODEL, include_usage=False).opening() is None  # n == 1: not needed
+    # with tools, content opens null (a choice that calls has none; the SDK kept a "" as its content)
+    from gateway.tools import tool_calling
+
+    tools = tool_calling([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                         "required", None)
+    calling = ChunkRenderer("chat.completions", "t", MODEL, include_usage=False, n=2, tools=tools)
+    assert [c["delta"] for c in calling.opening()["choices"]] == [{"role": "assistant", "content": None}] * 2
     # every choice ended at its delta: the end is usage alone
     renderer = ChunkRenderer("completions", "s", MODEL, include_usage=True)
     renderer.delta(TokenDelta("s", 0, "x", [1], finish_reason="stop"))
@@ -819,6 +826,11 @@ def test_chat_logprobs_bytes_come_from_the_tokenizer() -> None:
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}},
      "json", '{"type": "integer"}', None, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}, "json_object", "", None,
+     "response_format"),
+    # a schema given as its JSON text is closed as an object is: the keys it names, and no others
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": json.dumps(
+        {"type": "object", "properties": {"a": {"type": "integer"}}})}}}, "json",
+     '{"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": false}', None,
      "response_format"),
     ({"guided_json": '{"type": "integer"}', "guided_whitespace_pattern": " ?"}, "json", '{"type": "integer"}', " ?",
      "guided_json"),

@@ -162,6 +162,23 @@ def test_compiler_caches_and_evicts_and_explains(compiler: GrammarCompiler) -> N
     compiler.check(GuidedDecoding("grammar", "start: "))  # the empty text: a match
 
 
+def test_a_choice_spelling_a_special_token_is_refused(compiler: GrammarCompiler) -> None:
+    """llguidance matches such a choice neither as the token nor as text (the step forced to
+    write it fails), so it is refused up front; a choice near one (`<|im_end`) is text."""
+    for choices in (["<|im_end|>"], ["yes", "a<|endoftext|>b"], ["<repo_name>"]):
+        with pytest.raises(GuidedDecodingError, match="spells the special token"):
+            compiler.check(GuidedDecoding("choice", json.dumps(choices)))
+    compiler.check(GuidedDecoding("choice", json.dumps(["<|im_end", "im_end|>"])))
+
+
+def test_boolean_json_schemas(compiler: GrammarCompiler, tokenizer) -> None:
+    """`true` is any JSON value (llguidance refuses it as it stands), `false` none: a 400."""
+    m = compiler.matcher(GuidedDecoding("json", "true"))
+    assert m.consume_tokens(tokenizer.encode('[1, "a"]')) and m.is_accepting()
+    with pytest.raises(GuidedDecodingError, match="matches no value"):
+        compiler.check(GuidedDecoding("json", "false"))
+
+
 def test_json_whitespace_is_bounded_by_default_and_can_be_removed(compiler: GrammarCompiler, tokenizer) -> None:
     def accepts(guided: GuidedDecoding, text: str) -> bool:
         m = compiler.matcher(guided)
