@@ -64,7 +64,7 @@ def _op(summary: str, *, body: str | None = None, ok: str = "200", admin: bool =
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"adminKey": []}] if admin else [{"apiKey": []}],
-        "responses": {ok: _ok(summary), **_errors(*(errors or ((401, 403) if admin else (400, 401))))},
+        "responses": {ok: _ok(summary), **_errors(*(errors or ((403, 503) if admin else (400, 401))))},
     }
     if admin:
         op["tags"] = ["admin"]
@@ -79,7 +79,7 @@ def openapi_document() -> dict[str, Any]:
     components["Error"] = _ERROR
     # absent is not null there (null: up to the context length), which msgspec cannot say
     components["CompletionRequest"]["properties"]["max_tokens"]["default"] = COMPLETIONS_MAX_TOKENS
-    gen_errors = (400, 401, 404, 413, 429, 503)
+    gen_errors = (400, 401, 404, 413, 429, 503, 504)  # 504: Cache-Control only-if-cached, not cached
     streaming = {
         "description": "JSON response, or with stream=true an SSE stream of chunks ending with `data: [DONE]`",
         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}},
@@ -147,22 +147,35 @@ def openapi_document() -> dict[str, Any]:
         "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": _ok("metrics", "text/plain")}}},
         "/admin/tenants": {
             "get": _op("List tenants", admin=True),
-            "post": _op("Create a tenant", body="TenantCreate", ok="201", admin=True, errors=(400, 403, 409)),
+            "post": _op("Create a tenant", body="TenantCreate", ok="201", admin=True, errors=(400, 403, 409, 503)),
         },
         "/admin/tenants/{tenant_id}": {
-            "get": _op("Read a tenant and its keys", admin=True, errors=(403, 404)),
-            "patch": _op("Update a tenant", body="TenantUpdate", admin=True, errors=(400, 403, 404)),
-            "delete": _op("Delete a tenant and its keys", admin=True, errors=(403, 404)),
+            "get": _op("Read a tenant and its keys", admin=True, errors=(403, 404, 503)),
+            "patch": _op("Update a tenant (a JSON merge patch)", body="TenantUpdate", admin=True,
+                         errors=(400, 403, 404, 503)),
+            "delete": _op("Delete a tenant and its keys", admin=True, errors=(403, 404, 503)),
         },
-        "/admin/tenants/{tenant_id}/quota": {"put": _op("Set the quota", body="QuotaBody", admin=True, errors=(400, 403, 404))},
+        "/admin/tenants/{tenant_id}/quota": {"put": _op("Set the quota", body="QuotaBody", admin=True,
+                                                        errors=(400, 403, 404, 503))},
         "/admin/tenants/{tenant_id}/keys": {
-            "get": _op("List keys", admin=True, errors=(403, 404)),
-            "post": _op("Create a key (plaintext returned once)", body="KeyCreate", ok="201", admin=True, errors=(403, 404)),
+            "get": _op("List keys", admin=True, errors=(403, 404, 503)),
+            "post": _op("Create a key (plaintext returned once)", body="KeyCreate", ok="201", admin=True,
+                        errors=(400, 403, 404, 503)),
         },
-        "/admin/keys/{key_id}": {"delete": _op("Revoke a key", admin=True, errors=(403, 404))},
+        "/admin/keys/{key_id}": {"delete": _op("Revoke a key", admin=True, errors=(403, 404, 503))},
+        "/admin/predictor": {
+            "get": _op("The length predictor: its kind and what it has learned", admin=True, errors=(403,)),
+            "put": {**_op("Serve from an uploaded Magnus predictor (`lmgate predictor train/export` file)",
+                          admin=True, errors=(400, 403, 409, 413)),
+                    "requestBody": {"required": True, "content": {"application/octet-stream": {
+                        "schema": {"type": "string", "format": "binary"}}}}},
+        },
+        "/admin/predictor/export": {"get": {
+            **_op("The Magnus predictor as a file", admin=True, errors=(403, 409)),
+            "responses": {"200": _ok("the predictor file", "application/octet-stream"), **_errors(403, 409)}}},
         "/admin/tenants/{tenant_id}/usage": {
             "get": {
-                **_op("Usage per UTC day and model", admin=True, errors=(400, 403, 404)),
+                **_op("Usage per UTC day and model", admin=True, errors=(400, 403, 404, 503)),
                 "parameters": [
                     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import httpx
 import trio
 
 from cache.redis_server import PrivateRedis
-from tests.gateway.conftest import MODEL, Gateway, start_gateway
+from tests.gateway.conftest import MODEL, FakeRuntime, Gateway, start_gateway
 
 
 async def test_healthz_and_readyz(gateway: Gateway) -> None:
@@ -69,7 +70,7 @@ async def test_metrics_may_ask_for_a_key(nursery: trio.Nursery, stores, gateway_
     stop.set()
 
 
-async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None:
+async def test_openapi_describes_public_and_admin_apis(gateway: Gateway, nursery: trio.Nursery) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url) as client:
         doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
@@ -78,6 +79,21 @@ async def test_openapi_describes_public_and_admin_apis(gateway: Gateway) -> None
                  "/v1/models", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/admin/tenants",
                  "/admin/tenants/{tenant_id}/usage"):
         assert path in doc["paths"]
+    # every route the app serves is described, with each of its methods
+    from gateway.app import create_app
+
+    app = create_app(FakeRuntime(nursery), gateway.stores, gateway.config)
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static" or rule.rule == "/openapi.json":
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        methods = {m.lower() for m in rule.methods or ()} - {"head", "options"}
+        if rule.websocket:
+            methods = {"get"}
+        assert path in doc["paths"], path
+        assert methods <= set(doc["paths"][path]), (path, methods)
+    admin_ops = [op for path, item in doc["paths"].items() if path.startswith("/admin") for op in item.values()]
+    assert all("401" not in op["responses"] and "403" in op["responses"] for op in admin_ops)  # never a 401
     schemas = doc["components"]["schemas"]
     assert "max_completion_tokens" in schemas["ChatRequest"]["properties"]
     assert "prompt" in schemas["CompletionRequest"]["required"]
