@@ -390,6 +390,13 @@ def epoch_day(day: dt.date) -> int:
     return (day - _EPOCH).days
 
 
+# How long a reservation (and its max_concurrent slot) outlives the gateway that took it,
+# if that gateway dies without settling: a live one extends its requests' every third of
+# it (`extend`, one call per tenant), so this bounds only how long a killed replica's
+# requests keep their tenant's slots.
+RESERVATION_TTL_S = 60.0
+
+
 class QuotaManager:
     """Atomic reserve / settle / release against a tenant's Quota.
 
@@ -403,7 +410,7 @@ class QuotaManager:
         self,
         store: RedisStore,
         *,
-        reservation_ttl_s: float = 600.0,
+        reservation_ttl_s: float = RESERVATION_TTL_S,
         usage_ttl_days: int = 400,
     ) -> None:
         if reservation_ttl_s <= 0:
