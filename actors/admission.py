@@ -276,7 +276,7 @@ class Admission:
         if max_tokens is None:
             if cap is not None and cap < 1:
                 raise _Refuse(400, "invalid_value",
-                              f"this key's max_tokens limit is {cap}: it may not generate", "max_tokens")
+                              f"this key's max_tokens limit is {cap}: it may not generate", call.max_tokens_param)
             if cap_kv:  # a cache smaller than the context window bounds what one request can grow to
                 room = min(room, cap_kv - n_prompt)
                 if room < 1:
@@ -291,11 +291,11 @@ class Admission:
             max_tokens = cap
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_value",
-                          f"max_tokens {max_tokens} exceeds this key's limit of {cap}", "max_tokens")
+                          f"{call.max_tokens_param} {max_tokens} exceeds this key's limit of {cap}", call.max_tokens_param)
         if n_prompt + max_tokens > self.config.max_model_len:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                          f"window of {self.config.max_model_len} tokens", "max_tokens")
+                          f"window of {self.config.max_model_len} tokens", call.max_tokens_param)
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} for {held_by}",
@@ -303,7 +303,7 @@ class Admission:
         if cap_kv and n_prompt + max_tokens > cap_kv:
             raise _Refuse(400, "context_length_exceeded",
                           f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
-                          f"{cap_kv} tokens this server's KV cache holds for {held_by}", "max_tokens")
+                          f"{cap_kv} tokens this server's KV cache holds for {held_by}", call.max_tokens_param)
         try:  # the request's own fields were checked; what is filled in here may clash with them
             return msgspec.structs.replace(p, max_tokens=max_tokens)
         except SamplingParamsError as e:

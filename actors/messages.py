@@ -93,6 +93,7 @@ class GenerateCall(msgspec.Struct, frozen=True):
     # params.max_tokens is the endpoint's default (completions' 16), not the client's: a
     # key's max_tokens_cap lowers it instead of refusing a number the client never sent
     max_tokens_default: bool = False
+    max_tokens_param: str = "max_tokens"  # the request field max_tokens came from (a 400's `param`)
 
 
 class Usage(msgspec.Struct, frozen=True):

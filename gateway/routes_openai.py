@@ -625,6 +625,8 @@ def to_generate_calls(
         arrival_time=time.time(),
         **cache.call_fields(),
         guided_field=guided[1],
+        max_tokens_param="max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None
+        else "max_tokens",
     )
     if isinstance(req, ChatRequest):
         if not req.messages:

@@ -334,6 +334,10 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
     rej = await runtime.submit(call(t, prompt="Hi", max_tokens=100))
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
+    rej = await runtime.submit(msgspec.structs.replace(call(t, prompt="Hi", max_tokens=100),
+                                                       max_tokens_param="max_completion_tokens"))
+    assert isinstance(rej, Rejected) and rej.param == "max_completion_tokens"  # the field the client sent
+    assert rej.message.startswith("max_completion_tokens 100 exceeds")
     # the same number as the endpoint's default (completions' 16), not the client's: capped
     acc = await runtime.submit(msgspec.structs.replace(call(t, prompt="Hi", max_tokens=100, ignore_eos=True),
                                                        max_tokens_default=True))

@@ -393,6 +393,9 @@ async def test_cache_control_header_reaches_the_call(gateway: Gateway) -> None:
         assert r.status_code == 200, r.text
         last = gateway.runtime.calls[-1]
         assert (last.cache_max_age_s, last.cache_min_fresh_s, last.cache_only) == (30, 5, True)
+        assert last.max_tokens_param == "max_tokens"
+        r = await client.post("/v1/chat/completions", json=chat_body(max_completion_tokens=1))
+        assert gateway.runtime.calls[-1].max_tokens_param == "max_completion_tokens"
         assert "Age" not in r.headers  # the fake runtime's answers are not from the cache
         # HTTP/1.0's Pragma: no-cache, unless Cache-Control says otherwise (RFC 9111 §5.4)
         r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1), headers={"Pragma": "no-cache"})
