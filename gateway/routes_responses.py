@@ -351,7 +351,7 @@ def own_params() -> Iterator[None]:
     except ApiError as exc:
         chat_field = exc.param or ""
         exc.param = _PARAMS.get(chat_field, exc.param)
-        if chat_field in _PARAMS and exc.message.startswith(chat_field + ":"):  # "response_format: the JSON ..."
+        if chat_field in _PARAMS and exc.message.startswith((chat_field + ":", chat_field + " ")):  # "response_format: ..."
             own = "text.format" if chat_field == "response_format" else exc.param
             exc.message = f"{own}{exc.message[len(chat_field):]}"
         raise

@@ -481,3 +481,19 @@ async def test_store_false_keeps_the_conversation_out_of_the_caches(gateway: Gat
                                                          "max_output_tokens": 1})
             assert r.status_code == 200, r.text
     assert [c.cache_store for c in gateway.runtime.calls] == [False, True]
+
+
+def test_errors_of_the_chat_path_name_the_responses_fields() -> None:
+    from gateway.errors import ApiError
+    from gateway.routes_responses import own_params
+
+    for chat_error, param, message in [
+        (ApiError(400, "max_completion_tokens 100 exceeds this key's limit of 4", param="max_completion_tokens"),
+         "max_output_tokens", "max_output_tokens 100 exceeds this key's limit of 4"),
+        (ApiError(400, "response_format: the JSON schema does not compile", param="response_format"),
+         "text", "text.format: the JSON schema does not compile"),
+        (ApiError(400, "temperature must be >= 0", param="temperature"), "temperature", "temperature must be >= 0"),
+    ]:
+        with pytest.raises(ApiError) as raised, own_params():
+            raise chat_error
+        assert (raised.value.param, raised.value.message) == (param, message)
