@@ -1314,7 +1314,8 @@ async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id:
 def check_batch(state: GatewayState, calls: list[GenerateCall]) -> None:
     """A batch that could never be admitted whole is a 400 now, not a 429/503 on every retry:
     more prompts than the queue holds (`--max-waiting`), than the key may run at once
-    (`max_concurrent`) or send in a minute (`requests_per_minute`)."""
+    (`max_concurrent`) or send in a minute (`requests_per_minute`), or more tokens than its
+    `tokens_per_minute` or `daily_token_budget` hold."""
     k = len(calls)
     limits = [(state.config.max_waiting, "this server queues at most {} requests")]
     quota = calls[0].tenant.quota
@@ -1325,6 +1326,22 @@ def check_batch(state: GatewayState, calls: list[GenerateCall]) -> None:
         if limit is not None and k > limit:
             raise ApiError(400, f"a batch of {k} prompts is {k} requests, and {what.format(limit)}: "
                            f"send at most {limit} prompts per request", code="invalid_value", param="prompt")
+    # each prompt reserves its tokens plus max_tokens per sequence: a batch whose least
+    # reservation (a token per prompt it has not tokenized yet) passes a token limit never fits
+    tokens = [(quota.tokens_per_minute, "a minute"), (quota.daily_token_budget, "a day")] if quota is not None else []
+    if any(limit is not None for limit, _ in tokens) and all(c.params.max_tokens is not None for c in calls):
+        need = 0
+        for c in calls:
+            out = c.params.max_tokens or 0
+            if c.max_tokens_default and quota is not None and quota.max_tokens_cap is not None:
+                out = min(out, quota.max_tokens_cap)  # admission lowers the endpoint's default to the cap
+            need += (len(c.prompt_token_ids) if c.prompt_token_ids is not None else 1) + out * max(
+                c.params.n, c.params.beam_width)
+        for limit, per in tokens:
+            if limit is not None and need > limit:
+                raise ApiError(400, f"a batch of {k} prompts reserves at least {need} tokens (its prompts and "
+                               f"max_tokens for each), and this key may use {limit} tokens {per}: send fewer "
+                               "prompts or a lower max_tokens", code="invalid_value", param="prompt")
 
 
 async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Failed]:

@@ -206,6 +206,18 @@ async def test_a_batch_that_can_never_be_admitted_whole_is_a_400(gateway: Gatewa
     assert r.json()["error"]["param"] == "prompt" and "at most 2" in r.json()["error"]["message"]
     assert gateway.runtime.calls == []
     assert (await post(gateway, {"prompt": ["a", "b"], "max_tokens": 1})).status_code == 200
+    # nor more tokens than its token limits hold: 2 × (40 + a token of prompt) > 80 a day
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": "Bearer " + ADMIN_KEY}) as admin:
+        assert (await admin.put(f"/admin/tenants/{gateway.tenant_id}/quota",
+                                json={"daily_token_budget": 80, "tokens_per_minute": 1000})).status_code == 200
+    calls = len(gateway.runtime.calls)
+    for body, per in (({"prompt": ["a", "b"], "max_tokens": 40}, "a day"),
+                      ({"prompt": [[1, 2, 3], [4]], "max_tokens": 20, "n": 2}, "a day")):  # 4 + 80 ids and tokens
+        r = await post(gateway, body)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt"), r.text
+        assert per in r.json()["error"]["message"]
+    assert len(gateway.runtime.calls) == calls
+    assert (await post(gateway, {"prompt": ["a", "b"], "max_tokens": 39})).status_code == 200
 
 
 async def test_a_tenants_batches_are_admitted_one_at_a_time(gateway: Gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
