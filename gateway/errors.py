@@ -80,7 +80,7 @@ class ApiError(Exception):
     def event_body(self) -> dict[str, Any]:
         """`body()` as a stream event carries it: with `retry_after` (seconds) beside the
         error, as a WebSocket frame does, since a stream's headers went out before it."""
-        return self.body() if self.retry_after is None else {**self.body(), "retry_after": self.retry_after}
+        return self.body() if self.retry_after is None else {**self.body(), "retry_after": round(self.retry_after, 3)}
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:

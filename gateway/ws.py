@@ -61,6 +61,8 @@ CLOSE_TOO_BIG = 1009
 MAX_UNREAD_REPLIES = 64
 UNREAD_REPLIES_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # for the last error frame and the close frame of a socket ending on an error
+CLOSE_DRAIN_S = 30.0  # then frames are read and dropped until the client closes, for at most this long,
+DRAIN_IDLE_S = 1.0  # and while they keep coming
 
 
 class AuthFrame(msgspec.Struct, tag="auth", tag_field="type"):
@@ -109,7 +111,7 @@ def frame_id_of(data: str | bytes) -> str | None:
 def error_frame(request_id: str | None, exc: ApiError) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "id": request_id, "status": exc.status, **exc.body()}
     if exc.retry_after is not None:
-        frame["retry_after"] = exc.retry_after
+        frame["retry_after"] = round(exc.retry_after, 3)  # seconds, to the millisecond
     return frame
 
 
@@ -344,6 +346,20 @@ async def _close_when_drained(session: Session, scope: trio.CancelScope) -> None
     scope.cancel()
 
 
+async def _drain_frames() -> None:
+    """After closing on an error, read and drop the client's frames while they keep coming
+    (a gap of DRAIN_IDLE_S ends it, as does CLOSE_DRAIN_S in all), so that its close or
+    EOF, which ends the handler, is read: a handler that returned leaves Hypercorn's queue
+    of the client's frames unread, and a client still sending (one that flooded without
+    reading) kept the connection open for good, its close never read."""
+    with trio.move_on_after(CLOSE_DRAIN_S):
+        while True:
+            with trio.move_on_after(DRAIN_IDLE_S) as idle:
+                await websocket.receive()
+            if idle.cancelled_caught:
+                return
+
+
 def ws_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("ws", __name__)
 
@@ -373,6 +389,8 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                         # tasks, whose sends may wait on the client, and the goodbye are done
                         nursery.start_soon(session.discard_frames)
                         requests.cancel_scope.cancel()  # (no "cancelled" frames: the socket is what ends)
+                else:
+                    nursery.start_soon(session.discard_frames)
                 session.writer.cancel()  # the queued answers go unsent: the socket is closing
                 with trio.move_on_after(CLOSE_TIMEOUT_S):
                     await session.send(error_frame(None, fatal))
@@ -381,6 +399,8 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                 nursery.cancel_scope.cancel()
             if session.drained:
                 await websocket.close(CLOSE_GOING_AWAY, "shutting_down")
+            else:
+                await _drain_frames()
         finally:
             state.metrics.ws_connections.dec()
         return None

@@ -386,6 +386,26 @@ async def test_a_client_that_writes_but_never_reads_then_resets_ends_its_socket(
             await gateway.runtime.cancel_events[rid].wait()
 
 
+async def test_a_client_that_floods_without_reading_then_ends_its_side_gets_the_connection_closed(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed as not reading, the socket is read on (frames dropped) until the client's
+    EOF or close: a handler that returned left Hypercorn's queue of the client's frames
+    unread, so a client still sending never had its EOF read and the server's end of the
+    connection stayed open for good."""
+    monkeypatch.setattr(ws_module, "UNREAD_REPLIES_S", 0.3)
+    raw = await RawWs.connect(gateway)
+    with trio.move_on_after(3):  # floods past the server giving up (and past it stopping to read, before)
+        i = 0
+        while True:
+            await raw.send_json({"type": "cancel", "id": f"u{i}"})
+            i += 1
+    raw.sock.shutdown(socket.SHUT_WR)
+    with trio.fail_after(15):
+        while await raw.sock.recv(65536):  # what the server sent, then its EOF: the connection ends
+            pass
+    raw.sock.close()
+
+
 async def test_a_client_that_reads_may_send_a_burst_of_frames_to_answer(gateway: Gateway) -> None:
     """A burst of frames the reader answers (here 150 cancels of unknown ids, or requests
     beyond the socket's stream limit) outruns the writer: the reader waits for it rather
@@ -405,3 +425,11 @@ async def test_a_client_that_reads_may_send_a_burst_of_frames_to_answer(gateway:
         assert [f["error"]["code"] for f in got] == ["unknown_request"] * 150
         await ws.send_json(request_frame("after", max_tokens=1))
         assert (await frames_until_done(ws, {"after"}))["after"][-1]["type"] == "done"
+
+
+def test_retry_after_in_error_frames_is_to_the_millisecond() -> None:
+    from gateway.errors import ApiError
+
+    exc = ApiError(429, "slow down", code="rate_limit_exceeded", retry_after=43.07073613900002)
+    assert ws_module.error_frame("r", exc)["retry_after"] == 43.071
+    assert exc.event_body()["retry_after"] == 43.071  # as SSE's error event carries it
