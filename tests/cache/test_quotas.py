@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import time
 
 import pytest
 import trio
 
 from cache.quotas import (
+    DONE_TTL_S,
     Admitted,
     Denied,
     DuplicateRequest,
@@ -124,6 +126,19 @@ async def test_daily_token_budget(quotas: QuotaManager):
     to_midnight = 86400 - now % 86400
     assert abs(denied.retry_after_s - to_midnight) < 5
     assert isinstance(await quotas.reserve(tenant, "c", 100, 100), Admitted)  # exactly 1000
+
+
+async def test_a_settled_id_stays_done_longer_than_settles_are_retried_and_no_longer(quotas: QuotaManager):
+    """One `done` key per request: kept past the accounting's hour of settle retries (a
+    retried settle whose first went through is not charged twice), then dropped."""
+    from actors.accounting import Accounting
+
+    tenant = make_tenant(Quota(daily_token_budget=1000))
+    assert isinstance(await quotas.reserve(tenant, "once", 10, 10), Admitted)
+    assert await quotas.settle(tenant, "once", 10, 5, "m")
+    ttl = await quotas.store.client.ttl(quotas._base("acme") + "done:once")
+    patience = inspect.signature(Accounting).parameters["settle_patience_s"].default
+    assert patience < ttl <= DONE_TTL_S < 86400
 
 
 async def test_reset_limits_forgets_enforcement_but_keeps_usage(quotas: QuotaManager):
