@@ -240,7 +240,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
                 tenant_id, name=given(body.name), priority=given(body.priority),
                 shared_cache_pool=given(body.shared_cache_pool),
                 quota=Quota() if body.quota is None else None,
-                quota_changes=given(body.quota) and body.quota.changes(),  # type: ignore[union-attr]
+                quota_changes=body.quota.changes() if isinstance(body.quota, QuotaPatch) else None,
                 models=body.models if body.models is msgspec.UNSET else models_of(body.models),
             )
         except ValueError as exc:

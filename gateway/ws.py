@@ -19,6 +19,7 @@ and close code 1009 (message too big).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -162,13 +163,17 @@ class Session:
             async for frame in self.replies[1]:
                 await self.send(frame)
 
-    async def discard_frames(self) -> None:
-        """Read and drop frames until cancelled: while a socket ends, a connection lost
-        reaches the app as Hypercorn's `websocket.disconnect` through queues that only
-        reading empties; left full, the send that found the connection gone waits on
-        them for ever (and with it the socket's handler)."""
+    async def discard_frames(self, *, idle_s: float = math.inf) -> None:
+        """Read and drop frames until cancelled, or until none came for `idle_s`: while a
+        socket ends, a connection lost (or the client's close or EOF) reaches the app as
+        Hypercorn's `websocket.disconnect` through queues that only reading empties; left
+        full, the send that found the connection gone waits on them for ever (and with it
+        the socket's handler), and a client still sending never has its close read."""
         while True:
-            await websocket.receive()
+            with trio.move_on_after(idle_s) as idle:
+                await websocket.receive()
+            if idle.cancelled_caught:
+                return
 
     async def receive(self) -> str | bytes:
         """Next frame; raises ApiError(413) if it is above the size limit."""
@@ -346,20 +351,6 @@ async def _close_when_drained(session: Session, scope: trio.CancelScope) -> None
     scope.cancel()
 
 
-async def _drain_frames() -> None:
-    """After closing on an error, read and drop the client's frames while they keep coming
-    (a gap of DRAIN_IDLE_S ends it, as does CLOSE_DRAIN_S in all), so that its close or
-    EOF, which ends the handler, is read: a handler that returned leaves Hypercorn's queue
-    of the client's frames unread, and a client still sending (one that flooded without
-    reading) kept the connection open for good, its close never read."""
-    with trio.move_on_after(CLOSE_DRAIN_S):
-        while True:
-            with trio.move_on_after(DRAIN_IDLE_S) as idle:
-                await websocket.receive()
-            if idle.cancelled_caught:
-                return
-
-
 def ws_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("ws", __name__)
 
@@ -399,8 +390,11 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                 nursery.cancel_scope.cancel()
             if session.drained:
                 await websocket.close(CLOSE_GOING_AWAY, "shutting_down")
-            else:
-                await _drain_frames()
+            else:  # closed on an error: read the client's frames while they keep coming, so that
+                # its close or EOF, which ends this handler, is read (a handler that returned left
+                # them unread, and a client that flooded without reading kept the connection open)
+                with trio.move_on_after(CLOSE_DRAIN_S):
+                    await session.discard_frames(idle_s=DRAIN_IDLE_S)
         finally:
             state.metrics.ws_connections.dec()
         return None
