@@ -18,7 +18,9 @@ backoff for up to `settle_patience_s` (default one hour), so a Redis outage dela
 request's usage record and frees its `max_concurrent` slot late, but does not lose
 them: a settle after the reservation's TTL still records the usage. Requests served
 fail-open while Redis was down (no reservation) are settled the same way, so their
-usage is recorded once Redis is back. `pending` counts requests not yet fully
+usage is recorded once Redis is back. Metrics and predictor feedback do not wait for the
+settle: the dashboards show what is served during an outage, when it is served.
+`pending` counts requests not yet fully
 accounted (the runtime's shutdown waits for it to reach 0).
 """
 
@@ -169,18 +171,17 @@ class Accounting:
             settled.set()
 
     async def _record(self, r: UsageRecord) -> None:
+        self.metrics.requests.labels(r.tenant_id, r.outcome).inc()
         await self._settle(r.quota_tenant, r.request_id, reserved=r.reserved, ran=r.ran,
                            prompt_tokens=r.prompt_tokens, completion_tokens=0, model=r.model, settled=r.settled)
-        self.metrics.requests.labels(r.tenant_id, r.outcome).inc()
 
-    async def _handle(self, c: Completed) -> None:
+    def _observe(self, c: Completed, ran: bool) -> None:
+        """The request's metrics: counted when it ends, not once its quota is settled (a
+        settle waits for Redis, for up to `settle_patience_s` in an outage, while requests
+        are still served fail-open)."""
         st = c.state
         tenant = st.tenant_id
-        ran = (bool(st.scheduled_at) or c.outcome == "cached") and not st.refunded
-        await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
-                           prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-                           model=st.adapter or self.model_name, settled=st.settled)
-        if c.outcome in ("rejected",):
+        if c.outcome == "rejected":
             return
         self.metrics.requests.labels(tenant, c.outcome).inc()
         if not ran:  # cancelled or refused before the engine had it: nothing billed, nothing counted
@@ -199,17 +200,32 @@ class Accounting:
                 )
         if st.scheduled_at:
             self.service_time.observe(st.finished_at - st.scheduled_at)
+
+    def _feed_back(self, st: Any) -> None:
+        """The predictor learns how long sampled answers run; beam search favours other
+        lengths, and a scoring request (prompt logprobs, or no output at all) says nothing
+        of them. Advisory: never stalls accounting (dropped when the predictor's inbox is full)."""
         finish = st.finish_reasons.get(0)
-        # the predictor learns how long sampled answers run; beam search favours other lengths,
-        # and a scoring request (prompt logprobs, or no output at all) says nothing of them
         p = st.params
         if (p.n == 1 and not p.use_beam_search and p.prompt_logprobs is None and p.max_tokens != 0
                 and finish in ("stop", "length")):
             try:
-                self.feedback.send_nowait(LengthFeedback(tenant, st.app, st.completion_tokens,
+                self.feedback.send_nowait(LengthFeedback(st.tenant_id, st.app, st.completion_tokens,
                                                          st.length_features, finish))
             except trio.WouldBlock:
-                pass  # feedback is advisory; never stall accounting for it
+                pass
+
+    async def _handle(self, c: Completed) -> None:
+        st = c.state
+        ran = (bool(st.scheduled_at) or c.outcome == "cached") and not st.refunded
+        self._observe(c, ran)
+        if c.outcome == "ok" and ran:
+            self._feed_back(st)
+        await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
+                           prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                           model=st.adapter or self.model_name, settled=st.settled)
+        if c.outcome != "ok" or not ran:
+            return
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:
             await self._store(st)
 

@@ -48,6 +48,17 @@ from gpu.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def arrival_of(call: GenerateCall) -> float:
+    """When `call` reached the server, on the monotonic clock: the gateway's wall-clock
+    `arrival_time` carried over, so that time to first token and end-to-end latency include
+    admission (tokenizing, the prompt-cache lookup, compiling a constraint, the quota), as a
+    client sees them. Now when the call has no arrival time."""
+    now = time.monotonic()
+    if not call.arrival_time:
+        return now
+    return now - min(max(0.0, time.time() - call.arrival_time), 3600.0)
+
+
 @dataclass(frozen=True)
 class AdmissionConfig:
     model_name: str
@@ -164,6 +175,11 @@ class Admission:
         self.quotas = quotas
         self.response_cache = response_cache
         self.prompt_cache = prompt_cache
+        # what the prompt cache keys renderings by (its `model`): the served name, and the tokenizer and chat
+        # template (replicas that share a name need not share them: a rolling update, a GGUF
+        # beside a folder; one must not read the other's token ids)
+        self.rendered_by = (f"{config.model_name}@{getattr(tokenizer, 'fingerprint', '')}"
+                             if prompt_cache is not None else config.model_name)
         self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
         self.on_cancel = on_cancel
@@ -210,11 +226,13 @@ class Admission:
                       "continue_final_message": call.continue_final_message}
             if self.prompt_cache is not None:
                 try:
-                    hit = await self.prompt_cache.get(scope_for(call.tenant.as_tenant()), self.config.model_name,
+                    hit = await self.prompt_cache.get(scope_for(call.tenant.as_tenant()), self.rendered_by,
                                                       msgs, **ending)
+                    result = "hit" if hit is not None else "miss"
                 except CacheUnavailable:
-                    hit = None
-                self.metrics.prompt_cache_lookups.labels("hit" if hit else "miss").inc()
+                    hit, result = None, "error"
+                    self.metrics.redis_errors.labels("prompt_cache_get").inc()
+                self.metrics.prompt_cache_lookups.labels(result).inc()
                 if hit is not None:
                     return list(hit.token_ids), None
             try:
@@ -243,11 +261,11 @@ class Admission:
 
         msgs, text, ids = rendering
         try:
-            await self.prompt_cache.put(scope_for(call.tenant.as_tenant()), self.config.model_name, msgs,
+            await self.prompt_cache.put(scope_for(call.tenant.as_tenant()), self.rendered_by, msgs,
                                         call.add_generation_prompt, RenderedPrompt(text, ids),
                                         call.continue_final_message)
         except CacheUnavailable:
-            pass
+            self.metrics.redis_errors.labels("prompt_cache_put").inc()
 
     def _resolve_params(self, call: GenerateCall, n_prompt: int) -> SamplingParams:
         p = call.params
@@ -331,7 +349,6 @@ class Admission:
                 self.metrics.grammar_compile.observe(time.monotonic() - start)
         except GuidedDecodingError as e:
             raise _Refuse(400, "invalid_value", f"{field}: {e}", field) from None
-        self.metrics.structured.labels(p.guided.kind).inc()
         return grammar
 
     def _kv_room(self, p: SamplingParams) -> tuple[int, str]:
@@ -514,6 +531,7 @@ class Admission:
         pending = False
         st: RequestState | None = None
         admitted = False
+        grammar = None
         try:
             self.check_rpm_block(call.tenant)
             adapter = await self._adapter(call.model)
@@ -528,7 +546,7 @@ class Admission:
             st = RequestState(call, ids, params, prio, send,
                               cacheable=is_cacheable(params) and call.cache_store,
                               adapter=adapter[0] if adapter else None, adapter_key=adapter[1] if adapter else None,
-                              grammar=grammar)
+                              grammar=grammar, arrival=arrival_of(call))
             send.close()
             recv.close()
             if sink is not None:
@@ -567,6 +585,8 @@ class Admission:
                 self.pending -= 1
             if not admitted and st is not None:
                 st.events.close()  # (a sink's clone must not hold the shared stream open)
+            if admitted and grammar is not None:  # counted once admitted: not a request refused after compiling
+                self.metrics.structured.labels(st.params.guided.kind).inc()
 
         def cancel() -> None:
             st.cancelled = True

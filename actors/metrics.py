@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# up to ~10 minutes: an overloaded server's queue time and end-to-end latency (and a long
+# non-streamed answer's HTTP time) run to minutes, and a quantile past the last bucket reads as it
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                   80.0, 160.0, 320.0, 640.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -24,7 +27,7 @@ class Metrics:
         self.ttft = Histogram(
             "lmgate_time_to_first_token_seconds", "Time to first token (streamed decoding; not beam search)",
             ["tenant"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS, registry=r,
         )
         self.tpot = Histogram(
             "lmgate_time_per_output_token_seconds",
@@ -33,11 +36,11 @@ class Metrics:
         )
         self.e2e = Histogram(
             "lmgate_e2e_request_latency_seconds", "End-to-end request latency", ["tenant"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_time = Histogram(
             "lmgate_request_queue_time_seconds", "Time from admission to the engine", ["tenant"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter(
             "lmgate_prompt_tokens", "Prompt tokens billed: of requests the engine ran (to the end or not) or the "
@@ -46,11 +49,17 @@ class Metrics:
             "lmgate_generation_tokens", "Tokens the engine generated (not those of answers from the response cache)",
             ["tenant"], registry=r
         )
-        self.waiting = Gauge("lmgate_num_requests_waiting", "Requests waiting in the queue", registry=r)
-        self.running = Gauge("lmgate_num_requests_running", "Requests in the engine", registry=r)
+        # read at scrape time (`Runtime` sets its function): admitted requests on their way
+        # through the predictor, in the queue, in the stepper's intake, and sequences waiting
+        # in the engine (preempted ones included) — what admission's overload check counts
+        self.waiting = Gauge("lmgate_num_requests_waiting", "Requests admitted and not yet running: in the "
+                             "predictor, the queue, the stepper's intake, and sequences waiting in the engine "
+                             "(preempted ones included)", registry=r)
+        self.running = Gauge("lmgate_num_requests_running", "Sequences in the engine's running set (each choice "
+                             "of an n>1 request and each beam counts)", registry=r)
         self.kv_usage = Gauge("lmgate_kv_cache_usage_ratio", "Share of KV blocks in use", registry=r)
         self.batch_size = Histogram(
-            "lmgate_step_batch_size", "Sequences per engine step",
+            "lmgate_step_batch_size", "Sequences per engine step (prefill chunks and decodes)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
         )
         self.step_time = Histogram(
@@ -62,7 +71,8 @@ class Metrics:
             ["result"], registry=r
         )
         self.prompt_cache_lookups = Counter(
-            "lmgate_prompt_cache_lookups", "Prompt cache lookups", ["result"], registry=r
+            "lmgate_prompt_cache_lookups", "Prompt cache lookups of chat requests: hit, miss, or error (Redis did not "
+            "answer: rendered anew)", ["result"], registry=r
         )
         self.actor_restarts = Counter(
             "lmgate_actor_restarts", "Actors restarted after a crash", ["actor"], registry=r
@@ -124,5 +134,6 @@ class Metrics:
             "Quota settles/releases waiting for Redis to come back (usage not yet recorded)", registry=r,
         )
         self.redis_errors = Counter(
-            "lmgate_redis_errors", "Redis operations that failed", ["op"], registry=r
+            "lmgate_redis_errors", "Redis calls of the request path that failed: op=reserve, settle, release, "
+            "extend, response_cache_get, response_cache_put, prompt_cache_get or prompt_cache_put", ["op"], registry=r
         )

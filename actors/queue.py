@@ -125,8 +125,6 @@ class QueueActor:
                 st.events.close()
                 self.completed.send_nowait(Completed(st, "cancelled"))
                 gone += 1
-        if gone:
-            self.metrics.waiting.set(len(self.policy))
         return gone
 
     async def _purger(self) -> None:
@@ -169,7 +167,6 @@ class QueueActor:
                 self.completed.send_nowait(Completed(st, "cancelled"))
                 continue
             self.policy.on_arrival(job_of(st, trio.current_time()), trio.current_time())
-            self.metrics.waiting.set(len(self.policy))
             self._arrived.set()
 
     async def _release(self, slots: int) -> int:
@@ -178,8 +175,6 @@ class QueueActor:
         self._reconcile(now)
         sent = 0
         released = self.policy.release(now, self._current_view(slots))[:slots]
-        if released:  # (a release of cancelled requests alone sends nothing: the gauge stayed at them)
-            self.metrics.waiting.set(len(self.policy))
         self._report_kv()
         for job in released:
             st: RequestState = job.payload
@@ -222,7 +217,6 @@ class QueueActor:
                     timeout = min(timeout, max(0.0, wake - trio.current_time()))
                 with trio.move_on_after(timeout):
                     await self._arrived.wait()
-            self.metrics.waiting.set(len(self.policy))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -235,6 +235,9 @@ class Runtime:
             self._done_recv, self.metrics, model_name=self.model_name, feedback=self._fb_send,
             service_time=self._service_time, quotas=quotas, response_cache=response_cache,
         )
+        # read at scrape time: never stale (after a drain, between steps)
+        self.metrics.waiting.set_function(self.waiting)
+        self.metrics.running.set_function(lambda: self.engine.scheduler.num_running)
 
     # ------------------------------------------------------------------ models
     def served_models(self) -> list[str]:

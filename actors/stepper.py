@@ -191,7 +191,6 @@ class Stepper:
         """The engine's gauges and counters into /metrics: after every step, and after
         aborts, which free KV blocks and running slots between steps."""
         stats = self.engine.stats()
-        self.metrics.running.set(stats["running"])
         self.metrics.kv_usage.set(stats["kv_usage"])
         self.metrics.lora_loaded.set(stats.get("lora_loaded", 0))
         for key, counter in self._exported.items():
@@ -355,7 +354,8 @@ class Stepper:
             self.mean_step_s = dt if self.mean_step_s == 0 else self.mean_step_s + STEP_TIME_EWMA * (dt - self.mean_step_s)
             self.step_cost.observe(self.engine.last_step_tokens, dt)
             self.metrics.step_time.observe(dt)
-            self.metrics.batch_size.observe(len({d.request_id for d in deltas}) or 1)
+            if self.engine.last_step_seqs:
+                self.metrics.batch_size.observe(self.engine.last_step_seqs)
             for d in deltas:
                 self._route(d)
             self._export_stats()

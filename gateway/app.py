@@ -39,6 +39,7 @@ from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
+from actors.metrics import LATENCY_BUCKETS
 from cache.quotas import QuotaManager, RateLimits
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
@@ -130,6 +131,16 @@ def bearer(header: str | None) -> str | None:
     return token.strip()
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The `method` label: a method the API knows, else "other". The HTTP parser accepts any
+    token as a method, and a label taken from the client would let anyone, without a key,
+    add a series per request (404s and 405s are counted too)."""
+    return method if method in HTTP_METHODS else "other"
+
+
 @dataclass
 class HttpMetrics:
     """Gateway-side metrics, registered on the runtime's registry (one app per registry)."""
@@ -152,6 +163,7 @@ class HttpMetrics:
                 "lmgate_http_request_duration_seconds",
                 "Time to response headers by route (for streams: until the stream starts, not its end)",
                 ["route"],
+                buckets=LATENCY_BUCKETS,
                 registry=registry,
             ),
             ws_connections=prometheus_client.Gauge(
@@ -169,8 +181,9 @@ class RecentKeys:
 
     Degraded mode: when the key store cannot be asked, a key that Redis accepted
     within `max_age_s` keeps working (its tenant as last seen), so an outage does
-    not log out every active client; unknown keys get 503. Revocations made during
-    the outage are not seen (they could not be read anyway). Entries are keyed by
+    not log out every active client; unknown keys get 503. A revocation is not seen
+    until Redis answers again: one made during the outage, or in the `max_age_s` before
+    it through another replica (this one remembers the key as it last saw it). Entries are keyed by
     SHA-256 of the key, never the plaintext; the table is bounded (oldest evicted).
     """
 
@@ -473,7 +486,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     async def _count(response: Response) -> Response:
         route = _route_label()
         tenant = getattr(g, "tenant_id", "-")
-        state.metrics.requests.labels(route, request.method, str(response.status_code), tenant).inc()
+        state.metrics.requests.labels(route, method_label(request.method), str(response.status_code), tenant).inc()
         started = getattr(g, "started", None)
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)

@@ -249,6 +249,7 @@ class Engine:
                          "prefill_tokens_fed": 0, "decode_tokens_fed": 0}
         self._started: set[str] = set()
         self.last_step_tokens = 0  # tokens fed to the latest step (prefill chunks + decodes)
+        self.last_step_seqs = 0  # sequences in the latest step's plan (prefill chunks, decodes, beams, n>1 choices)
 
     def _load_checkpoint(self):
         if not self.config.model_cache_dir:
@@ -442,6 +443,7 @@ class Engine:
     def step(self) -> list[StepDelta]:
         """One engine step: schedule → run → sample → detokenize/stop → deltas."""
         plan = self.scheduler.schedule()
+        self.last_step_seqs = len(plan.seqs)
         if not plan.seqs:
             return []
         self.num_steps += 1

@@ -31,6 +31,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -264,6 +265,16 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message)
         return self.encode(text, add_special_tokens=False)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What tells this tokenizer and chat template from another's: a hash of both (a
+        cache of rendered prompts keys by it, so that a server whose model name is another
+        server's, but not its tokenizer or template, never reads the other's token ids)."""
+        digest = hashlib.sha256(self.to_hf_tokenizer_json().encode())
+        digest.update(b"\0" + (self.chat_template or "").encode())
+        digest.update(b"\0" + repr(self.to_hf_tokenizer_config()).encode())
+        return digest.hexdigest()[:16]
 
     # ----------------------------------------------------------- serialization
     def to_hf_tokenizer_json(self) -> str:

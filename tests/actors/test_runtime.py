@@ -16,6 +16,7 @@ import signal
 from dataclasses import replace
 
 import msgspec
+import prometheus_client
 import pytest
 import trio
 
@@ -152,7 +153,8 @@ async def test_cancel_mid_stream_frees_blocks_and_settles_once(runtime, services
     await wait_until(lambda: not engine.has_unfinished() and runtime.accounting.settled >= 1)
     assert engine.block_manager.num_free_blocks == engine.num_blocks
     # /metrics follows the abort, though no step ran after it
-    assert runtime.metrics.running._value.get() == 0 and runtime.metrics.kv_usage._value.get() == 0
+    scraped = prometheus_client.generate_latest(runtime.registry).decode().splitlines()
+    assert "lmgate_num_requests_running 0.0" in scraped and "lmgate_kv_cache_usage_ratio 0.0" in scraped
     [row] = await usage_rows(services["quotas"], "acme")
     assert row.requests == 1
     assert 3 <= row.completion_tokens < 600
@@ -260,6 +262,9 @@ async def test_a_settle_during_a_redis_outage_lands_once_redis_is_back(runtime, 
     await wait_until(lambda: acc.settled.is_set() and calls["n"] >= 1, timeout=2)  # (else after 3+ s of retries)
     assert runtime.accounting.settled == 0
     await wait_until(lambda: runtime.metrics.settle_backlog._value.get() == 1)  # waiting for Redis, not dropped
+    # served meanwhile, and counted as served: the metrics do not wait for the settle
+    assert runtime.metrics.requests.labels("outage", "ok")._value.get() == 1
+    assert runtime.metrics.generation_tokens.labels("outage")._value.get() == fin.usage.completion_tokens
     await wait_until(lambda: runtime.accounting.settled == 1, timeout=20)
     assert calls["n"] == 6 and runtime.metrics.settle_backlog._value.get() == 0
     [row] = await usage_rows(quotas, "outage")
@@ -681,6 +686,9 @@ async def test_higher_tier_tenant_runs_first(nursery, ckpt, tokenizer, services)
             n.start_soon(run, bronze, f"b{i}")
         await wait_until(lambda: rt.waiting() == 3)
         assert rt.engine.scheduler.num_running == 1 and not order  # b0 still holds the seat
+        scraped = prometheus_client.generate_latest(rt.registry).decode()
+        gauges = [line for line in scraped.splitlines() if line.startswith("lmgate_num_requests_")]
+        assert gauges == ["lmgate_num_requests_waiting 3.0", "lmgate_num_requests_running 1.0"], gauges
         n.start_soon(run, gold, "gold")
     assert order[0] == "b0" and order[1] == "gold", order
 
@@ -1063,17 +1071,17 @@ async def test_a_refused_chat_request_stores_nothing_in_the_prompt_cache(runtime
     too_long = await runtime.submit(call(tenant(), messages=[ChatMessage("user", "word " * 3000)], max_tokens=4))
     assert isinstance(too_long, Rejected) and too_long.status == 400
     scope = scope_for(acme.as_tenant())
-    assert await cache.get(scope, MODEL, as_dicts) is None
-    assert await cache.get(scope, MODEL, [{"role": "user", "content": "word " * 3000}]) is None
+    assert await cache.get(scope, runtime.admission.rendered_by, as_dicts) is None
+    assert await cache.get(scope, runtime.admission.rendered_by, [{"role": "user", "content": "word " * 3000}]) is None
     other = tenant(id="other")
     ok = await runtime.submit(call(other, messages=msgs, max_tokens=4))
     assert isinstance(ok, Accepted)
     await collect(ok)
-    hit = await cache.get(scope_for(other.as_tenant()), MODEL, as_dicts)
+    hit = await cache.get(scope_for(other.as_tenant()), runtime.admission.rendered_by, as_dicts)
     assert hit is not None and list(hit.token_ids) and hit.text.endswith("assistant\n")
     # stored for its tenant only: whether an entry exists shows in time, and tells whether
     # someone sent that exact conversation
-    assert await cache.get(scope, MODEL, as_dicts) is None
+    assert await cache.get(scope, runtime.admission.rendered_by, as_dicts) is None
 
 
 async def test_a_no_store_chat_request_leaves_its_conversation_out_of_the_prompt_cache(runtime, services):
@@ -1083,7 +1091,7 @@ async def test_a_no_store_chat_request_leaves_its_conversation_out_of_the_prompt
     ok = await runtime.submit(msgspec.structs.replace(call(t, messages=msgs, max_tokens=2), cache_store=False))
     assert isinstance(ok, Accepted)
     await collect(ok)
-    assert await cache.get(scope_for(t.as_tenant()), MODEL, [{"role": "user", "content": msgs[0].content}]) is None
+    assert await cache.get(scope_for(t.as_tenant()), runtime.admission.rendered_by, [{"role": "user", "content": msgs[0].content}]) is None
 
 
 async def test_token_metrics_count_what_was_billed_and_what_the_engine_generated(runtime, services):

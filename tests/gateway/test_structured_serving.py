@@ -121,6 +121,17 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         assert re.search(r'lmgate_structured_requests_total\{kind="choice"\} 3\.0', metrics)  # a batch: 3 requests
         assert re.search(r"lmgate_grammar_compile_seconds_count [1-9]", metrics)
 
+        # refused after its constraint compiled (only-if-cached, and nothing stored): not counted
+        def regex_count(text: str) -> float:
+            found = re.search(r'lmgate_structured_requests_total\{kind="regex"\} ([0-9.]+)', text)
+            return float(found.group(1)) if found else 0.0
+
+        r = await http.post("/v1/completions", headers={"Cache-Control": "only-if-cached"}, json={
+            "model": model, "prompt": "A prompt never sent before", "max_tokens": 4, "temperature": 0,
+            "guided_regex": "[a-z]+"})
+        assert r.status_code == 504, r.text
+        assert regex_count((await http.get("/metrics")).text) == regex_count(metrics)
+
         # a regex that compiles but passes llguidance's lexer limit on its first token: the
         # request fails (a 400 naming the field, an error event when streamed), never a "stop"
         # with unconstrained text; the server goes on

@@ -143,6 +143,16 @@ def test_hf_folder_roundtrip(tok, tmp_path):
     assert again.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
 
 
+def test_fingerprint_tells_tokenizers_and_templates_apart(tok, tmp_path):
+    """The prompt cache keys renderings by it: the same tokenizer and template (saved and
+    loaded again) agree; another template over the same vocabulary does not."""
+    (tmp_path / "tokenizer.json").write_text(tok.to_hf_tokenizer_json())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.to_hf_tokenizer_config()))
+    assert load_tokenizer(tmp_path).fingerprint == tok.fingerprint
+    other = Tokenizer(tok.backend, TokenizerSpec(tok.bos_token_id, tok.eos_token_ids[0], "{{ messages[0]['content'] }}"))
+    assert other.fingerprint != tok.fingerprint
+
+
 def test_generation_config_eos_list_is_honoured(tok, tmp_path):
     (tmp_path / "tokenizer.json").write_text(tok.to_hf_tokenizer_json())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.to_hf_tokenizer_config()))

@@ -1,0 +1,36 @@
+"""The metrics /metrics exports, against their documentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from actors.metrics import Metrics
+from gateway.app import HttpMetrics, method_label
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+
+
+def test_every_exported_metric_is_documented_with_its_labels() -> None:
+    """docs/api.md's table names each metric (a counter by its `_total` name) and its labels."""
+    metrics = Metrics()
+    HttpMetrics.register(metrics.registry)
+    docs = DOCS.read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[3] for line in docs.splitlines()
+            if line.startswith("| `lmgate_")}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert name in rows, f"{name} is not in docs/api.md's metrics table"
+        collector = metrics.registry._names_to_collectors[family.name if family.type != "counter" else name]
+        labels = set(getattr(collector, "_labelnames", ()))
+        documented = {label.strip() for label in rows[name].split(",") if label.strip()}
+        assert documented == labels, (name, documented, labels)
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in metrics.registry.collect()}
+    assert set(rows) <= exported, set(rows) - exported  # no row of a metric that is gone
+
+
+def test_the_method_label_takes_no_value_from_the_client() -> None:
+    """Any token is a method to the HTTP parser: a label of it would let anyone, without a
+    key, add a series per request."""
+    assert [method_label(m) for m in ("GET", "POST", "DELETE", "XYZ0001", "get")] == [
+        "GET", "POST", "DELETE", "other", "other"]
+
