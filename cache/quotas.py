@@ -30,15 +30,17 @@ Windows (per tenant):
   (retry_after_s None).
 - daily_token_budget: fixed UTC day. Retry-After = seconds to UTC midnight.
 - max_concurrent: ZSET request_id -> expiry ms; expired entries (a crashed
-  replica never settled) are dropped on every reserve. Retry-After = 1 s (we
-  cannot know when a running request finishes).
+  replica never settled) are dropped on every reserve, and the tokens they held
+  against the minute and the day are given back (a late settle charges the real
+  usage instead). Retry-After = 1 s (we cannot know when a running request finishes).
 - max_tokens_cap: per sequence (each of a request's `n` choices or beams),
   max_new_tokens above it is denied for good (callers that prefer clamping clamp
   before reserving).
 
 Keys (all under ``{prefix}q:{<tenant>}:``, the braces are a cluster hash tag so a
 tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
-``day:<epoch_day>``, ``res:<rid>`` (reservation hash, TTL), ``done:<rid>``
+``day:<epoch_day>``, ``res:<rid>`` (reservation hash: the tokens held, their window
+and day; live while its ``conc`` slot is, given back when the slot lapses), ``done:<rid>``
 (settled/released marker, `DONE_TTL_S`: 2 hours), ``reset:<rid>`` (a reservation
 `reset_limits` removed, as long), ``usage:<epoch_day>`` (hash
 ``"<model>\\n<field>"`` -> int).
@@ -249,6 +251,20 @@ if cap >= 0 and max_new > cap then
 end
 
 local conc_key = base .. 'conc'
+-- slots that lapsed (their gateway died, or lost Redis for a TTL, and stopped extending
+-- them): give back the tokens they held, and forget them; a settle that comes later finds
+-- no reservation and charges its real usage then, so nothing is charged twice
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)) do
+  local old_key = base .. 'res:' .. old
+  local r = redis.call('HMGET', old_key, 'tokens', 'win', 'day')
+  if r[1] then
+    local old_tpm = base .. 'tpm:' .. r[2]
+    if redis.call('EXISTS', old_tpm) == 1 then redis.call('INCRBY', old_tpm, -tonumber(r[1])) end
+    local old_day = base .. 'day:' .. r[3]
+    if redis.call('EXISTS', old_day) == 1 then redis.call('INCRBY', old_day, -tonumber(r[1])) end
+    redis.call('DEL', old_key)
+  end
+end
 redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
 if conc == 0 then
   return deny('max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)')
@@ -293,7 +309,9 @@ if daily >= 0 then
 end
 
 redis.call('ZADD', conc_key, now + ttl, rid)
-if redis.call('PTTL', conc_key) < ttl then redis.call('PEXPIRE', conc_key, ttl) end
+-- as long as the reservations it indexes: a lapsed slot must still be found, to give back
+-- what it held (the set is kept short by the ZREMRANGEBYSCORE above)
+redis.call('EXPIRE', conc_key, 2 * 86400)
 redis.call('ZADD', rpm_key, now, rid)
 redis.call('PEXPIRE', rpm_key, 61000)
 redis.call('INCRBY', tpm_key, tokens)
@@ -301,7 +319,9 @@ redis.call('PEXPIRE', tpm_key, 120000)
 redis.call('INCRBY', day_key, tokens)
 redis.call('EXPIRE', day_key, 2 * 86400)
 redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day)
-redis.call('PEXPIRE', res_key, ttl)
+-- kept while its day is counted: the slot (conc) is what lapses, and the tokens held are
+-- given back when it does (above); a reservation is live while its slot is
+redis.call('EXPIRE', res_key, 2 * 86400)
 local rpm_left, rpm_reset, tpm_left, tpm_reset = standing()
 return {1, '', 0, '', rpm_left, rpm_reset, tpm_left, tpm_reset}
 """
@@ -333,7 +353,8 @@ elseif redis.call('DEL', base .. 'reset:' .. rid) == 1 then
   -- charged to a tenant created again under the id, which starts afresh
   day = tostring(math.floor(now / 86400000))
 else
-  -- the reservation expired (request outlived its TTL): charge the real usage now
+  -- the reservation lapsed (its slot was not extended for a TTL) and its tokens were given
+  -- back: charge the real usage now
   local tpm_key = base .. 'tpm:' .. (now - (now % 60000))
   redis.call('INCRBY', tpm_key, actual)
   redis.call('PEXPIRE', tpm_key, 120000)
@@ -380,13 +401,20 @@ local ttl = tonumber(ARGV[2])
 local conc_key = base .. 'conc'
 local n = 0
 for i = 3, #ARGV do
-  if redis.call('PEXPIRE', base .. 'res:' .. ARGV[i], ttl) == 1 then
+  local expiry = redis.call('ZSCORE', conc_key, ARGV[i])
+  if expiry and tonumber(expiry) > now and redis.call('EXISTS', base .. 'res:' .. ARGV[i]) == 1 then
     redis.call('ZADD', conc_key, 'XX', now + ttl, ARGV[i])
     n = n + 1
   end
 end
-if n > 0 and redis.call('PTTL', conc_key) < ttl then redis.call('PEXPIRE', conc_key, ttl) end
 return n
+"""
+
+
+# ARGV: base, (unused) -> slots in use now (read on the Redis clock: coredis's TIME reply
+# keeps whole seconds only, and a slot lapsing within the second was counted as running)
+_RUNNING = _GIVES_BACK + _PRELUDE + """
+return redis.call('ZCOUNT', base .. 'conc', '(' .. now, '+inf')
 """
 
 
@@ -431,6 +459,7 @@ class QuotaManager:
         self._settle = _FlaggedScript(store, _SETTLE)
         self._release = _FlaggedScript(store, _RELEASE)
         self._extend = _FlaggedScript(store, _EXTEND)
+        self._running = _FlaggedScript(store, _RUNNING)
 
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")
@@ -547,10 +576,8 @@ class QuotaManager:
 
     async def running(self, tenant_id: str) -> int:
         """Number of unexpired reservations (concurrency slots in use)."""
-        key = self._base(tenant_id) + "conc"
         with self.store.guard():
-            now_s = (await self.store.client.time()).timestamp()
-            return await self.store.client.zcount(key, now_s * 1000, "+inf")
+            return int(await self._running(args=[self._base(tenant_id), ""]))
 
     async def get_usage(
         self, tenant_id: str, day_from: dt.date, day_to: dt.date

@@ -277,6 +277,25 @@ async def test_a_live_request_extends_its_reservation(quotas: QuotaManager, stor
     assert await quotas.extend(tenant, []) == 0
 
 
+async def test_a_lapsed_reservation_gives_its_tokens_back_and_a_late_settle_charges_once(quotas: QuotaManager):
+    """A gateway that died, or lost Redis for a TTL, stops extending its reservations: once
+    the slot lapses, the tenant's next reserve gives back the tokens it held against the day
+    (they stayed charged for the rest of the day before), and a settle that comes later
+    charges the real usage alone (it was charged on top of the reservation)."""
+    tenant = make_tenant(Quota(daily_token_budget=1000))
+    assert isinstance(await quotas.reserve(tenant, "orphan", 10, 500, ttl_s=0.2), Admitted)  # 510 held
+    assert isinstance(await quotas.reserve(tenant, "early", 10, 500), Denied)  # 1020 > 1000 while held
+    await trio.sleep(0.4)  # nobody extends "orphan"
+    assert isinstance(await quotas.reserve(tenant, "next", 10, 500), Admitted)  # 510: the orphan's went back
+    assert await quotas.settle(tenant, "orphan", 10, 20, "m")  # late: 30 charged now, once
+    assert await quotas.release(tenant, "orphan") is False
+    assert isinstance(await quotas.reserve(tenant, "fits", 0, 460), Admitted)  # 510 + 30 + 460 = 1000
+    assert isinstance(await quotas.reserve(tenant, "over", 0, 1), Denied)
+    today = utc_today()
+    [row] = await quotas.get_usage("acme", today, today)
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 10, 20)
+
+
 @pytest.mark.parametrize(
     ("quota", "limit"),
     [
