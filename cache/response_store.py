@@ -60,8 +60,18 @@ class StoredResponse(msgspec.Struct, frozen=True, kw_only=True):
                 and now > self.running_until)
 
     def conversation(self) -> list[dict[str, Any]]:
-        """The items a request continuing this response starts from."""
-        return [*self.context, *self.input, *self.response.get("output", [])]
+        """The items a request continuing this response starts from: its output's text
+        without the logprobs (the model never reads them, and kept in every later turn's
+        copy they could grow a chain past what a stored response may take)."""
+        return [*self.context, *self.input, *map(_without_logprobs, self.response.get("output", []))]
+
+
+def _without_logprobs(item: dict[str, Any]) -> dict[str, Any]:
+    content = item.get("content")
+    if not isinstance(content, list) or not any(isinstance(p, dict) and "logprobs" in p for p in content):
+        return item
+    return {**item, "content": [{k: v for k, v in p.items() if k != "logprobs"} if isinstance(p, dict) else p
+                                for p in content]}
 
 
 _decoder = msgspec.json.Decoder(StoredResponse)
@@ -70,6 +80,26 @@ _decoder = msgspec.json.Decoder(StoredResponse)
 def owner_of(tenant_id: str, created_at: float) -> str:
     """Whose stored responses these are: the tenant, as created at `created_at` (its record's)."""
     return f"{tenant_id}:{round(created_at * 1e6)}"
+
+
+# KEYS: the events list; ARGV: the first event's index (its sequence number), ttl ms,
+# events... -> {events appended, the list's length before}. Appends only what the list
+# lacks, so that a push retried (a reply lost, coredis re-sending after a timeout, the
+# PEXPIRE of a push that landed failing) never appends an event twice: event k stays at
+# index k. A list shorter than the first index (it expired meanwhile) takes nothing: the
+# caller pushes again from its length.
+_PUSH_EVENTS = """
+local before = redis.call('LLEN', KEYS[1])
+local first = tonumber(ARGV[1])
+if before < first then return {0, before} end
+local n = 0
+for i = 3 + before - first, #ARGV do
+  redis.call('RPUSH', KEYS[1], ARGV[i])
+  n = n + 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {n, before}
+"""
 
 
 class ResponseStore:
@@ -82,6 +112,7 @@ class ResponseStore:
         self.store = store
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
+        self._push_events = store.register_script(_PUSH_EVENTS)
 
     def _key(self, owner: str, response_id: str) -> str:
         return self.store.key("resp2", owner, response_id)
@@ -129,18 +160,21 @@ class ResponseStore:
     def _events_key(self, owner: str, response_id: str) -> str:
         return self.store.key("resp2events", owner, response_id)
 
-    async def push_events(self, owner: str, response_id: str, events: list[dict[str, Any]], ttl_s: float) -> int:
-        """Append a background response's stream events (in order: event k at index k), kept
-        `ttl_s` after the last push, so that any server resumes its stream (`read_events`).
-        The bytes pushed."""
+    async def push_events(self, owner: str, response_id: str, events: list[dict[str, Any]], ttl_s: float, *,
+                          first: int) -> tuple[int, int]:
+        """Append a background response's stream events `events`, the first of which is
+        event (sequence number) `first`, so that event k is at index k; kept `ttl_s` after
+        the last push, so that any server resumes its stream (`read_events`). Idempotent:
+        events the list holds already are not appended again. Returns the bytes appended and
+        the list's length before: when that is below `first` (the list expired), nothing was
+        appended, and the caller pushes again from there."""
         if not events:
-            return 0
-        key = self._events_key(owner, response_id)
+            return 0, first
         encoded = [_encoder.encode(e) for e in events]
         with self.store.guard():
-            await self.store.client.rpush(key, encoded)
-            await self.store.client.pexpire(key, round(ttl_s * 1000))
-        return sum(map(len, encoded))
+            added, before = await self._push_events(keys=[self._events_key(owner, response_id)],
+                                                    args=[first, round(ttl_s * 1000), *encoded])
+        return sum(map(len, encoded[len(encoded) - int(added):])) if added else 0, int(before)
 
     async def read_events(self, owner: str, response_id: str, start: int) -> list[dict[str, Any]]:
         """The events pushed from index (sequence number) `start` on; [] when none (or expired)."""

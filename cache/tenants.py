@@ -34,7 +34,7 @@ import msgspec
 from coredis import PureToken
 
 from cache.quotas import Quota
-from cache.store import RedisStore
+from cache.store import CacheUnavailable, RedisStore
 
 __all__ = [
     "ApiKeyInfo",
@@ -246,6 +246,21 @@ return 1
 """
 
 
+# KEYS: the tenant record; ARGV: the record as read, the record to write -> 1 written,
+# 0 changed since it was read (read again and retry), -1 gone. An update is a read, a merge
+# and this compare-and-set: two admins' edits on two replicas both land, and a tenant
+# deleted and created again meanwhile is not overwritten with the deleted one's record.
+_UPDATE_TENANT = """
+local current = redis.call('GET', KEYS[1])
+if not current then return -1 end
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+UPDATE_ATTEMPTS = 50
+
+
 class TenantRegistry:
     """Tenant CRUD, API key lifecycle and authentication. Create inside ``async with store``.
 
@@ -260,6 +275,7 @@ class TenantRegistry:
         self.store = store
         self._secret = secret
         self._authenticate = store.register_script(_AUTHENTICATE)
+        self._update_tenant = store.register_script(_UPDATE_TENANT)
         self._revoke = store.register_script(_REVOKE)
         self._delete_tenant = store.register_script(_DELETE_TENANT)
         self._create_key = store.register_script(_CREATE_KEY)
@@ -352,30 +368,35 @@ class TenantRegistry:
         it names (None: unlimited) and keeps the others, after `quota` if both are given.
         Raises TenantNotFound; ValueError for a bad name or limit.
 
-        Last writer wins; admin edits are rare and whole-record.
+        Atomic against other writers: the merge applies to the record as stored when it is
+        written (a compare-and-set, retried when another update landed in between).
         """
         if name is not None:
             check_name(name, "tenant name")
-        current = await self.get_tenant(tenant_id)
-        if current is None:
-            raise TenantNotFound(tenant_id)
-        changes: dict[str, Any] = {
-            k: v for k, v in {
-                "name": name, "priority": priority, "shared_cache_pool": shared_cache_pool, "quota": quota,
-            }.items() if v is not None
-        }
-        if quota_changes:
-            changes["quota"] = msgspec.structs.replace(changes.get("quota", current.quota), **quota_changes)
-        if models is not msgspec.UNSET:
-            changes["models"] = models
-        updated = msgspec.structs.replace(current, **changes)
-        with self.store.guard():
-            stored = await self.store.client.set(
-                self.store.key("tenant", tenant_id), msgspec.json.encode(updated), condition=PureToken.XX
-            )
-        if not stored:
-            raise TenantNotFound(tenant_id)
-        return updated
+        key = self.store.key("tenant", tenant_id)
+        for _ in range(UPDATE_ATTEMPTS):
+            with self.store.guard():
+                raw = await self.store.client.get(key)
+            if raw is None:
+                raise TenantNotFound(tenant_id)
+            current = msgspec.json.decode(raw, type=Tenant)
+            changes: dict[str, Any] = {
+                k: v for k, v in {
+                    "name": name, "priority": priority, "shared_cache_pool": shared_cache_pool, "quota": quota,
+                }.items() if v is not None
+            }
+            if quota_changes:
+                changes["quota"] = msgspec.structs.replace(changes.get("quota", current.quota), **quota_changes)
+            if models is not msgspec.UNSET:
+                changes["models"] = models
+            updated = msgspec.structs.replace(current, **changes)
+            with self.store.guard():
+                done = await self._update_tenant(keys=[key], args=[raw, msgspec.json.encode(updated)])
+            if done == 1:
+                return updated
+            if done == -1:
+                raise TenantNotFound(tenant_id)
+        raise CacheUnavailable(f"tenant {tenant_id!r} changed under {UPDATE_ATTEMPTS} updates in a row; retry")
 
     async def delete_tenant(self, tenant_id: str) -> bool:
         """Delete a tenant and all its API keys. False if it did not exist."""

@@ -208,13 +208,18 @@ async def share_events(live: LiveResponse, store: ResponseStore) -> None:
     terminal event alone, as without this)."""
     if live.pushed >= len(live.log) or live.pushed_bytes > store.max_entry_bytes:
         return
-    events = live.log[live.pushed:]
+    end = len(live.log)  # (the run may add events while this waits for Redis)
     try:
-        live.pushed_bytes += await store.push_events(live.owner, live.response_id, events, EVENTS_KEEP_S)
+        added, before = await store.push_events(live.owner, live.response_id, live.log[live.pushed:end],
+                                                EVENTS_KEEP_S, first=live.pushed)
+        if before < live.pushed:  # the shared list expired (a long wait without events): again from its start
+            added, _ = await store.push_events(live.owner, live.response_id, live.log[before:end], EVENTS_KEEP_S,
+                                               first=before)
     except CacheUnavailable as exc:
         log.debug("background response %s: events not shared this time: %s", live.response_id, exc)
         return
-    live.pushed += len(events)
+    live.pushed_bytes += added
+    live.pushed = end
 
 
 async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, orphan_after_s: float) -> None:

@@ -237,6 +237,29 @@ async def test_models_are_stored_and_updated(registry: TenantRegistry):
         await registry.create_tenant("bad", "Bad", models=("x" * 300,))
 
 
+async def test_concurrent_updates_from_two_replicas_all_land(registry: TenantRegistry, redis_url: str):
+    """Each update merges into the record as stored when it writes: two admins editing other
+    fields through two replicas both land (a read, then a whole-record write, lost one)."""
+    await registry.create_tenant("acme", "Acme", quota=Quota(max_concurrent=1))
+    async with RedisStore(redis_url) as other_store:
+        other = TenantRegistry(other_store, SECRET)
+        edits = [
+            (registry, {"name": "Acme Corp"}),
+            (other, {"priority": 3}),
+            (registry, {"quota_changes": {"max_concurrent": 5}}),
+            (other, {"quota_changes": {"tokens_per_minute": 900}}),
+            (registry, {"models": ("acme-*",)}),
+            (other, {"shared_cache_pool": True}),
+        ]
+        async with trio.open_nursery() as nursery:
+            for reg, change in edits * 3:
+                nursery.start_soon(lambda reg=reg, change=change: reg.update_tenant("acme", **change))
+    t = await registry.get_tenant("acme")
+    assert t is not None and (t.name, t.priority, t.models, t.shared_cache_pool) == ("Acme Corp", 3, ("acme-*",),
+                                                                                   True)
+    assert (t.quota.max_concurrent, t.quota.tokens_per_minute) == (5, 900)
+
+
 async def test_keys_expire(registry: TenantRegistry, store: RedisStore):
     await registry.create_tenant("acme", "Acme")
     key_id, key = await registry.create_key("acme", "temp", expires_at=time.time() + 1.0)

@@ -1,0 +1,46 @@
+"""The Responses API's store against a real Redis: shared stream events, conversations."""
+
+from __future__ import annotations
+
+from cache.response_store import ResponseStore, StoredResponse
+from cache.store import RedisStore
+
+
+def events(first: int, last: int) -> list[dict]:
+    return [{"type": "response.output_text.delta", "sequence_number": k, "delta": f"w{k}"}
+            for k in range(first, last + 1)]
+
+
+async def test_shared_events_are_appended_once_event_k_at_index_k(store: RedisStore) -> None:
+    """A push retried (its reply lost, or its expiry failing after the append) appended its
+    events again, and a stream resumed on another server repeated them."""
+    rs = ResponseStore(store)
+    assert (await rs.push_events("o", "r", events(0, 2), 60, first=0))[1] == 0
+    added, before = await rs.push_events("o", "r", events(0, 2), 60, first=0)  # the same push, retried
+    assert (added, before) == (0, 3)
+    added, before = await rs.push_events("o", "r", events(1, 4), 60, first=1)  # overlaps: only 3 and 4 go in
+    assert added > 0 and before == 3
+    got = await rs.read_events("o", "r", 0)
+    assert [e["sequence_number"] for e in got] == [0, 1, 2, 3, 4]
+    assert [e["sequence_number"] for e in await rs.read_events("o", "r", 3)] == [3, 4]
+
+
+async def test_a_push_past_an_expired_list_appends_nothing_and_says_where_it_stands(store: RedisStore) -> None:
+    rs = ResponseStore(store)
+    added, before = await rs.push_events("o", "gone", events(5, 6), 60, first=5)
+    assert (added, before) == (0, 0)  # the caller pushes again from 0
+    assert await rs.read_events("o", "gone", 0) == []
+    await rs.push_events("o", "gone", events(0, 6), 60, first=0)
+    assert [e["sequence_number"] for e in await rs.read_events("o", "gone", 0)] == list(range(7))
+
+
+def test_a_continued_conversation_leaves_the_output_logprobs_behind() -> None:
+    """The model never reads them, and copied into every later turn they could grow a
+    chain past what a stored response may take."""
+    part = {"type": "output_text", "text": "Hi", "annotations": [], "logprobs": [{"token": "Hi", "logprob": -0.1}]}
+    output = {"id": "msg_1", "type": "message", "role": "assistant", "content": [part]}
+    stored = StoredResponse(response={"id": "resp_1", "output": [output]}, context=[],
+                            input=[{"id": "msg_0", "type": "message", "role": "user", "content": []}])
+    _, answer = stored.conversation()
+    assert answer["content"] == [{"type": "output_text", "text": "Hi", "annotations": []}]
+    assert "logprobs" in stored.response["output"][0]["content"][0]  # the response itself keeps them
