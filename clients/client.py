@@ -519,6 +519,12 @@ class TokenStream:
             await self.aclose()
 
 
+# The HTTP status a `response.failed` event's error code stands for (the status the same
+# failure has before a stream starts): a shutdown, or a queue that failed, is retryable (a
+# 503, `ServiceUnavailable`); a constraint the output broke is the request's (400).
+FAILED_STATUS = {"shutting_down": 503, "queue_error": 503, "invalid_value": 400, "invalid_request_error": 400}
+
+
 class ResponseStream(TokenStream):
     """The events of one streamed Responses request (dicts, each with its `type` and
     `sequence_number`), up to the last (`response.completed`, `.incomplete`,
@@ -553,8 +559,10 @@ class ResponseStream(TokenStream):
                                     retry_after=1.0 if status == 503 else None)
                 if event.get("type") == "response.failed":
                     error = event["response"].get("error") or {}
-                    raise error_for(500, {"error": {"message": error.get("message", "the response failed"),
-                                                    "type": "server_error", "code": error.get("code")}})
+                    status = FAILED_STATUS.get(error.get("code"), 500)
+                    raise error_for(status, {"error": {"message": error.get("message", "the response failed"),
+                                                       "code": error.get("code")}},
+                                    retry_after=1.0 if status == 503 else None)
                 yield event
                 if event.get("type") in ("response.completed", "response.incomplete", "response.cancelled"):
                     self.response = Response(event["response"])

@@ -80,7 +80,7 @@ _ROLES = ("user", "system", "developer", "assistant")
 class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Body of POST /v1/responses (OpenAI's names, then the chat extensions it takes)."""
 
-    model: str
+    model: str = ""  # required but by input_tokens (OpenAI's count takes none: the served model); see `prepare`
     input: str | list[Any] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
@@ -204,6 +204,19 @@ def check_calls(items: list[dict[str, Any]]) -> None:
     if missing is not None:
         raise ApiError(400, f"No tool output found for function call {missing[:100]}.", code="invalid_value",
                        param="input")
+
+
+def check_unique_ids(context: list[dict[str, Any]], items: list[dict[str, Any]]) -> None:
+    """400 for an input item whose id another item of the request, or of the conversation
+    it continues, already has (as OpenAI answers): a client that replays the previous
+    response's output beside `previous_response_id` would have the model read it twice, and
+    `input_items` pages (`after`) would loop on the repeated id."""
+    seen = {item.get("id") for item in context}
+    for item in items:
+        if item["id"] in seen:
+            raise ApiError(400, f"Duplicate item found with id {item['id'][:100]}.", code="invalid_value",
+                           param="input")
+        seen.add(item["id"])
 
 
 def cut_calls_dropped(context: list[dict[str, Any]], items: list[dict[str, Any]]
@@ -394,31 +407,59 @@ def _new_id(kind: str) -> str:
     return f"{kind}_{uuid.uuid4().hex}"
 
 
-def orphans_dropped(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`items` without the outputs of calls that are not among them (a conversation cut
-    before a call must not keep its output: a tool turn answers a call)."""
-    calls = {item["call_id"] for item in items if item["type"] == "function_call"}
-    return [item for item in items if item["type"] != "function_call_output" or item["call_id"] in calls]
+TRUNCATION_OUTPUT_SHARE = 4  # without max_output_tokens, truncation leaves a quarter of the window to the answer
+
+
+def output_room(req: ResponsesRequest, tenant: TenantContext, window: int) -> int:
+    """The tokens truncation "auto" leaves for the answer: `max_output_tokens` when given,
+    else a quarter of the window (at most the tenant's `max_tokens_cap`). Cutting only to
+    fit the prompt would leave the answer the few tokens the last dropped item freed, and
+    every turn of a long chain would end `incomplete` after a word or two."""
+    if req.max_output_tokens is not None:
+        return req.max_output_tokens
+    room = max(1, window // TRUNCATION_OUTPUT_SHARE)
+    return max(1, min(room, tenant.max_tokens_cap)) if tenant.max_tokens_cap is not None else room
+
+
+def clean_cuts(items: list[dict[str, Any]]) -> list[int]:
+    """Where a truncated conversation may start, in order: each index i >= 1 from which no
+    item answers a call made before i (a call and its output stay together: the output
+    without its call would be dropped, and the last item, a tool's output, with it)."""
+    call_at: dict[str, int] = {}
+    for k, item in enumerate(items):
+        if item["type"] == "function_call":
+            call_at.setdefault(item["call_id"], k)
+    cuts = []
+    earliest = len(items)  # the earliest call answered from i on
+    for i in range(len(items) - 1, 0, -1):
+        item = items[i]
+        if item["type"] == "function_call_output" and item["call_id"] in call_at:
+            earliest = min(earliest, call_at[item["call_id"]])
+        if earliest >= i:
+            cuts.append(i)
+    return cuts[::-1]
 
 
 def truncated(items: list[dict[str, Any]], tokens: Callable[[list[dict[str, Any]]], int], limit: int) -> int:
     """Truncation "auto": how many items to drop from the start of the conversation so
-    that what is left (`orphans_dropped`) reads at most `limit` tokens — the fewest that
-    do, found by bisection (`tokens` renders the whole prompt: the instructions and tools
-    stay, only items go). 0 when it fits; when even the last item alone does not fit, none
-    are dropped (the request is then refused as too long, as without truncation)."""
+    that what is left reads at most `limit` tokens — the fewest that do, at a clean cut
+    (`clean_cuts`), found by bisection (`tokens` renders the whole prompt: the instructions
+    and tools stay, only items go). 0 when it fits; when even the last call and its output
+    (or the last item) alone do not fit, none are dropped: the request is then refused as
+    too long, as without truncation, never run on an empty conversation."""
     if tokens(items) <= limit:
         return 0
-    if len(items) < 2 or tokens(orphans_dropped(items[-1:])) > limit:
+    cuts = clean_cuts(items)
+    if not cuts or tokens(items[cuts[-1]:]) > limit:
         return 0
-    lo, hi = 1, len(items) - 1  # hi fits, lo - 1 does not
+    lo, hi = 0, len(cuts) - 1  # cuts[hi] fits, cuts[lo - 1] does not
     while lo < hi:
         mid = (lo + hi) // 2
-        if tokens(orphans_dropped(items[mid:])) <= limit:
+        if tokens(items[cuts[mid]:]) <= limit:
             hi = mid
         else:
             lo = mid + 1
-    return lo
+    return cuts[lo]
 
 
 # ---------------------------------------------------------------- rendering
@@ -659,6 +700,7 @@ class Turn:
     renderer: ResponseRenderer
     done: bool = False  # its events are over (ended, or left early)
     kept: bool = False  # its end is stored (or was not to be)
+    deleted: bool = False  # deleted while it ran (not in background): its end is not stored
 
     def stored(self, *, running_until: float | None = None) -> StoredResponse:
         """What the store keeps of it now."""
@@ -704,7 +746,7 @@ class Turn:
         only this: the answer still goes out, and a later `previous_response_id` gets a 404.
         A background response is only rewritten: one deleted meanwhile stays deleted."""
         self.kept = True
-        if not self.req.stored:
+        if not self.req.stored or self.deleted:
             return
         try:
             if not await self.store.put(self.owner, self.stored(), existing=bool(self.req.background)):
@@ -723,9 +765,14 @@ class ResponsesSseBody(SseBody):
         super().__init__(handle, turn.renderer.chunks)
 
     async def _generate(self) -> AsyncIterator[bytes]:
-        async with aclosing(self.turn.events(self.handle)) as events:
-            async for event in events:
-                yield sse.named_event(event["type"], event)
+        try:
+            async with aclosing(self.turn.events(self.handle)) as events:
+                async for event in events:
+                    yield sse.named_event(event["type"], event)
+        except ApiError as exc:  # after the stream started: ends it with an `error` event, not a cut connection
+            yield sse.named_event("error", {"type": "error", "code": exc.code, "message": exc.message,
+                                            "param": exc.param,
+                                            "sequence_number": self.turn.renderer.last_sequence + 1})
 
 
 def ended_as(response: dict[str, Any], status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -812,18 +859,33 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found", param=param)
         return found
 
-    async def prepare(tenant: TenantContext) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]],
-                                                ChatRequest]:
+    async def prepare(tenant: TenantContext, *, default_model: str | None = None
+                      ) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]], ChatRequest]:
         """The request, the earlier turns' items, its own input items, and the chat request
-        that runs them."""
+        that runs them; a 400 of the chat path names the Responses field (`own_params`).
+        `default_model`: the model when the body names none (else that is a 400)."""
+        with own_params():
+            return await _prepare(tenant, default_model)
+
+    async def _prepare(tenant: TenantContext, default_model: str | None
+                       ) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]], ChatRequest]:
         req = decode_request(await request.get_data(cache=False))
+        if not req.model:
+            if default_model is None:
+                raise ApiError(400, "model is required", code="missing_required_parameter", param="model")
+            req = msgspec.structs.replace(req, model=default_model)
         state.check_generation_model(req.model, tenant)
         _unsupported(req)
         items = input_items(req.input)
         context = []
         if req.previous_response_id is not None:
-            previous = await stored(tenant, req.previous_response_id, "previous_response_id")
             live = live_responses.get(owner(tenant), req.previous_response_id)
+            if (live is not None and not live.background and not live.over
+                    and live.turn.renderer.running):  # (stored once it ends: not found before)
+                raise ApiError(400, f"previous response {req.previous_response_id[:100]!r} is still "
+                               f"{live.turn.renderer.status}: continue it once it has ended", code="invalid_value",
+                               param="previous_response_id")
+            previous = await stored(tenant, req.previous_response_id, "previous_response_id")
             # running by what this server runs, or else by what the store holds (the stored
             # copy of a run here lags: it is rewritten each second, and last at its end)
             status = (live.turn.renderer.status if live is not None and not live.over
@@ -835,20 +897,20 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             context = previous.conversation()
         elif not items:
             raise ApiError(400, "input must not be empty", code="invalid_value", param="input")
+        check_unique_ids(context, items)
         context, items = cut_calls_dropped(context, items)
         check_calls([*context, *items])
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if req.truncation == "auto" and tokenizer is not None:
             conversation = [*context, *items]
-            # room for at least one output token, or for max_output_tokens when given
-            limit = state.runtime.max_model_len - (req.max_output_tokens or 1)
+            limit = state.runtime.max_model_len - output_room(req, tenant, state.runtime.max_model_len)
             # rendering and tokenizing the conversation a few times takes up to a second for a
             # long one: on a worker thread (one at a time), not on the event loop
             drop = await trio.to_thread.run_sync(
                 truncated, conversation, lambda kept: len(tokenize(tokenizer, count_request(req, kept))), limit,
                 limiter=truncation_limiter)
             if drop:
-                kept = orphans_dropped(conversation[drop:])
+                kept = conversation[drop:]
                 log.info("truncation auto: dropped the first %d of %d items", len(conversation) - len(kept),
                          len(conversation))
                 earlier = {id(i) for i in context}
@@ -905,7 +967,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             async for _ in events:
                 pass
         if renderer.failure is not None:
-            raise failed_error(renderer.failure)
+            with own_params():
+                raise failed_error(renderer.failure)
         return renderer.response()
 
     @bp.post("/v1/responses/input_tokens")
@@ -917,7 +980,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if tokenizer is None:
             raise ApiError(501, "this server has no tokenizer to count with", code="not_implemented")
-        req, context, items, _ = await prepare(tenant)
+        req, context, items, _ = await prepare(tenant, default_model=state.runtime.model_name)
         with own_params():
             return {"object": "response.input_tokens",
                     "input_tokens": len(tokenize(tokenizer, count_request(req, [*context, *items])))}
@@ -938,6 +1001,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         grace = FINAL_EVENTS_WAIT_S  # its end is stored just before its last events are shared
         while True:
             for event in await store.read_events(owner(tenant), response_id, last + 1):
+                if event["sequence_number"] <= last:  # (an event shared twice: never sent twice)
+                    continue
                 yield event
                 last = event["sequence_number"]
                 if event["type"] in TERMINAL_EVENTS.values():
@@ -996,6 +1061,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             return found.response
         try:
             if found.orphaned(now):  # it has ended, failed: kept so (a cancel does not undo an end)
+                # its server may only have lost Redis for a while: if it still runs it, it stops
+                await store.request_cancel(owner(tenant), response_id)
                 response = presented(found, now)
                 await store.put(owner(tenant), msgspec.structs.replace(
                     found, response=response, running_until=None, last_sequence=terminal_sequence(found, now)),
@@ -1013,14 +1080,22 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
 
     @bp.delete("/v1/responses/<response_id>")
     async def delete(response_id: str) -> Any:
-        """Delete a stored response; a background one still running is cancelled first."""
+        """Delete a stored response; a background one still running is cancelled first (on
+        another server: by the flag it reads); one running here in the foreground is
+        answered as deleted and not stored when it ends."""
         not_an_id(response_id)
         tenant = await state.authenticate(request.headers.get("Authorization"))
         live = live_responses.get(owner(tenant), response_id)
         if live is not None and live.background:
             live.deleted = True
             live.cancel()
+        running_here = live is not None and not live.background and not live.over and not live.turn.deleted
+        if running_here:  # its client still reads it; its end is not stored, nor found meanwhile
+            live.turn.deleted = True
+            live_responses.pop(owner(tenant), response_id)
         try:
+            if live is None:  # perhaps running on another server: it reads the request within a second
+                await store.request_cancel(owner(tenant), response_id)
             found = await store.delete(owner(tenant), response_id)
         except CacheUnavailable as exc:  # (a Redis that stalled may still carry the delete out)
             raise ApiError(503, "the response store did not answer: the response may or may not be deleted; "
@@ -1028,6 +1103,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if live is not None and live.background:
             live_responses.pop(owner(tenant), response_id)
             found = True
+        found = found or running_here
         if not found:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
         return {"id": response_id, "object": "response", "deleted": True}
@@ -1035,7 +1111,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     @bp.get("/v1/responses/<response_id>/input_items")
     async def list_input_items(response_id: str) -> Any:
         """This response's input items (OpenAI's: newest first unless `order=asc`), `limit`
-        (1-100, default 20) at a time after the item `after`."""
+        (1-100, default 20) at a time after the item `after`, or the page before the item
+        `before` (`include` is taken and changes nothing: the items are text)."""
         tenant = await state.authenticate(request.headers.get("Authorization"))
         items = list((await stored(tenant, response_id)).input)
         order = request.args.get("order", "desc")
@@ -1049,14 +1126,22 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             raise ApiError(400, "limit must be an integer from 1 to 100", code="invalid_value", param="limit")
         if order == "desc":
             items.reverse()
-        after = request.args.get("after")
-        if after is not None:
-            at = next((i for i, item in enumerate(items) if item.get("id") == after), None)
+
+        def position(param: str) -> int | None:
+            cursor = request.args.get(param)
+            if cursor is None:
+                return None
+            at = next((i for i, item in enumerate(items) if item.get("id") == cursor), None)
             if at is None:
-                raise ApiError(400, f"after: no input item {after[:100]!r} in this response", code="invalid_value",
-                               param="after")
-            items = items[at + 1:]
-        page = items[:limit]
+                raise ApiError(400, f"{param}: no input item {cursor[:100]!r} in this response",
+                               code="invalid_value", param=param)
+            return at
+
+        after, before = position("after"), position("before")
+        items = items[:before] if before is not None else items
+        items = items[after + 1:] if after is not None else items
+        # before a cursor (and not after one): the page next to it, the way back
+        page = items[-limit:] if before is not None and after is None else items[:limit]
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 

@@ -529,6 +529,9 @@ def test_responses_api(served: Served, backend: str) -> None:
             with pytest.raises(ServerError):
                 async with client.respond_stream("FAIL") as failing:
                     [e async for e in failing]
+            with pytest.raises(Overloaded):  # response.failed with code shutting_down: retryable, as a 503 is
+                async with client.respond_stream("GONE") as gone:
+                    [e async for e in gone]
             async with client.respond_stream("HANG") as hanging:  # leaving early aborts it
                 async for _ in hanging:
                     break

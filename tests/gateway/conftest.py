@@ -54,7 +54,8 @@ class FakeRuntime:
     Each accepted request streams `max_tokens` words per choice (``word(i, j)``),
     `delay` seconds apart, then Finished("length"). A prompt containing "FAIL"
     fails after one token ("GONE": a 503 shutting_down, as at a shutdown); "HANG" streams one token and then waits forever,
-    "SILENT" waits forever before the first token (for disconnect tests). `reject` (a Rejected template) refuses the next submits.
+    "SILENT" waits forever before the first token (for disconnect tests), "CUT" closes the stream after
+    one token without an end. `reject` (a Rejected template) refuses the next submits.
     """
 
     model_name = MODEL
@@ -142,6 +143,8 @@ class FakeRuntime:
                         return
                     if "HANG" in text:
                         await trio.sleep_forever()
+                    if "CUT" in text:  # the stream closed without an end: a runtime bug's shape
+                        return
                     await trio.sleep(self.delay)
                 usage = Usage(prompt_tokens, max_tokens * n)
                 await send.send(Finished(call.request_id, ["length"] * n, usage))

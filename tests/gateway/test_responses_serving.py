@@ -144,4 +144,12 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
         texts = [i["content"][0]["text"] for i in items["data"]]
         assert texts[-1] == "Summarize the notes." and len(texts) < len(long)  # stored as read
         assert not texts[0].startswith("Note 0:")
+        # without max_output_tokens, the cut leaves a quarter of the window to the answer (it
+        # left one token, and long chains ended `incomplete` after a word)
+        free = {k: v for k, v in ask_long.items() if k != "max_output_tokens"}
+        counted_free = (await http.post("/v1/responses/input_tokens", json=free)).json()["input_tokens"]
+        assert 0 < counted_free <= window - window // 4
+        # the count takes no model (the SDK's is optional): the served one's
+        nameless = {k: v for k, v in ask_long.items() if k != "model"}
+        assert (await http.post("/v1/responses/input_tokens", json=nameless)).json()["input_tokens"] == counted
     stop.set()

@@ -11,7 +11,7 @@ import openai
 import pytest
 import trio
 
-from actors.messages import Failed, Finished, TokenDelta, Usage
+from actors.messages import Failed, Finished, TenantContext, TokenDelta, Usage
 from cache.redis_server import PrivateRedis
 from cache.response_store import ResponseStore, StoredResponse, owner_of
 from gateway.errors import ApiError
@@ -20,8 +20,10 @@ from gateway.routes_responses import (
     ResponseRenderer,
     ResponsesRequest,
     chat_request,
+    clean_cuts,
+    decode_request,
     input_items,
-    orphans_dropped,
+    output_room,
     truncated,
 )
 from gateway.sse import parse_events
@@ -169,7 +171,7 @@ def test_input_items_map_onto_the_chat_conversation() -> None:
     assert input_items("hi")[0]["content"] == [{"type": "input_text", "text": "hi"}]
 
 
-def test_truncation_drops_the_fewest_items_from_the_start_and_their_orphans() -> None:
+def test_truncation_drops_the_fewest_items_from_the_start_never_parting_a_call_from_its_output() -> None:
     items = input_items([
         {"role": "user", "content": "a" * 10},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
@@ -181,12 +183,40 @@ def test_truncation_drops_the_fewest_items_from_the_start_and_their_orphans() ->
     def tokens(kept: list[dict]) -> int:  # a fixed overhead (instructions, template) and 10 per item
         return 7 + 10 * len(kept)
 
+    assert clean_cuts(items) == [1, 3, 4]  # not between the call (1) and its output (2)
     assert truncated(items, tokens, 57) == 0  # everything fits
     assert truncated(items, tokens, 56) == 1  # the first item goes
-    # dropping the call takes its output too: 2 items dropped leave 2
-    assert truncated(items, tokens, 36) == 2 and len(orphans_dropped(items[2:])) == 2
+    assert truncated(items, tokens, 37) == 3  # dropping the call takes its output too
     assert truncated(items, tokens, 17) == 4  # the last item alone
     assert truncated(items, tokens, 16) == 0  # nothing fits: nothing dropped (then refused as too long)
+
+
+def test_truncation_keeps_a_last_tool_output_with_its_call_or_drops_nothing() -> None:
+    """The agent loop's turn: the tool's output, sent last, pushed the conversation over. It
+    was dropped with every other item (its call was cut), and the model answered an empty
+    conversation (or a 400 named chat's `messages`)."""
+    items = input_items([
+        {"role": "user", "content": "a" * 10},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "b" * 10},
+        {"type": "function_call_output", "call_id": "c2", "output": "b" * 10},
+    ])
+
+    def tokens(kept: list[dict]) -> int:
+        return 7 + 10 * len(kept)
+
+    assert clean_cuts(items) == [1]  # both calls, then both outputs: one unit
+    assert truncated(items, tokens, 47) == 1
+    assert truncated(items, tokens, 46) == 0  # the unit alone does not fit: refused, not emptied
+
+
+def test_truncation_leaves_the_answer_room() -> None:
+    req = decode_request(b'{"model": "m", "input": "hi", "truncation": "auto"}')
+    assert output_room(req, TenantContext(tenant_id="t"), 8192) == 2048  # a quarter of the window
+    assert output_room(req, TenantContext(tenant_id="t", max_tokens_cap=300), 8192) == 300
+    with_max = decode_request(b'{"model": "m", "input": "hi", "max_output_tokens": 40}')
+    assert output_room(with_max, TenantContext(tenant_id="t"), 8192) == 40
 
 
 @pytest.mark.parametrize(("item", "message"), [
@@ -237,6 +267,32 @@ async def test_create_retrieve_continue_and_delete(gateway: Gateway) -> None:
 
         items = await client.get(f"/v1/responses/{second.json()['id']}/input_items")
         assert [i["content"][0]["text"] for i in items.json()["data"]] == ["and again"]
+
+        # the previous answer replayed beside previous_response_id: read twice, so a 400 (as OpenAI)
+        replayed = await client.post("/v1/responses", json={
+            "model": MODEL, "previous_response_id": body["id"], "input": [body["output"][0], "x"][:1]})
+        assert replayed.status_code == 400 and replayed.json()["error"]["param"] == "input"
+        assert "Duplicate item" in replayed.json()["error"]["message"]
+        twice = await client.post("/v1/responses", json={"model": MODEL, "input": [
+            {"id": "msg_1", "role": "user", "content": "a"}, {"id": "msg_1", "role": "user", "content": "b"}]})
+        assert twice.status_code == 400 and twice.json()["error"]["param"] == "input"
+
+        # pages both ways: `after` the cursor, or the page just `before` it
+        many = await client.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "input": [
+            {"id": f"msg_{k}", "role": "user", "content": str(k)} for k in range(5)]})
+        path = f"/v1/responses/{many.json()['id']}/input_items"
+        page = (await client.get(path, params={"order": "asc", "limit": 2, "after": "msg_0"})).json()
+        assert [i["id"] for i in page["data"]] == ["msg_1", "msg_2"] and page["has_more"]
+        page = (await client.get(path, params={"order": "asc", "limit": 2, "before": "msg_3"})).json()
+        assert [i["id"] for i in page["data"]] == ["msg_1", "msg_2"] and page["has_more"]
+        page = (await client.get(path, params={"limit": 2, "before": "msg_3"})).json()  # desc: 4 comes before 3
+        assert [i["id"] for i in page["data"]] == ["msg_4"] and not page["has_more"]
+        bad = await client.get(path, params={"before": "msg_9"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "before"
+
+        # creating a response needs a model (counting takes none: test_responses_serving)
+        nameless = await client.post("/v1/responses", json={"input": "hello there"})
+        assert nameless.status_code == 400 and nameless.json()["error"]["param"] == "model"
 
         gone = await client.delete(f"/v1/responses/{body['id']}")
         assert gone.json() == {"id": body["id"], "object": "response", "deleted": True}
@@ -317,6 +373,41 @@ async def test_input_items_pages(gateway: Gateway) -> None:
         asc = (await client.get(url, params={"order": "asc", "limit": 1})).json()
         assert asc["data"][0]["content"][0]["text"] == "m0"
         assert (await client.get(url, params={"limit": 0})).status_code == 400
+
+
+async def test_a_running_response_deleted_is_gone_at_once_and_not_stored_at_its_end(gateway: Gateway) -> None:
+    """DELETE of a stored response still streaming here was a 404 (not stored yet) that its
+    end then undid, storing it; continuing it was a 404 too, not "still in progress"."""
+    gateway.runtime.delay = 0.2
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=30) as client:
+        body = {"model": MODEL, "input": "slow one", "max_output_tokens": 5, "stream": True}
+        async with client.stream("POST", "/v1/responses", json=body) as r:
+            lines = r.aiter_lines()
+            async for line in lines:
+                if line.startswith("data:"):
+                    rid = json.loads(line[5:])["response"]["id"]
+                    break
+            cont = await client.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                                            "previous_response_id": rid})
+            assert cont.status_code == 400 and "still" in cont.json()["error"]["message"], cont.text
+            gone = await client.delete(f"/v1/responses/{rid}")
+            assert gone.status_code == 200 and gone.json()["deleted"] is True, gone.text
+            assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
+            rest = [line async for line in lines]
+        assert any("response.incomplete" in line for line in rest)  # its client still read it to the end
+        assert (await client.get(f"/v1/responses/{rid}")).status_code == 404  # and it was not stored
+
+
+async def test_a_stream_the_runtime_cuts_ends_with_an_error_event(gateway: Gateway) -> None:
+    """An error after the stream started ends it with an `error` event numbered after the
+    last one (OpenAI's), not a connection cut mid-body."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "CUT here", "stream": True})
+    assert r.status_code == 200
+    events = [json.loads(e) for e in parse_events(r.text)]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "internal_error"
+    assert any(e["type"] == "response.output_text.delta" for e in events)
 
 
 async def test_input_tokens_is_no_response_id(gateway: Gateway) -> None:
