@@ -48,6 +48,11 @@ from gpu.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# prompts of at least this many characters render and tokenize in a worker thread (about
+# 10 ms of tokenizing: below it, the thread's hand-off costs more than the stall it spares)
+OFF_LOOP_CHARS = 32_768
+
+
 def arrival_of(call: GenerateCall) -> float:
     """When `call` reached the server, on the monotonic clock: the gateway's wall-clock
     `arrival_time` carried over, so that time to first token and end-to-end latency include
@@ -180,6 +185,7 @@ class Admission:
         # beside a folder; one must not read the other's token ids)
         self.rendered_by = (f"{config.model_name}@{getattr(tokenizer, 'fingerprint', '')}"
                              if prompt_cache is not None else config.model_name)
+        self._tokenize_limiter = trio.CapacityLimiter(1)  # long prompts tokenize in a thread, one at a time
         self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
         self.on_cancel = on_cancel
@@ -235,11 +241,16 @@ class Admission:
                 self.metrics.prompt_cache_lookups.labels(result).inc()
                 if hit is not None:
                     return list(hit.token_ids), None
-            try:
+            def render() -> tuple[str, list[int] | None]:
                 text = self.tokenizer.apply_chat_template(msgs, **ending)
+                return text, self._encode(text)
+
+            try:
+                text, ids = await self._off_loop(render, sum(len(m["content"]) for m in msgs))
             except Exception as e:  # template errors (e.g. raise_exception for bad roles) are the caller's
                 raise _Refuse(400, "invalid_value", f"messages: {e}", "messages") from e
-            ids = self.tokenizer.encode(text)
+            if ids is None:
+                raise self._too_long("messages")
             return ids, (msgs, text, ids) if self.prompt_cache is not None else None
         if call.prompt_token_ids is not None:
             ids = list(call.prompt_token_ids)
@@ -249,8 +260,32 @@ class Admission:
                               f"prompt token ids must be in [0, {self.config.vocab_size}); got {bad[0]}", "prompt")
             return ids, None
         if call.prompt is not None:
-            return self.tokenizer.encode(call.prompt), None
+            prompt = call.prompt
+            ids = await self._off_loop(lambda: self._encode(prompt), len(prompt))
+            if ids is None:
+                raise self._too_long("prompt")
+            return ids, None
         raise _Refuse(400, "invalid_value", "a prompt is required", "prompt")
+
+    def _encode(self, text: str) -> list[int] | None:
+        """`text`'s tokens, or None once a prefix of it is already more than the window
+        (`Tokenizer.encode_within`): a megabyte of digits took two seconds to tokenize, only
+        to be refused, and a refused request costs its tenant no `requests_per_minute`."""
+        within = getattr(self.tokenizer, "encode_within", None)
+        return self.tokenizer.encode(text) if within is None else within(text, self.config.max_model_len)
+
+    def _too_long(self, param: str) -> _Refuse:
+        return _Refuse(400, "context_length_exceeded", f"prompt is over {self.config.max_model_len} tokens; the "
+                       f"context window is {self.config.max_model_len}", param)
+
+    async def _off_loop(self, fn: Any, chars: int) -> Any:
+        """`fn()` (rendering and tokenizing a prompt): in a worker thread when the text is
+        long (`OFF_LOOP_CHARS`), one at a time, so that other requests' streams go on (the
+        audit: a tenant limited to a request a minute stalled every stream for seconds with
+        prompts too long to run, each refused and so never counted)."""
+        if chars < OFF_LOOP_CHARS:
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._tokenize_limiter)
 
     async def _remember(self, call: GenerateCall, rendering: Any) -> None:
         """Store a chat prompt's rendering (`_tokenize`) in the prompt cache, unless the

@@ -760,6 +760,16 @@ class LmgateClient(JsonApi):
     async def delete_response(self, response_id: str) -> None:
         await self._request_json("DELETE", f"/v1/responses/{path_segment(response_id)}")
 
+    async def list_input_items(self, response_id: str, *, order: str = "desc", limit: int = 20,
+                               after: str | None = None, before: str | None = None) -> dict[str, Any]:
+        """One page of a stored response's own input items (`data`, `first_id`, `last_id`,
+        `has_more`): newest first unless `order="asc"`, `limit` (1-100) after the item id
+        `after`, or the page just `before` one."""
+        params = {"order": order, "limit": str(limit)}
+        params.update({k: v for k, v in (("after", after), ("before", before)) if v is not None})
+        return await self._request_json("GET", f"/v1/responses/{path_segment(response_id)}/input_items",
+                                        params=params)
+
     def ws(self) -> Any:
         """A WebSocket session multiplexing requests (see clients.ws.WsSession)."""
         from clients.ws import WsSession

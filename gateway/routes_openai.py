@@ -62,6 +62,13 @@ class StreamOptions(msgspec.Struct, frozen=True):
 class TextPart(msgspec.Struct, frozen=True):
     type: str
     text: str | None = None  # required for a text part (`ChatMessageIn.text`); other types are refused
+    refusal: str | None = None  # an assistant's refusal part (OpenAI's): read as its text
+
+
+_TEXT_PARTS = ("text", "refusal")
+# content that may be missing (null or []): an assistant's (with tool calls, or a turn
+# replayed as it came); OpenAI requires it of the other roles
+_MAY_BE_EMPTY = ("assistant",)
 
 
 class ChatMessageIn(msgspec.Struct, frozen=True):
@@ -74,19 +81,21 @@ class ChatMessageIn(msgspec.Struct, frozen=True):
     def text(self, *, markers: bool = False) -> str:
         """The message as the model reads it (`markers`: tool calls as auto mode writes them)."""
         if self.content is None or self.content == []:
-            if self.role == "user":  # as OpenAI: only an assistant's turn (with tool calls) may be empty
-                raise ApiError(400, "a user message needs content", code="invalid_value", param="messages")
+            if self.role not in _MAY_BE_EMPTY:  # as OpenAI: only an assistant's turn may come without
+                raise ApiError(400, f"a {self.role} message needs content", code="invalid_value", param="messages")
             text = ""
         elif isinstance(self.content, str):
             text = self.content
         else:
-            other = next((part.type for part in self.content if part.type != "text"), None)
+            other = next((part.type for part in self.content if part.type not in _TEXT_PARTS), None)
             if other is not None:
                 raise ApiError(400, f"content parts of type {other[:50]!r} are not supported (this model reads "
                                "text only)", code="unsupported_value", param="messages")
-            if any(part.text is None for part in self.content):
-                raise ApiError(400, "a text content part needs its text", code="invalid_value", param="messages")
-            text = "".join(part.text or "" for part in self.content)
+            texts = [part.text if part.type == "text" else part.refusal for part in self.content]
+            if any(t is None for t in texts):
+                raise ApiError(400, "a text content part needs its text (a refusal part its refusal)",
+                               code="invalid_value", param="messages")
+            text = "\n".join(t or "" for t in texts)  # as vLLM joins them
         return render_message(self.role, text, self.tool_calls, markers=markers)
 
 

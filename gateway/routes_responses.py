@@ -80,7 +80,7 @@ _ROLES = ("user", "system", "developer", "assistant")
 class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Body of POST /v1/responses (OpenAI's names, then the chat extensions it takes)."""
 
-    model: str = ""  # required but by input_tokens (OpenAI's count takes none: the served model); see `prepare`
+    model: str | None = None  # required but by input_tokens (OpenAI's count takes none: the served model); see `prepare`
     input: str | list[Any] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
@@ -175,7 +175,7 @@ def _text_of(content: Any, where: str) -> tuple[str, list[dict[str, Any]]]:
         if not isinstance(text, str):
             raise ApiError(400, f"{where}: a {kind} part needs its text", code="invalid_value", param="input")
         parts.append({"type": "output_text" if kind in ("output_text", "refusal") else "input_text", "text": text})
-    return "".join(p["text"] for p in parts), parts
+    return "\n".join(p["text"] for p in parts), parts  # as chat joins them (vLLM)
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -286,7 +286,7 @@ def chat_messages_of(items: list[dict[str, Any]], instructions: str | None) -> l
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     for item in items:
         if item["type"] == "message":
-            messages.append({"role": item["role"], "content": "".join(p["text"] for p in item["content"])})
+            messages.append({"role": item["role"], "content": "\n".join(p["text"] for p in item["content"])})
         elif item["type"] == "function_call":
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}

@@ -20,8 +20,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import trio
 from quart import Blueprint, request
 
+from actors.admission import OFF_LOOP_CHARS
 from gateway.errors import ApiError, decode_json
 from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending
 from gateway.tools import tool_calling
@@ -79,7 +81,15 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
     return tokenizer.encode(req.prompt or "", add_special_tokens=special)
 
 
+def request_chars(req: TokenizeRequest) -> int:
+    """How much text `req` asks to tokenize (what decides whether it runs off the event loop)."""
+    texts = [req.prompt or ""] + [m.content if isinstance(m.content, str) else "".join(
+        p.text or p.refusal or "" for p in m.content) for m in req.messages or [] if m.content]
+    return sum(map(len, texts))
+
+
 def tokenizer_blueprint(state: GatewayState) -> Blueprint:
+    tokenize_limiter = trio.CapacityLimiter(1)
     bp = Blueprint("tokenizer", __name__)
 
     def tokenizer_of(model: str | None, tenant: TenantContext) -> Tokenizer:
@@ -105,7 +115,10 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         req = decode_json(await request.get_data(cache=False), TokenizeRequest)
         tokenizer = tokenizer_of(req.model, tenant)
-        ids = tokenize(tokenizer, req)
+        if request_chars(req) < OFF_LOOP_CHARS:
+            ids = tokenize(tokenizer, req)
+        else:  # a long text: in a worker thread, one at a time, so that other requests' streams go on
+            ids = await trio.to_thread.run_sync(tokenize, tokenizer, req, limiter=tokenize_limiter)
         strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": state.runtime.max_model_len, "tokens": ids, "token_strs": strs}
 

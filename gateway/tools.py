@@ -490,7 +490,7 @@ def render_message(role: str, content: str, tool_calls: list[Any] | None, *, mar
         args = fn.get("arguments", "{}")
         try:
             args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to read: kept as written
             pass
         calls.append({"name": fn.get("name"), "arguments" if markers else "parameters": args})
     text = json.dumps(calls, ensure_ascii=False)

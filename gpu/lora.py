@@ -31,6 +31,8 @@ way when it loads, so it computes the update it was trained to.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -194,14 +196,17 @@ class LoraAdapter:
     rank: int  # the largest rank of any targeted module
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     rows: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    version: str = ""  # `folder_version` of the files it was read from
+    version: str = ""  # `folder_version` of the files it was read from (tells when to read them again)
+    digest: str = ""  # a hash of the files' contents
 
     @property
     def key(self) -> str:
-        """``name@version``: what the engine's prefix cache and the response cache key it by,
+        """``name@digest``: what the engine's prefix cache and the response cache key it by,
         so an adapter whose files were replaced under the same name shares nothing cached
-        with the one before."""
-        return f"{self.name}@{self.version}"
+        with the one before — by content, not file times: replicas that hold copies of the
+        same files (their times differ) share cached answers, and two versions written with
+        the same times and sizes (a reproducible build) do not."""
+        return f"{self.name}@{self.digest or self.version}"
 
     @property
     def nbytes(self) -> int:
@@ -234,7 +239,7 @@ def load_adapter(
     B's rows divided by the second. Raises `LoraError`
     for anything this engine would not compute exactly as PEFT does."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     version = folder_version(folder)  # before reading: a file replaced meanwhile reloads next time
     cfg = read_config(folder)
@@ -243,9 +248,13 @@ def load_adapter(
         bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
         raise LoraError(folder, f"no {WEIGHTS_FILE}{bin_hint}")
     try:
-        tensors = load_file(str(path))
+        data = path.read_bytes()
+        tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraError(path, f"unreadable ({e})") from None
+    digest = hashlib.sha256(data)
+    with contextlib.suppress(OSError):
+        digest.update((folder / CONFIG_FILE).read_bytes())
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.search(key)
@@ -314,7 +323,7 @@ def load_adapter(
         weights[name_] = (a_all.to(device, dtype).contiguous(), b_all.to(device, dtype).contiguous())
         if torch.device(device).type == "cpu":
             rows[name_] = (a_all.contiguous(), b_all.t().contiguous(), span)
-    return LoraAdapter(name, folder, rank, weights, rows, version)
+    return LoraAdapter(name, folder, rank, weights, rows, version, digest.hexdigest()[:16])
 
 
 _NONE = (torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, 2, dtype=torch.int64))

@@ -74,6 +74,8 @@ class ChatTemplateError(ValueError):
     """The chat template is missing or raised (`raise_exception`) while rendering."""
 
 
+# tokens a prefix cut mid-word may take beyond the whole text's (`Tokenizer.encode_within`)
+PREFIX_MARGIN_TOKENS = 64
 _PROBE = "\x00lmgate-final-message\x00"  # stands for the final message's text (`apply_chat_template`)
 
 
@@ -204,6 +206,20 @@ class Tokenizer:
         """
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_within(self, text: str, limit: int, *, first_chars: int = 65_536) -> list[int] | None:
+        """`encode(text)`, or None as soon as a prefix of it is more than `limit` tokens
+        (plus a margin for the word the cut splits; a whole text just over `limit` comes
+        back encoded, for the caller to refuse with its count): a text far too long costs about as
+        much as one that fits, not its whole length (a megabyte of digits took two
+        seconds). Prefixes grow fourfold from `first_chars`, so a text that fits costs at
+        most a third more."""
+        n = first_chars
+        while n < len(text):
+            if len(self.encode(text[:n])) > limit + PREFIX_MARGIN_TOKENS:
+                return None
+            n *= 4
+        return self.encode(text)
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         encs = self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
@@ -251,7 +267,8 @@ class Tokenizer:
             # found as written, not inside the end-of-turn text after it
             probe = [*map(dict, messages[:-1]), {**messages[-1], "content": _PROBE}] if messages else []
             try:
-                start = self._template.render(messages=probe, add_generation_prompt=False, **variables).find(_PROBE)
+                # the last occurrence: the final message is rendered last (an earlier message may hold the marker)
+                start = self._template.render(messages=probe, add_generation_prompt=False, **variables).rfind(_PROBE)
             except jinja2.TemplateError:
                 start = -1
             return open_final_message(text, final if isinstance(final, str) else "", start=start)

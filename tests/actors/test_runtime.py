@@ -337,6 +337,11 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (404, "model")
     rej = await runtime.submit(call(t, prompt="word " * 3000))
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
+    # far too long: told from a prefix, off the event loop (a megabyte of digits took two seconds of it)
+    for far in (call(t, prompt="1" * 900_000), call(t, messages=[ChatMessage("user", "1" * 900_000)])):
+        rej = await runtime.submit(far)
+        assert isinstance(rej, Rejected) and (rej.status, rej.code) == (400, "context_length_exceeded")
+        assert rej.param == ("prompt" if far.prompt else "messages")
     rej = await runtime.submit(call(t, prompt="Hi", max_tokens=100))
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (400, "max_tokens")
     rej = await runtime.submit(msgspec.structs.replace(call(t, prompt="Hi", max_tokens=100),

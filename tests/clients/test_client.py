@@ -521,6 +521,9 @@ def test_responses_api(served: Served, backend: str) -> None:
             assert events.usage is not None and events.usage.completion_tokens == 3
             assert [m.content for m in served.runtime.calls[-1].messages] == ["hello", first.text, "more"]
             assert (await client.get_response(first.id)).raw == first.raw
+            page = await client.list_input_items(events.response.id, order="asc", limit=1)
+            assert [i["content"][0]["text"] for i in page["data"]] == ["more"] and not page["has_more"]
+            assert (await client.list_input_items(events.response.id, before=page["first_id"]))["data"] == []
             await client.delete_response(first.id)
             with pytest.raises(NotFound):
                 await client.get_response(first.id)

@@ -152,4 +152,6 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
         # the count takes no model (the SDK's is optional): the served one's
         nameless = {k: v for k, v in ask_long.items() if k != "model"}
         assert (await http.post("/v1/responses/input_tokens", json=nameless)).json()["input_tokens"] == counted
+        nulled = {**ask_long, "model": None}  # the SDK's count(model=None)
+        assert (await http.post("/v1/responses/input_tokens", json=nulled)).json()["input_tokens"] == counted
     stop.set()

@@ -281,7 +281,7 @@ def test_chat_content_parts_are_joined() -> None:
         b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}',
     )
     assert isinstance(req, ChatRequest)
-    assert req.messages[0].text() == "ab"
+    assert req.messages[0].text() == "a\nb"  # as vLLM joins them
 
 
 @pytest.mark.parametrize(("header", "lookup", "store"), [
@@ -418,6 +418,32 @@ async def test_chat_json_n2(gateway: Gateway) -> None:
     assert gateway.runtime.calls[-1].messages[0].content == "hello there"
     call = gateway.runtime.calls[-1]
     assert (call.add_generation_prompt, call.continue_final_message) == (True, False)
+
+
+async def test_text_parts_are_joined_by_newlines_and_a_refusal_reads_as_text(gateway: Gateway) -> None:
+    """As vLLM reads them: "Hello" and "world" were "Helloworld"; an assistant's refusal part
+    (OpenAI's schema allows it) was a 400, so a replayed conversation with one failed."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot help with that."}]},
+                {"role": "user", "content": "Why not?"}]
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body(messages=messages, max_tokens=1))
+    assert r.status_code == 200, r.text
+    assert [m.content for m in gateway.runtime.calls[-1].messages] == ["Hello\nworld", "I cannot help with that.",
+                                                                       "Why not?"]
+
+
+async def test_tool_call_arguments_nested_too_deeply_to_read_are_kept_as_written(gateway: Gateway) -> None:
+    """A 500 before: json.loads raises RecursionError, not ValueError, on deep nesting."""
+    deep = "[" * 3000 + "]" * 3000
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body(messages=messages, max_tokens=1))
+    assert r.status_code == 200, r.text
+    assert deep in gateway.runtime.calls[-1].messages[1].content
 
 
 async def test_chat_can_continue_its_last_message(gateway: Gateway) -> None:
@@ -562,6 +588,11 @@ CHAT_BAD = [
     ("user message without content", {**chat_body(), "messages": [{"role": "user"}]}, "messages"),
     ("user content null", {**chat_body(), "messages": [{"role": "user", "content": None}]}, "messages"),
     ("user content no parts", {**chat_body(), "messages": [{"role": "user", "content": []}]}, "messages"),
+    ("system content null", {**chat_body(), "messages": [{"role": "system", "content": None},
+                                                          {"role": "user", "content": "x"}]}, "messages"),
+    ("refusal part without refusal", {**chat_body(), "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "refusal"}]},
+        {"role": "user", "content": "y"}]}, "messages"),
     ("text part without text", {**chat_body(), "messages": [{"role": "user", "content": [{"type": "text"}]}]},
      "messages"),
     ("too many stop token ids", {**chat_body(), "stop_token_ids": list(range(1025))}, "stop_token_ids"),

@@ -163,7 +163,7 @@ def test_input_items_map_onto_the_chat_conversation() -> None:
     assert all(isinstance(i["id"], str) for i in items)
     chat = chat_request(ResponsesRequest(model=MODEL, instructions="You are a bot.", max_output_tokens=5), items)
     assert [(m.role, m.content) for m in chat.messages][:3] == [
-        ("system", "You are a bot."), ("developer", "Be brief."), ("user", "Weather in Paris?")]
+        ("system", "You are a bot."), ("developer", "Be brief."), ("user", "Weather \nin Paris?")]  # parts joined as chat (and vLLM) joins them
     assistant, tool = chat.messages[3:]
     assert assistant.content == "Checking." and assistant.tool_calls[0]["function"]["name"] == "weather"
     assert tool.role == "tool" and tool.tool_call_id == "call_1" and tool.content == "18C"

@@ -239,6 +239,19 @@ def test_target_modules_are_matched_as_peft_matches_them(lora_reference, tmp_pat
     assert load_adapter("ok", folder, cfg, torch.float32).rank == 4
 
 
+def test_an_adapter_is_keyed_by_its_contents_not_its_file_times(lora_reference, tmp_path) -> None:
+    """Replicas hold copies of the same files, with other times: they must key cached answers
+    alike; another version with the same times and sizes must not."""
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    first = load_adapter("a", lora_reference.paths["two"], cfg, torch.float32)
+    copied = tmp_path / "copy"
+    shutil.copytree(lora_reference.paths["two"], copied, copy_function=shutil.copyfile)  # new file times
+    again = load_adapter("a", copied, cfg, torch.float32)
+    assert again.version != first.version and again.key == first.key
+    other = load_adapter("a", lora_reference.paths["one"], cfg, torch.float32)
+    assert other.key != first.key
+
+
 def test_weights_that_do_not_fit_this_model_are_refused(lora_reference, tmp_path) -> None:
     cfg = load_checkpoint("smollm2", torch.float32).config
     folder = copy_adapter(lora_reference.paths["two"], tmp_path / "other-model")

@@ -126,6 +126,11 @@ def test_continue_final_message_leaves_the_last_message_open(tok):
             tok.apply_chat_template(bad, add_generation_prompt=False, continue_final_message=True)
     with pytest.raises(ChatTemplateError, match="cannot both"):
         tok.apply_chat_template(chat, continue_final_message=True)
+    # an earlier message that holds the marker the cut looks for does not move the cut into it
+    marker = "\x00lmgate-final-message\x00"  # (what `apply_chat_template` marks the final message with)
+    marked = [{"role": "user", "content": f"{marker} Paris is nice"}, {"role": "assistant", "content": "Paris"}]
+    assert tok.apply_chat_template(marked, add_generation_prompt=False, continue_final_message=True) == (
+        tok.apply_chat_template(marked[:1]) + "Paris")
     hidden = Tokenizer(tok.backend, TokenizerSpec(1, 2, "{% for m in messages %}{{ m['role'] }};{% endfor %}"))
     with pytest.raises(ChatTemplateError, match="does not write the final message"):
         hidden.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True)
@@ -141,6 +146,16 @@ def test_hf_folder_roundtrip(tok, tmp_path):
     assert again.bos_token_id == tok.bos_token_id
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     assert again.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+
+
+def test_encode_within_stops_at_a_prefix_too_long_and_else_encodes_it_all(tok):
+    """A text far over the limit is told from a prefix (cost bounded by the limit, not the
+    text); one that fits, or is just over, comes back whole, as `encode` gives it."""
+    assert tok.encode_within("1" * 300_000, 1000, first_chars=4096) is None  # one token a digit
+    fits = "hello world " * 20_000  # 240,000 characters, past every prefix step
+    assert tok.encode_within(fits, 50_000, first_chars=4096) == tok.encode(fits)
+    just_over = tok.encode_within("hello world " * 600, 1000, first_chars=4096)
+    assert just_over == tok.encode("hello world " * 600) and len(just_over) > 1000  # the caller counts it
 
 
 def test_fingerprint_tells_tokenizers_and_templates_apart(tok, tmp_path):
