@@ -81,13 +81,6 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
     return tokenizer.encode(req.prompt or "", add_special_tokens=special)
 
 
-def request_chars(req: TokenizeRequest) -> int:
-    """How much text `req` asks to tokenize (what decides whether it runs off the event loop)."""
-    texts = [req.prompt or ""] + [m.content if isinstance(m.content, str) else "".join(
-        p.text or p.refusal or "" for p in m.content) for m in req.messages or [] if m.content]
-    return sum(map(len, texts))
-
-
 def tokenizer_blueprint(state: GatewayState) -> Blueprint:
     tokenize_limiter = trio.CapacityLimiter(1)
     bp = Blueprint("tokenizer", __name__)
@@ -113,9 +106,10 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
     @bp.post("/tokenize")
     async def tokenize_route() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        req = decode_json(await request.get_data(cache=False), TokenizeRequest)
+        body = await request.get_data(cache=False)
+        req = decode_json(body, TokenizeRequest)
         tokenizer = tokenizer_of(req.model, tenant)
-        if request_chars(req) < OFF_LOOP_CHARS:
+        if len(body) < OFF_LOOP_CHARS:  # (the body bounds what is rendered: messages, tool calls, tools)
             ids = tokenize(tokenizer, req)
         else:  # a long text: in a worker thread, one at a time, so that other requests' streams go on
             ids = await trio.to_thread.run_sync(tokenize, tokenizer, req, limiter=tokenize_limiter)

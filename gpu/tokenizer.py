@@ -74,6 +74,9 @@ class ChatTemplateError(ValueError):
     """The chat template is missing or raised (`raise_exception`) while rendering."""
 
 
+# texts this long are encoded without holding the GIL (`Tokenizer.encode`), so that one
+# tokenized in a worker thread does not stop the event loop (it stopped it for its whole length)
+GIL_FREE_CHARS = 4096
 # tokens a prefix cut mid-word may take beyond the whole text's (`Tokenizer.encode_within`)
 PREFIX_MARGIN_TOKENS = 64
 _PROBE = "\x00lmgate-final-message\x00"  # stands for the final message's text (`apply_chat_template`)
@@ -204,6 +207,8 @@ class Tokenizer:
         `add_special_tokens=True` adds what the model's post-processor adds (BOS when the
         source asks for it; nothing for SmolLM2).
         """
+        if len(text) >= GIL_FREE_CHARS:  # `encode` holds the GIL throughout; `encode_batch` lets it go
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_within(self, text: str, limit: int, *, first_chars: int = 65_536) -> list[int] | None:

@@ -154,6 +154,8 @@ def test_encode_within_stops_at_a_prefix_too_long_and_else_encodes_it_all(tok):
     assert tok.encode_within("1" * 300_000, 1000, first_chars=4096) is None  # one token a digit
     fits = "hello world " * 20_000  # 240,000 characters, past every prefix step
     assert tok.encode_within(fits, 50_000, first_chars=4096) == tok.encode(fits)
+    # a long text is encoded in a batch of one (which lets the GIL go): the same ids as the plain call
+    assert tok.encode(fits) == tok.backend.encode(fits, add_special_tokens=False).ids
     just_over = tok.encode_within("hello world " * 600, 1000, first_chars=4096)
     assert just_over == tok.encode("hello world " * 600) and len(just_over) > 1000  # the caller counts it
 
