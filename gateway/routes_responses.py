@@ -756,6 +756,13 @@ class Turn:
             log.warning("response %s not stored: %s", self.renderer.response_id, exc)
 
 
+def error_event(exc: ApiError, sequence: int) -> bytes:
+    """The `error` event that ends a stream an error cut after it started (OpenAI's
+    `ResponseErrorEvent`), numbered `sequence`."""
+    return sse.named_event("error", {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param,
+                                     "sequence_number": sequence})
+
+
 class ResponsesSseBody(SseBody):
     """The stream of one Responses request: named SSE events (`event: <type>`), no
     `[DONE]`; aborts as `SseBody` does."""
@@ -770,9 +777,7 @@ class ResponsesSseBody(SseBody):
                 async for event in events:
                     yield sse.named_event(event["type"], event)
         except ApiError as exc:  # after the stream started: ends it with an `error` event, not a cut connection
-            yield sse.named_event("error", {"type": "error", "code": exc.code, "message": exc.message,
-                                            "param": exc.param,
-                                            "sequence_number": self.turn.renderer.last_sequence + 1})
+            yield error_event(exc, self.turn.renderer.last_sequence + 1)
 
 
 def ended_as(response: dict[str, Any], status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -832,8 +837,7 @@ def event_stream(events: AsyncIterator[dict[str, Any]]) -> Response:
                     sequence = event.get("sequence_number", sequence)
                     yield sse.named_event(event["type"], event)
         except ApiError as exc:
-            yield sse.named_event("error", {"type": "error", "code": exc.code, "message": exc.message,
-                                            "param": exc.param, "sequence_number": sequence + 1})
+            yield error_event(exc, sequence + 1)
 
     response = Response(body(), content_type="text/event-stream", headers=sse.SSE_HEADERS)
     response.timeout = None
