@@ -183,8 +183,7 @@ class Admission:
         # what the prompt cache keys renderings by (its `model`): the served name, and the tokenizer and chat
         # template (replicas that share a name need not share them: a rolling update, a GGUF
         # beside a folder; one must not read the other's token ids)
-        self.rendered_by = (f"{config.model_name}@{getattr(tokenizer, 'fingerprint', '')}"
-                             if prompt_cache is not None else config.model_name)
+        self.rendered_by = f"{config.model_name}@{tokenizer.fingerprint}" if prompt_cache is not None else ""
         self._tokenize_limiter = trio.CapacityLimiter(1)  # long prompts tokenize in a thread, one at a time
         self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
@@ -271,8 +270,7 @@ class Admission:
         """`text`'s tokens, or None once a prefix of it is already more than the window
         (`Tokenizer.encode_within`): a megabyte of digits took two seconds to tokenize, only
         to be refused, and a refused request costs its tenant no `requests_per_minute`."""
-        within = getattr(self.tokenizer, "encode_within", None)
-        return self.tokenizer.encode(text) if within is None else within(text, self.config.max_model_len)
+        return self.tokenizer.encode_within(text, self.config.max_model_len)
 
     def _too_long(self, param: str) -> _Refuse:
         return _Refuse(400, "context_length_exceeded", f"prompt is over {self.config.max_model_len} tokens; the "
