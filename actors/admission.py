@@ -434,6 +434,28 @@ class Admission:
                       retry_after=left, rate_limits=RateLimits(limit_requests=rpm, remaining_requests=0,
                                                                reset_requests_s=left))
 
+    def _block_rpm(self, tenant: TenantContext, retry_after_s: float) -> None:
+        if len(self._rpm_blocked) > 10_000:  # stale entries of tenants gone quiet
+            self._rpm_blocked.clear()
+        self._rpm_blocked[self._rpm_key(tenant)] = time.monotonic() + retry_after_s
+
+    async def count_refused(self, tenant: TenantContext, request_id: str) -> None:
+        """Count a request refused (400) after its prompt was tokenized against the tenant's
+        requests per minute (`QuotaManager.count_refused`), and refuse its next ones before
+        tokenizing (`check_rpm_block`) once that fills the minute. Best effort: with Redis
+        down it is skipped (and counted in `lmgate_redis_errors`), as the refusal stands."""
+        if self.quotas is None or tenant.quota is None or tenant.quota.requests_per_minute is None:
+            return
+        try:
+            if not self.quotas.store.reachable():
+                raise CacheUnavailable("Redis was unreachable a moment ago: skipped")
+            retry = await self.quotas.count_refused(tenant.as_tenant(), request_id)
+        except CacheUnavailable:
+            self.metrics.redis_errors.labels("count_refused").inc()
+            return
+        if retry is not None:
+            self._block_rpm(tenant, retry)
+
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
                             max_new_tokens: int, sequences: int = 1) -> QuotaHold:
         """Reserve `prompt_tokens + max_new_tokens × sequences` against the tenant's quota (atomically,
@@ -462,9 +484,7 @@ class Admission:
                               f"quota {res.limit}: {res.reason}",
                               "max_tokens" if res.limit == "max_tokens_cap" else None, rate_limits=res.limits)
             if res.limit == "requests_per_minute":
-                if len(self._rpm_blocked) > 10_000:  # stale entries of tenants gone quiet
-                    self._rpm_blocked.clear()
-                self._rpm_blocked[self._rpm_key(tenant)] = time.monotonic() + res.retry_after_s
+                self._block_rpm(tenant, res.retry_after_s)
             raise _Refuse(429, "rate_limit_exceeded", f"quota {res.limit}: {res.reason}",
                           retry_after=res.retry_after_s, rate_limits=res.limits)
         return QuotaHold(who, True, res.limits)
@@ -565,9 +585,11 @@ class Admission:
         st: RequestState | None = None
         admitted = False
         grammar = None
+        tokenizing = False  # from tokenizing to the reservation, which counts or denies the request
         try:
             self.check_rpm_block(call.tenant)
             adapter = await self._adapter(call.model)
+            tokenizing = True
             ids, rendering = await self._tokenize(call)
             params = self._resolve_params(call, len(ids))
             grammar = await self._compile_grammar(call, params)
@@ -593,6 +615,7 @@ class Admission:
             st.cache_model = "+".join(filter(None, (self.config.model_name, self.config.engine_variant,
                                                     st.adapter_key)))
             st.admitted_at = time.monotonic()
+            tokenizing = False
             hit = await self._only_cached(call, st) if call.cache_only else None
             await self._reserve(call, st)
             try:
@@ -612,6 +635,8 @@ class Admission:
                               retry_after=1.0) from None
             admitted = True
         except _Refuse as r:
+            if tokenizing and r.rejected[0] == 400:
+                await self.count_refused(call.tenant, call.request_id)
             return self.rejected(call.request_id, tenant, r)
         finally:
             if pending:

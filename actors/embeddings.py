@@ -439,6 +439,7 @@ class EmbeddingService:
                 503, "overloaded", f"server overloaded: {self.in_flight} embedding requests running", retry_after=1.0))
         self.in_flight += 1
         self.metrics.embedding_running.inc()
+        tokenized = False
         try:
             try:
                 self.admission.check_rpm_block(call.tenant)
@@ -451,11 +452,15 @@ class EmbeddingService:
                     raise _Refuse(400, "invalid_value", e.about(label), label.split("[")[0]) from None
                 except ValueError as e:  # `SentenceEmbedder.check_truncate`
                     raise _Refuse(400, "invalid_value", str(e), "truncate_prompt_tokens") from None
+                finally:  # a refusal after the tokenizing counts against the requests per minute
+                    tokenized = True
                 # identical inputs (by token ids, after their cut) are embedded and counted once
                 ids, place = distinct_rows(ids)
                 tokens = sum(len(one) for one in ids)
                 hold = await self.admission.reserve_quota(call.tenant, call.request_id, tokens, 0)
             except _Refuse as r:
+                if tokenized and r.rejected[0] == 400:
+                    await self.admission.count_refused(call.tenant, call.request_id)
                 return self.admission.rejected(call.request_id, tenant, r)
             record = UsageRecord(tenant, call.request_id, hold.tenant, hold.reserved, ran=False, prompt_tokens=0,
                                  model=self.name, outcome="cancelled")

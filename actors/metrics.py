@@ -135,5 +135,6 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "lmgate_redis_errors", "Redis calls of the request path that failed: op=reserve, settle, release, "
-            "extend, response_cache_get, response_cache_put, prompt_cache_get or prompt_cache_put", ["op"], registry=r
+            "extend, response_cache_get, response_cache_put, prompt_cache_get, prompt_cache_put or count_refused",
+            ["op"], registry=r
         )

@@ -22,7 +22,8 @@ The life of one request::
 Windows (per tenant):
 
 - requests_per_minute: a *sliding* 60 s log (ZSET request_id -> ms). Denied
-  requests are not counted. Retry-After = when the oldest entry leaves the window.
+  requests are not counted; requests refused after their prompt was tokenized
+  (`count_refused`) are. Retry-After = when the oldest entry leaves the window.
 - tokens_per_minute (prompt + completion): *fixed* 60 s windows aligned to the
   epoch minute (one counter per window). Retry-After = rest of the window. A
   fixed window can admit up to 2x the limit across a window boundary; the price
@@ -49,6 +50,7 @@ and day; live while its ``conc`` slot is, given back when the slot lapses), ``do
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -411,6 +413,21 @@ return n
 """
 
 
+# ARGV: base, member, rpm -> -1 while the per-minute log has room, else ms until its oldest
+# entry leaves the window (a request refused after costly work, counted as OpenAI counts it)
+_COUNT_REFUSED = _TAKES + _PRELUDE + """
+local rpm = tonumber(ARGV[3])
+if rpm <= 0 then return -1 end
+local rpm_key = base .. 'rpm'
+redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - 60000)
+redis.call('ZADD', rpm_key, now, rid)
+redis.call('PEXPIRE', rpm_key, 61000)
+if redis.call('ZCARD', rpm_key) < rpm then return -1 end
+local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + 60000 - now)
+"""
+
+
 # ARGV: base, (unused) -> slots in use now (read on the Redis clock: coredis's TIME reply
 # keeps whole seconds only, and a slot lapsing within the second was counted as running)
 _RUNNING = _GIVES_BACK + _PRELUDE + """
@@ -460,6 +477,7 @@ class QuotaManager:
         self._release = _FlaggedScript(store, _RELEASE)
         self._extend = _FlaggedScript(store, _EXTEND)
         self._running = _FlaggedScript(store, _RUNNING)
+        self._count_refused = _FlaggedScript(store, _COUNT_REFUSED)
 
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")
@@ -573,6 +591,22 @@ class QuotaManager:
             raise ValueError("ttl_s must be > 0")
         with self.store.guard():
             return int(await self._extend(args=[self._base(tenant.id), ttl_ms, *request_ids]))
+
+    async def count_refused(self, tenant: Tenant, request_id: str) -> float | None:
+        """Count a request refused after costly work (its prompt tokenized, then found too
+        long) against `requests_per_minute`, as OpenAI counts unsuccessful requests: else a
+        tenant limited to one request a minute could keep a core busy tokenizing prompts
+        just over the window, each refused for free. It takes no tokens and no slot.
+        Returns the seconds until the per-minute log has room again if it is now full
+        (the caller refuses the tenant's next requests before tokenizing them), else None;
+        None too for a tenant without the limit."""
+        rpm = tenant.quota.requests_per_minute
+        if rpm is None:
+            return None
+        member = f"{request_id}!refused!{secrets.token_hex(4)}"  # a client's reused id counts each time
+        with self.store.guard():
+            retry_ms = int(await self._count_refused(args=[self._base(tenant.id), member, rpm]))
+        return None if retry_ms < 0 else retry_ms / 1000
 
     async def running(self, tenant_id: str) -> int:
         """Number of unexpired reservations (concurrency slots in use)."""

@@ -252,6 +252,12 @@ async def test_embedding_refusals(nursery, ckpt, tokenizer, services):
     assert "embedding model" in gen.message
     assert await services["quotas"].running("acme") == 0
     assert not await usage_rows(services["quotas"], "acme")  # nothing ran, nothing charged
+    # an input refused once tokenized counts one request a minute (as OpenAI counts it)
+    once = tenant(Quota(requests_per_minute=1), id="once")
+    long = await rt.embed(embed_call(once, ["word " * 300]))
+    assert isinstance(long, Rejected) and long.status == 400
+    after = await rt.embed(embed_call(once, ["short"]))
+    assert isinstance(after, Rejected) and after.status == 429 and "requests_per_minute" in after.message
 
 
 @slow

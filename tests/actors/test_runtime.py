@@ -1180,6 +1180,24 @@ async def test_a_tenant_out_of_requests_per_minute_is_refused_before_tokenizing(
     assert isinstance(raised, Rejected) and raised.status == 400  # its limit changed: read afresh
 
 
+async def test_requests_refused_after_tokenizing_count_against_requests_per_minute(runtime):
+    """A prompt too long to run is a 400, but it was tokenized: it counts one request, as
+    OpenAI counts unsuccessful requests, so a tenant limited to a few a minute cannot keep
+    the tokenizer busy with refused prompts. Once they fill its minute, its next request
+    is a 429 before its prompt is read. Refusals before any tokenizing (an unknown model)
+    cost nothing."""
+    t = tenant(Quota(requests_per_minute=2), id="refused")
+    for _ in range(3):
+        rej = await runtime.submit(call(t, prompt="Hi", model="gpt-4"))
+        assert isinstance(rej, Rejected) and rej.status == 404
+    for _ in range(2):
+        rej = await runtime.submit(call(t, prompt="word " * 3000))
+        assert isinstance(rej, Rejected) and (rej.status, rej.code) == (400, "context_length_exceeded")
+    rej = await runtime.submit(call(t, messages=[], max_tokens=1))  # not read: a 400 were it tokenized
+    assert isinstance(rej, Rejected) and rej.status == 429 and 50 < rej.retry_after <= 60
+    assert "requests_per_minute" in rej.message
+
+
 async def test_a_hung_redis_costs_one_request_its_timeouts_and_is_found_back_without_requests(
         runtime, services, redis_server):
     """A Redis that stops answering (a stalled host): the first request waits out the

@@ -189,6 +189,23 @@ async def test_denied_requests_consume_nothing(store: RedisStore, quotas: QuotaM
     assert isinstance(await quotas.reserve(tenant, "ok", 50, 50), Admitted)  # RPM slot unused
 
 
+async def test_a_refused_request_counts_one_request_and_no_tokens(store: RedisStore, quotas: QuotaManager):
+    """A request refused after its prompt was tokenized counts against requests per minute
+    (each time, even under one reused id), as OpenAI counts unsuccessful requests; it takes
+    no tokens and no slot, and says when the minute is full."""
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(requests_per_minute=3, tokens_per_minute=100, max_concurrent=2))
+    assert await quotas.count_refused(tenant, "bad") is None  # room left
+    ok = await quotas.reserve(tenant, "ok", 50, 50)  # the refusal took no tokens (all 100 left) and no slot
+    assert isinstance(ok, Admitted) and ok.limits.remaining_requests == 1
+    full = await quotas.count_refused(tenant, "bad")  # the same id again: counted again
+    assert full is not None and 58 < full <= 60
+    denied = await quotas.reserve(tenant, "next", 1, 1)
+    assert isinstance(denied, Denied) and denied.limit == "requests_per_minute"
+    assert await quotas.count_refused(make_tenant(Quota(tokens_per_minute=10), "free"), "bad") is None
+    assert await store.client.exists([store.key("q", "{free}", "rpm")]) == 0  # no limit, no log
+
+
 async def test_settle_exactly_once_and_usage(quotas: QuotaManager):
     tenant = make_tenant(Quota(max_concurrent=5))
     plan = [("r1", "llama", 10, 3), ("r2", "llama", 20, 7), ("r3", "gemma", 5, 1)]
