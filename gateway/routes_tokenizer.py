@@ -11,8 +11,9 @@ build prompts in token ids without a copy of it (lm-evaluation-harness's
     POST /detokenize         {tokens} -> {prompt}
 
 Each takes an optional `model` (the served model or one of its LoRA adapters: they
-share the tokenizer) and, like the OpenAI routes, a tenant's API key. Tokenizing costs
-CPU on the event loop, as admission's does; a body is at most `max_body_bytes`.
+share the tokenizer) and, like the OpenAI routes, a tenant's API key. A body is at most
+`max_body_bytes`; one of `OFF_LOOP_CHARS` or more is tokenized, and answered, in a worker
+thread (one at a time), as admission tokenizes long prompts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
-from quart import Blueprint, request
+from quart import Blueprint, Response, request
 
 from actors.admission import OFF_LOOP_CHARS
 from gateway.errors import ApiError, decode_json
@@ -109,12 +110,20 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
         body = await request.get_data(cache=False)
         req = decode_json(body, TokenizeRequest)
         tokenizer = tokenizer_of(req.model, tenant)
-        if len(body) < OFF_LOOP_CHARS:  # (the body bounds what is rendered: messages, tool calls, tools)
+        max_model_len = state.runtime.max_model_len
+
+        def answer() -> bytes:
             ids = tokenize(tokenizer, req)
-        else:  # a long text: in a worker thread, one at a time, so that other requests' streams go on
-            ids = await trio.to_thread.run_sync(tokenize, tokenizer, req, limiter=tokenize_limiter)
-        strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": state.runtime.max_model_len, "tokens": ids, "token_strs": strs}
+            strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
+            return msgspec.json.encode({"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
+                                        "token_strs": strs})
+
+        if len(body) < OFF_LOOP_CHARS:  # (the body bounds what is rendered, and the answer's size)
+            out = answer()
+        else:  # a long text: tokenized, and its answer (~3 bytes a token) written, in a worker thread,
+            # one at a time, so that other requests' streams go on
+            out = await trio.to_thread.run_sync(answer, limiter=tokenize_limiter)
+        return Response(out, content_type="application/json")
 
     @bp.post("/detokenize")
     async def detokenize_route() -> Any:
