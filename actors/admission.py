@@ -434,6 +434,15 @@ class Admission:
                       retry_after=left, rate_limits=RateLimits(limit_requests=rpm, remaining_requests=0,
                                                                reset_requests_s=left))
 
+    def rpm_refusal(self, tenant: TenantContext, request_id: str) -> Rejected | None:
+        """`check_rpm_block` for a route that counts no requests (/tokenize): the 429 as a
+        `Rejected` (counted in `lmgate_rejections`), or None."""
+        try:
+            self.check_rpm_block(tenant)
+        except _Refuse as r:
+            return self.rejected(request_id, tenant.tenant_id, r)
+        return None
+
     def _block_rpm(self, tenant: TenantContext, retry_after_s: float) -> None:
         if len(self._rpm_blocked) > 10_000:  # stale entries of tenants gone quiet
             self._rpm_blocked.clear()

@@ -233,6 +233,8 @@ class SentenceEmbedder:
                 raise EmbeddingInputError(i, f": token ids must start with {self.prefix} and end with "
                                              f"{self.suffix}, the special tokens the embedding model's tokenizer "
                                              f"writes around a text {self._ids_hint()}")
+            if n == len(self.prefix) + len(self.suffix):  # the ids of "", which a text input may not be
+                raise EmbeddingInputError(i, " holds no token between its special tokens (an empty text)")
             if truncate is not None and n > truncate:
                 one = [*one[:truncate - len(self.suffix)], *self.suffix]
             elif len(one) > self.max_length:

@@ -13,7 +13,9 @@ build prompts in token ids without a copy of it (lm-evaluation-harness's
 Each takes an optional `model` (the served model or one of its LoRA adapters: they
 share the tokenizer) and, like the OpenAI routes, a tenant's API key. A body is at most
 `max_body_bytes`; one of `OFF_LOOP_CHARS` or more is tokenized, and answered, in a worker
-thread (one at a time), as admission tokenizes long prompts.
+thread (one at a time), as admission tokenizes long prompts. They count no requests against
+the key's `requests_per_minute` (vLLM's are not limited either), but a key that has used
+them up is refused here too (429) until the minute frees one.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, request
 
 from actors.admission import OFF_LOOP_CHARS
 from gateway.errors import ApiError, decode_json
-from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending
+from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending, rejected_error
 from gateway.tools import tool_calling
 
 if TYPE_CHECKING:
@@ -87,6 +89,10 @@ def tokenizer_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("tokenizer", __name__)
 
     def tokenizer_of(model: str | None, tenant: TenantContext) -> Tokenizer:
+        admission = getattr(state.runtime, "admission", None)
+        refusal = admission.rpm_refusal(tenant, g.request_id) if admission is not None else None
+        if refusal is not None:  # a key out of requests this minute: refused here too, not counted here
+            raise rejected_error(refusal)
         if model is not None:
             state.check_generation_model(model, tenant)
         elif not [m for m in state.models_for(tenant) if m != getattr(state.runtime, "embedding_model_name", None)]:

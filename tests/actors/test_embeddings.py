@@ -162,9 +162,11 @@ def test_a_text_too_long_is_refused_unless_truncated(float32):
 @slow
 def test_token_id_inputs_are_checked(float32):
     with pytest.raises(EmbeddingInputError, match=r"input 1: token id 30522 is not in \[0, 30522\)"):
-        float32.check_ids([[101, 102], [30522]])
+        float32.check_ids([[101, 7592, 102], [30522]])
     with pytest.raises(EmbeddingInputError, match="input 0 is empty"):
         float32.check_ids([[]])
+    with pytest.raises(EmbeddingInputError, match="input 1 holds no token between its special tokens"):
+        float32.check_ids([[101, 7592, 102], [101, 102]])  # the ids of "", which /v1/embeddings refuses
     long = [101, *[100] * 298, 102]
     with pytest.raises(EmbeddingInputError, match="has 300 tokens"):
         float32.check_ids([long])
@@ -174,7 +176,7 @@ def test_token_id_inputs_are_checked(float32):
     assert (float32.prefix, float32.suffix) == ([101], [102])
     with pytest.raises(EmbeddingInputError, match=r"must start with \[101\] and end with \[102\].*"
                                                   r"check_embedding_ctx_length=False"):
-        float32.check_ids([[101, 102], [791, 8415, 7731, 389, 279, 5634, 13]])
+        float32.check_ids([[101, 7592, 102], [791, 8415, 7731, 389, 279, 5634, 13]])
 
 
 @slow

@@ -237,3 +237,33 @@ async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_e
         today = dt.datetime.now(dt.UTC).date()
         [row] = await quotas.get_usage("late", today, today)
         assert row.requests == 1 and 0 < row.completion_tokens < 4000
+
+
+async def test_a_key_that_spent_its_minute_on_refused_prompts_is_refused_everywhere(  # type: ignore[no-untyped-def]
+        nursery: trio.Nursery, tmp_path, redis_url: str) -> None:
+    """A prompt too long for the window is a 400 that still counts one request a minute
+    (as OpenAI counts unsuccessful requests); a key limited to one is then refused at once
+    on the generation routes and on /tokenize (which counts none), with when to retry."""
+    torch.set_num_threads(2)
+    stop = trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=io.StringIO(),
+                                                         task_status=task_status))
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
+        r = await admin.post("/admin/tenants", json={"id": "once", "name": "Once",
+                                                     "quota": {"requests_per_minute": 1}})
+        assert r.status_code == 201, r.text
+        key = (await admin.post("/admin/tenants/once/keys", json={"name": "k"})).json()["key"]
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}) as http:
+        body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 2}
+        r = await http.post("/tokenize", json={"prompt": "Hi"})  # counts nothing
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/completions", json={**body, "prompt": "word " * 9000})  # over the 8192 window
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        for path, extra in (("/v1/completions", {**body, "prompt": "Hi"}), ("/tokenize", {"prompt": "Hi"})):
+            r = await http.post(path, json=extra)
+            assert r.status_code == 429, (path, r.text)
+            assert r.json()["error"]["code"] == "rate_limit_exceeded" and 50 < float(r.headers["retry-after"]) <= 60
+            assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    stop.set()
