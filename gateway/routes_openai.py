@@ -22,7 +22,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -121,6 +121,8 @@ class _Sampling(msgspec.Struct, frozen=True, kw_only=True):
     min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False  # the stop string that ended a choice kept at its end
+    skip_special_tokens: bool = True  # False: special tokens the model writes are in the text
     logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias in [-100, 100]
     priority: int | None = None
     use_beam_search: bool = False
@@ -462,6 +464,8 @@ def sampling_params(req: CompletionRequest | ChatRequest,
             stop_token_ids=tuple(req.stop_token_ids or ()),
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
             use_beam_search=req.use_beam_search,
             logprobs=logprobs,
             **kwargs,
@@ -735,22 +739,37 @@ def _chat_logprobs(delta: TokenDelta, token_bytes: TokenBytes | None = None) -> 
     return {"content": items}
 
 
-def _completion_logprobs(delta: TokenDelta, offset: int = 0) -> dict[str, Any] | None:
-    """OpenAI's legacy logprobs for one delta. `offset`: characters of this choice's text
-    before the delta; `text_offset[i]` is where token i starts in the choice's text (a
-    token that is part of a character starts where the character does)."""
+class TextOffsets:
+    """Where each token of one choice starts in its text (legacy logprobs' `text_offset`),
+    counted from the tokens' own bytes: a delta's text is not its tokens' (a stop string's
+    possible start is held back and goes out with a later token's text; beam search sends
+    its answer in one delta). A token that is part of a character starts where the
+    character does; a special token, which the text skips, is no characters long."""
+
+    def __init__(self, start: int, special_ids: frozenset[int] = frozenset()) -> None:
+        self.chars = start  # characters before the next token: the echoed prompt, then the tokens
+        self.special_ids = special_ids
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def of(self, token_ids: Sequence[int], tokens: Sequence[str]) -> list[int]:
+        offsets = []
+        for tid, tok in zip(token_ids, tokens, strict=True):
+            offsets.append(self.chars)
+            if tid not in self.special_ids:
+                self.chars += len(self._decoder.decode(_token_raw_bytes(tok)))
+        return offsets
+
+
+def _completion_logprobs(delta: TokenDelta, offsets: TextOffsets) -> dict[str, Any] | None:
+    """OpenAI's legacy logprobs for one delta of a choice whose `offsets` they go on."""
     if delta.logprobs is None:
         return None
     tokens = [_token_text(delta, i, t) for i, t in enumerate(delta.token_ids)]
     tops = [
         {t.token or f"<{t.token_id}>": t.logprob for t in row} for row in (delta.top_logprobs or [])
     ]
-    offsets, seen = [], 0
-    for tok in tokens:
-        offsets.append(offset + min(seen, len(delta.text)))
-        seen += 0 if tok.startswith("bytes:") else len(tok)
     return {"tokens": tokens, "token_logprobs": list(delta.logprobs), "top_logprobs": tops or None,
-            "text_offset": offsets}
+            "text_offset": offsets.of(delta.token_ids, tokens)}
 
 
 def _token_raw_bytes(token: str) -> bytes:
@@ -839,6 +858,8 @@ class Collector:
     echo_logprobs: int | None = None  # completions' `logprobs`: the echoed prompt's alternatives
     prompt_logprobs_k: int | None = None  # vLLM's `prompt_logprobs` asked for (None: not in the answer)
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # by choice
+    special_ids: frozenset[int] = frozenset()  # the tokenizer's, which the text skips (text_offset)
+    _offsets: dict[int, TextOffsets] = field(default_factory=dict)  # by choice
 
     def add(self, delta: TokenDelta) -> None:
         if delta.prompt_logprobs is not None and self.prompt_logprobs_k is not None:
@@ -849,8 +870,13 @@ class Collector:
             if lp is not None:
                 self.logprobs[delta.index] = [lp]
         done = self.texts.setdefault(delta.index, [])
-        lp = (_chat_logprobs(delta, self.token_bytes) if self.endpoint == "chat.completions"
-              else _completion_logprobs(delta, sum(map(len, done))))
+        if self.endpoint == "chat.completions":
+            lp = _chat_logprobs(delta, self.token_bytes)
+        else:
+            offsets = self._offsets.get(delta.index)
+            if offsets is None:  # (after the echoed prompt)
+                offsets = self._offsets[delta.index] = TextOffsets(sum(map(len, done)), self.special_ids)
+            lp = _completion_logprobs(delta, offsets)
         done.append(delta.text)
         if lp is not None:
             self.logprobs.setdefault(delta.index, []).append(lp)
@@ -917,7 +943,8 @@ class ChunkRenderer:
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: set[int] = field(default_factory=set)
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
-    _chars: dict[int, int] = field(default_factory=dict)  # text streamed so far per choice (text_offset)
+    _offsets: dict[int, TextOffsets] = field(default_factory=dict)  # per choice (text_offset)
+    special_ids: frozenset[int] = frozenset()  # as `Collector.special_ids`
     echo: list[str] | None = None  # as `Collector.echo`
     echo_logprobs: int | None = None  # as `Collector.echo_logprobs`
     n: int = 1
@@ -973,11 +1000,12 @@ class ChunkRenderer:
             choice = self._content_choice(d.index, d.text, lp["content"] if lp is not None else None)
         else:
             head, head_lp = "", None
-            if self.echo is not None and d.index not in self._chars:  # the prompt, before the first delta
-                head, head_lp = _echo_parts(d, self.echo[d.index // self.n], self.echo_logprobs)
-            offset = self._chars.get(d.index, 0) + len(head)
-            self._chars[d.index] = offset + len(d.text)
-            lp = _completion_logprobs(d, offset)
+            offsets = self._offsets.get(d.index)
+            if offsets is None:  # the choice's first delta: the prompt before it, if echoed
+                if self.echo is not None:
+                    head, head_lp = _echo_parts(d, self.echo[d.index // self.n], self.echo_logprobs)
+                offsets = self._offsets[d.index] = TextOffsets(len(head), self.special_ids)
+            lp = _completion_logprobs(d, offsets)
             if head_lp is not None:
                 lp = head_lp if lp is None else _concat_logprobs([head_lp, lp])
             choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
@@ -1173,6 +1201,14 @@ def echo_texts(state: GatewayState, req: CompletionRequest | ChatRequest, calls:
 def token_bytes_of(state: GatewayState) -> TokenBytes | None:
     tokenizer = getattr(state.runtime, "tokenizer", None)
     return getattr(tokenizer, "token_bytes", None)
+
+
+def special_ids_of(state: GatewayState, req: _Sampling) -> frozenset[int]:
+    """The special token ids the request's text skips: the served tokenizer's (none without
+    one), unless it asked for them (`skip_special_tokens: false`)."""
+    if not req.skip_special_tokens:
+        return frozenset()
+    return frozenset(getattr(getattr(state.runtime, "tokenizer", None), "all_special_ids", ()))
 
 
 SETTLE_WAIT_S = 2.0  # longest a last frame waits for the quota settlement (Redis retries)
@@ -1380,6 +1416,7 @@ async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list
                   echo: list[str] | None = None) -> dict[str, Any]:
     handle = await submit_all(state, calls, request_id, req.n)
     collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo,
+                          special_ids=special_ids_of(state, req),
                           tools=tools_of(req), echo_logprobs=echo_logprobs_of(req),
                           prompt_logprobs_k=req.prompt_logprobs)
     async with aclosing(events_of(handle)) as events:
@@ -1483,6 +1520,7 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
         handle = await submit_all(state, calls, request_id, req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         renderer = ChunkRenderer(endpoint, request_id, req.model, include_usage, token_bytes=token_bytes_of(state),
+                                 special_ids=special_ids_of(state, req),
                                  echo=echo, echo_logprobs=echo_logprobs_of(req), n=req.n, tools=tools_of(req),
                                  stream_calls=streams_calls(req))
         response = Response(stream_body(SseBody(handle, renderer)), content_type="text/event-stream",

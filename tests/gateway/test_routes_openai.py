@@ -65,6 +65,39 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 2
 
 
+def test_text_offset_counts_each_token_where_it_starts_in_the_text() -> None:
+    """Legacy logprobs' `text_offset` is where each token starts in the choice's text, from
+    the tokens themselves: not from how the text went out (a stop string's possible start
+    held back and sent with a later token; beam search's one delta), with a character of
+    several tokens starting where it does, a special token (which the text skips) of no
+    length, and the echoed prompt before it all. Streamed and not alike."""
+    lp = [-0.1]
+    deltas = [  # " Paris" "." "\n" "\n" with stop ". " held: "." goes out with "\n"
+        TokenDelta("r", 0, " Paris", [1], lp, tokens=[" Paris"]),
+        TokenDelta("r", 0, "", [2], lp, tokens=["."]),
+        TokenDelta("r", 0, ".\n", [3], lp, tokens=["\n"]),
+        TokenDelta("r", 0, "", [9], lp, tokens=["<|im_end|>"]),  # special: skipped in the text
+        # one character of three tokens, then a word, in one delta (as beam search sends it)
+        TokenDelta("r", 0, "🎉 ok", [4, 5, 6, 7], lp * 4,
+                   tokens=["bytes:\\xf0\\x9f", "bytes:\\x8e", "bytes:\\x89", " ok"]),
+    ]
+    want = [0, 6, 7, 8, 8, 8, 8, 9]
+    collector = Collector("completions", "r", MODEL, n=1, special_ids=frozenset({9}))
+    renderer = ChunkRenderer("completions", "r", MODEL, include_usage=False, special_ids=frozenset({9}))
+    streamed = []
+    for d in deltas:
+        collector.add(d)
+        streamed += renderer.delta(d)["choices"][0]["logprobs"]["text_offset"]
+    body = collector.response(Finished("r", ["length"], Usage(3, 8)))
+    assert body["choices"][0]["text"] == " Paris.\n🎉 ok"
+    assert body["choices"][0]["logprobs"]["text_offset"] == want == streamed
+    # an echoed prompt comes first
+    echoed = Collector("completions", "e", MODEL, n=1, echo=["Say:"])
+    echoed.add(deltas[0])
+    echoed.add(deltas[1])
+    assert echoed.response(Finished("e", ["length"], Usage(2, 2)))["choices"][0]["logprobs"]["text_offset"] == [4, 10]
+
+
 def test_a_stop_inside_an_auto_call_drops_the_call() -> None:
     """tool_choice "auto" takes stop strings (its text may end anywhere); a stop that ends
     the choice inside a call drops the unfinished call, whole and streamed alike."""
@@ -360,7 +393,8 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
             "/v1/completions",
             json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, "seed": 7, "top_k": 5,
                   "repetition_penalty": 1.1, "min_tokens": 1, "ignore_eos": True, "priority": 2,
-                  "user": "u1", "logprobs": 2, "stop_token_ids": [13, 30], "logit_bias": {"30": -100, "7": 2.5}},
+                  "user": "u1", "logprobs": 2, "stop_token_ids": [13, 30], "logit_bias": {"30": -100, "7": 2.5},
+                  "include_stop_str_in_output": True, "skip_special_tokens": False},
             headers={"X-Lmgate-App": "translate"},
         )
     assert r.status_code == 200, r.text
@@ -369,6 +403,7 @@ async def test_completion_token_prompt_and_extensions(gateway: Gateway) -> None:
     p = call.params
     assert (p.seed, p.top_k, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.logprobs) == (7, 5, 1.1, 1, True, 2)
     assert p.stop_token_ids == (13, 30) and p.logit_bias == ((7, 2.5), (30, -100.0))
+    assert (p.include_stop_str_in_output, p.skip_special_tokens) == (True, False)  # vLLM's, once dropped
     assert (call.priority, call.user, call.app) == (2, "u1", "translate")
     assert (call.cache_lookup, call.cache_store) == (True, True)
     lp = r.json()["choices"][0]["logprobs"]
