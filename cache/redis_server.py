@@ -4,10 +4,12 @@ Used by ``lmgate serve`` when ``REDIS_URL`` is unset (a single-node deployment
 needs no separately managed Redis) and by the test fixtures (a real Redis, never
 the machine's shared one on 6379).
 
-The server runs with persistence off (``--save '' --appendonly no``) in its own
-data directory: its state lives exactly as long as the process. ``stop()`` then
-``start()`` reuses the same port, so a client can observe "Redis went away and
-came back" (tests of reconnect behaviour rely on that).
+The server runs in its own data directory, with persistence off by default
+(``--save '' --appendonly no``: the test fixtures' state lives exactly as long as the
+process), or, ``persistent=True`` (``lmgate serve``), with an append-only file
+there (``--appendonly yes``, fsync every second), so that tenants, keys and usage
+survive a restart. ``stop()`` then ``start()`` reuses the same port, so a client can
+observe "Redis went away and came back" (tests of reconnect behaviour rely on that).
 
 The server never outlives its owner:
 
@@ -298,7 +300,8 @@ class PrivateRedis:
     it across restarts; ``port=`` pins it. Use as a context manager or call
     ``start()``/``stop()``. ``url`` is valid once started. While running, the
     server's pid is in ``pidfile_path`` and the data directory is locked (see the
-    module docstring).
+    module docstring). ``persistent``: keep the data in an append-only file in the
+    data directory, read back at the next start.
     """
 
     def __init__(
@@ -309,8 +312,10 @@ class PrivateRedis:
         host: str = "127.0.0.1",
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
+        persistent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening --logfile
+        self.persistent = persistent
         self.host = host
         self.port = port
         self.binary = binary
@@ -411,7 +416,8 @@ class PrivateRedis:
             "--bind", self.host,
             "--port", str(self.port),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "everysec",
             "--dir", str(self.data_dir),
             "--daemonize", "no",
             "--protected-mode", "yes",

@@ -381,8 +381,8 @@ def start_warnings(config: GatewayConfig) -> list[str]:
         warnings.append("no admin key and no development tenant: no API key can be issued, so every request "
                         "will be refused: set --admin-key (LMGATE_ADMIN_KEY)")
     if config.redis_url is None:
-        warnings.append("no REDIS_URL: the private redis-server keeps nothing on disk, so the tenants, keys and "
-                        "usage are lost at every restart")
+        warnings.append("no REDIS_URL: the private redis-server is this process's alone, so replicas cannot "
+                        "share tenants, keys and quotas (it keeps them in the data dir across restarts)")
     return warnings
 
 
@@ -420,7 +420,8 @@ _HELP = {
                    "who reaches the port (it names every tenant and its counts: firewall it, or set this)",
     "redis_url": "Redis URL: redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH[?db=DB], also "
                  "$REDIS_URL (unset = start a private redis-server under --data-dir)",
-    "data_dir": "directory for the private Redis and other state (created if missing)",
+    "data_dir": "directory for the private Redis (its data persists there: tenants, keys, usage) and other state "
+                "(created if missing)",
     "model": "model to serve: 'smollm2' (bundled), a .gguf path, a HF folder or an lmg folder (docs/loading.md)",
     "model_cache_dir": "keep a loading-optimized copy of a GGUF or safetensors model in this folder and "
                        "start from it next time (the bundled GGUF: ~0.1 s to map instead of ~0.5 s to read and dequantize; "

@@ -228,7 +228,10 @@ async def serve(
     config_private: PrivateRedis | None = None
     async with AsyncExitStack() as stack:
         if config.redis_url is None:
-            private = config_private = PrivateRedis(Path(config.data_dir) / "redis")
+            # persistent: the tenants, keys and usage outlive a restart (an append-only file
+            # in the data dir); a minute to read a large one back
+            private = config_private = PrivateRedis(Path(config.data_dir) / "redis", persistent=True,
+                                                    startup_timeout_s=60.0)
             stack.enter_context(private)
             config = dataclasses.replace(config, redis_url=private.url)
             print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
@@ -241,6 +244,9 @@ async def serve(
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:
                 print(f"lmgate: created tenant {DEV_TENANT_ID!r}; its API key (shown once): {key}", file=out, flush=True)
+            else:
+                print(f"lmgate: tenant {DEV_TENANT_ID!r} exists: use the key printed when it was created (the "
+                      "admin API issues more)", file=out, flush=True)
         runtime = await stack.enter_async_context(runtime_factory(config, stores))
         app = create_app(runtime, stores, config)
         triggered = trio.Event()
@@ -271,10 +277,9 @@ async def serve(
 
 async def watch_private_redis(private: PrivateRedis, interval_s: float = 2.0) -> None:
     """Say so, once, when the private redis-server has exited (and reap it). It is not
-    restarted: it keeps nothing on disk, so it would come back without the tenants and keys,
-    and every key would be refused as unknown. Until lmgate restarts, the gateway serves
-    degraded, as with any Redis outage (recently seen keys, quotas fail-open; /readyz
-    says `redis_unavailable`)."""
+    restarted here (whatever killed it may again, and its last second of writes may be
+    lost): until lmgate restarts, the gateway serves degraded, as with any Redis outage
+    (recently seen keys, quotas fail-open; /readyz says `redis_unavailable`)."""
     while private.running:  # (polling the process also reaps it once it has exited)
         await trio.sleep(interval_s)
     log.error("the private redis-server has exited (its log: %s); serving degraded without Redis until "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.redis_server import PrivateRedis, RedisServerError, find_redis_server
+from cache.redis_server import PrivateRedis, RedisServerError, _send_command, find_redis_server
 
 
 def test_starts_on_free_port_answers_ping_and_stops(tmp_path):
@@ -33,10 +33,31 @@ def test_starts_on_free_port_answers_ping_and_stops(tmp_path):
 def test_restart_keeps_the_port_and_starts_empty(tmp_path):
     with PrivateRedis(tmp_path) as server:
         port = server.port
+        assert _send_command(server.host, server.port, "SET", "k", "v") == b"+OK"
         server.stop()
         assert not server.ping()
         server.start()
         assert server.port == port and server.ping()
+        assert _send_command(server.host, server.port, "GET", "k") == b"$-1"  # nothing kept
+
+
+def test_a_persistent_server_keeps_its_data_across_a_restart(tmp_path):
+    """`lmgate serve`'s private Redis (persistent): what was written is there after a stop
+    and a start, even a SIGKILL's worth of it once a second has passed (appendfsync
+    everysec); the throw-away one (the test fixtures') starts empty."""
+    for persistent, after in ((True, b"$1"), (False, b"$-1")):
+        with PrivateRedis(tmp_path / str(persistent), persistent=persistent) as server:
+            assert _send_command(server.host, server.port, "SET", "k", "v") == b"+OK"
+            server.stop()
+            server.start()
+            assert _send_command(server.host, server.port, "GET", "k").split(b"\r\n")[0] == after
+    with PrivateRedis(tmp_path / "killed", persistent=True) as server:
+        assert _send_command(server.host, server.port, "SET", "k", "v") == b"+OK"
+        time.sleep(1.5)
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()
+        server.start()
+        assert _send_command(server.host, server.port, "GET", "k").split(b"\r\n")[0] == b"$1"
 
 
 def test_pinned_port_in_use_is_a_clear_error(tmp_path):

@@ -58,7 +58,7 @@ async def run_serve(nursery: trio.Nursery, config: GatewayConfig) -> tuple[str, 
     return urls[0], out, stop, runtimes[0]
 
 
-async def test_serve_with_private_redis_prints_a_working_dev_key(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_serve_with_private_redis_prints_a_dev_key_that_outlives_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=None, dev_tenant=True, shutdown_grace_seconds=0.2,
                            kv_cache_mb=TEST_KV_MB)
     base_url, out, stop, _ = await run_serve(nursery, config)
@@ -78,6 +78,13 @@ async def test_serve_with_private_redis_prints_a_working_dev_key(nursery: trio.N
             except OSError:
                 break
             await trio.sleep(0.05)
+    # started again on the same data dir: the private Redis kept the tenant and its key
+    base_url, out, stop, _ = await run_serve(nursery, config)
+    assert "shown once" not in out.getvalue() and "tenant 'dev' exists" in out.getvalue()
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    stop.set()
 
 
 async def test_dev_tenant_is_created_only_once(nursery: trio.Nursery, tmp_path: Path, redis_url: str) -> None:
