@@ -546,13 +546,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted(error: BaseException) -> bool:
+    """True for a KeyboardInterrupt, or a group of nothing else (trio's nurseries wrap it)."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(interrupted(e) for e in error.exceptions)
+    return isinstance(error, KeyboardInterrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         if args.command == "serve":
-            return _cmd_serve(args)
+            try:
+                return _cmd_serve(args)
+            except BaseException as e:  # Ctrl-C during start-up, or a third stop signal: as a shell's 130
+                if not interrupted(e):
+                    raise
+                print("lmgate serve: interrupted", file=sys.stderr)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                # at once: the engine may still be loading on a thread of its own, and torch's
+                # threads torn down under it at the interpreter's exit abort the process
+                os._exit(130)
         if args.command == "chat":
             from clients.cli import run_chat
 

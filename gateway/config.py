@@ -431,7 +431,8 @@ _HELP = {
                       "/admin/predictor may send 64 MiB, or this if larger",
     "max_ws_frame_bytes": "largest accepted WebSocket message (error + close 1009 above; at most 1 GiB)",
     "max_streams_per_socket": "concurrent requests on one WebSocket",
-    "shutdown_grace_seconds": "on SIGINT/SIGTERM, let streams finish this long, then cancel",
+    "shutdown_grace_seconds": "on SIGINT/SIGTERM, let streams finish this long, then end them with an error "
+                              "event (a second signal ends them at once)",
     "keep_alive_seconds": "HTTP keep-alive timeout",
     "listen_backlog": "new connections the kernel queues until the server accepts them (at most 65535; "
                       "capped by net.core.somaxconn); a burst beyond it gets connection resets instead of 503s",

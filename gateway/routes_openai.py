@@ -1399,7 +1399,10 @@ async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Fai
         async for event in handle.events():
             if isinstance(event, Finished | Failed):
                 handle.ended = True
-                await handle.wait_settled()  # the last frame goes out with the slot free
+                if not (isinstance(event, Failed) and event.code == "shutting_down"):
+                    # the last frame goes out with the slot free (not at a shutdown: the
+                    # client's next request goes elsewhere, and the cut is near)
+                    await handle.wait_settled()
             yield event
             if handle.ended:
                 return

@@ -11,7 +11,10 @@ On SIGINT/SIGTERM Hypercorn stops accepting connections, lets open requests and
 streams run for `shutdown_grace_seconds`; shortly before that ends the runtime ends
 every request still running with a 503 `shutting_down` error on its stream (an SSE
 error event and `[DONE]`, a WebSocket error frame), then Hypercorn cancels what is left
-and the runtime accounts every aborted request before its actors stop.
+and the runtime accounts every aborted request before its actors stop. A second signal
+cuts the grace short: the requests are ended at once, the same way, and accounted as
+well. (Ctrl-C before serving starts, or a third signal, interrupts: `lmgate serve` exits
+130 without a traceback.)
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ log = logging.getLogger("lmgate.gateway.server")
 
 DEV_TENANT_ID = "dev"
 END_STREAMS_MARGIN_S = 0.5  # requests still running this long before the grace period ends get an error event
+END_STREAMS_FLUSH_S = 0.25  # at least this long between those error events and the cut, for them to go out
 SECRET_FILE = "server_secret"
 
 
@@ -66,7 +70,7 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     """
     hc = hypercorn.config.Config()
     hc.bind = [f"{config.host}:{config.port}"]
-    hc.graceful_timeout = config.shutdown_grace_seconds
+    hc.graceful_timeout = shutdown_schedule(config.shutdown_grace_seconds)[1]
     hc.keep_alive_timeout = config.keep_alive_seconds
     hc.backlog = config.listen_backlog
     hc.websocket_max_message_size = 2 * config.max_ws_frame_bytes + 4096
@@ -76,6 +80,16 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     # default) it adds its own stderr handler and every line ("Running on ...") came twice
     hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
+
+
+def shutdown_schedule(grace_s: float) -> tuple[float, float]:
+    """(end, cut): seconds after the stop signal at which the requests still running are
+    ended with an error event (`END_STREAMS_MARGIN_S` before the grace ends, or halfway
+    through a shorter one), and at which Hypercorn cuts the connections: the end of the
+    grace, but never sooner than `END_STREAMS_FLUSH_S` after the error events (a grace of
+    0 cut the streams before their error events went out)."""
+    end = grace_s - min(END_STREAMS_MARGIN_S, grace_s / 2)
+    return end, max(grace_s, end + END_STREAMS_FLUSH_S)
 
 
 def server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> bytes:
@@ -112,12 +126,28 @@ async def ensure_dev_tenant(tenants: TenantRegistry) -> str | None:
     return key
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGINT or SIGTERM (Hypercorn's shutdown trigger)."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: graceful shutdown", signal.Signals(signum).name)
-            return
+class StopSignals:
+    """SIGINT and SIGTERM while serving: the first sets `stop` (the graceful stop), the
+    second `cut` (the grace cut short). Caught from when serving starts until the second;
+    before, Ctrl-C interrupts start-up, and after, a third signal acts as it would
+    without lmgate (SIGINT interrupts, SIGTERM kills): a way out of a stuck drain."""
+
+    def __init__(self) -> None:
+        self.stop = trio.Event()
+        self.cut = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self.stop.is_set():
+                    log.info("received %s: graceful shutdown (another signal ends every request at once)", name)
+                    self.stop.set()
+                else:
+                    log.warning("received %s again: ending every request now", name)
+                    self.cut.set()
+                    return
 
 
 def close_connections_for_sure() -> None:
@@ -212,14 +242,17 @@ async def serve(
     config: GatewayConfig,
     *,
     runtime_factory: RuntimeFactory = open_gateway_runtime,
-    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    cut_trigger: Callable[[], Awaitable[None]] | None = None,
     out: TextIO | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Everything `lmgate serve` runs inside trio (see module docstring).
 
-    `runtime_factory` and `shutdown_trigger` are parameters so tests can run the
-    whole start-up/shutdown path with a stand-in runtime and an event.
+    `shutdown_trigger` returns to start the graceful stop, `cut_trigger` (after it) to cut
+    its grace short; without them, the first and the second SIGINT or SIGTERM
+    (`StopSignals`). They and `runtime_factory` are parameters so tests can run the whole
+    start-up/shutdown path with a stand-in runtime and events.
     """
     out = out or sys.stdout
     for warning in start_warnings(config):
@@ -249,29 +282,49 @@ async def serve(
                       "admin API issues more)", file=out, flush=True)
         runtime = await stack.enter_async_context(runtime_factory(config, stores))
         app = create_app(runtime, stores, config)
-        triggered = trio.Event()
+        signals = StopSignals() if shutdown_trigger is None else None
+        if signals is not None:
+            shutdown_trigger, cut_trigger = signals.stop.wait, signals.cut.wait
+        triggered, cut = trio.Event(), trio.Event()
 
         async def trigger() -> None:
             await shutdown_trigger()
             triggered.set()
 
-        async def end_streams_before_the_cut() -> None:
-            # Hypercorn cancels what is still open when the grace period ends, which cuts a
-            # stream mid-way; just before that, the runtime ends each with an error event
+        async def on_cut() -> None:
             await triggered.wait()
-            grace = config.shutdown_grace_seconds
-            await trio.sleep(max(0.0, grace - min(END_STREAMS_MARGIN_S, grace / 2)))
-            end_streams = getattr(runtime, "end_streams", None)
-            if end_streams is not None:
-                ended = end_streams("server shutting down")
-                if ended:
-                    log.info("shutdown: ended %d requests still running at the end of the grace period", ended)
+            await cut_trigger()
+            cut.set()
+
+        def end_streams(why: str) -> None:
+            end = getattr(runtime, "end_streams", None)
+            ended = end("server shutting down") if end is not None else 0
+            if ended:
+                log.info("shutdown: ended %d requests still running %s", ended, why)
+
+        async def end_streams_before_the_cut(serving: trio.CancelScope) -> None:
+            # Hypercorn cancels what is still open when the grace period ends, which cuts a
+            # stream mid-way; just before that (or at once, on a second signal), the runtime
+            # ends each with an error event
+            await triggered.wait()
+            with trio.move_on_after(shutdown_schedule(config.shutdown_grace_seconds)[0]):
+                await cut.wait()
+            end_streams("at the end of the grace period" if not cut.is_set() else "on a second signal")
+            await cut.wait()  # (returns only on a second signal: else Hypercorn returns first)
+            end_streams("on a second signal")  # (any that began since)
+            await trio.sleep(END_STREAMS_FLUSH_S)
+            serving.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(end_streams_before_the_cut)
+            if signals is not None:
+                await nursery.start(signals.run)
+            if cut_trigger is not None:
+                nursery.start_soon(on_cut)
             if config_private is not None:
                 nursery.start_soon(watch_private_redis, config_private)
-            await serve_app(app, config, shutdown_trigger=trigger, task_status=task_status)
+            with trio.CancelScope() as serving:
+                nursery.start_soon(end_streams_before_the_cut, serving)
+                await serve_app(app, config, shutdown_trigger=trigger, task_status=task_status)
             nursery.cancel_scope.cancel()
 
 
@@ -301,5 +354,5 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"lmgate serve: {e}", file=sys.stderr)
         return 2
-    trio.run(serve, config)
+    trio.run(serve, config)  # (a KeyboardInterrupt: `gateway.cli.main` says so, and exits 130)
     return 0

@@ -440,3 +440,87 @@ def test_generate_refuses_a_count_below_one(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--max-tokens", "0", "hi"])
     assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+class _Served:
+    """`lmgate serve` in a child process, its stderr read line by line on a thread."""
+
+    def __init__(self, *flags: str) -> None:
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *flags], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.err: list[str] = []
+
+        def read() -> None:
+            for line in self.proc.stderr:  # type: ignore[union-attr]
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 300.0) -> str:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (line := self.lines.get(timeout=max(0.1, deadline - time.monotonic()))) is not None:
+            self.err.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} never came: {''.join(self.err)}")
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.err.append(line)
+        return rc, "".join(self.err)
+
+
+@pytest.mark.slow
+def test_stop_signals_end_lmgate_serve_cleanly(tmp_path: Path, redis_url: str) -> None:
+    """Ctrl-C while the model loads: one line and status 130, no traceback. Serving: a
+    first SIGTERM starts the graceful stop, a second ends the streams at once with their
+    error event (not a cut, and not the 600 s grace), and lmgate exits 0."""
+    import signal
+    import time
+
+    import httpx
+
+    from gateway.sse import parse_events
+
+    flags = ["--port", "0", "--data-dir", str(tmp_path), "--redis-url", redis_url, "--threads", "1",
+             "--admin-key", "adm", "--embedding-model", "none", "--kv-cache-mb", "256", "--dtype", "float32"]
+    loading = _Served(*flags)
+    loading.wait_for("engine")  # (a line the model's loading logs)
+    loading.proc.send_signal(signal.SIGINT)
+    rc, err = loading.finish()
+    assert rc == 130 and "lmgate serve: interrupted" in err and "Traceback" not in err, err
+
+    served = _Served(*flags, "--shutdown-grace-seconds", "600")
+    url = served.wait_for("Running on").split("Running on ")[1].split()[0]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        admin = {"Authorization": "Bearer adm"}
+        client.post("/admin/tenants", json={"id": "sig", "name": "Sig"}, headers=admin).raise_for_status()
+        key = client.post("/admin/tenants/sig/keys", json={"name": "k"}, headers=admin).json()["key"]
+        text, signalled = "", None
+        with client.stream("POST", "/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "SmolLM2-135M-Instruct", "prompt": "Once", "max_tokens": 4000,
+                                 "ignore_eos": True, "stream": True}) as r:
+            for chunk in r.iter_text():
+                text += chunk
+                if signalled is None:
+                    served.proc.send_signal(signal.SIGTERM)
+                    signalled = time.monotonic()
+                    time.sleep(0.5)
+                    served.proc.send_signal(signal.SIGTERM)
+    events = parse_events(text)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down", events[-2:]
+    assert time.monotonic() - signalled < 60
+    rc, err = served.finish()
+    assert rc == 0 and "Traceback" not in err, err
+    assert "graceful shutdown" in err and "ending every request now" in err

@@ -200,17 +200,27 @@ async def test_the_last_frame_of_a_request_frees_its_concurrency_slot(nursery: t
     stop.set()
 
 
+@pytest.mark.parametrize("grace, second", [(1.5, False), (0.0, False), (600.0, True)],
+                         ids=["grace", "no-grace", "second-signal"])
 async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_event(  # type: ignore[no-untyped-def]
-        nursery: trio.Nursery, tmp_path, redis_url: str) -> None:
+        nursery: trio.Nursery, tmp_path, redis_url: str, grace: float, second: bool) -> None:
+    """Also with no grace at all (the stream was cut before its error event went out), and
+    on a second stop signal, which cuts a long grace short."""
     torch.set_num_threads(2)
-    stop = trio.Event()
+    stop, cut = trio.Event(), trio.Event()
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1.5, dtype="float32", kv_cache_mb=TEST_KV_MB)
+                           shutdown_grace_seconds=grace, dtype="float32", kv_cache_mb=TEST_KV_MB)
     done = trio.Event()
 
     async def run_server(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(config, shutdown_trigger=stop.wait, out=io.StringIO(), task_status=task_status)
+        await serve(config, shutdown_trigger=stop.wait, cut_trigger=cut.wait, out=io.StringIO(),
+                    task_status=task_status)
         done.set()
+
+    async def second_signal() -> None:
+        await stop.wait()
+        await trio.sleep(0.5)
+        cut.set()
 
     base_url = (await nursery.start(run_server))[0]
     async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": "Bearer adm"}) as admin:
@@ -221,15 +231,19 @@ async def test_a_stream_still_running_when_the_grace_period_ends_gets_an_error_e
             client.stream("POST", "/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Once",
                                                               "max_tokens": 4000, "ignore_eos": True,
                                                               "stream": True}) as r:
+        if second:
+            nursery.start_soon(second_signal)
         async for chunk in r.aiter_text():
             text += chunk
             if not stop.is_set():
-                stop.set()  # shut down with the stream running: it outlives the 1.5 s grace
+                stop.set()  # shut down with the stream running: it outlives the grace
+                stopped_at = trio.current_time()
     events = parse_events(text)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-2]
     with trio.fail_after(30):
         await done.wait()
+    assert trio.current_time() - stopped_at < 30  # (a second signal: not the 600 s grace)
     # accounted before the runtime stopped: the usage is recorded and the slot is free
     async with RedisStore(redis_url) as store:
         quotas = QuotaManager(store)

@@ -42,6 +42,16 @@ def test_server_secret_is_created_private_and_stable(tmp_path: Path) -> None:
     assert server_secret(tmp_path, env={"LMGATE_SECRET": "x" * 20}) == b"x" * 20
 
 
+def test_the_streams_are_ended_before_the_cut_with_time_for_their_error_events() -> None:
+    from gateway.server import shutdown_schedule
+
+    assert shutdown_schedule(30) == (29.5, 30)
+    assert shutdown_schedule(0.6) == (0.3, 0.6)  # halfway through a short grace
+    assert shutdown_schedule(0) == (0, 0.25)  # none at all: the cut waits for the error events
+    end, cut = shutdown_schedule(0.2)
+    assert (end, cut) == (0.1, 0.35)
+
+
 async def run_serve(nursery: trio.Nursery, config: GatewayConfig) -> tuple[str, io.StringIO, trio.Event, FakeRuntime]:
     runtimes: list[FakeRuntime] = []
 
