@@ -80,6 +80,25 @@ def test_priority_tiers_with_aging_nothing_starves():
     assert ids(p2.release(25.0, view(7)))[0] == "low-old"  # 2 - 2.5 < 0: aged past the new one
 
 
+def test_priority_shares_a_tier_fairly_between_tenants_and_keeps_tiers_first():
+    """The default policy: within a tier a light tenant's request waits for a slot, not for a
+    heavy tenant's backlog (VTC); a higher tier still goes first, aging still lifts the
+    lower one, and one tenant's requests stay first-come-first-served."""
+    p = PriorityAging(aging_s=10.0)
+    for k in range(10):
+        p.on_arrival(job(f"heavy{k}", k * 0.1, tenant="heavy"), k * 0.1)
+    assert ids(p.release(1.0, view(6))) == ["heavy0", "heavy1"]  # (2 slots)
+    p.on_arrival(job("light0", 1.5, tenant="light"), 1.5)  # lifted to heavy's service: a tie
+    assert ids(p.release(2.0, view(6))) == ["heavy2", "light0"]  # not after heavy3..9
+    p.on_arrival(job("light1", 2.5, tenant="light"), 2.5)
+    assert ids(p.release(2.5, view(7))) == ["heavy3"]  # light0 was charged: even again
+    # tiers: the urgent tier first whatever its tenants' service, then aging lifts the other
+    p.on_arrival(job("urgent", 3.0, tenant="heavy", priority=-1), 3.0)
+    assert ids(p.release(3.0, view(6))) == ["urgent", "light1"]  # light1: less served than heavy
+    p.on_arrival(job("urgent2", 40.0, tenant="light", priority=-1), 40.0)
+    assert ids(p.release(40.0, view(7))) == ["heavy4"]  # waited 39.6 s: 0 - 3.96 < -1
+
+
 def test_time_window_holds_until_min_batch_or_window():
     p = TimeWindow(window_s=1.0, min_batch=3, max_batch=4)
     p.on_arrival(job("a", 0.0), 0.0)
