@@ -83,6 +83,7 @@ class GatewayConfig:
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
+    aging_seconds: float = 10.0  # priority, hybrid: a waiting request gains a tier per this many seconds
     kv_reservation: str = "auto"  # auto | always | off: how magnus/hybrid reserve KV (PolicyConfig.kv_reservation)
     length_predictor: str = "auto"  # auto | running | magnus (auto: magnus for the magnus/hybrid policies)
     predictor_seed: str | None = None  # a saved Magnus predictor to start from when Redis holds none
@@ -119,6 +120,8 @@ class GatewayConfig:
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         # 0 would refuse every request that has to queue at all (max_waiting bounds the queue)
+        if not (math.isfinite(self.aging_seconds) and self.aging_seconds > 0):
+            raise ConfigError(f"aging_seconds must be a finite number > 0, got {self.aging_seconds}")
         if not (math.isfinite(self.max_estimated_wait_seconds) and self.max_estimated_wait_seconds > 0):
             raise ConfigError(f"max_estimated_wait_seconds must be a finite number > 0, "
                               f"got {self.max_estimated_wait_seconds}")
@@ -468,6 +471,8 @@ _HELP = {
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
                          "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
+    "aging_seconds": "priority and hybrid policies: a waiting request gains one tier of priority per this many "
+                     "seconds, so a lower tier waits at most about this × the tier difference",
     "kv_reservation": "magnus and hybrid: auto (reserve KV blocks for each released request's predicted "
                       "length, unless recomputing a preempted request measures cheaper than half a decode step), "
                       "always (reserve whatever the step cost: fewer preemptions, fewer sequences a step), off "
@@ -654,8 +659,9 @@ def runtime_config(config: GatewayConfig):
     )
     return RuntimeConfig(
         engine=engine,
-        queue=QueueConfig(max_waiting=config.max_waiting,
-                          policy=PolicyConfig(name=config.scheduling_policy, kv_reservation=config.kv_reservation)),
+        queue=QueueConfig(max_waiting=config.max_waiting, aging_seconds=config.aging_seconds,
+                          policy=PolicyConfig(name=config.scheduling_policy, kv_reservation=config.kv_reservation,
+                                              aging_s=config.aging_seconds)),
         length_predictor=config.resolved_length_predictor,
         predictor_seed=config.predictor_seed,
         model_name=config.served_model_name,

@@ -64,12 +64,17 @@ def plain_quota(quota: QuotaBody | None) -> Quota | None:
 
 
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+MAX_PRIORITY = 9
+# a tier: 0 (the default) to 9; aging lifts a waiting request a tier per --aging-seconds, so a
+# bounded range bounds how long a tier-0 tenant can wait behind the highest (an unbounded
+# one let an admin's typo starve every other tenant for days)
+Priority = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY)]
 
 
 class TenantCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str
     name: Name
-    priority: int = 0
+    priority: Priority = 0
     shared_cache_pool: bool = False
     quota: QuotaBody | None = None
     models: list[str] | None = None  # the models its keys may use (names or patterns like "acme-*"); None: all
@@ -95,7 +100,7 @@ class TenantUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     `shared_cache_pool` cannot be null (a 400)."""
 
     name: Name | msgspec.UnsetType = msgspec.UNSET
-    priority: int | msgspec.UnsetType = msgspec.UNSET
+    priority: Priority | msgspec.UnsetType = msgspec.UNSET
     shared_cache_pool: bool | msgspec.UnsetType = msgspec.UNSET
     quota: QuotaPatch | None | msgspec.UnsetType = msgspec.UNSET
     models: list[str] | None | msgspec.UnsetType = msgspec.UNSET  # replaces the list; null or ["*"]: every model

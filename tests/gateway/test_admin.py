@@ -47,6 +47,11 @@ async def test_tenant_lifecycle(gateway: Gateway) -> None:
         assert (await client.post("/admin/tenants", json={"id": "...", "name": "x"})).status_code == 201
         assert (await client.delete("/admin/tenants/...")).status_code == 200  # three dots are a plain segment
         assert (await client.post("/admin/tenants", json={"id": "x"})).status_code == 400
+        for tier in (-1, 10, 2**63 - 1):  # tiers are 0-9: aging bounds a lower tier's wait by the gap
+            r = await client.post("/admin/tenants", json={"id": "x", "name": "x", "priority": tier})
+            assert (r.status_code, r.json()["error"]["param"]) == (400, "priority"), r.text
+        r = await client.patch("/admin/tenants/acme", json={"priority": 10})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "priority"), r.text
         assert (await client.post("/admin/tenants", content=b"{nope")).status_code == 400
 
         ids = [t["id"] for t in (await client.get("/admin/tenants")).json()["data"]]

@@ -118,6 +118,19 @@ def test_kv_reservation_reaches_the_policy(flags: list[str], env: dict[str, str]
     assert make_policy(policy).kv.mode == ("none" if expected == "off" else "predicted")
 
 
+@pytest.mark.parametrize("policy", ["priority", "hybrid"])
+def test_aging_seconds_reaches_the_policy(policy: str) -> None:
+    from actors.policies import make_policy
+    from gateway.config import config_from_args, runtime_config
+
+    assert make_policy(runtime_config(config_from_args(parse(["--scheduling-policy", policy]), env={}))
+                       .queue.policy_config()).aging_s == 10.0
+    config = config_from_args(parse(["--scheduling-policy", policy]), env={"LMGATE_AGING_SECONDS": "2.5"})
+    assert make_policy(runtime_config(config).queue.policy_config()).aging_s == 2.5
+    with pytest.raises(ConfigError, match="aging_seconds"):
+        GatewayConfig(aging_seconds=0)
+
+
 def test_bad_kv_reservation_names_the_setting() -> None:
     with pytest.raises(ConfigError, match="kv_reservation"):
         GatewayConfig(kv_reservation="never")
