@@ -142,9 +142,24 @@ class Stepper:
             self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
                                     adapter=st.adapter, grammar=st.grammar, cache_salt=salt)
         except ValueError as e:  # admission validated already; this is a last line of defence
-            st.events.send_nowait(Failed(st.request_id, 400, "invalid_request_error", str(e)))
+            from gpu.lora import AdapterNotFound, LoraError
+
+            if isinstance(e, LoraError):  # its adapter's files were removed, or broken, while it waited
+                failed = Failed(st.request_id, 404 if isinstance(e, AdapterNotFound) else 400,
+                                "model_not_found" if isinstance(e, AdapterNotFound) else "invalid_value",
+                                f"LoRA adapter {st.adapter!r} cannot be served: {e.reason}", "model")
+            else:
+                failed = Failed(st.request_id, 400, "invalid_request_error", str(e))
+            st.events.send_nowait(failed)
             self._finish(st, "error")
             return
+        if st.adapter is not None:
+            key = self.engine.adapter_key(st.request_id)
+            if key != st.adapter_key and st.adapter_key is not None and st.cache_model.endswith(st.adapter_key):
+                # its files were replaced while it waited: it runs the version the engine read,
+                # and its answer is cached as that version's, not as the one admission saw
+                st.cache_model = st.cache_model[:-len(st.adapter_key)] + (key or "")
+                st.adapter_key = key
         st.scheduled_at = time.monotonic()
         self.metrics.queue_time.labels(st.tenant_id).observe(st.scheduled_at - st.admitted_at)
         self.active[st.request_id] = st

@@ -459,11 +459,11 @@ _HELP = {
                     "(SmoothQuant; CPU only; faster than float32 where bf16 is not native, moves the model "
                     "off the reference: docs/benchmarking.md)",
     "lora_modules": "LoRA adapters to serve, NAME=PATH[,NAME=PATH...] (PEFT folders; a request names one as "
-                    "`model`; loaded on first use)",
+                    "`model`; each loaded and checked at start: a broken one stops it)",
     "lora_dir": "a folder of PEFT LoRA folders: a request whose `model` names a sub-folder runs with that "
                 "adapter, loaded on first use (LoRAX-style; folders added later are found too)",
     "max_loras": "LoRA adapters kept loaded between requests (least recently used ones are dropped; a running "
-                 "request keeps its own)",
+                 "request keeps its own, so up to --max-num-seqs may be in memory at once)",
     "max_lora_rank": "largest LoRA rank an adapter may have (larger ones are refused with 400)",
     "max_waiting": "queued requests beyond which new ones get 503 (each prompt of a batched completions "
                    "request is one; a larger batch is a 400)",

@@ -372,6 +372,11 @@ class Engine:
                                              matcher=req.grammar.deep_copy() if req.grammar is not None else None),
         )
 
+    def adapter_key(self, request_id: str) -> str | None:
+        """The LoRA adapter a queued or running request runs with, as name@version (its
+        `LoraAdapter.key`, read when the request was added); None for the base model."""
+        return self._requests[request_id].adapter
+
     def _hold_adapter(self, lora: LoraAdapter) -> None:
         held = self._live_adapters.setdefault(lora.key, [lora, 0])
         held[1] += 1

@@ -142,7 +142,8 @@ def _untargeted(cfg: dict, layer: int, module: str) -> str | None:
     """Why PEFT would not apply the config's LoRA to `module` of decoder layer `layer`
     (None: it would). As PEFT matches them: `target_modules` a list of names, each the
     module's name or a dotted suffix of its path, or a regex its whole path must match, or
-    "all-linear"; none: the model type's defaults; `layers_to_transform` an index or a list."""
+    "all-linear"; none: the model type's defaults; `exclude_modules` (names or a regex, as
+    targets) taken out again; `layers_to_transform` an index or a list."""
     path = f"model.layers.{layer}.{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}"
     targets = cfg.get("target_modules")
     if targets is None:
@@ -160,6 +161,18 @@ def _untargeted(cfg: dict, layer: int, module: str) -> str | None:
             return f"target_modules {sorted(targets)[:10]} does not name it"
     else:
         return "target_modules must be a list of module names or a regular expression"
+    excluded = cfg.get("exclude_modules")  # matched as PEFT matches it: a regex or names/suffixes
+    if isinstance(excluded, str):
+        try:
+            if re.fullmatch(excluded, path) is not None:
+                return f"exclude_modules {excluded[:100]!r} matches {path}"
+        except re.error:
+            return f"exclude_modules {excluded[:100]!r} is not a regular expression"
+    elif isinstance(excluded, list) and all(isinstance(t, str) for t in excluded):
+        if any(path == t or path.endswith("." + t) for t in excluded):
+            return f"exclude_modules {sorted(excluded)[:10]} names it"
+    elif excluded is not None:
+        return "exclude_modules must be a list of module names or a regular expression"
     layers = cfg.get("layers_to_transform")
     if layers is not None:
         wanted = [layers] if isinstance(layers, int) else layers

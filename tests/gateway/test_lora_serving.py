@@ -93,6 +93,59 @@ async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.N
     stop.set()
 
 
+async def test_an_adapter_replaced_while_a_request_waits_is_cached_as_the_version_it_ran(  # type: ignore[no-untyped-def]
+        nursery: trio.Nursery, tmp_path, redis_url: str, lora_reference) -> None:
+    """A request waits in the queue; its adapter's files are replaced meanwhile: it runs the
+    new files (what the engine reads when it takes the request) and its answer is cached as
+    the new version's. It was cached under the version admission saw, so once the old files
+    were back (a rollback, or another replica still on them) the old version's requests got
+    the new version's answer from the cache."""
+    torch.set_num_threads(2)
+    adapters = tmp_path / "adapters"
+    shutil.copytree(lora_reference.paths["one"], adapters / "swp")
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64, max_num_seqs=1,
+                           lora_dir=str(adapters), embedding_model="none")
+    urls, key, stop = await serve_real(nursery, config)
+    tokenizer = load_tokenizer(load_checkpoint("smollm2", torch.float32))
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                                         add_generation_prompt=True))
+
+    def reference(adapter: str) -> str:
+        return tokenizer.decode(lora_reference.greedy(ids, adapter, 12), skip_special_tokens=True)
+
+    def swap_to(name: str) -> None:
+        for f in lora_reference.paths[name].iterdir():
+            shutil.copyfile(f, adapters / "swp" / f.name)
+
+    body = {"model": "swp", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12, "temperature": 0}
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        queued: dict[str, str] = {}
+
+        async def ask_queued() -> None:
+            r = await http.post("/v1/chat/completions", json=body)
+            queued["text"] = r.json()["choices"][0]["message"]["content"]
+
+        async with http.stream("POST", "/v1/completions", json={  # holds the one engine slot
+                "model": "SmolLM2-135M-Instruct", "prompt": "Once", "max_tokens": 500, "ignore_eos": True,
+                "stream": True}) as long:
+            assert long.status_code == 200
+            chunks = long.aiter_bytes()  # (kept: dropped, it would close the stream)
+            await chunks.__anext__()
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(ask_queued)
+                with trio.fail_after(60):  # admitted (its adapter read), waiting for the slot
+                    while "lmgate_num_requests_waiting 1.0" not in (await http.get("/metrics")).text:
+                        await trio.sleep(0.05)
+                swap_to("two")  # while it waits
+                await long.aclose()  # the slot frees: it runs
+        assert queued["text"] == reference("two") != reference("one")
+        swap_to("one")  # rolled back: the cache must not answer with "two"'s text
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.json()["choices"][0]["message"]["content"] == reference("one")
+    stop.set()
+
+
 def test_lora_settings_are_checked_before_the_server_starts(lora_reference, tmp_path) -> None:
     one = lora_reference.paths["one"]
     config = GatewayConfig(lora_modules=f" one={one} , two={lora_reference.paths['two']}")

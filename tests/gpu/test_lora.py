@@ -222,6 +222,9 @@ def copy_adapter(src: Path, dst: Path, **config) -> Path:
     ({"target_modules": r".*\.(q_proj|v_proj)"}, "does not match model.layers.0.mlp.down_proj"),
     ({"target_modules": "("}, "not a regular expression"),
     ({"layers_to_transform": [0]}, "layers_to_transform \\[0\\] leaves layer 1 out"),
+    ({"exclude_modules": ["v_proj"]}, r"layer 0 v_proj, but exclude_modules \['v_proj'\] names it"),
+    ({"exclude_modules": r".*\.1\.mlp\.down_proj"}, "exclude_modules .* matches model.layers.1.mlp.down_proj"),
+    ({"exclude_modules": 3}, "exclude_modules must be"),
 ])
 def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_reference, tmp_path, change,
                                                                          message) -> None:
@@ -234,7 +237,8 @@ def test_an_adapter_this_engine_would_not_compute_as_peft_does_is_refused(lora_r
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], ["self_attn.q_proj", "v_proj", "mlp.down_proj"],
                                      r".*\.(q_proj|v_proj|down_proj)", "all-linear"])
 def test_target_modules_are_matched_as_peft_matches_them(lora_reference, tmp_path, targets) -> None:
-    folder = copy_adapter(lora_reference.paths["two"], tmp_path / "ok", target_modules=targets)
+    folder = copy_adapter(lora_reference.paths["two"], tmp_path / "ok", target_modules=targets,
+                          exclude_modules=["k_proj"])  # excluding a module it has no weights for
     cfg = load_checkpoint("smollm2", torch.float32).config
     assert load_adapter("ok", folder, cfg, torch.float32).rank == 4
 
