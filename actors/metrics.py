@@ -6,7 +6,12 @@ several runtimes in one process never collide on global state.
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 # up to ~10 minutes: an overloaded server's queue time and end-to-end latency (and a long
 # non-streamed answer's HTTP time) run to minutes, and a quantile past the last bucket reads as it
@@ -15,9 +20,47 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
+class TenantQueueCollector:
+    """Per tenant, read from the batching policy at scrape time (on the event loop, where
+    the policy lives): its requests waiting in the policy's queue, and the service its
+    fairness counter holds (S-LoRA's virtual tokens: weighted prompt and output tokens,
+    lifted to the least-served waiting tenant's when it comes back; for the priority, vtc
+    and hybrid policies). A tenant held back shows as requests queued while others'
+    service grows. `policy`: set by the runtime (None: no series)."""
+
+    _labelnames = ("tenant",)
+
+    def __init__(self) -> None:
+        self.policy: Callable[[], Any] | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queued, service = self._families()
+        policy = self.policy() if self.policy is not None else None
+        if policy is not None:
+            for tenant, n in sorted(Tally(job.tenant for job in policy).items()):
+                queued.add_metric([tenant], n)
+            vtc = getattr(policy, "vtc", None)
+            for tenant, value in sorted(getattr(vtc, "counters", {}).items()):
+                service.add_metric([tenant], value)
+        yield queued
+        yield service
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("lmgate_tenant_requests_queued", "Requests of the tenant waiting in the "
+                                  "batching policy's queue", labels=["tenant"]),
+                GaugeMetricFamily("lmgate_tenant_virtual_service", "The tenant's service in the fairness "
+                                  "counter (weighted tokens; priority, vtc and hybrid policies)", labels=["tenant"]))
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self.tenant_queue = TenantQueueCollector()
+        r.register(self.tenant_queue)
         self.requests = Counter(
             "lmgate_requests", "Finished requests by tenant and outcome", ["tenant", "outcome"], registry=r
         )

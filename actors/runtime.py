@@ -238,6 +238,7 @@ class Runtime:
         # read at scrape time: never stale (after a drain, between steps)
         self.metrics.waiting.set_function(self.waiting)
         self.metrics.running.set_function(lambda: self.engine.scheduler.num_running)
+        self.metrics.tenant_queue.policy = lambda: self.queue.policy
 
     # ------------------------------------------------------------------ models
     def served_models(self) -> list[str]:

@@ -34,3 +34,22 @@ def test_the_method_label_takes_no_value_from_the_client() -> None:
     assert [method_label(m) for m in ("GET", "POST", "DELETE", "XYZ0001", "get")] == [
         "GET", "POST", "DELETE", "other", "other"]
 
+
+
+def test_each_tenant_s_queue_and_fair_share_are_read_at_scrape_time() -> None:
+    import prometheus_client
+
+    from actors.policies import EngineView, Job, PriorityAging
+
+    metrics = Metrics()
+    assert "lmgate_tenant_requests_queued{" not in prometheus_client.generate_latest(metrics.registry).decode()
+    policy = PriorityAging()
+    metrics.tenant_queue.policy = lambda: policy
+    for k in range(3):
+        policy.on_arrival(Job(f"h{k}", "heavy", 10, 20, float(k), 20.0), float(k))
+    policy.on_arrival(Job("l0", "light", 10, 20, 5.0, 20.0), 5.0)
+    policy.release(6.0, EngineView(0, 1, 100, 100, 16))  # heavy's first runs: 10 + 2 x 20 of service
+    text = prometheus_client.generate_latest(metrics.registry).decode()
+    assert 'lmgate_tenant_requests_queued{tenant="heavy"} 2.0' in text
+    assert 'lmgate_tenant_requests_queued{tenant="light"} 1.0' in text
+    assert 'lmgate_tenant_virtual_service{tenant="heavy"} 50.0' in text
