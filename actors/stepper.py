@@ -37,6 +37,7 @@ An exception from `engine.step()` fails the requests that were in the engine
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -173,6 +174,27 @@ class Stepper:
                 return n
             self._admit(st)
             n += 1
+
+    async def _take_intake(self) -> int:
+        """`_drain_intake`, with a LoRA adapter the LRU dropped (or whose files changed) since
+        admission loaded in a worker thread first: `engine.add_request` would load it on
+        the event loop (about 0.2 s for a rank-64 adapter)."""
+        n = 0
+        while True:
+            try:
+                st = self.intake.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return n
+            await self._load_adapter(st)
+            self._admit(st)
+            n += 1
+
+    async def _load_adapter(self, st: RequestState) -> None:
+        lora = getattr(self.engine, "lora", None)
+        if st.adapter is None or lora is None or lora.is_current(st.adapter):
+            return
+        with contextlib.suppress(ValueError):  # (gpu.lora.LoraError: `_admit` says what is wrong)
+            await trio.to_thread.run_sync(lora.get, st.adapter)
 
     async def _settle(self) -> None:
         """Before a step on the trio thread: let every other task run until it blocks
@@ -340,8 +362,9 @@ class Stepper:
                 # idle: wait for work (or a poke), without spinning
                 with trio.move_on_after(0.5):
                     st = await self.intake.receive()
+                    await self._load_adapter(st)
                     self._admit(st)
-            self._drain_intake()
+            await self._take_intake()
             self._apply_cancels()
             self._report_demand()
             if not self.engine.has_unfinished():

@@ -478,6 +478,16 @@ class LoraManager:
         with self._lock:
             return list(self._loaded)
 
+    def is_current(self, name: str) -> bool:
+        """Whether `get(name)` would find the adapter in the LRU, its files unchanged (no
+        load): a caller on an event loop loads it in a worker thread first when not."""
+        folder = self.folder(name)
+        if folder is None:
+            return False
+        with self._lock:
+            hit = self._loaded.get(name)
+        return hit is not None and hit.version == folder_version(folder)
+
     def get(self, name: str) -> LoraAdapter:
         """The adapter, loaded now if it is not in the LRU. Raises `AdapterNotFound` or
         `LoraError`."""

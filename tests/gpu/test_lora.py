@@ -132,8 +132,10 @@ def test_an_adapter_whose_files_are_replaced_is_loaded_again(lora_reference, tmp
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     before = generate(engine, [ids], params, adapter="support")[0][0].token_ids
     assert before == lora_reference.greedy(ids, "one", MAX_TOKENS)
+    assert engine.lora.is_current("support") and not engine.lora.is_current("nope")
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(lora_reference.paths["two"] / f, folder / f)
+    assert not engine.lora.is_current("support")  # (the stepper then loads it in a worker thread)
     hits = engine.counters["prefix_hit_tokens"]
     after = generate(engine, [ids], params, adapter="support")[0][0].token_ids
     assert after == lora_reference.greedy(ids, "two", MAX_TOKENS) != before
