@@ -428,6 +428,7 @@ class LoraManager:
             raise LoraError(f"--lora-dir {self._directory}", "not a folder")
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}  # per name, held while it loads
         # loads: read from disk (first use, or again after an eviction); reloads: read again
         # because its files changed; evictions: dropped from the LRU
         self.counters = {"loads": 0, "reloads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
@@ -494,14 +495,30 @@ class LoraManager:
         folder = self.folder(name)
         if folder is None:
             raise AdapterNotFound(name)
+        found, hit = self._cached(name, folder)
+        if found is not None:
+            return found
+        with self._lock:
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:  # one load of a name at a time: requests for it that arrive meanwhile wait for it
+            found, again = self._cached(name, folder)
+            if found is not None:
+                return found
+            return self._load(name, folder, hit if again is None else again)
+
+    def _cached(self, name: str, folder: Path) -> tuple[LoraAdapter | None, LoraAdapter | None]:
+        """(the adapter from the LRU if its files are unchanged, else None; what the LRU held)."""
         with self._lock:
             hit = self._loaded.get(name)
             if hit is not None and hit.version == folder_version(folder):
                 self._loaded.move_to_end(name)
                 self.counters["hits"] += 1
-                return hit
+                return hit, hit
             if hit is not None:  # its files were replaced: read them again
                 del self._loaded[name]
+            return None, hit
+
+    def _load(self, name: str, folder: Path, hit: LoraAdapter | None) -> LoraAdapter:
         t0 = time.perf_counter()
         adapter = load_adapter(name, folder, self.model_config, self.dtype, self.device,
                                max_rank=self.config.max_rank, scales=self.scales)

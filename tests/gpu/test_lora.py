@@ -322,6 +322,34 @@ def test_a_folder_of_adapters_is_searched_by_name(lora_reference, tmp_path) -> N
                     torch.float32).reserve({"smollm2"})
 
 
+def test_requests_for_one_adapter_arriving_together_load_it_once(lora_reference, tmp_path, monkeypatch) -> None:
+    """Admission loads adapters in worker threads, one per request: eight requests naming
+    an adapter not yet loaded read and converted it eight times."""
+    import threading
+
+    import gpu.lora
+
+    reads = []
+    real = gpu.lora.load_adapter
+    monkeypatch.setattr(gpu.lora, "load_adapter", lambda *a, **k: reads.append(1) or real(*a, **k))
+    shutil.copytree(lora_reference.paths["one"], tmp_path / "adapters" / "one")
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    manager = LoraManager(LoraConfig(directory=str(tmp_path / "adapters")), cfg, torch.float32)
+    start = threading.Barrier(8)
+    got = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(manager.get("one"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 1 and manager.counters["loads"] == 1 and len({id(a) for a in got}) == 1
+
+
 def test_a_broken_configured_adapter_fails_the_start(tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(LoraError, match="unreadable"):
