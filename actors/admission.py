@@ -179,7 +179,9 @@ class Admission:
         self.load = load
         self.quotas = quotas
         self.response_cache = response_cache
-        self.prompt_cache = prompt_cache
+        # a template that writes the time renders the same messages differently later (the
+        # audit: a template's clock read the first request's time an hour on): nothing kept
+        self.prompt_cache = None if getattr(tokenizer, "template_reads_clock", False) else prompt_cache
         # what the prompt cache keys renderings by (its `model`): the served name, and the tokenizer and chat
         # template (replicas that share a name need not share them: a rolling update, a GGUF
         # beside a folder; one must not read the other's token ids)

@@ -142,6 +142,12 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._spec.chat_template
 
+    @property
+    def template_reads_clock(self) -> bool:
+        """Whether the chat template calls `strftime_now` (Llama 3's "Today Date"): the same
+        messages then render differently as time passes, so no rendering may be kept."""
+        return "strftime_now" in (self.chat_template or "")
+
     @cached_property
     def all_special_ids(self) -> tuple[int, ...]:
         """Ids of every special added token, sorted."""

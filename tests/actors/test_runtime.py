@@ -1089,6 +1089,27 @@ async def test_a_refused_chat_request_stores_nothing_in_the_prompt_cache(runtime
     assert await cache.get(scope, runtime.admission.rendered_by, as_dicts) is None
 
 
+async def test_a_template_that_writes_the_time_is_never_kept_in_the_prompt_cache(nursery, ckpt, tokenizer, services):
+    """Llama 3's template writes "Today Date": a rendering kept an hour served the first
+    request's date (or time) to every later one of the same messages."""
+    from gpu.tokenizer import Tokenizer, TokenizerSpec
+
+    clock = ("{{ 'It is ' + strftime_now('%H:%M:%S') + '.' }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+             "{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    ticking = Tokenizer(tokenizer.backend, TokenizerSpec(tokenizer.bos_token_id, tokenizer.eos_token_ids[0], clock))
+    assert ticking.template_reads_clock and not tokenizer.template_reads_clock
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, ticking), **services)
+    await nursery.start(rt.run)
+    msgs = [ChatMessage("user", "What time is it?")]
+    for _ in range(2):
+        acc = await rt.submit(call(tenant(), messages=msgs, max_tokens=1))
+        assert isinstance(acc, Accepted)
+        await collect(acc)
+    assert await services["prompt_cache"].get(scope_for(tenant().as_tenant()), rt.admission.rendered_by,
+                                              [{"role": "user", "content": "What time is it?"}]) is None
+    assert "lmgate_prompt_cache_lookups_total{" not in prometheus_client.generate_latest(rt.registry).decode()
+
+
 async def test_a_no_store_chat_request_leaves_its_conversation_out_of_the_prompt_cache(runtime, services):
     cache = services["prompt_cache"]
     t = tenant(id="private")
