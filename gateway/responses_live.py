@@ -162,6 +162,18 @@ class LiveResponses:
             del self._live[key]
 
 
+def only_cancelled(group: BaseExceptionGroup) -> trio.Cancelled | None:
+    """A `trio.Cancelled` of the group when it holds nothing else (nested groups too)."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+
+    walk(group)
+    return leaves[0] if leaves and all(isinstance(e, trio.Cancelled) for e in leaves) else None  # type: ignore[return-value]
+
+
 async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: float = TICK_S,
                          orphan_after_s: float = ORPHAN_AFTER_S) -> None:
     """Run a background response to its end, keeping its events and its stored copy up to
@@ -185,6 +197,11 @@ async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: fl
                     failure = str(getattr(exc, "message", exc)) or type(exc).__name__
                 nursery.cancel_scope.cancel()
         stopped = False
+    except BaseExceptionGroup as group:  # its tasks cancelled from outside (a server cut short)
+        cancelled = only_cancelled(group)
+        if cancelled is None:
+            raise
+        raise cancelled from None  # as one Cancelled: Quart logged the group as an error
     finally:
         if renderer.running:
             if stopped:

@@ -744,9 +744,11 @@ class Turn:
     async def keep(self) -> None:
         """Store the response as it ended (`store`); a Redis that cannot be reached loses
         only this: the answer still goes out, and a later `previous_response_id` gets a 404.
-        A background response is only rewritten: one deleted meanwhile stays deleted."""
-        self.kept = True
+        A background response is only rewritten: one deleted meanwhile stays deleted.
+        `kept` once the write is done (cancelled midway, the background run's shielded end
+        writes it again)."""
         if not self.req.stored or self.deleted:
+            self.kept = True
             return
         try:
             if not await self.store.put(self.owner, self.stored(), existing=bool(self.req.background)):
@@ -754,6 +756,7 @@ class Turn:
                             self.store.max_entry_bytes, " or deleted" if self.req.background else "")
         except CacheUnavailable as exc:
             log.warning("response %s not stored: %s", self.renderer.response_id, exc)
+        self.kept = True
 
 
 def error_event(exc: ApiError, sequence: int) -> bytes:

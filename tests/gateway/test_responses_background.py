@@ -317,3 +317,24 @@ async def test_a_response_running_here_is_not_continued_before_its_end(gateway: 
         r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": rid})
         assert r.status_code == 400 and "still in_progress" in r.json()["error"]["message"]
         await client.post(f"/v1/responses/{rid}/cancel")
+
+
+async def test_a_run_cancelled_from_outside_leaves_as_one_cancelled_not_a_group() -> None:
+    """A server cut short cancels a background run's tasks: their group of Cancelled was
+    logged by Quart as an error with its traceback; it leaves as the one Cancelled it is."""
+    from gateway.responses_live import only_cancelled
+
+    caught: list[BaseException] = []
+    with trio.CancelScope() as outer:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                nursery.start_soon(trio.sleep_forever)
+                await trio.sleep(0)
+                outer.cancel()
+                await trio.sleep_forever()
+        except BaseExceptionGroup as group:
+            caught.append(group)
+    assert len(caught) == 1 and isinstance(only_cancelled(caught[0]), trio.Cancelled)
+    assert only_cancelled(BaseExceptionGroup("g", [ValueError("a bug"), BaseExceptionGroup("h", [KeyError()])])) is None
+    assert only_cancelled(ExceptionGroup("g", [ValueError("x")])) is None
