@@ -99,6 +99,21 @@ def test_priority_shares_a_tier_fairly_between_tenants_and_keeps_tiers_first():
     assert ids(p.release(40.0, view(7))) == ["heavy4"]  # waited 39.6 s: 0 - 3.96 < -1
 
 
+def test_priority_lifts_a_returning_tenant_to_its_own_tier_s_service_only():
+    """A tenant starved in a lower tier has little service; one coming back to a busy tier
+    must be lifted to that tier's least served, not to the starved one's, or it takes the
+    tier over until it has used up the difference."""
+    p = PriorityAging(aging_s=1000.0, vtc=VirtualTokenCounter(w_in=0.0, w_out=1.0))
+    for k in range(20):
+        p.on_arrival(job(f"hi{k}", float(k), tenant="hi", priority=-5), float(k))
+    p.on_arrival(job("lo0", 0.0, tenant="lo", priority=0), 0.0)
+    assert ids(p.release(20.0, view(0, cap=8))) == [f"hi{k}" for k in range(8)]  # hi: 400 served; lo: 0
+    p.on_arrival(job("new0", 21.0, tenant="new", priority=-5), 21.0)
+    p.on_arrival(job("new1", 21.0, tenant="new", priority=-5), 21.0)
+    assert p.vtc.counters["new"] == 400  # hi's, not lo's 0
+    assert ids(p.release(22.0, view(4, cap=8))) == ["hi8", "new0", "hi9", "new1"]  # shared, not taken over
+
+
 def test_time_window_holds_until_min_batch_or_window():
     p = TimeWindow(window_s=1.0, min_batch=3, max_batch=4)
     p.on_arrival(job("a", 0.0), 0.0)
