@@ -157,6 +157,14 @@ def _die_with_parent_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def _private(folder: Path) -> None:
+    """Make `folder` and what it holds readable by its owner alone (0700 folders, 0600 files:
+    an earlier start, under a looser umask, left them readable by everyone)."""
+    for path in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 _Jobs = queue.SimpleQueue[tuple[Callable[[], object], Future[object]]]
 _spawner_lock = threading.Lock()
 _spawner_jobs: _Jobs | None = None
@@ -360,6 +368,8 @@ class PrivateRedis:
             raise RedisServerError(f"redis-server already running on port {self.port}")
         binary = self.binary or find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.persistent:  # what it keeps (prompts, answers, usage) is this user's to read alone
+            _private(self.data_dir)
         self._lock_data_dir()
         try:
             for pid in _stale_servers(self.data_dir):
@@ -425,10 +435,17 @@ class PrivateRedis:
             "--pidfile", str(self.pidfile_path),  # redis deletes it on a clean shutdown
         ]
 
+        die_with_parent = _die_with_parent_preexec()
+
+        def preexec() -> None:
+            os.umask(0o077)  # its files (the append-only file: every stored prompt and answer) 0600
+            if die_with_parent is not None:
+                die_with_parent()
+
         def popen() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent_preexec(),
+                stderr=subprocess.DEVNULL, preexec_fn=preexec,
             )
 
         try:

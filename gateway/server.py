@@ -36,7 +36,7 @@ import hypercorn.trio
 import trio
 
 from cache.quotas import QuotaManager
-from cache.redis_server import PrivateRedis
+from cache.redis_server import PrivateRedis, RedisServerError
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
@@ -328,15 +328,29 @@ async def serve(
             nursery.cancel_scope.cancel()
 
 
-async def watch_private_redis(private: PrivateRedis, interval_s: float = 2.0) -> None:
-    """Say so, once, when the private redis-server has exited (and reap it). It is not
-    restarted here (whatever killed it may again, and its last second of writes may be
-    lost): until lmgate restarts, the gateway serves degraded, as with any Redis outage
-    (recently seen keys, quotas fail-open; /readyz says `redis_unavailable`)."""
-    while private.running:  # (polling the process also reaps it once it has exited)
-        await trio.sleep(interval_s)
-    log.error("the private redis-server has exited (its log: %s); serving degraded without Redis until "
-              "lmgate serve is restarted", private.log_path)
+async def watch_private_redis(private: PrivateRedis, interval_s: float = 2.0, max_backoff_s: float = 60.0) -> None:
+    """Restart the private redis-server when it exits (and reap it), on the same port, after
+    1, 2, 4, ... up to `max_backoff_s` seconds while it fails to start. It reads its
+    append-only file back: tenants, keys and usage are there again, up to about the last
+    second of writes (settles owed meanwhile are retried). Until then the gateway serves
+    degraded, as in any Redis outage (recently seen keys, quotas fail-open; /readyz says
+    `redis_unavailable`)."""
+    while True:
+        while private.running:  # (polling the process also reaps it once it has exited)
+            await trio.sleep(interval_s)
+        log.error("the private redis-server has exited (its log: %s); serving degraded, restarting it",
+                  private.log_path)
+        backoff = 1.0
+        while not private.running:
+            await trio.sleep(backoff)
+            try:
+                private.stop()  # (unlocks its data dir: start() takes it again)
+                await trio.to_thread.run_sync(private.start)
+            except RedisServerError as e:
+                log.error("the private redis-server did not start again (%s); next try in %.0f s",
+                          e, min(backoff * 2, max_backoff_s))
+                backoff = min(backoff * 2, max_backoff_s)
+        log.warning("the private redis-server runs again at %s", private.url)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,8 @@ def test_a_persistent_server_keeps_its_data_across_a_restart(tmp_path):
             server.stop()
             server.start()
             assert _send_command(server.host, server.port, "GET", "k").split(b"\r\n")[0] == after
+    for path in [tmp_path / "True", *(tmp_path / "True").rglob("*")]:  # prompts and answers: the owner's alone
+        assert path.stat().st_mode & 0o077 == 0, path
     with PrivateRedis(tmp_path / "killed", persistent=True) as server:
         assert _send_command(server.host, server.port, "SET", "k", "v") == b"+OK"
         time.sleep(1.5)

@@ -328,18 +328,26 @@ async def test_an_idle_kept_alive_connection_is_closed_after_its_timeout_and_at_
     await stream.aclose()
 
 
-async def test_a_private_redis_that_dies_is_reported_and_reaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from cache.redis_server import PrivateRedis
+async def test_a_private_redis_that_dies_is_reported_reaped_and_restarted_with_its_data(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cache.redis_server import PrivateRedis, _send_command
     from gateway.server import watch_private_redis
 
-    with PrivateRedis(tmp_path / "redis") as private:
-        pid = private.pid
+    with PrivateRedis(tmp_path / "redis", persistent=True) as private:
+        pid, port = private.pid, private.port
         assert pid is not None
+        assert _send_command(private.host, port, "SET", "tenant", "kept") == b"+OK"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_private_redis, private, 0.05)
-            await trio.sleep(0.2)
+            await trio.sleep(1.2)  # (the append-only file is written every second)
             assert not caplog.records  # alive: nothing to say
             os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(30):
+                while "runs again" not in caplog.text:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
         assert "private redis-server has exited" in caplog.text
         with pytest.raises(ChildProcessError):  # reaped: no zombie left behind
             os.waitpid(pid, os.WNOHANG)
+        assert private.port == port and private.pid != pid
+        assert _send_command(private.host, port, "GET", "tenant").endswith(b"kept")
