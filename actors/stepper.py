@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -165,29 +166,28 @@ class Stepper:
         self.metrics.queue_time.labels(st.tenant_id).observe(st.scheduled_at - st.admitted_at)
         self.active[st.request_id] = st
 
-    def _drain_intake(self) -> int:
-        n = 0
+    def _received(self) -> Iterator[RequestState]:
+        """The requests released to the stepper and not yet taken, as they come."""
         while True:
             try:
-                st = self.intake.receive_nowait()
+                yield self.intake.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
-                return n
+                return
+
+    def _drain_intake(self) -> int:
+        n = 0
+        for st in self._received():
             self._admit(st)
             n += 1
+        return n
 
-    async def _take_intake(self) -> int:
+    async def _take_intake(self) -> None:
         """`_drain_intake`, with a LoRA adapter the LRU dropped (or whose files changed) since
         admission loaded in a worker thread first: `engine.add_request` would load it on
         the event loop (about 0.2 s for a rank-64 adapter)."""
-        n = 0
-        while True:
-            try:
-                st = self.intake.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return n
+        for st in self._received():
             await self._load_adapter(st)
             self._admit(st)
-            n += 1
 
     async def _load_adapter(self, st: RequestState) -> None:
         lora = getattr(self.engine, "lora", None)

@@ -37,6 +37,23 @@ async def wait_idle(base_url: str) -> dict[str, object]:
                 await trio.sleep(0.1)
 
 
+async def serve_with_tenant(nursery: trio.Nursery, tmp_path, redis_url: str, tenant_id: str,  # type: ignore[no-untyped-def]
+                            quota: dict[str, int]) -> tuple[str, str, trio.Event]:
+    """`serve()` on the real runtime (float32, admin key "adm"), a tenant of that quota and
+    a key of it: (base URL, key, the event that stops the server)."""
+    torch.set_num_threads(2)
+    stop = trio.Event()
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
+    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=io.StringIO(),
+                                                         task_status=task_status))
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
+        r = await admin.post("/admin/tenants", json={"id": tenant_id, "name": tenant_id, "quota": quota})
+        assert r.status_code == 201, r.text
+        key = (await admin.post(f"/admin/tenants/{tenant_id}/keys", json={"name": "k"})).json()["key"]
+    return urls[0], key, stop
+
+
 async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
     # float32: "Paris" below is float32's greedy answer; the first token is a near-tie ("The"
@@ -156,17 +173,7 @@ async def test_the_last_frame_of_a_request_frees_its_concurrency_slot(nursery: t
     for the one that just ended: the last frame waits for the quota to settle."""
     from httpx_ws import aconnect_ws
 
-    torch.set_num_threads(2)
-    stop = trio.Event()
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=io.StringIO(),
-                                                         task_status=task_status))
-    base_url = urls[0]
-    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": "Bearer adm"}) as admin:
-        r = await admin.post("/admin/tenants", json={"id": "one", "name": "One", "quota": {"max_concurrent": 1}})
-        assert r.status_code == 201, r.text
-        key = (await admin.post("/admin/tenants/one/keys", json={"name": "k"})).json()["key"]
+    base_url, key, stop = await serve_with_tenant(nursery, tmp_path, redis_url, "one", {"max_concurrent": 1})
 
     def frame(rid: str, max_tokens: int) -> dict[str, object]:
         return {"type": "request", "id": rid, "endpoint": "completions",
@@ -258,18 +265,8 @@ async def test_a_key_that_spent_its_minute_on_refused_prompts_is_refused_everywh
     """A prompt too long for the window is a 400 that still counts one request a minute
     (as OpenAI counts unsuccessful requests); a key limited to one is then refused at once
     on the generation routes and on /tokenize (which counts none), with when to retry."""
-    torch.set_num_threads(2)
-    stop = trio.Event()
-    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
-                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=TEST_KV_MB)
-    urls = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, out=io.StringIO(),
-                                                         task_status=task_status))
-    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
-        r = await admin.post("/admin/tenants", json={"id": "once", "name": "Once",
-                                                     "quota": {"requests_per_minute": 1}})
-        assert r.status_code == 201, r.text
-        key = (await admin.post("/admin/tenants/once/keys", json={"name": "k"})).json()["key"]
-    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}) as http:
+    base_url, key, stop = await serve_with_tenant(nursery, tmp_path, redis_url, "once", {"requests_per_minute": 1})
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as http:
         body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 2}
         r = await http.post("/tokenize", json={"prompt": "Hi"})  # counts nothing
         assert r.status_code == 200, r.text
