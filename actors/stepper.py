@@ -37,11 +37,11 @@ An exception from `engine.step()` fails the requests that were in the engine
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 import trio.testing
@@ -130,7 +130,9 @@ class Stepper:
         self._wakeup.set()
 
     # ------------------------------------------------------------ intake
-    def _admit(self, st: RequestState) -> None:
+    def _admit(self, st: RequestState, adapter: Any = None) -> None:
+        """Hand `st` to the engine; `adapter`: its LoRA adapter loaded already
+        (`_load_adapter`), else the engine looks it up by name."""
         if st.cancelled:
             self._finish(st, "cancelled")
             return
@@ -142,7 +144,8 @@ class Stepper:
             # id deleted and created again must not see the deleted tenant's prompts either
             salt = None if st.call.tenant.shared_cache_pool else scope_for(st.call.tenant.as_tenant())
             self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
-                                    adapter=st.adapter, grammar=st.grammar, cache_salt=salt)
+                                    adapter=adapter if adapter is not None else st.adapter, grammar=st.grammar,
+                                    cache_salt=salt)
         except ValueError as e:  # admission validated already; this is a last line of defence
             from gpu.lora import AdapterNotFound, LoraError
 
@@ -186,15 +189,22 @@ class Stepper:
         admission loaded in a worker thread first: `engine.add_request` would load it on
         the event loop (about 0.2 s for a rank-64 adapter)."""
         for st in self._received():
-            await self._load_adapter(st)
-            self._admit(st)
+            self._admit(st, await self._load_adapter(st))
 
-    async def _load_adapter(self, st: RequestState) -> None:
+    async def _load_adapter(self, st: RequestState) -> Any:
+        """The `gpu.lora.LoraAdapter` `st` runs with, from the LRU, else read in a worker
+        thread; None for the base model, or when it cannot be loaded (`_admit` says why).
+        The engine is handed this object: looked up again by name, it could have been
+        dropped from the LRU meanwhile by other loads, and read on the event loop."""
         lora = getattr(self.engine, "lora", None)
-        if st.adapter is None or lora is None or lora.is_current(st.adapter):
-            return
-        with contextlib.suppress(ValueError):  # (gpu.lora.LoraError: `_admit` says what is wrong)
-            await trio.to_thread.run_sync(lora.get, st.adapter)
+        if st.adapter is None or lora is None:
+            return None
+        try:
+            if lora.is_current(st.adapter):
+                return lora.get(st.adapter)
+            return await trio.to_thread.run_sync(lora.get, st.adapter)
+        except ValueError:  # (gpu.lora.LoraError)
+            return None
 
     async def _settle(self) -> None:
         """Before a step on the trio thread: let every other task run until it blocks
@@ -362,8 +372,7 @@ class Stepper:
                 # idle: wait for work (or a poke), without spinning
                 with trio.move_on_after(0.5):
                     st = await self.intake.receive()
-                    await self._load_adapter(st)
-                    self._admit(st)
+                    self._admit(st, await self._load_adapter(st))
             await self._take_intake()
             self._apply_cancels()
             self._report_demand()

@@ -268,7 +268,7 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         priority: int = 0,
-        adapter: str | None = None,
+        adapter: str | LoraAdapter | None = None,
         grammar: object | None = None,
         cache_salt: str | None = None,
     ) -> int:
@@ -278,7 +278,8 @@ class Engine:
         prompt logprobs); None shares with every unsalted request (vLLM's `cache_salt`).
 
         `adapter`: the name of a LoRA adapter to run it with (`gpu.lora.LoraManager`; loaded
-        now if it is not), None for the base model. `grammar`: `params.guided` compiled
+        now if it is not), or the adapter itself (loaded already: the runtime loads it off
+        the event loop), None for the base model. `grammar`: `params.guided` compiled
         already (`GrammarCompiler.prototype`, as admission does off the event loop); None
         compiles it here (a cache hit if it was compiled before).
 
@@ -314,7 +315,7 @@ class Engine:
                 grammar = self.grammars.prototype(params.guided)
             except GuidedDecodingError as e:
                 raise SamplingParamsError("guided", str(e)) from None
-        lora = self.lora.get(adapter) if adapter is not None else None
+        lora = self.lora.get(adapter) if isinstance(adapter, str) else adapter
         key = lora.key if lora is not None else None  # name@version: its prefix-cache namespace
         req = _Request(request_id, params, ids, max_tokens, time.monotonic(), adapter=key, priority=priority,
                        grammar=grammar, cache_salt=cache_salt)

@@ -82,6 +82,14 @@ class LoraError(ValueError):
         self.reason = reason
 
 
+def _why(e: BaseException) -> str:
+    """What went wrong reading a file, without its path (a client reads `reason`): an
+    OSError's text names the file ("[Errno 13] Permission denied: '/srv/...'")."""
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e)
+
+
 class AdapterNotFound(LoraError):
     """No adapter of that name is configured (`--lora-module`) or in `--lora-dir`."""
 
@@ -106,7 +114,7 @@ def read_config(folder: Path) -> dict:
     except FileNotFoundError:
         raise LoraError(folder, f"no {CONFIG_FILE} (not a PEFT LoRA folder)") from None
     except (OSError, ValueError) as e:
-        raise LoraError(path, f"unreadable ({e})") from None
+        raise LoraError(path, f"unreadable ({_why(e)})") from None
     except RecursionError:  # json's decoder recurses per nesting level
         raise LoraError(path, "unreadable (nested too deeply)") from None
     if not isinstance(cfg, dict):
@@ -264,7 +272,7 @@ def load_adapter(
         data = path.read_bytes()
         tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as e:
-        raise LoraError(path, f"unreadable ({e})") from None
+        raise LoraError(path, f"unreadable ({_why(e)})") from None
     digest = hashlib.sha256(data)
     with contextlib.suppress(OSError):
         digest.update((folder / CONFIG_FILE).read_bytes())

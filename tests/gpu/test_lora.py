@@ -122,6 +122,23 @@ def test_an_evicted_adapter_keeps_serving_the_requests_that_hold_it(lora_referen
     assert engine.lora.counters["loads"] == 5 and engine._live_adapters == {}
 
 
+def test_an_adapter_handed_over_loaded_is_not_looked_up_again(lora_reference) -> None:
+    """The runtime loads a request's adapter off the event loop and hands the engine that
+    object: by name, the engine would read it again (on the event loop) had other loads
+    dropped it from the LRU in between."""
+    engine = lora_engine(lora_reference.paths, max_loras=1)
+    one = engine.lora.get("one")  # (a load: "two" dropped)
+    engine.lora.get("two")  # (a load: "one" dropped, as by another request's admission)
+    loads = engine.lora.counters["loads"]
+    ids = chat(engine, QUESTIONS[0])
+    engine.add_request("r", ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), adapter=one)
+    assert engine.lora.counters["loads"] == loads and engine.adapter_key("r") == one.key
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for d in engine.step() for t in d.token_ids]
+    assert tokens == lora_reference.greedy(ids, "one", MAX_TOKENS)
+
+
 def test_an_adapter_whose_files_are_replaced_is_loaded_again(lora_reference, tmp_path) -> None:
     """Retraining an adapter under the same name: the next request reads the new files and
     shares no cached prefix with the old version (the same prompt, a full block long)."""
@@ -363,3 +380,13 @@ def test_lora_and_batch_invariance_are_refused_together(tmp_path) -> None:
         LoraConfig(modules=(("one", "x"), ("one", "y")))
     with pytest.raises(ValueError, match="adapter name"):
         LoraConfig(modules=(("../a", "x"),))
+
+
+def test_an_unreadable_adapter_file_is_reasoned_without_the_server_s_path(tmp_path) -> None:
+    """A client is told `reason`: an OSError's own text names the file."""
+    from gpu.lora import read_config
+
+    (tmp_path / "adapter_config.json").mkdir()  # unreadable as a file, even by root
+    with pytest.raises(LoraError) as info:
+        read_config(tmp_path)
+    assert info.value.reason == "unreadable (Is a directory)" and str(tmp_path) in str(info.value)
