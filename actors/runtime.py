@@ -469,6 +469,16 @@ class Runtime:
             ended += self.embeddings.end_all(message)
         return ended
 
+    def shed_for_shutdown(self, grace_s: float) -> int:
+        """At the start of a shutdown: when the queue would not clear within the grace
+        period (`estimated_wait_s`), every request still in it gets its 503
+        `shutting_down` at once, so its client retries on another server now rather than at
+        the grace period's end; a queue that clears in time is left to run. Returns how many."""
+        if self.estimated_wait_s() <= grace_s:
+            return 0
+        return self._fail_waiting("server shutting down: it would not start before the server stops",
+                                  code="shutting_down", outcome="cancelled")
+
     def _fail_waiting(self, message: str, *, code: str = "queue_error", outcome: str = "error") -> int:
         """End every request the queue holds with a 503 `code` on its stream; returns how many."""
         failed = 0

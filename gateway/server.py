@@ -290,6 +290,9 @@ async def serve(
         async def trigger() -> None:
             await shutdown_trigger()
             triggered.set()
+            shed = getattr(runtime, "shed_for_shutdown", None)
+            if shed is not None and (n := shed(config.shutdown_grace_seconds)):
+                log.info("shutdown: %d queued requests would not start in time: refused now (503, retry)", n)
 
         async def on_cut() -> None:
             await triggered.wait()

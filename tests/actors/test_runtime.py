@@ -611,6 +611,29 @@ async def test_a_burst_admitted_at_once_respects_max_waiting(nursery, ckpt, toke
     assert rt.admission.pending == 0
 
 
+async def test_a_shutdown_refuses_at_once_a_queue_that_would_not_start_within_its_grace(
+        nursery, ckpt, tokenizer, services):
+    """Queued requests that could not start before the server stops get their 503 at the
+    shutdown's start (their clients retry elsewhere now, not at the grace period's end);
+    the running one goes on, and a queue that clears in time is left alone."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    t = tenant(Quota(requests_per_minute=1000))
+    running = await rt.submit(call(t, prompt="Once upon a time", max_tokens=300, ignore_eos=True))
+    assert isinstance(running, Accepted)
+    queued = [await rt.submit(call(t, prompt=f"Count to {i}", max_tokens=30, ignore_eos=True)) for i in range(4)]
+    await wait_until(lambda: len(rt.queue) >= 2)
+    assert rt.shed_for_shutdown(grace_s=1e6) == 0  # clears in time: left to run
+    shed = rt.shed_for_shutdown(grace_s=0.1)
+    assert shed >= 2
+    rt.end_streams()  # (the grace period's end, for the rest; one already handed to the stepper may run)
+    ends = [(await collect(q))[2] for q in queued]
+    refused = [e for e in ends if isinstance(e, Failed) and "would not start" in e.message]
+    assert len(refused) == shed and all((e.status, e.code) == (503, "shutting_down") for e in refused)
+    last = (await collect(running))[2]
+    assert isinstance(last, Failed) and "would not start" not in last.message  # it ran to the end of the grace
+
+
 async def test_preemptions_are_counted_on_metrics_and_every_request_finishes(nursery, ckpt, tokenizer, services):
     # 8 MiB of float32 KV: 11 blocks of 16 tokens, so three 80-token requests cannot all stay
     rt = Runtime(RuntimeConfig(queue=QueueConfig(policy=PolicyConfig(name="fcfs-continuous"))),
