@@ -87,9 +87,9 @@ def served_model_name(model: str) -> str:
 
     from gpu.loader import BUNDLED_ALIASES
 
-    if model in BUNDLED_ALIASES:
+    if model.lower() in BUNDLED_ALIASES:  # (as `gpu.loader.resolve_source` matches them)
         return "SmolLM2-135M-Instruct"
-    p = Path(model)
+    p = Path(model).expanduser().resolve()  # (`--model .` named the model "")
     return p.stem if p.suffix == ".gguf" else p.name
 
 

@@ -14,6 +14,7 @@ of each tensor); the converted folder memory-maps straight into torch tensors.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from gpu.config import ModelConfig
 from gpu.fastload import DATA_FILE, DTYPE_NAMES, INDEX_FILE, is_lmg_folder, write_lmg
 from gpu.loader import Checkpoint, CheckpointError, load_checkpoint, load_lmg_folder, resolve_source
+from gpu.tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,9 @@ def write_folder(ckpt: Checkpoint, source: Path, dst: Path, fmt: str) -> None:
     else:
         tmp = dst / f".{SAFETENSORS_FILE}.{os.getpid()}.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600: another user could not serve the folder
         os.replace(tmp, dst / SAFETENSORS_FILE)
         keep = {SAFETENSORS_FILE}
     stale = [p for p in weight_files(dst) if p.name not in keep]
@@ -170,14 +175,18 @@ def load_cached(src: str, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
     source = resolve_source(src)
     if is_lmg_folder(source) or dtype not in DTYPE_NAMES:
         return load_checkpoint(src, dtype)
-    prefix = f"{source.stem}-{DTYPE_NAMES[dtype]}-"
+    # the source's name and where it is (two checkpoint-1000 folders, or two model.gguf, must
+    # not take each other's entries), the dtype, then what it holds
+    where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    prefix = f"{source.stem}-{DTYPE_NAMES[dtype]}-{where}-"
     entry = cache_dir / (prefix + source_fingerprint(source))
     if is_lmg_folder(entry):
         try:
             ckpt = load_lmg_folder(entry, dtype)
+            load_tokenizer(ckpt)  # (the engine's next step: a damaged one must not stop every start)
             log.info("model: %s from its loading-optimized copy %s", src, entry)
             return ckpt
-        except CheckpointError as e:
+        except (CheckpointError, TokenizerError, OSError) as e:
             log.warning("model cache: %s is unusable (%s); loading %s and writing it again", entry, e, src)
             shutil.rmtree(entry, ignore_errors=True)
     ckpt = load_checkpoint(src, dtype)
@@ -186,7 +195,7 @@ def load_cached(src: str, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
     except OSError as e:
         log.warning("model cache: cannot write %s (%s); later starts load %s again", entry, e, src)
         return ckpt
-    for old in cache_dir.glob(prefix + "*"):  # earlier versions of this source
+    for old in cache_dir.glob(glob.escape(prefix) + "*"):  # earlier versions of this source
         if old != entry and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     log.info("model: wrote a loading-optimized copy of %s to %s", src, entry)

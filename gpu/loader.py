@@ -172,11 +172,17 @@ def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | N
     def tok(key: str) -> Any:
         return fields.get(f"tokenizer.ggml.{key}")
 
+    def need(key: str) -> int:
+        value = get(key)
+        if value is None:
+            raise CheckpointError(f"GGUF metadata lacks {arch}.{key}")
+        return int(value)
+
     scaling = get("rope.scaling.type")
     if scaling not in (None, "none"):
         raise CheckpointError(f"RoPE scaling {scaling!r} is not supported (plain RoPE only)")
-    hidden = int(get("embedding_length"))
-    num_heads = int(get("attention.head_count"))
+    hidden = need("embedding_length")
+    num_heads = need("attention.head_count")
     head_dim = int(get("attention.key_length", hidden // num_heads))
     vocab = get("vocab_size")
     if vocab is None:
@@ -190,8 +196,8 @@ def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | N
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        intermediate_size=need("feed_forward_length"),
+        num_layers=need("block_count"),
         num_heads=num_heads,
         num_kv_heads=int(get("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
@@ -240,7 +246,10 @@ def load_gguf(path: Path, dtype: torch.dtype, *, progress: bool = False) -> Chec
     fields = gf.fields
     tokenizer_metadata = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
     names = {t.name for t in gf.tensors}
-    config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
+    try:
+        config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
     shapes = expected_shapes(config)
     state_dict: dict[str, torch.Tensor] = {}
@@ -328,14 +337,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _hf_special_tokens(folder: Path) -> tuple[list[str], str | None]:
-    """(token list indexed by id — only added/special tokens filled —, chat template)."""
-    tok = _read_json(folder / "tokenizer.json")
-    added = tok.get("added_tokens") or []
-    size = max((int(t["id"]) for t in added), default=-1) + 1
-    tokens = [""] * size
-    for t in added:
-        tokens[int(t["id"])] = t["content"]
-    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    """(token list indexed by id — only added/special tokens filled —, chat template).
+    `CheckpointError` naming the file when tokenizer.json or tokenizer_config.json do not
+    read (it was reported as config.json's)."""
+    path = folder / "tokenizer.json"
+    try:
+        tok = _read_json(path)
+        added = tok.get("added_tokens") or []
+        size = max((int(t["id"]) for t in added), default=-1) + 1
+        tokens = [""] * size
+        for t in added:
+            tokens[int(t["id"])] = t["content"]
+        path = folder / "tokenizer_config.json"
+        template = _read_json(path).get("chat_template")
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
+        raise CheckpointError(f"{path}: not a usable tokenizer file ({type(e).__name__}: {e})") from None
     if isinstance(template, list):  # named templates: [{"name":..., "template":...}]
         template = "\n".join(str(t.get("template", "")) for t in template)
     return tokens, template
@@ -346,8 +362,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
         raise CheckpointError(f"{folder}: {DATA_FILE} without its index {INDEX_FILE}")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+            raise CheckpointError(f"{index}: not a usable shard index ({type(e).__name__}: {e})") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors files")
@@ -361,7 +384,11 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, *, progress: bool = False) 
     config = _hf_config(folder)
     state_dict: dict[str, torch.Tensor] = {}
     for file in tqdm(_safetensors_files(folder), desc="loading", unit="file", disable=not progress):
-        for name, tensor in load_file(str(file)).items():
+        try:
+            tensors = load_file(str(file))
+        except Exception as e:  # safetensors' SafetensorError is a bare Exception; OSError, ...
+            raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
+        for name, tensor in tensors.items():
             if name.endswith("rotary_emb.inv_freq"):  # buffer some exporters save
                 continue
             state_dict[name] = tensor.to(dtype)

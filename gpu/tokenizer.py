@@ -516,7 +516,10 @@ def _pre_tokenizer_for(pre: str) -> pre_tokenizers.PreTokenizer:
 
 
 def _from_hf_folder(folder: Path) -> Tokenizer:
-    backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises a bare Exception ("Model missing")
+        raise TokenizerError(f"{folder / 'tokenizer.json'}: not a usable tokenizer ({e})") from None
     config = _read_json(folder / "tokenizer_config.json")
     generation = _read_json(folder / "generation_config.json")
 

@@ -168,8 +168,19 @@ def test_the_model_cache_writes_a_copy_once_and_loads_it_after(smollm2_path, tmp
 
     import os
 
+    (entry / "tokenizer.json").unlink()  # its tokenizer damaged: rewritten too, not every start refused
+    assert load_cached(str(source), torch.bfloat16, cache).load_stats is None
+    assert (entry / "tokenizer.json").is_file()
+
     os.utime(source, ns=(0, 0))  # a new version of the source: a new entry replaces the old
     load_cached(str(source), torch.bfloat16, cache)
     [newer] = list(cache.iterdir())
     assert newer != entry
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
+    # another model of the same file name, elsewhere: an entry of its own, neither evicts the other
+    (tmp_path / "other[v2]").mkdir()
+    elsewhere = tmp_path / "other[v2]" / "model.gguf"
+    shutil.copyfile(smollm2_path, elsewhere)
+    load_cached(str(elsewhere), torch.bfloat16, cache)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+    assert load_cached(str(source), torch.bfloat16, cache).load_stats is not None  # still there

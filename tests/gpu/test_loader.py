@@ -99,6 +99,57 @@ def test_missing_tensor_is_reported(tmp_path):
         load_checkpoint(str(tmp_path), torch.float32)
 
 
+def test_broken_safetensors_folders_are_checkpoint_errors_naming_the_file(tmp_path):
+    """Each was a traceback from `lmgate serve`, `generate` and `convert` (an audit)."""
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1)
+    sd = {name: torch.zeros(shape) for name, shape in expected_shapes(cfg).items()}
+    config = json.dumps(hf_config_dict(cfg, "float32"))
+    cases = {"truncated": None, "no-shard": {"weight_map": {"x": "model-00001-of-00002.safetensors"}},
+             "bad-index": {"weights": {}}, "bad-tokenizer": None}
+    for name, index in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+        save_file(sd, str(folder / "model.safetensors"))
+        if index is not None:
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    data = (tmp_path / "truncated" / "model.safetensors").read_bytes()
+    (tmp_path / "truncated" / "model.safetensors").write_bytes(data[:len(data) // 2])
+    (tmp_path / "bad-tokenizer" / "tokenizer.json").write_text('{"added_tokens": [{"id": "x"}]')
+    for name, message in [("truncated", r"truncated/model.safetensors: unreadable"),
+                          ("no-shard", "names shards that are not there: model-00001-of-00002"),
+                          ("bad-index", "not a usable shard index"),
+                          ("bad-tokenizer", r"bad-tokenizer/tokenizer.json: not a usable tokenizer file")]:
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(str(tmp_path / name), torch.float32)
+
+
+def test_a_gguf_without_a_size_it_needs_is_a_checkpoint_error():
+    from gpu.loader import _gguf_config
+
+    fields = {"general.architecture": "llama", "llama.attention.head_count": 2, "llama.embedding_length": 8,
+              "llama.block_count": 1, "llama.vocab_size": 8}  # no feed_forward_length (a TypeError before)
+    with pytest.raises(CheckpointError, match="GGUF metadata lacks llama.feed_forward_length"):
+        _gguf_config(fields, False, None)
+
+
+def test_a_tokenizer_json_the_library_cannot_read_is_a_tokenizer_error(tmp_path):
+    from gpu.tokenizer import TokenizerError, load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="tokenizer.json: not a usable tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_the_served_name_of_a_folder_given_as_a_relative_path(tmp_path, monkeypatch):
+    from actors.runtime import served_model_name
+
+    monkeypatch.chdir(tmp_path)
+    assert served_model_name(".") == tmp_path.name  # (it was "")
+    assert served_model_name("SmolLM2") == "SmolLM2-135M-Instruct"  # the alias, as the loader matches it
+    assert served_model_name(str(tmp_path / "m.gguf")) == "m"
+
+
 # ------------------------------------------------------------------ real SmolLM2
 
 
@@ -143,6 +194,8 @@ def test_convert_round_trip(smollm2_path, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in Path(dst).iterdir()
     }
+    modes = {p.name: p.stat().st_mode & 0o777 for p in Path(dst).iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]  # (safetensors wrote 0600: others could not serve it)
     original = load_checkpoint(str(smollm2_path), torch.bfloat16)
     converted = load_checkpoint(str(dst), torch.bfloat16)
     assert converted.config == original.config
