@@ -142,6 +142,11 @@ def _start_engine(engine_config):
     problem = device_unavailable(engine_config.device)
     if problem is not None:
         raise _Exit(2, problem)
+    if engine_config.quantization == "int8":  # said before the model loads (as `serve` does), not after
+        from gpu.quantization import int8_unavailable_reason
+
+        if (why := int8_unavailable_reason()) is not None:
+            raise _Exit(1, f"int8 quantization is not available: {why}")
     try:
         return Engine(engine_config)
     except (CheckpointError, LoraError, TokenizerError) as e:
@@ -517,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "loading-optimized lmg format)")
     p.add_argument("src", nargs="?", default="smollm2", help='"smollm2", a .gguf file, a HF folder or an lmg folder')
     p.add_argument("dst", help="output folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the weights are stored in: store the one you serve (default: %(default)s)")
     p.add_argument("--format", default="safetensors", choices=["safetensors", "lmg"],
                    help="weights as model.safetensors, or as model.lmg + index: one aligned file whose "
                         "views are the tensors, loaded without parsing or copying (docs/loading.md)")

@@ -33,7 +33,7 @@ from gpu.tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
@@ -91,12 +91,18 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
     if held and not overwrite:
         raise ValueError(f"{dst} already holds a checkpoint ({', '.join(p.name for p in held[:3])}"
                          f"{', ...' if len(held) > 3 else ''}); --overwrite replaces it")
+    made = not dst.exists()
     try:  # the folder is made before the model is loaded: an unwritable place fails now, not after it
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create {dst}: {e.strerror or e}") from None
-    ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
-    write_folder(ckpt, source, dst, fmt)
+    try:
+        ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
+        write_folder(ckpt, source, dst, fmt)
+    except BaseException:
+        if made and dst.is_dir() and not any(dst.iterdir()):
+            dst.rmdir()  # (a failed conversion left an empty folder behind)
+        raise
     return dst
 
 

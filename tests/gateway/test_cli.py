@@ -190,6 +190,13 @@ def test_convert_onto_a_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp
     assert "is a file, not a folder" in one_line_error(capsys, "convert") and taken.read_text() == "mine"
 
 
+def test_a_failed_convert_leaves_no_empty_folder_behind(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    broken = tiny_lmg_folder(tmp_path / "broken")
+    (broken / "model.lmg").write_bytes(b"\0" * 64)  # truncated
+    assert main(["convert", str(broken), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "lmgate convert:" in one_line_error(capsys, "convert") and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("content", [b"port = \n", b"\xff\xfe", b"port = 9999\n[gateway]\nmax_waiting = 5\n"])
 def test_serve_reports_a_bad_config_file_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
@@ -279,7 +286,10 @@ def test_int8_on_a_cpu_without_a_usable_int8_kernel_is_refused_in_one_line(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     import gpu.quantization
 
+    import gpu.engine
+
     monkeypatch.setattr(gpu.quantization, "int8_unavailable_reason", lambda: "no int8 here")
+    monkeypatch.setattr(gpu.engine, "Engine", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
     flags = quick(tmp_path) if command == "serve" else ["--kv-cache-mb", "16", "hi"]
     assert main([command, "--quantization", "int8", *flags]) == 1
     assert one_line_error(capsys, command).endswith("int8 quantization is not available: no int8 here")
