@@ -89,8 +89,10 @@ def served_model_name(model: str) -> str:
 
     if model.lower() in BUNDLED_ALIASES:  # (as `gpu.loader.resolve_source` matches them)
         return "SmolLM2-135M-Instruct"
-    p = Path(model).expanduser().resolve()  # (`--model .` named the model "")
-    return p.stem if p.suffix == ".gguf" else p.name
+    import os
+
+    p = Path(os.path.abspath(Path(model).expanduser()))  # (`--model .` named it ""; a symlink keeps its name)
+    return (p.stem if p.suffix == ".gguf" else p.name) or "model"
 
 
 class _ServiceTime:

@@ -207,6 +207,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine = _start_engine(engine_config)
     load_s = time.perf_counter() - t0
     tok = engine.tokenizer
+    if not args.raw and tok.chat_template is None:
+        print("lmgate generate: the model has no chat template: --raw sends the prompts as they are", file=sys.stderr)
+        return 2
     inputs = [
         p if args.raw else tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
         for p in prompts

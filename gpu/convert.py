@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # (where transformers now saves the template)
 
 
 def hf_config_dict(config: ModelConfig, dtype: str) -> dict[str, Any]:
@@ -98,6 +99,10 @@ def convert_checkpoint(src: str, dst: Path, dtype: str = "float32", progress: bo
         raise ValueError(f"cannot create {dst}: {e.strerror or e}") from None
     try:
         ckpt = load_checkpoint(src, DTYPES[dtype], progress=progress)
+        try:
+            load_tokenizer(ckpt)  # (a folder's tokenizer files are copied: one that cannot load is said now)
+        except TokenizerError as e:
+            raise ValueError(str(e)) from None
         write_folder(ckpt, source, dst, fmt)
     except BaseException:
         if made and dst.is_dir() and not any(dst.iterdir()):
@@ -183,7 +188,7 @@ def load_cached(src: str, dtype: torch.dtype, cache_dir: Path) -> Checkpoint:
         return load_checkpoint(src, dtype)
     # the source's name and where it is (two checkpoint-1000 folders, or two model.gguf, must
     # not take each other's entries), the dtype, then what it holds
-    where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    where = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:8]  # (a symlink flipped: the same)
     prefix = f"{source.stem}-{DTYPE_NAMES[dtype]}-{where}-"
     entry = cache_dir / (prefix + source_fingerprint(source))
     if is_lmg_folder(entry):

@@ -176,6 +176,8 @@ def _gguf_config(fields: dict[str, Any], has_output: bool, tokens: list[str] | N
         value = get(key)
         if value is None:
             raise CheckpointError(f"GGUF metadata lacks {arch}.{key}")
+        if int(value) <= 0:
+            raise CheckpointError(f"GGUF metadata {arch}.{key} is {value}: a size must be positive")
         return int(value)
 
     scaling = get("rope.scaling.type")
@@ -248,8 +250,9 @@ def load_gguf(path: Path, dtype: torch.dtype, *, progress: bool = False) -> Chec
     names = {t.name for t in gf.tensors}
     try:
         config = _gguf_config(fields, "output.weight" in names, tokenizer_metadata.get("tokenizer.ggml.tokens"))
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # (CheckpointError; ModelConfig's checks)
+        what = str(e) if isinstance(e, CheckpointError) else f"unusable metadata ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{path}: {what}") from None
 
     shapes = expected_shapes(config)
     state_dict: dict[str, torch.Tensor] = {}
@@ -291,7 +294,7 @@ def _hf_config(folder: Path) -> ModelConfig:
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
         return _hf_config_of(folder, cfg)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
         what = f"missing {e}" if isinstance(e, KeyError) else str(e)
@@ -308,7 +311,14 @@ def _hf_config_of(folder: Path, cfg: dict[str, Any]) -> ModelConfig:
         raise CheckpointError(f"{folder}: RoPE scaling {scaling} is not supported (plain RoPE only)")
 
     declared: list[int] = []
-    for source in (cfg, _read_json(folder / "generation_config.json")):
+    generation_path = folder / "generation_config.json"
+    try:
+        generation = _read_json(generation_path)
+        if not isinstance(generation, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{generation_path}: not a usable generation config ({e})") from None
+    for source in (cfg, generation):
         eos = source.get("eos_token_id")
         declared += [eos] if isinstance(eos, int) else list(eos or [])
     tokens, template = _hf_special_tokens(folder)
@@ -350,7 +360,10 @@ def _hf_special_tokens(folder: Path) -> tuple[list[str], str | None]:
             tokens[int(t["id"])] = t["content"]
         path = folder / "tokenizer_config.json"
         template = _read_json(path).get("chat_template")
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
+        path = folder / "chat_template.jinja"  # (where transformers now saves it)
+        if template is None and path.is_file():
+            template = path.read_text(encoding="utf-8")
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OSError) as e:  # (UnicodeDecodeError too)
         raise CheckpointError(f"{path}: not a usable tokenizer file ({type(e).__name__}: {e})") from None
     if isinstance(template, list):  # named templates: [{"name":..., "template":...}]
         template = "\n".join(str(t.get("template", "")) for t in template)

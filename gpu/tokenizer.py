@@ -369,8 +369,8 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     env.globals["strftime_now"] = strftime_now
     try:
         return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+    except jinja2.TemplateSyntaxError as exc:  # (at load: the tokenizer is unusable, not a request)
+        raise TokenizerError(f"chat template does not compile: {exc}") from exc
 
 
 # ---------------------------------------------------------------------- loading
@@ -543,7 +543,10 @@ def _from_hf_folder(folder: Path) -> Tokenizer:
         template = by_name.get("default")
     chat_file = folder / "chat_template.jinja"
     if template is None and chat_file.is_file():
-        template = chat_file.read_text(encoding="utf-8")
+        try:
+            template = chat_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{chat_file}: unreadable ({e})") from None
     spec = TokenizerSpec(
         bos_token_id=bos,
         eos_token_id=eos,

@@ -284,9 +284,8 @@ def test_a_secret_mismatch_is_one_line_with_status_2() -> None:
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_int8_on_a_cpu_without_a_usable_int8_kernel_is_refused_in_one_line(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    import gpu.quantization
-
     import gpu.engine
+    import gpu.quantization
 
     monkeypatch.setattr(gpu.quantization, "int8_unavailable_reason", lambda: "no int8 here")
     monkeypatch.setattr(gpu.engine, "Engine", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))

@@ -133,6 +133,44 @@ def test_a_gguf_without_a_size_it_needs_is_a_checkpoint_error():
         _gguf_config(fields, False, None)
 
 
+def test_a_generation_config_that_does_not_read_is_named_not_config_json(tmp_path):
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg, "float32")))
+    for content in ("[]", '{"eos_token_id": '):  # (a list was an AttributeError's traceback)
+        (tmp_path / "generation_config.json").write_text(content)
+        with pytest.raises(CheckpointError, match="generation_config.json: not a usable generation config"):
+            load_checkpoint(str(tmp_path), torch.float32)
+
+
+def test_gguf_sizes_that_make_no_model_are_checkpoint_errors(tmp_path):
+    from gpu.loader import _gguf_config
+
+    fields = {"general.architecture": "llama", "llama.attention.head_count": 0, "llama.embedding_length": 8,
+              "llama.block_count": 1, "llama.vocab_size": 8, "llama.feed_forward_length": 8}
+    with pytest.raises(CheckpointError, match="llama.attention.head_count is 0: a size must be positive"):
+        _gguf_config(fields, False, None)  # (a ZeroDivisionError's traceback before)
+
+
+def test_a_chat_template_kept_beside_the_tokenizer_is_read_and_carried(tmp_path, smollm2_path):
+    """transformers now saves the template as chat_template.jinja: a converted copy (and the
+    model cache's) lost it, and every chat after the first start failed."""
+    from gpu.tokenizer import TokenizerError, load_tokenizer
+
+    src = convert_checkpoint(str(smollm2_path), tmp_path / "hf", dtype="float32", progress=False)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "<|im_start|>" in (load_tokenizer(src).chat_template or "")
+    copy = convert_checkpoint(str(src), tmp_path / "copy", dtype="float32", progress=False, fmt="lmg")
+    assert load_tokenizer(copy).chat_template == load_tokenizer(src).chat_template
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")  # does not compile
+    with pytest.raises(TokenizerError, match="does not compile"):
+        load_tokenizer(src)
+    (src / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(TokenizerError, match="chat_template.jinja: unreadable"):
+        load_tokenizer(src)
+
+
 def test_a_tokenizer_json_the_library_cannot_read_is_a_tokenizer_error(tmp_path):
     from gpu.tokenizer import TokenizerError, load_tokenizer
 
@@ -146,6 +184,9 @@ def test_the_served_name_of_a_folder_given_as_a_relative_path(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     assert served_model_name(".") == tmp_path.name  # (it was "")
+    (tmp_path / "current").symlink_to(tmp_path)
+    assert served_model_name("current") == "current"  # a symlink keeps its own name
+    assert served_model_name("/") == "model"
     assert served_model_name("SmolLM2") == "SmolLM2-135M-Instruct"  # the alias, as the loader matches it
     assert served_model_name(str(tmp_path / "m.gguf")) == "m"
 
