@@ -110,7 +110,10 @@ class BeamSearch:
     def advance(
         self, candidates: Sequence[tuple[Sequence[float], Sequence[int]]], stop_hit: StopHit | None = None
     ) -> list[Continuation]:
-        """One round. `candidates[i]` = beam i's (logprobs, token ids), best first.
+        """One round. `candidates[i]` = beam i's (scores, token ids[, the model's logprobs of
+        them]), best first: a beam ranks by its scores (the log-probabilities after
+        penalties and `logit_bias`), and keeps the model's own logprobs (the scores when
+        not given) as what its tokens report.
 
         Returns the next running beams (also applied to `self.running`), best first; sets
         `done` when the search is over (the running beams are then to be dropped).
@@ -122,9 +125,9 @@ class BeamSearch:
             raise ValueError(f"{len(self.running)} beams run, {len(candidates)} reported")
         length = self.length + 1  # of every candidate
         pool = [
-            (beam.score + lp, i, tok, lp)
-            for i, (beam, (lps, toks)) in enumerate(zip(self.running, candidates, strict=True))
-            for lp, tok in zip(lps, toks, strict=True)
+            (beam.score + lp, i, tok, raw)
+            for i, (beam, cand) in enumerate(zip(self.running, candidates, strict=True))
+            for lp, tok, raw in zip(cand[0], cand[1], cand[2] if len(cand) > 2 else cand[0], strict=True)
         ]
         pool.sort(key=lambda c: -c[0])  # stable: ties keep beam order, then candidate order
         top = pool[: cfg.candidates_per_beam]
@@ -192,8 +195,9 @@ class BeamSearch:
 @torch.no_grad()
 def beam_candidates(
     logits: torch.Tensor, states: Sequence[SeqSamplingState], k: int
-) -> list[tuple[list[float], list[int]]]:
-    """Each row's `k` best (logprob, token) candidates, best first, from logits (B, V).
+) -> list[tuple[list[float], list[int], list[float]]]:
+    """Each row's `k` best candidates, best first, from logits (B, V): (their scores, token
+    ids, the model's own logprobs of them — what `logprobs` reports, as for sampling).
 
     Scores are log_softmax of the raw logits, then the min_tokens mask (-inf), the
     repetition/frequency/presence penalties and the logit_bias applied to the log-probabilities — Hugging
@@ -202,7 +206,7 @@ def beam_candidates(
     """
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be (B={len(states)}, V), got {tuple(logits.shape)}")
-    lp = logits.float().log_softmax(dim=-1)
-    lp = apply_logit_bias(apply_penalties(apply_token_bans(lp, states), states), states)
+    raw = logits.float().log_softmax(dim=-1)
+    lp = apply_logit_bias(apply_penalties(apply_token_bans(raw.clone(), states), states), states)
     vals, ids = lp.topk(min(k, lp.shape[1]), dim=-1)
-    return list(zip(vals.tolist(), ids.tolist(), strict=True))
+    return list(zip(vals.tolist(), ids.tolist(), raw.gather(1, ids).tolist(), strict=True))

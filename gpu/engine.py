@@ -506,8 +506,9 @@ class Engine:
                 if "#" not in s.request_id:  # forked children start from shared blocks, not hits
                     c["prefix_hit_tokens"] += s.start_pos
                     owner = self._seq_owner.get(s.request_id)
-                    if owner is not None and not owner[0].cached_tokens:  # (a preempted one starts again)
-                        owner[0].cached_tokens = s.start_pos
+                    req = owner[0] if owner is not None else self._beam_owner.get(s.request_id)  # (a beam search's)
+                    if req is not None and not req.cached_tokens:  # (a preempted one starts again)
+                        req.cached_tokens = s.start_pos
 
     def _sampling_batch(self, seq_ids: Iterable[str]):
         """Rows of logits to sample, with their sampling states; n>1 parents get n rows.

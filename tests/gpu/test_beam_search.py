@@ -32,6 +32,15 @@ def test_first_round_keeps_the_best_non_stop_candidates_and_finishes_a_top_ranke
     assert not search.done
 
 
+def test_beams_rank_by_their_scores_and_report_the_model_s_logprobs():
+    """With a logit_bias or a penalty the score is not the model's logprob: beams go by the
+    score, tokens report the logprob (they reported the score: positive "logprobs")."""
+    search = BeamSearch(BeamConfig(width=1, max_tokens=1, stop_token_ids=frozenset({EOS})))
+    search.advance([([4.7, -0.4], [7, 8], [-0.3, -0.4])])  # token 7's score holds a +5 bias
+    [best] = search.results(1)
+    assert best.tokens == (7,) and best.logprobs == (-0.3,) and best.score == pytest.approx(4.7)
+
+
 def test_an_eos_ranked_below_the_width_does_not_finish():
     search = BeamSearch(BeamConfig(width=1, max_tokens=5, stop_token_ids=frozenset({EOS})))
     search.advance([cands((0.6, 7), (0.4, EOS))])
@@ -94,16 +103,18 @@ def test_candidates_are_log_probabilities_with_the_bans_and_the_logit_bias_appli
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     raw = logits.log_softmax(-1)[0]
 
-    def top(**kw) -> tuple[list[float], list[int]]:
+    def top(**kw) -> tuple[list[float], list[int], list[float]]:
         params = SamplingParams(use_beam_search=True, **kw)
         return beam_candidates(logits, [SeqSamplingState(params, [5], [], None, (EOS,))], 2)[0]
 
-    lps, ids = top()
-    assert ids == [0, 1] and lps == pytest.approx([float(raw[0]), float(raw[1])])
+    lps, ids, model = top()
+    assert ids == [0, 1] and lps == pytest.approx([float(raw[0]), float(raw[1])]) == model
     assert top(min_tokens=1)[1] == [1, 2]  # EOS (0) masked, the rest not renormalized
     assert top(min_tokens=1)[0] == pytest.approx([float(raw[1]), float(raw[2])])
     assert top(logit_bias={3: 100.0})[1] == [3, 0]
-    assert top(logit_bias={3: 100.0})[0][0] == pytest.approx(float(raw[3]) + 100.0)
+    assert top(logit_bias={3: 100.0})[0][0] == pytest.approx(float(raw[3]) + 100.0)  # ranked by the score
+    # ... but what the token reports is the model's logprob, as sampling's does (it was the score)
+    assert top(logit_bias={3: 100.0})[2] == pytest.approx([float(raw[3]), float(raw[0])])
 
 
 def test_params_refuse_what_beam_search_cannot_do():

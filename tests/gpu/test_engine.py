@@ -172,6 +172,10 @@ def test_each_request_says_how_many_prompt_tokens_came_from_the_prefix_cache(ckp
     assert hit >= bs and hit % bs == 0 and hit < len(prompts[1])
     before = engine.counters["prefix_hit_tokens"]
     assert cached_of("third", prompts[1], greedy()) == {engine.counters["prefix_hit_tokens"] - before}
+    # a beam search too (it said 0 whatever the cache gave it)
+    before = engine.counters["prefix_hit_tokens"]
+    [beam_hit] = cached_of("beams", prompts[1], SamplingParams(use_beam_search=True, best_of=2, max_tokens=4))
+    assert beam_hit == engine.counters["prefix_hit_tokens"] - before >= bs
 
 
 def test_preemption_and_recompute(ckpt, tokenizer, prompts, expected):
