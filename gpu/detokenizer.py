@@ -61,6 +61,14 @@ class IncrementalDetokenizer:
     def token_ids(self) -> tuple[int, ...]:
         return tuple(self._ids)
 
+    def copy(self) -> IncrementalDetokenizer:
+        """An independent copy (a beam that forks continues from its parent's state)."""
+        out = IncrementalDetokenizer(self._tokenizer, self._skip)
+        out._ids = list(self._ids)
+        out._prefix_offset, out._read_offset = self._prefix_offset, self._read_offset
+        out._parts = [self.text] if self._parts else []
+        return out
+
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is incomplete)."""
         self._ids.append(token_id)

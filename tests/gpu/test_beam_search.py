@@ -301,3 +301,28 @@ def test_random_mixes_of_beams_samples_and_aborts_finish_without_leaks(ckpt, tok
         for tokens in answers[rid].values():
             assert 1 <= len(tokens) <= params.max_tokens
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_a_beam_s_stop_test_kept_round_to_round_reads_as_its_whole_text_does(tokenizer):
+    """The stop-string test of a candidate is now its beam's kept state plus one token: it
+    must agree with reading the beam's whole text again (`Engine._beam_text`), token by
+    token, whatever the text (multi-byte characters, EOS, min_tokens, stop strings)."""
+    import random
+    import types
+
+    from gpu.engine import Engine, _BeamStop
+
+    rng = random.Random(3)
+    ids = tokenizer.encode("Hello, world. The 🎉 party — naïve café! The end.\nThe other the.")
+    eos = tuple(tokenizer.eos_token_ids)
+    fake = types.SimpleNamespace(tokenizer=tokenizer, eos_token_ids=eos)
+    for trial in range(40):
+        tokens = [rng.choice(ids + [eos[0]]) for _ in range(rng.randint(1, 24))]
+        p = SamplingParams(use_beam_search=True, best_of=2, max_tokens=32, min_tokens=rng.choice([0, 3]),
+                           stop=rng.choice([(" the",), ("\n", "é"), (".",)]), ignore_eos=rng.random() < 0.3,
+                           include_stop_str_in_output=rng.random() < 0.5)
+        req = types.SimpleNamespace(params=p)
+        state = _BeamStop.fresh(tokenizer, p)
+        for n in range(1, len(tokens) + 1):
+            state = state.extended(tokens[n - 1], p, eos)
+            assert state.stopped() == Engine._beam_text(fake, req, tokens[:n])[1], (trial, n, tokens[:n], p.stop)
