@@ -312,9 +312,10 @@ async def serve(
             await triggered.wait()
             with trio.move_on_after(shutdown_schedule(config.shutdown_grace_seconds)[0]):
                 await cut.wait()
-            end_streams("at the end of the grace period" if not cut.is_set() else "on a second signal")
-            await cut.wait()  # (returns only on a second signal: else Hypercorn returns first)
-            end_streams("on a second signal")  # (any that began since)
+            if not cut.is_set():
+                end_streams("at the end of the grace period")
+                await cut.wait()  # (returns only on a second signal: else Hypercorn returns first)
+            end_streams("on a second signal")
             await trio.sleep(END_STREAMS_FLUSH_S)
             serving.cancel()
 
