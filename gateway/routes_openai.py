@@ -1238,8 +1238,10 @@ class RequestHandle:
         if self.accepted.events is not None:  # None: the events go to a shared sink (`BatchHandle`)
             self.accepted.events.close()
 
-    def events(self) -> AsyncIterator[TokenDelta | Finished | Failed]:
-        return self.accepted.events
+    def events(self, idle_after: float | None = None) -> AsyncIterator[TokenDelta | Finished | Failed | Idle]:
+        """The request's events; with `idle_after`, an `IDLE` after each `idle_after`
+        seconds without one."""
+        return self.accepted.events if idle_after is None else Pinging(self.accepted.events, idle_after)
 
     async def wait_settled(self) -> None:
         """Until accounting has settled the request's quota (its `max_concurrent` slot is
@@ -1277,11 +1279,15 @@ class BatchHandle:
         for h in self.parts:
             await h.wait_settled()
 
-    async def events(self) -> AsyncIterator[TokenDelta | PromptFinished | Finished | Failed]:
+    async def events(self, idle_after: float | None = None,
+                     ) -> AsyncIterator[TokenDelta | PromptFinished | Finished | Failed | Idle]:
         reasons: dict[int, list[str]] = {}
         prompt_tokens = completion_tokens = cached_prompt_tokens = 0
         cached = True
-        async for event in self._events:
+        async for event in (self._events if idle_after is None else Pinging(self._events, idle_after)):
+            if event is IDLE:
+                yield event
+                continue
             i = self._prompt.get(event.request_id)
             if i is None:
                 continue
@@ -1316,6 +1322,36 @@ class PromptFinished:
 
 
 Handle = RequestHandle | BatchHandle
+
+
+@dataclass(frozen=True)
+class Idle:
+    """No event came for a stream's ping interval (`Pinging`): an SSE stream sends a
+    comment line (`sse.PING`), so that a proxy's read timeout does not cut a request that
+    waits in the queue or runs a beam search (whose answer comes at its end)."""
+
+
+IDLE = Idle()
+
+
+class Pinging:
+    """A memory channel's items, with `IDLE` after every `seconds` without one. A memory
+    channel's receive may be cancelled without losing an item, so the timeout is safe."""
+
+    def __init__(self, channel: trio.MemoryReceiveChannel, seconds: float) -> None:
+        self.channel = channel
+        self.seconds = seconds
+
+    def __aiter__(self) -> Pinging:
+        return self
+
+    async def __anext__(self) -> Any:
+        with trio.move_on_after(self.seconds):
+            try:
+                return await self.channel.receive()
+            except trio.EndOfChannel:
+                raise StopAsyncIteration from None
+        return IDLE
 
 
 async def submit_all(state: GatewayState, calls: list[GenerateCall], request_id: str, n: int) -> Handle:
@@ -1389,14 +1425,16 @@ def check_batch(state: GatewayState, calls: list[GenerateCall]) -> None:
                                "prompts or a lower max_tokens", code="invalid_value", param="prompt")
 
 
-async def events_of(handle: Handle) -> AsyncIterator[TokenDelta | Finished | Failed]:
-    """Iterate a request's events, up to and including its Finished/Failed.
+async def events_of(handle: Handle, idle_after: float | None = None,
+                    ) -> AsyncIterator[TokenDelta | PromptFinished | Finished | Failed | Idle]:
+    """Iterate a request's events, up to and including its Finished/Failed; with
+    `idle_after`, an `IDLE` after each `idle_after` seconds without one (`Pinging`).
 
     Leaving early (client gone, cancel scope, exception) aborts the request.
     Callers use `aclosing(...)` so the abort happens at once, not at garbage collection.
     """
     try:
-        async for event in handle.events():
+        async for event in handle.events(idle_after):
             if isinstance(event, Finished | Failed):
                 handle.ended = True
                 if not (isinstance(event, Failed) and event.code == "shutting_down"):
@@ -1445,9 +1483,10 @@ class SseBody:
     collection of a body Quart never opened both abort the request.
     """
 
-    def __init__(self, handle: Handle, renderer: ChunkRenderer) -> None:
+    def __init__(self, handle: Handle, renderer: ChunkRenderer, ping_seconds: float = 0.0) -> None:
         self.handle = handle
         self.renderer = renderer
+        self.idle_after = ping_seconds or None  # `GatewayConfig.sse_ping_seconds`; 0: never
         self._chunks = self._generate()
 
     def __aiter__(self) -> SseBody:
@@ -1472,8 +1511,11 @@ class SseBody:
         self.abandon()
 
     async def _generate(self) -> AsyncIterator[bytes]:
-        async with aclosing(events_of(self.handle)) as events:
+        async with aclosing(events_of(self.handle, self.idle_after)) as events:
             async for event in events:
+                if event is IDLE:
+                    yield sse.PING
+                    continue
                 if isinstance(event, TokenDelta | Finished) and (opening := self.renderer.opening()) is not None:
                     yield sse.event(opening)
                 if isinstance(event, TokenDelta):
@@ -1526,7 +1568,8 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
                                  special_ids=special_ids_of(state, req),
                                  echo=echo, echo_logprobs=echo_logprobs_of(req), n=req.n, tools=tools_of(req),
                                  stream_calls=streams_calls(req))
-        response = Response(stream_body(SseBody(handle, renderer)), content_type="text/event-stream",
+        response = Response(stream_body(SseBody(handle, renderer, state.config.sse_ping_seconds)),
+                            content_type="text/event-stream",
                             headers=sse.SSE_HEADERS)
         response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut long streams
         return response
@@ -1573,6 +1616,8 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
 
 
 __all__ = [
+    "IDLE",
+    "Idle",
     "CacheDirectives",
     "ChatRequest",
     "ChunkRenderer",

@@ -42,10 +42,12 @@ from gateway import sse
 from gateway.errors import ApiError, decode_json, param_of
 from gateway.responses_live import ORPHAN_AFTER_S, TERMINAL_EVENTS, LiveResponse, run_background
 from gateway.routes_openai import (
+    IDLE,
     CacheDirectives,
     ChatRequest,
     ChunkRenderer,
     Handle,
+    Idle,
     PromptFinished,
     SseBody,
     check_metadata,
@@ -707,16 +709,20 @@ class Turn:
         return StoredResponse(response=self.renderer.current(), context=self.context, input=self.input,
                               running_until=running_until, last_sequence=self.renderer.last_sequence)
 
-    async def events(self, handle: Handle) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, handle: Handle, idle_after: float | None = None) -> AsyncIterator[dict[str, Any] | Idle]:
         """Every stream event of the run, from `response.created` to its last; the response
         is stored (when asked) before the last event goes out, so a client may continue it
         as soon as it has read it. A background response is stored failed too, and its
-        `response.in_progress` waits for the engine's first event."""
+        `response.in_progress` waits for the engine's first event. With `idle_after`, an
+        `IDLE` after each `idle_after` seconds without an event (a stream's ping)."""
         try:
             for event in self.renderer.start():
                 yield event
-            async with aclosing(events_of(handle)) as events:
+            async with aclosing(events_of(handle, idle_after)) as events:
                 async for event in events:
+                    if event is IDLE:
+                        yield event
+                        continue
                     for e in self.renderer.begin():
                         yield e
                     if isinstance(event, TokenDelta):
@@ -770,14 +776,17 @@ class ResponsesSseBody(SseBody):
     """The stream of one Responses request: named SSE events (`event: <type>`), no
     `[DONE]`; aborts as `SseBody` does."""
 
-    def __init__(self, handle: Handle, turn: Turn) -> None:
+    def __init__(self, handle: Handle, turn: Turn, ping_seconds: float = 0.0) -> None:
         self.turn = turn
-        super().__init__(handle, turn.renderer.chunks)
+        super().__init__(handle, turn.renderer.chunks, ping_seconds)
 
     async def _generate(self) -> AsyncIterator[bytes]:
         try:
-            async with aclosing(self.turn.events(self.handle)) as events:
+            async with aclosing(self.turn.events(self.handle, self.idle_after)) as events:
                 async for event in events:
+                    if isinstance(event, Idle):
+                        yield sse.PING
+                        continue
                     yield sse.named_event(event["type"], event)
         except ApiError as exc:  # after the stream started: ends it with an `error` event, not a cut connection
             yield error_event(exc, self.turn.renderer.last_sequence + 1)
@@ -966,7 +975,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if req.stored:  # GET reads it here while it runs
             live_responses.add(LiveResponse(turn.owner, turn, handle, background=False))
         if req.stream:
-            response = Response(stream_body(ResponsesSseBody(handle, turn)), content_type="text/event-stream",
+            response = Response(stream_body(ResponsesSseBody(handle, turn, state.config.sse_ping_seconds)),
+                                content_type="text/event-stream",
                                 headers=sse.SSE_HEADERS)
             response.timeout = None
             return response

@@ -2,8 +2,10 @@
 
 Each event is one ``data:`` line holding a JSON chunk and a blank line; the stream
 ends with ``data: [DONE]``. Nothing else (no ``event:``/``id:`` fields) because
-OpenAI clients parse exactly this. The Responses API's stream is the exception: each
-event is named (``event: <type>``) and there is no ``[DONE]`` (`named_event`).
+OpenAI clients parse exactly this, apart from the comment line `PING` that a silent
+stream sends now and then (`GatewayConfig.sse_ping_seconds`), which SSE parsers skip.
+The Responses API's stream is the exception: each event is named (``event: <type>``)
+and there is no ``[DONE]`` (`named_event`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 import msgspec
 
 DONE = b"data: [DONE]\n\n"
+# a comment line: SSE parsers skip it (OpenAI's SDKs included); it keeps an idle stream's
+# connection from a proxy's read timeout (nginx's proxy_read_timeout is 60 s by default)
+PING = b": ping\n\n"
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",

@@ -277,7 +277,7 @@ def test_a_float_for_an_integer_setting_from_env_or_flag_is_refused() -> None:
     ("max_estimated_wait_seconds", "nan"), ("max_estimated_wait_seconds", "inf"),
     ("keep_alive_seconds", "-5"), ("keep_alive_seconds", "inf"), ("keep_alive_seconds", "nan"),
     ("shutdown_grace_seconds", "nan"), ("shutdown_grace_seconds", "-1"), ("shutdown_grace_seconds", "inf"),
-    ("shutdown_grace_seconds", "true"),
+    ("shutdown_grace_seconds", "true"), ("sse_ping_seconds", "-1"), ("sse_ping_seconds", "inf"),
 ])
 def test_out_of_range_seconds_are_refused_naming_the_setting(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):

@@ -3,6 +3,7 @@ GenerateCall, error mapping for bad input, and disconnect → cancel."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import zlib
@@ -26,7 +27,7 @@ from gateway.routes_openai import (
 )
 from gateway.sse import parse_events
 from gateway.tools import tool_calling
-from tests.gateway.conftest import MODEL, Gateway, word
+from tests.gateway.conftest import MODEL, Gateway, start_gateway, word
 
 # ---------------------------------------------------------------- pure mapping
 
@@ -918,3 +919,65 @@ def test_structured_output_fields_map_to_one_constraint(fields, kind, spec, whit
         assert guided is None
     else:
         assert (guided.kind, guided.spec, guided.whitespace) == (kind, spec, whitespace)
+
+
+# ---------------------------------------------------------------- pings on a silent stream
+
+
+async def read_lines(r: httpx.Response, seconds: float) -> list[str]:
+    """The stream's lines for `seconds` (or to its end), blank lines left out."""
+    lines: list[str] = []
+    with trio.move_on_after(seconds):
+        async for line in r.aiter_lines():
+            if line:
+                lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("prompt", ["SILENT", ["SILENT", "SILENT"]])  # one request, and a batch of two
+async def test_a_silent_stream_sends_pings_and_its_end_still_cancels(gateway: Gateway, nursery: trio.Nursery,
+                                                                     prompt: str | list[str]) -> None:
+    """A stream with nothing to send for `sse_ping_seconds` (queued, a beam search) sends an
+    SSE comment line, not an event; the client leaving still cancels the request."""
+    config = dataclasses.replace(gateway.config, sse_ping_seconds=0.2)
+    url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
+    async with httpx.AsyncClient(base_url=url, headers=gateway.headers) as client:
+        body = {"model": MODEL, "prompt": prompt, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = await read_lines(r, 0.9)
+    assert 3 <= len(lines) <= 5 and set(lines) == {": ping"}
+    with trio.fail_after(5):
+        for call in runtime.calls:
+            await runtime.cancel_events[call.request_id].wait()
+    stop.set()
+
+
+async def test_pings_only_fill_the_silences(gateway: Gateway, nursery: trio.Nursery) -> None:
+    """Tokens 0.35 s apart with a 0.2 s ping: one ping in each gap, the events unchanged
+    (what an OpenAI client parses is the same as without pings)."""
+    config = dataclasses.replace(gateway.config, sse_ping_seconds=0.2)
+    url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
+    runtime.delay = 0.35
+    async with httpx.AsyncClient(base_url=url, headers=gateway.headers) as client:
+        body = {"model": MODEL, "prompt": "a b", "max_tokens": 3, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            lines = await read_lines(r, 10)
+    assert lines[-1] == "data: [DONE]"
+    kinds = ["ping" if line == ": ping" else "data" for line in lines]
+    assert kinds == ["data", "ping", "data", "ping", "data", "ping", "data", "data"]  # 3 tokens, finish, [DONE]
+    events = parse_events("\n\n".join(lines) + "\n\n")
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"]) == (
+        word(0, 0) + word(0, 1) + word(0, 2))
+    assert runtime.cancelled == set()
+    stop.set()
+
+
+async def test_no_pings_when_turned_off(gateway: Gateway, nursery: trio.Nursery) -> None:
+    config = dataclasses.replace(gateway.config, sse_ping_seconds=0)
+    url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
+    async with httpx.AsyncClient(base_url=url, headers=gateway.headers) as client:
+        async with client.stream("POST", "/v1/completions",
+                                 json={"model": MODEL, "prompt": "SILENT", "stream": True}) as r:
+            assert await read_lines(r, 0.5) == []
+    stop.set()

@@ -4,6 +4,7 @@ per-tenant storage, and its 400s/404s."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
@@ -28,7 +29,7 @@ from gateway.routes_responses import (
 )
 from gateway.sse import parse_events
 from gateway.tools import tool_calling
-from tests.gateway.conftest import MODEL, Gateway, word
+from tests.gateway.conftest import MODEL, Gateway, start_gateway, word
 
 # ---------------------------------------------------------------- pure mapping
 
@@ -588,3 +589,25 @@ def test_errors_of_the_chat_path_name_the_responses_fields() -> None:
         with pytest.raises(ApiError) as raised, own_params():
             raise chat_error
         assert (raised.value.param, raised.value.message) == (param, message)
+
+
+async def test_pings_fill_a_responses_streams_silences_and_the_sdk_reads_past_them(
+        gateway: Gateway, nursery: trio.Nursery) -> None:
+    config = dataclasses.replace(gateway.config, sse_ping_seconds=0.1)
+    url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
+    runtime.delay = 0.25
+    async with httpx.AsyncClient(base_url=url, headers=gateway.headers, timeout=30) as client:
+        body = {"model": MODEL, "input": "hi", "max_output_tokens": 2, "stream": True}
+        async with client.stream("POST", "/v1/responses", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line]
+    assert lines.count(": ping") >= 2 and "response.incomplete" in lines[-1]
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key=gateway.api_key, max_retries=0)
+
+    def run() -> list[object]:
+        with sdk.responses.stream(model=MODEL, input="more", max_output_tokens=3) as stream:
+            return list(stream)
+
+    events = await trio.to_thread.run_sync(run)
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == (  # type: ignore[attr-defined]
+        word(0, 0) + word(0, 1) + word(0, 2))
+    stop.set()
