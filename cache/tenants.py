@@ -48,6 +48,7 @@ __all__ = [
     "check_name",
     "hash_key",
     "is_admin_key",
+    "is_tenant_id",
 ]
 
 KEY_PREFIX = "lmg-"
@@ -55,6 +56,11 @@ _DISPLAY_CHARS = 8  # "lmg-" + 4 chars of the random part, enough to tell keys a
 # ids are URL path segments (/admin/tenants/<id>): "." and ".." would be dot segments,
 # which an HTTP client resolves, climbing to another route
 _TENANT_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
+
+
+def is_tenant_id(text: str) -> bool:
+    """`text` could name a tenant: 1-64 letters, digits, '_', '.' or '-', not '.' or '..'."""
+    return _TENANT_ID.match(text) is not None
 
 
 class Tenant(msgspec.Struct, frozen=True, kw_only=True):
@@ -319,7 +325,7 @@ class TenantRegistry:
     ) -> Tenant:
         """Create a tenant; raises TenantExists if the id is taken."""
         check_name(name, "tenant name")
-        if not _TENANT_ID.match(tenant_id):
+        if not is_tenant_id(tenant_id):
             raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.' or '..'), "
                              f"got {tenant_id!r}")
         tenant = Tenant(

@@ -120,11 +120,15 @@ def _write(action: str, path: str, blob: bytes) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cache.tenants import is_tenant_id
     from ops.bench_sched import features_of, fixture_max_tokens, train_and_evaluate
-    from ops.workload.fixture import FIXTURE, load_fixture, split_fixture
+    from ops.workload.fixture import FIXTURE, FixtureError, load_fixture, split_fixture
 
     if (problem := _output_problem(args.output)) is not None:
         return _fail("train", problem)
+    if args.tenant is not None and not is_tenant_id(args.tenant):
+        return _fail("train", f"--tenant {args.tenant!r} is not a tenant id (1-64 of A-Z a-z 0-9 _ . -): "
+                              "no tenant could ever read what it learns")
     path = Path(args.requests) if args.requests else FIXTURE
     if not path.is_file():
         return _fail("train", f"no such file: {path}")
@@ -132,11 +136,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         log = load_fixture(path)
     except FileNotFoundError as e:
         return _fail("train", str(e))
-    except (KeyError, ValueError, TypeError) as e:
-        return _fail("train", f"{path}: not a request log ({type(e).__name__}: {e})")
+    except (FixtureError, UnicodeDecodeError) as e:
+        return _fail("train", f"{path}: not a request log: {e}")
     if not log:
         return _fail("train", f"{path} holds no requests")
-    if args.tenant:
+    if args.held_out and len(log) < 2:
+        return _fail("train", f"--held-out: {path} holds {len(log)} request; half of it cannot train and "
+                              "the other half be measured (it needs at least 2)")
+    if args.tenant is not None:
         log = [dataclasses.replace(r, tenant=args.tenant) for r in log]
     from actors.embeddings import SentenceEmbedder
 

@@ -72,6 +72,66 @@ def test_train_refuses_a_log_it_cannot_read(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "p").exists()
 
 
+GOOD = json.loads(FIXTURE.read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"messages": "hello"}, "Expected `array`, got `str` - at `$.messages`"),
+    ({"messages": [{"role": "user", "content": 5}]}, "Expected `str | array | null`, got `int` - at `$.messages[0].content`"),
+    ({"tenant": 5}, "Expected `str`, got `int` - at `$.tenant`"),
+    ({"output_tokens": -5}, "output_tokens must be >= 0, got -5"),
+    ({"prompt_tokens": -3}, "prompt_tokens must be >= 0, got -3"),
+    ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+    ({"output_tokens": 1.5}, "Expected `int`, got `float` - at `$.output_tokens`"),
+])
+def test_train_names_the_line_and_field_a_log_gets_wrong_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict, why: str) -> None:
+    """These were tracebacks (some after the whole embedding pass), or, for negative counts,
+    a seed file written with exit 0 that nothing could then load (NaN features)."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, **change}) + "\n")
+    code, out, err = run(capsys, "train", "--requests", str(log), "-o", str(tmp_path / "p.npz"))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{log}: not a request log: line 3: {why}" in err  # the file's line (after a blank one)
+    assert not (tmp_path / "p.npz").exists()
+
+
+@pytest.mark.slow
+def test_train_reads_content_parts_and_messages_without_content(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenAI's content parts, an assistant's null content and a log without a system
+    prompt: the instruction embedded is the first system and first user message, as the
+    server embeds them (`actors.predictor.instruction_of`)."""
+    from ops.workload.fixture import load_fixture
+
+    lines = [{**GOOD, "id": "a", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                                          {"type": "text", "text": "there"}]},
+                                             {"role": "assistant", "content": None}]},
+             {**GOOD, "id": "b", "messages": [{"role": "user", "content": "q"}, {"role": "assistant"},
+                                             {"role": "system", "content": "late"}]}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [r.instruction for r in load_fixture(log)] == ["hi\nthere", "late\nq"]
+    code, _, err = run(capsys, "train", "--requests", str(log), "-o", str(tmp_path / "p.npz"))
+    assert code == 0, err
+    assert LengthPredictor.from_bytes((tmp_path / "p.npz").read_bytes()).num_samples == 2
+
+
+@pytest.mark.parametrize("tenant", ["", "no such/tenant", "..", "x" * 65])
+def test_train_refuses_a_tenant_no_tenant_could_be(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   tenant: str) -> None:
+    code, _, err = run(capsys, "train", "--tenant", tenant, "-o", str(tmp_path / "p.npz"))
+    assert code == 2 and "is not a tenant id" in err
+
+
+def test_held_out_needs_two_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One request held out printed NaN (not JSON) and wrote an untrained seed, with exit 0."""
+    log = tmp_path / "one.jsonl"
+    log.write_text(json.dumps(GOOD) + "\n")
+    code, _, err = run(capsys, "train", "--requests", str(log), "--held-out", "-o", str(tmp_path / "p.npz"))
+    assert code == 2 and "needs at least 2" in err and not (tmp_path / "p.npz").exists()
+
+
 def test_show_refuses_what_is_not_a_predictor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"junk")
