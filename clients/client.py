@@ -583,7 +583,8 @@ class ResponseStream(TokenStream):
 class LmgateClient(JsonApi):
     """Client of the public API. `model=None` uses the first model the server lists.
     `timeout`: seconds to wait for each read or write (a whole non-streamed answer, or
-    the next piece of a stream; `TimedOut` past it); connecting may take 10 s."""
+    the next piece of an SSE stream; `TimedOut` past it); connecting may take 10 s. A
+    WebSocket session pings the server instead (`clients.ws.ping_settings`)."""
 
     def __init__(
         self,

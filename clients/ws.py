@@ -14,8 +14,10 @@ stream on the socket; what they hold is bounded by the tokens the caller asked f
 Leaving a stream before its ``done`` frame (break inside ``async with``, an exception, a
 cancel scope; or a bare ``async for`` broken out of, once the iterator is dropped) sends
 ``{"type":"cancel"}`` for that id; leaving the session closes the socket, which
-cancels whatever is still running server-side. A dropped connection ends every open
-stream with `ConnectionFailed`, and a stream started on a closed session raises it.
+cancels whatever is still running server-side. A dropped connection, or the session
+left, ends every open stream with `ConnectionFailed`, and a stream started on a closed
+session raises it; the connection is dropped when a ping goes unanswered for the
+client's read timeout (`ping_settings`).
 The one exception: when the server closes the socket because a request frame was
 larger than its limit (413 ``frame_too_large``), the stream(s) whose frame was too
 large get that `BadRequest` (it would fail again), the others `ConnectionFailed`.
@@ -29,6 +31,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -217,7 +220,8 @@ class WsSession:
             # given, which would then leak into every later plain request.
             headers = checked_headers(dict(self.client.headers))
             self._ws = await self._stack.enter_async_context(
-                aconnect_ws(self.url, self.client.http, headers=headers, max_message_size_bytes=4 * 1024 * 1024)
+                aconnect_ws(self.url, self.client.http, headers=headers, max_message_size_bytes=4 * 1024 * 1024,
+                            **ping_settings(self.client.http.timeout.read))
             )
             first = await self._ws.receive_json()
         except BaseException as exc:
@@ -245,7 +249,10 @@ class WsSession:
 
     async def __aexit__(self, *exc: object) -> None:
         self._ended = self._ended or "the WebSocket session is closed"
-        await self._stack.aclose()
+        try:
+            await self._stack.aclose()  # cancels the reader, which then ends no stream
+        finally:
+            self._end_streams(lambda _route: ConnectionFailed(self._ended or ""))
 
     async def _reader(self) -> None:
         try:
@@ -274,12 +281,20 @@ class WsSession:
         reason = describe(exc) if closing is None else f"{self.closed_error} ({describe(exc)})"
         self._ended = f"WebSocket closed: {reason}"
         limit = _frame_limit(closing)  # None unless the server closed it for a frame too large
-        for route in self._routes.values():
-            error: LmgateError = ConnectionFailed(self._ended)
+        ended = self._ended
+
+        def error(route: _Route) -> LmgateError:
             if closing is not None and limit is not None and route.request_bytes > limit:
-                error = error_for(closing.get("status", 413), closing)
+                return error_for(closing.get("status", 413), closing)
+            return ConnectionFailed(ended)
+
+        self._end_streams(error)
+
+    def _end_streams(self, error: Callable[[_Route], LmgateError]) -> None:
+        """End every open stream with `error(its route)` (a stream read later raises it)."""
+        for route in self._routes.values():
             try:
-                route.send.send_nowait(error)
+                route.send.send_nowait(error(route))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # that stream was closed meanwhile
             route.send.close()
@@ -359,6 +374,18 @@ class WsSession:
     def completions_stream(self, prompt: str | list[int], *, cache_control: str | None = None,
                            **params: Any) -> WsStream:
         return self._stream("completions", params, cache_control, prompt=prompt)
+
+
+def ping_settings(read_timeout: float | None) -> dict[str, float]:
+    """httpx_ws's keepalive for a client whose reads time out after `read_timeout`: a
+    WebSocket's requests may be silent for long (queued, a beam search), so no read
+    deadline applies to their frames; the connection is pinged instead, every half of
+    `read_timeout`, and closed (every stream failing with `ConnectionFailed`) when a ping
+    goes unanswered that long. Both at most httpx_ws's own 20 s; None: its defaults."""
+    if read_timeout is None:
+        return {}
+    return {"keepalive_ping_interval_seconds": min(20.0, read_timeout / 2),
+            "keepalive_ping_timeout_seconds": min(20.0, read_timeout)}
 
 
 _LIMIT = re.compile(r"limit of (\d+)")

@@ -299,3 +299,69 @@ def test_a_stream_ended_by_a_shutdown_says_when_to_retry(served: Served, backend
             return err.value.retry_after
 
     assert run(backend, scenario) == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stream_still_open_when_its_session_closes_raises_connection_failed(served: Served, backend: str) -> None:
+    """It waited forever: leaving the session cancelled its reader, which ended no stream."""
+    async def scenario() -> None:
+        async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
+            async with client.ws() as session:
+                stream = session.completions_stream("HANG", max_tokens=5)
+                await stream.start()
+            with anyio.fail_after(5), pytest.raises(ConnectionFailed, match="session is closed"):
+                [d async for d in stream]
+
+    run(backend, scenario)
+
+
+class FreezingProxy:
+    """A TCP proxy that, once `frozen`, forwards nothing more either way: a server that
+    stopped answering (SIGSTOP, a partition) without closing its connections."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.frozen = False
+
+    async def handle(self, downstream: anyio.abc.SocketStream) -> None:
+        async with (downstream, await anyio.connect_tcp("127.0.0.1", self.port) as upstream,
+                    anyio.create_task_group() as tg):
+            tg.start_soon(self._pump, downstream, upstream)
+            tg.start_soon(self._pump, upstream, downstream)
+
+    async def _pump(self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
+        try:
+            async for data in source:
+                if self.frozen:
+                    await anyio.sleep_forever()
+                await sink.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_server_fails_a_ws_stream_within_about_the_timeout(served: Served, backend: str) -> None:
+    """A WebSocket stream may be silent for longer than the timeout (pings keep it), but
+    a server that stops answering fails it within about 1.5 timeouts (it took httpx_ws's
+    default 40 s whatever the client's timeout)."""
+    async def scenario() -> None:
+        proxy = FreezingProxy(int(served.base_url.rsplit(":", 1)[1]))
+        async with anyio.create_task_group() as tg:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            tg.start_soon(listener.serve, proxy.handle)
+            url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+            async with (LmgateClient(url, served.api_key, model=MODEL, timeout=0.4) as client, client.ws() as session,
+                        session.completions_stream("HANG", max_tokens=5) as stream):
+                deltas = aiter(stream)
+                assert (await anext(deltas)).text == word(0, 0)
+                await anyio.sleep(1.2)  # three timeouts without a frame: the session still works
+                async with session.completions_stream("x", max_tokens=1) as other:
+                    assert "".join([d.text async for d in other]) == word(0, 0)
+                proxy.frozen = True
+                started = anyio.current_time()
+                with anyio.fail_after(5), pytest.raises(ConnectionFailed):
+                    await anext(deltas)
+                assert anyio.current_time() - started < 1.5
+            tg.cancel_scope.cancel()
+
+    run(backend, scenario)
