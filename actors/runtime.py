@@ -272,6 +272,12 @@ class Runtime:
         slots = max(1, self.engine.config.scheduler.max_num_seqs)
         return self.waiting() / slots * self._service_time.value
 
+    def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
+        """A request the gateway refused before admission saw it (a body that does not
+        decode, an unknown model, a parameter out of range): `lmgate_rejections_total`
+        counts it beside admission's own refusals."""
+        self.metrics.rejections.labels(tenant_id, str(status), reason).inc()
+
     def status(self) -> dict:
         degraded = []
         if self.store is not None and not self.store.healthy:

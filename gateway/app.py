@@ -71,6 +71,9 @@ class Runtime(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    # a request the gateway refused before admission (`lmgate_rejections_total`)
+    def count_rejection(self, tenant_id: str, status: int, reason: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class GatewayStores:
@@ -436,7 +439,7 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.routes_embeddings import embeddings_blueprint
     from gateway.routes_openai import openai_blueprint
     from gateway.routes_responses import responses_blueprint
-    from gateway.routes_scoring import scoring_blueprint
+    from gateway.routes_scoring import RERANK_ROUTES, SCORE_ROUTES, scoring_blueprint
     from gateway.routes_tokenizer import tokenizer_blueprint
     from gateway.ws import ws_blueprint
 
@@ -482,11 +485,19 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         response.headers["X-Request-Id"] = getattr(g, "request_id", None) or request_id_of(None)
         return response
 
+    # the routes of the requests `lmgate_requests_total` counts: their refusals before
+    # admission (a bad body, an unknown model) go into `lmgate_rejections_total` with admission's
+    refusable = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+                           *SCORE_ROUTES, *RERANK_ROUTES})
+
     @app.after_request
     async def _count(response: Response) -> Response:
         route = _route_label()
         tenant = getattr(g, "tenant_id", "-")
         state.metrics.requests.labels(route, method_label(request.method), str(response.status_code), tenant).inc()
+        if (response.status_code >= 400 and tenant != "-" and request.method == "POST" and route in refusable
+                and not getattr(g, "rejection_counted", False)):
+            runtime.count_rejection(tenant, response.status_code, getattr(g, "error_code", None) or "error")
         started = getattr(g, "started", None)
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)

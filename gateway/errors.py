@@ -127,6 +127,7 @@ def _too_large_message() -> str:
 def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
+        g.error_code = exc.code  # the reason `lmgate_rejections_total` counts (gateway.app)
         return exc.response()
 
     @app.errorhandler(HTTPException)

@@ -670,8 +670,10 @@ def to_generate_calls(
 def rejected_error(rej: Rejected) -> ApiError:
     """The refusal as the HTTP error; a quota refusal's standing goes out as the answer's
     `x-ratelimit-*` headers, as OpenAI sends them with a 429."""
-    if rej.rate_limits is not None and has_request_context():
-        g.rate_limits = rej.rate_limits
+    if has_request_context():
+        g.rejection_counted = True  # admission counted it (`lmgate_rejections_total`)
+        if rej.rate_limits is not None:
+            g.rate_limits = rej.rate_limits
     return ApiError(rej.status, rej.message, code=rej.code, param=rej.param, retry_after=rej.retry_after)
 
 

@@ -49,7 +49,7 @@ def word(index: int, j: int) -> str:
 
 
 class FakeRuntime:
-    """Runtime contract stand-in (model_name, max_model_len, submit, status, registry).
+    """Runtime contract stand-in (model_name, max_model_len, submit, status, count_rejection, registry).
 
     Each accepted request streams `max_tokens` words per choice (``word(i, j)``),
     `delay` seconds apart, then Finished("length"). A prompt containing "FAIL"
@@ -75,6 +75,7 @@ class FakeRuntime:
         self.ready = True
         self.delay = 0.0
         self.rate_limits: Any = None  # what each Accepted reports (cache.quotas.RateLimits)
+        self.rejections: list[tuple[str, int, str]] = []  # what the gateway counted (`count_rejection`)
 
     def served_models(self) -> list[str]:
         return [MODEL]
@@ -84,6 +85,9 @@ class FakeRuntime:
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "degraded": [], "queue_len": 0, "running": 0, "kv_usage": 0.0}
+
+    def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
+        self.rejections.append((tenant_id, status, reason))
 
     async def submit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
         self.calls.append(call)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 
 import httpx
 import openai
@@ -78,6 +79,12 @@ async def test_real_runtime_end_to_end(nursery: trio.Nursery, tmp_path, redis_ur
         await trio.to_thread.run_sync(lambda: sdk.completions.create(
             model=model, prompt="Hi", max_tokens=2, extra_body={"stop_token_ids": [10**6]}))
     assert outside.value.body["param"] == "stop_token_ids"
+    with pytest.raises(openai.NotFoundError):  # refused by the gateway, before admission
+        await trio.to_thread.run_sync(lambda: sdk.completions.create(model="nope", prompt="Hi", max_tokens=2))
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": "Bearer adm"}) as http:
+        scrape = (await http.get("/metrics")).text
+    assert 'lmgate_rejections_total{reason="model_not_found",status="404",tenant="dev"} 1.0' in scrape
+    assert re.search(r'lmgate_rejections_total\{reason="invalid_value",status="400",tenant="dev"\} 1\.0', scrape)
 
     # a prefilled answer (vLLM's continue_final_message): the model continues the last
     # message, the reply is the continuation alone, and the prompt is what /tokenize counts

@@ -809,6 +809,24 @@ async def test_rejections_map_to_status_and_retry_after(
             assert r.status_code == status
             assert r.json()["error"]["code"] == code
             assert r.headers.get("retry-after") == header
+    assert gateway.runtime.rejections == []  # admission counted these (the runtime's own)
+
+
+async def test_refusals_before_admission_are_counted_as_rejections(gateway: Gateway) -> None:
+    """A bad body, an unknown model, an out-of-range parameter: refused by the gateway, so
+    admission never counted them, and `lmgate_rejections_total` missed them (its docs said
+    400 and 404 are in it). Requests without a valid key and other routes are not counted."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        assert (await client.post("/v1/chat/completions", json=chat_body(model="nope"))).status_code == 404
+        assert (await client.post("/v1/completions", content=b"{not json")).status_code == 400
+        assert (await client.post("/v1/chat/completions", json=chat_body(n=0))).status_code == 400
+        assert (await client.post("/v1/embeddings", json={"model": MODEL})).status_code == 400
+        assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"},
+                                  headers={"Authorization": "Bearer lmg-wrong"})).status_code == 401
+        assert (await client.post("/tokenize", json={"model": "nope", "prompt": "x"})).status_code == 404
+        assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})).status_code == 200
+    assert gateway.runtime.rejections == [("t1", 404, "model_not_found"), ("t1", 400, "invalid_json"),
+                                          ("t1", 400, "invalid_value"), ("t1", 400, "invalid_value")]
 
 
 async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:
@@ -976,8 +994,7 @@ async def test_pings_only_fill_the_silences(gateway: Gateway, nursery: trio.Nurs
 async def test_no_pings_when_turned_off(gateway: Gateway, nursery: trio.Nursery) -> None:
     config = dataclasses.replace(gateway.config, sse_ping_seconds=0)
     url, runtime, stop = await start_gateway(nursery, gateway.stores, config)
-    async with httpx.AsyncClient(base_url=url, headers=gateway.headers) as client:
-        async with client.stream("POST", "/v1/completions",
-                                 json={"model": MODEL, "prompt": "SILENT", "stream": True}) as r:
-            assert await read_lines(r, 0.5) == []
+    async with (httpx.AsyncClient(base_url=url, headers=gateway.headers) as client,
+                client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "SILENT", "stream": True}) as r):
+        assert await read_lines(r, 0.5) == []
     stop.set()
