@@ -38,6 +38,7 @@ import trio
 
 from actors.messages import Failed
 from cache.store import CacheUnavailable
+from gateway.sse import IDLE, Idle
 
 if TYPE_CHECKING:
     from cache.response_store import ResponseStore
@@ -106,8 +107,9 @@ class LiveResponse:
         if self.scope is not None:
             self.scope.cancel()
 
-    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
-        """The events after sequence number `after`, then each as it comes, until the last."""
+    async def follow(self, after: int, idle_after: float | None = None) -> AsyncIterator[dict[str, Any] | Idle]:
+        """The events after sequence number `after`, then each as it comes, until the last;
+        with `idle_after`, an `IDLE` after each `idle_after` seconds without one (a stream's ping)."""
         i = max(0, after + 1)  # the log holds event k at index k
         while True:
             while i < len(self.log):
@@ -115,7 +117,10 @@ class LiveResponse:
                 i += 1
             if self.ended.is_set():
                 return
-            await self._grew.wait()
+            with trio.move_on_after(math.inf if idle_after is None else idle_after) as idle:
+                await self._grew.wait()
+            if idle.cancelled_caught:
+                yield IDLE
 
 
 class LiveResponses:

@@ -45,6 +45,7 @@ from actors.messages import (
 )
 from gateway import sse
 from gateway.errors import ApiError, malformed_json, param_of
+from gateway.sse import IDLE, Idle
 from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
 from gpu.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding, closed_objects
@@ -1326,18 +1327,8 @@ class PromptFinished:
 Handle = RequestHandle | BatchHandle
 
 
-@dataclass(frozen=True)
-class Idle:
-    """No event came for a stream's ping interval (`Pinging`): an SSE stream sends a
-    comment line (`sse.PING`), so that a proxy's read timeout does not cut a request that
-    waits in the queue or runs a beam search (whose answer comes at its end)."""
-
-
-IDLE = Idle()
-
-
 class Pinging:
-    """A memory channel's items, with `IDLE` after every `seconds` without one. A memory
+    """A memory channel's items, with `sse.IDLE` after every `seconds` without one. A memory
     channel's receive may be cancelled without losing an item, so the timeout is safe."""
 
     def __init__(self, channel: trio.MemoryReceiveChannel, seconds: float) -> None:
@@ -1618,8 +1609,6 @@ def openai_blueprint(state: GatewayState) -> Blueprint:
 
 
 __all__ = [
-    "IDLE",
-    "Idle",
     "CacheDirectives",
     "ChatRequest",
     "ChunkRenderer",

@@ -42,12 +42,10 @@ from gateway import sse
 from gateway.errors import ApiError, decode_json, param_of
 from gateway.responses_live import ORPHAN_AFTER_S, TERMINAL_EVENTS, LiveResponse, run_background
 from gateway.routes_openai import (
-    IDLE,
     CacheDirectives,
     ChatRequest,
     ChunkRenderer,
     Handle,
-    Idle,
     PromptFinished,
     SseBody,
     check_metadata,
@@ -61,6 +59,7 @@ from gateway.routes_openai import (
     tools_of,
 )
 from gateway.routes_tokenizer import TokenizeRequest, tokenize
+from gateway.sse import IDLE, Idle
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
@@ -837,15 +836,18 @@ def bool_arg(name: str) -> bool:
     return raw in ("true", "1")
 
 
-def event_stream(events: AsyncIterator[dict[str, Any]]) -> Response:
-    """Named SSE events that follow a response (no request of their own to abort). An
-    error after the stream started (the response deleted meanwhile, the store gone) ends
-    it with an `error` event, as OpenAI's streams end."""
+def event_stream(events: AsyncIterator[dict[str, Any] | Idle]) -> Response:
+    """Named SSE events that follow a response (no request of their own to abort), and a
+    `sse.PING` for each `IDLE` of `events`. An error after the stream started (the response
+    deleted meanwhile, the store gone) ends it with an `error` event, as OpenAI's streams end."""
     async def body() -> AsyncIterator[bytes]:
         sequence = -1
         try:
             async with aclosing(events) as each:
                 async for event in each:
+                    if isinstance(event, Idle):
+                        yield sse.PING
+                        continue
                     sequence = event.get("sequence_number", sequence)
                     yield sse.named_event(event["type"], event)
         except ApiError as exc:
@@ -950,7 +952,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         live_responses.add(live)
         current_app.add_background_task(run_background, live, store)
         if turn.req.stream:
-            return event_stream(live.follow(-1))
+            return event_stream(live.follow(-1, state.config.sse_ping_seconds or None))
         return turn.renderer.response()
 
     @bp.post("/v1/responses")
@@ -1008,19 +1010,22 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if response_id == "input_tokens":
             raise MethodNotAllowed(valid_methods=["POST"], description="/v1/responses/input_tokens takes POST only")
 
-    async def followed_elsewhere(tenant: TenantContext, found: StoredResponse,
-                                 after: int | None) -> AsyncIterator[dict[str, Any]]:
+    async def followed_elsewhere(tenant: TenantContext, found: StoredResponse, after: int | None,
+                                 idle_after: float | None = None) -> AsyncIterator[dict[str, Any] | Idle]:
         """The stream of a background response this server does not run: its events as the
         running server shares them in Redis (`responses_live.share_events`, read every
         FOLLOW_POLL_S), from after `after`; once it has ended, the events shared last, or
-        else (not shared: too large, expired, its server gone) its terminal event alone."""
+        else (not shared: too large, expired, its server gone) its terminal event alone.
+        With `idle_after`, an `IDLE` once `idle_after` seconds pass without an event."""
         response_id, last = found.response["id"], -1 if after is None else after
         grace = FINAL_EVENTS_WAIT_S  # its end is stored just before its last events are shared
+        sent_at = trio.current_time()
         while True:
             for event in await store.read_events(owner(tenant), response_id, last + 1):
                 if event["sequence_number"] <= last:  # (an event shared twice: never sent twice)
                     continue
                 yield event
+                sent_at = trio.current_time()
                 last = event["sequence_number"]
                 if event["type"] in TERMINAL_EVENTS.values():
                     return
@@ -1033,6 +1038,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                                "response": response}
                     return
                 grace -= FOLLOW_POLL_S
+            if idle_after is not None and trio.current_time() - sent_at >= idle_after:
+                yield IDLE
+                sent_at = trio.current_time()
             await trio.sleep(FOLLOW_POLL_S)
             found = await stored(tenant, response_id)
 
@@ -1048,13 +1056,14 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             if live is not None and not live.over:
                 return live.snapshot()
             return presented(await stored(tenant, response_id), time.time())
+        ping = state.config.sse_ping_seconds or None
         if live is not None and live.background:
-            return event_stream(live.follow(-1 if after is None else after))
+            return event_stream(live.follow(-1 if after is None else after, ping))
         found = await stored(tenant, response_id) if live is None or live.over else None
         if found is None or not found.response.get("background"):
             raise ApiError(400, "only a background response can be streamed again: GET it without stream",
                            code="invalid_value", param="stream")
-        return event_stream(followed_elsewhere(tenant, found, after))
+        return event_stream(followed_elsewhere(tenant, found, after, ping))
 
     @bp.post("/v1/responses/<response_id>/cancel")
     async def cancel(response_id: str) -> Any:

@@ -10,6 +10,7 @@ and there is no ``[DONE]`` (`named_event`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -18,6 +19,17 @@ DONE = b"data: [DONE]\n\n"
 # a comment line: SSE parsers skip it (OpenAI's SDKs included); it keeps an idle stream's
 # connection from a proxy's read timeout (nginx's proxy_read_timeout is 60 s by default)
 PING = b": ping\n\n"
+
+
+@dataclass(frozen=True)
+class Idle:
+    """What an event source yields when it had nothing for a stream's ping interval
+    (`GatewayConfig.sse_ping_seconds`): the stream sends `PING`, so that a proxy's read
+    timeout does not cut a request that waits in the queue or runs a beam search (whose
+    answer comes at its end)."""
+
+
+IDLE = Idle()
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",

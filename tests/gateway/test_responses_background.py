@@ -5,6 +5,7 @@ another server of the same Redis, deleted, and the one a stopped server left beh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -338,3 +339,38 @@ async def test_a_run_cancelled_from_outside_leaves_as_one_cancelled_not_a_group(
     assert len(caught) == 1 and isinstance(only_cancelled(caught[0]), trio.Cancelled)
     assert only_cancelled(BaseExceptionGroup("g", [ValueError("a bug"), BaseExceptionGroup("h", [KeyError()])])) is None
     assert only_cancelled(ExceptionGroup("g", [ValueError("x")])) is None
+
+
+async def pings_then_events(stream: httpx.Response, seconds: float) -> tuple[int, list[str]]:
+    """The pings and the data lines a stream sends within `seconds`."""
+    pings, data = 0, []
+    with trio.move_on_after(seconds):
+        async for line in stream.aiter_lines():
+            if line == ": ping":
+                pings += 1
+            elif line.startswith("data: "):
+                data.append(line)
+    return pings, data
+
+
+async def test_a_silent_background_stream_pings_here_and_on_another_server(nursery: trio.Nursery,
+                                                                           gateway: Gateway) -> None:
+    """A background response's stream (the POST's, and GET's on the server that runs it and
+    on another one) that has nothing to send sends `: ping` every `sse_ping_seconds`."""
+    config = dataclasses.replace(gateway.config, sse_ping_seconds=0.3)
+    here_url, _, stop_here = await start_gateway(nursery, gateway.stores, config)
+    there_url, _, stop_there = await start_gateway(nursery, gateway.stores, config)
+    async with httpx.AsyncClient(base_url=here_url, headers=gateway.headers) as here, \
+            httpx.AsyncClient(base_url=there_url, headers=gateway.headers) as there:
+        body = {"model": MODEL, "input": "HANG", "background": True, "stream": True}
+        async with here.stream("POST", "/v1/responses", json=body) as posted:
+            pings, data = await pings_then_events(posted, 1.6)
+        rid = json.loads(data[0][6:])["response"]["id"]
+        assert pings >= 3 and len(data) == 6  # created, queued, in_progress, item and part added, one token
+        for client in (here, there):
+            async with client.stream("GET", f"/v1/responses/{rid}?stream=true") as followed:
+                pings, data = await pings_then_events(followed, 1.6)
+            assert pings >= 3 and len(data) >= 4, (client.base_url, pings, data)
+        assert (await here.post(f"/v1/responses/{rid}/cancel")).status_code == 200
+    stop_here.set()
+    stop_there.set()
