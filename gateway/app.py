@@ -495,9 +495,10 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         route = _route_label()
         tenant = getattr(g, "tenant_id", "-")
         state.metrics.requests.labels(route, method_label(request.method), str(response.status_code), tenant).inc()
-        if (response.status_code >= 400 and tenant != "-" and request.method == "POST" and route in refusable
-                and not getattr(g, "rejection_counted", False)):
-            runtime.count_rejection(tenant, response.status_code, getattr(g, "error_code", None) or "error")
+        error = getattr(g, "api_error", None)
+        if (error is not None and tenant != "-" and request.method == "POST" and route in refusable
+                and error.refused_before_admission):
+            runtime.count_rejection(tenant, error.status, error.code or "error")
         started = getattr(g, "started", None)
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)

@@ -58,6 +58,7 @@ class ApiError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
         type: str | None = None,  # noqa: A002 - OpenAI's field name
+        admission_saw: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -66,6 +67,16 @@ class ApiError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.type = type or error_type(status)
+        # admission refused the request (and counted it) or ran it (its failure is no refusal)
+        self.admission_saw = admission_saw
+
+    @property
+    def refused_before_admission(self) -> bool:
+        """A refusal the gateway made before admission saw the request (a body or parameter it
+        refuses, an unknown model, a server draining): what `lmgate_rejections_total` counts
+        beside admission's own refusals. A 401 has no tenant to count it under; a 5xx other
+        than 503 is a failure, not a refusal."""
+        return not self.admission_saw and self.status != 401 and (self.status < 500 or self.status == 503)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -127,12 +138,13 @@ def _too_large_message() -> str:
 def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
-        g.error_code = exc.code  # the reason `lmgate_rejections_total` counts (gateway.app)
+        g.api_error = exc  # `lmgate_rejections_total` counts it if refused before admission (gateway.app)
         return exc.response()
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
-        response = from_http_exception(exc).response()
+        g.api_error = error = from_http_exception(exc)
+        response = error.response()
         for name, value in exc.get_headers():  # a 405's Allow (RFC 9110 §15.5.6)
             if name.lower() == "allow":
                 response.headers["Allow"] = value

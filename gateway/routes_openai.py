@@ -671,18 +671,18 @@ def to_generate_calls(
 def rejected_error(rej: Rejected) -> ApiError:
     """The refusal as the HTTP error; a quota refusal's standing goes out as the answer's
     `x-ratelimit-*` headers, as OpenAI sends them with a 429."""
-    if has_request_context():
-        g.rejection_counted = True  # admission counted it (`lmgate_rejections_total`)
-        if rej.rate_limits is not None:
-            g.rate_limits = rej.rate_limits
-    return ApiError(rej.status, rej.message, code=rej.code, param=rej.param, retry_after=rej.retry_after)
+    if rej.rate_limits is not None and has_request_context():
+        g.rate_limits = rej.rate_limits
+    return ApiError(rej.status, rej.message, code=rej.code, param=rej.param, retry_after=rej.retry_after,
+                    admission_saw=True)  # (admission counted it in `lmgate_rejections_total`)
 
 
 def failed_error(fail: Failed) -> ApiError:
     """The error of a request that failed after admission; a 429 or 503 (a shutdown's grace
     end) says when to retry, as every 429 and 503 does."""
     retry_after = 1.0 if fail.status in (429, 503) else None
-    return ApiError(fail.status, fail.message, code=fail.code, param=fail.param, retry_after=retry_after)
+    return ApiError(fail.status, fail.message, code=fail.code, param=fail.param, retry_after=retry_after,
+                    admission_saw=True)
 
 
 def usage_json(finished: Finished) -> dict[str, Any]:

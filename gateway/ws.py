@@ -196,6 +196,8 @@ class Session:
             try:
                 await self._stream(frame, handles)
             except ApiError as exc:
+                if self.tenant is not None and exc.refused_before_admission:  # as HTTP's (gateway.app)
+                    self.state.runtime.count_rejection(self.tenant.tenant_id, exc.status, exc.code or "error")
                 await self.send(error_frame(frame.id, exc))
             finally:
                 self.active.pop(frame.id, None)

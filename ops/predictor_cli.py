@@ -145,6 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "the other half be measured (it needs at least 2)")
     if args.tenant is not None:
         log = [dataclasses.replace(r, tenant=args.tenant) for r in log]
+    elif (bad := next((r for r in log if not is_tenant_id(r.tenant)), None)) is not None:
+        return _fail("train", f"{path}: request {bad.id!r}: tenant {bad.tenant!r} is not a tenant id (1-64 of "
+                              "A-Z a-z 0-9 _ . -): no tenant could ever read what it learns (or give --tenant)")
     from actors.embeddings import SentenceEmbedder
 
     embedder = SentenceEmbedder(threads=args.threads)

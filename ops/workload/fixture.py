@@ -12,6 +12,9 @@ import msgspec
 FIXTURE = Path(__file__).with_name("requests.jsonl")
 
 
+MAX_COUNT = 1 << 24  # tokens: more than any context window (a larger count is not a request's)
+
+
 class FixtureError(ValueError):
     """A line of a request log that is not a finished request (its line number and why)."""
 
@@ -77,11 +80,12 @@ def parse_line(line: str | bytes) -> FixtureRequest:
         raise FixtureError(str(e)) from None
     except msgspec.DecodeError as e:
         raise FixtureError(f"not JSON ({e})") from None
-    for name in ("prompt_tokens", "output_tokens"):
-        if getattr(d, name) < 0:
-            raise FixtureError(f"{name} must be >= 0, got {getattr(d, name)}")
-    if d.max_tokens < 1:
-        raise FixtureError(f"max_tokens must be >= 1, got {d.max_tokens}")
+    for name, least in (("prompt_tokens", 0), ("output_tokens", 0), ("max_tokens", 1)):
+        if not least <= getattr(d, name) <= MAX_COUNT:
+            raise FixtureError(f"{name} must be in {least}..{MAX_COUNT}, got {getattr(d, name)}")
+    if d.output_tokens > d.max_tokens:
+        raise FixtureError(f"output_tokens ({d.output_tokens}) is above max_tokens ({d.max_tokens}): "
+                           "a request writes at most its max_tokens")
     messages = tuple({"role": m.role, "content": _text(m.content)} for m in d.messages)
     return FixtureRequest(d.id, d.app, d.tenant, d.user, messages, d.prompt_tokens, d.output_tokens,
                           d.finish_reason, d.max_tokens)

@@ -11,6 +11,7 @@ import zlib
 import httpx
 import pytest
 import trio
+from httpx_ws import aconnect_ws
 
 from actors.messages import Finished, Rejected, TenantContext, TokenDelta, Usage
 from gateway.errors import ApiError
@@ -825,8 +826,18 @@ async def test_refusals_before_admission_are_counted_as_rejections(gateway: Gate
                                   headers={"Authorization": "Bearer lmg-wrong"})).status_code == 401
         assert (await client.post("/tokenize", json={"model": "nope", "prompt": "x"})).status_code == 404
         assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})).status_code == 200
+        # failed after admission (a shutdown's end, non-streamed): an error, not a refusal
+        assert (await client.post("/v1/completions", json={"model": MODEL, "prompt": "GONE"})).status_code == 503
+        too_large = await client.post("/v1/completions", content=b"x" * (gateway.config.max_body_bytes + 1))
+        assert too_large.status_code == 413
+        async with aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+            assert (await ws.receive_json())["type"] == "ready"
+            await ws.send_json({"type": "request", "id": "a", "endpoint": "completions",
+                                "body": {"model": "nope", "prompt": "x"}})
+            assert (await ws.receive_json())["status"] == 404
     assert gateway.runtime.rejections == [("t1", 404, "model_not_found"), ("t1", 400, "invalid_json"),
-                                          ("t1", 400, "invalid_value"), ("t1", 400, "invalid_value")]
+                                          ("t1", 400, "invalid_value"), ("t1", 400, "invalid_value"),
+                                          ("t1", 413, "request_too_large"), ("t1", 404, "model_not_found")]
 
 
 async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:

@@ -79,9 +79,11 @@ GOOD = json.loads(FIXTURE.read_text().splitlines()[0])
     ({"messages": "hello"}, "Expected `array`, got `str` - at `$.messages`"),
     ({"messages": [{"role": "user", "content": 5}]}, "Expected `str | array | null`, got `int` - at `$.messages[0].content`"),
     ({"tenant": 5}, "Expected `str`, got `int` - at `$.tenant`"),
-    ({"output_tokens": -5}, "output_tokens must be >= 0, got -5"),
-    ({"prompt_tokens": -3}, "prompt_tokens must be >= 0, got -3"),
-    ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+    ({"output_tokens": -5}, "output_tokens must be in 0..16777216, got -5"),
+    ({"prompt_tokens": -3}, "prompt_tokens must be in 0..16777216, got -3"),
+    ({"max_tokens": 0}, "max_tokens must be in 1..16777216, got 0"),
+    ({"output_tokens": 10**30}, "output_tokens must be in 0..16777216, got 1000000000000000000000000000000"),
+    ({"output_tokens": 10, "max_tokens": 5}, "output_tokens (10) is above max_tokens (5)"),
     ({"output_tokens": 1.5}, "Expected `int`, got `float` - at `$.output_tokens`"),
 ])
 def test_train_names_the_line_and_field_a_log_gets_wrong_before_training(
@@ -122,6 +124,10 @@ def test_train_refuses_a_tenant_no_tenant_could_be(tmp_path: Path, capsys: pytes
                                                    tenant: str) -> None:
     code, _, err = run(capsys, "train", "--tenant", tenant, "-o", str(tmp_path / "p.npz"))
     assert code == 2 and "is not a tenant id" in err
+    log = tmp_path / "log.jsonl"  # the log's own tenant too, unless --tenant replaces it
+    log.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "w9", "tenant": tenant}) + "\n")
+    code, _, err = run(capsys, "train", "--requests", str(log), "-o", str(tmp_path / "p.npz"))
+    assert code == 2 and f"request 'w9': tenant {tenant!r} is not a tenant id" in err
 
 
 def test_held_out_needs_two_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
