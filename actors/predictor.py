@@ -15,11 +15,13 @@ import io
 import math
 import statistics
 import time
+import uuid
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 
@@ -767,6 +769,46 @@ def instruction_of(call) -> str:
     return call.prompt or ""
 
 
+SHARE_KEY = "predictor:observations"  # a Redis stream: what each replica's predictor observed
+SHARE_EVERY_S = 1.0
+SHARE_MAX_ENTRIES = 1024  # entries the stream keeps (about; each holds a replica's second of observations)
+SHARE_MAX_BATCH = 512  # observations per entry; a replica's outbox holds at most 4 entries' worth
+
+
+class SharedObservation(msgspec.Struct, array_like=True):
+    """One finished request as a replica's predictor learned it (`PredictorService.observe`),
+    for the other replicas of the Redis (`PredictorService.share`). The embedding is the
+    instruction's, float32 bytes (1.5 KB for MiniLM); the histories it reads are recomputed
+    by whoever applies it."""
+
+    tenant: str
+    app: str | None
+    user: str | None
+    prompt_tokens: int
+    max_tokens: int
+    embedding: bytes | None
+    tokens: int
+    finish_reason: str
+
+    @classmethod
+    def of(cls, f: RequestFeatures, tokens: int, finish_reason: str) -> SharedObservation:
+        emb = None if f.embedding is None else np.asarray(f.embedding, dtype=np.float32).tobytes()
+        return cls(f.tenant, f.app, f.user, int(f.prompt_tokens), int(f.max_tokens), emb, int(tokens), finish_reason)
+
+    def features(self, emb_dim: int) -> RequestFeatures | None:
+        """The features, or None if the embedding is not `emb_dim` float32s (a replica of
+        another embedding model: not ours to learn)."""
+        emb = None
+        if self.embedding is not None:
+            if len(self.embedding) != 4 * emb_dim:
+                return None
+            emb = np.frombuffer(self.embedding, dtype=np.float32)
+        return RequestFeatures(self.tenant, self.app, self.user, self.prompt_tokens, self.max_tokens, emb)
+
+
+_SHARED_BATCH = msgspec.msgpack.Decoder(list[SharedObservation])
+
+
 class PredictorService:
     """The Magnus predictor inside a trio process.
 
@@ -777,6 +819,12 @@ class PredictorService:
     (`RedisStore`, key `<prefix>predictor:length`). `load()` restores it after a
     restart. Without an embedder the embedding features are zero (input length
     and user history still count); without a store nothing is persisted.
+
+    Replicas of one Redis learn from each other (`share`): each publishes what it
+    observes to a Redis stream once a second and applies the others', so every
+    replica's predictor learns the whole fleet's traffic, and the one saved (by
+    whichever refit last) holds it too. Without it, each learned only its own share and
+    a restart restored the last writer's.
     """
 
     def __init__(self, predictor: LengthPredictor | None = None, *, embedder=None, store=None,
@@ -799,6 +847,12 @@ class PredictorService:
         # `(phase, seconds)` for each (the runtime feeds lmgate_predictor_compute_seconds)
         self.compute_seconds: dict[str, float] = {"embed": 0.0, "refit": 0.0}
         self.on_compute = None
+        # observations not yet published to the other replicas (`share`), and where in the
+        # shared stream this replica has read up to
+        self.replica = uuid.uuid4().hex
+        self.share_every_s = SHARE_EVERY_S
+        self._outbox: collections.deque[SharedObservation] = collections.deque(maxlen=4 * SHARE_MAX_BATCH)
+        self.shared_in = 0  # observations applied from other replicas
 
     @property
     def refitting(self) -> bool:
@@ -855,8 +909,12 @@ class PredictorService:
         """The prediction and the features it used (hand them back to `observe`)."""
         return (await self.predict_many([st]))[0]
 
-    async def observe(self, f: RequestFeatures, true_tokens: int, nursery=None, finish_reason: str = "stop") -> None:
+    async def observe(self, f: RequestFeatures, true_tokens: int, nursery=None, finish_reason: str = "stop",
+                      *, publish: bool = True) -> None:
+        """Learn a finished request (and publish it to the other replicas, `share`)."""
         self.predictor.observe(f, true_tokens, finish_reason)
+        if publish and self.store is not None:
+            self._outbox.append(SharedObservation.of(f, true_tokens, finish_reason))
         if self.predictor.needs_refit() and not self._refitting:
             if nursery is None:
                 await self.refit()
@@ -955,6 +1013,83 @@ class PredictorService:
 
         return await trio.to_thread.run_sync(LengthPredictor.from_bytes, blob, self.predictor.config)
 
+    async def share(self, *, task_status=None) -> None:
+        """Run for good: every `share_every_s`, publish this replica's new observations to
+        the Redis stream `SHARE_KEY` (one entry, trimmed to about `SHARE_MAX_ENTRIES`) and
+        learn the other replicas' entries since the last read. It reads from the stream's
+        end as it starts: what came before is in the predictor `load` restored (or lost
+        with a replica that was never saved: the stream is a second's exchange, not a log).
+        Redis down: the outbox keeps the newest observations (`SHARE_MAX_BATCH` × 4) and
+        reading resumes where it stopped."""
+        import trio
+
+        last = await self._stream_end()
+        if task_status is not None:
+            task_status.started()
+        async with trio.open_nursery() as nursery:  # refits the others' observations start
+            while True:
+                await trio.sleep(self.share_every_s)
+                await self._publish()
+                last = await self._apply_shared(last, nursery)
+
+    async def _stream_end(self) -> str:
+        from cache.store import CacheUnavailable
+
+        try:
+            with self.store.guard():
+                entries = await self.store.client.xrevrange(self.store.key(SHARE_KEY), count=1)
+        except CacheUnavailable:
+            return "$"  # unknown: read from whatever comes next (a reconnect finds it)
+        return _text(entries[0].identifier) if entries else "0-0"
+
+    async def _publish(self) -> None:
+        from coredis.tokens import PureToken
+
+        from cache.store import CacheUnavailable
+
+        while self._outbox:
+            batch = [self._outbox.popleft() for _ in range(min(SHARE_MAX_BATCH, len(self._outbox)))]
+            try:
+                with self.store.guard():
+                    await self.store.client.xadd(
+                        self.store.key(SHARE_KEY), {"r": self.replica, "o": msgspec.msgpack.encode(batch)},
+                        trim_strategy=PureToken.MAXLEN, threshold=SHARE_MAX_ENTRIES,
+                        trim_operator=PureToken.APPROXIMATELY)
+            except CacheUnavailable:
+                self._outbox.extendleft(reversed(batch))  # (the deque keeps the newest)
+                return
+
+    async def _apply_shared(self, last: str, nursery) -> str:
+        """Learn the entries after `last` that other replicas published; the id read up to."""
+        from cache.store import CacheUnavailable
+
+        key = self.store.key(SHARE_KEY)
+        try:
+            with self.store.guard():
+                if last == "$":
+                    entries = await self.store.client.xrevrange(key, count=1)
+                    return _text(entries[0].identifier) if entries else "0-0"
+                read = await self.store.client.xread({key: last}, count=64)
+        except CacheUnavailable:
+            return last
+        for entries in (read or {}).values():
+            for entry in entries:
+                last = _text(entry.identifier)
+                fields = {_text(k): v for k, v in entry.field_values.items()}
+                if _text(fields.get("r", b"")) == self.replica:
+                    continue
+                try:
+                    batch = _SHARED_BATCH.decode(fields.get("o", b""))
+                except (msgspec.DecodeError, TypeError):
+                    continue  # not an entry any replica writes
+                for obs in batch:
+                    f = obs.features(self.predictor.config.emb_dim)
+                    if f is None or obs.tokens < 0 or obs.prompt_tokens < 0 or obs.max_tokens < 1:
+                        continue
+                    await self.observe(f, obs.tokens, nursery, obs.finish_reason, publish=False)
+                    self.shared_in += 1
+        return last
+
     async def load_or_seed(self, seed: bytes | None) -> str:
         """Start-up: the predictor saved in Redis if there is one ("restored"), else the
         one in `seed` — saved to Redis, so the next start restores what it learns on top
@@ -966,3 +1101,8 @@ class PredictorService:
             return "cold"
         await self.replace(seed)
         return "seeded"
+
+
+def _text(value: str | bytes) -> str:
+    """A Redis reply's string (the store's client may answer bytes)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -568,6 +568,9 @@ class Runtime:
                 await nursery.start(self._supervise, "predictor", self._predictor_actor)
                 await nursery.start(self._supervise, "admission", self._admission_actor)
                 await nursery.start(self._supervise, "reservations", self._keep_reservations)
+                if self.length_service is not None and self.length_service.store is not None:
+                    # replicas of the Redis learn each other's observations (PredictorService.share)
+                    await nursery.start(self._supervise, "predictor-share", self.length_service.share)
                 if hasattr(self.store, "watch"):  # a hung Redis is found back by this, not by requests
                     await nursery.start(self._supervise, "redis-watch", self.store.watch)
                 self.ready = True

@@ -730,3 +730,37 @@ async def test_overlapping_saves_leave_redis_holding_the_predictor_served(first:
     assert store.sets == 2
     stored = LengthPredictor.from_bytes(store.held[store.key(svc.key)])
     assert svc.predictor.num_samples == stored.num_samples == 50
+
+
+async def test_replicas_of_one_redis_learn_each_others_observations(store) -> None:
+    """Two replicas' predictors, each fed half of the traffic, both learn all of it (each
+    learned only its own before, and Redis kept the last writer's); a replica that starts
+    later learns what comes after it starts, from both."""
+    config = LengthModelConfig(min_fit_samples=8, refit_every=8)
+    a, b = PredictorService(LengthPredictor(config), store=store), PredictorService(LengthPredictor(config), store=store)
+    for svc in (a, b):
+        svc.share_every_s = 0.05
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.share)
+        await nursery.start(b.share)
+        for k in range(20):
+            await a.observe(feats("a", 20 + k), 2 * (20 + k), nursery)
+            await b.observe(feats("b", 20 + k, "verbose"), 200, nursery, "length")
+        with trio.fail_after(10):
+            while a.predictor.num_samples < 40 or b.predictor.num_samples < 40:
+                await trio.sleep(0.05)
+        assert (a.shared_in, b.shared_in) == (20, 20)  # nobody learns its own twice
+        for svc in (a, b):
+            summary = svc.predictor.summary()
+            # b's requests ran into their cap (512, a runaway's): the finish reason travels too
+            assert summary["apps"] == {"t/a": 20, "t/b": 20} and summary["runaways"] == 20
+        late = PredictorService(LengthPredictor(config), store=store)
+        late.share_every_s = 0.05
+        await nursery.start(late.share)
+        await a.observe(feats("a", 99), 198, nursery)
+        with trio.fail_after(10):
+            while b.predictor.num_samples < 41 or late.predictor.num_samples < 1:
+                await trio.sleep(0.05)
+        await trio.sleep(0.2)
+        assert late.predictor.num_samples == 1  # what came before it started is in Redis's saved predictor
+        nursery.cancel_scope.cancel()
