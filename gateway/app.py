@@ -401,8 +401,14 @@ async def close_after_refused_body(response: Response) -> Response:
     next request on that socket and got "Server disconnected" or hung until its timeout
     (4 runs in 6 of the test in tests/gateway/test_routes_openai.py, before). Saying so
     makes the client open a new connection; the cost is one handshake after an error.
+
+    A request with both `Content-Length` and `Transfer-Encoding` ends it too, whatever the
+    answer (RFC 9112 §6.3): a proxy in front that framed it by its `Content-Length` reads
+    the rest of its chunked body as a next request (request smuggling).
     """
-    if response.status_code >= 400 and (request.content_length or request.headers.get("Transfer-Encoding")):
+    framed_twice = "Content-Length" in request.headers and "Transfer-Encoding" in request.headers
+    if framed_twice or (response.status_code >= 400
+                        and (request.content_length or request.headers.get("Transfer-Encoding"))):
         response.headers["Connection"] = "close"
     return response
 

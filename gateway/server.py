@@ -191,6 +191,50 @@ def close_connections_for_sure() -> None:
     shielded_close._lmgate_shielded = True  # type: ignore[attr-defined]
     TCPServer._close = shielded_close  # type: ignore[method-assign]
     TCPServer.protocol_send = shielded_idle  # type: ignore[method-assign]
+    _close_refused_websocket_upgrades()
+    _time_out_idle_h2c()
+
+
+def _close_refused_websocket_upgrades() -> None:
+    """A WebSocket upgrade Hypercorn refuses itself (a bad `Sec-WebSocket-Version`, no
+    `Sec-WebSocket-Key`, data before the handshake) got its 400 with `Connection: close`,
+    but the stream never said it was over (`StreamClosed`), so the connection was never
+    closed, nor timed out: anyone, without a key, held a descriptor per connection for good
+    (an audit held 300). The stream now says so after such a refusal."""
+    from hypercorn.events import Event
+    from hypercorn.protocol.events import StreamClosed
+    from hypercorn.protocol.ws_stream import WSStream
+
+    handle = WSStream.handle
+
+    async def handle_then_end(self: Any, event: Event) -> None:
+        await handle(self, event)
+        if (self.closed and self.app_put is None and not isinstance(event, StreamClosed)
+                and not getattr(self, "_lmgate_ended", False)):
+            self._lmgate_ended = True
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+    WSStream.handle = handle_then_end  # type: ignore[method-assign]
+
+
+def _time_out_idle_h2c() -> None:
+    """An HTTP/1.1 connection that turns into HTTP/2 (h2c: the prior-knowledge preface, or
+    `Upgrade: h2c`) stopped its idle timer on its first bytes and HTTP/2 starts it again
+    only when a stream ends: one that never opens a stream (the 24-byte preface alone) was
+    never closed. It now starts idle, as a new connection does."""
+    from hypercorn.events import Updated
+    from hypercorn.protocol import ProtocolWrapper
+    from hypercorn.protocol.h2 import H2Protocol
+
+    handle = ProtocolWrapper.handle
+
+    async def handle_then_idle(self: Any, event: Any) -> None:
+        was_h2 = isinstance(self.protocol, H2Protocol)
+        await handle(self, event)
+        if not was_h2 and isinstance(self.protocol, H2Protocol) and self.protocol.idle:
+            await self.send(Updated(idle=True))
+
+    ProtocolWrapper.handle = handle_then_idle  # type: ignore[method-assign]
 
 
 async def serve_app(

@@ -23,7 +23,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import trio
@@ -70,15 +70,21 @@ class AuthFrame(msgspec.Struct, tag="auth", tag_field="type"):
     api_key: str
 
 
+# a request's id is repeated in every frame of its answer: a megabyte id made each token
+# frame a megabyte (4 MB of frames sent 1.2 GB back within 10 s)
+MAX_ID_CHARS = 128
+FrameId = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+
+
 class RequestFrame(msgspec.Struct, tag="request", tag_field="type"):
-    id: str
+    id: FrameId
     endpoint: Literal["completions", "chat.completions"]
     body: msgspec.Raw
     cache_control: str | None = None  # as HTTP's Cache-Control request header (`no-cache`, `no-store`)
 
 
 class CancelFrame(msgspec.Struct, tag="cancel", tag_field="type"):
-    id: str
+    id: FrameId
 
 
 ClientFrame = AuthFrame | RequestFrame | CancelFrame
@@ -106,7 +112,7 @@ def frame_id_of(data: str | bytes) -> str | None:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     frame_id = value.get("id") if isinstance(value, dict) else None
-    return frame_id if isinstance(frame_id, str) else None
+    return frame_id if isinstance(frame_id, str) and len(frame_id) <= MAX_ID_CHARS else None
 
 
 def error_frame(request_id: str | None, exc: ApiError) -> dict[str, Any]:

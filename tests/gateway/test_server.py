@@ -351,3 +351,77 @@ async def test_a_private_redis_that_dies_is_reported_reaped_and_restarted_with_i
             os.waitpid(pid, os.WNOHANG)
         assert private.port == port and private.pid != pid
         assert _send_command(private.host, port, "GET", "tenant").endswith(b"kept")
+
+
+async def read_to_eof(stream: trio.SocketStream, seconds: float) -> bytes:
+    received = b""
+    with trio.fail_after(seconds):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("headers", [
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 8\r\n",  # a version Hypercorn does not speak
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",  # no key
+])
+async def test_a_websocket_upgrade_hypercorn_refuses_closes_its_connection(gateway: Gateway, headers: str) -> None:
+    """The 400 said `Connection: close`, but the socket stayed open for good: a keyless
+    client held a descriptor per connection."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(f"GET /v1/ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    assert (await read_to_eof(stream, 5)).startswith(b"HTTP/1.1 400")
+    await stream.aclose()
+
+
+async def test_an_h2c_connection_that_opens_no_stream_times_out(nursery: trio.Nursery, gateway: Gateway) -> None:
+    """The HTTP/2 preface alone (prior knowledge) stopped the idle timer for good: such a
+    connection was never closed. It is closed after `keep_alive_seconds`, as any idle one;
+    one that makes a request is served."""
+    config = dataclasses.replace(gateway.config, keep_alive_seconds=0.5)
+    base_url, _, stop = await start_gateway(nursery, gateway.stores, config)
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    t0 = time.monotonic()
+    await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    await read_to_eof(stream, 5)  # the server's SETTINGS, then its GOAWAY and EOF
+    assert 0.3 < time.monotonic() - t0 < 3
+    await stream.aclose()
+    # an h2c request (prior knowledge) is still served
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")],
+                      end_stream=True)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(conn.data_to_send())
+    body, ended = b"", False
+    with trio.fail_after(5):
+        while not ended:
+            for event in conn.receive_data(await stream.receive_some(65536)):
+                body += event.data if isinstance(event, h2.events.DataReceived) else b""
+                ended = ended or isinstance(event, h2.events.StreamEnded)
+    assert json.loads(body) == {"status": "ok"}
+    await stream.aclose()
+    stop.set()
+
+
+
+async def test_a_request_framed_by_both_length_and_chunks_ends_its_connection(gateway: Gateway) -> None:
+    """RFC 9112 §6.3: a proxy that framed it by its Content-Length would take the rest of the
+    chunked body for a next request; the pipelined request after it is not served."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "fake-model", "prompt": "x", "max_tokens": 1}).encode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + gateway.api_key.encode()
+                          + b"\r\nContent-Type: application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked"
+                          + b"\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+                          + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = await read_to_eof(stream, 5)
+    assert received.startswith(b"HTTP/1.1 200") and b"connection: close" in received.lower()
+    assert received.count(b"HTTP/1.1 ") == 1  # the pipelined request was not answered
+    await stream.aclose()

@@ -71,6 +71,22 @@ async def test_cache_control_of_a_request_frame(gateway: Gateway) -> None:
         assert (gateway.runtime.calls[-1].cache_lookup, gateway.runtime.calls[-1].cache_store) == (True, True)
 
 
+async def test_ids_longer_than_128_characters_are_refused_without_being_echoed(gateway: Gateway) -> None:
+    """Every frame of an answer repeats its id: a megabyte id made each token frame a
+    megabyte (4 MB of request frames sent 1.2 GB back in 10 s)."""
+    long_id = "x" * 129
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert await ws.receive_json() == {"type": "ready"}
+        for frame in (request_frame(long_id, max_tokens=1), {"type": "cancel", "id": long_id}):
+            await ws.send_json(frame)
+            error = await ws.receive_json()
+            assert (error["id"], error["status"], error["error"]["code"]) == (None, 400, "invalid_frame")
+            assert "length <= 128" in error["error"]["message"] and long_id not in json.dumps(error)
+        await ws.send_json(request_frame("y" * 128, max_tokens=1))  # 128 is fine
+        assert (await frames_until_done(ws, {"y" * 128}))["y" * 128][-1]["type"] == "done"
+    assert len(gateway.runtime.calls) == 1
+
+
 async def test_auth_frame(gateway: Gateway) -> None:
     async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
         await ws.send_json({"type": "auth", "api_key": gateway.api_key})
