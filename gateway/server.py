@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -58,6 +59,30 @@ END_STREAMS_FLUSH_S = 0.25  # at least this long between those error events and 
 SECRET_FILE = "server_secret"
 
 
+# TCP keepalive on the listening sockets, which the accepted ones inherit (Linux): a peer
+# gone without a FIN or RST (a NAT's timeout, a suspended laptop) is found after about
+# TCP_KEEPIDLE + TCP_KEEPCNT x TCP_KEEPINTVL seconds of silence, and its connection closed.
+# Without it, an idle WebSocket of such a peer (its requests done) held its descriptor,
+# and its count in lmgate_ws_connections, for good.
+TCP_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
+
+
+class KeepaliveConfig(hypercorn.config.Config):
+    """Hypercorn's config, whose listening TCP sockets have keepalive on (`TCP_KEEPALIVE`).
+    (Hypercorn's own WebSocket pings would find such a peer too, but each ping task holds
+    its connection open for up to an interval after it closes, a shutdown included.)"""
+
+    def _create_sockets(self, binds: list[str], type_: int = socket.SOCK_STREAM) -> list[socket.socket]:
+        sockets = super()._create_sockets(binds, type_)
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for name, value in TCP_KEEPALIVE:
+                    if hasattr(socket, name):  # Linux names; macOS has TCP_KEEPALIVE for the idle time
+                        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        return sockets
+
+
 def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     """Hypercorn settings derived from the gateway config.
 
@@ -68,7 +93,7 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     got connection resets instead of the app's 503 (the kernel caps it at
     net.core.somaxconn).
     """
-    hc = hypercorn.config.Config()
+    hc = KeepaliveConfig()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.graceful_timeout = shutdown_schedule(config.shutdown_grace_seconds)[1]
     hc.keep_alive_timeout = config.keep_alive_seconds

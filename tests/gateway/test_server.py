@@ -425,3 +425,17 @@ async def test_a_request_framed_by_both_length_and_chunks_ends_its_connection(ga
     assert received.startswith(b"HTTP/1.1 200") and b"connection: close" in received.lower()
     assert received.count(b"HTTP/1.1 ") == 1  # the pipelined request was not answered
     await stream.aclose()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a connection's timers")
+async def test_accepted_connections_have_tcp_keepalive(gateway: Gateway) -> None:
+    """A peer gone without a FIN (a NAT's timeout) is found by TCP keepalive: the server's
+    end of a connection runs a keepalive timer."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await stream.receive_some(65536)
+    out = await trio.to_thread.run_sync(lambda: subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True).stdout)
+    assert "keepalive" in out, out
+    await stream.aclose()
