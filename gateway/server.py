@@ -27,6 +27,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any, TextIO
 
 import hypercorn.config
 import hypercorn.trio
+import msgspec
 import trio
 
 from cache.quotas import QuotaManager
@@ -218,6 +220,57 @@ def close_connections_for_sure() -> None:
     TCPServer.protocol_send = shielded_idle  # type: ignore[method-assign]
     _close_refused_websocket_upgrades()
     _time_out_idle_h2c()
+    _json_protocol_errors()
+
+
+def protocol_error_body(status: int) -> bytes:
+    """The OpenAI-style body of an error Hypercorn answers itself, before the app sees the
+    request (HTTP it cannot parse: 400; headers over its limit: 431; a transfer coding
+    other than chunked: 501; a WebSocket upgrade it refuses: 400)."""
+    from http import HTTPStatus
+
+    from gateway.errors import ApiError
+
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    return msgspec.json.encode(ApiError(status, f"{phrase}: the server cannot read this HTTP request",
+                                        code=phrase.lower().replace(" ", "_").replace("-", "_")).body())
+
+
+def _json_protocol_errors() -> None:
+    """Hypercorn's own error answers (`protocol_error_body`) had empty bodies: clients read
+    no OpenAI error object, only a status."""
+    import h11
+    from hypercorn.events import RawData
+    from hypercorn.protocol.events import Body, EndBody, Response
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.protocol.ws_stream import WSStream
+
+    original = H11Protocol._send_error_response
+
+    async def h11_error(self: Any, status_code: int) -> None:
+        body = protocol_error_body(status_code)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *self.config.response_headers("h11")]
+        try:  # the whole answer at once: the app's task may be answering the request meanwhile
+            data = b"".join(self.connection.send(event) or b"" for event in (
+                h11.Response(status_code=status_code, headers=headers), h11.Data(data=body), h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            await original(self, status_code)
+            return
+        await self.send(RawData(data=data))
+
+    async def ws_error(self: Any, status_code: int) -> None:
+        body = protocol_error_body(status_code)
+        await self.send(Response(stream_id=self.stream_id, status_code=status_code,
+                                 headers=[(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(body)).encode()), (b"connection", b"close")]))
+        await self.send(Body(stream_id=self.stream_id, data=body))
+        await self.send(EndBody(stream_id=self.stream_id))
+        await self.config.log.access(self.scope, {"status": status_code, "headers": []},
+                                     time.time() - self.start_time)
+
+    H11Protocol._send_error_response = h11_error  # type: ignore[method-assign]
+    WSStream._send_error_response = ws_error  # type: ignore[method-assign]
 
 
 def _close_refused_websocket_upgrades() -> None:

@@ -372,7 +372,29 @@ async def test_a_websocket_upgrade_hypercorn_refuses_closes_its_connection(gatew
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
     await stream.send_all(f"GET /v1/ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
-    assert (await read_to_eof(stream, 5)).startswith(b"HTTP/1.1 400")
+    received = await read_to_eof(stream, 5)
+    assert received.startswith(b"HTTP/1.1 400")
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "code"), [
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
+     "bad_request"),  # a chunk size that is not hex
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000, 431,  # past 64 KiB, no end yet
+     "request_header_fields_too_large"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501,
+     "not_implemented"),
+])
+async def test_http_the_server_cannot_read_gets_an_openai_error_body(gateway: Gateway, request_bytes: bytes,
+                                                                     status: int, code: str) -> None:
+    """Hypercorn answers these itself, before the app: the answers had empty bodies."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(request_bytes)
+    head, body = (await read_to_eof(stream, 5)).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 %d" % status) and b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == code
     await stream.aclose()
 
 
