@@ -313,8 +313,11 @@ class LengthPredictor:
         return Prediction(prior, prior, "prior")
 
     # ------------------------------------------------------------ learn
-    def observe(self, f: RequestFeatures, true_tokens: int, finish_reason: str = "stop") -> None:
-        """A request finished with `true_tokens` output tokens.
+    def observe(self, f: RequestFeatures, true_tokens: int, finish_reason: str = "stop", *,
+                counts: bool = True) -> None:
+        """A request finished with `true_tokens` output tokens. `counts`: it counts toward
+        the next refit (`needs_refit`); another replica's (`PredictorService.share`) does
+        not, so that each replica refits at the pace of its own traffic, on everyone's.
 
         `finish_reason` "stop" (EOS or a stop sequence) teaches the length model;
         "length" (cut at `f.max_tokens`) teaches the runaway model when the cap was at
@@ -337,7 +340,7 @@ class LengthPredictor:
         if f.user:
             _touch(self._users, (f.tenant, f.user), lambda: collections.deque(maxlen=c.user_history)).append(
                 float(true_tokens))
-        self._since_fit += 1
+        self._since_fit += counts
 
     @property
     def num_samples(self) -> int:
@@ -771,7 +774,10 @@ def instruction_of(call) -> str:
 
 SHARE_KEY = "predictor:observations"  # a Redis stream: what each replica's predictor observed
 SHARE_EVERY_S = 1.0
-SHARE_MAX_ENTRIES = 1024  # entries the stream keeps (about; each holds a replica's second of observations)
+# entries the stream keeps (about): each holds a replica's second of observations, and the
+# readers take all that is new every second, so it is a few seconds' exchange for fleets of
+# up to ~100 replicas (20 MB at 50 requests/s, 1.6 KB each; a lone replica writes it unread)
+SHARE_MAX_ENTRIES = 256
 SHARE_MAX_BATCH = 512  # observations per entry; a replica's outbox holds at most 4 entries' worth
 
 
@@ -910,10 +916,11 @@ class PredictorService:
         return (await self.predict_many([st]))[0]
 
     async def observe(self, f: RequestFeatures, true_tokens: int, nursery=None, finish_reason: str = "stop",
-                      *, publish: bool = True) -> None:
-        """Learn a finished request (and publish it to the other replicas, `share`)."""
-        self.predictor.observe(f, true_tokens, finish_reason)
-        if publish and self.store is not None:
+                      *, own: bool = True) -> None:
+        """Learn a finished request: this replica's `own` (published to the others, `share`,
+        and counted toward the next refit), or another replica's."""
+        self.predictor.observe(f, true_tokens, finish_reason, counts=own)
+        if own and self.store is not None:
             self._outbox.append(SharedObservation.of(f, true_tokens, finish_reason))
         if self.predictor.needs_refit() and not self._refitting:
             if nursery is None:
@@ -1029,6 +1036,8 @@ class PredictorService:
         async with trio.open_nursery() as nursery:  # refits the others' observations start
             while True:
                 await trio.sleep(self.share_every_s)
+                if not self.store.reachable():  # down: the store's watch finds it back (no retries here)
+                    continue
                 await self._publish()
                 last = await self._apply_shared(last, nursery)
 
@@ -1060,35 +1069,47 @@ class PredictorService:
                 return
 
     async def _apply_shared(self, last: str, nursery) -> str:
-        """Learn the entries after `last` that other replicas published; the id read up to."""
+        """Learn the entries after `last` that other replicas published (all of them, a
+        read of `SHARE_MAX_ENTRIES` at a time); the id read up to."""
         from cache.store import CacheUnavailable
 
         key = self.store.key(SHARE_KEY)
-        try:
-            with self.store.guard():
-                if last == "$":
-                    entries = await self.store.client.xrevrange(key, count=1)
-                    return _text(entries[0].identifier) if entries else "0-0"
-                read = await self.store.client.xread({key: last}, count=64)
-        except CacheUnavailable:
-            return last
-        for entries in (read or {}).values():
+        while True:
+            try:
+                with self.store.guard():
+                    if last == "$":
+                        entries = await self.store.client.xrevrange(key, count=1)
+                        return _text(entries[0].identifier) if entries else "0-0"
+                    read = await self.store.client.xread({key: last}, count=SHARE_MAX_ENTRIES)
+            except CacheUnavailable:
+                return last
+            entries = [entry for each in (read or {}).values() for entry in each]
             for entry in entries:
                 last = _text(entry.identifier)
-                fields = {_text(k): v for k, v in entry.field_values.items()}
-                if _text(fields.get("r", b"")) == self.replica:
-                    continue
-                try:
-                    batch = _SHARED_BATCH.decode(fields.get("o", b""))
-                except (msgspec.DecodeError, TypeError):
-                    continue  # not an entry any replica writes
-                for obs in batch:
-                    f = obs.features(self.predictor.config.emb_dim)
-                    if f is None or obs.tokens < 0 or obs.prompt_tokens < 0 or obs.max_tokens < 1:
-                        continue
-                    await self.observe(f, obs.tokens, nursery, obs.finish_reason, publish=False)
-                    self.shared_in += 1
-        return last
+                await self._apply_entry(entry.field_values, nursery)
+            if len(entries) < SHARE_MAX_ENTRIES:
+                return last
+
+    async def _apply_entry(self, fields: dict, nursery) -> None:
+        """One entry of the stream: another replica's observations (this replica's own, and
+        what no replica writes, are skipped)."""
+        fields = {_text(k, "replace"): v for k, v in fields.items()}
+        if _text(fields.get("r", b""), "replace") == self.replica:
+            return
+        try:
+            batch = _SHARED_BATCH.decode(fields.get("o", b""))
+        except (msgspec.DecodeError, TypeError):
+            return
+        for obs in batch:
+            f = obs.features(self.predictor.config.emb_dim)
+            if f is None or obs.tokens < 0 or obs.prompt_tokens < 0 or obs.max_tokens < 1:
+                continue
+            await self.observe(f, obs.tokens, nursery, obs.finish_reason, own=False)
+            self.shared_in += 1
+
+    def sharing(self) -> dict:
+        """What `share` has done, for operators (`GET /admin/predictor`)."""
+        return {"replica": self.replica, "applied_from_others": self.shared_in, "waiting_to_publish": len(self._outbox)}
 
     async def load_or_seed(self, seed: bytes | None) -> str:
         """Start-up: the predictor saved in Redis if there is one ("restored"), else the
@@ -1103,6 +1124,6 @@ class PredictorService:
         return "seeded"
 
 
-def _text(value: str | bytes) -> str:
+def _text(value: str | bytes, errors: str = "strict") -> str:
     """A Redis reply's string (the store's client may answer bytes)."""
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors=errors) if isinstance(value, bytes) else value

@@ -321,7 +321,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
 
     def describe(service: Any, **extra: Any) -> dict:
         return {"object": "length_predictor", "kind": "magnus", "refits": service.refits,
-                "refitting": service.refitting, **extra, **service.predictor.summary()}
+                "refitting": service.refitting, "sharing": service.sharing(), **extra,
+                **service.predictor.summary()}
 
     @bp.get("/predictor")
     async def read_predictor() -> Any:

@@ -18,6 +18,7 @@ the handler or the body generator) stops generation within one engine step.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import math
 import time
@@ -46,7 +47,7 @@ from actors.messages import (
 from gateway import sse
 from gateway.errors import ApiError, malformed_json, param_of
 from gateway.sse import IDLE, Idle
-from gateway.tools import ToolCalling, chat_role, render_message, streamable, tool_calling
+from gateway.tools import ToolCalling, chat_role, render_message, tool_calling
 from gpu.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 from gpu.structured import GuidedDecoding, closed_objects
 
@@ -244,7 +245,11 @@ def tools_of(req: CompletionRequest | ChatRequest) -> ToolCalling | None:
     """The chat request's tool calling (`gateway.tools`), None for plain text."""
     if not isinstance(req, ChatRequest):
         return None
-    return tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
+    calling = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if calling is not None and calling.auto and (req.response_format or {}).get("type") in ("json_object",
+                                                                                           "json_schema"):
+        calling = dataclasses.replace(calling, leading=True)  # an answer in JSON, or calls first
+    return calling
 
 
 Endpoint = Literal["completions", "chat.completions"]
@@ -991,7 +996,7 @@ class ChunkRenderer:
             text = "".join(held)
             held[:] = [text]
             sent = self._streamed.get(d.index, 0)
-            ready = streamable(text)
+            ready = self.tools.streamable(text)
             if not text[:ready].strip():  # blank so far: held, as the answer's content is None if a call follows
                 ready = 0
             if ready <= sent:

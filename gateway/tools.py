@@ -92,6 +92,9 @@ class ToolCalling:
     named: Function | None = None
     parallel: bool = True
     auto: bool = False
+    # auto mode with a format for the answer (`AUTO_FORMAT_GRAMMAR`): calls come first or not
+    # at all, and an answer is JSON that may hold the marker as text (a string's content)
+    leading: bool = False
 
     def guided(self, answer: GuidedDecoding | None = None) -> GuidedDecoding:
         """The constraint the text must meet. `answer`: the request's format for a text
@@ -160,8 +163,23 @@ class ToolCalling:
         its text, except in auto mode when a stop string or stop token ended it inside a
         call, whose unfinished call is dropped (the text before the marker remains). A
         choice cut by max_tokens keeps what it wrote."""
-        at = text.find(MARKER) if self.auto and reason == "stop" else -1
+        at = self._marker(text) if self.auto and reason == "stop" else -1
         return text if at < 0 else text[:at]
+
+    def _marker(self, text: str) -> int:
+        """Where the calls' marker starts in auto mode's text, or -1: anywhere, or with an
+        answer format (`leading`) only at the start."""
+        if self.leading:
+            return 0 if text.startswith(MARKER) else -1
+        return text.find(MARKER)
+
+    def streamable(self, text: str) -> int:
+        """Auto mode, streaming: how much of a choice's text so far is surely content (see
+        the module's `streamable`); with an answer format, all of it once it cannot be
+        the start of a call, none of it before."""
+        if not self.leading:
+            return streamable(text)
+        return 0 if MARKER.startswith(text) or text.startswith(MARKER) else len(text)
 
     def calls_so_far(self, text: str) -> list[CallSoFar]:
         """The calls a choice's text so far spells, in order, for streaming them as they
@@ -174,7 +192,7 @@ class ToolCalling:
             return [CallSoFar(self.named.name, start, _prefix_value_end(text, start))]
         offset = 0
         if self.auto:
-            at = text.find(MARKER)
+            at = self._marker(text)
             if at < 0:
                 return []
             offset = at + len(MARKER)
@@ -190,7 +208,7 @@ class ToolCalling:
         marker, as streamed (None when blank)."""
         content = None
         if self.auto:
-            at = text.find(MARKER)
+            at = self._marker(text)
             if at < 0 or not text.endswith(END_MARKER):
                 return None
             content = text[:at] if text[:at].strip() else None

@@ -10,6 +10,7 @@ import trio
 
 from actors.messages import ChatMessage, GenerateCall, StreamEvent, TenantContext
 from actors.predictor import (
+    SHARE_KEY,
     LengthModelConfig,
     LengthPredictor,
     PredictorBlobError,
@@ -732,6 +733,20 @@ async def test_overlapping_saves_leave_redis_holding_the_predictor_served(first:
     assert svc.predictor.num_samples == stored.num_samples == 50
 
 
+def test_other_replicas_observations_do_not_count_toward_a_refit() -> None:
+    """Each replica refits at the pace of its own traffic (on everyone's samples): counted,
+    each replica's refits and multi-MB saves grew with the whole fleet's traffic."""
+    p = LengthPredictor(LengthModelConfig(min_fit_samples=8, refit_every=8))
+    train(p, n=40)
+    p.install(p.train(p.snapshot()))
+    for k in range(30):
+        p.observe(feats("a", 20 + k), 40 + 2 * k, counts=False)
+    assert p.num_samples == 70 and not p.needs_refit()
+    for k in range(8):
+        p.observe(feats("a", 20 + k), 40 + 2 * k)
+    assert p.needs_refit()
+
+
 async def test_replicas_of_one_redis_learn_each_others_observations(store) -> None:
     """Two replicas' predictors, each fed half of the traffic, both learn all of it (each
     learned only its own before, and Redis kept the last writer's); a replica that starts
@@ -754,6 +769,9 @@ async def test_replicas_of_one_redis_learn_each_others_observations(store) -> No
             summary = svc.predictor.summary()
             # b's requests ran into their cap (512, a runaway's): the finish reason travels too
             assert summary["apps"] == {"t/a": 20, "t/b": 20} and summary["runaways"] == 20
+        # what no replica writes is skipped (it crashed the task), and sharing goes on
+        await store.client.xadd(store.key(SHARE_KEY), {"r": b"\xff\xfe", "o": b"x"})
+        assert a.sharing()["applied_from_others"] == 20 and a.sharing()["waiting_to_publish"] == 0
         late = PredictorService(LengthPredictor(config), store=store)
         late.share_every_s = 0.05
         await nursery.start(late.share)

@@ -279,6 +279,21 @@ async def test_structured_outputs_served(nursery: trio.Nursery, tmp_path, redis_
         assert both.finish_reason == "tool_calls"
     else:
         jsonschema.validate(json.loads(both.message.content), BOOK)
+    # an answer whose JSON holds the calls' marker as text is an answer, whole (it was cut at
+    # the marker: '{"tag": "', not JSON), streamed or not; "<" biased away, so no call is made
+    tag = {"type": "json_schema", "json_schema": {"name": "tag", "schema": {
+        "type": "object", "properties": {"tag": {"const": "<tool_call>x"}}, "required": ["tag"]}}}
+    marked = (await trio.to_thread.run_sync(lambda: auto([{"role": "user", "content": "Give me a tag."}],
+                                                         response_format=tag, logit_bias={"44": -100}))).choices[0]
+    assert json.loads(marked.message.content) == {"tag": "<tool_call>x"} and not marked.message.tool_calls
+
+    def marked_stream() -> str:
+        chunks = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "Give me a tag."}],
+                                             tools=tools, max_tokens=60, temperature=0, response_format=tag,
+                                             logit_bias={"44": -100}, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    assert await trio.to_thread.run_sync(marked_stream) == marked.message.content
     loose = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}
     forced = (await trio.to_thread.run_sync(lambda: sdk.chat.completions.create(
         model=model, messages=question, max_tokens=60, temperature=0, response_format=fmt,

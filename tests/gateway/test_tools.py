@@ -249,6 +249,27 @@ def test_auto_with_a_response_format_answers_in_its_json_or_calls(compiler, toke
     assert info.value.param == "tools"
 
 
+def test_with_a_response_format_a_json_answer_holding_the_marker_is_an_answer() -> None:
+    """The answer is JSON that may hold `<tool_call>` in a string: it was cut at the marker
+    (content '{"tag": "', not JSON) and held back from the stream for good. Calls come
+    first or not at all, and only a text that starts with the marker is one."""
+    from gateway.routes_openai import tools_of
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+            "response_format": {"type": "json_object"}}
+    calling = tools_of(msgspec.convert(body, ChatRequest))
+    assert calling is not None and calling.leading
+    assert not tools_of(msgspec.convert({**body, "response_format": {"type": "text"}}, ChatRequest)).leading
+    answer = '{"tag": "<tool_call>x"}'
+    assert calling.content_of(answer, "stop") == answer and calling.tool_calls_of(answer) is None
+    assert calling.calls_so_far(answer) == [] and calling.streamable(answer) == len(answer)
+    assert [calling.streamable(t) for t in ("<", "<tool_", CALL[:20])] == [0, 0, 0]  # may yet be a call
+    content, calls = calling.tool_calls_of(CALL)
+    assert content is None and [c["function"]["name"] for c in calls] == [json.loads(
+        CALL.removeprefix("<tool_call>").removesuffix("</tool_call>"))[0]["name"]]
+    assert calling.content_of(CALL[:25], "stop") == ""  # a call a stop ended: dropped
+
+
 def _matches(compiler: GrammarCompiler, tokenizer, guided, text: str) -> tuple[bool, bool]:  # type: ignore[no-untyped-def]
     matcher = compiler.matcher(guided)
     ok = all(matcher.consume_token(t) for t in tokenizer.encode(text)) and not matcher.is_error()
