@@ -859,6 +859,8 @@ class PredictorService:
         self.share_every_s = SHARE_EVERY_S
         self._outbox: collections.deque[SharedObservation] = collections.deque(maxlen=4 * SHARE_MAX_BATCH)
         self.shared_in = 0  # observations applied from other replicas
+        self._read_up_to: str | None = None  # the stream id `share` has applied up to (saved beside the predictor)
+        self._resume_from: str | None = None  # where a restored predictor had read up to (`load`)
 
     @property
     def refitting(self) -> bool:
@@ -990,11 +992,14 @@ class PredictorService:
         from cache.store import CacheUnavailable
 
         predictor = self.predictor
+        read_up_to = self._read_up_to  # what of the shared stream the saved predictor has learned
         # packing copies every sample (MBs): in a worker thread, so streams keep flowing
         blob = await trio.to_thread.run_sync(predictor.pack, predictor.state())
         try:
             with self.store.guard():
                 await self.store.client.set(self.store.key(self.key), blob)
+                if read_up_to is not None:  # (a replica that does not share leaves the last sharer's)
+                    await self.store.client.set(self.store.key(self.key + ":read"), read_up_to)
         except CacheUnavailable:
             return False
         return True
@@ -1008,11 +1013,14 @@ class PredictorService:
         try:
             with self.store.guard():
                 blob = await self.store.client.get(self.store.key(self.key))
+                read_up_to = await self.store.client.get(self.store.key(self.key + ":read"))
         except CacheUnavailable:
             return False
         if blob is None:
             return False
         self.predictor = await self._parse(blob)
+        # `share` starts there: what the fleet observed after the save is learned too
+        self._resume_from = _text(read_up_to, "replace") if read_up_to is not None else None
         return True
 
     async def _parse(self, blob: bytes) -> LengthPredictor:
@@ -1023,14 +1031,16 @@ class PredictorService:
     async def share(self, *, task_status=None) -> None:
         """Run for good: every `share_every_s`, publish this replica's new observations to
         the Redis stream `SHARE_KEY` (one entry, trimmed to about `SHARE_MAX_ENTRIES`) and
-        learn the other replicas' entries since the last read. It reads from the stream's
-        end as it starts: what came before is in the predictor `load` restored (or lost
-        with a replica that was never saved: the stream is a second's exchange, not a log).
-        Redis down: the outbox keeps the newest observations (`SHARE_MAX_BATCH` × 4) and
-        reading resumes where it stopped."""
+        learn the other replicas' entries since the last read. It starts where the
+        predictor `load` restored had read the stream up to when it was saved (what the
+        fleet observed since is learned too, as far as the stream still holds it: about
+        `SHARE_MAX_ENTRIES` entries; the saving replica's own observations of its last
+        seconds may come twice), else from the stream's end. Redis down: the outbox keeps
+        the newest observations (`SHARE_MAX_BATCH` × 4) and reading resumes where it stopped."""
         import trio
 
-        last = await self._stream_end()
+        last = self._resume_from or await self._stream_end()
+        self._read_up_to = last if last != "$" else None
         if task_status is not None:
             task_status.started()
         async with trio.open_nursery() as nursery:  # refits the others' observations start
@@ -1040,6 +1050,7 @@ class PredictorService:
                     continue
                 await self._publish()
                 last = await self._apply_shared(last, nursery)
+                self._read_up_to = last if last != "$" else None
 
     async def _stream_end(self) -> str:
         from cache.store import CacheUnavailable

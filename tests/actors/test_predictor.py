@@ -782,3 +782,36 @@ async def test_replicas_of_one_redis_learn_each_others_observations(store) -> No
         await trio.sleep(0.2)
         assert late.predictor.num_samples == 1  # what came before it started is in Redis's saved predictor
         nursery.cancel_scope.cancel()
+
+
+async def test_a_restored_replica_learns_what_the_fleet_observed_after_the_save(store) -> None:
+    """The saved predictor says how far it had read the shared stream: a replica restarted
+    from it learns what the others observed since (it lost that before)."""
+    config = LengthModelConfig(min_fit_samples=100)  # no refits (and their saves) here
+    a, b = PredictorService(LengthPredictor(config), store=store), PredictorService(LengthPredictor(config), store=store)
+    for svc in (a, b):
+        svc.share_every_s = 0.05
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.share)
+        await nursery.start(b.share)
+        for k in range(6):
+            await a.observe(feats("a", 20 + k), 40 + 2 * k, nursery)
+        with trio.fail_after(10):
+            while b.predictor.num_samples < 6:
+                await trio.sleep(0.05)
+        assert await b.save()  # b's predictor (6 samples) and how far it read
+        for k in range(4):  # observed after the save, while b is "down"
+            await a.observe(feats("b", 30 + k, "terse"), 20, nursery)
+        with trio.fail_after(10):
+            while a.sharing()["waiting_to_publish"]:
+                await trio.sleep(0.05)
+        restarted = PredictorService(LengthPredictor(config), store=store)
+        restarted.share_every_s = 0.05
+        assert await restarted.load() and restarted.predictor.num_samples == 6
+        await nursery.start(restarted.share)
+        with trio.fail_after(10):
+            while restarted.predictor.num_samples < 10:
+                await trio.sleep(0.05)
+        await trio.sleep(0.3)
+        assert restarted.predictor.num_samples == 10 and restarted.sharing()["applied_from_others"] == 4
+        nursery.cancel_scope.cancel()
