@@ -779,6 +779,7 @@ SHARE_EVERY_S = 1.0
 # up to ~100 replicas (20 MB at 50 requests/s, 1.6 KB each; a lone replica writes it unread)
 SHARE_MAX_ENTRIES = 256
 SHARE_MAX_BATCH = 512  # observations per entry; a replica's outbox holds at most 4 entries' worth
+SHARE_READ_ENTRIES = 16  # entries one read takes (a reader reads on until it has caught up)
 
 
 class SharedObservation(msgspec.Struct, array_like=True):
@@ -1037,19 +1038,35 @@ class PredictorService:
         `SHARE_MAX_ENTRIES` entries; the saving replica's own observations of its last
         seconds may come twice), else from the stream's end. Redis down: the outbox keeps
         the newest observations (`SHARE_MAX_BATCH` × 4) and reading resumes where it stopped."""
+        import logging
+
         import trio
 
-        last = self._resume_from or await self._stream_end()
-        self._read_up_to = last if last != "$" else None
-        if task_status is not None:
+        if task_status is not None:  # first: the server is ready whatever Redis answers
             task_status.started()
+        last: str | None = None
+        failures = 0
         async with trio.open_nursery() as nursery:  # refits the others' observations start
+            first = True
             while True:
-                await trio.sleep(self.share_every_s)
+                if not first:  # (the first round at once: where the stream ends now is where to read from)
+                    await trio.sleep(self.share_every_s * 2 ** min(failures, 6))  # 64 rounds at most after failures
+                first = False
                 if not self.store.reachable():  # down: the store's watch finds it back (no retries here)
                     continue
-                await self._publish()
-                last = await self._apply_shared(last, nursery)
+                try:
+                    if last is None:
+                        last = self._resume_from or await self._stream_end()
+                    await self._publish()
+                    last = await self._apply_shared(last, nursery)
+                except Exception as e:  # noqa: BLE001 - a Redis that refuses streams (an ACL, a key of another
+                    # type): the predictor works on without the others' observations
+                    if not failures:
+                        logging.getLogger(__name__).warning("length predictor sharing failed (%s: %s); retrying "
+                                                            "with backoff", type(e).__name__, e)
+                    failures += 1
+                    continue
+                failures = 0
                 self._read_up_to = last if last != "$" else None
 
     async def _stream_end(self) -> str:
@@ -1076,12 +1093,15 @@ class PredictorService:
                         trim_strategy=PureToken.MAXLEN, threshold=SHARE_MAX_ENTRIES,
                         trim_operator=PureToken.APPROXIMATELY)
             except CacheUnavailable:
-                self._outbox.extendleft(reversed(batch))  # (the deque keeps the newest)
+                # back in front, the newest kept if more came meanwhile (extendleft would drop those)
+                self._outbox = collections.deque([*batch, *self._outbox], maxlen=self._outbox.maxlen)
                 return
 
     async def _apply_shared(self, last: str, nursery) -> str:
         """Learn the entries after `last` that other replicas published (all of them, a
-        read of `SHARE_MAX_ENTRIES` at a time); the id read up to."""
+        read of `SHARE_READ_ENTRIES` at a time); the id read up to."""
+        import trio
+
         from cache.store import CacheUnavailable
 
         key = self.store.key(SHARE_KEY)
@@ -1091,14 +1111,17 @@ class PredictorService:
                     if last == "$":
                         entries = await self.store.client.xrevrange(key, count=1)
                         return _text(entries[0].identifier) if entries else "0-0"
-                    read = await self.store.client.xread({key: last}, count=SHARE_MAX_ENTRIES)
+                    # a few at a time: an entry holds up to SHARE_MAX_BATCH observations
+                    # (~800 KB), and a large reply would outlast the store's read timeout
+                    read = await self.store.client.xread({key: last}, count=SHARE_READ_ENTRIES)
             except CacheUnavailable:
                 return last
             entries = [entry for each in (read or {}).values() for entry in each]
             for entry in entries:
                 last = _text(entry.identifier)
                 await self._apply_entry(entry.field_values, nursery)
-            if len(entries) < SHARE_MAX_ENTRIES:
+                await trio.sleep(0)  # applying takes ~30 µs an observation: let the loop run between entries
+            if len(entries) < SHARE_READ_ENTRIES:
                 return last
 
     async def _apply_entry(self, fields: dict, nursery) -> None:

@@ -943,11 +943,12 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         except CacheUnavailable as exc:
             handle.abort()
             raise ApiError(503, "the response store is unavailable: a background response could not be kept",
-                           code="store_unavailable", retry_after=1) from exc
+                           code="store_unavailable", retry_after=1, admission_saw=True) from exc
         if not fits:
             handle.abort()
             raise ApiError(400, f"this conversation is larger than the {store.max_entry_bytes} bytes a stored "
-                           "response may take: run it without background", code="invalid_value", param="input")
+                           "response may take: run it without background", code="invalid_value", param="input",
+                           admission_saw=True)  # (admitted, then given up: not a refusal before admission)
         live = LiveResponse(turn.owner, turn, handle, background=True)
         live_responses.add(live)
         current_app.add_background_task(run_background, live, store)

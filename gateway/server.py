@@ -251,15 +251,26 @@ def _json_protocol_errors() -> None:
         body = protocol_error_body(status_code)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close"), *self.config.response_headers("h11")]
-        try:  # the whole answer at once: the app's task may be answering the request meanwhile
-            data = b"".join(self.connection.send(event) or b"" for event in (
-                h11.Response(status_code=status_code, headers=headers), h11.Data(data=body), h11.EndOfMessage()))
+        # the whole answer at once: the app's task may be answering the request meanwhile
+        try:
+            data = self.connection.send(h11.Response(status_code=status_code, headers=headers)) or b""
         except h11.LocalProtocolError:
             await original(self, status_code)
             return
+        try:
+            data += (self.connection.send(h11.Data(data=body)) or b"") + (self.connection.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            pass  # an answer to HEAD has no body (the connection closes after it)
         await self.send(RawData(data=data))
 
+    ws_original = WSStream._send_error_response
+
     async def ws_error(self: Any, status_code: int) -> None:
+        if self.scope.get("http_version") != "1.1":
+            # HTTP/2: the stream's read loop waits until a body goes out, and a client that
+            # opens no flow-control window would hold it (and its connection) for good
+            await ws_original(self, status_code)
+            return
         body = protocol_error_body(status_code)
         await self.send(Response(stream_id=self.stream_id, status_code=status_code,
                                  headers=[(b"content-type", b"application/json"),
@@ -287,10 +298,12 @@ def _close_refused_websocket_upgrades() -> None:
 
     async def handle_then_end(self: Any, event: Event) -> None:
         await handle(self, event)
-        if (self.closed and self.app_put is None and not isinstance(event, StreamClosed)
-                and not getattr(self, "_lmgate_ended", False)):
+        # `closed` set on an event other than the stream's end: one of the refusals above
+        if self.closed and not isinstance(event, StreamClosed) and not getattr(self, "_lmgate_ended", False):
             self._lmgate_ended = True
             await self.send(StreamClosed(stream_id=self.stream_id))
+            if self.app_put is not None:  # data before the handshake's answer: the app started, and waits
+                await self.app_put({"type": "websocket.disconnect", "code": 1006})
 
     WSStream.handle = handle_then_end  # type: ignore[method-assign]
 

@@ -146,6 +146,13 @@ class Session:
         async with self.send_lock:
             await websocket.send(data)
 
+    async def refuse(self, frame_id: str | None, exc: ApiError) -> None:
+        """Answer a frame the reader refuses with its error frame, counted as the tenant's
+        refusal (`lmgate_rejections_total`, as HTTP's)."""
+        if self.tenant is not None and exc.refused_before_admission:
+            self.state.runtime.count_rejection(self.tenant.tenant_id, exc.status, exc.code or "error")
+        await self.reply(error_frame(frame_id, exc))
+
     async def reply(self, frame: dict[str, Any]) -> None:
         """Queue an answer of the reader's. A full queue (a burst of frames to answer) holds
         the reader until the writer catches up, but at most `UNREAD_REPLIES_S`: answers that
@@ -319,7 +326,7 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
             try:
                 frame = decode_frame(data)
             except ApiError as exc:
-                await session.reply(error_frame(frame_id_of(data), exc))
+                await session.refuse(frame_id_of(data), exc)
                 continue
             if isinstance(frame, CancelFrame):
                 scope = session.active.get(frame.id)
@@ -332,15 +339,14 @@ async def _serve(session: Session, nursery: trio.Nursery) -> ApiError:
             elif isinstance(frame, AuthFrame):
                 await session.reply(error_frame(None, ApiError(400, "already authenticated", code="invalid_frame")))
             elif frame.id in session.active or frame.id in session.cancelling:
-                await session.reply(error_frame(frame.id, ApiError(409, f"request id {frame.id!r} is already active",
-                                                             code="duplicate_id")))
+                await session.refuse(frame.id, ApiError(409, f"request id {frame.id!r} is already active",
+                                                        code="duplicate_id"))
             elif session.state.draining.is_set():
-                await session.reply(error_frame(frame.id, ApiError(503, "server shutting down: send this request to "
-                                                             "another server", code="shutting_down",
-                                                             retry_after=1.0)))
+                await session.refuse(frame.id, ApiError(503, "server shutting down: send this request to "
+                                                        "another server", code="shutting_down", retry_after=1.0))
             elif len(session.active) >= limit:
-                await session.reply(error_frame(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket",
-                                                             code="too_many_streams", retry_after=1.0)))
+                await session.refuse(frame.id, ApiError(429, f"at most {limit} concurrent requests per socket",
+                                                        code="too_many_streams", retry_after=1.0))
             else:
                 await nursery.start(session.run_request, frame)
         except ApiError as exc:  # too big, or not reading

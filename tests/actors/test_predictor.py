@@ -815,3 +815,20 @@ async def test_a_restored_replica_learns_what_the_fleet_observed_after_the_save(
         await trio.sleep(0.3)
         assert restarted.predictor.num_samples == 10 and restarted.sharing()["applied_from_others"] == 4
         nursery.cancel_scope.cancel()
+
+
+async def test_a_redis_that_refuses_the_stream_holds_neither_the_start_nor_the_predictor(
+        store, caplog: pytest.LogCaptureFixture) -> None:
+    """A key of another type (or an ACL without stream commands): the task started (the
+    server's start waited on it) and warns once; the predictor learns on."""
+    await store.client.set(store.key(SHARE_KEY), b"not a stream")
+    svc = PredictorService(LengthPredictor(), store=store)
+    svc.share_every_s = 0.02
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            await nursery.start(svc.share)
+        await svc.observe(feats("a", 20), 40, nursery)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert svc.predictor.num_samples == 1
+    assert sum("sharing failed" in r.getMessage() for r in caplog.records) == 1

@@ -27,7 +27,7 @@ from gateway.app import GatewayStores
 from gateway.config import GatewayConfig
 from gateway.server import serve, server_secret
 from gateway.sse import parse_events
-from tests.gateway.conftest import MODEL, FakeRuntime, Gateway, start_gateway, word
+from tests.gateway.conftest import ADMIN_KEY, MODEL, FakeRuntime, Gateway, start_gateway, word
 
 TEST_KV_MB = 256  # 5.8k fp32 tokens: room for these tests; the 1.5 GiB default was zeroed per server
 
@@ -375,6 +375,33 @@ async def test_a_websocket_upgrade_hypercorn_refuses_closes_its_connection(gatew
     received = await read_to_eof(stream, 5)
     assert received.startswith(b"HTTP/1.1 400")
     assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+    await stream.aclose()
+
+
+async def test_data_sent_before_the_upgrade_is_answered_ends_the_socket_and_its_handler(gateway: Gateway) -> None:
+    """A valid upgrade with a byte of data in the same write: Hypercorn answers 400 but had
+    already started the app, which waited for frames that never come (with a key in the
+    header it held the socket and its count in lmgate_ws_connections until shutdown)."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                          b"Authorization: Bearer " + gateway.api_key.encode() + b"\r\n\r\nx")
+    assert (await read_to_eof(stream, 5)).startswith(b"HTTP/1.1 400")
+    await stream.aclose()
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": "Bearer " + ADMIN_KEY}) as c:
+        with trio.fail_after(5):
+            while "lmgate_ws_connections 0.0" not in (await c.get("/metrics")).text:
+                await trio.sleep(0.05)
+
+
+async def test_a_head_the_server_cannot_read_still_gets_its_status(gateway: Gateway) -> None:
+    """An answer to HEAD has no body: the JSON body made h11 refuse, and no status line went out."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    received = await read_to_eof(stream, 5)
+    assert received.startswith(b"HTTP/1.1 400") and received.endswith(b"\r\n\r\n")  # headers, no body
     await stream.aclose()
 
 
