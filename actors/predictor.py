@@ -860,6 +860,9 @@ class PredictorService:
         self.share_every_s = SHARE_EVERY_S
         self._outbox: collections.deque[SharedObservation] = collections.deque(maxlen=4 * SHARE_MAX_BATCH)
         self.shared_in = 0  # observations applied from other replicas
+        self._pending: tuple[int, int, bytes] | None = None  # a batch being published: (sequence, size, payload)
+        self._sequence = 0  # this replica's batches, numbered
+        self._seen: dict[str, int] = {}  # other replicas' last batch applied
         self._read_up_to: str | None = None  # the stream id `share` has applied up to (saved beside the predictor)
         self._resume_from: str | None = None  # where a restored predictor had read up to (`load`)
 
@@ -1084,18 +1087,21 @@ class PredictorService:
 
         from cache.store import CacheUnavailable
 
-        while self._outbox:
-            batch = [self._outbox.popleft() for _ in range(min(SHARE_MAX_BATCH, len(self._outbox)))]
+        while self._pending is not None or self._outbox:
+            if self._pending is None:  # numbered once: sent again as it is, the readers skip a second copy
+                batch = [self._outbox.popleft() for _ in range(min(SHARE_MAX_BATCH, len(self._outbox)))]
+                self._sequence += 1
+                self._pending = (self._sequence, len(batch), msgspec.msgpack.encode(batch))
+            sequence, _, payload = self._pending
             try:
                 with self.store.guard():
                     await self.store.client.xadd(
-                        self.store.key(SHARE_KEY), {"r": self.replica, "o": msgspec.msgpack.encode(batch)},
+                        self.store.key(SHARE_KEY), {"r": self.replica, "s": str(sequence), "o": payload},
                         trim_strategy=PureToken.MAXLEN, threshold=SHARE_MAX_ENTRIES,
                         trim_operator=PureToken.APPROXIMATELY)
-            except CacheUnavailable:
-                # back in front, the newest kept if more came meanwhile (extendleft would drop those)
-                self._outbox = collections.deque([*batch, *self._outbox], maxlen=self._outbox.maxlen)
+            except CacheUnavailable:  # (it may have landed: a timeout after the write, or the client's retry)
                 return
+            self._pending = None
 
     async def _apply_shared(self, last: str, nursery) -> str:
         """Learn the entries after `last` that other replicas published (all of them, a
@@ -1128,12 +1134,20 @@ class PredictorService:
         """One entry of the stream: another replica's observations (this replica's own, and
         what no replica writes, are skipped)."""
         fields = {_text(k, "replace"): v for k, v in fields.items()}
-        if _text(fields.get("r", b""), "replace") == self.replica:
+        replica = _text(fields.get("r", b""), "replace")
+        if replica == self.replica:
             return
         try:
             batch = _SHARED_BATCH.decode(fields.get("o", b""))
-        except (msgspec.DecodeError, TypeError):
+            sequence = int(fields.get("s", 0))
+        except (msgspec.DecodeError, TypeError, ValueError):
             return
+        if sequence:  # a batch sent twice (its first XADD landed, but its answer did not): once
+            if sequence <= self._seen.get(replica, 0):
+                return
+            self._seen[replica] = sequence
+            while len(self._seen) > 1024:  # (one per replica start: the oldest go)
+                del self._seen[next(iter(self._seen))]
         for obs in batch:
             f = obs.features(self.predictor.config.emb_dim)
             if f is None or obs.tokens < 0 or obs.prompt_tokens < 0 or obs.max_tokens < 1:
@@ -1143,7 +1157,9 @@ class PredictorService:
 
     def sharing(self) -> dict:
         """What `share` has done, for operators (`GET /admin/predictor`)."""
-        return {"replica": self.replica, "applied_from_others": self.shared_in, "waiting_to_publish": len(self._outbox)}
+        pending = self._pending[1] if self._pending is not None else 0
+        return {"replica": self.replica, "applied_from_others": self.shared_in,
+                "waiting_to_publish": len(self._outbox) + pending}
 
     async def load_or_seed(self, seed: bytes | None) -> str:
         """Start-up: the predictor saved in Redis if there is one ("restored"), else the

@@ -769,8 +769,14 @@ async def test_replicas_of_one_redis_learn_each_others_observations(store) -> No
             summary = svc.predictor.summary()
             # b's requests ran into their cap (512, a runaway's): the finish reason travels too
             assert summary["apps"] == {"t/a": 20, "t/b": 20} and summary["runaways"] == 20
+        # a batch sent twice (its first XADD landed, its answer was lost, the client retried): once
+        entries = await store.client.xrange(store.key(SHARE_KEY))
+        [again] = [e for e in entries if e.field_values[b"r"] == a.replica.encode()][-1:]
+        await store.client.xadd(store.key(SHARE_KEY), dict(again.field_values))
         # what no replica writes is skipped (it crashed the task), and sharing goes on
         await store.client.xadd(store.key(SHARE_KEY), {"r": b"\xff\xfe", "o": b"x"})
+        await trio.sleep(0.3)
+        assert b.sharing()["applied_from_others"] == 20
         assert a.sharing()["applied_from_others"] == 20 and a.sharing()["waiting_to_publish"] == 0
         late = PredictorService(LengthPredictor(config), store=store)
         late.share_every_s = 0.05
