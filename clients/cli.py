@@ -31,7 +31,11 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
+    # light sampling by default: the server's (OpenAI's) temperature 1.0 makes a small model
+    # ramble (SmolLM2's model card suggests 0.2 and top_p 0.9 for its instruct models)
+    parser.add_argument("--temperature", type=float, default=0.2,
+                        help="sampling temperature (default 0.2; 0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 = off)")
     parser.add_argument("--ws", action="store_true", help="stream over the WebSocket instead of SSE")
     parser.add_argument("--once", metavar="PROMPT", default=None, help="ask one question, print the answer, exit")
 
@@ -124,9 +128,7 @@ def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     if args.once is not None and not args.once.strip():
         print("lmgate chat: --once needs a prompt (it is empty)", file=sys.stderr)
         return 2
-    params: dict[str, Any] = {"max_tokens": args.max_tokens}
-    if args.temperature is not None:
-        params["temperature"] = args.temperature
+    params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     once_done = False
 
     async def once_reader() -> str | None:

@@ -240,8 +240,8 @@ def cpu_fingerprint() -> str:
 def cpu_extension_name(source: Path, cflags: Sequence[str], fingerprint: str) -> str:
     """Module (and cache directory) name of a CPU extension: a hash of the source text,
     the headers beside it (torch's build check does not follow includes), the flags and
-    the CPU it is built for, so an edit, a flag or another CPU rebuilds and a rerun on
-    the same machine does not."""
+    `fingerprint` (the CPU it is built for, and the Python environment), so an edit, a
+    flag, another CPU or another venv builds its own and a rerun does not rebuild."""
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     digest = hashlib.sha256(
         source.read_bytes() + headers + " ".join(cflags).encode() + b"\0" + fingerprint.encode()
@@ -269,7 +269,9 @@ def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
     ninja_on_path()
     path = KERNEL_DIR / "cpu" / source
     cflags = [*CPU_EXTENSION_CFLAGS, *extra_cflags]
-    name = cpu_extension_name(path, cflags, cpu_fingerprint())
+    # the Python environment too: torch's include and library paths (the venv's) are in the
+    # build's flags, so two checkouts' venvs sharing a name rebuilt it in turn, each time
+    name = cpu_extension_name(path, cflags, cpu_fingerprint() + "\0" + sys.prefix)
     build_dir = Path(_get_build_directory(name, verbose=False))
     with _exclusive(build_dir.parent / f"{name}.flock"):
         stale = build_dir / "lock"

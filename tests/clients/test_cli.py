@@ -62,6 +62,12 @@ def test_run_chat_once_and_bad_key(served: Served) -> None:
     args = parser.parse_args(["--url", served.base_url, "--api-key", served.api_key, "--once", "hi", "--max-tokens", "1"])
     assert run_chat(args, out=out) == 0
     assert out.getvalue() == word(0, 0) + "\n"
+    # light sampling by default (a 135M model rambles at OpenAI's 1.0); given, what was given
+    assert (served.runtime.calls[-1].params.temperature, served.runtime.calls[-1].params.top_p) == (0.2, 0.9)
+    greedy = parser.parse_args(["--url", served.base_url, "--api-key", served.api_key, "--once", "hi",
+                                "--temperature", "0", "--top-p", "1"])
+    assert run_chat(greedy, out=io.StringIO()) == 0
+    assert (served.runtime.calls[-1].params.temperature, served.runtime.calls[-1].params.top_p) == (0.0, 1.0)
     bad = parser.parse_args(["--url", served.base_url, "--api-key", "lmg-wrong", "--once", "hi"])
     assert run_chat(bad, out=io.StringIO()) == 1
     missing = parser.parse_args(["--url", served.base_url, "--once", "hi"])
