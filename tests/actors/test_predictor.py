@@ -747,17 +747,23 @@ def test_other_replicas_observations_do_not_count_toward_a_refit() -> None:
     assert p.needs_refit()
 
 
+def sharing(store, config: LengthModelConfig, count: int = 1) -> list[PredictorService]:
+    """`count` replicas' predictor services on one Redis, sharing every 50 ms."""
+    services = [PredictorService(LengthPredictor(config), store=store) for _ in range(count)]
+    for svc in services:
+        svc.share_every_s = 0.05
+    return services
+
+
 async def test_replicas_of_one_redis_learn_each_others_observations(store) -> None:
     """Two replicas' predictors, each fed half of the traffic, both learn all of it (each
     learned only its own before, and Redis kept the last writer's); a replica that starts
     later learns what comes after it starts, from both."""
     config = LengthModelConfig(min_fit_samples=8, refit_every=8)
-    a, b = PredictorService(LengthPredictor(config), store=store), PredictorService(LengthPredictor(config), store=store)
-    for svc in (a, b):
-        svc.share_every_s = 0.05
+    a, b = sharing(store, config, 2)
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.share)
-        await nursery.start(b.share)
+        for svc in (a, b):
+            await nursery.start(svc.share)
         for k in range(20):
             await a.observe(feats("a", 20 + k), 2 * (20 + k), nursery)
             await b.observe(feats("b", 20 + k, "verbose"), 200, nursery, "length")
@@ -778,8 +784,7 @@ async def test_replicas_of_one_redis_learn_each_others_observations(store) -> No
         await trio.sleep(0.3)
         assert b.sharing()["applied_from_others"] == 20
         assert a.sharing()["applied_from_others"] == 20 and a.sharing()["waiting_to_publish"] == 0
-        late = PredictorService(LengthPredictor(config), store=store)
-        late.share_every_s = 0.05
+        [late] = sharing(store, config)
         await nursery.start(late.share)
         await a.observe(feats("a", 99), 198, nursery)
         with trio.fail_after(10):
@@ -794,12 +799,10 @@ async def test_a_restored_replica_learns_what_the_fleet_observed_after_the_save(
     """The saved predictor says how far it had read the shared stream: a replica restarted
     from it learns what the others observed since (it lost that before)."""
     config = LengthModelConfig(min_fit_samples=100)  # no refits (and their saves) here
-    a, b = PredictorService(LengthPredictor(config), store=store), PredictorService(LengthPredictor(config), store=store)
-    for svc in (a, b):
-        svc.share_every_s = 0.05
+    a, b = sharing(store, config, 2)
     async with trio.open_nursery() as nursery:
-        await nursery.start(a.share)
-        await nursery.start(b.share)
+        for svc in (a, b):
+            await nursery.start(svc.share)
         for k in range(6):
             await a.observe(feats("a", 20 + k), 40 + 2 * k, nursery)
         with trio.fail_after(10):
@@ -811,8 +814,7 @@ async def test_a_restored_replica_learns_what_the_fleet_observed_after_the_save(
         with trio.fail_after(10):
             while a.sharing()["waiting_to_publish"]:
                 await trio.sleep(0.05)
-        restarted = PredictorService(LengthPredictor(config), store=store)
-        restarted.share_every_s = 0.05
+        [restarted] = sharing(store, config)
         assert await restarted.load() and restarted.predictor.num_samples == 6
         await nursery.start(restarted.share)
         with trio.fail_after(10):
@@ -828,8 +830,7 @@ async def test_a_redis_that_refuses_the_stream_holds_neither_the_start_nor_the_p
     """A key of another type (or an ACL without stream commands): the task started (the
     server's start waited on it) and warns once; the predictor learns on."""
     await store.client.set(store.key(SHARE_KEY), b"not a stream")
-    svc = PredictorService(LengthPredictor(), store=store)
-    svc.share_every_s = 0.02
+    [svc] = sharing(store, LengthModelConfig())
     async with trio.open_nursery() as nursery:
         with trio.fail_after(5):
             await nursery.start(svc.share)
