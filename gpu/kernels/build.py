@@ -249,6 +249,13 @@ def cpu_extension_name(source: Path, cflags: Sequence[str], fingerprint: str) ->
     return f"lmgate_{source.stem}_{digest}"
 
 
+def extension_fingerprint() -> str:
+    """What a CPU extension's build depends on besides its source and flags: this CPU, and
+    the Python environment (torch's include and library paths, the venv's, are in the
+    build's flags: two checkouts' venvs sharing one name rebuilt it in turn, each time)."""
+    return cpu_fingerprint() + "\0" + sys.prefix
+
+
 def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
     """Build (on first use) and import the torch C++ extension `cpu/<source>`.
 
@@ -269,9 +276,7 @@ def load_cpu_extension(source: str, extra_cflags: tuple[str, ...] = ()):
     ninja_on_path()
     path = KERNEL_DIR / "cpu" / source
     cflags = [*CPU_EXTENSION_CFLAGS, *extra_cflags]
-    # the Python environment too: torch's include and library paths (the venv's) are in the
-    # build's flags, so two checkouts' venvs sharing a name rebuilt it in turn, each time
-    name = cpu_extension_name(path, cflags, cpu_fingerprint() + "\0" + sys.prefix)
+    name = cpu_extension_name(path, cflags, extension_fingerprint())
     build_dir = Path(_get_build_directory(name, verbose=False))
     with _exclusive(build_dir.parent / f"{name}.flock"):
         stale = build_dir / "lock"

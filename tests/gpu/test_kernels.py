@@ -251,11 +251,11 @@ def test_a_build_lock_left_by_a_dead_process_does_not_hang_the_next_load():
         CPU_EXTENSION_CFLAGS,
         KERNEL_DIR,
         cpu_extension_name,
-        cpu_fingerprint,
+        extension_fingerprint,
     )
 
     cflags = [*CPU_EXTENSION_CFLAGS, "-ffp-contract=off"]  # as gpu.layer_ops loads it
-    name = cpu_extension_name(KERNEL_DIR / "cpu" / "layer_ops.cpp", cflags, cpu_fingerprint())
+    name = cpu_extension_name(KERNEL_DIR / "cpu" / "layer_ops.cpp", cflags, extension_fingerprint())
     lock = Path(_get_build_directory(name, verbose=False)) / "lock"
     lock.touch()  # what the dead process left
     load = "from gpu.layer_ops import fused_available; assert fused_available()"
