@@ -200,6 +200,15 @@ async def test_the_listen_queue_takes_a_burst(gateway: Gateway) -> None:
     assert backlog == min(gateway.config.listen_backlog, cap) and backlog > 100
 
 
+async def read_to_eof(stream: trio.SocketStream, seconds: float) -> bytes:
+    """Everything the server sends until it closes the connection (within `seconds`)."""
+    received = b""
+    with trio.fail_after(seconds):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return received
+
+
 async def test_an_answer_before_the_body_closes_the_connection(gateway: Gateway) -> None:
     """A request that announces a body it never sends (no key: a 401 at once) gets its
     answer and then EOF: the socket is closed, not held for as long as the client likes
@@ -208,10 +217,7 @@ async def test_an_answer_before_the_body_closes_the_connection(gateway: Gateway)
     for path in ("/v1/chat/completions", "/healthz"):  # a 401, and a 405
         stream = await trio.open_tcp_stream(host, int(port))
         await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n".encode())
-        received = b""
-        with trio.fail_after(5):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
+        received = await read_to_eof(stream, 5)
         assert received.split(b"\r\n", 1)[0] in (b"HTTP/1.1 401 ", b"HTTP/1.1 405 ")
         assert b"connection: close" in received.lower()
         await stream.aclose()
@@ -351,14 +357,6 @@ async def test_a_private_redis_that_dies_is_reported_reaped_and_restarted_with_i
             os.waitpid(pid, os.WNOHANG)
         assert private.port == port and private.pid != pid
         assert _send_command(private.host, port, "GET", "tenant").endswith(b"kept")
-
-
-async def read_to_eof(stream: trio.SocketStream, seconds: float) -> bytes:
-    received = b""
-    with trio.fail_after(seconds):
-        while chunk := await stream.receive_some(65536):
-            received += chunk
-    return received
 
 
 @pytest.mark.parametrize("headers", [
