@@ -803,13 +803,16 @@ class SharedObservation(msgspec.Struct, array_like=True):
         return cls(f.tenant, f.app, f.user, int(f.prompt_tokens), int(f.max_tokens), emb, int(tokens), finish_reason)
 
     def features(self, emb_dim: int) -> RequestFeatures | None:
-        """The features, or None if the embedding is not `emb_dim` float32s (a replica of
-        another embedding model: not ours to learn)."""
+        """The features, or None if the embedding is not `emb_dim` finite float32s (a
+        replica of another embedding model, or bytes no replica writes: not ours to learn;
+        a NaN would poison every later fit)."""
         emb = None
         if self.embedding is not None:
             if len(self.embedding) != 4 * emb_dim:
                 return None
             emb = np.frombuffer(self.embedding, dtype=np.float32)
+            if not np.isfinite(emb).all():
+                return None
         return RequestFeatures(self.tenant, self.app, self.user, self.prompt_tokens, self.max_tokens, emb)
 
 

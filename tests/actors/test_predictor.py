@@ -747,6 +747,15 @@ def test_other_replicas_observations_do_not_count_toward_a_refit() -> None:
     assert p.needs_refit()
 
 
+def test_a_shared_observation_of_another_size_or_not_finite_is_not_learned() -> None:
+    from actors.predictor import SharedObservation
+
+    good = SharedObservation.of(feats("a", 20), 40, "stop")
+    assert good.features(384) is not None and good.features(128) is None
+    nan = np.full(384, np.nan, dtype=np.float32).tobytes()
+    assert SharedObservation("t", "a", None, 20, 512, nan, 40, "stop").features(384) is None
+
+
 def sharing(store, config: LengthModelConfig, count: int = 1) -> list[PredictorService]:
     """`count` replicas' predictor services on one Redis, sharing every 50 ms."""
     services = [PredictorService(LengthPredictor(config), store=store) for _ in range(count)]
