@@ -31,8 +31,8 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -220,7 +220,7 @@ class WsSession:
             # given, which would then leak into every later plain request.
             headers = checked_headers(dict(self.client.headers))
             self._ws = await self._stack.enter_async_context(
-                aconnect_ws(self.url, self.client.http, headers=headers, max_message_size_bytes=4 * 1024 * 1024,
+                aconnect_ws(self.url, _ReadsRefusals(self.client.http), headers=headers, max_message_size_bytes=4 * 1024 * 1024,
                             **ping_settings(self.client.http.timeout.read))
             )
             first = await self._ws.receive_json()
@@ -402,6 +402,35 @@ def _frame_limit(frame: dict[str, Any] | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+REFUSAL_BODY_MAX = 64 * 1024
+
+
+class _ReadsRefusals:
+    """The httpx client as httpx_ws sees it (it only calls `stream`): an answer other
+    than 101 has its body read (up to REFUSAL_BODY_MAX bytes) before httpx_ws raises
+    WebSocketUpgradeError over it, which closes it unread otherwise, so that the
+    refusal's error JSON (its `code`, `param`, message) reaches `_connection_error`."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    @asynccontextmanager
+    async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        async with self.http.stream(method, url, **kwargs) as response:
+            if response.status_code != 101:
+                body = b""
+                try:
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > REFUSAL_BODY_MAX:
+                            body = b""  # not an lmgate refusal: classified by its status alone
+                            break
+                except httpx.HTTPError:
+                    body = b""
+                response._content = body  # what response.json() reads (httpx's own cache of the body)
+            yield response
+
+
 def _connection_error(exc: BaseException) -> LmgateError:
     """The error for a failed connect: the server's refusal of the upgrade as its typed
     error, httpx's exceptions as for a plain request."""
@@ -412,7 +441,7 @@ def _connection_error(exc: BaseException) -> LmgateError:
         try:
             body = response.json()
         except (ValueError, UnicodeDecodeError, httpx.StreamError):
-            # httpx_ws closes the refusal unread: classify by status, and say what was refused
+            # no JSON (not from lmgate, or over REFUSAL_BODY_MAX): classify by status, say what was refused
             body = {"error": {"message": f"WebSocket upgrade refused with HTTP {response.status_code}"
                               + (" (is the API key valid?)" if response.status_code == 401 else "")}}
         return error_for(response.status_code, body, response.headers)

@@ -160,11 +160,13 @@ def test_ws_session_multiplexing_and_cancel(served: Served, backend: str) -> Non
 def test_typed_errors(served: Served, backend: str) -> None:
     async def scenario() -> None:
         async with LmgateClient(served.base_url, "lmg-wrong", model=MODEL) as bad:
-            with pytest.raises(AuthError):
+            with pytest.raises(AuthError) as over_http:
                 await bad.chat(HELLO)
-            with pytest.raises(AuthError):
+            with pytest.raises(AuthError) as over_ws:  # the refused upgrade's own error JSON
                 async with bad.ws():
                     pass
+            assert over_ws.value.code == over_http.value.code == "invalid_api_key"
+            assert str(over_ws.value) == str(over_http.value)
         async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client:
             with pytest.raises(BadRequest) as info:
                 await client.chat(HELLO, temperature=-1)
