@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 APPS = ("translation", "grammar", "summarization")
 
@@ -85,7 +85,7 @@ def run_lmgate(engine, prompts: list[list[int]], params, *, batched: bool) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_beam"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 requests, 24 tokens, 1 repeat")
     ap.add_argument("--beams", type=positive_int, default=4, help="beams per request (default %(default)s)")

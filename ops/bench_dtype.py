@@ -41,7 +41,7 @@ from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 from ops.workload.fixture import load_fixture
 
 BLOCK_SIZE = 16
@@ -92,7 +92,7 @@ def teacher_forced_logits(runner: ModelRunner, seqs: Sequence[tuple[list[int], l
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_dtype"), description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                     help="the dtype compared with float32 (default bfloat16)")
     ap.add_argument("--prompts", type=positive_int, default=48, help="held-out fixture prompts (default 48)")

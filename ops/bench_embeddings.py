@@ -43,7 +43,7 @@ import httpx
 import trio
 
 from ops.bench_gateway import ADMIN_KEY, MODEL, free_port, wait_ready
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 WORDS = ["the", "a", "model", "server", "token", "batch", "request", "cache", "quota", "tenant", "stream",
@@ -200,7 +200,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ops.bench_embeddings", description=__doc__,
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_embeddings"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (5 s, 32 tokens)")
     ap.add_argument("--concurrency", type=positive_int, default=4, help="embedding clients at once")

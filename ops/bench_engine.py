@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def peak_rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ops.bench_engine", description=__doc__,
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_engine"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="scaled-down workload (48 requests, < 3 min)")
     ap.add_argument("--requests", type=positive_int, help="override the number of requests")

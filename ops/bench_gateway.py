@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 MODEL = "SmolLM2-135M-Instruct"
 ADMIN_KEY = "bench-admin-key"
@@ -206,7 +206,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ops.bench_gateway", description=__doc__,
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_gateway"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (5 s per phase, 32 tokens)")
     ap.add_argument("--concurrency", type=positive_int, default=32)

@@ -38,7 +38,7 @@ from gpu.engine import Engine, generate, resolve_dtype
 from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 from ops.workload.fixture import load_fixture
 
 SCENARIOS = ("batched", "chunked", "preempted")
@@ -52,7 +52,7 @@ def agreement(reference: Sequence[Sequence[int]], outputs: Sequence[Sequence[int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_invariance"), description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="auto", help="engine dtype (default auto: bf16 where the CPU has it)")
     ap.add_argument("--prompts", type=positive_int, default=64, help="held-out fixture prompts run together (default 64)")
     ap.add_argument("--solo", type=positive_int, default=16, help="of them, how many are run alone and watched (default 16)")

@@ -29,7 +29,7 @@ from gpu.engine import Engine, generate
 from gpu.model import huge_page_bytes
 from gpu.sampling import SamplingParams
 from ops.bench_sched import fixture_max_tokens
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 from ops.workload.fixture import load_fixture
 
 ORDER = (True, False, False, True)  # huge pages on / off, ABBA
@@ -67,7 +67,7 @@ def summarize(runs: Sequence[dict], passes: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_kv_pages"), description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=positive_int, default=200,
                     help="held-out fixture requests per pass (default 200: more than the engine's 128 sequences, "
                          "so blocks churn within a pass too)")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -79,7 +79,7 @@ def timed_engine_start(source: Path, dtype: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_load"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="(default %(default)s)")
     ap.add_argument("--repeats", type=positive_int, default=5, help="rounds of every mode, order rotated (default %(default)s)")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -123,7 +123,7 @@ def run_mode(engine, jobs: list[tuple[list[int], int, int]], mode: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_lora"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="48 requests, 4 adapters, shorter prompts and outputs")
     ap.add_argument("--requests", type=positive_int, help="requests per mode (default 96; --quick 48)")

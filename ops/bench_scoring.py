@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 QUESTIONS = [
     ("What is the capital of France?", [" Paris", " London", " Rome", " Madrid"], 0),
@@ -120,7 +120,7 @@ def picks(scores: list[list[float]], owners: list[tuple[int, int]]) -> dict[int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_scoring"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="6 questions, 1 repeat")
     ap.add_argument("--questions", type=positive_int, help=f"questions (at most {len(QUESTIONS)}; default all, --quick 6)")

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import trio
 
+from ops.cli import bench_prog
 from ops.loadgen.backends import BACKENDS, SendOptions, Target
 from ops.loadgen.dataset import (
     DEFAULT_VOCAB,
@@ -75,7 +76,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lmgate bench serve", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_serve"), description=__doc__.split("\n\n")[0],
                                  formatter_class=DefaultsHelpFormatter)
     t = ap.add_argument_group("target")
     t.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (no /v1)")

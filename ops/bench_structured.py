@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import positive_int
+from ops.cli import bench_prog, positive_int
 
 SCHEMA = {
     "type": "object",
@@ -108,7 +108,7 @@ def run(engine, prompts: list[list[int]], params: list) -> tuple[float, list[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_structured"), description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 requests, 1 repeat")
     ap.add_argument("--requests", type=positive_int, help="requests in the batch (default 16; --quick 8)")

@@ -60,10 +60,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_bench)
 
 
+def bench_prog(module: str) -> str:
+    """A benchmark parser's `prog`: `lmgate bench NAME` when `run_bench` dispatched to it,
+    else `python -m MODULE` (`python -m` leaves the file's path in sys.argv[0]), so that
+    its usage line and errors name the command the user typed."""
+    return sys.argv[0] if sys.argv[0].startswith("lmgate bench ") else f"python -m {module}"
+
+
 def run_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHES[args.name][0])
     old_argv0 = sys.argv[0]
-    sys.argv[0] = f"lmgate bench {args.name}"  # (the usage line of a parser with no prog of its own)
+    sys.argv[0] = f"lmgate bench {args.name}"  # read by `bench_prog`
     try:
         return int(module.main(args.rest) or 0)
     finally:

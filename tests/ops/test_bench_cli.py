@@ -29,6 +29,20 @@ def test_the_flags_after_the_name_reach_the_benchmark(capsys):
     assert all(name in listed for name in BENCHES)
 
 
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_every_benchmarks_usage_names_the_command_as_typed(capsys, name, monkeypatch):
+    """`lmgate bench NAME --help` says `lmgate bench NAME`; `python -m ops.bench_NAME`
+    says that (four benchmarks' usage named the module whichever was typed)."""
+    with pytest.raises(SystemExit):
+        main(["bench", name, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: lmgate bench {name} ")
+    module = importlib.import_module(BENCHES[name][0])
+    monkeypatch.setattr("sys.argv", [module.__file__])
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m {BENCHES[name][0]} ")
+
+
 @pytest.mark.parametrize("bench, flag", [("beam", "--beams"), ("load", "--repeats"), ("kernels", "--iters"),
                                          ("scoring", "--questions"), ("structured", "--requests"),
                                          ("sched", "--real-requests"), ("lora", "--requests")])
