@@ -1003,19 +1003,26 @@ class ChunkRenderer:
                 return None
             self._streamed[d.index] = ready
             return self._chunk([self._content_choice(d.index, text[sent:ready], self._held_lp.pop(d.index, None))])
+        # A delta that adds no text and no logprobs (the end-of-sequence token; a piece of a
+        # character) sends nothing, unless it is its choice's first (which starts the choice)
         if self.endpoint == "chat.completions":
             lp = _chat_logprobs(d, self.token_bytes)
+            if not d.text and lp is None and d.index in self._role_sent:
+                return None
             choice = self._content_choice(d.index, d.text, lp["content"] if lp is not None else None)
         else:
             head, head_lp = "", None
             offsets = self._offsets.get(d.index)
-            if offsets is None:  # the choice's first delta: the prompt before it, if echoed
+            first = offsets is None
+            if first:  # the choice's first delta: the prompt before it, if echoed
                 if self.echo is not None:
                     head, head_lp = _echo_parts(d, self.echo[d.index // self.n], self.echo_logprobs)
                 offsets = self._offsets[d.index] = TextOffsets(len(head), self.special_ids)
             lp = _completion_logprobs(d, offsets)
             if head_lp is not None:
                 lp = head_lp if lp is None else _concat_logprobs([head_lp, lp])
+            if not first and not d.text and lp is None:
+                return None
             choice = {"index": d.index, "text": head + d.text, "logprobs": lp, "finish_reason": None}
         return self._chunk([choice])
 

@@ -67,6 +67,23 @@ def test_a_stream_ends_each_choice_as_it_ends() -> None:
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 2
 
 
+def test_a_delta_adding_no_text_sends_no_chunk_unless_it_starts_its_choice() -> None:
+    """The end-of-sequence token (and a piece of a character) adds no text: its delta went
+    out as an empty content chunk before the finish chunk, which OpenAI never sends. A
+    choice's first delta still starts it (the role), and one with logprobs still carries them."""
+    for endpoint in ("chat.completions", "completions"):
+        r = ChunkRenderer(endpoint, "r", MODEL, include_usage=False)
+        assert r.delta(TokenDelta("r", 0, "", [1])) is not None  # starts the choice
+        assert r.delta(TokenDelta("r", 0, "Hi", [2])) is not None
+        assert r.delta(TokenDelta("r", 0, "", [0], finish_reason="stop")) is None
+        [end] = r.choice_end(TokenDelta("r", 0, "", [0], finish_reason="stop"))
+        assert end["choices"][0]["finish_reason"] == "stop"
+    chat = ChunkRenderer("chat.completions", "c", MODEL, include_usage=False)
+    chat.delta(TokenDelta("c", 0, "Hi", [2], [-0.1], tokens=["Hi"]))
+    chunk = chat.delta(TokenDelta("c", 0, "", [0], [-0.2], tokens=["<|im_end|>"]))
+    assert chunk["choices"][0]["logprobs"]["content"][0]["logprob"] == -0.2
+
+
 def test_text_offset_counts_each_token_where_it_starts_in_the_text() -> None:
     """Legacy logprobs' `text_offset` is where each token starts in the choice's text, from
     the tokens themselves: not from how the text went out (a stop string's possible start
