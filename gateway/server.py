@@ -219,6 +219,7 @@ def close_connections_for_sure() -> None:
     TCPServer._close = shielded_close  # type: ignore[method-assign]
     TCPServer.protocol_send = shielded_idle  # type: ignore[method-assign]
     _close_refused_websocket_upgrades()
+    _close_frame_on_websocket_protocol_errors()
     _time_out_idle_h2c()
     _json_protocol_errors()
 
@@ -306,6 +307,45 @@ def _close_refused_websocket_upgrades() -> None:
                 await self.app_put({"type": "websocket.disconnect", "code": 1006})
 
     WSStream.handle = handle_then_end  # type: ignore[method-assign]
+
+
+def _close_frame_on_websocket_protocol_errors() -> None:
+    """A frame wsproto cannot accept (unmasked, reserved bits set, a control frame in
+    pieces: 1002; text that is not UTF-8: 1007) ended the connection with no Close frame,
+    so the client saw only EOF (1006, "abnormal closure") and never why. RFC 6455 (7.1.7)
+    has the endpoint that fails the connection send a Close frame with the reason first.
+    wsproto yields the failure as a `CloseConnection` while its connection is still open (a
+    peer's own Close leaves it REMOTE_CLOSING, which Hypercorn answers already): that one
+    is taken from Hypercorn's loop, and answered with the Close before the stream ends."""
+    from hypercorn.protocol.events import StreamClosed
+    from hypercorn.protocol.ws_stream import WSStream
+    from wsproto.connection import ConnectionState
+    from wsproto.events import CloseConnection
+
+    handle_events = WSStream._handle_events
+
+    async def handle_events_closing_first(self: Any) -> None:
+        connection = self.connection
+        events = connection.events
+        failures: list[CloseConnection] = []
+
+        def events_up_to_a_failure() -> Any:
+            for event in events():
+                if isinstance(event, CloseConnection) and connection.state == ConnectionState.OPEN:
+                    failures.append(event)  # (wsproto's last event)
+                    return
+                yield event
+
+        connection.events = events_up_to_a_failure
+        try:
+            await handle_events(self)
+        finally:
+            del connection.events
+        if failures:  # Hypercorn's handling of a CloseConnection, with the Close frame sent first
+            await self._send_wsproto_event(CloseConnection(code=failures[0].code, reason=failures[0].reason))
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+    WSStream._handle_events = handle_events_closing_first  # type: ignore[method-assign]
 
 
 def _time_out_idle_h2c() -> None:

@@ -393,6 +393,39 @@ async def test_data_sent_before_the_upgrade_is_answered_ends_the_socket_and_its_
                 await trio.sleep(0.05)
 
 
+def _masked_text_frame(payload: bytes, first_byte: int = 0x81) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    return bytes([first_byte, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (b"\x81\x02{}", 1002),  # unmasked
+    (_masked_text_frame(b"{}", first_byte=0xC1), 1002),  # a reserved bit set
+    (_masked_text_frame(b"\xff\xfe"), 1007),  # text that is not UTF-8
+], ids=["unmasked", "reserved-bit", "not-utf-8"])
+async def test_a_frame_the_server_cannot_accept_gets_a_close_frame_saying_why(gateway: Gateway, frame: bytes,
+                                                                             code: int) -> None:
+    """RFC 6455 7.1.7: the connection ended with no Close frame (the client saw 1006 and
+    never why); the Close with the protocol error comes first, then EOF, and the handler ends."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                          b"Authorization: Bearer " + gateway.api_key.encode() + b"\r\n\r\n")
+    received = b""
+    with trio.fail_after(5):
+        while b'{"type":"ready"}' not in received:
+            received += await stream.receive_some(65536)
+    await stream.send_all(frame)
+    close = await read_to_eof(stream, 5)
+    await stream.aclose()
+    assert close[0] == 0x88 and int.from_bytes(close[2:4], "big") == code, close
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": "Bearer " + ADMIN_KEY}) as c:
+        with trio.fail_after(5):
+            while "lmgate_ws_connections 0.0" not in (await c.get("/metrics")).text:
+                await trio.sleep(0.05)
+
+
 async def test_a_head_the_server_cannot_read_still_gets_its_status(gateway: Gateway) -> None:
     """An answer to HEAD has no body: the JSON body made h11 refuse, and no status line went out."""
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
