@@ -489,14 +489,17 @@ class Admission:
         except DuplicateRequest as e:
             raise _Refuse(400, "invalid_value", str(e), "request_id") from e
         if isinstance(res, Denied):
+            # a spent daily budget is OpenAI's `insufficient_quota` (its clients stop, where a
+            # `rate_limit_exceeded` is retried); a per-minute limit is a rate limit
+            code = "insufficient_quota" if res.limit == "daily_token_budget" else "rate_limit_exceeded"
             if res.retry_after_s is None:  # can never pass: this is the caller's request, not load
-                raise _Refuse(400 if res.limit == "max_tokens_cap" else 429, "rate_limit_exceeded"
-                              if res.limit != "max_tokens_cap" else "invalid_value",
+                raise _Refuse(400 if res.limit == "max_tokens_cap" else 429,
+                              code if res.limit != "max_tokens_cap" else "invalid_value",
                               f"quota {res.limit}: {res.reason}",
                               "max_tokens" if res.limit == "max_tokens_cap" else None, rate_limits=res.limits)
             if res.limit == "requests_per_minute":
                 self._block_rpm(tenant, res.retry_after_s)
-            raise _Refuse(429, "rate_limit_exceeded", f"quota {res.limit}: {res.reason}",
+            raise _Refuse(429, code, f"quota {res.limit}: {res.reason}",
                           retry_after=res.retry_after_s, rate_limits=res.limits)
         return QuotaHold(who, True, res.limits)
 

@@ -66,7 +66,8 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
-        self.type = type or error_type(status)
+        # OpenAI's type for a spent quota is the code itself
+        self.type = type or ("insufficient_quota" if code == "insufficient_quota" else error_type(status))
         # admission refused the request (and counted it) or ran it (its failure is no refusal)
         self.admission_saw = admission_saw
 
@@ -94,9 +95,15 @@ class ApiError(Exception):
         return self.body() if self.retry_after is None else {**self.body(), "retry_after": round(self.retry_after, 3)}
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        """`Retry-After`; and `x-should-retry: false` (which the OpenAI SDKs obey before their
+        default of retrying every 429) on a 429 that retrying soon cannot help: a spent daily
+        budget, a request larger than a limit."""
+        out = {}
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        if self.status == 429 and (self.retry_after is None or self.code == "insufficient_quota"):
+            out["x-should-retry"] = "false"
+        return out
 
     def response(self) -> Response:
         return Response(

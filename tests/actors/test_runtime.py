@@ -440,6 +440,16 @@ async def test_without_max_tokens_a_request_defaults_to_what_its_token_limits_al
     refused = await runtime.submit(call(tenant(Quota(tokens_per_minute=3), id="c"), prompt="Count from one to ten",
                                         max_tokens=None))
     assert isinstance(refused, Rejected) and refused.status == 429 and "tokens_per_minute" in refused.message
+    assert refused.code == "rate_limit_exceeded"
+    # a spent daily budget is OpenAI's insufficient_quota (retried soon, it cannot pass), a
+    # request larger than it too
+    spent = await runtime.submit(call(tenant(Quota(daily_token_budget=50), id="b"), prompt="Hi", max_tokens=1))
+    assert isinstance(spent, Rejected) and (spent.status, spent.code) == (429, "insufficient_quota"), spent
+    assert spent.retry_after is not None and spent.retry_after > 0  # UTC midnight
+    never = await runtime.submit(call(tenant(Quota(daily_token_budget=3), id="d"), prompt="Count from one to ten",
+                                      max_tokens=None))
+    assert isinstance(never, Rejected) and (never.status, never.code, never.retry_after) == (
+        429, "insufficient_quota", None), never
 
 
 async def test_a_refunded_request_gives_its_quota_back_though_it_ran(runtime, services):

@@ -82,3 +82,29 @@ async def test_sdk_error_types(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await trio.to_thread.run_sync(bad_param)
     assert info.value.param == "temperature"  # type: ignore[attr-defined]
+
+
+async def test_the_sdk_does_not_retry_a_spent_quota_but_retries_a_rate_limit(gateway: Gateway) -> None:
+    """A spent daily budget is OpenAI's `insufficient_quota` with `x-should-retry: false`:
+    the SDK (which retries every other 429) stops at once, instead of retrying a refusal
+    that lasts until midnight. A per-minute limit is still retried."""
+    from actors.messages import Rejected
+
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=gateway.api_key, max_retries=2)
+    client = client.with_options(timeout=10)
+
+    def create() -> None:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+
+    gateway.runtime.reject = Rejected("", 429, "insufficient_quota", "quota daily_token_budget: spent", retry_after=0.01)
+    calls = len(gateway.runtime.calls)
+    with pytest.raises(openai.RateLimitError) as info:
+        await trio.to_thread.run_sync(create)
+    assert info.value.code == "insufficient_quota" and info.value.type == "insufficient_quota"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert len(gateway.runtime.calls) == calls + 1
+    gateway.runtime.reject = Rejected("", 429, "rate_limit_exceeded", "quota tokens_per_minute: used", retry_after=0.01)
+    with pytest.raises(openai.RateLimitError) as info:
+        await trio.to_thread.run_sync(create)
+    assert "x-should-retry" not in info.value.response.headers
+    assert len(gateway.runtime.calls) == calls + 1 + 3  # the first try and two retries
