@@ -46,6 +46,7 @@ from actors.queue import QueueActor, engine_view
 from actors.queue_policy import QueueConfig
 from actors.state import RequestState
 from actors.stepper import Completed, Demand, Stepper
+from cache.quotas import Progress
 from cache.store import CacheUnavailable
 from gpu.config import EngineConfig
 from gpu.engine import Engine
@@ -510,21 +511,40 @@ class Runtime:
         waiting or running (`cache.quotas.QuotaManager.extend`): a request may outlive the
         TTL (a long answer on a busy CPU, a long wait in the queue), and its expired
         concurrency slot would let its tenant start one request too many. Redis down: the
-        next round tries again (a reservation lost meanwhile is settled all the same)."""
+        next round tries again (a reservation lost meanwhile is settled all the same).
+
+        Each running request's usage so far goes with it (`Progress`): should this process
+        die, its reservations lapse charged that much, so what it streamed is billed up to
+        the last round. A reservation found lapsed (this process was cut off from Redis,
+        or stalled, for a TTL) is logged: its tokens went back to the tenant's limits,
+        which others may have spent meanwhile, and the request is charged when it ends."""
         task_status.started()
         ttl = getattr(self.quotas, "reservation_ttl_s", None)
         if ttl is None:
             await trio.sleep_forever()
         while True:
             await trio.sleep(ttl / 3)
-            by_tenant: dict[str, tuple[Any, list[str]]] = {}
+            by_tenant: dict[str, tuple[Any, list[str], dict[str, Progress]]] = {}
             for st in self._holding_reservations():
-                by_tenant.setdefault(st.quota_tenant.id, (st.quota_tenant, []))[1].append(st.request_id)
-            for tenant, rids in by_tenant.values():
+                _, rids, progress = by_tenant.setdefault(st.quota_tenant.id, (st.quota_tenant, [], {}))
+                rids.append(st.request_id)
+                if st.request_id in self.stepper.active:
+                    progress[st.request_id] = Progress(st.prompt_tokens, st.completion_tokens,
+                                                       st.adapter or self.model_name)
+            for tenant, rids, progress in by_tenant.values():
                 try:
-                    await self.quotas.extend(tenant, rids)
+                    live = await self.quotas.extend(tenant, rids, progress=progress)
                 except CacheUnavailable:
                     self.metrics.redis_errors.labels("extend").inc()
+                    continue
+                # (not those that ended meanwhile: settled, they are no longer live)
+                holding = {st.request_id for st in self._holding_reservations()}
+                lapsed = sum(rid in holding for rid in rids) - live
+                if lapsed > 0:
+                    log.warning("%d of tenant %r's %d quota reservations had lapsed (this server was cut off "
+                                "from Redis, or stalled, for over %.0f s): their tokens went back to its limits, "
+                                "and those requests are charged their real usage when they end",
+                                lapsed, tenant.id, len(rids), ttl)
 
     async def _supervise(
         self,

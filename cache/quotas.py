@@ -9,15 +9,17 @@ The life of one request::
     reserve(tenant, rid, prompt, max_new, sequences=1)   -> Admitted | Denied
         counts the request (RPM), reserves prompt + max_new × sequences tokens against TPM and
         the daily budget, takes a concurrency slot, records the reservation
-        (with a TTL: a crashed gateway's reservations expire on their own)
+        (with a TTL: a crashed gateway's reservations expire on their own, charged
+        what its last `extend` reported they had used)
     settle(tenant, rid, prompt, completion, model)   -> True (first call) / False
         replaces the reserved tokens with the real count, frees the slot, adds
         to the per-day per-model usage counters. Exactly once per request id.
     release(tenant, rid)                    -> True / False
         for a request that never ran: refunds its tokens and its RPM entry.
-    extend(tenant, [rid, ...])              -> how many were live
+    extend(tenant, [rid, ...], progress)    -> how many were live
         while a request waits or runs: its reservation and slot expire a TTL later
-        (the runtime calls it every third of the TTL).
+        (the runtime calls it every third of the TTL), and what a running one has
+        used so far is noted, to be charged if its reservation lapses.
 
 Windows (per tenant):
 
@@ -31,9 +33,10 @@ Windows (per tenant):
   (retry_after_s None).
 - daily_token_budget: fixed UTC day. Retry-After = seconds to UTC midnight.
 - max_concurrent: ZSET request_id -> expiry ms; expired entries (a crashed
-  replica never settled) are dropped on every reserve, and the tokens they held
-  against the minute and the day are given back (a late settle charges the real
-  usage instead). Retry-After = 1 s (we cannot know when a running request finishes).
+  replica never settled) are dropped on every reserve: what their replica last
+  reported they had used is charged and recorded, the rest of the tokens they held
+  against the minute and the day given back (a late settle charges the rest of the
+  real usage). Retry-After = 1 s (we cannot know when a running request finishes).
 - max_tokens_cap: per sequence (each of a request's `n` choices or beams),
   max_new_tokens above it is denied for good (callers that prefer clamping clamp
   before reserving).
@@ -43,7 +46,9 @@ tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
 ``day:<epoch_day>``, ``res:<rid>`` (reservation hash: the tokens held, their window
 and day; live while its ``conc`` slot is, given back when the slot lapses), ``done:<rid>``
 (settled/released marker, `DONE_TTL_S`: 2 hours), ``reset:<rid>`` (a reservation
-`reset_limits` removed, as long), ``usage:<epoch_day>`` (hash
+`reset_limits` removed, as long), ``lapsed:<rid>`` (what a lapsed reservation was
+charged, "<prompt> <completion>", as long: a late settle charges the rest),
+``usage:<epoch_day>`` (hash
 ``"<model>\\n<field>"`` -> int).
 """
 
@@ -64,6 +69,7 @@ __all__ = [
     "Admitted",
     "Denied",
     "DuplicateRequest",
+    "Progress",
     "Quota",
     "QuotaManager",
     "RateLimits",
@@ -134,6 +140,15 @@ class RateLimits(msgspec.Struct, frozen=True):
     reset_tokens_s: float | None = None
 
 
+class Progress(msgspec.Struct, frozen=True):
+    """What a running request has used so far (`QuotaManager.extend`), under the model its
+    usage is recorded for."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+
+
 class Admitted(msgspec.Struct, frozen=True):
     """The request holds a reservation of ``reserved_tokens`` until settle/release.
     `limits`: the per-minute limits after it (None when reserved before: a retried call)."""
@@ -196,7 +211,8 @@ local base = ARGV[1]
 local rid = ARGV[2]
 """
 
-# ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences
+# ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences,
+#       usage_ttl_s
 # -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms]};
 #    status 1 admitted, 0 denied — both with what is left of the per-minute limits (after
 #    the admission, or as they stand when denied; -1 where unlimited) —, 2 id already
@@ -211,6 +227,7 @@ local cap = tonumber(ARGV[8])
 local daily = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
 local seqs = tonumber(ARGV[11])
+local usage_ttl = tonumber(ARGV[12])
 local tokens = prompt + max_new * seqs
 
 local rpm_key = base .. 'rpm'
@@ -254,16 +271,28 @@ end
 
 local conc_key = base .. 'conc'
 -- slots that lapsed (their gateway died, or lost Redis for a TTL, and stopped extending
--- them): give back the tokens they held, and forget them; a settle that comes later finds
--- no reservation and charges its real usage then, so nothing is charged twice
+-- them): charge and record what each had used when its gateway last reported (`extend`),
+-- give back the rest of the tokens it held, and forget it; a settle that comes later
+-- charges only what it used beyond that (`lapsed:<rid>`), so nothing is charged twice
 for _, old in ipairs(redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)) do
   local old_key = base .. 'res:' .. old
-  local r = redis.call('HMGET', old_key, 'tokens', 'win', 'day')
+  local r = redis.call('HMGET', old_key, 'tokens', 'win', 'day', 'prompt', 'completion', 'model')
   if r[1] then
+    local used = 0
+    if r[4] then
+      used = math.min(tonumber(r[1]), tonumber(r[4]) + tonumber(r[5]))
+      local usage_key = base .. 'usage:' .. r[3]
+      redis.call('HINCRBY', usage_key, r[6] .. '\\nrequests', 1)
+      redis.call('HINCRBY', usage_key, r[6] .. '\\nprompt_tokens', r[4])
+      redis.call('HINCRBY', usage_key, r[6] .. '\\ncompletion_tokens', r[5])
+      redis.call('EXPIRE', usage_key, usage_ttl)
+      redis.call('SET', base .. 'lapsed:' .. old, r[4] .. ' ' .. r[5], 'EX', __DONE_TTL_S__)
+    end
+    local refund = used - tonumber(r[1])
     local old_tpm = base .. 'tpm:' .. r[2]
-    if redis.call('EXISTS', old_tpm) == 1 then redis.call('INCRBY', old_tpm, -tonumber(r[1])) end
+    if redis.call('EXISTS', old_tpm) == 1 then redis.call('INCRBY', old_tpm, refund) end
     local old_day = base .. 'day:' .. r[3]
-    if redis.call('EXISTS', old_day) == 1 then redis.call('INCRBY', old_day, -tonumber(r[1])) end
+    if redis.call('EXISTS', old_day) == 1 then redis.call('INCRBY', old_day, refund) end
     redis.call('DEL', old_key)
   end
 end
@@ -335,6 +364,7 @@ local completion = tonumber(ARGV[4])
 local model = ARGV[5]
 local usage_ttl = tonumber(ARGV[6])
 local actual = prompt + completion
+local requests = 1
 if not redis.call('SET', base .. 'done:' .. rid, '1', 'NX', 'EX', __DONE_TTL_S__) then
   return 0
 end
@@ -355,8 +385,18 @@ elseif redis.call('DEL', base .. 'reset:' .. rid) == 1 then
   -- charged to a tenant created again under the id, which starts afresh
   day = tostring(math.floor(now / 86400000))
 else
-  -- the reservation lapsed (its slot was not extended for a TTL) and its tokens were given
-  -- back: charge the real usage now
+  -- the reservation lapsed (its slot was not extended for a TTL): what it had used when
+  -- its gateway last reported was charged and recorded then (`lapsed:<rid>`), the rest of
+  -- its tokens given back; charge and record the rest of its real usage now
+  local lapsed = redis.call('GET', base .. 'lapsed:' .. rid)
+  if lapsed then
+    local sep = string.find(lapsed, ' ', 1, true)
+    prompt = prompt - tonumber(string.sub(lapsed, 1, sep - 1))
+    completion = completion - tonumber(string.sub(lapsed, sep + 1))
+    actual = prompt + completion
+    requests = 0
+    redis.call('DEL', base .. 'lapsed:' .. rid)
+  end
   local tpm_key = base .. 'tpm:' .. (now - (now % 60000))
   redis.call('INCRBY', tpm_key, actual)
   redis.call('PEXPIRE', tpm_key, 120000)
@@ -366,7 +406,7 @@ else
   redis.call('EXPIRE', day_key, 2 * 86400)
 end
 local usage_key = base .. 'usage:' .. day
-redis.call('HINCRBY', usage_key, model .. '\\nrequests', 1)
+redis.call('HINCRBY', usage_key, model .. '\\nrequests', requests)
 redis.call('HINCRBY', usage_key, model .. '\\nprompt_tokens', prompt)
 redis.call('HINCRBY', usage_key, model .. '\\ncompletion_tokens', completion)
 redis.call('EXPIRE', usage_key, usage_ttl)
@@ -393,19 +433,25 @@ return 1
 """
 
 
+_RESERVE = _RESERVE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 _SETTLE = _SETTLE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 _RELEASE = _RELEASE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 
 
-# ARGV: base, ttl_ms, rid... -> how many live reservations now expire ttl_ms from now
+# ARGV: base, ttl_ms, then per request: rid, prompt, completion (-1, -1: it has not run), model
+# -> how many live reservations now expire ttl_ms from now
 _EXTEND = _GIVES_BACK + _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local conc_key = base .. 'conc'
 local n = 0
-for i = 3, #ARGV do
+for i = 3, #ARGV, 4 do
+  local res_key = base .. 'res:' .. ARGV[i]
   local expiry = redis.call('ZSCORE', conc_key, ARGV[i])
-  if expiry and tonumber(expiry) > now and redis.call('EXISTS', base .. 'res:' .. ARGV[i]) == 1 then
+  if expiry and tonumber(expiry) > now and redis.call('EXISTS', res_key) == 1 then
     redis.call('ZADD', conc_key, 'XX', now + ttl, ARGV[i])
+    if tonumber(ARGV[i + 1]) >= 0 then
+      redis.call('HSET', res_key, 'prompt', ARGV[i + 1], 'completion', ARGV[i + 2], 'model', ARGV[i + 3])
+    end
     n = n + 1
   end
 end
@@ -489,7 +535,7 @@ class QuotaManager:
         request of the deleted one that settles later records its usage but charges none
         of the new one's limits. Returns the number of keys removed."""
         base = self._base(tenant_id)
-        keep = (base + "usage:", base + "done:", base + "reset:")
+        keep = (base + "usage:", base + "done:", base + "reset:", base + "lapsed:")
         removed = 0
         with self.store.guard():
             keys = [k.decode() if isinstance(k, bytes) else k
@@ -537,7 +583,7 @@ class QuotaManager:
             self._base(tenant.id), request_id, prompt_tokens, max_new_tokens,
             _limit(q.requests_per_minute), _limit(q.tokens_per_minute),
             _limit(q.max_concurrent), _limit(q.max_tokens_cap),
-            _limit(q.daily_token_budget), ttl_ms, sequences,
+            _limit(q.daily_token_budget), ttl_ms, sequences, self.usage_ttl_days * _DAY_S,
         ]
         with self.store.guard():
             reply = await self._reserve(args=args)
@@ -578,19 +624,35 @@ class QuotaManager:
         with self.store.guard():
             return bool(await self._release(args=[self._base(tenant.id), request_id]))
 
-    async def extend(self, tenant: Tenant, request_ids: list[str], *, ttl_s: float | None = None) -> int:
+    async def extend(self, tenant: Tenant, request_ids: list[str], *, ttl_s: float | None = None,
+                     progress: dict[str, Progress] | None = None) -> int:
         """Push back the expiry of live reservations (and their concurrency slots) to `ttl_s`
         (default `reservation_ttl_s`) from now; returns how many were live. The runtime calls
         it for requests still waiting or running, so a request that outlives the TTL keeps
         its slot (else a tenant at `max_concurrent` could start one more per expired
-        request); a crashed gateway stops calling, and its reservations expire as before."""
+        request); a crashed gateway stops calling, and its reservations expire as before.
+
+        `progress`: what each running request has used so far. Should its reservation lapse
+        (its gateway killed, or cut off from Redis for a TTL), that much is charged and
+        recorded then, not given back: what a dead replica streamed is billed, up to its
+        last report."""
         if not request_ids:
             return 0
         ttl_ms = round((ttl_s if ttl_s is not None else self.reservation_ttl_s) * 1000)
         if ttl_ms <= 0:
             raise ValueError("ttl_s must be > 0")
+        progress = progress or {}
+        args: list[Any] = [self._base(tenant.id), ttl_ms]
+        for rid in request_ids:
+            done = progress.get(rid)
+            if done is None:
+                args += [rid, -1, -1, ""]
+            else:
+                if done.prompt_tokens < 0 or done.completion_tokens < 0 or "\n" in done.model:
+                    raise ValueError(f"bad progress for {rid!r}: {done}")
+                args += [rid, done.prompt_tokens, done.completion_tokens, done.model]
         with self.store.guard():
-            return int(await self._extend(args=[self._base(tenant.id), ttl_ms, *request_ids]))
+            return int(await self._extend(args=args))
 
     async def count_refused(self, tenant: Tenant, request_id: str) -> float | None:
         """Count a request refused after costly work (its prompt tokenized, then found too

@@ -168,10 +168,15 @@ async def test_a_request_outliving_the_reservation_ttl_keeps_its_concurrency_slo
     rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer), **{**services, "quotas": quotas})
     await nursery.start(rt.run)
     t = tenant(Quota(max_concurrent=1))
-    acc = await rt.submit(call(t, prompt="Once upon a time", max_tokens=600, ignore_eos=True))
+    long = call(t, prompt="Once upon a time", max_tokens=600, ignore_eos=True)
+    acc = await rt.submit(long)
     assert isinstance(acc, Accepted)
     await trio.sleep(1.5)  # two and a half TTLs; 600 tokens take far longer on a CPU
     assert rt.engine.has_unfinished() and await quotas.running("acme") == 1
+    # each extension says what it has used so far: what a lapse would charge, were this process killed
+    store = services["store"]
+    noted = await store.client.hgetall(store.key("q", "{acme}", "res:" + long.request_id))
+    assert noted[b"model"].decode() == MODEL and int(noted[b"prompt"]) > 0 and int(noted[b"completion"]) > 0
     second = await rt.submit(call(t, prompt="Hi"))
     assert isinstance(second, Rejected) and second.status == 429 and "max_concurrent" in second.message
     acc.cancel()

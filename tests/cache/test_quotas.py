@@ -14,6 +14,7 @@ from cache.quotas import (
     Admitted,
     Denied,
     DuplicateRequest,
+    Progress,
     Quota,
     QuotaManager,
     RateLimits,
@@ -311,6 +312,33 @@ async def test_a_lapsed_reservation_gives_its_tokens_back_and_a_late_settle_char
     today = utc_today()
     [row] = await quotas.get_usage("acme", today, today)
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 10, 20)
+
+
+async def test_a_lapsed_reservation_is_charged_what_its_replica_last_reported(quotas: QuotaManager):
+    """A replica killed mid-stream never settles: its last `extend` said what each running
+    request had used, and the lapse charges and records that (it was all given back, so
+    what a dead replica streamed was never billed). A settle that comes after all (the
+    replica was cut off, not dead) charges only the rest, and counts the request once."""
+    tenant = make_tenant(Quota(daily_token_budget=1000))
+    for rid in ("killed", "cut-off", "waited"):
+        assert isinstance(await quotas.reserve(tenant, rid, 10, 300, ttl_s=0.3), Admitted)  # 310 each
+    assert await quotas.extend(tenant, ["killed", "cut-off", "waited"], ttl_s=0.3, progress={
+        "killed": Progress(10, 120, "m"), "cut-off": Progress(10, 40, "lora-a")}) == 3  # "waited" had not run
+    assert isinstance(await quotas.reserve(tenant, "early", 0, 100), Denied)  # 930 + 100 > 1000
+    await trio.sleep(0.5)  # nobody extends them again
+    assert isinstance(await quotas.reserve(tenant, "next", 0, 800), Admitted)  # 130 + 50 + 800 = 980
+    assert isinstance(await quotas.reserve(tenant, "over", 0, 21), Denied)
+    today = utc_today()
+    assert {(r.model, r.requests, r.prompt_tokens, r.completion_tokens)
+            for r in await quotas.get_usage("acme", today, today)} == {("m", 1, 10, 120), ("lora-a", 1, 10, 40)}
+    assert await quotas.settle(tenant, "cut-off", 10, 45, "lora-a")  # it went on: 5 more tokens
+    assert not await quotas.settle(tenant, "cut-off", 10, 45, "lora-a")
+    assert {(r.model, r.requests, r.prompt_tokens, r.completion_tokens)
+            for r in await quotas.get_usage("acme", today, today)} == {("m", 1, 10, 120), ("lora-a", 1, 10, 45)}
+    assert isinstance(await quotas.reserve(tenant, "fits", 0, 15), Admitted)  # 985 + 15 = 1000
+    assert isinstance(await quotas.reserve(tenant, "over2", 0, 1), Denied)
+    with pytest.raises(ValueError):
+        await quotas.extend(tenant, ["next"], progress={"next": Progress(1, -1, "m")})
 
 
 @pytest.mark.parametrize(
