@@ -42,6 +42,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from gateway.errors import ApiError
 from gpu.structured import JSON_DEFAULTS, GuidedDecoding, closed_objects
 
@@ -506,9 +508,10 @@ def render_message(role: str, content: str, tool_calls: list[Any] | None, *, mar
                            "\"function\": {\"name\": ..., \"arguments\": \"...\"}}", code="invalid_value",
                            param="messages")
         args = fn.get("arguments", "{}")
-        try:
-            args = json.loads(args) if isinstance(args, str) else args
-        except (ValueError, RecursionError):  # not JSON, or nested too deeply to read: kept as written
+        try:  # (msgspec, as the body was read: json.loads took an escaped lone surrogate, which no
+            # text can be encoded with: the prompt's hashing failed, a 500)
+            args = msgspec.json.decode(args) if isinstance(args, str) else args
+        except (msgspec.DecodeError, RecursionError):  # not JSON, or nested too deeply to read: kept as written
             pass
         calls.append({"name": fn.get("name"), "arguments" if markers else "parameters": args})
     text = json.dumps(calls, ensure_ascii=False)

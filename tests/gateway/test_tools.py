@@ -142,6 +142,13 @@ def test_an_earlier_turns_calls_read_as_the_json_the_model_wrote() -> None:
         assert info.value.param == "messages"
     with pytest.raises(ApiError):
         render_message("user", "hi", calls)
+    # an escaped lone surrogate in the arguments (no text can hold it: json.loads made one,
+    # and the prompt's hashing failed with a 500) is kept as written, as arguments that are
+    # not JSON are
+    for markers in (False, True):
+        odd = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}]
+        text = render_message("assistant", "", odd, markers=markers)
+        assert '{\\"a\\": \\"\\\\ud800\\"}' in text and text.encode()
 
 
 CALL = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]</tool_call>'
