@@ -197,14 +197,8 @@ def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) ->
     """The conversation as the model reads it (chat completions and /tokenize alike): each
     message's text (`ChatMessageIn.text`), and with tool calling the tools described in the
     system message (`ToolCalling.system_prompt`: added to the first system message, or put
-    first). A tool message must answer a call an earlier assistant message made (400)."""
-    called: set[str] = set()
-    for m in messages:
-        if m.role == "assistant" and m.tool_calls:
-            called.update(c.get("id") for c in m.tool_calls if isinstance(c, dict) and isinstance(c.get("id"), str))
-        elif m.role == "tool" and m.tool_call_id not in called:
-            raise ApiError(400, "a tool message must answer (tool_call_id) a tool call of an earlier assistant "
-                           "message", code="invalid_value", param="messages")
+    first). The turns of tool calling must be as OpenAI takes them (`check_tool_turns`)."""
+    check_tool_turns(messages)
     markers = calling is not None and calling.auto
     out = [ChatMessage(role=chat_role(m.role, markers=markers), content=m.text(markers=markers)) for m in messages]
     if calling is not None:
@@ -213,6 +207,46 @@ def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) ->
         else:
             out.insert(0, ChatMessage("system", calling.system_prompt()))
     return out
+
+
+def check_tool_turns(messages: list[ChatMessageIn]) -> None:
+    """400 (`messages`) for tool-calling turns OpenAI refuses: an assistant message's tool
+    calls (each with its own string `id`, of `type` "function") must each be answered by a
+    tool message right after it, before any other message (the conversation's last too:
+    else the model reads a call that never returned); a tool message must answer one of
+    them, once. (A prefilled assistant turn with calls would leave them unanswered.)"""
+    pending: dict[str, bool] = {}  # the calls of the last assistant turn: answered yet?
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            if m.tool_call_id not in pending or pending[m.tool_call_id]:
+                what = "answered already" if pending.get(m.tool_call_id) else "not a call of the assistant " \
+                    "message before it"
+                raise ApiError(400, f"messages[{i}]: a message with role 'tool' must answer a tool call of the "
+                               f"assistant message before it: tool_call_id {str(m.tool_call_id)[:100]!r} is {what}",
+                               code="invalid_value", param="messages")
+            pending[m.tool_call_id] = True
+            continue
+        _all_answered(pending)
+        pending = {}
+        if m.role == "assistant" and m.tool_calls:
+            for call in m.tool_calls:
+                ident = call.get("id") if isinstance(call, dict) else None
+                if not isinstance(ident, str) or not ident or call.get("type", "function") != "function":
+                    raise ApiError(400, f"messages[{i}].tool_calls: each call needs its \"id\" (a non-empty string) "
+                                   "and \"type\": \"function\"", code="invalid_value", param="messages")
+                if ident in pending:
+                    raise ApiError(400, f"messages[{i}].tool_calls: the id {ident[:100]!r} is given twice",
+                                   code="invalid_value", param="messages")
+                pending[ident] = False
+    _all_answered(pending)
+
+
+def _all_answered(calls: dict[str, bool]) -> None:
+    unanswered = [c for c, done in calls.items() if not done]
+    if unanswered:  # (OpenAI's words)
+        raise ApiError(400, "An assistant message with 'tool_calls' must be followed by tool messages responding "
+                       "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+                       f"{', '.join(c[:100] for c in unanswered[:8])}", code="invalid_value", param="messages")
 
 
 def check_chat_ending(messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
@@ -430,8 +464,9 @@ def sampling_params(req: CompletionRequest | ChatRequest,
         if req.top_logprobs is not None:
             logprobs_param = "top_logprobs"
         if max_tokens == 0:  # only completions may run a prompt alone (echo, scoring)
-            raise ApiError(400, "must be >= 1 for chat completions", code="invalid_value",
-                           param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+            field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise ApiError(400, f"{field} must be >= 1 here (only completions may run a prompt alone)",
+                           code="invalid_value", param=field)
     else:
         max_tokens = COMPLETIONS_MAX_TOKENS if req.max_tokens is msgspec.UNSET else req.max_tokens
         logprobs = req.logprobs

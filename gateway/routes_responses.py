@@ -189,8 +189,8 @@ def _string(item: dict[str, Any], name: str, where: str) -> str:
 
 def check_calls(items: list[dict[str, Any]]) -> None:
     """A conversation's function calls as OpenAI takes them: each `call_id` made once, and
-    answered (a `function_call_output` after it) — a call left unanswered is a 400, as the
-    model would read a call that never returned. (An output of no call is the chat path's 400.)"""
+    answered once (a `function_call_output` after it) — a call left unanswered is a 400, as
+    the model would read a call that never returned; so is an output of no call before it."""
     made: set[str] = set()
     answered: set[str] = set()
     for item in items:
@@ -200,6 +200,10 @@ def check_calls(items: list[dict[str, Any]]) -> None:
                                code="invalid_value", param="input")
             made.add(item["call_id"])
         elif item["type"] == "function_call_output":
+            if item["call_id"] not in made or item["call_id"] in answered:
+                raise ApiError(400, f"No tool call found for function call output with call_id "
+                               f"{item['call_id'][:100]}" + (" (answered already)." if item["call_id"] in answered
+                                                              else "."), code="invalid_value", param="input")
             answered.add(item["call_id"])
     missing = next((c for c in made if c not in answered), None)
     if missing is not None:
@@ -263,7 +267,10 @@ def input_items(value: str | list[Any] | None) -> list[dict[str, Any]]:
         elif kind == "function_call":
             items.append({"id": given_id or _new_id("fc"), "type": "function_call",
                           "call_id": _string(item, "call_id", where), "name": _string(item, "name", where),
-                          "arguments": _string(item, "arguments", where), "status": "completed"})
+                          "arguments": _string(item, "arguments", where),
+                          # a call `max_output_tokens` cut, sent back as it came: dropped, as when continued
+                          # by `previous_response_id` (`cut_calls_dropped`)
+                          "status": "incomplete" if item.get("status") == "incomplete" else "completed"})
         elif kind == "function_call_output":
             output = item.get("output")
             if not isinstance(output, str | list):
@@ -283,7 +290,9 @@ def input_items(value: str | list[Any] | None) -> list[dict[str, Any]]:
 def chat_messages_of(items: list[dict[str, Any]], instructions: str | None) -> list[dict[str, Any]]:
     """Items → chat messages: the instructions first as a system message, a function call
     joins the assistant turn before it (its text and calls are one turn), a call's output
-    is a tool message."""
+    is a tool message, right after the turn that made the call (the chat path's order,
+    `check_tool_turns`: an output the input gives later, after a user message, is read
+    there; `check_calls` has made sure each call has one)."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     for item in items:
         if item["type"] == "message":
@@ -298,7 +307,13 @@ def chat_messages_of(items: list[dict[str, Any]], instructions: str | None) -> l
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         else:
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
-    return messages
+    tools = [m for m in messages if m["role"] == "tool"]
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message["role"] != "tool":
+            ids = {c["id"] for c in message.get("tool_calls", [])}
+            out += [message, *(t for t in tools if t["tool_call_id"] in ids)]
+    return out
 
 
 # ---------------------------------------------------------------- mapping to chat
@@ -359,7 +374,9 @@ _PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "m
 
 @contextmanager
 def own_params() -> Iterator[None]:
-    """A 400 of the chat path names the Responses request's field (`_PARAMS`)."""
+    """A 400 of the chat path names the Responses request's field (`_PARAMS`), and its
+    message speaks of the Responses shapes: a function tool's fields are the tool's own
+    (`tools[0].name`, `{"type": "function", "name": ...}`), not under `function`."""
     try:
         yield
     except ApiError as exc:
@@ -368,6 +385,12 @@ def own_params() -> Iterator[None]:
         if chat_field in _PARAMS and exc.message.startswith((chat_field + ":", chat_field + " ")):  # "response_format: ..."
             own = "text.format" if chat_field == "response_format" else exc.param
             exc.message = f"{own}{exc.message[len(chat_field):]}"
+        elif chat_field in _PARAMS:  # "invalid sampling parameter 'max_tokens'" (of max_completion_tokens)
+            for chat_name in (k for k, v in _PARAMS.items() if v == exc.param):
+                exc.message = exc.message.replace(f"'{chat_name}'", f"'{exc.param}'")
+        if exc.param in ("tools", "tool_choice"):
+            exc.message = re.sub(r"(tools\[\d+\])\.function\.", r"\1.", exc.message)
+            exc.message = re.sub(r'"function": \{"name": ("(?:[^"\\]|\\.)*")\}', r'"name": \1', exc.message)
         raise
 
 

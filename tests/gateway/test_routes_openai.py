@@ -500,6 +500,44 @@ async def test_tool_call_arguments_nested_too_deeply_to_read_are_kept_as_written
     assert deep in gateway.runtime.calls[-1].messages[1].content
 
 
+def _calls(*ids: str) -> dict:
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in ids]}
+
+
+def _answer(call_id: str) -> dict:
+    return {"role": "tool", "tool_call_id": call_id, "content": "ok"}
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(("messages", "said"), [
+    ([USER, _calls("c1")], "did not have response messages: c1"),  # the last turn's calls unanswered
+    ([USER, _calls("c1"), USER], "did not have response messages: c1"),
+    ([USER, _calls("c1", "c2"), _answer("c1"), USER], "did not have response messages: c2"),  # partly
+    ([USER, _calls("c1"), USER, _answer("c1")], "did not have response messages: c1"),  # answered too late
+    ([USER, _calls("c1"), _answer("c1"), USER, _answer("c1")], "tool_call_id 'c1' is not a call of the"),
+    ([USER, _answer("c9")], "tool_call_id 'c9' is not a call"),
+    ([USER, _calls("c1"), _answer("c1"), _answer("c1")], "is answered already"),
+    ([USER, _calls("c1", "c1"), _answer("c1")], "the id 'c1' is given twice"),
+    ([USER, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+     "needs its \"id\""),
+    ([USER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "code", "function": {"name": "f"}}]}],
+     "\"type\": \"function\""),
+])
+async def test_tool_turns_must_be_answered_as_openai_requires(gateway: Gateway, messages: list, said: str) -> None:
+    """OpenAI's 400s for a conversation whose calls were not all answered, right after the
+    turn that made them: the model read calls that never returned (200 before)."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body(messages=messages, max_tokens=1))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert said in r.json()["error"]["message"]
+        ok = [USER, _calls("c1", "c2"), _answer("c2"), _answer("c1"), {"role": "assistant", "content": "Done."},
+              USER, _calls("c3"), _answer("c3")]  # any order within the block, several rounds
+        assert (await client.post("/v1/chat/completions", json=chat_body(messages=ok, max_tokens=1))).status_code == 200
+
+
 async def test_chat_can_continue_its_last_message(gateway: Gateway) -> None:
     """vLLM's continue_final_message: the call carries how the chat ends (admission renders it)."""
     prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! I"}]

@@ -362,6 +362,29 @@ async def test_a_call_cut_by_max_output_tokens_is_not_owed_an_output(gateway: Ga
         assert any("Par" in content for _, content in read) and any("sunny" in content for _, content in read), read
 
 
+async def test_a_full_input_list_takes_outputs_anywhere_after_their_calls_and_drops_a_cut_call(
+        gateway: Gateway) -> None:
+    """The stateless pattern (store false, every item sent back): an output given after a
+    later message is read right after its call (the chat path wants it there), and a call
+    `max_output_tokens` cut, sent back with its `incomplete` status and no output, is dropped
+    as when continued by `previous_response_id` (it was a 400: "No tool output found")."""
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    cut = {"type": "function_call", "call_id": "c2", "name": "f", "arguments": '{"city": "Par',
+           "status": "incomplete"}
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "store": False, "input": [
+            {"role": "user", "content": "weather?"}, call, {"role": "user", "content": "and?"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]})
+        assert r.status_code == 200, r.text
+        read = [(m.role, m.content) for m in gateway.runtime.calls[-1].messages]
+        assert [role for role, _ in read] == ["user", "assistant", "tool", "user"], read
+        assert "sunny" in read[2][1] and read[3][1] == "and?"
+        r = await client.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "store": False, "input": [
+            {"role": "user", "content": "weather?"}, cut, {"role": "user", "content": "try again"}]})
+        assert r.status_code == 200, r.text
+        assert [m.content for m in gateway.runtime.calls[-1].messages] == ["weather?", "try again"]
+
+
 async def test_input_items_pages(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         body = (await client.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 1, "input": [
@@ -492,6 +515,9 @@ async def test_messages_name_the_responses_fields(gateway: Gateway) -> None:
         r = await client.post("/v1/responses", json={"model": MODEL, "input": [
             {"type": "function_call", "call_id": "c9", "name": "f", "arguments": "{}"}]})
         assert r.json()["error"]["message"] == "No tool output found for function call c9."
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": [
+            {"type": "function_call_output", "call_id": "c7", "output": "1"}]})
+        assert r.json()["error"]["message"] == "No tool call found for function call output with call_id c7."
         r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "tool_choice": "always",
                                                      "tools": [{"type": "function", "name": "f"}]})
         assert '"name": ...}' in r.json()["error"]["message"] and '"function": {' not in r.json()["error"]["message"]
@@ -499,6 +525,15 @@ async def test_messages_name_the_responses_fields(gateway: Gateway) -> None:
             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c1", "output": 3}]})
         assert "input[1].output must be" in r.json()["error"]["message"]
+        for body, said in (({"tool_choice": {"type": "function", "name": "x"}},
+                            'tool_choice {"type": "function", "name": "x"} needs tools'),
+                           ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name must be"),
+                           ({"max_output_tokens": 0}, "max_output_tokens must be >= 1"),
+                           ({"max_output_tokens": -1}, "'max_output_tokens'")):
+            r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", **body})
+            assert r.status_code == 400 and said in r.json()["error"]["message"], (body, r.text)
+            assert "function" not in r.json()["error"]["message"].replace('"type": "function"', "")
+            assert "max_tokens" not in r.json()["error"]["message"]
         r = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 1,
                                                      "safety_identifier": "u-1", "text": {"verbosity": "low"}})
         assert r.json()["safety_identifier"] == "u-1" and r.json()["text"]["verbosity"] == "low"
