@@ -199,7 +199,8 @@ class Accounting:
                     (st.finished_at - st.first_token_at) / (per_choice - 1)
                 )
         if st.scheduled_at:
-            self.service_time.observe(st.finished_at - st.scheduled_at)
+            sequences = max(1, st.params.n, st.params.beam_width)
+            self.service_time.observe(st.finished_at - st.scheduled_at, st.completion_tokens / sequences)
 
     def _feed_back(self, st: Any) -> None:
         """The predictor learns how long sampled answers run; beam search favours other

@@ -97,14 +97,18 @@ def served_model_name(model: str) -> str:
 
 
 class _ServiceTime:
-    """EWMA of time-in-engine, for the overload estimate."""
+    """EWMAs of a request's time in the engine, and of the tokens each of its sequences
+    generated, for the overload estimate (`Runtime.estimated_wait_s`)."""
 
-    def __init__(self, alpha: float = 0.1, initial: float = 2.0):
+    def __init__(self, alpha: float = 0.1, initial: float = 2.0, initial_tokens: float = 128.0):
         self.alpha = alpha
         self.value = initial
+        self.tokens = initial_tokens
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, tokens_per_sequence: float | None = None) -> None:
         self.value += self.alpha * (seconds - self.value)
+        if tokens_per_sequence is not None:
+            self.tokens += self.alpha * (max(1.0, tokens_per_sequence) - self.tokens)
 
 
 class Runtime:
@@ -270,8 +274,16 @@ class Runtime:
                 + self.engine.scheduler.num_waiting)
 
     def estimated_wait_s(self) -> float:
+        """The wait a request admitted now would have: the work ahead of it, in typical
+        requests, through `max_num_seqs` slots, each a typical request's time in the engine.
+        A sequence waiting inside the engine counts as the share of a typical sequence's
+        tokens it has left to write (at most one): the 56 choices of an `n=64, max_tokens=8`
+        request waiting for slots are a few requests' work, not 56 (they had every other
+        request refused, "estimated wait 109 s", for a request done in 4 s)."""
         slots = max(1, self.engine.config.scheduler.max_num_seqs)
-        return self.waiting() / slots * self._service_time.value
+        sched = self.engine.scheduler
+        work = self.waiting() - sched.num_waiting + sched.waiting_work(self._service_time.tokens)
+        return work / slots * self._service_time.value
 
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         """A request the gateway refused before admission saw it (a body that does not

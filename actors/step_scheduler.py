@@ -163,6 +163,12 @@ class StepScheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_work(self, typical_tokens: float) -> float:
+        """The waiting sequences' work in typical sequences (`typical_tokens` written each):
+        each counts the share of them it has left to write, at most one."""
+        typical = max(1.0, typical_tokens)
+        return sum(min(1.0, max(1, r.max_tokens - len(r.output_token_ids)) / typical) for r in self._waiting)
+
     @property
     def num_running(self) -> int:
         return len(self._running)

@@ -434,3 +434,18 @@ def test_release_of_held_requests_never_readmits_the_released_one_first():
     assert plan.seqs == () and plan.preempted == ()
     sched.append("a", 3)
     assert chunk_lens(sched.schedule()) == {"a": 1}
+
+
+def test_waiting_work_counts_each_waiting_sequence_by_the_tokens_it_has_left():
+    """The overload estimate's view of the engine's queue (`Runtime.estimated_wait_s`): a
+    waiting sequence is the share of a typical sequence's tokens it has left to write, at
+    most one, so the many short choices of one `n` request are not many requests' work."""
+    sched = make_scheduler(256, max_num_seqs=1)
+    sched.add(request("long", [1, 2], max_tokens=500))
+    for i in range(8):
+        sched.add(request(f"short{i}", [1, 2], max_tokens=8))
+    sched.schedule()  # "long" runs; the rest wait
+    assert sched.num_waiting == 8
+    assert sched.waiting_work(160) == pytest.approx(8 * 8 / 160)
+    assert sched.waiting_work(4) == 8  # each at most one
+    assert sched.waiting_work(0) == 8
