@@ -47,7 +47,7 @@ tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
 and day; live while its ``conc`` slot is, given back when the slot lapses), ``done:<rid>``
 (settled/released marker, `DONE_TTL_S`: 2 hours), ``reset:<rid>`` (a reservation
 `reset_limits` removed, as long), ``lapsed:<rid>`` (what a lapsed reservation was
-charged, "<prompt> <completion>", as long: a late settle charges the rest),
+charged, "<prompt> <completion>", for 2 days: a late settle charges the rest),
 ``usage:<epoch_day>`` (hash
 ``"<model>\\n<field>"`` -> int).
 """
@@ -211,6 +211,42 @@ local base = ARGV[1]
 local rid = ARGV[2]
 """
 
+# Lua (inside a script that has `base`, `now`, `conc_key` and `usage_ttl`): settle the
+# tenant's reservations whose slots lapsed — run by every reserve and every extend of the
+# tenant, so that any live replica serving it settles a dead one's. The charge each lapse
+# records stays noted as long as its reservation could have lived (`lapsed:<rid>`, 2 days),
+# for a settle that comes after all.
+_LAPSES = """
+-- slots that lapsed (their gateway died, or lost Redis for a TTL, and stopped extending
+-- them): charge and record what each had used when its gateway last reported (`extend`),
+-- give back the rest of the tokens it held, and forget it; a settle that comes later
+-- charges only what it used beyond that (`lapsed:<rid>`), so nothing is charged twice
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)) do
+  local old_key = base .. 'res:' .. old
+  local r = redis.call('HMGET', old_key, 'tokens', 'win', 'day', 'prompt', 'completion', 'model')
+  if r[1] then
+    local used = 0
+    if r[4] then
+      used = tonumber(r[4]) + tonumber(r[5])
+      local usage_key = base .. 'usage:' .. r[3]
+      redis.call('HINCRBY', usage_key, r[6] .. '\\nrequests', 1)
+      redis.call('HINCRBY', usage_key, r[6] .. '\\nprompt_tokens', r[4])
+      redis.call('HINCRBY', usage_key, r[6] .. '\\ncompletion_tokens', r[5])
+      redis.call('EXPIRE', usage_key, usage_ttl)
+      redis.call('SET', base .. 'lapsed:' .. old, r[4] .. ' ' .. r[5], 'EX', 2 * 86400)
+    end
+    local refund = used - tonumber(r[1])
+    local old_tpm = base .. 'tpm:' .. r[2]
+    if redis.call('EXISTS', old_tpm) == 1 then redis.call('INCRBY', old_tpm, refund) end
+    local old_day = base .. 'day:' .. r[3]
+    if redis.call('EXISTS', old_day) == 1 then redis.call('INCRBY', old_day, refund) end
+    redis.call('DEL', old_key)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
+"""
+
+
 # ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences,
 #       usage_ttl_s
 # -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms]};
@@ -270,34 +306,7 @@ if cap >= 0 and max_new > cap then
 end
 
 local conc_key = base .. 'conc'
--- slots that lapsed (their gateway died, or lost Redis for a TTL, and stopped extending
--- them): charge and record what each had used when its gateway last reported (`extend`),
--- give back the rest of the tokens it held, and forget it; a settle that comes later
--- charges only what it used beyond that (`lapsed:<rid>`), so nothing is charged twice
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)) do
-  local old_key = base .. 'res:' .. old
-  local r = redis.call('HMGET', old_key, 'tokens', 'win', 'day', 'prompt', 'completion', 'model')
-  if r[1] then
-    local used = 0
-    if r[4] then
-      used = math.min(tonumber(r[1]), tonumber(r[4]) + tonumber(r[5]))
-      local usage_key = base .. 'usage:' .. r[3]
-      redis.call('HINCRBY', usage_key, r[6] .. '\\nrequests', 1)
-      redis.call('HINCRBY', usage_key, r[6] .. '\\nprompt_tokens', r[4])
-      redis.call('HINCRBY', usage_key, r[6] .. '\\ncompletion_tokens', r[5])
-      redis.call('EXPIRE', usage_key, usage_ttl)
-      redis.call('SET', base .. 'lapsed:' .. old, r[4] .. ' ' .. r[5], 'EX', __DONE_TTL_S__)
-    end
-    local refund = used - tonumber(r[1])
-    local old_tpm = base .. 'tpm:' .. r[2]
-    if redis.call('EXISTS', old_tpm) == 1 then redis.call('INCRBY', old_tpm, refund) end
-    local old_day = base .. 'day:' .. r[3]
-    if redis.call('EXISTS', old_day) == 1 then redis.call('INCRBY', old_day, refund) end
-    redis.call('DEL', old_key)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
-if conc == 0 then
+""" + _LAPSES + """if conc == 0 then
   return deny('max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)')
 end
 if conc > 0 and redis.call('ZCARD', conc_key) >= conc then
@@ -433,18 +442,20 @@ return 1
 """
 
 
-_RESERVE = _RESERVE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 _SETTLE = _SETTLE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 _RELEASE = _RELEASE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 
 
-# ARGV: base, ttl_ms, then per request: rid, prompt, completion (-1, -1: it has not run), model
-# -> how many live reservations now expire ttl_ms from now
+# ARGV: base, ttl_ms, usage_ttl_s, then per request: rid, prompt, completion (-1, -1: it has
+# not run), model -> how many live reservations now expire ttl_ms from now (the tenant's
+# lapsed ones settled first: one of these may be among them)
 _EXTEND = _GIVES_BACK + _PRELUDE + """
 local ttl = tonumber(ARGV[2])
+local usage_ttl = tonumber(ARGV[3])
 local conc_key = base .. 'conc'
+""" + _LAPSES + """
 local n = 0
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local res_key = base .. 'res:' .. ARGV[i]
   local expiry = redis.call('ZSCORE', conc_key, ARGV[i])
   if expiry and tonumber(expiry) > now and redis.call('EXISTS', res_key) == 1 then
@@ -642,7 +653,7 @@ class QuotaManager:
         if ttl_ms <= 0:
             raise ValueError("ttl_s must be > 0")
         progress = progress or {}
-        args: list[Any] = [self._base(tenant.id), ttl_ms]
+        args: list[Any] = [self._base(tenant.id), ttl_ms, self.usage_ttl_days * _DAY_S]
         for rid in request_ids:
             done = progress.get(rid)
             if done is None:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 _ORIGIN = re.compile(r"https?://[^\s/?#,]+")
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
-# a 429/503 says when to come back; OpenAI's rate-limit headers say how much is left
-EXPOSED_HEADERS = ", ".join(["Retry-After", "X-Request-Id"] + [f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens")
-                                               for what in ("limit", "remaining", "reset")])
+# a 429/503 says when to come back (and, `x-should-retry`, when not to: the OpenAI SDKs read
+# it); OpenAI's rate-limit headers say how much is left
+EXPOSED_HEADERS = ", ".join(["Retry-After", "X-Request-Id", "x-should-retry"]
+                            + [f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens")
+                               for what in ("limit", "remaining", "reset")])
 MAX_AGE_S = 600  # browsers cache a preflight this long (Chromium caps it at 7200)
 
 

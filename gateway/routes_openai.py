@@ -193,12 +193,13 @@ def unsupported_chat_fields(req: ChatRequest) -> None:
                            code="unsupported_value", param=name)
 
 
-def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) -> list[ChatMessage]:
+def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None, *,
+                  may_end_on_calls: bool = False) -> list[ChatMessage]:
     """The conversation as the model reads it (chat completions and /tokenize alike): each
     message's text (`ChatMessageIn.text`), and with tool calling the tools described in the
     system message (`ToolCalling.system_prompt`: added to the first system message, or put
     first). The turns of tool calling must be as OpenAI takes them (`check_tool_turns`)."""
-    check_tool_turns(messages)
+    check_tool_turns(messages, may_end_on_calls=may_end_on_calls)
     markers = calling is not None and calling.auto
     out = [ChatMessage(role=chat_role(m.role, markers=markers), content=m.text(markers=markers)) for m in messages]
     if calling is not None:
@@ -209,12 +210,14 @@ def chat_messages(messages: list[ChatMessageIn], calling: ToolCalling | None) ->
     return out
 
 
-def check_tool_turns(messages: list[ChatMessageIn]) -> None:
+def check_tool_turns(messages: list[ChatMessageIn], *, may_end_on_calls: bool = False) -> None:
     """400 (`messages`) for tool-calling turns OpenAI refuses: an assistant message's tool
     calls (each with its own string `id`, of `type` "function") must each be answered by a
     tool message right after it, before any other message (the conversation's last too:
     else the model reads a call that never returned); a tool message must answer one of
-    them, once. (A prefilled assistant turn with calls would leave them unanswered.)"""
+    them, once. (A prefilled assistant turn with calls would leave them unanswered.)
+    `may_end_on_calls`: the last turn's calls may be unanswered yet (/tokenize counts a
+    history before its tools ran, as vLLM's does)."""
     pending: dict[str, bool] = {}  # the calls of the last assistant turn: answered yet?
     for i, m in enumerate(messages):
         if m.role == "tool":
@@ -238,7 +241,8 @@ def check_tool_turns(messages: list[ChatMessageIn]) -> None:
                     raise ApiError(400, f"messages[{i}].tool_calls: the id {ident[:100]!r} is given twice",
                                    code="invalid_value", param="messages")
                 pending[ident] = False
-    _all_answered(pending)
+    if not may_end_on_calls:
+        _all_answered(pending)
 
 
 def _all_answered(calls: dict[str, bool]) -> None:

@@ -68,7 +68,7 @@ def tokenize(tokenizer: Tokenizer, req: TokenizeRequest) -> list[int]:
         if not req.messages:  # as chat completions
             raise ApiError(400, "messages must not be empty", code="invalid_value", param="messages")
         calling = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
-        rendered = chat_messages(req.messages, calling)
+        rendered = chat_messages(req.messages, calling, may_end_on_calls=True)
         check_chat_ending(rendered, req.add_generation_prompt, req.continue_final_message, calling is not None)
         msgs = [{"role": m.role, "content": m.content} for m in rendered]
         try:

@@ -341,6 +341,33 @@ async def test_a_lapsed_reservation_is_charged_what_its_replica_last_reported(qu
         await quotas.extend(tenant, ["next"], progress={"next": Progress(1, -1, "m")})
 
 
+async def test_a_live_replicas_extend_settles_a_dead_ones_lapses(quotas: QuotaManager, store: RedisStore):
+    """Lapses are settled by the tenant's next extend as well as its next reserve: a tenant
+    whose only other traffic is a long request on a live replica has the dead replica's
+    streams billed within a round, not when it next sends a request (a day's billing
+    export ran before that). Their charge stays noted for a late settle for two days."""
+    tenant = make_tenant(Quota(daily_token_budget=1000))
+    assert isinstance(await quotas.reserve(tenant, "dead", 10, 300, ttl_s=0.2), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "live", 10, 300), Admitted)
+    await quotas.extend(tenant, ["dead"], ttl_s=0.2, progress={"dead": Progress(10, 99, "m")})
+    await trio.sleep(0.4)
+    assert await quotas.extend(tenant, ["live"], progress={"live": Progress(10, 5, "m")}) == 1
+    today = utc_today()
+    [row] = await quotas.get_usage("acme", today, today)
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 10, 99)
+    assert await store.client.ttl(store.key("q", "{acme}", "lapsed:dead")) > DONE_TTL_S
+    # a report past the reservation (no such thing today: the stepper's count stays within it)
+    # is charged whole, to the limits as to the usage: a late settle subtracts what was noted
+    assert isinstance(await quotas.reserve(tenant, "over", 10, 5, ttl_s=0.2), Admitted)
+    await quotas.extend(tenant, ["over"], ttl_s=0.2, progress={"over": Progress(10, 8, "m")})
+    await trio.sleep(0.4)
+    assert await quotas.extend(tenant, ["live"]) == 1
+    assert await quotas.settle(tenant, "over", 10, 9, "m")
+    assert await quotas.settle(tenant, "live", 10, 5, "m")
+    assert isinstance(await quotas.reserve(tenant, "fits", 0, 1000 - 109 - 19 - 15), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "full", 0, 1), Denied)
+
+
 @pytest.mark.parametrize(
     ("quota", "limit"),
     [

@@ -52,7 +52,8 @@ async def test_a_page_preflights_then_calls(gateway: Gateway) -> None:
         r = await client.post("/v1/chat/completions", headers={**gateway.headers, "Origin": PAGE}, json={
             "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "stream": True})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
-        assert r.headers["access-control-expose-headers"].startswith("Retry-After, X-Request-Id, x-ratelimit-limit-requests")
+        assert r.headers["access-control-expose-headers"].startswith(
+            "Retry-After, X-Request-Id, x-should-retry, x-ratelimit-limit-requests")
         bad = await client.post("/v1/chat/completions", headers={"Origin": PAGE}, json={})
         assert bad.status_code == 401 and bad.headers["access-control-allow-origin"] == "*"  # errors are readable
         admin = await client.options("/admin/tenants", headers={"Origin": PAGE, "Access-Control-Request-Method": "GET"})

@@ -66,6 +66,8 @@ async def test_tokenize_counts_the_tools_a_chat_request_adds(client_of, tokenize
                                                                      "content": "sunny"}]})
         auto = await client.post("/tokenize", json={"messages": history, "tools": tools})
         prompt_tools = await client.post("/tokenize", json={"prompt": "hi", "tools": tools})
+        before_the_tool = await client.post("/tokenize", json={"messages": history[:2]})  # its call not run yet
+        unanswered = await client.post("/tokenize", json={"messages": history[:2] + history[:1]})
         continued = await client.post("/tokenize", json={"messages": history[:1] + [{"role": "assistant", "content": "It"}],
                                                          "tools": tools, "add_generation_prompt": False,
                                                          "continue_final_message": True})
@@ -78,6 +80,9 @@ async def test_tokenize_counts_the_tools_a_chat_request_adds(client_of, tokenize
     assert r.json()["count"] > plain.json()["count"]
     assert "get_weather" in tokenizer.decode(r.json()["tokens"])
     assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "messages"  # as on chat completions
+    # a history may end on calls not run yet (vLLM's /tokenize counts it); not go on past them
+    assert before_the_tool.status_code == 200 and before_the_tool.json()["count"] < plain.json()["count"]
+    assert unanswered.status_code == 400 and "did not have response messages: c1" in unanswered.text
     assert prompt_tools.status_code == 400 and prompt_tools.json()["error"]["param"] == "tools"  # as on completions
     assert continued.status_code == 400 and continued.json()["error"]["param"] == "continue_final_message"  # as chat
     # auto (the default with tools) reads the history in SmolLM2's format: the call between
