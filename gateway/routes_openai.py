@@ -944,12 +944,15 @@ class Collector:
             reason = finished.finish_reasons[i] if i < len(finished.finish_reasons) else "stop"
             if self.endpoint == "chat.completions":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
-                parsed = self.tools.tool_calls_of(text) if self.tools is not None and reason == "stop" else None
+                parsed = None
+                if self.tools is not None:  # (cut by max_tokens: the calls as written, still "length")
+                    parsed = (self.tools.tool_calls_of(text) if reason == "stop"
+                              else self.tools.cut_calls(text) if reason == "length" else None)
                 if self.tools is not None and parsed is None:
                     message["content"] = self.tools.content_of(text, reason)
                 if parsed is not None:
                     message = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
-                    reason = self.tools.finish_reason
+                    reason = self.tools.finish_reason if reason == "stop" else reason
                 choices.append(
                     {
                         "index": i,
@@ -1144,6 +1147,9 @@ class ChunkRenderer:
             sent = self._streamed.pop(i, 0)  # auto mode: content already streamed
             started = self._calls.pop(i, [])  # calls already streamed in part (`call_chunks`)
             parsed = self.tools.tool_calls_of(text) if reason == "stop" else None
+            cut = parsed is None and reason == "length" and not started
+            if cut:  # calls held whole (`stream_calls` False) that max_tokens cut: sent as written
+                parsed = self.tools.cut_calls(text)
             held_lp = self._held_lp.pop(i, None)
             logprobs = {"content": held_lp} if held_lp is not None else None
             if parsed is not None:
@@ -1162,7 +1168,7 @@ class ChunkRenderer:
                     body = {"role": "assistant", "content": parsed[0], **body}
                 if body or logprobs is not None:
                     calls = {"index": i, "delta": body, "logprobs": logprobs, "finish_reason": None}
-                delta, logprobs, reason = {}, None, self.tools.finish_reason
+                delta, logprobs, reason = {}, None, reason if cut else self.tools.finish_reason
             elif started:  # cut inside a call (max_tokens): what was written of it has gone out
                 delta = {}
             else:

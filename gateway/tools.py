@@ -161,10 +161,10 @@ class ToolCalling:
         return "stop" if self.named is not None else "tool_calls"
 
     def content_of(self, text: str, reason: str) -> str:
-        """The content of a finished choice that spells no call (`tool_calls_of` None): all
-        its text, except in auto mode when a stop string or stop token ended it inside a
-        call, whose unfinished call is dropped (the text before the marker remains). A
-        choice cut by max_tokens keeps what it wrote."""
+        """The content of a finished choice that spells no call (`tool_calls_of` and
+        `cut_calls` None): all its text, except in auto mode when a stop string or stop token
+        ended it inside a call, whose unfinished call is dropped (the text before the marker
+        remains). A choice cut by max_tokens before a call's name keeps what it wrote."""
         at = self._marker(text) if self.auto and reason == "stop" else -1
         return text if at < 0 else text[:at]
 
@@ -202,6 +202,23 @@ class ToolCalling:
             return _calls_so_far(text, offset, self.args_key)
         except (ValueError, IndexError):  # not reached for a prefix of valid calls; stream them whole then
             return []
+
+    def cut_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
+        """The message `content` and OpenAI `tool_calls` of a choice max_tokens cut inside its
+        calls: each call whose name is whole, the last with its arguments as far as they
+        were written (as OpenAI answers, and as a stream sends them: `calls_so_far`); None if
+        no call's name was written yet (the choice is then its text, `content_of`)."""
+        calls = [c for c in self.calls_so_far(text) if c.name is not None]
+        if not calls:
+            return None
+        content = None
+        if self.auto:
+            at = self._marker(text)
+            content = text[:at] if text[:at].strip() else None
+        return content, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                          "function": {"name": c.name, "arguments": "" if c.start is None
+                                       else text[c.start:c.end if c.end is not None else len(text)]}}
+                         for c in calls]
 
     def tool_calls_of(self, text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
         """The message `content` and OpenAI `tool_calls` a finished choice's text spells;

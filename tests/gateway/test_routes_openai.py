@@ -283,6 +283,34 @@ def test_a_streamed_call_cut_by_max_tokens_ends_with_length() -> None:
     assert (content, [c["arguments"] for c in calls], finish) == ("", ['{"a": "long'], "length")
 
 
+@pytest.mark.parametrize(("choice", "stop"), [("required", None), ("auto", None), ("auto", ["zz"])])
+def test_calls_cut_by_max_tokens_come_back_as_written_whole_and_streamed(choice: str, stop: list | None) -> None:
+    """max_tokens inside the second of two calls: the answer has both, the second with its
+    arguments as far as written, and ends "length", as OpenAI's (the whole answer gave the
+    calls' raw JSON as `content`, with no tool_calls, and dropped the first, complete call;
+    a stream sent them as calls). Auto mode with a stop string holds calls whole while
+    streaming: they go out at the end the same way."""
+    calling = tool_calling(ARGS_TOOLS, choice, None)
+    key = calling.args_key
+    head = "Let me look. <tool_call>" if choice == "auto" else ""
+    pieces = [head + f'[{{"name": "search", "{key}": {{"q": "a"}}}}, ', f'{{"name": "note", "{key}": {{"t": "lo']
+    deltas = [TokenDelta("r", 0, t, [k], finish_reason="length" if k == len(pieces) - 1 else None)
+              for k, t in enumerate(pieces)]
+    finished = Finished("r", ["length"], Usage(3, 2))
+    collector = Collector("chat.completions", "r", MODEL, n=1, tools=calling)
+    for d in deltas:
+        collector.add(d)
+    [whole] = collector.response(finished)["choices"]
+    got = [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]]
+    assert got == [("search", '{"q": "a"}'), ("note", '{"t": "lo')] and whole["finish_reason"] == "length"
+    assert whole["message"]["content"] == ("Let me look. " if choice == "auto" else None)
+    renderer = ChunkRenderer("chat.completions", "r", MODEL, include_usage=False, tools=calling,
+                             stream_calls=stop is None)
+    content, calls, finish = accumulate(stream_chunks(renderer, deltas, finished))
+    assert [(c["name"], c["arguments"]) for c in calls] == got and finish == "length"
+    assert content.strip() == ("Let me look." if choice == "auto" else "")
+
+
 @pytest.mark.parametrize(("fields", "app_tag", "param"), [
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, None, "metadata"),  # OpenAI's 16 pairs
     ({"metadata": {"k": "v" * 513}}, None, "metadata"),
