@@ -109,6 +109,16 @@ class _Refuse(Exception):
         self.rate_limits = rate_limits  # a quota refusal's: where the tenant stands (x-ratelimit headers)
 
 
+def context_message(limit: int, what: str, reduce: str, held_by: str | None = None) -> str:
+    """A `context_length_exceeded` 400's message, in OpenAI's (and vLLM's) words, which
+    clients match on (litellm's ContextWindowExceededError, and so its context-window
+    fallbacks, reads the message alone). `held_by`: the limit is what this server's KV cache
+    holds for that (one request; each beam of a beam search), below the model's window."""
+    where = "" if held_by is None else f" on this server (what its KV cache holds for {held_by})"
+    return (f"This model's maximum context length is {limit} tokens{where}. However, {what}. "
+            f"Please reduce the length of the {reduce}.")
+
+
 def unknown_model_message(model: str, served: list[str]) -> str:
     """The 404 text for a `model` this server does not serve (its first 100 characters),
     naming (up to 8 of) those it does."""
@@ -275,8 +285,9 @@ class Admission:
         return self.tokenizer.encode_within(text, self.config.max_model_len)
 
     def _too_long(self, param: str) -> _Refuse:
-        return _Refuse(400, "context_length_exceeded", f"prompt is over {self.config.max_model_len} tokens; the "
-                       f"context window is {self.config.max_model_len}", param)
+        return _Refuse(400, "context_length_exceeded", context_message(
+            self.config.max_model_len, f"your {param} resulted in over {self.config.max_model_len} tokens", param),
+            param)
 
     async def _off_loop(self, fn: Any, chars: int) -> Any:
         """`fn()` (rendering and tokenizing a prompt): in a worker thread when the text is
@@ -307,10 +318,10 @@ class Admission:
         room = self.config.max_model_len - n_prompt
         if n_prompt == 0:
             raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
+        read_as = "messages" if call.messages is not None else "prompt"
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
-            raise _Refuse(400, "context_length_exceeded",
-                          f"prompt is {n_prompt} tokens; the context window is {self.config.max_model_len}",
-                          "messages" if call.messages is not None else "prompt")
+            raise _Refuse(400, "context_length_exceeded", context_message(
+                self.config.max_model_len, f"your {read_as} resulted in {n_prompt} tokens", read_as), read_as)
         outside = [t for t in p.stop_token_ids if t >= self.config.vocab_size]
         if outside:
             raise _Refuse(400, "invalid_value", f"stop_token_ids: token id {outside[0]} is not in the vocabulary "
@@ -333,9 +344,8 @@ class Admission:
             if cap_kv:  # a cache smaller than the context window bounds what one request can grow to
                 room = min(room, cap_kv - n_prompt)
                 if room < 1:
-                    raise _Refuse(400, "context_length_exceeded",
-                                  f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} "
-                                  f"for {held_by}", "messages" if call.messages is not None else "prompt")
+                    raise _Refuse(400, "context_length_exceeded", context_message(
+                        cap_kv, f"your {read_as} resulted in {n_prompt} tokens", read_as, held_by), read_as)
             max_tokens = min(room, cap) if cap is not None else room
             fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width))
             if fits is not None and 1 <= fits < max_tokens:
@@ -345,18 +355,17 @@ class Admission:
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_value",
                           f"{call.max_tokens_param} {max_tokens} exceeds this key's limit of {cap}", call.max_tokens_param)
+        requested = (f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the {read_as}, {max_tokens} "
+                     f"in the completion; {call.max_tokens_param} {max_tokens})")
         if n_prompt + max_tokens > self.config.max_model_len:
-            raise _Refuse(400, "context_length_exceeded",
-                          f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
-                          f"window of {self.config.max_model_len} tokens", call.max_tokens_param)
+            raise _Refuse(400, "context_length_exceeded", context_message(
+                self.config.max_model_len, requested, f"{read_as} or completion"), call.max_tokens_param)
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long
-            raise _Refuse(400, "context_length_exceeded",
-                          f"prompt is {n_prompt} tokens; this server's KV cache holds {cap_kv} for {held_by}",
-                          "messages" if call.messages is not None else "prompt")
+            raise _Refuse(400, "context_length_exceeded", context_message(
+                cap_kv, f"your {read_as} resulted in {n_prompt} tokens", read_as, held_by), read_as)
         if cap_kv and n_prompt + max_tokens > cap_kv:
-            raise _Refuse(400, "context_length_exceeded",
-                          f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
-                          f"{cap_kv} tokens this server's KV cache holds for {held_by}", call.max_tokens_param)
+            raise _Refuse(400, "context_length_exceeded", context_message(
+                cap_kv, requested, f"{read_as} or completion", held_by), call.max_tokens_param)
         try:  # the request's own fields were checked; what is filled in here may clash with them
             return msgspec.structs.replace(p, max_tokens=max_tokens)
         except SamplingParamsError as e:

@@ -342,6 +342,13 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (404, "model")
     rej = await runtime.submit(call(t, prompt="word " * 3000))
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
+    # in OpenAI's and vLLM's words, which clients match (litellm's ContextWindowExceededError)
+    window = runtime.engine.max_model_len  # (the model's; this KV cache holds fewer)
+    assert rej.message.startswith(f"This model's maximum context length is {window} tokens. However, your prompt "
+                                  "resulted in"), rej.message
+    rej = await runtime.submit(call(tenant(Quota()), prompt="Hi", max_tokens=window))
+    assert isinstance(rej, Rejected) and (rej.code, rej.param) == ("context_length_exceeded", "max_tokens")
+    assert f"However, you requested {window + 1} tokens (1 in the prompt, {window} in the completion" in rej.message
     # far too long: told from a prefix, off the event loop (a megabyte of digits took two seconds of it)
     for far in (call(t, prompt="1" * 900_000), call(t, messages=[ChatMessage("user", "1" * 900_000)])):
         rej = await runtime.submit(far)
@@ -380,6 +387,7 @@ async def test_bad_requests_are_4xx(runtime):
     whole = msgspec.structs.replace(call(big, max_tokens=2), prompt=None, prompt_token_ids=[1] * kv_tokens)
     rej = await runtime.submit(whole)
     assert isinstance(rej, Rejected) and rej.param == "prompt" and "KV cache holds" in rej.message
+    assert rej.message.startswith("This model's maximum context length is ")  # (the words clients match)
     # the operator's --model name is an alias of the served id
     acc = await runtime.submit(call(t, prompt="Hi", model="smollm2", max_tokens=2))
     assert isinstance(acc, Accepted)
