@@ -266,12 +266,12 @@ class Runtime:
     # ------------------------------------------------------------------ load
     def waiting(self) -> int:
         """Requests admitted and not yet running: on their way through the predictor, in
-        the queue, released to the stepper but not yet taken (the intake buffer), and
-        waiting inside the engine."""
+        the queue, released to the stepper but not yet taken (the intake buffer) or parked
+        there for a LoRA slot (`max_loras`), and waiting inside the engine."""
         return (self._pred_recv.statistics().current_buffer_used + self._predicting
                 + self._queue_recv.statistics().current_buffer_used
                 + len(self.queue) + self._intake_recv.statistics().current_buffer_used
-                + self.engine.scheduler.num_waiting)
+                + len(self.stepper.parked) + self.engine.scheduler.num_waiting)
 
     def estimated_wait_s(self) -> float:
         """The wait a request admitted now would have: the work ahead of it, in typical
@@ -314,7 +314,7 @@ class Runtime:
         for what it generated and frees its `max_concurrent` slot, rather than holding it
         until the reservation's TTL and never reaching the usage counters."""
         while True:
-            for st in self.stepper.active.values():
+            for st in [*self.stepper.active.values(), *self.stepper.parked]:
                 st.cancelled = True  # queued requests reach the stepper as slots free, then this
             busy = (self.stepper.active or self.waiting() or self.admission.pending or self.accounting.pending
                     or self._done_recv.statistics().current_buffer_used or self._admit_recv.statistics().current_buffer_used)
@@ -479,7 +479,7 @@ class Runtime:
         score, rerank) requests stop after their current batch and answer the same 503
         (`EmbeddingService.end_all`). Returns how many."""
         ended = self._fail_waiting(message, code="shutting_down", outcome="cancelled")
-        for st in list(self.stepper.active.values()):
+        for st in [*self.stepper.active.values(), *self.stepper.parked]:
             if not st.cancelled:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
                     st.events.send_nowait(Failed(st.request_id, 503, "shutting_down", message))
@@ -515,7 +515,7 @@ class Runtime:
     def _holding_reservations(self) -> list[RequestState]:
         """Requests that hold a quota reservation and have not ended: waiting in the queue or
         running in the engine."""
-        live = [job.payload for job in self.queue.policy] + list(self.stepper.active.values())
+        live = [job.payload for job in self.queue.policy] + list(self.stepper.active.values()) + self.stepper.parked
         return [st for st in live if st.reserved and st.quota_tenant is not None and not st.cancelled]
 
     async def _keep_reservations(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

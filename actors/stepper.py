@@ -107,6 +107,13 @@ class Stepper:
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.active: dict[str, RequestState] = {}
+        # LoRA (vLLM's max_loras): at most this many distinct adapters among the requests in
+        # the engine; a request of another adapter waits here, in order (`parked`), until
+        # one of them is done. Without the cap every running request of its own adapter kept
+        # that adapter in memory (12 rank-64 adapters at --max-loras 2: 4.1 GB).
+        lora = getattr(engine, "lora", None)
+        self.max_loras: int | None = lora.config.max_loras if lora is not None and lora.enabled else None
+        self.parked: list[RequestState] = []
         self.last_step_s = 0.0  # duration of the latest engine step
         # what policies read as `EngineView.step_time_s` ("recent mean step time"): an EWMA
         # with the simulator's weight (SimConfig.step_time_ewma), so a policy behaves served as
@@ -130,6 +137,39 @@ class Stepper:
         self._wakeup.set()
 
     # ------------------------------------------------------------ intake
+    def _may_enter(self, st: RequestState) -> bool:
+        """Whether `st` may enter the engine now (`max_loras`): a base-model request always;
+        an adapter's while nothing is parked and its adapter runs already or the engine's
+        requests use fewer than `max_loras` adapters. Once one waits, every adapter request
+        after it waits too, so that the adapters running drain and it is not overtaken for
+        good by their newer requests."""
+        if self.max_loras is None or st.adapter is None or st.cancelled:
+            return True
+        if self.parked:
+            return False
+        return self._adapter_fits(st.adapter)
+
+    def _adapter_fits(self, adapter: str) -> bool:
+        running = {s.adapter for s in self.active.values() if s.adapter is not None}
+        return adapter in running or len(running) < (self.max_loras or 0)
+
+    def _enter_or_park(self, st: RequestState) -> bool:
+        """True if `st` may enter now; else it is parked (`parked`), and False."""
+        if self._may_enter(st):
+            return True
+        self.parked.append(st)
+        return False
+
+    async def _unpark(self) -> None:
+        """Parked requests enter, in order, as their adapters fit (`max_loras`); cancelled
+        ones end where they stand."""
+        for st in [s for s in self.parked if s.cancelled]:
+            self.parked.remove(st)
+            self._finish(st, "cancelled")
+        while self.parked and self._adapter_fits(self.parked[0].adapter or ""):
+            st = self.parked.pop(0)
+            self._admit(st, await self._load_adapter(st))
+
     def _admit(self, st: RequestState, adapter: Any = None) -> None:
         """Hand `st` to the engine; `adapter`: its LoRA adapter loaded already
         (`_load_adapter`), else the engine looks it up by name."""
@@ -180,7 +220,8 @@ class Stepper:
     def _drain_intake(self) -> int:
         n = 0
         for st in self._received():
-            self._admit(st)
+            if self._enter_or_park(st):
+                self._admit(st)
             n += 1
         return n
 
@@ -189,7 +230,8 @@ class Stepper:
         admission loaded in a worker thread first: `engine.add_request` would load it on
         the event loop (about 0.2 s for a rank-64 adapter)."""
         for st in self._received():
-            self._admit(st, await self._load_adapter(st))
+            if self._enter_or_park(st):
+                self._admit(st, await self._load_adapter(st))
 
     async def _load_adapter(self, st: RequestState) -> Any:
         """The `gpu.lora.LoraAdapter` `st` runs with, from the LRU, else read in a worker
@@ -248,8 +290,8 @@ class Stepper:
 
     def room(self) -> int:
         """How many more requests the engine can take now; released requests still in the
-        intake buffer are on their way in, and count."""
-        return self.max_inflight - len(self.active) - self.intake.statistics().current_buffer_used
+        intake buffer are on their way in, and count, as do the parked (`max_loras`)."""
+        return self.max_inflight - len(self.active) - len(self.parked) - self.intake.statistics().current_buffer_used
 
     def _report_demand(self) -> None:
         free = self.room()
@@ -367,12 +409,14 @@ class Stepper:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
+            await self._unpark()  # (first: they came before what the intake holds)
             if not self.active:
                 self._report_demand()
                 # idle: wait for work (or a poke), without spinning
                 with trio.move_on_after(0.5):
                     st = await self.intake.receive()
-                    self._admit(st, await self._load_adapter(st))
+                    if self._enter_or_park(st):
+                        self._admit(st, await self._load_adapter(st))
             await self._take_intake()
             self._apply_cancels()
             self._report_demand()

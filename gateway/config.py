@@ -78,7 +78,7 @@ class GatewayConfig:
     # LoRA adapters (gpu.lora): NAME=PATH[,NAME=PATH...] and/or a folder of adapter folders
     lora_modules: str = ""
     lora_dir: str | None = None
-    max_loras: int = 8  # adapters kept loaded between requests (LRU)
+    max_loras: int = 8  # distinct adapters in the engine at once (vLLM's), and the LRU kept loaded
     max_lora_rank: int = 64
     max_waiting: int = 1024  # queued requests beyond this → 503
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
@@ -466,8 +466,9 @@ _HELP = {
                     "`model`; each loaded and checked at start: a broken one stops it)",
     "lora_dir": "a folder of PEFT LoRA folders: a request whose `model` names a sub-folder runs with that "
                 "adapter, loaded on first use (LoRAX-style; folders added later are found too)",
-    "max_loras": "LoRA adapters kept loaded between requests (least recently used ones are dropped; a running "
-                 "request keeps its own, so up to --max-num-seqs may be in memory at once)",
+    "max_loras": "distinct LoRA adapters the engine's requests may use at once (as vLLM's: a request of another "
+                 "adapter waits until one is done), and adapters kept loaded between requests (least recently "
+                 "used ones are dropped)",
     "max_lora_rank": "largest LoRA rank an adapter may have (larger ones are refused with 400)",
     "max_waiting": "queued requests beyond which new ones get 503 (each prompt of a batched completions "
                    "request is one; a larger batch is a 400)",

@@ -116,7 +116,8 @@ class LoraConfig:
     `modules`: (name, PEFT folder) pairs, checked at start and loaded on first use.
     `directory`: a folder whose sub-folders are adapters named by folder name, found when
     a request names one (added while the server runs, too). `max_loras`: adapters kept
-    loaded between requests (LRU); a running request keeps its own loaded. `max_rank`:
+    loaded between requests (LRU), and the distinct adapters the engine's requests may use
+    at once (`actors.stepper.Stepper.parked`); a running request keeps its own loaded. `max_rank`:
     the largest rank an adapter may have (bounds one adapter's memory and compute)."""
 
     modules: tuple[tuple[str, str], ...] = ()

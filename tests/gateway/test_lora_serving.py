@@ -146,6 +146,61 @@ async def test_an_adapter_replaced_while_a_request_waits_is_cached_as_the_versio
     stop.set()
 
 
+async def test_max_loras_caps_the_adapters_in_the_engine_at_once(nursery: trio.Nursery, tmp_path, redis_url: str,
+                                                                lora_reference) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's max_loras: at 1, a request of a second adapter waits (counted as waiting)
+    until the first adapter's request is done, while a base-model request runs beside it;
+    a waiting request cancelled by its client ends where it stands. (Every running
+    request's adapter was in memory, whatever max_loras said.)"""
+    torch.set_num_threads(2)
+    config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
+                           shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64, max_loras=1,
+                           lora_modules=f"one={lora_reference.paths['one']},two={lora_reference.paths['two']}")
+    urls, key, stop = await serve_real(nursery, config)
+    ended: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": f"Bearer {key}"}, timeout=300) as http:
+        base = (await http.get("/v1/models")).json()["data"][0]["id"]
+
+        async def ask(name: str, model: str, tokens: int) -> None:
+            r = await http.post("/v1/completions", json={
+                "model": model, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True}, headers={"Cache-Control": "no-store, no-cache"})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == tokens, r.text
+            ended[name] = trio.current_time()
+
+        first = trio.Event()
+
+        async def long_one() -> None:
+            async with http.stream("POST", "/v1/completions", json={
+                    "model": "one", "prompt": "Once upon a time", "max_tokens": 96, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        first.set()
+            ended["one"] = trio.current_time()
+
+        async def cancelled_two() -> None:
+            with trio.move_on_after(1.0):  # gone while it waits
+                await http.post("/v1/completions", json={"model": "two", "prompt": "Hi", "max_tokens": 50})
+
+        async with trio.open_nursery() as requests:
+            requests.start_soon(long_one)
+            await first.wait()
+            requests.start_soon(cancelled_two)
+            requests.start_soon(ask, "two", "two", 2)
+            requests.start_soon(ask, "base", base, 2)
+            with trio.fail_after(60):
+                while "lmgate_num_requests_waiting 2.0" not in (await http.get("/metrics")).text:
+                    await trio.sleep(0.05)  # the two "two" requests wait; the base one does not
+        assert ended["base"] < ended["one"] < ended["two"], ended
+        metrics = (await http.get("/metrics")).text
+        assert "lmgate_num_requests_waiting 0.0" in metrics and "lmgate_num_requests_running 0.0" in metrics
+        async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
+            usage = {row["model"]: row for row in (await admin.get("/admin/tenants/dev/usage")).json()["data"]}
+        assert usage["two"]["requests"] == 1  # the cancelled one never ran
+    stop.set()
+
+
 def test_lora_settings_are_checked_before_the_server_starts(lora_reference, tmp_path) -> None:
     one = lora_reference.paths["one"]
     config = GatewayConfig(lora_modules=f" one={one} , two={lora_reference.paths['two']}")
