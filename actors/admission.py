@@ -114,9 +114,17 @@ def context_message(limit: int, what: str, reduce: str, held_by: str | None = No
     clients match on (litellm's ContextWindowExceededError, and so its context-window
     fallbacks, reads the message alone). `held_by`: the limit is what this server's KV cache
     holds for that (one request; each beam of a beam search), below the model's window."""
-    where = "" if held_by is None else f" on this server (what its KV cache holds for {held_by})"
-    return (f"This model's maximum context length is {limit} tokens{where}. However, {what}. "
+    said = (f"This model's maximum context length is {limit} tokens. However, {what}. "
             f"Please reduce the length of the {reduce}.")
+    return said if held_by is None else f"{said} (On this server, {limit} tokens is what its KV cache holds for {held_by}.)"
+
+
+def prompt_over(limit: int, n_prompt: int, read_as: str) -> str:
+    """`context_message`'s "what" for a prompt of `n_prompt` tokens that leaves no room: one
+    that fills the limit exactly is told it leaves none for the completion's one token."""
+    if n_prompt == limit:
+        return f"you requested {n_prompt + 1} tokens ({n_prompt} in the {read_as}, 1 in the completion)"
+    return f"your {read_as} resulted in {n_prompt} tokens"
 
 
 def unknown_model_message(model: str, served: list[str]) -> str:
@@ -321,7 +329,7 @@ class Admission:
         read_as = "messages" if call.messages is not None else "prompt"
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
             raise _Refuse(400, "context_length_exceeded", context_message(
-                self.config.max_model_len, f"your {read_as} resulted in {n_prompt} tokens", read_as), read_as)
+                self.config.max_model_len, prompt_over(self.config.max_model_len, n_prompt, read_as), read_as), read_as)
         outside = [t for t in p.stop_token_ids if t >= self.config.vocab_size]
         if outside:
             raise _Refuse(400, "invalid_value", f"stop_token_ids: token id {outside[0]} is not in the vocabulary "
@@ -345,7 +353,7 @@ class Admission:
                 room = min(room, cap_kv - n_prompt)
                 if room < 1:
                     raise _Refuse(400, "context_length_exceeded", context_message(
-                        cap_kv, f"your {read_as} resulted in {n_prompt} tokens", read_as, held_by), read_as)
+                        cap_kv, prompt_over(cap_kv, n_prompt, read_as), read_as, held_by), read_as)
             max_tokens = min(room, cap) if cap is not None else room
             fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width))
             if fits is not None and 1 <= fits < max_tokens:
@@ -355,14 +363,14 @@ class Admission:
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_value",
                           f"{call.max_tokens_param} {max_tokens} exceeds this key's limit of {cap}", call.max_tokens_param)
-        requested = (f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the {read_as}, {max_tokens} "
-                     f"in the completion; {call.max_tokens_param} {max_tokens})")
+        requested = f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the {read_as}, {max_tokens} " \
+                    "in the completion)"
+        if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long (said first:
+            raise _Refuse(400, "context_length_exceeded", context_message(  # a smaller max_tokens cannot help)
+                cap_kv, prompt_over(cap_kv, n_prompt, read_as), read_as, held_by), read_as)
         if n_prompt + max_tokens > self.config.max_model_len:
             raise _Refuse(400, "context_length_exceeded", context_message(
                 self.config.max_model_len, requested, f"{read_as} or completion"), call.max_tokens_param)
-        if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long
-            raise _Refuse(400, "context_length_exceeded", context_message(
-                cap_kv, f"your {read_as} resulted in {n_prompt} tokens", read_as, held_by), read_as)
         if cap_kv and n_prompt + max_tokens > cap_kv:
             raise _Refuse(400, "context_length_exceeded", context_message(
                 cap_kv, requested, f"{read_as} or completion", held_by), call.max_tokens_param)

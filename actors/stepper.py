@@ -167,8 +167,10 @@ class Stepper:
             self.parked.remove(st)
             self._finish(st, "cancelled")
         while self.parked and self._adapter_fits(self.parked[0].adapter or ""):
-            st = self.parked.pop(0)
-            self._admit(st, await self._load_adapter(st))
+            st = self.parked[0]
+            adapter = await self._load_adapter(st)  # (parked meanwhile: a shutdown's end_streams sees it)
+            self.parked.remove(st)
+            self._admit(st, adapter)
 
     def _admit(self, st: RequestState, adapter: Any = None) -> None:
         """Hand `st` to the engine; `adapter`: its LoRA adapter loaded already
@@ -290,8 +292,12 @@ class Stepper:
 
     def room(self) -> int:
         """How many more requests the engine can take now; released requests still in the
-        intake buffer are on their way in, and count, as do the parked (`max_loras`)."""
-        return self.max_inflight - len(self.active) - len(self.parked) - self.intake.statistics().current_buffer_used
+        intake buffer are on their way in, and count. Parked ones (`max_loras`) do not: the
+        engine's free slots stay open to base-model requests while they wait; but once as
+        many are parked as the engine has slots, nothing more is taken until they move."""
+        if len(self.parked) >= self.max_inflight:
+            return 0
+        return self.max_inflight - len(self.active) - self.intake.statistics().current_buffer_used
 
     def _report_demand(self) -> None:
         free = self.room()

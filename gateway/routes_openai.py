@@ -1173,7 +1173,9 @@ class ChunkRenderer:
                 delta = {}
             else:
                 text = self.tools.content_of(text, reason)
-                delta = {"content": text[sent:]} if i in self._role_sent else {"role": "assistant", "content": text}
+                rest = text[sent:]
+                delta = ({"content": rest} if rest else {}) if i in self._role_sent else {"role": "assistant",
+                                                                                          "content": text}
             self._role_sent.add(i)
         return calls, {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 

@@ -388,6 +388,8 @@ def own_params() -> Iterator[None]:
         elif chat_field in _PARAMS:  # "invalid sampling parameter 'max_tokens'" (of max_completion_tokens)
             for chat_name in (k for k, v in _PARAMS.items() if v == exc.param):
                 exc.message = exc.message.replace(f"'{chat_name}'", f"'{exc.param}'")
+        if exc.param == "input" or exc.code == "context_length_exceeded":  # the chat's words for the input
+            exc.message = exc.message.replace("the messages", "the input").replace("your messages", "your input")
         if exc.param in ("tools", "tool_choice"):
             exc.message = re.sub(r"(tools\[\d+\])\.function\.", r"\1.", exc.message)
             exc.message = re.sub(r'"function": \{"name": ("(?:[^"\\]|\\.)*")\}', r'"name": \1', exc.message)

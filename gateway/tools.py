@@ -162,10 +162,10 @@ class ToolCalling:
 
     def content_of(self, text: str, reason: str) -> str:
         """The content of a finished choice that spells no call (`tool_calls_of` and
-        `cut_calls` None): all its text, except in auto mode when a stop string or stop token
-        ended it inside a call, whose unfinished call is dropped (the text before the marker
-        remains). A choice cut by max_tokens before a call's name keeps what it wrote."""
-        at = self._marker(text) if self.auto and reason == "stop" else -1
+        `cut_calls` None): all its text, except in auto mode when a stop string, stop token
+        or max_tokens ended it inside a call (before its name was whole), whose unfinished
+        call is dropped (the text before the marker remains: the markup is not an answer)."""
+        at = self._marker(text) if self.auto and reason in ("stop", "length") else -1
         return text if at < 0 else text[:at]
 
     def _marker(self, text: str) -> int:

@@ -155,6 +155,7 @@ async def test_max_loras_caps_the_adapters_in_the_engine_at_once(nursery: trio.N
     torch.set_num_threads(2)
     config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=redis_url, admin_key="adm",
                            shutdown_grace_seconds=1, dtype="float32", kv_cache_mb=64, max_loras=1,
+                           max_num_seqs=3,  # "one" runs, two "two" wait: their slots stay open to the base model
                            lora_modules=f"one={lora_reference.paths['one']},two={lora_reference.paths['two']}")
     urls, key, stop = await serve_real(nursery, config)
     ended: dict[str, float] = {}
@@ -179,19 +180,32 @@ async def test_max_loras_caps_the_adapters_in_the_engine_at_once(nursery: trio.N
                         first.set()
             ended["one"] = trio.current_time()
 
+        base_done = trio.Event()
+
         async def cancelled_two() -> None:
-            with trio.move_on_after(1.0):  # gone while it waits
+            async with trio.open_nursery() as inner:  # gone while it waits (once the base request is done)
+
+                async def cancel_then() -> None:
+                    await base_done.wait()
+                    inner.cancel_scope.cancel()
+
+                inner.start_soon(cancel_then)
                 await http.post("/v1/completions", json={"model": "two", "prompt": "Hi", "max_tokens": 50})
+                raise AssertionError("it ran before it was cancelled")
+
+        async def ask_base() -> None:
+            await ask("base", base, 2)
+            base_done.set()
 
         async with trio.open_nursery() as requests:
             requests.start_soon(long_one)
             await first.wait()
             requests.start_soon(cancelled_two)
             requests.start_soon(ask, "two", "two", 2)
-            requests.start_soon(ask, "base", base, 2)
             with trio.fail_after(60):
                 while "lmgate_num_requests_waiting 2.0" not in (await http.get("/metrics")).text:
-                    await trio.sleep(0.05)  # the two "two" requests wait; the base one does not
+                    await trio.sleep(0.05)  # the two "two" requests wait
+            requests.start_soon(ask_base)  # and a base-model request after them does not
         assert ended["base"] < ended["one"] < ended["two"], ended
         metrics = (await http.get("/metrics")).text
         assert "lmgate_num_requests_waiting 0.0" in metrics and "lmgate_num_requests_running 0.0" in metrics

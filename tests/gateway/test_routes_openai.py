@@ -136,8 +136,8 @@ def test_a_stop_inside_an_auto_call_drops_the_call() -> None:
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert text == "Sure. " and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
-    # cut by max_tokens instead, the choice keeps what it wrote
-    assert calling.content_of('a <tool_call>[{"na', "length") == 'a <tool_call>[{"na'
+    # cut by max_tokens instead, before the call's name: the text before the markup
+    assert calling.content_of('a <tool_call>[{"na', "length") == 'a '
 
 
 def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
@@ -177,9 +177,8 @@ def test_auto_tool_calls_stream_text_at_once_and_calls_whole() -> None:
     assert renderer.delta(TokenDelta("s", 0, "x <", [1]))["choices"][0]["delta"]["content"] == "x "
     assert renderer.delta(TokenDelta("s", 0, " y", [2]))["choices"][0]["delta"]["content"] == "< y"
     assert renderer.delta(TokenDelta("s", 0, " <tool_call>[", [3])) is not None  # " " before the marker
-    [end] = renderer.finished(Finished("s", ["length"], Usage(3, 3)))
-    assert end["choices"][0] == {"index": 0, "delta": {"content": "<tool_call>["}, "logprobs": None,
-                                 "finish_reason": "length"}
+    [end] = renderer.finished(Finished("s", ["length"], Usage(3, 3)))  # the call's markup is no answer
+    assert end["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
 
 
 def stream_chunks(renderer: ChunkRenderer, deltas: list[TokenDelta], finished: Finished) -> list[dict]:
