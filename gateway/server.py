@@ -414,8 +414,58 @@ async def serve_app(
             state.draining.set()
 
     await hypercorn.trio.serve(
-        app, hypercorn_config(config), shutdown_trigger=trigger if shutdown_trigger else None, task_status=task_status
+        upgrade_ignored_off_websocket_routes(app), hypercorn_config(config),
+        shutdown_trigger=trigger if shutdown_trigger else None, task_status=task_status
     )
+
+
+WEBSOCKET_PATHS = frozenset({"/v1/ws"})  # the app's WebSocket routes (`gateway.ws`)
+_UPGRADE_HEADERS = (b"upgrade", b"connection", b"sec-websocket-")
+
+
+def upgrade_ignored_off_websocket_routes(app: Any) -> Any:
+    """`app`, with a WebSocket upgrade asked of a route that is not a WebSocket endpoint
+    answered as the plain GET it also is (RFC 9110 7.8: a server may ignore `Upgrade`).
+    Hypercorn hands such a request to the app as a WebSocket, and Quart, finding no
+    WebSocket route, answered 400 "The browser (or proxy) sent a request that this server
+    could not understand" (405 on a route with other methods), with no X-Request-Id and
+    uncounted. Typically a client whose shared headers picked up `Upgrade: websocket`
+    (httpx_ws adds its headers to the dict it is given). The route's answer goes out as
+    ASGI's WebSocket denial response, streamed as it comes."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket" or scope["path"] in WEBSOCKET_PATHS:
+            await app(scope, receive, send)
+            return
+        http_scope = {**scope, "type": "http", "method": "GET",
+                      "scheme": "https" if scope.get("scheme") == "wss" else "http",
+                      "headers": [(k, v) for k, v in scope["headers"] if not k.lower().startswith(_UPGRADE_HEADERS)],
+                      "extensions": {k: v for k, v in (scope.get("extensions") or {}).items()
+                                     if k != "websocket.http.response"}}
+        http_scope.pop("subprotocols", None)
+        connected = False
+
+        async def http_receive() -> dict[str, Any]:
+            nonlocal connected
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.connect" and not connected:
+                    connected = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                if message["type"] == "websocket.disconnect":
+                    return {"type": "http.disconnect"}
+
+        async def http_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                await send({"type": "websocket.http.response.start", "status": message["status"],
+                            "headers": message.get("headers", [])})
+            elif message["type"] == "http.response.body":
+                await send({"type": "websocket.http.response.body", "body": message.get("body", b""),
+                            "more_body": message.get("more_body", False)})
+
+        await app(http_scope, http_receive, http_send)
+
+    return asgi
 
 
 @asynccontextmanager

@@ -461,6 +461,23 @@ async def test_a_connection_reset_under_an_upgrade_header_is_closed(gateway: Gat
             await trio.sleep(0.1)
 
 
+async def test_an_upgrade_asked_of_a_plain_route_is_answered_as_its_get(gateway: Gateway) -> None:
+    """RFC 9110 7.8: a server may ignore `Upgrade`. A GET of /v1/models carrying WebSocket
+    upgrade headers (a client whose shared headers picked them up) got Quart's 400 "The
+    browser (or proxy) sent a request that this server could not understand", without an
+    X-Request-Id; it gets the route's answer."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                          b"Authorization: Bearer " + gateway.api_key.encode() + b"\r\n\r\n")
+    received = await read_to_eof(stream, 5)
+    await stream.aclose()
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"x-request-id: req_" in head.lower(), head
+    assert json.loads(body)["data"][0]["id"] == MODEL
+
+
 async def test_a_head_the_server_cannot_read_still_gets_its_status(gateway: Gateway) -> None:
     """An answer to HEAD has no body: the JSON body made h11 refuse, and no status line went out."""
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
