@@ -221,6 +221,8 @@ def close_connections_for_sure() -> None:
     _close_refused_websocket_upgrades()
     _close_frame_on_websocket_protocol_errors()
     _end_paused_reads_on_close()
+    _drop_data_of_answered_h2_streams()
+    _contain_connection_failures()
     _time_out_idle_h2c()
     _json_protocol_errors()
 
@@ -375,6 +377,51 @@ def _end_paused_reads_on_close() -> None:
     H11Protocol.handle = handle_ending_a_paused_read  # type: ignore[method-assign]
 
 
+def _drop_data_of_answered_h2_streams() -> None:
+    """HTTP/2: body data for a stream already answered (a 401 or 413 sent before the body
+    was read; httpx and the openai SDK go on uploading) raised KeyError in Hypercorn's
+    event loop (its `StreamEnded` branch has the guard, its `DataReceived` branch not:
+    pgjones/hypercorn #329), which ended the whole server: anyone, without a key, could
+    stop it. Such data is now acknowledged (the connection's flow-control window stays
+    open) and dropped; the client reads its answer once it has sent its body."""
+    import h2.events
+    from hypercorn.protocol.h2 import H2Protocol
+
+    handle_events = H2Protocol._handle_events
+
+    async def handle_events_of_open_streams(self: Any, events: list[Any]) -> None:
+        # one at a time: handling one event (a body's first data) may answer and close its
+        # stream, and the next event of the same batch is then one for a closed stream
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                # (not reset: httpx, the openai SDK's client, then fails the request instead of
+                # reading its answer: it sends on into the reset stream)
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                await self._flush()
+            else:
+                await handle_events(self, [event])
+
+    H2Protocol._handle_events = handle_events_of_open_streams  # type: ignore[method-assign]
+
+
+def _contain_connection_failures() -> None:
+    """An exception escaping one connection's handler (a Hypercorn bug, such as the one
+    `_drop_data_of_answered_h2_streams` mends) ended `trio.serve_listeners`, and with it
+    the whole server and every other client's stream. It now closes that connection alone
+    (Hypercorn's own `finally` closes the socket) and is logged with its traceback."""
+    from hypercorn.trio.tcp_server import TCPServer
+
+    run = TCPServer.run
+
+    async def run_alone(self: Any) -> None:
+        try:
+            await run(self)
+        except Exception:  # noqa: BLE001 - one connection's failure, not the server's
+            log.exception("an HTTP connection failed inside the server; closed it alone")
+
+    TCPServer.run = run_alone  # type: ignore[method-assign]
+
+
 def _time_out_idle_h2c() -> None:
     """An HTTP/1.1 connection that turns into HTTP/2 (h2c: the prior-knowledge preface, or
     `Upgrade: h2c`) stopped its idle timer on its first bytes and HTTP/2 starts it again
@@ -434,7 +481,8 @@ def upgrade_ignored_off_websocket_routes(app: Any) -> Any:
     ASGI's WebSocket denial response, streamed as it comes."""
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "websocket" or scope["path"] in WEBSOCKET_PATHS:
+        # (HTTP/2's WebSocket is an extended CONNECT, whose 2xx would say the tunnel is open)
+        if scope["type"] != "websocket" or scope["path"] in WEBSOCKET_PATHS or scope.get("http_version") != "1.1":
             await app(scope, receive, send)
             return
         http_scope = {**scope, "type": "http", "method": "GET",

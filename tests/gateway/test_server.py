@@ -478,6 +478,23 @@ async def test_an_upgrade_asked_of_a_plain_route_is_answered_as_its_get(gateway:
     assert json.loads(body)["data"][0]["id"] == MODEL
 
 
+async def test_http2_body_data_after_the_answer_neither_stops_the_server_nor_the_answer(gateway: Gateway) -> None:
+    """HTTP/2 (prior knowledge, as httpx and the openai SDK with http2=True): a 401 or 413
+    goes out before the body is read, and the client goes on uploading. The data for the
+    answered stream raised KeyError in Hypercorn, which ended the whole server (anyone,
+    without a key, could stop it); the client now reads its answer and the server goes on."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 200_000}], "max_tokens": 1}
+    async with httpx.AsyncClient(base_url=gateway.base_url, http1=False, http2=True, timeout=20) as h2c:
+        for _ in range(3):
+            r = await h2c.post("/v1/chat/completions", headers={"Authorization": "Bearer lmg-wrong"}, json=body)
+            assert r.http_version == "HTTP/2" and r.status_code == 401, r.text
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        r = await h2c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {gateway.api_key}"},
+                           content=b"x" * (gateway.config.max_body_bytes + 100_000))
+        assert r.status_code == 413, r.text
+        assert (await h2c.get("/healthz")).status_code == 200  # the same connection, still served
+
+
 async def test_a_head_the_server_cannot_read_still_gets_its_status(gateway: Gateway) -> None:
     """An answer to HEAD has no body: the JSON body made h11 refuse, and no status line went out."""
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
