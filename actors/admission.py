@@ -215,9 +215,10 @@ class Admission:
     # ------------------------------------------------------------- pieces
     async def _adapter(self, model: str) -> tuple[str, str] | None:
         """None for the base model (its id or an alias), else the LoRA adapter `model` names
-        and its key (`gpu.lora.LoraAdapter.key`), loaded now off the event loop (the engine
-        finds it in its LRU when the request reaches it). Refuses an unknown model (404)
-        and an adapter that cannot be served (400; the server log has the file and why)."""
+        and its key (`gpu.lora.LoraManager.key_of`: from its files, off the event loop; the
+        stepper loads it when the request enters the engine, under `max_loras`). Refuses an
+        unknown model (404) and an adapter that cannot be served (400; the server log has
+        the file and why)."""
         if model == self.config.model_name or model in self.config.model_aliases:
             return None
         if model in self.config.embedding_models:
@@ -227,8 +228,7 @@ class Admission:
             from gpu.lora import AdapterNotFound, LoraError
 
             try:
-                loaded = await trio.to_thread.run_sync(self.adapters.get, model)
-                return model, loaded.key
+                return model, await trio.to_thread.run_sync(self.adapters.key_of, model)
             except AdapterNotFound:
                 pass
             except LoraError as e:

@@ -239,6 +239,30 @@ class LoraAdapter:
         return tuple(sorted(self.weights))
 
 
+def adapter_key(name: str, folder: Path, max_rank: int) -> str:
+    """`LoraAdapter.key` of the adapter in `folder`, from its files alone (its digest, read
+    in pieces): what `load_adapter` would key it by. Raises `LoraError` for a configuration
+    this engine does not serve, a rank over `max_rank`, or no weights file."""
+    cfg = read_config(folder)
+    rank = max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()])
+    if rank > max_rank:
+        raise LoraError(folder, f"it has rank {rank}; this server allows up to {max_rank} (--max-lora-rank)")
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        raise LoraError(folder, f"no {WEIGHTS_FILE}{bin_hint}")
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise LoraError(path, f"unreadable ({_why(e)})") from None
+    with contextlib.suppress(OSError):
+        digest.update((folder / CONFIG_FILE).read_bytes())
+    return f"{name}@{digest.hexdigest()[:16]}"  # (as `load_adapter` keys it)
+
+
 def folder_version(folder: Path) -> str:
     """The sizes and modification times of an adapter folder's two files, as one string:
     changes when either file is replaced. "" when either is missing."""
@@ -441,6 +465,7 @@ class LoraManager:
         # because its files changed; evictions: dropped from the LRU
         self.counters = {"loads": 0, "reloads": 0, "evictions": 0, "hits": 0, "load_seconds": 0.0}
         self._reserved: frozenset[str] = frozenset()
+        self._keys: dict[str, tuple[str, str]] = {}  # name -> (folder_version, key): `key_of`
         for name in self._modules:  # loaded now: a broken adapter fails the start, not its first request
             self.get(name)
 
@@ -486,6 +511,31 @@ class LoraManager:
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+    def key_of(self, name: str) -> str:
+        """The key (`LoraAdapter.key`) adapter `name` would load with, without loading it: from
+        the LRU, else from its files (`adapter_key`; remembered per `folder_version`). What
+        admission needs of a request naming an adapter: it loaded each in full (233 MB for a
+        rank-64 adapter on every projection), all at once and before `max_loras` applies, and
+        each such load pushed an adapter the engine was running out of the LRU. Raises
+        `AdapterNotFound`, or `LoraError` for a folder whose configuration or files cannot be
+        served (its weights' values are checked when it loads: a request that then fails
+        gets the same 400)."""
+        folder = self.folder(name)
+        if folder is None:
+            raise AdapterNotFound(name)
+        version = folder_version(folder)
+        with self._lock:
+            hit = self._loaded.get(name)
+            if hit is not None and hit.version == version:
+                return hit.key
+            known = self._keys.get(name)
+        if known is not None and known[0] == version and version:
+            return known[1]
+        key = adapter_key(name, folder, self.config.max_rank)
+        with self._lock:
+            self._keys[name] = (version, key)
+        return key
 
     def is_current(self, name: str) -> bool:
         """Whether `get(name)` would find the adapter in the LRU, its files unchanged (no

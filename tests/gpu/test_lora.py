@@ -390,3 +390,28 @@ def test_an_unreadable_adapter_file_is_reasoned_without_the_server_s_path(tmp_pa
     with pytest.raises(LoraError) as info:
         read_config(tmp_path)
     assert info.value.reason == "unreadable (Is a directory)" and str(tmp_path) in str(info.value)
+
+
+def test_the_key_of_an_adapter_comes_from_its_files_without_loading_it(lora_reference, tmp_path) -> None:
+    """What admission asks of a request naming an adapter (`key_of`): the key a load would
+    give it, read from its files, remembered per file version; nothing is loaded, so the
+    LRU keeps the adapters the engine runs (admission loaded each in full, all at once)."""
+    root = tmp_path / "adapters"
+    shutil.copytree(lora_reference.paths["two"], root / "two")
+    copy_adapter(lora_reference.paths["one"], root / "dora", use_dora=True)
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    manager = LoraManager(LoraConfig(directory=str(root), max_loras=1), cfg, torch.float32)
+    key = manager.key_of("two")
+    assert manager.loaded() == [] and manager.counters["loads"] == 0
+    assert key == load_adapter("two", root / "two", cfg, torch.float32).key
+    assert manager.key_of("two") == key and manager.get("two").key == key  # the LRU's, once loaded
+    with pytest.raises(AdapterNotFound):
+        manager.key_of("three")
+    with pytest.raises(LoraError, match="DoRA"):
+        manager.key_of("dora")
+    with pytest.raises(LoraError, match="max-lora-rank"):
+        LoraManager(LoraConfig(directory=str(root), max_rank=2), cfg, torch.float32).key_of("two")
+    # new contents under the same name: a new key
+    shutil.rmtree(root / "two")
+    shutil.copytree(lora_reference.paths["one"], root / "two")
+    assert manager.key_of("two") not in (key, None)
