@@ -239,6 +239,15 @@ class LoraAdapter:
         return tuple(sorted(self.weights))
 
 
+def _weights_file(folder: Path) -> Path:
+    """The folder's safetensors weights; `LoraError` when it has none."""
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        raise LoraError(folder, f"no {WEIGHTS_FILE}{bin_hint}")
+    return path
+
+
 def adapter_key(name: str, folder: Path, max_rank: int) -> str:
     """`LoraAdapter.key` of the adapter in `folder`, from its files alone (its digest, read
     in pieces): what `load_adapter` would key it by. Raises `LoraError` for a configuration
@@ -247,10 +256,7 @@ def adapter_key(name: str, folder: Path, max_rank: int) -> str:
     rank = max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()])
     if rank > max_rank:
         raise LoraError(folder, f"it has rank {rank}; this server allows up to {max_rank} (--max-lora-rank)")
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
-        raise LoraError(folder, f"no {WEIGHTS_FILE}{bin_hint}")
+    path = _weights_file(folder)
     digest = hashlib.sha256()
     try:
         with path.open("rb") as f:
@@ -288,10 +294,7 @@ def load_adapter(
 
     version = folder_version(folder)  # before reading: a file replaced meanwhile reloads next time
     cfg = read_config(folder)
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
-        raise LoraError(folder, f"no {WEIGHTS_FILE}{bin_hint}")
+    path = _weights_file(folder)
     try:
         data = path.read_bytes()
         tensors = load_bytes(data)
