@@ -495,6 +495,30 @@ async def test_http2_body_data_after_the_answer_neither_stops_the_server_nor_the
         assert (await h2c.get("/healthz")).status_code == 200  # the same connection, still served
 
 
+async def test_a_connection_that_fails_inside_the_server_is_closed_alone(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception escaping one connection's handler (a Hypercorn bug) ended
+    `trio.serve_listeners` and the whole server; it closes that connection alone, logged."""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    create = H11Protocol._create_stream
+
+    async def failing(self, request):  # type: ignore[no-untyped-def]
+        if request.target == b"/boom":
+            raise RuntimeError("a bug inside the HTTP server")
+        await create(self, request)
+
+    monkeypatch.setattr(H11Protocol, "_create_stream", failing)
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await read_to_eof(stream, 5) == b""  # closed, unanswered
+    await stream.aclose()
+    async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+        assert (await client.get("/healthz")).status_code == 200  # the server goes on
+    assert "an HTTP connection failed inside the server" in caplog.text
+
+
 async def test_a_head_the_server_cannot_read_still_gets_its_status(gateway: Gateway) -> None:
     """An answer to HEAD has no body: the JSON body made h11 refuse, and no status line went out."""
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
