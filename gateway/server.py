@@ -390,16 +390,26 @@ def _drop_data_of_answered_h2_streams() -> None:
     handle_events = H2Protocol._handle_events
 
     async def handle_events_of_open_streams(self: Any, events: list[Any]) -> None:
-        # one at a time: handling one event (a body's first data) may answer and close its
-        # stream, and the next event of the same batch is then one for a closed stream
+        # body data is checked as its turn comes: handling an earlier event of the same batch
+        # (a body's first data) may answer and close its stream; the events between go to
+        # Hypercorn together, as they came (one flush for them)
+        run: list[Any] = []
         for event in events:
-            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+            if not isinstance(event, h2.events.DataReceived):
+                run.append(event)
+                continue
+            if run:
+                await handle_events(self, run)
+                run = []
+            if event.stream_id in self.streams:
+                await handle_events(self, [event])
+            else:
                 # (not reset: httpx, the openai SDK's client, then fails the request instead of
                 # reading its answer: it sends on into the reset stream)
                 self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 await self._flush()
-            else:
-                await handle_events(self, [event])
+        if run:
+            await handle_events(self, run)
 
     H2Protocol._handle_events = handle_events_of_open_streams  # type: ignore[method-assign]
 
