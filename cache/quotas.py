@@ -102,11 +102,6 @@ def _rate_limits(q: Quota, left: list[int]) -> RateLimits | None:
     )
 
 
-def _glob_escape(text: str) -> str:
-    """`text` matched literally by a Redis glob (SCAN MATCH): its `*?[]\\` escaped."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 class Quota(msgspec.Struct, frozen=True, kw_only=True):
     """Per-tenant limits; None means unlimited. Priority tier lives on the Tenant."""
 
@@ -442,7 +437,34 @@ return 1
 """
 
 
+# ARGV: base, (unused), usage_ttl_s -> how many running reservations were let go. The keys a
+# tenant's limits live in, by name: the per-minute windows a reserve or settle may have
+# written in the last 4 minutes (each lives 2 minutes past its last write) and the days in
+# the last 3 (each lives 2 days); a running reservation becomes `reset:<rid>`, so that its
+# settle records its usage and charges no limits (`_SETTLE`) and its extensions find it
+# alive (`_EXTEND`).
+_RESET = _GIVES_BACK + _PRELUDE + """
+local usage_ttl = tonumber(ARGV[3])
+local conc_key = base .. 'conc'
+""" + _LAPSES + """
+local n = 0
+for _, running in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
+  if redis.call('DEL', base .. 'res:' .. running) == 1 then
+    redis.call('SET', base .. 'reset:' .. running, '1', 'EX', __DONE_TTL_S__)
+    n = n + 1
+  end
+end
+redis.call('DEL', conc_key, base .. 'rpm')
+local win = now - (now % 60000)
+for i = 0, 3 do redis.call('DEL', base .. 'tpm:' .. (win - i * 60000)) end
+local day = math.floor(now / 86400000)
+for i = 0, 2 do redis.call('DEL', base .. 'day:' .. (day - i)) end
+return n
+"""
+
+
 _SETTLE = _SETTLE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
+_RESET = _RESET.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 _RELEASE = _RELEASE.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 
 
@@ -464,6 +486,8 @@ for i = 4, #ARGV, 4 do
       redis.call('HSET', res_key, 'prompt', ARGV[i + 1], 'completion', ARGV[i + 2], 'model', ARGV[i + 3])
     end
     n = n + 1
+  elseif redis.call('EXISTS', base .. 'reset:' .. ARGV[i]) == 1 then
+    n = n + 1  -- its tenant was deleted as it ran (`_RESET`): nothing to extend, not lapsed
   end
 end
 return n
@@ -535,6 +559,7 @@ class QuotaManager:
         self._extend = _FlaggedScript(store, _EXTEND)
         self._running = _FlaggedScript(store, _RUNNING)
         self._count_refused = _FlaggedScript(store, _COUNT_REFUSED)
+        self._reset = _FlaggedScript(store, _RESET)
 
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")
@@ -542,24 +567,20 @@ class QuotaManager:
     async def reset_limits(self, tenant_id: str) -> int:
         """Forget a tenant's enforcement state — its daily budget and per-minute counters,
         running set and reservations — but not its usage rows (billing keeps them). For a
-        deleted tenant, so a tenant later created under the same id starts afresh: a
-        request of the deleted one that settles later records its usage but charges none
-        of the new one's limits. Returns the number of keys removed."""
-        base = self._base(tenant_id)
-        keep = (base + "usage:", base + "done:", base + "reset:", base + "lapsed:")
-        removed = 0
+        tenant about to be deleted, so a tenant later created under the same id starts
+        afresh: a request of the deleted one that settles later records its usage but
+        charges none of the new one's limits. Reservations that had lapsed are settled
+        first (charged what their replica last reported, as a reserve would). One script,
+        touching only the tenant's own keys (named, not scanned for). Returns how many
+        running reservations were let go.
+
+        Call it *before* deleting the tenant: while the tenant exists its id cannot be
+        taken again, so no reservation of a new tenant under the id can be among those
+        removed. (A request of the old tenant admitted between the two calls keeps its
+        reservation, and counts against a new tenant's limits until it ends: the safe
+        side.)"""
         with self.store.guard():
-            keys = [k.decode() if isinstance(k, bytes) else k
-                    async for k in self.store.client.scan_iter(match=_glob_escape(base) + "*", count=500)]
-            doomed = [k for k in keys if not k.startswith(keep)]
-            # a request still running holds a reservation: mark it, so that its settle records
-            # its usage without charging the limits of a tenant created again meanwhile
-            running = [base + "reset:" + k[len(base) + 4:] for k in doomed if k.startswith(base + "res:")]
-            for rk in running:
-                await self.store.client.set(rk, "1", ex=DONE_TTL_S)
-            for i in range(0, len(doomed), 500):
-                removed += await self.store.client.delete(doomed[i:i + 500])
-        return removed
+            return int(await self._reset(args=[self._base(tenant_id), "", self.usage_ttl_days * _DAY_S]))
 
     async def reserve(
         self,
@@ -638,7 +659,8 @@ class QuotaManager:
     async def extend(self, tenant: Tenant, request_ids: list[str], *, ttl_s: float | None = None,
                      progress: dict[str, Progress] | None = None) -> int:
         """Push back the expiry of live reservations (and their concurrency slots) to `ttl_s`
-        (default `reservation_ttl_s`) from now; returns how many were live. The runtime calls
+        (default `reservation_ttl_s`) from now; returns how many were live (one its tenant's
+        deletion let go, `reset_limits`, counts: it has not lapsed). The runtime calls
         it for requests still waiting or running, so a request that outlives the TTL keeps
         its slot (else a tenant at `max_concurrent` could start one more per expired
         request); a crashed gateway stops calling, and its reservations expire as before.

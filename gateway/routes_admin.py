@@ -255,9 +255,13 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @bp.delete("/tenants/<tenant_id>")
     @store_errors
     async def delete_tenant(tenant_id: str) -> Any:
-        if not await tenants.delete_tenant(tenant_id):
+        # a tenant re-created under this id starts afresh (usage rows stay): its limits are
+        # reset first, while the id is still taken, so no new tenant's reservation is lost
+        if await tenants.get_tenant(tenant_id) is None:
             raise TenantNotFound(tenant_id)
-        await quotas.reset_limits(tenant_id)  # a tenant re-created under this id starts afresh (usage rows stay)
+        await quotas.reset_limits(tenant_id)
+        if not await tenants.delete_tenant(tenant_id):
+            raise TenantNotFound(tenant_id)  # deleted meanwhile, by another call
         return {"id": tenant_id, "deleted": True}
 
     @bp.put("/tenants/<tenant_id>/quota")

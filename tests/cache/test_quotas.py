@@ -168,6 +168,24 @@ async def test_reset_limits_forgets_enforcement_but_keeps_usage(quotas: QuotaMan
     assert not await quotas.settle(tenant, "b", 10, 80, "m")
 
 
+async def test_reset_limits_bills_lapsed_reservations_and_touches_only_the_tenant(quotas: QuotaManager):
+    """A reservation that had lapsed when its tenant is deleted is charged what its replica
+    last reported (the reset settles lapses first, as a reserve would); the reset names the
+    tenant's keys instead of matching a pattern, so a tenant whose id the pattern would
+    match ("acme*") keeps its counters."""
+    tenant = make_tenant(Quota(max_concurrent=1))
+    glob = make_tenant(Quota(max_concurrent=1), "acme*")
+    assert isinstance(await quotas.reserve(tenant, "killed", 10, 300, ttl_s=0.3), Admitted)
+    assert await quotas.extend(tenant, ["killed"], ttl_s=0.3, progress={"killed": Progress(10, 120, "m")}) == 1
+    assert isinstance(await quotas.reserve(glob, "g", 10, 10), Admitted)
+    await trio.sleep(0.5)
+    assert await quotas.reset_limits("acme") == 0  # nothing running: the lapsed one was settled
+    today = utc_today()
+    assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in await quotas.get_usage("acme", today, today)] \
+        == [(1, 10, 120)]
+    assert await quotas.running("acme*") == 1
+
+
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):
     """Retrying cannot help a key whose limit is 0: no Retry-After (as for a request too big)."""
     for quota, limit in ((Quota(max_concurrent=0), "max_concurrent"), (Quota(requests_per_minute=0), "requests_per_minute"),

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from cache.quotas import Quota
+from cache.quotas import Admitted, Denied, Quota
 from gateway.app import MAX_PREDICTOR_BYTES
 from tests.gateway.conftest import ADMIN_KEY, MODEL, Gateway
 
@@ -351,3 +351,37 @@ async def test_a_key_made_to_expire_stops_working(gateway: Gateway) -> None:
         assert (await client.get("/v1/models")).status_code == 200
         await trio.sleep(1.1)
         assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_a_tenant_created_again_as_the_old_one_goes_keeps_its_reservations(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a tenant resets its limits, so one created again under its id starts afresh.
+    The reset comes first, while the id is taken: a new tenant's request admitted the moment
+    the old one is gone keeps its slot (a reset after the delete wiped it, and the new
+    tenant ran past its max_concurrent)."""
+    tenants, quotas = gateway.stores.tenants, gateway.stores.quotas
+    delete = tenants.delete_tenant
+    admitted = []
+
+    async def delete_then_create_again(tenant_id: str) -> bool:
+        deleted = await delete(tenant_id)
+        again = await tenants.create_tenant(tenant_id, "again", quota=Quota(max_concurrent=1))
+        admitted.append(await quotas.reserve(again, "new-1", 10, 10))
+        return deleted
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        r = await client.post("/admin/tenants", json={"id": "re", "name": "Re", "quota": {"max_concurrent": 1}})
+        assert r.status_code == 201, r.text
+        old = await tenants.get_tenant("re")
+        assert old is not None and isinstance(await quotas.reserve(old, "old-1", 10, 10), Admitted)
+        monkeypatch.setattr(tenants, "delete_tenant", delete_then_create_again)
+        assert (await client.delete("/admin/tenants/re")).status_code == 200
+    again = await tenants.get_tenant("re")
+    assert again is not None and again.name == "again"
+    assert [type(a) for a in admitted] == [Admitted]
+    assert await quotas.running("re") == 1  # the new tenant's request; the old one's slot went
+    assert isinstance(await quotas.reserve(again, "new-2", 10, 10), Denied)  # its max_concurrent holds
+    assert await quotas.extend(old, ["old-1"]) == 1  # the old request runs on, not lapsed
+    assert await quotas.settle(old, "old-1", 10, 5, MODEL)  # its usage is recorded...
+    assert await quotas.running("re") == 1  # ...and the new tenant's slot stays taken
