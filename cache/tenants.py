@@ -46,6 +46,7 @@ __all__ = [
     "TenantNotFound",
     "TenantRegistry",
     "check_name",
+    "check_tenant_id",
     "hash_key",
     "is_admin_key",
     "is_tenant_id",
@@ -56,6 +57,7 @@ _DISPLAY_CHARS = 8  # "lmg-" + 4 chars of the random part, enough to tell keys a
 # ids are URL path segments (/admin/tenants/<id>): "." and ".." would be dot segments,
 # which an HTTP client resolves, climbing to another route
 _TENANT_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: no name shows or logs them right
 
 
 def is_tenant_id(text: str) -> bool:
@@ -93,9 +95,19 @@ MAX_NAME_CHARS = 256  # a tenant's or a key's display name: every listing return
 
 
 def check_name(name: str, what: str) -> None:
-    """ValueError unless `name` has at most MAX_NAME_CHARS characters."""
+    """ValueError unless `name` has at most MAX_NAME_CHARS characters, none of them a control
+    character (a NUL or an escape code would show in listings and log lines)."""
     if len(name) > MAX_NAME_CHARS:
         raise ValueError(f"a {what} has at most {MAX_NAME_CHARS} characters, got {len(name)}")
+    if _CONTROL.search(name):
+        raise ValueError(f"a {what} may not hold control characters")
+
+
+def check_tenant_id(tenant_id: str) -> None:
+    """ValueError unless `tenant_id` could name a tenant (`is_tenant_id`)."""
+    if not is_tenant_id(tenant_id):
+        raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.' or '..'), "
+                         f"got {tenant_id!r}")
 
 
 def check_models(models: tuple[str, ...] | None) -> None:
@@ -325,9 +337,7 @@ class TenantRegistry:
     ) -> Tenant:
         """Create a tenant; raises TenantExists if the id is taken."""
         check_name(name, "tenant name")
-        if not is_tenant_id(tenant_id):
-            raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.' or '..'), "
-                             f"got {tenant_id!r}")
+        check_tenant_id(tenant_id)
         tenant = Tenant(
             id=tenant_id, name=name, priority=priority, shared_cache_pool=shared_cache_pool,
             quota=quota or Quota(), created_at=time.time(), models=models,

@@ -450,6 +450,10 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     from gateway.ws import ws_blueprint
 
     app = QuartTrio("lmgate")
+    # "/v1//models" is a 404 error JSON, as any unknown path: Werkzeug's default answered it
+    # with a 308 HTML redirect to the merged path (and "/a/..%2F/b" with one to "/a/../b",
+    # which a client resolves to another route)
+    app.url_map.merge_slashes = False
     app.asgi_http_class = HttpConnection
     # keys keep their order (Flask's provider sorts them): logprobs' top_logprobs dicts are
     # best first, as streamed (msgspec) and as OpenAI sends them

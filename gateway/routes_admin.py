@@ -40,7 +40,15 @@ from quart import Blueprint, Response, request
 from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
-from cache.tenants import MAX_KEY_EXPIRY, MAX_NAME_CHARS, TenantExists, TenantNotFound, check_models
+from cache.tenants import (
+    MAX_KEY_EXPIRY,
+    MAX_NAME_CHARS,
+    TenantExists,
+    TenantNotFound,
+    check_models,
+    check_name,
+    check_tenant_id,
+)
 from gateway.errors import ApiError, decode_json
 
 if TYPE_CHECKING:
@@ -165,6 +173,15 @@ def quota_param(message: str, prefix: str) -> str | None:
     return prefix + found.group(1) if found else None
 
 
+def check_param(check: Callable[[], None], param: str) -> None:
+    """Run a store-side check of one body field (`cache.tenants.check_name`, ...) up front,
+    so that its ValueError is a 400 naming the field."""
+    try:
+        check()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_value", param=param) from exc
+
+
 def to_json(value: Any) -> Any:
     return msgspec.to_builtins(value)
 
@@ -219,6 +236,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @store_errors
     async def create_tenant() -> Any:
         body = decode_body(await request.get_data(cache=False), TenantCreate)
+        check_param(lambda: check_tenant_id(body.id), "id")
+        check_param(lambda: check_name(body.name, "tenant name"), "name")
         tenant = await tenants.create_tenant(
             body.id, body.name, priority=body.priority, shared_cache_pool=body.shared_cache_pool, quota=plain_quota(body.quota),
             models=models_of(body.models),
@@ -240,6 +259,9 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @store_errors
     async def update_tenant(tenant_id: str) -> Any:
         body = decode_body(await request.get_data(cache=False), TenantUpdate)
+        name = body.name
+        if isinstance(name, str):
+            check_param(lambda: check_name(name, "tenant name"), "name")
         try:
             tenant = await tenants.update_tenant(
                 tenant_id, name=given(body.name), priority=given(body.priority),
@@ -274,6 +296,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @store_errors
     async def create_key(tenant_id: str) -> Any:
         body = decode_body(await request.get_data(cache=False), KeyCreate)
+        check_param(lambda: check_name(body.name, "key name"), "name")
         expires_at = body.expiry()
         key_id, plaintext = await tenants.create_key(tenant_id, body.name, expires_at=expires_at)
         return {"id": key_id, "tenant_id": tenant_id, "name": body.name, "key": plaintext,

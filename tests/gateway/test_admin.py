@@ -41,7 +41,15 @@ async def test_tenant_lifecycle(gateway: Gateway) -> None:
         assert r.status_code == 201, r.text
         assert (r.json()["id"], r.json()["priority"]) == ("acme", 2)
         assert (await client.post("/admin/tenants", json={"id": "acme", "name": "again"})).status_code == 409
-        assert (await client.post("/admin/tenants", json={"id": "bad id!", "name": "x"})).status_code == 400
+        for bad in ("bad id!", "", "x" * 65, "ténant"):
+            r = await client.post("/admin/tenants", json={"id": bad, "name": "x"})
+            assert (r.status_code, r.json()["error"]["param"]) == (400, "id"), r.text
+        r = await client.post("/admin/tenants", json={"id": "x", "name": "a\u0000b"})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "name"), r.text
+        r = await client.patch("/admin/tenants/acme", json={"name": "\u001b[31mred"})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "name"), r.text
+        r = await client.post("/admin/tenants/acme/keys", json={"name": "line\nbreak"})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "name"), r.text
         for dots in (".", ".."):  # dot segments: a client resolves /admin/tenants/.. to another route
             assert (await client.post("/admin/tenants", json={"id": dots, "name": "x"})).status_code == 400
         assert (await client.post("/admin/tenants", json={"id": "...", "name": "x"})).status_code == 201

@@ -929,8 +929,11 @@ async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         r404 = await client.get("/v1/nothing")
         r405 = await client.get("/v1/completions")
+        # no redirect to the path with its slashes merged (Werkzeug's was a 308 in HTML)
+        doubled = [await client.get(path) for path in ("/v1//models", "//v1/models", "/admin//tenants")]
     assert r404.status_code == 404 and r404.json()["error"]["code"] == "not_found"
     assert r405.status_code == 405 and "error" in r405.json()
+    assert [(r.status_code, r.json()["error"]["code"]) for r in doubled] == [(404, "not_found")] * 3
 
 
 # ---------------------------------------------------------------- disconnect = abort
