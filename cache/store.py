@@ -69,7 +69,17 @@ def _not_a_script_reload(record: logging.LogRecord) -> bool:
     return "No matching script" not in record.getMessage()
 
 
+def _no_empty_traceback(record: logging.LogRecord) -> bool:
+    """coredis logs a failed connection attempt with `logger.exception` outside of any
+    exception, so the record's traceback reads "NoneType: None". Keep the line (it is the
+    log's sign of an outage; the caller gets the error), drop the empty traceback."""
+    if record.exc_info is not None and record.exc_info[0] is None:
+        record.exc_info = None
+    return True
+
+
 logging.getLogger("coredis").addFilter(_not_a_script_reload)
+logging.getLogger("coredis").addFilter(_no_empty_traceback)
 log = logging.getLogger("lmgate.cache")
 T = TypeVar("T")
 

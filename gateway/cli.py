@@ -37,9 +37,11 @@ environment:
   the closest one lmgate reads.
   LMGATE_SECRET  the server secret API keys are HMACed with, at least 16 bytes
                  (unset: one is generated on first start in
-                 DATA_DIR/server_secret, mode 0600). Replicas sharing one
-                 Redis must share it, or a key issued by one is refused by the
-                 others; changing it invalidates every issued key.
+                 DATA_DIR/server_secret, mode 0600). Every gateway sharing a
+                 Redis must use the same one: a server whose secret differs from
+                 the one the Redis's keys were issued under refuses to start. To
+                 change it on purpose (every issued key then stops working),
+                 delete the key lmgate:secret_check in Redis, then issue new keys.
 
 --log-level takes DEBUG, INFO, WARNING, ERROR or CRITICAL (log_level in the
 settings file).
@@ -350,11 +352,13 @@ def unbindable_host(error: OSError) -> bool:
     return error.errno == errno.EADDRNOTAVAIL
 
 
-def _within(filename: object, folder: str) -> bool:
-    """Whether `filename` (an OSError's) is `folder` or inside it."""
+def _about_folder(filename: object, folder: str) -> bool:
+    """Whether `filename` (an OSError's) is `folder`, inside it, or a folder above it (which
+    making `folder` makes)."""
     if not isinstance(filename, str | bytes | os.PathLike):
         return False
-    return Path(os.path.abspath(os.fsdecode(filename))).is_relative_to(os.path.abspath(folder))
+    path, folder_path = Path(os.path.abspath(os.fsdecode(filename))), Path(os.path.abspath(folder))
+    return path.is_relative_to(folder_path) or folder_path.is_relative_to(path)
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -406,7 +410,7 @@ def startup_failure(exc: BaseException, config: GatewayConfig) -> tuple[int, str
             found.append((1, f"cannot listen on {where}: address already in use"))
         elif isinstance(leaf, OSError) and unbindable_host(leaf):
             found.append((2, f"cannot listen on {where}: {leaf.strerror or leaf} (see --host)"))
-        elif isinstance(leaf, OSError) and _within(leaf.filename, config.data_dir):
+        elif isinstance(leaf, OSError) and _about_folder(leaf.filename, config.data_dir):
             found.append((2, f"cannot use the data dir {config.data_dir}: {leaf.strerror or leaf}: "
                              f"{os.fsdecode(leaf.filename)}"))
         elif _out_of_memory(leaf):
@@ -445,14 +449,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"{' (see --host)' if bad_host else ''}", file=sys.stderr)
         return 2 if bad_host else 1
     from gateway.server import run_serve
-    from gpu.loader import resolve_source
+    from gpu.loader import checkpoint_kind, resolve_source
     from gpu.quantization import int8_unavailable_reason
 
     if config.quantization == "int8" and (why := int8_unavailable_reason()) is not None:
         print(f"lmgate serve: int8 quantization is not available: {why}", file=sys.stderr)
         return 1
     try:
-        resolve_source(config.model)  # a missing model is said at once, before Redis starts
+        checkpoint_kind(resolve_source(config.model))  # a missing model is said at once, before Redis starts
         return run_serve(args)
     except (Exception, BaseExceptionGroup) as e:
         failure = startup_failure(e, config)

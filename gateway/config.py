@@ -10,7 +10,8 @@ settings outside it is refused (they would otherwise be silently ignored).
 Integer settings take integers only (``8080.7`` is refused, never truncated);
 float settings must be finite. Environment variables are the field
 name upper-cased with an ``LMGATE_`` prefix (``LMGATE_MAX_BODY_BYTES=2097152``);
-``REDIS_URL`` is also honoured for ``redis_url``. A value of the wrong type is refused
+``REDIS_URL`` is also honoured for ``redis_url`` (an empty ``LMGATE_REDIS_URL`` leaves it
+to ``REDIS_URL``, as a template's blank default would). A value of the wrong type is refused
 naming where it came from (the file, the variable or the flag). An unknown key in the
 file is refused, but an unknown ``LMGATE_*`` variable only earns a warning
 (`unknown_variables`): other software may use the prefix. Settings are read here and
@@ -511,14 +512,21 @@ _HELP = {
 }
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+def _coerce(name: str, value: Any, source: str, *, typed: bool = False) -> Any:
     """Convert a TOML/env/flag value to the field's type; raise ConfigError naming the field
-    and the `source` of the value ("config file X", "environment variable LMGATE_X", "flag --x")."""
+    and the `source` of the value ("config file X", "environment variable LMGATE_X", "flag --x").
+    `typed` (a TOML value, which has a type of its own): a number or boolean setting given
+    as a string (``port = "8000"``, ``prefix_caching = "no"``) is refused, not parsed."""
     kind = _FIELDS[name].type
     try:
+        if typed and isinstance(value, str) and value != "" and not kind.startswith("str"):
+            wanted = "true or false" if "bool" in kind else "a number"
+            raise ValueError(f"expected {wanted}, unquoted, got the string {value!r}")
         if "bool" in kind:
             if isinstance(value, bool):
                 return value
+            if typed:
+                raise ValueError(f"expected true or false, got {value!r}")
             text = str(value).strip().lower()
             if text in ("1", "true", "yes", "on"):
                 return True
@@ -552,6 +560,8 @@ def values_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings a TOML file gives. Every problem with the file (missing, unreadable, not
     UTF-8, not TOML, unknown or mistyped settings, settings both inside and outside a
     ``[gateway]`` table) is a ConfigError naming the file."""
+    if not os.fspath(path):
+        raise ConfigError("the config file's path is empty (see --config, LMGATE_CONFIG)")
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
@@ -573,7 +583,7 @@ def values_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     unknown = sorted(k for k in table if k not in _FIELDS)
     if unknown:
         raise ConfigError(f"{path}: unknown settings {unknown}")
-    return {k: _coerce(k, v, f"config file {os.fspath(path)}") for k, v in table.items()}
+    return {k: _coerce(k, v, f"config file {os.fspath(path)}", typed=True) for k, v in table.items()}
 
 
 def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -582,7 +592,7 @@ def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         out["redis_url"] = env["REDIS_URL"]
     for name in _FIELDS:
         key = env_name(name)
-        if key in env:
+        if key in env and not (name == "redis_url" and env[key] == "" and "redis_url" in out):
             out[name] = _coerce(name, env[key], f"environment variable {key}")
     return out
 

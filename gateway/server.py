@@ -40,7 +40,7 @@ import trio
 
 from cache.quotas import QuotaManager
 from cache.redis_server import PrivateRedis, RedisServerError
-from cache.store import CacheUnavailable, RedisStore
+from cache.store import RedisStore
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
 from gateway.config import (
@@ -121,7 +121,8 @@ def shutdown_schedule(grace_s: float) -> tuple[float, float]:
 
 def server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> bytes:
     """The HMAC secret API keys are hashed with: $LMGATE_SECRET, else data_dir/server_secret
-    (created 0600 on first start). Changing it invalidates every issued key."""
+    (created 0600 on first start). Changing it invalidates every issued key (a server started
+    with another secret than the Redis's keys were issued under refuses to start: `check_secret`)."""
     env = dict(os.environ) if env is None else env
     if env.get("LMGATE_SECRET"):
         return env["LMGATE_SECRET"].encode()
@@ -154,17 +155,24 @@ async def ensure_dev_tenant(tenants: TenantRegistry) -> str | None:
 
 
 class StopSignals:
-    """SIGINT and SIGTERM while serving: the first sets `stop` (the graceful stop), the
-    second `cut` (the grace cut short). Caught from when serving starts until the second;
+    """SIGINT, SIGTERM and SIGHUP while serving: the first sets `stop` (the graceful stop),
+    the second `cut` (the grace cut short). Caught from when serving starts until the second;
     before, Ctrl-C interrupts start-up, and after, a third signal acts as it would
-    without lmgate (SIGINT interrupts, SIGTERM kills): a way out of a stuck drain."""
+    without lmgate (SIGINT interrupts, SIGTERM and SIGHUP kill): a way out of a stuck drain.
+
+    SIGHUP (the terminal lmgate runs in closed) killed the process mid-stream: no error
+    event, and requests shorter than a quota report went unbilled. It is left alone when
+    it is ignored (`nohup lmgate serve`), as the user asked."""
 
     def __init__(self) -> None:
         self.stop = trio.Event()
         self.cut = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        caught = [signal.SIGINT, signal.SIGTERM]
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            caught.append(signal.SIGHUP)
+        with trio.open_signal_receiver(*caught) as signals:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -579,10 +587,9 @@ async def serve(
             config = dataclasses.replace(config, redis_url=private.url)
             print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
         stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
-        try:  # SecretMismatch stops a gateway whose secret differs from the one the keys were issued under
-            await stores.tenants.check_secret()
-        except CacheUnavailable:
-            log.warning("Redis is unreachable: could not check the server secret against its keys")
+        # SecretMismatch stops a gateway whose secret differs from the one the keys were issued
+        # under; so does an unreachable Redis (CacheUnavailable), as the secret is checked here only
+        await stores.tenants.check_secret()
         if config.dev_tenant:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:

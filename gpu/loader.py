@@ -100,12 +100,24 @@ def load_checkpoint(path_or_name: str, dtype: torch.dtype, *, progress: bool = F
     `progress` shows a tqdm bar over tensors (GGUF) or shard files (HF folders).
     """
     path = resolve_source(path_or_name)
-    if path.is_file() and path.suffix == ".gguf":
+    kind = checkpoint_kind(path)
+    if kind == "gguf":
         return load_gguf(path, dtype, progress=progress)
-    if is_lmg_folder(path):
+    if kind == "lmg":
         return load_lmg_folder(path, dtype)
-    if path.is_dir():
-        return load_hf_folder(path, dtype, progress=progress)
+    return load_hf_folder(path, dtype, progress=progress)
+
+
+def checkpoint_kind(path: Path) -> str:
+    """What `path` (from `resolve_source`) holds, by its shape alone: "gguf" (a .gguf file),
+    "lmg" (a converted folder) or "hf" (a folder with config.json); CheckpointError for
+    anything else. Cheap, so that `lmgate serve` says so before anything starts."""
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if is_lmg_folder(path):
+        return "lmg"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
     raise CheckpointError(f"{path}: expected a .gguf file or a folder with config.json")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,8 +219,11 @@ def test_serve_reports_a_taken_port_before_anything_starts(capsys: pytest.Captur
 
 
 def test_serve_reports_an_unreachable_redis_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["serve", *quick(tmp_path)]) == 1
-    assert "Redis at redis://127.0.0.1:1/0 unreachable" in one_line_error(capsys, "serve")
+    # without a dev tenant to create as well (the deploy files' way): the server secret could
+    # not be checked against the keys, and a server that started anyway never checked it
+    for dev_tenant in ([], ["--no-dev-tenant"]):
+        assert main(["serve", *quick(tmp_path), *dev_tenant]) == 1
+        assert "Redis at redis://127.0.0.1:1/0 unreachable" in one_line_error(capsys, "serve")
 
 
 def test_serve_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
@@ -231,6 +235,13 @@ def test_serve_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture
     assert main(["serve", "--port", "0", "--data-dir", str(tmp_path / "fresh"), "--model",
                  str(tmp_path / "missing.gguf")]) == 2
     assert "cannot load the model: model" in one_line_error(capsys, "serve")
+    assert not (tmp_path / "fresh" / "redis").exists()
+    # so is a path that holds no model (a folder without config.json): before, it started the
+    # private Redis and created the dev tenant, whose once-shown key went with the failed run
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", "--port", "0", "--data-dir", str(tmp_path / "fresh"), "--model",
+                 str(tmp_path / "empty")]) == 2
+    assert "expected a .gguf file or a folder with config.json" in one_line_error(capsys, "serve")
     assert not (tmp_path / "fresh" / "redis").exists()
 
 
@@ -268,7 +279,8 @@ def test_serve_help_documents_the_server_secret(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "LMGATE_SECRET" in out and "Replicas sharing one Redis must share it" in out
+    assert "LMGATE_SECRET" in out and "Every gateway sharing a Redis must use the same one" in out
+    assert "delete the key lmgate:secret_check in Redis" in out
     assert "DEBUG, INFO, WARNING, ERROR or CRITICAL" in out
     assert "--log-level from LMGATE_LOG_LEVEL" in out and "log_level in the settings file" in out
 
@@ -390,6 +402,9 @@ def test_serve_reports_a_data_dir_it_cannot_use_in_one_line(capsys: pytest.Captu
     # a folder that cannot be created although its parent is one: found when the server starts
     assert main(["serve", *quick(tmp_path), "--data-dir", "/proc/lmgate-no-such-dir"]) == 2
     assert "cannot use the data dir /proc/lmgate-no-such-dir: " in one_line_error(capsys, "serve")
+    # nor can a folder above it, which making it makes
+    assert main(["serve", *quick(tmp_path), "--data-dir", "/proc/lmgate-no-such-dir/data"]) == 2
+    assert ("cannot use the data dir /proc/lmgate-no-such-dir/data: " in one_line_error(capsys, "serve"))
 
 
 def test_serve_reports_a_short_secret_file_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -461,8 +476,11 @@ class _Served:
         import threading
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # as started from a terminal, even when the suite runs under nohup (lmgate leaves an
+        # ignored SIGHUP ignored)
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *flags], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.err: list[str] = []
 
@@ -493,9 +511,9 @@ class _Served:
 @pytest.mark.slow
 def test_stop_signals_end_lmgate_serve_cleanly(tmp_path: Path, redis_url: str) -> None:
     """Ctrl-C while the model loads: one line and status 130, no traceback. Serving: a
-    first SIGTERM starts the graceful stop, a second ends the streams at once with their
-    error event (not a cut, and not the 600 s grace), and lmgate exits 0."""
-    import signal
+    first stop signal (SIGHUP: the terminal closed; it killed lmgate mid-stream) starts the
+    graceful stop, a second (SIGTERM) ends the streams at once with their error event (not
+    a cut, and not the 600 s grace), and lmgate exits 0."""
     import time
 
     import httpx
@@ -523,7 +541,7 @@ def test_stop_signals_end_lmgate_serve_cleanly(tmp_path: Path, redis_url: str) -
             for chunk in r.iter_text():
                 text += chunk
                 if signalled is None:
-                    served.proc.send_signal(signal.SIGTERM)
+                    served.proc.send_signal(signal.SIGHUP)
                     signalled = time.monotonic()
                     time.sleep(0.5)
                     served.proc.send_signal(signal.SIGTERM)
@@ -532,4 +550,4 @@ def test_stop_signals_end_lmgate_serve_cleanly(tmp_path: Path, redis_url: str) -
     assert time.monotonic() - signalled < 60
     rc, err = served.finish()
     assert rc == 0 and "Traceback" not in err, err
-    assert "graceful shutdown" in err and "ending every request now" in err
+    assert "received SIGHUP: graceful shutdown" in err and "received SIGTERM again: ending every request now" in err

@@ -263,6 +263,29 @@ def test_a_float_for_an_integer_setting_in_the_file_is_refused_not_truncated(tmp
         load_config(path, {}, {})
 
 
+@pytest.mark.parametrize("toml", ['port = "8000"\n', 'prefix_caching = "no"\n', "prefix_caching = 0\n",
+                                  'dev_tenant = "off"\n', 'shutdown_grace_seconds = "1e1"\n'])
+def test_a_string_or_number_for_a_typed_setting_in_the_file_is_refused(tmp_path: Path, toml: str) -> None:
+    """A TOML value has a type of its own: the environment's text parsing is not applied to it
+    (the module's contract: "A value of the wrong type is refused")."""
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=toml.split()[0]):
+        load_config(path, {}, {})
+
+
+def test_an_empty_config_path_is_refused_as_such() -> None:
+    with pytest.raises(ConfigError, match="config file's path is empty"):
+        load_config("", {}, {})
+
+
+def test_an_empty_lmgate_redis_url_leaves_redis_url_to_redis_url() -> None:
+    assert load_config(None, {"REDIS_URL": "redis://a:1", "LMGATE_REDIS_URL": ""}, {}).redis_url == "redis://a:1"
+    assert load_config(None, {"REDIS_URL": "redis://a:1", "LMGATE_REDIS_URL": "redis://b:2"}, {}).redis_url \
+        == "redis://b:2"
+    assert load_config(None, {"LMGATE_REDIS_URL": ""}, {}).redis_url is None
+
+
 def test_a_float_for_an_integer_setting_from_env_or_flag_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"'port' \(environment variable LMGATE_PORT\): expected an integer, "
                                           "got '8080.7'"):
@@ -405,7 +428,8 @@ def test_log_level_is_a_setting_of_the_file_the_environment_and_the_flags(tmp_pa
 def test_a_value_of_the_wrong_type_names_where_it_came_from(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('dev_tenant = "maybe"\n')
-    with pytest.raises(ConfigError, match=rf"'dev_tenant' \(config file {path}\): not a boolean: 'maybe'"):
+    with pytest.raises(ConfigError, match=rf"'dev_tenant' \(config file {path}\): expected true or false, unquoted, "
+                                               "got the string 'maybe'"):
         load_config(path, {}, {})
     with pytest.raises(ConfigError, match=r"'dev_tenant' \(environment variable LMGATE_DEV_TENANT\): not a boolean"):
         load_config(None, {"LMGATE_DEV_TENANT": "maybe"}, {})
