@@ -512,6 +512,28 @@ _HELP = {
 }
 
 
+_SECRETS = frozenset({"admin_key", "metrics_key"})
+
+
+def non_default_settings(config: GatewayConfig) -> str:
+    """The settings `config` holds other than their defaults, as ``name=value, ...`` in field
+    order (``"none"`` if none), for the start-up log: what this server runs with, whatever
+    set it (a flag, the environment or the file). Keys show as ``***``, a Redis URL
+    without its password."""
+    defaults = GatewayConfig()
+    shown = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if f.name in _SECRETS and value:
+            value = "***"
+        elif f.name == "redis_url" and isinstance(value, str):
+            value = _redacted(value)
+        shown.append(f"{f.name}={value!r}" if isinstance(value, str) else f"{f.name}={value}")
+    return ", ".join(shown) or "none"
+
+
 def _coerce(name: str, value: Any, source: str, *, typed: bool = False) -> Any:
     """Convert a TOML/env/flag value to the field's type; raise ConfigError naming the field
     and the `source` of the value ("config file X", "environment variable LMGATE_X", "flag --x").

@@ -49,6 +49,7 @@ from gateway.config import (
     add_config_arguments,
     config_from_args,
     device_unavailable,
+    non_default_settings,
     parse_log_level,
     start_warnings,
 )
@@ -573,6 +574,7 @@ async def serve(
     start-up/shutdown path with a stand-in runtime and events.
     """
     out = out or sys.stdout
+    log.info("settings other than their defaults: %s", non_default_settings(config))
     for warning in start_warnings(config):
         log.warning("%s", warning)
     secret = server_secret(config.data_dir)

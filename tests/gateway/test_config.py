@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.config import ConfigError, GatewayConfig, load_config, start_warnings
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    load_config,
+    non_default_settings,
+    start_warnings,
+)
 from gateway.server import add_serve_arguments, hypercorn_config
 
 
@@ -551,3 +557,11 @@ def test_a_server_reachable_from_other_hosts_warns_of_what_it_leaves_open() -> N
     assert len(ignored) == 1 and "no effect under the 'priority' policy" in ignored[0]
     assert start_warnings(load_config(None, {"LMGATE_HOST": "127.0.0.1", "LMGATE_KV_RESERVATION": "always",
                                              "LMGATE_SCHEDULING_POLICY": "magnus"}, {})) == []
+
+
+def test_the_settings_other_than_their_defaults_are_listed_without_secrets() -> None:
+    config = load_config(None, {"LMGATE_ADMIN_KEY": "adm-secret"}, {
+        "port": "8731", "redis_url": "redis://user:hunter2@h:6379/0", "prefix_caching": False})
+    listed = non_default_settings(config)
+    assert listed == ("port=8731, admin_key='***', redis_url='redis://user:***@h:6379/0', prefix_caching=False")
+    assert non_default_settings(load_config(None, {}, {})) == "none"
