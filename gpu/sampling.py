@@ -707,5 +707,24 @@ def _logprobs_output(
         vals_l, ids_l = vals.tolist(), ids.tolist()
         for i, k in enumerate(wanted):
             if k:
-                top[i] = list(zip(ids_l[i][:k], vals_l[i][:k], strict=True))
+                top[i] = chosen_first_among_ties(list(zip(ids_l[i][:k], vals_l[i][:k], strict=True)),
+                                                 tokens[i], chosen[i])
     return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)
+
+
+def chosen_first_among_ties(top: list[tuple[int, float]], token: int, logprob: float) -> list[tuple[int, float]]:
+    """`top` (best first, as topk gives it) with `token`, the one sampled, first among the
+    alternatives whose logprob equals its own, taking the place of the last of them if topk
+    cut it off. topk orders ties as it likes, and greedy's argmax picks by its own rule: in
+    bfloat16, where exact ties are common, the greedy token came second in its own
+    `top_logprobs`, and a client rebuilding the greedy text from `top_logprobs[0]` got
+    another text (OpenAI's answers list the sampled token first among equals)."""
+    for j, (_, value) in enumerate(top):
+        if value == logprob:
+            if top[j][0] == token:
+                return top
+            rest = [pair for pair in top if pair[0] != token]
+            if len(rest) == len(top):
+                rest.pop()  # (a tie too: top is sorted, and its j-th equals the token's)
+            return [*rest[:j], (token, logprob), *rest[j:]]
+    return top

@@ -14,6 +14,7 @@ from gpu.sampling import (
     SamplingParams,
     SamplingParamsError,
     SeqSamplingState,
+    chosen_first_among_ties,
     make_states,
     processed_probs,
 )
@@ -251,6 +252,23 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
     assert out.top_logprobs[1] == [] and out.top_logprobs[2] == []
     # The penalty moved row 0 off the raw argmax, but its logprob is still the raw one.
     assert out.token_ids[0] != int(logits[0].argmax())
+
+
+def test_the_sampled_token_comes_first_among_its_ties_in_top_logprobs():
+    """Exact ties (common in bfloat16): the sampled token is listed before the alternatives
+    as likely as it, as OpenAI lists it; topk's own order among ties put it second."""
+    logits = torch.zeros(6, V)  # every token ties with every other
+    params = [SamplingParams(temperature=1.0, logprobs=3, seed=s) for s in range(6)]
+    out = Sampler().sample(logits, [state(p) for p in params])
+    assert len(set(out.token_ids)) > 1
+    for tok, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True):
+        assert top[0] == (tok, lp) and len(top) == 3 and len({t for t, _ in top}) == 3
+    # the pure rule: a tie cut off by k takes the last tied place; no tie, nothing moves
+    top = [(1, -0.5), (2, -1.0), (3, -1.0)]
+    assert chosen_first_among_ties(top, 4, -1.0) == [(1, -0.5), (4, -1.0), (2, -1.0)]
+    assert chosen_first_among_ties(top, 3, -1.0) == [(1, -0.5), (3, -1.0), (2, -1.0)]
+    assert chosen_first_among_ties(top, 9, -2.0) == top
+    assert chosen_first_among_ties(top, 1, -0.5) == top
 
 
 def _run_steps(rows: list[SeqSamplingState], steps: int, target: int, seed: int) -> list[int]:
