@@ -119,11 +119,13 @@ def context_message(limit: int, what: str, reduce: str, held_by: str | None = No
     return said if held_by is None else f"{said} (On this server, {limit} tokens is what its KV cache holds for {held_by}.)"
 
 
-def prompt_over(limit: int, n_prompt: int, read_as: str) -> str:
+def prompt_over(limit: int, n_prompt: int, read_as: str, max_tokens: int | None = None) -> str:
     """`context_message`'s "what" for a prompt of `n_prompt` tokens that leaves no room: one
-    that fills the limit exactly is told it leaves none for the completion's one token."""
+    that fills the limit exactly is told what it asked for in all, its `max_tokens` (None: the
+    one token a completion needs at least) on top."""
     if n_prompt == limit:
-        return f"you requested {n_prompt + 1} tokens ({n_prompt} in the {read_as}, 1 in the completion)"
+        asked = max_tokens or 1
+        return f"you requested {n_prompt + asked} tokens ({n_prompt} in the {read_as}, {asked} in the completion)"
     return f"your {read_as} resulted in {n_prompt} tokens"
 
 
@@ -329,7 +331,8 @@ class Admission:
         read_as = "messages" if call.messages is not None else "prompt"
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
             raise _Refuse(400, "context_length_exceeded", context_message(
-                self.config.max_model_len, prompt_over(self.config.max_model_len, n_prompt, read_as), read_as), read_as)
+                self.config.max_model_len, prompt_over(self.config.max_model_len, n_prompt, read_as, p.max_tokens),
+                read_as), read_as)
         outside = [t for t in p.stop_token_ids if t >= self.config.vocab_size]
         if outside:
             raise _Refuse(400, "invalid_value", f"stop_token_ids: token id {outside[0]} is not in the vocabulary "
@@ -367,7 +370,7 @@ class Admission:
                     "in the completion)"
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long (said first:
             raise _Refuse(400, "context_length_exceeded", context_message(  # a smaller max_tokens cannot help)
-                cap_kv, prompt_over(cap_kv, n_prompt, read_as), read_as, held_by), read_as)
+                cap_kv, prompt_over(cap_kv, n_prompt, read_as, max_tokens), read_as, held_by), read_as)
         if n_prompt + max_tokens > self.config.max_model_len:
             raise _Refuse(400, "context_length_exceeded", context_message(
                 self.config.max_model_len, requested, f"{read_as} or completion"), call.max_tokens_param)
