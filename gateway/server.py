@@ -233,6 +233,7 @@ def close_connections_for_sure() -> None:
     _drop_data_of_answered_h2_streams()
     _contain_connection_failures()
     _time_out_idle_h2c()
+    _goaway_before_closing_idle_h2()
     _json_protocol_errors()
 
 
@@ -459,6 +460,30 @@ def _time_out_idle_h2c() -> None:
             await self.send(Updated(idle=True))
 
     ProtocolWrapper.handle = handle_then_idle  # type: ignore[method-assign]
+
+
+def _goaway_before_closing_idle_h2() -> None:
+    """An HTTP/2 connection the server closes (idle past `keep_alive_seconds`, or idle at a
+    shutdown) now first sends GOAWAY with NO_ERROR and the last stream it processed (RFC
+    9113 6.8), as Hypercorn already does for a busy connection at a shutdown. It closed
+    the socket without one: a client that had just sent a request on it could not tell
+    that it went unprocessed and may be retried."""
+    from hypercorn.protocol.h2 import H2Protocol
+    from hypercorn.trio.tcp_server import TCPServer
+
+    initiate = TCPServer._initiate_server_close
+
+    async def goaway_then_close(self: Any) -> None:
+        h2 = getattr(self.protocol, "protocol", None)
+        if isinstance(h2, H2Protocol) and not h2.closed:
+            try:
+                h2.connection.close_connection()
+                await h2._flush()
+            except Exception:  # noqa: BLE001 - a courtesy: the connection is closed either way
+                log.debug("could not send GOAWAY before closing an HTTP/2 connection", exc_info=True)
+        await initiate(self)
+
+    TCPServer._initiate_server_close = goaway_then_close  # type: ignore[method-assign]
 
 
 async def serve_app(

@@ -612,3 +612,28 @@ async def test_accepted_connections_have_tcp_keepalive(gateway: Gateway) -> None
         ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True).stdout)
     assert "keepalive" in out, out
     await stream.aclose()
+
+
+async def test_an_idle_http2_connection_is_closed_with_a_goaway(nursery: trio.Nursery, gateway: Gateway) -> None:
+    """An HTTP/2 connection closed by the server (idle past `keep_alive_seconds`, or at a
+    shutdown) first says so with GOAWAY (RFC 9113 6.8): its last stream id tells a client
+    which requests were not processed and may be retried elsewhere. Hypercorn closed the
+    socket without one."""
+    import h2.connection
+    import h2.events
+
+    config = dataclasses.replace(gateway.config, keep_alive_seconds=0.5)
+    base_url, _, stop = await start_gateway(nursery, gateway.stores, config)
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")],
+                      end_stream=True)
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(conn.data_to_send())
+    events = [event for event in conn.receive_data(await read_to_eof(stream, 5))]
+    await stream.aclose()
+    stop.set()
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert len(goaway) == 1 and (goaway[0].error_code, goaway[0].last_stream_id) == (0, 1), events
