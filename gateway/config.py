@@ -507,7 +507,7 @@ _HELP = {
                               "throughput: docs/api.md)",
     "allowed_origins": "web pages (CORS) that may call the public API with a key: * (any, as OpenAI's API), "
                        "comma-separated origins (https://app.example.com), or \"\" for none; the admin API "
-                       "never answers cross-origin",
+                       "and /metrics never answer cross-origin",
     "log_level": "logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL",
 }
 

@@ -9,7 +9,9 @@ The public API authenticates with a bearer key the page itself sends, never with
 cookies, so allowing every origin (`*`, the default, as OpenAI's API and vLLM do) gives
 a page no power it does not already hold: credentials are not allowed
 (`Access-Control-Allow-Credentials` is never sent). The admin API (`/admin/...`) never
-answers cross-origin: its key does not belong in a browser.
+answers cross-origin: its key does not belong in a browser. Nor does `/metrics`, the
+operator's: without a metrics key it is open, and its series name every tenant, so any
+page an operator opened could have read it from a server on localhost or an inner network.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ EXPOSED_HEADERS = ", ".join(["Retry-After", "X-Request-Id", "x-should-retry"]
                             + [f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens")
                                for what in ("limit", "remaining", "reset")])
 MAX_AGE_S = 600  # browsers cache a preflight this long (Chromium caps it at 7200)
+OPERATOR_PATHS = ("/admin", "/metrics")  # never answered cross-origin (see the module docstring)
 
 
 class CorsConfigError(ValueError):
@@ -55,10 +58,10 @@ class CorsPolicy:
     def headers(self, path: str, origin: str | None, preflight_headers: str | None,
                 preflight: bool) -> dict[str, str]:
         """The CORS headers of an answer to a request from `origin` for `path` (none for a
-        same-origin or non-browser request, an origin not allowed, or the admin API).
+        same-origin or non-browser request, an origin not allowed, or `OPERATOR_PATHS`).
         `preflight`: the request is a preflight; `preflight_headers` the headers it asks
         to send (`Access-Control-Request-Headers`), which are allowed as asked."""
-        if path.startswith("/admin") or not self.origins:
+        if path.startswith(OPERATOR_PATHS) or not self.origins:
             return {}
         # listed origins: the answer depends on the Origin, whether it is allowed or not, so
         # a shared cache must key on it (else it could serve one origin's answer to another)

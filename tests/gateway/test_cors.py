@@ -34,6 +34,8 @@ def test_headers() -> None:
     assert listed.headers("/v1/models", "https://evil.example", None, False) == {"Vary": "Origin"}
     assert listed.headers("/v1/models", None, None, False) == {"Vary": "Origin"}
     assert any_origin.headers("/admin/tenants", PAGE, None, True) == {}
+    assert any_origin.headers("/metrics", PAGE, None, False) == {}  # the operator's: it names every tenant
+    assert any_origin.headers("/readyz", PAGE, None, False)["Access-Control-Allow-Origin"] == "*"
     h = listed.headers("/v1/chat/completions", PAGE, "authorization, content-type", True)
     assert h["Access-Control-Allow-Origin"] == PAGE and h["Vary"] == "Origin"
     assert h["Access-Control-Allow-Headers"] == "authorization, content-type"
@@ -58,6 +60,8 @@ async def test_a_page_preflights_then_calls(gateway: Gateway) -> None:
         assert bad.status_code == 401 and bad.headers["access-control-allow-origin"] == "*"  # errors are readable
         admin = await client.options("/admin/tenants", headers={"Origin": PAGE, "Access-Control-Request-Method": "GET"})
         assert "access-control-allow-origin" not in admin.headers
+        metrics = await client.get("/metrics", headers={"Origin": PAGE})
+        assert metrics.status_code == 200 and "access-control-allow-origin" not in metrics.headers
         plain = await client.get("/v1/models", headers=gateway.headers)  # no Origin: no CORS headers
         assert "access-control-allow-origin" not in plain.headers
 
