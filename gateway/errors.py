@@ -170,7 +170,7 @@ def decode_json(raw: bytes, kind: type[S]) -> S:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}", code="invalid_value", param=param_of(exc)) from exc
+        raise ApiError(400, invalid_request(exc), code="invalid_value", param=param_of(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise malformed_json(raw, exc) from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level
@@ -199,6 +199,25 @@ def malformed_json(raw: bytes | str, exc: Exception, *, frame: bool = False) -> 
         return ApiError(400, f"malformed {what}: \\{escape} at byte {lone.end() - 6} is half of a UTF-16 surrogate "
                              "pair (a lone surrogate is not text)", code="invalid_json")
     return ApiError(400, f"malformed {what}: {exc}", code="invalid_json")
+
+
+MAX_ECHO_CHARS = 200  # of a client's value echoed in a 400's message
+
+
+def invalid_request(exc: msgspec.ValidationError, what: str = "invalid request") -> str:
+    """A msgspec validation error as a 400's message, `what` first. msgspec quotes the whole
+    bad value ("Invalid enum value 'ZZZ…'"), and a role of a megabyte came back whole (a
+    gzip body of 1 kB got an answer of 1 MB): the value and its path are cut to
+    `MAX_ECHO_CHARS` each, as a model name is."""
+    text = str(exc)
+    said, sep, where = text.rpartition(" - at `")
+    if not sep:
+        said, where = text, ""
+    if len(said) > MAX_ECHO_CHARS:
+        said = said[:MAX_ECHO_CHARS] + "..."
+    if len(where) > MAX_ECHO_CHARS:
+        where = where[:MAX_ECHO_CHARS] + "..."
+    return f"{what}: {said}{sep}{where}"
 
 
 def param_of(exc: msgspec.ValidationError) -> str | None:

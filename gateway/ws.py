@@ -31,7 +31,7 @@ from quart import Blueprint, websocket
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from gateway.app import bearer, request_id_of
-from gateway.errors import ApiError, malformed_json
+from gateway.errors import ApiError, invalid_request, malformed_json
 from gateway.routes_openai import (
     CacheDirectives,
     Handle,
@@ -97,7 +97,7 @@ def decode_frame(data: str | bytes) -> ClientFrame:
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid frame: {exc}", code="invalid_frame") from exc
+        raise ApiError(400, invalid_request(exc, "invalid frame"), code="invalid_frame") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise malformed_json(data, exc, frame=True) from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level

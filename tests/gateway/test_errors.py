@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 import pytest
 
@@ -49,3 +51,22 @@ def test_a_websocket_frame_names_its_lone_surrogate() -> None:
         decode_frame('{"type": "cancel", "id": "\\ud800"}')
     assert info.value.code == "invalid_json"
     assert info.value.message.startswith("malformed JSON frame: \\ud800 at byte 26")
+
+
+class Roles(msgspec.Struct):
+    role: Literal["user", "assistant"]
+
+
+def test_a_huge_bad_value_is_not_echoed_whole() -> None:
+    """msgspec quotes the whole bad value: a megabyte role came back as a megabyte 400 (to a
+    1 kB gzip body). The value is cut; the field's path stays."""
+    with pytest.raises(ApiError) as info:
+        decode_json(b'{"role": "' + b"Z" * 1_000_000 + b'"}', Roles)
+    assert info.value.status == 400 and len(info.value.message) < 500
+    assert info.value.message.startswith("invalid request: Invalid enum value 'ZZZ")
+    assert info.value.message.endswith("... - at `$.role`")
+    with pytest.raises(ApiError) as info:
+        decode_frame(b'{"type": "' + b"Z" * 1_000_000 + b'"}')
+    assert info.value.code == "invalid_frame" and len(info.value.message) < 500
+    # short ones stay as they were
+    assert _error(b'{"text": 1}').message == "invalid request: Expected `str`, got `int` - at `$.text`"
