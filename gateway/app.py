@@ -134,6 +134,16 @@ def bearer(header: str | None) -> str | None:
     return token.strip()
 
 
+def check_one_authorization(headers: Any) -> None:
+    """ApiError 400 for a request with more than one Authorization header. RFC 9110 allows
+    one; with two, lmgate read the first while a proxy in front may check or rewrite the
+    last, and the two would disagree on who is calling."""
+    found = len(headers.getlist("Authorization"))
+    if found > 1:
+        raise ApiError(400, f"a request carries one Authorization header, this one {found}",
+                       code="invalid_value")
+
+
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -474,6 +484,10 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     async def _start_clock() -> None:
         g.started = time.perf_counter()
         g.request_id = request_id_of(request.headers.get("X-Request-Id"))
+
+    @app.before_request
+    async def _one_authorization() -> None:
+        check_one_authorization(request.headers)
 
     @app.before_request
     async def _refuse_new_work_while_draining() -> None:

@@ -30,7 +30,7 @@ import trio
 from quart import Blueprint, websocket
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
-from gateway.app import bearer, request_id_of
+from gateway.app import bearer, check_one_authorization, request_id_of
 from gateway.errors import ApiError, invalid_request, malformed_json
 from gateway.routes_openai import (
     CacheDirectives,
@@ -374,6 +374,7 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
         header = websocket.headers.get("Authorization")
         if header is not None:
             try:
+                check_one_authorization(websocket.headers)
                 session.tenant = await state.authenticate(header)
                 session.api_key = bearer(header)
             except ApiError as exc:  # reject the upgrade with an HTTP error, named as every answer is

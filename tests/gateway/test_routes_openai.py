@@ -869,6 +869,22 @@ async def test_bad_or_missing_key_is_401(gateway: Gateway, headers: dict[str, st
     assert r.json()["error"]["type"] == "authentication_error"
 
 
+async def test_two_authorization_headers_are_a_400_on_every_route(gateway: Gateway) -> None:
+    """RFC 9110 allows one: with two, the first decided (a valid key, then anything: 200),
+    while a proxy in front may check the last. Refused, whichever key comes first."""
+    key = gateway.headers["Authorization"]
+    async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+        for second in ("Bearer lmg-wrong", key):
+            headers = [("Authorization", key), ("Authorization", second)]
+            for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/admin/tenants")):
+                r = await client.request(method, path, headers=headers, json=chat_body())
+                assert r.status_code == 400 and "one Authorization header" in r.json()["error"]["message"], r.text
+        ws = await client.get(gateway.ws_url.replace("ws://", "http://"), headers=[
+            ("Authorization", key), ("Authorization", "Bearer lmg-wrong"), ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")])
+        assert ws.status_code == 400 and "one Authorization header" in ws.json()["error"]["message"]
+
+
 async def test_revoked_key_stops_working(gateway: Gateway) -> None:
     key_id, key = await gateway.stores.tenants.create_key("t1", "temp")
     headers = {"Authorization": f"Bearer {key}"}
