@@ -27,7 +27,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, g, request
 
-from actors.admission import OFF_LOOP_CHARS
+from actors.admission import OFF_LOOP_CHARS, TenantTurns
 from gateway.errors import ApiError, decode_json
 from gateway.routes_openai import ChatMessageIn, chat_messages, check_chat_ending, rejected_error
 from gateway.tools import tool_calling
@@ -36,36 +36,6 @@ if TYPE_CHECKING:
     from actors.messages import TenantContext
     from gateway.app import GatewayState
     from gpu.tokenizer import Tokenizer
-
-
-class TenantTurns:
-    """At most one call per tenant at a time in the worker's queue (FIFO): a tenant's next
-    call waits for its own previous one, so another tenant's call waits behind at most one
-    of each other tenant's, however many that tenant sends. (Shared FIFO alone, one tenant's
-    8 clients of 900 KB prompts kept another's 40 KB /tokenize waiting 7-9 s, and the
-    route costs no quota.)"""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}  # tenant -> (its lock, its calls in)
-
-    def waiting(self) -> int:
-        """Tenants with a call in or waiting (their locks are dropped with their last call)."""
-        return len(self._locks)
-
-    async def run(self, tenant_id: str, fn: Any, limiter: trio.CapacityLimiter) -> Any:
-        """`fn()` in a worker thread under `limiter`, after the tenant's previous calls."""
-        lock, calls = self._locks.get(tenant_id, (None, 0))
-        lock = lock or trio.Lock()
-        self._locks[tenant_id] = (lock, calls + 1)
-        try:
-            async with lock:
-                return await trio.to_thread.run_sync(fn, limiter=limiter)
-        finally:
-            lock, calls = self._locks[tenant_id]
-            if calls == 1:
-                del self._locks[tenant_id]
-            else:
-                self._locks[tenant_id] = (lock, calls - 1)
 
 
 class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,8 +1,14 @@
-"""The pure parts of admission: the context-length 400's words."""
+"""The parts of admission that stand alone: the context-length 400's words, the tenants'
+turns at the tokenizer thread."""
 
 from __future__ import annotations
 
-from actors.admission import context_message, prompt_over
+import time
+from collections.abc import Callable
+
+import trio
+
+from actors.admission import TenantTurns, context_message, prompt_over
 
 
 def test_a_prompt_that_fills_the_window_is_told_what_it_asked_for_in_all() -> None:
@@ -15,3 +21,25 @@ def test_a_prompt_that_fills_the_window_is_told_what_it_asked_for_in_all() -> No
     assert context_message(1024, prompt_over(1024, 1030, "prompt"), "prompt") == (
         "This model's maximum context length is 1024 tokens. However, your prompt resulted in 1030 tokens. "
         "Please reduce the length of the prompt.")
+
+
+async def test_a_tenants_long_text_waits_behind_one_call_of_each_other_tenant() -> None:
+    """Long texts are tokenized one at a time: a tenant that sends many at once no longer
+    queues them all ahead of another tenant's (the route costs no quota)."""
+    order: list[str] = []
+
+    def work(name: str) -> Callable[[], str]:
+        def run() -> str:
+            time.sleep(0.02)
+            order.append(name)
+            return name
+        return run
+
+    turns, limiter = TenantTurns(), trio.CapacityLimiter(1)
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(turns.run, "heavy", work(f"heavy{i}"), limiter)
+        await trio.sleep(0.005)
+        assert await turns.run("light", work("light"), limiter) == "light"
+    assert order.index("light") <= 2 and len(order) == 7, order
+    assert turns.waiting() == 0  # no lock kept for a tenant with no call

@@ -23,7 +23,7 @@ QUESTION = "What is the capital of France?"
 
 
 async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.Nursery, tmp_path, redis_url: str,
-                                                                 lora_reference) -> None:  # type: ignore[no-untyped-def]
+                                                                 lora_reference, caplog) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
     adapters = tmp_path / "adapters"  # --lora-dir: "two", and a broken one; "one" is configured by path
     shutil.copytree(lora_reference.paths["two"], adapters / "two")
@@ -79,6 +79,10 @@ async def test_adapters_are_served_by_name_beside_the_base_model(nursery: trio.N
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == "model" and "DoRA" in error["message"] and str(tmp_path) not in error["message"]
+        # the server log has the file and why, once a minute (any tenant may name it at its request rate)
+        assert (await http.post("/v1/completions", json={"model": "broken", "prompt": "hi"})).status_code == 400
+        said = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]
+        assert len(said) == 1 and str(tmp_path) in said[0], said
 
         async with httpx.AsyncClient(base_url=urls[0], headers={"Authorization": "Bearer adm"}) as admin:
             usage = (await admin.get("/admin/tenants/dev/usage")).json()["data"]

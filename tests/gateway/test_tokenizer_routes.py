@@ -3,14 +3,9 @@ with the bundled model's tokenizer, as lm-evaluation-harness's remote tokenizer 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import httpx
 import pytest
-import trio
 
-from gateway.routes_tokenizer import TenantTurns
 from gpu.loader import bundled_gguf_path
 from gpu.tokenizer import load_tokenizer
 from tests.gateway.conftest import MODEL, Gateway
@@ -129,24 +124,3 @@ async def test_they_need_an_api_key(client_of) -> None:
                   await client.post("/detokenize", json={"tokens": [1]})]:
             assert r.status_code == 401
 
-
-async def test_a_tenants_long_tokenize_waits_behind_one_call_of_each_other_tenant() -> None:
-    """Long texts are tokenized one at a time: a tenant that sends many at once no longer
-    queues them all ahead of another tenant's (the route costs no quota)."""
-    order: list[str] = []
-
-    def work(name: str) -> Callable[[], str]:
-        def run() -> str:
-            time.sleep(0.02)
-            order.append(name)
-            return name
-        return run
-
-    turns, limiter = TenantTurns(), trio.CapacityLimiter(1)
-    async with trio.open_nursery() as nursery:
-        for i in range(6):
-            nursery.start_soon(turns.run, "heavy", work(f"heavy{i}"), limiter)
-        await trio.sleep(0.005)
-        assert await turns.run("light", work("light"), limiter) == "light"
-    assert order.index("light") <= 2 and len(order) == 7, order
-    assert turns.waiting() == 0  # no lock kept for a tenant with no call
