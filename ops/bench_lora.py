@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(res)
                 print(f"repeat {r} {mode:>11}: {res['tok_s']:7.1f} tok/s, mean latency {res['mean_latency_s']:6.2f} s, "
                       f"p99 {res['p99_latency_s']:6.2f} s", file=sys.stderr)
+        # (while the adapters' files exist: a loaded adapter is checked against its files)
+        adapter_mb = engine.lora.get("adapter-0").nbytes / 1e6
 
     def by(mode: str, r: int) -> dict:
         return next(x for x in runs if x["mode"] == mode and x["repeat"] == r)
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": asdict(work), "rank": args.rank, "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": args.threads, "adapter_popularity": dict(sorted(Counter(a for _, _, a in jobs).items())),
         "adapter_load_ms": 1e3 * loads["load_seconds"] / max(1, loads["loads"]),
-        "adapter_mb": engine.lora.get("adapter-0").nbytes / 1e6,
+        "adapter_mb": adapter_mb,
         "runs": runs,
         "multi_vs_base_throughput": ratio("tok_s", "multi-lora", "base"),
         "multi_vs_per_adapter_throughput": ratio("tok_s", "multi-lora", "per-adapter"),
