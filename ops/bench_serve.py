@@ -34,7 +34,7 @@ import httpx
 import trio
 
 from ops.cli import bench_prog
-from ops.loadgen.backends import BACKENDS, SendOptions, Target
+from ops.loadgen.backends import BACKENDS, SendOptions, Target, TargetRefused
 from ops.loadgen.dataset import (
     DEFAULT_VOCAB,
     DatasetSpec,
@@ -259,15 +259,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested exception groups (a nursery wraps what a backend's
+    sender raised: the WebSocket backend's unreachable server came out as a 90-line
+    traceback); `exc` itself when it is not a group of one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _url_of(exc: httpx.HTTPError, fallback: str) -> str:
+    """The URL a failed request went to (the primary or the --compare target)."""
+    try:
+        url = exc.request.url
+    except RuntimeError:  # (no request attached)
+        return fallback
+    return f"{url.scheme}://{url.netloc.decode()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        trio.run(run, args)
-    except (ValueError, OSError) as exc:  # a bad value, a dataset or folder that is not there
+        try:
+            trio.run(run, args)
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
+    except (ValueError, OSError, TargetRefused) as exc:  # a bad value, a missing file, a refused key
         print(f"lmgate bench serve: {exc}", file=sys.stderr)
         return 2
     except httpx.HTTPError as exc:  # the server: not there, not http(s)
-        print(f"lmgate bench serve: cannot reach {args.base_url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"lmgate bench serve: cannot reach {_url_of(exc, args.base_url)}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -136,11 +136,18 @@ class _Timer:
         r.success = not r.error
 
 
+class TargetRefused(RuntimeError):
+    """The target refused the run's API key: nothing can be measured."""
+
+
 async def resolve_model(http: httpx.AsyncClient, target: Target) -> str:
     """`target.model`, else the first id of GET /v1/models."""
     if target.model:
         return target.model
     resp = await http.get(target.base_url.rstrip("/") + "/v1/models", headers=_auth(target.api_key))
+    if resp.status_code in (401, 403):
+        raise TargetRefused(f"{target.base_url} refused the API key ({resp.status_code}): {resp.text[:200]} "
+                            "(see --api-key, LMGATE_API_KEY)")
     if resp.status_code != 200:
         raise RuntimeError(f"{target.base_url}: GET /v1/models → {resp.status_code} {resp.text[:200]} (pass --model)")
     data = resp.json().get("data") or []

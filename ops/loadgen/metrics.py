@@ -57,7 +57,10 @@ def parse_goodput(items: Sequence[str]) -> dict[str, float]:
         name, sep, value = item.partition(":")
         if not sep or name not in SLO_METRICS:
             raise ValueError(f"--goodput expects NAME:MS with NAME in {SLO_METRICS}, got {item!r}")
-        ms = float(value)
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput expects NAME:MS with MS a number, got {item!r}") from None
         if not ms > 0:
             raise ValueError(f"goodput SLO must be > 0 ms, got {item!r}")
         slos[name] = ms / 1000.0
@@ -65,7 +68,10 @@ def parse_goodput(items: Sequence[str]) -> dict[str, float]:
 
 
 def parse_percentiles(text: str) -> list[float]:
-    values = [float(p) for p in text.split(",") if p.strip()]
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--percentiles expects numbers in (0, 100], got {text!r}") from None
     if not values or any(not 0 < p <= 100 for p in values):
         raise ValueError(f"percentiles must be in (0, 100], got {text!r}")
     return values

@@ -39,7 +39,10 @@ def parse_rates(text: str) -> list[float]:
         item = item.strip()
         if not item:
             continue
-        value = float(item)
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--request-rate expects numbers > 0 (or inf), got {item!r}") from None
         if not value > 0:
             raise ValueError(f"request rate must be > 0 (or inf), got {item!r}")
         rates.append(value)

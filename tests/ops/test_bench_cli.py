@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,39 @@ def test_bench_serve_says_in_one_line_what_it_cannot_reach_or_write(capsys, tmp_
     assert main(["bench", "serve", "--dataset", "jsonl", "--dataset-path", str(tmp_path / "none.jsonl"),
                  "--num-prompts", "1"]) == 2
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_bench_serve_says_in_one_line_that_the_server_refused_its_key_or_is_not_there(capsys):
+    """Both backends: a refused key was a traceback ending in "(pass --model)", and the
+    WebSocket backend's unreachable server a 90-line exception group."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refuses(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body = b'{"error": {"message": "invalid API key", "code": "invalid_api_key"}}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for backend in ("openai", "lmgate-ws"):
+            assert main(["bench", "serve", "--base-url", url, "--backend", backend, "--api-key", "wrong",
+                         "--num-prompts", "1", "--disable-tqdm"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err and f"{url} refused the API key (401)" in err, err
+    finally:
+        server.shutdown()
+    assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--backend", "lmgate-ws", "--num-prompts", "1",
+                 "--disable-tqdm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("lmgate bench serve: cannot reach http://127.0.0.1:9"), err
+    assert main(["bench", "serve", "--request-rate", "abc", "--num-prompts", "1"]) == 2
+    assert "--request-rate expects numbers" in capsys.readouterr().err
