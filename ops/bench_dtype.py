@@ -29,7 +29,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -41,7 +40,7 @@ from gpu.quantization import calibration_prompts
 from gpu.runner import ModelRunner
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 from ops.workload.fixture import load_fixture
 
 BLOCK_SIZE = 16
@@ -101,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="compare --dtype with this quantization against float32 (default none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true", help="leave out transformers' model in --dtype")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     dtype = resolve_dtype(args.dtype, "cpu")
     if args.prompts < 1 or args.new_tokens < 1:

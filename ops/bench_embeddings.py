@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ import httpx
 import trio
 
 from ops.bench_gateway import ADMIN_KEY, MODEL, free_port, wait_ready
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 WORDS = ["the", "a", "model", "server", "token", "batch", "request", "cache", "quota", "tenant", "stream",
@@ -178,6 +179,8 @@ async def run(args: argparse.Namespace) -> dict:
             gw.wait(timeout=30)
         except subprocess.TimeoutExpired:
             gw.kill()
+            gw.wait()
+        shutil.rmtree(tmp, ignore_errors=True)  # the server's data dir (its Redis, its secret)
     direct = await trio.to_thread.run_sync(direct_texts_s, corpus, args.batch, args.threads, args.seconds,
                                            args.embedding_batch_tokens)
     print(f"direct: {direct:.1f} texts/s", flush=True)
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (server and direct run)")
     ap.add_argument("--embedding-batch-tokens", type=positive_int, default=512,
                     help="the server's --embedding-batch-tokens (the direct run batches the same)")
-    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
     # --quick shortens what was not given
     args.seconds = args.seconds if args.seconds is not None else 5.0 if args.quick else 20.0

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (both systems)")
     ap.add_argument("--hf-batch-sizes", default="8,32", help="static batch sizes of the baseline")
     ap.add_argument("--skip-hf", action="store_true", help="engine figures only")
-    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
 
     from gpu.config import CacheConfig, EngineConfig, SchedulerConfig

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 MODEL = "SmolLM2-135M-Instruct"
 ADMIN_KEY = "bench-admin-key"
@@ -189,6 +190,8 @@ async def run(args: argparse.Namespace) -> dict:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)  # the server's data dir (its Redis, its secret)
     direct = await trio.to_thread.run_sync(engine_tpot, prompt, args.tokens, args.threads)
     print(f"per streamed token: gateway SSE {gw_tpot * 1e3:.2f} ms, engine direct {direct * 1e3:.2f} ms",
           flush=True)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="(default 15.0; --quick 5) duration of each RPS phase")
     ap.add_argument("--tokens", type=positive_int, default=None, help="(default 96; --quick 32) tokens streamed for the per-token latency")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the engine (both runs)")
-    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
     # --quick shortens what was not given
     args.seconds = args.seconds if args.seconds is not None else 5.0 if args.quick else 15.0

@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -38,7 +37,7 @@ from gpu.engine import Engine, generate, resolve_dtype
 from gpu.loader import load_checkpoint
 from gpu.sampling import SamplingParams
 from gpu.tokenizer import load_tokenizer
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 from ops.workload.fixture import load_fixture
 
 SCENARIOS = ("batched", "chunked", "preempted")
@@ -61,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=positive_int, default=64,
                     help="running-sequences cap (default 64; the GEMM tiles cost more past 32 rows)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     if not 1 <= args.solo <= args.prompts or min(args.new_tokens, args.repeats, args.max_num_seqs) < 1:
         ap.error("need 1 <= --solo <= --prompts, and --new-tokens, --repeats, --max-num-seqs >= 1")

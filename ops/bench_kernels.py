@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from gpu.kernels import build
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 
 @dataclass(frozen=True)
@@ -346,7 +346,7 @@ def print_table(rows: list[Row], models: tuple[AttnShape, ...], peak: float | No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=bench_prog("ops.bench_kernels"), description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=output_file, help="also write the results here")
     parser.add_argument("--iters", type=positive_int, default=50)
     parser.add_argument("--peak-gbps", type=float, help="override the device's peak bandwidth")
     parser.add_argument("--cpu", action="store_true",

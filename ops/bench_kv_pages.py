@@ -20,7 +20,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,7 @@ from gpu.engine import Engine, generate
 from gpu.model import huge_page_bytes
 from gpu.sampling import SamplingParams
 from ops.bench_sched import fixture_max_tokens
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 from ops.workload.fixture import load_fixture
 
 ORDER = (True, False, False, True)  # huge pages on / off, ABBA
@@ -76,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, help="output cap (default: the fixture's own, 512)")
     ap.add_argument("--dtype", default="auto", help="engine dtype (default auto, as served)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     if args.requests < 1 or args.passes < 1:
         ap.error("--requests and --passes must be >= 1")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="(default %(default)s)")
     ap.add_argument("--repeats", type=positive_int, default=5, help="rounds of every mode, order rotated (default %(default)s)")
     ap.add_argument("--threads", type=int, default=4, help="lmg readers (default %(default)s)")
-    ap.add_argument("--dir", help="where to write the converted folders (default: a temporary folder)")
+    ap.add_argument("--dir", help="where to write the converted folders, in a temporary folder made and removed "
+                                  "there (made if missing; default: the system's temporary folder)")
     ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine start timings")
-    ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     if args.dir is not None and Path(args.dir).exists() and not Path(args.dir).is_dir():
         ap.error(f"--dir {args.dir}: not a folder")
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpu.loader import bundled_gguf_path
 
     dtype = DTYPES[args.dtype]
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         sources = {

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=positive_int, default=3, help="rounds of the three modes, order rotated (default %(default)s)")
     ap.add_argument("--dtype", default="auto", help="engine dtype (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
-    ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
 
     from dataclasses import replace

@@ -71,7 +71,7 @@ from actors.policies import (
 )
 from actors.predictor import LengthModelConfig, LengthPredictor, RequestFeatures
 from gpu.config import CacheConfig, SchedulerConfig
-from ops.cli import bench_prog, float_list, positive_int
+from ops.cli import bench_prog, float_list, output_file, positive_int
 from ops.sim.simulator import (
     RequestRecord,
     SimConfig,
@@ -670,8 +670,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=bench_prog("ops.bench_sched"), description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="scaled-down sweep (< 15 min)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--plot", type=Path, help="PNG (default: next to --json, or bench_sched.png)")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
+    ap.add_argument("--plot", type=output_file, help="PNG (default: next to --json, or bench_sched.png)")
     ap.add_argument("--policies", help="comma-separated policies for the real runs (default: all; quick: "
                                        + ",".join(BASELINES) + ")")
     ap.add_argument("--rates", type=float_list,

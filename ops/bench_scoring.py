@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 QUESTIONS = [
     ("What is the capital of France?", [" Paris", " London", " Rome", " Madrid"], 0),
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", type=int, default=5, help="answered questions before each one (default %(default)s)")
     ap.add_argument("--repeats", type=positive_int, help="rounds of the modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
-    ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     num = min(args.questions or (6 if args.quick else len(QUESTIONS)), len(QUESTIONS))
     repeats = args.repeats or (1 if args.quick else 3)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ops.cli import bench_prog, positive_int
+from ops.cli import bench_prog, output_file, positive_int
 
 SCHEMA = {
     "type": "object",
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=160, help="max_tokens of every request (default %(default)s)")
     ap.add_argument("--repeats", type=positive_int, help="rounds of the three modes, order rotated (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
-    ap.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     num = args.requests or (8 if args.quick else 16)
     repeats = args.repeats or (1 if args.quick else 3)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 BENCHES = {
     "beam": ("ops.bench_beam", "beam search vs transformers' generate(num_beams=k); KV blocks vs unshared beams"),
@@ -43,6 +45,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file a benchmark writes at its end (`--json`, `--plot`). Checked,
+    and its folder made, when the flags are read: a bad path was found only after a run of
+    minutes, whose results were then lost to a traceback."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot make the folder of {text!r}: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into the folder of {text!r}")
+    return path
 
 
 def float_list(text: str) -> list[float]:

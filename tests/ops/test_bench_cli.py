@@ -100,3 +100,16 @@ def test_bench_serve_says_in_one_line_that_the_server_refused_its_key_or_is_not_
     assert "\n" not in err and err.startswith("lmgate bench serve: cannot reach http://127.0.0.1:9"), err
     assert main(["bench", "serve", "--request-rate", "abc", "--num-prompts", "1"]) == 2
     assert "--request-rate expects numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bench", ["kernels", "engine", "sched", "lora"])
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(capsys, bench, tmp_path):
+    """It was found when the report was written, after a run of minutes, as a traceback."""
+    for bad in ("/proc/lmgate-no-such/k.json", str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", bench, "--json", bad])
+        assert exit_.value.code == 2 and "argument --json" in capsys.readouterr().err
+    made = tmp_path / "new" / "folder" / "r.json"
+    from ops.cli import output_file
+
+    assert output_file(str(made)) == made and made.parent.is_dir()
