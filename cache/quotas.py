@@ -386,8 +386,17 @@ if res[1] then
   redis.call('DEL', res_key)
 elseif redis.call('DEL', base .. 'reset:' .. rid) == 1 then
   -- its tenant's limits were reset (the tenant deleted): its usage is recorded, but not
-  -- charged to a tenant created again under the id, which starts afresh
+  -- charged to a tenant created again under the id, which starts afresh (if it had lapsed
+  -- first, its lapse recorded part of it: the rest, as below)
   day = tostring(math.floor(now / 86400000))
+  local lapsed = redis.call('GET', base .. 'lapsed:' .. rid)
+  if lapsed then
+    local sep = string.find(lapsed, ' ', 1, true)
+    prompt = prompt - tonumber(string.sub(lapsed, 1, sep - 1))
+    completion = completion - tonumber(string.sub(lapsed, sep + 1))
+    requests = 0
+    redis.call('DEL', base .. 'lapsed:' .. rid)
+  end
 else
   -- the reservation lapsed (its slot was not extended for a TTL): what it had used when
   -- its gateway last reported was charged and recorded then (`lapsed:<rid>`), the rest of
@@ -446,7 +455,14 @@ return 1
 _RESET = _GIVES_BACK + _PRELUDE + """
 local usage_ttl = tonumber(ARGV[3])
 local conc_key = base .. 'conc'
+local lapsing = redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)
 """ + _LAPSES + """
+-- settled as lapsed just now, but maybe still running on a replica cut off from Redis: its
+-- late settle charges the rest to no limits either (`_SETTLE`'s reset: branch, as long as
+-- its lapsed: note lives)
+for _, old in ipairs(lapsing) do
+  redis.call('SET', base .. 'reset:' .. old, '1', 'EX', 2 * 86400)
+end
 local n = 0
 for _, running in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
   if redis.call('DEL', base .. 'res:' .. running) == 1 then

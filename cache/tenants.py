@@ -232,6 +232,10 @@ return 1
 _DELETE_TENANT = """
 local p = ARGV[1]
 local tid = ARGV[2]
+if ARGV[3] ~= '' then
+  local tenant = redis.call('GET', p .. 'tenant:' .. tid)
+  if not tenant or (cjson.decode(tenant)['created_at'] or 0) ~= tonumber(ARGV[3]) then return 0 end
+end
 if redis.call('DEL', p .. 'tenant:' .. tid) == 0 then return 0 end
 redis.call('SREM', p .. 'tenants', tid)
 for _, kid in ipairs(redis.call('SMEMBERS', p .. 'tenant_keys:' .. tid)) do
@@ -312,9 +316,13 @@ class TenantRegistry:
         mine = hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
         key = self.store.key("secret_check")
         with self.store.guard():
-            if await self.store.client.set(key, mine, condition=PureToken.NX):
-                return True
+            # read first: a Redis refusing writes (maxmemory, a replica in a failover) still
+            # answers the check when the fingerprint is there
             theirs = await self.store.client.get(key)
+            if theirs is None:
+                if await self.store.client.set(key, mine, condition=PureToken.NX):
+                    return True
+                theirs = await self.store.client.get(key)
         theirs = theirs.decode() if isinstance(theirs, bytes) else theirs
         if theirs != mine:
             raise SecretMismatch(
@@ -414,10 +422,13 @@ class TenantRegistry:
                 raise TenantNotFound(tenant_id)
         raise CacheUnavailable(f"tenant {tenant_id!r} changed under {UPDATE_ATTEMPTS} updates in a row; retry")
 
-    async def delete_tenant(self, tenant_id: str) -> bool:
-        """Delete a tenant and all its API keys. False if it did not exist."""
+    async def delete_tenant(self, tenant_id: str, *, created_at: float | None = None) -> bool:
+        """Delete a tenant and all its API keys. False if it did not exist, or, given
+        `created_at`, if the tenant under the id is not the one created then (deleted and
+        created again since it was read)."""
         with self.store.guard():
-            return bool(await self._delete_tenant(args=[self.store.prefix, tenant_id]))
+            return bool(await self._delete_tenant(
+                args=[self.store.prefix, tenant_id, "" if created_at is None else repr(created_at)]))
 
     # -- API keys ------------------------------------------------------------
 

@@ -353,12 +353,12 @@ def unbindable_host(error: OSError) -> bool:
 
 
 def _about_folder(filename: object, folder: str) -> bool:
-    """Whether `filename` (an OSError's) is `folder`, inside it, or a folder above it (which
-    making `folder` makes)."""
+    """Whether `filename` (an OSError's) is `folder`, inside it, or a missing folder above it
+    (which making `folder` makes)."""
     if not isinstance(filename, str | bytes | os.PathLike):
         return False
     path, folder_path = Path(os.path.abspath(os.fsdecode(filename))), Path(os.path.abspath(folder))
-    return path.is_relative_to(folder_path) or folder_path.is_relative_to(path)
+    return path.is_relative_to(folder_path) or (folder_path.is_relative_to(path) and not path.exists())
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -10,8 +10,8 @@ settings outside it is refused (they would otherwise be silently ignored).
 Integer settings take integers only (``8080.7`` is refused, never truncated);
 float settings must be finite. Environment variables are the field
 name upper-cased with an ``LMGATE_`` prefix (``LMGATE_MAX_BODY_BYTES=2097152``);
-``REDIS_URL`` is also honoured for ``redis_url`` (an empty ``LMGATE_REDIS_URL`` leaves it
-to ``REDIS_URL``, as a template's blank default would). A value of the wrong type is refused
+``REDIS_URL`` is also honoured for ``redis_url`` (an empty ``LMGATE_REDIS_URL`` counts as
+unset, as a template's blank default means: ``REDIS_URL``, then the file, apply). A value of the wrong type is refused
 naming where it came from (the file, the variable or the flag). An unknown key in the
 file is refused, but an unknown ``LMGATE_*`` variable only earns a warning
 (`unknown_variables`): other software may use the prefix. Settings are read here and
@@ -222,17 +222,23 @@ def env_name(name: str) -> str:
     return "LMGATE_" + name.upper()
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
 def _redacted(url: str) -> str:
-    """`url` without its password (it goes to stderr and logs)."""
+    """`url` without its password (it goes to stderr and logs), given before the host or as
+    the query's ``password=`` (coredis reads both)."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
+        password = parts.password
     except ValueError:
         return url
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+    if password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1\2***", parts.query))
+    return urlunsplit(parts)
 
 
 def check_redis_url(url: str) -> None:
@@ -614,7 +620,7 @@ def values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         out["redis_url"] = env["REDIS_URL"]
     for name in _FIELDS:
         key = env_name(name)
-        if key in env and not (name == "redis_url" and env[key] == "" and "redis_url" in out):
+        if key in env and not (name == "redis_url" and env[key] == ""):  # (empty: as unset)
             out[name] = _coerce(name, env[key], f"environment variable {key}")
     return out
 

@@ -126,6 +126,9 @@ def from_http_exception(exc: HTTPException) -> ApiError:
     message = exc.description or exc.name
     if status == 413:  # Werkzeug's "The data value transmitted exceeds the capacity limit." says neither
         message = _too_large_message()
+    elif status == 404 and has_request_context() and "//" in request.path:
+        # (paths are not merged: a base URL ending in "/" joined to a path starting with one)
+        message = f"no route {request.path[:100]!r}: its path has a doubled slash"
     return ApiError(status, message, code=codes.get(status))
 
 

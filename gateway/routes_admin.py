@@ -279,11 +279,12 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     async def delete_tenant(tenant_id: str) -> Any:
         # a tenant re-created under this id starts afresh (usage rows stay): its limits are
         # reset first, while the id is still taken, so no new tenant's reservation is lost
-        if await tenants.get_tenant(tenant_id) is None:
+        tenant = await tenants.get_tenant(tenant_id)
+        if tenant is None:
             raise TenantNotFound(tenant_id)
         await quotas.reset_limits(tenant_id)
-        if not await tenants.delete_tenant(tenant_id):
-            raise TenantNotFound(tenant_id)  # deleted meanwhile, by another call
+        if not await tenants.delete_tenant(tenant_id, created_at=tenant.created_at):
+            raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
         return {"id": tenant_id, "deleted": True}
 
     @bp.put("/tenants/<tenant_id>/quota")

@@ -40,7 +40,7 @@ import trio
 
 from cache.quotas import QuotaManager
 from cache.redis_server import PrivateRedis, RedisServerError
-from cache.store import RedisStore
+from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
 from gateway.config import (
@@ -462,6 +462,9 @@ def _time_out_idle_h2c() -> None:
     ProtocolWrapper.handle = handle_then_idle  # type: ignore[method-assign]
 
 
+GOAWAY_WRITE_S = 1.0  # how long an idle HTTP/2 connection's GOAWAY may take to write
+
+
 def _goaway_before_closing_idle_h2() -> None:
     """An HTTP/2 connection the server closes (idle past `keep_alive_seconds`, or idle at a
     shutdown) now first sends GOAWAY with NO_ERROR and the last stream it processed (RFC
@@ -478,7 +481,12 @@ def _goaway_before_closing_idle_h2() -> None:
         if isinstance(h2, H2Protocol) and not h2.closed:
             try:
                 h2.connection.close_connection()
-                await h2._flush()
+                data = h2.connection.data_to_send()
+                # written here, within a second: Hypercorn's own send is shielded, and a peer
+                # that reads nothing would hold this close (and a shutdown) for good
+                with trio.move_on_after(GOAWAY_WRITE_S):
+                    async with self.send_lock:
+                        await self.stream.send_all(data)
             except Exception:  # noqa: BLE001 - a courtesy: the connection is closed either way
                 log.debug("could not send GOAWAY before closing an HTTP/2 connection", exc_info=True)
         await initiate(self)
@@ -615,8 +623,16 @@ async def serve(
             print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
         stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
         # SecretMismatch stops a gateway whose secret differs from the one the keys were issued
-        # under; so does an unreachable Redis (CacheUnavailable), as the secret is checked here only
-        await stores.tenants.check_secret()
+        # under; so does an unreachable Redis (CacheUnavailable), as the secret is checked here
+        # only. A Redis that answers but refuses to record a first fingerprint (out of memory,
+        # read-only) is served as the docs' "When Redis is down" says: with a warning.
+        try:
+            await stores.tenants.check_secret()
+        except CacheUnavailable:
+            if stores.redis.unreachable_at is not None:
+                raise
+            log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
+                        stores.redis.last_error)
         if config.dev_tenant:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:

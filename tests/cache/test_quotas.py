@@ -184,6 +184,16 @@ async def test_reset_limits_bills_lapsed_reservations_and_touches_only_the_tenan
     assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in await quotas.get_usage("acme", today, today)] \
         == [(1, 10, 120)]
     assert await quotas.running("acme*") == 1
+    # it was running after all (its replica cut off): its late settle records the rest of its
+    # usage, and charges none of the limits of a tenant created again under the id
+    again = make_tenant(Quota(daily_token_budget=100))
+    assert isinstance(await quotas.reserve(again, "new", 0, 50), Admitted)
+    assert await quotas.extend(tenant, ["killed"]) == 1  # not lapsed, to its replica
+    assert await quotas.settle(tenant, "killed", 10, 150, "m")
+    assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in await quotas.get_usage("acme", today, today)] \
+        == [(1, 10, 150)]
+    assert isinstance(await quotas.reserve(again, "fits", 0, 50), Admitted)  # 100 of 100: nothing of "killed"
+    assert isinstance(await quotas.reserve(again, "over", 0, 1), Denied)
 
 
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):

@@ -73,6 +73,12 @@ async def test_a_key_is_never_issued_to_a_tenant_deleted_since_it_was_read(regis
     assert [k async for k in store.client.scan_iter(match=store.key("key", "*"))] == []
     _, plaintext = await registry.create_key("acme", "its own")
     assert (await registry.authenticate(plaintext)).name == "Acme again"
+    # a delete of the tenant as it was read (two deletes racing a create) leaves the new one
+    assert not await registry.delete_tenant("acme", created_at=before.created_at)  # type: ignore[union-attr]
+    assert (await registry.authenticate(plaintext)).name == "Acme again"
+    again = await registry.get_tenant("acme")
+    assert await registry.delete_tenant("acme", created_at=again.created_at)  # type: ignore[union-attr]
+    assert await registry.get_tenant("acme") is None
 
 
 async def test_names_and_merged_quota_changes(registry: TenantRegistry):
@@ -210,6 +216,16 @@ async def test_a_gateway_with_another_secret_is_stopped_not_silently_401(store: 
     assert not await TenantRegistry(store, SECRET).check_secret()  # a replica with the same secret
     with pytest.raises(SecretMismatch, match="LMGATE_SECRET"):
         await TenantRegistry(store, b"another secret of 32 bytes......").check_secret()
+    # a Redis refusing writes (over maxmemory, noeviction) still answers the check: it is read
+    # first (a SET NX, refused, stopped the gateway's start as if Redis were down)
+    [policy] = (await store.client.config_get(["maxmemory-policy"])).values()
+    await store.client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+    try:
+        assert not await TenantRegistry(store, SECRET).check_secret()
+        with pytest.raises(SecretMismatch):
+            await TenantRegistry(store, b"another secret of 32 bytes......").check_secret()
+    finally:
+        await store.client.config_set({"maxmemory": "0", "maxmemory-policy": policy})
 
 
 def test_model_allow_lists() -> None:

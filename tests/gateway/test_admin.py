@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -372,8 +373,8 @@ async def test_a_tenant_created_again_as_the_old_one_goes_keeps_its_reservations
     delete = tenants.delete_tenant
     admitted = []
 
-    async def delete_then_create_again(tenant_id: str) -> bool:
-        deleted = await delete(tenant_id)
+    async def delete_then_create_again(tenant_id: str, **kwargs: Any) -> bool:
+        deleted = await delete(tenant_id, **kwargs)
         again = await tenants.create_tenant(tenant_id, "again", quota=Quota(max_concurrent=1))
         admitted.append(await quotas.reserve(again, "new-1", 10, 10))
         return deleted

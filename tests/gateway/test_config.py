@@ -285,11 +285,14 @@ def test_an_empty_config_path_is_refused_as_such() -> None:
         load_config("", {}, {})
 
 
-def test_an_empty_lmgate_redis_url_leaves_redis_url_to_redis_url() -> None:
+def test_an_empty_lmgate_redis_url_counts_as_unset(tmp_path: Path) -> None:
     assert load_config(None, {"REDIS_URL": "redis://a:1", "LMGATE_REDIS_URL": ""}, {}).redis_url == "redis://a:1"
     assert load_config(None, {"REDIS_URL": "redis://a:1", "LMGATE_REDIS_URL": "redis://b:2"}, {}).redis_url \
         == "redis://b:2"
     assert load_config(None, {"LMGATE_REDIS_URL": ""}, {}).redis_url is None
+    path = tmp_path / "c.toml"
+    path.write_text('redis_url = "redis://filehost:6379"\n')
+    assert load_config(path, {"LMGATE_REDIS_URL": ""}, {}).redis_url == "redis://filehost:6379"
 
 
 def test_a_float_for_an_integer_setting_from_env_or_flag_is_refused() -> None:
@@ -565,3 +568,6 @@ def test_the_settings_other_than_their_defaults_are_listed_without_secrets() -> 
     listed = non_default_settings(config)
     assert listed == ("port=8731, admin_key='***', redis_url='redis://user:***@h:6379/0', prefix_caching=False")
     assert non_default_settings(load_config(None, {}, {})) == "none"
+    # coredis also reads a password from the query
+    listed = non_default_settings(load_config(None, {}, {"redis_url": "rediss://h/0?username=u&password=hunter2"}))
+    assert "hunter2" not in listed and "redis_url='rediss://h/0?username=u&password=***'" in listed

@@ -950,6 +950,7 @@ async def test_unknown_route_and_method_are_json(gateway: Gateway) -> None:
     assert r404.status_code == 404 and r404.json()["error"]["code"] == "not_found"
     assert r405.status_code == 405 and "error" in r405.json()
     assert [(r.status_code, r.json()["error"]["code"]) for r in doubled] == [(404, "not_found")] * 3
+    assert "doubled slash" in doubled[0].json()["error"]["message"]
 
 
 # ---------------------------------------------------------------- disconnect = abort
