@@ -46,7 +46,7 @@ tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
 ``day:<epoch_day>``, ``res:<rid>`` (reservation hash: the tokens held, their window
 and day; live while its ``conc`` slot is, given back when the slot lapses), ``done:<rid>``
 (settled/released marker, `DONE_TTL_S`: 2 hours), ``reset:<rid>`` (a reservation
-`reset_limits` removed, as long), ``lapsed:<rid>`` (what a lapsed reservation was
+`reset_limits` removed, as long; 2 days for one that had lapsed, as its ``lapsed:``), ``lapsed:<rid>`` (what a lapsed reservation was
 charged, "<prompt> <completion>", for 2 days: a late settle charges the rest),
 ``usage:<epoch_day>`` (hash
 ``"<model>\\n<field>"`` -> int).
