@@ -549,6 +549,20 @@ async def test_http_the_server_cannot_read_gets_an_openai_error_body(gateway: Ga
     await stream.aclose()
 
 
+async def h2c_get_healthz(host: str, port: int) -> tuple[Any, trio.SocketStream]:
+    """A new HTTP/2 connection (prior knowledge) that has sent GET /healthz as stream 1: the
+    client's h2 state machine, to read the answer with, and the socket."""
+    import h2.connection
+
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")],
+                      end_stream=True)
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(conn.data_to_send())
+    return conn, stream
+
+
 async def test_an_h2c_connection_that_opens_no_stream_times_out(nursery: trio.Nursery, gateway: Gateway) -> None:
     """The HTTP/2 preface alone (prior knowledge) stopped the idle timer for good: such a
     connection was never closed. It is closed after `keep_alive_seconds`, as any idle one;
@@ -563,15 +577,9 @@ async def test_an_h2c_connection_that_opens_no_stream_times_out(nursery: trio.Nu
     assert 0.3 < time.monotonic() - t0 < 3
     await stream.aclose()
     # an h2c request (prior knowledge) is still served
-    import h2.connection
     import h2.events
 
-    conn = h2.connection.H2Connection()
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")],
-                      end_stream=True)
-    stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(conn.data_to_send())
+    conn, stream = await h2c_get_healthz(host, int(port))
     body, ended = b"", False
     with trio.fail_after(5):
         while not ended:
@@ -619,18 +627,12 @@ async def test_an_idle_http2_connection_is_closed_with_a_goaway(nursery: trio.Nu
     shutdown) first says so with GOAWAY (RFC 9113 6.8): its last stream id tells a client
     which requests were not processed and may be retried elsewhere. Hypercorn closed the
     socket without one."""
-    import h2.connection
     import h2.events
 
     config = dataclasses.replace(gateway.config, keep_alive_seconds=0.5)
     base_url, _, stop = await start_gateway(nursery, gateway.stores, config)
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
-    conn = h2.connection.H2Connection()
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")],
-                      end_stream=True)
-    stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(conn.data_to_send())
+    conn, stream = await h2c_get_healthz(host, int(port))
     events = [event for event in conn.receive_data(await read_to_eof(stream, 5))]
     await stream.aclose()
     stop.set()
