@@ -199,9 +199,15 @@ class RedisStore:
         each request waiting out the timeouts (seconds against a hung Redis). A refusal of
         service (OOM, READONLY) does not count: a Redis refusing writes still reads keys.
         While a `watch` task runs, it is what tries Redis again: no request waits on a probe."""
-        if self._watchers and not self.healthy and self.unreachable_at is not None:
+        if self.known_unreachable():
             return False
         return self._probe("unreachable_at")
+
+    def known_unreachable(self) -> bool:
+        """True while a `watch` task runs and Redis is marked unreachable: what is known
+        without asking it (a readiness probe must answer at once; against a stalled Redis a
+        ping waits out its timeouts, 2 s, longer than a probe's)."""
+        return bool(self._watchers) and not self.healthy and self.unreachable_at is not None
 
     async def watch(self, interval_s: float = 1.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                     ) -> None:

@@ -556,7 +556,9 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     async def readyz() -> Any:
         status = dict(runtime.status())
         degraded = list(status.get("degraded", []))
-        if not await store.redis.ping():
+        # (not asked while its watcher knows it is down: a stalled Redis held this probe 2 s,
+        # past a readiness probe's timeout, and every replica sharing it left the Service)
+        if store.redis.known_unreachable() or not await store.redis.ping():
             degraded.append("redis_unavailable")
         if state.draining.is_set():
             degraded.append("shutting_down")

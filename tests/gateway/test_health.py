@@ -168,3 +168,27 @@ async def test_a_hung_redis_costs_one_request_its_timeouts_not_every_request(gat
             os.kill(redis_server.pid, signal.SIGCONT)
     assert first >= 0.9  # (the store's timeout: 1 s)
     assert three < first / 3, (first, three)
+
+
+async def test_readyz_answers_at_once_while_a_stalled_redis_is_watched(gateway: Gateway,
+                                                                      redis_server: PrivateRedis) -> None:
+    """Once the store's watcher knows Redis is down, /readyz says so without asking it: a
+    stalled Redis held every probe 2 s (a ping's timeouts), past Kubernetes' default probe
+    timeout of 1 s, so every replica sharing the Redis would have left its Service at once."""
+    store = gateway.stores.redis
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client, trio.open_nursery() as nursery:
+        await nursery.start(store.watch)  # (as `lmgate serve` runs it)
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            assert "redis_unavailable" in (await client.get("/readyz")).json()["degraded"]  # (finds it out)
+            started = trio.current_time()
+            for _ in range(3):
+                r = await client.get("/readyz")
+                assert r.status_code == 200 and "redis_unavailable" in r.json()["degraded"]
+            assert trio.current_time() - started < 0.9
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        with trio.fail_after(10):  # the watcher finds it back
+            while "redis_unavailable" in (await client.get("/readyz")).json()["degraded"]:
+                await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
