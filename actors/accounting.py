@@ -122,14 +122,21 @@ class Accounting:
         try:
             with trio.move_on_after(self.settle_patience_s):
                 while True:
-                    await trio.sleep(delay)
+                    # the next try: after the backoff, or as soon as Redis answers anything (the
+                    # store's watcher finds it back within a second; a settle asleep in its 5 s
+                    # backoff held its request's max_concurrent slot that much longer)
+                    with trio.move_on_after(delay):
+                        if store is not None and hasattr(store, "answered"):
+                            await store.answered()
+                        else:
+                            await trio.sleep_forever()
                     delay = min(5.0, delay * 2)
                     try:
                         result = await fn(*args)
                     except CacheUnavailable:
                         self.metrics.redis_errors.labels(op).inc()
                         continue
-                    log.info("%s succeeded once Redis was back", op)
+                    log.debug("%s succeeded once Redis was back", op)
                     return result
         finally:
             self.metrics.settle_backlog.dec()

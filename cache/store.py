@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import coredis
 import coredis.exceptions
@@ -52,6 +54,25 @@ _REFUSALS = ("READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "
 SKIP_AFTER_ERROR_S = 1.0
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
+def redacted_url(url: str) -> str:
+    """`url` without its password (it goes to stderr and logs), given before the host or as
+    the query's ``password=`` (coredis reads both)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1\2***", parts.query))
+    return urlunsplit(parts)
+
+
 def is_refusal(error: BaseException) -> bool:
     """Whether a Redis error reply means the server refuses service (see `_REFUSALS`)."""
     if isinstance(error, coredis.exceptions.ReadOnlyError):
@@ -65,8 +86,10 @@ def _not_a_script_reload(record: logging.LogRecord) -> bool:
     """coredis runs a script by its hash and, on a Redis that does not hold it yet (a new
     or restarted one), loads it and runs it again: by design, not a fault. It logs that
     retry at INFO as "Retry attempt 1 due to error: No matching script", once per script,
-    which reads like an error in a server's log. Drop that record only."""
-    return "No matching script" not in record.getMessage()
+    which reads like an error in a server's log. Drop that record; and coredis's other
+    "Retry attempt" lines, one per command while Redis is down (7,000 in a 90 s stall):
+    the store logs an outage once as it begins and once as it ends (`RedisStore.guard`)."""
+    return not (record.levelno <= logging.INFO and record.getMessage().startswith("Retry attempt"))
 
 
 def _no_empty_traceback(record: logging.LogRecord) -> bool:
@@ -131,6 +154,8 @@ class RedisStore:
         self.last_error_at: float | None = None
         self.unreachable_at: float | None = None  # the last failure that was no answer at all
         self._watchers = 0  # `watch` tasks running: they, not requests, find a hung Redis back
+        self._down_since: float | None = None  # when the current outage began (for the log)
+        self._answered = trio.Event()  # set, and replaced, when Redis answers after failing
 
     @property
     def client(self) -> coredis.Redis[bytes]:
@@ -170,13 +195,19 @@ class RedisStore:
         except _UNREACHABLE as error:
             self._failed(error)
             self.unreachable_at = self.last_error_at
-            raise CacheUnavailable(f"Redis at {self.url} unreachable: {error}") from error
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} unreachable: {error}") from error
         except coredis.exceptions.RedisError as error:
             if not is_refusal(error):
                 raise
             self._failed(error)
             self.unreachable_at = None  # (it answered: it is reachable, if refusing)
-            raise CacheUnavailable(f"Redis at {self.url} refuses service: {error}") from error
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses service: {error}") from error
+        if self._down_since is not None:
+            log.warning("Redis at %s answers again, after %.0f s", redacted_url(self.url), time.time() - self._down_since)
+            self._down_since = None
+        if self.unreachable_at is not None:  # (not after a refusal: an OOM Redis answers reads
+            self._answered.set()             # between refused writes, and would wake them all)
+            self._answered = trio.Event()
         self.healthy = True
         self.unreachable_at = None
 
@@ -184,6 +215,16 @@ class RedisStore:
         self.healthy = False
         self.last_error = f"{type(error).__name__}: {error}"
         self.last_error_at = time.time()
+        if self._down_since is None:  # one line per outage (coredis's own retry lines are dropped)
+            self._down_since = self.last_error_at
+            log.warning("Redis at %s fails (%s): serving without it until it answers", redacted_url(self.url),
+                        self.last_error)
+
+    async def answered(self) -> None:
+        """Return when Redis next answers after it could not be reached (any call through
+        `guard`: the watcher's ping finds it back within its interval): what waits for it to
+        come back (a settle that must reach it) goes on at once, not at its next backoff."""
+        await self._answered.wait()
 
     def worth_trying(self) -> bool:
         """False for `SKIP_AFTER_ERROR_S` after an operation failed on Redis (and until one

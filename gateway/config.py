@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 from actors.policies import KV_RESERVATIONS, LENGTH_AWARE_POLICIES, POLICY_NAMES
 from gateway.cors import CorsConfigError, CorsPolicy
@@ -222,25 +222,6 @@ def env_name(name: str) -> str:
     return "LMGATE_" + name.upper()
 
 
-_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
-
-
-def _redacted(url: str) -> str:
-    """`url` without its password (it goes to stderr and logs), given before the host or as
-    the query's ``password=`` (coredis reads both)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
-    if parts.query:
-        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1\2***", parts.query))
-    return urlunsplit(parts)
-
-
 def check_redis_url(url: str) -> None:
     """A Redis URL coredis connects to as it reads: ``redis://`` or ``rediss://`` (TLS) with a
     host, an optional port in 1..65535 and an optional database number (``/N`` or
@@ -248,7 +229,9 @@ def check_redis_url(url: str) -> None:
     start-up, not on the first Redis command: there ``redis://:::`` was an AssertionError
     inside coredis, ``/abc`` silently database 0 and port 0 silently 6379. Whether the
     server has that database is known once connected (`redis_refusal`)."""
-    shown = _redacted(url)
+    from cache.store import redacted_url  # (here: importing cache costs `lmgate --help` 0.2 s)
+
+    shown = redacted_url(url)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in REDIS_URL_SCHEMES or not rest:
         raise ConfigError(f"redis_url must start with redis://, rediss:// or unix:// and name a server, got {shown!r}")
@@ -526,6 +509,8 @@ def non_default_settings(config: GatewayConfig) -> str:
     order (``"none"`` if none), for the start-up log: what this server runs with, whatever
     set it (a flag, the environment or the file). Keys show as ``***``, a Redis URL
     without its password."""
+    from cache.store import redacted_url
+
     defaults = GatewayConfig()
     shown = []
     for f in dataclasses.fields(config):
@@ -535,7 +520,7 @@ def non_default_settings(config: GatewayConfig) -> str:
         if f.name in _SECRETS and value:
             value = "***"
         elif f.name == "redis_url" and isinstance(value, str):
-            value = _redacted(value)
+            value = redacted_url(value)
         shown.append(f"{f.name}={value!r}" if isinstance(value, str) else f"{f.name}={value}")
     return ", ".join(shown) or "none"
 

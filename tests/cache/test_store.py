@@ -99,14 +99,16 @@ async def test_a_hung_redis_is_unavailable_within_the_timeout(tmp_path):
 
 async def test_loading_a_script_into_a_new_redis_is_not_logged(store: RedisStore, caplog):
     """A script meets a Redis without it (new, restarted or flushed): coredis loads it and
-    runs it again, a retry it would log at INFO as an error; other coredis records stay."""
+    runs it again, a retry it would log at INFO as an error. Its other retry lines go too
+    (the store logs an outage itself); its other records stay."""
     await store.client.script_flush()
     script = store.register_script("return ARGV[1]")
     with caplog.at_level(logging.DEBUG, logger="coredis"):
         assert await script(args=["x"]) in ("x", b"x")
         logging.getLogger("coredis").info("Retry attempt 1 due to error: connection reset")
+        logging.getLogger("coredis").info("Connection closed unexpectedly!")
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("coredis")]
-    assert messages == ["Retry attempt 1 due to error: connection reset"]
+    assert messages == ["Connection closed unexpectedly!"]
 
 
 @pytest.mark.parametrize("refusal", ["read-only replica", "out of memory"])
@@ -209,3 +211,36 @@ async def test_a_redis_that_refuses_service_is_still_asked_for_keys(store: Redis
         assert not store.healthy and store.reachable()  # its reads still work: keys are still asked
     finally:
         await store.client.config_set({"min-replicas-to-write": "0"})
+
+
+async def test_an_outage_is_logged_once_each_way_and_wakes_what_waits_for_redis(tmp_path, caplog):
+    """One line as Redis fails and one as it answers again (coredis's per-command retry
+    lines, 7,000 in a 90 s stall, are dropped); `answered` returns when it is back, so a
+    settle waiting for it goes on at once instead of at its next backoff (up to 5 s)."""
+    server = PrivateRedis(tmp_path).start()
+    try:
+        async with RedisStore(server.url, connect_timeout_s=0.3, stream_timeout_s=0.3) as store:
+            server.stop()
+            caplog.set_level(logging.INFO)
+            for _ in range(3):
+                assert not await store.ping()
+            woke: list[float] = []
+
+            async def wait_for_redis() -> None:
+                await store.answered()
+                woke.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_redis)
+                await trio.sleep(0.2)
+                assert woke == []
+                await trio.to_thread.run_sync(server.start)
+                assert await store.ping()
+                back = trio.current_time()
+            assert woke and woke[0] - back < 0.1
+            messages = [r.getMessage() for r in caplog.records]
+            assert sum("fails" in m and "serving without it" in m for m in messages) == 1, messages
+            assert sum("answers again" in m for m in messages) == 1, messages
+            assert not [m for m in messages if m.startswith("Retry attempt")], messages
+    finally:
+        server.stop()
