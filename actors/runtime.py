@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 
 PREDICT_BATCH = 32  # instructions embedded per call at most (MiniLM's batch)
+REDIS_DEGRADED_S = 5.0  # /readyz lists a Redis error this long after it (a refusing Redis answers reads)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ class Runtime:
 
     def status(self) -> dict:
         degraded = []
-        if self.store is not None and not self.store.healthy:
+        if self.store is not None and (not self.store.healthy or self.store.failed_within(REDIS_DEGRADED_S)):
+            # (a Redis refusing writes answers the reads between: `healthy` alone flickered)
             degraded.append(f"redis: {self.store.last_error or 'unreachable'}")
         stats = self.engine.stats()
         return {

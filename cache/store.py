@@ -220,6 +220,10 @@ class RedisStore:
             log.warning("Redis at %s fails (%s): serving without it until it answers", redacted_url(self.url),
                         self.last_error)
 
+    def failed_within(self, seconds: float) -> bool:
+        """Whether an operation failed on Redis in the last `seconds`."""
+        return self.last_error_at is not None and time.time() - self.last_error_at < seconds
+
     async def answered(self) -> None:
         """Return when Redis next answers after it could not be reached (any call through
         `guard`: the watcher's ping finds it back within its interval): what waits for it to

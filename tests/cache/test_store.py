@@ -137,6 +137,8 @@ async def test_a_redis_that_refuses_writes_is_unavailable_then_recovers(tmp_path
                 assert not store.healthy and not await store.ping()
                 with pytest.raises(CacheUnavailable, match="skipped"):  # Redis failed within the last second
                     await prompts.get("s", "m", [], True)
+                assert await registry.get_tenant("t1") is not None  # a read it answers...
+                assert store.healthy and store.failed_within(5)  # ...does not hide the refusals (/readyz)
             finally:
                 if refusal == "read-only replica":
                     await admin.replicaof(None, None)
