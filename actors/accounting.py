@@ -27,6 +27,7 @@ accounted (the runtime's shutdown waits for it to reach 0).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,11 +126,15 @@ class Accounting:
                     # the next try: after the backoff, or as soon as Redis answers anything (the
                     # store's watcher finds it back within a second; a settle asleep in its 5 s
                     # backoff held its request's max_concurrent slot that much longer)
+                    woken = False
                     with trio.move_on_after(delay):
                         if store is not None and hasattr(store, "answered"):
                             await store.answered()
+                            woken = True
                         else:
                             await trio.sleep_forever()
+                    if woken:  # every settle owed wakes at once: spread them over half a second
+                        await trio.sleep(random.random() * 0.5)
                     delay = min(5.0, delay * 2)
                     try:
                         result = await fn(*args)

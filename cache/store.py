@@ -52,19 +52,25 @@ _REFUSALS = ("READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "
 # After an error, how long operations that can do without Redis (the caches) skip it
 # instead of each waiting out the timeouts again (`RedisStore.worth_trying`).
 SKIP_AFTER_ERROR_S = 1.0
+REFUSALS_END_S = 5.0  # a refusing Redis's outage ends (in the log) once it refused nothing this long
 
 
 _QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
 
 
+_USERINFO_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
 def redacted_url(url: str) -> str:
     """`url` without its password (it goes to stderr and logs), given before the host or as
-    the query's ``password=`` (coredis reads both)."""
+    the query's ``password=`` (coredis reads both); otherwise `url` as it was written."""
     try:
         parts = urlsplit(url)
         password = parts.password
-    except ValueError:
-        return url
+    except ValueError:  # (not a URL urlsplit reads: the userinfo's password, by its shape)
+        return _USERINFO_PASSWORD.sub(r"\1***@", url)
+    if password is None and not _QUERY_PASSWORD.search(parts.query):
+        return url  # (urlunsplit would write unix:///path as unix:/path)
     if password is not None:
         user, _, host = parts.netloc.rpartition("@")
         parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
@@ -155,6 +161,7 @@ class RedisStore:
         self.unreachable_at: float | None = None  # the last failure that was no answer at all
         self._watchers = 0  # `watch` tasks running: they, not requests, find a hung Redis back
         self._down_since: float | None = None  # when the current outage began (for the log)
+        self._failed_at: float | None = None  # the last failure (`last_error_at` also marks probes)
         self._answered = trio.Event()  # set, and replaced, when Redis answers after failing
 
     @property
@@ -202,7 +209,10 @@ class RedisStore:
             self._failed(error)
             self.unreachable_at = None  # (it answered: it is reachable, if refusing)
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses service: {error}") from error
-        if self._down_since is not None:
+        # an outage ends when Redis answers after it could not be reached, or, after refusals
+        # (it answers reads between refused writes), once none came for REFUSALS_END_S
+        if self._down_since is not None and (self.unreachable_at is not None
+                                             or not self.failed_within(REFUSALS_END_S)):
             log.warning("Redis at %s answers again, after %.0f s", redacted_url(self.url), time.time() - self._down_since)
             self._down_since = None
         if self.unreachable_at is not None:  # (not after a refusal: an OOM Redis answers reads
@@ -214,15 +224,16 @@ class RedisStore:
     def _failed(self, error: BaseException) -> None:
         self.healthy = False
         self.last_error = f"{type(error).__name__}: {error}"
-        self.last_error_at = time.time()
+        self.last_error_at = self._failed_at = time.time()
         if self._down_since is None:  # one line per outage (coredis's own retry lines are dropped)
             self._down_since = self.last_error_at
             log.warning("Redis at %s fails (%s): serving without it until it answers", redacted_url(self.url),
                         self.last_error)
 
     def failed_within(self, seconds: float) -> bool:
-        """Whether an operation failed on Redis in the last `seconds`."""
-        return self.last_error_at is not None and time.time() - self.last_error_at < seconds
+        """Whether an operation failed on Redis in the last `seconds` (a failure, not a
+        probe: `_probe` moves `last_error_at` on)."""
+        return self._failed_at is not None and time.time() - self._failed_at < seconds
 
     async def answered(self) -> None:
         """Return when Redis next answers after it could not be reached (any call through
@@ -288,7 +299,7 @@ class RedisStore:
         until it expires. CacheUnavailable when Redis is down, refuses service, or failed
         within `SKIP_AFTER_ERROR_S` (`worth_trying`)."""
         if not self.worth_trying():
-            raise CacheUnavailable(f"Redis at {self.url} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
         try:
             with self.guard():
                 raw = await self.client.get(key)
@@ -309,7 +320,7 @@ class RedisStore:
     async def set_value(self, key: str, value: bytes, ttl_s: float) -> None:
         """A cache's write (SET with a TTL); CacheUnavailable as `get_value`."""
         if not self.worth_trying():
-            raise CacheUnavailable(f"Redis at {self.url} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
         with self.guard():
             await self.client.set(key, value, px=max(1, round(ttl_s * 1000)))
 
@@ -343,4 +354,4 @@ class RedisStore:
         await self._client.__aexit__(exc_type, exc, tb)
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r}, prefix={self.prefix!r}, healthy={self.healthy})"
+        return f"RedisStore({redacted_url(self.url)!r}, prefix={self.prefix!r}, healthy={self.healthy})"

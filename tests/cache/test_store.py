@@ -232,13 +232,14 @@ async def test_an_outage_is_logged_once_each_way_and_wakes_what_waits_for_redis(
                 await store.answered()
                 woke.append(trio.current_time())
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait_for_redis)
-                await trio.sleep(0.2)
-                assert woke == []
-                await trio.to_thread.run_sync(server.start)
-                assert await store.ping()
-                back = trio.current_time()
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait_for_redis)
+                    await trio.sleep(0.2)
+                    assert woke == []
+                    await trio.to_thread.run_sync(server.start)
+                    assert await store.ping()
+                    back = trio.current_time()
             assert woke and woke[0] - back < 0.1
             messages = [r.getMessage() for r in caplog.records]
             assert sum("fails" in m and "serving without it" in m for m in messages) == 1, messages
@@ -246,3 +247,37 @@ async def test_an_outage_is_logged_once_each_way_and_wakes_what_waits_for_redis(
             assert not [m for m in messages if m.startswith("Retry attempt")], messages
     finally:
         server.stop()
+
+
+async def test_a_redis_refusing_writes_is_logged_once_not_at_every_request(tmp_path, caplog, monkeypatch):
+    """Out of memory, Redis answers reads between the refused writes: each answer ended the
+    outage in the log and the next refusal began another, two lines a request. It ends once
+    no refusal came for `REFUSALS_END_S`."""
+    import cache.store
+
+    monkeypatch.setattr(cache.store, "REFUSALS_END_S", 0.3)
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url) as store:
+            caplog.set_level(logging.WARNING, logger="lmgate.cache")
+            await store.client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+            try:
+                for _ in range(3):
+                    with pytest.raises(CacheUnavailable, match="refuses service"), store.guard():
+                        await store.client.set(store.key("x"), b"1")
+                    with store.guard():  # a read it answers
+                        await store.client.get(store.key("x"))
+            finally:
+                await store.client.config_set({"maxmemory": "0"})
+            await trio.sleep(0.4)
+            assert await store.ping()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("fails" in m for m in messages) == 1 and sum("answers again" in m for m in messages) == 1, messages
+
+
+def test_a_redis_url_is_shown_without_its_password_and_otherwise_as_written():
+    from cache.store import redacted_url
+
+    assert redacted_url("unix:///tmp/r.sock") == "unix:///tmp/r.sock"  # (urlunsplit: unix:/tmp/r.sock)
+    assert redacted_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redacted_url("rediss://h/0?username=u&password=pw") == "rediss://h/0?username=u&password=***"
+    assert redacted_url("redis://u:pw@[::1/0") == "redis://u:***@[::1/0"  # (urlsplit refuses it)
