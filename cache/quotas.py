@@ -376,6 +376,18 @@ redis.call('ZREM', base .. 'conc', rid)
 local res_key = base .. 'res:' .. rid
 local res = redis.call('HMGET', res_key, 'tokens', 'win', 'day')
 local day
+-- a lapse charged and recorded part of this request (`lapsed:<rid>`): only the rest is left
+local function take_lapsed()
+  local lapsed = redis.call('GET', base .. 'lapsed:' .. rid)
+  if lapsed then
+    local sep = string.find(lapsed, ' ', 1, true)
+    prompt = prompt - tonumber(string.sub(lapsed, 1, sep - 1))
+    completion = completion - tonumber(string.sub(lapsed, sep + 1))
+    actual = prompt + completion
+    requests = 0
+    redis.call('DEL', base .. 'lapsed:' .. rid)
+  end
+end
 if res[1] then
   local delta = actual - tonumber(res[1])
   local tpm_key = base .. 'tpm:' .. res[2]
@@ -389,27 +401,12 @@ elseif redis.call('DEL', base .. 'reset:' .. rid) == 1 then
   -- charged to a tenant created again under the id, which starts afresh (if it had lapsed
   -- first, its lapse recorded part of it: the rest, as below)
   day = tostring(math.floor(now / 86400000))
-  local lapsed = redis.call('GET', base .. 'lapsed:' .. rid)
-  if lapsed then
-    local sep = string.find(lapsed, ' ', 1, true)
-    prompt = prompt - tonumber(string.sub(lapsed, 1, sep - 1))
-    completion = completion - tonumber(string.sub(lapsed, sep + 1))
-    requests = 0
-    redis.call('DEL', base .. 'lapsed:' .. rid)
-  end
+  take_lapsed()
 else
   -- the reservation lapsed (its slot was not extended for a TTL): what it had used when
   -- its gateway last reported was charged and recorded then (`lapsed:<rid>`), the rest of
   -- its tokens given back; charge and record the rest of its real usage now
-  local lapsed = redis.call('GET', base .. 'lapsed:' .. rid)
-  if lapsed then
-    local sep = string.find(lapsed, ' ', 1, true)
-    prompt = prompt - tonumber(string.sub(lapsed, 1, sep - 1))
-    completion = completion - tonumber(string.sub(lapsed, sep + 1))
-    actual = prompt + completion
-    requests = 0
-    redis.call('DEL', base .. 'lapsed:' .. rid)
-  end
+  take_lapsed()
   local tpm_key = base .. 'tpm:' .. (now - (now % 60000))
   redis.call('INCRBY', tpm_key, actual)
   redis.call('PEXPIRE', tpm_key, 120000)
