@@ -23,6 +23,7 @@ import base64
 import fnmatch
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
@@ -33,7 +34,7 @@ from typing import Any
 import msgspec
 from coredis import PureToken
 
-from cache.quotas import Quota
+from cache.quotas import MAX_LIMIT, Quota
 from cache.store import CacheUnavailable, RedisStore
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "TenantRegistry",
     "check_name",
     "check_tenant_id",
+    "decode_tenant",
     "hash_key",
     "is_admin_key",
     "is_tenant_id",
@@ -58,6 +60,9 @@ _DISPLAY_CHARS = 8  # "lmg-" + 4 chars of the random part, enough to tell keys a
 # which an HTTP client resolves, climbing to another route
 _TENANT_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: no name shows or logs them right
+
+
+log = logging.getLogger("lmgate.cache")
 
 
 def is_tenant_id(text: str) -> bool:
@@ -85,6 +90,34 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
 
     def may_use(self, model: str) -> bool:
         return may_use(self.models, model)
+
+
+_clamped_warned: set[str] = set()
+
+
+def decode_tenant(raw: bytes | str) -> Tenant:
+    """A stored tenant record as a Tenant. Records outlive the version that wrote them: a
+    quota limit above MAX_LIMIT (accepted before 2026-12-05; refused since, as the quota
+    scripts count in doubles) reads as MAX_LIMIT, as unlimited in practice as the number
+    written, with a warning once per tenant, and is stored so at the tenant's next update.
+    Anything else a record fails is raised (msgspec.ValidationError)."""
+    try:
+        return msgspec.json.decode(raw, type=Tenant)
+    except msgspec.ValidationError:
+        data = msgspec.json.decode(raw)
+        quota = data.get("quota") if isinstance(data, dict) else None
+        over = sorted(k for k, v in quota.items() if isinstance(v, int) and v > MAX_LIMIT) if isinstance(
+            quota, dict) else []
+        if not over:
+            raise
+        data["quota"] = {**quota, **dict.fromkeys(over, MAX_LIMIT)}
+        tenant = msgspec.convert(data, type=Tenant)
+        if tenant.id not in _clamped_warned:
+            _clamped_warned.add(tenant.id)
+            log.warning("tenant %r: quota %s above %d (stored by an older version) read as %d, its largest "
+                        "exact value; an update of the tenant stores it so", tenant.id, ", ".join(over),
+                        MAX_LIMIT, MAX_LIMIT)
+        return tenant
 
 
 MAX_MODEL_PATTERNS = 256
@@ -280,6 +313,17 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
+# ARGV: store prefix -> how many API keys the tenants hold (the secret check's question:
+# were keys issued here before any fingerprint of their secret was recorded?)
+_COUNT_KEYS = """
+local p = ARGV[1]
+local n = 0
+for _, tid in ipairs(redis.call('SMEMBERS', p .. 'tenants')) do
+  n = n + redis.call('SCARD', p .. 'tenant_keys:' .. tid)
+end
+return n
+"""
+
 UPDATE_ATTEMPTS = 50
 
 
@@ -301,10 +345,14 @@ class TenantRegistry:
         self._revoke = store.register_script(_REVOKE)
         self._delete_tenant = store.register_script(_DELETE_TENANT)
         self._create_key = store.register_script(_CREATE_KEY)
+        self._count_keys = store.register_script(_COUNT_KEYS)
+        # the fingerprint is recorded once a key issued before this time authenticates
+        # (`check_secret`: keys of a version that recorded none); None: nothing pending
+        self._fingerprint_pending_since: float | None = None
 
     # -- the server secret ---------------------------------------------------
 
-    async def check_secret(self) -> bool:
+    async def check_secret(self, *, generated: bool = False) -> bool:
         """Check that this Redis's keys were issued under our secret; raise SecretMismatch if not.
 
         Redis keeps ``HMAC(secret, "lmgate secret check")`` (written by the first gateway,
@@ -312,14 +360,35 @@ class TenantRegistry:
         with another secret — a replica with its own data dir, a container whose data dir
         was lost — would answer every existing key with 401; it is stopped at start-up
         instead. Returns True when this call recorded the fingerprint.
+
+        A Redis holding keys but no fingerprint (issued by a version before 2026-12-05,
+        which recorded none) cannot tell which secret is theirs, and the first gateway to
+        start after an upgrade, maybe one given the wrong secret, must not decide it for
+        the fleet: the fingerprint is recorded only once one of those keys authenticates
+        here (`lookup_key`), which proves the secret; until then it is logged as pending.
+        `generated` (this server made its secret just now) cannot be theirs: refused.
         """
-        mine = hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
+        mine = self._fingerprint()
         key = self.store.key("secret_check")
         with self.store.guard():
             # read first: a Redis refusing writes (maxmemory, a replica in a failover) still
             # answers the check when the fingerprint is there
             theirs = await self.store.client.get(key)
             if theirs is None:
+                if keys := int(await self._count_keys(args=[self.store.prefix])):
+                    if generated:
+                        raise SecretMismatch(
+                            f"this Redis holds {keys} API keys, issued under a secret this server does not "
+                            "have (its secret was generated just now, in a new data dir), so none would "
+                            "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
+                            "the server_secret file of the data dir that issued them)")
+                    self._fingerprint_pending_since = time.time()
+                    log.warning(
+                        "this Redis holds %d API keys but no fingerprint of the secret they were issued under "
+                        "(written by a version before 2026-12-05): it is recorded once one of them "
+                        "authenticates here; if they all answer 401, this server has another secret than "
+                        "the one that issued them", keys)
+                    return False
                 if await self.store.client.set(key, mine, condition=PureToken.NX):
                     return True
                 theirs = await self.store.client.get(key)
@@ -330,6 +399,19 @@ class TenantRegistry:
                 "authenticate here: give every gateway that shares this Redis the same secret "
                 "(LMGATE_SECRET, or the same data_dir/server_secret file)")
         return False
+
+    def _fingerprint(self) -> str:
+        return hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
+
+    async def _record_proven_fingerprint(self) -> None:
+        """A key issued before `check_secret` found no fingerprint authenticated: our secret
+        is theirs, so record its fingerprint (NX: a replica may have done so already)."""
+        self._fingerprint_pending_since = None
+        with self.store.guard():
+            if await self.store.client.set(self.store.key("secret_check"), self._fingerprint(),
+                                           condition=PureToken.NX):
+                log.info("an API key issued before the secret's fingerprint was kept authenticated: "
+                         "recorded the fingerprint (a gateway with another secret is now refused at start)")
 
     # -- tenants -------------------------------------------------------------
 
@@ -365,7 +447,7 @@ class TenantRegistry:
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         with self.store.guard():
             raw = await self.store.client.get(self.store.key("tenant", tenant_id))
-        return None if raw is None else msgspec.json.decode(raw, type=Tenant)
+        return None if raw is None else decode_tenant(raw)
 
     async def list_tenants(self) -> list[Tenant]:
         """All tenants, sorted by id."""
@@ -374,7 +456,7 @@ class TenantRegistry:
             if not ids:
                 return []
             raws = await self.store.client.mget([self.store.key("tenant", i) for i in ids])
-        return [msgspec.json.decode(r, type=Tenant) for r in raws if r is not None]
+        return [decode_tenant(r) for r in raws if r is not None]
 
     async def update_tenant(
         self,
@@ -403,7 +485,7 @@ class TenantRegistry:
                 raw = await self.store.client.get(key)
             if raw is None:
                 raise TenantNotFound(tenant_id)
-            current = msgspec.json.decode(raw, type=Tenant)
+            current = decode_tenant(raw)
             changes: dict[str, Any] = {
                 k: v for k, v in {
                     "name": name, "priority": priority, "shared_cache_pool": shared_cache_pool, "quota": quota,
@@ -499,4 +581,10 @@ class TenantRegistry:
             return None
         if record.expires_at is not None and time.time() >= record.expires_at:  # (Redis drops it about now)
             return None
-        return KeyAuth(msgspec.json.decode(raw_tenant, type=Tenant), record.expires_at)
+        pending = self._fingerprint_pending_since
+        if pending is not None and record.created_at < pending:
+            try:
+                await self._record_proven_fingerprint()
+            except CacheUnavailable:
+                self._fingerprint_pending_since = pending  # the next such key tries again
+        return KeyAuth(decode_tenant(raw_tenant), record.expires_at)

@@ -610,6 +610,8 @@ async def serve(
     log.info("settings other than their defaults: %s", non_default_settings(config))
     for warning in start_warnings(config):
         log.warning("%s", warning)
+    # a secret made at this start cannot be the one a Redis's existing keys were issued under
+    generated = not os.environ.get("LMGATE_SECRET") and not (Path(config.data_dir) / SECRET_FILE).exists()
     secret = server_secret(config.data_dir)
     config_private: PrivateRedis | None = None
     async with AsyncExitStack() as stack:
@@ -627,7 +629,7 @@ async def serve(
         # only. A Redis that answers but refuses to record a first fingerprint (out of memory,
         # read-only) is served as the docs' "When Redis is down" says: with a warning.
         try:
-            await stores.tenants.check_secret()
+            await stores.tenants.check_secret(generated=generated)
         except CacheUnavailable:
             if stores.redis.unreachable_at is not None:
                 raise

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import trio
 
-from cache.quotas import Quota
+from cache.quotas import MAX_LIMIT, Quota
 from cache.store import RedisStore
 from cache.tenants import (
     KEY_PREFIX,
@@ -113,6 +113,38 @@ def test_structs_are_json_encodable_for_the_admin_api():
 def test_quota_rejects_negative_limits():
     with pytest.raises(ValueError, match="requests_per_minute"):
         Quota(requests_per_minute=-1)
+
+
+async def test_a_quota_stored_above_the_exact_limit_by_an_older_version_still_reads(
+    registry: TenantRegistry, store: RedisStore, caplog: pytest.LogCaptureFixture
+):
+    """Versions before 2026-12-05 stored quota limits above 2**53; they are refused now,
+    but a stored record must still read (an upgrade left the tenant unlistable, its keys
+    a 500): as MAX_LIMIT, with one warning, and written so at the next update."""
+    await registry.create_tenant("huge", "Huge")
+    _, key = await registry.create_key("huge", "k")
+    raw = msgspec.json.decode(await store.client.get(store.key("tenant", "huge")))
+    raw["quota"] = {"daily_token_budget": 10**20, "requests_per_minute": 60}
+    await store.client.set(store.key("tenant", "huge"), msgspec.json.encode(raw))
+
+    expected = Quota(daily_token_budget=MAX_LIMIT, requests_per_minute=60)
+    with caplog.at_level("WARNING", logger="lmgate.cache"):
+        assert (await registry.get_tenant("huge")).quota == expected
+        assert [t.quota for t in await registry.list_tenants()] == [expected]
+        assert (await registry.authenticate(key)).quota == expected
+    assert [r.getMessage() for r in caplog.records].count(
+        f"tenant 'huge': quota daily_token_budget above {MAX_LIMIT} (stored by an older version) read as "
+        f"{MAX_LIMIT}, its largest exact value; an update of the tenant stores it so") == 1
+
+    await registry.update_tenant("huge", priority=1)
+    stored = msgspec.json.decode(await store.client.get(store.key("tenant", "huge")))
+    assert stored["quota"]["daily_token_budget"] == MAX_LIMIT and stored["priority"] == 1
+
+    # anything else wrong with a record is still an error, not read as something else
+    raw["quota"] = {"daily_token_budget": -5}
+    await store.client.set(store.key("tenant", "huge"), msgspec.json.encode(raw))
+    with pytest.raises(msgspec.ValidationError):
+        await registry.get_tenant("huge")
 
 
 async def test_key_create_authenticate_revoke(registry: TenantRegistry):
@@ -226,6 +258,41 @@ async def test_a_gateway_with_another_secret_is_stopped_not_silently_401(store: 
             await TenantRegistry(store, b"another secret of 32 bytes......").check_secret()
     finally:
         await store.client.config_set({"maxmemory": "0", "maxmemory-policy": policy})
+
+
+async def test_keys_issued_before_fingerprints_existed_decide_the_secret_not_the_first_gateway(
+    store: RedisStore, caplog: pytest.LogCaptureFixture
+):
+    """A Redis upgraded from a version that recorded no fingerprint holds keys and none:
+    the first gateway to start (here one with the wrong secret) must not record its own and
+    lock the right ones out. The fingerprint is recorded once an old key authenticates; a
+    secret generated at this start cannot be theirs and is refused."""
+    from cache.tenants import SecretMismatch
+
+    old = TenantRegistry(store, SECRET)  # the old version: keys, no fingerprint
+    await old.create_tenant("acme", "Acme")
+    _, key = await old.create_key("acme", "k")
+    assert await store.client.get(store.key("secret_check")) is None
+
+    wrong_secret = b"another secret of 32 bytes......"
+    with pytest.raises(SecretMismatch, match="generated just now"):
+        await TenantRegistry(store, wrong_secret).check_secret(generated=True)
+    wrong = TenantRegistry(store, wrong_secret)
+    with caplog.at_level("WARNING", logger="lmgate.cache"):
+        assert not await wrong.check_secret()  # given by LMGATE_SECRET, say: it may be right
+    assert "holds 1 API keys but no fingerprint" in caplog.text
+    assert await wrong.authenticate(key) is None
+    _, new_key = await wrong.create_key("acme", "issued-by-the-wrong-one")
+    assert await wrong.authenticate(new_key) is not None  # a key it issued itself proves nothing
+    assert await store.client.get(store.key("secret_check")) is None
+
+    right = TenantRegistry(store, SECRET)
+    assert not await right.check_secret()
+    assert await right.authenticate(key) is not None  # an old key: this secret is theirs
+    assert await store.client.get(store.key("secret_check")) is not None
+    with pytest.raises(SecretMismatch, match="another server secret"):
+        await TenantRegistry(store, wrong_secret).check_secret()
+    assert not await TenantRegistry(store, SECRET).check_secret()
 
 
 def test_model_allow_lists() -> None:
