@@ -104,7 +104,8 @@ return {n, before}
 
 class ResponseStore:
     """Per-tenant stored responses. Every method raises CacheUnavailable when Redis
-    cannot be reached."""
+    cannot be reached: at once, without asking, while it could not be reached a moment
+    ago (`RedisStore.guard_reachable`)."""
 
     def __init__(self, store: RedisStore, *, ttl_s: float = 30 * 86400, max_entry_bytes: int = 8 << 20) -> None:
         if ttl_s <= 0:
@@ -130,7 +131,7 @@ class ResponseStore:
         value = _encoder.encode(stored)
         if len(value) > self.max_entry_bytes:
             return False
-        with self.store.guard():
+        with self.store.guard_reachable():
             done = await self.store.client.set(self._key(owner, stored.response["id"]), value,
                                                px=round(self.ttl_s * 1000),
                                                condition=PureToken.XX if existing else None)
@@ -138,21 +139,21 @@ class ResponseStore:
 
     async def request_cancel(self, owner: str, response_id: str, ttl_s: float = 300.0) -> None:
         """Ask the server running a background response to cancel it (`cancel_requested`)."""
-        with self.store.guard():
+        with self.store.guard_reachable():
             await self.store.client.set(self._cancel_key(owner, response_id), b"1", px=round(ttl_s * 1000))
 
     async def cancel_requested(self, owner: str, response_id: str) -> bool:
-        with self.store.guard():
+        with self.store.guard_reachable():
             return bool(await self.store.client.exists([self._cancel_key(owner, response_id)]))
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        with self.store.guard():
+        with self.store.guard_reachable():
             raw = await self.store.client.get(self._key(owner, response_id))
         return None if raw is None else _decoder.decode(raw)
 
     async def delete(self, owner: str, response_id: str) -> bool:
         """True if the response was stored (and is gone now); its events go with it."""
-        with self.store.guard():
+        with self.store.guard_reachable():
             found = bool(await self.store.client.delete([self._key(owner, response_id)]))
             await self.store.client.delete([self._events_key(owner, response_id)])
         return found
@@ -171,13 +172,13 @@ class ResponseStore:
         if not events:
             return 0, first
         encoded = [_encoder.encode(e) for e in events]
-        with self.store.guard():
+        with self.store.guard_reachable():
             added, before = await self._push_events(keys=[self._events_key(owner, response_id)],
                                                     args=[first, round(ttl_s * 1000), *encoded])
         return sum(map(len, encoded[len(encoded) - int(added):])) if added else 0, int(before)
 
     async def read_events(self, owner: str, response_id: str, start: int) -> list[dict[str, Any]]:
         """The events pushed from index (sequence number) `start` on; [] when none (or expired)."""
-        with self.store.guard():
+        with self.store.guard_reachable():
             raw = await self.store.client.lrange(self._events_key(owner, response_id), max(0, start), -1)
         return [msgspec.json.decode(r) for r in raw]

@@ -241,6 +241,16 @@ class RedisStore:
         come back (a settle that must reach it) goes on at once, not at its next backoff."""
         await self._answered.wait()
 
+    @contextlib.contextmanager
+    def guard_reachable(self) -> Iterator[None]:
+        """As `guard`, for what must ask Redis but need not wait out the timeouts of one that
+        could not be reached a moment ago (`reachable`): CacheUnavailable at once then, as
+        each request of a stall would otherwise wait about 2 s to be told the same."""
+        if not self.reachable():
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} could not be reached a moment ago: skipped")
+        with self.guard():
+            yield
+
     def worth_trying(self) -> bool:
         """False for `SKIP_AFTER_ERROR_S` after an operation failed on Redis (and until one
         succeeds): what can do without Redis (the caches) skips it meanwhile rather than

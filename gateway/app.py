@@ -45,7 +45,7 @@ from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
 from gateway.config import GatewayConfig
 from gateway.cors import CorsPolicy
-from gateway.errors import ApiError, install_error_handlers
+from gateway.errors import ApiError, install_error_handlers, log_failure
 from gateway.responses_live import LiveResponses
 
 
@@ -526,6 +526,8 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         started = getattr(g, "started", None)
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)
+        if error is not None:
+            log_failure(request.method, request.path, getattr(g, "request_id", "-"), tenant, error)
         return response
 
     app.after_request(close_after_refused_body)

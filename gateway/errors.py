@@ -46,6 +46,29 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _loggable(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, its control characters escaped (a newline in a
+    path must not start a line of its own in the log)."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
+
+
+def log_failure(method: str, path: str, request_id: str, tenant: str, error: ApiError) -> None:
+    """One log line for a request answered with an error, naming its request id (what a
+    caller quotes from `X-Request-Id`), tenant ("-" before it is known), status, code and
+    param; never the message, which may echo part of the request. INFO, as a refusal is
+    the caller's to act on (and a 503 of an outage is logged by what failed); WARNING for
+    the server's own failures (a 5xx other than 503)."""
+    level = logging.WARNING if error.status >= 500 and error.status != 503 else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    param = f" param {_loggable(error.param, 100)}" if error.param else ""
+    log.log(level, "request %s %s %s: %d %s%s (tenant %s)", request_id, method, _loggable(path, 200), error.status,
+            error.code or error.type, param, tenant)
+
+
 class ApiError(Exception):
     """An error with an HTTP status, rendered in OpenAI's error shape."""
 

@@ -50,6 +50,7 @@ log = logging.getLogger("lmgate.gateway")
 TICK_S = 1.0  # how often a running background response is written and its cancel flag read
 ORPHAN_AFTER_S = 30.0  # a background response not written for this long was left by a stopped server
 FINAL_WRITE_S = 3.0  # at most this long to store how a cancelled or interrupted run ended
+FINAL_RETRY_S = 5.0  # then, Redis down, its end is written again when it answers, or this often
 EVENTS_KEEP_S = 600.0  # a background response's events are kept this long after its end, here and in Redis
 TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete",
                    "failed": "response.failed", "cancelled": "response.cancelled"}
@@ -180,10 +181,12 @@ def only_cancelled(group: BaseExceptionGroup) -> trio.Cancelled | None:
 
 
 async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: float = TICK_S,
-                         orphan_after_s: float = ORPHAN_AFTER_S) -> None:
+                         orphan_after_s: float = ORPHAN_AFTER_S, draining: trio.Event | None = None) -> None:
     """Run a background response to its end, keeping its events and its stored copy up to
     date (see the module docstring). Cancelled from outside (the server stopping), it is
-    stored as failed before the cancellation goes on."""
+    stored as failed before the cancellation goes on. An end Redis could not take is
+    written once it answers (`write_when_answered`; not past `draining`, the server's
+    shutdown)."""
     turn, renderer = live.turn, live.turn.renderer
     failure: str | None = None
     stopped = True  # until the run ends here: what leaves early is the server stopping
@@ -216,12 +219,38 @@ async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: fl
                                                  failure or "the response ended without an answer")))
             for event in ended:
                 live.add(event)
-        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S):
-            if not turn.kept and not live.deleted:
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S) as final:
+            if (not turn.kept or turn.unwritten) and not live.deleted:
                 await turn.keep()
             if not live.deleted:
                 await share_events(live, store)
+        if final.cancelled_caught and not turn.kept:
+            turn.unwritten = True
         live.end()
+    if turn.unwritten:  # (not when cut short from outside: the server is stopping)
+        await write_when_answered(live, store, draining=draining)
+
+
+async def write_when_answered(live: LiveResponse, store: ResponseStore, *, retry_s: float = FINAL_RETRY_S,
+                              give_up_s: float = EVENTS_KEEP_S, draining: trio.Event | None = None) -> None:
+    """A run ended while Redis could not take its end: the stored copy still reads queued
+    or in progress (then, its `running_until` past, failed as if this server had
+    stopped), though it was generated, billed and maybe cancelled. Write its end once
+    Redis answers again (woken by the store's watcher), or every `retry_s` meanwhile,
+    until it is written, deleted, `give_up_s` has passed or the server drains (a shutdown
+    does not wait on Redis); this server's GET answers from the run until then (`retrieve`)."""
+    turn = live.turn
+    give_up = trio.current_time() + give_up_s
+    while turn.unwritten and not live.deleted:
+        if trio.current_time() >= give_up or (draining is not None and draining.is_set()):
+            log.warning("background response %s: its end could not be stored (Redis down): the stored copy will "
+                        "read as failed", live.response_id)
+            return
+        with trio.move_on_at(min(give_up, trio.current_time() + retry_s)):
+            await store.store.answered()
+        await turn.keep()
+    if not live.deleted:
+        await share_events(live, store)
 
 
 async def share_events(live: LiveResponse, store: ResponseStore) -> None:
@@ -274,4 +303,5 @@ async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, o
             log.exception("background response %s: its stored copy was not updated", live.response_id)
 
 
-__all__ = ["LiveResponse", "LiveResponses", "ORPHAN_AFTER_S", "TERMINAL_EVENTS", "run_background"]
+__all__ = ["LiveResponse", "LiveResponses", "ORPHAN_AFTER_S", "TERMINAL_EVENTS", "run_background",
+           "write_when_answered"]

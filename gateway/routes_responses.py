@@ -40,7 +40,13 @@ from cache.response_store import ResponseStore, StoredResponse, owner_of
 from cache.store import CacheUnavailable
 from gateway import sse
 from gateway.errors import ApiError, decode_json, invalid_request, param_of
-from gateway.responses_live import ORPHAN_AFTER_S, TERMINAL_EVENTS, LiveResponse, run_background
+from gateway.responses_live import (
+    FINAL_WRITE_S,
+    ORPHAN_AFTER_S,
+    TERMINAL_EVENTS,
+    LiveResponse,
+    run_background,
+)
 from gateway.routes_openai import (
     CacheDirectives,
     ChatRequest,
@@ -725,7 +731,8 @@ class Turn:
     input: list[dict[str, Any]]
     renderer: ResponseRenderer
     done: bool = False  # its events are over (ended, or left early)
-    kept: bool = False  # its end is stored (or was not to be)
+    kept: bool = False  # its end was written (or was not to be)
+    unwritten: bool = False  # that write found Redis down: the stored copy is behind (`keep`)
     deleted: bool = False  # deleted while it ran (not in background): its end is not stored
 
     def stored(self, *, running_until: float | None = None) -> StoredResponse:
@@ -773,8 +780,10 @@ class Turn:
 
     async def keep(self) -> None:
         """Store the response as it ended (`store`); a Redis that cannot be reached loses
-        only this: the answer still goes out, and a later `previous_response_id` gets a 404.
-        A background response is only rewritten: one deleted meanwhile stays deleted.
+        only this: the answer still goes out, and a later `previous_response_id` gets a 404
+        (the store logs the outage once, not a line per response). That sets `unwritten`:
+        a background run writes it again once Redis answers (`run_background`). A
+        background response is only rewritten: one deleted meanwhile stays deleted.
         `kept` once the write is done (cancelled midway, the background run's shielded end
         writes it again)."""
         if not self.req.stored or self.deleted:
@@ -784,8 +793,10 @@ class Turn:
             if not await self.store.put(self.owner, self.stored(), existing=bool(self.req.background)):
                 log.warning("response %s not stored: larger than %d bytes%s", self.renderer.response_id,
                             self.store.max_entry_bytes, " or deleted" if self.req.background else "")
+            self.unwritten = False
         except CacheUnavailable as exc:
-            log.warning("response %s not stored: %s", self.renderer.response_id, exc)
+            log.debug("response %s not stored: %s", self.renderer.response_id, exc)
+            self.unwritten = True
         self.kept = True
 
 
@@ -960,23 +971,35 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 context, items = [i for i in kept if id(i) in earlier], [i for i in kept if id(i) not in earlier]
         return req, context, items, chat_request(req, [*context, *items])
 
-    async def start_background(turn: Turn, handle: Handle) -> Any:
-        """Store the accepted response as queued, run it in the app's nursery, and answer:
-        the queued response, or a stream of its events that does not end it when it drops."""
+    async def store_queued(turn: Turn) -> None:
+        """Store an accepted background response as queued, before it is submitted: a Redis
+        that cannot take it is a 503 before anything runs or is charged (submitted first,
+        the tokens generated while the write waited out a stalled Redis were billed for a
+        refused request)."""
         try:
             fits = await store.put(turn.owner, turn.stored(running_until=time.time() + ORPHAN_AFTER_S))
         except CacheUnavailable as exc:
-            handle.abort()
             raise ApiError(503, "the response store is unavailable: a background response could not be kept",
-                           code="store_unavailable", retry_after=1, admission_saw=True) from exc
+                           code="store_unavailable", retry_after=1) from exc
         if not fits:
-            handle.abort()
             raise ApiError(400, f"this conversation is larger than the {store.max_entry_bytes} bytes a stored "
-                           "response may take: run it without background", code="invalid_value", param="input",
-                           admission_saw=True)  # (admitted, then given up: not a refusal before admission)
+                           "response may take: run it without background", code="invalid_value", param="input")
+
+    async def forget_queued(turn: Turn) -> None:
+        """The queued background response was refused at admission: not stored after all
+        (best effort; one left behind reads as failed once its `running_until` passes)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S):
+            try:
+                await store.delete(turn.owner, turn.renderer.response_id)
+            except CacheUnavailable:
+                pass
+
+    def start_background(turn: Turn, handle: Handle) -> Any:
+        """Run the stored (queued) response in the app's nursery, and answer: the queued
+        response, or a stream of its events that does not end it when it drops."""
         live = LiveResponse(turn.owner, turn, handle, background=True)
         live_responses.add(live)
-        current_app.add_background_task(run_background, live, store)
+        current_app.add_background_task(run_background, live, store, draining=state.draining)
         if turn.req.stream:
             return event_stream(live.follow(-1, state.config.sse_ping_seconds or None))
         return turn.renderer.response()
@@ -992,14 +1015,22 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         with own_params():
             calls = to_generate_calls(chat, tenant, response_id, app_tag=request.headers.get("X-Lmgate-App"),
                                       cache=cache)
-            handle = await submit_all(state, calls, response_id, 1)  # admission compiles a constraint: its 400
         tools = tools_of(chat)
         chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
                                token_bytes=token_bytes_of(state), tools=tools, stream_calls=streams_calls(chat))
         renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
         if req.background:
-            return await start_background(turn, handle)
+            await store_queued(turn)
+        try:
+            with own_params():
+                handle = await submit_all(state, calls, response_id, 1)  # admission compiles a constraint: its 400
+        except BaseException:
+            if req.background:
+                await forget_queued(turn)
+            raise
+        if req.background:
+            return start_background(turn, handle)
         if req.stored:  # GET reads it here while it runs
             live_responses.add(LiveResponse(turn.owner, turn, handle, background=False))
         if req.stream:
@@ -1079,7 +1110,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         stream, after = bool_arg("stream"), nonnegative_int_arg("starting_after")
         live = live_responses.get(owner(tenant), response_id)
         if not stream:
-            if live is not None and not live.over:
+            # (an ended background run whose end Redis could not take yet: the run is the truth)
+            if live is not None and (not live.over or live.turn.unwritten):
                 return live.snapshot()
             return presented(await stored(tenant, response_id), time.time())
         ping = state.config.sse_ping_seconds or None

@@ -60,6 +60,8 @@ DEV_TENANT_ID = "dev"
 END_STREAMS_MARGIN_S = 0.5  # requests still running this long before the grace period ends get an error event
 END_STREAMS_FLUSH_S = 0.25  # at least this long between those error events and the cut, for them to go out
 SECRET_FILE = "server_secret"
+# each line with its time (an outage, a failed request, placed in time from the log alone)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # TCP keepalive on the listening sockets, which the accepted ones inherit (Linux): a peer
@@ -727,7 +729,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-        logging.basicConfig(level=parse_log_level(config.log_level))
+        logging.basicConfig(level=parse_log_level(config.log_level), format=LOG_FORMAT)
         problem = device_unavailable(config.device)
         if problem is not None:
             raise ConfigError(problem)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import pytest
+import trio
+
+from cache.redis_server import PrivateRedis
 from cache.response_store import ResponseStore, StoredResponse
-from cache.store import RedisStore
+from cache.store import CacheUnavailable, RedisStore
 
 
 def events(first: int, last: int) -> list[dict]:
@@ -44,3 +51,29 @@ def test_a_continued_conversation_leaves_the_output_logprobs_behind() -> None:
     _, answer = stored.conversation()
     assert answer["content"] == [{"type": "output_text", "text": "Hi", "annotations": []}]
     assert "logprobs" in stored.response["output"][0]["content"][0]  # the response itself keeps them
+
+
+async def test_a_stalled_redis_costs_the_store_one_wait_not_one_per_request(tmp_path) -> None:
+    """Every stored response, GET and DELETE waited out the timeouts of a stalled Redis
+    (about 2 s each, as the docs promise only the first request does): after one failure
+    the store answers CacheUnavailable at once until Redis is found back."""
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url, stream_timeout_s=0.3, retries=1) as store:
+            rs = ResponseStore(store)
+            stored = StoredResponse(response={"id": "resp_1", "status": "completed"}, context=[], input=[])
+            assert await rs.put("o", stored)
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = trio.current_time()
+                with pytest.raises(CacheUnavailable, match="timed out"):
+                    await rs.get("o", "resp_1")
+                first = trio.current_time() - started
+                started = trio.current_time()
+                for call in (rs.get("o", "resp_1"), rs.put("o", stored), rs.delete("o", "resp_1")):
+                    with pytest.raises(CacheUnavailable, match="a moment ago"):
+                        await call
+                assert trio.current_time() - started < first / 3, first
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            store.unreachable_at -= 1.1  # (a second on: one call tries it again, and finds it)
+            assert (await rs.get("o", "resp_1")).response["status"] == "completed"

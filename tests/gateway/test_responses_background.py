@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +18,10 @@ import openai
 import pytest
 import trio
 
+from actors.messages import Rejected
+from cache.redis_server import PrivateRedis
 from cache.response_store import ResponseStore, StoredResponse, owner_of
+from cache.store import CacheUnavailable
 from clients import LmgateClient, NotFound
 from gateway.sse import parse_events
 from tests.gateway.conftest import MODEL, Gateway, start_gateway, word
@@ -374,3 +379,69 @@ async def test_a_silent_background_stream_pings_here_and_on_another_server(nurse
         assert (await here.post(f"/v1/responses/{rid}/cancel")).status_code == 200
     stop_here.set()
     stop_there.set()
+
+
+async def stored_status(store: ResponseStore, owner: str, response_id: str) -> str | None:
+    try:
+        found = await store.get(owner, response_id)
+    except CacheUnavailable:
+        return None
+    return None if found is None else found.response["status"]
+
+
+async def test_a_response_that_ends_while_redis_is_stalled_is_stored_as_it_ended(
+        gateway: Gateway, redis_server: PrivateRedis) -> None:
+    """A run whose end Redis could not take (here: cancelled during a stall) was stored as
+    it stood before: in progress, then failed ("the server stopped") though it had ended
+    and been billed, and GET was a 503. This server answers from the run meanwhile, and
+    writes its end as soon as Redis answers again."""
+    tenant = await gateway.stores.tenants.get_tenant("t1")
+    owner, store = owner_of(tenant.id, tenant.created_at), ResponseStore(gateway.stores.redis)
+    async with (httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=30) as client,
+                trio.open_nursery() as nursery):
+        await nursery.start(gateway.stores.redis.watch)  # (as `lmgate serve` runs it)
+        rid = (await client.post("/v1/responses", json={"model": MODEL, "input": "HANG",
+                                                        "background": True})).json()["id"]
+        await wait_for(client, rid, "in_progress")
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            r = await client.post(f"/v1/responses/{rid}/cancel")
+            assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+            r = await client.get(f"/v1/responses/{rid}")
+            assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        with trio.fail_after(10):
+            while await stored_status(store, owner, rid) != "cancelled":
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_background_response_redis_cannot_keep_is_refused_before_it_runs(
+        gateway: Gateway, redis_server: PrivateRedis) -> None:
+    """Stored as queued before it is submitted: a stalled Redis is a 503 with nothing run
+    or billed (submitted first, the tokens generated while the write waited out the stall
+    were charged for a refused request)."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=30) as client:
+        assert (await client.get("/v1/models")).status_code == 200  # (the key is seen: served in the stall)
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            r = await client.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True,
+                                                         "max_output_tokens": 4})
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+    assert gateway.runtime.calls == []
+
+
+async def test_a_background_response_refused_at_admission_is_not_left_stored(gateway: Gateway) -> None:
+    gateway.runtime.reject = Rejected("", 429, "rate_limit_exceeded", "quota max_concurrent", retry_after=1.0)
+    tenant = await gateway.stores.tenants.get_tenant("t1")
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True})
+        assert r.status_code == 429, r.text
+        [call] = gateway.runtime.calls
+        rid = call.request_id
+        assert rid.startswith("resp_")
+        assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
+    assert await ResponseStore(gateway.stores.redis).get(owner_of(tenant.id, tenant.created_at), rid) is None
