@@ -181,6 +181,7 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "lmgate_redis_errors", "Redis calls of the request path that failed: op=reserve, settle, release, "
-            "extend, response_cache_get, response_cache_put, prompt_cache_get, prompt_cache_put or count_refused",
+            "extend, response_cache_get, response_cache_put, prompt_cache_get, prompt_cache_put, count_refused or "
+            "response_store (the Responses API's stored responses)",
             ["op"], registry=r
         )

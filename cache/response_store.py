@@ -26,12 +26,14 @@ does not run the response is a flag (`request_cancel`) the running one reads.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 from coredis import PureToken
 
-from cache.store import RedisStore
+from cache.store import CacheUnavailable, RedisStore
 
 __all__ = ["ResponseStore", "StoredResponse", "owner_of"]
 
@@ -107,13 +109,26 @@ class ResponseStore:
     cannot be reached: at once, without asking, while it could not be reached a moment
     ago (`RedisStore.guard_reachable`)."""
 
-    def __init__(self, store: RedisStore, *, ttl_s: float = 30 * 86400, max_entry_bytes: int = 8 << 20) -> None:
+    def __init__(self, store: RedisStore, *, ttl_s: float = 30 * 86400, max_entry_bytes: int = 8 << 20,
+                 on_error: Callable[[], None] | None = None) -> None:
+        """`on_error` is called for each call Redis failed or that skipped it (a metric)."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.store = store
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
+        self.on_error = on_error
         self._push_events = store.register_script(_PUSH_EVENTS)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            with self.store.guard_reachable():
+                yield
+        except CacheUnavailable:
+            if self.on_error is not None:
+                self.on_error()
+            raise
 
     def _key(self, owner: str, response_id: str) -> str:
         return self.store.key("resp2", owner, response_id)
@@ -131,7 +146,7 @@ class ResponseStore:
         value = _encoder.encode(stored)
         if len(value) > self.max_entry_bytes:
             return False
-        with self.store.guard_reachable():
+        with self._guard():
             done = await self.store.client.set(self._key(owner, stored.response["id"]), value,
                                                px=round(self.ttl_s * 1000),
                                                condition=PureToken.XX if existing else None)
@@ -139,21 +154,21 @@ class ResponseStore:
 
     async def request_cancel(self, owner: str, response_id: str, ttl_s: float = 300.0) -> None:
         """Ask the server running a background response to cancel it (`cancel_requested`)."""
-        with self.store.guard_reachable():
+        with self._guard():
             await self.store.client.set(self._cancel_key(owner, response_id), b"1", px=round(ttl_s * 1000))
 
     async def cancel_requested(self, owner: str, response_id: str) -> bool:
-        with self.store.guard_reachable():
+        with self._guard():
             return bool(await self.store.client.exists([self._cancel_key(owner, response_id)]))
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        with self.store.guard_reachable():
+        with self._guard():
             raw = await self.store.client.get(self._key(owner, response_id))
         return None if raw is None else _decoder.decode(raw)
 
     async def delete(self, owner: str, response_id: str) -> bool:
         """True if the response was stored (and is gone now); its events go with it."""
-        with self.store.guard_reachable():
+        with self._guard():
             found = bool(await self.store.client.delete([self._key(owner, response_id)]))
             await self.store.client.delete([self._events_key(owner, response_id)])
         return found
@@ -172,13 +187,13 @@ class ResponseStore:
         if not events:
             return 0, first
         encoded = [_encoder.encode(e) for e in events]
-        with self.store.guard_reachable():
+        with self._guard():
             added, before = await self._push_events(keys=[self._events_key(owner, response_id)],
                                                     args=[first, round(ttl_s * 1000), *encoded])
         return sum(map(len, encoded[len(encoded) - int(added):])) if added else 0, int(before)
 
     async def read_events(self, owner: str, response_id: str, start: int) -> list[dict[str, Any]]:
         """The events pushed from index (sequence number) `start` on; [] when none (or expired)."""
-        with self.store.guard_reachable():
+        with self._guard():
             raw = await self.store.client.lrange(self._events_key(owner, response_id), max(0, start), -1)
         return [msgspec.json.decode(r) for r in raw]

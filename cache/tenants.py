@@ -35,7 +35,7 @@ import msgspec
 from coredis import PureToken
 
 from cache.quotas import MAX_LIMIT, Quota
-from cache.store import CacheUnavailable, RedisStore
+from cache.store import CacheUnavailable, RedisStore, redacted_url
 
 __all__ = [
     "ApiKeyInfo",
@@ -349,6 +349,7 @@ class TenantRegistry:
         # the fingerprint is recorded once a key issued before this time authenticates
         # (`check_secret`: keys of a version that recorded none); None: nothing pending
         self._fingerprint_pending_since: float | None = None
+        self._fingerprint_seen = False  # Redis held (or took) it: its loss is a loss of data
 
     # -- the server secret ---------------------------------------------------
 
@@ -390,6 +391,7 @@ class TenantRegistry:
                         "the one that issued them", keys)
                     return False
                 if await self.store.client.set(key, mine, condition=PureToken.NX):
+                    self._fingerprint_seen = True
                     return True
                 theirs = await self.store.client.get(key)
         theirs = theirs.decode() if isinstance(theirs, bytes) else theirs
@@ -398,7 +400,31 @@ class TenantRegistry:
                 "the API keys in this Redis were issued under another server secret, so none would "
                 "authenticate here: give every gateway that shares this Redis the same secret "
                 "(LMGATE_SECRET, or the same data_dir/server_secret file)")
+        self._fingerprint_seen = True
         return False
+
+    async def watch_for_lost_data(self) -> None:
+        """Run for as long as the server does: each time Redis answers after an outage, see
+        whether it came back without its data (restarted without persistence, a failover
+        to an empty replica, a flush): the secret's fingerprint, there since start-up, is
+        gone. Then every tenant, key, quota and stored response is too, and each request
+        answers 401 or 404 with nothing in the log to say why: say it, as an error, and
+        record the fingerprint again (a gateway with another secret is still refused)."""
+        while True:
+            await self.store.answered()
+            if not self._fingerprint_seen:
+                continue
+            try:
+                with self.store.guard():
+                    lost = await self.store.client.set(self.store.key("secret_check"), self._fingerprint(),
+                                                       condition=PureToken.NX)
+            except CacheUnavailable:
+                continue
+            if lost:
+                log.error("Redis at %s answers again but has lost its data (the server secret's fingerprint, "
+                          "kept since start-up, is gone): its tenants, API keys, quotas and stored responses are "
+                          "gone, so every key answers 401; restore it from a backup or its persistence file, or "
+                          "create the tenants again (the admin API)", redacted_url(self.store.url))
 
     def _fingerprint(self) -> str:
         return hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
@@ -407,6 +433,7 @@ class TenantRegistry:
         """A key issued before `check_secret` found no fingerprint authenticated: our secret
         is theirs, so record its fingerprint (NX: a replica may have done so already)."""
         self._fingerprint_pending_since = None
+        self._fingerprint_seen = True
         with self.store.guard():
             if await self.store.client.set(self.store.key("secret_check"), self._fingerprint(),
                                            condition=PureToken.NX):

@@ -896,7 +896,9 @@ def event_stream(events: AsyncIterator[dict[str, Any] | Idle]) -> Response:
 
 def responses_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("responses", __name__)
-    store = ResponseStore(state.stores.redis, ttl_s=state.config.response_store_ttl_seconds)
+    metrics = getattr(state.runtime, "metrics", None)
+    store = ResponseStore(state.stores.redis, ttl_s=state.config.response_store_ttl_seconds,
+                          on_error=None if metrics is None else metrics.redis_errors.labels("response_store").inc)
     live_responses = state.live_responses
     truncation_limiter = trio.CapacityLimiter(1)
 

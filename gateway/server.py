@@ -690,6 +690,7 @@ async def serve(
                 nursery.start_soon(on_cut)
             if config_private is not None:
                 nursery.start_soon(watch_private_redis, config_private)
+            nursery.start_soon(stores.tenants.watch_for_lost_data)
             with trio.CancelScope() as serving:
                 nursery.start_soon(end_streams_before_the_cut, serving)
                 await serve_app(app, config, shutdown_trigger=trigger, task_status=task_status)

@@ -59,7 +59,8 @@ async def test_a_stalled_redis_costs_the_store_one_wait_not_one_per_request(tmp_
     the store answers CacheUnavailable at once until Redis is found back."""
     with PrivateRedis(tmp_path) as server:
         async with RedisStore(server.url, stream_timeout_s=0.3, retries=1) as store:
-            rs = ResponseStore(store)
+            errors: list[int] = []  # (`lmgate_redis_errors_total{op="response_store"}` in the gateway)
+            rs = ResponseStore(store, on_error=lambda: errors.append(1))
             stored = StoredResponse(response={"id": "resp_1", "status": "completed"}, context=[], input=[])
             assert await rs.put("o", stored)
             os.kill(server.pid, signal.SIGSTOP)
@@ -77,3 +78,4 @@ async def test_a_stalled_redis_costs_the_store_one_wait_not_one_per_request(tmp_
                 os.kill(server.pid, signal.SIGCONT)
             store.unreachable_at -= 1.1  # (a second on: one call tries it again, and finds it)
             assert (await rs.get("o", "resp_1")).response["status"] == "completed"
+            assert len(errors) == 4  # the one that waited and the three skipped

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
 
 import msgspec
@@ -9,11 +12,13 @@ import pytest
 import trio
 
 from cache.quotas import MAX_LIMIT, Quota
-from cache.store import RedisStore
+from cache.redis_server import PrivateRedis
+from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import (
     KEY_PREFIX,
     MAX_MODEL_PATTERNS,
     ApiKeyInfo,
+    SecretMismatch,
     Tenant,
     TenantExists,
     TenantNotFound,
@@ -359,3 +364,37 @@ async def test_keys_expire(registry: TenantRegistry, store: RedisStore):
     assert [k.name for k in await registry.list_keys("acme")] == ["forever"]
     with pytest.raises(ValueError):
         await registry.create_key("acme", "past", expires_at=time.time() - 1)
+
+
+async def test_a_redis_back_without_its_data_is_said_in_the_log(tmp_path, caplog: pytest.LogCaptureFixture):
+    """A Redis restarted without persistence (or failed over to an empty replica) came back
+    with no tenants and no keys: every request a 401, the log saying only that Redis
+    answers again. Now an error says the data is gone, and the fingerprint is recorded
+    again; an outage after which the data is still there says nothing of the kind."""
+    with PrivateRedis(tmp_path) as server:
+        async with RedisStore(server.url, stream_timeout_s=0.3, retries=1) as store, trio.open_nursery() as nursery:
+            registry = TenantRegistry(store, SECRET)
+            assert await registry.check_secret()
+            await nursery.start(store.watch, 0.1)
+            nursery.start_soon(registry.watch_for_lost_data)
+
+            async def outage(fail, recover) -> None:  # noqa: ANN001
+                fail()
+                with pytest.raises(CacheUnavailable), store.guard():
+                    await store.client.get("x")
+                recover()
+                with trio.fail_after(10):
+                    while not store.healthy:
+                        await trio.sleep(0.05)
+                await trio.sleep(0.2)  # (the watcher's check runs as Redis answers)
+
+            with caplog.at_level(logging.INFO, logger="lmgate.cache"):
+                await outage(lambda: os.kill(server.pid, signal.SIGSTOP), lambda: os.kill(server.pid, signal.SIGCONT))
+                assert "lost its data" not in caplog.text
+                await outage(server.stop, server.start)  # (not persistent: it starts empty)
+            assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelname == "ERROR"] == [
+                f"Redis at {server.url} answers again but has lost its data"]
+            assert await store.client.get(store.key("secret_check")) is not None
+            with pytest.raises(SecretMismatch):
+                await TenantRegistry(store, b"another secret of 32 bytes......").check_secret()
+            nursery.cancel_scope.cancel()
