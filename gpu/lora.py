@@ -585,6 +585,9 @@ class LoraManager:
                                max_rank=self.config.max_rank, scales=self.scales)
         seconds = time.perf_counter() - t0
         with self._lock:
+            # what `key_of` answers once it is evicted: these contents' key, not the one read
+            # before (files rewritten with the same sizes and times keep their version)
+            self._keys[name] = (adapter.version, adapter.key)
             if name in self._loaded and self._loaded[name].version == adapter.version:
                 self._loaded.move_to_end(name)  # another thread loaded it meanwhile: keep one copy
                 return self._loaded[name]

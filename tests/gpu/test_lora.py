@@ -4,6 +4,7 @@ the base model in one batch, token-identical to transformers + peft in float32."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -390,6 +391,31 @@ def test_an_unreadable_adapter_file_is_reasoned_without_the_server_s_path(tmp_pa
     with pytest.raises(LoraError) as info:
         read_config(tmp_path)
     assert info.value.reason == "unreadable (Is a directory)" and str(tmp_path) in str(info.value)
+
+
+def test_the_key_an_adapter_loaded_with_is_remembered_after_it_is_evicted(lora_reference, tmp_path) -> None:
+    """Files rewritten with the same sizes and times (a reproducible build) keep their key
+    until the adapter loads again; then the load's key (of the contents) is the one. It was
+    not remembered: once the new version was evicted, admission keyed it by the old
+    contents again, and the response cache answered with the old version's answers."""
+    root = tmp_path / "adapters"
+    shutil.copytree(lora_reference.paths["two"], root / "two")
+    shutil.copytree(lora_reference.paths["one"], root / "three")
+    cfg = load_checkpoint("smollm2", torch.float32).config
+    manager = LoraManager(LoraConfig(directory=str(root), max_loras=1), cfg, torch.float32)
+    old = manager.key_of("two")
+    weights = root / "two" / "adapter_model.safetensors"
+    times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # a weight's lowest bits: the same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=times)
+    assert manager.key_of("two") == old  # (the documented window: nothing has read the files yet)
+    new = manager.get("two").key
+    assert new != old and manager.key_of("two") == new
+    manager.get("three")  # evicts "two"
+    assert manager.loaded() == ["three"]
+    assert manager.key_of("two") == new
 
 
 def test_the_key_of_an_adapter_comes_from_its_files_without_loading_it(lora_reference, tmp_path) -> None:
