@@ -20,6 +20,7 @@ reads the key record and the tenant it points to.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -313,15 +314,24 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# ARGV: store prefix -> how many API keys the tenants hold (the secret check's question:
-# were keys issued here before any fingerprint of their secret was recorded?)
+# ARGV: store prefix, now -> {how many live API keys the tenants hold, the time from which
+# a key proves nothing}: the secret check's question, were keys issued here before any
+# fingerprint of their secret was recorded? (An expired key's id stays listed until its
+# tenant goes: only ids whose record lives count.) The time is written once, by the first
+# gateway to find keys without a fingerprint, and read by every other: a key issued
+# after it, by a gateway that may have the wrong secret, must not prove that secret after
+# a restart, or on a replica started later.
 _COUNT_KEYS = """
 local p = ARGV[1]
 local n = 0
 for _, tid in ipairs(redis.call('SMEMBERS', p .. 'tenants')) do
-  n = n + redis.call('SCARD', p .. 'tenant_keys:' .. tid)
+  for _, kid in ipairs(redis.call('SMEMBERS', p .. 'tenant_keys:' .. tid)) do
+    n = n + redis.call('EXISTS', p .. 'keyid:' .. kid)
+  end
 end
-return n
+if n == 0 then return {0, ''} end
+redis.call('SET', p .. 'secret_pending_since', ARGV[2], 'NX')
+return {n, redis.call('GET', p .. 'secret_pending_since')}
 """
 
 UPDATE_ATTEMPTS = 50
@@ -376,14 +386,15 @@ class TenantRegistry:
             # answers the check when the fingerprint is there
             theirs = await self.store.client.get(key)
             if theirs is None:
-                if keys := int(await self._count_keys(args=[self.store.prefix])):
+                keys, since = await self._count_keys(args=[self.store.prefix, repr(time.time())])
+                if keys := int(keys):
                     if generated:
                         raise SecretMismatch(
                             f"this Redis holds {keys} API keys, issued under a secret this server does not "
                             "have (its secret was generated just now, in a new data dir), so none would "
                             "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
                             "the server_secret file of the data dir that issued them)")
-                    self._fingerprint_pending_since = time.time()
+                    self._fingerprint_pending_since = float(since)
                     log.warning(
                         "this Redis holds %d API keys but no fingerprint of the secret they were issued under "
                         "(written by a version before 2026-12-05): it is recorded once one of them "
@@ -406,8 +417,9 @@ class TenantRegistry:
     async def watch_for_lost_data(self) -> None:
         """Run for as long as the server does: each time Redis answers after an outage, see
         whether it came back without its data (restarted without persistence, a failover
-        to an empty replica, a flush): the secret's fingerprint, there since start-up, is
-        gone. Then every tenant, key, quota and stored response is too, and each request
+        to an empty replica): the secret's fingerprint, there since start-up, is gone. (A
+        flush while Redis answers, or a restart between two calls of this server, is not
+        an outage it sees.) Then every tenant, key, quota and stored response is too, and each request
         answers 401 or 404 with nothing in the log to say why: say it, as an error, and
         record the fingerprint again (a gateway with another secret is still refused)."""
         while True:
@@ -429,16 +441,24 @@ class TenantRegistry:
     def _fingerprint(self) -> str:
         return hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
 
-    async def _record_proven_fingerprint(self) -> None:
-        """A key issued before `check_secret` found no fingerprint authenticated: our secret
-        is theirs, so record its fingerprint (NX: a replica may have done so already)."""
-        self._fingerprint_pending_since = None
-        self._fingerprint_seen = True
-        with self.store.guard():
-            if await self.store.client.set(self.store.key("secret_check"), self._fingerprint(),
-                                           condition=PureToken.NX):
-                log.info("an API key issued before the secret's fingerprint was kept authenticated: "
-                         "recorded the fingerprint (a gateway with another secret is now refused at start)")
+    async def _record_proven_fingerprint(self, pending: float) -> None:
+        """A key issued before Redis found no fingerprint (`pending`) authenticated: our
+        secret is theirs, so record its fingerprint (NX: a replica may have done so
+        already). Failed or cancelled, it stays pending: the next such key tries again."""
+        self._fingerprint_pending_since = None  # (one caller at a time records it)
+        recorded = False
+        try:
+            with self.store.guard():
+                key = self.store.key("secret_check")
+                if await self.store.client.set(key, self._fingerprint(), condition=PureToken.NX):
+                    log.info("an API key issued before the secret's fingerprint was kept authenticated: "
+                             "recorded the fingerprint (a gateway with another secret is now refused at start)")
+                recorded = await self.store.client.get(key) is not None
+        finally:
+            if recorded:
+                self._fingerprint_seen = True
+            else:
+                self._fingerprint_pending_since = pending
 
     # -- tenants -------------------------------------------------------------
 
@@ -610,8 +630,6 @@ class TenantRegistry:
             return None
         pending = self._fingerprint_pending_since
         if pending is not None and record.created_at < pending:
-            try:
-                await self._record_proven_fingerprint()
-            except CacheUnavailable:
-                self._fingerprint_pending_since = pending  # the next such key tries again
+            with contextlib.suppress(CacheUnavailable):  # (the next such key tries again)
+                await self._record_proven_fingerprint(pending)
         return KeyAuth(decode_tenant(raw_tenant), record.expires_at)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from typing import Any, TypeVar
 
 import msgspec
@@ -46,13 +47,40 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, Unicode's line breaks
+FAILURE_LINES_PER_S = 10  # `log_failure` lines a second at most: a flood of 401s or 429s logs a count
 
 
 def _loggable(text: str, limit: int) -> str:
     """`text` cut to `limit` characters, its control characters escaped (a newline in a
     path must not start a line of its own in the log)."""
-    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                              else f"\\u{ord(m.group()):04x}", text[:limit])
+
+
+class _FailureLines:
+    """The budget of `log_failure`: FAILURE_LINES_PER_S lines in each second; what is over
+    it is counted, and the count logged with the next second's first line."""
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.used = 0
+        self.dropped = 0
+
+    def take(self, now: float) -> tuple[bool, int]:
+        """(whether a line may go out now, how many were dropped before it to report)."""
+        second = int(now)
+        if second != self.second:
+            self.second, self.used = second, 0
+        if self.used >= FAILURE_LINES_PER_S:
+            self.dropped += 1
+            return False, 0
+        self.used += 1
+        dropped, self.dropped = self.dropped, 0
+        return True, dropped
+
+
+_failure_lines = _FailureLines()
 
 
 def log_failure(method: str, path: str, request_id: str, tenant: str, error: ApiError) -> None:
@@ -60,10 +88,17 @@ def log_failure(method: str, path: str, request_id: str, tenant: str, error: Api
     caller quotes from `X-Request-Id`), tenant ("-" before it is known), status, code and
     param; never the message, which may echo part of the request. INFO, as a refusal is
     the caller's to act on (and a 503 of an outage is logged by what failed); WARNING for
-    the server's own failures (a 5xx other than 503)."""
-    level = logging.WARNING if error.status >= 500 and error.status != 503 else logging.INFO
+    a 500, the server's own failure. At most FAILURE_LINES_PER_S a second: a flood (a
+    scanner's 404s, a tenant's 429s) is counted in the next line, not logged line by line."""
+    level = logging.WARNING if error.status == 500 else logging.INFO
     if not log.isEnabledFor(level):
         return
+    allowed, dropped = _failure_lines.take(time.monotonic())
+    if not allowed:
+        return
+    if dropped:
+        log.info("%d more requests answered with errors were not logged (at most %d lines a second)", dropped,
+                 FAILURE_LINES_PER_S)
     param = f" param {_loggable(error.param, 100)}" if error.param else ""
     log.log(level, "request %s %s %s: %d %s%s (tenant %s)", request_id, method, _loggable(path, 200), error.status,
             error.code or error.type, param, tenant)

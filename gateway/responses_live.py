@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -156,12 +156,12 @@ class LiveResponses:
         kept: list[tuple[float, tuple[str, str]]] = []
         for key, live in list(self._live.items()):
             if not live.background:
-                if live.over:
+                if live.over and not live.turn.unwritten:  # (else GET answers from it until it is written)
                     del self._live[key]
             elif live.ended_at is not None:
                 if now - live.ended_at > self.keep_s:
                     del self._live[key]
-                else:
+                elif not live.turn.unwritten:  # (not one of the `max_kept`: GET answers from it)
                     kept.append((live.ended_at, key))
         kept.sort()
         for _, key in kept[:max(0, len(kept) - self.max_kept)]:
@@ -233,24 +233,42 @@ async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: fl
 
 async def write_when_answered(live: LiveResponse, store: ResponseStore, *, retry_s: float = FINAL_RETRY_S,
                               give_up_s: float = EVENTS_KEEP_S, draining: trio.Event | None = None) -> None:
-    """A run ended while Redis could not take its end: the stored copy still reads queued
-    or in progress (then, its `running_until` past, failed as if this server had
-    stopped), though it was generated, billed and maybe cancelled. Write its end once
-    Redis answers again (woken by the store's watcher), or every `retry_s` meanwhile,
-    until it is written, deleted, `give_up_s` has passed or the server drains (a shutdown
-    does not wait on Redis); this server's GET answers from the run until then (`retrieve`)."""
-    turn = live.turn
+    """A background run ended while Redis could not take its end: the stored copy still
+    reads queued or in progress (then, its `running_until` past, failed as if this server
+    had stopped), though it was generated, billed and maybe cancelled. Write it
+    (`keep_when_answered`), then share its last events."""
+    if await keep_when_answered(live.turn, store, gone=lambda: live.deleted, retry_s=retry_s, give_up_s=give_up_s,
+                                draining=draining) and not live.deleted:
+        await share_events(live, store)
+
+
+async def keep_foreground_when_answered(live: LiveResponse, store: ResponseStore, *,
+                                        draining: trio.Event | None = None) -> None:
+    """A stored response answered while Redis could not take it: stored once Redis answers
+    (`keep_when_answered`), else a later `previous_response_id` gets a 404. Given up, it is
+    let go (GET then reads the store: not found)."""
+    if not await keep_when_answered(live.turn, store, gone=lambda: live.turn.deleted, draining=draining):
+        live.turn.unwritten = False
+
+
+async def keep_when_answered(turn: Turn, store: ResponseStore, *, gone: Callable[[], bool],
+                             retry_s: float = FINAL_RETRY_S, give_up_s: float = EVENTS_KEEP_S,
+                             draining: trio.Event | None = None) -> bool:
+    """Write `turn`'s end, which Redis could not take (`Turn.unwritten`), once Redis answers
+    again (woken by the store's watcher), or every `retry_s` meanwhile, until it is
+    written, `gone()` (deleted), `give_up_s` has passed or the server drains (a shutdown
+    does not wait on Redis); this server's GET answers from the run until then
+    (`retrieve`). Returns whether it was written."""
     give_up = trio.current_time() + give_up_s
-    while turn.unwritten and not live.deleted:
+    while turn.unwritten and not gone():
         if trio.current_time() >= give_up or (draining is not None and draining.is_set()):
-            log.warning("background response %s: its end could not be stored (Redis down): the stored copy will "
-                        "read as failed", live.response_id)
-            return
+            log.warning("response %s: its end could not be stored (Redis down)%s", turn.renderer.response_id,
+                        ": the stored copy will read as failed" if turn.req.background else "")
+            return False
         with trio.move_on_at(min(give_up, trio.current_time() + retry_s)):
             await store.store.answered()
         await turn.keep()
-    if not live.deleted:
-        await share_events(live, store)
+    return not turn.unwritten
 
 
 async def share_events(live: LiveResponse, store: ResponseStore) -> None:
@@ -303,5 +321,5 @@ async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, o
             log.exception("background response %s: its stored copy was not updated", live.response_id)
 
 
-__all__ = ["LiveResponse", "LiveResponses", "ORPHAN_AFTER_S", "TERMINAL_EVENTS", "run_background",
-           "write_when_answered"]
+__all__ = ["LiveResponse", "LiveResponses", "ORPHAN_AFTER_S", "TERMINAL_EVENTS", "keep_foreground_when_answered",
+           "keep_when_answered", "run_background", "write_when_answered"]

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
 import trio
@@ -45,6 +45,7 @@ from gateway.responses_live import (
     ORPHAN_AFTER_S,
     TERMINAL_EVENTS,
     LiveResponse,
+    keep_foreground_when_answered,
     run_background,
 )
 from gateway.routes_openai import (
@@ -75,6 +76,7 @@ log = logging.getLogger("lmgate.gateway")
 CANCEL_WAIT_S = 5.0  # a cancel of a response another server runs waits this long for its end
 FOLLOW_POLL_S = 0.5  # a stream of a response another server runs reads its shared events this often
 FINAL_EVENTS_WAIT_S = 2.0  # and waits this long, once it has ended, for its last events
+FOLLOW_OUTAGE_S = 30.0  # and through a Redis outage this long (pinging), before its `error` event
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # `include` values a request may send: logprobs, and what only applies to items this
@@ -733,6 +735,7 @@ class Turn:
     done: bool = False  # its events are over (ended, or left early)
     kept: bool = False  # its end was written (or was not to be)
     unwritten: bool = False  # that write found Redis down: the stored copy is behind (`keep`)
+    on_unwritten: Callable[[], None] | None = None  # called (once) when a foreground end is unwritten
     deleted: bool = False  # deleted while it ran (not in background): its end is not stored
 
     def stored(self, *, running_until: float | None = None) -> StoredResponse:
@@ -797,6 +800,9 @@ class Turn:
         except CacheUnavailable as exc:
             log.debug("response %s not stored: %s", self.renderer.response_id, exc)
             self.unwritten = True
+            if self.on_unwritten is not None:  # (a background run writes it again itself)
+                retry, self.on_unwritten = self.on_unwritten, None
+                retry()
         self.kept = True
 
 
@@ -905,6 +911,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     def owner(tenant: TenantContext) -> str:
         return owner_of(tenant.tenant_id, tenant.created_at)
 
+    def found_gone(response_id: str) -> NoReturn:
+        raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
+
     async def stored(tenant: TenantContext, response_id: str, param: str | None = None) -> StoredResponse:
         try:
             found = await store.get(owner(tenant), response_id)
@@ -941,7 +950,10 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 raise ApiError(400, f"previous response {req.previous_response_id[:100]!r} is still "
                                f"{live.turn.renderer.status}: continue it once it has ended", code="invalid_value",
                                param="previous_response_id")
-            previous = await stored(tenant, req.previous_response_id, "previous_response_id")
+            if live is not None and live.over and live.turn.unwritten:  # ended here, not yet taken by Redis
+                previous = live.turn.stored()
+            else:
+                previous = await stored(tenant, req.previous_response_id, "previous_response_id")
             # running by what this server runs, or else by what the store holds (the stored
             # copy of a run here lags: it is rewritten each second, and last at its end)
             status = (live.turn.renderer.status if live is not None and not live.over
@@ -1022,9 +1034,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                                token_bytes=token_bytes_of(state), tools=tools, stream_calls=streams_calls(chat))
         renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
-        if req.background:
-            await store_queued(turn)
         try:
+            if req.background:
+                await store_queued(turn)
             with own_params():
                 handle = await submit_all(state, calls, response_id, 1)  # admission compiles a constraint: its 400
         except BaseException:
@@ -1033,8 +1045,12 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             raise
         if req.background:
             return start_background(turn, handle)
-        if req.stored:  # GET reads it here while it runs
-            live_responses.add(LiveResponse(turn.owner, turn, handle, background=False))
+        if req.stored:  # GET reads it here while it runs (and until it is stored)
+            live = LiveResponse(turn.owner, turn, handle, background=False)
+            live_responses.add(live)
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+            turn.on_unwritten = lambda: app.add_background_task(keep_foreground_when_answered, live, store,
+                                                                draining=state.draining)
         if req.stream:
             response = Response(stream_body(ResponsesSseBody(handle, turn, state.config.sse_ping_seconds)),
                                 content_type="text/event-stream",
@@ -1075,12 +1091,34 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         running server shares them in Redis (`responses_live.share_events`, read every
         FOLLOW_POLL_S), from after `after`; once it has ended, the events shared last, or
         else (not shared: too large, expired, its server gone) its terminal event alone.
-        With `idle_after`, an `IDLE` once `idle_after` seconds pass without an event."""
+        With `idle_after`, an `IDLE` once `idle_after` seconds pass without an event. A Redis
+        that cannot be read is polled on for `FOLLOW_OUTAGE_S` (a stall, a restart, a moment
+        the store skips it after another call failed), then the stream ends with an error."""
         response_id, last = found.response["id"], -1 if after is None else after
         grace = FINAL_EVENTS_WAIT_S  # its end is stored just before its last events are shared
         sent_at = trio.current_time()
+        outage_since: float | None = None
+        first = True
         while True:
-            for event in await store.read_events(owner(tenant), response_id, last + 1):
+            try:
+                if not first:
+                    found = await store.get(owner(tenant), response_id) or found_gone(response_id)
+                shared = await store.read_events(owner(tenant), response_id, last + 1)
+            except CacheUnavailable as exc:
+                outage_since = trio.current_time() if outage_since is None else outage_since
+                if trio.current_time() - outage_since >= FOLLOW_OUTAGE_S:
+                    raise ApiError(503, "the response store is unavailable", code="store_unavailable",
+                                   retry_after=1) from exc
+                shared = None
+            first = False
+            if shared is None:  # (no news: pings go on)
+                if idle_after is not None and trio.current_time() - sent_at >= idle_after:
+                    yield IDLE
+                    sent_at = trio.current_time()
+                await trio.sleep(FOLLOW_POLL_S)
+                continue
+            outage_since = None
+            for event in shared:
                 if event["sequence_number"] <= last:  # (an event shared twice: never sent twice)
                     continue
                 yield event
@@ -1101,7 +1139,6 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 yield IDLE
                 sent_at = trio.current_time()
             await trio.sleep(FOLLOW_POLL_S)
-            found = await stored(tenant, response_id)
 
     @bp.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Any:
@@ -1176,7 +1213,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             live.deleted = True
             live.cancel()
         running_here = live is not None and not live.background and not live.over and not live.turn.deleted
-        if running_here:  # its client still reads it; its end is not stored, nor found meanwhile
+        # (or answered while Redis could not take it: stored when Redis answers, unless deleted now)
+        unwritten_here = live is not None and not live.background and live.over and live.turn.unwritten
+        if running_here or unwritten_here:  # its client still reads it; its end is not stored, nor found meanwhile
             live.turn.deleted = True
             live_responses.pop(owner(tenant), response_id)
         try:
@@ -1189,7 +1228,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         if live is not None and live.background:
             live_responses.pop(owner(tenant), response_id)
             found = True
-        found = found or running_here
+        found = found or running_here or unwritten_here
         if not found:
             raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
         return {"id": response_id, "object": "response", "deleted": True}

@@ -126,18 +126,33 @@ def server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None =
     """The HMAC secret API keys are hashed with: $LMGATE_SECRET, else data_dir/server_secret
     (created 0600 on first start). Changing it invalidates every issued key (a server started
     with another secret than the Redis's keys were issued under refuses to start: `check_secret`)."""
+    secret, made = read_server_secret(data_dir, env)
+    if made:
+        keep_server_secret(data_dir, secret)
+    return secret
+
+
+def read_server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> tuple[bytes, bool]:
+    """`server_secret` without writing a new one: (the secret, whether it was made just
+    now). `serve` keeps a new one (`keep_server_secret`) only once Redis has taken it: one
+    refused because the Redis holds keys issued under another would otherwise be found in
+    the file at the next start (a restart policy's) and taken as given."""
     env = dict(os.environ) if env is None else env
     if env.get("LMGATE_SECRET"):
-        return env["LMGATE_SECRET"].encode()
+        return env["LMGATE_SECRET"].encode(), False
     path = Path(data_dir) / SECRET_FILE
     if path.exists():
-        return path.read_bytes().strip()
+        return path.read_bytes().strip(), False
+    return secrets.token_hex(32).encode(), True
+
+
+def keep_server_secret(data_dir: str | os.PathLike[str], secret: bytes) -> None:
+    """Write a secret `read_server_secret` made to data_dir/server_secret, readable by the owner alone."""
+    path = Path(data_dir) / SECRET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(32).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(value)
-    return value
+        f.write(secret)
 
 
 @asynccontextmanager
@@ -613,8 +628,7 @@ async def serve(
     for warning in start_warnings(config):
         log.warning("%s", warning)
     # a secret made at this start cannot be the one a Redis's existing keys were issued under
-    generated = not os.environ.get("LMGATE_SECRET") and not (Path(config.data_dir) / SECRET_FILE).exists()
-    secret = server_secret(config.data_dir)
+    secret, generated = read_server_secret(config.data_dir)
     config_private: PrivateRedis | None = None
     async with AsyncExitStack() as stack:
         if config.redis_url is None:
@@ -637,6 +651,8 @@ async def serve(
                 raise
             log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
                         stores.redis.last_error)
+        if generated:
+            keep_server_secret(config.data_dir, secret)
         if config.dev_tenant:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:

@@ -290,6 +290,10 @@ async def test_keys_issued_before_fingerprints_existed_decide_the_secret_not_the
     _, new_key = await wrong.create_key("acme", "issued-by-the-wrong-one")
     assert await wrong.authenticate(new_key) is not None  # a key it issued itself proves nothing
     assert await store.client.get(store.key("secret_check")) is None
+    restarted = TenantRegistry(store, wrong_secret)  # nor after a restart (or on a replica started later)
+    assert not await restarted.check_secret()
+    assert await restarted.authenticate(new_key) is not None
+    assert await store.client.get(store.key("secret_check")) is None
 
     right = TenantRegistry(store, SECRET)
     assert not await right.check_secret()
@@ -364,6 +368,46 @@ async def test_keys_expire(registry: TenantRegistry, store: RedisStore):
     assert [k.name for k in await registry.list_keys("acme")] == ["forever"]
     with pytest.raises(ValueError):
         await registry.create_key("acme", "past", expires_at=time.time() - 1)
+
+
+async def test_expired_keys_are_not_keys_the_secret_check_waits_on(store: RedisStore) -> None:
+    """An expired key's id stays listed with its tenant: counted, it refused a new secret
+    (and left another pending for good, as nothing could prove it) on a Redis whose keys
+    had all expired."""
+    old = TenantRegistry(store, SECRET)
+    await old.create_tenant("acme", "Acme")
+    await old.create_key("acme", "brief", expires_at=time.time() + 0.3)
+    await trio.sleep(0.4)
+    assert await old.list_keys("acme") == []
+    assert await TenantRegistry(store, b"another secret of 32 bytes......").check_secret(generated=True)
+
+
+async def test_a_failed_or_cancelled_recording_of_the_proven_fingerprint_is_tried_again(
+        store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = TenantRegistry(store, SECRET)
+    await old.create_tenant("acme", "Acme")
+    _, key = await old.create_key("acme", "k")
+    right = TenantRegistry(store, SECRET)
+    assert not await right.check_secret()
+    real_set = store.client.set
+
+    async def failing_set(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ConnectionError("reset")
+
+    monkeypatch.setattr(store.client, "set", failing_set)
+    assert await right.authenticate(key) is not None  # (served all the same)
+    monkeypatch.setattr(store.client, "set", real_set)
+    assert await store.client.get(store.key("secret_check")) is None
+
+    async def hanging_set(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(store.client, "set", hanging_set)
+    with trio.move_on_after(0.2):  # a client gone while it was recorded
+        await right.authenticate(key)
+    monkeypatch.setattr(store.client, "set", real_set)
+    assert await right.authenticate(key) is not None
+    assert await store.client.get(store.key("secret_check")) is not None
 
 
 async def test_a_redis_back_without_its_data_is_said_in_the_log(tmp_path, caplog: pytest.LogCaptureFixture):

@@ -220,6 +220,42 @@ async def test_another_server_of_the_redis_reads_and_cancels_a_response(nursery:
         stop.set()
 
 
+async def run_in(scope: trio.CancelScope, task) -> None:  # noqa: ANN001
+    with scope:
+        await task()
+
+
+async def test_a_stream_followed_on_another_server_rides_out_a_redis_stall(
+        nursery: trio.Nursery, gateway: Gateway, redis_server: PrivateRedis) -> None:
+    """A follower's poll that found Redis stalled (or skipped: another call failed a moment
+    before) raised out of the stream: the client saw the connection cut, no `error` event.
+    It polls on through a short outage, and the stream ends as the response does."""
+    gateway.runtime.delay = 0.1
+    other_url, _, stop = await start_gateway(nursery, gateway.stores, gateway.config)
+    watching = trio.CancelScope()
+    nursery.start_soon(lambda: run_in(watching, gateway.stores.redis.watch))  # (as `lmgate serve` runs it)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=30) as here, \
+                httpx.AsyncClient(base_url=other_url, headers=gateway.headers, timeout=30) as there:
+            rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True,
+                                                          "max_output_tokens": 40})).json()["id"]
+            await wait_for(there, rid, "in_progress", timeout=5)
+            async with there.stream("GET", f"/v1/responses/{rid}?stream=true") as stream:
+                lines = stream.aiter_lines()
+                head = await events_until(lines, 4)
+                os.kill(redis_server.pid, signal.SIGSTOP)  # (longer than a call's timeouts)
+                try:
+                    await trio.sleep(4)
+                finally:
+                    os.kill(redis_server.pid, signal.SIGCONT)
+                events = head + [json.loads(line[6:]) async for line in lines if line.startswith("data: ")]
+    finally:
+        stop.set()
+        watching.cancel()
+    assert events[-1]["type"] == "response.incomplete", events[-1]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
 async def test_a_response_left_running_by_a_stopped_server_reads_failed(gateway: Gateway) -> None:
     tenant = await gateway.stores.tenants.get_tenant("t1")
     owner = owner_of(tenant.id, tenant.created_at)
@@ -445,3 +481,38 @@ async def test_a_background_response_refused_at_admission_is_not_left_stored(gat
         assert rid.startswith("resp_")
         assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
     assert await ResponseStore(gateway.stores.redis).get(owner_of(tenant.id, tenant.created_at), rid) is None
+
+
+async def test_a_stored_response_answered_during_a_redis_stall_is_stored_when_it_answers(
+        nursery: trio.Nursery, gateway: Gateway, redis_server: PrivateRedis) -> None:
+    """A response (not background) answered while Redis could not take it was lost: GET and
+    `previous_response_id` were 404s for good. This server answers them from the run, and
+    stores it once Redis answers; one deleted meanwhile stays deleted."""
+    tenant = await gateway.stores.tenants.get_tenant("t1")
+    owner, store = owner_of(tenant.id, tenant.created_at), ResponseStore(gateway.stores.redis)
+    watching = trio.CancelScope()
+    nursery.start_soon(lambda: run_in(watching, gateway.stores.redis.watch))  # (as `lmgate serve` runs it)
+    body = {"model": MODEL, "input": "write", "max_output_tokens": 3}
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers, timeout=30) as client:
+            assert (await client.get("/v1/models")).status_code == 200  # (the key is seen: served in the stall)
+            os.kill(redis_server.pid, signal.SIGSTOP)
+            try:
+                first = await client.post("/v1/responses", json=body)
+                kept, dropped = first.json()["id"], (await client.post("/v1/responses", json=body)).json()["id"]
+                assert (await client.get(f"/v1/responses/{kept}")).json()["status"] == "incomplete"
+                r = await client.post("/v1/responses", json={**body, "previous_response_id": kept})
+                assert r.status_code == 200, r.text
+                # (a write that timed out in the stall may still land: "may or may not be deleted; retry")
+                assert (await client.delete(f"/v1/responses/{dropped}")).status_code == 503
+            finally:
+                os.kill(redis_server.pid, signal.SIGCONT)
+            with trio.fail_after(10):
+                while await stored_status(store, owner, kept) != "incomplete":
+                    await trio.sleep(0.1)
+            assert (await client.delete(f"/v1/responses/{dropped}")).status_code in (200, 404)  # the retry
+            await trio.sleep(1)  # (a retry of its write, were it still going, went as Redis answered)
+            assert (await client.get(f"/v1/responses/{dropped}")).status_code == 404
+            assert await store.get(owner, dropped) is None
+    finally:
+        watching.cancel()

@@ -134,6 +134,30 @@ async def test_a_gateway_with_another_secret_does_not_start(nursery: trio.Nurser
         del os.environ["LMGATE_SECRET"]
 
 
+async def test_a_new_secret_refused_is_refused_again_at_the_next_start(nursery: trio.Nursery, tmp_path: Path,
+                                                                      redis_url: str) -> None:
+    """A Redis holding keys of a version that kept no fingerprint: a gateway whose secret
+    was generated at this start is refused. It wrote the secret's file before the check, so
+    the next start (a restart policy's) took the file as given and served 401s."""
+    from cache.store import RedisStore
+    from cache.tenants import SecretMismatch, TenantRegistry
+
+    async with RedisStore(redis_url) as store:  # what the old version left: keys, no fingerprint
+        old = TenantRegistry(store, b"the old deployment's secret....")
+        await old.create_tenant("acme", "Acme")
+        await old.create_key("acme", "k")
+    config = GatewayConfig(port=0, data_dir=str(tmp_path / "new"), redis_url=redis_url, shutdown_grace_seconds=0.1,
+                           kv_cache_mb=TEST_KV_MB, dev_tenant=False)
+    for _ in range(2):
+        with pytest.raises(BaseException) as info:
+            await serve(config, shutdown_trigger=trio.sleep_forever, out=io.StringIO())
+        leaves = [info.value]
+        while isinstance(leaves[-1], BaseExceptionGroup):
+            leaves.append(leaves[-1].exceptions[0])
+        assert isinstance(leaves[-1], SecretMismatch) and "generated just now" in str(leaves[-1])
+        assert not (tmp_path / "new" / "server_secret").exists()
+
+
 async def read_sse(base_url: str, headers: dict[str, str], body: dict[str, Any], started: trio.Event) -> list[str]:
     async with (
         httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10) as client,
