@@ -527,6 +527,10 @@ class ResponseRenderer:
     _text_lp: list[dict[str, Any]] = field(default_factory=list)
     _call: dict[str, Any] | None = None  # the open function_call item
     _call_args: list[str] = field(default_factory=list)
+    # the engine stopped it at max_output_tokens (a delta's finish_reason): `incomplete` once
+    # it has finished, with its usage; until then it is still running (a GET in the gap read
+    # it ended without usage, and a cancel in the gap stored it so for good)
+    _cut: bool = False
 
     def __post_init__(self) -> None:
         if self.req.background:
@@ -626,8 +630,8 @@ class ResponseRenderer:
         self.usage = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
                       "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": u.total_tokens}
-        kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
-        self.status = "incomplete" if self.status == "incomplete" else "completed"
+        kind = "response.incomplete" if self._cut else "response.completed"
+        self.status = "incomplete" if self._cut else "completed"
         return [*events, self._event(kind, response=self.response())]
 
     def failed(self, fail: Failed) -> list[dict[str, Any]]:
@@ -650,7 +654,7 @@ class ResponseRenderer:
                 for call in calls:
                     events += self._call_piece(call)
                 if choice.get("finish_reason") == "length":
-                    self.status = "incomplete"
+                    self._cut = True
                 if choice.get("finish_reason") is not None:
                     events += self._close_call()
         return events
@@ -681,7 +685,7 @@ class ResponseRenderer:
         self._text, self._text_lp = [], []
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": lp}
         message["content"] = [part]
-        message["status"] = "incomplete" if self.status in ("incomplete", "failed", "cancelled") else "completed"
+        message["status"] = "incomplete" if self._cut or self.status in ("failed", "cancelled") else "completed"
         index = self.output.index(message)
         ids = {"item_id": message["id"], "output_index": index, "content_index": 0}
         return [self._event("response.output_text.done", **ids, text=text, logprobs=lp),
@@ -712,7 +716,7 @@ class ResponseRenderer:
         item, self._call = self._call, None
         arguments, self._call_args = "".join(self._call_args), []
         item.update(arguments=arguments,
-                    status="incomplete" if self.status in ("incomplete", "failed", "cancelled") else "completed")
+                    status="incomplete" if self._cut or self.status in ("failed", "cancelled") else "completed")
         index = self.output.index(item)
         return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                             name=item["name"], arguments=arguments),

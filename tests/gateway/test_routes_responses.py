@@ -63,9 +63,12 @@ def test_text_becomes_one_message_item_and_the_events_follow_openais_order() -> 
 def test_a_cut_answer_is_incomplete_and_an_empty_one_still_has_its_message() -> None:
     r = renderer(ResponsesRequest(model=MODEL, input="hi", max_output_tokens=1))
     events = r.delta(TokenDelta("resp_1", 0, "x", [1], finish_reason="length"))
+    # not ended before it has finished (its usage comes then): a GET between the two read it
+    # incomplete without usage, and a cancel between them stored it so
+    assert r.running and r.current()["status"] == "in_progress" and r.current()["usage"] is None
     events += r.finished(Finished("resp_1", ["length"], Usage(1, 1)))
     final = events[-1]
-    assert final["type"] == "response.incomplete"
+    assert final["type"] == "response.incomplete" and final["response"]["usage"]["output_tokens"] == 1
     assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert final["response"]["output"][0]["status"] == "incomplete"
     r = renderer(ResponsesRequest(model=MODEL, input="hi"))
