@@ -152,14 +152,21 @@ class ResponseStore:
                                                condition=PureToken.XX if existing else None)
         return bool(done)
 
-    async def request_cancel(self, owner: str, response_id: str, ttl_s: float = 300.0) -> None:
-        """Ask the server running a background response to cancel it (`cancel_requested`)."""
+    async def request_cancel(self, owner: str, response_id: str, ttl_s: float = 300.0, *, delete: bool = False) -> None:
+        """Ask the server running a background response to cancel it (`cancel_requested`);
+        `delete`: it is being deleted, so that server keeps nothing of it either (its events,
+        which it would share again, and would stream from memory)."""
         with self._guard():
-            await self.store.client.set(self._cancel_key(owner, response_id), b"1", px=round(ttl_s * 1000))
+            await self.store.client.set(self._cancel_key(owner, response_id), b"delete" if delete else b"1",
+                                        px=round(ttl_s * 1000))
 
-    async def cancel_requested(self, owner: str, response_id: str) -> bool:
+    async def cancel_requested(self, owner: str, response_id: str) -> str | None:
+        """None, or what was asked of the server running it: "cancel" or "delete"."""
         with self._guard():
-            return bool(await self.store.client.exists([self._cancel_key(owner, response_id)]))
+            asked = await self.store.client.get(self._cancel_key(owner, response_id))
+        if asked is None:
+            return None
+        return "delete" if asked in (b"delete", "delete") else "cancel"
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
         with self._guard():

@@ -141,8 +141,13 @@ class LiveResponses:
         self._live[(live.owner, live.response_id)] = live
 
     def get(self, owner: str, response_id: str) -> LiveResponse | None:
+        """The run, unless it was deleted (here, or by another server: `keep_stored`)."""
         self._prune()
-        return self._live.get((owner, response_id))
+        live = self._live.get((owner, response_id))
+        if live is not None and live.deleted:
+            del self._live[(owner, response_id)]
+            return None
+        return live
 
     def pop(self, owner: str, response_id: str) -> LiveResponse | None:
         return self._live.pop((owner, response_id), None)
@@ -222,6 +227,7 @@ async def run_background(live: LiveResponse, store: ResponseStore, *, tick_s: fl
         with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S) as final:
             if (not turn.kept or turn.unwritten) and not live.deleted:
                 await turn.keep()
+            live.deleted = live.deleted or turn.deleted  # (its write found it deleted by another server)
             if not live.deleted:
                 await share_events(live, store)
         if final.cancelled_caught and not turn.kept:
@@ -300,7 +306,9 @@ async def keep_stored(live: LiveResponse, store: ResponseStore, tick_s: float, o
     while True:
         await trio.sleep(tick_s)
         try:
-            if await store.cancel_requested(live.owner, live.response_id):
+            asked = await store.cancel_requested(live.owner, live.response_id)
+            if asked is not None:  # (asked of another server)
+                live.deleted = live.deleted or asked == "delete"  # (nothing of it kept or shared again)
                 live.cancel()
                 return
             if renderer.last_sequence == written and time.monotonic() - written_at < orphan_after_s / 3:

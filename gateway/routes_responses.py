@@ -797,9 +797,13 @@ class Turn:
             self.kept = True
             return
         try:
-            if not await self.store.put(self.owner, self.stored(), existing=bool(self.req.background)):
-                log.warning("response %s not stored: larger than %d bytes%s", self.renderer.response_id,
-                            self.store.max_entry_bytes, " or deleted" if self.req.background else "")
+            stored = self.stored()
+            if not await self.store.put(self.owner, stored, existing=bool(self.req.background)):
+                if self.req.background and self.store.fits(stored):  # (only rewritten: deleted meanwhile)
+                    self.deleted = True
+                else:
+                    log.warning("response %s not stored: larger than %d bytes", self.renderer.response_id,
+                                self.store.max_entry_bytes)
             self.unwritten = False
         except CacheUnavailable as exc:
             log.debug("response %s not stored: %s", self.renderer.response_id, exc)
@@ -1134,6 +1138,10 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             if found.status not in ("queued", "in_progress") or found.orphaned(now):
                 if grace <= 0 or found.orphaned(now):
                     response, sequence = presented(found, now), terminal_sequence(found, now)
+                    if found.orphaned(now):
+                        # its server died: its client may have read events it never wrote here
+                        # (it resumes after those); it learns the end all the same, numbered on
+                        sequence = max(sequence, last + 1)
                     if sequence > last:
                         yield {"type": TERMINAL_EVENTS[response["status"]], "sequence_number": sequence,
                                "response": response}
@@ -1224,7 +1232,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             live_responses.pop(owner(tenant), response_id)
         try:
             if live is None:  # perhaps running on another server: it reads the request within a second
-                await store.request_cancel(owner(tenant), response_id)
+                await store.request_cancel(owner(tenant), response_id, delete=True)
             found = await store.delete(owner(tenant), response_id)
         except CacheUnavailable as exc:  # (a Redis that stalled may still carry the delete out)
             raise ApiError(503, "the response store did not answer: the response may or may not be deleted; "

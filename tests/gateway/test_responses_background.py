@@ -272,6 +272,9 @@ async def test_a_response_left_running_by_a_stopped_server_reads_failed(gateway:
         async with client.stream("GET", "/v1/responses/resp_left?stream=true&starting_after=2") as r:
             events = await sse_events(r)
         assert [(e["type"], e["sequence_number"]) for e in events] == [("response.failed", 3)]
+        # its client read more than the server wrote before it died: it learns the end all the same
+        async with client.stream("GET", "/v1/responses/resp_left?stream=true&starting_after=7") as r:
+            assert [(e["type"], e["sequence_number"]) for e in await sse_events(r)] == [("response.failed", 8)]
         # it has ended (failed): a cancel returns it so, and keeps it so, event number and all
         r = await client.post("/v1/responses/resp_left/cancel")
         assert r.status_code == 200 and r.json() == got
@@ -516,3 +519,31 @@ async def test_a_stored_response_answered_during_a_redis_stall_is_stored_when_it
             assert await store.get(owner, dropped) is None
     finally:
         watching.cancel()
+
+
+async def test_a_response_deleted_on_another_server_is_gone_from_the_one_running_it(
+        nursery: trio.Nursery, gateway: Gateway) -> None:
+    """Deleted by another server, the run was only cancelled where it ran: that server
+    streamed its events from memory for 10 minutes, and shared them in Redis again."""
+    tenant = await gateway.stores.tenants.get_tenant("t1")
+    owner = owner_of(tenant.id, tenant.created_at)
+    other_url, _, stop = await start_gateway(nursery, gateway.stores, gateway.config)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as here, \
+                httpx.AsyncClient(base_url=other_url, headers=gateway.headers) as there:
+            rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
+                                                          "background": True})).json()["id"]
+            await wait_for(there, rid, "in_progress", timeout=5)
+            assert (await there.delete(f"/v1/responses/{rid}")).status_code == 200
+            with trio.fail_after(5):  # the running server reads the flag within a second
+                while rid not in gateway.runtime.cancelled:
+                    await trio.sleep(0.1)
+            await trio.sleep(0.5)
+            for client in (here, there):
+                assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
+                assert (await client.get(f"/v1/responses/{rid}?stream=true")).status_code == 404
+                assert (await client.post(f"/v1/responses/{rid}/cancel")).status_code == 404
+    finally:
+        stop.set()
+    store = gateway.stores.redis
+    assert await store.client.exists([store.key("resp2events", owner, rid)]) == 0
