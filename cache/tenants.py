@@ -314,24 +314,21 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# ARGV: store prefix, now -> {how many live API keys the tenants hold, the time from which
-# a key proves nothing}: the secret check's question, were keys issued here before any
-# fingerprint of their secret was recorded? (An expired key's id stays listed until its
-# tenant goes: only ids whose record lives count.) The time is written once, by the first
-# gateway to find keys without a fingerprint, and read by every other: a key issued
-# after it, by a gateway that may have the wrong secret, must not prove that secret after
-# a restart, or on a replica started later.
+# ARGV: store prefix -> how many live API keys the tenants hold, up to COUNT_KEYS_UP_TO (the
+# secret check's question: were keys issued here before any fingerprint of their secret
+# was recorded?). An expired key's id stays listed until its tenant goes: only ids whose
+# record lives count. Read-only, so a Redis refusing writes still answers it.
+COUNT_KEYS_UP_TO = 1000
 _COUNT_KEYS = """
 local p = ARGV[1]
 local n = 0
 for _, tid in ipairs(redis.call('SMEMBERS', p .. 'tenants')) do
   for _, kid in ipairs(redis.call('SMEMBERS', p .. 'tenant_keys:' .. tid)) do
     n = n + redis.call('EXISTS', p .. 'keyid:' .. kid)
+    if n >= tonumber(ARGV[2]) then return n end
   end
 end
-if n == 0 then return {0, ''} end
-redis.call('SET', p .. 'secret_pending_since', ARGV[2], 'NX')
-return {n, redis.call('GET', p .. 'secret_pending_since')}
+return n
 """
 
 UPDATE_ATTEMPTS = 50
@@ -386,22 +383,29 @@ class TenantRegistry:
             # answers the check when the fingerprint is there
             theirs = await self.store.client.get(key)
             if theirs is None:
-                keys, since = await self._count_keys(args=[self.store.prefix, repr(time.time())])
-                if keys := int(keys):
+                if keys := int(await self._count_keys(args=[self.store.prefix, COUNT_KEYS_UP_TO])):
+                    some = f"{keys}{'+' if keys >= COUNT_KEYS_UP_TO else ''}"
                     if generated:
                         raise SecretMismatch(
-                            f"this Redis holds {keys} API keys, issued under a secret this server does not "
+                            f"this Redis holds {some} API keys, issued under a secret this server does not "
                             "have (its secret was generated just now, in a new data dir), so none would "
                             "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
                             "the server_secret file of the data dir that issued them)")
-                    self._fingerprint_pending_since = float(since)
+                    # the cut-off is written once, by the first gateway to find keys without a
+                    # fingerprint, and read by every other: a key issued after it, by a gateway
+                    # that may have the wrong secret, proves nothing after a restart either
+                    pending = self.store.key("secret_pending_since")
+                    await self.store.client.set(pending, repr(time.time()), condition=PureToken.NX)
+                    self._fingerprint_pending_since = float(await self.store.client.get(pending) or time.time())
                     log.warning(
-                        "this Redis holds %d API keys but no fingerprint of the secret they were issued under "
-                        "(written by a version before 2026-12-05): it is recorded once one of them "
-                        "authenticates here; if they all answer 401, this server has another secret than "
-                        "the one that issued them", keys)
+                        "this Redis holds %s API keys but no fingerprint of the secret they were issued under "
+                        "(written by a version before 2026-12-05, or deleted to rotate the secret): it is "
+                        "recorded once a key issued before %s authenticates here; if they all answer 401, this "
+                        "server has another secret than the one that issued them", some,
+                        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._fingerprint_pending_since)))
                     return False
                 if await self.store.client.set(key, mine, condition=PureToken.NX):
+                    await self.store.client.delete([self.store.key("secret_pending_since")])
                     self._fingerprint_seen = True
                     return True
                 theirs = await self.store.client.get(key)
@@ -451,6 +455,7 @@ class TenantRegistry:
             with self.store.guard():
                 key = self.store.key("secret_check")
                 if await self.store.client.set(key, self._fingerprint(), condition=PureToken.NX):
+                    await self.store.client.delete([self.store.key("secret_pending_since")])
                     log.info("an API key issued before the secret's fingerprint was kept authenticated: "
                              "recorded the fingerprint (a gateway with another secret is now refused at start)")
                 recorded = await self.store.client.get(key) is not None

@@ -41,7 +41,8 @@ environment:
                  Redis must use the same one: a server whose secret differs from
                  the one the Redis's keys were issued under refuses to start. To
                  change it on purpose (every issued key then stops working),
-                 delete the key lmgate:secret_check in Redis, then issue new keys.
+                 revoke the issued keys, delete the key lmgate:secret_check in
+                 Redis, start with the new secret, then issue new keys.
 
 --log-level takes DEBUG, INFO, WARNING, ERROR or CRITICAL (log_level in the
 settings file).

@@ -41,7 +41,7 @@ import trio
 from cache.quotas import QuotaManager
 from cache.redis_server import PrivateRedis, RedisServerError
 from cache.store import CacheUnavailable, RedisStore
-from cache.tenants import TenantRegistry
+from cache.tenants import SecretMismatch, TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
 from gateway.config import (
     ConfigError,
@@ -126,33 +126,27 @@ def server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None =
     """The HMAC secret API keys are hashed with: $LMGATE_SECRET, else data_dir/server_secret
     (created 0600 on first start). Changing it invalidates every issued key (a server started
     with another secret than the Redis's keys were issued under refuses to start: `check_secret`)."""
-    secret, made = read_server_secret(data_dir, env)
-    if made:
-        keep_server_secret(data_dir, secret)
-    return secret
+    env = dict(os.environ) if env is None else env
+    if env.get("LMGATE_SECRET"):
+        return env["LMGATE_SECRET"].encode()
+    path = Path(data_dir) / SECRET_FILE
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return value
 
 
 def read_server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> tuple[bytes, bool]:
-    """`server_secret` without writing a new one: (the secret, whether it was made just
-    now). `serve` keeps a new one (`keep_server_secret`) only once Redis has taken it: one
-    refused because the Redis holds keys issued under another would otherwise be found in
-    the file at the next start (a restart policy's) and taken as given."""
+    """`server_secret`, and whether it was made (and its file written) just now: `serve`
+    removes such a file again when Redis refuses the secret, else the next start (a
+    restart policy's) would find it and take it as given."""
     env = dict(os.environ) if env is None else env
-    if env.get("LMGATE_SECRET"):
-        return env["LMGATE_SECRET"].encode(), False
-    path = Path(data_dir) / SECRET_FILE
-    if path.exists():
-        return path.read_bytes().strip(), False
-    return secrets.token_hex(32).encode(), True
-
-
-def keep_server_secret(data_dir: str | os.PathLike[str], secret: bytes) -> None:
-    """Write a secret `read_server_secret` made to data_dir/server_secret, readable by the owner alone."""
-    path = Path(data_dir) / SECRET_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+    made = not env.get("LMGATE_SECRET") and not (Path(data_dir) / SECRET_FILE).exists()
+    return server_secret(data_dir, env), made
 
 
 @asynccontextmanager
@@ -651,8 +645,10 @@ async def serve(
                 raise
             log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
                         stores.redis.last_error)
-        if generated:
-            keep_server_secret(config.data_dir, secret)
+        except SecretMismatch:
+            if generated:  # (not kept: the next start must not take it as given)
+                (Path(config.data_dir) / SECRET_FILE).unlink(missing_ok=True)
+            raise
         if config.dev_tenant:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:

@@ -282,6 +282,13 @@ async def test_keys_issued_before_fingerprints_existed_decide_the_secret_not_the
     wrong_secret = b"another secret of 32 bytes......"
     with pytest.raises(SecretMismatch, match="generated just now"):
         await TenantRegistry(store, wrong_secret).check_secret(generated=True)
+    [policy] = (await store.client.config_get(["maxmemory-policy"])).values()
+    await store.client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+    try:  # a Redis refusing writes is still asked (the count reads only)
+        with pytest.raises(SecretMismatch, match="generated just now"):
+            await TenantRegistry(store, wrong_secret).check_secret(generated=True)
+    finally:
+        await store.client.config_set({"maxmemory": "0", "maxmemory-policy": policy})
     wrong = TenantRegistry(store, wrong_secret)
     with caplog.at_level("WARNING", logger="lmgate.cache"):
         assert not await wrong.check_secret()  # given by LMGATE_SECRET, say: it may be right
@@ -299,6 +306,7 @@ async def test_keys_issued_before_fingerprints_existed_decide_the_secret_not_the
     assert not await right.check_secret()
     assert await right.authenticate(key) is not None  # an old key: this secret is theirs
     assert await store.client.get(store.key("secret_check")) is not None
+    assert await store.client.get(store.key("secret_pending_since")) is None  # (a later rotation starts afresh)
     with pytest.raises(SecretMismatch, match="another server secret"):
         await TenantRegistry(store, wrong_secret).check_secret()
     assert not await TenantRegistry(store, SECRET).check_secret()
