@@ -156,9 +156,9 @@ class ResponseStore:
         """Ask the server running a background response to cancel it (`cancel_requested`);
         `delete`: it is being deleted, so that server keeps nothing of it either (its events,
         which it would share again, and would stream from memory)."""
-        with self._guard():
+        with self._guard():  # (a cancel does not overwrite a delete asked before it)
             await self.store.client.set(self._cancel_key(owner, response_id), b"delete" if delete else b"1",
-                                        px=round(ttl_s * 1000))
+                                        px=round(ttl_s * 1000), condition=None if delete else PureToken.NX)
 
     async def cancel_requested(self, owner: str, response_id: str) -> str | None:
         """None, or what was asked of the server running it: "cancel" or "delete"."""

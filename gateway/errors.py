@@ -88,12 +88,13 @@ def log_failure(method: str, path: str, request_id: str, tenant: str, error: Api
     caller quotes from `X-Request-Id`), tenant ("-" before it is known), status, code and
     param; never the message, which may echo part of the request. INFO, as a refusal is
     the caller's to act on (and a 503 of an outage is logged by what failed); WARNING for
-    a 500, the server's own failure. At most FAILURE_LINES_PER_S a second: a flood (a
-    scanner's 404s, a tenant's 429s) is counted in the next line, not logged line by line."""
+    a 500, the server's own failure. At most FAILURE_LINES_PER_S INFO lines a second: a
+    flood (a scanner's 404s, a tenant's 429s) is counted in the next line, not logged line
+    by line; the 500s are all logged."""
     level = logging.WARNING if error.status == 500 else logging.INFO
     if not log.isEnabledFor(level):
         return
-    allowed, dropped = _failure_lines.take(time.monotonic())
+    allowed, dropped = (True, 0) if level > logging.INFO else _failure_lines.take(time.monotonic())
     if not allowed:
         return
     if dropped:

@@ -26,10 +26,12 @@ far on this server; other servers find it once it is stored, at its end).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,7 +52,9 @@ log = logging.getLogger("lmgate.gateway")
 TICK_S = 1.0  # how often a running background response is written and its cancel flag read
 ORPHAN_AFTER_S = 30.0  # a background response not written for this long was left by a stopped server
 FINAL_WRITE_S = 3.0  # at most this long to store how a cancelled or interrupted run ended
-FINAL_RETRY_S = 5.0  # then, Redis down, its end is written again when it answers, or this often
+FINAL_RETRY_S = 5.0  # then, Redis down, its end is written again when it answers, or after this
+RETRY_MAX_S = 60.0  # (doubling up to this)
+MAX_UNWRITTEN = 256  # ended runs kept here at most, waiting for Redis to take them (the oldest let go)
 EVENTS_KEEP_S = 600.0  # a background response's events are kept this long after its end, here and in Redis
 TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete",
                    "failed": "response.failed", "cancelled": "response.cancelled"}
@@ -128,9 +132,11 @@ class LiveResponses:
     """The runs of this server by (owner, response id); ended background runs stay
     `keep_s` (at most `max_kept` of them, the oldest go first)."""
 
-    def __init__(self, *, keep_s: float = EVENTS_KEEP_S, max_kept: int = 64) -> None:
+    def __init__(self, *, keep_s: float = EVENTS_KEEP_S, max_kept: int = 64, max_unwritten: int = MAX_UNWRITTEN
+                 ) -> None:
         self.keep_s = keep_s
         self.max_kept = max_kept
+        self.max_unwritten = max_unwritten
         self._live: dict[tuple[str, str], LiveResponse] = {}
 
     def __len__(self) -> int:
@@ -171,6 +177,12 @@ class LiveResponses:
         kept.sort()
         for _, key in kept[:max(0, len(kept) - self.max_kept)]:
             del self._live[key]
+        unwritten = [live for live in self._live.values() if live.over and live.turn.unwritten]
+        if len(unwritten) > self.max_unwritten:  # (in the order they were added: the oldest first)
+            for live in unwritten[:len(unwritten) - self.max_unwritten]:
+                live.turn.unwritten = False  # (its retry ends; pruned at the next call)
+            log.warning("more than %d ended responses wait for Redis to take them: the oldest %d are let go "
+                        "(not stored)", self.max_unwritten, len(unwritten) - self.max_unwritten)
 
 
 def only_cancelled(group: BaseExceptionGroup) -> trio.Cancelled | None:
@@ -243,8 +255,10 @@ async def write_when_answered(live: LiveResponse, store: ResponseStore, *, retry
     reads queued or in progress (then, its `running_until` past, failed as if this server
     had stopped), though it was generated, billed and maybe cancelled. Write it
     (`keep_when_answered`), then share its last events."""
-    if await keep_when_answered(live.turn, store, gone=lambda: live.deleted, retry_s=retry_s, give_up_s=give_up_s,
-                                draining=draining) and not live.deleted:
+    written = await keep_when_answered(live.turn, store, gone=lambda: live.deleted or live.turn.deleted,
+                                       retry_s=retry_s, give_up_s=give_up_s, draining=draining)
+    live.deleted = live.deleted or live.turn.deleted  # (its write found it deleted by another server)
+    if written and not live.deleted:
         await share_events(live, store)
 
 
@@ -253,28 +267,49 @@ async def keep_foreground_when_answered(live: LiveResponse, store: ResponseStore
     """A stored response answered while Redis could not take it: stored once Redis answers
     (`keep_when_answered`), else a later `previous_response_id` gets a 404. Given up, it is
     let go (GET then reads the store: not found)."""
-    if not await keep_when_answered(live.turn, store, gone=lambda: live.turn.deleted, draining=draining):
+    async def asked_deleted() -> bool:  # (of another server, which found nothing stored to delete)
+        return await store.cancel_requested(live.owner, live.response_id) == "delete"
+
+    if not await keep_when_answered(live.turn, store, gone=lambda: live.turn.deleted, draining=draining,
+                                    asked_deleted=asked_deleted):
         live.turn.unwritten = False
+    if live.turn.deleted:  # a write in flight as it was deleted here may have landed after the delete
+        with contextlib.suppress(CacheUnavailable):
+            await store.delete(live.owner, live.response_id)
 
 
 async def keep_when_answered(turn: Turn, store: ResponseStore, *, gone: Callable[[], bool],
                              retry_s: float = FINAL_RETRY_S, give_up_s: float = EVENTS_KEEP_S,
-                             draining: trio.Event | None = None) -> bool:
+                             draining: trio.Event | None = None,
+                             asked_deleted: Callable[[], Awaitable[bool]] | None = None) -> bool:
     """Write `turn`'s end, which Redis could not take (`Turn.unwritten`), once Redis answers
-    again (woken by the store's watcher), or every `retry_s` meanwhile, until it is
-    written, `gone()` (deleted), `give_up_s` has passed or the server drains (a shutdown
-    does not wait on Redis); this server's GET answers from the run until then
-    (`retrieve`). Returns whether it was written."""
+    again (woken by the store's watcher), or after `retry_s` meanwhile (doubling up to
+    RETRY_MAX_S, with jitter: a Redis refusing writes never "answers", and many such ends
+    must not all write at once), until it is written, `gone()` or `asked_deleted()`,
+    `give_up_s` has passed, the server drains (a shutdown does not wait on Redis), or
+    `LiveResponses` lets it go (too many waiting); this server's GET answers from the run
+    until then (`retrieve`). Returns whether it was written."""
     give_up = trio.current_time() + give_up_s
+    wait = retry_s
     while turn.unwritten and not gone():
         if trio.current_time() >= give_up or (draining is not None and draining.is_set()):
             log.warning("response %s: its end could not be stored (Redis down)%s", turn.renderer.response_id,
                         ": the stored copy will read as failed" if turn.req.background else "")
+            turn.unwritten = False
             return False
-        with trio.move_on_at(min(give_up, trio.current_time() + retry_s)):
+        with trio.move_on_at(min(give_up, trio.current_time() + wait + random.uniform(0, 1))):
             await store.store.answered()
-        await turn.keep()
-    return not turn.unwritten
+        wait = min(wait * 2, RETRY_MAX_S)
+        if asked_deleted is not None:
+            try:
+                if await asked_deleted():
+                    turn.deleted = True
+                    break
+            except CacheUnavailable:
+                continue
+        if turn.unwritten:  # (let go meanwhile: too many waiting)
+            await turn.keep()
+    return not turn.unwritten and not gone()
 
 
 async def share_events(live: LiveResponse, store: ResponseStore) -> None:

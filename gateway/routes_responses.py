@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 import uuid
@@ -41,6 +42,7 @@ from cache.store import CacheUnavailable
 from gateway import sse
 from gateway.errors import ApiError, decode_json, invalid_request, param_of
 from gateway.responses_live import (
+    EVENTS_KEEP_S,
     FINAL_WRITE_S,
     ORPHAN_AFTER_S,
     TERMINAL_EVENTS,
@@ -77,6 +79,7 @@ CANCEL_WAIT_S = 5.0  # a cancel of a response another server runs waits this lon
 FOLLOW_POLL_S = 0.5  # a stream of a response another server runs reads its shared events this often
 FINAL_EVENTS_WAIT_S = 2.0  # and waits this long, once it has ended, for its last events
 FOLLOW_OUTAGE_S = 30.0  # and through a Redis outage this long (pinging), before its `error` event
+FOLLOW_RECOVERY_S = 5.0  # after which a response not written meanwhile is not taken as orphaned so soon
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # `include` values a request may send: logprobs, and what only applies to items this
@@ -771,19 +774,30 @@ class Turn:
                     elif isinstance(event, Failed):
                         out = self.renderer.failed(event)
                         if self.req.background:
-                            await self.keep()
+                            await self.keep_end()
                         for e in out:
                             yield e
                         return
                     else:
                         out = self.renderer.finished(event)
-                        await self.keep()
+                        await self.keep_end()
                         for e in out:
                             yield e
                         return
             raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
         finally:
             self.done = True
+
+    async def keep_end(self) -> None:
+        """`keep` the end the renderer has just made, before its events go out. A background
+        run's is shielded (for FINAL_WRITE_S): a cancel arriving during the write cut the
+        events of its end out of the run's log, so streams following it got no last event
+        (unwritten, or cut, its run writes it again)."""
+        if not self.req.background:
+            await self.keep()
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S):
+            await self.keep()
 
     async def keep(self) -> None:
         """Store the response as it ended (`store`); a Redis that cannot be reached loses
@@ -918,6 +932,20 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
 
     def owner(tenant: TenantContext) -> str:
         return owner_of(tenant.tenant_id, tenant.created_at)
+
+    async def still_here(tenant: TenantContext, live: LiveResponse | None) -> LiveResponse | None:
+        """`live`, unless it is a background run that has ended, was stored, and is no longer
+        in the store: deleted by another server after it ended (no flag reaches this one
+        then), so not answered from memory either. Redis unreachable: `live`, as it stands."""
+        if live is None or not live.background or not live.over or live.turn.unwritten:
+            return live
+        try:
+            if await store.get(live.owner, live.response_id) is not None:
+                return live
+        except CacheUnavailable:
+            return live
+        live.deleted = True  # (`LiveResponses.get` drops it)
+        found_gone(live.response_id)
 
     def found_gone(response_id: str) -> NoReturn:
         raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
@@ -1106,6 +1134,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         grace = FINAL_EVENTS_WAIT_S  # its end is stored just before its last events are shared
         sent_at = trio.current_time()
         outage_since: float | None = None
+        trust_orphan_at = -math.inf  # (after an outage: not before its server could write again)
         first = True
         while True:
             try:
@@ -1125,6 +1154,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                     sent_at = trio.current_time()
                 await trio.sleep(FOLLOW_POLL_S)
                 continue
+            if outage_since is not None:  # Redis is back: its server's next write may not have come yet
+                trust_orphan_at = trio.current_time() + FOLLOW_RECOVERY_S
             outage_since = None
             for event in shared:
                 if event["sequence_number"] <= last:  # (an event shared twice: never sent twice)
@@ -1135,10 +1166,11 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 if event["type"] in TERMINAL_EVENTS.values():
                     return
             now = time.time()
-            if found.status not in ("queued", "in_progress") or found.orphaned(now):
-                if grace <= 0 or found.orphaned(now):
+            orphaned = found.orphaned(now) and trio.current_time() >= trust_orphan_at
+            if found.status not in ("queued", "in_progress") or orphaned:
+                if grace <= 0 or orphaned:
                     response, sequence = presented(found, now), terminal_sequence(found, now)
-                    if found.orphaned(now):
+                    if orphaned:
                         # its server died: its client may have read events it never wrote here
                         # (it resumes after those); it learns the end all the same, numbered on
                         sequence = max(sequence, last + 1)
@@ -1166,6 +1198,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 return live.snapshot()
             return presented(await stored(tenant, response_id), time.time())
         ping = state.config.sse_ping_seconds or None
+        live = await still_here(tenant, live)
         if live is not None and live.background:
             return event_stream(live.follow(-1 if after is None else after, ping))
         found = await stored(tenant, response_id) if live is None or live.over else None
@@ -1181,7 +1214,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         reads the request within a second, and the answer waits up to `CANCEL_WAIT_S`
         for it (then it is the response as it stands, still cancelling)."""
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        live = live_responses.get(owner(tenant), response_id)
+        live = await still_here(tenant, live_responses.get(owner(tenant), response_id))
         if live is not None and live.background:
             live.cancel()
             with trio.move_on_after(CANCEL_WAIT_S):
@@ -1232,7 +1265,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             live_responses.pop(owner(tenant), response_id)
         try:
             if live is None:  # perhaps running on another server: it reads the request within a second
-                await store.request_cancel(owner(tenant), response_id, delete=True)
+                # (kept as long as a server may still hold its end to write: `keep_when_answered`)
+                await store.request_cancel(owner(tenant), response_id, EVENTS_KEEP_S, delete=True)
             found = await store.delete(owner(tenant), response_id)
         except CacheUnavailable as exc:  # (a Redis that stalled may still carry the delete out)
             raise ApiError(503, "the response store did not answer: the response may or may not be deleted; "

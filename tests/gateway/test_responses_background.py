@@ -543,6 +543,13 @@ async def test_a_response_deleted_on_another_server_is_gone_from_the_one_running
                 assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
                 assert (await client.get(f"/v1/responses/{rid}?stream=true")).status_code == 404
                 assert (await client.post(f"/v1/responses/{rid}/cancel")).status_code == 404
+            # one that has ended there (no flag reaches it then): not streamed from its memory either
+            ended = (await here.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True,
+                                                            "max_output_tokens": 2})).json()["id"]
+            await wait_for(here, ended, "incomplete")
+            assert (await there.delete(f"/v1/responses/{ended}")).status_code == 200
+            assert (await here.get(f"/v1/responses/{ended}?stream=true")).status_code == 404
+            assert (await here.post(f"/v1/responses/{ended}/cancel")).status_code == 404
     finally:
         stop.set()
     store = gateway.stores.redis
