@@ -104,6 +104,18 @@ return {n, before}
 """
 
 
+# KEYS: the cancel flag; ARGV: "1" (cancel) or "delete", ttl ms. A cancel renews the flag
+# (its server may be cut off for longer than it lives) but does not overwrite a delete's.
+_FLAG_CANCEL = """
+if ARGV[1] ~= 'delete' and redis.call('GET', KEYS[1]) == 'delete' then
+  redis.call('PEXPIRE', KEYS[1], math.max(redis.call('PTTL', KEYS[1]), tonumber(ARGV[2])))
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 class ResponseStore:
     """Per-tenant stored responses. Every method raises CacheUnavailable when Redis
     cannot be reached: at once, without asking, while it could not be reached a moment
@@ -119,6 +131,7 @@ class ResponseStore:
         self.max_entry_bytes = max_entry_bytes
         self.on_error = on_error
         self._push_events = store.register_script(_PUSH_EVENTS)
+        self._flag_cancel = store.register_script(_FLAG_CANCEL)
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -156,9 +169,9 @@ class ResponseStore:
         """Ask the server running a background response to cancel it (`cancel_requested`);
         `delete`: it is being deleted, so that server keeps nothing of it either (its events,
         which it would share again, and would stream from memory)."""
-        with self._guard():  # (a cancel does not overwrite a delete asked before it)
-            await self.store.client.set(self._cancel_key(owner, response_id), b"delete" if delete else b"1",
-                                        px=round(ttl_s * 1000), condition=None if delete else PureToken.NX)
+        with self._guard():
+            await self._flag_cancel(keys=[self._cancel_key(owner, response_id)],
+                                    args=["delete" if delete else "1", round(ttl_s * 1000)])
 
     async def cancel_requested(self, owner: str, response_id: str) -> str | None:
         """None, or what was asked of the server running it: "cancel" or "delete"."""

@@ -321,12 +321,18 @@ return 1
 COUNT_KEYS_UP_TO = 1000
 _COUNT_KEYS = """
 local p = ARGV[1]
-local n = 0
+local n, seen = 0, 0
 for _, tid in ipairs(redis.call('SMEMBERS', p .. 'tenants')) do
-  for _, kid in ipairs(redis.call('SMEMBERS', p .. 'tenant_keys:' .. tid)) do
-    n = n + redis.call('EXISTS', p .. 'keyid:' .. kid)
-    if n >= tonumber(ARGV[2]) then return n end
-  end
+  local cursor = '0'
+  repeat
+    local page = redis.call('SSCAN', p .. 'tenant_keys:' .. tid, cursor, 'COUNT', 100)
+    cursor = page[1]
+    for _, kid in ipairs(page[2]) do
+      n = n + redis.call('EXISTS', p .. 'keyid:' .. kid)
+      seen = seen + 1
+      if n >= tonumber(ARGV[2]) or seen >= 10 * tonumber(ARGV[2]) then return n end
+    end
+  until cursor == '0'
 end
 return n
 """
@@ -383,32 +389,23 @@ class TenantRegistry:
             # answers the check when the fingerprint is there
             theirs = await self.store.client.get(key)
             if theirs is None:
-                if keys := int(await self._count_keys(args=[self.store.prefix, COUNT_KEYS_UP_TO])):
-                    some = f"{keys}{'+' if keys >= COUNT_KEYS_UP_TO else ''}"
-                    if generated:
-                        raise SecretMismatch(
-                            f"this Redis holds {some} API keys, issued under a secret this server does not "
-                            "have (its secret was generated just now, in a new data dir), so none would "
-                            "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
-                            "the server_secret file of the data dir that issued them)")
-                    # the cut-off is written once, by the first gateway to find keys without a
-                    # fingerprint, and read by every other: a key issued after it, by a gateway
-                    # that may have the wrong secret, proves nothing after a restart either
-                    pending = self.store.key("secret_pending_since")
-                    await self.store.client.set(pending, repr(time.time()), condition=PureToken.NX)
-                    self._fingerprint_pending_since = float(await self.store.client.get(pending) or time.time())
-                    log.warning(
-                        "this Redis holds %s API keys but no fingerprint of the secret they were issued under "
-                        "(written by a version before 2026-12-05, or deleted to rotate the secret): it is "
-                        "recorded once a key issued before %s authenticates here; if they all answer 401, this "
-                        "server has another secret than the one that issued them", some,
-                        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._fingerprint_pending_since)))
-                    return False
-                if await self.store.client.set(key, mine, condition=PureToken.NX):
+                keys = int(await self._count_keys(args=[self.store.prefix, COUNT_KEYS_UP_TO]))
+                if keys and generated:
+                    some = f"at least {keys}" if keys >= COUNT_KEYS_UP_TO else str(keys)
+                    raise SecretMismatch(
+                        f"this Redis holds {some} API keys, issued under a secret this server does not "
+                        "have (its secret was generated just now, in a new data dir), so none would "
+                        "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
+                        "the server_secret file of the data dir that issued them)")
+                if not keys and await self.store.client.set(key, mine, condition=PureToken.NX):
                     await self.store.client.delete([self.store.key("secret_pending_since")])
                     self._fingerprint_seen = True
                     return True
-                theirs = await self.store.client.get(key)
+                if not keys:
+                    theirs = await self.store.client.get(key)
+        if theirs is None:
+            await self._pend(keys)
+            return False
         theirs = theirs.decode() if isinstance(theirs, bytes) else theirs
         if theirs != mine:
             raise SecretMismatch(
@@ -417,6 +414,25 @@ class TenantRegistry:
                 "(LMGATE_SECRET, or the same data_dir/server_secret file)")
         self._fingerprint_seen = True
         return False
+
+    async def _pend(self, keys: int) -> None:
+        """`check_secret` found `keys` keys and no fingerprint: record it once a key issued
+        before the cut-off authenticates. The cut-off is written once, by the first gateway
+        to find keys without a fingerprint, and read by every other: a key issued after it,
+        by a gateway that may have the wrong secret, proves nothing after a restart either.
+        A Redis refusing the write: its cut-off as read, else now."""
+        pending = self.store.key("secret_pending_since")
+        with contextlib.suppress(CacheUnavailable), self.store.guard():
+            await self.store.client.set(pending, repr(time.time()), condition=PureToken.NX)
+        with self.store.guard():
+            since = await self.store.client.get(pending)
+        self._fingerprint_pending_since = float(since) if since is not None else time.time()
+        some = f"at least {keys}" if keys >= COUNT_KEYS_UP_TO else str(keys)
+        log.warning(
+            "this Redis holds %s API keys but no fingerprint of the secret they were issued under (written by a "
+            "version before 2026-12-05, or deleted to rotate the secret): it is recorded once a key issued before "
+            "%s authenticates here; if they all answer 401, this server has another secret than the one that "
+            "issued them", some, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._fingerprint_pending_since)))
 
     async def watch_for_lost_data(self) -> None:
         """Run for as long as the server does: each time Redis answers after an outage, see

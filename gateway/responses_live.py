@@ -273,7 +273,7 @@ async def keep_foreground_when_answered(live: LiveResponse, store: ResponseStore
     if not await keep_when_answered(live.turn, store, gone=lambda: live.turn.deleted, draining=draining,
                                     asked_deleted=asked_deleted):
         live.turn.unwritten = False
-    if live.turn.deleted:  # a write in flight as it was deleted here may have landed after the delete
+    if live.turn.deleted:  # a write in flight as it was deleted (here or elsewhere) may have landed after the delete
         with contextlib.suppress(CacheUnavailable):
             await store.delete(live.owner, live.response_id)
 
@@ -291,6 +291,7 @@ async def keep_when_answered(turn: Turn, store: ResponseStore, *, gone: Callable
     until then (`retrieve`). Returns whether it was written."""
     give_up = trio.current_time() + give_up_s
     wait = retry_s
+    written = False
     while turn.unwritten and not gone():
         if trio.current_time() >= give_up or (draining is not None and draining.is_set()):
             log.warning("response %s: its end could not be stored (Redis down)%s", turn.renderer.response_id,
@@ -298,18 +299,39 @@ async def keep_when_answered(turn: Turn, store: ResponseStore, *, gone: Callable
             turn.unwritten = False
             return False
         with trio.move_on_at(min(give_up, trio.current_time() + wait + random.uniform(0, 1))):
-            await store.store.answered()
+            await first_of(store.store.answered, *([draining.wait] if draining is not None else []))
         wait = min(wait * 2, RETRY_MAX_S)
-        if asked_deleted is not None:
-            try:
-                if await asked_deleted():
-                    turn.deleted = True
-                    break
-            except CacheUnavailable:
-                continue
-        if turn.unwritten:  # (let go meanwhile: too many waiting)
-            await turn.keep()
-    return not turn.unwritten and not gone()
+        if draining is not None and draining.is_set():
+            continue  # (given up above)
+        try:
+            if asked_deleted is not None and await asked_deleted():
+                turn.deleted = True
+                break
+            if turn.unwritten:  # (let go meanwhile: too many waiting)
+                await turn.keep()
+                written = not turn.unwritten
+        except CacheUnavailable:
+            continue
+        except Exception:  # (a Redis reply not foreseen): given up, not left waiting for good
+            log.exception("response %s: its end could not be stored", turn.renderer.response_id)
+            turn.unwritten = False
+            return False
+    if written and asked_deleted is not None:  # (another server's delete may have come as it was written)
+        with contextlib.suppress(CacheUnavailable):
+            if await asked_deleted():
+                turn.deleted = True
+    return written and not gone()
+
+
+async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as one of `waits` returns."""
+    async with trio.open_nursery() as nursery:
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)
 
 
 async def share_events(live: LiveResponse, store: ResponseStore) -> None:

@@ -1154,7 +1154,10 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                     sent_at = trio.current_time()
                 await trio.sleep(FOLLOW_POLL_S)
                 continue
-            if outage_since is not None:  # Redis is back: its server's next write may not have come yet
+            # Redis is back after an outage of a second or more: its server's next write may not
+            # have come yet (a shorter one, a skip after another call failed, moves nothing: flaps
+            # must not put off the end of a response whose server died for good)
+            if outage_since is not None and trio.current_time() - outage_since >= 1.0:
                 trust_orphan_at = trio.current_time() + FOLLOW_RECOVERY_S
             outage_since = None
             for event in shared:

@@ -41,7 +41,7 @@ import trio
 from cache.quotas import QuotaManager
 from cache.redis_server import PrivateRedis, RedisServerError
 from cache.store import CacheUnavailable, RedisStore
-from cache.tenants import SecretMismatch, TenantRegistry
+from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
 from gateway.config import (
     ConfigError,
@@ -126,27 +126,29 @@ def server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None =
     """The HMAC secret API keys are hashed with: $LMGATE_SECRET, else data_dir/server_secret
     (created 0600 on first start). Changing it invalidates every issued key (a server started
     with another secret than the Redis's keys were issued under refuses to start: `check_secret`)."""
-    env = dict(os.environ) if env is None else env
-    if env.get("LMGATE_SECRET"):
-        return env["LMGATE_SECRET"].encode()
-    path = Path(data_dir) / SECRET_FILE
-    if path.exists():
-        return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(value)
-    return value
+    return read_server_secret(data_dir, env)[0]
 
 
 def read_server_secret(data_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> tuple[bytes, bool]:
-    """`server_secret`, and whether it was made (and its file written) just now: `serve`
-    removes such a file again when Redis refuses the secret, else the next start (a
-    restart policy's) would find it and take it as given."""
+    """`server_secret`, and whether this call made it (and wrote its file): `serve` removes
+    such a file again unless Redis took the secret, else the next start (a restart
+    policy's) would find it and take it as given. Two starts on one data dir: one makes
+    it, the other reads it."""
     env = dict(os.environ) if env is None else env
-    made = not env.get("LMGATE_SECRET") and not (Path(data_dir) / SECRET_FILE).exists()
-    return server_secret(data_dir, env), made
+    if env.get("LMGATE_SECRET"):
+        return env["LMGATE_SECRET"].encode(), False
+    path = Path(data_dir) / SECRET_FILE
+    if path.exists():
+        return path.read_bytes().strip(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip(), False
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return value, True
 
 
 @asynccontextmanager
@@ -625,28 +627,32 @@ async def serve(
     secret, generated = read_server_secret(config.data_dir)
     config_private: PrivateRedis | None = None
     async with AsyncExitStack() as stack:
-        if config.redis_url is None:
-            # persistent: the tenants, keys and usage outlive a restart (an append-only file
-            # in the data dir); a minute to read a large one back
-            private = config_private = PrivateRedis(Path(config.data_dir) / "redis", persistent=True,
-                                                    startup_timeout_s=60.0)
-            stack.enter_context(private)
-            config = dataclasses.replace(config, redis_url=private.url)
-            print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
-        stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
-        # SecretMismatch stops a gateway whose secret differs from the one the keys were issued
-        # under; so does an unreachable Redis (CacheUnavailable), as the secret is checked here
-        # only. A Redis that answers but refuses to record a first fingerprint (out of memory,
-        # read-only) is served as the docs' "When Redis is down" says: with a warning.
         try:
-            await stores.tenants.check_secret(generated=generated)
-        except CacheUnavailable:
-            if stores.redis.unreachable_at is not None:
-                raise
-            log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
-                        stores.redis.last_error)
-        except SecretMismatch:
-            if generated:  # (not kept: the next start must not take it as given)
+            if config.redis_url is None:
+                # persistent: the tenants, keys and usage outlive a restart (an append-only file
+                # in the data dir); a minute to read a large one back
+                private = config_private = PrivateRedis(Path(config.data_dir) / "redis", persistent=True,
+                                                        startup_timeout_s=60.0)
+                stack.enter_context(private)
+                config = dataclasses.replace(config, redis_url=private.url)
+                print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
+            stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
+            # SecretMismatch stops a gateway whose secret differs from the one the keys were
+            # issued under; so does an unreachable Redis (CacheUnavailable), as the secret is
+            # checked here only. A Redis that answers but refuses to record a first fingerprint
+            # (out of memory, read-only) is served as the docs' "When Redis is down" says: with
+            # a warning.
+            try:
+                await stores.tenants.check_secret(generated=generated)
+            except CacheUnavailable:
+                if stores.redis.unreachable_at is not None:
+                    raise
+                log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
+                            stores.redis.last_error)
+        except BaseException:
+            # a secret made at this start and not taken by Redis (refused, Redis not there yet,
+            # stopped) is not kept: the next start would take it as given
+            if generated:
                 (Path(config.data_dir) / SECRET_FILE).unlink(missing_ok=True)
             raise
         if config.dev_tenant:

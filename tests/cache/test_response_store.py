@@ -79,3 +79,19 @@ async def test_a_stalled_redis_costs_the_store_one_wait_not_one_per_request(tmp_
             store.unreachable_at -= 1.1  # (a second on: one call tries it again, and finds it)
             assert (await rs.get("o", "resp_1")).response["status"] == "completed"
             assert len(errors) == 4  # the one that waited and the three skipped
+
+
+async def test_a_cancel_renews_its_flag_but_never_turns_a_delete_into_a_cancel(store: RedisStore) -> None:
+    """The server running a response may be cut off longer than a flag lives: a second
+    cancel renews it. A delete's flag says more (keep nothing of it): a cancel after it
+    must not make it a plain cancel."""
+    rs = ResponseStore(store)
+    key = store.key("resp2cancel", "o", "r")
+    await rs.request_cancel("o", "r", ttl_s=10)
+    await store.client.pexpire(key, 500)
+    await rs.request_cancel("o", "r", ttl_s=10)
+    assert await store.client.pttl(key) > 5000 and await rs.cancel_requested("o", "r") == "cancel"
+    await rs.request_cancel("o", "r", ttl_s=600, delete=True)
+    await rs.request_cancel("o", "r", ttl_s=10)
+    assert await rs.cancel_requested("o", "r") == "delete" and await store.client.pttl(key) > 500_000
+    assert await rs.cancel_requested("o", "other") is None

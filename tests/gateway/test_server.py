@@ -156,6 +156,16 @@ async def test_a_new_secret_refused_is_refused_again_at_the_next_start(nursery: 
             leaves.append(leaves[-1].exceptions[0])
         assert isinstance(leaves[-1], SecretMismatch) and "generated just now" in str(leaves[-1])
         assert not (tmp_path / "new" / "server_secret").exists()
+    # nor is one made at a start that failed before Redis could take it (Redis not up yet)
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+    with pytest.raises(BaseException):  # noqa: B017, PT011 - (an exception group of the unreachable Redis)
+        await serve(dataclasses.replace(config, redis_url=nowhere), shutdown_trigger=trio.sleep_forever,
+                    out=io.StringIO())
+    assert not (tmp_path / "new" / "server_secret").exists()
 
 
 async def read_sse(base_url: str, headers: dict[str, str], body: dict[str, Any], started: trio.Event) -> list[str]:
