@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+import trio
 from coredis import PureToken
 
 from cache.quotas import MAX_LIMIT, Quota
@@ -183,6 +184,8 @@ class _KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     digest: str
     expires_at: float | None = None
+    # issued by a server whose secret was unproven (`check_secret`): proves nothing about it
+    unproven: bool = False
 
     def info(self) -> ApiKeyInfo:
         return ApiKeyInfo(
@@ -338,6 +341,7 @@ return n
 """
 
 UPDATE_ATTEMPTS = 50
+LOST_DATA_CHECK_S = 15.0  # how often `watch_for_lost_data` looks, besides after each outage
 
 
 class TenantRegistry:
@@ -393,7 +397,7 @@ class TenantRegistry:
                 if keys and generated:
                     some = f"at least {keys}" if keys >= COUNT_KEYS_UP_TO else str(keys)
                     raise SecretMismatch(
-                        f"this Redis holds {some} API keys, issued under a secret this server does not "
+                        f"this Redis holds {some} API key(s), issued under a secret this server does not "
                         "have (its secret was generated just now, in a new data dir), so none would "
                         "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
                         "the server_secret file of the data dir that issued them)")
@@ -426,37 +430,41 @@ class TenantRegistry:
             await self.store.client.set(pending, repr(time.time()), condition=PureToken.NX)
         with self.store.guard():
             since = await self.store.client.get(pending)
-        self._fingerprint_pending_since = float(since) if since is not None else time.time()
+        # (not later than now: a cut-off written by a host whose clock runs ahead would let keys
+        # issued here meanwhile, maybe under the wrong secret, count as issued before it)
+        self._fingerprint_pending_since = min(float(since), time.time()) if since is not None else time.time()
         some = f"at least {keys}" if keys >= COUNT_KEYS_UP_TO else str(keys)
         log.warning(
-            "this Redis holds %s API keys but no fingerprint of the secret they were issued under (written by a "
+            "this Redis holds %s API key(s) but no fingerprint of the secret they were issued under (written by a "
             "version before 2026-12-05, or deleted to rotate the secret): it is recorded once a key issued before "
             "%s authenticates here; if they all answer 401, this server has another secret than the one that "
             "issued them", some, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._fingerprint_pending_since)))
 
-    async def watch_for_lost_data(self) -> None:
-        """Run for as long as the server does: each time Redis answers after an outage, see
-        whether it came back without its data (restarted without persistence, a failover
-        to an empty replica): the secret's fingerprint, there since start-up, is gone. (A
-        flush while Redis answers, or a restart between two calls of this server, is not
-        an outage it sees.) Then every tenant, key, quota and stored response is too, and each request
+    async def watch_for_lost_data(self, every_s: float = LOST_DATA_CHECK_S) -> None:
+        """Run for as long as the server does: each time Redis answers after an outage, and
+        every `every_s` (a restart between two calls of an idle server is no outage it
+        sees), see whether it came back without its data (restarted without persistence, a
+        failover to an empty replica): the secret's fingerprint, there since start-up, is
+        gone. Then every tenant, key, quota and stored response is too, and each request
         answers 401 or 404 with nothing in the log to say why: say it, as an error, and
         record the fingerprint again (a gateway with another secret is still refused)."""
         while True:
-            await self.store.answered()
+            with trio.move_on_after(every_s):
+                await self.store.answered()
             if not self._fingerprint_seen:
                 continue
+            key = self.store.key("secret_check")
             try:
                 with self.store.guard():
-                    lost = await self.store.client.set(self.store.key("secret_check"), self._fingerprint(),
-                                                       condition=PureToken.NX)
+                    lost = (not await self.store.client.exists([key])
+                            and await self.store.client.set(key, self._fingerprint(), condition=PureToken.NX))
             except CacheUnavailable:
                 continue
             if lost:
-                log.error("Redis at %s answers again but has lost its data (the server secret's fingerprint, "
-                          "kept since start-up, is gone): its tenants, API keys, quotas and stored responses are "
-                          "gone, so every key answers 401; restore it from a backup or its persistence file, or "
-                          "create the tenants again (the admin API)", redacted_url(self.store.url))
+                log.error("Redis at %s has lost its data (the server secret's fingerprint, kept since start-up, "
+                          "is gone): its tenants, API keys, quotas and stored responses are gone, so every key "
+                          "answers 401; restore it from a backup or its persistence file, or create the tenants "
+                          "again (the admin API)", redacted_url(self.store.url))
 
     def _fingerprint(self) -> str:
         return hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
@@ -598,7 +606,12 @@ class TenantRegistry:
         record = _KeyRecord(
             id="key_" + secrets.token_hex(8), tenant_id=tenant_id, name=name,
             prefix=plaintext[:_DISPLAY_CHARS], created_at=time.time(), digest=digest, expires_at=expires_at,
+            unproven=self._fingerprint_pending_since is not None,
         )
+        if record.unproven:
+            log.warning("key %s issued while this server's secret is unproven (this Redis holds keys issued before "
+                        "any fingerprint of their secret, and none has authenticated here yet): if its secret is "
+                        "not theirs, this key stops working once a server with theirs records it", record.id)
         pxat = "" if expires_at is None else str(math.ceil(expires_at * 1000))
         with self.store.guard():
             issued = await self._create_key(args=[self.store.prefix, tenant_id, repr(tenant.created_at), record.id,
@@ -650,7 +663,7 @@ class TenantRegistry:
         if record.expires_at is not None and time.time() >= record.expires_at:  # (Redis drops it about now)
             return None
         pending = self._fingerprint_pending_since
-        if pending is not None and record.created_at < pending:
+        if pending is not None and record.created_at < pending and not record.unproven:
             with contextlib.suppress(CacheUnavailable):  # (the next such key tries again)
                 await self._record_proven_fingerprint(pending)
         return KeyAuth(decode_tenant(raw_tenant), record.expires_at)
