@@ -163,6 +163,8 @@ class RedisStore:
         self._down_since: float | None = None  # when the current outage began (for the log)
         self._failed_at: float | None = None  # the last failure (`last_error_at` also marks probes)
         self._answered = trio.Event()  # set, and replaced, when Redis answers after failing
+        # False while a server starts (what fails then stops it: its log must not say it serves on)
+        self.serving = True
 
     @property
     def client(self) -> coredis.Redis[bytes]:
@@ -227,8 +229,8 @@ class RedisStore:
         self.last_error_at = self._failed_at = time.time()
         if self._down_since is None:  # one line per outage (coredis's own retry lines are dropped)
             self._down_since = self.last_error_at
-            log.warning("Redis at %s fails (%s): serving without it until it answers", redacted_url(self.url),
-                        self.last_error)
+            log.warning("Redis at %s fails (%s)%s", redacted_url(self.url), self.last_error,
+                        ": serving without it until it answers" if self.serving else "")
 
     def failed_within(self, seconds: float) -> bool:
         """Whether an operation failed on Redis in the last `seconds` (a failure, not a

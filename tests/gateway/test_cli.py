@@ -218,12 +218,14 @@ def test_serve_reports_a_taken_port_before_anything_starts(capsys: pytest.Captur
     assert not (tmp_path / "server_secret").exists()
 
 
-def test_serve_reports_an_unreachable_redis_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_serve_reports_an_unreachable_redis_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     # without a dev tenant to create as well (the deploy files' way): the server secret could
     # not be checked against the keys, and a server that started anyway never checked it
     for dev_tenant in ([], ["--no-dev-tenant"]):
         assert main(["serve", *quick(tmp_path), *dev_tenant]) == 1
         assert "Redis at redis://127.0.0.1:1/0 unreachable" in one_line_error(capsys, "serve")
+    assert "serving without it" not in caplog.text  # (it said so, then stopped)
 
 
 def test_serve_reports_a_missing_model_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
