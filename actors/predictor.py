@@ -1015,20 +1015,36 @@ class PredictorService:
         """Restore from Redis; False if nothing is stored (or Redis is down)."""
         if self.store is None:
             return False
+        import coredis
+
         from cache.store import CacheUnavailable
 
         try:
+            blob = await self.stored_blob()
             with self.store.guard():
-                blob = await self.store.client.get(self.store.key(self.key))
                 read_up_to = await self.store.client.get(self.store.key(self.key + ":read"))
         except CacheUnavailable:
             return False
+        except coredis.exceptions.WrongTypeError:  # (the stream position: learned from the start)
+            read_up_to = None
         if blob is None:
             return False
         self.predictor = await self._parse(blob)
         # `share` starts there: what the fleet observed after the save is learned too
         self._resume_from = _text(read_up_to, "replace") if read_up_to is not None else None
         return True
+
+    async def stored_blob(self) -> bytes | None:
+        """The bytes Redis holds under the predictor's key, or None. PredictorBlobError for a
+        key of another type (a hash, a list: not a predictor), as for bytes that are none;
+        CacheUnavailable when Redis is down."""
+        import coredis
+
+        try:
+            with self.store.guard():
+                return await self.store.client.get(self.store.key(self.key))
+        except coredis.exceptions.WrongTypeError as e:
+            raise PredictorBlobError(f"not a length-predictor blob (Redis holds another type there: {e})") from e
 
     async def _parse(self, blob: bytes) -> LengthPredictor:
         import trio

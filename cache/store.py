@@ -100,8 +100,12 @@ def _not_a_script_reload(record: logging.LogRecord) -> bool:
 
 def _no_empty_traceback(record: logging.LogRecord) -> bool:
     """coredis logs a failed connection attempt with `logger.exception` outside of any
-    exception, so the record's traceback reads "NoneType: None". Keep the line (it is the
-    log's sign of an outage; the caller gets the error), drop the empty traceback."""
+    exception, so the record's traceback reads "NoneType: None": drop the empty traceback.
+    And drop the line itself: it comes about ten times a second while Redis stalls (500 in
+    a 52 s stall), and the store logs an outage once as it begins (with the error) and once
+    as it ends (`RedisStore.guard`)."""
+    if record.getMessage().startswith("Connection attempt failed"):
+        return False
     if record.exc_info is not None and record.exc_info[0] is None:
         record.exc_info = None
     return True
@@ -163,8 +167,9 @@ class RedisStore:
         self._down_since: float | None = None  # when the current outage began (for the log)
         self._failed_at: float | None = None  # the last failure (`last_error_at` also marks probes)
         self._answered = trio.Event()  # set, and replaced, when Redis answers after failing
-        # False while a server starts (what fails then stops it: its log must not say it serves on)
-        self.serving = True
+        # a server sets it once it has started (what fails before stops it, as it stops a CLI:
+        # the outage line must not say it serves on)
+        self.serving = False
 
     @property
     def client(self) -> coredis.Redis[bytes]:

@@ -599,8 +599,11 @@ def run() -> None:
     after a server had stopped, and a signal in that time killed the process silently."""
     import logging
 
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # its reader has gone (`lmgate predictor show | head`): not an error to show
+        code = 141  # (as a shell reports a process SIGPIPE ended)
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)

@@ -637,7 +637,6 @@ async def serve(
                 config = dataclasses.replace(config, redis_url=private.url)
                 print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)
             stores = await stack.enter_async_context(open_stores(config.redis_url or "", secret))
-            stores.redis.serving = False  # (until the secret is checked: Redis unreachable then stops it)
             # SecretMismatch stops a gateway whose secret differs from the one the keys were
             # issued under; so does an unreachable Redis (CacheUnavailable), as the secret is
             # checked here only. A Redis that answers but refuses to record a first fingerprint
@@ -650,7 +649,7 @@ async def serve(
                     raise
                 log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
                             stores.redis.last_error)
-            stores.redis.serving = True
+            stores.redis.serving = True  # (from now on an outage is served through: before, it stopped the start)
         except BaseException:
             # a secret made at this start and not taken by Redis (refused, Redis not there yet,
             # stopped) is not kept: the next start would take it as given

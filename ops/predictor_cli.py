@@ -224,8 +224,7 @@ async def _load(store) -> bytes | None:
     """The predictor blob Redis holds (validated), or None."""
     from actors.predictor import PredictorService
 
-    with store.guard():
-        blob = await store.client.get(store.key(PredictorService(store=store).key))
+    blob = await PredictorService(store=store).stored_blob()
     if blob is not None:
         LengthPredictor.from_bytes(blob)
     return blob

@@ -175,6 +175,25 @@ def test_a_database_redis_does_not_have_is_one_line(redis_url: str, capsys: pyte
     assert code == 1 and "Redis refused the database number of --redis-url" in err and "Traceback" not in err
 
 
+def test_a_predictor_key_of_another_type_is_one_line(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hash where the predictor's bytes belong was coredis' WrongTypeError: a traceback
+    from `show`, and from `lmgate serve`, which now says it in one line as for bad bytes."""
+    import trio
+
+    from actors.predictor import PredictorBlobError, PredictorService
+    from cache.store import RedisStore
+
+    async def plant_and_load() -> None:
+        async with RedisStore(redis_url) as store:
+            await store.client.hset(store.key(PredictorService(store=store).key), {"a": "b"})
+            with pytest.raises(PredictorBlobError, match="another type"):
+                await PredictorService(store=store).load_or_seed(None)
+
+    trio.run(plant_and_load)
+    code, _, err = run(capsys, "show", "--redis-url", redis_url)
+    assert code == 1 and err.count("\n") == 1 and "not a length-predictor blob (Redis holds another type" in err
+
+
 def test_redis_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
