@@ -445,26 +445,49 @@ class TenantRegistry:
         every `every_s` (a restart between two calls of an idle server is no outage it
         sees), see whether it came back without its data (restarted without persistence, a
         failover to an empty replica): the secret's fingerprint, there since start-up, is
-        gone. Then every tenant, key, quota and stored response is too, and each request
-        answers 401 or 404 with nothing in the log to say why: say it, as an error, and
-        record the fingerprint again (a gateway with another secret is still refused)."""
+        gone, and so is the set of tenants. Then every tenant, key, quota and stored
+        response is gone too, and each request answers 401 or 404 with nothing in the log
+        to say why: say it, once, as an error, and record the fingerprint again (a gateway
+        with another secret is still refused). The fingerprint gone but the tenants there
+        is a deliberate rotation (docs/api.md), or an eviction: not recorded again (that
+        would refuse the gateways started with the new secret), said once, and no longer
+        watched."""
+        import coredis
+
+        reported = False
         while True:
             with trio.move_on_after(every_s):
                 await self.store.answered()
             if not self._fingerprint_seen:
                 continue
-            key = self.store.key("secret_check")
+            key, tenants = self.store.key("secret_check"), self.store.key("tenants")
             try:
                 with self.store.guard():
-                    lost = (not await self.store.client.exists([key])
-                            and await self.store.client.set(key, self._fingerprint(), condition=PureToken.NX))
+                    fingerprint = await self.store.client.get(key)
+                    gone = fingerprint is None and not await self.store.client.exists([tenants])
             except CacheUnavailable:
                 continue
-            if lost:
+            except coredis.exceptions.RedisError as e:  # (an ACL refusing the read, a proxy's own error)
+                log.warning("cannot look for a Redis that lost its data (%s): not looked for again", e)
+                return
+            if fingerprint is not None:
+                reported = False
+                continue
+            if not gone:
+                log.warning("the server secret's fingerprint was deleted from Redis at %s while its tenants remain "
+                            "(a rotation of the secret, or evicted: give Redis maxmemory-policy noeviction): not "
+                            "recorded again", redacted_url(self.store.url))
+                self._fingerprint_seen = False
+                return
+            if not reported:
+                reported = True
                 log.error("Redis at %s has lost its data (the server secret's fingerprint, kept since start-up, "
-                          "is gone): its tenants, API keys, quotas and stored responses are gone, so every key "
-                          "answers 401; restore it from a backup or its persistence file, or create the tenants "
-                          "again (the admin API)", redacted_url(self.store.url))
+                          "is gone, and every tenant with it): its tenants, API keys, quotas and stored responses "
+                          "are gone, so every key answers 401; restore it from a backup or its persistence file, "
+                          "or create the tenants again (the admin API)", redacted_url(self.store.url))
+            with contextlib.suppress(CacheUnavailable), self.store.guard():  # (a read-only replica refuses it)
+                if await self.store.client.set(key, self._fingerprint(), condition=PureToken.NX):
+                    reported = False
 
     def _fingerprint(self) -> str:
         return hmac.new(self._secret, b"lmgate secret check", hashlib.sha256).hexdigest()
@@ -611,7 +634,8 @@ class TenantRegistry:
         if record.unproven:
             log.warning("key %s issued while this server's secret is unproven (this Redis holds keys issued before "
                         "any fingerprint of their secret, and none has authenticated here yet): if its secret is "
-                        "not theirs, this key stops working once a server with theirs records it", record.id)
+                        "not theirs, once a server with theirs records it, this server is refused at its next "
+                        "start and this key works nowhere", record.id)
         pxat = "" if expires_at is None else str(math.ceil(expires_at * 1000))
         with self.store.guard():
             issued = await self._create_key(args=[self.store.prefix, tenant_id, repr(tenant.created_at), record.id,

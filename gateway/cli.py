@@ -16,6 +16,7 @@ prints one line on stderr and exits non-zero, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -604,8 +605,9 @@ def run() -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # its reader has gone (`lmgate predictor show | head`): not an error to show
         code = 141  # (as a shell reports a process SIGPIPE ended)
-    sys.stderr.flush()
-    logging.shutdown()
+    with contextlib.suppress(BrokenPipeError):  # (`2>&1 | head`)
+        sys.stderr.flush()
+        logging.shutdown()
     os._exit(code)
 
 

@@ -649,7 +649,6 @@ async def serve(
                     raise
                 log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
                             stores.redis.last_error)
-            stores.redis.serving = True  # (from now on an outage is served through: before, it stopped the start)
         except BaseException:
             # a secret made at this start and not taken by Redis (refused, Redis not there yet,
             # stopped) is not kept: the next start would take it as given
@@ -663,6 +662,7 @@ async def serve(
             else:
                 print(f"lmgate: tenant {DEV_TENANT_ID!r} exists: use the key printed when it was created (the "
                       "admin API issues more)", file=out, flush=True)
+        stores.redis.serving = True  # (from now on an outage is served through: before, it stopped the start)
         runtime = await stack.enter_async_context(runtime_factory(config, stores))
         app = create_app(runtime, stores, config)
         signals = StopSignals() if shutdown_trigger is None else None
