@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -521,36 +522,48 @@ async def test_a_stored_response_answered_during_a_redis_stall_is_stored_when_it
         watching.cancel()
 
 
+@asynccontextmanager
+async def two_servers(nursery: trio.Nursery, gateway: Gateway) -> AsyncIterator[tuple[httpx.AsyncClient,
+                                                                                   httpx.AsyncClient]]:
+    """Clients of the gateway and of another server of the same Redis (stopped after)."""
+    other_url, _, stop = await start_gateway(nursery, gateway.stores, gateway.config)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as here, \
+                httpx.AsyncClient(base_url=other_url, headers=gateway.headers) as there:
+            yield here, there
+    finally:
+        stop.set()
+
+
+async def start_hanging(client: httpx.AsyncClient) -> str:
+    """A background response that streams one token and then waits until cancelled."""
+    return (await client.post("/v1/responses", json={"model": MODEL, "input": "HANG", "background": True})).json()["id"]
+
+
 async def test_a_response_deleted_on_another_server_is_gone_from_the_one_running_it(
         nursery: trio.Nursery, gateway: Gateway) -> None:
     """Deleted by another server, the run was only cancelled where it ran: that server
     streamed its events from memory for 10 minutes, and shared them in Redis again."""
     tenant = await gateway.stores.tenants.get_tenant("t1")
     owner = owner_of(tenant.id, tenant.created_at)
-    other_url, _, stop = await start_gateway(nursery, gateway.stores, gateway.config)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as here, \
-                httpx.AsyncClient(base_url=other_url, headers=gateway.headers) as there:
-            rid = (await here.post("/v1/responses", json={"model": MODEL, "input": "HANG",
-                                                          "background": True})).json()["id"]
-            await wait_for(there, rid, "in_progress", timeout=5)
-            assert (await there.delete(f"/v1/responses/{rid}")).status_code == 200
-            with trio.fail_after(5):  # the running server reads the flag within a second
-                while rid not in gateway.runtime.cancelled:
-                    await trio.sleep(0.1)
-            await trio.sleep(0.5)
-            for client in (here, there):
-                assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
-                assert (await client.get(f"/v1/responses/{rid}?stream=true")).status_code == 404
-                assert (await client.post(f"/v1/responses/{rid}/cancel")).status_code == 404
-            # one that has ended there (no flag reaches it then): not streamed from its memory either
-            ended = (await here.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True,
-                                                            "max_output_tokens": 2})).json()["id"]
-            await wait_for(here, ended, "incomplete")
-            assert (await there.delete(f"/v1/responses/{ended}")).status_code == 200
-            assert (await here.get(f"/v1/responses/{ended}?stream=true")).status_code == 404
-            assert (await here.post(f"/v1/responses/{ended}/cancel")).status_code == 404
-    finally:
-        stop.set()
+    async with two_servers(nursery, gateway) as (here, there):
+        rid = await start_hanging(here)
+        await wait_for(there, rid, "in_progress", timeout=5)
+        assert (await there.delete(f"/v1/responses/{rid}")).status_code == 200
+        with trio.fail_after(5):  # the running server reads the flag within a second
+            while rid not in gateway.runtime.cancelled:
+                await trio.sleep(0.1)
+        await trio.sleep(0.5)
+        for client in (here, there):
+            assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
+            assert (await client.get(f"/v1/responses/{rid}?stream=true")).status_code == 404
+            assert (await client.post(f"/v1/responses/{rid}/cancel")).status_code == 404
+        # one that has ended there (no flag reaches it then): not streamed from its memory either
+        ended = (await here.post("/v1/responses", json={"model": MODEL, "input": "write", "background": True,
+                                                        "max_output_tokens": 2})).json()["id"]
+        await wait_for(here, ended, "incomplete")
+        assert (await there.delete(f"/v1/responses/{ended}")).status_code == 200
+        assert (await here.get(f"/v1/responses/{ended}?stream=true")).status_code == 404
+        assert (await here.post(f"/v1/responses/{ended}/cancel")).status_code == 404
     store = gateway.stores.redis
     assert await store.client.exists([store.key("resp2events", owner, rid)]) == 0
