@@ -165,19 +165,23 @@ class LiveResponses:
     def _prune(self) -> None:
         now = time.monotonic()
         kept: list[tuple[float, tuple[str, str]]] = []
+        unwritten: list[LiveResponse] = []  # ended, their end not yet taken by Redis: GET answers from them
         for key, live in list(self._live.items()):
             if not live.background:
-                if live.over and not live.turn.unwritten:  # (else GET answers from it until it is written)
+                if live.over and not live.turn.unwritten:
                     del self._live[key]
+                    continue
             elif live.ended_at is not None:
                 if now - live.ended_at > self.keep_s:
                     del self._live[key]
-                elif not live.turn.unwritten:  # (not one of the `max_kept`: GET answers from it)
+                    continue
+                if not live.turn.unwritten:  # (the unwritten are not among the `max_kept`)
                     kept.append((live.ended_at, key))
+            if live.over and live.turn.unwritten:
+                unwritten.append(live)
         kept.sort()
         for _, key in kept[:max(0, len(kept) - self.max_kept)]:
             del self._live[key]
-        unwritten = [live for live in self._live.values() if live.over and live.turn.unwritten]
         if len(unwritten) > self.max_unwritten:  # (in the order they were added: the oldest first)
             for live in unwritten[:len(unwritten) - self.max_unwritten]:
                 live.turn.unwritten = False  # (its retry ends; pruned at the next call)
