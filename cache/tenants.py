@@ -401,11 +401,11 @@ class TenantRegistry:
                         "have (its secret was generated just now, in a new data dir), so none would "
                         "authenticate here: give it the secret they were issued under (LMGATE_SECRET, or "
                         "the server_secret file of the data dir that issued them)")
-                if not keys and await self.store.client.set(key, mine, condition=PureToken.NX):
-                    await self.store.client.delete([self.store.key("secret_pending_since")])
-                    self._fingerprint_seen = True
-                    return True
                 if not keys:
+                    if await self.store.client.set(key, mine, condition=PureToken.NX):
+                        await self.store.client.delete([self.store.key("secret_pending_since")])
+                        self._fingerprint_seen = True
+                        return True
                     theirs = await self.store.client.get(key)
         if theirs is None:
             await self._pend(keys)
