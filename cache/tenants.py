@@ -174,6 +174,9 @@ class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str
     created_at: float
     expires_at: float | None = None  # unix time after which it no longer authenticates
+    # issued by a server whose secret was not yet proven (`check_secret`): if that secret was
+    # not the keys' own, the key works nowhere once the right one is recorded; reissue it then
+    unproven: bool = False
 
 
 class _KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,7 +193,7 @@ class _KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     def info(self) -> ApiKeyInfo:
         return ApiKeyInfo(
             id=self.id, tenant_id=self.tenant_id, name=self.name,
-            prefix=self.prefix, created_at=self.created_at, expires_at=self.expires_at,
+            prefix=self.prefix, created_at=self.created_at, expires_at=self.expires_at, unproven=self.unproven,
         )
 
 

@@ -47,7 +47,9 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, Unicode's line breaks
+# C0, DEL, C1, Unicode's line breaks, and its bidirectional marks, embeddings, overrides and
+# isolates (a path holding U+202E would show the rest of its log line reversed: "Trojan Source")
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 FAILURE_LINES_PER_S = 10  # `log_failure` lines a second at most: a flood of 401s or 429s logs a count
 
 

@@ -158,18 +158,28 @@ S = TypeVar("S")
 
 def decode_body(raw: bytes, kind: type[S], *, quota_prefix: str = "quota.") -> S:
     """An admin body (an empty one is `{}`: every field its default); a limit out of range
-    is a 400 naming it (`quota_param`)."""
+    is a 400 naming it (`quota_param`, `as_body_spells_it`)."""
     try:
         return decode_json(raw or b"{}", kind)
     except ApiError as exc:
         exc.param = quota_param(exc.message, quota_prefix) or exc.param
+        exc.message = as_body_spells_it(exc.message, quota_prefix)
         raise
+
+
+_QUOTA_FIELD = re.compile(r"\bQuota\.(\w+)")
+
+
+def as_body_spells_it(message: str, prefix: str) -> str:
+    """A quota's ValueError message with its field named as the body spells it
+    (`quota.max_concurrent`), not as the server's class (`Quota.max_concurrent`)."""
+    return _QUOTA_FIELD.sub(lambda found: prefix + found.group(1), message)
 
 
 def quota_param(message: str, prefix: str) -> str | None:
     """The limit a quota's ValueError ("Quota.max_concurrent must be >= 0 ...") is about, as
     the error's `param` (`quota.max_concurrent` in a tenant body), or None."""
-    found = re.search(r"\bQuota\.(\w+)", message)
+    found = _QUOTA_FIELD.search(message)
     return prefix + found.group(1) if found else None
 
 
@@ -271,7 +281,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
                 models=body.models if body.models is msgspec.UNSET else models_of(body.models),
             )
         except ValueError as exc:
-            raise ApiError(400, str(exc), code="invalid_value", param=quota_param(str(exc), "quota.")) from exc
+            raise ApiError(400, as_body_spells_it(str(exc), "quota."), code="invalid_value",
+                           param=quota_param(str(exc), "quota.")) from exc
         return to_json(tenant)
 
     @bp.delete("/tenants/<tenant_id>")

@@ -320,6 +320,11 @@ async def test_keys_issued_before_fingerprints_existed_decide_the_secret_not_the
     with pytest.raises(SecretMismatch, match="another server secret"):
         await TenantRegistry(store, wrong_secret).check_secret()
     assert not await TenantRegistry(store, SECRET).check_secret()
+    # the admin listing says which keys to reissue: those issued while the secret was unproven
+    listed = {k.name: k.unproven for k in await right.list_keys("acme")}
+    assert listed == {"k": False, "issued-by-the-wrong-one": True, "issued-in-the-skew": True}
+    await right.create_key("acme", "issued-after")
+    assert not {k.name: k.unproven for k in await right.list_keys("acme")}["issued-after"]
 
 
 def test_model_allow_lists() -> None:

@@ -132,6 +132,10 @@ async def test_patch_merges_and_a_bad_limit_or_name_is_a_400_naming_it(gateway: 
         ]:
             r = await client.request(method, path, json=body)
             assert (r.status_code, r.json()["error"]["param"]) == (400, param), (method, body, r.text)
+            # the message names the field as the body spells it, not the server's class
+            assert "Quota." not in r.json()["error"]["message"], r.text
+            if param.split(".")[-1] in ("max_concurrent", "daily_token_budget", "tokens_per_minute"):
+                assert param in r.json()["error"]["message"], r.text
         assert (await client.get("/admin/tenants/n")).status_code == 404
         assert set((await client.get("/admin/tenants/pm")).json()["quota"].values()) == {None}
 

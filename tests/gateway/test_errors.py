@@ -87,11 +87,13 @@ def test_failed_requests_are_logged_at_most_ten_lines_a_second(monkeypatch, capl
                                ApiError(429, "slow down", code="rate_limit_exceeded"))
         errors.log_failure("GET", "/v1/y", "req_500", "-", ApiError(500, "m", code="internal_error"))  # (never dropped)
         now[0] += 1.0
-        errors.log_failure("GET", "/v1/x\u2028forged\x85", "req_z", "-", ApiError(504, "m", code="not_cached"))
+        errors.log_failure("GET", "/v1/x\u2028forged\x85\u202egnp.exe\u2066", "req_z", "-",
+                           ApiError(504, "m", code="not_cached"))
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert lines[:2] == [("INFO", f"request req_{i} POST /v1/chat/completions: 429 rate_limit_exceeded (tenant t1)")
                          for i in range(2)]
     assert len(lines) == 13 and "slow down" not in caplog.text
     assert lines[10] == ("WARNING", "request req_500 GET /v1/y: 500 internal_error (tenant -)")
     assert lines[11] == ("INFO", "3 more requests answered with errors were not logged (at most 10 lines a second)")
-    assert lines[12] == ("INFO", "request req_z GET /v1/x\\u2028forged\\x85: 504 not_cached (tenant -)")
+    assert lines[12] == ("INFO", "request req_z GET /v1/x\\u2028forged\\x85\\u202egnp.exe\\u2066: 504 not_cached "
+                                 "(tenant -)")
