@@ -1288,7 +1288,12 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         (1-100, default 20) at a time after the item `after`, or the page before the item
         `before` (`include` is taken and changes nothing: the items are text)."""
         tenant = await state.authenticate(request.headers.get("Authorization"))
-        items = list((await stored(tenant, response_id)).input)
+        live = live_responses.get(owner(tenant), response_id)
+        # (as `retrieve`: a run not over, or over but not yet taken by Redis, is the truth)
+        if live is not None and (not live.over or live.turn.unwritten):
+            items = list(live.turn.input)
+        else:
+            items = list((await stored(tenant, response_id)).input)
         order = request.args.get("order", "desc")
         if order not in ("asc", "desc"):
             raise ApiError(400, "order must be asc or desc", code="invalid_value", param="order")

@@ -292,6 +292,8 @@ async def test_a_plain_response_reads_in_progress_while_it_streams(gateway: Gate
             rid = first[0]["response"]["id"]
             got = (await client.get(f"/v1/responses/{rid}")).json()
             assert got["status"] == "in_progress" and text_of(got) == word(0, 0)
+            items = await client.get(f"/v1/responses/{rid}/input_items")
+            assert [i["content"][0]["text"] for i in items.json()["data"]] == ["HANG"], items.text
             r = await client.post(f"/v1/responses/{rid}/cancel")
             assert r.status_code == 400, r.text
             r = await client.get(f"/v1/responses/{rid}?stream=true")  # not background: not streamed again
@@ -505,6 +507,8 @@ async def test_a_stored_response_answered_during_a_redis_stall_is_stored_when_it
                 first = await client.post("/v1/responses", json=body)
                 kept, dropped = first.json()["id"], (await client.post("/v1/responses", json=body)).json()["id"]
                 assert (await client.get(f"/v1/responses/{kept}")).json()["status"] == "incomplete"
+                items = await client.get(f"/v1/responses/{kept}/input_items")  # (answered from the run, as GET)
+                assert [i["content"][0]["text"] for i in items.json()["data"]] == ["write"], items.text
                 r = await client.post("/v1/responses", json={**body, "previous_response_id": kept})
                 assert r.status_code == 200, r.text
                 # (a write that timed out in the stall may still land: "may or may not be deleted; retry")
