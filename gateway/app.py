@@ -381,25 +381,40 @@ def decoded_body(raw: bytes, encoding: str, limit: int) -> bytes:
         if wbits is None:
             raise ApiError(415, f"Content-Encoding {coding[:50]!r} is not supported (gzip, deflate or identity)",
                            code="unsupported_encoding")
-        out, rest = b"", raw
-        while True:  # gzip: member after member (RFC 1952); deflate: one stream
-            decoder = zlib.decompressobj(wbits)
+        raw = _inflated(raw, coding, wbits, limit)
+    return raw
+
+
+_FEED_BYTES = 4096  # input fed to zlib at a time: what a gzip member's end leaves over is copied
+
+
+def _inflated(raw: bytes, coding: str, wbits: int, limit: int) -> bytes:
+    """`raw` decoded: gzip member after member (RFC 1952), deflate one stream; 413 past
+    `limit` bytes out, 400 for what is not `coding`. Linear in the body: the input is fed
+    a few KB at a time through a memoryview and the output joined once (fed whole, each of
+    49,000 empty members of a 1 MB body copied the rest of it: 1.6 s on the event loop)."""
+    view, at, size = memoryview(raw), 0, 0
+    out: list[bytes] = []
+    while True:
+        decoder = zlib.decompressobj(wbits)
+        while not decoder.eof:
+            if at >= len(raw):
+                raise ApiError(400, f"the body is not valid {coding} data: it ends early", code="invalid_encoding")
+            chunk = view[at:at + _FEED_BYTES]
+            at += len(chunk)
             try:
-                out += decoder.decompress(rest, limit + 1 - len(out))
+                piece = decoder.decompress(chunk, limit + 1 - size)
             except zlib.error as exc:
                 raise ApiError(400, f"the body is not valid {coding} data: {exc}", code="invalid_encoding") from exc
-            if len(out) > limit or decoder.unconsumed_tail:
+            out.append(piece)
+            size += len(piece)
+            if size > limit or decoder.unconsumed_tail:
                 raise ApiError(413, f"the decoded body is larger than {limit} bytes", code="request_too_large")
-            if not decoder.eof:
-                raise ApiError(400, f"the body is not valid {coding} data: it ends early", code="invalid_encoding")
-            rest = decoder.unused_data
-            if not rest:
-                break
-            if wbits != 31:
-                raise ApiError(400, f"the body is not valid {coding} data: bytes after its end",
-                               code="invalid_encoding")
-        raw = out
-    return raw
+        at -= len(decoder.unused_data)
+        if at >= len(raw):
+            return b"".join(out)
+        if wbits != 31:
+            raise ApiError(400, f"the body is not valid {coding} data: bytes after its end", code="invalid_encoding")
 
 
 async def close_after_refused_body(response: Response) -> Response:
