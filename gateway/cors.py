@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_ORIGIN = re.compile(r"https?://[^\s/?#,]+")
+_ORIGIN = re.compile(r"https?://[^\s/?#,]+", re.IGNORECASE)
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 # a 429/503 says when to come back (and, `x-should-retry`, when not to: the OpenAI SDKs read
 # it); OpenAI's rate-limit headers say how much is left
@@ -32,6 +32,21 @@ OPERATOR_PATHS = ("/admin", "/metrics")  # never answered cross-origin (see the 
 
 class CorsConfigError(ValueError):
     pass
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def canonical_origin(origin: str) -> str:
+    """An origin as browsers send it (RFC 6454 §6.1): scheme and host in lower case, no
+    default port. `https://App.Example.com:443` allowed as written matched no browser's
+    `https://app.example.com`, and CORS was silently off for that site."""
+    if origin == "*":
+        return origin
+    origin = origin.lower()  # (an origin holds no path: nothing in it is case-sensitive)
+    scheme = origin.split("://", 1)[0]
+    port = _DEFAULT_PORTS.get(scheme)
+    return origin.removesuffix(port) if port and origin.endswith(port) else origin
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class CorsPolicy:
         for origin in origins:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise CorsConfigError(f"an allowed origin is '*' or scheme://host[:port], got {origin!r}")
+        origins = tuple(dict.fromkeys(canonical_origin(o) for o in origins))
         if "*" in origins and len(origins) > 1:
             raise CorsConfigError("'*' allows every origin: give it alone")
         return cls(origins)
@@ -79,4 +95,4 @@ class CorsPolicy:
         return out
 
 
-__all__ = ["CorsConfigError", "CorsPolicy"]
+__all__ = ["CorsConfigError", "CorsPolicy", "canonical_origin"]

@@ -20,6 +20,12 @@ def test_policy_parsing() -> None:
     assert CorsPolicy.parse("*").origins == ("*",)
     assert CorsPolicy.parse("").origins == ()
     assert CorsPolicy.parse(f" {PAGE}/, http://localhost:3000").origins == (PAGE, "http://localhost:3000")
+    # as browsers send an origin: lower case, no default port (else it silently never matched)
+    shouty = CorsPolicy.parse("HTTPS://App.Example.com:443, http://b.example:80, https://c.example:4430, "
+                              "https://app.example.com, http://[::1]:8080")
+    assert shouty.origins == ("https://app.example.com", "http://b.example", "https://c.example:4430",
+                              "http://[::1]:8080")
+    assert shouty.allows("https://app.example.com") and shouty.allows("http://b.example")
     for bad in ("app.example.com", "*, https://a.b", "ftp://x", "https://a.b/path"):
         with pytest.raises(CorsConfigError):
             CorsPolicy.parse(bad)
