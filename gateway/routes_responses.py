@@ -1101,6 +1101,12 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 raise failed_error(renderer.failure)
         return renderer.response()
 
+    @bp.route("/v1/responses/input_tokens", methods=["OPTIONS"])
+    async def input_tokens_options() -> Any:
+        """POST only: the automatic answer listed the methods of `/v1/responses/<id>` too,
+        which this path answers with a 405 (`not_an_id`)."""
+        return "", 200, {"Allow": "OPTIONS, POST"}
+
     @bp.post("/v1/responses/input_tokens")
     async def input_tokens() -> Any:
         """How many tokens the model would read for this request (OpenAI's

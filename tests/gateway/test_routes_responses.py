@@ -438,7 +438,8 @@ async def test_a_stream_the_runtime_cuts_ends_with_an_error_event(gateway: Gatew
 
 
 async def test_input_tokens_is_no_response_id(gateway: Gateway) -> None:
-    """GET or DELETE /v1/responses/input_tokens is a 405 naming POST (as OpenAI's), not a 404."""
+    """GET or DELETE /v1/responses/input_tokens is a 405 naming POST (as OpenAI's), not a 404;
+    OPTIONS says POST alone."""
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         for method in ("GET", "DELETE"):
             r = await client.request(method, "/v1/responses/input_tokens")
@@ -446,6 +447,11 @@ async def test_input_tokens_is_no_response_id(gateway: Gateway) -> None:
             assert r.json()["error"]["type"] == "invalid_request_error"
         r = await client.put("/v1/responses")  # any route's 405 says what it allows
         assert r.status_code == 405 and "POST" in r.headers["Allow"]
+        r = await client.options("/v1/responses/input_tokens")  # (not the methods of a response id)
+        assert r.status_code == 200 and r.headers["Allow"] == "OPTIONS, POST", r.headers
+        r = await client.options("/v1/responses/input_tokens", headers={
+            "Origin": "https://page.example", "Access-Control-Request-Method": "POST"})
+        assert r.headers["Access-Control-Allow-Origin"] == "*" and "POST" in r.headers["Access-Control-Allow-Methods"]
 
 
 async def test_stream_events_are_named_and_end_with_the_response(gateway: Gateway) -> None:
