@@ -234,7 +234,7 @@ def decode_json(raw: bytes, kind: type[S]) -> S:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, invalid_request(exc), code="invalid_value", param=param_of(exc)) from exc
+        raise ApiError(400, invalid_request(exc), code=code_of(exc), param=param_of(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise malformed_json(raw, exc) from exc
     except RecursionError as exc:  # msgspec's decoder recurses per nesting level
@@ -282,6 +282,12 @@ def invalid_request(exc: msgspec.ValidationError, what: str = "invalid request")
     if len(where) > MAX_ECHO_CHARS:
         where = where[:MAX_ECHO_CHARS] + "..."
     return f"{what}: {said}{sep}{where}"
+
+
+def code_of(exc: msgspec.ValidationError) -> str:
+    """A msgspec validation error's code: a field missing is OpenAI's
+    `missing_required_parameter` (as the routes' own checks say it), else `invalid_value`."""
+    return "missing_required_parameter" if "missing required field `" in str(exc) else "invalid_value"
 
 
 def param_of(exc: msgspec.ValidationError) -> str | None:

@@ -61,10 +61,13 @@ def _ok(description: str, content_type: str = "application/json") -> dict[str, A
 
 
 def _op(summary: str, *, body: str | None = None, ok: str = "200", admin: bool = False, errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    statuses = set(errors or ((403, 503) if admin else (400, 401)))
+    if body:  # (every body: 413 over the cap, 415 for a Content-Encoding not served)
+        statuses |= {400, 413, 415}
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"adminKey": []}] if admin else [{"apiKey": []}],
-        "responses": {ok: _ok(summary), **_errors(*(errors or ((403, 503) if admin else (400, 401))))},
+        "responses": {ok: _ok(summary), **_errors(*sorted(statuses))},
     }
     if admin:
         op["tags"] = ["admin"]
@@ -79,6 +82,8 @@ def openapi_document() -> dict[str, Any]:
     components["Error"] = _ERROR
     # absent is not null there (null: up to the context length), which msgspec cannot say
     components["CompletionRequest"]["properties"]["max_tokens"]["default"] = COMPLETIONS_MAX_TOKENS
+    # one Struct decodes both, but creating a response needs its model (counting its tokens does not)
+    components["ResponsesCreateRequest"] = {"allOf": [_ref("ResponsesRequest"), {"required": ["model"]}]}
     gen_errors = (400, 401, 404, 413, 429, 503, 504)  # 504: Cache-Control only-if-cached, not cached
     streaming = {
         "description": "JSON response, or with stream=true an SSE stream of chunks ending with `data: [DONE]`",
@@ -96,7 +101,7 @@ def openapi_document() -> dict[str, Any]:
                         "the answer, max-age=N / min-fresh=N bound the stored answer's age, only-if-cached "
                         "answers from the cache or with a 504 not_cached"},
     ]
-    responses = _op("Create a response (OpenAI's Responses API)", body="ResponsesRequest", errors=gen_errors)
+    responses = _op("Create a response (OpenAI's Responses API)", body="ResponsesCreateRequest", errors=gen_errors)
     responses["responses"]["200"] = {
         "description": "the Response object, or with stream=true an SSE stream of named events (`event: <type>`) "
                        "ending with response.completed, response.incomplete or response.failed",
@@ -138,10 +143,13 @@ def openapi_document() -> dict[str, Any]:
         **{path: {"post": _op("Documents ranked by cosine similarity to a query with the embedding model (vLLM's)",
                               body="RerankRequest", errors=(400, 401, 404, 429, 503))} for path in RERANK_ROUTES},
         "/tokenize": {"post": _op("Token ids of a prompt or of chat messages (vLLM's)", body="TokenizeRequest",
-                                  errors=(400, 401, 404))},
-        "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404))},
+                                  errors=(400, 401, 404, 429, 501))},
+        "/detokenize": {"post": _op("Text of token ids (vLLM's)", body="DetokenizeRequest", errors=(400, 401, 404, 429, 501))},
         "/tokenizer_info": {"get": _op("The tokenizer's config: bos/eos tokens, chat template (vLLM's)")},
-        "/v1/ws": {"get": {**_op("WebSocket token streaming (see docs/websocket.md)", ok="101"), "responses": {"101": {"description": "switching protocols"}, **_errors(401)}}},
+        "/v1/ws": {"get": {**_op("WebSocket token streaming (see docs/websocket.md)", ok="101"), "responses": {
+            "101": {"description": "switching protocols"}, **_errors(400, 401)}}},  # 400: not a WebSocket upgrade
+        "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                  "responses": {"200": _ok("the OpenAPI document")}}},
         "/healthz": {"get": {**_op("Process is up"), **public_path}},
         "/readyz": {"get": {**_op("Runtime ready (503 if not); lists degraded parts", errors=(503,)), **public_path}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": _ok("metrics", "text/plain")}}},
@@ -166,7 +174,7 @@ def openapi_document() -> dict[str, Any]:
         "/admin/predictor": {
             "get": _op("The length predictor: its kind and what it has learned", admin=True, errors=(403,)),
             "put": {**_op("Serve from an uploaded Magnus predictor (`lmgate predictor train/export` file)",
-                          admin=True, errors=(400, 403, 409, 413)),
+                          admin=True, errors=(400, 403, 409, 413, 415)),
                     "requestBody": {"required": True, "content": {"application/octet-stream": {
                         "schema": {"type": "string", "format": "binary"}}}}},
         },

@@ -45,7 +45,7 @@ from actors.messages import (
     Usage,
 )
 from gateway import sse
-from gateway.errors import ApiError, invalid_request, malformed_json, param_of
+from gateway.errors import ApiError, code_of, invalid_request, malformed_json, param_of
 from gateway.sse import IDLE, Idle
 from gateway.tools import ToolCalling, chat_role, render_message, tool_calling
 from gpu.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
@@ -305,7 +305,7 @@ def decode_request(endpoint: Endpoint, raw: bytes | str | Any) -> CompletionRequ
             return msgspec.json.decode(raw, type=kind)
         return msgspec.convert(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, invalid_request(exc), code="invalid_value", param=param_of(exc)) from exc
+        raise ApiError(400, invalid_request(exc), code=code_of(exc), param=param_of(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec < 0.23 raised UnicodeDecodeError for bad UTF-8, 0.23 a DecodeError
         raise malformed_json(raw, exc) from exc

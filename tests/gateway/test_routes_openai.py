@@ -663,7 +663,7 @@ BAD_INPUTS = [
      b'"function": {"name": "f"}}], "tool_choice": "required"}', 400, "unsupported_value"),
     ("malformed json", b'{"model": "fake-model", "prompt": ', 400, "invalid_json"),
     ("not an object", b"[1, 2]", 400, "invalid_value"),
-    ("missing prompt", b'{"model": "fake-model"}', 400, "invalid_value"),
+    ("missing prompt", b'{"model": "fake-model"}', 400, "missing_required_parameter"),  # (OpenAI's code)
     ("wrong type", b'{"model": "fake-model", "prompt": "x", "n": "two"}', 400, "invalid_value"),
     ("float n", b'{"model": "fake-model", "prompt": "x", "n": 1.5}', 400, "invalid_value"),
     ("negative max_tokens", b'{"model": "fake-model", "prompt": "x", "max_tokens": -1}', 400, "invalid_value"),
