@@ -85,7 +85,10 @@ def is_refusal(error: BaseException) -> bool:
         return True
     if not isinstance(error, coredis.exceptions.ResponseError):
         return False
-    return str(error).lstrip("-").split(" ", 1)[0].upper() in _REFUSALS
+    # in a transaction coredis puts the command first: "Command # 1 (SET k v) of pipeline
+    # caused error: OOM ..." (the last such phrase: the command's values may hold it too)
+    _, _, reply = str(error).rpartition(" of pipeline caused error: ")
+    return reply.lstrip("-").split(" ", 1)[0].upper() in _REFUSALS
 
 
 def _not_a_script_reload(record: logging.LogRecord) -> bool:

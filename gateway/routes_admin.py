@@ -220,7 +220,12 @@ def store_errors(fn: F) -> F:
         except TenantExists as exc:
             raise ApiError(409, str(exc), code="tenant_exists") from exc
         except CacheUnavailable as exc:
-            raise ApiError(503, "tenant store unavailable", code="store_unavailable", retry_after=1) from exc
+            if request.method in ("GET", "HEAD"):
+                raise ApiError(503, "tenant store unavailable", code="store_unavailable", retry_after=1) from exc
+            # (a Redis that stalled runs the commands it was sent once it wakes: a create then
+            # exists, and its retry is a 409; a key issued so is listed, its plaintext never shown)
+            raise ApiError(503, "tenant store unavailable: this change may or may not have been made; read it "
+                           "back before retrying", code="store_unavailable", retry_after=1) from exc
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from exc
 

@@ -143,6 +143,8 @@ async def test_a_redis_that_refuses_writes_is_unavailable_then_recovers(tmp_path
                         await quotas.reserve(tenant, "r1", 1, 1)
                     else:
                         await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+                with pytest.raises(CacheUnavailable, match="refuses service"):  # (refused inside a transaction:
+                    await registry.create_tenant("t2", "two")  # coredis names the command first; was a 500)
                 assert not store.healthy and not await store.ping()
                 with pytest.raises(CacheUnavailable, match="skipped"):  # Redis failed within the last second
                     await prompts.get("s", "m", [], True)

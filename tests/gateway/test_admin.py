@@ -398,3 +398,26 @@ async def test_a_tenant_created_again_as_the_old_one_goes_keeps_its_reservations
     assert await quotas.extend(old, ["old-1"]) == 1  # the old request runs on, not lapsed
     assert await quotas.settle(old, "old-1", 10, 5, MODEL)  # its usage is recorded...
     assert await quotas.running("re") == 1  # ...and the new tenant's slot stays taken
+
+
+async def test_a_change_redis_refuses_is_a_503_saying_it_may_have_been_made(gateway: Gateway) -> None:
+    """Under maxmemory (noeviction) creating a tenant was a 500 with a traceback (refused
+    inside a transaction, which coredis words otherwise); every change is a 503 whose
+    message says to read back before retrying (a stalled Redis carries it out on waking)."""
+    redis = gateway.stores.redis.client
+    [policy] = (await redis.config_get(["maxmemory-policy"])).values()
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        await redis.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+        try:
+            for method, path, body in (("POST", "/admin/tenants", {"id": "oom", "name": "o"}),
+                                       ("POST", "/admin/tenants/t1/keys", {"name": "k"}),
+                                       ("PATCH", "/admin/tenants/t1", {"name": "renamed"})):
+                r = await client.request(method, path, json=body)
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", (method, path, r.text)
+                assert r.json()["error"]["code"] == "store_unavailable"
+                assert "may or may not have been made" in r.json()["error"]["message"]
+            r = await client.get("/admin/tenants/t1")  # reads are served
+            assert r.status_code == 200 and r.json()["name"] != "renamed"
+        finally:
+            await redis.config_set({"maxmemory": "0", "maxmemory-policy": policy})
+        assert (await client.post("/admin/tenants", json={"id": "oom", "name": "o"})).status_code == 201
