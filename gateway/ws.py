@@ -56,6 +56,8 @@ DRAIN_POLL_S = 0.05
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_SERVER_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 # Answers of the reader's (errors for refused frames) queued for the writer; a full queue
 # holds the reader up to UNREAD_REPLIES_S, then the socket is closed as not reading (a client
 # that writes and never reads would otherwise queue them for ever)
@@ -298,6 +300,18 @@ async def _authenticate_first_frame(session: Session) -> None:
     await session.send({"type": "ready"})
 
 
+def close_code(fatal: ApiError) -> int:
+    """The close code of a socket ended by `fatal`: 1009 for a frame too large, 1013 (try
+    again later) when the server could not serve it for now (a 503: the key could not be
+    checked while Redis is down), 1011 for its own failure, else 1008 (a bad key, a client
+    not reading). 1008 tells a client not to come back with the same credentials."""
+    if fatal.code == "frame_too_large":
+        return CLOSE_TOO_BIG
+    if fatal.status == 503:
+        return CLOSE_TRY_AGAIN_LATER
+    return CLOSE_SERVER_ERROR if fatal.status >= 500 else CLOSE_POLICY
+
+
 async def _open(session: Session) -> ApiError | None:
     """Authenticate the socket (header, or its first frame) and say `ready`; returns the
     error that refuses it (raised inside the nursery it would arrive in an exception group)."""
@@ -400,8 +414,7 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                 session.writer.cancel()  # the queued answers go unsent: the socket is closing
                 with trio.move_on_after(CLOSE_TIMEOUT_S):
                     await session.send(error_frame(None, fatal))
-                    code = CLOSE_TOO_BIG if fatal.code == "frame_too_large" else CLOSE_POLICY
-                    await websocket.close(code, fatal.code or "")
+                    await websocket.close(close_code(fatal), fatal.code or "")
                 nursery.cancel_scope.cancel()
             if session.drained:
                 await websocket.close(CLOSE_GOING_AWAY, "shutting_down")

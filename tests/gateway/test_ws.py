@@ -106,6 +106,23 @@ async def test_bad_auth_frame_is_an_error_and_close(gateway: Gateway) -> None:
     assert info.value.code == 1008
 
 
+async def test_a_key_redis_cannot_check_closes_try_again_later(gateway: Gateway, redis_server) -> None:
+    """A key not seen lately, sent while Redis is down, cannot be checked: a 503 frame and
+    close 1013 (try again later). It was 1008, which says the credential was refused."""
+    _, unseen = await gateway.stores.tenants.create_key("t1", "never used")
+    redis_server.stop()
+    try:
+        async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
+            await ws.send_json({"type": "auth", "api_key": unseen})
+            frame = await ws.receive_json()
+            assert (frame["type"], frame["status"], frame["error"]["code"]) == ("error", 503, "auth_unavailable"), frame
+            with pytest.raises(WebSocketDisconnect) as info:
+                await ws.receive_json()
+        assert info.value.code == 1013
+    finally:
+        await trio.to_thread.run_sync(redis_server.start)
+
+
 async def test_request_before_auth_is_refused(gateway: Gateway) -> None:
     async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client) as ws:
         await ws.send_json(request_frame("a"))
