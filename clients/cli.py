@@ -10,15 +10,17 @@ Ctrl-C at the prompt leaves (exit status 130). With ``--once`` a failed request'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any, TextIO
 
 import anyio
 
 from clients.client import LmgateClient
-from clients.errors import AuthError, LmgateError
+from clients.errors import AuthError, ConnectionFailed, LmgateError
 
 ReadLine = Callable[[], Awaitable[str | None]]
 
@@ -83,7 +85,7 @@ async def chat_loop(
     params = params or {}
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
-    async def turns(session: Any) -> None:
+    async def turns(ws: _Session | None) -> None:
         while True:
             line = await read_line()
             if line is None or line.strip() == "/quit":
@@ -96,7 +98,7 @@ async def chat_loop(
                 continue
             history.append({"role": "user", "content": line})
             try:
-                text = await answer(client, session, history, params, out)
+                text = await answer(client, await ws.get() if ws is not None else None, history, params, out)
             except KeyboardInterrupt:
                 out.write("\n(stopped)\n")
                 history.pop()
@@ -109,15 +111,43 @@ async def chat_loop(
                 status = f" {error.status}" if error.status else ""  # (0: no answer came: a connection failure)
                 (err or out).write(f"\n[error{status}: {error.message}]\n")
                 history.pop()
+                if ws is not None and isinstance(error, ConnectionFailed):
+                    await ws.drop()  # (the socket is gone, or never came: the next turn opens one)
                 continue
             history.append({"role": "assistant", "content": text})
 
     if use_ws:
-        async with client.ws() as session:
-            await turns(session)
+        ws = _Session(client)
+        try:
+            await turns(ws)
+        finally:
+            await ws.drop()
     else:
         await turns(None)
     return failed
+
+
+class _Session:
+    """The WebSocket session of a chat, opened at the first turn and again at the turn after
+    one whose connection failed (a server restarted: every later turn failed, before)."""
+
+    def __init__(self, client: LmgateClient) -> None:
+        self.client = client
+        self._stack: AsyncExitStack | None = None
+        self._session: Any = None
+
+    async def get(self) -> Any:
+        if self._session is None:
+            stack = AsyncExitStack()
+            self._session = await stack.enter_async_context(self.client.ws())
+            self._stack = stack
+        return self._session
+
+    async def drop(self) -> None:
+        stack, self._stack, self._session = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(LmgateError):
+                await stack.aclose()
 
 
 def run_chat(args: argparse.Namespace, *, out: TextIO | None = None) -> int:

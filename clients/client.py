@@ -246,7 +246,11 @@ class RetryPolicy:
     @staticmethod
     def retryable(error: LmgateError) -> bool:
         """429 with a Retry-After, 503, and a connection failure its raiser marked
-        ``retryable`` (one that cannot run the request twice: see `ConnectionFailed`)."""
+        ``retryable`` (one that cannot run the request twice: see `ConnectionFailed`); never
+        an answer whose ``x-should-retry: false`` says waiting cannot help (a spent daily
+        budget's 429 carries a Retry-After to the next UTC day, and that header)."""
+        if error.should_retry is False:
+            return False
         if isinstance(error, RateLimited):
             return error.retry_after is not None
         if isinstance(error, ConnectionFailed):
@@ -496,7 +500,7 @@ class TokenStream:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     return
-                chunk = json.loads(data)
+                chunk = event_of(data)
                 if "error" in chunk:
                     raise error_for(status_of_type(chunk["error"].get("type")), chunk,
                                     retry_after=chunk.get("retry_after"))
@@ -513,10 +517,31 @@ class TokenStream:
                         calls = self._calls.pop(delta.index)
                         yield Delta(delta.index, "", None, tool_calls=[calls[k] for k in sorted(calls)])
                     yield delta
+            raise ended_early("data: [DONE]")
         except httpx.RequestError as exc:
             raise request_error(exc, "stream broken", idempotent=False) from exc
         finally:
             await self.aclose()
+
+
+def event_of(data: str) -> dict[str, Any]:
+    """One SSE `data:` line's JSON object; `ConnectionFailed` for one that is not (what
+    sent it is no lmgate, or cut the line: a proxy's page, a stream spliced mid-way)."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        raise ConnectionFailed(f"stream broken: an event is not a JSON object: {data[:100]!r}", retryable=False)
+    return event
+
+
+def ended_early(last: str) -> ConnectionFailed:
+    """The error of a stream whose body ended cleanly before its last event (`last`): what
+    was read is not the whole answer. lmgate ends every stream with it, or with an error
+    event; a proxy that times out upstream, or a close-delimited body cut, ends it so."""
+    return ConnectionFailed(f"stream broken: it ended before its last event ({last}); what was read may be cut",
+                            retryable=False)
 
 
 # The HTTP status a `response.failed` event's error code stands for (the status the same
@@ -534,9 +559,12 @@ class ResponseStream(TokenStream):
     is a background response's (`background=True`): that one runs on, and
     `LmgateClient.resume_stream` reads on from the last event read."""
 
-    def __init__(self, open_response: Callable[[AsyncExitStack], Awaitable[httpx.Response]]) -> None:
+    def __init__(self, open_response: Callable[[AsyncExitStack], Awaitable[httpx.Response]], *,
+                 resumed_ended: Callable[[], Awaitable[Response | None]] | None = None) -> None:
         super().__init__(open_response)
         self.response: Response | None = None
+        # a resumed stream: the response if it has ended (a stream resumed after its last event is empty)
+        self._resumed_ended = resumed_ended
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         return _nothing() if self._closed else self._events()
@@ -547,7 +575,7 @@ class ResponseStream(TokenStream):
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                event = json.loads(line[5:].strip())
+                event = event_of(line[5:].strip())
                 if "error" in event and "type" not in event:  # an error before the response started
                     raise error_for(status_of_type(event["error"].get("type")), event)
                 if "response" in event:
@@ -560,9 +588,12 @@ class ResponseStream(TokenStream):
                 if event.get("type") == "response.failed":
                     error = event["response"].get("error") or {}
                     status = FAILED_STATUS.get(error.get("code"), 500)
-                    raise error_for(status, {"error": {"message": error.get("message", "the response failed"),
-                                                       "code": error.get("code")}},
-                                    retry_after=1.0 if status == 503 else None)
+                    failed = error_for(status, {"error": {"message": error.get("message", "the response failed"),
+                                                          "code": error.get("code")}},
+                                       retry_after=1.0 if status == 503 else None)
+                    if self._resumed_ended is not None:  # (resuming it again reads the same end: create anew)
+                        failed.should_retry = False
+                    raise failed
                 yield event
                 if event.get("type") in ("response.completed", "response.incomplete", "response.cancelled"):
                     self.response = Response(event["response"])
@@ -571,6 +602,10 @@ class ResponseStream(TokenStream):
                         self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"],
                                            u.get("input_tokens_details"))
                     return
+            ended = await self._resumed_ended() if self._resumed_ended is not None else None
+            if ended is None:
+                raise ended_early("response.completed, .incomplete, .cancelled or .failed")
+            self.response = ended  # (resumed after its last event: nothing more to read)
         except httpx.RequestError as exc:
             raise request_error(exc, "stream broken", idempotent=False) from exc
         finally:
@@ -756,7 +791,11 @@ class LmgateClient(JsonApi):
         async def open_response(stack: AsyncExitStack) -> httpx.Response:
             return await self._open_stream(stack, path, None, method="GET")
 
-        return ResponseStream(open_response)
+        async def resumed_ended() -> Response | None:
+            found = await self.get_response(response_id)
+            return found if found.status in ("completed", "incomplete", "cancelled", "failed") else None
+
+        return ResponseStream(open_response, resumed_ended=resumed_ended)
 
     async def delete_response(self, response_id: str) -> None:
         await self._request_json("DELETE", f"/v1/responses/{path_segment(response_id)}")

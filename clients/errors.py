@@ -25,6 +25,7 @@ class LmgateError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -33,6 +34,8 @@ class LmgateError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        # the answer's `x-should-retry` header (OpenAI's): False when retrying cannot help
+        self.should_retry = should_retry
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
@@ -77,10 +80,11 @@ class ConnectionFailed(LmgateError):
 
     ``retryable`` says whether sending the request again is safe and can help, which is
     what `RetryPolicy` goes by. True when the request cannot have reached the server
-    (connect error or timeout, no pooled connection free in time), for an idempotent
-    request (GET, PUT, DELETE), and for a stream of a dropped WebSocket. False when a
-    POST or PATCH failed after it was sent, since the server may be running (and billing)
-    it already, and for a closed client, which stays closed."""
+    (connect error or timeout, no pooled connection free in time; a WebSocket stream
+    opened after its socket was gone), and for an idempotent request (GET, PUT, DELETE).
+    False when a POST or PATCH failed after it was sent, since the server may be running
+    (and billing) it already, a WebSocket stream whose socket dropped under it alike, and
+    for a closed client, which stays closed."""
 
     def __init__(self, message: str, *, retryable: bool = True, **fields: Any) -> None:
         super().__init__(message, **fields)
@@ -144,6 +148,7 @@ def error_for(status: int, body: Any, headers: Mapping[str, str] | None = None, 
         err = {"message": f"HTTP {status}", "type": None, "code": None, "param": None}
     if retry_after is None and headers is not None:
         retry_after = parse_retry_after(headers.get("retry-after"))
+    said = (headers.get("x-should-retry") or "").strip().lower() if headers is not None else ""
     return _class_for(status)(
         str(err.get("message") or f"HTTP {status}"),
         status=status,
@@ -151,4 +156,5 @@ def error_for(status: int, body: Any, headers: Mapping[str, str] | None = None, 
         code=err.get("code"),
         param=err.get("param"),
         retry_after=retry_after,
+        should_retry={"true": True, "false": False}.get(said),
     )

@@ -49,6 +49,7 @@ from clients.client import (
     describe,
     request_error,
     usage_from,
+    with_retry,
 )
 from clients.errors import ConnectionFailed, InvalidRequest, LmgateError, error_for
 
@@ -214,6 +215,17 @@ class WsSession:
         return ("wss://" if scheme.lower() == "https" else "ws://") + rest + "/v1/ws"
 
     async def __aenter__(self) -> Self:
+        # (opening a session sends no request: the client's `RetryPolicy` retries it as any
+        # idempotent call, a refused upgrade or a "not now" (503) first frame included)
+        await with_retry(self.client.retry, self._connect)
+        task_group = await self._stack.enter_async_context(anyio.create_task_group())
+        self._stack.callback(task_group.cancel_scope.cancel)
+        task_group.start_soon(self._reader)
+        return self
+
+    async def _connect(self) -> None:
+        """Open the socket and read the server's `ready`; the typed error, the socket
+        closed, if it does not come."""
         try:
             self.client._check_open()
             # A copy of the headers: httpx_ws adds its upgrade headers to the dict it is
@@ -231,11 +243,7 @@ class WsSession:
             raise  # a cancellation (or KeyboardInterrupt...) as it is
         if first.get("type") != "ready":
             await self._stack.aclose()
-            raise error_for(first.get("status", 500), first)
-        task_group = await self._stack.enter_async_context(anyio.create_task_group())
-        self._stack.callback(task_group.cancel_scope.cancel)
-        task_group.start_soon(self._reader)
-        return self
+            raise error_for(first.get("status", 500), first, retry_after=first.get("retry_after"))
 
     async def _unwind(self, exc: BaseException) -> None:
         """Close what a failed or cancelled `__aenter__` opened, in the cancel-scope
@@ -252,7 +260,7 @@ class WsSession:
         try:
             await self._stack.aclose()  # cancels the reader, which then ends no stream
         finally:
-            self._end_streams(lambda _route: ConnectionFailed(self._ended or ""))
+            self._end_streams(lambda _route: ConnectionFailed(self._ended or "", retryable=False))
 
     async def _reader(self) -> None:
         try:
@@ -278,7 +286,8 @@ class WsSession:
         would get again. The reader puts them into the streams' buffers without waiting
         (they are unbounded), and every stream gets an error of its own."""
         closing = self._closing_frame
-        reason = describe(exc) if closing is None else f"{self.closed_error} ({describe(exc)})"
+        said = describe(exc) if str(exc) else f"the connection was lost ({type(exc).__name__})"
+        reason = said if closing is None else f"{self.closed_error} ({said})"
         self._ended = f"WebSocket closed: {reason}"
         limit = _frame_limit(closing)  # None unless the server closed it for a frame too large
         ended = self._ended
@@ -286,7 +295,8 @@ class WsSession:
         def error(route: _Route) -> LmgateError:
             if closing is not None and limit is not None and route.request_bytes > limit:
                 return error_for(closing.get("status", 413), closing)
-            return ConnectionFailed(ended)
+            # (its request was sent: the server may have run, and billed, it: not retryable)
+            return ConnectionFailed(ended, retryable=False)
 
         self._end_streams(error)
 

@@ -89,3 +89,60 @@ def test_run_chat_once_that_fails_exits_1_with_the_error_on_stderr(served: Serve
     assert run_chat(args, out=out) == 1
     assert "[error 404" in capsys.readouterr().err and "[error" not in out.getvalue()
 
+
+
+class _CuttingProxy:
+    """A TCP proxy to the gateway whose `cut` drops every connection open through it."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.open = port, []
+
+    async def handle(self, downstream: anyio.abc.SocketStream) -> None:
+        async with downstream, await anyio.connect_tcp("127.0.0.1", self.port) as upstream:
+            self.open.append((downstream, upstream))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, downstream, upstream)
+                tg.start_soon(self._pump, upstream, downstream)
+
+    async def _pump(self, source, sink) -> None:  # type: ignore[no-untyped-def]
+        try:
+            async for data in source:
+                await sink.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await sink.aclose()
+
+    async def cut(self) -> None:
+        for pair in self.open:
+            for stream in pair:
+                await stream.aclose()
+        self.open.clear()
+
+
+def test_chat_over_the_websocket_opens_a_new_session_after_the_connection_drops(served: Served) -> None:
+    """A server restarted under `lmgate chat --ws` failed every later turn ("WebSocket
+    closed"): the turn the drop hits fails, the next one opens a new session."""
+    out, err = io.StringIO(), io.StringIO()
+    proxy = _CuttingProxy(int(served.base_url.rsplit(":", 1)[1]))
+    said = ["hello", "dropped", "again", "/quit"]
+
+    async def read() -> str | None:
+        if said[0] == "dropped":
+            await proxy.cut()
+        return said.pop(0)
+
+    async def scenario() -> int:
+        async with anyio.create_task_group() as tg:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            tg.start_soon(listener.serve, proxy.handle)
+            url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
+            async with LmgateClient(url, served.api_key) as client:
+                failed = await chat_loop(client, read, out, params={"max_tokens": 1}, use_ws=True, err=err)
+            tg.cancel_scope.cancel()
+        return failed
+
+    assert anyio.run(scenario, backend="trio") == 1
+    assert out.getvalue().count(word(0, 0) + "\n") == 2
+    assert "[error: WebSocket closed: " in err.getvalue()
+    assert [m.content for m in served.runtime.calls[-1].messages] == ["hello", word(0, 0), "again"]

@@ -5,6 +5,8 @@ gateway of tests/gateway/conftest.py, under trio and asyncio, as in test_client.
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import httpx
 import pytest
@@ -159,7 +161,8 @@ def test_a_request_that_cannot_be_sent_is_invalid_request_at_once(served: Served
 def test_a_frame_too_large_fails_its_own_stream_and_drops_the_others(served: Served, backend: str) -> None:
     # the server answers a frame over its limit (1 MiB here) with an id-less 413 error and
     # closes the socket: only the oversized request gets the 413, the running one and
-    # any later one ConnectionFailed (retryable on a new session)
+    # any later one ConnectionFailed: the running one not retryable (it ran, and was billed,
+    # on the server), a later one retryable on a new session (never sent)
     async def scenario() -> None:
         async with LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session:
             async with session.completions_stream("HANG") as running:
@@ -171,10 +174,11 @@ def test_a_frame_too_large_fails_its_own_stream_and_drops_the_others(served: Ser
                 assert (info.value.status, info.value.code) == (413, "frame_too_large")
                 with anyio.fail_after(5), pytest.raises(ConnectionFailed) as dropped:
                     await anext(deltas)
-                assert dropped.value.retryable and "frame" in str(dropped.value)
-            with pytest.raises(ConnectionFailed):
+                assert not dropped.value.retryable and "frame" in str(dropped.value)
+            with pytest.raises(ConnectionFailed) as never_sent:
                 async with session.completions_stream("y", max_tokens=1) as later:
                     [d async for d in later]
+            assert never_sent.value.retryable
         async with (LmgateClient(served.base_url, served.api_key, model=MODEL) as client, client.ws() as session,
                     session.completions_stream("y", max_tokens=1) as again):  # a new session works
             assert "".join([d.text async for d in again]) == word(0, 0)
@@ -365,3 +369,112 @@ def test_a_frozen_server_fails_a_ws_stream_within_about_the_timeout(served: Serv
             tg.cancel_scope.cancel()
 
     run(backend, scenario)
+
+
+def _sse(*events: dict | str) -> bytes:
+    return b"".join(b"data: " + (e if isinstance(e, str) else json.dumps(e)).encode() + b"\n\n" for e in events)
+
+
+CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [
+    {"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+
+
+def _client(handler, **kwargs) -> LmgateClient:  # type: ignore[no-untyped-def]
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return LmgateClient("http://lmgate.test", "lmg-key", model=MODEL, http=http, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stream_that_ends_before_its_last_event_is_connection_failed(backend: str) -> None:
+    """A body ending cleanly without `[DONE]` (a proxy timing out upstream, a close-delimited
+    body cut) was returned as a whole answer; an event that is not JSON raised a bare
+    JSONDecodeError. Both are `ConnectionFailed`, not retryable (the request was sent)."""
+    bodies = {"/v1/chat/completions": _sse(CHUNK, CHUNK),
+              "/v1/completions": _sse("{not json"),
+              "/v1/responses": _sse({"type": "response.created", "sequence_number": 0,
+                                     "response": {"id": "resp_1", "status": "in_progress"}})}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=bodies[request.url.path], headers={"content-type": "text/event-stream"})
+
+    async def scenario() -> list[ConnectionFailed]:
+        errors, texts = [], []
+        async with _client(handler) as client:
+            for stream in (client.chat_stream([{"role": "user", "content": "x"}]), client.completions_stream("x"),
+                           client.respond_stream("x")):
+                with pytest.raises(ConnectionFailed) as info:
+                    async with stream:
+                        async for d in stream:
+                            texts.append(getattr(d, "text", None))
+                errors.append(info.value)
+        assert texts == ["Hi", "Hi", None]  # (what came was passed on, then the error)
+        return errors
+
+    cut_chat, not_json, cut_response = run(backend, scenario)
+    assert "ended before its last event (data: [DONE])" in str(cut_chat)
+    assert "not a JSON object" in str(not_json)
+    assert "response.completed" in str(cut_response)
+    assert not any(e.retryable for e in (cut_chat, not_json, cut_response))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stream_resumed_after_its_last_event_reads_the_stored_response(backend: str) -> None:
+    """The server sends nothing after a response's last event: that empty stream is no cut,
+    when the response has ended; a cut when it has not."""
+    status = ["completed"]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("stream") == "true":
+            return httpx.Response(200, content=b": ping\n\n", headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json={"id": "resp_1", "object": "response", "status": status[0], "output": []})
+
+    async def scenario() -> tuple[str | None, ConnectionFailed]:
+        async with _client(handler) as client:
+            stream = client.resume_stream("resp_1", starting_after=9)
+            async with stream:
+                assert [e async for e in stream] == []
+            status[0] = "in_progress"
+            with pytest.raises(ConnectionFailed) as info:
+                async with client.resume_stream("resp_1", starting_after=9) as cut:
+                    [e async for e in cut]
+        return (stream.response.status if stream.response else None), info.value
+
+    ended, cut = run(backend, scenario)
+    assert ended == "completed" and "ended before its last event" in str(cut)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_answer_saying_x_should_retry_false_is_not_retried(backend: str) -> None:
+    """A spent daily budget's 429 carries a Retry-After (the next UTC day) and
+    `x-should-retry: false`: the policy slept and sent it again, as OpenAI's SDKs do not."""
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(503, json={"error": {"message": "no", "type": "overloaded_error", "code": "x"}},
+                              headers={"retry-after": "0", "x-should-retry": "false"})
+
+    async def scenario() -> Overloaded:
+        async with _client(handler, retry=RetryPolicy(max_attempts=4, base_delay=0.01)) as client:
+            with pytest.raises(Overloaded) as info:
+                await client.completions("x")
+        return info.value
+
+    error = run(backend, scenario)
+    assert sent == ["/v1/completions"] and error.should_retry is False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opening_a_ws_session_is_retried_by_the_policy(backend: str) -> None:
+    async def scenario() -> tuple[ConnectionFailed, int]:
+        transport = _CountingTransport()
+        async with (httpx.AsyncClient(transport=transport) as http,
+                    LmgateClient(UNREACHABLE, "lmg-key", model=MODEL, http=http,
+                                 retry=RetryPolicy(max_attempts=3, base_delay=0.01)) as client):
+            with pytest.raises(ConnectionFailed) as info:
+                async with client.ws():
+                    pass
+        return info.value, transport.sent
+
+    error, sent = run(backend, scenario)
+    assert sent == 3 and error.retryable
