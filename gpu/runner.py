@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.step_scheduler import ScheduledSeq, StepPlan
-from gpu.attention import AttentionBackend, AttentionMetadata, get_backend
+from gpu.attention import AttentionBackend, AttentionMetadata, AttentionShape, get_backend
 from gpu.loader import Checkpoint
 from gpu.lora import LoraAdapter, LoraBatch
 from gpu.model import Linear, LlamaModel, allocate_kv_caches
@@ -115,7 +115,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
-        self.backend = backend or get_backend(device, batch_invariant=batch_invariant)
+        self.backend = backend or get_backend(device, batch_invariant=batch_invariant, shape=AttentionShape(
+            self.config.head_dim, self.config.num_heads // self.config.num_kv_heads, block_size))
         self.model = LlamaModel.from_checkpoint(ckpt, self.backend, dtype, self.device,
                                                 batch_invariant=batch_invariant)
         invariant = getattr(self.backend, "is_batch_invariant", None)

@@ -34,11 +34,14 @@ Both are tested against the same reference in `tests/gpu/`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,17 +142,39 @@ class AttentionBackend(Protocol):
         ...
 
 
-def get_backend(device: str, *, batch_invariant: bool = False) -> AttentionBackend:
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a backend must serve: the model's head size and GQA group (query heads per KV
+    head), and the KV cache's block size."""
+
+    head_dim: int
+    group: int
+    block_size: int
+
+
+def get_backend(device: str, *, batch_invariant: bool = False, shape: AttentionShape | None = None
+                ) -> AttentionBackend:
     """The fastest backend available for `device` ("cpu", "cuda", "cuda:1", ...);
-    `batch_invariant` asks the CPU backend for one prefill path whatever the chunk size."""
+    `batch_invariant` asks the CPU backend for one prefill path whatever the chunk size.
+    On CUDA, a `shape` no kernel was built for (`gpu.kernels.build`) gets the torch
+    backend, with a warning: the CUDA launchers refuse it at the first forward, which
+    started a server that failed every request."""
     if device.startswith("cuda"):
         try:
-            from gpu.attention.cuda_backend import CudaAttentionBackend, cuda_backend_available
+            from gpu.attention.cuda_backend import (
+                CudaAttentionBackend,
+                cuda_backend_available,
+                unbuilt,
+            )
         except ImportError:  # cupy not installed
             pass
         else:
             if cuda_backend_available():
-                return CudaAttentionBackend()
+                why = unbuilt(shape) if shape is not None else None
+                if why is None:
+                    return CudaAttentionBackend()
+                log.warning("the CUDA attention kernels were not built for this model: %s; serving with the "
+                            "torch attention backend", why)
     if device == "cpu":
         from gpu.attention.cpu_native import CpuNativeAttentionBackend, cpu_native_available
 

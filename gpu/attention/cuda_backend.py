@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu.attention import AttentionShape
 from gpu.kernels import build
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -131,6 +132,18 @@ def plan_attention(
     return AttentionPlan(inst, num_heads, nkv, block_tables.shape[1])
 
 
+def unbuilt(shape: AttentionShape) -> str | None:
+    """Why no kernel was built for `shape` (`gpu.kernels.build`), or None: decided when the
+    runner is made, so such a model is served by the torch backend, not refused per request."""
+    if shape.head_dim not in build.HEAD_DIMS:
+        return f"head_dim {shape.head_dim} not in {build.HEAD_DIMS}"
+    if shape.block_size not in build.BLOCK_SIZES:
+        return f"block_size {shape.block_size} not in {build.BLOCK_SIZES}"
+    if shape.group not in build.GROUPS:
+        return f"GQA group {shape.group} not in {build.GROUPS}"
+    return None
+
+
 def num_partitions(max_context_len: int) -> int:
     """Context partitions of the split-context decode (kPartitionSize positions each)."""
     return max(1, -(-max_context_len // build.PARTITION_SIZE))
@@ -165,8 +178,10 @@ def plan_write_kv(
     return nkv * hd
 
 
-def plan_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> int:
-    """Validates; returns 32-bit words per block (the same for every cache)."""
+def plan_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> tuple[int, bool]:
+    """Validates; returns 32-bit words per block (the same for every cache), and whether a
+    block is both a source and a destination (the kernel, copying every pair at once, may
+    then read a block another pair is writing)."""
     _require(len(caches) > 0, "no caches given")
     first = caches[0]
     for c in caches:
@@ -177,11 +192,17 @@ def plan_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.T
     check_index("src", src, torch.int64, 1)
     check_index("dst", dst, torch.int64, 1)
     _require(src.shape == dst.shape, f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ")
-    overlap = set(src.tolist()) & set(dst.tolist())
-    _require(not overlap, f"blocks {sorted(overlap)} are both source and destination")
+    overlap = not set(src.tolist()).isdisjoint(dst.tolist())
     block_bytes = first[0].numel() * first.element_size()
     _require(block_bytes % 4 == 0, f"block of {block_bytes} bytes is not a multiple of 4")
-    return block_bytes // 4
+    return block_bytes // 4, overlap
+
+
+def copy_gathered(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+    """`copy_blocks` through a gathered copy of the sources (torch ops, on any device): for
+    a plan in which a block is both read and written (`plan_copy_blocks`)."""
+    for cache in caches:
+        cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
 # ---------------------------------------------------------------- device side
@@ -364,9 +385,16 @@ class CudaAttentionBackend:
         return out
 
     def copy_blocks(self, caches, src, dst) -> None:
-        words = plan_copy_blocks(caches, src, dst)
+        """Every source is read before any destination is written (the contract's snapshot).
+        A block both read and written (a copy's source freed by a preemption in the same
+        step and handed out as a later copy's destination) goes through a gathered copy of
+        the sources; the kernel copies every pair at once and could read it half written."""
+        words, overlap = plan_copy_blocks(caches, src, dst)
         device = on_cuda(*caches, src, dst)
         if src.numel() == 0:
+            return
+        if overlap:
+            copy_gathered(caches, src, dst)
             return
         import numpy as np
 

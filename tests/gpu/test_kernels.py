@@ -185,6 +185,21 @@ def test_emulated_copy_blocks_every_layer(emu):
         assert torch.equal(got, want)
 
 
+def test_emulated_copy_blocks_reads_a_block_before_a_later_pair_overwrites_it(emu):
+    """A copy's source, freed by a preemption in the same step, handed out as a later
+    copy's destination: the plan ((2, 3), (1, 2)) the scheduler makes under pressure with
+    forked sequences. It was refused ("both source and destination"), which failed every
+    request in the engine on CUDA; it is copied as the torch backend does (a snapshot)."""
+    caches = [torch.randn(5, 16, 2, 64) for _ in range(3)]
+    src, dst = torch.tensor([2, 1], dtype=torch.int64), torch.tensor([3, 2], dtype=torch.int64)
+    expected = [c.clone() for c in caches]
+    reference.copy_blocks(expected, src, dst)
+    emu.copy_blocks(caches, src, dst)
+    for got, want in zip(caches, expected, strict=True):
+        assert torch.equal(got, want)
+        assert torch.equal(got[3], want[3]) and not torch.equal(got[3], got[2])  # block 2 read before written
+
+
 def test_launchers_reject_what_no_kernel_was_built_for(emu):
     paged = make_paged([4], nkv=2, hd=96)
     with pytest.raises(ValueError, match="head_dim"):
@@ -194,8 +209,6 @@ def test_launchers_reject_what_no_kernel_was_built_for(emu):
     with pytest.raises(ValueError, match="int32"):
         emu.decode(torch.randn(1, 9, 64), paged.k_cache, paged.v_cache,
                    paged.block_tables.long(), paged.context_lens, 4, 0.1)  # fmt: skip
-    with pytest.raises(ValueError, match="both source and destination"):
-        emu.copy_blocks([paged.k_cache], torch.tensor([1, 2]), torch.tensor([2, 3]))
 
 
 def test_cuda_backend_rejects_host_tensors_before_launching():
@@ -280,3 +293,21 @@ def test_ninja_is_found_in_the_interpreters_bin_without_it_on_path(tmp_path, mon
     ninja.unlink()
     monkeypatch.setenv("PATH", str(empty))
     assert not build.ninja_on_path()
+
+
+def test_a_model_shape_no_kernel_was_built_for_is_served_by_the_torch_backend(monkeypatch, caplog):
+    """`--block-size 32`, head size 96 or 16 query heads per KV head started a CUDA server
+    whose every request failed (the launchers refuse the shape at the first forward): the
+    runner's backend is chosen for the shape, falling back to torch's, which serves any."""
+    from gpu.attention import AttentionShape, get_backend
+    from gpu.attention import cuda_backend as cb
+    from gpu.attention.torch_backend import TorchAttentionBackend
+
+    monkeypatch.setattr(cb, "cuda_backend_available", lambda: True)  # (as on a machine with a GPU)
+    assert isinstance(get_backend("cuda", shape=AttentionShape(64, 3, 16)), cb.CudaAttentionBackend)
+    for shape, why in ((AttentionShape(96, 1, 16), "head_dim 96"), (AttentionShape(128, 16, 16), "GQA group 16"),
+                       (AttentionShape(64, 3, 32), "block_size 32")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpu.attention"):
+            assert isinstance(get_backend("cuda", shape=shape), TorchAttentionBackend)
+        assert why in caplog.text and "torch attention backend" in caplog.text

@@ -136,8 +136,11 @@ class EmulatedCudaBackend:
         return out
 
     def copy_blocks(self, caches, src, dst) -> None:
-        words = cb.plan_copy_blocks(caches, src, dst)
+        words, overlap = cb.plan_copy_blocks(caches, src, dst)
         if src.numel() == 0:
+            return
+        if overlap:  # (as the CUDA launcher: the kernel copies every pair at once)
+            cb.copy_gathered(caches, src, dst)
             return
         ptrs = torch.tensor([_ptr(c) for c in caches], dtype=torch.int64)
         status = self._lib.emu_copy_blocks(
