@@ -192,6 +192,8 @@ def plan_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.T
     check_index("src", src, torch.int64, 1)
     check_index("dst", dst, torch.int64, 1)
     _require(src.shape == dst.shape, f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ")
+    ids = src.tolist() + dst.tolist()  # (read to the host here anyway: the overlap check)
+    _require(all(0 <= b < first.shape[0] for b in ids), f"a block id is out of range of {first.shape[0]} blocks")
     overlap = not set(src.tolist()).isdisjoint(dst.tolist())
     block_bytes = first[0].numel() * first.element_size()
     _require(block_bytes % 4 == 0, f"block of {block_bytes} bytes is not a multiple of 4")
@@ -429,7 +431,12 @@ class CudaAttentionBackend:
         cuda_side = src_cache if src_cache.is_cuda else dst_cache
         _require(cuda_side.is_cuda, "swap_blocks needs one cache on a CUDA device")
         stream = torch.cuda.current_stream(cuda_side.device)
-        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+        pairs = list(zip(src.tolist(), dst.tolist(), strict=True))
+        # (raw pointers: a block id out of range would write past the cache, host memory too)
+        bad = [(s, d) for s, d in pairs if not (0 <= s < src_cache.shape[0] and 0 <= d < dst_cache.shape[0])]
+        _require(not bad, f"block pair {bad[:1]} out of range of caches of {src_cache.shape[0]} and "
+                 f"{dst_cache.shape[0]} blocks")
+        for s, d in pairs:
             cp.cuda.runtime.memcpyAsync(
                 dst_cache.data_ptr() + d * block_bytes,
                 src_cache.data_ptr() + s * block_bytes,

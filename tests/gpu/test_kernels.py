@@ -200,6 +200,17 @@ def test_emulated_copy_blocks_reads_a_block_before_a_later_pair_overwrites_it(em
         assert torch.equal(got[3], want[3]) and not torch.equal(got[3], got[2])  # block 2 read before written
 
 
+def test_a_copy_of_a_block_out_of_range_is_refused_before_any_launch(emu):
+    """The kernel reads and writes by raw pointer: an id past the cache would copy from, or
+    over, whatever memory follows it (torch's index_copy_ raises)."""
+    caches = [torch.randn(4, 16, 2, 64)]
+    kept = caches[0].clone()
+    for src, dst in (([0], [4]), ([-1], [1]), ([7], [0])):
+        with pytest.raises(ValueError, match="out of range"):
+            emu.copy_blocks(caches, torch.tensor(src), torch.tensor(dst))
+    assert torch.equal(caches[0], kept)
+
+
 def test_launchers_reject_what_no_kernel_was_built_for(emu):
     paged = make_paged([4], nkv=2, hd=96)
     with pytest.raises(ValueError, match="head_dim"):
