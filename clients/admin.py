@@ -1,7 +1,8 @@
 """Async client of the admin API (/admin/..., admin key as Bearer). Replies are the
 gateway's JSON objects (dicts); errors are the typed `clients.errors` classes, as for
 `LmgateClient` (a closed client: `ConnectionFailed`; a failed POST or PATCH is retried
-only if it cannot have reached the server). Ids are sent as one path segment each
+only if it cannot have reached the server, and a change answered 503 not at all: the
+server says `x-should-retry: false`, as its outcome is unknown; read it back). Ids are sent as one path segment each
 ("?", "%" or ".." stay part of the id; an empty id, or one holding "/", is
 `InvalidRequest`), so no id reaches another tenant, key or route."""
 

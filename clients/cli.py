@@ -113,6 +113,7 @@ async def chat_loop(
                 history.pop()
                 if ws is not None and isinstance(error, ConnectionFailed):
                     await ws.drop()  # (the socket is gone, or never came: the next turn opens one)
+                # (an error that closed the socket, a 413 frame_too_large, a shutdown: `get` sees it)
                 continue
             history.append({"role": "assistant", "content": text})
 
@@ -128,8 +129,9 @@ async def chat_loop(
 
 
 class _Session:
-    """The WebSocket session of a chat, opened at the first turn and again at the turn after
-    one whose connection failed (a server restarted: every later turn failed, before)."""
+    """The WebSocket session of a chat, opened at the first turn and again at a turn that
+    finds it closed or after one whose connection failed (a server restarted: every later
+    turn failed, before)."""
 
     def __init__(self, client: LmgateClient) -> None:
         self.client = client
@@ -137,6 +139,8 @@ class _Session:
         self._session: Any = None
 
     async def get(self) -> Any:
+        if self._session is not None and self._session.closed:  # (dropped while the user typed)
+            await self.drop()
         if self._session is None:
             stack = AsyncExitStack()
             self._session = await stack.enter_async_context(self.client.ws())

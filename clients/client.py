@@ -569,7 +569,25 @@ class ResponseStream(TokenStream):
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         return _nothing() if self._closed else self._events()
 
+    def _failed(self, response: dict[str, Any]) -> LmgateError:
+        """The error of a failed response (`FAILED_STATUS`)."""
+        error = response.get("error") or {}
+        status = FAILED_STATUS.get(error.get("code"), 500)
+        failed = error_for(status, {"error": {"message": error.get("message", "the response failed"),
+                                              "code": error.get("code")}},
+                           retry_after=1.0 if status == 503 else None)
+        if self._resumed_ended is not None:  # (resuming it again reads the same end: create anew)
+            failed.should_retry = False
+        return failed
+
+    def _ended_with(self, response: dict[str, Any]) -> None:
+        self.response = Response(response)
+        if response.get("usage"):
+            u = response["usage"]
+            self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"], u.get("input_tokens_details"))
+
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        read = False  # an event passed on
         try:
             response = await self._ensure_open()
             async for line in response.aiter_lines():
@@ -586,26 +604,20 @@ class ResponseStream(TokenStream):
                                                        "code": event.get("code"), "param": event.get("param")}},
                                     retry_after=1.0 if status == 503 else None)
                 if event.get("type") == "response.failed":
-                    error = event["response"].get("error") or {}
-                    status = FAILED_STATUS.get(error.get("code"), 500)
-                    failed = error_for(status, {"error": {"message": error.get("message", "the response failed"),
-                                                          "code": error.get("code")}},
-                                       retry_after=1.0 if status == 503 else None)
-                    if self._resumed_ended is not None:  # (resuming it again reads the same end: create anew)
-                        failed.should_retry = False
-                    raise failed
+                    raise self._failed(event["response"])
+                read = True
                 yield event
                 if event.get("type") in ("response.completed", "response.incomplete", "response.cancelled"):
-                    self.response = Response(event["response"])
-                    if event["response"].get("usage"):
-                        u = event["response"]["usage"]
-                        self.usage = Usage(u["input_tokens"], u["output_tokens"], u["total_tokens"],
-                                           u.get("input_tokens_details"))
+                    self._ended_with(event["response"])
                     return
-            ended = await self._resumed_ended() if self._resumed_ended is not None else None
+            # (resumed at or after its last event, the server sends nothing: the response
+            # is read instead; a stream cut after some of its events is a cut, ended or not)
+            ended = await self._resumed_ended() if self._resumed_ended is not None and not read else None
             if ended is None:
                 raise ended_early("response.completed, .incomplete, .cancelled or .failed")
-            self.response = ended  # (resumed after its last event: nothing more to read)
+            if ended.status == "failed":
+                raise self._failed(ended.raw)
+            self._ended_with(ended.raw)
         except httpx.RequestError as exc:
             raise request_error(exc, "stream broken", idempotent=False) from exc
         finally:

@@ -206,6 +206,12 @@ class WsSession:
         self._ended: str | None = None  # why the socket is gone: new streams fail with ConnectionFailed saying so
 
     @property
+    def closed(self) -> bool:
+        """The socket is gone (dropped, or closed by the server or by leaving the session):
+        a stream started now fails; open a new session."""
+        return self._ended is not None
+
+    @property
     def url(self) -> str:
         """ws:// (wss://) for the client's http:// (https://) base URL; InvalidRequest for
         any other (as a plain request on that client would be)."""
@@ -280,8 +286,8 @@ class WsSession:
             self._drop(exc)
 
     def _drop(self, exc: BaseException) -> None:
-        """The socket is gone (`exc`): end every open stream with `ConnectionFailed`,
-        retryable on a new session, except those whose request frame was over the limit
+        """The socket is gone (`exc`): end every open stream with `ConnectionFailed`, not
+        retryable (its request was sent: it may have run), except those whose request frame was over the limit
         the server closed the socket for: those get its 413 `BadRequest`, which a retry
         would get again. The reader puts them into the streams' buffers without waiting
         (they are unbounded), and every stream gets an error of its own."""

@@ -120,6 +120,7 @@ class ApiError(Exception):
         retry_after: float | None = None,
         type: str | None = None,  # noqa: A002 - OpenAI's field name
         admission_saw: bool = False,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -131,6 +132,8 @@ class ApiError(Exception):
         self.type = type or ("insufficient_quota" if code == "insufficient_quota" else error_type(status))
         # admission refused the request (and counted it) or ran it (its failure is no refusal)
         self.admission_saw = admission_saw
+        # False: `x-should-retry: false` whatever the status (a change whose outcome is unknown)
+        self.should_retry = should_retry
 
     @property
     def refused_before_admission(self) -> bool:
@@ -158,11 +161,12 @@ class ApiError(Exception):
     def headers(self) -> dict[str, str]:
         """`Retry-After`; and `x-should-retry: false` (which the OpenAI SDKs obey before their
         default of retrying every 429) on a 429 that retrying soon cannot help: a spent daily
-        budget, a request larger than a limit."""
+        budget, a request larger than a limit; and on any answer made with `should_retry=False`."""
         out = {}
         if self.retry_after is not None:
             out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
-        if self.status == 429 and (self.retry_after is None or self.code == "insufficient_quota"):
+        if self.should_retry is False or (
+                self.status == 429 and (self.retry_after is None or self.code == "insufficient_quota")):
             out["x-should-retry"] = "false"
         return out
 

@@ -224,8 +224,11 @@ def store_errors(fn: F) -> F:
                 raise ApiError(503, "tenant store unavailable", code="store_unavailable", retry_after=1) from exc
             # (a Redis that stalled runs the commands it was sent once it wakes: a create then
             # exists, and its retry is a 409; a key issued so is listed, its plaintext never shown)
+            # (x-should-retry: false: a client retrying it blindly could issue two keys, or be told
+            # 409 for a tenant its first try created)
             raise ApiError(503, "tenant store unavailable: this change may or may not have been made; read it "
-                           "back before retrying", code="store_unavailable", retry_after=1) from exc
+                           "back before retrying", code="store_unavailable", retry_after=1,
+                           should_retry=False) from exc
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from exc
 

@@ -1563,6 +1563,7 @@ class SseBody:
         self.abandon()
 
     async def _generate(self) -> AsyncIterator[bytes]:
+        ended = False  # a Finished or a failure came
         async with aclosing(events_of(self.handle, self.idle_after)) as events:
             async for event in events:
                 if event is IDLE:
@@ -1581,8 +1582,13 @@ class SseBody:
                 elif isinstance(event, Finished):
                     for chunk in self.renderer.finished(event):
                         yield sse.event(chunk)
+                    ended = True
                 else:
                     yield sse.event(failed_error(event).event_body())
+                    ended = True
+        if not ended:  # (as `collect`: `[DONE]` alone would pass a cut answer for a whole one)
+            yield sse.event(ApiError(500, "the runtime closed the stream without finishing",
+                                     code="internal_error").event_body())
         yield sse.DONE
 
 

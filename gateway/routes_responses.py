@@ -40,7 +40,7 @@ from actors.messages import Failed, Finished, TenantContext, TokenDelta
 from cache.response_store import ResponseStore, StoredResponse, owner_of
 from cache.store import CacheUnavailable
 from gateway import sse
-from gateway.errors import ApiError, decode_json, invalid_request, param_of
+from gateway.errors import ApiError, code_of, decode_json, invalid_request, param_of
 from gateway.responses_live import (
     EVENTS_KEEP_S,
     FINAL_WRITE_S,
@@ -430,7 +430,7 @@ def chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatRequ
         return msgspec.convert({k: v for k, v in body.items() if v is not None}, type=ChatRequest)
     except msgspec.ValidationError as exc:
         with own_params():
-            raise ApiError(400, invalid_request(exc), code="invalid_value", param=param_of(exc)) from exc
+            raise ApiError(400, invalid_request(exc), code=code_of(exc), param=param_of(exc)) from exc
 
 
 def count_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> TokenizeRequest:

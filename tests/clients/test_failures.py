@@ -23,7 +23,7 @@ from clients import (
     RetryPolicy,
     TimedOut,
 )
-from clients.client import request_error
+from clients.client import ResponseStream, request_error
 from tests.clients.conftest import MODEL, Served
 from tests.clients.test_client import BACKENDS, HELLO, run
 from tests.gateway.conftest import word
@@ -419,28 +419,44 @@ def test_a_stream_that_ends_before_its_last_event_is_connection_failed(backend: 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stream_resumed_after_its_last_event_reads_the_stored_response(backend: str) -> None:
-    """The server sends nothing after a response's last event: that empty stream is no cut,
-    when the response has ended; a cut when it has not."""
-    status = ["completed"]
+    """The server sends nothing after a response's last event: that empty stream is no cut
+    when the response has ended (a failed one raises as its `response.failed` would); a
+    cut when it has not, or when events came and then the body ended (ended meanwhile or
+    not, what was between them was lost)."""
+    state = {"status": "completed", "events": b": ping\n\n"}
+    delta = {"type": "response.output_text.delta", "sequence_number": 10, "delta": "Hel"}
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.params.get("stream") == "true":
-            return httpx.Response(200, content=b": ping\n\n", headers={"content-type": "text/event-stream"})
-        return httpx.Response(200, json={"id": "resp_1", "object": "response", "status": status[0], "output": []})
+            return httpx.Response(200, content=state["events"], headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json={"id": "resp_1", "object": "response", "status": state["status"],
+                                         "output": [], "error": {"code": "shutting_down", "message": "stopped"},
+                                         "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}})
 
-    async def scenario() -> tuple[str | None, ConnectionFailed]:
+    async def resumed(client: LmgateClient) -> ResponseStream:
+        stream = client.resume_stream("resp_1", starting_after=9)
+        async with stream:
+            [e async for e in stream]
+        return stream
+
+    async def scenario() -> dict[str, object]:
+        got: dict[str, object] = {}
         async with _client(handler) as client:
-            stream = client.resume_stream("resp_1", starting_after=9)
-            async with stream:
-                assert [e async for e in stream] == []
-            status[0] = "in_progress"
-            with pytest.raises(ConnectionFailed) as info:
-                async with client.resume_stream("resp_1", starting_after=9) as cut:
-                    [e async for e in cut]
-        return (stream.response.status if stream.response else None), info.value
+            ended = await resumed(client)
+            got["ended"] = (ended.response.status if ended.response else None, ended.usage)
+            for status, events, name in (("in_progress", b": ping\n\n", "running"),
+                                         ("completed", _sse(delta), "cut"), ("failed", b": ping\n\n", "failed")):
+                state.update(status=status, events=events)
+                with pytest.raises(LmgateError) as info:
+                    await resumed(client)
+                got[name] = info.value
+        return got
 
-    ended, cut = run(backend, scenario)
-    assert ended == "completed" and "ended before its last event" in str(cut)
+    got = run(backend, scenario)
+    assert got["ended"][0] == "completed" and got["ended"][1].total_tokens == 3
+    assert isinstance(got["running"], ConnectionFailed) and isinstance(got["cut"], ConnectionFailed)
+    assert "ended before its last event" in str(got["cut"])
+    assert isinstance(got["failed"], Overloaded) and got["failed"].should_retry is False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

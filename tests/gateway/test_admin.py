@@ -406,6 +406,7 @@ async def test_a_change_redis_refuses_is_a_503_saying_it_may_have_been_made(gate
     message says to read back before retrying (a stalled Redis carries it out on waking)."""
     redis = gateway.stores.redis.client
     [policy] = (await redis.config_get(["maxmemory-policy"])).values()
+    [maxmemory] = (await redis.config_get(["maxmemory"])).values()
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
         await redis.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
         try:
@@ -416,8 +417,9 @@ async def test_a_change_redis_refuses_is_a_503_saying_it_may_have_been_made(gate
                 assert r.status_code == 503 and r.headers["retry-after"] == "1", (method, path, r.text)
                 assert r.json()["error"]["code"] == "store_unavailable"
                 assert "may or may not have been made" in r.json()["error"]["message"]
+                assert r.headers["x-should-retry"] == "false"  # (AdminClient's RetryPolicy obeys it)
             r = await client.get("/admin/tenants/t1")  # reads are served
             assert r.status_code == 200 and r.json()["name"] != "renamed"
         finally:
-            await redis.config_set({"maxmemory": "0", "maxmemory-policy": policy})
+            await redis.config_set({"maxmemory": maxmemory, "maxmemory-policy": policy})
         assert (await client.post("/admin/tenants", json={"id": "oom", "name": "o"})).status_code == 201

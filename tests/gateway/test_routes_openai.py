@@ -637,6 +637,18 @@ async def test_failed_after_accept_in_json_and_stream(gateway: Gateway) -> None:
     assert payloads[-1] == "[DONE]"
 
 
+async def test_a_stream_the_runtime_closes_without_its_end_says_so_before_done(gateway: Gateway) -> None:
+    """`[DONE]` alone after a stream closed without its Finished passed a cut answer for a
+    whole one (the JSON answer was a 500): an internal_error event comes first."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "CUT", "stream": True})
+        whole = await client.post("/v1/completions", json={"model": MODEL, "prompt": "CUT"})
+    payloads = parse_events(r.text)
+    assert json.loads(payloads[0])["choices"][0]["text"] == word(0, 0)
+    assert json.loads(payloads[-2])["error"]["code"] == "internal_error" and payloads[-1] == "[DONE]"
+    assert whole.status_code == 500 and whole.json()["error"]["code"] == "internal_error"
+
+
 async def test_models(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.base_url, headers=gateway.headers) as client:
         r = await client.get("/v1/models")
