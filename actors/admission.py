@@ -412,12 +412,14 @@ class Admission:
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long (said first:
             raise _Refuse(400, "context_length_exceeded", context_message(  # a smaller max_tokens cannot help)
                 cap_kv, prompt_over(cap_kv, n_prompt, read_as, max_tokens), read_as, held_by), read_as)
+        # (the smaller limit is named: a KV cache holding fewer tokens than the window said the
+        # window's 8192 to a request over both, and a client retrying under it got a second 400)
+        if cap_kv and cap_kv < self.config.max_model_len and n_prompt + max_tokens > cap_kv:
+            raise _Refuse(400, "context_length_exceeded", context_message(
+                cap_kv, requested, f"{read_as} or completion", held_by), call.max_tokens_param)
         if n_prompt + max_tokens > self.config.max_model_len:
             raise _Refuse(400, "context_length_exceeded", context_message(
                 self.config.max_model_len, requested, f"{read_as} or completion"), call.max_tokens_param)
-        if cap_kv and n_prompt + max_tokens > cap_kv:
-            raise _Refuse(400, "context_length_exceeded", context_message(
-                cap_kv, requested, f"{read_as} or completion", held_by), call.max_tokens_param)
         try:  # the request's own fields were checked; what is filled in here may clash with them
             return msgspec.structs.replace(p, max_tokens=max_tokens)
         except SamplingParamsError as e:

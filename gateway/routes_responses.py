@@ -477,18 +477,27 @@ def clean_cuts(items: list[dict[str, Any]]) -> list[int]:
     return cuts[::-1]
 
 
-def truncated(items: list[dict[str, Any]], tokens: Callable[[list[dict[str, Any]]], int], limit: int) -> int:
+def truncated(items: list[dict[str, Any]], tokens: Callable[[list[dict[str, Any]]], int], limit: int,
+              window_limit: int | None = None) -> int:
     """Truncation "auto": how many items to drop from the start of the conversation so
     that what is left reads at most `limit` tokens — the fewest that do, at a clean cut
     (`clean_cuts`), found by bisection (`tokens` renders the whole prompt: the instructions
-    and tools stay, only items go). 0 when it fits; when even the last call and its output
-    (or the last item) alone do not fit, none are dropped: the request is then refused as
-    too long, as without truncation, never run on an empty conversation."""
-    if tokens(items) <= limit:
+    and tools stay, only items go). 0 when it fits. When even the last call and its output
+    (or the last item) alone do not fit `limit`: with `window_limit` (the most a prompt may
+    read: the answer's room was a default, not asked for), a conversation over it is cut
+    there, at the last clean cut, which leaves the answer less room (a long history made
+    a request that runs alone a 400, before); else none are dropped: the request is then
+    refused as too long, as without truncation, never run on an empty conversation."""
+    whole = tokens(items)
+    if whole <= limit:
         return 0
     cuts = clean_cuts(items)
-    if not cuts or tokens(items[cuts[-1]:]) > limit:
+    if not cuts:
         return 0
+    last = tokens(items[cuts[-1]:])
+    if last > limit:
+        fits_only_cut = window_limit is not None and whole > window_limit and last <= window_limit
+        return cuts[-1] if fits_only_cut else 0
     lo, hi = 0, len(cuts) - 1  # cuts[hi] fits, cuts[lo - 1] does not
     while lo < hi:
         mid = (lo + hi) // 2
@@ -1007,12 +1016,15 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
         tokenizer = getattr(state.runtime, "tokenizer", None)
         if req.truncation == "auto" and tokenizer is not None:
             conversation = [*context, *items]
-            limit = state.runtime.max_model_len - output_room(req, tenant, state.runtime.max_model_len)
+            window = state.runtime.max_model_len
+            limit = window - output_room(req, tenant, window)
+            # (a default room for the answer gives way to the newest items: at least 1 token)
+            window_limit = window - 1 if req.max_output_tokens is None else None
             # rendering and tokenizing the conversation a few times takes up to a second for a
             # long one: on a worker thread (one at a time), not on the event loop
             drop = await trio.to_thread.run_sync(
                 truncated, conversation, lambda kept: len(tokenize(tokenizer, count_request(req, kept))), limit,
-                limiter=truncation_limiter)
+                window_limit, limiter=truncation_limiter)
             if drop:
                 kept = conversation[drop:]
                 log.info("truncation auto: dropped the first %d of %d items", len(conversation) - len(kept),

@@ -349,6 +349,11 @@ async def test_bad_requests_are_4xx(runtime):
     rej = await runtime.submit(call(tenant(Quota()), prompt="Hi", max_tokens=window))
     assert isinstance(rej, Rejected) and (rej.code, rej.param) == ("context_length_exceeded", "max_tokens")
     assert f"However, you requested {window + 1} tokens (1 in the prompt, {window} in the completion" in rej.message
+    # over both the window and the (smaller) KV cache: the limit named is the one that applies
+    # (the window's, named before, sent a client retrying under it to a second 400)
+    held = runtime.engine.num_blocks * runtime.engine.config.cache.block_size
+    assert rej.message.startswith(f"This model's maximum context length is {held} tokens"), rej.message
+    assert "KV cache holds" in rej.message
     # far too long: told from a prefix, off the event loop (a megabyte of digits took two seconds of it)
     for far in (call(t, prompt="1" * 900_000), call(t, messages=[ChatMessage("user", "1" * 900_000)])):
         rej = await runtime.submit(far)

@@ -990,7 +990,7 @@ async def test_refusals_before_admission_are_counted_as_rejections(gateway: Gate
             await ws.send_json({"type": "request", "id": "b", "endpoint": "nope", "body": {}})  # refused by the reader
             assert (await ws.receive_json())["error"]["code"] == "invalid_frame"
     assert gateway.runtime.rejections == [("t1", 404, "model_not_found"), ("t1", 400, "invalid_json"),
-                                          ("t1", 400, "invalid_value"), ("t1", 400, "invalid_value"),
+                                          ("t1", 400, "invalid_value"), ("t1", 400, "missing_required_parameter"),
                                           ("t1", 413, "request_too_large"), ("t1", 404, "model_not_found"),
                                           ("t1", 400, "invalid_frame")]
 

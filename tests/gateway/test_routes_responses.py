@@ -193,6 +193,12 @@ def test_truncation_drops_the_fewest_items_from_the_start_never_parting_a_call_f
     assert truncated(items, tokens, 37) == 3  # dropping the call takes its output too
     assert truncated(items, tokens, 17) == 4  # the last item alone
     assert truncated(items, tokens, 16) == 0  # nothing fits: nothing dropped (then refused as too long)
+    # the answer's room a default (no max_output_tokens): the newest item alone when that
+    # fits the window (a long history made a request that runs alone a 400); a conversation
+    # that fits the window whole keeps every item; one whose last item does not fit, none
+    assert truncated(items, tokens, 10, window_limit=40) == 4
+    assert truncated(items, tokens, 10, window_limit=57) == 0
+    assert truncated(items, tokens, 10, window_limit=16) == 0
 
 
 def test_truncation_keeps_a_last_tool_output_with_its_call_or_drops_nothing() -> None:
