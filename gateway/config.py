@@ -71,6 +71,7 @@ class GatewayConfig:
     kv_cache_mb: int = 1536  # gpu.config.CacheConfig's default (why: its docstring)
     max_num_seqs: int = 128
     max_batched_tokens: int = 512
+    long_prefill_token_threshold: int = 0  # a prompt's chunk per step at most (0: the whole budget)
     max_model_len: int = 8192
     prefix_caching: bool = True
     kv_huge_pages: bool = True  # back the KV cache with 2 MiB pages (Linux CPUs; gpu.model.advise_huge_pages)
@@ -132,6 +133,8 @@ class GatewayConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
         check_device(self.device)
@@ -442,6 +445,10 @@ _HELP = {
     "kv_cache_mb": "KV cache budget in MiB (on the CPU: less than the RAM)",
     "max_num_seqs": "running-requests cap of the engine",
     "max_batched_tokens": "token budget of one engine step (prefill chunks + decodes)",
+    "long_prefill_token_threshold": "most tokens of one prompt prefilled in a step (vLLM's; 0 = the whole step "
+                                    "budget): smaller lets requests arriving during a long prompt's prefill start "
+                                    "sooner, and keeps the gaps between running streams' tokens short, at some cost "
+                                    "to the long prompt's time to first token",
     "max_model_len": "prompt + output tokens per request",
     "prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "kv_huge_pages": "back the KV cache with 2 MiB transparent huge pages on a Linux CPU (measured 1.07x "
@@ -683,6 +690,7 @@ def runtime_config(config: GatewayConfig):
             max_num_batched_tokens=config.max_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
         ),
     )
     return RuntimeConfig(

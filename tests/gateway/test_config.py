@@ -162,6 +162,19 @@ def test_engine_defaults_and_the_huge_pages_switch_reach_the_engine_config() -> 
     assert not runtime_config(off).engine.cache.huge_pages
 
 
+def test_the_long_prefill_threshold_reaches_the_scheduler_and_is_never_negative() -> None:
+    from gateway.config import ConfigError, config_from_args, runtime_config
+
+    def threshold(flags: list[str], env: dict[str, str]) -> int:
+        return runtime_config(config_from_args(parse(flags), env=env)).engine.scheduler.long_prefill_token_threshold
+
+    assert threshold([], {}) == 0  # (the whole step budget, as vLLM's default)
+    assert threshold(["--long-prefill-token-threshold", "128"], {}) == 128
+    assert threshold([], {"LMGATE_LONG_PREFILL_TOKEN_THRESHOLD": "64"}) == 64
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold must be >= 0"):
+        threshold(["--long-prefill-token-threshold", "-1"], {})
+
+
 @pytest.mark.parametrize(("flags", "env", "expected"), [
     ([], {}, False),
     (["--batch-invariant"], {}, True),
