@@ -149,7 +149,7 @@ def _start_engine(engine_config):
     if engine_config.quantization == "int8":  # said before the model loads (as `serve` does), not after
         from gpu.quantization import int8_unavailable_reason
 
-        if (why := int8_unavailable_reason()) is not None:
+        if (why := int8_unavailable_reason(engine_config.num_threads)) is not None:
             raise _Exit(1, f"int8 quantization is not available: {why}")
     try:
         return Engine(engine_config)
@@ -304,7 +304,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"file": args.file, "perplexity": res.perplexity, "mean_logprob": res.mean_logprob,
                           "tokens": len(ids), "tokens_scored": res.tokens_scored, "windows": res.windows,
-                          "window": window, "stride": stride, "dtype": str(engine.dtype).removeprefix("torch.")}))
+                          "window": window, "stride": stride, "dtype": str(engine.dtype).removeprefix("torch."),
+                          "quantization": engine.config.quantization}))
     else:
         print(f"perplexity {res.perplexity:.4f} over {res.tokens_scored} tokens "
               f"({res.windows} windows of {window}, stride {stride})")
@@ -454,7 +455,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gpu.loader import checkpoint_kind, resolve_source
     from gpu.quantization import int8_unavailable_reason
 
-    if config.quantization == "int8" and (why := int8_unavailable_reason()) is not None:
+    if config.quantization == "int8" and (why := int8_unavailable_reason(config.threads)) is not None:
         print(f"lmgate serve: int8 quantization is not available: {why}", file=sys.stderr)
         return 1
     try:

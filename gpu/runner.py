@@ -131,8 +131,9 @@ class ModelRunner:
         if quantization == "int8":
             t0 = time.perf_counter()
             self.model.quantize_int8_(self.input_absmax(calibration))
+            room = num_blocks * block_size  # (`input_absmax` reads each prompt up to what the cache holds)
             log.info("int8 projections: calibrated on %d prompts (%d tokens) and quantized in %.2f s",
-                     len(calibration), sum(map(len, calibration)), time.perf_counter() - t0)
+                     len(calibration), sum(min(len(p), room) for p in calibration), time.perf_counter() - t0)
 
     @torch.inference_mode()
     def input_absmax(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:

@@ -301,7 +301,7 @@ def test_int8_on_a_cpu_without_a_usable_int8_kernel_is_refused_in_one_line(
     import gpu.engine
     import gpu.quantization
 
-    monkeypatch.setattr(gpu.quantization, "int8_unavailable_reason", lambda: "no int8 here")
+    monkeypatch.setattr(gpu.quantization, "int8_unavailable_reason", lambda threads=0: "no int8 here")
     monkeypatch.setattr(gpu.engine, "Engine", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
     flags = quick(tmp_path) if command == "serve" else ["--kv-cache-mb", "16", "hi"]
     assert main([command, "--quantization", "int8", *flags]) == 1

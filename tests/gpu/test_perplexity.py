@@ -79,6 +79,7 @@ def test_perplexity_matches_transformers(ckpt, tokenizer, reference, tmp_path):
     report = json.loads(out.getvalue())
     assert report["perplexity"] == pytest.approx(want, rel=1e-4)
     assert (report["tokens"], report["windows"]) == (len(ids), len(windows(len(ids), 32, 16)))
+    assert (report["dtype"], report["quantization"]) == ("float32", "none")  # (tells saved runs apart)
 
 
 def test_perplexity_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
