@@ -371,9 +371,11 @@ class Admission:
             raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
         read_as = "messages" if call.messages is not None else "prompt"
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
+            cap_kv, held_by = self._kv_room(p)  # (a smaller KV cache's limit is the one to name: see below)
+            limit, held = (cap_kv, held_by) if cap_kv and cap_kv < self.config.max_model_len else (
+                self.config.max_model_len, None)
             raise _Refuse(400, "context_length_exceeded", context_message(
-                self.config.max_model_len, prompt_over(self.config.max_model_len, n_prompt, read_as, p.max_tokens),
-                read_as), read_as)
+                limit, prompt_over(limit, n_prompt, read_as, p.max_tokens), read_as, held), read_as)
         outside = [t for t in p.stop_token_ids if t >= self.config.vocab_size]
         if outside:
             raise _Refuse(400, "invalid_value", f"stop_token_ids: token id {outside[0]} is not in the vocabulary "

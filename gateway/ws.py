@@ -279,8 +279,11 @@ class Session:
                         "cached": event.cached,
                     }
                 )
+                return
             elif isinstance(event, Failed):
                 raise failed_error(event)
+        # (as `collect` and the SSE body: no frame at all left the client's stream waiting)
+        raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
 
 
 async def _authenticate_first_frame(session: Session) -> None:

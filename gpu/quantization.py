@@ -137,18 +137,20 @@ MAX_SLOWDOWN = 10.0
 PROBE_ROUNDS = 3
 
 
-@functools.cache
 def int8_unavailable_reason(threads: int = 0) -> str | None:
     """None when oneDNN's int8 linear runs here correctly and at JIT speed, else why not.
 
     Checked once per process on a small weight, so that a CPU oneDNN has no fast or no
     correct int8 kernel for is refused at start, not found out on the first request. Both
-    have been seen: with its instruction set capped to AVX2 (no VNNI) oneDNN's s8 × s8
-    product came out wrong (max error 1.8 where int8 rounding gives ~0.05), and capped to
-    AVX-512 it ran a reference loop ~100x slower than float32 (there the timing takes a
-    few seconds: the product timed is 64 x 1024 x 1024). `threads` (> 0): timed with that
-    many torch threads, as the engine will run (`--threads`), not torch's default."""
-    if threads > 0:
+    have been seen: on a CPU without VNNI (oneDNN's instruction set capped to AVX2 or to
+    AVX-512 without VNNI) its u8 × s8 product comes out wrong (int16 saturation in
+    vpmaddubsw: max error ~9 where int8 rounding gives ~0.1), and signed (s8) activations
+    ran a reference loop ~1000x slower than float32 on every CPU without AMX (there the
+    timing takes seconds: the product timed is 64 x 1024 x 1024). `threads` (> 0): timed with that
+    many torch threads, as the engine will run (`--threads`), not torch's default. Probed
+    once per process: the engine's own weights ask again, and a second probe was a second
+    chance for a busy machine to refuse what the first passed."""
+    if threads > 0 and _probe_int8.cache_info().currsize == 0:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -158,6 +160,7 @@ def int8_unavailable_reason(threads: int = 0) -> str | None:
     return _probe_int8()
 
 
+@functools.cache
 def _probe_int8() -> str | None:
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return "this torch build has no oneDNN int8 linear"

@@ -342,16 +342,18 @@ async def test_bad_requests_are_4xx(runtime):
     assert isinstance(rej, Rejected) and (rej.status, rej.param) == (404, "model")
     rej = await runtime.submit(call(t, prompt="word " * 3000))
     assert isinstance(rej, Rejected) and rej.status == 400 and rej.code == "context_length_exceeded"
-    # in OpenAI's and vLLM's words, which clients match (litellm's ContextWindowExceededError)
+    # in OpenAI's and vLLM's words, which clients match (litellm's ContextWindowExceededError);
+    # over both the window and the (smaller) KV cache, the limit named is the one that applies
+    # (the window's, named before, sent a client retrying under it to a second 400)
     window = runtime.engine.max_model_len  # (the model's; this KV cache holds fewer)
-    assert rej.message.startswith(f"This model's maximum context length is {window} tokens. However, your prompt "
+    held = runtime.engine.num_blocks * runtime.engine.config.cache.block_size
+    assert held < window
+    assert rej.message.startswith(f"This model's maximum context length is {held} tokens. However, your prompt "
                                   "resulted in"), rej.message
+    assert "KV cache holds" in rej.message
     rej = await runtime.submit(call(tenant(Quota()), prompt="Hi", max_tokens=window))
     assert isinstance(rej, Rejected) and (rej.code, rej.param) == ("context_length_exceeded", "max_tokens")
     assert f"However, you requested {window + 1} tokens (1 in the prompt, {window} in the completion" in rej.message
-    # over both the window and the (smaller) KV cache: the limit named is the one that applies
-    # (the window's, named before, sent a client retrying under it to a second 400)
-    held = runtime.engine.num_blocks * runtime.engine.config.cache.block_size
     assert rej.message.startswith(f"This model's maximum context length is {held} tokens"), rej.message
     assert "KV cache holds" in rej.message
     # far too long: told from a prefix, off the event loop (a megabyte of digits took two seconds of it)

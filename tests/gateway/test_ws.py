@@ -466,3 +466,17 @@ def test_retry_after_in_error_frames_is_to_the_millisecond() -> None:
     exc = ApiError(429, "slow down", code="rate_limit_exceeded", retry_after=43.07073613900002)
     assert ws_module.error_frame("r", exc)["retry_after"] == 43.071
     assert exc.event_body()["retry_after"] == 43.071  # as SSE's error event carries it
+
+
+async def test_a_stream_the_runtime_closes_without_its_end_gets_an_error_frame(gateway: Gateway) -> None:
+    """No `done` and no error frame left the client's stream waiting until the socket
+    closed (the SSE body and the JSON answer said internal_error)."""
+    async with httpx.AsyncClient() as client, aconnect_ws(gateway.ws_url, client, headers=gateway.headers) as ws:
+        assert (await ws.receive_json())["type"] == "ready"
+        await ws.send_json(request_frame("cut", "CUT", endpoint="completions", max_tokens=4))
+        frames = await frames_until_done(ws, {"cut"})
+        await ws.send_json(request_frame("after", endpoint="completions", max_tokens=1))  # the socket goes on
+        after = await frames_until_done(ws, {"after"})
+    assert [f["type"] for f in frames["cut"]] == ["token", "error"]
+    assert (frames["cut"][-1]["status"], frames["cut"][-1]["error"]["code"]) == (500, "internal_error")
+    assert after["after"][-1]["type"] == "done"

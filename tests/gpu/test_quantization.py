@@ -228,7 +228,7 @@ def test_an_int8_kernel_that_is_wrong_or_slow_is_refused(monkeypatch):
     a reference loop (both seen with oneDNN's instruction set capped), with the reason."""
     from gpu import quantization
 
-    probe = quantization.int8_unavailable_reason.__wrapped__
+    probe = quantization._probe_int8.__wrapped__
     if probe() is not None:
         pytest.skip(f"int8 unavailable here: {probe()}")
     real = quantization.Int8Weight.linear
