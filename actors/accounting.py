@@ -149,12 +149,19 @@ class Accounting:
         return None
 
     async def handle(self, c: Completed | UsageRecord) -> None:
+        """One request's accounting. An error here is logged and ends this request's
+        accounting only: raised, it failed the actor's nursery, which cancelled every other
+        request's settle (those waiting out a Redis outage lost their usage)."""
         self.pending += 1
         try:
             if isinstance(c, UsageRecord):
                 await self._record(c)
             else:
                 await self._handle(c)
+        except Exception:
+            st = c if isinstance(c, UsageRecord) else c.state
+            log.exception("accounting of request %s failed", st.request_id)
+            st.settled.set()  # (what waits for its settle, a WebSocket's `cancelled`, goes on)
         finally:
             self.pending -= 1
 
