@@ -532,6 +532,25 @@ class Admission:
         if retry is not None:
             self._block_rpm(tenant, retry)
 
+    async def _release_orphan(self, who: Any, request_id: str) -> None:
+        """Release the reservation a refused request's reserve may have made though its reply
+        was lost (a Redis that timed out runs the script when it wakes): with quotas failing
+        closed, it held the tenant's `max_concurrent` slot, tokens and RPM entry for the
+        reservation's minute, though nothing ran. Tried for that minute; a release that
+        lands first marks the id settled, so a late reserve then reserves nothing."""
+        delay = 0.5
+        with trio.move_on_after(self.quotas.reservation_ttl_s):
+            while True:
+                await trio.sleep(delay)
+                try:
+                    await self.quotas.release(who, request_id)
+                    return
+                except CacheUnavailable:
+                    delay = min(delay * 2, 10.0)
+                except Exception:  # (a system task must not raise: it would end the run)
+                    log.exception("releasing the reservation of refused request %s failed", request_id)
+                    return
+
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
                             max_new_tokens: int, sequences: int = 1) -> QuotaHold:
         """Reserve `prompt_tokens + max_new_tokens × sequences` against the tenant's quota (atomically,
@@ -542,14 +561,18 @@ class Admission:
         if self.quotas is None or tenant.quota is None:
             return QuotaHold(None, False, None)
         who = tenant.as_tenant()
+        sent = False
         try:
             if not self.quotas.store.reachable():  # (failed to answer within the last second)
                 raise CacheUnavailable("Redis was unreachable a moment ago: skipped")
+            sent = True
             res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences)
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
                 return QuotaHold(who, False, None)
+            if sent:  # (its reply lost, the reservation may have been made: it would hold a slot for a minute)
+                trio.lowlevel.spawn_system_task(self._release_orphan, who, request_id)
             raise _Refuse(503, "quota_unavailable", "quota service unavailable", retry_after=1.0) from e
         except DuplicateRequest as e:
             raise _Refuse(400, "invalid_value", str(e), "request_id") from e

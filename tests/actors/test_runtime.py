@@ -35,7 +35,7 @@ from actors.policies import PolicyConfig
 from actors.queue_policy import QueueConfig
 from actors.runtime import Runtime, RuntimeConfig, open_runtime
 from cache.prompt_cache import PromptCache
-from cache.quotas import Quota, QuotaManager
+from cache.quotas import Admitted, Quota, QuotaManager
 from cache.response_cache import ResponseCache, scope_for
 from cache.store import CacheUnavailable
 from cache.tenants import Tenant
@@ -1325,4 +1325,35 @@ async def test_a_redis_that_just_failed_to_answer_is_not_asked_for_the_reservati
     monkeypatch.setattr(quotas.store, "unreachable_at", time.time())  # as a timeout leaves it
     acc = await runtime.submit(call(tenant(Quota(requests_per_minute=10), id="skip"), prompt="Hi", max_tokens=2))
     assert isinstance(acc, Accepted) and not asked
+    await collect(acc)
+
+
+async def test_a_reserve_whose_reply_is_lost_is_released_when_quotas_fail_closed(nursery, ckpt, tokenizer, services,
+                                                                                  monkeypatch):
+    """A reserve that timed out may still have run (a Redis that stalls runs it on waking):
+    refused with a 503 (quotas failing closed), its reservation held the tenant's only
+    `max_concurrent` slot for a minute though nothing ran. It is released in the background."""
+    quotas = services["quotas"]
+    rt = Runtime(RuntimeConfig(quota_fail_open=False), make_engine(ckpt, tokenizer), **services)
+    await nursery.start(rt.run)
+    real = quotas.reserve
+    lost = []
+
+    async def reserved_but_reply_lost(*args, **kwargs):
+        result = await real(*args, **kwargs)
+        if not lost:
+            lost.append(result)
+            raise CacheUnavailable("the reply timed out")
+        return result
+
+    monkeypatch.setattr(quotas, "reserve", reserved_but_reply_lost)
+    t = tenant(Quota(max_concurrent=1), id="lost")
+    refused = await rt.submit(call(t, prompt="Hi", max_tokens=2))
+    assert isinstance(refused, Rejected) and (refused.status, refused.code) == (503, "quota_unavailable")
+    assert isinstance(lost[0], Admitted) and await quotas.running("lost") == 1  # (made, though refused)
+    with trio.fail_after(5):
+        while await quotas.running("lost"):
+            await trio.sleep(0.1)
+    acc = await rt.submit(call(t, prompt="Hi", max_tokens=2))
+    assert isinstance(acc, Accepted), acc
     await collect(acc)
