@@ -26,6 +26,7 @@ accounted (the runtime's shutdown waits for it to reach 0).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -166,7 +167,7 @@ class Accounting:
             self.pending -= 1
 
     async def _settle(self, tenant: Any, request_id: str, *, reserved: bool, ran: bool, prompt_tokens: int,
-                      completion_tokens: int, model: str, settled: trio.Event) -> None:
+                      completion_tokens: int, model: str, settled: trio.Event, refund_rpm: bool = False) -> None:
         """Settle a request's quota with its real usage if it ran (also a fail-open request,
         which holds no reservation: its usage is owed all the same), else release its
         reservation; `settled` is set when done.
@@ -182,8 +183,8 @@ class Accounting:
                     ok = await self._patiently("settle", self.quotas.settle, tenant, request_id,
                                                prompt_tokens, completion_tokens, model, on_failure=settled.set)
                 else:
-                    ok = await self._patiently("release", self.quotas.release, tenant, request_id,
-                                               on_failure=settled.set)
+                    ok = await self._patiently("release", functools.partial(self.quotas.release, refund_rpm=refund_rpm),
+                                               tenant, request_id, on_failure=settled.set)
                 if ok is not None:
                     self.settled += 1
         finally:
@@ -243,7 +244,7 @@ class Accounting:
             self._feed_back(st)
         await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
                            prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-                           model=st.adapter or self.model_name, settled=st.settled)
+                           model=st.adapter or self.model_name, settled=st.settled, refund_rpm=st.refunded)
         if c.outcome != "ok" or not ran:
             return
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:

@@ -543,7 +543,7 @@ class Admission:
             while True:
                 await trio.sleep(delay)
                 try:
-                    await self.quotas.release(who, request_id)
+                    await self.quotas.release(who, request_id, refund_rpm=True)
                     return
                 except CacheUnavailable:
                     delay = min(delay * 2, 10.0)

@@ -423,13 +423,14 @@ redis.call('EXPIRE', usage_key, usage_ttl)
 return 1
 """
 
-# ARGV: base, rid -> 1 released a live reservation, 0 nothing to release
+# ARGV: base, rid, refund_rpm ("1": the request is not counted against the minute's
+# requests either) -> 1 released a live reservation, 0 nothing to release
 _RELEASE = _GIVES_BACK + _PRELUDE + """
 if not redis.call('SET', base .. 'done:' .. rid, '1', 'NX', 'EX', __DONE_TTL_S__) then
   return 0
 end
 redis.call('ZREM', base .. 'conc', rid)
-redis.call('ZREM', base .. 'rpm', rid)
+if ARGV[3] == '1' then redis.call('ZREM', base .. 'rpm', rid) end
 local res_key = base .. 'res:' .. rid
 local res = redis.call('HMGET', res_key, 'tokens', 'win', 'day')
 if not res[1] then return 0 end
@@ -663,11 +664,15 @@ class QuotaManager:
         with self.store.guard():
             return bool(await self._settle(args=args))
 
-    async def release(self, tenant: Tenant, request_id: str) -> bool:
-        """Undo a reservation for a request that never ran (refund tokens and its RPM
-        entry, free the slot). True if a live reservation was released."""
+    async def release(self, tenant: Tenant, request_id: str, *, refund_rpm: bool = False) -> bool:
+        """Undo a reservation for a request that never ran (refund its tokens, free the
+        slot). True if a live reservation was released. Its `requests_per_minute` entry
+        stays unless `refund_rpm`: a request the client cancelled while it waited still
+        counts (released, it could be sent and cancelled at any rate, each one tokenized:
+        what counting refused requests stops); one the server refused for its own reasons
+        (a batch refused after it, a reserve whose reply was lost) does not."""
         with self.store.guard():
-            return bool(await self._release(args=[self._base(tenant.id), request_id]))
+            return bool(await self._release(args=[self._base(tenant.id), request_id, "1" if refund_rpm else "0"]))
 
     async def extend(self, tenant: Tenant, request_ids: list[str], *, ttl_s: float | None = None,
                      progress: dict[str, Progress] | None = None) -> int:

@@ -278,12 +278,17 @@ async def test_release_refunds_a_request_that_never_ran(store: RedisStore, quota
     tenant = make_tenant(Quota(requests_per_minute=1, tokens_per_minute=100, max_concurrent=1))
     assert isinstance(await quotas.reserve(tenant, "a", 50, 50), Admitted)
     assert isinstance(await quotas.reserve(tenant, "b", 50, 50), Denied)
-    assert await quotas.release(tenant, "a")
+    assert await quotas.release(tenant, "a", refund_rpm=True)  # (refused by the server: not counted)
     assert not await quotas.release(tenant, "a")
     assert not await quotas.settle(tenant, "a", 50, 50, "m")  # released: settle is a no-op
     assert isinstance(await quotas.reserve(tenant, "b", 50, 50), Admitted)
     today = utc_today()
     assert await quotas.get_usage("acme", today, today) == []
+    # cancelled by its client while it waited: tokens and slot back, but it counts against the
+    # minute's requests (released, a key could send and cancel requests at any rate)
+    assert await quotas.release(tenant, "b")
+    denied = await quotas.reserve(tenant, "c", 1, 1)
+    assert isinstance(denied, Denied) and denied.limit == "requests_per_minute"
 
 
 async def test_reservation_expires_after_ttl(quotas: QuotaManager):
