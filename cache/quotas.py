@@ -54,13 +54,14 @@ charged, "<prompt> <completion>", for 2 days: a late settle charges the rest),
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from cache.store import RedisStore
+from cache.store import CacheUnavailable, RedisStore
 
 if TYPE_CHECKING:
     from cache.tenants import Tenant
@@ -726,13 +727,25 @@ class QuotaManager:
         with self.store.guard():
             return int(await self._running(args=[self._base(tenant_id), ""]))
 
+    async def charge_lapsed(self, tenant_id: str) -> None:
+        """Charge and record what the tenant's lapsed reservations (their replica died, or
+        lost Redis for over their minute) last reported, as its next request or any
+        replica's extension does: a tenant that sends nothing more had its dead replica's
+        usage out of its rows, lost once the reservations' records expired (two days)."""
+        with self.store.guard():
+            await self._extend(args=[self._base(tenant_id), 1, self.usage_ttl_days * _DAY_S])
+
     async def get_usage(
         self, tenant_id: str, day_from: dt.date, day_to: dt.date
     ) -> list[UsageRow]:
-        """Usage per UTC day and model, days inclusive, sorted by (day, model).
-        One round trip (a pipeline of HGETALLs)."""
+        """Usage per UTC day and model, days inclusive, sorted by (day, model); what the
+        tenant's lapsed reservations last reported is charged and recorded first
+        (`charge_lapsed`), so a dead replica's usage is in the rows without waiting for the
+        tenant's next request. Two round trips (a script, a pipeline of HGETALLs)."""
         if day_to < day_from:
             raise ValueError(f"day_to {day_to} is before day_from {day_from}")
+        with contextlib.suppress(CacheUnavailable):  # (a replica refusing writes still answers the read)
+            await self.charge_lapsed(tenant_id)
         days = [day_from + dt.timedelta(days=i) for i in range((day_to - day_from).days + 1)]
         base = self._base(tenant_id)
         with self.store.guard():

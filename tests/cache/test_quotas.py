@@ -374,6 +374,20 @@ async def test_a_lapsed_reservation_is_charged_what_its_replica_last_reported(qu
         await quotas.extend(tenant, ["next"], progress={"next": Progress(1, -1, "m")})
 
 
+async def test_a_dead_replicas_usage_is_in_the_rows_without_the_tenants_next_request(quotas: QuotaManager):
+    """Lapses were charged only from the tenant's next reserve or extension: one that sent
+    nothing more lacked its dead replica's usage in the rows (the billing export), and lost
+    it once the reservations' records expired. Reading usage charges them first."""
+    tenant = make_tenant(Quota(daily_token_budget=1000))
+    assert isinstance(await quotas.reserve(tenant, "killed", 10, 300, ttl_s=0.3), Admitted)
+    assert await quotas.extend(tenant, ["killed"], ttl_s=0.3, progress={"killed": Progress(10, 120, "m")}) == 1
+    await trio.sleep(0.5)  # its replica is gone: nobody extends it, and the tenant sends nothing
+    today = utc_today()
+    assert {(r.model, r.requests, r.prompt_tokens, r.completion_tokens)
+            for r in await quotas.get_usage("acme", today, today)} == {("m", 1, 10, 120)}
+    assert [r.requests for r in await quotas.get_usage("acme", today, today)] == [1]  # (charged once)
+
+
 async def test_a_live_replicas_extend_settles_a_dead_ones_lapses(quotas: QuotaManager, store: RedisStore):
     """Lapses are settled by the tenant's next extend as well as its next reserve: a tenant
     whose only other traffic is a long request on a live replica has the dead replica's
