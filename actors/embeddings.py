@@ -386,6 +386,10 @@ class EmbeddingService:
         self.compute = compute
         self.compute_lock = compute_lock
         self.in_flight = 0
+        # request id -> quota tenant of the reservations held while embedding: the runtime
+        # extends them with the engine's (`Runtime._keep_reservations`), or a request
+        # computing past the reservation's minute lost its `max_concurrent` slot
+        self.holding: dict[str, Any] = {}
         # one embedding batch at a time waits for the compute thread: its queue is first in,
         # first out, and with a batch of every request in it an engine step waited behind
         # all of them (64 requests: 1.3 s a token instead of 0.05). Taken in turn (a
@@ -470,6 +474,8 @@ class EmbeddingService:
             embedded = 0
             with trio.CancelScope() as ending:
                 self._ending.add(ending)
+                if hold.reserved and hold.tenant is not None:
+                    self.holding[call.request_id] = hold.tenant
                 try:
                     for batch in plan_batches([len(one) for one in ids], token_budget=self.config.batch_tokens):
                         # a compute call runs to its end whatever happens (`actors.compute`), and
@@ -489,6 +495,7 @@ class EmbeddingService:
                                     "the embedding model failed on this request")
                 finally:
                     self._ending.discard(ending)
+                    self.holding.pop(call.request_id, None)
                     self.accounting.send_nowait(record)  # sized for it: never blocks (`Runtime`)
                     self.metrics.prompt_tokens.labels(tenant).inc(record.prompt_tokens)
                     self.metrics.embedding_inputs.labels(tenant).inc(embedded)

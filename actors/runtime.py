@@ -520,6 +520,11 @@ class Runtime:
         live = [job.payload for job in self.queue.policy] + list(self.stepper.active.values()) + self.stepper.parked
         return [st for st in live if st.reserved and st.quota_tenant is not None and not st.cancelled]
 
+    def _embedding_holds(self) -> dict[str, Any]:
+        """Request id -> quota tenant of the embedding, score and rerank requests holding a
+        reservation while they compute."""
+        return dict(self.embeddings.holding) if self.embeddings is not None else {}
+
     async def _keep_reservations(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Every third of the quota reservations' TTL, extend those of the requests still
         waiting or running (`cache.quotas.QuotaManager.extend`): a request may outlive the
@@ -545,6 +550,8 @@ class Runtime:
                 if st.request_id in self.stepper.active:
                     progress[st.request_id] = Progress(st.prompt_tokens, st.completion_tokens,
                                                        st.adapter or self.model_name)
+            for rid, tenant in self._embedding_holds().items():  # (billed whole when they end: no progress)
+                by_tenant.setdefault(tenant.id, (tenant, [], {}))[1].append(rid)
             for tenant, rids, progress in by_tenant.values():
                 try:
                     live = await self.quotas.extend(tenant, rids, progress=progress)
@@ -552,7 +559,7 @@ class Runtime:
                     self.metrics.redis_errors.labels("extend").inc()
                     continue
                 # (not those that ended meanwhile: settled, they are no longer live)
-                holding = {st.request_id for st in self._holding_reservations()}
+                holding = {st.request_id for st in self._holding_reservations()} | set(self._embedding_holds())
                 lapsed = sum(rid in holding for rid in rids) - live
                 if lapsed > 0:
                     log.warning("%d of tenant %r's %d quota reservations had lapsed (this server was cut off "

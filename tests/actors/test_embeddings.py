@@ -385,3 +385,39 @@ async def test_embedding_requests_beyond_the_cap_are_refused_with_a_retry(nurser
         busy = await rt.embed(embed_call(t, ["x"]))
         assert isinstance(busy, Rejected) and busy.status == 503 and busy.retry_after == 1.0
     assert isinstance(await rt.embed(embed_call(t, ["x"])), Embedded)
+
+
+@slow
+async def test_an_embedding_computing_past_the_reservation_ttl_keeps_its_slot(nursery, ckpt, tokenizer, services,
+                                                                              monkeypatch):
+    """Embedding reservations were never extended: one computing past the minute lost its
+    `max_concurrent` slot (a second request got in) and its tokens went back."""
+    from cache.quotas import QuotaManager
+
+    quotas = QuotaManager(services["store"], reservation_ttl_s=0.6)  # extended every 0.2 s
+    rt = Runtime(RuntimeConfig(embeddings=EmbeddingConfig()), make_engine(ckpt, tokenizer),
+                 **{**services, "quotas": quotas})
+    await nursery.start(rt.run)
+    slow_encode = rt.embeddings._encode
+
+    def encode(rows):  # (a long batch: on the compute thread)
+        import time
+
+        time.sleep(1.5)
+        return slow_encode(rows)
+
+    monkeypatch.setattr(rt.embeddings, "_encode", encode)
+    t = tenant(Quota(max_concurrent=1))
+    got: list[object] = []
+
+    async def embed() -> None:
+        got.append(await rt.embed(embed_call(t, ["a long batch"])))
+
+    nursery.start_soon(embed)
+    await wait_until(lambda: rt.embeddings.holding != {})
+    await trio.sleep(1.0)  # over the TTL: extended meanwhile
+    assert await quotas.running("acme") == 1
+    await wait_until(lambda: bool(got))
+    assert not isinstance(got[0], Rejected) and rt.embeddings.holding == {}
+    await wait_until(lambda: rt.accounting.settled >= 1)
+    assert await quotas.running("acme") == 0
