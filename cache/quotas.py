@@ -41,15 +41,16 @@ Windows (per tenant):
   max_new_tokens above it is denied for good (callers that prefer clamping clamp
   before reserving).
 
-Keys (all under ``{prefix}q:{<tenant>}:``, the braces are a cluster hash tag so a
-tenant's keys share a slot): ``rpm``, ``conc``, ``tpm:<window_ms>``,
+Keys (all under ``{prefix}q:{<tenant>}:``; the braces would keep a tenant's keys in one
+slot of a Redis Cluster, but the scripts name their keys in ARGV, not KEYS, and the
+client is a single-node one: a cluster is not supported): ``rpm``, ``conc``, ``tpm:<window_ms>``,
 ``day:<epoch_day>``, ``res:<rid>`` (reservation hash: the tokens held, their window
 and day; live while its ``conc`` slot is, given back when the slot lapses), ``done:<rid>``
 (settled/released marker, `DONE_TTL_S`: 2 hours), ``reset:<rid>`` (a reservation
 `reset_limits` removed, as long; 2 days for one that had lapsed, as its ``lapsed:``), ``lapsed:<rid>`` (what a lapsed reservation was
 charged, "<prompt> <completion>", for 2 days: a late settle charges the rest),
 ``usage:<epoch_day>`` (hash
-``"<model>\\n<field>"`` -> int).
+``"<model>\\n<field>"`` -> int; kept 400 days after its day's last write, `usage_ttl_days`).
 """
 
 from __future__ import annotations
