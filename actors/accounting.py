@@ -193,7 +193,8 @@ class Accounting:
     async def _record(self, r: UsageRecord) -> None:
         self.metrics.requests.labels(r.tenant_id, r.outcome).inc()
         await self._settle(r.quota_tenant, r.request_id, reserved=r.reserved, ran=r.ran,
-                           prompt_tokens=r.prompt_tokens, completion_tokens=0, model=r.model, settled=r.settled)
+                           prompt_tokens=r.prompt_tokens, completion_tokens=0, model=r.model, settled=r.settled,
+                           refund_rpm=True)  # (released before its first batch: not its client's doing alone)
 
     def _observe(self, c: Completed, ran: bool) -> None:
         """The request's metrics: counted when it ends, not once its quota is settled (a
@@ -244,7 +245,8 @@ class Accounting:
             self._feed_back(st)
         await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
                            prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-                           model=st.adapter or self.model_name, settled=st.settled, refund_rpm=st.refunded)
+                           model=st.adapter or self.model_name, settled=st.settled,
+                           refund_rpm=st.refunded or not st.client_cancelled)
         if c.outcome != "ok" or not ran:
             return
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:

@@ -539,7 +539,7 @@ class Admission:
         reservation's minute, though nothing ran. Tried for that minute; a release that
         lands first marks the id settled, so a late reserve then reserves nothing."""
         delay = 0.5
-        with trio.move_on_after(self.quotas.reservation_ttl_s):
+        with trio.move_on_after(getattr(self.quotas, "reservation_ttl_s", 60.0)):
             while True:
                 await trio.sleep(delay)
                 try:
@@ -571,7 +571,10 @@ class Admission:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
                 return QuotaHold(who, False, None)
-            if sent:  # (its reply lost, the reservation may have been made: it would hold a slot for a minute)
+            # (its reply lost, the reservation may have been made: it would hold a slot for a
+            # minute. Not after a refusal, a definite answer: the script never ran, and a
+            # release would write to a Redis out of memory for every refused request)
+            if sent and self.quotas.store.unreachable_at is not None:
                 trio.lowlevel.spawn_system_task(self._release_orphan, who, request_id)
             raise _Refuse(503, "quota_unavailable", "quota service unavailable", retry_after=1.0) from e
         except DuplicateRequest as e:
@@ -750,6 +753,7 @@ class Admission:
 
         def cancel() -> None:
             st.cancelled = True
+            st.client_cancelled = True
             (recv if recv is not None else send).close()
             if self.on_cancel is not None:
                 self.on_cancel()

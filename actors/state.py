@@ -49,6 +49,9 @@ class RequestState:
     length_features: Any = None  # actors.predictor.RequestFeatures behind `prediction` (learned from)
     cancelled: bool = False
     refunded: bool = False  # the caller never got the answer (a batch refused after it): release, not settle
+    # cancelled by its caller (`Accepted.cancel`: a client gone, a cancel frame), not ended by
+    # the server: released before it ran, it still counts against `requests_per_minute`
+    client_cancelled: bool = False
     settled: trio.Event = field(default_factory=trio.Event)  # accounting has settled/released its quota
     arrival: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0

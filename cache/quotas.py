@@ -745,8 +745,9 @@ class QuotaManager:
         tenant's next request. Two round trips (a script, a pipeline of HGETALLs)."""
         if day_to < day_from:
             raise ValueError(f"day_to {day_to} is before day_from {day_from}")
-        with contextlib.suppress(CacheUnavailable):  # (a replica refusing writes still answers the read)
-            await self.charge_lapsed(tenant_id)
+        if self.store.reachable():  # (else the read alone waits out the timeouts, not both)
+            with contextlib.suppress(CacheUnavailable):  # (a replica refusing writes still answers the read)
+                await self.charge_lapsed(tenant_id)
         days = [day_from + dt.timedelta(days=i) for i in range((day_to - day_from).days + 1)]
         base = self._base(tenant_id)
         with self.store.guard():

@@ -1343,7 +1343,8 @@ async def test_a_reserve_whose_reply_is_lost_is_released_when_quotas_fail_closed
         result = await real(*args, **kwargs)
         if not lost:
             lost.append(result)
-            raise CacheUnavailable("the reply timed out")
+            with quotas.store.guard():  # (as a reply that timed out: Redis marked unreachable)
+                raise TimeoutError("the reply timed out")
         return result
 
     monkeypatch.setattr(quotas, "reserve", reserved_but_reply_lost)
@@ -1357,3 +1358,16 @@ async def test_a_reserve_whose_reply_is_lost_is_released_when_quotas_fail_closed
     acc = await rt.submit(call(t, prompt="Hi", max_tokens=2))
     assert isinstance(acc, Accepted), acc
     await collect(acc)
+    # a refusal (out of memory) is a definite answer: the reserve never ran, nothing to release
+    # (a release per refused request wrote a key into the full Redis)
+    store = services["store"]
+    [policy] = (await store.client.config_get(["maxmemory-policy"])).values()
+    await store.client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+    try:
+        oom = call(t, prompt="Hi", max_tokens=2)
+        refused = await rt.submit(oom)
+        assert isinstance(refused, Rejected) and refused.status == 503
+        await trio.sleep(1.0)
+        assert not await store.client.exists([store.key("q", "{lost}", "done:" + oom.request_id)])
+    finally:
+        await store.client.config_set({"maxmemory": "0", "maxmemory-policy": policy})
