@@ -104,6 +104,9 @@ class ScheduledSeq:
     # k = `prompt_logprobs`) the runner computes
     logprob_targets: tuple[int, ...] = ()
     prompt_logprobs: int = 0
+    # feeds the token sampled last (not a prompt's, nor a preempted request's recompute, even
+    # as a chunk of one token: `--long-prefill-token-threshold 1`, a prefix hit short of one)
+    decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -427,6 +430,7 @@ class _StepBuilder:
                 block_table=tuple(bm.block_table(req.request_id)),
                 sample=end == req.num_tokens,
                 adapter=req.adapter,
+                decode=end - start == 1 and end == req.num_tokens and bool(req.output_token_ids),
                 **_prompt_logprob_fields(req, start, end),
             )
             for req, start, end in self.chunks

@@ -99,6 +99,8 @@ class SchedulerConfig:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0: the whole step budget)")
 
 
 # a name a client may send as `model` for a LoRA adapter (also a folder name under --lora-dir)

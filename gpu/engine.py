@@ -543,7 +543,7 @@ class Engine:
         c["steps"] += 1
         self.last_step_tokens = plan.num_tokens
         c["preemptions"] += len(plan.preempted)
-        decodes = sum(1 for s in plan.seqs if len(s.token_ids) == 1)
+        decodes = sum(1 for s in plan.seqs if s.decode)  # (a one-token prompt chunk is prefill)
         c["decode_tokens_fed"] += decodes
         c["prefill_tokens_fed"] += plan.num_tokens - decodes
         for s in plan.seqs:

@@ -109,6 +109,17 @@ def test_long_prefill_threshold_caps_chunks():
     assert [chunk_lens(eng.step())["a"] for _ in range(3)] == [5, 5, 2]
 
 
+def test_a_one_token_prompt_chunk_is_no_decode():
+    """`ScheduledSeq.decode` (what the engine counts as decode tokens in
+    lmgate_step_tokens_total): a chunk feeding the token sampled last, not a prompt chunk of
+    one token (with a threshold of 1 every prompt token was counted as a decode)."""
+    sched = make_scheduler(max_num_batched_tokens=32, long_prefill_token_threshold=1)
+    sched.add(request("a", 3, max_tokens=3))
+    eng = ShadowEngine(sched)
+    kinds = [[s.decode for s in eng.step().seqs] for _ in range(4)]
+    assert kinds == [[False], [False], [False], [True]]  # three prompt tokens, then the first decode
+
+
 def test_decodes_run_alongside_prefill_and_come_first():
     sched = make_scheduler(max_num_batched_tokens=10)
     eng = ShadowEngine(sched)
