@@ -85,19 +85,25 @@ class _CountingTransport(httpx.AsyncHTTPTransport):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_connect_failure_is_retried_and_says_what_failed(backend: str) -> None:
-    # a POST that could not connect never reached the server: resending it is safe
-    async def scenario() -> tuple[ConnectionFailed, int]:
+    # a POST that could not connect never reached the server: resending it is safe; so is
+    # opening a WebSocket session (it ignored the policy)
+    async def scenario() -> tuple[ConnectionFailed, int, ConnectionFailed, int]:
         transport = _CountingTransport()
         async with (httpx.AsyncClient(transport=transport) as http,
                     LmgateClient(UNREACHABLE, "lmg-key", model=MODEL, http=http,
                                  retry=RetryPolicy(max_attempts=3, base_delay=0.01)) as client):
             with pytest.raises(ConnectionFailed) as info:
                 await client.completions("x")
-        return info.value, transport.sent
+            sent = transport.sent
+            with pytest.raises(ConnectionFailed) as ws_info:
+                async with client.ws():
+                    pass
+        return info.value, sent, ws_info.value, transport.sent - sent
 
-    error, sent = run(backend, scenario)
+    error, sent, ws_error, ws_sent = run(backend, scenario)
     assert sent == 3 and error.retryable and not isinstance(error, TimedOut)
     assert str(error).startswith("POST /v1/completions: ConnectError")
+    assert ws_sent == 3 and ws_error.retryable
 
 
 @pytest.mark.parametrize(("exc", "method", "kind", "retryable"), [
@@ -478,19 +484,3 @@ def test_an_answer_saying_x_should_retry_false_is_not_retried(backend: str) -> N
 
     error = run(backend, scenario)
     assert sent == ["/v1/completions"] and error.should_retry is False
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opening_a_ws_session_is_retried_by_the_policy(backend: str) -> None:
-    async def scenario() -> tuple[ConnectionFailed, int]:
-        transport = _CountingTransport()
-        async with (httpx.AsyncClient(transport=transport) as http,
-                    LmgateClient(UNREACHABLE, "lmg-key", model=MODEL, http=http,
-                                 retry=RetryPolicy(max_attempts=3, base_delay=0.01)) as client):
-            with pytest.raises(ConnectionFailed) as info:
-                async with client.ws():
-                    pass
-        return info.value, transport.sent
-
-    error, sent = run(backend, scenario)
-    assert sent == 3 and error.retryable
