@@ -371,9 +371,7 @@ class Admission:
             raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
         read_as = "messages" if call.messages is not None else "prompt"
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
-            cap_kv, held_by = self._kv_room(p)  # (a smaller KV cache's limit is the one to name: see below)
-            limit, held = (cap_kv, held_by) if cap_kv and cap_kv < self.config.max_model_len else (
-                self.config.max_model_len, None)
+            limit, held = self._context_limit(p)
             raise _Refuse(400, "context_length_exceeded", context_message(
                 limit, prompt_over(limit, n_prompt, read_as, p.max_tokens), read_as, held), read_as)
         outside = [t for t in p.stop_token_ids if t >= self.config.vocab_size]
@@ -414,14 +412,10 @@ class Admission:
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long (said first:
             raise _Refuse(400, "context_length_exceeded", context_message(  # a smaller max_tokens cannot help)
                 cap_kv, prompt_over(cap_kv, n_prompt, read_as, max_tokens), read_as, held_by), read_as)
-        # (the smaller limit is named: a KV cache holding fewer tokens than the window said the
-        # window's 8192 to a request over both, and a client retrying under it got a second 400)
-        if cap_kv and cap_kv < self.config.max_model_len and n_prompt + max_tokens > cap_kv:
+        limit, held = self._context_limit(p)
+        if n_prompt + max_tokens > limit:
             raise _Refuse(400, "context_length_exceeded", context_message(
-                cap_kv, requested, f"{read_as} or completion", held_by), call.max_tokens_param)
-        if n_prompt + max_tokens > self.config.max_model_len:
-            raise _Refuse(400, "context_length_exceeded", context_message(
-                self.config.max_model_len, requested, f"{read_as} or completion"), call.max_tokens_param)
+                limit, requested, f"{read_as} or completion", held), call.max_tokens_param)
         try:  # the request's own fields were checked; what is filled in here may clash with them
             return msgspec.structs.replace(p, max_tokens=max_tokens)
         except SamplingParamsError as e:
@@ -450,6 +444,16 @@ class Admission:
         except GuidedDecodingError as e:
             raise _Refuse(400, "invalid_value", f"{field}: {e}", field) from None
         return grammar
+
+    def _context_limit(self, p: SamplingParams) -> tuple[int, str | None]:
+        """The tokens one sequence of this request may reach, as a refusal names them: the
+        window, or what the KV cache holds for it when that is fewer (with for whom). The
+        smaller is the one that applies: naming the window's 8192 to a request over both
+        sent a client retrying under it to a second 400."""
+        cap_kv, held_by = self._kv_room(p)
+        if cap_kv and cap_kv < self.config.max_model_len:
+            return cap_kv, held_by
+        return self.config.max_model_len, None
 
     def _kv_room(self, p: SamplingParams) -> tuple[int, str]:
         """Tokens one sequence of this request may fill in the KV cache (0 = unchecked), and

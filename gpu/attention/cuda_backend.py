@@ -118,12 +118,8 @@ def plan_attention(
     inst = build.AttentionInstance(
         DTYPE_NAMES[k_cache.dtype], head_dim, block_size, num_heads // nkv
     )
-    _require(inst.head_dim in build.HEAD_DIMS, f"head_dim {head_dim} not in {build.HEAD_DIMS}")
-    _require(
-        inst.block_size in build.BLOCK_SIZES,
-        f"block_size {block_size} not in {build.BLOCK_SIZES}",
-    )
-    _require(inst.group in build.GROUPS, f"GQA group {inst.group} not in {build.GROUPS}")
+    why = unbuilt(AttentionShape(inst.head_dim, inst.group, inst.block_size))
+    _require(why is None, why or "")
     _require(
         max_context_len <= block_tables.shape[1] * block_size,
         f"max_context_len {max_context_len} exceeds the block tables' "
@@ -192,9 +188,10 @@ def plan_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.T
     check_index("src", src, torch.int64, 1)
     check_index("dst", dst, torch.int64, 1)
     _require(src.shape == dst.shape, f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ")
-    ids = src.tolist() + dst.tolist()  # (read to the host here anyway: the overlap check)
-    _require(all(0 <= b < first.shape[0] for b in ids), f"a block id is out of range of {first.shape[0]} blocks")
-    overlap = not set(src.tolist()).isdisjoint(dst.tolist())
+    sources, destinations = src.tolist(), dst.tolist()  # (read to the host once, for both checks)
+    _require(all(0 <= b < first.shape[0] for b in sources + destinations),
+             f"a block id is out of range of {first.shape[0]} blocks")
+    overlap = not set(sources).isdisjoint(destinations)
     block_bytes = first[0].numel() * first.element_size()
     _require(block_bytes % 4 == 0, f"block of {block_bytes} bytes is not a multiple of 4")
     return block_bytes // 4, overlap
