@@ -729,6 +729,13 @@ def failed_error(fail: Failed) -> ApiError:
                     admission_saw=True)
 
 
+def unfinished_error() -> ApiError:
+    """The error of a request whose events ended without a Finished or a Failed (a runtime
+    bug's shape): every route says it (a JSON 500, an SSE or WebSocket error event), so
+    that what was streamed is not taken for a whole answer."""
+    return ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+
+
 def usage_json(finished: Finished) -> dict[str, Any]:
     """OpenAI's usage; `prompt_tokens_details.cached_tokens`: the prompt tokens not computed
     (prefix-cache hits; all of them for an answer from the response cache)."""
@@ -1522,7 +1529,7 @@ async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list
                 raise failed_error(event)
             else:
                 return collector.response(event)
-    raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+    raise unfinished_error()
 
 
 class SseBody:
@@ -1587,8 +1594,7 @@ class SseBody:
                     yield sse.event(failed_error(event).event_body())
                     ended = True
         if not ended:  # (as `collect`: `[DONE]` alone would pass a cut answer for a whole one)
-            yield sse.event(ApiError(500, "the runtime closed the stream without finishing",
-                                     code="internal_error").event_body())
+            yield sse.event(unfinished_error().event_body())
         yield sse.DONE
 
 

@@ -66,6 +66,7 @@ from gateway.routes_openai import (
     to_generate_calls,
     token_bytes_of,
     tools_of,
+    unfinished_error,
 )
 from gateway.routes_tokenizer import TokenizeRequest, tokenize
 from gateway.sse import IDLE, Idle
@@ -793,7 +794,7 @@ class Turn:
                         for e in out:
                             yield e
                         return
-            raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+            raise unfinished_error()
         finally:
             self.done = True
 

@@ -43,6 +43,7 @@ from gateway.routes_openai import (
     submit_all,
     to_generate_calls,
     tools_of,
+    unfinished_error,
     usage_json,
 )
 
@@ -283,7 +284,7 @@ class Session:
             elif isinstance(event, Failed):
                 raise failed_error(event)
         # (as `collect` and the SSE body: no frame at all left the client's stream waiting)
-        raise ApiError(500, "the runtime closed the stream without finishing", code="internal_error")
+        raise unfinished_error()
 
 
 async def _authenticate_first_frame(session: Session) -> None:
