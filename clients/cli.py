@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import anyio
 
 from clients.client import LmgateClient
-from clients.errors import AuthError, ConnectionFailed, LmgateError
+from clients.errors import AuthError, LmgateError
 
 ReadLine = Callable[[], Awaitable[str | None]]
 
@@ -110,10 +110,7 @@ async def chat_loop(
                 failed += 1
                 status = f" {error.status}" if error.status else ""  # (0: no answer came: a connection failure)
                 (err or out).write(f"\n[error{status}: {error.message}]\n")
-                history.pop()
-                if ws is not None and isinstance(error, ConnectionFailed):
-                    await ws.drop()  # (the socket is gone, or never came: the next turn opens one)
-                # (an error that closed the socket, a 413 frame_too_large, a shutdown: `get` sees it)
+                history.pop()  # (a socket it closed, or that never came, is opened again by `get`)
                 continue
             history.append({"role": "assistant", "content": text})
 
@@ -130,8 +127,7 @@ async def chat_loop(
 
 class _Session:
     """The WebSocket session of a chat, opened at the first turn and again at a turn that
-    finds it closed or after one whose connection failed (a server restarted: every later
-    turn failed, before)."""
+    finds it closed or never opened (a server restarted: every later turn failed, before)."""
 
     def __init__(self, client: LmgateClient) -> None:
         self.client = client
