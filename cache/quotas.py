@@ -303,7 +303,23 @@ if cap >= 0 and max_new > cap then
 end
 
 local conc_key = base .. 'conc'
-""" + _LAPSES + """if conc == 0 then
+""" + _LAPSES + """
+-- the daily budget before the limits that waiting a moment helps: a request it rules out
+-- is told so (retry at midnight), not to retry in seconds and be refused again
+local day = math.floor(now / 86400000)
+local day_key = base .. 'day:' .. day
+if daily >= 0 then
+  if tokens > daily then
+    return deny('daily_token_budget', -1, 'request needs ' .. tokens .. ' tokens, daily budget is ' .. daily)
+  end
+  local used = tonumber(redis.call('GET', day_key) or '0')
+  if used + tokens > daily then
+    return deny('daily_token_budget', (day + 1) * 86400000 - now,
+                used .. ' of the daily budget of ' .. daily .. ' tokens used; this request needs ' .. tokens)
+  end
+end
+
+if conc == 0 then
   return deny('max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)')
 end
 if conc > 0 and redis.call('ZCARD', conc_key) >= conc then
@@ -329,19 +345,6 @@ if tpm >= 0 then
   if used + tokens > tpm then
     return deny('tokens_per_minute', win + 60000 - now,
                 used .. ' of ' .. tpm .. ' tokens per minute used; this request needs ' .. tokens)
-  end
-end
-
-local day = math.floor(now / 86400000)
-local day_key = base .. 'day:' .. day
-if daily >= 0 then
-  if tokens > daily then
-    return deny('daily_token_budget', -1, 'request needs ' .. tokens .. ' tokens, daily budget is ' .. daily)
-  end
-  local used = tonumber(redis.call('GET', day_key) or '0')
-  if used + tokens > daily then
-    return deny('daily_token_budget', (day + 1) * 86400000 - now,
-                used .. ' of the daily budget of ' .. daily .. ' tokens used; this request needs ' .. tokens)
   end
 end
 
@@ -446,14 +449,47 @@ return 1
 """
 
 
-# ARGV: base, (unused), usage_ttl_s -> how many running reservations were let go. The keys a
-# tenant's limits live in, by name: the per-minute windows a reserve or settle may have
+# What a running request of a reset tenant (`reset:<rid>`) had used when its gateway last
+# reported, recorded as a lapse records it (usage row, `lapsed:<rid>` note): the reservation
+# that held the report is gone, and a gateway that dies before settling would leave the
+# request unbilled. `_RESET` records the report it finds, `_EXTEND` each later one (the
+# difference); the settle records only the rest (`_SETTLE`'s reset: branch).
+_RECORDS_PROGRESS = """
+local function record_progress(rid, day, prompt, completion, model)
+  local note_key = base .. 'lapsed:' .. rid
+  local note = redis.call('GET', note_key)
+  local p0, c0, requests = 0, 0, 1
+  if note then
+    local sep = string.find(note, ' ', 1, true)
+    p0 = tonumber(string.sub(note, 1, sep - 1))
+    c0 = tonumber(string.sub(note, sep + 1))
+    requests = 0
+  end
+  local usage_key = base .. 'usage:' .. day
+  redis.call('HINCRBY', usage_key, model .. '\\nrequests', requests)
+  redis.call('HINCRBY', usage_key, model .. '\\nprompt_tokens', tonumber(prompt) - p0)
+  redis.call('HINCRBY', usage_key, model .. '\\ncompletion_tokens', tonumber(completion) - c0)
+  redis.call('EXPIRE', usage_key, usage_ttl)
+  redis.call('SET', note_key, prompt .. ' ' .. completion, 'EX', 2 * 86400)
+end
+"""
+
+
+# ARGV: base, tenant record key, usage_ttl_s, the tenant's created_at ('' = any) -> how many
+# running reservations were let go, -1 (nothing changed) when the record under the key is
+# not the tenant created then (deleted, and maybe created again, since it was read). The keys
+# a tenant's limits live in, by name: the per-minute windows a reserve or settle may have
 # written in the last 4 minutes (each lives 2 minutes past its last write) and the days in
 # the last 3 (each lives 2 days); a running reservation becomes `reset:<rid>`, so that its
 # settle records its usage and charges no limits (`_SETTLE`) and its extensions find it
-# alive (`_EXTEND`).
+# alive (`_EXTEND`), and what it had reported is recorded (`_RECORDS_PROGRESS`).
 _RESET = _GIVES_BACK + _PRELUDE + """
 local usage_ttl = tonumber(ARGV[3])
+if ARGV[4] ~= '' then
+  local tenant = redis.call('GET', ARGV[2])
+  if not tenant or (cjson.decode(tenant)['created_at'] or 0) ~= tonumber(ARGV[4]) then return -1 end
+end
+""" + _RECORDS_PROGRESS + """
 local conc_key = base .. 'conc'
 local lapsing = redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)
 """ + _LAPSES + """
@@ -465,7 +501,11 @@ for _, old in ipairs(lapsing) do
 end
 local n = 0
 for _, running in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
-  if redis.call('DEL', base .. 'res:' .. running) == 1 then
+  local res_key = base .. 'res:' .. running
+  local r = redis.call('HMGET', res_key, 'day', 'prompt', 'completion', 'model')
+  if r[1] then
+    if r[2] then record_progress(running, r[1], r[2], r[3], r[4]) end
+    redis.call('DEL', res_key)
     redis.call('SET', base .. 'reset:' .. running, '1', 'EX', __DONE_TTL_S__)
     n = n + 1
   end
@@ -491,7 +531,7 @@ _EXTEND = _GIVES_BACK + _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local usage_ttl = tonumber(ARGV[3])
 local conc_key = base .. 'conc'
-""" + _LAPSES + """
+""" + _LAPSES + _RECORDS_PROGRESS + """
 local n = 0
 for i = 4, #ARGV, 4 do
   local res_key = base .. 'res:' .. ARGV[i]
@@ -502,12 +542,19 @@ for i = 4, #ARGV, 4 do
       redis.call('HSET', res_key, 'prompt', ARGV[i + 1], 'completion', ARGV[i + 2], 'model', ARGV[i + 3])
     end
     n = n + 1
-  elseif redis.call('EXISTS', base .. 'reset:' .. ARGV[i]) == 1 then
-    n = n + 1  -- its tenant was deleted as it ran (`_RESET`): nothing to extend, not lapsed
+  elseif redis.call('EXPIRE', base .. 'reset:' .. ARGV[i], __DONE_TTL_S__) == 1 then
+    -- its tenant was deleted as it ran (`_RESET`): no slot to extend, not lapsed; its
+    -- marker lives on while it runs (else a settle after it charges a tenant created
+    -- again under the id), and its report is recorded (its gateway may die before settling)
+    if tonumber(ARGV[i + 1]) >= 0 then
+      record_progress(ARGV[i], tostring(math.floor(now / 86400000)), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    end
+    n = n + 1
   end
 end
 return n
 """
+_EXTEND = _EXTEND.replace("__DONE_TTL_S__", str(DONE_TTL_S))
 
 
 # ARGV: base, member, rpm -> -1 while the per-minute log has room, else ms until its oldest
@@ -580,15 +627,19 @@ class QuotaManager:
     def _base(self, tenant_id: str) -> str:
         return self.store.key("q", "{" + tenant_id + "}", "")
 
-    async def reset_limits(self, tenant_id: str) -> int:
+    async def reset_limits(self, tenant_id: str, *, created_at: float | None = None) -> int:
         """Forget a tenant's enforcement state — its daily budget and per-minute counters,
         running set and reservations — but not its usage rows (billing keeps them). For a
         tenant about to be deleted, so a tenant later created under the same id starts
         afresh: a request of the deleted one that settles later records its usage but
         charges none of the new one's limits. Reservations that had lapsed are settled
-        first (charged what their replica last reported, as a reserve would). One script,
-        touching only the tenant's own keys (named, not scanned for). Returns how many
-        running reservations were let go.
+        first (charged what their replica last reported, as a reserve would), and what the
+        running ones last reported is recorded now (their gateway may die before settling;
+        its settle records the rest). One script, touching only the tenant's own keys (named,
+        not scanned for). Returns how many running reservations were let go; given the
+        tenant's `created_at`, -1 (nothing changed) if the tenant under the id is not the
+        one created then — deleted, and maybe created again, since it was read: the new
+        one's limits are not the old one's to reset.
 
         Call it *before* deleting the tenant: while the tenant exists its id cannot be
         taken again, so no reservation of a new tenant under the id can be among those
@@ -596,7 +647,9 @@ class QuotaManager:
         reservation, and counts against a new tenant's limits until it ends: the safe
         side.)"""
         with self.store.guard():
-            return int(await self._reset(args=[self._base(tenant_id), "", self.usage_ttl_days * _DAY_S]))
+            return int(await self._reset(args=[self._base(tenant_id), self.store.key("tenant", tenant_id),
+                                               self.usage_ttl_days * _DAY_S,
+                                               "" if created_at is None else repr(created_at)]))
 
     async def reserve(
         self,

@@ -301,7 +301,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
         tenant = await tenants.get_tenant(tenant_id)
         if tenant is None:
             raise TenantNotFound(tenant_id)
-        await quotas.reset_limits(tenant_id)
+        if await quotas.reset_limits(tenant_id, created_at=tenant.created_at) < 0:
+            raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
         if not await tenants.delete_tenant(tenant_id, created_at=tenant.created_at):
             raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
         return {"id": tenant_id, "deleted": True}

@@ -21,7 +21,7 @@ from cache.quotas import (
     UsageRow,
 )
 from cache.store import RedisStore
-from cache.tenants import Tenant
+from cache.tenants import Tenant, TenantRegistry
 
 
 def make_tenant(quota: Quota, tenant_id: str = "acme") -> Tenant:
@@ -194,6 +194,65 @@ async def test_reset_limits_bills_lapsed_reservations_and_touches_only_the_tenan
         == [(1, 10, 150)]
     assert isinstance(await quotas.reserve(again, "fits", 0, 50), Admitted)  # 100 of 100: nothing of "killed"
     assert isinstance(await quotas.reserve(again, "over", 0, 1), Denied)
+
+
+async def test_a_running_request_of_a_deleted_tenant_is_billed_what_it_reported(quotas: QuotaManager):
+    """The reset drops a running request's reservation, which held what its gateway last
+    reported: a gateway that then dies never settles, and the request went unbilled. The
+    reset records the report, each later extension the difference, the settle the rest."""
+    tenant = make_tenant(Quota())
+    today = utc_today()
+
+    async def usage() -> list[tuple[int, int, int]]:
+        return [(r.requests, r.prompt_tokens, r.completion_tokens) for r in await quotas.get_usage("acme", today, today)]
+
+    assert isinstance(await quotas.reserve(tenant, "dies", 100, 500), Admitted)
+    assert isinstance(await quotas.reserve(tenant, "lives", 20, 500), Admitted)
+    progress = {"dies": Progress(100, 40, "m"), "lives": Progress(20, 10, "m")}
+    assert await quotas.extend(tenant, ["dies", "lives"], progress=progress) == 2
+    assert await quotas.reset_limits("acme") == 2
+    assert await usage() == [(2, 120, 50)]  # recorded at the reset
+    # "lives" reports on after the reset (extended as a reset request: recorded, no slot)
+    assert await quotas.extend(tenant, ["lives"], progress={"lives": Progress(20, 70, "m")}) == 1
+    assert await usage() == [(2, 120, 110)]
+    assert await quotas.settle(tenant, "lives", 20, 90, "m")  # the rest only
+    assert await usage() == [(2, 120, 130)]  # "dies" never settles: billed its 100 + 40
+
+
+async def test_a_reset_marker_lives_while_its_request_runs(quotas: QuotaManager, store: RedisStore):
+    """A request of a deleted tenant settles against no tenant's limits while its `reset:`
+    marker lives; each extension renews it, so one running longer than the marker's TTL
+    does not charge a tenant created again under the id."""
+    tenant = make_tenant(Quota())
+    assert isinstance(await quotas.reserve(tenant, "long", 10, 10), Admitted)
+    assert await quotas.reset_limits("acme") == 1
+    marker = store.key("q", "{acme}", "reset:long")
+    await store.client.expire(marker, 5)  # as if most of its TTL had passed
+    assert await quotas.extend(tenant, ["long"]) == 1
+    assert await store.client.ttl(marker) > DONE_TTL_S - 60
+
+
+async def test_a_stale_reset_changes_nothing(quotas: QuotaManager, registry: TenantRegistry):
+    """Given the deleted tenant's `created_at`, the reset refuses when the tenant under the
+    id is another one (deleted and created again since it was read): it erased the new
+    tenant's running reservations, and the delete that followed answered 404."""
+    old = await registry.create_tenant("acme", "acme")
+    assert await registry.delete_tenant("acme", created_at=old.created_at)
+    new = await registry.create_tenant("acme", "acme", quota=Quota(max_concurrent=1))
+    assert isinstance(await quotas.reserve(new, "r1", 1, 1), Admitted)
+    assert await quotas.reset_limits("acme", created_at=old.created_at) == -1
+    assert await quotas.running("acme") == 1
+    assert isinstance(await quotas.reserve(new, "r2", 1, 1), Denied)  # r1 still holds the slot
+    assert await quotas.reset_limits("acme", created_at=new.created_at) == 1
+
+
+async def test_the_daily_budget_is_named_before_a_per_minute_limit(quotas: QuotaManager):
+    """A request over both the minute's tokens and the day's budget is told of the day's
+    (retry at midnight, not in seconds to be refused again)."""
+    tenant = make_tenant(Quota(tokens_per_minute=400, daily_token_budget=500, requests_per_minute=1))
+    assert isinstance(await quotas.reserve(tenant, "a", 38, 300), Admitted)
+    denied = await quotas.reserve(tenant, "b", 38, 300)
+    assert isinstance(denied, Denied) and denied.limit == "daily_token_budget"
 
 
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):
