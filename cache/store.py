@@ -120,6 +120,19 @@ log = logging.getLogger("lmgate.cache")
 T = TypeVar("T")
 
 
+def eviction_warning(policy: str | None) -> str | None:
+    """What to say at start about Redis's eviction policy, if anything. Only `noeviction`
+    keeps what lmgate holds there: every quota key has a TTL (the concurrency set, the
+    minute and day counters, reservations, usage rows), so a `volatile-*` policy evicts
+    them as readily as `allkeys-*` evicts tenants and API keys — a tenant's limits reset,
+    a `max_concurrent` slot freed early, usage lost. Under memory pressure `noeviction`
+    refuses writes instead, which lmgate answers as an outage (docs/deploy.md)."""
+    if policy is None or policy == "noeviction":
+        return None
+    return (f"Redis maxmemory-policy is {policy!r}: under memory pressure it may evict quota counters, "
+            "usage rows, tenants or API keys (limits reset, usage lost); set maxmemory-policy noeviction")
+
+
 class CacheUnavailable(Exception):
     """Redis could not be reached, or refused service (read-only, out of memory, ...: see
     `is_refusal`); the operation did not happen (or its outcome is unknown)."""
@@ -347,6 +360,14 @@ class RedisStore:
     async def _discard(self, key: str) -> None:
         with contextlib.suppress(CacheUnavailable, coredis.exceptions.RedisError), self.guard():
             await self.client.delete([key])
+
+    async def eviction_policy(self) -> str | None:
+        """Redis's `maxmemory-policy` (INFO memory: a managed Redis that disables CONFIG
+        still answers it), or None when it cannot be read. Raises CacheUnavailable."""
+        with self.guard():
+            info = await self.client.info("memory")
+        policy = info.get("maxmemory_policy")
+        return policy.decode() if isinstance(policy, bytes) else (str(policy) if policy is not None else None)
 
     async def ping(self) -> bool:
         """Health probe: True if Redis took a write (updates ``healthy``); never raises

@@ -20,6 +20,7 @@ well. (Ctrl-C before serving starts, or a third signal, interrupts: `lmgate serv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -40,7 +41,7 @@ import trio
 
 from cache.quotas import QuotaManager
 from cache.redis_server import PrivateRedis, RedisServerError
-from cache.store import CacheUnavailable, RedisStore
+from cache.store import CacheUnavailable, RedisStore, eviction_warning
 from cache.tenants import TenantRegistry
 from gateway.app import GatewayStores, Runtime, create_app
 from gateway.config import (
@@ -649,6 +650,9 @@ async def serve(
                     raise
                 log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
                             stores.redis.last_error)
+            with contextlib.suppress(CacheUnavailable):
+                if (warning := eviction_warning(await stores.redis.eviction_policy())) is not None:
+                    log.warning("%s", warning)
         except BaseException:
             # a secret made at this start and not taken by Redis (refused, Redis not there yet,
             # stopped) is not kept: the next start would take it as given

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import httpx
 import pytest
 import trio
 
+from cache.redis_server import PrivateRedis
+from cache.store import RedisStore
 from gateway.app import GatewayStores
 from gateway.config import GatewayConfig
 from gateway.server import serve, server_secret
@@ -107,6 +110,24 @@ async def test_dev_tenant_is_created_only_once(nursery: trio.Nursery, tmp_path: 
     assert "API key" in out1.getvalue() and "API key" not in out2.getvalue()
 
 
+async def test_a_redis_that_may_evict_quota_keys_is_warned_of_at_start(
+        nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every quota key has a TTL, so a `volatile-*` policy evicts them as an `allkeys-*`
+    one evicts tenants: only `noeviction` is safe, and the start says so otherwise."""
+    with PrivateRedis(tmp_path / "redis") as server:
+        config = GatewayConfig(port=0, data_dir=str(tmp_path), redis_url=server.url, shutdown_grace_seconds=0.1,
+                               kv_cache_mb=TEST_KV_MB)
+        _, _, stop, _ = await run_serve(nursery, config)
+        stop.set()
+        assert "maxmemory-policy" not in caplog.text  # Redis's default: noeviction
+        async with RedisStore(server.url) as store:
+            await store.client.config_set({"maxmemory-policy": "volatile-lru"})
+        _, _, stop, _ = await run_serve(nursery, config)
+        stop.set()
+        (warning,) = [r for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+        assert warning.levelno == logging.WARNING and "'volatile-lru'" in warning.getMessage()
+
+
 async def test_a_gateway_with_another_secret_does_not_start(nursery: trio.Nursery, tmp_path: Path,
                                                             redis_url: str) -> None:
     from cache.tenants import SecretMismatch
@@ -139,7 +160,6 @@ async def test_a_new_secret_refused_is_refused_again_at_the_next_start(nursery: 
     """A Redis holding keys of a version that kept no fingerprint: a gateway whose secret
     was generated at this start is refused. It wrote the secret's file before the check, so
     the next start (a restart policy's) took the file as given and served 401s."""
-    from cache.store import RedisStore
     from cache.tenants import SecretMismatch, TenantRegistry
 
     async with RedisStore(redis_url) as store:  # what the old version left: keys, no fingerprint

@@ -253,7 +253,8 @@ def test_grafana_is_provisioned_with_the_shipped_dashboard():
         assert (DEPLOY / src).exists(), src
     datasource = yaml.safe_load((DEPLOY / "grafana" / "datasource.yaml").read_text())["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
-    assert "9090:9090" in compose()["services"]["prometheus"]["ports"]
+    # (loopback only: Prometheus has no authentication, and holds every tenant's series)
+    assert "127.0.0.1:9090:9090" in compose()["services"]["prometheus"]["ports"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
