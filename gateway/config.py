@@ -150,9 +150,6 @@ class GatewayConfig:
             raise ConfigError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.quantization != "none" and self.device != "cpu":
             raise ConfigError(f"quantization {self.quantization} runs on the CPU only, not on device {self.device!r}")
-        if self.quantization != "none" and self.batch_invariant:
-            raise ConfigError(f"quantization {self.quantization} is not batch-invariant: "
-                              "set quantization or batch_invariant, not both")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ConfigError(f"max_loras and max_lora_rank must be at least 1, got {self.max_loras}, "
                               f"{self.max_lora_rank}")

@@ -174,9 +174,5 @@ class EngineConfig:
                              "choose one of the two")
         if self.quantization not in ("none", "int8"):
             raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
-        if self.quantization != "none":
-            if not self.device.startswith("cpu"):
-                raise ValueError(f"{self.quantization} quantization runs on the CPU only, not on {self.device!r}")
-            if self.batch_invariant:
-                raise ValueError(f"{self.quantization} quantization is not batch-invariant: "
-                                 "choose one of the two")
+        if self.quantization != "none" and not self.device.startswith("cpu"):
+            raise ValueError(f"{self.quantization} quantization runs on the CPU only, not on {self.device!r}")

@@ -42,7 +42,12 @@ from gpu.attention import AttentionBackend, AttentionMetadata
 from gpu.config import ModelConfig
 from gpu.loader import Checkpoint
 from gpu.lora import LoraBatch
-from gpu.quantization import Int8Weight, smoothing_factors
+from gpu.quantization import (
+    Int8Weight,
+    QuantizationUnavailable,
+    int8_rows_variant_reason,
+    smoothing_factors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -581,9 +586,8 @@ class LlamaModel(nn.Module):
         """`smooth_`, then every projection and the LM head become int8 GEMMs
         (`gpu.quantization.Int8Weight`). One way: the float projection weights are freed
         (a float model is built from the checkpoint again)."""
-        if self.batch_invariant:
-            raise ValueError("int8 quantization is not batch-invariant (activation scales are per token, "
-                             "the int8 GEMM's blocking is not)")
+        if self.batch_invariant and (why := int8_rows_variant_reason()) is not None:
+            raise QuantizationUnavailable(f"int8 quantization is not batch-invariant on this CPU: {why}")
         self.smooth_(input_absmax, alpha, repack=False)  # the float kernels are replaced below
         for m in self.modules():
             if isinstance(m, Linear):

@@ -32,7 +32,13 @@ copy when it is tied to the embeddings (the embeddings stay float).
 What it costs and buys, measured by `python -m ops.bench_dtype --quantization int8`
 (docs/benchmarking.md, "int8"): next-token distributions move ~15x further from
 float32's than bf16's do, and generation is faster than float32 where bf16 is not native.
-CPU only; not batch-invariant (`EngineConfig` refuses the two together).
+CPU only. Batch-invariant by construction where it runs: a token's scale is its own, the
+int32 sums of int8 products are exact in any blocking (the probe refuses CPUs whose kernel
+saturates), and the rescale is per element; `--batch-invariant` checks it at start
+(`int8_rows_variant_reason`) and gives the attention its invariant kernel. Without it,
+an int8 model's answers move at near-ties under preemption and prefix hits more often than
+float32's (a recomputed prompt goes through the prefill attention kernel, not the decode
+one, and per-token int8 rounding can turn the last-bit difference into a step).
 
 Why not other int8 schemes: measured on an AMX Xeon (2 threads), torch's dynamic
 quantized Linear (per-tensor activation scales) moved the model ~4x further than
@@ -197,6 +203,23 @@ def _probe_int8() -> str | None:
             break
     if slowdown > MAX_SLOWDOWN:
         return f"oneDNN has no fast int8 kernel for this CPU ({slowdown:.0f}x slower than float32)"
+    return None
+
+
+@functools.cache
+def int8_rows_variant_reason() -> str | None:
+    """None when oneDNN's int8 linear gives each row the bits it gets alone whatever the
+    row count (the step sizes an engine runs: 1 to 64 rows, prefill chunks beyond), else
+    why not: `--batch-invariant` with int8 rests on it. Exact int32 sums make it so on every
+    CPU `int8_unavailable_reason` passes; checked once per process, not assumed."""
+    g = torch.Generator().manual_seed(1)
+    kernel = Int8Weight(torch.randn(512, 576, generator=g), _checked=True)
+    x = torch.randn(80, 576, generator=g) * torch.rand(80, 1, generator=g) * 8
+    alone = torch.cat([kernel.linear(x[i:i + 1]) for i in range(len(x))])
+    for rows in (2, 7, 16, 33, 80):
+        together = torch.cat([kernel.linear(x[i:i + rows]) for i in range(0, len(x), rows)])
+        if not torch.equal(together, alone):
+            return f"oneDNN's int8 linear computes a row differently in a step of {rows} rows than alone"
     return None
 
 

@@ -1,6 +1,7 @@
 """Batch invariance: does a request's output depend on the load, and what does `--batch-invariant` cost?
 
-    python -m ops.bench_invariance [--dtype auto] [--prompts 64] [--solo 16] [--new-tokens 128] [--json PATH]
+    python -m ops.bench_invariance [--dtype auto] [--quantization none] [--prompts 64] [--solo 16]
+                                   [--new-tokens 128] [--json PATH]
 
 On the workload fixture's held-out prompts (chat-rendered, as served), greedy, EOS on (so
 lengths are the model's own, what a length predictor must call), for the default engine
@@ -18,7 +19,8 @@ and the batch-invariant one (`EngineConfig.batch_invariant`), in the same proces
 A near-tie between the top two tokens flips with the last bit of a logit, so an engine
 whose kernels pick their blocking by the batch's row count (oneDNN's bf16 GEMMs on an AMX
 CPU do, from 33 rows) gives the same request different tokens under different loads.
-Runs in ~4 minutes on 2 cores with the defaults.
+Runs in ~4 minutes on 2 cores with the defaults. `--quantization int8` runs both engines
+with int8 projections (each engine loads and calibrates its own model: int8 rewrites it).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=positive_int, default=64,
                     help="running-sequences cap (default 64; the GEMM tiles cost more past 32 rows)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantization", choices=("none", "int8"), default="none",
+                    help="both engines' projections (default none; int8: gpu/quantization.py)")
     ap.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON")
     args = ap.parse_args(argv)
     if not 1 <= args.solo <= args.prompts or min(args.new_tokens, args.repeats, args.max_num_seqs) < 1:
@@ -78,14 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def engine(invariant: bool, **kw) -> Engine:
         cache = kw.pop("cache", CacheConfig(cache_bytes=256 * 1024**2))
         cfg = EngineConfig(dtype=args.dtype, num_threads=args.threads, batch_invariant=invariant, cache=cache,
+                           quantization=args.quantization,
                            scheduler=replace(SchedulerConfig(), max_num_seqs=args.max_num_seqs, **kw))
+        if args.quantization != "none":  # (quantizing folds factors into the weights it is given)
+            return Engine(cfg, tokenizer=tokenizer)
         return Engine(cfg, checkpoint=ckpt, tokenizer=tokenizer)
 
     def run(eng: Engine, batch: Sequence[Sequence[int]]) -> list[list[int]]:
         return [list(o[0].token_ids) for o in generate(eng, batch, params)]
 
     modes = {"default": False, "batch_invariant": True}
-    report: dict = {"dtype": str(dtype).removeprefix("torch."), "prompts": len(prompts), "solo": args.solo,
+    report: dict = {"dtype": str(dtype).removeprefix("torch."), "quantization": args.quantization,
+                    "prompts": len(prompts), "solo": args.solo,
                     "new_tokens": args.new_tokens, "threads": args.threads, "max_num_seqs": args.max_num_seqs,
                     "modes": {}}
     timed: dict[str, Engine] = {}
@@ -123,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tps = {name: sum(report["modes"][name]["tokens_per_s"]) / len(seconds[name]) for name in modes}
     report["invariant_vs_default_tokens_per_s"] = tps["batch_invariant"] / tps["default"]
 
-    print(f"\nbatch invariance, {len(prompts)} held-out prompts ({args.solo} watched), {report['dtype']}, "
+    quantized = "" if args.quantization == "none" else f" + {args.quantization}"
+    print(f"\nbatch invariance, {len(prompts)} held-out prompts ({args.solo} watched), {report['dtype']}{quantized}, "
           f"{args.new_tokens} max tokens, EOS on, up to {args.max_num_seqs} sequences a step")
     print(f"| engine | {' | '.join(SCENARIOS)} | tokens/s |")
     print("| --- |" + " --- |" * (len(SCENARIOS) + 1))

@@ -104,7 +104,6 @@ def test_convert_writes_the_lmg_format_and_generate_runs_it(capsys: pytest.Captu
     (["--max-model-len", "-1"], "--max-model-len must be positive"),
     (["--threads", "-2"], "--threads must be >= 0"),
     (["--device", "bogus"], "device must be cpu, cuda or cuda:N"),
-    (["--quantization", "int8", "--batch-invariant"], "int8 quantization is not batch-invariant"),
     (["--file", "/nonexistent/prompts.txt"], "cannot read /nonexistent/prompts.txt"),
     (["--lora", "/nonexistent/adapter", "--batch-invariant"], "LoRA adapters are not batch-invariant"),
     (["--regex", "a+", "--choice", "b"], "give at most one of --json-schema"),

@@ -387,7 +387,6 @@ def test_quantization_reaches_the_engine_config(flags: list[str], env: dict[str,
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"quantization": "int4"}, "quantization must be none or int8, got 'int4'"),
     ({"quantization": "int8", "device": "cuda"}, "CPU only"),
-    ({"quantization": "int8", "batch_invariant": True}, "not both"),
 ])
 def test_quantization_the_engine_cannot_run_is_refused_at_start(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

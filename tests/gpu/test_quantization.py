@@ -115,7 +115,6 @@ def test_int8_linear_keeps_leading_dims_and_handles_no_rows():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"quantization": "int4"}, "quantization must be none or int8"),
     ({"quantization": "int8", "device": "cuda"}, "CPU only"),
-    ({"quantization": "int8", "batch_invariant": True}, "not batch-invariant"),
 ])
 def test_engine_config_refuses_what_int8_cannot_do(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -216,11 +215,63 @@ def test_int8_engine_answers_and_frees_its_blocks(smollm2_path):
     assert all(len(c[0].token_ids) > 0 for c in first)
     # another batch order: rows never mix (each token's activations are quantized alone, the
     # GEMM is exact), so the answers agree, but for a near-tie the float parts' last bits
-    # (attention over another batch) can tip once rounded to int8: int8 is not batch-invariant
-    # (refused with --batch-invariant). On a Zen 5 "Say hello." parted at its 19th token.
+    # (attention over another batch) can tip once rounded to int8 (as --batch-invariant's
+    # attention would not: below). On a Zen 5 "Say hello." parted at its 19th token.
     again = generate(engine, prompts[::-1], params)[::-1]
     assert all(list(a[0].token_ids[:8]) == list(b[0].token_ids[:8]) for a, b in zip(again, first, strict=True))
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+@needs_int8
+def test_int8_rows_are_invariant_here_and_a_variant_kernel_is_refused(monkeypatch):
+    """`--batch-invariant` with int8 rests on each row getting its bits alone whatever the
+    step's row count (exact int32 sums); the start-up check says so, and refuses a kernel
+    whose rows depend on their neighbours."""
+    from gpu import quantization
+
+    check = quantization.int8_rows_variant_reason.__wrapped__
+    assert check() is None
+    real = quantization.Int8Weight.linear
+    monkeypatch.setattr(quantization.Int8Weight, "linear", lambda self, x: real(self, x) * (1 + 1e-3 * (len(x) > 1)))
+    assert "differently in a step of 2 rows" in check()
+
+
+@pytest.mark.slow
+@needs_int8
+def test_int8_batch_invariant_engine_gives_a_request_the_same_tokens_whatever_the_load(smollm2_path):
+    """int8 with `batch_invariant=True`: a greedy request gets the tokens it gets alone in a
+    batch, under chunked prefill and after preemptions (without the invariant attention, a
+    recomputed prompt tipped near-ties once rounded to int8: an audit saw 0 of 6 answers
+    kept under a small cache)."""
+    from dataclasses import replace
+
+    from gpu.config import CacheConfig, SchedulerConfig
+    from gpu.engine import Engine, generate
+    from gpu.sampling import SamplingParams
+
+    def engine(cache_mb: float = 64, **sched) -> Engine:
+        return Engine(EngineConfig(dtype="float32", quantization="int8", batch_invariant=True, num_threads=2,
+                                   cache=CacheConfig(cache_bytes=int(cache_mb * 1024**2), enable_prefix_caching=False),
+                                   scheduler=replace(SchedulerConfig(), **sched)))
+
+    first = engine()
+    tok = first.tokenizer
+    questions = ("Say hello.", "Count from one to five.", "Name three colours.", "What is rain?",
+                 "Write a haiku about the sea.", "Why do cats purr?", "Describe a bicycle.", "What is 7 times 8?")
+    prompts = [tok.render_and_encode([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    alone = [generate(first, [p], params)[0][0].token_ids for p in prompts[:3]]
+    batched = generate(first, prompts, params)
+    # room for about three requests at a time: the rest are preempted and recomputed
+    per_block = CacheConfig().bytes_per_block(first.runner.model.config, 4)
+    small = engine(cache_mb=per_block * 3 * -(-(max(map(len, prompts)) + 40) // 16) / 1024**2,
+                   max_num_batched_tokens=37, long_prefill_token_threshold=16)
+    squeezed = generate(small, prompts, params)
+    assert small.counters["preemptions"] > 0
+    for k, ids in enumerate(alone):
+        assert list(batched[k][0].token_ids) == list(ids)
+        assert list(squeezed[k][0].token_ids) == list(ids)
+    assert small.block_manager.num_free_blocks == small.num_blocks
 
 
 def test_an_int8_kernel_that_is_wrong_or_slow_is_refused(monkeypatch):
