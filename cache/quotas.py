@@ -304,26 +304,41 @@ end
 
 local conc_key = base .. 'conc'
 """ + _LAPSES + """
--- the daily budget before the limits that waiting a moment helps: a request it rules out
--- is told so (retry at midnight), not to retry in seconds and be refused again
 local day = math.floor(now / 86400000)
 local day_key = base .. 'day:' .. day
-if daily >= 0 then
+-- the daily budget's refusal of this request, or nil. `settled_only`: as if the running
+-- requests had given back all they hold (a settle gives back what they do not use)
+local function day_refusal(settled_only)
+  if daily < 0 then return nil end
   if tokens > daily then
     return deny('daily_token_budget', -1, 'request needs ' .. tokens .. ' tokens, daily budget is ' .. daily)
   end
   local used = tonumber(redis.call('GET', day_key) or '0')
-  if used + tokens > daily then
+  local counted = used
+  if settled_only and used + tokens > daily then
+    for _, other in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
+      local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day')
+      if r[1] and tonumber(r[2]) == day then counted = counted - tonumber(r[1]) end
+    end
+  end
+  if counted + tokens > daily then
     return deny('daily_token_budget', (day + 1) * 86400000 - now,
                 used .. ' of the daily budget of ' .. daily .. ' tokens used; this request needs ' .. tokens)
   end
+  return nil
+end
+-- a refusal by a limit that waiting a moment helps, unless the daily budget refuses the
+-- request however the running ones end: then that is named (retry at midnight), not a
+-- retry in seconds that is refused again
+local function deny_for_now(limit, retry, reason)
+  return day_refusal(true) or deny(limit, retry, reason)
 end
 
 if conc == 0 then
   return deny('max_concurrent', -1, 'this key may run no requests (max_concurrent is 0)')
 end
 if conc > 0 and redis.call('ZCARD', conc_key) >= conc then
-  return deny('max_concurrent', 1000, conc .. ' requests already running')
+  return deny_for_now('max_concurrent', 1000, conc .. ' requests already running')
 end
 
 redis.call('ZREMRANGEBYSCORE', rpm_key, '-inf', now - 60000)
@@ -334,7 +349,7 @@ if rpm > 0 and redis.call('ZCARD', rpm_key) >= rpm then
   local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
   local retry = 60000
   if oldest[2] then retry = tonumber(oldest[2]) + 60000 - now end
-  return deny('requests_per_minute', retry, rpm .. ' requests per minute reached')
+  return deny_for_now('requests_per_minute', retry, rpm .. ' requests per minute reached')
 end
 
 if tpm >= 0 then
@@ -343,10 +358,13 @@ if tpm >= 0 then
   end
   local used = tonumber(redis.call('GET', tpm_key) or '0')
   if used + tokens > tpm then
-    return deny('tokens_per_minute', win + 60000 - now,
-                used .. ' of ' .. tpm .. ' tokens per minute used; this request needs ' .. tokens)
+    return deny_for_now('tokens_per_minute', win + 60000 - now,
+                        used .. ' of ' .. tpm .. ' tokens per minute used; this request needs ' .. tokens)
   end
 end
+
+local refused = day_refusal(false)
+if refused then return refused end
 
 redis.call('ZADD', conc_key, now + ttl, rid)
 -- as long as the reservations it indexes: a lapsed slot must still be found, to give back
@@ -542,14 +560,20 @@ for i = 4, #ARGV, 4 do
       redis.call('HSET', res_key, 'prompt', ARGV[i + 1], 'completion', ARGV[i + 2], 'model', ARGV[i + 3])
     end
     n = n + 1
-  elseif redis.call('EXPIRE', base .. 'reset:' .. ARGV[i], __DONE_TTL_S__) == 1 then
-    -- its tenant was deleted as it ran (`_RESET`): no slot to extend, not lapsed; its
-    -- marker lives on while it runs (else a settle after it charges a tenant created
-    -- again under the id), and its report is recorded (its gateway may die before settling)
-    if tonumber(ARGV[i + 1]) >= 0 then
-      record_progress(ARGV[i], tostring(math.floor(now / 86400000)), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+  else
+    local marker = base .. 'reset:' .. ARGV[i]
+    local left = redis.call('TTL', marker)
+    if left ~= -2 then
+      -- its tenant was deleted as it ran (`_RESET`): no slot to extend, not lapsed; its
+      -- marker lives on while it runs (else a settle after it charges a tenant created
+      -- again under the id; never shortened: one set at a lapse lives 2 days), and its
+      -- report is recorded (its gateway may die before settling)
+      if left >= 0 and left < __DONE_TTL_S__ then redis.call('EXPIRE', marker, __DONE_TTL_S__) end
+      if tonumber(ARGV[i + 1]) >= 0 then
+        record_progress(ARGV[i], tostring(math.floor(now / 86400000)), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+      end
+      n = n + 1
     end
-    n = n + 1
   end
 end
 return n

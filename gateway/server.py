@@ -34,6 +34,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from pathlib import Path
 from typing import Any, TextIO
 
+import coredis
 import hypercorn.config
 import hypercorn.trio
 import msgspec
@@ -650,15 +651,17 @@ async def serve(
                     raise
                 log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
                             stores.redis.last_error)
-            with contextlib.suppress(CacheUnavailable):
-                if (warning := eviction_warning(await stores.redis.eviction_policy())) is not None:
-                    log.warning("%s", warning)
         except BaseException:
             # a secret made at this start and not taken by Redis (refused, Redis not there yet,
             # stopped) is not kept: the next start would take it as given
             if generated:
                 (Path(config.data_dir) / SECRET_FILE).unlink(missing_ok=True)
             raise
+        # (after the secret is kept: a Redis that refuses INFO, an ACL without @dangerous, is
+        # only not warned about)
+        with contextlib.suppress(CacheUnavailable, coredis.exceptions.RedisError):
+            if (warning := eviction_warning(await stores.redis.eviction_policy())) is not None:
+                log.warning("%s", warning)
         if config.dev_tenant:
             key = await ensure_dev_tenant(stores.tenants)
             if key is not None:

@@ -230,6 +230,9 @@ async def test_a_reset_marker_lives_while_its_request_runs(quotas: QuotaManager,
     await store.client.expire(marker, 5)  # as if most of its TTL had passed
     assert await quotas.extend(tenant, ["long"]) == 1
     assert await store.client.ttl(marker) > DONE_TTL_S - 60
+    await store.client.expire(marker, 2 * 86400)  # (a lapse's marker lives 2 days: never shortened)
+    assert await quotas.extend(tenant, ["long"]) == 1
+    assert await store.client.ttl(marker) > DONE_TTL_S + 60
 
 
 async def test_a_stale_reset_changes_nothing(quotas: QuotaManager, registry: TenantRegistry):
@@ -246,13 +249,24 @@ async def test_a_stale_reset_changes_nothing(quotas: QuotaManager, registry: Ten
     assert await quotas.reset_limits("acme", created_at=new.created_at) == 1
 
 
-async def test_the_daily_budget_is_named_before_a_per_minute_limit(quotas: QuotaManager):
-    """A request over both the minute's tokens and the day's budget is told of the day's
-    (retry at midnight, not in seconds to be refused again)."""
+async def test_the_daily_budget_is_named_before_a_per_minute_limit_only_when_waiting_cannot_help(
+        quotas: QuotaManager):
+    """A request refused by a per-minute limit that the day's budget would refuse however
+    the running requests end is told of the day's (retry at midnight, not in seconds to be
+    refused again); one the budget refuses only for what running requests hold (they give
+    back what they do not use) is told of the limit that waiting helps."""
     tenant = make_tenant(Quota(tokens_per_minute=400, daily_token_budget=500, requests_per_minute=1))
     assert isinstance(await quotas.reserve(tenant, "a", 38, 300), Admitted)
+    assert await quotas.settle(tenant, "a", 38, 300, "m")
     denied = await quotas.reserve(tenant, "b", 38, 300)
     assert isinstance(denied, Denied) and denied.limit == "daily_token_budget"
+
+    busy = make_tenant(Quota(daily_token_budget=1000, max_concurrent=1), "busy")
+    assert isinstance(await quotas.reserve(busy, "long", 10, 900), Admitted)
+    denied = await quotas.reserve(busy, "next", 10, 200)
+    assert isinstance(denied, Denied) and denied.limit == "max_concurrent" and denied.retry_after_s == 1.0
+    assert await quotas.settle(busy, "long", 10, 20, "m")
+    assert isinstance(await quotas.reserve(busy, "next", 10, 200), Admitted)
 
 
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):
