@@ -27,9 +27,12 @@ Policy of one step (`schedule`):
    until they fit. Preempted requests lose their blocks and `num_computed_tokens`
    and go back to waiting with their outputs kept (recomputed later).
 2. Only if nobody was preempted, waiting requests are admitted in (priority,
-   arrival) order while the budget, `max_num_seqs` and free blocks allow; a
-   cached prefix counts as computed (at least one token is always left so that
-   logits exist).
+   arrival) order while the budget, `max_num_seqs` and free blocks allow -- blocks
+   for the request's whole prompt (and kept outputs), though it gets only its first
+   chunk's now, on top of what the running requests before it still need for theirs
+   (blocks only those after it hold count as room: its later chunks would preempt
+   them); a cached prefix counts as computed (at least one token is always left so
+   that logits exist).
 
 The request with the smallest key is never preempted for another one, and a
 request admitted by `add` fits the whole cache alone, so the head of the line
@@ -363,6 +366,17 @@ class StepScheduler:
         step.add(req, start, end)
 
     def _admit_waiting(self, step: _StepBuilder) -> None:
+        # A request is admitted only if all of its tokens fit, not just its first chunk:
+        # beside what the running requests before it in (priority, arrival) order still need
+        # for the tokens they already have (a prompt's chunks to come, a decode not scheduled
+        # this step), in the free blocks and those only running requests after it hold
+        # (its later chunks preempt them, as a request of higher priority does; its own
+        # prefix hits among them free nothing). Otherwise, with chunks capped (by the budget
+        # or `long_prefill_token_threshold`), prompts were admitted that could not all be
+        # prefilled, and the newest were preempted part-way and prefilled again from the
+        # start (twice the prefill, measured; docs/scheduling.md).
+        owed_by = [(self._key(r), self.bm.blocks_needed(r.request_id, r.num_computed_tokens, r.num_tokens))
+                   for r in self._running]
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = self._waiting[0]
             tokens = req.all_token_ids
@@ -370,12 +384,20 @@ class StepScheduler:
             if req.max_prefix_blocks is not None and len(hits) > req.max_prefix_blocks:
                 hits = hits[: req.max_prefix_blocks]
                 num_cached = len(hits) * self.bm.block_size
+            key = self._key(req)
+            owed = sum(needs for k, needs in owed_by if k < key)
+            later = [r.request_id for r in self._running if self._key(r) > key]
+            preemptible = self.bm.num_freed_by(later, keep=hits) if later else 0
+            whole = self.bm.blocks_needed(req.request_id, num_cached, req.num_tokens, prefix_blocks=hits)
+            if owed + whole > self.bm.num_free_blocks + preemptible:
+                return  # head-of-line waits: strict (priority, arrival) order
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
-                return  # head-of-line waits: strict (priority, arrival) order
+                return
             self._waiting.pop(0)
             self._running.append(req)
             req.num_computed_tokens = num_cached
+            owed_by.append((key, self.bm.blocks_needed(req.request_id, end, req.num_tokens)))
             step.add(req, num_cached, end)
 
     def _release_held(self, step: _StepBuilder) -> None:

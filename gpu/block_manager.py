@@ -37,8 +37,8 @@ Pure Python, no torch: the scheduler and its tests use it without a model.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -123,6 +123,13 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def num_freed_by(self, seq_ids: Iterable[Hashable], keep: Collection[int] = ()) -> int:
+        """Blocks freeing all of `seq_ids` would make allocatable: those no other sequence
+        holds (a prefix shared with one outside them stays taken), but for `keep` (blocks a
+        caller is about to take itself: its prefix hits)."""
+        refs = Counter(b for s in seq_ids if (state := self._seqs.get(s)) for b in state.table)
+        return sum(1 for b, n in refs.items() if n == self._blocks[b].ref_count and b not in keep)
 
     def match_prefix(self, token_ids: Sequence[int], namespace: str | None = None) -> tuple[list[int], int]:
         """Longest cached run of *full* blocks that prefixes `token_ids`, within `namespace`.

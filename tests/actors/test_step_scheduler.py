@@ -176,6 +176,69 @@ def test_no_prefix_hit_when_caching_disabled():
     assert eng.step().seqs[0].start_pos == 0
 
 
+def test_capped_chunks_admit_only_prompts_that_fit_whole():
+    """Chunks capped by a threshold leave budget to admit more prompts, but a prompt is
+    admitted only if all of it fits beside what the running ones still need: before,
+    each got its first chunk's blocks, and the newest were preempted part-way through
+    their prefill and fed again from the start."""
+    # 20 blocks of 4 tokens; each prompt of 30 needs 8 blocks, 9 with its outputs
+    sched = make_scheduler(num_blocks=20, max_num_batched_tokens=32, long_prefill_token_threshold=4)
+    eng = ShadowEngine(sched)
+    for rid in "abcde":
+        sched.add(request(rid, [ord(rid)] * 30, max_tokens=4))
+    fed = preempted = 0
+    while sched.has_unfinished:
+        plan = eng.step()
+        preempted += len(plan.preempted)
+        fed += plan.num_tokens
+        assert len(plan.seqs) <= 2  # a third prompt of 8 blocks never fits beside two
+        eng.finish_done()
+    assert preempted == 0
+    assert fed == 5 * (30 + 4 - 1)  # every prompt fed once, then its decodes
+    assert sched.kv_usage == 0.0
+
+
+def test_a_request_of_higher_priority_is_admitted_on_the_blocks_of_lower_ones():
+    """What the running requests after a waiting one hold counts as room for it (it would
+    preempt them): a high-priority prompt that does not fit beside a low-priority request's
+    blocks is admitted, and preempts it, instead of waiting for it to end."""
+    sched = make_scheduler(num_blocks=20, max_num_batched_tokens=32, long_prefill_token_threshold=4)
+    eng = ShadowEngine(sched)
+    sched.add(request("low", 8, max_tokens=60, priority=5))  # 17 blocks by its end
+    for _ in range(45):
+        eng.step()
+    assert sched.get("low").num_computed_tokens > 44  # 12 blocks held, 8 free
+    sched.add(request("high", [3] * 40, max_tokens=2, priority=0))  # 10 blocks
+    order, preempted = [], []
+    while sched.has_unfinished:
+        plan = eng.step()
+        preempted += plan.preempted
+        order += list(eng.finish_done())
+    assert order == ["high", "low"] and "low" in preempted
+
+
+@pytest.mark.parametrize("num_blocks", [20, 23, 26])
+def test_a_prefix_hit_on_a_lower_requests_blocks_is_no_room_to_preempt_for(num_blocks):
+    """Blocks a waiting request hits in the prefix cache, held only by a running request of
+    lower priority, free nothing when that one is preempted: counted as room, the request
+    was admitted, and preempted part-way through its prefill."""
+    sched = make_scheduler(num_blocks=num_blocks, max_num_batched_tokens=32, long_prefill_token_threshold=4)
+    eng = ShadowEngine(sched)
+    shared = [7] * 24
+    sched.add(request("low", shared + [8], max_tokens=40, priority=5))
+    while sched.get("low").num_computed_tokens < 25:
+        eng.step()
+    sched.add(request("early", [9] * 48, max_tokens=1, priority=0))  # (no decode to grow into)
+    for _ in range(3):
+        eng.step()
+    sched.add(request("high", shared + [6] * 32, max_tokens=1, priority=0))
+    preempted = []
+    while sched.has_unfinished:
+        preempted += eng.step().preempted
+        eng.finish_done()
+    assert "high" not in preempted and "early" not in preempted
+
+
 # ------------------------------------------------------------------ preemption
 def test_preemption_frees_latest_request_and_both_complete():
     # 4 blocks of 4 tokens; each request needs up to 3 blocks (6 prompt + 6 output - 1)

@@ -129,6 +129,22 @@ def test_fork_then_write_copies_shared_block_once():
     bm.check_invariants()
 
 
+def test_blocks_freed_by_a_set_of_sequences_are_those_no_other_holds():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    bm.allocate("p", 6)
+    assert bm.num_freed_by(["p"]) == 2
+    bm.fork("p", "c")
+    assert bm.num_freed_by(["p"]) == bm.num_freed_by(["c"]) == 0  # each shares both with the other
+    assert bm.num_freed_by(["p", "c"]) == 2
+    bm.prepare_write("c", 6, 7)  # the child's partial block is its own copy now
+    assert bm.num_freed_by(["c"]) == bm.num_freed_by(["p"]) == 1
+    assert bm.num_freed_by(["p", "c"], keep=bm.block_table("p")[:1]) == 2  # (one of 3 kept)
+    before = bm.num_free_blocks
+    bm.free("c")
+    assert bm.num_free_blocks == before + 1
+    assert bm.num_freed_by(["p", "nobody"]) == 2 and bm.num_freed_by([]) == 0
+
+
 def test_prepare_write_out_of_blocks_changes_nothing():
     bm = BlockManager(num_blocks=2, block_size=BS)
     bm.allocate("p", 8)
