@@ -155,12 +155,13 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
     # a request's tokens do not depend on what else its steps hold: GEMMs in row tiles
-    # whose results a row gets alone (`gpu.model.PackedWeight`), every attention row through
+    # whose results a row gets alone (`gpu.model.PackedWeight`; int8 GEMMs are so as they
+    # are, checked per weight shape at load), every attention row through
     # the prefill kernel (`gpu.attention.cpu_native`). Costs throughput (AMX Xeon, bf16: 0.90x the tokens/s at 32 running
     # sequences, 0.73x at 64: `python -m ops.bench_invariance`). docs/benchmarking.md
     batch_invariant: bool = False
     # "int8": projections and the LM head as dynamic int8 GEMMs (`gpu.quantization`): CPU
-    # only, not batch-invariant, moves the model off the reference (measured by
+    # only, moves the model off the reference (measured by
     # `python -m ops.bench_dtype --quantization int8`)
     quantization: str = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -586,8 +586,6 @@ class LlamaModel(nn.Module):
         """`smooth_`, then every projection and the LM head become int8 GEMMs
         (`gpu.quantization.Int8Weight`). One way: the float projection weights are freed
         (a float model is built from the checkpoint again)."""
-        if self.batch_invariant and (why := int8_rows_variant_reason()) is not None:
-            raise QuantizationUnavailable(f"int8 quantization is not batch-invariant on this CPU: {why}")
         self.smooth_(input_absmax, alpha, repack=False)  # the float kernels are replaced below
         for m in self.modules():
             if isinstance(m, Linear):
@@ -595,6 +593,12 @@ class LlamaModel(nn.Module):
         self._lm_head = Int8Weight(self.lm_head_weight)
         self.lm_head_weight = nn.Parameter(self.lm_head_weight.new_empty(0, self.config.hidden_size),
                                            requires_grad=False)
+        if self.batch_invariant:  # each weight shape once (the layers share theirs)
+            kernels = [m._kernel for m in self.modules() if isinstance(m, Linear)] + [self._lm_head]
+            shapes = {(k.out_features, k.in_features): k for k in kernels}
+            for kernel in shapes.values():
+                if (why := int8_rows_variant_reason(kernel)) is not None:
+                    raise QuantizationUnavailable(f"int8 quantization is not batch-invariant on this CPU: {why}")
 
     def pack_weights(self) -> None:
         """(Re)build the CPU pre-packed copies of every projection and the LM head

@@ -206,20 +206,23 @@ def _probe_int8() -> str | None:
     return None
 
 
-@functools.cache
-def int8_rows_variant_reason() -> str | None:
-    """None when oneDNN's int8 linear gives each row the bits it gets alone whatever the
-    row count (the step sizes an engine runs: 1 to 64 rows, prefill chunks beyond), else
-    why not: `--batch-invariant` with int8 rests on it. Exact int32 sums make it so on every
-    CPU `int8_unavailable_reason` passes; checked once per process, not assumed."""
+def int8_rows_variant_reason(kernel: Int8Weight) -> str | None:
+    """None when `kernel` gives each row the bits it gets alone whatever the row count
+    (1 to 80 rows, a decode step's sizes, and 320, a prefill chunk's), else why not:
+    `--batch-invariant` with int8 rests on it, and the model checks each of its weight
+    shapes at load. Exact int32 sums make it so on every CPU `int8_unavailable_reason`
+    passes; checked, not assumed."""
     g = torch.Generator().manual_seed(1)
-    kernel = Int8Weight(torch.randn(512, 576, generator=g), _checked=True)
-    x = torch.randn(80, 576, generator=g) * torch.rand(80, 1, generator=g) * 8
-    alone = torch.cat([kernel.linear(x[i:i + 1]) for i in range(len(x))])
+    x = torch.randn(320, kernel.in_features, generator=g) * torch.rand(320, 1, generator=g) * 8
+    alone = torch.cat([kernel.linear(x[i:i + 1]) for i in range(80)])
     for rows in (2, 7, 16, 33, 80):
-        together = torch.cat([kernel.linear(x[i:i + rows]) for i in range(0, len(x), rows)])
+        together = torch.cat([kernel.linear(x[i:min(i + rows, 80)]) for i in range(0, 80, rows)])
         if not torch.equal(together, alone):
-            return f"oneDNN's int8 linear computes a row differently in a step of {rows} rows than alone"
+            return (f"oneDNN's int8 linear ({kernel.out_features} x {kernel.in_features}) computes a row "
+                    f"differently in a step of {rows} rows than alone")
+    if not torch.equal(kernel.linear(x)[:80], alone):
+        return (f"oneDNN's int8 linear ({kernel.out_features} x {kernel.in_features}) computes a row "
+                f"differently in a step of {len(x)} rows than alone")
     return None
 
 

@@ -229,11 +229,14 @@ def test_int8_rows_are_invariant_here_and_a_variant_kernel_is_refused(monkeypatc
     whose rows depend on their neighbours."""
     from gpu import quantization
 
-    check = quantization.int8_rows_variant_reason.__wrapped__
-    assert check() is None
+    for shape in ((960, 576), (576, 1536), (3072, 576)):  # SmolLM2's qkv, down, gate/up
+        assert quantization.int8_rows_variant_reason(Int8Weight(torch.randn(*shape))) is None
+    kernel = Int8Weight(torch.randn(64, 96))
     real = quantization.Int8Weight.linear
     monkeypatch.setattr(quantization.Int8Weight, "linear", lambda self, x: real(self, x) * (1 + 1e-3 * (len(x) > 1)))
-    assert "differently in a step of 2 rows" in check()
+    assert "(64 x 96) computes a row differently in a step of 2 rows" in quantization.int8_rows_variant_reason(kernel)
+    monkeypatch.setattr(quantization.Int8Weight, "linear", lambda self, x: real(self, x) * (1 + 1e-3 * (len(x) > 80)))
+    assert "in a step of 320 rows" in quantization.int8_rows_variant_reason(kernel)
 
 
 @pytest.mark.slow
