@@ -585,8 +585,10 @@ class Admission:
             raise _Refuse(400, "invalid_value", str(e), "request_id") from e
         if isinstance(res, Denied):
             # a spent daily budget is OpenAI's `insufficient_quota` (its clients stop, where a
-            # `rate_limit_exceeded` is retried); a per-minute limit is a rate limit
-            code = "insufficient_quota" if res.limit == "daily_token_budget" else "rate_limit_exceeded"
+            # `rate_limit_exceeded` is retried); a per-minute limit is a rate limit, and so is
+            # a daily budget a minute's wait frees (held by running requests, or midnight near)
+            spent = res.limit == "daily_token_budget" and (res.retry_after_s is None or res.retry_after_s > 60)
+            code = "insufficient_quota" if spent else "rate_limit_exceeded"
             if res.retry_after_s is None:  # can never pass: this is the caller's request, not load
                 raise _Refuse(400 if res.limit == "max_tokens_cap" else 429,
                               code if res.limit != "max_tokens_cap" else "invalid_value",

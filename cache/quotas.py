@@ -364,7 +364,15 @@ if tpm >= 0 then
 end
 
 local refused = day_refusal(false)
-if refused then return refused end
+if refused then
+  if day_refusal(true) == nil then
+    -- spent only by what running requests hold (they give back what they do not use): a
+    -- wait helps, as for max_concurrent
+    return deny('daily_token_budget', 1000, 'the daily budget of ' .. daily .. ' tokens is held by running '
+                .. 'requests until they end; this request needs ' .. tokens)
+  end
+  return refused
+end
 
 redis.call('ZADD', conc_key, now + ttl, rid)
 -- as long as the reservations it indexes: a lapsed slot must still be found, to give back

@@ -470,6 +470,13 @@ async def test_without_max_tokens_a_request_defaults_to_what_its_token_limits_al
                                       max_tokens=None))
     assert isinstance(never, Rejected) and (never.status, never.code, never.retry_after) == (
         429, "insufficient_quota", None), never
+    # a budget held by a running request (a reservation of all of it): a wait, not midnight
+    running = await runtime.submit(call(tenant(Quota(daily_token_budget=60), id="e"), prompt="Hi", max_tokens=None))
+    assert isinstance(running, Accepted), running
+    held = await runtime.submit(call(tenant(Quota(daily_token_budget=60), id="e"), prompt="Hi", max_tokens=1))
+    assert isinstance(held, Rejected) and (held.status, held.code, held.retry_after) == (
+        429, "rate_limit_exceeded", 1.0), held
+    await collect(running)
 
 
 async def test_a_refunded_request_gives_its_quota_back_though_it_ran(runtime, services):

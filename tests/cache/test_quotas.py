@@ -120,6 +120,7 @@ async def test_a_request_of_several_sequences_reserves_each_and_is_capped_per_se
 async def test_daily_token_budget(quotas: QuotaManager):
     tenant = make_tenant(Quota(daily_token_budget=1000))
     assert isinstance(await quotas.reserve(tenant, "a", 400, 400), Admitted)
+    assert await quotas.settle(tenant, "a", 400, 400, "m")
     denied = await quotas.reserve(tenant, "b", 100, 101)
     assert isinstance(denied, Denied) and denied.limit == "daily_token_budget"
     assert denied.reason == "800 of the daily budget of 1000 tokens used; this request needs 201"
@@ -267,6 +268,20 @@ async def test_the_daily_budget_is_named_before_a_per_minute_limit_only_when_wai
     assert isinstance(denied, Denied) and denied.limit == "max_concurrent" and denied.retry_after_s == 1.0
     assert await quotas.settle(busy, "long", 10, 20, "m")
     assert isinstance(await quotas.reserve(busy, "next", 10, 200), Admitted)
+
+    # no other limit: a budget held only by running requests is a wait, not midnight
+    held = make_tenant(Quota(daily_token_budget=100), "held")
+    assert isinstance(await quotas.reserve(held, "r1", 10, 50), Admitted)
+    denied = await quotas.reserve(held, "r2", 10, 50)
+    assert isinstance(denied, Denied) and denied.limit == "daily_token_budget" and denied.retry_after_s == 1.0
+    assert "held by running requests" in denied.reason
+    assert await quotas.settle(held, "r1", 10, 5, "m")
+    assert isinstance(await quotas.reserve(held, "r2", 10, 50), Admitted)
+    denied = await quotas.reserve(held, "r3", 10, 50)  # 15 used, 60 held: the day's, until one ends
+    assert isinstance(denied, Denied) and denied.retry_after_s == 1.0
+    assert await quotas.settle(held, "r2", 10, 50, "m")
+    denied = await quotas.reserve(held, "r3", 10, 50)  # 75 used, nothing held: midnight
+    assert isinstance(denied, Denied) and "held by running" not in denied.reason and denied.retry_after_s != 1.0
 
 
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):
