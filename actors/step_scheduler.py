@@ -375,9 +375,11 @@ class StepScheduler:
         # or `long_prefill_token_threshold`), prompts were admitted that could not all be
         # prefilled, and the newest were preempted part-way and prefilled again from the
         # start (twice the prefill, measured; docs/scheduling.md).
-        owed_by = [(self._key(r), self.bm.blocks_needed(r.request_id, r.num_computed_tokens, r.num_tokens))
-                   for r in self._running]
+        owed_by: list[tuple[tuple[int, tuple[int, int]], int]] | None = None
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
+            if owed_by is None:  # (once a step, and only when someone may be admitted)
+                owed_by = [(self._key(r), self.bm.blocks_needed(r.request_id, r.num_computed_tokens, r.num_tokens))
+                           for r in self._running]
             req = self._waiting[0]
             tokens = req.all_token_ids
             hits, num_cached = self.bm.match_prefix(tokens[:-1], namespace=req.namespace)
@@ -385,12 +387,12 @@ class StepScheduler:
                 hits = hits[: req.max_prefix_blocks]
                 num_cached = len(hits) * self.bm.block_size
             key = self._key(req)
-            owed = sum(needs for k, needs in owed_by if k < key)
-            later = [r.request_id for r in self._running if self._key(r) > key]
-            preemptible = self.bm.num_freed_by(later, keep=hits) if later else 0
-            whole = self.bm.blocks_needed(req.request_id, num_cached, req.num_tokens, prefix_blocks=hits)
-            if owed + whole > self.bm.num_free_blocks + preemptible:
-                return  # head-of-line waits: strict (priority, arrival) order
+            wanted = sum(needs for k, needs in owed_by if k < key)
+            wanted += self.bm.blocks_needed(req.request_id, num_cached, req.num_tokens, prefix_blocks=hits)
+            if wanted > self.bm.num_free_blocks:
+                later = [r.request_id for r in self._running if self._key(r) > key]
+                if not later or wanted > self.bm.num_free_blocks + self.bm.num_freed_by(later, keep=set(hits)):
+                    return  # head-of-line waits: strict (priority, arrival) order
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
                 return

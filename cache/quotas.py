@@ -31,7 +31,10 @@ Windows (per tenant):
   fixed window can admit up to 2x the limit across a window boundary; the price
   of O(1) per call. A request larger than the whole limit is denied for good
   (retry_after_s None).
-- daily_token_budget: fixed UTC day. Retry-After = seconds to UTC midnight.
+- daily_token_budget: fixed UTC day. Retry-After = seconds to UTC midnight; 1 s when
+  the budget is refused only for what running requests hold and may give back (a
+  reservation holds prompt + max_tokens; it gives back all but its prompt and what its
+  gateway last reported it had used).
 - max_concurrent: ZSET request_id -> expiry ms; expired entries (a crashed
   replica never settled) are dropped on every reserve: what their replica last
   reported they had used is charged and recorded, the rest of the tokens they held
@@ -307,7 +310,7 @@ local conc_key = base .. 'conc'
 local day = math.floor(now / 86400000)
 local day_key = base .. 'day:' .. day
 -- the daily budget's refusal of this request, or nil. `settled_only`: as if the running
--- requests had given back all they hold (a settle gives back what they do not use)
+-- requests had given back all they still may (a settle gives back what they do not use)
 local function day_refusal(settled_only)
   if daily < 0 then return nil end
   if tokens > daily then
@@ -317,8 +320,13 @@ local function day_refusal(settled_only)
   local counted = used
   if settled_only and used + tokens > daily then
     for _, other in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
-      local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day')
-      if r[1] and tonumber(r[2]) == day then counted = counted - tonumber(r[1]) end
+      local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day', 'reserved_prompt', 'prompt', 'completion')
+      if r[1] and tonumber(r[2]) == day then
+        -- it gives back all but its prompt and what its gateway reported it had used
+        local spent = tonumber(r[3] or '0')
+        if r[4] then spent = math.max(spent, tonumber(r[4]) + tonumber(r[5])) end
+        counted = counted - math.max(0, tonumber(r[1]) - spent)
+      end
     end
   end
   if counted + tokens > daily then
@@ -384,7 +392,7 @@ redis.call('INCRBY', tpm_key, tokens)
 redis.call('PEXPIRE', tpm_key, 120000)
 redis.call('INCRBY', day_key, tokens)
 redis.call('EXPIRE', day_key, 2 * 86400)
-redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day)
+redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day, 'reserved_prompt', prompt)
 -- kept while its day is counted: the slot (conc) is what lapses, and the tokens held are
 -- given back when it does (above); a reservation is live while its slot is
 redis.call('EXPIRE', res_key, 2 * 86400)

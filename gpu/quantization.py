@@ -208,12 +208,14 @@ def _probe_int8() -> str | None:
 
 def int8_rows_variant_reason(kernel: Int8Weight) -> str | None:
     """None when `kernel` gives each row the bits it gets alone whatever the row count
-    (1 to 80 rows, a decode step's sizes, and 320, a prefill chunk's), else why not:
+    (1 to 80 rows, a decode step's sizes, and up to 320, a prefill chunk's), else why not:
     `--batch-invariant` with int8 rests on it, and the model checks each of its weight
     shapes at load. Exact int32 sums make it so on every CPU `int8_unavailable_reason`
     passes; checked, not assumed."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(320, kernel.in_features, generator=g) * torch.rand(320, 1, generator=g) * 8
+    # (a chunk of 320 rows, or fewer for a wide weight: the LM head's would be 60 MB of output)
+    chunk = max(96, min(320, (16 << 20) // (4 * kernel.out_features)))
+    x = torch.randn(chunk, kernel.in_features, generator=g) * torch.rand(chunk, 1, generator=g) * 8
     alone = torch.cat([kernel.linear(x[i:i + 1]) for i in range(80)])
     for rows in (2, 7, 16, 33, 80):
         together = torch.cat([kernel.linear(x[i:min(i + rows, 80)]) for i in range(0, 80, rows)])

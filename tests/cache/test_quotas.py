@@ -282,6 +282,17 @@ async def test_the_daily_budget_is_named_before_a_per_minute_limit_only_when_wai
     assert await quotas.settle(held, "r2", 10, 50, "m")
     denied = await quotas.reserve(held, "r3", 10, 50)  # 75 used, nothing held: midnight
     assert isinstance(denied, Denied) and "held by running" not in denied.reason and denied.retry_after_s != 1.0
+    # what a running request cannot give back (its prompt, what it reported using) is spent
+    late = make_tenant(Quota(daily_token_budget=100), "late")
+    assert isinstance(await quotas.reserve(late, "big_prompt", 50, 30), Admitted)
+    denied = await quotas.reserve(late, "r", 30, 30)  # 50 of its 80 can never come back
+    assert isinstance(denied, Denied) and denied.retry_after_s != 1.0
+    assert isinstance(await quotas.reserve(late, "small", 5, 10), Admitted)
+    denied = await quotas.reserve(late, "r2", 5, 20)  # 95 held, 40 of it may come back
+    assert isinstance(denied, Denied) and denied.retry_after_s == 1.0
+    assert await quotas.extend(late, ["big_prompt"], progress={"big_prompt": Progress(50, 25, "m")}) == 1
+    denied = await quotas.reserve(late, "r2", 5, 20)  # 15 may come back now: 25 do not fit
+    assert isinstance(denied, Denied) and denied.retry_after_s != 1.0
 
 
 async def test_a_zero_limit_is_refused_without_a_retry_time(quotas: QuotaManager):
