@@ -239,6 +239,40 @@ def test_a_prefix_hit_on_a_lower_requests_blocks_is_no_room_to_preempt_for(num_b
     assert "high" not in preempted and "early" not in preempted
 
 
+@pytest.mark.parametrize("threshold", [0, 4])
+def test_a_higher_priority_request_that_does_not_fit_preempts_lower_ones_at_once(threshold):
+    """Its first chunk not fitting in the free blocks (an uncapped prompt), a waiting request
+    of higher priority waited for the lower ones to finish; they are preempted for it now
+    (latest first, only as many as it needs), and finish after it."""
+    sched = make_scheduler(num_blocks=10, max_num_batched_tokens=32, long_prefill_token_threshold=threshold)
+    eng = ShadowEngine(sched)
+    sched.add(request("low_a", 8, max_tokens=12, priority=5))  # 5 blocks by its end
+    sched.add(request("low_b", [4] * 8, max_tokens=12, priority=5))
+    while sched.bm.num_free_blocks > 2:
+        eng.step()
+    sched.add(request("high", [3] * 12, max_tokens=2, priority=0))  # 4 blocks
+    plan = eng.step()
+    assert plan.preempted == ("low_b",) and "high" in chunk_lens(plan)
+    order = []
+    while sched.has_unfinished:
+        eng.step()
+        order += list(eng.finish_done())
+    assert order[0] == "high" and sorted(order) == ["high", "low_a", "low_b"]
+    assert sched.kv_usage == 0.0
+
+
+def test_no_request_is_preempted_for_a_higher_one_that_would_not_fit_anyway():
+    sched = make_scheduler(num_blocks=10, max_num_batched_tokens=32)
+    eng = ShadowEngine(sched)
+    sched.add(request("first", 8, max_tokens=12, priority=0))  # before the newcomer: not preemptible
+    sched.add(request("low", [4] * 8, max_tokens=12, priority=5))
+    while sched.bm.num_free_blocks > 2:
+        eng.step()
+    sched.add(request("high", [3] * 28, max_tokens=2, priority=1))  # 8 blocks beside first's: never
+    assert not eng.step().preempted
+    assert "high" not in chunk_lens(eng.step())
+
+
 # ------------------------------------------------------------------ preemption
 def test_preemption_frees_latest_request_and_both_complete():
     # 4 blocks of 4 tokens; each request needs up to 3 blocks (6 prompt + 6 output - 1)
