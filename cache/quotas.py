@@ -211,12 +211,39 @@ local base = ARGV[1]
 local rid = ARGV[2]
 """
 
+# Records what a request had used when its gateway last reported (a usage row and the
+# `lapsed:<rid>` note a later settle subtracts), as the difference from what its note
+# already holds: a lapse records it (`_LAPSES`), and so do a tenant's reset for its running
+# requests, whose reservations held the reports (`_RESET`), and their later extensions
+# (`_EXTEND`) — a gateway that dies before settling would leave them unbilled. The settle
+# records only the rest (`_SETTLE`).
+_RECORDS_PROGRESS = """
+local function record_progress(rid, day, prompt, completion, model)
+  local note_key = base .. 'lapsed:' .. rid
+  local note = redis.call('GET', note_key)
+  local p0, c0, requests = 0, 0, 1
+  if note then
+    local sep = string.find(note, ' ', 1, true)
+    p0 = tonumber(string.sub(note, 1, sep - 1))
+    c0 = tonumber(string.sub(note, sep + 1))
+    requests = 0
+  end
+  local usage_key = base .. 'usage:' .. day
+  redis.call('HINCRBY', usage_key, model .. '\\nrequests', requests)
+  redis.call('HINCRBY', usage_key, model .. '\\nprompt_tokens', tonumber(prompt) - p0)
+  redis.call('HINCRBY', usage_key, model .. '\\ncompletion_tokens', tonumber(completion) - c0)
+  redis.call('EXPIRE', usage_key, usage_ttl)
+  redis.call('SET', note_key, prompt .. ' ' .. completion, 'EX', 2 * 86400)
+end
+"""
+
+
 # Lua (inside a script that has `base`, `now`, `conc_key` and `usage_ttl`): settle the
 # tenant's reservations whose slots lapsed — run by every reserve and every extend of the
 # tenant, so that any live replica serving it settles a dead one's. The charge each lapse
 # records stays noted as long as its reservation could have lived (`lapsed:<rid>`, 2 days),
 # for a settle that comes after all.
-_LAPSES = """
+_LAPSES = _RECORDS_PROGRESS + """
 -- slots that lapsed (their gateway died, or lost Redis for a TTL, and stopped extending
 -- them): charge and record what each had used when its gateway last reported (`extend`),
 -- give back the rest of the tokens it held, and forget it; a settle that comes later
@@ -228,12 +255,7 @@ for _, old in ipairs(redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)) do
     local used = 0
     if r[4] then
       used = tonumber(r[4]) + tonumber(r[5])
-      local usage_key = base .. 'usage:' .. r[3]
-      redis.call('HINCRBY', usage_key, r[6] .. '\\nrequests', 1)
-      redis.call('HINCRBY', usage_key, r[6] .. '\\nprompt_tokens', r[4])
-      redis.call('HINCRBY', usage_key, r[6] .. '\\ncompletion_tokens', r[5])
-      redis.call('EXPIRE', usage_key, usage_ttl)
-      redis.call('SET', base .. 'lapsed:' .. old, r[4] .. ' ' .. r[5], 'EX', 2 * 86400)
+      record_progress(old, r[3], r[4], r[5], r[6])
     end
     local refund = used - tonumber(r[1])
     local old_tpm = base .. 'tpm:' .. r[2]
@@ -483,32 +505,6 @@ return 1
 """
 
 
-# What a running request of a reset tenant (`reset:<rid>`) had used when its gateway last
-# reported, recorded as a lapse records it (usage row, `lapsed:<rid>` note): the reservation
-# that held the report is gone, and a gateway that dies before settling would leave the
-# request unbilled. `_RESET` records the report it finds, `_EXTEND` each later one (the
-# difference); the settle records only the rest (`_SETTLE`'s reset: branch).
-_RECORDS_PROGRESS = """
-local function record_progress(rid, day, prompt, completion, model)
-  local note_key = base .. 'lapsed:' .. rid
-  local note = redis.call('GET', note_key)
-  local p0, c0, requests = 0, 0, 1
-  if note then
-    local sep = string.find(note, ' ', 1, true)
-    p0 = tonumber(string.sub(note, 1, sep - 1))
-    c0 = tonumber(string.sub(note, sep + 1))
-    requests = 0
-  end
-  local usage_key = base .. 'usage:' .. day
-  redis.call('HINCRBY', usage_key, model .. '\\nrequests', requests)
-  redis.call('HINCRBY', usage_key, model .. '\\nprompt_tokens', tonumber(prompt) - p0)
-  redis.call('HINCRBY', usage_key, model .. '\\ncompletion_tokens', tonumber(completion) - c0)
-  redis.call('EXPIRE', usage_key, usage_ttl)
-  redis.call('SET', note_key, prompt .. ' ' .. completion, 'EX', 2 * 86400)
-end
-"""
-
-
 # ARGV: base, tenant record key, usage_ttl_s, the tenant's created_at ('' = any) -> how many
 # running reservations were let go, -1 (nothing changed) when the record under the key is
 # not the tenant created then (deleted, and maybe created again, since it was read). The keys
@@ -516,14 +512,13 @@ end
 # written in the last 4 minutes (each lives 2 minutes past its last write) and the days in
 # the last 3 (each lives 2 days); a running reservation becomes `reset:<rid>`, so that its
 # settle records its usage and charges no limits (`_SETTLE`) and its extensions find it
-# alive (`_EXTEND`), and what it had reported is recorded (`_RECORDS_PROGRESS`).
+# alive (`_EXTEND`), and what it had reported is recorded (`record_progress`).
 _RESET = _GIVES_BACK + _PRELUDE + """
 local usage_ttl = tonumber(ARGV[3])
 if ARGV[4] ~= '' then
   local tenant = redis.call('GET', ARGV[2])
   if not tenant or (cjson.decode(tenant)['created_at'] or 0) ~= tonumber(ARGV[4]) then return -1 end
 end
-""" + _RECORDS_PROGRESS + """
 local conc_key = base .. 'conc'
 local lapsing = redis.call('ZRANGEBYSCORE', conc_key, '-inf', now)
 """ + _LAPSES + """
@@ -565,7 +560,7 @@ _EXTEND = _GIVES_BACK + _PRELUDE + """
 local ttl = tonumber(ARGV[2])
 local usage_ttl = tonumber(ARGV[3])
 local conc_key = base .. 'conc'
-""" + _LAPSES + _RECORDS_PROGRESS + """
+""" + _LAPSES + """
 local n = 0
 for i = 4, #ARGV, 4 do
   local res_key = base .. 'res:' .. ARGV[i]
