@@ -375,32 +375,47 @@ class StepScheduler:
         # beside what the running requests before it in (priority, arrival) order still need
         # for the tokens they already have (a prompt's chunks to come, a decode not scheduled
         # this step), in the free blocks and those only running requests of lower priority
-        # hold (its later chunks preempt them; its own prefix hits among them free nothing). Otherwise, with chunks capped (by the budget
-        # or `long_prefill_token_threshold`), prompts were admitted that could not all be
-        # prefilled, and the newest were preempted part-way and prefilled again from the
-        # start (twice the prefill, measured; docs/scheduling.md).
+        # hold (its later chunks preempt them; its own prefix hits among them free nothing).
+        # Otherwise, with chunks capped (by the budget or `long_prefill_token_threshold`),
+        # prompts were admitted that could not all be prefilled, and the newest were
+        # preempted part-way and prefilled again from the start (twice the prefill,
+        # measured; docs/scheduling.md).
         owed_by: list[tuple[tuple[int, tuple[int, int]], int]] | None = None
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             if owed_by is None:  # (once a step, and only when someone may be admitted)
-                owed_by = [(self._key(r), self.bm.blocks_needed(r.request_id, r.num_computed_tokens, r.num_tokens))
-                           for r in self._running]
+                owed_by = self._owed_by()
             req = self._waiting[0]
             hits, num_cached = self._prefix_hits(req)
-            key = self._key(req)
-            wanted = sum(needs for k, needs in owed_by if k < key)
-            wanted += self.bm.blocks_needed(req.request_id, num_cached, req.num_tokens, prefix_blocks=hits)
-            if wanted > self.bm.num_free_blocks:
-                later = [r.request_id for r in self._running if r.priority > req.priority]
-                if not later or wanted > self.bm.num_free_blocks + self.bm.num_freed_by(later, keep=set(hits)):
-                    return  # head-of-line waits: strict (priority, arrival) order
+            wanted = self._blocks_wanted(req, hits, num_cached, owed_by)
+            if wanted > self.bm.num_free_blocks and wanted > self.bm.num_free_blocks + self._room_of_lower(req, hits):
+                return  # head-of-line waits: strict (priority, arrival) order
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
                 return
             self._waiting.pop(0)
             self._running.append(req)
             req.num_computed_tokens = num_cached
-            owed_by.append((key, self.bm.blocks_needed(req.request_id, end, req.num_tokens)))
+            owed_by.append((self._key(req), self.bm.blocks_needed(req.request_id, end, req.num_tokens)))
             step.add(req, num_cached, end)
+
+    def _owed_by(self) -> list[tuple[tuple[int, tuple[int, int]], int]]:
+        """Each running request's key and the blocks it still needs for the tokens it has."""
+        return [(self._key(r), self.bm.blocks_needed(r.request_id, r.num_computed_tokens, r.num_tokens))
+                for r in self._running]
+
+    def _blocks_wanted(self, req: SchedRequest, hits: list[int], num_cached: int,
+                       owed_by: list[tuple[tuple[int, tuple[int, int]], int]]) -> int:
+        """Blocks for all of a waiting request's tokens (from its prefix hits on), on top of
+        what the running requests before it still need (`owed_by`)."""
+        key = self._key(req)
+        return (sum(needs for k, needs in owed_by if k < key)
+                + self.bm.blocks_needed(req.request_id, num_cached, req.num_tokens, prefix_blocks=hits))
+
+    def _room_of_lower(self, req: SchedRequest, hits: list[int]) -> int:
+        """Blocks preempting every running request of lower priority than `req` would free
+        for it (not those others share, nor its own prefix hits)."""
+        lower = [r.request_id for r in self._running if r.priority > req.priority]
+        return self.bm.num_freed_by(lower, keep=set(hits)) if lower else 0
 
     def _prefix_hits(self, req: SchedRequest) -> tuple[list[int], int]:
         """The cached blocks `req` would start from, and the tokens they cover."""
@@ -422,26 +437,23 @@ class StepScheduler:
         if not self._waiting or not self._running:
             return
         head = self._waiting[0]
-        key = self._key(head)
-        later = sorted((r for r in self._running if r.priority > head.priority), key=self._key)
-        if not later:
+        lower = sorted((r for r in self._running if r.priority > head.priority), key=self._key)
+        if not lower:
             return
         hits, num_cached = self._prefix_hits(head)
-        keep = set(hits)
-        owed = sum(self.bm.blocks_needed(r.request_id, r.num_computed_tokens, r.num_tokens)
-                   for r in self._running if self._key(r) < key)
+        owed_by = self._owed_by()  # (those before the head: no victim among them)
 
         def short() -> tuple[bool, int]:  # (no seat, blocks missing)
-            wanted = owed + self.bm.blocks_needed(head.request_id, num_cached, head.num_tokens, prefix_blocks=hits)
-            return len(self._running) >= self.config.max_num_seqs, wanted - self.bm.num_free_blocks
+            missing = self._blocks_wanted(head, hits, num_cached, owed_by) - self.bm.num_free_blocks
+            return len(self._running) >= self.config.max_num_seqs, missing
 
         no_seat, missing = short()
         if not no_seat and missing <= 0:
             return
-        if missing > self.bm.num_freed_by([r.request_id for r in later], keep=keep):
+        if missing > self._room_of_lower(head, hits):
             return
-        while later and (no_seat or missing > 0):
-            victim = later.pop()
+        while lower and (no_seat or missing > 0):
+            victim = lower.pop()
             self._preempt(victim)
             step.preempted.append(victim.request_id)
             no_seat, missing = short()
