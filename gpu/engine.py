@@ -496,6 +496,13 @@ class Engine:
         """One engine step: schedule → run → sample → detokenize/stop → deltas."""
         plan = self.scheduler.schedule()
         self.last_step_seqs = len(plan.seqs)
+        self.counters["preemptions"] += len(plan.preempted)  # (a plan of no sequences may preempt too)
+        for sid in plan.preempted:
+            # a held beam's report goes with its KV: its family waits for it to recompute and
+            # report again (advanced on the old one, the family appended a token to a beam
+            # still recomputing: the scheduler refuses that, and the step failed)
+            if (owner := self._beam_owner.get(sid)) is not None:
+                owner.beam_reports.pop(sid, None)
         if not plan.seqs:
             return []
         self.num_steps += 1
@@ -542,7 +549,6 @@ class Engine:
         c = self.counters
         c["steps"] += 1
         self.last_step_tokens = plan.num_tokens
-        c["preemptions"] += len(plan.preempted)
         decodes = sum(1 for s in plan.seqs if s.decode)  # (a one-token prompt chunk is prefill)
         c["decode_tokens_fed"] += decodes
         c["prefill_tokens_fed"] += plan.num_tokens - decodes
@@ -700,7 +706,7 @@ class Engine:
     # ------------------------------------------------------------ beam search
     def _report_beams(self, seq_ids: Sequence[str], logits: torch.Tensor) -> list[_Request]:
         """Score the candidates of every beam that ran this step (stored in its request's
-        `beam_reports`, replacing a report from before a preemption); returns the requests."""
+        `beam_reports`; a preemption drops a beam's report, `step`); returns the requests."""
         by_req: dict[str, tuple[_Request, list[int], list[str]]] = {}
         for row, sid in enumerate(seq_ids):
             req = self._beam_owner.get(sid)
