@@ -96,11 +96,14 @@ class AdmitMsg:
 class QuotaHold:
     """What `Admission.reserve_quota` did: `tenant`, whose usage is settled when the
     request ends (None: no quota applies); `reserved`, whether Redis holds a reservation
-    (False while Redis is down and quotas fail open); the per-minute limits after it."""
+    (False while Redis is down and quotas fail open); the per-minute limits after it;
+    `max_new_tokens`, what the reservation holds per sequence when the quota lowered a
+    defaulted max_tokens (None: as asked)."""
 
     tenant: Tenant | None
     reserved: bool
     rate_limits: RateLimits | None
+    max_new_tokens: int | None = None
 
 
 class TenantTurns:
@@ -556,12 +559,14 @@ class Admission:
                     return
 
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
-                            max_new_tokens: int, sequences: int = 1) -> QuotaHold:
+                            max_new_tokens: int, sequences: int = 1, *, lowest: int | None = None) -> QuotaHold:
         """Reserve `prompt_tokens + max_new_tokens × sequences` against the tenant's quota (atomically,
         every limit at once); `_Refuse` (429, a 400 for a request that can never pass, or
         503 when Redis is down and quotas fail closed) if it may not run. Redis down and
         failing open: no reservation, but the hold names the tenant, so its usage is
-        settled once Redis is back."""
+        settled once Redis is back. `lowest` (a request whose client did not choose
+        `max_new_tokens`): the reservation may lower it as far as this, to what is left of
+        the daily budget (the hold says how far)."""
         if self.quotas is None or tenant.quota is None:
             return QuotaHold(None, False, None)
         who = tenant.as_tenant()
@@ -570,7 +575,8 @@ class Admission:
             if not self.quotas.store.reachable():  # (failed to answer within the last second)
                 raise CacheUnavailable("Redis was unreachable a moment ago: skipped")
             sent = True
-            res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences)
+            res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences,
+                                            min_new_tokens=None if lowest is None else min(lowest, max_new_tokens))
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
@@ -598,12 +604,17 @@ class Admission:
                 self._block_rpm(tenant, res.retry_after_s)
             raise _Refuse(429, code, f"quota {res.limit}: {res.reason}",
                           retry_after=res.retry_after_s, rate_limits=res.limits)
-        return QuotaHold(who, True, res.limits)
+        lowered = res.max_new_tokens if res.max_new_tokens is not None and res.max_new_tokens < max_new_tokens else None
+        return QuotaHold(who, True, res.limits, lowered)
 
     async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
         hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens, st.params.max_tokens,
-                                        max(st.params.n, st.params.beam_width))
+                                        max(st.params.n, st.params.beam_width),
+                                        lowest=max(1, st.params.min_tokens)
+                                        if call.params.max_tokens is None or call.max_tokens_default else None)
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
+        if hold.max_new_tokens is not None:  # the daily budget's rest: it ends at `length` there
+            st.params = msgspec.structs.replace(st.params, max_tokens=hold.max_new_tokens)
 
     def rejected(self, request_id: str, tenant_id: str, refusal: _Refuse) -> Rejected:
         """A refusal as the caller's `Rejected`, counted in `lmgate_rejections`."""

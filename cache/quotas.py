@@ -34,7 +34,8 @@ Windows (per tenant):
 - daily_token_budget: fixed UTC day. Retry-After = seconds to UTC midnight; 1 s when
   the budget is refused only for what running requests hold and may give back (a
   reservation holds prompt + max_tokens; it gives back all but its prompt and what its
-  gateway last reported it had used).
+  gateway last reported it had used). A request whose max_tokens was defaulted reserves
+  no more than what is left of the day (`reserve(min_new_tokens=...)`).
 - max_concurrent: ZSET request_id -> expiry ms; expired entries (a crashed
   replica never settled) are dropped on every reserve: what their replica last
   reported they had used is charged and recorded, the rest of the tokens they held
@@ -150,12 +151,15 @@ class Progress(msgspec.Struct, frozen=True):
 
 
 class Admitted(msgspec.Struct, frozen=True):
-    """The request holds a reservation of ``reserved_tokens`` until settle/release.
-    `limits`: the per-minute limits after it (None when reserved before: a retried call)."""
+    """The request holds a reservation of ``reserved_tokens`` until settle/release, for
+    up to ``max_new_tokens`` per sequence (below what was asked when `reserve` was let lower
+    it: `min_new_tokens`). `limits`: the per-minute limits after it (None when reserved
+    before: a retried call)."""
 
     request_id: str
     reserved_tokens: int
     limits: RateLimits | None = None
+    max_new_tokens: int | None = None
 
 
 class Denied(msgspec.Struct, frozen=True):
@@ -270,11 +274,13 @@ redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
 
 
 # ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences,
-#       usage_ttl_s
-# -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms]};
-#    status 1 admitted, 0 denied — both with what is left of the per-minute limits (after
-#    the admission, or as they stand when denied; -1 where unlimited) —, 2 id already
-#    finished, 3 id already holds a live reservation (retry_ms carries its reserved tokens).
+#       usage_ttl_s, min_new (per sequence: max_new may be lowered as far as this to fit
+#       what is left of the daily budget; max_new: it may not)
+# -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms[,
+#    max_new]]}; status 1 admitted (with the max_new reserved), 0 denied — both with what is
+#    left of the per-minute limits (after the admission, or as they stand when denied; -1
+#    where unlimited) —, 2 id already finished, 3 id already holds a live reservation
+#    (retry_ms carries its reserved tokens).
 _RESERVE = _TAKES + _PRELUDE + """
 local prompt = tonumber(ARGV[3])
 local max_new = tonumber(ARGV[4])
@@ -286,6 +292,7 @@ local daily = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
 local seqs = tonumber(ARGV[11])
 local usage_ttl = tonumber(ARGV[12])
+local min_new = tonumber(ARGV[13])
 local tokens = prompt + max_new * seqs
 
 local rpm_key = base .. 'rpm'
@@ -331,6 +338,15 @@ local conc_key = base .. 'conc'
 """ + _LAPSES + """
 local day = math.floor(now / 86400000)
 local day_key = base .. 'day:' .. day
+-- a request that did not choose its max_tokens (it defaults to the room in the context
+-- window) takes no more than what is left of the day, down to `min_new`: it ends at
+-- `length` there. Reserving its whole default, it would be refused until midnight once
+-- any of the day's budget was used.
+if daily >= 0 and min_new < max_new then
+  local fit = math.floor((daily - tonumber(redis.call('GET', day_key) or '0') - prompt) / seqs)
+  max_new = math.max(min_new, math.min(max_new, fit))
+  tokens = prompt + max_new * seqs
+end
 -- the daily budget's refusal of this request, or nil. `settled_only`: as if the running
 -- requests had given back all they still may (a settle gives back what they do not use)
 local function day_refusal(settled_only)
@@ -419,7 +435,7 @@ redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day, 'reserved_
 -- given back when it does (above); a reservation is live while its slot is
 redis.call('EXPIRE', res_key, 2 * 86400)
 local rpm_left, rpm_reset, tpm_left, tpm_reset = standing()
-return {1, '', 0, '', rpm_left, rpm_reset, tpm_left, tpm_reset}
+return {1, '', 0, '', rpm_left, rpm_reset, tpm_left, tpm_reset, max_new}
 """
 
 # ARGV: base, rid, prompt, completion, model, usage_ttl_s -> 1 settled now, 0 already done
@@ -695,12 +711,19 @@ class QuotaManager:
         *,
         sequences: int = 1,
         ttl_s: float | None = None,
+        min_new_tokens: int | None = None,
     ) -> Admitted | Denied:
         """Check every limit and, if all pass, count the request — atomically.
 
         It reserves `prompt_tokens + max_new_tokens × sequences` (a request generating `n`
         choices, or running `best_of` beams, runs that many sequences of up to
         `max_new_tokens` each); `max_tokens_cap` bounds `max_new_tokens`, per sequence.
+
+        `min_new_tokens` (for a request whose `max_tokens` was a default, not the client's
+        choice): `max_new_tokens` may be lowered as far as this to fit what is left of the
+        daily budget (in the same script, so no other request takes it meanwhile); the
+        Admitted says what was reserved. Refused only if even `min_new_tokens` does not fit.
+        The per-minute token limit lowers nothing: a minute's wait gives it back.
 
         Idempotent while the reservation is live: reserving the same id again
         returns the existing Admitted without counting anything (the client
@@ -711,6 +734,9 @@ class QuotaManager:
             raise ValueError("token counts must be >= 0")
         if sequences < 1:
             raise ValueError("sequences must be >= 1")
+        min_new = max_new_tokens if min_new_tokens is None else min_new_tokens
+        if not 0 <= min_new <= max_new_tokens:
+            raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
         ttl_ms = round((ttl_s if ttl_s is not None else self.reservation_ttl_s) * 1000)
         if ttl_ms <= 0:
             raise ValueError("ttl_s must be > 0")
@@ -719,15 +745,16 @@ class QuotaManager:
             self._base(tenant.id), request_id, prompt_tokens, max_new_tokens,
             _limit(q.requests_per_minute), _limit(q.tokens_per_minute),
             _limit(q.max_concurrent), _limit(q.max_tokens_cap),
-            _limit(q.daily_token_budget), ttl_ms, sequences, self.usage_ttl_days * _DAY_S,
+            _limit(q.daily_token_budget), ttl_ms, sequences, self.usage_ttl_days * _DAY_S, min_new,
         ]
         with self.store.guard():
             reply = await self._reserve(args=args)
         status, limit, retry_ms, reason = reply[:4]
         if status == 1:
-            return Admitted(request_id, prompt_tokens + max_new_tokens * sequences, _rate_limits(q, reply[4:]))
-        if status == 3:
-            return Admitted(request_id, retry_ms)
+            granted = int(reply[8])
+            return Admitted(request_id, prompt_tokens + granted * sequences, _rate_limits(q, reply[4:]), granted)
+        if status == 3:  # (what it reserved then: the same request, asked again)
+            return Admitted(request_id, retry_ms, None, max(0, retry_ms - prompt_tokens) // sequences)
         if status == 2:
             raise DuplicateRequest(f"request id {request_id!r} was already settled or released")
         retry = None if retry_ms < 0 else max(retry_ms, 1) / 1000

@@ -497,6 +497,35 @@ async def test_a_refunded_request_gives_its_quota_back_though_it_ran(runtime, se
     await collect(again)
 
 
+async def test_a_request_without_max_tokens_is_given_what_is_left_of_the_daily_budget(runtime, services):
+    """max_tokens left out (the SDKs' default) defaults to the room in the context window,
+    which a budget below it cannot hold once any of the day is used: the request reserves
+    and generates what is left of the day instead (it ends at `length`), and a later one
+    finds the day spent (it was refused until midnight whatever was left)."""
+    t = tenant(Quota(daily_token_budget=300), id="daily-default")
+    prompt = "Count from one to a hundred:"
+    first = await runtime.submit(call(t, prompt=prompt, max_tokens=40, ignore_eos=True))
+    assert isinstance(first, Accepted)
+    await collect(first)
+    await wait_until(lambda: runtime.accounting.settled == 1)
+    n = first.prompt_tokens
+    acc = await runtime.submit(call(t, prompt=prompt, max_tokens=None, ignore_eos=True))
+    assert isinstance(acc, Accepted), acc
+    _, _, fin = await collect(acc)
+    assert fin.finish_reasons == ["length"] and fin.usage.completion_tokens == 300 - (n + 40) - n
+    await wait_until(lambda: runtime.accounting.settled == 2)
+    [row] = await usage_rows(services["quotas"], "daily-default")
+    assert row.prompt_tokens + row.completion_tokens == 300
+    rej = await runtime.submit(call(t, prompt=prompt, max_tokens=None))
+    assert isinstance(rej, Rejected) and (rej.status, rej.code) == (429, "insufficient_quota"), rej
+    assert rej.retry_after is not None and rej.retry_after > 60
+    # one that chose its max_tokens is refused as before, however little it would have used
+    explicit = tenant(Quota(daily_token_budget=300), id="daily-explicit")
+    await collect(await runtime.submit(call(explicit, prompt=prompt, max_tokens=40)))
+    rej = await runtime.submit(call(explicit, prompt=prompt, max_tokens=300 - n - 1))
+    assert isinstance(rej, Rejected) and rej.status == 429, rej
+
+
 async def test_logprobs_are_replayed_from_the_cache(runtime):
     ask = dict(prompt="The capital of Germany is", max_tokens=5, logprobs=2)
     first = await runtime.submit(call(tenant(), **ask))

@@ -48,7 +48,7 @@ async def away_from_minute_edge(store: RedisStore) -> None:
 async def test_unlimited_quota_admits(quotas: QuotaManager):
     tenant = make_tenant(Quota())
     for i in range(20):
-        assert await quotas.reserve(tenant, f"r{i}", 1000, 1000) == Admitted(f"r{i}", 2000)
+        assert await quotas.reserve(tenant, f"r{i}", 1000, 1000) == Admitted(f"r{i}", 2000, None, 1000)
 
 
 async def test_requests_per_minute_sliding_window(quotas: QuotaManager):
@@ -250,6 +250,33 @@ async def test_a_stale_reset_changes_nothing(quotas: QuotaManager, registry: Ten
     assert await quotas.reset_limits("acme", created_at=new.created_at) == 1
 
 
+async def test_a_defaulted_max_new_is_lowered_to_what_is_left_of_the_day(quotas: QuotaManager):
+    tenant = make_tenant(Quota(daily_token_budget=1000, tokens_per_minute=10_000))
+    assert isinstance(await quotas.reserve(tenant, "r0", 100, 300), Admitted)
+    assert await quotas.settle(tenant, "r0", 100, 300, "m")
+    got = await quotas.reserve(tenant, "r1", 50, 900, min_new_tokens=1)  # 600 left: 550 after its prompt
+    assert isinstance(got, Admitted) and (got.max_new_tokens, got.reserved_tokens) == (550, 600)
+    assert (await quotas.reserve(tenant, "r1", 50, 900, min_new_tokens=1)).max_new_tokens == 550  # a retry
+    # the day is held by r1 now: even a token is refused, for as long as r1 runs
+    held = await quotas.reserve(tenant, "r2", 50, 900, min_new_tokens=1)
+    assert isinstance(held, Denied) and (held.limit, held.retry_after_s) == ("daily_token_budget", 1.0)
+    assert await quotas.settle(tenant, "r1", 50, 20, "m")  # 470 used
+    two = await quotas.reserve(tenant, "r3", 30, 900, sequences=2, min_new_tokens=1)  # (1000 - 470 - 30) // 2
+    assert isinstance(two, Admitted) and (two.max_new_tokens, two.reserved_tokens) == (250, 530)
+    assert await quotas.release(tenant, "r3")
+    # never below min_new_tokens, nor above max_new_tokens; a fixed max_new is not lowered
+    assert isinstance(await quotas.reserve(tenant, "r4", 30, 900, min_new_tokens=600), Denied)
+    assert (await quotas.reserve(tenant, "r5", 30, 100, min_new_tokens=1)).max_new_tokens == 100
+    assert await quotas.release(tenant, "r5")
+    assert isinstance(await quotas.reserve(tenant, "r6", 30, 900), Denied)
+    with pytest.raises(ValueError):
+        await quotas.reserve(tenant, "r7", 30, 10, min_new_tokens=11)
+    # no daily budget: nothing to lower to (a minute's wait gives the per-minute limit back)
+    other = make_tenant(Quota(tokens_per_minute=500), "tpm-only")
+    assert isinstance(await quotas.reserve(other, "t0", 10, 100), Admitted)
+    assert isinstance(await quotas.reserve(other, "t1", 10, 450, min_new_tokens=1), Denied)
+
+
 async def test_the_daily_budget_is_named_before_a_per_minute_limit_only_when_waiting_cannot_help(
         quotas: QuotaManager):
     """A request refused by a per-minute limit that the day's budget would refuse however
@@ -361,7 +388,7 @@ async def test_reserve_is_idempotent_and_finished_ids_cannot_be_reused(quotas: Q
     first = await quotas.reserve(tenant, "r1", 3, 4)
     assert isinstance(first, Admitted) and (first.request_id, first.reserved_tokens) == ("r1", 7)
     assert first.limits is not None and first.limits.remaining_requests == 1
-    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7)  # a retry: not counted (no limits read)
+    assert await quotas.reserve(tenant, "r1", 3, 4) == Admitted("r1", 7, None, 4)  # a retry: not counted (no limits read)
     assert await quotas.running("acme") == 1
     assert isinstance(await quotas.reserve(tenant, "r2", 1, 1), Admitted)  # 2nd of 2 per minute
     await quotas.settle(tenant, "r1", 3, 1, "m")
