@@ -263,9 +263,19 @@ class StepScheduler:
         step = _StepBuilder(self.config.max_num_batched_tokens)
         self._make_room_for_head(step)
         made_room = len(step.preempted)
+        # the head of the queue is admitted before the running requests of a lower priority
+        # are scheduled: after them, their decodes and prefill chunks took the blocks (and
+        # the budget) it fitted in or that preemptions freed for it, and it was admitted a
+        # step or more later. (Within one priority, running requests go first: FCFS.)
+        head = self._waiting[0].priority if self._waiting else None
         for req in sorted(self._running, key=self._key):
             if step.budget == 0:
                 break
+            if head is not None and req.priority > head:
+                self._admit_waiting(step, before=self._key(req))
+                head = None
+                if step.budget == 0:
+                    break
             if req.request_id in step.preempted or not self._wants_tokens(req):
                 continue
             self._schedule_running(req, step)
@@ -370,7 +380,9 @@ class StepScheduler:
         step.copies += self.bm.prepare_write(req.request_id, start, end)
         step.add(req, start, end)
 
-    def _admit_waiting(self, step: _StepBuilder) -> None:
+    def _admit_waiting(self, step: _StepBuilder, before: tuple[int, tuple[int, int]] | None = None) -> None:
+        """Admit waiting requests in (priority, arrival) order while they fit (`before`:
+        only those whose key sorts before it)."""
         # A request is admitted only if all of its tokens fit, not just its first chunk:
         # beside what the running requests before it in (priority, arrival) order still need
         # for the tokens they already have (a prompt's chunks to come, a decode not scheduled
@@ -385,6 +397,8 @@ class StepScheduler:
             if owed_by is None:  # (once a step, and only when someone may be admitted)
                 owed_by = self._owed_by()
             req = self._waiting[0]
+            if before is not None and self._key(req) >= before:
+                return
             hits, num_cached = self._prefix_hits(req)
             wanted = self._blocks_wanted(req, hits, num_cached, owed_by)
             if wanted > self.bm.num_free_blocks and wanted > self.bm.num_free_blocks + self._room_of_lower(req, hits):

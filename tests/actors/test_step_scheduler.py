@@ -261,6 +261,30 @@ def test_a_higher_priority_request_that_does_not_fit_preempts_lower_ones_at_once
     assert sched.kv_usage == 0.0
 
 
+@pytest.mark.parametrize("num_blocks, high", [(9, 4), (8, 16)])
+def test_a_higher_priority_head_is_admitted_before_lower_ones_take_its_blocks(num_blocks, high):
+    """Scheduled before the head of the queue was admitted, running requests of lower
+    priority took the blocks it fitted in (9 blocks: their decodes) or that preempting one
+    of them had freed for it (8), and it was admitted a step later: now in the step it fits
+    (a lower one is preempted for the other's decode instead)."""
+    sched = make_scheduler(num_blocks=num_blocks, max_num_batched_tokens=32)
+    eng = ShadowEngine(sched)
+    sched.add(request("low_a", 8, max_tokens=20, priority=5))
+    sched.add(request("low_b", [4] * 8, max_tokens=20, priority=5))
+    for _ in range(9):
+        eng.step()
+    assert sched.bm.num_free_blocks <= 1 and not eng.finish_done()
+    sched.add(request("high", [3] * high, max_tokens=2, priority=0))
+    plan = eng.step()
+    assert plan.preempted[0] == "low_b" and "high" in chunk_lens(plan)
+    order = []
+    while sched.has_unfinished:
+        eng.step()
+        order += list(eng.finish_done())
+    assert order[0] == "high" and sorted(order) == ["high", "low_a", "low_b"]
+    assert sched.kv_usage == 0.0
+
+
 def test_no_request_is_preempted_for_a_higher_one_that_would_not_fit_anyway():
     sched = make_scheduler(num_blocks=10, max_num_batched_tokens=32)
     eng = ShadowEngine(sched)
