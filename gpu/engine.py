@@ -870,8 +870,11 @@ class Engine:
         if reason is not None:
             if not choice.stop.stopped and error is None:
                 tail = choice.detok.finish()
-                if tail:
-                    emit += choice.stop.push(tail)[0]
+                if tail:  # (a character cut short, as U+FFFD: a stop string may match it too)
+                    text, stopped, _ = choice.stop.push(tail, armed=n_out >= p.min_tokens)
+                    emit += text
+                    if stopped:
+                        reason = "stop"
                 if not choice.stop.stopped:
                     emit += choice.stop.flush()
             choice.finish_reason = reason

@@ -226,6 +226,19 @@ def test_stop_string_and_eos(ckpt, tokenizer, prompts):
     assert cut.text == free.text[: free.text.index("Paris")]
 
 
+def test_a_stop_string_in_a_character_cut_short_at_max_tokens_ends_with_stop(ckpt, tokenizer):
+    """At max_tokens, a character cut short is written as U+FFFD; a stop string matched in
+    it cuts the text there, and the choice reports "stop" (it said "length", the text cut)."""
+    engine = make_engine(ckpt, tokenizer)
+    prompt = tokenizer.encode("List some emoji: \U0001F600")
+    [[free]] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=24))
+    cut = next(n for n in range(1, 25) if tokenizer.decode(free.token_ids[:n]).endswith("\ufffd"))
+    [[plain]] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=cut))
+    assert plain.finish_reason == "length" and plain.text.endswith("\ufffd")
+    [[stopped]] = generate(engine, [prompt], SamplingParams(temperature=0, max_tokens=cut, stop=("\ufffd",)))
+    assert (stopped.finish_reason, stopped.text) == ("stop", plain.text[: plain.text.index("\ufffd")])
+
+
 def test_seeded_sampling_is_batch_independent_and_n_choices(ckpt, tokenizer, prompts):
     engine = make_engine(ckpt, tokenizer)
     p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
