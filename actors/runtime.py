@@ -97,19 +97,34 @@ def served_model_name(model: str) -> str:
     return (p.stem if p.suffix == ".gguf" else p.name) or "model"
 
 
-class _ServiceTime:
+class ServiceTime:
     """EWMAs of a request's time in the engine, and of the tokens each of its sequences
-    generated, for the overload estimate (`Runtime.estimated_wait_s`)."""
+    generated, for the overload estimate (`Runtime.estimated_wait_s`). They start as plain
+    means (the first request replaces the guesses whole: at a weight of `alpha` the guess
+    of 2 s held for a dozen requests, and a restarted server admitted 3x what it could
+    serve in its limit, measured by an audit)."""
 
     def __init__(self, alpha: float = 0.1, initial: float = 2.0, initial_tokens: float = 128.0):
         self.alpha = alpha
         self.value = initial
         self.tokens = initial_tokens
+        self.count = 0  # requests observed
 
     def observe(self, seconds: float, tokens_per_sequence: float | None = None) -> None:
-        self.value += self.alpha * (seconds - self.value)
+        self.count += 1
+        weight = max(self.alpha, 1 / self.count)
+        self.value += weight * (seconds - self.value)
         if tokens_per_sequence is not None:
-            self.tokens += self.alpha * (max(1.0, tokens_per_sequence) - self.tokens)
+            self.tokens += weight * (max(1.0, tokens_per_sequence) - self.tokens)
+
+    def expected(self, decode_step_s: float) -> float:
+        """A request's time in the engine: as observed; before any request ended, a typical
+        request's tokens at the engine's recent time for a decode step (0: none measured
+        yet, the initial guess), which knows this machine's and this batch's pace where
+        the guess does not."""
+        if self.count or decode_step_s <= 0:
+            return self.value
+        return self.tokens * decode_step_s
 
 
 class Runtime:
@@ -168,7 +183,7 @@ class Runtime:
         self.quotas = quotas
         self.tokenizer = engine.tokenizer
         self.ready = False
-        self._service_time = _ServiceTime()
+        self._service_time = ServiceTime()
         cs = config.channel_size
         self._admit_send, self._admit_recv = trio.open_memory_channel[AdmitMsg](cs)
         self._pred_send, self._pred_recv = trio.open_memory_channel[RequestState](cs)
@@ -276,15 +291,25 @@ class Runtime:
 
     def estimated_wait_s(self) -> float:
         """The wait a request admitted now would have: the work ahead of it, in typical
-        requests, through `max_num_seqs` slots, each a typical request's time in the engine.
-        A sequence waiting inside the engine counts as the share of a typical sequence's
-        tokens it has left to write (at most one): the 56 choices of an `n=64, max_tokens=8`
-        request waiting for slots are a few requests' work, not 56 (they had every other
-        request refused, "estimated wait 109 s", for a request done in 4 s)."""
-        slots = max(1, self.engine.config.scheduler.max_num_seqs)
+        requests, at the rate the engine finishes requests while saturated
+        (`Stepper.drain`, measured); until it has been saturated long enough to measure,
+        through `max_num_seqs` slots, each a typical request's time in the engine. (The
+        slots alone over-admitted 2-4x where the KV cache held fewer requests than
+        `max_num_seqs`: an audit's first tokens came 15-34 s after admission under an 8 s
+        limit.) A sequence waiting inside the engine counts as the share of a typical
+        sequence's tokens it has left to write (at most one): the 56 choices of an
+        `n=64, max_tokens=8` request waiting for slots are a few requests' work, not 56
+        (they had every other request refused, "estimated wait 109 s", for a request done
+        in 4 s)."""
         sched = self.engine.scheduler
         work = self.waiting() - sched.num_waiting + sched.waiting_work(self._service_time.tokens)
-        return work / slots * self._service_time.value
+        if work <= 0:
+            return 0.0
+        rate = self.stepper.drain.per_s(time.monotonic())
+        if rate is not None:
+            return work / rate
+        slots = max(1, self.engine.config.scheduler.max_num_seqs)
+        return work / slots * self._service_time.expected(self.stepper.mean_decode_step_s)
 
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         """A request the gateway refused before admission saw it (a body that does not

@@ -37,6 +37,7 @@ An exception from `engine.step()` fails the requests that were in the engine
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Iterator
@@ -73,6 +74,37 @@ class Completed:
 
 
 STEP_TIME_EWMA = 0.2  # weight of the newest step in `Stepper.mean_step_s` (as ops.sim's SimConfig.step_time_ewma)
+
+
+class DrainRate:
+    """How many requests the engine finishes a second while it is saturated (requests wait
+    in it for blocks, or a step runs `max_num_seqs` sequences): its capacity as measured,
+    for the overload estimate (`Runtime.estimated_wait_s`). Measured, it counts what a
+    formula of seats and service times misses: a KV cache that holds fewer requests than
+    there are seats, preemptions, a batch slower per token. Over the last `window`
+    completions of the current saturated stretch; a step that is not saturated ends the
+    stretch (an idle gap is no measure of capacity), and a stretch of fewer than `least`
+    completions gives no rate. Time runs on to now: an engine that stops finishing
+    requests is seen to slow (pure: the caller passes the clock)."""
+
+    def __init__(self, window: int = 16, least: int = 3) -> None:
+        if least < 2 or window < least:
+            raise ValueError("need 2 <= least <= window")
+        self.least = least
+        self._ends: collections.deque[float] = collections.deque(maxlen=window)
+
+    def observe(self, now: float, saturated: bool, finished: int) -> None:
+        """A step ended at `now`; `finished` requests ended in it."""
+        if not saturated:
+            self._ends.clear()
+            return
+        self._ends.extend([now] * finished)
+
+    def per_s(self, now: float) -> float | None:
+        """Requests finished per second, or None (too few seen in this stretch)."""
+        if len(self._ends) < self.least or now <= self._ends[0]:
+            return None
+        return (len(self._ends) - 1) / (now - self._ends[0])
 
 
 class Stepper:
@@ -121,6 +153,10 @@ class Stepper:
         # prefill step look like the batch's pace (the adaptive policy cut its cap on it)
         self.mean_step_s = 0.0
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
+        self.drain = DrainRate()  # requests finished a second while saturated (the overload estimate reads it)
+        # the same EWMA over steps that only decode (a token per sequence): the pace of
+        # generation, which a prefill step (the first of every burst) does not show
+        self.mean_decode_step_s = 0.0
         # engine counters exported as Prometheus counters: each exports what follows this point
         self._exported = {"preemptions": metrics.preemptions,
                           "prefill_tokens_fed": metrics.step_tokens.labels("prefill"),
@@ -450,9 +486,16 @@ class Stepper:
             dt = self.last_step_s = time.perf_counter() - t0
             self.mean_step_s = dt if self.mean_step_s == 0 else self.mean_step_s + STEP_TIME_EWMA * (dt - self.mean_step_s)
             self.step_cost.observe(self.engine.last_step_tokens, dt)
+            if 0 < self.engine.last_step_tokens == self.engine.last_step_seqs:
+                m = self.mean_decode_step_s
+                self.mean_decode_step_s = dt if m == 0 else m + STEP_TIME_EWMA * (dt - m)
             self.metrics.step_time.observe(dt)
             if self.engine.last_step_seqs:
                 self.metrics.batch_size.observe(self.engine.last_step_seqs)
+            sched = self.engine.scheduler
+            self.drain.observe(time.monotonic(), sched.num_waiting > 0
+                               or self.engine.last_step_seqs >= sched.config.max_num_seqs,
+                               sum(1 for d in deltas if d.request_finished))
             for d in deltas:
                 self._route(d)
             self._export_stats()
