@@ -773,11 +773,16 @@ def _bytes_of(token_bytes: TokenBytes | None, token_id: int, text: str) -> list[
     return list(text.encode())
 
 
-def _chat_logprobs(delta: TokenDelta, token_bytes: TokenBytes | None = None) -> dict[str, Any] | None:
+def _chat_logprobs(delta: TokenDelta, token_bytes: TokenBytes | None = None,
+                   leave_out: frozenset[int] = frozenset()) -> dict[str, Any] | None:
+    """A delta's tokens as chat's `logprobs` (None: it asked for none); `leave_out`: ids
+    whose entries are left out (`ChunkRenderer.lp_leave_out`)."""
     if delta.logprobs is None:
         return None
     items = []
     for i, (tok, lp) in enumerate(zip(delta.token_ids, delta.logprobs, strict=False)):
+        if tok in leave_out:
+            continue
         text = _token_text(delta, i, tok)
         tops = delta.top_logprobs[i] if delta.top_logprobs and i < len(delta.top_logprobs) else []
         items.append(
@@ -1002,6 +1007,9 @@ class ChunkRenderer:
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
     _offsets: dict[int, TextOffsets] = field(default_factory=dict)  # per choice (text_offset)
     special_ids: frozenset[int] = frozenset()  # as `Collector.special_ids`
+    # token ids whose logprobs are left out: the Responses API's, whose logprobs belong to
+    # an output_text and list what it holds (its end-of-turn token is not in it)
+    lp_leave_out: frozenset[int] = frozenset()
     echo: list[str] | None = None  # as `Collector.echo`
     echo_logprobs: int | None = None  # as `Collector.echo_logprobs`
     n: int = 1
@@ -1037,7 +1045,7 @@ class ChunkRenderer:
         if self.tools is not None:
             held = self._held.setdefault(d.index, [])
             held.append(d.text)
-            lp = _chat_logprobs(d, self.token_bytes)
+            lp = _chat_logprobs(d, self.token_bytes, self.lp_leave_out)
             if lp is not None:
                 self._held_lp.setdefault(d.index, []).extend(lp["content"])
             if not self.tools.auto:
@@ -1055,7 +1063,7 @@ class ChunkRenderer:
         # A delta that adds no text and no logprobs (the end-of-sequence token; a piece of a
         # character) sends nothing, unless it is its choice's first (which starts the choice)
         if self.endpoint == "chat.completions":
-            lp = _chat_logprobs(d, self.token_bytes)
+            lp = _chat_logprobs(d, self.token_bytes, self.lp_leave_out)
             if not d.text and lp is None and d.index in self._role_sent:
                 return None
             choice = self._content_choice(d.index, d.text, lp["content"] if lp is not None else None)

@@ -60,6 +60,7 @@ from gateway.routes_openai import (
     check_metadata,
     events_of,
     failed_error,
+    special_ids_of,
     stream_body,
     streams_calls,
     submit_all,
@@ -1080,7 +1081,8 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                                       cache=cache)
         tools = tools_of(chat)
         chunks = ChunkRenderer("chat.completions", response_id, req.model, False,
-                               token_bytes=token_bytes_of(state), tools=tools, stream_calls=streams_calls(chat))
+                               token_bytes=token_bytes_of(state), tools=tools, stream_calls=streams_calls(chat),
+                               lp_leave_out=special_ids_of(state, chat))
         renderer = ResponseRenderer(response_id, req, chunks, logprobs=chat.logprobs)
         turn = Turn(store, owner(tenant), req, context, items, renderer)
         try:

@@ -58,6 +58,14 @@ async def test_responses_served(nursery: trio.Nursery, tmp_path, redis_url: str)
     assert whole.status == "completed" and whole.output_text.strip()
     assert "".join(deltas) == final.output_text == whole.output_text
     assert final.usage.output_tokens == whole.usage.output_tokens > 0
+
+    # logprobs list the tokens of the text: not the end-of-turn token that ended it
+    lp_resp = await trio.to_thread.run_sync(lambda: sdk.responses.create(
+        model=model, input="What is the capital of France?", temperature=0, max_output_tokens=40,
+        include=["message.output_text.logprobs"], extra_headers={"Cache-Control": "no-store"}))
+    part = lp_resp.output[0].content[0]
+    assert lp_resp.status == "completed" and part.text
+    assert b"".join(bytes(t.bytes) for t in part.logprobs).decode() == part.text
     assert final.usage.input_tokens == whole.usage.input_tokens > 10  # the chat template and instructions
 
     # a structured answer: the SDK's parse with a pydantic model (text.format json_schema)

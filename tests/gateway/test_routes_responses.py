@@ -140,6 +140,21 @@ def test_every_token_keeps_its_logprob_even_without_text() -> None:
     assert [lp["logprob"] for lp in part["logprobs"]] == [-0.1, -0.2]
 
 
+def test_the_end_of_turn_token_has_no_logprob_in_the_text() -> None:
+    """A token the text leaves out (the special end-of-turn token) is not listed among the
+    output_text's logprobs (chat lists it, as vLLM does): nor a delta of no text for it."""
+    r = ResponseRenderer("resp_1", ResponsesRequest(model=MODEL, input="hi", top_logprobs=0),
+                         ChunkRenderer("chat.completions", "resp_1", MODEL, False, lp_leave_out=frozenset({2})),
+                         logprobs=True)
+    events = r.delta(TokenDelta("resp_1", 0, "Paris.", [1], logprobs=[-0.1], tokens=["Paris."]))
+    events += r.delta(TokenDelta("resp_1", 0, "", [2], logprobs=[-0.2], tokens=["<|im_end|>"], finish_reason="stop"))
+    events += r.finished(Finished("resp_1", ["stop"], Usage(1, 2)))
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [d["delta"] for d in deltas] == ["Paris."]
+    part = events[-1]["response"]["output"][0]["content"][0]
+    assert [lp["logprob"] for lp in part["logprobs"]] == [-0.1]
+
+
 def test_a_failure_ends_the_response_failed() -> None:
     r = renderer(ResponsesRequest(model=MODEL, input="hi"))
     r.delta(TokenDelta("resp_1", 0, "x", [1]))
