@@ -291,8 +291,9 @@ class Runtime:
 
     def estimated_wait_s(self) -> float:
         """The wait a request admitted now would have: the work ahead of it, in typical
-        requests, at the rate the engine finishes requests while saturated
-        (`Stepper.drain`, measured); until it has been saturated long enough to measure,
+        requests, at the rate requests leave the engine while it is saturated
+        (`Stepper.drain`, measured; a request waiting in the engine counts its largest
+        share then, an n > 1 one once); until it has been saturated long enough to measure,
         through `max_num_seqs` slots, each a typical request's time in the engine. (The
         slots alone over-admitted 2-4x where the KV cache held fewer requests than
         `max_num_seqs`: an audit's first tokens came 15-34 s after admission under an 8 s
@@ -302,14 +303,13 @@ class Runtime:
         (they had every other request refused, "estimated wait 109 s", for a request done
         in 4 s)."""
         sched = self.engine.scheduler
-        work = self.waiting() - sched.num_waiting + sched.waiting_work(self._service_time.tokens)
-        if work <= 0:
-            return 0.0
+        outside = self.waiting() - sched.num_waiting
         rate = self.stepper.drain.per_s(time.monotonic())
-        if rate is not None:
-            return work / rate
+        if rate is not None:  # (in requests: the rate counts requests, an n > 1 one once)
+            return (outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)) / rate
         slots = max(1, self.engine.config.scheduler.max_num_seqs)
-        return work / slots * self._service_time.expected(self.stepper.mean_decode_step_s)
+        work = outside + sched.waiting_work(self._service_time.tokens)
+        return work / slots * self._service_time.expected(self.stepper.mean_decode_step_s) if work > 0 else 0.0
 
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         """A request the gateway refused before admission saw it (a body that does not

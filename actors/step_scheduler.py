@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from gpu.block_manager import BlockManager
@@ -172,11 +172,20 @@ class StepScheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def waiting_work(self, typical_tokens: float) -> float:
+    def waiting_work(self, typical_tokens: float, owner: Callable[[str], str] | None = None) -> float:
         """The waiting sequences' work in typical sequences (`typical_tokens` written each):
-        each counts the share of them it has left to write, at most one."""
+        each counts the share of them it has left to write, at most one. `owner` (sequence
+        id -> its request's): in typical requests instead, each request its largest share."""
         typical = max(1.0, typical_tokens)
-        return sum(min(1.0, max(1, r.max_tokens - len(r.output_token_ids)) / typical) for r in self._waiting)
+        shares = ((r.request_id, min(1.0, max(1, r.max_tokens - len(r.output_token_ids)) / typical))
+                  for r in self._waiting)
+        if owner is None:
+            return sum(share for _, share in shares)
+        per_request: dict[str, float] = {}
+        for sid, share in shares:
+            rid = owner(sid)
+            per_request[rid] = max(per_request.get(rid, 0.0), share)
+        return sum(per_request.values())
 
     @property
     def num_running(self) -> int:

@@ -77,34 +77,55 @@ STEP_TIME_EWMA = 0.2  # weight of the newest step in `Stepper.mean_step_s` (as o
 
 
 class DrainRate:
-    """How many requests the engine finishes a second while it is saturated (requests wait
-    in it for blocks, or a step runs `max_num_seqs` sequences): its capacity as measured,
-    for the overload estimate (`Runtime.estimated_wait_s`). Measured, it counts what a
-    formula of seats and service times misses: a KV cache that holds fewer requests than
-    there are seats, preemptions, a batch slower per token. Over the last `window`
-    completions of the current saturated stretch; a step that is not saturated ends the
-    stretch (an idle gap is no measure of capacity), and a stretch of fewer than `least`
-    completions gives no rate. Time runs on to now: an engine that stops finishing
-    requests is seen to slow (pure: the caller passes the clock)."""
+    """How many requests leave the engine a second while it is saturated (requests wait in
+    it for blocks, or a step runs `max_num_seqs` sequences): its capacity as measured, for
+    the overload estimate (`Runtime.estimated_wait_s`). Measured, it counts what a formula
+    of seats and service times misses: a KV cache that holds fewer requests than there are
+    seats, preemptions, a batch slower per token. Over the last `window` requests to leave
+    in the current saturated stretch, from the stretch's start (or the request before the
+    window): requests that finish together in one step count over the time they took, not
+    from the first of them. A step that is not saturated ends the stretch, and so does
+    `stale_s` without a saturated step (the engine went idle, its last requests aborted:
+    an old stretch is no measure of a new burst); fewer than `least` requests give no
+    rate. Time runs on to now: an engine that stops finishing requests is seen to slow.
+    Pure: the caller passes the clock."""
 
-    def __init__(self, window: int = 16, least: int = 3) -> None:
-        if least < 2 or window < least:
-            raise ValueError("need 2 <= least <= window")
-        self.least = least
-        self._ends: collections.deque[float] = collections.deque(maxlen=window)
+    def __init__(self, window: int = 16, least: int = 3, stale_s: float = 5.0) -> None:
+        if least < 1 or window < least:
+            raise ValueError("need 1 <= least <= window")
+        self.window, self.least, self.stale_s = window, least, stale_s
+        self._ends: collections.deque[float] = collections.deque()
+        self._start: float | None = None  # the stretch's start, or the last end the window let go
+        self._last = 0.0  # when the latest saturated step ended
 
-    def observe(self, now: float, saturated: bool, finished: int) -> None:
-        """A step ended at `now`; `finished` requests ended in it."""
-        if not saturated:
+    def observe(self, now: float, step_s: float, saturated: bool, finished: int) -> None:
+        """A step of `step_s` seconds ended at `now`; `finished` requests ended in it."""
+        if not saturated or (self._start is not None and now - step_s - self._last > self.stale_s):
             self._ends.clear()
+            self._start = None
+        if not saturated:
             return
-        self._ends.extend([now] * finished)
+        if self._start is None:
+            self._start = now - step_s
+        self._last = now
+        self.left(now, finished)
+
+    def left(self, now: float, count: int) -> None:
+        """`count` requests left the engine at `now` (between steps: aborted), freeing what a
+        finished one frees. Counted only within a saturated stretch."""
+        if self._start is None:
+            return
+        for _ in range(count):
+            if len(self._ends) == self.window:
+                self._start = self._ends.popleft()
+            self._ends.append(now)
 
     def per_s(self, now: float) -> float | None:
-        """Requests finished per second, or None (too few seen in this stretch)."""
-        if len(self._ends) < self.least or now <= self._ends[0]:
+        """Requests leaving a second, or None (no saturated stretch now, or too few seen)."""
+        start = self._start
+        if start is None or len(self._ends) < self.least or now - self._last > self.stale_s or now <= start:
             return None
-        return (len(self._ends) - 1) / (now - self._ends[0])
+        return len(self._ends) / (now - start)
 
 
 class Stepper:
@@ -297,15 +318,16 @@ class Stepper:
                     return
 
     def _apply_cancels(self) -> None:
-        aborted = False
+        aborted = 0
         for rid, st in list(self.active.items()):
             if st.cancelled:
                 self._bill_beams(st)
                 self.engine.abort(rid)
                 del self.active[rid]
                 self._finish(st, "cancelled")
-                aborted = True
+                aborted += 1
         if aborted:  # no step may follow to refresh the gauges (the last request just left)
+            self.drain.left(time.monotonic(), aborted)
             self._export_stats()
 
     def _bill_beams(self, st: RequestState) -> None:
@@ -493,7 +515,7 @@ class Stepper:
             if self.engine.last_step_seqs:
                 self.metrics.batch_size.observe(self.engine.last_step_seqs)
             sched = self.engine.scheduler
-            self.drain.observe(time.monotonic(), sched.num_waiting > 0
+            self.drain.observe(time.monotonic(), dt, sched.num_waiting > 0
                                or self.engine.last_step_seqs >= sched.config.max_num_seqs,
                                sum(1 for d in deltas if d.request_finished))
             for d in deltas:

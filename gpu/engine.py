@@ -439,6 +439,11 @@ class Engine:
             if held[1] == 0:
                 del self._live_adapters[req.adapter]
 
+    def owner_of(self, seq_id: str) -> str:
+        """The request a scheduler sequence (a choice, a beam) belongs to (an unknown id: itself)."""
+        owner = self._seq_owner.get(seq_id)
+        return owner[0].request_id if owner is not None else seq_id
+
     def decoded_tokens(self, request_id: str) -> int:
         """Tokens a running request has decoded so far, over all its choices or beams (0 when
         it is not here). A beam search returns nothing before its end, so what its beams

@@ -581,3 +581,6 @@ def test_waiting_work_counts_each_waiting_sequence_by_the_tokens_it_has_left():
     assert sched.waiting_work(160) == pytest.approx(8 * 8 / 160)
     assert sched.waiting_work(4) == 8  # each at most one
     assert sched.waiting_work(0) == 8
+    # in requests: the choices of one request count once, at the largest share among them
+    assert sched.waiting_work(4, owner=lambda sid: "one") == 1
+    assert sched.waiting_work(160, owner=lambda sid: sid[:-1]) == pytest.approx(8 / 160)
