@@ -607,11 +607,17 @@ class Admission:
         lowered = res.max_new_tokens if res.max_new_tokens is not None and res.max_new_tokens < max_new_tokens else None
         return QuotaHold(who, True, res.limits, lowered)
 
+    @staticmethod
+    def _defaulted(call: GenerateCall) -> bool:
+        """Whether the request's max_tokens is a default the quota may lower, not the client's
+        choice. Not for an only-if-cached request: it generates nothing, and its answer is
+        looked up (and billed) under the max_tokens it came with."""
+        return (call.params.max_tokens is None or call.max_tokens_default) and not call.cache_only
+
     async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
         hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens, st.params.max_tokens,
                                         max(st.params.n, st.params.beam_width),
-                                        lowest=max(1, st.params.min_tokens)
-                                        if call.params.max_tokens is None or call.max_tokens_default else None)
+                                        lowest=max(1, st.params.min_tokens) if self._defaulted(call) else None)
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
         if hold.max_new_tokens is not None:  # the daily budget's rest: it ends at `length` there
             st.params = msgspec.structs.replace(st.params, max_tokens=hold.max_new_tokens)

@@ -338,17 +338,34 @@ local conc_key = base .. 'conc'
 """ + _LAPSES + """
 local day = math.floor(now / 86400000)
 local day_key = base .. 'day:' .. day
+-- what the running requests may still give back of today's budget: all they hold but
+-- their prompt and what their gateway last reported they had used (a settle gives back
+-- what they do not use)
+local function givable()
+  local total = 0
+  for _, other in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
+    local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day', 'reserved_prompt', 'prompt', 'completion')
+    if r[1] and tonumber(r[2]) == day then
+      local spent = tonumber(r[3] or '0')
+      if r[4] then spent = math.max(spent, tonumber(r[4]) + tonumber(r[5])) end
+      total = total + math.max(0, tonumber(r[1]) - spent)
+    end
+  end
+  return total
+end
 -- a request that did not choose its max_tokens (it defaults to the room in the context
--- window) takes no more than what is left of the day, down to `min_new`: it ends at
--- `length` there. Reserving its whole default, it would be refused until midnight once
--- any of the day's budget was used.
+-- window) takes no more than what is left of the day once the running requests give back
+-- what they may, down to `min_new`: it ends at `length` there. Reserving its whole default,
+-- it was refused until midnight once any of the day's budget was used. Not lowered to what
+-- running requests' reservations leave now (a sliver, for a request that a wait gives its
+-- due): if that is less, it is refused for now below, as a request that asked for as much.
 if daily >= 0 and min_new < max_new then
-  local fit = math.floor((daily - tonumber(redis.call('GET', day_key) or '0') - prompt) / seqs)
+  local fit = math.floor((daily - tonumber(redis.call('GET', day_key) or '0') + givable() - prompt) / seqs)
   max_new = math.max(min_new, math.min(max_new, fit))
   tokens = prompt + max_new * seqs
 end
 -- the daily budget's refusal of this request, or nil. `settled_only`: as if the running
--- requests had given back all they still may (a settle gives back what they do not use)
+-- requests had given back all they still may
 local function day_refusal(settled_only)
   if daily < 0 then return nil end
   if tokens > daily then
@@ -357,15 +374,7 @@ local function day_refusal(settled_only)
   local used = tonumber(redis.call('GET', day_key) or '0')
   local counted = used
   if settled_only and used + tokens > daily then
-    for _, other in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
-      local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day', 'reserved_prompt', 'prompt', 'completion')
-      if r[1] and tonumber(r[2]) == day then
-        -- it gives back all but its prompt and what its gateway reported it had used
-        local spent = tonumber(r[3] or '0')
-        if r[4] then spent = math.max(spent, tonumber(r[4]) + tonumber(r[5])) end
-        counted = counted - math.max(0, tonumber(r[1]) - spent)
-      end
-    end
+    counted = used - givable()
   end
   if counted + tokens > daily then
     return deny('daily_token_budget', (day + 1) * 86400000 - now,
@@ -721,9 +730,12 @@ class QuotaManager:
 
         `min_new_tokens` (for a request whose `max_tokens` was a default, not the client's
         choice): `max_new_tokens` may be lowered as far as this to fit what is left of the
-        daily budget (in the same script, so no other request takes it meanwhile); the
-        Admitted says what was reserved. Refused only if even `min_new_tokens` does not fit.
-        The per-minute token limit lowers nothing: a minute's wait gives it back.
+        daily budget once the running requests give back what they may (in the same
+        script, so no other request takes it meanwhile); the Admitted says what was
+        reserved. If running requests hold some of that now, it is refused for now (retry
+        in a second), as a request that asked for as much; for good only if even
+        `min_new_tokens` does not fit. The per-minute token limit lowers nothing: a minute's
+        wait gives it back.
 
         Idempotent while the reservation is live: reserving the same id again
         returns the existing Admitted without counting anything (the client

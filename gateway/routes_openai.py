@@ -1478,16 +1478,20 @@ def check_batch(state: GatewayState, calls: list[GenerateCall]) -> None:
     # reservation (a token per prompt it has not tokenized yet) passes a token limit never fits
     tokens = [(quota.tokens_per_minute, "a minute"), (quota.daily_token_budget, "a day")] if quota is not None else []
     if any(limit is not None for limit, _ in tokens) and all(c.params.max_tokens is not None for c in calls):
-        need = 0
+        need = {"a minute": 0, "a day": 0}
         for c in calls:
             out = c.params.max_tokens or 0
             if c.max_tokens_default and quota is not None and quota.max_tokens_cap is not None:
                 out = min(out, quota.max_tokens_cap)  # admission lowers the endpoint's default to the cap
-            need += (len(c.prompt_token_ids) if c.prompt_token_ids is not None else 1) + out * max(
-                c.params.n, c.params.beam_width)
+            prompt = len(c.prompt_token_ids) if c.prompt_token_ids is not None else 1
+            seqs = max(c.params.n, c.params.beam_width)
+            need["a minute"] += prompt + out * seqs
+            # (and the daily budget lowers a default to what is left of the day: a token)
+            least = min(out, max(1, c.params.min_tokens)) if c.max_tokens_default and not c.cache_only else out
+            need["a day"] += prompt + least * seqs
         for limit, per in tokens:
-            if limit is not None and need > limit:
-                raise ApiError(400, f"a batch of {k} prompts reserves at least {need} tokens (its prompts and "
+            if limit is not None and need[per] > limit:
+                raise ApiError(400, f"a batch of {k} prompts reserves at least {need[per]} tokens (its prompts and "
                                f"max_tokens for each), and this key may use {limit} tokens {per}: send fewer "
                                "prompts or a lower max_tokens", code="invalid_value", param="prompt")
 

@@ -269,6 +269,14 @@ async def test_a_defaulted_max_new_is_lowered_to_what_is_left_of_the_day(quotas:
     assert (await quotas.reserve(tenant, "r5", 30, 100, min_new_tokens=1)).max_new_tokens == 100
     assert await quotas.release(tenant, "r5")
     assert isinstance(await quotas.reserve(tenant, "r6", 30, 900), Denied)
+    # what a running request holds and may give back is not cut from the default: a wait
+    # gives it back (lowered to what its reservation left, it got a sliver of an answer)
+    busy = make_tenant(Quota(daily_token_budget=1000), "busy")
+    assert isinstance(await quotas.reserve(busy, "a", 50, 900), Admitted)  # holds 950
+    wait = await quotas.reserve(busy, "b", 20, 900, min_new_tokens=1)
+    assert isinstance(wait, Denied) and (wait.limit, wait.retry_after_s) == ("daily_token_budget", 1.0)
+    assert await quotas.settle(busy, "a", 50, 100, "m")
+    assert (await quotas.reserve(busy, "b", 20, 900, min_new_tokens=1)).max_new_tokens == 830
     with pytest.raises(ValueError):
         await quotas.reserve(tenant, "r7", 30, 10, min_new_tokens=11)
     # no daily budget: nothing to lower to (a minute's wait gives the per-minute limit back)

@@ -218,6 +218,10 @@ async def test_a_batch_that_can_never_be_admitted_whole_is_a_400(gateway: Gatewa
         assert per in r.json()["error"]["message"]
     assert len(gateway.runtime.calls) == calls
     assert (await post(gateway, {"prompt": ["a", "b"], "max_tokens": 39})).status_code == 200
+    # the endpoint's default max_tokens (16) is lowered by the daily budget to what is left
+    # of the day, a token at least: 5 × (1 + 16) > 80, yet 5 × (1 + 1) fits
+    r = await post(gateway, {"prompt": ["a", "b", "c", "d", "e"]})
+    assert r.status_code == 200, r.text
 
 
 async def test_a_tenants_batches_are_admitted_one_at_a_time(gateway: Gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
