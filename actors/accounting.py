@@ -226,11 +226,15 @@ class Accounting:
     def _feed_back(self, st: Any) -> None:
         """The predictor learns how long sampled answers run; beam search favours other
         lengths, and a scoring request (prompt logprobs, or no output at all) says nothing
-        of them. Advisory: never stalls accounting (dropped when the predictor's inbox is full)."""
+        of them. Advisory: never stalls accounting (dropped when the predictor's inbox is full).
+        A request cut at a max_tokens its quota lowered is "capped": it says nothing of where
+        it would have stopped (censored), nor that it would not have (a runaway)."""
         finish = st.finish_reasons.get(0)
         p = st.params
         if (p.n == 1 and not p.use_beam_search and p.prompt_logprobs is None and p.max_tokens != 0
                 and finish in ("stop", "length")):
+            if finish == "length" and st.quota_capped:
+                finish = "capped"
             try:
                 self.feedback.send_nowait(LengthFeedback(st.tenant_id, st.app, st.completion_tokens,
                                                          st.length_features, finish))

@@ -621,6 +621,7 @@ class Admission:
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
         if hold.max_new_tokens is not None:  # the daily budget's rest: it ends at `length` there
             st.params = msgspec.structs.replace(st.params, max_tokens=hold.max_new_tokens)
+            st.quota_capped = True
 
     def rejected(self, request_id: str, tenant_id: str, refusal: _Refuse) -> Rejected:
         """A refusal as the caller's `Rejected`, counted in `lmgate_rejections`."""

@@ -321,7 +321,8 @@ class LengthPredictor:
 
         `finish_reason` "stop" (EOS or a stop sequence) teaches the length model;
         "length" (cut at `f.max_tokens`) teaches the runaway model when the cap was at
-        least `runaway_min_tokens`, and is censored otherwise. Every finished length
+        least `runaway_min_tokens`, and is censored otherwise, as is any other reason
+        ("capped": cut at a max_tokens the quota lowered). Every finished length
         feeds the application and user histories (the service the request took).
         """
         c = self.config

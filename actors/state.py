@@ -44,6 +44,7 @@ class RequestState:
     quota_tenant: Any = None  # what cache.quotas needs (.id, .quota); None → no quota
     reserved: bool = False
     rate_limits: Any = None  # cache.quotas.RateLimits after the reservation, for the caller's headers
+    quota_capped: bool = False  # its defaulted max_tokens was lowered to what is left of the daily budget
     cacheable: bool = False  # deterministic and not `no-store`: store the response when it completes
     prediction: Prediction | None = None
     length_features: Any = None  # actors.predictor.RequestFeatures behind `prediction` (learned from)

@@ -497,7 +497,8 @@ async def test_a_refunded_request_gives_its_quota_back_though_it_ran(runtime, se
     await collect(again)
 
 
-async def test_a_request_without_max_tokens_is_given_what_is_left_of_the_daily_budget(runtime, services):
+async def test_a_request_without_max_tokens_is_given_what_is_left_of_the_daily_budget(runtime, services,
+                                                                                      monkeypatch):
     """max_tokens left out (the SDKs' default) defaults to the room in the context window,
     which a budget below it cannot hold once any of the day is used: the request reserves
     and generates what is left of the day instead (it ends at `length`), and a later one
@@ -509,11 +510,15 @@ async def test_a_request_without_max_tokens_is_given_what_is_left_of_the_daily_b
     await collect(first)
     await wait_until(lambda: runtime.accounting.settled == 1)
     n = first.prompt_tokens
+    learned, lessons = trio.open_memory_channel(10)
+    monkeypatch.setattr(runtime.accounting, "feedback", learned)
     acc = await runtime.submit(call(t, prompt=prompt, max_tokens=None, ignore_eos=True))
     assert isinstance(acc, Accepted), acc
     _, _, fin = await collect(acc)
     assert fin.finish_reasons == ["length"] and fin.usage.completion_tokens == 300 - (n + 40) - n
     await wait_until(lambda: runtime.accounting.settled == 2)
+    # cut where the budget ran out: the predictor is not taught that it would have run on
+    assert lessons.receive_nowait().finish_reason == "capped"
     [row] = await usage_rows(services["quotas"], "daily-default")
     assert row.prompt_tokens + row.completion_tokens == 300
     rej = await runtime.submit(call(t, prompt=prompt, max_tokens=None))
