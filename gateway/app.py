@@ -594,8 +594,11 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
             if not (is_admin_key(presented, config.metrics_key) or is_admin_key(presented, config.admin_key)):
                 raise ApiError(401, "the metrics need the metrics key (Authorization: Bearer <key>)",
                                code="invalid_api_key")
-        body = prometheus_client.generate_latest(runtime.registry)
-        return Response(body, content_type=prometheus_client.CONTENT_TYPE_LATEST)
+        compress = "gzip" in request.headers.get("Accept-Encoding", "").lower()  # (Prometheus asks)
+        with runtime.metrics.tenant_queue.frozen():  # (what only the event loop may read, read here)
+            body = await trio.to_thread.run_sync(runtime.metrics.render, compress)
+        return Response(body, content_type=prometheus_client.CONTENT_TYPE_LATEST,
+                        headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if compress else {})
 
     @app.get("/openapi.json")
     async def openapi() -> Any:

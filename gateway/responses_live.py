@@ -160,7 +160,8 @@ class LiveResponses:
 
     def running(self) -> int:
         """Background runs not yet ended."""
-        return sum(1 for live in self._live.values() if live.background and not live.ended.is_set())
+        # (a copy taken at once: a /metrics scrape reads this from a worker thread)
+        return sum(1 for live in list(self._live.values()) if live.background and not live.ended.is_set())
 
     def _prune(self) -> None:
         now = time.monotonic()

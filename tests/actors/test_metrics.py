@@ -53,3 +53,23 @@ def test_each_tenant_s_queue_and_fair_share_are_read_at_scrape_time() -> None:
     assert 'lmgate_tenant_requests_queued{tenant="heavy"} 2.0' in text
     assert 'lmgate_tenant_requests_queued{tenant="light"} 1.0' in text
     assert 'lmgate_tenant_virtual_service{tenant="heavy"} 50.0' in text
+
+
+def test_a_frozen_scrape_gives_the_queue_as_it_was_read_on_the_loop() -> None:
+    """`tenant_queue.frozen()` reads the policy when entered; a scrape formatted in a
+    worker thread meanwhile gives that reading, not the policy the loop goes on changing."""
+    import gzip
+
+    from actors.policies import Job, PriorityAging
+
+    metrics = Metrics()
+    policy = PriorityAging()
+    metrics.tenant_queue.policy = lambda: policy
+    policy.on_arrival(Job("a0", "a", 10, 20, 0.0, 20.0), 0.0)
+    with metrics.tenant_queue.frozen():
+        policy.on_arrival(Job("a1", "a", 10, 20, 1.0, 20.0), 1.0)
+        with metrics.tenant_queue.frozen():  # (an overlapping scrape reads anew)
+            policy.on_arrival(Job("a2", "a", 10, 20, 2.0, 20.0), 2.0)
+        assert 'lmgate_tenant_requests_queued{tenant="a"} 2.0' in metrics.render().decode()
+        assert 'lmgate_tenant_requests_queued{tenant="a"} 2.0' in gzip.decompress(metrics.render(True)).decode()
+    assert 'lmgate_tenant_requests_queued{tenant="a"} 3.0' in metrics.render().decode()  # live again

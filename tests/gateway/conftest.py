@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import prometheus_client
 import pytest
 import trio
 
@@ -31,6 +30,7 @@ from actors.messages import (
     TopLogprob,
     Usage,
 )
+from actors.metrics import Metrics
 from cache.quotas import QuotaManager
 from cache.store import RedisStore
 from cache.tenants import TenantRegistry
@@ -49,7 +49,7 @@ def word(index: int, j: int) -> str:
 
 
 class FakeRuntime:
-    """Runtime contract stand-in (model_name, max_model_len, submit, status, count_rejection, registry).
+    """Runtime contract stand-in (model_name, max_model_len, submit, status, count_rejection, metrics, registry).
 
     Each accepted request streams `max_tokens` words per choice (``word(i, j)``),
     `delay` seconds apart, then Finished("length"). A prompt containing "FAIL"
@@ -64,7 +64,8 @@ class FakeRuntime:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
-        self.registry = prometheus_client.CollectorRegistry()
+        self.metrics = Metrics()  # (as the real runtime's: its registry is the metrics')
+        self.registry = self.metrics.registry
         self.calls: list[GenerateCall] = []
         self.cancelled: set[str] = set()
         self.refunded: set[str] = set()  # cancelled with their quota given back (`Accepted.refund`)
