@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import gzip
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 
 # up to ~10 minutes: an overloaded server's queue time and end-to-end latency (and a long
 # non-streamed answer's HTTP time) run to minutes, and a quantile past the last bucket reads as it
@@ -82,7 +83,24 @@ class TenantQueueCollector:
                                   "counter (weighted tokens; priority, vtc and hybrid policies)", labels=["tenant"]))
 
 
+def forget_label(metrics: Iterable[Any], label: str, value: str) -> int:
+    """Drop every series whose `label` is `value` from those of `metrics` that have the
+    label; how many metrics had some. (A deleted tenant's ~100 series stayed until the
+    process ended: scrapes grew with every tenant ever served.)"""
+    dropped = 0
+    for m in metrics:
+        if isinstance(m, MetricWrapperBase) and label in m._labelnames:
+            before = len(m._metrics)
+            m.remove_by_labels({label: value})
+            dropped += len(m._metrics) < before
+    return dropped
+
+
 class Metrics:
+    def forget_tenant(self, tenant_id: str) -> int:
+        """Drop a deleted tenant's series (`forget_label`)."""
+        return forget_label(vars(self).values(), "tenant", tenant_id)
+
     def render(self, compress: bool = False) -> bytes:
         """The registry in Prometheus' text format (gzipped: `compress`). Thread-safe within
         `tenant_queue.frozen()`, entered on the event loop: the gateway formats a scrape in a

@@ -311,6 +311,15 @@ class Runtime:
         work = outside + sched.waiting_work(self._service_time.tokens)
         return work / slots * self._service_time.expected(self.stepper.mean_decode_step_s) if work > 0 else 0.0
 
+    def forget_tenant(self, tenant_id: str) -> None:
+        """A tenant was deleted: its metric series and its fairness counter go (kept, they
+        grew every scrape and the fairness table with every tenant ever served). A request
+        of it still running records its series again when it ends."""
+        self.metrics.forget_tenant(tenant_id)
+        vtc = getattr(self.queue.policy, "vtc", None)
+        if vtc is not None:
+            vtc.forget(tenant_id)
+
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         """A request the gateway refused before admission saw it (a body that does not
         decode, an unknown model, a parameter out of range): `lmgate_rejections_total`

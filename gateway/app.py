@@ -39,7 +39,7 @@ from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
-from actors.metrics import LATENCY_BUCKETS
+from actors.metrics import LATENCY_BUCKETS, forget_label
 from cache.quotas import QuotaManager, RateLimits
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
@@ -162,6 +162,10 @@ class HttpMetrics:
     latency: prometheus_client.Histogram
     ws_connections: prometheus_client.Gauge
     background_responses: prometheus_client.Gauge
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """A deleted tenant's series go (`actors.metrics.forget_label`)."""
+        forget_label(vars(self).values(), "tenant", tenant_id)
 
     @classmethod
     def register(cls, registry: prometheus_client.CollectorRegistry) -> HttpMetrics:

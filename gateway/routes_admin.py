@@ -305,6 +305,9 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
             raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
         if not await tenants.delete_tenant(tenant_id, created_at=tenant.created_at):
             raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
+        # this process's series and fairness counter of it (other replicas' stay until they restart)
+        state.runtime.forget_tenant(tenant_id)
+        state.metrics.forget_tenant(tenant_id)
         return {"id": tenant_id, "deleted": True}
 
     @bp.put("/tenants/<tenant_id>/quota")

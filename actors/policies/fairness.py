@@ -30,6 +30,11 @@ class VirtualTokenCounter:
         floor = min(others) if others else max(self.counters.values(), default=0.0)
         self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
 
+    def forget(self, tenant: str) -> None:
+        """A deleted tenant's counter goes (one created again under its id is lifted to the
+        least backlogged tenant's when it first waits, as any newcomer)."""
+        self.counters.pop(tenant, None)
+
     def pick(self, tenants: Iterable[str]) -> str | None:
         """The tenant with the least service among `tenants` (ties: by name)."""
         return min(tenants, key=lambda t: (self.counters.get(t, 0.0), t), default=None)

@@ -73,3 +73,17 @@ def test_a_frozen_scrape_gives_the_queue_as_it_was_read_on_the_loop() -> None:
         assert 'lmgate_tenant_requests_queued{tenant="a"} 2.0' in metrics.render().decode()
         assert 'lmgate_tenant_requests_queued{tenant="a"} 2.0' in gzip.decompress(metrics.render(True)).decode()
     assert 'lmgate_tenant_requests_queued{tenant="a"} 3.0' in metrics.render().decode()  # live again
+
+
+def test_forgetting_a_tenant_drops_its_series_of_every_metric_and_no_other() -> None:
+    metrics = Metrics()
+    for tenant in ("gone", "kept"):
+        metrics.requests.labels(tenant, "ok").inc()
+        metrics.requests.labels(tenant, "error").inc()
+        metrics.rejections.labels(tenant, "429", "rate_limit_exceeded").inc()
+        metrics.ttft.labels(tenant).observe(0.1)
+    metrics.step_time.observe(0.2)  # (no tenant label: untouched)
+    assert metrics.forget_tenant("gone") == 3
+    text = metrics.render().decode()
+    assert 'tenant="gone"' not in text and text.count('tenant="kept"') > 20 and "lmgate_step_seconds_count 1.0" in text
+    assert metrics.forget_tenant("never seen") == 0

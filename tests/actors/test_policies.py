@@ -432,3 +432,16 @@ def test_release_never_exceeds_the_engine_room():
         for k in range(50):
             p.on_arrival(job(f"r{k}", 0.0, pred=10 + k), 0.0)
         assert len(p.release(1.0, view(5, cap=8))) <= 3, name
+
+
+def test_a_forgotten_tenant_comes_back_as_a_newcomer():
+    """A deleted tenant's counter goes (the table grew with every tenant ever served); one
+    created again under its id is lifted to the least backlogged tenant's, as any newcomer."""
+    vtc = VirtualTokenCounter()
+    vtc.charge("gone", 100, 100)
+    vtc.charge("busy", 10, 10)
+    vtc.forget("gone")
+    vtc.forget("never seen")
+    assert "gone" not in vtc.counters
+    vtc.on_backlogged("gone", ["busy"])
+    assert vtc.counters["gone"] == vtc.counters["busy"] == 30.0

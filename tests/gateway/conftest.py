@@ -90,6 +90,9 @@ class FakeRuntime:
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         self.rejections.append((tenant_id, status, reason))
 
+    def forget_tenant(self, tenant_id: str) -> None:
+        self.metrics.forget_tenant(tenant_id)
+
     async def submit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
         self.calls.append(call)
         if self.reject is not None and (self.reject_after is None or len(self.calls) > self.reject_after):

@@ -161,6 +161,26 @@ async def test_keys_create_use_revoke(gateway: Gateway) -> None:
         assert (await admin.delete(f"/admin/keys/{created['id']}")).status_code == 404
 
 
+async def test_a_deleted_tenants_series_leave_the_metrics(gateway: Gateway) -> None:
+    """~100 series a tenant that sent requests: kept after its deletion, every scrape grew
+    with every tenant ever served (an audit: 1,000 deleted of 2,000, the same 7.4 MB)."""
+    await gateway.stores.tenants.create_tenant("t2", name="other")
+    _, key2 = await gateway.stores.tenants.create_key("t2", "k")
+    for key in (gateway.headers["Authorization"].split()[1], key2):
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers={"Authorization": f"Bearer {key}"}) as c:
+            assert (await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+                    ).status_code == 200
+    gateway.runtime.metrics.requests.labels("t1", "ok").inc()  # (the fake runtime records none itself)
+    gateway.runtime.metrics.requests.labels("t2", "ok").inc()
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        before = (await client.get("/metrics")).text
+        assert (await client.delete("/admin/tenants/t1")).status_code == 200
+        after = (await client.get("/metrics")).text
+    assert 'tenant="t1"' in before and 'tenant="t1"' not in after
+    assert 'lmgate_http_requests_total{method="POST",route="/v1/completions",status="200",tenant="t2"} 1.0' in after
+    assert 'lmgate_requests_total{outcome="ok",tenant="t2"} 1.0' in after
+
+
 async def test_usage_per_day_and_model(gateway: Gateway) -> None:
     tenant = await gateway.stores.tenants.get_tenant("t1")
     assert tenant is not None
