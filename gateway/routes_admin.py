@@ -235,6 +235,9 @@ def store_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+MAX_TENANTS_PAGE = 1000  # tenants `GET /admin/tenants` lists at most at once
+
+
 def admin_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("admin", __name__, url_prefix="/admin")
     tenants = state.stores.tenants
@@ -265,7 +268,19 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @bp.get("/tenants")
     @store_errors
     async def list_tenants() -> Any:
-        return {"object": "list", "data": to_json(await tenants.list_tenants())}
+        """A page of tenants by id (OpenAI's list form): `limit` (default 100, at most
+        1,000) after the id `after`; `has_more` says whether to ask again, after `last_id`."""
+        raw = request.args.get("limit", "100")
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_TENANTS_PAGE:
+            raise ApiError(400, f"limit must be an integer from 1 to {MAX_TENANTS_PAGE}, got {raw!r}",
+                           code="invalid_value", param="limit")
+        page, more = await tenants.list_tenants(limit, request.args.get("after"))
+        return {"object": "list", "data": to_json(page), "first_id": page[0].id if page else None,
+                "last_id": page[-1].id if page else None, "has_more": more}
 
     @bp.get("/tenants/<tenant_id>")
     @store_errors

@@ -41,7 +41,7 @@ async def test_tenant_crud(registry: TenantRegistry):
         await registry.create_tenant("acme", "Other")
 
     await registry.create_tenant("beta", "Beta", shared_cache_pool=True)
-    assert [t.id for t in await registry.list_tenants()] == ["acme", "beta"]
+    assert [t.id for t in (await registry.list_tenants())[0]] == ["acme", "beta"]
 
     updated = await registry.update_tenant("acme", priority=5, quota=Quota(tokens_per_minute=1000))
     assert updated.priority == 5 and updated.name == "Acme"
@@ -53,7 +53,7 @@ async def test_tenant_crud(registry: TenantRegistry):
     assert await registry.delete_tenant("acme")
     assert not await registry.delete_tenant("acme")
     assert await registry.get_tenant("acme") is None
-    assert [t.id for t in await registry.list_tenants()] == ["beta"]
+    assert [t.id for t in (await registry.list_tenants())[0]] == ["beta"]
 
 
 async def test_a_key_is_never_issued_to_a_tenant_deleted_since_it_was_read(registry: TenantRegistry, store: RedisStore):
@@ -135,7 +135,7 @@ async def test_a_quota_stored_above_the_exact_limit_by_an_older_version_still_re
     expected = Quota(daily_token_budget=MAX_LIMIT, requests_per_minute=60)
     with caplog.at_level("WARNING", logger="lmgate.cache"):
         assert (await registry.get_tenant("huge")).quota == expected
-        assert [t.quota for t in await registry.list_tenants()] == [expected]
+        assert [t.quota for t in (await registry.list_tenants())[0]] == [expected]
         assert (await registry.authenticate(key)).quota == expected
     assert [r.getMessage() for r in caplog.records].count(
         f"tenant 'huge': quota daily_token_budget above {MAX_LIMIT} (stored by an older version) read as "
@@ -485,3 +485,20 @@ async def test_a_redis_back_without_its_data_is_said_in_the_log(tmp_path, caplog
                 await trio.sleep(1.2)
             assert len(errors()) == 2 and await store.client.get(store.key("secret_check")) is None
             nursery.cancel_scope.cancel()
+
+
+async def test_tenants_are_listed_a_page_at_a_time(registry: TenantRegistry):
+    for i in range(7):
+        await registry.create_tenant(f"t{i}", f"T{i}")
+    page, more = await registry.list_tenants(limit=3)
+    assert [t.id for t in page] == ["t0", "t1", "t2"] and more
+    page, more = await registry.list_tenants(limit=3, after="t2")
+    assert [t.id for t in page] == ["t3", "t4", "t5"] and more
+    page, more = await registry.list_tenants(limit=3, after="t5")
+    assert [t.id for t in page] == ["t6"] and not more
+    assert await registry.list_tenants(limit=3, after="t6") == ([], False)
+    page, _ = await registry.list_tenants(limit=2, after="t35")  # (an id that does not exist: those after it)
+    assert [t.id for t in page] == ["t4", "t5"]
+    assert len((await registry.list_tenants())[0]) == 7
+    with pytest.raises(ValueError):
+        await registry.list_tenants(limit=0)

@@ -161,6 +161,24 @@ async def test_keys_create_use_revoke(gateway: Gateway) -> None:
         assert (await admin.delete(f"/admin/keys/{created['id']}")).status_code == 404
 
 
+async def test_tenants_are_listed_a_page_at_a_time(gateway: Gateway) -> None:
+    """All at once, 50,000 tenants were 12.7 MB and ~0.7 s of the event loop."""
+    for i in range(5):
+        await gateway.stores.tenants.create_tenant(f"p{i}", name=f"P{i}")
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers=ADMIN) as client:
+        everyone = (await client.get("/admin/tenants")).json()  # (100 by default)
+        assert [t["id"] for t in everyone["data"]] == ["p0", "p1", "p2", "p3", "p4", "t1"]
+        assert everyone["has_more"] is False
+        first = (await client.get("/admin/tenants", params={"limit": 4})).json()
+        assert ([t["id"] for t in first["data"]], first["has_more"]) == (["p0", "p1", "p2", "p3"], True)
+        assert (first["first_id"], first["last_id"]) == ("p0", "p3")
+        rest = (await client.get("/admin/tenants", params={"limit": 4, "after": first["last_id"]})).json()
+        assert ([t["id"] for t in rest["data"]], rest["has_more"]) == (["p4", "t1"], False)
+        for bad in ("0", "1001", "ten", ""):
+            r = await client.get("/admin/tenants", params={"limit": bad})
+            assert (r.status_code, r.json()["error"]["param"]) == (400, "limit"), bad
+
+
 async def test_a_deleted_tenants_series_leave_the_metrics(gateway: Gateway) -> None:
     """~100 series a tenant that sent requests: kept after its deletion, every scrape grew
     with every tenant ever served (an audit: 1,000 deleted of 2,000, the same 7.4 MB)."""
