@@ -154,7 +154,11 @@ def openapi_document() -> dict[str, Any]:
         "/readyz": {"get": {**_op("Runtime ready (503 if not); lists degraded parts", errors=(503,)), **public_path}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": _ok("metrics", "text/plain")}}},
         "/admin/tenants": {
-            "get": _op("List tenants", admin=True),
+            "get": {**_op("List tenants by id, a page at a time (has_more: ask again after last_id)", admin=True,
+                          errors=(400, 403, 503)), "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                             "default": 100}},
+                {"name": "after", "in": "query", "schema": {"type": "string"}}]},
             "post": _op("Create a tenant", body="TenantCreate", ok="201", admin=True, errors=(400, 403, 409, 503)),
         },
         "/admin/tenants/{tenant_id}": {
