@@ -260,6 +260,7 @@ class Runtime:
         )
         # read at scrape time: never stale (after a drain, between steps)
         self.metrics.waiting.set_function(self.waiting)
+        self.stepper.backlog = self.waiting
         self.metrics.running.set_function(lambda: self.engine.scheduler.num_running)
         self.metrics.tenant_queue.policy = lambda: self.queue.policy
 
@@ -291,25 +292,33 @@ class Runtime:
 
     def estimated_wait_s(self) -> float:
         """The wait a request admitted now would have: the work ahead of it, in typical
-        requests, at the rate requests leave the engine while it is saturated
-        (`Stepper.drain`, measured; a request waiting in the engine counts its largest
-        share then, an n > 1 one once); until it has been saturated long enough to measure,
-        through `max_num_seqs` slots, each a typical request's time in the engine. (The
-        slots alone over-admitted 2-4x where the KV cache held fewer requests than
-        `max_num_seqs`: an audit's first tokens came 15-34 s after admission under an 8 s
-        limit.) A sequence waiting inside the engine counts as the share of a typical
-        sequence's tokens it has left to write (at most one): the 56 choices of an
-        `n=64, max_tokens=8` request waiting for slots are a few requests' work, not 56
-        (they had every other request refused, "estimated wait 109 s", for a request done
-        in 4 s)."""
+        requests, plus the request that must end to free its place when the engine has
+        none free (all seats taken, or requests waiting in it for KV blocks), at the rate
+        requests leave the engine while it is saturated (`Stepper.drain`, measured; a
+        request waiting in the engine counts its largest share then, an n > 1 one once);
+        until it has been saturated long enough to measure, through the engine's seats —
+        as many as run now when requests wait in it for blocks, else `max_num_seqs` — each
+        a typical request's time in the engine. (The seats alone over-admitted 2-4x where
+        the KV cache held fewer requests than `max_num_seqs`: an audit's first tokens came
+        15-34 s after admission under an 8 s limit.) A sequence waiting inside the engine
+        counts as the share of a typical sequence's tokens it has left to write (at most
+        one): the 56 choices of an `n=64, max_tokens=8` request waiting for slots are a few
+        requests' work, not 56 (they had every other request refused, "estimated wait
+        109 s", for a request done in 4 s)."""
         sched = self.engine.scheduler
+        seats = max(1, self.engine.config.scheduler.max_num_seqs)
         outside = self.waiting() - sched.num_waiting
+        full = sched.num_waiting > 0 or sched.num_running >= seats
         rate = self.stepper.drain.per_s(time.monotonic())
         if rate is not None:  # (in requests: the rate counts requests, an n > 1 one once)
-            return (outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)) / rate
-        slots = max(1, self.engine.config.scheduler.max_num_seqs)
+            work = outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)
+            return (work + full) / rate if work > 0 or full else 0.0
         work = outside + sched.waiting_work(self._service_time.tokens)
-        return work / slots * self._service_time.expected(self.stepper.mean_decode_step_s) if work > 0 else 0.0
+        if work <= 0 and not full:
+            return 0.0
+        if sched.num_waiting > 0:  # (blocked for blocks, or for seats: as many run as fit)
+            seats = max(1, min(seats, sched.num_running))
+        return (work + full) / seats * self._service_time.expected(self.stepper.mean_decode_step_s)
 
     def forget_tenant(self, tenant_id: str) -> None:
         """A tenant was deleted: its metric series and its fairness counter go (kept, they

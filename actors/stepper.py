@@ -40,7 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +175,11 @@ class Stepper:
         self.mean_step_s = 0.0
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
         self.drain = DrainRate()  # requests finished a second while saturated (the overload estimate reads it)
+        # requests admitted and not yet running, everywhere (the runtime sets it): the engine
+        # is saturated while any wait, or its seats are full. (Its own waiting list alone
+        # ended the measured stretch whenever a step found room for all it had been handed
+        # while the queue outside still held requests.)
+        self.backlog: Callable[[], int] | None = None
         # the same EWMA over steps that only decode (a token per sequence): the pace of
         # generation, which a prefill step (the first of every burst) does not show
         self.mean_decode_step_s = 0.0
@@ -515,8 +520,8 @@ class Stepper:
             if self.engine.last_step_seqs:
                 self.metrics.batch_size.observe(self.engine.last_step_seqs)
             sched = self.engine.scheduler
-            self.drain.observe(time.monotonic(), dt, sched.num_waiting > 0
-                               or self.engine.last_step_seqs >= sched.config.max_num_seqs,
+            waiting = self.backlog() if self.backlog is not None else sched.num_waiting
+            self.drain.observe(time.monotonic(), dt, waiting > 0 or self.engine.last_step_seqs >= sched.config.max_num_seqs,
                                sum(1 for d in deltas if d.request_finished))
             for d in deltas:
                 self._route(d)

@@ -66,3 +66,56 @@ def test_service_time_starts_as_a_mean_and_guesses_from_the_decode_step_time_bef
         s.observe(4.0, 48)
     s.observe(14.0, 48)
     assert s.value == pytest.approx(5.0)  # ... until its weight falls to alpha
+
+
+def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seats: int = 4,
+             drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0) -> float:
+    """`Runtime.estimated_wait_s` over a stand-in engine: `waiting` its waiting sequences
+    as (request id, tokens left); `outside` requests admitted and not in the engine yet."""
+    from types import SimpleNamespace
+
+    from actors import runtime as runtime_module
+    from actors.runtime import Runtime
+
+    def waiting_work(typical: float, owner=None) -> float:  # type: ignore[no-untyped-def]
+        shares: dict[str, float] = {}
+        for i, (rid, left) in enumerate(waiting):
+            key = rid if owner is not None else str(i)
+            shares[key] = max(shares.get(key, 0.0), min(1.0, left / typical))
+        return sum(shares.values())
+
+    service = ServiceTime()
+    service.observe(service_s, 100)
+    stand_in = SimpleNamespace(
+        engine=SimpleNamespace(scheduler=SimpleNamespace(num_waiting=len(waiting), num_running=running,
+                                                         waiting_work=waiting_work),
+                               config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=seats)),
+                               owner_of=lambda sid: sid),
+        stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05),
+        _service_time=service, waiting=lambda: outside + len(waiting))
+    clock = runtime_module.time.monotonic
+    runtime_module.time.monotonic = lambda: now
+    try:
+        return Runtime.estimated_wait_s(stand_in)  # type: ignore[arg-type]
+    finally:
+        runtime_module.time.monotonic = clock
+
+
+def test_the_overload_estimate_counts_the_seats_the_kv_cache_lets_run():
+    """Requests waiting in the engine while seats are free wait for KV blocks: as many run
+    as fit, not `max_num_seqs` (an audit: first tokens 15-34 s after admission under an
+    8 s limit, with 2 of 4 seats running); and with no place free, one request must end
+    before the next starts."""
+    two_fit = estimate(outside=3, running=2, waiting=[("a", 100), ("b", 100)])
+    assert two_fit == pytest.approx((3 + 2 + 1) / 2 * 6.0)
+    assert estimate(outside=0, running=4, waiting=[]) == pytest.approx(1 / 4 * 6.0)  # seats full
+    assert estimate(outside=0, running=3, waiting=[]) == 0.0  # a seat is free
+    assert estimate(outside=2, running=3, waiting=[]) == pytest.approx(2 / 4 * 6.0)  # (on their way in)
+
+
+def test_the_measured_rate_counts_requests_not_their_sequences():
+    drain = DrainRate(window=8, least=3)
+    for t in range(1, 5):
+        drain.observe(2.0 * t, 2.0, True, 1)  # a request every 2 s since 0
+    choices = [("n4", 100)] * 4  # one n=4 request's choices waiting in the engine
+    assert estimate(outside=3, running=4, waiting=choices, drain=drain, now=8.0) == pytest.approx((3 + 1 + 1) / 0.5)
