@@ -517,10 +517,18 @@ class Admission:
             return self.rejected(request_id, tenant.tenant_id, r)
         return None
 
+    RPM_BLOCKS_KEPT = 10_000  # blocks held at most (each lasts a minute at most)
+
     def _block_rpm(self, tenant: TenantContext, retry_after_s: float) -> None:
-        if len(self._rpm_blocked) > 10_000:  # stale entries of tenants gone quiet
-            self._rpm_blocked.clear()
-        self._rpm_blocked[self._rpm_key(tenant)] = time.monotonic() + retry_after_s
+        # At the cap, the blocks that ended go (those of tenants gone quiet), then, if all are
+        # live, the one that ends soonest (the cap was met by clearing them all: every
+        # tenant's block was lifted at once).
+        now = time.monotonic()
+        if len(self._rpm_blocked) >= self.RPM_BLOCKS_KEPT:
+            self._rpm_blocked = {k: until for k, until in self._rpm_blocked.items() if until > now}
+            while len(self._rpm_blocked) >= self.RPM_BLOCKS_KEPT:
+                del self._rpm_blocked[min(self._rpm_blocked, key=self._rpm_blocked.__getitem__)]
+        self._rpm_blocked[self._rpm_key(tenant)] = now + retry_after_s
 
     async def count_refused(self, tenant: TenantContext, request_id: str) -> None:
         """Count a request refused (400) after its prompt was tokenized against the tenant's

@@ -531,6 +531,29 @@ async def test_a_request_without_max_tokens_is_given_what_is_left_of_the_daily_b
     assert isinstance(rej, Rejected) and rej.status == 429, rej
 
 
+async def test_the_per_process_rpm_blocks_drop_the_ended_then_the_soonest_at_their_cap(runtime, monkeypatch):
+    """At the cap the table was cleared whole: every tenant over its minute was let through
+    to tokenizing at once. Now the blocks that ended go, then the one that ends soonest."""
+    admission = runtime.admission
+    monkeypatch.setattr(admission, "RPM_BLOCKS_KEPT", 3)
+    ts = [tenant(Quota(requests_per_minute=1), id=f"rpm{i}") for i in range(5)]
+    admission._block_rpm(ts[0], 0.0)  # (already over)
+    admission._block_rpm(ts[1], 50.0)
+    admission._block_rpm(ts[2], 30.0)
+    admission._block_rpm(ts[3], 40.0)  # the ended one goes
+    admission._block_rpm(ts[4], 60.0)  # all live: the soonest to end (rpm2) goes
+    from actors.admission import _Refuse  # (what admission answers a 429 with)
+
+    refused = []
+    for t in ts:
+        try:
+            admission.check_rpm_block(t)
+        except _Refuse as r:
+            assert r.rejected[0] == 429
+            refused.append(t.tenant_id)
+    assert refused == ["rpm1", "rpm3", "rpm4"]
+
+
 async def test_logprobs_are_replayed_from_the_cache(runtime):
     ask = dict(prompt="The capital of Germany is", max_tokens=5, logprobs=2)
     first = await runtime.submit(call(tenant(), **ask))
