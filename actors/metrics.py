@@ -83,6 +83,16 @@ class TenantQueueCollector:
                                   "counter (weighted tokens; priority, vtc and hybrid policies)", labels=["tenant"]))
 
 
+def label_values(metrics: Iterable[Any], label: str) -> set[str]:
+    """The values `label` takes in the series of those of `metrics` that have it."""
+    values: set[str] = set()
+    for m in metrics:
+        if isinstance(m, MetricWrapperBase) and label in m._labelnames:
+            at = m._labelnames.index(label)
+            values.update(key[at] for key in list(m._metrics))
+    return values
+
+
 def forget_label(metrics: Iterable[Any], label: str, value: str) -> int:
     """Drop every series whose `label` is `value` from those of `metrics` that have the
     label; how many metrics had some. (A deleted tenant's ~100 series stayed until the
@@ -100,6 +110,10 @@ class Metrics:
     def forget_tenant(self, tenant_id: str) -> int:
         """Drop a deleted tenant's series (`forget_label`)."""
         return forget_label(vars(self).values(), "tenant", tenant_id)
+
+    def tenants(self) -> set[str]:
+        """The tenants that have series."""
+        return label_values(vars(self).values(), "tenant")
 
     def render(self, compress: bool = False) -> bytes:
         """The registry in Prometheus' text format (gzipped: `compress`). Thread-safe within

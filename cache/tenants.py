@@ -552,6 +552,14 @@ class TenantRegistry:
             raw = await self.store.client.get(self.store.key("tenant", tenant_id))
         return None if raw is None else decode_tenant(raw)
 
+    async def which_exist(self, tenant_ids: list[str]) -> set[str]:
+        """Those of `tenant_ids` that are tenants now (one round trip)."""
+        if not tenant_ids:
+            return set()
+        with self.store.guard():
+            found = await self.store.client.smismember(self.store.key("tenants"), tenant_ids)
+        return {t for t, there in zip(tenant_ids, found, strict=True) if there}
+
     async def list_tenants(self, limit: int | None = None, after: str | None = None) -> tuple[list[Tenant], bool]:
         """Tenants sorted by id: those after `after` (an id, not necessarily one that
         exists), at most `limit` (None: all), and whether more follow. Only the page's

@@ -39,7 +39,7 @@ from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
-from actors.metrics import LATENCY_BUCKETS, forget_label
+from actors.metrics import LATENCY_BUCKETS, forget_label, label_values
 from cache.quotas import QuotaManager, RateLimits
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
@@ -166,6 +166,10 @@ class HttpMetrics:
     def forget_tenant(self, tenant_id: str) -> None:
         """A deleted tenant's series go (`actors.metrics.forget_label`)."""
         forget_label(vars(self).values(), "tenant", tenant_id)
+
+    def tenants(self) -> set[str]:
+        """The tenants that have series (and `-`: requests answered before a key was read)."""
+        return label_values(vars(self).values(), "tenant")
 
     @classmethod
     def register(cls, registry: prometheus_client.CollectorRegistry) -> HttpMetrics:

@@ -35,6 +35,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
+import trio
 from quart import Blueprint, Response, request
 
 from actors.predictor import PredictorBlobError
@@ -236,6 +237,30 @@ def store_errors(fn: F) -> F:
 
 
 MAX_TENANTS_PAGE = 1000  # tenants `GET /admin/tenants` lists at most at once
+DELETED_TENANTS_CHECK_S = 300.0  # how often `forget_deleted_tenants` looks
+
+
+async def forget_gone_tenants(state: GatewayState) -> list[str]:
+    """Drop this process's series and fairness counters of the tenants that have series
+    here but are tenants no more (deleted through another replica: the replica that
+    answers a DELETE drops its own at once); returns their ids. One Redis round trip."""
+    seen = sorted((state.runtime.metrics.tenants() | state.metrics.tenants()) - {"-"})
+    gone = set(seen) - await state.stores.tenants.which_exist(seen)
+    for tenant_id in sorted(gone):
+        state.runtime.forget_tenant(tenant_id)
+        state.metrics.forget_tenant(tenant_id)
+    return sorted(gone)
+
+
+async def forget_deleted_tenants(state: GatewayState, every_s: float = DELETED_TENANTS_CHECK_S) -> None:
+    """Run for as long as the server does: `forget_gone_tenants` every `every_s` (skipped
+    while Redis is unreachable)."""
+    while True:
+        await trio.sleep(every_s)
+        try:
+            await forget_gone_tenants(state)
+        except CacheUnavailable:
+            continue
 
 
 def admin_blueprint(state: GatewayState) -> Blueprint:
@@ -320,7 +345,8 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
             raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
         if not await tenants.delete_tenant(tenant_id, created_at=tenant.created_at):
             raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
-        # this process's series and fairness counter of it (other replicas' stay until they restart)
+        # this process's series and fairness counter of it (other replicas drop theirs within
+        # `DELETED_TENANTS_CHECK_S`: `forget_deleted_tenants`)
         state.runtime.forget_tenant(tenant_id)
         state.metrics.forget_tenant(tenant_id)
         return {"id": tenant_id, "deleted": True}

@@ -55,6 +55,7 @@ from gateway.config import (
     parse_log_level,
     start_warnings,
 )
+from gateway.routes_admin import forget_deleted_tenants
 
 log = logging.getLogger("lmgate.gateway.server")
 
@@ -717,6 +718,7 @@ async def serve(
             if config_private is not None:
                 nursery.start_soon(watch_private_redis, config_private)
             nursery.start_soon(stores.tenants.watch_for_lost_data)
+            nursery.start_soon(forget_deleted_tenants, app.extensions["lmgate"])
             with trio.CancelScope() as serving:
                 nursery.start_soon(end_streams_before_the_cut, serving)
                 await serve_app(app, config, shutdown_trigger=trigger, task_status=task_status)

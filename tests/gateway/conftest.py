@@ -178,6 +178,7 @@ async def start_gateway(
 ) -> tuple[str, FakeRuntime, trio.Event]:
     runtime = FakeRuntime(nursery)
     app = create_app(runtime, stores, config)
+    runtime.gateway_state = app.extensions["lmgate"]  # (for tests of what the server runs beside the routes)
     stop = trio.Event()
     urls = await nursery.start(lambda task_status: serve_app(app, config, shutdown_trigger=stop.wait, task_status=task_status))
     return urls[0], runtime, stop

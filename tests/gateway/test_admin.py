@@ -199,6 +199,23 @@ async def test_a_deleted_tenants_series_leave_the_metrics(gateway: Gateway) -> N
     assert 'lmgate_requests_total{outcome="ok",tenant="t2"} 1.0' in after
 
 
+async def test_a_tenant_deleted_through_another_replica_leaves_this_ones_metrics_too(gateway: Gateway) -> None:
+    """The replica that answers a DELETE drops its series at once; the others look every
+    few minutes for tenants that have series but are tenants no more."""
+    from gateway.routes_admin import forget_gone_tenants
+
+    state = gateway.runtime.gateway_state
+    await gateway.stores.tenants.create_tenant("elsewhere", name="x")
+    for t in ("t1", "elsewhere"):
+        gateway.runtime.metrics.requests.labels(t, "ok").inc()
+        state.metrics.requests.labels("/v1/completions", "POST", "200", t).inc()
+    state.metrics.requests.labels("/v1/completions", "POST", "401", "-").inc()
+    assert await forget_gone_tenants(state) == []
+    assert await gateway.stores.tenants.delete_tenant("elsewhere")  # (as another replica's DELETE does)
+    assert await forget_gone_tenants(state) == ["elsewhere"]
+    assert gateway.runtime.metrics.tenants() == {"t1"} and state.metrics.tenants() == {"t1", "-"}
+
+
 async def test_usage_per_day_and_model(gateway: Gateway) -> None:
     tenant = await gateway.stores.tenants.get_tenant("t1")
     assert tenant is not None
