@@ -152,6 +152,10 @@ class StepScheduler:
         self._counter = itertools.count()
         self._waiting: list[SchedRequest] = []  # sorted by _key
         self._running: list[SchedRequest] = []  # admission order
+        # whether the latest step left requests waiting for KV blocks (its head did not fit,
+        # or a running request was preempted for blocks) — not for the step's token budget
+        # or a seat: the overload estimate counts as many seats as run then
+        self.waits_for_blocks = False
 
     # ----------------------------------------------------------------- queries
     def get(self, request_id: str) -> SchedRequest | None:
@@ -270,6 +274,7 @@ class StepScheduler:
     def schedule(self) -> StepPlan:
         """Pack the next step; see the module docstring for the policy."""
         step = _StepBuilder(self.config.max_num_batched_tokens)
+        self.waits_for_blocks = False
         self._make_room_for_head(step)
         made_room = len(step.preempted)
         # the head of the queue is admitted before the running requests of a lower priority
@@ -380,6 +385,7 @@ class StepScheduler:
         start = req.num_computed_tokens
         end = start + self._chunk_len(req, start, step.budget)
         while self.bm.blocks_needed(req.request_id, start, end) > self.bm.num_free_blocks:
+            self.waits_for_blocks = True
             victim = max(self._running, key=self._key)
             self._preempt(victim)
             step.preempted.append(victim.request_id)
@@ -411,9 +417,11 @@ class StepScheduler:
             hits, num_cached = self._prefix_hits(req)
             wanted = self._blocks_wanted(req, hits, num_cached, owed_by)
             if wanted > self.bm.num_free_blocks and wanted > self.bm.num_free_blocks + self._room_of_lower(req, hits):
+                self.waits_for_blocks = True
                 return  # head-of-line waits: strict (priority, arrival) order
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
+                self.waits_for_blocks = True
                 return
             self._waiting.pop(0)
             self._running.append(req)
@@ -473,6 +481,7 @@ class StepScheduler:
         no_seat, missing = short()
         if not no_seat and missing <= 0:
             return
+        self.waits_for_blocks = missing > 0
         if missing > self._room_of_lower(head, hits):
             return
         while lower and (no_seat or missing > 0):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,20 +77,21 @@ STEP_TIME_EWMA = 0.2  # weight of the newest step in `Stepper.mean_step_s` (as o
 
 
 class DrainRate:
-    """How many requests leave the engine a second while it is saturated (requests wait in
-    it for blocks, or a step runs `max_num_seqs` sequences): its capacity as measured, for
-    the overload estimate (`Runtime.estimated_wait_s`). Measured, it counts what a formula
-    of seats and service times misses: a KV cache that holds fewer requests than there are
-    seats, preemptions, a batch slower per token. Over the last `window` requests to leave
-    in the current saturated stretch, from the stretch's start (or the request before the
-    window): requests that finish together in one step count over the time they took, not
-    from the first of them. A step that is not saturated ends the stretch, and so does
-    `stale_s` without a saturated step (the engine went idle, its last requests aborted:
-    an old stretch is no measure of a new burst); fewer than `least` requests give no
-    rate. Time runs on to now: an engine that stops finishing requests is seen to slow.
-    Pure: the caller passes the clock."""
+    """How many requests leave the engine a second while it is saturated (its seats full,
+    requests waiting in it for KV blocks, or its step budget spent with requests waiting):
+    its capacity as measured, for the overload estimate (`Runtime.estimated_wait_s`).
+    Measured, it counts what a formula of seats and service times misses: a KV cache that
+    holds fewer requests than there are seats, preemptions, a batch slower per token. Over
+    the last `window` requests to leave in the current saturated stretch, from the
+    stretch's start (or the request before the window): requests that finish together in
+    one step count over the time they took, not from the first of them. Steps that are not
+    saturated add no requests (they measure demand, not capacity) but their time counts;
+    `stale_s` without a saturated step ends the stretch (an idle engine, its last requests
+    aborted: an old stretch is no measure of a new burst); fewer than `least` requests
+    give no rate. Time runs on to now: an engine that stops finishing requests is seen to
+    slow. Pure: the caller passes the clock."""
 
-    def __init__(self, window: int = 16, least: int = 3, stale_s: float = 5.0) -> None:
+    def __init__(self, window: int = 16, least: int = 3, stale_s: float = 2.0) -> None:
         if least < 1 or window < least:
             raise ValueError("need 1 <= least <= window")
         self.window, self.least, self.stale_s = window, least, stale_s
@@ -100,7 +101,7 @@ class DrainRate:
 
     def observe(self, now: float, step_s: float, saturated: bool, finished: int) -> None:
         """A step of `step_s` seconds ended at `now`; `finished` requests ended in it."""
-        if not saturated or (self._start is not None and now - step_s - self._last > self.stale_s):
+        if self._start is not None and now - step_s - self._last > self.stale_s:
             self._ends.clear()
             self._start = None
         if not saturated:
@@ -113,7 +114,7 @@ class DrainRate:
     def left(self, now: float, count: int) -> None:
         """`count` requests left the engine at `now` (between steps: aborted), freeing what a
         finished one frees. Counted only within a saturated stretch."""
-        if self._start is None:
+        if self._start is None or now - self._last > self.stale_s:
             return
         for _ in range(count):
             if len(self._ends) == self.window:
@@ -175,11 +176,6 @@ class Stepper:
         self.mean_step_s = 0.0
         self.step_cost = StepCostFit()  # seconds per token fed, over every step (policies read it)
         self.drain = DrainRate()  # requests finished a second while saturated (the overload estimate reads it)
-        # requests admitted and not yet running, everywhere (the runtime sets it): the engine
-        # is saturated while any wait, or its seats are full. (Its own waiting list alone
-        # ended the measured stretch whenever a step found room for all it had been handed
-        # while the queue outside still held requests.)
-        self.backlog: Callable[[], int] | None = None
         # the same EWMA over steps that only decode (a token per sequence): the pace of
         # generation, which a prefill step (the first of every burst) does not show
         self.mean_decode_step_s = 0.0
@@ -520,9 +516,10 @@ class Stepper:
             if self.engine.last_step_seqs:
                 self.metrics.batch_size.observe(self.engine.last_step_seqs)
             sched = self.engine.scheduler
-            waiting = self.backlog() if self.backlog is not None else sched.num_waiting
-            self.drain.observe(time.monotonic(), dt, waiting > 0 or self.engine.last_step_seqs >= sched.config.max_num_seqs,
-                               sum(1 for d in deltas if d.request_finished))
+            cfg = sched.config
+            saturated = (sched.waits_for_blocks or self.engine.last_step_seqs >= cfg.max_num_seqs
+                         or (sched.num_waiting > 0 and self.engine.last_step_tokens >= cfg.max_num_batched_tokens))
+            self.drain.observe(time.monotonic(), dt, saturated, sum(1 for d in deltas if d.request_finished))
             for d in deltas:
                 self._route(d)
             self._export_stats()

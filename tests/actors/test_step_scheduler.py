@@ -584,3 +584,18 @@ def test_waiting_work_counts_each_waiting_sequence_by_the_tokens_it_has_left():
     # in requests: the choices of one request count once, at the largest share among them
     assert sched.waiting_work(4, owner=lambda sid: "one") == 1
     assert sched.waiting_work(160, owner=lambda sid: sid[:-1]) == pytest.approx(8 / 160)
+
+
+def test_the_scheduler_says_whether_requests_wait_for_blocks_or_for_the_budget():
+    """What the overload estimate reads: requests waiting because the KV cache is full run
+    no sooner for free seats; those waiting for the step's token budget do."""
+    sched = make_scheduler(num_blocks=64, max_num_batched_tokens=8)
+    for i in range(3):
+        sched.add(request(f"b{i}", 8, max_tokens=2))
+    sched.schedule()  # one prompt's 8 tokens spend the budget: the others wait for it
+    assert sched.num_waiting == 2 and not sched.waits_for_blocks
+    tight = make_scheduler(num_blocks=4, max_num_batched_tokens=64)
+    for i in range(2):
+        tight.add(request(f"k{i}", 12, max_tokens=2))
+    tight.schedule()  # 3 blocks each: the second does not fit
+    assert tight.num_waiting == 1 and tight.waits_for_blocks

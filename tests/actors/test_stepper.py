@@ -10,18 +10,20 @@ from actors.stepper import DrainRate
 
 
 def test_the_drain_rate_is_measured_only_while_the_engine_is_saturated():
-    drain = DrainRate(window=4, least=3, stale_s=5.0)
+    drain = DrainRate(window=4, least=3, stale_s=2.0)
     drain.observe(1.0, 1.0, True, 1)  # the stretch starts with the step: at 0
     drain.observe(2.0, 1.0, True, 1)
     assert drain.per_s(2.5) is None  # two requests: no rate yet
     drain.observe(3.0, 1.0, True, 1)
     assert drain.per_s(3.0) == pytest.approx(1.0)  # 3 in 3 s
-    assert drain.per_s(6.0) == pytest.approx(0.5)  # nothing finished since: it is seen to slow
-    drain.left(6.0, 2)  # two aborted between steps: the window keeps the last 4, from the one before
-    assert drain.per_s(6.0) == pytest.approx(4 / (6.0 - 1.0))
-    drain.observe(7.0, 1.0, False, 1)  # not saturated: the stretch ends (an idle gap measures nothing)
-    assert drain.per_s(7.0) is None
-    drain.left(7.5, 3)  # (aborts outside a stretch are not counted)
+    assert drain.per_s(4.0) == pytest.approx(0.75)  # nothing finished since: it is seen to slow
+    drain.left(4.0, 2)  # two aborted between steps: the window keeps the last 4, from the one before
+    assert drain.per_s(4.0) == pytest.approx(4 / (4.0 - 1.0))
+    drain.observe(4.5, 0.5, False, 3)  # a step with room to spare: its requests measure demand, not capacity
+    assert drain.per_s(4.5) == pytest.approx(4 / (4.5 - 1.0))
+    drain.observe(6.0, 1.0, False, 0)  # 2 s without a saturated step: the stretch ends
+    assert drain.per_s(6.0) is None
+    drain.left(6.5, 3)  # (aborts outside a stretch are not counted)
     drain.observe(8.0, 1.0, True, 0)
     assert drain.per_s(8.0) is None
     with pytest.raises(ValueError):
@@ -43,7 +45,7 @@ def test_a_stretch_ends_after_a_while_without_a_saturated_step():
     """The engine went idle without a step that was not saturated (its last requests were
     aborted, or all ended in a saturated step): the old stretch is dropped, not read as
     the rate of a burst ten minutes later."""
-    drain = DrainRate(window=4, least=3, stale_s=5.0)
+    drain = DrainRate(window=4, least=3, stale_s=2.0)
     for t in range(1, 5):
         drain.observe(float(t), 1.0, True, 1)
     assert drain.per_s(4.0) == pytest.approx(1.0)
@@ -69,9 +71,11 @@ def test_service_time_starts_as_a_mean_and_guesses_from_the_decode_step_time_bef
 
 
 def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seats: int = 4,
-             drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0) -> float:
+             drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0,
+             for_blocks: bool = True) -> float:
     """`Runtime.estimated_wait_s` over a stand-in engine: `waiting` its waiting sequences
-    as (request id, tokens left); `outside` requests admitted and not in the engine yet."""
+    as (request id, tokens left), waiting for KV blocks (`for_blocks`) or for the step's
+    token budget; `outside` requests admitted and not in the engine yet."""
     from types import SimpleNamespace
 
     from actors import runtime as runtime_module
@@ -88,7 +92,8 @@ def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seat
     service.observe(service_s, 100)
     stand_in = SimpleNamespace(
         engine=SimpleNamespace(scheduler=SimpleNamespace(num_waiting=len(waiting), num_running=running,
-                                                         waiting_work=waiting_work),
+                                                         waiting_work=waiting_work,
+                                                         waits_for_blocks=for_blocks and bool(waiting)),
                                config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=seats)),
                                owner_of=lambda sid: sid),
         stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05),
@@ -111,6 +116,10 @@ def test_the_overload_estimate_counts_the_seats_the_kv_cache_lets_run():
     assert estimate(outside=0, running=4, waiting=[]) == pytest.approx(1 / 4 * 6.0)  # seats full
     assert estimate(outside=0, running=3, waiting=[]) == 0.0  # a seat is free
     assert estimate(outside=2, running=3, waiting=[]) == pytest.approx(2 / 4 * 6.0)  # (on their way in)
+    # a burst into an idle engine waits for the step's token budget, not for blocks: every
+    # seat will run (counted as the one running, it was refused with Retry-After of minutes)
+    burst = [(f"r{i}", 100) for i in range(63)]
+    assert estimate(outside=0, running=1, waiting=burst, seats=64, for_blocks=False) == pytest.approx(63 / 64 * 6.0)
 
 
 def test_the_measured_rate_counts_requests_not_their_sequences():
