@@ -260,7 +260,6 @@ class Runtime:
         )
         # read at scrape time: never stale (after a drain, between steps)
         self.metrics.waiting.set_function(self.waiting)
-        self.stepper.backlog = self.waiting
         self.metrics.running.set_function(lambda: self.engine.scheduler.num_running)
         self.metrics.tenant_queue.policy = lambda: self.queue.policy
 
@@ -308,7 +307,7 @@ class Runtime:
         sched = self.engine.scheduler
         seats = max(1, self.engine.config.scheduler.max_num_seqs)
         outside = self.waiting() - sched.num_waiting
-        full = sched.num_waiting > 0 or sched.num_running >= seats
+        full = sched.waits_for_blocks or sched.num_running >= seats
         rate = self.stepper.drain.per_s(time.monotonic())
         if rate is not None:  # (in requests: the rate counts requests, an n > 1 one once)
             work = outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)
@@ -316,17 +315,23 @@ class Runtime:
         work = outside + sched.waiting_work(self._service_time.tokens)
         if work <= 0 and not full:
             return 0.0
-        if sched.num_waiting > 0:  # (blocked for blocks, or for seats: as many run as fit)
+        if sched.waits_for_blocks:  # (not for the step's token budget: more run once prefilled)
             seats = max(1, min(seats, sched.num_running))
         return (work + full) / seats * self._service_time.expected(self.stepper.mean_decode_step_s)
 
     def forget_tenant(self, tenant_id: str) -> None:
         """A tenant was deleted: its metric series and its fairness counter go (kept, they
         grew every scrape and the fairness table with every tenant ever served). A request
-        of it still running records its series again when it ends."""
+        of it still running records its series again when it ends (the server's periodic
+        sweep drops them then, `gateway.routes_admin.forget_deleted_tenants`). Its counter
+        stays while requests of it wait or run: forgotten, it read as no service at all, and
+        its backlog went ahead of every other tenant of its tier (a review)."""
         self.metrics.forget_tenant(tenant_id)
-        vtc = getattr(self.queue.policy, "vtc", None)
-        if vtc is not None:
+        policy = self.queue.policy
+        vtc = getattr(policy, "vtc", None)
+        busy = any(job.tenant == tenant_id for job in policy) or any(
+            st.tenant_id == tenant_id for st in self.stepper.active.values())
+        if vtc is not None and not busy:
             vtc.forget(tenant_id)
 
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:

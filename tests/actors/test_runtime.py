@@ -1435,3 +1435,31 @@ async def test_a_reserve_whose_reply_is_lost_is_released_when_quotas_fail_closed
         assert not await store.client.exists([store.key("q", "{lost}", "done:" + oom.request_id)])
     finally:
         await store.client.config_set({"maxmemory": "0", "maxmemory-policy": policy})
+
+
+def test_a_deleted_tenant_keeps_its_fairness_counter_while_its_requests_wait():
+    """Forgotten while its backlog waited, a deleted tenant's counter read as no service at
+    all, and its whole backlog went ahead of every other tenant of its tier (a review: 40
+    of the next 40 released). Kept until nothing of it waits or runs; its series go at once."""
+    from types import SimpleNamespace
+
+    from actors.metrics import Metrics
+    from actors.policies import EngineView, Job, PriorityAging
+
+    policy = PriorityAging()
+    for t in ("gone", "busy"):
+        policy.vtc.charge(t, 100, 100)
+        policy.on_arrival(Job(f"{t}-0", t, 10, 20, 0.0, 20.0), 0.0)
+    metrics = Metrics()
+    metrics.requests.labels("gone", "ok").inc()
+    stand_in = SimpleNamespace(metrics=metrics, queue=SimpleNamespace(policy=policy),
+                               stepper=SimpleNamespace(active={}))
+    Runtime.forget_tenant(stand_in, "gone")  # type: ignore[arg-type]
+    assert policy.vtc.counters["gone"] == 300.0 and metrics.tenants() == set()
+    policy.release(1.0, EngineView(0, 8, 100, 100, 16))  # both run
+    stand_in.stepper.active = {"gone-0": SimpleNamespace(tenant_id="gone")}
+    Runtime.forget_tenant(stand_in, "gone")  # type: ignore[arg-type]
+    assert "gone" in policy.vtc.counters  # (running)
+    stand_in.stepper.active = {}
+    Runtime.forget_tenant(stand_in, "gone")  # type: ignore[arg-type]
+    assert "gone" not in policy.vtc.counters and "busy" in policy.vtc.counters
