@@ -39,7 +39,7 @@ from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
-from actors.metrics import LATENCY_BUCKETS, forget_label, label_values
+from actors.metrics import LATENCY_BUCKETS, Metrics, forget_label, label_values
 from cache.quotas import QuotaManager, RateLimits
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
@@ -55,6 +55,7 @@ class Runtime(Protocol):
     model_name: str
     max_model_len: int
     registry: prometheus_client.CollectorRegistry
+    metrics: Metrics  # its `render` formats /metrics (registry: its registry)
 
     # `sink`: an unbounded channel the request's events go to instead of `Accepted.events`
     # (None then); several requests of one API request share it (batched prompts)
@@ -73,6 +74,9 @@ class Runtime(Protocol):
 
     # a request the gateway refused before admission (`lmgate_rejections_total`)
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None: ...
+
+    # a tenant was deleted: its series and fairness counter go
+    def forget_tenant(self, tenant_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,25 @@ class HttpMetrics:
         )
 
 
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header takes gzip: named (or `*`) with a q-value above 0
+    (`gzip;q=0` refuses it)."""
+    for part in (header or "").split(","):
+        name, *params = (p.strip() for p in part.split(";"))
+        if name.lower() not in ("gzip", "*"):
+            continue
+        q = 1.0
+        for p in params:
+            key, _, value = p.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        return q > 0
+    return False
+
+
 class RecentKeys:
     """Keys that authenticated recently, used only while Redis is unreachable.
 
@@ -259,6 +282,11 @@ class GatewayState:
     draining: trio.Event = field(default_factory=trio.Event)
     # Responses API runs on this server: read while they run, background mode
     live_responses: LiveResponses = field(default_factory=LiveResponses)
+    # /metrics: one scrape formatted at a time, in a thread of its own limiter (not the one
+    # request paths share), and one formatted body shared by the scrapes that waited for it
+    scrape_lock: trio.Lock = field(default_factory=trio.Lock)
+    scrape_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    last_scrape: tuple[float, bool, bytes] | None = None  # (monotonic time, gzipped, body)
 
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
         """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""
@@ -602,11 +630,22 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
             if not (is_admin_key(presented, config.metrics_key) or is_admin_key(presented, config.admin_key)):
                 raise ApiError(401, "the metrics need the metrics key (Authorization: Bearer <key>)",
                                code="invalid_api_key")
-        compress = "gzip" in request.headers.get("Accept-Encoding", "").lower()  # (Prometheus asks)
-        with runtime.metrics.tenant_queue.frozen():  # (what only the event loop may read, read here)
-            body = await trio.to_thread.run_sync(runtime.metrics.render, compress)
-        return Response(body, content_type=prometheus_client.CONTENT_TYPE_LATEST,
-                        headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if compress else {})
+        compress = accepts_gzip(request.headers.get("Accept-Encoding"))  # (Prometheus asks)
+        asked = time.monotonic()
+        async with state.scrape_lock:
+            last = state.last_scrape
+            if last is not None and last[0] >= asked and last[1] == compress:
+                body = last[2]  # formatted since this scrape came: theirs will do
+            else:
+                with runtime.metrics.tenant_queue.frozen():  # (what only the event loop may read, read here)
+                    started = time.monotonic()
+                    body = await trio.to_thread.run_sync(runtime.metrics.render, compress,
+                                                         limiter=state.scrape_threads)
+                state.last_scrape = (started, compress, body)
+        headers = {"Vary": "Accept-Encoding"}
+        if compress:
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, content_type=prometheus_client.CONTENT_TYPE_LATEST, headers=headers)
 
     @app.get("/openapi.json")
     async def openapi() -> Any:
