@@ -62,9 +62,9 @@ class AdminClient(JsonApi):
         while True:
             page = await self._call("GET", "/tenants", params=params)
             tenants += page["data"]
-            if not page.get("has_more") or not page["data"]:
+            if not page.get("has_more") or page.get("last_id") is None:
                 return tenants
-            params = {"limit": str(self.TENANTS_PAGE), "after": page["data"][-1]["id"]}
+            params = {"limit": str(self.TENANTS_PAGE), "after": page["last_id"]}  # (after the ids it covered)
 
     async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
         """The tenant and its keys (ids, names, display prefixes; never the plaintext)."""

@@ -294,18 +294,17 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
     @store_errors
     async def list_tenants() -> Any:
         """A page of tenants by id (OpenAI's list form): `limit` (default 100, at most
-        1,000) after the id `after`; `has_more` says whether to ask again, after `last_id`."""
+        1,000) after the id `after`; `has_more` says whether to ask again, after `last_id`
+        (which a page emptied by deletions still has)."""
         raw = request.args.get("limit", "100")
-        try:
-            limit = int(raw)
-        except ValueError:
-            limit = 0
+        limit = int(raw) if re.fullmatch(r"[0-9]{1,5}", raw) else 0
         if not 1 <= limit <= MAX_TENANTS_PAGE:
             raise ApiError(400, f"limit must be an integer from 1 to {MAX_TENANTS_PAGE}, got {raw!r}",
                            code="invalid_value", param="limit")
-        page, more = await tenants.list_tenants(limit, request.args.get("after"))
+        page, more, last = await tenants.list_tenants(limit, request.args.get("after"))
+        # (last_id: the last id the page covered, a tenant deleted meanwhile included: the cursor)
         return {"object": "list", "data": to_json(page), "first_id": page[0].id if page else None,
-                "last_id": page[-1].id if page else None, "has_more": more}
+                "last_id": last, "has_more": more}
 
     @bp.get("/tenants/<tenant_id>")
     @store_errors

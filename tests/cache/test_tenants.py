@@ -490,15 +490,18 @@ async def test_a_redis_back_without_its_data_is_said_in_the_log(tmp_path, caplog
 async def test_tenants_are_listed_a_page_at_a_time(registry: TenantRegistry):
     for i in range(7):
         await registry.create_tenant(f"t{i}", f"T{i}")
-    page, more = await registry.list_tenants(limit=3)
-    assert [t.id for t in page] == ["t0", "t1", "t2"] and more
-    page, more = await registry.list_tenants(limit=3, after="t2")
+    page, more, last = await registry.list_tenants(limit=3)
+    assert [t.id for t in page] == ["t0", "t1", "t2"] and more and last == "t2"
+    page, more, last = await registry.list_tenants(limit=3, after="t2")
     assert [t.id for t in page] == ["t3", "t4", "t5"] and more
-    page, more = await registry.list_tenants(limit=3, after="t5")
-    assert [t.id for t in page] == ["t6"] and not more
-    assert await registry.list_tenants(limit=3, after="t6") == ([], False)
-    page, _ = await registry.list_tenants(limit=2, after="t35")  # (an id that does not exist: those after it)
+    page, more, last = await registry.list_tenants(limit=3, after="t5")
+    assert [t.id for t in page] == ["t6"] and not more and last == "t6"
+    assert await registry.list_tenants(limit=3, after="t6") == ([], False, None)
+    page, _, _ = await registry.list_tenants(limit=2, after="t35")  # (an id that does not exist: those after it)
     assert [t.id for t in page] == ["t4", "t5"]
     assert len((await registry.list_tenants())[0]) == 7
+    # a tenant whose record went between reading the ids and the records: the page covers it
+    await registry.store.client.delete([registry.store.key("tenant", "t1")])
+    assert await registry.list_tenants(limit=1, after="t0") == ([], True, "t1")
     with pytest.raises(ValueError):
         await registry.list_tenants(limit=0)

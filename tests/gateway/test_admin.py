@@ -174,7 +174,7 @@ async def test_tenants_are_listed_a_page_at_a_time(gateway: Gateway) -> None:
         assert (first["first_id"], first["last_id"]) == ("p0", "p3")
         rest = (await client.get("/admin/tenants", params={"limit": 4, "after": first["last_id"]})).json()
         assert ([t["id"] for t in rest["data"]], rest["has_more"]) == (["p4", "t1"], False)
-        for bad in ("0", "1001", "ten", ""):
+        for bad in ("0", "1001", "ten", "", " 5", "+5", "1_0", "1e3", "-1"):
             r = await client.get("/admin/tenants", params={"limit": bad})
             assert (r.status_code, r.json()["error"]["param"]) == (400, "limit"), bad
 
