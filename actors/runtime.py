@@ -291,8 +291,9 @@ class Runtime:
 
     def estimated_wait_s(self) -> float:
         """The wait a request admitted now would have: the work ahead of it, in typical
-        requests, plus the request that must end to free its place when the engine has
-        none free (all seats taken, or requests waiting in it for KV blocks), at the rate
+        requests, past the engine's free seats (none while requests wait in it for KV
+        blocks), plus the request that must end to free its place once they are taken, at
+        the rate
         requests leave the engine while it is saturated (`Stepper.drain`, measured; a
         request waiting in the engine counts its largest share then, an n > 1 one once);
         until it has been saturated long enough to measure, through the engine's seats —
@@ -308,16 +309,21 @@ class Runtime:
         seats = max(1, self.engine.config.scheduler.max_num_seqs)
         outside = self.waiting() - sched.num_waiting
         full = sched.waits_for_blocks or sched.num_running >= seats
+        free = 0 if full else seats - sched.num_running
+
+        def ahead(work: float) -> float:
+            # the requests ahead take the free seats first; once they are all taken, each
+            # one ahead, and the one before the request, must end for it to start (a burst
+            # into an idle engine was costed at all of itself: refused with seats free)
+            return work - free + 1 if work >= free else 0.0
+
         rate = self.stepper.drain.per_s(time.monotonic())
         if rate is not None:  # (in requests: the rate counts requests, an n > 1 one once)
-            work = outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)
-            return (work + full) / rate if work > 0 or full else 0.0
-        work = outside + sched.waiting_work(self._service_time.tokens)
-        if work <= 0 and not full:
-            return 0.0
+            return ahead(outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)) / rate
         if sched.waits_for_blocks:  # (not for the step's token budget: more run once prefilled)
             seats = max(1, min(seats, sched.num_running))
-        return (work + full) / seats * self._service_time.expected(self.stepper.mean_decode_step_s)
+        waiting = ahead(outside + sched.waiting_work(self._service_time.tokens))
+        return waiting / seats * self._service_time.expected(self.stepper.mean_decode_step_s) if waiting else 0.0
 
     def forget_tenant(self, tenant_id: str) -> None:
         """A tenant was deleted: its metric series and its fairness counter go (kept, they

@@ -115,11 +115,13 @@ def test_the_overload_estimate_counts_the_seats_the_kv_cache_lets_run():
     assert two_fit == pytest.approx((3 + 2 + 1) / 2 * 6.0)
     assert estimate(outside=0, running=4, waiting=[]) == pytest.approx(1 / 4 * 6.0)  # seats full
     assert estimate(outside=0, running=3, waiting=[]) == 0.0  # a seat is free
-    assert estimate(outside=2, running=3, waiting=[]) == pytest.approx(2 / 4 * 6.0)  # (on their way in)
+    # those on their way in take the free seat, then the request waits for one to end
+    assert estimate(outside=2, running=3, waiting=[]) == pytest.approx((2 - 1 + 1) / 4 * 6.0)
     # a burst into an idle engine waits for the step's token budget, not for blocks: every
     # seat will run (counted as the one running, it was refused with Retry-After of minutes)
-    burst = [(f"r{i}", 100) for i in range(63)]
-    assert estimate(outside=0, running=1, waiting=burst, seats=64, for_blocks=False) == pytest.approx(63 / 64 * 6.0)
+    burst = [(f"r{i}", 100) for i in range(62)]
+    assert estimate(outside=0, running=1, waiting=burst, seats=64, for_blocks=False) == 0.0  # a seat is left
+    assert estimate(outside=1, running=1, waiting=burst, seats=64, for_blocks=False) == pytest.approx(1 / 64 * 6.0)
 
 
 def test_the_measured_rate_counts_requests_not_their_sequences():
@@ -128,3 +130,7 @@ def test_the_measured_rate_counts_requests_not_their_sequences():
         drain.observe(2.0 * t, 2.0, True, 1)  # a request every 2 s since 0
     choices = [("n4", 100)] * 4  # one n=4 request's choices waiting in the engine
     assert estimate(outside=3, running=4, waiting=choices, drain=drain, now=8.0) == pytest.approx((3 + 1 + 1) / 0.5)
+    # a burst right after a busy stretch, into an engine with seats free: those that take
+    # them start at once (costed at all of the burst, the sixth of 8 was refused at 10.9 s)
+    assert estimate(outside=5, running=0, waiting=[], drain=drain, now=8.0) == pytest.approx((5 - 4 + 1) / 0.5)
+    assert estimate(outside=3, running=0, waiting=[], drain=drain, now=8.0) == 0.0
