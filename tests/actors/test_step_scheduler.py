@@ -78,6 +78,17 @@ def chunk_lens(plan: StepPlan) -> dict[str, int]:
     return {s.request_id: len(s.token_ids) for s in plan.seqs}
 
 
+def finish_order(eng: ShadowEngine) -> list[str]:
+    """Step until every request is done; the order they finished in (the first first, the
+    rest sorted), after checking every KV block came back."""
+    order: list[str] = []
+    while eng.sched.has_unfinished:
+        eng.step()
+        order += list(eng.finish_done())
+    assert eng.sched.kv_usage == 0.0
+    return order[:1] + sorted(order[1:])
+
+
 # ------------------------------------------------------------------ basic steps
 def test_chunked_prefill_splits_prompt_under_budget():
     sched = make_scheduler(max_num_batched_tokens=8)
@@ -253,12 +264,7 @@ def test_a_higher_priority_request_that_does_not_fit_preempts_lower_ones_at_once
     sched.add(request("high", [3] * 12, max_tokens=2, priority=0))  # 4 blocks
     plan = eng.step()
     assert plan.preempted == ("low_b",) and "high" in chunk_lens(plan)
-    order = []
-    while sched.has_unfinished:
-        eng.step()
-        order += list(eng.finish_done())
-    assert order[0] == "high" and sorted(order) == ["high", "low_a", "low_b"]
-    assert sched.kv_usage == 0.0
+    assert finish_order(eng) == ["high", "low_a", "low_b"]
 
 
 @pytest.mark.parametrize("num_blocks, high", [(9, 4), (8, 16)])
@@ -277,12 +283,7 @@ def test_a_higher_priority_head_is_admitted_before_lower_ones_take_its_blocks(nu
     sched.add(request("high", [3] * high, max_tokens=2, priority=0))
     plan = eng.step()
     assert plan.preempted[0] == "low_b" and "high" in chunk_lens(plan)
-    order = []
-    while sched.has_unfinished:
-        eng.step()
-        order += list(eng.finish_done())
-    assert order[0] == "high" and sorted(order) == ["high", "low_a", "low_b"]
-    assert sched.kv_usage == 0.0
+    assert finish_order(eng) == ["high", "low_a", "low_b"]
 
 
 def test_no_request_is_preempted_for_a_higher_one_that_would_not_fit_anyway():
