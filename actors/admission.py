@@ -524,11 +524,12 @@ class Admission:
         # live, the one that ends soonest (the cap was met by clearing them all: every
         # tenant's block was lifted at once).
         now = time.monotonic()
-        if len(self._rpm_blocked) >= self.RPM_BLOCKS_KEPT:
+        key = self._rpm_key(tenant)
+        if key not in self._rpm_blocked and len(self._rpm_blocked) >= self.RPM_BLOCKS_KEPT:
             self._rpm_blocked = {k: until for k, until in self._rpm_blocked.items() if until > now}
             while len(self._rpm_blocked) >= self.RPM_BLOCKS_KEPT:
                 del self._rpm_blocked[min(self._rpm_blocked, key=self._rpm_blocked.__getitem__)]
-        self._rpm_blocked[self._rpm_key(tenant)] = now + retry_after_s
+        self._rpm_blocked[key] = now + retry_after_s
 
     async def count_refused(self, tenant: TenantContext, request_id: str) -> None:
         """Count a request refused (400) after its prompt was tokenized against the tenant's

@@ -83,6 +83,9 @@ class TenantQueueCollector:
                                   "counter (weighted tokens; priority, vtc and hybrid policies)", labels=["tenant"]))
 
 
+UNAUTHENTICATED = "-"  # the tenant label of requests answered before a key was read (no tenant is "-")
+
+
 def label_values(metrics: Iterable[Any], label: str) -> set[str]:
     """The values `label` takes in the series of those of `metrics` that have it."""
     values: set[str] = set()

@@ -309,7 +309,8 @@ class Runtime:
         seats = max(1, self.engine.config.scheduler.max_num_seqs)
         outside = self.waiting() - sched.num_waiting
         full = sched.waits_for_blocks or sched.num_running >= seats
-        free = 0 if full else seats - sched.num_running
+        # (a policy that holds requests back while seats are free: none counted free)
+        free = 0 if full or not getattr(self.queue.policy, "work_conserving", False) else seats - sched.num_running
 
         def ahead(work: float) -> float:
             # the requests ahead take the free seats first; once they are all taken, each

@@ -154,7 +154,8 @@ class StepScheduler:
         self._running: list[SchedRequest] = []  # admission order
         # whether the latest step left requests waiting for KV blocks (its head did not fit,
         # or a running request was preempted for blocks) — not for the step's token budget
-        # or a seat: the overload estimate counts as many seats as run then
+        # or a seat: the overload estimate counts as many seats as run then (set once a
+        # step: the event loop reads it while the compute thread schedules)
         self.waits_for_blocks = False
 
     # ----------------------------------------------------------------- queries
@@ -274,7 +275,6 @@ class StepScheduler:
     def schedule(self) -> StepPlan:
         """Pack the next step; see the module docstring for the policy."""
         step = _StepBuilder(self.config.max_num_batched_tokens)
-        self.waits_for_blocks = False
         self._make_room_for_head(step)
         made_room = len(step.preempted)
         # the head of the queue is admitted before the running requests of a lower priority
@@ -297,6 +297,11 @@ class StepScheduler:
             self._admit_waiting(step)
             if not step.chunks:
                 self._release_held(step)
+        if not step.waits_for_blocks and self._waiting:
+            # the head fitted, or was not looked at (the budget went to running requests'
+            # chunks): requests behind it may still not fit
+            step.waits_for_blocks = self._waiting_lack_blocks()
+        self.waits_for_blocks = step.waits_for_blocks  # (once: another thread reads it)
         return step.build(self.bm)
 
     def update(self, plan: StepPlan, sampled: Mapping[str, int], held: Collection[str] = ()) -> None:
@@ -385,7 +390,7 @@ class StepScheduler:
         start = req.num_computed_tokens
         end = start + self._chunk_len(req, start, step.budget)
         while self.bm.blocks_needed(req.request_id, start, end) > self.bm.num_free_blocks:
-            self.waits_for_blocks = True
+            step.waits_for_blocks = True
             victim = max(self._running, key=self._key)
             self._preempt(victim)
             step.preempted.append(victim.request_id)
@@ -417,17 +422,28 @@ class StepScheduler:
             hits, num_cached = self._prefix_hits(req)
             wanted = self._blocks_wanted(req, hits, num_cached, owed_by)
             if wanted > self.bm.num_free_blocks and wanted > self.bm.num_free_blocks + self._room_of_lower(req, hits):
-                self.waits_for_blocks = True
+                step.waits_for_blocks = True
                 return  # head-of-line waits: strict (priority, arrival) order
             end = num_cached + self._chunk_len(req, num_cached, step.budget)
             if not self.bm.allocate(req.request_id, end, prefix_blocks=hits):
-                self.waits_for_blocks = True
+                step.waits_for_blocks = True
                 return
             self._waiting.pop(0)
             self._running.append(req)
             req.num_computed_tokens = num_cached
             owed_by.append((self._key(req), self.bm.blocks_needed(req.request_id, end, req.num_tokens)))
             step.add(req, num_cached, end)
+
+    def _waiting_lack_blocks(self) -> bool:
+        """Whether the waiting requests would not all fit beside what the running ones
+        still need, each counted whole (prefix hits not looked for: cheap, and at worst it
+        says a request waits for blocks that a hit would have spared it)."""
+        room = self.bm.num_free_blocks - sum(needs for _, needs in self._owed_by())
+        for req in self._waiting:
+            room -= self.bm.blocks_for(req.num_tokens)
+            if room < 0:
+                return True
+        return False
 
     def _owed_by(self) -> list[tuple[tuple[int, tuple[int, int]], int]]:
         """Each running request's key and the blocks it still needs for the tokens it has."""
@@ -481,7 +497,7 @@ class StepScheduler:
         no_seat, missing = short()
         if not no_seat and missing <= 0:
             return
-        self.waits_for_blocks = missing > 0
+        step.waits_for_blocks = missing > 0
         if missing > self._room_of_lower(head, hits):
             return
         while lower and (no_seat or missing > 0):
@@ -527,6 +543,7 @@ class _StepBuilder:
     chunks: list[tuple[SchedRequest, int, int]] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    waits_for_blocks: bool = False  # (`StepScheduler.waits_for_blocks`, for this step)
 
     def add(self, req: SchedRequest, start: int, end: int) -> None:
         self.chunks.append((req, start, end))

@@ -60,8 +60,9 @@ __all__ = [
 KEY_PREFIX = "lmg-"
 _DISPLAY_CHARS = 8  # "lmg-" + 4 chars of the random part, enough to tell keys apart
 # ids are URL path segments (/admin/tenants/<id>): "." and ".." would be dot segments,
-# which an HTTP client resolves, climbing to another route
-_TENANT_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
+# which an HTTP client resolves, climbing to another route; "-" is what the metrics name
+# requests answered before a key was read (`actors.metrics.UNAUTHENTICATED`)
+_TENANT_ID = re.compile(r"^(?!\.{1,2}$|-$)[A-Za-z0-9_.-]{1,64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: no name shows or logs them right
 
 
@@ -69,7 +70,7 @@ log = logging.getLogger("lmgate.cache")
 
 
 def is_tenant_id(text: str) -> bool:
-    """`text` could name a tenant: 1-64 letters, digits, '_', '.' or '-', not '.' or '..'."""
+    """`text` could name a tenant: 1-64 letters, digits, '_', '.' or '-', not '.', '..' or '-'."""
     return _TENANT_ID.match(text) is not None
 
 
@@ -142,7 +143,7 @@ def check_name(name: str, what: str) -> None:
 def check_tenant_id(tenant_id: str) -> None:
     """ValueError unless `tenant_id` could name a tenant (`is_tenant_id`)."""
     if not is_tenant_id(tenant_id):
-        raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.' or '..'), "
+        raise ValueError(f"tenant id must be 1-64 letters, digits, '_', '.' or '-' (not '.', '..' or '-'), "
                          f"got {tenant_id!r}")
 
 
@@ -552,13 +553,16 @@ class TenantRegistry:
             raw = await self.store.client.get(self.store.key("tenant", tenant_id))
         return None if raw is None else decode_tenant(raw)
 
-    async def which_exist(self, tenant_ids: list[str]) -> set[str]:
-        """Those of `tenant_ids` that are tenants now (one round trip)."""
-        if not tenant_ids:
-            return set()
+    async def which_exist(self, tenant_ids: list[str]) -> set[str] | None:
+        """Those of `tenant_ids` whose records are there now; None when Redis holds no set
+        of tenants at all (it came back empty, or lost the set): no answer then."""
         with self.store.guard():
-            found = await self.store.client.smismember(self.store.key("tenants"), tenant_ids)
-        return {t for t, there in zip(tenant_ids, found, strict=True) if there}
+            if not await self.store.client.exists([self.store.key("tenants")]):
+                return None
+            if not tenant_ids:
+                return set()
+            raws = await self.store.client.mget([self.store.key("tenant", t) for t in tenant_ids])
+        return {t for t, raw in zip(tenant_ids, raws, strict=True) if raw is not None}
 
     async def list_tenants(self, limit: int | None = None,
                            after: str | None = None) -> tuple[list[Tenant], bool, str | None]:

@@ -39,7 +39,7 @@ from quart_trio.wrappers import TrioRequest
 
 from actors.admission import unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
-from actors.metrics import LATENCY_BUCKETS, Metrics, forget_label, label_values
+from actors.metrics import LATENCY_BUCKETS, UNAUTHENTICATED, Metrics, forget_label, label_values
 from cache.quotas import QuotaManager, RateLimits
 from cache.store import CacheUnavailable, RedisStore
 from cache.tenants import Tenant, TenantRegistry, is_admin_key, may_use
@@ -202,12 +202,11 @@ class HttpMetrics:
 
 
 def accepts_gzip(header: str | None) -> bool:
-    """Whether an Accept-Encoding header takes gzip: named (or `*`) with a q-value above 0
-    (`gzip;q=0` refuses it)."""
+    """Whether an Accept-Encoding header takes gzip: named, else `*`, with a q-value above
+    0 (`gzip;q=0` refuses it, whatever `*` says)."""
+    qs: dict[str, float] = {}
     for part in (header or "").split(","):
         name, *params = (p.strip() for p in part.split(";"))
-        if name.lower() not in ("gzip", "*"):
-            continue
         q = 1.0
         for p in params:
             key, _, value = p.partition("=")
@@ -216,8 +215,8 @@ def accepts_gzip(header: str | None) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        return q > 0
-    return False
+        qs.setdefault(name.lower(), q)
+    return qs.get("gzip", qs.get("*", 0.0)) > 0
 
 
 class RecentKeys:
@@ -568,10 +567,10 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
     @app.after_request
     async def _count(response: Response) -> Response:
         route = _route_label()
-        tenant = getattr(g, "tenant_id", "-")
+        tenant = getattr(g, "tenant_id", UNAUTHENTICATED)
         state.metrics.requests.labels(route, method_label(request.method), str(response.status_code), tenant).inc()
         error = getattr(g, "api_error", None)
-        if (error is not None and tenant != "-" and request.method == "POST" and route in refusable
+        if (error is not None and tenant != UNAUTHENTICATED and request.method == "POST" and route in refusable
                 and error.refused_before_admission):
             runtime.count_rejection(tenant, error.status, error.code or "error")
         started = getattr(g, "started", None)

@@ -27,6 +27,7 @@ that is not a saved predictor; an upload may be up to 64 MiB (app.MAX_PREDICTOR_
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 import time
@@ -38,6 +39,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, request
 
+from actors.metrics import UNAUTHENTICATED
 from actors.predictor import PredictorBlobError
 from cache.quotas import Quota
 from cache.store import CacheUnavailable
@@ -54,6 +56,8 @@ from gateway.errors import ApiError, decode_json
 
 if TYPE_CHECKING:
     from gateway.app import GatewayState
+
+log = logging.getLogger(__name__)
 
 MAX_USAGE_DAYS = 366
 
@@ -243,24 +247,37 @@ DELETED_TENANTS_CHECK_S = 300.0  # how often `forget_deleted_tenants` looks
 async def forget_gone_tenants(state: GatewayState) -> list[str]:
     """Drop this process's series and fairness counters of the tenants that have series
     here but are tenants no more (deleted through another replica: the replica that
-    answers a DELETE drops its own at once); returns their ids. One Redis round trip."""
-    seen = sorted((state.runtime.metrics.tenants() | state.metrics.tenants()) - {"-"})
-    gone = set(seen) - await state.stores.tenants.which_exist(seen)
-    for tenant_id in sorted(gone):
+    answers a DELETE drops its own at once); returns their ids. Nothing while Redis holds
+    no tenants at all (it came back empty, or lost the set: not a deletion)."""
+    seen = sorted((state.runtime.metrics.tenants() | state.metrics.tenants()) - {UNAUTHENTICATED})
+    there = await state.stores.tenants.which_exist(seen)
+    if there is None:
+        return []
+    gone = sorted(set(seen) - there)
+    for tenant_id in gone:
         state.runtime.forget_tenant(tenant_id)
         state.metrics.forget_tenant(tenant_id)
-    return sorted(gone)
+    return gone
 
 
 async def forget_deleted_tenants(state: GatewayState, every_s: float = DELETED_TENANTS_CHECK_S) -> None:
     """Run for as long as the server does: `forget_gone_tenants` every `every_s` (skipped
-    while Redis is unreachable)."""
+    while Redis is unreachable). A Redis that refuses the reads (an ACL, a proxy) stops it,
+    said once; any other error is logged and the next round tries again: the server goes on."""
+    import coredis
+
     while True:
         await trio.sleep(every_s)
         try:
             await forget_gone_tenants(state)
         except CacheUnavailable:
             continue
+        except coredis.exceptions.RedisError as e:
+            log.warning("cannot look for tenants deleted through other replicas (%s): their series stay "
+                        "here until a restart; not looked for again", e)
+            return
+        except Exception:  # noqa: BLE001 — a background sweep must not take the server down
+            log.exception("looking for tenants deleted through other replicas failed")
 
 
 def admin_blueprint(state: GatewayState) -> Blueprint:

@@ -315,11 +315,20 @@ class PolicyBase:
     """
 
     name = "base"
+    releases_at_once = False  # it releases what waits whenever the engine has room (no batch, window or threshold)
 
     def __init__(self, kv: KvReservation | None = None) -> None:
         self.waiting = WaitingSet()
         self.inflight: dict[str, Job] = {}
         self.kv = kv or KvReservation(mode="none")
+
+    @property
+    def work_conserving(self) -> bool:
+        """Whether nothing waits here while the engine has room: it releases at once and
+        reserves no KV blocks. The overload estimate counts the engine's free seats as
+        taken by what waits only then (a policy that holds requests back while seats are
+        free had every estimate at 0)."""
+        return self.releases_at_once and not self.kv.reserving
 
     def __len__(self) -> int:
         return len(self.waiting)

@@ -42,6 +42,7 @@ class FcfsContinuous(PolicyBase):
     """vLLM-style continuous batching: first-come-first-served whenever there is room."""
 
     name = "fcfs-continuous"
+    releases_at_once = True
 
     def _choose(self, now: float, view: EngineView) -> Iterable[Job]:
         return _fcfs(self.waiting)
@@ -187,6 +188,7 @@ class FairVtc(VtcAccounting, PolicyBase):
     service goes next (S-LoRA VTC), FCFS within a tenant."""
 
     name = "vtc"
+    releases_at_once = True
 
     def __init__(self, vtc: VirtualTokenCounter | None = None, kv: KvReservation | None = None) -> None:
         super().__init__(kv)
@@ -232,6 +234,7 @@ class PriorityAging(VtcAccounting, PolicyBase):
     """
 
     name = "priority"
+    releases_at_once = True
 
     def __init__(self, aging_s: float = 10.0, vtc: VirtualTokenCounter | None = None,
                  kv: KvReservation | None = None) -> None:

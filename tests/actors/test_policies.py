@@ -445,3 +445,11 @@ def test_a_forgotten_tenant_comes_back_as_a_newcomer():
     assert "gone" not in vtc.counters
     vtc.on_backlogged("gone", ["busy"])
     assert vtc.counters["gone"] == vtc.counters["busy"] == 30.0
+
+
+def test_only_policies_that_release_whenever_there_is_room_are_work_conserving():
+    """What the overload estimate reads: free seats are taken by what waits only under a
+    policy that releases it at once and reserves no KV blocks."""
+    conserving = {name for name in POLICY_NAMES if make_policy(PolicyConfig(name=name)).work_conserving}
+    assert conserving == {"fcfs-continuous", "vtc", "priority"}
+    assert not PriorityAging(kv=KvReservation(mode="max_tokens")).work_conserving

@@ -542,6 +542,7 @@ async def test_the_per_process_rpm_blocks_drop_the_ended_then_the_soonest_at_the
     admission._block_rpm(ts[2], 30.0)
     admission._block_rpm(ts[3], 40.0)  # the ended one goes
     admission._block_rpm(ts[4], 60.0)  # all live: the soonest to end (rpm2) goes
+    admission._block_rpm(ts[3], 45.0)  # (one already held is renewed: nothing else goes)
     from actors.admission import _Refuse  # (what admission answers a 429 with)
 
     refused = []

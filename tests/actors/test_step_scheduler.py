@@ -600,3 +600,13 @@ def test_the_scheduler_says_whether_requests_wait_for_blocks_or_for_the_budget()
         tight.add(request(f"k{i}", 12, max_tokens=2))
     tight.schedule()  # 3 blocks each: the second does not fit
     assert tight.num_waiting == 1 and tight.waits_for_blocks
+    # prompts longer than the budget: a step whose budget goes to a running prompt's chunk
+    # never looks at the head, which still waits for blocks (2 of the 10 fit the cache)
+    long = make_scheduler(num_blocks=12, max_num_batched_tokens=8, max_num_seqs=64)
+    for i in range(10):
+        long.add(request(f"p{i}", [1000 * (i + 1) + j for j in range(20)], max_tokens=4))
+    eng = ShadowEngine(long)
+    for _ in range(30):
+        eng.step()
+        eng.finish_done()
+        assert long.waits_for_blocks == (long.num_waiting > 0)

@@ -72,10 +72,11 @@ def test_service_time_starts_as_a_mean_and_guesses_from_the_decode_step_time_bef
 
 def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seats: int = 4,
              drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0,
-             for_blocks: bool = True) -> float:
+             for_blocks: bool = True, held_back: bool = False) -> float:
     """`Runtime.estimated_wait_s` over a stand-in engine: `waiting` its waiting sequences
     as (request id, tokens left), waiting for KV blocks (`for_blocks`) or for the step's
-    token budget; `outside` requests admitted and not in the engine yet."""
+    token budget; `outside` requests admitted and not in the engine yet, which a policy
+    may hold back while seats are free (`held_back`)."""
     from types import SimpleNamespace
 
     from actors import runtime as runtime_module
@@ -97,6 +98,7 @@ def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seat
                                config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=seats)),
                                owner_of=lambda sid: sid),
         stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05),
+        queue=SimpleNamespace(policy=SimpleNamespace(work_conserving=not held_back)),
         _service_time=service, waiting=lambda: outside + len(waiting))
     clock = runtime_module.time.monotonic
     runtime_module.time.monotonic = lambda: now
@@ -122,6 +124,9 @@ def test_the_overload_estimate_counts_the_seats_the_kv_cache_lets_run():
     burst = [(f"r{i}", 100) for i in range(62)]
     assert estimate(outside=0, running=1, waiting=burst, seats=64, for_blocks=False) == 0.0  # a seat is left
     assert estimate(outside=1, running=1, waiting=burst, seats=64, for_blocks=False) == pytest.approx(1 / 64 * 6.0)
+    # a policy that holds requests back while seats are free (fcfs-static, time-window,
+    # KV reservations): the free seats are not theirs (counted so, every estimate was 0)
+    assert estimate(outside=100, running=10, waiting=[], seats=128, held_back=True) == pytest.approx(101 / 128 * 6.0)
 
 
 def test_the_measured_rate_counts_requests_not_their_sequences():

@@ -53,6 +53,10 @@ async def test_tenant_lifecycle(gateway: Gateway) -> None:
         assert (r.status_code, r.json()["error"]["param"]) == (400, "name"), r.text
         for dots in (".", ".."):  # dot segments: a client resolves /admin/tenants/.. to another route
             assert (await client.post("/admin/tenants", json={"id": dots, "name": "x"})).status_code == 400
+        # "-" is the metrics' tenant of requests answered before a key was read
+        assert (await client.post("/admin/tenants", json={"id": "-", "name": "x"})).status_code == 400
+        assert (await client.post("/admin/tenants", json={"id": "--", "name": "x"})).status_code == 201
+        assert (await client.delete("/admin/tenants/--")).status_code == 200
         assert (await client.post("/admin/tenants", json={"id": "...", "name": "x"})).status_code == 201
         assert (await client.delete("/admin/tenants/...")).status_code == 200  # three dots are a plain segment
         assert (await client.post("/admin/tenants", json={"id": "x"})).status_code == 400
@@ -214,6 +218,35 @@ async def test_a_tenant_deleted_through_another_replica_leaves_this_ones_metrics
     assert await gateway.stores.tenants.delete_tenant("elsewhere")  # (as another replica's DELETE does)
     assert await forget_gone_tenants(state) == ["elsewhere"]
     assert gateway.runtime.metrics.tenants() == {"t1"} and state.metrics.tenants() == {"t1", "-"}
+    # a Redis that came back empty, or lost the set of tenants, deleted nobody
+    store = gateway.stores.redis
+    await store.client.delete([store.key("tenants")])
+    gateway.runtime.metrics.requests.labels("t1", "ok").inc()
+    assert await forget_gone_tenants(state) == [] and gateway.runtime.metrics.tenants() == {"t1"}
+
+
+async def test_the_sweep_of_deleted_tenants_never_takes_the_server_down(gateway: Gateway, monkeypatch, caplog) -> None:
+    """It runs beside the server: a Redis refusing its reads (an ACL) stops it, said once;
+    any other error is logged and it tries again. Out of it, either ended the server."""
+    import coredis
+
+    from gateway import routes_admin
+
+    state = gateway.runtime.gateway_state
+    calls = []
+
+    async def failing(_state) -> list[str]:  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) < 3:
+            raise KeyError("a bug")
+        raise coredis.exceptions.AuthorizationError("NOPERM this user has no permissions to run 'mget'")
+
+    monkeypatch.setattr(routes_admin, "forget_gone_tenants", failing)
+    with trio.fail_after(5):
+        await routes_admin.forget_deleted_tenants(state, every_s=0.01)  # (returns: it does not raise)
+    assert len(calls) == 3
+    assert "looking for tenants deleted through other replicas failed" in caplog.text
+    assert "not looked for again" in caplog.text
 
 
 async def test_usage_per_day_and_model(gateway: Gateway) -> None:

@@ -140,6 +140,7 @@ def test_accept_encoding_is_read_with_its_q_values() -> None:
     assert accepts_gzip("gzip") and accepts_gzip("br, GZIP;q=0.5") and accepts_gzip("*")
     assert not accepts_gzip(None) and not accepts_gzip("identity") and not accepts_gzip("gzip;q=0")
     assert not accepts_gzip("gzip;q=bogus") and not accepts_gzip("x-gzip")
+    assert not accepts_gzip("*, gzip;q=0") and accepts_gzip("gzip, *;q=0")  # (the named one rules)
 
 
 async def test_metrics_may_ask_for_a_key(nursery: trio.Nursery, stores, gateway_config) -> None:  # type: ignore[no-untyped-def]
