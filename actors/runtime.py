@@ -311,6 +311,13 @@ class Runtime:
         full = sched.waits_for_blocks or sched.num_running >= seats
         # (a policy that holds requests back while seats are free: none counted free)
         free = 0 if full or not getattr(self.queue.policy, "work_conserving", False) else seats - sched.num_running
+        bm = self.engine.block_manager
+        used = bm.num_blocks - bm.num_free_blocks
+        if free and sched.num_running and used > 0:
+            # no more seats than the free KV blocks hold at the running requests' mean
+            # footprint (a KV-full engine between the steps that say so counted 2 of 4
+            # seats free: requests were let in to wait 12-17 s under an 8 s limit)
+            free = min(free, bm.num_free_blocks * sched.num_running // used)
 
         def ahead(work: float) -> float:
             # the requests ahead take the free seats first; once they are all taken, each

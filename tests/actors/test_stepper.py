@@ -72,11 +72,12 @@ def test_service_time_starts_as_a_mean_and_guesses_from_the_decode_step_time_bef
 
 def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seats: int = 4,
              drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0,
-             for_blocks: bool = True, held_back: bool = False) -> float:
+             for_blocks: bool = True, held_back: bool = False, kv_free: float = 1.0) -> float:
     """`Runtime.estimated_wait_s` over a stand-in engine: `waiting` its waiting sequences
     as (request id, tokens left), waiting for KV blocks (`for_blocks`) or for the step's
     token budget; `outside` requests admitted and not in the engine yet, which a policy
-    may hold back while seats are free (`held_back`)."""
+    may hold back while seats are free (`held_back`); `kv_free` the share of its 1,000 KV
+    blocks free."""
     from types import SimpleNamespace
 
     from actors import runtime as runtime_module
@@ -96,6 +97,7 @@ def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seat
                                                          waiting_work=waiting_work,
                                                          waits_for_blocks=for_blocks and bool(waiting)),
                                config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=seats)),
+                               block_manager=SimpleNamespace(num_blocks=1000, num_free_blocks=int(1000 * kv_free)),
                                owner_of=lambda sid: sid),
         stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05),
         queue=SimpleNamespace(policy=SimpleNamespace(work_conserving=not held_back)),
@@ -124,6 +126,9 @@ def test_the_overload_estimate_counts_the_seats_the_kv_cache_lets_run():
     burst = [(f"r{i}", 100) for i in range(62)]
     assert estimate(outside=0, running=1, waiting=burst, seats=64, for_blocks=False) == 0.0  # a seat is left
     assert estimate(outside=1, running=1, waiting=burst, seats=64, for_blocks=False) == pytest.approx(1 / 64 * 6.0)
+    # seats free but not the KV blocks to fill them: 2 running hold 90% of the cache
+    assert estimate(outside=3, running=2, waiting=[], kv_free=0.1) == pytest.approx((3 - 0 + 1) / 4 * 6.0)
+    assert estimate(outside=3, running=2, waiting=[], kv_free=0.5) == pytest.approx((3 - 2 + 1) / 4 * 6.0)
     # a policy that holds requests back while seats are free (fcfs-static, time-window,
     # KV reservations): the free seats are not theirs (counted so, every estimate was 0)
     assert estimate(outside=100, running=10, waiting=[], seats=128, held_back=True) == pytest.approx(101 / 128 * 6.0)
