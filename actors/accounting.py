@@ -212,11 +212,11 @@ class Accounting:
             self.metrics.generation_tokens.labels(tenant).inc(st.completion_tokens)
         if c.outcome != "ok":
             return
-        self.metrics.e2e.labels(tenant).observe(st.finished_at - st.arrival)
+        self.metrics.e2e.labels(self.metrics.latency_tenant(tenant)).observe(st.finished_at - st.arrival)
         if st.first_token_at and st.completion_tokens > 1 and not st.params.use_beam_search:
             per_choice = st.completion_tokens / max(1, st.params.n)
             if per_choice > 1:
-                self.metrics.tpot.labels(tenant).observe(
+                self.metrics.tpot.labels(self.metrics.latency_tenant(tenant)).observe(
                     (st.finished_at - st.first_token_at) / (per_choice - 1)
                 )
         if st.scheduled_at:

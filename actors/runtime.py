@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ class RuntimeConfig:
     model_name: str = ""  # served model id; "" → derived from the checkpoint
     max_estimated_wait_s: float = 60.0
     quota_fail_open: bool = True
+    metrics_tenant_histograms: int = 200  # tenants with latency histograms of their own (`Metrics.latency_tenant`)
     admission_concurrency: int = 256
     channel_size: int = 256
     # the model /v1/embeddings serves (actors.embeddings), or None: no embeddings
@@ -156,7 +157,7 @@ class Runtime:
         self.compute = compute or (ComputeThread() if config.step_in_thread else InlineCompute())
         self.engine = engine
         self.store = store
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(tenant_histograms=config.metrics_tenant_histograms)
         self.registry = self.metrics.registry
         self.model_name = config.model_name or served_model_name(engine.config.model)
         # clients may also name the model the way the operator did (--model)
@@ -333,20 +334,22 @@ class Runtime:
         waiting = ahead(outside + sched.waiting_work(self._service_time.tokens))
         return waiting / seats * self._service_time.expected(self.stepper.mean_decode_step_s) if waiting else 0.0
 
-    def forget_tenant(self, tenant_id: str) -> None:
-        """A tenant was deleted: its metric series and its fairness counter go (kept, they
+    def forget_tenants(self, tenant_ids: Collection[str]) -> None:
+        """Tenants were deleted: their metric series and fairness counters go (kept, they
         grew every scrape and the fairness table with every tenant ever served). A request
-        of it still running records its series again when it ends (the server's periodic
-        sweep drops them then, `gateway.routes_admin.forget_deleted_tenants`). Its counter
-        stays while requests of it wait or run: forgotten, it read as no service at all, and
-        its backlog went ahead of every other tenant of its tier (a review)."""
-        self.metrics.forget_tenant(tenant_id)
+        of one still running records its series again when it ends (the server's periodic
+        sweep drops them then, `gateway.routes_admin.forget_deleted_tenants`). A counter
+        stays while requests of its tenant wait or run: forgotten, it read as no service at
+        all, and its backlog went ahead of every other tenant of its tier (a review)."""
+        self.metrics.forget_tenants(tenant_ids)
         policy = self.queue.policy
         vtc = getattr(policy, "vtc", None)
-        busy = any(job.tenant == tenant_id for job in policy) or any(
-            st.tenant_id == tenant_id for st in self.stepper.active.values())
-        if vtc is not None and not busy:
-            vtc.forget(tenant_id)
+        if vtc is None:
+            return
+        busy = {job.tenant for job in policy} | {st.tenant_id for st in self.stepper.active.values()}
+        for tenant_id in tenant_ids:
+            if tenant_id not in busy:
+                vtc.forget(tenant_id)
 
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         """A request the gateway refused before admission saw it (a body that does not

@@ -267,7 +267,7 @@ class Stepper:
                 st.cache_model = st.cache_model[:-len(st.adapter_key)] + (key or "")
                 st.adapter_key = key
         st.scheduled_at = time.monotonic()
-        self.metrics.queue_time.labels(st.tenant_id).observe(st.scheduled_at - st.admitted_at)
+        self.metrics.queue_time.labels(self.metrics.latency_tenant(st.tenant_id)).observe(st.scheduled_at - st.admitted_at)
         self.active[st.request_id] = st
 
     def _received(self) -> Iterator[RequestState]:
@@ -399,7 +399,7 @@ class Stepper:
         if not st.first_token_at:
             st.first_token_at = now
             if not st.params.use_beam_search:  # a beam search's first delta comes with its last
-                self.metrics.ttft.labels(st.tenant_id).observe(now - st.arrival)
+                self.metrics.ttft.labels(self.metrics.latency_tenant(st.tenant_id)).observe(now - st.arrival)
         st.completion_tokens += len(d.token_ids) + d.unreturned_tokens
         st.cached_prompt_tokens = max(st.cached_prompt_tokens, d.cached_prompt_tokens)
         top = tokens = None

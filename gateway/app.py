@@ -27,6 +27,7 @@ import re
 import time
 import uuid
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,8 +76,8 @@ class Runtime(Protocol):
     # a request the gateway refused before admission (`lmgate_rejections_total`)
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None: ...
 
-    # a tenant was deleted: its series and fairness counter go
-    def forget_tenant(self, tenant_id: str) -> None: ...
+    # tenants were deleted: their series and fairness counters go
+    def forget_tenants(self, tenant_ids: Collection[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,9 @@ class HttpMetrics:
     ws_connections: prometheus_client.Gauge
     background_responses: prometheus_client.Gauge
 
-    def forget_tenant(self, tenant_id: str) -> None:
-        """A deleted tenant's series go (`actors.metrics.forget_label`)."""
-        forget_label(vars(self).values(), "tenant", tenant_id)
+    def forget_tenants(self, tenant_ids: Collection[str]) -> None:
+        """Deleted tenants' series go (`actors.metrics.forget_label`)."""
+        forget_label(vars(self).values(), "tenant", set(tenant_ids))
 
     def tenants(self) -> set[str]:
         """The tenants that have series (and `-`: requests answered before a key was read)."""

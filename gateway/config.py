@@ -84,6 +84,7 @@ class GatewayConfig:
     max_lora_rank: int = 64
     max_waiting: int = 1024  # queued requests beyond this → 503
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
+    metrics_tenant_histograms: int = 200  # tenants with latency histograms of their own; the rest share tenant="*"
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
     aging_seconds: float = 10.0  # priority, hybrid: a waiting request gains a tier per this many seconds
@@ -135,6 +136,8 @@ class GatewayConfig:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if self.long_prefill_token_threshold < 0:
             raise ConfigError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+        if self.metrics_tenant_histograms < 0:
+            raise ConfigError(f"metrics_tenant_histograms must be >= 0, got {self.metrics_tenant_histograms}")
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
         check_device(self.device)
@@ -467,6 +470,9 @@ _HELP = {
     "max_waiting": "queued requests beyond which new ones get 503 (each prompt of a batched completions "
                    "request is one; a larger batch is a 400)",
     "max_estimated_wait_seconds": "estimated queueing delay beyond which new requests get 503",
+    "metrics_tenant_histograms": "tenants whose latency histograms (TTFT, TPOT, end-to-end, queue time) /metrics "
+                                 "keeps apart, the first seen; the others share tenant=\"*\" (each tenant's are "
+                                 "~100 series a scrape formats)",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
                          "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
@@ -699,6 +705,7 @@ def runtime_config(config: GatewayConfig):
         predictor_seed=config.predictor_seed,
         model_name=config.served_model_name,
         max_estimated_wait_s=config.max_estimated_wait_seconds,
+        metrics_tenant_histograms=config.metrics_tenant_histograms,
         quota_fail_open=config.quota_fail_open,
         step_in_thread=config.step_thread == "worker",
         embeddings=None if config.embedding_model == "none" else EmbeddingConfig(

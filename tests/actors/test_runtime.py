@@ -1455,12 +1455,12 @@ def test_a_deleted_tenant_keeps_its_fairness_counter_while_its_requests_wait():
     metrics.requests.labels("gone", "ok").inc()
     stand_in = SimpleNamespace(metrics=metrics, queue=SimpleNamespace(policy=policy),
                                stepper=SimpleNamespace(active={}))
-    Runtime.forget_tenant(stand_in, "gone")  # type: ignore[arg-type]
+    Runtime.forget_tenants(stand_in, ["gone"])  # type: ignore[arg-type]
     assert policy.vtc.counters["gone"] == 300.0 and metrics.tenants() == set()
     policy.release(1.0, EngineView(0, 8, 100, 100, 16))  # both run
     stand_in.stepper.active = {"gone-0": SimpleNamespace(tenant_id="gone")}
-    Runtime.forget_tenant(stand_in, "gone")  # type: ignore[arg-type]
+    Runtime.forget_tenants(stand_in, ["gone"])  # type: ignore[arg-type]
     assert "gone" in policy.vtc.counters  # (running)
     stand_in.stepper.active = {}
-    Runtime.forget_tenant(stand_in, "gone")  # type: ignore[arg-type]
+    Runtime.forget_tenants(stand_in, ["gone"])  # type: ignore[arg-type]
     assert "gone" not in policy.vtc.counters and "busy" in policy.vtc.counters

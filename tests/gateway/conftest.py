@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +90,8 @@ class FakeRuntime:
     def count_rejection(self, tenant_id: str, status: int, reason: str) -> None:
         self.rejections.append((tenant_id, status, reason))
 
-    def forget_tenant(self, tenant_id: str) -> None:
-        self.metrics.forget_tenant(tenant_id)
+    def forget_tenants(self, tenant_ids: Collection[str]) -> None:
+        self.metrics.forget_tenants(tenant_ids)
 
     async def submit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
         self.calls.append(call)
