@@ -288,6 +288,12 @@ class GatewayState:
     scrape_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
     last_scrape: tuple[float, bool, bytes] | None = None  # (monotonic time, gzipped, body)
 
+    def forget_tenants(self, tenant_ids: Collection[str]) -> None:
+        """Deleted tenants: this process's series (the runtime's and the gateway's) and
+        fairness counters of them go."""
+        self.runtime.forget_tenants(tenant_ids)
+        self.metrics.forget_tenants(tenant_ids)
+
     async def authenticate_key(self, api_key: str | None) -> TenantContext:
         """Tenant of an API key, or ApiError 401 (503 if Redis cannot be asked)."""
         if not api_key:

@@ -255,8 +255,7 @@ async def forget_gone_tenants(state: GatewayState) -> list[str]:
         return []
     gone = sorted(set(seen) - there)
     if gone:  # (all at once: one pass over the series, however many went)
-        state.runtime.forget_tenants(gone)
-        state.metrics.forget_tenants(gone)
+        state.forget_tenants(gone)
     return gone
 
 
@@ -363,8 +362,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
             raise TenantNotFound(tenant_id)  # deleted meanwhile by another call (and maybe created again)
         # this process's series and fairness counter of it (other replicas drop theirs within
         # `DELETED_TENANTS_CHECK_S`: `forget_deleted_tenants`)
-        state.runtime.forget_tenants([tenant_id])
-        state.metrics.forget_tenants([tenant_id])
+        state.forget_tenants([tenant_id])
         return {"id": tenant_id, "deleted": True}
 
     @bp.put("/tenants/<tenant_id>/quota")
