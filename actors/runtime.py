@@ -291,20 +291,20 @@ class Runtime:
                 + len(self.stepper.parked) + self.engine.scheduler.num_waiting)
 
     def estimated_wait_s(self) -> float:
-        """The wait a request admitted now would have: the work ahead of it, in typical
+        """The wait a request admitted now would have: the work ahead of it in typical
         requests, past the engine's free seats (none while requests wait in it for KV
-        blocks), plus the request that must end to free its place once they are taken, at
-        the rate
-        requests leave the engine while it is saturated (`Stepper.drain`, measured; a
-        request waiting in the engine counts its largest share then, an n > 1 one once);
-        until it has been saturated long enough to measure, through the engine's seats —
-        as many as run now when requests wait in it for blocks, else `max_num_seqs` — each
-        a typical request's time in the engine. (The seats alone over-admitted 2-4x where
+        blocks, no more than the free blocks hold, and none under a policy that holds
+        requests back), plus the request that must end to free its place once they are
+        taken — at the rate requests leave the engine while it is saturated
+        (`Stepper.drain`, measured; a request waiting in the engine counts its largest
+        share then, an n > 1 one once), or, until that is measured, through the engine's
+        seats (as many as run while requests wait for blocks, else `max_num_seqs`), each a
+        typical request's time in the engine. (The seats alone over-admitted 2-4x where
         the KV cache held fewer requests than `max_num_seqs`: an audit's first tokens came
         15-34 s after admission under an 8 s limit.) A sequence waiting inside the engine
         counts as the share of a typical sequence's tokens it has left to write (at most
-        one): the 56 choices of an `n=64, max_tokens=8` request waiting for slots are a few
-        requests' work, not 56 (they had every other request refused, "estimated wait
+        one): the 56 choices of an `n=64, max_tokens=8` request waiting for slots are a
+        few requests' work, not 56 (they had every other request refused, "estimated wait
         109 s", for a request done in 4 s)."""
         sched = self.engine.scheduler
         seats = max(1, self.engine.config.scheduler.max_num_seqs)

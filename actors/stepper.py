@@ -86,11 +86,10 @@ class DrainRate:
     stretch's start (or the request before the window): requests that finish together in
     one step count over the time they took, not from the first of them. Steps that are not
     saturated add no requests (they measure demand, not capacity) but their time counts;
-    `stale_s` without a saturated step ends the stretch (longer than a slow CPU's step: an
-    idle engine, its last requests
-    aborted: an old stretch is no measure of a new burst); fewer than `least` requests
-    give no rate. Time runs on to now: an engine that stops finishing requests is seen to
-    slow. Pure: the caller passes the clock."""
+    `stale_s` without a saturated step (longer than a slow CPU's step) ends the stretch:
+    an engine gone idle, or whose last requests were aborted, is no measure of a new
+    burst. Fewer than `least` requests give no rate. Time runs on to now: an engine that
+    stops finishing requests is seen to slow. Pure: the caller passes the clock."""
 
     def __init__(self, window: int = 16, least: int = 3, stale_s: float = 5.0) -> None:
         if least < 1 or window < least:
