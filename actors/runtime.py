@@ -299,7 +299,8 @@ class Runtime:
         (`Stepper.drain`, measured; a request waiting in the engine counts its largest
         share then, an n > 1 one once), or, until that is measured, through the engine's
         seats (as many as run while requests wait for blocks, else `max_num_seqs`), each a
-        typical request's time in the engine. (The seats alone over-admitted 2-4x where
+        typical request's time in the engine, no shorter than the requests in it have spent
+        there so far (`Stepper.median_age_s`). (The seats alone over-admitted 2-4x where
         the KV cache held fewer requests than `max_num_seqs`: an audit's first tokens came
         15-34 s after admission under an 8 s limit.) A sequence waiting inside the engine
         counts as the share of a typical sequence's tokens it has left to write (at most
@@ -326,13 +327,19 @@ class Runtime:
             # into an idle engine was costed at all of itself: refused with seats free)
             return work - free + 1 if work >= free else 0.0
 
-        rate = self.stepper.drain.per_s(time.monotonic())
+        now = time.monotonic()
+        rate = self.stepper.drain.per_s(now)
         if rate is not None:  # (in requests: the rate counts requests, an n > 1 one once)
             return ahead(outside + sched.waiting_work(self._service_time.tokens, self.engine.owner_of)) / rate
         if sched.waits_for_blocks:  # (not for the step's token budget: more run once prefilled)
             seats = max(1, min(seats, sched.num_running))
         waiting = ahead(outside + sched.waiting_work(self._service_time.tokens))
-        return waiting / seats * self._service_time.expected(self.stepper.mean_decode_step_s) if waiting else 0.0
+        if not waiting:
+            return 0.0
+        # no shorter than the requests in the engine have already been in it (the requests
+        # that ended may have been shorter ones: `Stepper.median_age_s`)
+        service = max(self._service_time.expected(self.stepper.mean_decode_step_s), self.stepper.median_age_s(now))
+        return waiting / seats * service
 
     def forget_tenants(self, tenant_ids: Collection[str]) -> None:
         """Tenants were deleted: their metric series and fairness counters go (kept, they

@@ -72,16 +72,18 @@ def test_service_time_starts_as_a_mean_and_guesses_from_the_decode_step_time_bef
 
 def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seats: int = 4,
              drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0,
-             for_blocks: bool = True, held_back: bool = False, kv_free: float = 1.0) -> float:
+             for_blocks: bool = True, held_back: bool = False, kv_free: float = 1.0,
+             ages: tuple[float, ...] = ()) -> float:
     """`Runtime.estimated_wait_s` over a stand-in engine: `waiting` its waiting sequences
     as (request id, tokens left), waiting for KV blocks (`for_blocks`) or for the step's
     token budget; `outside` requests admitted and not in the engine yet, which a policy
     may hold back while seats are free (`held_back`); `kv_free` the share of its 1,000 KV
-    blocks free."""
+    blocks free; `ages` how long the requests in the engine have been in it."""
     from types import SimpleNamespace
 
     from actors import runtime as runtime_module
     from actors.runtime import Runtime
+    from actors.stepper import Stepper
 
     def waiting_work(typical: float, owner=None) -> float:  # type: ignore[no-untyped-def]
         shares: dict[str, float] = {}
@@ -99,9 +101,11 @@ def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seat
                                config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=seats)),
                                block_manager=SimpleNamespace(num_blocks=1000, num_free_blocks=int(1000 * kv_free)),
                                owner_of=lambda sid: sid),
-        stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05),
+        stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05,
+                                active={str(i): SimpleNamespace(scheduled_at=now - age) for i, age in enumerate(ages)}),
         queue=SimpleNamespace(policy=SimpleNamespace(work_conserving=not held_back)),
         _service_time=service, waiting=lambda: outside + len(waiting))
+    stand_in.stepper.median_age_s = lambda t: Stepper.median_age_s(stand_in.stepper, t)  # type: ignore[arg-type]
     clock = runtime_module.time.monotonic
     runtime_module.time.monotonic = lambda: now
     try:
@@ -144,3 +148,18 @@ def test_the_measured_rate_counts_requests_not_their_sequences():
     # them start at once (costed at all of the burst, the sixth of 8 was refused at 10.9 s)
     assert estimate(outside=5, running=0, waiting=[], drain=drain, now=8.0) == pytest.approx((5 - 4 + 1) / 0.5)
     assert estimate(outside=3, running=0, waiting=[], drain=drain, now=8.0) == 0.0
+
+
+def test_the_estimate_before_the_rate_costs_a_request_no_shorter_than_those_running():
+    """The requests that ended were short ones (6 s here) and those in the engine have run
+    for longer: a request is costed at their lower median time so far, not at the short
+    ones' mean (after three 16-token warm-ups, 128-token requests were costed at 0.5 s each
+    and admitted streams waited up to 20 s under an 8 s limit). One long request beside
+    short ones does not set it; once the rate is measured it is not read."""
+    assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(20.0, 30.0)) == pytest.approx((3 + 1 + 1) / 2 * 20.0)
+    assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(1.0, 2.0)) == pytest.approx((3 + 1 + 1) / 2 * 6.0)
+    assert estimate(outside=3, running=4, waiting=[], ages=(1.0, 2.0, 3.0, 90.0)) == pytest.approx((3 + 1) / 4 * 6.0)
+    drain = DrainRate(window=8, least=3)
+    for t in range(1, 5):
+        drain.observe(2.0 * t, 2.0, True, 1)
+    assert estimate(outside=3, running=4, waiting=[], drain=drain, now=8.0, ages=(40.0,) * 4) == pytest.approx(4 / 0.5)
