@@ -299,8 +299,8 @@ class Runtime:
         (`Stepper.drain`, measured; a request waiting in the engine counts its largest
         share then, an n > 1 one once), or, until that is measured, through the engine's
         seats (as many as run while requests wait for blocks, else `max_num_seqs`), each a
-        typical request's time in the engine, no shorter than the requests in it have spent
-        there so far (`Stepper.median_age_s`). (The seats alone over-admitted 2-4x where
+        typical request's time in the engine, no shorter than twice the time the requests in
+        it have spent there so far (`Stepper.median_age_s`). (The seats alone over-admitted 2-4x where
         the KV cache held fewer requests than `max_num_seqs`: an audit's first tokens came
         15-34 s after admission under an 8 s limit.) A sequence waiting inside the engine
         counts as the share of a typical sequence's tokens it has left to write (at most
@@ -336,9 +336,12 @@ class Runtime:
         waiting = ahead(outside + sched.waiting_work(self._service_time.tokens))
         if not waiting:
             return 0.0
-        # no shorter than the requests in the engine have already been in it (the requests
-        # that ended may have been shorter ones: `Stepper.median_age_s`)
-        service = max(self._service_time.expected(self.stepper.mean_decode_step_s), self.stepper.median_age_s(now))
+        # no shorter than twice the time the requests in the engine have been in it (the
+        # requests that ended may have been shorter ones: `Stepper.median_age_s`); twice,
+        # as a request that has run a while is taken to run as long again — in a steady
+        # stream the median request is halfway through (once: a burst of long requests
+        # into an idle engine was costed at half its time until they ended)
+        service = max(self._service_time.expected(self.stepper.mean_decode_step_s), 2 * self.stepper.median_age_s(now))
         return waiting / seats * service
 
     def forget_tenants(self, tenant_ids: Collection[str]) -> None:

@@ -152,13 +152,14 @@ def test_the_measured_rate_counts_requests_not_their_sequences():
 
 def test_the_estimate_before_the_rate_costs_a_request_no_shorter_than_those_running():
     """The requests that ended were short ones (6 s here) and those in the engine have run
-    for longer: a request is costed at their lower median time so far, not at the short
-    ones' mean (after three 16-token warm-ups, 128-token requests were costed at 0.5 s each
-    and admitted streams waited up to 20 s under an 8 s limit). One long request beside
-    short ones does not set it; once the rate is measured it is not read."""
-    assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(20.0, 30.0)) == pytest.approx((3 + 1 + 1) / 2 * 20.0)
+    for longer: a request is costed at twice their lower median time so far (taken to run
+    as long again), not at the short ones' mean (after three 16-token warm-ups, 128-token
+    requests were costed at 0.5 s each and admitted streams waited up to 20 s under an 8 s
+    limit). One long request beside short ones does not set it; once the rate is measured
+    it is not read."""
+    assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(20.0, 30.0)) == pytest.approx((3 + 1 + 1) / 2 * 40.0)
     assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(1.0, 2.0)) == pytest.approx((3 + 1 + 1) / 2 * 6.0)
-    assert estimate(outside=3, running=4, waiting=[], ages=(1.0, 2.0, 3.0, 90.0)) == pytest.approx((3 + 1) / 4 * 6.0)
+    assert estimate(outside=3, running=4, waiting=[], ages=(1.0, 2.0, 2.5, 90.0)) == pytest.approx((3 + 1) / 4 * 6.0)
     drain = DrainRate(window=8, least=3)
     for t in range(1, 5):
         drain.observe(2.0 * t, 2.0, True, 1)
