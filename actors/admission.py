@@ -568,14 +568,16 @@ class Admission:
                     return
 
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
-                            max_new_tokens: int, sequences: int = 1, *, lowest: int | None = None) -> QuotaHold:
+                            max_new_tokens: int, sequences: int = 1, *, lowest: int | None = None,
+                            group: str | None = None) -> QuotaHold:
         """Reserve `prompt_tokens + max_new_tokens × sequences` against the tenant's quota (atomically,
         every limit at once); `_Refuse` (429, a 400 for a request that can never pass, or
         503 when Redis is down and quotas fail closed) if it may not run. Redis down and
         failing open: no reservation, but the hold names the tenant, so its usage is
         settled once Redis is back. `lowest` (a request whose client did not choose
         `max_new_tokens`): the reservation may lower it as far as this, to what is left of
-        the daily budget (the hold says how far)."""
+        the daily budget (the hold says how far). `group`: the request's id when this is one
+        of its prompts (`QuotaManager.reserve`)."""
         if self.quotas is None or tenant.quota is None:
             return QuotaHold(None, False, None)
         who = tenant.as_tenant()
@@ -585,7 +587,8 @@ class Admission:
                 raise CacheUnavailable("Redis was unreachable a moment ago: skipped")
             sent = True
             res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences,
-                                            min_new_tokens=None if lowest is None else min(lowest, max_new_tokens))
+                                            min_new_tokens=None if lowest is None else min(lowest, max_new_tokens),
+                                            group=group)
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
@@ -626,7 +629,8 @@ class Admission:
     async def _reserve(self, call: GenerateCall, st: RequestState) -> None:
         hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens, st.params.max_tokens,
                                         max(st.params.n, st.params.beam_width),
-                                        lowest=max(1, st.params.min_tokens) if self._defaulted(call) else None)
+                                        lowest=max(1, st.params.min_tokens) if self._defaulted(call) else None,
+                                        group=call.batch_id)
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
         if hold.max_new_tokens is not None:  # the daily budget's rest: it ends at `length` there
             st.params = msgspec.structs.replace(st.params, max_tokens=hold.max_new_tokens)

@@ -94,6 +94,10 @@ class GenerateCall(msgspec.Struct, frozen=True):
     # key's max_tokens_cap lowers it instead of refusing a number the client never sent
     max_tokens_default: bool = False
     max_tokens_param: str = "max_tokens"  # the request field max_tokens came from (a 400's `param`)
+    # one prompt of a request with several (legacy completions): the request's id. The daily
+    # budget does not count what the request's other prompts reserved as tokens that running
+    # requests give back (`cache.quotas.QuotaManager.reserve`'s `group`)
+    batch_id: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True):

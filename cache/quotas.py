@@ -275,7 +275,8 @@ redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
 
 # ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences,
 #       usage_ttl_s, min_new (per sequence: max_new may be lowered as far as this to fit
-#       what is left of the daily budget; max_new: it may not)
+#       what is left of the daily budget; max_new: it may not), group ('' for none: the
+#       reservations of a group are not what running requests give back to one another)
 # -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms[,
 #    max_new]]}; status 1 admitted (with the max_new reserved), 0 denied — both with what is
 #    left of the per-minute limits (after the admission, or as they stand when denied; -1
@@ -293,6 +294,7 @@ local ttl = tonumber(ARGV[10])
 local seqs = tonumber(ARGV[11])
 local usage_ttl = tonumber(ARGV[12])
 local min_new = tonumber(ARGV[13])
+local group = ARGV[14] or ''
 local tokens = prompt + max_new * seqs
 
 local rpm_key = base .. 'rpm'
@@ -340,12 +342,14 @@ local day = math.floor(now / 86400000)
 local day_key = base .. 'day:' .. day
 -- what the running requests may still give back of today's budget: all they hold but
 -- their prompt and what their gateway last reported they had used (a settle gives back
--- what they do not use)
+-- what they do not use); not those of this request's own group (its other prompts end
+-- only with it)
 local function givable()
   local total = 0
   for _, other in ipairs(redis.call('ZRANGE', conc_key, 0, -1)) do
-    local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day', 'reserved_prompt', 'prompt', 'completion')
-    if r[1] and tonumber(r[2]) == day then
+    local r = redis.call('HMGET', base .. 'res:' .. other, 'tokens', 'day', 'reserved_prompt', 'prompt', 'completion',
+                         'group')
+    if r[1] and tonumber(r[2]) == day and (group == '' or r[6] ~= group) then
       local spent = tonumber(r[3] or '0')
       if r[4] then spent = math.max(spent, tonumber(r[4]) + tonumber(r[5])) end
       total = total + math.max(0, tonumber(r[1]) - spent)
@@ -440,6 +444,7 @@ redis.call('PEXPIRE', tpm_key, 120000)
 redis.call('INCRBY', day_key, tokens)
 redis.call('EXPIRE', day_key, 2 * 86400)
 redis.call('HSET', res_key, 'tokens', tokens, 'win', win, 'day', day, 'reserved_prompt', prompt)
+if group ~= '' then redis.call('HSET', res_key, 'group', group) end
 -- kept while its day is counted: the slot (conc) is what lapses, and the tokens held are
 -- given back when it does (above); a reservation is live while its slot is
 redis.call('EXPIRE', res_key, 2 * 86400)
@@ -721,6 +726,7 @@ class QuotaManager:
         sequences: int = 1,
         ttl_s: float | None = None,
         min_new_tokens: int | None = None,
+        group: str | None = None,
     ) -> Admitted | Denied:
         """Check every limit and, if all pass, count the request — atomically.
 
@@ -736,6 +742,12 @@ class QuotaManager:
         in a second), as a request that asked for as much; for good only if even
         `min_new_tokens` does not fit. The per-minute token limit lowers nothing: a minute's
         wait gives it back.
+
+        `group` (one prompt of a request with several, reserved one after another): the
+        reservations of the same group are not counted as what running requests give back
+        of the daily budget — the request's own prompts end only with it (counted so, a
+        batch the rest of the day could never hold was told to retry in a second, on every
+        retry, and a defaulted last prompt was refused instead of lowered).
 
         Idempotent while the reservation is live: reserving the same id again
         returns the existing Admitted without counting anything (the client
@@ -758,6 +770,7 @@ class QuotaManager:
             _limit(q.requests_per_minute), _limit(q.tokens_per_minute),
             _limit(q.max_concurrent), _limit(q.max_tokens_cap),
             _limit(q.daily_token_budget), ttl_ms, sequences, self.usage_ttl_days * _DAY_S, min_new,
+            group or "",
         ]
         with self.store.guard():
             reply = await self._reserve(args=args)

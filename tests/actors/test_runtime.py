@@ -531,6 +531,34 @@ async def test_a_request_without_max_tokens_is_given_what_is_left_of_the_daily_b
     assert isinstance(rej, Rejected) and rej.status == 429, rej
 
 
+async def test_a_batchs_prompts_do_not_give_the_daily_budget_back_to_one_another(runtime, services):
+    """A legacy completions request's prompts are admitted one after another: what its
+    first holds ends only with the request, so a later prompt the rest of the day cannot
+    hold is refused until midnight (it was told to retry in a second, on every retry),
+    and one without max_tokens is lowered to what is left (it was refused)."""
+    import msgspec
+
+    t = tenant(Quota(daily_token_budget=200), id="daily-batch")
+    prompt = "Count from one to a hundred:"
+
+    def part(i: int, **params) -> GenerateCall:  # noqa: ANN003
+        return msgspec.structs.replace(call(t, prompt=prompt, ignore_eos=True, **params),
+                                       request_id=f"batch-{i}", batch_id="batch")
+
+    first = await runtime.submit(part(0, max_tokens=60))
+    assert isinstance(first, Accepted)
+    n = first.prompt_tokens
+    left = 200 - (n + 60) - n  # what the next prompt may generate
+    never = await runtime.submit(part(1, max_tokens=left + 1))
+    assert isinstance(never, Rejected) and (never.status, never.code) == (429, "insufficient_quota"), never
+    assert never.retry_after is not None and never.retry_after > 60
+    lowered = await runtime.submit(part(2, max_tokens=None))
+    assert isinstance(lowered, Accepted), lowered
+    _, _, fin = await collect(lowered)
+    assert fin.finish_reasons == ["length"] and fin.usage.completion_tokens == left
+    await collect(first)
+
+
 async def test_the_per_process_rpm_blocks_drop_the_ended_then_the_soonest_at_their_cap(runtime, monkeypatch):
     """At the cap the table was cleared whole: every tenant over its minute was let through
     to tokenizing at once. Now the blocks that ended go, then the one that ends soonest."""

@@ -285,6 +285,26 @@ async def test_a_defaulted_max_new_is_lowered_to_what_is_left_of_the_day(quotas:
     assert isinstance(await quotas.reserve(other, "t1", 10, 450, min_new_tokens=1), Denied)
 
 
+async def test_a_requests_own_prompts_are_not_counted_as_given_back_to_it(quotas: QuotaManager):
+    """The prompts of one request are reserved one after another: what the first holds is
+    not what running requests give back to the next (counted so, a batch the rest of the
+    day could never hold was told to retry in a second, on every retry — an audit — and a
+    defaulted last prompt was refused instead of lowered). Another request's reservation
+    still is."""
+    tenant = make_tenant(Quota(daily_token_budget=30))
+    assert isinstance(await quotas.reserve(tenant, "used", 1, 9), Admitted)
+    assert await quotas.settle(tenant, "used", 1, 9, "m")  # 20 left
+    assert isinstance(await quotas.reserve(tenant, "b-0", 1, 10, group="b"), Admitted)  # 9 left
+    never = await quotas.reserve(tenant, "b-1", 1, 10, group="b")
+    assert isinstance(never, Denied) and never.limit == "daily_token_budget" and never.retry_after_s > 60
+    lowered = await quotas.reserve(tenant, "b-2", 1, 16, min_new_tokens=1, group="b")
+    assert isinstance(lowered, Admitted) and lowered.max_new_tokens == 8
+    assert await quotas.release(tenant, "b-2")
+    # without a group, b-0 is a running request that may give back its 10 new tokens
+    other = await quotas.reserve(tenant, "c-0", 1, 10, group="c")
+    assert isinstance(other, Denied) and other.retry_after_s == 1.0
+
+
 async def test_the_daily_budget_is_named_before_a_per_minute_limit_only_when_waiting_cannot_help(
         quotas: QuotaManager):
     """A request refused by a per-minute limit that the day's budget would refuse however

@@ -36,6 +36,8 @@ async def test_a_batch_of_strings_is_one_request_per_prompt_with_choices_in_prom
     calls = gateway.runtime.calls
     assert [c.prompt for c in calls] == ["one two", "three four five"]
     assert [c.request_id for c in calls] == [body["id"] + "-0", body["id"] + "-1"]
+    # (one group to the daily budget: one prompt's reservation is not given back to another)
+    assert [c.batch_id for c in calls] == [body["id"]] * 2
     assert gateway.runtime.cancelled == set()
 
 
@@ -48,6 +50,7 @@ async def test_a_batch_of_token_lists_and_a_single_token_list(gateway: Gateway) 
     assert len(r.json()["choices"]) == 1
     assert gateway.runtime.calls[-1].prompt_token_ids == [5, 6]
     assert gateway.runtime.calls[-1].request_id == r.json()["id"]  # one prompt: the request's own id
+    assert gateway.runtime.calls[-1].batch_id is None
 
 
 async def test_a_streamed_batch_remaps_choices_and_ends_once(gateway: Gateway) -> None:
