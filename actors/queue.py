@@ -184,6 +184,7 @@ class QueueActor:
                 self.policy.on_finish(job, now, 0)
                 continue
             self._released[job.rid] = job
+            st.engine_priority = self.policy.engine_priority(job)
             await self.to_stepper.send(st)
             sent += 1
         return sent

@@ -254,7 +254,7 @@ class Stepper:
             # salt is the response cache's scope, the tenant's creation time in it: a tenant
             # id deleted and created again must not see the deleted tenant's prompts either
             salt = None if st.call.tenant.shared_cache_pool else scope_for(st.call.tenant.as_tenant())
-            self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=-st.priority,
+            self.engine.add_request(st.request_id, st.prompt_token_ids, st.params, priority=st.engine_priority,
                                     adapter=adapter if adapter is not None else st.adapter, grammar=st.grammar,
                                     cache_salt=salt)
         except ValueError as e:  # admission validated already; this is a last line of defence

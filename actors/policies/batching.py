@@ -243,6 +243,21 @@ class PriorityAging(VtcAccounting, PolicyBase):
         super().__init__(kv)
         self.aging_s = aging_s
         self.vtc = vtc or VirtualTokenCounter()
+        self._engine_floor: dict[int, float] = {}  # each tier's last `engine_priority`
+
+    def engine_priority(self, job: Job) -> float:
+        """Its tier aged as the queue ages it — `priority − waited / aging_s` orders requests
+        as `priority + arrival / aging_s` does at any moment (the `now` is common to all) —
+        so the engine's static value goes on aging the requests it holds: one preempts a
+        running request of another tier only if it would have gone before it here. Within a
+        tier the values rise in release order (each at least its tier's last), so the engine
+        keeps the fair order the queue chose (by arrival, a heavy tenant's backlog released
+        after a light tenant's request would evict it). Handed the bare tier, a tier-0
+        request the queue had aged in was evicted for every tier-9 one: 108 s for 64 tokens,
+        10 s beside a tier-9's load. Called once per released job, in release order."""
+        value = max(job.priority + job.arrival / self.aging_s, self._engine_floor.get(job.priority, -math.inf))
+        self._engine_floor[job.priority] = value
+        return value
 
     def _competing(self, job: Job) -> set[str]:
         """Only its tier's: fairness is among the tenants of a tier. Lifted to the least

@@ -80,6 +80,29 @@ def test_priority_tiers_with_aging_nothing_starves():
     assert ids(p2.release(25.0, view(7)))[0] == "low-old"  # 2 - 2.5 < 0: aged past the new one
 
 
+def test_the_engine_ages_the_priority_policys_tiers_and_keeps_its_order_within_one():
+    """The engine preempts a running request for a waiting one of a lower value under KV
+    pressure: the priority policy hands it the tier aged as the queue ages it (the bare
+    tier evicted a tier-0 request the queue had aged in for every tier-9 one: 108 s for 64
+    tokens — an audit), rising in release order within a tier (a heavy tenant's older
+    backlog released after a light tenant's request must not evict it)."""
+    p = PriorityAging(aging_s=10.0)
+    low = p.engine_priority(job("low", 0.0, priority=0))
+    assert p.engine_priority(job("high-soon", 50.0, priority=-9)) < low  # 9 tiers > 5 s of aging
+    assert p.engine_priority(job("high-late", 100.0, priority=-9)) > low  # waited 10 s a tier: 10 tiers' worth
+    light = p.engine_priority(job("light", 3.0, priority=0, tenant="light"))
+    heavy = p.engine_priority(job("heavy", 1.0, priority=0, tenant="heavy"))  # arrived first, released after
+    assert heavy >= light > low
+
+
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "priority"])
+def test_the_other_policies_hand_the_engine_one_priority(name: str):
+    """Tiers across tenants are the priority policy's only (hybrid: among one tenant's own
+    requests, in its queue): the engine keeps the order the others released in."""
+    p = make_policy(PolicyConfig(name=name))
+    assert {p.engine_priority(job("a", 0.0, priority=-9)), p.engine_priority(job("b", 9.0, priority=0))} == {0.0}
+
+
 def test_priority_shares_a_tier_fairly_between_tenants_and_keeps_tiers_first():
     """The default policy: within a tier a light tenant's request waits for a slot, not for a
     heavy tenant's backlog (VTC); a higher tier still goes first, aging still lifts the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -58,6 +59,27 @@ async def test_default_policy_runs_higher_tiers_first(nursery):
     assert await h.take(1) == ["gold"]
     assert await h.take(5) == ["bronze0", "bronze1"]
     assert len(h.actor) == 0
+
+
+async def test_a_released_request_carries_its_policys_engine_priority(nursery):
+    """The engine is handed the policy's priority (`BatchPolicy.engine_priority`), not the
+    tenant's bare tier: under `priority`, the tier aged as the queue ages it; under the
+    others, one value for all (the engine evicted a tier-0 request the queue had let in for
+    every higher-tier one, whatever the policy: an audit)."""
+    states = {"low": state("low"), "gold": state("gold", tier=5)}
+    h = Harness(QueueConfig())
+    await nursery.start(h.actor.run)
+    await h.arrive(*states.values())
+    assert await h.take(2) == ["gold", "low"]
+    assert states["gold"].engine_priority < states["low"].engine_priority
+    gold_then_low = states["low"].engine_priority - states["gold"].engine_priority
+    assert gold_then_low == pytest.approx(5.0, abs=0.1)  # five tiers, arrived together
+    others = {"a": state("a"), "b": state("b", tier=9)}
+    h2 = Harness(QueueConfig(policy=PolicyConfig(name="hybrid")))
+    await nursery.start(h2.actor.run)
+    await h2.arrive(*others.values())
+    assert len(await h2.take(2)) == 2
+    assert {st.engine_priority for st in others.values()} == {0.0}
 
 
 async def test_configured_policy_is_used_and_demand_caps_the_release(nursery):
