@@ -403,8 +403,11 @@ class Admission:
                         cap_kv, prompt_over(cap_kv, n_prompt, read_as), read_as, held_by), read_as)
             max_tokens = min(room, cap) if cap is not None else room
             fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width))
-            if fits is not None and 1 <= fits < max_tokens:
-                max_tokens = fits  # (below 1 it never fits: the quota's 429 says so)
+            if fits is not None and fits < max_tokens:
+                # below min_tokens (or a token) it never fits: lowered to that, the quota's
+                # 429 says so with what the request needs at least (left at the window's
+                # room it was "needs 8192 tokens"; below min_tokens, a 400 blaming the window)
+                max_tokens = min(max_tokens, max(fits, p.min_tokens, 1))
         if cap is not None and max_tokens > cap and call.max_tokens_default:
             max_tokens = cap
         if cap is not None and max_tokens > cap:

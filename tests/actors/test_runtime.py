@@ -461,6 +461,14 @@ async def test_without_max_tokens_a_request_defaults_to_what_its_token_limits_al
                                         max_tokens=None))
     assert isinstance(refused, Rejected) and refused.status == 429 and "tokens_per_minute" in refused.message
     assert refused.code == "rate_limit_exceeded"
+    n = len(runtime.admission.tokenizer.encode("Count from one to ten"))
+    assert f"needs {n + 1} tokens" in refused.message  # the least it needs (it said the window's 8192)
+    # a min_tokens the limit cannot hold is the quota's refusal too, not a 400 on min_tokens
+    # that blamed the context window
+    short = await runtime.submit(call(tenant(Quota(tokens_per_minute=n + 20), id="d"), prompt="Count from one to ten",
+                                      max_tokens=None, min_tokens=30))
+    assert isinstance(short, Rejected) and (short.status, short.code) == (429, "rate_limit_exceeded"), short
+    assert f"needs {n + 30} tokens" in short.message and short.retry_after is None
     # a spent daily budget is OpenAI's insufficient_quota (retried soon, it cannot pass), a
     # request larger than it too
     spent = await runtime.submit(call(tenant(Quota(daily_token_budget=50), id="b"), prompt="Hi", max_tokens=1))
