@@ -176,6 +176,8 @@ class QueueActor:
         sent = 0
         released = self.policy.release(now, self._current_view(slots))[:slots]
         self._report_kv()
+        # (read before the sends below wait: the next release decision may replace them)
+        engine_priority = {job.rid: self.policy.engine_priority(job) for job in released}
         for job in released:
             st: RequestState = job.payload
             if st.cancelled:
@@ -184,7 +186,7 @@ class QueueActor:
                 self.policy.on_finish(job, now, 0)
                 continue
             self._released[job.rid] = job
-            st.engine_priority = self.policy.engine_priority(job)
+            st.engine_priority = engine_priority[job.rid]
             await self.to_stepper.send(st)
             sent += 1
         return sent

@@ -41,7 +41,7 @@ class RequestState:
     params: SamplingParams  # max_tokens resolved (never None)
     priority: int
     events: trio.MemorySendChannel[StreamEvent]
-    engine_priority: float = 0.0  # the engine's, from the queue's policy at release (`BatchPolicy.engine_priority`)
+    engine_priority: int = 0  # the engine's, from the queue's policy at release (`BatchPolicy.engine_priority`)
     quota_tenant: Any = None  # what cache.quotas needs (.id, .quota); None → no quota
     reserved: bool = False
     rate_limits: Any = None  # cache.quotas.RateLimits after the reservation, for the caller's headers

@@ -68,7 +68,7 @@ class SchedRequest:
     max_tokens: int  # max output tokens
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    priority: float = 0  # lower runs first; ties FCFS by add order
+    priority: int = 0  # lower runs first; ties FCFS by add order
     # LoRA adapter key (`gpu.lora.LoraAdapter.key`; None: the base model); also the prefix
     # cache's namespace, since an adapter's KV entries differ from the base model's
     adapter: str | None = None

@@ -248,7 +248,8 @@ class Stepper:
             self._finish(st, "cancelled")
             return
         try:
-            # tenants' tiers run higher-first; the step scheduler runs lower keys first
+            # the engine's priority is the queue policy's (`BatchPolicy.engine_priority`: the
+            # step scheduler runs lower values first and preempts for them under KV pressure)
             # tenants share cached prefixes only within the shared cache pool: a hit shows in
             # `cached_tokens` and in time, and would tell one tenant another's prompt. The
             # salt is the response cache's scope, the tenant's creation time in it: a tenant

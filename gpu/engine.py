@@ -158,7 +158,7 @@ class _Request:
     forked: bool = False
     adapter: str | None = None  # LoRA adapter key, name@version (None: the base model)
     cache_salt: str | None = None  # who shares its cached prefix (`Engine.add_request`)
-    priority: float = 0
+    priority: int = 0
     beam: BeamSearch | None = None  # a beam search request (it has no `choices` until it ends)
     beam_seqs: list[str] = field(default_factory=list)  # sequence of each running beam
     beam_reports: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)  # seq -> candidates
@@ -313,7 +313,7 @@ class Engine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         *,
-        priority: float = 0,
+        priority: int = 0,
         adapter: str | LoraAdapter | None = None,
         grammar: object | None = None,
         cache_salt: str | None = None,

@@ -304,7 +304,8 @@ def run_real(engine, recorder: _PlanRecorder, reqs: Sequence[SimRequest], policy
                           bm.num_free_blocks, bm.num_blocks, bm.block_size, step_time, cost_fit.token_cost_s,
                           cost_fit.overhead_s, sched.output_tokens)
         for job in policy.release(now, view):
-            engine.add_request(job.rid, list(by_id[job.rid].prompt_token_ids), params)
+            engine.add_request(job.rid, list(by_id[job.rid].prompt_token_ids), params,
+                               priority=policy.engine_priority(job))
             records[job.rid].released = now
         if not engine.has_unfinished():
             nxt = [pending[i].arrival] if i < len(pending) else []

@@ -171,7 +171,7 @@ class BatchPolicy(Protocol):
     def on_finish(self, job: Job, now: float, output_tokens: int) -> None: ...
     def remove(self, rid: str) -> Job | None: ...
     def next_wakeup(self, now: float) -> float | None: ...
-    def engine_priority(self, job: Job) -> float: ...
+    def engine_priority(self, job: Job) -> int: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Job]: ...
 
@@ -350,15 +350,16 @@ class PolicyBase:
     def next_wakeup(self, now: float) -> float | None:
         return None
 
-    def engine_priority(self, job: Job) -> float:
-        """The engine's priority of a released job (lower runs first; the engine preempts a
-        running request of a higher value for a waiting one of a lower under KV pressure):
-        one for all here, so that the engine keeps the order it was handed the requests in.
+    def engine_priority(self, job: Job) -> int:
+        """The engine's priority of a job `release` just returned, read before the next
+        `release` (lower runs first; the engine preempts a running request of a higher value
+        for a waiting one of a lower under KV pressure): one for all here, so that the engine
+        keeps the order it was handed the requests in.
         A policy that orders by tier across tenants says so; the others' order is the
         queue's (handed the tenant's tier, the engine evicted a tier-0 request for every
         higher-tier one however the queue had aged or fairly ordered it: a single request
         under `hybrid` took 66 s beside a tier-9 tenant's load, 6 s beside a tier-0's)."""
-        return 0.0
+        return 0
 
     def _limit(self, now: float, view: EngineView) -> int:
         """How many requests may be released now (before KV checks)."""

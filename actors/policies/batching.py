@@ -243,21 +243,23 @@ class PriorityAging(VtcAccounting, PolicyBase):
         super().__init__(kv)
         self.aging_s = aging_s
         self.vtc = vtc or VirtualTokenCounter()
-        self._engine_floor: dict[int, float] = {}  # each tier's last `engine_priority`
+        self._engine_values: dict[str, int] = {}  # of the jobs the last `_choose` yielded
 
-    def engine_priority(self, job: Job) -> float:
-        """Its tier aged as the queue ages it — `priority − waited / aging_s` orders requests
-        as `priority + arrival / aging_s` does at any moment (the `now` is common to all) —
-        so the engine's static value goes on aging the requests it holds: one preempts a
-        running request of another tier only if it would have gone before it here. Within a
-        tier the values rise in release order (each at least its tier's last), so the engine
-        keeps the fair order the queue chose (by arrival, a heavy tenant's backlog released
-        after a light tenant's request would evict it). Handed the bare tier, a tier-0
-        request the queue had aged in was evicted for every tier-9 one: 108 s for 64 tokens,
-        10 s beside a tier-9's load. Called once per released job, in release order."""
-        value = max(job.priority + job.arrival / self.aging_s, self._engine_floor.get(job.priority, -math.inf))
-        self._engine_floor[job.priority] = value
-        return value
+    def engine_priority(self, job: Job) -> int:
+        """The tier's turn as the queue took it, in whole tiers: a tier goes by its oldest
+        waiting request's `priority − waited / aging_s`, which orders tiers as `priority +
+        arrival / aging_s` does at any moment (the `now` is common to all), so the engine's
+        static value goes on aging the requests it holds — one preempts a running request
+        of another tier only if its tier would have gone first here. Its tier's oldest when
+        it was chosen, not its own arrival: a light tenant's fresh request released before a
+        heavy one's backlog has the tier's turn, and the values rise in release order within
+        a tier (a review: by arrival, the backlog released after it evicted it). Floored to
+        a whole number so that the requests of one tier released within one aging period are
+        equal, and the engine keeps their release order (FCFS: no preemption among them).
+        Handed the bare tier, a tier-0 request the queue had aged in was evicted for every
+        tier-9 one: 108 s for 64 tokens, against 10 s at tier 9 (an audit)."""
+        value = self._engine_values.get(job.rid)
+        return value if value is not None else math.floor(job.priority + job.arrival / self.aging_s)
 
     def _competing(self, job: Job) -> set[str]:
         """Only its tier's: fairness is among the tenants of a tier. Lifted to the least
@@ -272,17 +274,16 @@ class PriorityAging(VtcAccounting, PolicyBase):
             tiers.setdefault(j.priority, []).append(j)
         orders = {p: fair_order(self.vtc, {t: _fcfs(js) for t, js in _by_tenant(members).items()})
                   for p, members in tiers.items()}
-        if len(orders) == 1:
-            yield from next(iter(orders.values()))
-            return
         by_age = {p: _fcfs(members) for p, members in tiers.items()}
         oldest = dict.fromkeys(tiers, 0)  # index of each tier's oldest request not yet chosen
         chosen: set[str] = set()
+        self._engine_values.clear()
         while orders:
             p = min(orders, key=lambda p: (p - (now - by_age[p][oldest[p]].arrival) / self.aging_s,
                                            by_age[p][oldest[p]].arrival))
             job = next(orders[p])
             chosen.add(job.rid)
+            self._engine_values[job.rid] = math.floor(p + by_age[p][oldest[p]].arrival / self.aging_s)
             yield job
             while oldest[p] < len(by_age[p]) and by_age[p][oldest[p]].rid in chosen:
                 oldest[p] += 1

@@ -167,7 +167,7 @@ def simulate(requests: Sequence[SimRequest], policy: BatchPolicy, config: SimCon
                           cost_fit.overhead_s, sched.output_tokens)
         for job in policy.release(now, view):
             r = by_id[job.rid]
-            sched.add(SchedRequest(r.rid, list(r.prompt_token_ids), r.max_tokens))
+            sched.add(SchedRequest(r.rid, list(r.prompt_token_ids), r.max_tokens, priority=policy.engine_priority(job)))
             records[r.rid].released = now
             produced[r.rid] = 0
         plan = sched.schedule() if sched.has_unfinished else None

@@ -82,17 +82,33 @@ def test_priority_tiers_with_aging_nothing_starves():
 
 def test_the_engine_ages_the_priority_policys_tiers_and_keeps_its_order_within_one():
     """The engine preempts a running request for a waiting one of a lower value under KV
-    pressure: the priority policy hands it the tier aged as the queue ages it (the bare
-    tier evicted a tier-0 request the queue had aged in for every tier-9 one: 108 s for 64
-    tokens — an audit), rising in release order within a tier (a heavy tenant's older
-    backlog released after a light tenant's request must not evict it)."""
+    pressure: the priority policy hands it its tier's turn as the queue took it, in whole
+    tiers (the bare tier evicted a tier-0 request the queue had aged in for every tier-9
+    one: 108 s for 64 tokens — an audit): the tier's oldest waiting request aged, so the
+    values rise in release order within a tier, and those of one aging period are equal
+    (a review: by their own arrivals, a heavy tenant's older backlog released after a
+    light tenant's request evicted it, and requests of one tier preempted one another)."""
     p = PriorityAging(aging_s=10.0)
-    low = p.engine_priority(job("low", 0.0, priority=0))
-    assert p.engine_priority(job("high-soon", 50.0, priority=-9)) < low  # 9 tiers > 5 s of aging
-    assert p.engine_priority(job("high-late", 100.0, priority=-9)) > low  # waited 10 s a tier: 10 tiers' worth
-    light = p.engine_priority(job("light", 3.0, priority=0, tenant="light"))
-    heavy = p.engine_priority(job("heavy", 1.0, priority=0, tenant="heavy"))  # arrived first, released after
-    assert heavy >= light > low
+    for k in range(3):
+        p.on_arrival(job(f"heavy{k}", float(k), tenant="heavy"), float(k))
+    assert ids(p.release(3.0, view(6))) == ["heavy0", "heavy1"]
+    first = [p.engine_priority(j) for j in (job("heavy0", 0.0), job("heavy1", 1.0))]
+    assert first == [0, 0]  # one aging period: equal, FCFS in the engine
+    p.on_arrival(job("light", 25.0, tenant="light"), 25.0)
+    p.vtc.charge("heavy", 0, 1000)  # (heavy was served more than light: light goes first)
+    light, heavy2 = p.release(25.0, view(6))
+    assert (light.rid, heavy2.rid) == ("light", "heavy2")
+    light_value = p.engine_priority(light)
+    assert light_value == p.engine_priority(heavy2) == 0  # the tier's turn: heavy2's, at 2.0
+    # a tier-9 request preempts them only while it would have gone first in the queue
+    p.on_arrival(job("gold-soon", 50.0, priority=-9), 50.0)
+    p.on_arrival(job("old-low", 30.0, tenant="light"), 30.0)
+    gold, old_low = p.release(50.0, view(6))
+    assert p.engine_priority(gold) < light_value  # 9 tiers > 50 s of aging at 10 s
+    assert p.engine_priority(old_low) == 3  # the tier's turn came by its own arrival: 30 s
+    p.on_arrival(job("gold-late", 100.0, priority=-9), 100.0)
+    (late,) = p.release(100.0, view(6))
+    assert p.engine_priority(late) > light_value  # 100 s waited: 10 tiers' worth
 
 
 @pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "priority"])
@@ -100,7 +116,7 @@ def test_the_other_policies_hand_the_engine_one_priority(name: str):
     """Tiers across tenants are the priority policy's only (hybrid: among one tenant's own
     requests, in its queue): the engine keeps the order the others released in."""
     p = make_policy(PolicyConfig(name=name))
-    assert {p.engine_priority(job("a", 0.0, priority=-9)), p.engine_priority(job("b", 9.0, priority=0))} == {0.0}
+    assert {p.engine_priority(job("a", 0.0, priority=-9)), p.engine_priority(job("b", 9.0, priority=0))} == {0}
 
 
 def test_priority_shares_a_tier_fairly_between_tenants_and_keeps_tiers_first():

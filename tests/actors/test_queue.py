@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 
@@ -71,15 +70,14 @@ async def test_a_released_request_carries_its_policys_engine_priority(nursery):
     await nursery.start(h.actor.run)
     await h.arrive(*states.values())
     assert await h.take(2) == ["gold", "low"]
-    assert states["gold"].engine_priority < states["low"].engine_priority
     gold_then_low = states["low"].engine_priority - states["gold"].engine_priority
-    assert gold_then_low == pytest.approx(5.0, abs=0.1)  # five tiers, arrived together
+    assert gold_then_low in (4, 5, 6)  # five tiers, arrived together (floored to whole tiers)
     others = {"a": state("a"), "b": state("b", tier=9)}
     h2 = Harness(QueueConfig(policy=PolicyConfig(name="hybrid")))
     await nursery.start(h2.actor.run)
     await h2.arrive(*others.values())
     assert len(await h2.take(2)) == 2
-    assert {st.engine_priority for st in others.values()} == {0.0}
+    assert {st.engine_priority for st in others.values()} == {0}
 
 
 async def test_configured_policy_is_used_and_demand_caps_the_release(nursery):

@@ -841,6 +841,9 @@ async def test_higher_tier_tenant_runs_first(nursery, ckpt, tokenizer, services)
     async with trio.open_nursery() as n:
         n.start_soon(run, bronze, "b0", 200)
         await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+        # the engine runs it at the queue policy's priority (the tier aged: `engine_priority`)
+        [(rid, st)] = rt.stepper.active.items()
+        assert rt.engine.scheduler.get(rid).priority == st.engine_priority != 0
         for i in range(1, 4):
             n.start_soon(run, bronze, f"b{i}")
         await wait_until(lambda: rt.waiting() == 3)
