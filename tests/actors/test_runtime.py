@@ -567,6 +567,30 @@ async def test_a_batchs_prompts_do_not_give_the_daily_budget_back_to_one_another
     await collect(first)
 
 
+async def test_a_chat_of_many_short_messages_renders_off_the_event_loop(runtime, monkeypatch):
+    """What a chat costs to render is its messages' template as well as their text: 30,000
+    one-character messages (~870,000 characters rendered) were counted as 30,000 and
+    rendered on the event loop, stalling every stream 73-143 ms each (an audit). Counted
+    with the template's share per message, they go to a worker thread as a long prompt does."""
+    threaded: list[str] = []
+    turns = runtime.admission._tokenize_turns
+    run = turns.run
+
+    async def spy(tenant_id, fn, limiter):  # type: ignore[no-untyped-def]
+        threaded.append(tenant_id)
+        return await run(tenant_id, fn, limiter)
+
+    monkeypatch.setattr(turns, "run", spy)
+    t = tenant(id="chatty")
+    few = await runtime.submit(call(t, messages=[ChatMessage("user", "a")] * 100, max_tokens=1))
+    assert isinstance(few, Accepted), few
+    await collect(few)
+    assert threaded == []  # (a short chat: on the loop, the thread's hand-off costs more)
+    many = await runtime.submit(call(t, messages=[ChatMessage("user", "a")] * 2_000, max_tokens=1))
+    assert isinstance(many, Rejected) and many.code == "context_length_exceeded", many
+    assert threaded == ["chatty"]
+
+
 async def test_the_per_process_rpm_blocks_drop_the_ended_then_the_soonest_at_their_cap(runtime, monkeypatch):
     """At the cap the table was cleared whole: every tenant over its minute was let through
     to tokenizing at once. Now the blocks that ended go, then the one that ends soonest."""
