@@ -340,8 +340,13 @@ class Runtime:
         # requests that ended may have been shorter ones: `Stepper.median_age_s`); twice,
         # as a request that has run a while is taken to run as long again — in a steady
         # stream the median request is halfway through (once: a burst of long requests
-        # into an idle engine was costed at half its time until they ended)
-        service = max(self._service_time.expected(self.stepper.mean_decode_step_s), 2 * self.stepper.median_age_s(now))
+        # into an idle engine was costed at half its time until they ended). Near the end
+        # of requests that all started together it over-estimates, up to twice (a review):
+        # it refuses for a while rather than admits past the limit
+        # (of the running ones: those waiting in the engine are counted as waiting already)
+        running = {self.engine.owner_of(sid) for sid in sched.running_ids()}
+        service = max(self._service_time.expected(self.stepper.mean_decode_step_s),
+                      2 * self.stepper.median_age_s(now, running))
         return waiting / seats * service
 
     def forget_tenants(self, tenant_ids: Collection[str]) -> None:

@@ -196,6 +196,11 @@ class StepScheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    def running_ids(self) -> list[str]:
+        """The running sequences' ids (a choice or a beam is one; `Engine.owner_of` names
+        its request)."""
+        return [r.request_id for r in self._running]
+
     @property
     def kv_usage(self) -> float:
         return self.bm.usage

@@ -40,7 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,15 +190,16 @@ class Stepper:
         self._seen = {k: 0 if k.startswith("lora_") else int(engine.stats().get(k, 0)) for k in self._exported}
         self._wakeup = trio.Event()
 
-    def median_age_s(self, now: float) -> float:
-        """The lower median of the time the requests in the engine have spent in it so far
-        (0 with none): a floor under a request's time in the engine that knows the requests
-        running now. The overload estimate reads it before the drain rate is measured; the
+    def median_age_s(self, now: float, among: Collection[str] | None = None) -> float:
+        """The lower median of the time the requests in the engine (those named in `among`)
+        have spent in it so far (0 with none): a floor under a request's time in the engine
+        that knows the requests running now. The overload estimate reads it before the drain rate is measured; the
         mean of the requests that ended knows only those (after three 16-token warm-ups, a
         burst of 128-token requests was costed at 0.5 s each: admitted streams waited up to
         20 s under an 8 s limit). The lower median, so that one long request beside short
         ones does not set it."""
-        ages = sorted(now - st.scheduled_at for st in self.active.values() if st.scheduled_at)
+        ages = sorted(now - st.scheduled_at for rid, st in self.active.items()
+                      if st.scheduled_at and (among is None or rid in among))
         return ages[(len(ages) - 1) // 2] if ages else 0.0
 
     def poke(self) -> None:

@@ -73,12 +73,13 @@ def test_service_time_starts_as_a_mean_and_guesses_from_the_decode_step_time_bef
 def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seats: int = 4,
              drain: DrainRate | None = None, now: float = 100.0, service_s: float = 6.0,
              for_blocks: bool = True, held_back: bool = False, kv_free: float = 1.0,
-             ages: tuple[float, ...] = ()) -> float:
+             ages: tuple[float, ...] = (), waited: tuple[float, ...] = ()) -> float:
     """`Runtime.estimated_wait_s` over a stand-in engine: `waiting` its waiting sequences
     as (request id, tokens left), waiting for KV blocks (`for_blocks`) or for the step's
     token budget; `outside` requests admitted and not in the engine yet, which a policy
     may hold back while seats are free (`held_back`); `kv_free` the share of its 1,000 KV
-    blocks free; `ages` how long the requests in the engine have been in it."""
+    blocks free; `ages` how long the requests running in the engine have been in it,
+    `waited` those waiting in it."""
     from types import SimpleNamespace
 
     from actors import runtime as runtime_module
@@ -97,15 +98,17 @@ def estimate(*, outside: int, running: int, waiting: list[tuple[str, int]], seat
     stand_in = SimpleNamespace(
         engine=SimpleNamespace(scheduler=SimpleNamespace(num_waiting=len(waiting), num_running=running,
                                                          waiting_work=waiting_work,
+                                                         running_ids=lambda: [f"r{i}" for i in range(len(ages))],
                                                          waits_for_blocks=for_blocks and bool(waiting)),
                                config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=seats)),
                                block_manager=SimpleNamespace(num_blocks=1000, num_free_blocks=int(1000 * kv_free)),
                                owner_of=lambda sid: sid),
         stepper=SimpleNamespace(drain=drain or DrainRate(), mean_decode_step_s=0.05,
-                                active={str(i): SimpleNamespace(scheduled_at=now - age) for i, age in enumerate(ages)}),
+                                active={**{f"r{i}": SimpleNamespace(scheduled_at=now - age) for i, age in enumerate(ages)},
+                                        **{f"w{i}": SimpleNamespace(scheduled_at=now - age) for i, age in enumerate(waited)}}),
         queue=SimpleNamespace(policy=SimpleNamespace(work_conserving=not held_back)),
         _service_time=service, waiting=lambda: outside + len(waiting))
-    stand_in.stepper.median_age_s = lambda t: Stepper.median_age_s(stand_in.stepper, t)  # type: ignore[arg-type]
+    stand_in.stepper.median_age_s = lambda t, among=None: Stepper.median_age_s(stand_in.stepper, t, among)  # type: ignore[arg-type]
     clock = runtime_module.time.monotonic
     runtime_module.time.monotonic = lambda: now
     try:
@@ -160,6 +163,9 @@ def test_the_estimate_before_the_rate_costs_a_request_no_shorter_than_those_runn
     assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(20.0, 30.0)) == pytest.approx((3 + 1 + 1) / 2 * 40.0)
     assert estimate(outside=3, running=2, waiting=[("a", 100)], ages=(1.0, 2.0)) == pytest.approx((3 + 1 + 1) / 2 * 6.0)
     assert estimate(outside=3, running=4, waiting=[], ages=(1.0, 2.0, 2.5, 90.0)) == pytest.approx((3 + 1) / 4 * 6.0)
+    # those waiting in the engine are counted as waiting, not by their time there (a review)
+    assert estimate(outside=0, running=2, waiting=[("a", 100), ("b", 100)], ages=(1.0, 2.0),
+                    waited=(30.0, 40.0, 50.0)) == pytest.approx((2 + 1) / 2 * 6.0)
     drain = DrainRate(window=8, least=3)
     for t in range(1, 5):
         drain.observe(2.0 * t, 2.0, True, 1)
