@@ -188,17 +188,19 @@ def is_cacheable(p: SamplingParams) -> bool:
     return is_deterministic(p) and p.prompt_logprobs is None and p.max_tokens != 0
 
 
-def quota_room(quota: Quota | None, n_prompt: int, sequences: int) -> int | None:
+def quota_room(quota: Quota | None, n_prompt: int, sequences: int, share: int = 1) -> int | None:
     """The most tokens per sequence a request of `n_prompt` prompt tokens may reserve under
     its quota's token limits (`tokens_per_minute`, `daily_token_budget`: a reservation
     counts the prompt plus `max_tokens` per sequence), or None when neither is set (pure).
+    `share`: one prompt of a request of that many, which takes that share of the limits
+    (each taking all of them, the first left nothing to the others: refused on every retry).
     A request that does not give max_tokens defaults to no more than this, as well as to
     the room in the context window, so that a key whose limits are below the window can
     still be used by clients that never send max_tokens (most OpenAI clients)."""
     if quota is None:
         return None
     limits = [x for x in (quota.tokens_per_minute, quota.daily_token_budget) if x is not None]
-    return (min(limits) - n_prompt) // max(1, sequences) if limits else None
+    return (min(limits) // max(1, share) - n_prompt) // max(1, sequences) if limits else None
 
 
 def fresh_enough(age_s: float | None, ttl_s: float, max_age_s: int | None, min_fresh_s: int | None) -> bool:
@@ -407,7 +409,7 @@ class Admission:
                     raise _Refuse(400, "context_length_exceeded", context_message(
                         cap_kv, prompt_over(cap_kv, n_prompt, read_as), read_as, held_by), read_as)
             max_tokens = min(room, cap) if cap is not None else room
-            fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width))
+            fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width), call.batch_size)
             if fits is not None and fits < max_tokens:
                 # below min_tokens (or a token) it never fits: lowered to that, the quota's
                 # 429 says so with what the request needs at least (left at the window's
@@ -577,7 +579,7 @@ class Admission:
 
     async def reserve_quota(self, tenant: TenantContext, request_id: str, prompt_tokens: int,
                             max_new_tokens: int, sequences: int = 1, *, lowest: int | None = None,
-                            group: str | None = None) -> QuotaHold:
+                            group: str | None = None, group_left: int = 1) -> QuotaHold:
         """Reserve `prompt_tokens + max_new_tokens × sequences` against the tenant's quota (atomically,
         every limit at once); `_Refuse` (429, a 400 for a request that can never pass, or
         503 when Redis is down and quotas fail closed) if it may not run. Redis down and
@@ -585,7 +587,8 @@ class Admission:
         settled once Redis is back. `lowest` (a request whose client did not choose
         `max_new_tokens`): the reservation may lower it as far as this, to what is left of
         the daily budget (the hold says how far). `group`: the request's id when this is one
-        of its prompts (`QuotaManager.reserve`)."""
+        of its prompts, `group_left` of which are still to reserve, this one included
+        (`QuotaManager.reserve`)."""
         if self.quotas is None or tenant.quota is None:
             return QuotaHold(None, False, None)
         who = tenant.as_tenant()
@@ -596,7 +599,7 @@ class Admission:
             sent = True
             res = await self.quotas.reserve(who, request_id, prompt_tokens, max_new_tokens, sequences=sequences,
                                             min_new_tokens=None if lowest is None else min(lowest, max_new_tokens),
-                                            group=group)
+                                            group=group, group_left=group_left)
         except CacheUnavailable as e:
             self.metrics.redis_errors.labels("reserve").inc()
             if self.config.quota_fail_open:
@@ -638,7 +641,7 @@ class Admission:
         hold = await self.reserve_quota(call.tenant, call.request_id, st.prompt_tokens, st.params.max_tokens,
                                         max(st.params.n, st.params.beam_width),
                                         lowest=max(1, st.params.min_tokens) if self._defaulted(call) else None,
-                                        group=call.batch_id)
+                                        group=call.batch_id, group_left=call.batch_size - call.batch_index)
         st.quota_tenant, st.reserved, st.rate_limits = hold.tenant, hold.reserved, hold.rate_limits
         if hold.max_new_tokens is not None:  # the daily budget's rest: it ends at `length` there
             st.params = msgspec.structs.replace(st.params, max_tokens=hold.max_new_tokens)

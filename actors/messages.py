@@ -96,8 +96,12 @@ class GenerateCall(msgspec.Struct, frozen=True):
     max_tokens_param: str = "max_tokens"  # the request field max_tokens came from (a 400's `param`)
     # one prompt of a request with several (legacy completions): the request's id. The daily
     # budget does not count what the request's other prompts reserved as tokens that running
-    # requests give back (`cache.quotas.QuotaManager.reserve`'s `group`)
+    # requests give back (`cache.quotas.QuotaManager.reserve`'s `group`), and a defaulted
+    # max_tokens takes a share of the token limits, not all of them (`batch_index` of
+    # `batch_size` prompts: each after those before it, beside those after)
     batch_id: str | None = None
+    batch_index: int = 0
+    batch_size: int = 1
 
 
 class Usage(msgspec.Struct, frozen=True):

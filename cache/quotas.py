@@ -276,7 +276,9 @@ redis.call('ZREMRANGEBYSCORE', conc_key, '-inf', now)
 # ARGV: base, rid, prompt, max_new (per sequence), rpm, tpm, conc, cap, daily, ttl_ms, sequences,
 #       usage_ttl_s, min_new (per sequence: max_new may be lowered as far as this to fit
 #       what is left of the daily budget; max_new: it may not), group ('' for none: the
-#       reservations of a group are not what running requests give back to one another)
+#       reservations of a group are not what running requests give back to one another),
+#       group_left (the group's reservations still to make, this one included: a lowered
+#       max_new takes that share of what is left)
 # -> {status, limit, retry_ms, reason[, rpm left, rpm reset ms, tpm left, tpm reset ms[,
 #    max_new]]}; status 1 admitted (with the max_new reserved), 0 denied — both with what is
 #    left of the per-minute limits (after the admission, or as they stand when denied; -1
@@ -295,6 +297,7 @@ local seqs = tonumber(ARGV[11])
 local usage_ttl = tonumber(ARGV[12])
 local min_new = tonumber(ARGV[13])
 local group = ARGV[14] or ''
+local group_left = math.max(1, tonumber(ARGV[15] or '1'))
 local tokens = prompt + max_new * seqs
 
 local rpm_key = base .. 'rpm'
@@ -364,7 +367,8 @@ end
 -- running requests' reservations leave now (a sliver, for a request that a wait gives its
 -- due): if that is less, it is refused for now below, as a request that asked for as much.
 if daily >= 0 and min_new < max_new then
-  local fit = math.floor((daily - tonumber(redis.call('GET', day_key) or '0') + givable() - prompt) / seqs)
+  local left = daily - tonumber(redis.call('GET', day_key) or '0') + givable()
+  local fit = math.floor((math.floor(left / group_left) - prompt) / seqs)
   max_new = math.max(min_new, math.min(max_new, fit))
   tokens = prompt + max_new * seqs
 end
@@ -727,6 +731,7 @@ class QuotaManager:
         ttl_s: float | None = None,
         min_new_tokens: int | None = None,
         group: str | None = None,
+        group_left: int = 1,
     ) -> Admitted | Denied:
         """Check every limit and, if all pass, count the request — atomically.
 
@@ -747,7 +752,10 @@ class QuotaManager:
         reservations of the same group are not counted as what running requests give back
         of the daily budget — the request's own prompts end only with it (counted so, a
         batch the rest of the day could never hold was told to retry in a second, on every
-        retry, and a defaulted last prompt was refused instead of lowered).
+        retry, and a defaulted last prompt was refused instead of lowered). `group_left`:
+        the group's reservations still to make, this one included — a lowered max_new takes
+        that share of what is left of the day (taking all of it, the first prompt of a batch
+        sent without max_tokens left the others nothing: refused until midnight).
 
         Idempotent while the reservation is live: reserving the same id again
         returns the existing Admitted without counting anything (the client
@@ -759,6 +767,8 @@ class QuotaManager:
         if sequences < 1:
             raise ValueError("sequences must be >= 1")
         min_new = max_new_tokens if min_new_tokens is None else min_new_tokens
+        if group_left < 1:
+            raise ValueError("group_left must be >= 1")
         if not 0 <= min_new <= max_new_tokens:
             raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
         ttl_ms = round((ttl_s if ttl_s is not None else self.reservation_ttl_s) * 1000)
@@ -770,7 +780,7 @@ class QuotaManager:
             _limit(q.requests_per_minute), _limit(q.tokens_per_minute),
             _limit(q.max_concurrent), _limit(q.max_tokens_cap),
             _limit(q.daily_token_budget), ttl_ms, sequences, self.usage_ttl_days * _DAY_S, min_new,
-            group or "",
+            group or "", group_left,
         ]
         with self.store.guard():
             reply = await self._reserve(args=args)

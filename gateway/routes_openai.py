@@ -708,7 +708,7 @@ def to_generate_calls(
         GenerateCall(request_id=sub_request_id(request_id, i, len(prompts)),
                      **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}), **common,
                      max_tokens_default=req.max_tokens is msgspec.UNSET,
-                     batch_id=request_id if len(prompts) > 1 else None)
+                     batch_id=request_id if len(prompts) > 1 else None, batch_index=i, batch_size=len(prompts))
         for i, p in enumerate(prompts)
     ]
 

@@ -565,6 +565,16 @@ async def test_a_batchs_prompts_do_not_give_the_daily_budget_back_to_one_another
     _, _, fin = await collect(lowered)
     assert fin.finish_reasons == ["length"] and fin.usage.completion_tokens == left
     await collect(first)
+    # prompts sent without max_tokens share the limits (each defaulting to all of them, the
+    # first took the day and the second was refused until midnight: a review)
+    fresh = tenant(Quota(daily_token_budget=200), id="daily-batch-null")
+    parts = [msgspec.structs.replace(call(fresh, prompt=prompt, ignore_eos=True, max_tokens=None),
+                                     request_id=f"null-{i}", batch_id="null", batch_index=i, batch_size=2)
+             for i in range(2)]
+    accepted = [await runtime.submit(c) for c in parts]
+    assert all(isinstance(a, Accepted) for a in accepted), accepted
+    done = [(await collect(a))[2] for a in accepted]
+    assert [f.usage.completion_tokens for f in done] == [100 - n, 100 - n]
 
 
 async def test_a_chat_of_many_short_messages_renders_off_the_event_loop(runtime, monkeypatch):

@@ -303,6 +303,14 @@ async def test_a_requests_own_prompts_are_not_counted_as_given_back_to_it(quotas
     # without a group, b-0 is a running request that may give back its 10 new tokens
     other = await quotas.reserve(tenant, "c-0", 1, 10, group="c")
     assert isinstance(other, Denied) and other.retry_after_s == 1.0
+    # a lowered max_new takes its share of what is left: the group's reservations still to
+    # make (taking it all, the first of a batch sent without max_tokens left the rest nothing)
+    split = make_tenant(Quota(daily_token_budget=100), "split")
+    shares = [await quotas.reserve(split, f"s-{i}", 2, 1000, min_new_tokens=1, group="s", group_left=3 - i)
+              for i in range(3)]
+    assert [s.max_new_tokens for s in shares] == [31, 31, 32]  # 100 // 3 - 2, 66 // 2 - 2, 34 - 2
+    with pytest.raises(ValueError):
+        await quotas.reserve(split, "s-x", 2, 10, group="s", group_left=0)
 
 
 async def test_the_daily_budget_is_named_before_a_per_minute_limit_only_when_waiting_cannot_help(

@@ -38,6 +38,7 @@ async def test_a_batch_of_strings_is_one_request_per_prompt_with_choices_in_prom
     assert [c.request_id for c in calls] == [body["id"] + "-0", body["id"] + "-1"]
     # (one group to the daily budget: one prompt's reservation is not given back to another)
     assert [c.batch_id for c in calls] == [body["id"]] * 2
+    assert [(c.batch_index, c.batch_size) for c in calls] == [(0, 2), (1, 2)]
     assert gateway.runtime.cancelled == set()
 
 
