@@ -56,6 +56,10 @@ OFF_LOOP_CHARS = 32_768
 # the loop over it): 30,000 one-character messages rendered ~870,000 characters, 73-143 ms
 # on the event loop, counted as 30,000 characters (an audit: 8 at once stalled streams 0.9 s)
 MESSAGE_CHARS = 32
+# an answer's prompt logprobs at most (each choice repeats the prompt's: `echo` with
+# `logprobs`, `prompt_logprobs`): 64 choices of a 2,000-token prompt with 20 alternatives
+# were a 257 MB answer from a 12 KB request, 1.4 GB of the server's memory (an audit)
+MAX_PROMPT_LOGPROB_ENTRIES = 1_000_000
 BROKEN_ADAPTER_LOG_S = 60.0  # a broken adapter's fault is logged at most this often
 
 
@@ -380,6 +384,15 @@ class Admission:
         if n_prompt == 0:
             raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
         read_as = "messages" if call.messages is not None else "prompt"
+        if p.prompt_logprobs is not None:
+            seqs = max(p.n, p.beam_width)
+            entries = seqs * n_prompt * (p.prompt_logprobs + 1)
+            if entries > MAX_PROMPT_LOGPROB_ENTRIES:
+                raise _Refuse(400, "invalid_value", (
+                    f"the answer would hold {entries} prompt logprobs ({seqs} choices, each with the {n_prompt} tokens "
+                    f"of the {read_as} and {p.prompt_logprobs} alternatives of each); at most "
+                    f"{MAX_PROMPT_LOGPROB_ENTRIES}: ask for fewer choices, fewer alternatives, or a shorter "
+                    f"{read_as}"), "n" if seqs > 1 else "prompt_logprobs")
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
             limit, held = self._context_limit(p)
             raise _Refuse(400, "context_length_exceeded", context_message(

@@ -286,6 +286,9 @@ class GatewayState:
     # request paths share), and one formatted body shared by the scrapes that waited for it
     scrape_lock: trio.Lock = field(default_factory=trio.Lock)
     scrape_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    # non-streamed answers with logprobs are built and encoded in a worker thread, one at a time
+    # (`gateway.routes_openai.collect`)
+    answer_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
     last_scrape: tuple[float, bool, bytes] | None = None  # (monotonic time, gzipped, body)
 
     def forget_tenants(self, tenant_ids: Collection[str]) -> None:

@@ -577,6 +577,24 @@ async def test_a_batchs_prompts_do_not_give_the_daily_budget_back_to_one_another
     assert [f.usage.completion_tokens for f in done] == [100 - n, 100 - n]
 
 
+async def test_an_answers_prompt_logprobs_are_bounded(runtime):
+    """Each choice repeats the prompt's logprobs: 64 choices of a 2,000-token prompt with 20
+    alternatives were a 257 MB answer from a 12 KB request (an audit). Past
+    `MAX_PROMPT_LOGPROB_ENTRIES` it is a 400 naming what to ask for less of."""
+    from actors.admission import MAX_PROMPT_LOGPROB_ENTRIES
+
+    t = tenant(id="lp-bound")
+    prompt = "hello world " * 400  # ~800 tokens: 64 × 800 × 21 is past the bound, 1 × 800 × 21 not
+    rej = await runtime.submit(call(t, prompt=prompt, max_tokens=1, n=64, prompt_logprobs=20,
+                                    temperature=1.0, seed=1))
+    assert isinstance(rej, Rejected) and (rej.status, rej.code, rej.param) == (400, "invalid_value", "n"), rej
+    assert f"at most {MAX_PROMPT_LOGPROB_ENTRIES}" in rej.message
+    acc = await runtime.submit(call(t, prompt=prompt, max_tokens=1, prompt_logprobs=20))
+    assert isinstance(acc, Accepted), acc
+    _, deltas, fin = await collect(acc)
+    assert isinstance(fin, Finished) and len(deltas[0].prompt_logprobs) == acc.prompt_tokens
+
+
 async def test_a_chat_of_many_short_messages_renders_off_the_event_loop(runtime, monkeypatch):
     """What a chat costs to render is its messages' template as well as their text: 30,000
     one-character messages (~870,000 characters rendered) were counted as 30,000 and

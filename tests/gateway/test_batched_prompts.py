@@ -190,6 +190,30 @@ async def test_echo_with_logprobs_puts_the_prompts_tokens_first(gateway: Gateway
     assert first["text"] == choice["text"] and first["logprobs"] == choice["logprobs"]
 
 
+async def test_an_answer_with_logprobs_is_built_off_the_event_loop(gateway: Gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An answer with logprobs can be tens of megabytes (64 choices × 20 alternatives): it is
+    built and encoded in a worker thread, not on the loop every stream shares (an audit: one
+    stopped the others for 0.5-15 s); one without is built where it is."""
+    import threading
+
+    from gateway.routes_openai import Collector
+
+    built_in: list[bool] = []
+    response = Collector.response
+
+    def spy(self, end):  # type: ignore[no-untyped-def]
+        built_in.append(threading.current_thread() is threading.main_thread())
+        return response(self, end)
+
+    monkeypatch.setattr(Collector, "response", spy)
+    r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "logprobs": 1, "n": 2})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json()["choices"][1]["logprobs"]["top_logprobs"] == [{"zeta": -0.5}]
+    r = await post(gateway, {"prompt": "one two", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
+    assert built_in == [False, True]
+
+
 def test_echoed_offsets_count_a_character_split_over_tokens_once() -> None:
     from actors.messages import PromptLogprob
     from gateway.routes_openai import _prompt_logprobs_json
