@@ -237,7 +237,8 @@ class Metrics:
         )
         self.kv_reserved = Gauge(
             "lmgate_kv_reserved_blocks", "KV blocks the batching policy has reserved for released requests "
-            "(by predicted length; 0 for policies that do not reserve)", registry=r,
+            "(by predicted length; 0 for policies that do not reserve; may exceed the cache: a reservation "
+            "grows with a request that outgrows its prediction, preempted or not)", registry=r,
         )
         self.kv_grown = Counter(
             "lmgate_kv_reservations_grown", "KV reservations grown because their request outgrew its prediction",
