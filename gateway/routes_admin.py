@@ -167,12 +167,14 @@ def decode_body(raw: bytes, kind: type[S], *, quota_prefix: str = "quota.") -> S
     try:
         return decode_json(raw or b"{}", kind)
     except ApiError as exc:
-        exc.param = quota_param(exc.message, quota_prefix) or exc.param
+        nested = _QUOTA_PATH.search(exc.message)  # a wrong type inside a tenant body's quota
+        exc.param = quota_param(exc.message, quota_prefix) or (f"quota.{nested.group(1)}" if nested else exc.param)
         exc.message = as_body_spells_it(exc.message, quota_prefix)
         raise
 
 
 _QUOTA_FIELD = re.compile(r"\bQuota\.(\w+)")
+_QUOTA_PATH = re.compile(r"at `\$\.quota\.(\w+)")
 
 
 def as_body_spells_it(message: str, prefix: str) -> str:

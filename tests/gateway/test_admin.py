@@ -128,6 +128,8 @@ async def test_patch_merges_and_a_bad_limit_or_name_is_a_400_naming_it(gateway: 
         for method, path, body, param in [
             ("PUT", "/admin/tenants/pm/quota", {"max_concurrent": -1}, "max_concurrent"),
             ("PATCH", "/admin/tenants/pm", {"quota": {"daily_token_budget": -5}}, "quota.daily_token_budget"),
+            ("PATCH", "/admin/tenants/pm", {"quota": {"max_concurrent": "5"}}, "quota.max_concurrent"),  # a type
+            ("POST", "/admin/tenants", {"id": "n", "name": "n", "quota": {"max_tokens_cap": 1.5}}, "quota.max_tokens_cap"),
             ("POST", "/admin/tenants", {"id": "n", "name": "n", "quota": {"tokens_per_minute": -1}},
              "quota.tokens_per_minute"),
             ("POST", "/admin/tenants", {"id": "n", "name": "n" * 257}, "name"),
