@@ -385,14 +385,19 @@ class Admission:
             raise _Refuse(400, "invalid_value", "prompt is empty", "prompt")
         read_as = "messages" if call.messages is not None else "prompt"
         if p.prompt_logprobs is not None:
-            seqs = max(p.n, p.beam_width)
-            entries = seqs * n_prompt * (p.prompt_logprobs + 1)
-            if entries > MAX_PROMPT_LOGPROB_ENTRIES:
+            copies = call.prompt_logprob_copies
+            if copies is None:
+                copies = max(p.n, p.beam_width)
+            entries = copies * n_prompt * (p.prompt_logprobs + 1)
+            bound = MAX_PROMPT_LOGPROB_ENTRIES // call.batch_size  # (the request's prompts share it)
+            if entries > bound:
+                batch = f" for each of its {call.batch_size} prompts" if call.batch_size > 1 else ""
                 raise _Refuse(400, "invalid_value", (
-                    f"the answer would hold {entries} prompt logprobs ({seqs} choices, each with the {n_prompt} tokens "
-                    f"of the {read_as} and {p.prompt_logprobs} alternatives of each); at most "
+                    f"the answer would hold {'about ' if batch else ''}{entries * call.batch_size} prompt logprobs "
+                    f"({copies} copies of the "
+                    f"{n_prompt} tokens of the {read_as}, each with {p.prompt_logprobs} alternatives{batch}); at most "
                     f"{MAX_PROMPT_LOGPROB_ENTRIES}: ask for fewer choices, fewer alternatives, or a shorter "
-                    f"{read_as}"), "n" if seqs > 1 else "prompt_logprobs")
+                    f"{read_as}"), call.prompt_logprobs_param)
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
             limit, held = self._context_limit(p)
             raise _Refuse(400, "context_length_exceeded", context_message(

@@ -102,6 +102,11 @@ class GenerateCall(msgspec.Struct, frozen=True):
     batch_id: str | None = None
     batch_index: int = 0
     batch_size: int = 1
+    # the copies of its prompt's logprobs the answer holds (completions: one per choice for
+    # `echo` with `logprobs` and one for `prompt_logprobs`; chat: one beside the choices;
+    # None: one per sequence), bounded by admission, and the field a refusal names
+    prompt_logprob_copies: int | None = None
+    prompt_logprobs_param: str = "prompt_logprobs"
 
 
 class Usage(msgspec.Struct, frozen=True):

@@ -198,7 +198,7 @@ class StepScheduler:
 
     def running_ids(self) -> list[str]:
         """The running sequences' ids (a choice or a beam is one; `Engine.owner_of` names
-        its request)."""
+        its request, a forked beam's too)."""
         return [r.request_id for r in self._running]
 
     @property

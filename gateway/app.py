@@ -38,7 +38,7 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
 
-from actors.admission import unknown_model_message
+from actors.admission import TenantTurns, unknown_model_message
 from actors.messages import Accepted, GenerateCall, Rejected, TenantContext
 from actors.metrics import LATENCY_BUCKETS, UNAUTHENTICATED, Metrics, forget_label, label_values
 from cache.quotas import QuotaManager, RateLimits
@@ -289,6 +289,7 @@ class GatewayState:
     # non-streamed answers with logprobs are built and encoded in a worker thread, one at a time
     # (`gateway.routes_openai.collect`)
     answer_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    answer_turns: TenantTurns = field(default_factory=TenantTurns)
     last_scrape: tuple[float, bool, bytes] | None = None  # (monotonic time, gzipped, body)
 
     def forget_tenants(self, tenant_ids: Collection[str]) -> None:

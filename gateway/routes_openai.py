@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -622,6 +623,17 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return prompts
 
 
+def prompt_logprob_copies(req: CompletionRequest | ChatRequest) -> dict[str, Any]:
+    """`GenerateCall.prompt_logprob_copies` and `prompt_logprobs_param`: how many times the
+    answer repeats each prompt's logprobs (admission bounds them), and the field to name."""
+    if isinstance(req, ChatRequest):  # (vLLM's: once, beside the choices)
+        return {"prompt_logprob_copies": 1 if req.prompt_logprobs is not None else 0}
+    echoed = req.echo and req.logprobs is not None
+    copies = req.n * (int(echoed) + int(req.prompt_logprobs is not None))
+    param = "n" if req.n > 1 else "prompt_logprobs" if req.prompt_logprobs is not None else "logprobs"
+    return {"prompt_logprob_copies": copies, "prompt_logprobs_param": param}
+
+
 def sub_request_id(request_id: str, i: int, count: int) -> str:
     """The runtime's id of prompt `i` of a request with `count` prompts (one prompt: the
     request's own id)."""
@@ -685,6 +697,7 @@ def to_generate_calls(
         guided_field=guided[1],
         max_tokens_param="max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None
         else "max_tokens",
+        **prompt_logprob_copies(req),
     )
     if isinstance(req, ChatRequest):
         if not req.messages:
@@ -873,8 +886,12 @@ def _echo_parts(delta: TokenDelta, echo: str, logprobs: int | None) -> tuple[str
     may carry more alternatives, for `prompt_logprobs`)."""
     if delta.prompt_logprobs is None or logprobs is None:
         return echo, None
-    cut = [msgspec.structs.replace(p, top=p.top[:logprobs]) for p in delta.prompt_logprobs]
-    return echo, _prompt_logprobs_json(cut, echo)
+    return echo, _echo_logprobs(delta.prompt_logprobs, echo, logprobs)
+
+
+def _echo_logprobs(prompt: list[PromptLogprob], echo: str, logprobs: int) -> dict[str, Any]:
+    """The legacy logprobs of an echoed prompt, with `logprobs` alternatives."""
+    return _prompt_logprobs_json([msgspec.structs.replace(p, top=p.top[:logprobs]) for p in prompt], echo)
 
 
 def vllm_prompt_logprobs(prompt: list[PromptLogprob], k: int) -> list[dict[str, dict[str, Any]] | None]:
@@ -911,7 +928,7 @@ class Collector:
     n: int
     created: int = field(default_factory=lambda: int(time.time()))
     texts: dict[int, list[str]] = field(default_factory=dict)
-    logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    logprobs: dict[int, list[Any]] = field(default_factory=dict)  # per choice: dicts, or a thunk (echo)
     token_bytes: TokenBytes | None = None  # the tokenizer's, for logprobs' `bytes`
     echo: list[str] | None = None
     tools: ToolCalling | None = None  # chat: the text of each choice is its tool calls
@@ -920,15 +937,24 @@ class Collector:
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)  # by choice
     special_ids: frozenset[int] = frozenset()  # the tokenizer's, which the text skips (text_offset)
     _offsets: dict[int, TextOffsets] = field(default_factory=dict)  # by choice
+    # tokens with logprobs in the answer (its prompts' too, once a choice): a large answer is
+    # built in a worker thread (`collect`)
+    weight: int = 0
 
     def add(self, delta: TokenDelta) -> None:
         if delta.prompt_logprobs is not None and self.prompt_logprobs_k is not None:
+            if delta.index not in self.prompt_logprobs:
+                self.weight += len(delta.prompt_logprobs)
             self.prompt_logprobs.setdefault(delta.index, delta.prompt_logprobs)
         if self.echo is not None and delta.index not in self.texts:
-            text, lp = _echo_parts(delta, self.echo[delta.index // self.n], self.echo_logprobs)
-            self.texts[delta.index] = [text]
-            if lp is not None:
-                self.logprobs[delta.index] = [lp]
+            echo = self.echo[delta.index // self.n]
+            self.texts[delta.index] = [echo]
+            if delta.prompt_logprobs is not None and self.echo_logprobs is not None:
+                # (built with the answer, in its worker thread for a large one: 0.9 s of the event
+                # loop for 64 choices of a 2,000-token prompt, built here as each came)
+                self.logprobs[delta.index] = [functools.partial(_echo_logprobs, delta.prompt_logprobs, echo,
+                                                                self.echo_logprobs)]
+                self.weight += len(delta.prompt_logprobs)
         done = self.texts.setdefault(delta.index, [])
         if self.endpoint == "chat.completions":
             lp = _chat_logprobs(delta, self.token_bytes)
@@ -940,11 +966,13 @@ class Collector:
         done.append(delta.text)
         if lp is not None:
             self.logprobs.setdefault(delta.index, []).append(lp)
+            self.weight += 1
 
     def _merged_logprobs(self, index: int) -> dict[str, Any] | None:
         parts = self.logprobs.get(index)
         if not parts:
             return None
+        parts = [p() if callable(p) else p for p in parts]  # (an echoed prompt's: `add`)
         if self.endpoint == "chat.completions":
             return {"content": [item for p in parts for item in p["content"]]}
         return _concat_logprobs(parts)
@@ -1527,10 +1555,12 @@ def echo_logprobs_of(req: Any) -> int | None:
 
 async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list[GenerateCall], request_id: str,
                   echo: list[str] | None = None) -> dict[str, Any] | Response:
-    """The non-streamed answer. One with logprobs is built and encoded as JSON in a worker
-    thread (`GatewayState.answer_threads`): 64 choices of 100 tokens with 20 alternatives
-    each are ~10 MB, and built on the event loop (then encoded by Quart's `json`), one such
-    answer stopped every other stream for 0.5-2.7 s, a 257 MB one for 15 s (an audit)."""
+    """The non-streamed answer. One with logprobs for `ANSWER_OFF_LOOP_TOKENS` tokens or
+    more is built and encoded as JSON in a worker thread, one at a time and the tenants in
+    turn (`GatewayState.answer_threads`, `answer_turns`): 64 choices of 100 tokens with 20
+    alternatives each are ~10 MB, and built on the event loop (then encoded by Quart's
+    `json`), one such answer stopped every other stream for 0.5-2.7 s, a 257 MB one for
+    15 s (an audit)."""
     handle = await submit_all(state, calls, request_id, req.n)
     collector = Collector(endpoint, request_id, req.model, req.n, token_bytes=token_bytes_of(state), echo=echo,
                           special_ids=special_ids_of(state, req),
@@ -1545,16 +1575,41 @@ async def collect(state: GatewayState, endpoint: Endpoint, req: Any, calls: list
             elif isinstance(event, Failed):
                 raise failed_error(event)
             else:
-                if not collector.logprobs and not collector.prompt_logprobs:
+                if collector.weight < ANSWER_OFF_LOOP_TOKENS:
                     return collector.response(event)
-                body = await trio.to_thread.run_sync(encode_answer, collector, event, limiter=state.answer_threads)
+                body = await state.answer_turns.run(calls[0].tenant.tenant_id,
+                                                    functools.partial(encode_answer, collector, event),
+                                                    state.answer_threads)
                 return Response(body, content_type="application/json")
     raise unfinished_error()
 
 
+# a non-streamed answer with logprobs for at least this many tokens (its prompts' included)
+# is built in a worker thread (`collect`); at 20 alternatives each, ~2 MB of JSON
+ANSWER_OFF_LOOP_TOKENS = 2048
+ENCODE_SLICE = 1024  # list items JSON-encoded at once by `encode_answer`
+
+
 def encode_answer(collector: Collector, end: Finished) -> bytes:
-    """The non-streamed answer as JSON (run in a worker thread: `collect`)."""
-    return msgspec.json.encode(collector.response(end))
+    """The non-streamed answer as JSON (run in a worker thread: `collect`), its long lists
+    encoded a slice at a time: one `msgspec.json.encode` of a 56 MB answer held the
+    interpreter lock, and with it the event loop, for 190-250 ms (a review)."""
+    return msgspec.json.encode(_in_slices(collector.response(end)))
+
+
+def _in_slices(value: Any, depth: int = 0) -> Any:
+    """`value` with each list of more than `ENCODE_SLICE` items (in the dicts and lists
+    within, 4 levels deep) replaced by its JSON, encoded `ENCODE_SLICE` items at a time."""
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: _in_slices(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        if len(value) <= ENCODE_SLICE:
+            return [_in_slices(v, depth + 1) for v in value]
+        parts = [msgspec.json.encode(value[i:i + ENCODE_SLICE])[1:-1] for i in range(0, len(value), ENCODE_SLICE)]
+        return msgspec.Raw(b"[" + b",".join(parts) + b"]")
+    return value
 
 
 class SseBody:

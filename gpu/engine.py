@@ -442,7 +442,10 @@ class Engine:
     def owner_of(self, seq_id: str) -> str:
         """The request a scheduler sequence (a choice, a beam) belongs to (an unknown id: itself)."""
         owner = self._seq_owner.get(seq_id)
-        return owner[0].request_id if owner is not None else seq_id
+        if owner is not None:
+            return owner[0].request_id
+        beam = self._beam_owner.get(seq_id)  # (a forked beam: `rid#bK`)
+        return beam.request_id if beam is not None else seq_id
 
     def decoded_tokens(self, request_id: str) -> int:
         """Tokens a running request has decoded so far, over all its choices or beams (0 when

@@ -254,8 +254,9 @@ class PriorityAging(VtcAccounting, PolicyBase):
         it was chosen, not its own arrival: a light tenant's fresh request released before a
         heavy one's backlog has the tier's turn, and the values rise in release order within
         a tier (a review: by arrival, the backlog released after it evicted it). Floored to
-        a whole number so that the requests of one tier released within one aging period are
-        equal, and the engine keeps their release order (FCFS: no preemption among them).
+        a whole number, so that the values of one tier's requests are equal between
+        multiples of `aging_s` and the engine keeps their release order (FCFS: no
+        preemption among them; one step at most between requests let in close together).
         Handed the bare tier, a tier-0 request the queue had aged in was evicted for every
         tier-9 one: 108 s for 64 tokens, against 10 s at tier 9 (an audit)."""
         value = self._engine_values.get(job.rid)

@@ -578,18 +578,29 @@ async def test_a_batchs_prompts_do_not_give_the_daily_budget_back_to_one_another
 
 
 async def test_an_answers_prompt_logprobs_are_bounded(runtime):
-    """Each choice repeats the prompt's logprobs: 64 choices of a 2,000-token prompt with 20
-    alternatives were a 257 MB answer from a 12 KB request (an audit). Past
-    `MAX_PROMPT_LOGPROB_ENTRIES` it is a 400 naming what to ask for less of."""
+    """Completions repeat the prompt's logprobs in each choice: 64 choices of a 2,000-token
+    prompt with 20 alternatives were a 257 MB answer from a 12 KB request (an audit). Past
+    `MAX_PROMPT_LOGPROB_ENTRIES` in all (a request's prompts share it) it is a 400 naming
+    what to ask for less of; chat's answer has them once, whatever `n`."""
     from actors.admission import MAX_PROMPT_LOGPROB_ENTRIES
 
     t = tenant(id="lp-bound")
     prompt = "hello world " * 400  # ~800 tokens: 64 × 800 × 21 is past the bound, 1 × 800 × 21 not
-    rej = await runtime.submit(call(t, prompt=prompt, max_tokens=1, n=64, prompt_logprobs=20,
-                                    temperature=1.0, seed=1))
+
+    def asking(copies: int, param: str = "n", **params) -> GenerateCall:  # noqa: ANN003
+        return msgspec.structs.replace(call(t, prompt=prompt, max_tokens=1, prompt_logprobs=20, **params),
+                                       prompt_logprob_copies=copies, prompt_logprobs_param=param)
+
+    rej = await runtime.submit(asking(64, n=64, temperature=1.0, seed=1))
     assert isinstance(rej, Rejected) and (rej.status, rej.code, rej.param) == (400, "invalid_value", "n"), rej
     assert f"at most {MAX_PROMPT_LOGPROB_ENTRIES}" in rej.message
-    acc = await runtime.submit(call(t, prompt=prompt, max_tokens=1, prompt_logprobs=20))
+    once = await runtime.submit(asking(1, n=4, temperature=1.0, seed=1))  # (as chat's)
+    assert isinstance(once, Accepted), once
+    await collect(once)
+    batch = msgspec.structs.replace(asking(1, "prompt_logprobs"), batch_id="b", batch_index=0, batch_size=64)
+    rej = await runtime.submit(batch)
+    assert isinstance(rej, Rejected) and rej.param == "prompt_logprobs" and "64 prompts" in rej.message, rej
+    acc = await runtime.submit(asking(1, "prompt_logprobs"))
     assert isinstance(acc, Accepted), acc
     _, deltas, fin = await collect(acc)
     assert isinstance(fin, Finished) and len(deltas[0].prompt_logprobs) == acc.prompt_tokens

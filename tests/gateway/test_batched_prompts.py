@@ -185,6 +185,12 @@ async def test_echo_with_logprobs_puts_the_prompts_tokens_first(gateway: Gateway
         "top_logprobs": [None, {"alt0": -0.1}, {"zeta": -0.5}],
         "text_offset": [0, 3, 7],
     }
+    # (admission bounds the copies of the prompt's logprobs the answer holds: one per choice here)
+    assert (gateway.runtime.calls[-1].prompt_logprob_copies, gateway.runtime.calls[-1].prompt_logprobs_param) == (
+        1, "logprobs")
+    await post(gateway, {"prompt": "one two", "max_tokens": 1, "echo": True, "logprobs": 1, "prompt_logprobs": 2,
+                         "n": 3})
+    assert (gateway.runtime.calls[-1].prompt_logprob_copies, gateway.runtime.calls[-1].prompt_logprobs_param) == (6, "n")
     r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "echo": True, "logprobs": 1, "stream": True})
     [first] = json.loads(parse_events(r.text)[0])["choices"]
     assert first["text"] == choice["text"] and first["logprobs"] == choice["logprobs"]
@@ -196,6 +202,7 @@ async def test_an_answer_with_logprobs_is_built_off_the_event_loop(gateway: Gate
     stopped the others for 0.5-15 s); one without is built where it is."""
     import threading
 
+    from gateway import routes_openai
     from gateway.routes_openai import Collector
 
     built_in: list[bool] = []
@@ -206,12 +213,18 @@ async def test_an_answer_with_logprobs_is_built_off_the_event_loop(gateway: Gate
         return response(self, end)
 
     monkeypatch.setattr(Collector, "response", spy)
+    monkeypatch.setattr(routes_openai, "ANSWER_OFF_LOOP_TOKENS", 2)  # (the fake model's answers are short)
+    monkeypatch.setattr(routes_openai, "ENCODE_SLICE", 1)  # long lists encoded a slice at a time
     r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "logprobs": 1, "n": 2})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.json()["choices"][1]["logprobs"]["top_logprobs"] == [{"zeta": -0.5}]
+    r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "echo": True, "logprobs": 1})
+    assert r.json()["choices"][0]["logprobs"]["tokens"] == ["one", " two", word(0, 0)]  # (3 items: sliced)
+    r = await post(gateway, {"prompt": "one two", "max_tokens": 1, "logprobs": 1})  # 1 token: on the loop
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["tokens"] == [word(0, 0)]
     r = await post(gateway, {"prompt": "one two", "max_tokens": 1})
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
-    assert built_in == [False, True]
+    assert built_in == [False, False, True, True]
 
 
 def test_echoed_offsets_count_a_character_split_over_tokens_once() -> None:

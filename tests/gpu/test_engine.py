@@ -276,6 +276,8 @@ def test_forked_choices_and_beams_keep_their_requests_priority(ckpt, tokenizer, 
     seqs = {sid: engine.scheduler.get(sid) for sid in ("n#1", "n#2", "b#b1", "b#b2")}
     assert {sid: r.priority for sid, r in seqs.items() if r is not None} == {
         "n#1": 5, "n#2": 5, "b#b1": 7, "b#b2": 7}
+    # and each names its request (the overload estimate's running requests: a review)
+    assert {sid: engine.owner_of(sid) for sid in seqs} == {"n#1": "n", "n#2": "n", "b#b1": "b", "b#b2": "b"}
     while engine.has_unfinished():
         engine.step()
 
