@@ -48,6 +48,7 @@ class RequestState:
     quota_capped: bool = False  # its defaulted max_tokens was lowered to what is left of the daily budget
     cacheable: bool = False  # deterministic and not `no-store`: store the response when it completes
     prediction: Prediction | None = None
+    prompt_logprobs: list[Any] | None = None  # its prompt's `PromptLogprob`s, built once for all its choices
     length_features: Any = None  # actors.predictor.RequestFeatures behind `prediction` (learned from)
     cancelled: bool = False
     refunded: bool = False  # the caller never got the answer (a batch refused after it): release, not settle

@@ -179,6 +179,7 @@ class Stepper:
         # the same EWMA over steps that only decode (a token per sequence): the pace of
         # generation, which a prefill step (the first of every burst) does not show
         self.mean_decode_step_s = 0.0
+        self._token_texts: dict[int, str] = {}  # `_token_text`'s
         # engine counters exported as Prometheus counters: each exports what follows this point
         self._exported = {"preemptions": metrics.preemptions,
                           "prefill_tokens_fed": metrics.step_tokens.labels("prefill"),
@@ -383,7 +384,15 @@ class Stepper:
     def _token_text(self, token_id: int) -> str:
         """A token's text for logprobs: its own text, or, for a token that is part of a
         UTF-8 character, ``bytes:\\xNN...`` (as OpenAI spells them) — decoded alone such
-        tokens all read U+FFFD, and completions' top_logprobs, keyed by text, lost entries."""
+        tokens all read U+FFFD, and completions' top_logprobs, keyed by text, lost entries.
+        Remembered (at most the vocabulary): each is asked for 21 times a token with 20
+        alternatives, on the event loop."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._spell(token_id)
+        return text
+
+    def _spell(self, token_id: int) -> str:
         tokenizer = self.engine.tokenizer
         raw = tokenizer.token_bytes(token_id) if hasattr(tokenizer, "token_bytes") else None
         if raw is None:
@@ -434,9 +443,14 @@ class Stepper:
         if not st.cancelled:
             prompt_lps = None
             if d.prompt_logprobs is not None:
-                text_of = self._token_text
-                prompt_lps = [PromptLogprob(t, text_of(t), lp, [TopLogprob(a, v, text_of(a)) for a, v in row], rank)
-                              for t, (lp, row, rank) in zip(st.prompt_token_ids, d.prompt_logprobs, strict=True)]
+                # built once a request and shared by its choices (each brings the same): 64
+                # choices of a 741-token prompt built ~1M objects, 2 s of the event loop
+                prompt_lps = st.prompt_logprobs
+                if prompt_lps is None:
+                    text_of = self._token_text
+                    prompt_lps = st.prompt_logprobs = [
+                        PromptLogprob(t, text_of(t), lp, [TopLogprob(a, v, text_of(a)) for a, v in row], rank)
+                        for t, (lp, row, rank) in zip(st.prompt_token_ids, d.prompt_logprobs, strict=True)]
             try:
                 st.events.send_nowait(
                     TokenDelta(

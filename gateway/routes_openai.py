@@ -940,6 +940,7 @@ class Collector:
     # tokens with logprobs in the answer (its prompts' too, once a choice): a large answer is
     # built in a worker thread (`collect`)
     weight: int = 0
+    _prompt_json: dict[Any, Any] = field(default_factory=dict)  # a prompt's logprobs list -> its JSON, built once
 
     def add(self, delta: TokenDelta) -> None:
         if delta.prompt_logprobs is not None and self.prompt_logprobs_k is not None:
@@ -952,8 +953,12 @@ class Collector:
             if delta.prompt_logprobs is not None and self.echo_logprobs is not None:
                 # (built with the answer, in its worker thread for a large one: 0.9 s of the event
                 # loop for 64 choices of a 2,000-token prompt, built here as each came)
-                self.logprobs[delta.index] = [functools.partial(_echo_logprobs, delta.prompt_logprobs, echo,
-                                                                self.echo_logprobs)]
+                # (once per prompt: its choices bring the same list)
+                thunk = self._prompt_json.get(id(delta.prompt_logprobs))
+                if thunk is None:
+                    thunk = self._prompt_json[id(delta.prompt_logprobs)] = functools.cache(
+                        functools.partial(_echo_logprobs, delta.prompt_logprobs, echo, self.echo_logprobs))
+                self.logprobs[delta.index] = [thunk]
                 self.weight += len(delta.prompt_logprobs)
         done = self.texts.setdefault(delta.index, [])
         if self.endpoint == "chat.completions":
@@ -1006,9 +1011,12 @@ class Collector:
                 choices.append(
                     {"index": i, "text": text, "logprobs": self._merged_logprobs(i), "finish_reason": reason}
                 )
-                if self.prompt_logprobs_k is not None:  # vLLM's: each choice its prompt's
-                    choices[-1]["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt_logprobs.get(i, []),
-                                                                          self.prompt_logprobs_k)
+                if self.prompt_logprobs_k is not None:  # vLLM's: each choice its prompt's (built once a prompt)
+                    prompt = self.prompt_logprobs.get(i, [])
+                    key = ("vllm", id(prompt))
+                    if key not in self._prompt_json:
+                        self._prompt_json[key] = vllm_prompt_logprobs(prompt, self.prompt_logprobs_k)
+                    choices[-1]["prompt_logprobs"] = self._prompt_json[key]
         out = {
             "id": self.request_id,
             "object": "chat.completion" if self.endpoint == "chat.completions" else "text_completion",

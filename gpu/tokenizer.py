@@ -122,6 +122,7 @@ class Tokenizer:
         self._backend = backend
         self._spec = spec
         self._template = _compile_chat_template(spec.chat_template) if spec.chat_template else None
+        self._token_bytes: dict[int, bytes] = {}  # `token_bytes`'
 
     # ------------------------------------------------------------------ basics
     @property
@@ -191,7 +192,14 @@ class Tokenizer:
         """The bytes `token_id` stands for (what OpenAI's logprobs `bytes` lists): exact
         for byte-level BPE (GPT-2's alphabet mapped back) and for `<0xNN>` byte-fallback
         tokens, where decoding the token alone would give U+FFFD for part of a UTF-8
-        character; a special token's own spelling; otherwise the token decoded alone."""
+        character; a special token's own spelling; otherwise the token decoded alone.
+        Remembered (at most the vocabulary): logprobs ask for it per token and alternative."""
+        known = self._token_bytes.get(token_id)
+        if known is None:
+            known = self._token_bytes[token_id] = self._spell_bytes(token_id)
+        return known
+
+    def _spell_bytes(self, token_id: int) -> bytes:
         token = self.id_to_token(token_id)
         if token_id in self.all_special_ids:
             return token.encode()

@@ -596,7 +596,10 @@ async def test_an_answers_prompt_logprobs_are_bounded(runtime):
     assert f"at most {MAX_PROMPT_LOGPROB_ENTRIES}" in rej.message
     once = await runtime.submit(asking(1, n=4, temperature=1.0, seed=1))  # (as chat's)
     assert isinstance(once, Accepted), once
-    await collect(once)
+    _, deltas, _ = await collect(once)
+    # built once for the request, shared by its choices (built per choice: 2 s of the loop)
+    shared = [d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None]
+    assert len(shared) == 4 and all(p is shared[0] for p in shared)
     batch = msgspec.structs.replace(asking(1, "prompt_logprobs"), batch_id="b", batch_index=0, batch_size=64)
     rej = await runtime.submit(batch)
     assert isinstance(rej, Rejected) and rej.param == "prompt_logprobs" and "64 prompts" in rej.message, rej
