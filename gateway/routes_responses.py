@@ -961,9 +961,11 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     def found_gone(response_id: str) -> NoReturn:
         raise ApiError(404, f"Response with id {response_id[:100]!r} not found.", code="not_found")
 
-    async def stored(tenant: TenantContext, response_id: str, param: str | None = None) -> StoredResponse:
+    async def stored(tenant: TenantContext, response_id: str, param: str | None = None, *,
+                     head: bool = False) -> Any:
+        """The stored response (`head`: its `StoredHead`), or the 404 (503: Redis down)."""
         try:
-            found = await store.get(owner(tenant), response_id)
+            found = await (store.head if head else store.get)(owner(tenant), response_id)
         except CacheUnavailable as exc:
             raise ApiError(503, "the response store is unavailable", code="store_unavailable",
                            retry_after=1) from exc
@@ -1220,6 +1222,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
             # (an ended background run whose end Redis could not take yet: the run is the truth)
             if live is not None and (not live.over or live.turn.unwritten):
                 return live.snapshot()
+            found_head = await stored(tenant, response_id, head=True)
+            if found_head.current(time.time()):  # (as stored: not decoded and encoded again)
+                return Response(bytes(found_head.response), content_type="application/json")
             return presented(await stored(tenant, response_id), time.time())
         ping = state.config.sse_ping_seconds or None
         live = await still_here(tenant, live)

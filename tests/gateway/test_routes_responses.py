@@ -276,6 +276,18 @@ async def test_create_retrieve_continue_and_delete(gateway: Gateway) -> None:
 
         got = await client.get(f"/v1/responses/{body['id']}")
         assert got.status_code == 200 and got.json() == body
+        # returned as stored: its turns and answer are not decoded and encoded again (a 1.7 MB
+        # answer with logprobs held the event loop ~175 ms a GET)
+        from cache import response_store
+
+        decoder = response_store._decoder
+        response_store._decoder = None  # (a whole decode would fail)
+        try:
+            again = await client.get(f"/v1/responses/{body['id']}")
+        finally:
+            response_store._decoder = decoder
+        assert again.status_code == 200 and again.json() == body
+        assert again.headers["content-type"] == "application/json"
 
         second = await client.post("/v1/responses", json={"model": MODEL, "input": "and again",
                                                           "previous_response_id": body["id"], "max_output_tokens": 1})
