@@ -488,6 +488,12 @@ def test_refits_come_every_refit_every_or_a_fraction_of_the_samples_held() -> No
         assert not p.needs_refit()
     p.observe(feats("a", 50), 60)
     assert p.needs_refit()
+    p.fit()
+    # requests cut at a small max_tokens teach neither model: no refit for them (an audit:
+    # 240 of them ran 4 refits of the same model)
+    for k in range(40):
+        p.observe(feats("a", 30 + k, max_tokens=2), 2, "length")
+    assert not p.needs_refit()
 
 
 @pytest.mark.parametrize("kwargs", [{"refit_every": 0}, {"refit_fraction": 1.0}, {"research_growth": 1.0},
@@ -831,6 +837,40 @@ async def test_a_restored_replica_learns_what_the_fleet_observed_after_the_save(
                 await trio.sleep(0.05)
         await trio.sleep(0.3)
         assert restarted.predictor.num_samples == 10 and restarted.sharing()["applied_from_others"] == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_imported_predictor_does_not_learn_the_fleets_earlier_observations_again(store) -> None:
+    """`lmgate predictor import` (a service that does not share) stores a predictor made
+    elsewhere: a server started on it reads the shared stream from the import on. Left at
+    the replaced predictor's position, it learned what the stream held then on top of a
+    blob that held it already (an audit: 61 requests learned twice or three times)."""
+    config = LengthModelConfig(min_fit_samples=100)
+    a, b = sharing(store, config, 2)
+    async with trio.open_nursery() as nursery:
+        for svc in (a, b):
+            await nursery.start(svc.share)
+        for k in range(6):
+            await a.observe(feats("a", 20 + k), 40 + 2 * k, nursery)
+        with trio.fail_after(10):
+            while b.predictor.num_samples < 6:
+                await trio.sleep(0.05)
+        assert await b.save()  # (a position in the stream, before what follows)
+        for k in range(4):
+            await a.observe(feats("b", 30 + k, "terse"), 20, nursery)
+        with trio.fail_after(10):
+            while a.sharing()["waiting_to_publish"]:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    exported = a.export()  # holds all 10
+    importer = PredictorService(LengthPredictor(config), store=store)  # (the CLI's: it does not share)
+    assert await importer.replace(exported)
+    [started] = sharing(store, config)
+    assert await started.load() and started.predictor.num_samples == 10
+    async with trio.open_nursery() as nursery:
+        await nursery.start(started.share)
+        await trio.sleep(0.3)
+        assert started.predictor.num_samples == 10  # nothing learned twice
         nursery.cancel_scope.cancel()
 
 
