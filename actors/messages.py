@@ -119,7 +119,9 @@ class Usage(msgspec.Struct, frozen=True):
         return self.prompt_tokens + self.completion_tokens
 
 
-class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    # (gc=False: holds no containers, so never in a cycle; untracked, the millions of them a
+    # large logprobs answer makes are not scanned by each collection)
     token_id: int
     logprob: float
     token: str = ""  # the token's text (decoded alone; may be part of a UTF-8 character)
