@@ -233,6 +233,9 @@ class Accounting:
         p = st.params
         if (p.n == 1 and not p.use_beam_search and p.prompt_logprobs is None and p.max_tokens != 0
                 and finish in ("stop", "length")):
+            if finish == "stop" and st.prediction is not None:  # (its true length: how far the prediction was)
+                self.metrics.predictor_error.labels(st.prediction.source).observe(
+                    (st.prediction.tokens + 1) / (st.completion_tokens + 1))
             if finish == "length" and st.quota_capped:
                 finish = "capped"
             try:

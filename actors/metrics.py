@@ -119,6 +119,8 @@ def forget_label(metrics: Iterable[Any], label: str, values: Collection[str]) ->
     return dropped
 
 
+# predicted / true output length: under 1 the prediction was short (its KV reservation grew)
+PREDICTION_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.8, 1.0, 1.25, 2.0, 4.0, 10.0)
 OTHER_TENANTS = "*"  # the tenant label of latency histograms past `Metrics.tenant_histograms` (no tenant is "*")
 
 
@@ -243,6 +245,12 @@ class Metrics:
         self.kv_grown = Counter(
             "lmgate_kv_reservations_grown", "KV reservations grown because their request outgrew its prediction",
             registry=r,
+        )
+        self.predictor_error = Histogram(  # (the issue's "within ±25%": the 0.8-1.25 buckets)
+            "lmgate_predictor_error_ratio", "A request's predicted output length over its true one ((predicted + 1) "
+            "/ (tokens + 1)), for requests that stopped on their own, by what answered the prediction (source: "
+            "model, app-quantile, tenant-quantile, global-quantile, prior; or the running estimate's tenant/app, "
+            "tenant, global)", ["source"], buckets=PREDICTION_RATIO_BUCKETS, registry=r,
         )
         self.predictor_compute = Counter(  # set beside lmgate_step_seconds' sum: what Magnus costs the engine
             "lmgate_predictor_compute_seconds", "Seconds the Magnus length predictor ran torch/numpy work on the "

@@ -609,6 +609,24 @@ async def test_an_answers_prompt_logprobs_are_bounded(runtime):
     assert isinstance(fin, Finished) and len(deltas[0].prompt_logprobs) == acc.prompt_tokens
 
 
+async def test_how_far_a_prediction_was_from_a_stopped_requests_length_is_measured(runtime):
+    """`lmgate_predictor_error_ratio`: predicted over true length, for requests that stopped
+    on their own (an operator saw no sign of the predictor drifting: an audit)."""
+    def count() -> float:
+        return sum(s.value for m in runtime.registry.collect() if m.name == "lmgate_predictor_error_ratio"
+                   for s in m.samples if s.name.endswith("_count"))
+
+    before = count()
+    acc = await runtime.submit(call(tenant(id="err"), prompt="Name three colours:", max_tokens=64, stop=["e"]))
+    _, _, fin = await collect(acc)
+    assert fin.finish_reasons == ["stop"]
+    await wait_until(lambda: count() == before + 1)
+    cut = await runtime.submit(call(tenant(id="err"), prompt="Name three colours:", max_tokens=1, ignore_eos=True))
+    await collect(cut)
+    await trio.sleep(0.2)
+    assert count() == before + 1  # (cut at max_tokens: its true length is not known)
+
+
 async def test_a_chat_of_many_short_messages_renders_off_the_event_loop(runtime, monkeypatch):
     """What a chat costs to render is its messages' template as well as their text: 30,000
     one-character messages (~870,000 characters rendered) were counted as 30,000 and
