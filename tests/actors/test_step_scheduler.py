@@ -102,6 +102,27 @@ def test_chunked_prefill_splits_prompt_under_budget():
     assert chunk_lens(eng.step()) == {"a": 1}  # then decode
 
 
+def test_a_prompt_row_with_logprobs_costs_twice_a_plain_one_of_the_steps_budget():
+    """A prefill step with prompt logprobs took 1.4 s against 0.8 s without (vocabulary-wide
+    logits per row), and every other stream waited as long (an audit): such rows count as
+    `PROMPT_LOGPROB_ROW_COST` tokens of the budget; the rest of the step fills as before."""
+    from actors.step_scheduler import PROMPT_LOGPROB_ROW_COST
+
+    assert PROMPT_LOGPROB_ROW_COST == 2
+    sched = make_scheduler(max_num_batched_tokens=16)
+    scored = request("s", 20, max_tokens=1)
+    scored.prompt_logprobs = 1
+    sched.add(scored)
+    sched.add(request("p", range(300, 320), max_tokens=2))  # (another prompt: no prefix hits)
+    eng = ShadowEngine(sched)
+    # 8 rows with targets are the whole budget; the last chunk's 3 such rows and its final
+    # row (no next prompt token to score) cost 7, and the plain prompt takes the other 9
+    assert [chunk_lens(eng.step()) for _ in range(3)] == [{"s": 8}, {"s": 8}, {"s": 4, "p": 9}]
+    plain = make_scheduler(max_num_batched_tokens=16)
+    plain.add(request("s", 20, max_tokens=1))
+    assert chunk_lens(ShadowEngine(plain).step()) == {"s": 16}
+
+
 def test_output_tokens_counts_what_a_held_request_generated_and_none_for_others():
     sched = make_scheduler(max_num_batched_tokens=8)
     sched.add(request("a", 6, max_tokens=4))
