@@ -389,15 +389,14 @@ class Admission:
             if copies is None:
                 copies = max(p.n, p.beam_width)
             entries = copies * n_prompt * (p.prompt_logprobs + 1)
-            bound = MAX_PROMPT_LOGPROB_ENTRIES // call.batch_size  # (the request's prompts share it)
+            bound = MAX_PROMPT_LOGPROB_ENTRIES // call.batch_size  # (each of the request's prompts: its share)
             if entries > bound:
-                batch = f" for each of its {call.batch_size} prompts" if call.batch_size > 1 else ""
+                share = f" (this prompt's share: the answer's bound is shared by {call.batch_size} prompts)" \
+                    if call.batch_size > 1 else ""
                 raise _Refuse(400, "invalid_value", (
-                    f"the answer would hold {'about ' if batch else ''}{entries * call.batch_size} prompt logprobs "
-                    f"({copies} copies of the "
-                    f"{n_prompt} tokens of the {read_as}, each with {p.prompt_logprobs} alternatives{batch}); at most "
-                    f"{MAX_PROMPT_LOGPROB_ENTRIES}: ask for fewer choices, fewer alternatives, or a shorter "
-                    f"{read_as}"), call.prompt_logprobs_param)
+                    f"the answer would hold {entries} prompt logprobs ({copies} copies of the {n_prompt} tokens of "
+                    f"the {read_as}, each with {p.prompt_logprobs} alternatives); at most {bound}{share}: ask for "
+                    f"fewer choices, fewer alternatives, or a shorter {read_as}"), call.prompt_logprobs_param)
         if room < (0 if p.max_tokens == 0 else 1):  # a prompt only scored (max_tokens 0) may fill the window
             limit, held = self._context_limit(p)
             raise _Refuse(400, "context_length_exceeded", context_message(

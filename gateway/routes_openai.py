@@ -971,7 +971,7 @@ class Collector:
         done.append(delta.text)
         if lp is not None:
             self.logprobs.setdefault(delta.index, []).append(lp)
-            self.weight += 1
+            self.weight += max(1, len(delta.token_ids))  # (a beam's answer, a cache replay: one delta)
 
     def _merged_logprobs(self, index: int) -> dict[str, Any] | None:
         parts = self.logprobs.get(index)
@@ -1615,7 +1615,11 @@ def _in_slices(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         if len(value) <= ENCODE_SLICE:
             return [_in_slices(v, depth + 1) for v in value]
-        parts = [msgspec.json.encode(value[i:i + ENCODE_SLICE])[1:-1] for i in range(0, len(value), ENCODE_SLICE)]
+        # (the answer's choices — up to 2,048 prompts × n — are sliced inside as well: encoded
+        # 1,024 whole at a time, one encode held the lock 35 ms; a long list deeper down is
+        # of small items: encoded as they are)
+        items = [_in_slices(v, depth + 1) for v in value] if depth <= 1 else value
+        parts = [msgspec.json.encode(items[i:i + ENCODE_SLICE])[1:-1] for i in range(0, len(items), ENCODE_SLICE)]
         return msgspec.Raw(b"[" + b",".join(parts) + b"]")
     return value
 

@@ -240,6 +240,12 @@ class Session:
             raise ApiError(400, "tool calls are answered over HTTP (streamed or not); the WebSocket streams text",
                            code="unsupported_value", param="tools")
         calls = to_generate_calls(req, self.tenant, request_id, cache=CacheDirectives.parse(frame.cache_control))
+        # (each choice's first frame carries its prompt's logprobs here, chat's too: admission
+        # bounds one copy per choice — counted once, as chat's HTTP answer has them, a review
+        # found a 30k-token prompt's logprobs sent 64 times past the bound)
+        calls = [msgspec.structs.replace(c, prompt_logprob_copies=None,
+                                         prompt_logprobs_param="n" if req.n > 1 else "prompt_logprobs")
+                 for c in calls]
         echo = echo_texts(self.state, req, calls)
         handle = await submit_all(self.state, calls, request_id, req.n)
         handles.append(handle)

@@ -1182,3 +1182,19 @@ def test_an_answer_encoded_a_slice_at_a_time_is_the_same_json() -> None:
                                      for i in range(3)],
               "prompt_logprobs": [None, *({str(j): {"rank": j}} for j in range(ENCODE_SLICE + 1))], "empty": []}
     assert msgspec.json.encode(_in_slices(answer)) == msgspec.json.encode(answer)
+    # more choices than a slice (a list of 2,048 prompts): sliced inside as well
+    many = {"choices": [{"index": i, "logprobs": {"tokens": [f"t{j}" for j in range(ENCODE_SLICE + 2)]}}
+                        for i in range(ENCODE_SLICE + 3)]}
+    assert msgspec.json.encode(_in_slices(many)) == msgspec.json.encode(many)
+
+
+def test_an_answers_weight_counts_its_tokens_not_its_deltas() -> None:
+    """A beam search's answer (or a cache replay) comes as one delta of all its tokens: its
+    weight, which sends a large answer to a worker thread, is its tokens (counted as one
+    delta, 8 beams of 4,000 tokens with logprobs were built on the event loop: a review)."""
+    from gateway.routes_openai import Collector
+
+    c = Collector("completions", "cmpl-x", MODEL, 1)
+    c.add(TokenDelta("cmpl-x", 0, "x" * 3000, list(range(3000)), logprobs=[-0.5] * 3000,
+                     tokens=["x"] * 3000))
+    assert c.weight == 3000

@@ -342,6 +342,9 @@ async def test_a_body_s_stream_field_is_ignored_so_prompt_logprobs_pass(gateway:
         frames = await frames_until_done(ws, {"a"})
     assert frames["a"][-1]["type"] == "done", frames
     assert gateway.runtime.calls[-1].params.prompt_logprobs == 1
+    # each choice's first frame carries them: admission bounds a copy per choice (chat's HTTP
+    # answer has one, and was counted so here too: a review)
+    assert gateway.runtime.calls[-1].prompt_logprob_copies is None
     first = next(f for f in frames["a"] if f["type"] == "token")
     assert first["prompt_logprobs"][0] is None and len(first["prompt_logprobs"]) == len(first["prompt_token_ids"])
 
