@@ -469,6 +469,7 @@ class Stepper:
 
     def _finish(self, st: RequestState, outcome: str) -> None:
         st.finished_at = time.monotonic()
+        st.prompt_logprobs = None  # (its choices have them: the state need not hold them longer)
         if outcome == "ok":
             usage = Usage(st.prompt_tokens, st.completion_tokens, st.cached_prompt_tokens)
             reasons = [st.finish_reasons.get(i, "stop") for i in range(st.params.n)]
