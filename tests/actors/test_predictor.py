@@ -810,25 +810,31 @@ async def test_replicas_of_one_redis_learn_each_others_observations(store) -> No
         nursery.cancel_scope.cancel()
 
 
+async def six_saved_then_four_more(a: PredictorService, b: PredictorService, nursery: trio.Nursery) -> None:
+    """`a` and `b` share; `a` observes 6 requests, `b` learns them and saves (its predictor
+    and how far it read the stream), then `a` observes and publishes 4 more."""
+    for svc in (a, b):
+        await nursery.start(svc.share)
+    for k in range(6):
+        await a.observe(feats("a", 20 + k), 40 + 2 * k, nursery)
+    with trio.fail_after(10):
+        while b.predictor.num_samples < 6:
+            await trio.sleep(0.05)
+    assert await b.save()
+    for k in range(4):  # observed after the save (while b is "down")
+        await a.observe(feats("b", 30 + k, "terse"), 20, nursery)
+    with trio.fail_after(10):
+        while a.sharing()["waiting_to_publish"]:
+            await trio.sleep(0.05)
+
+
 async def test_a_restored_replica_learns_what_the_fleet_observed_after_the_save(store) -> None:
     """The saved predictor says how far it had read the shared stream: a replica restarted
     from it learns what the others observed since (it lost that before)."""
     config = LengthModelConfig(min_fit_samples=100)  # no refits (and their saves) here
     a, b = sharing(store, config, 2)
     async with trio.open_nursery() as nursery:
-        for svc in (a, b):
-            await nursery.start(svc.share)
-        for k in range(6):
-            await a.observe(feats("a", 20 + k), 40 + 2 * k, nursery)
-        with trio.fail_after(10):
-            while b.predictor.num_samples < 6:
-                await trio.sleep(0.05)
-        assert await b.save()  # b's predictor (6 samples) and how far it read
-        for k in range(4):  # observed after the save, while b is "down"
-            await a.observe(feats("b", 30 + k, "terse"), 20, nursery)
-        with trio.fail_after(10):
-            while a.sharing()["waiting_to_publish"]:
-                await trio.sleep(0.05)
+        await six_saved_then_four_more(a, b, nursery)
         [restarted] = sharing(store, config)
         assert await restarted.load() and restarted.predictor.num_samples == 6
         await nursery.start(restarted.share)
@@ -848,19 +854,7 @@ async def test_an_imported_predictor_does_not_learn_the_fleets_earlier_observati
     config = LengthModelConfig(min_fit_samples=100)
     a, b = sharing(store, config, 2)
     async with trio.open_nursery() as nursery:
-        for svc in (a, b):
-            await nursery.start(svc.share)
-        for k in range(6):
-            await a.observe(feats("a", 20 + k), 40 + 2 * k, nursery)
-        with trio.fail_after(10):
-            while b.predictor.num_samples < 6:
-                await trio.sleep(0.05)
-        assert await b.save()  # (a position in the stream, before what follows)
-        for k in range(4):
-            await a.observe(feats("b", 30 + k, "terse"), 20, nursery)
-        with trio.fail_after(10):
-            while a.sharing()["waiting_to_publish"]:
-                await trio.sleep(0.05)
+        await six_saved_then_four_more(a, b, nursery)
         nursery.cancel_scope.cancel()
     exported = a.export()  # holds all 10
     importer = PredictorService(LengthPredictor(config), store=store)  # (the CLI's: it does not share)
