@@ -299,14 +299,14 @@ class Runtime:
         (`Stepper.drain`, measured; a request waiting in the engine counts its largest
         share then, an n > 1 one once), or, until that is measured, through the engine's
         seats (as many as run while requests wait for blocks, else `max_num_seqs`), each a
-        typical request's time in the engine, no shorter than twice the time the requests in
-        it have spent there so far (`Stepper.median_age_s`). (The seats alone over-admitted 2-4x where
-        the KV cache held fewer requests than `max_num_seqs`: an audit's first tokens came
-        15-34 s after admission under an 8 s limit.) A sequence waiting inside the engine
-        counts as the share of a typical sequence's tokens it has left to write (at most
-        one): the 56 choices of an `n=64, max_tokens=8` request waiting for slots are a
-        few requests' work, not 56 (they had every other request refused, "estimated wait
-        109 s", for a request done in 4 s)."""
+        typical request's time in the engine, no shorter than twice the time the requests
+        running in it have spent there so far (`Stepper.median_age_s`). (The seats alone
+        over-admitted 2-4x where the KV cache held fewer requests than `max_num_seqs`: an
+        audit's first tokens came 15-34 s after admission under an 8 s limit.) A sequence
+        waiting inside the engine counts as the share of a typical sequence's tokens it has
+        left to write (at most one): the 56 choices of an `n=64, max_tokens=8` request
+        waiting for slots are a few requests' work, not 56 (they had every other request
+        refused, "estimated wait 109 s", for a request done in 4 s)."""
         sched = self.engine.scheduler
         seats = max(1, self.engine.config.scheduler.max_num_seqs)
         outside = self.waiting() - sched.num_waiting
@@ -336,14 +336,14 @@ class Runtime:
         waiting = ahead(outside + sched.waiting_work(self._service_time.tokens))
         if not waiting:
             return 0.0
-        # no shorter than twice the time the requests in the engine have been in it (the
-        # requests that ended may have been shorter ones: `Stepper.median_age_s`); twice,
-        # as a request that has run a while is taken to run as long again — in a steady
-        # stream the median request is halfway through (once: a burst of long requests
-        # into an idle engine was costed at half its time until they ended). Near the end
-        # of requests that all started together it over-estimates, up to twice (a review):
-        # it refuses for a while rather than admits past the limit
-        # (of the running ones: those waiting in the engine are counted as waiting already)
+        # no shorter than twice the time the requests running in the engine have been in it
+        # (those that ended may have been shorter ones: `Stepper.median_age_s`; those waiting
+        # in it are counted as waiting already). Twice, as a request that has run a while is
+        # taken to run as long again — in a steady stream the median request is halfway
+        # through (once: a burst of long requests into an idle engine was costed at half its
+        # time until they ended). Near the end of requests that all started together it
+        # over-estimates, up to twice (a review): it refuses for a while rather than admits
+        # past the limit
         running = {self.engine.owner_of(sid) for sid in sched.running_ids()}
         service = max(self._service_time.expected(self.stepper.mean_decode_step_s),
                       2 * self.stepper.median_age_s(now, running))

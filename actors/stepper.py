@@ -194,11 +194,11 @@ class Stepper:
     def median_age_s(self, now: float, among: Collection[str] | None = None) -> float:
         """The lower median of the time the requests in the engine (those named in `among`)
         have spent in it so far (0 with none): a floor under a request's time in the engine
-        that knows the requests running now. The overload estimate reads it before the drain rate is measured; the
-        mean of the requests that ended knows only those (after three 16-token warm-ups, a
-        burst of 128-token requests was costed at 0.5 s each: admitted streams waited up to
-        20 s under an 8 s limit). The lower median, so that one long request beside short
-        ones does not set it."""
+        that knows the requests running now. The overload estimate reads it before the
+        drain rate is measured; the mean of the requests that ended knows only those (after
+        three 16-token warm-ups, a burst of 128-token requests was costed at 0.5 s each:
+        admitted streams waited up to 20 s under an 8 s limit). The lower median, so that
+        one long request beside short ones does not set it."""
         ages = sorted(now - st.scheduled_at for rid, st in self.active.items()
                       if st.scheduled_at and (among is None or rid in among))
         return ages[(len(ages) - 1) // 2] if ages else 0.0
