@@ -60,6 +60,10 @@ MESSAGE_CHARS = 32
 # `logprobs`, `prompt_logprobs`): 64 choices of a 2,000-token prompt with 20 alternatives
 # were a 257 MB answer from a 12 KB request, 1.4 GB of the server's memory (an audit)
 MAX_PROMPT_LOGPROB_ENTRIES = 1_000_000
+# and its output logprobs at most (choices × tokens × (alternatives + 1)): 64 choices of
+# 4,000 tokens with 20 alternatives each were 5.4M entries, held by the server until the
+# answer was sent (and by the response cache's record of a deterministic request)
+MAX_LOGPROB_ENTRIES = 1_000_000
 BROKEN_ADAPTER_LOG_S = 60.0  # a broken adapter's fault is logged at most this often
 
 
@@ -205,6 +209,15 @@ def quota_room(quota: Quota | None, n_prompt: int, sequences: int, share: int = 
         return None
     limits = [x for x in (quota.tokens_per_minute, quota.daily_token_budget) if x is not None]
     return (min(limits) // max(1, share) - n_prompt) // max(1, sequences) if limits else None
+
+
+def logprob_room(logprobs: int | None, sequences: int, share: int = 1) -> int | None:
+    """The most tokens per sequence a request asking for `logprobs` alternatives (None: no
+    logprobs) over `sequences` choices may generate within `MAX_LOGPROB_ENTRIES`, its
+    `share` of a request of that many prompts (None: unbounded). Pure."""
+    if logprobs is None:
+        return None
+    return MAX_LOGPROB_ENTRIES // max(1, share) // (max(1, sequences) * (logprobs + 1))
 
 
 def fresh_enough(age_s: float | None, ttl_s: float, max_age_s: int | None, min_fresh_s: int | None) -> bool:
@@ -415,6 +428,8 @@ class Admission:
                           f"{seats} sequences at once", "best_of" if p.best_of is not None else "n")
         cap = call.tenant.max_tokens_cap
         cap_kv, held_by = self._kv_room(p)
+        seqs = max(p.n, p.beam_width)
+        lp_room = logprob_room(p.logprobs, seqs, call.batch_size)  # (lowers a defaulted max_tokens, below)
         max_tokens = p.max_tokens
         if max_tokens is None:
             if cap is not None and cap < 1:
@@ -426,17 +441,28 @@ class Admission:
                     raise _Refuse(400, "context_length_exceeded", context_message(
                         cap_kv, prompt_over(cap_kv, n_prompt, read_as), read_as, held_by), read_as)
             max_tokens = min(room, cap) if cap is not None else room
-            fits = quota_room(call.tenant.quota, n_prompt, max(p.n, p.beam_width), call.batch_size)
+            fits = quota_room(call.tenant.quota, n_prompt, seqs, call.batch_size)
             if fits is not None and fits < max_tokens:
                 # below min_tokens (or a token) it never fits: lowered to that, the quota's
                 # 429 says so with what the request needs at least (left at the window's
                 # room it was "needs 8192 tokens"; below min_tokens, a 400 blaming the window)
                 max_tokens = min(max_tokens, max(fits, p.min_tokens, 1))
+            if lp_room is not None and lp_room < max_tokens:  # (past it even so: the 400 below)
+                max_tokens = max(lp_room, p.min_tokens, 1)
         if cap is not None and max_tokens > cap and call.max_tokens_default:
             max_tokens = cap
         if cap is not None and max_tokens > cap:
             raise _Refuse(400, "invalid_value",
                           f"{call.max_tokens_param} {max_tokens} exceeds this key's limit of {cap}", call.max_tokens_param)
+        if lp_room is not None and max_tokens > lp_room:
+            share = f" (this prompt's share: the bound is shared by {call.batch_size} prompts)" \
+                if call.batch_size > 1 else ""
+            raise _Refuse(400, "invalid_value", (
+                f"the answer would hold {seqs * max_tokens * (p.logprobs + 1)} logprobs ({seqs} choices of "
+                f"{max_tokens} tokens, each with {p.logprobs} alternatives); at most "
+                f"{MAX_LOGPROB_ENTRIES // call.batch_size}{share}: ask for fewer choices, fewer alternatives, "
+                f"or a smaller {call.max_tokens_param}"),
+                "n" if seqs > 1 else call.max_tokens_param)
         requested = f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the {read_as}, {max_tokens} " \
                     "in the completion)"
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long (said first:

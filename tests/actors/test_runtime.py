@@ -609,6 +609,38 @@ async def test_an_answers_prompt_logprobs_are_bounded(runtime):
     assert isinstance(fin, Finished) and len(deltas[0].prompt_logprobs) == acc.prompt_tokens
 
 
+async def test_an_answers_output_logprobs_are_bounded(runtime):
+    """64 choices of 4,000 tokens with 20 alternatives were 5.4M logprob entries the server
+    held until the answer went out. Past `MAX_LOGPROB_ENTRIES` (choices × tokens ×
+    (alternatives + 1), a request's prompts sharing it) an explicit max_tokens is a 400
+    naming what to ask for less of; a defaulted one is lowered to fit."""
+    from actors.admission import MAX_LOGPROB_ENTRIES, logprob_room
+
+    t = tenant(id="out-lp-bound")
+    assert logprob_room(None, 64) is None and logprob_room(20, 64) == MAX_LOGPROB_ENTRIES // (64 * 21)
+    assert logprob_room(0, 1, share=4) == MAX_LOGPROB_ENTRIES // 4
+    many = dict(n=64, temperature=1.0, seed=1, logprobs=20)
+    rej = await runtime.submit(call(t, prompt="Hi", max_tokens=1000, **many))  # 1.34M entries
+    assert isinstance(rej, Rejected) and (rej.status, rej.code, rej.param) == (400, "invalid_value", "n"), rej
+    assert f"at most {MAX_LOGPROB_ENTRIES}" in rej.message and "64 choices of 1000 tokens" in rej.message
+    one = msgspec.structs.replace(call(t, prompt="Hi", max_tokens=1000, logprobs=20),
+                                  batch_id="b", batch_index=0, batch_size=64)  # 21,000 of 1M / 64
+    rej = await runtime.submit(one)
+    assert isinstance(rej, Rejected) and rej.param == "max_tokens" and "64 prompts" in rej.message, rej
+    ok = await runtime.submit(call(t, prompt="Hi", max_tokens=2, **many))
+    assert isinstance(ok, Accepted), ok
+    _, deltas, fin = await collect(ok)
+    assert isinstance(fin, Finished) and fin.usage.completion_tokens == 128
+    assert sum(len(row) for d in deltas for row in d.top_logprobs or ()) == 64 * 2 * 20
+    # defaulted: lowered to what fits (the window's room would be 1.5M entries)
+    acc = await runtime.submit(call(t, prompt="Hi", max_tokens=None, **many))
+    assert isinstance(acc, Accepted), acc
+    await acc.events.receive()  # (running: the stepper holds its resolved parameters)
+    assert runtime.stepper.active[acc.request_id].params.max_tokens == MAX_LOGPROB_ENTRIES // (64 * 21)
+    acc.cancel()
+    await wait_until(lambda: not runtime.engine.has_unfinished())
+
+
 async def test_how_far_a_prediction_was_from_a_stopped_requests_length_is_measured(runtime):
     """`lmgate_predictor_error_ratio`: predicted over true length, for requests that stopped
     on their own (an operator saw no sign of the predictor drifting: an audit)."""
