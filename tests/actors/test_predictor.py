@@ -18,6 +18,7 @@ from actors.predictor import (
     RequestFeatures,
     RunningLengthEstimator,
     instruction_of,
+    inverse_mills,
 )
 from actors.state import RequestState
 from gpu.sampling import SamplingParams
@@ -140,6 +141,59 @@ def test_a_request_cut_at_a_small_cap_is_censored_not_a_runaway():
     assert p.model is not None and p.model.runaway is None  # no runaway seen
     assert abs(p.predict(feats("a", 150)).tokens - 300) <= 75
     assert p.num_stopped == 150 and p.num_samples == 300
+
+
+def capped_at(p: LengthPredictor, cap: int, n: int = 300, median: float = 150.0, seed: int = 4) -> None:
+    """App b's answers run log-normally around `median` tokens; its clients cap max_tokens
+    at `cap` (< runaway_min_tokens): an answer past it is cut there (censored)."""
+    rng = np.random.default_rng(seed)
+    for length in np.exp(rng.normal(np.log(median), 0.4, size=n)).astype(int):
+        f = feats("b", int(rng.integers(20, 200)), max_tokens=cap)
+        p.observe(f, int(length), "stop") if length < cap else p.observe(f, cap, "length")
+
+
+def test_requests_cut_at_a_small_cap_teach_that_they_ran_at_least_that_long():
+    """Clients capping max_tokens at 100 for answers of ~150 tokens: only the answers
+    shorter than 100 stop (a sixth of them), so a model fitted on those alone predicted
+    ~80 for every request of the app, whatever its cap, for as long as the clients
+    capped (an audit: ~40 against a true mean of 123). Each cut one says it ran at least
+    100 tokens: with them, the prediction at a larger cap is the answers' own median."""
+    p = LengthPredictor()
+    capped_at(p, 100)
+    p.fit()
+    assert 0.05 * p.num_samples < p.num_stopped < 0.3 * p.num_samples
+    assert 150 / 1.25 <= p.predict(feats("b", 100)).tokens <= 150 * 1.25
+    stopped_only = LengthPredictor(LengthModelConfig(censored_rounds=0))
+    capped_at(stopped_only, 100)
+    stopped_only.fit()
+    assert stopped_only.predict(feats("b", 100)).tokens < 100  # (what it was: the lengths under the cap)
+
+
+def test_a_cut_request_brings_the_next_refit_nearer_only_when_it_says_something() -> None:
+    """One cut near or past the model's prediction counts toward the next refit (the
+    refit takes it longer); one cut far below it (max_tokens 2 for ~150-token answers)
+    moves nothing and counts for nothing."""
+    p = LengthPredictor(LengthModelConfig(refit_every=8, refit_fraction=0.0))
+    capped_at(p, 100)
+    p.fit()
+    for k in range(40):
+        p.observe(feats("b", 30 + k, max_tokens=2), 2, "length")
+    assert not p.needs_refit()
+    for k in range(7):
+        p.observe(feats("b", 30 + k, max_tokens=200), 200, "length")
+    assert not p.needs_refit()
+    p.observe(feats("b", 40, max_tokens=200), 200, "length")
+    assert p.needs_refit()
+
+
+def test_the_inverse_mills_ratio_is_the_mean_above_a_cut() -> None:
+    z = np.array([-40.0, -2.0, 0.0, 1.0, 5.0, 29.0, 31.0, 1e6])
+    got = inverse_mills(z)
+    assert got[0] == pytest.approx(0.0, abs=1e-300) and got[2] == pytest.approx(np.sqrt(2 / np.pi))
+    assert got[1] == pytest.approx(0.05524, rel=1e-3) and got[3] == pytest.approx(1.52514, rel=1e-4)
+    assert got[4] == pytest.approx(5.18650, rel=1e-4)
+    assert np.all(got[4:] > z[4:]) and np.all(np.diff(got) > 0) and np.all(np.isfinite(got))
+    assert got[5] == pytest.approx(got[6] - 2.0, rel=1e-3)  # (continuous where the asymptote takes over)
 
 
 def test_mean_point_prediction_sits_between_the_modes_and_bad_points_are_refused():
