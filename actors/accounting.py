@@ -278,8 +278,9 @@ class Accounting:
             stored_at=time.time(),
         )
         tenant = st.call.tenant.as_tenant()
-        await self._with_retry("response_cache_put", self.response_cache.put, tenant, st.cache_model or self.model_name,
-                               st.prompt_token_ids, st.params, value)
+        stored = await self._with_retry("response_cache_put", self.response_cache.put, tenant,
+                                        st.cache_model or self.model_name, st.prompt_token_ids, st.params, value)
+        self.metrics.cache_stores.labels("failed" if stored is None else "stored" if stored else "too_large").inc()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

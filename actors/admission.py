@@ -726,9 +726,12 @@ class Admission:
         (the caller's next request is not refused for a slot this one took)."""
         hit = await self._lookup(call, st)
         if hit is None:
+            size = getattr(self.response_cache, "max_entry_bytes", None)
             raise _Refuse(504, "not_cached", "no stored answer for this request satisfies its Cache-Control "
                           "(only-if-cached): only a deterministic request (temperature 0, or a seed) with "
-                          "n = 1 is stored, once it has been answered")
+                          "n = 1 is stored, once it has been answered"
+                          + (f", and only an answer of at most {size // 1024} KiB (long answers with top logprobs "
+                             "are not)" if size else ""))
         return hit
 
     async def _cached(self, call: GenerateCall, st: RequestState, sink=None,

@@ -221,6 +221,10 @@ class Metrics:
             "Response cache lookups of deterministic requests: hit, miss, or bypass (Cache-Control: no-cache)",
             ["result"], registry=r
         )
+        self.cache_stores = Counter(
+            "lmgate_response_cache_stores", "Answers of deterministic requests offered to the response cache: stored, "
+            "too_large (past its entry size: not stored), or failed (Redis did not take it)", ["result"], registry=r
+        )
         self.prompt_cache_lookups = Counter(
             "lmgate_prompt_cache_lookups", "Prompt cache lookups of chat requests: hit, miss, or error (Redis did not "
             "answer: rendered anew)", ["result"], registry=r

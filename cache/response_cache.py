@@ -84,7 +84,8 @@ _value_decoder = msgspec.msgpack.Decoder(CachedCompletion)
 
 
 class CacheStats(msgspec.Struct, kw_only=True):
-    """In-process counters (per ResponseCache instance), exported as metrics by the gateway."""
+    """In-process counters (per ResponseCache instance). A server's metrics count the
+    lookups and stores (`lmgate_response_cache_lookups_total`, `..._stores_total`)."""
 
     hits: int = 0
     misses: int = 0

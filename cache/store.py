@@ -329,10 +329,14 @@ class RedisStore:
         """A cache's read: the decoded value, or None for a miss. A value that does not
         decode, or a key of another type, is a miss too (and deleted, best effort): a
         corrupt entry must cost one generation, not fail every request that maps to it
-        until it expires. CacheUnavailable when Redis is down, refuses service, or failed
-        within `SKIP_AFTER_ERROR_S` (`worth_trying`)."""
-        if not self.worth_trying():
-            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
+        until it expires. CacheUnavailable when Redis is down, refuses service, or could
+        not be reached within `SKIP_AFTER_ERROR_S` (`reachable`). Not after a refusal: a
+        Redis out of memory still answers reads, and stored answers are what spares the
+        engine then (an audit: with every reservation refused, each request skipped the
+        read, and generated an answer Redis held, 10-20x slower)."""
+        if not self.reachable():
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} could not be reached within "
+                                   f"{SKIP_AFTER_ERROR_S:g} s: skipped")
         try:
             with self.guard():
                 raw = await self.client.get(key)
@@ -351,7 +355,9 @@ class RedisStore:
             return None
 
     async def set_value(self, key: str, value: bytes, ttl_s: float) -> None:
-        """A cache's write (SET with a TTL); CacheUnavailable as `get_value`."""
+        """A cache's write (SET with a TTL); CacheUnavailable when Redis is down, refuses
+        service, or failed within `SKIP_AFTER_ERROR_S` (`worth_trying`: a refused write
+        is skipped for a while too)."""
         if not self.worth_trying():
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
         with self.guard():

@@ -744,6 +744,24 @@ async def test_response_cache_hit_skips_the_engine(runtime):
     await collect(third)
 
 
+async def test_an_answer_past_the_entry_size_is_not_stored_and_is_counted(runtime, monkeypatch):
+    """An answer past the response cache's entry size is not stored (256 KiB: ~300 tokens
+    with 20 top logprobs): counted as `too_large`, and an only-if-cached request's 504
+    says so (an audit: nothing told a client why it never got a long answer back)."""
+    monkeypatch.setattr(runtime.accounting.response_cache, "max_entry_bytes", 2048)
+    stores = runtime.metrics.cache_stores
+    t = tenant(id="too-large")
+    before = {r: stores.labels(r)._value.get() for r in ("stored", "too_large")}
+    for ask in (dict(max_tokens=3), dict(max_tokens=6, logprobs=20)):
+        acc = await runtime.submit(call(t, prompt="The capital of Norway is", **ask))
+        await collect(acc)
+    await wait_until(lambda: sum(stores.labels(r)._value.get() for r in before) == sum(before.values()) + 2)
+    assert [stores.labels(r)._value.get() - before[r] for r in before] == [1, 1]
+    rej = await runtime.submit(msgspec.structs.replace(
+        call(t, prompt="The capital of Norway is", max_tokens=6, logprobs=20), cache_only=True))
+    assert isinstance(rej, Rejected) and rej.status == 504 and "at most 2 KiB" in rej.message, rej
+
+
 async def test_cache_control_generates_afresh_and_skips_the_store(runtime):
     t = tenant()
     lookups = runtime.metrics.cache_lookups

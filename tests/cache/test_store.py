@@ -124,19 +124,22 @@ async def test_loading_a_script_into_a_new_redis_is_not_logged(store: RedisStore
 async def test_a_redis_that_refuses_writes_is_unavailable_then_recovers(tmp_path, refusal: str):
     """A replica after a failover (READONLY) or maxmemory under noeviction (OOM) answers
     reads and PING but refuses writes: an outage to degrade through (the quota policy,
-    the caches skipped, /readyz degraded), not a 500 on every request."""
+    the caches' writes skipped, /readyz degraded), not a 500 on every request; what the
+    caches hold is still read (an audit: every request skipped the read after its
+    reservation was refused, and generated an answer Redis held)."""
     with PrivateRedis(tmp_path) as server:
         async with RedisStore(server.url) as store:
             registry, quotas = TenantRegistry(store, SECRET), QuotaManager(store)
             responses, prompts = ResponseCache(store), PromptCache(store)
             tenant = await registry.create_tenant("t1", "one", quota=Quota(requests_per_minute=10))
             admin = store.client
+            completion = CachedCompletion(text="a", token_ids=[5], finish_reason="stop",
+                                          usage=CachedUsage(prompt_tokens=2, completion_tokens=1), deltas=["a"])
+            assert await responses.put(tenant, "m", [7], {"t": 0}, completion)  # stored before
             if refusal == "read-only replica":
                 await admin.replicaof("127.0.0.1", 1)  # a primary that is not there
             else:
                 await admin.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
-            completion = CachedCompletion(text="a", token_ids=[5], finish_reason="stop",
-                                          usage=CachedUsage(prompt_tokens=2, completion_tokens=1), deltas=["a"])
             try:
                 with pytest.raises(CacheUnavailable, match="refuses service"):
                     if refusal == "read-only replica":  # (a script's writes are refused too)
@@ -146,8 +149,11 @@ async def test_a_redis_that_refuses_writes_is_unavailable_then_recovers(tmp_path
                 with pytest.raises(CacheUnavailable, match="refuses service"):  # (refused inside a transaction:
                     await registry.create_tenant("t2", "two")  # coredis names the command first; was a 500)
                 assert not store.healthy and not await store.ping()
-                with pytest.raises(CacheUnavailable, match="skipped"):  # Redis failed within the last second
-                    await prompts.get("s", "m", [], True)
+                with pytest.raises(CacheUnavailable, match="skipped"):  # a write: Redis refused one a moment ago
+                    await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+                assert not store.healthy
+                assert await prompts.get("s", "m", [], True) is None  # reads go on
+                assert await responses.get(tenant, "m", [7], {"t": 0}) == completion
                 assert await registry.get_tenant("t1") is not None  # a read it answers...
                 assert store.healthy and store.failed_within(5)  # ...does not hide the refusals (/readyz)
             finally:
