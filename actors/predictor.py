@@ -174,6 +174,28 @@ STOP, RUNAWAY, CENSORED = 0, 1, 2  # what a finished request teaches (LengthPred
 _HEAD = 6  # intercept, log length, its square, app mean, user mean, has-history
 
 
+def survival_quantiles(lengths: Iterable[float], cut: Iterable[bool],
+                       qs: Iterable[float]) -> list[float | None]:
+    """Kaplan-Meier quantiles of `lengths`, those flagged in `cut` cut short (right-
+    censored: the request ran at least that long): for each q, the least length at which
+    the estimated share still running falls to 1 − q or below; None where it never does
+    (too many were cut before). Without cuts, the lower empirical quantile. Pure."""
+    rows = sorted(zip(lengths, cut, strict=True), key=lambda r: (r[0], r[1]))  # (ends before cuts at a tie)
+    at_risk, alive, curve = len(rows), 1.0, []
+    i = 0
+    while i < len(rows):
+        t, ended, gone = rows[i][0], 0, 0
+        while i < len(rows) and rows[i][0] == t:
+            ended += not rows[i][1]
+            gone += 1
+            i += 1
+        if ended:
+            alive *= 1.0 - ended / at_risk
+            curve.append((t, alive))
+        at_risk -= gone
+    return [next((t for t, a in curve if a <= 1.0 - q + 1e-12), None) for q in qs]
+
+
 def inverse_mills(z: np.ndarray) -> np.ndarray:
     """φ(z) / (1 − Φ(z)) elementwise: the mean of a standard normal above `z` (pure).
     Beyond z = 30 the tail underflows: there it is z + 1/z, its asymptote."""
@@ -272,6 +294,8 @@ class LengthPredictor:
         self._y: collections.deque[float] = collections.deque(maxlen=c.max_samples)
         self._kind: collections.deque[int] = collections.deque(maxlen=c.max_samples)  # STOP/RUNAWAY/CENSORED
         self._lengths: dict[tuple[str, ...], collections.deque[float]] = {}
+        # beside each length history, which of its lengths were cut short (censored)
+        self._cut: dict[tuple[str, ...], collections.deque[bool]] = {}
         self._users: dict[tuple[str, str], collections.deque[float]] = {}
         self.model: LengthModel | None = None
         self._since_fit = 0
@@ -323,14 +347,26 @@ class LengthPredictor:
         return float(min(cap, length * np.exp(z * self.model.length.sigma)))
 
     def cold_predict(self, f: RequestFeatures) -> Prediction:
-        """Per-application quantiles: median, and IQR / 1.349 as std (the fallback)."""
+        """Per-application quantiles: median, and IQR / 1.349 as std (the fallback). A
+        history holding lengths cut short (censored) answers with its Kaplan-Meier
+        quantiles, and only when its median is known: an app whose requests were all cut
+        at max_tokens 2 predicted 2 ± 0 tokens for a story (an audit); the tenant's, the
+        fleet's, or the prior answer then."""
         c = self.config
         for key, source in (((f.tenant, f.app or ""), "app-quantile"), ((f.tenant,), "tenant-quantile"),
                             ((), "global-quantile")):
             d = self._lengths.get(key)
-            if d is not None and len(d) >= c.cold_min_samples:
+            if d is None or len(d) < c.cold_min_samples:
+                continue
+            cut = self._cut.get(key)
+            if cut is None or len(cut) != len(d) or not any(cut):
                 q25, q50, q75 = np.percentile(np.asarray(d), [25, 50, 75])
-                return Prediction(float(min(q50, f.max_tokens)), float((q75 - q25) / 1.349), source)
+            else:
+                q25, q50, q75 = survival_quantiles(d, cut, (0.25, 0.5, 0.75))
+                if q50 is None:  # more than half cut before any median: not known here
+                    continue
+                q75 = q50 + (q50 - q25) if q75 is None else q75  # (symmetric, where the upper is not known)
+            return Prediction(float(min(q50, f.max_tokens)), float((q75 - q25) / 1.349), source)
         prior = min(c.prior_tokens, f.max_tokens)
         return Prediction(prior, prior, "prior")
 
@@ -363,7 +399,13 @@ class LengthPredictor:
         self._y.append(float(np.log1p(max(0, true_tokens))))
         self._kind.append(kind)
         for key in ((f.tenant, f.app or ""), (f.tenant,), ()):
-            _touch(self._lengths, key, lambda: collections.deque(maxlen=c.quantile_window)).append(float(true_tokens))
+            d = _touch(self._lengths, key, lambda: collections.deque(maxlen=c.quantile_window))
+            cut = _touch(self._cut, key, lambda: collections.deque(maxlen=c.quantile_window))
+            if len(cut) != len(d):  # (a history restored from a blob: its lengths read as uncut)
+                cut.clear()
+                cut.extend([False] * len(d))
+            d.append(float(true_tokens))
+            cut.append(kind == CENSORED)
         if f.user:
             _touch(self._users, (f.tenant, f.user), lambda: collections.deque(maxlen=c.user_history)).append(
                 float(true_tokens))
@@ -552,6 +594,7 @@ class LengthPredictor:
         return {
             "x": list(self._x), "y": list(self._y), "kind": list(self._kind), "model": self.model,
             "lengths": {k: list(d) for k, d in self._lengths.items()},
+            "cut": {k: list(cut) for k, cut in self._cut.items() if any(cut) and len(cut) == len(self._lengths.get(k, ()))},
             "users": {k: list(d) for k, d in self._users.items()},
         }
 
@@ -593,6 +636,8 @@ class LengthPredictor:
         })
         for i, k in enumerate(keys):
             arrays[f"l{i}"] = np.asarray(state["lengths"][k], dtype=np.float64)
+            if k in state.get("cut", {}):  # (none: no length of it was cut)
+                arrays[f"c{i}"] = np.asarray(state["cut"][k], dtype=np.int8)
         for i, k in enumerate(users):
             arrays[f"u{i}"] = np.asarray(state["users"][k], dtype=np.float64)
         buf = io.BytesIO()
@@ -633,14 +678,17 @@ class LengthPredictor:
             lengths_keys, users_keys = _decode_meta(members.read("meta"))
             x, y, kind = _read_samples(members, c)
             lengths = _read_histories(members, "l", lengths_keys)
+            cuts = _read_cuts(members, lengths)
             users = _read_histories(members, "u", users_keys)
             model = _read_model(members, c)
         p._x.extend(x)
         p._y.extend(y.tolist())
         p._kind.extend(kind.tolist())
-        for k, d in zip(lengths_keys, lengths, strict=True):
+        for k, d, cut in zip(lengths_keys, lengths, cuts, strict=True):
             key = () if k == "\x1e" else tuple(k.split("\x1f"))
             p._lengths[key] = collections.deque(d, maxlen=c.quantile_window)
+            if cut is not None:
+                p._cut[key] = collections.deque(cut, maxlen=c.quantile_window)
         for k, d in zip(users_keys, users, strict=True):
             p._users[tuple(k.split("\x1f"))] = collections.deque(d, maxlen=c.user_history)
         p.model = model
@@ -671,7 +719,7 @@ def _most_values(name: str, c: LengthModelConfig) -> int:
             "w": width, "wr": width, "model": 2, "runaway": 2, "meta": 2 * MAX_KEYS * _KEY_REPR_BYTES}
     if name in most:
         return most[name]
-    return {"l": c.quantile_window, "u": c.user_history}[name[0]]  # f"l{i}", f"u{i}": i < MAX_KEYS (meta)
+    return {"l": c.quantile_window, "c": c.quantile_window, "u": c.user_history}[name[0]]  # f"l{i}", ...: i < MAX_KEYS
 
 
 class _BlobMembers:
@@ -807,6 +855,23 @@ def _read_histories(members: _BlobMembers, prefix: str, keys: list[str]) -> list
                                      f"{d.shape}")
         histories.append(d.astype(np.float64).tolist())
     return histories
+
+
+def _read_cuts(members: _BlobMembers, lengths: list[list[float]]) -> list[list[bool] | None]:
+    """Which lengths of each history were cut short: arrays f"c{i}" of 0/1 beside f"l{i}"
+    (None where absent: none was, or a blob from before they were kept)."""
+    cuts = []
+    for i, d in enumerate(lengths):
+        name = f"c{i}"
+        if name not in members:
+            cuts.append(None)
+            continue
+        a = members.read(name)
+        if a.shape != (len(d),) or not np.isin(a, (0, 1)).all():
+            raise PredictorBlobError(f"the blob's {name!r} array must hold a 0 or 1 for each of the {len(d)} "
+                                     f"lengths of 'l{i}', has shape {a.shape}")
+        cuts.append([bool(v) for v in a])
+    return cuts
 
 
 def _read_model(members: _BlobMembers, c: LengthModelConfig) -> LengthModel | None:

@@ -19,6 +19,7 @@ from actors.predictor import (
     RunningLengthEstimator,
     instruction_of,
     inverse_mills,
+    survival_quantiles,
 )
 from actors.state import RequestState
 from gpu.sampling import SamplingParams
@@ -66,6 +67,36 @@ def test_cold_start_answers_with_per_app_quantiles():
     assert pred.source == "app-quantile"
     assert pred.tokens == pytest.approx(30)
     assert pred.std > 0
+
+
+def test_cold_quantiles_take_lengths_cut_short_as_lower_bounds():
+    """An app whose requests were all cut at max_tokens 2 predicted 2 ± 0 tokens for a
+    story (an audit): a history of cut lengths has no median, and the next level answers
+    (here app a's, through the tenant's). With some cut, its Kaplan-Meier median answers."""
+    p = LengthPredictor(LengthModelConfig(min_fit_samples=1000))
+    for n in (100, 120, 140, 160, 180):
+        p.observe(feats("a", 50), n)
+    for _ in range(6):
+        p.observe(feats("b", 50, max_tokens=2), 2, "length")
+    pred = p.predict(feats("b", 50))
+    assert pred.source == "tenant-quantile" and pred.tokens >= 100, pred
+    for n in (30, 40, 50, 60):  # b's own: 6 cut at 2, then these
+        p.observe(feats("b", 50), n)
+    pred = p.predict(feats("b", 50))
+    assert (pred.source, pred.tokens) == ("app-quantile", 40), pred  # (read as lengths, six 2s: a median of 2)
+    restored = LengthPredictor.from_bytes(p.to_bytes(), p.config)  # (the blob keeps which were cut)
+    assert restored.predict(feats("b", 50)) == pred
+    restored.observe(feats("b", 50), 70)
+    assert restored.predict(feats("b", 50)).tokens == 50
+
+
+def test_survival_quantiles_are_kaplan_meiers() -> None:
+    assert survival_quantiles([1, 2, 3, 4], [False] * 4, (0.25, 0.5, 0.75)) == [1, 2, 3]
+    assert survival_quantiles([2, 2, 2], [True] * 3, (0.5,)) == [None]
+    # one cut at 10 beside an end at 10: the end counts first; the cut leaves 20 alone at risk
+    assert survival_quantiles([5, 10, 10, 20], [False, True, False, False], (0.25, 0.5, 0.75)) == [5, 10, 20]
+    assert survival_quantiles([2, 2, 2, 10, 20, 30], [True] * 3 + [False] * 3, (0.25, 0.5, 1.0)) == [10, 20, 30]
+    assert survival_quantiles([3, 8], [False, True], (0.5, 0.75)) == [3, None]
 
 
 def test_online_model_learns_length_from_input_and_application():
