@@ -31,12 +31,14 @@ def test_every_queried_metric_exists_and_panels_are_well_formed() -> None:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 20
+    assert [e for e in exprs if e.count("(") != e.count(")")] == []  # (what Grafana would show as an error)
     queried = {m for e in exprs for m in re.findall(r"\blmgate_[a-z0-9_]+", e)}
     assert queried - exported_samples() == set()
     # the list is covered
     for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "request_queue_time",
                  "step_batch_size", "kv_cache_usage_ratio", "response_cache_lookups", "rejections", "requests_total",
-                 "num_preemptions", "kv_reserved_blocks", "kv_reservations_grown", "step_tokens"):
+                 "num_preemptions", "kv_reserved_blocks", "kv_reservations_grown", "step_tokens",
+                 "predictor_error_ratio", "response_cache_stores"):
         assert any(name in m for m in queried), name
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
