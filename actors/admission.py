@@ -429,7 +429,9 @@ class Admission:
         cap = call.tenant.max_tokens_cap
         cap_kv, held_by = self._kv_room(p)
         seqs = max(p.n, p.beam_width)
-        lp_room = logprob_room(p.logprobs, seqs, call.batch_size)  # (lowers a defaulted max_tokens, below)
+        # the output logprobs a whole answer holds: its n choices' (a beam search returns n
+        # of its beams); a stream (SSE, the WebSocket) sends them as they come, holding none
+        lp_room = None if call.stream else logprob_room(p.logprobs, p.n, call.batch_size)
         max_tokens = p.max_tokens
         if max_tokens is None:
             if cap is not None and cap < 1:
@@ -447,8 +449,9 @@ class Admission:
                 # 429 says so with what the request needs at least (left at the window's
                 # room it was "needs 8192 tokens"; below min_tokens, a 400 blaming the window)
                 max_tokens = min(max_tokens, max(fits, p.min_tokens, 1))
-            if lp_room is not None and lp_room < max_tokens:  # (past it even so: the 400 below)
-                max_tokens = max(lp_room, p.min_tokens, 1)
+        defaulted = p.max_tokens is None or call.max_tokens_default
+        if lp_room is not None and max_tokens > lp_room and defaulted:  # (past it even so: the 400 below)
+            max_tokens = min(max_tokens, max(lp_room, p.min_tokens, 1))
         if cap is not None and max_tokens > cap and call.max_tokens_default:
             max_tokens = cap
         if cap is not None and max_tokens > cap:
@@ -457,12 +460,12 @@ class Admission:
         if lp_room is not None and max_tokens > lp_room:
             share = f" (this prompt's share: the bound is shared by {call.batch_size} prompts)" \
                 if call.batch_size > 1 else ""
+            asked = "min_tokens" if defaulted else call.max_tokens_param  # (a default is lowered to min_tokens)
             raise _Refuse(400, "invalid_value", (
-                f"the answer would hold {seqs * max_tokens * (p.logprobs + 1)} logprobs ({seqs} choices of "
+                f"the answer would hold {p.n * max_tokens * (p.logprobs + 1)} logprobs ({p.n} choices of "
                 f"{max_tokens} tokens, each with {p.logprobs} alternatives); at most "
                 f"{MAX_LOGPROB_ENTRIES // call.batch_size}{share}: ask for fewer choices, fewer alternatives, "
-                f"or a smaller {call.max_tokens_param}"),
-                "n" if seqs > 1 else call.max_tokens_param)
+                f"or a smaller {asked}, or stream the answer"), "n" if p.n > 1 else asked)
         requested = f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the {read_as}, {max_tokens} " \
                     "in the completion)"
         if cap_kv and n_prompt + (1 if max_tokens else 0) > cap_kv:  # the prompt alone is too long (said first:

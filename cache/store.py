@@ -356,8 +356,9 @@ class RedisStore:
 
     async def set_value(self, key: str, value: bytes, ttl_s: float) -> None:
         """A cache's write (SET with a TTL); CacheUnavailable when Redis is down, refuses
-        service, or failed within `SKIP_AFTER_ERROR_S` (`worth_trying`: a refused write
-        is skipped for a while too)."""
+        service, or failed within `SKIP_AFTER_ERROR_S` and has not answered since
+        (`worth_trying`: while Redis refuses writes, the reads it answers between them let
+        the next write try again, a fast refusal)."""
         if not self.worth_trying():
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
         with self.guard():

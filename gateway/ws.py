@@ -244,7 +244,8 @@ class Session:
         # bounds one copy per choice — counted once, as chat's HTTP answer has them, a review
         # found a 30k-token prompt's logprobs sent 64 times past the bound)
         calls = [msgspec.structs.replace(c, prompt_logprob_copies=None,
-                                         prompt_logprobs_param="n" if req.n > 1 else "prompt_logprobs")
+                                         prompt_logprobs_param="n" if req.n > 1 else "prompt_logprobs",
+                                         stream=True)  # (what the runtime is told: the answer goes out as it comes)
                  for c in calls]
         echo = echo_texts(self.state, req, calls)
         handle = await submit_all(self.state, calls, request_id, req.n)

@@ -632,6 +632,29 @@ async def test_an_answers_output_logprobs_are_bounded(runtime):
     _, deltas, fin = await collect(ok)
     assert isinstance(fin, Finished) and fin.usage.completion_tokens == 128
     assert sum(len(row) for d in deltas for row in d.top_logprobs or ()) == 64 * 2 * 20
+    # a stream sends them as they come: nothing is held, nothing bounded (a review)
+    streamed = await runtime.submit(msgspec.structs.replace(call(t, prompt="Hi", max_tokens=1000, **many),
+                                                            stream=True))
+    assert isinstance(streamed, Accepted), streamed
+    streamed.cancel()
+    # a beam search's answer holds its n choices, not its beams; best_of is not named for them
+    beams = msgspec.structs.replace(call(t, prompt="Hi", max_tokens=200, use_beam_search=True, best_of=4,
+                                         logprobs=0), batch_id="bm", batch_index=0, batch_size=2500)
+    beams = await runtime.submit(beams)  # 1 × 200 of 400 (its 4 beams' would be 800)
+    assert isinstance(beams, Accepted), beams
+    beams.cancel()
+    # a default past the bound even when lowered (min_tokens): min_tokens is what to ask less of
+    rej = await runtime.submit(call(t, prompt="Hi", max_tokens=None, min_tokens=1000, logprobs=20,
+                                    **{"n": 64, "temperature": 1.0, "seed": 1}))
+    assert isinstance(rej, Rejected) and rej.param == "n" and "a smaller min_tokens" in rej.message, rej
+    # an endpoint's own default (completions' 16) is lowered too, not refused
+    sixteen = msgspec.structs.replace(call(t, prompt="Hi", max_tokens=16, logprobs=20, ignore_eos=True),
+                                      batch_id="d", batch_index=0, batch_size=4000, max_tokens_default=True)
+    acc = await runtime.submit(sixteen)  # (1M / 4000 / 21: 11 tokens)
+    assert isinstance(acc, Accepted), acc
+    _, _, fin = await collect(acc)
+    assert isinstance(fin, Finished) and fin.usage.completion_tokens == MAX_LOGPROB_ENTRIES // 4000 // 21
+    await wait_until(lambda: not runtime.engine.has_unfinished())
     # defaulted: lowered to what fits (the window's room would be 1.5M entries)
     acc = await runtime.submit(call(t, prompt="Hi", max_tokens=None, **many))
     assert isinstance(acc, Accepted), acc
