@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import io
 import itertools
+import logging
 import math
 import statistics
 import time
@@ -151,7 +152,7 @@ class LengthModelConfig:
     # bound (`LengthPredictor._with_censored`).
     runaway_min_tokens: int = 256
     min_runaway_samples: int = 4  # runaways seen before the runaway model is fitted
-    censored_rounds: int = 50  # EM rounds at most that fit the censored requests (`_with_censored`)
+    censored_rounds: int = 100  # EM rounds at most that fit the censored requests (`_with_censored`)
     # The point prediction of the mixture: "median" (what minimises the absolute error,
     # and what ±25% rewards) or "mean" (the expected length).
     point: str = "median"
@@ -544,7 +545,7 @@ class LengthPredictor:
                 extrapolated = image - d_image @ np.linalg.lstsq(d_step, step, rcond=None)[0]
                 if np.all(np.isfinite(extrapolated)):
                     w = extrapolated
-        return dataclasses.replace(length, w=w)
+        return dataclasses.replace(length, w=w, n=len(xs) + len(xc))  # (`fitted_on`: the cut rows too)
 
     def _searches(self, n: int, previous: LinearModel | None) -> bool:
         """Does a refit on `n` samples search the ridge grid, or keep `previous`'s penalty?"""
@@ -1010,6 +1011,8 @@ class PredictorService:
         self.store = store
         self.key = key
         self.refits = 0
+        self.refit_failures = 0
+        self._refit_failed_logged = -math.inf
         self._refitting = False
         self._embed_lock = None
         self._save_lock = None  # a trio.Lock (made on first use): one save, or swap and save, at a time
@@ -1102,7 +1105,22 @@ class PredictorService:
                 await self.refit()
             else:
                 self._refitting = True  # claimed now, so a burst of observations starts one refit
-                nursery.start_soon(self.refit)
+                nursery.start_soon(self._refit_in_background)
+
+    async def _refit_in_background(self) -> None:
+        """`refit`, started beside the predictor actor's work: one that fails is counted
+        (`refit_failures`) and logged at most once a minute, the model kept; raised, it
+        cancelled the actor while it predicted requests (an audit: they hung)."""
+        try:
+            await self.refit()
+        except Exception:  # noqa: BLE001 — the model in use goes on answering
+            self.refit_failures += 1
+            now = time.monotonic()
+            if now - self._refit_failed_logged >= 60.0:
+                self._refit_failed_logged = now
+                logging.getLogger(__name__).exception(
+                    "length predictor refit failed (%d so far; the current model goes on answering; logged at "
+                    "most once a minute)", self.refit_failures)
 
     async def refit(self) -> LengthModel:
         self._refitting = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -189,6 +190,8 @@ class Runtime:
         self._admit_send, self._admit_recv = trio.open_memory_channel[AdmitMsg](cs)
         self._pred_send, self._pred_recv = trio.open_memory_channel[RequestState](cs)
         self._predicting = 0  # requests taken from _pred_recv and not yet sent to the queue
+        self._prediction_batch: list[RequestState] = []  # those requests (failed if the actor crashes)
+        self._feedback_failed_logged = -math.inf
         self._queue_send, self._queue_recv = trio.open_memory_channel[RequestState](cs)
         # Released requests wait here for the next step boundary. Buffered, so a burst the
         # policy releases together enters the engine together: unbuffered, the queue handed
@@ -493,11 +496,15 @@ class Runtime:
 
         async def feedback() -> None:
             async for fb in self._fb_recv:
-                if fb.finish_reason == "stop":  # the running estimate learns uncensored lengths only
-                    self.predictor.observe(fb.tenant_id, fb.app, fb.tokens)
-                if service is not None and fb.features is not None:
-                    # refits run in a worker thread, started in this nursery
-                    await service.observe(fb.features, fb.tokens, nursery, fb.finish_reason)
+                try:
+                    if fb.finish_reason == "stop":  # the running estimate learns uncensored lengths only
+                        self.predictor.observe(fb.tenant_id, fb.app, fb.tokens)
+                    if service is not None and fb.features is not None:
+                        # refits run in a worker thread, started in this nursery (a refit
+                        # that fails is logged there: it must not take the actor down)
+                        await service.observe(fb.features, fb.tokens, nursery, fb.finish_reason)
+                except Exception:  # noqa: BLE001 — feedback is advice: a bad one must not cost requests
+                    self._log_feedback_failure()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feedback)
@@ -510,6 +517,7 @@ class Runtime:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 self._predicting = len(batch)  # still waiting, for admission's load check
+                self._prediction_batch = list(batch)
                 if service is not None:
                     try:
                         for one, (pred, feats) in zip(batch, await service.predict_many(batch), strict=True):
@@ -521,6 +529,30 @@ class Runtime:
                         one.prediction = self.predictor.predict(one.tenant_id, one.app, one.params.max_tokens)
                     await self._queue_send.send(one)
                     self._predicting -= 1
+                    batch_left = self._prediction_batch
+                    if batch_left and batch_left[0] is one:
+                        batch_left.pop(0)
+
+    def _fail_predicting(self, message: str) -> None:
+        """The predictor actor crashed: end the requests it had taken and not yet queued
+        with a 503 (an audit: a refit that raised cancelled the actor while it predicted a
+        batch, and those requests hung, counted nowhere, never settled)."""
+        batch, self._prediction_batch, self._predicting = self._prediction_batch, [], 0
+        for st in batch:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                st.events.send_nowait(Failed(st.request_id, 503, "predictor_error",
+                                             "the server's length predictor failed while it handled this "
+                                             "request; retry"))
+            st.cancelled = True
+            st.events.close()
+            self._done_send.send_nowait(Completed(st, "error"))
+
+    def _log_feedback_failure(self) -> None:
+        """A finished request's length feedback failed: logged at most once a minute."""
+        now = time.monotonic()
+        if now - self._feedback_failed_logged >= 60.0:
+            self._feedback_failed_logged = now
+            log.exception("length feedback failed (logged at most once a minute)")
 
     async def _load_embeddings(self) -> None:
         """The /v1/embeddings model, loaded on the compute thread (torch's one thread)."""
@@ -686,7 +718,7 @@ class Runtime:
                 await nursery.start(self._supervise, "accounting", self.accounting.run)
                 await nursery.start(self._supervise, "stepper", self.stepper.run, self.stepper.fail_all)
                 await nursery.start(self._supervise, "queue", self.queue.run, self._fail_waiting)
-                await nursery.start(self._supervise, "predictor", self._predictor_actor)
+                await nursery.start(self._supervise, "predictor", self._predictor_actor, self._fail_predicting)
                 await nursery.start(self._supervise, "admission", self._admission_actor)
                 await nursery.start(self._supervise, "reservations", self._keep_reservations)
                 if self.length_service is not None and self.length_service.store is not None:

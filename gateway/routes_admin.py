@@ -429,7 +429,7 @@ def admin_blueprint(state: GatewayState) -> Blueprint:
 
     def describe(service: Any, **extra: Any) -> dict:
         return {"object": "length_predictor", "kind": "magnus", "refits": service.refits,
-                "refitting": service.refitting, "sharing": service.sharing(), **extra,
+                "refit_failures": service.refit_failures, "refitting": service.refitting, "sharing": service.sharing(), **extra,
                 **service.predictor.summary()}
 
     @bp.get("/predictor")

@@ -332,6 +332,28 @@ async def test_service_refits_in_the_background_and_persists_in_redis(store):
     assert got == expected
 
 
+async def test_a_refit_that_raises_is_counted_and_the_model_goes_on_answering() -> None:
+    """A refit raising in the background must not escape into the nursery that started it
+    (the predictor actor's: an audit saw it cancel the actor mid-batch, and requests hang)."""
+
+    class Failing(LengthPredictor):
+        def train(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            raise RuntimeError("simulated refit bug")
+
+    svc = PredictorService(Failing(LengthModelConfig(min_fit_samples=4, refit_every=4)))
+    async with trio.open_nursery() as nursery:
+        for k in range(12):
+            pred, f = await svc.predict(state("a", 20 + k, "u"))
+            await svc.observe(f, 40 + k, nursery)
+            await trio.sleep(0)
+    assert svc.refit_failures >= 1 and svc.refits == 0 and not svc.refitting
+    failures = svc.refit_failures
+    async with trio.open_nursery() as nursery:  # the next observation tries again
+        await svc.observe(f, 40, nursery)
+    assert svc.refit_failures == failures + 1
+    assert svc.predictor.model is None  # (the quantiles go on answering)
+
+
 async def test_load_without_anything_stored_is_false(store):
     assert not await PredictorService(store=store).load()
 
@@ -399,7 +421,7 @@ def test_summary_counts_what_was_learned() -> None:
     p.fit()
     s = p.summary()
     assert (s["samples"], s["stopped"], s["runaways"], s["censored"]) == (62, 60, 1, 1)
-    assert s["fitted"] and s["answers_from"] == "model" and s["fitted_on"] == 60
+    assert s["fitted"] and s["answers_from"] == "model" and s["fitted_on"] == 61  # (the cut one too)
     assert s["length_sigma"] > 0 and not s["runaway_model"]  # one runaway is below min_runaway_samples
     assert sum(s["apps"].values()) == 62 and set(s["apps"]) == {"t/a", "t/b"}
     assert s["users"] == 2  # the two users of app b

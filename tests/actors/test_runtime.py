@@ -1058,6 +1058,34 @@ async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkey
     assert isinstance(fin, Finished)
 
 
+async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(runtime, monkeypatch):
+    """The predictor actor crashing while it held a request (an audit: a refit that raised
+    cancelled it mid-batch) ends that request with a 503 and settles it; the restarted
+    actor predicts the next one."""
+    quotas = runtime.accounting.quotas
+    real_predict = runtime.predictor.predict
+    crashed = {"n": 0}
+
+    def predict_once_broken(*args):  # noqa: ANN002
+        if not crashed["n"]:
+            crashed["n"] += 1
+            raise RuntimeError("simulated predictor bug")
+        return real_predict(*args)
+
+    monkeypatch.setattr(runtime.predictor, "predict", predict_once_broken)
+    t = tenant(Quota(max_concurrent=1), id="pred-crash")
+    acc = await runtime.submit(call(t, prompt="Once upon a time", max_tokens=8))
+    with trio.fail_after(30):
+        _, _, last = await collect(acc)
+    assert isinstance(last, Failed) and (last.status, last.code) == (503, "predictor_error"), last
+    assert runtime.metrics.actor_restarts.labels("predictor")._value.get() == 1
+    await wait_until(lambda: runtime.accounting.settled >= 1)
+    assert await quotas.running("pred-crash") == 0 and runtime._predicting == 0
+    after = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=4))
+    _, _, fin = await collect(after)
+    assert isinstance(fin, Finished)
+
+
 async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nursery, ckpt, tokenizer, services):
     """`length_predictor="magnus"`: requests are predicted from their embedded instruction,
     finished ones (EOS/stop) train it, a refit runs in the background once enough are
