@@ -409,9 +409,10 @@ class Stepper:
         if d.error is not None:  # a choice failed (its output constraint broke): the request fails
             self.engine.abort(d.request_id)  # its other choices, if any still run
             del self.active[d.request_id]
+            failed = Failed(d.request_id, 500, "engine_error", d.error) if d.fault else Failed(
+                d.request_id, 400, "invalid_value", d.error, st.call.guided_field or "response_format")
             try:
-                st.events.send_nowait(Failed(d.request_id, 400, "invalid_value", d.error,
-                                             st.call.guided_field or "response_format"))
+                st.events.send_nowait(failed)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
                 pass
             self._finish(st, "error")

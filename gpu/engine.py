@@ -85,8 +85,10 @@ class StepDelta:
     # has no context: (None, (), None)
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...], int | None], ...] | None = None
     # finish_reason "error": why this choice failed (its structured-output grammar hit one of
-    # llguidance's limits mid-way); the caller fails the whole request with it
+    # llguidance's limits mid-way; or, `fault`, the model's output was not finite); the
+    # caller fails the whole request with it (a 400 for the constraint, a 500 for a fault)
     error: str | None = None
+    fault: bool = False
     # on a request's last delta: tokens it decoded that no choice returns (the beams a beam
     # search ran and did not return); they cost what returned tokens cost, so they are billed
     unreturned_tokens: int = 0
@@ -525,6 +527,11 @@ class Engine:
             logits = out.logits
             if rows != list(range(logits.shape[0])):  # copy only for a repeated (n>1) or skipped row
                 logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
+            finite = torch.isfinite(logits).all(dim=-1)
+            broken: set[int] = set()
+            if not bool(finite.all()):  # (NaN or infinity: a broken adapter, an overflow) fails its request
+                broken = set(torch.nonzero(~finite).flatten().tolist())
+                logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype))
             res = self.sampler.sample(logits, states, generator=self._rng)
             for k, (req, choice, fork_index) in enumerate(targets):
                 tok = res.token_ids[k]
@@ -533,15 +540,15 @@ class Engine:
                 top = res.top_logprobs[k] if asked and res.top_logprobs is not None else None
                 if not fork_index:  # None (plain) or 0 (the parent of an n>1 fork)
                     sampled_by_seq[choice.seq_id] = tok
-                picks.append((req, choice, fork_index, tok, lp, top))
+                picks.append((req, choice, fork_index, tok, lp, top, k in broken))
         held = [sid for req in beams_reported for sid in req.beam_reports] + [c.seq_id for _, c in prefilled]
         self.scheduler.update(plan, sampled_by_seq, held=held)
-        for req, choice, fork_index, tok, _, _ in picks:  # fork before any choice can finish
+        for req, choice, fork_index, tok, *_ in picks:  # fork before any choice can finish
             if fork_index:
                 self._fork(req, choice, tok)
             if fork_index is not None and fork_index == req.params.n - 1:
                 req.forked = True
-        deltas = [self._emit(req, choice, tok, lp, top) for req, choice, _, tok, lp, top in picks]
+        deltas = [self._emit(req, choice, tok, lp, top, fault) for req, choice, _, tok, lp, top, fault in picks]
         for req, choice in prefilled:
             deltas += self._end_prefill_only(req, choice)
         for req in beams_reported:
@@ -841,13 +848,16 @@ class Engine:
             ))
         return deltas
 
-    def _emit(self, req: _Request, choice: _Choice, tok: int, lp, top) -> StepDelta:
+    def _emit(self, req: _Request, choice: _Choice, tok: int, lp, top, fault: bool = False) -> StepDelta:
         """Record a sampled token for one choice, check stop conditions, build its delta.
 
         EOS and stop token ids end the choice without adding text; a stop string
         ends it with the text cut before the match (the checker never lets part
         of a stop string out); a constrained choice whose text is complete ends with
-        "stop" at once; max_tokens / the context window end it with "length".
+        "stop" at once; max_tokens / the context window end it with "length". A choice
+        whose logits were not finite (`fault`) ends with "error", the token unshown: an
+        audit saw such a row sample the last id of the vocabulary to the cap, answered
+        200, with `NaN` logprobs, and stored in the response cache.
         """
         p = req.params
         st = choice.sampling
@@ -857,7 +867,12 @@ class Engine:
         reason = None
         emit = ""
         error = None
-        if st.matcher is not None and st.matcher.is_error():
+        if fault:
+            reason = "error"
+            error = (f"the model's output for this request was not a number (NaN or infinity) after {n_out - 1} "
+                     "tokens")
+            log.error("request %s: %s", req.request_id, error)
+        elif st.matcher is not None and st.matcher.is_error():
             # the grammar hit one of llguidance's limits: this token was not constrained, and
             # nothing after it can be; the choice (and its request) fails, the token unshown
             reason = "error"
@@ -904,6 +919,7 @@ class Engine:
             completion_tokens=n_out,
             prompt_logprobs=self._prompt_logprobs_out(req) if n_out == 1 else None,
             error=error,
+            fault=fault,
         )
 
 

@@ -1058,6 +1058,41 @@ async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkey
     assert isinstance(fin, Finished)
 
 
+async def test_a_request_whose_logits_are_not_finite_fails_with_a_500_and_is_not_cached(runtime, monkeypatch):
+    """NaN logits (a broken adapter, an overflow) fail their request alone, as the
+    server's fault, and nothing of it is stored for the next identical request."""
+    import dataclasses
+
+    engine = runtime.engine
+    execute = engine.runner.execute
+
+    def poisoned(plan, adapters):  # noqa: ANN001
+        out = execute(plan, adapters)
+        rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith("nan-")]
+        if not rows:
+            return out
+        logits = out.logits.clone()
+        logits[rows] = float("nan")
+        return dataclasses.replace(out, logits=logits)
+
+    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    t = tenant(id="nan")
+    bad = await runtime.submit(msgspec.structs.replace(call(t, prompt="The capital of Peru is", max_tokens=4),
+                                                       request_id="nan-1"))
+    good = await runtime.submit(call(t, prompt="The capital of Chile is", max_tokens=4))
+    _, _, last = await collect(bad)
+    assert isinstance(last, Failed) and (last.status, last.code) == (500, "engine_error"), last
+    assert "not a number" in last.message
+    _, _, fin = await collect(good)
+    assert isinstance(fin, Finished)
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    await trio.sleep(0.2)  # (a store would happen in accounting, after the end)
+    again = await runtime.submit(call(t, prompt="The capital of Peru is", max_tokens=4))
+    assert isinstance(again, Accepted) and not again.cached
+    _, _, fin = await collect(again)
+    assert isinstance(fin, Finished)
+
+
 async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(runtime, monkeypatch):
     """The predictor actor crashing while it held a request (an audit: a refit that raised
     cancelled it mid-batch) ends that request with a 503 and settles it; the restarted

@@ -8,6 +8,7 @@ prefix-cache hits, and after preemption + recompute.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -203,6 +204,40 @@ def test_abort_frees_blocks_at_once(ckpt, tokenizer, prompts):
     assert engine.block_manager.num_free_blocks == engine.num_blocks
     assert not engine.has_unfinished()
     assert engine.step() == []
+
+
+def test_a_request_whose_logits_are_not_finite_fails_alone(ckpt, tokenizer, prompts, expected):
+    """Logits of NaN (a broken adapter, an overflow) sampled the last id of the vocabulary
+    to the cap, answered as a success with NaN logprobs (an audit). Now that request's
+    choice ends with "error" and a `fault`, its token unshown; the batch goes on."""
+    engine = make_engine(ckpt, tokenizer)
+    execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def poisoned(plan, adapters):  # noqa: ANN001
+        out = execute(plan, adapters)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            logits = out.logits.clone()
+            for row, sid in enumerate(out.seq_ids):
+                if engine.owner_of(sid) == "bad":
+                    logits[row] = float("nan")
+            out = dataclasses.replace(out, logits=logits)
+        return out
+
+    engine.runner.execute = poisoned
+    engine.add_request("bad", prompts[0], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=1))
+    engine.add_request("good", prompts[1], greedy())
+    outs: dict[str, list] = {"bad": [], "good": []}
+    while engine.has_unfinished():
+        for d in engine.step():
+            outs[d.request_id].append(d)
+    last = outs["bad"][-1]
+    assert (last.finish_reason, last.fault, last.token_ids) == ("error", True, ())
+    assert "not a number" in last.error and len(outs["bad"]) == 3
+    assert all(lp == lp for d in outs["bad"] for lp in d.logprobs or ())  # (no NaN reached a delta)
+    assert [t for d in outs["good"] for t in d.token_ids] == expected[1]
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
 def test_request_that_can_never_fit_is_rejected(ckpt, tokenizer):
