@@ -380,6 +380,8 @@ class Runtime:
         if self.store is not None and (not self.store.healthy or self.store.failed_within(REDIS_DEGRADED_S)):
             # (a Redis refusing writes answers the reads between: `healthy` alone flickered)
             degraded.append(f"redis: {self.store.last_error or 'unreachable'}")
+        if (failing := self.stepper.failing()) is not None:
+            degraded.append(f"engine: its latest step failed ({failing})")
         stats = self.engine.stats()
         return {
             "ready": self.ready,

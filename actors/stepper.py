@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -169,6 +170,12 @@ class Stepper:
         self.max_loras: int | None = lora.config.max_loras if lora is not None and lora.enabled else None
         self.parked: list[RequestState] = []
         self.last_step_s = 0.0  # duration of the latest engine step
+        # the latest step that raised (monotonic; -inf: none) and why, the latest that did
+        # not, and when a failure's traceback was last logged: `/readyz` says the engine is
+        # failing while the latest step raised, and the log does not grow a traceback a step
+        self.step_failed_at = self.step_ok_at = self._traceback_logged_at = -math.inf
+        self.step_error = ""
+        self._failures_unlogged = 0
         # what policies read as `EngineView.step_time_s` ("recent mean step time"): an EWMA
         # with the simulator's weight (SimConfig.step_time_ewma), so a policy behaves served as
         # it does in ops.bench_sched and the simulator; the raw last step let one 512-token
@@ -402,6 +409,32 @@ class Stepper:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
+    def _step_failed(self, error: Exception) -> None:
+        """An engine step raised: its requests fail with a 500 that names no internals (the
+        exception may name other tenants' requests; an audit saw every tenant of the batch
+        shown it), and the traceback is logged at most once a minute, the failures between
+        counted (an audit: ~17 lines a request while every step failed)."""
+        now = self.step_failed_at = time.monotonic()
+        self.step_error = f"{type(error).__name__}: {error}"
+        self.metrics.engine_errors.inc()
+        if now - self._traceback_logged_at >= 60.0:
+            self._traceback_logged_at = now
+            log.error("engine step failed (%d more since the last traceback logged)", self._failures_unlogged,
+                      exc_info=error)
+            self._failures_unlogged = 0
+        else:
+            self._failures_unlogged += 1
+            log.error("engine step failed again: %s", self.step_error)
+        self.fail_all("engine step failed (the server's log has why)")
+
+    def failing(self) -> str | None:
+        """Why the engine is failing, while its latest step raised (within the last minute):
+        for `/readyz`'s `degraded`; None otherwise."""
+        now = time.monotonic()
+        if self.step_failed_at > self.step_ok_at and now - self.step_failed_at < 60.0:
+            return self.step_error
+        return None
+
     def _route(self, d: StepDelta) -> None:
         st = self.active.get(d.request_id)
         if st is None:
@@ -531,10 +564,9 @@ class Stepper:
                         t0 = time.perf_counter()  # a step's time excludes waiting for the lock
                         deltas = await self._step()
             except Exception as e:  # noqa: BLE001 — an engine error fails the step's requests, not the process
-                log.exception("engine step failed")
-                self.metrics.engine_errors.inc()
-                self.fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                self._step_failed(e)
                 continue
+            self.step_ok_at = time.monotonic()
             dt = self.last_step_s = time.perf_counter() - t0
             self.mean_step_s = dt if self.mean_step_s == 0 else self.mean_step_s + STEP_TIME_EWMA * (dt - self.mean_step_s)
             self.step_cost.observe(self.engine.last_step_tokens, dt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import os
 import signal
 from dataclasses import replace
@@ -1091,6 +1092,39 @@ async def test_a_request_whose_logits_are_not_finite_fails_with_a_500_and_is_not
     assert isinstance(again, Accepted) and not again.cached
     _, _, fin = await collect(again)
     assert isinstance(fin, Finished)
+
+
+async def test_a_step_that_raises_fails_its_requests_without_internals_and_readyz_says_so(runtime, monkeypatch,
+                                                                                         caplog):
+    """A step that raises fails its requests with a 500 naming no internals (an audit: the
+    exception's text went to every tenant of the batch); the server's status says the
+    engine is failing until a step succeeds; the traceback is logged once a minute, not
+    once a step."""
+    engine = runtime.engine
+    execute = engine.runner.execute
+    boom = {"on": True}
+
+    def failing(plan, adapters):  # noqa: ANN001
+        if boom["on"]:
+            raise RuntimeError("secret internals of req-other")
+        return execute(plan, adapters)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    monkeypatch.setattr(runtime.stepper, "_traceback_logged_at", -float("inf"))  # (the fixture is shared)
+    caplog.set_level(logging.ERROR, logger="actors.stepper")
+    for _ in range(2):
+        acc = await runtime.submit(call(tenant(id="boom"), prompt="Once upon a time", max_tokens=4))
+        _, _, last = await collect(acc)
+        assert isinstance(last, Failed) and (last.status, last.code) == (500, "engine_error"), last
+        assert "secret" not in last.message and "server's log" in last.message
+    assert any("engine: its latest step failed (RuntimeError: secret" in d for d in runtime.status()["degraded"])
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and sum("failed again" in r.getMessage() for r in caplog.records) >= 1
+    boom["on"] = False
+    acc = await runtime.submit(call(tenant(id="boom"), prompt="Once upon a time", max_tokens=4))
+    _, _, fin = await collect(acc)
+    assert isinstance(fin, Finished)
+    assert not any(d.startswith("engine") for d in runtime.status()["degraded"])
 
 
 async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(runtime, monkeypatch):
