@@ -35,6 +35,7 @@ get one delta with no tokens, finish reason "length".
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -548,7 +549,7 @@ class Engine:
                 self._fork(req, choice, tok)
             if fork_index is not None and fork_index == req.params.n - 1:
                 req.forked = True
-        deltas = [self._emit(req, choice, tok, lp, top, fault) for req, choice, _, tok, lp, top, fault in picks]
+        deltas = [self._emit_guarded(req, choice, tok, lp, top, fault) for req, choice, _, tok, lp, top, fault in picks]
         for req, choice in prefilled:
             deltas += self._end_prefill_only(req, choice)
         for req in beams_reported:
@@ -847,6 +848,28 @@ class Engine:
                 unreturned_tokens=unreturned if i == len(hyps) - 1 else 0,
             ))
         return deltas
+
+    def _emit_guarded(self, req: _Request, choice: _Choice, tok: int, lp, top, fault: bool) -> StepDelta:
+        """`_emit`, and when it raises (detokenizing, a stop string, a constraint's matcher:
+        what one request's output runs through) that choice alone ends with "error", a
+        `fault`: raised out of the step, it failed every request of the batch (an audit: one
+        tenant's output that tripped the detokenizer failed every other tenant's)."""
+        try:
+            return self._emit(req, choice, tok, lp, top, fault)
+        except Exception as e:  # noqa: BLE001 — one request's output must not fail the others
+            log.exception("request %s: its output could not be processed", req.request_id)
+            choice.finish_reason = "error"
+            if choice.scheduled:
+                with contextlib.suppress(Exception):  # (_emit may have finished it already)
+                    self.scheduler.finish(choice.seq_id)
+            self._seq_owner.pop(choice.seq_id, None)
+            self._started.discard(choice.seq_id)
+            return StepDelta(
+                request_id=req.request_id, index=choice.index, text="", token_ids=(), logprobs=None,
+                top_logprobs=None, finish_reason="error", request_finished=req.finished,
+                prompt_tokens=len(req.prompt_token_ids), cached_prompt_tokens=req.cached_tokens,
+                completion_tokens=len(choice.sampling.output_token_ids),
+                error=f"the server failed to process this request's output ({type(e).__name__})", fault=True)
 
     def _emit(self, req: _Request, choice: _Choice, tok: int, lp, top, fault: bool = False) -> StepDelta:
         """Record a sampled token for one choice, check stop conditions, build its delta.

@@ -240,6 +240,34 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(ckpt, tokenizer, prom
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+def test_a_request_whose_output_cannot_be_processed_fails_alone(ckpt, tokenizer, prompts, expected):
+    """Detokenizing (or a stop string, a matcher) raising for one request's token failed
+    the whole step, every request in it (an audit); now that choice alone ends "error"."""
+    engine = make_engine(ckpt, tokenizer)
+    emit = engine._emit
+    seen = {"bad": 0}
+
+    def fragile(req, choice, tok, lp, top, fault=False):  # noqa: ANN001
+        if req.request_id == "bad":
+            seen["bad"] += 1
+            if seen["bad"] == 2:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
+        return emit(req, choice, tok, lp, top, fault)
+
+    engine._emit = fragile
+    engine.add_request("bad", prompts[0], greedy())
+    engine.add_request("good", prompts[1], greedy())
+    outs: dict[str, list] = {"bad": [], "good": []}
+    while engine.has_unfinished():
+        for d in engine.step():
+            outs[d.request_id].append(d)
+    last = outs["bad"][-1]
+    assert (last.finish_reason, last.fault, last.request_finished) == ("error", True, True)
+    assert "UnicodeDecodeError" in last.error and len(outs["bad"]) == 2
+    assert [t for d in outs["good"] for t in d.token_ids] == expected[1]
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
 def test_request_that_can_never_fit_is_rejected(ckpt, tokenizer):
     engine = make_engine(ckpt, tokenizer, max_model_len=64)
     with pytest.raises(RequestRejected, match="context window"):
