@@ -388,6 +388,7 @@ class Runtime:
             "degraded": degraded,
             "model": self.model_name,
             "queue_len": len(self.queue),
+            "waiting": self.waiting(),  # (the queue's and every stage before the engine runs a request)
             "running": stats["running"],
             "engine_waiting": stats["waiting"],
             "kv_usage": stats["kv_usage"],

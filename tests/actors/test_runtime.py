@@ -1125,6 +1125,7 @@ async def test_a_step_that_raises_fails_its_requests_without_internals_and_ready
     _, _, fin = await collect(acc)
     assert isinstance(fin, Finished)
     assert not any(d.startswith("engine") for d in runtime.status()["degraded"])
+    assert runtime.status()["waiting"] == 0
 
 
 async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(runtime, monkeypatch):
