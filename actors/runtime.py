@@ -530,6 +530,10 @@ class Runtime:
                 for one in batch:
                     if one.prediction is None:
                         one.prediction = self.predictor.predict(one.tenant_id, one.app, one.params.max_tokens)
+                    if log.isEnabledFor(logging.DEBUG):  # (what an operator reads a prediction from)
+                        log.debug("request %s: predicted %.0f ± %.0f output tokens (%s; max_tokens %d)",
+                                  one.request_id, one.prediction.tokens, one.prediction.std,
+                                  one.prediction.source, one.params.max_tokens)
                     await self._queue_send.send(one)
                     self._predicting -= 1
                     batch_left = self._prediction_batch
