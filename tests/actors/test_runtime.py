@@ -1128,7 +1128,7 @@ async def test_a_step_that_raises_fails_its_requests_without_internals_and_ready
     assert runtime.status()["waiting"] == 0
 
 
-async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(runtime, monkeypatch):
+async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(runtime, monkeypatch, caplog):
     """The predictor actor crashing while it held a request (an audit: a refit that raised
     cancelled it mid-batch) ends that request with a 503 and settles it; the restarted
     actor predicts the next one."""
@@ -1151,9 +1151,11 @@ async def test_a_crashed_predictor_fails_the_requests_it_held_and_is_restarted(r
     assert runtime.metrics.actor_restarts.labels("predictor")._value.get() == 1
     await wait_until(lambda: runtime.accounting.settled >= 1)
     assert await quotas.running("pred-crash") == 0 and runtime._predicting == 0
+    caplog.set_level(logging.DEBUG, logger="actors.runtime")
     after = await runtime.submit(call(t, prompt="The capital of France is", max_tokens=4))
     _, _, fin = await collect(after)
     assert isinstance(fin, Finished)
+    assert any(r.getMessage().startswith(f"request {after.request_id}: predicted ") for r in caplog.records)
 
 
 async def test_magnus_length_predictor_learns_refits_and_survives_a_restart(nursery, ckpt, tokenizer, services):
