@@ -523,17 +523,26 @@ class LengthPredictor:
         stopped = xs.T @ ys
         images: list[np.ndarray] = []  # the last EM images and their steps, for Anderson's extrapolation
         steps: list[np.ndarray] = []
+        best, best_moved, last_moved = w, math.inf, math.inf
         for _ in range(rounds):
             mu = xc @ w
             above = mu + sigma * inverse_mills((cut - mu) / sigma)  # E[log length | above the cut]
             image = solve @ (stopped + xc.T @ above)  # one EM round from w
             step = image - w
-            if float(np.max(np.abs(xc @ step))) < 1e-4:  # (in log length: 0.01% of a prediction)
-                w = image
+            moved = float(np.max(np.abs(xc @ step)))
+            if moved < best_moved:  # (the EM image nearest its own fixed point, should the rounds run out)
+                best, best_moved = image, moved
+            if moved < 1e-4:  # (in log length: 0.01% of a prediction)
                 break
             # Anderson acceleration (depth 5): plain EM crawls when many are cut (50 rounds
             # still 7% from the optimum with every request cut at 64); extrapolated from the
-            # last rounds it is there in ~15
+            # last rounds it is there in ~15. Safeguarded: a round that moved more than the
+            # one before (the extrapolation went astray) restarts from plain EM (a review
+            # saw unguarded iterates swing at the round limit, 227% off)
+            if moved > last_moved:
+                images.clear()
+                steps.clear()
+            last_moved = moved
             images.append(image)
             steps.append(step)
             if len(steps) > ANDERSON_DEPTH + 1:
@@ -545,7 +554,7 @@ class LengthPredictor:
                 extrapolated = image - d_image @ np.linalg.lstsq(d_step, step, rcond=None)[0]
                 if np.all(np.isfinite(extrapolated)):
                     w = extrapolated
-        return dataclasses.replace(length, w=w, n=len(xs) + len(xc))  # (`fitted_on`: the cut rows too)
+        return dataclasses.replace(length, w=best, n=len(xs) + len(xc))  # (`fitted_on`: the cut rows too)
 
     def _searches(self, n: int, previous: LinearModel | None) -> bool:
         """Does a refit on `n` samples search the ridge grid, or keep `previous`'s penalty?"""

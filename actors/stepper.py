@@ -463,7 +463,7 @@ class Stepper:
             tokens = [text_of(t) for t in d.token_ids]
             if d.top_logprobs is not None:
                 top = [[TopLogprob(t, lp, text_of(t)) for t, lp in row] for row in d.top_logprobs]
-        if st.cacheable:
+        if st.cacheable and st.params.n == 1:  # (only one choice's answer is stored: held for nothing else)
             rec = st.choices.setdefault(d.index, ChoiceRecord())
             rec.text += d.text
             rec.token_ids.extend(d.token_ids)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from gpu.structured import GrammarCompiler, GuidedDecodingError, first_line
 from gpu.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+NOT_FINITE = "the model's output for this request was not a number (NaN or infinity)"
 
 __all__ = ["Engine", "StepDelta", "CompletionOutput", "RequestRejected", "cpu_has_native_bf16", "resolve_dtype",
            "generate"]
@@ -519,8 +521,21 @@ class Engine:
         self.num_steps += 1
         self._count(plan)
         out = self.runner.execute(plan, {name: held[0] for name, held in self._live_adapters.items()})
-        self._record_prompt_logprobs(out.prompt_logprobs)
-        beams_reported = self._report_beams(out.seq_ids, out.logits)
+        # requests failed alone this step (request id -> why): a beam search's logits or a
+        # scoring request's prompt logprobs not finite, a beam's or a prefill's output that
+        # could not be processed (each of those failed the step, or answered NaN: reviews)
+        faulted: dict[str, str] = {}
+        self._record_prompt_logprobs(out.prompt_logprobs, faulted)
+        beam_logits = out.logits
+        if beam_logits.numel():
+            finite = torch.isfinite(beam_logits).all(dim=-1)
+            if not bool(finite.all()):
+                for i in torch.nonzero(~finite).flatten().tolist():
+                    req = self._requests.get(self.owner_of(out.seq_ids[i]))
+                    if req is not None and req.beam is not None:
+                        faulted[req.request_id] = NOT_FINITE
+                beam_logits = torch.where(finite[:, None], beam_logits, torch.zeros((), dtype=beam_logits.dtype))
+        beams_reported = self._report_beams(out.seq_ids, beam_logits)
         rows, states, targets, prefilled = self._sampling_batch(out.seq_ids)
         sampled_by_seq: dict[str, int] = {}
         picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
@@ -551,10 +566,23 @@ class Engine:
                 req.forked = True
         deltas = [self._emit_guarded(req, choice, tok, lp, top, fault) for req, choice, _, tok, lp, top, fault in picks]
         for req, choice in prefilled:
-            deltas += self._end_prefill_only(req, choice)
+            if req.request_id not in faulted:
+                deltas += self._guarded(faulted, req, self._end_prefill_only, req, choice)
         for req in beams_reported:
-            if len(req.beam_reports) == len(req.beam_seqs):
-                deltas += self._advance_beams(req)
+            if len(req.beam_reports) == len(req.beam_seqs) and req.request_id not in faulted:
+                deltas += self._guarded(faulted, req, self._advance_beams, req)
+        if faulted:
+            deltas = [d for d in deltas if d.request_id not in faulted]
+            for rid, why in faulted.items():
+                req = self._requests.get(rid)
+                if req is None:
+                    continue
+                self.abort(rid)
+                log.error("request %s: %s", rid, why)
+                deltas.append(StepDelta(
+                    request_id=rid, index=0, text="", token_ids=(), logprobs=None, top_logprobs=None,
+                    finish_reason="error", request_finished=True, prompt_tokens=len(req.prompt_token_ids),
+                    cached_prompt_tokens=req.cached_tokens, completion_tokens=0, error=why, fault=True))
         for rid in {d.request_id for d in deltas}:
             req = self._requests.get(rid)
             if req is not None and req.finished:
@@ -604,13 +632,19 @@ class Engine:
                 targets.append((req, choice, None))
         return rows, states, targets, prefilled
 
-    def _record_prompt_logprobs(self, chunks) -> None:
+    def _record_prompt_logprobs(self, chunks, faulted: dict[str, str]) -> None:
         """File the prompt logprobs of this step's chunks (`gpu.runner.PromptLogprobs`) by
         position; once a request has them all, its later chunks stop asking (a recompute
-        after preemption would only repeat them) and it may take prefix hits again."""
+        after preemption would only repeat them) and it may take prefix hits again. A chunk
+        of values not finite puts its request in `faulted`, filed nowhere (a review: a
+        scoring request answered NaN, and the prompt-logprob cache kept it for the next)."""
         for sid, chunk in chunks.items():
             req = self._requests.get(sid)
             if req is None or req.prompt_lp is None or not req.prompt_lp_missing:
+                continue
+            if not all(math.isfinite(v) for v in chunk.logprobs) or not all(
+                    math.isfinite(v) for row in chunk.top for _, v in row):
+                faulted[req.request_id] = NOT_FINITE
                 continue
             for i, (lp, top, rank) in enumerate(zip(chunk.logprobs, chunk.top, chunk.ranks, strict=True)):
                 pos = chunk.start + i + 1
@@ -849,6 +883,17 @@ class Engine:
             ))
         return deltas
 
+    def _guarded(self, faulted: dict[str, str], req: _Request, fn, *args) -> list[StepDelta]:
+        """`fn(*args)`'s deltas; when it raises, none, and `req` is in `faulted` (it fails
+        alone, not the step)."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 — one request's output must not fail the others
+            log.exception("request %s: its output could not be processed", req.request_id)
+            faulted.setdefault(req.request_id, f"the server failed to process this request's output "
+                                                f"({type(e).__name__})")
+            return []
+
     def _emit_guarded(self, req: _Request, choice: _Choice, tok: int, lp, top, fault: bool) -> StepDelta:
         """`_emit`, and when it raises (detokenizing, a stop string, a constraint's matcher:
         what one request's output runs through) that choice alone ends with "error", a
@@ -892,8 +937,7 @@ class Engine:
         error = None
         if fault:
             reason = "error"
-            error = (f"the model's output for this request was not a number (NaN or infinity) after {n_out - 1} "
-                     "tokens")
+            error = NOT_FINITE
             log.error("request %s: %s", req.request_id, error)
         elif st.matcher is not None and st.matcher.is_error():
             # the grammar hit one of llguidance's limits: this token was not constrained, and

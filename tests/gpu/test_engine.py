@@ -240,6 +240,44 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(ckpt, tokenizer, prom
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+def test_a_beam_search_or_scoring_request_whose_model_output_is_not_finite_fails_alone(
+        ckpt, tokenizer, prompts, expected):
+    """A beam search scored its beams from NaN logits and a scoring request answered NaN
+    prompt logprobs (and cached them), both as successes (a review). Each fails alone."""
+    engine = make_engine(ckpt, tokenizer)
+    execute = engine.runner.execute
+
+    def poisoned(plan, adapters):  # noqa: ANN001
+        out = execute(plan, adapters)
+        logits = out.logits.clone()
+        for row, sid in enumerate(out.seq_ids):
+            if engine.owner_of(sid) == "beams":
+                logits[row] = float("nan")
+        scored = {sid: dataclasses.replace(c, logprobs=[float("nan")] * len(c.logprobs))
+                  if engine.owner_of(sid) == "score" else c for sid, c in out.prompt_logprobs.items()}
+        return dataclasses.replace(out, logits=logits, prompt_logprobs=scored)
+
+    engine.runner.execute = poisoned
+    engine.add_request("beams", prompts[0], SamplingParams(use_beam_search=True, best_of=2, max_tokens=4))
+    engine.add_request("score", prompts[2], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    engine.add_request("good", prompts[1], greedy())
+    outs: dict[str, list] = {"beams": [], "score": [], "good": []}
+    while engine.has_unfinished():
+        for d in engine.step():
+            outs[d.request_id].append(d)
+    for rid in ("beams", "score"):
+        [last] = outs[rid]
+        assert (last.finish_reason, last.fault, last.request_finished) == ("error", True, True), rid
+        assert "not a number" in last.error
+    assert [t for d in outs["good"] for t in d.token_ids] == expected[1]
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    engine.runner.execute = execute  # nothing of it was kept: scored afresh, finite
+    engine.add_request("score2", prompts[2], SamplingParams(max_tokens=0, prompt_logprobs=1))
+    done = [d for _ in range(50) if engine.has_unfinished() for d in engine.step()]
+    assert done[-1].finish_reason == "length" and not done[-1].fault
+    assert all(lp is None or lp == lp for lp, _, _ in done[-1].prompt_logprobs)
+
+
 def test_a_request_whose_output_cannot_be_processed_fails_alone(ckpt, tokenizer, prompts, expected):
     """Detokenizing (or a stop string, a matcher) raising for one request's token failed
     the whole step, every request in it (an audit); now that choice alone ends "error"."""
