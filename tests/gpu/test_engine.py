@@ -228,16 +228,22 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(ckpt, tokenizer, prom
     engine.runner.execute = poisoned
     engine.add_request("bad", prompts[0], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=1))
     engine.add_request("good", prompts[1], greedy())
-    outs: dict[str, list] = {"bad": [], "good": []}
-    while engine.has_unfinished():
-        for d in engine.step():
-            outs[d.request_id].append(d)
+    outs = deltas_until_done(engine)
     last = outs["bad"][-1]
     assert (last.finish_reason, last.fault, last.token_ids) == ("error", True, ())
     assert "not a number" in last.error and len(outs["bad"]) == 3
     assert all(lp == lp for d in outs["bad"] for lp in d.logprobs or ())  # (no NaN reached a delta)
     assert [t for d in outs["good"] for t in d.token_ids] == expected[1]
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def deltas_until_done(engine: Engine) -> dict[str, list]:
+    """Step `engine` until nothing is left: each request's deltas, by request id."""
+    outs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            outs.setdefault(d.request_id, []).append(d)
+    return outs
 
 
 def test_a_beam_search_or_scoring_request_whose_model_output_is_not_finite_fails_alone(
@@ -261,10 +267,7 @@ def test_a_beam_search_or_scoring_request_whose_model_output_is_not_finite_fails
     engine.add_request("beams", prompts[0], SamplingParams(use_beam_search=True, best_of=2, max_tokens=4))
     engine.add_request("score", prompts[2], SamplingParams(max_tokens=0, prompt_logprobs=1))
     engine.add_request("good", prompts[1], greedy())
-    outs: dict[str, list] = {"beams": [], "score": [], "good": []}
-    while engine.has_unfinished():
-        for d in engine.step():
-            outs[d.request_id].append(d)
+    outs = deltas_until_done(engine)
     for rid in ("beams", "score"):
         [last] = outs[rid]
         assert (last.finish_reason, last.fault, last.request_finished) == ("error", True, True), rid
@@ -295,10 +298,7 @@ def test_a_request_whose_output_cannot_be_processed_fails_alone(ckpt, tokenizer,
     engine._emit = fragile
     engine.add_request("bad", prompts[0], greedy())
     engine.add_request("good", prompts[1], greedy())
-    outs: dict[str, list] = {"bad": [], "good": []}
-    while engine.has_unfinished():
-        for d in engine.step():
-            outs[d.request_id].append(d)
+    outs = deltas_until_done(engine)
     last = outs["bad"][-1]
     assert (last.finish_reason, last.fault, last.request_finished) == ("error", True, True)
     assert "UnicodeDecodeError" in last.error and len(outs["bad"]) == 2
