@@ -526,28 +526,28 @@ class Engine:
         # could not be processed (each of those failed the step, or answered NaN: reviews)
         faulted: dict[str, str] = {}
         self._record_prompt_logprobs(out.prompt_logprobs, faulted)
-        beam_logits = out.logits
-        if beam_logits.numel():
-            finite = torch.isfinite(beam_logits).all(dim=-1)
+        # one finiteness check a step (NaN or infinity: a broken adapter, an overflow): a
+        # row of it fails its request (a beam search here, a sampled choice in `_emit`),
+        # zeroed so that nothing downstream computes on it
+        logits_all, unfinite = out.logits, set()
+        if logits_all.numel():
+            finite = torch.isfinite(logits_all).all(dim=-1)
             if not bool(finite.all()):
-                for i in torch.nonzero(~finite).flatten().tolist():
+                unfinite = set(torch.nonzero(~finite).flatten().tolist())
+                for i in unfinite:
                     req = self._requests.get(self.owner_of(out.seq_ids[i]))
                     if req is not None and req.beam is not None:
                         faulted[req.request_id] = NOT_FINITE
-                beam_logits = torch.where(finite[:, None], beam_logits, torch.zeros((), dtype=beam_logits.dtype))
-        beams_reported = self._report_beams(out.seq_ids, beam_logits)
+                logits_all = torch.where(finite[:, None], logits_all, torch.zeros((), dtype=logits_all.dtype))
+        beams_reported = self._report_beams(out.seq_ids, logits_all)
         rows, states, targets, prefilled = self._sampling_batch(out.seq_ids)
         sampled_by_seq: dict[str, int] = {}
         picks: list[tuple[_Request, _Choice, int | None, int, float | None, list | None]] = []
         if rows:
-            logits = out.logits
+            logits = logits_all
             if rows != list(range(logits.shape[0])):  # copy only for a repeated (n>1) or skipped row
                 logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64))
-            finite = torch.isfinite(logits).all(dim=-1)
-            broken: set[int] = set()
-            if not bool(finite.all()):  # (NaN or infinity: a broken adapter, an overflow) fails its request
-                broken = set(torch.nonzero(~finite).flatten().tolist())
-                logits = torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype))
+            broken = {k for k, row in enumerate(rows) if row in unfinite} if unfinite else set()
             res = self.sampler.sample(logits, states, generator=self._rng)
             for k, (req, choice, fork_index) in enumerate(targets):
                 tok = res.token_ids[k]
