@@ -546,13 +546,8 @@ class Runtime:
         batch, and those requests hung, counted nowhere, never settled)."""
         batch, self._prediction_batch, self._predicting = self._prediction_batch, [], 0
         for st in batch:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                st.events.send_nowait(Failed(st.request_id, 503, "predictor_error",
-                                             "the server's length predictor failed while it handled this "
-                                             "request; retry"))
-            st.cancelled = True
-            st.events.close()
-            self._done_send.send_nowait(Completed(st, "error"))
+            self._end_failed(st, "predictor_error",
+                             "the server's length predictor failed while it handled this request; retry", "error")
 
     def _log_feedback_failure(self) -> None:
         """A finished request's length feedback failed: logged at most once a minute."""
@@ -625,13 +620,17 @@ class Runtime:
         """End every request the queue holds with a 503 `code` on its stream; returns how many."""
         failed = 0
         for st in self.queue.drain():
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                st.events.send_nowait(Failed(st.request_id, 503, code, message))
-            st.cancelled = True
-            st.events.close()
-            self._done_send.send_nowait(Completed(st, outcome))
+            self._end_failed(st, code, message, outcome)
             failed += 1
         return failed
+
+    def _end_failed(self, st: RequestState, code: str, message: str, outcome: str) -> None:
+        """End a request not yet running with a 503 `code` on its stream, and account it."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            st.events.send_nowait(Failed(st.request_id, 503, code, message))
+        st.cancelled = True
+        st.events.close()
+        self._done_send.send_nowait(Completed(st, outcome))
 
     def _holding_reservations(self) -> list[RequestState]:
         """Requests that hold a quota reservation and have not ended: waiting in the queue or
