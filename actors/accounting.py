@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from actors.flights import Flights
 from actors.messages import LengthFeedback
 from actors.metrics import Metrics
 from actors.stepper import Completed
@@ -74,6 +75,7 @@ class Accounting:
         response_cache: Any = None,
         retries: int = 3,
         settle_patience_s: float = 3600.0,
+        flights: Flights | None = None,  # the admission's (`Admission.flights`): where leaders' answers land
     ) -> None:
         self.inbox = inbox
         self.metrics = metrics
@@ -84,6 +86,7 @@ class Accounting:
         self.response_cache = response_cache
         self.retries = retries
         self.settle_patience_s = settle_patience_s
+        self.flights = flights if flights is not None else Flights()
         self.settled = 0  # settle/release calls that succeeded (for tests and /metrics)
         self.pending = 0  # Completed messages being handled (a settle waiting for Redis included)
 
@@ -158,6 +161,7 @@ class Accounting:
             if isinstance(c, UsageRecord):
                 await self._record(c)
             else:
+                self._land(c)
                 await self._handle(c)
         except Exception:
             st = c if isinstance(c, UsageRecord) else c.state
@@ -259,14 +263,33 @@ class Accounting:
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:
             await self._store(st)
 
-    async def _store(self, st) -> None:
+    def _land(self, c: Completed) -> None:
+        """A request that led identical ones in flight (`actors.flights`) gives them its
+        answer as soon as it ends, before its settle and store wait for Redis: the answer
+        the cache would store, or None (it ran no whole answer: they go on alone)."""
+        st = c.state
+        if st.flight is None:
+            return
+        key, flight = st.flight
+        st.flight = None
+        answer = None
+        try:
+            if c.outcome == "ok" and st.scheduled_at and not st.refunded and st.params.n == 1 and 0 in st.choices:
+                answer = self._answer(st)
+        finally:  # (it lands whatever happens: its followers wait for nothing else)
+            self.flights.land(key, flight, answer)
+
+    @staticmethod
+    def _answer(st) -> Any:
+        """The request's answer as the response cache keeps it (`CachedCompletion`), or None
+        when a replay could not answer in full (a token came without its logprob)."""
         from cache.response_cache import CachedCompletion, CachedUsage
 
         rec = st.choices[0]
         with_logprobs = st.params.logprobs is not None
         if with_logprobs and len(rec.logprobs) != len(rec.token_ids):
-            return  # not every token came with its logprob: a replay could not answer in full
-        value = CachedCompletion(
+            return None
+        return CachedCompletion(
             text=rec.text,
             token_ids=rec.token_ids,
             finish_reason=rec.finish_reason or "stop",
@@ -277,6 +300,11 @@ class Accounting:
             top_logprobs=rec.top_logprobs if with_logprobs and rec.top_logprobs else None,
             stored_at=time.time(),
         )
+
+    async def _store(self, st) -> None:
+        value = self._answer(st)
+        if value is None:
+            return  # not every token came with its logprob: a replay could not answer in full
         tenant = st.call.tenant.as_tenant()
         stored = await self._with_retry("response_cache_put", self.response_cache.put, tenant,
                                         st.cache_model or self.model_name, st.prompt_token_ids, st.params, value)

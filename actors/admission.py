@@ -7,7 +7,9 @@ channel. Order of checks, cheapest and most final first::
     model known?  → 404            prompt valid / fits the context?  → 400
     overloaded?   → 503 + Retry-After (before touching Redis: shed load cheaply)
     quota         → 429 + Retry-After (atomic reserve in Redis)
-    response cache hit → replay it (no engine)       else → predictor → queue
+    response cache hit → replay it (no engine)
+    an identical request in flight → wait for its answer (actors.flights)
+                                                     else → predictor → queue
 
 Redis outages: prompt and response caches are bypassed; quota behaviour is
 `AdmissionConfig.quota_fail_open` (default True: serve without quota while
@@ -16,6 +18,7 @@ Redis is down, counted in `lmgate_redis_errors`; False: answer 503).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,8 +28,10 @@ from typing import Any
 import msgspec
 import trio
 
+from actors.flights import Flight, Flights
 from actors.messages import (
     Accepted,
+    Failed,
     Finished,
     GenerateCall,
     Rejected,
@@ -95,6 +100,9 @@ class AdmissionConfig:
     max_estimated_wait_s: float = 60.0  # estimated queueing delay beyond which → 503
     quota_fail_open: bool = True
     embedding_models: frozenset[str] = frozenset()  # served for /v1/embeddings only: a 400 here
+    # an identical deterministic request in flight: wait for its answer, do not generate it again
+    # (actors.flights)
+    collapse_identical: bool = True
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,11 @@ class Admission:
         self._broken_adapters_said: dict[str, float] = {}  # adapter -> when its fault was last logged
         self.adapters = adapters if adapters is not None and adapters.enabled else None
         self.pending = 0  # requests between the load check and the hand-off to the predictor
+        self.flights = Flights()  # identical deterministic requests in flight (actors.flights)
+        self._followers: dict[RequestState, trio.CancelScope] = {}  # waiting for an identical one's answer
+        # where followers wait (`_follow`): the runtime's admission nursery, set when it runs;
+        # None: requests never follow
+        self.background: trio.Nursery | None = None
         self.on_cancel = on_cancel
         self.grammars = grammars
         self._compile_limiter = trio.CapacityLimiter(1)
@@ -715,13 +728,120 @@ class Admission:
         except CacheUnavailable:
             self.metrics.redis_errors.labels("response_cache_get").inc()
             hit = None
-        if hit is not None and st.params.logprobs is not None and hit.logprobs is None:
-            hit = None  # stored without its logprobs (an older entry): answer afresh
-        if hit is not None and not fresh_enough(hit.age_s(time.time()), self.response_cache.ttl_s,
-                                                call.cache_max_age_s, call.cache_min_fresh_s):
+        if hit is not None and not self._usable(call, st, hit):
             hit = None
         self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
         return hit
+
+    def _usable(self, call: GenerateCall, st: RequestState, hit: CachedCompletion) -> bool:
+        """A stored answer may answer the request: it has the logprobs asked for (an older
+        entry may not), and it is as fresh as the caller's `Cache-Control` asks."""
+        if st.params.logprobs is not None and hit.logprobs is None:
+            return False
+        return fresh_enough(hit.age_s(time.time()), self.response_cache.ttl_s,
+                            call.cache_max_age_s, call.cache_min_fresh_s)
+
+    def _flight_to_follow(self, call: GenerateCall, st: RequestState) -> Flight | None:
+        """The flight of an identical request (`actors.flights`) this one, which missed the
+        cache, is to wait for, or None: it generates its own answer, and leads a flight
+        when none is in the air and its answer would be stored. Not followed: by a streamed
+        request (its first token would wait for the leader's last), nor by one that ranks
+        above the leader (it would wait behind a request the scheduler puts after it)."""
+        if (not self.config.collapse_identical or self.background is None or self.response_cache is None
+                or st.params.n != 1 or not is_cacheable(st.params)):
+            return None
+        key = self.response_cache.entry_key(call.tenant.as_tenant(), st.cache_model, st.prompt_token_ids, st.params)
+        flight = self.flights.get(key)
+        if flight is None:
+            if st.cacheable:
+                st.flight = (key, self.flights.lead(key, st.priority))
+            return None
+        if call.stream or not call.cache_lookup or st.priority > flight.priority:
+            return None
+        return flight
+
+    def _follow(self, call: GenerateCall, st: RequestState, flight: Flight) -> trio.CancelScope:
+        """Wait, in the background, for `flight`'s answer (`_await_flight`); the scope
+        returned, cancelled, gives up waiting (the client went away)."""
+        scope = self._followers[st] = trio.CancelScope()
+        flight.followers += 1
+        self.background.start_soon(self._await_flight, call, st, flight, scope)
+        return scope
+
+    @property
+    def following(self) -> int:
+        """Requests waiting for an identical one's answer."""
+        return len(self._followers)
+
+    def followers(self) -> list[RequestState]:
+        """The requests waiting for an identical one's answer (their reservations are kept
+        alive as a queued request's are: `Runtime._keep_reservations`)."""
+        return list(self._followers)
+
+    def end_following(self, message: str) -> int:
+        """Shutdown: every request waiting for an identical one's answer gets a 503
+        `shutting_down` and ends (`Runtime.end_streams`: the one it waits for ends too, and it
+        must not then start on its own). Returns how many."""
+        for st, scope in self._followers.items():
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                st.events.send_nowait(Failed(st.request_id, 503, "shutting_down", message))
+            st.cancelled = True
+            scope.cancel()
+        return len(self._followers)
+
+    async def _await_flight(self, call: GenerateCall, st: RequestState, flight: Flight | None,
+                            scope: trio.CancelScope) -> None:
+        """A follower's answer: its flight's replayed into the request's events (counted in
+        `lmgate_collapsed_requests_total{result="answered"}`, billed as a cache hit), or,
+        when the flight lands without one, it leads or follows the next flight, or is sent
+        on to be generated as any other request ("generated"). Cancelled (`scope`: its
+        client went away, or the server stops), it ends having run nothing."""
+        answer = None
+        try:
+            with scope:
+                while flight is not None:
+                    try:
+                        await flight.landed.wait()
+                    finally:
+                        flight.followers -= 1
+                    if flight.answer is not None and self._usable(call, st, flight.answer):
+                        answer = flight.answer
+                        break
+                    flight = self._flight_to_follow(call, st)  # (it may lead the next one)
+                    if flight is not None:
+                        flight.followers += 1
+            self._followers.pop(st, None)
+            if scope.cancel_called or st.cancelled:
+                st.events.close()
+                self.completed.send_nowait(Completed(st, "cancelled"))
+            elif answer is not None:
+                self.metrics.collapsed.labels("answered").inc()
+                self._replay(call, st, answer, st.events, whole=True)
+            else:
+                self.metrics.collapsed.labels("generated").inc()
+                try:
+                    self.to_predictor.send_nowait(st)
+                except trio.WouldBlock:
+                    self._end_follower(st, "overloaded", "server overloaded: admission backlog full")
+        except Exception:  # a bug: this request ends, the admission actor (where it waits) goes on
+            log.exception("request %s failed waiting for an identical request's answer", st.request_id)
+            self._end_follower(st, "unavailable", "the request failed waiting for an identical request's answer")
+        except BaseException:  # the admission actor stops (a crash, the server's end): it ends too
+            self._end_follower(st, "unavailable", "the server stopped waiting for this request's answer; retry")
+            raise
+
+    def _end_follower(self, st: RequestState, code: str, message: str) -> None:
+        """A follower that will not be answered ends with a 503 `code` on its stream, and its
+        hold goes; if it led a flight meanwhile, that lands without an answer."""
+        self._followers.pop(st, None)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            st.events.send_nowait(Failed(st.request_id, 503, code, message))
+        st.events.close()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self.completed.send_nowait(Completed(st, "rejected"))
+        if st.flight is not None:
+            self.flights.land(*st.flight, None)
+            st.flight = None
 
     async def _only_cached(self, call: GenerateCall, st: RequestState) -> CachedCompletion:
         """The stored answer of an `only-if-cached` request (`call.cache_only`), looked up
@@ -745,9 +865,17 @@ class Admission:
             hit = await self._lookup(call, st)
         if hit is None:
             return None
-        age = hit.age_s(time.time())
         # into the sink through the request's own clone (closed below: the replay is whole)
         send, recv = (st.events, None) if sink is not None else trio.open_memory_channel(len(hit.token_ids) + 2)
+        self._replay(call, st, hit, send)
+        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True,
+                        cache_age_s=hit.age_s(time.time()), settled=st.settled, rate_limits=st.rate_limits)
+
+    def _replay(self, call: GenerateCall, st: RequestState, hit: CachedCompletion, send: trio.MemorySendChannel,
+                *, whole: bool = False) -> None:
+        """`hit` as the request's events into `send` (closed after: the request has ended,
+        as a cache hit), token by token as it was streamed, or in one delta (`whole`, or an
+        entry stored without its deltas)."""
         n = len(hit.token_ids)
         lps = hit.logprobs
         toks = hit.tokens if hit.tokens is not None and len(hit.tokens) == n else None
@@ -759,7 +887,7 @@ class Admission:
             return {"logprobs": lps[i:j], "tokens": toks[i:j] if toks is not None else None,
                     "top_logprobs": [[TopLogprob(*a) for a in row] for row in tops[i:j]] if tops is not None else None}
 
-        if len(hit.deltas) == n:  # replay token by token, as it was streamed (the last one ends the choice)
+        if len(hit.deltas) == n and not whole:  # replay token by token, as it was streamed (the last one ends the choice)
             for i, (text, tok) in enumerate(zip(hit.deltas, hit.token_ids, strict=True)):
                 send.send_nowait(TokenDelta(call.request_id, 0, text, [tok], **extras(i, i + 1),
                                             finish_reason=hit.finish_reason if i == n - 1 else None))
@@ -773,8 +901,6 @@ class Admission:
         st.finish_reasons[0] = hit.finish_reason
         st.first_token_at = st.finished_at = time.monotonic()
         self.completed.send_nowait(Completed(st, "cached"))
-        return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True, cache_age_s=age,
-                        settled=st.settled, rate_limits=st.rate_limits)
 
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:
@@ -788,6 +914,7 @@ class Admission:
         admitted = False
         grammar = None
         tokenizing = False  # from tokenizing to the reservation, which counts or denies the request
+        following: trio.CancelScope | None = None  # waiting for an identical request's answer (`_follow`)
         try:
             self.check_rpm_block(call.tenant)
             adapter = await self._adapter(call.model)
@@ -823,18 +950,23 @@ class Admission:
             try:
                 await self._remember(call, rendering)
                 cached = await self._cached(call, st, sink, hit)
+                # an identical request being generated: its answer is this one's (else this may lead)
+                flight = self._flight_to_follow(call, st) if cached is None else None
             except BaseException:  # a bug, or a Redis error no cache path expects: the hold must go
                 self.completed.send_nowait(Completed(st, "rejected"))
                 raise
             if cached is not None:
                 admitted = True
                 return cached
-            try:
-                self.to_predictor.send_nowait(st)
-            except trio.WouldBlock:
-                self.completed.send_nowait(Completed(st, "rejected"))
-                raise _Refuse(503, "overloaded", "server overloaded: admission backlog full",
-                              retry_after=1.0) from None
+            if flight is not None:
+                following = self._follow(call, st, flight)
+            else:
+                try:
+                    self.to_predictor.send_nowait(st)
+                except trio.WouldBlock:
+                    self.completed.send_nowait(Completed(st, "rejected"))
+                    raise _Refuse(503, "overloaded", "server overloaded: admission backlog full",
+                                  retry_after=1.0) from None
             admitted = True
         except _Refuse as r:
             if tokenizing and r.rejected[0] == 400:
@@ -852,6 +984,8 @@ class Admission:
             st.cancelled = True
             st.client_cancelled = True
             (recv if recv is not None else send).close()
+            if following is not None:
+                following.cancel()
             if self.on_cancel is not None:
                 self.on_cancel()
 

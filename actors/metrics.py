@@ -225,6 +225,15 @@ class Metrics:
             "lmgate_response_cache_stores", "Answers of deterministic requests offered to the response cache: stored, "
             "too_large (past its entry size: not stored), or failed (Redis did not take it)", ["result"], registry=r
         )
+        self.collapsed = Counter(
+            "lmgate_collapsed_requests", "Requests that missed the response cache while an identical one was being "
+            "generated and waited for its answer (actors.flights): answered (given it, as a cache hit), or generated "
+            "(its flight ended without one: generated its own)", ["result"], registry=r
+        )
+        self.following = Gauge(
+            "lmgate_collapsed_requests_waiting", "Requests waiting for an identical one's answer (actors.flights)",
+            registry=r,
+        )
         self.prompt_cache_lookups = Counter(
             "lmgate_prompt_cache_lookups", "Prompt cache lookups of chat requests: hit, miss, or error (Redis did not "
             "answer: rendered anew)", ["result"], registry=r

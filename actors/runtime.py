@@ -74,6 +74,7 @@ class RuntimeConfig:
     model_name: str = ""  # served model id; "" → derived from the checkpoint
     max_estimated_wait_s: float = 60.0
     quota_fail_open: bool = True
+    collapse_identical: bool = True  # identical deterministic requests in flight generate once (actors.flights)
     metrics_tenant_histograms: int = 200  # tenants with latency histograms of their own (`Metrics.latency_tenant`)
     admission_concurrency: int = 256
     channel_size: int = 256
@@ -250,6 +251,7 @@ class Runtime:
                 max_waiting=config.queue.max_waiting,
                 max_estimated_wait_s=config.max_estimated_wait_s,
                 quota_fail_open=config.quota_fail_open,
+                collapse_identical=config.collapse_identical,
                 embedding_models=self.embedding_aliases,
             ),
             engine.tokenizer, self.metrics,
@@ -261,10 +263,12 @@ class Runtime:
         self.accounting = Accounting(
             self._done_recv, self.metrics, model_name=self.model_name, feedback=self._fb_send,
             service_time=self._service_time, quotas=quotas, response_cache=response_cache,
+            flights=self.admission.flights,
         )
         # read at scrape time: never stale (after a drain, between steps)
         self.metrics.waiting.set_function(self.waiting)
         self.metrics.running.set_function(lambda: self.engine.scheduler.num_running)
+        self.metrics.following.set_function(lambda: self.admission.following)
         self.metrics.tenant_queue.policy = lambda: self.queue.policy
 
     # ------------------------------------------------------------------ models
@@ -490,6 +494,7 @@ class Runtime:
                     result.cancel()
 
         async with trio.open_nursery() as nursery:
+            self.admission.background = nursery  # (followers of identical requests wait there: actors.flights)
             task_status.started()
             async for msg in self._admit_recv:
                 nursery.start_soon(one, msg)
@@ -595,6 +600,7 @@ class Runtime:
         score, rerank) requests stop after their current batch and answer the same 503
         (`EmbeddingService.end_all`). Returns how many."""
         ended = self._fail_waiting(message, code="shutting_down", outcome="cancelled")
+        ended += self.admission.end_following(message)
         for st in [*self.stepper.active.values(), *self.stepper.parked]:
             if not st.cancelled:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
@@ -633,9 +639,10 @@ class Runtime:
         self._done_send.send_nowait(Completed(st, outcome))
 
     def _holding_reservations(self) -> list[RequestState]:
-        """Requests that hold a quota reservation and have not ended: waiting in the queue or
-        running in the engine."""
-        live = [job.payload for job in self.queue.policy] + list(self.stepper.active.values()) + self.stepper.parked
+        """Requests that hold a quota reservation and have not ended: waiting in the queue,
+        running in the engine, or waiting for an identical request's answer."""
+        live = ([job.payload for job in self.queue.policy] + list(self.stepper.active.values()) + self.stepper.parked
+                + self.admission.followers())
         return [st for st in live if st.reserved and st.quota_tenant is not None and not st.cancelled]
 
     def _embedding_holds(self) -> dict[str, Any]:

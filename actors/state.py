@@ -68,6 +68,9 @@ class RequestState:
     adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)
     adapter_key: str | None = None  # its name@version at admission (part of `cache_model`)
     cache_model: str = ""  # what produced its answer, as the response cache keys it (`Admission._cached`)
+    # (response-cache entry key, actors.flights.Flight) while it leads identical requests
+    # flight: its answer lands there when it ends (`Accounting.handle`)
+    flight: tuple[str, Any] | None = None
     grammar: Any = None  # `params.guided` compiled at admission (gpu.structured.GrammarCompiler.prototype)
 
     @property

@@ -128,10 +128,12 @@ class ResponseCache:
         self.max_entry_bytes = max_entry_bytes
         self.stats = CacheStats()
 
-    def _redis_key(
+    def entry_key(
         self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
         params: msgspec.Struct | Mapping[str, Any],
     ) -> str:
+        """The Redis key of the entry answering this request: one key, one answer (also
+        what `actors.flights` collapses identical requests in flight by)."""
         return self.store.key("rc1", scope_for(tenant), response_key(model, prompt_token_ids, params))
 
     async def get(
@@ -141,7 +143,7 @@ class ResponseCache:
         """The cached completion or None (also for an entry that does not decode:
         `RedisStore.get_value`). Raises CacheUnavailable (callers usually treat that as a
         miss: fail open)."""
-        key = self._redis_key(tenant, model, prompt_token_ids, params)
+        key = self.entry_key(tenant, model, prompt_token_ids, params)
         hit = await self.store.get_value(key, _value_decoder.decode)
         if hit is None:
             self.stats.misses += 1
@@ -159,7 +161,7 @@ class ResponseCache:
         if len(value) > self.max_entry_bytes:
             self.stats.skipped_too_large += 1
             return False
-        key = self._redis_key(tenant, model, prompt_token_ids, params)
+        key = self.entry_key(tenant, model, prompt_token_ids, params)
         await self.store.set_value(key, value, self.ttl_s)
         self.stats.stores += 1
         return True

@@ -86,6 +86,7 @@ class GatewayConfig:
     max_estimated_wait_seconds: float = 60.0  # estimated queueing delay beyond this → 503
     metrics_tenant_histograms: int = 200  # tenants with latency histograms of their own; the rest share tenant="*"
     quota_fail_open: bool = True  # Redis down: serve without quota (True) or answer 503 (False)
+    collapse_identical: bool = True  # identical deterministic requests in flight generate once (actors.flights)
     scheduling_policy: str = "priority"  # actors.policies: who enters the engine when
     aging_seconds: float = 10.0  # priority, hybrid: a waiting request gains a tier per this many seconds
     kv_reservation: str = "auto"  # auto | always | off: how magnus/hybrid reserve KV (PolicyConfig.kv_reservation)
@@ -474,6 +475,9 @@ _HELP = {
                                  "keeps apart, the first seen; the others share tenant=\"*\" (each tenant's are "
                                  "~100 series a scrape formats)",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
+    "collapse_identical": "a deterministic, non-streamed request identical to one being generated (same tenant "
+                          "cache scope, model, prompt and parameters) waits for that one's answer and is given it "
+                          "as a cache hit, instead of generating it again (docs/api.md)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
                          "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
     "aging_seconds": "priority and hybrid policies: a waiting request gains one tier of priority per this many "
@@ -707,6 +711,7 @@ def runtime_config(config: GatewayConfig):
         max_estimated_wait_s=config.max_estimated_wait_seconds,
         metrics_tenant_histograms=config.metrics_tenant_histograms,
         quota_fail_open=config.quota_fail_open,
+        collapse_identical=config.collapse_identical,
         step_in_thread=config.step_thread == "worker",
         embeddings=None if config.embedding_model == "none" else EmbeddingConfig(
             model=config.embedding_model, batch_tokens=config.embedding_batch_tokens),

@@ -990,7 +990,8 @@ async def test_higher_tier_tenant_runs_first(nursery, ckpt, tokenizer, services)
     order: list[str] = []
 
     async def run(t: TenantContext, label: str, max_tokens: int = 12) -> None:
-        acc = await rt.submit(call(t, prompt="Say something", max_tokens=max_tokens, ignore_eos=True))
+        # (prompts of their own: identical ones would wait for the first's answer, actors.flights)
+        acc = await rt.submit(call(t, prompt=f"Say something, {label}", max_tokens=max_tokens, ignore_eos=True))
         await collect(acc)
         order.append(label)
 
@@ -1761,3 +1762,139 @@ def test_a_deleted_tenant_keeps_its_fairness_counter_while_its_requests_wait():
     stand_in.stepper.active = {}
     Runtime.forget_tenants(stand_in, ["gone"])  # type: ignore[arg-type]
     assert "gone" not in policy.vtc.counters and "busy" in policy.vtc.counters
+
+
+# ---------------------------------------------------------------- collapsed forwarding (actors.flights)
+def collapsed(rt: Runtime, result: str) -> float:
+    return rt.metrics.collapsed.labels(result)._value.get()
+
+
+async def test_identical_requests_in_flight_generate_once_and_are_billed_as_cache_hits(runtime, services):
+    """A burst of identical deterministic requests: the first generates, the others wait
+    for its answer (no sequence, no queue place) and are given it as a cache hit, billed
+    as one; the engine generates the answer once."""
+    t = tenant(id="burst")
+    ask = dict(prompt="Write a long poem about the sea", max_tokens=40, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    assert isinstance(leader, Accepted) and not leader.cached
+    generated = runtime.engine.counters["generated_tokens"]
+    followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
+    assert all(isinstance(f, Accepted) for f in followers)
+    assert runtime.admission.following == 3 and runtime.waiting() == 0  # they hold no place in the queue
+    assert "lmgate_collapsed_requests_waiting 3.0" in prometheus_client.generate_latest(runtime.registry).decode()
+    text, _, fin = await collect(leader)
+    assert isinstance(fin, Finished) and not fin.cached and fin.usage.completion_tokens == 40
+    for f in followers:
+        ftext, deltas, ffin = await collect(f)
+        assert ftext == text and [t for d in deltas for t in d.token_ids] and ffin.cached
+        assert ffin.usage == Usage(fin.usage.prompt_tokens, 40, fin.usage.prompt_tokens)
+    assert runtime.engine.counters["generated_tokens"] - generated <= 40  # once, not four times
+    assert collapsed(runtime, "answered") == 3 and runtime.admission.following == 0
+    assert len(runtime.admission.flights) == 0
+    await wait_until(lambda: runtime.accounting.pending == 0)
+    [row] = await usage_rows(services["quotas"], "burst")
+    assert (row.requests, row.completion_tokens) == (4, 160)  # each billed as the cache hit it is
+
+
+async def test_a_streamed_or_no_cache_request_does_not_wait_for_an_identical_one(runtime):
+    """A stream's first token would wait for the leader's last, and `no-cache` asks for an
+    answer of its own: both generate alongside the one in flight."""
+    t = tenant(id="streams")
+    ask = dict(prompt="Describe a busy harbour at dawn", max_tokens=30, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    others = [await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True)),
+              await runtime.submit(msgspec.structs.replace(call(t, **ask), cache_lookup=False))]
+    assert runtime.admission.following == 0
+    texts = [(await collect(a))[0] for a in (leader, *others)]
+    assert texts[0] == texts[1] == texts[2]
+    assert collapsed(runtime, "answered") == 0
+
+
+async def test_followers_of_a_cancelled_request_go_on_and_one_of_them_leads(runtime, services):
+    """The leader's client goes away: its followers are not left without an answer, and do
+    not all generate it either: the first to look again leads, the others follow it."""
+    t = tenant(id="relead")
+    ask = dict(prompt="List the planets of the solar system", max_tokens=30, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
+    assert runtime.admission.following == 3
+    leader.cancel()
+    ends = [await collect(f) for f in followers]
+    assert all(isinstance(fin, Finished) and fin.usage.completion_tokens == 30 for _, _, fin in ends)
+    assert len({text for text, _, _ in ends}) == 1
+    assert collapsed(runtime, "generated") == 1 and collapsed(runtime, "answered") == 2
+    assert sum(not fin.cached for _, _, fin in ends) == 1  # one generated it
+    await wait_until(lambda: runtime.accounting.pending == 0 and not runtime.engine.has_unfinished())
+    engine = runtime.engine
+    assert engine.block_manager.num_free_blocks == engine.num_blocks and len(runtime.admission.flights) == 0
+
+
+async def test_a_follower_whose_client_goes_away_is_released_and_billed_nothing(runtime, services):
+    t = tenant(Quota(max_concurrent=2), id="gone")
+    ask = dict(prompt="Explain how tides work", max_tokens=30, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    follower = await runtime.submit(call(t, **ask))
+    assert runtime.admission.following == 1
+    assert isinstance(await runtime.submit(call(t, **ask)), Rejected)  # its slot is held while it waits
+    follower.cancel()
+    await wait_until(lambda: runtime.admission.following == 0)
+    await follower.settled.wait()
+    assert await services["quotas"].running("gone") == 1  # the leader's
+    _, _, fin = await collect(leader)
+    assert isinstance(fin, Finished) and fin.usage.completion_tokens == 30
+    await wait_until(lambda: runtime.accounting.pending == 0)
+    [row] = await usage_rows(services["quotas"], "gone")
+    assert (row.requests, row.completion_tokens) == (1, 30)
+
+
+async def test_a_higher_priority_request_does_not_wait_behind_a_lower_one(runtime):
+    t = tenant(id="tiers", priority=5)
+    ask = dict(prompt="Name three rivers", max_tokens=20, ignore_eos=True)
+    low = await runtime.submit(msgspec.structs.replace(call(t, **ask), priority=1))
+    high = await runtime.submit(call(t, **ask))  # the tenant's tier, 5
+    assert runtime.admission.following == 0
+    same = await runtime.submit(msgspec.structs.replace(call(t, **ask), priority=1))
+    assert runtime.admission.following == 1  # its equal follows
+    assert len({(await collect(a))[0] for a in (low, high, same)}) == 1
+
+
+async def test_collapsing_can_be_turned_off_and_the_shutdown_ends_followers(nursery, ckpt, tokenizer, services):
+    rt = Runtime(RuntimeConfig(collapse_identical=False), make_engine(ckpt, tokenizer), **services)
+    await nursery.start(rt.run)
+    t = tenant(id="off")
+    ask = dict(prompt="Count the stars", max_tokens=20, ignore_eos=True)
+    both = [await rt.submit(call(t, **ask)) for _ in range(2)]
+    assert rt.admission.following == 0
+    assert [fin.cached for _, _, fin in [await collect(a) for a in both]] == [False, False]
+
+    on = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(on.run)
+    leader = await on.submit(call(t, prompt="Tell a story", max_tokens=300, ignore_eos=True))
+    follower = await on.submit(call(t, prompt="Tell a story", max_tokens=300, ignore_eos=True))
+    assert on.admission.following == 1
+    assert on.end_streams() == 2
+    for acc in (leader, follower):
+        last = (await collect(acc))[2]
+        assert isinstance(last, Failed) and (last.status, last.code) == (503, "shutting_down"), last
+    await wait_until(lambda: on.accounting.pending == 0 and on.admission.following == 0)
+    assert collapsed(on, "generated") == 0  # it never went on to generate on its own
+
+
+async def test_a_follower_outliving_the_reservation_ttl_keeps_its_concurrency_slot(nursery, ckpt, tokenizer,
+                                                                                   services):
+    quotas = QuotaManager(services["store"], reservation_ttl_s=0.6)  # extended every 0.2 s
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer), **{**services, "quotas": quotas})
+    await nursery.start(rt.run)
+    t = tenant(Quota(max_concurrent=2), id="patient")
+    ask = dict(prompt="Once upon a time", max_tokens=600, ignore_eos=True)
+    leader, follower = [await rt.submit(call(t, **ask)) for _ in range(2)]
+    assert rt.admission.following == 1
+    await trio.sleep(1.5)  # two and a half TTLs
+    assert await quotas.running("patient") == 2
+    third = await rt.submit(call(t, prompt="Hi"))
+    assert isinstance(third, Rejected) and third.status == 429 and "max_concurrent" in third.message
+    for acc in (follower, leader):
+        acc.cancel()
+    await wait_until(lambda: not rt.engine.has_unfinished() and rt.admission.following == 0
+                     and rt.accounting.pending == 0)
+    assert await quotas.running("patient") == 0

@@ -285,3 +285,33 @@ async def test_a_key_that_spent_its_minute_on_refused_prompts_is_refused_everywh
             assert r.json()["error"]["code"] == "rate_limit_exceeded" and 50 < float(r.headers["retry-after"]) <= 60
             assert r.headers["x-ratelimit-remaining-requests"] == "0"
     stop.set()
+
+
+async def test_identical_requests_sent_at_once_are_generated_once(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
+                                                                  redis_url: str) -> None:
+    """Three identical greedy requests at once over HTTP: one generates, the other two
+    wait for its answer (actors.flights) and get it, billed as cache hits; a streamed one
+    generates its own."""
+    base_url, key, stop = await serve_with_tenant(nursery, tmp_path, redis_url, "same", {})
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Write a haiku about rain", "max_tokens": 60,
+            "ignore_eos": True, "temperature": 0}
+    answers: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+        async def ask() -> None:
+            answers.append(await c.post("/v1/completions", json=body))
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(ask)
+        assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+        texts = {r.json()["choices"][0]["text"] for r in answers}
+        assert len(texts) == 1
+        assert [r.json()["usage"]["completion_tokens"] for r in answers] == [60] * 3
+        cached = sorted(r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+                        == r.json()["usage"]["prompt_tokens"] for r in answers)
+        assert cached == [False, True, True]  # two were given the first's answer
+        metrics = (await c.get("/metrics")).text
+        assert 'lmgate_collapsed_requests_total{result="answered"} 2.0' in metrics
+        assert "lmgate_collapsed_requests_waiting 0.0" in metrics
+    await wait_idle(base_url)
+    stop.set()
