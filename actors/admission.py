@@ -236,6 +236,7 @@ def fresh_enough(age_s: float | None, ttl_s: float, max_age_s: int | None, min_f
         return True
     if age_s is None:
         return False
+    age_s = math.floor(age_s)  # in whole seconds, as its `Age` header says (RFC 9111 §5.1)
     return (max_age_s is None or age_s <= max_age_s) and (min_fresh_s is None or ttl_s - age_s >= min_fresh_s)
 
 

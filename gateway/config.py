@@ -60,7 +60,7 @@ class GatewayConfig:
     max_streams_per_socket: int = 16  # concurrent requests multiplexed on one WebSocket
     shutdown_grace_seconds: float = 10.0  # streams may finish this long after SIGINT/SIGTERM
     keep_alive_seconds: float = 5.0
-    sse_ping_seconds: float = 15.0  # an SSE stream silent this long gets a comment line (0 = never)
+    sse_ping_seconds: float = 15.0  # an SSE stream silent this long gets a comment line, a WebSocket a ping (0 = never)
     listen_backlog: int = 4096  # connections the kernel queues before the server accepts them (gateway.server)
     dev_tenant: bool = True  # on first start create a development tenant and print its key
     # engine and scheduling (see gpu.config / actors.runtime)
@@ -434,7 +434,7 @@ _HELP = {
     "keep_alive_seconds": "HTTP keep-alive timeout",
     "sse_ping_seconds": "a completions, chat or Responses stream that has sent nothing for this long (queued, "
                         "a beam search) sends an SSE comment line (': ping'), so a proxy's or client's read "
-                        "timeout does not cut it; 0 = never",
+                        "timeout does not cut it; a WebSocket gets a ping frame this often; 0 = never",
     "listen_backlog": "new connections the kernel queues until the server accepts them (at most 65535; "
                       "capped by net.core.somaxconn); a burst beyond it gets connection resets instead of 503s",
     "dev_tenant": "create a development tenant on first start and print its key",

@@ -108,6 +108,10 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     hc.keep_alive_timeout = config.keep_alive_seconds
     hc.backlog = config.listen_backlog
     hc.websocket_max_message_size = 2 * config.max_ws_frame_bytes + 4096
+    # a WebSocket gets a ping frame this often (browsers and client libraries answer it), so a
+    # proxy's read timeout (nginx: 60 s) does not cut a socket whose request is queued: SSE's
+    # comment lines, for WebSockets
+    hc.websocket_ping_interval = config.sse_ping_seconds or None
     hc.h11_max_incomplete_size = 64 * 1024
     hc.accesslog = None
     # Hypercorn's messages go through the root logger like everyone else's; given "-" (its

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import trio
 
-from actors.admission import TenantTurns, context_message, prompt_over
+from actors.admission import TenantTurns, context_message, fresh_enough, prompt_over
 
 
 def test_a_prompt_that_fills_the_window_is_told_what_it_asked_for_in_all() -> None:
@@ -43,3 +43,11 @@ async def test_a_tenants_long_text_waits_behind_one_call_of_each_other_tenant() 
         assert await turns.run("light", work("light"), limiter) == "light"
     assert order.index("light") <= 2 and len(order) == 7, order
     assert turns.waiting() == 0  # no lock kept for a tenant with no call
+
+
+def test_an_answers_age_is_compared_in_the_whole_seconds_its_age_header_shows() -> None:
+    """A client that saw `Age: 8` and asks `max-age=8` is answered from the cache (the
+    audit: 8.7 s compared as such missed)."""
+    assert fresh_enough(8.7, 3600, 8, None) and not fresh_enough(9.0, 3600, 8, None)
+    assert fresh_enough(10.9, 60, None, 50) and not fresh_enough(11.0, 60, None, 50)
+    assert fresh_enough(None, 60, None, None) and not fresh_enough(None, 60, 5, None)

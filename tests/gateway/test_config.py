@@ -583,3 +583,8 @@ def test_the_settings_other_than_their_defaults_are_listed_without_secrets() -> 
     # coredis also reads a password from the query
     listed = non_default_settings(load_config(None, {}, {"redis_url": "rediss://h/0?username=u&password=hunter2"}))
     assert "hunter2" not in listed and "redis_url='rediss://h/0?username=u&password=***'" in listed
+
+
+def test_websockets_are_pinged_as_often_as_sse_streams() -> None:
+    assert hypercorn_config(GatewayConfig(sse_ping_seconds=7)).websocket_ping_interval == 7
+    assert hypercorn_config(GatewayConfig(sse_ping_seconds=0)).websocket_ping_interval is None

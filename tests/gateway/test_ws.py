@@ -16,6 +16,7 @@ import trio
 from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError, aconnect_ws
 
 from gateway import ws as ws_module
+from gateway.config import GatewayConfig
 from tests.gateway.conftest import MODEL, Gateway, word
 
 
@@ -483,3 +484,29 @@ async def test_a_stream_the_runtime_closes_without_its_end_gets_an_error_frame(g
     assert [f["type"] for f in frames["cut"]] == ["token", "error"]
     assert (frames["cut"][-1]["status"], frames["cut"][-1]["error"]["code"]) == (500, "internal_error")
     assert after["after"][-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("gateway_config", [GatewayConfig(host="127.0.0.1", port=0, sse_ping_seconds=0.2)])
+async def test_an_idle_socket_is_pinged_so_proxies_keep_it(gateway: Gateway) -> None:
+    """A socket whose requests wait (or that has none) sees a ping frame every
+    `sse_ping_seconds`, as an SSE stream sees comment lines: a proxy's read timeout
+    (nginx's 60 s) cut it before (the audit)."""
+    raw = await RawWs.connect(gateway)
+
+    async def take(n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            got += await raw.sock.recv(n - len(got))
+        return got
+
+    opcodes = []
+    with trio.fail_after(5):
+        while 0x9 not in opcodes:  # (before or after the `ready` text frame)
+            head = await take(2)
+            size = head[1] & 0x7F
+            if size == 126:
+                size = struct.unpack(">H", await take(2))[0]
+            await take(size)
+            opcodes.append(head[0] & 0x0F)
+    assert 0x9 in opcodes, opcodes
+    raw.reset()
