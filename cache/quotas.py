@@ -412,6 +412,11 @@ if rpm > 0 and redis.call('ZCARD', rpm_key) >= rpm then
   local oldest = redis.call('ZRANGE', rpm_key, 0, 0, 'WITHSCORES')
   local retry = 60000
   if oldest[2] then retry = tonumber(oldest[2]) + 60000 - now end
+  -- a retry then that the tokens per minute would refuse again (their window not yet
+  -- turned): the later of the two
+  if tpm >= 0 and tokens <= tpm and tonumber(redis.call('GET', tpm_key) or '0') + tokens > tpm then
+    retry = math.max(retry, win + 60000 - now)
+  end
   return deny_for_now('requests_per_minute', retry, rpm .. ' requests per minute reached')
 end
 

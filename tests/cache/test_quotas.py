@@ -647,3 +647,23 @@ async def test_denied_says_where_the_minute_stands(quotas: QuotaManager, store: 
     assert 58 < rpm.limits.reset_requests_s <= 60  # type: ignore[union-attr,operator]
     busy = await quotas.reserve(make_tenant(Quota(max_concurrent=0, requests_per_minute=9), "z"), "e", 1, 1)
     assert isinstance(busy, Denied) and busy.limits.remaining_requests == 9  # type: ignore[union-attr]
+
+
+async def test_a_retry_after_the_requests_per_minute_wait_is_not_refused_by_the_tokens_per_minute(
+        store: RedisStore, quotas: QuotaManager):
+    """Both per-minute limits refuse: Retry-After is the later of their waits (the audit:
+    it named the request window's, 30 s, and the retry then was refused for the token
+    window's next 10 s)."""
+    await away_from_minute_edge(store)
+    tenant = make_tenant(Quota(requests_per_minute=2, tokens_per_minute=100), "both")
+    now_ms = int((await store.client.time()).timestamp() * 1000)
+    # a request 50 s ago (in this minute or the last one): the request window frees in 10 s
+    await store.client.zadd(quotas._base("both") + "rpm", {"earlier": now_ms - 50_000})
+    assert isinstance(await quotas.reserve(tenant, "a", 10, 80), Admitted)
+    denied = await quotas.reserve(tenant, "b", 10, 10)
+    assert isinstance(denied, Denied) and denied.limit == "requests_per_minute"
+    token_window_left = 60 - now_ms / 1000 % 60
+    assert denied.retry_after_s == pytest.approx(max(10.0, token_window_left), abs=1.0)
+    # a request that fits the token window is told the request window's wait alone
+    fits = await quotas.reserve(tenant, "c", 5, 5)
+    assert isinstance(fits, Denied) and fits.retry_after_s == pytest.approx(10.0, abs=1.0)
