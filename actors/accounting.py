@@ -161,8 +161,12 @@ class Accounting:
             if isinstance(c, UsageRecord):
                 await self._record(c)
             else:
-                self._land(c)
-                await self._handle(c)
+                landed = self._land(c)
+                try:
+                    await self._handle(c)
+                finally:  # (its answer stored, or not to be: the cache answers from now on)
+                    if landed is not None:
+                        self.flights.ground(*landed)
         except Exception:
             st = c if isinstance(c, UsageRecord) else c.state
             log.exception("accounting of request %s failed", st.request_id)
@@ -263,13 +267,15 @@ class Accounting:
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:
             await self._store(st)
 
-    def _land(self, c: Completed) -> None:
+    def _land(self, c: Completed) -> tuple[str, Any] | None:
         """A request that led identical ones in flight (`actors.flights`) gives them its
         answer as soon as it ends, before its settle and store wait for Redis: the answer
-        the cache would store, or None (it ran no whole answer: they go on alone)."""
+        the cache would store, or None (it ran no whole answer: when it was cancelled one
+        of them leads again, else they each go on alone). Returns the flight to ground
+        once the answer is stored (None: it had none)."""
         st = c.state
         if st.flight is None:
-            return
+            return None
         key, flight = st.flight
         st.flight = None
         answer = None
@@ -277,7 +283,8 @@ class Accounting:
             if c.outcome == "ok" and st.scheduled_at and not st.refunded and st.params.n == 1 and 0 in st.choices:
                 answer = self._answer(st)
         finally:  # (it lands whatever happens: its followers wait for nothing else)
-            self.flights.land(key, flight, answer)
+            self.flights.land(key, flight, answer, again=c.outcome == "cancelled")
+        return (key, flight) if answer is not None else None
 
     @staticmethod
     def _answer(st) -> Any:

@@ -742,12 +742,13 @@ class Admission:
         return fresh_enough(hit.age_s(time.time()), self.response_cache.ttl_s,
                             call.cache_max_age_s, call.cache_min_fresh_s)
 
+    FLIGHTS_FOLLOWED = 8  # flights a request waits for at most, one after another (each cancelled)
+
     def _flight_to_follow(self, call: GenerateCall, st: RequestState) -> Flight | None:
         """The flight of an identical request (`actors.flights`) this one, which missed the
         cache, is to wait for, or None: it generates its own answer, and leads a flight
-        when none is in the air and its answer would be stored. Not followed: by a streamed
-        request (its first token would wait for the leader's last), nor by one that ranks
-        above the leader (it would wait behind a request the scheduler puts after it)."""
+        when none is in the air and its answer would be stored. Who follows: the module
+        docstring of `actors.flights`."""
         if (not self.config.collapse_identical or self.background is None or self.response_cache is None
                 or st.params.n != 1 or not is_cacheable(st.params)):
             return None
@@ -755,9 +756,12 @@ class Admission:
         flight = self.flights.get(key)
         if flight is None:
             if st.cacheable:
-                st.flight = (key, self.flights.lead(key, st.priority))
+                st.flight = (key, self.flights.lead(key, st.priority, st))
             return None
-        if call.stream or not call.cache_lookup or st.priority > flight.priority:
+        leader = flight.leader
+        if (call.stream or not call.cache_lookup or st.priority > flight.priority
+                or (leader is not None and leader.tenant_id != st.tenant_id and not leader.scheduled_at)
+                or not fresh_enough(0.0, self.response_cache.ttl_s, call.cache_max_age_s, call.cache_min_fresh_s)):
             return None
         return flight
 
@@ -794,19 +798,25 @@ class Admission:
                             scope: trio.CancelScope) -> None:
         """A follower's answer: its flight's replayed into the request's events (counted in
         `lmgate_collapsed_requests_total{result="answered"}`, billed as a cache hit), or,
-        when the flight lands without one, it leads or follows the next flight, or is sent
-        on to be generated as any other request ("generated"). Cancelled (`scope`: its
-        client went away, or the server stops), it ends having run nothing."""
+        when the flight lands without one, it leads or follows the next flight (the leader
+        was cancelled), or is sent on to be generated as any other request ("generated").
+        Cancelled (`scope`: its client went away, or the server stops), it ends having run
+        nothing. Its end is sent to accounting awaiting room (a burst of followers all
+        answered at once may outnumber what its inbox holds)."""
         answer = None
         try:
             with scope:
+                followed = 0
                 while flight is not None:
+                    followed += 1
                     try:
                         await flight.landed.wait()
                     finally:
                         flight.followers -= 1
-                    if flight.answer is not None and self._usable(call, st, flight.answer):
-                        answer = flight.answer
+                    if flight.answer is not None:
+                        answer = flight.answer if self._usable(call, st, flight.answer) else None
+                        break
+                    if not flight.again or followed >= self.FLIGHTS_FOLLOWED:
                         break
                     flight = self._flight_to_follow(call, st)  # (it may lead the next one)
                     if flight is not None:
@@ -814,35 +824,55 @@ class Admission:
             self._followers.pop(st, None)
             if scope.cancel_called or st.cancelled:
                 st.events.close()
-                self.completed.send_nowait(Completed(st, "cancelled"))
+                await self.completed.send(Completed(st, "cancelled"))
             elif answer is not None:
                 self.metrics.collapsed.labels("answered").inc()
                 self._replay(call, st, answer, st.events, whole=True)
+                await self.completed.send(Completed(st, "cached"))
             else:
                 self.metrics.collapsed.labels("generated").inc()
                 try:
+                    self._check_load()  # (it was let in as one that takes no place)
                     self.to_predictor.send_nowait(st)
                 except trio.WouldBlock:
-                    self._end_follower(st, "overloaded", "server overloaded: admission backlog full")
+                    await self._end_follower(st, 503, "overloaded", "server overloaded: admission backlog full")
+                except _Refuse as r:
+                    await self._end_follower(st, r.rejected[0], r.rejected[1], r.rejected[2])
         except Exception:  # a bug: this request ends, the admission actor (where it waits) goes on
             log.exception("request %s failed waiting for an identical request's answer", st.request_id)
-            self._end_follower(st, "unavailable", "the request failed waiting for an identical request's answer")
+            await self._end_follower(st, 503, "unavailable",
+                                     "the request failed waiting for an identical request's answer")
         except BaseException:  # the admission actor stops (a crash, the server's end): it ends too
-            self._end_follower(st, "unavailable", "the server stopped waiting for this request's answer; retry")
+            self._end_follower_now(st, "the server stopped waiting for this request's answer; retry")
             raise
 
-    def _end_follower(self, st: RequestState, code: str, message: str) -> None:
-        """A follower that will not be answered ends with a 503 `code` on its stream, and its
-        hold goes; if it led a flight meanwhile, that lands without an answer."""
+    async def _end_follower(self, st: RequestState, status: int, code: str, message: str) -> None:
+        """A follower that will not be answered ends with `status` `code` on its stream (counted
+        as a rejection), and its hold goes; if it led a flight meanwhile, that lands without
+        an answer."""
         self._followers.pop(st, None)
+        self.metrics.rejections.labels(st.tenant_id, str(status), code).inc()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            st.events.send_nowait(Failed(st.request_id, 503, code, message))
+            st.events.send_nowait(Failed(st.request_id, status, code, message))
         st.events.close()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            self.completed.send_nowait(Completed(st, "rejected"))
         if st.flight is not None:
             self.flights.land(*st.flight, None)
             st.flight = None
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.completed.send(Completed(st, "rejected"))
+
+    def _end_follower_now(self, st: RequestState, message: str) -> None:
+        """`_end_follower` where nothing may be awaited (its task is cancelled): best effort."""
+        if self._followers.pop(st, None) is None:
+            return  # (it had ended, or gone on to be generated)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            st.events.send_nowait(Failed(st.request_id, 503, "unavailable", message))
+        st.events.close()
+        if st.flight is not None:
+            self.flights.land(*st.flight, None)
+            st.flight = None
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            self.completed.send_nowait(Completed(st, "cancelled"))
 
     async def _only_cached(self, call: GenerateCall, st: RequestState) -> CachedCompletion:
         """The stored answer of an `only-if-cached` request (`call.cache_only`), looked up
@@ -869,13 +899,14 @@ class Admission:
         # into the sink through the request's own clone (closed below: the replay is whole)
         send, recv = (st.events, None) if sink is not None else trio.open_memory_channel(len(hit.token_ids) + 2)
         self._replay(call, st, hit, send)
+        self.completed.send_nowait(Completed(st, "cached"))
         return Accepted(call.request_id, st.prompt_tokens, recv, lambda: None, cached=True,
                         cache_age_s=hit.age_s(time.time()), settled=st.settled, rate_limits=st.rate_limits)
 
     def _replay(self, call: GenerateCall, st: RequestState, hit: CachedCompletion, send: trio.MemorySendChannel,
                 *, whole: bool = False) -> None:
         """`hit` as the request's events into `send` (closed after: the request has ended,
-        as a cache hit), token by token as it was streamed, or in one delta (`whole`, or an
+        as a cache hit: the caller tells accounting), token by token as it was streamed, or in one delta (`whole`, or an
         entry stored without its deltas)."""
         n = len(hit.token_ids)
         lps = hit.logprobs
@@ -901,7 +932,6 @@ class Admission:
         st.completion_tokens = hit.usage.completion_tokens
         st.finish_reasons[0] = hit.finish_reason
         st.first_token_at = st.finished_at = time.monotonic()
-        self.completed.send_nowait(Completed(st, "cached"))
 
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:

@@ -9,16 +9,21 @@ dashboard's panels asking at once) took a sequence each, and was stored as many 
 
 The first such request is the flight's *leader*: it runs as any request does, and when it
 ends its answer *lands* (`Flights.land`, by accounting, as soon as it completes: before its
-quota is settled or the answer stored in Redis). The others are *followers*: they wait
+quota is settled or the answer stored in Redis; the flight stays in the air, answering at
+once, until the store is done: `Flights.ground`). The others are *followers*: they wait
 without taking a sequence, a queue place or a place in the overload estimate, then replay
-the answer. A leader that ends without one (cancelled by its client, refused, failed, or
-an answer the cache would not keep) lands `None`: its followers go on; the first of them
-to look again leads the next flight, the others follow it.
+the answer. A leader that ends without one lands `None`: when it was cancelled (its client
+went away), the first follower to look again leads the next flight and the others follow
+it; when it failed or was refused (what would fail each copy: a broken adapter, an output
+constraint, an engine fault), its followers each go on alone, at once, rather than one
+after another.
 
-Who follows (`Admission._follow`): a request that looked the cache up (not `no-cache`, not
-`only-if-cached`), not streamed (a stream's first token would wait for the leader's last),
-and whose priority is not above the leader's (it would wait behind a request the
-scheduler puts after it). Who leads: a request that would store its answer (not
+Who follows (`Admission._flight_to_follow`): a request that looked the cache up (not
+`no-cache`, not `only-if-cached`), not streamed (a stream's first token would wait for the
+leader's last), whose priority is not above the leader's (it would wait behind a request
+the scheduler puts after it), of the leader's tenant unless the leader already runs (a
+tenant of a shared cache pool would wait in another tenant's turn of the queue), and that
+a fresh answer satisfies (its `Cache-Control: min-fresh`). Who leads: a request that would store its answer (not
 `no-store`). Within one server only: replicas do not see each other's flights (Redis holds
 finished answers only).
 """
@@ -36,12 +41,14 @@ class Flight:
     """One answer being generated: `landed` is set once `answer` is final (a
     `cache.response_cache.CachedCompletion`, or None: there is none to share)."""
 
-    __slots__ = ("answer", "followers", "landed", "priority")
+    __slots__ = ("again", "answer", "followers", "landed", "leader", "priority")
 
-    def __init__(self, priority: int) -> None:
+    def __init__(self, priority: int, leader: Any = None) -> None:
         self.priority = priority  # the leader's (higher runs first)
+        self.leader = leader  # its actors.state.RequestState (who it is, whether it runs yet)
         self.landed = trio.Event()
         self.answer: Any = None
+        self.again = False  # landed without an answer, which another copy may well give (it was cancelled)
         self.followers = 0  # waiting for it now
 
 
@@ -56,21 +63,30 @@ class Flights:
         return len(self._by_key)
 
     def get(self, key: str) -> Flight | None:
-        """The flight in the air for `key` (never one that landed)."""
+        """The flight for `key`: in the air, or landed with an answer not yet stored."""
         return self._by_key.get(key)
 
-    def lead(self, key: str, priority: int) -> Flight:
-        """A new flight for `key`, whose leader the caller is. There must be none in flight."""
+    def lead(self, key: str, priority: int, leader: Any = None) -> Flight:
+        """A new flight for `key`, whose leader the caller is. There must be none."""
         if key in self._by_key:
             raise ValueError(f"a flight for {key!r} is already in the air")
-        flight = self._by_key[key] = Flight(priority)
+        flight = self._by_key[key] = Flight(priority, leader)
         return flight
 
-    def land(self, key: str, flight: Flight, answer: Any) -> None:
-        """The leader ended: `answer` to its followers (None: they go on alone). Idempotent:
-        a flight lands once, the first answer stands."""
+    def land(self, key: str, flight: Flight, answer: Any, *, again: bool = False) -> None:
+        """The leader ended: `answer` to its followers. Without one (None) the flight
+        leaves at once, and `again` says whether a follower should lead another (the leader
+        was cancelled) or each go on alone (it failed). With one, it stays until `ground`:
+        a request that misses the cache meanwhile (the answer not stored yet) is answered
+        at once. Idempotent: a flight lands once, the first answer stands."""
+        if flight.landed.is_set():
+            return
+        flight.answer, flight.again, flight.leader = answer, again and answer is None, None
+        if answer is None:
+            self.ground(key, flight)
+        flight.landed.set()
+
+    def ground(self, key: str, flight: Flight) -> None:
+        """The flight leaves the registry (its answer is in the response cache, or not to be)."""
         if self._by_key.get(key) is flight:
             del self._by_key[key]
-        if not flight.landed.is_set():
-            flight.answer = answer
-            flight.landed.set()

@@ -1790,8 +1790,8 @@ async def test_identical_requests_in_flight_generate_once_and_are_billed_as_cach
         assert ffin.usage == Usage(fin.usage.prompt_tokens, 40, fin.usage.prompt_tokens)
     assert runtime.engine.counters["generated_tokens"] - generated <= 40  # once, not four times
     assert collapsed(runtime, "answered") == 3 and runtime.admission.following == 0
-    assert len(runtime.admission.flights) == 0
     await wait_until(lambda: runtime.accounting.pending == 0)
+    assert len(runtime.admission.flights) == 0  # (grounded once its answer was stored)
     [row] = await usage_rows(services["quotas"], "burst")
     assert (row.requests, row.completion_tokens) == (4, 160)  # each billed as the cache hit it is
 
@@ -1898,3 +1898,109 @@ async def test_a_follower_outliving_the_reservation_ttl_keeps_its_concurrency_sl
     await wait_until(lambda: not rt.engine.has_unfinished() and rt.admission.following == 0
                      and rt.accounting.pending == 0)
     assert await quotas.running("patient") == 0
+
+
+async def test_a_burst_of_followers_larger_than_accountings_inbox_is_answered_and_billed(nursery, ckpt, tokenizer,
+                                                                                         services):
+    """Every follower of a flight is answered in the same moment: their ends are sent to
+    accounting awaiting room (the review: past its inbox's size, sent without waiting,
+    they crashed the admission actor, and went unbilled with their slots held)."""
+    rt = Runtime(RuntimeConfig(queue=QueueConfig(max_waiting=1), channel_size=2),
+                 make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    t = tenant(Quota(max_concurrent=100), id="crowd")
+    ask = dict(prompt="Write a long poem about the wind", max_tokens=30, ignore_eos=True)
+    accepted = [await rt.submit(call(t, **ask)) for _ in range(25)]
+    assert all(isinstance(a, Accepted) for a in accepted) and rt.admission.following == 24
+    ends = [(await collect(a))[2] for a in accepted]
+    assert all(isinstance(e, Finished) and e.usage.completion_tokens == 30 for e in ends)
+    await wait_until(lambda: rt.accounting.pending == 0 and rt.accounting.settled == 25)
+    assert rt.metrics.actor_restarts.labels("admission")._value.get() == 0
+    assert await services["quotas"].running("crowd") == 0
+    [row] = await usage_rows(services["quotas"], "crowd")
+    assert (row.requests, row.completion_tokens) == (25, 750)
+
+
+async def test_a_shared_pool_request_does_not_wait_in_another_tenants_turn(nursery, ckpt, tokenizer, services):
+    """Tenants of a shared cache pool: one's request identical to another's still queued is
+    generated on its own (it would wait in the other tenant's turn of the queue); once the
+    other's runs, it waits for that one's answer. The same tenant's identical request waits."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    a, b = tenant(id="pool-a", shared_cache_pool=True), tenant(id="pool-b", shared_cache_pool=True)
+    busy = await rt.submit(call(a, prompt="Once upon a time", max_tokens=200, ignore_eos=True))
+    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    ask = dict(prompt="Name the largest ocean", max_tokens=10, ignore_eos=True)
+    queued = await rt.submit(call(a, **ask))
+    await wait_until(lambda: rt.waiting() == 1)
+    other = await rt.submit(call(b, **ask))
+    assert rt.admission.following == 0  # the other tenant's: not behind a queued leader
+    same = await rt.submit(call(a, **ask))
+    assert rt.admission.following == 1  # its own tenant's: it was behind it anyway
+    busy.cancel()
+    texts = [(await collect(x))[0] for x in (queued, other, same)]
+    assert len(set(texts)) == 1
+
+
+async def test_followers_of_a_request_that_failed_each_go_on_at_once(runtime, monkeypatch):
+    """A leader that failed (what may fail each copy: an output constraint, a broken
+    adapter, an engine fault) lets its followers go on alone, together, not one after
+    another (the review: each waited for the one before it to fail)."""
+    import dataclasses
+    import time as _time
+
+    engine = runtime.engine
+    execute = engine.runner.execute
+
+    def poisoned(plan, adapters):  # noqa: ANN001
+        out = execute(plan, adapters)
+        rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith("fail-")]
+        if not rows:
+            return out
+        _time.sleep(1.0)  # (the followers come meanwhile)
+        logits = out.logits.clone()
+        logits[rows] = float("nan")
+        return dataclasses.replace(out, logits=logits)
+
+    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    t = tenant(id="fails")
+    ask = dict(prompt="Name a famous bridge", max_tokens=10, ignore_eos=True)
+    leader = await runtime.submit(msgspec.structs.replace(call(t, **ask), request_id="fail-lead"))
+    followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
+    assert runtime.admission.following == 3
+    assert isinstance((await collect(leader))[2], Failed)
+    ends = [await collect(f) for f in followers]
+    assert all(isinstance(fin, Finished) and not fin.cached for _, _, fin in ends)
+    assert (collapsed(runtime, "generated"), collapsed(runtime, "answered")) == (3, 0)
+
+
+async def test_a_min_fresh_no_answer_can_meet_does_not_wait(runtime):
+    t = tenant(id="fresh")
+    ask = dict(prompt="Name a mountain range", max_tokens=20, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    picky = await runtime.submit(msgspec.structs.replace(call(t, **ask), cache_min_fresh_s=10**8))
+    assert runtime.admission.following == 0
+    for acc in (leader, picky):
+        assert isinstance((await collect(acc))[2], Finished)
+
+
+async def test_an_answer_not_yet_stored_answers_a_request_at_once(runtime, services, monkeypatch):
+    """Between a leader's end and its answer's store (Redis round trips: seconds in an
+    outage), an identical request is given the answer, not generated again."""
+    cache = services["response_cache"]
+    put = cache.put
+
+    async def slow_put(*args, **kwargs):  # noqa: ANN002, ANN003
+        await trio.sleep(1.0)
+        return await put(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "put", slow_put)
+    t = tenant(id="landed")
+    ask = dict(prompt="Name a desert", max_tokens=8, ignore_eos=True)
+    text, _, _ = await collect(await runtime.submit(call(t, **ask)))
+    assert len(runtime.admission.flights) == 1  # landed, its answer being stored
+    steps = runtime.engine.counters["generated_tokens"]
+    again = await runtime.submit(call(t, **ask))
+    again_text, _, fin = await collect(again)
+    assert again_text == text and fin.cached and runtime.engine.counters["generated_tokens"] == steps
+    await wait_until(lambda: len(runtime.admission.flights) == 0)
