@@ -212,6 +212,9 @@ class Accounting:
         tenant = st.tenant_id
         if c.outcome == "rejected":
             return
+        if st.detached:  # its client's part was counted when it left (`Admission._detach`): the rest
+            self.metrics.generation_tokens.labels(tenant).inc(max(0, st.completion_tokens - st.billed_tokens))
+            return
         self.metrics.requests.labels(tenant, c.outcome).inc()
         if not ran:  # cancelled or refused before the engine had it: nothing billed, nothing counted
             return

@@ -19,6 +19,7 @@ Redis is down, counted in `lmgate_redis_errors`; False: answer 503).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -778,6 +779,30 @@ class Admission:
         """Requests waiting for an identical one's answer."""
         return len(self._followers)
 
+    def _detach(self, st: RequestState) -> bool:
+        """A leader whose client went away while identical requests wait for its answer
+        generates on for them (they started over, before: ~2.5x the time, measured). Its
+        client's part ends now: it is charged what it had generated (`billed_tokens`;
+        nothing if it had not started), its reservation settled at once (the client's retry,
+        identical, then waits for the same answer instead of being refused for its slot);
+        the rest is charged to no one (the followers pay for their answers, as cache hits).
+        It stops when its last follower goes (`_await_flight`). False: not a leader with
+        followers, or accounting's inbox full: cancel it."""
+        if st.flight is None or st.detached or st.cancelled or st.finished_at:
+            return False
+        flight = st.flight[1]
+        if flight.followers <= 0 or flight.landed.is_set():
+            return False
+        st.client_cancelled = True
+        bill = dataclasses.replace(st, flight=None)  # (the client's part, as any cancelled request)
+        try:
+            self.completed.send_nowait(Completed(bill, "cancelled"))
+        except trio.WouldBlock:
+            return False
+        st.detached, st.billed_tokens = True, st.completion_tokens
+        st.reserved, st.quota_tenant = False, None  # (settled by `bill`)
+        return True
+
     def followers(self) -> list[RequestState]:
         """The requests waiting for an identical one's answer (their reservations are kept
         alive as a queued request's are: `Runtime._keep_reservations`)."""
@@ -813,6 +838,11 @@ class Admission:
                         await flight.landed.wait()
                     finally:
                         flight.followers -= 1
+                        leader = flight.leader
+                        if flight.followers == 0 and leader is not None and leader.detached and not leader.cancelled:
+                            leader.cancelled = True  # generating for no one now: it stops
+                            if self.on_cancel is not None:
+                                self.on_cancel()
                     if flight.answer is not None:
                         answer = flight.answer if self._usable(call, st, flight.answer) else None
                         break
@@ -1012,6 +1042,9 @@ class Admission:
                 self.metrics.structured.labels(st.params.guided.kind).inc()
 
         def cancel() -> None:
+            if st.detached or self._detach(st):  # others wait for its answer: it generates on, for them
+                (recv if recv is not None else send).close()
+                return
             st.cancelled = True
             st.client_cancelled = True
             (recv if recv is not None else send).close()

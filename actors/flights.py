@@ -12,9 +12,10 @@ ends its answer *lands* (`Flights.land`, by accounting, as soon as it completes:
 quota is settled or the answer stored in Redis; the flight stays in the air, answering at
 once, until the store is done: `Flights.ground`). The others are *followers*: they wait
 without taking a sequence, a queue place or a place in the overload estimate, then replay
-the answer. A leader that ends without one lands `None`: when it was cancelled (its client
-went away), the first follower to look again leads the next flight and the others follow
-it; when it failed or was refused (what would fail each copy: a broken adapter, an output
+the answer. A leader whose client goes away while followers wait generates on for them
+(`Admission._detach`). A leader that ends without an answer lands `None`: when it was
+cancelled (it could not generate on), the first follower to look again leads the next
+flight and the others follow it; when it failed or was refused (what would fail each copy: a broken adapter, an output
 constraint, an engine fault), its followers each go on alone, at once, rather than one
 after another.
 

@@ -71,6 +71,10 @@ class RequestState:
     # (response-cache entry key, actors.flights.Flight) while it leads identical requests
     # flight: its answer lands there when it ends (`Accounting.handle`)
     flight: tuple[str, Any] | None = None
+    # its client went away while others waited for its answer: it generates on for them, its
+    # client charged the `billed_tokens` it had generated then (`Admission._detach`)
+    detached: bool = False
+    billed_tokens: int = 0
     grammar: Any = None  # `params.guided` compiled at admission (gpu.structured.GrammarCompiler.prototype)
 
     @property

@@ -474,7 +474,7 @@ class Stepper:
                 rec.top_logprobs.extend([[(a.token_id, a.logprob, a.token) for a in row] for row in top or ()])
             if d.finish_reason:
                 rec.finish_reason = d.finish_reason
-        if not st.cancelled:
+        if not st.cancelled and not st.detached:  # (a detached request's client is gone: Admission._detach)
             prompt_lps = None
             if d.prompt_logprobs is not None:
                 # built once a request and shared by its choices (each brings the same): 64

@@ -1810,11 +1810,57 @@ async def test_a_streamed_or_no_cache_request_does_not_wait_for_an_identical_one
     assert collapsed(runtime, "answered") == 0
 
 
-async def test_followers_of_a_cancelled_request_go_on_and_one_of_them_leads(runtime, services):
-    """The leader's client goes away: its followers are not left without an answer, and do
-    not all generate it either: the first to look again leads, the others follow it."""
+async def test_a_leader_whose_client_goes_away_generates_on_for_its_followers(runtime, services):
+    """The leader's client goes away: it generates on, for those waiting (they started over
+    before: ~2.5x as long), its client charged what it had generated, its slot freed at
+    once (an identical retry waits for the same answer); the rest is charged to no one."""
+    t = tenant(Quota(max_concurrent=4), id="detach")
+    ask = dict(prompt="List the planets of the solar system", max_tokens=60, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
+    assert runtime.admission.following == 3
+    got = 0
+    async for ev in leader.events:
+        got += len(ev.token_ids)
+        if got >= 3:
+            break
+    generated = runtime.engine.counters["generated_tokens"]
+    leader.cancel()
+    await leader.settled.wait()
+    assert await services["quotas"].running("detach") == 3  # the leader's slot is free; its followers hold theirs
+    ends = [await collect(f) for f in followers]
+    assert all(isinstance(fin, Finished) and fin.cached and fin.usage.completion_tokens == 60 for _, _, fin in ends)
+    assert len({text for text, _, _ in ends}) == 1
+    assert (collapsed(runtime, "answered"), collapsed(runtime, "generated")) == (3, 0)
+    assert runtime.engine.counters["generated_tokens"] - generated <= 60  # no follower started over
+    await wait_until(lambda: runtime.accounting.pending == 0 and not runtime.engine.has_unfinished())
+    [row] = await usage_rows(services["quotas"], "detach")
+    assert row.requests == 4 and 3 * 60 + 3 <= row.completion_tokens < 4 * 60  # the leader: what it had
+    engine = runtime.engine
+    assert engine.block_manager.num_free_blocks == engine.num_blocks and len(runtime.admission.flights) == 0
+
+
+async def test_a_detached_leader_stops_when_its_last_follower_goes(runtime, services):
+    t = tenant(id="nobody")
+    ask = dict(prompt="Describe every country in Europe", max_tokens=600, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    follower = await runtime.submit(call(t, **ask))
+    await wait_until(lambda: runtime.engine.counters["generated_tokens"] > 0)
+    leader.cancel()
+    assert runtime.admission.following == 1 and runtime.engine.has_unfinished()  # generating on, for it
+    follower.cancel()
+    await wait_until(lambda: not runtime.engine.has_unfinished() and len(runtime.admission.flights) == 0)
+    await wait_until(lambda: runtime.accounting.pending == 0)
+    [row] = await usage_rows(services["quotas"], "nobody")
+    assert row.requests == 1 and row.completion_tokens < 600  # the leader's part; the follower's nothing
+
+
+async def test_followers_of_a_cancelled_leader_that_cannot_generate_on_start_over_once(runtime, monkeypatch):
+    """A cancelled leader that does not generate on (accounting's inbox full) lands without
+    an answer: the first follower leads again, the others wait for it."""
+    monkeypatch.setattr(runtime.admission, "_detach", lambda st: False)
     t = tenant(id="relead")
-    ask = dict(prompt="List the planets of the solar system", max_tokens=30, ignore_eos=True)
+    ask = dict(prompt="List the moons of Jupiter", max_tokens=30, ignore_eos=True)
     leader = await runtime.submit(call(t, **ask))
     followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
     assert runtime.admission.following == 3
@@ -1822,7 +1868,7 @@ async def test_followers_of_a_cancelled_request_go_on_and_one_of_them_leads(runt
     ends = [await collect(f) for f in followers]
     assert all(isinstance(fin, Finished) and fin.usage.completion_tokens == 30 for _, _, fin in ends)
     assert len({text for text, _, _ in ends}) == 1
-    assert collapsed(runtime, "generated") == 1 and collapsed(runtime, "answered") == 2
+    assert (collapsed(runtime, "generated"), collapsed(runtime, "answered")) == (1, 2)
     assert sum(not fin.cached for _, _, fin in ends) == 1  # one generated it
     await wait_until(lambda: runtime.accounting.pending == 0 and not runtime.engine.has_unfinished())
     engine = runtime.engine
