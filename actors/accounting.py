@@ -261,10 +261,19 @@ class Accounting:
         self._observe(c, ran)
         if c.outcome == "ok" and ran:
             self._feed_back(st)
-        await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
-                           prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-                           model=st.adapter or self.model_name, settled=st.settled,
-                           refund_rpm=st.refunded or not st.client_cancelled)
+        if st.detached:  # its client's part was settled when it left (`Admission._detach`)
+            rest = st.completion_tokens - st.billed_tokens
+            if c.outcome != "ok" and rest > 0 and self.quotas is not None and st.quota_tenant is not None:
+                # stopped with its followers gone: what it generated after its client left was
+                # given to no one, and is charged to its tenant (else free of every limit)
+                await self._patiently("settle", functools.partial(self.quotas.settle, count_request=False),
+                                      st.quota_tenant, st.request_id + "~rest", 0, rest,
+                                      st.adapter or self.model_name)
+        else:
+            await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
+                               prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                               model=st.adapter or self.model_name, settled=st.settled,
+                               refund_rpm=st.refunded or not st.client_cancelled)
         if c.outcome != "ok" or not ran:
             return
         if st.cacheable and self.response_cache is not None and st.params.n == 1 and 0 in st.choices:

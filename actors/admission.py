@@ -786,9 +786,13 @@ class Admission:
         nothing if it had not started), its reservation settled at once (the client's retry,
         identical, then waits for the same answer instead of being refused for its slot);
         the rest is charged to no one (the followers pay for their answers, as cache hits).
-        It stops when its last follower goes (`_await_flight`). False: not a leader with
-        followers, or accounting's inbox full: cancel it."""
-        if st.flight is None or st.detached or st.cancelled or st.finished_at:
+        It stops when its last follower goes (`_await_flight`); what it generated after its
+        client left is then charged to its tenant (`Accounting._handle`: no one was given it).
+        False: not a leader with followers, a beam search (its tokens are known only at its
+        end), a refunded request (a batch refused after it: its answer is not kept), or
+        accounting's inbox full: cancel it."""
+        if (st.flight is None or st.detached or st.cancelled or st.finished_at or st.refunded
+                or st.params.use_beam_search):
             return False
         flight = st.flight[1]
         if flight.followers <= 0 or flight.landed.is_set():
@@ -800,7 +804,7 @@ class Admission:
         except trio.WouldBlock:
             return False
         st.detached, st.billed_tokens = True, st.completion_tokens
-        st.reserved, st.quota_tenant = False, None  # (settled by `bill`)
+        st.reserved = False  # (settled by `bill`; `quota_tenant` kept: what it generates for no one is charged)
         return True
 
     def followers(self) -> list[RequestState]:
@@ -854,11 +858,11 @@ class Admission:
             self._followers.pop(st, None)
             if scope.cancel_called or st.cancelled:
                 st.events.close()
-                await self.completed.send(Completed(st, "cancelled"))
+                await self._tell_accounting(Completed(st, "cancelled"))
             elif answer is not None:
                 self.metrics.collapsed.labels("answered").inc()
                 self._replay(call, st, answer, st.events, whole=True)
-                await self.completed.send(Completed(st, "cached"))
+                await self._tell_accounting(Completed(st, "cached"))
             else:
                 self.metrics.collapsed.labels("generated").inc()
                 try:
@@ -889,7 +893,19 @@ class Admission:
             self.flights.land(*st.flight, None)
             st.flight = None
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.completed.send(Completed(st, "rejected"))
+            await self._tell_accounting(Completed(st, "rejected"))
+
+    async def _tell_accounting(self, completed: Completed) -> None:
+        """A follower's end into accounting's inbox, once it is less than half full: a
+        flight's followers are all answered at once, and may outnumber what it holds; the
+        other half is kept for those that send without waiting (the stepper, the queue:
+        they count on room, and raise without it)."""
+        while True:
+            stats = self.completed.statistics()
+            if stats.current_buffer_used < max(1, stats.max_buffer_size // 2):
+                self.completed.send_nowait(completed)
+                return
+            await trio.sleep(0.005)
 
     def _end_follower_now(self, st: RequestState, message: str) -> None:
         """`_end_follower` where nothing may be awaited (its task is cancelled): best effort."""

@@ -38,6 +38,7 @@ An exception from `engine.step()` fails the requests that were in the engine
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -276,7 +277,8 @@ class Stepper:
                                 f"LoRA adapter {st.adapter!r} cannot be served: {e.reason}", "model")
             else:
                 failed = Failed(st.request_id, 400, "invalid_request_error", str(e))
-            st.events.send_nowait(failed)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                st.events.send_nowait(failed)  # (a detached request's client is gone: Admission._detach)
             self._finish(st, "error")
             return
         if st.adapter is not None:

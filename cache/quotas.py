@@ -468,7 +468,7 @@ local completion = tonumber(ARGV[4])
 local model = ARGV[5]
 local usage_ttl = tonumber(ARGV[6])
 local actual = prompt + completion
-local requests = 1
+local requests = tonumber(ARGV[7] or '1')
 if not redis.call('SET', base .. 'done:' .. rid, '1', 'NX', 'EX', __DONE_TTL_S__) then
   return 0
 end
@@ -807,16 +807,20 @@ class QuotaManager:
         prompt_tokens: int,
         completion_tokens: int,
         model: str,
+        *,
+        count_request: bool = True,
     ) -> bool:
         """Replace the reservation with real usage. True the first time, False after
-        (settle or release already happened for this id)."""
+        (settle or release already happened for this id). `count_request` False: the tokens
+        of a request counted already under another id (a detached leader's rest,
+        `actors.admission.Admission._detach`), not a request of the usage rows."""
         if prompt_tokens < 0 or completion_tokens < 0:
             raise ValueError("token counts must be >= 0")
         if "\n" in model:
             raise ValueError("model name must not contain a newline")
         args = [
             self._base(tenant.id), request_id, prompt_tokens, completion_tokens, model,
-            self.usage_ttl_days * _DAY_S,
+            self.usage_ttl_days * _DAY_S, 1 if count_request else 0,
         ]
         with self.store.guard():
             return bool(await self._settle(args=args))

@@ -1848,22 +1848,33 @@ async def test_a_detached_leader_stops_when_its_last_follower_goes(runtime, serv
     await wait_until(lambda: runtime.engine.counters["generated_tokens"] > 0)
     leader.cancel()
     assert runtime.admission.following == 1 and runtime.engine.has_unfinished()  # generating on, for it
+    at_detach = runtime.engine.counters["generated_tokens"]
+    await wait_until(lambda: runtime.engine.counters["generated_tokens"] >= at_detach + 10)
     follower.cancel()
     await wait_until(lambda: not runtime.engine.has_unfinished() and len(runtime.admission.flights) == 0)
     await wait_until(lambda: runtime.accounting.pending == 0)
+    # one request (the follower's: nothing), charged all it generated: what it generated for
+    # no one after its client left too (the review: free of every limit, else)
     [row] = await usage_rows(services["quotas"], "nobody")
-    assert row.requests == 1 and row.completion_tokens < 600  # the leader's part; the follower's nothing
+    assert row.requests == 1
+    assert abs(row.completion_tokens - runtime.engine.counters["generated_tokens"]) <= 2
+    assert at_detach + 10 <= row.completion_tokens < 600
 
 
-async def test_followers_of_a_cancelled_leader_that_cannot_generate_on_start_over_once(runtime, monkeypatch):
-    """A cancelled leader that does not generate on (accounting's inbox full) lands without
-    an answer: the first follower leads again, the others wait for it."""
-    monkeypatch.setattr(runtime.admission, "_detach", lambda st: False)
+@pytest.mark.parametrize("how", ["inbox full", "refunded"])
+async def test_followers_of_a_cancelled_leader_that_cannot_generate_on_start_over_once(runtime, monkeypatch, how):
+    """A cancelled leader that does not generate on (accounting's inbox full; a batch
+    refused after it, whose answer is not kept) lands without an answer: the first
+    follower leads again, the others wait for it."""
+    if how == "inbox full":
+        monkeypatch.setattr(runtime.admission, "_detach", lambda st: False)
     t = tenant(id="relead")
-    ask = dict(prompt="List the moons of Jupiter", max_tokens=30, ignore_eos=True)
+    ask = dict(prompt=f"List the moons of Jupiter ({how})", max_tokens=30, ignore_eos=True)
     leader = await runtime.submit(call(t, **ask))
     followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
     assert runtime.admission.following == 3
+    if how == "refunded":
+        leader.refund()
     leader.cancel()
     ends = [await collect(f) for f in followers]
     assert all(isinstance(fin, Finished) and fin.usage.completion_tokens == 30 for _, _, fin in ends)
@@ -2050,3 +2061,33 @@ async def test_an_answer_not_yet_stored_answers_a_request_at_once(runtime, servi
     again_text, _, fin = await collect(again)
     assert again_text == text and fin.cached and runtime.engine.counters["generated_tokens"] == steps
     await wait_until(lambda: len(runtime.admission.flights) == 0)
+
+
+async def test_a_detached_leader_the_engine_refuses_lets_its_followers_go_on(nursery, ckpt, tokenizer, services,
+                                                                            monkeypatch):
+    """A detached leader still queued, which the engine then refuses (its adapter removed
+    meanwhile, say): its followers go on, nothing crashes (the review: the stepper sent
+    the refusal into its closed stream and crashed; the followers hung for good)."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    t = tenant(id="refused")
+    busy = await rt.submit(call(t, prompt="Once upon a time", max_tokens=300, ignore_eos=True))
+    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    ask = dict(prompt="Name a volcano", max_tokens=10, ignore_eos=True)
+    leader = await rt.submit(msgspec.structs.replace(call(t, **ask), request_id="refuse-me"))
+    follower = await rt.submit(call(t, **ask))
+    assert rt.admission.following == 1
+    add = rt.engine.add_request
+
+    def refusing(rid, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if rid == "refuse-me":
+            raise ValueError("refused by the engine")
+        return add(rid, *args, **kwargs)
+
+    monkeypatch.setattr(rt.engine, "add_request", refusing)
+    leader.cancel()  # detached: it generates on for the follower, once it runs
+    busy.cancel()
+    _, _, fin = await collect(follower)
+    assert isinstance(fin, Finished) and not fin.cached
+    assert rt.metrics.actor_restarts.labels("stepper")._value.get() == 0
+    await wait_until(lambda: len(rt.admission.flights) == 0 and rt.accounting.pending == 0)
