@@ -87,6 +87,7 @@ class Accounting:
         self.retries = retries
         self.settle_patience_s = settle_patience_s
         self.flights = flights if flights is not None else Flights()
+        self._nursery: trio.Nursery | None = None  # run's (`_ground_later`)
         self.settled = 0  # settle/release calls that succeeded (for tests and /metrics)
         self.pending = 0  # Completed messages being handled (a settle waiting for Redis included)
 
@@ -162,6 +163,8 @@ class Accounting:
                 await self._record(c)
             else:
                 landed = self._land(c)
+                if landed is not None and self._nursery is not None:
+                    self._nursery.start_soon(self._ground_later, *landed)
                 try:
                     await self._handle(c)
                 finally:  # (its answer stored, or not to be: the cache answers from now on)
@@ -263,11 +266,15 @@ class Accounting:
             self._feed_back(st)
         if st.detached:  # its client's part was settled when it left (`Admission._detach`)
             rest = st.completion_tokens - st.billed_tokens
-            if c.outcome != "ok" and rest > 0 and self.quotas is not None and st.quota_tenant is not None:
-                # stopped with its followers gone: what it generated after its client left was
-                # given to no one, and is charged to its tenant (else free of every limit)
-                await self._patiently("settle", functools.partial(self.quotas.settle, count_request=False),
-                                      st.quota_tenant, st.request_id + "~rest", 0, rest,
+            prompt = (st.prompt_tokens if st.scheduled_at else 0) - st.billed_prompt  # (run after it was released)
+            if (c.outcome != "ok" and (rest > 0 or prompt > 0) and self.quotas is not None
+                    and st.quota_tenant is not None):
+                # stopped with its followers gone, or failed: what it computed after its client
+                # left was given to no one, and is charged to its tenant (else free of every limit)
+                # (a request of the usage rows unless its client's part was one: released, it was not)
+                counted = st.billed_prompt > 0
+                await self._patiently("settle", functools.partial(self.quotas.settle, count_request=not counted),
+                                      st.quota_tenant, st.request_id + "~rest", max(0, prompt), max(0, rest),
                                       st.adapter or self.model_name)
         else:
             await self._settle(st.quota_tenant, st.request_id, reserved=st.reserved, ran=ran,
@@ -329,8 +336,18 @@ class Accounting:
                                         st.cache_model or self.model_name, st.prompt_token_ids, st.params, value)
         self.metrics.cache_stores.labels("failed" if stored is None else "stored" if stored else "too_large").inc()
 
+    LANDED_KEPT_S = 30.0  # a landed answer answers identical requests this long at most, stored or not
+
+    async def _ground_later(self, key: str, flight: Any) -> None:
+        """A landed answer leaves the registry once stored (`handle`), or after
+        `LANDED_KEPT_S`: the store waits for the quota's settle, which waits out a Redis
+        outage (up to an hour), and every distinct answer would be held in memory as long."""
+        await trio.sleep(self.LANDED_KEPT_S)
+        self.flights.ground(key, flight)
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             async for c in self.inbox:
                 nursery.start_soon(self.handle, c)

@@ -285,6 +285,10 @@ class Admission:
         # where followers wait (`_follow`): the runtime's admission nursery, set when it runs;
         # None: requests never follow
         self.background: trio.Nursery | None = None
+        # places of `completed` kept for those that send without waiting (set by the runtime:
+        # `_accounting_room`; None: half of it)
+        self.completed_reserved: int | None = None
+        self.stopping = False  # the server stops: a follower whose flight ended without an answer ends too
         self.on_cancel = on_cancel
         self.grammars = grammars
         self._compile_limiter = trio.CapacityLimiter(1)
@@ -797,13 +801,13 @@ class Admission:
         flight = st.flight[1]
         if flight.followers <= 0 or flight.landed.is_set():
             return False
+        if not self._accounting_room():
+            return False
         st.client_cancelled = True
         bill = dataclasses.replace(st, flight=None)  # (the client's part, as any cancelled request)
-        try:
-            self.completed.send_nowait(Completed(bill, "cancelled"))
-        except trio.WouldBlock:
-            return False
+        self.completed.send_nowait(Completed(bill, "cancelled"))
         st.detached, st.billed_tokens = True, st.completion_tokens
+        st.billed_prompt = st.prompt_tokens if st.scheduled_at else 0  # (not run yet: released)
         st.reserved = False  # (settled by `bill`; `quota_tenant` kept: what it generates for no one is charged)
         return True
 
@@ -816,6 +820,7 @@ class Admission:
         """Shutdown: every request waiting for an identical one's answer gets a 503
         `shutting_down` and ends (`Runtime.end_streams`: the one it waits for ends too, and it
         must not then start on its own). Returns how many."""
+        self.stopping = True
         for st, scope in self._followers.items():
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
                 st.events.send_nowait(Failed(st.request_id, 503, "shutting_down", message))
@@ -850,20 +855,26 @@ class Admission:
                     if flight.answer is not None:
                         answer = flight.answer if self._usable(call, st, flight.answer) else None
                         break
-                    if not flight.again or followed >= self.FLIGHTS_FOLLOWED:
+                    if not flight.again or followed >= self.FLIGHTS_FOLLOWED or self.stopping:
                         break
                     flight = self._flight_to_follow(call, st)  # (it may lead the next one)
                     if flight is not None:
                         flight.followers += 1
-            self._followers.pop(st, None)
+            # (it leaves `_followers` once accounting has its end: `_end_follower_now` tells it otherwise)
             if scope.cancel_called or st.cancelled:
                 st.events.close()
                 await self._tell_accounting(Completed(st, "cancelled"))
+                self._followers.pop(st, None)
             elif answer is not None:
                 self.metrics.collapsed.labels("answered").inc()
                 self._replay(call, st, answer, st.events, whole=True)
                 await self._tell_accounting(Completed(st, "cached"))
+                self._followers.pop(st, None)
+            elif self.stopping:  # (the server stops: it would start now, to be ended at the grace's end)
+                await self._end_follower(st, 503, "shutting_down", "server shutting down: the identical request "
+                                         "this one waited for ended without an answer")
             else:
+                self._followers.pop(st, None)
                 self.metrics.collapsed.labels("generated").inc()
                 try:
                     self._check_load()  # (it was let in as one that takes no place)
@@ -884,7 +895,7 @@ class Admission:
         """A follower that will not be answered ends with `status` `code` on its stream (counted
         as a rejection), and its hold goes; if it led a flight meanwhile, that lands without
         an answer."""
-        self._followers.pop(st, None)
+        self._followers[st] = self._followers.get(st) or trio.CancelScope()  # (until accounting has it)
         self.metrics.rejections.labels(st.tenant_id, str(status), code).inc()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             st.events.send_nowait(Failed(st.request_id, status, code, message))
@@ -894,18 +905,22 @@ class Admission:
             st.flight = None
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._tell_accounting(Completed(st, "rejected"))
+        self._followers.pop(st, None)
+
+    def _accounting_room(self) -> bool:
+        """Room in accounting's inbox for a follower's end (or a detached leader's bill):
+        beyond what is kept for those that send without waiting (`completed_reserved`: the
+        stepper, the queue count on one place per request that can be alive, and raise
+        without it; a flight's followers are all answered at once, and may be thousands)."""
+        stats = self.completed.statistics()
+        reserved = self.completed_reserved if self.completed_reserved is not None else stats.max_buffer_size // 2
+        return stats.current_buffer_used < max(1, stats.max_buffer_size - reserved)
 
     async def _tell_accounting(self, completed: Completed) -> None:
-        """A follower's end into accounting's inbox, once it is less than half full: a
-        flight's followers are all answered at once, and may outnumber what it holds; the
-        other half is kept for those that send without waiting (the stepper, the queue:
-        they count on room, and raise without it)."""
-        while True:
-            stats = self.completed.statistics()
-            if stats.current_buffer_used < max(1, stats.max_buffer_size // 2):
-                self.completed.send_nowait(completed)
-                return
+        """A follower's end into accounting's inbox, once it has room (`_accounting_room`)."""
+        while not self._accounting_room():
             await trio.sleep(0.005)
+        self.completed.send_nowait(completed)
 
     def _end_follower_now(self, st: RequestState, message: str) -> None:
         """`_end_follower` where nothing may be awaited (its task is cancelled): best effort."""

@@ -134,6 +134,7 @@ class Runtime:
     """Holds the engine and the actors; see the module docstring."""
 
     INTAKE_BUFFER: int | None = None  # queue → stepper buffer (None: max_num_seqs; 0 was the old hand-over)
+    FOLLOWER_ROOM = 1024  # accounting's inbox beyond one place per request that can be alive (followers')
 
     def __init__(
         self,
@@ -205,7 +206,10 @@ class Runtime:
         # accounting must never block the stepper: one slot per request that can be alive
         cap = config.queue.max_waiting + engine.config.scheduler.max_num_seqs + cs * 3
         cap += emb.max_in_flight if emb is not None else 0  # an embedding request's UsageRecord
-        self._done_send, self._done_recv = trio.open_memory_channel[Completed](cap)
+        # and room for the ends of requests that waited for an identical one's answer (they wait
+        # for it: `Admission._tell_accounting`), and the bills of leaders whose clients left
+        self._done_reserved = cap
+        self._done_send, self._done_recv = trio.open_memory_channel[Completed](cap + self.FOLLOWER_ROOM)
         self._fb_send, self._fb_recv = trio.open_memory_channel[LengthFeedback](cs)
         self.predictor = RunningLengthEstimator(config.predictor)
         if config.length_predictor not in ("running", "magnus"):
@@ -265,6 +269,8 @@ class Runtime:
             service_time=self._service_time, quotas=quotas, response_cache=response_cache,
             flights=self.admission.flights,
         )
+        # followers' ends go to accounting only beyond what its senders that cannot wait need
+        self.admission.completed_reserved = self._done_reserved
         # read at scrape time: never stale (after a drain, between steps)
         self.metrics.waiting.set_function(self.waiting)
         self.metrics.running.set_function(lambda: self.engine.scheduler.num_running)
@@ -619,6 +625,7 @@ class Runtime:
         the grace period's end; a queue that clears in time is left to run. Returns how many."""
         if self.estimated_wait_s() <= grace_s:
             return 0
+        self.admission.stopping = True  # (followers of what is shed must not start in its place)
         return self._fail_waiting("server shutting down: it would not start before the server stops",
                                   code="shutting_down", outcome="cancelled")
 

@@ -75,6 +75,7 @@ class RequestState:
     # client charged the `billed_tokens` it had generated then (`Admission._detach`)
     detached: bool = False
     billed_tokens: int = 0
+    billed_prompt: int = 0  # its prompt, when it had run by then (else it was released)
     grammar: Any = None  # `params.guided` compiled at admission (gpu.structured.GrammarCompiler.prototype)
 
     @property

@@ -1958,10 +1958,11 @@ async def test_a_follower_outliving_the_reservation_ttl_keeps_its_concurrency_sl
 
 
 async def test_a_burst_of_followers_larger_than_accountings_inbox_is_answered_and_billed(nursery, ckpt, tokenizer,
-                                                                                         services):
+                                                                                         services, monkeypatch):
     """Every follower of a flight is answered in the same moment: their ends are sent to
     accounting awaiting room (the review: past its inbox's size, sent without waiting,
     they crashed the admission actor, and went unbilled with their slots held)."""
+    monkeypatch.setattr(Runtime, "FOLLOWER_ROOM", 4)  # (1,024 beyond the places of live requests, else)
     rt = Runtime(RuntimeConfig(queue=QueueConfig(max_waiting=1), channel_size=2),
                  make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
     await nursery.start(rt.run)
@@ -2091,3 +2092,62 @@ async def test_a_detached_leader_the_engine_refuses_lets_its_followers_go_on(nur
     assert isinstance(fin, Finished) and not fin.cached
     assert rt.metrics.actor_restarts.labels("stepper")._value.get() == 0
     await wait_until(lambda: len(rt.admission.flights) == 0 and rt.accounting.pending == 0)
+
+
+async def test_a_leader_detached_before_it_ran_is_charged_its_prompt_when_no_one_gets_its_answer(
+        nursery, ckpt, tokenizer, services):
+    """Detached while queued, a leader is released (nothing ran); if it then runs and its
+    followers leave, its prompt is charged with what it generated (the review: the prefill
+    was free)."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    busy = await rt.submit(call(tenant(id="busy"), prompt="Once upon a time", max_tokens=300, ignore_eos=True))
+    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    t = tenant(id="prefill")
+    ask = dict(prompt="Summarize the history of Rome in detail " * 8, max_tokens=400, ignore_eos=True)
+    leader = await rt.submit(call(t, **ask))
+    follower = await rt.submit(call(t, **ask))
+    leader.cancel()
+    await leader.settled.wait()
+    busy.cancel()
+    generated = rt.engine.counters["generated_tokens"]
+    await wait_until(lambda: rt.engine.counters["generated_tokens"] >= generated + 5)
+    follower.cancel()
+    await wait_until(lambda: not rt.engine.has_unfinished() and len(rt.admission.flights) == 0)
+    await wait_until(lambda: rt.accounting.pending == 0)
+    [row] = await usage_rows(services["quotas"], "prefill")
+    assert row.prompt_tokens == leader.prompt_tokens and row.completion_tokens >= 5 and row.requests == 1
+
+
+async def test_a_landed_answer_is_not_held_while_its_store_waits(runtime, services, monkeypatch):
+    """A store that waits (the settle before it waits out a Redis outage, up to an hour)
+    does not keep the landed answer in memory past `LANDED_KEPT_S`."""
+    monkeypatch.setattr(runtime.accounting, "LANDED_KEPT_S", 0.5)
+
+    async def stuck(*args, **kwargs):  # noqa: ANN002, ANN003
+        await trio.sleep(30)
+
+    monkeypatch.setattr(services["response_cache"], "put", stuck)
+    t = tenant(id="held")
+    await collect(await runtime.submit(call(t, prompt="Name a glacier", max_tokens=4)))
+    assert len(runtime.admission.flights) == 1
+    await wait_until(lambda: len(runtime.admission.flights) == 0, timeout=5)
+
+
+async def test_followers_of_a_request_shed_at_shutdown_end_too(nursery, ckpt, tokenizer, services):
+    """A shutdown sheds the queue: a follower of a shed request ends with the same 503 at
+    once, not to start in its place (the review)."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    t = tenant(id="shed")
+    busy = await rt.submit(call(t, prompt="Once upon a time", max_tokens=300, ignore_eos=True))
+    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    ask = dict(prompt="Name a waterfall", max_tokens=10, ignore_eos=True)
+    leader = await rt.submit(call(t, **ask))
+    follower = await rt.submit(call(t, **ask))
+    assert rt.shed_for_shutdown(grace_s=0.01) == 1
+    for acc in (leader, follower):
+        last = (await collect(acc))[2]
+        assert isinstance(last, Failed) and (last.status, last.code) == (503, "shutting_down"), last
+    assert len(rt.queue) == 0 and rt.admission.following == 0
+    busy.cancel()
