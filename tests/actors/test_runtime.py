@@ -1061,24 +1061,33 @@ async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkey
     assert isinstance(fin, Finished)
 
 
-async def test_a_request_whose_logits_are_not_finite_fails_with_a_500_and_is_not_cached(runtime, monkeypatch):
-    """NaN logits (a broken adapter, an overflow) fail their request alone, as the
-    server's fault, and nothing of it is stored for the next identical request."""
+def poison_logits(engine: Engine, monkeypatch, prefix: str, delay_s: float = 0.0):  # noqa: ANN001, ANN201
+    """The engine's logits of requests whose ids start with `prefix` become NaN (after
+    `delay_s` in the step that first has them); returns the engine's own `execute`."""
     import dataclasses
+    import time as _time
 
-    engine = runtime.engine
     execute = engine.runner.execute
 
     def poisoned(plan, adapters):  # noqa: ANN001
         out = execute(plan, adapters)
-        rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith("nan-")]
+        rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith(prefix)]
         if not rows:
             return out
+        _time.sleep(delay_s)
         logits = out.logits.clone()
         logits[rows] = float("nan")
         return dataclasses.replace(out, logits=logits)
 
     monkeypatch.setattr(engine.runner, "execute", poisoned)
+    return execute
+
+
+async def test_a_request_whose_logits_are_not_finite_fails_with_a_500_and_is_not_cached(runtime, monkeypatch):
+    """NaN logits (a broken adapter, an overflow) fail their request alone, as the
+    server's fault, and nothing of it is stored for the next identical request."""
+    engine = runtime.engine
+    execute = poison_logits(engine, monkeypatch, "nan-")
     t = tenant(id="nan")
     bad = await runtime.submit(msgspec.structs.replace(call(t, prompt="The capital of Peru is", max_tokens=4),
                                                        request_id="nan-1"))
@@ -1840,6 +1849,16 @@ async def test_a_leader_whose_client_goes_away_generates_on_for_its_followers(ru
     assert engine.block_manager.num_free_blocks == engine.num_blocks and len(runtime.admission.flights) == 0
 
 
+async def abandon_after(rt: Runtime, follower: Accepted, tokens: int) -> None:
+    """Once the engine has generated `tokens` more, the last follower of a detached leader
+    goes; returns when the leader has stopped and been accounted."""
+    generated = rt.engine.counters["generated_tokens"]
+    await wait_until(lambda: rt.engine.counters["generated_tokens"] >= generated + tokens)
+    follower.cancel()
+    await wait_until(lambda: not rt.engine.has_unfinished() and len(rt.admission.flights) == 0)
+    await wait_until(lambda: rt.accounting.pending == 0)
+
+
 async def test_a_detached_leader_stops_when_its_last_follower_goes(runtime, services):
     t = tenant(id="nobody")
     ask = dict(prompt="Describe every country in Europe", max_tokens=600, ignore_eos=True)
@@ -1849,10 +1868,7 @@ async def test_a_detached_leader_stops_when_its_last_follower_goes(runtime, serv
     leader.cancel()
     assert runtime.admission.following == 1 and runtime.engine.has_unfinished()  # generating on, for it
     at_detach = runtime.engine.counters["generated_tokens"]
-    await wait_until(lambda: runtime.engine.counters["generated_tokens"] >= at_detach + 10)
-    follower.cancel()
-    await wait_until(lambda: not runtime.engine.has_unfinished() and len(runtime.admission.flights) == 0)
-    await wait_until(lambda: runtime.accounting.pending == 0)
+    await abandon_after(runtime, follower, 10)
     # one request (the follower's: nothing), charged all it generated: what it generated for
     # no one after its client left too (the review: free of every limit, else)
     [row] = await usage_rows(services["quotas"], "nobody")
@@ -1983,11 +1999,8 @@ async def test_a_shared_pool_request_does_not_wait_in_another_tenants_turn(nurse
     """Tenants of a shared cache pool: one's request identical to another's still queued is
     generated on its own (it would wait in the other tenant's turn of the queue); once the
     other's runs, it waits for that one's answer. The same tenant's identical request waits."""
-    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
-    await nursery.start(rt.run)
     a, b = tenant(id="pool-a", shared_cache_pool=True), tenant(id="pool-b", shared_cache_pool=True)
-    busy = await rt.submit(call(a, prompt="Once upon a time", max_tokens=200, ignore_eos=True))
-    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    rt, busy = await one_seat_taken(nursery, ckpt, tokenizer, services, a)
     ask = dict(prompt="Name the largest ocean", max_tokens=10, ignore_eos=True)
     queued = await rt.submit(call(a, **ask))
     await wait_until(lambda: rt.waiting() == 1)
@@ -2004,23 +2017,7 @@ async def test_followers_of_a_request_that_failed_each_go_on_at_once(runtime, mo
     """A leader that failed (what may fail each copy: an output constraint, a broken
     adapter, an engine fault) lets its followers go on alone, together, not one after
     another (the review: each waited for the one before it to fail)."""
-    import dataclasses
-    import time as _time
-
-    engine = runtime.engine
-    execute = engine.runner.execute
-
-    def poisoned(plan, adapters):  # noqa: ANN001
-        out = execute(plan, adapters)
-        rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith("fail-")]
-        if not rows:
-            return out
-        _time.sleep(1.0)  # (the followers come meanwhile)
-        logits = out.logits.clone()
-        logits[rows] = float("nan")
-        return dataclasses.replace(out, logits=logits)
-
-    monkeypatch.setattr(engine.runner, "execute", poisoned)
+    poison_logits(runtime.engine, monkeypatch, "fail-", delay_s=1.0)  # (the followers come meanwhile)
     t = tenant(id="fails")
     ask = dict(prompt="Name a famous bridge", max_tokens=10, ignore_eos=True)
     leader = await runtime.submit(msgspec.structs.replace(call(t, **ask), request_id="fail-lead"))
@@ -2064,16 +2061,23 @@ async def test_an_answer_not_yet_stored_answers_a_request_at_once(runtime, servi
     await wait_until(lambda: len(runtime.admission.flights) == 0)
 
 
+async def one_seat_taken(nursery, ckpt, tokenizer, services, t: TenantContext) -> tuple[Runtime, Accepted]:  # noqa: ANN001
+    """A runtime whose engine runs one sequence, taken by a long request of `t` (returned
+    with it): what comes next waits in the queue."""
+    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
+    await nursery.start(rt.run)
+    busy = await rt.submit(call(t, prompt="Once upon a time", max_tokens=300, ignore_eos=True))
+    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    return rt, busy
+
+
 async def test_a_detached_leader_the_engine_refuses_lets_its_followers_go_on(nursery, ckpt, tokenizer, services,
                                                                             monkeypatch):
     """A detached leader still queued, which the engine then refuses (its adapter removed
     meanwhile, say): its followers go on, nothing crashes (the review: the stepper sent
     the refusal into its closed stream and crashed; the followers hung for good)."""
-    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
-    await nursery.start(rt.run)
     t = tenant(id="refused")
-    busy = await rt.submit(call(t, prompt="Once upon a time", max_tokens=300, ignore_eos=True))
-    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    rt, busy = await one_seat_taken(nursery, ckpt, tokenizer, services, t)
     ask = dict(prompt="Name a volcano", max_tokens=10, ignore_eos=True)
     leader = await rt.submit(msgspec.structs.replace(call(t, **ask), request_id="refuse-me"))
     follower = await rt.submit(call(t, **ask))
@@ -2099,10 +2103,7 @@ async def test_a_leader_detached_before_it_ran_is_charged_its_prompt_when_no_one
     """Detached while queued, a leader is released (nothing ran); if it then runs and its
     followers leave, its prompt is charged with what it generated (the review: the prefill
     was free)."""
-    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
-    await nursery.start(rt.run)
-    busy = await rt.submit(call(tenant(id="busy"), prompt="Once upon a time", max_tokens=300, ignore_eos=True))
-    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    rt, busy = await one_seat_taken(nursery, ckpt, tokenizer, services, tenant(id="busy"))
     t = tenant(id="prefill")
     ask = dict(prompt="Summarize the history of Rome in detail " * 8, max_tokens=400, ignore_eos=True)
     leader = await rt.submit(call(t, **ask))
@@ -2110,11 +2111,7 @@ async def test_a_leader_detached_before_it_ran_is_charged_its_prompt_when_no_one
     leader.cancel()
     await leader.settled.wait()
     busy.cancel()
-    generated = rt.engine.counters["generated_tokens"]
-    await wait_until(lambda: rt.engine.counters["generated_tokens"] >= generated + 5)
-    follower.cancel()
-    await wait_until(lambda: not rt.engine.has_unfinished() and len(rt.admission.flights) == 0)
-    await wait_until(lambda: rt.accounting.pending == 0)
+    await abandon_after(rt, follower, 5)
     [row] = await usage_rows(services["quotas"], "prefill")
     assert row.prompt_tokens == leader.prompt_tokens and row.completion_tokens >= 5 and row.requests == 1
 
@@ -2137,11 +2134,8 @@ async def test_a_landed_answer_is_not_held_while_its_store_waits(runtime, servic
 async def test_followers_of_a_request_shed_at_shutdown_end_too(nursery, ckpt, tokenizer, services):
     """A shutdown sheds the queue: a follower of a shed request ends with the same 503 at
     once, not to start in its place (the review)."""
-    rt = Runtime(RuntimeConfig(), make_engine(ckpt, tokenizer, max_num_seqs=1), **services)
-    await nursery.start(rt.run)
     t = tenant(id="shed")
-    busy = await rt.submit(call(t, prompt="Once upon a time", max_tokens=300, ignore_eos=True))
-    await wait_until(lambda: rt.engine.scheduler.num_running == 1)
+    rt, busy = await one_seat_taken(nursery, ckpt, tokenizer, services, t)
     ask = dict(prompt="Name a waterfall", max_tokens=10, ignore_eos=True)
     leader = await rt.submit(call(t, **ask))
     follower = await rt.submit(call(t, **ask))
