@@ -840,10 +840,11 @@ async def test_cache_control_max_age_min_fresh_and_only_if_cached(runtime, servi
     hit = await ask(cache_only=True, cache_max_age_s=60, cache_min_fresh_s=60)
     assert isinstance(hit, Accepted) and hit.cached and 0 <= hit.cache_age_s < 5
     assert isinstance(await ask(cache_min_fresh_s=int(services["response_cache"].ttl_s)), Accepted)
-    stale = await ask(cache_only=True, cache_min_fresh_s=int(services["response_cache"].ttl_s))  # expires before that
+    # (ages count in whole seconds, as `Age` shows them: a second-old answer is kept its TTL less one)
+    stale = await ask(cache_only=True, cache_min_fresh_s=int(services["response_cache"].ttl_s) + 1)
     assert isinstance(stale, Rejected) and stale.status == 504
-    await trio.sleep(1.1)
-    old = await ask(cache_max_age_s=1)  # over a second old: answered afresh and stored again
+    await trio.sleep(2.1)
+    old = await ask(cache_max_age_s=1)  # two seconds old (`Age: 2`): answered afresh and stored again
     assert isinstance(old, Accepted) and not old.cached and runtime.engine.counters["steps"] > steps
     renewed = await ask(cache_only=True, cache_max_age_s=1)
     assert isinstance(renewed, Accepted) and renewed.cached and renewed.cache_age_s < 1
@@ -1984,7 +1985,9 @@ async def test_a_burst_of_followers_larger_than_accountings_inbox_is_answered_an
     await nursery.start(rt.run)
     t = tenant(Quota(max_concurrent=100), id="crowd")
     ask = dict(prompt="Write a long poem about the wind", max_tokens=30, ignore_eos=True)
-    accepted = [await rt.submit(call(t, **ask)) for _ in range(25)]
+    accepted = [await rt.submit(call(t, **ask))]
+    await wait_until(lambda: rt.engine.scheduler.num_running == 1)  # (out of the queue of 1)
+    accepted += [await rt.submit(call(t, **ask)) for _ in range(24)]
     assert all(isinstance(a, Accepted) for a in accepted) and rt.admission.following == 24
     ends = [(await collect(a))[2] for a in accepted]
     assert all(isinstance(e, Finished) and e.usage.completion_tokens == 30 for e in ends)
