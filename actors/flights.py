@@ -15,18 +15,18 @@ without taking a sequence, a queue place or a place in the overload estimate, th
 the answer. A leader whose client goes away while followers wait generates on for them
 (`Admission._detach`). A leader that ends without an answer lands `None`: when it was
 cancelled (it could not generate on), the first follower to look again leads the next
-flight and the others follow it; when it failed or was refused (what would fail each copy: a broken adapter, an output
-constraint, an engine fault), its followers each go on alone, at once, rather than one
-after another.
+flight and the others follow it; when it failed or was refused (what would fail each
+copy: a broken adapter, an output constraint, an engine fault), its followers each go on
+alone, at once, rather than one after another.
 
 Who follows (`Admission._flight_to_follow`): a request that looked the cache up (not
 `no-cache`, not `only-if-cached`), not streamed (a stream's first token would wait for the
 leader's last), whose priority is not above the leader's (it would wait behind a request
 the scheduler puts after it), of the leader's tenant unless the leader already runs (a
 tenant of a shared cache pool would wait in another tenant's turn of the queue), and that
-a fresh answer satisfies (its `Cache-Control: min-fresh`). Who leads: a request that would store its answer (not
-`no-store`). Within one server only: replicas do not see each other's flights (Redis holds
-finished answers only).
+a fresh answer satisfies (its `Cache-Control: min-fresh`). Who leads: a request that
+would store its answer (not `no-store`). Within one server only: replicas do not see each
+other's flights (Redis holds finished answers only).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Flight:
 
 class Flights:
     """The flights of one server, by response-cache entry key. Holds one entry per leader
-    in flight (so at most the requests the server holds), each removed when it lands."""
+    in flight (so at most the requests the server holds), each removed when it lands
+    without an answer, or once its answer is stored (`Accounting.handle`; 30 s at most)."""
 
     def __init__(self) -> None:
         self._by_key: dict[str, Flight] = {}

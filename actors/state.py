@@ -68,8 +68,8 @@ class RequestState:
     adapter: str | None = None  # the LoRA adapter `call.model` named (None: the base model)
     adapter_key: str | None = None  # its name@version at admission (part of `cache_model`)
     cache_model: str = ""  # what produced its answer, as the response cache keys it (`Admission._cached`)
-    # (response-cache entry key, actors.flights.Flight) while it leads identical requests
-    # flight: its answer lands there when it ends (`Accounting.handle`)
+    # while it leads identical requests (actors.flights): (response-cache entry key, Flight),
+    # where its answer lands when it ends (`Accounting._land`)
     flight: tuple[str, Any] | None = None
     # its client went away while others waited for its answer: it generates on for them, its
     # client charged the `billed_tokens` it had generated then (`Admission._detach`)
