@@ -897,15 +897,20 @@ class Admission:
         an answer."""
         self._followers[st] = self._followers.get(st) or trio.CancelScope()  # (until accounting has it)
         self.metrics.rejections.labels(st.tenant_id, str(status), code).inc()
+        self._fail_follower(st, status, code, message)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._tell_accounting(Completed(st, "rejected"))
+        self._followers.pop(st, None)
+
+    def _fail_follower(self, st: RequestState, status: int, code: str, message: str) -> None:
+        """A follower's last event, its stream closed, and the flight it led meanwhile (if
+        any) landed without an answer: what both ways of ending one share."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             st.events.send_nowait(Failed(st.request_id, status, code, message))
         st.events.close()
         if st.flight is not None:
             self.flights.land(*st.flight, None)
             st.flight = None
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._tell_accounting(Completed(st, "rejected"))
-        self._followers.pop(st, None)
 
     def _accounting_room(self) -> bool:
         """Room in accounting's inbox for a follower's end (or a detached leader's bill):
@@ -926,12 +931,7 @@ class Admission:
         """`_end_follower` where nothing may be awaited (its task is cancelled): best effort."""
         if self._followers.pop(st, None) is None:
             return  # (it had ended, or gone on to be generated)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            st.events.send_nowait(Failed(st.request_id, 503, "unavailable", message))
-        st.events.close()
-        if st.flight is not None:
-            self.flights.land(*st.flight, None)
-            st.flight = None
+        self._fail_follower(st, 503, "unavailable", message)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             self.completed.send_nowait(Completed(st, "cancelled"))
 
@@ -967,8 +967,8 @@ class Admission:
     def _replay(self, call: GenerateCall, st: RequestState, hit: CachedCompletion, send: trio.MemorySendChannel,
                 *, whole: bool = False) -> None:
         """`hit` as the request's events into `send` (closed after: the request has ended,
-        as a cache hit: the caller tells accounting), token by token as it was streamed, or in one delta (`whole`, or an
-        entry stored without its deltas)."""
+        as a cache hit; the caller tells accounting), token by token as it was streamed, or
+        in one delta (`whole`, or an entry stored without its deltas)."""
         n = len(hit.token_ids)
         lps = hit.logprobs
         toks = hit.tokens if hit.tokens is not None and len(hit.tokens) == n else None

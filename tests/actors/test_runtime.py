@@ -1062,11 +1062,11 @@ async def test_crashed_actor_fails_what_it_owns_and_is_restarted(runtime, monkey
     assert isinstance(fin, Finished)
 
 
-def poison_logits(engine: Engine, monkeypatch, prefix: str, delay_s: float = 0.0):  # noqa: ANN001, ANN201
-    """The engine's logits of requests whose ids start with `prefix` become NaN (after
-    `delay_s` in the step that first has them); returns the engine's own `execute`."""
+def poison_logits(engine: Engine, monkeypatch, prefix: str, gate=None):  # noqa: ANN001, ANN201
+    """The engine's logits of requests whose ids start with `prefix` become NaN (once
+    `gate`, a `threading.Event`, is set, in the step that first has them); returns the
+    engine's own `execute`."""
     import dataclasses
-    import time as _time
 
     execute = engine.runner.execute
 
@@ -1075,7 +1075,8 @@ def poison_logits(engine: Engine, monkeypatch, prefix: str, delay_s: float = 0.0
         rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith(prefix)]
         if not rows:
             return out
-        _time.sleep(delay_s)
+        if gate is not None:
+            gate.wait(60)
         logits = out.logits.clone()
         logits[rows] = float("nan")
         return dataclasses.replace(out, logits=logits)
@@ -1923,7 +1924,7 @@ async def test_a_follower_whose_client_goes_away_is_released_and_billed_nothing(
 
 async def test_a_higher_priority_request_does_not_wait_behind_a_lower_one(runtime):
     t = tenant(id="tiers", priority=5)
-    ask = dict(prompt="Name three rivers", max_tokens=20, ignore_eos=True)
+    ask = dict(prompt="Name three rivers", max_tokens=60, ignore_eos=True)  # (still running when `same` comes)
     low = await runtime.submit(msgspec.structs.replace(call(t, **ask), priority=1))
     high = await runtime.submit(call(t, **ask))  # the tenant's tier, 5
     assert runtime.admission.following == 0
@@ -2020,12 +2021,16 @@ async def test_followers_of_a_request_that_failed_each_go_on_at_once(runtime, mo
     """A leader that failed (what may fail each copy: an output constraint, a broken
     adapter, an engine fault) lets its followers go on alone, together, not one after
     another (the review: each waited for the one before it to fail)."""
-    poison_logits(runtime.engine, monkeypatch, "fail-", delay_s=1.0)  # (the followers come meanwhile)
+    import threading
+
+    followed = threading.Event()  # (the leader fails once its followers are there, on any machine)
+    poison_logits(runtime.engine, monkeypatch, "fail-", gate=followed)
     t = tenant(id="fails")
     ask = dict(prompt="Name a famous bridge", max_tokens=10, ignore_eos=True)
     leader = await runtime.submit(msgspec.structs.replace(call(t, **ask), request_id="fail-lead"))
     followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
     assert runtime.admission.following == 3
+    followed.set()
     assert isinstance((await collect(leader))[2], Failed)
     ends = [await collect(f) for f in followers]
     assert all(isinstance(fin, Finished) and not fin.cached for _, _, fin in ends)
