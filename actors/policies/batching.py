@@ -209,8 +209,10 @@ def fair_order(vtc: VirtualTokenCounter, queues: dict[str, list[Job]]) -> Iterat
     """Interleave per-tenant queues (each already in its own order) by VTC, charging
     a shadow copy of the counters as jobs are taken (the real charge happens on release).
     Tenants of equal service go in the order of their next jobs' arrivals (a tenant just
-    lifted to the others' counter ties with them), not of their names."""
-    shadow = VirtualTokenCounter(vtc.w_in, vtc.w_out, dict(vtc.counters))
+    lifted to the others' counter ties with them), not of their names. The shadow holds
+    only the queued tenants' counters: the table keeps every tenant ever served, and
+    copying it all on every pass cost time in the number of tenants, not of waiting ones."""
+    shadow = VirtualTokenCounter(vtc.w_in, vtc.w_out, {t: vtc.counters.get(t, 0.0) for t in queues})
     heads = {t: 0 for t, q in queues.items() if q}
     while heads:
         t = min(heads, key=lambda t: (shadow.counters.get(t, 0.0), queues[t][heads[t]].arrival, t))
