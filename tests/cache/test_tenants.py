@@ -505,3 +505,28 @@ async def test_tenants_are_listed_a_page_at_a_time(registry: TenantRegistry):
     assert await registry.list_tenants(limit=1, after="t0") == ([], True, "t1")
     with pytest.raises(ValueError):
         await registry.list_tenants(limit=0)
+
+
+async def test_tenants_kept_by_a_version_without_the_index_are_listed(registry: TenantRegistry):
+    """Upgrades: tenants a version that kept only the set created are listed, in id order
+    (the index is built from the set); one such a version created or deleted beside this
+    one is listed or left out once the counts differ."""
+    store, client = registry.store, registry.store.client
+    for i in (3, 1, 2):
+        await registry.create_tenant(f"t{i}", f"T{i}")
+    await client.delete([store.key("tenant_index")])  # (as a version that kept no index left it)
+    page, more, last = await registry.list_tenants(limit=2)
+    assert [t.id for t in page] == ["t1", "t2"] and more and last == "t2"
+    assert await client.zcard(store.key("tenant_index")) == 3
+    # an older server beside this one creates t0 (set and record only) and deletes t2 (its script)
+    await client.set(store.key("tenant", "t0"), msgspec.json.encode(Tenant(id="t0", name="T0", created_at=1.0)))
+    await client.sadd(store.key("tenants"), ["t0"])
+    await client.delete([store.key("tenant", "t2")])
+    await client.srem(store.key("tenants"), ["t2"])
+    await client.sadd(store.key("tenants"), ["t4"])  # (and one whose record is not written yet)
+    page, more, last = await registry.list_tenants()
+    assert [t.id for t in page] == ["t0", "t1", "t3"] and not more and last == "t4"
+    assert await client.zrange(store.key("tenant_index"), 0, -1) == (b"t0", b"t1", b"t3", b"t4")
+    await registry.delete_tenant("t3")
+    assert [t.id for t in (await registry.list_tenants(after="t1"))[0]] == []
+    assert await client.zrange(store.key("tenant_index"), 0, -1) == (b"t0", b"t1", b"t4")
