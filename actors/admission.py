@@ -764,7 +764,8 @@ class Admission:
                 st.flight = (key, self.flights.lead(key, st.priority, st))
             return None
         leader = flight.leader
-        if (call.stream or not call.cache_lookup or st.priority > flight.priority
+        if ((call.stream and leader is not None and leader.params.use_beam_search)  # (its tokens come at its end)
+                or not call.cache_lookup or st.priority > flight.priority
                 or (leader is not None and leader.tenant_id != st.tenant_id and not leader.scheduled_at)
                 or not fresh_enough(0.0, self.response_cache.ttl_s, call.cache_max_age_s, call.cache_min_fresh_s)):
             return None
@@ -838,13 +839,17 @@ class Admission:
         nothing. Its end is sent to accounting awaiting room (a burst of followers all
         answered at once may outnumber what its inbox holds)."""
         answer = None
+        streamed = [0, 0]  # a stream's position in its leader's answer: deltas, tokens sent (`_tail`)
         try:
             with scope:
                 followed = 0
                 while flight is not None:
                     followed += 1
                     try:
-                        await flight.landed.wait()
+                        if call.stream:
+                            await self._tail(call, st, flight, streamed)
+                        else:
+                            await flight.landed.wait()
                     finally:
                         flight.followers -= 1
                         leader = flight.leader
@@ -853,9 +858,10 @@ class Admission:
                             if self.on_cancel is not None:
                                 self.on_cancel()
                     if flight.answer is not None:
-                        answer = flight.answer if self._usable(call, st, flight.answer) else None
+                        answer = flight.answer if self._usable(call, st, flight.answer) or streamed[0] else None
                         break
-                    if not flight.again or followed >= self.FLIGHTS_FOLLOWED or self.stopping:
+                    if (not flight.again or followed >= self.FLIGHTS_FOLLOWED or self.stopping or streamed[0]
+                            or st.cancelled):
                         break
                     flight = self._flight_to_follow(call, st)  # (it may lead the next one)
                     if flight is not None:
@@ -867,9 +873,15 @@ class Admission:
                 self._followers.pop(st, None)
             elif answer is not None:
                 self.metrics.collapsed.labels("answered").inc()
-                self._replay(call, st, answer, st.events, whole=True)
+                if streamed[0]:
+                    self._replay_end(call, st, answer, st.events)
+                else:
+                    self._replay(call, st, answer, st.events, whole=not call.stream)
                 await self._tell_accounting(Completed(st, "cached"))
                 self._followers.pop(st, None)
+            elif streamed[0]:  # (part of an answer sent: it can neither lead another nor start alone)
+                await self._end_follower(st, 503, "unavailable", "the identical request whose answer this "
+                                         "stream was sent ended without finishing it; retry")
             elif self.stopping:  # (the server stops: it would start now, to be ended at the grace's end)
                 await self._end_follower(st, 503, "shutting_down", "server shutting down: the identical request "
                                          "this one waited for ended without an answer")
@@ -890,6 +902,61 @@ class Admission:
         except BaseException:  # the admission actor stops (a crash, the server's end): it ends too
             self._end_follower_now(st, "the server stopped waiting for this request's answer; retry")
             raise
+
+    async def _tail(self, call: GenerateCall, st: RequestState, flight: Flight, pos: list[int]) -> None:
+        """A streamed follower is sent its leader's answer as the leader generates it — what
+        it has so far at once, then each delta as the stepper records it (`Flight.advance`)
+        — until the flight lands (the leader's answer is whole, or it has none). `pos`:
+        the deltas and tokens of the answer sent, advanced here. Returns early when the
+        client has gone (`st.cancelled`)."""
+        leader = flight.leader
+        while True:
+            progress = flight.progress  # (taken before reading: a delta recorded after is its set)
+            rec = leader.choices.get(0) if leader is not None else None
+            if rec is not None:
+                self._send_recorded(call, st, rec, pos)
+            if flight.landed.is_set() or st.cancelled:
+                return
+            await progress.wait()
+
+    @staticmethod
+    def _send_recorded(call: GenerateCall, st: RequestState, rec: Any, pos: list[int]) -> None:
+        """The deltas of `rec` (a leader's `ChoiceRecord`) from `pos` on into the follower's
+        events, each as the leader's stream had it (its text, tokens and logprobs; the last
+        with the reason the choice ended, once it has). A client gone sets `st.cancelled`."""
+        with_logprobs = st.params.logprobs is not None
+        i, j = pos
+        try:
+            while i < len(rec.deltas):
+                k = rec.delta_tokens[i]
+                extras: dict[str, Any] = {}
+                if with_logprobs and len(rec.logprobs) >= j + k:
+                    extras = {"logprobs": rec.logprobs[j:j + k], "tokens": rec.tokens[j:j + k],
+                              "top_logprobs": [[TopLogprob(*a) for a in row] for row in rec.top_logprobs[j:j + k]]
+                              if len(rec.top_logprobs) >= j + k and rec.top_logprobs else None}
+                last = i == len(rec.deltas) - 1
+                st.events.send_nowait(TokenDelta(call.request_id, 0, rec.deltas[i], rec.token_ids[j:j + k], **extras,
+                                                 finish_reason=rec.finish_reason if last else None))
+                i, j = i + 1, j + k
+                if not st.first_token_at:
+                    st.first_token_at = time.monotonic()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            st.cancelled = True
+        finally:
+            pos[:] = [i, j]
+
+    @staticmethod
+    def _replay_end(call: GenerateCall, st: RequestState, hit: CachedCompletion,
+                    send: trio.MemorySendChannel) -> None:
+        """The end of a streamed follower's answer (`_tail` sent its deltas): its
+        `Finished`, billed as a cache hit, as `_replay`'s."""
+        usage = Usage(st.prompt_tokens, hit.usage.completion_tokens, st.prompt_tokens)  # nothing computed
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
+        send.close()
+        st.completion_tokens = hit.usage.completion_tokens
+        st.finish_reasons[0] = hit.finish_reason
+        st.finished_at = time.monotonic()
 
     async def _end_follower(self, st: RequestState, status: int, code: str, message: str) -> None:
         """A follower that will not be answered ends with `status` `code` on its stream (counted

@@ -12,16 +12,19 @@ ends its answer *lands* (`Flights.land`, by accounting, as soon as it completes:
 quota is settled or the answer stored in Redis; the flight stays in the air, answering at
 once, until the store is done: `Flights.ground`). The others are *followers*: they wait
 without taking a sequence, a queue place or a place in the overload estimate, then replay
-the answer. A leader whose client goes away while followers wait generates on for them
-(`Admission._detach`). A leader that ends without an answer lands `None`: when it was
+the answer; a streamed follower is sent the leader's answer as it is generated (what it
+has so far at once, then each delta as the leader's stream gets it: `Admission._tail`),
+so its first token waits for the leader's first, not its last. A leader whose client
+goes away while followers wait generates on for them (`Admission._detach`). A leader that ends without an answer lands `None`: when it was
 cancelled (it could not generate on), the first follower to look again leads the next
 flight and the others follow it; when it failed or was refused (what would fail each
 copy: a broken adapter, an output constraint, an engine fault), its followers each go on
-alone, at once, rather than one after another.
+alone, at once, rather than one after another. A streamed follower already sent part of
+the answer does neither: its stream ends with a 503 `unavailable` error (retry).
 
 Who follows (`Admission._flight_to_follow`): a request that looked the cache up (not
-`no-cache`, not `only-if-cached`), not streamed (a stream's first token would wait for the
-leader's last), whose priority is not above the leader's (it would wait behind a request
+`no-cache`, not `only-if-cached`), not streamed behind a beam search (whose tokens all come
+at its end), whose priority is not above the leader's (it would wait behind a request
 the scheduler puts after it), of the leader's tenant unless the leader already runs (a
 tenant of a shared cache pool would wait in another tenant's turn of the queue), and that
 a fresh answer satisfies (its `Cache-Control: min-fresh`). Who leads: a request that
@@ -42,7 +45,7 @@ class Flight:
     """One answer being generated: `landed` is set once `answer` is final (a
     `cache.response_cache.CachedCompletion`, or None: there is none to share)."""
 
-    __slots__ = ("again", "answer", "followers", "landed", "leader", "priority")
+    __slots__ = ("again", "answer", "followers", "landed", "leader", "priority", "progress")
 
     def __init__(self, priority: int, leader: Any = None) -> None:
         self.priority = priority  # the leader's (higher runs first)
@@ -51,6 +54,13 @@ class Flight:
         self.answer: Any = None
         self.again = False  # landed without an answer, which another copy may well give (it was cancelled)
         self.followers = 0  # waiting for it now
+        self.progress = trio.Event()  # set, and replaced, as the leader's answer grows, and when it lands
+
+    def advance(self) -> None:
+        """The leader's answer grew (the stepper recorded a delta), or it landed: streamed
+        followers send what is new (`Admission._tail`)."""
+        progress, self.progress = self.progress, trio.Event()
+        progress.set()
 
 
 class Flights:
@@ -87,6 +97,7 @@ class Flights:
         if answer is None:
             self.ground(key, flight)
         flight.landed.set()
+        flight.advance()
 
     def ground(self, key: str, flight: Flight) -> None:
         """The flight leaves the registry (its answer is in the response cache, or not to be)."""

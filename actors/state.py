@@ -27,6 +27,7 @@ class ChoiceRecord:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     deltas: list[str] = field(default_factory=list)  # text emitted with each token (replayable stream)
+    delta_tokens: list[int] = field(default_factory=list)  # how many of `token_ids` each of `deltas` came with
     finish_reason: str | None = None
     # per token, only when the request asked for logprobs (a replay must return them too)
     logprobs: list[float] = field(default_factory=list)

@@ -470,12 +470,15 @@ class Stepper:
             rec.text += d.text
             rec.token_ids.extend(d.token_ids)
             rec.deltas.append(d.text)
+            rec.delta_tokens.append(len(d.token_ids))
             if d.logprobs is not None:
                 rec.logprobs.extend(d.logprobs)
                 rec.tokens.extend(tokens)
                 rec.top_logprobs.extend([[(a.token_id, a.logprob, a.token) for a in row] for row in top or ()])
             if d.finish_reason:
                 rec.finish_reason = d.finish_reason
+            if st.flight is not None:  # (streamed followers send it on: `Admission._tail`)
+                st.flight[1].advance()
         if not st.cancelled and not st.detached:  # (a detached request's client is gone: Admission._detach)
             prompt_lps = None
             if d.prompt_logprobs is not None:

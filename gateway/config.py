@@ -475,9 +475,9 @@ _HELP = {
                                  "keeps apart, the first seen; the others share tenant=\"*\" (each tenant's are "
                                  "~100 series a scrape formats)",
     "quota_fail_open": "while Redis is down, serve without quota (else 503)",
-    "collapse_identical": "a deterministic, non-streamed request identical to one being generated (same tenant "
-                          "cache scope, model, prompt and parameters) waits for that one's answer and is given it "
-                          "as a cache hit, instead of generating it again (docs/api.md)",
+    "collapse_identical": "a deterministic request identical to one being generated (same tenant cache scope, "
+                          "model, prompt and parameters) is given that one's answer as a cache hit (a stream: "
+                          "as it is generated) instead of generating it again (docs/api.md)",
     "scheduling_policy": "batching policy: priority, fcfs-continuous, fcfs-static, time-window, load-based, "
                          "adaptive, vtc, magnus, hybrid (see docs/scheduling.md)",
     "aging_seconds": "priority and hybrid policies: a waiting request gains one tier of priority per this many "

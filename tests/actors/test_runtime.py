@@ -1807,18 +1807,120 @@ async def test_identical_requests_in_flight_generate_once_and_are_billed_as_cach
     assert (row.requests, row.completion_tokens) == (4, 160)  # each billed as the cache hit it is
 
 
-async def test_a_streamed_or_no_cache_request_does_not_wait_for_an_identical_one(runtime):
-    """A stream's first token would wait for the leader's last, and `no-cache` asks for an
-    answer of its own: both generate alongside the one in flight."""
+async def test_a_no_cache_request_does_not_wait_for_an_identical_one(runtime):
+    """`no-cache` asks for an answer of its own: it generates alongside the one in flight."""
     t = tenant(id="streams")
     ask = dict(prompt="Describe a busy harbour at dawn", max_tokens=30, ignore_eos=True)
     leader = await runtime.submit(call(t, **ask))
-    others = [await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True)),
-              await runtime.submit(msgspec.structs.replace(call(t, **ask), cache_lookup=False))]
+    other = await runtime.submit(msgspec.structs.replace(call(t, **ask), cache_lookup=False))
     assert runtime.admission.following == 0
-    texts = [(await collect(a))[0] for a in (leader, *others)]
-    assert texts[0] == texts[1] == texts[2]
+    texts = [(await collect(a))[0] for a in (leader, other)]
+    assert texts[0] == texts[1]
     assert collapsed(runtime, "answered") == 0
+
+
+def delta_view(deltas: list) -> list:
+    return [(d.text, list(d.token_ids), d.finish_reason) for d in deltas]
+
+
+async def test_streamed_identical_requests_are_sent_the_leaders_answer_as_it_is_generated(runtime, services):
+    """A streamed request identical to one in flight is sent that one's deltas as they come
+    (its first token does not wait for the leader's last), the ones before it joined at
+    once; the engine generates the answer once; each is billed as a cache hit."""
+    t = tenant(id="tails")
+    ask = dict(prompt="Write a long story about a lighthouse keeper", max_tokens=300, ignore_eos=True)
+    leader = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    generated = runtime.engine.counters["generated_tokens"]
+    early = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    assert runtime.admission.following == 1 and runtime.waiting() == 0
+    first = await early.events.receive()
+    assert isinstance(first, TokenDelta) and runtime.engine.has_unfinished()  # (the leader is still generating)
+    await wait_until(lambda: runtime.engine.counters["generated_tokens"] >= generated + 20)
+    late = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    plain = await runtime.submit(call(t, **ask))  # (not streamed: the answer whole, at the end)
+    assert runtime.admission.following == 3
+    text, deltas, fin = await collect(leader)
+    assert isinstance(fin, Finished) and not fin.cached and fin.usage.completion_tokens == 300
+    etext, edeltas, efin = await collect(early)
+    assert delta_view([first, *edeltas]) == delta_view(deltas) and first.text + etext == text
+    ltext, ldeltas, lfin = await collect(late)
+    assert delta_view(ldeltas) == delta_view(deltas)
+    ptext, pdeltas, pfin = await collect(plain)
+    assert ptext == text and len(pdeltas) == 1
+    for f in (efin, lfin, pfin):
+        assert isinstance(f, Finished) and f.cached
+        assert f.usage == Usage(fin.usage.prompt_tokens, 300, fin.usage.prompt_tokens)
+    assert runtime.engine.counters["generated_tokens"] - generated <= 300  # once
+    assert collapsed(runtime, "answered") == 3 and runtime.admission.following == 0
+    await wait_until(lambda: runtime.accounting.pending == 0 and len(runtime.admission.flights) == 0)
+    [row] = await usage_rows(services["quotas"], "tails")
+    assert (row.requests, row.completion_tokens) == (4, 1200)
+
+
+async def test_a_streamed_follower_gets_the_whole_answer_when_the_leaders_client_goes_away(runtime, services):
+    t = tenant(id="tail-detach")
+    ask = dict(prompt="Describe the rivers of Africa", max_tokens=60, ignore_eos=True, logprobs=2)
+    leader = await runtime.submit(call(t, **ask))
+    follower = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    first = await follower.events.receive()
+    leader.cancel()  # detached: generates on for the stream
+    text, deltas, fin = await collect(follower)
+    deltas = [first, *deltas]
+    assert isinstance(fin, Finished) and fin.cached and fin.usage.completion_tokens == 60
+    assert sum(len(d.token_ids) for d in deltas) == 60 and deltas[-1].finish_reason == "length"
+    assert all(len(d.logprobs) == len(d.token_ids) == len(d.top_logprobs) for d in deltas)
+    again = await collect(await runtime.submit(call(t, **ask)))  # (the stored answer: the same tokens)
+    assert [t for d in again[1] for t in d.token_ids] == [t for d in deltas for t in d.token_ids]
+    await wait_until(lambda: runtime.accounting.pending == 0 and not runtime.engine.has_unfinished())
+    engine = runtime.engine
+    assert engine.block_manager.num_free_blocks == engine.num_blocks and len(runtime.admission.flights) == 0
+
+
+async def test_a_streamed_follower_whose_leader_fails_midway_ends_with_an_error(runtime, monkeypatch, services):
+    """A stream already sent part of a leader's answer cannot start over (the client has
+    those tokens): it ends with a 503 `unavailable` and is billed nothing; one that had
+    been sent nothing goes on alone."""
+    import dataclasses
+    import threading
+
+    engine = runtime.engine
+    execute = engine.runner.execute
+    started = threading.Event()  # (the leader fails once the first stream has tokens)
+
+    def failing(plan, adapters):  # noqa: ANN001
+        out = execute(plan, adapters)
+        rows = [i for i, sid in enumerate(out.seq_ids) if engine.owner_of(sid).startswith("midway-")]
+        if not rows or not started.is_set():
+            return out
+        logits = out.logits.clone()
+        logits[rows] = float("nan")
+        return dataclasses.replace(out, logits=logits)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    t = tenant(id="tail-fail")
+    ask = dict(prompt="Name every ocean and sea", max_tokens=200, ignore_eos=True)
+    leader = await runtime.submit(msgspec.structs.replace(call(t, **ask), request_id="midway-lead"))
+    follower = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    assert isinstance(await follower.events.receive(), TokenDelta)
+    started.set()
+    assert isinstance((await collect(leader))[2], Failed)
+    _, _, end = await collect(follower)
+    assert isinstance(end, Failed) and (end.status, end.code) == (503, "unavailable")
+    await wait_until(lambda: runtime.accounting.pending == 0 and len(runtime.admission.flights) == 0)
+    assert runtime.admission.following == 0 and engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+async def test_a_streamed_request_does_not_follow_a_beam_search(runtime):
+    """A beam search's tokens come at its end: a stream following it would wait for all of
+    them (its first token after the leader's last)."""
+    t = tenant(id="tail-beam")
+    ask = dict(prompt="Name a famous painter", max_tokens=8, use_beam_search=True, n=1, best_of=2)
+    leader = await runtime.submit(call(t, **ask))
+    stream = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    plain = await runtime.submit(call(t, **ask))
+    assert runtime.admission.following == 1  # (the non-streamed one)
+    for acc in (leader, stream, plain):
+        assert isinstance((await collect(acc))[2], Finished)
 
 
 async def test_a_leader_whose_client_goes_away_generates_on_for_its_followers(runtime, services):

@@ -290,8 +290,8 @@ async def test_a_key_that_spent_its_minute_on_refused_prompts_is_refused_everywh
 async def test_identical_requests_sent_at_once_are_generated_once(nursery: trio.Nursery, tmp_path,  # type: ignore[no-untyped-def]
                                                                   redis_url: str) -> None:
     """Three identical greedy requests at once over HTTP: one generates, the other two
-    wait for its answer (actors.flights) and get it, billed as cache hits; a streamed one
-    generates its own."""
+    wait for its answer (actors.flights) and get it, billed as cache hits; so do three
+    streamed ones, over SSE, each sent the tokens as the first generates them."""
     base_url, key, stop = await serve_with_tenant(nursery, tmp_path, redis_url, "same", {})
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Write a haiku about rain", "max_tokens": 60,
             "ignore_eos": True, "temperature": 0}
@@ -310,8 +310,27 @@ async def test_identical_requests_sent_at_once_are_generated_once(nursery: trio.
         cached = sorted(r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
                         == r.json()["usage"]["prompt_tokens"] for r in answers)
         assert cached == [False, True, True]  # two were given the first's answer
+        streams: list[tuple[str, dict]] = []
+
+        async def stream() -> None:
+            text, usage = "", {}
+            async with c.stream("POST", "/v1/completions", json={
+                    **body, "prompt": "Write a haiku about snow", "stream": True,
+                    "stream_options": {"include_usage": True}}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        text += "".join(ch["text"] for ch in chunk["choices"])
+                        usage = chunk.get("usage") or usage
+            streams.append((text, usage))
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(stream)
+        assert len({text for text, _ in streams}) == 1 and all(u["completion_tokens"] == 60 for _, u in streams)
         metrics = (await c.get("/metrics")).text
-        assert 'lmgate_collapsed_requests_total{result="answered"} 2.0' in metrics
+        assert 'lmgate_collapsed_requests_total{result="answered"} 4.0' in metrics
         assert "lmgate_collapsed_requests_waiting 0.0" in metrics
     await wait_idle(base_url)
     stop.set()
