@@ -764,7 +764,10 @@ class Admission:
                 st.flight = (key, self.flights.lead(key, st.priority, st))
             return None
         leader = flight.leader
-        if ((call.stream and leader is not None and leader.params.use_beam_search)  # (its tokens come at its end)
+        # (a leader cancelled, not generating on, lands without an answer a moment later: a
+        # stream sent its tokens so far then ended 503 — a client's retry right after it left)
+        if ((leader is not None and leader.cancelled)
+                or (call.stream and leader is not None and leader.params.use_beam_search)  # (its tokens: at its end)
                 or not call.cache_lookup or st.priority > flight.priority
                 or (leader is not None and leader.tenant_id != st.tenant_id and not leader.scheduled_at)
                 or not fresh_enough(0.0, self.response_cache.ttl_s, call.cache_max_age_s, call.cache_min_fresh_s)):

@@ -1910,6 +1910,26 @@ async def test_a_streamed_follower_whose_leader_fails_midway_ends_with_an_error(
     assert runtime.admission.following == 0 and engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+async def test_a_stream_retried_as_its_client_leaves_is_not_sent_the_old_stream_s_tokens(runtime):
+    """A client leaves a stream and retries it at once: the first, cancelled, lands without
+    an answer a moment later; the retry must not follow it (a review: it was sent the old
+    stream's tokens, then a 503), but generate its own answer whole."""
+    t = tenant(id="retry")
+    ask = dict(prompt="Describe a thunderstorm over the sea", max_tokens=60, ignore_eos=True)
+    first = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    got = 0
+    async for ev in first.events:
+        got += len(ev.token_ids)
+        if got >= 5:
+            break
+    first.cancel()
+    retry = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    assert runtime.admission.following == 0
+    _, deltas, fin = await collect(retry)
+    assert isinstance(fin, Finished) and sum(len(d.token_ids) for d in deltas) == 60
+    await wait_until(lambda: runtime.accounting.pending == 0 and len(runtime.admission.flights) == 0)
+
+
 async def test_a_streamed_request_does_not_follow_a_beam_search(runtime):
     """A beam search's tokens come at its end: a stream following it would wait for all of
     them (its first token after the leader's last)."""
