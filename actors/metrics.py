@@ -173,7 +173,7 @@ class Metrics:
             "lmgate_requests", "Finished requests by tenant and outcome", ["tenant", "outcome"], registry=r
         )
         self.rejections = Counter(
-            "lmgate_rejections", "Requests refused at admission", ["tenant", "status", "reason"], registry=r
+            "lmgate_rejections", "Requests refused, by admission or before it by the gateway (a bad body, an unknown model)", ["tenant", "status", "reason"], registry=r
         )
         self.ttft = Histogram(
             "lmgate_time_to_first_token_seconds", "Time to first token (streamed decoding; not beam search)",

@@ -87,8 +87,22 @@ def is_refusal(error: BaseException) -> bool:
         return False
     # in a transaction coredis puts the command first: "Command # 1 (SET k v) of pipeline
     # caused error: OOM ..." (the last such phrase: the command's values may hold it too)
+    return _reply_of(error).lstrip("-").split(" ", 1)[0].upper() in _REFUSALS
+
+
+def _reply_of(error: BaseException) -> str:
+    """Redis's own reply in an error (what follows the command coredis puts first in a
+    transaction's errors)."""
     _, _, reply = str(error).rpartition(" of pipeline caused error: ")
-    return reply.lstrip("-").split(" ", 1)[0].upper() in _REFUSALS
+    return reply
+
+
+def described(error: BaseException) -> str:
+    """An error of Redis as `last_error` keeps it (shown by the unauthenticated /readyz and
+    logged): its type and Redis's reply, never the command coredis puts before it in a
+    transaction's errors — whose values are records (a tenant's, written by the admin API,
+    was shown in full by /readyz while Redis refused writes: an audit)."""
+    return f"{type(error).__name__}: {_reply_of(error)}"
 
 
 def _not_a_script_reload(record: logging.LogRecord) -> bool:
@@ -231,7 +245,7 @@ class RedisStore:
                 raise
             self._failed(error)
             self.unreachable_at = None  # (it answered: it is reachable, if refusing)
-            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses service: {error}") from error
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses service: {described(error)}") from error
         # an outage ends when Redis answers after it could not be reached, or, after refusals
         # (it answers reads between refused writes), once none came for REFUSALS_END_S
         if self._down_since is not None and (self.unreachable_at is not None
@@ -246,7 +260,7 @@ class RedisStore:
 
     def _failed(self, error: BaseException) -> None:
         self.healthy = False
-        self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error = described(error)
         self.last_error_at = self._failed_at = time.time()
         if self._down_since is None:  # one line per outage (coredis's own retry lines are dropped)
             self._down_since = self.last_error_at

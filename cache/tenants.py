@@ -375,6 +375,9 @@ class TenantRegistry:
         self._fingerprint_pending_since: float | None = None
         self._fingerprint_seen = False  # Redis held (or took) it: its loss is a loss of data
         self._index_lock = trio.Lock()  # one `_index_in_step` mend at a time
+        # Redis came back without its data (`watch_for_lost_data`) and holds no tenant yet:
+        # /readyz says so (every key answers 401 meanwhile)
+        self.lost_data = False
 
     # -- the server secret ---------------------------------------------------
 
@@ -480,6 +483,11 @@ class TenantRegistry:
                 return
             if fingerprint is not None:
                 reported = False
+                if self.lost_data:
+                    with contextlib.suppress(CacheUnavailable), self.store.guard():
+                        if await self.store.client.exists([tenants]):
+                            self.lost_data = False
+                            log.warning("Redis at %s holds tenants again", redacted_url(self.store.url))
                 continue
             if not gone:
                 log.warning("the server secret's fingerprint was deleted from Redis at %s while its tenants remain "
@@ -488,7 +496,7 @@ class TenantRegistry:
                 self._fingerprint_seen = False
                 return
             if not reported:
-                reported = True
+                reported = self.lost_data = True
                 log.error("Redis at %s has lost its data (the server secret's fingerprint, kept since start-up, "
                           "is gone, and every tenant with it): its tenants, API keys, quotas and stored responses "
                           "are gone, so every key answers 401; restore it from a backup or its persistence file, "

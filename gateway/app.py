@@ -588,7 +588,8 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)
         if error is not None:
-            log_failure(request.method, request.path, getattr(g, "request_id", "-"), tenant, error)
+            log_failure(request.method, request.path, getattr(g, "request_id", "-"), tenant, error,
+                        getattr(g, "answer_id", None))
         return response
 
     app.after_request(close_after_refused_body)
@@ -623,6 +624,8 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
         # past a readiness probe's timeout, and every replica sharing it left the Service)
         if store.redis.known_unreachable() or not await store.redis.ping():
             degraded.append("redis_unavailable")
+        if store.tenants.lost_data:  # (every key answers 401 until tenants are created or restored)
+            degraded.append("redis_lost_data")
         if state.draining.is_set():
             degraded.append("shutting_down")
         status["degraded"] = degraded

@@ -98,6 +98,7 @@ class GatewayConfig:
     embedding_model: str = "bundled"  # /v1/embeddings: bundled (all-MiniLM-L6-v2), none, or a local folder
     embedding_batch_tokens: int = 512  # padded tokens per embedding batch: one batch runs between two steps
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR | CRITICAL (parse_log_level)
+    access_log: bool = False  # a line per answer (Hypercorn's access log, without query strings: gateway.server)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -512,6 +513,8 @@ _HELP = {
                        "comma-separated origins (https://app.example.com), or \"\" for none; the admin API "
                        "and /metrics never answer cross-origin",
     "log_level": "logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    "access_log": "log a line per answer (client, method, path without its query, status, bytes, seconds, "
+                  "X-Request-Id) to the logger hypercorn.access; else only answers with errors are logged",
 }
 
 

@@ -62,7 +62,9 @@ def _loggable(text: str, limit: int) -> str:
 
 class _FailureLines:
     """The budget of `log_failure`: FAILURE_LINES_PER_S lines in each second; what is over
-    it is counted, and the count logged with the next second's first line."""
+    it is counted, and the count logged with the next second's first line, or by
+    `report_dropped_failures` once that second is over (a burst of refusals followed by
+    none was reported only with the next error, minutes later, or never)."""
 
     def __init__(self) -> None:
         self.second = 0
@@ -81,13 +83,44 @@ class _FailureLines:
         dropped, self.dropped = self.dropped, 0
         return True, dropped
 
+    def overdue(self, now: float) -> int:
+        """The lines dropped in a second that is over (to report now: taken), else 0."""
+        if not self.dropped or (math.isfinite(now) and int(now) == self.second):
+            return 0
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
 
 _failure_lines = _FailureLines()
 
 
-def log_failure(method: str, path: str, request_id: str, tenant: str, error: ApiError) -> None:
+def _report_dropped(dropped: int) -> None:
+    log.info("%d more requests answered with errors were not logged (at most %d lines a second)", dropped,
+             FAILURE_LINES_PER_S)
+
+
+async def report_dropped_failures(every_s: float = 1.0) -> None:
+    """Run while the server does: log the count of `log_failure` lines a second's budget
+    dropped once that second is over, not only with the next failure's line (and what is
+    left when it stops)."""
+    import trio
+
+    try:
+        while True:
+            await trio.sleep(every_s)
+            if dropped := _failure_lines.overdue(time.monotonic()):
+                _report_dropped(dropped)
+    finally:
+        if dropped := _failure_lines.overdue(math.inf):
+            _report_dropped(dropped)
+
+
+def log_failure(method: str, path: str, request_id: str, tenant: str, error: ApiError,
+                answer_id: str | None = None) -> None:
     """One log line for a request answered with an error, naming its request id (what a
-    caller quotes from `X-Request-Id`), tenant ("-" before it is known), status, code and
+    caller quotes from `X-Request-Id`) and, once it has one, the id of its answer (the
+    `chatcmpl-`, `cmpl-`, `resp_` or `embd-` id the server's own lines about it name),
+    tenant ("-" before it is known), status, code and
     param; never the message, which may echo part of the request. INFO, as a refusal is
     the caller's to act on (and a 503 of an outage is logged by what failed); WARNING for
     a 500, the server's own failure. At most FAILURE_LINES_PER_S INFO lines a second: a
@@ -100,11 +133,12 @@ def log_failure(method: str, path: str, request_id: str, tenant: str, error: Api
     if not allowed:
         return
     if dropped:
-        log.info("%d more requests answered with errors were not logged (at most %d lines a second)", dropped,
-                 FAILURE_LINES_PER_S)
+        _report_dropped(dropped)
     param = f" param {_loggable(error.param, 100)}" if error.param else ""
-    log.log(level, "request %s %s %s: %d %s%s (tenant %s)", request_id, method, _loggable(path, 200), error.status,
-            error.code or error.type, param, tenant)
+    answer = f" ({answer_id})" if answer_id else ""
+    log.log(level, "request %s%s %s %s: %d %s%s (tenant %s)", _loggable(request_id, 200), answer, method,
+            _loggable(path, 200),
+            error.status, error.code or error.type, param, tenant)
 
 
 class ApiError(Exception):

@@ -141,6 +141,7 @@ def embeddings_blueprint(state: GatewayState) -> Blueprint:
         truncate = check_truncate(state, req.truncate_prompt_tokens)
         texts, ids = embedding_inputs(req.input)
         call = EmbedCall("embd-" + uuid.uuid4().hex, tenant, req.model, texts=texts, token_ids=ids, truncate=truncate)
+        g.answer_id = call.request_id  # (named in the request's log line: `gateway.errors.log_failure`)
         reply = await state.runtime.embed(call)
         if isinstance(reply, Rejected):
             raise rejected_error(reply)

@@ -526,7 +526,12 @@ def sampling_params(req: CompletionRequest | ChatRequest,
 
 
 def new_request_id(endpoint: Endpoint) -> str:
-    return ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+    """A new answer's id; kept for the request's log line too (`gateway.errors.log_failure`:
+    the server's own lines about the request name this id, not its `X-Request-Id`)."""
+    answer_id = ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+    if has_request_context():
+        g.answer_id = answer_id
+    return answer_id
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
 import trio
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
@@ -1033,8 +1033,9 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
                 window_limit, limiter=truncation_limiter)
             if drop:
                 kept = conversation[drop:]
-                log.info("truncation auto: dropped the first %d of %d items", len(conversation) - len(kept),
-                         len(conversation))
+                # (DEBUG: a line per request that succeeds, as the per-request lines are)
+                log.debug("request %s: truncation auto dropped the first %d of %d items", g.get("request_id", "-"),
+                          len(conversation) - len(kept), len(conversation))
                 earlier = {id(i) for i in context}
                 context, items = [i for i in kept if id(i) in earlier], [i for i in kept if id(i) not in earlier]
         return req, context, items, chat_request(req, [*context, *items])
@@ -1076,7 +1077,7 @@ def responses_blueprint(state: GatewayState) -> Blueprint:
     async def create() -> Any:
         tenant = await state.authenticate(request.headers.get("Authorization"))
         req, context, items, chat = await prepare(tenant)
-        response_id = _new_id("resp")
+        response_id = g.answer_id = _new_id("resp")  # (named in the request's log line: `log_failure`)
         cache = CacheDirectives.of(request.headers)
         if req.store is False:  # "do not retain": nor the answer nor the conversation in the caches
             cache = dataclasses.replace(cache, store=False)

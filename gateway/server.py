@@ -56,6 +56,7 @@ from gateway.config import (
     parse_log_level,
     start_warnings,
 )
+from gateway.errors import report_dropped_failures
 from gateway.routes_admin import forget_deleted_tenants
 
 log = logging.getLogger("lmgate.gateway.server")
@@ -92,6 +93,22 @@ class KeepaliveConfig(hypercorn.config.Config):
         return sockets
 
 
+# Hypercorn's atoms: client, "method path protocol", status, response bytes, seconds taken,
+# the answer's X-Request-Id (a WebSocket's: its upgrade's, logged when the socket closes)
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s HTTP/%(H)s" %(s)s %(b)s %(L)ss %({x-request-id}o)s'
+
+
+class EscapedLine(logging.Filter):
+    """An access log line with its control characters escaped (a path may decode to a
+    newline, or to Unicode's bidirectional overrides: a forged or reversed line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from gateway.errors import _loggable
+
+        record.msg, record.args = _loggable(record.getMessage(), 4096), None
+        return True
+
+
 def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     """Hypercorn settings derived from the gateway config.
 
@@ -113,7 +130,15 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     # comment lines, for WebSockets
     hc.websocket_ping_interval = config.sse_ping_seconds or None
     hc.h11_max_incomplete_size = 64 * 1024
-    hc.accesslog = None
+    if config.access_log:
+        # (no query string, %(q)s: it may hold a key a client put there; the path's control
+        # characters escaped by `escape_access_line`, as the gateway's own lines escape them)
+        hc.accesslog = logging.getLogger("hypercorn.access")
+        hc.access_log_format = ACCESS_LOG_FORMAT
+        if not any(isinstance(f, EscapedLine) for f in hc.accesslog.filters):
+            hc.accesslog.addFilter(EscapedLine())
+    else:
+        hc.accesslog = None
     # Hypercorn's messages go through the root logger like everyone else's; given "-" (its
     # default) it adds its own stderr handler and every line ("Running on ...") came twice
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -724,6 +749,7 @@ async def serve(
                 nursery.start_soon(watch_private_redis, config_private)
             nursery.start_soon(stores.tenants.watch_for_lost_data)
             nursery.start_soon(forget_deleted_tenants, app.extensions["lmgate"])
+            nursery.start_soon(report_dropped_failures)
             # what start-up loaded (the model's modules, tokenizers, the predictor and the
             # embedder: millions of objects) is moved out of the collector's generations: a full
             # collection scans only what came after (during large logprob requests, full

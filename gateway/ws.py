@@ -30,8 +30,9 @@ import trio
 from quart import Blueprint, websocket
 
 from actors.messages import Failed, Finished, TenantContext, TokenDelta
+from actors.metrics import UNAUTHENTICATED
 from gateway.app import bearer, check_one_authorization, request_id_of
-from gateway.errors import ApiError, invalid_request, malformed_json
+from gateway.errors import ApiError, invalid_request, log_failure, malformed_json
 from gateway.routes_openai import (
     CacheDirectives,
     Handle,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from gateway.app import GatewayState
 
 log = logging.getLogger("lmgate.gateway.ws")
+WS_PATH = "/v1/ws"
 
 AUTH_TIMEOUT_S = 10.0
 DRAIN_POLL_S = 0.05
@@ -130,6 +132,7 @@ class Session:
     """One socket: its tenant, its live requests (id → cancel scope), a send lock."""
 
     state: GatewayState
+    request_id: str = "-"  # the upgrade's `X-Request-Id` (given or made), in the socket's log lines
     tenant: TenantContext | None = None
     api_key: str | None = None  # the key it authenticated with: checked again for every request
     active: dict[str, trio.CancelScope] = field(default_factory=dict)
@@ -149,11 +152,19 @@ class Session:
         async with self.send_lock:
             await websocket.send(data)
 
-    async def refuse(self, frame_id: str | None, exc: ApiError) -> None:
-        """Answer a frame the reader refuses with its error frame, counted as the tenant's
-        refusal (`lmgate_rejections_total`, as HTTP's)."""
+    def note_failure(self, frame_id: str | None, exc: ApiError) -> None:
+        """A frame answered with an error: counted as the tenant's refusal when it was one
+        (`lmgate_rejections_total`, as HTTP's) and logged as an HTTP answer with an error is
+        (`log_failure`: the socket's request id, then the frame's id)."""
+        tenant = self.tenant.tenant_id if self.tenant is not None else UNAUTHENTICATED
         if self.tenant is not None and exc.refused_before_admission:
-            self.state.runtime.count_rejection(self.tenant.tenant_id, exc.status, exc.code or "error")
+            self.state.runtime.count_rejection(tenant, exc.status, exc.code or "error")
+        log_failure("WS", WS_PATH, self.request_id if frame_id is None else f"{self.request_id}/{frame_id}",
+                    tenant, exc)
+
+    async def refuse(self, frame_id: str | None, exc: ApiError) -> None:
+        """Answer a frame the reader refuses with its error frame (`note_failure`)."""
+        self.note_failure(frame_id, exc)
         await self.reply(error_frame(frame_id, exc))
 
     async def reply(self, frame: dict[str, Any]) -> None:
@@ -212,8 +223,7 @@ class Session:
             try:
                 await self._stream(frame, handles)
             except ApiError as exc:
-                if self.tenant is not None and exc.refused_before_admission:  # as HTTP's (gateway.app)
-                    self.state.runtime.count_rejection(self.tenant.tenant_id, exc.status, exc.code or "error")
+                self.note_failure(frame.id, exc)
                 await self.send(error_frame(frame.id, exc))
             finally:
                 self.active.pop(frame.id, None)
@@ -393,9 +403,9 @@ async def _close_when_drained(session: Session, scope: trio.CancelScope) -> None
 def ws_blueprint(state: GatewayState) -> Blueprint:
     bp = Blueprint("ws", __name__)
 
-    @bp.websocket("/v1/ws")
+    @bp.websocket(WS_PATH)
     async def ws() -> Any:
-        session = Session(state)
+        session = Session(state, request_id_of(websocket.headers.get("X-Request-Id")))
         header = websocket.headers.get("Authorization")
         if header is not None:
             try:
@@ -404,10 +414,16 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                 session.api_key = bearer(header)
             except ApiError as exc:  # reject the upgrade with an HTTP error, named as every answer is
                 refusal = exc.response()
-                refusal.headers["X-Request-Id"] = request_id_of(websocket.headers.get("X-Request-Id"))
+                refusal.headers["X-Request-Id"] = session.request_id
+                # counted and logged as HTTP's refusals are (`after_request` does not see a
+                # WebSocket's): key guessing over the socket was invisible
+                state.metrics.requests.labels(WS_PATH, "GET", str(exc.status), UNAUTHENTICATED).inc()
+                log_failure("GET", WS_PATH, session.request_id, UNAUTHENTICATED, exc)
                 return refusal
-        await websocket.accept()
+        await websocket.accept(headers={"X-Request-Id": session.request_id})
         state.metrics.ws_connections.inc()
+        state.metrics.requests.labels(WS_PATH, "GET", "101", session.tenant.tenant_id if session.tenant is not None
+                                      else UNAUTHENTICATED).inc()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_close_when_drained, session, nursery.cancel_scope)
@@ -423,6 +439,7 @@ def ws_blueprint(state: GatewayState) -> Blueprint:
                 else:
                     nursery.start_soon(session.discard_frames)
                 session.writer.cancel()  # the queued answers go unsent: the socket is closing
+                session.note_failure(None, fatal)
                 with trio.move_on_after(CLOSE_TIMEOUT_S):
                     await session.send(error_frame(None, fatal))
                     await websocket.close(close_code(fatal), fatal.code or "")

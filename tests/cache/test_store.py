@@ -146,8 +146,11 @@ async def test_a_redis_that_refuses_writes_is_unavailable_then_recovers(tmp_path
                         await quotas.reserve(tenant, "r1", 1, 1)
                     else:
                         await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
-                with pytest.raises(CacheUnavailable, match="refuses service"):  # (refused inside a transaction:
-                    await registry.create_tenant("t2", "two")  # coredis names the command first; was a 500)
+                with pytest.raises(CacheUnavailable, match="refuses service") as refused:  # (inside a transaction:
+                    await registry.create_tenant("t2", "Contract 4711")  # coredis names the command first; was a 500)
+                # what /readyz shows and the log says: Redis's reply, not the command's values (an audit)
+                assert "4711" not in store.last_error and "4711" not in str(refused.value)
+                assert store.last_error.startswith(("ReadOnlyError: You can't write", "ResponseError: OOM "))
                 assert not store.healthy and not await store.ping()
                 with pytest.raises(CacheUnavailable, match="skipped"):  # a write: Redis refused one a moment ago
                     await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)

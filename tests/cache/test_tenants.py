@@ -461,9 +461,16 @@ async def test_a_redis_back_without_its_data_is_said_in_the_log(tmp_path, caplog
             with caplog.at_level(logging.INFO, logger="lmgate.cache"):
                 await outage(lambda: os.kill(server.pid, signal.SIGSTOP), lambda: os.kill(server.pid, signal.SIGCONT))
                 assert "lost its data" not in caplog.text
+                assert not registry.lost_data
                 await outage(server.stop, server.start)  # (not persistent: it starts empty)
                 assert errors() == [f"Redis at {server.url} has lost its data"]
                 assert await store.client.get(store.key("secret_check")) is not None
+                assert registry.lost_data  # (/readyz: degraded, "redis_lost_data")
+                await registry.create_tenant("again", "Again")  # (tenants there again: no longer)
+                with trio.fail_after(10):
+                    while registry.lost_data:
+                        await trio.sleep(0.1)
+                await registry.delete_tenant("again")
                 # restarted empty between two calls of an idle server: no outage seen, found all the same
                 server.stop()
                 server.start()

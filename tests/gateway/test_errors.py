@@ -97,3 +97,30 @@ def test_failed_requests_are_logged_at_most_ten_lines_a_second(monkeypatch, capl
     assert lines[11] == ("INFO", "3 more requests answered with errors were not logged (at most 10 lines a second)")
     assert lines[12] == ("INFO", "request req_z GET /v1/x\\u2028forged\\x85\\u202egnp.exe\\u2066: 504 not_cached "
                                  "(tenant -)")
+
+
+async def test_a_burst_of_failures_is_reported_once_its_second_is_over(monkeypatch, caplog) -> None:
+    """The lines a burst dropped are counted in the log when its second ends, not with the
+    next failure's line (an audit: minutes later, with that line's time, or never)."""
+    import trio
+
+    import gateway.errors as errors
+
+    now = [2000.0]
+    monkeypatch.setattr(errors.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(errors, "_failure_lines", errors._FailureLines())
+    with caplog.at_level(logging.INFO, logger="lmgate.gateway"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(errors.report_dropped_failures, 0.01)
+            for i in range(40):
+                errors.log_failure("POST", "/v1/completions", f"req_{i}", "-", ApiError(401, "no", code="invalid_api_key"))
+            await trio.sleep(0.05)
+            assert len(caplog.records) == 10  # (the second is not over)
+            now[0] += 1.0
+            await trio.sleep(0.05)
+            assert caplog.records[-1].getMessage().startswith("30 more requests answered with errors were not logged")
+            for i in range(12):
+                errors.log_failure("POST", "/v1/completions", f"again_{i}", "-", ApiError(401, "no", code="invalid_api_key"))
+            nursery.cancel_scope.cancel()  # (the server stops: what is left is reported)
+    assert caplog.records[-1].getMessage().startswith("2 more requests answered with errors were not logged")
+    assert len(caplog.records) == 10 + 1 + 10 + 1

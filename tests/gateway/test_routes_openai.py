@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import zlib
 
 import httpx
@@ -1198,3 +1199,20 @@ def test_an_answers_weight_counts_its_tokens_not_its_deltas() -> None:
     c.add(TokenDelta("cmpl-x", 0, "x" * 3000, list(range(3000)), logprobs=[-0.5] * 3000,
                      tokens=["x"] * 3000))
     assert c.weight == 3000
+
+
+async def test_a_failure_s_log_line_names_the_answer_id_the_servers_own_lines_use(gateway: Gateway, caplog) -> None:  # noqa: ANN001
+    """The server's own lines about a request (an engine fault, say) name its answer id
+    (`cmpl-…`), the caller its `X-Request-Id`: the failure's line names both (an audit:
+    nothing joined the two)."""
+    import logging
+
+    import gateway.errors as errors
+
+    errors._failure_lines.__init__()  # (earlier tests' lines: another budget)
+    caplog.set_level(logging.INFO, logger="lmgate.gateway")
+    async with httpx.AsyncClient(base_url=gateway.base_url, headers={**gateway.headers, "X-Request-Id": "trace-9"}) as c:
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "temperature": -1})
+    assert r.status_code == 400
+    assert re.search(r"request trace-9 \(cmpl-[0-9a-f]{32}\) POST /v1/completions: 400 invalid_value param "
+                     r"temperature \(tenant t1\)", caplog.text), caplog.text

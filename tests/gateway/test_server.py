@@ -703,3 +703,32 @@ async def test_an_idle_http2_connection_is_closed_with_a_goaway(nursery: trio.Nu
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
     goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert len(goaway) == 1 and (goaway[0].error_code, goaway[0].last_stream_id) == (0, 1), events
+
+
+async def test_the_access_log_has_a_line_per_answer_without_query_strings(  # type: ignore[no-untyped-def]
+        nursery: trio.Nursery, stores, gateway_config, caplog) -> None:
+    """`--access-log`: a line per answer, with the answer's X-Request-Id, never a query
+    string (a client may put a key there) and never a raw control character (a forged
+    line); off by default (only answers with errors are logged)."""
+    caplog.set_level(logging.INFO, logger="hypercorn.access")
+    base_url, _, stop = await start_gateway(nursery, stores, dataclasses.replace(gateway_config, access_log=True))
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        await client.get("/healthz?api_key=lmg-secret", headers={"X-Request-Id": "trace-7"})
+        await client.get("/v1/models/a%0Aforged%E2%80%AE")
+        await client.get("/v1/models/x")
+    with trio.fail_after(10):  # (a line is written once its answer has gone: after the client has it)
+        # (a line with "- -" for status and bytes: the connection closed while its answer was
+        # being sent, Hypercorn's; the client closing at once after an answer races its line)
+        while len(lines := [r.getMessage() for r in caplog.records
+                            if r.name == "hypercorn.access" and '" - - ' not in r.getMessage()]) < 3:
+            await trio.sleep(0.01)
+    stop.set()
+    assert len(lines) == 3 and "lmg-secret" not in caplog.text, "\n".join(lines)
+    assert re.fullmatch(r'127\.0\.0\.1:\d+ "GET /healthz HTTP/1\.1" 200 \d+ [0-9.]+s trace-7', lines[0]), lines[0]
+    assert '"GET /v1/models/a\\x0aforged\\u202e HTTP/1.1" 404' in lines[1] and "\n" not in lines[1]
+    caplog.clear()
+    base_url, _, stop = await start_gateway(nursery, stores, gateway_config)  # (the default: off)
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        await client.get("/healthz")
+    stop.set()
+    assert not [r for r in caplog.records if r.name == "hypercorn.access"]

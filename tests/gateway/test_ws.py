@@ -137,14 +137,37 @@ async def test_request_before_auth_is_refused(gateway: Gateway) -> None:
     assert gateway.runtime.calls == []
 
 
-async def test_bad_header_rejects_the_upgrade(gateway: Gateway) -> None:
+async def test_bad_header_rejects_the_upgrade(gateway: Gateway, caplog) -> None:  # noqa: ANN001
+    """Refused as HTTP refuses, and as visible: an `X-Request-Id`, a log line, a count in
+    `lmgate_http_requests_total` (an audit: key guessing over the socket left no trace);
+    the socket's refused frames are logged too, and an accepted upgrade is counted."""
+    import logging
+
+    import gateway.errors as errors
+
+    caplog.set_level(logging.INFO, logger="lmgate.gateway")
+    errors._failure_lines.__init__()  # (earlier tests' lines: another budget)
     async with httpx.AsyncClient() as client:
         with pytest.raises(WebSocketUpgradeError) as info:
             async with aconnect_ws(gateway.ws_url, client, headers={"Authorization": "Bearer lmg-wrong",
                                                                     "X-Request-Id": "trace-42"}):
                 pass
-    assert info.value.response.status_code == 401
-    assert info.value.response.headers["X-Request-Id"] == "trace-42"  # as every HTTP answer
+        assert info.value.response.status_code == 401
+        assert info.value.response.headers["X-Request-Id"] == "trace-42"  # as every HTTP answer
+        assert "request trace-42 GET /v1/ws: 401 invalid_api_key (tenant -)" in caplog.text
+        async with aconnect_ws(gateway.ws_url, client, headers={**gateway.headers, "X-Request-Id": "trace-43"}) as ws:
+            assert ws.response is not None and ws.response.headers["X-Request-Id"] == "trace-43"
+            assert await ws.receive_json() == {"type": "ready"}
+            await ws.send_json(request_frame("bad\nframe", max_tokens=-5))
+            assert (await ws.receive_json())["status"] == 400
+        assert f"request trace-43/bad\\x0aframe WS /v1/ws: 400 invalid_value param max_tokens (tenant {gateway.tenant_id})" \
+            in caplog.text
+        async with aconnect_ws(gateway.ws_url, client, headers={"X-Request-Id": "trace-44"}) as ws:
+            await ws.send_json({"type": "auth", "api_key": "lmg-guess"})
+            assert (await ws.receive_json())["status"] == 401
+        assert "request trace-44 WS /v1/ws: 401 invalid_api_key (tenant -)" in caplog.text
+        text = (await client.get(gateway.base_url + "/metrics", headers=gateway.headers)).text
+    assert 'route="/v1/ws",status="401",tenant="-"' in text and f'route="/v1/ws",status="101",tenant="{gateway.tenant_id}"' in text
 
 
 async def test_cancel_frame_cancels_only_that_request(gateway: Gateway) -> None:
