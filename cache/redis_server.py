@@ -321,9 +321,13 @@ class PrivateRedis:
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
         persistent: bool = False,
+        maxmemory_mb: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening --logfile
         self.persistent = persistent
+        # 0: none. Else its maxmemory, under noeviction (never a tenant or quota evicted): the
+        # caches and stored Responses stop short of it (`RedisStore.room_for_optional`)
+        self.maxmemory_mb = maxmemory_mb
         self.host = host
         self.port = port
         self.binary = binary
@@ -433,6 +437,8 @@ class PrivateRedis:
             "--protected-mode", "yes",
             "--logfile", str(self.log_path),
             "--pidfile", str(self.pidfile_path),  # redis deletes it on a clean shutdown
+            "--maxmemory", f"{self.maxmemory_mb}mb",
+            "--maxmemory-policy", "noeviction",
         ]
 
         die_with_parent = _die_with_parent_preexec()

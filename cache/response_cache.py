@@ -156,12 +156,13 @@ class ResponseCache:
         params: msgspec.Struct | Mapping[str, Any], completion: CachedCompletion,
     ) -> bool:
         """Store with TTL. False (and nothing stored) when the encoded entry is larger
-        than ``max_entry_bytes``."""
+        than ``max_entry_bytes``, or Redis is nearly full (`RedisStore.room_for_optional`)."""
         value = _value_encoder.encode(completion)
         if len(value) > self.max_entry_bytes:
             self.stats.skipped_too_large += 1
             return False
         key = self.entry_key(tenant, model, prompt_token_ids, params)
-        await self.store.set_value(key, value, self.ttl_s)
+        if not await self.store.set_value(key, value, self.ttl_s):
+            return False
         self.stats.stores += 1
         return True

@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 from coredis import PureToken
 
-from cache.store import CacheUnavailable, RedisStore
+from cache.store import CacheUnavailable, RedisStore, redacted_url
 
 __all__ = ["ResponseStore", "StoredResponse", "owner_of"]
 
@@ -177,6 +177,11 @@ class ResponseStore:
         value = _encoder.encode(stored)
         if len(value) > self.max_entry_bytes:
             return False
+        # (room kept for tenants and quotas: as an outage for a new response; a stored one is
+        # still rewritten — a background run's end, else read as failed)
+        if not existing and not self.store.room_for_optional():
+            raise CacheUnavailable(f"Redis at {redacted_url(self.store.url)} is nearly full (its maxmemory): "
+                                   "responses are not stored")
         with self._guard():
             done = await self.store.client.set(self._key(owner, stored.response["id"]), value,
                                                px=round(self.ttl_s * 1000),

@@ -53,6 +53,13 @@ _REFUSALS = ("READONLY", "OOM", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "
 # instead of each waiting out the timeouts again (`RedisStore.worth_trying`).
 SKIP_AFTER_ERROR_S = 1.0
 REFUSALS_END_S = 5.0  # a refusing Redis's outage ends (in the log) once it refused nothing this long
+# Writes that can do without Redis — the caches', stored Responses — stop while Redis holds
+# more than this share of its `maxmemory` (`room_for_optional`): the rest is kept for the
+# state requests need (reservations, concurrency slots, usage). Without the margin a tenant
+# storing large responses filled a noeviction Redis, and every tenant's quotas went to the
+# fail-open policy (an audit). Read every MEMORY_CHECK_S by `watch`.
+OPTIONAL_WRITES_UP_TO = 0.9
+MEMORY_CHECK_S = 5.0
 
 
 _QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
@@ -197,6 +204,9 @@ class RedisStore:
         self._down_since: float | None = None  # when the current outage began (for the log)
         self._failed_at: float | None = None  # the last failure (`last_error_at` also marks probes)
         self._answered = trio.Event()  # set, and replaced, when Redis answers after failing
+        # Redis's used_memory and maxmemory (0: none), as `check_memory` last read them
+        self.memory_used = 0
+        self.memory_max = 0
         # a server sets it once it has started (what fails before stops it, as it stops a CLI:
         # the outage line must not say it serves on)
         self.serving = False
@@ -313,19 +323,52 @@ class RedisStore:
         return bool(self._watchers) and not self.healthy and self.unreachable_at is not None
 
     async def watch(self, interval_s: float = 1.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                    ) -> None:
+                    memory_every_s: float = MEMORY_CHECK_S) -> None:
         """Run for as long as the server does: every `interval_s`, while Redis is marked
         unreachable, ping it (a write, `ping`), so that it is found back without any request
-        paying a probe's timeouts (`reachable`)."""
+        paying a probe's timeouts (`reachable`); every `memory_every_s`, read how full it is
+        (`check_memory`)."""
         self._watchers += 1
         try:
+            await self.check_memory()
             task_status.started()
+            checked = time.monotonic()
             while True:
                 await trio.sleep(interval_s)
                 if self.unreachable_at is not None:
                     await self.ping()
+                elif time.monotonic() - checked >= memory_every_s:
+                    checked = time.monotonic()
+                    await self.check_memory()
         finally:
             self._watchers -= 1
+
+    def room_for_optional(self) -> bool:
+        """Whether writes that can do without Redis (the caches', stored Responses) may go
+        on: not while it holds more than `OPTIONAL_WRITES_UP_TO` of its `maxmemory`."""
+        return not self.memory_max or self.memory_used < OPTIONAL_WRITES_UP_TO * self.memory_max
+
+    async def check_memory(self) -> None:
+        """Read Redis's used_memory and maxmemory (INFO memory: a managed Redis that
+        disables CONFIG answers it); say in the log when optional writes stop and when they
+        go on again. Never raises: unread, the last reading stands."""
+        was = self.room_for_optional()
+        try:
+            with self.guard():
+                info = await self.client.info("memory")
+            self.memory_used, self.memory_max = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        except (CacheUnavailable, coredis.exceptions.RedisError, ValueError, TypeError):
+            return
+        if was and not self.room_for_optional():
+            log.warning("Redis at %s holds %.0f%% of its maxmemory (%d MB): the response and prompt caches and "
+                        "stored Responses are not written until it holds less than %.0f%%, keeping the rest for "
+                        "tenants, keys and quotas (give Redis more memory, or shorten --response-store-ttl-seconds)",
+                        redacted_url(self.url), 100 * self.memory_used / self.memory_max, self.memory_max >> 20,
+                        100 * OPTIONAL_WRITES_UP_TO)
+        elif not was and self.room_for_optional():
+            log.warning("Redis at %s has room again (%.0f%% of its maxmemory): caches and stored Responses are "
+                        "written again", redacted_url(self.url),
+                        100 * self.memory_used / self.memory_max if self.memory_max else 0)
 
     def _probe(self, failed_at: str) -> bool:
         """Whether to ask Redis, given the time of the last failure that counts (the
@@ -368,15 +411,19 @@ class RedisStore:
             await self._discard(key)
             return None
 
-    async def set_value(self, key: str, value: bytes, ttl_s: float) -> None:
-        """A cache's write (SET with a TTL); CacheUnavailable when Redis is down, refuses
-        service, or failed within `SKIP_AFTER_ERROR_S` and has not answered since
-        (`worth_trying`: while Redis refuses writes, the reads it answers between them let
-        the next write try again, a fast refusal)."""
+    async def set_value(self, key: str, value: bytes, ttl_s: float) -> bool:
+        """A cache's write (SET with a TTL); False when skipped, Redis being nearly full
+        (`room_for_optional`); CacheUnavailable when Redis is down, refuses service, or
+        failed within `SKIP_AFTER_ERROR_S` and has not answered since (`worth_trying`:
+        while Redis refuses writes, the reads it answers between them let the next write
+        try again, a fast refusal)."""
         if not self.worth_trying():
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} failed within {SKIP_AFTER_ERROR_S:g} s: skipped")
+        if not self.room_for_optional():
+            return False
         with self.guard():
             await self.client.set(key, value, px=max(1, round(ttl_s * 1000)))
+        return True
 
     async def _discard(self, key: str) -> None:
         with contextlib.suppress(CacheUnavailable, coredis.exceptions.RedisError), self.guard():

@@ -626,6 +626,8 @@ def create_app(runtime: Runtime, store: GatewayStores, config: GatewayConfig) ->
             degraded.append("redis_unavailable")
         if store.tenants.lost_data:  # (every key answers 401 until tenants are created or restored)
             degraded.append("redis_lost_data")
+        if not store.redis.room_for_optional():  # (the caches and stored Responses are not written)
+            degraded.append("redis_near_maxmemory")
         if state.draining.is_set():
             degraded.append("shutting_down")
         status["degraded"] = degraded

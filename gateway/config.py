@@ -94,6 +94,7 @@ class GatewayConfig:
     predictor_seed: str | None = None  # a saved Magnus predictor to start from when Redis holds none
     step_thread: str = "worker"  # worker | loop: where engine steps run (actors.stepper)
     response_store_ttl_seconds: float = 30 * 86400  # stored Responses API responses (cache.response_store)
+    private_redis_maxmemory_mb: int = 1024  # the private redis-server's maxmemory (0: none; cache.redis_server)
     allowed_origins: str = "*"  # web pages that may call the public API: *, "" (none) or origins (gateway.cors)
     embedding_model: str = "bundled"  # /v1/embeddings: bundled (all-MiniLM-L6-v2), none, or a local folder
     embedding_batch_tokens: int = 512  # padded tokens per embedding batch: one batch runs between two steps
@@ -103,6 +104,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.private_redis_maxmemory_mb < 0:
+            raise ConfigError(f"private_redis_maxmemory_mb must be >= 0, got {self.private_redis_maxmemory_mb}")
         for name in ("max_body_bytes", "max_ws_frame_bytes", "max_streams_per_socket", "listen_backlog",
                      "embedding_batch_tokens"):
             if getattr(self, name) <= 0:
@@ -497,6 +500,9 @@ _HELP = {
     "step_thread": "where engine steps run: worker (the compute thread, one long-lived thread for all torch "
                    "work; the event loop streams while the engine steps) or loop (the event loop's thread, which waits for each step; measured better without "
                    "HTTP, not through it: docs/scheduling.md, 'Where the step runs')",
+    "private_redis_maxmemory_mb": "the memory the private redis-server (started when no --redis-url is given) may "
+                                  "take, in MB (0: no limit); past 90%% of it the caches and stored Responses "
+                                  "are not written, keeping the rest for tenants, keys and quotas",
     "response_store_ttl_seconds": "how long a stored response of the Responses API (`store`, the default) "
                                   "is kept in Redis to be read back or continued (`previous_response_id`); "
                                   "30 days as OpenAI's",

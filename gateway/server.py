@@ -665,7 +665,8 @@ async def serve(
                 # persistent: the tenants, keys and usage outlive a restart (an append-only file
                 # in the data dir); a minute to read a large one back
                 private = config_private = PrivateRedis(Path(config.data_dir) / "redis", persistent=True,
-                                                        startup_timeout_s=60.0)
+                                                        startup_timeout_s=60.0,
+                                                        maxmemory_mb=config.private_redis_maxmemory_mb)
                 stack.enter_context(private)
                 config = dataclasses.replace(config, redis_url=private.url)
                 print(f"lmgate: started a private redis-server at {private.url}", file=out, flush=True)

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 
+import msgspec
 import pytest
 import trio
 
@@ -302,3 +303,43 @@ def test_a_redis_url_is_shown_without_its_password_and_otherwise_as_written():
     assert redacted_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redacted_url("rediss://h/0?username=u&password=pw") == "rediss://h/0?username=u&password=***"
     assert redacted_url("redis://u:pw@[::1/0") == "redis://u:***@[::1/0"  # (urlsplit refuses it)
+
+
+async def test_a_nearly_full_redis_keeps_its_room_for_tenants_and_quotas(tmp_path, caplog):
+    """Past 90% of its maxmemory, the caches and new stored Responses are not written (an
+    audit: one tenant's large stored responses filled a noeviction Redis and every
+    tenant's reservations were refused, their quotas gone to the fail-open policy); the
+    quota scripts, and the rewrite of a stored response, go on; once there is room again,
+    everything is written again. Both said in the log."""
+    from cache.response_store import ResponseStore, StoredResponse
+
+    with PrivateRedis(tmp_path, maxmemory_mb=64) as server:
+        async with RedisStore(server.url) as store:
+            assert (await store.client.config_get(["maxmemory-policy"]))[b"maxmemory-policy"] == b"noeviction"
+            registry, quotas, responses = TenantRegistry(store, SECRET), QuotaManager(store), ResponseCache(store)
+            stored = ResponseStore(store)
+            tenant = await registry.create_tenant("t1", "one", quota=Quota(requests_per_minute=10))
+            completion = CachedCompletion(text="a", token_ids=[5], finish_reason="stop",
+                                          usage=CachedUsage(prompt_tokens=2, completion_tokens=1), deltas=["a"])
+            answer = StoredResponse(response={"id": "resp_1", "status": "completed"}, context=[], input=[])
+            await store.check_memory()
+            assert store.room_for_optional() and store.memory_max == 64 << 20
+            assert await stored.put("t1", answer)
+            assert isinstance(await quotas.reserve(tenant, "r0", 10, 10), Admitted)  # (its script loaded)
+            used = int((await store.client.info("memory"))["used_memory"])
+            await store.client.config_set({"maxmemory": str(int(used / 0.92))})  # (92% full)
+            with caplog.at_level(logging.WARNING, logger="lmgate.cache"):
+                await store.check_memory()
+                assert not store.room_for_optional()
+                assert not await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+                assert await responses.get(tenant, "m", [1, 2], {"t": 0}) is None
+                with pytest.raises(CacheUnavailable, match="nearly full"):
+                    await stored.put("t1", msgspec.structs.replace(answer, response={"id": "resp_2"}))
+                assert await stored.put("t1", answer, existing=True)  # (a rewrite: a background run's end)
+                assert isinstance(await quotas.reserve(tenant, "r1", 10, 10), Admitted)
+                await store.client.config_set({"maxmemory": str(64 << 20)})
+                await store.check_memory()
+            assert store.room_for_optional()
+            assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
+            said = [r.getMessage() for r in caplog.records if r.name == "lmgate.cache"]
+            assert len(said) == 2 and "of its maxmemory" in said[0] and "has room again" in said[1]

@@ -27,6 +27,11 @@ async def test_healthz_and_readyz(gateway: Gateway) -> None:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         r = await client.get("/readyz")
         assert r.status_code == 200 and r.json()["degraded"] == []
+        redis, tenants = gateway.stores.redis, gateway.stores.tenants
+        redis.memory_used, redis.memory_max, tenants.lost_data = 95, 100, True  # (as `check_memory`, the watch read)
+        r = await client.get("/readyz")
+        assert r.status_code == 200 and r.json()["degraded"] == ["redis_lost_data", "redis_near_maxmemory"]
+        redis.memory_used, redis.memory_max, tenants.lost_data = 0, 0, False
         gateway.runtime.ready = False
         r = await client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "not_ready"
