@@ -217,6 +217,8 @@ class Accounting:
             return
         if st.detached:  # its client's part was counted when it left (`Admission._detach`): the rest
             self.metrics.generation_tokens.labels(tenant).inc(max(0, st.completion_tokens - st.billed_tokens))
+            if c.outcome != "ok" and st.scheduled_at and not st.billed_prompt:  # (charged with the rest: `_handle`)
+                self.metrics.prompt_tokens.labels(tenant).inc(st.prompt_tokens)
             return
         self.metrics.requests.labels(tenant, c.outcome).inc()
         if not ran:  # cancelled or refused before the engine had it: nothing billed, nothing counted

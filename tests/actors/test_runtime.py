@@ -2244,6 +2244,9 @@ async def test_a_leader_detached_before_it_ran_is_charged_its_prompt_when_no_one
     await abandon_after(rt, follower, 5)
     [row] = await usage_rows(services["quotas"], "prefill")
     assert row.prompt_tokens == leader.prompt_tokens and row.completion_tokens >= 5 and row.requests == 1
+    # /metrics counts what the usage rows do (an audit: the prompt was left out)
+    assert rt.metrics.prompt_tokens.labels("prefill")._value.get() == row.prompt_tokens
+    assert rt.metrics.generation_tokens.labels("prefill")._value.get() == row.completion_tokens
 
 
 async def test_a_landed_answer_is_not_held_while_its_store_waits(runtime, services, monkeypatch):
