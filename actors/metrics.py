@@ -223,7 +223,8 @@ class Metrics:
         )
         self.cache_stores = Counter(
             "lmgate_response_cache_stores", "Answers of deterministic requests offered to the response cache: stored, "
-            "too_large (past its entry size: not stored), or failed (Redis did not take it)", ["result"], registry=r
+            "too_large (past its entry size: not stored), redis_full (Redis past 90% of its maxmemory: not "
+            "stored), or failed (Redis did not take it)", ["result"], registry=r
         )
         self.collapsed = Counter(
             "lmgate_collapsed_requests", "Requests that missed the response cache while an identical one was being "

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
+import math
 import os
 import queue
 import shutil
@@ -53,6 +55,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import IO
+
+log = logging.getLogger("lmgate.cache")
 
 try:
     import fcntl
@@ -280,6 +284,23 @@ def _terminate_pid(pid: int) -> None:
             time.sleep(0.02)
 
 
+def _used_memory(host: str, port: int, timeout: float = 5.0) -> int:
+    """The server's `used_memory` (INFO memory: a bulk reply, read whole)."""
+    payload = b"*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n"
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        reply = b""
+        while b"\r\n" not in reply or len(reply) < reply.index(b"\r\n") + 2 + int(reply[1:reply.index(b"\r\n")]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    for line in reply.decode(errors="replace").splitlines():
+        if line.startswith("used_memory:"):
+            return int(line.split(":", 1)[1])
+    raise RedisServerError(f"INFO memory gave no used_memory: {reply[:200]!r}")
+
+
 def _send_command(host: str, port: int, *args: str, timeout: float = 1.0) -> bytes:
     """Send one command in RESP and return the first reply line (without CRLF).
 
@@ -387,6 +408,7 @@ class PrivateRedis:
                     self.port = _free_port(self.host)
                 try:
                     self._spawn(binary)
+                    self._fit_maxmemory()
                     return self
                 except RedisServerError as error:
                     last_error = error
@@ -476,6 +498,27 @@ class PrivateRedis:
         raise RedisServerError(
             f"redis-server did not answer PING within {self.startup_timeout_s} s:\n{self._log_tail()}"
         )
+
+    def _fit_maxmemory(self) -> None:
+        """A server that read back more than 90% of its `maxmemory_mb` (a data dir of an
+        earlier version, which set none, or a cap lowered since) would refuse writes the
+        quotas need at once (a review: every request then served without quota): its
+        maxmemory is raised for this run so that it holds 80% of it, and the log says so."""
+        if not self.maxmemory_mb:
+            return
+        try:
+            used = _used_memory(self.host, self.port)
+        except (OSError, ValueError, RedisServerError) as error:
+            log.warning("could not read the private redis-server's memory (%s): its maxmemory stays %d MB",
+                        error, self.maxmemory_mb)
+            return
+        if used < 0.9 * (self.maxmemory_mb << 20):
+            return
+        raised = math.ceil(used / 0.8 / (1 << 20))
+        reply = _send_command(self.host, self.port, "CONFIG", "SET", "maxmemory", f"{raised}mb", timeout=5.0)
+        log.warning("the private redis-server holds %d MB, past 90%% of its maxmemory (%d MB, "
+                    "--private-redis-maxmemory-mb): raised to %d MB for this run (%s); give it more, or 0 for no "
+                    "limit", used >> 20, self.maxmemory_mb, raised, reply.decode(errors="replace"))
 
     def ping(self) -> bool:
         """True when the server answers PING right now."""

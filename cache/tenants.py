@@ -21,6 +21,7 @@ reads the key record and the tenant it points to.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import fnmatch
 import hashlib
@@ -348,6 +349,7 @@ return n
 
 UPDATE_ATTEMPTS = 50
 INDEX_PAGE = 1000  # tenant ids copied into the sorted index per round trip (`_index_in_step`)
+INDEX_CHECK_S = 300.0  # the index compared with the set in full at most this often (`_index_in_step`)
 LOST_DATA_CHECK_S = 15.0  # how often `watch_for_lost_data` looks, besides after each outage
 
 
@@ -375,6 +377,7 @@ class TenantRegistry:
         self._fingerprint_pending_since: float | None = None
         self._fingerprint_seen = False  # Redis held (or took) it: its loss is a loss of data
         self._index_lock = trio.Lock()  # one `_index_in_step` mend at a time
+        self._index_checked_at: float | None = None  # (monotonic) its last full comparison with the set
         # Redis came back without its data (`watch_for_lost_data`) and holds no tenant yet:
         # /readyz says so (every key answers 401 meanwhile)
         self.lost_data = False
@@ -585,15 +588,21 @@ class TenantRegistry:
         more follow. Only the page's ids and records are read, from the sorted index (all
         50,000 records took ~0.7 s of the event loop to read and write out; all 200,000 ids,
         read and sorted for each page, 0.46 s), which `_index_in_step` first mends if it
-        does not list what the set of tenants does."""
+        does not list what the set of tenants does (and when Redis refuses that, the set
+        is read, as before the index)."""
         if limit is not None and limit < 1:
             raise ValueError("limit must be >= 1")
-        await self._index_in_step()
+        indexed = await self._index_in_step()
         with self.store.guard():
-            found = await self.store.client.zrange(
-                self.store.key("tenant_index"), "-" if after is None else b"(" + after.encode(), "+",
-                sortby=PureToken.BYLEX, **({} if limit is None else {"offset": 0, "count": limit + 1}))
-            ids = [m.decode() for m in found]
+            if indexed:
+                found = await self.store.client.zrange(
+                    self.store.key("tenant_index"), "-" if after is None else b"(" + after.encode(), "+",
+                    sortby=PureToken.BYLEX, **({} if limit is None else {"offset": 0, "count": limit + 1}))
+                ids = [m.decode() for m in found]
+            else:
+                ids = sorted(m.decode() for m in await self.store.client.smembers(self.store.key("tenants")))
+                ids = ids[bisect.bisect_right(ids, after):] if after is not None else ids
+                ids = ids[:limit + 1] if limit is not None else ids
             more = limit is not None and len(ids) > limit
             ids = ids[:limit] if limit is not None else ids
             if not ids:
@@ -601,40 +610,68 @@ class TenantRegistry:
             raws = await self.store.client.mget([self.store.key("tenant", i) for i in ids])
         return [decode_tenant(r) for r in raws if r is not None], more, ids[-1]
 
-    async def _index_in_step(self) -> None:
-        """Mend the sorted index of tenant ids if it does not hold as many as the set of
-        tenants: after an upgrade from a version that kept only the set (the index is
-        built then, once, by whichever server lists first), or while such a version still
-        runs beside this one and creates or deletes tenants. Copied in pages of
-        `INDEX_PAGE` ids, each its own round trip, so the event loop is never held long;
-        ids listed but no longer tenants are dropped the same way. One mend at a time per
-        registry (a second lister waits for it, then finds it done). Raises CacheUnavailable."""
+    async def _index_in_step(self) -> bool:
+        """Mend the sorted index of tenant ids where it does not list what the set of
+        tenants does: after an upgrade from a version that kept only the set (the index is
+        built then, once, by whichever server lists first), and while such a version still
+        runs beside this one, creating and deleting tenants in the set alone. Compared in
+        full when the counts differ, and at most every `INDEX_CHECK_S` besides (an old
+        version's create and delete between two listings leave the counts equal: a review
+        found a tenant left out for good). In pages of `INDEX_PAGE` ids, each its own round
+        trip, so the event loop is never held long; what is in step is not written (a
+        Redis refusing writes still has its index checked). One mend at a time per
+        registry. Returns False when Redis refuses the mend's writes (read-only, out of
+        memory) with the counts apart: the listing then reads the set. Raises
+        CacheUnavailable (unreachable)."""
         client, members, index = self.store.client, self.store.key("tenants"), self.store.key("tenant_index")
         async with self._index_lock:
             with self.store.guard():
                 async with client.pipeline(transaction=False) as pipe:
-                    in_set, in_index = pipe.scard(members), pipe.zcard(index)
-                if await in_set == await in_index:
-                    return
-                log.info("indexing %d tenant ids for listing (the index held %d)", await in_set, await in_index)
-                cursor = 0
-                while True:
-                    cursor, page = await client.sscan(members, cursor, count=INDEX_PAGE)
-                    if page:
-                        await client.zadd(index, {m: 0 for m in page})
-                    if not cursor:
-                        break
-                cursor = 0
-                while True:
-                    cursor, scored = await client.zscan(index, cursor, count=INDEX_PAGE)
-                    ids = [m.member for m in scored]
-                    if ids:
-                        listed = await client.smismember(members, ids)
-                        gone = [m for m, there in zip(ids, listed, strict=True) if not there]
-                        if gone:
-                            await client.zrem(index, gone)
-                    if not cursor:
-                        break
+                    set_count, index_count = pipe.scard(members), pipe.zcard(index)
+                in_set, in_index = await set_count, await index_count
+            now = time.monotonic()
+            due = self._index_checked_at is None or now - self._index_checked_at >= INDEX_CHECK_S
+            if in_set == in_index and not due:
+                return True
+            try:
+                with self.store.guard():
+                    added, dropped = await self._mend_index(client, members, index)
+            except CacheUnavailable:
+                if self.store.unreachable_at is not None:
+                    raise
+                return in_set == in_index  # (refused: the set read instead, unless the counts agree)
+            self._index_checked_at = now
+            if added or dropped:
+                log.info("tenant index mended for listing: %d ids added, %d dropped (%d tenants)", added, dropped,
+                         in_set)
+            return True
+
+    @staticmethod
+    async def _mend_index(client: Any, members: str, index: str) -> tuple[int, int]:
+        """Add the set's ids the index lacks and drop those it lists that the set does not;
+        returns how many of each."""
+        added = dropped = 0
+        cursor = 0
+        while True:
+            cursor, page = await client.sscan(members, cursor, count=INDEX_PAGE)
+            ids = list(page)
+            if ids:
+                missing = [m for m, score in zip(ids, await client.zmscore(index, ids), strict=True) if score is None]
+                if missing:
+                    added += await client.zadd(index, {m: 0 for m in missing})
+            if not cursor:
+                break
+        cursor = 0
+        while True:
+            cursor, scored = await client.zscan(index, cursor, count=INDEX_PAGE)
+            ids = [m.member for m in scored]
+            if ids:
+                gone = [m for m, there in zip(ids, await client.smismember(members, ids), strict=True) if not there]
+                if gone:
+                    dropped += await client.zrem(index, gone)
+            if not cursor:
+                break
+        return added, dropped
 
     async def update_tenant(
         self,

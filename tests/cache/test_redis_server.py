@@ -240,3 +240,27 @@ def test_a_second_live_server_for_the_same_data_dir_is_refused(tmp_path):
         assert first.running and first.ping()
     with PrivateRedis(tmp_path) as again:  # stop() released the directory
         assert again.ping()
+
+
+def test_a_server_that_reads_back_more_than_its_cap_is_given_room_for_this_run(tmp_path, caplog):
+    """A data dir holding more than 90% of `maxmemory_mb` (an earlier version set no cap):
+    started with the cap, Redis would refuse every write the quotas need (a review); its
+    maxmemory is raised for the run so that it holds 80%, said in the log. Under the cap,
+    it stays as given (noeviction)."""
+    import logging
+
+    from cache.redis_server import _used_memory
+
+    with PrivateRedis(tmp_path, persistent=True) as server:
+        for i in range(40):
+            assert _send_command(server.host, server.port, "SET", f"k{i}", "x" * 100_000) == b"+OK"
+    with caplog.at_level(logging.WARNING, logger="lmgate.cache"), PrivateRedis(tmp_path, persistent=True,
+                                                                               maxmemory_mb=2) as server:
+        cap = int(_send_command(server.host, server.port, "CONFIG", "GET", "maxmemory", timeout=2.0)
+                  .split(b"\r\n")[-1])
+        used = _used_memory(server.host, server.port)
+        assert 0.75 < used / cap < 0.85 and "raised to" in caplog.text
+        assert _send_command(server.host, server.port, "SET", "more", "v") == b"+OK"
+    with PrivateRedis(tmp_path / "small", maxmemory_mb=64) as server:
+        reply = _send_command(server.host, server.port, "CONFIG", "GET", "maxmemory", timeout=2.0)
+        assert reply.split(b"\r\n")[-1] == str(64 << 20).encode()

@@ -537,3 +537,34 @@ async def test_tenants_kept_by_a_version_without_the_index_are_listed(registry: 
     await registry.delete_tenant("t3")
     assert [t.id for t in (await registry.list_tenants(after="t1"))[0]] == []
     assert await client.zrange(store.key("tenant_index"), 0, -1) == (b"t0", b"t1", b"t4")
+
+
+async def test_the_index_is_compared_in_full_now_and_then_and_read_around_when_redis_refuses(
+        registry: TenantRegistry, monkeypatch):
+    """An older version's create and delete between two listings leave the counts equal:
+    the full comparison, at most every INDEX_CHECK_S, finds them (a review: one such tenant
+    was left out for good). While Redis refuses writes (out of memory), a listing the index
+    cannot be mended for reads the set (a review: it was a 503)."""
+    import cache.tenants as tenants_module
+
+    store, client = registry.store, registry.store.client
+    for i in range(3):
+        await registry.create_tenant(f"t{i}", f"T{i}")
+    assert [t.id for t in (await registry.list_tenants())[0]] == ["t0", "t1", "t2"]
+    await client.set(store.key("tenant", "t9"), msgspec.json.encode(Tenant(id="t9", name="T9", created_at=1.0)))
+    await client.sadd(store.key("tenants"), ["t9"])  # (an older version: set and record alone)
+    await client.delete([store.key("tenant", "t1")])
+    await client.srem(store.key("tenants"), ["t1"])
+    assert [t.id for t in (await registry.list_tenants())[0]] == ["t0", "t2"]  # (counts equal: not compared yet)
+    monkeypatch.setattr(tenants_module, "INDEX_CHECK_S", 0.0)
+    assert [t.id for t in (await registry.list_tenants())[0]] == ["t0", "t2", "t9"]
+    assert await client.zrange(store.key("tenant_index"), 0, -1) == (b"t0", b"t2", b"t9")
+    await client.sadd(store.key("tenants"), ["t5"])
+    await client.set(store.key("tenant", "t5"), msgspec.json.encode(Tenant(id="t5", name="T5", created_at=1.0)))
+    policy = (await client.config_get(["maxmemory-policy"]))[b"maxmemory-policy"]
+    await client.config_set({"maxmemory": "1", "maxmemory-policy": "noeviction"})
+    try:
+        page, more, last = await registry.list_tenants(limit=3)
+        assert [t.id for t in page] == ["t0", "t2", "t5"] and more and last == "t5"
+    finally:
+        await client.config_set({"maxmemory": "0", "maxmemory-policy": policy})
