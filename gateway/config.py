@@ -247,6 +247,9 @@ def check_redis_url(url: str) -> None:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:  # a port that is not a number, an unclosed [IPv6 literal
+        if "@" in rest:  # (urllib's words may quote part of a password holding `/`: a review)
+            raise ConfigError(f"redis_url {shown!r} cannot be read: a password holding '/', '?', '#' or '@' "
+                              "must be percent-encoded (%2F, %3F, %23, %40), or given as ?password=") from None
         raise ConfigError(f"redis_url {shown!r}: {e}") from None
     if parts.scheme == "unix":
         if parts.hostname is not None or not parts.path:
@@ -278,13 +281,15 @@ def _check_redis_query(shown: str, query: dict[str, list[str]]) -> None:
                 raise ConfigError(f"redis_url {shown!r}: bad {name} {values[0]!r}") from None
 
 
-def redis_refusal(error: BaseException) -> str | None:
+def redis_refusal(error: BaseException | None) -> str | None:
     """What a Redis server refused when a connection to a well-formed `redis_url` opened —
     its database (beyond the server's `databases`, which only the server knows) or its
     credentials — as one line; None for any other error. (coredis raises it from its
     handshake as a ResponseError: neither "unreachable" nor a bug.)"""
     import coredis.exceptions
 
+    if error is None:
+        return None
     if isinstance(error, coredis.exceptions.AuthenticationError):
         return f"Redis refused the credentials of --redis-url: {error}"
     if isinstance(error, coredis.exceptions.ResponseError) and "DB index is out of range" in str(error):

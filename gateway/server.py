@@ -94,7 +94,7 @@ class KeepaliveConfig(hypercorn.config.Config):
 
 
 # Hypercorn's atoms: client, "method path protocol", status, response bytes, seconds taken,
-# the answer's X-Request-Id (a WebSocket's: its upgrade's, logged when the socket closes)
+# the answer's X-Request-Id (a WebSocket's line is Hypercorn's at the upgrade: `-` there)
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s HTTP/%(H)s" %(s)s %(b)s %(L)ss %({x-request-id}o)s'
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 import msgspec
 import pytest
@@ -343,3 +344,99 @@ async def test_a_nearly_full_redis_keeps_its_room_for_tenants_and_quotas(tmp_pat
             assert await responses.put(tenant, "m", [1, 2], {"t": 0}, completion)
             said = [r.getMessage() for r in caplog.records if r.name == "lmgate.cache"]
             assert len(said) == 2 and "of its maxmemory" in said[0] and "has room again" in said[1]
+
+
+@pytest.fixture
+def guarded_redis(tmp_path):  # noqa: ANN201
+    """A redis-server of its own with a password ("pw") and an ACL user `lm` (password "lmpw")
+    without @dangerous (INFO, CONFIG: a managed Redis's usual user): yields its port."""
+    import subprocess
+
+    from cache.redis_server import _free_port, _send_command, find_redis_server
+
+    port = _free_port("127.0.0.1")
+    proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--requirepass", "pw", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            try:
+                if _send_command("127.0.0.1", port, "AUTH", "pw") == b"+OK":
+                    break
+            except OSError:
+                time.sleep(0.01)
+        assert _send_command("127.0.0.1", port, "AUTH", "pw") == b"+OK"
+        import socket
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"AUTH pw\r\nACL SETUSER lm on >lmpw ~lmgate:* +@all -@dangerous\r\n")
+            time.sleep(0.2)
+            assert s.recv(100).count(b"+OK") == 2
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_user_whose_acl_denies_info_is_served(guarded_redis: int, caplog):
+    """A managed Redis's user without @dangerous (no INFO): quota scripts run (their
+    flags are found out by a script, not INFO: every request was a 500, a review); what
+    INFO would check is said, once, to be unchecked."""
+    async with RedisStore(f"redis://lm:lmpw@127.0.0.1:{guarded_redis}/0") as store:
+        registry, quotas = TenantRegistry(store, SECRET), QuotaManager(store)
+        tenant = await registry.create_tenant("t1", "one", quota=Quota(requests_per_minute=10))
+        with caplog.at_level(logging.WARNING, logger="lmgate.cache"):
+            assert isinstance(await quotas.reserve(tenant, "r1", 1, 1), Admitted)
+            assert await store.takes_script_flags()
+            await store.check_memory()
+            assert await store.eviction_policy() is None and store.room_for_optional()
+        assert store.healthy
+        said = [r.getMessage() for r in caplog.records if r.name == "lmgate.cache"]
+        assert len(said) == 1 and "does not let this user run INFO" in said[0] and "lmpw" not in said[0]
+
+
+async def test_a_password_rotated_while_serving_is_an_outage_not_a_500(guarded_redis: int):
+    """The password rotated under a running gateway (its connections cut): each call is
+    CacheUnavailable, as Redis down is (degraded serving, /readyz), not an error of its
+    own kind that every request, /readyz included, turned into a 500 (a review)."""
+    from cache.redis_server import _send_command
+
+    async with RedisStore(f"redis://:pw@127.0.0.1:{guarded_redis}/0") as store:
+        registry = TenantRegistry(store, SECRET)
+        await registry.create_tenant("t1", "one")
+        import socket
+        with socket.create_connection(("127.0.0.1", guarded_redis)) as s:
+            s.sendall(b"AUTH pw\r\nCONFIG SET requirepass newpw\r\nCLIENT KILL TYPE normal SKIPME yes\r\n")
+            time.sleep(0.2)
+        with pytest.raises(CacheUnavailable, match="credentials"), store.guard():
+            await store.client.get(store.key("tenant", "t1"))
+        assert not store.healthy and not store.reachable() and "pw" not in (store.last_error or "").replace(
+            "password", "")
+        assert not await store.ping()
+        assert _send_command("127.0.0.1", guarded_redis, "AUTH", "newpw") == b"+OK"
+        with socket.create_connection(("127.0.0.1", guarded_redis)) as s:
+            s.sendall(b"AUTH newpw\r\nCONFIG SET requirepass pw\r\n")
+            time.sleep(0.2)
+        assert await store.ping() and store.healthy
+
+
+async def test_a_percent_encoded_password_is_read_as_its_characters(guarded_redis: int):
+    """A password holding `/`, `@` (an Azure access key's base64) is written percent-encoded
+    in the URL: read as its characters (coredis sent `a%2Fb%40c` as it was, a review), and
+    never shown."""
+    import socket
+
+    from cache.store import redacted_url, with_tls_defaults
+
+    with socket.create_connection(("127.0.0.1", guarded_redis)) as s:
+        s.sendall(b"AUTH pw\r\nACL SETUSER enc on >a/b@c ~lmgate:* +@all\r\n")
+        time.sleep(0.2)
+        assert s.recv(100).count(b"+OK") == 2
+    url = f"redis://enc:a%2Fb%40c@127.0.0.1:{guarded_redis}/0"
+    async with RedisStore(url) as store:
+        assert await store.ping()
+    assert redacted_url(url) == f"redis://enc:***@127.0.0.1:{guarded_redis}/0"
+    assert redacted_url("redis://:Ab/Cd+ef=@10.0.0.5:6380/0") == "redis://:***@10.0.0.5:6380/0"
+    # (rediss: the certificate must name the host, unless the URL says otherwise)
+    assert with_tls_defaults("rediss://h:6380/0?ssl_ca_certs=/ca.pem") == \
+        "rediss://h:6380/0?ssl_ca_certs=/ca.pem&ssl_check_hostname=true"
+    assert with_tls_defaults("rediss://h/0?ssl_check_hostname=false") == "rediss://h/0?ssl_check_hostname=false"

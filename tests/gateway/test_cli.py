@@ -552,3 +552,34 @@ def test_stop_signals_end_lmgate_serve_cleanly(tmp_path: Path, redis_url: str) -
     rc, err = served.finish()
     assert rc == 0 and "Traceback" not in err, err
     assert "received SIGHUP: graceful shutdown" in err and "received SIGTERM again: ending every request now" in err
+
+
+def test_what_redis_refused_at_start_is_named_not_asked_if_it_runs() -> None:
+    """Credentials refused, or a TLS handshake failed, under the store's CacheUnavailable:
+    the one line names it (a review: "is Redis running?" for a certificate not trusted)."""
+    import ssl
+
+    import coredis.exceptions
+
+    from cache.store import CacheUnavailable
+    from gateway.config import GatewayConfig
+
+    def wrapped(cause: BaseException) -> BaseExceptionGroup:
+        try:
+            raise CacheUnavailable("Redis at redis://:***@h/0 refuses this client's credentials") from cause
+        except CacheUnavailable as exc:
+            return BaseExceptionGroup("nursery", [exc])
+
+    code, line = startup_failure(wrapped(coredis.exceptions.AuthenticationFailureError("WRONGPASS invalid")),
+                                 GatewayConfig())
+    assert code == 1 and line.startswith("Redis refused the credentials of --redis-url")
+    untrusted = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    untrusted.verify_message = "self-signed certificate in certificate chain"
+    try:
+        try:
+            raise untrusted
+        except ssl.SSLError as e:
+            raise coredis.exceptions.ConnectionError("Unable to establish a connection") from e
+    except coredis.exceptions.ConnectionError as conn:
+        code, line = startup_failure(wrapped(conn), GatewayConfig())
+    assert code == 1 and "TLS: self-signed certificate in certificate chain" in line
