@@ -279,6 +279,12 @@ def _check_redis_query(shown: str, query: dict[str, list[str]]) -> None:
                 parser(values[0])
             except ValueError:
                 raise ConfigError(f"redis_url {shown!r}: bad {name} {values[0]!r}") from None
+        # TLS files and settings (read when the client is made: a traceback there, a review)
+        if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and not Path(values[0]).is_file():
+            raise ConfigError(f"redis_url {shown!r}: {name} {values[0]!r} is not a file")
+        if name == "ssl_cert_reqs" and values[0] not in ("none", "optional", "required"):
+            raise ConfigError(f"redis_url {shown!r}: ssl_cert_reqs must be none, optional or required, "
+                              f"got {values[0]!r}")
 
 
 def redis_refusal(error: BaseException | None) -> str | None:

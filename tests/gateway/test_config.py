@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -350,6 +351,19 @@ def test_a_redis_url_without_a_redis_scheme_is_refused(url: str) -> None:
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://user:pw@host:6380", "unix:///tmp/redis.sock"])
 def test_redis_urls_of_every_scheme_are_accepted(url: str) -> None:
     assert load_config(None, {}, {"redis_url": url}).redis_url == url
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("rediss://h:6380/0?ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs '/nonexistent/ca.pem' is not a file"),
+    ("rediss://h:6380/0?ssl_cert_reqs=bogus", "ssl_cert_reqs must be none, optional or required"),
+    ("redis://:Ab/Cd+ef=@10.0.0.5:6380/0", "must be percent-encoded"),
+])
+def test_what_the_redis_client_would_fail_on_is_refused_in_one_line_without_the_password(url: str, said: str) -> None:
+    """A TLS file or setting coredis reads when the client is made (a traceback there), a
+    password holding `/` (urllib's words quoted part of it): one line, no password (a review)."""
+    with pytest.raises(ConfigError, match=re.escape(said)) as info:
+        load_config(None, {}, {"redis_url": url})
+    assert "Ab" not in str(info.value) and "Cd+ef" not in str(info.value)
 
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:", "cuda:x", "gpu", "CPU "])
