@@ -336,9 +336,9 @@ class Accounting:
         tenant = st.call.tenant.as_tenant()
         stored = await self._with_retry("response_cache_put", self.response_cache.put, tenant,
                                         st.cache_model or self.model_name, st.prompt_token_ids, st.params, value)
-        skipped = not getattr(getattr(self.response_cache, "store", None), "room_for_optional", lambda: True)()
+        fits = getattr(self.response_cache, "fits", None)
         self.metrics.cache_stores.labels("failed" if stored is None else "stored" if stored else
-                                         "redis_full" if skipped else "too_large").inc()
+                                         "redis_full" if fits is not None and fits(value) else "too_large").inc()
 
     LANDED_KEPT_S = 30.0  # a landed answer answers identical requests this long at most, stored or not
 

@@ -151,6 +151,11 @@ class ResponseCache:
         self.stats.hits += 1
         return hit
 
+    def fits(self, completion: CachedCompletion) -> bool:
+        """Whether `completion` is small enough to store (`max_entry_bytes`): a `put` that
+        returned False for one that fits found Redis nearly full."""
+        return len(_value_encoder.encode(completion)) <= self.max_entry_bytes
+
     async def put(
         self, tenant: Tenant, model: str, prompt_token_ids: Sequence[int],
         params: msgspec.Struct | Mapping[str, Any], completion: CachedCompletion,
@@ -162,7 +167,7 @@ class ResponseCache:
             self.stats.skipped_too_large += 1
             return False
         key = self.entry_key(tenant, model, prompt_token_ids, params)
-        if not await self.store.set_value(key, value, self.ttl_s):
+        if not await self.store.set_value(key, value, self.ttl_s):  # (Redis nearly full: `fits` tells them apart)
             return False
         self.stats.stores += 1
         return True

@@ -75,8 +75,8 @@ def redacted_url(url: str) -> str:
     if not sep:
         return url
     head, mark, query = rest.partition("?")
-    if "@" in query and "=" not in query.rpartition("@")[0].rpartition("&")[2]:
-        head, mark, query = rest, "", ""  # (a `?` in the password: no query to keep)
+    if "@" in query:  # (a `?` in the password, maybe: hidden up to the last `@`, the query with it)
+        head, mark, query = rest, "", ""
     at = head.rfind("@")
     if at >= 0 and ":" in head[:at]:
         head = head[:at].split(":", 1)[0] + ":***" + head[at:]
@@ -84,13 +84,25 @@ def redacted_url(url: str) -> str:
     return f"{scheme}://{head}{mark}{query}"
 
 
+def is_denied(error: BaseException) -> bool:
+    """Whether a Redis error is this user's ACL denying a command or a key (NOPERM; inside a
+    script Redis 7.0 says it in words of its own)."""
+    if isinstance(error, coredis.exceptions.ExecAbortError):  # (a transaction's: the command's error first)
+        return any(is_denied(e) for e in (error.__cause__, error.__context__) if e is not None and e is not error)
+    if isinstance(error, coredis.exceptions.AuthorizationError):
+        return True
+    reply = _reply_of(error)
+    return isinstance(error, coredis.exceptions.ResponseError) and (
+        reply.startswith("NOPERM") or "can't run this command" in reply or "no permissions to" in reply)
+
+
 def with_tls_defaults(url: str) -> str:
     """`url`, and for a `rediss://` one that does not say, `ssl_check_hostname=true`:
     coredis checks the server's certificate against the trusted CAs but not, unless told,
     that it names the host (any certificate a public CA issued for any name was taken, a
     review: a man in the middle's). `ssl_check_hostname=false` in the URL turns it off."""
-    if not url.lower().startswith("rediss://") or "ssl_check_hostname=" in url:
-        return url
+    if not url.lower().startswith("rediss://") or "ssl_check_hostname=" in url or "ssl_cert_reqs=none" in url:
+        return url  # (no certificate checked, no name: Python refuses the pair)
     return url + ("&" if "?" in url else "?") + "ssl_check_hostname=true"
 
 
@@ -206,6 +218,7 @@ class RedisStore:
         self._entered = False
         self._script_flags: bool | None = None  # `takes_script_flags`, once known
         self._info_denied = False  # INFO refused by this user's ACL (`_info`: said once)
+        self._denials: set[str] = set()  # the ACL refusals said in the log (`guard`: once each)
         self.healthy = True
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -251,10 +264,10 @@ class RedisStore:
                 try:
                     await self.client.eval("#!lua flags=no-writes\nreturn 1", [], [])
                     self._script_flags = True
-                except coredis.exceptions.AuthorizationError:
-                    raise
-                except coredis.exceptions.ResponseError:  # (a Lua syntax error: no shebangs here)
-                    self._script_flags = False
+                except coredis.exceptions.ResponseError as error:
+                    if "compil" not in str(error).lower():  # (BUSY, NOPERM: not an answer; asked again)
+                        raise
+                    self._script_flags = False  # (a Lua syntax error: no shebangs here)
         return self._script_flags
 
     async def _info(self, section: str) -> dict[str, Any] | None:
@@ -293,9 +306,18 @@ class RedisStore:
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses this client's credentials: "
                                    f"{described(error)}") from error
         except coredis.exceptions.RedisError as error:
-            if not (is_refusal(error) or isinstance(error, coredis.exceptions.AuthorizationError)):
+            if is_denied(error):
+                # this user's ACL denies a command or key: a setting to fix, not an outage (one
+                # command denied marked Redis failing for every request, a review); said once
+                # a kind, what needed it skipped as when Redis is down
+                reply = _reply_of(error)
+                if reply not in self._denials:
+                    self._denials.add(reply)
+                    log.warning("Redis at %s denies this user a command or key (%s): what needs it is skipped; "
+                                "allow it in the user's ACL", redacted_url(self.url), reply)
+                raise CacheUnavailable(f"Redis at {redacted_url(self.url)} denies this user: {reply}") from error
+            if not is_refusal(error):
                 raise
-            # (a refusal of service, or of this user's permission for a command or key: NOPERM)
             self._failed(error)
             self.unreachable_at = None  # (it answered: it is reachable, if refusing)
             raise CacheUnavailable(f"Redis at {redacted_url(self.url)} refuses service: {described(error)}") from error

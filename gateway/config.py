@@ -262,29 +262,49 @@ def check_redis_url(url: str) -> None:
             raise ConfigError(f"redis_url {shown!r}: port must be in 1..65535, got 0")
         if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]+", parts.path):
             raise ConfigError(f"redis_url {shown!r}: the path is the database number (/0, /1, ...), "
-                              f"got {parts.path!r}")
-    _check_redis_query(shown, parse_qs(parts.query, keep_blank_values=True))
+                              f"got {_echo(parts.path, rest)}")
+    _check_redis_query(shown, parse_qs(parts.query, keep_blank_values=True), rest)
 
 
-def _check_redis_query(shown: str, query: dict[str, list[str]]) -> None:
-    """The query options of a Redis URL that coredis parses (db, timeouts, ...) parse."""
+def _echo(value: str, rest: str) -> str:
+    """`value`, a part of a Redis URL, quoted in an error, unless the URL holds a password
+    (a `/` or `?` in it ends up in the path or the query urllib finds: a review)."""
+    return "(not shown: the URL holds a password)" if "@" in rest else repr(value)
+
+
+def _check_redis_query(shown: str, query: dict[str, list[str]], rest: str = "") -> None:
+    """The query options of a Redis URL that coredis parses (db, timeouts, ...) parse, and
+    its TLS files load (read when the client is made: a traceback there, a review)."""
+    import ssl
+
     from coredis import ConnectionPool
 
     for name, values in query.items():
         if name == "db" and not re.fullmatch(r"[0-9]+", values[0]):
-            raise ConfigError(f"redis_url {shown!r}: db must be a database number (0, 1, ...), got {values[0]!r}")
+            raise ConfigError(f"redis_url {shown!r}: db must be a database number (0, 1, ...), "
+                              f"got {_echo(values[0], rest)}")
         parser = ConnectionPool.URL_QUERY_ARGUMENT_PARSERS.get(name)
         if parser is not None and values[0]:
             try:
                 parser(values[0])
             except ValueError:
-                raise ConfigError(f"redis_url {shown!r}: bad {name} {values[0]!r}") from None
-        # TLS files and settings (read when the client is made: a traceback there, a review)
-        if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and not Path(values[0]).is_file():
-            raise ConfigError(f"redis_url {shown!r}: {name} {values[0]!r} is not a file")
+                raise ConfigError(f"redis_url {shown!r}: bad {name} {_echo(values[0], rest)}") from None
         if name == "ssl_cert_reqs" and values[0] not in ("none", "optional", "required"):
             raise ConfigError(f"redis_url {shown!r}: ssl_cert_reqs must be none, optional or required, "
                               f"got {values[0]!r}")
+    tls = {k: v[0] for k, v in query.items() if k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and v[0]}
+    try:
+        context = ssl.create_default_context()
+        if "ssl_ca_certs" in tls:
+            ca = Path(tls["ssl_ca_certs"])
+            context.load_verify_locations(cafile=str(ca) if not ca.is_dir() else None,
+                                          capath=str(ca) if ca.is_dir() else None)
+        if "ssl_certfile" in tls:
+            context.load_cert_chain(tls["ssl_certfile"], tls.get("ssl_keyfile"))
+    except (OSError, ssl.SSLError) as e:
+        what = " ".join(f"{k}={v!r}" for k, v in tls.items())
+        raise ConfigError(f"redis_url {shown!r}: its TLS files do not load ({what}): "
+                          f"{getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e}") from None
 
 
 def redis_refusal(error: BaseException | None) -> str | None:
@@ -294,10 +314,17 @@ def redis_refusal(error: BaseException | None) -> str | None:
     handshake as a ResponseError: neither "unreachable" nor a bug.)"""
     import coredis.exceptions
 
+    from cache.store import is_denied
+
     if error is None:
         return None
+    if isinstance(error, coredis.exceptions.AuthenticationRequiredError):
+        return f"Redis requires a password: give it in --redis-url (redis://USER:PASSWORD@HOST/DB): {error}"
     if isinstance(error, coredis.exceptions.AuthenticationError):
         return f"Redis refused the credentials of --redis-url: {error}"
+    if is_denied(error):
+        return (f"Redis denies the --redis-url user a command or key lmgate needs (its ACL: the keys lmgate:*, "
+                f"see docs/deploy.md): {error}")
     if isinstance(error, coredis.exceptions.ResponseError) and "DB index is out of range" in str(error):
         return (f"Redis refused the database number of --redis-url: {error} (that server has fewer "
                 "databases: see its `databases` setting)")

@@ -440,3 +440,40 @@ async def test_a_percent_encoded_password_is_read_as_its_characters(guarded_redi
     assert with_tls_defaults("rediss://h:6380/0?ssl_ca_certs=/ca.pem") == \
         "rediss://h:6380/0?ssl_ca_certs=/ca.pem&ssl_check_hostname=true"
     assert with_tls_defaults("rediss://h/0?ssl_check_hostname=false") == "rediss://h/0?ssl_check_hostname=false"
+
+
+async def test_a_command_the_acl_denies_is_skipped_and_said_once_not_an_outage(guarded_redis: int, caplog):
+    """One command denied by the user's ACL (here XADD, and ZADD inside the quota scripts):
+    what needs it is skipped as when Redis is down, said once a kind in the log, but Redis
+    is not marked failing for everyone (a review: a false outage for as long as the ACL
+    stood; inside a script, a 500 on every request)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", guarded_redis)) as s:
+        s.sendall(b"AUTH pw\r\nACL SETUSER narrow on >npw ~lmgate:* +@all -xadd -zadd\r\n")
+        time.sleep(0.2)
+        assert s.recv(100).count(b"+OK") == 2
+    async with RedisStore(f"redis://narrow:npw@127.0.0.1:{guarded_redis}/0") as store:
+        registry, quotas = TenantRegistry(store, SECRET), QuotaManager(store)
+        with caplog.at_level(logging.WARNING, logger="lmgate.cache"):
+            with pytest.raises(CacheUnavailable, match="denies this user"):  # (ZADD in its transaction)
+                await registry.create_tenant("t1", "one", quota=Quota(max_concurrent=2))
+            async with RedisStore(f"redis://:pw@127.0.0.1:{guarded_redis}/0") as full:
+                tenant = await TenantRegistry(full, SECRET).create_tenant("t1", "one", quota=Quota(max_concurrent=2))
+            for _ in range(2):
+                with pytest.raises(CacheUnavailable, match="denies this user"), store.guard():
+                    await store.client.xadd(store.key("stream"), {"a": "b"})
+                with pytest.raises(CacheUnavailable, match="denies this user"):
+                    await quotas.reserve(tenant, "r1", 1, 1)
+        assert store.healthy and not store.failed_within(60) and store.reachable()
+        said = [r.getMessage() for r in caplog.records if r.name == "lmgate.cache"]
+        assert len(said) == 3 and all("denies this user a command or key" in m for m in said), said
+
+
+def test_tls_and_passwords_the_review_found_shown_or_refused():
+    from cache.store import redacted_url, with_tls_defaults
+
+    assert with_tls_defaults("rediss://h/0?ssl_cert_reqs=none") == "rediss://h/0?ssl_cert_reqs=none"  # (ssl refuses the pair)
+    for url, secret in (("redis://u:a?b=c@host/0", "a?b=c"), ("redis://u:p?w=1@host/0?db=1", "p?w=1"),
+                        ("redis://u:p@w?x=1@host/0?db=1", "p@w")):
+        assert secret not in redacted_url(url) and "***" in redacted_url(url), redacted_url(url)

@@ -573,6 +573,11 @@ def test_what_redis_refused_at_start_is_named_not_asked_if_it_runs() -> None:
     code, line = startup_failure(wrapped(coredis.exceptions.AuthenticationFailureError("WRONGPASS invalid")),
                                  GatewayConfig())
     assert code == 1 and line.startswith("Redis refused the credentials of --redis-url")
+    code, line = startup_failure(wrapped(coredis.exceptions.AuthenticationRequiredError("NOAUTH required")),
+                                 GatewayConfig())
+    assert code == 1 and line.startswith("Redis requires a password: give it in --redis-url")
+    code, line = startup_failure(wrapped(coredis.exceptions.AuthorizationError("NOPERM no keys")), GatewayConfig())
+    assert code == 1 and line.startswith("Redis denies the --redis-url user a command or key lmgate needs")
     untrusted = ssl.SSLCertVerificationError(1, "certificate verify failed")
     untrusted.verify_message = "self-signed certificate in certificate chain"
     try:

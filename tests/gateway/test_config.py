@@ -354,9 +354,11 @@ def test_redis_urls_of_every_scheme_are_accepted(url: str) -> None:
 
 
 @pytest.mark.parametrize(("url", "said"), [
-    ("rediss://h:6380/0?ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs '/nonexistent/ca.pem' is not a file"),
+    ("rediss://h:6380/0?ssl_ca_certs=/nonexistent/ca.pem", "its TLS files do not load (ssl_ca_certs='/nonexistent/ca.pem'): No such file"),
     ("rediss://h:6380/0?ssl_cert_reqs=bogus", "ssl_cert_reqs must be none, optional or required"),
     ("redis://:Ab/Cd+ef=@10.0.0.5:6380/0", "must be percent-encoded"),
+    ("redis://default:1234/Cd+ef@host:6379/0", "not shown: the URL holds a password"),
+    ("redis://u:p?db=Cd+ef@host/0", "must be percent-encoded"),
 ])
 def test_what_the_redis_client_would_fail_on_is_refused_in_one_line_without_the_password(url: str, said: str) -> None:
     """A TLS file or setting coredis reads when the client is made (a traceback there), a
@@ -364,6 +366,15 @@ def test_what_the_redis_client_would_fail_on_is_refused_in_one_line_without_the_
     with pytest.raises(ConfigError, match=re.escape(said)) as info:
         load_config(None, {}, {"redis_url": url})
     assert "Ab" not in str(info.value) and "Cd+ef" not in str(info.value)
+
+
+def test_tls_files_are_loaded_at_start(tmp_path) -> None:  # noqa: ANN001
+    """A CA file that is not PEM is one line (a traceback when the client was made); a
+    folder of CAs, as coredis takes, is accepted (a review)."""
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="its TLS files do not load"):
+        load_config(None, {}, {"redis_url": f"rediss://h:6380/0?ssl_ca_certs={tmp_path / 'bad.pem'}"})
+    assert load_config(None, {}, {"redis_url": f"rediss://h:6380/0?ssl_ca_certs={tmp_path}"}).redis_url
 
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:", "cuda:x", "gpu", "CPU "])
