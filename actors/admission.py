@@ -872,6 +872,9 @@ class Admission:
             # (it leaves `_followers` once accounting has its end: `_end_follower_now` tells it otherwise)
             if scope.cancel_called or st.cancelled:
                 st.events.close()
+                if streamed[1]:  # (a stream that left part-way is billed what it was sent, as any stream is)
+                    st.completion_tokens = streamed[1]
+                    st.scheduled_at = st.scheduled_at or st.first_token_at  # (it ran: `Accounting._handle`)
                 await self._tell_accounting(Completed(st, "cancelled"))
                 self._followers.pop(st, None)
             elif answer is not None:

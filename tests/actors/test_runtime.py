@@ -1930,6 +1930,28 @@ async def test_a_stream_retried_as_its_client_leaves_is_not_sent_the_old_stream_
     await wait_until(lambda: runtime.accounting.pending == 0 and len(runtime.admission.flights) == 0)
 
 
+async def test_a_streamed_follower_that_leaves_part_way_is_billed_what_it_was_sent(runtime, services):
+    """As any stream cancelled part-way: its prompt and the tokens it was sent (a review: a
+    follower was billed nothing, however much it had been sent)."""
+    t = tenant(id="tail-leave")
+    ask = dict(prompt="List the rivers of South America", max_tokens=200, ignore_eos=True)
+    leader = await runtime.submit(call(t, **ask))
+    follower = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
+    got = 0
+    async for ev in follower.events:
+        got += len(ev.token_ids)
+        if got >= 5:
+            break
+    follower.cancel()
+    await follower.settled.wait()
+    _, _, fin = await collect(leader)
+    await wait_until(lambda: runtime.accounting.pending == 0 and len(runtime.admission.flights) == 0)
+    [row] = await usage_rows(services["quotas"], "tail-leave")
+    sent_at_least = got
+    assert row.requests == 2 and row.prompt_tokens == 2 * fin.usage.prompt_tokens
+    assert 200 + sent_at_least <= row.completion_tokens < 400  # (the follower: what it was sent, 5 or a few more)
+
+
 async def test_a_streamed_request_does_not_follow_a_beam_search(runtime):
     """A beam search's tokens come at its end: a stream following it would wait for all of
     them (its first token after the leader's last)."""
