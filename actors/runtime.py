@@ -390,6 +390,9 @@ class Runtime:
         if self.store is not None and (not self.store.healthy or self.store.failed_within(REDIS_DEGRADED_S)):
             # (a Redis refusing writes answers the reads between: `healthy` alone flickered)
             degraded.append(f"redis: {self.store.last_error or 'unreachable'}")
+        denied = getattr(self.store, "denied_within", lambda _: None)(REDIS_DEGRADED_S * 12) if self.store else None
+        if denied is not None:  # (an ACL denying what lmgate needs: served as when Redis is down)
+            degraded.append(f"redis_denied: {denied}")
         if (failing := self.stepper.failing()) is not None:
             degraded.append(f"engine: its latest step failed ({failing})")
         stats = self.engine.stats()

@@ -61,7 +61,7 @@ OPTIONAL_WRITES_UP_TO = 0.9
 MEMORY_CHECK_S = 5.0
 
 
-_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+_ANY_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
 
 
 def redacted_url(url: str) -> str:
@@ -72,15 +72,15 @@ def redacted_url(url: str) -> str:
     at the last `@` before the query; a `?` inside the password (the query then looks like
     no query) hides everything up to the last `@`."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
+    if not sep:  # (not a URL: whatever comes before an `@` may be a password)
+        return "***" + url[url.rfind("@"):] if "@" in url else url
+    rest = _ANY_QUERY_PASSWORD.sub(r"\1***", rest)  # (a `password=`'s value, `@`s and all)
     head, mark, query = rest.partition("?")
     if "@" in query:  # (a `?` in the password, maybe: hidden up to the last `@`, the query with it)
         head, mark, query = rest, "", ""
     at = head.rfind("@")
     if at >= 0 and ":" in head[:at]:
         head = head[:at].split(":", 1)[0] + ":***" + head[at:]
-    query = _QUERY_PASSWORD.sub(r"\1\2***", query)
     return f"{scheme}://{head}{mark}{query}"
 
 
@@ -93,7 +93,8 @@ def is_denied(error: BaseException) -> bool:
         return True
     reply = _reply_of(error)
     return isinstance(error, coredis.exceptions.ResponseError) and (
-        reply.startswith("NOPERM") or "can't run this command" in reply or "no permissions to" in reply)
+        reply.startswith("NOPERM") or "can't run this command" in reply or "no permissions to" in reply
+        or "can't access at least one of the keys" in reply)
 
 
 def with_tls_defaults(url: str) -> str:
@@ -103,7 +104,8 @@ def with_tls_defaults(url: str) -> str:
     review: a man in the middle's). `ssl_check_hostname=false` in the URL turns it off."""
     if not url.lower().startswith("rediss://") or "ssl_check_hostname=" in url or "ssl_cert_reqs=none" in url:
         return url  # (no certificate checked, no name: Python refuses the pair)
-    return url + ("&" if "?" in url else "?") + "ssl_check_hostname=true"
+    url, hash_, fragment = url.partition("#")  # (before a fragment, or coredis would not see it)
+    return url + ("&" if "?" in url else "?") + "ssl_check_hostname=true" + hash_ + fragment
 
 
 def is_refusal(error: BaseException) -> bool:
@@ -219,6 +221,8 @@ class RedisStore:
         self._script_flags: bool | None = None  # `takes_script_flags`, once known
         self._info_denied = False  # INFO refused by this user's ACL (`_info`: said once)
         self._denials: set[str] = set()  # the ACL refusals said in the log (`guard`: once each)
+        self.last_denial: str | None = None  # the latest, and when (/readyz: `denied_within`)
+        self.denied_at: float | None = None
         self.healthy = True
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -311,6 +315,7 @@ class RedisStore:
                 # command denied marked Redis failing for every request, a review); said once
                 # a kind, what needed it skipped as when Redis is down
                 reply = _reply_of(error)
+                self.last_denial, self.denied_at = reply, time.time()  # (/readyz lists it a while)
                 if reply not in self._denials:
                     self._denials.add(reply)
                     log.warning("Redis at %s denies this user a command or key (%s): what needs it is skipped; "
@@ -341,6 +346,14 @@ class RedisStore:
             self._down_since = self.last_error_at
             log.warning("Redis at %s fails (%s)%s", redacted_url(self.url), self.last_error,
                         ": serving without it until it answers" if self.serving else "")
+
+    def denied_within(self, seconds: float) -> str | None:
+        """What this user's ACL denied in the last `seconds` (Redis's words), or None: a
+        quota script or key lookup denied is served per the outage policy, and must not
+        look healthy (a review: quotas unenforced, /readyz ready)."""
+        if self.denied_at is not None and time.time() - self.denied_at < seconds:
+            return self.last_denial
+        return None
 
     def failed_within(self, seconds: float) -> bool:
         """Whether an operation failed on Redis in the last `seconds` (a failure, not a

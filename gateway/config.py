@@ -289,9 +289,12 @@ def _check_redis_query(shown: str, query: dict[str, list[str]], rest: str = "") 
                 parser(values[0])
             except ValueError:
                 raise ConfigError(f"redis_url {shown!r}: bad {name} {_echo(values[0], rest)}") from None
-        if name == "ssl_cert_reqs" and values[0] not in ("none", "optional", "required"):
+        if name == "ssl_cert_reqs" and shown.lower().startswith("rediss://") and values[0] not in (
+                "none", "optional", "required"):
             raise ConfigError(f"redis_url {shown!r}: ssl_cert_reqs must be none, optional or required, "
                               f"got {values[0]!r}")
+    if not shown.lower().startswith("rediss://"):
+        return  # (coredis reads the ssl_* options of rediss:// URLs alone)
     tls = {k: v[0] for k, v in query.items() if k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and v[0]}
     try:
         context = ssl.create_default_context()
@@ -299,8 +302,8 @@ def _check_redis_query(shown: str, query: dict[str, list[str]], rest: str = "") 
             ca = Path(tls["ssl_ca_certs"])
             context.load_verify_locations(cafile=str(ca) if not ca.is_dir() else None,
                                           capath=str(ca) if ca.is_dir() else None)
-        if "ssl_certfile" in tls:
-            context.load_cert_chain(tls["ssl_certfile"], tls.get("ssl_keyfile"))
+        if "ssl_certfile" in tls and "ssl_keyfile" in tls:  # (coredis uses the pair, not one alone)
+            context.load_cert_chain(tls["ssl_certfile"], tls["ssl_keyfile"])
     except (OSError, ssl.SSLError) as e:
         what = " ".join(f"{k}={v!r}" for k, v in tls.items())
         raise ConfigError(f"redis_url {shown!r}: its TLS files do not load ({what}): "

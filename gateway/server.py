@@ -682,7 +682,7 @@ async def serve(
                 if stores.redis.unreachable_at is not None:
                     raise
                 log.warning("Redis refuses writes: could not record the server secret's fingerprint (%s)",
-                            stores.redis.last_error)
+                            stores.redis.last_error or stores.redis.last_denial)
         except BaseException:
             # a secret made at this start and not taken by Redis (refused, Redis not there yet,
             # stopped) is not kept: the next start would take it as given

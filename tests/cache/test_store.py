@@ -466,6 +466,7 @@ async def test_a_command_the_acl_denies_is_skipped_and_said_once_not_an_outage(g
                 with pytest.raises(CacheUnavailable, match="denies this user"):
                     await quotas.reserve(tenant, "r1", 1, 1)
         assert store.healthy and not store.failed_within(60) and store.reachable()
+        assert "can't run this command" in (store.denied_within(60) or "")  # (/readyz: `redis_denied: ...`)
         said = [r.getMessage() for r in caplog.records if r.name == "lmgate.cache"]
         assert len(said) == 3 and all("denies this user a command or key" in m for m in said), said
 
@@ -474,6 +475,9 @@ def test_tls_and_passwords_the_review_found_shown_or_refused():
     from cache.store import redacted_url, with_tls_defaults
 
     assert with_tls_defaults("rediss://h/0?ssl_cert_reqs=none") == "rediss://h/0?ssl_cert_reqs=none"  # (ssl refuses the pair)
+    assert with_tls_defaults("rediss://h/0#x") == "rediss://h/0?ssl_check_hostname=true#x"  # (not in the fragment)
     for url, secret in (("redis://u:a?b=c@host/0", "a?b=c"), ("redis://u:p?w=1@host/0?db=1", "p?w=1"),
-                        ("redis://u:p@w?x=1@host/0?db=1", "p@w")):
+                        ("redis://u:p@w?x=1@host/0?db=1", "p@w"), ("redis://localhost/7?password=hunter2@corp", "hunter2"),
+                        ("redis://h:1/7?password=hunter2@corp", "corp"), ("redis:/:hunter2@host/0", "hunter2"),
+                        ("redis://:pw@host/0?client_name=x@y", ":pw")):
         assert secret not in redacted_url(url) and "***" in redacted_url(url), redacted_url(url)
