@@ -81,6 +81,16 @@ async def collect(acc: Accepted) -> tuple[str, list, object]:
     return text, deltas, last
 
 
+async def read_tokens(acc: Accepted, at_least: int) -> int:
+    """Read `acc`'s deltas until `at_least` tokens came; returns how many did."""
+    got = 0
+    async for ev in acc.events:
+        got += len(ev.token_ids)
+        if got >= at_least:
+            break
+    return got
+
+
 async def test_each_choice_s_last_delta_carries_its_finish_reason(runtime):
     """n > 1: a choice's end is known at its last delta (a stream can end it there),
     and it agrees with the request's Finished."""
@@ -1917,11 +1927,7 @@ async def test_a_stream_retried_as_its_client_leaves_is_not_sent_the_old_stream_
     t = tenant(id="retry")
     ask = dict(prompt="Describe a thunderstorm over the sea", max_tokens=60, ignore_eos=True)
     first = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
-    got = 0
-    async for ev in first.events:
-        got += len(ev.token_ids)
-        if got >= 5:
-            break
+    await read_tokens(first, 5)
     first.cancel()
     retry = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
     assert runtime.admission.following == 0
@@ -1937,11 +1943,7 @@ async def test_a_streamed_follower_that_leaves_part_way_is_billed_what_it_was_se
     ask = dict(prompt="List the rivers of South America", max_tokens=200, ignore_eos=True)
     leader = await runtime.submit(call(t, **ask))
     follower = await runtime.submit(msgspec.structs.replace(call(t, **ask), stream=True))
-    got = 0
-    async for ev in follower.events:
-        got += len(ev.token_ids)
-        if got >= 5:
-            break
+    got = await read_tokens(follower, 5)
     follower.cancel()
     await follower.settled.wait()
     _, _, fin = await collect(leader)
@@ -1974,11 +1976,7 @@ async def test_a_leader_whose_client_goes_away_generates_on_for_its_followers(ru
     leader = await runtime.submit(call(t, **ask))
     followers = [await runtime.submit(call(t, **ask)) for _ in range(3)]
     assert runtime.admission.following == 3
-    got = 0
-    async for ev in leader.events:
-        got += len(ev.token_ids)
-        if got >= 3:
-            break
+    await read_tokens(leader, 3)
     generated = runtime.engine.counters["generated_tokens"]
     leader.cancel()
     await leader.settled.wait()
