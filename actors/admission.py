@@ -194,6 +194,16 @@ def unknown_model_message(model: str, served: list[str]) -> str:
     return f"model {asked} does not exist; this server serves {shown}"
 
 
+def logprob_extras(lps: list[float] | None, toks: list[str] | None, tops: list[Any] | None,
+                   i: int, j: int) -> dict[str, Any]:
+    """A replayed delta's logprobs of tokens `i` to `j` (a stored answer's, or a leader's
+    record's): none without `lps`; its tokens' texts and top logprobs when kept."""
+    if lps is None:
+        return {}
+    return {"logprobs": lps[i:j], "tokens": toks[i:j] if toks is not None else None,
+            "top_logprobs": [[TopLogprob(*a) for a in row] for row in tops[i:j]] if tops is not None else None}
+
+
 def is_deterministic(p: SamplingParams) -> bool:
     """Same request → same answer: greedy, beam search, or sampling with a fixed seed."""
     return p.temperature == 0 or p.seed is not None or p.use_beam_search
@@ -935,11 +945,10 @@ class Admission:
         try:
             while i < len(rec.deltas):
                 k = rec.delta_tokens[i]
-                extras: dict[str, Any] = {}
-                if with_logprobs and len(rec.logprobs) >= j + k:
-                    extras = {"logprobs": rec.logprobs[j:j + k], "tokens": rec.tokens[j:j + k],
-                              "top_logprobs": [[TopLogprob(*a) for a in row] for row in rec.top_logprobs[j:j + k]]
-                              if len(rec.top_logprobs) >= j + k and rec.top_logprobs else None}
+                extras = logprob_extras(rec.logprobs if with_logprobs and len(rec.logprobs) >= j + k else None,
+                                        rec.tokens,
+                                        rec.top_logprobs if rec.top_logprobs and len(rec.top_logprobs) >= j + k else None,
+                                        j, j + k)
                 last = i == len(rec.deltas) - 1
                 st.events.send_nowait(TokenDelta(call.request_id, 0, rec.deltas[i], rec.token_ids[j:j + k], **extras,
                                                  finish_reason=rec.finish_reason if last else None))
@@ -954,8 +963,8 @@ class Admission:
     @staticmethod
     def _replay_end(call: GenerateCall, st: RequestState, hit: CachedCompletion,
                     send: trio.MemorySendChannel) -> None:
-        """The end of a streamed follower's answer (`_tail` sent its deltas): its
-        `Finished`, billed as a cache hit, as `_replay`'s."""
+        """The end of a replayed answer (`_replay`'s, or a streamed follower's whose deltas
+        `_tail` sent): its `Finished`, billed as a cache hit; `send` closed."""
         usage = Usage(st.prompt_tokens, hit.usage.completion_tokens, st.prompt_tokens)  # nothing computed
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
@@ -963,6 +972,7 @@ class Admission:
         st.completion_tokens = hit.usage.completion_tokens
         st.finish_reasons[0] = hit.finish_reason
         st.finished_at = time.monotonic()
+        st.first_token_at = st.first_token_at or st.finished_at
 
     async def _end_follower(self, st: RequestState, status: int, code: str, message: str) -> None:
         """A follower that will not be answered ends with `status` `code` on its stream (counted
@@ -1046,26 +1056,14 @@ class Admission:
         lps = hit.logprobs
         toks = hit.tokens if hit.tokens is not None and len(hit.tokens) == n else None
         tops = hit.top_logprobs if hit.top_logprobs is not None and len(hit.top_logprobs) == n else None
-
-        def extras(i: int, j: int) -> dict[str, Any]:
-            if lps is None:
-                return {}
-            return {"logprobs": lps[i:j], "tokens": toks[i:j] if toks is not None else None,
-                    "top_logprobs": [[TopLogprob(*a) for a in row] for row in tops[i:j]] if tops is not None else None}
-
         if len(hit.deltas) == n and not whole:  # replay token by token, as it was streamed (the last one ends the choice)
             for i, (text, tok) in enumerate(zip(hit.deltas, hit.token_ids, strict=True)):
-                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok], **extras(i, i + 1),
+                send.send_nowait(TokenDelta(call.request_id, 0, text, [tok], **logprob_extras(lps, toks, tops, i, i + 1),
                                             finish_reason=hit.finish_reason if i == n - 1 else None))
         else:
-            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids), **extras(0, n),
-                                        finish_reason=hit.finish_reason))
-        usage = Usage(st.prompt_tokens, hit.usage.completion_tokens, st.prompt_tokens)  # nothing computed
-        send.send_nowait(Finished(call.request_id, [hit.finish_reason], usage, cached=True))
-        send.close()
-        st.completion_tokens = hit.usage.completion_tokens
-        st.finish_reasons[0] = hit.finish_reason
-        st.first_token_at = st.finished_at = time.monotonic()
+            send.send_nowait(TokenDelta(call.request_id, 0, hit.text, list(hit.token_ids),
+                                        **logprob_extras(lps, toks, tops, 0, n), finish_reason=hit.finish_reason))
+        self._replay_end(call, st, hit, send)
 
     # ------------------------------------------------------------- the whole path
     async def admit(self, call: GenerateCall, sink: trio.MemorySendChannel | None = None) -> Accepted | Rejected:

@@ -68,9 +68,10 @@ def redacted_url(url: str) -> str:
     """`url` without its password (it goes to stderr and logs), given before the host or as
     the query's ``password=`` (coredis reads both); otherwise `url` as it was written. Read
     by its text, not by `urlsplit`: a password holding `/` (an Azure access key's base64)
-    ended urlsplit's userinfo early, and most of it was shown (a review). The userinfo ends
-    at the last `@` before the query; a `?` inside the password (the query then looks like
-    no query) hides everything up to the last `@`."""
+    ended urlsplit's userinfo early, and most of it was shown (a review). A `password=`'s
+    value goes first (up to the next `&`); then the userinfo ends at the last `@` before
+    the query, or, when the query holds an `@` (a `?` inside the password, maybe), at the
+    last `@` of all, the query hidden with it."""
     scheme, sep, rest = url.partition("://")
     if not sep:  # (not a URL: whatever comes before an `@` may be a password)
         return "***" + url[url.rfind("@"):] if "@" in url else url
