@@ -504,6 +504,8 @@ class PrivateRedis:
         earlier version, which set none, or a cap lowered since) would refuse writes the
         quotas need at once (a review: every request then served without quota): its
         maxmemory is raised for this run so that it holds 80% of it, and the log says so."""
+        from cache.store import OPTIONAL_WRITES_UP_TO  # (the caches' margin: the same 90%)
+
         if not self.maxmemory_mb:
             return
         try:
@@ -512,7 +514,7 @@ class PrivateRedis:
             log.warning("could not read the private redis-server's memory (%s): its maxmemory stays %d MB",
                         error, self.maxmemory_mb)
             return
-        if used < 0.9 * (self.maxmemory_mb << 20):
+        if used < OPTIONAL_WRITES_UP_TO * (self.maxmemory_mb << 20):
             return
         raised = math.ceil(used / 0.8 / (1 << 20))
         reply = _send_command(self.host, self.port, "CONFIG", "SET", "maxmemory", f"{raised}mb", timeout=5.0)

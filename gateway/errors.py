@@ -53,7 +53,7 @@ _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\
 FAILURE_LINES_PER_S = 10  # `log_failure` lines a second at most: a flood of 401s or 429s logs a count
 
 
-def _loggable(text: str, limit: int) -> str:
+def loggable(text: str, limit: int) -> str:
     """`text` cut to `limit` characters, its control characters escaped (a newline in a
     path must not start a line of its own in the log)."""
     return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
@@ -134,10 +134,10 @@ def log_failure(method: str, path: str, request_id: str, tenant: str, error: Api
         return
     if dropped:
         _report_dropped(dropped)
-    param = f" param {_loggable(error.param, 100)}" if error.param else ""
+    param = f" param {loggable(error.param, 100)}" if error.param else ""
     answer = f" ({answer_id})" if answer_id else ""
-    log.log(level, "request %s%s %s %s: %d %s%s (tenant %s)", _loggable(request_id, 200), answer, method,
-            _loggable(path, 200),
+    log.log(level, "request %s%s %s %s: %d %s%s (tenant %s)", loggable(request_id, 200), answer, method,
+            loggable(path, 200),
             error.status, error.code or error.type, param, tenant)
 
 

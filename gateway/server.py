@@ -103,9 +103,9 @@ class EscapedLine(logging.Filter):
     newline, or to Unicode's bidirectional overrides: a forged or reversed line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from gateway.errors import _loggable
+        from gateway.errors import loggable
 
-        record.msg, record.args = _loggable(record.getMessage(), 4096), None
+        record.msg, record.args = loggable(record.getMessage(), 4096), None
         return True
 
 
@@ -132,7 +132,7 @@ def hypercorn_config(config: GatewayConfig) -> hypercorn.config.Config:
     hc.h11_max_incomplete_size = 64 * 1024
     if config.access_log:
         # (no query string, %(q)s: it may hold a key a client put there; the path's control
-        # characters escaped by `escape_access_line`, as the gateway's own lines escape them)
+        # characters escaped by `EscapedLine`, as the gateway's own lines escape them)
         hc.accesslog = logging.getLogger("hypercorn.access")
         hc.access_log_format = ACCESS_LOG_FORMAT
         if not any(isinstance(f, EscapedLine) for f in hc.accesslog.filters):
